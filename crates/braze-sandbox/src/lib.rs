@@ -1,0 +1,1 @@
+//! A local Braze for the partner cohort import endpoints.

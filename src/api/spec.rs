@@ -1,0 +1,467 @@
+//! `CohortImport.spec`: what a team asks for.
+//!
+//! Every rule an OpenAPI v3 schema can hold lives here as a schema attribute, so the API
+//! server (Kubernetes 1.20, no CEL) rejects bad input at `kubectl apply`. Rules the schema
+//! cannot express are checked by `domain::validate` and reported as `Ready=False,
+//! reason=InvalidSpec`.
+
+use std::collections::BTreeMap;
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::status::CohortImportStatus;
+
+/// DNS-1123 subdomain: the names of Secrets and ConfigMaps.
+pub const OBJECT_NAME_PATTERN: &str =
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+/// Keys of Secret and ConfigMap data.
+pub const DATA_KEY_PATTERN: &str = r"^[-._a-zA-Z0-9]+$";
+/// `HH:MM`, 00:00 to 23:59.
+pub const WALL_TIME_PATTERN: &str = r"^([01][0-9]|2[0-3]):[0-5][0-9]$";
+
+/// Keeps one Braze cohort equal to a cohort from an analytics source.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "cohorts.dev",
+    version = "v1alpha1",
+    kind = "CohortImport",
+    namespaced,
+    shortname = "coi",
+    status = "CohortImportStatus",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"Cadence","type":"string","jsonPath":".spec.schedule.cadence"}"#,
+    printcolumn = r#"{"name":"Last Result","type":"string","jsonPath":".status.lastRun.result"}"#,
+    printcolumn = r#"{"name":"Members","type":"integer","jsonPath":".status.lastRun.cohortSize"}"#,
+    printcolumn = r#"{"name":"Last Run","type":"date","jsonPath":".status.lastRun.finishedAt"}"#,
+    printcolumn = r#"{"name":"Next Run","type":"string","jsonPath":".status.nextRunAt"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct CohortImportSpec {
+    /// The Braze cohort this import keeps up to date.
+    pub cohort: CohortIdentity,
+    /// Where the member list comes from. Set exactly one kind.
+    pub source: SourceSpec,
+    /// Which source field holds each Braze identifier. When a row carries several, the
+    /// external id wins, then the alias, then the device id.
+    pub identifiers: IdentifierMapping,
+    /// Where the cohort goes.
+    pub destination: Destination,
+    /// When imports run.
+    pub schedule: ScheduleSpec,
+    /// Stop future runs. A run in progress finishes.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub suspend: bool,
+    /// How many runs `.status.history` keeps, newest first.
+    #[serde(default = "default_history_limit")]
+    #[schemars(range(min = 1, max = 50))]
+    pub history_limit: u8,
+    /// Compute and report the changes without sending anything to Braze.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub dry_run: bool,
+    /// Who hears about each finished run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notifications: Option<Notifications>,
+    /// What happens to the Braze cohort when this resource is deleted.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+    /// Protection against removing many members by mistake.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub removal_guard: Option<RemovalGuard>,
+}
+
+fn default_history_limit() -> u8 {
+    10
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// The Braze cohort: a stable id and what Braze users see.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CohortIdentity {
+    /// Stable identifier, sent as Braze's `cohort_id`. Never derive it from the display
+    /// name: changing it starts a new cohort in Braze.
+    #[schemars(length(min = 1, max = 255), regex(pattern = r"^\S(.*\S)?$"))]
+    pub id: String,
+    /// Display name shown in Braze's segment filter. Changing it renames the cohort.
+    #[schemars(length(min = 1, max = 255))]
+    pub name: String,
+}
+
+/// Exactly one of the source kinds.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("minProperties" = 1, "maxProperties" = 1))]
+pub struct SourceSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inline: Option<InlineSource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map: Option<ConfigMapSource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpSource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<PostgresSource>,
+}
+
+/// A small member list written in the resource itself.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InlineSource {
+    /// Rows of field name → value; `identifiers` names the fields.
+    #[schemars(length(max = 10000))]
+    pub rows: Vec<BTreeMap<String, String>>,
+}
+
+/// A ConfigMap key holding one id per line, or CSV with a header.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigMapSource {
+    /// ConfigMap in the import's namespace.
+    #[schemars(length(min = 1, max = 253), regex(pattern = OBJECT_NAME_PATTERN))]
+    pub name: String,
+    #[schemars(length(min = 1, max = 253), regex(pattern = DATA_KEY_PATTERN))]
+    pub key: String,
+    /// `Lines`: one value a line, in a field named by `column`. `Csv`: a header row names
+    /// the fields.
+    #[serde(default)]
+    pub format: ConfigMapFormat,
+    /// Field name given to each line of a `Lines` ConfigMap.
+    #[serde(default = "default_lines_column")]
+    #[schemars(length(min = 1, max = 128))]
+    pub column: String,
+}
+
+fn default_lines_column() -> String {
+    "id".to_owned()
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum ConfigMapFormat {
+    #[default]
+    Lines,
+    Csv,
+}
+
+/// An export fetched over HTTP(S).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpSource {
+    #[schemars(length(min = 1, max = 2048), regex(pattern = r"^https?://\S+$"))]
+    pub url: String,
+    pub format: HttpFormat,
+    /// For `Json`: an RFC 6901 pointer to the array of rows, e.g. `/data/users`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^(/.*)?$"))]
+    pub json_pointer: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<HttpAuth>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pagination: Option<HttpPagination>,
+    #[serde(default = "default_connect_timeout")]
+    #[schemars(range(min = 1, max = 300))]
+    pub connect_timeout_seconds: u32,
+    /// Longest wait for the next bytes of a response.
+    #[serde(default = "default_read_timeout")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub read_timeout_seconds: u32,
+    /// Largest total body (after decompression) accepted across all pages.
+    #[serde(default = "default_max_bytes")]
+    #[schemars(range(min = 1))]
+    pub max_bytes: u64,
+}
+
+fn default_connect_timeout() -> u32 {
+    10
+}
+fn default_read_timeout() -> u32 {
+    60
+}
+fn default_max_bytes() -> u64 {
+    2 * 1024 * 1024 * 1024
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum HttpFormat {
+    Csv,
+    Json,
+    Ndjson,
+}
+
+/// Credentials for the export, each from a Secret in the import's namespace. Set one.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("minProperties" = 1, "maxProperties" = 1))]
+pub struct HttpAuth {
+    /// `Authorization: Bearer <value>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bearer_token_secret_ref: Option<SecretKeyRef>,
+    /// HTTP basic authentication.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub basic: Option<BasicAuth>,
+    /// A named header carrying the Secret's value, e.g. `X-Api-Key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<HeaderAuth>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BasicAuth {
+    #[schemars(length(min = 1, max = 253), regex(pattern = OBJECT_NAME_PATTERN))]
+    pub secret_name: String,
+    #[serde(default = "default_username_key")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = DATA_KEY_PATTERN))]
+    pub username_key: String,
+    #[serde(default = "default_password_key")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = DATA_KEY_PATTERN))]
+    pub password_key: String,
+}
+
+fn default_username_key() -> String {
+    "username".to_owned()
+}
+fn default_password_key() -> String {
+    "password".to_owned()
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HeaderAuth {
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"))]
+    pub name: String,
+    pub value_secret_ref: SecretKeyRef,
+}
+
+/// How to find the next page. Set one.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("minProperties" = 1, "maxProperties" = 1))]
+pub struct HttpPagination {
+    /// JSON pointer to the next page's URL in the body; absent or null ends the export.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^/.*$"))]
+    pub next_url_pointer: Option<String>,
+    /// A cursor in the body passed back as a query parameter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<CursorPagination>,
+    /// Follow `Link: <...>; rel="next"` headers (RFC 8288).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_header: Option<bool>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CursorPagination {
+    /// JSON pointer to the cursor in the body; absent, null or empty ends the export.
+    #[schemars(regex(pattern = r"^/.*$"))]
+    pub pointer: String,
+    /// Query parameter that carries the cursor to the next request.
+    #[schemars(length(min = 1, max = 128))]
+    pub param: String,
+}
+
+/// A `SELECT` on a PostgreSQL-compatible warehouse.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PostgresSource {
+    /// Secret key holding a connection URL, `postgres://user:password@host:5432/db`.
+    pub connection_secret_ref: SecretKeyRef,
+    /// A read-only query; column names are the fields `identifiers` refers to.
+    #[schemars(length(min = 1, max = 65536))]
+    pub query: String,
+    /// The query is cancelled after this long.
+    #[serde(default = "default_statement_timeout")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub statement_timeout_seconds: u32,
+    /// Rows fetched from the cursor per round trip.
+    #[serde(default = "default_fetch_size")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub fetch_size: u32,
+}
+
+fn default_statement_timeout() -> u32 {
+    900
+}
+fn default_fetch_size() -> u32 {
+    10_000
+}
+
+/// A key of a Secret in the import's own namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    #[schemars(length(min = 1, max = 253), regex(pattern = OBJECT_NAME_PATTERN))]
+    pub name: String,
+    #[schemars(length(min = 1, max = 253), regex(pattern = DATA_KEY_PATTERN))]
+    pub key: String,
+}
+
+/// Which source fields hold Braze identifiers. Set at least one.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("minProperties" = 1))]
+pub struct IdentifierMapping {
+    /// Field holding the Braze `external_id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128))]
+    pub external_id: Option<String>,
+    /// Fields holding a user alias.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alias: Option<AliasMapping>,
+    /// Field holding a Braze `device_id` (matches anonymous users only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128))]
+    pub device_id: Option<String>,
+}
+
+/// A user alias: the name from a field, the label fixed or from a field (set one).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AliasMapping {
+    /// Field holding `alias_name`.
+    #[schemars(length(min = 1, max = 128))]
+    pub name_field: String,
+    /// A fixed `alias_label` for every row.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255))]
+    pub label: Option<String>,
+    /// Field holding `alias_label`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128))]
+    pub label_field: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Destination {
+    pub braze: BrazeDestination,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BrazeDestination {
+    /// The customer's REST endpoint, e.g. `https://rest.iad-01.braze.com`.
+    #[schemars(length(min = 1, max = 255), regex(pattern = r"^https?://[^\s/?#]+/?$"))]
+    pub rest_endpoint: String,
+    /// The partner path segment: `{restEndpoint}/partners/{partner}/cohorts`.
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"))]
+    pub partner: String,
+    /// The customer's data import key (`client_secret`).
+    pub data_import_key_secret_ref: SecretKeyRef,
+    /// Overrides the operator's partner API key for this import.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partner_api_key_secret_ref: Option<SecretKeyRef>,
+}
+
+/// When imports run.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScheduleSpec {
+    pub cadence: Cadence,
+    /// Local wall time `HH:MM` in `timeZone`. `Once` without it runs soon after creation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = WALL_TIME_PATTERN))]
+    pub at: Option<String>,
+    /// Required with, and only with, `Weekly`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub day_of_week: Option<DayOfWeek>,
+    /// Required with, and only with, `Monthly`; a month shorter than this runs on its last day.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 31))]
+    pub day_of_month: Option<u8>,
+    /// IANA time zone of `at`, e.g. `Europe/Lisbon`.
+    #[serde(default = "default_time_zone")]
+    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[A-Za-z][A-Za-z0-9_+\-/]*$"))]
+    pub time_zone: String,
+}
+
+fn default_time_zone() -> String {
+    "UTC".to_owned()
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Cadence {
+    Once,
+    Daily,
+    Weekly,
+    Monthly,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum DayOfWeek {
+    Monday,
+    Tuesday,
+    Wednesday,
+    Thursday,
+    Friday,
+    Saturday,
+    Sunday,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Notifications {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<EmailNotification>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EmailNotification {
+    /// Recipients of the run report.
+    #[schemars(length(min = 1, max = 50))]
+    pub to: Vec<EmailAddress>,
+    /// Which results send an email; all of them when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on: Option<Vec<NotifyOn>>,
+}
+
+/// An email address, `local@domain`.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(transparent)]
+pub struct EmailAddress(#[schemars(length(min = 3, max = 254), regex(pattern = r"^[^@\s]+@[^@\s]+$"))] pub String);
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum NotifyOn {
+    Succeeded,
+    Failed,
+    Blocked,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum DeletionPolicy {
+    /// Leave the Braze cohort as it is.
+    #[default]
+    Retain,
+    /// Remove every member this import sent, then let go.
+    RemoveMembers,
+}
+
+/// A run that would remove many members sends no removal until approved.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RemovalGuard {
+    /// Largest share of the previous cohort, in percent, one run may remove unapproved.
+    #[serde(default = "default_max_removal_percent")]
+    #[schemars(range(min = 0, max = 100))]
+    pub max_removal_percent: u8,
+    /// Turn the guard off, including the empty-source check.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub disabled: bool,
+}
+
+/// The share of the previous cohort one run may remove unless approved.
+pub fn default_max_removal_percent() -> u8 {
+    20
+}
+
+impl Default for RemovalGuard {
+    fn default() -> Self {
+        Self { max_removal_percent: default_max_removal_percent(), disabled: false }
+    }
+}

@@ -1,0 +1,81 @@
+//! `CohortImport.status`: what happened, written only by the controller.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Longest `message` kept in a history entry; keeps status small at the maximum history.
+pub const MAX_RUN_MESSAGE_CHARS: usize = 256;
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CohortImportStatus {
+    /// Standard conditions; `Ready` first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// When the next scheduled run starts (RFC 3339); absent when none is due.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_run_at: Option<String>,
+    /// The most recent run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_run: Option<RunRecord>,
+    /// When the last run that succeeded finished (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_successful_run_at: Option<String>,
+    /// The last `cohorts.dev/run-requested-at` value acted upon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_handled_run_request: Option<String>,
+    /// Finished runs, newest first, at most `spec.historyLimit`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 50))]
+    pub history: Vec<RunRecord>,
+}
+
+/// One finished (or missed) run.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RunRecord {
+    /// Unique per import, e.g. `20261128-063000-a1b2`.
+    pub id: String,
+    pub trigger: RunTrigger,
+    /// RFC 3339.
+    pub started_at: String,
+    /// RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+    pub result: RunResult,
+    /// Members in the source after normalisation and de-duplication.
+    #[serde(default)]
+    pub cohort_size: u64,
+    #[serde(default)]
+    pub added: u64,
+    #[serde(default)]
+    pub removed: u64,
+    /// Short, human-readable; truncated to 256 characters.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum RunTrigger {
+    /// The first run of a new import.
+    Initial,
+    Scheduled,
+    /// Requested through the `cohorts.dev/run-requested-at` annotation.
+    Manual,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum RunResult {
+    Succeeded,
+    Failed,
+    /// The removal guard stopped the run; see the message for how to approve it.
+    Blocked,
+    /// A dry run: changes computed and reported, nothing sent.
+    DryRun,
+    /// The operator was down past the starting deadline; the run was skipped.
+    Missed,
+}

@@ -1,0 +1,3 @@
+//! The domain core: plain functions and types, no Kubernetes client, no network, no clock.
+//! Everything here is unit-tested without a cluster.
+pub mod member;

@@ -1,0 +1,7 @@
+//! cohort-operator: keeps analytics cohorts imported into Braze.
+//!
+//! - [`api`]: the `CohortImport` custom resource (Kubernetes types only).
+//! - [`domain`]: pure logic — schedules, members, diffs, validation, run planning. No I/O.
+
+pub mod api;
+pub mod domain;
