@@ -20,7 +20,24 @@ pub const FINALIZER: &str = "cohorts.dev/cleanup";
 
 /// The CRD as the API server should hold it.
 pub fn crd() -> CustomResourceDefinition {
-    CohortImport::crd()
+    // schemars lists `null` among the values of an optional enum; `nullable: true` already
+    // says that, and kubectl's client-side validation rejects a null enum value.
+    let mut json = serde_json::to_value(CohortImport::crd()).expect("the CRD serializes");
+    drop_null_enum_values(&mut json);
+    serde_json::from_value(json).expect("the CRD deserializes")
+}
+
+fn drop_null_enum_values(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            if let Some(serde_json::Value::Array(values)) = map.get_mut("enum") {
+                values.retain(|v| !v.is_null());
+            }
+            map.values_mut().for_each(drop_null_enum_values);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(drop_null_enum_values),
+        _ => {}
+    }
 }
 
 /// The CRD as YAML, exactly what `crds/` holds.
