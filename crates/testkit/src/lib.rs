@@ -1,1 +1,4 @@
-//! Real services for tests, started on free loopback ports and stopped on drop.
+//! Real services for tests, started on free loopback ports and stopped when dropped (or,
+//! for process-wide instances, when the test process exits).
+
+pub mod cluster;
