@@ -1,0 +1,179 @@
+//! What a run report says, and who wants one. Pure: no I/O.
+
+use jiff::{SignedDuration, Timestamp, tz::TimeZone};
+
+use crate::api::{EmailNotification, NotifyOn, RunRecord, RunResult, RunTrigger};
+
+/// One finished run, as the report tells it. Built by the controller from the run it just
+/// recorded; carries no secret (the reason and hint must not contain one either).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunNotice {
+    pub namespace: String,
+    /// `metadata.name` of the `CohortImport`.
+    pub import_name: String,
+    /// `spec.cohort.name`, the display name.
+    pub cohort_name: String,
+    /// `spec.cohort.id`.
+    pub cohort_id: String,
+    /// The run's id in `.status.history`, e.g. `20261128-063000-a1b2`.
+    pub run_id: String,
+    pub result: RunResult,
+    pub trigger: RunTrigger,
+    pub started_at: Timestamp,
+    pub finished_at: Timestamp,
+    /// `spec.schedule.timeZone`: every time in the report is shown in it.
+    pub time_zone: TimeZone,
+    /// Members in the source after normalisation and de-duplication.
+    pub cohort_size: u64,
+    pub added: u64,
+    pub removed: u64,
+    /// When the next scheduled run starts; `None` when none is due.
+    pub next_run_at: Option<Timestamp>,
+    /// Why the run failed or was blocked (the run record's message).
+    pub reason: Option<String>,
+    /// What to do about it. When `None`, the report gives a default for the result.
+    pub hint: Option<String>,
+    /// The first success after failed, blocked or missed runs (see [`is_recovery`]).
+    pub recovered: bool,
+    /// `spec.dryRun`: nothing was sent to Braze; added/removed are what would have been.
+    pub dry_run: bool,
+}
+
+impl RunNotice {
+    /// Wall-clock length of the run; zero if the clock went backwards.
+    pub fn duration(&self) -> SignedDuration {
+        let d = self.finished_at.duration_since(self.started_at);
+        if d.is_negative() { SignedDuration::ZERO } else { d }
+    }
+}
+
+/// Whether `spec.notifications.email` asks for a report of this run.
+///
+/// `on` omitted means every result. Beyond the three results `on` can name:
+/// - a recovery (`Succeeded` with `recovered`) is also sent to those who asked only for
+///   `Failed` or `Blocked`: they were told about the trouble, so they hear it is over;
+/// - `DryRun` counts as `Succeeded` (the preview completed);
+/// - `Missed` counts as `Failed` (nothing was imported when it should have been).
+///
+/// An empty `on` list sends nothing.
+pub fn should_notify(email: &EmailNotification, result: RunResult, recovered: bool) -> bool {
+    let wants = |on: NotifyOn| email.on.as_ref().is_none_or(|list| list.contains(&on));
+    match result {
+        RunResult::Succeeded => {
+            wants(NotifyOn::Succeeded)
+                || (recovered && (wants(NotifyOn::Failed) || wants(NotifyOn::Blocked)))
+        }
+        RunResult::DryRun => wants(NotifyOn::Succeeded),
+        RunResult::Failed | RunResult::Missed => wants(NotifyOn::Failed),
+        RunResult::Blocked => wants(NotifyOn::Blocked),
+    }
+}
+
+/// Whether a run with `result` is the first success after trouble: the latest earlier run
+/// that was not a dry run failed, was blocked or was missed. `previous` is
+/// `.status.history` before this run was added, newest first.
+pub fn is_recovery(result: RunResult, previous: &[RunRecord]) -> bool {
+    if result != RunResult::Succeeded {
+        return false;
+    }
+    previous
+        .iter()
+        .find(|run| run.result != RunResult::DryRun)
+        .is_some_and(|run| {
+            matches!(run.result, RunResult::Failed | RunResult::Blocked | RunResult::Missed)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::EmailAddress;
+
+    fn email(on: Option<Vec<NotifyOn>>) -> EmailNotification {
+        EmailNotification { to: vec![EmailAddress("team@example.com".into())], on }
+    }
+
+    fn record(result: RunResult) -> RunRecord {
+        RunRecord {
+            id: "r".into(),
+            trigger: RunTrigger::Scheduled,
+            started_at: "2026-01-01T00:00:00Z".into(),
+            finished_at: None,
+            result,
+            cohort_size: 0,
+            added: 0,
+            removed: 0,
+            message: String::new(),
+        }
+    }
+
+    #[test]
+    fn omitted_on_sends_every_result() {
+        let e = email(None);
+        for result in [
+            RunResult::Succeeded,
+            RunResult::Failed,
+            RunResult::Blocked,
+            RunResult::DryRun,
+            RunResult::Missed,
+        ] {
+            assert!(should_notify(&e, result, false), "{result:?}");
+        }
+    }
+
+    #[test]
+    fn on_filters_results() {
+        let e = email(Some(vec![NotifyOn::Failed]));
+        assert!(should_notify(&e, RunResult::Failed, false));
+        assert!(should_notify(&e, RunResult::Missed, false));
+        assert!(!should_notify(&e, RunResult::Succeeded, false));
+        assert!(!should_notify(&e, RunResult::Blocked, false));
+        assert!(!should_notify(&e, RunResult::DryRun, false));
+
+        let e = email(Some(vec![NotifyOn::Succeeded]));
+        assert!(should_notify(&e, RunResult::Succeeded, false));
+        assert!(should_notify(&e, RunResult::DryRun, false));
+        assert!(!should_notify(&e, RunResult::Failed, false));
+
+        let e = email(Some(vec![NotifyOn::Blocked]));
+        assert!(should_notify(&e, RunResult::Blocked, false));
+        assert!(!should_notify(&e, RunResult::Missed, false));
+    }
+
+    #[test]
+    fn recovery_reaches_those_who_heard_of_the_trouble() {
+        assert!(should_notify(&email(Some(vec![NotifyOn::Failed])), RunResult::Succeeded, true));
+        assert!(should_notify(&email(Some(vec![NotifyOn::Blocked])), RunResult::Succeeded, true));
+        assert!(!should_notify(&email(Some(vec![NotifyOn::Failed])), RunResult::Succeeded, false));
+    }
+
+    #[test]
+    fn empty_on_sends_nothing() {
+        let e = email(Some(vec![]));
+        assert!(!should_notify(&e, RunResult::Failed, false));
+        assert!(!should_notify(&e, RunResult::Succeeded, true));
+    }
+
+    #[test]
+    fn recovery_is_the_first_success_after_trouble() {
+        use RunResult::*;
+        assert!(is_recovery(Succeeded, &[record(Failed), record(Succeeded)]));
+        assert!(is_recovery(Succeeded, &[record(Blocked)]));
+        assert!(is_recovery(Succeeded, &[record(Missed)]));
+        // Dry runs in between do not hide the failure before them.
+        assert!(is_recovery(Succeeded, &[record(DryRun), record(Failed)]));
+        assert!(!is_recovery(Succeeded, &[record(Succeeded), record(Failed)]));
+        assert!(!is_recovery(Succeeded, &[]));
+        assert!(!is_recovery(Succeeded, &[record(DryRun)]));
+        assert!(!is_recovery(Failed, &[record(Failed)]));
+        assert!(!is_recovery(DryRun, &[record(Failed)]));
+    }
+
+    #[test]
+    fn duration_never_negative() {
+        let n = super::super::render::tests::notice();
+        assert_eq!(n.duration(), SignedDuration::from_secs(134));
+        let backwards = RunNotice { finished_at: n.started_at - SignedDuration::from_secs(5), ..n };
+        assert_eq!(backwards.duration(), SignedDuration::ZERO);
+    }
+}
