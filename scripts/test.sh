@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh Debian machine as root or on a developer's machine.
+#
+# Installs what the tests need (Debian packages, the cached kube-apiserver build), then runs
+# every Rust test (unit, contract, e2e on a real kube-apiserver, PostgreSQL and SMTP server,
+# each started by the tests themselves on loopback) and the Helm chart tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEBIAN_PACKAGES=(
+  etcd-server openssl curl            # the control plane (scripts/control-plane.sh)
+  postgresql                          # the SQL source's tests (testkit::postgres)
+  python3-aiosmtpd                    # the email tests (testkit::smtp)
+  python3-venv                        # Helm via PyPI for the chart tests
+)
+missing=()
+for p in "${DEBIAN_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "test.sh: installing ${missing[*]}" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# kube-apiserver v1.20.2 from Debian's source package, cached outside the clone.
+bash scripts/control-plane.sh install
+
+# Build output is cached outside the clone too, so a fresh clone does not rebuild the world.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/cohort-operator/target}"
+
+# Two cores: build once, then run the tests.
+cargo build --workspace --all-targets --locked
+cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-2}"
+
+if [ -x scripts/test-chart.sh ]; then
+  bash scripts/test-chart.sh
+fi
