@@ -4,6 +4,7 @@
 //! - [`domain`]: pure logic — schedules, members, diffs, validation, run planning. No I/O.
 
 pub mod api;
+pub mod braze;
 pub mod domain;
 pub mod notify;
 pub mod secret;

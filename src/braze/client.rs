@@ -1,0 +1,591 @@
+//! The HTTP side: one keep-alive connection pool, bounded requests in flight, retries.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::ops::Range;
+use std::pin::pin;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::stream::{self, FuturesUnordered, Stream, StreamExt};
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
+use reqwest::{Request, Url};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use super::batch::{Batch, Change, IdCounts, MAX_IDS_PER_REQUEST, Packer};
+use super::error::{BrazeError, TransientFailure, UnauthorizedReason};
+use super::retry::{Disposition, RetryDelay, RetryPolicy, classify, server_wait_hint};
+use super::wire::{self, NameBody, READ_BODY_BYTES, ResponseText, UsersBody};
+use crate::secret::SecretString;
+
+/// Tuning of a [`BrazeClient`].
+#[derive(Clone, Debug)]
+pub struct BrazeClientConfig {
+    /// Requests of one run on the wire at once (after the first one succeeded).
+    pub max_in_flight: usize,
+    /// Identifiers per request; clamped to Braze's 1,000.
+    pub max_ids_per_request: usize,
+    /// Deadline of one attempt, from sending to the end of the answer.
+    pub request_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub retry: RetryPolicy,
+}
+
+impl Default for BrazeClientConfig {
+    fn default() -> Self {
+        Self {
+            max_in_flight: 8,
+            max_ids_per_request: MAX_IDS_PER_REQUEST,
+            request_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
+/// One Braze cohort and the keys to reach it.
+#[derive(Clone, Debug)]
+pub struct CohortTarget {
+    /// The customer's REST endpoint, e.g. `https://rest.iad-01.braze.com`.
+    pub rest_endpoint: String,
+    /// The partner path segment.
+    pub partner: String,
+    /// Braze's key for the partner (`partner_api_key`); picked by cluster.
+    pub partner_api_key: SecretString,
+    /// The customer's data import key (`client_secret`).
+    pub data_import_key: SecretString,
+    pub cohort_id: String,
+}
+
+impl CohortTarget {
+    fn url(&self, tail: &str) -> Result<Url, BrazeError> {
+        let base = self.rest_endpoint.trim_end_matches('/');
+        let text = format!("{base}/partners/{}/{tail}", self.partner);
+        let url = Url::parse(&text).map_err(|e| {
+            BrazeError::InvalidRequest(format!("REST endpoint {:?}: {e}", self.rest_endpoint))
+        })?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(BrazeError::InvalidRequest(format!(
+                "REST endpoint {:?} is not an http(s) URL",
+                self.rest_endpoint
+            )));
+        }
+        Ok(url)
+    }
+
+    fn secrets(&self) -> [&str; 2] {
+        [self.partner_api_key.expose(), self.data_import_key.expose()]
+    }
+}
+
+/// The result of one request (a batch of changes, or a naming).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RequestOutcome {
+    /// Request number within the run, from 0.
+    pub seq: u64,
+    /// Positions in the input of the changes it carried (empty for a naming).
+    pub changes: Range<u64>,
+    pub adds: IdCounts,
+    pub removes: IdCounts,
+    pub attempts: u32,
+    /// The status of the last answer; `None` when the last attempt got none.
+    pub status: Option<u16>,
+    /// `None`: Braze accepted the request.
+    pub error: Option<BrazeError>,
+    /// The last answer's body and message (keys redacted, truncated).
+    pub response: ResponseText,
+    pub elapsed: Duration,
+}
+
+impl RequestOutcome {
+    pub fn accepted(&self) -> bool {
+        self.error.is_none()
+    }
+}
+
+/// What one `send_changes` run did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ChangesReport {
+    /// Every request, by `seq`.
+    pub requests: Vec<RequestOutcome>,
+    /// Batches sent but not accepted, with their members: leave them out of "what Braze has".
+    pub unaccepted: Vec<Batch>,
+    /// Input positions from here on were never sent (the input may have ended before).
+    /// Every position below it is in exactly one request.
+    pub unsent_from: u64,
+    pub totals: ChangesTotals,
+    /// Why the run stopped early: the first request that failed for good. `None` when every
+    /// change of the input was accepted.
+    pub stopped: Option<BrazeError>,
+}
+
+impl ChangesReport {
+    /// Every change of the input was accepted.
+    pub fn is_complete(&self) -> bool {
+        self.stopped.is_none()
+    }
+
+    /// Whether the change at input `position` was accepted by Braze.
+    pub fn accepted(&self, position: u64) -> bool {
+        if position >= self.unsent_from {
+            return false;
+        }
+        let i = self.requests.partition_point(|r| r.changes.end <= position);
+        self.requests.get(i).is_some_and(|r| r.changes.contains(&position) && r.accepted())
+    }
+}
+
+/// Run counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChangesTotals {
+    /// Requests started, each counted once however many attempts it took.
+    pub requests: u32,
+    pub accepted_requests: u32,
+    pub failed_requests: u32,
+    /// HTTP attempts, retries included.
+    pub attempts: u32,
+    pub retries: u32,
+    /// Identifiers in accepted requests (Braze does not say how many matched a user).
+    pub added: u64,
+    pub removed: u64,
+    /// Identifiers in requests sent but not accepted.
+    pub unaccepted_adds: u64,
+    pub unaccepted_removes: u64,
+    /// Answers by HTTP status, every attempt counted.
+    pub responses_by_status: BTreeMap<u16, u32>,
+    pub timeouts: u32,
+    pub connection_errors: u32,
+    /// Accepted answers that listed non-fatal `errors`.
+    pub accepted_with_errors: u32,
+}
+
+/// Braze's partner cohort import API. Cheap to clone; clones share the connection pool.
+#[derive(Clone, Debug)]
+pub struct BrazeClient {
+    http: reqwest::Client,
+    config: BrazeClientConfig,
+}
+
+/// Shared by the requests of one run.
+struct RunState {
+    budget: u32,
+    retries_left: AtomicU32,
+    stop: watch::Sender<bool>,
+    by_status: Mutex<BTreeMap<u16, u32>>,
+    timeouts: AtomicU32,
+    connection_errors: AtomicU32,
+}
+
+impl RunState {
+    fn new(budget: u32) -> Self {
+        Self {
+            budget,
+            retries_left: AtomicU32::new(budget),
+            stop: watch::Sender::new(false),
+            by_status: Mutex::default(),
+            timeouts: AtomicU32::new(0),
+            connection_errors: AtomicU32::new(0),
+        }
+    }
+
+    fn take_retry(&self) -> bool {
+        self.retries_left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok()
+    }
+
+    fn stopped(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    fn stop(&self) {
+        self.stop.send_replace(true);
+    }
+
+    fn count_status(&self, status: u16) {
+        let mut map = self.by_status.lock().unwrap_or_else(|e| e.into_inner());
+        *map.entry(status).or_default() += 1;
+    }
+}
+
+/// One request after all its attempts.
+struct Attempted {
+    attempts: u32,
+    status: Option<u16>,
+    response: ResponseText,
+    error: Option<BrazeError>,
+}
+
+impl BrazeClient {
+    pub fn new(config: BrazeClientConfig) -> Result<Self, BrazeError> {
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("cohort-operator/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(config.connect_timeout)
+            .pool_max_idle_per_host(config.max_in_flight.max(1))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .tcp_nodelay(true)
+            // A redirected POST turns into a GET: refuse redirects and report them instead.
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| BrazeError::InvalidRequest(format!("cannot set up the HTTP client: {e}")))?;
+        Ok(Self { http, config })
+    }
+
+    pub fn config(&self) -> &BrazeClientConfig {
+        &self.config
+    }
+
+    /// Creates or renames the cohort (`POST …/cohorts`); Braze treats it as an upsert by
+    /// `cohort_id`. Retried like membership changes, with a budget of its own.
+    pub async fn name_cohort(
+        &self,
+        target: &CohortTarget,
+        name: &str,
+        created_at: jiff::Timestamp,
+    ) -> Result<RequestOutcome, BrazeError> {
+        if name.trim().is_empty() {
+            return Err(BrazeError::InvalidRequest("the cohort name is empty".into()));
+        }
+        if target.cohort_id.is_empty() {
+            return Err(BrazeError::InvalidRequest("the cohort id is empty".into()));
+        }
+        let url = target.url("cohorts")?;
+        let created_at = created_at.strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
+        let body = serde_json::to_vec(&NameBody {
+            partner_api_key: target.partner_api_key.expose(),
+            client_secret: target.data_import_key.expose(),
+            cohort_id: &target.cohort_id,
+            name,
+            created_at: &created_at,
+        })
+        .map_err(|e| BrazeError::InvalidRequest(format!("cannot encode the request: {e}")))?;
+        let run = RunState::new(self.config.retry.run_retry_budget);
+        let started = Instant::now();
+        let done = self.execute(target, url, body, &run, 0).await;
+        let outcome = RequestOutcome {
+            seq: 0,
+            changes: 0..0,
+            adds: IdCounts::default(),
+            removes: IdCounts::default(),
+            attempts: done.attempts,
+            status: done.status,
+            error: done.error.clone(),
+            response: done.response,
+            elapsed: started.elapsed(),
+        };
+        match done.error {
+            None => {
+                info!(cohort_id = %target.cohort_id, partner = %target.partner, attempts = outcome.attempts, "Braze cohort named");
+                Ok(outcome)
+            }
+            Some(error) => Err(error),
+        }
+    }
+
+    /// Sends membership changes, packed into requests of at most 1,000 identifiers.
+    /// See [`Self::send_changes_with`].
+    pub async fn send_changes<S>(&self, target: &CohortTarget, changes: S) -> ChangesReport
+    where
+        S: Stream<Item = Change>,
+    {
+        self.send_changes_with(target, changes, |_, _| {}).await
+    }
+
+    /// Sends membership changes and calls `on_request` as each request finishes (in
+    /// completion order), with the batch it carried, so a caller can checkpoint accepted
+    /// changes as they land.
+    ///
+    /// The first request goes alone, so wrong keys cost one request; then up to
+    /// `max_in_flight` go at once. The input is read only as fast as requests go out. The
+    /// first request that fails for good (400, 401, retries used up…) stops the run: no
+    /// further input is read, no new request starts, requests waiting to retry give up, and
+    /// requests already on the wire finish. Each member should appear at most once in the
+    /// input (a diff guarantees it): requests of a run may land in any order.
+    pub async fn send_changes_with<S, F>(
+        &self,
+        target: &CohortTarget,
+        changes: S,
+        mut on_request: F,
+    ) -> ChangesReport
+    where
+        S: Stream<Item = Change>,
+        F: FnMut(&Batch, &RequestOutcome),
+    {
+        let mut report = ChangesReport::default();
+        let url = match target.url("cohorts/users") {
+            Ok(url) => url,
+            Err(e) => {
+                report.stopped = Some(e);
+                return report;
+            }
+        };
+        if target.cohort_id.is_empty() {
+            report.stopped = Some(BrazeError::InvalidRequest("the cohort id is empty".into()));
+            return report;
+        }
+        let run = RunState::new(self.config.retry.run_retry_budget);
+        let batches = pin!(batches(changes, self.config.max_ids_per_request));
+        let mut batches = batches.fuse();
+        let mut in_flight = FuturesUnordered::new();
+        // Slow start: one request until Braze has accepted one.
+        let mut limit = 1;
+        let mut input_done = false;
+        let max_in_flight = self.config.max_in_flight.max(1);
+        loop {
+            let may_send = report.stopped.is_none() && !input_done && in_flight.len() < limit;
+            if !may_send && in_flight.is_empty() {
+                break;
+            }
+            tokio::select! {
+                biased;
+                Some((batch, outcome)) = in_flight.next(), if !in_flight.is_empty() => {
+                    on_request(&batch, &outcome);
+                    if outcome.accepted() {
+                        limit = max_in_flight;
+                    } else {
+                        if report.stopped.is_none() {
+                            report.stopped = outcome.error.clone();
+                            run.stop();
+                        }
+                        report.unaccepted.push(batch);
+                    }
+                    report.requests.push(outcome);
+                }
+                next = batches.next(), if may_send => match next {
+                    Some(batch) => {
+                        report.unsent_from = batch.changes().end;
+                        in_flight.push(self.send_batch(target, &url, batch, &run));
+                    }
+                    None => input_done = true,
+                },
+            }
+        }
+        report.requests.sort_by_key(|r| r.seq);
+        report.unaccepted.sort_by_key(|b| b.seq);
+        report.totals = totals(&report.requests, &run);
+        let t = &report.totals;
+        match &report.stopped {
+            None => info!(
+                cohort_id = %target.cohort_id, requests = t.requests, added = t.added,
+                removed = t.removed, retries = t.retries, "Braze accepted every change"
+            ),
+            Some(error) => warn!(
+                cohort_id = %target.cohort_id, requests = t.requests, added = t.added,
+                removed = t.removed, unaccepted_adds = t.unaccepted_adds,
+                unaccepted_removes = t.unaccepted_removes, unsent_from = report.unsent_from,
+                %error, "Braze import stopped early"
+            ),
+        }
+        report
+    }
+
+    fn send_batch<'a>(
+        &'a self,
+        target: &'a CohortTarget,
+        url: &'a Url,
+        batch: Batch,
+        run: &'a RunState,
+    ) -> impl Future<Output = (Batch, RequestOutcome)> + 'a {
+        async move {
+            let started = Instant::now();
+            let mut body = Vec::with_capacity(256 + batch.len() * 48);
+            let encoded = serde_json::to_writer(
+                &mut body,
+                &UsersBody {
+                    partner_api_key: target.partner_api_key.expose(),
+                    client_secret: target.data_import_key.expose(),
+                    cohort_id: &target.cohort_id,
+                    batch: &batch,
+                },
+            );
+            let done = match encoded {
+                Ok(()) => self.execute(target, url.clone(), body, run, batch.seq).await,
+                Err(e) => Attempted {
+                    attempts: 0,
+                    status: None,
+                    response: ResponseText::default(),
+                    error: Some(BrazeError::InvalidRequest(format!("cannot encode the request: {e}"))),
+                },
+            };
+            let outcome = RequestOutcome {
+                seq: batch.seq,
+                changes: batch.changes(),
+                adds: batch.add_counts,
+                removes: batch.remove_counts,
+                attempts: done.attempts,
+                status: done.status,
+                error: done.error,
+                response: done.response,
+                elapsed: started.elapsed(),
+            };
+            debug!(
+                cohort_id = %target.cohort_id, seq = outcome.seq, ids = batch.len(),
+                status = outcome.status, attempts = outcome.attempts,
+                accepted = outcome.accepted(), "Braze request finished"
+            );
+            (batch, outcome)
+        }
+    }
+
+    /// Sends one request until it is accepted, fails for good, or retrying must stop.
+    async fn execute(
+        &self,
+        target: &CohortTarget,
+        url: Url,
+        body: Vec<u8>,
+        run: &RunState,
+        seq: u64,
+    ) -> Attempted {
+        let secrets = target.secrets();
+        let policy = &self.config.retry;
+        let mut request = Request::new(reqwest::Method::POST, url);
+        request.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        *request.timeout_mut() = Some(self.config.request_timeout);
+        *request.body_mut() = Some(body.into());
+        let mut stop = run.stop.subscribe();
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let this = request.try_clone().expect("an in-memory body can be cloned");
+            let (status, response, failure, hint) = match self.http.execute(this).await {
+                Ok(resp) => {
+                    let status = resp.status().as_u16();
+                    run.count_status(status);
+                    let hint = wait_hint(resp.headers());
+                    let response = read_body(resp, &secrets).await;
+                    match classify(status) {
+                        Disposition::Accepted => {
+                            if response.has_errors {
+                                warn!(cohort_id = %target.cohort_id, seq, status, body = %response.body, "Braze accepted the request but listed errors");
+                            }
+                            return Attempted { attempts, status: Some(status), response, error: None };
+                        }
+                        Disposition::Permanent => {
+                            let error = permanent_error(status, &response);
+                            warn!(cohort_id = %target.cohort_id, seq, status, %error, "Braze refused the request");
+                            return Attempted { attempts, status: Some(status), response, error: Some(error) };
+                        }
+                        Disposition::Retry => {
+                            let message = response.message.clone();
+                            (Some(status), response, TransientFailure::Status { status, message }, hint)
+                        }
+                    }
+                }
+                Err(e) if e.is_timeout() => {
+                    run.timeouts.fetch_add(1, Ordering::Relaxed);
+                    (None, ResponseText::default(), TransientFailure::Timeout(self.config.request_timeout), None)
+                }
+                Err(e) => {
+                    run.connection_errors.fetch_add(1, Ordering::Relaxed);
+                    let message = wire::redact(&error_chain(&e), &secrets);
+                    (None, ResponseText::default(), TransientFailure::Connection(message), None)
+                }
+            };
+            let give_up = |error| Attempted { attempts, status, response: response.clone(), error: Some(error) };
+            if run.stopped() {
+                return give_up(BrazeError::Abandoned);
+            }
+            if attempts >= policy.max_attempts {
+                return give_up(BrazeError::AttemptsExhausted { attempts, last: failure });
+            }
+            let delay = match policy.delay(attempts, hint, rand::random::<f64>()) {
+                RetryDelay::Wait(delay) => delay,
+                RetryDelay::TooLong(wait) => {
+                    return give_up(BrazeError::RateLimited { wait, max_wait: policy.max_server_wait });
+                }
+            };
+            if !run.take_retry() {
+                return give_up(BrazeError::RetryBudgetExhausted { budget: run.budget, last: failure });
+            }
+            warn!(cohort_id = %target.cohort_id, seq, attempt = attempts, %failure, ?delay, "Braze request failed; retrying");
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                _ = stop.wait_for(|stopped| *stopped) => return give_up(BrazeError::Abandoned),
+            }
+        }
+    }
+}
+
+/// Batches of the input, read only when the next one is wanted.
+fn batches<S: Stream<Item = Change>>(changes: S, max_ids: usize) -> impl Stream<Item = Batch> {
+    let state = (Box::pin(changes), Packer::new(max_ids), false);
+    stream::unfold(state, |(mut changes, mut packer, done)| async move {
+        if done {
+            return None;
+        }
+        loop {
+            match changes.next().await {
+                Some(change) => {
+                    if let Some(batch) = packer.push(change) {
+                        return Some((batch, (changes, packer, false)));
+                    }
+                }
+                None => return packer.finish().map(|batch| (batch, (changes, packer, true))),
+            }
+        }
+    })
+}
+
+fn wait_hint(headers: &HeaderMap) -> Option<Duration> {
+    let text = |name| headers.get(name).and_then(|v| v.to_str().ok());
+    server_wait_hint(text(RETRY_AFTER.as_str()), text("x-ratelimit-reset"), jiff::Timestamp::now())
+}
+
+/// Reads at most [`READ_BODY_BYTES`]; a broken body keeps what arrived.
+async fn read_body(mut resp: reqwest::Response, secrets: &[&str]) -> ResponseText {
+    let mut bytes = Vec::new();
+    while bytes.len() < READ_BODY_BYTES {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => bytes.extend_from_slice(&chunk),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    bytes.truncate(READ_BODY_BYTES);
+    wire::read_response(&bytes, secrets)
+}
+
+fn permanent_error(status: u16, response: &ResponseText) -> BrazeError {
+    let message = response.message.clone();
+    match status {
+        401 => BrazeError::Unauthorized { reason: UnauthorizedReason::from_message(&message), message },
+        400 => BrazeError::BadRequest { message },
+        _ => BrazeError::Rejected { status, message },
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+fn totals(requests: &[RequestOutcome], run: &RunState) -> ChangesTotals {
+    let mut t = ChangesTotals {
+        responses_by_status: run.by_status.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        timeouts: run.timeouts.load(Ordering::Relaxed),
+        connection_errors: run.connection_errors.load(Ordering::Relaxed),
+        retries: run.budget - run.retries_left.load(Ordering::Relaxed),
+        ..ChangesTotals::default()
+    };
+    for r in requests {
+        t.requests += 1;
+        t.attempts += r.attempts;
+        let (adds, removes) = (u64::from(r.adds.total()), u64::from(r.removes.total()));
+        if r.accepted() {
+            t.accepted_requests += 1;
+            t.added += adds;
+            t.removed += removes;
+            t.accepted_with_errors += u32::from(r.response.has_errors);
+        } else {
+            t.failed_requests += 1;
+            t.unaccepted_adds += adds;
+            t.unaccepted_removes += removes;
+        }
+    }
+    t
+}

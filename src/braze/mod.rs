@@ -1,0 +1,19 @@
+//! Braze's partner cohort import API: naming a cohort and changing its members.
+//!
+//! - [`batch`]: packing changes into requests of at most 1,000 identifiers (pure).
+//! - [`retry`]: which answers to retry and how long to wait (pure).
+//! - [`wire`]: request bodies and lenient reading of answers, with key redaction (pure).
+//! - [`client`]: the HTTP client: bounded concurrency, keep-alive, retries, run reports.
+
+pub mod batch;
+pub mod client;
+pub mod error;
+pub mod retry;
+pub mod wire;
+
+pub use batch::{Batch, Change, IdCounts, MAX_IDS_PER_REQUEST};
+pub use client::{
+    BrazeClient, BrazeClientConfig, ChangesReport, ChangesTotals, CohortTarget, RequestOutcome,
+};
+pub use error::{BrazeError, TransientFailure, UnauthorizedReason};
+pub use retry::RetryPolicy;

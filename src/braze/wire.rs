@@ -1,0 +1,250 @@
+//! Braze's JSON bodies, and reading its answers leniently (their shape is undocumented).
+
+use serde::ser::{SerializeMap, SerializeSeq};
+use serde::{Serialize, Serializer};
+
+use super::batch::{Batch, IdCounts};
+use crate::domain::member::Member;
+
+/// How much of a response body a request result keeps.
+pub const KEPT_BODY_BYTES: usize = 1024;
+/// How much of a response body is read at all; the rest is drained unread.
+pub const READ_BODY_BYTES: usize = 64 * 1024;
+/// Replaces any key Braze echoes back (its 401 "Partner not enabled for client with client
+/// secret: …" does).
+pub const REDACTED: &str = "<redacted>";
+
+/// `POST …/cohorts`.
+#[derive(Serialize)]
+pub struct NameBody<'a> {
+    pub partner_api_key: &'a str,
+    pub client_secret: &'a str,
+    pub cohort_id: &'a str,
+    pub name: &'a str,
+    pub created_at: &'a str,
+}
+
+/// `POST …/cohorts/users`: one add object and one remove object, each omitted when empty.
+pub struct UsersBody<'a> {
+    pub partner_api_key: &'a str,
+    pub client_secret: &'a str,
+    pub cohort_id: &'a str,
+    pub batch: &'a Batch,
+}
+
+impl Serialize for UsersBody<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(4))?;
+        map.serialize_entry("partner_api_key", self.partner_api_key)?;
+        map.serialize_entry("client_secret", self.client_secret)?;
+        map.serialize_entry("cohort_id", self.cohort_id)?;
+        map.serialize_entry("cohort_changes", &Changes(self.batch))?;
+        map.end()
+    }
+}
+
+struct Changes<'a>(&'a Batch);
+
+impl Serialize for Changes<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let b = self.0;
+        let objects = [
+            ChangeObject { members: &b.adds, counts: b.add_counts, remove: false },
+            ChangeObject { members: &b.removes, counts: b.remove_counts, remove: true },
+        ];
+        let mut seq = s.serialize_seq(None)?;
+        for object in objects.iter().filter(|o| !o.members.is_empty()) {
+            seq.serialize_element(object)?;
+        }
+        seq.end()
+    }
+}
+
+struct ChangeObject<'a> {
+    members: &'a [Member],
+    counts: IdCounts,
+    remove: bool,
+}
+
+impl Serialize for ChangeObject<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        if self.counts.external_ids > 0 {
+            map.serialize_entry("user_ids", &Ids(self.members, external_id))?;
+        }
+        if self.counts.device_ids > 0 {
+            map.serialize_entry("device_ids", &Ids(self.members, device_id))?;
+        }
+        if self.counts.aliases > 0 {
+            map.serialize_entry("aliases", &Aliases(self.members))?;
+        }
+        if self.remove {
+            map.serialize_entry("should_remove", &true)?;
+        }
+        map.end()
+    }
+}
+
+fn external_id(m: &Member) -> Option<&str> {
+    match m {
+        Member::ExternalId(id) => Some(id),
+        _ => None,
+    }
+}
+
+fn device_id(m: &Member) -> Option<&str> {
+    match m {
+        Member::DeviceId(id) => Some(id),
+        _ => None,
+    }
+}
+
+struct Ids<'a>(&'a [Member], fn(&Member) -> Option<&str>);
+
+impl Serialize for Ids<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().filter_map(self.1))
+    }
+}
+
+struct Aliases<'a>(&'a [Member]);
+
+#[derive(Serialize)]
+struct AliasObject<'a> {
+    alias_name: &'a str,
+    alias_label: &'a str,
+}
+
+impl Serialize for Aliases<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().filter_map(|m| match m {
+            Member::Alias { name, label } => Some(AliasObject { alias_name: name, alias_label: label }),
+            _ => None,
+        }))
+    }
+}
+
+/// What we keep of a response: its body (redacted, truncated) and Braze's `message`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ResponseText {
+    /// The body as text, secrets replaced by `<redacted>`, cut to [`KEPT_BODY_BYTES`].
+    pub body: String,
+    /// `message` of a JSON body, else the body itself (redacted, cut); empty if no body.
+    pub message: String,
+    /// A JSON body with a non-empty `errors` array (Braze's non-fatal problems).
+    pub has_errors: bool,
+}
+
+pub fn read_response(bytes: &[u8], secrets: &[&str]) -> ResponseText {
+    let text = String::from_utf8_lossy(bytes);
+    let json: Option<serde_json::Value> = serde_json::from_slice(bytes).ok();
+    let message = json
+        .as_ref()
+        .and_then(|v| v.get("message"))
+        .and_then(|m| m.as_str())
+        .map(|m| truncate(redact(m, secrets), 300))
+        .unwrap_or_else(|| truncate(redact(text.trim(), secrets), 300));
+    let has_errors = json
+        .as_ref()
+        .and_then(|v| v.get("errors"))
+        .and_then(|e| e.as_array())
+        .is_some_and(|e| !e.is_empty());
+    ResponseText { body: truncate(redact(&text, secrets), KEPT_BODY_BYTES), message, has_errors }
+}
+
+/// Replaces every occurrence of each non-empty secret.
+pub fn redact(text: &str, secrets: &[&str]) -> String {
+    let mut sorted: Vec<&str> = secrets.iter().copied().filter(|s| !s.is_empty()).collect();
+    // A key that contains another is replaced first, whole.
+    sorted.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    let mut out = text.to_owned();
+    for secret in sorted {
+        if out.contains(secret) {
+            out = out.replace(secret, REDACTED);
+        }
+    }
+    out
+}
+
+fn truncate(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut cut = max;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push('…');
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::braze::batch::{Change, Packer};
+
+    #[test]
+    fn users_body_has_one_add_and_one_remove_object_with_every_kind() {
+        let mut packer = Packer::new(1000);
+        for change in [
+            Change::add(Member::ExternalId("e1".into())),
+            Change::add(Member::Alias { name: "n\"1".into(), label: "crm".into() }),
+            Change::remove(Member::DeviceId("d1".into())),
+            Change::add(Member::ExternalId("e2".into())),
+        ] {
+            assert!(packer.push(change).is_none());
+        }
+        let batch = packer.finish().unwrap();
+        let body = UsersBody { partner_api_key: "pk", client_secret: "cs", cohort_id: "c-1", batch: &batch };
+        let json: serde_json::Value = serde_json::to_value(&body).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "partner_api_key": "pk",
+                "client_secret": "cs",
+                "cohort_id": "c-1",
+                "cohort_changes": [
+                    {"user_ids": ["e1", "e2"], "aliases": [{"alias_name": "n\"1", "alias_label": "crm"}]},
+                    {"device_ids": ["d1"], "should_remove": true}
+                ]
+            })
+        );
+    }
+
+    #[test]
+    fn only_removes_give_a_single_object() {
+        let mut packer = Packer::new(1000);
+        packer.push(Change::remove(Member::ExternalId("e".into())));
+        let batch = packer.finish().unwrap();
+        let body = UsersBody { partner_api_key: "p", client_secret: "c", cohort_id: "x", batch: &batch };
+        let json = serde_json::to_value(&body).unwrap();
+        assert_eq!(json["cohort_changes"], serde_json::json!([{"user_ids": ["e"], "should_remove": true}]));
+    }
+
+    #[test]
+    fn responses_are_read_leniently_and_keys_are_redacted() {
+        let r = read_response(
+            br#"{"message":"Partner not enabled for client with client secret: s3cret-key"}"#,
+            &["s3cret-key", "partner-key"],
+        );
+        assert_eq!(r.message, "Partner not enabled for client with client secret: <redacted>");
+        assert!(!r.body.contains("s3cret-key"));
+        let r = read_response(b"<html>Bad Gateway</html>\n", &[]);
+        assert_eq!(r.message, "<html>Bad Gateway</html>");
+        let r = read_response(br#"{"message":"success","errors":["x"]}"#, &[]);
+        assert!(r.has_errors);
+        assert_eq!(r.message, "success");
+        let r = read_response(&[0xff, b'a'], &[]);
+        assert_eq!(r.body, "\u{fffd}a");
+        let long = "é".repeat(2000);
+        let r = read_response(long.as_bytes(), &[]);
+        assert!(r.body.len() <= KEPT_BODY_BYTES + '…'.len_utf8());
+        assert!(r.body.ends_with('…'));
+    }
+
+    #[test]
+    fn redaction_replaces_longer_keys_first_and_ignores_empty_ones() {
+        assert_eq!(redact("abc abcdef", &["abc", "abcdef", ""]), "<redacted> <redacted>");
+        assert_eq!(redact("nothing", &[""]), "nothing");
+    }
+}
