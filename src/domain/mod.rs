@@ -1,3 +1,4 @@
 //! The domain core: plain functions and types, no Kubernetes client, no network, no clock.
 //! Everything here is unit-tested without a cluster.
+pub mod identifiers;
 pub mod member;
