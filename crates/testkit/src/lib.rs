@@ -2,3 +2,4 @@
 //! for process-wide instances, when the test process exits).
 
 pub mod cluster;
+pub mod smtp;
