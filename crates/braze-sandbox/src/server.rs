@@ -1,0 +1,886 @@
+//! The HTTP server: Braze's two endpoints, the `/sandbox/*` admin endpoints, and the
+//! connection loop that can drop connections on purpose.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, Query, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use axum::body::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tower::ServiceExt;
+use tracing::{debug, info, warn};
+
+use crate::faults::{Decision, FaultState, Faults, RateLimitHeaders};
+use crate::store::{Cohorts, SandboxUser, Users};
+use crate::wire::{self, Envelope};
+
+/// A partner as Braze knows it: the URL path segment and one of its API keys (a partner
+/// with US and EU keys is listed twice).
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Partner {
+    pub name: String,
+    pub api_key: String,
+}
+
+/// A customer's data import key (`client_secret`) and the partners enabled for it.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DataImportKey {
+    pub key: String,
+    /// Partner names enabled for this key; empty means every partner.
+    #[serde(default)]
+    pub partners: Vec<String>,
+}
+
+// Keys stay out of Debug output: the sandbox's logs are captured by tests that assert no
+// key ever appears in a log line.
+impl std::fmt::Debug for Partner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Partner").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for DataImportKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataImportKey").field("partners", &self.partners).finish_non_exhaustive()
+    }
+}
+
+/// How to start a sandbox.
+#[derive(Clone, Debug)]
+pub struct SandboxConfig {
+    /// Loopback address; port 0 picks a free one.
+    pub listen: SocketAddr,
+    pub partners: Vec<Partner>,
+    pub data_import_keys: Vec<DataImportKey>,
+    /// Users to seed (merged into those of the state file).
+    pub users: Vec<SandboxUser>,
+    /// Loaded at start when it exists; saved on shutdown, on `POST /sandbox/save`, and every
+    /// few seconds while something changed.
+    pub state_file: Option<PathBuf>,
+    pub faults: Faults,
+    /// Larger bodies get 413.
+    pub max_body_bytes: usize,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            partners: Vec::new(),
+            data_import_keys: Vec::new(),
+            users: Vec::new(),
+            state_file: None,
+            faults: Faults::default(),
+            max_body_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+/// Counters since start (or the last reset).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Requests to the two Braze endpoints, faulted and dropped ones included.
+    pub requests: u64,
+    pub name_requests: u64,
+    pub users_requests: u64,
+    pub responses_by_status: BTreeMap<u16, u64>,
+    pub dropped_connections: u64,
+    /// Identifiers in accepted `cohorts/users` requests.
+    pub ids_received: u64,
+    pub ids_matched: u64,
+    /// Identifiers that matched no user (ignored, as Braze does).
+    pub ids_unmatched: u64,
+    /// The most identifiers any `cohorts/users` request carried, rejected ones included.
+    pub max_ids_in_request: u64,
+    /// Membership changes that took effect.
+    pub joined: u64,
+    pub left: u64,
+}
+
+/// One Braze request, as `GET /sandbox/requests` lists it (never with keys).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestRecord {
+    pub endpoint: String,
+    pub partner: String,
+    pub cohort_id: Option<String>,
+    pub status: u16,
+    pub message: String,
+    pub ids: u64,
+    pub removes: u64,
+}
+
+/// A cohort as `GET /sandbox/cohorts` lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CohortSummary {
+    pub partner: String,
+    pub cohort_id: String,
+    pub name: Option<String>,
+    pub created_at: Option<String>,
+    pub members: usize,
+}
+
+const REQUEST_LOG_LEN: usize = 10_000;
+const SAVE_EVERY: Duration = Duration::from_secs(2);
+
+#[derive(Default)]
+struct Counters {
+    requests: AtomicU64,
+    name_requests: AtomicU64,
+    users_requests: AtomicU64,
+    by_status: Box<[AtomicU64]>,
+    dropped: AtomicU64,
+    ids_received: AtomicU64,
+    ids_matched: AtomicU64,
+    ids_unmatched: AtomicU64,
+    max_ids: AtomicU64,
+    joined: AtomicU64,
+    left: AtomicU64,
+}
+
+impl Counters {
+    fn new() -> Self {
+        Self { by_status: (0..600).map(|_| AtomicU64::new(0)).collect(), ..Self::default() }
+    }
+
+    fn status(&self, status: u16) {
+        if let Some(c) = self.by_status.get(usize::from(status)) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn snapshot(&self) -> Stats {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Stats {
+            requests: load(&self.requests),
+            name_requests: load(&self.name_requests),
+            users_requests: load(&self.users_requests),
+            responses_by_status: self
+                .by_status
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| load(c) > 0)
+                .map(|(s, c)| (s as u16, load(c)))
+                .collect(),
+            dropped_connections: load(&self.dropped),
+            ids_received: load(&self.ids_received),
+            ids_matched: load(&self.ids_matched),
+            ids_unmatched: load(&self.ids_unmatched),
+            max_ids_in_request: load(&self.max_ids),
+            joined: load(&self.joined),
+            left: load(&self.left),
+        }
+    }
+
+    fn reset(&self) {
+        for a in [
+            &self.requests, &self.name_requests, &self.users_requests, &self.dropped,
+            &self.ids_received, &self.ids_matched, &self.ids_unmatched, &self.max_ids,
+            &self.joined, &self.left,
+        ] {
+            a.store(0, Ordering::Relaxed);
+        }
+        for a in self.by_status.iter() {
+            a.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+struct Shared {
+    partners: RwLock<Vec<Partner>>,
+    keys: RwLock<Vec<DataImportKey>>,
+    users: RwLock<Users>,
+    cohorts: Cohorts,
+    faults: Mutex<FaultState>,
+    counters: Counters,
+    log: Mutex<VecDeque<RequestRecord>>,
+    dirty: AtomicBool,
+    state_file: Option<PathBuf>,
+}
+
+/// Inspection and control of a running sandbox; cheap to clone.
+#[derive(Clone)]
+pub struct SandboxHandle {
+    shared: Arc<Shared>,
+}
+
+/// A sandbox serving on a loopback port; stops when dropped.
+pub struct RunningSandbox {
+    addr: SocketAddr,
+    handle: SandboxHandle,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Starting a sandbox failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("state file {path}: {source}")]
+    StateFile { path: PathBuf, source: std::io::Error },
+    #[error("state file {path} is not sandbox state: {source}")]
+    StateFormat { path: PathBuf, source: serde_json::Error },
+}
+
+pub struct Sandbox;
+
+impl Sandbox {
+    /// Starts serving on `config.listen` (in the current tokio runtime).
+    pub async fn start(config: SandboxConfig) -> Result<RunningSandbox, SandboxError> {
+        let mut users = Users::default();
+        let cohorts = Cohorts::default();
+        if let Some(path) = &config.state_file {
+            if path.exists() {
+                load_state(path, &mut users, &cohorts)?;
+            }
+        }
+        for user in config.users {
+            users.upsert(user);
+        }
+        let shared = Arc::new(Shared {
+            partners: RwLock::new(config.partners),
+            keys: RwLock::new(config.data_import_keys),
+            users: RwLock::new(users),
+            cohorts,
+            faults: Mutex::new(FaultState::new(config.faults)),
+            counters: Counters::new(),
+            log: Mutex::new(VecDeque::new()),
+            dirty: AtomicBool::new(false),
+            state_file: config.state_file,
+        });
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| SandboxError::Bind { addr: config.listen, source })?;
+        let addr = listener.local_addr().map_err(|source| SandboxError::Bind { addr: config.listen, source })?;
+        let router = router(shared.clone(), config.max_body_bytes);
+        let (shutdown, stop) = watch::channel(false);
+        let mut tasks = vec![tokio::spawn(accept_loop(listener, router, shared.clone(), stop.clone()))];
+        if shared.state_file.is_some() {
+            tasks.push(tokio::spawn(save_loop(shared.clone(), stop)));
+        }
+        info!(%addr, "Braze sandbox listening");
+        Ok(RunningSandbox { addr, handle: SandboxHandle { shared }, shutdown, tasks })
+    }
+}
+
+impl RunningSandbox {
+    /// `http://127.0.0.1:PORT`: the REST endpoint to give a client.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn handle(&self) -> SandboxHandle {
+        self.handle.clone()
+    }
+
+    /// Stops accepting, closes connections and saves the state file.
+    pub async fn shutdown(mut self) -> std::io::Result<()> {
+        self.shutdown.send_replace(true);
+        for task in self.tasks.drain(..) {
+            let _ = task.await;
+        }
+        self.handle.save()
+    }
+}
+
+impl std::ops::Deref for RunningSandbox {
+    type Target = SandboxHandle;
+    fn deref(&self) -> &SandboxHandle {
+        &self.handle
+    }
+}
+
+impl Drop for RunningSandbox {
+    fn drop(&mut self) {
+        self.shutdown.send_replace(true);
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl SandboxHandle {
+    /// Every cohort, sorted by partner and id.
+    pub fn cohorts(&self) -> Vec<CohortSummary> {
+        self.shared
+            .cohorts
+            .all()
+            .into_iter()
+            .map(|(partner, cohort_id, c)| {
+                let c = c.lock();
+                CohortSummary {
+                    partner,
+                    cohort_id,
+                    name: c.name.clone(),
+                    created_at: c.created_at.clone(),
+                    members: c.members.len(),
+                }
+            })
+            .collect()
+    }
+
+    /// The names Braze's segment filter offers for a partner: named cohorts, sorted.
+    pub fn cohort_names(&self, partner: &str) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .cohorts()
+            .into_iter()
+            .filter(|c| c.partner == partner)
+            .filter_map(|c| c.name)
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// The members of a cohort; `None` when Braze never heard of it.
+    pub fn members(&self, partner: &str, cohort_id: &str) -> Option<Vec<SandboxUser>> {
+        let cohort = self.shared.cohorts.get(partner, cohort_id)?;
+        let mut indices: Vec<u32> = cohort.lock().members.iter().copied().collect();
+        indices.sort_unstable();
+        let users = self.shared.users.read();
+        Some(indices.into_iter().filter_map(|i| users.get(i).cloned()).collect())
+    }
+
+    /// External ids of a cohort's members, sorted (members without one are left out).
+    pub fn member_external_ids(&self, partner: &str, cohort_id: &str) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .members(partner, cohort_id)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|u| u.external_id)
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.shared.counters.snapshot()
+    }
+
+    pub fn reset_stats(&self) {
+        self.shared.counters.reset();
+        self.shared.log.lock().clear();
+    }
+
+    /// The latest Braze requests, oldest first.
+    pub fn requests(&self) -> Vec<RequestRecord> {
+        self.shared.log.lock().iter().cloned().collect()
+    }
+
+    pub fn faults(&self) -> Faults {
+        self.shared.faults.lock().faults.clone()
+    }
+
+    pub fn set_faults(&self, faults: Faults) {
+        self.shared.faults.lock().set(faults);
+    }
+
+    /// Adds or merges users; returns how many users there are.
+    pub fn add_users(&self, users: impl IntoIterator<Item = SandboxUser>) -> usize {
+        let mut store = self.shared.users.write();
+        for user in users {
+            store.upsert(user);
+        }
+        self.shared.dirty.store(true, Ordering::Relaxed);
+        store.len()
+    }
+
+    pub fn user_count(&self) -> usize {
+        self.shared.users.read().len()
+    }
+
+    /// Replaces the data import keys (a customer creating or invalidating keys).
+    pub fn set_data_import_keys(&self, keys: Vec<DataImportKey>) {
+        *self.shared.keys.write() = keys;
+    }
+
+    pub fn set_partners(&self, partners: Vec<Partner>) {
+        *self.shared.partners.write() = partners;
+    }
+
+    /// Writes the state file, if there is one.
+    pub fn save(&self) -> std::io::Result<()> {
+        match &self.shared.state_file {
+            Some(path) => save_state(&self.shared, path),
+            None => Ok(()),
+        }
+    }
+}
+
+fn router(shared: Arc<Shared>, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/partners/{partner}/cohorts", post(name_cohort))
+        .route("/partners/{partner}/cohorts/users", post(change_members))
+        .route("/sandbox/cohorts", get(admin_cohorts))
+        .route("/sandbox/cohort-names", get(admin_cohort_names))
+        .route("/sandbox/cohorts/{cohort_id}/members", get(admin_members))
+        .route("/sandbox/stats", get(admin_stats).delete(admin_reset_stats))
+        .route("/sandbox/requests", get(admin_requests))
+        .route("/sandbox/faults", get(admin_faults).put(admin_set_faults))
+        .route("/sandbox/users", post(admin_add_users))
+        .route("/sandbox/data-import-keys", axum::routing::put(admin_set_keys))
+        .route("/sandbox/save", post(admin_save))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(shared)
+}
+
+/// The request was read and the connection is to be closed without an answer.
+#[derive(Debug, thiserror::Error)]
+#[error("connection dropped by fault injection")]
+struct DroppedConnection;
+
+async fn accept_loop(listener: TcpListener, router: Router, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a little rather than spin.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = stopped(&mut stop) => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let router = router.clone();
+        let shared = shared.clone();
+        let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+            let router = router.clone();
+            let shared = shared.clone();
+            async move {
+                let mut req = req;
+                if req.uri().path().starts_with("/partners/") {
+                    let decision = shared.faults.lock().decide(now_ms(), rand::random::<f64>);
+                    if decision == Decision::Drop {
+                        shared.counters.requests.fetch_add(1, Ordering::Relaxed);
+                        shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                        let _ = req.body_mut().collect().await;
+                        return Err(DroppedConnection);
+                    }
+                    req.extensions_mut().insert(decision);
+                }
+                let response = router.oneshot(req).await.unwrap_or_else(|e: Infallible| match e {});
+                Ok::<_, DroppedConnection>(response)
+            }
+        });
+        let builder = builder.clone();
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                result = connection => if let Err(e) = result {
+                    debug!(error = %e, "connection closed");
+                },
+                () = stopped(&mut stop) => {}
+            }
+        });
+    }
+}
+
+async fn save_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(SAVE_EVERY) => {}
+            () = stopped(&mut stop) => return,
+        }
+        if shared.dirty.load(Ordering::Relaxed) {
+            if let Some(path) = &shared.state_file {
+                if let Err(e) = save_state(&shared, path) {
+                    warn!(path = %path.display(), error = %e, "cannot save sandbox state");
+                }
+            }
+        }
+    }
+}
+
+/// Resolves once shutdown is signalled (or the sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A Braze-style JSON answer.
+fn answer(status: u16, message: &str, ratelimit: Option<RateLimitHeaders>, retry_after: Option<u64>) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = (status, Json(serde_json::json!({ "message": message }))).into_response();
+    let headers = response.headers_mut();
+    if let Some(r) = ratelimit {
+        put(headers, "x-ratelimit-limit", r.limit);
+        put(headers, "x-ratelimit-remaining", r.remaining);
+        put(headers, "x-ratelimit-reset", r.reset);
+    }
+    if let Some(secs) = retry_after {
+        put(headers, "retry-after", secs);
+    }
+    response
+}
+
+fn put(headers: &mut HeaderMap, name: &'static str, value: u64) {
+    headers.insert(HeaderName::from_static(name), HeaderValue::from(value));
+}
+
+fn fault_message(status: u16) -> &'static str {
+    match status {
+        423 => "Resource locked",
+        429 => "Rate limit exceeded",
+        500 => "Internal server error",
+        502 => "Bad gateway",
+        503 => "Service unavailable",
+        504 => "Gateway timeout",
+        _ => "Injected fault",
+    }
+}
+
+enum Endpoint {
+    Name,
+    Users,
+}
+
+impl Endpoint {
+    fn path(&self) -> &'static str {
+        match self {
+            Endpoint::Name => "cohorts",
+            Endpoint::Users => "cohorts/users",
+        }
+    }
+}
+
+impl Shared {
+    fn record(&self, endpoint: &Endpoint, partner: &str, cohort_id: Option<&str>, status: u16, message: &str, ids: u64, removes: u64) {
+        self.counters.status(status);
+        let mut log = self.log.lock();
+        if log.len() >= REQUEST_LOG_LEN {
+            log.pop_front();
+        }
+        log.push_back(RequestRecord {
+            endpoint: endpoint.path().to_owned(),
+            partner: partner.to_owned(),
+            cohort_id: cohort_id.map(str::to_owned),
+            status,
+            message: message.to_owned(),
+            ids,
+            removes,
+        });
+    }
+
+    /// Braze's 401 checks, in its order.
+    fn authorize(&self, partner: &str, env: &Envelope<'_>) -> Result<(), String> {
+        let partner_key = wire::string(env.partner_api_key);
+        let known = self
+            .partners
+            .read()
+            .iter()
+            .any(|p| p.name == partner && partner_key.as_deref() == Some(p.api_key.as_str()));
+        if !known {
+            return Err(wire::MSG_INVALID_PARTNER_KEY.to_owned());
+        }
+        let secret = wire::string(env.client_secret);
+        let keys = self.keys.read();
+        let Some(key) = keys.iter().find(|k| secret.as_deref() == Some(k.key.as_str())) else {
+            return Err(wire::MSG_INVALID_CLIENT_SECRET.to_owned());
+        };
+        if !key.partners.is_empty() && !key.partners.iter().any(|p| p == partner) {
+            // Braze's documented message repeats the key; the sandbox does too, so clients
+            // are tested for redacting it.
+            return Err(format!("{}{}", wire::MSG_PARTNER_NOT_ENABLED, key.key));
+        }
+        Ok(())
+    }
+}
+
+/// Applies the fault decision: `Err` is the faulted answer.
+async fn gate(decision: Option<Extension<Decision>>) -> Result<Option<RateLimitHeaders>, (u16, Response)> {
+    let decision = decision.map(|Extension(d)| d).unwrap_or(Decision::Pass { delay: Duration::ZERO, ratelimit: None });
+    match decision {
+        Decision::Pass { delay, ratelimit } => {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            Ok(ratelimit)
+        }
+        Decision::Fail { status, delay, ratelimit, retry_after } => {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            Err((status, answer(status, fault_message(status), ratelimit, retry_after)))
+        }
+        Decision::Drop => unreachable!("dropped before routing"),
+    }
+}
+
+async fn name_cohort(
+    State(shared): State<Arc<Shared>>,
+    UrlPath(partner): UrlPath<String>,
+    decision: Option<Extension<Decision>>,
+    body: Bytes,
+) -> Response {
+    shared.counters.requests.fetch_add(1, Ordering::Relaxed);
+    shared.counters.name_requests.fetch_add(1, Ordering::Relaxed);
+    let endpoint = Endpoint::Name;
+    let ratelimit = match gate(decision).await {
+        Ok(r) => r,
+        Err((status, response)) => {
+            shared.record(&endpoint, &partner, None, status, fault_message(status), 0, 0);
+            return response;
+        }
+    };
+    let reply = |status: u16, message: &str, cohort_id: Option<&str>| {
+        shared.record(&endpoint, &partner, cohort_id, status, message, 0, 0);
+        answer(status, message, ratelimit, None)
+    };
+    let env = match Envelope::parse(&body) {
+        Ok(env) => env,
+        Err(message) => return reply(400, message, None),
+    };
+    if let Err(message) = shared.authorize(&partner, &env) {
+        return reply(401, &message, None);
+    }
+    let request = match wire::name_request(&env) {
+        Ok(r) => r,
+        Err(message) => return reply(400, message, wire::string(env.cohort_id).as_deref()),
+    };
+    {
+        let cohort = shared.cohorts.get_or_create(&partner, &request.cohort_id);
+        let mut cohort = cohort.lock();
+        cohort.name = Some(request.name.clone().into_owned());
+        // Braze keeps the first creation time of a cohort; renames do not move it.
+        if cohort.created_at.is_none() {
+            cohort.created_at = Some(request.created_at.into_owned());
+        }
+    }
+    shared.dirty.store(true, Ordering::Relaxed);
+    debug!(partner, cohort_id = %request.cohort_id, name = %request.name, "cohort named");
+    reply(201, "success", Some(&request.cohort_id))
+}
+
+async fn change_members(
+    State(shared): State<Arc<Shared>>,
+    UrlPath(partner): UrlPath<String>,
+    decision: Option<Extension<Decision>>,
+    body: Bytes,
+) -> Response {
+    let c = &shared.counters;
+    c.requests.fetch_add(1, Ordering::Relaxed);
+    c.users_requests.fetch_add(1, Ordering::Relaxed);
+    let endpoint = Endpoint::Users;
+    let ratelimit = match gate(decision).await {
+        Ok(r) => r,
+        Err((status, response)) => {
+            shared.record(&endpoint, &partner, None, status, fault_message(status), 0, 0);
+            return response;
+        }
+    };
+    let reply = |status: u16, message: &str, cohort_id: Option<&str>, ids: u64, removes: u64| {
+        shared.record(&endpoint, &partner, cohort_id, status, message, ids, removes);
+        answer(status, message, ratelimit, None)
+    };
+    let env = match Envelope::parse(&body) {
+        Ok(env) => env,
+        Err(message) => return reply(400, message, None, 0, 0),
+    };
+    if let Err(message) = shared.authorize(&partner, &env) {
+        return reply(401, &message, None, 0, 0);
+    }
+    let request = match wire::users_request(&env) {
+        Ok(r) => r,
+        Err(message) => {
+            // Count what an oversized request carried, so tests see any limit breach.
+            if message == wire::MSG_TOO_MANY_IDS {
+                if let Ok(changes) = serde_json::from_str::<Vec<wire::ChangeObject<'_>>>(env.cohort_changes.map_or("[]", |r| r.get())) {
+                    let ids: usize = changes.iter().map(wire::ChangeObject::id_count).sum();
+                    c.max_ids.fetch_max(ids as u64, Ordering::Relaxed);
+                }
+            }
+            return reply(400, message, wire::string(env.cohort_id).as_deref(), 0, 0);
+        }
+    };
+    let ids = request.id_count as u64;
+    let removes: u64 = request.changes.iter().filter(|o| o.remove()).map(|o| o.id_count() as u64).sum();
+    c.max_ids.fetch_max(ids, Ordering::Relaxed);
+    let (resolved, unmatched) = shared.users.read().resolve(&request.changes);
+    let (joined, left) = shared.cohorts.get_or_create(&partner, &request.cohort_id).lock().apply(&resolved);
+    c.ids_received.fetch_add(ids, Ordering::Relaxed);
+    c.ids_matched.fetch_add(resolved.len() as u64, Ordering::Relaxed);
+    c.ids_unmatched.fetch_add(unmatched, Ordering::Relaxed);
+    c.joined.fetch_add(joined, Ordering::Relaxed);
+    c.left.fetch_add(left, Ordering::Relaxed);
+    if joined + left > 0 {
+        shared.dirty.store(true, Ordering::Relaxed);
+    }
+    reply(201, "success", Some(&request.cohort_id), ids, removes)
+}
+
+async fn admin_cohorts(State(shared): State<Arc<Shared>>) -> Json<Vec<CohortSummary>> {
+    Json(SandboxHandle { shared }.cohorts())
+}
+
+#[derive(Deserialize)]
+struct PartnerQuery {
+    partner: Option<String>,
+}
+
+async fn admin_cohort_names(State(shared): State<Arc<Shared>>, Query(q): Query<PartnerQuery>) -> Response {
+    let handle = SandboxHandle { shared };
+    let partners = partner_choice(&handle, q.partner, None);
+    match partners {
+        Ok(partner) => Json(handle.cohort_names(&partner)).into_response(),
+        Err(message) => (StatusCode::BAD_REQUEST, Json(serde_json::json!({ "message": message }))).into_response(),
+    }
+}
+
+async fn admin_members(
+    State(shared): State<Arc<Shared>>,
+    UrlPath(cohort_id): UrlPath<String>,
+    Query(q): Query<PartnerQuery>,
+) -> Response {
+    let handle = SandboxHandle { shared };
+    let partner = match partner_choice(&handle, q.partner, Some(&cohort_id)) {
+        Ok(p) => p,
+        Err(message) => {
+            return (StatusCode::BAD_REQUEST, Json(serde_json::json!({ "message": message }))).into_response();
+        }
+    };
+    match handle.members(&partner, &cohort_id) {
+        Some(members) => Json(members).into_response(),
+        None => (StatusCode::NOT_FOUND, Json(serde_json::json!({ "message": "no such cohort" }))).into_response(),
+    }
+}
+
+/// The partner a query means: the one named, else the only one that fits.
+fn partner_choice(handle: &SandboxHandle, named: Option<String>, cohort_id: Option<&str>) -> Result<String, String> {
+    if let Some(p) = named {
+        return Ok(p);
+    }
+    let mut partners: Vec<String> = handle
+        .cohorts()
+        .into_iter()
+        .filter(|c| cohort_id.is_none_or(|id| c.cohort_id == id))
+        .map(|c| c.partner)
+        .collect();
+    partners.dedup();
+    match partners.len() {
+        0 => Ok(String::new()),
+        1 => Ok(partners.remove(0)),
+        _ => Err(format!("several partners match ({}); add ?partner=NAME", partners.join(", "))),
+    }
+}
+
+async fn admin_stats(State(shared): State<Arc<Shared>>) -> Json<Stats> {
+    Json(shared.counters.snapshot())
+}
+
+async fn admin_reset_stats(State(shared): State<Arc<Shared>>) -> StatusCode {
+    SandboxHandle { shared }.reset_stats();
+    StatusCode::NO_CONTENT
+}
+
+async fn admin_requests(State(shared): State<Arc<Shared>>) -> Json<Vec<RequestRecord>> {
+    Json(SandboxHandle { shared }.requests())
+}
+
+async fn admin_faults(State(shared): State<Arc<Shared>>) -> Json<Faults> {
+    Json(SandboxHandle { shared }.faults())
+}
+
+async fn admin_set_faults(State(shared): State<Arc<Shared>>, Json(faults): Json<Faults>) -> Json<Faults> {
+    info!(?faults, "faults changed");
+    let handle = SandboxHandle { shared };
+    handle.set_faults(faults);
+    Json(handle.faults())
+}
+
+async fn admin_add_users(State(shared): State<Arc<Shared>>, Json(users): Json<Vec<SandboxUser>>) -> Json<serde_json::Value> {
+    let total = SandboxHandle { shared }.add_users(users);
+    Json(serde_json::json!({ "users": total }))
+}
+
+async fn admin_set_keys(State(shared): State<Arc<Shared>>, Json(keys): Json<Vec<DataImportKey>>) -> StatusCode {
+    info!(keys = keys.len(), "data import keys replaced");
+    SandboxHandle { shared }.set_data_import_keys(keys);
+    StatusCode::NO_CONTENT
+}
+
+async fn admin_save(State(shared): State<Arc<Shared>>) -> Response {
+    match (SandboxHandle { shared }).save() {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, Json(serde_json::json!({ "message": e.to_string() }))).into_response(),
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct StateFile {
+    users: Vec<SandboxUser>,
+    cohorts: Vec<SavedCohort>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SavedCohort {
+    partner: String,
+    cohort_id: String,
+    name: Option<String>,
+    created_at: Option<String>,
+    /// Indices into `users`.
+    members: Vec<u32>,
+}
+
+fn load_state(path: &Path, users: &mut Users, cohorts: &Cohorts) -> Result<(), SandboxError> {
+    let text = std::fs::read(path).map_err(|source| SandboxError::StateFile { path: path.to_owned(), source })?;
+    let state: StateFile = serde_json::from_slice(&text).map_err(|source| SandboxError::StateFormat { path: path.to_owned(), source })?;
+    *users = Users::from_records(state.users);
+    for saved in state.cohorts {
+        let cohort = cohorts.get_or_create(&saved.partner, &saved.cohort_id);
+        let mut cohort = cohort.lock();
+        cohort.name = saved.name;
+        cohort.created_at = saved.created_at;
+        cohort.members = saved.members.into_iter().filter(|&i| (i as usize) < users.len()).collect();
+    }
+    info!(path = %path.display(), users = users.len(), "sandbox state loaded");
+    Ok(())
+}
+
+fn save_state(shared: &Shared, path: &Path) -> std::io::Result<()> {
+    shared.dirty.store(false, Ordering::Relaxed);
+    let users = shared.users.read().records().to_vec();
+    let cohorts = shared
+        .cohorts
+        .all()
+        .into_iter()
+        .map(|(partner, cohort_id, c)| {
+            let c = c.lock();
+            let mut members: Vec<u32> = c.members.iter().copied().collect();
+            members.sort_unstable();
+            SavedCohort { partner, cohort_id, name: c.name.clone(), created_at: c.created_at.clone(), members }
+        })
+        .collect();
+    let bytes = serde_json::to_vec(&StateFile { users, cohorts }).map_err(std::io::Error::other)?;
+    // Write beside and rename, so a crash never leaves half a file.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
