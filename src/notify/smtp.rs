@@ -136,7 +136,7 @@ pub enum SmtpConfigError {
 }
 
 /// Everything needed to send through the operator's SMTP server.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct SmtpConfig {
     pub host: String,
     pub port: u16,
@@ -152,6 +152,23 @@ pub struct SmtpConfig {
     pub retries: u32,
     /// Wait before the first retry; doubles each time.
     pub retry_backoff: Duration,
+}
+
+impl fmt::Debug for SmtpConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SmtpConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("tls", &self.tls)
+            // The password is a SecretString: redacted.
+            .field("credentials", &self.credentials)
+            .field("from", &self.from.to_string())
+            .field("ca_pem", &self.ca_pem.as_ref().map(|pem| format!("<{} bytes>", pem.len())))
+            .field("timeout", &self.timeout)
+            .field("retries", &self.retries)
+            .field("retry_backoff", &self.retry_backoff)
+            .finish()
+    }
 }
 
 impl SmtpConfig {
