@@ -8,3 +8,4 @@ pub mod braze;
 pub mod domain;
 pub mod notify;
 pub mod secret;
+pub mod snapshot;
