@@ -8,4 +8,5 @@ pub mod braze;
 pub mod domain;
 pub mod notify;
 pub mod secret;
+pub mod source;
 pub mod snapshot;

@@ -2,4 +2,5 @@
 //! for process-wide instances, when the test process exits).
 
 pub mod cluster;
+pub mod postgres;
 pub mod smtp;

@@ -1,0 +1,536 @@
+//! `http`: an export fetched with GET over HTTP(S), page after page.
+//!
+//! CSV and NDJSON bodies are parsed as they arrive. A JSON body is one document, so each
+//! page is read whole before parsing — bounded, like every page, by `maxBytes`, which counts
+//! decompressed bytes across all pages. Bodies are decompressed when the server says
+//! `Content-Encoding: gzip` and also when the body itself is gzip (a `.csv.gz` export).
+//!
+//! Pagination follows one of: a next-page URL in the JSON body, a cursor in the JSON body
+//! sent back as a query parameter, or `Link: <…>; rel="next"` headers. A page that repeats
+//! an earlier URL is an error, not an endless loop. Credentials are sent only to the
+//! export's own origin: a next page elsewhere is refused, and redirects elsewhere carry no
+//! credentials (reqwest drops `Authorization`; a named-header credential stops the run).
+//!
+//! Messages name the URL as `scheme://host[:port]/path` — never its query (which may carry
+//! a key) nor user information — with the page number and the line or position.
+
+use std::collections::HashSet;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_compression::tokio::bufread::GzipDecoder;
+use futures::TryStreamExt;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, LINK};
+use reqwest::Url;
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader, ReadBuf};
+use tokio_util::io::StreamReader;
+
+use super::formats::{self, CsvRows, FormatError, NdjsonRows};
+use super::{error_chain, redact, MemberSource, MemberStream, SourceContext, SourceError, BATCH_ROWS};
+use crate::api::{HttpFormat, HttpSource};
+use crate::domain::identifiers::IdentifierFields;
+use crate::secret::SecretString;
+
+/// Most pages one read follows.
+const MAX_PAGES: u64 = 100_000;
+/// Most redirects followed for one page.
+const MAX_REDIRECTS: usize = 10;
+
+/// Credentials resolved from Secrets.
+#[derive(Debug)]
+enum Auth {
+    Bearer(SecretString),
+    Basic { username: SecretString, password: SecretString },
+    Header { name: HeaderName, value: SecretString },
+}
+
+impl Auth {
+    fn secrets(&self) -> Vec<&str> {
+        match self {
+            Auth::Bearer(t) => vec![t.expose()],
+            Auth::Basic { username, password } => vec![username.expose(), password.expose()],
+            Auth::Header { value, .. } => vec![value.expose()],
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct HttpMembers {
+    what: String,
+    spec: HttpSource,
+    start: Url,
+    fields: IdentifierFields,
+    auth: Option<Auth>,
+    /// Where the credentials come from, for hints on 401/403.
+    auth_from: Option<String>,
+    client: reqwest::Client,
+}
+
+/// `scheme://host[:port]/path`: no user information, no query.
+pub fn display_url(url: &Url) -> String {
+    let mut shown = format!("{}://{}", url.scheme(), url.host_str().unwrap_or(""));
+    if let Some(port) = url.port() {
+        shown.push_str(&format!(":{port}"));
+    }
+    shown.push_str(url.path());
+    if url.query().is_some() {
+        shown.push_str("?…");
+    }
+    shown
+}
+
+/// The `rel="next"` target of `Link` headers (RFC 8288), resolved against `base`.
+pub fn next_link(headers: &HeaderMap, base: &Url) -> Option<Result<Url, String>> {
+    for value in headers.get_all(LINK) {
+        let Ok(value) = value.to_str() else { continue };
+        let mut rest = value;
+        while let Some(open) = rest.find('<') {
+            let Some(close) = rest[open..].find('>') else { break };
+            let target = &rest[open + 1..open + close];
+            let after = &rest[open + close + 1..];
+            // Parameters run to the next link-value, which starts with '<'.
+            let params_end = after.find('<').unwrap_or(after.len());
+            let params = &after[..params_end];
+            let is_next = params.split(';').any(|p| {
+                let Some((name, v)) = p.split_once('=') else { return false };
+                name.trim().eq_ignore_ascii_case("rel")
+                    && v.trim().trim_matches('"').split_ascii_whitespace().any(|r| r.eq_ignore_ascii_case("next"))
+            });
+            if is_next {
+                return Some(base.join(target).map_err(|e| format!("Link header target {target:?}: {e}")));
+            }
+            rest = after;
+        }
+    }
+    None
+}
+
+impl HttpMembers {
+    /// Resolves the credentials and builds the client; checks the URL and that the
+    /// pagination suits the format.
+    pub async fn open(spec: &HttpSource, fields: IdentifierFields, ctx: &impl SourceContext) -> Result<Self, SourceError> {
+        let start = Url::parse(&spec.url).map_err(|e| SourceError::Config {
+            what: "http export".to_owned(),
+            message: format!("url is not a valid URL: {e}"),
+        })?;
+        let what = format!("http export {}", display_url(&start));
+        let config = |message: String| SourceError::Config { what: what.clone(), message };
+        if !matches!(start.scheme(), "http" | "https") {
+            return Err(config("url must start with http:// or https://".to_owned()));
+        }
+        if let Some(p) = &spec.pagination
+            && (p.next_url_pointer.is_some() || p.cursor.is_some())
+            && spec.format != HttpFormat::Json
+        {
+            return Err(config(
+                "pagination by nextUrlPointer or cursor reads the JSON body; use format Json, or linkHeader".to_owned(),
+            ));
+        }
+        let ns = ctx.namespace();
+        let (auth, auth_from) = match &spec.auth {
+            None => (None, None),
+            Some(a) => match (&a.bearer_token_secret_ref, &a.basic, &a.header) {
+                (Some(r), None, None) => (
+                    Some(Auth::Bearer(ctx.secret_value(&r.name, &r.key).await?)),
+                    Some(format!("Secret {ns}/{} key {}", r.name, r.key)),
+                ),
+                (None, Some(b), None) => (
+                    Some(Auth::Basic {
+                        username: ctx.secret_value(&b.secret_name, &b.username_key).await?,
+                        password: ctx.secret_value(&b.secret_name, &b.password_key).await?,
+                    }),
+                    Some(format!("Secret {ns}/{}", b.secret_name)),
+                ),
+                (None, None, Some(h)) => {
+                    let name = HeaderName::from_bytes(h.name.as_bytes())
+                        .map_err(|_| config(format!("auth.header.name {:?} is not a header name", h.name)))?;
+                    let value = ctx.secret_value(&h.value_secret_ref.name, &h.value_secret_ref.key).await?;
+                    (
+                        Some(Auth::Header { name, value }),
+                        Some(format!("Secret {ns}/{} key {}", h.value_secret_ref.name, h.value_secret_ref.key)),
+                    )
+                }
+                _ => return Err(config("auth: set exactly one of bearerTokenSecretRef, basic and header".to_owned())),
+            },
+        };
+        // Checked now so that a bad value fails before any request, without showing it.
+        if let Some(auth) = &auth {
+            let bad = match auth {
+                Auth::Bearer(t) => HeaderValue::from_str(&format!("Bearer {}", t.expose())).is_err(),
+                Auth::Header { value, .. } => HeaderValue::from_str(value.expose()).is_err(),
+                Auth::Basic { username, .. } => username.expose().contains(':'),
+            };
+            if bad {
+                return Err(config(format!(
+                    "the credential in {} cannot be sent in an HTTP header (control characters, or ':' in a username)",
+                    auth_from.as_deref().unwrap_or("the Secret")
+                )));
+            }
+        }
+        let header_auth = matches!(auth, Some(Auth::Header { .. }));
+        let origin = start.origin();
+        let redirects = reqwest::redirect::Policy::custom(move |attempt| {
+            if attempt.previous().len() >= MAX_REDIRECTS {
+                attempt.error(format!("more than {MAX_REDIRECTS} redirects"))
+            } else if header_auth && attempt.url().origin() != origin {
+                // reqwest strips Authorization across origins, but not a custom header.
+                attempt.error("redirected to another origin; the credential header is not sent there")
+            } else {
+                attempt.follow()
+            }
+        });
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(spec.connect_timeout_seconds.into()))
+            .read_timeout(Duration::from_secs(spec.read_timeout_seconds.into()))
+            .redirect(redirects)
+            .user_agent(concat!("cohort-operator/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| config(format!("cannot build the HTTP client: {}", error_chain(&e))))?;
+        Ok(HttpMembers { what, spec: spec.clone(), start, fields, auth, auth_from, client })
+    }
+
+    fn secrets(&self) -> Vec<&str> {
+        self.auth.as_ref().map(Auth::secrets).unwrap_or_default()
+    }
+
+    /// Sends one GET and checks the status.
+    async fn get(&self, page: &Page) -> Result<reqwest::Response, SourceError> {
+        let mut request = self.client.get(page.url.clone());
+        match &self.auth {
+            None => {}
+            Some(Auth::Bearer(token)) => request = request.bearer_auth(token.expose()),
+            Some(Auth::Basic { username, password }) => {
+                request = request.basic_auth(username.expose(), Some(password.expose()));
+            }
+            Some(Auth::Header { name, value }) => {
+                let mut v = HeaderValue::from_str(value.expose()).expect("checked when opened");
+                v.set_sensitive(true);
+                request = request.header(name.clone(), v);
+            }
+        }
+        let response = request.send().await.map_err(|e| page.transport(self, &e))?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let mut detail = String::new();
+        // A short excerpt of the body says why; servers rarely echo credentials, but redact.
+        if let Ok(body) = response.bytes().await {
+            let text = String::from_utf8_lossy(&body[..body.len().min(1024)]);
+            let text: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+            let text: String = redact(&text, &self.secrets()).chars().take(200).collect();
+            if !text.is_empty() {
+                detail = format!(": {text}");
+            }
+        }
+        if matches!(status.as_u16(), 401 | 403) {
+            detail.push_str(&match &self.auth_from {
+                Some(from) => format!(" — check the credential in {from}"),
+                None => " — the export needs credentials: set http.auth".to_owned(),
+            });
+        }
+        Err(SourceError::HttpStatus {
+            what: self.what.clone(),
+            url: display_url(&page.url),
+            page: page.number,
+            status: status.as_u16(),
+            detail,
+        })
+    }
+
+    /// The next page's URL, from the JSON body or the `Link` header.
+    fn next_page(
+        &self,
+        page: &Page,
+        doc: Option<&serde_json::Value>,
+        link: Option<Result<Url, String>>,
+    ) -> Result<Option<Url>, SourceError> {
+        let Some(pagination) = &self.spec.pagination else { return Ok(None) };
+        let malformed = |location: String, message: String| SourceError::Malformed {
+            what: self.what.clone(),
+            format: "JSON",
+            location: format!("page {}, {location}", page.number),
+            message,
+        };
+        let text = |v: &serde_json::Value| match v {
+            serde_json::Value::String(s) => Some(Ok(s.clone())),
+            serde_json::Value::Number(n) => Some(Ok(n.to_string())),
+            serde_json::Value::Null => None,
+            _ => Some(Err(())),
+        };
+        let next = if let Some(pointer) = &pagination.next_url_pointer {
+            match doc.and_then(|d| d.pointer(pointer)).and_then(text) {
+                None => return Ok(None),
+                Some(Err(())) => return Err(malformed(pointer.clone(), "the next-page URL is not a string".to_owned())),
+                Some(Ok(s)) if s.is_empty() => return Ok(None),
+                Some(Ok(s)) => page
+                    .url
+                    .join(&s)
+                    .map_err(|e| malformed(pointer.clone(), format!("the next-page URL is not a URL: {e}")))?,
+            }
+        } else if let Some(cursor) = &pagination.cursor {
+            match doc.and_then(|d| d.pointer(&cursor.pointer)).and_then(text) {
+                None => return Ok(None),
+                Some(Err(())) => {
+                    return Err(malformed(cursor.pointer.clone(), "the cursor is not a string or number".to_owned()));
+                }
+                Some(Ok(s)) if s.is_empty() => return Ok(None),
+                Some(Ok(s)) => {
+                    // The cursor replaces its parameter in the export's own URL.
+                    let mut next = self.start.clone();
+                    let kept: Vec<(String, String)> =
+                        self.start.query_pairs().filter(|(k, _)| k != &cursor.param).map(|(k, v)| (k.into(), v.into())).collect();
+                    next.query_pairs_mut().clear().extend_pairs(kept).append_pair(&cursor.param, &s);
+                    next
+                }
+            }
+        } else if pagination.link_header == Some(true) {
+            match link {
+                None => return Ok(None),
+                Some(Ok(url)) => url,
+                Some(Err(message)) => {
+                    return Err(SourceError::Malformed {
+                        what: self.what.clone(),
+                        format: "Link header",
+                        location: format!("page {}", page.number),
+                        message,
+                    });
+                }
+            }
+        } else {
+            return Ok(None);
+        };
+        if self.auth.is_some() && next.origin() != self.start.origin() {
+            return Err(SourceError::Config {
+                what: self.what.clone(),
+                message: format!(
+                    "page {} points to {} on another origin; credentials are sent only to the export's own",
+                    page.number,
+                    display_url(&next)
+                ),
+            });
+        }
+        Ok(Some(next))
+    }
+}
+
+/// One page being read.
+struct Page {
+    url: Url,
+    number: u64,
+    gzip: bool,
+}
+
+impl Page {
+    fn transport(&self, source: &HttpMembers, e: &reqwest::Error) -> SourceError {
+        let message = if e.is_timeout() {
+            format!(
+                "timed out (connectTimeoutSeconds {}, readTimeoutSeconds {})",
+                source.spec.connect_timeout_seconds, source.spec.read_timeout_seconds
+            )
+        } else {
+            // Without the URL: its query may carry a key.
+            let mut text = error_chain(e);
+            if let Some(url) = e.url() {
+                text = text.replace(url.as_str(), &display_url(url));
+            }
+            text
+        };
+        SourceError::Transport {
+            what: source.what.clone(),
+            url: display_url(&self.url),
+            page: self.number,
+            message: redact(&message, &source.secrets()),
+        }
+    }
+
+    fn io(&self, source: &HttpMembers, e: io::Error) -> SourceError {
+        if let Some(inner) = e.get_ref() {
+            if inner.downcast_ref::<BodyTooLarge>().is_some() {
+                return SourceError::TooLarge { what: source.what.clone(), limit: source.spec.max_bytes };
+            }
+            if let Some(re) = inner.downcast_ref::<reqwest::Error>() {
+                return self.transport(source, re);
+            }
+        }
+        if self.gzip {
+            return SourceError::Malformed {
+                what: source.what.clone(),
+                format: "gzip",
+                location: format!("page {}", self.number),
+                message: e.to_string(),
+            };
+        }
+        SourceError::Transport {
+            what: source.what.clone(),
+            url: display_url(&self.url),
+            page: self.number,
+            message: e.to_string(),
+        }
+    }
+
+    fn format(&self, source: &HttpMembers, e: FormatError) -> SourceError {
+        match e {
+            FormatError::Io(e) => self.io(source, e),
+            FormatError::Malformed { format, location, message } => SourceError::Malformed {
+                what: source.what.clone(),
+                format,
+                location: format!("page {}, {location}", self.number),
+                message,
+            },
+            FormatError::MissingColumn { column, header } => SourceError::Config {
+                what: source.what.clone(),
+                message: format!("page {}: {}", self.number, FormatError::missing_column_message(&column, &header)),
+            },
+        }
+    }
+}
+
+/// Marks the read that went past `maxBytes`.
+#[derive(Debug)]
+struct BodyTooLarge;
+
+impl std::fmt::Display for BodyTooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the body is larger than maxBytes")
+    }
+}
+
+impl std::error::Error for BodyTooLarge {}
+
+/// Counts bytes read into a budget shared by all pages, failing past the limit.
+struct Limited<R> {
+    inner: R,
+    used: Arc<AtomicU64>,
+    limit: u64,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Limited<R> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = &poll {
+            let read = (buf.filled().len() - before) as u64;
+            if this.used.fetch_add(read, Ordering::Relaxed) + read > this.limit {
+                return Poll::Ready(Err(io::Error::other(BodyTooLarge)));
+            }
+        }
+        poll
+    }
+}
+
+type Body = Pin<Box<dyn AsyncBufRead + Send>>;
+
+/// The response body as decompressed, size-limited bytes.
+async fn body(response: reqwest::Response, page: &mut Page, used: Arc<AtomicU64>, limit: u64) -> io::Result<Body> {
+    let stream = response.bytes_stream().map_err(io::Error::other);
+    let mut raw = StreamReader::new(stream);
+    // gzip content (not just gzip transfer): decompress it too.
+    let head = raw.fill_buf().await?;
+    page.gzip = head.starts_with(&[0x1f, 0x8b]);
+    let decoded: Pin<Box<dyn AsyncRead + Send>> = if page.gzip {
+        let mut decoder = GzipDecoder::new(raw);
+        decoder.multiple_members(true);
+        Box::pin(decoder)
+    } else {
+        Box::pin(raw)
+    };
+    Ok(Box::pin(BufReader::new(Limited { inner: decoded, used, limit })))
+}
+
+impl MemberSource for HttpMembers {
+    fn describe(&self) -> String {
+        self.what.clone()
+    }
+
+    fn members(&self) -> MemberStream<'_> {
+        Box::pin(async_stream::try_stream! {
+            let used = Arc::new(AtomicU64::new(0));
+            let mut seen = HashSet::new();
+            let mut url = self.start.clone();
+            for number in 1..=MAX_PAGES {
+                let mut page = Page { url: url.clone(), number, gzip: false };
+                if !seen.insert(url.to_string()) {
+                    Err(SourceError::Config {
+                        what: self.what.clone(),
+                        message: format!("page {number} repeats the URL of an earlier page; the pagination loops"),
+                    })?;
+                }
+                let response = self.get(&page).await?;
+                let link = next_link(response.headers(), &page.url);
+                let mut body = body(response, &mut page, used.clone(), self.spec.max_bytes).await.map_err(|e| page.io(self, e))?;
+                let doc = match self.spec.format {
+                    HttpFormat::Csv => {
+                        let mut rows = CsvRows::new(body, &self.fields).await.map_err(|e| page.format(self, e))?;
+                        while let Some(batch) = rows.next_batch(&self.fields, BATCH_ROWS).await.map_err(|e| page.format(self, e))? {
+                            yield batch;
+                        }
+                        None
+                    }
+                    HttpFormat::Ndjson => {
+                        let mut rows = NdjsonRows::new(body);
+                        while let Some(batch) = rows.next_batch(&self.fields, BATCH_ROWS).await.map_err(|e| page.format(self, e))? {
+                            yield batch;
+                        }
+                        None
+                    }
+                    HttpFormat::Json => {
+                        let mut bytes = Vec::new();
+                        body.read_to_end(&mut bytes).await.map_err(|e| page.io(self, e))?;
+                        let doc = formats::parse_json_document(&bytes).map_err(|e| page.format(self, e))?;
+                        drop(bytes);
+                        let pointer = self.spec.json_pointer.as_deref();
+                        let rows = formats::json_rows(&doc, pointer).map_err(|e| page.format(self, e))?;
+                        for batch in formats::json_batches(rows, pointer, &self.fields) {
+                            yield batch.map_err(|e| page.format(self, e))?;
+                        }
+                        Some(doc)
+                    }
+                };
+                match self.next_page(&page, doc.as_ref(), link)? {
+                    None => return,
+                    Some(next) => url = next,
+                }
+            }
+            Err(SourceError::Config {
+                what: self.what.clone(),
+                message: format!("more than {MAX_PAGES} pages; the pagination does not end"),
+            })?;
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_shown_without_credentials_or_query() {
+        let url = Url::parse("https://user:pw@example.com:8443/export/users.csv?api_key=abc").unwrap();
+        assert_eq!(display_url(&url), "https://example.com:8443/export/users.csv?…");
+        assert_eq!(display_url(&Url::parse("http://h/x").unwrap()), "http://h/x");
+    }
+
+    #[test]
+    fn link_headers_give_the_next_page() {
+        let base = Url::parse("https://api.example.com/v1/users?page=1").unwrap();
+        let mut headers = HeaderMap::new();
+        headers.append(
+            LINK,
+            HeaderValue::from_static(r#"<https://api.example.com/v1/users?page=1>; rel="prev first", </v1/users?page=3>; rel="next""#),
+        );
+        assert_eq!(next_link(&headers, &base).unwrap().unwrap().as_str(), "https://api.example.com/v1/users?page=3");
+        let mut headers = HeaderMap::new();
+        headers.append(LINK, HeaderValue::from_static(r#"<?page=2>; title="x, y"; rel=next"#));
+        assert_eq!(next_link(&headers, &base).unwrap().unwrap().as_str(), "https://api.example.com/v1/users?page=2");
+        let mut headers = HeaderMap::new();
+        headers.append(LINK, HeaderValue::from_static(r#"<https://x/last>; rel="last""#));
+        assert!(next_link(&headers, &base).is_none());
+        assert!(next_link(&HeaderMap::new(), &base).is_none());
+    }
+}

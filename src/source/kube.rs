@@ -1,0 +1,86 @@
+//! [`SourceContext`] over the Kubernetes API: Secrets and ConfigMaps in one namespace.
+
+use ::kube::api::Api;
+use ::kube::Client;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+
+use super::{ObjectKind, SourceContext, SourceError};
+use crate::secret::SecretString;
+
+/// Reads Secrets and ConfigMaps of the import's namespace.
+#[derive(Clone)]
+pub struct KubeObjects {
+    client: Client,
+    namespace: String,
+}
+
+impl KubeObjects {
+    pub fn new(client: Client, namespace: impl Into<String>) -> Self {
+        KubeObjects { client, namespace: namespace.into() }
+    }
+
+    async fn get<K>(&self, kind: ObjectKind, name: &str) -> Result<K, SourceError>
+    where
+        K: ::kube::Resource<Scope = ::kube::core::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+        K::DynamicType: Default,
+    {
+        let api: Api<K> = Api::namespaced(self.client.clone(), &self.namespace);
+        match api.get_opt(name).await {
+            Ok(Some(object)) => Ok(object),
+            Ok(None) => Err(SourceError::ObjectNotFound {
+                kind,
+                namespace: self.namespace.clone(),
+                name: name.to_owned(),
+            }),
+            // API errors name the object and the reason (Forbidden, …), never its data.
+            Err(e) => Err(SourceError::ObjectRead {
+                kind,
+                namespace: self.namespace.clone(),
+                name: name.to_owned(),
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    fn key_error(&self, kind: ObjectKind, name: &str, key: &str, not_text: bool) -> SourceError {
+        let (namespace, name, key) = (self.namespace.clone(), name.to_owned(), key.to_owned());
+        if not_text {
+            SourceError::KeyNotText { kind, namespace, name, key }
+        } else {
+            SourceError::KeyNotFound { kind, namespace, name, key }
+        }
+    }
+}
+
+impl SourceContext for KubeObjects {
+    fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    async fn secret_value(&self, name: &str, key: &str) -> Result<SecretString, SourceError> {
+        let secret: Secret = self.get(ObjectKind::Secret, name).await?;
+        let bytes = secret
+            .data
+            .and_then(|mut data| data.remove(key))
+            .ok_or_else(|| self.key_error(ObjectKind::Secret, name, key, false))?;
+        let text = String::from_utf8(bytes.0).map_err(|_| self.key_error(ObjectKind::Secret, name, key, true))?;
+        // A trailing newline is almost always `echo` or an editor, never part of a key.
+        let trimmed = text.trim_end_matches(['\n', '\r']);
+        Ok(SecretString::new(trimmed))
+    }
+
+    async fn config_map_value(&self, name: &str, key: &str) -> Result<Vec<u8>, SourceError> {
+        let config_map: ConfigMap = self.get(ObjectKind::ConfigMap, name).await?;
+        if let Some(text) = config_map.data.as_ref().and_then(|d| d.get(key)) {
+            return Ok(text.clone().into_bytes());
+        }
+        config_map
+            .binary_data
+            .and_then(|mut d| d.remove(key))
+            .map(|b| b.0)
+            .ok_or_else(|| self.key_error(ObjectKind::ConfigMap, name, key, false))
+    }
+}
