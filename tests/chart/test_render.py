@@ -1,0 +1,318 @@
+"""The chart, rendered by Helm v4's library: lint, objects, pod hardening, args, RBAC shape."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import helm_python as helm
+import pytest
+
+import values_sets as vs
+from chartlib import NAMESPACE, RELEASE, find, lint, notes, one, render
+
+FULLNAME = f"{RELEASE}-cohort-operator"
+
+
+def container(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["containers"]] == ["operator"]
+    return pod["containers"][0]
+
+
+def env_of(c: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in c["env"]}
+
+
+@pytest.mark.parametrize("name", vs.ALL)
+def test_lint_is_clean(name: str) -> None:
+    report = lint(vs.ALL[name])
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert not problems and not report["errors"], report
+
+
+def test_default_install_objects() -> None:
+    kinds = sorted((o["kind"], o["metadata"]["name"]) for o in render())
+    assert kinds == sorted([
+        ("ServiceAccount", FULLNAME),
+        ("ClusterRole", FULLNAME),
+        ("ClusterRoleBinding", FULLNAME),
+        ("ClusterRole", f"{FULLNAME}-edit"),
+        ("ClusterRole", f"{FULLNAME}-view"),
+        ("Role", f"{FULLNAME}-leader-election"),
+        ("RoleBinding", f"{FULLNAME}-leader-election"),
+        ("Deployment", FULLNAME),
+        ("Service", f"{FULLNAME}-metrics"),
+        ("PodDisruptionBudget", FULLNAME),
+    ])
+    for o in render():
+        if o["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
+            assert o["metadata"]["namespace"] == NAMESPACE, o["metadata"]
+
+
+@pytest.mark.parametrize("name", vs.ALL)
+def test_pod_is_hardened(name: str) -> None:
+    objects = render(vs.ALL[name])
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] > 0
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["serviceAccountName"] == one(objects, "ServiceAccount")["metadata"]["name"]
+    assert pod["automountServiceAccountToken"] is True
+
+    c = container(objects)
+    sc = c["securityContext"]
+    assert sc["runAsNonRoot"] is True
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["privileged"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+
+    for kind in ("requests", "limits"):
+        assert set(c["resources"][kind]) >= {"cpu", "memory"}, c["resources"]
+
+    port = {p["name"]: p["containerPort"] for p in c["ports"]}["metrics"]
+    assert f"--metrics-addr=0.0.0.0:{port}" in c["args"]
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+
+    # The read-only root filesystem leaves /tmp for sorting: an emptyDir with a size limit.
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes[mounts["/tmp"]]["emptyDir"]["sizeLimit"]
+    # Every Secret is mounted read-only.
+    for m in c["volumeMounts"]:
+        if "secret" in volumes[m["name"]]:
+            assert m.get("readOnly") is True, m
+
+
+def test_default_args_and_env() -> None:
+    objects = render()
+    c = container(objects)
+    assert c["image"] == "ghcr.io/cohorts-dev/cohort-operator:0.1.0"
+    assert c["args"] == [
+        "run",
+        "--metrics-addr=0.0.0.0:8080",
+        "--log-format=json",
+        "--starting-deadline-seconds=3600",
+        "--leader-election",
+        "--lease-namespace=$(POD_NAMESPACE)",
+        f"--lease-name={FULLNAME}",
+        "--snapshot-store=cluster",
+    ]
+    env = env_of(c)
+    assert env["RUST_LOG"] == "info"
+    assert env["POD_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert not [k for k in env if k.startswith("COHORT_")], env
+    assert one(objects, "Deployment")["spec"]["replicas"] == 1
+    assert one(objects, "Deployment")["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+
+
+def test_full_values_args_env_and_mounts() -> None:
+    objects = render(vs.FULL)
+    deployment = one(objects, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    c = container(objects)
+    assert deployment["spec"]["replicas"] == 2
+    assert c["image"] == "registry.example.com/cohort-operator@sha256:" + "ab" * 32
+    assert c["args"] == [
+        "run",
+        "--metrics-addr=0.0.0.0:9090",
+        "--log-format=text",
+        "--starting-deadline-seconds=600",
+        "--watch-namespaces=team-a,team-b",
+        "--partner-keys-dir=/etc/cohort-operator/partner-keys",
+        "--leader-election",
+        "--lease-namespace=$(POD_NAMESPACE)",
+        "--lease-name=cohort-leader",
+        "--snapshot-store=filesystem",
+        "--snapshot-dir=/var/lib/cohort-operator/snapshots",
+    ]
+    env = env_of(c)
+    assert env["RUST_LOG"] == "info,cohort_operator=debug"
+    assert env["COHORT_SMTP_HOST"] == "smtp.example.com"
+    assert env["COHORT_SMTP_PORT"] == "465"
+    assert env["COHORT_SMTP_TLS"] == "implicit"
+    assert env["COHORT_SMTP_USERNAME"] == "cohorts"
+    assert env["COHORT_SMTP_FROM"] == "Cohort imports <cohorts@example.com>"
+    assert env["COHORT_SMTP_PASSWORD_FILE"] == "/etc/cohort-operator/smtp/password"
+    assert env["EXTRA"] == "1"
+    assert pod["priorityClassName"] == "platform"
+
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    smtp = volumes[mounts["/etc/cohort-operator/smtp"]["name"]]["secret"]
+    assert smtp["secretName"] == "smtp-credentials"
+    assert smtp["items"] == [{"key": "pass", "path": "password"}]
+    keys = volumes[mounts["/etc/cohort-operator/partner-keys"]["name"]]["secret"]
+    assert keys["secretName"] == "braze-partner-keys" and "items" not in keys
+    snapshots = volumes[mounts["/var/lib/cohort-operator/snapshots"]["name"]]
+    pvc = one(objects, "PersistentVolumeClaim")
+    assert snapshots["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert pvc["spec"]["storageClassName"] == "shared"
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "50Gi"
+    assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert volumes[mounts["/tmp"]["name"]]["emptyDir"]["sizeLimit"] == "8Gi"
+
+    port = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert port == {"metrics": 9090}
+
+
+def test_secrets_never_reach_env_or_args() -> None:
+    c = container(render(vs.FULL))
+    for e in c["env"]:
+        assert "secretKeyRef" not in e.get("valueFrom", {}), e
+    assert not any("password" in a.lower() for a in c["args"])
+
+
+def test_no_leader_election_means_recreate_and_no_lease_rbac() -> None:
+    objects = render(vs.NO_LEADER)
+    deployment = one(objects, "Deployment")
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert not [a for a in container(objects)["args"] if "lease" in a or "leader" in a]
+    assert not find(objects, "Role")
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"replicas": 2, "leaderElection": {"enabled": False}}, "needs leaderElection.enabled=true"),
+    ({"replicas": 2, "snapshots": {"store": "filesystem"}}, "ReadWriteMany"),
+    ({"smtp": {"enabled": True, "host": "smtp.example.com"}}, "smtp.host and smtp.from"),
+    ({"serviceAccount": {"create": False}}, "serviceAccount.name is required"),
+])
+def test_inconsistent_values_fail_with_the_fix(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(helm.HelmRenderError, match=message):
+        render(values)
+
+
+def test_filesystem_ha_with_an_existing_claim_is_allowed() -> None:
+    values = {"replicas": 2, "snapshots": {"store": "filesystem",
+                                           "filesystem": {"existingClaim": "shared-snapshots"}}}
+    objects = render(values)
+    assert not find(objects, "PersistentVolumeClaim")
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]
+              if "persistentVolumeClaim" in v]
+    assert claims == ["shared-snapshots"]
+
+
+def test_metrics_service_servicemonitor_and_pdb_select_the_pods() -> None:
+    objects = render(vs.FULL)
+    pod_labels = one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    service = one(objects, "Service")
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert service["spec"]["ports"] == [{"name": "metrics", "port": 9090,
+                                         "targetPort": "metrics", "protocol": "TCP"}]
+    monitor = one(objects, "ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics",
+                                             "interval": "1m", "scrapeTimeout": "10s"}]
+    pdb = one(objects, "PodDisruptionBudget")
+    assert pdb["apiVersion"] == "policy/v1"
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert not find(render(), "ServiceMonitor")
+
+
+def rules_of(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
+    out: dict[tuple[str, str], set[str]] = {}
+    for rule in role["rules"]:
+        assert "resourceNames" not in rule or role["kind"] == "Role", rule
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                out.setdefault((group, resource), set()).update(rule["verbs"])
+    return out
+
+
+OPERATOR_RULES = {
+    ("cohorts.dev", "cohortimports"): {"get", "list", "watch", "patch"},
+    ("cohorts.dev", "cohortimports/status"): {"get", "patch"},
+    ("", "secrets"): {"get", "list", "watch"},
+    ("", "configmaps"): {"get", "list", "watch", "create", "update", "patch", "delete",
+                         "deletecollection"},
+    ("events.k8s.io", "events"): {"create", "patch"},
+}
+
+
+def test_default_rbac_is_one_cluster_role_with_only_the_operators_verbs() -> None:
+    objects = render()
+    role = one(objects, "ClusterRole", FULLNAME)
+    assert rules_of(role) == OPERATOR_RULES
+    binding = one(objects, "ClusterRoleBinding", FULLNAME)
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io",
+                                  "kind": "ClusterRole", "name": FULLNAME}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME,
+                                    "namespace": NAMESPACE}]
+
+
+def test_watched_namespaces_get_a_role_each_and_nothing_cluster_wide() -> None:
+    objects = render(vs.CONFINED)
+    assert [r["metadata"]["name"] for r in find(objects, "ClusterRole")] == \
+        [f"{FULLNAME}-edit", f"{FULLNAME}-view"]
+    assert not find(objects, "ClusterRoleBinding")
+    for ns in ("team-a", "team-b"):
+        assert rules_of(one(objects, "Role", FULLNAME, ns)) == OPERATOR_RULES
+        binding = one(objects, "RoleBinding", FULLNAME, ns)
+        assert binding["roleRef"]["kind"] == "Role"
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME,
+                                        "namespace": NAMESPACE}]
+    namespaces = {o["metadata"].get("namespace") for o in find(objects, "Role")}
+    assert namespaces == {"team-a", "team-b", NAMESPACE}
+
+
+def test_filesystem_snapshots_leave_configmaps_read_only() -> None:
+    objects = render({"snapshots": {"store": "filesystem"}})
+    rules = rules_of(one(objects, "ClusterRole", FULLNAME))
+    assert rules[("", "configmaps")] == {"get", "list", "watch"}
+
+
+def test_lease_role_is_in_the_release_namespace_and_names_the_lease() -> None:
+    objects = render(vs.FULL)
+    role = one(objects, "Role", f"{FULLNAME}-leader-election", NAMESPACE)
+    assert role["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+         "resourceNames": ["cohort-leader"], "verbs": ["get", "update"]},
+    ]
+    assert "--lease-name=cohort-leader" in container(objects)["args"]
+
+
+def test_user_roles_aggregate_into_edit_and_view() -> None:
+    objects = render()
+    edit = one(objects, "ClusterRole", f"{FULLNAME}-edit")
+    view = one(objects, "ClusterRole", f"{FULLNAME}-view")
+    assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-admin"] == "true"
+    assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+    assert "rbac.authorization.k8s.io/aggregate-to-edit" not in view["metadata"]["labels"]
+    assert rules_of(view)[("cohorts.dev", "cohortimports")] == {"get", "list", "watch"}
+    assert {"create", "update", "patch", "delete"} <= rules_of(edit)[("cohorts.dev", "cohortimports")]
+    # People read status; only the operator writes it.
+    assert rules_of(edit)[("cohorts.dev", "cohortimports/status")] == {"get"}
+    assert not find(render({"rbac": {"userRoles": False}}), "ClusterRole", f"{FULLNAME}-edit")
+
+
+def test_rbac_and_service_account_can_be_brought_by_the_user() -> None:
+    objects = render({"rbac": {"create": False},
+                      "serviceAccount": {"create": False, "name": "platform-operator"}})
+    kinds = {o["kind"] for o in objects}
+    assert kinds == {"Deployment", "Service", "PodDisruptionBudget"}
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "platform-operator"
+
+
+def test_names_follow_overrides() -> None:
+    objects = render({"fullnameOverride": "cohorts"})
+    assert one(objects, "Deployment")["metadata"]["name"] == "cohorts"
+    assert "--lease-name=cohorts" in container(objects)["args"]
+
+
+def test_notes_say_what_is_watched() -> None:
+    assert "every namespace" in notes()
+    text = notes(copy.deepcopy(vs.FULL))
+    assert "team-a, team-b (a Role in each)" in text
+    assert "No partnerKeys.secretName" not in text

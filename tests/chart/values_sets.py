@@ -1,0 +1,48 @@
+"""Value sets the chart tests render: the defaults and non-default installs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+DEFAULT: dict[str, Any] | None = None
+
+# Confined to two namespaces: a Role in each, nothing cluster-wide.
+CONFINED: dict[str, Any] = {"watchNamespaces": ["team-a", "team-b"]}
+
+# Everything that is off by default, on.
+FULL: dict[str, Any] = {
+    "image": {"repository": "registry.example.com/cohort-operator",
+              "digest": "sha256:" + "ab" * 32},
+    "replicas": 2,
+    "leaderElection": {"enabled": True, "leaseName": "cohort-leader"},
+    "watchNamespaces": ["team-a", "team-b"],
+    "log": {"level": "info,cohort_operator=debug", "format": "text"},
+    "startingDeadlineSeconds": 600,
+    "smtp": {
+        "enabled": True,
+        "host": "smtp.example.com",
+        "port": 465,
+        "tls": "implicit",
+        "username": "cohorts",
+        "from": "Cohort imports <cohorts@example.com>",
+        "passwordSecret": {"name": "smtp-credentials", "key": "pass"},
+    },
+    "partnerKeys": {"secretName": "braze-partner-keys"},
+    "snapshots": {
+        "store": "filesystem",
+        "filesystem": {"size": "50Gi", "storageClassName": "shared",
+                       "accessModes": ["ReadWriteMany"]},
+    },
+    "tmp": {"sizeLimit": "8Gi"},
+    "metrics": {"port": 9090,
+                "serviceMonitor": {"enabled": True, "interval": "1m",
+                                   "labels": {"release": "prometheus"}}},
+    "podDisruptionBudget": {"enabled": True, "maxUnavailable": 1},
+    "priorityClassName": "platform",
+    "extraEnv": [{"name": "EXTRA", "value": "1"}],
+}
+
+# Leader election off: a single pod replaced with Recreate, no Lease RBAC.
+NO_LEADER: dict[str, Any] = {"leaderElection": {"enabled": False}}
+
+ALL = {"default": DEFAULT, "confined": CONFINED, "full": FULL, "no-leader": NO_LEADER}
