@@ -410,6 +410,15 @@ mod tests {
     }
 
     #[test]
+    fn flags_flatten_into_a_command_line() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let help = Cli::command().render_long_help().to_string();
+        assert!(help.contains("--smtp-password-file"));
+        assert!(help.contains("COHORT_SMTP_HOST"));
+    }
+
+    #[test]
     fn no_host_means_reports_off() {
         assert!(parse(&[]).unwrap().is_none());
     }
