@@ -111,6 +111,8 @@ pub struct Stats {
     /// Membership changes that took effect.
     pub joined: u64,
     pub left: u64,
+    /// The most Braze requests handled at the same time (a client's concurrency bound).
+    pub max_concurrent_requests: u64,
 }
 
 /// One Braze request, as `GET /sandbox/requests` lists it (never with keys).
@@ -151,6 +153,8 @@ struct Counters {
     max_ids: AtomicU64,
     joined: AtomicU64,
     left: AtomicU64,
+    concurrent: AtomicU64,
+    max_concurrent: AtomicU64,
 }
 
 impl Counters {
@@ -184,6 +188,7 @@ impl Counters {
             max_ids_in_request: load(&self.max_ids),
             joined: load(&self.joined),
             left: load(&self.left),
+            max_concurrent_requests: load(&self.max_concurrent),
         }
     }
 
@@ -191,7 +196,7 @@ impl Counters {
         for a in [
             &self.requests, &self.name_requests, &self.users_requests, &self.dropped,
             &self.ids_received, &self.ids_matched, &self.ids_unmatched, &self.max_ids,
-            &self.joined, &self.left,
+            &self.joined, &self.left, &self.max_concurrent,
         ] {
             a.store(0, Ordering::Relaxed);
         }
@@ -472,7 +477,9 @@ async fn accept_loop(listener: TcpListener, router: Router, shared: Arc<Shared>,
             let shared = shared.clone();
             async move {
                 let mut req = req;
-                if req.uri().path().starts_with("/partners/") {
+                let braze = req.uri().path().starts_with("/partners/");
+                let _concurrent = braze.then(|| Concurrent::enter(&shared));
+                if braze {
                     let decision = shared.faults.lock().decide(now_ms(), rand::random::<f64>);
                     if decision == Decision::Drop {
                         shared.counters.requests.fetch_add(1, Ordering::Relaxed);
@@ -516,6 +523,23 @@ async fn save_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     }
 }
 
+/// Counts a Braze request as being handled until dropped.
+struct Concurrent(Arc<Shared>);
+
+impl Concurrent {
+    fn enter(shared: &Arc<Shared>) -> Self {
+        let now = shared.counters.concurrent.fetch_add(1, Ordering::Relaxed) + 1;
+        shared.counters.max_concurrent.fetch_max(now, Ordering::Relaxed);
+        Self(shared.clone())
+    }
+}
+
+impl Drop for Concurrent {
+    fn drop(&mut self) {
+        self.0.counters.concurrent.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Resolves once shutdown is signalled (or the sender is gone).
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
@@ -553,6 +577,7 @@ fn fault_message(status: u16) -> &'static str {
         502 => "Bad gateway",
         503 => "Service unavailable",
         504 => "Gateway timeout",
+        400 => "Injected fault: bad request",
         _ => "Injected fault",
     }
 }
