@@ -4,3 +4,5 @@ pub mod diff;
 pub mod guard;
 pub mod identifiers;
 pub mod member;
+pub mod schedule;
+pub mod validate;

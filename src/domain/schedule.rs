@@ -1,0 +1,866 @@
+//! When imports run: a [`Schedule`] and the instants it names.
+//!
+//! A schedule names local wall times in an IANA time zone. Each run date (every day, one
+//! weekday, or one day of the month) gives one run at the wall time `at`, turned into an
+//! instant this way:
+//!
+//! - a wall time that exists once runs then;
+//! - a wall time skipped by a forward shift (spring forward) runs at the first instant after
+//!   the gap, which is the transition itself: `02:30` on the day New York skips
+//!   02:00–03:00 runs at 03:00 EDT. (jiff's `compatible` disambiguation would give 03:30, the
+//!   wall time moved by the gap's length; the transition is used instead so a run is never
+//!   later than needed.)
+//! - a wall time repeated by a backward shift (fall back) runs once, at its first
+//!   occurrence.
+//! - a daily run pushed by a gap onto the next local day (only when a whole day is skipped,
+//!   as Samoa did on 2011-12-30, or a gap spans midnight) is merged into that day's own
+//!   run, so a daily schedule never runs twice in one local day.
+//!
+//! A monthly schedule on day 29–31 runs on the last day of shorter months (31 → 30 April,
+//! 28 or 29 February).
+//!
+//! Runs are bounded below by an anchor, the resource's creation time: a schedule has no
+//! runs before it, as a CronJob does not run for times before it existed. `Once` has a
+//! single run: at the anchor itself without `at` ("as soon as possible"), otherwise at the
+//! first occurrence of `at` at or after the anchor.
+//!
+//! The controller wakes at [`next_run_after`]`(now)` and is due when
+//! [`previous_run_at_or_before`]`(now)` is newer than the run it last started; a run missed
+//! during downtime therefore shows up once, however many were missed.
+//!
+//! Everything here is pure: the current time is always a parameter.
+
+use std::fmt;
+use std::str::FromStr;
+
+use jiff::civil::{Date, DateTime, Time, Weekday};
+use jiff::tz::{AmbiguousOffset, TimeZone};
+use jiff::{Timestamp, ToSpan};
+
+/// A local wall time, minute precision (`HH:MM`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WallTime {
+    hour: i8,
+    minute: i8,
+}
+
+impl WallTime {
+    /// `None` unless `hour` is 0–23 and `minute` 0–59.
+    pub fn new(hour: i8, minute: i8) -> Option<Self> {
+        ((0..24).contains(&hour) && (0..60).contains(&minute)).then_some(Self { hour, minute })
+    }
+
+    pub fn hour(self) -> i8 {
+        self.hour
+    }
+
+    pub fn minute(self) -> i8 {
+        self.minute
+    }
+
+    pub fn time(self) -> Time {
+        Time::constant(self.hour, self.minute, 0, 0)
+    }
+}
+
+/// Text that is not `HH:MM` from `00:00` to `23:59`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("not a wall time HH:MM from 00:00 to 23:59")]
+pub struct InvalidWallTime;
+
+impl FromStr for WallTime {
+    type Err = InvalidWallTime;
+
+    /// Exactly two digits, a colon, two digits: the form the CRD schema documents.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let b = s.as_bytes();
+        if b.len() != 5 || b[2] != b':' {
+            return Err(InvalidWallTime);
+        }
+        let two = |hi: u8, lo: u8| {
+            (hi.is_ascii_digit() && lo.is_ascii_digit())
+                .then(|| ((hi - b'0') * 10 + (lo - b'0')) as i8)
+        };
+        let hour = two(b[0], b[1]).ok_or(InvalidWallTime)?;
+        let minute = two(b[3], b[4]).ok_or(InvalidWallTime)?;
+        WallTime::new(hour, minute).ok_or(InvalidWallTime)
+    }
+}
+
+impl fmt::Display for WallTime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:02}:{:02}", self.hour, self.minute)
+    }
+}
+
+/// A day of the month, 1–31.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DayOfMonth(i8);
+
+impl DayOfMonth {
+    pub fn new(day: u8) -> Option<Self> {
+        (1..=31).contains(&day).then_some(Self(day as i8))
+    }
+
+    pub fn get(self) -> u8 {
+        self.0 as u8
+    }
+
+    /// This day in `date`'s month, or the month's last day when the month is shorter.
+    fn in_month_of(self, date: Date) -> Date {
+        let day = self.0.min(date.days_in_month());
+        date.first_of_month().with().day(day).build().expect("day within the month")
+    }
+}
+
+/// Which dates have a run, and at what wall time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Recurrence {
+    /// A single run: at the anchor (creation time) without `at`, else the first `at` at or
+    /// after the anchor.
+    Once {
+        at: Option<WallTime>,
+    },
+    Daily {
+        at: WallTime,
+    },
+    Weekly {
+        on: Weekday,
+        at: WallTime,
+    },
+    /// On `day`, or the last day of months shorter than `day`.
+    Monthly {
+        day: DayOfMonth,
+        at: WallTime,
+    },
+}
+
+/// A recurrence in a time zone. Build one from the API's `ScheduleSpec` with
+/// `domain::validate`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Schedule {
+    pub recurrence: Recurrence,
+    pub time_zone: TimeZone,
+}
+
+impl Schedule {
+    pub fn new(recurrence: Recurrence, time_zone: TimeZone) -> Self {
+        Self { recurrence, time_zone }
+    }
+}
+
+/// How many run dates a search looks at before giving up; only reached at the edge of
+/// jiff's supported range (years ±9999), where `None` is returned.
+const SEARCH_LIMIT: usize = 16;
+
+/// The earliest run strictly after `after`, or `None` when there is none (a `Once` run
+/// already past). `created` is the resource's creation time: no run is before it.
+pub fn next_run_after(
+    schedule: &Schedule,
+    created: Timestamp,
+    after: Timestamp,
+) -> Option<Timestamp> {
+    let tz = &schedule.time_zone;
+    let at = match schedule.recurrence {
+        Recurrence::Once { at } => return once(tz, at, created).filter(|&run| run > after),
+        Recurrence::Daily { at }
+        | Recurrence::Weekly { at, .. }
+        | Recurrence::Monthly { at, .. } => at,
+    };
+    let step = schedule.recurrence;
+    // Two days of slack: a run's local date can precede the local date of `after` (folds,
+    // gaps pushing a run forward), never by more than a day.
+    let from = tz.to_datetime(after.max(created)).date().checked_sub(2.days()).ok()?;
+    let mut date = first_run_date_on_or_after(step, from)?;
+    for _ in 0..SEARCH_LIMIT {
+        if let Some(run) = run_on(schedule, date, at)
+            && run > after
+            && run >= created
+        {
+            return Some(run);
+        }
+        date = first_run_date_on_or_after(step, date.tomorrow().ok()?)?;
+    }
+    None
+}
+
+/// The latest run at or before `t`, or `None` when there is none (before creation, or a
+/// `Once` run still ahead).
+pub fn previous_run_at_or_before(
+    schedule: &Schedule,
+    created: Timestamp,
+    t: Timestamp,
+) -> Option<Timestamp> {
+    let tz = &schedule.time_zone;
+    let at = match schedule.recurrence {
+        Recurrence::Once { at } => return once(tz, at, created).filter(|&run| run <= t),
+        Recurrence::Daily { at }
+        | Recurrence::Weekly { at, .. }
+        | Recurrence::Monthly { at, .. } => at,
+    };
+    let step = schedule.recurrence;
+    if t < created {
+        return None;
+    }
+    let from = tz.to_datetime(t).date().checked_add(2.days()).ok()?;
+    let mut date = last_run_date_on_or_before(step, from)?;
+    for _ in 0..SEARCH_LIMIT {
+        if let Some(run) = run_on(schedule, date, at)
+            && run <= t
+        {
+            return (run >= created).then_some(run);
+        }
+        date = last_run_date_on_or_before(step, date.yesterday().ok()?)?;
+    }
+    None
+}
+
+/// The single run of a `Once` schedule.
+fn once(tz: &TimeZone, at: Option<WallTime>, created: Timestamp) -> Option<Timestamp> {
+    let Some(at) = at else { return Some(created) };
+    let mut date = tz.to_datetime(created).date().yesterday().ok()?;
+    for _ in 0..4 {
+        if let Some(run) = instant_of(tz, date.to_datetime(at.time()))
+            && run >= created
+        {
+            return Some(run);
+        }
+        date = date.tomorrow().ok()?;
+    }
+    None
+}
+
+/// The run for run date `date`, if it has one of its own.
+fn run_on(schedule: &Schedule, date: Date, at: WallTime) -> Option<Timestamp> {
+    let tz = &schedule.time_zone;
+    let run = instant_of(tz, date.to_datetime(at.time()))?;
+    if matches!(schedule.recurrence, Recurrence::Daily { .. }) && tz.to_datetime(run).date() != date
+    {
+        // Pushed onto a later day by a gap; that day's own run stands for it.
+        return None;
+    }
+    Some(run)
+}
+
+fn first_run_date_on_or_after(recurrence: Recurrence, date: Date) -> Option<Date> {
+    match recurrence {
+        Recurrence::Once { .. } | Recurrence::Daily { .. } => Some(date),
+        Recurrence::Weekly { on, .. } => {
+            date.checked_add(i64::from(date.weekday().until(on)).days()).ok()
+        }
+        Recurrence::Monthly { day, .. } => {
+            let this_month = day.in_month_of(date);
+            if this_month >= date {
+                Some(this_month)
+            } else {
+                let next_month = date.last_of_month().tomorrow().ok()?;
+                Some(day.in_month_of(next_month))
+            }
+        }
+    }
+}
+
+fn last_run_date_on_or_before(recurrence: Recurrence, date: Date) -> Option<Date> {
+    match recurrence {
+        Recurrence::Once { .. } | Recurrence::Daily { .. } => Some(date),
+        Recurrence::Weekly { on, .. } => {
+            date.checked_sub(i64::from(on.until(date.weekday())).days()).ok()
+        }
+        Recurrence::Monthly { day, .. } => {
+            let this_month = day.in_month_of(date);
+            if this_month <= date {
+                Some(this_month)
+            } else {
+                let previous_month = date.first_of_month().yesterday().ok()?;
+                Some(day.in_month_of(previous_month))
+            }
+        }
+    }
+}
+
+/// The instant a local wall time runs at: itself when it exists once, its first occurrence
+/// when it exists twice, the end of the gap (the transition instant) when it is skipped.
+fn instant_of(tz: &TimeZone, dt: DateTime) -> Option<Timestamp> {
+    let ambiguous = tz.to_ambiguous_timestamp(dt);
+    match ambiguous.offset() {
+        AmbiguousOffset::Unambiguous { offset } => offset.to_timestamp(dt).ok(),
+        // The offset in force before a backward shift is the larger one, so the earlier
+        // instant.
+        AmbiguousOffset::Fold { before, .. } => before.to_timestamp(dt).ok(),
+        AmbiguousOffset::Gap { after, .. } => {
+            // Read with the offset after the shift, a skipped wall time names an instant
+            // shortly before the transition; the transition is the next one into `after`.
+            let before_gap = after.to_timestamp(dt).ok()?;
+            tz.following(before_gap)
+                .take(4)
+                .find(|transition| transition.offset() == after)
+                .map(|transition| transition.timestamp())
+                .or_else(|| ambiguous.later().ok())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jiff::SignedDuration;
+    use proptest::prelude::*;
+
+    fn tz(name: &str) -> TimeZone {
+        TimeZone::get(name).unwrap()
+    }
+
+    fn ts(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    fn at(s: &str) -> WallTime {
+        s.parse().unwrap()
+    }
+
+    fn daily(zone: &str, wall: &str) -> Schedule {
+        Schedule::new(Recurrence::Daily { at: at(wall) }, tz(zone))
+    }
+
+    fn weekly(zone: &str, on: Weekday, wall: &str) -> Schedule {
+        Schedule::new(Recurrence::Weekly { on, at: at(wall) }, tz(zone))
+    }
+
+    fn monthly(zone: &str, day: u8, wall: &str) -> Schedule {
+        Schedule::new(
+            Recurrence::Monthly { day: DayOfMonth::new(day).unwrap(), at: at(wall) },
+            tz(zone),
+        )
+    }
+
+    /// A creation time long before every table case.
+    fn long_ago() -> Timestamp {
+        ts("2000-01-01T00:00:00Z")
+    }
+
+    fn next(s: &Schedule, after: &str) -> String {
+        next_run_after(s, long_ago(), ts(after)).unwrap().to_string()
+    }
+
+    fn prev(s: &Schedule, t: &str) -> String {
+        previous_run_at_or_before(s, long_ago(), ts(t)).unwrap().to_string()
+    }
+
+    #[test]
+    fn wall_time_parses_only_hh_mm() {
+        assert_eq!(at("00:00"), WallTime::new(0, 0).unwrap());
+        assert_eq!(at("23:59"), WallTime::new(23, 59).unwrap());
+        assert_eq!(at("07:05").to_string(), "07:05");
+        for bad in ["24:00", "7:05", "07:5", "07-05", "07:60", " 07:05", "", "0a:00", "07:05:00"] {
+            assert_eq!(bad.parse::<WallTime>(), Err(InvalidWallTime), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn day_of_month_is_1_to_31() {
+        assert!(DayOfMonth::new(0).is_none());
+        assert!(DayOfMonth::new(32).is_none());
+        assert_eq!(DayOfMonth::new(31).unwrap().get(), 31);
+    }
+
+    #[test]
+    fn utc_daily_day_boundary() {
+        let s = daily("UTC", "00:00");
+        // Exactly at a run: the next one is a day later (strictly after).
+        assert_eq!(next(&s, "2024-06-01T00:00:00Z"), "2024-06-02T00:00:00Z");
+        assert_eq!(next(&s, "2024-05-31T23:59:59.999999999Z"), "2024-06-01T00:00:00Z");
+        assert_eq!(prev(&s, "2024-06-01T00:00:00Z"), "2024-06-01T00:00:00Z");
+        assert_eq!(prev(&s, "2024-05-31T23:59:59Z"), "2024-05-31T00:00:00Z");
+        let late = daily("UTC", "23:59");
+        assert_eq!(next(&late, "2024-12-31T23:59:00Z"), "2025-01-01T23:59:00Z");
+        assert_eq!(next(&late, "2024-12-31T23:58:59Z"), "2024-12-31T23:59:00Z");
+    }
+
+    #[test]
+    fn lisbon_day_boundary_uses_local_midnight() {
+        // Summer: Lisbon is UTC+1, so local midnight is 23:00Z the day before.
+        let s = daily("Europe/Lisbon", "00:00");
+        assert_eq!(next(&s, "2024-07-01T22:59:59Z"), "2024-07-01T23:00:00Z");
+        assert_eq!(next(&s, "2024-07-01T23:00:00Z"), "2024-07-02T23:00:00Z");
+        // Winter: UTC+0.
+        assert_eq!(next(&s, "2024-01-01T00:00:00Z"), "2024-01-02T00:00:00Z");
+    }
+
+    #[test]
+    fn lisbon_gap_runs_at_transition() {
+        // 2024-03-31 01:00 WET → 02:00 WEST: 01:30 does not exist.
+        let s = daily("Europe/Lisbon", "01:30");
+        assert_eq!(next(&s, "2024-03-30T12:00:00Z"), "2024-03-31T01:00:00Z");
+        let run = ts("2024-03-31T01:00:00Z").to_zoned(tz("Europe/Lisbon"));
+        assert_eq!(run.time(), Time::constant(2, 0, 0, 0));
+        assert_eq!(next(&s, "2024-03-31T01:00:00Z"), "2024-04-01T00:30:00Z");
+    }
+
+    #[test]
+    fn lisbon_fold_runs_once_at_first_occurrence() {
+        // 2024-10-27 02:00 WEST → 01:00 WET: 01:30 happens at 00:30Z and again at 01:30Z.
+        let s = daily("Europe/Lisbon", "01:30");
+        assert_eq!(next(&s, "2024-10-26T12:00:00Z"), "2024-10-27T00:30:00Z");
+        assert_eq!(next(&s, "2024-10-27T00:30:00Z"), "2024-10-28T01:30:00Z");
+        assert_eq!(prev(&s, "2024-10-27T01:45:00Z"), "2024-10-27T00:30:00Z");
+    }
+
+    #[test]
+    fn new_york_gap_and_fold() {
+        // 2024-03-10 02:00 EST → 03:00 EDT. jiff's `compatible` would say 03:30 EDT.
+        let s = daily("America/New_York", "02:30");
+        assert_eq!(next(&s, "2024-03-09T12:00:00Z"), "2024-03-10T07:00:00Z");
+        assert_eq!(next(&s, "2024-03-10T07:00:00Z"), "2024-03-11T06:30:00Z");
+        // 2024-11-03 02:00 EDT → 01:00 EST: 01:30 EDT is 05:30Z, 01:30 EST is 06:30Z.
+        let s = daily("America/New_York", "01:30");
+        assert_eq!(next(&s, "2024-11-02T12:00:00Z"), "2024-11-03T05:30:00Z");
+        assert_eq!(next(&s, "2024-11-03T05:30:00Z"), "2024-11-04T06:30:00Z");
+        assert_eq!(prev(&s, "2024-11-03T06:30:00Z"), "2024-11-03T05:30:00Z");
+        // A wall time next to the gap is untouched.
+        let s = daily("America/New_York", "03:00");
+        assert_eq!(next(&s, "2024-03-09T12:00:00Z"), "2024-03-10T07:00:00Z");
+    }
+
+    #[test]
+    fn lord_howe_half_hour_shifts() {
+        // 2024-10-06 02:00 +10:30 → 02:30 +11: 02:15 does not exist; the transition is
+        // 02:00 +10:30 = 15:30Z the day before.
+        let s = daily("Australia/Lord_Howe", "02:15");
+        assert_eq!(next(&s, "2024-10-05T00:00:00Z"), "2024-10-05T15:30:00Z");
+        assert_eq!(next(&s, "2024-10-05T15:30:00Z"), "2024-10-06T15:15:00Z");
+        // 2024-04-07 02:00 +11 → 01:30 +10:30: 01:45 happens at 14:45Z and 15:15Z.
+        let s = daily("Australia/Lord_Howe", "01:45");
+        assert_eq!(next(&s, "2024-04-06T00:00:00Z"), "2024-04-06T14:45:00Z");
+        assert_eq!(next(&s, "2024-04-06T14:45:00Z"), "2024-04-07T15:15:00Z");
+    }
+
+    #[test]
+    fn monthly_day_31_runs_on_shorter_months_last_day() {
+        let s = monthly("UTC", 31, "09:00");
+        assert_eq!(next(&s, "2024-03-31T09:00:00Z"), "2024-04-30T09:00:00Z");
+        assert_eq!(next(&s, "2024-04-30T09:00:00Z"), "2024-05-31T09:00:00Z");
+        assert_eq!(next(&s, "2024-02-01T00:00:00Z"), "2024-02-29T09:00:00Z");
+        assert_eq!(next(&s, "2023-02-01T00:00:00Z"), "2023-02-28T09:00:00Z");
+        assert_eq!(prev(&s, "2024-05-30T00:00:00Z"), "2024-04-30T09:00:00Z");
+        assert_eq!(prev(&s, "2024-03-01T00:00:00Z"), "2024-02-29T09:00:00Z");
+    }
+
+    #[test]
+    fn monthly_day_29_and_30_in_february() {
+        let s29 = monthly("UTC", 29, "00:00");
+        assert_eq!(next(&s29, "2023-02-01T00:00:00Z"), "2023-02-28T00:00:00Z");
+        assert_eq!(next(&s29, "2024-02-01T00:00:00Z"), "2024-02-29T00:00:00Z");
+        assert_eq!(next(&s29, "2024-02-29T00:00:00Z"), "2024-03-29T00:00:00Z");
+        let s30 = monthly("UTC", 30, "00:00");
+        assert_eq!(next(&s30, "2024-01-30T00:00:00Z"), "2024-02-29T00:00:00Z");
+        assert_eq!(next(&s30, "2100-02-01T00:00:00Z"), "2100-02-28T00:00:00Z");
+        assert_eq!(next(&s30, "2000-02-01T00:00:00Z"), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn monthly_in_new_york_across_the_year_end() {
+        let s = monthly("America/New_York", 1, "06:00");
+        assert_eq!(next(&s, "2024-12-02T00:00:00Z"), "2025-01-01T11:00:00Z");
+        assert_eq!(next(&s, "2025-06-01T09:59:59Z"), "2025-06-01T10:00:00Z");
+    }
+
+    #[test]
+    fn weekly_runs_on_the_named_day() {
+        // 2024-01-01 is a Monday.
+        let s = weekly("UTC", Weekday::Monday, "06:00");
+        assert_eq!(next(&s, "2024-01-01T05:59:59Z"), "2024-01-01T06:00:00Z");
+        assert_eq!(next(&s, "2024-01-01T06:00:00Z"), "2024-01-08T06:00:00Z");
+        assert_eq!(next(&s, "2023-12-30T00:00:00Z"), "2024-01-01T06:00:00Z");
+        assert_eq!(prev(&s, "2024-01-07T23:59:59Z"), "2024-01-01T06:00:00Z");
+        // Sunday in Lisbon across the spring-forward gap (2024-03-31 is a Sunday).
+        let s = weekly("Europe/Lisbon", Weekday::Sunday, "01:15");
+        assert_eq!(next(&s, "2024-03-25T00:00:00Z"), "2024-03-31T01:00:00Z");
+        assert_eq!(next(&s, "2024-03-31T01:00:00Z"), "2024-04-07T00:15:00Z");
+        // Sunday in Lord Howe (UTC+11 in January), local day ahead of UTC.
+        let s = weekly("Australia/Lord_Howe", Weekday::Sunday, "08:00");
+        assert_eq!(next(&s, "2024-01-06T00:00:00Z"), "2024-01-06T21:00:00Z");
+    }
+
+    #[test]
+    fn samoa_skipped_day() {
+        // Pacific/Apia skipped 2011-12-30: 2011-12-29 24:00 -10 became 2011-12-31 00:00 +14.
+        let daily = daily("Pacific/Apia", "10:00");
+        assert_eq!(next(&daily, "2011-12-29T20:00:00Z"), "2011-12-30T20:00:00Z");
+        // The daily run of the missing day merges into Dec 31's run.
+        assert_eq!(prev(&daily, "2011-12-30T19:59:59Z"), "2011-12-29T20:00:00Z");
+        // A weekly Friday run still happens, at the first instant after the gap.
+        let friday = weekly("Pacific/Apia", Weekday::Friday, "10:00");
+        assert_eq!(next(&friday, "2011-12-24T00:00:00Z"), "2011-12-30T10:00:00Z");
+    }
+
+    #[test]
+    fn runs_start_at_creation() {
+        let s = daily("UTC", "06:00");
+        let created = ts("2024-05-01T06:00:01Z");
+        assert_eq!(previous_run_at_or_before(&s, created, ts("2024-05-01T12:00:00Z")), None);
+        assert_eq!(
+            next_run_after(&s, created, ts("2024-04-01T00:00:00Z")),
+            Some(ts("2024-05-02T06:00:00Z"))
+        );
+        // A run exactly at creation counts.
+        let created = ts("2024-05-01T06:00:00Z");
+        assert_eq!(
+            previous_run_at_or_before(&s, created, ts("2024-05-01T12:00:00Z")),
+            Some(created)
+        );
+    }
+
+    #[test]
+    fn once_without_at_runs_at_creation() {
+        let s = Schedule::new(Recurrence::Once { at: None }, tz("UTC"));
+        let created = ts("2024-05-01T10:00:00Z");
+        assert_eq!(next_run_after(&s, created, ts("2024-05-01T09:00:00Z")), Some(created));
+        assert_eq!(next_run_after(&s, created, created), None);
+        assert_eq!(previous_run_at_or_before(&s, created, created), Some(created));
+        assert_eq!(
+            previous_run_at_or_before(&s, created, ts("2030-01-01T00:00:00Z")),
+            Some(created)
+        );
+        assert_eq!(previous_run_at_or_before(&s, created, ts("2024-05-01T09:59:59Z")), None);
+    }
+
+    #[test]
+    fn once_with_at_runs_at_its_first_occurrence_after_creation() {
+        let created = ts("2024-05-01T10:00:00Z");
+        let later_today = Schedule::new(Recurrence::Once { at: Some(at("11:00")) }, tz("UTC"));
+        assert_eq!(
+            next_run_after(&later_today, created, created),
+            Some(ts("2024-05-01T11:00:00Z"))
+        );
+        let tomorrow = Schedule::new(Recurrence::Once { at: Some(at("09:00")) }, tz("UTC"));
+        assert_eq!(next_run_after(&tomorrow, created, created), Some(ts("2024-05-02T09:00:00Z")));
+        assert_eq!(next_run_after(&tomorrow, created, ts("2024-05-02T09:00:00Z")), None);
+        assert_eq!(
+            previous_run_at_or_before(&tomorrow, created, ts("2024-06-01T00:00:00Z")),
+            Some(ts("2024-05-02T09:00:00Z"))
+        );
+        // In New York, 02:30 on the spring-forward day runs at the transition.
+        let gap = Schedule::new(Recurrence::Once { at: Some(at("02:30")) }, tz("America/New_York"));
+        assert_eq!(
+            next_run_after(&gap, ts("2024-03-10T01:00:00Z"), ts("2024-03-10T01:00:00Z")),
+            Some(ts("2024-03-10T07:00:00Z"))
+        );
+    }
+
+    // ---- properties ----
+
+    const ZONES: &[&str] = &[
+        "UTC",
+        "Europe/Lisbon",
+        "America/New_York",
+        "Australia/Lord_Howe",
+        "Pacific/Apia",
+        "America/Sao_Paulo",
+        "Asia/Kathmandu",
+        "America/St_Johns",
+        "Pacific/Chatham",
+    ];
+
+    fn weekday() -> impl Strategy<Value = Weekday> {
+        (0i8..7).prop_map(|n| Weekday::from_monday_zero_offset(n).unwrap())
+    }
+
+    fn wall_time() -> impl Strategy<Value = WallTime> {
+        // Weight the hours where shifts happen.
+        let hour = prop_oneof![0i8..4, 22i8..24, 0i8..24];
+        let minute = prop_oneof![Just(0i8), Just(30), Just(45), 0i8..60];
+        (hour, minute).prop_map(|(h, m)| WallTime::new(h, m).unwrap())
+    }
+
+    fn recurring() -> impl Strategy<Value = Recurrence> {
+        prop_oneof![
+            wall_time().prop_map(|at| Recurrence::Daily { at }),
+            (weekday(), wall_time()).prop_map(|(on, at)| Recurrence::Weekly { on, at }),
+            (1u8..=31, wall_time())
+                .prop_map(|(d, at)| Recurrence::Monthly { day: DayOfMonth::new(d).unwrap(), at }),
+        ]
+    }
+
+    fn any_recurrence() -> impl Strategy<Value = Recurrence> {
+        prop_oneof![
+            4 => recurring(),
+            1 => proptest::option::of(wall_time()).prop_map(|at| Recurrence::Once { at }),
+        ]
+    }
+
+    fn zone() -> impl Strategy<Value = TimeZone> {
+        proptest::sample::select(ZONES).prop_map(tz)
+    }
+
+    /// Instants from 1995 to 2045, to the second.
+    fn instant() -> impl Strategy<Value = Timestamp> {
+        (788_918_400i64..2_366_755_200).prop_map(|s| Timestamp::from_second(s).unwrap())
+    }
+
+    /// (creation, now) with now at or after creation, by up to ~400 days.
+    fn created_and_now() -> impl Strategy<Value = (Timestamp, Timestamp)> {
+        (instant(), 0i64..35_000_000).prop_map(|(created, secs)| {
+            (created, created.checked_add(SignedDuration::from_secs(secs)).unwrap())
+        })
+    }
+
+    /// A schedule case aimed at a time zone shift: `at` within three hours of a transition's
+    /// local time, `now` up to three days before it, creation up to a year before `now`.
+    fn near_a_shift() -> impl Strategy<Value = (Recurrence, TimeZone, Timestamp, Timestamp)> {
+        (zone(), instant(), -180i64..180, 0i64..259_200, 0i64..31_536_000, recurring()).prop_map(
+            |(tz, base, minutes, before, age, r)| {
+                let shift = tz.following(base).next().map_or(base, |t| t.timestamp());
+                let local = tz.to_datetime(shift).time();
+                let wall = local.wrapping_add(SignedDuration::from_mins(minutes));
+                let at = WallTime::new(wall.hour(), wall.minute()).unwrap();
+                let r = match r {
+                    Recurrence::Daily { .. } | Recurrence::Once { .. } => Recurrence::Daily { at },
+                    Recurrence::Weekly { .. } => {
+                        // On the weekday of the shift, so the run meets it.
+                        Recurrence::Weekly { on: tz.to_datetime(shift).weekday(), at }
+                    }
+                    Recurrence::Monthly { .. } => {
+                        let day = tz.to_datetime(shift).day() as u8;
+                        Recurrence::Monthly { day: DayOfMonth::new(day).unwrap(), at }
+                    }
+                };
+                let now = shift - SignedDuration::from_secs(before);
+                let created = now - SignedDuration::from_secs(age);
+                (r, tz, created, now)
+            },
+        )
+    }
+
+    /// Brute-force reference for when a wall time runs: search the instants whose local
+    /// time is `dt`; if none, the first instant whose local time is past `dt`.
+    fn reference_instant(tz: &TimeZone, dt: DateTime) -> Timestamp {
+        let as_utc = dt.to_zoned(TimeZone::UTC).unwrap().timestamp();
+        let hours = |h: i64| SignedDuration::from_hours(h);
+        // Offsets in force within a day and a half either side, every 15 minutes.
+        let mut offsets: Vec<_> = (0..=(36 * 4 * 2))
+            .map(|q| tz.to_offset(as_utc - hours(36) + SignedDuration::from_mins(15 * q)))
+            .collect();
+        offsets.sort_by_key(|o| o.seconds());
+        offsets.dedup();
+        let exact: Option<Timestamp> = offsets
+            .iter()
+            .filter_map(|o| o.to_timestamp(dt).ok())
+            .filter(|t| tz.to_datetime(*t) == dt)
+            .min();
+        if let Some(t) = exact {
+            return t;
+        }
+        // In a gap: binary search the instant local time passes dt, to the nanosecond.
+        let (mut lo, mut hi) = (as_utc - hours(30), as_utc + hours(30));
+        assert!(tz.to_datetime(lo) < dt && tz.to_datetime(hi) > dt);
+        while hi.duration_since(lo) > SignedDuration::from_nanos(1) {
+            let mid = lo + hi.duration_since(lo) / 2;
+            if tz.to_datetime(mid) > dt { hi = mid } else { lo = mid }
+        }
+        hi
+    }
+
+    fn is_run_date(r: Recurrence, d: Date) -> bool {
+        match r {
+            Recurrence::Once { .. } | Recurrence::Daily { .. } => true,
+            Recurrence::Weekly { on, .. } => d.weekday() == on,
+            Recurrence::Monthly { day, .. } => d.day() == (day.get() as i8).min(d.days_in_month()),
+        }
+    }
+
+    fn wall(r: Recurrence) -> WallTime {
+        match r {
+            Recurrence::Once { at } => at.unwrap_or(WallTime::new(0, 0).unwrap()),
+            Recurrence::Daily { at }
+            | Recurrence::Weekly { at, .. }
+            | Recurrence::Monthly { at, .. } => at,
+        }
+    }
+
+    /// Every run of a recurring schedule from local date `from` to `to`, by stepping days.
+    fn reference_runs(s: &Schedule, from: Date, to: Date) -> Vec<Timestamp> {
+        let mut runs = Vec::new();
+        let mut d = from;
+        while d <= to {
+            if is_run_date(s.recurrence, d) {
+                let run = reference_instant(&s.time_zone, d.to_datetime(wall(s.recurrence).time()));
+                let pushed = s.time_zone.to_datetime(run).date() != d;
+                if !(pushed && matches!(s.recurrence, Recurrence::Daily { .. })) {
+                    runs.push(run);
+                }
+            }
+            d = d.tomorrow().unwrap();
+        }
+        runs
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        #[test]
+        fn next_is_strictly_after_and_not_before_creation(
+            r in any_recurrence(), tz in zone(), (created, now) in created_and_now(),
+        ) {
+            let s = Schedule::new(r, tz);
+            if let Some(next) = next_run_after(&s, created, now) {
+                prop_assert!(next > now);
+                prop_assert!(next >= created);
+            } else {
+                prop_assert!(matches!(r, Recurrence::Once { .. }), "recurring schedules always have a next run");
+            }
+        }
+
+        #[test]
+        fn next_is_the_earliest_run(
+            r in recurring(), tz in zone(), (created, now) in created_and_now(),
+        ) {
+            let s = Schedule::new(r, tz.clone());
+            let next = next_run_after(&s, created, now).unwrap();
+            let from = tz.to_datetime(created.min(now)).date().checked_sub(3.days()).unwrap();
+            let to = tz.to_datetime(next).date().tomorrow().unwrap();
+            let reference = reference_runs(&s, from, to)
+                .into_iter()
+                .filter(|&run| run > now && run >= created)
+                .min();
+            prop_assert_eq!(Some(next), reference);
+        }
+
+        #[test]
+        fn next_is_the_earliest_run_near_a_shift((r, tz, created, now) in near_a_shift()) {
+            let s = Schedule::new(r, tz.clone());
+            let mut t = now;
+            // The next few runs, which cross the shift.
+            for _ in 0..4 {
+                let next = next_run_after(&s, created, t).unwrap();
+                let from = tz.to_datetime(t).date().checked_sub(3.days()).unwrap();
+                let to = tz.to_datetime(next).date().tomorrow().unwrap();
+                let reference = reference_runs(&s, from, to)
+                    .into_iter()
+                    .filter(|&run| run > t && run >= created)
+                    .min();
+                prop_assert_eq!(Some(next), reference);
+                prop_assert_eq!(previous_run_at_or_before(&s, created, next), Some(next));
+                t = next;
+            }
+        }
+
+        #[test]
+        fn daily_never_runs_twice_in_a_local_day_near_a_shift((r, tz, created, now) in near_a_shift()) {
+            let s = Schedule::new(r, tz.clone());
+            let mut t = now;
+            let mut last_day: Option<Date> = None;
+            for _ in 0..5 {
+                let run = next_run_after(&s, created, t).unwrap();
+                let day = tz.to_datetime(run).date();
+                if let Some(last) = last_day {
+                    prop_assert!(day > last, "two runs on {day} or out of order");
+                }
+                last_day = Some(day);
+                t = run;
+            }
+        }
+
+        #[test]
+        fn previous_is_the_latest_run(
+            r in recurring(), tz in zone(), (created, now) in created_and_now(),
+        ) {
+            let s = Schedule::new(r, tz.clone());
+            let from = tz.to_datetime(created).date().checked_sub(3.days()).unwrap();
+            let to = tz.to_datetime(now).date().checked_add(3.days()).unwrap();
+            let reference = reference_runs(&s, from, to)
+                .into_iter()
+                .filter(|&run| run <= now && run >= created)
+                .max();
+            prop_assert_eq!(previous_run_at_or_before(&s, created, now), reference);
+        }
+
+        #[test]
+        fn next_and_previous_agree(
+            r in any_recurrence(), tz in zone(), (created, now) in created_and_now(),
+        ) {
+            let s = Schedule::new(r, tz);
+            if let Some(prev) = previous_run_at_or_before(&s, created, now) {
+                prop_assert!(prev <= now && prev >= created);
+                // No run between the previous and now; the previous one is a run.
+                prop_assert_eq!(next_run_after(&s, created, prev), next_run_after(&s, created, now));
+                let just_before = prev - SignedDuration::from_nanos(1);
+                prop_assert_eq!(next_run_after(&s, created, just_before), Some(prev));
+            }
+            if let Some(next) = next_run_after(&s, created, now) {
+                prop_assert_eq!(previous_run_at_or_before(&s, created, next), Some(next));
+            }
+        }
+
+        #[test]
+        fn runs_fall_on_their_wall_time_and_day(
+            r in recurring(), tz in zone(), (created, now) in created_and_now(),
+        ) {
+            let s = Schedule::new(r, tz.clone());
+            let mut t = now;
+            for _ in 0..6 {
+                let run = next_run_after(&s, created, t).unwrap();
+                let local = tz.to_datetime(run);
+                if local.time() == wall(r).time() {
+                    prop_assert!(is_run_date(r, local.date()));
+                } else {
+                    // Only a skipped wall time moves: the run is a forward shift, and the
+                    // wall time on the run's local date or the day before falls in a gap.
+                    let before = tz.to_offset(run - SignedDuration::from_nanos(1));
+                    prop_assert!(tz.to_offset(run) > before, "moved run {run} is not at a forward shift");
+                    let skipped = |d: Date| matches!(
+                        tz.to_ambiguous_timestamp(d.to_datetime(wall(r).time())).offset(),
+                        AmbiguousOffset::Gap { .. }
+                    );
+                    prop_assert!(skipped(local.date()) || skipped(local.date().yesterday().unwrap()));
+                }
+                t = run;
+            }
+        }
+
+        #[test]
+        fn daily_never_runs_twice_in_a_local_day(
+            at in wall_time(), tz in zone(), (created, now) in created_and_now(),
+        ) {
+            let s = Schedule::new(Recurrence::Daily { at }, tz.clone());
+            let mut t = now;
+            let mut last_day: Option<Date> = None;
+            for _ in 0..30 {
+                let run = next_run_after(&s, created, t).unwrap();
+                let day = tz.to_datetime(run).date();
+                if let Some(last) = last_day {
+                    prop_assert!(day > last, "two runs on {day} or out of order");
+                }
+                last_day = Some(day);
+                t = run;
+            }
+        }
+    }
+
+    #[test]
+    fn daily_around_every_shift_of_the_table_zones() {
+        // Two years of Daily runs at wall times near every shift: consecutive runs are a day
+        // apart, give or take the shift, so none is skipped or doubled.
+        for zone in ["Europe/Lisbon", "America/New_York", "Australia/Lord_Howe"] {
+            for wall in
+                ["00:00", "00:30", "01:00", "01:30", "01:45", "02:00", "02:15", "02:30", "03:00"]
+            {
+                let s = daily(zone, wall);
+                let mut t = ts("2023-01-01T00:00:00Z");
+                let mut last: Option<Timestamp> = None;
+                while t < ts("2025-01-01T00:00:00Z") {
+                    let run = next_run_after(&s, long_ago(), t).unwrap();
+                    if let Some(last) = last {
+                        let gap = run.duration_since(last);
+                        assert!(
+                            gap >= SignedDuration::from_hours(22)
+                                && gap <= SignedDuration::from_hours(26),
+                            "{zone} {wall}: {last} → {run}"
+                        );
+                    }
+                    last = Some(run);
+                    t = run;
+                }
+            }
+        }
+    }
+}

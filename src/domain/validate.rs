@@ -1,0 +1,1411 @@
+//! The rules of a `CohortImport` spec that its OpenAPI schema cannot say (Kubernetes 1.20
+//! has no CEL): one source kind, fields that go with a cadence, a real time zone, a URL
+//! Braze can be reached at, a single SELECT. The schema's own rules (`minProperties`,
+//! patterns) are checked again where they matter, because a resource written before the CRD
+//! changed, or by a client that skipped validation, still reaches the controller.
+//!
+//! [`validate`] reports every problem at once, each naming its field path and the fix; the
+//! controller shows [`SpecErrors`] as `Ready=False, reason=InvalidSpec`. Messages never
+//! echo a URL (it could carry a token); a host name is the most they show.
+//!
+//! Decisions:
+//! - Daily, Weekly and Monthly schedules need `at`: a run time chosen for the team, not a
+//!   default, decides when Braze changes. `Once` without `at` runs at creation.
+//! - The Braze endpoint must be `https://`; `http://` is accepted only for loopback hosts
+//!   (`127.0.0.0/8`, `::1`, `localhost`), which is where a local Braze sandbox runs.
+//! - An HTTP source may use `http://` (in-cluster exporters often do), but not with `auth`
+//!   unless the host is loopback: a token or password would cross the network in clear.
+//! - The Postgres query must be one statement starting with `SELECT` or `WITH` (after
+//!   comments and opening parentheses). This is a guard against mistakes, not the security
+//!   boundary: the source runs the query in a read-only transaction.
+
+use std::fmt;
+use std::net::IpAddr;
+
+use jiff::civil::Weekday;
+use jiff::tz::TimeZone;
+use reqwest::Url;
+
+use crate::api::{
+    Cadence, CohortImportSpec, DayOfWeek, HttpFormat, HttpSource, IdentifierMapping, Notifications,
+    ScheduleSpec, SourceSpec,
+};
+
+use super::identifiers::{IdentifierFields, MappingError};
+use super::schedule::{DayOfMonth, Recurrence, Schedule, WallTime};
+
+/// A spec that passed every rule, with the parts later stages need already parsed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ValidSpec {
+    /// The spec as written; every rule of this module holds for it.
+    pub spec: CohortImportSpec,
+    pub schedule: Schedule,
+    /// The one source kind `spec.source` sets.
+    pub source: SourceKind,
+    pub identifiers: IdentifierFields,
+    /// `spec.destination.braze.restEndpoint`, parsed: https (or http on loopback), a host,
+    /// no credentials, no path.
+    pub braze_endpoint: Url,
+}
+
+/// Which of `spec.source`'s kinds is set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SourceKind {
+    Inline,
+    ConfigMap,
+    Http,
+    Postgres,
+}
+
+impl SourceKind {
+    /// The field name in the spec.
+    pub fn field(self) -> &'static str {
+        match self {
+            SourceKind::Inline => "inline",
+            SourceKind::ConfigMap => "configMap",
+            SourceKind::Http => "http",
+            SourceKind::Postgres => "postgres",
+        }
+    }
+}
+
+/// One broken rule: where, and what is wrong with the fix.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {problem}")]
+pub struct SpecError {
+    /// Field path from the resource root, e.g. `spec.schedule.dayOfWeek`.
+    pub path: String,
+    pub problem: Problem,
+}
+
+/// What is wrong with a field, and how to fix it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Problem {
+    #[error("{}", not_exactly_one(.what, .choices, .set))]
+    NotExactlyOne { what: &'static str, choices: &'static [&'static str], set: Vec<&'static str> },
+    #[error(
+        "set only with cadence {needs:?} (cadence is {cadence:?}); remove it or change the cadence"
+    )]
+    OnlyWithCadence { needs: Cadence, cadence: Cadence },
+    #[error("required with cadence {cadence:?}; set it, e.g. {example}")]
+    RequiredWithCadence { cadence: Cadence, example: &'static str },
+    #[error(
+        "{value} is not a day of the month; use 1 to 31 (a month shorter than the day runs on its last day)"
+    )]
+    DayOfMonth { value: u8 },
+    #[error("{value:?} is not a wall time; write HH:MM from 00:00 to 23:59, e.g. \"06:00\"")]
+    WallTime { value: String },
+    #[error(
+        "{name:?} is not an IANA time zone; use a name such as Europe/Lisbon, America/New_York or UTC"
+    )]
+    TimeZone { name: String },
+    #[error("maps no identifier; set at least one of externalId, alias or deviceId")]
+    NoIdentifier,
+    #[error(
+        "sets both label and labelField; keep label for one fixed label, or labelField to read each row's label"
+    )]
+    AliasLabelBoth,
+    #[error(
+        "sets neither label nor labelField; set label (one fixed label) or labelField (the field holding each row's label)"
+    )]
+    AliasLabelNeither,
+    #[error("is empty; name the source field")]
+    EmptyFieldName,
+    #[error("{reason}; use a short label without control characters")]
+    AliasFixedLabel { reason: &'static str },
+    #[error("is not a URL ({reason}); write it like {example}")]
+    Url { reason: String, example: &'static str },
+    #[error("uses {scheme}://; use https:// or http://")]
+    UnsupportedScheme { scheme: String },
+    #[error(
+        "uses http:// for host {host}; use https:// (http:// is accepted only for loopback hosts such as 127.0.0.1 and localhost)"
+    )]
+    InsecureEndpoint { host: String },
+    #[error("carries a user name or password; remove them and give credentials through {instead}")]
+    UrlCredentials { instead: &'static str },
+    #[error(
+        "has a path, query or fragment; give only the scheme and host, e.g. https://rest.iad-01.braze.com"
+    )]
+    EndpointNotBare,
+    #[error(
+        "would send credentials unencrypted over http:// to {host}; use an https:// url (http:// with auth is accepted only for loopback hosts)"
+    )]
+    CredentialsInClear { host: String },
+    #[error("set only with format Json (format is {format:?}); remove it or use format Json")]
+    JsonOnly { format: HttpFormat },
+    #[error(
+        "reads the next page from a JSON body, but format is {format:?}; use linkHeader pagination or format Json"
+    )]
+    BodyPagination { format: HttpFormat },
+    #[error(
+        "{value:?} is not a JSON pointer: `~` must be followed by 0 or 1 (write ~0 for ~ and ~1 for /)"
+    )]
+    JsonPointer { value: String },
+    #[error(
+        "{value:?} does not look like an email address; write one address, local@domain, per entry"
+    )]
+    EmailAddress { value: String },
+    #[error(
+        "is empty, so no report would ever be sent; list results (Succeeded, Failed, Blocked) or remove `on` to email every result"
+    )]
+    NoNotifyOn,
+    #[error("holds no statement; write one SELECT (or WITH … SELECT) statement")]
+    QueryEmpty,
+    #[error(
+        "starts with {first:?}; the query must be one read-only SELECT (or WITH … SELECT) statement"
+    )]
+    QueryNotSelect { first: String },
+    #[error(
+        "holds more than one statement (text follows the `;` on line {line}); keep a single SELECT statement and remove what follows the `;`"
+    )]
+    QueryMultipleStatements { line: usize },
+    #[error("has a {what} opened on line {line} that is never closed; close it")]
+    QueryUnterminated { what: &'static str, line: usize },
+}
+
+fn not_exactly_one(what: &str, choices: &[&str], set: &[&str]) -> String {
+    if set.is_empty() {
+        format!("sets no {what}; set exactly one of {}", choices.join(", "))
+    } else {
+        format!("sets {} {what}s ({}); keep exactly one", set.len(), set.join(", "))
+    }
+}
+
+/// Every broken rule of a spec. Displays as one line, for a condition message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpecErrors(pub Vec<SpecError>);
+
+impl SpecErrors {
+    pub fn errors(&self) -> &[SpecError] {
+        &self.0
+    }
+}
+
+impl fmt::Display for SpecErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0.as_slice() {
+            [one] => write!(f, "{one}"),
+            all => {
+                write!(f, "{} problems:", all.len())?;
+                for (i, e) in all.iter().enumerate() {
+                    write!(f, "{} ({}) {e}", if i == 0 { "" } else { ";" }, i + 1)?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl std::error::Error for SpecErrors {}
+
+/// Collects problems; each check adds what it finds and carries on.
+#[derive(Default)]
+struct Problems(Vec<SpecError>);
+
+impl Problems {
+    fn add(&mut self, path: impl Into<String>, problem: Problem) {
+        self.0.push(SpecError { path: path.into(), problem });
+    }
+}
+
+/// Checks every rule the schema cannot hold and parses what later stages need.
+pub fn validate(spec: &CohortImportSpec) -> Result<ValidSpec, SpecErrors> {
+    let mut problems = Problems::default();
+    let source = check_source(&spec.source, &mut problems);
+    let schedule = check_schedule(&spec.schedule, &mut problems);
+    let identifiers = check_identifiers(&spec.identifiers, &mut problems);
+    let braze_endpoint = check_braze_endpoint(&spec.destination.braze.rest_endpoint, &mut problems);
+    if let Some(notifications) = &spec.notifications {
+        check_notifications(notifications, &mut problems);
+    }
+    match (source, schedule, identifiers, braze_endpoint) {
+        (Some(source), Some(schedule), Some(identifiers), Some(braze_endpoint))
+            if problems.0.is_empty() =>
+        {
+            Ok(ValidSpec { spec: spec.clone(), schedule, source, identifiers, braze_endpoint })
+        }
+        _ => Err(SpecErrors(problems.0)),
+    }
+}
+
+impl TryFrom<&ScheduleSpec> for Schedule {
+    type Error = SpecErrors;
+
+    fn try_from(spec: &ScheduleSpec) -> Result<Self, Self::Error> {
+        let mut problems = Problems::default();
+        check_schedule(spec, &mut problems).ok_or(SpecErrors(problems.0))
+    }
+}
+
+fn check_source(source: &SourceSpec, problems: &mut Problems) -> Option<SourceKind> {
+    let kinds = [
+        (SourceKind::Inline, source.inline.is_some()),
+        (SourceKind::ConfigMap, source.config_map.is_some()),
+        (SourceKind::Http, source.http.is_some()),
+        (SourceKind::Postgres, source.postgres.is_some()),
+    ];
+    let set: Vec<SourceKind> = kinds.iter().filter(|(_, on)| *on).map(|(k, _)| *k).collect();
+    if let Some(http) = &source.http {
+        check_http(http, problems);
+    }
+    if let Some(postgres) = &source.postgres
+        && let Err(problem) = check_query(&postgres.query)
+    {
+        problems.add("spec.source.postgres.query", problem);
+    }
+    match set.as_slice() {
+        [one] => Some(*one),
+        _ => {
+            problems.add(
+                "spec.source",
+                Problem::NotExactlyOne {
+                    what: "source",
+                    choices: &["inline", "configMap", "http", "postgres"],
+                    set: set.iter().map(|k| k.field()).collect(),
+                },
+            );
+            None
+        }
+    }
+}
+
+fn check_http(http: &HttpSource, problems: &mut Problems) {
+    const URL_EXAMPLE: &str = "https://exports.example.com/cohorts/active.csv";
+    match Url::parse(&http.url) {
+        Err(e) => problems.add(
+            "spec.source.http.url",
+            Problem::Url { reason: e.to_string(), example: URL_EXAMPLE },
+        ),
+        Ok(url) => {
+            if !matches!(url.scheme(), "http" | "https") {
+                problems.add(
+                    "spec.source.http.url",
+                    Problem::UnsupportedScheme { scheme: url.scheme().to_owned() },
+                );
+            }
+            if !url.username().is_empty() || url.password().is_some() {
+                problems.add(
+                    "spec.source.http.url",
+                    Problem::UrlCredentials { instead: "spec.source.http.auth" },
+                );
+            }
+            if http.auth.is_some() && url.scheme() == "http" && !is_loopback(&url) {
+                problems.add(
+                    "spec.source.http.auth",
+                    Problem::CredentialsInClear { host: url.host_str().unwrap_or("").to_owned() },
+                );
+            }
+        }
+    }
+    if let Some(auth) = &http.auth {
+        let set: Vec<&'static str> = [
+            ("bearerTokenSecretRef", auth.bearer_token_secret_ref.is_some()),
+            ("basic", auth.basic.is_some()),
+            ("header", auth.header.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(name, on)| on.then_some(name))
+        .collect();
+        if set.len() != 1 {
+            problems.add(
+                "spec.source.http.auth",
+                Problem::NotExactlyOne {
+                    what: "auth kind",
+                    choices: &["bearerTokenSecretRef", "basic", "header"],
+                    set,
+                },
+            );
+        }
+    }
+    if let Some(pointer) = &http.json_pointer {
+        if http.format != HttpFormat::Json {
+            problems.add("spec.source.http.jsonPointer", Problem::JsonOnly { format: http.format });
+        }
+        check_json_pointer("spec.source.http.jsonPointer", pointer, problems);
+    }
+    if let Some(pagination) = &http.pagination {
+        let set: Vec<&'static str> = [
+            ("nextUrlPointer", pagination.next_url_pointer.is_some()),
+            ("cursor", pagination.cursor.is_some()),
+            ("linkHeader", pagination.link_header.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(name, on)| on.then_some(name))
+        .collect();
+        if set.len() != 1 {
+            problems.add(
+                "spec.source.http.pagination",
+                Problem::NotExactlyOne {
+                    what: "pagination kind",
+                    choices: &["nextUrlPointer", "cursor", "linkHeader"],
+                    set,
+                },
+            );
+        }
+        if let Some(pointer) = &pagination.next_url_pointer {
+            let path = "spec.source.http.pagination.nextUrlPointer";
+            if http.format != HttpFormat::Json {
+                problems.add(path, Problem::BodyPagination { format: http.format });
+            }
+            check_json_pointer(path, pointer, problems);
+        }
+        if let Some(cursor) = &pagination.cursor {
+            if http.format != HttpFormat::Json {
+                problems.add(
+                    "spec.source.http.pagination.cursor",
+                    Problem::BodyPagination { format: http.format },
+                );
+            }
+            check_json_pointer(
+                "spec.source.http.pagination.cursor.pointer",
+                &cursor.pointer,
+                problems,
+            );
+        }
+    }
+}
+
+/// RFC 6901: empty, or `/`-separated tokens where `~` only starts `~0` or `~1`.
+fn check_json_pointer(path: &str, pointer: &str, problems: &mut Problems) {
+    let well_formed = (pointer.is_empty() || pointer.starts_with('/'))
+        && pointer.split('~').skip(1).all(|after| after.starts_with(['0', '1']));
+    if !well_formed {
+        problems.add(path, Problem::JsonPointer { value: pointer.to_owned() });
+    }
+}
+
+fn check_schedule(spec: &ScheduleSpec, problems: &mut Problems) -> Option<Schedule> {
+    let cadence = spec.cadence;
+    let mut ok = true;
+    let mut fail = |path: &str, problem: Problem| {
+        problems.add(path, problem);
+        ok = false;
+    };
+
+    let at = match &spec.at {
+        None => None,
+        Some(text) => match text.parse::<WallTime>() {
+            Ok(at) => Some(at),
+            Err(_) => {
+                fail("spec.schedule.at", Problem::WallTime { value: text.clone() });
+                None
+            }
+        },
+    };
+    if spec.at.is_none() && cadence != Cadence::Once {
+        fail("spec.schedule.at", Problem::RequiredWithCadence { cadence, example: "\"06:00\"" });
+    }
+
+    let on = match (cadence, spec.day_of_week) {
+        (Cadence::Weekly, Some(day)) => Some(weekday(day)),
+        (Cadence::Weekly, None) => {
+            fail(
+                "spec.schedule.dayOfWeek",
+                Problem::RequiredWithCadence { cadence, example: "Monday" },
+            );
+            None
+        }
+        (_, Some(_)) => {
+            fail(
+                "spec.schedule.dayOfWeek",
+                Problem::OnlyWithCadence { needs: Cadence::Weekly, cadence },
+            );
+            None
+        }
+        (_, None) => None,
+    };
+
+    let day = match (cadence, spec.day_of_month) {
+        (Cadence::Monthly, Some(n)) => {
+            let day = DayOfMonth::new(n);
+            if day.is_none() {
+                fail("spec.schedule.dayOfMonth", Problem::DayOfMonth { value: n });
+            }
+            day
+        }
+        (Cadence::Monthly, None) => {
+            fail(
+                "spec.schedule.dayOfMonth",
+                Problem::RequiredWithCadence { cadence, example: "1" },
+            );
+            None
+        }
+        (_, Some(_)) => {
+            fail(
+                "spec.schedule.dayOfMonth",
+                Problem::OnlyWithCadence { needs: Cadence::Monthly, cadence },
+            );
+            None
+        }
+        (_, None) => None,
+    };
+
+    let time_zone = match TimeZone::get(&spec.time_zone) {
+        Ok(tz) => Some(tz),
+        Err(_) => {
+            fail("spec.schedule.timeZone", Problem::TimeZone { name: spec.time_zone.clone() });
+            None
+        }
+    };
+
+    if !ok {
+        return None;
+    }
+    let recurrence = match cadence {
+        Cadence::Once => Recurrence::Once { at },
+        Cadence::Daily => Recurrence::Daily { at: at? },
+        Cadence::Weekly => Recurrence::Weekly { on: on?, at: at? },
+        Cadence::Monthly => Recurrence::Monthly { day: day?, at: at? },
+    };
+    Some(Schedule::new(recurrence, time_zone?))
+}
+
+fn weekday(day: DayOfWeek) -> Weekday {
+    match day {
+        DayOfWeek::Monday => Weekday::Monday,
+        DayOfWeek::Tuesday => Weekday::Tuesday,
+        DayOfWeek::Wednesday => Weekday::Wednesday,
+        DayOfWeek::Thursday => Weekday::Thursday,
+        DayOfWeek::Friday => Weekday::Friday,
+        DayOfWeek::Saturday => Weekday::Saturday,
+        DayOfWeek::Sunday => Weekday::Sunday,
+    }
+}
+
+fn check_identifiers(
+    mapping: &IdentifierMapping,
+    problems: &mut Problems,
+) -> Option<IdentifierFields> {
+    // The two rules the brief of this module owns get their own messages; the mapping's
+    // parser (shared with the sources) then finds anything else, one problem at a time.
+    let before = problems.0.len();
+    if mapping.external_id.is_none() && mapping.alias.is_none() && mapping.device_id.is_none() {
+        problems.add("spec.identifiers", Problem::NoIdentifier);
+    }
+    if let Some(alias) = &mapping.alias {
+        match (&alias.label, &alias.label_field) {
+            (Some(_), Some(_)) => problems.add("spec.identifiers.alias", Problem::AliasLabelBoth),
+            (None, None) => problems.add("spec.identifiers.alias", Problem::AliasLabelNeither),
+            _ => {}
+        }
+    }
+    if problems.0.len() > before {
+        return None;
+    }
+    match IdentifierFields::from_mapping(mapping) {
+        Ok(fields) => Some(fields),
+        Err(e) => {
+            let (path, problem) = match e {
+                MappingError::Empty => ("spec.identifiers".to_owned(), Problem::NoIdentifier),
+                MappingError::AliasLabel => {
+                    ("spec.identifiers.alias".to_owned(), Problem::AliasLabelNeither)
+                }
+                MappingError::EmptyFieldName { field } => {
+                    (format!("spec.identifiers.{field}"), Problem::EmptyFieldName)
+                }
+                MappingError::BadFixedLabel { reason } => {
+                    ("spec.identifiers.alias.label".to_owned(), Problem::AliasFixedLabel { reason })
+                }
+            };
+            problems.add(path, problem);
+            None
+        }
+    }
+}
+
+fn check_braze_endpoint(endpoint: &str, problems: &mut Problems) -> Option<Url> {
+    const PATH: &str = "spec.destination.braze.restEndpoint";
+    let url = match Url::parse(endpoint) {
+        Ok(url) => url,
+        Err(e) => {
+            problems.add(
+                PATH,
+                Problem::Url { reason: e.to_string(), example: "https://rest.iad-01.braze.com" },
+            );
+            return None;
+        }
+    };
+    let before = problems.0.len();
+    match url.scheme() {
+        "https" => {}
+        "http" if is_loopback(&url) => {}
+        "http" => problems
+            .add(PATH, Problem::InsecureEndpoint { host: url.host_str().unwrap_or("").to_owned() }),
+        other => problems.add(PATH, Problem::UnsupportedScheme { scheme: other.to_owned() }),
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        problems.add(
+            PATH,
+            Problem::UrlCredentials { instead: "spec.destination.braze.dataImportKeySecretRef" },
+        );
+    }
+    if url.host_str().is_none_or(str::is_empty)
+        || url.path() != "/"
+        || url.query().is_some()
+        || url.fragment().is_some()
+    {
+        problems.add(PATH, Problem::EndpointNotBare);
+    }
+    (problems.0.len() == before).then_some(url)
+}
+
+/// Loopback hosts, where plain http stays on the machine.
+fn is_loopback(url: &Url) -> bool {
+    let Some(host) = url.host_str() else { return false };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+fn check_notifications(notifications: &Notifications, problems: &mut Problems) {
+    let Some(email) = &notifications.email else { return };
+    for (i, address) in email.to.iter().enumerate() {
+        if !looks_like_email(&address.0) {
+            problems.add(
+                format!("spec.notifications.email.to[{i}]"),
+                Problem::EmailAddress { value: address.0.clone() },
+            );
+        }
+    }
+    if email.on.as_ref().is_some_and(Vec::is_empty) {
+        problems.add("spec.notifications.email.on", Problem::NoNotifyOn);
+    }
+}
+
+/// `local@domain` with a plain local part and a DNS host name: catches typos and several
+/// addresses in one entry, not every RFC 5322 form (quoted local parts are refused).
+fn looks_like_email(s: &str) -> bool {
+    let Some((local, domain)) = s.split_once('@') else { return false };
+    let local_ok = !local.is_empty()
+        && local.len() <= 64
+        && !local.starts_with('.')
+        && !local.ends_with('.')
+        && !local.contains("..")
+        && local.chars().all(|c| {
+            c.is_alphanumeric() || (c.is_ascii_punctuation() && !"\"(),:;<>@[\\]".contains(c))
+        });
+    let domain = domain.strip_suffix('.').unwrap_or(domain);
+    let domain_ok = !domain.is_empty()
+        && domain.len() <= 253
+        && domain.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.chars().all(|c| c.is_alphanumeric() || c == '-')
+        });
+    local_ok && domain_ok
+}
+
+/// One statement starting with SELECT or WITH. A small PostgreSQL lexer skips comments
+/// (nested `/* */` too), string literals (`'…'`, `E'…'` with backslash escapes), quoted
+/// identifiers and dollar-quoted strings, so a `;` inside them does not count.
+fn check_query(query: &str) -> Result<(), Problem> {
+    let b = query.as_bytes();
+    let line_of = |at: usize| b[..at].iter().filter(|&&c| c == b'\n').count() + 1;
+    let ident_byte = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80;
+    let mut i = 0;
+    let mut first_word_seen = false;
+    let mut statement_end: Option<usize> = None;
+    while i < b.len() {
+        let c = b[i];
+        let next = b.get(i + 1).copied();
+        if c.is_ascii_whitespace() {
+            i += 1;
+            continue;
+        }
+        if c == b'-' && next == Some(b'-') {
+            i = b[i..].iter().position(|&c| c == b'\n').map_or(b.len(), |n| i + n);
+            continue;
+        }
+        if c == b'/' && next == Some(b'*') {
+            let start = i;
+            let mut depth = 0usize;
+            loop {
+                match (b.get(i), b.get(i + 1)) {
+                    (Some(b'/'), Some(b'*')) => {
+                        depth += 1;
+                        i += 2;
+                    }
+                    (Some(b'*'), Some(b'/')) => {
+                        depth -= 1;
+                        i += 2;
+                        if depth == 0 {
+                            break;
+                        }
+                    }
+                    (Some(_), _) => i += 1,
+                    (None, _) => {
+                        return Err(Problem::QueryUnterminated {
+                            what: "comment /*",
+                            line: line_of(start),
+                        });
+                    }
+                }
+            }
+            continue;
+        }
+        // Anything else is statement text.
+        if let Some(end) = statement_end {
+            if c == b';' {
+                i += 1;
+                continue;
+            }
+            return Err(Problem::QueryMultipleStatements { line: line_of(end) });
+        }
+        if !first_word_seen {
+            if c == b'(' {
+                i += 1;
+                continue;
+            }
+            let len = b[i..].iter().take_while(|&&c| ident_byte(c)).count().max(1);
+            let word = String::from_utf8_lossy(&b[i..(i + len).min(b.len())]).into_owned();
+            if !(word.eq_ignore_ascii_case("select") || word.eq_ignore_ascii_case("with")) {
+                let first: String = word.chars().take(32).collect();
+                return Err(Problem::QueryNotSelect { first });
+            }
+            first_word_seen = true;
+            i += len;
+            continue;
+        }
+        match c {
+            b'\'' => {
+                let start = i;
+                // E'…' (not part of a longer word) takes backslash escapes.
+                let escapes = i > 0
+                    && b[i - 1].eq_ignore_ascii_case(&b'e')
+                    && (i < 2 || !ident_byte(b[i - 2]));
+                i += 1;
+                loop {
+                    match b.get(i) {
+                        None => {
+                            return Err(Problem::QueryUnterminated {
+                                what: "string literal '",
+                                line: line_of(start),
+                            });
+                        }
+                        Some(b'\\') if escapes => i += 2,
+                        Some(b'\'') if b.get(i + 1) == Some(&b'\'') => i += 2,
+                        Some(b'\'') => {
+                            i += 1;
+                            break;
+                        }
+                        Some(_) => i += 1,
+                    }
+                }
+            }
+            b'"' => {
+                let start = i;
+                i += 1;
+                loop {
+                    match b.get(i) {
+                        None => {
+                            return Err(Problem::QueryUnterminated {
+                                what: "quoted identifier \"",
+                                line: line_of(start),
+                            });
+                        }
+                        Some(b'"') if b.get(i + 1) == Some(&b'"') => i += 2,
+                        Some(b'"') => {
+                            i += 1;
+                            break;
+                        }
+                        Some(_) => i += 1,
+                    }
+                }
+            }
+            b'$' if i == 0 || !(ident_byte(b[i - 1]) || b[i - 1] == b'$') => {
+                // `$tag$…$tag$`; `$1` is a parameter, not a quote.
+                let tag_len = b[i + 1..].iter().take_while(|&&c| ident_byte(c)).count();
+                let closes = b.get(i + 1 + tag_len) == Some(&b'$');
+                let tag_ok = tag_len == 0 || !b[i + 1].is_ascii_digit();
+                if closes && tag_ok {
+                    let start = i;
+                    let delimiter = &b[i..i + tag_len + 2];
+                    let body = i + delimiter.len();
+                    match b[body..].windows(delimiter.len()).position(|w| w == delimiter) {
+                        Some(n) => i = body + n + delimiter.len(),
+                        None => {
+                            return Err(Problem::QueryUnterminated {
+                                what: "dollar-quoted string",
+                                line: line_of(start),
+                            });
+                        }
+                    }
+                } else {
+                    i += 1;
+                }
+            }
+            b';' => {
+                statement_end = Some(i);
+                i += 1;
+            }
+            _ => i += 1,
+        }
+    }
+    if first_word_seen { Ok(()) } else { Err(Problem::QueryEmpty) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{
+        AliasMapping, EmailAddress, EmailNotification, HttpAuth, HttpPagination, NotifyOn,
+    };
+    use crate::domain::identifiers::LabelSource;
+    use crate::domain::schedule::{next_run_after, previous_run_at_or_before};
+
+    /// A team's weekly import from the warehouse, as a user would apply it.
+    const WAREHOUSE_EXAMPLE: &str = r#"
+apiVersion: cohorts.dev/v1alpha1
+kind: CohortImport
+metadata:
+  name: churn-risk
+  namespace: growth
+spec:
+  cohort:
+    id: churn-risk-v1
+    name: Churn risk (weekly)
+  source:
+    postgres:
+      connectionSecretRef: {name: warehouse, key: url}
+      query: |
+        -- users at risk; `;` in comments is fine
+        WITH active AS (
+          SELECT user_id FROM events WHERE ts > now() - interval '30 days'
+        )
+        SELECT u.external_id FROM users u JOIN active a USING (user_id)
+        WHERE u.segment = 'a;b';
+  identifiers:
+    externalId: external_id
+  destination:
+    braze:
+      restEndpoint: https://rest.iad-01.braze.com
+      partner: acme
+      dataImportKeySecretRef: {name: braze, key: data-import-key}
+  schedule:
+    cadence: Weekly
+    dayOfWeek: Monday
+    at: "06:00"
+    timeZone: Europe/Lisbon
+  notifications:
+    email:
+      to: [growth-team@example.com, ana.silva+cohorts@example.pt]
+      on: [Failed, Blocked]
+"#;
+
+    /// An HTTP export into the local Braze sandbox, daily, aliases with a fixed label.
+    const SANDBOX_EXAMPLE: &str = r#"
+apiVersion: cohorts.dev/v1alpha1
+kind: CohortImport
+metadata: {name: vip, namespace: crm}
+spec:
+  cohort: {id: vip, name: VIP}
+  source:
+    http:
+      url: https://exports.example.com/vip.json
+      format: Json
+      jsonPointer: /data/users
+      auth: {bearerTokenSecretRef: {name: exporter, key: token}}
+      pagination: {cursor: {pointer: /next, param: cursor}}
+  identifiers:
+    alias: {nameField: email, label: email}
+    deviceId: device
+  destination:
+    braze:
+      restEndpoint: http://127.0.0.1:38080
+      partner: sandbox
+      dataImportKeySecretRef: {name: braze, key: key}
+  schedule:
+    cadence: Daily
+    at: "23:30"
+    timeZone: America/New_York
+"#;
+
+    fn example(yaml: &str) -> CohortImportSpec {
+        let resource: crate::api::CohortImport = serde_yaml::from_str(yaml).unwrap();
+        resource.spec
+    }
+
+    fn errors(spec: &CohortImportSpec) -> Vec<SpecError> {
+        validate(spec).expect_err("the spec should be invalid").0
+    }
+
+    fn paths(spec: &CohortImportSpec) -> Vec<String> {
+        errors(spec).into_iter().map(|e| e.path).collect()
+    }
+
+    /// The only problem of `spec`, as a message.
+    fn only_message(spec: &CohortImportSpec) -> String {
+        let all = errors(spec);
+        assert_eq!(all.len(), 1, "{all:#?}");
+        all[0].to_string()
+    }
+
+    fn ts(s: &str) -> jiff::Timestamp {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn warehouse_example_is_valid_and_scheduled() {
+        let valid = validate(&example(WAREHOUSE_EXAMPLE)).unwrap();
+        assert_eq!(valid.source, SourceKind::Postgres);
+        assert_eq!(valid.identifiers.external_id.as_deref(), Some("external_id"));
+        assert_eq!(valid.braze_endpoint.as_str(), "https://rest.iad-01.braze.com/");
+        assert_eq!(
+            valid.schedule,
+            Schedule::new(
+                Recurrence::Weekly { on: Weekday::Monday, at: "06:00".parse().unwrap() },
+                TimeZone::get("Europe/Lisbon").unwrap()
+            )
+        );
+        // Created on Sunday 2024-03-31 (Lisbon switched to UTC+1 that night).
+        let created = ts("2024-03-31T12:00:00Z");
+        assert_eq!(
+            next_run_after(&valid.schedule, created, created),
+            Some(ts("2024-04-01T05:00:00Z"))
+        );
+        assert_eq!(previous_run_at_or_before(&valid.schedule, created, created), None);
+    }
+
+    #[test]
+    fn sandbox_example_is_valid() {
+        let valid = validate(&example(SANDBOX_EXAMPLE)).unwrap();
+        assert_eq!(valid.source, SourceKind::Http);
+        assert_eq!(valid.braze_endpoint.as_str(), "http://127.0.0.1:38080/");
+        assert_eq!(
+            valid.identifiers.alias,
+            Some(("email".to_owned(), LabelSource::Fixed("email".to_owned())))
+        );
+        assert_eq!(valid.identifiers.device_id.as_deref(), Some("device"));
+        assert!(matches!(valid.schedule.recurrence, Recurrence::Daily { .. }));
+    }
+
+    #[test]
+    fn all_problems_are_reported_together() {
+        let mut spec = example(WAREHOUSE_EXAMPLE);
+        spec.schedule.cadence = Cadence::Daily;
+        spec.schedule.time_zone = "Europe/Lisbn".into();
+        spec.identifiers = IdentifierMapping::default();
+        let all = errors(&spec);
+        let got: Vec<&str> = all.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(got, ["spec.schedule.dayOfWeek", "spec.schedule.timeZone", "spec.identifiers"]);
+        let message = SpecErrors(all).to_string();
+        assert!(!message.contains('\n'));
+        assert!(message.starts_with("3 problems: (1) spec.schedule.dayOfWeek: "), "{message}");
+        assert!(
+            message.contains(
+                "; (2) spec.schedule.timeZone: \"Europe/Lisbn\" is not an IANA time zone"
+            )
+        );
+        assert!(message.contains("; (3) spec.identifiers: maps no identifier"));
+    }
+
+    #[test]
+    fn one_problem_displays_alone() {
+        let mut spec = example(WAREHOUSE_EXAMPLE);
+        spec.schedule.day_of_week = None;
+        let e = validate(&spec).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "spec.schedule.dayOfWeek: required with cadence Weekly; set it, e.g. Monday"
+        );
+    }
+
+    // ---- source ----
+
+    #[test]
+    fn exactly_one_source() {
+        let mut spec = example(WAREHOUSE_EXAMPLE);
+        spec.source = SourceSpec::default();
+        assert_eq!(
+            only_message(&spec),
+            "spec.source: sets no source; set exactly one of inline, configMap, http, postgres"
+        );
+        let mut spec = example(WAREHOUSE_EXAMPLE);
+        spec.source.http = example(SANDBOX_EXAMPLE).source.http;
+        assert_eq!(
+            only_message(&spec),
+            "spec.source: sets 2 sources (http, postgres); keep exactly one"
+        );
+    }
+
+    fn http_spec() -> CohortImportSpec {
+        example(SANDBOX_EXAMPLE)
+    }
+
+    fn http(spec: &mut CohortImportSpec) -> &mut HttpSource {
+        spec.source.http.as_mut().unwrap()
+    }
+
+    #[test]
+    fn http_auth_is_exactly_one_kind() {
+        let mut spec = http_spec();
+        http(&mut spec).auth =
+            Some(HttpAuth { bearer_token_secret_ref: None, basic: None, header: None });
+        assert_eq!(
+            only_message(&spec),
+            "spec.source.http.auth: sets no auth kind; set exactly one of bearerTokenSecretRef, basic, header"
+        );
+        let mut spec = http_spec();
+        let auth: HttpAuth = serde_json::from_value(serde_json::json!({
+            "bearerTokenSecretRef": {"name": "a", "key": "b"},
+            "basic": {"secretName": "c"},
+        }))
+        .unwrap();
+        http(&mut spec).auth = Some(auth);
+        assert_eq!(
+            only_message(&spec),
+            "spec.source.http.auth: sets 2 auth kinds (bearerTokenSecretRef, basic); keep exactly one"
+        );
+    }
+
+    #[test]
+    fn http_pagination_is_exactly_one_kind() {
+        let mut spec = http_spec();
+        http(&mut spec).pagination = Some(HttpPagination {
+            next_url_pointer: Some("/next".into()),
+            cursor: None,
+            link_header: Some(true),
+        });
+        assert_eq!(
+            only_message(&spec),
+            "spec.source.http.pagination: sets 2 pagination kinds (nextUrlPointer, linkHeader); keep exactly one"
+        );
+        http(&mut spec).pagination =
+            Some(HttpPagination { next_url_pointer: None, cursor: None, link_header: None });
+        assert_eq!(paths(&spec), ["spec.source.http.pagination"]);
+    }
+
+    #[test]
+    fn body_pointers_need_json() {
+        let mut spec = http_spec();
+        http(&mut spec).format = HttpFormat::Csv;
+        assert_eq!(
+            paths(&spec),
+            ["spec.source.http.jsonPointer", "spec.source.http.pagination.cursor"]
+        );
+        let all = errors(&spec);
+        assert_eq!(
+            all[0].to_string(),
+            "spec.source.http.jsonPointer: set only with format Json (format is Csv); remove it or use format Json"
+        );
+        // Link headers work with any body.
+        http(&mut spec).json_pointer = None;
+        http(&mut spec).pagination =
+            Some(HttpPagination { next_url_pointer: None, cursor: None, link_header: Some(true) });
+        validate(&spec).unwrap();
+    }
+
+    #[test]
+    fn json_pointers_are_rfc_6901() {
+        let mut spec = http_spec();
+        http(&mut spec).json_pointer = Some("/a~2b".into());
+        assert_eq!(paths(&spec), ["spec.source.http.jsonPointer"]);
+        http(&mut spec).json_pointer = Some("/a~0b/c~1d".into());
+        validate(&spec).unwrap();
+        http(&mut spec).json_pointer = Some("".into());
+        validate(&spec).unwrap();
+    }
+
+    #[test]
+    fn http_credentials_need_https_off_loopback() {
+        let mut spec = http_spec();
+        http(&mut spec).url = "http://exporter.data.svc:8080/vip.json".into();
+        assert_eq!(
+            only_message(&spec),
+            "spec.source.http.auth: would send credentials unencrypted over http:// to \
+             exporter.data.svc; use an https:// url (http:// with auth is accepted only for loopback hosts)"
+        );
+        // Without credentials plain http is fine; on loopback too.
+        http(&mut spec).auth = None;
+        validate(&spec).unwrap();
+        let mut spec = http_spec();
+        http(&mut spec).url = "http://127.0.0.1:9000/vip.json".into();
+        validate(&spec).unwrap();
+    }
+
+    #[test]
+    fn http_url_without_userinfo_and_never_echoed() {
+        let mut spec = http_spec();
+        http(&mut spec).url = "https://bob:hunter2@exports.example.com/vip.json".into();
+        let message = only_message(&spec);
+        assert!(message.starts_with("spec.source.http.url: carries a user name or password"));
+        assert!(!message.contains("hunter2"));
+        http(&mut spec).url = "https://exa mple.com/x".into();
+        let message = only_message(&spec);
+        assert!(message.starts_with("spec.source.http.url: is not a URL ("), "{message}");
+        assert!(!message.contains("exa mple"));
+    }
+
+    // ---- postgres query ----
+
+    fn query_problem(q: &str) -> Option<Problem> {
+        check_query(q).err()
+    }
+
+    #[test]
+    fn query_is_one_select_or_with() {
+        for ok in [
+            "SELECT 1",
+            "select id from users;",
+            "  -- leading comment\n/* block /* nested */ */ WITH x AS (SELECT 1) SELECT * FROM x ;  -- done",
+            "(SELECT 1) UNION (SELECT 2)",
+            "SELECT ';' AS a, \"odd;name\", E'it\\'s; fine', $$a;b$$, $tag$ x; $$ y $tag$ FROM t",
+            "SELECT $1::text, a$b FROM t",
+            "SELECT 'it''s; ok'",
+            "SELECT 1;;",
+        ] {
+            assert_eq!(query_problem(ok), None, "{ok}");
+        }
+    }
+
+    #[test]
+    fn query_rejects_other_statements() {
+        assert_eq!(
+            query_problem("DELETE FROM users"),
+            Some(Problem::QueryNotSelect { first: "DELETE".into() })
+        );
+        assert_eq!(
+            query_problem("  /* hi */ update users set x = 1"),
+            Some(Problem::QueryNotSelect { first: "update".into() })
+        );
+        assert_eq!(
+            query_problem("selectx from t"),
+            Some(Problem::QueryNotSelect { first: "selectx".into() })
+        );
+        assert_eq!(query_problem("-- only a comment\n"), Some(Problem::QueryEmpty));
+        assert_eq!(query_problem(";"), Some(Problem::QueryNotSelect { first: ";".into() }));
+    }
+
+    #[test]
+    fn query_rejects_several_statements() {
+        assert_eq!(
+            query_problem("SELECT 1;\nDROP TABLE users"),
+            Some(Problem::QueryMultipleStatements { line: 1 })
+        );
+        assert_eq!(
+            query_problem("SELECT 'a;b'\n;\n-- c\nSELECT 2"),
+            Some(Problem::QueryMultipleStatements { line: 2 })
+        );
+        let mut spec = example(WAREHOUSE_EXAMPLE);
+        spec.source.postgres.as_mut().unwrap().query = "SELECT id FROM a; SELECT id FROM b".into();
+        assert_eq!(
+            only_message(&spec),
+            "spec.source.postgres.query: holds more than one statement (text follows the `;` on \
+             line 1); keep a single SELECT statement and remove what follows the `;`"
+        );
+    }
+
+    #[test]
+    fn query_reports_unclosed_quotes() {
+        assert_eq!(
+            query_problem("SELECT 1\nWHERE a = 'x;\nDROP TABLE t"),
+            Some(Problem::QueryUnterminated { what: "string literal '", line: 2 })
+        );
+        assert_eq!(
+            query_problem("SELECT \"a"),
+            Some(Problem::QueryUnterminated { what: "quoted identifier \"", line: 1 })
+        );
+        assert_eq!(
+            query_problem("SELECT $x$ abc $y$"),
+            Some(Problem::QueryUnterminated { what: "dollar-quoted string", line: 1 })
+        );
+        assert_eq!(
+            query_problem("SELECT 1 /* /* */"),
+            Some(Problem::QueryUnterminated { what: "comment /*", line: 1 })
+        );
+        // Without E, a backslash does not escape the quote.
+        assert_eq!(
+            query_problem(r"SELECT 'a\'; SELECT 2"),
+            Some(Problem::QueryMultipleStatements { line: 1 })
+        );
+    }
+
+    // ---- schedule ----
+
+    fn schedule_paths(f: impl FnOnce(&mut ScheduleSpec)) -> Vec<String> {
+        let mut spec = example(WAREHOUSE_EXAMPLE);
+        f(&mut spec.schedule);
+        match validate(&spec) {
+            Ok(_) => vec![],
+            Err(e) => e.0.into_iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn day_of_week_only_with_weekly() {
+        assert_eq!(
+            schedule_paths(|s| s.cadence = Cadence::Daily),
+            [
+                "spec.schedule.dayOfWeek: set only with cadence Weekly (cadence is Daily); remove it or change the cadence"
+            ]
+        );
+        assert_eq!(
+            schedule_paths(|s| s.day_of_week = None),
+            ["spec.schedule.dayOfWeek: required with cadence Weekly; set it, e.g. Monday"]
+        );
+    }
+
+    #[test]
+    fn day_of_month_only_with_monthly() {
+        assert_eq!(
+            schedule_paths(|s| s.day_of_month = Some(1)),
+            [
+                "spec.schedule.dayOfMonth: set only with cadence Monthly (cadence is Weekly); remove it or change the cadence"
+            ]
+        );
+        assert_eq!(
+            schedule_paths(|s| {
+                s.cadence = Cadence::Monthly;
+                s.day_of_week = None;
+            }),
+            ["spec.schedule.dayOfMonth: required with cadence Monthly; set it, e.g. 1"]
+        );
+        assert_eq!(
+            schedule_paths(|s| {
+                s.cadence = Cadence::Monthly;
+                s.day_of_week = None;
+                s.day_of_month = Some(32);
+            }),
+            [
+                "spec.schedule.dayOfMonth: 32 is not a day of the month; use 1 to 31 (a month shorter than the day runs on its last day)"
+            ]
+        );
+        assert_eq!(
+            schedule_paths(|s| {
+                s.cadence = Cadence::Monthly;
+                s.day_of_week = None;
+                s.day_of_month = Some(31);
+            }),
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn at_is_a_wall_time_and_required_when_recurring() {
+        assert_eq!(
+            schedule_paths(|s| s.at = Some("6:00".into())),
+            [
+                "spec.schedule.at: \"6:00\" is not a wall time; write HH:MM from 00:00 to 23:59, e.g. \"06:00\""
+            ]
+        );
+        assert_eq!(schedule_paths(|s| s.at = Some("24:00".into())).len(), 1);
+        assert_eq!(
+            schedule_paths(|s| s.at = None),
+            ["spec.schedule.at: required with cadence Weekly; set it, e.g. \"06:00\""]
+        );
+    }
+
+    #[test]
+    fn once_needs_no_at() {
+        let schedule = ScheduleSpec {
+            cadence: Cadence::Once,
+            at: None,
+            day_of_week: None,
+            day_of_month: None,
+            time_zone: "UTC".into(),
+        };
+        let parsed = Schedule::try_from(&schedule).unwrap();
+        assert_eq!(parsed.recurrence, Recurrence::Once { at: None });
+        let with_at = ScheduleSpec { at: Some("09:15".into()), ..schedule };
+        assert_eq!(
+            Schedule::try_from(&with_at).unwrap().recurrence,
+            Recurrence::Once { at: Some("09:15".parse().unwrap()) }
+        );
+    }
+
+    #[test]
+    fn time_zone_is_iana() {
+        assert_eq!(
+            schedule_paths(|s| s.time_zone = "Mars/Olympus_Mons".into()),
+            [
+                "spec.schedule.timeZone: \"Mars/Olympus_Mons\" is not an IANA time zone; use a name such as Europe/Lisbon, America/New_York or UTC"
+            ]
+        );
+        for zone in ["UTC", "Australia/Lord_Howe", "America/Argentina/Buenos_Aires", "Etc/GMT+5"] {
+            assert_eq!(
+                schedule_paths(|s| s.time_zone = zone.into()),
+                Vec::<String>::new(),
+                "{zone}"
+            );
+        }
+    }
+
+    // ---- identifiers ----
+
+    #[test]
+    fn identifiers_need_one_mapping() {
+        let mut spec = example(WAREHOUSE_EXAMPLE);
+        spec.identifiers = IdentifierMapping::default();
+        assert_eq!(
+            only_message(&spec),
+            "spec.identifiers: maps no identifier; set at least one of externalId, alias or deviceId"
+        );
+    }
+
+    #[test]
+    fn alias_needs_exactly_one_label_source() {
+        let mut spec = example(WAREHOUSE_EXAMPLE);
+        spec.identifiers.alias = Some(AliasMapping {
+            name_field: "email".into(),
+            label: Some("email".into()),
+            label_field: Some("kind".into()),
+        });
+        assert_eq!(errors(&spec)[0].problem, Problem::AliasLabelBoth);
+        spec.identifiers.alias =
+            Some(AliasMapping { name_field: "email".into(), label: None, label_field: None });
+        assert_eq!(
+            only_message(&spec),
+            "spec.identifiers.alias: sets neither label nor labelField; set label (one fixed label) \
+             or labelField (the field holding each row's label)"
+        );
+        spec.identifiers.alias = Some(AliasMapping {
+            name_field: "email".into(),
+            label: None,
+            label_field: Some("kind".into()),
+        });
+        let valid = validate(&spec).unwrap();
+        assert_eq!(
+            valid.identifiers.alias,
+            Some(("email".into(), LabelSource::Field("kind".into())))
+        );
+    }
+
+    #[test]
+    fn identifier_field_names_are_not_empty() {
+        let mut spec = example(WAREHOUSE_EXAMPLE);
+        spec.identifiers.external_id = Some(String::new());
+        assert_eq!(
+            only_message(&spec),
+            "spec.identifiers.externalId: is empty; name the source field"
+        );
+        let mut spec = example(WAREHOUSE_EXAMPLE);
+        spec.identifiers.alias = Some(AliasMapping {
+            name_field: "email".into(),
+            label: Some("a\tb".into()),
+            label_field: None,
+        });
+        assert_eq!(paths(&spec), ["spec.identifiers.alias.label"]);
+    }
+
+    // ---- Braze endpoint ----
+
+    fn endpoint_messages(endpoint: &str) -> Vec<String> {
+        let mut spec = example(WAREHOUSE_EXAMPLE);
+        spec.destination.braze.rest_endpoint = endpoint.into();
+        match validate(&spec) {
+            Ok(_) => vec![],
+            Err(e) => e.0.into_iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn braze_endpoint_is_https_or_loopback_http() {
+        for ok in [
+            "https://rest.iad-01.braze.com",
+            "https://rest.fra-02.braze.eu/",
+            "http://127.0.0.1:8080",
+            "http://localhost:8080/",
+            "http://[::1]:9000",
+            "https://127.0.0.1:8443",
+        ] {
+            assert_eq!(endpoint_messages(ok), Vec::<String>::new(), "{ok}");
+        }
+        assert_eq!(
+            endpoint_messages("http://rest.iad-01.braze.com"),
+            [
+                "spec.destination.braze.restEndpoint: uses http:// for host rest.iad-01.braze.com; use \
+              https:// (http:// is accepted only for loopback hosts such as 127.0.0.1 and localhost)"
+            ]
+        );
+        assert_eq!(endpoint_messages("http://10.0.0.5").len(), 1);
+        assert_eq!(
+            endpoint_messages("ftp://rest.iad-01.braze.com"),
+            ["spec.destination.braze.restEndpoint: uses ftp://; use https:// or http://"]
+        );
+    }
+
+    #[test]
+    fn braze_endpoint_is_bare_and_without_credentials() {
+        assert_eq!(
+            endpoint_messages("https://rest.iad-01.braze.com/partners"),
+            ["spec.destination.braze.restEndpoint: has a path, query or fragment; give only the \
+              scheme and host, e.g. https://rest.iad-01.braze.com"]
+        );
+        assert_eq!(endpoint_messages("https://rest.iad-01.braze.com?x=1").len(), 1);
+        let messages = endpoint_messages("https://key:s3cret@rest.iad-01.braze.com");
+        assert_eq!(
+            messages,
+            [
+                "spec.destination.braze.restEndpoint: carries a user name or password; remove them and \
+              give credentials through spec.destination.braze.dataImportKeySecretRef"
+            ]
+        );
+        let messages = endpoint_messages("rest.iad-01.braze.com");
+        assert_eq!(
+            messages,
+            ["spec.destination.braze.restEndpoint: is not a URL (relative URL without a base); \
+              write it like https://rest.iad-01.braze.com"]
+        );
+    }
+
+    // ---- notifications ----
+
+    fn with_recipients(to: &[&str], on: Option<Vec<NotifyOn>>) -> CohortImportSpec {
+        let mut spec = example(WAREHOUSE_EXAMPLE);
+        spec.notifications = Some(Notifications {
+            email: Some(EmailNotification {
+                to: to.iter().map(|s| EmailAddress((*s).into())).collect(),
+                on,
+            }),
+        });
+        spec
+    }
+
+    #[test]
+    fn email_recipients_look_like_addresses() {
+        validate(&with_recipients(
+            &["a@b.co", "first.last+tag@sub.example.org", "ops@localhost"],
+            None,
+        ))
+        .unwrap();
+        let spec = with_recipients(
+            &[
+                "ok@example.com",
+                "a@b.com, c@d.com",
+                "no-at.example.com",
+                "x@-bad.com",
+                "x@a..b",
+                ".x@a.b",
+                "<a@b.c>",
+                "a b@c.d",
+            ],
+            None,
+        );
+        assert_eq!(
+            paths(&spec),
+            [
+                "spec.notifications.email.to[1]",
+                "spec.notifications.email.to[2]",
+                "spec.notifications.email.to[3]",
+                "spec.notifications.email.to[4]",
+                "spec.notifications.email.to[5]",
+                "spec.notifications.email.to[6]",
+                "spec.notifications.email.to[7]",
+            ]
+        );
+        assert_eq!(
+            errors(&spec)[0].to_string(),
+            "spec.notifications.email.to[1]: \"a@b.com, c@d.com\" does not look like an email \
+             address; write one address, local@domain, per entry"
+        );
+    }
+
+    #[test]
+    fn email_on_is_not_empty() {
+        let spec = with_recipients(&["a@b.co"], Some(vec![]));
+        assert_eq!(errors(&spec)[0].problem, Problem::NoNotifyOn);
+        validate(&with_recipients(&["a@b.co"], Some(vec![NotifyOn::Failed]))).unwrap();
+    }
+}
