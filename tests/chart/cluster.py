@@ -117,6 +117,10 @@ class ControlPlane:
                 raise AssertionError(f"CRD {crd} not established after {timeout_s}s")
             time.sleep(0.1)
 
+    def serves(self, group_version: str) -> bool:
+        path = "/api/v1" if group_version == "v1" else f"/apis/{group_version}"
+        return self.request("GET", path).status == 200
+
     def can_i(self, as_user: str, verb: str, resource: str, namespace: str | None = None,
               name: str | None = None, subresource: str | None = None) -> bool:
         """`kubectl auth can-i` as `as_user` (with its ServiceAccount groups)."""
@@ -189,3 +193,77 @@ class ControlPlane:
         path.write_text(yaml.safe_dump(config))
         path.chmod(0o600)
         return path
+
+
+# --- installing the chart's objects ------------------------------------------------------
+
+def install_chart(plane: ControlPlane, values: dict[str, Any] | None, *, release: str,
+                  namespace: str) -> list[dict[str, Any]]:
+    """What `helm install --create-namespace` would create, applied by server-side apply:
+    the chart's CRDs, the release namespace and every watched namespace, then the rendered
+    objects. Returns the rendered objects.
+
+    The test server is Kubernetes 1.20, older than the chart's kubeVersion (>= 1.21): it has
+    no policy/v1, so the PodDisruptionBudget is sent as policy/v1beta1 (the fields the
+    chart sets are the same), and the ServiceMonitor is left out unless its CRD is served.
+    """
+    import chartlib  # noqa: PLC0415 — keeps `cluster` usable without Helm installed
+
+    objects = chartlib.render(values, release=release, namespace=namespace)
+    plane.apply(chartlib.crds())
+    for crd in chartlib.crds():
+        plane.wait_established(crd["metadata"]["name"])
+    watched = (values or {}).get("watchNamespaces") or []
+    plane.apply([{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}
+                 for ns in dict.fromkeys([namespace, *watched])])
+    to_apply = []
+    for obj in objects:
+        if obj["kind"] == "PodDisruptionBudget" and not plane.serves("policy/v1"):
+            obj = {**obj, "apiVersion": "policy/v1beta1"}
+        if obj["kind"] == "ServiceMonitor" and not plane.serves(obj["apiVersion"]):
+            continue
+        to_apply.append(obj)
+    plane.apply(to_apply)
+    return objects
+
+
+def _main(argv: list[str]) -> int:
+    """python tests/chart/cluster.py install DIR [--release R] [--namespace NS]
+    [--set k=v]... [--sa-kubeconfig PATH [--impersonate]]
+
+    Installs the chart's objects into the control plane started by
+    `scripts/control-plane.sh start DIR`, and optionally writes a kubeconfig that acts as
+    the operator's ServiceAccount (for running `cohort-operator run` as it)."""
+    import argparse  # noqa: PLC0415
+
+    import helm_python as helm  # noqa: PLC0415
+
+    import chartlib  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(usage=_main.__doc__)
+    parser.add_argument("command", choices=["install"])
+    parser.add_argument("dir", type=Path)
+    parser.add_argument("--release", default=chartlib.RELEASE)
+    parser.add_argument("--namespace", default=chartlib.NAMESPACE)
+    parser.add_argument("--set", action="append", default=[])
+    parser.add_argument("--sa-kubeconfig", type=Path)
+    parser.add_argument("--impersonate", action="store_true")
+    args = parser.parse_args(argv)
+    values: dict[str, Any] = {}
+    for expression in args.set:
+        values = chartlib._merge(values, helm.parse_set_string(expression))
+    plane = ControlPlane(args.dir)
+    objects = install_chart(plane, values, release=args.release, namespace=args.namespace)
+    if args.sa_kubeconfig:
+        sa = next(o for o in objects if o["kind"] == "ServiceAccount")["metadata"]["name"]
+        plane.write_sa_kubeconfig(args.sa_kubeconfig, args.namespace, sa,
+                                  impersonate=args.impersonate)
+        print(args.sa_kubeconfig)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.exit(_main(sys.argv[1:]))

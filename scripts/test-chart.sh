@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The Helm chart's tests (tests/chart/): render and lint with Helm v4's own library (PyPI
+# helm-python-sdk, no helm binary), check values.schema.json, then apply the chart to a real
+# kube-apiserver and check, as the operator's ServiceAccount, what RBAC lets it do; and run
+# docs/gitops.md's Argo CD and Flux health checks against real objects.
+#
+#   scripts/test-chart.sh [pytest args...]
+#
+# The Python packages live in a venv outside the clone (~/.cache/cohort-operator/chart-venv),
+# rebuilt when tests/chart/requirements.txt changes. The control plane is started on free
+# loopback ports and stopped on exit, whatever happens.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CACHE_DIR="${COHORT_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/cohort-operator}"
+VENV="$CACHE_DIR/chart-venv"
+REQUIREMENTS=tests/chart/requirements.txt
+
+log() { printf 'test-chart: %s\n' "$*" >&2; }
+
+need_packages() {
+  local missing=()
+  for p in "$@"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p"); done
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "installing Debian packages: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+}
+
+python3 -c 'import venv, ensurepip' 2>/dev/null || need_packages python3-venv
+command -v kubectl >/dev/null || [ -n "${KUBECTL:-}" ] || need_packages kubernetes-client
+
+stamp="$(sha256sum "$REQUIREMENTS" | cut -d' ' -f1)"
+if [ "$(cat "$VENV/.requirements" 2>/dev/null)" != "$stamp" ]; then
+  log "creating $VENV"
+  rm -rf "$VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$REQUIREMENTS"
+  echo "$stamp" > "$VENV/.requirements"
+fi
+
+# kube-apiserver v1.20.2, built once from Debian's source package and cached.
+bash scripts/control-plane.sh install
+
+CLUSTER_DIR="$(mktemp -d "${TMPDIR:-/tmp}/cohort-chart-cluster.XXXXXX")"
+cleanup() {
+  bash scripts/control-plane.sh stop "$CLUSTER_DIR" || true
+  rm -rf "$CLUSTER_DIR"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+COHORT_CHART_CLUSTER_DIR="$CLUSTER_DIR" PYTHONDONTWRITEBYTECODE=1 \
+  "$VENV/bin/python" -m pytest -p no:cacheprovider -q tests/chart "$@"
