@@ -4,5 +4,6 @@ pub mod diff;
 pub mod guard;
 pub mod identifiers;
 pub mod member;
+pub mod plan;
 pub mod schedule;
 pub mod validate;

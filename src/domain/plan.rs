@@ -1,0 +1,450 @@
+//! What an import does next: run now, record a missed run, or wait — decided from the
+//! schedule, the current time and what the status remembers. Pure: the controller gathers
+//! the inputs (including `now`) and carries out the decision.
+//!
+//! The status keeps a *schedule cursor*: which schedule was in force (its description) and
+//! the newest scheduled run time already handled (run, recorded as missed, or passed over
+//! by an edit). A scheduled run is due when the schedule's latest run at or before `now` is
+//! newer than the cursor, so a run missed during downtime shows up once however many were
+//! missed, and a run never happens twice.
+//!
+//! When the description changes — the schedule was edited, the import was suspended or
+//! resumed, a conflict began or ended — the cursor restarts at `now`: editing the spec never
+//! starts a run by itself, and resuming does not catch up on runs skipped while suspended.
+//! The cursor only moves when something happens, so an idle import's status stays the same.
+
+use jiff::{SignedDuration, Timestamp};
+
+use crate::api::RunTrigger;
+use crate::domain::schedule::{Recurrence, Schedule, next_run_after, previous_run_at_or_before};
+
+/// What the status remembers about scheduled runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScheduleCursor {
+    /// [`describe`] of the schedule in force, or a hold's name (`Suspended`, `Conflict`).
+    pub description: String,
+    /// The newest scheduled run time already handled; `None` before the first.
+    pub handled_through: Option<Timestamp>,
+}
+
+/// Why an import may not start runs right now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hold {
+    /// `spec.suspend: true`.
+    Suspended,
+    /// Another, older import owns the same Braze cohort.
+    Conflict,
+}
+
+impl Hold {
+    fn description(self) -> &'static str {
+        match self {
+            Hold::Suspended => "Suspended",
+            Hold::Conflict => "Conflict",
+        }
+    }
+}
+
+/// Everything the decision depends on.
+#[derive(Clone, Debug)]
+pub struct PlanInput<'a> {
+    pub now: Timestamp,
+    /// `metadata.creationTimestamp`: the schedule has no runs before it.
+    pub created: Timestamp,
+    pub schedule: &'a Schedule,
+    pub hold: Option<Hold>,
+    /// How late a scheduled run may still start; older ones are recorded as missed.
+    pub starting_deadline: SignedDuration,
+    /// The value of the `cohorts.dev/run-requested-at` annotation.
+    pub run_request: Option<&'a str>,
+    /// `.status.lastHandledRunRequest`.
+    pub last_handled_run_request: Option<&'a str>,
+    /// The id of the last run when it was blocked by the removal guard and the
+    /// `cohorts.dev/approve-removals` annotation names it: run again, removals approved.
+    pub approved_blocked_run: Option<&'a str>,
+    /// `.status` cursor; `None` for a new import.
+    pub cursor: Option<&'a ScheduleCursor>,
+    /// Whether the import ever ran (or recorded a run): its first scheduled run is `Initial`.
+    pub has_run_before: bool,
+}
+
+/// The decision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Start a run now. `run_request` is the annotation value it handles, if any;
+    /// `approved_removals` the blocked run whose removals it may make.
+    Run { trigger: RunTrigger, run_request: Option<String>, approved_removals: Option<String> },
+    /// The scheduled run at `slot` is past its starting deadline: record it as missed.
+    RecordMissed { slot: Timestamp },
+    /// Nothing to do until `next_run_at` (or a change, when `None`).
+    Wait,
+    /// Held; a pending run request, if any, waits for the hold to end.
+    Held { hold: Hold, pending_request: bool },
+}
+
+/// The decision and the status values that go with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    pub decision: Decision,
+    /// The cursor to store.
+    pub cursor: ScheduleCursor,
+    /// When the next scheduled run starts; `None` when none is due (held, or `Once` done).
+    /// The controller wakes then.
+    pub next_run_at: Option<Timestamp>,
+}
+
+/// A short, stable description of a schedule, e.g. `Weekly on Monday at 06:30 (Europe/Lisbon)`.
+pub fn describe(schedule: &Schedule) -> String {
+    let zone = schedule.time_zone.iana_name().unwrap_or("UTC");
+    match schedule.recurrence {
+        Recurrence::Once { at: None } => format!("Once, soon after creation ({zone})"),
+        Recurrence::Once { at: Some(at) } => format!("Once at {at} ({zone})"),
+        Recurrence::Daily { at } => format!("Daily at {at} ({zone})"),
+        Recurrence::Weekly { on, at } => format!("Weekly on {on:?} at {at} ({zone})"),
+        Recurrence::Monthly { day, at } => format!("Monthly on day {} at {at} ({zone})", day.get()),
+    }
+}
+
+/// Decides what an import that has no run in progress does now.
+pub fn plan(input: &PlanInput<'_>) -> Plan {
+    let now = input.now;
+    let description = match input.hold {
+        Some(hold) => hold.description().to_owned(),
+        None => describe(input.schedule),
+    };
+    let handled_through = match input.cursor {
+        Some(cursor) if cursor.description == description => cursor.handled_through,
+        // A changed schedule or a hold starting or ending: runs up to now are passed over.
+        Some(_) => Some(now),
+        None => None,
+    };
+    let cursor = ScheduleCursor { description, handled_through };
+
+    let pending_request = input
+        .run_request
+        .filter(|value| !value.is_empty() && Some(*value) != input.last_handled_run_request);
+
+    if let Some(hold) = input.hold {
+        return Plan {
+            decision: Decision::Held { hold, pending_request: pending_request.is_some() },
+            cursor,
+            next_run_at: None,
+        };
+    }
+
+    let schedule = input.schedule;
+    let due_slot = previous_run_at_or_before(schedule, input.created, now)
+        .filter(|&slot| handled_through.is_none_or(|through| slot > through));
+    let next_run_at = next_run_after(schedule, input.created, now);
+
+    let approved_removals = input.approved_blocked_run.map(str::to_owned);
+    if pending_request.is_some() || approved_removals.is_some() {
+        // One run serves the request, the approval and a scheduled run due now.
+        let through = due_slot.or(cursor.handled_through);
+        return Plan {
+            decision: Decision::Run {
+                trigger: RunTrigger::Manual,
+                run_request: pending_request.map(str::to_owned),
+                approved_removals,
+            },
+            cursor: ScheduleCursor { handled_through: through, ..cursor },
+            next_run_at,
+        };
+    }
+
+    let Some(slot) = due_slot else {
+        return Plan { decision: Decision::Wait, cursor, next_run_at };
+    };
+    let cursor = ScheduleCursor { handled_through: Some(slot), ..cursor };
+    // `Once` without `at` means "as soon as the operator sees it": no deadline applies.
+    let as_soon_as_possible = matches!(schedule.recurrence, Recurrence::Once { at: None });
+    if !as_soon_as_possible && now.duration_since(slot) > input.starting_deadline {
+        return Plan { decision: Decision::RecordMissed { slot }, cursor, next_run_at };
+    }
+    let trigger = if input.has_run_before { RunTrigger::Scheduled } else { RunTrigger::Initial };
+    Plan { decision: Decision::Run { trigger, run_request: None, approved_removals: None }, cursor, next_run_at }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::schedule::{DayOfMonth, WallTime};
+    use jiff::tz::TimeZone;
+
+    fn ts(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    fn daily(at: &str) -> Schedule {
+        Schedule::new(Recurrence::Daily { at: at.parse::<WallTime>().unwrap() }, TimeZone::UTC)
+    }
+
+    fn once(at: Option<&str>) -> Schedule {
+        Schedule::new(Recurrence::Once { at: at.map(|a| a.parse().unwrap()) }, TimeZone::UTC)
+    }
+
+    const CREATED: &str = "2026-03-01T10:00:00Z";
+
+    fn input<'a>(schedule: &'a Schedule, now: &str, cursor: Option<&'a ScheduleCursor>) -> PlanInput<'a> {
+        PlanInput {
+            now: ts(now),
+            created: ts(CREATED),
+            schedule,
+            hold: None,
+            starting_deadline: SignedDuration::from_hours(1),
+            run_request: None,
+            last_handled_run_request: None,
+            approved_blocked_run: None,
+            cursor,
+            has_run_before: false,
+        }
+    }
+
+    fn cursor(schedule: &Schedule, through: Option<&str>) -> ScheduleCursor {
+        ScheduleCursor { description: describe(schedule), handled_through: through.map(ts) }
+    }
+
+    #[test]
+    fn new_daily_import_waits_for_its_first_run_time() {
+        let s = daily("06:30");
+        let p = plan(&input(&s, "2026-03-01T10:00:01Z", None));
+        assert_eq!(p.decision, Decision::Wait);
+        assert_eq!(p.next_run_at, Some(ts("2026-03-02T06:30:00Z")));
+        assert_eq!(p.cursor, cursor(&s, None));
+    }
+
+    #[test]
+    fn first_scheduled_run_is_initial_then_scheduled() {
+        let s = daily("06:30");
+        let p = plan(&input(&s, "2026-03-02T06:30:00Z", None));
+        assert_eq!(p.decision, Decision::Run { trigger: RunTrigger::Initial, run_request: None, approved_removals: None });
+        assert_eq!(p.cursor.handled_through, Some(ts("2026-03-02T06:30:00Z")));
+        assert_eq!(p.next_run_at, Some(ts("2026-03-03T06:30:00Z")));
+
+        let c = p.cursor;
+        let mut i = input(&s, "2026-03-03T06:30:05Z", Some(&c));
+        i.has_run_before = true;
+        assert_eq!(plan(&i).decision, Decision::Run { trigger: RunTrigger::Scheduled, run_request: None, approved_removals: None });
+    }
+
+    #[test]
+    fn a_handled_run_is_not_run_again() {
+        let s = daily("06:30");
+        let c = cursor(&s, Some("2026-03-02T06:30:00Z"));
+        let p = plan(&input(&s, "2026-03-02T07:00:00Z", Some(&c)));
+        assert_eq!(p.decision, Decision::Wait);
+        assert_eq!(p.cursor, c, "the cursor does not move while idle");
+        assert_eq!(p.next_run_at, Some(ts("2026-03-03T06:30:00Z")));
+    }
+
+    #[test]
+    fn idle_plans_are_identical_across_an_hour() {
+        let s = daily("06:30");
+        let c = cursor(&s, Some("2026-03-02T06:30:00Z"));
+        let a = plan(&input(&s, "2026-03-02T08:00:00Z", Some(&c)));
+        let b = plan(&input(&s, "2026-03-02T09:00:00Z", Some(&c)));
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn missed_runs_within_the_deadline_run_once() {
+        let s = daily("06:30");
+        // Down from the 2nd to the 5th at 07:00: three runs missed, the last within an hour.
+        let c = cursor(&s, Some("2026-03-02T06:30:00Z"));
+        let mut i = input(&s, "2026-03-05T07:00:00Z", Some(&c));
+        i.has_run_before = true;
+        let p = plan(&i);
+        assert_eq!(p.decision, Decision::Run { trigger: RunTrigger::Scheduled, run_request: None, approved_removals: None });
+        assert_eq!(p.cursor.handled_through, Some(ts("2026-03-05T06:30:00Z")));
+        // After that run, nothing is due until the next day.
+        let c = p.cursor;
+        let mut i = input(&s, "2026-03-05T07:10:00Z", Some(&c));
+        i.has_run_before = true;
+        assert_eq!(plan(&i).decision, Decision::Wait);
+    }
+
+    #[test]
+    fn missed_runs_past_the_deadline_are_recorded_once() {
+        let s = daily("06:30");
+        let c = cursor(&s, Some("2026-03-02T06:30:00Z"));
+        let p = plan(&input(&s, "2026-03-05T09:00:00Z", Some(&c)));
+        assert_eq!(p.decision, Decision::RecordMissed { slot: ts("2026-03-05T06:30:00Z") });
+        assert_eq!(p.next_run_at, Some(ts("2026-03-06T06:30:00Z")));
+        let c = p.cursor;
+        assert_eq!(plan(&input(&s, "2026-03-05T09:00:01Z", Some(&c))).decision, Decision::Wait);
+    }
+
+    #[test]
+    fn the_deadline_is_inclusive() {
+        let s = daily("06:30");
+        let c = cursor(&s, Some("2026-03-02T06:30:00Z"));
+        let p = plan(&input(&s, "2026-03-03T07:30:00Z", Some(&c)));
+        assert!(matches!(p.decision, Decision::Run { .. }));
+        let p = plan(&input(&s, "2026-03-03T07:30:01Z", Some(&c)));
+        assert!(matches!(p.decision, Decision::RecordMissed { .. }));
+    }
+
+    #[test]
+    fn once_without_at_runs_soon_after_creation_and_never_again() {
+        let s = once(None);
+        let p = plan(&input(&s, "2026-03-01T10:00:02Z", None));
+        assert_eq!(p.decision, Decision::Run { trigger: RunTrigger::Initial, run_request: None, approved_removals: None });
+        assert_eq!(p.next_run_at, None);
+        let c = p.cursor;
+        let p = plan(&input(&s, "2026-03-09T00:00:00Z", Some(&c)));
+        assert_eq!(p.decision, Decision::Wait);
+        assert_eq!(p.next_run_at, None);
+    }
+
+    #[test]
+    fn once_without_at_has_no_deadline() {
+        // The operator was down for a day when the import was created.
+        let s = once(None);
+        let p = plan(&input(&s, "2026-03-02T10:00:00Z", None));
+        assert!(matches!(p.decision, Decision::Run { .. }));
+    }
+
+    #[test]
+    fn once_at_runs_at_that_time() {
+        let s = once(Some("12:00"));
+        let p = plan(&input(&s, "2026-03-01T10:00:01Z", None));
+        assert_eq!(p.decision, Decision::Wait);
+        assert_eq!(p.next_run_at, Some(ts("2026-03-01T12:00:00Z")));
+        let p = plan(&input(&s, "2026-03-01T12:00:00Z", None));
+        assert!(matches!(p.decision, Decision::Run { trigger: RunTrigger::Initial, .. }));
+        assert_eq!(p.next_run_at, None);
+    }
+
+    #[test]
+    fn editing_the_schedule_never_starts_a_run() {
+        let old = daily("06:30");
+        let new = daily("05:00");
+        let c = cursor(&old, Some("2026-03-02T06:30:00Z"));
+        // At 06:00 on the 3rd, 05:00 is past but was never due under the old schedule.
+        let p = plan(&input(&new, "2026-03-03T06:00:00Z", Some(&c)));
+        assert_eq!(p.decision, Decision::Wait);
+        assert_eq!(p.cursor, cursor(&new, Some("2026-03-03T06:00:00Z")));
+        assert_eq!(p.next_run_at, Some(ts("2026-03-04T05:00:00Z")));
+        // Stable afterwards.
+        let c = p.cursor;
+        assert_eq!(plan(&input(&new, "2026-03-03T06:30:00Z", Some(&c))).cursor, c);
+    }
+
+    #[test]
+    fn editing_into_once_does_not_run() {
+        let old = daily("06:30");
+        let new = once(None);
+        let c = cursor(&old, Some("2026-03-02T06:30:00Z"));
+        let p = plan(&input(&new, "2026-03-03T06:00:00Z", Some(&c)));
+        assert_eq!(p.decision, Decision::Wait);
+        assert_eq!(p.next_run_at, None);
+    }
+
+    #[test]
+    fn suspended_imports_do_not_run_and_resume_without_catching_up() {
+        let s = daily("06:30");
+        let c = cursor(&s, Some("2026-03-02T06:30:00Z"));
+        let mut i = input(&s, "2026-03-02T12:00:00Z", Some(&c));
+        i.hold = Some(Hold::Suspended);
+        let p = plan(&i);
+        assert_eq!(p.decision, Decision::Held { hold: Hold::Suspended, pending_request: false });
+        assert_eq!(p.next_run_at, None);
+        assert_eq!(p.cursor.description, "Suspended");
+        // Still suspended a day later: nothing changes.
+        let suspended = p.cursor;
+        let mut i = input(&s, "2026-03-03T12:00:00Z", Some(&suspended));
+        i.hold = Some(Hold::Suspended);
+        assert_eq!(plan(&i).cursor, suspended);
+        // Resumed at 07:00 on the 4th: the 06:30 run that day is not caught up.
+        let p = plan(&input(&s, "2026-03-04T07:00:00Z", Some(&suspended)));
+        assert_eq!(p.decision, Decision::Wait);
+        assert_eq!(p.next_run_at, Some(ts("2026-03-05T06:30:00Z")));
+    }
+
+    #[test]
+    fn a_run_request_runs_once_per_value() {
+        let s = daily("06:30");
+        let c = cursor(&s, Some("2026-03-02T06:30:00Z"));
+        let mut i = input(&s, "2026-03-02T12:00:00Z", Some(&c));
+        i.run_request = Some("2026-03-02T12:00:00Z");
+        let p = plan(&i);
+        assert_eq!(
+            p.decision,
+            Decision::Run {
+                trigger: RunTrigger::Manual,
+                run_request: Some("2026-03-02T12:00:00Z".into()),
+                approved_removals: None
+            }
+        );
+        assert_eq!(p.cursor, c, "a manual run leaves the schedule alone");
+        i.last_handled_run_request = Some("2026-03-02T12:00:00Z");
+        assert_eq!(plan(&i).decision, Decision::Wait);
+        i.run_request = Some("again");
+        assert!(matches!(plan(&i).decision, Decision::Run { trigger: RunTrigger::Manual, .. }));
+    }
+
+    #[test]
+    fn an_empty_run_request_is_ignored() {
+        let s = daily("06:30");
+        let mut i = input(&s, "2026-03-01T12:00:00Z", None);
+        i.run_request = Some("");
+        assert_eq!(plan(&i).decision, Decision::Wait);
+    }
+
+    #[test]
+    fn a_request_and_a_due_run_make_one_run() {
+        let s = daily("06:30");
+        let c = cursor(&s, Some("2026-03-02T06:30:00Z"));
+        let mut i = input(&s, "2026-03-03T06:30:00Z", Some(&c));
+        i.run_request = Some("x");
+        let p = plan(&i);
+        assert!(matches!(p.decision, Decision::Run { trigger: RunTrigger::Manual, .. }));
+        assert_eq!(p.cursor.handled_through, Some(ts("2026-03-03T06:30:00Z")));
+    }
+
+    #[test]
+    fn an_approved_blocked_run_runs_again_with_removals_approved() {
+        let s = daily("06:30");
+        let c = cursor(&s, Some("2026-03-02T06:30:00Z"));
+        let mut i = input(&s, "2026-03-02T09:00:00Z", Some(&c));
+        i.approved_blocked_run = Some("20260302-063000-ab12");
+        i.has_run_before = true;
+        let p = plan(&i);
+        assert_eq!(
+            p.decision,
+            Decision::Run {
+                trigger: RunTrigger::Manual,
+                run_request: None,
+                approved_removals: Some("20260302-063000-ab12".into())
+            }
+        );
+        assert_eq!(p.cursor, c);
+    }
+
+    #[test]
+    fn held_requests_wait() {
+        let s = daily("06:30");
+        let mut i = input(&s, "2026-03-01T12:00:00Z", None);
+        i.run_request = Some("x");
+        i.hold = Some(Hold::Conflict);
+        let p = plan(&i);
+        assert_eq!(p.decision, Decision::Held { hold: Hold::Conflict, pending_request: true });
+        assert_eq!(p.cursor.description, "Conflict");
+    }
+
+    #[test]
+    fn descriptions_name_the_schedule() {
+        let tz = TimeZone::get("Europe/Lisbon").unwrap();
+        let weekly = Schedule::new(
+            Recurrence::Weekly { on: jiff::civil::Weekday::Monday, at: "06:30".parse().unwrap() },
+            tz.clone(),
+        );
+        assert_eq!(describe(&weekly), "Weekly on Monday at 06:30 (Europe/Lisbon)");
+        let monthly = Schedule::new(
+            Recurrence::Monthly { day: DayOfMonth::new(31).unwrap(), at: "23:00".parse().unwrap() },
+            tz,
+        );
+        assert_eq!(describe(&monthly), "Monthly on day 31 at 23:00 (Europe/Lisbon)");
+        assert_eq!(describe(&daily("06:30")), "Daily at 06:30 (UTC)");
+    }
+}
