@@ -120,7 +120,7 @@ def test_confined_operator_can_do_its_job_in_watched_namespaces(confined: Instal
         for verb in ("create", "patch"):
             assert confined.can(verb, "events.events.k8s.io", ns), (verb, ns)
     assert confined.can("create", "leases.coordination.k8s.io", confined.namespace)
-    for verb in ("get", "update"):
+    for verb in ("get", "patch"):
         assert confined.can(verb, "leases.coordination.k8s.io", confined.namespace, name=confined.lease)
 
 
@@ -170,10 +170,11 @@ def test_confined_operator_cannot(confined: Install, verb: str, resource: str, w
     assert not confined.can(verb, resource, where), f"{confined.user} may {verb} {resource} in {where}"
 
 
-def test_confined_operator_cannot_update_another_lease(confined: Install) -> None:
+def test_confined_operator_cannot_touch_another_lease(confined: Install) -> None:
     for verb in ("get", "update", "patch", "delete"):
         assert not confined.can(verb, "leases.coordination.k8s.io", confined.namespace, name="someone-else")
-    assert not confined.can("patch", "leases.coordination.k8s.io", confined.namespace, name=confined.lease)
+    for verb in ("update", "delete"):
+        assert not confined.can(verb, "leases.coordination.k8s.io", confined.namespace, name=confined.lease)
 
 
 def _ok(resp: Response, *codes: int) -> None:
@@ -258,20 +259,26 @@ def test_confined_operator_real_requests(confined: Install, identity: str) -> No
     _ok(req("POST", "/apis/events.k8s.io/v1/namespaces/team-c/events",
             {**event, "metadata": {"name": "x", "namespace": "team-c"}}), 403)
 
-    # Takes and renews its Lease, in its namespace only.
+    # Creates, takes and renews its Lease the way kube-lease-manager does, in its namespace only.
     leases = f"/apis/coordination.k8s.io/v1/namespaces/{confined.namespace}/leases"
-    lease = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-             "metadata": {"name": confined.lease},
-             "spec": {"holderIdentity": f"pod-{identity}", "leaseDurationSeconds": 15}}
-    existing = req("GET", f"{leases}/{confined.lease}")
-    if existing.status == 404:
-        _ok(req("POST", leases, lease), 201)
-        existing = req("GET", f"{leases}/{confined.lease}")
-    _ok(existing, 200)
-    renewed = {**existing.body, "spec": {**existing.body["spec"], "holderIdentity": f"pod-{identity}"}}
-    _ok(req("PUT", f"{leases}/{confined.lease}", renewed), 200)
+    lease = f"{leases}/{confined.lease}"
+    plane.request("DELETE", lease)  # as the administrator: each identity starts afresh
+    _ok(req("GET", lease), 404)
+    _ok(req("POST", leases, {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                             "metadata": {"name": confined.lease}, "spec": {}}), 201)
+    _ok(req("GET", lease), 200)
+    take = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "spec": {"holderIdentity": f"pod-{identity}", "leaseDurationSeconds": 15,
+                     "acquireTime": "2026-11-28T00:00:00.000000Z",
+                     "renewTime": "2026-11-28T00:00:00.000000Z"}}
+    _ok(req("PATCH", lease + "?fieldManager=cohort-operator-lease", take, "application/apply-patch+yaml"), 200)
+    renew = {"spec": {"renewTime": "2026-11-28T00:00:10.000000Z", "leaseDurationSeconds": 15}}
+    _ok(req("PATCH", lease + "?fieldManager=cohort-operator-lease", renew,
+            "application/strategic-merge-patch+json"), 200)
+    assert plane.get("lease", confined.lease, confined.namespace)["spec"]["holderIdentity"] == f"pod-{identity}"
+    _ok(req("PUT", lease, plane.get("lease", confined.lease, confined.namespace)), 403)
     _ok(req("GET", f"/apis/coordination.k8s.io/v1/namespaces/team-a/leases/{confined.lease}"), 403)
-    _ok(req("DELETE", f"{leases}/{confined.lease}"), 403)
+    _ok(req("DELETE", lease), 403)
 
 
 # --- every namespace (the default) -------------------------------------------------------
@@ -315,8 +322,8 @@ def test_full_install_reads_configmaps_but_keeps_no_snapshots_in_them(full: Inst
         assert full.can("get", "configmaps", ns)
         for verb in ("create", "update", "patch", "delete", "deletecollection"):
             assert not full.can(verb, "configmaps", ns), verb
-    assert full.can("update", "leases.coordination.k8s.io", full.namespace, name="cohort-leader")
-    assert not full.can("update", "leases.coordination.k8s.io", full.namespace, name="full-cohort-operator")
+    assert full.can("patch", "leases.coordination.k8s.io", full.namespace, name="cohort-leader")
+    assert not full.can("patch", "leases.coordination.k8s.io", full.namespace, name="full-cohort-operator")
     assert not full.can("get", "secrets", "team-c")
     # The snapshot claim was created, and kept through uninstall.
     pvc = one(full.objects, "PersistentVolumeClaim")["metadata"]["name"]

@@ -142,7 +142,7 @@ def test_operator_writes_are_not_drift_and_health_follows_status(plane: ControlP
     assert flux_health(live) == "InProgress"
 
     # The operator adds its finalizer and reports Ready; then the tool applies Git again.
-    operator_patch(plane, name, {"metadata": {"finalizers": ["cohorts.dev/chart-test"]}})
+    operator_patch(plane, name, {"metadata": {"finalizers": ["cohorts.dev/cleanup"]}})
     operator_patch(plane, name, ready("True", "Scheduled", "Next run 2026-11-29T07:00:00Z", 1), status=True)
     # A person asks for a run now.
     plane.kubectl("annotate", "-n", NS, f"cohortimport/{name}", "cohorts.dev/run-requested-at=2026-11-28T10:00:00Z")
@@ -151,7 +151,7 @@ def test_operator_writes_are_not_drift_and_health_follows_status(plane: ControlP
     after = plane.get("cohortimport", name, NS)
     assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
     assert after["metadata"]["generation"] == 1
-    assert after["metadata"]["finalizers"] == ["cohorts.dev/chart-test"]
+    assert after["metadata"]["finalizers"] == ["cohorts.dev/cleanup"]
     assert after["metadata"]["annotations"]["cohorts.dev/run-requested-at"] == "2026-11-28T10:00:00Z"
     assert argo_health(after) == ("Healthy", "Scheduled: Next run 2026-11-29T07:00:00Z")
     assert flux_health(after) == "Current"
@@ -165,12 +165,16 @@ def test_operator_writes_are_not_drift_and_health_follows_status(plane: ControlP
     assert status == "Progressing" and "generation 2" in message
     assert flux_health(changed) == "InProgress"
 
-    # The operator finds a problem.
+    # The operator finds a problem, or holds a run for approval.
     operator_patch(plane, name, ready("False", "SecretNotFound",
                                       "Secret gitops/braze-data-import not found", 2), status=True)
     broken = plane.get("cohortimport", name, NS)
     assert argo_health(broken) == ("Degraded", "SecretNotFound: Secret gitops/braze-data-import not found")
     assert flux_health(broken) == "Failed"
+    operator_patch(plane, name, ready("False", "Blocked", "Run r1 was blocked: 40% removals", 2), status=True)
+    blocked = plane.get("cohortimport", name, NS)
+    assert argo_health(blocked) == ("Degraded", "Blocked: Run r1 was blocked: 40% removals")
+    assert flux_health(blocked) == "Failed"
 
     # Unknown is still in progress.
     operator_patch(plane, name, ready("Unknown", "Running", "Run in progress", 2), status=True)
@@ -181,10 +185,16 @@ def test_operator_writes_are_not_drift_and_health_follows_status(plane: ControlP
     # Suspended through Git.
     ci["spec"]["suspend"] = True
     plane.apply(objects, field_manager="gitops-tool")
-    operator_patch(plane, name, ready("True", "Suspended", "Suspended", 3), status=True)
+    # Until the operator has seen it, still in progress; then Suspended, which the operator
+    # reports as Ready=False and both checks read as intended, not failed.
+    pending = plane.get("cohortimport", name, NS)
+    assert pending["metadata"]["generation"] == 3
+    assert argo_health(pending)[0] == "Progressing"
+    assert flux_health(pending) == "InProgress"
+    operator_patch(plane, name, ready("False", "Suspended",
+                                      "Suspended: no runs until spec.suspend is false", 3), status=True)
     suspended = plane.get("cohortimport", name, NS)
-    assert suspended["metadata"]["generation"] == 3
-    assert argo_health(suspended)[0] == "Suspended"
+    assert argo_health(suspended) == ("Suspended", "Suspended: no runs until spec.suspend is false")
     assert flux_health(suspended) == "Current"
 
     # Status without a Ready condition yet: in progress, not healthy by default.

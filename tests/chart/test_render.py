@@ -276,7 +276,7 @@ def test_lease_role_is_in_the_release_namespace_and_names_the_lease() -> None:
     assert role["rules"] == [
         {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
         {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
-         "resourceNames": ["cohort-leader"], "verbs": ["get", "update"]},
+         "resourceNames": ["cohort-leader"], "verbs": ["get", "patch"]},
     ]
     assert "--lease-name=cohort-leader" in container(objects)["args"]
 
