@@ -1,0 +1,435 @@
+//! The HTTP source against a local axum server on 127.0.0.1: each format, pagination
+//! style, auth kind, gzip both ways, broken bodies and failing statuses.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use cohort_operator::api::{IdentifierMapping, SourceSpec};
+use cohort_operator::domain::identifiers::SkipReason;
+use cohort_operator::domain::member::{Member, MemberKey};
+use cohort_operator::source::{open_source, read_cohort, CohortRead, InMemoryObjects, SourceError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const TOKEN: &str = "tok-7Hq2-never-shown";
+const PASSWORD: &str = "pass-K9v3-never-shown";
+const API_KEY: &str = "key-Wm4x-never-shown";
+const ROWS: usize = 30_000;
+
+#[derive(Default)]
+struct Seen {
+    requests: AtomicUsize,
+    gzip_accepted: AtomicUsize,
+}
+
+type Shared = Arc<Seen>;
+
+/// `uid,email` rows: `u{i}`, except that the last row repeats the first and every other
+/// 1,000th row has an empty uid.
+fn csv_body() -> String {
+    let mut body = String::from("uid,email\n");
+    for i in 0..ROWS {
+        if i == ROWS - 1 {
+            body.push_str("u0,e0@example.com\n");
+        } else if i % 1000 == 999 {
+            body.push_str(&format!(",e{i}@example.com\n"));
+        } else {
+            body.push_str(&format!("u{i},e{i}@example.com\n"));
+        }
+    }
+    body
+}
+
+fn row_json(i: usize) -> serde_json::Value {
+    if i % 1000 == 999 { serde_json::json!({ "uid": null, "n": i }) } else { serde_json::json!({ "uid": format!("u{i}"), "n": i }) }
+}
+
+/// The body in many small chunks, so the client parses it as it arrives.
+fn chunked(body: String) -> Body {
+    let chunks: Vec<Result<Bytes, std::io::Error>> =
+        body.into_bytes().chunks(997).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
+    Body::from_stream(futures::stream::iter(chunks))
+}
+
+async fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut encoder = async_compression::tokio::bufread::GzipEncoder::new(data);
+    let mut out = Vec::new();
+    encoder.read_to_end(&mut out).await.unwrap();
+    out
+}
+
+fn count(seen: &Shared, headers: &HeaderMap) {
+    seen.requests.fetch_add(1, Ordering::Relaxed);
+    if headers.get(header::ACCEPT_ENCODING).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("gzip")) {
+        seen.gzip_accepted.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn unauthorized(got: Option<&str>) -> Response {
+    // Echoes what it got, as some servers do: the source must redact it.
+    (StatusCode::UNAUTHORIZED, format!("bad credentials: {}", got.unwrap_or("none"))).into_response()
+}
+
+fn page_of(page: usize, per: usize) -> Vec<serde_json::Value> {
+    (page * per..((page + 1) * per).min(ROWS)).map(row_json).collect()
+}
+
+fn app(seen: Shared) -> Router {
+    Router::new()
+        .route("/users.csv", get(|State(s): State<Shared>, h: HeaderMap| async move {
+            count(&s, &h);
+            ([(header::CONTENT_TYPE, "text/csv")], chunked(csv_body()))
+        }))
+        .route("/users.ndjson", get(|State(s): State<Shared>, h: HeaderMap| async move {
+            count(&s, &h);
+            let mut body = String::new();
+            for i in 0..ROWS {
+                body.push_str(&row_json(i).to_string());
+                body.push('\n');
+            }
+            chunked(body)
+        }))
+        .route("/users.json", get(|| async {
+            let rows: Vec<_> = (0..ROWS).map(row_json).collect();
+            axum::Json(serde_json::json!({ "data": { "users": rows } }))
+        }))
+        .route("/encoded/users.csv", get(|State(s): State<Shared>, h: HeaderMap| async move {
+            count(&s, &h);
+            ([(header::CONTENT_ENCODING, "gzip")], gzip(csv_body().as_bytes()).await)
+        }))
+        .route("/users.csv.gz", get(|| async {
+            ([(header::CONTENT_TYPE, "application/gzip")], gzip(csv_body().as_bytes()).await)
+        }))
+        .route("/next", get(|Query(q): Query<HashMap<String, String>>| async move {
+            let page: usize = q.get("page").map_or(0, |p| p.parse().unwrap());
+            let next = ((page + 1) * 7_000 < ROWS).then(|| format!("/next?page={}", page + 1));
+            axum::Json(serde_json::json!({ "users": page_of(page, 7_000), "links": { "next": next } }))
+        }))
+        .route("/cursor", get(|Query(q): Query<HashMap<String, String>>| async move {
+            assert_eq!(q.get("limit").map(String::as_str), Some("9000"), "the export's own query is kept");
+            let page: usize = q.get("cursor").map_or(0, |c| c.trim_start_matches('c').parse().unwrap());
+            let cursor = if (page + 1) * 9_000 < ROWS { serde_json::json!(format!("c{}", page + 1)) } else { serde_json::json!("") };
+            axum::Json(serde_json::json!({ "users": page_of(page, 9_000), "meta": { "cursor": cursor } }))
+        }))
+        .route("/link", get(|State(s): State<Shared>, h: HeaderMap, Query(q): Query<HashMap<String, String>>| async move {
+            count(&s, &h);
+            let page: usize = q.get("page").map_or(0, |p| p.parse().unwrap());
+            let body: String = page_of(page, 4_000).iter().map(|r| format!("{r}\n")).collect();
+            let mut headers = HeaderMap::new();
+            if (page + 1) * 4_000 < ROWS {
+                let link = format!("</link?page=0>; rel=\"first\", </link?page={}>; rel=\"next\"", page + 1);
+                headers.insert(header::LINK, link.parse().unwrap());
+            }
+            (headers, body)
+        }))
+        .route("/bearer.csv", get(|h: HeaderMap| async move {
+            let got = h.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+            if got == Some(&format!("Bearer {TOKEN}")) { "uid\nb1\n".into_response() } else { unauthorized(got) }
+        }))
+        .route("/basic.csv", get(|h: HeaderMap| async move {
+            let got = h.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+            // base64("reader:pass-K9v3-never-shown")
+            let want = "Basic cmVhZGVyOnBhc3MtSzl2My1uZXZlci1zaG93bg==";
+            if got == Some(want) { "uid\nbasic1\n".into_response() } else { unauthorized(got) }
+        }))
+        .route("/header.csv", get(|h: HeaderMap| async move {
+            let got = h.get("x-api-key").and_then(|v| v.to_str().ok());
+            if got == Some(API_KEY) { "uid\nh1\n".into_response() } else { unauthorized(got) }
+        }))
+        .route("/fail", get(|| async { (StatusCode::INTERNAL_SERVER_ERROR, "database is down\n") }))
+        .route("/truncated.json", get(|| async {
+            let parts: Vec<Result<Bytes, std::io::Error>> = vec![
+                Ok(Bytes::from_static(b"[{\"uid\": \"a\"}, {\"uid\": \"b\"}, {\"ui")),
+                Err(std::io::Error::other("the exporter crashed")),
+            ];
+            Body::from_stream(futures::stream::iter(parts))
+        }))
+        .route("/malformed.json", get(|| async { "[\n {\"uid\": \"a\"},\n {\"uid\": \"b\" \"x\": 1}\n]" }))
+        .route("/malformed.csv", get(|| async { "uid,email\nu1,e1\nu2\n" }))
+        .route("/empty.csv", get(|| async { "" }))
+        .route("/loop", get(|| async { axum::Json(serde_json::json!({ "users": [], "next": "/loop" })) }))
+        .route("/stall.csv", get(|| async {
+            let first = futures::stream::once(async { Ok::<_, std::io::Error>(Bytes::from_static(b"uid\nu1\n")) });
+            // Then nothing, ever: the read timeout must end it.
+            Body::from_stream(futures::StreamExt::chain(first, futures::stream::pending()))
+        }))
+        .with_state(seen)
+}
+
+struct Server {
+    base: String,
+    seen: Shared,
+}
+
+async fn server() -> Server {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let seen = Shared::default();
+    let router = app(seen.clone());
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    Server { base, seen }
+}
+
+fn uid_mapping() -> IdentifierMapping {
+    serde_json::from_value(serde_json::json!({ "externalId": "uid" })).unwrap()
+}
+
+fn objects() -> InMemoryObjects {
+    InMemoryObjects::new("growth")
+        .with_secret("export", "token", TOKEN)
+        .with_secret("export-basic", "username", "reader")
+        .with_secret("export-basic", "password", PASSWORD)
+        .with_secret("export-key", "key", API_KEY)
+}
+
+async fn read(http: serde_json::Value) -> Result<CohortRead, SourceError> {
+    let spec: SourceSpec = serde_json::from_value(serde_json::json!({ "http": http })).expect("spec");
+    let source = open_source(&spec, &uid_mapping(), &objects()).await?;
+    assert_no_secret(&source.describe());
+    assert_no_secret(&format!("{source:?}"));
+    read_cohort(source.as_ref()).await
+}
+
+fn assert_no_secret(text: &str) {
+    for secret in [TOKEN, PASSWORD, API_KEY] {
+        assert!(!text.contains(secret), "a secret leaked: {text}");
+    }
+}
+
+fn expect_err(result: Result<CohortRead, SourceError>) -> SourceError {
+    let err = result.expect_err("the read must fail, not give a cohort");
+    assert_no_secret(&err.to_string());
+    assert_no_secret(&format!("{err:?}"));
+    err
+}
+
+/// The cohort the CSV export holds: `u0..u29998` minus every 1,000th row.
+fn full_cohort() -> Vec<MemberKey> {
+    let mut keys: Vec<MemberKey> =
+        (0..ROWS - 1).filter(|i| i % 1000 != 999).map(|i| Member::ExternalId(format!("u{i}")).key()).collect();
+    keys.sort();
+    keys
+}
+
+#[tokio::test]
+async fn csv_streams_with_missing_ids_and_duplicates() {
+    let s = server().await;
+    let read = read(serde_json::json!({ "url": format!("{}/users.csv", s.base), "format": "Csv" })).await.unwrap();
+    assert_eq!(read.rows, ROWS as u64);
+    assert_eq!(read.members, full_cohort());
+    assert_eq!(read.skipped.get(SkipReason::Missing), 29);
+    assert_eq!(read.duplicates, 1);
+}
+
+#[tokio::test]
+async fn ndjson_and_json_at_a_pointer() {
+    let s = server().await;
+    let ndjson = read(serde_json::json!({ "url": format!("{}/users.ndjson", s.base), "format": "Ndjson" })).await.unwrap();
+    let json = read(serde_json::json!({
+        "url": format!("{}/users.json", s.base), "format": "Json", "jsonPointer": "/data/users"
+    }))
+    .await
+    .unwrap();
+    for read in [ndjson, json] {
+        assert_eq!(read.rows, ROWS as u64);
+        assert_eq!(read.skipped.get(SkipReason::Missing), 30);
+        let mut expected: Vec<MemberKey> =
+            (0..ROWS).filter(|i| i % 1000 != 999).map(|i| Member::ExternalId(format!("u{i}")).key()).collect();
+        expected.sort();
+        assert_eq!(read.members, expected);
+    }
+}
+
+#[tokio::test]
+async fn gzip_by_content_encoding_and_gzip_files() {
+    let s = server().await;
+    let encoded = read(serde_json::json!({ "url": format!("{}/encoded/users.csv", s.base), "format": "Csv" })).await.unwrap();
+    assert_eq!(encoded.members, full_cohort());
+    assert_eq!(s.seen.gzip_accepted.load(Ordering::Relaxed), 1, "the client asks for gzip");
+    let file = read(serde_json::json!({ "url": format!("{}/users.csv.gz", s.base), "format": "Csv" })).await.unwrap();
+    assert_eq!(file.members, full_cohort());
+}
+
+#[tokio::test]
+async fn pagination_by_next_url_cursor_and_link_header() {
+    let s = server().await;
+    let next = read(serde_json::json!({
+        "url": format!("{}/next", s.base), "format": "Json", "jsonPointer": "/users",
+        "pagination": { "nextUrlPointer": "/links/next" }
+    }))
+    .await
+    .unwrap();
+    let cursor = read(serde_json::json!({
+        "url": format!("{}/cursor?limit=9000", s.base), "format": "Json", "jsonPointer": "/users",
+        "pagination": { "cursor": { "pointer": "/meta/cursor", "param": "cursor" } }
+    }))
+    .await
+    .unwrap();
+    let link = read(serde_json::json!({
+        "url": format!("{}/link", s.base), "format": "Ndjson", "pagination": { "linkHeader": true }
+    }))
+    .await
+    .unwrap();
+    assert_eq!(s.seen.requests.load(Ordering::Relaxed), 8, "8 pages of 4,000 rows");
+    for read in [next, cursor, link] {
+        assert_eq!(read.rows, ROWS as u64);
+        assert_eq!(read.members.len(), ROWS - 30);
+        assert_eq!(read.duplicates, 0);
+    }
+}
+
+#[tokio::test]
+async fn bearer_basic_and_header_auth() {
+    let s = server().await;
+    let bearer = read(serde_json::json!({
+        "url": format!("{}/bearer.csv", s.base), "format": "Csv",
+        "auth": { "bearerTokenSecretRef": { "name": "export", "key": "token" } }
+    }))
+    .await
+    .unwrap();
+    assert_eq!(bearer.members, vec![Member::ExternalId("b1".into()).key()]);
+    let basic = read(serde_json::json!({
+        "url": format!("{}/basic.csv", s.base), "format": "Csv", "auth": { "basic": { "secretName": "export-basic" } }
+    }))
+    .await
+    .unwrap();
+    assert_eq!(basic.members, vec![Member::ExternalId("basic1".into()).key()]);
+    let header = read(serde_json::json!({
+        "url": format!("{}/header.csv", s.base), "format": "Csv",
+        "auth": { "header": { "name": "X-Api-Key", "valueSecretRef": { "name": "export-key", "key": "key" } } }
+    }))
+    .await
+    .unwrap();
+    assert_eq!(header.members, vec![Member::ExternalId("h1".into()).key()]);
+}
+
+#[tokio::test]
+async fn missing_or_wrong_credentials_fail_with_401() {
+    let s = server().await;
+    let err = expect_err(read(serde_json::json!({ "url": format!("{}/bearer.csv", s.base), "format": "Csv" })).await);
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "http export {}/bearer.csv: {}/bearer.csv (page 1) answered HTTP 401: bad credentials: none — the export needs credentials: set http.auth",
+            s.base, s.base
+        )
+    );
+    // The server echoes the header it got; the token is redacted from the message.
+    let err = expect_err(
+        read(serde_json::json!({
+            "url": format!("{}/basic.csv", s.base), "format": "Csv",
+            "auth": { "bearerTokenSecretRef": { "name": "export", "key": "token" } }
+        }))
+        .await,
+    );
+    assert!(err.to_string().contains("bad credentials: Bearer <redacted> — check the credential in Secret growth/export key token"), "{err}");
+    let err = expect_err(
+        read(serde_json::json!({
+            "url": format!("{}/bearer.csv", s.base), "format": "Csv",
+            "auth": { "bearerTokenSecretRef": { "name": "absent", "key": "token" } }
+        }))
+        .await,
+    );
+    assert_eq!(err.reason(), "SecretNotFound");
+}
+
+#[tokio::test]
+async fn a_500_fails_the_run() {
+    let s = server().await;
+    let err = expect_err(read(serde_json::json!({ "url": format!("{}/fail?key=abc", s.base), "format": "Csv" })).await);
+    assert!(matches!(err, SourceError::HttpStatus { status: 500, page: 1, .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        format!("http export {0}/fail?…: {0}/fail?… (page 1) answered HTTP 500: database is down", s.base)
+    );
+}
+
+#[tokio::test]
+async fn a_truncated_body_is_an_error_not_a_short_cohort() {
+    let s = server().await;
+    // Chunked body cut off mid-JSON.
+    let err = expect_err(read(serde_json::json!({ "url": format!("{}/truncated.json", s.base), "format": "Json" })).await);
+    assert!(matches!(err, SourceError::Transport { page: 1, .. }), "{err:?}");
+
+    // Content-Length promises more than the connection delivers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut request = [0u8; 4096];
+        let _ = socket.read(&mut request).await.unwrap();
+        let body = "uid\nu1\nu2\n";
+        let head = format!("HTTP/1.1 200 OK\r\ncontent-type: text/csv\r\ncontent-length: {}\r\n\r\n", body.len() + 500);
+        socket.write_all(head.as_bytes()).await.unwrap();
+        socket.write_all(body.as_bytes()).await.unwrap();
+        socket.shutdown().await.unwrap();
+    });
+    let err = expect_err(read(serde_json::json!({ "url": format!("http://{addr}/short.csv"), "format": "Csv" })).await);
+    assert!(matches!(err, SourceError::Transport { page: 1, .. }), "{err:?}");
+    assert!(err.to_string().starts_with(&format!("http export http://{addr}/short.csv: reading http://{addr}/short.csv (page 1) failed")), "{err}");
+}
+
+#[tokio::test]
+async fn malformed_bodies_name_the_page_and_position() {
+    let s = server().await;
+    let err = expect_err(read(serde_json::json!({ "url": format!("{}/malformed.json", s.base), "format": "Json" })).await);
+    assert!(err.to_string().contains("malformed JSON at page 1, line 3 column"), "{err}");
+    let err = expect_err(read(serde_json::json!({ "url": format!("{}/malformed.csv", s.base), "format": "Csv" })).await);
+    assert!(err.to_string().ends_with("malformed CSV at page 1, line 3: 1 fields where the header has 2"), "{err}");
+    let err = expect_err(read(serde_json::json!({ "url": format!("{}/empty.csv", s.base), "format": "Csv" })).await);
+    assert!(err.to_string().contains("no header row"), "{err}");
+    let err = expect_err(read(serde_json::json!({
+        "url": format!("{}/users.json", s.base), "format": "Json", "jsonPointer": "/data/people"
+    })).await);
+    assert!(err.to_string().contains("malformed JSON at page 1, /data/people: nothing there"), "{err}");
+    let err = expect_err(read(serde_json::json!({ "url": format!("{}/users.ndjson", s.base), "format": "Csv" })).await);
+    assert_eq!(err.reason(), "InvalidSpec", "{err}");
+}
+
+#[tokio::test]
+async fn limits_and_timeouts() {
+    let s = server().await;
+    let err = expect_err(read(serde_json::json!({ "url": format!("{}/users.csv", s.base), "format": "Csv", "maxBytes": 10_000 })).await);
+    assert!(matches!(err, SourceError::TooLarge { limit: 10_000, .. }), "{err:?}");
+    // The limit counts decompressed bytes.
+    let err = expect_err(read(serde_json::json!({ "url": format!("{}/users.csv.gz", s.base), "format": "Csv", "maxBytes": 100_000 })).await);
+    assert!(matches!(err, SourceError::TooLarge { .. }), "{err:?}");
+
+    let err = expect_err(read(serde_json::json!({ "url": format!("{}/stall.csv", s.base), "format": "Csv", "readTimeoutSeconds": 1 })).await);
+    assert!(err.to_string().contains("timed out"), "{err}");
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let err = expect_err(read(serde_json::json!({ "url": format!("http://127.0.0.1:{port}/x.csv"), "format": "Csv" })).await);
+    assert!(matches!(err, SourceError::Transport { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn pagination_that_loops_or_leaves_the_origin_is_refused() {
+    let s = server().await;
+    let err = expect_err(read(serde_json::json!({
+        "url": format!("{}/loop", s.base), "format": "Json", "jsonPointer": "/users",
+        "pagination": { "nextUrlPointer": "/next" }
+    })).await);
+    assert!(err.to_string().contains("page 2 repeats the URL of an earlier page"), "{err}");
+
+    let port = s.base.rsplit(':').next().unwrap();
+    let elsewhere = format!("http://localhost:{port}/bearer.csv");
+    let router = Router::new().route("/first", get(move || {
+        let elsewhere = elsewhere.clone();
+        async move { axum::Json(serde_json::json!({ "users": [{ "uid": "x" }], "next": elsewhere })) }
+    }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let first = format!("http://{}/first", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    let err = expect_err(read(serde_json::json!({
+        "url": first, "format": "Json", "jsonPointer": "/users", "pagination": { "nextUrlPointer": "/next" },
+        "auth": { "bearerTokenSecretRef": { "name": "export", "key": "token" } }
+    })).await);
+    assert!(err.to_string().contains("on another origin"), "{err}");
+}
