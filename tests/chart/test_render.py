@@ -96,6 +96,7 @@ def test_default_args_and_env() -> None:
         "--metrics-addr=0.0.0.0:8080",
         "--log-format=json",
         "--starting-deadline-seconds=3600",
+        "--max-concurrent-runs=16",
         "--leader-election",
         "--lease-namespace=$(POD_NAMESPACE)",
         f"--lease-name={FULLNAME}",
@@ -121,8 +122,11 @@ def test_full_values_args_env_and_mounts() -> None:
         "--metrics-addr=0.0.0.0:9090",
         "--log-format=text",
         "--starting-deadline-seconds=600",
+        "--max-concurrent-runs=4",
         "--watch-namespaces=team-a,team-b",
         "--partner-keys-dir=/etc/cohort-operator/partner-keys",
+        "--braze-endpoint-region=https://rest.fra-09.braze.eu=eu",
+        "--braze-endpoint-region=https://rest.iad-99.braze.com=us",
         "--leader-election",
         "--lease-namespace=$(POD_NAMESPACE)",
         "--lease-name=cohort-leader",
@@ -137,6 +141,7 @@ def test_full_values_args_env_and_mounts() -> None:
     assert env["COHORT_SMTP_USERNAME"] == "cohorts"
     assert env["COHORT_SMTP_FROM"] == "Cohort imports <cohorts@example.com>"
     assert env["COHORT_SMTP_PASSWORD_FILE"] == "/etc/cohort-operator/smtp/password"
+    assert env["COHORT_SMTP_CA_FILE"] == "/etc/cohort-operator/smtp-ca/ca.crt"
     assert env["EXTRA"] == "1"
     assert pod["priorityClassName"] == "platform"
 
@@ -145,6 +150,8 @@ def test_full_values_args_env_and_mounts() -> None:
     smtp = volumes[mounts["/etc/cohort-operator/smtp"]["name"]]["secret"]
     assert smtp["secretName"] == "smtp-credentials"
     assert smtp["items"] == [{"key": "pass", "path": "password"}]
+    ca = volumes[mounts["/etc/cohort-operator/smtp-ca"]["name"]]["configMap"]
+    assert ca == {"name": "smtp-relay-ca", "items": [{"key": "relay.pem", "path": "ca.crt"}]}
     keys = volumes[mounts["/etc/cohort-operator/partner-keys"]["name"]]["secret"]
     assert keys["secretName"] == "braze-partner-keys" and "items" not in keys
     snapshots = volumes[mounts["/var/lib/cohort-operator/snapshots"]["name"]]

@@ -27,6 +27,11 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"log": {"level": ""}}, "/log/level"),
     ({"startingDeadlineSeconds": -1}, "/startingDeadlineSeconds"),
     ({"startingDeadlineSeconds": "1h"}, "/startingDeadlineSeconds"),
+    ({"maxConcurrentRuns": 0}, "/maxConcurrentRuns"),
+    # (Helm's validator reports a bad property name by the name itself.)
+    ({"braze": {"endpointRegions": {"rest.iad-01.braze.com": "us"}}}, "'rest.iad-01.braze.com'"),
+    ({"braze": {"endpointRegions": {"https://rest.x.braze.com": "US"}}}, "/braze/endpointRegions"),
+    ({"smtp": {"caConfigMap": {"name": "Relay CA"}}}, "/smtp/caConfigMap/name"),
     ({"smtp": {"tls": "ssl"}}, "/smtp/tls"),
     ({"smtp": {"port": 70000}}, "/smtp/port"),
     ({"smtp": {"password": "hunter2"}}, "password"),  # no plain-text password value exists

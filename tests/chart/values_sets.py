@@ -18,6 +18,9 @@ FULL: dict[str, Any] = {
     "watchNamespaces": ["team-a", "team-b"],
     "log": {"level": "info,cohort_operator=debug", "format": "text"},
     "startingDeadlineSeconds": 600,
+    "maxConcurrentRuns": 4,
+    "braze": {"endpointRegions": {"https://rest.iad-99.braze.com": "us",
+                                  "https://rest.fra-09.braze.eu": "eu"}},
     "smtp": {
         "enabled": True,
         "host": "smtp.example.com",
@@ -26,6 +29,7 @@ FULL: dict[str, Any] = {
         "username": "cohorts",
         "from": "Cohort imports <cohorts@example.com>",
         "passwordSecret": {"name": "smtp-credentials", "key": "pass"},
+        "caConfigMap": {"name": "smtp-relay-ca", "key": "relay.pem"},
     },
     "partnerKeys": {"secretName": "braze-partner-keys"},
     "snapshots": {
