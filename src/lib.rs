@@ -7,6 +7,7 @@ pub mod api;
 pub mod braze;
 pub mod domain;
 pub mod notify;
+pub mod run;
 pub mod secret;
 pub mod source;
 pub mod snapshot;

@@ -1,12 +1,16 @@
-//! The diff of two cohorts, as a single merge over two sorted, de-duplicated key streams.
+//! The diff of two cohorts, as a single merge over sorted, de-duplicated key streams.
 //!
-//! Both sides are read through a [`KeyCursor`], which lends its current key instead of
+//! Three streams take part: the previous cohort (what Braze received in the last
+//! successful run), the keys *in doubt* (changes an interrupted or failed run may or may
+//! not have delivered, so Braze's state for them is unknown), and the new cohort. A key in
+//! doubt is sent again in whichever direction the new cohort says, even if the previous
+//! and new cohorts agree on it; that is what makes a run after a crash exact.
+//!
+//! Every stream is read through a [`KeyCursor`], which lends its current key instead of
 //! handing out owned keys, so diffing ten million members against ten million allocates
-//! nothing per member. Order is checked as the merge goes: a side that is not strictly
+//! nothing per member. Order is checked as the merge goes: a stream that is not strictly
 //! increasing (a corrupt snapshot, a sorter bug) stops the diff instead of producing a
 //! wrong one.
-
-use std::cmp::Ordering;
 
 /// A forward-only reader of sorted, de-duplicated keys that lends the current one.
 pub trait KeyCursor {
@@ -26,12 +30,36 @@ pub enum Change {
     Removed,
     /// In both.
     Unchanged,
+    /// In neither: only in doubt (a failed run may have added it).
+    Absent,
 }
 
-/// Which side of a diff a problem was found on.
+/// What to tell Braze about a key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Send {
+    Add,
+    Remove,
+}
+
+impl Change {
+    /// The request a key needs: its change, or — when Braze's state of it is in doubt —
+    /// whatever makes Braze match the new cohort.
+    pub fn send(self, in_doubt: bool) -> Option<Send> {
+        match (self, in_doubt) {
+            (Change::Added, _) => Some(Send::Add),
+            (Change::Removed, _) => Some(Send::Remove),
+            (Change::Unchanged, true) => Some(Send::Add),
+            (Change::Absent, true) => Some(Send::Remove),
+            (Change::Unchanged | Change::Absent, false) => None,
+        }
+    }
+}
+
+/// Which stream of a diff a problem was found on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Side {
     Previous,
+    InDoubt,
     New,
 }
 
@@ -39,6 +67,7 @@ impl std::fmt::Display for Side {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Side::Previous => "previous cohort (the snapshot)",
+            Side::InDoubt => "keys in doubt (from an interrupted run)",
             Side::New => "new cohort",
         })
     }
@@ -47,10 +76,10 @@ impl std::fmt::Display for Side {
 /// Why a diff stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum DiffError<E> {
-    /// A side yielded a key not greater than the one before it, at the given position.
+    /// A stream yielded a key not greater than the one before it, at the given position.
     #[error("the {side} is not sorted and de-duplicated at key #{position}; the diff was stopped")]
     OutOfOrder { side: Side, position: u64 },
-    /// Reading a side, or the consumer of the changes, failed.
+    /// Reading a stream, or the consumer of the changes, failed.
     #[error(transparent)]
     Io(E),
 }
@@ -63,79 +92,108 @@ pub struct DiffCounts {
     pub added: u64,
     pub removed: u64,
     pub unchanged: u64,
+    /// Keys in doubt.
+    pub in_doubt: u64,
+    /// Requests for keys in doubt beyond the changes: unchanged members added again, and
+    /// absent ones removed again.
+    pub resent_adds: u64,
+    pub resent_removes: u64,
 }
 
-/// Merges `previous` and `new`, calling `on_change` once per distinct key, in key order.
+impl DiffCounts {
+    /// Keys that need a request.
+    pub fn sends(&self) -> u64 {
+        self.added + self.removed + self.resent_adds + self.resent_removes
+    }
+}
+
+/// Merges `previous`, `in_doubt` and `new`, calling `on_key(change, in_doubt, key)` once per
+/// distinct key, in key order.
 ///
-/// Both cursors must start on their first key (or be empty). `on_change` may fail (it is
-/// where the caller writes the changes), and its error ends the diff.
-pub fn merge_diff<E, P, N, F>(
+/// Cursors must start on their first key (or be empty; [`Empty`] is an empty one).
+/// `on_key` may fail (it is where the caller writes the changes), and its error ends the
+/// diff.
+pub fn merge_diff<E, P, D, N, F>(
     previous: &mut P,
+    in_doubt: &mut D,
     new: &mut N,
-    mut on_change: F,
+    mut on_key: F,
 ) -> Result<DiffCounts, DiffError<E>>
 where
     P: KeyCursor,
+    D: KeyCursor,
     N: KeyCursor,
     P::Error: Into<E>,
+    D::Error: Into<E>,
     N::Error: Into<E>,
-    F: FnMut(Change, &[u8]) -> Result<(), E>,
+    F: FnMut(Change, bool, &[u8]) -> Result<(), E>,
 {
     let mut counts = DiffCounts::default();
-    let mut last_previous = OrderCheck::new(Side::Previous);
-    let mut last_new = OrderCheck::new(Side::New);
+    let mut checks = [OrderCheck::new(Side::Previous), OrderCheck::new(Side::InDoubt), OrderCheck::new(Side::New)];
     loop {
-        let step = match (previous.key(), new.key()) {
-            (None, None) => return Ok(counts),
-            (Some(p), None) => {
-                last_previous.check(p)?;
-                on_change(Change::Removed, p).map_err(DiffError::Io)?;
-                Ordering::Less
-            }
-            (None, Some(n)) => {
-                last_new.check(n)?;
-                on_change(Change::Added, n).map_err(DiffError::Io)?;
-                Ordering::Greater
-            }
-            (Some(p), Some(n)) => {
-                let order = p.cmp(n);
-                match order {
-                    Ordering::Less => {
-                        last_previous.check(p)?;
-                        on_change(Change::Removed, p).map_err(DiffError::Io)?;
-                    }
-                    Ordering::Greater => {
-                        last_new.check(n)?;
-                        on_change(Change::Added, n).map_err(DiffError::Io)?;
-                    }
-                    Ordering::Equal => {
-                        last_previous.check(p)?;
-                        last_new.check(n)?;
-                        on_change(Change::Unchanged, n).map_err(DiffError::Io)?;
-                    }
-                }
-                order
-            }
+        let (p, d, n) = (previous.key(), in_doubt.key(), new.key());
+        let Some(min) = [p, d, n].into_iter().flatten().min() else {
+            return Ok(counts);
         };
-        match step {
-            Ordering::Less => {
-                counts.previous += 1;
-                counts.removed += 1;
-                previous.advance().map_err(|e| DiffError::Io(e.into()))?;
-            }
-            Ordering::Greater => {
-                counts.new += 1;
-                counts.added += 1;
-                new.advance().map_err(|e| DiffError::Io(e.into()))?;
-            }
-            Ordering::Equal => {
-                counts.previous += 1;
-                counts.new += 1;
-                counts.unchanged += 1;
-                previous.advance().map_err(|e| DiffError::Io(e.into()))?;
-                new.advance().map_err(|e| DiffError::Io(e.into()))?;
+        let here = [p == Some(min), d == Some(min), n == Some(min)];
+        for (check, present) in checks.iter_mut().zip(here) {
+            if present {
+                check.check(min)?;
             }
         }
+        let [was, doubt, now] = here;
+        let change = match (was, now) {
+            (true, true) => Change::Unchanged,
+            (false, true) => Change::Added,
+            (true, false) => Change::Removed,
+            (false, false) => Change::Absent,
+        };
+        on_key(change, doubt, min).map_err(DiffError::Io)?;
+        match change {
+            Change::Added => counts.added += 1,
+            Change::Removed => counts.removed += 1,
+            Change::Unchanged => counts.unchanged += 1,
+            Change::Absent => {}
+        }
+        counts.previous += u64::from(was);
+        counts.new += u64::from(now);
+        counts.in_doubt += u64::from(doubt);
+        if doubt {
+            match change {
+                Change::Unchanged => counts.resent_adds += 1,
+                Change::Absent => counts.resent_removes += 1,
+                _ => {}
+            }
+        }
+        if was {
+            previous.advance().map_err(|e| DiffError::Io(e.into()))?;
+        }
+        if doubt {
+            in_doubt.advance().map_err(|e| DiffError::Io(e.into()))?;
+        }
+        if now {
+            new.advance().map_err(|e| DiffError::Io(e.into()))?;
+        }
+    }
+}
+
+/// An empty cursor: no previous cohort, no keys in doubt.
+#[derive(Debug)]
+pub struct Empty<E>(std::marker::PhantomData<fn() -> E>);
+
+impl<E> Default for Empty<E> {
+    fn default() -> Self {
+        Self(std::marker::PhantomData)
+    }
+}
+
+impl<E> KeyCursor for Empty<E> {
+    type Error = E;
+    fn key(&self) -> Option<&[u8]> {
+        None
+    }
+    fn advance(&mut self) -> Result<(), E> {
+        Ok(())
     }
 }
 
@@ -195,19 +253,28 @@ mod tests {
     use std::collections::BTreeSet;
     use std::convert::Infallible;
 
-    type Changes = Vec<(Change, Vec<u8>)>;
+    type Changes = Vec<(Change, bool, Vec<u8>)>;
 
-    fn diff(previous: &[Vec<u8>], new: &[Vec<u8>]) -> Result<(DiffCounts, Changes), DiffError<Infallible>> {
+    fn diff3(
+        previous: &[Vec<u8>],
+        doubt: &[Vec<u8>],
+        new: &[Vec<u8>],
+    ) -> Result<(DiffCounts, Changes), DiffError<Infallible>> {
         let mut out = Vec::new();
-        let counts = merge_diff::<Infallible, _, _, _>(
+        let counts = merge_diff::<Infallible, _, _, _, _>(
             &mut SliceCursor::new(previous),
+            &mut SliceCursor::new(doubt),
             &mut SliceCursor::new(new),
-            |c, k| {
-                out.push((c, k.to_vec()));
+            |c, d, k| {
+                out.push((c, d, k.to_vec()));
                 Ok(())
             },
         )?;
         Ok((counts, out))
+    }
+
+    fn diff(previous: &[Vec<u8>], new: &[Vec<u8>]) -> Result<(DiffCounts, Changes), DiffError<Infallible>> {
+        diff3(previous, &[], new)
     }
 
     fn keys(items: &[&str]) -> Vec<Vec<u8>> {
@@ -218,19 +285,18 @@ mod tests {
     fn first_import_adds_everyone_and_an_empty_source_removes_everyone() {
         let members = keys(&["a", "b", "c"]);
         let (counts, changes) = diff(&[], &members).unwrap();
-        assert_eq!(counts, DiffCounts { previous: 0, new: 3, added: 3, removed: 0, unchanged: 0 });
-        assert!(changes.iter().all(|(c, _)| *c == Change::Added));
+        assert_eq!(counts, DiffCounts { new: 3, added: 3, ..DiffCounts::default() });
+        assert!(changes.iter().all(|(c, _, _)| *c == Change::Added));
         let (counts, _) = diff(&members, &[]).unwrap();
-        assert_eq!(counts, DiffCounts { previous: 3, new: 0, added: 0, removed: 3, unchanged: 0 });
+        assert_eq!(counts, DiffCounts { previous: 3, removed: 3, ..DiffCounts::default() });
+        assert_eq!(counts.sends(), 3);
     }
 
     #[test]
     fn changes_come_in_key_order() {
         let (counts, changes) = diff(&keys(&["a", "c", "e"]), &keys(&["b", "c", "d"])).unwrap();
-        assert_eq!(counts.added, 2);
-        assert_eq!(counts.removed, 2);
-        assert_eq!(counts.unchanged, 1);
-        let order: Vec<_> = changes.iter().map(|(c, k)| (*c, k[0])).collect();
+        assert_eq!((counts.added, counts.removed, counts.unchanged), (2, 2, 1));
+        let order: Vec<_> = changes.iter().map(|(c, _, k)| (*c, k[0])).collect();
         assert_eq!(
             order,
             [
@@ -244,18 +310,35 @@ mod tests {
     }
 
     #[test]
+    fn keys_in_doubt_are_sent_again_the_way_the_new_cohort_says() {
+        // b: unchanged but in doubt → added again; x: absent but in doubt → removed again;
+        // c: a real change that is also in doubt → sent once.
+        let (counts, changes) =
+            diff3(&keys(&["a", "b", "c"]), &keys(&["b", "c", "x"]), &keys(&["a", "b"])).unwrap();
+        let sends: Vec<_> = changes.iter().map(|(c, d, k)| (k[0], c.send(*d))).collect();
+        assert_eq!(
+            sends,
+            [(b'a', None), (b'b', Some(Send::Add)), (b'c', Some(Send::Remove)), (b'x', Some(Send::Remove))]
+        );
+        assert_eq!(counts.in_doubt, 3);
+        assert_eq!((counts.resent_adds, counts.resent_removes), (1, 1));
+        assert_eq!((counts.added, counts.removed, counts.unchanged), (0, 1, 2));
+        assert_eq!(counts.sends(), 3);
+    }
+
+    #[test]
     fn unsorted_or_duplicated_input_stops_the_diff() {
         let err = diff(&keys(&["a", "c", "b"]), &keys(&["a"])).unwrap_err();
         assert!(matches!(err, DiffError::OutOfOrder { side: Side::Previous, position: 2 }), "{err:?}");
         let err = diff(&keys(&["a"]), &keys(&["a", "b", "b"])).unwrap_err();
         assert!(matches!(err, DiffError::OutOfOrder { side: Side::New, position: 2 }), "{err:?}");
         assert!(err.to_string().contains("new cohort"), "{err}");
+        let err = diff3(&[], &keys(&["b", "a"]), &[]).unwrap_err();
+        assert!(matches!(err, DiffError::OutOfOrder { side: Side::InDoubt, position: 1 }), "{err:?}");
     }
 
     #[test]
     fn a_failing_consumer_stops_the_diff() {
-        let previous = keys(&["a"]);
-        let new = keys(&["b"]);
         #[derive(Debug)]
         struct DiskFull;
         impl From<Infallible> for DiskFull {
@@ -263,26 +346,29 @@ mod tests {
                 match never {}
             }
         }
-        let err = merge_diff::<DiskFull, _, _, _>(
+        let (previous, new) = (keys(&["a"]), keys(&["b"]));
+        let err = merge_diff::<DiskFull, _, _, _, _>(
             &mut SliceCursor::new(&previous),
+            &mut Empty::<Infallible>::default(),
             &mut SliceCursor::new(&new),
-            |_, _| Err(DiskFull),
+            |_, _, _| Err(DiskFull),
         )
         .unwrap_err();
         assert!(matches!(err, DiffError::Io(DiskFull)));
     }
 
+    fn key_set() -> impl Strategy<Value = BTreeSet<Vec<u8>>> {
+        proptest::collection::btree_set(proptest::collection::vec(0u8..4, 0..4), 0..60)
+    }
+
     proptest! {
         #[test]
-        fn diff_matches_set_difference(
-            previous in proptest::collection::btree_set(proptest::collection::vec(0u8..4, 0..4), 0..60),
-            new in proptest::collection::btree_set(proptest::collection::vec(0u8..4, 0..4), 0..60),
-        ) {
+        fn diff_matches_set_difference(previous in key_set(), new in key_set()) {
             let p: Vec<_> = previous.iter().cloned().collect();
             let n: Vec<_> = new.iter().cloned().collect();
             let (counts, changes) = diff(&p, &n).unwrap();
             let pick = |which: Change| -> BTreeSet<Vec<u8>> {
-                changes.iter().filter(|(c, _)| *c == which).map(|(_, k)| k.clone()).collect()
+                changes.iter().filter(|(c, _, _)| *c == which).map(|(_, _, k)| k.clone()).collect()
             };
             prop_assert_eq!(pick(Change::Added), new.difference(&previous).cloned().collect::<BTreeSet<_>>());
             prop_assert_eq!(pick(Change::Removed), previous.difference(&new).cloned().collect::<BTreeSet<_>>());
@@ -290,8 +376,36 @@ mod tests {
             prop_assert_eq!(counts.new, new.len() as u64);
             prop_assert_eq!(counts.previous, previous.len() as u64);
             // Every distinct key once, in order.
-            let all: Vec<_> = changes.iter().map(|(_, k)| k.clone()).collect();
+            let all: Vec<_> = changes.iter().map(|(_, _, k)| k.clone()).collect();
             prop_assert!(all.windows(2).all(|w| w[0] < w[1]));
+        }
+
+        /// Whatever Braze holds of the keys in doubt, applying the sends makes it equal the
+        /// new cohort — provided it equals the previous cohort on every other key.
+        #[test]
+        fn sends_converge_from_any_state_of_the_keys_in_doubt(
+            previous in key_set(), doubt in key_set(), new in key_set(), coin in any::<u64>(),
+        ) {
+            let mut braze: BTreeSet<Vec<u8>> = previous.iter().filter(|k| !doubt.contains(*k)).cloned().collect();
+            for (i, k) in doubt.iter().enumerate() {
+                if coin.rotate_left(i as u32) & 1 == 1 {
+                    braze.insert(k.clone());
+                }
+            }
+            let p: Vec<_> = previous.iter().cloned().collect();
+            let d: Vec<_> = doubt.iter().cloned().collect();
+            let n: Vec<_> = new.iter().cloned().collect();
+            let (counts, changes) = diff3(&p, &d, &n).unwrap();
+            let mut sent = 0;
+            for (c, in_doubt, k) in changes {
+                match c.send(in_doubt) {
+                    Some(Send::Add) => { braze.insert(k); sent += 1; }
+                    Some(Send::Remove) => { braze.remove(&k); sent += 1; }
+                    None => {}
+                }
+            }
+            prop_assert_eq!(braze, new);
+            prop_assert_eq!(sent, counts.sends());
         }
     }
 }

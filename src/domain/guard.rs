@@ -92,15 +92,14 @@ pub fn decide(
 impl Blocked {
     /// What happened, in a sentence, with the numbers.
     pub fn summary(&self) -> String {
-        let GuardInput { previous_size, new_size, removals } = self.input;
+        let GuardInput { previous_size, new_size: _, removals } = self.input;
         let mut text = match self.reason {
-            BlockReason::EmptySource => format!(
-                "the source returned no member while Braze holds {previous_size} from the last \
-                 import; nothing was sent"
-            ),
+            BlockReason::EmptySource => {
+                format!("the source returned no member while Braze holds {previous_size}; nothing sent")
+            }
             BlockReason::TooManyRemovals => format!(
-                "this run would remove {removals} of {previous_size} members ({:.1}%), more than \
-                 the {}% the removal guard allows (cohort would be {new_size}); nothing was sent",
+                "would remove {removals} of {previous_size} members ({:.1}%), over the {}% allowed; \
+                 nothing sent",
                 percent(removals, previous_size),
                 self.max_removal_percent
             ),
@@ -114,12 +113,11 @@ impl Blocked {
         text
     }
 
-    /// How a person lets this run through (or turns the guard off).
+    /// How a person lets this run through (or changes the guard).
     pub fn how_to_approve(&self, import_name: &str, namespace: &str, run_id: &str) -> String {
         format!(
-            "check the source; if these removals are intended, approve them with `kubectl -n \
-             {namespace} annotate cohortimport {import_name} {}={run_id} --overwrite` (a new \
-             run starts), or set spec.removalGuard.maxRemovalPercent / disabled",
+            "if intended, approve: kubectl -n {namespace} annotate cohortimport {import_name} \
+             {}={run_id} --overwrite (or change spec.removalGuard)",
             crate::api::APPROVE_REMOVALS_ANNOTATION
         )
     }
@@ -162,7 +160,7 @@ mod tests {
         assert_eq!(b.reason, BlockReason::TooManyRemovals);
         assert_eq!(b.max_removal_percent, 20);
         let s = b.summary();
-        assert!(s.contains("21 of 100") && s.contains("21.0%") && s.contains("20%"), "{s}");
+        assert!(s.contains("remove 21 of 100") && s.contains("21.0%") && s.contains("20%"), "{s}");
     }
 
     #[test]

@@ -1,19 +1,21 @@
 //! Snapshots kept in the cluster, as ConfigMaps owned by the `CohortImport`.
 //!
-//! Layout, for an import with uid `U` and snapshot generation `G`:
-//! - `cohort-snapshot-U` — the head: [`SnapshotMeta`], the generation's chunk count and
-//!   body length (`data["snapshot.json"]`);
-//! - `cohort-snapshot-U-gG-0`, `-1`, … — the compressed body, cut into `binaryData["body"]`
-//!   pieces of at most 900 KiB, well under etcd's 1.5 MiB request limit.
+//! Layout, for an import with uid `U`:
+//! - `cohort-snapshot-U` — the head (`data["snapshot.json"]`): the [`SnapshotMeta`] and the
+//!   [`DoubtMeta`], each with the serial number of the chunks holding its body;
+//! - `cohort-snapshot-U-S-0`, `-1`, … — a body written under serial `S`, cut into
+//!   `binaryData["body"]` pieces of at most 900 KiB, well under etcd's 1.5 MiB request limit.
 //!
-//! A commit writes every chunk of the new generation, then switches the head to it with an
-//! update conditioned on the head's `resourceVersion`, then deletes the old generation's
-//! chunks. A crash before the switch leaves the old snapshot whole (plus unreferenced chunks,
-//! which the next commit deletes first); after it, the new one. Readers follow the head, so
-//! they never see a torn snapshot. Every object carries an ownerReference to the import, so
-//! Kubernetes' garbage collector removes the snapshot with it.
+//! A write (a commit, or recording keys in doubt) puts every chunk under a fresh serial,
+//! then switches the head to it with an update conditioned on the head's `resourceVersion`,
+//! then deletes the chunks the head no longer names. A crash before the switch leaves the
+//! old head whole (plus unreferenced chunks, which the next write deletes first); after it,
+//! the new one. Readers follow the head, so they never see a torn snapshot. Every object
+//! carries an ownerReference to the import, so Kubernetes' garbage collector removes the
+//! snapshot with it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
@@ -25,7 +27,10 @@ use kube::{Resource, ResourceExt};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
-use super::{SnapshotError, SnapshotMeta, SnapshotStore, StoredSnapshot, previous_generation};
+use super::{
+    DoubtMeta, Loaded, SnapshotError, SnapshotMeta, SnapshotStore, StoredDoubt, StoredSnapshot,
+    previous_generation,
+};
 use crate::api::{CohortImport, FIELD_MANAGER};
 
 /// Largest body piece per ConfigMap. A ConfigMap holds at most 1 MiB; etcd takes requests
@@ -36,23 +41,49 @@ pub const DEFAULT_CHUNK_BYTES: usize = 900 * 1024;
 pub const SNAPSHOT_OF_LABEL: &str = "cohorts.dev/snapshot-of";
 /// Label: `head` or `chunk`.
 pub const SNAPSHOT_PART_LABEL: &str = "cohorts.dev/snapshot-part";
-/// Label: the generation a chunk belongs to (on the head: the current generation).
+/// Label on chunks: the serial of the write they belong to.
+pub const SNAPSHOT_SERIAL_LABEL: &str = "cohorts.dev/snapshot-serial";
+/// Label on the head: the snapshot generation.
 pub const SNAPSHOT_GENERATION_LABEL: &str = "cohorts.dev/snapshot-generation";
 /// Annotation: the import's name, for people listing ConfigMaps.
 pub const SNAPSHOT_IMPORT_ANNOTATION: &str = "cohorts.dev/import";
 
 const HEAD_KEY: &str = "snapshot.json";
 const BODY_KEY: &str = "body";
-/// A reader that finds a chunk gone (a commit replaced the snapshot meanwhile) starts over.
+/// A reader that finds a chunk gone (a write replaced it meanwhile) starts over.
 const LOAD_ATTEMPTS: usize = 3;
 
 /// What the head ConfigMap says.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Head {
-    meta: SnapshotMeta,
+    /// The last serial used by a write.
+    serial: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    snapshot: Option<Part<SnapshotMeta>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    doubt: Option<Part<DoubtMeta>>,
+}
+
+/// A body and where its chunks are.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Part<M> {
+    meta: M,
+    serial: u64,
     chunks: u32,
     body_bytes: u64,
+}
+
+impl Head {
+    fn generation(&self) -> u64 {
+        self.snapshot.as_ref().map_or(0, |s| s.meta.generation)
+    }
+
+    /// Serials whose chunks the head needs.
+    fn serials(&self) -> BTreeSet<u64> {
+        self.snapshot.iter().map(|p| p.serial).chain(self.doubt.iter().map(|p| p.serial)).collect()
+    }
 }
 
 /// The snapshot of one import, in its namespace.
@@ -69,6 +100,17 @@ impl std::fmt::Debug for ClusterSnapshotStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.describe())
     }
+}
+
+/// The head as read, with the `resourceVersion` a replacement must match.
+struct ReadHead {
+    head: Head,
+    resource_version: Option<String>,
+}
+
+enum LoadAttempt {
+    Loaded(Loaded),
+    Moved(String),
 }
 
 impl ClusterSnapshotStore {
@@ -107,9 +149,9 @@ impl ClusterSnapshotStore {
         format!("cohort-snapshot-{}", self.uid)
     }
 
-    /// Name of chunk `index` of generation `generation`.
-    pub fn chunk_name(&self, generation: u64, index: u32) -> String {
-        format!("cohort-snapshot-{}-g{generation}-{index}", self.uid)
+    /// Name of chunk `index` of the write with `serial`.
+    pub fn chunk_name(&self, serial: u64, index: u32) -> String {
+        format!("cohort-snapshot-{}-{serial}-{index}", self.uid)
     }
 
     fn what(&self) -> String {
@@ -128,6 +170,10 @@ impl ClusterSnapshotStore {
         SnapshotError::Corrupt { what: self.what(), message }
     }
 
+    fn post_params() -> PostParams {
+        PostParams { field_manager: Some(FIELD_MANAGER.to_owned()), ..PostParams::default() }
+    }
+
     fn owner(&self) -> OwnerReference {
         OwnerReference {
             api_version: CohortImport::api_version(&()).into_owned(),
@@ -140,16 +186,16 @@ impl ClusterSnapshotStore {
         }
     }
 
-    fn object_meta(&self, name: String, part: &str, generation: u64) -> ObjectMeta {
+    fn object_meta(&self, name: String, labels: [(&str, String); 2]) -> ObjectMeta {
+        let mut all = BTreeMap::from([
+            (SNAPSHOT_OF_LABEL.to_owned(), self.uid.clone()),
+            ("app.kubernetes.io/managed-by".to_owned(), "cohort-operator".to_owned()),
+        ]);
+        all.extend(labels.map(|(k, v)| (k.to_owned(), v)));
         ObjectMeta {
             name: Some(name),
             namespace: Some(self.namespace.clone()),
-            labels: Some(BTreeMap::from([
-                (SNAPSHOT_OF_LABEL.to_owned(), self.uid.clone()),
-                (SNAPSHOT_PART_LABEL.to_owned(), part.to_owned()),
-                (SNAPSHOT_GENERATION_LABEL.to_owned(), generation.to_string()),
-                ("app.kubernetes.io/managed-by".to_owned(), "cohort-operator".to_owned()),
-            ])),
+            labels: Some(all),
             annotations: Some(BTreeMap::from([(
                 SNAPSHOT_IMPORT_ANNOTATION.to_owned(),
                 self.import_name.clone(),
@@ -159,71 +205,155 @@ impl ClusterSnapshotStore {
         }
     }
 
-    async fn head(&self) -> Result<Option<(Head, ConfigMap)>, SnapshotError> {
+    async fn read_head(&self) -> Result<ReadHead, SnapshotError> {
         let Some(cm) = self.api.get_opt(&self.head_name()).await.map_err(self.kube("read the head"))? else {
-            return Ok(None);
+            return Ok(ReadHead { head: Head::default(), resource_version: None });
         };
         let json = cm
             .data
             .as_ref()
             .and_then(|d| d.get(HEAD_KEY))
             .ok_or_else(|| self.corrupt(format!("the head has no data key {HEAD_KEY}")))?;
-        let head: Head =
-            serde_json::from_str(json).map_err(|e| self.corrupt(format!("the head: {e}")))?;
-        head.meta.check(&self.what())?;
-        Ok(Some((head, cm)))
+        let head: Head = serde_json::from_str(json).map_err(|e| self.corrupt(format!("the head: {e}")))?;
+        if let Some(s) = &head.snapshot {
+            s.meta.check(&self.what())?;
+        }
+        if let Some(d) = &head.doubt {
+            d.meta.check(&self.what())?;
+        }
+        Ok(ReadHead { head, resource_version: cm.metadata.resource_version })
     }
 
-    /// Deletes chunks selected by `extra` (a label selector added to this import's chunks).
-    async fn delete_chunks(&self, extra: Option<String>) -> Result<(), SnapshotError> {
+    /// Deletes this import's chunks whose serial is not in `keep`.
+    async fn delete_chunks_except(&self, keep: &BTreeSet<u64>) -> Result<(), SnapshotError> {
         let mut selector = format!("{SNAPSHOT_OF_LABEL}={},{SNAPSHOT_PART_LABEL}=chunk", self.uid);
-        if let Some(extra) = extra {
-            selector.push(',');
-            selector.push_str(&extra);
+        if !keep.is_empty() {
+            let list: Vec<String> = keep.iter().map(u64::to_string).collect();
+            selector.push_str(&format!(",{SNAPSHOT_SERIAL_LABEL} notin ({})", list.join(",")));
         }
         self.api
             .delete_collection(&DeleteParams::default(), &ListParams::default().labels(&selector))
             .await
-            .map_err(self.kube("delete old snapshot chunks"))?;
+            .map_err(self.kube("delete unused snapshot chunks"))?;
         Ok(())
     }
 
-    /// One attempt at copying the current snapshot into `file`.
-    async fn load_into(&self, file: &mut std::fs::File) -> Result<LoadAttempt, SnapshotError> {
-        let Some((head, _)) = self.head().await? else {
-            return Ok(LoadAttempt::None);
+    /// Uploads `body` as chunks under `serial`; returns (chunks, bytes).
+    async fn write_chunks(&self, serial: u64, body: &Path) -> Result<(u32, u64), SnapshotError> {
+        let mut file = File::open(body).map_err(self.io("open the new body"))?;
+        let pp = Self::post_params();
+        let mut piece = vec![0u8; self.chunk_bytes];
+        let (mut chunks, mut bytes) = (0u32, 0u64);
+        loop {
+            let n = read_full(&mut file, &mut piece).map_err(self.io("read the new body"))?;
+            if n == 0 {
+                return Ok((chunks, bytes));
+            }
+            let cm = ConfigMap {
+                metadata: self.object_meta(
+                    self.chunk_name(serial, chunks),
+                    [(SNAPSHOT_PART_LABEL, "chunk".into()), (SNAPSHOT_SERIAL_LABEL, serial.to_string())],
+                ),
+                binary_data: Some(BTreeMap::from([(BODY_KEY.to_owned(), ByteString(piece[..n].to_vec()))])),
+                ..ConfigMap::default()
+            };
+            self.api.create(&pp, &cm).await.map_err(|e| {
+                if is_conflict(&e) {
+                    // Another writer took this serial: it read the same head and got ahead.
+                    SnapshotError::Conflict { what: self.what(), expected: serial - 1, found: serial }
+                } else {
+                    self.kube("create a chunk")(e)
+                }
+            })?;
+            chunks += 1;
+            bytes += n as u64;
+        }
+    }
+
+    /// Replaces the head if it is still the one read; then drops chunks it no longer needs.
+    async fn switch_head(&self, read: ReadHead, head: Head) -> Result<(), SnapshotError> {
+        let pp = Self::post_params();
+        let cm = ConfigMap {
+            metadata: ObjectMeta {
+                resource_version: read.resource_version.clone(),
+                ..self.object_meta(
+                    self.head_name(),
+                    [(SNAPSHOT_PART_LABEL, "head".into()), (SNAPSHOT_GENERATION_LABEL, head.generation().to_string())],
+                )
+            },
+            data: Some(BTreeMap::from([(
+                HEAD_KEY.to_owned(),
+                serde_json::to_string(&head).expect("the snapshot head serializes"),
+            )])),
+            ..ConfigMap::default()
         };
-        file.set_len(0).and_then(|()| file.seek(SeekFrom::Start(0))).map_err(self.io("reset the scratch file"))?;
-        let generation = head.meta.generation;
+        let switched = match read.resource_version {
+            Some(_) => self.api.replace(&self.head_name(), &pp, &cm).await,
+            None => self.api.create(&pp, &cm).await,
+        };
+        if let Err(e) = switched {
+            if is_conflict(&e) {
+                let now = self.read_head().await.map(|r| r.head.generation()).unwrap_or(0);
+                return Err(SnapshotError::Conflict {
+                    what: self.what(),
+                    expected: read.head.generation(),
+                    found: now,
+                });
+            }
+            return Err(self.kube("switch the head")(e));
+        }
+        // The replaced bodies are garbage now; if this fails, the next write deletes them.
+        if let Err(e) = self.delete_chunks_except(&head.serials()).await {
+            warn!(snapshot = %self.what(), error = %e, "could not delete replaced snapshot chunks; the next write will");
+        }
+        Ok(())
+    }
+
+    /// Downloads the chunks of `part` into a new scratch file; `None` if one is gone.
+    async fn download<M>(&self, part: &Part<M>, scratch: &Path) -> Result<Option<File>, SnapshotError> {
+        let mut file = tempfile::tempfile_in(scratch).map_err(self.io("create a scratch file"))?;
         let mut copied = 0u64;
-        for index in 0..head.chunks {
-            let name = self.chunk_name(generation, index);
+        for index in 0..part.chunks {
+            let name = self.chunk_name(part.serial, index);
             let Some(cm) = self.api.get_opt(&name).await.map_err(self.kube("read a chunk"))? else {
-                return Ok(LoadAttempt::Moved(format!("chunk {name} is missing")));
+                debug!(snapshot = %self.what(), chunk = %name, "chunk gone: the snapshot was replaced while reading");
+                return Ok(None);
             };
             let bytes = cm
                 .binary_data
                 .as_ref()
                 .and_then(|d| d.get(BODY_KEY))
                 .ok_or_else(|| self.corrupt(format!("chunk {name} has no binaryData key {BODY_KEY}")))?;
-            file.write_all(&bytes.0).map_err(self.io("write the scratch file"))?;
+            file.write_all(&bytes.0).map_err(self.io("write a scratch file"))?;
             copied += bytes.0.len() as u64;
         }
-        if copied != head.body_bytes {
+        if copied != part.body_bytes {
             return Err(self.corrupt(format!(
-                "generation {generation} holds {copied} body bytes, its head says {}",
-                head.body_bytes
+                "serial {} holds {copied} body bytes, its head says {}",
+                part.serial, part.body_bytes
             )));
         }
-        file.seek(SeekFrom::Start(0)).map_err(self.io("rewind the scratch file"))?;
-        Ok(LoadAttempt::Loaded(head.meta))
+        file.seek(SeekFrom::Start(0)).map_err(self.io("rewind a scratch file"))?;
+        Ok(Some(file))
     }
-}
 
-enum LoadAttempt {
-    None,
-    Loaded(SnapshotMeta),
-    Moved(String),
+    async fn load_once(&self, scratch: &Path) -> Result<LoadAttempt, SnapshotError> {
+        let head = self.read_head().await?.head;
+        let mut loaded = Loaded::default();
+        if let Some(part) = &head.snapshot {
+            let Some(body) = self.download(part, scratch).await? else {
+                return Ok(LoadAttempt::Moved(format!("a chunk of serial {} is missing", part.serial)));
+            };
+            loaded.snapshot = Some(StoredSnapshot { meta: part.meta.clone(), body });
+        }
+        if let Some(part) = head.doubt.as_ref().filter(|d| d.meta.base_generation == head.generation()) {
+            let Some(body) = self.download(part, scratch).await? else {
+                return Ok(LoadAttempt::Moved(format!("a chunk of serial {} is missing", part.serial)));
+            };
+            loaded.doubt = Some(StoredDoubt { meta: part.meta.clone(), body });
+        }
+        Ok(LoadAttempt::Loaded(loaded))
+    }
 }
 
 fn kube_message(e: &kube::Error) -> String {
@@ -243,25 +373,37 @@ impl SnapshotStore for ClusterSnapshotStore {
         self.what()
     }
 
-    async fn load(&self, scratch: &Path) -> Result<Option<StoredSnapshot>, SnapshotError> {
-        let mut file = tempfile::tempfile_in(scratch).map_err(self.io("create a scratch file"))?;
+    async fn load(&self, scratch: &Path) -> Result<Loaded, SnapshotError> {
         let mut why = String::new();
         for _ in 0..LOAD_ATTEMPTS {
-            match self.load_into(&mut file).await? {
-                LoadAttempt::None => return Ok(None),
-                LoadAttempt::Loaded(meta) => return Ok(Some(StoredSnapshot { meta, body: file })),
-                LoadAttempt::Moved(reason) => {
-                    debug!(snapshot = %self.what(), %reason, "snapshot replaced while reading; reading again");
-                    why = reason;
-                }
+            match self.load_once(scratch).await? {
+                LoadAttempt::Loaded(loaded) => return Ok(loaded),
+                LoadAttempt::Moved(reason) => why = reason,
             }
         }
         Err(self.corrupt(format!("{why} (after {LOAD_ATTEMPTS} attempts)")))
     }
 
+    async fn record_doubt(&self, meta: &DoubtMeta, body: &Path) -> Result<(), SnapshotError> {
+        let read = self.read_head().await?;
+        let found = read.head.generation();
+        if found != meta.base_generation {
+            return Err(SnapshotError::Conflict { what: self.what(), expected: meta.base_generation, found });
+        }
+        self.delete_chunks_except(&read.head.serials()).await?;
+        let serial = read.head.serial + 1;
+        let (chunks, body_bytes) = self.write_chunks(serial, body).await?;
+        let head = Head {
+            serial,
+            snapshot: read.head.snapshot.clone(),
+            doubt: Some(Part { meta: meta.clone(), serial, chunks, body_bytes }),
+        };
+        self.switch_head(read, head).await
+    }
+
     async fn commit(&self, meta: &SnapshotMeta, body: &Path) -> Result<(), SnapshotError> {
-        let current = self.head().await?;
-        let found = current.as_ref().map(|(h, _)| h.meta.generation);
+        let read = self.read_head().await?;
+        let found = read.head.snapshot.as_ref().map(|s| s.meta.generation);
         if found != previous_generation(meta) {
             return Err(SnapshotError::Conflict {
                 what: self.what(),
@@ -269,74 +411,12 @@ impl SnapshotStore for ClusterSnapshotStore {
                 found: found.unwrap_or(0),
             });
         }
-        // Chunks of commits that never switched the head.
-        self.delete_chunks(Some(match found {
-            Some(g) => format!("{SNAPSHOT_GENERATION_LABEL}!={g}"),
-            None => format!("{SNAPSHOT_GENERATION_LABEL}"),
-        }))
-        .await?;
-
-        let generation = meta.generation;
-        let mut file = std::fs::File::open(body).map_err(self.io("open the new body"))?;
-        let pp = PostParams { field_manager: Some(FIELD_MANAGER.to_owned()), ..PostParams::default() };
-        let mut piece = vec![0u8; self.chunk_bytes];
-        let (mut chunks, mut body_bytes) = (0u32, 0u64);
-        loop {
-            let n = read_full(&mut file, &mut piece).map_err(self.io("read the new body"))?;
-            if n == 0 {
-                break;
-            }
-            let cm = ConfigMap {
-                metadata: self.object_meta(self.chunk_name(generation, chunks), "chunk", generation),
-                binary_data: Some(BTreeMap::from([(BODY_KEY.to_owned(), ByteString(piece[..n].to_vec()))])),
-                ..ConfigMap::default()
-            };
-            self.api.create(&pp, &cm).await.map_err(|e| {
-                if is_conflict(&e) {
-                    SnapshotError::Conflict { what: self.what(), expected: found.unwrap_or(0), found: generation }
-                } else {
-                    self.kube("create a chunk")(e)
-                }
-            })?;
-            chunks += 1;
-            body_bytes += n as u64;
-        }
-
-        let head = Head { meta: meta.clone(), chunks, body_bytes };
-        let mut cm = ConfigMap {
-            metadata: self.object_meta(self.head_name(), "head", generation),
-            data: Some(BTreeMap::from([(
-                HEAD_KEY.to_owned(),
-                serde_json::to_string(&head).expect("the snapshot head serializes"),
-            )])),
-            ..ConfigMap::default()
-        };
-        let switched = match current {
-            Some((_, old)) => {
-                // Only if nobody switched it since we read it.
-                cm.metadata.resource_version = old.metadata.resource_version;
-                self.api.replace(&self.head_name(), &pp, &cm).await
-            }
-            None => self.api.create(&pp, &cm).await,
-        };
-        if let Err(e) = switched {
-            if is_conflict(&e) {
-                let now = self.head().await.ok().flatten().map(|(h, _)| h.meta.generation).unwrap_or(0);
-                return Err(SnapshotError::Conflict {
-                    what: self.what(),
-                    expected: found.unwrap_or(0),
-                    found: now,
-                });
-            }
-            return Err(self.kube("switch the head to the new generation")(e));
-        }
-        // The old generation is garbage now; if this fails, the next commit deletes it.
-        if let Some(old) = found
-            && let Err(e) = self.delete_chunks(Some(format!("{SNAPSHOT_GENERATION_LABEL}={old}"))).await
-        {
-            warn!(snapshot = %self.what(), error = %e, "could not delete the previous snapshot generation; the next commit will");
-        }
-        Ok(())
+        // Chunks of writes that never switched the head.
+        self.delete_chunks_except(&read.head.serials()).await?;
+        let serial = read.head.serial + 1;
+        let (chunks, body_bytes) = self.write_chunks(serial, body).await?;
+        let head = Head { serial, snapshot: Some(Part { meta: meta.clone(), serial, chunks, body_bytes }), doubt: None };
+        self.switch_head(read, head).await
     }
 
     async fn delete(&self) -> Result<(), SnapshotError> {
@@ -346,7 +426,7 @@ impl SnapshotStore for ClusterSnapshotStore {
             Err(kube::Error::Api(s)) if s.is_not_found() => {}
             Err(e) => return Err(self.kube("delete the head")(e)),
         }
-        self.delete_chunks(None).await
+        self.delete_chunks_except(&BTreeSet::new()).await
     }
 }
 

@@ -1,25 +1,34 @@
-//! A snapshot kept as one file on a volume, for cohorts too large for etcd.
+//! A snapshot kept as files on a volume, for cohorts too large for etcd.
 //!
-//! File: `COHSNAP\n` ‖ u32 LE length ‖ [`SnapshotMeta`] as JSON ‖ compressed body. A commit
-//! writes `<name>.snapshot.tmp`, fsyncs it, renames it over `<name>.snapshot` and fsyncs
-//! the directory, so a crash leaves the old snapshot or the new one, never a mix; a stale
-//! `.tmp` is overwritten by the next commit.
+//! `<name>.snapshot`: `COHSNAP\n` ‖ u32 LE length ‖ [`SnapshotMeta`] as JSON ‖ compressed
+//! body. `<name>.doubt`: the same with `COHDOUB\n` and a [`DoubtMeta`]. Each is written to
+//! `<file>.tmp`, fsynced, renamed over the old one, and the directory fsynced, so a crash
+//! leaves the old file or the new one, never a mix; a stale `.tmp` is overwritten by the
+//! next write. A doubt file whose base generation is not the snapshot's is stale (a commit
+//! happened since) and ignored.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufWriter, Read, Seek, Write};
+use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
-use super::{SnapshotError, SnapshotMeta, SnapshotStore, StoredSnapshot, previous_generation};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
-const MAGIC: &[u8; 8] = b"COHSNAP\n";
+use super::{
+    DoubtMeta, Loaded, SnapshotError, SnapshotMeta, SnapshotStore, StoredDoubt, StoredSnapshot,
+    previous_generation,
+};
+
+const SNAPSHOT_MAGIC: &[u8; 8] = b"COHSNAP\n";
+const DOUBT_MAGIC: &[u8; 8] = b"COHDOUB\n";
 /// A header longer than this is damage, not metadata.
 const MAX_META_BYTES: u32 = 64 * 1024;
 
-/// Snapshots as files in a directory, one per import.
+/// Snapshots as files in a directory, one pair per import.
 #[derive(Clone, Debug)]
 pub struct FsSnapshotStore {
-    path: PathBuf,
-    tmp: PathBuf,
+    snapshot: PathBuf,
+    doubt: PathBuf,
 }
 
 impl FsSnapshotStore {
@@ -31,34 +40,57 @@ impl FsSnapshotStore {
             .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '_' })
             .collect();
         let dir = dir.into();
-        Self { path: dir.join(format!("{safe}.snapshot")), tmp: dir.join(format!("{safe}.snapshot.tmp")) }
+        Self { snapshot: dir.join(format!("{safe}.snapshot")), doubt: dir.join(format!("{safe}.doubt")) }
     }
 
+    /// The snapshot file.
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.snapshot
     }
 
     fn what(&self) -> String {
-        self.path.display().to_string()
+        self.snapshot.display().to_string()
     }
 
     fn io(&self, action: &'static str) -> impl FnOnce(io::Error) -> SnapshotError + '_ {
         move |source| SnapshotError::Io { what: self.what(), action, source }
     }
 
-    /// Opens the file and reads its header; `None` when there is no snapshot.
-    fn open(&self) -> Result<Option<StoredSnapshot>, SnapshotError> {
-        let mut file = match File::open(&self.path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(self.io("open")(e)),
+    fn open_snapshot(&self) -> Result<Option<StoredSnapshot>, SnapshotError> {
+        let Some((meta, body)) = open::<SnapshotMeta>(&self.snapshot, SNAPSHOT_MAGIC)? else {
+            return Ok(None);
         };
-        let meta = read_header(&mut file, &self.what())?;
-        Ok(Some(StoredSnapshot { meta, body: file }))
+        meta.check(&self.what())?;
+        Ok(Some(StoredSnapshot { meta, body }))
+    }
+
+    fn load_blocking(&self) -> Result<Loaded, SnapshotError> {
+        let snapshot = self.open_snapshot()?;
+        let generation = snapshot.as_ref().map_or(0, |s| s.meta.generation);
+        let doubt = match open::<DoubtMeta>(&self.doubt, DOUBT_MAGIC)? {
+            Some((meta, body)) if meta.base_generation == generation => {
+                meta.check(&self.what())?;
+                Some(StoredDoubt { meta, body })
+            }
+            _ => None,
+        };
+        Ok(Loaded { snapshot, doubt })
+    }
+
+    fn stored_generation(&self) -> Result<u64, SnapshotError> {
+        Ok(self.open_snapshot()?.map_or(0, |s| s.meta.generation))
+    }
+
+    fn record_doubt_blocking(&self, meta: &DoubtMeta, body: &Path) -> Result<(), SnapshotError> {
+        let found = self.stored_generation()?;
+        if found != meta.base_generation {
+            return Err(SnapshotError::Conflict { what: self.what(), expected: meta.base_generation, found });
+        }
+        self.replace(&self.doubt, DOUBT_MAGIC, meta, body)
     }
 
     fn commit_blocking(&self, meta: &SnapshotMeta, body: &Path) -> Result<(), SnapshotError> {
-        let found = self.open()?.map(|s| s.meta.generation);
+        let found = self.open_snapshot()?.map(|s| s.meta.generation);
         if found != previous_generation(meta) {
             return Err(SnapshotError::Conflict {
                 what: self.what(),
@@ -66,40 +98,61 @@ impl FsSnapshotStore {
                 found: found.unwrap_or(0),
             });
         }
-        if let Some(dir) = self.path.parent() {
-            fs::create_dir_all(dir).map_err(self.io("create the directory"))?;
-        }
+        self.replace(&self.snapshot, SNAPSHOT_MAGIC, meta, body)?;
+        // Stale from now on (its base generation is gone); removing it is tidiness.
+        remove(&self.doubt).map_err(self.io("delete the keys in doubt"))
+    }
+
+    /// Writes `magic ‖ meta ‖ body` to `path` through a temporary file and a rename.
+    fn replace(&self, path: &Path, magic: &[u8; 8], meta: &impl Serialize, body: &Path) -> Result<(), SnapshotError> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        fs::create_dir_all(dir).map_err(self.io("create the directory"))?;
+        let tmp = path.with_extension(format!(
+            "{}.tmp",
+            path.extension().and_then(|e| e.to_str()).unwrap_or_default()
+        ));
         let header = serde_json::to_vec(meta).expect("snapshot metadata serializes");
-        let tmp = OpenOptions::new()
+        let file = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
-            .open(&self.tmp)
-            .map_err(self.io("create the temporary file"))?;
-        let mut out = BufWriter::with_capacity(1 << 20, tmp);
+            .open(&tmp)
+            .map_err(self.io("create a temporary file"))?;
+        let mut out = BufWriter::with_capacity(1 << 20, file);
         let mut source = File::open(body).map_err(self.io("open the new body"))?;
         (|| {
-            out.write_all(MAGIC)?;
+            out.write_all(magic)?;
             out.write_all(&(header.len() as u32).to_le_bytes())?;
             out.write_all(&header)?;
             io::copy(&mut source, &mut out)?;
             out.into_inner().map_err(io::IntoInnerError::into_error)?.sync_all()
         })()
-        .map_err(self.io("write the temporary file"))?;
-        fs::rename(&self.tmp, &self.path).map_err(self.io("rename the temporary file"))?;
+        .map_err(self.io("write a temporary file"))?;
+        fs::rename(&tmp, path).map_err(self.io("rename a temporary file"))?;
         // The rename is durable only once the directory is.
-        if let Some(dir) = self.path.parent() {
-            File::open(dir).and_then(|d| d.sync_all()).map_err(self.io("sync the directory"))?;
-        }
-        Ok(())
+        File::open(dir).and_then(|d| d.sync_all()).map_err(self.io("sync the directory"))
     }
 }
 
-fn read_header(file: &mut File, what: &str) -> Result<SnapshotMeta, SnapshotError> {
-    let corrupt = |message: String| SnapshotError::Corrupt { what: what.to_owned(), message };
+fn remove(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Opens `path` and reads its header; the file is left positioned at the body.
+fn open<M: DeserializeOwned>(path: &Path, magic: &[u8; 8]) -> Result<Option<(M, File)>, SnapshotError> {
+    let what = path.display().to_string();
+    let mut file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(SnapshotError::Io { what, action: "open", source }),
+    };
+    let corrupt = |message: String| SnapshotError::Corrupt { what: what.clone(), message };
     let mut head = [0u8; 12];
     file.read_exact(&mut head).map_err(|e| corrupt(format!("header: {e}")))?;
-    if &head[..8] != MAGIC {
+    if &head[..8] != magic {
         return Err(corrupt("not a cohort snapshot file".into()));
     }
     let len = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes"));
@@ -108,11 +161,18 @@ fn read_header(file: &mut File, what: &str) -> Result<SnapshotMeta, SnapshotErro
     }
     let mut json = vec![0u8; len as usize];
     file.read_exact(&mut json).map_err(|e| corrupt(format!("metadata: {e}")))?;
-    let meta: SnapshotMeta = serde_json::from_slice(&json).map_err(|e| corrupt(format!("metadata: {e}")))?;
-    meta.check(what)?;
-    // The file is now positioned at the body.
-    debug_assert_eq!(file.stream_position().ok(), Some(12 + u64::from(len)));
-    Ok(meta)
+    let meta = serde_json::from_slice(&json).map_err(|e| corrupt(format!("metadata: {e}")))?;
+    Ok(Some((meta, file)))
+}
+
+/// Runs file work on this task, never on a detached thread: a run that is cancelled must
+/// not leave a write going on behind the next run's back. On a multi-threaded runtime the
+/// worker hands its other tasks over first.
+fn blocking<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
+        _ => work(),
+    }
 }
 
 #[async_trait::async_trait]
@@ -121,27 +181,22 @@ impl SnapshotStore for FsSnapshotStore {
         self.what()
     }
 
-    async fn load(&self, _scratch: &Path) -> Result<Option<StoredSnapshot>, SnapshotError> {
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || this.open()).await.expect("snapshot open does not panic")
+    async fn load(&self, _scratch: &Path) -> Result<Loaded, SnapshotError> {
+        blocking(|| self.load_blocking())
+    }
+
+    async fn record_doubt(&self, meta: &DoubtMeta, body: &Path) -> Result<(), SnapshotError> {
+        blocking(|| self.record_doubt_blocking(meta, body))
     }
 
     async fn commit(&self, meta: &SnapshotMeta, body: &Path) -> Result<(), SnapshotError> {
-        let (this, meta, body) = (self.clone(), meta.clone(), body.to_owned());
-        tokio::task::spawn_blocking(move || this.commit_blocking(&meta, &body))
-            .await
-            .expect("snapshot commit does not panic")
+        blocking(|| self.commit_blocking(meta, body))
     }
 
     async fn delete(&self) -> Result<(), SnapshotError> {
-        for path in [&self.path, &self.tmp] {
-            match fs::remove_file(path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(self.io("delete")(e)),
-            }
-        }
-        Ok(())
+        // The doubt file first: a snapshot without it is whole; the reverse would not be.
+        remove(&self.doubt).map_err(self.io("delete the keys in doubt"))?;
+        remove(&self.snapshot).map_err(self.io("delete"))
     }
 }
 
@@ -150,10 +205,10 @@ mod tests {
     use super::*;
     use crate::domain::diff::KeyCursor;
     use crate::snapshot::format::{BodyWriter, read_body};
-    use crate::snapshot::tests::meta;
+    use crate::snapshot::tests::{doubt, meta};
 
     fn body(dir: &Path, keys: &[&str]) -> PathBuf {
-        let path = dir.join(format!("body-{}", keys.len()));
+        let path = dir.join(format!("body-{}", keys.join("-")));
         let mut w = BodyWriter::new(File::create(&path).unwrap()).unwrap();
         for k in keys {
             w.push(k.as_bytes()).unwrap();
@@ -162,8 +217,8 @@ mod tests {
         path
     }
 
-    fn keys(s: StoredSnapshot) -> Vec<String> {
-        let mut r = read_body(s.body).unwrap();
+    fn keys(body: File) -> Vec<String> {
+        let mut r = read_body(body).unwrap();
         let mut out = Vec::new();
         while let Some(k) = r.key() {
             out.push(String::from_utf8(k.to_vec()).unwrap());
@@ -177,12 +232,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = FsSnapshotStore::new(dir.path().join("snaps"), "growth_vip/uid");
         assert!(store.path().ends_with("snaps/growth_vip_uid.snapshot"));
-        assert!(store.load(dir.path()).await.unwrap().is_none());
+        let empty = store.load(dir.path()).await.unwrap();
+        assert!(empty.snapshot.is_none() && empty.doubt.is_none());
 
         store.commit(&meta(1, 2), &body(dir.path(), &["a", "b"])).await.unwrap();
-        let s = store.load(dir.path()).await.unwrap().unwrap();
+        let s = store.load(dir.path()).await.unwrap().snapshot.unwrap();
         assert_eq!(s.meta, meta(1, 2));
-        assert_eq!(keys(s), ["a", "b"]);
+        assert_eq!(keys(s.body), ["a", "b"]);
 
         // A commit that does not follow the stored generation is refused and changes nothing.
         let err = store.commit(&meta(1, 1), &body(dir.path(), &["z"])).await.unwrap_err();
@@ -191,11 +247,38 @@ mod tests {
         assert!(matches!(err, SnapshotError::Conflict { expected: 2, found: 1, .. }), "{err}");
 
         store.commit(&meta(2, 3), &body(dir.path(), &["a", "c", "d"])).await.unwrap();
-        assert_eq!(keys(store.load(dir.path()).await.unwrap().unwrap()), ["a", "c", "d"]);
+        assert_eq!(keys(store.load(dir.path()).await.unwrap().snapshot.unwrap().body), ["a", "c", "d"]);
 
         store.delete().await.unwrap();
-        assert!(store.load(dir.path()).await.unwrap().is_none());
+        assert!(store.load(dir.path()).await.unwrap().snapshot.is_none());
         store.delete().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn keys_in_doubt_hold_until_the_next_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsSnapshotStore::new(dir.path(), "x");
+        // Before any snapshot (an interrupted first run).
+        store.record_doubt(&doubt(0, 2), &body(dir.path(), &["a", "b"])).await.unwrap();
+        let loaded = store.load(dir.path()).await.unwrap();
+        assert!(loaded.snapshot.is_none());
+        let d = loaded.doubt.unwrap();
+        assert_eq!(d.meta, doubt(0, 2));
+        assert_eq!(keys(d.body), ["a", "b"]);
+        // On a generation that is not the stored one: refused.
+        let err = store.record_doubt(&doubt(1, 1), &body(dir.path(), &["c"])).await.unwrap_err();
+        assert!(matches!(err, SnapshotError::Conflict { expected: 1, found: 0, .. }), "{err}");
+
+        store.commit(&meta(1, 1), &body(dir.path(), &["a"])).await.unwrap();
+        assert!(store.load(dir.path()).await.unwrap().doubt.is_none());
+        store.record_doubt(&doubt(1, 1), &body(dir.path(), &["c"])).await.unwrap();
+        assert_eq!(keys(store.load(dir.path()).await.unwrap().doubt.unwrap().body), ["c"]);
+
+        // A doubt file left from before a commit (crash between rename and delete) is stale.
+        let stale = fs::read(dir.path().join("x.doubt")).unwrap();
+        store.commit(&meta(2, 1), &body(dir.path(), &["c"])).await.unwrap();
+        fs::write(dir.path().join("x.doubt"), stale).unwrap();
+        assert!(store.load(dir.path()).await.unwrap().doubt.is_none());
     }
 
     #[tokio::test]
@@ -204,9 +287,9 @@ mod tests {
         let store = FsSnapshotStore::new(dir.path(), "x");
         store.commit(&meta(1, 1), &body(dir.path(), &["a"])).await.unwrap();
         fs::write(dir.path().join("x.snapshot.tmp"), b"half a snap").unwrap();
-        assert_eq!(keys(store.load(dir.path()).await.unwrap().unwrap()), ["a"]);
+        assert_eq!(keys(store.load(dir.path()).await.unwrap().snapshot.unwrap().body), ["a"]);
         store.commit(&meta(2, 2), &body(dir.path(), &["a", "b"])).await.unwrap();
-        assert_eq!(keys(store.load(dir.path()).await.unwrap().unwrap()), ["a", "b"]);
+        assert_eq!(keys(store.load(dir.path()).await.unwrap().snapshot.unwrap().body), ["a", "b"]);
     }
 
     #[tokio::test]

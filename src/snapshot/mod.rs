@@ -8,6 +8,11 @@
 //!   owned by the `CohortImport`, so the snapshot goes when the import goes.
 //! - [`fs::FsSnapshotStore`]: a file on a volume, for cohorts too large for etcd.
 //!
+//! Beside the snapshot, a store keeps the keys *in doubt* ([`DoubtMeta`]): a run records
+//! the keys it is about to send before sending them, and a commit clears them. A run that
+//! stops half-way leaves them recorded, so the next run re-sends them the way its own
+//! source says, whatever the half-finished run did — even when the source changed between.
+//!
 //! Every commit carries the next [`SnapshotMeta::generation`]; a store refuses a commit
 //! whose generation does not follow the stored one, so two runs racing on one import
 //! cannot both advance it.
@@ -48,6 +53,23 @@ pub struct SnapshotMeta {
     pub committed_at: Timestamp,
 }
 
+/// Keys whose state in Braze is unknown: the changes a run was about to send when it
+/// stopped. Recorded before a run sends anything; valid only on top of the snapshot
+/// generation it names (a later commit settles every key in it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DoubtMeta {
+    pub format: u32,
+    /// The snapshot generation the run diffed against (0: none).
+    pub base_generation: u64,
+    pub cohort_id: String,
+    /// Keys in the body.
+    pub keys: u64,
+    /// The run that recorded it.
+    pub run_id: String,
+    pub recorded_at: Timestamp,
+}
+
 /// A stored snapshot, opened for reading.
 #[derive(Debug)]
 pub struct StoredSnapshot {
@@ -56,22 +78,50 @@ pub struct StoredSnapshot {
     pub body: std::fs::File,
 }
 
+/// Stored keys in doubt, opened for reading.
+#[derive(Debug)]
+pub struct StoredDoubt {
+    pub meta: DoubtMeta,
+    /// A compressed body, like a snapshot's.
+    pub body: std::fs::File,
+}
+
+/// What a store holds for an import.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    /// `None` before the first successful run.
+    pub snapshot: Option<StoredSnapshot>,
+    /// Keys a run since that snapshot may have changed in Braze.
+    pub doubt: Option<StoredDoubt>,
+}
+
+impl Loaded {
+    pub fn generation(&self) -> u64 {
+        self.snapshot.as_ref().map_or(0, |s| s.meta.generation)
+    }
+}
+
 /// Where an import's snapshot lives.
 #[async_trait::async_trait]
 pub trait SnapshotStore: Send + Sync {
     /// Where, for messages: `ConfigMaps cohort-snapshot-<uid>* in growth`, a file path.
     fn describe(&self) -> String;
 
-    /// Opens the current snapshot; `None` before the first successful run. Stores that keep
-    /// the body remotely copy it into an unnamed temporary file under `scratch`.
-    async fn load(&self, scratch: &Path) -> Result<Option<StoredSnapshot>, SnapshotError>;
+    /// Opens the current snapshot and the keys in doubt on top of it. Stores that keep
+    /// bodies remotely copy them into unnamed temporary files under `scratch`.
+    async fn load(&self, scratch: &Path) -> Result<Loaded, SnapshotError>;
 
-    /// Replaces the snapshot with `meta` and the body in the file `body` (as written by
-    /// [`format::BodyWriter`]), all or nothing. Fails with [`SnapshotError::Conflict`] unless
+    /// Records keys in doubt (the body as written by [`format::BodyWriter`]), replacing any
+    /// recorded before. Fails with [`SnapshotError::Conflict`] unless the stored snapshot
+    /// generation is `meta.base_generation`.
+    async fn record_doubt(&self, meta: &DoubtMeta, body: &Path) -> Result<(), SnapshotError>;
+
+    /// Replaces the snapshot with `meta` and the body in the file `body`, all or nothing,
+    /// and clears the keys in doubt. Fails with [`SnapshotError::Conflict`] unless
     /// `meta.generation` is one more than the stored generation (or 1 when none is stored).
     async fn commit(&self, meta: &SnapshotMeta, body: &Path) -> Result<(), SnapshotError>;
 
-    /// Forgets the snapshot, so the next run sends every member again.
+    /// Forgets the snapshot and the keys in doubt, so the next run sends every member again.
     async fn delete(&self) -> Result<(), SnapshotError>;
 }
 
@@ -103,17 +153,28 @@ pub enum SnapshotError {
 impl SnapshotMeta {
     /// Checks what a reader relies on.
     pub fn check(&self, what: &str) -> Result<(), SnapshotError> {
-        if self.format > FORMAT_VERSION {
-            return Err(SnapshotError::NewerFormat { what: what.to_owned(), found: self.format });
-        }
-        if self.format == 0 || self.generation == 0 {
-            return Err(SnapshotError::Corrupt {
-                what: what.to_owned(),
-                message: format!("format {} generation {}", self.format, self.generation),
-            });
+        check_format(self.format, what)?;
+        if self.generation == 0 {
+            return Err(SnapshotError::Corrupt { what: what.to_owned(), message: "generation 0".into() });
         }
         Ok(())
     }
+}
+
+impl DoubtMeta {
+    pub fn check(&self, what: &str) -> Result<(), SnapshotError> {
+        check_format(self.format, what)
+    }
+}
+
+fn check_format(format: u32, what: &str) -> Result<(), SnapshotError> {
+    if format > FORMAT_VERSION {
+        return Err(SnapshotError::NewerFormat { what: what.to_owned(), found: format });
+    }
+    if format == 0 {
+        return Err(SnapshotError::Corrupt { what: what.to_owned(), message: "format 0".into() });
+    }
+    Ok(())
 }
 
 /// The generation a commit of `meta` expects to replace: `None` for the first.
@@ -124,6 +185,17 @@ fn previous_generation(meta: &SnapshotMeta) -> Option<u64> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    pub fn doubt(base_generation: u64, keys: u64) -> DoubtMeta {
+        DoubtMeta {
+            format: FORMAT_VERSION,
+            base_generation,
+            cohort_id: "vip".into(),
+            keys,
+            run_id: "run-x".into(),
+            recorded_at: "2026-01-02T00:00:00Z".parse().unwrap(),
+        }
+    }
 
     pub fn meta(generation: u64, members: u64) -> SnapshotMeta {
         SnapshotMeta {

@@ -1,0 +1,598 @@
+//! Import runs: source → sort → diff against the snapshot → guard → Braze → new snapshot.
+//!
+//! [`run_import`] is the one entry point. A run:
+//! 1. opens the last snapshot (what Braze received in the last successful run);
+//! 2. streams the source into an external sorter ([`sort`]), counting skipped rows; a
+//!    source error fails the run before anything is sent;
+//! 3. merges the sorted new cohort with the snapshot ([`crate::domain::diff`]), writing the
+//!    new snapshot body and the additions and removals to scratch files as it goes;
+//! 4. asks the removal guard ([`crate::domain::guard`]); a blocked run sends nothing;
+//! 5. stops there on a dry run;
+//! 6. names the cohort in Braze on the first run and when the display name changed;
+//! 7. sends removals, then additions;
+//! 8. commits the new snapshot only if Braze accepted every change.
+//!
+//! Nothing holds the cohort in memory: keys are sorted within a budget and spilled, and
+//! every later step streams. A run stopped anywhere (a crash, an abort, Braze failing)
+//! leaves the previous snapshot in place, so the next run re-sends whatever may be missing;
+//! Braze membership changes are idempotent, so re-sending is harmless.
+
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use futures::StreamExt;
+use jiff::Timestamp;
+use tempfile::SpooledTempFile;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::api::{IdentifierMapping, RemovalGuard, RunResult, RunTrigger};
+use crate::braze::{BrazeClient, Change, CohortTarget};
+use crate::domain::diff::{self, DiffCounts, DiffError, KeyCursor};
+use crate::domain::guard::{self, GuardDecision, GuardInput, RemovalApproval};
+use crate::domain::identifiers::SkipCounts;
+use crate::domain::member::{Member, MemberKey};
+use crate::snapshot::format::{BodyReader, BodyWriter, FrontCodedReader, FrontCodedWriter, read_body};
+use crate::snapshot::{DoubtMeta, FORMAT_VERSION, SnapshotMeta, SnapshotStore};
+use crate::source::MemberStream;
+
+pub mod report;
+pub mod sort;
+
+pub use report::{RunError, RunReport, SAMPLE_SIZE, new_run_id};
+
+/// Changes kept in memory before a change list moves to a scratch file.
+const CHANGES_IN_MEMORY: usize = 4 << 20;
+/// Batches of members in flight from the source to the sorter thread.
+const SORT_QUEUE: usize = 4;
+/// Changes per message from the reader thread to the Braze sender.
+const SEND_CHUNK: usize = 1000;
+
+/// What to run: one import's settings, taken from its spec by the caller.
+#[derive(Clone, Debug)]
+pub struct ImportRun {
+    /// Shown in status and in the approval hint; [`new_run_id`] makes one.
+    pub run_id: String,
+    pub trigger: RunTrigger,
+    /// The import, for messages: `namespace/name`.
+    pub namespace: String,
+    pub import_name: String,
+    /// `spec.cohort.name`: the display name in Braze. (`spec.cohort.id` is in the target.)
+    pub cohort_name: String,
+    /// [`identifier_fingerprint`] of `spec.identifiers`.
+    pub identifier_fingerprint: String,
+    /// `spec.removalGuard`; `None` means the default guard.
+    pub removal_guard: Option<RemovalGuard>,
+    /// Set when `cohorts.dev/approve-removals` names the most recent blocked run: that run's
+    /// id and the removals it reported (its `RunRecord.removed`).
+    pub approval: Option<RemovalApproval>,
+    /// `spec.dryRun`: compute and report, send nothing, keep the snapshot.
+    pub dry_run: bool,
+    /// Scratch space for sort spills and the new snapshot (an emptyDir in the pod).
+    pub scratch_dir: PathBuf,
+    /// Bytes of member keys the sorter buffers before spilling.
+    pub sort_memory_budget: usize,
+}
+
+impl ImportRun {
+    /// A run with the default guard, no approval, not a dry run, scratch in the system
+    /// temporary directory.
+    pub fn new(run_id: impl Into<String>, trigger: RunTrigger, namespace: &str, import_name: &str, cohort_name: &str) -> Self {
+        Self {
+            run_id: run_id.into(),
+            trigger,
+            namespace: namespace.to_owned(),
+            import_name: import_name.to_owned(),
+            cohort_name: cohort_name.to_owned(),
+            identifier_fingerprint: String::new(),
+            removal_guard: None,
+            approval: None,
+            dry_run: false,
+            scratch_dir: std::env::temp_dir(),
+            sort_memory_budget: sort::DEFAULT_MEMORY_BUDGET,
+        }
+    }
+}
+
+/// What a run reads from and writes to.
+pub struct RunDeps<'a> {
+    /// The source, opened: [`crate::source::MemberSource::members`].
+    pub members: MemberStream<'a>,
+    pub snapshots: &'a dyn SnapshotStore,
+    pub braze: &'a BrazeClient,
+    /// Endpoint, keys and `cohort_id` (= `spec.cohort.id`).
+    pub target: &'a CohortTarget,
+}
+
+/// A stable text of the identifier mapping; when it changes between runs, the members sent
+/// before were sent under other identifiers, and the run report says so.
+pub fn identifier_fingerprint(mapping: &IdentifierMapping) -> String {
+    let mut parts = Vec::new();
+    if let Some(f) = &mapping.external_id {
+        parts.push(format!("externalId={f}"));
+    }
+    if let Some(a) = &mapping.alias {
+        let label = match (&a.label, &a.label_field) {
+            (Some(l), _) => format!("label={l}"),
+            (None, Some(f)) => format!("labelField={f}"),
+            (None, None) => String::new(),
+        };
+        parts.push(format!("alias={}/{label}", a.name_field));
+    }
+    if let Some(f) = &mapping.device_id {
+        parts.push(format!("deviceId={f}"));
+    }
+    parts.join(";")
+}
+
+/// Runs one import to the end and reports it. Never panics on bad input or failing
+/// services: every failure is in the report (`result == Failed`, `error`, `hint`).
+///
+/// Cancelling the future (dropping it, aborting its task) at any point is safe: the
+/// snapshot is only replaced, atomically, after Braze accepted every change.
+pub async fn run_import(run: &ImportRun, deps: RunDeps<'_>) -> RunReport {
+    let started_at = Timestamp::now();
+    let clock = Instant::now();
+    let mut report = RunReport {
+        run_id: run.run_id.clone(),
+        trigger: run.trigger,
+        started_at,
+        finished_at: started_at,
+        duration: Default::default(),
+        result: RunResult::Failed,
+        cohort_size: 0,
+        previous_size: 0,
+        added: 0,
+        removed: 0,
+        unchanged: 0,
+        rows: 0,
+        skipped: SkipCounts::default(),
+        duplicates: 0,
+        requests: 0,
+        retries: 0,
+        accepted_adds: 0,
+        accepted_removes: 0,
+        resent: 0,
+        unsent: 0,
+        cohort_named: false,
+        committed_generation: None,
+        blocked: None,
+        approved_run: None,
+        sample_added: Vec::new(),
+        sample_removed: Vec::new(),
+        notes: Vec::new(),
+        error: None,
+        hint: None,
+        spilled_runs: 0,
+    };
+    match execute(run, deps, &mut report).await {
+        Ok(result) => report.result = result,
+        Err(error) => {
+            report.result = RunResult::Failed;
+            report.hint = Some(error.hint());
+            report.error = Some(error);
+            report.unsent = (report.added + report.removed + report.resent)
+                .saturating_sub(report.accepted_adds + report.accepted_removes);
+        }
+    }
+    report.finished_at = Timestamp::now();
+    report.duration = clock.elapsed();
+    let message = report.message();
+    match report.result {
+        RunResult::Failed => warn!(
+            namespace = %run.namespace, import = %run.import_name, run = %run.run_id,
+            cohort_size = report.cohort_size, added = report.added, removed = report.removed,
+            %message, "import run failed"
+        ),
+        result => info!(
+            namespace = %run.namespace, import = %run.import_name, run = %run.run_id,
+            ?result, cohort_size = report.cohort_size, added = report.added,
+            removed = report.removed, requests = report.requests, seconds = report.duration.as_secs_f64(),
+            "import run finished"
+        ),
+    }
+    report
+}
+
+async fn execute(run: &ImportRun, deps: RunDeps<'_>, report: &mut RunReport) -> Result<RunResult, RunError> {
+    let scratch_err = |action| {
+        let dir = run.scratch_dir.display().to_string();
+        move |source| RunError::Scratch { dir, action, source }
+    };
+    std::fs::create_dir_all(&run.scratch_dir).map_err(scratch_err("create"))?;
+    let scratch = tempfile::Builder::new()
+        .prefix("cohort-run-")
+        .tempdir_in(&run.scratch_dir)
+        .map_err(scratch_err("create a run directory"))?;
+    let cohort_id = &deps.target.cohort_id;
+
+    // 1. What Braze has, and what an interrupted run may have changed.
+    let loaded = deps.snapshots.load(scratch.path()).await?;
+    let stored_generation = loaded.generation();
+    let previous = match loaded.snapshot {
+        Some(s) if &s.meta.cohort_id != cohort_id => {
+            report.notes.push(format!(
+                "spec.cohort.id changed from {:?} to {cohort_id:?}: this is a new Braze cohort, so \
+                 every member is sent to it; the old cohort keeps its members",
+                s.meta.cohort_id
+            ));
+            None
+        }
+        other => other,
+    };
+    let doubt = loaded.doubt.filter(|d| &d.meta.cohort_id == cohort_id);
+    if let Some(d) = &doubt {
+        report.notes.push(format!(
+            "run {} stopped before Braze confirmed its {} changes; they are sent again as this \
+             run's source says",
+            d.meta.run_id, d.meta.keys
+        ));
+    }
+    if let Some(p) = &previous
+        && p.meta.identifier_fingerprint != run.identifier_fingerprint
+    {
+        report.notes.push(format!(
+            "the identifier mapping changed ({:?} → {:?}): members sent under the old \
+             identifiers are removed and re-added under the new ones",
+            p.meta.identifier_fingerprint, run.identifier_fingerprint
+        ));
+    }
+
+    // 2. The source, sorted and de-duplicated.
+    let (sorted, pushed) = sort_source(deps.members, scratch.path(), run.sort_memory_budget, report).await?;
+
+    // 3. The diff, writing the new snapshot body, the keys to send and the change lists.
+    let previous_meta = previous.as_ref().map(|p| p.meta.clone());
+    let doubt_meta = doubt.as_ref().map(|d| d.meta.clone());
+    let outputs = (!run.dry_run).then(|| DiffOutputs {
+        snapshot: scratch.path().join("snapshot.new"),
+        sends: scratch.path().join("doubt.new"),
+    });
+    let diffed = {
+        let outputs = outputs.clone();
+        let scratch_dir = run.scratch_dir.display().to_string();
+        tokio::task::spawn_blocking(move || {
+            diff_to_files(previous.map(|p| p.body), doubt.map(|d| d.body), sorted, outputs.as_ref())
+        })
+        .await
+        .expect("the diff does not panic")
+        .map_err(|e| match e {
+            DiffFailure::Io(source) => RunError::Scratch { dir: scratch_dir, action: "diff", source },
+            DiffFailure::Run(e) => e,
+        })?
+    };
+    let counts = diffed.counts;
+    if let Some(meta) = &previous_meta
+        && counts.previous != meta.members
+    {
+        return Err(RunError::SnapshotCount { expected: meta.members, found: counts.previous });
+    }
+    if let Some(meta) = &doubt_meta
+        && counts.in_doubt != meta.keys
+    {
+        return Err(RunError::SnapshotCount { expected: meta.keys, found: counts.in_doubt });
+    }
+    report.cohort_size = counts.new;
+    report.previous_size = counts.previous;
+    report.added = counts.added;
+    report.removed = counts.removed;
+    report.unchanged = counts.unchanged;
+    report.resent = counts.resent_adds + counts.resent_removes;
+    report.duplicates = pushed - counts.new;
+    report.sample_added = diffed.sample_added;
+    report.sample_removed = diffed.sample_removed;
+
+    // 4. The removal guard.
+    let input = GuardInput { previous_size: counts.previous, new_size: counts.new, removals: counts.removed };
+    match guard::decide(run.removal_guard.as_ref(), input, run.approval.as_ref()) {
+        GuardDecision::Proceed => {}
+        GuardDecision::Approved { run_id } => report.approved_run = Some(run_id),
+        GuardDecision::Blocked(blocked) => {
+            report.hint = Some(blocked.how_to_approve(&run.import_name, &run.namespace, &run.run_id));
+            report.blocked = Some(blocked);
+            if !run.dry_run {
+                return Ok(RunResult::Blocked);
+            }
+        }
+    }
+
+    // 5. A dry run ends here.
+    let Some(outputs) = outputs else {
+        return Ok(RunResult::DryRun);
+    };
+
+    // 6. The keys about to be sent are in doubt until the new snapshot is committed.
+    let sends = counts.sends();
+    if sends > 0 {
+        let meta = DoubtMeta {
+            format: FORMAT_VERSION,
+            base_generation: stored_generation,
+            cohort_id: cohort_id.clone(),
+            keys: sends,
+            run_id: run.run_id.clone(),
+            recorded_at: Timestamp::now(),
+        };
+        deps.snapshots.record_doubt(&meta, &outputs.sends).await?;
+    }
+
+    // 7. The cohort's name.
+    let renamed = previous_meta.as_ref().is_none_or(|m| m.cohort_name != run.cohort_name);
+    let created_at = previous_meta.as_ref().map_or_else(Timestamp::now, |m| m.cohort_created_at);
+    if renamed {
+        deps.braze.name_cohort(deps.target, &run.cohort_name, created_at).await.map_err(RunError::Naming)?;
+        report.requests += 1;
+        report.cohort_named = true;
+    }
+
+    // 8. Removals, then additions.
+    if sends > 0 {
+        let (tx, rx) = mpsc::channel::<Vec<Change>>(2);
+        let reader = tokio::task::spawn_blocking(move || read_changes(diffed.removes, diffed.adds, tx));
+        let changes = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) })
+            .flat_map(futures::stream::iter);
+        let sent = deps.braze.send_changes(deps.target, changes).await;
+        // The reader ends by itself once the sender stopped reading (its channel closes).
+        let read = reader.await.expect("the change reader does not panic");
+        report.requests += sent.totals.requests;
+        report.retries += sent.totals.retries;
+        report.accepted_adds = sent.totals.added;
+        report.accepted_removes = sent.totals.removed;
+        let accepted = sent.totals.added + sent.totals.removed;
+        if let Some(error) = sent.stopped {
+            return Err(RunError::Changes { error, accepted, planned: sends });
+        }
+        if let Err(source) = read {
+            return Err(RunError::Scratch {
+                dir: run.scratch_dir.display().to_string(),
+                action: "read the change lists",
+                source,
+            });
+        }
+        if accepted != sends {
+            return Err(RunError::Incomplete { accepted, planned: sends });
+        }
+    }
+
+    // 9. Braze has it all: the new snapshot (which also settles the keys in doubt).
+    if renamed || sends > 0 {
+        let meta = SnapshotMeta {
+            format: FORMAT_VERSION,
+            generation: stored_generation + 1,
+            cohort_id: cohort_id.clone(),
+            cohort_name: run.cohort_name.clone(),
+            cohort_created_at: created_at,
+            members: counts.new,
+            identifier_fingerprint: run.identifier_fingerprint.clone(),
+            run_id: run.run_id.clone(),
+            committed_at: Timestamp::now(),
+        };
+        deps.snapshots.commit(&meta, &outputs.snapshot).await?;
+        report.committed_generation = Some(meta.generation);
+    }
+    Ok(RunResult::Succeeded)
+}
+
+/// Streams the source into the sorter, which runs on a blocking thread.
+async fn sort_source(
+    mut members: MemberStream<'_>,
+    scratch: &Path,
+    budget: usize,
+    report: &mut RunReport,
+) -> Result<(sort::SortedKeys, u64), RunError> {
+    let (tx, mut rx) = mpsc::channel::<Vec<Member>>(SORT_QUEUE);
+    let dir = scratch.to_owned();
+    let sorter = tokio::task::spawn_blocking(move || {
+        let mut sorter = sort::ExternalSorter::new(dir, budget);
+        while let Some(batch) = rx.blocking_recv() {
+            for member in &batch {
+                sorter.push(MemberKey::from(member).as_bytes())?;
+            }
+        }
+        sorter.finish()
+    });
+    let mut source_error = None;
+    while let Some(batch) = members.next().await {
+        match batch {
+            Ok(batch) => {
+                report.rows += batch.rows();
+                report.skipped.add(&batch.skipped);
+                if tx.send(batch.members).await.is_err() {
+                    break; // the sorter failed; its error is below
+                }
+            }
+            Err(e) => {
+                source_error = Some(e);
+                break;
+            }
+        }
+    }
+    drop(tx);
+    drop(members);
+    let sorted = sorter.await.expect("the sorter does not panic");
+    if let Some(e) = source_error {
+        return Err(RunError::Source(e));
+    }
+    let (sorted, stats) = sorted.map_err(|source| RunError::Scratch {
+        dir: scratch.display().to_string(),
+        action: "sort the cohort",
+        source,
+    })?;
+    report.spilled_runs = stats.spilled_runs;
+    Ok((sorted, stats.pushed))
+}
+
+/// Where the diff writes the new snapshot body and the keys to send (both compressed).
+#[derive(Clone, Debug)]
+struct DiffOutputs {
+    snapshot: PathBuf,
+    sends: PathBuf,
+}
+
+/// The diff's results: counts, samples, and the change lists (front-coded, sorted).
+struct Diffed {
+    counts: DiffCounts,
+    adds: SpooledTempFile,
+    removes: SpooledTempFile,
+    sample_added: Vec<String>,
+    sample_removed: Vec<String>,
+}
+
+enum DiffFailure {
+    Io(io::Error),
+    Run(RunError),
+}
+
+/// A stored body, or nothing.
+enum StoredKeys {
+    Body(Box<BodyReader<BufReader<File>>>),
+    Nothing,
+}
+
+impl StoredKeys {
+    fn open(body: Option<File>, what: &str) -> Result<Self, DiffFailure> {
+        match body {
+            None => Ok(StoredKeys::Nothing),
+            Some(file) => read_body(BufReader::with_capacity(256 * 1024, file))
+                .map(|r| StoredKeys::Body(Box::new(r)))
+                .map_err(|e| snapshot_damaged(what, e)),
+        }
+    }
+}
+
+impl KeyCursor for StoredKeys {
+    type Error = io::Error;
+    fn key(&self) -> Option<&[u8]> {
+        match self {
+            StoredKeys::Body(r) => r.key(),
+            StoredKeys::Nothing => None,
+        }
+    }
+    fn advance(&mut self) -> io::Result<()> {
+        match self {
+            StoredKeys::Body(r) => r.advance(),
+            StoredKeys::Nothing => Ok(()),
+        }
+    }
+}
+
+fn create_body(path: &Path) -> io::Result<BodyWriter<BufWriter<File>>> {
+    BodyWriter::new(BufWriter::with_capacity(256 * 1024, File::create(path)?))
+}
+
+fn finish_body(body: BodyWriter<BufWriter<File>>) -> io::Result<()> {
+    let (out, _) = body.finish()?;
+    out.into_inner().map_err(io::IntoInnerError::into_error)?;
+    Ok(())
+}
+
+fn diff_to_files(
+    previous: Option<File>,
+    doubt: Option<File>,
+    mut new: sort::SortedKeys,
+    outputs: Option<&DiffOutputs>,
+) -> Result<Diffed, DiffFailure> {
+    const PREVIOUS: &str = "the previous snapshot";
+    const DOUBT: &str = "the keys in doubt";
+    let mut previous = StoredKeys::open(previous, PREVIOUS)?;
+    let mut doubt = StoredKeys::open(doubt, DOUBT)?;
+    let (mut snapshot, mut sends) = match outputs {
+        Some(o) => (
+            Some(create_body(&o.snapshot).map_err(DiffFailure::Io)?),
+            Some(create_body(&o.sends).map_err(DiffFailure::Io)?),
+        ),
+        None => (None, None),
+    };
+    let mut adds = FrontCodedWriter::new(SpooledTempFile::new(CHANGES_IN_MEMORY));
+    let mut removes = FrontCodedWriter::new(SpooledTempFile::new(CHANGES_IN_MEMORY));
+    let mut sample_added = Vec::new();
+    let mut sample_removed = Vec::new();
+    let on_key = |change: diff::Change, in_doubt: bool, key: &[u8]| -> io::Result<()> {
+        match change {
+            diff::Change::Added => sample(&mut sample_added, key),
+            diff::Change::Removed => sample(&mut sample_removed, key),
+            diff::Change::Unchanged | diff::Change::Absent => {}
+        }
+        if let Some(send) = change.send(in_doubt) {
+            match send {
+                diff::Send::Add => adds.push(key)?,
+                diff::Send::Remove => removes.push(key)?,
+            }
+            if let Some(sends) = &mut sends {
+                sends.push(key)?;
+            }
+        }
+        if let (Some(snapshot), diff::Change::Added | diff::Change::Unchanged) = (&mut snapshot, change) {
+            snapshot.push(key)?;
+        }
+        Ok(())
+    };
+    let counts = diff::merge_diff(&mut previous, &mut doubt, &mut new, on_key).map_err(|e| match e {
+        DiffError::OutOfOrder { side: diff::Side::Previous, .. } => {
+            snapshot_damaged(PREVIOUS, io::Error::other(e.to_string()))
+        }
+        DiffError::OutOfOrder { side: diff::Side::InDoubt, .. } => {
+            snapshot_damaged(DOUBT, io::Error::other(e.to_string()))
+        }
+        DiffError::OutOfOrder { .. } => DiffFailure::Io(io::Error::other(e.to_string())),
+        // Damage shows as invalid data on a stored stream; the sort's files are this run's.
+        DiffError::Io(e) if e.kind() == io::ErrorKind::InvalidData => snapshot_damaged(PREVIOUS, e),
+        DiffError::Io(e) => DiffFailure::Io(e),
+    })?;
+    for body in [snapshot, sends].into_iter().flatten() {
+        finish_body(body).map_err(DiffFailure::Io)?;
+    }
+    let rewind = |w: FrontCodedWriter<SpooledTempFile>| -> io::Result<SpooledTempFile> {
+        let mut f = w.into_inner();
+        f.flush()?;
+        f.seek(SeekFrom::Start(0))?;
+        Ok(f)
+    };
+    Ok(Diffed {
+        counts,
+        adds: rewind(adds).map_err(DiffFailure::Io)?,
+        removes: rewind(removes).map_err(DiffFailure::Io)?,
+        sample_added,
+        sample_removed,
+    })
+}
+
+fn snapshot_damaged(what: &str, e: io::Error) -> DiffFailure {
+    DiffFailure::Run(RunError::Snapshot(crate::snapshot::SnapshotError::Corrupt {
+        what: what.to_owned(),
+        message: e.to_string(),
+    }))
+}
+
+fn sample(into: &mut Vec<String>, key: &[u8]) {
+    if into.len() < SAMPLE_SIZE
+        && let Ok(k) = MemberKey::from_bytes(key)
+        && let Ok(m) = k.member()
+    {
+        into.push(m.to_string());
+    }
+}
+
+/// Reads the change lists back as Braze changes: removals first, then additions. Ends
+/// early (without error) when the sender stops listening.
+fn read_changes(removes: SpooledTempFile, adds: SpooledTempFile, tx: mpsc::Sender<Vec<Change>>) -> io::Result<()> {
+    for (file, remove) in [(removes, true), (adds, false)] {
+        let mut keys = FrontCodedReader::new(BufReader::with_capacity(64 * 1024, file))?;
+        let mut chunk = Vec::with_capacity(SEND_CHUNK);
+        while let Some(key) = keys.key() {
+            let member = MemberKey::from_bytes(key)
+                .and_then(|k| k.member())
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            chunk.push(Change { member, remove });
+            if chunk.len() == SEND_CHUNK && tx.blocking_send(std::mem::take(&mut chunk)).is_err() {
+                return Ok(());
+            }
+            keys.advance()?;
+        }
+        if !chunk.is_empty() && tx.blocking_send(chunk).is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}

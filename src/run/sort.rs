@@ -1,0 +1,306 @@
+//! External sort: member keys in, one sorted de-duplicated key stream out, in bounded memory.
+//!
+//! Keys are buffered in one contiguous arena (no allocation per key) with a 16-byte index
+//! entry each — the first 8 key bytes as a big-endian integer, so most comparisons never
+//! touch the arena, plus offset and length. When arena and index reach the memory budget
+//! the buffer is sorted, de-duplicated and spilled to an unnamed temporary file as
+//! front-coded records; at the end the spilled runs are merged through a binary heap. A
+//! cohort that fits the budget never touches the disk.
+
+use std::cmp::{Ordering, Reverse};
+use std::collections::BinaryHeap;
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use crate::domain::diff::KeyCursor;
+use crate::snapshot::format::{FrontCodedReader, FrontCodedWriter};
+
+/// Default budget for buffered keys and their index: 24 MiB.
+pub const DEFAULT_MEMORY_BUDGET: usize = 24 << 20;
+/// Bytes of the index per buffered key.
+const ENTRY_BYTES: usize = size_of::<Entry>();
+const SPILL_WRITE_BUFFER: usize = 256 * 1024;
+const SPILL_READ_BUFFER: usize = 64 * 1024;
+
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    prefix: u64,
+    offset: u32,
+    len: u32,
+}
+
+/// Sorts and de-duplicates keys within a memory budget.
+pub struct ExternalSorter {
+    dir: PathBuf,
+    budget: usize,
+    arena: Vec<u8>,
+    entries: Vec<Entry>,
+    runs: Vec<File>,
+    stats: SortStats,
+}
+
+/// What a sort did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SortStats {
+    /// Keys pushed, duplicates included.
+    pub pushed: u64,
+    /// Runs written to disk (0 when everything fit in memory).
+    pub spilled_runs: u32,
+    pub spilled_bytes: u64,
+}
+
+impl ExternalSorter {
+    /// Spills go to unnamed temporary files in `dir`; `budget` bounds buffered keys plus
+    /// their index (at least 64 KiB).
+    pub fn new(dir: impl Into<PathBuf>, budget: usize) -> Self {
+        Self {
+            dir: dir.into(),
+            budget: budget.max(64 * 1024),
+            arena: Vec::new(),
+            entries: Vec::new(),
+            runs: Vec::new(),
+            stats: SortStats::default(),
+        }
+    }
+
+    pub fn push(&mut self, key: &[u8]) -> io::Result<()> {
+        let used = self.arena.len() + self.entries.len() * ENTRY_BYTES;
+        if used + key.len() + ENTRY_BYTES > self.budget && !self.entries.is_empty() {
+            self.spill()?;
+        }
+        if self.arena.capacity() == 0 {
+            // Reserve the budget once (pages are only touched as keys arrive), so growth
+            // never copies the arena; the index gets a share sized for short keys.
+            self.arena.reserve(self.budget / 2);
+            self.entries.reserve(self.budget / 2 / ENTRY_BYTES);
+        }
+        let offset = u32::try_from(self.arena.len()).map_err(|_| {
+            io::Error::new(io::ErrorKind::InvalidInput, "sort buffer over 4 GiB; lower the memory budget")
+        })?;
+        self.arena.extend_from_slice(key);
+        self.entries.push(Entry { prefix: prefix(key), offset, len: key.len() as u32 });
+        self.stats.pushed += 1;
+        Ok(())
+    }
+
+    pub fn stats(&self) -> SortStats {
+        self.stats
+    }
+
+    /// Sorts and de-duplicates the buffer in place.
+    fn sort_buffer(&mut self) {
+        let arena = &self.arena;
+        let key = |e: &Entry| &arena[e.offset as usize..(e.offset + e.len) as usize];
+        self.entries.sort_unstable_by(|a, b| match a.prefix.cmp(&b.prefix) {
+            Ordering::Equal => key(a).cmp(key(b)),
+            other => other,
+        });
+        self.entries.dedup_by(|a, b| a.prefix == b.prefix && key(a) == key(b));
+    }
+
+    fn spill(&mut self) -> io::Result<()> {
+        self.sort_buffer();
+        let file = tempfile::tempfile_in(&self.dir)?;
+        let mut out = FrontCodedWriter::new(BufWriter::with_capacity(SPILL_WRITE_BUFFER, file));
+        for e in &self.entries {
+            out.push(&self.arena[e.offset as usize..(e.offset + e.len) as usize])?;
+        }
+        let mut file = out.into_inner().into_inner().map_err(io::IntoInnerError::into_error)?;
+        self.stats.spilled_bytes += file.stream_position()?;
+        file.seek(SeekFrom::Start(0))?;
+        self.runs.push(file);
+        self.stats.spilled_runs += 1;
+        self.arena.clear();
+        self.entries.clear();
+        Ok(())
+    }
+
+    /// Ends input; returns the keys sorted and de-duplicated.
+    pub fn finish(mut self) -> io::Result<(SortedKeys, SortStats)> {
+        if self.runs.is_empty() {
+            self.sort_buffer();
+            let stats = self.stats;
+            return Ok((SortedKeys::Memory(MemoryKeys { arena: self.arena, entries: self.entries, at: 0 }), stats));
+        }
+        if !self.entries.is_empty() {
+            self.spill()?;
+        }
+        // Release the buffer before merging.
+        self.arena = Vec::new();
+        self.entries = Vec::new();
+        let stats = self.stats;
+        let readers = self
+            .runs
+            .drain(..)
+            .map(|f| FrontCodedReader::new(BufReader::with_capacity(SPILL_READ_BUFFER, f)))
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok((SortedKeys::Merged(Merge::new(readers)?), stats))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+fn prefix(key: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    let n = key.len().min(8);
+    b[..n].copy_from_slice(&key[..n]);
+    u64::from_be_bytes(b)
+}
+
+/// The sorted, de-duplicated output of an [`ExternalSorter`].
+pub enum SortedKeys {
+    Memory(MemoryKeys),
+    Merged(Merge),
+}
+
+impl KeyCursor for SortedKeys {
+    type Error = io::Error;
+
+    fn key(&self) -> Option<&[u8]> {
+        match self {
+            SortedKeys::Memory(m) => m.key(),
+            SortedKeys::Merged(m) => m.key(),
+        }
+    }
+
+    fn advance(&mut self) -> io::Result<()> {
+        match self {
+            SortedKeys::Memory(m) => {
+                m.at += 1;
+                Ok(())
+            }
+            SortedKeys::Merged(m) => m.advance(),
+        }
+    }
+}
+
+/// Keys that never left memory.
+pub struct MemoryKeys {
+    arena: Vec<u8>,
+    entries: Vec<Entry>,
+    at: usize,
+}
+
+impl MemoryKeys {
+    fn key(&self) -> Option<&[u8]> {
+        self.entries.get(self.at).map(|e| &self.arena[e.offset as usize..(e.offset + e.len) as usize])
+    }
+}
+
+type Run = FrontCodedReader<BufReader<File>>;
+
+/// K-way merge of spilled runs, dropping keys repeated across runs.
+pub struct Merge {
+    runs: Vec<Run>,
+    /// Each run's current key (a copy, so the heap can own it) and the run's index.
+    heap: BinaryHeap<Reverse<(Vec<u8>, usize)>>,
+    current: Vec<u8>,
+    done: bool,
+}
+
+impl Merge {
+    fn new(runs: Vec<Run>) -> io::Result<Self> {
+        let heap = runs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| r.key().map(|k| Reverse((k.to_vec(), i))))
+            .collect();
+        let mut merge = Merge { runs, heap, current: Vec::new(), done: false };
+        merge.pop(true)?;
+        Ok(merge)
+    }
+
+    fn key(&self) -> Option<&[u8]> {
+        (!self.done).then_some(self.current.as_slice())
+    }
+
+    fn advance(&mut self) -> io::Result<()> {
+        self.pop(false)
+    }
+
+    /// Makes the smallest key not yet emitted current, reusing buffers: the popped key's
+    /// vector becomes `current`, and the old `current` carries its run's next key.
+    fn pop(&mut self, first: bool) -> io::Result<()> {
+        loop {
+            let Some(Reverse((key, run))) = self.heap.pop() else {
+                self.done = true;
+                return Ok(());
+            };
+            let duplicate = !first && key == self.current;
+            let mut spare = if duplicate { key } else { std::mem::replace(&mut self.current, key) };
+            let reader = &mut self.runs[run];
+            reader.advance()?;
+            if let Some(next) = reader.key() {
+                spare.clear();
+                spare.extend_from_slice(next);
+                self.heap.push(Reverse((spare, run)));
+            }
+            if !duplicate {
+                return Ok(());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn drain(mut keys: SortedKeys) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        while let Some(k) = keys.key() {
+            out.push(k.to_vec());
+            keys.advance().unwrap();
+        }
+        out
+    }
+
+    fn sort(keys: &[Vec<u8>], budget: usize) -> (Vec<Vec<u8>>, SortStats) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sorter = ExternalSorter::new(dir.path(), budget);
+        for k in keys {
+            sorter.push(k).unwrap();
+        }
+        let (sorted, stats) = sorter.finish().unwrap();
+        (drain(sorted), stats)
+    }
+
+    #[test]
+    fn small_inputs_stay_in_memory() {
+        let keys: Vec<Vec<u8>> = ["b", "a", "c", "a", "b"].iter().map(|s| s.as_bytes().to_vec()).collect();
+        let (out, stats) = sort(&keys, DEFAULT_MEMORY_BUDGET);
+        assert_eq!(out, [b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]);
+        assert_eq!(stats, SortStats { pushed: 5, spilled_runs: 0, spilled_bytes: 0 });
+        assert!(sort(&[], 0).0.is_empty());
+    }
+
+    #[test]
+    fn large_inputs_spill_and_merge_with_duplicates_across_runs() {
+        // Keys sharing their first 8 bytes, so the prefix shortcut must fall back to bytes.
+        let keys: Vec<Vec<u8>> = (0..200_000u32)
+            .map(|i| format!("\x01same-pre{:06}", (i * 7919) % 50_000).into_bytes())
+            .collect();
+        let (out, stats) = sort(&keys, 64 * 1024);
+        assert!(stats.spilled_runs > 10, "{stats:?}");
+        let mut expected = keys.clone();
+        expected.sort();
+        expected.dedup();
+        assert_eq!(out.len(), 50_000);
+        assert_eq!(out, expected);
+    }
+
+    proptest! {
+        #[test]
+        fn output_is_the_sorted_set_of_the_input(
+            keys in proptest::collection::vec(proptest::collection::vec(0u8..6, 0..12), 0..3000),
+        ) {
+            let (out, _) = sort(&keys, 1);
+            let expected: Vec<_> = keys.iter().cloned().collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+            prop_assert_eq!(out, expected);
+        }
+    }
+}
