@@ -250,3 +250,18 @@ async fn a_missing_secret_is_named() {
     assert_eq!(err.reason(), "SecretNotFound");
     assert!(err.to_string().starts_with("Secret growth/warehouse not found"), "{err}");
 }
+
+#[tokio::test]
+async fn sslmode_follows_the_url() {
+    let (pg, db) = database("tls", "");
+    let identifiers = mapping(serde_json::json!({ "externalId": "uid" }));
+    let base = format!("postgres://postgres@127.0.0.1:{}/{db}", pg.port());
+    // The default, prefer, asks for TLS and goes on without it on this server.
+    let prefer = open(&base, "SELECT 'p1' AS uid", 100, 30, &identifiers).await;
+    assert_eq!(read_cohort(prefer.as_ref()).await.unwrap().members, vec![Member::ExternalId("p1".into()).key()]);
+    // require does not.
+    let require = open(&format!("{base}?sslmode=require"), "SELECT 'p1' AS uid", 100, 30, &identifiers).await;
+    let err = read_cohort(require.as_ref()).await.unwrap_err();
+    assert!(matches!(err, SourceError::Connect { .. }), "{err:?}");
+    assert!(err.to_string().contains("TLS"), "{err}");
+}

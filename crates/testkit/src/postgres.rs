@@ -20,8 +20,11 @@ pub struct Postgres {
     run_as: Option<(u32, u32)>,
 }
 
-/// Data directories of process-wide servers still to stop at exit.
-static AT_EXIT: Mutex<Vec<(PathBuf, PathBuf, Option<(u32, u32)>)>> = Mutex::new(Vec::new());
+/// A server to stop at exit: its `bin/`, data directory and the user it runs as.
+type ExitStop = (PathBuf, PathBuf, Option<(u32, u32)>);
+
+/// Process-wide servers still to stop at exit.
+static AT_EXIT: Mutex<Vec<ExitStop>> = Mutex::new(Vec::new());
 
 impl Postgres {
     /// Starts a fresh cluster (about 2 s). Panics with the server's log when it cannot.
