@@ -1,0 +1,324 @@
+//! The ConfigMap snapshot store on a real kube-apiserver: chunking under etcd's limit,
+//! labels and ownerReferences, generation checks, keys in doubt, leftovers of interrupted
+//! writes, and a whole import run that keeps its snapshot in the cluster.
+//!
+//! This API server runs no garbage collector, so the ownerReferences are checked as written;
+//! their effect (the snapshot goes with the CohortImport) is Kubernetes' own.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use braze_sandbox::{DataImportKey, Partner, Sandbox, SandboxConfig, SandboxUser};
+use cohort_operator::api::{RunResult, RunTrigger};
+use cohort_operator::braze::{BrazeClient, BrazeClientConfig, CohortTarget};
+use cohort_operator::domain::diff::KeyCursor;
+use cohort_operator::domain::member::Member;
+use cohort_operator::run::{ImportRun, RunDeps, run_import};
+use cohort_operator::secret::SecretString;
+use cohort_operator::snapshot::cluster::{
+    ClusterSnapshotStore, DEFAULT_CHUNK_BYTES, SNAPSHOT_OF_LABEL, SNAPSHOT_PART_LABEL, SNAPSHOT_SERIAL_LABEL,
+};
+use cohort_operator::snapshot::format::{BodyWriter, read_body};
+use cohort_operator::snapshot::{DoubtMeta, FORMAT_VERSION, SnapshotError, SnapshotMeta, SnapshotStore};
+use cohort_operator::source::{MemberBatch, MemberStream};
+use futures::StreamExt;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, ListParams, PostParams};
+use rand::RngCore;
+use testkit::cluster::Cluster;
+
+struct Setup {
+    client: kube::Client,
+    namespace: String,
+    uid: String,
+    dir: tempfile::TempDir,
+}
+
+async fn setup(prefix: &str) -> Setup {
+    let cluster = Cluster::shared();
+    let namespace = cluster.namespace(prefix).await;
+    Setup {
+        client: cluster.client().await,
+        namespace,
+        uid: format!("0f3c2a1e-{:04x}-4d6b-9a57-{:012x}", rand::random::<u16>(), rand::random::<u64>() >> 16),
+        dir: tempfile::tempdir().unwrap(),
+    }
+}
+
+impl Setup {
+    fn store(&self) -> ClusterSnapshotStore {
+        ClusterSnapshotStore::for_owner(self.client.clone(), &self.namespace, "vip", &self.uid)
+    }
+
+    fn config_maps(&self) -> Api<ConfigMap> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    async fn objects(&self) -> Vec<ConfigMap> {
+        let selector = format!("{SNAPSHOT_OF_LABEL}={}", self.uid);
+        self.config_maps().list(&ListParams::default().labels(&selector)).await.unwrap().items
+    }
+
+    async fn chunk_serials(&self) -> BTreeSet<String> {
+        self.objects()
+            .await
+            .iter()
+            .filter_map(|cm| cm.metadata.labels.as_ref()?.get(SNAPSHOT_SERIAL_LABEL).cloned())
+            .collect()
+    }
+
+    fn body(&self, name: &str, keys: &[Vec<u8>]) -> PathBuf {
+        let path = self.dir.path().join(name);
+        let mut w = BodyWriter::new(File::create(&path).unwrap()).unwrap();
+        for k in keys {
+            w.push(k).unwrap();
+        }
+        w.finish().unwrap();
+        path
+    }
+}
+
+fn meta(generation: u64, members: u64) -> SnapshotMeta {
+    SnapshotMeta {
+        format: FORMAT_VERSION,
+        generation,
+        cohort_id: "vip".into(),
+        cohort_name: "VIP users".into(),
+        cohort_created_at: "2026-01-01T00:00:00Z".parse().unwrap(),
+        members,
+        identifier_fingerprint: "externalId=user_id".into(),
+        run_id: format!("run-{generation}"),
+        committed_at: jiff::Timestamp::now(),
+    }
+}
+
+fn doubt(base_generation: u64, keys: u64) -> DoubtMeta {
+    DoubtMeta {
+        format: FORMAT_VERSION,
+        base_generation,
+        cohort_id: "vip".into(),
+        keys,
+        run_id: "run-interrupted".into(),
+        recorded_at: jiff::Timestamp::now(),
+    }
+}
+
+fn read_keys(file: File) -> Vec<Vec<u8>> {
+    let mut r = read_body(file).unwrap();
+    let mut out = Vec::new();
+    while let Some(k) = r.key() {
+        out.push(k.to_vec());
+        r.advance().unwrap();
+    }
+    out
+}
+
+fn sorted_keys(n: usize, len: usize) -> Vec<Vec<u8>> {
+    let mut rng = rand::rng();
+    let mut keys: Vec<Vec<u8>> = (0..n)
+        .map(|_| {
+            let mut k = vec![0u8; len];
+            rng.fill_bytes(&mut k);
+            k
+        })
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+#[tokio::test]
+async fn large_bodies_are_cut_into_chunks_etcd_accepts_and_read_back_whole() {
+    let s = setup("snap-large").await;
+    let store = s.store();
+    // ~2.3 MB of random bytes: incompressible, so three chunks at the default size.
+    let keys = sorted_keys(70_000, 32);
+    let body = s.body("large", &keys);
+    store.commit(&meta(1, keys.len() as u64), &body).await.unwrap();
+
+    let objects = s.objects().await;
+    let chunks: Vec<&ConfigMap> = objects
+        .iter()
+        .filter(|cm| cm.metadata.labels.as_ref().unwrap()[SNAPSHOT_PART_LABEL] == "chunk")
+        .collect();
+    assert_eq!(chunks.len(), 3, "{:?}", objects.iter().map(|c| c.metadata.name.clone()).collect::<Vec<_>>());
+    for cm in &chunks {
+        let bytes = &cm.binary_data.as_ref().unwrap()["body"].0;
+        assert!(bytes.len() <= DEFAULT_CHUNK_BYTES, "{}", bytes.len());
+    }
+    for cm in &objects {
+        let owner = &cm.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!((owner.kind.as_str(), owner.name.as_str(), owner.uid.as_str()), ("CohortImport", "vip", s.uid.as_str()));
+        assert_eq!(owner.api_version, "cohorts.dev/v1alpha1");
+        assert_eq!(owner.controller, Some(true));
+        assert_eq!(cm.metadata.annotations.as_ref().unwrap()["cohorts.dev/import"], "vip");
+    }
+
+    let loaded = store.load(s.dir.path()).await.unwrap();
+    let snapshot = loaded.snapshot.unwrap();
+    assert_eq!(snapshot.meta.members, keys.len() as u64);
+    assert_eq!(read_keys(snapshot.body), keys);
+    assert!(loaded.doubt.is_none());
+}
+
+#[tokio::test]
+async fn commits_follow_generations_and_remove_what_they_replace() {
+    let s = setup("snap-gen").await;
+    let store = s.store().with_chunk_bytes(4096);
+    assert!(store.load(s.dir.path()).await.unwrap().snapshot.is_none());
+
+    let first = sorted_keys(3000, 12);
+    store.commit(&meta(1, first.len() as u64), &s.body("g1", &first)).await.unwrap();
+    let serials = s.chunk_serials().await;
+    assert_eq!(serials.len(), 1);
+
+    let second = sorted_keys(2000, 12);
+    store.commit(&meta(2, second.len() as u64), &s.body("g2", &second)).await.unwrap();
+    let now = s.chunk_serials().await;
+    assert_eq!(now.len(), 1, "the first generation's chunks are deleted");
+    assert!(now.is_disjoint(&serials));
+    assert_eq!(read_keys(store.load(s.dir.path()).await.unwrap().snapshot.unwrap().body), second);
+
+    // A second writer that diffed against generation 1 cannot commit over generation 2.
+    let other = s.store();
+    let err = other.commit(&meta(2, 1), &s.body("late", &first[..1])).await.unwrap_err();
+    assert!(matches!(err, SnapshotError::Conflict { expected: 1, found: 2, .. }), "{err}");
+    assert_eq!(read_keys(store.load(s.dir.path()).await.unwrap().snapshot.unwrap().body), second);
+
+    store.delete().await.unwrap();
+    assert!(s.objects().await.is_empty());
+    assert!(store.load(s.dir.path()).await.unwrap().snapshot.is_none());
+}
+
+#[tokio::test]
+async fn keys_in_doubt_are_kept_until_the_next_commit() {
+    let s = setup("snap-doubt").await;
+    let store = s.store().with_chunk_bytes(2048);
+    let sent = sorted_keys(500, 10);
+    // An interrupted first run.
+    store.record_doubt(&doubt(0, sent.len() as u64), &s.body("d0", &sent)).await.unwrap();
+    let loaded = store.load(s.dir.path()).await.unwrap();
+    assert!(loaded.snapshot.is_none());
+    let d = loaded.doubt.unwrap();
+    assert_eq!(d.meta.run_id, "run-interrupted");
+    assert_eq!(read_keys(d.body), sent);
+
+    let err = store.record_doubt(&doubt(3, 1), &s.body("d3", &sent[..1])).await.unwrap_err();
+    assert!(matches!(err, SnapshotError::Conflict { expected: 3, found: 0, .. }), "{err}");
+
+    store.commit(&meta(1, sent.len() as u64), &s.body("g1", &sent)).await.unwrap();
+    let loaded = store.load(s.dir.path()).await.unwrap();
+    assert!(loaded.doubt.is_none(), "a commit settles the keys in doubt");
+    assert_eq!(s.chunk_serials().await.len(), 1, "the doubt's chunks are deleted");
+
+    store.record_doubt(&doubt(1, 2), &s.body("d1", &sent[..2])).await.unwrap();
+    let loaded = store.load(s.dir.path()).await.unwrap();
+    assert_eq!(loaded.generation(), 1);
+    assert_eq!(read_keys(loaded.doubt.unwrap().body), sent[..2]);
+    assert_eq!(s.chunk_serials().await.len(), 2, "snapshot and doubt");
+}
+
+/// A write that crashed after some chunks but before switching the head leaves chunks no
+/// head names: readers ignore them and the next write deletes them.
+#[tokio::test]
+async fn chunks_of_an_interrupted_write_are_ignored_then_cleaned() {
+    let s = setup("snap-crash").await;
+    let store = s.store();
+    let keys = sorted_keys(100, 8);
+    store.commit(&meta(1, keys.len() as u64), &s.body("g1", &keys)).await.unwrap();
+    let serial = s.chunk_serials().await.into_iter().next().unwrap();
+    let next: u64 = serial.parse::<u64>().unwrap() + 1;
+    for index in 0..2 {
+        let cm = ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(store.chunk_name(next, index)),
+                labels: Some(BTreeMap::from([
+                    (SNAPSHOT_OF_LABEL.to_owned(), s.uid.clone()),
+                    (SNAPSHOT_PART_LABEL.to_owned(), "chunk".to_owned()),
+                    (SNAPSHOT_SERIAL_LABEL.to_owned(), next.to_string()),
+                ])),
+                ..ObjectMeta::default()
+            },
+            binary_data: Some(BTreeMap::from([("body".to_owned(), ByteString(b"half of a body".to_vec()))])),
+            ..ConfigMap::default()
+        };
+        s.config_maps().create(&PostParams::default(), &cm).await.unwrap();
+    }
+    assert_eq!(read_keys(store.load(s.dir.path()).await.unwrap().snapshot.unwrap().body), keys);
+
+    let more = sorted_keys(120, 8);
+    store.commit(&meta(2, more.len() as u64), &s.body("g2", &more)).await.unwrap();
+    let serials = s.chunk_serials().await;
+    assert_eq!(serials.len(), 1, "{serials:?}");
+    assert_eq!(read_keys(store.load(s.dir.path()).await.unwrap().snapshot.unwrap().body), more);
+}
+
+#[tokio::test]
+async fn a_damaged_head_is_reported_with_the_fix() {
+    let s = setup("snap-damaged").await;
+    let store = s.store();
+    let cm = ConfigMap {
+        metadata: ObjectMeta { name: Some(store.head_name()), ..ObjectMeta::default() },
+        data: Some(BTreeMap::from([("snapshot.json".to_owned(), "{not json".to_owned())])),
+        ..ConfigMap::default()
+    };
+    s.config_maps().create(&PostParams::default(), &cm).await.unwrap();
+    let err = store.load(s.dir.path()).await.unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("damaged") && text.contains(&store.head_name()) && text.contains("delete it"), "{text}");
+}
+
+fn member(i: usize) -> Member {
+    Member::ExternalId(format!("user-{i}"))
+}
+
+fn source(range: std::ops::Range<usize>) -> MemberStream<'static> {
+    let members: Vec<Member> = range.map(member).collect();
+    futures::stream::iter(vec![Ok(MemberBatch { members, ..MemberBatch::default() })]).boxed()
+}
+
+#[tokio::test]
+async fn an_import_run_keeps_its_snapshot_in_the_cluster() {
+    let s = setup("snap-run").await;
+    let sandbox = Sandbox::start(SandboxConfig {
+        partners: vec![Partner { name: "acme".into(), api_key: "pk".into() }],
+        data_import_keys: vec![DataImportKey { key: "ik".into(), partners: vec![] }],
+        users: (0..3000).map(|i| SandboxUser::identified(format!("user-{i}"))).collect(),
+        ..SandboxConfig::default()
+    })
+    .await
+    .unwrap();
+    let target = CohortTarget {
+        rest_endpoint: sandbox.url(),
+        partner: "acme".into(),
+        partner_api_key: SecretString::new("pk"),
+        data_import_key: SecretString::new("ik"),
+        cohort_id: "vip".into(),
+    };
+    let braze = BrazeClient::new(BrazeClientConfig::default()).unwrap();
+    let store = s.store().with_chunk_bytes(1024);
+    let scratch: &Path = s.dir.path();
+    let run = |id: &str| {
+        let mut run = ImportRun::new(id, RunTrigger::Manual, &s.namespace, "vip", "VIP users");
+        run.scratch_dir = scratch.to_owned();
+        run
+    };
+    let members = |sandbox: &braze_sandbox::RunningSandbox| -> BTreeSet<String> {
+        sandbox.member_external_ids("acme", "vip").into_iter().collect()
+    };
+
+    let report = run_import(&run("r1"), RunDeps { members: source(0..2000), snapshots: &store, braze: &braze, target: &target }).await;
+    assert_eq!(report.result, RunResult::Succeeded, "{}", report.message());
+    let report = run_import(&run("r2"), RunDeps { members: source(100..2100), snapshots: &store, braze: &braze, target: &target }).await;
+    assert_eq!(report.result, RunResult::Succeeded, "{}", report.message());
+    assert_eq!((report.added, report.removed, report.committed_generation), (100, 100, Some(2)));
+    assert_eq!(members(&sandbox), (100..2100).map(|i| format!("user-{i}")).collect());
+
+    let loaded = store.load(scratch).await.unwrap();
+    let snapshot = loaded.snapshot.unwrap();
+    assert_eq!((snapshot.meta.generation, snapshot.meta.members, snapshot.meta.run_id.as_str()), (2, 2000, "r2"));
+    assert!(loaded.doubt.is_none());
+}
