@@ -1,7 +1,6 @@
 //! The HTTP side: one keep-alive connection pool, bounded requests in flight, retries.
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::ops::Range;
 use std::pin::pin;
 use std::sync::Mutex;
@@ -133,7 +132,9 @@ impl ChangesReport {
             return false;
         }
         let i = self.requests.partition_point(|r| r.changes.end <= position);
-        self.requests.get(i).is_some_and(|r| r.changes.contains(&position) && r.accepted())
+        self.requests
+            .get(i)
+            .is_some_and(|r| r.changes.contains(&position) && r.accepted())
     }
 }
 
@@ -191,7 +192,9 @@ impl RunState {
     }
 
     fn take_retry(&self) -> bool {
-        self.retries_left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok()
+        self.retries_left
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
     }
 
     fn stopped(&self) -> bool {
@@ -227,7 +230,9 @@ impl BrazeClient {
             // A redirected POST turns into a GET: refuse redirects and report them instead.
             .redirect(reqwest::redirect::Policy::none())
             .build()
-            .map_err(|e| BrazeError::InvalidRequest(format!("cannot set up the HTTP client: {e}")))?;
+            .map_err(|e| {
+                BrazeError::InvalidRequest(format!("cannot set up the HTTP client: {e}"))
+            })?;
         Ok(Self { http, config })
     }
 
@@ -244,7 +249,9 @@ impl BrazeClient {
         created_at: jiff::Timestamp,
     ) -> Result<RequestOutcome, BrazeError> {
         if name.trim().is_empty() {
-            return Err(BrazeError::InvalidRequest("the cohort name is empty".into()));
+            return Err(BrazeError::InvalidRequest(
+                "the cohort name is empty".into(),
+            ));
         }
         if target.cohort_id.is_empty() {
             return Err(BrazeError::InvalidRequest("the cohort id is empty".into()));
@@ -379,52 +386,55 @@ impl BrazeClient {
         report
     }
 
-    fn send_batch<'a>(
-        &'a self,
-        target: &'a CohortTarget,
-        url: &'a Url,
+    async fn send_batch(
+        &self,
+        target: &CohortTarget,
+        url: &Url,
         batch: Batch,
-        run: &'a RunState,
-    ) -> impl Future<Output = (Batch, RequestOutcome)> + 'a {
-        async move {
-            let started = Instant::now();
-            let mut body = Vec::with_capacity(256 + batch.len() * 48);
-            let encoded = serde_json::to_writer(
-                &mut body,
-                &UsersBody {
-                    partner_api_key: target.partner_api_key.expose(),
-                    client_secret: target.data_import_key.expose(),
-                    cohort_id: &target.cohort_id,
-                    batch: &batch,
-                },
-            );
-            let done = match encoded {
-                Ok(()) => self.execute(target, url.clone(), body, run, batch.seq).await,
-                Err(e) => Attempted {
-                    attempts: 0,
-                    status: None,
-                    response: ResponseText::default(),
-                    error: Some(BrazeError::InvalidRequest(format!("cannot encode the request: {e}"))),
-                },
-            };
-            let outcome = RequestOutcome {
-                seq: batch.seq,
-                changes: batch.changes(),
-                adds: batch.add_counts,
-                removes: batch.remove_counts,
-                attempts: done.attempts,
-                status: done.status,
-                error: done.error,
-                response: done.response,
-                elapsed: started.elapsed(),
-            };
-            debug!(
-                cohort_id = %target.cohort_id, seq = outcome.seq, ids = batch.len(),
-                status = outcome.status, attempts = outcome.attempts,
-                accepted = outcome.accepted(), "Braze request finished"
-            );
-            (batch, outcome)
-        }
+        run: &RunState,
+    ) -> (Batch, RequestOutcome) {
+        let started = Instant::now();
+        let mut body = Vec::with_capacity(256 + batch.len() * 48);
+        let encoded = serde_json::to_writer(
+            &mut body,
+            &UsersBody {
+                partner_api_key: target.partner_api_key.expose(),
+                client_secret: target.data_import_key.expose(),
+                cohort_id: &target.cohort_id,
+                batch: &batch,
+            },
+        );
+        let done = match encoded {
+            Ok(()) => {
+                self.execute(target, url.clone(), body, run, batch.seq)
+                    .await
+            }
+            Err(e) => Attempted {
+                attempts: 0,
+                status: None,
+                response: ResponseText::default(),
+                error: Some(BrazeError::InvalidRequest(format!(
+                    "cannot encode the request: {e}"
+                ))),
+            },
+        };
+        let outcome = RequestOutcome {
+            seq: batch.seq,
+            changes: batch.changes(),
+            adds: batch.add_counts,
+            removes: batch.remove_counts,
+            attempts: done.attempts,
+            status: done.status,
+            error: done.error,
+            response: done.response,
+            elapsed: started.elapsed(),
+        };
+        debug!(
+            cohort_id = %target.cohort_id, seq = outcome.seq, ids = batch.len(),
+            status = outcome.status, attempts = outcome.attempts,
+            accepted = outcome.accepted(), "Braze request finished"
+        );
+        (batch, outcome)
     }
 
     /// Sends one request until it is accepted, fails for good, or retrying must stop.
@@ -439,14 +449,18 @@ impl BrazeClient {
         let secrets = target.secrets();
         let policy = &self.config.retry;
         let mut request = Request::new(reqwest::Method::POST, url);
-        request.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        request
+            .headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         *request.timeout_mut() = Some(self.config.request_timeout);
         *request.body_mut() = Some(body.into());
         let mut stop = run.stop.subscribe();
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let this = request.try_clone().expect("an in-memory body can be cloned");
+            let this = request
+                .try_clone()
+                .expect("an in-memory body can be cloned");
             let (status, response, failure, hint) = match self.http.execute(this).await {
                 Ok(resp) => {
                     let status = resp.status().as_u16();
@@ -458,44 +472,83 @@ impl BrazeClient {
                             if response.has_errors {
                                 warn!(cohort_id = %target.cohort_id, seq, status, body = %response.body, "Braze accepted the request but listed errors");
                             }
-                            return Attempted { attempts, status: Some(status), response, error: None };
+                            return Attempted {
+                                attempts,
+                                status: Some(status),
+                                response,
+                                error: None,
+                            };
                         }
                         Disposition::Permanent => {
                             let error = permanent_error(status, &response);
                             warn!(cohort_id = %target.cohort_id, seq, status, %error, "Braze refused the request");
-                            return Attempted { attempts, status: Some(status), response, error: Some(error) };
+                            return Attempted {
+                                attempts,
+                                status: Some(status),
+                                response,
+                                error: Some(error),
+                            };
                         }
                         Disposition::Retry => {
                             let message = response.message.clone();
-                            (Some(status), response, TransientFailure::Status { status, message }, hint)
+                            (
+                                Some(status),
+                                response,
+                                TransientFailure::Status { status, message },
+                                hint,
+                            )
                         }
                     }
                 }
                 Err(e) if e.is_timeout() => {
                     run.timeouts.fetch_add(1, Ordering::Relaxed);
-                    (None, ResponseText::default(), TransientFailure::Timeout(self.config.request_timeout), None)
+                    (
+                        None,
+                        ResponseText::default(),
+                        TransientFailure::Timeout(self.config.request_timeout),
+                        None,
+                    )
                 }
                 Err(e) => {
                     run.connection_errors.fetch_add(1, Ordering::Relaxed);
                     let message = wire::redact(&error_chain(&e), &secrets);
-                    (None, ResponseText::default(), TransientFailure::Connection(message), None)
+                    (
+                        None,
+                        ResponseText::default(),
+                        TransientFailure::Connection(message),
+                        None,
+                    )
                 }
             };
-            let give_up = |error| Attempted { attempts, status, response: response.clone(), error: Some(error) };
+            let give_up = |error| Attempted {
+                attempts,
+                status,
+                response: response.clone(),
+                error: Some(error),
+            };
             if run.stopped() {
                 return give_up(BrazeError::Abandoned);
             }
             if attempts >= policy.max_attempts {
-                return give_up(BrazeError::AttemptsExhausted { attempts, last: failure });
+                return give_up(BrazeError::AttemptsExhausted {
+                    attempts,
+                    last: failure,
+                });
             }
             let delay = match policy.delay(attempts, hint, rand::random::<f64>()) {
                 RetryDelay::Wait(delay) => delay,
                 RetryDelay::TooLong(wait) => {
-                    return give_up(BrazeError::RateLimited { wait, max_wait: policy.max_server_wait });
+                    return give_up(BrazeError::RateLimited {
+                        wait,
+                        max_wait: policy.max_server_wait,
+                    });
                 }
             };
             if !run.take_retry() {
-                return give_up(BrazeError::RetryBudgetExhausted { budget: run.budget, last: failure });
+                return give_up(BrazeError::RetryBudgetExhausted {
+                    budget: run.budget,
+                    last: failure,
+                });
             }
             warn!(cohort_id = %target.cohort_id, seq, attempt = attempts, %failure, ?delay, "Braze request failed; retrying");
             tokio::select! {
@@ -520,7 +573,11 @@ fn batches<S: Stream<Item = Change>>(changes: S, max_ids: usize) -> impl Stream<
                         return Some((batch, (changes, packer, false)));
                     }
                 }
-                None => return packer.finish().map(|batch| (batch, (changes, packer, true))),
+                None => {
+                    return packer
+                        .finish()
+                        .map(|batch| (batch, (changes, packer, true)));
+                }
             }
         }
     })
@@ -528,7 +585,11 @@ fn batches<S: Stream<Item = Change>>(changes: S, max_ids: usize) -> impl Stream<
 
 fn wait_hint(headers: &HeaderMap) -> Option<Duration> {
     let text = |name| headers.get(name).and_then(|v| v.to_str().ok());
-    server_wait_hint(text(RETRY_AFTER.as_str()), text("x-ratelimit-reset"), jiff::Timestamp::now())
+    server_wait_hint(
+        text(RETRY_AFTER.as_str()),
+        text("x-ratelimit-reset"),
+        jiff::Timestamp::now(),
+    )
 }
 
 /// Reads at most [`READ_BODY_BYTES`]; a broken body keeps what arrived.
@@ -547,7 +608,10 @@ async fn read_body(mut resp: reqwest::Response, secrets: &[&str]) -> ResponseTex
 fn permanent_error(status: u16, response: &ResponseText) -> BrazeError {
     let message = response.message.clone();
     match status {
-        401 => BrazeError::Unauthorized { reason: UnauthorizedReason::from_message(&message), message },
+        401 => BrazeError::Unauthorized {
+            reason: UnauthorizedReason::from_message(&message),
+            message,
+        },
         400 => BrazeError::BadRequest { message },
         _ => BrazeError::Rejected { status, message },
     }
@@ -566,7 +630,11 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 fn totals(requests: &[RequestOutcome], run: &RunState) -> ChangesTotals {
     let mut t = ChangesTotals {
-        responses_by_status: run.by_status.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        responses_by_status: run
+            .by_status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone(),
         timeouts: run.timeouts.load(Ordering::Relaxed),
         connection_errors: run.connection_errors.load(Ordering::Relaxed),
         retries: run.budget - run.retries_left.load(Ordering::Relaxed),

@@ -9,7 +9,10 @@ pub enum BrazeError {
     /// 401: a key is wrong, invalidated, or the partner is not enabled. Permanent until
     /// someone changes a key, so the run stops after the first one.
     #[error("Braze refused the keys (401: {message}): {}", reason.advice())]
-    Unauthorized { reason: UnauthorizedReason, message: String },
+    Unauthorized {
+        reason: UnauthorizedReason,
+        message: String,
+    },
     /// 400: the request itself is wrong; sending it again cannot help.
     #[error("Braze rejected the request as malformed (400: {message}); not retried")]
     BadRequest { message: String },
@@ -24,7 +27,10 @@ pub enum BrazeError {
     RetryBudgetExhausted { budget: u32, last: TransientFailure },
     /// One request failed on every attempt.
     #[error("gave up after {attempts} attempts; last failure: {last}")]
-    AttemptsExhausted { attempts: u32, last: TransientFailure },
+    AttemptsExhausted {
+        attempts: u32,
+        last: TransientFailure,
+    },
     /// Braze asked for a wait longer than a run holds on; the rest goes next run.
     #[error(
         "Braze's rate limit asks to wait {wait:?}, longer than the {max_wait:?} a run waits; \
@@ -42,7 +48,10 @@ pub enum BrazeError {
 impl BrazeError {
     /// 400 and 401: the run must stop and a person must act.
     pub fn is_permanent(&self) -> bool {
-        matches!(self, Self::Unauthorized { .. } | Self::BadRequest { .. } | Self::Rejected { .. })
+        matches!(
+            self,
+            Self::Unauthorized { .. } | Self::BadRequest { .. } | Self::Rejected { .. }
+        )
     }
 }
 
@@ -109,8 +118,14 @@ mod tests {
     #[test]
     fn braze_401_messages_name_the_key() {
         use UnauthorizedReason::*;
-        assert_eq!(UnauthorizedReason::from_message("Invalid Partner API key"), PartnerApiKey);
-        assert_eq!(UnauthorizedReason::from_message("Invalid client secret"), DataImportKey);
+        assert_eq!(
+            UnauthorizedReason::from_message("Invalid Partner API key"),
+            PartnerApiKey
+        );
+        assert_eq!(
+            UnauthorizedReason::from_message("Invalid client secret"),
+            DataImportKey
+        );
         assert_eq!(
             UnauthorizedReason::from_message(
                 "Partner not enabled for client with client secret: <redacted>"
@@ -132,7 +147,10 @@ mod tests {
         assert!(e.is_permanent());
         let e = BrazeError::RetryBudgetExhausted {
             budget: 3,
-            last: TransientFailure::Status { status: 503, message: "busy".into() },
+            last: TransientFailure::Status {
+                status: 503,
+                message: "busy".into(),
+            },
         };
         assert!(e.to_string().contains("HTTP 503: busy"));
         assert!(!e.is_permanent());

@@ -66,7 +66,10 @@ impl RetryPolicy {
     /// `unit` is a random number in `[0, 1)`.
     pub fn backoff(&self, retry: u32, unit: f64) -> Duration {
         let exp = retry.saturating_sub(1).min(31);
-        let ceiling = self.base_delay.saturating_mul(1u32 << exp).min(self.max_delay);
+        let ceiling = self
+            .base_delay
+            .saturating_mul(1u32 << exp)
+            .min(self.max_delay);
         ceiling.mul_f64(unit.clamp(0.0, 1.0))
     }
 
@@ -77,7 +80,10 @@ impl RetryPolicy {
         match server_hint {
             Some(hint) if hint > self.max_server_wait => RetryDelay::TooLong(hint),
             Some(hint) => RetryDelay::Wait(
-                hint + self.base_delay.min(self.max_delay).mul_f64(unit.clamp(0.0, 1.0)),
+                hint + self
+                    .base_delay
+                    .min(self.max_delay)
+                    .mul_f64(unit.clamp(0.0, 1.0)),
             ),
             None => RetryDelay::Wait(self.backoff(retry, unit)),
         }
@@ -106,7 +112,10 @@ pub fn server_wait_hint(
         }
     }
     let value = ratelimit_reset.map(str::trim)?;
-    let reset: f64 = value.parse().ok().filter(|v: &f64| v.is_finite() && *v >= 0.0)?;
+    let reset: f64 = value
+        .parse()
+        .ok()
+        .filter(|v: &f64| v.is_finite() && *v >= 0.0)?;
     if reset < 1e9 {
         return Some(Duration::from_secs_f64(reset));
     }
@@ -171,7 +180,10 @@ mod tests {
             p.delay(1, Some(Duration::from_secs(3600)), 0.5),
             RetryDelay::TooLong(Duration::from_secs(3600))
         );
-        assert_eq!(p.delay(2, None, 1.0), RetryDelay::Wait(Duration::from_millis(200)));
+        assert_eq!(
+            p.delay(2, None, 1.0),
+            RetryDelay::Wait(Duration::from_millis(200))
+        );
     }
 
     #[test]
@@ -185,7 +197,10 @@ mod tests {
             Some(Duration::from_millis(9750))
         );
         // Epoch seconds, as Braze's REST API sends them.
-        assert_eq!(hint(None, Some("1714564802")), Some(Duration::from_millis(1750)));
+        assert_eq!(
+            hint(None, Some("1714564802")),
+            Some(Duration::from_millis(1750))
+        );
         // A reset in the past means retry now.
         assert_eq!(hint(None, Some("1714564000")), Some(Duration::ZERO));
         // Small values are delta seconds.

@@ -49,8 +49,16 @@ impl Serialize for Changes<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let b = self.0;
         let objects = [
-            ChangeObject { members: &b.adds, counts: b.add_counts, remove: false },
-            ChangeObject { members: &b.removes, counts: b.remove_counts, remove: true },
+            ChangeObject {
+                members: &b.adds,
+                counts: b.add_counts,
+                remove: false,
+            },
+            ChangeObject {
+                members: &b.removes,
+                counts: b.remove_counts,
+                remove: true,
+            },
         ];
         let mut seq = s.serialize_seq(None)?;
         for object in objects.iter().filter(|o| !o.members.is_empty()) {
@@ -118,7 +126,10 @@ struct AliasObject<'a> {
 impl Serialize for Aliases<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_seq(self.0.iter().filter_map(|m| match m {
-            Member::Alias { name, label } => Some(AliasObject { alias_name: name, alias_label: label }),
+            Member::Alias { name, label } => Some(AliasObject {
+                alias_name: name,
+                alias_label: label,
+            }),
             _ => None,
         }))
     }
@@ -149,7 +160,11 @@ pub fn read_response(bytes: &[u8], secrets: &[&str]) -> ResponseText {
         .and_then(|v| v.get("errors"))
         .and_then(|e| e.as_array())
         .is_some_and(|e| !e.is_empty());
-    ResponseText { body: truncate(redact(&text, secrets), KEPT_BODY_BYTES), message, has_errors }
+    ResponseText {
+        body: truncate(redact(&text, secrets), KEPT_BODY_BYTES),
+        message,
+        has_errors,
+    }
 }
 
 /// Replaces every occurrence of each non-empty secret.
@@ -188,14 +203,22 @@ mod tests {
         let mut packer = Packer::new(1000);
         for change in [
             Change::add(Member::ExternalId("e1".into())),
-            Change::add(Member::Alias { name: "n\"1".into(), label: "crm".into() }),
+            Change::add(Member::Alias {
+                name: "n\"1".into(),
+                label: "crm".into(),
+            }),
             Change::remove(Member::DeviceId("d1".into())),
             Change::add(Member::ExternalId("e2".into())),
         ] {
             assert!(packer.push(change).is_none());
         }
         let batch = packer.finish().unwrap();
-        let body = UsersBody { partner_api_key: "pk", client_secret: "cs", cohort_id: "c-1", batch: &batch };
+        let body = UsersBody {
+            partner_api_key: "pk",
+            client_secret: "cs",
+            cohort_id: "c-1",
+            batch: &batch,
+        };
         let json: serde_json::Value = serde_json::to_value(&body).unwrap();
         assert_eq!(
             json,
@@ -216,9 +239,17 @@ mod tests {
         let mut packer = Packer::new(1000);
         packer.push(Change::remove(Member::ExternalId("e".into())));
         let batch = packer.finish().unwrap();
-        let body = UsersBody { partner_api_key: "p", client_secret: "c", cohort_id: "x", batch: &batch };
+        let body = UsersBody {
+            partner_api_key: "p",
+            client_secret: "c",
+            cohort_id: "x",
+            batch: &batch,
+        };
         let json = serde_json::to_value(&body).unwrap();
-        assert_eq!(json["cohort_changes"], serde_json::json!([{"user_ids": ["e"], "should_remove": true}]));
+        assert_eq!(
+            json["cohort_changes"],
+            serde_json::json!([{"user_ids": ["e"], "should_remove": true}])
+        );
     }
 
     #[test]
@@ -227,7 +258,10 @@ mod tests {
             br#"{"message":"Partner not enabled for client with client secret: s3cret-key"}"#,
             &["s3cret-key", "partner-key"],
         );
-        assert_eq!(r.message, "Partner not enabled for client with client secret: <redacted>");
+        assert_eq!(
+            r.message,
+            "Partner not enabled for client with client secret: <redacted>"
+        );
         assert!(!r.body.contains("s3cret-key"));
         let r = read_response(b"<html>Bad Gateway</html>\n", &[]);
         assert_eq!(r.message, "<html>Bad Gateway</html>");
@@ -244,7 +278,10 @@ mod tests {
 
     #[test]
     fn redaction_replaces_longer_keys_first_and_ignores_empty_ones() {
-        assert_eq!(redact("abc abcdef", &["abc", "abcdef", ""]), "<redacted> <redacted>");
+        assert_eq!(
+            redact("abc abcdef", &["abc", "abcdef", ""]),
+            "<redacted> <redacted>"
+        );
         assert_eq!(redact("nothing", &[""]), "nothing");
     }
 }

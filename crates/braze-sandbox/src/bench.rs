@@ -92,8 +92,14 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<BenchResult> {
         }
         None => {
             let sandbox = Sandbox::start(SandboxConfig {
-                partners: vec![Partner { name: config.partner.clone(), api_key: config.partner_api_key.clone() }],
-                data_import_keys: vec![DataImportKey { key: config.data_import_key.clone(), partners: vec![] }],
+                partners: vec![Partner {
+                    name: config.partner.clone(),
+                    api_key: config.partner_api_key.clone(),
+                }],
+                data_import_keys: vec![DataImportKey {
+                    key: config.data_import_key.clone(),
+                    partners: vec![],
+                }],
                 users: generated_users("bench-user-", config.users).collect(),
                 ..SandboxConfig::default()
             })
@@ -103,7 +109,8 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<BenchResult> {
         }
     };
     let endpoint = format!("{url}/partners/{}/cohorts/users", config.partner);
-    let bodies: Arc<Vec<Vec<u8>>> = Arc::new((0..DISTINCT_BODIES).map(|i| body(config, i)).collect());
+    let bodies: Arc<Vec<Vec<u8>>> =
+        Arc::new((0..DISTINCT_BODIES).map(|i| body(config, i)).collect());
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(config.concurrency)
         .tcp_nodelay(true)
@@ -113,7 +120,12 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<BenchResult> {
     let started = Instant::now();
     let mut tasks = Vec::new();
     for worker in 0..config.concurrency.max(1) {
-        let (client, endpoint, bodies, issued) = (client.clone(), endpoint.clone(), bodies.clone(), issued.clone());
+        let (client, endpoint, bodies, issued) = (
+            client.clone(),
+            endpoint.clone(),
+            bodies.clone(),
+            issued.clone(),
+        );
         let limit = config.requests;
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
@@ -123,7 +135,13 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<BenchResult> {
                 let body = bodies[n % bodies.len()].clone();
                 n += 1;
                 let sent = Instant::now();
-                let ok = match client.post(&endpoint).header("content-type", "application/json").body(body).send().await {
+                let ok = match client
+                    .post(&endpoint)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                {
                     Ok(resp) => {
                         let ok = resp.status().is_success();
                         let _ = resp.bytes().await;
@@ -146,15 +164,35 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<BenchResult> {
     }
     let elapsed = started.elapsed();
     latencies.sort_unstable();
-    let pct = |p: f64| latencies.get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1))).copied().unwrap_or_default();
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
     let requests = latencies.len() as u64;
-    Ok(BenchResult { requests, ids: requests * u64::from(IDS_PER_BODY), failures, elapsed, p50: pct(0.5), p99: pct(0.99) })
+    Ok(BenchResult {
+        requests,
+        ids: requests * u64::from(IDS_PER_BODY),
+        failures,
+        elapsed,
+        p50: pct(0.5),
+        p99: pct(0.99),
+    })
 }
 
 /// A 1,000-id body: half joining, half leaving, of seeded users (and some unknown ids).
 fn body(config: &BenchConfig, variant: u32) -> Vec<u8> {
     let users = config.users.max(1);
-    let id = |k: u32| format!("bench-user-{}", (variant.wrapping_mul(7919).wrapping_add(k.wrapping_mul(104_729))) % (users + users / 10));
+    let id = |k: u32| {
+        format!(
+            "bench-user-{}",
+            (variant
+                .wrapping_mul(7919)
+                .wrapping_add(k.wrapping_mul(104_729)))
+                % (users + users / 10)
+        )
+    };
     let half = IDS_PER_BODY / 2;
     let adds: Vec<String> = (0..half).map(id).collect();
     let removes: Vec<String> = (half..IDS_PER_BODY).map(id).collect();
@@ -174,9 +212,14 @@ fn require_loopback(url: &str) -> anyhow::Result<()> {
     let parsed = reqwest::Url::parse(url).with_context(|| format!("--url {url:?}"))?;
     let host = parsed.host_str().unwrap_or_default();
     let loopback = host == "localhost"
-        || host.trim_matches(['[', ']']).parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
+        || host
+            .trim_matches(['[', ']'])
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
     if !loopback {
-        bail!("--url {url:?}: the benchmark only targets loopback addresses (127.0.0.1, ::1, localhost)");
+        bail!(
+            "--url {url:?}: the benchmark only targets loopback addresses (127.0.0.1, ::1, localhost)"
+        );
     }
     Ok(())
 }
@@ -196,9 +239,17 @@ mod tests {
 
     #[test]
     fn bodies_carry_exactly_1000_ids() {
-        let config = BenchConfig { users: 50, ..BenchConfig::default() };
+        let config = BenchConfig {
+            users: 50,
+            ..BenchConfig::default()
+        };
         let v: serde_json::Value = serde_json::from_slice(&body(&config, 3)).unwrap();
-        let n: usize = v["cohort_changes"].as_array().unwrap().iter().map(|o| o["user_ids"].as_array().unwrap().len()).sum();
+        let n: usize = v["cohort_changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["user_ids"].as_array().unwrap().len())
+            .sum();
         assert_eq!(n, 1000);
     }
 }

@@ -9,12 +9,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path as UrlPath, Query, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use axum::body::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -51,13 +51,17 @@ pub struct DataImportKey {
 // key ever appears in a log line.
 impl std::fmt::Debug for Partner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Partner").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("Partner")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
 impl std::fmt::Debug for DataImportKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DataImportKey").field("partners", &self.partners).finish_non_exhaustive()
+        f.debug_struct("DataImportKey")
+            .field("partners", &self.partners)
+            .finish_non_exhaustive()
     }
 }
 
@@ -159,7 +163,10 @@ struct Counters {
 
 impl Counters {
     fn new() -> Self {
-        Self { by_status: (0..600).map(|_| AtomicU64::new(0)).collect(), ..Self::default() }
+        Self {
+            by_status: (0..600).map(|_| AtomicU64::new(0)).collect(),
+            ..Self::default()
+        }
     }
 
     fn status(&self, status: u16) {
@@ -194,9 +201,17 @@ impl Counters {
 
     fn reset(&self) {
         for a in [
-            &self.requests, &self.name_requests, &self.users_requests, &self.dropped,
-            &self.ids_received, &self.ids_matched, &self.ids_unmatched, &self.max_ids,
-            &self.joined, &self.left, &self.max_concurrent,
+            &self.requests,
+            &self.name_requests,
+            &self.users_requests,
+            &self.dropped,
+            &self.ids_received,
+            &self.ids_matched,
+            &self.ids_unmatched,
+            &self.max_ids,
+            &self.joined,
+            &self.left,
+            &self.max_concurrent,
         ] {
             a.store(0, Ordering::Relaxed);
         }
@@ -236,11 +251,20 @@ pub struct RunningSandbox {
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("state file {path}: {source}")]
-    StateFile { path: PathBuf, source: std::io::Error },
+    StateFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("state file {path} is not sandbox state: {source}")]
-    StateFormat { path: PathBuf, source: serde_json::Error },
+    StateFormat {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
 }
 
 pub struct Sandbox;
@@ -250,10 +274,10 @@ impl Sandbox {
     pub async fn start(config: SandboxConfig) -> Result<RunningSandbox, SandboxError> {
         let mut users = Users::default();
         let cohorts = Cohorts::default();
-        if let Some(path) = &config.state_file {
-            if path.exists() {
-                load_state(path, &mut users, &cohorts)?;
-            }
+        if let Some(path) = &config.state_file
+            && path.exists()
+        {
+            load_state(path, &mut users, &cohorts)?;
         }
         for user in config.users {
             users.upsert(user);
@@ -269,18 +293,35 @@ impl Sandbox {
             dirty: AtomicBool::new(false),
             state_file: config.state_file,
         });
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| SandboxError::Bind { addr: config.listen, source })?;
-        let addr = listener.local_addr().map_err(|source| SandboxError::Bind { addr: config.listen, source })?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| SandboxError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        let addr = listener.local_addr().map_err(|source| SandboxError::Bind {
+            addr: config.listen,
+            source,
+        })?;
         let router = router(shared.clone(), config.max_body_bytes);
         let (shutdown, stop) = watch::channel(false);
-        let mut tasks = vec![tokio::spawn(accept_loop(listener, router, shared.clone(), stop.clone()))];
+        let mut tasks = vec![tokio::spawn(accept_loop(
+            listener,
+            router,
+            shared.clone(),
+            stop.clone(),
+        ))];
         if shared.state_file.is_some() {
             tasks.push(tokio::spawn(save_loop(shared.clone(), stop)));
         }
         info!(%addr, "Braze sandbox listening");
-        Ok(RunningSandbox { addr, handle: SandboxHandle { shared }, shutdown, tasks })
+        Ok(RunningSandbox {
+            addr,
+            handle: SandboxHandle { shared },
+            shutdown,
+            tasks,
+        })
     }
 }
 
@@ -363,7 +404,12 @@ impl SandboxHandle {
         let mut indices: Vec<u32> = cohort.lock().members.iter().copied().collect();
         indices.sort_unstable();
         let users = self.shared.users.read();
-        Some(indices.into_iter().filter_map(|i| users.get(i).cloned()).collect())
+        Some(
+            indices
+                .into_iter()
+                .filter_map(|i| users.get(i).cloned())
+                .collect(),
+        )
     }
 
     /// External ids of a cohort's members, sorted (members without one are left out).
@@ -443,7 +489,10 @@ fn router(shared: Arc<Shared>, max_body_bytes: usize) -> Router {
         .route("/sandbox/requests", get(admin_requests))
         .route("/sandbox/faults", get(admin_faults).put(admin_set_faults))
         .route("/sandbox/users", post(admin_add_users))
-        .route("/sandbox/data-import-keys", axum::routing::put(admin_set_keys))
+        .route(
+            "/sandbox/data-import-keys",
+            axum::routing::put(admin_set_keys),
+        )
         .route("/sandbox/save", post(admin_save))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(shared)
@@ -454,7 +503,12 @@ fn router(shared: Arc<Shared>, max_body_bytes: usize) -> Router {
 #[error("connection dropped by fault injection")]
 struct DroppedConnection;
 
-async fn accept_loop(listener: TcpListener, router: Router, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+async fn accept_loop(
+    listener: TcpListener,
+    router: Router,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     loop {
         let (stream, _) = tokio::select! {
@@ -489,7 +543,10 @@ async fn accept_loop(listener: TcpListener, router: Router, shared: Arc<Shared>,
                     }
                     req.extensions_mut().insert(decision);
                 }
-                let response = router.oneshot(req).await.unwrap_or_else(|e: Infallible| match e {});
+                let response = router
+                    .oneshot(req)
+                    .await
+                    .unwrap_or_else(|e: Infallible| match e {});
                 Ok::<_, DroppedConnection>(response)
             }
         });
@@ -513,12 +570,11 @@ async fn save_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             () = tokio::time::sleep(SAVE_EVERY) => {}
             () = stopped(&mut stop) => return,
         }
-        if shared.dirty.load(Ordering::Relaxed) {
-            if let Some(path) = &shared.state_file {
-                if let Err(e) = save_state(&shared, path) {
-                    warn!(path = %path.display(), error = %e, "cannot save sandbox state");
-                }
-            }
+        if shared.dirty.load(Ordering::Relaxed)
+            && let Some(path) = &shared.state_file
+            && let Err(e) = save_state(&shared, path)
+        {
+            warn!(path = %path.display(), error = %e, "cannot save sandbox state");
         }
     }
 }
@@ -529,7 +585,10 @@ struct Concurrent(Arc<Shared>);
 impl Concurrent {
     fn enter(shared: &Arc<Shared>) -> Self {
         let now = shared.counters.concurrent.fetch_add(1, Ordering::Relaxed) + 1;
-        shared.counters.max_concurrent.fetch_max(now, Ordering::Relaxed);
+        shared
+            .counters
+            .max_concurrent
+            .fetch_max(now, Ordering::Relaxed);
         Self(shared.clone())
     }
 }
@@ -546,11 +605,18 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A Braze-style JSON answer.
-fn answer(status: u16, message: &str, ratelimit: Option<RateLimitHeaders>, retry_after: Option<u64>) -> Response {
+fn answer(
+    status: u16,
+    message: &str,
+    ratelimit: Option<RateLimitHeaders>,
+    retry_after: Option<u64>,
+) -> Response {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut response = (status, Json(serde_json::json!({ "message": message }))).into_response();
     let headers = response.headers_mut();
@@ -582,6 +648,15 @@ fn fault_message(status: u16) -> &'static str {
     }
 }
 
+/// How a Braze request was answered, for the counters and the request log.
+struct Answered<'a> {
+    cohort_id: Option<&'a str>,
+    status: u16,
+    message: &'a str,
+    ids: u64,
+    removes: u64,
+}
+
 enum Endpoint {
     Name,
     Users,
@@ -597,7 +672,14 @@ impl Endpoint {
 }
 
 impl Shared {
-    fn record(&self, endpoint: &Endpoint, partner: &str, cohort_id: Option<&str>, status: u16, message: &str, ids: u64, removes: u64) {
+    fn record(&self, endpoint: &Endpoint, partner: &str, a: Answered<'_>) {
+        let Answered {
+            cohort_id,
+            status,
+            message,
+            ids,
+            removes,
+        } = a;
         self.counters.status(status);
         let mut log = self.log.lock();
         if log.len() >= REQUEST_LOG_LEN {
@@ -627,7 +709,10 @@ impl Shared {
         }
         let secret = wire::string(env.client_secret);
         let keys = self.keys.read();
-        let Some(key) = keys.iter().find(|k| secret.as_deref() == Some(k.key.as_str())) else {
+        let Some(key) = keys
+            .iter()
+            .find(|k| secret.as_deref() == Some(k.key.as_str()))
+        else {
             return Err(wire::MSG_INVALID_CLIENT_SECRET.to_owned());
         };
         if !key.partners.is_empty() && !key.partners.iter().any(|p| p == partner) {
@@ -640,8 +725,13 @@ impl Shared {
 }
 
 /// Applies the fault decision: `Err` is the faulted answer.
-async fn gate(decision: Option<Extension<Decision>>) -> Result<Option<RateLimitHeaders>, (u16, Response)> {
-    let decision = decision.map(|Extension(d)| d).unwrap_or(Decision::Pass { delay: Duration::ZERO, ratelimit: None });
+async fn gate(
+    decision: Option<Extension<Decision>>,
+) -> Result<Option<RateLimitHeaders>, (u16, Response)> {
+    let decision = decision.map(|Extension(d)| d).unwrap_or(Decision::Pass {
+        delay: Duration::ZERO,
+        ratelimit: None,
+    });
     match decision {
         Decision::Pass { delay, ratelimit } => {
             if !delay.is_zero() {
@@ -649,11 +739,19 @@ async fn gate(decision: Option<Extension<Decision>>) -> Result<Option<RateLimitH
             }
             Ok(ratelimit)
         }
-        Decision::Fail { status, delay, ratelimit, retry_after } => {
+        Decision::Fail {
+            status,
+            delay,
+            ratelimit,
+            retry_after,
+        } => {
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
-            Err((status, answer(status, fault_message(status), ratelimit, retry_after)))
+            Err((
+                status,
+                answer(status, fault_message(status), ratelimit, retry_after),
+            ))
         }
         Decision::Drop => unreachable!("dropped before routing"),
     }
@@ -666,17 +764,40 @@ async fn name_cohort(
     body: Bytes,
 ) -> Response {
     shared.counters.requests.fetch_add(1, Ordering::Relaxed);
-    shared.counters.name_requests.fetch_add(1, Ordering::Relaxed);
+    shared
+        .counters
+        .name_requests
+        .fetch_add(1, Ordering::Relaxed);
     let endpoint = Endpoint::Name;
     let ratelimit = match gate(decision).await {
         Ok(r) => r,
         Err((status, response)) => {
-            shared.record(&endpoint, &partner, None, status, fault_message(status), 0, 0);
+            shared.record(
+                &endpoint,
+                &partner,
+                Answered {
+                    cohort_id: None,
+                    status,
+                    message: fault_message(status),
+                    ids: 0,
+                    removes: 0,
+                },
+            );
             return response;
         }
     };
     let reply = |status: u16, message: &str, cohort_id: Option<&str>| {
-        shared.record(&endpoint, &partner, cohort_id, status, message, 0, 0);
+        shared.record(
+            &endpoint,
+            &partner,
+            Answered {
+                cohort_id,
+                status,
+                message,
+                ids: 0,
+                removes: 0,
+            },
+        );
         answer(status, message, ratelimit, None)
     };
     let env = match Envelope::parse(&body) {
@@ -717,12 +838,32 @@ async fn change_members(
     let ratelimit = match gate(decision).await {
         Ok(r) => r,
         Err((status, response)) => {
-            shared.record(&endpoint, &partner, None, status, fault_message(status), 0, 0);
+            shared.record(
+                &endpoint,
+                &partner,
+                Answered {
+                    cohort_id: None,
+                    status,
+                    message: fault_message(status),
+                    ids: 0,
+                    removes: 0,
+                },
+            );
             return response;
         }
     };
     let reply = |status: u16, message: &str, cohort_id: Option<&str>, ids: u64, removes: u64| {
-        shared.record(&endpoint, &partner, cohort_id, status, message, ids, removes);
+        shared.record(
+            &endpoint,
+            &partner,
+            Answered {
+                cohort_id,
+                status,
+                message,
+                ids,
+                removes,
+            },
+        );
         answer(status, message, ratelimit, None)
     };
     let env = match Envelope::parse(&body) {
@@ -736,22 +877,34 @@ async fn change_members(
         Ok(r) => r,
         Err(message) => {
             // Count what an oversized request carried, so tests see any limit breach.
-            if message == wire::MSG_TOO_MANY_IDS {
-                if let Ok(changes) = serde_json::from_str::<Vec<wire::ChangeObject<'_>>>(env.cohort_changes.map_or("[]", |r| r.get())) {
-                    let ids: usize = changes.iter().map(wire::ChangeObject::id_count).sum();
-                    c.max_ids.fetch_max(ids as u64, Ordering::Relaxed);
-                }
+            if message == wire::MSG_TOO_MANY_IDS
+                && let Ok(changes) = serde_json::from_str::<Vec<wire::ChangeObject<'_>>>(
+                    env.cohort_changes.map_or("[]", |r| r.get()),
+                )
+            {
+                let ids: usize = changes.iter().map(wire::ChangeObject::id_count).sum();
+                c.max_ids.fetch_max(ids as u64, Ordering::Relaxed);
             }
             return reply(400, message, wire::string(env.cohort_id).as_deref(), 0, 0);
         }
     };
     let ids = request.id_count as u64;
-    let removes: u64 = request.changes.iter().filter(|o| o.remove()).map(|o| o.id_count() as u64).sum();
+    let removes: u64 = request
+        .changes
+        .iter()
+        .filter(|o| o.remove())
+        .map(|o| o.id_count() as u64)
+        .sum();
     c.max_ids.fetch_max(ids, Ordering::Relaxed);
     let (resolved, unmatched) = shared.users.read().resolve(&request.changes);
-    let (joined, left) = shared.cohorts.get_or_create(&partner, &request.cohort_id).lock().apply(&resolved);
+    let (joined, left) = shared
+        .cohorts
+        .get_or_create(&partner, &request.cohort_id)
+        .lock()
+        .apply(&resolved);
     c.ids_received.fetch_add(ids, Ordering::Relaxed);
-    c.ids_matched.fetch_add(resolved.len() as u64, Ordering::Relaxed);
+    c.ids_matched
+        .fetch_add(resolved.len() as u64, Ordering::Relaxed);
     c.ids_unmatched.fetch_add(unmatched, Ordering::Relaxed);
     c.joined.fetch_add(joined, Ordering::Relaxed);
     c.left.fetch_add(left, Ordering::Relaxed);
@@ -770,12 +923,19 @@ struct PartnerQuery {
     partner: Option<String>,
 }
 
-async fn admin_cohort_names(State(shared): State<Arc<Shared>>, Query(q): Query<PartnerQuery>) -> Response {
+async fn admin_cohort_names(
+    State(shared): State<Arc<Shared>>,
+    Query(q): Query<PartnerQuery>,
+) -> Response {
     let handle = SandboxHandle { shared };
     let partners = partner_choice(&handle, q.partner, None);
     match partners {
         Ok(partner) => Json(handle.cohort_names(&partner)).into_response(),
-        Err(message) => (StatusCode::BAD_REQUEST, Json(serde_json::json!({ "message": message }))).into_response(),
+        Err(message) => (
+            StatusCode::BAD_REQUEST,
+            Json(serde_json::json!({ "message": message })),
+        )
+            .into_response(),
     }
 }
 
@@ -788,17 +948,29 @@ async fn admin_members(
     let partner = match partner_choice(&handle, q.partner, Some(&cohort_id)) {
         Ok(p) => p,
         Err(message) => {
-            return (StatusCode::BAD_REQUEST, Json(serde_json::json!({ "message": message }))).into_response();
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(serde_json::json!({ "message": message })),
+            )
+                .into_response();
         }
     };
     match handle.members(&partner, &cohort_id) {
         Some(members) => Json(members).into_response(),
-        None => (StatusCode::NOT_FOUND, Json(serde_json::json!({ "message": "no such cohort" }))).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(serde_json::json!({ "message": "no such cohort" })),
+        )
+            .into_response(),
     }
 }
 
 /// The partner a query means: the one named, else the only one that fits.
-fn partner_choice(handle: &SandboxHandle, named: Option<String>, cohort_id: Option<&str>) -> Result<String, String> {
+fn partner_choice(
+    handle: &SandboxHandle,
+    named: Option<String>,
+    cohort_id: Option<&str>,
+) -> Result<String, String> {
     if let Some(p) = named {
         return Ok(p);
     }
@@ -812,7 +984,10 @@ fn partner_choice(handle: &SandboxHandle, named: Option<String>, cohort_id: Opti
     match partners.len() {
         0 => Ok(String::new()),
         1 => Ok(partners.remove(0)),
-        _ => Err(format!("several partners match ({}); add ?partner=NAME", partners.join(", "))),
+        _ => Err(format!(
+            "several partners match ({}); add ?partner=NAME",
+            partners.join(", ")
+        )),
     }
 }
 
@@ -833,19 +1008,28 @@ async fn admin_faults(State(shared): State<Arc<Shared>>) -> Json<Faults> {
     Json(SandboxHandle { shared }.faults())
 }
 
-async fn admin_set_faults(State(shared): State<Arc<Shared>>, Json(faults): Json<Faults>) -> Json<Faults> {
+async fn admin_set_faults(
+    State(shared): State<Arc<Shared>>,
+    Json(faults): Json<Faults>,
+) -> Json<Faults> {
     info!(?faults, "faults changed");
     let handle = SandboxHandle { shared };
     handle.set_faults(faults);
     Json(handle.faults())
 }
 
-async fn admin_add_users(State(shared): State<Arc<Shared>>, Json(users): Json<Vec<SandboxUser>>) -> Json<serde_json::Value> {
+async fn admin_add_users(
+    State(shared): State<Arc<Shared>>,
+    Json(users): Json<Vec<SandboxUser>>,
+) -> Json<serde_json::Value> {
     let total = SandboxHandle { shared }.add_users(users);
     Json(serde_json::json!({ "users": total }))
 }
 
-async fn admin_set_keys(State(shared): State<Arc<Shared>>, Json(keys): Json<Vec<DataImportKey>>) -> StatusCode {
+async fn admin_set_keys(
+    State(shared): State<Arc<Shared>>,
+    Json(keys): Json<Vec<DataImportKey>>,
+) -> StatusCode {
     info!(keys = keys.len(), "data import keys replaced");
     SandboxHandle { shared }.set_data_import_keys(keys);
     StatusCode::NO_CONTENT
@@ -854,7 +1038,11 @@ async fn admin_set_keys(State(shared): State<Arc<Shared>>, Json(keys): Json<Vec<
 async fn admin_save(State(shared): State<Arc<Shared>>) -> Response {
     match (SandboxHandle { shared }).save() {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, Json(serde_json::json!({ "message": e.to_string() }))).into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(serde_json::json!({ "message": e.to_string() })),
+        )
+            .into_response(),
     }
 }
 
@@ -875,15 +1063,26 @@ struct SavedCohort {
 }
 
 fn load_state(path: &Path, users: &mut Users, cohorts: &Cohorts) -> Result<(), SandboxError> {
-    let text = std::fs::read(path).map_err(|source| SandboxError::StateFile { path: path.to_owned(), source })?;
-    let state: StateFile = serde_json::from_slice(&text).map_err(|source| SandboxError::StateFormat { path: path.to_owned(), source })?;
+    let text = std::fs::read(path).map_err(|source| SandboxError::StateFile {
+        path: path.to_owned(),
+        source,
+    })?;
+    let state: StateFile =
+        serde_json::from_slice(&text).map_err(|source| SandboxError::StateFormat {
+            path: path.to_owned(),
+            source,
+        })?;
     *users = Users::from_records(state.users);
     for saved in state.cohorts {
         let cohort = cohorts.get_or_create(&saved.partner, &saved.cohort_id);
         let mut cohort = cohort.lock();
         cohort.name = saved.name;
         cohort.created_at = saved.created_at;
-        cohort.members = saved.members.into_iter().filter(|&i| (i as usize) < users.len()).collect();
+        cohort.members = saved
+            .members
+            .into_iter()
+            .filter(|&i| (i as usize) < users.len())
+            .collect();
     }
     info!(path = %path.display(), users = users.len(), "sandbox state loaded");
     Ok(())
@@ -900,7 +1099,13 @@ fn save_state(shared: &Shared, path: &Path) -> std::io::Result<()> {
             let c = c.lock();
             let mut members: Vec<u32> = c.members.iter().copied().collect();
             members.sort_unstable();
-            SavedCohort { partner, cohort_id, name: c.name.clone(), created_at: c.created_at.clone(), members }
+            SavedCohort {
+                partner,
+                cohort_id,
+                name: c.name.clone(),
+                created_at: c.created_at.clone(),
+                members,
+            }
         })
         .collect();
     let bytes = serde_json::to_vec(&StateFile { users, cohorts }).map_err(std::io::Error::other)?;
