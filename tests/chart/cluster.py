@@ -78,8 +78,8 @@ class ControlPlane:
 
     # --- kubectl ---------------------------------------------------------------------
 
-    def kubectl(self, *args: str, as_user: str | None = None, stdin: str | None = None, check: bool = True,
-                kubeconfig: Path | None = None) -> subprocess.CompletedProcess[str]:
+    def kubectl(self, *args: str, as_user: str | None = None, stdin: str | None = None,
+                check: bool = True, kubeconfig: Path | None = None) -> subprocess.CompletedProcess[str]:
         cmd = [self.kubectl_path, f"--kubeconfig={kubeconfig or self.kubeconfig}"]
         if as_user:
             # For a ServiceAccount user name the server adds its groups itself.
