@@ -5,6 +5,8 @@
 
 pub mod api;
 pub mod braze;
+pub mod cli;
+pub mod controller;
 pub mod domain;
 pub mod notify;
 pub mod run;

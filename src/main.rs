@@ -1,4 +1,23 @@
-use clap::{Parser, Subcommand};
+//! `cohort-operator`: the controller (`run`), the CRD (`crd`), and the commands people use
+//! on imports (`trigger`, `history`, `suspend`, `resume`, `approve`). Installed as
+//! `kubectl-cohort`, the same binary is a kubectl plugin: `kubectl cohort trigger NAME -n NS`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use cohort_operator::braze::{BrazeClient, BrazeClientConfig};
+use cohort_operator::cli::{self, Target};
+use cohort_operator::controller::clock::SystemClock;
+use cohort_operator::controller::leader::LeaderElection;
+use cohort_operator::controller::metrics::Metrics;
+use cohort_operator::controller::pipeline::{PipelineImporter, SnapshotStoreKind};
+use cohort_operator::controller::secrets::{PartnerKeys, parse_endpoint_region};
+use cohort_operator::controller::{self, Config, Dependencies};
+use cohort_operator::notify::{Notify, SmtpArgs, SmtpNotifier};
 
 /// Keeps analytics cohorts imported into Braze.
 #[derive(Parser)]
@@ -10,13 +29,241 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the controller.
+    Run(Box<RunArgs>),
     /// Print the CohortImport CustomResourceDefinition as YAML.
     Crd,
+    /// Run an import once, now (sets the cohorts.dev/run-requested-at annotation).
+    Trigger {
+        name: String,
+        /// Wait for the run to finish and print its result.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits, in seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout_seconds: u64,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Show an import's run history, newest first.
+    History {
+        name: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Stop an import's future runs (a run in progress finishes).
+    Suspend {
+        name: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Let a suspended import run again, from its next scheduled time.
+    Resume {
+        name: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Let a run blocked by the removal guard go ahead (runs the import again, approved).
+    Approve {
+        name: String,
+        /// The blocked run's id (see `history`).
+        run_id: String,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum SnapshotStoreArg {
+    /// ConfigMaps owned by each import, in its namespace.
+    Cluster,
+    /// One file per import under --snapshot-dir.
+    Filesystem,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Namespaces to watch, comma-separated; all when unset.
+    #[arg(long, env = "COHORT_WATCH_NAMESPACES", value_delimiter = ',')]
+    watch_namespaces: Vec<String>,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "COHORT_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+    /// A scheduled run found this many seconds late (the operator was down) is recorded
+    /// as missed instead of run.
+    #[arg(long, env = "COHORT_STARTING_DEADLINE_SECONDS", default_value_t = 3600)]
+    starting_deadline_seconds: u64,
+    /// Directory of partner API keys, one file per Braze region (`us`, `eu`, `au`).
+    #[arg(long, env = "COHORT_PARTNER_KEYS_DIR")]
+    partner_keys_dir: Option<PathBuf>,
+    /// A REST endpoint beyond Braze's list and its region, `URL=REGION`; repeatable.
+    #[arg(long = "braze-endpoint-region", env = "COHORT_BRAZE_ENDPOINT_REGIONS", value_delimiter = ',', value_parser = parse_endpoint_region)]
+    braze_endpoint_regions: Vec<(String, String)>,
+    #[arg(long, env = "COHORT_SNAPSHOT_STORE", value_enum, default_value = "cluster")]
+    snapshot_store: SnapshotStoreArg,
+    /// Directory of the filesystem snapshot store.
+    #[arg(long, env = "COHORT_SNAPSHOT_DIR", required_if_eq("snapshot_store", "filesystem"))]
+    snapshot_dir: Option<PathBuf>,
+    /// Scratch space for sorting cohorts; the system temporary directory when unset.
+    #[arg(long, env = "COHORT_SCRATCH_DIR")]
+    scratch_dir: Option<PathBuf>,
+    /// Runs at once across all imports.
+    #[arg(long, env = "COHORT_MAX_CONCURRENT_RUNS", default_value_t = 16)]
+    max_concurrent_runs: usize,
+    #[arg(long, env = "COHORT_LOG_FORMAT", value_enum, default_value = "json")]
+    log_format: LogFormat,
+    /// Run only while holding a Lease, so that replicas never run imports together.
+    #[arg(long, env = "COHORT_LEADER_ELECTION")]
+    leader_election: bool,
+    #[arg(long, env = "COHORT_LEASE_NAME", default_value = "cohort-operator")]
+    lease_name: String,
+    /// Namespace of the Lease; the kubeconfig's namespace when unset.
+    #[arg(long, env = "COHORT_LEASE_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// This replica's identity in the Lease; the pod name.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    #[arg(long, env = "COHORT_LEASE_DURATION_SECONDS", default_value_t = 15)]
+    lease_duration_seconds: u64,
+    #[arg(long, env = "COHORT_LEASE_RENEW_GRACE_SECONDS", default_value_t = 5)]
+    lease_renew_grace_seconds: u64,
+    #[command(flatten)]
+    smtp: SmtpArgs,
 }
 
 fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+    // As a kubectl plugin the binary is `kubectl-cohort`; show that name in help.
+    let invoked_as = std::env::args_os()
+        .next()
+        .and_then(|a| PathBuf::from(a).file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_default();
+    let mut command = <Cli as clap::CommandFactory>::command();
+    if invoked_as.starts_with("kubectl-cohort") {
+        command = command.bin_name("kubectl cohort").name("kubectl-cohort");
+    }
+    let matches = command.get_matches();
+    let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches)?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(dispatch(cli.command))
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Crd => print!("{}", cohort_operator::api::crd_yaml()),
+        Command::Run(args) => run(*args).await?,
+        Command::Trigger { name, wait, timeout_seconds, target } => {
+            let (client, namespace) = target.client().await?;
+            let value = cli::trigger(client.clone(), &namespace, &name).await?;
+            println!("cohortimport {namespace}/{name}: run requested ({value})");
+            if wait {
+                let record = cli::wait_for_request(client, &namespace, &name, &value, Duration::from_secs(timeout_seconds)).await?;
+                if let Some(run) = record {
+                    println!("run {}: {:?} {}", run.id, run.result, run.message);
+                }
+            }
+        }
+        Command::History { name, target } => {
+            let (client, namespace) = target.client().await?;
+            print!("{}", cli::history(client, &namespace, &name).await?);
+        }
+        Command::Suspend { name, target } => {
+            let (client, namespace) = target.client().await?;
+            cli::set_suspend(client, &namespace, &name, true).await?;
+            println!("cohortimport {namespace}/{name} suspended");
+        }
+        Command::Resume { name, target } => {
+            let (client, namespace) = target.client().await?;
+            cli::set_suspend(client, &namespace, &name, false).await?;
+            println!("cohortimport {namespace}/{name} resumed");
+        }
+        Command::Approve { name, run_id, target } => {
+            let (client, namespace) = target.client().await?;
+            cli::approve(client, &namespace, &name, &run_id).await?;
+            println!("cohortimport {namespace}/{name}: removals of run {run_id} approved");
+        }
     }
     Ok(())
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        // Span fields (run_id, namespace, import) go into every line of a run.
+        LogFormat::Json => builder.json().with_current_span(true).with_span_list(false).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    init_logging(args.log_format);
+    let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+    let notifier: Option<Arc<dyn Notify>> = match args.smtp.into_config()? {
+        Some(config) => Some(Arc::new(SmtpNotifier::new(config)?)),
+        None => None,
+    };
+    let braze = BrazeClient::new(BrazeClientConfig::default())?;
+    let snapshots = match args.snapshot_store {
+        SnapshotStoreArg::Cluster => SnapshotStoreKind::Cluster,
+        SnapshotStoreArg::Filesystem => {
+            SnapshotStoreKind::Filesystem(args.snapshot_dir.context("--snapshot-dir is required with --snapshot-store=filesystem")?)
+        }
+    };
+    let scratch = args.scratch_dir.unwrap_or_else(std::env::temp_dir);
+    let importer = Arc::new(PipelineImporter::new(client.clone(), braze, snapshots, scratch));
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        format!("{}-{:08x}", hostname(), rand::random::<u32>())
+    });
+    let leader_election = args.leader_election.then(|| LeaderElection {
+        lease_name: args.lease_name.clone(),
+        lease_namespace: args.lease_namespace.clone().unwrap_or_else(|| client.default_namespace().to_owned()),
+        identity: identity.clone(),
+        lease_duration_seconds: args.lease_duration_seconds,
+        renew_grace_seconds: args.lease_renew_grace_seconds,
+    });
+    let config = Config {
+        namespaces: args.watch_namespaces.into_iter().filter(|n| !n.is_empty()).collect(),
+        starting_deadline: jiff::SignedDuration::from_secs(args.starting_deadline_seconds as i64),
+        partner_keys: PartnerKeys {
+            dir: args.partner_keys_dir,
+            extra_endpoints: args.braze_endpoint_regions.into_iter().collect(),
+        },
+        leader_election,
+        metrics_addr: Some(args.metrics_addr),
+        instance: Some(identity),
+        max_concurrent_runs: args.max_concurrent_runs,
+        ..Config::default()
+    };
+    let deps = Dependencies { clock: Arc::new(SystemClock), importer, notifier, metrics: Arc::new(Metrics::new()) };
+    controller::run(client, config, deps, shutdown_signal()).await?;
+    Ok(())
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "cohort-operator".to_owned())
+}
+
+/// SIGTERM (Kubernetes stopping the pod) or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
 }

@@ -32,6 +32,41 @@ pub struct CohortImportStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 50))]
     pub history: Vec<RunRecord>,
+    /// The run in progress. Written before the run starts, so a run cut short by an
+    /// operator restart is found and run again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_run: Option<CurrentRun>,
+    /// Which scheduled runs are already handled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<ScheduleStatus>,
+    /// Why the last run report email could not be sent; cleared by the next one sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_notification_error: Option<String>,
+}
+
+/// A run that has started and not yet finished.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CurrentRun {
+    pub id: String,
+    pub trigger: RunTrigger,
+    /// RFC 3339.
+    pub started_at: String,
+    /// The removal approval (`cohorts.dev/approve-removals`) this run acts on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approved_removals: Option<String>,
+}
+
+/// The schedule's progress: runs at or before `handledThrough` are done (run, missed, or
+/// passed over because the schedule changed or was held).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScheduleStatus {
+    /// The schedule in force, e.g. `Daily at 06:30 (UTC)`, or `Suspended` / `Conflict`.
+    pub description: String,
+    /// RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handled_through: Option<String>,
 }
 
 /// One finished (or missed) run.

@@ -1,0 +1,149 @@
+//! One active schedule per Braze cohort, and which objects an import refers to. Pure.
+//!
+//! Two imports aimed at the same cohort — the same REST endpoint, partner and cohort id —
+//! would undo each other's changes. The older one (by creation time, then namespace/name)
+//! keeps running; the others are held in `Conflict` until it goes or is re-aimed.
+
+use jiff::Timestamp;
+use kube::ResourceExt;
+
+use crate::api::{CohortImport, CohortImportSpec};
+use super::secrets::normalize_endpoint;
+
+/// Identifies one Braze cohort.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CohortKey {
+    pub endpoint: String,
+    pub partner: String,
+    pub cohort_id: String,
+}
+
+impl CohortKey {
+    pub fn of(spec: &CohortImportSpec) -> Self {
+        let braze = &spec.destination.braze;
+        CohortKey {
+            endpoint: normalize_endpoint(&braze.rest_endpoint),
+            // Braze's paths are case-insensitive in practice; compare as such.
+            partner: braze.partner.to_ascii_lowercase(),
+            cohort_id: spec.cohort.id.clone(),
+        }
+    }
+}
+
+impl std::fmt::Display for CohortKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cohort {:?} at {} (partner {})", self.cohort_id, self.endpoint, self.partner)
+    }
+}
+
+/// Creation time, namespace, name: the older wins.
+fn seniority(import: &CohortImport) -> (Timestamp, String, String) {
+    let created = import.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or(Timestamp::MAX);
+    (created, import.namespace().unwrap_or_default(), import.name_any())
+}
+
+/// The import that owns `me`'s cohort when it is not `me`: the most senior of all imports
+/// (including those being deleted, which may still be removing members) with the same key.
+pub fn winner<'a>(me: &CohortImport, all: impl IntoIterator<Item = &'a CohortImport>) -> Option<&'a CohortImport> {
+    let key = CohortKey::of(&me.spec);
+    let mine = seniority(me);
+    // Namespace and name make seniorities unique, so `<` never picks `me` itself.
+    all.into_iter()
+        .filter(|other| seniority(other) < mine && CohortKey::of(&other.spec) == key)
+        .min_by_key(|other| seniority(other))
+}
+
+/// The kind of object an import reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Referenced {
+    Secret,
+    ConfigMap,
+}
+
+/// Names of the Secrets and ConfigMaps (in its own namespace) an import reads.
+pub fn references(spec: &CohortImportSpec) -> Vec<(Referenced, &str)> {
+    let mut refs = vec![(Referenced::Secret, spec.destination.braze.data_import_key_secret_ref.name.as_str())];
+    if let Some(r) = &spec.destination.braze.partner_api_key_secret_ref {
+        refs.push((Referenced::Secret, r.name.as_str()));
+    }
+    if let Some(cm) = &spec.source.config_map {
+        refs.push((Referenced::ConfigMap, cm.name.as_str()));
+    }
+    if let Some(pg) = &spec.source.postgres {
+        refs.push((Referenced::Secret, pg.connection_secret_ref.name.as_str()));
+    }
+    if let Some(auth) = spec.source.http.as_ref().and_then(|h| h.auth.as_ref()) {
+        if let Some(r) = &auth.bearer_token_secret_ref {
+            refs.push((Referenced::Secret, r.name.as_str()));
+        }
+        if let Some(b) = &auth.basic {
+            refs.push((Referenced::Secret, b.secret_name.as_str()));
+        }
+        if let Some(h) = &auth.header {
+            refs.push((Referenced::Secret, h.value_secret_ref.name.as_str()));
+        }
+    }
+    refs
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use serde_json::json;
+
+    pub fn import(ns: &str, name: &str, created: &str, endpoint: &str, cohort: &str) -> CohortImport {
+        serde_json::from_value(json!({
+            "apiVersion": "cohorts.dev/v1alpha1",
+            "kind": "CohortImport",
+            "metadata": { "name": name, "namespace": ns, "uid": format!("{ns}-{name}"), "creationTimestamp": created },
+            "spec": {
+                "cohort": { "id": cohort, "name": "Cohort" },
+                "source": { "configMap": { "name": "members", "key": "ids" } },
+                "identifiers": { "externalId": "id" },
+                "destination": { "braze": {
+                    "restEndpoint": endpoint,
+                    "partner": "kubit",
+                    "dataImportKeySecretRef": { "name": "braze", "key": "data-import-key" }
+                } },
+                "schedule": { "cadence": "Daily", "at": "06:30" }
+            }
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_oldest_import_of_a_cohort_wins() {
+        let a = import("growth", "a", "2026-01-01T00:00:00Z", "https://rest.iad-01.braze.com", "vip");
+        let b = import("growth", "b", "2026-01-02T00:00:00Z", "https://REST.iad-01.braze.com/", "vip");
+        let c = import("other", "c", "2026-01-03T00:00:00Z", "https://rest.iad-01.braze.com", "vip");
+        let d = import("growth", "d", "2025-01-01T00:00:00Z", "https://rest.iad-01.braze.com", "other-cohort");
+        let all = [a.clone(), b.clone(), c.clone(), d.clone()];
+        let name = |i: &CohortImport| winner(i, &all).map(|w| w.name_any());
+        assert_eq!(name(&a), None);
+        assert_eq!(name(&b), Some("a".into()));
+        assert_eq!(name(&c), Some("a".into()));
+        assert_eq!(name(&d), None);
+    }
+
+    #[test]
+    fn same_creation_time_is_decided_by_namespace_and_name() {
+        let a = import("growth", "a", "2026-01-01T00:00:00Z", "https://rest.iad-01.braze.com", "vip");
+        let b = import("growth", "b", "2026-01-01T00:00:00Z", "https://rest.iad-01.braze.com", "vip");
+        let all = [b.clone(), a.clone()];
+        assert!(winner(&a, &all).is_none());
+        assert_eq!(winner(&b, &all).map(|w| w.name_any()), Some("a".into()));
+    }
+
+    #[test]
+    fn another_endpoint_is_another_cohort() {
+        let a = import("growth", "a", "2026-01-01T00:00:00Z", "https://rest.iad-01.braze.com", "vip");
+        let b = import("growth", "b", "2026-01-02T00:00:00Z", "https://rest.fra-01.braze.eu", "vip");
+        assert!(winner(&b, &[a, b.clone()]).is_none());
+    }
+
+    #[test]
+    fn references_list_every_secret_and_config_map() {
+        let a = import("growth", "a", "2026-01-01T00:00:00Z", "https://rest.iad-01.braze.com", "vip");
+        assert_eq!(references(&a.spec), vec![(Referenced::Secret, "braze"), (Referenced::ConfigMap, "members")]);
+    }
+}

@@ -1,0 +1,60 @@
+//! Kubernetes Events (events.k8s.io/v1) on an import: a run started, succeeded, failed or
+//! was blocked; a conflict; a report email that could not be sent.
+
+use kube::Resource;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use tracing::warn;
+
+use crate::api::CohortImport;
+
+/// Event reasons.
+pub mod reason {
+    pub const RUN_STARTED: &str = "RunStarted";
+    pub const RUN_SUCCEEDED: &str = "RunSucceeded";
+    pub const RUN_DRY_RUN: &str = "RunDryRun";
+    pub const RUN_FAILED: &str = "RunFailed";
+    pub const RUN_BLOCKED: &str = "RunBlocked";
+    pub const RUN_MISSED: &str = "RunMissed";
+    pub const RUN_INTERRUPTED: &str = "RunInterrupted";
+    pub const CONFLICT: &str = "Conflict";
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
+    pub const NOTIFICATION_FAILED: &str = crate::notify::NOTIFICATION_FAILED_REASON;
+    pub const MEMBERS_REMOVED: &str = "MembersRemoved";
+    pub const CLEANUP_FAILED: &str = "CleanupFailed";
+}
+
+/// Publishes Events; a failure to publish is logged, never fatal.
+#[derive(Clone)]
+pub struct Events {
+    recorder: Recorder,
+}
+
+impl Events {
+    pub fn new(client: kube::Client, instance: Option<String>) -> Self {
+        let reporter = Reporter { controller: crate::api::FIELD_MANAGER.to_owned(), instance };
+        Events { recorder: Recorder::new(client, reporter) }
+    }
+
+    pub async fn normal(&self, import: &CohortImport, reason: &str, action: &str, note: String) {
+        self.publish(import, EventType::Normal, reason, action, note).await;
+    }
+
+    pub async fn warning(&self, import: &CohortImport, reason: &str, action: &str, note: String) {
+        self.publish(import, EventType::Warning, reason, action, note).await;
+    }
+
+    async fn publish(&self, import: &CohortImport, type_: EventType, reason: &str, action: &str, note: String) {
+        let event = Event {
+            type_,
+            reason: reason.to_owned(),
+            // The Events API limits a note to 1 kB.
+            note: Some(super::status::truncate(&note, 1000)),
+            action: action.to_owned(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &import.object_ref(&())).await {
+            warn!(error = %e, reason, "could not publish an Event");
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! Prometheus metrics and the HTTP endpoints `/metrics`, `/healthz` and `/readyz`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::api::RunResult;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ImportLabels {
+    pub namespace: String,
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabels {
+    /// HTTP status, or `none` when no answer came (timeout, connection error).
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub reason: String,
+}
+
+/// Every metric the operator exports.
+pub struct Metrics {
+    registry: Registry,
+    pub runs: Family<ResultLabels, Counter>,
+    pub run_duration: Family<ResultLabels, Histogram, fn() -> Histogram>,
+    pub members_added: Counter,
+    pub members_removed: Counter,
+    pub braze_requests: Family<StatusLabels, Counter>,
+    pub last_success: Family<ImportLabels, Gauge<f64, AtomicU64>>,
+    pub reconciles: Counter,
+    pub reconcile_errors: Family<ErrorLabels, Counter>,
+    pub runs_in_progress: Gauge,
+    pub notification_failures: Counter,
+    pub leader: Gauge,
+    ready: AtomicBool,
+}
+
+fn run_duration_histogram() -> Histogram {
+    // 0.5 s to about 4.5 hours.
+    Histogram::new(exponential_buckets(0.5, 2.0, 16))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("cohort_operator");
+        let runs = Family::<ResultLabels, Counter>::default();
+        registry.register("runs", "Finished runs, by result", runs.clone());
+        let run_duration =
+            Family::<ResultLabels, Histogram, fn() -> Histogram>::new_with_constructor(run_duration_histogram);
+        registry.register("run_duration_seconds", "Run duration, by result", run_duration.clone());
+        let members_added = Counter::default();
+        registry.register("members_added", "Members added to Braze cohorts", members_added.clone());
+        let members_removed = Counter::default();
+        registry.register("members_removed", "Members removed from Braze cohorts", members_removed.clone());
+        let braze_requests = Family::<StatusLabels, Counter>::default();
+        registry.register(
+            "braze_requests",
+            "Braze API attempts, by HTTP status (none: no answer)",
+            braze_requests.clone(),
+        );
+        let last_success = Family::<ImportLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "last_success_timestamp_seconds",
+            "When each import's last successful run finished (Unix seconds)",
+            last_success.clone(),
+        );
+        let reconciles = Counter::default();
+        registry.register("reconciles", "Reconciliations of CohortImports", reconciles.clone());
+        let reconcile_errors = Family::<ErrorLabels, Counter>::default();
+        registry.register("reconcile_errors", "Reconciliations that failed, by reason", reconcile_errors.clone());
+        let runs_in_progress = Gauge::default();
+        registry.register("runs_in_progress", "Runs in progress", runs_in_progress.clone());
+        let notification_failures = Counter::default();
+        registry.register(
+            "notification_failures",
+            "Run report emails that could not be sent",
+            notification_failures.clone(),
+        );
+        let leader = Gauge::default();
+        registry.register("leader", "1 while this replica leads and runs imports", leader.clone());
+        Metrics {
+            registry,
+            runs,
+            run_duration,
+            members_added,
+            members_removed,
+            braze_requests,
+            last_success,
+            reconciles,
+            reconcile_errors,
+            runs_in_progress,
+            notification_failures,
+            leader,
+            ready: AtomicBool::new(false),
+        }
+    }
+
+    pub fn run_finished(&self, result: RunResult, seconds: f64, added: u64, removed: u64) {
+        let labels = ResultLabels { result: result_label(result).to_owned() };
+        self.runs.get_or_create(&labels).inc();
+        self.run_duration.get_or_create(&labels).observe(seconds);
+        self.members_added.inc_by(added);
+        self.members_removed.inc_by(removed);
+    }
+
+    pub fn braze_responses(&self, status: Option<u16>, count: u64) {
+        let status = status.map_or_else(|| "none".to_owned(), |s| s.to_string());
+        self.braze_requests.get_or_create(&StatusLabels { status }).inc_by(count);
+    }
+
+    pub fn succeeded_at(&self, namespace: &str, name: &str, unix_seconds: f64) {
+        let labels = ImportLabels { namespace: namespace.to_owned(), name: name.to_owned() };
+        self.last_success.get_or_create(&labels).set(unix_seconds);
+    }
+
+    /// The import is gone: stop exporting its series.
+    pub fn forget(&self, namespace: &str, name: &str) {
+        self.last_success.remove(&ImportLabels { namespace: namespace.to_owned(), name: name.to_owned() });
+    }
+
+    pub fn reconcile_error(&self, reason: &str) {
+        self.reconcile_errors.get_or_create(&ErrorLabels { reason: reason.to_owned() }).inc();
+    }
+
+    /// `/readyz` answers 200 from now on.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        encode(&mut text, &self.registry).expect("writing to a String cannot fail");
+        text
+    }
+}
+
+pub fn result_label(result: RunResult) -> &'static str {
+    match result {
+        RunResult::Succeeded => "Succeeded",
+        RunResult::Failed => "Failed",
+        RunResult::Blocked => "Blocked",
+        RunResult::DryRun => "DryRun",
+        RunResult::Missed => "Missed",
+    }
+}
+
+/// The HTTP routes.
+pub fn router(metrics: Arc<Metrics>) -> Router {
+    Router::new()
+        .route("/metrics", get(serve_metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(serve_ready))
+        .with_state(metrics)
+}
+
+async fn serve_metrics(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        metrics.render(),
+    )
+}
+
+async fn serve_ready(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
+    if metrics.is_ready() {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting")
+    }
+}
+
+/// Serves the routes on `addr` until the task is dropped. Returns the bound address (useful
+/// with port 0).
+pub async fn serve(
+    metrics: Arc<Metrics>,
+    addr: SocketAddr,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let app = router(metrics);
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "metrics server stopped");
+        }
+    });
+    Ok((bound, task))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_the_documented_series() {
+        let m = Metrics::new();
+        m.run_finished(RunResult::Succeeded, 1.5, 10, 2);
+        m.braze_responses(Some(201), 3);
+        m.braze_responses(None, 1);
+        m.succeeded_at("growth", "vip", 1_700_000_000.0);
+        m.reconcile_error("Kube");
+        let text = m.render();
+        for needle in [
+            "cohort_operator_runs_total{result=\"Succeeded\"} 1",
+            "cohort_operator_run_duration_seconds_count{result=\"Succeeded\"} 1",
+            "cohort_operator_members_added_total 10",
+            "cohort_operator_members_removed_total 2",
+            "cohort_operator_braze_requests_total{status=\"201\"} 3",
+            "cohort_operator_braze_requests_total{status=\"none\"} 1",
+            "cohort_operator_last_success_timestamp_seconds{namespace=\"growth\",name=\"vip\"} 1700000000",
+            "cohort_operator_reconcile_errors_total{reason=\"Kube\"} 1",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from\n{text}");
+        }
+        m.forget("growth", "vip");
+        assert!(!m.render().contains("name=\"vip\""));
+    }
+}

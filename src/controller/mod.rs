@@ -1,0 +1,325 @@
+//! The controller: keeps every `CohortImport` on schedule.
+//!
+//! Built like kube-rs's controller-rs: one [`Context`] shared by [`reconcile::reconcile`]
+//! and [`reconcile::error_policy`]. A reconcile is short: it validates the spec, looks for
+//! a conflict, plans ([`crate::domain::plan`]) and carries the plan out — writing status,
+//! or starting a run as a task of its own ([`runs`]). A finished run records itself and
+//! asks for a reconcile, which requeues exactly at the next run time; nothing polls.
+//!
+//! - [`clock`]: the time source (tests use a clock they control).
+//! - [`secrets`]: the Braze keys; [`importer`]: the seam to the import pipeline.
+//! - [`status`], [`events`], [`metrics`]: what the controller tells people.
+//! - [`leader`]: only the replica holding the Lease runs anything.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use jiff::SignedDuration;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::api::Api;
+use kube::core::PartialObjectMeta;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::{Controller, watcher};
+use kube::{Resource, ResourceExt};
+use tokio::sync::{Semaphore, mpsc};
+use tracing::{info, warn};
+
+use crate::api::CohortImport;
+use crate::notify::Notify;
+
+pub mod clock;
+pub mod conflict;
+pub mod events;
+pub mod importer;
+pub mod leader;
+pub mod metrics;
+pub mod pipeline;
+pub mod reconcile;
+pub mod runs;
+pub mod secrets;
+pub mod status;
+
+use clock::Clock;
+use conflict::{Referenced, references};
+use events::Events;
+use importer::Importer;
+use leader::LeaderElection;
+use metrics::Metrics;
+use runs::RunRegistry;
+use secrets::PartnerKeys;
+
+/// How the controller behaves.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Namespaces to watch; empty: all.
+    pub namespaces: Vec<String>,
+    /// A scheduled run found later than this (the operator was down) is recorded as missed.
+    pub starting_deadline: SignedDuration,
+    pub partner_keys: PartnerKeys,
+    /// `None`: run without leader election (a single replica).
+    pub leader_election: Option<LeaderElection>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served; `None`: not served.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Names this replica in Events (e.g. the pod name).
+    pub instance: Option<String>,
+    /// Runs at once across all imports; more wait for a free slot.
+    pub max_concurrent_runs: usize,
+    /// Longest a run report email may take.
+    pub notification_timeout: Duration,
+    /// Wait after a failed reconcile.
+    pub error_requeue: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            namespaces: Vec::new(),
+            starting_deadline: SignedDuration::from_hours(1),
+            partner_keys: PartnerKeys::default(),
+            leader_election: None,
+            metrics_addr: None,
+            instance: None,
+            max_concurrent_runs: 16,
+            notification_timeout: Duration::from_secs(60),
+            error_requeue: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What the controller works with besides the API server.
+#[derive(Clone)]
+pub struct Dependencies {
+    pub clock: Arc<dyn Clock>,
+    pub importer: Arc<dyn Importer>,
+    /// `None`: no SMTP server configured; imports asking for email get a status note.
+    pub notifier: Option<Arc<dyn Notify>>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Shared by every reconcile and run.
+pub struct Context {
+    pub client: kube::Client,
+    pub config: Config,
+    pub clock: Arc<dyn Clock>,
+    pub importer: Arc<dyn Importer>,
+    pub notifier: Option<Arc<dyn Notify>>,
+    pub metrics: Arc<Metrics>,
+    pub events: Events,
+    pub runs: RunRegistry,
+    run_slots: Semaphore,
+    /// The imports each controller sees (one per watched namespace, or one for all).
+    stores: Vec<Store<CohortImport>>,
+    /// Asks a controller to reconcile one import (after a run ends), by namespace.
+    wakers: Vec<(Option<String>, mpsc::UnboundedSender<ObjectRef<CohortImport>>)>,
+    /// Import held in `Conflict` → the import that owns its cohort.
+    conflicts: Mutex<HashMap<ObjectRef<CohortImport>, ObjectRef<CohortImport>>>,
+}
+
+impl Context {
+    /// Every import in the watched namespaces.
+    pub fn imports(&self) -> Vec<Arc<CohortImport>> {
+        self.stores.iter().flat_map(|s| s.state()).collect()
+    }
+
+    /// Reconciles `import` soon.
+    pub fn wake(&self, import: ObjectRef<CohortImport>) {
+        let sender = self
+            .wakers
+            .iter()
+            .find(|(ns, _)| ns.is_none() || ns.as_deref() == import.namespace.as_deref())
+            .map(|(_, tx)| tx);
+        if let Some(tx) = sender {
+            let _ = tx.send(import);
+        }
+    }
+
+    fn note_conflict(&self, import: &ObjectRef<CohortImport>, winner: Option<ObjectRef<CohortImport>>) {
+        let mut conflicts = self.conflicts.lock().unwrap_or_else(|e| e.into_inner());
+        match winner {
+            Some(w) => conflicts.insert(import.clone(), w),
+            None => conflicts.remove(import),
+        };
+    }
+
+    /// Imports that should look again when `changed` changes: those aimed at the same
+    /// cohort, and those held in conflict by it.
+    fn affected_by(&self, changed: &CohortImport) -> Vec<ObjectRef<CohortImport>> {
+        let me = ObjectRef::from_obj(changed);
+        let key = conflict::CohortKey::of(&changed.spec);
+        let mut refs: Vec<_> = self
+            .imports()
+            .iter()
+            .filter(|other| conflict::CohortKey::of(&other.spec) == key)
+            .map(|other| ObjectRef::from_obj(other.as_ref()))
+            .filter(|r| *r != me)
+            .collect();
+        let conflicts = self.conflicts.lock().unwrap_or_else(|e| e.into_inner());
+        refs.extend(conflicts.iter().filter(|(_, winner)| **winner == me).map(|(loser, _)| loser.clone()));
+        refs.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        refs.dedup();
+        refs
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Leader(#[from] leader::LeaderError),
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Metrics { addr: SocketAddr, source: std::io::Error },
+}
+
+/// Runs the controller until `shutdown` resolves (or, with leader election, the Lease is
+/// lost — an error: the process should exit and start again as a standby).
+pub async fn run(
+    client: kube::Client,
+    config: Config,
+    deps: Dependencies,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let _server = match config.metrics_addr {
+        Some(addr) => {
+            let (bound, task) = metrics::serve(deps.metrics.clone(), addr)
+                .await
+                .map_err(|source| RunError::Metrics { addr, source })?;
+            info!(%bound, "serving /metrics, /healthz and /readyz");
+            Some(AbortOnDrop(task))
+        }
+        None => None,
+    };
+    match config.leader_election.clone() {
+        None => {
+            deps.metrics.set_ready(true);
+            run_controllers(client, config, deps, shutdown).await;
+            Ok(())
+        }
+        Some(election) => {
+            // A standby is healthy and ready: it is doing its job, waiting.
+            deps.metrics.set_ready(true);
+            let metrics = deps.metrics.clone();
+            election.run(client.clone(), &metrics, run_controllers(client, config, deps, shutdown)).await?;
+            Ok(())
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// One controller per watched namespace (or one for all), sharing a [`Context`]. Dropping
+/// the returned future stops every run in progress.
+async fn run_controllers(
+    client: kube::Client,
+    config: Config,
+    deps: Dependencies,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let scopes: Vec<Option<String>> = if config.namespaces.is_empty() {
+        vec![None]
+    } else {
+        config.namespaces.iter().cloned().map(Some).collect()
+    };
+    let api_for = |ns: &Option<String>| -> Api<CohortImport> {
+        match ns {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    };
+
+    let mut controllers = Vec::new();
+    let mut stores = Vec::new();
+    let mut wakers = Vec::new();
+    let mut wake_streams = Vec::new();
+    for scope in &scopes {
+        let controller = Controller::new(api_for(scope), watcher::Config::default().any_semantic());
+        stores.push(controller.store());
+        let (tx, rx) = mpsc::unbounded_channel();
+        wakers.push((scope.clone(), tx));
+        wake_streams.push(rx);
+        controllers.push(controller);
+    }
+
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        events: Events::new(client.clone(), config.instance.clone()),
+        run_slots: Semaphore::new(config.max_concurrent_runs.max(1)),
+        config,
+        clock: deps.clock.clone(),
+        importer: deps.importer,
+        notifier: deps.notifier,
+        metrics: deps.metrics,
+        runs: RunRegistry::default(),
+        stores,
+        wakers,
+        conflicts: Mutex::new(HashMap::new()),
+    });
+    // Runs are tasks of their own; stop them all when this future goes (shutdown, lost
+    // Lease, or the task running it aborted).
+    let _stop_runs = runs::AbortRunsOnDrop(ctx.clone());
+
+    let shutdown = futures::future::FutureExt::shared(Box::pin(shutdown));
+    let mut running = Vec::new();
+    for ((scope, controller), wake) in scopes.iter().zip(controllers).zip(wake_streams) {
+        // Only metadata: the controller never keeps Secret values in memory.
+        let secrets: Api<PartialObjectMeta<Secret>> = match scope {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        };
+        let config_maps: Api<PartialObjectMeta<ConfigMap>> = match scope {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        };
+        let store = controller.store();
+        let by_secret = referencing(store.clone(), Referenced::Secret);
+        let by_config_map = referencing(store.clone(), Referenced::ConfigMap);
+        let same_cohort = {
+            let ctx = ctx.clone();
+            move |changed: CohortImport| ctx.affected_by(&changed)
+        };
+        let wake = futures::stream::unfold(wake, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+        let stream = controller
+            .watches(secrets, watcher::Config::default().any_semantic(), by_secret)
+            .watches(config_maps, watcher::Config::default().any_semantic(), by_config_map)
+            .watches(api_for(scope), watcher::Config::default().any_semantic(), same_cohort)
+            .reconcile_on(wake)
+            .reconcile_all_on(ctx.clock.jumps())
+            .graceful_shutdown_on(shutdown.clone())
+            .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
+            .for_each(|result| async move {
+                if let Err(e) = result {
+                    match e {
+                        kube::runtime::controller::Error::ObjectNotFound(_) => {}
+                        other => warn!(error = %other, "reconcile failed"),
+                    }
+                }
+            });
+        running.push(stream);
+    }
+    futures::future::join_all(running).await;
+}
+
+/// Maps a changed Secret or ConfigMap to the imports in its namespace that read it.
+fn referencing<K: Resource + ResourceExt>(
+    store: Store<CohortImport>,
+    kind: Referenced,
+) -> impl Fn(K) -> Vec<ObjectRef<CohortImport>> + Send + Sync + 'static {
+    move |object: K| {
+        let namespace = object.namespace();
+        let name = object.name_any();
+        store
+            .state()
+            .into_iter()
+            .filter(|import| import.namespace() == namespace)
+            .filter(|import| references(&import.spec).iter().any(|(k, n)| *k == kind && *n == name))
+            .map(|import| ObjectRef::from_obj(import.as_ref()))
+            .collect()
+    }
+}

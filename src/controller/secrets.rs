@@ -1,0 +1,242 @@
+//! The two Braze keys a run needs.
+//!
+//! - The customer's **data import key** comes from a Secret in the import's own namespace
+//!   (`spec.destination.braze.dataImportKeySecretRef`). A `SecretKeyRef` has no namespace
+//!   field, so a reference into another namespace cannot even be written.
+//! - The **partner API key** is the operator's: Braze issues one per region (US, EU, …).
+//!   It comes from the operator's configuration — a directory with one file per region
+//!   (`us`, `eu`, `au`; a mounted Secret), read at every run so a rotated key is picked up —
+//!   unless the import overrides it with
+//!   `partnerApiKeySecretRef` (again in its own namespace).
+//!
+//! The region of an endpoint is looked up in Braze's list of REST endpoints (by cluster,
+//! never guessed from the URL text), extended by the operator's `--braze-endpoint-region`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::Api;
+
+use crate::api::SecretKeyRef;
+use crate::secret::SecretString;
+
+/// Braze's REST endpoints and the region whose partner key serves them.
+const KNOWN_ENDPOINTS: &[(&str, &str)] = &[
+    ("rest.iad-01.braze.com", "us"),
+    ("rest.iad-02.braze.com", "us"),
+    ("rest.iad-03.braze.com", "us"),
+    ("rest.iad-04.braze.com", "us"),
+    ("rest.iad-05.braze.com", "us"),
+    ("rest.iad-06.braze.com", "us"),
+    ("rest.iad-07.braze.com", "us"),
+    ("rest.iad-08.braze.com", "us"),
+    ("rest.fra-01.braze.eu", "eu"),
+    ("rest.fra-02.braze.eu", "eu"),
+    ("rest.au-01.braze.com", "au"),
+];
+
+/// Why a key could not be had. Messages name the object and the fix, never a value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    #[error("Secret {namespace}/{name} not found: create it in the import's namespace or fix {field}")]
+    SecretNotFound { namespace: String, name: String, field: &'static str },
+    #[error("Secret {namespace}/{name} has no key {key:?}: add it or fix {field}")]
+    KeyNotFound { namespace: String, name: String, key: String, field: &'static str },
+    #[error("Secret {namespace}/{name} key {key:?} is empty or not UTF-8 text")]
+    NotText { namespace: String, name: String, key: String },
+    #[error("cannot read Secret {namespace}/{name}: {message}")]
+    Read { namespace: String, name: String, message: String },
+    #[error(
+        "no partner API key for Braze endpoint {endpoint}: it is not a known Braze REST endpoint; \
+         map it to a region with the operator's --braze-endpoint-region, or set \
+         spec.destination.braze.partnerApiKeySecretRef"
+    )]
+    UnknownEndpoint { endpoint: String },
+    #[error(
+        "no partner API key for Braze region {region} (endpoint {endpoint}): the operator's \
+         configuration has no file {path}; add it, or set spec.destination.braze.partnerApiKeySecretRef"
+    )]
+    PartnerKeyMissing { region: String, endpoint: String, path: String },
+}
+
+impl KeyError {
+    /// The `Ready` reason: everything but a failed API read is a missing secret.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            KeyError::Read { .. } => "SecretReadFailed",
+            _ => "SecretNotFound",
+        }
+    }
+}
+
+/// The operator's partner API keys, one file per region.
+#[derive(Clone, Debug, Default)]
+pub struct PartnerKeys {
+    /// Files named after regions (`us`, `eu`, …); `None`: every import must override.
+    pub dir: Option<PathBuf>,
+    /// Endpoints beyond Braze's list (normalised with [`normalize_endpoint`]) → region.
+    pub extra_endpoints: BTreeMap<String, String>,
+}
+
+/// `https://REST.iad-01.braze.com/` → `https://rest.iad-01.braze.com`.
+pub fn normalize_endpoint(endpoint: &str) -> String {
+    endpoint.trim().trim_end_matches('/').to_ascii_lowercase()
+}
+
+impl PartnerKeys {
+    /// The region whose partner key serves `endpoint`.
+    pub fn region_of(&self, endpoint: &str) -> Option<String> {
+        let normalized = normalize_endpoint(endpoint);
+        if let Some(region) = self.extra_endpoints.get(&normalized) {
+            return Some(region.clone());
+        }
+        let host = normalized.strip_prefix("https://")?;
+        KNOWN_ENDPOINTS.iter().find(|(known, _)| *known == host).map(|(_, region)| (*region).to_owned())
+    }
+
+    /// Reads the partner key for `endpoint` from the configuration directory.
+    pub async fn key_for(&self, endpoint: &str) -> Result<SecretString, KeyError> {
+        let region = self
+            .region_of(endpoint)
+            .ok_or_else(|| KeyError::UnknownEndpoint { endpoint: endpoint.to_owned() })?;
+        let missing = |path: &Path| KeyError::PartnerKeyMissing {
+            region: region.clone(),
+            endpoint: endpoint.to_owned(),
+            path: path.display().to_string(),
+        };
+        let Some(dir) = &self.dir else {
+            return Err(missing(Path::new("<--partner-keys-dir not set>")));
+        };
+        let path = dir.join(&region);
+        let text = tokio::fs::read_to_string(&path).await.map_err(|_| missing(&path))?;
+        let key = text.trim();
+        if key.is_empty() {
+            return Err(missing(&path));
+        }
+        Ok(SecretString::new(key.to_owned()))
+    }
+}
+
+/// Parses `URL=REGION` (regions are lower case, like the key files).
+pub fn parse_endpoint_region(text: &str) -> Result<(String, String), String> {
+    let (url, region) = text
+        .rsplit_once('=')
+        .ok_or_else(|| format!("{text:?}: expected ENDPOINT=REGION, e.g. https://rest.iad-09.braze.com=us"))?;
+    if url.is_empty() || region.is_empty() || region.contains('/') {
+        return Err(format!("{text:?}: expected ENDPOINT=REGION"));
+    }
+    Ok((normalize_endpoint(url), region.to_ascii_lowercase()))
+}
+
+/// Reads one key of a Secret in `namespace`. `field` names the spec field for messages.
+pub async fn secret_value(
+    secrets: &Api<Secret>,
+    namespace: &str,
+    reference: &SecretKeyRef,
+    field: &'static str,
+) -> Result<SecretString, KeyError> {
+    let secret = secrets.get_opt(&reference.name).await.map_err(|e| KeyError::Read {
+        namespace: namespace.to_owned(),
+        name: reference.name.clone(),
+        message: e.to_string(),
+    })?;
+    let Some(secret) = secret else {
+        return Err(KeyError::SecretNotFound {
+            namespace: namespace.to_owned(),
+            name: reference.name.clone(),
+            field,
+        });
+    };
+    let bytes = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(&reference.key))
+        .map(|b| b.0.clone())
+        .or_else(|| secret.string_data.as_ref().and_then(|d| d.get(&reference.key)).map(|s| s.clone().into_bytes()));
+    let Some(bytes) = bytes else {
+        return Err(KeyError::KeyNotFound {
+            namespace: namespace.to_owned(),
+            name: reference.name.clone(),
+            key: reference.key.clone(),
+            field,
+        });
+    };
+    let not_text = || KeyError::NotText {
+        namespace: namespace.to_owned(),
+        name: reference.name.clone(),
+        key: reference.key.clone(),
+    };
+    let text = String::from_utf8(bytes).map_err(|_| not_text())?;
+    let value = text.trim();
+    if value.is_empty() {
+        return Err(not_text());
+    }
+    Ok(SecretString::new(value.to_owned()))
+}
+
+/// Both keys of one import.
+#[derive(Clone, Debug)]
+pub struct BrazeKeys {
+    pub data_import_key: SecretString,
+    pub partner_api_key: SecretString,
+}
+
+pub const DATA_IMPORT_KEY_FIELD: &str = "spec.destination.braze.dataImportKeySecretRef";
+pub const PARTNER_KEY_FIELD: &str = "spec.destination.braze.partnerApiKeySecretRef";
+
+/// Reads both keys an import's run needs.
+pub async fn braze_keys(
+    client: &kube::Client,
+    namespace: &str,
+    braze: &crate::api::BrazeDestination,
+    partner_keys: &PartnerKeys,
+) -> Result<BrazeKeys, KeyError> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let data_import_key =
+        secret_value(&secrets, namespace, &braze.data_import_key_secret_ref, DATA_IMPORT_KEY_FIELD).await?;
+    let partner_api_key = match &braze.partner_api_key_secret_ref {
+        Some(reference) => secret_value(&secrets, namespace, reference, PARTNER_KEY_FIELD).await?,
+        None => partner_keys.key_for(&braze.rest_endpoint).await?,
+    };
+    Ok(BrazeKeys { data_import_key, partner_api_key })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regions_come_from_braze_clusters_and_configuration() {
+        let mut keys = PartnerKeys::default();
+        assert_eq!(keys.region_of("https://rest.iad-03.braze.com").as_deref(), Some("us"));
+        assert_eq!(keys.region_of("https://REST.fra-02.braze.eu/").as_deref(), Some("eu"));
+        assert_eq!(keys.region_of("https://rest.iad-99.braze.com"), None);
+        assert_eq!(keys.region_of("http://rest.iad-01.braze.com"), None, "http is not Braze");
+        let (url, region) = parse_endpoint_region("http://127.0.0.1:8080/=US").unwrap();
+        keys.extra_endpoints.insert(url, region);
+        assert_eq!(keys.region_of("http://127.0.0.1:8080").as_deref(), Some("us"));
+        assert!(parse_endpoint_region("no-equals").is_err());
+    }
+
+    #[tokio::test]
+    async fn partner_keys_are_read_per_region_and_errors_name_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("us"), "us-partner-key\n").unwrap();
+        let keys = PartnerKeys { dir: Some(dir.path().to_owned()), extra_endpoints: BTreeMap::new() };
+        let key = keys.key_for("https://rest.iad-01.braze.com").await.unwrap();
+        assert_eq!(key.expose(), "us-partner-key");
+
+        let err = keys.key_for("https://rest.fra-01.braze.eu").await.unwrap_err();
+        assert!(matches!(err, KeyError::PartnerKeyMissing { ref region, .. } if region == "eu"));
+        assert!(err.to_string().contains("partnerApiKeySecretRef"), "{err}");
+        assert_eq!(err.reason(), "SecretNotFound");
+
+        let err = keys.key_for("https://braze.example.com").await.unwrap_err();
+        assert!(err.to_string().contains("--braze-endpoint-region"), "{err}");
+
+        // A rotated key is read at the next use.
+        std::fs::write(dir.path().join("us"), "rotated").unwrap();
+        assert_eq!(keys.key_for("https://rest.iad-01.braze.com").await.unwrap().expose(), "rotated");
+    }
+}

@@ -1,0 +1,255 @@
+//! Building `.status` and writing it: server-side apply with one field manager, only when
+//! something changed, guarded by the resourceVersion it was computed from.
+
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Api, Patch, PatchParams};
+use kube::ResourceExt;
+use serde_json::json;
+
+use crate::api::{
+    CohortImport, CohortImportStatus, FIELD_MANAGER, MAX_RUN_MESSAGE_CHARS, RunRecord, RunResult,
+};
+
+pub const READY: &str = "Ready";
+
+/// The `Ready` condition's reasons.
+pub mod reason {
+    pub const SCHEDULED: &str = "Scheduled";
+    pub const RUNNING: &str = "Running";
+    pub const SUCCEEDED: &str = "Succeeded";
+    pub const DRY_RUN: &str = "DryRun";
+    pub const FAILED: &str = "Failed";
+    pub const BLOCKED: &str = "Blocked";
+    pub const MISSED: &str = "Missed";
+    pub const SUSPENDED: &str = "Suspended";
+    pub const CONFLICT: &str = "Conflict";
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
+    pub const DELETING: &str = "Deleting";
+}
+
+/// Times in status have whole seconds: what the API server keeps of a `metav1.Time`, so
+/// that a status read back compares equal to the one written.
+pub fn seconds(t: Timestamp) -> Timestamp {
+    Timestamp::from_second(t.as_second()).expect("a valid timestamp stays valid when truncated")
+}
+
+pub fn rfc3339(t: Timestamp) -> String {
+    seconds(t).to_string()
+}
+
+/// Cuts `text` to [`MAX_RUN_MESSAGE_CHARS`] characters, marking the cut.
+pub fn truncate_message(text: &str) -> String {
+    truncate(text, MAX_RUN_MESSAGE_CHARS)
+}
+
+pub fn truncate(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_owned();
+    }
+    let mut cut: String = text.chars().take(max.saturating_sub(1)).collect();
+    cut.push('…');
+    cut
+}
+
+/// Sets the `Ready` condition, keeping its transition time while its status stays the same.
+pub fn set_ready(
+    status: &mut CohortImportStatus,
+    value: &str,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: Timestamp,
+) {
+    let previous = status.conditions.iter().find(|c| c.type_ == READY);
+    let last_transition_time = match previous {
+        Some(c) if c.status == value => c.last_transition_time.clone(),
+        _ => Time(seconds(now)),
+    };
+    let ready = Condition {
+        type_: READY.to_owned(),
+        status: value.to_owned(),
+        reason: reason.to_owned(),
+        // Condition messages are limited to 32 KiB; ours stay far shorter.
+        message: truncate(message, 1024),
+        last_transition_time,
+        observed_generation: generation,
+    };
+    status.conditions.retain(|c| c.type_ != READY);
+    status.conditions.insert(0, ready);
+}
+
+/// The `Ready` reason currently shown.
+pub fn ready_reason(status: Option<&CohortImportStatus>) -> Option<&str> {
+    status?.conditions.iter().find(|c| c.type_ == READY).map(|c| c.reason.as_str())
+}
+
+/// Records a finished (or missed) run: newest first, at most `limit` kept.
+pub fn record_run(status: &mut CohortImportStatus, mut record: RunRecord, limit: u8) {
+    record.message = truncate_message(&record.message);
+    if record.result == RunResult::Succeeded {
+        status.last_successful_run_at = record.finished_at.clone().or_else(|| Some(record.started_at.clone()));
+    }
+    status.history.retain(|r| r.id != record.id);
+    status.history.insert(0, record.clone());
+    status.history.truncate(usize::from(limit.max(1)));
+    status.last_run = Some(record);
+}
+
+/// The `Ready` condition for an import that is not running, from its last run.
+pub fn idle_ready(status: &CohortImportStatus, next_run_at: Option<Timestamp>) -> (&'static str, &'static str, String) {
+    let next = match next_run_at {
+        Some(t) => format!("next run at {}", rfc3339(t)),
+        None => "no run scheduled".to_owned(),
+    };
+    match &status.last_run {
+        None => ("True", reason::SCHEDULED, capitalize(&next)),
+        Some(run) => {
+            let (value, why) = match run.result {
+                RunResult::Succeeded => ("True", reason::SUCCEEDED),
+                RunResult::DryRun => ("True", reason::DRY_RUN),
+                RunResult::Failed => ("False", reason::FAILED),
+                RunResult::Blocked => ("False", reason::BLOCKED),
+                RunResult::Missed => ("False", reason::MISSED),
+            };
+            let message = if run.message.is_empty() {
+                format!("Run {} {}; {next}", run.id, verb(run.result))
+            } else {
+                format!("Run {} {}: {}; {next}", run.id, verb(run.result), run.message)
+            };
+            (value, why, message)
+        }
+    }
+}
+
+fn verb(result: RunResult) -> &'static str {
+    match result {
+        RunResult::Succeeded => "succeeded",
+        RunResult::DryRun => "completed as a dry run",
+        RunResult::Failed => "failed",
+        RunResult::Blocked => "was blocked",
+        RunResult::Missed => "was missed",
+    }
+}
+
+fn capitalize(text: &str) -> String {
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).collect(),
+        None => String::new(),
+    }
+}
+
+/// What a status write did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Written {
+    /// The status was already as desired.
+    Unchanged,
+    Applied,
+}
+
+/// Writes `desired` unless the object already has it. The write carries the object's
+/// resourceVersion, so a status computed from a stale copy is refused (409) instead of
+/// overwriting a newer one; callers read the object again and retry.
+pub async fn write(api: &Api<CohortImport>, obj: &CohortImport, desired: &CohortImportStatus) -> Result<Written, kube::Error> {
+    if obj.status.as_ref() == Some(desired) || (obj.status.is_none() && *desired == CohortImportStatus::default()) {
+        return Ok(Written::Unchanged);
+    }
+    let patch = json!({
+        "apiVersion": "cohorts.dev/v1alpha1",
+        "kind": "CohortImport",
+        "metadata": { "name": obj.name_any(), "resourceVersion": obj.resource_version() },
+        "status": desired,
+    });
+    api.patch_status(&obj.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+    Ok(Written::Applied)
+}
+
+/// Whether an API error is the optimistic-concurrency refusal of a stale write.
+pub fn is_stale_write(error: &kube::Error) -> bool {
+    matches!(error, kube::Error::Api(status) if status.code == 409)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::RunTrigger;
+
+    fn record(id: &str, result: RunResult, message: &str) -> RunRecord {
+        RunRecord {
+            id: id.into(),
+            trigger: RunTrigger::Scheduled,
+            started_at: "2026-01-01T00:00:00Z".into(),
+            finished_at: Some("2026-01-01T00:01:00Z".into()),
+            result,
+            cohort_size: 3,
+            added: 1,
+            removed: 0,
+            message: message.into(),
+        }
+    }
+
+    #[test]
+    fn history_is_newest_first_and_capped() {
+        let mut status = CohortImportStatus::default();
+        for i in 0..5 {
+            record_run(&mut status, record(&format!("r{i}"), RunResult::Succeeded, ""), 3);
+        }
+        let ids: Vec<_> = status.history.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["r4", "r3", "r2"]);
+        assert_eq!(status.last_run.as_ref().unwrap().id, "r4");
+        assert_eq!(status.last_successful_run_at.as_deref(), Some("2026-01-01T00:01:00Z"));
+    }
+
+    #[test]
+    fn a_failed_run_keeps_the_last_success() {
+        let mut status = CohortImportStatus::default();
+        record_run(&mut status, record("ok", RunResult::Succeeded, ""), 10);
+        let mut failed = record("bad", RunResult::Failed, "boom");
+        failed.finished_at = Some("2026-01-02T00:00:00Z".into());
+        record_run(&mut status, failed, 10);
+        assert_eq!(status.last_successful_run_at.as_deref(), Some("2026-01-01T00:01:00Z"));
+        assert_eq!(status.last_run.as_ref().unwrap().result, RunResult::Failed);
+    }
+
+    #[test]
+    fn messages_are_truncated_so_status_stays_small_at_the_maximum_history() {
+        let mut status = CohortImportStatus::default();
+        for i in 0..60 {
+            record_run(&mut status, record(&format!("20260101-000000-{i:04x}"), RunResult::Failed, &"é".repeat(5000)), 50);
+        }
+        assert_eq!(status.history.len(), 50);
+        assert!(status.history.iter().all(|r| r.message.chars().count() == MAX_RUN_MESSAGE_CHARS));
+        let bytes = serde_json::to_vec(&status).unwrap().len();
+        assert!(bytes < 48 * 1024, "status at the maximum history is {bytes} bytes");
+    }
+
+    #[test]
+    fn ready_keeps_its_transition_time_while_its_status_holds() {
+        let t0: Timestamp = "2026-01-01T00:00:00.75Z".parse().unwrap();
+        let t1: Timestamp = "2026-01-02T00:00:00Z".parse().unwrap();
+        let mut status = CohortImportStatus::default();
+        set_ready(&mut status, "True", reason::SCHEDULED, "Next run at …", Some(1), t0);
+        assert_eq!(status.conditions[0].last_transition_time.0.to_string(), "2026-01-01T00:00:00Z");
+        set_ready(&mut status, "True", reason::SUCCEEDED, "Run r succeeded", Some(2), t1);
+        assert_eq!(status.conditions.len(), 1);
+        assert_eq!(status.conditions[0].last_transition_time.0, seconds(t0));
+        assert_eq!(status.conditions[0].reason, "Succeeded");
+        set_ready(&mut status, "False", reason::FAILED, "Run r failed", Some(2), t1);
+        assert_eq!(status.conditions[0].last_transition_time.0, t1);
+    }
+
+    #[test]
+    fn idle_ready_follows_the_last_run() {
+        let next: Timestamp = "2026-01-02T06:30:00Z".parse().unwrap();
+        let mut status = CohortImportStatus::default();
+        let (value, why, message) = idle_ready(&status, Some(next));
+        assert_eq!((value, why), ("True", "Scheduled"));
+        assert_eq!(message, "Next run at 2026-01-02T06:30:00Z");
+        record_run(&mut status, record("r1", RunResult::Blocked, "would remove 40%"), 10);
+        let (value, why, message) = idle_ready(&status, None);
+        assert_eq!((value, why), ("False", "Blocked"));
+        assert_eq!(message, "Run r1 was blocked: would remove 40%; no run scheduled");
+    }
+}

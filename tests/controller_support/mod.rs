@@ -1,0 +1,372 @@
+//! What the controller's end-to-end tests share: a real kube-apiserver (one per test
+//! binary), a namespace per test, the Braze sandbox in-process, a test clock, and the
+//! controller itself running in-process against the cluster.
+#![allow(dead_code)]
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use braze_sandbox::{DataImportKey, Partner, RunningSandbox, Sandbox, SandboxConfig, SandboxUser};
+use cohort_operator::api::{self, CohortImport};
+use cohort_operator::braze::{BrazeClient, BrazeClientConfig};
+use cohort_operator::controller::clock::TestClock;
+use cohort_operator::controller::leader::LeaderElection;
+use cohort_operator::controller::metrics::Metrics;
+use cohort_operator::controller::pipeline::{PipelineImporter, SnapshotStoreKind};
+use cohort_operator::controller::secrets::{PartnerKeys, normalize_endpoint};
+use cohort_operator::controller::{self, Config, Dependencies};
+use cohort_operator::notify::Notify;
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::wait::await_condition;
+use serde_json::{Value, json};
+use testkit::cluster::Cluster;
+use tokio::sync::{OnceCell, oneshot};
+
+pub const PARTNER: &str = "kubit";
+pub const PARTNER_KEY: &str = "partner-key-us";
+pub const IMPORT_KEY: &str = "import-key-1";
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// Logs of the operator under test, when `RUST_LOG` asks for them.
+pub fn logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+pub async fn install_crd(client: &kube::Client) {
+    static INSTALLED: OnceCell<()> = OnceCell::const_new();
+    INSTALLED
+        .get_or_init(|| async {
+            let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+            let crd = api::crd();
+            let name = crd.metadata.name.clone().unwrap();
+            crds.patch(&name, &PatchParams::apply(api::FIELD_MANAGER).force(), &Patch::Apply(&crd))
+                .await
+                .expect("CRD applies");
+            let established = await_condition(crds, &name, |c: Option<&CustomResourceDefinition>| {
+                c.and_then(|c| c.status.as_ref()).and_then(|s| s.conditions.as_ref()).is_some_and(|cs| {
+                    cs.iter().any(|c| c.type_ == "Established" && c.status == "True")
+                })
+            });
+            tokio::time::timeout(WAIT, established).await.expect("CRD Established in time").unwrap();
+        })
+        .await;
+}
+
+/// A test's world.
+pub struct Env {
+    pub cluster: &'static Cluster,
+    pub client: kube::Client,
+    pub ns: String,
+    pub sandbox: RunningSandbox,
+    pub clock: TestClock,
+    pub keys_dir: tempfile::TempDir,
+    pub scratch: tempfile::TempDir,
+}
+
+/// A controller running in-process.
+pub struct Operator {
+    task: Option<tokio::task::JoinHandle<Result<(), controller::RunError>>>,
+    shutdown: Option<oneshot::Sender<()>>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Operator {
+    /// Stops it the hard way, as a crash would: runs are cut short, a Lease is not released.
+    pub async fn kill(mut self) {
+        let task = self.task.take().unwrap();
+        task.abort();
+        let _ = task.await;
+    }
+
+    /// Stops it gracefully.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let _ = self.task.take().unwrap().await;
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.metrics.leader.get() == 1
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// Users the sandbox knows: `u0` … `u{n-1}`.
+pub const USERS: usize = 6000;
+
+impl Env {
+    pub async fn new(prefix: &str) -> Env {
+        logs();
+        let cluster = Cluster::shared();
+        let client = cluster.client().await;
+        install_crd(&client).await;
+        let ns = cluster.namespace(prefix).await;
+        let sandbox = Sandbox::start(SandboxConfig {
+            partners: vec![Partner { name: PARTNER.into(), api_key: PARTNER_KEY.into() }],
+            data_import_keys: vec![DataImportKey { key: IMPORT_KEY.into(), partners: vec![] }],
+            users: (0..USERS).map(|i| SandboxUser::identified(format!("u{i}"))).collect(),
+            ..SandboxConfig::default()
+        })
+        .await
+        .expect("sandbox starts");
+        let keys_dir = tempfile::tempdir().unwrap();
+        std::fs::write(keys_dir.path().join("us"), PARTNER_KEY).unwrap();
+        let env = Env {
+            cluster,
+            client,
+            ns,
+            sandbox,
+            // Runs at the real rate from now; tests jump it to run times.
+            clock: TestClock::starting_at(Timestamp::now()),
+            keys_dir,
+            scratch: tempfile::tempdir().unwrap(),
+        };
+        env.put_secret("braze", "data-import-key", IMPORT_KEY).await;
+        env
+    }
+
+    pub fn config(&self) -> Config {
+        Config {
+            namespaces: vec![self.ns.clone()],
+            partner_keys: PartnerKeys {
+                dir: Some(self.keys_dir.path().to_owned()),
+                extra_endpoints: [(normalize_endpoint(&self.sandbox.url()), "us".to_owned())].into(),
+            },
+            error_requeue: Duration::from_secs(1),
+            ..Config::default()
+        }
+    }
+
+    pub fn importer(&self) -> Arc<PipelineImporter> {
+        let braze = BrazeClient::new(BrazeClientConfig {
+            request_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(2),
+            ..BrazeClientConfig::default()
+        })
+        .unwrap();
+        Arc::new(PipelineImporter::new(
+            self.client.clone(),
+            braze,
+            SnapshotStoreKind::Cluster,
+            self.scratch.path().to_owned(),
+        ))
+    }
+
+    pub async fn start(&self) -> Operator {
+        self.start_with(self.config(), None).await
+    }
+
+    pub async fn start_with(&self, config: Config, notifier: Option<Arc<dyn Notify>>) -> Operator {
+        let metrics = Arc::new(Metrics::new());
+        let deps = Dependencies {
+            clock: Arc::new(self.clock.clone()),
+            importer: self.importer(),
+            notifier,
+            metrics: metrics.clone(),
+        };
+        let (tx, rx) = oneshot::channel::<()>();
+        let client = self.client.clone();
+        let task = tokio::spawn(controller::run(client, config, deps, async move {
+            let _ = rx.await;
+        }));
+        Operator { task: Some(task), shutdown: Some(tx), metrics }
+    }
+
+    /// Leader election on a Lease in the test's namespace.
+    pub fn leader_config(&self, identity: &str) -> Config {
+        Config {
+            leader_election: Some(LeaderElection {
+                lease_name: "cohort-operator".into(),
+                lease_namespace: self.ns.clone(),
+                identity: identity.into(),
+                lease_duration_seconds: 4,
+                renew_grace_seconds: 2,
+            }),
+            ..self.config()
+        }
+    }
+
+    pub fn imports(&self) -> Api<CohortImport> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    pub async fn put_secret(&self, name: &str, key: &str, value: &str) {
+        let secret: Secret = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": { "name": name },
+            "stringData": { key: value }
+        }))
+        .unwrap();
+        Api::<Secret>::namespaced(self.client.clone(), &self.ns)
+            .patch(name, &PatchParams::apply("test").force(), &Patch::Apply(&secret))
+            .await
+            .expect("Secret applies");
+    }
+
+    /// A ConfigMap `members` (key `ids`) with one external id a line.
+    pub async fn put_members(&self, ids: &[String]) {
+        let cm: ConfigMap = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": { "name": "members" },
+            "data": { "ids": ids.join("\n") }
+        }))
+        .unwrap();
+        Api::<ConfigMap>::namespaced(self.client.clone(), &self.ns)
+            .patch("members", &PatchParams::apply("test").force(), &Patch::Apply(&cm))
+            .await
+            .expect("ConfigMap applies");
+    }
+
+    /// A Daily import at `at` (UTC) reading the `members` ConfigMap into cohort `cohort`.
+    pub fn import(&self, name: &str, cohort: &str, schedule: Value) -> Value {
+        json!({
+            "apiVersion": "cohorts.dev/v1alpha1",
+            "kind": "CohortImport",
+            "metadata": { "name": name },
+            "spec": {
+                "cohort": { "id": cohort, "name": format!("Cohort {cohort}") },
+                "source": { "configMap": { "name": "members", "key": "ids" } },
+                "identifiers": { "externalId": "id" },
+                "destination": { "braze": {
+                    "restEndpoint": self.sandbox.url(),
+                    "partner": PARTNER,
+                    "dataImportKeySecretRef": { "name": "braze", "key": "data-import-key" }
+                } },
+                "schedule": schedule,
+                // The guard is tested with the pipeline; here removals flow freely.
+                "removalGuard": { "disabled": true }
+            }
+        })
+    }
+
+    pub async fn create(&self, doc: Value) -> CohortImport {
+        self.imports().create(&PostParams::default(), &serde_json::from_value(doc).unwrap()).await.expect("import created")
+    }
+
+    pub async fn get(&self, name: &str) -> CohortImport {
+        self.imports().get(name).await.expect("import exists")
+    }
+
+    pub async fn merge(&self, name: &str, patch: Value) {
+        self.imports()
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .expect("import patched");
+    }
+
+    pub async fn delete(&self, name: &str) {
+        self.imports().delete(name, &DeleteParams::default()).await.expect("delete accepted");
+    }
+
+    /// Waits until `cond` holds for the import (or, with `None`, until it is gone).
+    pub async fn wait_for(
+        &self,
+        name: &str,
+        what: &str,
+        cond: impl Fn(Option<&CohortImport>) -> bool + Send + 'static,
+    ) -> Option<CohortImport> {
+        match tokio::time::timeout(WAIT, await_condition(self.imports(), name, cond)).await {
+            Ok(found) => found.expect("watching the import"),
+            Err(_) => {
+                let now = self.imports().get_opt(name).await.ok().flatten();
+                panic!(
+                    "{name}: not {what} within {WAIT:?}; status: {}",
+                    serde_json::to_string_pretty(&now.map(|i| i.status)).unwrap()
+                );
+            }
+        }
+    }
+
+    /// Waits until `cond` holds for the import's status.
+    pub async fn wait_status(
+        &self,
+        name: &str,
+        what: &str,
+        cond: impl Fn(&api::CohortImportStatus) -> bool + Send + 'static,
+    ) -> CohortImport {
+        self.wait_for(name, what, move |i| i.and_then(|i| i.status.as_ref()).is_some_and(&cond))
+            .await
+            .expect("the import exists")
+    }
+
+    /// Waits until the import has `n` runs in its history and none in progress.
+    pub async fn wait_runs(&self, name: &str, n: usize) -> CohortImport {
+        self.wait_status(name, &format!("finished with {n} runs"), move |s| {
+            s.history.len() == n && s.current_run.is_none() && ready_reason(s) != Some("Running")
+        })
+        .await
+    }
+
+    /// External ids in the sandbox cohort.
+    pub fn members(&self, cohort: &str) -> BTreeSet<String> {
+        self.sandbox.member_external_ids(PARTNER, cohort).into_iter().collect()
+    }
+
+    /// Events on `name`, as (reason, note).
+    pub async fn events(&self, name: &str) -> Vec<(String, String)> {
+        let events: Api<Event> = Api::namespaced(self.client.clone(), &self.ns);
+        events
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+            .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+            .collect()
+    }
+
+    /// Waits for an Event with `reason` on `name`.
+    pub async fn wait_event(&self, name: &str, reason: &str) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some((_, note)) = self.events(name).await.into_iter().find(|(r, _)| r == reason) {
+                return note;
+            }
+            assert!(Instant::now() < deadline, "{name}: no {reason} Event within {WAIT:?}: {:?}", self.events(name).await);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+pub fn ready_reason(status: &api::CohortImportStatus) -> Option<&str> {
+    status.conditions.iter().find(|c| c.type_ == "Ready").map(|c| c.reason.as_str())
+}
+
+pub fn ready(status: &api::CohortImportStatus) -> Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    status.conditions.iter().find(|c| c.type_ == "Ready")
+}
+
+pub fn ids(range: std::ops::Range<usize>) -> Vec<String> {
+    range.map(|i| format!("u{i}")).collect()
+}
+
+pub fn set(ids: &[String]) -> BTreeSet<String> {
+    ids.iter().cloned().collect()
+}
+
+pub fn ts(s: &str) -> Timestamp {
+    s.parse().unwrap()
+}
+
+/// The binary under test.
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_cohort-operator"))
+}
