@@ -203,8 +203,8 @@ def install_chart(plane: ControlPlane, values: dict[str, Any] | None, *, release
     the chart's CRDs, the release namespace and every watched namespace, then the rendered
     objects. Returns the rendered objects.
 
-    The test server is Kubernetes 1.20, older than the chart's kubeVersion (>= 1.21): it has
-    no policy/v1, so the PodDisruptionBudget is sent as policy/v1beta1 (the fields the
+    The test server is Kubernetes 1.20, the oldest the chart supports: it has
+    no policy/v1, and Helm renders with its default (newer) capabilities here, so the PodDisruptionBudget is sent as policy/v1beta1, as the chart itself picks on a 1.20 server (the fields the
     chart sets are the same), and the ServiceMonitor is left out unless its CRD is served.
     """
     import chartlib  # noqa: PLC0415 — keeps `cluster` usable without Helm installed
