@@ -1,0 +1,200 @@
+//! An import's life on a real kube-apiserver with the Braze sandbox: one schedule per
+//! cohort, suspend and resume, a rotated Secret, both deletion policies, and status writes
+//! that never overwrite a newer status.
+
+mod controller_support;
+
+use braze_sandbox::{DataImportKey, Faults};
+use cohort_operator::api::{CohortImport, RUN_REQUESTED_ANNOTATION, RunResult, RunTrigger};
+use cohort_operator::controller::status;
+use controller_support::*;
+use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::ResourceExt;
+use kube::api::{Api, ListParams};
+use serde_json::json;
+
+async fn request_run(env: &Env, name: &str, value: &str) {
+    env.merge(name, json!({ "metadata": { "annotations": { RUN_REQUESTED_ANNOTATION: value } } })).await;
+}
+
+#[tokio::test]
+async fn the_older_import_of_a_cohort_runs_and_the_other_waits_for_it() {
+    let env = Env::new("ctl-conflict").await;
+    env.put_members(&ids(0..3)).await;
+    let operator = env.start().await;
+    env.create(env.import("first", "shared", json!({ "cadence": "Daily", "at": "06:30" }))).await;
+    env.wait_status("first", "Scheduled", |s| ready_reason(s) == Some("Scheduled")).await;
+    env.create(env.import("second", "shared", json!({ "cadence": "Daily", "at": "07:30" }))).await;
+    let held = env.wait_status("second", "Conflict", |s| ready_reason(s) == Some("Conflict")).await;
+    let status = held.status.unwrap();
+    let message = &ready(&status).unwrap().message;
+    assert!(message.contains(&format!("{}/first", env.ns)), "the winner is named: {message}");
+    assert_eq!(ready(&status).unwrap().status, "False");
+    assert_eq!(status.next_run_at, None);
+    env.wait_event("second", "Conflict").await;
+
+    // A run asked of the loser waits; the winner runs as usual.
+    request_run(&env, "second", "asked-while-in-conflict").await;
+    env.wait_status("second", "holding the request", |s| {
+        ready_reason(s) == Some("Conflict") && ready(s).unwrap().message.contains("waits")
+    })
+    .await;
+    request_run(&env, "first", "winner-runs").await;
+    env.wait_runs("first", 1).await;
+    assert!(env.get("second").await.status.unwrap().history.is_empty(), "the loser never ran");
+
+    // The winner goes (keeping Braze's cohort as it is): the other takes over and runs
+    // the request it was holding.
+    env.delete("first").await;
+    env.wait_for("first", "deleted", |i| i.is_none()).await;
+    let status = env.wait_runs("second", 1).await.status.unwrap();
+    assert_eq!(status.history[0].trigger, RunTrigger::Manual);
+    assert_eq!(status.history[0].result, RunResult::Succeeded, "{}", status.history[0].message);
+    assert!(status.next_run_at.is_some());
+    assert_eq!(env.members("shared"), set(&ids(0..3)));
+    operator.stop().await;
+}
+
+#[tokio::test]
+async fn suspend_lets_a_run_in_progress_finish_and_resume_skips_what_was_missed() {
+    let env = Env::new("ctl-suspend").await;
+    env.put_members(&ids(0..2500)).await;
+    let operator = env.start().await;
+    env.create(env.import("paused", "paused", json!({ "cadence": "Daily", "at": "06:30" }))).await;
+    let status = env.wait_status("paused", "Scheduled", |s| s.next_run_at.is_some()).await.status.unwrap();
+    let first: Timestamp = status.next_run_at.unwrap().parse().unwrap();
+
+    // A slow Braze keeps the run going while the import is suspended.
+    env.sandbox.set_faults(Faults { latency_ms: 700, ..Faults::default() });
+    request_run(&env, "paused", "slow").await;
+    env.wait_status("paused", "Running", |s| s.current_run.is_some()).await;
+    cohort_operator::cli::set_suspend(env.client.clone(), &env.ns, "paused", true).await.unwrap();
+    let status = env
+        .wait_status("paused", "Suspended after the run", |s| ready_reason(s) == Some("Suspended") && s.history.len() == 1)
+        .await
+        .status
+        .unwrap();
+    assert_eq!(status.history[0].result, RunResult::Succeeded, "the run in progress finished: {}", status.history[0].message);
+    assert_eq!(status.history[0].added, 2500);
+    assert_eq!(status.next_run_at, None);
+    env.sandbox.set_faults(Faults::default());
+
+    // While suspended, the run time passes; resuming does not catch up on it.
+    env.put_members(&ids(0..10)).await;
+    env.clock.set(first + SignedDuration::from_mins(10));
+    cohort_operator::cli::set_suspend(env.client.clone(), &env.ns, "paused", false).await.unwrap();
+    let status = env
+        .wait_status("paused", "resumed", |s| ready_reason(s) == Some("Succeeded") && s.next_run_at.is_some())
+        .await
+        .status
+        .unwrap();
+    assert_eq!(status.history.len(), 1, "nothing ran while suspended or on resume");
+    let next: Timestamp = status.next_run_at.unwrap().parse().unwrap();
+    assert_eq!(next, first + SignedDuration::from_hours(24));
+
+    // It runs at its next time again.
+    env.clock.set(next - SignedDuration::from_secs(1));
+    let status = env.wait_runs("paused", 2).await.status.unwrap();
+    assert_eq!(status.history[0].trigger, RunTrigger::Scheduled);
+    assert_eq!((status.history[0].removed, status.history[0].cohort_size), (2490, 10));
+    assert_eq!(env.members("paused"), set(&ids(0..10)));
+    operator.stop().await;
+}
+
+#[tokio::test]
+async fn a_rotated_secret_is_used_by_the_next_run() {
+    let env = Env::new("ctl-rotate").await;
+    env.put_members(&ids(0..3)).await;
+    let operator = env.start().await;
+    env.create(env.import("rotate", "rotate", json!({ "cadence": "Daily", "at": "06:30" }))).await;
+    request_run(&env, "rotate", "1").await;
+    let status = env.wait_runs("rotate", 1).await.status.unwrap();
+    assert_eq!(status.history[0].result, RunResult::Succeeded, "{}", status.history[0].message);
+
+    // The customer replaces the data import key in Braze: the old one stops working.
+    env.sandbox.set_data_import_keys(vec![DataImportKey { key: "import-key-2".into(), partners: vec![] }]);
+    env.put_members(&ids(0..5)).await;
+    request_run(&env, "rotate", "2").await;
+    let status = env.wait_runs("rotate", 2).await.status.unwrap();
+    let failed = &status.history[0];
+    assert_eq!(failed.result, RunResult::Failed);
+    assert!(failed.message.contains("client secret"), "{}", failed.message);
+    assert!(!failed.message.contains(IMPORT_KEY), "no key in status: {}", failed.message);
+    assert_eq!(ready_reason(&status), Some("Failed"));
+    env.wait_event("rotate", "RunFailed").await;
+
+    // The Secret is updated: the next run uses the new key and sends what was missed.
+    env.put_secret("braze", "data-import-key", "import-key-2").await;
+    request_run(&env, "rotate", "3").await;
+    let status = env.wait_runs("rotate", 3).await.status.unwrap();
+    assert_eq!(status.history[0].result, RunResult::Succeeded, "{}", status.history[0].message);
+    assert_eq!(status.history[0].added, 2);
+    assert_eq!(env.members("rotate"), set(&ids(0..5)));
+    operator.stop().await;
+}
+
+async fn snapshot_config_maps(env: &Env, import: &CohortImport) -> usize {
+    let uid = import.uid().unwrap();
+    Api::<ConfigMap>::namespaced(env.client.clone(), &env.ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .filter(|cm| cm.name_any().starts_with(&format!("cohort-snapshot-{uid}")))
+        .count()
+}
+
+#[tokio::test]
+async fn deletion_retains_or_removes_the_members_it_sent() {
+    let env = Env::new("ctl-delete").await;
+    env.put_members(&ids(0..1500)).await;
+    let operator = env.start().await;
+    env.create(env.import("keep", "keep", json!({ "cadence": "Daily", "at": "06:30" }))).await;
+    let mut doc = env.import("remove", "remove", json!({ "cadence": "Daily", "at": "06:30" }));
+    doc["spec"]["deletionPolicy"] = json!("RemoveMembers");
+    env.create(doc).await;
+    for name in ["keep", "remove"] {
+        request_run(&env, name, "1").await;
+        let status = env.wait_runs(name, 1).await.status.unwrap();
+        assert_eq!(status.history[0].result, RunResult::Succeeded, "{}", status.history[0].message);
+    }
+    assert_eq!(env.members("keep").len(), 1500);
+    assert_eq!(env.members("remove").len(), 1500);
+    let keep = env.get("keep").await;
+    assert!(keep.finalizers().contains(&cohort_operator::api::FINALIZER.to_owned()));
+    assert!(snapshot_config_maps(&env, &keep).await > 0);
+
+    // Retain (the default): the cohort stays as it is in Braze; the snapshot goes.
+    env.delete("keep").await;
+    env.wait_for("keep", "deleted", |i| i.is_none()).await;
+    assert_eq!(env.members("keep"), set(&ids(0..1500)));
+    assert_eq!(snapshot_config_maps(&env, &keep).await, 0);
+
+    // RemoveMembers: every member it sent leaves the cohort, then the import goes.
+    let remove = env.get("remove").await;
+    env.delete("remove").await;
+    env.wait_for("remove", "deleted", |i| i.is_none()).await;
+    assert!(env.members("remove").is_empty(), "members left: {}", env.members("remove").len());
+    assert_eq!(snapshot_config_maps(&env, &remove).await, 0);
+    operator.stop().await;
+}
+
+#[tokio::test]
+async fn a_status_computed_from_a_stale_copy_is_refused() {
+    let env = Env::new("ctl-stale").await;
+    env.put_members(&ids(0..1)).await;
+    env.create(env.import("stale", "stale", json!({ "cadence": "Daily", "at": "06:30" }))).await;
+    let api = env.imports();
+    let old = env.get("stale").await;
+    env.merge("stale", json!({ "metadata": { "labels": { "touched": "yes" } } })).await;
+    let desired = cohort_operator::api::CohortImportStatus { next_run_at: Some("2030-01-01T00:00:00Z".into()), ..Default::default() };
+    let err = status::write(&api, &old, &desired).await.expect_err("a write from a stale copy is refused");
+    assert!(status::is_stale_write(&err), "{err}");
+    let fresh = env.get("stale").await;
+    assert_eq!(status::write(&api, &fresh, &desired).await.unwrap(), status::Written::Applied);
+    let fresh = env.get("stale").await;
+    assert_eq!(fresh.status.as_ref(), Some(&desired));
+    assert_eq!(status::write(&api, &fresh, &desired).await.unwrap(), status::Written::Unchanged);
+}
