@@ -1,0 +1,253 @@
+//! Import-run benchmark against the Braze sandbox on loopback.
+//!
+//! `cargo bench --bench import` (add `-- --quick`, or set `IMPORT_BENCH_QUICK=1`, for
+//! 10× smaller sizes). Prints, for each scenario, members per second and the peak RSS of
+//! the process that ran the import:
+//! 1. the sandbox's raw capacity: the same 1,000-id bodies sent by a bare load loop with as
+//!    many requests in flight as the client uses — the ceiling for any import;
+//! 2. a first import of 1,000,000 members (every member sent, 1,000 ids per request);
+//! 3. an import of 10,000,000 members with 1% churn (100,000 leave, 100,000 join) against a
+//!    10,000,000-member snapshot on the filesystem store.
+//!
+//! The sandbox runs in this process; each import runs in a child process (this binary again)
+//! so its peak RSS (`VmHWM`) is its own. Sources are generated on the fly in a scrambled
+//! order, so the sorter does real work.
+
+use std::io::BufWriter;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use braze_sandbox::bench::BenchConfig;
+use braze_sandbox::{DataImportKey, Partner, Sandbox, SandboxConfig, SandboxUser};
+use cohort_operator::api::{RemovalGuard, RunResult, RunTrigger};
+use cohort_operator::braze::{BrazeClient, BrazeClientConfig, CohortTarget};
+use cohort_operator::domain::member::Member;
+use cohort_operator::run::{ImportRun, RunDeps, run_import};
+use cohort_operator::secret::SecretString;
+use cohort_operator::snapshot::format::BodyWriter;
+use cohort_operator::snapshot::fs::FsSnapshotStore;
+use cohort_operator::snapshot::{FORMAT_VERSION, SnapshotMeta, SnapshotStore};
+use cohort_operator::source::{MemberBatch, MemberStream};
+use futures::StreamExt;
+
+const PARTNER: &str = "bench";
+const PARTNER_KEY: &str = "bench-partner-key";
+const IMPORT_KEY: &str = "bench-import-key";
+const BATCH: u64 = 10_000;
+/// Multiplier of the scrambled order; a prime that shares no factor with the sizes used.
+const SCRAMBLE: u64 = 7_368_787;
+
+fn user(i: u64) -> String {
+    format!("user-{i:08}")
+}
+
+/// Source of ids `0..universe` in scrambled order, leaving out those `skip` says.
+fn generated_source(universe: u64, skip: impl Fn(u64) -> bool + Send + Sync + 'static) -> MemberStream<'static> {
+    futures::stream::iter((0..universe.div_ceil(BATCH)).map(move |b| {
+        let members = (b * BATCH..((b + 1) * BATCH).min(universe))
+            .map(|k| (k * SCRAMBLE) % universe)
+            .filter(|&i| !skip(i))
+            .map(|i| Member::ExternalId(user(i)))
+            .collect();
+        Ok(MemberBatch { members, ..MemberBatch::default() })
+    }))
+    .boxed()
+}
+
+const CHURN_BASE: u64 = 10_000_000;
+
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// Child: runs one import and prints `RESULT <json>`.
+fn child(scenario: &str) {
+    let url = std::env::var("IMPORT_BENCH_URL").expect("IMPORT_BENCH_URL");
+    let dir = std::path::PathBuf::from(std::env::var("IMPORT_BENCH_DIR").expect("IMPORT_BENCH_DIR"));
+    let size: u64 = std::env::var("IMPORT_BENCH_SIZE").expect("IMPORT_BENCH_SIZE").parse().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    runtime.block_on(async {
+        let target = CohortTarget {
+            rest_endpoint: url,
+            partner: PARTNER.into(),
+            partner_api_key: SecretString::new(PARTNER_KEY),
+            data_import_key: SecretString::new(IMPORT_KEY),
+            cohort_id: scenario.into(),
+        };
+        let braze = BrazeClient::new(BrazeClientConfig::default()).unwrap();
+        let store = FsSnapshotStore::new(dir.join("snapshots"), scenario);
+        let source = match scenario {
+            "first" => generated_source(size, |_| false),
+            // 1% churn: every 100th of the snapshot's ids leaves; as many new ids join.
+            "churn" => generated_source(size + size / 100, move |i| i < size && i % 100 == 0),
+            other => panic!("unknown scenario {other}"),
+        };
+        let mut run = ImportRun::new("bench", RunTrigger::Manual, "bench", scenario, "Bench cohort");
+        run.scratch_dir = dir.join("scratch");
+        run.removal_guard = Some(RemovalGuard { max_removal_percent: 100, disabled: true });
+        let started = Instant::now();
+        let report = run_import(&run, RunDeps { members: source, snapshots: &store, braze: &braze, target: &target }).await;
+        let seconds = started.elapsed().as_secs_f64();
+        assert_eq!(report.result, RunResult::Succeeded, "{}", report.message());
+        println!(
+            "RESULT {}",
+            serde_json::json!({
+                "members": report.cohort_size,
+                "added": report.added,
+                "removed": report.removed,
+                "requests": report.requests,
+                "spilled_runs": report.spilled_runs,
+                "seconds": seconds,
+                "peak_rss_mib": peak_rss_mib(),
+            })
+        );
+    });
+}
+
+/// The 10M-member snapshot the churn scenario diffs against, written directly: ids
+/// `0..size`, zero-padded, so numeric order is key order.
+async fn write_baseline(dir: &std::path::Path, size: u64) {
+    let store = FsSnapshotStore::new(dir.join("snapshots"), "churn");
+    let body = dir.join("baseline.body");
+    let mut w = BodyWriter::new(BufWriter::with_capacity(1 << 20, std::fs::File::create(&body).unwrap())).unwrap();
+    for i in 0..size {
+        w.push(Member::ExternalId(user(i)).key().as_bytes()).unwrap();
+    }
+    let (out, _) = w.finish().unwrap();
+    out.into_inner().unwrap();
+    let meta = SnapshotMeta {
+        format: FORMAT_VERSION,
+        generation: 1,
+        cohort_id: "churn".into(),
+        cohort_name: "Bench cohort".into(),
+        cohort_created_at: jiff::Timestamp::now(),
+        members: size,
+        identifier_fingerprint: String::new(),
+        run_id: "baseline".into(),
+        committed_at: jiff::Timestamp::now(),
+    };
+    store.commit(&meta, &body).await.unwrap();
+    std::fs::remove_file(body).unwrap();
+}
+
+struct Outcome {
+    members: u64,
+    changes: u64,
+    requests: u64,
+    seconds: f64,
+    rss: f64,
+    spilled: u64,
+}
+
+fn run_child(scenario: &str, url: &str, dir: &std::path::Path, size: u64) -> Outcome {
+    let output = Command::new(std::env::current_exe().unwrap())
+        .env("IMPORT_BENCH_CHILD", scenario)
+        .env("IMPORT_BENCH_URL", url)
+        .env("IMPORT_BENCH_DIR", dir)
+        .env("IMPORT_BENCH_SIZE", size.to_string())
+        .output()
+        .expect("the benchmark re-runs itself");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let Some(line) = stdout.lines().find_map(|l| l.strip_prefix("RESULT ")) else {
+        panic!("{scenario} import failed:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    };
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    let n = |k: &str| v[k].as_u64().unwrap();
+    Outcome {
+        members: n("members"),
+        changes: n("added") + n("removed"),
+        requests: n("requests"),
+        seconds: v["seconds"].as_f64().unwrap(),
+        rss: v["peak_rss_mib"].as_f64().unwrap(),
+        spilled: n("spilled_runs"),
+    }
+}
+
+fn main() {
+    if let Ok(scenario) = std::env::var("IMPORT_BENCH_CHILD") {
+        child(&scenario);
+        return;
+    }
+    let quick = std::env::args().any(|a| a == "--quick") || std::env::var_os("IMPORT_BENCH_QUICK").is_some();
+    let (first_size, churn_size) = if quick { (100_000, 1_000_000) } else { (1_000_000, CHURN_BASE) };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    runtime.block_on(async move {
+        let dir = tempfile::Builder::new().prefix("import-bench-").tempdir().unwrap();
+        let users = (0..first_size)
+            .map(|i| SandboxUser::identified(user(i)))
+            .chain((0..100_000).map(|i| SandboxUser::identified(format!("bench-user-{i}"))));
+        let sandbox = Sandbox::start(SandboxConfig {
+            partners: vec![Partner { name: PARTNER.into(), api_key: PARTNER_KEY.into() }],
+            data_import_keys: vec![DataImportKey { key: IMPORT_KEY.into(), partners: vec![] }],
+            users: users.collect(),
+            ..SandboxConfig::default()
+        })
+        .await
+        .unwrap();
+        let url = sandbox.url();
+        println!("import benchmark{} — Braze sandbox at {url}", if quick { " (quick)" } else { "" });
+
+        let in_flight = BrazeClientConfig::default().max_in_flight;
+        let capacity = braze_sandbox::bench::run(&BenchConfig {
+            url: Some(url.clone()),
+            partner: PARTNER.into(),
+            partner_api_key: PARTNER_KEY.into(),
+            data_import_key: IMPORT_KEY.into(),
+            requests: if quick { 500 } else { 3000 },
+            max_duration: Duration::from_secs(30),
+            concurrency: in_flight,
+            users: 100_000,
+        })
+        .await
+        .unwrap();
+        let raw = capacity.ids_per_sec();
+        println!(
+            "sandbox raw capacity        {:>12.0} ids/s   ({} requests of 1,000 ids, {in_flight} in flight, p50 {:.1} ms)",
+            raw,
+            capacity.requests,
+            capacity.p50.as_secs_f64() * 1e3
+        );
+
+        let first = {
+            let url = url.clone();
+            let dir = dir.path().to_owned();
+            tokio::task::spawn_blocking(move || run_child("first", &url, &dir, first_size)).await.unwrap()
+        };
+        let first_rate = first.changes as f64 / first.seconds;
+        println!(
+            "first import {:>9} members {:>12.0} members/s {:>7.2} s  peak RSS {:>6.1} MiB  ({} requests; {:.0}% of the sandbox's raw capacity)",
+            first.members,
+            first.members as f64 / first.seconds,
+            first.seconds,
+            first.rss,
+            first.requests,
+            100.0 * first_rate / raw
+        );
+
+        let started = Instant::now();
+        write_baseline(dir.path(), churn_size).await;
+        println!("(baseline snapshot of {churn_size} members written in {:.1} s)", started.elapsed().as_secs_f64());
+        let churn = {
+            let url = url.clone();
+            let dir = dir.path().to_owned();
+            tokio::task::spawn_blocking(move || run_child("churn", &url, &dir, churn_size)).await.unwrap()
+        };
+        println!(
+            "1% churn    {:>9} members {:>12.0} members/s {:>7.2} s  peak RSS {:>6.1} MiB  ({} changes in {} requests, {:.0} changes/s; sort spilled {} runs)",
+            churn.members,
+            churn.members as f64 / churn.seconds,
+            churn.seconds,
+            churn.rss,
+            churn.changes,
+            churn.requests,
+            churn.changes as f64 / churn.seconds,
+            churn.spilled
+        );
+        drop(sandbox);
+    });
+}
