@@ -109,7 +109,7 @@ struct ReadHead {
 }
 
 enum LoadAttempt {
-    Loaded(Loaded),
+    Loaded(Box<Loaded>),
     Moved(String),
 }
 
@@ -352,7 +352,7 @@ impl ClusterSnapshotStore {
             };
             loaded.doubt = Some(StoredDoubt { meta: part.meta.clone(), body });
         }
-        Ok(LoadAttempt::Loaded(loaded))
+        Ok(LoadAttempt::Loaded(Box::new(loaded)))
     }
 }
 
@@ -377,7 +377,7 @@ impl SnapshotStore for ClusterSnapshotStore {
         let mut why = String::new();
         for _ in 0..LOAD_ATTEMPTS {
             match self.load_once(scratch).await? {
-                LoadAttempt::Loaded(loaded) => return Ok(loaded),
+                LoadAttempt::Loaded(loaded) => return Ok(*loaded),
                 LoadAttempt::Moved(reason) => why = reason,
             }
         }
