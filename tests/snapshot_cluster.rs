@@ -322,3 +322,51 @@ async fn an_import_run_keeps_its_snapshot_in_the_cluster() {
     assert_eq!((snapshot.meta.generation, snapshot.meta.members, snapshot.meta.run_id.as_str()), (2, 2000, "r2"));
     assert!(loaded.doubt.is_none());
 }
+
+/// Two runs of one import committing at once (a failover's old and new leader): one wins,
+/// the other gets a conflict, and the snapshot readers see is the winner's, whole — even
+/// when the second writer starts while the first is half-way through its chunks.
+#[tokio::test]
+async fn racing_commits_leave_one_whole_snapshot() {
+    let s = setup("snap-race").await;
+    let store = s.store().with_chunk_bytes(512);
+    let first = sorted_keys(500, 16);
+    store.commit(&meta(1, first.len() as u64), &s.body("g1", &first)).await.unwrap();
+    let live = s.chunk_serials().await;
+
+    // Random keys do not compress: about 160 chunks, so the second writer starts mid-write.
+    let early = sorted_keys(5000, 16);
+    let late = sorted_keys(5000, 16);
+    let early_body = s.body("early", &early);
+    let late_body = s.body("late", &late);
+    let early_store = store.clone();
+    let early_write = tokio::spawn(async move { early_store.commit(&meta(2, 5000), &early_body).await });
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let in_progress = s
+            .objects()
+            .await
+            .iter()
+            .filter(|cm| {
+                let labels = cm.metadata.labels.as_ref().unwrap();
+                labels.get(SNAPSHOT_SERIAL_LABEL).is_some_and(|serial| !live.contains(serial))
+            })
+            .count();
+        if in_progress >= 3 || early_write.is_finished() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the first writer wrote no chunk within 30 s");
+    }
+    let late_result = store.commit(&meta(2, 5000), &late_body).await;
+    let early_result = early_write.await.unwrap();
+
+    let winner = match (&early_result, &late_result) {
+        (Ok(()), Err(SnapshotError::Conflict { .. })) => &early,
+        (Err(SnapshotError::Conflict { .. }), Ok(())) => &late,
+        other => panic!("expected one commit and one conflict, got {other:?}"),
+    };
+    let snapshot = store.load(s.dir.path()).await.unwrap().snapshot.unwrap();
+    assert_eq!(snapshot.meta.generation, 2);
+    assert_eq!(&read_keys(snapshot.body), winner);
+}

@@ -6,13 +6,16 @@
 //! - `cohort-snapshot-U-S-0`, `-1`, … — a body written under serial `S`, cut into
 //!   `binaryData["body"]` pieces of at most 900 KiB, well under etcd's 1.5 MiB request limit.
 //!
-//! A write (a commit, or recording keys in doubt) puts every chunk under a fresh serial,
-//! then switches the head to it with an update conditioned on the head's `resourceVersion`,
-//! then deletes the chunks the head no longer names. A crash before the switch leaves the
-//! old head whole (plus unreferenced chunks, which the next write deletes first); after it,
-//! the new one. Readers follow the head, so they never see a torn snapshot. Every object
-//! carries an ownerReference to the import, so Kubernetes' garbage collector removes the
-//! snapshot with it.
+//! A write (a commit, or recording keys in doubt) first claims the next serial by bumping it
+//! in the head, then puts every chunk under that serial, then switches the head to it; both
+//! head updates are conditioned on the `resourceVersion` the writer last saw. So a serial
+//! belongs to one writer, and a writer that another one overtook (claimed after it) fails at
+//! its switch. Chunks no head names are deleted only when their serial is at most the
+//! writer's own claimed one: their writers can no longer switch, whereas a later claimant may
+//! be writing its chunks right now. A crash before the switch leaves the old head whole (plus
+//! unreferenced chunks, which the next write deletes); after it, the new one. Readers follow
+//! the head, so they never see a torn snapshot. Every object carries an ownerReference to the
+//! import, so Kubernetes' garbage collector removes the snapshot with it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -57,7 +60,7 @@ const LOAD_ATTEMPTS: usize = 3;
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Head {
-    /// The last serial used by a write.
+    /// The last serial claimed by a write.
     serial: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     snapshot: Option<Part<SnapshotMeta>>,
@@ -73,6 +76,19 @@ struct Part<M> {
     serial: u64,
     chunks: u32,
     body_bytes: u64,
+}
+
+/// Where a body was just written.
+struct Location {
+    serial: u64,
+    chunks: u32,
+    body_bytes: u64,
+}
+
+impl Location {
+    fn part<M>(self, meta: M) -> Part<M> {
+        Part { meta, serial: self.serial, chunks: self.chunks, body_bytes: self.body_bytes }
+    }
 }
 
 impl Head {
@@ -224,15 +240,36 @@ impl ClusterSnapshotStore {
         Ok(ReadHead { head, resource_version: cm.metadata.resource_version })
     }
 
-    /// Deletes this import's chunks whose serial is not in `keep`.
-    async fn delete_chunks_except(&self, keep: &BTreeSet<u64>) -> Result<(), SnapshotError> {
-        let mut selector = format!("{SNAPSHOT_OF_LABEL}={},{SNAPSHOT_PART_LABEL}=chunk", self.uid);
-        if !keep.is_empty() {
-            let list: Vec<String> = keep.iter().map(u64::to_string).collect();
-            selector.push_str(&format!(",{SNAPSHOT_SERIAL_LABEL} notin ({})", list.join(",")));
+    /// Deletes this import's chunks whose serial is at most `up_to` and not in `keep`. Chunks
+    /// of later serials belong to writes that may still be going on.
+    async fn delete_stale_chunks(&self, up_to: u64, keep: &BTreeSet<u64>) -> Result<(), SnapshotError> {
+        let chunks = self.chunk_selector();
+        let listed = self
+            .api
+            .list_metadata(&ListParams::default().labels(&chunks))
+            .await
+            .map_err(self.kube("list snapshot chunks"))?;
+        let stale: BTreeSet<u64> = listed
+            .items
+            .iter()
+            .filter_map(|c| c.metadata.labels.as_ref()?.get(SNAPSHOT_SERIAL_LABEL)?.parse().ok())
+            .filter(|serial| *serial <= up_to && !keep.contains(serial))
+            .collect();
+        if stale.is_empty() {
+            return Ok(());
         }
+        let list: Vec<String> = stale.iter().map(u64::to_string).collect();
+        let selector = format!("{chunks},{SNAPSHOT_SERIAL_LABEL} in ({})", list.join(","));
+        self.delete_chunks(&selector).await
+    }
+
+    fn chunk_selector(&self) -> String {
+        format!("{SNAPSHOT_OF_LABEL}={},{SNAPSHOT_PART_LABEL}=chunk", self.uid)
+    }
+
+    async fn delete_chunks(&self, selector: &str) -> Result<(), SnapshotError> {
         self.api
-            .delete_collection(&DeleteParams::default(), &ListParams::default().labels(&selector))
+            .delete_collection(&DeleteParams::default(), &ListParams::default().labels(selector))
             .await
             .map_err(self.kube("delete unused snapshot chunks"))?;
         Ok(())
@@ -257,21 +294,15 @@ impl ClusterSnapshotStore {
                 binary_data: Some(BTreeMap::from([(BODY_KEY.to_owned(), ByteString(piece[..n].to_vec()))])),
                 ..ConfigMap::default()
             };
-            self.api.create(&pp, &cm).await.map_err(|e| {
-                if is_conflict(&e) {
-                    // Another writer took this serial: it read the same head and got ahead.
-                    SnapshotError::Conflict { what: self.what(), expected: serial - 1, found: serial }
-                } else {
-                    self.kube("create a chunk")(e)
-                }
-            })?;
+            self.api.create(&pp, &cm).await.map_err(self.kube("create a chunk"))?;
             chunks += 1;
             bytes += n as u64;
         }
     }
 
-    /// Replaces the head if it is still the one read; then drops chunks it no longer needs.
-    async fn switch_head(&self, read: ReadHead, head: Head) -> Result<(), SnapshotError> {
+    /// Writes `head` over the head as `read`, if nobody changed it since; returns the head as
+    /// written.
+    async fn put_head(&self, read: &ReadHead, head: Head) -> Result<ReadHead, SnapshotError> {
         let pp = Self::post_params();
         let cm = ConfigMap {
             metadata: ObjectMeta {
@@ -287,23 +318,44 @@ impl ClusterSnapshotStore {
             )])),
             ..ConfigMap::default()
         };
-        let switched = match read.resource_version {
+        let written = match read.resource_version {
             Some(_) => self.api.replace(&self.head_name(), &pp, &cm).await,
             None => self.api.create(&pp, &cm).await,
         };
-        if let Err(e) = switched {
-            if is_conflict(&e) {
+        match written {
+            Ok(cm) => Ok(ReadHead { head, resource_version: cm.metadata.resource_version }),
+            Err(e) if is_conflict(&e) => {
                 let now = self.read_head().await.map(|r| r.head.generation()).unwrap_or(0);
-                return Err(SnapshotError::Conflict {
-                    what: self.what(),
-                    expected: read.head.generation(),
-                    found: now,
-                });
+                Err(SnapshotError::Conflict { what: self.what(), expected: read.head.generation(), found: now })
             }
-            return Err(self.kube("switch the head")(e));
+            Err(e) => Err(self.kube("update the head")(e)),
         }
+    }
+
+    /// Claims the next serial for a write, and deletes what earlier writes left behind.
+    async fn claim_serial(&self, read: ReadHead) -> Result<ReadHead, SnapshotError> {
+        let head = Head { serial: read.head.serial + 1, ..read.head.clone() };
+        let claimed = self.put_head(&read, head).await?;
+        self.delete_stale_chunks(claimed.head.serial, &claimed.head.serials()).await?;
+        Ok(claimed)
+    }
+
+    /// Writes `body` under a freshly claimed serial and switches the head to what `next`
+    /// makes of the claimed head and the new part's location.
+    async fn write(
+        &self,
+        read: ReadHead,
+        body: &Path,
+        next: impl FnOnce(Head, Location) -> Head,
+    ) -> Result<(), SnapshotError> {
+        let claimed = self.claim_serial(read).await?;
+        let serial = claimed.head.serial;
+        let (chunks, body_bytes) = self.write_chunks(serial, body).await?;
+        let head = next(claimed.head.clone(), Location { serial, chunks, body_bytes });
+        let keep = head.serials();
+        self.put_head(&claimed, head).await?;
         // The replaced bodies are garbage now; if this fails, the next write deletes them.
-        if let Err(e) = self.delete_chunks_except(&head.serials()).await {
+        if let Err(e) = self.delete_stale_chunks(serial, &keep).await {
             warn!(snapshot = %self.what(), error = %e, "could not delete replaced snapshot chunks; the next write will");
         }
         Ok(())
@@ -390,15 +442,7 @@ impl SnapshotStore for ClusterSnapshotStore {
         if found != meta.base_generation {
             return Err(SnapshotError::Conflict { what: self.what(), expected: meta.base_generation, found });
         }
-        self.delete_chunks_except(&read.head.serials()).await?;
-        let serial = read.head.serial + 1;
-        let (chunks, body_bytes) = self.write_chunks(serial, body).await?;
-        let head = Head {
-            serial,
-            snapshot: read.head.snapshot.clone(),
-            doubt: Some(Part { meta: meta.clone(), serial, chunks, body_bytes }),
-        };
-        self.switch_head(read, head).await
+        self.write(read, body, |head, at| Head { doubt: Some(at.part(meta.clone())), ..head }).await
     }
 
     async fn commit(&self, meta: &SnapshotMeta, body: &Path) -> Result<(), SnapshotError> {
@@ -411,12 +455,7 @@ impl SnapshotStore for ClusterSnapshotStore {
                 found: found.unwrap_or(0),
             });
         }
-        // Chunks of writes that never switched the head.
-        self.delete_chunks_except(&read.head.serials()).await?;
-        let serial = read.head.serial + 1;
-        let (chunks, body_bytes) = self.write_chunks(serial, body).await?;
-        let head = Head { serial, snapshot: Some(Part { meta: meta.clone(), serial, chunks, body_bytes }), doubt: None };
-        self.switch_head(read, head).await
+        self.write(read, body, |head, at| Head { snapshot: Some(at.part(meta.clone())), doubt: None, ..head }).await
     }
 
     async fn delete(&self) -> Result<(), SnapshotError> {
@@ -426,7 +465,7 @@ impl SnapshotStore for ClusterSnapshotStore {
             Err(kube::Error::Api(s)) if s.is_not_found() => {}
             Err(e) => return Err(self.kube("delete the head")(e)),
         }
-        self.delete_chunks_except(&BTreeSet::new()).await
+        self.delete_chunks(&self.chunk_selector()).await
     }
 }
 
