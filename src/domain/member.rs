@@ -36,23 +36,50 @@ pub struct InvalidMemberKey(&'static str);
 impl Member {
     pub fn key(&self) -> MemberKey {
         let mut bytes = Vec::with_capacity(1 + self.encoded_len());
+        self.write_key(&mut bytes);
+        MemberKey(bytes.into_boxed_slice())
+    }
+
+    /// Appends the bytes of [`Self::key`] to `buf`, so a caller encoding millions of members
+    /// can reuse one buffer instead of allocating a key each.
+    pub fn write_key(&self, buf: &mut Vec<u8>) {
         match self {
             Member::ExternalId(id) => {
-                bytes.push(TAG_EXTERNAL_ID);
-                bytes.extend_from_slice(id.as_bytes());
+                buf.push(TAG_EXTERNAL_ID);
+                buf.extend_from_slice(id.as_bytes());
             }
             Member::Alias { name, label } => {
-                bytes.push(TAG_ALIAS);
-                bytes.extend_from_slice(name.as_bytes());
-                bytes.push(ALIAS_SEPARATOR);
-                bytes.extend_from_slice(label.as_bytes());
+                buf.push(TAG_ALIAS);
+                buf.extend_from_slice(name.as_bytes());
+                buf.push(ALIAS_SEPARATOR);
+                buf.extend_from_slice(label.as_bytes());
             }
             Member::DeviceId(id) => {
-                bytes.push(TAG_DEVICE_ID);
-                bytes.extend_from_slice(id.as_bytes());
+                buf.push(TAG_DEVICE_ID);
+                buf.extend_from_slice(id.as_bytes());
             }
         }
-        MemberKey(bytes.into_boxed_slice())
+    }
+
+    /// Decodes key bytes (as snapshots and change lists hold them) without copying them
+    /// into a [`MemberKey`] first.
+    pub fn from_key_bytes(bytes: &[u8]) -> Result<Member, InvalidMemberKey> {
+        let (&tag, rest) = bytes.split_first().ok_or(InvalidMemberKey("empty"))?;
+        let text = |b: &[u8]| {
+            std::str::from_utf8(b).map(str::to_owned).map_err(|_| InvalidMemberKey("not UTF-8"))
+        };
+        match tag {
+            TAG_EXTERNAL_ID => Ok(Member::ExternalId(text(rest)?)),
+            TAG_DEVICE_ID => Ok(Member::DeviceId(text(rest)?)),
+            TAG_ALIAS => {
+                let at = rest
+                    .iter()
+                    .position(|&b| b == ALIAS_SEPARATOR)
+                    .ok_or(InvalidMemberKey("alias without label"))?;
+                Ok(Member::Alias { name: text(&rest[..at])?, label: text(&rest[at + 1..])? })
+            }
+            _ => Err(InvalidMemberKey("unknown tag")),
+        }
     }
 
     fn encoded_len(&self) -> usize {
@@ -102,22 +129,7 @@ impl MemberKey {
     }
 
     pub fn member(&self) -> Result<Member, InvalidMemberKey> {
-        let (&tag, rest) = self.0.split_first().ok_or(InvalidMemberKey("empty"))?;
-        let text = |b: &[u8]| {
-            std::str::from_utf8(b).map(str::to_owned).map_err(|_| InvalidMemberKey("not UTF-8"))
-        };
-        match tag {
-            TAG_EXTERNAL_ID => Ok(Member::ExternalId(text(rest)?)),
-            TAG_DEVICE_ID => Ok(Member::DeviceId(text(rest)?)),
-            TAG_ALIAS => {
-                let at = rest
-                    .iter()
-                    .position(|&b| b == ALIAS_SEPARATOR)
-                    .ok_or(InvalidMemberKey("alias without label"))?;
-                Ok(Member::Alias { name: text(&rest[..at])?, label: text(&rest[at + 1..])? })
-            }
-            _ => Err(InvalidMemberKey("unknown tag")),
-        }
+        Member::from_key_bytes(&self.0)
     }
 }
 
@@ -154,6 +166,15 @@ mod tests {
         #[test]
         fn key_round_trips(m in member()) {
             prop_assert_eq!(m.key().member().unwrap(), m);
+        }
+
+        #[test]
+        fn write_key_appends_the_key(m in member(), prefix in proptest::collection::vec(any::<u8>(), 0..4)) {
+            let mut buf = prefix.clone();
+            m.write_key(&mut buf);
+            prop_assert_eq!(&buf[..prefix.len()], &prefix[..]);
+            let key = m.key();
+            prop_assert_eq!(&buf[prefix.len()..], key.as_bytes());
         }
 
         #[test]

@@ -33,7 +33,7 @@ use crate::braze::{BrazeClient, Change, CohortTarget};
 use crate::domain::diff::{self, DiffCounts, DiffError, KeyCursor};
 use crate::domain::guard::{self, GuardDecision, GuardInput, RemovalApproval};
 use crate::domain::identifiers::SkipCounts;
-use crate::domain::member::{Member, MemberKey};
+use crate::domain::member::Member;
 use crate::snapshot::format::{BodyReader, BodyWriter, FrontCodedReader, FrontCodedWriter, read_body};
 use crate::snapshot::{DoubtMeta, FORMAT_VERSION, SnapshotMeta, SnapshotStore};
 use crate::source::MemberStream;
@@ -385,9 +385,12 @@ async fn sort_source(
     let dir = scratch.to_owned();
     let sorter = tokio::task::spawn_blocking(move || {
         let mut sorter = sort::ExternalSorter::new(dir, budget);
+        let mut key = Vec::new();
         while let Some(batch) = rx.blocking_recv() {
             for member in &batch {
-                sorter.push(MemberKey::from(member).as_bytes())?;
+                key.clear();
+                member.write_key(&mut key);
+                sorter.push(&key)?;
             }
         }
         sorter.finish()
@@ -567,8 +570,7 @@ fn snapshot_damaged(what: &str, e: io::Error) -> DiffFailure {
 
 fn sample(into: &mut Vec<String>, key: &[u8]) {
     if into.len() < SAMPLE_SIZE
-        && let Ok(k) = MemberKey::from_bytes(key)
-        && let Ok(m) = k.member()
+        && let Ok(m) = Member::from_key_bytes(key)
     {
         into.push(m.to_string());
     }
@@ -581,9 +583,7 @@ fn read_changes(removes: SpooledTempFile, adds: SpooledTempFile, tx: mpsc::Sende
         let mut keys = FrontCodedReader::new(BufReader::with_capacity(64 * 1024, file))?;
         let mut chunk = Vec::with_capacity(SEND_CHUNK);
         while let Some(key) = keys.key() {
-            let member = MemberKey::from_bytes(key)
-                .and_then(|k| k.member())
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            let member = Member::from_key_bytes(key).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
             chunk.push(Change { member, remove });
             if chunk.len() == SEND_CHUNK && tx.blocking_send(std::mem::take(&mut chunk)).is_err() {
                 return Ok(());
