@@ -311,6 +311,25 @@ async fn a_changed_cohort_id_starts_a_new_braze_cohort() {
     assert_eq!(v2, members);
 }
 
+/// A new identifier mapping that leaves every key as it was changes nothing in Braze, but
+/// is committed, so its note appears once rather than on every later run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_mapping_with_the_same_keys_is_noted_once() {
+    let world = World::new(30).await;
+    let members: BTreeSet<Member> = (0..30).map(pool_member).collect();
+    succeeded(&world.import(&members).await);
+    let remap = |run: &mut ImportRun| run.identifier_fingerprint = "externalId=uid".into();
+    let report = world.import_with(&members, remap).await;
+    succeeded(&report);
+    assert_eq!((report.added, report.removed, report.requests), (0, 0, 0));
+    assert!(report.notes.iter().any(|n| n.contains("identifier mapping changed")), "{:?}", report.notes);
+    assert_eq!(report.committed_generation, Some(2));
+    let report = world.import_with(&members, remap).await;
+    succeeded(&report);
+    assert!(report.notes.is_empty(), "{:?}", report.notes);
+    assert_eq!(report.committed_generation, None);
+}
+
 /// Kills runs at random points — while sorting and diffing, between Braze requests, while
 /// committing — sometimes several in a row with different sources, and checks that the next
 /// complete run leaves Braze exactly equal to its source.

@@ -230,9 +230,8 @@ async fn execute(run: &ImportRun, deps: RunDeps<'_>, report: &mut RunReport) -> 
             d.meta.run_id, d.meta.keys
         ));
     }
-    if let Some(p) = &previous
-        && p.meta.identifier_fingerprint != run.identifier_fingerprint
-    {
+    let remapped = previous.as_ref().is_some_and(|p| p.meta.identifier_fingerprint != run.identifier_fingerprint);
+    if let Some(p) = previous.as_ref().filter(|_| remapped) {
         report.notes.push(format!(
             "the identifier mapping changed ({:?} → {:?}): members sent under the old \
              identifiers are removed and re-added under the new ones",
@@ -321,8 +320,9 @@ async fn execute(run: &ImportRun, deps: RunDeps<'_>, report: &mut RunReport) -> 
     let renamed = previous_meta.as_ref().is_none_or(|m| m.cohort_name != run.cohort_name);
     let created_at = previous_meta.as_ref().map_or_else(Timestamp::now, |m| m.cohort_created_at);
     if renamed {
-        deps.braze.name_cohort(deps.target, &run.cohort_name, created_at).await.map_err(RunError::Naming)?;
+        let named = deps.braze.name_cohort(deps.target, &run.cohort_name, created_at).await.map_err(RunError::Naming)?;
         report.requests += 1;
+        report.retries += named.attempts.saturating_sub(1);
         report.cohort_named = true;
     }
 
@@ -355,8 +355,9 @@ async fn execute(run: &ImportRun, deps: RunDeps<'_>, report: &mut RunReport) -> 
         }
     }
 
-    // 9. Braze has it all: the new snapshot (which also settles the keys in doubt).
-    if renamed || sends > 0 {
+    // 9. Braze has it all: the new snapshot (which also settles the keys in doubt). A new
+    // identifier mapping alone is committed too, so its note is not repeated every run.
+    if renamed || sends > 0 || remapped {
         let meta = SnapshotMeta {
             format: FORMAT_VERSION,
             generation: stored_generation + 1,
