@@ -58,7 +58,6 @@ impl Auth {
     }
 }
 
-#[derive(Debug)]
 pub struct HttpMembers {
     what: String,
     spec: HttpSource,
@@ -68,6 +67,13 @@ pub struct HttpMembers {
     /// Where the credentials come from, for hints on 401/403.
     auth_from: Option<String>,
     client: reqwest::Client,
+}
+
+impl std::fmt::Debug for HttpMembers {
+    /// Only what `describe` shows: the URL's query and user information may carry a key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpMembers").field("what", &self.what).field("format", &self.spec.format).finish_non_exhaustive()
+    }
 }
 
 /// `scheme://host[:port]/path`: no user information, no query.
@@ -508,6 +514,19 @@ impl MemberSource for HttpMembers {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn debug_output_leaves_out_the_url_query_and_user_information() {
+        let spec: HttpSource =
+            serde_json::from_value(serde_json::json!({ "url": "https://u:pw-7x@example.com/x.csv?api_key=k-3q", "format": "Csv" }))
+                .unwrap();
+        let mapping = crate::api::IdentifierMapping { external_id: Some("uid".into()), ..Default::default() };
+        let fields = IdentifierFields::from_mapping(&mapping).unwrap();
+        let source = HttpMembers::open(&spec, fields, &crate::source::InMemoryObjects::new("ns")).await.unwrap();
+        let debug = format!("{source:?}");
+        assert!(debug.contains("https://example.com/x.csv?…"), "{debug}");
+        assert!(!debug.contains("pw-7x") && !debug.contains("k-3q"), "{debug}");
+    }
 
     #[test]
     fn urls_are_shown_without_credentials_or_query() {
