@@ -68,7 +68,7 @@ impl PostgresMembers {
 
     /// A source over a URL already read (`what` names it in messages).
     pub fn new(what: String, url: SecretString, spec: &PostgresSource, fields: IdentifierFields) -> Result<Self, SourceError> {
-        let source = PostgresMembers {
+        let mut source = PostgresMembers {
             what,
             url,
             password: None,
@@ -78,7 +78,6 @@ impl PostgresMembers {
             fetch_size: spec.fetch_size.max(1),
             fields,
         };
-        let mut source = source;
         let config = source.config()?;
         source.password = config.get_password().and_then(|p| std::str::from_utf8(p).ok()).map(SecretString::new);
         if source.query.is_empty() {
@@ -116,7 +115,7 @@ impl PostgresMembers {
 
     fn query_error(&self, e: &tokio_postgres::Error) -> SourceError {
         if e.code() == Some(&SqlState::QUERY_CANCELED) {
-            return SourceError::Timeout { what: self.what.clone(), seconds: self.statement_timeout.as_secs() };
+            return self.timeout();
         }
         SourceError::Query { what: self.what.clone(), message: redact(&self.describe_error(e), &self.secrets()) }
     }
@@ -151,11 +150,32 @@ impl PostgresMembers {
         Ok(MakeRustlsConnect::new(config))
     }
 
+    fn timeout(&self) -> SourceError {
+        SourceError::Timeout { what: self.what.clone(), seconds: self.statement_timeout.as_secs() }
+    }
+
     /// Waits for `step`, failing with a timeout past the read's deadline.
     async fn within<T>(&self, deadline: Instant, step: impl Future<Output = T>) -> Result<T, SourceError> {
-        tokio::time::timeout_at(deadline, step)
-            .await
-            .map_err(|_| SourceError::Timeout { what: self.what.clone(), seconds: self.statement_timeout.as_secs() })
+        tokio::time::timeout_at(deadline, step).await.map_err(|_| self.timeout())
+    }
+
+    /// Waits for a statement on `client`; past the deadline, also asks the server to stop it:
+    /// a server that refused `statement_timeout` would run on, and warehouses such as
+    /// Redshift run the whole query at `DECLARE`, not only at `FETCH`.
+    async fn statement<T>(
+        &self,
+        deadline: Instant,
+        client: &Client,
+        tls: &MakeRustlsConnect,
+        step: impl Future<Output = T>,
+    ) -> Result<T, SourceError> {
+        match tokio::time::timeout_at(deadline, step).await {
+            Ok(done) => Ok(done),
+            Err(_) => {
+                self.cancel(client, tls.clone()).await;
+                Err(self.timeout())
+            }
+        }
     }
 
     /// Asks the server to stop the running statement; best effort, briefly.
@@ -203,23 +223,18 @@ impl MemberSource for PostgresMembers {
             });
 
             let ms = self.statement_timeout.as_millis();
-            if let Err(e) = self.within(deadline, client.simple_query(&format!("SET statement_timeout = {ms}"))).await? {
+            if let Err(e) = self.statement(deadline, &client, &tls, client.simple_query(&format!("SET statement_timeout = {ms}"))).await? {
                 tracing::warn!(source = %self.what, "the server refused statement_timeout ({}); only the operator's deadline applies", redact(&self.describe_error(&e), &self.secrets()));
             }
-            self.within(deadline, client.batch_execute("START TRANSACTION READ ONLY")).await?.map_err(|e| self.query_error(&e))?;
+            self.statement(deadline, &client, &tls, client.batch_execute("START TRANSACTION READ ONLY")).await?.map_err(|e| self.query_error(&e))?;
             let declare = format!("{DECLARE}{}", self.query);
-            self.within(deadline, client.execute(declare.as_str(), &[])).await?.map_err(|e| self.query_error(&e))?;
+            self.statement(deadline, &client, &tls, client.execute(declare.as_str(), &[])).await?.map_err(|e| self.query_error(&e))?;
 
             let fetch = format!("FETCH FORWARD {} FROM {CURSOR}", self.fetch_size);
             let mut plan: Option<ColumnPlan> = None;
             loop {
-                let messages = match tokio::time::timeout_at(deadline, client.simple_query(&fetch)).await {
-                    Ok(result) => result.map_err(|e| self.query_error(&e))?,
-                    Err(_) => {
-                        self.cancel(&client, tls.clone()).await;
-                        Err(SourceError::Timeout { what: self.what.clone(), seconds: self.statement_timeout.as_secs() })?
-                    }
-                };
+                let messages =
+                    self.statement(deadline, &client, &tls, client.simple_query(&fetch)).await?.map_err(|e| self.query_error(&e))?;
                 let mut batch = BatchBuilder::default();
                 let mut rows = 0u64;
                 for message in &messages {
@@ -251,7 +266,7 @@ impl MemberSource for PostgresMembers {
                     break;
                 }
             }
-            self.within(deadline, client.batch_execute("COMMIT")).await?.map_err(|e| self.query_error(&e))?;
+            self.statement(deadline, &client, &tls, client.batch_execute("COMMIT")).await?.map_err(|e| self.query_error(&e))?;
         })
     }
 }
