@@ -10,13 +10,25 @@ use super::{BatchBuilder, MemberBatch, MemberSource, MemberStream, SourceContext
 use crate::api::{ConfigMapFormat, ConfigMapSource};
 use crate::domain::identifiers::{IdentifierFields, SkipReason, Value};
 
-#[derive(Debug)]
 pub struct ConfigMapMembers {
     what: String,
     data: Vec<u8>,
     format: ConfigMapFormat,
     column: String,
     fields: IdentifierFields,
+}
+
+impl std::fmt::Debug for ConfigMapMembers {
+    /// The value's size, not its up to 1 MiB of bytes.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConfigMapMembers")
+            .field("what", &self.what)
+            .field("bytes", &self.data.len())
+            .field("format", &self.format)
+            .field("column", &self.column)
+            .field("fields", &self.fields)
+            .finish()
+    }
 }
 
 impl ConfigMapMembers {
