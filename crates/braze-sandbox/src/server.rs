@@ -696,6 +696,30 @@ impl Shared {
         });
     }
 
+    /// Applies the fault decision; a faulted request is recorded and its answer is the `Err`.
+    async fn admit(
+        &self,
+        endpoint: &Endpoint,
+        partner: &str,
+        decision: Option<Extension<Decision>>,
+    ) -> Result<Option<RateLimitHeaders>, Response> {
+        gate(decision).await.map_err(|(status, response)| {
+            let message = fault_message(status);
+            self.record(
+                endpoint,
+                partner,
+                Answered {
+                    cohort_id: None,
+                    status,
+                    message,
+                    ids: 0,
+                    removes: 0,
+                },
+            );
+            response
+        })
+    }
+
     /// Braze's 401 checks, in its order.
     fn authorize(&self, partner: &str, env: &Envelope<'_>) -> Result<(), String> {
         let partner_key = wire::string(env.partner_api_key);
@@ -769,22 +793,9 @@ async fn name_cohort(
         .name_requests
         .fetch_add(1, Ordering::Relaxed);
     let endpoint = Endpoint::Name;
-    let ratelimit = match gate(decision).await {
+    let ratelimit = match shared.admit(&endpoint, &partner, decision).await {
         Ok(r) => r,
-        Err((status, response)) => {
-            shared.record(
-                &endpoint,
-                &partner,
-                Answered {
-                    cohort_id: None,
-                    status,
-                    message: fault_message(status),
-                    ids: 0,
-                    removes: 0,
-                },
-            );
-            return response;
-        }
+        Err(response) => return response,
     };
     let reply = |status: u16, message: &str, cohort_id: Option<&str>| {
         shared.record(
@@ -835,22 +846,9 @@ async fn change_members(
     c.requests.fetch_add(1, Ordering::Relaxed);
     c.users_requests.fetch_add(1, Ordering::Relaxed);
     let endpoint = Endpoint::Users;
-    let ratelimit = match gate(decision).await {
+    let ratelimit = match shared.admit(&endpoint, &partner, decision).await {
         Ok(r) => r,
-        Err((status, response)) => {
-            shared.record(
-                &endpoint,
-                &partner,
-                Answered {
-                    cohort_id: None,
-                    status,
-                    message: fault_message(status),
-                    ids: 0,
-                    removes: 0,
-                },
-            );
-            return response;
-        }
+        Err(response) => return response,
     };
     let reply = |status: u16, message: &str, cohort_id: Option<&str>, ids: u64, removes: u64| {
         shared.record(
@@ -931,11 +929,7 @@ async fn admin_cohort_names(
     let partners = partner_choice(&handle, q.partner, None);
     match partners {
         Ok(partner) => Json(handle.cohort_names(&partner)).into_response(),
-        Err(message) => (
-            StatusCode::BAD_REQUEST,
-            Json(serde_json::json!({ "message": message })),
-        )
-            .into_response(),
+        Err(message) => answer(400, &message, None, None),
     }
 }
 
@@ -947,21 +941,11 @@ async fn admin_members(
     let handle = SandboxHandle { shared };
     let partner = match partner_choice(&handle, q.partner, Some(&cohort_id)) {
         Ok(p) => p,
-        Err(message) => {
-            return (
-                StatusCode::BAD_REQUEST,
-                Json(serde_json::json!({ "message": message })),
-            )
-                .into_response();
-        }
+        Err(message) => return answer(400, &message, None, None),
     };
     match handle.members(&partner, &cohort_id) {
         Some(members) => Json(members).into_response(),
-        None => (
-            StatusCode::NOT_FOUND,
-            Json(serde_json::json!({ "message": "no such cohort" })),
-        )
-            .into_response(),
+        None => answer(404, "no such cohort", None, None),
     }
 }
 
@@ -1038,11 +1022,7 @@ async fn admin_set_keys(
 async fn admin_save(State(shared): State<Arc<Shared>>) -> Response {
     match (SandboxHandle { shared }).save() {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
-        Err(e) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            Json(serde_json::json!({ "message": e.to_string() })),
-        )
-            .into_response(),
+        Err(e) => answer(500, &e.to_string(), None, None),
     }
 }
 
