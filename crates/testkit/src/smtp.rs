@@ -141,11 +141,9 @@ impl SmtpServer {
     pub fn wait_for_messages(&self, count: usize, timeout: Duration) -> Vec<ReceivedMessage> {
         let deadline = Instant::now() + timeout;
         loop {
-            let messages = self.messages();
-            if messages.len() >= count {
+            if let Some(messages) = self.arrived(count, deadline) {
                 return messages;
             }
-            self.assert_waiting(deadline, count, &messages);
             std::thread::sleep(POLL);
         }
     }
@@ -155,16 +153,20 @@ impl SmtpServer {
     pub async fn wait_for_messages_async(&self, count: usize, timeout: Duration) -> Vec<ReceivedMessage> {
         let deadline = Instant::now() + timeout;
         loop {
-            let messages = self.messages();
-            if messages.len() >= count {
+            if let Some(messages) = self.arrived(count, deadline) {
                 return messages;
             }
-            self.assert_waiting(deadline, count, &messages);
             tokio::time::sleep(POLL).await;
         }
     }
 
-    fn assert_waiting(&self, deadline: Instant, count: usize, messages: &[ReceivedMessage]) {
+    /// Every message once `count` have arrived; `None` to wait on. Panics past `deadline`,
+    /// or when the server died.
+    fn arrived(&self, count: usize, deadline: Instant) -> Option<Vec<ReceivedMessage>> {
+        let messages = self.messages();
+        if messages.len() >= count {
+            return Some(messages);
+        }
         assert!(
             Instant::now() < deadline,
             "expected {count} message(s) at the SMTP server, got {}: {:?}",
@@ -174,6 +176,7 @@ impl SmtpServer {
         if let Some(status) = self.exit_status() {
             panic!("the SMTP server exited ({status}) while waiting for messages");
         }
+        None
     }
 
     /// How the server process ended, if it did (not counting [`stop`](Self::stop)).
