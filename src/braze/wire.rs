@@ -198,18 +198,10 @@ mod tests {
     use super::*;
     use crate::braze::batch::{Change, Packer};
 
-    #[test]
-    fn users_body_has_one_add_and_one_remove_object_with_every_kind() {
+    /// The `cohorts/users` body for `changes`, all in one batch.
+    fn users_json(changes: impl IntoIterator<Item = Change>) -> serde_json::Value {
         let mut packer = Packer::new(1000);
-        for change in [
-            Change::add(Member::ExternalId("e1".into())),
-            Change::add(Member::Alias {
-                name: "n\"1".into(),
-                label: "crm".into(),
-            }),
-            Change::remove(Member::DeviceId("d1".into())),
-            Change::add(Member::ExternalId("e2".into())),
-        ] {
+        for change in changes {
             assert!(packer.push(change).is_none());
         }
         let batch = packer.finish().unwrap();
@@ -219,7 +211,20 @@ mod tests {
             cohort_id: "c-1",
             batch: &batch,
         };
-        let json: serde_json::Value = serde_json::to_value(&body).unwrap();
+        serde_json::to_value(&body).unwrap()
+    }
+
+    #[test]
+    fn users_body_has_one_add_and_one_remove_object_with_every_kind() {
+        let json = users_json([
+            Change::add(Member::ExternalId("e1".into())),
+            Change::add(Member::Alias {
+                name: "n\"1".into(),
+                label: "crm".into(),
+            }),
+            Change::remove(Member::DeviceId("d1".into())),
+            Change::add(Member::ExternalId("e2".into())),
+        ]);
         assert_eq!(
             json,
             serde_json::json!({
@@ -236,16 +241,7 @@ mod tests {
 
     #[test]
     fn only_removes_give_a_single_object() {
-        let mut packer = Packer::new(1000);
-        packer.push(Change::remove(Member::ExternalId("e".into())));
-        let batch = packer.finish().unwrap();
-        let body = UsersBody {
-            partner_api_key: "p",
-            client_secret: "c",
-            cohort_id: "x",
-            batch: &batch,
-        };
-        let json = serde_json::to_value(&body).unwrap();
+        let json = users_json([Change::remove(Member::ExternalId("e".into()))]);
         assert_eq!(
             json["cohort_changes"],
             serde_json::json!([{"user_ids": ["e"], "should_remove": true}])
