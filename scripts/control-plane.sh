@@ -5,6 +5,8 @@
 #   scripts/control-plane.sh start DIR      start etcd + kube-apiserver on free loopback ports;
 #                                           writes DIR/kubeconfig and DIR/pids
 #   scripts/control-plane.sh stop DIR       stop what `start DIR` started
+#   scripts/control-plane.sh packages PKG…  apt-get install those of PKG… not installed yet
+#                                           (other test scripts use it too)
 #
 # kube-apiserver is built from Debian's source package (there is no prebuilt binary to fetch
 # here) and cached outside the clone, keyed by version, so only the first run pays ~5 min.
@@ -133,5 +135,6 @@ case "${1:-}" in
   start) start "${2:?usage: start DIR}" ;;
   stop) stop "${2:?usage: stop DIR}" ;;
   path) echo "$APISERVER" ;;
-  *) echo "usage: $0 install | start DIR | stop DIR | path" >&2; exit 2 ;;
+  packages) shift; need_packages "$@" ;;
+  *) echo "usage: $0 install | start DIR | stop DIR | path | packages PKG..." >&2; exit 2 ;;
 esac

@@ -18,16 +18,7 @@ REQUIREMENTS=tests/chart/requirements.txt
 
 log() { printf 'test-chart: %s\n' "$*" >&2; }
 
-need_packages() {
-  local missing=()
-  for p in "$@"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p"); done
-  if [ ${#missing[@]} -gt 0 ]; then
-    log "installing Debian packages: ${missing[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-  fi
-}
-
+need_packages() { bash scripts/control-plane.sh packages "$@"; }
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_packages python3-venv
 command -v kubectl >/dev/null || [ -n "${KUBECTL:-}" ] || need_packages kubernetes-client
 
