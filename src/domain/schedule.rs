@@ -149,6 +149,18 @@ impl Schedule {
     }
 }
 
+impl Recurrence {
+    /// The wall time runs are at; `None` for a `Once` without one.
+    fn at(self) -> Option<WallTime> {
+        match self {
+            Recurrence::Once { at } => at,
+            Recurrence::Daily { at }
+            | Recurrence::Weekly { at, .. }
+            | Recurrence::Monthly { at, .. } => Some(at),
+        }
+    }
+}
+
 /// How many run dates a search looks at before giving up; only reached at the edge of
 /// jiff's supported range (years ±9999), where `None` is returned.
 const SEARCH_LIMIT: usize = 16;
@@ -161,19 +173,16 @@ pub fn next_run_after(
     after: Timestamp,
 ) -> Option<Timestamp> {
     let tz = &schedule.time_zone;
-    let at = match schedule.recurrence {
-        Recurrence::Once { at } => return once(tz, at, created).filter(|&run| run > after),
-        Recurrence::Daily { at }
-        | Recurrence::Weekly { at, .. }
-        | Recurrence::Monthly { at, .. } => at,
-    };
     let step = schedule.recurrence;
+    if let Recurrence::Once { at } = step {
+        return once(tz, at, created).filter(|&run| run > after);
+    }
     // Two days of slack: a run's local date can precede the local date of `after` (folds,
     // gaps pushing a run forward), never by more than a day.
     let from = tz.to_datetime(after.max(created)).date().checked_sub(2.days()).ok()?;
     let mut date = first_run_date_on_or_after(step, from)?;
     for _ in 0..SEARCH_LIMIT {
-        if let Some(run) = run_on(schedule, date, at)
+        if let Some(run) = run_on(schedule, date)
             && run > after
             && run >= created
         {
@@ -192,20 +201,17 @@ pub fn previous_run_at_or_before(
     t: Timestamp,
 ) -> Option<Timestamp> {
     let tz = &schedule.time_zone;
-    let at = match schedule.recurrence {
-        Recurrence::Once { at } => return once(tz, at, created).filter(|&run| run <= t),
-        Recurrence::Daily { at }
-        | Recurrence::Weekly { at, .. }
-        | Recurrence::Monthly { at, .. } => at,
-    };
     let step = schedule.recurrence;
+    if let Recurrence::Once { at } = step {
+        return once(tz, at, created).filter(|&run| run <= t);
+    }
     if t < created {
         return None;
     }
     let from = tz.to_datetime(t).date().checked_add(2.days()).ok()?;
     let mut date = last_run_date_on_or_before(step, from)?;
     for _ in 0..SEARCH_LIMIT {
-        if let Some(run) = run_on(schedule, date, at)
+        if let Some(run) = run_on(schedule, date)
             && run <= t
         {
             return (run >= created).then_some(run);
@@ -230,10 +236,10 @@ fn once(tz: &TimeZone, at: Option<WallTime>, created: Timestamp) -> Option<Times
     None
 }
 
-/// The run for run date `date`, if it has one of its own.
-fn run_on(schedule: &Schedule, date: Date, at: WallTime) -> Option<Timestamp> {
+/// The run for run date `date` of a recurring schedule, if it has one of its own.
+fn run_on(schedule: &Schedule, date: Date) -> Option<Timestamp> {
     let tz = &schedule.time_zone;
-    let run = instant_of(tz, date.to_datetime(at.time()))?;
+    let run = instant_of(tz, date.to_datetime(schedule.recurrence.at()?.time()))?;
     if matches!(schedule.recurrence, Recurrence::Daily { .. }) && tz.to_datetime(run).date() != date
     {
         // Pushed onto a later day by a gap; that day's own run stands for it.
@@ -669,12 +675,7 @@ mod tests {
     }
 
     fn wall(r: Recurrence) -> WallTime {
-        match r {
-            Recurrence::Once { at } => at.unwrap_or(WallTime::new(0, 0).unwrap()),
-            Recurrence::Daily { at }
-            | Recurrence::Weekly { at, .. }
-            | Recurrence::Monthly { at, .. } => at,
-        }
+        r.at().unwrap_or(WallTime::new(0, 0).unwrap())
     }
 
     /// Every run of a recurring schedule from local date `from` to `to`, by stepping days.
@@ -692,6 +693,27 @@ mod tests {
             d = d.tomorrow().unwrap();
         }
         runs
+    }
+
+    /// The next `runs` runs after `now` fall on strictly increasing local dates.
+    fn one_run_per_local_day(
+        s: &Schedule,
+        created: Timestamp,
+        now: Timestamp,
+        runs: usize,
+    ) -> Result<(), TestCaseError> {
+        let mut t = now;
+        let mut last_day: Option<Date> = None;
+        for _ in 0..runs {
+            let run = next_run_after(s, created, t).unwrap();
+            let day = s.time_zone.to_datetime(run).date();
+            if let Some(last) = last_day {
+                prop_assert!(day > last, "two runs on {day} or out of order");
+            }
+            last_day = Some(day);
+            t = run;
+        }
+        Ok(())
     }
 
     proptest! {
@@ -746,18 +768,7 @@ mod tests {
 
         #[test]
         fn daily_never_runs_twice_in_a_local_day_near_a_shift((r, tz, created, now) in near_a_shift()) {
-            let s = Schedule::new(r, tz.clone());
-            let mut t = now;
-            let mut last_day: Option<Date> = None;
-            for _ in 0..5 {
-                let run = next_run_after(&s, created, t).unwrap();
-                let day = tz.to_datetime(run).date();
-                if let Some(last) = last_day {
-                    prop_assert!(day > last, "two runs on {day} or out of order");
-                }
-                last_day = Some(day);
-                t = run;
-            }
+            one_run_per_local_day(&Schedule::new(r, tz), created, now, 5)?;
         }
 
         #[test]
@@ -821,18 +832,7 @@ mod tests {
         fn daily_never_runs_twice_in_a_local_day(
             at in wall_time(), tz in zone(), (created, now) in created_and_now(),
         ) {
-            let s = Schedule::new(Recurrence::Daily { at }, tz.clone());
-            let mut t = now;
-            let mut last_day: Option<Date> = None;
-            for _ in 0..30 {
-                let run = next_run_after(&s, created, t).unwrap();
-                let day = tz.to_datetime(run).date();
-                if let Some(last) = last_day {
-                    prop_assert!(day > last, "two runs on {day} or out of order");
-                }
-                last_day = Some(day);
-                t = run;
-            }
+            one_run_per_local_day(&Schedule::new(Recurrence::Daily { at }, tz), created, now, 30)?;
         }
     }
 
