@@ -238,13 +238,8 @@ impl TryFrom<&ScheduleSpec> for Schedule {
 }
 
 fn check_source(source: &SourceSpec, problems: &mut Problems) -> Option<SourceKind> {
-    let kinds = [
-        (SourceKind::Inline, source.inline.is_some()),
-        (SourceKind::ConfigMap, source.config_map.is_some()),
-        (SourceKind::Http, source.http.is_some()),
-        (SourceKind::Postgres, source.postgres.is_some()),
-    ];
-    let set: Vec<SourceKind> = kinds.iter().filter(|(_, on)| *on).map(|(k, _)| *k).collect();
+    const KINDS: [SourceKind; 4] =
+        [SourceKind::Inline, SourceKind::ConfigMap, SourceKind::Http, SourceKind::Postgres];
     if let Some(http) = &source.http {
         check_http(http, problems);
     }
@@ -253,17 +248,36 @@ fn check_source(source: &SourceSpec, problems: &mut Problems) -> Option<SourceKi
     {
         problems.add("spec.source.postgres.query", problem);
     }
-    match set.as_slice() {
+    let set = [
+        source.inline.is_some(),
+        source.config_map.is_some(),
+        source.http.is_some(),
+        source.postgres.is_some(),
+    ];
+    let one = exactly_one(
+        "spec.source",
+        "source",
+        &["inline", "configMap", "http", "postgres"],
+        set,
+        problems,
+    )?;
+    Some(KINDS[one])
+}
+
+/// The index of the one choice that is set, or a [`Problem::NotExactlyOne`] at `path`.
+fn exactly_one<const N: usize>(
+    path: &str,
+    what: &'static str,
+    choices: &'static [&'static str; N],
+    set: [bool; N],
+    problems: &mut Problems,
+) -> Option<usize> {
+    let chosen: Vec<usize> = (0..N).filter(|&i| set[i]).collect();
+    match chosen.as_slice() {
         [one] => Some(*one),
         _ => {
-            problems.add(
-                "spec.source",
-                Problem::NotExactlyOne {
-                    what: "source",
-                    choices: &["inline", "configMap", "http", "postgres"],
-                    set: set.iter().map(|k| k.field()).collect(),
-                },
-            );
+            let set = chosen.iter().map(|&i| choices[i]).collect();
+            problems.add(path, Problem::NotExactlyOne { what, choices, set });
             None
         }
     }
@@ -298,24 +312,13 @@ fn check_http(http: &HttpSource, problems: &mut Problems) {
         }
     }
     if let Some(auth) = &http.auth {
-        let set: Vec<&'static str> = [
-            ("bearerTokenSecretRef", auth.bearer_token_secret_ref.is_some()),
-            ("basic", auth.basic.is_some()),
-            ("header", auth.header.is_some()),
-        ]
-        .into_iter()
-        .filter_map(|(name, on)| on.then_some(name))
-        .collect();
-        if set.len() != 1 {
-            problems.add(
-                "spec.source.http.auth",
-                Problem::NotExactlyOne {
-                    what: "auth kind",
-                    choices: &["bearerTokenSecretRef", "basic", "header"],
-                    set,
-                },
-            );
-        }
+        exactly_one(
+            "spec.source.http.auth",
+            "auth kind",
+            &["bearerTokenSecretRef", "basic", "header"],
+            [auth.bearer_token_secret_ref.is_some(), auth.basic.is_some(), auth.header.is_some()],
+            problems,
+        );
     }
     if let Some(pointer) = &http.json_pointer {
         if http.format != HttpFormat::Json {
@@ -324,24 +327,17 @@ fn check_http(http: &HttpSource, problems: &mut Problems) {
         check_json_pointer("spec.source.http.jsonPointer", pointer, problems);
     }
     if let Some(pagination) = &http.pagination {
-        let set: Vec<&'static str> = [
-            ("nextUrlPointer", pagination.next_url_pointer.is_some()),
-            ("cursor", pagination.cursor.is_some()),
-            ("linkHeader", pagination.link_header.is_some()),
-        ]
-        .into_iter()
-        .filter_map(|(name, on)| on.then_some(name))
-        .collect();
-        if set.len() != 1 {
-            problems.add(
-                "spec.source.http.pagination",
-                Problem::NotExactlyOne {
-                    what: "pagination kind",
-                    choices: &["nextUrlPointer", "cursor", "linkHeader"],
-                    set,
-                },
-            );
-        }
+        exactly_one(
+            "spec.source.http.pagination",
+            "pagination kind",
+            &["nextUrlPointer", "cursor", "linkHeader"],
+            [
+                pagination.next_url_pointer.is_some(),
+                pagination.cursor.is_some(),
+                pagination.link_header.is_some(),
+            ],
+            problems,
+        );
         if let Some(pointer) = &pagination.next_url_pointer {
             let path = "spec.source.http.pagination.nextUrlPointer";
             if http.format != HttpFormat::Json {
