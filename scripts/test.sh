@@ -33,6 +33,8 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/coh
 cargo build --workspace --all-targets --locked
 cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-2}"
 
-if [ -x scripts/test-chart.sh ]; then
-  bash scripts/test-chart.sh
-fi
+# The README's main-job command, as a newcomer runs it: it fails unless every example
+# cohort ends up in the Braze sandbox.
+bash scripts/demo.sh --local
+
+bash scripts/test-chart.sh
