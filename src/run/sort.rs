@@ -11,7 +11,7 @@ use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Seek, SeekFrom};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use crate::domain::diff::KeyCursor;
 use crate::snapshot::format::{FrontCodedReader, FrontCodedWriter};
@@ -84,10 +84,6 @@ impl ExternalSorter {
         Ok(())
     }
 
-    pub fn stats(&self) -> SortStats {
-        self.stats
-    }
-
     /// Sorts and de-duplicates the buffer in place.
     fn sort_buffer(&mut self) {
         let arena = &self.arena;
@@ -136,10 +132,6 @@ impl ExternalSorter {
             .map(|f| FrontCodedReader::new(BufReader::with_capacity(SPILL_READ_BUFFER, f)))
             .collect::<io::Result<Vec<_>>>()?;
         Ok((SortedKeys::Merged(Merge::new(readers)?), stats))
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 }
 

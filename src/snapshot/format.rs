@@ -54,10 +54,6 @@ impl<W: Write> FrontCodedWriter<W> {
         self.count
     }
 
-    pub fn get_mut(&mut self) -> &mut W {
-        &mut self.out
-    }
-
     pub fn into_inner(self) -> W {
         self.out
     }
@@ -91,11 +87,6 @@ impl<R: BufRead> FrontCodedReader<R> {
         let mut reader = Self { input, current: Vec::new(), done: false, read: 0 };
         reader.advance()?;
         Ok(reader)
-    }
-
-    /// Keys read so far, the current one included.
-    pub fn read(&self) -> u64 {
-        self.read
     }
 
     fn corrupt(&self, what: &str) -> io::Error {
