@@ -75,11 +75,13 @@ impl ExternalSorter {
             self.arena.reserve(self.budget / 2);
             self.entries.reserve(self.budget / 2 / ENTRY_BYTES);
         }
-        let offset = u32::try_from(self.arena.len()).map_err(|_| {
+        // Entries address the arena with u32s, so the key must end within 4 GiB.
+        let end = u32::try_from(self.arena.len() + key.len()).map_err(|_| {
             io::Error::new(io::ErrorKind::InvalidInput, "sort buffer over 4 GiB; lower the memory budget")
         })?;
+        let len = key.len() as u32;
         self.arena.extend_from_slice(key);
-        self.entries.push(Entry { prefix: prefix(key), offset, len: key.len() as u32 });
+        self.entries.push(Entry { prefix: prefix(key), offset: end - len, len });
         self.stats.pushed += 1;
         Ok(())
     }
