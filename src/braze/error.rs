@@ -46,7 +46,7 @@ pub enum BrazeError {
 }
 
 impl BrazeError {
-    /// 400 and 401: the run must stop and a person must act.
+    /// 400, 401 and the other refusals retrying cannot fix: a person must act.
     pub fn is_permanent(&self) -> bool {
         matches!(
             self,
