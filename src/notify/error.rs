@@ -26,13 +26,11 @@ pub enum NotifyError {
 impl NotifyError {
     /// A short line for `.status` (the run's result stands; this only says the email is lost).
     pub fn status_note(&self) -> String {
-        let mut note = format!("run report email not sent: {self}");
         // Status stays small: the full text goes to the Event.
-        if note.chars().count() > crate::api::MAX_RUN_MESSAGE_CHARS {
-            note = note.chars().take(crate::api::MAX_RUN_MESSAGE_CHARS - 1).collect();
-            note.push('…');
-        }
-        note
+        crate::run::report::truncate(
+            format!("run report email not sent: {self}"),
+            crate::api::MAX_RUN_MESSAGE_CHARS,
+        )
     }
 }
 

@@ -184,7 +184,8 @@ impl RunReport {
     }
 }
 
-fn truncate(mut text: String, max: usize) -> String {
+/// `text` cut to at most `max` characters, the last one `…` when cut.
+pub(crate) fn truncate(mut text: String, max: usize) -> String {
     if text.chars().count() > max {
         let cut = text.char_indices().nth(max - 1).map(|(i, _)| i).unwrap_or(text.len());
         text.truncate(cut);
