@@ -448,36 +448,44 @@ enum DiffFailure {
     Run(RunError),
 }
 
-/// A stored body, or nothing.
-enum StoredKeys {
-    Body(Box<BodyReader<BufReader<File>>>),
-    Nothing,
+impl From<io::Error> for DiffFailure {
+    fn from(e: io::Error) -> Self {
+        DiffFailure::Io(e)
+    }
+}
+
+/// A stored body (the previous snapshot, or the keys in doubt), or nothing. Invalid data in
+/// it is damage to that store, told apart from this run's own scratch files failing.
+struct StoredKeys {
+    what: &'static str,
+    body: Option<Box<BodyReader<BufReader<File>>>>,
 }
 
 impl StoredKeys {
-    fn open(body: Option<File>, what: &str) -> Result<Self, DiffFailure> {
-        match body {
-            None => Ok(StoredKeys::Nothing),
-            Some(file) => read_body(BufReader::with_capacity(256 * 1024, file))
-                .map(|r| StoredKeys::Body(Box::new(r)))
-                .map_err(|e| snapshot_damaged(what, e)),
-        }
+    fn open(body: Option<File>, what: &'static str) -> Result<Self, DiffFailure> {
+        let body = match body {
+            None => None,
+            Some(file) => Some(Box::new(
+                read_body(BufReader::with_capacity(256 * 1024, file)).map_err(|e| snapshot_damaged(what, e))?,
+            )),
+        };
+        Ok(StoredKeys { what, body })
     }
 }
 
 impl KeyCursor for StoredKeys {
-    type Error = io::Error;
+    type Error = DiffFailure;
     fn key(&self) -> Option<&[u8]> {
-        match self {
-            StoredKeys::Body(r) => r.key(),
-            StoredKeys::Nothing => None,
-        }
+        self.body.as_ref()?.key()
     }
-    fn advance(&mut self) -> io::Result<()> {
-        match self {
-            StoredKeys::Body(r) => r.advance(),
-            StoredKeys::Nothing => Ok(()),
-        }
+    fn advance(&mut self) -> Result<(), DiffFailure> {
+        let Some(body) = &mut self.body else { return Ok(()) };
+        // The operating system failing to read is local trouble; anything the decoder or
+        // the record format says (bad data, a frame cut short, a checksum) is damage.
+        body.advance().map_err(|e| match e.raw_os_error() {
+            Some(_) => DiffFailure::Io(e),
+            None => snapshot_damaged(self.what, e),
+        })
     }
 }
 
@@ -503,8 +511,8 @@ fn diff_to_files(
     let mut doubt = StoredKeys::open(doubt, DOUBT)?;
     let (mut snapshot, mut sends) = match outputs {
         Some(o) => (
-            Some(create_body(&o.snapshot).map_err(DiffFailure::Io)?),
-            Some(create_body(&o.sends).map_err(DiffFailure::Io)?),
+            Some(create_body(&o.snapshot)?),
+            Some(create_body(&o.sends)?),
         ),
         None => (None, None),
     };
@@ -512,7 +520,7 @@ fn diff_to_files(
     let mut removes = FrontCodedWriter::new(SpooledTempFile::new(CHANGES_IN_MEMORY));
     let mut sample_added = Vec::new();
     let mut sample_removed = Vec::new();
-    let on_key = |change: diff::Change, in_doubt: bool, key: &[u8]| -> io::Result<()> {
+    let on_key = |change: diff::Change, in_doubt: bool, key: &[u8]| -> Result<(), DiffFailure> {
         match change {
             diff::Change::Added => sample(&mut sample_added, key),
             diff::Change::Removed => sample(&mut sample_removed, key),
@@ -533,19 +541,18 @@ fn diff_to_files(
         Ok(())
     };
     let counts = diff::merge_diff(&mut previous, &mut doubt, &mut new, on_key).map_err(|e| match e {
-        DiffError::OutOfOrder { side: diff::Side::Previous, .. } => {
-            snapshot_damaged(PREVIOUS, io::Error::other(e.to_string()))
+        DiffError::Io(failure) => failure,
+        DiffError::OutOfOrder { side, position } => {
+            let e = io::Error::other(DiffError::<io::Error>::OutOfOrder { side, position }.to_string());
+            match side {
+                diff::Side::Previous => snapshot_damaged(PREVIOUS, e),
+                diff::Side::InDoubt => snapshot_damaged(DOUBT, e),
+                diff::Side::New => DiffFailure::Io(e),
+            }
         }
-        DiffError::OutOfOrder { side: diff::Side::InDoubt, .. } => {
-            snapshot_damaged(DOUBT, io::Error::other(e.to_string()))
-        }
-        DiffError::OutOfOrder { .. } => DiffFailure::Io(io::Error::other(e.to_string())),
-        // Damage shows as invalid data on a stored stream; the sort's files are this run's.
-        DiffError::Io(e) if e.kind() == io::ErrorKind::InvalidData => snapshot_damaged(PREVIOUS, e),
-        DiffError::Io(e) => DiffFailure::Io(e),
     })?;
     for body in [snapshot, sends].into_iter().flatten() {
-        finish_body(body).map_err(DiffFailure::Io)?;
+        finish_body(body)?;
     }
     let rewind = |w: FrontCodedWriter<SpooledTempFile>| -> io::Result<SpooledTempFile> {
         let mut f = w.into_inner();
@@ -555,8 +562,8 @@ fn diff_to_files(
     };
     Ok(Diffed {
         counts,
-        adds: rewind(adds).map_err(DiffFailure::Io)?,
-        removes: rewind(removes).map_err(DiffFailure::Io)?,
+        adds: rewind(adds)?,
+        removes: rewind(removes)?,
         sample_added,
         sample_removed,
     })
@@ -596,4 +603,43 @@ fn read_changes(removes: SpooledTempFile, adds: SpooledTempFile, tx: mpsc::Sende
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A body of `n` keys, cut short by `cut` bytes.
+    fn body(dir: &Path, name: &str, n: u32, cut: usize) -> File {
+        let path = dir.join(name);
+        let mut w = create_body(&path).unwrap();
+        for i in 0..n {
+            w.push(format!("\x01member-{i:08}").as_bytes()).unwrap();
+        }
+        finish_body(w).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - cut]).unwrap();
+        File::open(&path).unwrap()
+    }
+
+    fn damaged_store(result: Result<Diffed, DiffFailure>) -> String {
+        match result {
+            Err(DiffFailure::Run(RunError::Snapshot(crate::snapshot::SnapshotError::Corrupt { what, .. }))) => what,
+            Err(DiffFailure::Io(e)) => panic!("reported as local trouble: {e}"),
+            Err(DiffFailure::Run(e)) => panic!("{e}"),
+            Ok(_) => panic!("a damaged body was read"),
+        }
+    }
+
+    #[test]
+    fn damage_found_mid_body_names_the_damaged_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = || sort::ExternalSorter::new(dir.path(), 0).finish().unwrap().0;
+        // Large enough that the cut shows while diffing, not when the body is opened.
+        let previous = body(dir.path(), "previous", 200_000, 5);
+        assert_eq!(damaged_store(diff_to_files(Some(previous), None, empty(), None)), "the previous snapshot");
+        let previous = body(dir.path(), "previous-whole", 10, 0);
+        let doubt = body(dir.path(), "doubt", 200_000, 5);
+        assert_eq!(damaged_store(diff_to_files(Some(previous), Some(doubt), empty(), None)), "the keys in doubt");
+    }
 }
