@@ -253,16 +253,21 @@ impl IdentifierFields {
         Ok(IdentifierFields { external_id, alias, device_id })
     }
 
+    /// The field each part of a row is read from, in precedence order: external id, alias
+    /// name, alias label (when it is read per row), device id.
+    fn fields(&self) -> [Option<&str>; 4] {
+        let (alias_name, alias_label) = match &self.alias {
+            None => (None, None),
+            Some((name, LabelSource::Fixed(_))) => (Some(name.as_str()), None),
+            Some((name, LabelSource::Field(label))) => (Some(name.as_str()), Some(label.as_str())),
+        };
+        [self.external_id.as_deref(), alias_name, alias_label, self.device_id.as_deref()]
+    }
+
     /// Every field name the mapping reads, in precedence order, without repeats.
     pub fn field_names(&self) -> Vec<&str> {
-        let all = [
-            self.external_id.as_deref(),
-            self.alias.as_ref().map(|(n, _)| n.as_str()),
-            self.label_field(),
-            self.device_id.as_deref(),
-        ];
         let mut names: Vec<&str> = Vec::new();
-        for n in all.into_iter().flatten() {
+        for n in self.fields().into_iter().flatten() {
             if !names.contains(&n) {
                 names.push(n);
             }
@@ -270,43 +275,25 @@ impl IdentifierFields {
         names
     }
 
-    fn label_field(&self) -> Option<&str> {
-        match &self.alias {
-            Some((_, LabelSource::Field(f))) => Some(f),
-            _ => None,
-        }
-    }
-
     /// Reads a row through `get`, which returns a field's value by name ([`Value::Null`] for
     /// fields the row lacks).
     pub fn resolve<'a>(&self, mut get: impl FnMut(&str) -> Value<'a>) -> Result<Member, SkipReason> {
-        let mut field = |name: Option<&str>| name.map_or(Value::Null, &mut get);
-        let values = RowValues {
-            external_id: field(self.external_id.as_deref()),
-            alias_name: field(self.alias.as_ref().map(|(n, _)| n.as_str())),
-            alias_label: field(self.label_field()),
-            device_id: field(self.device_id.as_deref()),
-        };
-        self.resolve_values(values)
+        let [external_id, alias_name, alias_label, device_id] =
+            self.fields().map(|name| name.map_or(Value::Null, &mut get));
+        self.resolve_values(RowValues { external_id, alias_name, alias_label, device_id })
     }
 
     /// Finds each mapped field in a header. `Err` names the first field the header lacks.
     pub fn column_plan<S: AsRef<str>>(&self, header: &[S]) -> Result<ColumnPlan, String> {
-        let find = |name: Option<&str>| -> Result<Option<usize>, String> {
-            match name {
-                None => Ok(None),
-                Some(n) => header
-                    .iter()
-                    .position(|h| h.as_ref() == n)
-                    .map(Some)
-                    .ok_or_else(|| n.to_owned()),
-            }
-        };
+        let [external_id, alias_name, alias_label, device_id] = self.fields().map(|name| match name {
+            None => Ok(None),
+            Some(n) => header.iter().position(|h| h.as_ref() == n).map(Some).ok_or_else(|| n.to_owned()),
+        });
         Ok(ColumnPlan {
-            external_id: find(self.external_id.as_deref())?,
-            alias_name: find(self.alias.as_ref().map(|(n, _)| n.as_str()))?,
-            alias_label: find(self.label_field())?,
-            device_id: find(self.device_id.as_deref())?,
+            external_id: external_id?,
+            alias_name: alias_name?,
+            alias_label: alias_label?,
+            device_id: device_id?,
         })
     }
 
