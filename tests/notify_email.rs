@@ -155,27 +155,31 @@ async fn each_result_arrives_with_recipients_headers_and_content() {
     assert!(m.text_body().unwrap().contains("back to normal"));
 }
 
+/// A server that requires AUTH as `operator` with [`PASSWORD`].
+fn server_with_auth(tls: ServerTls) -> SmtpServer {
+    SmtpServer::start_with(SmtpServerOptions { tls, credentials: Some(("operator".into(), PASSWORD.into())) })
+}
+
+/// Sends the report of a `result` run with the right password; the first message that
+/// arrives came from the authenticated user.
+async fn send_authenticated(server: &SmtpServer, tls: SmtpTls, result: RunResult) -> ReceivedMessage {
+    let mut c = config(server, tls);
+    c.credentials = Some(("operator".into(), SecretString::new(PASSWORD)));
+    SmtpNotifier::new(c).unwrap().notify(&notice(result), &to(&["team@example.com"])).await.unwrap();
+    let message = server.wait_for_messages_async(1, WAIT).await.remove(0);
+    assert_eq!(message.auth_login.as_deref(), Some("operator"));
+    assert_common(&message, &["team@example.com"]);
+    message
+}
+
 #[tokio::test]
 async fn authenticates_without_ever_showing_the_password() {
-    let server = SmtpServer::start_with(SmtpServerOptions {
-        tls: ServerTls::None,
-        credentials: Some(("operator".into(), PASSWORD.into())),
-    });
-
-    let mut good = config(&server, SmtpTls::None);
-    good.credentials = Some(("operator".into(), SecretString::new(PASSWORD)));
-    SmtpNotifier::new(good)
-        .unwrap()
-        .notify(&notice(RunResult::Succeeded), &to(&["team@example.com"]))
-        .await
-        .unwrap();
-    let messages = server.wait_for_messages_async(1, WAIT).await;
-    assert_eq!(messages[0].auth_login.as_deref(), Some("operator"));
-    assert_common(&messages[0], &["team@example.com"]);
+    let server = server_with_auth(ServerTls::None);
+    send_authenticated(&server, SmtpTls::None, RunResult::Succeeded).await;
 
     // A wrong password is a permanent refusal: one attempt, and the error names the server,
     // not the password.
-    let wrong = "wrong-" .to_owned() + PASSWORD;
+    let wrong = "wrong-".to_owned() + PASSWORD;
     let mut bad = config(&server, SmtpTls::None);
     bad.credentials = Some(("operator".into(), SecretString::new(wrong.clone())));
     bad.retries = 3;
@@ -195,21 +199,9 @@ async fn authenticates_without_ever_showing_the_password() {
 }
 
 async fn send_over_tls(server_tls: ServerTls, client_tls: SmtpTls) {
-    let server = SmtpServer::start_with(SmtpServerOptions {
-        tls: server_tls,
-        credentials: Some(("operator".into(), PASSWORD.into())),
-    });
-    let mut c = config(&server, client_tls);
-    c.credentials = Some(("operator".into(), SecretString::new(PASSWORD)));
-    SmtpNotifier::new(c)
-        .unwrap()
-        .notify(&notice(RunResult::Blocked), &to(&["team@example.com"]))
-        .await
-        .unwrap();
-    let messages = server.wait_for_messages_async(1, WAIT).await;
-    assert!(messages[0].tls, "the message must arrive over TLS");
-    assert_eq!(messages[0].auth_login.as_deref(), Some("operator"));
-    assert_common(&messages[0], &["team@example.com"]);
+    let server = server_with_auth(server_tls);
+    let message = send_authenticated(&server, client_tls, RunResult::Blocked).await;
+    assert!(message.tls, "the message must arrive over TLS");
 
     // Without the private CA the server's certificate is not trusted, and nothing is sent.
     let mut untrusted = config(&server, client_tls);
