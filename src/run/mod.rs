@@ -8,14 +8,17 @@
 //!    new snapshot body and the additions and removals to scratch files as it goes;
 //! 4. asks the removal guard ([`crate::domain::guard`]); a blocked run sends nothing;
 //! 5. stops there on a dry run;
-//! 6. names the cohort in Braze on the first run and when the display name changed;
-//! 7. sends removals, then additions;
-//! 8. commits the new snapshot only if Braze accepted every change.
+//! 6. records the keys it is about to send as *in doubt* in the snapshot store;
+//! 7. names the cohort in Braze on the first run and when the display name changed;
+//! 8. sends removals, then additions;
+//! 9. commits the new snapshot (settling the keys in doubt) only if Braze accepted every
+//!    change.
 //!
 //! Nothing holds the cohort in memory: keys are sorted within a budget and spilled, and
 //! every later step streams. A run stopped anywhere (a crash, an abort, Braze failing)
-//! leaves the previous snapshot in place, so the next run re-sends whatever may be missing;
-//! Braze membership changes are idempotent, so re-sending is harmless.
+//! leaves the previous snapshot and the keys in doubt in place, so the next run re-sends
+//! those keys the way its own source says, even if the source changed meanwhile; Braze
+//! membership changes are idempotent, so re-sending is harmless.
 
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Seek, SeekFrom, Write};
