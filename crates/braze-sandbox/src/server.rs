@@ -696,6 +696,19 @@ impl Shared {
         });
     }
 
+    /// Records how a request was answered, and answers it.
+    fn reply(
+        &self,
+        endpoint: &Endpoint,
+        partner: &str,
+        ratelimit: Option<RateLimitHeaders>,
+        answered: Answered<'_>,
+    ) -> Response {
+        let response = answer(answered.status, answered.message, ratelimit, None);
+        self.record(endpoint, partner, answered);
+        response
+    }
+
     /// Applies the fault decision; a faulted request is recorded and its answer is the `Err`.
     async fn admit(
         &self,
@@ -798,18 +811,14 @@ async fn name_cohort(
         Err(response) => return response,
     };
     let reply = |status: u16, message: &str, cohort_id: Option<&str>| {
-        shared.record(
-            &endpoint,
-            &partner,
-            Answered {
-                cohort_id,
-                status,
-                message,
-                ids: 0,
-                removes: 0,
-            },
-        );
-        answer(status, message, ratelimit, None)
+        let answered = Answered {
+            cohort_id,
+            status,
+            message,
+            ids: 0,
+            removes: 0,
+        };
+        shared.reply(&endpoint, &partner, ratelimit, answered)
     };
     let env = match Envelope::parse(&body) {
         Ok(env) => env,
@@ -851,18 +860,14 @@ async fn change_members(
         Err(response) => return response,
     };
     let reply = |status: u16, message: &str, cohort_id: Option<&str>, ids: u64, removes: u64| {
-        shared.record(
-            &endpoint,
-            &partner,
-            Answered {
-                cohort_id,
-                status,
-                message,
-                ids,
-                removes,
-            },
-        );
-        answer(status, message, ratelimit, None)
+        let answered = Answered {
+            cohort_id,
+            status,
+            message,
+            ids,
+            removes,
+        };
+        shared.reply(&endpoint, &partner, ratelimit, answered)
     };
     let env = match Envelope::parse(&body) {
         Ok(env) => env,
