@@ -32,7 +32,11 @@ enum Command {
     /// Run the controller.
     Run(Box<RunArgs>),
     /// Print the CohortImport CustomResourceDefinition as YAML.
-    Crd,
+    Crd {
+        /// Print the field reference (Markdown) instead, as in docs/reference.md.
+        #[arg(long)]
+        reference: bool,
+    },
     /// Run an import once, now (sets the cohorts.dev/run-requested-at annotation).
     Trigger {
         name: String,
@@ -155,7 +159,8 @@ fn main() -> anyhow::Result<()> {
 
 async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Crd => print!("{}", cohort_operator::api::crd_yaml()),
+        Command::Crd { reference: false } => print!("{}", cohort_operator::api::crd_yaml()),
+        Command::Crd { reference: true } => print!("{}", cohort_operator::api::reference::markdown()),
         Command::Run(args) => run(*args).await?,
         Command::Trigger { name, wait, timeout_seconds, target } => {
             let (client, namespace) = target.client().await?;

@@ -1,5 +1,6 @@
 //! The Kubernetes API of the operator: `CohortImport` in `cohorts.dev/v1alpha1`.
 
+pub mod reference;
 mod spec;
 mod status;
 

@@ -125,6 +125,7 @@ pub struct ConfigMapSource {
     /// ConfigMap in the import's namespace.
     #[schemars(length(min = 1, max = 253), regex(pattern = OBJECT_NAME_PATTERN))]
     pub name: String,
+    /// The key within the ConfigMap's `data` or `binaryData`.
     #[schemars(length(min = 1, max = 253), regex(pattern = DATA_KEY_PATTERN))]
     pub key: String,
     /// `Lines`: one value a line, in a field named by `column`. `Csv`: a header row names
@@ -152,8 +153,10 @@ pub enum ConfigMapFormat {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpSource {
+    /// The export's first page. Credentials go in `auth`, never in the URL.
     #[schemars(length(min = 1, max = 2048), regex(pattern = r"^https?://\S+$"))]
     pub url: String,
+    /// `Csv` (a header row names the fields), `Json` (an array of objects) or `Ndjson`.
     pub format: HttpFormat,
     /// For `Json`: an RFC 6901 pointer to the array of rows, e.g. `/data/users`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -163,6 +166,7 @@ pub struct HttpSource {
     pub auth: Option<HttpAuth>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pagination: Option<HttpPagination>,
+    /// Longest wait to connect.
     #[serde(default = "default_connect_timeout")]
     #[schemars(range(min = 1, max = 300))]
     pub connect_timeout_seconds: u32,
@@ -212,11 +216,14 @@ pub struct HttpAuth {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BasicAuth {
+    /// Secret holding both the user name and the password.
     #[schemars(length(min = 1, max = 253), regex(pattern = OBJECT_NAME_PATTERN))]
     pub secret_name: String,
+    /// Key of the user name in that Secret.
     #[serde(default = "default_username_key")]
     #[schemars(length(min = 1, max = 253), regex(pattern = DATA_KEY_PATTERN))]
     pub username_key: String,
+    /// Key of the password in that Secret.
     #[serde(default = "default_password_key")]
     #[schemars(length(min = 1, max = 253), regex(pattern = DATA_KEY_PATTERN))]
     pub password_key: String,
@@ -232,8 +239,10 @@ fn default_password_key() -> String {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HeaderAuth {
+    /// The header's name.
     #[schemars(length(min = 1, max = 128), regex(pattern = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"))]
     pub name: String,
+    /// The header's value.
     pub value_secret_ref: SecretKeyRef,
 }
 
@@ -295,8 +304,10 @@ fn default_fetch_size() -> u32 {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretKeyRef {
+    /// The Secret's name (same namespace as the import).
     #[schemars(length(min = 1, max = 253), regex(pattern = OBJECT_NAME_PATTERN))]
     pub name: String,
+    /// The key within the Secret's data.
     #[schemars(length(min = 1, max = 253), regex(pattern = DATA_KEY_PATTERN))]
     pub key: String,
 }
@@ -339,6 +350,7 @@ pub struct AliasMapping {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Destination {
+    /// A Braze workspace, through the partner cohort import API.
     pub braze: BrazeDestination,
 }
 
@@ -362,6 +374,7 @@ pub struct BrazeDestination {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ScheduleSpec {
+    /// `Once` runs soon after creation (or at `at`) and then only when triggered.
     pub cadence: Cadence,
     /// Local wall time `HH:MM` in `timeZone`. `Once` without it runs soon after creation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -406,6 +419,7 @@ pub enum DayOfWeek {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Notifications {
+    /// A run report by email (the SMTP server is operator configuration).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub email: Option<EmailNotification>,
 }
