@@ -51,6 +51,9 @@ use metrics::Metrics;
 use runs::RunRegistry;
 use secrets::PartnerKeys;
 
+/// Reconciles in flight at once, per watched namespace.
+const RECONCILE_CONCURRENCY: u16 = 32;
+
 /// How the controller behaves.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -239,7 +242,10 @@ async fn run_controllers(
     let mut wakers = Vec::new();
     let mut wake_streams = Vec::new();
     for scope in &scopes {
-        let controller = Controller::new(api_for(scope), watcher::Config::default().any_semantic());
+        // Reconciles are short API round trips; a bound keeps a burst (start-up, a re-list)
+        // from holding a thousand requests in memory at once.
+        let controller = Controller::new(api_for(scope), watcher::Config::default().any_semantic())
+            .with_config(kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY));
         stores.push(controller.store());
         let (tx, rx) = mpsc::unbounded_channel();
         wakers.push((scope.clone(), tx));
@@ -294,11 +300,12 @@ async fn run_controllers(
             .graceful_shutdown_on(shutdown.clone())
             .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
             .for_each(|result| async move {
-                if let Err(e) = result {
-                    match e {
-                        kube::runtime::controller::Error::ObjectNotFound(_) => {}
-                        other => warn!(error = %other, "reconcile failed"),
-                    }
+                match result {
+                    // error_policy has logged it; a vanished object needs nothing.
+                    Ok(_)
+                    | Err(kube::runtime::controller::Error::ReconcilerFailed(..))
+                    | Err(kube::runtime::controller::Error::ObjectNotFound(_)) => {}
+                    Err(other) => warn!(error = %other, "controller"),
                 }
             });
         running.push(stream);

@@ -65,9 +65,17 @@ pub async fn reconcile(import: Arc<CohortImport>, ctx: Arc<Context>) -> Result<A
         }
     })
     .await
-    .map_err(|e| match e {
-        kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
-        other => Error::Finalizer(Box::new(other)),
+    .or_else(|e| match e {
+        kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => Err(e),
+        // The finalizer patch tests the list it read; a stale copy fails the test (422/409)
+        // and the newer copy is on its way.
+        kube::runtime::finalizer::Error::AddFinalizer(kube::Error::Api(s))
+        | kube::runtime::finalizer::Error::RemoveFinalizer(kube::Error::Api(s))
+            if s.code == 422 || s.code == 409 =>
+        {
+            Ok(retry_soon())
+        }
+        other => Err(Error::Finalizer(Box::new(other))),
     })
 }
 
