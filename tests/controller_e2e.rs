@@ -71,6 +71,7 @@ async fn a_daily_import_runs_at_its_time_and_records_each_run() {
         "cohort_operator_members_added_total 5",
         "cohort_operator_members_removed_total 1",
         "cohort_operator_last_success_timestamp_seconds{namespace=",
+        "cohort_operator_braze_requests_total{status=\"201\"} 3",
     ] {
         assert!(text.contains(needle), "{needle} missing from /metrics:\n{text}");
     }

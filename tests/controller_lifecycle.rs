@@ -198,3 +198,37 @@ async fn a_status_computed_from_a_stale_copy_is_refused() {
     assert_eq!(fresh.status.as_ref(), Some(&desired));
     assert_eq!(status::write(&api, &fresh, &desired).await.unwrap(), status::Written::Unchanged);
 }
+
+#[tokio::test]
+async fn a_blocked_run_waits_for_approval_and_then_removes() {
+    let env = Env::new("ctl-blocked").await;
+    env.put_members(&ids(0..10)).await;
+    let operator = env.start().await;
+    let mut doc = env.import("guarded", "guarded", json!({ "cadence": "Daily", "at": "06:30" }));
+    doc["spec"]["removalGuard"] = json!({ "maxRemovalPercent": 20 });
+    env.create(doc).await;
+    request_run(&env, "guarded", "1").await;
+    env.wait_runs("guarded", 1).await;
+
+    // Half the cohort leaves at once: the guard stops the run before anything is sent.
+    env.put_members(&ids(0..5)).await;
+    request_run(&env, "guarded", "2").await;
+    let status = env.wait_runs("guarded", 2).await.status.unwrap();
+    let blocked = status.history[0].clone();
+    assert_eq!(blocked.result, RunResult::Blocked, "{}", blocked.message);
+    assert_eq!(blocked.removed, 5);
+    assert_eq!(ready_reason(&status), Some("Blocked"));
+    assert!(blocked.message.contains(&blocked.id), "the message says which run to approve: {}", blocked.message);
+    env.wait_event("guarded", "RunBlocked").await;
+    assert_eq!(env.members("guarded").len(), 10);
+
+    // Approving that run runs the import again with its removals allowed.
+    cohort_operator::cli::approve(env.client.clone(), &env.ns, "guarded", &blocked.id).await.unwrap();
+    let status = env.wait_runs("guarded", 3).await.status.unwrap();
+    let approved = &status.history[0];
+    assert_eq!(approved.trigger, RunTrigger::Manual);
+    assert_eq!(approved.result, RunResult::Succeeded, "{}", approved.message);
+    assert_eq!(approved.removed, 5);
+    assert_eq!(env.members("guarded"), set(&ids(0..5)));
+    operator.stop().await;
+}

@@ -2,7 +2,6 @@
 //! Kubernetes API, the import pipeline ([`crate::run::run_import`]), the Braze client, and
 //! a snapshot store (ConfigMaps in the import's namespace, or files on a volume).
 
-use std::collections::BTreeMap;
 use std::io;
 use std::path::PathBuf;
 
@@ -107,7 +106,7 @@ impl PipelineImporter {
             record: report.to_record(),
             reason,
             hint: report.hint.clone(),
-            braze_responses: BTreeMap::new(),
+            braze_responses: report.braze_responses.clone(),
         }
     }
 

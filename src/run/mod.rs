@@ -169,6 +169,7 @@ pub async fn run_import(run: &ImportRun, deps: RunDeps<'_>) -> RunReport {
         error: None,
         hint: None,
         spilled_runs: 0,
+        braze_responses: Default::default(),
     };
     match execute(run, deps, &mut report).await {
         Ok(result) => report.result = result,
@@ -326,6 +327,7 @@ async fn execute(run: &ImportRun, deps: RunDeps<'_>, report: &mut RunReport) -> 
         let named = deps.braze.name_cohort(deps.target, &run.cohort_name, created_at).await.map_err(RunError::Naming)?;
         report.requests += 1;
         report.retries += named.attempts.saturating_sub(1);
+        *report.braze_responses.entry(named.status).or_default() += 1;
         report.cohort_named = true;
     }
 
@@ -340,6 +342,13 @@ async fn execute(run: &ImportRun, deps: RunDeps<'_>, report: &mut RunReport) -> 
         let read = reader.await.expect("the change reader does not panic");
         report.requests += sent.totals.requests;
         report.retries += sent.totals.retries;
+        for (status, count) in &sent.totals.responses_by_status {
+            *report.braze_responses.entry(Some(*status)).or_default() += u64::from(*count);
+        }
+        let unanswered = sent.totals.timeouts + sent.totals.connection_errors;
+        if unanswered > 0 {
+            *report.braze_responses.entry(None).or_default() += u64::from(unanswered);
+        }
         report.accepted_adds = sent.totals.added;
         report.accepted_removes = sent.totals.removed;
         let accepted = sent.totals.added + sent.totals.removed;

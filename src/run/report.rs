@@ -65,6 +65,9 @@ pub struct RunReport {
     pub hint: Option<String>,
     /// Keys spilled to disk while sorting (0 for cohorts that fit in memory).
     pub spilled_runs: u32,
+    /// Braze answers by HTTP status (`None`: no answer — timeout or connection error):
+    /// every attempt of the membership requests, and the naming request's last answer.
+    pub braze_responses: std::collections::BTreeMap<Option<u16>, u64>,
 }
 
 /// Why a run failed.
