@@ -152,25 +152,20 @@ async fn apply(import: Arc<CohortImport>, ctx: &Arc<Context>, api: &Api<CohortIm
     });
     ctx.note_conflict(&reference, winner.as_ref().map(|(r, _)| r.clone()));
 
-    // A run recorded as started but not running here was cut short (restart, failover).
+    // A run recorded as started but not running here was cut short (restart, failover) —
+    // unless it ended here a moment ago and this copy of the import predates its record.
     if let Some(run) = desired.current_run.clone() {
+        if ctx.runs.is_recorded(&reference, &run.id) {
+            return Ok(retry_soon());
+        }
         if winner.is_none() {
-            info!(run_id = %run.id, "run was interrupted; running it again");
-            ctx.events
-                .warning(
-                    &import,
-                    event::RUN_INTERRUPTED,
-                    "Run",
-                    format!("Run {} was interrupted (operator restart or failover); running it again", run.id),
-                )
-                .await;
             let job = RunJob {
                 run_id: run.id.clone(),
                 trigger: run.trigger,
                 started_at: now,
                 approved_removals: run.approved_removals.clone(),
             };
-            return start_run(ctx, api, import, desired, job).await;
+            return start_run(ctx, api, import, desired, job, true).await;
         }
         desired.current_run = None;
         record_interrupted(&mut desired, &import, run, now, "another import owns the cohort now");
@@ -211,7 +206,7 @@ async fn apply(import: Arc<CohortImport>, ctx: &Arc<Context>, api: &Api<CohortIm
                 desired.last_handled_run_request = Some(request);
             }
             let job = RunJob { run_id: crate::run::report::new_run_id(now), trigger, started_at: now, approved_removals };
-            start_run(ctx, api, import, desired, job).await
+            start_run(ctx, api, import, desired, job, false).await
         }
         Decision::RecordMissed { slot } => {
             let record = RunRecord {
@@ -316,13 +311,14 @@ async fn write_then(
 }
 
 /// Records the run in progress in status first, then starts it: an operator that stops
-/// in the middle finds it there and runs it again.
+/// in the middle finds it there and runs it again (`resumed`).
 async fn start_run(
     ctx: &Arc<Context>,
     api: &Api<CohortImport>,
     import: Arc<CohortImport>,
     mut desired: crate::api::CohortImportStatus,
     job: RunJob,
+    resumed: bool,
 ) -> Result<Action, Error> {
     desired.current_run = Some(CurrentRun {
         id: job.run_id.clone(),
@@ -336,6 +332,11 @@ async fn start_run(
         Ok(_) => {}
         Err(e) if status::is_stale_write(&e) => return Ok(retry_soon()),
         Err(e) => return Err(e.into()),
+    }
+    if resumed {
+        info!(run_id = %job.run_id, "run was interrupted; running it again");
+        let note = format!("Run {} was interrupted (operator restart or failover); running it again", job.run_id);
+        ctx.events.warning(&import, event::RUN_INTERRUPTED, "Run", note).await;
     }
     runs::start(ctx, import, job);
     Ok(Action::await_change())
@@ -457,6 +458,7 @@ async fn cleanup(import: Arc<CohortImport>, ctx: &Arc<Context>, api: &Api<Cohort
         return Err(Error::Cleanup(message));
     }
     ctx.note_conflict(&reference, None);
+    ctx.runs.forget(&reference);
     ctx.metrics.forget(&namespace, &import.name_any());
     Ok(Action::await_change())
 }

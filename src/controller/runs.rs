@@ -26,9 +26,25 @@ use crate::notify::{RunNotice, is_recovery, should_notify};
 #[derive(Default)]
 pub struct RunRegistry {
     runs: Mutex<HashMap<ObjectRef<CohortImport>, (String, AbortHandle)>>,
+    /// The last run of each import whose end is recorded in status: a copy of the import
+    /// still showing it as current is stale, not an interrupted run.
+    recorded: Mutex<HashMap<ObjectRef<CohortImport>, String>>,
 }
 
 impl RunRegistry {
+    /// Whether `run_id` of `import` ended here and its end is already in status.
+    pub fn is_recorded(&self, import: &ObjectRef<CohortImport>, run_id: &str) -> bool {
+        self.recorded.lock().unwrap_or_else(|e| e.into_inner()).get(import).is_some_and(|id| id == run_id)
+    }
+
+    fn record(&self, import: ObjectRef<CohortImport>, run_id: String) {
+        self.recorded.lock().unwrap_or_else(|e| e.into_inner()).insert(import, run_id);
+    }
+
+    pub(super) fn forget(&self, import: &ObjectRef<CohortImport>) {
+        self.recorded.lock().unwrap_or_else(|e| e.into_inner()).remove(import);
+    }
+
     pub fn is_running(&self, import: &ObjectRef<CohortImport>) -> bool {
         self.lock().contains_key(import)
     }
@@ -158,6 +174,7 @@ async fn finish(ctx: &Arc<Context>, import: &CohortImport, job: &RunJob, mut out
     if !recorded {
         return;
     }
+    ctx.runs.record(ObjectRef::from_obj(import), job.run_id.clone());
 
     ctx.metrics.run_finished(result, elapsed.as_secs_f64(), record.added, record.removed);
     for (status, count) in &outcome.braze_responses {
