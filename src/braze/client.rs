@@ -17,7 +17,7 @@ use super::batch::{Batch, Change, IdCounts, MAX_IDS_PER_REQUEST, Packer};
 use super::error::{BrazeError, TransientFailure, UnauthorizedReason};
 use super::retry::{Disposition, RetryDelay, RetryPolicy, classify, server_wait_hint};
 use super::wire::{self, NameBody, READ_BODY_BYTES, ResponseText, UsersBody};
-use crate::secret::SecretString;
+use crate::secret::{SecretString, error_chain, redact};
 
 /// Tuning of a [`BrazeClient`].
 #[derive(Clone, Debug)]
@@ -511,7 +511,7 @@ impl BrazeClient {
                 }
                 Err(e) => {
                     run.connection_errors.fetch_add(1, Ordering::Relaxed);
-                    let message = wire::redact(&error_chain(&e), &secrets);
+                    let message = redact(&error_chain(&e), &secrets, wire::REDACT_MIN_LEN);
                     (
                         None,
                         ResponseText::default(),
@@ -615,17 +615,6 @@ fn permanent_error(status: u16, response: &ResponseText) -> BrazeError {
         400 => BrazeError::BadRequest { message },
         _ => BrazeError::Rejected { status, message },
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 fn totals(requests: &[RequestOutcome], run: &RunState) -> ChangesTotals {

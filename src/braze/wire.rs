@@ -5,14 +5,16 @@ use serde::{Serialize, Serializer};
 
 use super::batch::{Batch, IdCounts};
 use crate::domain::member::Member;
+use crate::secret::redact;
 
 /// How much of a response body a request result keeps.
 pub const KEPT_BODY_BYTES: usize = 1024;
 /// How much of a response body is read at all; the rest is drained unread.
 pub const READ_BODY_BYTES: usize = 64 * 1024;
-/// Replaces any key Braze echoes back (its 401 "Partner not enabled for client with client
-/// secret: …" does).
-pub const REDACTED: &str = "<redacted>";
+/// Keys are redacted from answers whatever their length (Braze's 401 "Partner not enabled
+/// for client with client secret: …" echoes one): unlike a source's user-chosen values, a
+/// key is never a word that redacting would blank out.
+pub const REDACT_MIN_LEN: usize = 1;
 
 /// `POST …/cohorts`.
 #[derive(Serialize)]
@@ -153,32 +155,18 @@ pub fn read_response(bytes: &[u8], secrets: &[&str]) -> ResponseText {
         .as_ref()
         .and_then(|v| v.get("message"))
         .and_then(|m| m.as_str())
-        .map(|m| truncate(redact(m, secrets), 300))
-        .unwrap_or_else(|| truncate(redact(text.trim(), secrets), 300));
+        .map(|m| truncate(redact(m, secrets, REDACT_MIN_LEN), 300))
+        .unwrap_or_else(|| truncate(redact(text.trim(), secrets, REDACT_MIN_LEN), 300));
     let has_errors = json
         .as_ref()
         .and_then(|v| v.get("errors"))
         .and_then(|e| e.as_array())
         .is_some_and(|e| !e.is_empty());
     ResponseText {
-        body: truncate(redact(&text, secrets), KEPT_BODY_BYTES),
+        body: truncate(redact(&text, secrets, REDACT_MIN_LEN), KEPT_BODY_BYTES),
         message,
         has_errors,
     }
-}
-
-/// Replaces every occurrence of each non-empty secret.
-pub fn redact(text: &str, secrets: &[&str]) -> String {
-    let mut sorted: Vec<&str> = secrets.iter().copied().filter(|s| !s.is_empty()).collect();
-    // A key that contains another is replaced first, whole.
-    sorted.sort_by_key(|s| std::cmp::Reverse(s.len()));
-    let mut out = text.to_owned();
-    for secret in sorted {
-        if out.contains(secret) {
-            out = out.replace(secret, REDACTED);
-        }
-    }
-    out
 }
 
 fn truncate(mut text: String, max: usize) -> String {
@@ -275,9 +263,10 @@ mod tests {
     #[test]
     fn redaction_replaces_longer_keys_first_and_ignores_empty_ones() {
         assert_eq!(
-            redact("abc abcdef", &["abc", "abcdef", ""]),
+            redact("abc abcdef", &["abc", "abcdef", ""], REDACT_MIN_LEN),
             "<redacted> <redacted>"
         );
-        assert_eq!(redact("nothing", &[""]), "nothing");
+        assert_eq!(redact("nothing", &[""], REDACT_MIN_LEN), "nothing");
+        assert_eq!(redact("a key: ik", &["ik"], REDACT_MIN_LEN), "a key: <redacted>");
     }
 }

@@ -30,10 +30,10 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReade
 use tokio_util::io::StreamReader;
 
 use super::formats::{self, CsvRows, FormatError, NdjsonRows};
-use super::{error_chain, redact, MemberSource, MemberStream, SourceContext, SourceError, BATCH_ROWS};
+use super::{MemberSource, MemberStream, SourceContext, SourceError, BATCH_ROWS, REDACT_MIN_LEN};
 use crate::api::{HttpFormat, HttpSource};
 use crate::domain::identifiers::IdentifierFields;
-use crate::secret::SecretString;
+use crate::secret::{SecretString, error_chain, redact};
 
 /// Most pages one read follows.
 const MAX_PAGES: u64 = 100_000;
@@ -228,7 +228,7 @@ impl HttpMembers {
         if let Ok(body) = response.bytes().await {
             let text = String::from_utf8_lossy(&body[..body.len().min(1024)]);
             let text: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
-            let text: String = redact(&text, &self.secrets()).chars().take(200).collect();
+            let text: String = redact(&text, &self.secrets(), REDACT_MIN_LEN).chars().take(200).collect();
             if !text.is_empty() {
                 detail = format!(": {text}");
             }
@@ -350,7 +350,7 @@ impl Page {
             what: source.what.clone(),
             url: display_url(&self.url),
             page: self.number,
-            message: redact(&message, &source.secrets()),
+            message: redact(&message, &source.secrets(), REDACT_MIN_LEN),
         }
     }
 

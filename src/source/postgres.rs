@@ -35,10 +35,10 @@ use tokio_postgres::error::{ErrorPosition, SqlState};
 use tokio_postgres::{Client, SimpleQueryMessage};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use super::{error_chain, redact, BatchBuilder, MemberSource, MemberStream, SourceContext, SourceError};
+use super::{BatchBuilder, MemberSource, MemberStream, SourceContext, SourceError, REDACT_MIN_LEN};
 use crate::api::PostgresSource;
 use crate::domain::identifiers::{ColumnPlan, IdentifierFields, SkipReason, Value};
-use crate::secret::SecretString;
+use crate::secret::{SecretString, error_chain, redact};
 
 const CURSOR: &str = "cohort_members";
 const DECLARE: &str = "DECLARE cohort_members CURSOR FOR ";
@@ -96,7 +96,7 @@ impl PostgresMembers {
                 what: self.what.clone(),
                 message: format!(
                     "the Secret does not hold a valid connection URL (postgres://user:password@host:5432/db?sslmode=require): {}",
-                    redact(&error_chain(&e), &[self.url.expose()])
+                    redact(&error_chain(&e), &[self.url.expose()], REDACT_MIN_LEN)
                 ),
             }
         })?;
@@ -110,14 +110,14 @@ impl PostgresMembers {
     }
 
     fn connect_error(&self, e: &tokio_postgres::Error) -> SourceError {
-        SourceError::Connect { what: self.what.clone(), message: redact(&self.describe_error(e), &self.secrets()) }
+        SourceError::Connect { what: self.what.clone(), message: redact(&self.describe_error(e), &self.secrets(), REDACT_MIN_LEN) }
     }
 
     fn query_error(&self, e: &tokio_postgres::Error) -> SourceError {
         if e.code() == Some(&SqlState::QUERY_CANCELED) {
             return self.timeout();
         }
-        SourceError::Query { what: self.what.clone(), message: redact(&self.describe_error(e), &self.secrets()) }
+        SourceError::Query { what: self.what.clone(), message: redact(&self.describe_error(e), &self.secrets(), REDACT_MIN_LEN) }
     }
 
     /// The server's words, with where in the user's query it points.
@@ -183,7 +183,7 @@ impl PostgresMembers {
         let cancel = client.cancel_token();
         match tokio::time::timeout(Duration::from_secs(5), cancel.cancel_query(tls)).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(source = %self.what, "cancelling the query failed: {}", redact(&error_chain(&e), &self.secrets())),
+            Ok(Err(e)) => tracing::warn!(source = %self.what, "cancelling the query failed: {}", redact(&error_chain(&e), &self.secrets(), REDACT_MIN_LEN)),
             Err(_) => tracing::warn!(source = %self.what, "cancelling the query timed out"),
         }
     }
@@ -224,7 +224,7 @@ impl MemberSource for PostgresMembers {
 
             let ms = self.statement_timeout.as_millis();
             if let Err(e) = self.statement(deadline, &client, &tls, client.simple_query(&format!("SET statement_timeout = {ms}"))).await? {
-                tracing::warn!(source = %self.what, "the server refused statement_timeout ({}); only the operator's deadline applies", redact(&self.describe_error(&e), &self.secrets()));
+                tracing::warn!(source = %self.what, "the server refused statement_timeout ({}); only the operator's deadline applies", redact(&self.describe_error(&e), &self.secrets(), REDACT_MIN_LEN));
             }
             self.statement(deadline, &client, &tls, client.batch_execute("START TRANSACTION READ ONLY")).await?.map_err(|e| self.query_error(&e))?;
             let declare = format!("{DECLARE}{}", self.query);
