@@ -16,7 +16,7 @@ use crate::api::{CohortImport, RunResult};
 use crate::braze::{BrazeClient, Change, CohortTarget};
 use crate::domain::diff::KeyCursor;
 use crate::domain::guard::RemovalApproval;
-use crate::domain::member::MemberKey;
+use crate::domain::member::Member;
 use crate::run::{ImportRun, RunDeps, RunError, identifier_fingerprint, run_import};
 use crate::snapshot::cluster::ClusterSnapshotStore;
 use crate::snapshot::format::read_body;
@@ -162,16 +162,18 @@ fn read_union(bodies: Vec<std::fs::File>, tx: mpsc::Sender<Vec<Change>>) -> io::
     }
     let mut chunk = Vec::with_capacity(1000);
     let mut count = 0u64;
+    // The smallest key, copied out of its reader before the readers holding it advance.
+    let mut key = Vec::new();
     loop {
-        let smallest: Option<Vec<u8>> = readers.iter().filter_map(|r| r.key()).min().map(<[u8]>::to_vec);
-        let Some(key) = smallest else { break };
+        let Some(smallest) = readers.iter().filter_map(|r| r.key()).min() else { break };
+        key.clear();
+        key.extend_from_slice(smallest);
         for reader in readers.iter_mut() {
             if reader.key() == Some(key.as_slice()) {
                 reader.advance()?;
             }
         }
-        let member = MemberKey::from_bytes(&key)
-            .and_then(|k| k.member())
+        let member = Member::from_key_bytes(&key)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
         chunk.push(Change::remove(member));
         count += 1;
