@@ -49,7 +49,7 @@ impl Events {
             type_,
             reason: reason.to_owned(),
             // The Events API limits a note to 1 kB.
-            note: Some(super::status::truncate(&note, 1000)),
+            note: Some(crate::run::report::truncate(note, 1000)),
             action: action.to_owned(),
             secondary: None,
         };

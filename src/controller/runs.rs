@@ -272,7 +272,7 @@ pub(super) fn notify(
                             format!("Run {}: report email not sent: {message}", notice.run_id),
                         )
                         .await;
-                    Some(status::truncate(&format!("run {}: {message}", notice.run_id), 512))
+                    Some(crate::run::report::truncate(format!("run {}: {message}", notice.run_id), 512))
                 }
             };
             update_status(&ctx, &import, |status| {

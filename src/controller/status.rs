@@ -10,6 +10,7 @@ use serde_json::json;
 use crate::api::{
     CohortImport, CohortImportStatus, FIELD_MANAGER, MAX_RUN_MESSAGE_CHARS, RunRecord, RunResult,
 };
+use crate::run::report::truncate;
 
 pub const READY: &str = "Ready";
 
@@ -39,20 +40,6 @@ pub fn rfc3339(t: Timestamp) -> String {
     seconds(t).to_string()
 }
 
-/// Cuts `text` to [`MAX_RUN_MESSAGE_CHARS`] characters, marking the cut.
-pub fn truncate_message(text: &str) -> String {
-    truncate(text, MAX_RUN_MESSAGE_CHARS)
-}
-
-pub fn truncate(text: &str, max: usize) -> String {
-    if text.chars().count() <= max {
-        return text.to_owned();
-    }
-    let mut cut: String = text.chars().take(max.saturating_sub(1)).collect();
-    cut.push('…');
-    cut
-}
-
 /// Sets the `Ready` condition, keeping its transition time while its status stays the same.
 pub fn set_ready(
     status: &mut CohortImportStatus,
@@ -72,7 +59,7 @@ pub fn set_ready(
         status: value.to_owned(),
         reason: reason.to_owned(),
         // Condition messages are limited to 32 KiB; ours stay far shorter.
-        message: truncate(message, 1024),
+        message: truncate(message.to_owned(), 1024),
         last_transition_time,
         observed_generation: generation,
     };
@@ -87,7 +74,7 @@ pub fn ready_reason(status: Option<&CohortImportStatus>) -> Option<&str> {
 
 /// Records a finished (or missed) run: newest first, at most `limit` kept.
 pub fn record_run(status: &mut CohortImportStatus, mut record: RunRecord, limit: u8) {
-    record.message = truncate_message(&record.message);
+    record.message = truncate(std::mem::take(&mut record.message), MAX_RUN_MESSAGE_CHARS);
     if record.result == RunResult::Succeeded {
         status.last_successful_run_at = record.finished_at.clone().or_else(|| Some(record.started_at.clone()));
     }

@@ -190,7 +190,7 @@ impl RunReport {
 /// `text` cut to at most `max` characters, the last one `…` when cut.
 pub(crate) fn truncate(mut text: String, max: usize) -> String {
     if text.chars().count() > max {
-        let cut = text.char_indices().nth(max - 1).map(|(i, _)| i).unwrap_or(text.len());
+        let cut = text.char_indices().nth(max.saturating_sub(1)).map_or(text.len(), |(i, _)| i);
         text.truncate(cut);
         text.push('…');
     }
