@@ -92,6 +92,7 @@ impl PipelineImporter {
         run.removal_guard = spec.removal_guard.clone();
         run.dry_run = spec.dry_run;
         run.scratch_dir = self.scratch_dir.clone();
+        run.started_at = job.started_at;
         run.approval = job.approved_removals.as_ref().map(|id| RemovalApproval {
             run_id: id.clone(),
             removals: approved_removals(import, id),

@@ -102,8 +102,9 @@ fn retry_soon() -> Action {
     Action::requeue(Duration::from_millis(200))
 }
 
-fn created(import: &CohortImport) -> Timestamp {
-    import.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or_else(Timestamp::now)
+/// The API server always sets the creation time; `now` stands in for an object without one.
+fn created(import: &CohortImport, now: Timestamp) -> Timestamp {
+    import.metadata.creation_timestamp.as_ref().map_or(now, |t| t.0)
 }
 
 fn to_cursor(status: &ScheduleStatus) -> ScheduleCursor {
@@ -185,7 +186,7 @@ async fn apply(import: Arc<CohortImport>, ctx: &Arc<Context>, api: &Api<CohortIm
     let cursor = current.schedule.as_ref().map(to_cursor);
     let input = PlanInput {
         now,
-        created: created(&import),
+        created: created(&import, now),
         schedule: &valid.schedule,
         hold,
         starting_deadline: ctx.config.starting_deadline,

@@ -77,11 +77,15 @@ pub struct ImportRun {
     pub scratch_dir: PathBuf,
     /// Bytes of member keys the sorter buffers before spilling.
     pub sort_memory_budget: usize,
+    /// When the run started by the caller's clock (the controller's, which tests set). The
+    /// times a run records — in its report and the snapshot's metadata — are this plus the
+    /// time elapsed, so they never mix that clock with the system's.
+    pub started_at: Timestamp,
 }
 
 impl ImportRun {
     /// A run with the default guard, no approval, not a dry run, scratch in the system
-    /// temporary directory.
+    /// temporary directory, starting now by the system clock.
     pub fn new(run_id: impl Into<String>, trigger: RunTrigger, namespace: &str, import_name: &str, cohort_name: &str) -> Self {
         Self {
             run_id: run_id.into(),
@@ -95,6 +99,7 @@ impl ImportRun {
             dry_run: false,
             scratch_dir: std::env::temp_dir(),
             sort_memory_budget: sort::DEFAULT_MEMORY_BUDGET,
+            started_at: Timestamp::now(),
         }
     }
 }
@@ -136,13 +141,12 @@ pub fn identifier_fingerprint(mapping: &IdentifierMapping) -> String {
 /// Cancelling the future (dropping it, aborting its task) at any point is safe: the
 /// snapshot is only replaced, atomically, after Braze accepted every change.
 pub async fn run_import(run: &ImportRun, deps: RunDeps<'_>) -> RunReport {
-    let started_at = Timestamp::now();
-    let clock = Instant::now();
+    let clock = RunClock { started_at: run.started_at, started: Instant::now() };
     let mut report = RunReport {
         run_id: run.run_id.clone(),
         trigger: run.trigger,
-        started_at,
-        finished_at: started_at,
+        started_at: run.started_at,
+        finished_at: run.started_at,
         duration: Default::default(),
         result: RunResult::Failed,
         cohort_size: 0,
@@ -171,7 +175,7 @@ pub async fn run_import(run: &ImportRun, deps: RunDeps<'_>) -> RunReport {
         spilled_runs: 0,
         braze_responses: Default::default(),
     };
-    match execute(run, deps, &mut report).await {
+    match execute(run, deps, clock, &mut report).await {
         Ok(result) => report.result = result,
         Err(error) => {
             report.result = RunResult::Failed;
@@ -181,8 +185,8 @@ pub async fn run_import(run: &ImportRun, deps: RunDeps<'_>) -> RunReport {
                 .saturating_sub(report.accepted_adds + report.accepted_removes);
         }
     }
-    report.finished_at = Timestamp::now();
-    report.duration = clock.elapsed();
+    report.finished_at = clock.now();
+    report.duration = clock.started.elapsed();
     let message = report.message();
     match report.result {
         RunResult::Failed => warn!(
@@ -200,7 +204,20 @@ pub async fn run_import(run: &ImportRun, deps: RunDeps<'_>) -> RunReport {
     report
 }
 
-async fn execute(run: &ImportRun, deps: RunDeps<'_>, report: &mut RunReport) -> Result<RunResult, RunError> {
+/// [`ImportRun::started_at`], advanced by the monotonic clock.
+#[derive(Clone, Copy)]
+struct RunClock {
+    started_at: Timestamp,
+    started: Instant,
+}
+
+impl RunClock {
+    fn now(&self) -> Timestamp {
+        self.started_at.checked_add(self.started.elapsed()).unwrap_or(self.started_at)
+    }
+}
+
+async fn execute(run: &ImportRun, deps: RunDeps<'_>, clock: RunClock, report: &mut RunReport) -> Result<RunResult, RunError> {
     let scratch_err = |action| {
         let dir = run.scratch_dir.display().to_string();
         move |source| RunError::Scratch { dir, action, source }
@@ -315,14 +332,14 @@ async fn execute(run: &ImportRun, deps: RunDeps<'_>, report: &mut RunReport) -> 
             cohort_id: cohort_id.clone(),
             keys: sends,
             run_id: run.run_id.clone(),
-            recorded_at: Timestamp::now(),
+            recorded_at: clock.now(),
         };
         deps.snapshots.record_doubt(&meta, &outputs.sends).await?;
     }
 
     // 7. The cohort's name.
     let renamed = previous_meta.as_ref().is_none_or(|m| m.cohort_name != run.cohort_name);
-    let created_at = previous_meta.as_ref().map_or_else(Timestamp::now, |m| m.cohort_created_at);
+    let created_at = previous_meta.as_ref().map_or_else(|| clock.now(), |m| m.cohort_created_at);
     if renamed {
         let named = deps.braze.name_cohort(deps.target, &run.cohort_name, created_at).await.map_err(RunError::Naming)?;
         report.requests += 1;
@@ -379,7 +396,7 @@ async fn execute(run: &ImportRun, deps: RunDeps<'_>, report: &mut RunReport) -> 
             members: counts.new,
             identifier_fingerprint: run.identifier_fingerprint.clone(),
             run_id: run.run_id.clone(),
-            committed_at: Timestamp::now(),
+            committed_at: clock.now(),
         };
         deps.snapshots.commit(&meta, &outputs.snapshot).await?;
         report.committed_generation = Some(meta.generation);
