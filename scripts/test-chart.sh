@@ -34,6 +34,11 @@ fi
 # kube-apiserver v1.20.2, built once from Debian's source package and cached.
 bash scripts/control-plane.sh install
 
+# test_operator_as_serviceaccount.py runs the real binaries from "$CARGO_TARGET_DIR/debug"
+# (the same default as scripts/test.sh, where this is a no-op after its build).
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/cohort-operator/target}"
+cargo build -q -p cohort-operator -p braze-sandbox --bins
+
 CLUSTER_DIR="$(mktemp -d "${TMPDIR:-/tmp}/cohort-chart-cluster.XXXXXX")"
 cleanup() {
   bash scripts/control-plane.sh stop "$CLUSTER_DIR" || true
@@ -42,5 +47,8 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+# Test files or ids given (tests/chart/test_x.py[::name]): only those; otherwise all.
+where=(tests/chart)
+for arg in "$@"; do [ -e "${arg%%::*}" ] && where=(); done
 COHORT_CHART_CLUSTER_DIR="$CLUSTER_DIR" PYTHONDONTWRITEBYTECODE=1 \
-  "$VENV/bin/python" -m pytest -p no:cacheprovider -q tests/chart "$@"
+  "$VENV/bin/python" -m pytest -p no:cacheprovider -q "${where[@]}" "$@"
