@@ -57,18 +57,6 @@ pub enum SourceKind {
     Postgres,
 }
 
-impl SourceKind {
-    /// The field name in the spec.
-    pub fn field(self) -> &'static str {
-        match self {
-            SourceKind::Inline => "inline",
-            SourceKind::ConfigMap => "configMap",
-            SourceKind::Http => "http",
-            SourceKind::Postgres => "postgres",
-        }
-    }
-}
-
 /// One broken rule: where, and what is wrong with the fix.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{path}: {problem}")]
