@@ -48,7 +48,10 @@ pub struct CohortImportStatus {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CurrentRun {
+    /// The run's id, which its history entry keeps, e.g. `20261128-063000-a1b2`.
     pub id: String,
+    /// What started it: `Initial` (the import's first run), `Scheduled`, or `Manual` (the
+    /// `cohorts.dev/run-requested-at` annotation).
     pub trigger: RunTrigger,
     /// RFC 3339.
     pub started_at: String,
@@ -75,18 +78,27 @@ pub struct ScheduleStatus {
 pub struct RunRecord {
     /// Unique per import, e.g. `20261128-063000-a1b2`.
     pub id: String,
+    /// What started it: `Initial` (the import's first run), `Scheduled`, or `Manual` (the
+    /// `cohorts.dev/run-requested-at` annotation).
     pub trigger: RunTrigger,
     /// RFC 3339.
     pub started_at: String,
     /// RFC 3339.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<String>,
+    /// How it ended: `Succeeded`; `Failed` (`message` says why); `Blocked` by the removal
+    /// guard (`message` says how to approve); `DryRun` (nothing sent); `Missed` (the operator
+    /// was down past the starting deadline).
     pub result: RunResult,
     /// Members in the source after normalisation and de-duplication.
     #[serde(default)]
     pub cohort_size: u64,
+    /// Members added to the Braze cohort; for a run that did not send them all (failed,
+    /// blocked, dry run), the additions it planned.
     #[serde(default)]
     pub added: u64,
+    /// Members removed from the Braze cohort; for a run that did not send them all, the
+    /// removals it planned (for a blocked run, what an approval lets through).
     #[serde(default)]
     pub removed: u64,
     /// Short, human-readable; truncated to 256 characters.
