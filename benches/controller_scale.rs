@@ -25,8 +25,7 @@ use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::watcher;
 use serde_json::json;
@@ -149,14 +148,7 @@ async fn bench() {
     let imports: usize = std::env::var("IMPORTS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
     let cluster = Cluster::start();
     let client = cluster.client().await;
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let crd = api::crd();
-    crds.patch(crd.metadata.name.as_deref().unwrap(), &PatchParams::apply("bench").force(), &Patch::Apply(&crd))
-        .await
-        .unwrap();
-    kube::runtime::wait::await_condition(crds, crd.metadata.name.as_deref().unwrap(), kube::runtime::wait::conditions::is_crd_established())
-        .await
-        .unwrap();
+    cluster.install_crd(&api::crd()).await;
     let ns = cluster.namespace("scale").await;
     let sandbox = Sandbox::start(SandboxConfig {
         partners: vec![Partner { name: "kubit".into(), api_key: "partner-key".into() }],

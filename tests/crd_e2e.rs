@@ -1,37 +1,11 @@
 //! The CRD on a real kube-apiserver: it installs, takes every example, and the server itself
 //! rejects invalid specs with messages that name the field.
 
-use std::time::{Duration, Instant};
-
 use cohort_operator::api::{self, CohortImport};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, PostParams};
 use serde_json::{Value, json};
 use testkit::cluster::Cluster;
-
-async fn install_crd(client: &kube::Client) {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let crd = api::crd();
-    let name = crd.metadata.name.clone().unwrap();
-    crds.patch(&name, &PatchParams::apply(api::FIELD_MANAGER).force(), &Patch::Apply(&crd))
-        .await
-        .expect("CRD applies");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let established = crds.get(&name).await.ok().and_then(|c| c.status).is_some_and(|s| {
-            s.conditions
-                .unwrap_or_default()
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True")
-        });
-        if established {
-            return;
-        }
-        assert!(Instant::now() < deadline, "CRD not Established within 30 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 fn example_documents() -> Vec<(String, Value)> {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
@@ -108,7 +82,7 @@ fn valid_import(name: &str) -> Value {
 async fn crd_installs_accepts_examples_and_rejects_invalid_specs() {
     let cluster = Cluster::shared();
     let client = cluster.client().await;
-    install_crd(&client).await;
+    cluster.install_crd(&api::crd()).await;
     let ns = cluster.namespace("crd-e2e").await;
 
     // Every example is accepted as written.

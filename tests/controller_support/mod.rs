@@ -21,7 +21,6 @@ use cohort_operator::notify::Notify;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::wait::await_condition;
 use serde_json::{Value, json};
@@ -41,24 +40,10 @@ pub fn logs() {
         .try_init();
 }
 
-pub async fn install_crd(client: &kube::Client) {
+/// Installs the CRD once per test binary.
+async fn install_crd(cluster: &Cluster) {
     static INSTALLED: OnceCell<()> = OnceCell::const_new();
-    INSTALLED
-        .get_or_init(|| async {
-            let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-            let crd = api::crd();
-            let name = crd.metadata.name.clone().unwrap();
-            crds.patch(&name, &PatchParams::apply(api::FIELD_MANAGER).force(), &Patch::Apply(&crd))
-                .await
-                .expect("CRD applies");
-            let established = await_condition(crds, &name, |c: Option<&CustomResourceDefinition>| {
-                c.and_then(|c| c.status.as_ref()).and_then(|s| s.conditions.as_ref()).is_some_and(|cs| {
-                    cs.iter().any(|c| c.type_ == "Established" && c.status == "True")
-                })
-            });
-            tokio::time::timeout(WAIT, established).await.expect("CRD Established in time").unwrap();
-        })
-        .await;
+    INSTALLED.get_or_init(|| async { cluster.install_crd(&api::crd()).await }).await;
 }
 
 /// A test's world.
@@ -116,7 +101,7 @@ impl Env {
         logs();
         let cluster = Cluster::shared();
         let client = cluster.client().await;
-        install_crd(&client).await;
+        install_crd(cluster).await;
         let ns = cluster.namespace(prefix).await;
         let sandbox = Sandbox::start(SandboxConfig {
             partners: vec![Partner { name: PARTNER.into(), api_key: PARTNER_KEY.into() }],

@@ -4,9 +4,11 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Namespace;
-use kube::api::{Api, PostParams};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
 /// A running control plane. Dropping it stops etcd and the API server.
@@ -101,6 +103,27 @@ impl Cluster {
             .await
             .expect("create namespace");
         name
+    }
+
+    /// Applies `crd` (server-side, as a re-install would) and waits until the server serves
+    /// its resource (`Established`). Panics if it is refused or not served within 60 s.
+    pub async fn install_crd(&self, crd: &CustomResourceDefinition) {
+        let crds: Api<CustomResourceDefinition> = Api::all(self.client().await);
+        let name = crd.metadata.name.as_deref().expect("the CRD has a name");
+        crds.patch(name, &PatchParams::apply("testkit").force(), &Patch::Apply(crd))
+            .await
+            .unwrap_or_else(|e| panic!("CRD {name} refused: {e}"));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let established = crds.get(name).await.ok().and_then(|c| c.status).is_some_and(|s| {
+                s.conditions.unwrap_or_default().iter().any(|c| c.type_ == "Established" && c.status == "True")
+            });
+            if established {
+                return;
+            }
+            assert!(Instant::now() < deadline, "CRD {name} not Established within 60 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
 
