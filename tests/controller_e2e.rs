@@ -3,7 +3,7 @@
 
 mod controller_support;
 
-use cohort_operator::api::{RUN_REQUESTED_ANNOTATION, RunResult, RunTrigger};
+use cohort_operator::api::{RunResult, RunTrigger};
 use cohort_operator::controller::metrics;
 use controller_support::*;
 use jiff::{SignedDuration, Timestamp};
@@ -89,7 +89,7 @@ async fn a_manual_run_happens_once_per_annotation_value() {
     let operator = env.start().await;
     env.create(env.import("manual", "manual", json!({ "cadence": "Weekly", "dayOfWeek": "Monday", "at": "03:00" })))
         .await;
-    env.wait_status("manual", "Scheduled", |s| ready_reason(s) == Some("Scheduled")).await;
+    env.wait_reason("manual", "Scheduled").await;
 
     // The CLI sets the annotation.
     let value = cohort_operator::cli::trigger(env.client.clone(), &env.ns, "manual").await.unwrap();
@@ -104,7 +104,7 @@ async fn a_manual_run_happens_once_per_annotation_value() {
     env.merge("manual", json!({ "metadata": { "labels": { "team": "growth" } } })).await;
     env.clock.advance(SignedDuration::from_mins(5));
     // A second value runs once more; a repeat of the first would have made three runs.
-    env.merge("manual", json!({ "metadata": { "annotations": { RUN_REQUESTED_ANNOTATION: "second" } } })).await;
+    env.request_run("manual", "second").await;
     let done = env
         .wait_status("manual", "handled the second request", |s| {
             s.last_handled_run_request.as_deref() == Some("second") && s.current_run.is_none() && !s.history.is_empty()
@@ -133,7 +133,7 @@ async fn once_runs_soon_after_creation_and_never_again() {
 
     // Months later nothing more has run: the next thing in the history is a manual run.
     env.clock.advance(SignedDuration::from_hours(24 * 90));
-    env.merge("once", json!({ "metadata": { "annotations": { RUN_REQUESTED_ANNOTATION: "later" } } })).await;
+    env.request_run("once", "later").await;
     let done = env
         .wait_status("once", "ran the request", |s| s.last_handled_run_request.as_deref() == Some("later") && s.current_run.is_none() && s.history.len() >= 2)
         .await;
@@ -186,26 +186,26 @@ async fn invalid_specs_and_missing_secrets_are_reported_by_name() {
 
     // Weekly without a day: the schema cannot say it, the controller does.
     env.create(env.import("weekly", "weekly", json!({ "cadence": "Weekly", "at": "06:30" }))).await;
-    let status = env.wait_status("weekly", "InvalidSpec", |s| ready_reason(s) == Some("InvalidSpec")).await.status.unwrap();
+    let status = env.wait_reason("weekly", "InvalidSpec").await.status.unwrap();
     let message = &ready(&status).unwrap().message;
     assert!(message.contains("spec.schedule.dayOfWeek"), "{message}");
     assert_eq!(status.next_run_at, None);
     env.wait_event("weekly", "InvalidSpec").await;
     // Fixing it schedules it.
     env.merge("weekly", json!({ "spec": { "schedule": { "dayOfWeek": "Friday" } } })).await;
-    env.wait_status("weekly", "Scheduled", |s| ready_reason(s) == Some("Scheduled")).await;
+    env.wait_reason("weekly", "Scheduled").await;
 
     // A Secret that does not exist yet.
     let mut doc = env.import("nokey", "nokey", json!({ "cadence": "Daily", "at": "06:30" }));
     doc["spec"]["destination"]["braze"]["dataImportKeySecretRef"] = json!({ "name": "braze-later", "key": "data-import-key" });
     env.create(doc).await;
-    let status = env.wait_status("nokey", "SecretNotFound", |s| ready_reason(s) == Some("SecretNotFound")).await.status.unwrap();
+    let status = env.wait_reason("nokey", "SecretNotFound").await.status.unwrap();
     let message = &ready(&status).unwrap().message;
     assert!(message.contains(&format!("Secret {}/braze-later not found", env.ns)), "{message}");
     assert!(status.next_run_at.is_some(), "the schedule stands");
     // Creating it is noticed without any other change to the import.
     env.put_secret("braze-later", "data-import-key", IMPORT_KEY).await;
-    env.wait_status("nokey", "Scheduled", |s| ready_reason(s) == Some("Scheduled")).await;
+    env.wait_reason("nokey", "Scheduled").await;
     operator.stop().await;
 }
 
@@ -215,7 +215,7 @@ async fn the_cli_works_as_a_kubectl_plugin() {
     env.put_members(&ids(0..2)).await;
     let operator = env.start().await;
     env.create(env.import("plugin", "plugin", json!({ "cadence": "Daily", "at": "06:30" }))).await;
-    env.wait_status("plugin", "Scheduled", |s| ready_reason(s) == Some("Scheduled")).await;
+    env.wait_reason("plugin", "Scheduled").await;
 
     // `kubectl cohort …` finds `kubectl-cohort` on PATH.
     let bin_dir = tempfile::tempdir().unwrap();
@@ -241,7 +241,7 @@ async fn the_cli_works_as_a_kubectl_plugin() {
 
     // suspend / resume change only spec.suspend, under the CLI's own field manager.
     kubectl(&["cohort", "suspend", "plugin", "-n", &env.ns]).await;
-    let status = env.wait_status("plugin", "Suspended", |s| ready_reason(s) == Some("Suspended")).await;
+    let status = env.wait_reason("plugin", "Suspended").await;
     assert!(status.spec.suspend);
     let managers: Vec<String> = status
         .metadata

@@ -7,7 +7,7 @@ mod controller_support;
 use std::time::{Duration, Instant};
 
 use braze_sandbox::Faults;
-use cohort_operator::api::{RUN_REQUESTED_ANNOTATION, RunResult, RunTrigger};
+use cohort_operator::api::{RunResult, RunTrigger};
 use controller_support::*;
 use serde_json::json;
 
@@ -42,7 +42,7 @@ async fn two_replicas_run_each_import_once_and_the_standby_takes_over() {
     let (leader, standby) = if a.is_leader() { (a, b) } else { (b, a) };
     leader.kill().await;
     env.put_members(&ids(0..4)).await;
-    env.merge("once-0", json!({ "metadata": { "annotations": { RUN_REQUESTED_ANNOTATION: "after-failover" } } })).await;
+    env.request_run("once-0", "after-failover").await;
     let status = env.wait_runs("once-0", 2).await.status.unwrap();
     assert!(standby.is_leader(), "the standby leads");
     assert_eq!(status.history[0].trigger, RunTrigger::Manual);
@@ -68,7 +68,7 @@ async fn an_operator_killed_in_the_middle_of_a_run_finishes_it_when_back() {
 
     // Braze is slow; the operator dies after the first requests went out.
     env.sandbox.set_faults(Faults { latency_ms: 1500, ..Faults::default() });
-    env.merge("cut", json!({ "metadata": { "annotations": { RUN_REQUESTED_ANNOTATION: "now" } } })).await;
+    env.request_run("cut", "now").await;
     let running = env.wait_status("cut", "Running", |s| s.current_run.is_some()).await;
     let run_id = running.status.unwrap().current_run.unwrap().id;
     wait_until("Braze receiving the run", || env.sandbox.stats().requests >= 1).await;
@@ -89,7 +89,7 @@ async fn an_operator_killed_in_the_middle_of_a_run_finishes_it_when_back() {
 
     // And the next run sends nothing: the snapshot holds exactly what Braze has.
     let requests = env.sandbox.stats().users_requests;
-    env.merge("cut", json!({ "metadata": { "annotations": { RUN_REQUESTED_ANNOTATION: "again" } } })).await;
+    env.request_run("cut", "again").await;
     let status = env.wait_runs("cut", 2).await.status.unwrap();
     assert_eq!((status.history[0].added, status.history[0].removed), (0, 0));
     assert_eq!(env.sandbox.stats().users_requests, requests);

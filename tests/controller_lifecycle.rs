@@ -5,7 +5,7 @@
 mod controller_support;
 
 use braze_sandbox::{DataImportKey, Faults};
-use cohort_operator::api::{CohortImport, RUN_REQUESTED_ANNOTATION, RunResult, RunTrigger};
+use cohort_operator::api::{CohortImport, RunResult, RunTrigger};
 use cohort_operator::controller::status;
 use controller_support::*;
 use jiff::{SignedDuration, Timestamp};
@@ -14,19 +14,15 @@ use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 use serde_json::json;
 
-async fn request_run(env: &Env, name: &str, value: &str) {
-    env.merge(name, json!({ "metadata": { "annotations": { RUN_REQUESTED_ANNOTATION: value } } })).await;
-}
-
 #[tokio::test]
 async fn the_older_import_of_a_cohort_runs_and_the_other_waits_for_it() {
     let env = Env::new("ctl-conflict").await;
     env.put_members(&ids(0..3)).await;
     let operator = env.start().await;
     env.create(env.import("first", "shared", json!({ "cadence": "Daily", "at": "06:30" }))).await;
-    env.wait_status("first", "Scheduled", |s| ready_reason(s) == Some("Scheduled")).await;
+    env.wait_reason("first", "Scheduled").await;
     env.create(env.import("second", "shared", json!({ "cadence": "Daily", "at": "07:30" }))).await;
-    let held = env.wait_status("second", "Conflict", |s| ready_reason(s) == Some("Conflict")).await;
+    let held = env.wait_reason("second", "Conflict").await;
     let status = held.status.unwrap();
     let message = &ready(&status).unwrap().message;
     assert!(message.contains(&format!("{}/first", env.ns)), "the winner is named: {message}");
@@ -35,12 +31,12 @@ async fn the_older_import_of_a_cohort_runs_and_the_other_waits_for_it() {
     env.wait_event("second", "Conflict").await;
 
     // A run asked of the loser waits; the winner runs as usual.
-    request_run(&env, "second", "asked-while-in-conflict").await;
+    env.request_run("second", "asked-while-in-conflict").await;
     env.wait_status("second", "holding the request", |s| {
         ready_reason(s) == Some("Conflict") && ready(s).unwrap().message.contains("waits")
     })
     .await;
-    request_run(&env, "first", "winner-runs").await;
+    env.request_run("first", "winner-runs").await;
     env.wait_runs("first", 1).await;
     assert!(env.get("second").await.status.unwrap().history.is_empty(), "the loser never ran");
 
@@ -67,7 +63,7 @@ async fn suspend_lets_a_run_in_progress_finish_and_resume_skips_what_was_missed(
 
     // A slow Braze keeps the run going while the import is suspended.
     env.sandbox.set_faults(Faults { latency_ms: 700, ..Faults::default() });
-    request_run(&env, "paused", "slow").await;
+    env.request_run("paused", "slow").await;
     env.wait_status("paused", "Running", |s| s.current_run.is_some()).await;
     cohort_operator::cli::set_suspend(env.client.clone(), &env.ns, "paused", true).await.unwrap();
     let status = env
@@ -108,14 +104,14 @@ async fn a_rotated_secret_is_used_by_the_next_run() {
     env.put_members(&ids(0..3)).await;
     let operator = env.start().await;
     env.create(env.import("rotate", "rotate", json!({ "cadence": "Daily", "at": "06:30" }))).await;
-    request_run(&env, "rotate", "1").await;
+    env.request_run("rotate", "1").await;
     let status = env.wait_runs("rotate", 1).await.status.unwrap();
     assert_eq!(status.history[0].result, RunResult::Succeeded, "{}", status.history[0].message);
 
     // The customer replaces the data import key in Braze: the old one stops working.
     env.sandbox.set_data_import_keys(vec![DataImportKey { key: "import-key-2".into(), partners: vec![] }]);
     env.put_members(&ids(0..5)).await;
-    request_run(&env, "rotate", "2").await;
+    env.request_run("rotate", "2").await;
     let status = env.wait_runs("rotate", 2).await.status.unwrap();
     let failed = &status.history[0];
     assert_eq!(failed.result, RunResult::Failed);
@@ -126,7 +122,7 @@ async fn a_rotated_secret_is_used_by_the_next_run() {
 
     // The Secret is updated: the next run uses the new key and sends what was missed.
     env.put_secret("braze", "data-import-key", "import-key-2").await;
-    request_run(&env, "rotate", "3").await;
+    env.request_run("rotate", "3").await;
     let status = env.wait_runs("rotate", 3).await.status.unwrap();
     assert_eq!(status.history[0].result, RunResult::Succeeded, "{}", status.history[0].message);
     assert_eq!(status.history[0].added, 2);
@@ -156,7 +152,7 @@ async fn deletion_retains_or_removes_the_members_it_sent() {
     doc["spec"]["deletionPolicy"] = json!("RemoveMembers");
     env.create(doc).await;
     for name in ["keep", "remove"] {
-        request_run(&env, name, "1").await;
+        env.request_run(name, "1").await;
         let status = env.wait_runs(name, 1).await.status.unwrap();
         assert_eq!(status.history[0].result, RunResult::Succeeded, "{}", status.history[0].message);
     }
@@ -207,12 +203,12 @@ async fn a_blocked_run_waits_for_approval_and_then_removes() {
     let mut doc = env.import("guarded", "guarded", json!({ "cadence": "Daily", "at": "06:30" }));
     doc["spec"]["removalGuard"] = json!({ "maxRemovalPercent": 20 });
     env.create(doc).await;
-    request_run(&env, "guarded", "1").await;
+    env.request_run("guarded", "1").await;
     env.wait_runs("guarded", 1).await;
 
     // Half the cohort leaves at once: the guard stops the run before anything is sent.
     env.put_members(&ids(0..5)).await;
-    request_run(&env, "guarded", "2").await;
+    env.request_run("guarded", "2").await;
     let status = env.wait_runs("guarded", 2).await.status.unwrap();
     let blocked = status.history[0].clone();
     assert_eq!(blocked.result, RunResult::Blocked, "{}", blocked.message);

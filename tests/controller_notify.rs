@@ -7,7 +7,7 @@ mod controller_support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cohort_operator::api::{RUN_REQUESTED_ANNOTATION, RunResult};
+use cohort_operator::api::{RunResult};
 use cohort_operator::notify::{SmtpConfig, SmtpNotifier, SmtpTls};
 use controller_support::*;
 use serde_json::json;
@@ -27,7 +27,7 @@ async fn each_finished_run_is_reported_and_a_failed_email_is_noted() {
     let mut doc = env.import("mailed", "mailed", json!({ "cadence": "Daily", "at": "06:30" }));
     doc["spec"]["notifications"] = json!({ "email": { "to": ["team@example.com"] } });
     env.create(doc).await;
-    env.merge("mailed", json!({ "metadata": { "annotations": { RUN_REQUESTED_ANNOTATION: "1" } } })).await;
+    env.request_run("mailed", "1").await;
     let status = env.wait_runs("mailed", 1).await.status.unwrap();
     let run = &status.history[0];
     let messages = server.wait_for_messages_async(1, WAIT).await;
@@ -40,7 +40,7 @@ async fn each_finished_run_is_reported_and_a_failed_email_is_noted() {
     // The SMTP server goes away: the run still succeeds; the failure is noted.
     server.stop();
     env.put_members(&ids(0..4)).await;
-    env.merge("mailed", json!({ "metadata": { "annotations": { RUN_REQUESTED_ANNOTATION: "2" } } })).await;
+    env.request_run("mailed", "2").await;
     let status = env
         .wait_status("mailed", "noting the failed email", |s| s.history.len() == 2 && s.last_notification_error.is_some())
         .await

@@ -3,7 +3,7 @@
 
 mod controller_support;
 
-use cohort_operator::api::{RUN_REQUESTED_ANNOTATION, RunResult, RunTrigger};
+use cohort_operator::api::{RunResult, RunTrigger};
 use controller_support::*;
 use jiff::{SignedDuration, Timestamp};
 use serde_json::json;
@@ -29,10 +29,10 @@ async fn a_postgres_cohort_is_imported_on_schedule_once_its_secret_exists() {
     env.create(doc).await;
 
     // The connection Secret is missing: said so by name, and noticed when it appears.
-    let status = env.wait_status("warehouse", "SecretNotFound", |s| ready_reason(s) == Some("SecretNotFound")).await.status.unwrap();
+    let status = env.wait_reason("warehouse", "SecretNotFound").await.status.unwrap();
     assert!(ready(&status).unwrap().message.contains("warehouse"), "{:?}", ready(&status));
     env.put_secret("warehouse", "url", &pg.url(&db)).await;
-    let status = env.wait_status("warehouse", "Scheduled", |s| ready_reason(s) == Some("Scheduled")).await.status.unwrap();
+    let status = env.wait_reason("warehouse", "Scheduled").await.status.unwrap();
     let first: Timestamp = status.next_run_at.unwrap().parse().unwrap();
     let local = first.to_zoned(jiff::tz::TimeZone::get("Europe/Lisbon").unwrap());
     assert_eq!((local.hour(), local.minute()), (5, 0), "05:00 in Lisbon");
@@ -48,7 +48,7 @@ async fn a_postgres_cohort_is_imported_on_schedule_once_its_secret_exists() {
     // The warehouse changes; a manual run sends the difference.
     let sql = "UPDATE subscribers SET active = NOT active WHERE user_id IN ('u0', 'u1')";
     tokio::task::spawn_blocking(move || Postgres::shared().psql(&db, sql)).await.unwrap().expect("update");
-    env.merge("warehouse", json!({ "metadata": { "annotations": { RUN_REQUESTED_ANNOTATION: "after-update" } } })).await;
+    env.request_run("warehouse", "after-update").await;
     let status = env.wait_runs("warehouse", 2).await.status.unwrap();
     let run = &status.history[0];
     assert_eq!((run.result, run.added, run.removed), (RunResult::Succeeded, 1, 1), "{}", run.message);

@@ -256,6 +256,11 @@ impl Env {
             .expect("import patched");
     }
 
+    /// Asks for a run now, as `kubectl cohort run` does: sets the run-requested annotation.
+    pub async fn request_run(&self, name: &str, value: &str) {
+        self.merge(name, json!({ "metadata": { "annotations": { api::RUN_REQUESTED_ANNOTATION: value } } })).await;
+    }
+
     pub async fn delete(&self, name: &str) {
         self.imports().delete(name, &DeleteParams::default()).await.expect("delete accepted");
     }
@@ -289,6 +294,11 @@ impl Env {
         self.wait_for(name, what, move |i| i.and_then(|i| i.status.as_ref()).is_some_and(&cond))
             .await
             .expect("the import exists")
+    }
+
+    /// Waits until the import's `Ready` reason is `reason`.
+    pub async fn wait_reason(&self, name: &str, reason: &'static str) -> CohortImport {
+        self.wait_status(name, reason, move |s| ready_reason(s) == Some(reason)).await
     }
 
     /// Waits until the import has `n` runs in its history and none in progress.
