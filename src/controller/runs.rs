@@ -49,15 +49,6 @@ impl RunRegistry {
         self.lock().contains_key(import)
     }
 
-    /// How many runs are in progress.
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.lock().is_empty()
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectRef<CohortImport>, (String, AbortHandle)>> {
         self.runs.lock().unwrap_or_else(|e| e.into_inner())
     }
