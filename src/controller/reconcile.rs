@@ -245,7 +245,7 @@ async fn apply(import: Arc<CohortImport>, ctx: &Arc<Context>, api: &Api<CohortIm
         Decision::Wait => {
             match check_secrets(ctx, &import).await {
                 Err(e) => {
-                    let message = format!("{e}; {}", next_text(plan.next_run_at));
+                    let message = format!("{e}; {}", status::next_run_text(plan.next_run_at));
                     set_ready(&mut desired, "False", e.reason(), &message, generation, now);
                 }
                 Ok(()) => {
@@ -362,13 +362,6 @@ fn record_interrupted(
         message: format!("interrupted by an operator restart and not run again: {why}"),
     };
     record_run(status, record, import.spec.history_limit);
-}
-
-fn next_text(next: Option<Timestamp>) -> String {
-    match next {
-        Some(t) => format!("next run at {}", rfc3339(t)),
-        None => "no run scheduled".to_owned(),
-    }
 }
 
 fn humanize(d: jiff::SignedDuration) -> String {

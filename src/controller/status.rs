@@ -84,12 +84,17 @@ pub fn record_run(status: &mut CohortImportStatus, mut record: RunRecord, limit:
     status.last_run = Some(record);
 }
 
-/// The `Ready` condition for an import that is not running, from its last run.
-pub fn idle_ready(status: &CohortImportStatus, next_run_at: Option<Timestamp>) -> (&'static str, &'static str, String) {
-    let next = match next_run_at {
+/// `next run at …` or `no run scheduled`, for the end of a `Ready` message.
+pub fn next_run_text(next_run_at: Option<Timestamp>) -> String {
+    match next_run_at {
         Some(t) => format!("next run at {}", rfc3339(t)),
         None => "no run scheduled".to_owned(),
-    };
+    }
+}
+
+/// The `Ready` condition for an import that is not running, from its last run.
+pub fn idle_ready(status: &CohortImportStatus, next_run_at: Option<Timestamp>) -> (&'static str, &'static str, String) {
+    let next = next_run_text(next_run_at);
     match &status.last_run {
         None => ("True", reason::SCHEDULED, capitalize(&next)),
         Some(run) => {
