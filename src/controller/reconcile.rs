@@ -243,19 +243,19 @@ async fn apply(import: Arc<CohortImport>, ctx: &Arc<Context>, api: &Api<CohortIm
             Ok(requeue_at(ctx, plan.next_run_at))
         }
         Decision::Wait => {
-            match check_secrets(ctx, &import).await {
+            let event = match check_secrets(ctx, &import).await {
                 Err(e) => {
                     let message = format!("{e}; {}", status::next_run_text(plan.next_run_at));
                     set_ready(&mut desired, "False", e.reason(), &message, generation, now);
+                    // A missing Secret is the user's to fix; a failed API read is not.
+                    (e.reason() == reason::SECRET_NOT_FOUND).then_some((event::SECRET_NOT_FOUND, "Check", message))
                 }
                 Ok(()) => {
                     let (value, why, message) = idle_ready(&desired, plan.next_run_at);
                     set_ready(&mut desired, value, why, &message, generation, now);
+                    None
                 }
-            }
-            let event = status::ready_reason(Some(&desired))
-                .filter(|r| *r == reason::SECRET_NOT_FOUND)
-                .map(|_| (event::SECRET_NOT_FOUND, "Check", desired.conditions[0].message.clone()));
+            };
             write_then(api, &import, &desired, previous_reason.as_deref(), ctx, plan.next_run_at, event).await
         }
         Decision::Held { hold: Hold::Suspended, pending_request } => {
