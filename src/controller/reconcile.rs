@@ -21,8 +21,8 @@ use super::runs;
 use super::secrets::{self, KeyError};
 use super::status::{self, Written, idle_ready, reason, record_run, rfc3339, set_ready};
 use crate::api::{
-    APPROVE_REMOVALS_ANNOTATION, CohortImport, CohortImportSpec, CurrentRun, DeletionPolicy, FINALIZER,
-    RUN_REQUESTED_ANNOTATION, RunRecord, RunResult, RunTrigger, ScheduleStatus,
+    APPROVE_REMOVALS_ANNOTATION, CohortImport, CohortImportSpec, CohortImportStatus, CurrentRun, DeletionPolicy,
+    FINALIZER, RUN_REQUESTED_ANNOTATION, RunRecord, RunResult, RunTrigger, ScheduleStatus,
 };
 use crate::domain::plan::{Decision, Hold, PlanInput, ScheduleCursor, plan};
 use crate::domain::validate::validate;
@@ -100,6 +100,20 @@ fn requeue_at(ctx: &Context, at: Option<Timestamp>) -> Action {
 /// A status computed from a stale copy was refused; the newer copy is on its way.
 fn retry_soon() -> Action {
     Action::requeue(Duration::from_millis(200))
+}
+
+/// [`status::write`]; `None` when it was refused as computed from a stale copy (the caller
+/// then returns [`retry_soon`]).
+async fn write_status(
+    api: &Api<CohortImport>,
+    import: &CohortImport,
+    desired: &CohortImportStatus,
+) -> Result<Option<Written>, Error> {
+    match status::write(api, import, desired).await {
+        Ok(written) => Ok(Some(written)),
+        Err(e) if status::is_stale_write(&e) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The API server always sets the creation time; `now` stands in for an object without one.
@@ -229,10 +243,8 @@ async fn apply(import: Arc<CohortImport>, ctx: &Arc<Context>, api: &Api<CohortIm
             record_run(&mut desired, record.clone(), import.spec.history_limit);
             let (value, why, message) = idle_ready(&desired, plan.next_run_at);
             set_ready(&mut desired, value, why, &message, generation, now);
-            match status::write(api, &import, &desired).await {
-                Ok(_) => {}
-                Err(e) if status::is_stale_write(&e) => return Ok(retry_soon()),
-                Err(e) => return Err(e.into()),
+            if write_status(api, &import, &desired).await?.is_none() {
+                return Ok(retry_soon());
             }
             warn!(run_id = %record.id, "scheduled run missed");
             ctx.metrics.run_finished(RunResult::Missed, 0.0, 0, 0);
@@ -290,23 +302,22 @@ type TransitionEvent = Option<(&'static str, &'static str, String)>;
 async fn write_then(
     api: &Api<CohortImport>,
     import: &CohortImport,
-    desired: &crate::api::CohortImportStatus,
+    desired: &CohortImportStatus,
     previous_reason: Option<&str>,
     ctx: &Arc<Context>,
     next: Option<Timestamp>,
     event: TransitionEvent,
 ) -> Result<Action, Error> {
-    match status::write(api, import, desired).await {
-        Ok(Written::Applied) => {
+    match write_status(api, import, desired).await? {
+        None => return Ok(retry_soon()),
+        Some(Written::Applied) => {
             if let Some((why, action, note)) = event
                 && status::ready_reason(Some(desired)) != previous_reason
             {
                 ctx.events.warning(import, why, action, note).await;
             }
         }
-        Ok(Written::Unchanged) => {}
-        Err(e) if status::is_stale_write(&e) => return Ok(retry_soon()),
-        Err(e) => return Err(e.into()),
+        Some(Written::Unchanged) => {}
     }
     Ok(requeue_at(ctx, next))
 }
@@ -317,7 +328,7 @@ async fn start_run(
     ctx: &Arc<Context>,
     api: &Api<CohortImport>,
     import: Arc<CohortImport>,
-    mut desired: crate::api::CohortImportStatus,
+    mut desired: CohortImportStatus,
     job: RunJob,
     resumed: bool,
 ) -> Result<Action, Error> {
@@ -329,10 +340,8 @@ async fn start_run(
     });
     let message = format!("Run {} ({:?}) started at {}", job.run_id, job.trigger, rfc3339(job.started_at));
     set_ready(&mut desired, "Unknown", reason::RUNNING, &message, import.metadata.generation, job.started_at);
-    match status::write(api, &import, &desired).await {
-        Ok(_) => {}
-        Err(e) if status::is_stale_write(&e) => return Ok(retry_soon()),
-        Err(e) => return Err(e.into()),
+    if write_status(api, &import, &desired).await?.is_none() {
+        return Ok(retry_soon());
     }
     if resumed {
         info!(run_id = %job.run_id, "run was interrupted; running it again");
@@ -344,7 +353,7 @@ async fn start_run(
 }
 
 fn record_interrupted(
-    status: &mut crate::api::CohortImportStatus,
+    status: &mut CohortImportStatus,
     import: &CohortImport,
     run: CurrentRun,
     now: Timestamp,
