@@ -178,6 +178,36 @@ async fn deletion_retains_or_removes_the_members_it_sent() {
 }
 
 #[tokio::test]
+async fn a_removal_braze_refuses_holds_the_deletion_and_says_how_to_let_it_go() {
+    let env = Env::new("ctl-delete-refused").await;
+    env.put_members(&ids(0..3)).await;
+    let operator = env.start().await;
+    let mut doc = env.import("refused", "refused", json!({ "cadence": "Daily", "at": "06:30" }));
+    doc["spec"]["deletionPolicy"] = json!("RemoveMembers");
+    env.create(doc).await;
+    env.request_run("refused", "1").await;
+    let status = env.wait_runs("refused", 1).await.status.unwrap();
+    assert_eq!(status.history[0].result, RunResult::Succeeded, "{}", status.history[0].message);
+
+    // The customer revoked the data import key: Braze refuses every removal (401), for good.
+    env.sandbox.set_data_import_keys(vec![DataImportKey { key: "import-key-2".into(), partners: vec![] }]);
+    env.delete("refused").await;
+    let note = env.wait_event("refused", "CleanupFailed").await;
+    assert!(note.contains("set spec.deletionPolicy to Retain"), "{note}");
+    assert!(note.contains("401"), "the cause is named: {note}");
+    let held = env.wait_reason("refused", "Deleting").await;
+    let message = &ready(held.status.as_ref().unwrap()).unwrap().message;
+    assert!(message.contains(&format!("kubectl patch cohortimport refused -n {}", env.ns)), "{message}");
+    assert_eq!(env.members("refused"), set(&ids(0..3)), "nothing was removed");
+
+    // Doing what it says lets the import go, and the members stay.
+    env.merge("refused", json!({ "spec": { "deletionPolicy": "Retain" } })).await;
+    env.wait_for("refused", "deleted", |i| i.is_none()).await;
+    assert_eq!(env.members("refused"), set(&ids(0..3)));
+    operator.stop().await;
+}
+
+#[tokio::test]
 async fn a_status_computed_from_a_stale_copy_is_refused() {
     let env = Env::new("ctl-stale").await;
     env.put_members(&ids(0..1)).await;

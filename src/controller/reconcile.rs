@@ -421,37 +421,33 @@ fn source_secret_refs(spec: &CohortImportSpec) -> Vec<(&'static str, crate::api:
 }
 
 /// The import is being deleted: carry out `deletionPolicy`, then let it go.
+///
+/// A failure (Braze refusing a revoked key, a Secret already gone with its namespace) is
+/// retried after `error_requeue` for as long as it lasts; the Event and `Ready` say first how
+/// to let the import go without it, so that the advice survives their length limits.
 async fn cleanup(import: Arc<CohortImport>, ctx: &Arc<Context>, api: &Api<CohortImport>) -> Result<Action, Error> {
     let reference = ObjectRef::from_obj(import.as_ref());
     let namespace = import.namespace().unwrap_or_default();
     let imports = ctx.imports();
     let winner = conflict::winner(&import, imports.iter().map(|i| i.as_ref()));
     let policy = import.spec.deletion_policy;
-    let outcome = match (policy, winner) {
-        (DeletionPolicy::RemoveMembers, None) => {
-            let removed = async {
-                let keys = secrets::braze_keys(&ctx.client, &namespace, &import.spec.destination.braze, &ctx.config.partner_keys)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                ctx.importer.remove_members(&import, keys).await
-            }
-            .await;
-            match removed {
-                Ok(n) => {
-                    let note = format!("Removed the {n} members this import sent from {}", CohortKey::of(&import.spec));
-                    ctx.events.normal(&import, event::MEMBERS_REMOVED, "Delete", note).await;
-                    Ok(())
-                }
-                Err(e) => Err(e),
-            }
-        }
-        // The cohort belongs to another import: leave its members alone.
-        (DeletionPolicy::RemoveMembers, Some(_)) | (DeletionPolicy::Retain, _) => ctx.importer.forget(&import).await,
-    };
-    if let Err(message) = outcome {
-        let message = format!(
-            "deletionPolicy {policy:?} could not complete: {message}. Retrying; to delete without it, set spec.deletionPolicy to Retain"
-        );
+    // When the cohort belongs to another import, its members are left alone.
+    let removing = policy == DeletionPolicy::RemoveMembers && winner.is_none();
+    let outcome = if removing { remove_members(ctx, &import).await } else { ctx.importer.forget(&import).await };
+    if let Err(cause) = outcome {
+        let name = import.name_any();
+        let way_out = if removing {
+            format!(
+                "To delete the import and leave its members in the Braze cohort, set spec.deletionPolicy to Retain: \
+                 kubectl patch cohortimport {name} -n {namespace} --type merge -p '{{\"spec\":{{\"deletionPolicy\":\"Retain\"}}}}'"
+            )
+        } else {
+            format!(
+                "Its snapshot could not be deleted; to let the import go anyway and leave the snapshot behind, \
+                 remove the finalizer {FINALIZER} from it"
+            )
+        };
+        let message = format!("deletionPolicy {policy:?} could not complete and is retried. {way_out}. Cause: {cause}");
         ctx.events.warning(&import, event::CLEANUP_FAILED, "Delete", message.clone()).await;
         let mut desired = import.status.clone().unwrap_or_default();
         set_ready(&mut desired, "False", reason::DELETING, &message, import.metadata.generation, ctx.clock.now());
@@ -464,4 +460,16 @@ async fn cleanup(import: Arc<CohortImport>, ctx: &Arc<Context>, api: &Api<Cohort
     ctx.runs.forget(&reference);
     ctx.metrics.forget(&namespace, &import.name_any());
     Ok(Action::await_change())
+}
+
+/// `RemoveMembers`: removes from Braze every member the import sent, and says so.
+async fn remove_members(ctx: &Context, import: &CohortImport) -> Result<(), String> {
+    let namespace = import.namespace().unwrap_or_default();
+    let keys = secrets::braze_keys(&ctx.client, &namespace, &import.spec.destination.braze, &ctx.config.partner_keys)
+        .await
+        .map_err(|e| e.to_string())?;
+    let removed = ctx.importer.remove_members(import, keys).await?;
+    let note = format!("Removed the {removed} members this import sent from {}", CohortKey::of(&import.spec));
+    ctx.events.normal(import, event::MEMBERS_REMOVED, "Delete", note).await;
+    Ok(())
 }
