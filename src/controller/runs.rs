@@ -91,7 +91,7 @@ impl Drop for AbortRunsOnDrop {
 }
 
 /// Starts `job` for `import` as a task; its start is already recorded in `.status`.
-pub(super) fn start(ctx: &Arc<Context>, import: Arc<CohortImport>, job: RunJob) -> bool {
+pub(super) fn start(ctx: &Arc<Context>, import: Arc<CohortImport>, job: RunJob) {
     let reference = ObjectRef::from_obj(import.as_ref());
     let span = info_span!(
         "run",
@@ -100,7 +100,12 @@ pub(super) fn start(ctx: &Arc<Context>, import: Arc<CohortImport>, job: RunJob) 
         import = %import.name_any(),
     );
     let task = execute(ctx.clone(), import, job.clone());
-    ctx.runs.spawn(reference, job.run_id, task.instrument(span))
+    if !ctx.runs.spawn(reference, job.run_id.clone(), task.instrument(span)) {
+        // Reconciles of one import never overlap and return early while it runs, so this
+        // is not expected; if it happens, the run in progress finds its status record
+        // replaced and leaves it, and the next reconcile runs this one.
+        warn!(run_id = %job.run_id, "a run of this import is already in progress here; not starting another");
+    }
 }
 
 async fn execute(ctx: Arc<Context>, import: Arc<CohortImport>, job: RunJob) {
