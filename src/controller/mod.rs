@@ -11,7 +11,7 @@
 //! - [`status`], [`events`], [`metrics`]: what the controller tells people.
 //! - [`leader`]: only the replica holding the Lease runs anything.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -228,7 +228,9 @@ async fn run_controllers(
     let scopes: Vec<Option<String>> = if config.namespaces.is_empty() {
         vec![None]
     } else {
-        config.namespaces.iter().cloned().map(Some).collect()
+        // Once each: a namespace named twice would get two controllers reconciling its
+        // imports at the same time.
+        config.namespaces.iter().cloned().collect::<BTreeSet<_>>().into_iter().map(Some).collect()
     };
     let api_for = |ns: &Option<String>| -> Api<CohortImport> {
         match ns {
