@@ -69,18 +69,37 @@ pub fn references(spec: &CohortImportSpec) -> Vec<(Referenced, &str)> {
     if let Some(cm) = &spec.source.config_map {
         refs.push((Referenced::ConfigMap, cm.name.as_str()));
     }
+    refs.extend(source_secrets(spec).into_iter().map(|s| (Referenced::Secret, s.name)));
+    refs
+}
+
+/// One Secret key a source reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SourceSecret<'a> {
+    /// The spec field that names it, for messages.
+    pub field: &'static str,
+    pub name: &'a str,
+    pub key: &'a str,
+}
+
+/// Every Secret key the import's source reads.
+pub fn source_secrets(spec: &CohortImportSpec) -> Vec<SourceSecret<'_>> {
+    let mut refs = Vec::new();
+    let mut push = |field, name, key| refs.push(SourceSecret { field, name, key });
     if let Some(pg) = &spec.source.postgres {
-        refs.push((Referenced::Secret, pg.connection_secret_ref.name.as_str()));
+        push("spec.source.postgres.connectionSecretRef", &pg.connection_secret_ref.name, &pg.connection_secret_ref.key);
     }
     if let Some(auth) = spec.source.http.as_ref().and_then(|h| h.auth.as_ref()) {
         if let Some(r) = &auth.bearer_token_secret_ref {
-            refs.push((Referenced::Secret, r.name.as_str()));
+            push("spec.source.http.auth.bearerTokenSecretRef", &r.name, &r.key);
         }
         if let Some(b) = &auth.basic {
-            refs.push((Referenced::Secret, b.secret_name.as_str()));
+            for key in [&b.username_key, &b.password_key] {
+                push("spec.source.http.auth.basic", &b.secret_name, key);
+            }
         }
         if let Some(h) = &auth.header {
-            refs.push((Referenced::Secret, h.value_secret_ref.name.as_str()));
+            push("spec.source.http.auth.header.valueSecretRef", &h.value_secret_ref.name, &h.value_secret_ref.key);
         }
     }
     refs
@@ -145,5 +164,29 @@ pub(crate) mod tests {
     fn references_list_every_secret_and_config_map() {
         let a = import("growth", "a", "2026-01-01T00:00:00Z", "https://rest.iad-01.braze.com", "vip");
         assert_eq!(references(&a.spec), vec![(Referenced::Secret, "braze"), (Referenced::ConfigMap, "members")]);
+    }
+
+    #[test]
+    fn an_http_source_with_basic_auth_reads_two_keys_of_one_secret() {
+        let mut a = import("growth", "a", "2026-01-01T00:00:00Z", "https://rest.iad-01.braze.com", "vip");
+        a.spec.source.config_map = None;
+        a.spec.source.http = Some(
+            serde_json::from_value(json!({
+                "url": "https://export.example.com/members.csv",
+                "format": "Csv",
+                "auth": { "basic": { "secretName": "export", "usernameKey": "user", "passwordKey": "password" } }
+            }))
+            .unwrap(),
+        );
+        let field = "spec.source.http.auth.basic";
+        assert_eq!(
+            source_secrets(&a.spec),
+            vec![
+                SourceSecret { field, name: "export", key: "user" },
+                SourceSecret { field, name: "export", key: "password" },
+            ]
+        );
+        let secrets: Vec<_> = references(&a.spec).into_iter().map(|(_, name)| name).collect();
+        assert_eq!(secrets, ["braze", "export", "export"]);
     }
 }

@@ -21,8 +21,8 @@ use super::runs;
 use super::secrets::{self, KeyError};
 use super::status::{self, Written, idle_ready, reason, record_run, rfc3339, set_ready};
 use crate::api::{
-    APPROVE_REMOVALS_ANNOTATION, CohortImport, CohortImportSpec, CohortImportStatus, CurrentRun, DeletionPolicy,
-    FINALIZER, RUN_REQUESTED_ANNOTATION, RunRecord, RunResult, RunTrigger, ScheduleStatus,
+    APPROVE_REMOVALS_ANNOTATION, CohortImport, CohortImportStatus, CurrentRun, DeletionPolicy, FINALIZER,
+    RUN_REQUESTED_ANNOTATION, RunRecord, RunResult, RunTrigger, ScheduleStatus, SecretKeyRef,
 };
 use crate::domain::plan::{Decision, Hold, PlanInput, ScheduleCursor, plan};
 use crate::domain::validate::validate;
@@ -389,35 +389,11 @@ async fn check_secrets(ctx: &Context, import: &CohortImport) -> Result<(), KeyEr
     let namespace = import.namespace().unwrap_or_default();
     secrets::braze_keys(&ctx.client, &namespace, &import.spec.destination.braze, &ctx.config.partner_keys).await?;
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
-    for (field, reference) in source_secret_refs(&import.spec) {
-        secrets::secret_value(&api, &namespace, &reference, field).await?;
+    for secret in conflict::source_secrets(&import.spec) {
+        let reference = SecretKeyRef { name: secret.name.to_owned(), key: secret.key.to_owned() };
+        secrets::secret_value(&api, &namespace, &reference, secret.field).await?;
     }
     Ok(())
-}
-
-/// The Secret keys a source reads, with the spec field that names each.
-fn source_secret_refs(spec: &CohortImportSpec) -> Vec<(&'static str, crate::api::SecretKeyRef)> {
-    let mut refs = Vec::new();
-    if let Some(pg) = &spec.source.postgres {
-        refs.push(("spec.source.postgres.connectionSecretRef", pg.connection_secret_ref.clone()));
-    }
-    if let Some(auth) = spec.source.http.as_ref().and_then(|h| h.auth.as_ref()) {
-        if let Some(r) = &auth.bearer_token_secret_ref {
-            refs.push(("spec.source.http.auth.bearerTokenSecretRef", r.clone()));
-        }
-        if let Some(b) = &auth.basic {
-            for key in [&b.username_key, &b.password_key] {
-                refs.push((
-                    "spec.source.http.auth.basic",
-                    crate::api::SecretKeyRef { name: b.secret_name.clone(), key: key.clone() },
-                ));
-            }
-        }
-        if let Some(h) = &auth.header {
-            refs.push(("spec.source.http.auth.header.valueSecretRef", h.value_secret_ref.clone()));
-        }
-    }
-    refs
 }
 
 /// The import is being deleted: carry out `deletionPolicy`, then let it go.
