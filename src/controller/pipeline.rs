@@ -118,29 +118,28 @@ impl PipelineImporter {
         let loaded = store.load(&self.scratch_dir).await.map_err(|e| e.to_string())?;
         let bodies: Vec<std::fs::File> =
             loaded.snapshot.map(|s| s.body).into_iter().chain(loaded.doubt.map(|d| d.body)).collect();
-        if !bodies.is_empty() {
-            let (tx, rx) = mpsc::channel::<Vec<Change>>(2);
-            let reader = tokio::task::spawn_blocking(move || read_union(bodies, tx));
-            let changes = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) })
-                .flat_map(futures::stream::iter);
-            let target = Self::target(import, keys);
-            let sent = self.braze.send_changes(&target, changes).await;
-            let read = reader.await.map_err(|e| format!("reading the snapshot failed: {e}"))?;
-            if let Some(error) = sent.stopped {
-                return Err(format!(
-                    "Braze did not accept every removal ({} accepted): {error}",
-                    sent.totals.removed
-                ));
-            }
-            let planned = read.map_err(|e| format!("reading the snapshot failed: {e}"))?;
-            if sent.totals.removed != planned {
-                return Err(format!("Braze accepted {} removals of {planned}", sent.totals.removed));
-            }
-            store.delete().await.map_err(|e| e.to_string())?;
-            return Ok(planned);
-        }
+        let removed = if bodies.is_empty() { 0 } else { self.send_removals(import, keys, bodies).await? };
         store.delete().await.map_err(|e| e.to_string())?;
-        Ok(0)
+        Ok(removed)
+    }
+
+    /// Sends every member of the sorted `bodies` to Braze as a removal; returns how many,
+    /// or why Braze did not accept them all.
+    async fn send_removals(&self, import: &CohortImport, keys: BrazeKeys, bodies: Vec<std::fs::File>) -> Result<u64, String> {
+        let (tx, rx) = mpsc::channel::<Vec<Change>>(2);
+        let reader = tokio::task::spawn_blocking(move || read_union(bodies, tx));
+        let changes = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) })
+            .flat_map(futures::stream::iter);
+        let sent = self.braze.send_changes(&Self::target(import, keys), changes).await;
+        let read = reader.await.map_err(|e| format!("reading the snapshot failed: {e}"))?;
+        if let Some(error) = sent.stopped {
+            return Err(format!("Braze did not accept every removal ({} accepted): {error}", sent.totals.removed));
+        }
+        let planned = read.map_err(|e| format!("reading the snapshot failed: {e}"))?;
+        if sent.totals.removed != planned {
+            return Err(format!("Braze accepted {} removals of {planned}", sent.totals.removed));
+        }
+        Ok(planned)
     }
 }
 
