@@ -101,7 +101,9 @@ async fn crd_installs_accepts_examples_and_rejects_invalid_specs() {
     assert_eq!(stored.spec.deletion_policy, api::DeletionPolicy::Retain);
 
     // Invalid specs are refused by the server with a message naming the field.
-    let cases: Vec<(&str, Box<dyn Fn(&mut Value)>, &[&str])> = vec![
+    // (name, what makes it invalid, what the server's message must mention)
+    type Mutation = Box<dyn Fn(&mut Value)>;
+    let cases: Vec<(&str, Mutation, &[&str])> = vec![
         ("at-25", Box::new(|v| v["spec"]["schedule"]["at"] = json!("25:00")), &["spec.schedule.at", "25:00"]),
         ("cadence-hourly", Box::new(|v| v["spec"]["schedule"]["cadence"] = json!("Hourly")), &["spec.schedule.cadence", "Hourly"]),
         (

@@ -164,8 +164,7 @@ fn read_union(bodies: Vec<std::fs::File>, tx: mpsc::Sender<Vec<Change>>) -> io::
     let mut count = 0u64;
     // The smallest key, copied out of its reader before the readers holding it advance.
     let mut key = Vec::new();
-    loop {
-        let Some(smallest) = readers.iter().filter_map(|r| r.key()).min() else { break };
+    while let Some(smallest) = readers.iter().filter_map(|r| r.key()).min() {
         key.clear();
         key.extend_from_slice(smallest);
         for reader in readers.iter_mut() {
