@@ -25,7 +25,7 @@ use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::watcher;
 use serde_json::json;
@@ -123,25 +123,78 @@ async fn metric(url: &str, name: &str) -> f64 {
 }
 
 /// Counts changes the API server reports for one kind in the namespace.
-fn count_writes<K>(api: Api<K>, counter: Arc<AtomicU64>, ready: tokio::sync::mpsc::Sender<()>) -> tokio::task::JoinHandle<()>
+/// Marks the benchmark's own write that closes the idle hour. A watch delivers one kind's
+/// events in order, so once a watcher has seen its fence, every earlier write of that kind
+/// has been counted: no fixed wait for stragglers.
+const FENCE_LABEL: &str = "bench.cohorts.dev/fence";
+
+/// Counts writes to one kind; signals `ready` when the watch is primed and `fence` when the
+/// first fenced object arrives (that write itself is not counted).
+fn count_writes<K>(
+    api: Api<K>,
+    counter: Arc<AtomicU64>,
+    ready: tokio::sync::mpsc::Sender<()>,
+    fence: tokio::sync::mpsc::Sender<()>,
+) -> tokio::task::JoinHandle<()>
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
     K::DynamicType: Default,
 {
     tokio::spawn(async move {
         let mut stream = watcher(api, watcher::Config::default()).boxed();
+        let mut fenced = false;
         while let Ok(Some(event)) = stream.try_next().await {
             match event {
                 watcher::Event::InitDone => {
                     let _ = ready.send(()).await;
                 }
-                watcher::Event::Apply(_) | watcher::Event::Delete(_) => {
-                    counter.fetch_add(1, Ordering::Relaxed);
+                watcher::Event::Apply(object) | watcher::Event::Delete(object) => {
+                    if !fenced && object.meta().labels.as_ref().is_some_and(|l| l.contains_key(FENCE_LABEL)) {
+                        fenced = true;
+                        let _ = fence.send(()).await;
+                    } else {
+                        counter.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 watcher::Event::Init | watcher::Event::InitApply(_) => {}
             }
         }
     })
+}
+
+/// Writes one fenced object of each watched kind. The import gets a label (a metadata-only
+/// change: the operator plans it again and, idle, writes nothing).
+async fn write_fences(client: &kube::Client, ns: &str, an_import: &str) {
+    let labels = json!({ FENCE_LABEL: "idle-hour-end" });
+    let pp = PostParams::default();
+    Api::<CohortImport>::namespaced(client.clone(), ns)
+        .patch(an_import, &PatchParams::default(), &Patch::Merge(json!({ "metadata": { "labels": labels } })))
+        .await
+        .unwrap();
+    let fence = |extra: serde_json::Value| {
+        let mut doc = json!({ "metadata": { "name": "bench-fence", "labels": labels } });
+        doc.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        doc
+    };
+    Api::<ConfigMap>::namespaced(client.clone(), ns)
+        .create(&pp, &serde_json::from_value(fence(json!({}))).unwrap())
+        .await
+        .unwrap();
+    Api::<Lease>::namespaced(client.clone(), ns)
+        .create(&pp, &serde_json::from_value(fence(json!({ "spec": {} }))).unwrap())
+        .await
+        .unwrap();
+    let event = fence(json!({
+        "eventTime": Timestamp::now().to_string(),
+        "reportingController": "cohorts.dev/bench",
+        "reportingInstance": "bench",
+        "action": "Fence",
+        "reason": "Fence",
+        "type": "Normal",
+        "note": "end of the idle hour",
+        "regarding": { "apiVersion": "v1", "kind": "ConfigMap", "namespace": ns, "name": "bench-fence" },
+    }));
+    Api::<Event>::namespaced(client.clone(), ns).create(&pp, &serde_json::from_value(event).unwrap()).await.unwrap();
 }
 
 async fn bench() {
@@ -243,11 +296,12 @@ async fn bench() {
     // hour in steps; each step makes the controller plan all imports again.
     let writes = Arc::new(AtomicU64::new(0));
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(4);
+    let (fence_tx, mut fence_rx) = tokio::sync::mpsc::channel(4);
     let watchers = vec![
-        count_writes(api.clone(), writes.clone(), ready_tx.clone()),
-        count_writes(Api::<Event>::namespaced(client.clone(), &ns), writes.clone(), ready_tx.clone()),
-        count_writes(Api::<ConfigMap>::namespaced(client.clone(), &ns), writes.clone(), ready_tx.clone()),
-        count_writes(Api::<Lease>::namespaced(client.clone(), &ns), writes.clone(), ready_tx.clone()),
+        count_writes(api.clone(), writes.clone(), ready_tx.clone(), fence_tx.clone()),
+        count_writes(Api::<Event>::namespaced(client.clone(), &ns), writes.clone(), ready_tx.clone(), fence_tx.clone()),
+        count_writes(Api::<ConfigMap>::namespaced(client.clone(), &ns), writes.clone(), ready_tx.clone(), fence_tx.clone()),
+        count_writes(Api::<Lease>::namespaced(client.clone(), &ns), writes.clone(), ready_tx.clone(), fence_tx.clone()),
     ];
     for _ in 0..watchers.len() {
         ready_rx.recv().await.unwrap();
@@ -270,8 +324,13 @@ async fn bench() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    // Let any write the last plans caused reach the watchers.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Every write the last plans caused has reached the watchers once each has its fence.
+    write_fences(&client, &ns, "import-0000").await;
+    let fence_deadline = Instant::now() + Duration::from_secs(60);
+    for _ in 0..watchers.len() {
+        let left = fence_deadline.saturating_duration_since(Instant::now());
+        tokio::time::timeout(left, fence_rx.recv()).await.expect("every watcher sees its fence within 60 s").unwrap();
+    }
     let idle_writes = writes.load(Ordering::Relaxed);
     let idle_wall = idle_began.elapsed();
     let errors = metric(&operator.metrics_url, "cohort_operator_reconcile_errors_total").await;
