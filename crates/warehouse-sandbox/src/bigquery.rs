@@ -1,0 +1,1 @@
+//! The bigquery API stand-in (to be written).

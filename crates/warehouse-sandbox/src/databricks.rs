@@ -1,0 +1,1 @@
+//! The databricks API stand-in (to be written).

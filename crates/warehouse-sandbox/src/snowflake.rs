@@ -1,0 +1,1 @@
+//! The snowflake API stand-in (to be written).
