@@ -32,7 +32,16 @@ bash scripts/control-plane.sh install
 # Build output is cached outside the clone too, so a fresh clone does not rebuild the world.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/cohort-operator/target}"
 
-# Two cores: build once, then run the tests.
+# The fast gate first, before minutes of tests: formatting (rustfmt.toml), then every
+# lint as an error, on every target (tests, benches and the sandbox crates too).
+if command -v rustup >/dev/null; then
+  rustup component list --installed | grep -q '^rustfmt' || rustup component add rustfmt
+  rustup component list --installed | grep -q '^clippy' || rustup component add clippy
+fi
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+# Two cores: build once (clippy has checked, not built), then run the tests.
 cargo build --workspace --all-targets --locked
 cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-2}"
 

@@ -133,7 +133,7 @@ pub async fn history(client: kube::Client, namespace: &str, name: &str) -> anyho
 /// Renders status as a summary and a table, newest run first. Pure.
 pub fn history_table(status: &CohortImportStatus) -> String {
     let mut out = String::new();
-    if let Some(ready) = status.conditions.iter().find(|c| c.type_ == "Ready") {
+    if let Some(ready) = status.ready() {
         let _ = writeln!(out, "Ready: {} ({}) {}", ready.status, ready.reason, ready.message);
     }
     if let Some(run) = &status.current_run {
@@ -154,8 +154,8 @@ pub fn history_table(status: &CohortImportStatus) -> String {
             [
                 r.id.clone(),
                 format!("{:?}", r.trigger),
-                r.started_at.clone(),
-                r.finished_at.clone().unwrap_or_else(|| "-".into()),
+                r.started_at.to_string(),
+                r.finished_at.map_or_else(|| "-".into(), |t| t.to_string()),
                 format!("{:?}", r.result),
                 r.cohort_size.to_string(),
                 r.added.to_string(),
@@ -199,13 +199,13 @@ mod tests {
     #[test]
     fn history_table_lists_runs_newest_first_in_aligned_columns() {
         let status = CohortImportStatus {
-            next_run_at: Some("2026-03-03T06:30:00Z".into()),
+            next_run_at: Some("2026-03-03T06:30:00Z".parse().unwrap()),
             history: vec![
                 RunRecord {
                     id: "20260302-063000-beef".into(),
                     trigger: RunTrigger::Scheduled,
-                    started_at: "2026-03-02T06:30:00Z".into(),
-                    finished_at: Some("2026-03-02T06:30:04Z".into()),
+                    started_at: "2026-03-02T06:30:00Z".parse().unwrap(),
+                    finished_at: Some("2026-03-02T06:30:04Z".parse().unwrap()),
                     result: RunResult::Succeeded,
                     cohort_size: 1200,
                     added: 3,
@@ -215,7 +215,7 @@ mod tests {
                 RunRecord {
                     id: "20260301-100000-0001".into(),
                     trigger: RunTrigger::Manual,
-                    started_at: "2026-03-01T10:00:00Z".into(),
+                    started_at: "2026-03-01T10:00:00Z".parse().unwrap(),
                     finished_at: None,
                     result: RunResult::Failed,
                     cohort_size: 0,

@@ -59,7 +59,7 @@ async fn suspend_lets_a_run_in_progress_finish_and_resume_skips_what_was_missed(
     let operator = env.start().await;
     env.create(env.import("paused", "paused", json!({ "cadence": "Daily", "at": "06:30" }))).await;
     let status = env.wait_status("paused", "Scheduled", |s| s.next_run_at.is_some()).await.status.unwrap();
-    let first: Timestamp = status.next_run_at.unwrap().parse().unwrap();
+    let first: Timestamp = status.next_run_at.unwrap();
 
     // A slow Braze keeps the run going while the import is suspended.
     env.sandbox.set_faults(Faults { latency_ms: 700, ..Faults::default() });
@@ -86,7 +86,7 @@ async fn suspend_lets_a_run_in_progress_finish_and_resume_skips_what_was_missed(
         .status
         .unwrap();
     assert_eq!(status.history.len(), 1, "nothing ran while suspended or on resume");
-    let next: Timestamp = status.next_run_at.unwrap().parse().unwrap();
+    let next: Timestamp = status.next_run_at.unwrap();
     assert_eq!(next, first + SignedDuration::from_hours(24));
 
     // It runs at its next time again.
@@ -215,7 +215,7 @@ async fn a_status_computed_from_a_stale_copy_is_refused() {
     let api = env.imports();
     let old = env.get("stale").await;
     env.merge("stale", json!({ "metadata": { "labels": { "touched": "yes" } } })).await;
-    let desired = cohort_operator::api::CohortImportStatus { next_run_at: Some("2030-01-01T00:00:00Z".into()), ..Default::default() };
+    let desired = cohort_operator::api::CohortImportStatus { next_run_at: Some("2030-01-01T00:00:00Z".parse().unwrap()), ..Default::default() };
     let err = status::write(&api, &old, &desired).await.expect_err("a write from a stale copy is refused");
     assert!(status::is_stale_write(&err), "{err}");
     let fresh = env.get("stale").await;

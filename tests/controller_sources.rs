@@ -33,7 +33,7 @@ async fn a_postgres_cohort_is_imported_on_schedule_once_its_secret_exists() {
     assert!(ready(&status).unwrap().message.contains("warehouse"), "{:?}", ready(&status));
     env.put_secret("warehouse", "url", &pg.url(&db)).await;
     let status = env.wait_reason("warehouse", "Scheduled").await.status.unwrap();
-    let first: Timestamp = status.next_run_at.unwrap().parse().unwrap();
+    let first: Timestamp = status.next_run_at.unwrap();
     let local = first.to_zoned(jiff::tz::TimeZone::get("Europe/Lisbon").unwrap());
     assert_eq!((local.hour(), local.minute()), (5, 0), "05:00 in Lisbon");
 

@@ -1,8 +1,144 @@
 //! `CohortImport.status`: what happened, written only by the controller.
+//!
+//! Times are [`Timestamp`]s, serialised as RFC 3339 (`2026-11-28T06:30:00Z`) and declared
+//! `format: date-time`, so the API server refuses a malformed one instead of the controller
+//! guessing. The `Ready` condition's status and reasons are typed here, once, for every
+//! module that sets or reads them ([`ConditionStatus`], [`ReadyReason`]).
 
+use std::fmt;
+
+use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use schemars::JsonSchema;
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Serialize};
+
+/// The type of the condition that sums an import up.
+pub const READY: &str = "Ready";
+
+/// A condition's `status`, as Kubernetes spells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConditionStatus {
+    True,
+    False,
+    /// A run is in progress: whether the import is in good shape is not known yet.
+    Unknown,
+}
+
+impl ConditionStatus {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ConditionStatus::True => "True",
+            ConditionStatus::False => "False",
+            ConditionStatus::Unknown => "Unknown",
+        }
+    }
+}
+
+impl fmt::Display for ConditionStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why the `Ready` condition is what it is. Sources, Secret readers, Events, status and the
+/// command line all name reasons through this type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ReadyReason {
+    /// Waiting for the first run.
+    Scheduled,
+    Running,
+    Succeeded,
+    DryRun,
+    Failed,
+    Blocked,
+    Missed,
+    Suspended,
+    Conflict,
+    InvalidSpec,
+    SecretNotFound,
+    /// The API server would not give a Secret (Forbidden, unavailable).
+    SecretReadFailed,
+    ConfigMapNotFound,
+    /// The source failed while being read (connection, query, HTTP status, bad data).
+    SourceFailed,
+    /// The snapshot store could not be opened.
+    SnapshotFailed,
+    /// `deletionPolicy` could not complete; the import waits to be deleted.
+    Deleting,
+}
+
+impl ReadyReason {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ReadyReason::Scheduled => "Scheduled",
+            ReadyReason::Running => "Running",
+            ReadyReason::Succeeded => "Succeeded",
+            ReadyReason::DryRun => "DryRun",
+            ReadyReason::Failed => "Failed",
+            ReadyReason::Blocked => "Blocked",
+            ReadyReason::Missed => "Missed",
+            ReadyReason::Suspended => "Suspended",
+            ReadyReason::Conflict => "Conflict",
+            ReadyReason::InvalidSpec => "InvalidSpec",
+            ReadyReason::SecretNotFound => "SecretNotFound",
+            ReadyReason::SecretReadFailed => "SecretReadFailed",
+            ReadyReason::ConfigMapNotFound => "ConfigMapNotFound",
+            ReadyReason::SourceFailed => "SourceFailed",
+            ReadyReason::SnapshotFailed => "SnapshotFailed",
+            ReadyReason::Deleting => "Deleting",
+        }
+    }
+
+    /// The reason an idle import shows after a run with `result`.
+    pub const fn after(result: RunResult) -> Self {
+        match result {
+            RunResult::Succeeded => ReadyReason::Succeeded,
+            RunResult::DryRun => ReadyReason::DryRun,
+            RunResult::Failed => ReadyReason::Failed,
+            RunResult::Blocked => ReadyReason::Blocked,
+            RunResult::Missed => ReadyReason::Missed,
+        }
+    }
+
+    /// `Ready`'s status under this reason.
+    pub const fn status(self) -> ConditionStatus {
+        match self {
+            ReadyReason::Scheduled | ReadyReason::Succeeded | ReadyReason::DryRun => ConditionStatus::True,
+            ReadyReason::Running => ConditionStatus::Unknown,
+            _ => ConditionStatus::False,
+        }
+    }
+}
+
+impl fmt::Display for ReadyReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A reason equals the text Kubernetes shows for it (conditions store reasons as text).
+impl PartialEq<&str> for ReadyReason {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl CohortImportStatus {
+    /// The `Ready` condition, if set.
+    pub fn ready(&self) -> Option<&Condition> {
+        self.conditions.iter().find(|c| c.type_ == READY)
+    }
+}
+
+/// The schema of a [`Timestamp`] field: an RFC 3339 string the API server checks.
+fn date_time(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({ "type": "string", "format": "date-time" })
+}
+
+/// [`date_time`] for an optional field (nullable, like every other optional field).
+fn optional_date_time(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({ "type": "string", "format": "date-time", "nullable": true })
+}
 
 /// Longest `message` kept in a history entry; keeps status small at the maximum history.
 pub const MAX_RUN_MESSAGE_CHARS: usize = 256;
@@ -18,13 +154,15 @@ pub struct CohortImportStatus {
     pub observed_generation: Option<i64>,
     /// When the next scheduled run starts (RFC 3339); absent when none is due.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub next_run_at: Option<String>,
+    #[schemars(schema_with = "optional_date_time")]
+    pub next_run_at: Option<Timestamp>,
     /// The most recent run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_run: Option<RunRecord>,
     /// When the last run that succeeded finished (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_successful_run_at: Option<String>,
+    #[schemars(schema_with = "optional_date_time")]
+    pub last_successful_run_at: Option<Timestamp>,
     /// The last `cohorts.dev/run-requested-at` value acted upon.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_handled_run_request: Option<String>,
@@ -54,7 +192,8 @@ pub struct CurrentRun {
     /// `cohorts.dev/run-requested-at` annotation).
     pub trigger: RunTrigger,
     /// RFC 3339.
-    pub started_at: String,
+    #[schemars(schema_with = "date_time")]
+    pub started_at: Timestamp,
     /// The removal approval (`cohorts.dev/approve-removals`) this run acts on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approved_removals: Option<String>,
@@ -65,11 +204,18 @@ pub struct CurrentRun {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ScheduleStatus {
-    /// The schedule in force, e.g. `Daily at 06:30 (UTC)`, or `Suspended` / `Conflict`.
+    /// The schedule in force, for people, e.g. `Daily at 06:30 (UTC)`, or `Suspended` /
+    /// `Conflict`.
     pub description: String,
+    /// Which schedule `handledThrough` counts for: a hash of the normalised schedule
+    /// (`s1-` and 16 hex digits), or `Suspended` / `Conflict`. Absent in status written by
+    /// earlier versions, where `description` served as the identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
     /// RFC 3339.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub handled_through: Option<String>,
+    #[schemars(schema_with = "optional_date_time")]
+    pub handled_through: Option<Timestamp>,
 }
 
 /// One finished (or missed) run.
@@ -82,10 +228,12 @@ pub struct RunRecord {
     /// `cohorts.dev/run-requested-at` annotation).
     pub trigger: RunTrigger,
     /// RFC 3339.
-    pub started_at: String,
+    #[schemars(schema_with = "date_time")]
+    pub started_at: Timestamp,
     /// RFC 3339.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub finished_at: Option<String>,
+    #[schemars(schema_with = "optional_date_time")]
+    pub finished_at: Option<Timestamp>,
     /// How it ended: `Succeeded`; `Failed` (`message` says why); `Blocked` by the removal
     /// guard (`message` says how to approve); `DryRun` (nothing sent); `Missed` (the operator
     /// was down past the starting deadline).

@@ -7,8 +7,10 @@ use tracing::warn;
 
 use crate::api::CohortImport;
 
-/// Event reasons.
+/// Event reasons. Those that report a `Ready` reason are spelt by it.
 pub mod reason {
+    use crate::api::ReadyReason;
+
     pub const RUN_STARTED: &str = "RunStarted";
     pub const RUN_SUCCEEDED: &str = "RunSucceeded";
     pub const RUN_DRY_RUN: &str = "RunDryRun";
@@ -16,9 +18,9 @@ pub mod reason {
     pub const RUN_BLOCKED: &str = "RunBlocked";
     pub const RUN_MISSED: &str = "RunMissed";
     pub const RUN_INTERRUPTED: &str = "RunInterrupted";
-    pub const CONFLICT: &str = "Conflict";
-    pub const INVALID_SPEC: &str = "InvalidSpec";
-    pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
+    pub const CONFLICT: &str = ReadyReason::Conflict.as_str();
+    pub const INVALID_SPEC: &str = ReadyReason::InvalidSpec.as_str();
+    pub const SECRET_NOT_FOUND: &str = ReadyReason::SecretNotFound.as_str();
     pub const NOTIFICATION_FAILED: &str = crate::notify::NOTIFICATION_FAILED_REASON;
     pub const MEMBERS_REMOVED: &str = "MembersRemoved";
     pub const CLEANUP_FAILED: &str = "CleanupFailed";

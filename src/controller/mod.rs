@@ -1,13 +1,15 @@
 //! The controller: keeps every `CohortImport` on schedule.
 //!
 //! Built like kube-rs's controller-rs: one [`Context`] shared by [`reconcile::reconcile`]
-//! and [`reconcile::error_policy`]. A reconcile is short: it validates the spec, looks for
-//! a conflict, plans ([`crate::domain::plan`]) and carries the plan out — writing status,
-//! or starting a run as a task of its own ([`runs`]). A finished run records itself and
-//! asks for a reconcile, which requeues exactly at the next run time; nothing polls.
+//! and [`reconcile::error_policy`]. A reconcile is a short pipeline (fetch → validate →
+//! plan → decide → apply, see `docs/architecture.md`): its decisions are pure
+//! ([`desired`]), and applying them writes status, publishes Events or starts a run as a
+//! task of its own ([`runs`]). Every run ends through [`record`], then asks for a
+//! reconcile, which requeues exactly at the next run time; nothing polls.
 //!
 //! - [`clock`]: the time source (tests use a clock they control).
-//! - [`secrets`]: the Braze keys; [`importer`]: the seam to the import pipeline.
+//! - [`secrets`]: the Braze keys; [`importer`]: the seam to the import pipeline
+//!   ([`pipeline`] is the real one).
 //! - [`status`], [`events`], [`metrics`]: what the controller tells people.
 //! - [`leader`]: only the replica holding the Lease runs anything.
 
@@ -32,12 +34,14 @@ use crate::notify::Notify;
 
 pub mod clock;
 pub mod conflict;
+pub mod desired;
 pub mod events;
 pub mod importer;
 pub mod leader;
 pub mod metrics;
 pub mod pipeline;
 pub mod reconcile;
+pub mod record;
 pub mod runs;
 pub mod secrets;
 pub mod status;
@@ -167,8 +171,9 @@ impl Context {
     }
 }
 
+/// Why the controller stopped (not a run: see [`record`] for how runs end).
 #[derive(Debug, thiserror::Error)]
-pub enum RunError {
+pub enum ControllerError {
     #[error(transparent)]
     Leader(#[from] leader::LeaderError),
     #[error("cannot serve metrics on {addr}: {source}")]
@@ -182,12 +187,12 @@ pub async fn run(
     config: Config,
     deps: Dependencies,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<(), RunError> {
+) -> Result<(), ControllerError> {
     let _server = match config.metrics_addr {
         Some(addr) => {
             let (bound, task) = metrics::serve(deps.metrics.clone(), addr)
                 .await
-                .map_err(|source| RunError::Metrics { addr, source })?;
+                .map_err(|source| ControllerError::Metrics { addr, source })?;
             info!(%bound, "serving /metrics, /healthz and /readyz");
             Some(AbortOnDrop(task))
         }

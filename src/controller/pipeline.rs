@@ -2,24 +2,19 @@
 //! Kubernetes API, the import pipeline ([`crate::run::run_import`]), the Braze client, and
 //! a snapshot store (ConfigMaps in the import's namespace, or files on a volume).
 
-use std::io;
 use std::path::PathBuf;
 
-use futures::StreamExt;
 use futures::future::BoxFuture;
 use kube::ResourceExt;
-use tokio::sync::mpsc;
 
-use super::importer::{Importer, RunJob, RunOutcome};
+use super::importer::{ImportError, Importer};
 use super::secrets::BrazeKeys;
-use crate::api::{CohortImport, RunResult};
-use crate::braze::{BrazeClient, Change, CohortTarget};
-use crate::domain::diff::KeyCursor;
+use crate::api::{CohortImport, CurrentRun, RunResult};
+use crate::braze::{BrazeClient, CohortTarget};
 use crate::domain::guard::RemovalApproval;
-use crate::domain::member::Member;
-use crate::run::{ImportRun, RunDeps, RunError, identifier_fingerprint, run_import};
+use crate::domain::validate::ValidSpec;
+use crate::run::{ImportRun, RunDeps, RunReport, identifier_fingerprint, remove_all_members, run_import};
 use crate::snapshot::cluster::ClusterSnapshotStore;
-use crate::snapshot::format::read_body;
 use crate::snapshot::fs::FsSnapshotStore;
 use crate::snapshot::{SnapshotError, SnapshotStore};
 use crate::source::kube::KubeObjects;
@@ -74,72 +69,39 @@ impl PipelineImporter {
         }
     }
 
-    async fn run_once(&self, import: &CohortImport, job: &RunJob, keys: BrazeKeys) -> RunOutcome {
+    async fn run_once(
+        &self,
+        import: &CohortImport,
+        valid: &ValidSpec,
+        current: &CurrentRun,
+        keys: BrazeKeys,
+    ) -> Result<RunReport, ImportError> {
         let namespace = import.namespace().unwrap_or_default();
-        let spec = &import.spec;
+        let spec = &valid.spec;
         let objects = KubeObjects::new(self.client.clone(), namespace.clone());
-        let source = match open_source(&spec.source, &spec.identifiers, &objects).await {
-            Ok(source) => source,
-            Err(e) => return RunOutcome::failed(job, e.reason(), format!("reading the source failed: {e}")),
-        };
-        let store = match self.store(import) {
-            Ok(store) => store,
-            Err(e) => return RunOutcome::failed(job, "SnapshotFailed", e.to_string()),
-        };
+        let source = open_source(&spec.source, &spec.identifiers, &objects).await?;
+        let store = self.store(import)?;
         let target = Self::target(import, keys);
-        let mut run = ImportRun::new(job.run_id.clone(), job.trigger, &namespace, &import.name_any(), &spec.cohort.name);
+        let mut run = ImportRun::new(current.id.clone(), current.trigger, &namespace, &import.name_any(), &spec.cohort.name);
         run.identifier_fingerprint = identifier_fingerprint(&spec.identifiers);
         run.removal_guard = spec.removal_guard.clone();
         run.dry_run = spec.dry_run;
         run.scratch_dir = self.scratch_dir.clone();
-        run.started_at = job.started_at;
-        run.approval = job.approved_removals.as_ref().map(|id| RemovalApproval {
+        run.started_at = current.started_at;
+        run.approval = current.approved_removals.as_ref().map(|id| RemovalApproval {
             run_id: id.clone(),
             removals: approved_removals(import, id),
         });
         let deps = RunDeps { members: source.members(), snapshots: store.as_ref(), braze: &self.braze, target: &target };
-        let report = run_import(&run, deps).await;
-        let reason = match &report.error {
-            Some(RunError::Source(e)) => Some(e.reason().to_owned()),
-            _ => None,
-        };
-        RunOutcome {
-            record: report.to_record(),
-            reason,
-            hint: report.hint.clone(),
-            braze_responses: report.braze_responses.clone(),
-        }
+        Ok(run_import(&run, deps).await)
     }
 
     /// Removes every member the snapshot holds — and the members in doubt, which a failed
     /// run may have added — then forgets the snapshot.
-    async fn remove_all(&self, import: &CohortImport, keys: BrazeKeys) -> Result<u64, String> {
-        let store = self.store(import).map_err(|e| e.to_string())?;
-        let loaded = store.load(&self.scratch_dir).await.map_err(|e| e.to_string())?;
-        let bodies: Vec<std::fs::File> =
-            loaded.snapshot.map(|s| s.body).into_iter().chain(loaded.doubt.map(|d| d.body)).collect();
-        let removed = if bodies.is_empty() { 0 } else { self.send_removals(import, keys, bodies).await? };
-        store.delete().await.map_err(|e| e.to_string())?;
-        Ok(removed)
-    }
-
-    /// Sends every member of the sorted `bodies` to Braze as a removal; returns how many,
-    /// or why Braze did not accept them all.
-    async fn send_removals(&self, import: &CohortImport, keys: BrazeKeys, bodies: Vec<std::fs::File>) -> Result<u64, String> {
-        let (tx, rx) = mpsc::channel::<Vec<Change>>(2);
-        let reader = tokio::task::spawn_blocking(move || read_union(bodies, tx));
-        let changes = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) })
-            .flat_map(futures::stream::iter);
-        let sent = self.braze.send_changes(&Self::target(import, keys), changes).await;
-        let read = reader.await.map_err(|e| format!("reading the snapshot failed: {e}"))?;
-        if let Some(error) = sent.stopped {
-            return Err(format!("Braze did not accept every removal ({} accepted): {error}", sent.totals.removed));
-        }
-        let planned = read.map_err(|e| format!("reading the snapshot failed: {e}"))?;
-        if sent.totals.removed != planned {
-            return Err(format!("Braze accepted {} removals of {planned}", sent.totals.removed));
-        }
-        Ok(planned)
+    async fn remove_all(&self, import: &CohortImport, keys: BrazeKeys) -> Result<u64, ImportError> {
+        let store = self.store(import)?;
+        let target = Self::target(import, keys);
+        Ok(remove_all_members(store.as_ref(), &self.braze, &target, &self.scratch_dir).await?)
     }
 }
 
@@ -153,52 +115,22 @@ fn approved_removals(import: &CohortImport, run_id: &str) -> u64 {
         .map_or(0, |r| r.removed)
 }
 
-/// Merges sorted snapshot bodies into one sorted stream of removals without repeats.
-/// Returns how many were read.
-fn read_union(bodies: Vec<std::fs::File>, tx: mpsc::Sender<Vec<Change>>) -> io::Result<u64> {
-    let mut readers = Vec::new();
-    for body in bodies {
-        readers.push(read_body(body)?);
-    }
-    let mut chunk = Vec::with_capacity(1000);
-    let mut count = 0u64;
-    // The smallest key, copied out of its reader before the readers holding it advance.
-    let mut key = Vec::new();
-    while let Some(smallest) = readers.iter().filter_map(|r| r.key()).min() {
-        key.clear();
-        key.extend_from_slice(smallest);
-        for reader in readers.iter_mut() {
-            if reader.key() == Some(key.as_slice()) {
-                reader.advance()?;
-            }
-        }
-        let member = Member::from_key_bytes(&key)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-        chunk.push(Change::remove(member));
-        count += 1;
-        if chunk.len() == 1000 && tx.blocking_send(std::mem::take(&mut chunk)).is_err() {
-            return Ok(count); // the sender stopped; it reports why
-        }
-    }
-    if !chunk.is_empty() {
-        let _ = tx.blocking_send(chunk);
-    }
-    Ok(count)
-}
-
 impl Importer for PipelineImporter {
-    fn run<'a>(&'a self, import: &'a CohortImport, job: &'a RunJob, keys: BrazeKeys) -> BoxFuture<'a, RunOutcome> {
-        Box::pin(self.run_once(import, job, keys))
+    fn run<'a>(
+        &'a self,
+        import: &'a CohortImport,
+        spec: &'a ValidSpec,
+        run: &'a CurrentRun,
+        keys: BrazeKeys,
+    ) -> BoxFuture<'a, Result<RunReport, ImportError>> {
+        Box::pin(self.run_once(import, spec, run, keys))
     }
 
-    fn remove_members<'a>(&'a self, import: &'a CohortImport, keys: BrazeKeys) -> BoxFuture<'a, Result<u64, String>> {
+    fn remove_members<'a>(&'a self, import: &'a CohortImport, keys: BrazeKeys) -> BoxFuture<'a, Result<u64, ImportError>> {
         Box::pin(self.remove_all(import, keys))
     }
 
-    fn forget<'a>(&'a self, import: &'a CohortImport) -> BoxFuture<'a, Result<(), String>> {
-        Box::pin(async move {
-            let store = self.store(import).map_err(|e| e.to_string())?;
-            store.delete().await.map_err(|e| e.to_string())
-        })
+    fn forget<'a>(&'a self, import: &'a CohortImport) -> BoxFuture<'a, Result<(), ImportError>> {
+        Box::pin(async move { Ok(self.store(import)?.delete().await?) })
     }
 }

@@ -1,13 +1,12 @@
-//! Runs in progress: one task per import, never two for the same import. A run records
-//! itself when it ends — history, `Ready`, Events, metrics — hands the report to the
-//! notifier without waiting for it, and asks for a reconcile.
+//! Runs in progress: one task per import, never two for the same import. A run ends
+//! through [`super::record`] — recorded in status, then announced — and asks for a
+//! reconcile.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use jiff::Timestamp;
 use kube::api::Api;
 use kube::runtime::reflector::ObjectRef;
 use kube::ResourceExt;
@@ -16,11 +15,11 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use super::Context;
 use super::events::reason as event;
-use super::importer::{RunJob, RunOutcome};
+use super::record::{self, RunEnd};
 use super::secrets;
-use super::status::{self, Written, idle_ready, record_run, rfc3339, set_ready};
-use crate::api::{CohortImport, CohortImportStatus, RunRecord, RunResult};
-use crate::notify::{RunNotice, is_recovery, should_notify};
+use super::status::{self, Written};
+use crate::api::{CohortImport, CohortImportStatus, CurrentRun};
+use crate::domain::validate::ValidSpec;
 
 /// The runs this replica has in progress.
 #[derive(Default)]
@@ -90,198 +89,63 @@ impl Drop for AbortRunsOnDrop {
     }
 }
 
-/// Starts `job` for `import` as a task; its start is already recorded in `.status`.
-pub(super) fn start(ctx: &Arc<Context>, import: Arc<CohortImport>, job: RunJob) {
+/// Starts `run` of `import` as a task; its start is already recorded in `.status`.
+pub(super) fn start(ctx: &Arc<Context>, import: Arc<CohortImport>, spec: ValidSpec, run: CurrentRun) {
     let reference = ObjectRef::from_obj(import.as_ref());
     let span = info_span!(
         "run",
-        run_id = %job.run_id,
+        run_id = %run.id,
         namespace = %import.namespace().unwrap_or_default(),
         import = %import.name_any(),
     );
-    let task = execute(ctx.clone(), import, job.clone());
-    if !ctx.runs.spawn(reference, job.run_id.clone(), task.instrument(span)) {
+    let run_id = run.id.clone();
+    let task = execute(ctx.clone(), import, spec, run);
+    if !ctx.runs.spawn(reference, run_id.clone(), task.instrument(span)) {
         // Reconciles of one import never overlap and return early while it runs, so this
         // is not expected; if it happens, the run in progress finds its status record
         // replaced and leaves it, and the next reconcile runs this one.
-        warn!(run_id = %job.run_id, "a run of this import is already in progress here; not starting another");
+        warn!(%run_id, "a run of this import is already in progress here; not starting another");
     }
 }
 
-async fn execute(ctx: Arc<Context>, import: Arc<CohortImport>, job: RunJob) {
+async fn execute(ctx: Arc<Context>, import: Arc<CohortImport>, spec: ValidSpec, run: CurrentRun) {
     let reference = ObjectRef::from_obj(import.as_ref());
     let _slot = ctx.run_slots.acquire().await;
     ctx.metrics.runs_in_progress.inc();
-    info!(trigger = ?job.trigger, "run started");
-    ctx.events
-        .normal(&import, event::RUN_STARTED, "Run", format!("Run {} ({:?}) started", job.run_id, job.trigger))
-        .await;
+    info!(trigger = ?run.trigger, "run started");
+    let note = format!("Run {} ({:?}) started", run.id, run.trigger);
+    ctx.events.normal(&import, event::RUN_STARTED, "Run", note).await;
     let clock_started = Instant::now();
     let namespace = import.namespace().unwrap_or_default();
-    let outcome = match secrets::braze_keys(&ctx.client, &namespace, &import.spec.destination.braze, &ctx.config.partner_keys)
-        .await
-    {
-        Ok(keys) => ctx.importer.run(&import, &job, keys).await,
-        Err(e) => RunOutcome::failed(&job, e.reason(), e.to_string()),
+    let braze = &import.spec.destination.braze;
+    let outcome = match secrets::braze_keys(&ctx.client, &namespace, braze, &ctx.config.partner_keys).await {
+        Ok(keys) => ctx.importer.run(&import, &spec, &run, keys).await,
+        Err(e) => Err(e.into()),
     };
-    let elapsed = clock_started.elapsed();
+    let end = RunEnd::finished(&run, outcome, ctx.clock.now(), clock_started.elapsed());
     ctx.metrics.runs_in_progress.dec();
-    finish(&ctx, &import, &job, outcome, elapsed).await;
-    ctx.runs.finished(&reference, &job.run_id);
+    finish(&ctx, &import, end).await;
+    ctx.runs.finished(&reference, &run.id);
     ctx.wake(reference);
 }
 
-/// Records the outcome, tells people, and sends the report email.
-async fn finish(ctx: &Arc<Context>, import: &CohortImport, job: &RunJob, mut outcome: RunOutcome, elapsed: Duration) {
-    let finished_at = ctx.clock.now();
-    outcome.record.id = job.run_id.clone();
-    outcome.record.trigger = job.trigger;
-    outcome.record.started_at = rfc3339(job.started_at);
-    outcome.record.finished_at = Some(rfc3339(finished_at));
-    let record = outcome.record.clone();
-    let result = record.result;
-    match result {
-        RunResult::Failed => error!(message = %record.message, "run failed"),
-        RunResult::Blocked => warn!(message = %record.message, "run blocked"),
-        _ => info!(result = ?result, size = record.cohort_size, added = record.added, removed = record.removed, "run finished"),
-    }
-
-    let mut previous_history = Vec::new();
-    let mut next_run_at = None;
-    let recorded = update_status(ctx, import, |status| {
-        if status.current_run.as_ref().is_none_or(|run| run.id != job.run_id) {
-            // Another replica took over this run; its record wins.
+/// Records the end in status — unless another replica took the run over, whose record
+/// wins — and announces it.
+async fn finish(ctx: &Arc<Context>, import: &CohortImport, end: RunEnd) {
+    let mut recorded = None;
+    let written = update_status(ctx, import, |status| {
+        if status.current_run.as_ref().is_none_or(|run| run.id != end.record.id) {
             return false;
         }
-        previous_history = status.history.clone();
-        next_run_at = status.next_run_at.clone();
-        status.current_run = None;
-        record_run(status, record.clone(), import.spec.history_limit);
-        let next = status.next_run_at.as_deref().and_then(|t| t.parse::<Timestamp>().ok());
-        let (value, why, message) = idle_ready(status, next);
-        let why = match (&outcome.reason, result) {
-            (Some(reason), RunResult::Failed) => reason.as_str(),
-            _ => why,
-        };
-        set_ready(status, value, why, &message, status.observed_generation, finished_at);
+        recorded = Some(record::record(status, &end, import.spec.history_limit));
         true
     })
     .await;
-    if !recorded {
-        return;
-    }
-    ctx.runs.record(ObjectRef::from_obj(import), job.run_id.clone());
-
-    ctx.metrics.run_finished(result, elapsed.as_secs_f64(), record.added, record.removed);
-    for (status, count) in &outcome.braze_responses {
-        ctx.metrics.braze_responses(*status, *count);
-    }
-    if result == RunResult::Succeeded {
-        ctx.metrics.succeeded_at(
-            &import.namespace().unwrap_or_default(),
-            &import.name_any(),
-            finished_at.as_second() as f64,
-        );
-    }
-    let note = format!("Run {}: {}", record.id, record.message);
-    match result {
-        RunResult::Succeeded => ctx.events.normal(import, event::RUN_SUCCEEDED, "Run", note).await,
-        RunResult::DryRun => ctx.events.normal(import, event::RUN_DRY_RUN, "Run", note).await,
-        RunResult::Failed => ctx.events.warning(import, event::RUN_FAILED, "Run", note).await,
-        RunResult::Blocked => ctx.events.warning(import, event::RUN_BLOCKED, "Run", note).await,
-        RunResult::Missed => ctx.events.warning(import, event::RUN_MISSED, "Run", note).await,
-    }
-    let next = next_run_at.as_deref().and_then(|t| t.parse().ok());
-    notify(ctx, import, &record, &previous_history, next, outcome.hint.clone());
-}
-
-/// Sends the run report if the import asks for one, in a task of its own, bounded in time;
-/// a failure becomes an Event and `.status.lastNotificationError`, never the run's result.
-pub(super) fn notify(
-    ctx: &Arc<Context>,
-    import: &CohortImport,
-    record: &RunRecord,
-    previous_history: &[RunRecord],
-    next_run_at: Option<Timestamp>,
-    hint: Option<String>,
-) {
-    let Some(email) = import.spec.notifications.as_ref().and_then(|n| n.email.clone()) else {
+    let Some(recorded) = recorded.filter(|_| written) else {
         return;
     };
-    let recovered = is_recovery(record.result, previous_history);
-    if !should_notify(&email, record.result, recovered) {
-        return;
-    }
-    let notice = RunNotice {
-        namespace: import.namespace().unwrap_or_default(),
-        import_name: import.name_any(),
-        cohort_name: import.spec.cohort.name.clone(),
-        cohort_id: import.spec.cohort.id.clone(),
-        run_id: record.id.clone(),
-        result: record.result,
-        trigger: record.trigger,
-        started_at: record.started_at.parse().unwrap_or_else(|_| ctx.clock.now()),
-        finished_at: record.finished_at.as_deref().and_then(|t| t.parse().ok()).unwrap_or_else(|| ctx.clock.now()),
-        time_zone: jiff::tz::TimeZone::get(&import.spec.schedule.time_zone).unwrap_or(jiff::tz::TimeZone::UTC),
-        cohort_size: record.cohort_size,
-        added: record.added,
-        removed: record.removed,
-        next_run_at,
-        reason: matches!(record.result, RunResult::Failed | RunResult::Blocked | RunResult::Missed)
-            .then(|| record.message.clone())
-            .filter(|m| !m.is_empty()),
-        hint,
-        recovered,
-        dry_run: import.spec.dry_run,
-    };
-    let ctx = ctx.clone();
-    let import = import.clone();
-    let span = info_span!("notify", run_id = %record.id);
-    tokio::spawn(
-        async move {
-            let sent = match &ctx.notifier {
-                None => Err(
-                    "spec.notifications.email is set, but the operator has no SMTP server configured (--smtp-host)"
-                        .to_owned(),
-                ),
-                Some(notifier) => {
-                    match tokio::time::timeout(ctx.config.notification_timeout, notifier.notify(&notice, &email.to)).await {
-                        Ok(Ok(())) => Ok(()),
-                        Ok(Err(e)) => Err(e.to_string()),
-                        Err(_) => Err(format!(
-                            "the run report email was not sent within {} s",
-                            ctx.config.notification_timeout.as_secs()
-                        )),
-                    }
-                }
-            };
-            let note = match &sent {
-                Ok(()) => None,
-                Err(message) => {
-                    warn!(error = %message, "run report email not sent");
-                    ctx.metrics.notification_failures.inc();
-                    ctx.events
-                        .warning(
-                            &import,
-                            event::NOTIFICATION_FAILED,
-                            "Notify",
-                            format!("Run {}: report email not sent: {message}", notice.run_id),
-                        )
-                        .await;
-                    Some(crate::run::report::truncate(format!("run {}: {message}", notice.run_id), 512))
-                }
-            };
-            update_status(&ctx, &import, |status| {
-                if status.last_notification_error == note {
-                    return false;
-                }
-                status.last_notification_error = note.clone();
-                true
-            })
-            .await;
-        }
-        .instrument(span),
-    );
+    ctx.runs.record(ObjectRef::from_obj(import), end.record.id.clone());
+    record::announce(ctx, import, &end, &recorded).await;
 }
 
 /// Reads the import afresh, lets `change` edit its status (returning whether it changed

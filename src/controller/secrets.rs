@@ -15,11 +15,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use k8s_openapi::api::core::v1::Secret;
-use kube::Api;
-
-use crate::api::SecretKeyRef;
+use crate::api::{ReadyReason, SecretKeyRef};
 use crate::secret::SecretString;
+use crate::source::kube::KubeObjects;
+use crate::source::{SourceContext, SourceError};
 
 /// Braze's REST endpoints and the region whose partner key serves them.
 const KNOWN_ENDPOINTS: &[(&str, &str)] = &[
@@ -62,10 +61,10 @@ pub enum KeyError {
 
 impl KeyError {
     /// The `Ready` reason: everything but a failed API read is a missing secret.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> ReadyReason {
         match self {
-            KeyError::Read { .. } => "SecretReadFailed",
-            _ => "SecretNotFound",
+            KeyError::Read { .. } => ReadyReason::SecretReadFailed,
+            _ => ReadyReason::SecretNotFound,
         }
     }
 }
@@ -129,50 +128,35 @@ pub fn parse_endpoint_region(text: &str) -> Result<(String, String), String> {
     Ok((normalize_endpoint(url), region.to_ascii_lowercase()))
 }
 
-/// Reads one key of a Secret in `namespace`. `field` names the spec field for messages.
+/// Reads one key of a Secret in the import's namespace, through the one Secret reader the
+/// sources use too ([`KubeObjects`]), so a check and a run read a value the same way.
+/// `field` names the spec field for messages.
 pub async fn secret_value(
-    secrets: &Api<Secret>,
-    namespace: &str,
+    objects: &KubeObjects,
     reference: &SecretKeyRef,
     field: &'static str,
 ) -> Result<SecretString, KeyError> {
-    let secret = secrets.get_opt(&reference.name).await.map_err(|e| KeyError::Read {
-        namespace: namespace.to_owned(),
-        name: reference.name.clone(),
-        message: e.to_string(),
-    })?;
-    let Some(secret) = secret else {
-        return Err(KeyError::SecretNotFound {
-            namespace: namespace.to_owned(),
-            name: reference.name.clone(),
-            field,
-        });
-    };
-    let bytes = secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get(&reference.key))
-        .map(|b| b.0.clone())
-        .or_else(|| secret.string_data.as_ref().and_then(|d| d.get(&reference.key)).map(|s| s.clone().into_bytes()));
-    let Some(bytes) = bytes else {
-        return Err(KeyError::KeyNotFound {
-            namespace: namespace.to_owned(),
-            name: reference.name.clone(),
-            key: reference.key.clone(),
-            field,
-        });
-    };
-    let not_text = || KeyError::NotText {
-        namespace: namespace.to_owned(),
-        name: reference.name.clone(),
-        key: reference.key.clone(),
-    };
-    let text = String::from_utf8(bytes).map_err(|_| not_text())?;
-    let value = text.trim();
-    if value.is_empty() {
-        return Err(not_text());
+    let namespace = objects.namespace().to_owned();
+    let name = reference.name.clone();
+    objects.secret_value(&reference.name, &reference.key).await.map_err(|e| match e {
+        SourceError::ObjectNotFound { .. } => KeyError::SecretNotFound { namespace, name, field },
+        SourceError::KeyNotFound { key, .. } => KeyError::KeyNotFound { namespace, name, key, field },
+        SourceError::KeyNotText { key, .. } => KeyError::NotText { namespace, name, key },
+        SourceError::ObjectRead { message, .. } => KeyError::Read { namespace, name, message },
+        other => KeyError::Read { namespace, name, message: other.to_string() },
+    })
+}
+
+/// A Braze key: [`secret_value`] without surrounding white space (a Braze key has none),
+/// and not empty.
+async fn braze_key(objects: &KubeObjects, reference: &SecretKeyRef, field: &'static str) -> Result<SecretString, KeyError> {
+    let value = secret_value(objects, reference, field).await?;
+    let key = value.expose().trim();
+    if key.is_empty() {
+        let (namespace, name) = (objects.namespace().to_owned(), reference.name.clone());
+        return Err(KeyError::NotText { namespace, name, key: reference.key.clone() });
     }
-    Ok(SecretString::new(value.to_owned()))
+    Ok(SecretString::new(key.to_owned()))
 }
 
 /// Both keys of one import.
@@ -192,11 +176,10 @@ pub async fn braze_keys(
     braze: &crate::api::BrazeDestination,
     partner_keys: &PartnerKeys,
 ) -> Result<BrazeKeys, KeyError> {
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    let data_import_key =
-        secret_value(&secrets, namespace, &braze.data_import_key_secret_ref, DATA_IMPORT_KEY_FIELD).await?;
+    let objects = KubeObjects::new(client.clone(), namespace);
+    let data_import_key = braze_key(&objects, &braze.data_import_key_secret_ref, DATA_IMPORT_KEY_FIELD).await?;
     let partner_api_key = match &braze.partner_api_key_secret_ref {
-        Some(reference) => secret_value(&secrets, namespace, reference, PARTNER_KEY_FIELD).await?,
+        Some(reference) => braze_key(&objects, reference, PARTNER_KEY_FIELD).await?,
         None => partner_keys.key_for(&braze.rest_endpoint).await?,
     };
     Ok(BrazeKeys { data_import_key, partner_api_key })
@@ -230,7 +213,7 @@ mod tests {
         let err = keys.key_for("https://rest.fra-01.braze.eu").await.unwrap_err();
         assert!(matches!(err, KeyError::PartnerKeyMissing { ref region, .. } if region == "eu"));
         assert!(err.to_string().contains("partnerApiKeySecretRef"), "{err}");
-        assert_eq!(err.reason(), "SecretNotFound");
+        assert_eq!(err.reason(), ReadyReason::SecretNotFound);
 
         let err = keys.key_for("https://braze.example.com").await.unwrap_err();
         assert!(err.to_string().contains("--braze-endpoint-region"), "{err}");

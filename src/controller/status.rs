@@ -8,27 +8,9 @@ use kube::ResourceExt;
 use serde_json::json;
 
 use crate::api::{
-    CohortImport, CohortImportStatus, FIELD_MANAGER, MAX_RUN_MESSAGE_CHARS, RunRecord, RunResult,
+    CohortImport, CohortImportStatus, FIELD_MANAGER, MAX_RUN_MESSAGE_CHARS, READY, ReadyReason, RunRecord, RunResult,
 };
 use crate::run::report::truncate;
-
-pub const READY: &str = "Ready";
-
-/// The `Ready` condition's reasons.
-pub mod reason {
-    pub const SCHEDULED: &str = "Scheduled";
-    pub const RUNNING: &str = "Running";
-    pub const SUCCEEDED: &str = "Succeeded";
-    pub const DRY_RUN: &str = "DryRun";
-    pub const FAILED: &str = "Failed";
-    pub const BLOCKED: &str = "Blocked";
-    pub const MISSED: &str = "Missed";
-    pub const SUSPENDED: &str = "Suspended";
-    pub const CONFLICT: &str = "Conflict";
-    pub const INVALID_SPEC: &str = "InvalidSpec";
-    pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
-    pub const DELETING: &str = "Deleting";
-}
 
 /// Times in status have whole seconds: what the API server keeps of a `metav1.Time`, so
 /// that a status read back compares equal to the one written.
@@ -36,28 +18,24 @@ pub fn seconds(t: Timestamp) -> Timestamp {
     Timestamp::from_second(t.as_second()).expect("a valid timestamp stays valid when truncated")
 }
 
-pub fn rfc3339(t: Timestamp) -> String {
-    seconds(t).to_string()
-}
-
-/// Sets the `Ready` condition, keeping its transition time while its status stays the same.
+/// Sets the `Ready` condition — its status follows from `reason` — keeping its transition
+/// time while its status stays the same.
 pub fn set_ready(
     status: &mut CohortImportStatus,
-    value: &str,
-    reason: &str,
+    reason: ReadyReason,
     message: &str,
     generation: Option<i64>,
     now: Timestamp,
 ) {
-    let previous = status.conditions.iter().find(|c| c.type_ == READY);
-    let last_transition_time = match previous {
+    let value = reason.status().as_str();
+    let last_transition_time = match status.ready() {
         Some(c) if c.status == value => c.last_transition_time.clone(),
         _ => Time(seconds(now)),
     };
     let ready = Condition {
         type_: READY.to_owned(),
         status: value.to_owned(),
-        reason: reason.to_owned(),
+        reason: reason.as_str().to_owned(),
         // Condition messages are limited to 32 KiB; ours stay far shorter.
         message: truncate(message.to_owned(), 1024),
         last_transition_time,
@@ -69,14 +47,14 @@ pub fn set_ready(
 
 /// The `Ready` reason currently shown.
 pub fn ready_reason(status: Option<&CohortImportStatus>) -> Option<&str> {
-    status?.conditions.iter().find(|c| c.type_ == READY).map(|c| c.reason.as_str())
+    status?.ready().map(|c| c.reason.as_str())
 }
 
 /// Records a finished (or missed) run: newest first, at most `limit` kept.
 pub fn record_run(status: &mut CohortImportStatus, mut record: RunRecord, limit: u8) {
     record.message = truncate(std::mem::take(&mut record.message), MAX_RUN_MESSAGE_CHARS);
     if record.result == RunResult::Succeeded {
-        status.last_successful_run_at = record.finished_at.clone().or_else(|| Some(record.started_at.clone()));
+        status.last_successful_run_at = record.finished_at.or(Some(record.started_at));
     }
     status.history.retain(|r| r.id != record.id);
     status.history.insert(0, record.clone());
@@ -87,30 +65,23 @@ pub fn record_run(status: &mut CohortImportStatus, mut record: RunRecord, limit:
 /// `next run at …` or `no run scheduled`, for the end of a `Ready` message.
 pub fn next_run_text(next_run_at: Option<Timestamp>) -> String {
     match next_run_at {
-        Some(t) => format!("next run at {}", rfc3339(t)),
+        Some(t) => format!("next run at {}", seconds(t)),
         None => "no run scheduled".to_owned(),
     }
 }
 
 /// The `Ready` condition for an import that is not running, from its last run.
-pub fn idle_ready(status: &CohortImportStatus, next_run_at: Option<Timestamp>) -> (&'static str, &'static str, String) {
+pub fn idle_ready(status: &CohortImportStatus, next_run_at: Option<Timestamp>) -> (ReadyReason, String) {
     let next = next_run_text(next_run_at);
     match &status.last_run {
-        None => ("True", reason::SCHEDULED, capitalize(&next)),
+        None => (ReadyReason::Scheduled, capitalize(&next)),
         Some(run) => {
-            let (value, why) = match run.result {
-                RunResult::Succeeded => ("True", reason::SUCCEEDED),
-                RunResult::DryRun => ("True", reason::DRY_RUN),
-                RunResult::Failed => ("False", reason::FAILED),
-                RunResult::Blocked => ("False", reason::BLOCKED),
-                RunResult::Missed => ("False", reason::MISSED),
-            };
             let message = if run.message.is_empty() {
                 format!("Run {} {}; {next}", run.id, verb(run.result))
             } else {
                 format!("Run {} {}: {}; {next}", run.id, verb(run.result), run.message)
             };
-            (value, why, message)
+            (ReadyReason::after(run.result), message)
         }
     }
 }
@@ -172,8 +143,8 @@ mod tests {
         RunRecord {
             id: id.into(),
             trigger: RunTrigger::Scheduled,
-            started_at: "2026-01-01T00:00:00Z".into(),
-            finished_at: Some("2026-01-01T00:01:00Z".into()),
+            started_at: "2026-01-01T00:00:00Z".parse().unwrap(),
+            finished_at: Some("2026-01-01T00:01:00Z".parse().unwrap()),
             result,
             cohort_size: 3,
             added: 1,
@@ -191,7 +162,7 @@ mod tests {
         let ids: Vec<_> = status.history.iter().map(|r| r.id.as_str()).collect();
         assert_eq!(ids, ["r4", "r3", "r2"]);
         assert_eq!(status.last_run.as_ref().unwrap().id, "r4");
-        assert_eq!(status.last_successful_run_at.as_deref(), Some("2026-01-01T00:01:00Z"));
+        assert_eq!(status.last_successful_run_at.map(|t| t.to_string()).as_deref(), Some("2026-01-01T00:01:00Z"));
     }
 
     #[test]
@@ -199,9 +170,9 @@ mod tests {
         let mut status = CohortImportStatus::default();
         record_run(&mut status, record("ok", RunResult::Succeeded, ""), 10);
         let mut failed = record("bad", RunResult::Failed, "boom");
-        failed.finished_at = Some("2026-01-02T00:00:00Z".into());
+        failed.finished_at = Some("2026-01-02T00:00:00Z".parse().unwrap());
         record_run(&mut status, failed, 10);
-        assert_eq!(status.last_successful_run_at.as_deref(), Some("2026-01-01T00:01:00Z"));
+        assert_eq!(status.last_successful_run_at.map(|t| t.to_string()).as_deref(), Some("2026-01-01T00:01:00Z"));
         assert_eq!(status.last_run.as_ref().unwrap().result, RunResult::Failed);
     }
 
@@ -222,26 +193,29 @@ mod tests {
         let t0: Timestamp = "2026-01-01T00:00:00.75Z".parse().unwrap();
         let t1: Timestamp = "2026-01-02T00:00:00Z".parse().unwrap();
         let mut status = CohortImportStatus::default();
-        set_ready(&mut status, "True", reason::SCHEDULED, "Next run at …", Some(1), t0);
+        set_ready(&mut status, ReadyReason::Scheduled, "Next run at …", Some(1), t0);
         assert_eq!(status.conditions[0].last_transition_time.0.to_string(), "2026-01-01T00:00:00Z");
-        set_ready(&mut status, "True", reason::SUCCEEDED, "Run r succeeded", Some(2), t1);
+        set_ready(&mut status, ReadyReason::Succeeded, "Run r succeeded", Some(2), t1);
         assert_eq!(status.conditions.len(), 1);
         assert_eq!(status.conditions[0].last_transition_time.0, seconds(t0));
         assert_eq!(status.conditions[0].reason, "Succeeded");
-        set_ready(&mut status, "False", reason::FAILED, "Run r failed", Some(2), t1);
+        set_ready(&mut status, ReadyReason::Failed, "Run r failed", Some(2), t1);
         assert_eq!(status.conditions[0].last_transition_time.0, t1);
+        assert_eq!(status.conditions[0].status, "False");
+        set_ready(&mut status, ReadyReason::Running, "Run r2 started", Some(2), t1);
+        assert_eq!(status.conditions[0].status, "Unknown");
     }
 
     #[test]
     fn idle_ready_follows_the_last_run() {
         let next: Timestamp = "2026-01-02T06:30:00Z".parse().unwrap();
         let mut status = CohortImportStatus::default();
-        let (value, why, message) = idle_ready(&status, Some(next));
-        assert_eq!((value, why), ("True", "Scheduled"));
+        let (why, message) = idle_ready(&status, Some(next));
+        assert_eq!(why, ReadyReason::Scheduled);
         assert_eq!(message, "Next run at 2026-01-02T06:30:00Z");
         record_run(&mut status, record("r1", RunResult::Blocked, "would remove 40%"), 10);
-        let (value, why, message) = idle_ready(&status, None);
-        assert_eq!((value, why), ("False", "Blocked"));
+        let (why, message) = idle_ready(&status, None);
+        assert_eq!(why, ReadyReason::Blocked);
         assert_eq!(message, "Run r1 was blocked: would remove 40%; no run scheduled");
     }
 }

@@ -2,29 +2,61 @@
 //! schedule, the current time and what the status remembers. Pure: the controller gathers
 //! the inputs (including `now`) and carries out the decision.
 //!
-//! The status keeps a *schedule cursor*: which schedule was in force (its description) and
+//! The status keeps a *schedule cursor*: which schedule was in force (its [`identity`], a
+//! hash of the normalised schedule that no rewording of its description changes) and
 //! the newest scheduled run time already handled (run, recorded as missed, or passed over
 //! by an edit). A scheduled run is due when the schedule's latest run at or before `now` is
 //! newer than the cursor, so a run missed during downtime shows up once however many were
 //! missed, and a run never happens twice.
 //!
-//! When the description changes — the schedule was edited, the import was suspended or
+//! When the identity changes — the schedule was edited, the import was suspended or
 //! resumed, a conflict began or ended — the cursor restarts at `now`: editing the spec never
 //! starts a run by itself, and resuming does not catch up on runs skipped while suspended.
 //! The cursor only moves when something happens, so an idle import's status stays the same.
 
 use jiff::{SignedDuration, Timestamp};
 
-use crate::api::RunTrigger;
+use crate::api::{RunTrigger, ScheduleStatus};
 use crate::domain::schedule::{Recurrence, Schedule, next_run_after, previous_run_at_or_before};
 
 /// What the status remembers about scheduled runs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ScheduleCursor {
-    /// [`describe`] of the schedule in force, or a hold's name (`Suspended`, `Conflict`).
+    /// [`identity`] of the schedule in force, or a hold's name (`Suspended`, `Conflict`).
+    pub identity: String,
+    /// [`describe`] of the schedule in force, or the hold's name: for people only.
     pub description: String,
     /// The newest scheduled run time already handled; `None` before the first.
     pub handled_through: Option<Timestamp>,
+}
+
+impl ScheduleCursor {
+    /// The cursor `.status.schedule` holds, for an import whose schedule is now `schedule`.
+    ///
+    /// Status written before identities existed names the schedule by its description only.
+    /// When that is what [`describe`] says of `schedule` (or a hold's name), the cursor
+    /// carries on under the identity: an upgrade neither runs a handled slot again nor
+    /// passes over a due one. Any other description was another schedule, and does not match.
+    pub fn stored(status: &ScheduleStatus, schedule: &Schedule) -> Self {
+        let identity = match &status.identity {
+            Some(identity) => identity.clone(),
+            None if [Hold::Suspended, Hold::Conflict].iter().any(|h| h.name() == status.description) => {
+                status.description.clone()
+            }
+            None if status.description == describe(schedule) => identity(schedule),
+            None => format!("description:{}", status.description),
+        };
+        ScheduleCursor { identity, description: status.description.clone(), handled_through: status.handled_through }
+    }
+
+    /// What `.status.schedule` stores.
+    pub fn to_status(&self) -> ScheduleStatus {
+        ScheduleStatus {
+            description: self.description.clone(),
+            identity: Some(self.identity.clone()),
+            handled_through: self.handled_through,
+        }
+    }
 }
 
 /// Why an import may not start runs right now.
@@ -37,7 +69,8 @@ pub enum Hold {
 }
 
 impl Hold {
-    fn description(self) -> &'static str {
+    /// Its name, which is also its cursor identity and description.
+    pub fn name(self) -> &'static str {
         match self {
             Hold::Suspended => "Suspended",
             Hold::Conflict => "Conflict",
@@ -93,7 +126,10 @@ pub struct Plan {
     pub next_run_at: Option<Timestamp>,
 }
 
-/// A short, stable description of a schedule, e.g. `Weekly on Monday at 06:30 (Europe/Lisbon)`.
+/// A short description of a schedule, e.g. `Weekly on Monday at 06:30 (Europe/Lisbon)`.
+///
+/// Status written before [`identity`] existed is matched against this text (see
+/// [`ScheduleCursor::stored`]); `descriptions_name_the_schedule` pins it for that reason.
 pub fn describe(schedule: &Schedule) -> String {
     let zone = schedule.time_zone.iana_name().unwrap_or("UTC");
     match schedule.recurrence {
@@ -105,20 +141,43 @@ pub fn describe(schedule: &Schedule) -> String {
     }
 }
 
+/// The schedule's identity: a hash of its normalised form, e.g. `s1-9f0c3a61d2b4e877`.
+///
+/// Equal schedules have equal identities in every version of the operator: the normal form
+/// names each field explicitly, and the hash is FNV-1a (64 bit), a fixed published function
+/// (unlike `std`'s hashers, whose output may change between Rust releases). A change to the
+/// normal form must bump the `s1-` prefix and teach [`ScheduleCursor::stored`] the old one.
+pub fn identity(schedule: &Schedule) -> String {
+    let zone = schedule.time_zone.iana_name().unwrap_or("UTC");
+    let normal = match schedule.recurrence {
+        Recurrence::Once { at: None } => format!("cadence=Once;tz={zone}"),
+        Recurrence::Once { at: Some(at) } => format!("cadence=Once;at={at};tz={zone}"),
+        Recurrence::Daily { at } => format!("cadence=Daily;at={at};tz={zone}"),
+        Recurrence::Weekly { on, at } => format!("cadence=Weekly;day={on:?};at={at};tz={zone}"),
+        Recurrence::Monthly { day, at } => format!("cadence=Monthly;day={};at={at};tz={zone}", day.get()),
+    };
+    format!("s1-{:016x}", fnv1a64(normal.as_bytes()))
+}
+
+/// FNV-1a, 64 bit (<http://www.isthe.com/chongo/tech/comp/fnv/>).
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
 /// Decides what an import that has no run in progress does now.
 pub fn plan(input: &PlanInput<'_>) -> Plan {
     let now = input.now;
-    let description = match input.hold {
-        Some(hold) => hold.description().to_owned(),
-        None => describe(input.schedule),
+    let (identity, description) = match input.hold {
+        Some(hold) => (hold.name().to_owned(), hold.name().to_owned()),
+        None => (identity(input.schedule), describe(input.schedule)),
     };
     let handled_through = match input.cursor {
-        Some(cursor) if cursor.description == description => cursor.handled_through,
+        Some(cursor) if cursor.identity == identity => cursor.handled_through,
         // A changed schedule or a hold starting or ending: runs up to now are passed over.
         Some(_) => Some(now),
         None => None,
     };
-    let cursor = ScheduleCursor { description, handled_through };
+    let cursor = ScheduleCursor { identity, description, handled_through };
 
     let pending_request = input
         .run_request
@@ -201,7 +260,7 @@ mod tests {
     }
 
     fn cursor(schedule: &Schedule, through: Option<&str>) -> ScheduleCursor {
-        ScheduleCursor { description: describe(schedule), handled_through: through.map(ts) }
+        ScheduleCursor { identity: identity(schedule), description: describe(schedule), handled_through: through.map(ts) }
     }
 
     #[test]
@@ -349,7 +408,7 @@ mod tests {
         let p = plan(&i);
         assert_eq!(p.decision, Decision::Held { hold: Hold::Suspended, pending_request: false });
         assert_eq!(p.next_run_at, None);
-        assert_eq!(p.cursor.description, "Suspended");
+        assert_eq!((p.cursor.identity.as_str(), p.cursor.description.as_str()), ("Suspended", "Suspended"));
         // Still suspended a day later: nothing changes.
         let suspended = p.cursor;
         let mut i = input(&s, "2026-03-03T12:00:00Z", Some(&suspended));
@@ -429,7 +488,7 @@ mod tests {
         i.hold = Some(Hold::Conflict);
         let p = plan(&i);
         assert_eq!(p.decision, Decision::Held { hold: Hold::Conflict, pending_request: true });
-        assert_eq!(p.cursor.description, "Conflict");
+        assert_eq!(p.cursor.identity, "Conflict");
     }
 
     #[test]
@@ -446,5 +505,85 @@ mod tests {
         );
         assert_eq!(describe(&monthly), "Monthly on day 31 at 23:00 (Europe/Lisbon)");
         assert_eq!(describe(&daily("06:30")), "Daily at 06:30 (UTC)");
+    }
+
+    #[test]
+    fn fnv1a64_matches_the_published_test_vectors() {
+        assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a64(b"foobar"), 0x8594_4171_f739_67e8);
+    }
+
+    #[test]
+    fn identities_are_stable_and_tell_schedules_apart() {
+        // Pinned: status in every cluster holds these; a change re-bases every cursor.
+        assert_eq!(identity(&daily("06:30")), format!("s1-{:016x}", fnv1a64(b"cadence=Daily;at=06:30;tz=UTC")));
+        assert_eq!(identity(&daily("06:30")), identity(&daily("06:30")));
+        assert_ne!(identity(&daily("06:30")), identity(&daily("06:31")));
+        assert_ne!(identity(&once(None)), identity(&once(Some("06:30"))));
+        let lisbon = Schedule::new(
+            Recurrence::Daily { at: "06:30".parse().unwrap() },
+            TimeZone::get("Europe/Lisbon").unwrap(),
+        );
+        assert_ne!(identity(&daily("06:30")), identity(&lisbon));
+        assert!(identity(&lisbon).starts_with("s1-") && identity(&lisbon).len() == 19);
+    }
+
+    /// Status as versions before identities wrote it: the description names the schedule.
+    fn legacy(description: &str, through: &str) -> ScheduleStatus {
+        ScheduleStatus { description: description.into(), identity: None, handled_through: Some(ts(through)) }
+    }
+
+    #[test]
+    fn an_upgraded_cursor_does_not_run_a_handled_slot_again() {
+        let s = daily("06:30");
+        let stored = ScheduleCursor::stored(&legacy("Daily at 06:30 (UTC)", "2026-03-02T06:30:00Z"), &s);
+        assert_eq!(stored.identity, identity(&s));
+        let mut i = input(&s, "2026-03-02T06:45:00Z", Some(&stored));
+        i.has_run_before = true;
+        let p = plan(&i);
+        assert_eq!(p.decision, Decision::Wait);
+        assert_eq!(p.cursor.handled_through, Some(ts("2026-03-02T06:30:00Z")), "the cursor is kept, not reset to now");
+        assert_eq!(p.cursor.to_status().identity, Some(identity(&s)), "the identity is written from now on");
+    }
+
+    #[test]
+    fn an_upgraded_cursor_does_not_miss_a_due_slot() {
+        // Upgraded while the 06:30 run on the 3rd was due (within the deadline): it runs.
+        let s = daily("06:30");
+        let stored = ScheduleCursor::stored(&legacy("Daily at 06:30 (UTC)", "2026-03-02T06:30:00Z"), &s);
+        let mut i = input(&s, "2026-03-03T06:40:00Z", Some(&stored));
+        i.has_run_before = true;
+        let p = plan(&i);
+        assert_eq!(p.decision, Decision::Run { trigger: RunTrigger::Scheduled, run_request: None, approved_removals: None });
+        assert_eq!(p.cursor.handled_through, Some(ts("2026-03-03T06:30:00Z")));
+    }
+
+    #[test]
+    fn an_upgraded_hold_stays_held_and_another_description_is_another_schedule() {
+        let s = daily("06:30");
+        let held = ScheduleCursor::stored(&legacy("Suspended", "2026-03-02T06:30:00Z"), &s);
+        let mut i = input(&s, "2026-03-03T12:00:00Z", Some(&held));
+        i.hold = Some(Hold::Suspended);
+        assert_eq!(plan(&i).cursor.handled_through, Some(ts("2026-03-02T06:30:00Z")));
+        // The stored description is of the schedule before an edit: passed over, as before.
+        let edited = ScheduleCursor::stored(&legacy("Daily at 05:00 (UTC)", "2026-03-02T05:00:00Z"), &s);
+        let p = plan(&input(&s, "2026-03-03T06:40:00Z", Some(&edited)));
+        assert_eq!(p.decision, Decision::Wait);
+        assert_eq!(p.cursor.handled_through, Some(ts("2026-03-03T06:40:00Z")));
+    }
+
+    #[test]
+    fn a_reworded_description_keeps_the_cursor() {
+        let s = daily("06:30");
+        let status = ScheduleStatus {
+            description: "Every day at 06:30 UTC".into(),
+            identity: Some(identity(&s)),
+            handled_through: Some(ts("2026-03-02T06:30:00Z")),
+        };
+        let p = plan(&input(&s, "2026-03-02T08:00:00Z", Some(&ScheduleCursor::stored(&status, &s))));
+        assert_eq!(p.decision, Decision::Wait);
+        assert_eq!(p.cursor.handled_through, Some(ts("2026-03-02T06:30:00Z")));
+        assert_eq!(p.cursor.description, "Daily at 06:30 (UTC)");
     }
 }

@@ -97,7 +97,7 @@ mod tests {
         RunRecord {
             id: "r".into(),
             trigger: RunTrigger::Scheduled,
-            started_at: "2026-01-01T00:00:00Z".into(),
+            started_at: "2026-01-01T00:00:00Z".parse().unwrap(),
             finished_at: None,
             result,
             cohort_size: 0,

@@ -32,7 +32,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::api::{IdentifierMapping, RemovalGuard, RunResult, RunTrigger};
-use crate::braze::{BrazeClient, Change, CohortTarget};
+use crate::braze::{BrazeClient, Change, ChangesReport, CohortTarget};
 use crate::domain::diff::{self, DiffCounts, DiffError, KeyCursor};
 use crate::domain::guard::{self, GuardDecision, GuardInput, RemovalApproval};
 use crate::domain::identifiers::SkipCounts;
@@ -41,9 +41,11 @@ use crate::snapshot::format::{BodyReader, BodyWriter, FrontCodedReader, FrontCod
 use crate::snapshot::{DoubtMeta, FORMAT_VERSION, SnapshotMeta, SnapshotStore};
 use crate::source::MemberStream;
 
+pub mod remove;
 pub mod report;
 pub mod sort;
 
+pub use remove::{RemovalError, remove_all_members};
 pub use report::{RunError, RunReport, SAMPLE_SIZE, new_run_id};
 
 /// Changes kept in memory before a change list moves to a scratch file.
@@ -350,13 +352,8 @@ async fn execute(run: &ImportRun, deps: RunDeps<'_>, clock: RunClock, report: &m
 
     // 8. Removals, then additions.
     if sends > 0 {
-        let (tx, rx) = mpsc::channel::<Vec<Change>>(2);
-        let reader = tokio::task::spawn_blocking(move || read_changes(diffed.removes, diffed.adds, tx));
-        let changes = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) })
-            .flat_map(futures::stream::iter);
-        let sent = deps.braze.send_changes(deps.target, changes).await;
-        // The reader ends by itself once the sender stopped reading (its channel closes).
-        let read = reader.await.expect("the change reader does not panic");
+        let (removes, adds) = (diffed.removes, diffed.adds);
+        let (sent, read) = send_changes_from(deps.braze, deps.target, move |tx| read_changes(removes, adds, tx)).await;
         report.requests += sent.totals.requests;
         report.retries += sent.totals.retries;
         for (status, count) in &sent.totals.responses_by_status {
@@ -402,6 +399,24 @@ async fn execute(run: &ImportRun, deps: RunDeps<'_>, clock: RunClock, report: &m
         report.committed_generation = Some(meta.generation);
     }
     Ok(RunResult::Succeeded)
+}
+
+/// Sends to Braze the changes `read` produces on a blocking thread, in chunks through a
+/// small channel, so neither side holds more than a few chunks. Returns what Braze did and
+/// what `read` returned; `read` ends by itself once the sender stops reading (its channel
+/// closes). Import runs and `deletionPolicy: RemoveMembers` both send through here.
+pub(crate) async fn send_changes_from<R: Send + 'static>(
+    braze: &BrazeClient,
+    target: &CohortTarget,
+    read: impl FnOnce(mpsc::Sender<Vec<Change>>) -> io::Result<R> + Send + 'static,
+) -> (ChangesReport, io::Result<R>) {
+    let (tx, rx) = mpsc::channel::<Vec<Change>>(2);
+    let reader = tokio::task::spawn_blocking(move || read(tx));
+    let changes = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) })
+        .flat_map(futures::stream::iter);
+    let sent = braze.send_changes(target, changes).await;
+    let read = reader.await.expect("the change reader does not panic");
+    (sent, read)
 }
 
 /// Streams the source into the sorter, which runs on a blocking thread.

@@ -176,8 +176,8 @@ impl RunReport {
         RunRecord {
             id: self.run_id.clone(),
             trigger: self.trigger,
-            started_at: self.started_at.to_string(),
-            finished_at: Some(self.finished_at.to_string()),
+            started_at: self.started_at,
+            finished_at: Some(self.finished_at),
             result: self.result,
             cohort_size: self.cohort_size,
             added: self.added,

@@ -1,4 +1,8 @@
 //! [`SourceContext`] over the Kubernetes API: Secrets and ConfigMaps in one namespace.
+//!
+//! This is the operator's one reader of Secret values: sources read through it, and so do
+//! the controller's Braze keys and its check that an import's Secrets exist
+//! ([`crate::controller::secrets`]), so a check and a run never read a value differently.
 
 use ::kube::api::Api;
 use ::kube::Client;
@@ -67,7 +71,8 @@ impl SourceContext for KubeObjects {
             .and_then(|mut data| data.remove(key))
             .ok_or_else(|| self.key_error(ObjectKind::Secret, name, key, false))?;
         let text = String::from_utf8(bytes.0).map_err(|_| self.key_error(ObjectKind::Secret, name, key, true))?;
-        // A trailing newline is almost always `echo` or an editor, never part of a key.
+        // A trailing newline is almost always `echo` or an editor, never part of a key. Other
+        // white space is kept: a password may end with a space.
         let trimmed = text.trim_end_matches(['\n', '\r']);
         Ok(SecretString::new(trimmed))
     }

@@ -19,7 +19,7 @@ use std::future::Future;
 use futures::stream::BoxStream;
 use futures::StreamExt;
 
-use crate::api::{IdentifierMapping, SourceSpec};
+use crate::api::{IdentifierMapping, ReadyReason, SourceSpec};
 use crate::domain::identifiers::{IdentifierFields, SkipCounts, SkipReason};
 use crate::domain::member::{Member, MemberKey};
 use crate::secret::SecretString;
@@ -141,14 +141,14 @@ pub enum SourceError {
 
 impl SourceError {
     /// The `Ready` condition reason the controller reports for this error.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> ReadyReason {
         match self {
             SourceError::ObjectNotFound { kind: ObjectKind::Secret, .. }
-            | SourceError::KeyNotFound { kind: ObjectKind::Secret, .. } => "SecretNotFound",
+            | SourceError::KeyNotFound { kind: ObjectKind::Secret, .. } => ReadyReason::SecretNotFound,
             SourceError::ObjectNotFound { kind: ObjectKind::ConfigMap, .. }
-            | SourceError::KeyNotFound { kind: ObjectKind::ConfigMap, .. } => "ConfigMapNotFound",
-            SourceError::Config { .. } | SourceError::KeyNotText { .. } => "InvalidSpec",
-            _ => "SourceFailed",
+            | SourceError::KeyNotFound { kind: ObjectKind::ConfigMap, .. } => ReadyReason::ConfigMapNotFound,
+            SourceError::Config { .. } | SourceError::KeyNotText { .. } => ReadyReason::InvalidSpec,
+            _ => ReadyReason::SourceFailed,
         }
     }
 }
@@ -305,7 +305,7 @@ mod tests {
     #[test]
     fn reasons_follow_the_object_kind() {
         let e = SourceError::ObjectNotFound { kind: ObjectKind::Secret, namespace: "ns".into(), name: "s".into() };
-        assert_eq!(e.reason(), "SecretNotFound");
+        assert_eq!(e.reason(), ReadyReason::SecretNotFound);
         assert_eq!(e.to_string(), "Secret ns/s not found: create it in the import's namespace or fix the name in the spec");
     }
 

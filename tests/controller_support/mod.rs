@@ -59,7 +59,7 @@ pub struct Env {
 
 /// A controller running in-process.
 pub struct Operator {
-    task: Option<tokio::task::JoinHandle<Result<(), controller::RunError>>>,
+    task: Option<tokio::task::JoinHandle<Result<(), controller::ControllerError>>>,
     shutdown: Option<oneshot::Sender<()>>,
     pub metrics: Arc<Metrics>,
 }
@@ -342,11 +342,11 @@ impl Env {
 }
 
 pub fn ready_reason(status: &api::CohortImportStatus) -> Option<&str> {
-    status.conditions.iter().find(|c| c.type_ == "Ready").map(|c| c.reason.as_str())
+    status.ready().map(|c| c.reason.as_str())
 }
 
 pub fn ready(status: &api::CohortImportStatus) -> Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
-    status.conditions.iter().find(|c| c.type_ == "Ready")
+    status.ready()
 }
 
 pub fn ids(range: std::ops::Range<usize>) -> Vec<String> {

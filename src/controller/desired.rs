@@ -1,0 +1,521 @@
+//! What one reconcile wants, decided without I/O: from the import, its plan (or why its spec
+//! is invalid) and what the reconcile fetched, the status to write and the effects to carry
+//! out once it is written. [`super::reconcile`] fetches, calls [`plan_for`] and [`desired`],
+//! and executes the result; every decision a reconcile makes is here, tested below.
+
+use jiff::{SignedDuration, Timestamp};
+use kube::ResourceExt;
+
+use super::conflict::CohortKey;
+use super::events::reason as event;
+use super::record::{self, Recorded, RunEnd};
+use super::secrets::KeyError;
+use super::status::{idle_ready, next_run_text, seconds, set_ready};
+use crate::api::{
+    APPROVE_REMOVALS_ANNOTATION, CohortImport, CohortImportStatus, CurrentRun, RUN_REQUESTED_ANNOTATION, ReadyReason,
+    RunResult,
+};
+use crate::domain::plan::{Decision, Hold, Plan, PlanInput, ScheduleCursor, plan};
+use crate::domain::validate::{SpecErrors, ValidSpec};
+
+/// What the reconcile found out before deciding.
+#[derive(Clone, Debug)]
+pub struct Observed<'a> {
+    pub now: Timestamp,
+    /// The operator's `--starting-deadline-seconds`, which a missed run's record names.
+    pub starting_deadline: SignedDuration,
+    /// `namespace/name` of the older import that owns this import's cohort.
+    pub winner: Option<&'a str>,
+    /// The run status shows in progress ended on this replica and its end is recorded:
+    /// this copy of the import predates that record.
+    pub run_ended_here: bool,
+    /// Whether every Secret key the import reads exists; fetched only when
+    /// [`checks_secrets`] says so.
+    pub secrets: Option<&'a Result<(), KeyError>>,
+    /// The id a run started by this reconcile gets ([`crate::run::new_run_id`]).
+    pub new_run_id: String,
+}
+
+/// Something to do once the status is written.
+#[derive(Clone, Debug)]
+pub enum Effect {
+    /// A warning Event, published only if this write changed `Ready`'s reason.
+    WarnOnChange { reason: &'static str, action: &'static str, note: String },
+    /// A warning Event.
+    Warn { reason: &'static str, action: &'static str, note: String },
+    /// A run ended without running (missed, abandoned): announce it ([`record::announce`]).
+    Announce(Box<(RunEnd, Recorded)>),
+    /// Start the run the written status shows in progress.
+    StartRun(CurrentRun),
+}
+
+/// When to reconcile again, if nothing changes first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Requeue {
+    /// At this time (the next run), or only on a change when `None`.
+    At(Option<Timestamp>),
+    /// Shortly: this copy of the import is stale and a newer one is on its way.
+    Soon,
+}
+
+/// The outcome of [`desired`].
+#[derive(Clone, Debug)]
+pub struct Desired {
+    /// The status to write; `None`: leave it alone.
+    pub status: Option<CohortImportStatus>,
+    pub effects: Vec<Effect>,
+    pub requeue: Requeue,
+}
+
+/// The plan for an import whose spec is `valid`; `owned_elsewhere` when an older import owns
+/// its cohort.
+pub fn plan_for(
+    import: &CohortImport,
+    valid: &ValidSpec,
+    owned_elsewhere: bool,
+    now: Timestamp,
+    starting_deadline: SignedDuration,
+) -> Plan {
+    let status = import.status.as_ref();
+    let hold = if owned_elsewhere {
+        Some(Hold::Conflict)
+    } else if import.spec.suspend {
+        Some(Hold::Suspended)
+    } else {
+        None
+    };
+    let last_run = status.and_then(|s| s.last_run.as_ref());
+    let annotations = import.annotations();
+    let approved_blocked_run = annotations
+        .get(APPROVE_REMOVALS_ANNOTATION)
+        .map(String::as_str)
+        .filter(|approved| last_run.is_some_and(|run| run.result == RunResult::Blocked && run.id == *approved));
+    let cursor = status.and_then(|s| s.schedule.as_ref()).map(|s| ScheduleCursor::stored(s, &valid.schedule));
+    plan(&PlanInput {
+        now,
+        // The API server always sets it; `now` stands in for an object without one.
+        created: import.metadata.creation_timestamp.as_ref().map_or(now, |t| t.0),
+        schedule: &valid.schedule,
+        hold,
+        starting_deadline,
+        run_request: annotations.get(RUN_REQUESTED_ANNOTATION).map(String::as_str),
+        last_handled_run_request: status.and_then(|s| s.last_handled_run_request.as_deref()),
+        approved_blocked_run,
+        cursor: cursor.as_ref(),
+        has_run_before: status.is_some_and(|s| s.last_run.is_some() || !s.history.is_empty()),
+    })
+}
+
+/// Whether [`desired`] needs [`Observed::secrets`]: only an import that waits says whether
+/// its Secrets are there (a run reads them anyway).
+pub fn checks_secrets(import: &CohortImport, plan: &Plan) -> bool {
+    plan.decision == Decision::Wait && import.status.as_ref().is_none_or(|s| s.current_run.is_none())
+}
+
+/// The status `import` should have and what to do once it has it.
+pub fn desired(import: &CohortImport, plan: Result<&Plan, &SpecErrors>, seen: &Observed<'_>) -> Desired {
+    let mut status = import.status.clone().unwrap_or_default();
+    status.observed_generation = import.metadata.generation;
+    let plan = match plan {
+        Ok(plan) => plan,
+        Err(errors) => return invalid(import, status, errors, seen),
+    };
+    let mut effects = Vec::new();
+    if let Some(run) = status.current_run.clone() {
+        // A run recorded as started but not running here was cut short (restart, failover).
+        if seen.run_ended_here {
+            return Desired { status: None, effects, requeue: Requeue::Soon };
+        }
+        if seen.winner.is_none() {
+            let run = CurrentRun { started_at: seconds(seen.now), ..run };
+            let note = format!("Run {} was interrupted (operator restart or failover); running it again", run.id);
+            effects.push(Effect::Warn { reason: event::RUN_INTERRUPTED, action: "Run", note });
+            return start(import, status, run, effects);
+        }
+    }
+    status.schedule = Some(plan.cursor.to_status());
+    status.next_run_at = plan.next_run_at.map(seconds);
+    if let Some(run) = status.current_run.take() {
+        effects.extend(abandon(import, &mut status, &run, seen.now, "another import owns the cohort now"));
+    }
+    let requeue = Requeue::At(plan.next_run_at);
+    match &plan.decision {
+        Decision::Run { trigger, run_request, approved_removals } => {
+            if let Some(request) = run_request {
+                status.last_handled_run_request = Some(request.clone());
+            }
+            let run = CurrentRun {
+                id: seen.new_run_id.clone(),
+                trigger: *trigger,
+                started_at: seconds(seen.now),
+                approved_removals: approved_removals.clone(),
+            };
+            start(import, status, run, effects)
+        }
+        Decision::RecordMissed { slot } => {
+            let end = RunEnd::missed(*slot, seen.starting_deadline, seen.now);
+            let recorded = record::record(&mut status, &end, import.spec.history_limit);
+            effects.push(Effect::Announce(Box::new((end, recorded))));
+            Desired { status: Some(status), effects, requeue }
+        }
+        Decision::Wait => {
+            effects.extend(wait(import, &mut status, plan.next_run_at, seen));
+            Desired { status: Some(status), effects, requeue }
+        }
+        Decision::Held { hold, pending_request } => {
+            held(import, &mut status, *hold, *pending_request, seen, &mut effects);
+            Desired { status: Some(status), effects, requeue: Requeue::At(None) }
+        }
+    }
+}
+
+/// Nothing to do until the next run: `Ready` from the last run, unless a Secret is missing.
+fn wait(
+    import: &CohortImport,
+    status: &mut CohortImportStatus,
+    next_run_at: Option<Timestamp>,
+    seen: &Observed<'_>,
+) -> Option<Effect> {
+    let generation = import.metadata.generation;
+    let Some(Err(e)) = seen.secrets else {
+        let (reason, message) = idle_ready(status, next_run_at);
+        set_ready(status, reason, &message, generation, seen.now);
+        return None;
+    };
+    let message = format!("{e}; {}", next_run_text(next_run_at));
+    set_ready(status, e.reason(), &message, generation, seen.now);
+    // A missing Secret is the user's to fix; a failed API read is not.
+    (e.reason() == ReadyReason::SecretNotFound)
+        .then_some(Effect::WarnOnChange { reason: event::SECRET_NOT_FOUND, action: "Check", note: message })
+}
+
+/// `Ready=False, reason=InvalidSpec`; a run in progress is abandoned, nothing is scheduled.
+fn invalid(import: &CohortImport, mut status: CohortImportStatus, errors: &SpecErrors, seen: &Observed<'_>) -> Desired {
+    let mut effects = Vec::new();
+    if let Some(run) = status.current_run.take() {
+        effects.extend(abandon(import, &mut status, &run, seen.now, "the spec became invalid"));
+    }
+    status.next_run_at = None;
+    let message = format!("Invalid spec: {errors}");
+    set_ready(&mut status, ReadyReason::InvalidSpec, &message, import.metadata.generation, seen.now);
+    effects.push(Effect::WarnOnChange { reason: event::INVALID_SPEC, action: "Validate", note: message });
+    Desired { status: Some(status), effects, requeue: Requeue::At(None) }
+}
+
+/// Records `run` as ended without running again, through the one run-end path.
+fn abandon(import: &CohortImport, status: &mut CohortImportStatus, run: &CurrentRun, now: Timestamp, why: &str) -> [Effect; 1] {
+    let end = RunEnd::abandoned(run, now, why);
+    let recorded = record::record(status, &end, import.spec.history_limit);
+    [Effect::Announce(Box::new((end, recorded)))]
+}
+
+/// Records `run` in progress — first, so that an operator stopping in the middle finds it
+/// and runs it again — then starts it.
+fn start(import: &CohortImport, mut status: CohortImportStatus, run: CurrentRun, mut effects: Vec<Effect>) -> Desired {
+    let message = format!("Run {} ({:?}) started at {}", run.id, run.trigger, run.started_at);
+    set_ready(&mut status, ReadyReason::Running, &message, import.metadata.generation, run.started_at);
+    status.current_run = Some(run.clone());
+    effects.push(Effect::StartRun(run));
+    Desired { status: Some(status), effects, requeue: Requeue::At(None) }
+}
+
+/// `Suspended` or `Conflict`: no runs; a requested run waits.
+fn held(
+    import: &CohortImport,
+    status: &mut CohortImportStatus,
+    hold: Hold,
+    pending_request: bool,
+    seen: &Observed<'_>,
+    effects: &mut Vec<Effect>,
+) {
+    let (reason, mut message) = match hold {
+        Hold::Suspended => (ReadyReason::Suspended, "Suspended: no runs until spec.suspend is false".to_owned()),
+        Hold::Conflict => (
+            ReadyReason::Conflict,
+            format!(
+                "Conflict: {} is already imported by {}, which is older; this import does not run while both exist",
+                CohortKey::of(&import.spec),
+                seen.winner.unwrap_or("another import")
+            ),
+        ),
+    };
+    if pending_request {
+        message.push_str("; the requested run waits until then");
+    }
+    set_ready(status, reason, &message, import.metadata.generation, seen.now);
+    if hold == Hold::Conflict {
+        effects.push(Effect::WarnOnChange { reason: event::CONFLICT, action: "Schedule", note: message });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{RunRecord, RunTrigger, ScheduleStatus};
+    use crate::domain::plan::identity;
+    use serde_json::json;
+
+    const CREATED: &str = "2026-03-01T10:00:00Z";
+
+    fn ts(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    /// A Daily 06:30 (UTC) import created at [`CREATED`], with `status` and `annotations`.
+    fn import(status: Option<CohortImportStatus>, annotations: serde_json::Value) -> CohortImport {
+        let mut import: CohortImport = serde_json::from_value(json!({
+            "apiVersion": "cohorts.dev/v1alpha1",
+            "kind": "CohortImport",
+            "metadata": {
+                "name": "vip", "namespace": "growth", "uid": "u1", "generation": 3,
+                "creationTimestamp": CREATED, "annotations": annotations
+            },
+            "spec": {
+                "cohort": { "id": "vip", "name": "VIP" },
+                "source": { "configMap": { "name": "members", "key": "ids" } },
+                "identifiers": { "externalId": "id" },
+                "destination": { "braze": {
+                    "restEndpoint": "https://rest.iad-01.braze.com",
+                    "partner": "kubit",
+                    "dataImportKeySecretRef": { "name": "braze", "key": "data-import-key" }
+                } },
+                "schedule": { "cadence": "Daily", "at": "06:30" }
+            }
+        }))
+        .unwrap();
+        import.status = status;
+        import
+    }
+
+    fn seen(now: &str) -> Observed<'static> {
+        Observed {
+            now: ts(now),
+            starting_deadline: SignedDuration::from_hours(1),
+            winner: None,
+            run_ended_here: false,
+            secrets: Some(&Ok(())),
+            new_run_id: "20260302-063000-abcd".into(),
+        }
+    }
+
+    /// Plans with `seen` and decides.
+    fn decide(import: &CohortImport, seen: &Observed<'_>) -> Desired {
+        let valid = crate::domain::validate::validate(&import.spec).unwrap();
+        let plan = plan_for(import, &valid, seen.winner.is_some(), seen.now, seen.starting_deadline);
+        desired(import, Ok(&plan), seen)
+    }
+
+    /// Status after a handled 06:30 run on 2 March that ended with `result`.
+    fn after_run(result: RunResult) -> CohortImportStatus {
+        let schedule = crate::domain::validate::validate(&import(None, json!({})).spec).unwrap().schedule;
+        let record = RunRecord {
+            id: "20260302-063000-0001".into(),
+            trigger: RunTrigger::Scheduled,
+            started_at: ts("2026-03-02T06:30:00Z"),
+            finished_at: Some(ts("2026-03-02T06:31:00Z")),
+            result,
+            cohort_size: 10,
+            added: 1,
+            removed: 4,
+            message: "m".into(),
+        };
+        CohortImportStatus {
+            last_run: Some(record.clone()),
+            history: vec![record],
+            schedule: Some(ScheduleStatus {
+                description: "Daily at 06:30 (UTC)".into(),
+                identity: Some(identity(&schedule)),
+                handled_through: Some(ts("2026-03-02T06:30:00Z")),
+            }),
+            next_run_at: Some(ts("2026-03-03T06:30:00Z")),
+            ..Default::default()
+        }
+    }
+
+    fn ready(d: &Desired) -> (String, String, String) {
+        let c = d.status.as_ref().unwrap().ready().unwrap().clone();
+        (c.status, c.reason, c.message)
+    }
+
+    fn running(status: &CohortImportStatus, id: &str) -> CohortImportStatus {
+        let run = CurrentRun { id: id.into(), trigger: RunTrigger::Scheduled, started_at: ts(CREATED), approved_removals: None };
+        CohortImportStatus { current_run: Some(run), ..status.clone() }
+    }
+
+    #[test]
+    fn a_new_import_is_scheduled_for_its_first_run_time() {
+        let d = decide(&import(None, json!({})), &seen("2026-03-01T10:00:05Z"));
+        assert_eq!(ready(&d), ("True".into(), "Scheduled".into(), "Next run at 2026-03-02T06:30:00Z".into()));
+        let status = d.status.unwrap();
+        assert_eq!(status.observed_generation, Some(3));
+        assert_eq!(status.next_run_at, Some(ts("2026-03-02T06:30:00Z")));
+        assert!(d.effects.is_empty());
+        assert_eq!(d.requeue, Requeue::At(Some(ts("2026-03-02T06:30:00Z"))));
+    }
+
+    #[test]
+    fn a_due_run_is_recorded_as_running_before_it_starts() {
+        let d = decide(&import(None, json!({})), &seen("2026-03-02T06:30:00.4Z"));
+        assert_eq!(ready(&d).0, "Unknown");
+        assert_eq!(ready(&d).1, "Running");
+        let status = d.status.as_ref().unwrap();
+        let run = status.current_run.clone().unwrap();
+        assert_eq!((run.id.as_str(), run.trigger), ("20260302-063000-abcd", RunTrigger::Initial));
+        assert_eq!(run.started_at, ts("2026-03-02T06:30:00Z"), "whole seconds");
+        assert_eq!(status.schedule.as_ref().unwrap().handled_through, Some(ts("2026-03-02T06:30:00Z")));
+        assert!(matches!(d.effects.as_slice(), [Effect::StartRun(r)] if *r == run));
+        assert_eq!(d.requeue, Requeue::At(None), "the run wakes the import when it ends");
+    }
+
+    #[test]
+    fn a_run_request_is_handled_once() {
+        let annotations = json!({ RUN_REQUESTED_ANNOTATION: "now-1" });
+        let d = decide(&import(Some(after_run(RunResult::Succeeded)), annotations.clone()), &seen("2026-03-02T12:00:00Z"));
+        let status = d.status.unwrap();
+        assert_eq!(status.last_handled_run_request.as_deref(), Some("now-1"));
+        assert_eq!(status.current_run.unwrap().trigger, RunTrigger::Manual);
+        let handled = CohortImportStatus { last_handled_run_request: Some("now-1".into()), ..after_run(RunResult::Succeeded) };
+        let d = decide(&import(Some(handled), annotations), &seen("2026-03-02T12:00:01Z"));
+        assert!(d.status.unwrap().current_run.is_none());
+    }
+
+    #[test]
+    fn an_approval_runs_the_blocked_run_again_with_its_removals() {
+        let approve = json!({ APPROVE_REMOVALS_ANNOTATION: "20260302-063000-0001" });
+        let d = decide(&import(Some(after_run(RunResult::Blocked)), approve.clone()), &seen("2026-03-02T12:00:00Z"));
+        let run = d.status.unwrap().current_run.unwrap();
+        assert_eq!(run.approved_removals.as_deref(), Some("20260302-063000-0001"));
+        // Naming a run that was not blocked approves nothing.
+        let d = decide(&import(Some(after_run(RunResult::Failed)), approve), &seen("2026-03-02T12:00:00Z"));
+        assert!(d.status.unwrap().current_run.is_none());
+    }
+
+    #[test]
+    fn an_idle_import_shows_its_last_runs_result() {
+        for (result, value, reason) in [
+            (RunResult::Succeeded, "True", "Succeeded"),
+            (RunResult::DryRun, "True", "DryRun"),
+            (RunResult::Failed, "False", "Failed"),
+            (RunResult::Blocked, "False", "Blocked"),
+            (RunResult::Missed, "False", "Missed"),
+        ] {
+            let d = decide(&import(Some(after_run(result)), json!({})), &seen("2026-03-02T12:00:00Z"));
+            let (v, r, message) = ready(&d);
+            assert_eq!((v.as_str(), r.as_str()), (value, reason), "{result:?}");
+            assert!(message.starts_with("Run 20260302-063000-0001 ") && message.ends_with("next run at 2026-03-03T06:30:00Z"));
+            assert!(d.effects.is_empty());
+            assert_eq!(d.status.unwrap().schedule, after_run(result).schedule, "the cursor stays while idle");
+        }
+    }
+
+    #[test]
+    fn a_missing_secret_says_which_and_warns_once() {
+        let missing = Err(KeyError::SecretNotFound { namespace: "growth".into(), name: "braze".into(), field: "f" });
+        let seen = Observed { secrets: Some(&missing), ..seen("2026-03-01T10:00:05Z") };
+        let d = decide(&import(None, json!({})), &seen);
+        let (value, reason, message) = ready(&d);
+        assert_eq!((value.as_str(), reason.as_str()), ("False", "SecretNotFound"));
+        assert!(message.starts_with("Secret growth/braze not found") && message.ends_with("next run at 2026-03-02T06:30:00Z"));
+        assert!(matches!(&d.effects[..], [Effect::WarnOnChange { reason: "SecretNotFound", .. }]));
+
+        // A failed read is not the user's to fix: no Event.
+        let unreadable = Err(KeyError::Read { namespace: "growth".into(), name: "braze".into(), message: "Forbidden".into() });
+        let d = decide(&import(None, json!({})), &Observed { secrets: Some(&unreadable), ..seen.clone() });
+        assert_eq!(ready(&d).1, "SecretReadFailed");
+        assert!(d.effects.is_empty());
+    }
+
+    #[test]
+    fn a_run_past_its_starting_deadline_is_recorded_as_missed_and_announced() {
+        let d = decide(&import(Some(after_run(RunResult::Succeeded)), json!({})), &seen("2026-03-03T09:00:00Z"));
+        let status = d.status.as_ref().unwrap();
+        let missed = status.last_run.clone().unwrap();
+        assert_eq!((missed.result, missed.started_at), (RunResult::Missed, ts("2026-03-03T06:30:00Z")));
+        assert!(missed.message.contains("starting deadline (1 h)"), "{}", missed.message);
+        assert_eq!(status.history.len(), 2);
+        assert_eq!(ready(&d).1, "Missed");
+        let [Effect::Announce(ended)] = &d.effects[..] else { panic!("{:?}", d.effects) };
+        assert_eq!(ended.0.record, missed);
+        assert_eq!(ended.1.previous_history, after_run(RunResult::Succeeded).history);
+        assert_eq!(d.requeue, Requeue::At(Some(ts("2026-03-04T06:30:00Z"))));
+    }
+
+    #[test]
+    fn suspended_and_conflicting_imports_hold_and_say_why() {
+        let mut suspended = import(Some(after_run(RunResult::Succeeded)), json!({ RUN_REQUESTED_ANNOTATION: "x" }));
+        suspended.spec.suspend = true;
+        let d = decide(&suspended, &seen("2026-03-02T12:00:00Z"));
+        assert_eq!(
+            ready(&d),
+            ("False".into(), "Suspended".into(), "Suspended: no runs until spec.suspend is false; the requested run waits until then".into())
+        );
+        assert_eq!(d.status.as_ref().unwrap().next_run_at, None);
+        assert!(d.effects.is_empty());
+        assert_eq!(d.requeue, Requeue::At(None));
+
+        let seen = Observed { winner: Some("growth/older"), ..seen("2026-03-02T12:00:00Z") };
+        let d = decide(&import(Some(after_run(RunResult::Succeeded)), json!({})), &seen);
+        let (value, reason, message) = ready(&d);
+        assert_eq!((value.as_str(), reason.as_str()), ("False", "Conflict"));
+        assert!(message.contains("already imported by growth/older"), "{message}");
+        assert!(matches!(&d.effects[..], [Effect::WarnOnChange { reason: "Conflict", .. }]));
+    }
+
+    #[test]
+    fn an_interrupted_run_is_run_again_with_a_warning() {
+        let status = running(&after_run(RunResult::Succeeded), "r9");
+        let d = decide(&import(Some(status), json!({})), &seen("2026-03-02T12:00:00Z"));
+        let run = d.status.as_ref().unwrap().current_run.clone().unwrap();
+        assert_eq!((run.id.as_str(), run.started_at), ("r9", ts("2026-03-02T12:00:00Z")));
+        assert_eq!(ready(&d).1, "Running");
+        assert!(matches!(&d.effects[..], [Effect::Warn { reason: "RunInterrupted", .. }, Effect::StartRun(r)] if r.id == "r9"));
+    }
+
+    #[test]
+    fn a_stale_copy_of_a_run_that_ended_here_waits_for_the_fresh_one() {
+        let status = running(&after_run(RunResult::Succeeded), "r9");
+        let d = decide(&import(Some(status), json!({})), &Observed { run_ended_here: true, ..seen("2026-03-02T12:00:00Z") });
+        assert!(d.status.is_none() && d.effects.is_empty());
+        assert_eq!(d.requeue, Requeue::Soon);
+    }
+
+    #[test]
+    fn a_run_cut_short_under_a_conflict_is_abandoned_through_the_run_end() {
+        let status = running(&after_run(RunResult::Succeeded), "r9");
+        let seen = Observed { winner: Some("growth/older"), ..seen("2026-03-02T12:00:00Z") };
+        let d = decide(&import(Some(status), json!({})), &seen);
+        let status = d.status.as_ref().unwrap();
+        assert_eq!(status.current_run, None);
+        let last = status.last_run.clone().unwrap();
+        assert_eq!((last.id.as_str(), last.result), ("r9", RunResult::Failed));
+        assert!(last.message.ends_with("not run again: another import owns the cohort now"), "{}", last.message);
+        assert_eq!(ready(&d).1, "Conflict");
+        assert!(matches!(&d.effects[..], [Effect::Announce(e), Effect::WarnOnChange { reason: "Conflict", .. }] if e.0.record == last));
+    }
+
+    #[test]
+    fn an_invalid_spec_stops_the_schedule_and_abandons_a_run() {
+        let mut bad = import(Some(running(&after_run(RunResult::Succeeded), "r9")), json!({}));
+        bad.spec.schedule.day_of_week = Some(crate::api::DayOfWeek::Monday);
+        let errors = crate::domain::validate::validate(&bad.spec).unwrap_err();
+        let d = desired(&bad, Err(&errors), &seen("2026-03-02T12:00:00Z"));
+        let (value, reason, message) = ready(&d);
+        assert_eq!((value.as_str(), reason.as_str()), ("False", "InvalidSpec"));
+        assert!(message.starts_with("Invalid spec: spec.schedule.dayOfWeek"), "{message}");
+        let status = d.status.as_ref().unwrap();
+        assert_eq!((status.next_run_at, status.current_run.as_ref()), (None, None));
+        assert_eq!(status.last_run.as_ref().unwrap().result, RunResult::Failed);
+        assert!(matches!(&d.effects[..], [Effect::Announce(_), Effect::WarnOnChange { reason: "InvalidSpec", .. }]));
+        assert_eq!(d.requeue, Requeue::At(None));
+    }
+
+    #[test]
+    fn secrets_are_checked_only_by_an_import_that_waits() {
+        let idle = import(Some(after_run(RunResult::Succeeded)), json!({}));
+        let valid = crate::domain::validate::validate(&idle.spec).unwrap();
+        let d = SignedDuration::from_hours(1);
+        assert!(checks_secrets(&idle, &plan_for(&idle, &valid, false, ts("2026-03-02T12:00:00Z"), d)));
+        assert!(!checks_secrets(&idle, &plan_for(&idle, &valid, false, ts("2026-03-03T06:30:00Z"), d)), "runs");
+        assert!(!checks_secrets(&idle, &plan_for(&idle, &valid, true, ts("2026-03-02T12:00:00Z"), d)), "held");
+    }
+}

@@ -1,0 +1,384 @@
+//! How a run ends. Every run that ends — finished by the importer, missed while the
+//! operator was down, abandoned after an interruption — ends through here and nowhere else:
+//!
+//! 1. a [`RunEnd`] constructor builds its history entry, `Ready` reason and report hint;
+//! 2. [`record`] (pure) puts it in status: history, no run in progress, `Ready`;
+//! 3. the caller writes that status ([`super::runs`] for a finished run, the reconcile's
+//!    executor for the others); once it is written,
+//! 4. [`announce`] tells people, once each: a log line, the metrics, an Event and the run
+//!    report (sent in a task of its own, bounded in time).
+//!
+//! A new way for a run to end (an attempt limit, a deadline) is a new constructor here; a
+//! new way to tell people (another notification channel) goes into [`announce`].
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::{SignedDuration, Timestamp};
+use kube::ResourceExt;
+use tracing::{Instrument, error, info, info_span, warn};
+
+use super::Context;
+use super::events::reason as event;
+use super::importer::ImportError;
+use super::runs::update_status;
+use super::status::{idle_ready, record_run, seconds, set_ready};
+use crate::api::{CohortImport, CohortImportStatus, CurrentRun, ReadyReason, RunRecord, RunResult, RunTrigger};
+use crate::notify::{RunNotice, is_recovery, should_notify};
+use crate::run::{RunError, RunReport, new_run_id};
+
+/// A run that ended, however it ended.
+#[derive(Clone, Debug)]
+pub struct RunEnd {
+    /// Its history entry, times in whole seconds.
+    pub record: RunRecord,
+    /// When the end was found: the finish of a run that ran, else when it was recorded.
+    pub ended_at: Timestamp,
+    /// The `Ready` reason for a failure more precise than `Failed` (`SecretNotFound`, …).
+    pub failure_reason: Option<ReadyReason>,
+    /// What a person should do next (failed and blocked runs).
+    pub hint: Option<String>,
+    /// Braze answers by HTTP status (`None`: no answer), every attempt counted.
+    pub braze_responses: BTreeMap<Option<u16>, u64>,
+    /// How long it ran; zero for a run that never did.
+    pub elapsed: Duration,
+}
+
+impl RunEnd {
+    /// `run` ran to the end: its report, or why the importer could not start it.
+    pub fn finished(
+        run: &CurrentRun,
+        outcome: Result<RunReport, ImportError>,
+        finished_at: Timestamp,
+        elapsed: Duration,
+    ) -> Self {
+        let finished_at = seconds(finished_at);
+        let (mut record, failure_reason, hint, braze_responses) = match outcome {
+            Ok(report) => {
+                let reason = match &report.error {
+                    Some(RunError::Source(e)) => Some(e.reason()),
+                    _ => None,
+                };
+                (report.to_record(), reason, report.hint, report.braze_responses)
+            }
+            Err(e) => (failed_record(run, e.to_string()), Some(e.reason()), None, BTreeMap::new()),
+        };
+        record.id = run.id.clone();
+        record.trigger = run.trigger;
+        record.started_at = seconds(run.started_at);
+        record.finished_at = Some(finished_at);
+        RunEnd { record, ended_at: finished_at, failure_reason, hint, braze_responses, elapsed }
+    }
+
+    /// The scheduled run at `slot` was found past its starting deadline at `now`.
+    pub fn missed(slot: Timestamp, starting_deadline: SignedDuration, now: Timestamp) -> Self {
+        let slot = seconds(slot);
+        let message = format!(
+            "not run: the operator was not running at {slot}, and by the time it was, the starting deadline ({}) \
+             had passed",
+            humanize(starting_deadline)
+        );
+        let record = RunRecord {
+            id: new_run_id(slot),
+            trigger: RunTrigger::Scheduled,
+            started_at: slot,
+            finished_at: None,
+            result: RunResult::Missed,
+            cohort_size: 0,
+            added: 0,
+            removed: 0,
+            message,
+        };
+        Self::never_ran(record, now)
+    }
+
+    /// `run` was cut short (an operator restart, a failover) and is not run again: `why`.
+    pub fn abandoned(run: &CurrentRun, now: Timestamp, why: &str) -> Self {
+        let mut record = failed_record(run, format!("interrupted by an operator restart and not run again: {why}"));
+        record.finished_at = Some(seconds(now));
+        Self::never_ran(record, now)
+    }
+
+    fn never_ran(record: RunRecord, now: Timestamp) -> Self {
+        RunEnd {
+            record,
+            ended_at: seconds(now),
+            failure_reason: None,
+            hint: None,
+            braze_responses: BTreeMap::new(),
+            elapsed: Duration::ZERO,
+        }
+    }
+
+    /// The `Ready` reason once it is recorded.
+    pub fn reason(&self) -> ReadyReason {
+        match (self.record.result, self.failure_reason) {
+            (RunResult::Failed, Some(reason)) => reason,
+            (result, _) => ReadyReason::after(result),
+        }
+    }
+}
+
+fn failed_record(run: &CurrentRun, message: String) -> RunRecord {
+    RunRecord {
+        id: run.id.clone(),
+        trigger: run.trigger,
+        started_at: seconds(run.started_at),
+        finished_at: None,
+        result: RunResult::Failed,
+        cohort_size: 0,
+        added: 0,
+        removed: 0,
+        message,
+    }
+}
+
+/// `1 h`, `30 min`, `90 s`.
+fn humanize(d: SignedDuration) -> String {
+    let secs = d.as_secs();
+    if secs % 3600 == 0 {
+        format!("{} h", secs / 3600)
+    } else if secs % 60 == 0 {
+        format!("{} min", secs / 60)
+    } else {
+        format!("{secs} s")
+    }
+}
+
+/// What status said before the end was recorded, for the report.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Recorded {
+    /// `.status.history` before this run was added, newest first.
+    pub previous_history: Vec<RunRecord>,
+    pub next_run_at: Option<Timestamp>,
+}
+
+/// Puts `end` in `status`: the history entry (newest first, at most `history_limit`), no
+/// run in progress if it was this one, and `Ready` from it. Pure.
+pub fn record(status: &mut CohortImportStatus, end: &RunEnd, history_limit: u8) -> Recorded {
+    let recorded = Recorded { previous_history: status.history.clone(), next_run_at: status.next_run_at };
+    if status.current_run.as_ref().is_some_and(|run| run.id == end.record.id) {
+        status.current_run = None;
+    }
+    record_run(status, end.record.clone(), history_limit);
+    let (_, message) = idle_ready(status, status.next_run_at);
+    set_ready(status, end.reason(), &message, status.observed_generation, end.ended_at);
+    recorded
+}
+
+/// Tells people that `end` happened, once it is in status: log, metrics, Event, report.
+pub async fn announce(ctx: &Arc<Context>, import: &CohortImport, end: &RunEnd, recorded: &Recorded) {
+    let record = &end.record;
+    let result = record.result;
+    match result {
+        RunResult::Failed => error!(run_id = %record.id, message = %record.message, "run failed"),
+        RunResult::Blocked | RunResult::Missed => {
+            warn!(run_id = %record.id, ?result, message = %record.message, "run did not complete")
+        }
+        _ => info!(
+            run_id = %record.id, ?result, size = record.cohort_size, added = record.added, removed = record.removed,
+            "run finished"
+        ),
+    }
+    ctx.metrics.run_finished(result, end.elapsed.as_secs_f64(), record.added, record.removed);
+    for (status, count) in &end.braze_responses {
+        ctx.metrics.braze_responses(*status, *count);
+    }
+    if result == RunResult::Succeeded {
+        let (namespace, name) = (import.namespace().unwrap_or_default(), import.name_any());
+        ctx.metrics.succeeded_at(&namespace, &name, end.ended_at.as_second() as f64);
+    }
+    let note = format!("Run {}: {}", record.id, record.message);
+    match result {
+        RunResult::Succeeded => ctx.events.normal(import, event::RUN_SUCCEEDED, "Run", note).await,
+        RunResult::DryRun => ctx.events.normal(import, event::RUN_DRY_RUN, "Run", note).await,
+        RunResult::Failed => ctx.events.warning(import, event::RUN_FAILED, "Run", note).await,
+        RunResult::Blocked => ctx.events.warning(import, event::RUN_BLOCKED, "Run", note).await,
+        RunResult::Missed => ctx.events.warning(import, event::RUN_MISSED, "Run", note).await,
+    }
+    send_report(ctx, import, end, recorded);
+}
+
+/// The run report for `end`, if the import asks for one.
+fn notice(import: &CohortImport, end: &RunEnd, recorded: &Recorded) -> Option<RunNotice> {
+    let email = import.spec.notifications.as_ref()?.email.as_ref()?;
+    let record = &end.record;
+    let recovered = is_recovery(record.result, &recorded.previous_history);
+    if !should_notify(email, record.result, recovered) {
+        return None;
+    }
+    Some(RunNotice {
+        namespace: import.namespace().unwrap_or_default(),
+        import_name: import.name_any(),
+        cohort_name: import.spec.cohort.name.clone(),
+        cohort_id: import.spec.cohort.id.clone(),
+        run_id: record.id.clone(),
+        result: record.result,
+        trigger: record.trigger,
+        started_at: record.started_at,
+        finished_at: record.finished_at.unwrap_or(end.ended_at),
+        time_zone: jiff::tz::TimeZone::get(&import.spec.schedule.time_zone).unwrap_or(jiff::tz::TimeZone::UTC),
+        cohort_size: record.cohort_size,
+        added: record.added,
+        removed: record.removed,
+        next_run_at: recorded.next_run_at,
+        reason: matches!(record.result, RunResult::Failed | RunResult::Blocked | RunResult::Missed)
+            .then(|| record.message.clone())
+            .filter(|m| !m.is_empty()),
+        hint: end.hint.clone(),
+        recovered,
+        dry_run: import.spec.dry_run,
+    })
+}
+
+/// Sends the run report in a task of its own, bounded in time; a failure becomes an Event
+/// and `.status.lastNotificationError`, never the run's result.
+fn send_report(ctx: &Arc<Context>, import: &CohortImport, end: &RunEnd, recorded: &Recorded) {
+    let Some(notice) = notice(import, end, recorded) else {
+        return;
+    };
+    let ctx = ctx.clone();
+    let import = import.clone();
+    let span = info_span!("notify", run_id = %notice.run_id);
+    tokio::spawn(
+        async move {
+            let note = match deliver(&ctx, &import, &notice).await {
+                Ok(()) => None,
+                Err(message) => {
+                    warn!(error = %message, "run report email not sent");
+                    ctx.metrics.notification_failures.inc();
+                    let note = format!("Run {}: report email not sent: {message}", notice.run_id);
+                    ctx.events.warning(&import, event::NOTIFICATION_FAILED, "Notify", note).await;
+                    Some(crate::run::report::truncate(format!("run {}: {message}", notice.run_id), 512))
+                }
+            };
+            update_status(&ctx, &import, |status| {
+                if status.last_notification_error == note {
+                    return false;
+                }
+                status.last_notification_error = note.clone();
+                true
+            })
+            .await;
+        }
+        .instrument(span),
+    );
+}
+
+/// Sends `notice` to the addresses the import names, within the configured time.
+async fn deliver(ctx: &Context, import: &CohortImport, notice: &RunNotice) -> Result<(), String> {
+    let Some(notifier) = &ctx.notifier else {
+        return Err(
+            "spec.notifications.email is set, but the operator has no SMTP server configured (--smtp-host)".to_owned()
+        );
+    };
+    let to = import.spec.notifications.as_ref().and_then(|n| n.email.as_ref()).map_or(&[][..], |e| &e.to[..]);
+    match tokio::time::timeout(ctx.config.notification_timeout, notifier.notify(notice, to)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("the run report email was not sent within {} s", ctx.config.notification_timeout.as_secs())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ts(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    fn current(id: &str) -> CurrentRun {
+        CurrentRun {
+            id: id.into(),
+            trigger: RunTrigger::Manual,
+            started_at: ts("2026-03-02T06:30:00.5Z"),
+            approved_removals: None,
+        }
+    }
+
+    #[test]
+    fn a_run_the_importer_could_not_start_fails_with_the_precise_reason() {
+        let missing = super::super::secrets::KeyError::SecretNotFound {
+            namespace: "ns".into(),
+            name: "braze".into(),
+            field: "spec.destination.braze.dataImportKeySecretRef",
+        };
+        let end = RunEnd::finished(
+            &current("r1"),
+            Err(ImportError::Keys(missing)),
+            ts("2026-03-02T06:30:02.9Z"),
+            Duration::from_secs(2),
+        );
+        assert_eq!(end.record.result, RunResult::Failed);
+        assert_eq!(end.reason(), ReadyReason::SecretNotFound);
+        assert_eq!(end.record.started_at, ts("2026-03-02T06:30:00Z"), "whole seconds");
+        assert_eq!(end.record.finished_at, Some(ts("2026-03-02T06:30:02Z")));
+        assert!(end.record.message.starts_with("Secret ns/braze not found"), "{}", end.record.message);
+    }
+
+    #[test]
+    fn recording_clears_this_run_and_sets_ready_from_it() {
+        let mut status = CohortImportStatus {
+            current_run: Some(current("r1")),
+            next_run_at: Some(ts("2026-03-03T06:30:00Z")),
+            observed_generation: Some(4),
+            ..Default::default()
+        };
+        let before = RunEnd::abandoned(&current("r0"), ts("2026-03-01T00:00:00Z"), "x");
+        record(&mut status, &before, 10);
+        let end = RunEnd::abandoned(&current("r1"), ts("2026-03-02T07:00:00Z"), "the spec became invalid");
+        let recorded = record(&mut status, &end, 10);
+        assert_eq!(recorded.previous_history.len(), 1);
+        assert_eq!(recorded.next_run_at, Some(ts("2026-03-03T06:30:00Z")));
+        assert_eq!(status.current_run, None);
+        assert_eq!(status.history[0].id, "r1");
+        let ready = status.ready().unwrap();
+        assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "Failed"));
+        assert_eq!(ready.observed_generation, Some(4));
+        assert!(ready.message.contains("not run again: the spec became invalid; next run at"), "{}", ready.message);
+    }
+
+    #[test]
+    fn another_runs_end_leaves_the_run_in_progress() {
+        let mut status = CohortImportStatus { current_run: Some(current("r2")), ..Default::default() };
+        record(&mut status, &RunEnd::missed(ts("2026-03-02T06:30:00Z"), SignedDuration::from_mins(90), ts("2026-03-02T09:00:00Z")), 10);
+        assert_eq!(status.current_run.as_ref().map(|r| r.id.as_str()), Some("r2"));
+        assert_eq!(status.last_run.as_ref().unwrap().result, RunResult::Missed);
+        assert!(status.last_run.as_ref().unwrap().message.contains("starting deadline (90 min)"));
+        assert_eq!(status.ready().unwrap().reason, "Missed");
+    }
+
+    #[test]
+    fn each_failure_has_its_ready_reason() {
+        use crate::source::{ObjectKind, SourceError};
+        let source = |e: SourceError| ImportError::Source(e);
+        let cases = [
+            (
+                source(SourceError::ObjectNotFound { kind: ObjectKind::ConfigMap, namespace: "ns".into(), name: "m".into() }),
+                ReadyReason::ConfigMapNotFound,
+            ),
+            (
+                source(SourceError::ObjectNotFound { kind: ObjectKind::Secret, namespace: "ns".into(), name: "s".into() }),
+                ReadyReason::SecretNotFound,
+            ),
+            (source(SourceError::Config { what: "w".into(), message: "m".into() }), ReadyReason::InvalidSpec),
+            (source(SourceError::Connect { what: "w".into(), message: "refused".into() }), ReadyReason::SourceFailed),
+            (
+                ImportError::Snapshot(crate::snapshot::SnapshotError::Corrupt { what: "w".into(), message: "m".into() }),
+                ReadyReason::SnapshotFailed,
+            ),
+        ];
+        for (error, reason) in cases {
+            let message = error.to_string();
+            let end = RunEnd::finished(&current("r1"), Err(error), ts("2026-03-02T06:31:00Z"), Duration::ZERO);
+            assert_eq!(end.reason(), reason, "{message}");
+            assert_eq!(end.reason().status(), crate::api::ConditionStatus::False);
+            assert_eq!(end.record.message, message);
+        }
+        // A run that succeeded shows its result, whatever it was given.
+        let ok = RunEnd { failure_reason: Some(ReadyReason::SourceFailed), ..RunEnd::missed(ts("2026-03-02T06:30:00Z"), SignedDuration::from_hours(1), ts("2026-03-02T09:00:00Z")) };
+        assert_eq!(ok.reason(), ReadyReason::Missed);
+    }
+}

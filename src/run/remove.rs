@@ -1,0 +1,91 @@
+//! `deletionPolicy: RemoveMembers`: remove from the Braze cohort every member an import
+//! sent — its snapshot, and the keys in doubt a failed run may have added — then forget the
+//! snapshot. Sent through the same path as a run's changes ([`super::send_changes_from`]).
+
+use std::fs::File;
+use std::io;
+use std::path::Path;
+
+use tokio::sync::mpsc;
+
+use super::send_changes_from;
+use crate::braze::{BrazeClient, BrazeError, Change, CohortTarget};
+use crate::domain::diff::KeyCursor;
+use crate::domain::member::Member;
+use crate::snapshot::format::read_body;
+use crate::snapshot::{SnapshotError, SnapshotStore};
+
+/// Why the members could not all be removed. The snapshot stays until they are.
+#[derive(Debug, thiserror::Error)]
+pub enum RemovalError {
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error("reading the snapshot failed: {0}")]
+    Read(io::Error),
+    #[error("Braze did not accept every removal ({accepted} accepted): {error}")]
+    Refused { accepted: u64, error: BrazeError },
+    #[error("Braze accepted {accepted} removals of {planned}")]
+    Incomplete { accepted: u64, planned: u64 },
+}
+
+/// Removes every member `snapshots` holds from `target`'s cohort, then deletes the
+/// snapshot. Returns how many were removed.
+pub async fn remove_all_members(
+    snapshots: &dyn SnapshotStore,
+    braze: &BrazeClient,
+    target: &CohortTarget,
+    scratch: &Path,
+) -> Result<u64, RemovalError> {
+    let loaded = snapshots.load(scratch).await?;
+    let bodies: Vec<File> = loaded.snapshot.map(|s| s.body).into_iter().chain(loaded.doubt.map(|d| d.body)).collect();
+    let removed = if bodies.is_empty() { 0 } else { send_removals(braze, target, bodies).await? };
+    snapshots.delete().await?;
+    Ok(removed)
+}
+
+/// Sends every member of the sorted `bodies` as a removal; how many, or why Braze did not
+/// accept them all.
+async fn send_removals(braze: &BrazeClient, target: &CohortTarget, bodies: Vec<File>) -> Result<u64, RemovalError> {
+    let (sent, read) = send_changes_from(braze, target, move |tx| read_union(bodies, tx)).await;
+    if let Some(error) = sent.stopped {
+        return Err(RemovalError::Refused { accepted: sent.totals.removed, error });
+    }
+    let planned = read.map_err(RemovalError::Read)?;
+    if sent.totals.removed != planned {
+        return Err(RemovalError::Incomplete { accepted: sent.totals.removed, planned });
+    }
+    Ok(planned)
+}
+
+/// Merges sorted snapshot bodies into one sorted stream of removals without repeats.
+/// Returns how many were read.
+fn read_union(bodies: Vec<File>, tx: mpsc::Sender<Vec<Change>>) -> io::Result<u64> {
+    let mut readers = Vec::new();
+    for body in bodies {
+        readers.push(read_body(body)?);
+    }
+    let mut chunk = Vec::with_capacity(super::SEND_CHUNK);
+    let mut count = 0u64;
+    // The smallest key, copied out of its reader before the readers holding it advance.
+    let mut key = Vec::new();
+    while let Some(smallest) = readers.iter().filter_map(|r| r.key()).min() {
+        key.clear();
+        key.extend_from_slice(smallest);
+        for reader in readers.iter_mut() {
+            if reader.key() == Some(key.as_slice()) {
+                reader.advance()?;
+            }
+        }
+        let member =
+            Member::from_key_bytes(&key).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        chunk.push(Change::remove(member));
+        count += 1;
+        if chunk.len() == super::SEND_CHUNK && tx.blocking_send(std::mem::take(&mut chunk)).is_err() {
+            return Ok(count); // the sender stopped; it reports why
+        }
+    }
+    if !chunk.is_empty() {
+        let _ = tx.blocking_send(chunk);
+    }
+    Ok(count)
+}
