@@ -4,6 +4,7 @@
 
 use std::io;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use futures::StreamExt;
 use futures::future::BoxFuture;
@@ -22,6 +23,7 @@ use crate::snapshot::cluster::ClusterSnapshotStore;
 use crate::snapshot::format::read_body;
 use crate::snapshot::fs::FsSnapshotStore;
 use crate::snapshot::{SnapshotError, SnapshotStore};
+use crate::source::egress::EgressPolicy;
 use crate::source::kube::KubeObjects;
 use crate::source::open_source;
 
@@ -41,11 +43,19 @@ pub struct PipelineImporter {
     snapshots: SnapshotStoreKind,
     /// Sort spills and snapshot bodies in the making.
     scratch_dir: PathBuf,
+    /// Where sources may connect.
+    egress: Arc<EgressPolicy>,
 }
 
 impl PipelineImporter {
     pub fn new(client: kube::Client, braze: BrazeClient, snapshots: SnapshotStoreKind, scratch_dir: PathBuf) -> Self {
-        PipelineImporter { client, braze, snapshots, scratch_dir }
+        PipelineImporter { client, braze, snapshots, scratch_dir, egress: EgressPolicy::shared_default() }
+    }
+
+    /// Sources connect only where `policy` allows (the default policy otherwise).
+    pub fn with_egress(mut self, policy: Arc<EgressPolicy>) -> Self {
+        self.egress = policy;
+        self
     }
 
     fn store(&self, import: &CohortImport) -> Result<Box<dyn SnapshotStore>, SnapshotError> {
@@ -77,7 +87,7 @@ impl PipelineImporter {
     async fn run_once(&self, import: &CohortImport, job: &RunJob, keys: BrazeKeys) -> RunOutcome {
         let namespace = import.namespace().unwrap_or_default();
         let spec = &import.spec;
-        let objects = KubeObjects::new(self.client.clone(), namespace.clone());
+        let objects = KubeObjects::new(self.client.clone(), namespace.clone()).with_egress(self.egress.clone());
         let source = match open_source(&spec.source, &spec.identifiers, &objects).await {
             Ok(source) => source,
             Err(e) => return RunOutcome::failed(job, e.reason(), format!("reading the source failed: {e}")),

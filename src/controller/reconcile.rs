@@ -319,7 +319,7 @@ async fn write_then(
         }
         Some(Written::Unchanged) => {}
     }
-    Ok(requeue_at(ctx, next))
+    Ok(requeue_at(ctx, super::secret_recheck::recheck_at(&ctx.config, desired, ctx.clock.now(), next)))
 }
 
 /// Records the run in progress in status first, then starts it: an operator that stops
