@@ -150,10 +150,10 @@ struct RunArgs {
     /// name or `*.domain`. Lifts the built-in denial of link-local and metadata addresses for
     /// what it names.
     #[arg(long = "egress-allow", env = "COHORT_EGRESS_ALLOW", value_delimiter = ',')]
-    egress_allow: Vec<EgressRule>,
+    egress_allow: Vec<String>,
     /// Source destinations to refuse, as --egress-allow; a deny rule always wins.
     #[arg(long = "egress-deny", env = "COHORT_EGRESS_DENY", value_delimiter = ',')]
-    egress_deny: Vec<EgressRule>,
+    egress_deny: Vec<String>,
     /// What happens to a source destination no rule names.
     #[arg(long, env = "COHORT_EGRESS_DEFAULT", value_enum, default_value = "allow")]
     egress_default: EgressDefaultArg,
@@ -234,6 +234,16 @@ fn init_logging(format: LogFormat) {
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     init_logging(args.log_format);
+    let egress_default = match args.egress_default {
+        EgressDefaultArg::Allow => EgressDefault::Allow,
+        EgressDefaultArg::Deny => EgressDefault::Deny,
+    };
+    let egress = EgressPolicy::new(
+        egress_rules("--egress-allow", &args.egress_allow)?,
+        egress_rules("--egress-deny", &args.egress_deny)?,
+        egress_default,
+    );
+    tracing::info!(policy = %egress.summary(), "source egress policy");
     let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
     let notifier: Option<Arc<dyn Notify>> = match args.smtp.into_config()? {
         Some(config) => Some(Arc::new(SmtpNotifier::new(config)?)),
@@ -247,12 +257,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
     let scratch = args.scratch_dir.unwrap_or_else(std::env::temp_dir);
-    let egress_default = match args.egress_default {
-        EgressDefaultArg::Allow => EgressDefault::Allow,
-        EgressDefaultArg::Deny => EgressDefault::Deny,
-    };
-    let egress = EgressPolicy::new(args.egress_allow, args.egress_deny, egress_default);
-    tracing::info!(policy = %egress.summary(), "source egress policy");
     let importer =
         Arc::new(PipelineImporter::new(client.clone(), braze, snapshots, scratch).with_egress(Arc::new(egress)));
     let identity = args.identity.clone().unwrap_or_else(|| {
@@ -282,6 +286,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let deps = Dependencies { clock: Arc::new(SystemClock), importer, notifier, metrics: Arc::new(Metrics::new()) };
     controller::run(client, config, deps, shutdown_signal()).await?;
     Ok(())
+}
+
+/// The rules of one `--egress-*` flag; empty items (an empty environment variable) are none.
+fn egress_rules(flag: &str, values: &[String]) -> anyhow::Result<Vec<EgressRule>> {
+    values
+        .iter()
+        .filter(|v| !v.trim().is_empty())
+        .map(|v| v.parse::<EgressRule>().map_err(|e| anyhow::anyhow!("{flag}: {e}")))
+        .collect()
 }
 
 fn hostname() -> String {

@@ -215,12 +215,11 @@ impl EgressPolicy {
     pub fn summary(&self) -> String {
         let list = |rules: &[EgressRule]| rules.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
         let built_in = BUILT_IN.iter().map(|(r, _)| r.to_string()).collect::<Vec<_>>().join(",");
-        format!(
-            "default {:?}; deny [{}]; allow [{}]; built-in deny [{built_in}]",
-            self.default,
-            list(&self.deny),
-            list(&self.allow)
-        )
+        let default = match self.default {
+            EgressDefault::Allow => "allow",
+            EgressDefault::Deny => "deny",
+        };
+        format!("default {default}; deny [{}]; allow [{}]; built-in deny [{built_in}]", list(&self.deny), list(&self.allow))
     }
 
     fn verdict(&self, matches: impl Fn(&EgressRule) -> bool) -> Verdict {
