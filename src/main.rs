@@ -18,6 +18,7 @@ use cohort_operator::controller::pipeline::{PipelineImporter, SnapshotStoreKind}
 use cohort_operator::controller::secrets::{PartnerKeys, parse_endpoint_region};
 use cohort_operator::controller::{self, Config, Dependencies};
 use cohort_operator::notify::{Notify, SmtpArgs, SmtpNotifier};
+use cohort_operator::source::egress::{EgressDefault, EgressPolicy, EgressRule};
 
 /// Keeps analytics cohorts imported into Braze.
 #[derive(Parser)]
@@ -91,6 +92,14 @@ enum SnapshotStoreArg {
     Filesystem,
 }
 
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum EgressDefaultArg {
+    /// Destinations no rule names are allowed (in-cluster services, private warehouses).
+    Allow,
+    /// Only what --egress-allow names.
+    Deny,
+}
+
 #[derive(clap::Args)]
 struct RunArgs {
     /// Namespaces to watch, comma-separated; all when unset.
@@ -137,6 +146,22 @@ struct RunArgs {
     lease_duration_seconds: u64,
     #[arg(long, env = "COHORT_LEASE_RENEW_GRACE_SECONDS", default_value_t = 5)]
     lease_renew_grace_seconds: u64,
+    /// Source destinations to allow, comma-separated or repeated: a CIDR, an address, a host
+    /// name or `*.domain`. Lifts the built-in denial of link-local and metadata addresses for
+    /// what it names.
+    #[arg(long = "egress-allow", env = "COHORT_EGRESS_ALLOW", value_delimiter = ',')]
+    egress_allow: Vec<String>,
+    /// Source destinations to refuse, as --egress-allow; a deny rule always wins.
+    #[arg(long = "egress-deny", env = "COHORT_EGRESS_DENY", value_delimiter = ',')]
+    egress_deny: Vec<String>,
+    /// What happens to a source destination no rule names.
+    #[arg(long, env = "COHORT_EGRESS_DEFAULT", value_enum, default_value = "allow")]
+    egress_default: EgressDefaultArg,
+    /// Watch Secrets (list, watch) to notice at once when a missing one appears. With
+    /// false, Secrets are only read by name: at each run, and every few seconds while an
+    /// import is SecretNotFound (for RBAC that grants `get` alone).
+    #[arg(long, env = "COHORT_WATCH_SECRETS", default_value_t = true, action = clap::ArgAction::Set)]
+    watch_secrets: bool,
     #[command(flatten)]
     smtp: SmtpArgs,
 }
@@ -209,6 +234,16 @@ fn init_logging(format: LogFormat) {
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     init_logging(args.log_format);
+    let egress_default = match args.egress_default {
+        EgressDefaultArg::Allow => EgressDefault::Allow,
+        EgressDefaultArg::Deny => EgressDefault::Deny,
+    };
+    let egress = EgressPolicy::new(
+        egress_rules("--egress-allow", &args.egress_allow)?,
+        egress_rules("--egress-deny", &args.egress_deny)?,
+        egress_default,
+    );
+    tracing::info!(policy = %egress.summary(), "source egress policy");
     let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
     let notifier: Option<Arc<dyn Notify>> = match args.smtp.into_config()? {
         Some(config) => Some(Arc::new(SmtpNotifier::new(config)?)),
@@ -222,7 +257,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
     let scratch = args.scratch_dir.unwrap_or_else(std::env::temp_dir);
-    let importer = Arc::new(PipelineImporter::new(client.clone(), braze, snapshots, scratch));
+    let importer =
+        Arc::new(PipelineImporter::new(client.clone(), braze, snapshots, scratch).with_egress(Arc::new(egress)));
     let identity = args.identity.clone().unwrap_or_else(|| {
         format!("{}-{:08x}", hostname(), rand::random::<u32>())
     });
@@ -244,11 +280,21 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics_addr: Some(args.metrics_addr),
         instance: Some(identity),
         max_concurrent_runs: args.max_concurrent_runs,
+        watch_secrets: args.watch_secrets,
         ..Config::default()
     };
     let deps = Dependencies { clock: Arc::new(SystemClock), importer, notifier, metrics: Arc::new(Metrics::new()) };
     controller::run(client, config, deps, shutdown_signal()).await?;
     Ok(())
+}
+
+/// The rules of one `--egress-*` flag; empty items (an empty environment variable) are none.
+fn egress_rules(flag: &str, values: &[String]) -> anyhow::Result<Vec<EgressRule>> {
+    values
+        .iter()
+        .filter(|v| !v.trim().is_empty())
+        .map(|v| v.parse::<EgressRule>().map_err(|e| anyhow::anyhow!("{flag}: {e}")))
+        .collect()
 }
 
 fn hostname() -> String {

@@ -61,6 +61,8 @@ pub enum ReadyReason {
     ConfigMapNotFound,
     /// The source failed while being read (connection, query, HTTP status, bad data).
     SourceFailed,
+    /// The source's destination is refused by the operator's egress policy.
+    EgressDenied,
     /// The snapshot store could not be opened.
     SnapshotFailed,
     /// `deletionPolicy` could not complete; the import waits to be deleted.
@@ -84,6 +86,7 @@ impl ReadyReason {
             ReadyReason::SecretReadFailed => "SecretReadFailed",
             ReadyReason::ConfigMapNotFound => "ConfigMapNotFound",
             ReadyReason::SourceFailed => "SourceFailed",
+            ReadyReason::EgressDenied => "EgressDenied",
             ReadyReason::SnapshotFailed => "SnapshotFailed",
             ReadyReason::Deleting => "Deleting",
         }

@@ -43,6 +43,7 @@ pub mod pipeline;
 pub mod reconcile;
 pub mod record;
 pub mod runs;
+pub mod secret_recheck;
 pub mod secrets;
 pub mod status;
 
@@ -78,6 +79,11 @@ pub struct Config {
     pub notification_timeout: Duration,
     /// Wait after a failed reconcile.
     pub error_requeue: Duration,
+    /// Watch Secrets (by metadata) to reconcile an import when one it reads changes.
+    /// `false` for RBAC that grants only `get`: see [`secret_recheck`].
+    pub watch_secrets: bool,
+    /// Without the watch, the longest wait between looks at a missing Secret.
+    pub missing_secret_recheck: Duration,
 }
 
 impl Default for Config {
@@ -92,6 +98,8 @@ impl Default for Config {
             max_concurrent_runs: 16,
             notification_timeout: Duration::from_secs(60),
             error_requeue: Duration::from_secs(10),
+            watch_secrets: true,
+            missing_secret_recheck: Duration::from_secs(30),
         }
     }
 }
@@ -298,8 +306,14 @@ async fn run_controllers(
             move |changed: CohortImport| ctx.affected_by(&changed)
         };
         let wake = futures::stream::unfold(wake, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+        // Without the watch (RBAC grants `get` only), a missing Secret is looked for on a
+        // backoff instead (secret_recheck).
+        let controller = if ctx.config.watch_secrets {
+            controller.watches(secrets, watcher::Config::default().any_semantic(), by_secret)
+        } else {
+            controller
+        };
         let stream = controller
-            .watches(secrets, watcher::Config::default().any_semantic(), by_secret)
             .watches(config_maps, watcher::Config::default().any_semantic(), by_config_map)
             .watches(api_for(scope), watcher::Config::default().any_semantic(), same_cohort)
             .reconcile_on(wake)

@@ -3,6 +3,7 @@
 //! a snapshot store (ConfigMaps in the import's namespace, or files on a volume).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use kube::ResourceExt;
@@ -17,6 +18,7 @@ use crate::run::{ImportRun, RunDeps, RunReport, identifier_fingerprint, remove_a
 use crate::snapshot::cluster::ClusterSnapshotStore;
 use crate::snapshot::fs::FsSnapshotStore;
 use crate::snapshot::{SnapshotError, SnapshotStore};
+use crate::source::egress::EgressPolicy;
 use crate::source::kube::KubeObjects;
 use crate::source::open_source;
 
@@ -36,11 +38,19 @@ pub struct PipelineImporter {
     snapshots: SnapshotStoreKind,
     /// Sort spills and snapshot bodies in the making.
     scratch_dir: PathBuf,
+    /// Where sources may connect.
+    egress: Arc<EgressPolicy>,
 }
 
 impl PipelineImporter {
     pub fn new(client: kube::Client, braze: BrazeClient, snapshots: SnapshotStoreKind, scratch_dir: PathBuf) -> Self {
-        PipelineImporter { client, braze, snapshots, scratch_dir }
+        PipelineImporter { client, braze, snapshots, scratch_dir, egress: EgressPolicy::shared_default() }
+    }
+
+    /// Sources connect only where `policy` allows (the default policy otherwise).
+    pub fn with_egress(mut self, policy: Arc<EgressPolicy>) -> Self {
+        self.egress = policy;
+        self
     }
 
     fn store(&self, import: &CohortImport) -> Result<Box<dyn SnapshotStore>, SnapshotError> {
@@ -78,7 +88,7 @@ impl PipelineImporter {
     ) -> Result<RunReport, ImportError> {
         let namespace = import.namespace().unwrap_or_default();
         let spec = &valid.spec;
-        let objects = KubeObjects::new(self.client.clone(), namespace.clone());
+        let objects = KubeObjects::new(self.client.clone(), namespace.clone()).with_egress(self.egress.clone());
         let source = open_source(&spec.source, &spec.identifiers, &objects).await?;
         let store = self.store(import)?;
         let target = Self::target(import, keys);

@@ -188,7 +188,14 @@ async fn execute(
     }
     Ok(match wanted.requeue {
         Requeue::Soon => retry_soon(),
-        Requeue::At(at) => requeue_at(ctx, at),
+        Requeue::At(at) => {
+            let status = wanted.status.as_ref().or(import.status.as_ref());
+            let at = match status {
+                Some(status) => super::secret_recheck::recheck_at(&ctx.config, status, ctx.clock.now(), at),
+                None => at,
+            };
+            requeue_at(ctx, at)
+        }
     })
 }
 

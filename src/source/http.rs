@@ -11,6 +11,9 @@
 //! export's own origin: a next page elsewhere is refused, and redirects elsewhere carry no
 //! credentials (reqwest drops `Authorization`; a named-header credential stops the run).
 //!
+//! Every page, redirect and resolved address is checked against the operator's egress
+//! policy ([`super::egress`]) before anything connects there.
+//!
 //! Messages name the URL as `scheme://host[:port]/path` — never its query (which may carry
 //! a key) nor user information — with the page number and the line or position.
 
@@ -29,6 +32,7 @@ use reqwest::Url;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader, ReadBuf};
 use tokio_util::io::StreamReader;
 
+use super::egress::{self, Credentials, EgressPolicy};
 use super::formats::{self, CsvRows, FormatError, NdjsonRows};
 use super::{MemberSource, MemberStream, SourceContext, SourceError, BATCH_ROWS, REDACT_MIN_LEN};
 use crate::api::{HttpFormat, HttpSource};
@@ -37,8 +41,6 @@ use crate::secret::{SecretString, error_chain, redact};
 
 /// Most pages one read follows.
 const MAX_PAGES: u64 = 100_000;
-/// Most redirects followed for one page.
-const MAX_REDIRECTS: usize = 10;
 
 /// Credentials resolved from Secrets.
 #[derive(Debug)]
@@ -67,6 +69,8 @@ pub struct HttpMembers {
     /// Where the credentials come from, for hints on 401/403.
     auth_from: Option<String>,
     client: reqwest::Client,
+    /// Checks every page's URL; the client checks redirects and resolved addresses.
+    egress: Arc<EgressPolicy>,
 }
 
 impl std::fmt::Debug for HttpMembers {
@@ -177,26 +181,21 @@ impl HttpMembers {
                 )));
             }
         }
-        let header_auth = matches!(auth, Some(Auth::Header { .. }));
-        let origin = start.origin();
-        let redirects = reqwest::redirect::Policy::custom(move |attempt| {
-            if attempt.previous().len() >= MAX_REDIRECTS {
-                attempt.error(format!("more than {MAX_REDIRECTS} redirects"))
-            } else if header_auth && attempt.url().origin() != origin {
-                // reqwest strips Authorization across origins, but not a custom header.
-                attempt.error("redirected to another origin; the credential header is not sent there")
-            } else {
-                attempt.follow()
-            }
-        });
-        let client = reqwest::Client::builder()
+        let egress = ctx.egress();
+        egress.check_url(&start).map_err(|denied| SourceError::EgressDenied { what: what.clone(), denied })?;
+        let credentials = match &auth {
+            Some(Auth::Header { .. }) => Credentials::OtherHeader,
+            Some(_) => Credentials::Authorization,
+            None if !start.username().is_empty() || start.password().is_some() => Credentials::Authorization,
+            None => Credentials::None,
+        };
+        let client = egress::client_builder(&egress, &start, credentials)
             .connect_timeout(Duration::from_secs(spec.connect_timeout_seconds.into()))
             .read_timeout(Duration::from_secs(spec.read_timeout_seconds.into()))
-            .redirect(redirects)
             .user_agent(concat!("cohort-operator/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| config(format!("cannot build the HTTP client: {}", error_chain(&e))))?;
-        Ok(HttpMembers { what, spec: spec.clone(), start, fields, auth, auth_from, client })
+        Ok(HttpMembers { what, spec: spec.clone(), start, fields, auth, auth_from, client, egress })
     }
 
     fn secrets(&self) -> Vec<&str> {
@@ -205,6 +204,8 @@ impl HttpMembers {
 
     /// Sends one GET and checks the status.
     async fn get(&self, page: &Page) -> Result<reqwest::Response, SourceError> {
+        // A next page naming an address is connected to without DNS: checked here.
+        self.egress.check_url(&page.url).map_err(|denied| SourceError::EgressDenied { what: self.what.clone(), denied })?;
         let mut request = self.client.get(page.url.clone());
         match &self.auth {
             None => {}
@@ -333,6 +334,9 @@ struct Page {
 
 impl Page {
     fn transport(&self, source: &HttpMembers, e: &reqwest::Error) -> SourceError {
+        if let Some(denied) = egress::denied_in(e) {
+            return SourceError::EgressDenied { what: source.what.clone(), denied: denied.clone() };
+        }
         let message = if e.is_timeout() {
             format!(
                 "timed out (connectTimeoutSeconds {}, readTimeoutSeconds {})",

@@ -8,6 +8,9 @@ use ::kube::api::Api;
 use ::kube::Client;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 
+use std::sync::Arc;
+
+use super::egress::EgressPolicy;
 use super::{ObjectKind, SourceContext, SourceError};
 use crate::secret::SecretString;
 
@@ -16,11 +19,18 @@ use crate::secret::SecretString;
 pub struct KubeObjects {
     client: Client,
     namespace: String,
+    egress: Arc<EgressPolicy>,
 }
 
 impl KubeObjects {
     pub fn new(client: Client, namespace: impl Into<String>) -> Self {
-        KubeObjects { client, namespace: namespace.into() }
+        KubeObjects { client, namespace: namespace.into(), egress: EgressPolicy::shared_default() }
+    }
+
+    /// Sources opened with this context connect only where `policy` allows.
+    pub fn with_egress(mut self, policy: Arc<EgressPolicy>) -> Self {
+        self.egress = policy;
+        self
     }
 
     async fn get<K>(&self, kind: ObjectKind, name: &str) -> Result<K, SourceError>
@@ -87,5 +97,9 @@ impl SourceContext for KubeObjects {
             .and_then(|mut d| d.remove(key))
             .map(|b| b.0)
             .ok_or_else(|| self.key_error(ObjectKind::ConfigMap, name, key, false))
+    }
+
+    fn egress(&self) -> Arc<EgressPolicy> {
+        self.egress.clone()
     }
 }

@@ -25,6 +25,7 @@ use crate::domain::member::{Member, MemberKey};
 use crate::secret::SecretString;
 
 pub mod config_map;
+pub mod egress;
 mod formats;
 pub mod http;
 pub mod inline;
@@ -125,6 +126,9 @@ pub enum SourceError {
     Config { what: String, message: String },
     #[error("{what}: cannot connect: {message}")]
     Connect { what: String, message: String },
+    /// The operator's egress policy refuses where the source would connect.
+    #[error("{what}: {denied}")]
+    EgressDenied { what: String, denied: egress::EgressDenied },
     #[error("{what}: query failed: {message}")]
     Query { what: String, message: String },
     #[error("{what}: no result within {seconds} s, cancelled; raise statementTimeoutSeconds or make the query faster")]
@@ -148,6 +152,7 @@ impl SourceError {
             SourceError::ObjectNotFound { kind: ObjectKind::ConfigMap, .. }
             | SourceError::KeyNotFound { kind: ObjectKind::ConfigMap, .. } => ReadyReason::ConfigMapNotFound,
             SourceError::Config { .. } | SourceError::KeyNotText { .. } => ReadyReason::InvalidSpec,
+            SourceError::EgressDenied { .. } => ReadyReason::EgressDenied,
             _ => ReadyReason::SourceFailed,
         }
     }
@@ -163,6 +168,11 @@ pub trait SourceContext: Send + Sync {
 
     /// A ConfigMap key's bytes (from `data`, or `binaryData`).
     fn config_map_value(&self, name: &str, key: &str) -> impl Future<Output = Result<Vec<u8>, SourceError>> + Send;
+
+    /// Where sources may connect ([`egress`]); every source that opens a connection obeys it.
+    fn egress(&self) -> std::sync::Arc<egress::EgressPolicy> {
+        egress::EgressPolicy::shared_default()
+    }
 }
 
 /// Secrets and ConfigMaps held in memory, for tests and for callers that already read them.
@@ -173,6 +183,8 @@ pub struct InMemoryObjects {
     pub secrets: BTreeMap<String, BTreeMap<String, SecretString>>,
     /// ConfigMap name → key → bytes.
     pub config_maps: BTreeMap<String, BTreeMap<String, Vec<u8>>>,
+    /// `None`: the default policy.
+    pub egress: Option<std::sync::Arc<egress::EgressPolicy>>,
 }
 
 impl fmt::Debug for InMemoryObjects {
@@ -195,6 +207,11 @@ impl InMemoryObjects {
             .entry(name.to_owned())
             .or_default()
             .insert(key.to_owned(), SecretString::new(value.into()));
+        self
+    }
+
+    pub fn with_egress(mut self, policy: std::sync::Arc<egress::EgressPolicy>) -> Self {
+        self.egress = Some(policy);
         self
     }
 
@@ -235,6 +252,10 @@ impl SourceContext for InMemoryObjects {
 
     async fn config_map_value(&self, name: &str, key: &str) -> Result<Vec<u8>, SourceError> {
         self.lookup(&self.config_maps, ObjectKind::ConfigMap, name, key).cloned()
+    }
+
+    fn egress(&self) -> std::sync::Arc<egress::EgressPolicy> {
+        self.egress.clone().unwrap_or_else(egress::EgressPolicy::shared_default)
     }
 }
 

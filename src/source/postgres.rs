@@ -20,6 +20,9 @@
 //! `statementTimeoutSeconds` bounds the whole read on the client too: past it the query is
 //! cancelled (a cancel request, as psql sends on Ctrl-C) and the run fails with a timeout.
 //!
+//! Every host is resolved by the operator and checked against its egress policy
+//! ([`super::egress`]) before anything connects; the driver connects to the checked address.
+//!
 //! TLS follows the URL's `sslmode` (`disable`, `prefer` — the default — or `require`),
 //! through rustls with the platform's trusted roots; certificates are always verified.
 //! The connection URL is a secret: it is never shown, and a message from the driver or the
@@ -31,10 +34,13 @@ use std::time::Duration;
 use futures::Future;
 use rustls_platform_verifier::BuilderVerifierExt;
 use tokio::time::Instant;
+use tokio_postgres::config::Host;
 use tokio_postgres::error::{ErrorPosition, SqlState};
-use tokio_postgres::{Client, SimpleQueryMessage};
+use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres::{Client, Connection, SimpleQueryMessage, Socket};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
+use super::egress::{EgressPolicy, ResolveError};
 use super::{BatchBuilder, MemberSource, MemberStream, SourceContext, SourceError, REDACT_MIN_LEN};
 use crate::api::PostgresSource;
 use crate::domain::identifiers::{ColumnPlan, IdentifierFields, SkipReason, Value};
@@ -55,6 +61,8 @@ pub struct PostgresMembers {
     statement_timeout: Duration,
     fetch_size: u32,
     fields: IdentifierFields,
+    /// Where connections may go ([`super::egress`]).
+    egress: Arc<EgressPolicy>,
 }
 
 impl PostgresMembers {
@@ -63,7 +71,13 @@ impl PostgresMembers {
         let r = &spec.connection_secret_ref;
         let what = format!("postgres query (connection from Secret {}/{} key {})", ctx.namespace(), r.name, r.key);
         let url = ctx.secret_value(&r.name, &r.key).await?;
-        Self::new(what, url, spec, fields)
+        Ok(Self::new(what, url, spec, fields)?.with_egress(ctx.egress()))
+    }
+
+    /// Connects only where `policy` allows (the default policy otherwise).
+    pub fn with_egress(mut self, policy: Arc<EgressPolicy>) -> Self {
+        self.egress = policy;
+        self
     }
 
     /// A source over a URL already read (`what` names it in messages).
@@ -77,6 +91,7 @@ impl PostgresMembers {
             statement_timeout: Duration::from_secs(spec.statement_timeout_seconds.into()),
             fetch_size: spec.fetch_size.max(1),
             fields,
+            egress: EgressPolicy::shared_default(),
         };
         let config = source.config()?;
         source.password = config.get_password().and_then(|p| std::str::from_utf8(p).ok()).map(SecretString::new);
@@ -105,6 +120,71 @@ impl PostgresMembers {
         }
         if config.get_application_name().is_none() {
             config.application_name("cohort-operator");
+        }
+        Ok(config)
+    }
+
+    /// Connects where the egress policy allows: the URL's hosts are resolved here and
+    /// checked, and the driver gets the checked addresses (`hostaddr`), so it never resolves
+    /// a name itself (no DNS rebinding); TLS still verifies the certificate for the host name.
+    async fn connect(
+        &self,
+        deadline: Instant,
+        tls: &MakeRustlsConnect,
+    ) -> Result<(Client, Connection<Socket, <MakeRustlsConnect as MakeTlsConnect<Socket>>::Stream>), SourceError> {
+        let config = self.within(deadline, self.checked_config()).await??;
+        self.within(deadline, config.connect(tls.clone())).await?.map_err(|e| self.connect_error(&e))
+    }
+
+    /// [`Self::config`] with every TCP host pinned to the addresses the policy allows.
+    async fn checked_config(&self) -> Result<tokio_postgres::Config, SourceError> {
+        let mut config = self.config()?;
+        let denied = |denied| SourceError::EgressDenied { what: self.what.clone(), denied };
+        let hosts = config.get_hosts().to_vec();
+        let given = config.get_hostaddrs().to_vec();
+        if !given.is_empty() {
+            // `hostaddr` in the URL: connected to as given, without DNS.
+            for (i, addr) in given.iter().enumerate() {
+                let host = match hosts.get(i) {
+                    Some(Host::Tcp(name)) => name.clone(),
+                    _ => addr.to_string(),
+                };
+                self.egress.check_addr(&host, *addr).map_err(denied)?;
+            }
+            return Ok(config);
+        }
+        let tcp = hosts.iter().filter(|h| matches!(h, Host::Tcp(_))).count();
+        if tcp == 0 {
+            return Ok(config); // Unix sockets only: nothing leaves the pod.
+        }
+        if tcp != hosts.len() {
+            return Err(SourceError::Config {
+                what: self.what.clone(),
+                message: "the connection URL mixes Unix-socket and TCP hosts; use one kind".to_owned(),
+            });
+        }
+        let ports = config.get_ports().to_vec();
+        let port_of = |i: usize| ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+        // The first allowed address of each host goes beside it; further ones as hosts of
+        // their own after the URL's, so the driver still tries every address.
+        let mut more = Vec::new();
+        for (i, host) in hosts.iter().enumerate() {
+            let Host::Tcp(name) = host else { continue };
+            let addrs = self.egress.resolve(name, port_of(i)).await.map_err(|e| match e {
+                ResolveError::Denied(d) => denied(d),
+                lookup => SourceError::Connect { what: self.what.clone(), message: lookup.to_string() },
+            })?;
+            let Some((first, rest)) = addrs.split_first() else {
+                return Err(SourceError::Connect { what: self.what.clone(), message: format!("{name} has no address") });
+            };
+            config.hostaddr(first.ip());
+            more.extend(rest.iter().map(|a| (name.clone(), port_of(i), a.ip())));
+        }
+        for (name, port, addr) in more {
+            config.host(name).hostaddr(addr);
+            if ports.len() > 1 {
+                config.port(port);
+            }
         }
         Ok(config)
     }
@@ -208,12 +288,8 @@ impl MemberSource for PostgresMembers {
     fn members(&self) -> MemberStream<'_> {
         Box::pin(async_stream::try_stream! {
             let deadline = Instant::now() + self.statement_timeout;
-            let config = self.config()?;
             let tls = self.tls()?;
-            let (client, connection) = self
-                .within(deadline, config.connect(tls.clone()))
-                .await?
-                .map_err(|e| self.connect_error(&e))?;
+            let (client, connection) = self.connect(deadline, &tls).await?;
             let what = self.what.clone();
             tokio::spawn(async move {
                 // Ends when `client` is dropped; errors here surface as failed queries too.

@@ -115,7 +115,7 @@ def test_confined_operator_can_do_its_job_in_watched_namespaces(confined: Instal
             assert confined.can(verb, "cohortimports.cohorts.dev", ns, subresource="status")
         for verb in ("get", "list", "watch"):
             assert confined.can(verb, "secrets", ns), (verb, ns)
-        for verb in ("get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"):
+        for verb in ("get", "list", "watch", "create", "update", "delete", "deletecollection"):
             assert confined.can(verb, "configmaps", ns), (verb, ns)
         for verb in ("create", "patch"):
             assert confined.can(verb, "events.events.k8s.io", ns), (verb, ns)
@@ -146,7 +146,8 @@ def test_confined_operator_can_do_its_job_in_watched_namespaces(confined: Instal
     ("update", "secrets", "team-a"),
     ("patch", "secrets", "team-a"),
     ("delete", "secrets", "team-a"),
-    # ConfigMaps and events outside the watched namespaces.
+    # ConfigMaps: snapshots are created and replaced, never patched; none outside.
+    ("patch", "configmaps", "team-a"),
     ("get", "configmaps", "kube-system"),
     ("create", "configmaps", "team-c"),
     ("create", "events.events.k8s.io", "team-c"),
@@ -286,14 +287,31 @@ def test_confined_operator_real_requests(confined: Install, identity: str) -> No
 def test_default_operator_works_in_every_namespace(everywhere: Install) -> None:
     for verb in ("list", "watch"):
         assert everywhere.can(verb, "cohortimports.cohorts.dev", None)
-        assert everywhere.can(verb, "secrets", None)
     assert everywhere.can("patch", "cohortimports.cohorts.dev", "team-c", subresource="status")
     assert everywhere.can("create", "configmaps", "team-c")
     assert everywhere.can("create", "events.events.k8s.io", "team-c")
-    # The documented cost of watching every namespace: it can read every Secret.
-    assert everywhere.can("get", "secrets", "kube-system")
-    assert everywhere.plane.request(
-        "GET", "/api/v1/namespaces/kube-system/secrets", as_user=everywhere.user).status == 200
+    # Secrets: by name, in any namespace (the imports' keys), and nothing more.
+    assert everywhere.can("get", "secrets", "team-c")
+    assert "--watch-secrets=false" in one(everywhere.objects, "Deployment")["spec"]["template"]["spec"][
+        "containers"][0]["args"]
+
+
+@pytest.mark.parametrize("identity", ["impersonated", "token"])
+def test_default_operator_cannot_list_or_watch_secrets(everywhere: Install, identity: str) -> None:
+    plane = everywhere.plane
+    seed(plane, "team-c")
+    auth: dict[str, Any] = ({"token": plane.sa_token(everywhere.namespace, everywhere.sa)} if identity == "token"
+                            else {"as_user": everywhere.user})
+    for verb in ("list", "watch"):
+        assert not everywhere.can(verb, "secrets", None), verb
+        for ns in ("team-c", "kube-system", everywhere.namespace):
+            assert not everywhere.can(verb, "secrets", ns), (verb, ns)
+    for path in ("/api/v1/secrets", "/api/v1/namespaces/kube-system/secrets", "/api/v1/namespaces/team-c/secrets",
+                 "/api/v1/namespaces/team-c/secrets?watch=true&timeoutSeconds=1",
+                 "/api/v1/secrets?watch=true&timeoutSeconds=1"):
+        _ok(plane.request("GET", path, **auth), 403)
+    # What an import names is read by name.
+    _ok(plane.request("GET", "/api/v1/namespaces/team-c/secrets/braze-data-import", **auth), 200)
 
 
 @pytest.mark.parametrize("verb, resource, where", [
@@ -302,6 +320,9 @@ def test_default_operator_works_in_every_namespace(everywhere: Install) -> None:
     ("delete", "cohortimports.cohorts.dev", "team-a"),
     ("create", "secrets", "team-a"),
     ("delete", "secrets", "kube-system"),
+    ("list", "secrets", None),
+    ("watch", "secrets", "team-a"),
+    ("patch", "configmaps", "team-a"),
     ("create", "leases.coordination.k8s.io", "team-a"),
     ("list", "pods", None),
     ("list", "namespaces", None),
@@ -315,6 +336,14 @@ def test_status_is_patched_never_replaced(everywhere: Install) -> None:
 
 
 # --- filesystem snapshots, HA, renamed lease ----------------------------------------------
+
+def test_full_install_network_policy_is_accepted(full: Install) -> None:
+    rendered = one(full.objects, "NetworkPolicy")
+    live = full.plane.get("networkpolicy", rendered["metadata"]["name"], full.namespace)
+    assert live["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert live["spec"]["egress"] == rendered["spec"]["egress"]
+    assert live["spec"]["podSelector"] == rendered["spec"]["podSelector"]
+
 
 def test_full_install_reads_configmaps_but_keeps_no_snapshots_in_them(full: Install) -> None:
     assert full.lease == "cohort-leader"

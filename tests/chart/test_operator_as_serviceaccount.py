@@ -130,7 +130,7 @@ class Pod:
     metrics_url: str
 
 
-def materialize(plane: ControlPlane, deployment: dict[str, Any], root: Path) -> Pod:
+def materialize(plane: ControlPlane, deployment: dict[str, Any], root: Path, namespace: str = NAMESPACE) -> Pod:
     spec = deployment["spec"]["template"]["spec"]
     container = next(c for c in spec["containers"] if c["name"] == "operator")
     volumes = {v["name"]: v for v in spec.get("volumes", [])}
@@ -144,7 +144,7 @@ def materialize(plane: ControlPlane, deployment: dict[str, Any], root: Path) -> 
                 continue
             source = volume[kind]
             name = source.get("secretName") or source.get("name")
-            obj = plane.get(resource, name, NAMESPACE)
+            obj = plane.get(resource, name, namespace)
             data = ({k: base64.b64decode(v) for k, v in obj.get("data", {}).items()} if kind == "secret"
                     else {k: v.encode() for k, v in obj.get("data", {}).items()})
             items = source.get("items") or [{"key": k, "path": k} for k in data]
@@ -158,7 +158,7 @@ def materialize(plane: ControlPlane, deployment: dict[str, Any], root: Path) -> 
                 return str(local) + value[len(mount_path):]
         return value
 
-    field_values = {"metadata.namespace": NAMESPACE, "metadata.name": POD_NAME}
+    field_values = {"metadata.namespace": namespace, "metadata.name": POD_NAME}
     env: dict[str, str] = {}
     for var in container.get("env", []):
         if "value" in var:
@@ -193,6 +193,7 @@ class World:
     sa_token: str
     root: Path
     admin_env: dict[str, str] = field(default_factory=dict)
+    namespace: str = NAMESPACE
 
     def arg(self, flag: str) -> str:
         return next(a.split("=", 1)[1] for a in self.pod.args if a.startswith(flag + "="))
@@ -276,7 +277,7 @@ class World:
                    and e.get("reportingController") for e in listed["items"])
 
     def lease_holder(self) -> str | None:
-        got = self.plane.kubectl("get", "lease", self.arg("--lease-name"), "-n", NAMESPACE, "-o", "json", check=False)
+        got = self.plane.kubectl("get", "lease", self.arg("--lease-name"), "-n", self.namespace, "-o", "json", check=False)
         return json.loads(got.stdout)["spec"].get("holderIdentity") if got.returncode == 0 else None
 
     def metrics(self) -> str:

@@ -97,6 +97,8 @@ def test_default_args_and_env() -> None:
         "--log-format=json",
         "--starting-deadline-seconds=3600",
         "--max-concurrent-runs=16",
+        "--watch-secrets=false",
+        "--egress-default=allow",
         "--leader-election",
         "--lease-namespace=$(POD_NAMESPACE)",
         f"--lease-name={FULLNAME}",
@@ -124,6 +126,9 @@ def test_full_values_args_env_and_mounts() -> None:
         "--starting-deadline-seconds=600",
         "--max-concurrent-runs=4",
         "--watch-namespaces=team-a,team-b",
+        "--egress-deny=10.96.0.0/12,*.internal.example",
+        "--egress-allow=169.254.10.10,10.20.0.0/16",
+        "--egress-default=deny",
         "--partner-keys-dir=/etc/cohort-operator/partner-keys",
         "--braze-endpoint-region=https://rest.fra-09.braze.eu=eu",
         "--braze-endpoint-region=https://rest.iad-99.braze.com=us",
@@ -235,20 +240,22 @@ def rules_of(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
     return out
 
 
+# In each listed namespace (watchNamespaces set).
 OPERATOR_RULES = {
     ("cohorts.dev", "cohortimports"): {"get", "list", "watch", "patch"},
     ("cohorts.dev", "cohortimports/status"): {"get", "patch"},
     ("", "secrets"): {"get", "list", "watch"},
-    ("", "configmaps"): {"get", "list", "watch", "create", "update", "patch", "delete",
-                         "deletecollection"},
+    ("", "configmaps"): {"get", "list", "watch", "create", "update", "delete", "deletecollection"},
     ("events.k8s.io", "events"): {"create", "patch"},
 }
+# Cluster-wide (the default): Secrets by name only.
+CLUSTER_RULES = {**OPERATOR_RULES, ("", "secrets"): {"get"}}
 
 
 def test_default_rbac_is_one_cluster_role_with_only_the_operators_verbs() -> None:
     objects = render()
     role = one(objects, "ClusterRole", FULLNAME)
-    assert rules_of(role) == OPERATOR_RULES
+    assert rules_of(role) == CLUSTER_RULES
     binding = one(objects, "ClusterRoleBinding", FULLNAME)
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io",
                                   "kind": "ClusterRole", "name": FULLNAME}
@@ -323,3 +330,42 @@ def test_notes_say_what_is_watched() -> None:
     text = notes(copy.deepcopy(vs.FULL))
     assert "team-a, team-b (a Role in each)" in text
     assert "No partnerKeys.secretName" not in text
+
+
+def test_network_policy_is_optional_and_lets_only_what_the_operator_needs() -> None:
+    assert not find(render(), "NetworkPolicy")
+    objects = render(vs.FULL)
+    policy = one(objects, "NetworkPolicy", FULLNAME, NAMESPACE)["spec"]
+    pod_labels = one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    assert policy["ingress"] == [{"ports": [{"port": "metrics", "protocol": "TCP"}],
+                                  "from": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]}]
+    dns, api, https, smtp, warehouse = policy["egress"]
+    assert dns["to"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+                          "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}]
+    assert {p["port"] for p in dns["ports"]} == {53}
+    assert api == {"to": [{"ipBlock": {"cidr": "10.0.0.1/32"}}], "ports": [{"port": 6443, "protocol": "TCP"}]}
+    # Braze is public HTTPS: never private, link-local or metadata ranges.
+    assert https["ports"] == [{"port": 443, "protocol": "TCP"}]
+    v4 = https["to"][0]["ipBlock"]
+    assert v4["cidr"] == "0.0.0.0/0" and {"169.254.0.0/16", "10.0.0.0/8", "100.64.0.0/10"} <= set(v4["except"])
+    assert "fe80::/10" in https["to"][1]["ipBlock"]["except"]
+    assert smtp["ports"] == [{"port": 465, "protocol": "TCP"}]
+    assert warehouse == {"to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}], "ports": [{"port": 5439, "protocol": "TCP"}]}
+    # Without SMTP or sources, only DNS, the API server and HTTPS; metrics open to the cluster.
+    minimal = render({"networkPolicy": {"enabled": True, "apiServer": {"cidrs": ["10.0.0.1/32"]}}})
+    policy = one(minimal, "NetworkPolicy")["spec"]
+    assert len(policy["egress"]) == 3
+    assert policy["ingress"][0]["from"] == [{"namespaceSelector": {}}]
+
+
+def test_network_policy_needs_the_api_server_addresses() -> None:
+    with pytest.raises(helm.HelmRenderError, match="networkPolicy.apiServer.cidrs"):
+        render({"networkPolicy": {"enabled": True}})
+
+
+def test_egress_values_become_flags() -> None:
+    args = container(render({"egress": {"deny": ["127.0.0.2/32"], "default": "allow"}}))["args"]
+    assert "--egress-deny=127.0.0.2/32" in args and "--egress-default=allow" in args
+    assert not [a for a in args if a.startswith("--egress-allow")]

@@ -56,6 +56,12 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"podSecurityContext": {"seccompProfile": {"type": "Unconfined"}}},
      "/podSecurityContext/seccompProfile/type"),
     ({"extraArgs": ["watch-namespaces=x"]}, "/extraArgs/0"),
+    ({"egress": {"default": "maybe"}}, "/egress/default"),
+    ({"egress": {"deny": ["http://169.254.169.254/"]}}, "/egress/deny/0"),
+    ({"egress": {"allow": "10.0.0.0/8"}}, "/egress/allow"),
+    ({"egress": {"allows": []}}, "allows"),
+    ({"networkPolicy": {"apiServer": {"cidrs": ["10.0.0.1"]}}}, "/networkPolicy/apiServer/cidrs/0"),
+    ({"networkPolicy": {"https": {"ipBlocks": [{"except": ["10.0.0.0/8"]}]}}}, "cidr"),
 ]
 
 

@@ -44,6 +44,14 @@ FULL: dict[str, Any] = {
     "podDisruptionBudget": {"enabled": True, "maxUnavailable": 1},
     "priorityClassName": "platform",
     "extraEnv": [{"name": "EXTRA", "value": "1"}],
+    "egress": {"deny": ["10.96.0.0/12", "*.internal.example"], "allow": ["169.254.10.10", "10.20.0.0/16"],
+               "default": "deny"},
+    "networkPolicy": {
+        "enabled": True,
+        "apiServer": {"cidrs": ["10.0.0.1/32"], "port": 6443},
+        "sources": [{"to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}], "ports": [{"port": 5439, "protocol": "TCP"}]}],
+        "metricsFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}],
+    },
 }
 
 # Leader election off: a single pod replaced with Recreate, no Lease RBAC.

@@ -73,15 +73,25 @@ cluster-wide (watchNamespaces empty) or per namespace.
   resources: [cohortimports/status]
   verbs: [get, patch]
 # Data import keys, partner key overrides and source credentials named by CohortImports.
+{{- if .Values.watchNamespaces }}
+# In the listed namespaces only: also list/watch (by metadata), to notice a created Secret.
 - apiGroups: [""]
   resources: [secrets]
   verbs: [get, list, watch]
+{{- else }}
+# Cluster-wide: by name only, never list or watch (the operator runs --watch-secrets=false).
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get]
+{{- end }}
 {{- if eq .Values.snapshots.store "cluster" }}
 # ConfigMap sources are read; snapshots are ConfigMaps owned by their CohortImport, written
-# in chunks, and a superseded generation's chunks are removed by label (deletecollection).
+# in chunks (create, update), and a superseded generation's chunks are removed by label
+# (deletecollection). RBAC cannot scope create by name or label, so these verbs cover every
+# ConfigMap the role reaches: set watchNamespaces, or snapshots.store=filesystem, to narrow it.
 - apiGroups: [""]
   resources: [configmaps]
-  verbs: [get, list, watch, create, update, patch, delete, deletecollection]
+  verbs: [get, list, watch, create, update, delete, deletecollection]
 {{- else }}
 # ConfigMap sources (snapshots are on the volume).
 - apiGroups: [""]
