@@ -135,7 +135,9 @@ async fn once_runs_soon_after_creation_and_never_again() {
     env.clock.advance(SignedDuration::from_hours(24 * 90));
     env.request_run("once", "later").await;
     let done = env
-        .wait_status("once", "ran the request", |s| s.last_handled_run_request.as_deref() == Some("later") && s.current_run.is_none() && s.history.len() >= 2)
+        .wait_status("once", "ran the request", |s| {
+            s.last_handled_run_request.as_deref() == Some("later") && s.current_run.is_none() && s.history.len() >= 2
+        })
         .await;
     let status = done.status.unwrap();
     assert_eq!(status.history.len(), 2);
@@ -197,7 +199,8 @@ async fn invalid_specs_and_missing_secrets_are_reported_by_name() {
 
     // A Secret that does not exist yet.
     let mut doc = env.import("nokey", "nokey", json!({ "cadence": "Daily", "at": "06:30" }));
-    doc["spec"]["destination"]["braze"]["dataImportKeySecretRef"] = json!({ "name": "braze-later", "key": "data-import-key" });
+    doc["spec"]["destination"]["braze"]["dataImportKeySecretRef"] =
+        json!({ "name": "braze-later", "key": "data-import-key" });
     env.create(doc).await;
     let status = env.wait_reason("nokey", "SecretNotFound").await.status.unwrap();
     let message = &ready(&status).unwrap().message;
@@ -243,15 +246,11 @@ async fn the_cli_works_as_a_kubectl_plugin() {
     kubectl(&["cohort", "suspend", "plugin", "-n", &env.ns]).await;
     let status = env.wait_reason("plugin", "Suspended").await;
     assert!(status.spec.suspend);
-    let managers: Vec<String> = status
-        .metadata
-        .managed_fields
-        .unwrap_or_default()
-        .into_iter()
-        .filter_map(|m| m.manager)
-        .collect();
+    let managers: Vec<String> =
+        status.metadata.managed_fields.unwrap_or_default().into_iter().filter_map(|m| m.manager).collect();
     assert!(managers.contains(&"kubectl-cohort".to_owned()), "{managers:?}");
     kubectl(&["cohort", "resume", "plugin", "-n", &env.ns]).await;
-    env.wait_status("plugin", "Succeeded again", |s| ready_reason(s) == Some("Succeeded") && s.next_run_at.is_some()).await;
+    env.wait_status("plugin", "Succeeded again", |s| ready_reason(s) == Some("Succeeded") && s.next_run_at.is_some())
+        .await;
     operator.stop().await;
 }

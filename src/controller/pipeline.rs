@@ -82,17 +82,19 @@ impl PipelineImporter {
         let source = open_source(&spec.source, &spec.identifiers, &objects).await?;
         let store = self.store(import)?;
         let target = Self::target(import, keys);
-        let mut run = ImportRun::new(current.id.clone(), current.trigger, &namespace, &import.name_any(), &spec.cohort.name);
+        let mut run =
+            ImportRun::new(current.id.clone(), current.trigger, &namespace, &import.name_any(), &spec.cohort.name);
         run.identifier_fingerprint = identifier_fingerprint(&spec.identifiers);
         run.removal_guard = spec.removal_guard.clone();
         run.dry_run = spec.dry_run;
         run.scratch_dir = self.scratch_dir.clone();
         run.started_at = current.started_at;
-        run.approval = current.approved_removals.as_ref().map(|id| RemovalApproval {
-            run_id: id.clone(),
-            removals: approved_removals(import, id),
-        });
-        let deps = RunDeps { members: source.members(), snapshots: store.as_ref(), braze: &self.braze, target: &target };
+        run.approval = current
+            .approved_removals
+            .as_ref()
+            .map(|id| RemovalApproval { run_id: id.clone(), removals: approved_removals(import, id) });
+        let deps =
+            RunDeps { members: source.members(), snapshots: store.as_ref(), braze: &self.braze, target: &target };
         Ok(run_import(&run, deps).await)
     }
 
@@ -126,7 +128,11 @@ impl Importer for PipelineImporter {
         Box::pin(self.run_once(import, spec, run, keys))
     }
 
-    fn remove_members<'a>(&'a self, import: &'a CohortImport, keys: BrazeKeys) -> BoxFuture<'a, Result<u64, ImportError>> {
+    fn remove_members<'a>(
+        &'a self,
+        import: &'a CohortImport,
+        keys: BrazeKeys,
+    ) -> BoxFuture<'a, Result<u64, ImportError>> {
         Box::pin(self.remove_all(import, keys))
     }
 
