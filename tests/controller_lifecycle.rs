@@ -236,6 +236,24 @@ async fn a_status_computed_from_a_stale_copy_is_refused() {
 }
 
 #[tokio::test]
+async fn the_api_server_refuses_a_status_time_that_is_not_rfc_3339() {
+    // Status times are typed: the CRD declares them `format: date-time`, so a malformed
+    // one never reaches the controller (which would otherwise have to guess a time).
+    let env = Env::new("ctl-times").await;
+    env.create(env.import("times", "times", json!({ "cadence": "Daily", "at": "06:30" }))).await;
+    let api = env.imports();
+    let params = kube::api::PatchParams::default();
+    for bad in [json!({ "nextRunAt": "tomorrow" }), json!({ "schedule": { "description": "d", "handledThrough": "06:30" } })] {
+        let patch = kube::api::Patch::Merge(json!({ "status": bad }));
+        let err = api.patch_status("times", &params, &patch).await.expect_err("a malformed time is refused");
+        assert!(matches!(&err, kube::Error::Api(s) if s.code == 422), "{err}");
+    }
+    let good = kube::api::Patch::Merge(json!({ "status": { "nextRunAt": "2030-01-01T06:30:00Z" } }));
+    let written = api.patch_status("times", &params, &good).await.expect("an RFC 3339 time is accepted");
+    assert_eq!(written.status.unwrap().next_run_at, Some("2030-01-01T06:30:00Z".parse().unwrap()));
+}
+
+#[tokio::test]
 async fn a_blocked_run_waits_for_approval_and_then_removes() {
     let env = Env::new("ctl-blocked").await;
     env.put_members(&ids(0..10)).await;

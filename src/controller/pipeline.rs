@@ -9,7 +9,7 @@ use kube::ResourceExt;
 
 use super::importer::{ImportError, Importer};
 use super::secrets::BrazeKeys;
-use crate::api::{CohortImport, CurrentRun, RunResult};
+use crate::api::{CohortImport, CohortImportSpec, CurrentRun, RunResult};
 use crate::braze::{BrazeClient, CohortTarget};
 use crate::domain::guard::RemovalApproval;
 use crate::domain::validate::ValidSpec;
@@ -58,14 +58,14 @@ impl PipelineImporter {
         })
     }
 
-    fn target(import: &CohortImport, keys: BrazeKeys) -> CohortTarget {
-        let braze = &import.spec.destination.braze;
+    fn target(spec: &CohortImportSpec, keys: BrazeKeys) -> CohortTarget {
+        let braze = &spec.destination.braze;
         CohortTarget {
             rest_endpoint: braze.rest_endpoint.clone(),
             partner: braze.partner.clone(),
             partner_api_key: keys.partner_api_key,
             data_import_key: keys.data_import_key,
-            cohort_id: import.spec.cohort.id.clone(),
+            cohort_id: spec.cohort.id.clone(),
         }
     }
 
@@ -81,7 +81,7 @@ impl PipelineImporter {
         let objects = KubeObjects::new(self.client.clone(), namespace.clone());
         let source = open_source(&spec.source, &spec.identifiers, &objects).await?;
         let store = self.store(import)?;
-        let target = Self::target(import, keys);
+        let target = Self::target(spec, keys);
         let mut run =
             ImportRun::new(current.id.clone(), current.trigger, &namespace, &import.name_any(), &spec.cohort.name);
         run.identifier_fingerprint = identifier_fingerprint(&spec.identifiers);
@@ -102,7 +102,7 @@ impl PipelineImporter {
     /// run may have added — then forgets the snapshot.
     async fn remove_all(&self, import: &CohortImport, keys: BrazeKeys) -> Result<u64, ImportError> {
         let store = self.store(import)?;
-        let target = Self::target(import, keys);
+        let target = Self::target(&import.spec, keys);
         Ok(remove_all_members(store.as_ref(), &self.braze, &target, &self.scratch_dir).await?)
     }
 }
