@@ -254,3 +254,51 @@ async fn the_cli_works_as_a_kubectl_plugin() {
         .await;
     operator.stop().await;
 }
+
+#[tokio::test]
+async fn status_written_before_schedule_identities_keeps_its_place_in_the_schedule() {
+    let env = Env::new("ctl-upgrade").await;
+    env.put_members(&ids(0..3)).await;
+    let operator = env.start().await;
+    env.create(env.import("old", "old", json!({ "cadence": "Daily", "at": "06:30" }))).await;
+    let status = env.wait_status("old", "Scheduled", |s| s.next_run_at.is_some()).await.status.unwrap();
+    let first = next_run(&status);
+    let description = status.schedule.as_ref().unwrap().description.clone();
+    assert_eq!(description, "Daily at 06:30 (UTC)");
+    operator.kill().await;
+
+    // As an operator before schedule identities left it: the first run time handled, the
+    // schedule named by its description only.
+    let legacy =
+        json!({ "status": { "schedule": { "description": description, "identity": null, "handledThrough": first } } });
+    env.imports()
+        .patch_status("old", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&legacy))
+        .await
+        .expect("legacy status written");
+
+    // Upgraded ten minutes after that run time: the handled run is not run again, and the
+    // cursor is not reset to now.
+    env.clock.set(first + SignedDuration::from_mins(10));
+    let operator = env.start().await;
+    let status =
+        env.wait_status("old", "upgraded", |s| s.schedule.as_ref().is_some_and(|c| c.identity.is_some())).await;
+    let status = status.status.unwrap();
+    assert_eq!(status.schedule.as_ref().unwrap().handled_through, Some(first));
+    assert!(status.current_run.is_none() && status.history.is_empty(), "the handled run did not run again");
+    operator.kill().await;
+
+    // Back from downtime within the deadline of the next run time: that run is not missed.
+    let legacy = json!({ "status": { "schedule": { "description": description, "identity": null } } });
+    env.imports()
+        .patch_status("old", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&legacy))
+        .await
+        .expect("legacy status written");
+    env.clock.set(first + SignedDuration::from_hours(24) + SignedDuration::from_mins(10));
+    let operator = env.start().await;
+    let status = env.wait_runs("old", 1).await.status.unwrap();
+    assert_eq!(status.history[0].result, RunResult::Succeeded, "{}", status.history[0].message);
+    assert_eq!(status.history[0].trigger, RunTrigger::Initial);
+    assert_eq!(status.schedule.as_ref().unwrap().handled_through, Some(first + SignedDuration::from_hours(24)));
+    assert_eq!(env.members("old"), set(&ids(0..3)));
+    operator.stop().await;
+}

@@ -243,7 +243,9 @@ async fn the_api_server_refuses_a_status_time_that_is_not_rfc_3339() {
     env.create(env.import("times", "times", json!({ "cadence": "Daily", "at": "06:30" }))).await;
     let api = env.imports();
     let params = kube::api::PatchParams::default();
-    for bad in [json!({ "nextRunAt": "tomorrow" }), json!({ "schedule": { "description": "d", "handledThrough": "06:30" } })] {
+    for bad in
+        [json!({ "nextRunAt": "tomorrow" }), json!({ "schedule": { "description": "d", "handledThrough": "06:30" } })]
+    {
         let patch = kube::api::Patch::Merge(json!({ "status": bad }));
         let err = api.patch_status("times", &params, &patch).await.expect_err("a malformed time is refused");
         assert!(matches!(&err, kube::Error::Api(s) if s.code == 422), "{err}");
