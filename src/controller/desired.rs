@@ -122,7 +122,9 @@ pub fn desired(import: &CohortImport, plan: Result<&Plan, &SpecErrors>, seen: &O
     };
     let mut effects = Vec::new();
     if let Some(run) = status.current_run.clone() {
-        // A run recorded as started but not running here was cut short (restart, failover).
+        // Status shows a run that is not running here (a reconcile never overlaps one): it
+        // ended here a moment ago and this copy predates its record, or it was cut short by a
+        // restart or failover — then it runs again, unless another import owns the cohort now.
         if seen.run_ended_here {
             return Desired { status: None, effects, requeue: Requeue::Soon };
         }
