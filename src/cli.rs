@@ -58,7 +58,12 @@ fn patch_params() -> PatchParams {
     PatchParams { field_manager: Some(CLI_FIELD_MANAGER.to_owned()), ..Default::default() }
 }
 
-async fn patch(api: &Api<CohortImport>, namespace: &str, name: &str, body: serde_json::Value) -> anyhow::Result<CohortImport> {
+async fn patch(
+    api: &Api<CohortImport>,
+    namespace: &str,
+    name: &str,
+    body: serde_json::Value,
+) -> anyhow::Result<CohortImport> {
     match api.patch(name, &patch_params(), &Patch::Merge(&body)).await {
         Ok(import) => Ok(import),
         Err(kube::Error::Api(status)) if status.code == 404 => {
@@ -116,7 +121,8 @@ pub async fn set_suspend(client: kube::Client, namespace: &str, name: &str, susp
 /// Approves the removals of a blocked run: sets `cohorts.dev/approve-removals` to its id.
 pub async fn approve(client: kube::Client, namespace: &str, name: &str, run_id: &str) -> anyhow::Result<()> {
     let api: Api<CohortImport> = Api::namespaced(client, namespace);
-    patch(&api, namespace, name, json!({ "metadata": { "annotations": { APPROVE_REMOVALS_ANNOTATION: run_id } } })).await?;
+    patch(&api, namespace, name, json!({ "metadata": { "annotations": { APPROVE_REMOVALS_ANNOTATION: run_id } } }))
+        .await?;
     Ok(())
 }
 
@@ -230,7 +236,12 @@ mod tests {
         let lines: Vec<_> = table.lines().collect();
         assert_eq!(lines[0], "Next run: 2026-03-03T06:30:00Z");
         assert!(lines[1].starts_with("RUN                   TRIGGER    STARTED"), "{table}");
-        assert!(lines[2].starts_with("20260302-063000-beef  Scheduled  2026-03-02T06:30:00Z  2026-03-02T06:30:04Z  Succeeded  1200"), "{table}");
+        assert!(
+            lines[2].starts_with(
+                "20260302-063000-beef  Scheduled  2026-03-02T06:30:00Z  2026-03-02T06:30:04Z  Succeeded  1200"
+            ),
+            "{table}"
+        );
         assert!(lines[3].contains("Manual") && lines[3].contains("Failed") && lines[3].contains(" - "), "{table}");
         let column = lines[1].find("RESULT").unwrap();
         assert_eq!(&lines[2][column..column + 9], "Succeeded");

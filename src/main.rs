@@ -30,8 +30,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the controller.
-    Run(Box<RunArgs>),
+    /// Run the controller: watch CohortImports and run their imports on schedule.
+    #[command(name = "run")]
+    Controller(Box<RunArgs>),
     /// Print the CohortImport CustomResourceDefinition as YAML.
     Crd {
         /// Print the field reference (Markdown) instead, as in docs/reference.md.
@@ -186,7 +187,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Crd { reference: false } => print!("{}", cohort_operator::api::crd_yaml()),
         Command::Crd { reference: true } => print!("{}", cohort_operator::api::reference::markdown()),
-        Command::Run(args) => run(*args).await?,
+        Command::Controller(args) => run(*args).await?,
         Command::Trigger { name, wait, timeout_seconds, target } => {
             let (client, namespace) = target.client().await?;
             let value = cli::trigger(client.clone(), &namespace, &name).await?;

@@ -135,7 +135,9 @@ async fn once_runs_soon_after_creation_and_never_again() {
     env.clock.advance(SignedDuration::from_hours(24 * 90));
     env.request_run("once", "later").await;
     let done = env
-        .wait_status("once", "ran the request", |s| s.last_handled_run_request.as_deref() == Some("later") && s.current_run.is_none() && s.history.len() >= 2)
+        .wait_status("once", "ran the request", |s| {
+            s.last_handled_run_request.as_deref() == Some("later") && s.current_run.is_none() && s.history.len() >= 2
+        })
         .await;
     let status = done.status.unwrap();
     assert_eq!(status.history.len(), 2);
@@ -197,7 +199,8 @@ async fn invalid_specs_and_missing_secrets_are_reported_by_name() {
 
     // A Secret that does not exist yet.
     let mut doc = env.import("nokey", "nokey", json!({ "cadence": "Daily", "at": "06:30" }));
-    doc["spec"]["destination"]["braze"]["dataImportKeySecretRef"] = json!({ "name": "braze-later", "key": "data-import-key" });
+    doc["spec"]["destination"]["braze"]["dataImportKeySecretRef"] =
+        json!({ "name": "braze-later", "key": "data-import-key" });
     env.create(doc).await;
     let status = env.wait_reason("nokey", "SecretNotFound").await.status.unwrap();
     let message = &ready(&status).unwrap().message;
@@ -243,15 +246,59 @@ async fn the_cli_works_as_a_kubectl_plugin() {
     kubectl(&["cohort", "suspend", "plugin", "-n", &env.ns]).await;
     let status = env.wait_reason("plugin", "Suspended").await;
     assert!(status.spec.suspend);
-    let managers: Vec<String> = status
-        .metadata
-        .managed_fields
-        .unwrap_or_default()
-        .into_iter()
-        .filter_map(|m| m.manager)
-        .collect();
+    let managers: Vec<String> =
+        status.metadata.managed_fields.unwrap_or_default().into_iter().filter_map(|m| m.manager).collect();
     assert!(managers.contains(&"kubectl-cohort".to_owned()), "{managers:?}");
     kubectl(&["cohort", "resume", "plugin", "-n", &env.ns]).await;
-    env.wait_status("plugin", "Succeeded again", |s| ready_reason(s) == Some("Succeeded") && s.next_run_at.is_some()).await;
+    env.wait_status("plugin", "Succeeded again", |s| ready_reason(s) == Some("Succeeded") && s.next_run_at.is_some())
+        .await;
+    operator.stop().await;
+}
+
+#[tokio::test]
+async fn status_written_before_schedule_identities_keeps_its_place_in_the_schedule() {
+    let env = Env::new("ctl-upgrade").await;
+    env.put_members(&ids(0..3)).await;
+    let operator = env.start().await;
+    env.create(env.import("old", "old", json!({ "cadence": "Daily", "at": "06:30" }))).await;
+    let status = env.wait_status("old", "Scheduled", |s| s.next_run_at.is_some()).await.status.unwrap();
+    let first = next_run(&status);
+    let description = status.schedule.as_ref().unwrap().description.clone();
+    assert_eq!(description, "Daily at 06:30 (UTC)");
+    operator.kill().await;
+
+    // As an operator before schedule identities left it: the first run time handled, the
+    // schedule named by its description only.
+    let legacy =
+        json!({ "status": { "schedule": { "description": description, "identity": null, "handledThrough": first } } });
+    env.imports()
+        .patch_status("old", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&legacy))
+        .await
+        .expect("legacy status written");
+
+    // Upgraded ten minutes after that run time: the handled run is not run again, and the
+    // cursor is not reset to now.
+    env.clock.set(first + SignedDuration::from_mins(10));
+    let operator = env.start().await;
+    let status =
+        env.wait_status("old", "upgraded", |s| s.schedule.as_ref().is_some_and(|c| c.identity.is_some())).await;
+    let status = status.status.unwrap();
+    assert_eq!(status.schedule.as_ref().unwrap().handled_through, Some(first));
+    assert!(status.current_run.is_none() && status.history.is_empty(), "the handled run did not run again");
+    operator.kill().await;
+
+    // Back from downtime within the deadline of the next run time: that run is not missed.
+    let legacy = json!({ "status": { "schedule": { "description": description, "identity": null } } });
+    env.imports()
+        .patch_status("old", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&legacy))
+        .await
+        .expect("legacy status written");
+    env.clock.set(first + SignedDuration::from_hours(24) + SignedDuration::from_mins(10));
+    let operator = env.start().await;
+    let status = env.wait_runs("old", 1).await.status.unwrap();
+    assert_eq!(status.history[0].result, RunResult::Succeeded, "{}", status.history[0].message);
+    assert_eq!(status.history[0].trigger, RunTrigger::Initial);
+    assert_eq!(status.schedule.as_ref().unwrap().handled_through, Some(first + SignedDuration::from_hours(24)));
+    assert_eq!(env.members("old"), set(&ids(0..3)));
     operator.stop().await;
 }

@@ -67,11 +67,18 @@ async fn suspend_lets_a_run_in_progress_finish_and_resume_skips_what_was_missed(
     env.wait_status("paused", "Running", |s| s.current_run.is_some()).await;
     cohort_operator::cli::set_suspend(env.client.clone(), &env.ns, "paused", true).await.unwrap();
     let status = env
-        .wait_status("paused", "Suspended after the run", |s| ready_reason(s) == Some("Suspended") && s.history.len() == 1)
+        .wait_status("paused", "Suspended after the run", |s| {
+            ready_reason(s) == Some("Suspended") && s.history.len() == 1
+        })
         .await
         .status
         .unwrap();
-    assert_eq!(status.history[0].result, RunResult::Succeeded, "the run in progress finished: {}", status.history[0].message);
+    assert_eq!(
+        status.history[0].result,
+        RunResult::Succeeded,
+        "the run in progress finished: {}",
+        status.history[0].message
+    );
     assert_eq!(status.history[0].added, 2500);
     assert_eq!(status.next_run_at, None);
     env.sandbox.set_faults(Faults::default());
@@ -215,7 +222,10 @@ async fn a_status_computed_from_a_stale_copy_is_refused() {
     let api = env.imports();
     let old = env.get("stale").await;
     env.merge("stale", json!({ "metadata": { "labels": { "touched": "yes" } } })).await;
-    let desired = cohort_operator::api::CohortImportStatus { next_run_at: Some("2030-01-01T00:00:00Z".parse().unwrap()), ..Default::default() };
+    let desired = cohort_operator::api::CohortImportStatus {
+        next_run_at: Some("2030-01-01T00:00:00Z".parse().unwrap()),
+        ..Default::default()
+    };
     let err = status::write(&api, &old, &desired).await.expect_err("a write from a stale copy is refused");
     assert!(status::is_stale_write(&err), "{err}");
     let fresh = env.get("stale").await;
@@ -223,6 +233,26 @@ async fn a_status_computed_from_a_stale_copy_is_refused() {
     let fresh = env.get("stale").await;
     assert_eq!(fresh.status.as_ref(), Some(&desired));
     assert_eq!(status::write(&api, &fresh, &desired).await.unwrap(), status::Written::Unchanged);
+}
+
+#[tokio::test]
+async fn the_api_server_refuses_a_status_time_that_is_not_rfc_3339() {
+    // Status times are typed: the CRD declares them `format: date-time`, so a malformed
+    // one never reaches the controller (which would otherwise have to guess a time).
+    let env = Env::new("ctl-times").await;
+    env.create(env.import("times", "times", json!({ "cadence": "Daily", "at": "06:30" }))).await;
+    let api = env.imports();
+    let params = kube::api::PatchParams::default();
+    for bad in
+        [json!({ "nextRunAt": "tomorrow" }), json!({ "schedule": { "description": "d", "handledThrough": "06:30" } })]
+    {
+        let patch = kube::api::Patch::Merge(json!({ "status": bad }));
+        let err = api.patch_status("times", &params, &patch).await.expect_err("a malformed time is refused");
+        assert!(matches!(&err, kube::Error::Api(s) if s.code == 422), "{err}");
+    }
+    let good = kube::api::Patch::Merge(json!({ "status": { "nextRunAt": "2030-01-01T06:30:00Z" } }));
+    let written = api.patch_status("times", &params, &good).await.expect("an RFC 3339 time is accepted");
+    assert_eq!(written.status.unwrap().next_run_at, Some("2030-01-01T06:30:00Z".parse().unwrap()));
 }
 
 #[tokio::test]

@@ -7,7 +7,7 @@ mod controller_support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cohort_operator::api::{RunResult};
+use cohort_operator::api::RunResult;
 use cohort_operator::notify::{SmtpConfig, SmtpNotifier, SmtpTls};
 use controller_support::*;
 use serde_json::json;
@@ -18,7 +18,8 @@ async fn each_finished_run_is_reported_and_a_failed_email_is_noted() {
     let env = Env::new("ctl-notify").await;
     env.put_members(&ids(0..3)).await;
     let mut server = SmtpServer::start();
-    let mut smtp = SmtpConfig::new("127.0.0.1", server.port(), SmtpTls::None, "cohorts@ops.example.com".parse().unwrap());
+    let mut smtp =
+        SmtpConfig::new("127.0.0.1", server.port(), SmtpTls::None, "cohorts@ops.example.com".parse().unwrap());
     smtp.retries = 0;
     smtp.timeout = Duration::from_secs(5);
     let notifier = Arc::new(SmtpNotifier::new(smtp).unwrap());
@@ -42,7 +43,9 @@ async fn each_finished_run_is_reported_and_a_failed_email_is_noted() {
     env.put_members(&ids(0..4)).await;
     env.request_run("mailed", "2").await;
     let status = env
-        .wait_status("mailed", "noting the failed email", |s| s.history.len() == 2 && s.last_notification_error.is_some())
+        .wait_status("mailed", "noting the failed email", |s| {
+            s.history.len() == 2 && s.last_notification_error.is_some()
+        })
         .await
         .status
         .unwrap();

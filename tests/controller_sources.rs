@@ -15,12 +15,16 @@ async fn a_postgres_cohort_is_imported_on_schedule_once_its_secret_exists() {
     let pg = Postgres::shared();
     let db = env.ns.replace('-', "_");
     pg.create_database(&db);
-    pg.psql(&db, "CREATE TABLE subscribers (user_id text, active boolean); \
-                  INSERT INTO subscribers SELECT 'u' || i, i % 2 = 0 FROM generate_series(0, 1999) AS i;")
-        .expect("setup SQL");
+    pg.psql(
+        &db,
+        "CREATE TABLE subscribers (user_id text, active boolean); \
+                  INSERT INTO subscribers SELECT 'u' || i, i % 2 = 0 FROM generate_series(0, 1999) AS i;",
+    )
+    .expect("setup SQL");
     let operator = env.start().await;
 
-    let mut doc = env.import("warehouse", "warehouse", json!({ "cadence": "Daily", "at": "05:00", "timeZone": "Europe/Lisbon" }));
+    let mut doc =
+        env.import("warehouse", "warehouse", json!({ "cadence": "Daily", "at": "05:00", "timeZone": "Europe/Lisbon" }));
     doc["spec"]["source"] = json!({ "postgres": {
         "connectionSecretRef": { "name": "warehouse", "key": "url" },
         "query": "SELECT user_id FROM subscribers WHERE active"

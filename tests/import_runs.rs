@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use braze_sandbox::{DataImportKey, Faults, Partner, RunningSandbox, Sandbox, SandboxConfig, SandboxUser, ScriptedFault};
+use braze_sandbox::{Faults, RunningSandbox, SandboxUser, ScriptedFault};
 use cohort_operator::api::{RemovalGuard, RunResult, RunTrigger};
 use cohort_operator::braze::{BrazeClient, BrazeClientConfig, BrazeError, CohortTarget, RetryPolicy};
 use cohort_operator::domain::guard::{BlockReason, RemovalApproval};
@@ -22,9 +22,14 @@ use rand::rngs::StdRng;
 use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{Rng, SeedableRng};
 
+#[path = "support/braze.rs"]
+mod braze_support;
+
 const PARTNER: &str = "acme";
 const PARTNER_KEY: &str = "partner-key-5b1c";
 const IMPORT_KEY: &str = "import-key-9f2e";
+const KEYS: braze_support::BrazeKeys =
+    braze_support::BrazeKeys { partner: PARTNER, partner_key: PARTNER_KEY, import_key: IMPORT_KEY };
 const COHORT: &str = "vip-users";
 
 /// Member `i` of the pool the tests draw cohorts from; identifier kinds mixed.
@@ -106,21 +111,8 @@ struct World {
 
 impl World {
     async fn new(pool: usize) -> World {
-        let sandbox = Sandbox::start(SandboxConfig {
-            partners: vec![Partner { name: PARTNER.into(), api_key: PARTNER_KEY.into() }],
-            data_import_keys: vec![DataImportKey { key: IMPORT_KEY.into(), partners: vec![] }],
-            users: (0..pool).map(|i| sandbox_user(&pool_member(i))).collect(),
-            ..SandboxConfig::default()
-        })
-        .await
-        .expect("sandbox starts");
-        let target = CohortTarget {
-            rest_endpoint: sandbox.url(),
-            partner: PARTNER.into(),
-            partner_api_key: SecretString::new(PARTNER_KEY),
-            data_import_key: SecretString::new(IMPORT_KEY),
-            cohort_id: COHORT.into(),
-        };
+        let sandbox = braze_support::start_sandbox(KEYS, (0..pool).map(|i| sandbox_user(&pool_member(i))).collect()).await;
+        let target = braze_support::target(&sandbox, KEYS, COHORT);
         let dir = tempfile::tempdir().unwrap();
         let store = FsSnapshotStore::new(dir.path().join("snapshots"), "growth_vip");
         World {

@@ -9,13 +9,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use braze_sandbox::{DataImportKey, Partner, Sandbox, SandboxConfig, SandboxUser};
+use braze_sandbox::SandboxUser;
 use cohort_operator::api::{RunResult, RunTrigger};
-use cohort_operator::braze::{BrazeClient, BrazeClientConfig, CohortTarget};
+use cohort_operator::braze::{BrazeClient, BrazeClientConfig};
 use cohort_operator::domain::diff::KeyCursor;
 use cohort_operator::domain::member::Member;
 use cohort_operator::run::{ImportRun, RunDeps, run_import};
-use cohort_operator::secret::SecretString;
 use cohort_operator::snapshot::cluster::{
     ClusterSnapshotStore, DEFAULT_CHUNK_BYTES, SNAPSHOT_OF_LABEL, SNAPSHOT_PART_LABEL, SNAPSHOT_SERIAL_LABEL,
 };
@@ -28,6 +27,9 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, ListParams, PostParams};
 use rand::RngCore;
+
+#[path = "support/braze.rs"]
+mod braze_support;
 use testkit::cluster::Cluster;
 
 struct Setup {
@@ -283,21 +285,10 @@ fn source(range: std::ops::Range<usize>) -> MemberStream<'static> {
 #[tokio::test]
 async fn an_import_run_keeps_its_snapshot_in_the_cluster() {
     let s = setup("snap-run").await;
-    let sandbox = Sandbox::start(SandboxConfig {
-        partners: vec![Partner { name: "acme".into(), api_key: "pk".into() }],
-        data_import_keys: vec![DataImportKey { key: "ik".into(), partners: vec![] }],
-        users: (0..3000).map(|i| SandboxUser::identified(format!("user-{i}"))).collect(),
-        ..SandboxConfig::default()
-    })
-    .await
-    .unwrap();
-    let target = CohortTarget {
-        rest_endpoint: sandbox.url(),
-        partner: "acme".into(),
-        partner_api_key: SecretString::new("pk"),
-        data_import_key: SecretString::new("ik"),
-        cohort_id: "vip".into(),
-    };
+    let keys = braze_support::BrazeKeys { partner: "acme", partner_key: "pk", import_key: "ik" };
+    let users = (0..3000).map(|i| SandboxUser::identified(format!("user-{i}"))).collect();
+    let sandbox = braze_support::start_sandbox(keys, users).await;
+    let target = braze_support::target(&sandbox, keys, "vip");
     let braze = BrazeClient::new(BrazeClientConfig::default()).unwrap();
     let store = s.store().with_chunk_bytes(1024);
     let scratch: &Path = s.dir.path();

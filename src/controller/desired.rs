@@ -122,7 +122,9 @@ pub fn desired(import: &CohortImport, plan: Result<&Plan, &SpecErrors>, seen: &O
     };
     let mut effects = Vec::new();
     if let Some(run) = status.current_run.clone() {
-        // A run recorded as started but not running here was cut short (restart, failover).
+        // Status shows a run that is not running here (a reconcile never overlaps one): it
+        // ended here a moment ago and this copy predates its record, or it was cut short by a
+        // restart or failover — then it runs again, unless another import owns the cohort now.
         if seen.run_ended_here {
             return Desired { status: None, effects, requeue: Requeue::Soon };
         }
@@ -185,8 +187,11 @@ fn wait(
     let message = format!("{e}; {}", next_run_text(next_run_at));
     set_ready(status, e.reason(), &message, generation, seen.now);
     // A missing Secret is the user's to fix; a failed API read is not.
-    (e.reason() == ReadyReason::SecretNotFound)
-        .then_some(Effect::WarnOnChange { reason: event::SECRET_NOT_FOUND, action: "Check", note: message })
+    (e.reason() == ReadyReason::SecretNotFound).then_some(Effect::WarnOnChange {
+        reason: event::SECRET_NOT_FOUND,
+        action: "Check",
+        note: message,
+    })
 }
 
 /// `Ready=False, reason=InvalidSpec`; a run in progress is abandoned, nothing is scheduled.
@@ -203,7 +208,13 @@ fn invalid(import: &CohortImport, mut status: CohortImportStatus, errors: &SpecE
 }
 
 /// Records `run` as ended without running again, through the one run-end path.
-fn abandon(import: &CohortImport, status: &mut CohortImportStatus, run: &CurrentRun, now: Timestamp, why: &str) -> [Effect; 1] {
+fn abandon(
+    import: &CohortImport,
+    status: &mut CohortImportStatus,
+    run: &CurrentRun,
+    now: Timestamp,
+    why: &str,
+) -> [Effect; 1] {
     let end = RunEnd::abandoned(run, now, why);
     let recorded = record::record(status, &end, import.spec.history_limit);
     [Effect::Announce(Box::new((end, recorded)))]
@@ -338,7 +349,12 @@ mod tests {
     }
 
     fn running(status: &CohortImportStatus, id: &str) -> CohortImportStatus {
-        let run = CurrentRun { id: id.into(), trigger: RunTrigger::Scheduled, started_at: ts(CREATED), approved_removals: None };
+        let run = CurrentRun {
+            id: id.into(),
+            trigger: RunTrigger::Scheduled,
+            started_at: ts(CREATED),
+            approved_removals: None,
+        };
         CohortImportStatus { current_run: Some(run), ..status.clone() }
     }
 
@@ -370,11 +386,13 @@ mod tests {
     #[test]
     fn a_run_request_is_handled_once() {
         let annotations = json!({ RUN_REQUESTED_ANNOTATION: "now-1" });
-        let d = decide(&import(Some(after_run(RunResult::Succeeded)), annotations.clone()), &seen("2026-03-02T12:00:00Z"));
+        let d =
+            decide(&import(Some(after_run(RunResult::Succeeded)), annotations.clone()), &seen("2026-03-02T12:00:00Z"));
         let status = d.status.unwrap();
         assert_eq!(status.last_handled_run_request.as_deref(), Some("now-1"));
         assert_eq!(status.current_run.unwrap().trigger, RunTrigger::Manual);
-        let handled = CohortImportStatus { last_handled_run_request: Some("now-1".into()), ..after_run(RunResult::Succeeded) };
+        let handled =
+            CohortImportStatus { last_handled_run_request: Some("now-1".into()), ..after_run(RunResult::Succeeded) };
         let d = decide(&import(Some(handled), annotations), &seen("2026-03-02T12:00:01Z"));
         assert!(d.status.unwrap().current_run.is_none());
     }
@@ -402,7 +420,10 @@ mod tests {
             let d = decide(&import(Some(after_run(result)), json!({})), &seen("2026-03-02T12:00:00Z"));
             let (v, r, message) = ready(&d);
             assert_eq!((v.as_str(), r.as_str()), (value, reason), "{result:?}");
-            assert!(message.starts_with("Run 20260302-063000-0001 ") && message.ends_with("next run at 2026-03-03T06:30:00Z"));
+            assert!(
+                message.starts_with("Run 20260302-063000-0001 ")
+                    && message.ends_with("next run at 2026-03-03T06:30:00Z")
+            );
             assert!(d.effects.is_empty());
             assert_eq!(d.status.unwrap().schedule, after_run(result).schedule, "the cursor stays while idle");
         }
@@ -415,11 +436,15 @@ mod tests {
         let d = decide(&import(None, json!({})), &seen);
         let (value, reason, message) = ready(&d);
         assert_eq!((value.as_str(), reason.as_str()), ("False", "SecretNotFound"));
-        assert!(message.starts_with("Secret growth/braze not found") && message.ends_with("next run at 2026-03-02T06:30:00Z"));
+        assert!(
+            message.starts_with("Secret growth/braze not found")
+                && message.ends_with("next run at 2026-03-02T06:30:00Z")
+        );
         assert!(matches!(&d.effects[..], [Effect::WarnOnChange { reason: "SecretNotFound", .. }]));
 
         // A failed read is not the user's to fix: no Event.
-        let unreadable = Err(KeyError::Read { namespace: "growth".into(), name: "braze".into(), message: "Forbidden".into() });
+        let unreadable =
+            Err(KeyError::Read { namespace: "growth".into(), name: "braze".into(), message: "Forbidden".into() });
         let d = decide(&import(None, json!({})), &Observed { secrets: Some(&unreadable), ..seen.clone() });
         assert_eq!(ready(&d).1, "SecretReadFailed");
         assert!(d.effects.is_empty());
@@ -447,7 +472,11 @@ mod tests {
         let d = decide(&suspended, &seen("2026-03-02T12:00:00Z"));
         assert_eq!(
             ready(&d),
-            ("False".into(), "Suspended".into(), "Suspended: no runs until spec.suspend is false; the requested run waits until then".into())
+            (
+                "False".into(),
+                "Suspended".into(),
+                "Suspended: no runs until spec.suspend is false; the requested run waits until then".into()
+            )
         );
         assert_eq!(d.status.as_ref().unwrap().next_run_at, None);
         assert!(d.effects.is_empty());
@@ -468,13 +497,18 @@ mod tests {
         let run = d.status.as_ref().unwrap().current_run.clone().unwrap();
         assert_eq!((run.id.as_str(), run.started_at), ("r9", ts("2026-03-02T12:00:00Z")));
         assert_eq!(ready(&d).1, "Running");
-        assert!(matches!(&d.effects[..], [Effect::Warn { reason: "RunInterrupted", .. }, Effect::StartRun(r)] if r.id == "r9"));
+        assert!(
+            matches!(&d.effects[..], [Effect::Warn { reason: "RunInterrupted", .. }, Effect::StartRun(r)] if r.id == "r9")
+        );
     }
 
     #[test]
     fn a_stale_copy_of_a_run_that_ended_here_waits_for_the_fresh_one() {
         let status = running(&after_run(RunResult::Succeeded), "r9");
-        let d = decide(&import(Some(status), json!({})), &Observed { run_ended_here: true, ..seen("2026-03-02T12:00:00Z") });
+        let d = decide(
+            &import(Some(status), json!({})),
+            &Observed { run_ended_here: true, ..seen("2026-03-02T12:00:00Z") },
+        );
         assert!(d.status.is_none() && d.effects.is_empty());
         assert_eq!(d.requeue, Requeue::Soon);
     }
@@ -490,7 +524,9 @@ mod tests {
         assert_eq!((last.id.as_str(), last.result), ("r9", RunResult::Failed));
         assert!(last.message.ends_with("not run again: another import owns the cohort now"), "{}", last.message);
         assert_eq!(ready(&d).1, "Conflict");
-        assert!(matches!(&d.effects[..], [Effect::Announce(e), Effect::WarnOnChange { reason: "Conflict", .. }] if e.0.record == last));
+        assert!(
+            matches!(&d.effects[..], [Effect::Announce(e), Effect::WarnOnChange { reason: "Conflict", .. }] if e.0.record == last)
+        );
     }
 
     #[test]

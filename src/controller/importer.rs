@@ -52,7 +52,11 @@ pub trait Importer: Send + Sync + 'static {
 
     /// `deletionPolicy: RemoveMembers`: removes from Braze every member the import sent
     /// (its snapshot), then forgets the snapshot. Returns how many were removed.
-    fn remove_members<'a>(&'a self, import: &'a CohortImport, keys: BrazeKeys) -> BoxFuture<'a, Result<u64, ImportError>>;
+    fn remove_members<'a>(
+        &'a self,
+        import: &'a CohortImport,
+        keys: BrazeKeys,
+    ) -> BoxFuture<'a, Result<u64, ImportError>>;
 
     /// `deletionPolicy: Retain`: forgets the snapshot; Braze keeps the cohort as it is.
     fn forget<'a>(&'a self, import: &'a CohortImport) -> BoxFuture<'a, Result<(), ImportError>>;

@@ -10,7 +10,7 @@ use kube::ResourceExt;
 
 use super::importer::{ImportError, Importer};
 use super::secrets::BrazeKeys;
-use crate::api::{CohortImport, CurrentRun, RunResult};
+use crate::api::{CohortImport, CohortImportSpec, CurrentRun, RunResult};
 use crate::braze::{BrazeClient, CohortTarget};
 use crate::domain::guard::RemovalApproval;
 use crate::domain::validate::ValidSpec;
@@ -68,14 +68,14 @@ impl PipelineImporter {
         })
     }
 
-    fn target(import: &CohortImport, keys: BrazeKeys) -> CohortTarget {
-        let braze = &import.spec.destination.braze;
+    fn target(spec: &CohortImportSpec, keys: BrazeKeys) -> CohortTarget {
+        let braze = &spec.destination.braze;
         CohortTarget {
             rest_endpoint: braze.rest_endpoint.clone(),
             partner: braze.partner.clone(),
             partner_api_key: keys.partner_api_key,
             data_import_key: keys.data_import_key,
-            cohort_id: import.spec.cohort.id.clone(),
+            cohort_id: spec.cohort.id.clone(),
         }
     }
 
@@ -91,18 +91,20 @@ impl PipelineImporter {
         let objects = KubeObjects::new(self.client.clone(), namespace.clone()).with_egress(self.egress.clone());
         let source = open_source(&spec.source, &spec.identifiers, &objects).await?;
         let store = self.store(import)?;
-        let target = Self::target(import, keys);
-        let mut run = ImportRun::new(current.id.clone(), current.trigger, &namespace, &import.name_any(), &spec.cohort.name);
+        let target = Self::target(spec, keys);
+        let mut run =
+            ImportRun::new(current.id.clone(), current.trigger, &namespace, &import.name_any(), &spec.cohort.name);
         run.identifier_fingerprint = identifier_fingerprint(&spec.identifiers);
         run.removal_guard = spec.removal_guard.clone();
         run.dry_run = spec.dry_run;
         run.scratch_dir = self.scratch_dir.clone();
         run.started_at = current.started_at;
-        run.approval = current.approved_removals.as_ref().map(|id| RemovalApproval {
-            run_id: id.clone(),
-            removals: approved_removals(import, id),
-        });
-        let deps = RunDeps { members: source.members(), snapshots: store.as_ref(), braze: &self.braze, target: &target };
+        run.approval = current
+            .approved_removals
+            .as_ref()
+            .map(|id| RemovalApproval { run_id: id.clone(), removals: approved_removals(import, id) });
+        let deps =
+            RunDeps { members: source.members(), snapshots: store.as_ref(), braze: &self.braze, target: &target };
         Ok(run_import(&run, deps).await)
     }
 
@@ -110,7 +112,7 @@ impl PipelineImporter {
     /// run may have added — then forgets the snapshot.
     async fn remove_all(&self, import: &CohortImport, keys: BrazeKeys) -> Result<u64, ImportError> {
         let store = self.store(import)?;
-        let target = Self::target(import, keys);
+        let target = Self::target(&import.spec, keys);
         Ok(remove_all_members(store.as_ref(), &self.braze, &target, &self.scratch_dir).await?)
     }
 }
@@ -136,7 +138,11 @@ impl Importer for PipelineImporter {
         Box::pin(self.run_once(import, spec, run, keys))
     }
 
-    fn remove_members<'a>(&'a self, import: &'a CohortImport, keys: BrazeKeys) -> BoxFuture<'a, Result<u64, ImportError>> {
+    fn remove_members<'a>(
+        &'a self,
+        import: &'a CohortImport,
+        keys: BrazeKeys,
+    ) -> BoxFuture<'a, Result<u64, ImportError>> {
         Box::pin(self.remove_all(import, keys))
     }
 

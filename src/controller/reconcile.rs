@@ -6,11 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::Timestamp;
+use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
-use kube::ResourceExt;
 use tracing::{debug, warn};
 
 use super::Context;
@@ -134,7 +134,11 @@ async fn apply(import: Arc<CohortImport>, ctx: &Arc<Context>, api: &Api<CohortIm
         Ok(plan) if desired::checks_secrets(&import, plan) => Some(check_secrets(ctx, &import).await),
         _ => None,
     };
-    let run_ended_here = import.status.as_ref().and_then(|s| s.current_run.as_ref()).is_some_and(|run| ctx.runs.is_recorded(&reference, &run.id));
+    let run_ended_here = import
+        .status
+        .as_ref()
+        .and_then(|s| s.current_run.as_ref())
+        .is_some_and(|run| ctx.runs.is_recorded(&reference, &run.id));
     let seen = Observed {
         now,
         starting_deadline: deadline,

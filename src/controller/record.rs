@@ -277,7 +277,9 @@ async fn deliver(ctx: &Context, import: &CohortImport, notice: &RunNotice) -> Re
     match tokio::time::timeout(ctx.config.notification_timeout, notifier.notify(notice, to)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!("the run report email was not sent within {} s", ctx.config.notification_timeout.as_secs())),
+        Err(_) => {
+            Err(format!("the run report email was not sent within {} s", ctx.config.notification_timeout.as_secs()))
+        }
     }
 }
 
@@ -343,7 +345,11 @@ mod tests {
     #[test]
     fn another_runs_end_leaves_the_run_in_progress() {
         let mut status = CohortImportStatus { current_run: Some(current("r2")), ..Default::default() };
-        record(&mut status, &RunEnd::missed(ts("2026-03-02T06:30:00Z"), SignedDuration::from_mins(90), ts("2026-03-02T09:00:00Z")), 10);
+        record(
+            &mut status,
+            &RunEnd::missed(ts("2026-03-02T06:30:00Z"), SignedDuration::from_mins(90), ts("2026-03-02T09:00:00Z")),
+            10,
+        );
         assert_eq!(status.current_run.as_ref().map(|r| r.id.as_str()), Some("r2"));
         assert_eq!(status.last_run.as_ref().unwrap().result, RunResult::Missed);
         assert!(status.last_run.as_ref().unwrap().message.contains("starting deadline (90 min)"));
@@ -356,17 +362,28 @@ mod tests {
         let source = |e: SourceError| ImportError::Source(e);
         let cases = [
             (
-                source(SourceError::ObjectNotFound { kind: ObjectKind::ConfigMap, namespace: "ns".into(), name: "m".into() }),
+                source(SourceError::ObjectNotFound {
+                    kind: ObjectKind::ConfigMap,
+                    namespace: "ns".into(),
+                    name: "m".into(),
+                }),
                 ReadyReason::ConfigMapNotFound,
             ),
             (
-                source(SourceError::ObjectNotFound { kind: ObjectKind::Secret, namespace: "ns".into(), name: "s".into() }),
+                source(SourceError::ObjectNotFound {
+                    kind: ObjectKind::Secret,
+                    namespace: "ns".into(),
+                    name: "s".into(),
+                }),
                 ReadyReason::SecretNotFound,
             ),
             (source(SourceError::Config { what: "w".into(), message: "m".into() }), ReadyReason::InvalidSpec),
             (source(SourceError::Connect { what: "w".into(), message: "refused".into() }), ReadyReason::SourceFailed),
             (
-                ImportError::Snapshot(crate::snapshot::SnapshotError::Corrupt { what: "w".into(), message: "m".into() }),
+                ImportError::Snapshot(crate::snapshot::SnapshotError::Corrupt {
+                    what: "w".into(),
+                    message: "m".into(),
+                }),
                 ReadyReason::SnapshotFailed,
             ),
         ];
@@ -378,7 +395,10 @@ mod tests {
             assert_eq!(end.record.message, message);
         }
         // A run that succeeded shows its result, whatever it was given.
-        let ok = RunEnd { failure_reason: Some(ReadyReason::SourceFailed), ..RunEnd::missed(ts("2026-03-02T06:30:00Z"), SignedDuration::from_hours(1), ts("2026-03-02T09:00:00Z")) };
+        let ok = RunEnd {
+            failure_reason: Some(ReadyReason::SourceFailed),
+            ..RunEnd::missed(ts("2026-03-02T06:30:00Z"), SignedDuration::from_hours(1), ts("2026-03-02T09:00:00Z"))
+        };
         assert_eq!(ok.reason(), ReadyReason::Missed);
     }
 }

@@ -7,9 +7,9 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::reflector::ObjectRef;
-use kube::ResourceExt;
 use tokio::task::AbortHandle;
 use tracing::{Instrument, error, info, info_span, warn};
 
@@ -55,7 +55,12 @@ impl RunRegistry {
     /// Spawns `run` for `import` unless one is already in progress. The registry is
     /// locked while spawning, so the run cannot finish (and deregister) before it is
     /// registered.
-    fn spawn(&self, import: ObjectRef<CohortImport>, run_id: String, run: impl Future<Output = ()> + Send + 'static) -> bool {
+    fn spawn(
+        &self,
+        import: ObjectRef<CohortImport>,
+        run_id: String,
+        run: impl Future<Output = ()> + Send + 'static,
+    ) -> bool {
         let mut runs = self.lock();
         if runs.contains_key(&import) {
             return false;

@@ -96,9 +96,8 @@ impl PartnerKeys {
 
     /// Reads the partner key for `endpoint` from the configuration directory.
     pub async fn key_for(&self, endpoint: &str) -> Result<SecretString, KeyError> {
-        let region = self
-            .region_of(endpoint)
-            .ok_or_else(|| KeyError::UnknownEndpoint { endpoint: endpoint.to_owned() })?;
+        let region =
+            self.region_of(endpoint).ok_or_else(|| KeyError::UnknownEndpoint { endpoint: endpoint.to_owned() })?;
         let missing = |path: &Path| KeyError::PartnerKeyMissing {
             region: region.clone(),
             endpoint: endpoint.to_owned(),
@@ -149,7 +148,11 @@ pub async fn secret_value(
 
 /// A Braze key: [`secret_value`] without surrounding white space (a Braze key has none),
 /// and not empty.
-async fn braze_key(objects: &KubeObjects, reference: &SecretKeyRef, field: &'static str) -> Result<SecretString, KeyError> {
+async fn braze_key(
+    objects: &KubeObjects,
+    reference: &SecretKeyRef,
+    field: &'static str,
+) -> Result<SecretString, KeyError> {
     let value = secret_value(objects, reference, field).await?;
     let key = value.expose().trim();
     if key.is_empty() {

@@ -3,8 +3,8 @@
 
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::api::{Api, Patch, PatchParams};
 use kube::ResourceExt;
+use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 
 use crate::api::{
@@ -115,7 +115,11 @@ pub enum Written {
 /// Writes `desired` unless the object already has it. The write carries the object's
 /// resourceVersion, so a status computed from a stale copy is refused (409) instead of
 /// overwriting a newer one; callers read the object again and retry.
-pub async fn write(api: &Api<CohortImport>, obj: &CohortImport, desired: &CohortImportStatus) -> Result<Written, kube::Error> {
+pub async fn write(
+    api: &Api<CohortImport>,
+    obj: &CohortImport,
+    desired: &CohortImportStatus,
+) -> Result<Written, kube::Error> {
     if obj.status.as_ref() == Some(desired) || (obj.status.is_none() && *desired == CohortImportStatus::default()) {
         return Ok(Written::Unchanged);
     }
@@ -180,7 +184,11 @@ mod tests {
     fn messages_are_truncated_so_status_stays_small_at_the_maximum_history() {
         let mut status = CohortImportStatus::default();
         for i in 0..60 {
-            record_run(&mut status, record(&format!("20260101-000000-{i:04x}"), RunResult::Failed, &"é".repeat(5000)), 50);
+            record_run(
+                &mut status,
+                record(&format!("20260101-000000-{i:04x}"), RunResult::Failed, &"é".repeat(5000)),
+                50,
+            );
         }
         assert_eq!(status.history.len(), 50);
         assert!(status.history.iter().all(|r| r.message.chars().count() == MAX_RUN_MESSAGE_CHARS));

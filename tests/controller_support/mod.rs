@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use braze_sandbox::{DataImportKey, Partner, RunningSandbox, Sandbox, SandboxConfig, SandboxUser};
+use braze_sandbox::{RunningSandbox, SandboxUser};
 use cohort_operator::api::{self, CohortImport};
 use cohort_operator::braze::{BrazeClient, BrazeClientConfig};
 use cohort_operator::controller::clock::TestClock;
@@ -31,6 +31,11 @@ pub const PARTNER: &str = "kubit";
 pub const PARTNER_KEY: &str = "partner-key-us";
 pub const IMPORT_KEY: &str = "import-key-1";
 pub const WAIT: Duration = Duration::from_secs(60);
+const KEYS: braze_support::BrazeKeys =
+    braze_support::BrazeKeys { partner: PARTNER, partner_key: PARTNER_KEY, import_key: IMPORT_KEY };
+
+#[path = "../support/braze.rs"]
+mod braze_support;
 
 /// Logs of the operator under test, when `RUST_LOG` asks for them.
 pub fn logs() {
@@ -103,14 +108,9 @@ impl Env {
         let client = cluster.client().await;
         install_crd(cluster).await;
         let ns = cluster.namespace(prefix).await;
-        let sandbox = Sandbox::start(SandboxConfig {
-            partners: vec![Partner { name: PARTNER.into(), api_key: PARTNER_KEY.into() }],
-            data_import_keys: vec![DataImportKey { key: IMPORT_KEY.into(), partners: vec![] }],
-            users: (0..USERS).map(|i| SandboxUser::identified(format!("u{i}"))).collect(),
-            ..SandboxConfig::default()
-        })
-        .await
-        .expect("sandbox starts");
+        let sandbox =
+            braze_support::start_sandbox(KEYS, (0..USERS).map(|i| SandboxUser::identified(format!("u{i}"))).collect())
+                .await;
         let keys_dir = tempfile::tempdir().unwrap();
         std::fs::write(keys_dir.path().join("us"), PARTNER_KEY).unwrap();
         let env = Env {
@@ -242,7 +242,10 @@ impl Env {
     }
 
     pub async fn create(&self, doc: Value) -> CohortImport {
-        self.imports().create(&PostParams::default(), &serde_json::from_value(doc).unwrap()).await.expect("import created")
+        self.imports()
+            .create(&PostParams::default(), &serde_json::from_value(doc).unwrap())
+            .await
+            .expect("import created")
     }
 
     pub async fn get(&self, name: &str) -> CohortImport {
@@ -250,10 +253,7 @@ impl Env {
     }
 
     pub async fn merge(&self, name: &str, patch: Value) {
-        self.imports()
-            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-            .expect("import patched");
+        self.imports().patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await.expect("import patched");
     }
 
     /// Asks for a run now, as `kubectl cohort run` does: sets the run-requested annotation.
@@ -335,7 +335,11 @@ impl Env {
             if let Some((_, note)) = self.events(name).await.into_iter().find(|(r, _)| r == reason) {
                 return note;
             }
-            assert!(Instant::now() < deadline, "{name}: no {reason} Event within {WAIT:?}: {:?}", self.events(name).await);
+            assert!(
+                Instant::now() < deadline,
+                "{name}: no {reason} Event within {WAIT:?}: {:?}",
+                self.events(name).await
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }

@@ -1,0 +1,39 @@
+//! What every test that talks to Braze starts with: the Braze sandbox on loopback, knowing
+//! one partner and one data import key, and the [`CohortTarget`] a run sends to. Included
+//! by the test files that need it (`#[path = "support/braze.rs"] mod braze_support;`).
+#![allow(dead_code)]
+
+use braze_sandbox::{DataImportKey, Partner, RunningSandbox, Sandbox, SandboxConfig, SandboxUser};
+use cohort_operator::braze::CohortTarget;
+use cohort_operator::secret::SecretString;
+
+/// The partner and keys a sandbox accepts.
+#[derive(Clone, Copy, Debug)]
+pub struct BrazeKeys {
+    pub partner: &'static str,
+    pub partner_key: &'static str,
+    pub import_key: &'static str,
+}
+
+/// A sandbox that accepts `keys` and knows `users`.
+pub async fn start_sandbox(keys: BrazeKeys, users: Vec<SandboxUser>) -> RunningSandbox {
+    Sandbox::start(SandboxConfig {
+        partners: vec![Partner { name: keys.partner.into(), api_key: keys.partner_key.into() }],
+        data_import_keys: vec![DataImportKey { key: keys.import_key.into(), partners: vec![] }],
+        users,
+        ..SandboxConfig::default()
+    })
+    .await
+    .expect("sandbox starts")
+}
+
+/// Where a run sends cohort `cohort_id`'s changes: `sandbox`, with `keys`.
+pub fn target(sandbox: &RunningSandbox, keys: BrazeKeys, cohort_id: &str) -> CohortTarget {
+    CohortTarget {
+        rest_endpoint: sandbox.url(),
+        partner: keys.partner.into(),
+        partner_api_key: SecretString::new(keys.partner_key),
+        data_import_key: SecretString::new(keys.import_key),
+        cohort_id: cohort_id.into(),
+    }
+}
