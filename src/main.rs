@@ -130,6 +130,10 @@ struct RunArgs {
     /// Runs at once across all imports.
     #[arg(long, env = "COHORT_MAX_CONCURRENT_RUNS", default_value_t = 16)]
     max_concurrent_runs: usize,
+    /// Memory the operator may use in all, in MiB: split between the runs at once (each
+    /// run's sort buffer is what is left of its share). Keep it under the pod's limit.
+    #[arg(long, env = "COHORT_MEMORY_BUDGET_MIB", default_value_t = 384)]
+    memory_budget_mib: usize,
     #[arg(long, env = "COHORT_LOG_FORMAT", value_enum, default_value = "json")]
     log_format: LogFormat,
     /// Run only while holding a Lease, so that replicas never run imports together.
@@ -235,6 +239,10 @@ fn init_logging(format: LogFormat) {
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     init_logging(args.log_format);
+    // Refused before anything starts: a budget the runs cannot fit would be exceeded.
+    let sort_bytes = cohort_operator::run::budget::sort_bytes_within(args.memory_budget_mib << 20, args.max_concurrent_runs)
+        .map_err(anyhow::Error::msg)?;
+    cohort_operator::run::budget::set_sort_bytes(sort_bytes);
     let egress_default = match args.egress_default {
         EgressDefaultArg::Allow => EgressDefault::Allow,
         EgressDefaultArg::Deny => EgressDefault::Deny,

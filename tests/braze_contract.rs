@@ -583,3 +583,41 @@ async fn an_exhausted_retry_budget_fails_clearly_and_reports_what_was_accepted()
     assert_report_has_no_secret(&report);
     assert_no_secret_logged();
 }
+
+/// Braze sends `x-ratelimit-reset` (the end of its hourly window) on every answer. A 503
+/// carrying a reset an hour away is a server error, not a rate limit: it is retried with
+/// the client's own short backoff, not held for the hour nor failed as rate limited. A 429
+/// with the same reset is a rate limit, and the run stops rather than wait that long.
+#[tokio::test]
+async fn a_503_with_a_distant_rate_limit_reset_keeps_its_own_backoff() {
+    let sandbox = sandbox().await;
+    let distant = |status: u16, remaining: u64| ScriptedFault::WithRateLimit { status, reset_after_s: 3600, remaining };
+    sandbox.set_faults(Faults { script: [distant(503, 100), distant(502, 100), distant(503, 7)].into(), ..Faults::default() });
+    // Waits Braze names are refused past 5 s (fast_retries): an hour would fail the run.
+    let client = client(1, fast_retries());
+    let target = target(&sandbox, "c-503", IMPORT_KEY);
+    let report = client.send_changes(&target, stream::iter((0..1500).map(|i| Change::add(ext(i))))).await;
+    assert!(report.is_complete(), "{:?}", report.stopped);
+    let t = &report.totals;
+    assert_eq!((t.retries, t.attempts), (3, 5));
+    assert_eq!(t.responses_by_status.get(&503), Some(&2));
+    assert_eq!(t.responses_by_status.get(&502), Some(&1));
+    // Each retry waited at most the backoff ceiling (50 ms here), never the hour: the whole
+    // request took far less than even one honoured reset would have.
+    let first = &report.requests[0];
+    assert_eq!(first.attempts, 4);
+    assert!(first.elapsed < Duration::from_secs(60), "{:?}", first.elapsed);
+    assert_eq!(sandbox.member_external_ids(PARTNER, "c-503").len(), 1500);
+
+    // The same reset on a 429, or on a 503 saying no request is left, is a rate limit.
+    for (status, remaining) in [(429, 100), (503, 0)] {
+        sandbox.set_faults(Faults { script: [distant(status, remaining)].into(), ..Faults::default() });
+        let report = client.send_changes(&target, stream::iter((0..10).map(|i| Change::remove(ext(i))))).await;
+        match report.stopped {
+            Some(BrazeError::RateLimited { wait, .. }) => assert!(wait > Duration::from_secs(3000), "{wait:?}"),
+            other => panic!("{status} with remaining {remaining}: expected RateLimited, got {other:?}"),
+        }
+    }
+    assert_report_has_no_secret(&report);
+    assert_no_secret_logged();
+}

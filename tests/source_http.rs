@@ -433,3 +433,90 @@ async fn pagination_that_loops_or_leaves_the_origin_is_refused() {
     })).await);
     assert!(err.to_string().contains("on another origin"), "{err}");
 }
+
+/// `head`, then `fill` forever: a body without end.
+fn endless(head: &'static [u8], fill: u8) -> Body {
+    let fill = Bytes::from(vec![fill; 64 * 1024]);
+    let head = futures::stream::once(async move { Ok::<_, std::io::Error>(Bytes::from_static(head)) });
+    Body::from_stream(futures::StreamExt::chain(head, futures::stream::repeat_with(move || Ok(fill.clone()))))
+}
+
+/// gzip of `len` bytes of `fill`, compressed as it is served (~1,000:1).
+async fn gzip_bomb(len: usize, fill: u8) -> Vec<u8> {
+    gzip(&vec![fill; len]).await
+}
+
+async fn hostile_server() -> String {
+    let bomb_lines = gzip_bomb(64 << 20, b'\n').await;
+    let bomb_zeros = gzip_bomb(64 << 20, 0).await;
+    let router = Router::new()
+        .route("/endless-line.csv", get(|| async { endless(b"uid\nu1\n", b'x') }))
+        .route("/endless-line.ndjson", get(|| async { endless(b"{\"uid\":\"a\"}\n{\"uid\":\"", b'x') }))
+        .route("/endless-value.json", get(|| async { endless(b"{\"users\":[{\"uid\":\"a\"},{\"uid\":\"", b'x') }))
+        .route("/endless-key.json", get(|| async { endless(b"{\"", b'k') }))
+        .route("/endless-array.json", get(|| async {
+            let rows = Bytes::from("{\"uid\":\"u1\"},".repeat(4096));
+            let head = futures::stream::once(async { Ok::<_, std::io::Error>(Bytes::from_static(b"{\"users\":[")) });
+            Body::from_stream(futures::StreamExt::chain(head, futures::stream::repeat_with(move || Ok(rows.clone()))))
+        }))
+        .route("/endless-500", get(|| async { (StatusCode::INTERNAL_SERVER_ERROR, endless(b"upstream exploded: ", b'!')) }))
+        .route("/bomb-lines.csv.gz", get(move || {
+            let body = bomb_lines.clone();
+            async move { ([(header::CONTENT_ENCODING, "gzip")], body) }
+        }))
+        .route("/bomb-zeros.csv.gz", get(move || {
+            let body = bomb_zeros.clone();
+            async move { body }
+        }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    base
+}
+
+#[tokio::test]
+async fn hostile_bodies_stop_at_their_limits_with_the_field_that_raises_them() {
+    let base = hostile_server().await;
+    let row_too_large = |err: &SourceError, item: &str| {
+        assert!(
+            matches!(err, SourceError::RowTooLarge { limit: 65_536, field: "http.maxRowBytes", item: i, .. } if *i == item),
+            "{err:?}"
+        );
+    };
+    let limited = |path: &str, format: &str| {
+        serde_json::json!({ "url": format!("{base}{path}"), "format": format, "maxRowBytes": 65_536, "jsonPointer": "/users" })
+    };
+    let err = expect_err(read(limited("/endless-line.csv", "Csv")).await);
+    row_too_large(&err, "CSV row");
+    assert!(err.to_string().ends_with(
+        "the CSV row at page 1, line 3 is longer than 65536 bytes; raise http.maxRowBytes if rows really are this long"
+    ), "{err}");
+    let err = expect_err(read(limited("/endless-line.ndjson", "Ndjson")).await);
+    row_too_large(&err, "NDJSON line");
+    assert!(err.to_string().contains("page 1, line 2 is longer than 65536 bytes"), "{err}");
+    let err = expect_err(read(limited("/endless-value.json", "Json")).await);
+    row_too_large(&err, "JSON row, key or value");
+    assert!(err.to_string().contains("at page 1, /users/1 (line 1 column"), "{err}");
+    let err = expect_err(read(limited("/endless-key.json", "Json")).await);
+    row_too_large(&err, "JSON row, key or value");
+
+    // Rows that never end in number stop at maxBytes, counted after decompression.
+    let err = expect_err(read(serde_json::json!({
+        "url": format!("{base}/endless-array.json"), "format": "Json", "jsonPointer": "/users", "maxBytes": 8 << 20
+    })).await);
+    assert!(matches!(err, SourceError::TooLarge { limit: 8_388_608, .. }), "{err:?}");
+    let err = expect_err(read(serde_json::json!({
+        "url": format!("{base}/bomb-lines.csv.gz"), "format": "Csv", "maxBytes": 16 << 20
+    })).await);
+    assert!(matches!(err, SourceError::TooLarge { limit: 16_777_216, .. }), "{err:?}");
+    assert!(err.to_string().contains("after decompression; raise maxBytes"), "{err}");
+    // A gzip file of zeros has no line end: the first row is too long.
+    let err = expect_err(read(limited("/bomb-zeros.csv.gz", "Csv")).await);
+    row_too_large(&err, "CSV row");
+
+    // An error answer's endless body is read for a short excerpt only.
+    let err = expect_err(read(limited("/endless-500", "Csv")).await);
+    assert!(matches!(err, SourceError::HttpStatus { status: 500, .. }), "{err:?}");
+    assert!(err.to_string().contains("answered HTTP 500: upstream exploded: !!!"), "{err}");
+    assert!(err.to_string().len() < 600, "{err}");
+}

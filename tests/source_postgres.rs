@@ -265,3 +265,100 @@ async fn sslmode_follows_the_url() {
     assert!(matches!(err, SourceError::Connect { .. }), "{err:?}");
     assert!(err.to_string().contains("TLS"), "{err}");
 }
+
+/// A loopback TCP proxy in front of the server that rewrites, in the client's byte stream,
+/// `from` into `to` (same length, so no message length changes): here the FETCH count, so
+/// that every FETCH returns fewer rows than asked, as Redshift's cap or a proxy would.
+async fn rewriting_proxy(upstream: u16, from: &'static [u8], to: &'static [u8]) -> u16 {
+    assert_eq!(from.len(), to.len(), "the rewrite keeps message lengths");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let (client, _) = listener.accept().await.unwrap();
+            let server = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await.unwrap();
+            let (mut client_read, mut client_write) = client.into_split();
+            let (mut server_read, mut server_write) = server.into_split();
+            tokio::spawn(async move { tokio::io::copy(&mut server_read, &mut client_write).await });
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut pending: Vec<u8> = Vec::new();
+                let mut chunk = vec![0u8; 64 * 1024];
+                loop {
+                    let n = match client_read.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    pending.extend_from_slice(&chunk[..n]);
+                    let mut at = 0;
+                    while let Some(i) = pending[at..].windows(from.len()).position(|w| w == from) {
+                        pending[at + i..at + i + from.len()].copy_from_slice(to);
+                        at += i + from.len();
+                    }
+                    // Hold back only a tail that may be the start of `from`; send the rest now.
+                    let keep = (1..from.len()).rev().find(|&k| pending.len() >= k && pending.ends_with(&from[..k])).unwrap_or(0);
+                    let send = pending.len() - keep;
+                    if server_write.write_all(&pending[..send]).await.is_err() {
+                        return;
+                    }
+                    pending.drain(..send);
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn fetches_capped_below_fetch_size_still_read_every_row() {
+    let (pg, db) = database(
+        "capped_fetch",
+        "CREATE TABLE members AS SELECT 'm-' || i AS uid FROM generate_series(1, 25000) AS i",
+    );
+    // Every `FETCH FORWARD 10000` reaches the server as `FETCH FORWARD 00999`.
+    let port = rewriting_proxy(pg.port(), b"FETCH FORWARD 10000 ", b"FETCH FORWARD 00999 ").await;
+    let url = format!("postgres://postgres:{PASSWORD}@127.0.0.1:{port}/{db}?sslmode=disable");
+    let source = open(&url, "SELECT uid FROM members", 10_000, 60, &mapping(serde_json::json!({ "externalId": "uid" }))).await;
+    let mut batches = 0;
+    let mut stream = source.members();
+    let mut rows = 0;
+    while let Some(batch) = futures::StreamExt::next(&mut stream).await {
+        let batch = batch.expect("batch");
+        rows += batch.rows();
+        batches += 1;
+        assert!(batch.rows() <= 999, "the proxy capped every FETCH at 999 rows");
+    }
+    drop(stream);
+    assert_eq!(rows, 25_000);
+    assert_eq!(batches, 26, "25 full capped pages and one short one; the empty FETCH ends it");
+    let read = read_cohort(source.as_ref()).await.expect("read");
+    let mut expected: Vec<MemberKey> = (1..=25_000).map(|i| Member::ExternalId(format!("m-{i}")).key()).collect();
+    expected.sort();
+    assert_eq!(read.members, expected);
+}
+
+#[tokio::test]
+async fn a_row_longer_than_max_row_bytes_fails_naming_the_field() {
+    let (pg, db) = database(
+        "wide_rows",
+        "CREATE TABLE members AS SELECT 'w-' || i AS uid, repeat('x', CASE WHEN i = 3 THEN 5000 ELSE 10 END) AS note \
+         FROM generate_series(1, 5) AS i",
+    );
+    let spec: SourceSpec = serde_json::from_value(serde_json::json!({ "postgres": {
+        "connectionSecretRef": { "name": "warehouse", "key": "url" },
+        "query": "SELECT uid, note FROM members ORDER BY uid",
+        "maxRowBytes": 4096,
+    }}))
+    .expect("spec");
+    let objects = InMemoryObjects::new("growth").with_secret("warehouse", "url", url(pg, &db));
+    let source = open_source(&spec, &mapping(serde_json::json!({ "externalId": "uid" })), &objects).await.unwrap();
+    let err = read_cohort(source.as_ref()).await.expect_err("a row is too long");
+    assert!(matches!(err, SourceError::RowTooLarge { limit: 4096, field: "postgres.maxRowBytes", .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        "postgres query (connection from Secret growth/warehouse key url): the row at position 3 of the result is longer \
+         than 4096 bytes; \
+         raise postgres.maxRowBytes if rows really are this long"
+    );
+    assert_no_secret(&err.to_string());
+}

@@ -174,10 +174,16 @@ pub struct HttpSource {
     #[serde(default = "default_read_timeout")]
     #[schemars(range(min = 1, max = 3600))]
     pub read_timeout_seconds: u32,
-    /// Largest total body (after decompression) accepted across all pages.
+    /// Largest total body (after decompression) accepted across all pages. Memory does not
+    /// grow with it (bodies are streamed); it bounds the time and scratch space one run takes.
     #[serde(default = "default_max_bytes")]
     #[schemars(range(min = 1))]
     pub max_bytes: u64,
+    /// Longest row accepted: a CSV record, an NDJSON line, one element of the JSON array (or
+    /// a JSON key or pagination value). Rows are held one at a time, so this bounds memory.
+    #[serde(default = "default_max_row_bytes")]
+    #[schemars(range(min = 1024, max = 67108864))]
+    pub max_row_bytes: u64,
 }
 
 fn default_connect_timeout() -> u32 {
@@ -187,7 +193,10 @@ fn default_read_timeout() -> u32 {
     60
 }
 fn default_max_bytes() -> u64 {
-    2 * 1024 * 1024 * 1024
+    1024 * 1024 * 1024
+}
+fn default_max_row_bytes() -> u64 {
+    1024 * 1024
 }
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
@@ -287,10 +296,15 @@ pub struct PostgresSource {
     #[serde(default = "default_statement_timeout")]
     #[schemars(range(min = 1, max = 86400))]
     pub statement_timeout_seconds: u32,
-    /// Rows fetched from the cursor per round trip.
+    /// Rows fetched from the cursor per round trip. Rows are read as they arrive, so a
+    /// large value costs no memory.
     #[serde(default = "default_fetch_size")]
     #[schemars(range(min = 1, max = 1000000))]
     pub fetch_size: u32,
+    /// Longest row accepted, in bytes as the server sends it (every column's text).
+    #[serde(default = "default_max_row_bytes")]
+    #[schemars(range(min = 1024, max = 67108864))]
+    pub max_row_bytes: u64,
 }
 
 fn default_statement_timeout() -> u32 {

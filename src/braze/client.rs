@@ -15,7 +15,7 @@ use tracing::{debug, info, warn};
 
 use super::batch::{Batch, Change, IdCounts, MAX_IDS_PER_REQUEST, Packer};
 use super::error::{BrazeError, TransientFailure, UnauthorizedReason};
-use super::retry::{Disposition, RetryDelay, RetryPolicy, classify, server_wait_hint};
+use super::retry::{Disposition, RetryDelay, RetryPolicy, classify, is_rate_limited, server_wait_hint};
 use super::wire::{self, NameBody, READ_BODY_BYTES, ResponseText, UsersBody};
 use crate::secret::{SecretString, error_chain, redact};
 
@@ -465,7 +465,7 @@ impl BrazeClient {
                 Ok(resp) => {
                     let status = resp.status().as_u16();
                     run.count_status(status);
-                    let hint = wait_hint(resp.headers());
+                    let hint = wait_hint(status, resp.headers());
                     let response = read_body(resp, &secrets).await;
                     match classify(status) {
                         Disposition::Accepted => {
@@ -583,8 +583,13 @@ fn batches<S: Stream<Item = Change>>(changes: S, max_ids: usize) -> impl Stream<
     })
 }
 
-fn wait_hint(headers: &HeaderMap) -> Option<Duration> {
+/// Braze's wait hint, only when the answer is a rate limit ([`is_rate_limited`]): other
+/// retryable answers back off on their own schedule.
+fn wait_hint(status: u16, headers: &HeaderMap) -> Option<Duration> {
     let text = |name| headers.get(name).and_then(|v| v.to_str().ok());
+    if !is_rate_limited(status, text("x-ratelimit-remaining")) {
+        return None;
+    }
     server_wait_hint(
         text(RETRY_AFTER.as_str()),
         text("x-ratelimit-reset"),

@@ -90,6 +90,15 @@ impl RetryPolicy {
     }
 }
 
+/// Whether an answer is Braze's rate limit speaking: a 429, or `x-ratelimit-remaining: 0`.
+/// Only then are its wait headers honoured. Braze sends `x-ratelimit-reset` — the end of
+/// its hourly window — on every answer, so on a 503 (or any other retryable status) it says
+/// nothing about when Braze recovers: such answers keep the client's own bounded backoff
+/// instead of waiting for the window, or failing as rate limited.
+pub fn is_rate_limited(status: u16, ratelimit_remaining: Option<&str>) -> bool {
+    status == 429 || ratelimit_remaining.is_some_and(|v| v.trim().parse::<u64>() == Ok(0))
+}
+
 /// Braze's wait hint from response headers: `Retry-After` (delta seconds or an HTTP date)
 /// wins over `x-ratelimit-reset` (epoch seconds, Braze's REST convention). A reset smaller
 /// than 10⁹ cannot be a present-day epoch, so it is read as delta seconds. Hints in the past
@@ -184,6 +193,17 @@ mod tests {
             p.delay(2, None, 1.0),
             RetryDelay::Wait(Duration::from_millis(200))
         );
+    }
+
+    #[test]
+    fn only_a_rate_limit_answer_names_the_wait() {
+        assert!(is_rate_limited(429, None));
+        assert!(is_rate_limited(429, Some("12")));
+        assert!(is_rate_limited(503, Some(" 0 ")));
+        assert!(!is_rate_limited(503, Some("12")));
+        assert!(!is_rate_limited(503, None));
+        assert!(!is_rate_limited(500, Some("soon")));
+        assert!(!is_rate_limited(423, Some("-1")));
     }
 
     #[test]

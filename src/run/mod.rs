@@ -41,6 +41,7 @@ use crate::snapshot::format::{BodyReader, BodyWriter, FrontCodedReader, FrontCod
 use crate::snapshot::{DoubtMeta, FORMAT_VERSION, SnapshotMeta, SnapshotStore};
 use crate::source::MemberStream;
 
+pub mod budget;
 pub mod remove;
 pub mod report;
 pub mod sort;
@@ -100,7 +101,7 @@ impl ImportRun {
             approval: None,
             dry_run: false,
             scratch_dir: std::env::temp_dir(),
-            sort_memory_budget: sort::DEFAULT_MEMORY_BUDGET,
+            sort_memory_budget: budget::sort_bytes(),
             started_at: Timestamp::now(),
         }
     }

@@ -15,6 +15,10 @@ pub const MAX_KEY_BYTES: usize = 64 * 1024;
 
 /// zstd level for snapshot bodies: fast to write, and reads are ~1 GB/s at any level.
 const ZSTD_LEVEL: i32 = 3;
+/// Largest zstd window a body may ask the reader for (2^24 = 16 MiB). Level 3 writes
+/// windows of at most 2^21; a damaged or crafted frame asking for more is refused instead
+/// of making the reader allocate up to zstd's own limit.
+const ZSTD_WINDOW_LOG_MAX: u32 = 24;
 
 /// Writes sorted keys as front-coded records.
 pub struct FrontCodedWriter<W: Write> {
@@ -131,7 +135,8 @@ impl<R: BufRead> KeyCursor for FrontCodedReader<R> {
             return Ok(());
         };
         let suffix = self.varint(false)?.ok_or_else(|| self.corrupt("input ends inside a record"))?;
-        if shared > self.current.len() as u64 || shared + suffix > MAX_KEY_BYTES as u64 {
+        // Damaged input can claim any length: compare without adding, which could overflow.
+        if shared > self.current.len() as u64 || suffix > MAX_KEY_BYTES as u64 - shared {
             return Err(self.corrupt("a record does not fit the key before it"));
         }
         self.current.truncate(shared as usize);
@@ -180,9 +185,11 @@ impl<W: Write> BodyWriter<W> {
 /// A reader of a snapshot body.
 pub type BodyReader<R> = FrontCodedReader<BufReader<zstd::Decoder<'static, BufReader<R>>>>;
 
-/// Opens a snapshot body on its first key.
+/// Opens a snapshot body on its first key. Any input, however damaged, gives keys or an
+/// error — never a panic, nor more memory than one window and one key.
 pub fn read_body<R: Read>(input: R) -> io::Result<BodyReader<R>> {
-    let decoder = zstd::Decoder::new(input)?;
+    let mut decoder = zstd::Decoder::new(input)?;
+    decoder.window_log_max(ZSTD_WINDOW_LOG_MAX)?;
     FrontCodedReader::new(BufReader::with_capacity(64 * 1024, decoder))
 }
 
@@ -248,7 +255,82 @@ mod tests {
         assert!(read_body(&flipped[..]).and_then(collect).is_err());
     }
 
+    /// A real body of sorted member keys.
+    fn real_body(n: u32) -> Vec<u8> {
+        let mut w = BodyWriter::new(Vec::new()).unwrap();
+        for i in 0..n {
+            w.push(format!("\x01member-{i:06}-{}", i % 7).as_bytes()).unwrap();
+        }
+        w.finish().unwrap().0
+    }
+
+    /// Reads every key of `bytes`; the outcome does not matter, only that it comes.
+    fn read_all(bytes: &[u8]) -> io::Result<u64> {
+        let mut reader = read_body(bytes)?;
+        let mut n = 0;
+        while reader.key().is_some() {
+            n += 1;
+            reader.advance()?;
+        }
+        Ok(n)
+    }
+
+    #[test]
+    fn lengths_near_the_integer_limit_are_damage_not_overflow() {
+        // shared 0, then a suffix length of u64::MAX (ten varint bytes).
+        let mut record = vec![0u8];
+        record.extend([0xff; 9]);
+        record.push(0x01);
+        let err = FrontCodedReader::new(&record[..]).err().unwrap();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        // A frame asking for a 2 GiB window is refused, not allocated.
+        let mut encoder = zstd::Encoder::new(Vec::new(), 1).unwrap();
+        encoder.window_log(31).unwrap();
+        encoder.long_distance_matching(true).unwrap();
+        io::Write::write_all(&mut encoder, &vec![7u8; 1 << 16]).unwrap();
+        let frame = encoder.finish().unwrap();
+        assert!(read_all(&frame).is_err());
+    }
+
     proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            let _ = read_all(&bytes);
+            let _ = FrontCodedReader::new(&bytes[..]).and_then(collect);
+        }
+
+        #[test]
+        fn arbitrary_records_in_a_valid_frame_never_panic(records in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            let frame = zstd::encode_all(&records[..], 3).unwrap();
+            let _ = read_all(&frame);
+        }
+
+        #[test]
+        fn damaged_real_bodies_never_panic(
+            n in 0u32..3000,
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), 1u8..=255), 0..8),
+            cut in proptest::option::of(any::<prop::sample::Index>()),
+            insert in proptest::option::of((any::<prop::sample::Index>(), proptest::collection::vec(any::<u8>(), 1..64))),
+        ) {
+            let mut bytes = real_body(n);
+            for (at, mask) in &flips {
+                let i = at.index(bytes.len());
+                bytes[i] ^= mask;
+            }
+            if let Some((at, extra)) = &insert {
+                let i = at.index(bytes.len() + 1);
+                bytes.splice(i..i, extra.iter().copied());
+            }
+            if let Some(at) = cut {
+                bytes.truncate(at.index(bytes.len() + 1));
+            }
+            let damaged = !flips.is_empty() || insert.is_some() || cut.is_some();
+            match read_all(&bytes) {
+                Ok(read) => prop_assert!(damaged || read == u64::from(n)),
+                Err(e) => prop_assert!(damaged, "an intact body failed: {}", e),
+            }
+        }
+
         #[test]
         fn records_round_trip(mut keys in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..40), 0..200)) {
             keys.sort();

@@ -88,7 +88,14 @@ impl ConfigMapMembers {
                 what: self.what.clone(),
                 message: FormatError::missing_column_message(&column, &header),
             },
-            // Reading from memory cannot fail; kept for completeness of the match.
+            // Reading from memory cannot fail, nor can a row be longer than the value; kept
+            // for completeness of the match.
+            FormatError::RowTooLarge { format, location, .. } => SourceError::Malformed {
+                what: self.what.clone(),
+                format,
+                location,
+                message: "a row longer than the value".to_owned(),
+            },
             FormatError::Io(e) => SourceError::Malformed {
                 what: self.what.clone(),
                 format: "CSV",
@@ -108,7 +115,10 @@ impl MemberSource for ConfigMapMembers {
         match self.format {
             ConfigMapFormat::Lines => Box::pin(stream::iter(self.line_batches())),
             ConfigMapFormat::Csv => Box::pin(async_stream::try_stream! {
-                let mut rows = CsvRows::new(self.data.as_slice(), &self.fields).await.map_err(|e| self.format_error(e))?;
+                // The whole value is in memory already (a ConfigMap holds at most 1 MiB): no
+                // row can be longer than it.
+                let whole = self.data.len() as u64;
+                let mut rows = CsvRows::new(self.data.as_slice(), &self.fields, whole).await.map_err(|e| self.format_error(e))?;
                 while let Some(batch) = rows.next_batch(&self.fields, BATCH_ROWS).await.map_err(|e| self.format_error(e))? {
                     yield batch;
                 }

@@ -1,11 +1,16 @@
 //! Row formats shared by the HTTP and ConfigMap sources: CSV with a header and NDJSON,
-//! both read incrementally from an async reader, and a JSON document's array of rows.
+//! both read incrementally from an async reader with a cap on the length of one row
+//! (a JSON document's rows are in [`super::json`]).
 
 use std::borrow::Cow;
 use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 
 use csv_async::{AsyncReaderBuilder, ByteRecord};
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, ReadBuf};
 
 use super::{BatchBuilder, MemberBatch};
 use crate::domain::identifiers::{ColumnPlan, IdentifierFields, SkipReason, Value};
@@ -18,6 +23,8 @@ pub(crate) enum FormatError {
     Malformed { format: &'static str, location: String, message: String },
     /// The mapping names a column the CSV header lacks.
     MissingColumn { column: String, header: Vec<String> },
+    /// One row (a CSV record, an NDJSON line, a JSON array element) is longer than `limit`.
+    RowTooLarge { format: &'static str, location: String, limit: u64 },
 }
 
 impl FormatError {
@@ -30,9 +37,12 @@ impl FormatError {
     }
 }
 
-fn csv_error(e: csv_async::Error) -> FormatError {
+fn csv_error(e: csv_async::Error, limit: u64, at_line: u64) -> FormatError {
     let line = e.position().map(|p| p.line());
     match e.into_kind() {
+        csv_async::ErrorKind::Io(io) if io.get_ref().is_some_and(|inner| inner.is::<RowTooLong>()) => {
+            FormatError::RowTooLarge { format: "CSV", location: format!("line {at_line}"), limit }
+        }
         csv_async::ErrorKind::Io(io) => FormatError::Io(io),
         csv_async::ErrorKind::UnequalLengths { pos, expected_len, len } => FormatError::Malformed {
             format: "CSV",
@@ -47,23 +57,84 @@ fn csv_error(e: csv_async::Error) -> FormatError {
     }
 }
 
-/// CSV rows with a header naming the fields, read as they arrive.
+/// Marks a read that went past the length limit of one row.
+#[derive(Debug)]
+pub(crate) struct RowTooLong;
+
+impl std::fmt::Display for RowTooLong {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a row is longer than the row limit")
+    }
+}
+
+impl std::error::Error for RowTooLong {}
+
+/// Bytes csv-async buffers ahead of the record it parses.
+const CSV_BUFFER: usize = 8 * 1024;
+
+/// Fails a read when the bytes of the current record read so far (counted from the
+/// record's start, which [`CsvRows`] marks by zeroing `since`) pass the limit plus one parser
+/// buffer: the record cannot be shorter. Line ends outside quotes are not counted — blank
+/// lines are skipped by the parser and take no memory — but everything inside quotes is,
+/// newlines included, as the parser keeps it.
+struct RowGuard<R> {
+    inner: R,
+    since: Arc<AtomicU64>,
+    limit: u64,
+    in_quotes: bool,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for RowGuard<R> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.since.load(Ordering::Relaxed) > this.limit.saturating_add(CSV_BUFFER as u64) {
+            return Poll::Ready(Err(io::Error::other(RowTooLong)));
+        }
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = &poll {
+            let mut kept = 0u64;
+            for &b in &buf.filled()[before..] {
+                match b {
+                    // A doubled quote inside quotes toggles twice: still inside.
+                    b'"' => this.in_quotes = !this.in_quotes,
+                    b'\n' | b'\r' if !this.in_quotes => continue,
+                    _ => {}
+                }
+                kept += 1;
+            }
+            this.since.fetch_add(kept, Ordering::Relaxed);
+        }
+        poll
+    }
+}
+
+/// CSV rows with a header naming the fields, read as they arrive; no record (header
+/// included) may be longer than `max_row_bytes`.
 pub(crate) struct CsvRows<R: AsyncRead + Unpin + Send> {
-    reader: csv_async::AsyncReader<R>,
+    reader: csv_async::AsyncReader<RowGuard<R>>,
     plan: ColumnPlan,
     record: ByteRecord,
+    since: Arc<AtomicU64>,
+    limit: u64,
 }
 
 impl<R: AsyncRead + Unpin + Send> CsvRows<R> {
     /// Reads the header and finds the mapped columns. An empty body has no header and is an
     /// error, never an empty cohort.
-    pub(crate) async fn new(input: R, fields: &IdentifierFields) -> Result<Self, FormatError> {
+    pub(crate) async fn new(input: R, fields: &IdentifierFields, max_row_bytes: u64) -> Result<Self, FormatError> {
+        let since = Arc::new(AtomicU64::new(0));
+        let guarded = RowGuard { inner: input, since: since.clone(), limit: max_row_bytes, in_quotes: false };
         // Not flexible: a row with a different number of fields is a broken export.
-        let mut reader = AsyncReaderBuilder::new().has_headers(true).flexible(false).create_reader(input);
+        let mut reader = AsyncReaderBuilder::new()
+            .has_headers(true)
+            .flexible(false)
+            .buffer_capacity(CSV_BUFFER)
+            .create_reader(guarded);
         let header: Vec<String> = reader
             .byte_headers()
             .await
-            .map_err(csv_error)?
+            .map_err(|e| csv_error(e, max_row_bytes, 1))?
             .iter()
             .enumerate()
             .map(|(i, h)| {
@@ -81,7 +152,8 @@ impl<R: AsyncRead + Unpin + Send> CsvRows<R> {
         }
         let plan =
             fields.column_plan(&header).map_err(|column| FormatError::MissingColumn { column, header: header.clone() })?;
-        Ok(CsvRows { reader, plan, record: ByteRecord::new() })
+        since.store(0, Ordering::Relaxed);
+        Ok(CsvRows { reader, plan, record: ByteRecord::new(), since, limit: max_row_bytes })
     }
 
     /// The next batch, or `None` at the end.
@@ -92,9 +164,12 @@ impl<R: AsyncRead + Unpin + Send> CsvRows<R> {
     ) -> Result<Option<MemberBatch>, FormatError> {
         let mut batch = BatchBuilder::default();
         for _ in 0..rows {
-            if !self.reader.read_byte_record(&mut self.record).await.map_err(csv_error)? {
+            let line = self.reader.position().line();
+            let read = self.reader.read_byte_record(&mut self.record).await;
+            if !read.map_err(|e| csv_error(e, self.limit, line))? {
                 break;
             }
+            self.since.store(0, Ordering::Relaxed);
             let record = &self.record;
             batch.push(fields.resolve_columns(&self.plan, |i| record.get(i).map_or(Value::Null, Value::Bytes)));
         }
@@ -112,16 +187,43 @@ pub(crate) fn json_value(v: Option<&serde_json::Value>) -> Value<'_> {
     }
 }
 
-/// One JSON object per line, read as the lines arrive. Blank lines are not rows.
+/// Appends the next line (its `\n` included) to `buf`; 0 at the end of input. Fails with
+/// [`RowTooLong`] once the line passes `limit` bytes, without keeping more of it.
+async fn read_line_capped<R: AsyncBufRead + Unpin>(reader: &mut R, buf: &mut Vec<u8>, limit: u64) -> io::Result<usize> {
+    let mut read = 0;
+    loop {
+        let available = reader.fill_buf().await?;
+        if available.is_empty() {
+            return Ok(read);
+        }
+        let (take, done) = match available.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (available.len(), false),
+        };
+        if (buf.len() + take) as u64 > limit.saturating_add(1) {
+            return Err(io::Error::other(RowTooLong));
+        }
+        buf.extend_from_slice(&available[..take]);
+        reader.consume(take);
+        read += take;
+        if done {
+            return Ok(read);
+        }
+    }
+}
+
+/// One JSON object per line, read as the lines arrive. Blank lines are not rows; no line
+/// may be longer than `max_row_bytes` (its newline aside).
 pub(crate) struct NdjsonRows<R: AsyncBufRead + Unpin + Send> {
     reader: R,
     line: u64,
     buf: Vec<u8>,
+    limit: u64,
 }
 
 impl<R: AsyncBufRead + Unpin + Send> NdjsonRows<R> {
-    pub(crate) fn new(reader: R) -> Self {
-        NdjsonRows { reader, line: 0, buf: Vec::new() }
+    pub(crate) fn new(reader: R, max_row_bytes: u64) -> Self {
+        NdjsonRows { reader, line: 0, buf: Vec::new(), limit: max_row_bytes }
     }
 
     pub(crate) async fn next_batch(
@@ -133,7 +235,15 @@ impl<R: AsyncBufRead + Unpin + Send> NdjsonRows<R> {
         let mut taken = 0;
         while taken < rows {
             self.buf.clear();
-            if self.reader.read_until(b'\n', &mut self.buf).await.map_err(FormatError::Io)? == 0 {
+            let read = match read_line_capped(&mut self.reader, &mut self.buf, self.limit).await {
+                Ok(read) => read,
+                Err(e) if e.get_ref().is_some_and(|inner| inner.is::<RowTooLong>()) => {
+                    let location = format!("line {}", self.line + 1);
+                    return Err(FormatError::RowTooLarge { format: "NDJSON", location, limit: self.limit });
+                }
+                Err(e) => return Err(FormatError::Io(e)),
+            };
+            if read == 0 {
                 break;
             }
             self.line += 1;
@@ -159,71 +269,6 @@ impl<R: AsyncBufRead + Unpin + Send> NdjsonRows<R> {
     }
 }
 
-/// Parses a whole JSON body.
-pub(crate) fn parse_json_document(body: &[u8]) -> Result<serde_json::Value, FormatError> {
-    serde_json::from_slice(body).map_err(|e| FormatError::Malformed {
-        format: "JSON",
-        location: format!("line {} column {}", e.line(), e.column()),
-        message: e.to_string(),
-    })
-}
-
-/// The array of row objects at `pointer` (the whole document when `None`).
-pub(crate) fn json_rows<'d>(
-    doc: &'d serde_json::Value,
-    pointer: Option<&str>,
-) -> Result<&'d [serde_json::Value], FormatError> {
-    let at = pointer.unwrap_or("");
-    let shown = if at.is_empty() { "the top level" } else { at };
-    match doc.pointer(at) {
-        Some(serde_json::Value::Array(rows)) => Ok(rows),
-        Some(other) => Err(FormatError::Malformed {
-            format: "JSON",
-            location: shown.to_owned(),
-            message: format!("expected an array of rows, found {}", json_kind(other)),
-        }),
-        None => Err(FormatError::Malformed {
-            format: "JSON",
-            location: shown.to_owned(),
-            message: "nothing there; fix jsonPointer".to_owned(),
-        }),
-    }
-}
-
-fn json_kind(v: &serde_json::Value) -> &'static str {
-    match v {
-        serde_json::Value::Null => "null",
-        serde_json::Value::Bool(_) => "a boolean",
-        serde_json::Value::Number(_) => "a number",
-        serde_json::Value::String(_) => "a string",
-        serde_json::Value::Array(_) => "an array",
-        serde_json::Value::Object(_) => "an object",
-    }
-}
-
-/// Resolves rows of a JSON array in batches; `Err` names the first element that is not an
-/// object.
-pub(crate) fn json_batches<'d>(
-    rows: &'d [serde_json::Value],
-    pointer: Option<&'d str>,
-    fields: &'d IdentifierFields,
-) -> impl Iterator<Item = Result<MemberBatch, FormatError>> + 'd {
-    rows.chunks(super::BATCH_ROWS).enumerate().map(move |(chunk, items)| {
-        let mut batch = BatchBuilder::default();
-        for (i, item) in items.iter().enumerate() {
-            let serde_json::Value::Object(object) = item else {
-                return Err(FormatError::Malformed {
-                    format: "JSON",
-                    location: format!("{}/{}", pointer.unwrap_or(""), chunk * super::BATCH_ROWS + i),
-                    message: format!("expected a row object, found {}", json_kind(item)),
-                });
-            };
-            batch.push(fields.resolve(|name| json_value(object.get(name))));
-        }
-        Ok(batch.take())
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,7 +287,7 @@ mod tests {
     async fn csv_reads_mapped_columns_and_counts_bad_cells() {
         let body: &[u8] = b"\xef\xbb\xbfname,uid\r\na,u1\r\nb,\r\nc,\"u\"\"3\"\r\nd,\xff\xfe\r\n";
         let fields = ext("uid");
-        let mut rows = CsvRows::new(body, &fields).await.unwrap();
+        let mut rows = CsvRows::new(body, &fields, 1 << 20).await.unwrap();
         let batch = rows.next_batch(&fields, 100).await.unwrap().unwrap();
         assert_eq!(batch.members, vec![Member::ExternalId("u1".into()), Member::ExternalId("u\"3".into())]);
         assert_eq!(batch.skipped.get(SkipReason::Missing), 1);
@@ -254,7 +299,7 @@ mod tests {
     async fn csv_errors_name_the_line_or_the_column() {
         let fields = ext("uid");
         let body: &[u8] = b"uid,x\n1,2\n3\n";
-        let mut rows = CsvRows::new(body, &fields).await.unwrap();
+        let mut rows = CsvRows::new(body, &fields, 1 << 20).await.unwrap();
         match rows.next_batch(&fields, 100).await {
             Err(FormatError::Malformed { location, message, .. }) => {
                 assert_eq!(location, "line 3");
@@ -262,21 +307,21 @@ mod tests {
             }
             other => panic!("expected a malformed error, got {other:?}"),
         }
-        match CsvRows::new(&b"id,x\n1,2\n"[..], &fields).await {
+        match CsvRows::new(&b"id,x\n1,2\n"[..], &fields, 1 << 20).await {
             Err(FormatError::MissingColumn { column, header }) => {
                 assert_eq!(column, "uid");
                 assert_eq!(header, vec!["id", "x"]);
             }
             _ => panic!("expected a missing column"),
         }
-        assert!(matches!(CsvRows::new(&b""[..], &fields).await, Err(FormatError::Malformed { .. })));
+        assert!(matches!(CsvRows::new(&b""[..], &fields, 1 << 20).await, Err(FormatError::Malformed { .. })));
     }
 
     #[tokio::test]
     async fn ndjson_reads_lines_in_batches() {
         let body: &[u8] = b"{\"uid\":\"a\"}\n\n{\"uid\":7}\r\n{\"uid\":null}\n{\"uid\":{}}\n{\"uid\":\"\xff\"}\n{\"uid\":\"z\"}";
         let fields = ext("uid");
-        let mut rows = NdjsonRows::new(body);
+        let mut rows = NdjsonRows::new(body, 1 << 20);
         let first = rows.next_batch(&fields, 2).await.unwrap().unwrap();
         assert_eq!(first.members, vec![Member::ExternalId("a".into()), Member::ExternalId("7".into())]);
         let second = rows.next_batch(&fields, 10).await.unwrap().unwrap();
@@ -290,32 +335,49 @@ mod tests {
     #[tokio::test]
     async fn ndjson_errors_name_the_line() {
         let fields = ext("uid");
-        let mut rows = NdjsonRows::new(&b"{\"uid\":\"a\"}\n{\"uid\": \"b\"\n"[..]);
+        let mut rows = NdjsonRows::new(&b"{\"uid\":\"a\"}\n{\"uid\": \"b\"\n"[..], 1 << 20);
         match rows.next_batch(&fields, 10).await {
             Err(FormatError::Malformed { location, .. }) => assert!(location.starts_with("line 2 "), "{location}"),
             other => panic!("expected malformed, got {other:?}"),
         }
-        let mut rows = NdjsonRows::new(&b"[1]\n"[..]);
+        let mut rows = NdjsonRows::new(&b"[1]\n"[..], 1 << 20);
         assert!(matches!(rows.next_batch(&fields, 10).await, Err(FormatError::Malformed { .. })));
     }
 
-    #[test]
-    fn json_rows_at_a_pointer() {
+    #[tokio::test]
+    async fn rows_longer_than_the_cap_fail_naming_the_line() {
         let fields = ext("uid");
-        let doc = parse_json_document(br#"{"data":{"users":[{"uid":"a"},{"uid":1.5},{"other":1}]}}"#).unwrap();
-        let rows = json_rows(&doc, Some("/data/users")).unwrap();
-        let batches: Vec<_> = json_batches(rows, Some("/data/users"), &fields).collect::<Result<_, _>>().unwrap();
-        assert_eq!(batches.len(), 1);
-        assert_eq!(batches[0].members, vec![Member::ExternalId("a".into()), Member::ExternalId("1.5".into())]);
-        assert_eq!(batches[0].skipped.get(SkipReason::Missing), 1);
-        assert!(matches!(json_rows(&doc, Some("/data")), Err(FormatError::Malformed { .. })));
-        assert!(matches!(json_rows(&doc, Some("/nope")), Err(FormatError::Malformed { .. })));
-        let doc = parse_json_document(br#"[{"uid":"a"}, 3]"#).unwrap();
-        let err = json_batches(json_rows(&doc, None).unwrap(), None, &fields).find_map(Result::err).unwrap();
-        assert!(matches!(err, FormatError::Malformed { location, .. } if location == "/1"));
-        match parse_json_document(b"[{\"uid\": \"a\"},\n {\"uid\"") {
-            Err(FormatError::Malformed { location, .. }) => assert!(location.starts_with("line 2 "), "{location}"),
-            other => panic!("expected malformed, got {other:?}"),
+        let long = "x".repeat(100_000);
+        let body = format!("uid\nu1\n{long}\nu3\n");
+        let mut rows = CsvRows::new(body.as_bytes(), &fields, 1024).await.unwrap();
+        match rows.next_batch(&fields, 100).await {
+            Err(FormatError::RowTooLarge { format: "CSV", location, limit: 1024 }) => assert_eq!(location, "line 3"),
+            other => panic!("expected a row too large, got {other:?}"),
         }
+        // A header without end is a row too.
+        let header = format!("uid,{long}\n");
+        assert!(matches!(CsvRows::new(header.as_bytes(), &fields, 1024).await, Err(FormatError::RowTooLarge { .. })));
+        // Blank lines take no memory and do not count; a quoted field's line ends do.
+        let blank = format!("uid\nu1\n{}u2\n", "\n".repeat(100_000));
+        let mut rows = CsvRows::new(blank.as_bytes(), &fields, 1024).await.unwrap();
+        assert_eq!(rows.next_batch(&fields, 100).await.unwrap().unwrap().rows(), 2);
+        let quoted = format!("uid\n\"{}\"\n", "\n".repeat(100_000));
+        let mut rows = CsvRows::new(quoted.as_bytes(), &fields, 1024).await.unwrap();
+        assert!(matches!(rows.next_batch(&fields, 100).await, Err(FormatError::RowTooLarge { .. })));
+        // Just under the cap passes.
+        let fine = format!("uid\n{}\n", "y".repeat(1000));
+        let mut rows = CsvRows::new(fine.as_bytes(), &fields, 1024).await.unwrap();
+        assert_eq!(rows.next_batch(&fields, 100).await.unwrap().unwrap().rows(), 1);
+
+        let body = format!("{{\"uid\":\"a\"}}\n{{\"uid\":\"{long}\"}}\n");
+        let mut rows = NdjsonRows::new(body.as_bytes(), 1024);
+        match rows.next_batch(&fields, 100).await {
+            Err(FormatError::RowTooLarge { format: "NDJSON", location, .. }) => assert_eq!(location, "line 2"),
+            other => panic!("expected a row too large, got {other:?}"),
+        }
+        let exact = format!("{{\"uid\":\"{}\"}}\r\n", "z".repeat(1014));
+        assert_eq!(exact.len(), 1026);
+        let mut rows = NdjsonRows::new(exact.as_bytes(), 1025);
+        assert_eq!(rows.next_batch(&fields, 100).await.unwrap().unwrap().rows(), 1);
     }
 }

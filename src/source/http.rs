@@ -1,9 +1,11 @@
 //! `http`: an export fetched with GET over HTTP(S), page after page.
 //!
-//! CSV and NDJSON bodies are parsed as they arrive. A JSON body is one document, so each
-//! page is read whole before parsing — bounded, like every page, by `maxBytes`, which counts
-//! decompressed bytes across all pages. Bodies are decompressed when the server says
-//! `Content-Encoding: gzip` and also when the body itself is gzip (a `.csv.gz` export).
+//! Every body is parsed as it arrives, in bounded memory: CSV and NDJSON row by row, a JSON
+//! document element by element ([`super::json`], on a blocking thread fed by the async
+//! body). No row may be longer than `maxRowBytes`; `maxBytes` counts decompressed bytes
+//! across all pages, so a gzip bomb stops there. An error answer's body is read only for a
+//! short excerpt. Bodies are decompressed when the server says `Content-Encoding: gzip` and
+//! also when the body itself is gzip (a `.csv.gz` export).
 //!
 //! Pagination follows one of: a next-page URL in the JSON body, a cursor in the JSON body
 //! sent back as a query parameter, or `Link: <…>; rel="next"` headers. A page that repeats
@@ -27,20 +29,26 @@ use std::time::Duration;
 
 use async_compression::tokio::bufread::GzipDecoder;
 use futures::TryStreamExt;
+use tokio::sync::mpsc;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, LINK};
 use reqwest::Url;
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader, ReadBuf};
-use tokio_util::io::StreamReader;
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, BufReader, ReadBuf};
+use tokio_util::io::{StreamReader, SyncIoBridge};
 
 use super::egress::{self, Credentials, EgressPolicy};
-use super::formats::{self, CsvRows, FormatError, NdjsonRows};
-use super::{MemberSource, MemberStream, SourceContext, SourceError, BATCH_ROWS, REDACT_MIN_LEN};
+use super::formats::{CsvRows, FormatError, NdjsonRows};
+use super::json::{self, Cancelled, JsonPlan, Scalar};
+use super::{MemberBatch, MemberSource, MemberStream, SourceContext, SourceError, BATCH_ROWS, REDACT_MIN_LEN};
 use crate::api::{HttpFormat, HttpSource};
 use crate::domain::identifiers::IdentifierFields;
 use crate::secret::{SecretString, error_chain, redact};
 
 /// Most pages one read follows.
 const MAX_PAGES: u64 = 100_000;
+/// Bytes of an error answer's body read for the message; the rest is never read.
+const ERROR_BODY_BYTES: usize = 4 * 1024;
+/// Longest wait for that excerpt: a body that trickles must not hold the run.
+const ERROR_BODY_WAIT: Duration = Duration::from_secs(5);
 
 /// Credentials resolved from Secrets.
 #[derive(Debug)]
@@ -226,8 +234,8 @@ impl HttpMembers {
         }
         let mut detail = String::new();
         // A short excerpt of the body says why; servers rarely echo credentials, but redact.
-        if let Ok(body) = response.bytes().await {
-            let text = String::from_utf8_lossy(&body[..body.len().min(1024)]);
+        if let Ok(body) = tokio::time::timeout(ERROR_BODY_WAIT, excerpt(response)).await {
+            let text = String::from_utf8_lossy(&body);
             let text: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
             let text: String = redact(&text, &self.secrets(), REDACT_MIN_LEN).chars().take(200).collect();
             if !text.is_empty() {
@@ -249,11 +257,18 @@ impl HttpMembers {
         })
     }
 
-    /// The next page's URL, from the JSON body or the `Link` header.
+    /// The pointers whose values the JSON walk captures: the next-page URL, or the cursor.
+    fn pagination_pointers(&self) -> Vec<String> {
+        let Some(p) = &self.spec.pagination else { return Vec::new() };
+        p.next_url_pointer.iter().cloned().chain(p.cursor.iter().map(|c| c.pointer.clone())).collect()
+    }
+
+    /// The next page's URL, from the values captured in the JSON body (in the order of
+    /// [`Self::pagination_pointers`]) or the `Link` header.
     fn next_page(
         &self,
         page: &Page,
-        doc: Option<&serde_json::Value>,
+        captured: Option<&[Option<Scalar>]>,
         link: Option<Result<Url, String>>,
     ) -> Result<Option<Url>, SourceError> {
         let Some(pagination) = &self.spec.pagination else { return Ok(None) };
@@ -263,14 +278,14 @@ impl HttpMembers {
             location: format!("page {}, {location}", page.number),
             message,
         };
-        let text = |v: &serde_json::Value| match v {
-            serde_json::Value::String(s) => Some(Ok(s.clone())),
-            serde_json::Value::Number(n) => Some(Ok(n.to_string())),
-            serde_json::Value::Null => None,
-            _ => Some(Err(())),
-        };
+        // Only one of nextUrlPointer and cursor is read, and it is the first value captured.
+        let value = captured.and_then(|c| c.first()).and_then(Option::as_ref).and_then(|v| match v {
+            Scalar::Text(s) => Some(Ok(s.clone())),
+            Scalar::Null => None,
+            Scalar::Other(_) => Some(Err(())),
+        });
         let next = if let Some(pointer) = &pagination.next_url_pointer {
-            match doc.and_then(|d| d.pointer(pointer)).and_then(text) {
+            match value {
                 None => return Ok(None),
                 Some(Err(())) => return Err(malformed(pointer.clone(), "the next-page URL is not a string".to_owned())),
                 Some(Ok(s)) if s.is_empty() => return Ok(None),
@@ -280,7 +295,7 @@ impl HttpMembers {
                     .map_err(|e| malformed(pointer.clone(), format!("the next-page URL is not a URL: {e}")))?,
             }
         } else if let Some(cursor) = &pagination.cursor {
-            match doc.and_then(|d| d.pointer(&cursor.pointer)).and_then(text) {
+            match value {
                 None => return Ok(None),
                 Some(Err(())) => {
                     return Err(malformed(cursor.pointer.clone(), "the cursor is not a string or number".to_owned()));
@@ -396,8 +411,39 @@ impl Page {
                 what: source.what.clone(),
                 message: format!("page {}: {}", self.number, FormatError::missing_column_message(&column, &header)),
             },
+            FormatError::RowTooLarge { format, location, limit } => SourceError::RowTooLarge {
+                what: source.what.clone(),
+                item: match format {
+                    "CSV" => "CSV row",
+                    "NDJSON" => "NDJSON line",
+                    _ => "JSON row, key or value",
+                },
+                location: format!("page {}, {location}", self.number),
+                limit,
+                field: "http.maxRowBytes",
+            },
         }
     }
+}
+
+/// At most [`ERROR_BODY_BYTES`] of an error answer's body; a broken body keeps what arrived.
+async fn excerpt(mut response: reqwest::Response) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    while bytes.len() < ERROR_BODY_BYTES {
+        match response.chunk().await {
+            Ok(Some(chunk)) => bytes.extend_from_slice(&chunk[..chunk.len().min(ERROR_BODY_BYTES - bytes.len())]),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    bytes
+}
+
+/// What the JSON walk sends back from its thread.
+enum JsonEvent {
+    Batch(MemberBatch),
+    /// The end of the page: the pagination values.
+    Done(Vec<Option<Scalar>>),
+    Failed(FormatError),
 }
 
 /// Marks the read that went past `maxBytes`.
@@ -453,6 +499,29 @@ async fn body(response: reqwest::Response, page: &mut Page, used: Arc<AtomicU64>
     Ok(Box::pin(BufReader::new(Limited { inner: decoded, used, limit })))
 }
 
+impl HttpMembers {
+    /// Walks a JSON body on a blocking thread (the parser reads synchronously), sending
+    /// batches back as the rows are read. Dropping the receiver stops the walk.
+    fn walk_json(&self, body: Body) -> mpsc::Receiver<JsonEvent> {
+        let (tx, rx) = mpsc::channel(2);
+        let rows = self.spec.json_pointer.clone().unwrap_or_default();
+        let captures = self.pagination_pointers();
+        let fields = self.fields.clone();
+        let max_row_bytes = self.spec.max_row_bytes;
+        tokio::task::spawn_blocking(move || {
+            let captures: Vec<&str> = captures.iter().map(String::as_str).collect();
+            let plan = JsonPlan { rows: &rows, captures: &captures, fields: &fields, max_row_bytes };
+            let emit = |batch| tx.blocking_send(JsonEvent::Batch(batch)).map_err(|_| Cancelled);
+            let last = match json::read_rows(SyncIoBridge::new(body), &plan, emit) {
+                Ok(values) => JsonEvent::Done(values),
+                Err(e) => JsonEvent::Failed(e),
+            };
+            let _ = tx.blocking_send(last);
+        });
+        rx
+    }
+}
+
 impl MemberSource for HttpMembers {
     fn describe(&self) -> String {
         self.what.clone()
@@ -473,36 +542,38 @@ impl MemberSource for HttpMembers {
                 }
                 let response = self.get(&page).await?;
                 let link = next_link(response.headers(), &page.url);
-                let mut body = body(response, &mut page, used.clone(), self.spec.max_bytes).await.map_err(|e| page.io(self, e))?;
-                let doc = match self.spec.format {
+                let body = body(response, &mut page, used.clone(), self.spec.max_bytes).await.map_err(|e| page.io(self, e))?;
+                let max_row = self.spec.max_row_bytes;
+                let captured = match self.spec.format {
                     HttpFormat::Csv => {
-                        let mut rows = CsvRows::new(body, &self.fields).await.map_err(|e| page.format(self, e))?;
+                        let mut rows = CsvRows::new(body, &self.fields, max_row).await.map_err(|e| page.format(self, e))?;
                         while let Some(batch) = rows.next_batch(&self.fields, BATCH_ROWS).await.map_err(|e| page.format(self, e))? {
                             yield batch;
                         }
                         None
                     }
                     HttpFormat::Ndjson => {
-                        let mut rows = NdjsonRows::new(body);
+                        let mut rows = NdjsonRows::new(body, max_row);
                         while let Some(batch) = rows.next_batch(&self.fields, BATCH_ROWS).await.map_err(|e| page.format(self, e))? {
                             yield batch;
                         }
                         None
                     }
                     HttpFormat::Json => {
-                        let mut bytes = Vec::new();
-                        body.read_to_end(&mut bytes).await.map_err(|e| page.io(self, e))?;
-                        let doc = formats::parse_json_document(&bytes).map_err(|e| page.format(self, e))?;
-                        drop(bytes);
-                        let pointer = self.spec.json_pointer.as_deref();
-                        let rows = formats::json_rows(&doc, pointer).map_err(|e| page.format(self, e))?;
-                        for batch in formats::json_batches(rows, pointer, &self.fields) {
-                            yield batch.map_err(|e| page.format(self, e))?;
+                        let mut events = self.walk_json(body);
+                        let mut captured = None;
+                        while let Some(event) = events.recv().await {
+                            match event {
+                                JsonEvent::Batch(batch) => yield batch,
+                                JsonEvent::Done(values) => captured = Some(values),
+                                JsonEvent::Failed(e) => Err(page.format(self, e))?,
+                            }
                         }
-                        Some(doc)
+                        // The walk ends with Done or Failed; without either its thread died.
+                        Some(captured.ok_or_else(|| page.io(self, io::Error::other("the JSON reader stopped unexpectedly")))?)
                     }
                 };
-                match self.next_page(&page, doc.as_ref(), link)? {
+                match self.next_page(&page, captured.as_deref(), link)? {
                     None => return,
                     Some(next) => url = next,
                 }

@@ -28,6 +28,7 @@ pub mod config_map;
 pub mod egress;
 mod formats;
 pub mod http;
+mod json;
 pub mod inline;
 pub mod kube;
 pub mod postgres;
@@ -141,6 +142,10 @@ pub enum SourceError {
     Malformed { what: String, format: &'static str, location: String, message: String },
     #[error("{what}: more than maxBytes ({limit} bytes) after decompression; raise maxBytes if the export is really this large")]
     TooLarge { what: String, limit: u64 },
+    /// One row, line or value is longer than its limit; `field` is the spec field that
+    /// raises it. Reading stops there, so memory stays bounded whatever the input.
+    #[error("{what}: the {item} at {location} is longer than {limit} bytes; raise {field} if rows really are this long")]
+    RowTooLarge { what: String, item: &'static str, location: String, limit: u64, field: &'static str },
 }
 
 impl SourceError {
@@ -300,6 +305,11 @@ impl BatchBuilder {
 
     pub(crate) fn is_empty(&self) -> bool {
         self.batch.rows() == 0
+    }
+
+    /// Rows collected so far.
+    pub(crate) fn rows(&self) -> u64 {
+        self.batch.rows()
     }
 
     pub(crate) fn take(&mut self) -> MemberBatch {

@@ -1,7 +1,8 @@
 //! `postgres`: a user-written `SELECT` on PostgreSQL or a Postgres-compatible warehouse.
 //!
-//! Rows are streamed through a server-side cursor, `fetchSize` rows per round trip, so
-//! memory does not grow with the cohort. Only statements that Redshift and similar
+//! Rows are streamed through a server-side cursor, `fetchSize` rows per round trip, each
+//! row handled as it arrives (not after the whole FETCH), so memory grows with neither the
+//! cohort nor `fetchSize`; a row longer than `maxRowBytes` fails the run. Only statements that Redshift and similar
 //! warehouses also accept are sent:
 //!
 //! 1. `SET statement_timeout = <ms>` (session level; Redshift accepts it). A server that
@@ -13,8 +14,9 @@
 //!    there. No `NO SCROLL`/`WITH HOLD` options, which Redshift lacks.
 //! 4. `FETCH FORWARD <fetchSize> FROM cohort_members` through the simple protocol, so every
 //!    column arrives as the server's own text — `bigint`, `uuid`, `numeric`, `citext` all
-//!    become the strings the database prints. (Redshift caps a single-node cluster's fetch
-//!    at 1,000 rows; set `fetchSize` accordingly.)
+//!    become the strings the database prints. FETCH repeats until one returns no row — not
+//!    until the first short one: Redshift caps a single-node cluster's fetch at 1,000 rows,
+//!    and a proxy may cap it too, so a short page says nothing about the end.
 //! 5. `COMMIT`.
 //!
 //! `statementTimeoutSeconds` bounds the whole read on the client too: past it the query is
@@ -31,7 +33,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::Future;
+use futures::{Future, StreamExt};
 use rustls_platform_verifier::BuilderVerifierExt;
 use tokio::time::Instant;
 use tokio_postgres::config::Host;
@@ -41,7 +43,7 @@ use tokio_postgres::{Client, Connection, SimpleQueryMessage, Socket};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::egress::{EgressPolicy, ResolveError};
-use super::{BatchBuilder, MemberSource, MemberStream, SourceContext, SourceError, REDACT_MIN_LEN};
+use super::{BatchBuilder, MemberSource, MemberStream, SourceContext, SourceError, BATCH_ROWS, REDACT_MIN_LEN};
 use crate::api::PostgresSource;
 use crate::domain::identifiers::{ColumnPlan, IdentifierFields, SkipReason, Value};
 use crate::secret::{SecretString, error_chain, redact};
@@ -60,6 +62,7 @@ pub struct PostgresMembers {
     query: String,
     statement_timeout: Duration,
     fetch_size: u32,
+    max_row_bytes: u64,
     fields: IdentifierFields,
     /// Where connections may go ([`super::egress`]).
     egress: Arc<EgressPolicy>,
@@ -90,6 +93,7 @@ impl PostgresMembers {
             query: spec.query.trim().trim_end_matches(';').trim_end().to_owned(),
             statement_timeout: Duration::from_secs(spec.statement_timeout_seconds.into()),
             fetch_size: spec.fetch_size.max(1),
+            max_row_bytes: spec.max_row_bytes,
             fields,
             egress: EgressPolicy::shared_default(),
         };
@@ -268,6 +272,21 @@ impl PostgresMembers {
         }
     }
 
+    /// Fails when row number `n` is longer than `maxRowBytes` (its columns' text).
+    fn check_row_size(&self, row: &tokio_postgres::SimpleQueryRow, n: u64) -> Result<(), SourceError> {
+        let size: u64 = (0..row.len()).map(|i| row.try_get(i).ok().flatten().map_or(0, str::len) as u64).sum();
+        if size <= self.max_row_bytes {
+            return Ok(());
+        }
+        Err(SourceError::RowTooLarge {
+            what: self.what.clone(),
+            item: "row",
+            location: format!("position {n} of the result"),
+            limit: self.max_row_bytes,
+            field: "postgres.maxRowBytes",
+        })
+    }
+
     fn column_plan(&self, columns: &[tokio_postgres::SimpleColumn]) -> Result<ColumnPlan, SourceError> {
         let names: Vec<&str> = columns.iter().map(|c| c.name()).collect();
         self.fields.column_plan(&names).map_err(|missing| SourceError::Config {
@@ -308,37 +327,43 @@ impl MemberSource for PostgresMembers {
 
             let fetch = format!("FETCH FORWARD {} FROM {CURSOR}", self.fetch_size);
             let mut plan: Option<ColumnPlan> = None;
+            let mut read = 0u64;
             loop {
-                let messages =
-                    self.statement(deadline, &client, &tls, client.simple_query(&fetch)).await?.map_err(|e| self.query_error(&e))?;
+                let rows = self.statement(deadline, &client, &tls, client.simple_query_raw(&fetch)).await?;
+                let rows = rows.map_err(|e| self.query_error(&e))?;
+                let mut rows = std::pin::pin!(rows);
                 let mut batch = BatchBuilder::default();
-                let mut rows = 0u64;
-                for message in &messages {
-                    match message {
+                let before = read;
+                while let Some(message) = self.statement(deadline, &client, &tls, rows.next()).await? {
+                    match message.map_err(|e| self.query_error(&e))? {
                         SimpleQueryMessage::RowDescription(columns) if plan.is_none() => {
-                            plan = Some(self.column_plan(columns)?);
+                            plan = Some(self.column_plan(&columns)?);
                         }
                         SimpleQueryMessage::Row(row) => {
-                            rows += 1;
+                            read += 1;
                             let plan = plan.as_ref().ok_or_else(|| SourceError::Query {
                                 what: self.what.clone(),
                                 message: "the server sent rows without describing their columns".to_owned(),
                             })?;
+                            self.check_row_size(&row, read)?;
                             batch.push(self.fields.resolve_columns(plan, |i| match row.try_get(i) {
                                 Ok(Some(text)) => Value::text(text),
                                 Ok(None) => Value::Null,
                                 // A database in SQL_ASCII can hold bytes that are not UTF-8.
                                 Err(_) => Value::Rejected(SkipReason::InvalidUtf8),
                             }));
+                            if batch.rows() as usize >= BATCH_ROWS {
+                                yield batch.take();
+                            }
                         }
                         _ => {}
                     }
                 }
-                drop(messages);
-                if rows > 0 {
+                if !batch.is_empty() {
                     yield batch.take();
                 }
-                if rows < u64::from(self.fetch_size) {
+                // Only an empty FETCH ends the cursor: a short one may be a server's cap.
+                if read == before {
                     break;
                 }
             }
@@ -358,6 +383,7 @@ mod tests {
             query: query.into(),
             statement_timeout_seconds: 30,
             fetch_size: 100,
+            max_row_bytes: 1 << 20,
         }
     }
 

@@ -39,15 +39,32 @@ pub struct RateLimit {
     pub retry_after: bool,
 }
 
-/// One scripted fault: an HTTP status (`429`, `503`…), `"drop"`, or `{"delay_ms": n}`
-/// (answer normally after a delay — for client timeouts).
+/// One scripted fault: an HTTP status (`429`, `503`…), `"drop"`, `{"delay_ms": n}`
+/// (answer normally after a delay — for client timeouts), or
+/// `{"status": 503, "reset_after_s": 3600, "remaining": 10}`: a status carrying Braze's
+/// `x-ratelimit-*` headers with a reset that far away (as Braze's hourly window sends them
+/// on every answer, errors included).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum ScriptedFault {
     Status(u16),
     Drop(DropTag),
     Delay { delay_ms: u64 },
+    WithRateLimit {
+        status: u16,
+        reset_after_s: u64,
+        /// `x-ratelimit-remaining`; requests left in the window.
+        #[serde(default = "default_remaining")]
+        remaining: u64,
+    },
 }
+
+fn default_remaining() -> u64 {
+    RATE_LIMIT_HEADER_LIMIT / 2
+}
+
+/// `x-ratelimit-limit` of a [`ScriptedFault::WithRateLimit`]: Braze's default hourly limit.
+const RATE_LIMIT_HEADER_LIMIT: u64 = 250_000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -142,6 +159,16 @@ impl FaultState {
                 ScriptedFault::Delay { delay_ms } => Decision::Pass {
                     delay: delay + Duration::from_millis(delay_ms),
                     ratelimit: headers,
+                },
+                ScriptedFault::WithRateLimit { status, reset_after_s, remaining } => Decision::Fail {
+                    status,
+                    delay,
+                    ratelimit: Some(RateLimitHeaders {
+                        limit: RATE_LIMIT_HEADER_LIMIT,
+                        remaining,
+                        reset: now_ms / 1000 + reset_after_s,
+                    }),
+                    retry_after: None,
                 },
             };
         }
@@ -304,6 +331,23 @@ mod tests {
             state.decide(0, || seq.next().unwrap()),
             Decision::Pass { .. }
         ));
+    }
+
+    #[test]
+    fn scripted_statuses_can_carry_a_distant_rate_limit_reset() {
+        let faults: Faults =
+            serde_json::from_str(r#"{"script":[{"status":503,"reset_after_s":3600},{"status":429,"reset_after_s":5,"remaining":0}]}"#)
+                .unwrap();
+        let mut state = FaultState::new(faults);
+        let headers = |remaining, reset| Some(RateLimitHeaders { limit: 250_000, remaining, reset });
+        assert_eq!(
+            state.decide(1_700_000_000_500, || 0.9),
+            Decision::Fail { status: 503, delay: Duration::ZERO, ratelimit: headers(125_000, 1_700_003_600), retry_after: None }
+        );
+        assert_eq!(
+            state.decide(1_700_000_000_500, || 0.9),
+            Decision::Fail { status: 429, delay: Duration::ZERO, ratelimit: headers(0, 1_700_000_005), retry_after: None }
+        );
     }
 
     #[test]
