@@ -20,7 +20,7 @@ use super::importer::{RunJob, RunOutcome};
 use super::secrets;
 use super::status::{self, Written, idle_ready, record_run, rfc3339, set_ready};
 use crate::api::{CohortImport, CohortImportStatus, RunRecord, RunResult};
-use crate::notify::{RunNotice, is_recovery, should_notify};
+use crate::notify::{RunNotice, any_channel_wants, is_recovery};
 
 /// The runs this replica has in progress.
 #[derive(Default)]
@@ -205,11 +205,11 @@ pub(super) fn notify(
     next_run_at: Option<Timestamp>,
     hint: Option<String>,
 ) {
-    let Some(email) = import.spec.notifications.as_ref().and_then(|n| n.email.clone()) else {
+    let Some(notifications) = import.spec.notifications.clone() else {
         return;
     };
     let recovered = is_recovery(record.result, previous_history);
-    if !should_notify(&email, record.result, recovered) {
+    if !any_channel_wants(&notifications, record.result, recovered) {
         return;
     }
     let notice = RunNotice {
@@ -245,11 +245,11 @@ pub(super) fn notify(
                         .to_owned(),
                 ),
                 Some(notifier) => {
-                    match tokio::time::timeout(ctx.config.notification_timeout, notifier.notify(&notice, &email.to)).await {
+                    match tokio::time::timeout(ctx.config.notification_timeout, notifier.notify(&notice, &notifications)).await {
                         Ok(Ok(())) => Ok(()),
                         Ok(Err(e)) => Err(e.to_string()),
                         Err(_) => Err(format!(
-                            "the run report email was not sent within {} s",
+                            "the run report was not sent within {} s",
                             ctx.config.notification_timeout.as_secs()
                         )),
                     }
@@ -258,14 +258,14 @@ pub(super) fn notify(
             let note = match &sent {
                 Ok(()) => None,
                 Err(message) => {
-                    warn!(error = %message, "run report email not sent");
+                    warn!(error = %message, "run report not sent");
                     ctx.metrics.notification_failures.inc();
                     ctx.events
                         .warning(
                             &import,
                             event::NOTIFICATION_FAILED,
                             "Notify",
-                            format!("Run {}: report email not sent: {message}", notice.run_id),
+                            format!("Run {}: {message}", notice.run_id),
                         )
                         .await;
                     Some(crate::run::report::truncate(format!("run {}: {message}", notice.run_id), 512))
