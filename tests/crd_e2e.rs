@@ -119,7 +119,7 @@ async fn crd_installs_accepts_examples_and_rejects_invalid_specs() {
                     "headers": [{ "name": "Bad Header", "valueSecretRef": { "name": "hooks", "key": "token" } }]
                 } });
             }),
-            &["spec.notifications.webhook.headers[0].name"],
+            &["spec.notifications.webhook.headers.name", "Bad Header"],
         ),
         (
             "day-of-month-0",
