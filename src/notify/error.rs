@@ -79,28 +79,30 @@ fn channel_failures(failures: &[ChannelFailure]) -> String {
 }
 
 impl NotifyError {
-    /// The channels this error is about.
-    pub fn channels(&self) -> Vec<Channel> {
+    /// The channel a single failure is about; `None` for several.
+    fn channel(&self) -> Option<Channel> {
         match self {
-            NotifyError::Channels(failures) => failures.iter().map(|f| f.channel).collect(),
+            NotifyError::Channels(_) => None,
             NotifyError::Secret { channel, .. }
             | NotifyError::InvalidUrl { channel, .. }
             | NotifyError::InsecureUrl { channel, .. }
             | NotifyError::DeniedDestination { channel, .. }
             | NotifyError::InvalidHeader { channel, .. }
-            | NotifyError::Post { channel, .. } => vec![*channel],
-            _ => vec![Channel::Email],
+            | NotifyError::Post { channel, .. } => Some(*channel),
+            NotifyError::NoRecipients
+            | NotifyError::InvalidRecipient { .. }
+            | NotifyError::Compose(_)
+            | NotifyError::Send { .. }
+            | NotifyError::NoSmtp => Some(Channel::Email),
         }
     }
-}
 
-impl NotifyError {
     /// A short line for `.status` (the run's result stands; this only says the report is lost).
     pub fn status_note(&self) -> String {
         // Status stays small: the full text goes to the Event.
-        let text = match self {
-            NotifyError::Channels(_) => format!("run report {self}"),
-            _ => format!("run report email not sent: {self}"),
+        let text = match self.channel() {
+            None => format!("run report {self}"),
+            Some(channel) => format!("run report {channel} not sent: {self}"),
         };
         crate::run::report::truncate(text, crate::api::MAX_RUN_MESSAGE_CHARS)
     }
@@ -121,5 +123,27 @@ mod tests {
         let note = e.status_note();
         assert!(note.starts_with("run report email not sent: sending the run report"));
         assert_eq!(note.chars().count(), crate::api::MAX_RUN_MESSAGE_CHARS);
+    }
+
+    #[test]
+    fn status_notes_name_each_failed_channel() {
+        let post = NotifyError::Post {
+            channel: Channel::Slack,
+            host: "hooks.slack.com".into(),
+            attempts: 1,
+            last_error: "HTTP 404: no_service".into(),
+        };
+        assert_eq!(
+            post.status_note(),
+            "run report slack not sent: posting the run report to slack at hooks.slack.com failed after 1 \
+             attempt(s): HTTP 404: no_service"
+        );
+        let both = NotifyError::Channels(vec![
+            ChannelFailure { channel: Channel::Email, error: NotifyError::NoSmtp },
+            ChannelFailure { channel: Channel::Slack, error: post },
+        ]);
+        let note = both.status_note();
+        assert!(note.starts_with("run report email not sent: spec.notifications.email is set"), "{note}");
+        assert!(note.contains("; slack not sent: posting the run report to slack"), "{note}");
     }
 }
