@@ -12,6 +12,7 @@ DEBIAN_PACKAGES=(
   postgresql                          # the SQL source's tests (testkit::postgres)
   python3-aiosmtpd                    # the email tests (testkit::smtp)
   python3-venv                        # Helm via PyPI for the chart tests
+  prometheus                          # promtool: the chart's PrometheusRule (check + unit tests)
 )
 missing=()
 for p in "${DEBIAN_PACKAGES[@]}"; do

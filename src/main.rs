@@ -17,7 +17,7 @@ use cohort_operator::controller::metrics::Metrics;
 use cohort_operator::controller::pipeline::{PipelineImporter, SnapshotStoreKind};
 use cohort_operator::controller::secrets::{PartnerKeys, parse_endpoint_region};
 use cohort_operator::controller::{self, Config, Dependencies};
-use cohort_operator::notify::{Notify, SmtpArgs, SmtpNotifier};
+use cohort_operator::notify::{DestinationPolicy, HttpConfig, HttpSender, Notifier, Notify, SmtpArgs, SmtpNotifier};
 use cohort_operator::source::egress::{EgressDefault, EgressPolicy, EgressRule};
 
 /// Keeps analytics cohorts imported into Braze.
@@ -169,6 +169,10 @@ struct RunArgs {
     watch_secrets: bool,
     #[command(flatten)]
     smtp: SmtpArgs,
+    /// Networks Slack and webhook reports may not go to, beyond the built-in link-local and
+    /// metadata ranges (comma-separated CIDRs, e.g. 10.0.0.0/8).
+    #[arg(long = "notification-deny-cidr", env = "COHORT_NOTIFICATION_DENY_CIDRS", value_delimiter = ',')]
+    notification_deny_cidrs: Vec<ipnet::IpNet>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -254,10 +258,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     );
     tracing::info!(policy = %egress.summary(), "source egress policy");
     let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
-    let notifier: Option<Arc<dyn Notify>> = match args.smtp.into_config()? {
-        Some(config) => Some(Arc::new(SmtpNotifier::new(config)?)),
+    let smtp = match args.smtp.into_config()? {
+        Some(config) => Some(SmtpNotifier::new(config)?),
         None => None,
     };
+    let http = HttpSender::new(HttpConfig {
+        policy: DestinationPolicy::default().with_denied(args.notification_deny_cidrs),
+        ..HttpConfig::default()
+    })?;
+    let notifier: Option<Arc<dyn Notify>> = Some(Arc::new(Notifier::new(client.clone(), smtp, http)));
     let braze = BrazeClient::new(BrazeClientConfig::default())?;
     let snapshots = match args.snapshot_store {
         SnapshotStoreArg::Cluster => SnapshotStoreKind::Cluster,

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cohort_operator::api::RunResult;
-use cohort_operator::notify::{SmtpConfig, SmtpNotifier, SmtpTls};
+use cohort_operator::notify::{HttpConfig, HttpSender, Notifier, SmtpConfig, SmtpNotifier, SmtpTls};
 use controller_support::*;
 use serde_json::json;
 use testkit::smtp::SmtpServer;
@@ -22,7 +22,8 @@ async fn each_finished_run_is_reported_and_a_failed_email_is_noted() {
         SmtpConfig::new("127.0.0.1", server.port(), SmtpTls::None, "cohorts@ops.example.com".parse().unwrap());
     smtp.retries = 0;
     smtp.timeout = Duration::from_secs(5);
-    let notifier = Arc::new(SmtpNotifier::new(smtp).unwrap());
+    let http = HttpSender::new(HttpConfig::default()).unwrap();
+    let notifier = Arc::new(Notifier::new(env.client.clone(), Some(SmtpNotifier::new(smtp).unwrap()), http));
     let operator = env.start_with(env.config(), Some(notifier)).await;
 
     let mut doc = env.import("mailed", "mailed", json!({ "cadence": "Daily", "at": "06:30" }));

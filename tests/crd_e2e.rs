@@ -105,7 +105,22 @@ async fn crd_installs_accepts_examples_and_rejects_invalid_specs() {
     type Mutation = Box<dyn Fn(&mut Value)>;
     let cases: Vec<(&str, Mutation, &[&str])> = vec![
         ("at-25", Box::new(|v| v["spec"]["schedule"]["at"] = json!("25:00")), &["spec.schedule.at", "25:00"]),
-        ("cadence-hourly", Box::new(|v| v["spec"]["schedule"]["cadence"] = json!("Hourly")), &["spec.schedule.cadence", "Hourly"]),
+        ("cadence-minutely", Box::new(|v| v["spec"]["schedule"]["cadence"] = json!("Minutely")), &["spec.schedule.cadence", "Minutely"]),
+        (
+            "minute-60",
+            Box::new(|v| v["spec"]["schedule"] = json!({ "cadence": "Hourly", "minute": 60 })),
+            &["spec.schedule.minute"],
+        ),
+        (
+            "webhook-header-name",
+            Box::new(|v| {
+                v["spec"]["notifications"] = json!({ "webhook": {
+                    "urlSecretRef": { "name": "hooks", "key": "url" },
+                    "headers": [{ "name": "Bad Header", "valueSecretRef": { "name": "hooks", "key": "token" } }]
+                } });
+            }),
+            &["spec.notifications.webhook.headers.name", "Bad Header"],
+        ),
         (
             "day-of-month-0",
             Box::new(|v| {

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use cohort_operator::api::{EmailAddress, RunResult, RunTrigger};
-use cohort_operator::notify::{Notify, NotifyError, RunNotice, SmtpConfig, SmtpNotifier, SmtpTls};
+use cohort_operator::notify::{NotifyError, RunNotice, SmtpConfig, SmtpNotifier, SmtpTls};
 use cohort_operator::secret::SecretString;
 use jiff::tz::TimeZone;
 use testkit::smtp::{ReceivedMessage, ServerTls, SmtpServer, SmtpServerOptions};
@@ -114,10 +114,10 @@ async fn each_result_arrives_with_recipients_headers_and_content() {
 
     let one = ["team@example.com"];
     let two = ["team@example.com", "oncall@example.org"];
-    notifier.notify(&success, &to(&one)).await.unwrap();
-    notifier.notify(&failure, &to(&two)).await.unwrap();
-    notifier.notify(&block, &to(&one)).await.unwrap();
-    notifier.notify(&recovery, &to(&two)).await.unwrap();
+    notifier.send_report(&success, &to(&one)).await.unwrap();
+    notifier.send_report(&failure, &to(&two)).await.unwrap();
+    notifier.send_report(&block, &to(&one)).await.unwrap();
+    notifier.send_report(&recovery, &to(&two)).await.unwrap();
 
     let messages = server.wait_for_messages_async(4, WAIT).await;
     assert_eq!(messages.len(), 4);
@@ -165,7 +165,7 @@ fn server_with_auth(tls: ServerTls) -> SmtpServer {
 async fn send_authenticated(server: &SmtpServer, tls: SmtpTls, result: RunResult) -> ReceivedMessage {
     let mut c = config(server, tls);
     c.credentials = Some(("operator".into(), SecretString::new(PASSWORD)));
-    SmtpNotifier::new(c).unwrap().notify(&notice(result), &to(&["team@example.com"])).await.unwrap();
+    SmtpNotifier::new(c).unwrap().send_report(&notice(result), &to(&["team@example.com"])).await.unwrap();
     let message = server.wait_for_messages_async(1, WAIT).await.remove(0);
     assert_eq!(message.auth_login.as_deref(), Some("operator"));
     assert_common(&message, &["team@example.com"]);
@@ -184,7 +184,7 @@ async fn authenticates_without_ever_showing_the_password() {
     bad.credentials = Some(("operator".into(), SecretString::new(wrong.clone())));
     bad.retries = 3;
     let notifier = SmtpNotifier::new(bad).unwrap();
-    let err = notifier.notify(&notice(RunResult::Failed), &to(&["team@example.com"])).await.unwrap_err();
+    let err = notifier.send_report(&notice(RunResult::Failed), &to(&["team@example.com"])).await.unwrap_err();
     match &err {
         NotifyError::Send { host, port, attempts, last_error } => {
             assert_eq!((host.as_str(), *port, *attempts), ("127.0.0.1", server.port(), 1));
@@ -209,7 +209,7 @@ async fn send_over_tls(server_tls: ServerTls, client_tls: SmtpTls) {
     untrusted.retries = 0;
     let err = SmtpNotifier::new(untrusted)
         .unwrap()
-        .notify(&notice(RunResult::Blocked), &to(&["team@example.com"]))
+        .send_report(&notice(RunResult::Blocked), &to(&["team@example.com"]))
         .await
         .unwrap_err();
     assert!(matches!(err, NotifyError::Send { .. }), "{err:?}");
@@ -237,7 +237,7 @@ async fn server_down_gives_an_error_after_bounded_retries() {
     let notifier = SmtpNotifier::new(c).unwrap();
 
     let started = Instant::now();
-    let err = notifier.notify(&notice(RunResult::Succeeded), &to(&["team@example.com"])).await.unwrap_err();
+    let err = notifier.send_report(&notice(RunResult::Succeeded), &to(&["team@example.com"])).await.unwrap_err();
     assert!(started.elapsed() <= bound, "took {:?}, bound {bound:?}", started.elapsed());
     match &err {
         NotifyError::Send { port, attempts, last_error, .. } => {
@@ -263,7 +263,7 @@ async fn silent_server_costs_at_most_the_timeouts() {
     let notifier = SmtpNotifier::new(c).unwrap();
 
     let started = Instant::now();
-    let err = notifier.notify(&notice(RunResult::Failed), &to(&["team@example.com"])).await.unwrap_err();
+    let err = notifier.send_report(&notice(RunResult::Failed), &to(&["team@example.com"])).await.unwrap_err();
     let took = started.elapsed();
     assert!(took <= bound + Duration::from_millis(500), "took {took:?}, bound {bound:?}");
     assert!(matches!(err, NotifyError::Send { attempts: 2, .. }), "{err:?}");

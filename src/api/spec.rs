@@ -388,12 +388,19 @@ pub struct BrazeDestination {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ScheduleSpec {
-    /// `Once` runs soon after creation (or at `at`) and then only when triggered.
+    /// `Once` runs soon after creation (or at `at`) and then only when triggered. `Hourly`
+    /// runs at `minute` past every hour; `Daily`, `Weekly` and `Monthly` at `at`.
     pub cadence: Cadence,
-    /// Local wall time `HH:MM` in `timeZone`. `Once` without it runs soon after creation.
+    /// Local wall time `HH:MM` in `timeZone`. Required with `Daily`, `Weekly` and `Monthly`;
+    /// not used with `Hourly`. `Once` without it runs soon after creation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = WALL_TIME_PATTERN))]
     pub at: Option<String>,
+    /// Required with, and only with, `Hourly`: the minute past every hour, 0–59, on
+    /// `timeZone`'s clock (it matters in zones offset by 30 or 45 minutes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 59))]
+    pub minute: Option<u8>,
     /// Required with, and only with, `Weekly`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub day_of_week: Option<DayOfWeek>,
@@ -401,10 +408,14 @@ pub struct ScheduleSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 31))]
     pub day_of_month: Option<u8>,
-    /// IANA time zone of `at`, e.g. `Europe/Lisbon`.
+    /// IANA time zone of `at` (and of `minute`), e.g. `Europe/Lisbon`.
     #[serde(default = "default_time_zone")]
     #[schemars(length(min = 1, max = 64), regex(pattern = r"^[A-Za-z][A-Za-z0-9_+\-/]*$"))]
     pub time_zone: String,
+    /// Recurring cadences only: run once right after the resource is created instead of
+    /// waiting for the first scheduled time. Not repeated when the operator restarts.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub run_on_create: bool,
 }
 
 fn default_time_zone() -> String {
@@ -414,6 +425,7 @@ fn default_time_zone() -> String {
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum Cadence {
     Once,
+    Hourly,
     Daily,
     Weekly,
     Monthly,
@@ -430,12 +442,57 @@ pub enum DayOfWeek {
     Sunday,
 }
 
+/// Who hears about each finished run. Each channel has its own `on` filter; a first
+/// success after failures is reported as a recovery to every channel that heard of them.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Notifications {
     /// A run report by email (the SMTP server is operator configuration).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub email: Option<EmailNotification>,
+    /// A message in a Slack channel, through an incoming webhook.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slack: Option<SlackNotification>,
+    /// The run record as a CloudEvent (structured JSON), POSTed to an HTTP endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<WebhookNotification>,
+}
+
+/// A Slack incoming webhook. Its URL is the credential, so it lives in a Secret.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SlackNotification {
+    /// Secret key holding the incoming-webhook URL, `https://hooks.slack.com/services/...`.
+    pub url_secret_ref: SecretKeyRef,
+    /// Which results send a message; all of them when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on: Option<Vec<NotifyOn>>,
+}
+
+/// An HTTP endpoint that receives each run record as a CloudEvent.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookNotification {
+    /// Secret key holding the endpoint's URL (`https://`; it may carry a token).
+    pub url_secret_ref: SecretKeyRef,
+    /// Extra request headers, e.g. `Authorization`, each value from a Secret.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10))]
+    pub headers: Vec<SecretHeader>,
+    /// Which results send an event; all of them when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on: Option<Vec<NotifyOn>>,
+}
+
+/// A request header whose value is a Secret's.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretHeader {
+    /// The header's name, e.g. `Authorization`.
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"))]
+    pub name: String,
+    /// The header's value.
+    pub value_secret_ref: SecretKeyRef,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]

@@ -25,7 +25,7 @@ use super::importer::ImportError;
 use super::runs::update_status;
 use super::status::{idle_ready, record_run, seconds, set_ready};
 use crate::api::{CohortImport, CohortImportStatus, CurrentRun, ReadyReason, RunRecord, RunResult, RunTrigger};
-use crate::notify::{RunNotice, is_recovery, should_notify};
+use crate::notify::{RunNotice, any_channel_wants, is_recovery};
 use crate::run::{RunError, RunReport, new_run_id};
 
 /// A run that ended, however it ended.
@@ -202,10 +202,10 @@ pub async fn announce(ctx: &Arc<Context>, import: &CohortImport, end: &RunEnd, r
 
 /// The run report for `end`, if the import asks for one.
 fn notice(import: &CohortImport, end: &RunEnd, recorded: &Recorded) -> Option<RunNotice> {
-    let email = import.spec.notifications.as_ref()?.email.as_ref()?;
+    let notifications = import.spec.notifications.as_ref()?;
     let record = &end.record;
     let recovered = is_recovery(record.result, &recorded.previous_history);
-    if !should_notify(email, record.result, recovered) {
+    if !any_channel_wants(notifications, record.result, recovered) {
         return None;
     }
     Some(RunNotice {
@@ -246,9 +246,9 @@ fn send_report(ctx: &Arc<Context>, import: &CohortImport, end: &RunEnd, recorded
             let note = match deliver(&ctx, &import, &notice).await {
                 Ok(()) => None,
                 Err(message) => {
-                    warn!(error = %message, "run report email not sent");
+                    warn!(error = %message, "run report not sent");
                     ctx.metrics.notification_failures.inc();
-                    let note = format!("Run {}: report email not sent: {message}", notice.run_id);
+                    let note = format!("Run {}: {message}", notice.run_id);
                     ctx.events.warning(&import, event::NOTIFICATION_FAILED, "Notify", note).await;
                     Some(crate::run::report::truncate(format!("run {}: {message}", notice.run_id), 512))
                 }
@@ -266,20 +266,16 @@ fn send_report(ctx: &Arc<Context>, import: &CohortImport, end: &RunEnd, recorded
     );
 }
 
-/// Sends `notice` to the addresses the import names, within the configured time.
+/// Sends `notice` to every channel the import names, within the configured time.
 async fn deliver(ctx: &Context, import: &CohortImport, notice: &RunNotice) -> Result<(), String> {
     let Some(notifier) = &ctx.notifier else {
-        return Err(
-            "spec.notifications.email is set, but the operator has no SMTP server configured (--smtp-host)".to_owned()
-        );
+        return Err("the operator has no notifier configured (--smtp-host for email)".to_owned());
     };
-    let to = import.spec.notifications.as_ref().and_then(|n| n.email.as_ref()).map_or(&[][..], |e| &e.to[..]);
-    match tokio::time::timeout(ctx.config.notification_timeout, notifier.notify(notice, to)).await {
+    let Some(notifications) = import.spec.notifications.as_ref() else { return Ok(()) };
+    match tokio::time::timeout(ctx.config.notification_timeout, notifier.notify(notice, notifications)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => {
-            Err(format!("the run report email was not sent within {} s", ctx.config.notification_timeout.as_secs()))
-        }
+        Err(_) => Err(format!("the run report was not sent within {} s", ctx.config.notification_timeout.as_secs())),
     }
 }
 

@@ -132,9 +132,19 @@ pub struct Plan {
 /// [`ScheduleCursor::stored`]); `descriptions_name_the_schedule` pins it for that reason.
 pub fn describe(schedule: &Schedule) -> String {
     let zone = schedule.time_zone.iana_name().unwrap_or("UTC");
-    match schedule.recurrence {
+    let recurrence = describe_recurrence(schedule.recurrence, zone);
+    if schedule.run_on_create {
+        format!("{recurrence}, first run on creation")
+    } else {
+        recurrence
+    }
+}
+
+fn describe_recurrence(recurrence: Recurrence, zone: &str) -> String {
+    match recurrence {
         Recurrence::Once { at: None } => format!("Once, soon after creation ({zone})"),
         Recurrence::Once { at: Some(at) } => format!("Once at {at} ({zone})"),
+        Recurrence::Hourly { minute } => format!("Hourly at {minute} ({zone})"),
         Recurrence::Daily { at } => format!("Daily at {at} ({zone})"),
         Recurrence::Weekly { on, at } => format!("Weekly on {on:?} at {at} ({zone})"),
         Recurrence::Monthly { day, at } => format!("Monthly on day {} at {at} ({zone})", day.get()),
@@ -152,10 +162,13 @@ pub fn identity(schedule: &Schedule) -> String {
     let normal = match schedule.recurrence {
         Recurrence::Once { at: None } => format!("cadence=Once;tz={zone}"),
         Recurrence::Once { at: Some(at) } => format!("cadence=Once;at={at};tz={zone}"),
+        Recurrence::Hourly { minute } => format!("cadence=Hourly;minute={};tz={zone}", minute.get()),
         Recurrence::Daily { at } => format!("cadence=Daily;at={at};tz={zone}"),
         Recurrence::Weekly { on, at } => format!("cadence=Weekly;day={on:?};at={at};tz={zone}"),
         Recurrence::Monthly { day, at } => format!("cadence=Monthly;day={};at={at};tz={zone}", day.get()),
     };
+    // Only when set, so that identities stored before the field existed stay equal.
+    let normal = if schedule.run_on_create { format!("{normal};runOnCreate=true") } else { normal };
     format!("s1-{:016x}", fnv1a64(normal.as_bytes()))
 }
 
@@ -215,8 +228,10 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         return Plan { decision: Decision::Wait, cursor, next_run_at };
     };
     let cursor = ScheduleCursor { handled_through: Some(slot), ..cursor };
-    // `Once` without `at` means "as soon as the operator sees it": no deadline applies.
-    let as_soon_as_possible = matches!(schedule.recurrence, Recurrence::Once { at: None });
+    // `Once` without `at`, and `runOnCreate`'s run at creation, mean "as soon as the operator
+    // sees it": no deadline applies.
+    let as_soon_as_possible = matches!(schedule.recurrence, Recurrence::Once { at: None })
+        || (schedule.run_on_create && slot == input.created);
     if !as_soon_as_possible && now.duration_since(slot) > input.starting_deadline {
         return Plan { decision: Decision::RecordMissed { slot }, cursor, next_run_at };
     }
@@ -585,5 +600,88 @@ mod tests {
         assert_eq!(p.decision, Decision::Wait);
         assert_eq!(p.cursor.handled_through, Some(ts("2026-03-02T06:30:00Z")));
         assert_eq!(p.cursor.description, "Daily at 06:30 (UTC)");
+    }
+}
+
+#[cfg(test)]
+mod hourly_and_run_on_create_tests {
+    use super::*;
+    use crate::domain::schedule::MinuteOfHour;
+    use jiff::tz::TimeZone;
+
+    fn ts(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    const CREATED: &str = "2026-03-01T10:00:00Z";
+
+    fn hourly(minute: u8) -> Schedule {
+        Schedule::new(Recurrence::Hourly { minute: MinuteOfHour::new(minute).unwrap() }, TimeZone::UTC)
+    }
+
+    fn input<'a>(schedule: &'a Schedule, now: &str, cursor: Option<&'a ScheduleCursor>) -> PlanInput<'a> {
+        PlanInput {
+            now: ts(now),
+            created: ts(CREATED),
+            schedule,
+            hold: None,
+            starting_deadline: SignedDuration::from_hours(1),
+            run_request: None,
+            last_handled_run_request: None,
+            approved_blocked_run: None,
+            cursor,
+            has_run_before: false,
+        }
+    }
+
+    fn run(trigger: RunTrigger) -> Decision {
+        Decision::Run { trigger, run_request: None, approved_removals: None }
+    }
+
+    #[test]
+    fn hourly_runs_at_its_minute_every_hour() {
+        let s = hourly(15);
+        let p = plan(&input(&s, "2026-03-01T10:00:01Z", None));
+        assert_eq!(p.decision, Decision::Wait);
+        assert_eq!(p.next_run_at, Some(ts("2026-03-01T10:15:00Z")));
+        let p = plan(&input(&s, "2026-03-01T10:15:00Z", None));
+        assert_eq!(p.decision, run(RunTrigger::Initial));
+        assert_eq!(p.next_run_at, Some(ts("2026-03-01T11:15:00Z")));
+        let mut i = input(&s, "2026-03-01T11:15:02Z", Some(&p.cursor));
+        i.has_run_before = true;
+        assert_eq!(plan(&i).decision, run(RunTrigger::Scheduled));
+        // Down for three hours: the deadline (an hour) passed, so the newest slot is missed.
+        let mut i = input(&s, "2026-03-01T14:20:00Z", Some(&p.cursor));
+        i.has_run_before = true;
+        assert_eq!(plan(&i).decision, run(RunTrigger::Scheduled), "14:15 is within the deadline");
+        let mut i = input(&s, "2026-03-01T13:14:59Z", Some(&p.cursor));
+        i.starting_deadline = SignedDuration::from_mins(30);
+        assert_eq!(plan(&i).decision, Decision::RecordMissed { slot: ts("2026-03-01T12:15:00Z") });
+    }
+
+    #[test]
+    fn run_on_create_runs_right_after_creation_once() {
+        let s = Schedule::new(Recurrence::Daily { at: "06:30".parse().unwrap() }, TimeZone::UTC)
+            .with_run_on_create(true);
+        let p = plan(&input(&s, "2026-03-01T10:00:02Z", None));
+        assert_eq!(p.decision, run(RunTrigger::Initial));
+        assert_eq!(p.cursor.handled_through, Some(ts(CREATED)));
+        assert_eq!(p.next_run_at, Some(ts("2026-03-02T06:30:00Z")));
+        // Seen again (an operator restart): nothing to do until the first slot.
+        let mut again = input(&s, "2026-03-01T10:05:00Z", Some(&p.cursor));
+        again.has_run_before = true;
+        assert_eq!(plan(&again).decision, Decision::Wait);
+        // An operator that was down at creation still runs it: no deadline for this run.
+        let late = plan(&input(&s, "2026-03-01T23:00:00Z", None));
+        assert_eq!(late.decision, run(RunTrigger::Initial));
+    }
+
+    #[test]
+    fn descriptions_name_hourly_and_run_on_create() {
+        assert_eq!(describe(&hourly(5)), "Hourly at :05 (UTC)");
+        assert_eq!(
+            describe(&hourly(45).with_run_on_create(true)),
+            "Hourly at :45 (UTC), first run on creation"
+        );
     }
 }

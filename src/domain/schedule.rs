@@ -19,6 +19,18 @@
 //! A monthly schedule on day 29–31 runs on the last day of shorter months (31 → 30 April,
 //! 28 or 29 February).
 //!
+//! An hourly schedule runs whenever the zone's clock shows minute `MM` (second 0). It follows
+//! the clock, not a fixed UTC minute, because in zones offset by 30 or 45 minutes
+//! (Asia/Kolkata, Asia/Kathmandu) those differ. Around a shift this means: an hour the clock
+//! skips (spring forward) has no run, and an hour it shows twice (fall back) runs twice, once
+//! in each occurrence — so where shifts are whole hours, runs stay exactly 60 minutes apart.
+//! With Lord Howe's 30-minute shift they are 30 or 90 minutes apart once, around the shift.
+//! (The skipped-wall-time rule of the daily cadences would add a run at the transition, a
+//! few minutes before the next hour's own run.)
+//!
+//! `run_on_create` adds one run at the anchor (the creation time) to a recurring schedule:
+//! the first run happens right after the resource is created instead of at the first slot.
+//!
 //! Runs are bounded below by an anchor, the resource's creation time: a schedule has no
 //! runs before it, as a CronJob does not run for times before it existed. `Once` has a
 //! single run: at the anchor itself without `at` ("as soon as possible"), otherwise at the
@@ -35,7 +47,7 @@ use std::str::FromStr;
 
 use jiff::civil::{Date, DateTime, Time, Weekday};
 use jiff::tz::{AmbiguousOffset, TimeZone};
-use jiff::{Timestamp, ToSpan};
+use jiff::{SignedDuration, Timestamp, ToSpan};
 
 /// A local wall time, minute precision (`HH:MM`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -113,6 +125,32 @@ impl DayOfMonth {
     }
 }
 
+/// A minute of the hour, 0–59: when an hourly schedule runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MinuteOfHour(i8);
+
+impl MinuteOfHour {
+    pub fn new(minute: u8) -> Option<Self> {
+        (minute < 60).then_some(Self(minute as i8))
+    }
+
+    pub fn get(self) -> u8 {
+        self.0 as u8
+    }
+
+    /// Seconds from the start of a local hour to this minute.
+    fn seconds(self) -> i64 {
+        i64::from(self.0) * 60
+    }
+}
+
+impl fmt::Display for MinuteOfHour {
+    /// `:MM`, as a clock shows it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, ":{:02}", self.0)
+    }
+}
+
 /// Which dates have a run, and at what wall time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Recurrence {
@@ -120,6 +158,10 @@ pub enum Recurrence {
     /// after the anchor.
     Once {
         at: Option<WallTime>,
+    },
+    /// Every time the zone's clock shows `minute` past the hour.
+    Hourly {
+        minute: MinuteOfHour,
     },
     Daily {
         at: WallTime,
@@ -141,11 +183,18 @@ pub enum Recurrence {
 pub struct Schedule {
     pub recurrence: Recurrence,
     pub time_zone: TimeZone,
+    /// One extra run at the anchor (creation time), before the first slot.
+    pub run_on_create: bool,
 }
 
 impl Schedule {
     pub fn new(recurrence: Recurrence, time_zone: TimeZone) -> Self {
-        Self { recurrence, time_zone }
+        Self { recurrence, time_zone, run_on_create: false }
+    }
+
+    /// The same schedule with (or without) a run at creation.
+    pub fn with_run_on_create(self, run_on_create: bool) -> Self {
+        Self { run_on_create, ..self }
     }
 }
 
@@ -154,6 +203,7 @@ impl Recurrence {
     fn at(self) -> Option<WallTime> {
         match self {
             Recurrence::Once { at } => at,
+            Recurrence::Hourly { .. } => None,
             Recurrence::Daily { at }
             | Recurrence::Weekly { at, .. }
             | Recurrence::Monthly { at, .. } => Some(at),
@@ -172,10 +222,37 @@ pub fn next_run_after(
     created: Timestamp,
     after: Timestamp,
 ) -> Option<Timestamp> {
+    let slot = next_slot_after(schedule, created, after);
+    let on_create = (schedule.run_on_create && created > after).then_some(created);
+    match (on_create, slot) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// The latest run at or before `t`, or `None` when there is none (before creation, or a
+/// `Once` run still ahead).
+pub fn previous_run_at_or_before(
+    schedule: &Schedule,
+    created: Timestamp,
+    t: Timestamp,
+) -> Option<Timestamp> {
+    let slot = previous_slot_at_or_before(schedule, created, t);
+    let on_create = (schedule.run_on_create && created <= t).then_some(created);
+    slot.max(on_create)
+}
+
+/// [`next_run_after`] without the run at creation.
+fn next_slot_after(schedule: &Schedule, created: Timestamp, after: Timestamp) -> Option<Timestamp> {
     let tz = &schedule.time_zone;
     let step = schedule.recurrence;
     if let Recurrence::Once { at } = step {
         return once(tz, at, created).filter(|&run| run > after);
+    }
+    if let Recurrence::Hourly { minute } = step {
+        // Runs are whole seconds: the first at or after `after` + 1 ns is the first after it.
+        let from = after.max(created - SignedDuration::from_nanos(1));
+        return hourly_at_or_after(tz, minute, from.checked_add(SignedDuration::from_nanos(1)).ok()?);
     }
     // Two days of slack: a run's local date can precede the local date of `after` (folds,
     // gaps pushing a run forward), never by more than a day.
@@ -193,13 +270,8 @@ pub fn next_run_after(
     None
 }
 
-/// The latest run at or before `t`, or `None` when there is none (before creation, or a
-/// `Once` run still ahead).
-pub fn previous_run_at_or_before(
-    schedule: &Schedule,
-    created: Timestamp,
-    t: Timestamp,
-) -> Option<Timestamp> {
+/// [`previous_run_at_or_before`] without the run at creation.
+fn previous_slot_at_or_before(schedule: &Schedule, created: Timestamp, t: Timestamp) -> Option<Timestamp> {
     let tz = &schedule.time_zone;
     let step = schedule.recurrence;
     if let Recurrence::Once { at } = step {
@@ -207,6 +279,9 @@ pub fn previous_run_at_or_before(
     }
     if t < created {
         return None;
+    }
+    if let Recurrence::Hourly { minute } = step {
+        return hourly_at_or_before(tz, minute, t).filter(|&run| run >= created);
     }
     let from = tz.to_datetime(t).date().checked_add(2.days()).ok()?;
     let mut date = last_run_date_on_or_before(step, from)?;
@@ -217,6 +292,51 @@ pub fn previous_run_at_or_before(
             return (run >= created).then_some(run);
         }
         date = last_run_date_on_or_before(step, date.yesterday().ok()?)?;
+    }
+    None
+}
+
+/// The first instant at or after `from` at which `tz`'s clock shows `minute` past the hour.
+///
+/// Between two transitions the offset is fixed, so the runs are every 3600 s from the first
+/// one; the search walks from one such stretch to the next.
+fn hourly_at_or_after(tz: &TimeZone, minute: MinuteOfHour, mut from: Timestamp) -> Option<Timestamp> {
+    for _ in 0..SEARCH_LIMIT {
+        let offset = i64::from(tz.to_offset(from).seconds());
+        let end = tz.following(from).map(|t| t.timestamp()).find(|&t| t > from);
+        let mut second = from.as_second();
+        if Timestamp::from_second(second).ok()? < from {
+            second += 1;
+        }
+        let run = second + (minute.seconds() - (second + offset)).rem_euclid(3600);
+        let run = Timestamp::from_second(run).ok()?;
+        match end {
+            Some(end) if run >= end => from = end,
+            _ => return Some(run),
+        }
+    }
+    None
+}
+
+/// The last instant at or before `to` at which `tz`'s clock shows `minute` past the hour.
+fn hourly_at_or_before(tz: &TimeZone, minute: MinuteOfHour, mut to: Timestamp) -> Option<Timestamp> {
+    for _ in 0..SEARCH_LIMIT {
+        let offset = i64::from(tz.to_offset(to).seconds());
+        // The transition that put this offset in force (`preceding` may exclude `to` itself).
+        let start = tz
+            .preceding(to.checked_add(SignedDuration::from_nanos(1)).ok()?)
+            .map(|t| t.timestamp())
+            .find(|&t| t <= to);
+        let mut second = to.as_second();
+        if Timestamp::from_second(second).ok()? > to {
+            second -= 1;
+        }
+        let run = second - (second + offset - minute.seconds()).rem_euclid(3600);
+        let run = Timestamp::from_second(run).ok()?;
+        match start {
+            Some(start) if run < start => to = start.checked_sub(SignedDuration::from_nanos(1)).ok()?,
+            _ => return Some(run),
+        }
     }
     None
 }
@@ -250,7 +370,7 @@ fn run_on(schedule: &Schedule, date: Date) -> Option<Timestamp> {
 
 fn first_run_date_on_or_after(recurrence: Recurrence, date: Date) -> Option<Date> {
     match recurrence {
-        Recurrence::Once { .. } | Recurrence::Daily { .. } => Some(date),
+        Recurrence::Once { .. } | Recurrence::Hourly { .. } | Recurrence::Daily { .. } => Some(date),
         Recurrence::Weekly { on, .. } => {
             date.checked_add(i64::from(date.weekday().until(on)).days()).ok()
         }
@@ -268,7 +388,7 @@ fn first_run_date_on_or_after(recurrence: Recurrence, date: Date) -> Option<Date
 
 fn last_run_date_on_or_before(recurrence: Recurrence, date: Date) -> Option<Date> {
     match recurrence {
-        Recurrence::Once { .. } | Recurrence::Daily { .. } => Some(date),
+        Recurrence::Once { .. } | Recurrence::Hourly { .. } | Recurrence::Daily { .. } => Some(date),
         Recurrence::Weekly { on, .. } => {
             date.checked_sub(i64::from(on.until(date.weekday())).days()).ok()
         }
@@ -563,6 +683,7 @@ mod tests {
         "Pacific/Apia",
         "America/Sao_Paulo",
         "Asia/Kathmandu",
+        "Asia/Kolkata",
         "America/St_Johns",
         "Pacific/Chatham",
     ];
@@ -587,11 +708,41 @@ mod tests {
         ]
     }
 
+    fn minute_of_hour() -> impl Strategy<Value = MinuteOfHour> {
+        prop_oneof![Just(0u8), Just(15), Just(30), Just(45), 0u8..60].prop_map(|m| MinuteOfHour::new(m).unwrap())
+    }
+
     fn any_recurrence() -> impl Strategy<Value = Recurrence> {
         prop_oneof![
             4 => recurring(),
+            1 => minute_of_hour().prop_map(|minute| Recurrence::Hourly { minute }),
             1 => proptest::option::of(wall_time()).prop_map(|at| Recurrence::Once { at }),
         ]
+    }
+
+    /// Brute-force reference for hourly runs: the first whole minute at or after `from`
+    /// whose local time is `minute` past the hour. (Every offset since 1995 is whole minutes,
+    /// so runs fall on whole UTC minutes.)
+    fn reference_hourly(tz: &TimeZone, minute: MinuteOfHour, from: Timestamp) -> Timestamp {
+        let mut t = Timestamp::from_second(from.as_second().div_euclid(60) * 60).unwrap();
+        while t < from {
+            t += SignedDuration::from_mins(1);
+        }
+        loop {
+            let local = tz.to_datetime(t);
+            if local.minute() as u8 == minute.get() && local.second() == 0 {
+                return t;
+            }
+            t += SignedDuration::from_mins(1);
+        }
+    }
+
+    /// An instant up to three hours before one of `tz`'s transitions.
+    fn before_a_shift() -> impl Strategy<Value = (TimeZone, Timestamp)> {
+        (zone(), instant(), 0i64..10_800).prop_map(|(tz, base, before)| {
+            let shift = tz.following(base).next().map_or(base, |t| t.timestamp());
+            (tz, shift - SignedDuration::from_secs(before))
+        })
     }
 
     fn zone() -> impl Strategy<Value = TimeZone> {
@@ -620,7 +771,9 @@ mod tests {
                 let wall = local.wrapping_add(SignedDuration::from_mins(minutes));
                 let at = WallTime::new(wall.hour(), wall.minute()).unwrap();
                 let r = match r {
-                    Recurrence::Daily { .. } | Recurrence::Once { .. } => Recurrence::Daily { at },
+                    Recurrence::Daily { .. } | Recurrence::Once { .. } | Recurrence::Hourly { .. } => {
+                        Recurrence::Daily { at }
+                    }
                     Recurrence::Weekly { .. } => {
                         // On the weekday of the shift, so the run meets it.
                         Recurrence::Weekly { on: tz.to_datetime(shift).weekday(), at }
@@ -668,7 +821,7 @@ mod tests {
 
     fn is_run_date(r: Recurrence, d: Date) -> bool {
         match r {
-            Recurrence::Once { .. } | Recurrence::Daily { .. } => true,
+            Recurrence::Once { .. } | Recurrence::Hourly { .. } | Recurrence::Daily { .. } => true,
             Recurrence::Weekly { on, .. } => d.weekday() == on,
             Recurrence::Monthly { day, .. } => d.day() == (day.get() as i8).min(d.days_in_month()),
         }
@@ -829,11 +982,164 @@ mod tests {
         }
 
         #[test]
+        fn hourly_runs_whenever_the_clock_shows_its_minute(
+            minute in minute_of_hour(), tz in zone(), (created, now) in created_and_now(),
+        ) {
+            let s = Schedule::new(Recurrence::Hourly { minute }, tz.clone());
+            let next = next_run_after(&s, created, now).unwrap();
+            let from = now.max(created - SignedDuration::from_nanos(1)) + SignedDuration::from_nanos(1);
+            prop_assert_eq!(next, reference_hourly(&tz, minute, from));
+        }
+
+        #[test]
+        fn hourly_near_a_shift((tz, now) in before_a_shift(), minute in minute_of_hour()) {
+            let s = Schedule::new(Recurrence::Hourly { minute }, tz.clone());
+            let created = now - SignedDuration::from_hours(30 * 24);
+            let mut t = now;
+            for _ in 0..6 {
+                let run = next_run_after(&s, created, t).unwrap();
+                prop_assert_eq!(run, reference_hourly(&tz, minute, t + SignedDuration::from_nanos(1)));
+                prop_assert_eq!(previous_run_at_or_before(&s, created, run), Some(run));
+                let prev = previous_run_at_or_before(&s, created, run - SignedDuration::from_nanos(1)).unwrap();
+                // The clock moved a whole number of hours between consecutive runs (none in a
+                // fold), so where shifts are whole hours the gap is 60 minutes.
+                let shift = i64::from(tz.to_offset(run).seconds() - tz.to_offset(prev).seconds());
+                let gap = run.duration_since(prev).as_secs();
+                prop_assert!(gap > 0 && (gap + shift) % 3600 == 0, "{prev} → {run}, shift {shift}");
+                if shift % 3600 == 0 {
+                    prop_assert_eq!(gap, 3600);
+                }
+                t = run;
+            }
+        }
+
+        #[test]
+        fn run_on_create_runs_once_at_creation_then_as_before(
+            r in any_recurrence(), tz in zone(), (created, now) in created_and_now(),
+        ) {
+            let plain = Schedule::new(r, tz);
+            let s = plain.clone().with_run_on_create(true);
+            prop_assert_eq!(next_run_after(&s, created, created - SignedDuration::from_nanos(1)), Some(created));
+            prop_assert_eq!(previous_run_at_or_before(&s, created, now).map(|p| p >= created), Some(true));
+            prop_assert_eq!(next_run_after(&s, created, now), next_run_after(&plain, created, now));
+        }
+
+        #[test]
         fn daily_never_runs_twice_in_a_local_day(
             at in wall_time(), tz in zone(), (created, now) in created_and_now(),
         ) {
             one_run_per_local_day(&Schedule::new(Recurrence::Daily { at }, tz), created, now, 30)?;
         }
+    }
+
+    fn hourly(zone: &str, minute: u8) -> Schedule {
+        Schedule::new(Recurrence::Hourly { minute: MinuteOfHour::new(minute).unwrap() }, tz(zone))
+    }
+
+    /// The next `n` runs after `after`.
+    fn runs(s: &Schedule, after: &str, n: usize) -> Vec<String> {
+        let mut t = ts(after);
+        (0..n)
+            .map(|_| {
+                t = next_run_after(s, long_ago(), t).unwrap();
+                t.to_string()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn minute_of_hour_is_0_to_59() {
+        assert_eq!(MinuteOfHour::new(0).unwrap().get(), 0);
+        assert_eq!(MinuteOfHour::new(59).unwrap().to_string(), ":59");
+        assert!(MinuteOfHour::new(60).is_none());
+    }
+
+    #[test]
+    fn hourly_runs_at_its_minute() {
+        let s = hourly("UTC", 15);
+        assert_eq!(next(&s, "2024-06-01T10:14:59Z"), "2024-06-01T10:15:00Z");
+        assert_eq!(next(&s, "2024-06-01T10:15:00Z"), "2024-06-01T11:15:00Z");
+        assert_eq!(next(&s, "2024-12-31T23:15:00.5Z"), "2025-01-01T00:15:00Z");
+        assert_eq!(prev(&s, "2024-06-01T10:15:00Z"), "2024-06-01T10:15:00Z");
+        assert_eq!(prev(&s, "2024-06-01T10:14:59.999Z"), "2024-06-01T09:15:00Z");
+        // No run before creation; one exactly at creation counts.
+        let created = ts("2024-06-01T10:20:00Z");
+        assert_eq!(previous_run_at_or_before(&s, created, ts("2024-06-01T11:00:00Z")), None);
+        assert_eq!(next_run_after(&s, created, ts("2024-05-01T00:00:00Z")), Some(ts("2024-06-01T11:15:00Z")));
+        let created = ts("2024-06-01T10:15:00Z");
+        assert_eq!(previous_run_at_or_before(&s, created, ts("2024-06-01T11:00:00Z")), Some(created));
+    }
+
+    #[test]
+    fn hourly_follows_the_clock_of_half_and_quarter_hour_zones() {
+        // Kolkata is UTC+5:30: :15 local is :45 UTC.
+        assert_eq!(next(&hourly("Asia/Kolkata", 15), "2024-06-01T10:00:00Z"), "2024-06-01T10:45:00Z");
+        // Kathmandu is UTC+5:45: :00 local is :15 UTC.
+        assert_eq!(next(&hourly("Asia/Kathmandu", 0), "2024-06-01T10:00:00Z"), "2024-06-01T10:15:00Z");
+        assert_eq!(prev(&hourly("Asia/Kathmandu", 0), "2024-06-01T10:14:59Z"), "2024-06-01T09:15:00Z");
+    }
+
+    #[test]
+    fn hourly_across_new_york_shifts_stays_an_hour_apart() {
+        // 2024-03-10 02:00 EST → 03:00 EDT: no 02:30 on the clock, 01:30 EST → 03:30 EDT.
+        let s = hourly("America/New_York", 30);
+        assert_eq!(
+            runs(&s, "2024-03-10T05:00:00Z", 3),
+            ["2024-03-10T05:30:00Z", "2024-03-10T06:30:00Z", "2024-03-10T07:30:00Z"]
+        );
+        // 2024-11-03 02:00 EDT → 01:00 EST: 01:30 runs in both occurrences.
+        assert_eq!(
+            runs(&s, "2024-11-03T04:00:00Z", 4),
+            ["2024-11-03T04:30:00Z", "2024-11-03T05:30:00Z", "2024-11-03T06:30:00Z", "2024-11-03T07:30:00Z"]
+        );
+        assert_eq!(prev(&s, "2024-11-03T06:29:59Z"), "2024-11-03T05:30:00Z");
+        // At the minute of the transition itself.
+        let s = hourly("America/New_York", 0);
+        assert_eq!(
+            runs(&s, "2024-11-03T04:30:00Z", 3),
+            ["2024-11-03T05:00:00Z", "2024-11-03T06:00:00Z", "2024-11-03T07:00:00Z"]
+        );
+    }
+
+    #[test]
+    fn hourly_across_lord_howe_half_hour_shifts() {
+        // 2024-10-06 02:00 +10:30 → 02:30 +11 (15:30Z): 02:15 never shows, so 01:15 (14:45Z)
+        // is followed by 03:15 (16:15Z), 90 minutes later.
+        assert_eq!(
+            runs(&hourly("Australia/Lord_Howe", 15), "2024-10-05T14:00:00Z", 2),
+            ["2024-10-05T14:45:00Z", "2024-10-05T16:15:00Z"]
+        );
+        // :30 shows at the transition itself (02:30 +11), 30 minutes after 01:30 +10:30.
+        assert_eq!(
+            runs(&hourly("Australia/Lord_Howe", 30), "2024-10-05T14:00:00Z", 3),
+            ["2024-10-05T15:00:00Z", "2024-10-05T15:30:00Z", "2024-10-05T16:30:00Z"]
+        );
+        // 2024-04-07 02:00 +11 → 01:30 +10:30 (15:00Z): 01:45 shows twice, 30 minutes apart.
+        assert_eq!(
+            runs(&hourly("Australia/Lord_Howe", 45), "2024-04-06T14:00:00Z", 3),
+            ["2024-04-06T14:45:00Z", "2024-04-06T15:15:00Z", "2024-04-06T16:15:00Z"]
+        );
+        assert_eq!(prev(&hourly("Australia/Lord_Howe", 45), "2024-04-06T15:14:59Z"), "2024-04-06T14:45:00Z");
+    }
+
+    #[test]
+    fn run_on_create_adds_one_run_at_creation() {
+        let created = ts("2024-05-01T10:00:00Z");
+        let s = daily("UTC", "06:00").with_run_on_create(true);
+        assert_eq!(next_run_after(&s, created, ts("2024-05-01T09:00:00Z")), Some(created));
+        assert_eq!(next_run_after(&s, created, created), Some(ts("2024-05-02T06:00:00Z")));
+        assert_eq!(previous_run_at_or_before(&s, created, ts("2024-05-01T12:00:00Z")), Some(created));
+        assert_eq!(previous_run_at_or_before(&s, created, ts("2024-05-01T09:59:59Z")), None);
+        assert_eq!(
+            previous_run_at_or_before(&s, created, ts("2024-05-02T06:00:00Z")),
+            Some(ts("2024-05-02T06:00:00Z"))
+        );
+        // Created on a slot: one run, not two.
+        let on_slot = ts("2024-05-01T06:00:00Z");
+        assert_eq!(next_run_after(&s, on_slot, on_slot), Some(ts("2024-05-02T06:00:00Z")));
+        let s = hourly("UTC", 15).with_run_on_create(true);
+        assert_eq!(next_run_after(&s, created, ts("2024-05-01T09:59:59Z")), Some(created));
+        assert_eq!(next_run_after(&s, created, created), Some(ts("2024-05-01T10:15:00Z")));
     }
 
     #[test]

@@ -32,7 +32,7 @@ use crate::api::{
 };
 
 use super::identifiers::{IdentifierFields, MappingError};
-use super::schedule::{DayOfMonth, Recurrence, Schedule, WallTime};
+use super::schedule::{DayOfMonth, MinuteOfHour, Recurrence, Schedule, WallTime};
 
 /// A spec that passed every rule, with the parts later stages need already parsed.
 #[derive(Clone, Debug, PartialEq)]
@@ -83,6 +83,16 @@ pub enum Problem {
     DayOfMonth { value: u8 },
     #[error("{value:?} is not a wall time; write HH:MM from 00:00 to 23:59, e.g. \"06:00\"")]
     WallTime { value: String },
+    #[error("{value} is not a minute of the hour; use 0 to 59, e.g. minute: 15")]
+    Minute { value: u8 },
+    #[error(
+        "is not used with cadence Hourly, which runs at `minute` past every hour; remove `at` and set minute, e.g. minute: 15"
+    )]
+    AtWithHourly,
+    #[error(
+        "is only for recurring cadences; Once already runs soon after creation when `at` is omitted, so remove runOnCreate (or `at`)"
+    )]
+    RunOnCreateWithOnce,
     #[error(
         "{name:?} is not an IANA time zone; use a name such as Europe/Lisbon, America/New_York or UTC"
     )]
@@ -137,6 +147,18 @@ pub enum Problem {
         "is empty, so no report would ever be sent; list results (Succeeded, Failed, Blocked) or remove `on` to email every result"
     )]
     NoNotifyOn,
+    #[error(
+        "is empty, so nothing would ever be sent; list results (Succeeded, Failed, Blocked) or remove `on` to report every result"
+    )]
+    NoChannelNotifyOn,
+    #[error("{name:?} is not an HTTP header name; use letters, digits and - (e.g. Authorization)")]
+    HeaderName { name: String },
+    #[error(
+        "{name:?} is set by the operator (the body's type and length, the connection, CloudEvents' ce-* attributes); remove it"
+    )]
+    ReservedHeader { name: String },
+    #[error("{name:?} is set twice (header names ignore case); keep one")]
+    DuplicateHeader { name: String },
     #[error("holds no statement; write one SELECT (or WITH … SELECT) statement")]
     QueryEmpty,
     #[error(
@@ -376,8 +398,34 @@ fn check_schedule(spec: &ScheduleSpec, problems: &mut Problems) -> Option<Schedu
             }
         },
     };
-    if spec.at.is_none() && cadence != Cadence::Once {
-        fail("spec.schedule.at", Problem::RequiredWithCadence { cadence, example: "\"06:00\"" });
+    match (cadence, &spec.at) {
+        (Cadence::Hourly, Some(_)) => fail("spec.schedule.at", Problem::AtWithHourly),
+        (Cadence::Daily | Cadence::Weekly | Cadence::Monthly, None) => {
+            fail("spec.schedule.at", Problem::RequiredWithCadence { cadence, example: "\"06:00\"" });
+        }
+        _ => {}
+    }
+
+    let minute = match (cadence, spec.minute) {
+        (Cadence::Hourly, Some(n)) => {
+            let minute = MinuteOfHour::new(n);
+            if minute.is_none() {
+                fail("spec.schedule.minute", Problem::Minute { value: n });
+            }
+            minute
+        }
+        (Cadence::Hourly, None) => {
+            fail("spec.schedule.minute", Problem::RequiredWithCadence { cadence, example: "15" });
+            None
+        }
+        (_, Some(_)) => {
+            fail("spec.schedule.minute", Problem::OnlyWithCadence { needs: Cadence::Hourly, cadence });
+            None
+        }
+        (_, None) => None,
+    };
+    if spec.run_on_create && cadence == Cadence::Once {
+        fail("spec.schedule.runOnCreate", Problem::RunOnCreateWithOnce);
     }
 
     let on = match (cadence, spec.day_of_week) {
@@ -437,11 +485,12 @@ fn check_schedule(spec: &ScheduleSpec, problems: &mut Problems) -> Option<Schedu
     }
     let recurrence = match cadence {
         Cadence::Once => Recurrence::Once { at },
+        Cadence::Hourly => Recurrence::Hourly { minute: minute? },
         Cadence::Daily => Recurrence::Daily { at: at? },
         Cadence::Weekly => Recurrence::Weekly { on: on?, at: at? },
         Cadence::Monthly => Recurrence::Monthly { day: day?, at: at? },
     };
-    Some(Schedule::new(recurrence, time_zone?))
+    Some(Schedule::new(recurrence, time_zone?).with_run_on_create(spec.run_on_create))
 }
 
 fn weekday(day: DayOfWeek) -> Weekday {
@@ -542,17 +591,50 @@ fn is_loopback(url: &Url) -> bool {
 }
 
 fn check_notifications(notifications: &Notifications, problems: &mut Problems) {
-    let Some(email) = &notifications.email else { return };
-    for (i, address) in email.to.iter().enumerate() {
-        if !looks_like_email(&address.0) {
-            problems.add(
-                format!("spec.notifications.email.to[{i}]"),
-                Problem::EmailAddress { value: address.0.clone() },
-            );
+    if let Some(email) = &notifications.email {
+        for (i, address) in email.to.iter().enumerate() {
+            if !looks_like_email(&address.0) {
+                problems.add(
+                    format!("spec.notifications.email.to[{i}]"),
+                    Problem::EmailAddress { value: address.0.clone() },
+                );
+            }
+        }
+        if email.on.as_ref().is_some_and(Vec::is_empty) {
+            problems.add("spec.notifications.email.on", Problem::NoNotifyOn);
         }
     }
-    if email.on.as_ref().is_some_and(Vec::is_empty) {
-        problems.add("spec.notifications.email.on", Problem::NoNotifyOn);
+    if let Some(slack) = &notifications.slack
+        && slack.on.as_ref().is_some_and(Vec::is_empty)
+    {
+        problems.add("spec.notifications.slack.on", Problem::NoChannelNotifyOn);
+    }
+    if let Some(webhook) = &notifications.webhook {
+        if webhook.on.as_ref().is_some_and(Vec::is_empty) {
+            problems.add("spec.notifications.webhook.on", Problem::NoChannelNotifyOn);
+        }
+        check_webhook_headers(&webhook.headers, problems);
+    }
+}
+
+/// Headers the operator sets itself (the body's type and length, the connection) or that
+/// would turn the structured CloudEvent into a binary-mode one (`ce-*`).
+const RESERVED_WEBHOOK_HEADERS: &[&str] =
+    &["content-type", "content-length", "content-encoding", "host", "transfer-encoding", "connection"];
+
+fn check_webhook_headers(headers: &[crate::api::SecretHeader], problems: &mut Problems) {
+    let mut seen = std::collections::HashSet::new();
+    for (i, header) in headers.iter().enumerate() {
+        let path = format!("spec.notifications.webhook.headers[{i}].name");
+        let name = header.name.to_ascii_lowercase();
+        let token = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+.^_`|~-".contains(&b));
+        if !token {
+            problems.add(path, Problem::HeaderName { name: header.name.clone() });
+        } else if RESERVED_WEBHOOK_HEADERS.contains(&name.as_str()) || name.starts_with("ce-") {
+            problems.add(path, Problem::ReservedHeader { name: header.name.clone() });
+        } else if !seen.insert(name) {
+            problems.add(path, Problem::DuplicateHeader { name: header.name.clone() });
+        }
     }
 }
 
@@ -1182,13 +1264,71 @@ spec:
     }
 
     #[test]
+    fn hourly_needs_minute_and_no_at() {
+        let hourly = |s: &mut ScheduleSpec| {
+            s.cadence = Cadence::Hourly;
+            s.day_of_week = None;
+            s.at = None;
+            s.minute = Some(15);
+        };
+        assert_eq!(schedule_paths(hourly), Vec::<String>::new());
+        let mut spec = example(WAREHOUSE_EXAMPLE);
+        hourly(&mut spec.schedule);
+        let valid = validate(&spec).unwrap();
+        assert_eq!(valid.schedule.recurrence, Recurrence::Hourly { minute: MinuteOfHour::new(15).unwrap() });
+        assert_eq!(
+            schedule_paths(|s| {
+                hourly(s);
+                s.minute = None;
+                s.at = Some("06:15".into());
+            }),
+            [
+                "spec.schedule.at: is not used with cadence Hourly, which runs at `minute` past every hour; remove `at` and set minute, e.g. minute: 15",
+                "spec.schedule.minute: required with cadence Hourly; set it, e.g. 15",
+            ]
+        );
+        assert_eq!(
+            schedule_paths(|s| {
+                hourly(s);
+                s.minute = Some(60);
+            }),
+            ["spec.schedule.minute: 60 is not a minute of the hour; use 0 to 59, e.g. minute: 15"]
+        );
+        assert_eq!(
+            schedule_paths(|s| s.minute = Some(15)),
+            [
+                "spec.schedule.minute: set only with cadence Hourly (cadence is Weekly); remove it or change the cadence"
+            ]
+        );
+    }
+
+    #[test]
+    fn run_on_create_is_for_recurring_cadences() {
+        let mut spec = example(WAREHOUSE_EXAMPLE);
+        spec.schedule.run_on_create = true;
+        assert!(validate(&spec).unwrap().schedule.run_on_create);
+        assert_eq!(
+            schedule_paths(|s| {
+                s.cadence = Cadence::Once;
+                s.day_of_week = None;
+                s.run_on_create = true;
+            }),
+            [
+                "spec.schedule.runOnCreate: is only for recurring cadences; Once already runs soon after creation when `at` is omitted, so remove runOnCreate (or `at`)"
+            ]
+        );
+    }
+
+    #[test]
     fn once_needs_no_at() {
         let schedule = ScheduleSpec {
             cadence: Cadence::Once,
             at: None,
             day_of_week: None,
             day_of_month: None,
+            minute: None,
             time_zone: "UTC".into(),
+            run_on_create: false,
         };
         let parsed = Schedule::try_from(&schedule).unwrap();
         assert_eq!(parsed.recurrence, Recurrence::Once { at: None });
@@ -1343,6 +1483,7 @@ spec:
                 to: to.iter().map(|s| EmailAddress((*s).into())).collect(),
                 on,
             }),
+            ..Notifications::default()
         });
         spec
     }
@@ -1391,5 +1532,47 @@ spec:
         let spec = with_recipients(&["a@b.co"], Some(vec![]));
         assert_eq!(errors(&spec)[0].problem, Problem::NoNotifyOn);
         validate(&with_recipients(&["a@b.co"], Some(vec![NotifyOn::Failed]))).unwrap();
+    }
+
+    #[test]
+    fn slack_and_webhook_on_are_not_empty_and_headers_are_ours_to_set() {
+        use crate::api::{SecretHeader, SecretKeyRef, SlackNotification, WebhookNotification};
+        let secret = |key: &str| SecretKeyRef { name: "hooks".into(), key: key.into() };
+        let header = |name: &str| SecretHeader { name: name.into(), value_secret_ref: secret("token") };
+        let mut spec = example(WAREHOUSE_EXAMPLE);
+        spec.notifications = Some(Notifications {
+            slack: Some(SlackNotification { url_secret_ref: secret("slack"), on: Some(vec![]) }),
+            webhook: Some(WebhookNotification {
+                url_secret_ref: secret("url"),
+                headers: vec![
+                    header("Authorization"),
+                    header("X-Team"),
+                    header("content-type"),
+                    header("ce-type"),
+                    header("x-team"),
+                    header("Bad Header"),
+                ],
+                on: Some(vec![]),
+            }),
+            ..Notifications::default()
+        });
+        let messages: Vec<String> = errors(&spec).iter().map(|e| e.to_string()).collect();
+        assert_eq!(
+            messages,
+            [
+                "spec.notifications.slack.on: is empty, so nothing would ever be sent; list results (Succeeded, Failed, Blocked) or remove `on` to report every result",
+                "spec.notifications.webhook.on: is empty, so nothing would ever be sent; list results (Succeeded, Failed, Blocked) or remove `on` to report every result",
+                "spec.notifications.webhook.headers[2].name: \"content-type\" is set by the operator (the body's type and length, the connection, CloudEvents' ce-* attributes); remove it",
+                "spec.notifications.webhook.headers[3].name: \"ce-type\" is set by the operator (the body's type and length, the connection, CloudEvents' ce-* attributes); remove it",
+                "spec.notifications.webhook.headers[4].name: \"x-team\" is set twice (header names ignore case); keep one",
+                "spec.notifications.webhook.headers[5].name: \"Bad Header\" is not an HTTP header name; use letters, digits and - (e.g. Authorization)",
+            ]
+        );
+        let n = spec.notifications.as_mut().unwrap();
+        n.slack.as_mut().unwrap().on = None;
+        let webhook = n.webhook.as_mut().unwrap();
+        webhook.on = Some(vec![NotifyOn::Failed]);
+        webhook.headers.truncate(2);
+        validate(&spec).unwrap();
     }
 }

@@ -2,7 +2,7 @@
 
 use jiff::{SignedDuration, Timestamp, tz::TimeZone};
 
-use crate::api::{EmailNotification, NotifyOn, RunRecord, RunResult, RunTrigger};
+use crate::api::{EmailNotification, Notifications, NotifyOn, RunRecord, RunResult, RunTrigger};
 
 /// One finished run, as the report tells it. Built by the controller from the run it just
 /// recorded; carries no secret (the reason and hint must not contain one either).
@@ -57,7 +57,13 @@ impl RunNotice {
 ///
 /// An empty `on` list sends nothing.
 pub fn should_notify(email: &EmailNotification, result: RunResult, recovered: bool) -> bool {
-    let wants = |on: NotifyOn| email.on.as_ref().is_none_or(|list| list.contains(&on));
+    wants(email.on.as_deref(), result, recovered)
+}
+
+/// Whether a channel with this `on` filter hears of the run: the rules of [`should_notify`],
+/// the same for email, Slack and the webhook.
+pub fn wants(on: Option<&[NotifyOn]>, result: RunResult, recovered: bool) -> bool {
+    let wants = |result: NotifyOn| on.is_none_or(|list| list.contains(&result));
     match result {
         RunResult::Succeeded => {
             wants(NotifyOn::Succeeded)
@@ -67,6 +73,14 @@ pub fn should_notify(email: &EmailNotification, result: RunResult, recovered: bo
         RunResult::Failed | RunResult::Missed => wants(NotifyOn::Failed),
         RunResult::Blocked => wants(NotifyOn::Blocked),
     }
+}
+
+/// Whether any channel of `spec.notifications` hears of the run.
+pub fn any_channel_wants(notifications: &Notifications, result: RunResult, recovered: bool) -> bool {
+    let email = notifications.email.as_ref().map(|c| c.on.as_deref());
+    let slack = notifications.slack.as_ref().map(|c| c.on.as_deref());
+    let webhook = notifications.webhook.as_ref().map(|c| c.on.as_deref());
+    [email, slack, webhook].into_iter().flatten().any(|on| wants(on, result, recovered))
 }
 
 /// Whether a run with `result` is the first success after trouble: the latest earlier run
@@ -145,6 +159,21 @@ mod tests {
         assert!(should_notify(&email(Some(vec![NotifyOn::Failed])), RunResult::Succeeded, true));
         assert!(should_notify(&email(Some(vec![NotifyOn::Blocked])), RunResult::Succeeded, true));
         assert!(!should_notify(&email(Some(vec![NotifyOn::Failed])), RunResult::Succeeded, false));
+    }
+
+    #[test]
+    fn any_channel_that_wants_the_result_is_enough() {
+        use crate::api::{SecretKeyRef, SlackNotification};
+        let slack = |on| SlackNotification { url_secret_ref: SecretKeyRef { name: "s".into(), key: "k".into() }, on };
+        let n = Notifications {
+            email: Some(email(Some(vec![NotifyOn::Succeeded]))),
+            slack: Some(slack(Some(vec![NotifyOn::Failed]))),
+            webhook: None,
+        };
+        assert!(any_channel_wants(&n, RunResult::Failed, false));
+        assert!(any_channel_wants(&n, RunResult::Succeeded, false));
+        assert!(!any_channel_wants(&n, RunResult::Blocked, false));
+        assert!(!any_channel_wants(&Notifications::default(), RunResult::Failed, false));
     }
 
     #[test]

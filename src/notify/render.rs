@@ -119,7 +119,7 @@ impl Header for AutoSubmitted {
     }
 }
 
-fn result_label(notice: &RunNotice) -> &'static str {
+pub(super) fn result_label(notice: &RunNotice) -> &'static str {
     match notice.result {
         RunResult::Succeeded if notice.recovered => "Succeeded (recovered)",
         RunResult::Succeeded => "Succeeded",
@@ -130,7 +130,7 @@ fn result_label(notice: &RunNotice) -> &'static str {
     }
 }
 
-fn headline(notice: &RunNotice) -> String {
+pub(super) fn headline(notice: &RunNotice) -> String {
     let cohort = format!("\u{201c}{}\u{201d}", one_line(&notice.cohort_name));
     match notice.result {
         RunResult::Succeeded if notice.recovered => format!(
@@ -198,7 +198,7 @@ fn trigger_label(trigger: RunTrigger) -> &'static str {
 }
 
 /// What to do when the controller has nothing more specific to say.
-fn default_hint(n: &RunNotice) -> String {
+pub(super) fn default_hint(n: &RunNotice) -> String {
     let resource = format!("cohortimport {} -n {}", n.import_name, n.namespace);
     let run_now = format!(
         "kubectl annotate {resource} {RUN_REQUESTED_ANNOTATION}=\"$(date -u +%Y-%m-%dT%H:%M:%SZ)\" --overwrite"
@@ -233,7 +233,7 @@ pub(crate) fn format_time(at: Timestamp, tz: &TimeZone) -> String {
 }
 
 /// `2m 14s`; sub-second runs in milliseconds.
-fn format_duration(d: SignedDuration) -> String {
+pub(super) fn format_duration(d: SignedDuration) -> String {
     if d < SignedDuration::from_secs(1) {
         format!("{}ms", d.as_millis())
     } else {
@@ -242,7 +242,7 @@ fn format_duration(d: SignedDuration) -> String {
 }
 
 /// `12345678` → `12,345,678`.
-fn group_digits(n: u64) -> String {
+pub(super) fn group_digits(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3);
     for (i, c) in digits.chars().enumerate() {
@@ -255,7 +255,7 @@ fn group_digits(n: u64) -> String {
 }
 
 /// User text in a subject or a table row: no line breaks or other control characters.
-fn one_line(s: &str) -> String {
+pub(super) fn one_line(s: &str) -> String {
     s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect::<String>().trim().to_owned()
 }
 

@@ -16,16 +16,18 @@ use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use super::error::NotifyError;
 use super::notice::RunNotice;
 use super::render::compose;
-use crate::api::EmailAddress;
+use crate::api::{EmailAddress, Notifications};
 use crate::secret::SecretString;
 
-/// Sends the report of a finished run. Implementations must be bounded in time and must
-/// not decide the run's result: the controller records an `Err` and moves on.
+/// Sends the report of a finished run to the channels of `spec.notifications` that want it
+/// (see [`super::wants`]). Implementations must be bounded in time and must not decide the
+/// run's result: the controller records an `Err` and moves on. [`super::Notifier`] is the
+/// operator's.
 pub trait Notify: Send + Sync {
     fn notify<'a>(
         &'a self,
         notice: &'a RunNotice,
-        recipients: &'a [EmailAddress],
+        notifications: &'a Notifications,
     ) -> BoxFuture<'a, Result<(), NotifyError>>;
 }
 
@@ -379,16 +381,11 @@ impl SmtpNotifier {
     }
 }
 
-impl Notify for SmtpNotifier {
-    fn notify<'a>(
-        &'a self,
-        notice: &'a RunNotice,
-        recipients: &'a [EmailAddress],
-    ) -> BoxFuture<'a, Result<(), NotifyError>> {
-        Box::pin(async move {
-            let message = compose(notice, &self.config.from, recipients)?;
-            self.send(&message).await
-        })
+impl SmtpNotifier {
+    /// Emails the report on `notice` to `recipients`.
+    pub async fn send_report(&self, notice: &RunNotice, recipients: &[EmailAddress]) -> Result<(), NotifyError> {
+        let message = compose(notice, &self.config.from, recipients)?;
+        self.send(&message).await
     }
 }
 

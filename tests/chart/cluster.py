@@ -205,7 +205,7 @@ def install_chart(plane: ControlPlane, values: dict[str, Any] | None, *, release
 
     The test server is Kubernetes 1.20, the oldest the chart supports: it has
     no policy/v1, and Helm renders with its default (newer) capabilities here, so the PodDisruptionBudget is sent as policy/v1beta1, as the chart itself picks on a 1.20 server (the fields the
-    chart sets are the same), and the ServiceMonitor is left out unless its CRD is served.
+    chart sets are the same), and the ServiceMonitor and PrometheusRule are left out unless their CRDs are served.
     """
     import chartlib  # noqa: PLC0415 — keeps `cluster` usable without Helm installed
 
@@ -220,7 +220,7 @@ def install_chart(plane: ControlPlane, values: dict[str, Any] | None, *, release
     for obj in objects:
         if obj["kind"] == "PodDisruptionBudget" and not plane.serves("policy/v1"):
             obj = {**obj, "apiVersion": "policy/v1beta1"}
-        if obj["kind"] == "ServiceMonitor" and not plane.serves(obj["apiVersion"]):
+        if obj["kind"] in ("ServiceMonitor", "PrometheusRule") and not plane.serves(obj["apiVersion"]):
             continue
         to_apply.append(obj)
     plane.apply(to_apply)

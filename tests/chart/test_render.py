@@ -221,7 +221,7 @@ def test_metrics_service_servicemonitor_and_pdb_select_the_pods() -> None:
     assert monitor["metadata"]["labels"]["release"] == "prometheus"
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
-    assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics",
+    assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "honorLabels": True,
                                              "interval": "1m", "scrapeTimeout": "10s"}]
     pdb = one(objects, "PodDisruptionBudget")
     assert pdb["apiVersion"] == "policy/v1"

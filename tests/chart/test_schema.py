@@ -44,6 +44,12 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"image": {"digest": "latest"}}, "/image/digest"),
     ({"metrics": {"port": 0}}, "/metrics/port"),
     ({"metrics": {"serviceMonitor": {"interval": "often"}}}, "/metrics/serviceMonitor/interval"),
+    ({"prometheusRule": {"thresholds": {"failingFor": "soon"}}}, "/prometheusRule/thresholds/failingFor"),
+    ({"prometheusRule": {"thresholds": {"cohortShrinkPercent": 0}}},
+     "/prometheusRule/thresholds/cohortShrinkPercent"),
+    ({"prometheusRule": {"thresholds": {"staleSeconds": "2d"}}}, "/prometheusRule/thresholds/staleSeconds"),
+    ({"prometheusRule": {"notReadyReasons": ["secret not found"]}}, "/prometheusRule/notReadyReasons/0"),
+    ({"prometheusRule": {"thresholds": {"staleAfter": "2d"}}}, "staleAfter"),
     ({"resources": {"limits": {"memory": "a lot"}}}, "/resources/limits/memory"),
     ({"podDisruptionBudget": {"maxUnavailable": 0}}, "/podDisruptionBudget/maxUnavailable"),
     # The hardening the chart promises cannot be switched off through values.

@@ -1,0 +1,294 @@
+//! POSTing a report to a Slack or webhook URL: bounded retries, a total time bound, a
+//! destination policy, and no secret in any message.
+//!
+//! The URL itself is a secret (a Slack incoming-webhook URL *is* the credential; a webhook
+//! URL may carry a token), so messages name only its host, and every text that comes from
+//! elsewhere (reqwest's errors, the receiver's answer) is scrubbed of the URL, its path and
+//! query, and the header values before it goes anywhere.
+//!
+//! Retried: connection errors, timeouts, 429 and 5xx (after `Retry-After` when the receiver
+//! gives one and it fits the time left). Not retried: other answers (a 4xx will not change).
+//! Redirects are not followed: a receiver could send the report somewhere else.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+use reqwest::header::{CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER};
+use reqwest::{StatusCode, Url};
+use tokio::time::Instant;
+
+use super::egress::DestinationPolicy;
+use super::error::{Channel, NotifyError};
+use crate::secret::{SecretString, error_chain, redact};
+
+/// Limits of one delivery.
+#[derive(Clone, Debug)]
+pub struct HttpConfig {
+    /// Longest wait to connect.
+    pub connect_timeout: Duration,
+    /// Longest one attempt may take, connection to the end of the answer.
+    pub attempt_timeout: Duration,
+    /// Longest a delivery may take, every attempt and wait included.
+    pub total_timeout: Duration,
+    /// Further attempts after a failed one.
+    pub retries: u32,
+    /// Wait before the first retry; doubles each time.
+    pub retry_backoff: Duration,
+    pub policy: DestinationPolicy,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(5),
+            attempt_timeout: Duration::from_secs(10),
+            total_timeout: Duration::from_secs(30),
+            retries: 3,
+            retry_backoff: Duration::from_secs(1),
+            policy: DestinationPolicy::default(),
+        }
+    }
+}
+
+/// One report to post. `url` and header values are secrets; `origin` names where the URL
+/// came from (`Secret growth/hooks key slack`) for messages.
+pub struct Delivery<'a> {
+    pub channel: Channel,
+    pub url: &'a SecretString,
+    pub origin: &'a str,
+    /// Header name and its value (from a Secret).
+    pub headers: &'a [(HeaderName, SecretString)],
+    pub content_type: &'static str,
+    pub body: Vec<u8>,
+}
+
+/// Posts reports. Cheap to share: one connection pool for every import.
+#[derive(Clone)]
+pub struct HttpSender {
+    client: reqwest::Client,
+    config: HttpConfig,
+}
+
+impl std::fmt::Debug for HttpSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpSender").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+impl HttpSender {
+    pub fn new(config: HttpConfig) -> Result<Self, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .dns_resolver(Arc::new(DenyingResolver { policy: config.policy.clone() }))
+            .user_agent(concat!("cohort-operator/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Self { client, config })
+    }
+
+    pub fn config(&self) -> &HttpConfig {
+        &self.config
+    }
+
+    /// Posts `delivery`, retrying what may pass on a later attempt, within
+    /// [`HttpConfig::total_timeout`].
+    pub async fn post(&self, delivery: &Delivery<'_>) -> Result<(), NotifyError> {
+        let url = self.check_url(delivery).await?;
+        let host = url.host_str().unwrap_or_default().to_owned();
+        let secrets = Secrets::of(delivery, &url);
+        let deadline = Instant::now() + self.config.total_timeout;
+        let attempts = self.config.retries + 1;
+        let mut last_error = String::new();
+        for attempt in 1..=attempts {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let outcome = self.attempt(&url, delivery, left.min(self.config.attempt_timeout)).await;
+            let retry_after = match outcome {
+                Attempt::Delivered => return Ok(()),
+                Attempt::Permanent(text) => {
+                    let last_error = secrets.scrub(&text);
+                    return Err(NotifyError::Post { channel: delivery.channel, host, attempts: attempt, last_error });
+                }
+                Attempt::Transient { error, retry_after } => {
+                    last_error = secrets.scrub(&error);
+                    retry_after
+                }
+            };
+            if attempt == attempts {
+                break;
+            }
+            let wait = retry_after.unwrap_or_default().max(self.backoff(attempt - 1));
+            if Instant::now() + wait >= deadline {
+                last_error.push_str(&format!(
+                    "; gave up: the next attempt would end after the {} s time bound",
+                    self.config.total_timeout.as_secs()
+                ));
+                return Err(NotifyError::Post { channel: delivery.channel, host, attempts: attempt, last_error });
+            }
+            tracing::warn!(channel = %delivery.channel, %host, attempt, error = %last_error, "report not delivered; retrying in {wait:?}");
+            tokio::time::sleep(wait).await;
+        }
+        Err(NotifyError::Post { channel: delivery.channel, host, attempts, last_error })
+    }
+
+    /// Full jitter keeps several imports' retries from arriving together.
+    fn backoff(&self, i: u32) -> Duration {
+        let ceiling = self.config.retry_backoff.saturating_mul(1 << i.min(16));
+        ceiling.mul_f64(0.5 + rand::random::<f64>() / 2.0)
+    }
+
+    async fn attempt(&self, url: &Url, delivery: &Delivery<'_>, timeout: Duration) -> Attempt {
+        let mut request = self
+            .client
+            .post(url.clone())
+            .timeout(timeout)
+            .header(CONTENT_TYPE, delivery.content_type)
+            .body(delivery.body.clone());
+        for (name, value) in delivery.headers {
+            // Checked in `check_url`.
+            let Ok(mut value) = HeaderValue::from_str(value.expose()) else { continue };
+            value.set_sensitive(true);
+            request = request.header(name, value);
+        }
+        let response = match request.send().await {
+            Ok(response) => response,
+            Err(e) => {
+                let what = if e.is_timeout() { "no answer in time" } else { "could not connect or send" };
+                let error = format!("{what}: {}", error_chain(&e.without_url()));
+                return Attempt::Transient { error, retry_after: None };
+            }
+        };
+        let status = response.status();
+        if status.is_success() {
+            return Attempt::Delivered;
+        }
+        let retry_after = retry_after(&response);
+        let answer = answer_text(response).await;
+        let error = format!("HTTP {}{answer}", status.as_u16());
+        if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+            Attempt::Transient { error, retry_after }
+        } else {
+            Attempt::Permanent(error)
+        }
+    }
+
+    /// The URL, if it is one the operator may post to: http(s), https unless the host is
+    /// loopback, header values that are one line, and a host whose every address the
+    /// policy allows.
+    async fn check_url(&self, delivery: &Delivery<'_>) -> Result<Url, NotifyError> {
+        let (channel, origin) = (delivery.channel, delivery.origin.to_owned());
+        let invalid = |reason: &str| NotifyError::InvalidUrl { channel, origin: origin.clone(), reason: reason.to_owned() };
+        // url's parse errors describe the problem, never the input.
+        let url = Url::parse(delivery.url.expose().trim()).map_err(|e| invalid(&e.to_string()))?;
+        let host = url.host_str().filter(|h| !h.is_empty()).ok_or_else(|| invalid("it has no host"))?.to_owned();
+        match url.scheme() {
+            "https" => {}
+            "http" if is_loopback(&url) => {}
+            "http" => return Err(NotifyError::InsecureUrl { channel, origin: origin.clone(), host }),
+            _ => return Err(invalid("it is not an http(s) URL")),
+        }
+        for (name, value) in delivery.headers {
+            if HeaderValue::from_str(value.expose()).is_err() {
+                return Err(NotifyError::InvalidHeader { channel, name: name.to_string() });
+            }
+        }
+        let port = url.port_or_known_default().unwrap_or(443);
+        let addresses: Vec<IpAddr> = match url.host() {
+            Some(url::Host::Ipv4(ip)) => vec![IpAddr::V4(ip)],
+            Some(url::Host::Ipv6(ip)) => vec![IpAddr::V6(ip)],
+            // Unresolvable now: the attempts report it (and retry, DNS may come back).
+            _ => tokio::net::lookup_host((host.as_str(), port)).await.map(|a| a.map(|s| s.ip()).collect()).unwrap_or_default(),
+        };
+        for address in addresses {
+            if let Err(denied) = self.config.policy.check(address) {
+                return Err(NotifyError::DeniedDestination { channel, host, address, denied: denied.to_string() });
+            }
+        }
+        Ok(url)
+    }
+}
+
+enum Attempt {
+    Delivered,
+    Transient { error: String, retry_after: Option<Duration> },
+    Permanent(String),
+}
+
+/// `Retry-After` in seconds (the HTTP-date form is rare for webhooks and ignored).
+fn retry_after(response: &reqwest::Response) -> Option<Duration> {
+    let seconds = response.headers().get(RETRY_AFTER)?.to_str().ok()?.trim().parse::<u64>().ok()?;
+    Some(Duration::from_secs(seconds))
+}
+
+/// `: <the receiver's answer>`, at most 200 characters of one line (Slack answers with a
+/// word like `invalid_payload` or `no_service`), or nothing.
+async fn answer_text(response: reqwest::Response) -> String {
+    let mut body = Vec::new();
+    let mut response = response;
+    while let Ok(Some(chunk)) = response.chunk().await {
+        body.extend_from_slice(&chunk);
+        if body.len() >= 1024 {
+            break;
+        }
+    }
+    let text: String = String::from_utf8_lossy(&body)
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(200)
+        .collect();
+    let text = text.trim();
+    if text.is_empty() { String::new() } else { format!(": {text}") }
+}
+
+fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+        None => false,
+    }
+}
+
+/// The secret parts of a delivery, to take out of any text that leaves it.
+struct Secrets(Vec<String>);
+
+impl Secrets {
+    fn of(delivery: &Delivery<'_>, url: &Url) -> Self {
+        let mut parts = vec![delivery.url.expose().to_owned(), url.as_str().to_owned(), url.path().to_owned()];
+        parts.extend(url.query().map(str::to_owned));
+        parts.extend(url.password().map(str::to_owned));
+        parts.extend(delivery.headers.iter().map(|(_, value)| value.expose().to_owned()));
+        Self(parts)
+    }
+
+    fn scrub(&self, text: &str) -> String {
+        let secrets: Vec<&str> = self.0.iter().map(String::as_str).filter(|s| *s != "/").collect();
+        // Parts shorter than 6 bytes (a path of `/x`) would scrub ordinary words.
+        redact(text, &secrets, 6)
+    }
+}
+
+/// Resolves names like the system resolver, then refuses the connection when any address is
+/// denied: the check [`HttpSender::post`] makes before sending, made again at connection
+/// time, where a name that changed its answer cannot slip through.
+struct DenyingResolver {
+    policy: DestinationPolicy,
+}
+
+impl Resolve for DenyingResolver {
+    fn resolve(&self, name: Name) -> Resolving {
+        let policy = self.policy.clone();
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            let addresses: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            if let Some((address, denied)) =
+                addresses.iter().find_map(|a| policy.check(a.ip()).err().map(|d| (a.ip(), d)))
+            {
+                let message = format!("{host} resolves to {address}: {denied}");
+                return Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, message).into());
+            }
+            Ok(Box::new(addresses.into_iter()) as Addrs)
+        })
+    }
+}
