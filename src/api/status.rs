@@ -58,6 +58,24 @@ pub struct CurrentRun {
     /// The removal approval (`cohorts.dev/approve-removals`) this run acts on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approved_removals: Option<String>,
+    /// The sharded operator running it. An import relabelled to another shard keeps its
+    /// run here: the old shard stops the run and clears this, and the new shard resumes the
+    /// run only then (or once the old shard's Lease shows it stopped), so it never runs twice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner: Option<RunRunner>,
+}
+
+/// Which sharded operator runs an import's current run.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RunRunner {
+    /// The operator's shard (`--shard`, the `cohorts.dev/shard` label value it owns).
+    pub shard: String,
+    /// The Lease the operator holds while it runs imports, `namespace/name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<String>,
+    /// The Lease holder identity (the pod name) of the operator.
+    pub identity: String,
 }
 
 /// The schedule's progress: runs at or before `handledThrough` are done (run, missed, or

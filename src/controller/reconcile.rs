@@ -173,6 +173,10 @@ async fn apply(import: Arc<CohortImport>, ctx: &Arc<Context>, api: &Api<CohortIm
         if ctx.runs.is_recorded(&reference, &run.id) {
             return Ok(retry_soon());
         }
+        // Sharded: a run that came with an import from another shard waits until it stopped there.
+        if let Some(wait) = ctx.handoff_wait(&import, &run).await {
+            return Ok(wait);
+        }
         if winner.is_none() {
             let job = RunJob {
                 run_id: run.id.clone(),
@@ -337,6 +341,7 @@ async fn start_run(
         trigger: job.trigger,
         started_at: rfc3339(job.started_at),
         approved_removals: job.approved_removals.clone(),
+        runner: ctx.runner(),
     });
     let message = format!("Run {} ({:?}) started at {}", job.run_id, job.trigger, rfc3339(job.started_at));
     set_ready(&mut desired, "Unknown", reason::RUNNING, &message, import.metadata.generation, job.started_at);

@@ -73,6 +73,14 @@ impl RunRegistry {
         }
     }
 
+    /// Stops the run of `import` in progress here, if any; returns its task's handle, to
+    /// see when it has stopped.
+    pub(super) fn abort(&self, import: &ObjectRef<CohortImport>) -> Option<AbortHandle> {
+        let (_, handle) = self.lock().remove(import)?;
+        handle.abort();
+        Some(handle)
+    }
+
     fn abort_all(&self) {
         for (_, (_, handle)) in self.lock().drain() {
             handle.abort();
@@ -111,7 +119,13 @@ pub(super) fn start(ctx: &Arc<Context>, import: Arc<CohortImport>, job: RunJob) 
 async fn execute(ctx: Arc<Context>, import: Arc<CohortImport>, job: RunJob) {
     let reference = ObjectRef::from_obj(import.as_ref());
     let _slot = ctx.run_slots.acquire().await;
-    ctx.metrics.runs_in_progress.inc();
+    // Sharded: the import may have moved to another shard meanwhile; that shard runs it.
+    if !ctx.still_runs_here(&import, &job.run_id).await {
+        ctx.runs.finished(&reference, &job.run_id);
+        ctx.wake(reference);
+        return;
+    }
+    let in_progress = InProgress::start(&ctx);
     info!(trigger = ?job.trigger, "run started");
     ctx.events
         .normal(&import, event::RUN_STARTED, "Run", format!("Run {} ({:?}) started", job.run_id, job.trigger))
@@ -125,10 +139,26 @@ async fn execute(ctx: Arc<Context>, import: Arc<CohortImport>, job: RunJob) {
         Err(e) => RunOutcome::failed(&job, e.reason(), e.to_string()),
     };
     let elapsed = clock_started.elapsed();
-    ctx.metrics.runs_in_progress.dec();
+    drop(in_progress);
     finish(&ctx, &import, &job, outcome, elapsed).await;
     ctx.runs.finished(&reference, &job.run_id);
     ctx.wake(reference);
+}
+
+/// Counts a run in `runs_in_progress` until dropped — also when its task is aborted.
+struct InProgress(Arc<Context>);
+
+impl InProgress {
+    fn start(ctx: &Arc<Context>) -> Self {
+        ctx.metrics.runs_in_progress.inc();
+        InProgress(ctx.clone())
+    }
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        self.0.metrics.runs_in_progress.dec();
+    }
 }
 
 /// Records the outcome, tells people, and sends the report email.
