@@ -199,6 +199,8 @@ impl Counters {
             joined: load(&self.joined),
             left: load(&self.left),
             max_concurrent_requests: load(&self.max_concurrent),
+            // Kept by the fault state; filled in by `Shared::stats`.
+            max_requests_in_rate_window: 0,
         }
     }
 
