@@ -64,7 +64,7 @@ async fn bench(size: Size) {
     let braze = BrazeClient::new(BrazeClientConfig::default()).unwrap().with_budgets(Arc::new(Budgets::new(budget)));
     let dir = tempfile::tempdir().unwrap();
     println!(
-        "braze_budget: {} imports of {} members at once; sandbox limit and operator budget {PER_MINUTE}/min, burst {BURST}",
+        "braze_budget: {} imports of {} members at once; sandbox limit and budget {PER_MINUTE}/min, burst {BURST}",
         size.imports, size.members
     );
 

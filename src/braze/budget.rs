@@ -433,7 +433,8 @@ mod tests {
         let ok = LimitSignal::read(201, &headers, now);
         assert_eq!(ok, LimitSignal { limited: false, remaining: Some(17), reset_in: Some(Duration::from_secs(20)) });
         let limited = LimitSignal::read(429, &headers, now);
-        assert_eq!(limited, LimitSignal { limited: true, remaining: Some(17), reset_in: Some(Duration::from_secs(45)) });
+        let expected = LimitSignal { limited: true, remaining: Some(17), reset_in: Some(Duration::from_secs(45)) };
+        assert_eq!(limited, expected);
         let bare = LimitSignal::read(429, &HeaderMap::new(), now);
         assert_eq!(bare, LimitSignal { limited: true, remaining: None, reset_in: None });
         headers.insert("x-ratelimit-remaining", "many".parse().unwrap());

@@ -649,7 +649,8 @@ impl BrazeClient {
                 // attempt or the run's retries.
                 limited += 1;
                 run.rate_limited.fetch_add(1, Ordering::Relaxed);
-                warn!(cohort_id = %target.cohort_id, seq, attempt = attempts, "Braze rate limit; waiting for the destination's budget");
+                let cohort_id = &target.cohort_id;
+                warn!(%cohort_id, seq, attempt = attempts, "Braze rate limit; waiting for the destination's budget");
                 last = (status, response.clone());
                 continue;
             }

@@ -336,13 +336,17 @@ async fn start_run(
     job: RunJob,
     resumed: bool,
 ) -> Result<Action, Error> {
-    desired.current_run = Some(CurrentRun {
+    let mut run = CurrentRun {
         id: job.run_id.clone(),
         trigger: job.trigger,
         started_at: rfc3339(job.started_at),
         approved_removals: job.approved_removals.clone(),
-        runner: ctx.runner(),
-    });
+        runner_shard: None,
+        runner_lease: None,
+        runner_identity: None,
+    };
+    run.set_runner(ctx.runner());
+    desired.current_run = Some(run);
     let message = format!("Run {} ({:?}) started at {}", job.run_id, job.trigger, rfc3339(job.started_at));
     set_ready(&mut desired, "Unknown", reason::RUNNING, &message, import.metadata.generation, job.started_at);
     if write_status(api, &import, &desired).await?.is_none() {

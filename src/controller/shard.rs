@@ -13,8 +13,9 @@
 //! owns it: two imports of one Braze cohort on two shards must not both run.
 //!
 //! Moving an import (relabelling it) never runs it twice: a run records its runner
-//! (`status.currentRun.runner`); the old shard, seeing the import leave, stops that run and
-//! clears the runner; the new shard resumes the run only once the runner is cleared or the
+//! (`status.currentRun.runnerShard`, `runnerLease`, `runnerIdentity`); the old shard, seeing
+//! the import leave, stops that run and clears the runner; the new shard resumes the run
+//! only once the runner is cleared or the
 //! old runner's Lease shows it no longer leads (the HA guarantee: a replica that cannot renew
 //! stops its runs). Snapshots are keyed by the import, so the new shard diffs against the
 //! same one (the filesystem store needs a volume every shard mounts).
@@ -198,7 +199,12 @@ pub enum Handoff {
 
 /// Decides a run's handoff. `me` is how this operator signs runs; `lease` is the state of
 /// the runner's Lease (read only when the runner is another operator with a Lease).
-pub fn handoff(runner: Option<&RunRunner>, me: &RunRunner, lease: impl FnOnce() -> LeaseState, now: Timestamp) -> Handoff {
+pub fn handoff(
+    runner: Option<&RunRunner>,
+    me: &RunRunner,
+    lease: impl FnOnce() -> LeaseState,
+    now: Timestamp,
+) -> Handoff {
     let Some(runner) = runner else {
         // Released by its shard, or started by an operator that does not shard.
         return Handoff::Resume;
@@ -255,15 +261,17 @@ impl Context {
     /// the shard the import came from: it is not resumed here yet.
     pub(super) async fn handoff_wait(&self, import: &CohortImport, run: &CurrentRun) -> Option<Action> {
         let me = self.runner()?;
-        let lease = match run.runner.as_ref().and_then(|r| r.lease.clone()) {
-            Some(name) if run.runner.as_ref().is_some_and(|r| r.lease != me.lease) => read_lease(self, &name).await,
+        let runner = run.runner();
+        let lease = match runner.as_ref().and_then(|r| r.lease.clone()) {
+            Some(name) if runner.as_ref().is_some_and(|r| r.lease != me.lease) => read_lease(self, &name).await,
             _ => LeaseState::Missing,
         };
         let now = self.clock.now();
-        match handoff(run.runner.as_ref(), &me, || lease, now) {
+        match handoff(runner.as_ref(), &me, || lease, now) {
             Handoff::Resume => None,
             Handoff::Wait { why, retry_at } => {
-                info!(namespace = %import.namespace().unwrap_or_default(), import = %import.name_any(), run_id = %run.id, %why, "run not resumed yet");
+                let namespace = import.namespace().unwrap_or_default();
+                info!(%namespace, import = %import.name_any(), run_id = %run.id, %why, "run not resumed yet");
                 let wait = Duration::try_from(retry_at.duration_since(now)).unwrap_or(Duration::from_secs(1));
                 Some(Action::requeue(wait.max(Duration::from_secs(1))))
             }
@@ -280,7 +288,7 @@ impl Context {
                 let current = fresh.status.as_ref().and_then(|s| s.current_run.as_ref());
                 fresh.uid() == import.uid()
                     && self.owns(&fresh)
-                    && current.is_some_and(|run| run.id == run_id && run.runner.as_ref() == Some(&me))
+                    && current.is_some_and(|run| run.id == run_id && run.runner().as_ref() == Some(&me))
             }
             Ok(None) => false,
             Err(e) => {
@@ -295,8 +303,8 @@ impl Context {
     /// then the runner cleared in status, so that its new shard resumes the run.
     pub(super) fn let_go_if_left(self: &Arc<Self>, import: &CohortImport) {
         let Some(me) = self.runner() else { return };
-        let runner = import.status.as_ref().and_then(|s| s.current_run.as_ref()).and_then(|r| r.runner.as_ref());
-        if self.owns(import) || runner != Some(&me) {
+        let runner = import.status.as_ref().and_then(|s| s.current_run.as_ref()).and_then(CurrentRun::runner);
+        if self.owns(import) || runner.as_ref() != Some(&me) {
             return;
         }
         let reference = ObjectRef::from_obj(import);
@@ -320,15 +328,16 @@ impl Context {
             }
         }
         let released = super::runs::update_status(self, import, |status| match status.current_run.as_mut() {
-            Some(run) if run.runner.as_ref() == Some(me) => {
-                run.runner = None;
+            Some(run) if run.runner().as_ref() == Some(me) => {
+                run.set_runner(None);
                 true
             }
             _ => false,
         })
         .await;
         if released {
-            info!(namespace = %import.namespace().unwrap_or_default(), import = %import.name_any(), "the import left this shard; its run here is stopped and handed over");
+            let namespace = import.namespace().unwrap_or_default();
+            info!(%namespace, import = %import.name_any(), "the import left this shard; its run is handed over");
         }
     }
 }
@@ -465,7 +474,8 @@ mod tests {
         let predecessor = runner("b", Some("ops/cohort-operator-b"), "pod-b-old");
         assert_eq!(handoff(Some(&predecessor), &me, unreachable, now), Handoff::Resume);
         // The old shard still holds its Lease, renewed: wait until it lets go or expires.
-        let held = |expires: &str| LeaseState::Held { holder: Some("pod-a".into()), expires: Some(expires.parse().unwrap()) };
+        let held =
+            |expires: &str| LeaseState::Held { holder: Some("pod-a".into()), expires: Some(expires.parse().unwrap()) };
         match handoff(Some(&old), &me, || held("2026-11-29T06:00:10Z"), now) {
             Handoff::Wait { why, retry_at } => {
                 assert!(why.contains("\"a\"") && why.contains("pod-a"), "{why}");
@@ -475,7 +485,8 @@ mod tests {
         }
         // Expired, taken by another replica, or gone: the old runner stopped its runs.
         assert_eq!(handoff(Some(&old), &me, || held("2026-11-29T05:59:59Z"), now), Handoff::Resume);
-        let taken = || LeaseState::Held { holder: Some("pod-a2".into()), expires: Some(now + jiff::SignedDuration::from_secs(9)) };
+        let soon = Some(now + jiff::SignedDuration::from_secs(9));
+        let taken = || LeaseState::Held { holder: Some("pod-a2".into()), expires: soon };
         assert_eq!(handoff(Some(&old), &me, taken, now), Handoff::Resume);
         assert_eq!(handoff(Some(&old), &me, || LeaseState::Missing, now), Handoff::Resume);
         // A released Lease (no holder): resume. An unreadable one: wait and look again.
