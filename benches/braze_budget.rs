@@ -69,6 +69,16 @@ async fn bench(size: Size) {
     );
 
     let started = Instant::now();
+    // When Braze saw the first request: before it, the runs read and sort their sources.
+    let first_request = {
+        let sandbox = sandbox.handle();
+        tokio::spawn(async move {
+            while sandbox.stats().requests == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Instant::now()
+        })
+    };
     let runs = (0..size.imports).map(|i| {
         let (braze, url, dir) = (braze.clone(), sandbox.url(), dir.path().to_owned());
         let members = size.members;
@@ -91,6 +101,7 @@ async fn bench(size: Size) {
     });
     let reports = futures::future::join_all(runs).await;
     let elapsed = started.elapsed();
+    let sending = first_request.await.expect("first request").elapsed();
 
     let reports: Vec<_> = reports.into_iter().map(|r| r.expect("run task")).collect();
     let failed: Vec<_> = reports.iter().filter(|r| r.result != RunResult::Succeeded).collect();
@@ -102,7 +113,7 @@ async fn bench(size: Size) {
     let stats = sandbox.stats();
     let rate = PER_MINUTE as f64 / 60.0;
     let minimum = (stats.requests.saturating_sub(u64::from(BURST))) as f64 / rate;
-    let seen_per_minute = stats.requests as f64 / elapsed.as_secs_f64() * 60.0;
+    let seen_per_minute = stats.requests as f64 / sending.as_secs_f64() * 60.0;
     println!("  runs failed:                  {} of {}", failed.len(), reports.len());
     println!("  requests (runs' count):       {requests}");
     println!(
@@ -111,7 +122,7 @@ async fn bench(size: Size) {
         stats.responses_by_status.get(&429).copied().unwrap_or(0)
     );
     println!(
-        "  rate seen by the sandbox:     {seen_per_minute:.1}/min = {:.1}% of the budget",
+        "  rate seen by the sandbox:     {seen_per_minute:.1}/min = {:.1}% of the budget (first request to last)",
         seen_per_minute / PER_MINUTE as f64 * 100.0
     );
     println!(
@@ -119,7 +130,12 @@ async fn bench(size: Size) {
         stats.max_requests_in_rate_window
     );
     println!(
-        "  total time:                   {:.1} s; the budget's minimum {minimum:.1} s; {:+.1}%",
+        "  sending time:                 {:.1} s (first request to last); the budget's minimum {minimum:.1} s; {:+.1}%",
+        sending.as_secs_f64(),
+        (sending.as_secs_f64() / minimum - 1.0) * 100.0
+    );
+    println!(
+        "  total time:                   {:.1} s, reading and sorting the sources included; {:+.1}%",
         elapsed.as_secs_f64(),
         (elapsed.as_secs_f64() / minimum - 1.0) * 100.0
     );
