@@ -9,13 +9,14 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use cohort_operator::braze::{BrazeClient, BrazeClientConfig};
+use cohort_operator::braze::{BrazeClient, BrazeClientConfig, BudgetConfig, Budgets};
 use cohort_operator::cli::{self, Target};
 use cohort_operator::controller::clock::SystemClock;
 use cohort_operator::controller::leader::LeaderElection;
 use cohort_operator::controller::metrics::Metrics;
 use cohort_operator::controller::pipeline::{PipelineImporter, SnapshotStoreKind};
 use cohort_operator::controller::secrets::{PartnerKeys, parse_endpoint_region};
+use cohort_operator::controller::shard::{Shard, ShardFlags};
 use cohort_operator::controller::{self, Config, Dependencies};
 use cohort_operator::notify::{DestinationPolicy, HttpConfig, HttpSender, Notifier, Notify, SmtpArgs, SmtpNotifier};
 use cohort_operator::source::egress::{EgressDefault, EgressPolicy, EgressRule};
@@ -134,6 +135,17 @@ struct RunArgs {
     /// run's sort buffer is what is left of its share). Keep it under the pod's limit.
     #[arg(long, env = "COHORT_MEMORY_BUDGET_MIB", default_value_t = 384)]
     memory_budget_mib: usize,
+    /// Braze requests per hour per destination (REST endpoint + partner + workspace),
+    /// shared by every run of this process; Braze documents 250,000.
+    #[arg(long, env = "COHORT_BRAZE_REQUESTS_PER_HOUR", default_value_t = 250_000)]
+    braze_requests_per_hour: u32,
+    /// Braze requests a destination may send at once after a quiet spell.
+    #[arg(long, env = "COHORT_BRAZE_BURST", default_value_t = 500)]
+    braze_burst: u32,
+    /// Longest one Braze request waits for its destination's budget before its run stops
+    /// (the next run sends the rest).
+    #[arg(long, env = "COHORT_BRAZE_MAX_BUDGET_WAIT_SECONDS", default_value_t = 3600)]
+    braze_max_budget_wait_seconds: u64,
     #[arg(long, env = "COHORT_LOG_FORMAT", value_enum, default_value = "json")]
     log_format: LogFormat,
     /// Run only while holding a Lease, so that replicas never run imports together.
@@ -167,6 +179,21 @@ struct RunArgs {
     /// import is SecretNotFound (for RBAC that grants `get` alone).
     #[arg(long, env = "COHORT_WATCH_SECRETS", default_value_t = true, action = clap::ArgAction::Set)]
     watch_secrets: bool,
+    /// This operator's shard: it owns the imports labelled `cohorts.dev/shard=<shard>`, and
+    /// elects its leader on the Lease `<lease-name>-<shard>`.
+    #[arg(long, env = "COHORT_SHARD")]
+    shard: Option<String>,
+    /// This shard also owns imports without the label, or whose label names no shard in
+    /// --shards. Exactly one shard of an installation should be the default.
+    #[arg(long, env = "COHORT_SHARD_DEFAULT")]
+    shard_default: bool,
+    /// Every shard of the installation, comma-separated (needed by the default shard).
+    #[arg(long, env = "COHORT_SHARDS", value_delimiter = ',')]
+    shards: Vec<String>,
+    /// Only imports matching this label selector (ANDed with --shard), e.g.
+    /// `cohorts.dev/shard=a` or `!cohorts.dev/shard` as with Flux's sharding.
+    #[arg(long, env = "COHORT_WATCH_LABEL_SELECTOR")]
+    watch_label_selector: Option<String>,
     #[command(flatten)]
     smtp: SmtpArgs,
     /// Networks Slack and webhook reports may not go to, beyond the built-in link-local and
@@ -257,6 +284,19 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         egress_default,
     );
     tracing::info!(policy = %egress.summary(), "source egress policy");
+    let shard = Shard::from_flags(&ShardFlags {
+        shard: args.shard.clone(),
+        shard_default: args.shard_default,
+        shards: args.shards.iter().filter(|s| !s.is_empty()).cloned().collect(),
+        watch_label_selector: args.watch_label_selector.clone(),
+    })
+    .map_err(anyhow::Error::msg)?;
+    if shard.is_some() && !args.leader_election {
+        anyhow::bail!(
+            "--shard and --watch-label-selector need --leader-election: an import moved between shards hands \
+             its run over through the old shard's Lease"
+        );
+    }
     let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
     let smtp = match args.smtp.into_config()? {
         Some(config) => Some(SmtpNotifier::new(config)?),
@@ -267,7 +307,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         ..HttpConfig::default()
     })?;
     let notifier: Option<Arc<dyn Notify>> = Some(Arc::new(Notifier::new(client.clone(), smtp, http)));
-    let braze = BrazeClient::new(BrazeClientConfig::default())?;
+    let metrics = Arc::new(Metrics::new());
+    let budget = BudgetConfig {
+        requests_per_hour: args.braze_requests_per_hour,
+        burst: args.braze_burst,
+        max_wait: Duration::from_secs(args.braze_max_budget_wait_seconds),
+    };
+    budget.validate().map_err(anyhow::Error::msg)?;
+    let budgets = Arc::new(Budgets::new(budget).with_observer(metrics.clone()));
+    let braze = BrazeClient::new(BrazeClientConfig::default())?.with_budgets(budgets);
     let snapshots = match args.snapshot_store {
         SnapshotStoreArg::Cluster => SnapshotStoreKind::Cluster,
         SnapshotStoreArg::Filesystem => {
@@ -280,12 +328,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let identity = args.identity.clone().unwrap_or_else(|| {
         format!("{}-{:08x}", hostname(), rand::random::<u32>())
     });
-    let leader_election = args.leader_election.then(|| LeaderElection {
-        lease_name: args.lease_name.clone(),
-        lease_namespace: args.lease_namespace.clone().unwrap_or_else(|| client.default_namespace().to_owned()),
-        identity: identity.clone(),
-        lease_duration_seconds: args.lease_duration_seconds,
-        renew_grace_seconds: args.lease_renew_grace_seconds,
+    let leader_election = args.leader_election.then(|| {
+        LeaderElection {
+            lease_name: args.lease_name.clone(),
+            lease_namespace: args.lease_namespace.clone().unwrap_or_else(|| client.default_namespace().to_owned()),
+            identity: identity.clone(),
+            lease_duration_seconds: args.lease_duration_seconds,
+            renew_grace_seconds: args.lease_renew_grace_seconds,
+        }
+        .for_shard(args.shard.as_deref())
     });
     let config = Config {
         namespaces: args.watch_namespaces.into_iter().filter(|n| !n.is_empty()).collect(),
@@ -299,9 +350,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         instance: Some(identity),
         max_concurrent_runs: args.max_concurrent_runs,
         watch_secrets: args.watch_secrets,
+        shard,
         ..Config::default()
     };
-    let deps = Dependencies { clock: Arc::new(SystemClock), importer, notifier, metrics: Arc::new(Metrics::new()) };
+    let deps = Dependencies { clock: Arc::new(SystemClock), importer, notifier, metrics };
     controller::run(client, config, deps, shutdown_signal()).await?;
     Ok(())
 }

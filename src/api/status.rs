@@ -200,6 +200,45 @@ pub struct CurrentRun {
     /// The removal approval (`cohorts.dev/approve-removals`) this run acts on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approved_removals: Option<String>,
+    /// The shard (`--shard`, the `cohorts.dev/shard` value it owns) of the sharded operator
+    /// running it. An import relabelled to another shard keeps its run here: the old shard
+    /// stops the run and clears `runnerShard`, `runnerLease` and `runnerIdentity`, and the new
+    /// shard resumes the run only then (or once the old shard's Lease shows it stopped), so
+    /// it never runs twice. (Flat fields: Kubernetes 1.20's server-side apply leaves an empty
+    /// nested object behind when one is removed.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner_shard: Option<String>,
+    /// The Lease that operator holds while it runs imports, `namespace/name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner_lease: Option<String>,
+    /// The Lease holder identity (the pod name) of that operator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner_identity: Option<String>,
+}
+
+/// Which sharded operator runs an import's current run (`currentRun.runner*`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunRunner {
+    pub shard: String,
+    pub lease: Option<String>,
+    pub identity: String,
+}
+
+impl CurrentRun {
+    /// Who runs it; `None` when no sharded operator holds it.
+    pub fn runner(&self) -> Option<RunRunner> {
+        Some(RunRunner {
+            shard: self.runner_shard.clone()?,
+            lease: self.runner_lease.clone(),
+            identity: self.runner_identity.clone().unwrap_or_default(),
+        })
+    }
+
+    pub fn set_runner(&mut self, runner: Option<RunRunner>) {
+        self.runner_shard = runner.as_ref().map(|r| r.shard.clone());
+        self.runner_lease = runner.as_ref().and_then(|r| r.lease.clone());
+        self.runner_identity = runner.map(|r| r.identity);
+    }
 }
 
 /// The schedule's progress: runs at or before `handledThrough` are done (run, missed, or

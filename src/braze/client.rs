@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::pin::pin;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::batch::{Batch, Change, IdCounts, MAX_IDS_PER_REQUEST, Packer};
+use super::budget::{Budget, BudgetConfig, Budgets, LimitSignal};
 use super::error::{BrazeError, TransientFailure, UnauthorizedReason};
 use super::retry::{Disposition, RetryDelay, RetryPolicy, classify, is_rate_limited, server_wait_hint};
 use super::wire::{self, NameBody, READ_BODY_BYTES, ResponseText, UsersBody};
@@ -96,6 +97,8 @@ pub struct RequestOutcome {
     /// The last answer's body and message (keys redacted, truncated).
     pub response: ResponseText,
     pub elapsed: Duration,
+    /// Time spent waiting for the destination's budget (included in `elapsed`).
+    pub budget_wait: Duration,
 }
 
 impl RequestOutcome {
@@ -160,6 +163,11 @@ pub struct ChangesTotals {
     pub connection_errors: u32,
     /// Accepted answers that listed non-fatal `errors`.
     pub accepted_with_errors: u32,
+    /// 429s absorbed by waiting for the destination's budget (also in `retries`; they do
+    /// not use up the retry budget or a request's attempts).
+    pub rate_limited: u32,
+    /// Wall-clock time during which at least one request waited for budget.
+    pub budget_wait: Duration,
 }
 
 /// Braze's partner cohort import API. Cheap to clone; clones share the connection pool.
@@ -167,6 +175,8 @@ pub struct ChangesTotals {
 pub struct BrazeClient {
     http: reqwest::Client,
     config: BrazeClientConfig,
+    /// Shared by clones, and by every run of a destination.
+    budgets: Arc<Budgets>,
 }
 
 /// Shared by the requests of one run.
@@ -177,6 +187,16 @@ struct RunState {
     by_status: Mutex<BTreeMap<u16, u32>>,
     timeouts: AtomicU32,
     connection_errors: AtomicU32,
+    rate_limited: AtomicU32,
+    waiting: Mutex<WaitClock>,
+}
+
+/// Wall-clock time during which at least one request of a run waited for budget.
+#[derive(Default)]
+struct WaitClock {
+    waiting: usize,
+    since: Option<Instant>,
+    total: Duration,
 }
 
 impl RunState {
@@ -188,7 +208,34 @@ impl RunState {
             by_status: Mutex::default(),
             timeouts: AtomicU32::new(0),
             connection_errors: AtomicU32::new(0),
+            rate_limited: AtomicU32::new(0),
+            waiting: Mutex::default(),
         }
+    }
+
+    fn wait_clock(&self) -> std::sync::MutexGuard<'_, WaitClock> {
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn start_waiting(&self) {
+        let mut clock = self.wait_clock();
+        clock.waiting += 1;
+        clock.since.get_or_insert_with(Instant::now);
+    }
+
+    fn stop_waiting(&self) {
+        let mut clock = self.wait_clock();
+        clock.waiting -= 1;
+        if clock.waiting == 0
+            && let Some(since) = clock.since.take()
+        {
+            clock.total += since.elapsed();
+        }
+    }
+
+    fn budget_wait(&self) -> Duration {
+        let clock = self.wait_clock();
+        clock.total + clock.since.map_or(Duration::ZERO, |s| s.elapsed())
     }
 
     fn take_retry(&self) -> bool {
@@ -217,6 +264,16 @@ struct Attempted {
     status: Option<u16>,
     response: ResponseText,
     error: Option<BrazeError>,
+    budget_wait: Duration,
+}
+
+/// Ends a request's wait for budget in its run's wait clock, however the wait ends.
+struct Waiting<'a>(&'a RunState);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.stop_waiting();
+    }
 }
 
 impl BrazeClient {
@@ -233,11 +290,48 @@ impl BrazeClient {
             .map_err(|e| {
                 BrazeError::InvalidRequest(format!("cannot set up the HTTP client: {e}"))
             })?;
-        Ok(Self { http, config })
+        let budgets = Arc::new(Budgets::new(BudgetConfig::default()));
+        Ok(Self { http, config, budgets })
+    }
+
+    /// Draws requests from `budgets` (the operator's `--braze-requests-per-hour` and
+    /// `--braze-burst`) instead of a default budget of its own.
+    pub fn with_budgets(mut self, budgets: Arc<Budgets>) -> Self {
+        self.budgets = budgets;
+        self
     }
 
     pub fn config(&self) -> &BrazeClientConfig {
         &self.config
+    }
+
+    pub fn budgets(&self) -> &Arc<Budgets> {
+        &self.budgets
+    }
+
+    fn budget(&self, target: &CohortTarget) -> Arc<Budget> {
+        let destination =
+            self.budgets.destination(&target.rest_endpoint, &target.partner, target.data_import_key.expose());
+        self.budgets.get(destination)
+    }
+
+    /// Waits for a token of `budget`; fails when the run stops or the wait is too long.
+    async fn wait_for_budget(
+        &self,
+        budget: &Budget,
+        run: &RunState,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<Duration, BrazeError> {
+        let max_wait = self.budgets.config().max_wait;
+        run.start_waiting();
+        let _waiting = Waiting(run);
+        let waited = tokio::select! {
+            waited = budget.acquire() => Ok(waited),
+            () = tokio::time::sleep(max_wait) => Err(BrazeError::RateLimited { wait: max_wait, max_wait }),
+            _ = stop.wait_for(|stopped| *stopped) => return Err(BrazeError::Abandoned),
+        };
+        self.budgets.waited(*waited.as_ref().unwrap_or(&max_wait));
+        waited
     }
 
     /// Creates or renames the cohort (`POST …/cohorts`); Braze treats it as an upsert by
@@ -279,6 +373,7 @@ impl BrazeClient {
             error: done.error.clone(),
             response: done.response,
             elapsed: started.elapsed(),
+            budget_wait: done.budget_wait,
         };
         match done.error {
             None => {
@@ -416,6 +511,7 @@ impl BrazeClient {
                 error: Some(BrazeError::InvalidRequest(format!(
                     "cannot encode the request: {e}"
                 ))),
+                budget_wait: Duration::ZERO,
             },
         };
         let outcome = RequestOutcome {
@@ -428,6 +524,7 @@ impl BrazeClient {
             error: done.error,
             response: done.response,
             elapsed: started.elapsed(),
+            budget_wait: done.budget_wait,
         };
         debug!(
             cohort_id = %target.cohort_id, seq = outcome.seq, ids = batch.len(),
@@ -455,8 +552,20 @@ impl BrazeClient {
         *request.timeout_mut() = Some(self.config.request_timeout);
         *request.body_mut() = Some(body.into());
         let mut stop = run.stop.subscribe();
+        let budget = self.budget(target);
         let mut attempts = 0;
+        // 429s answered so far: they wait for the budget instead of using up attempts.
+        let mut limited = 0;
+        let mut waited = Duration::ZERO;
+        let mut last: (Option<u16>, ResponseText) = (None, ResponseText::default());
         loop {
+            match self.wait_for_budget(&budget, run, &mut stop).await {
+                Ok(wait) => waited += wait,
+                Err(error) => {
+                    let (status, response) = last;
+                    return Attempted { attempts, status, response, error: Some(error), budget_wait: waited };
+                }
+            }
             attempts += 1;
             let this = request
                 .try_clone()
@@ -465,6 +574,13 @@ impl BrazeClient {
                 Ok(resp) => {
                     let status = resp.status().as_u16();
                     run.count_status(status);
+                    // Braze's window state counts from an accepted answer or a rate limit; the
+                    // headers of a 5xx (often a proxy's) must not stretch its own backoff.
+                    let remaining = resp.headers().get("x-ratelimit-remaining").and_then(|v| v.to_str().ok());
+                    if (200..300).contains(&status) || is_rate_limited(status, remaining) {
+                        let signal = LimitSignal::read(status, resp.headers(), jiff::Timestamp::now());
+                        budget.observe(signal, |n| policy.backoff(n, 0.5 + rand::random::<f64>() / 2.0));
+                    }
                     let hint = wait_hint(status, resp.headers());
                     let response = read_body(resp, &secrets).await;
                     match classify(status) {
@@ -477,6 +593,7 @@ impl BrazeClient {
                                 status: Some(status),
                                 response,
                                 error: None,
+                                budget_wait: waited,
                             };
                         }
                         Disposition::Permanent => {
@@ -487,6 +604,7 @@ impl BrazeClient {
                                 status: Some(status),
                                 response,
                                 error: Some(error),
+                                budget_wait: waited,
                             };
                         }
                         Disposition::Retry => {
@@ -525,11 +643,23 @@ impl BrazeClient {
                 status,
                 response: response.clone(),
                 error: Some(error),
+                budget_wait: waited,
             };
             if run.stopped() {
                 return give_up(BrazeError::Abandoned);
             }
-            if attempts >= policy.max_attempts {
+            if status == Some(429) {
+                // The destination's budget is closed until Braze's reset (or a backoff): wait
+                // for it like every other request of the destination, without using up an
+                // attempt or the run's retries.
+                limited += 1;
+                run.rate_limited.fetch_add(1, Ordering::Relaxed);
+                let cohort_id = &target.cohort_id;
+                warn!(%cohort_id, seq, attempt = attempts, "Braze rate limit; waiting for the destination's budget");
+                last = (status, response.clone());
+                continue;
+            }
+            if attempts - limited >= policy.max_attempts {
                 return give_up(BrazeError::AttemptsExhausted {
                     attempts,
                     last: failure,
@@ -631,7 +761,9 @@ fn totals(requests: &[RequestOutcome], run: &RunState) -> ChangesTotals {
             .clone(),
         timeouts: run.timeouts.load(Ordering::Relaxed),
         connection_errors: run.connection_errors.load(Ordering::Relaxed),
-        retries: run.budget - run.retries_left.load(Ordering::Relaxed),
+        rate_limited: run.rate_limited.load(Ordering::Relaxed),
+        retries: run.budget - run.retries_left.load(Ordering::Relaxed) + run.rate_limited.load(Ordering::Relaxed),
+        budget_wait: run.budget_wait(),
         ..ChangesTotals::default()
     };
     for r in requests {

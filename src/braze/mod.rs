@@ -3,15 +3,18 @@
 //! - [`batch`]: packing changes into requests of at most 1,000 identifiers (pure).
 //! - [`retry`]: which answers to retry and how long to wait (pure).
 //! - [`wire`]: request bodies and lenient reading of answers, with key redaction (pure).
+//! - [`budget`]: one request budget per destination, shared by every run (token bucket).
 //! - [`client`]: the HTTP client: bounded concurrency, keep-alive, retries, run reports.
 
 pub mod batch;
+pub mod budget;
 pub mod client;
 pub mod error;
 pub mod retry;
 pub mod wire;
 
 pub use batch::{Batch, Change, IdCounts, MAX_IDS_PER_REQUEST};
+pub use budget::{BudgetConfig, BudgetObserver, Budgets};
 pub use client::{
     BrazeClient, BrazeClientConfig, ChangesReport, ChangesTotals, CohortTarget, RequestOutcome,
 };

@@ -13,7 +13,7 @@ use super::secrets::KeyError;
 use super::status::{idle_ready, next_run_text, seconds, set_ready};
 use crate::api::{
     APPROVE_REMOVALS_ANNOTATION, CohortImport, CohortImportStatus, CurrentRun, RUN_REQUESTED_ANNOTATION, ReadyReason,
-    RunResult,
+    RunResult, RunRunner,
 };
 use crate::domain::plan::{Decision, Hold, Plan, PlanInput, ScheduleCursor, plan};
 use crate::domain::validate::{SpecErrors, ValidSpec};
@@ -34,6 +34,8 @@ pub struct Observed<'a> {
     pub secrets: Option<&'a Result<(), KeyError>>,
     /// The id a run started by this reconcile gets ([`crate::run::new_run_id`]).
     pub new_run_id: String,
+    /// Sharded: who signs a run this reconcile starts ([`super::shard`]); `None` unsharded.
+    pub runner: Option<RunRunner>,
 }
 
 /// Something to do once the status is written.
@@ -129,7 +131,8 @@ pub fn desired(import: &CohortImport, plan: Result<&Plan, &SpecErrors>, seen: &O
             return Desired { status: None, effects, requeue: Requeue::Soon };
         }
         if seen.winner.is_none() {
-            let run = CurrentRun { started_at: seconds(seen.now), ..run };
+            let mut run = CurrentRun { started_at: seconds(seen.now), ..run };
+            run.set_runner(seen.runner.clone());
             let note = format!("Run {} was interrupted (operator restart or failover); running it again", run.id);
             effects.push(Effect::Warn { reason: event::RUN_INTERRUPTED, action: "Run", note });
             return start(import, status, run, effects);
@@ -146,12 +149,16 @@ pub fn desired(import: &CohortImport, plan: Result<&Plan, &SpecErrors>, seen: &O
             if let Some(request) = run_request {
                 status.last_handled_run_request = Some(request.clone());
             }
-            let run = CurrentRun {
+            let mut run = CurrentRun {
                 id: seen.new_run_id.clone(),
                 trigger: *trigger,
                 started_at: seconds(seen.now),
                 approved_removals: approved_removals.clone(),
+                runner_shard: None,
+                runner_lease: None,
+                runner_identity: None,
             };
+            run.set_runner(seen.runner.clone());
             start(import, status, run, effects)
         }
         Decision::RecordMissed { slot } => {
@@ -306,6 +313,7 @@ mod tests {
             run_ended_here: false,
             secrets: Some(&Ok(())),
             new_run_id: "20260302-063000-abcd".into(),
+            runner: None,
         }
     }
 
@@ -354,6 +362,9 @@ mod tests {
             trigger: RunTrigger::Scheduled,
             started_at: ts(CREATED),
             approved_removals: None,
+            runner_shard: None,
+            runner_lease: None,
+            runner_identity: None,
         };
         CohortImportStatus { current_run: Some(run), ..status.clone() }
     }

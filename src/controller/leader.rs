@@ -40,6 +40,14 @@ pub enum LeaderError {
 }
 
 impl LeaderElection {
+    /// The Lease of one shard: `<lease>-<shard>`, so that each shard elects its own leader.
+    pub fn for_shard(mut self, shard: Option<&str>) -> Self {
+        if let Some(shard) = shard {
+            self.lease_name = format!("{}-{shard}", self.lease_name);
+        }
+        self
+    }
+
     async fn manager(&self, client: kube::Client) -> Result<LeaseManager, LeaderError> {
         LeaseManagerBuilder::new(client, &self.lease_name)
             .with_namespace(&self.lease_namespace)

@@ -55,6 +55,8 @@ pub struct Metrics {
     pub runs_in_progress: Gauge,
     pub notification_failures: Counter,
     pub leader: Gauge,
+    /// Waits of Braze requests for their destination's shared budget.
+    pub braze_budget_wait: Histogram,
     ready: AtomicBool,
 }
 
@@ -107,6 +109,13 @@ impl Metrics {
         );
         let leader = Gauge::default();
         registry.register("leader", "1 while this replica leads and runs imports", leader.clone());
+        // 1 ms to about 1.2 hours (Braze's window is an hour).
+        let braze_budget_wait = Histogram::new(exponential_buckets(0.001, 4.0, 12));
+        registry.register(
+            "braze_budget_wait_seconds",
+            "Time each Braze request waited for its destination's shared rate budget",
+            braze_budget_wait.clone(),
+        );
         Metrics {
             registry,
             runs,
@@ -120,6 +129,7 @@ impl Metrics {
             runs_in_progress,
             notification_failures,
             leader,
+            braze_budget_wait,
             ready: AtomicBool::new(false),
         }
     }
@@ -165,6 +175,12 @@ impl Metrics {
         let mut text = String::new();
         encode(&mut text, &self.registry).expect("writing to a String cannot fail");
         text
+    }
+}
+
+impl crate::braze::BudgetObserver for Metrics {
+    fn waited(&self, wait: std::time::Duration) {
+        self.braze_budget_wait.observe(wait.as_secs_f64());
     }
 }
 
@@ -231,6 +247,7 @@ mod tests {
         m.braze_responses(None, 1);
         m.succeeded_at("growth", "vip", 1_700_000_000.0);
         m.reconcile_error("Kube");
+        crate::braze::BudgetObserver::waited(&m, std::time::Duration::from_millis(1500));
         let text = m.render();
         for needle in [
             "cohort_operator_runs_total{result=\"Succeeded\"} 1",
@@ -241,6 +258,8 @@ mod tests {
             "cohort_operator_braze_requests_total{status=\"none\"} 1",
             "cohort_operator_last_success_timestamp_seconds{namespace=\"growth\",name=\"vip\"} 1700000000",
             "cohort_operator_reconcile_errors_total{reason=\"Kube\"} 1",
+            "cohort_operator_braze_budget_wait_seconds_sum 1.5",
+            "cohort_operator_braze_budget_wait_seconds_count 1",
         ] {
             assert!(text.contains(needle), "{needle} missing from\n{text}");
         }

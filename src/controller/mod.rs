@@ -12,8 +12,9 @@
 //!   ([`pipeline`] is the real one).
 //! - [`status`], [`events`], [`metrics`]: what the controller tells people.
 //! - [`leader`]: only the replica holding the Lease runs anything.
+//! - [`shard`]: several operators, each owning the imports its label selector picks.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,7 +25,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::{Controller, watcher};
+use kube::runtime::{Controller, WatchStreamExt, reflector, watcher};
 use kube::{Resource, ResourceExt};
 use tokio::sync::{Semaphore, mpsc};
 use tracing::{info, warn};
@@ -45,6 +46,7 @@ pub mod record;
 pub mod runs;
 pub mod secret_recheck;
 pub mod secrets;
+pub mod shard;
 pub mod status;
 
 use clock::Clock;
@@ -84,6 +86,8 @@ pub struct Config {
     pub watch_secrets: bool,
     /// Without the watch, the longest wait between looks at a missing Secret.
     pub missing_secret_recheck: Duration,
+    /// `None`: every import in the watched namespaces is ours (no sharding).
+    pub shard: Option<shard::Shard>,
 }
 
 impl Default for Config {
@@ -100,6 +104,7 @@ impl Default for Config {
             error_requeue: Duration::from_secs(10),
             watch_secrets: true,
             missing_secret_recheck: Duration::from_secs(30),
+            shard: None,
         }
     }
 }
@@ -131,12 +136,18 @@ pub struct Context {
     wakers: Vec<(Option<String>, mpsc::UnboundedSender<ObjectRef<CohortImport>>)>,
     /// Import held in `Conflict` → the import that owns its cohort.
     conflicts: Mutex<HashMap<ObjectRef<CohortImport>, ObjectRef<CohortImport>>>,
+    /// With sharding: every shard's imports in the watched namespaces (status left out).
+    every_shard: Vec<Store<CohortImport>>,
+    /// Imports that left this shard and whose run is being handed over.
+    releasing: Mutex<HashSet<ObjectRef<CohortImport>>>,
 }
 
 impl Context {
-    /// Every import in the watched namespaces.
+    /// Every import in the watched namespaces, whichever shard owns it: what conflict
+    /// detection compares (with sharding, their status is left out).
     pub fn imports(&self) -> Vec<Arc<CohortImport>> {
-        self.stores.iter().flat_map(|s| s.state()).collect()
+        let stores = if self.config.shard.is_some() { &self.every_shard } else { &self.stores };
+        stores.iter().flat_map(|s| s.state()).collect()
     }
 
     /// Reconciles `import` soon.
@@ -252,16 +263,26 @@ async fn run_controllers(
         }
     };
 
+    // A shard watches (and so reconciles and runs) only the imports its selector picks.
+    let own_imports = match &config.shard {
+        Some(shard) => watcher::Config::default().any_semantic().labels(&shard.selector()),
+        None => watcher::Config::default().any_semantic(),
+    };
     let mut controllers = Vec::new();
     let mut stores = Vec::new();
+    let mut every_shard = Vec::new();
+    let mut every_shard_writers = Vec::new();
     let mut wakers = Vec::new();
     let mut wake_streams = Vec::new();
     for scope in &scopes {
         // Reconciles are short API round trips; a bound keeps a burst (start-up, a re-list)
         // from holding a thousand requests in memory at once.
-        let controller = Controller::new(api_for(scope), watcher::Config::default().any_semantic())
+        let controller = Controller::new(api_for(scope), own_imports.clone())
             .with_config(kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY));
         stores.push(controller.store());
+        let (reader, writer) = reflector::store();
+        every_shard.push(reader);
+        every_shard_writers.push(writer);
         let (tx, rx) = mpsc::unbounded_channel();
         wakers.push((scope.clone(), tx));
         wake_streams.push(rx);
@@ -281,6 +302,8 @@ async fn run_controllers(
         stores,
         wakers,
         conflicts: Mutex::new(HashMap::new()),
+        every_shard,
+        releasing: Mutex::new(HashSet::new()),
     });
     // Runs are tasks of their own; stop them all when this future goes (shutdown, lost
     // Lease, or the task running it aborted).
@@ -288,7 +311,8 @@ async fn run_controllers(
 
     let shutdown = futures::future::FutureExt::shared(Box::pin(shutdown));
     let mut running = Vec::new();
-    for ((scope, controller), wake) in scopes.iter().zip(controllers).zip(wake_streams) {
+    let scoped = scopes.iter().zip(controllers).zip(wake_streams).zip(every_shard_writers);
+    for (((scope, controller), wake), every_shard_writer) in scoped {
         // Only metadata: the controller never keeps Secret values in memory.
         let secrets: Api<PartialObjectMeta<Secret>> = match scope {
             Some(ns) => Api::namespaced(client.clone(), ns),
@@ -313,9 +337,14 @@ async fn run_controllers(
         } else {
             controller
         };
+        let controller = controller.watches(config_maps, watcher::Config::default().any_semantic(), by_config_map);
+        // Every import of the scope, whichever shard owns it: a change may lift a conflict here.
+        let controller = if ctx.config.shard.is_some() {
+            controller.watches_stream(every_shard_imports(&ctx, api_for(scope), every_shard_writer), same_cohort)
+        } else {
+            controller.watches(api_for(scope), watcher::Config::default().any_semantic(), same_cohort)
+        };
         let stream = controller
-            .watches(config_maps, watcher::Config::default().any_semantic(), by_config_map)
-            .watches(api_for(scope), watcher::Config::default().any_semantic(), same_cohort)
             .reconcile_on(wake)
             .reconcile_all_on(ctx.clock.jumps())
             .graceful_shutdown_on(shutdown.clone())
@@ -332,6 +361,32 @@ async fn run_controllers(
         running.push(stream);
     }
     futures::future::join_all(running).await;
+}
+
+/// Every import of a scope, whichever shard owns it, kept in `writer`'s store without its
+/// status (conflict detection needs only spec and metadata). Each one that left this shard
+/// while it ran here is let go first.
+fn every_shard_imports(
+    ctx: &Arc<Context>,
+    api: Api<CohortImport>,
+    writer: reflector::store::Writer<CohortImport>,
+) -> impl futures::Stream<Item = Result<CohortImport, watcher::Error>> + Send + 'static {
+    let ctx = ctx.clone();
+    watcher(api, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .map(move |event| {
+            if let Ok(watcher::Event::Apply(import) | watcher::Event::InitApply(import)) = &event {
+                ctx.let_go_if_left(import);
+            }
+            event
+        })
+        .modify(|import| {
+            import.status = None;
+            import.metadata.managed_fields = None;
+            import.metadata.annotations = None;
+        })
+        .reflect(writer)
+        .touched_objects()
 }
 
 /// Maps a changed Secret or ConfigMap to the imports in its namespace that read it.

@@ -139,6 +139,12 @@ async fn apply(import: Arc<CohortImport>, ctx: &Arc<Context>, api: &Api<CohortIm
         .as_ref()
         .and_then(|s| s.current_run.as_ref())
         .is_some_and(|run| ctx.runs.is_recorded(&reference, &run.id));
+    // Sharded: a run that came with an import from another shard waits until it stopped there.
+    if let Some(run) = import.status.as_ref().and_then(|s| s.current_run.as_ref()).filter(|_| !run_ended_here)
+        && let Some(wait) = ctx.handoff_wait(&import, run).await
+    {
+        return Ok(wait);
+    }
     let seen = Observed {
         now,
         starting_deadline: deadline,
@@ -146,6 +152,7 @@ async fn apply(import: Arc<CohortImport>, ctx: &Arc<Context>, api: &Api<CohortIm
         run_ended_here,
         secrets: secrets.as_ref(),
         new_run_id: crate::run::new_run_id(now),
+        runner: ctx.runner(),
     };
     let wanted = desired::desired(&import, plan.as_ref().map_err(|e| &**e), &seen);
     execute(ctx, api, import, valid.ok(), wanted).await

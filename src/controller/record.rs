@@ -293,6 +293,9 @@ mod tests {
             trigger: RunTrigger::Manual,
             started_at: ts("2026-03-02T06:30:00.5Z"),
             approved_removals: None,
+            runner_shard: None,
+            runner_lease: None,
+            runner_identity: None,
         }
     }
 

@@ -77,6 +77,14 @@ impl RunRegistry {
         }
     }
 
+    /// Stops the run of `import` in progress here, if any; returns its task's handle, to
+    /// see when it has stopped.
+    pub(super) fn abort(&self, import: &ObjectRef<CohortImport>) -> Option<AbortHandle> {
+        let (_, handle) = self.lock().remove(import)?;
+        handle.abort();
+        Some(handle)
+    }
+
     fn abort_all(&self) {
         for (_, (_, handle)) in self.lock().drain() {
             handle.abort();
@@ -116,7 +124,13 @@ pub(super) fn start(ctx: &Arc<Context>, import: Arc<CohortImport>, spec: ValidSp
 async fn execute(ctx: Arc<Context>, import: Arc<CohortImport>, spec: ValidSpec, run: CurrentRun) {
     let reference = ObjectRef::from_obj(import.as_ref());
     let _slot = ctx.run_slots.acquire().await;
-    ctx.metrics.runs_in_progress.inc();
+    // Sharded: the import may have moved to another shard meanwhile; that shard runs it.
+    if !ctx.still_runs_here(&import, &run.id).await {
+        ctx.runs.finished(&reference, &run.id);
+        ctx.wake(reference);
+        return;
+    }
+    let in_progress = InProgress::start(&ctx);
     info!(trigger = ?run.trigger, "run started");
     let note = format!("Run {} ({:?}) started", run.id, run.trigger);
     ctx.events.normal(&import, event::RUN_STARTED, "Run", note).await;
@@ -128,10 +142,26 @@ async fn execute(ctx: Arc<Context>, import: Arc<CohortImport>, spec: ValidSpec, 
         Err(e) => Err(e.into()),
     };
     let end = RunEnd::finished(&run, outcome, ctx.clock.now(), clock_started.elapsed());
-    ctx.metrics.runs_in_progress.dec();
+    drop(in_progress);
     finish(&ctx, &import, end).await;
     ctx.runs.finished(&reference, &run.id);
     ctx.wake(reference);
+}
+
+/// Counts a run in `runs_in_progress` until dropped — also when its task is aborted.
+struct InProgress(Arc<Context>);
+
+impl InProgress {
+    fn start(ctx: &Arc<Context>) -> Self {
+        ctx.metrics.runs_in_progress.inc();
+        InProgress(ctx.clone())
+    }
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        self.0.metrics.runs_in_progress.dec();
+    }
 }
 
 /// Records the end in status — unless another replica took the run over, whose record

@@ -177,6 +177,7 @@ pub async fn run_import(run: &ImportRun, deps: RunDeps<'_>) -> RunReport {
         hint: None,
         spilled_runs: 0,
         braze_responses: Default::default(),
+        braze_budget_wait: std::time::Duration::ZERO,
     };
     match execute(run, deps, clock, &mut report).await {
         Ok(result) => report.result = result,
@@ -347,6 +348,7 @@ async fn execute(run: &ImportRun, deps: RunDeps<'_>, clock: RunClock, report: &m
         let named = deps.braze.name_cohort(deps.target, &run.cohort_name, created_at).await.map_err(RunError::Naming)?;
         report.requests += 1;
         report.retries += named.attempts.saturating_sub(1);
+        report.braze_budget_wait += named.budget_wait;
         *report.braze_responses.entry(named.status).or_default() += 1;
         report.cohort_named = true;
     }
@@ -357,6 +359,7 @@ async fn execute(run: &ImportRun, deps: RunDeps<'_>, clock: RunClock, report: &m
         let (sent, read) = send_changes_from(deps.braze, deps.target, move |tx| read_changes(removes, adds, tx)).await;
         report.requests += sent.totals.requests;
         report.retries += sent.totals.retries;
+        report.braze_budget_wait += sent.totals.budget_wait;
         for (status, count) in &sent.totals.responses_by_status {
             *report.braze_responses.entry(Some(*status)).or_default() += u64::from(*count);
         }

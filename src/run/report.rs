@@ -68,6 +68,9 @@ pub struct RunReport {
     /// Braze answers by HTTP status (`None`: no answer — timeout or connection error):
     /// every attempt of the membership requests, and the naming request's last answer.
     pub braze_responses: std::collections::BTreeMap<Option<u16>, u64>,
+    /// Time the run's Braze requests waited for their destination's shared budget
+    /// (`--braze-requests-per-hour`): the naming, then the membership changes.
+    pub braze_budget_wait: Duration,
 }
 
 /// Why a run failed.
@@ -163,6 +166,9 @@ impl RunReport {
             },
             RunResult::Missed => "missed".into(),
         };
+        if self.braze_budget_wait >= Duration::from_secs(1) && self.result == RunResult::Succeeded {
+            text.push_str(&format!("; waited {} s for the Braze rate budget", self.braze_budget_wait.as_secs()));
+        }
         let skipped = self.skipped.total();
         if skipped > 0 && matches!(self.result, RunResult::Succeeded | RunResult::DryRun) {
             text.push_str(&format!("; {skipped} rows skipped ({})", self.skipped));

@@ -102,6 +102,8 @@ def test_default_args_and_env() -> None:
         "--leader-election",
         "--lease-namespace=$(POD_NAMESPACE)",
         f"--lease-name={FULLNAME}",
+        "--braze-requests-per-hour=250000",
+        "--braze-burst=500",
         "--snapshot-store=cluster",
     ]
     env = env_of(c)
@@ -135,6 +137,8 @@ def test_full_values_args_env_and_mounts() -> None:
         "--leader-election",
         "--lease-namespace=$(POD_NAMESPACE)",
         "--lease-name=cohort-leader",
+        "--braze-requests-per-hour=250000",
+        "--braze-burst=500",
         "--snapshot-store=filesystem",
         "--snapshot-dir=/var/lib/cohort-operator/snapshots",
     ]

@@ -103,6 +103,8 @@ pub struct FaultState {
     pub faults: Faults,
     window: u64,
     used: u64,
+    /// The most requests any rate-limit window received, refused ones included.
+    peak: u64,
 }
 
 impl FaultState {
@@ -111,7 +113,18 @@ impl FaultState {
             faults,
             window: 0,
             used: 0,
+            peak: 0,
         }
+    }
+
+    /// The most requests one rate-limit window received (429s included) since the faults
+    /// were set or [`Self::reset_peak`]: what a client's own budget let through.
+    pub fn peak_window_requests(&self) -> u64 {
+        self.peak
+    }
+
+    pub fn reset_peak(&mut self) {
+        self.peak = self.used;
     }
 
     /// Replaces the faults; the rate-limit window starts afresh.
@@ -134,6 +147,7 @@ impl FaultState {
                 self.used = 0;
             }
             self.used += 1;
+            self.peak = self.peak.max(self.used);
             let reset = ((window + 1) * window_ms).div_ceil(1000);
             let headers = RateLimitHeaders {
                 limit: limit.requests,
@@ -270,6 +284,9 @@ mod tests {
             state.decide(1_700_000_010_000, || 0.5),
             Decision::Pass { .. }
         ));
+        assert_eq!(state.peak_window_requests(), 3, "the refused request counts");
+        state.reset_peak();
+        assert_eq!(state.peak_window_requests(), 1, "the current window so far");
     }
 
     #[test]

@@ -117,6 +117,9 @@ pub struct Stats {
     pub left: u64,
     /// The most Braze requests handled at the same time (a client's concurrency bound).
     pub max_concurrent_requests: u64,
+    /// With a rate limit set: the most requests one window received, 429s included.
+    #[serde(default)]
+    pub max_requests_in_rate_window: u64,
 }
 
 /// One Braze request, as `GET /sandbox/requests` lists it (never with keys).
@@ -196,6 +199,8 @@ impl Counters {
             joined: load(&self.joined),
             left: load(&self.left),
             max_concurrent_requests: load(&self.max_concurrent),
+            // Kept by the fault state; filled in by `Shared::stats`.
+            max_requests_in_rate_window: 0,
         }
     }
 
@@ -425,12 +430,11 @@ impl SandboxHandle {
     }
 
     pub fn stats(&self) -> Stats {
-        self.shared.counters.snapshot()
+        self.shared.stats()
     }
 
     pub fn reset_stats(&self) {
-        self.shared.counters.reset();
-        self.shared.log.lock().clear();
+        self.shared.reset_stats();
     }
 
     /// The latest Braze requests, oldest first.
@@ -672,6 +676,19 @@ impl Endpoint {
 }
 
 impl Shared {
+    fn stats(&self) -> Stats {
+        Stats {
+            max_requests_in_rate_window: self.faults.lock().peak_window_requests(),
+            ..self.counters.snapshot()
+        }
+    }
+
+    fn reset_stats(&self) {
+        self.counters.reset();
+        self.faults.lock().reset_peak();
+        self.log.lock().clear();
+    }
+
     fn record(&self, endpoint: &Endpoint, partner: &str, a: Answered<'_>) {
         let Answered {
             cohort_id,
@@ -981,7 +998,7 @@ fn partner_choice(
 }
 
 async fn admin_stats(State(shared): State<Arc<Shared>>) -> Json<Stats> {
-    Json(shared.counters.snapshot())
+    Json(shared.stats())
 }
 
 async fn admin_reset_stats(State(shared): State<Arc<Shared>>) -> StatusCode {
