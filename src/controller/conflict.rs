@@ -102,6 +102,24 @@ pub fn source_secrets(spec: &CohortImportSpec) -> Vec<SourceSecret<'_>> {
             push("spec.source.http.auth.header.valueSecretRef", &h.value_secret_ref.name, &h.value_secret_ref.key);
         }
     }
+    if let Some(c) = spec.source.snowflake.as_ref().map(|s| &s.credentials) {
+        for key in [Some(&c.account_key), Some(&c.user_key), Some(&c.private_key_key), c.private_key_passphrase_key.as_ref()]
+            .into_iter()
+            .flatten()
+        {
+            push("spec.source.snowflake.credentials", &c.secret_name, key);
+        }
+    }
+    if let Some(auth) = spec.source.databricks.as_ref().map(|d| &d.auth) {
+        if let Some(r) = &auth.token_secret_ref {
+            push("spec.source.databricks.auth.tokenSecretRef", &r.name, &r.key);
+        }
+        if let Some(o) = &auth.oauth {
+            for key in [&o.client_id_key, &o.client_secret_key] {
+                push("spec.source.databricks.auth.oauth", &o.secret_name, key);
+            }
+        }
+    }
     refs
 }
 
