@@ -119,7 +119,7 @@ async fn short_lived_oauth_tokens_are_replaced_before_they_expire() {
     // Tokens live 2 s, so the margin (half the lifetime) replaces each after about 1 s.
     let (ws, objects) = workspace("dbx_refresh", |c| {
         c.token_lifetime = Duration::from_secs(2);
-        c.pending_polls = 12;
+        c.pending_polls = 6;
     })
     .await;
     let oauth: Value = serde_json::from_str(OAUTH).unwrap();
