@@ -450,9 +450,11 @@ pub struct DatabricksOAuth {
     /// Secret holding the client id and secret.
     #[schemars(length(min = 1, max = 253), regex(pattern = OBJECT_NAME_PATTERN))]
     pub secret_name: String,
+    /// Key of the OAuth client id (the service principal's application id).
     #[serde(default = "default_client_id_key")]
     #[schemars(length(min = 1, max = 253), regex(pattern = DATA_KEY_PATTERN))]
     pub client_id_key: String,
+    /// Key of the OAuth secret.
     #[serde(default = "default_client_secret_key")]
     #[schemars(length(min = 1, max = 253), regex(pattern = DATA_KEY_PATTERN))]
     pub client_secret_key: String,
