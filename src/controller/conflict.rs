@@ -207,4 +207,32 @@ pub(crate) mod tests {
         let secrets: Vec<_> = references(&a.spec).into_iter().map(|(_, name)| name).collect();
         assert_eq!(secrets, ["braze", "export", "export"]);
     }
+
+    #[test]
+    fn warehouse_sources_list_every_key_they_read() {
+        let mut a = import("growth", "a", "2026-01-01T00:00:00Z", "https://rest.iad-01.braze.com", "vip");
+        a.spec.source.config_map = None;
+        a.spec.source.snowflake = Some(
+            serde_json::from_value(json!({
+                "credentials": { "secretName": "sf", "privateKeyPassphraseKey": "pass" },
+                "query": "SELECT 1"
+            }))
+            .unwrap(),
+        );
+        let keys: Vec<_> = source_secrets(&a.spec).into_iter().map(|s| (s.name, s.key)).collect();
+        assert_eq!(keys, [("sf", "account"), ("sf", "user"), ("sf", "privateKey"), ("sf", "pass")]);
+        a.spec.source.snowflake = None;
+        a.spec.source.databricks = Some(
+            serde_json::from_value(json!({
+                "host": "https://dbc-1.cloud.databricks.com",
+                "warehouseId": "abc",
+                "auth": { "oauth": { "secretName": "sp" } },
+                "query": "SELECT 1"
+            }))
+            .unwrap(),
+        );
+        let keys: Vec<_> = source_secrets(&a.spec).into_iter().map(|s| (s.field, s.name, s.key)).collect();
+        let field = "spec.source.databricks.auth.oauth";
+        assert_eq!(keys, [(field, "sp", "clientId"), (field, "sp", "clientSecret")]);
+    }
 }
