@@ -92,7 +92,7 @@ fn float_text(text: &str) -> Value<'static> {
         Ok(v) if !v.is_finite() => Value::Rejected(SkipReason::UnsupportedValue),
         Ok(v) if v.fract() == 0.0 && v.abs() > EXACT_LIMIT => Value::Rejected(SkipReason::UnsupportedValue),
         // Rust writes floats in plain decimal, shortest form that reads back the same.
-        Ok(v) if v == 0.0 => Value::Text(Cow::Borrowed("0")),
+        Ok(0.0) => Value::Text(Cow::Borrowed("0")),
         Ok(v) => Value::Text(Cow::Owned(format!("{v}"))),
         Err(_) => Value::Rejected(SkipReason::UnsupportedValue),
     }

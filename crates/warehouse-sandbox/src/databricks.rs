@@ -18,6 +18,9 @@
 //! refuse any `Authorization` header. Values are strings or null; `DOUBLE`s are written as
 //! Spark writes them (`1.23456789E9`, `42.0`).
 
+// Handlers refuse a request with the HTTP response itself: an axum `Response` as the error.
+#![allow(clippy::result_large_err)]
+
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -17,6 +17,9 @@
 //! Column names PostgreSQL folded to lower case are reported upper-cased, as Snowflake
 //! folds unquoted identifiers.
 
+// Handlers refuse a request with the HTTP response itself: an axum `Response` as the error.
+#![allow(clippy::result_large_err)]
+
 use std::collections::{HashMap, VecDeque};
 use std::io::Write;
 use std::net::SocketAddr;
@@ -384,7 +387,7 @@ fn start_statement(inner: &Arc<Inner>, request: &Value, request_id: Option<Strin
     if request.get("parameters").is_some_and(|p| !p.as_object().is_some_and(|o| o.is_empty())) {
         return Err(error(StatusCode::BAD_REQUEST, "390142", "This stand-in accepts no session parameters."));
     }
-    let first_word = sql.trim_start().split_whitespace().next().unwrap_or("").to_ascii_uppercase();
+    let first_word = sql.split_whitespace().next().unwrap_or("").to_ascii_uppercase();
     if first_word == "USE" {
         return Err(failure("000002", "0A000", "Unsupported feature 'USE' in the SQL API."));
     }
