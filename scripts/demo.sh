@@ -3,8 +3,8 @@
 #
 # With no cluster configured (no KUBECONFIG, no ~/.kube/config) it starts a local control
 # plane (etcd + kube-apiserver); with one, it uses that cluster. Either way it starts a
-# Braze sandbox seeded with the demo users, a throw-away PostgreSQL warehouse and an HTTP
-# export server for the examples' sources, installs the CRD, applies examples/ (pointed at
+# Braze sandbox seeded with the demo users, a throw-away PostgreSQL warehouse, the Snowflake
+# and Databricks stand-ins over it, and an HTTP export server for the examples' sources, installs the CRD, applies examples/ (pointed at
 # those local stand-ins), runs the operator, runs every import and shows the resulting
 # status and the sandbox's cohort membership.
 #
@@ -65,10 +65,11 @@ fi
 PG_BIN=/usr/lib/postgresql/15/bin
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/cohort-operator/target}"
-say "Building cohort-operator and braze-sandbox"
-cargo build --locked -q -p cohort-operator -p braze-sandbox --bins
+say "Building cohort-operator, braze-sandbox and warehouse-sandbox"
+cargo build --locked -q -p cohort-operator -p braze-sandbox -p warehouse-sandbox --bins
 OPERATOR="$CARGO_TARGET_DIR/debug/cohort-operator"
 SANDBOX="$CARGO_TARGET_DIR/debug/braze-sandbox"
+WAREHOUSES="$CARGO_TARGET_DIR/debug/warehouse-sandbox"
 
 # --- the cluster ------------------------------------------------------------------------
 if $LOCAL || { [ -z "${KUBECONFIG:-}" ] && [ ! -f "$HOME/.kube/config" ]; }; then
@@ -98,6 +99,20 @@ runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$STATE/pg/data" -l "$STATE/pg/log" -
 psql -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -c 'CREATE DATABASE analytics' >/dev/null
 psql -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -d analytics -f examples/demo/warehouse.sql >/dev/null
 
+SNOWFLAKE_PORT=$(free_port)
+DATABRICKS_PORT=$(free_port)
+say "Starting the Snowflake (port $SNOWFLAKE_PORT) and Databricks (port $DATABRICKS_PORT) stand-ins"
+# A key pair for Snowflake key-pair authentication; the stand-in knows the public key.
+"$WAREHOUSES" keygen --out "$STATE/snowflake" >/dev/null
+"$WAREHOUSES" serve --database-url "postgres://postgres@127.0.0.1:$PG_PORT/analytics" \
+  --snowflake-listen "127.0.0.1:$SNOWFLAKE_PORT" --snowflake-account MYORG-ANALYTICS \
+  --snowflake-user COHORT_READER --snowflake-public-key "$STATE/snowflake/rsa_key.pub" \
+  --databricks-listen "127.0.0.1:$DATABRICKS_PORT" --databricks-warehouse-id 8f2a9c0d1e3b4a56 \
+  --databricks-client demo-sp=demo-sp-secret >"$STATE/warehouses.log" 2>&1 &
+PIDS+=($!)
+wait_for 30 "the Snowflake stand-in" bash -c "</dev/tcp/127.0.0.1/$SNOWFLAKE_PORT"
+wait_for 30 "the Databricks stand-in" bash -c "</dev/tcp/127.0.0.1/$DATABRICKS_PORT"
+
 EXPORT_PORT=$(free_port)
 say "Serving the HTTP export on port $EXPORT_PORT"
 /usr/bin/python3 -m http.server "$EXPORT_PORT" --bind 127.0.0.1 --directory examples/demo >"$STATE/export.log" 2>&1 &
@@ -115,10 +130,17 @@ for f in examples/*.yaml; do
       -e "s#postgres://[^ ]*#postgres://postgres@127.0.0.1:$PG_PORT/analytics?sslmode=disable#" \
       -e "s#https://exports\.example\.com/cohorts/lapsed\.ndjson#http://127.0.0.1:$EXPORT_PORT/lapsed-subscribers.ndjson#" \
       -e "s#data-import-key: change-me#data-import-key: $IMPORT_KEY#" \
+      -e "s#https://myorg-analytics\.snowflakecomputing\.com#http://127.0.0.1:$SNOWFLAKE_PORT#" \
+      -e "s#https://dbc-[a-z0-9-]*\.cloud\.databricks\.com#http://127.0.0.1:$DATABRICKS_PORT#" \
+      -e "s#clientId: change-me#clientId: demo-sp#" -e "s#clientSecret: change-me#clientSecret: demo-sp-secret#" \
       "$f"
   echo "---"
 done > "$STATE/examples.yaml"
 kubectl apply -n "$NAMESPACE" -f "$STATE/examples.yaml"
+# The Snowflake example's Secret gets the private key the stand-in knows.
+kubectl create secret generic snowflake -n "$NAMESPACE" --from-literal=account=myorg-analytics \
+  --from-literal=user=COHORT_READER --from-file=privateKey="$STATE/snowflake/rsa_key.p8" \
+  --dry-run=client -o yaml | kubectl apply -f - >/dev/null
 
 mkdir -p "$STATE/partner-keys" && printf '%s' "$PARTNER_KEY" > "$STATE/partner-keys/us"
 METRICS_PORT=$(free_port)

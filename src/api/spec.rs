@@ -107,6 +107,10 @@ pub struct SourceSpec {
     pub http: Option<HttpSource>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub postgres: Option<PostgresSource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snowflake: Option<SnowflakeSource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub databricks: Option<DatabricksSource>,
 }
 
 /// A small member list written in the resource itself.
@@ -312,6 +316,169 @@ fn default_statement_timeout() -> u32 {
 }
 fn default_fetch_size() -> u32 {
     10_000
+}
+
+/// A `SELECT` on Snowflake through the SQL API v2, authenticated with a key pair (JWT).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SnowflakeSource {
+    /// The Secret holding the account identifier, the user and the private key.
+    pub credentials: SnowflakeCredentials,
+    /// The SQL API's base URL. Default `https://<account>.snowflakecomputing.com`; set it
+    /// for private connectivity, e.g. `https://myorg-myaccount.privatelink.snowflakecomputing.com`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255), regex(pattern = r"^https?://[^\s/?#]+/?$"))]
+    pub endpoint: Option<String>,
+    /// Warehouse that runs the query; the user's default when omitted. Case-sensitive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255))]
+    pub warehouse: Option<String>,
+    /// Database the query's unqualified names resolve in; the user's default when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255))]
+    pub database: Option<String>,
+    /// Schema the query's unqualified names resolve in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255))]
+    pub schema: Option<String>,
+    /// Role the query runs as; the user's default when omitted. Give it read access only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255))]
+    pub role: Option<String>,
+    /// One `SELECT` (or `WITH … SELECT`) statement; column names are the fields
+    /// `identifiers` refers to (Snowflake upper-cases unquoted names: `user_id` is `USER_ID`).
+    #[schemars(length(min = 1, max = 65536))]
+    pub query: String,
+    /// Snowflake cancels the statement after this long; the whole read is bounded by it too.
+    #[serde(default = "default_statement_timeout")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub statement_timeout_seconds: u32,
+    /// Largest result partition accepted, in bytes after decompression.
+    #[serde(default = "default_max_page_bytes")]
+    #[schemars(range(min = 1))]
+    pub max_partition_bytes: u64,
+}
+
+/// Keys of the Secret a Snowflake source reads.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SnowflakeCredentials {
+    /// The Secret's name (same namespace as the import).
+    #[schemars(length(min = 1, max = 253), regex(pattern = OBJECT_NAME_PATTERN))]
+    pub secret_name: String,
+    /// Key holding the account identifier: `myorg-myaccount`, or a locator such as
+    /// `xy12345.us-east-2.aws`.
+    #[serde(default = "default_account_key")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = DATA_KEY_PATTERN))]
+    pub account_key: String,
+    /// Key holding the Snowflake user name.
+    #[serde(default = "default_user_key")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = DATA_KEY_PATTERN))]
+    pub user_key: String,
+    /// Key holding the RSA private key, PEM (`PRIVATE KEY`, `ENCRYPTED PRIVATE KEY` or
+    /// `RSA PRIVATE KEY`); its public key is registered with `ALTER USER … SET RSA_PUBLIC_KEY`.
+    #[serde(default = "default_private_key_key")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = DATA_KEY_PATTERN))]
+    pub private_key_key: String,
+    /// Key holding the passphrase of an encrypted private key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = DATA_KEY_PATTERN))]
+    pub private_key_passphrase_key: Option<String>,
+}
+
+fn default_account_key() -> String {
+    "account".to_owned()
+}
+fn default_user_key() -> String {
+    "user".to_owned()
+}
+fn default_private_key_key() -> String {
+    "privateKey".to_owned()
+}
+fn default_max_page_bytes() -> u64 {
+    256 * 1024 * 1024
+}
+
+/// A `SELECT` on a Databricks SQL warehouse through the Statement Execution API 2.0.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DatabricksSource {
+    /// The workspace URL, e.g. `https://dbc-a1b2c3d4-e5f6.cloud.databricks.com`.
+    #[schemars(length(min = 1, max = 255), regex(pattern = r"^https?://[^\s/?#]+/?$"))]
+    pub host: String,
+    /// The SQL warehouse's id (the last part of its HTTP path, `/sql/1.0/warehouses/<id>`).
+    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[A-Za-z0-9_-]+$"))]
+    pub warehouse_id: String,
+    /// Default catalog of the query's unqualified names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255))]
+    pub catalog: Option<String>,
+    /// Default schema of the query's unqualified names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255))]
+    pub schema: Option<String>,
+    pub auth: DatabricksAuth,
+    /// One `SELECT` (or `WITH … SELECT`) statement; column names are the fields
+    /// `identifiers` refers to.
+    #[schemars(length(min = 1, max = 65536))]
+    pub query: String,
+    /// `ExternalLinks` (default) streams results of any size in chunks fetched from cloud
+    /// storage (the operator must reach it); `Inline` returns chunks through the workspace
+    /// itself, for results up to 25 MiB.
+    #[serde(default)]
+    pub disposition: DatabricksDisposition,
+    /// The statement is cancelled after this long; the whole read is bounded by it too.
+    #[serde(default = "default_statement_timeout")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub statement_timeout_seconds: u32,
+    /// Largest result chunk accepted, in bytes.
+    #[serde(default = "default_max_page_bytes")]
+    #[schemars(range(min = 1))]
+    pub max_chunk_bytes: u64,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum DatabricksDisposition {
+    #[default]
+    ExternalLinks,
+    Inline,
+}
+
+/// How the source authenticates to the workspace. Set one.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("minProperties" = 1, "maxProperties" = 1))]
+pub struct DatabricksAuth {
+    /// A personal access token (`Authorization: Bearer <token>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_secret_ref: Option<SecretKeyRef>,
+    /// OAuth machine-to-machine: a service principal's client id and secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oauth: Option<DatabricksOAuth>,
+}
+
+/// A service principal's OAuth client credentials, exchanged at the workspace's token endpoint.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DatabricksOAuth {
+    /// Secret holding the client id and secret.
+    #[schemars(length(min = 1, max = 253), regex(pattern = OBJECT_NAME_PATTERN))]
+    pub secret_name: String,
+    /// Key of the OAuth client id (the service principal's application id).
+    #[serde(default = "default_client_id_key")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = DATA_KEY_PATTERN))]
+    pub client_id_key: String,
+    /// Key of the OAuth secret.
+    #[serde(default = "default_client_secret_key")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = DATA_KEY_PATTERN))]
+    pub client_secret_key: String,
+}
+
+fn default_client_id_key() -> String {
+    "clientId".to_owned()
+}
+fn default_client_secret_key() -> String {
+    "clientSecret".to_owned()
 }
 
 /// A key of a Secret in the import's own namespace.

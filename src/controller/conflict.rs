@@ -102,6 +102,24 @@ pub fn source_secrets(spec: &CohortImportSpec) -> Vec<SourceSecret<'_>> {
             push("spec.source.http.auth.header.valueSecretRef", &h.value_secret_ref.name, &h.value_secret_ref.key);
         }
     }
+    if let Some(c) = spec.source.snowflake.as_ref().map(|s| &s.credentials) {
+        for key in [Some(&c.account_key), Some(&c.user_key), Some(&c.private_key_key), c.private_key_passphrase_key.as_ref()]
+            .into_iter()
+            .flatten()
+        {
+            push("spec.source.snowflake.credentials", &c.secret_name, key);
+        }
+    }
+    if let Some(auth) = spec.source.databricks.as_ref().map(|d| &d.auth) {
+        if let Some(r) = &auth.token_secret_ref {
+            push("spec.source.databricks.auth.tokenSecretRef", &r.name, &r.key);
+        }
+        if let Some(o) = &auth.oauth {
+            for key in [&o.client_id_key, &o.client_secret_key] {
+                push("spec.source.databricks.auth.oauth", &o.secret_name, key);
+            }
+        }
+    }
     refs
 }
 
@@ -188,5 +206,33 @@ pub(crate) mod tests {
         );
         let secrets: Vec<_> = references(&a.spec).into_iter().map(|(_, name)| name).collect();
         assert_eq!(secrets, ["braze", "export", "export"]);
+    }
+
+    #[test]
+    fn warehouse_sources_list_every_key_they_read() {
+        let mut a = import("growth", "a", "2026-01-01T00:00:00Z", "https://rest.iad-01.braze.com", "vip");
+        a.spec.source.config_map = None;
+        a.spec.source.snowflake = Some(
+            serde_json::from_value(json!({
+                "credentials": { "secretName": "sf", "privateKeyPassphraseKey": "pass" },
+                "query": "SELECT 1"
+            }))
+            .unwrap(),
+        );
+        let keys: Vec<_> = source_secrets(&a.spec).into_iter().map(|s| (s.name, s.key)).collect();
+        assert_eq!(keys, [("sf", "account"), ("sf", "user"), ("sf", "privateKey"), ("sf", "pass")]);
+        a.spec.source.snowflake = None;
+        a.spec.source.databricks = Some(
+            serde_json::from_value(json!({
+                "host": "https://dbc-1.cloud.databricks.com",
+                "warehouseId": "abc",
+                "auth": { "oauth": { "secretName": "sp" } },
+                "query": "SELECT 1"
+            }))
+            .unwrap(),
+        );
+        let keys: Vec<_> = source_secrets(&a.spec).into_iter().map(|s| (s.field, s.name, s.key)).collect();
+        let field = "spec.source.databricks.auth.oauth";
+        assert_eq!(keys, [(field, "sp", "clientId"), (field, "sp", "clientSecret")]);
     }
 }

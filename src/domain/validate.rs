@@ -27,8 +27,8 @@ use jiff::tz::TimeZone;
 use reqwest::Url;
 
 use crate::api::{
-    Cadence, CohortImportSpec, DayOfWeek, HttpFormat, HttpSource, IdentifierMapping, Notifications,
-    ScheduleSpec, SourceSpec,
+    Cadence, CohortImportSpec, DatabricksSource, DayOfWeek, HttpFormat, HttpSource, IdentifierMapping,
+    Notifications, ScheduleSpec, SnowflakeSource, SourceSpec,
 };
 
 use super::identifiers::{IdentifierFields, MappingError};
@@ -55,6 +55,8 @@ pub enum SourceKind {
     ConfigMap,
     Http,
     Postgres,
+    Snowflake,
+    Databricks,
 }
 
 /// One broken rule: where, and what is wrong with the fix.
@@ -121,10 +123,8 @@ pub enum Problem {
     InsecureEndpoint { host: String },
     #[error("carries a user name or password; remove them and give credentials through {instead}")]
     UrlCredentials { instead: &'static str },
-    #[error(
-        "has a path, query or fragment; give only the scheme and host, e.g. https://rest.iad-01.braze.com"
-    )]
-    EndpointNotBare,
+    #[error("has a path, query or fragment; give only the scheme and host, e.g. {example}")]
+    EndpointNotBare { example: &'static str },
     #[error(
         "would send credentials unencrypted over http:// to {host}; use an https:// url (http:// with auth is accepted only for loopback hosts)"
     )]
@@ -159,6 +159,8 @@ pub enum Problem {
     ReservedHeader { name: String },
     #[error("{name:?} is set twice (header names ignore case); keep one")]
     DuplicateHeader { name: String },
+    #[error("is blank; give the name, or remove the field to use the default")]
+    BlankName,
     #[error("holds no statement; write one SELECT (or WITH … SELECT) statement")]
     QueryEmpty,
     #[error(
@@ -248,8 +250,14 @@ impl TryFrom<&ScheduleSpec> for Schedule {
 }
 
 fn check_source(source: &SourceSpec, problems: &mut Problems) -> Option<SourceKind> {
-    const KINDS: [SourceKind; 4] =
-        [SourceKind::Inline, SourceKind::ConfigMap, SourceKind::Http, SourceKind::Postgres];
+    const KINDS: [SourceKind; 6] = [
+        SourceKind::Inline,
+        SourceKind::ConfigMap,
+        SourceKind::Http,
+        SourceKind::Postgres,
+        SourceKind::Snowflake,
+        SourceKind::Databricks,
+    ];
     if let Some(http) = &source.http {
         check_http(http, problems);
     }
@@ -258,20 +266,76 @@ fn check_source(source: &SourceSpec, problems: &mut Problems) -> Option<SourceKi
     {
         problems.add("spec.source.postgres.query", problem);
     }
+    if let Some(snowflake) = &source.snowflake {
+        check_snowflake(snowflake, problems);
+    }
+    if let Some(databricks) = &source.databricks {
+        check_databricks(databricks, problems);
+    }
     let set = [
         source.inline.is_some(),
         source.config_map.is_some(),
         source.http.is_some(),
         source.postgres.is_some(),
+        source.snowflake.is_some(),
+        source.databricks.is_some(),
     ];
     let one = exactly_one(
         "spec.source",
         "source",
-        &["inline", "configMap", "http", "postgres"],
+        &["inline", "configMap", "http", "postgres", "snowflake", "databricks"],
         set,
         problems,
     )?;
     Some(KINDS[one])
+}
+
+fn check_snowflake(snowflake: &SnowflakeSource, problems: &mut Problems) {
+    if let Err(problem) = check_select(&snowflake.query, SqlDialect::Snowflake) {
+        problems.add("spec.source.snowflake.query", problem);
+    }
+    if let Some(endpoint) = &snowflake.endpoint {
+        check_bare_endpoint(
+            "spec.source.snowflake.endpoint",
+            endpoint,
+            "https://myorg-myaccount.snowflakecomputing.com",
+            "spec.source.snowflake.credentials",
+            problems,
+        );
+    }
+    for (field, value) in [
+        ("warehouse", &snowflake.warehouse),
+        ("database", &snowflake.database),
+        ("schema", &snowflake.schema),
+        ("role", &snowflake.role),
+    ] {
+        if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+            problems.add(format!("spec.source.snowflake.{field}"), Problem::BlankName);
+        }
+    }
+}
+
+fn check_databricks(databricks: &DatabricksSource, problems: &mut Problems) {
+    if let Err(problem) = check_select(&databricks.query, SqlDialect::Databricks) {
+        problems.add("spec.source.databricks.query", problem);
+    }
+    check_bare_endpoint(
+        "spec.source.databricks.host",
+        &databricks.host,
+        "https://dbc-a1b2c3d4-e5f6.cloud.databricks.com",
+        "spec.source.databricks.auth",
+        problems,
+    );
+    if databricks.warehouse_id.trim().is_empty() {
+        problems.add("spec.source.databricks.warehouseId", Problem::BlankName);
+    }
+    exactly_one(
+        "spec.source.databricks.auth",
+        "auth kind",
+        &["tokenSecretRef", "oauth"],
+        [databricks.auth.token_secret_ref.is_some(), databricks.auth.oauth.is_some()],
+        problems,
+    );
 }
 
 /// The index of the one choice that is set, or a [`Problem::NotExactlyOne`] at `path`.
@@ -547,14 +611,27 @@ fn check_identifiers(
 }
 
 fn check_braze_endpoint(endpoint: &str, problems: &mut Problems) -> Option<Url> {
-    const PATH: &str = "spec.destination.braze.restEndpoint";
+    check_bare_endpoint(
+        "spec.destination.braze.restEndpoint",
+        endpoint,
+        "https://rest.iad-01.braze.com",
+        "spec.destination.braze.dataImportKeySecretRef",
+        problems,
+    )
+}
+
+/// A service's base URL: https (http only on loopback), a host, no credentials, no path.
+fn check_bare_endpoint(
+    path: &str,
+    endpoint: &str,
+    example: &'static str,
+    credentials_field: &'static str,
+    problems: &mut Problems,
+) -> Option<Url> {
     let url = match Url::parse(endpoint) {
         Ok(url) => url,
         Err(e) => {
-            problems.add(
-                PATH,
-                Problem::Url { reason: e.to_string(), example: "https://rest.iad-01.braze.com" },
-            );
+            problems.add(path, Problem::Url { reason: e.to_string(), example });
             return None;
         }
     };
@@ -563,21 +640,18 @@ fn check_braze_endpoint(endpoint: &str, problems: &mut Problems) -> Option<Url> 
         "https" => {}
         "http" if is_loopback(&url) => {}
         "http" => problems
-            .add(PATH, Problem::InsecureEndpoint { host: url.host_str().unwrap_or("").to_owned() }),
-        other => problems.add(PATH, Problem::UnsupportedScheme { scheme: other.to_owned() }),
+            .add(path, Problem::InsecureEndpoint { host: url.host_str().unwrap_or("").to_owned() }),
+        other => problems.add(path, Problem::UnsupportedScheme { scheme: other.to_owned() }),
     }
     if !url.username().is_empty() || url.password().is_some() {
-        problems.add(
-            PATH,
-            Problem::UrlCredentials { instead: "spec.destination.braze.dataImportKeySecretRef" },
-        );
+        problems.add(path, Problem::UrlCredentials { instead: credentials_field });
     }
     if url.host_str().is_none_or(str::is_empty)
         || url.path() != "/"
         || url.query().is_some()
         || url.fragment().is_some()
     {
-        problems.add(PATH, Problem::EndpointNotBare);
+        problems.add(path, Problem::EndpointNotBare { example });
     }
     (problems.0.len() == before).then_some(url)
 }
@@ -663,10 +737,53 @@ fn looks_like_email(s: &str) -> bool {
     local_ok && domain_ok
 }
 
-/// One statement starting with SELECT or WITH. A small PostgreSQL lexer skips comments
-/// (nested `/* */` too), string literals (`'…'`, `E'…'` with backslash escapes), quoted
-/// identifiers and dollar-quoted strings, so a `;` inside them does not count.
-fn check_query(query: &str) -> Result<(), Problem> {
+/// The SQL dialect a query is written in: where strings, quoted identifiers and comments
+/// start and end, so that a `;` inside them is not taken for the end of the statement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SqlDialect {
+    /// PostgreSQL and Redshift: `'…'` (`''` escapes; `E'…'` takes backslashes), `"…"`
+    /// identifiers, `$tag$…$tag$` strings, nested `/* */` comments.
+    Postgres,
+    /// Snowflake: `'…'` with backslash or `''` escapes, `"…"` identifiers, `$$…$$` strings,
+    /// `--` and `//` line comments.
+    Snowflake,
+    /// Databricks SQL (Spark): `'…'` and `"…"` strings with backslash escapes, `` `…` ``
+    /// identifiers, nested `/* */` comments.
+    Databricks,
+    /// BigQuery GoogleSQL: `'…'` and `"…"` strings with backslash escapes (triple-quoted
+    /// ones lex as adjacent strings), `` `…` `` identifiers, `--` and `#` line comments.
+    BigQuery,
+}
+
+impl SqlDialect {
+    fn backslash_escapes(self, prefixed_e: bool) -> bool {
+        self != SqlDialect::Postgres || prefixed_e
+    }
+
+    fn double_quote_is_string(self) -> bool {
+        matches!(self, SqlDialect::Databricks | SqlDialect::BigQuery)
+    }
+
+    fn backtick_identifiers(self) -> bool {
+        matches!(self, SqlDialect::Databricks | SqlDialect::BigQuery)
+    }
+
+    fn nested_comments(self) -> bool {
+        matches!(self, SqlDialect::Postgres | SqlDialect::Databricks)
+    }
+
+    fn line_comment_at(self, b: &[u8], i: usize) -> bool {
+        let next = b.get(i + 1).copied();
+        (b[i] == b'-' && next == Some(b'-'))
+            || (self == SqlDialect::Snowflake && b[i] == b'/' && next == Some(b'/'))
+            || (self == SqlDialect::BigQuery && b[i] == b'#')
+    }
+}
+
+/// Checks that `query` is one statement starting with `SELECT` or `WITH` (after comments and
+/// opening parentheses), lexed by `dialect`'s rules. A guard against mistakes; each source
+/// adds its own read-only boundary where the warehouse offers one.
+pub fn check_select(query: &str, dialect: SqlDialect) -> Result<(), Problem> {
     let b = query.as_bytes();
     let line_of = |at: usize| b[..at].iter().filter(|&&c| c == b'\n').count() + 1;
     let ident_byte = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80;
@@ -680,35 +797,13 @@ fn check_query(query: &str) -> Result<(), Problem> {
             i += 1;
             continue;
         }
-        if c == b'-' && next == Some(b'-') {
+        if dialect.line_comment_at(b, i) {
             i = b[i..].iter().position(|&c| c == b'\n').map_or(b.len(), |n| i + n);
             continue;
         }
         if c == b'/' && next == Some(b'*') {
-            let start = i;
-            let mut depth = 0usize;
-            loop {
-                match (b.get(i), b.get(i + 1)) {
-                    (Some(b'/'), Some(b'*')) => {
-                        depth += 1;
-                        i += 2;
-                    }
-                    (Some(b'*'), Some(b'/')) => {
-                        depth -= 1;
-                        i += 2;
-                        if depth == 0 {
-                            break;
-                        }
-                    }
-                    (Some(_), _) => i += 1,
-                    (None, _) => {
-                        return Err(Problem::QueryUnterminated {
-                            what: "comment /*",
-                            line: line_of(start),
-                        });
-                    }
-                }
-            }
+            i = skip_block_comment(b, i, dialect.nested_comments())
+                .ok_or(Problem::QueryUnterminated { what: "comment /*", line: line_of(i) })?;
             continue;
         }
         // Anything else is statement text.
@@ -734,69 +829,40 @@ fn check_query(query: &str) -> Result<(), Problem> {
             i += len;
             continue;
         }
+        let at = i;
+        let unterminated = move |what| Problem::QueryUnterminated { what, line: line_of(at) };
         match c {
             b'\'' => {
-                let start = i;
-                // E'…' (not part of a longer word) takes backslash escapes.
-                let escapes = i > 0
-                    && b[i - 1].eq_ignore_ascii_case(&b'e')
-                    && (i < 2 || !ident_byte(b[i - 2]));
-                i += 1;
-                loop {
-                    match b.get(i) {
-                        None => {
-                            return Err(Problem::QueryUnterminated {
-                                what: "string literal '",
-                                line: line_of(start),
-                            });
-                        }
-                        Some(b'\\') if escapes => i += 2,
-                        Some(b'\'') if b.get(i + 1) == Some(&b'\'') => i += 2,
-                        Some(b'\'') => {
-                            i += 1;
-                            break;
-                        }
-                        Some(_) => i += 1,
-                    }
-                }
+                // E'…' (not part of a longer word) takes backslash escapes in PostgreSQL.
+                let prefixed_e =
+                    i > 0 && b[i - 1].eq_ignore_ascii_case(&b'e') && (i < 2 || !ident_byte(b[i - 2]));
+                i = skip_quoted(b, i, b'\'', dialect.backslash_escapes(prefixed_e))
+                    .ok_or_else(|| unterminated("string literal '"))?;
             }
-            b'"' => {
-                let start = i;
-                i += 1;
-                loop {
-                    match b.get(i) {
-                        None => {
-                            return Err(Problem::QueryUnterminated {
-                                what: "quoted identifier \"",
-                                line: line_of(start),
-                            });
-                        }
-                        Some(b'"') if b.get(i + 1) == Some(&b'"') => i += 2,
-                        Some(b'"') => {
-                            i += 1;
-                            break;
-                        }
-                        Some(_) => i += 1,
-                    }
-                }
+            b'"' if dialect.double_quote_is_string() => {
+                i = skip_quoted(b, i, b'"', true).ok_or_else(|| unterminated("string literal \""))?;
             }
-            b'$' if i == 0 || !(ident_byte(b[i - 1]) || b[i - 1] == b'$') => {
-                // `$tag$…$tag$`; `$1` is a parameter, not a quote.
-                let tag_len = b[i + 1..].iter().take_while(|&&c| ident_byte(c)).count();
+            b'"' => i = skip_quoted(b, i, b'"', false).ok_or_else(|| unterminated("quoted identifier \""))?,
+            b'`' if dialect.backtick_identifiers() => {
+                i = skip_quoted(b, i, b'`', false).ok_or_else(|| unterminated("quoted identifier `"))?;
+            }
+            b'$' if matches!(dialect, SqlDialect::Postgres | SqlDialect::Snowflake)
+                && (i == 0 || !(ident_byte(b[i - 1]) || b[i - 1] == b'$')) =>
+            {
+                // `$tag$…$tag$` (Snowflake: only `$$…$$`); `$1` is a parameter, not a quote.
+                let tag_len = if dialect == SqlDialect::Postgres {
+                    b[i + 1..].iter().take_while(|&&c| ident_byte(c)).count()
+                } else {
+                    0
+                };
                 let closes = b.get(i + 1 + tag_len) == Some(&b'$');
                 let tag_ok = tag_len == 0 || !b[i + 1].is_ascii_digit();
                 if closes && tag_ok {
-                    let start = i;
                     let delimiter = &b[i..i + tag_len + 2];
                     let body = i + delimiter.len();
                     match b[body..].windows(delimiter.len()).position(|w| w == delimiter) {
                         Some(n) => i = body + n + delimiter.len(),
-                        None => {
-                            return Err(Problem::QueryUnterminated {
-                                what: "dollar-quoted string",
-                                line: line_of(start),
-                            });
-                        }
+                        None => return Err(unterminated("dollar-quoted string")),
                     }
                 } else {
                     i += 1;
@@ -812,6 +878,48 @@ fn check_query(query: &str) -> Result<(), Problem> {
     if first_word_seen { Ok(()) } else { Err(Problem::QueryEmpty) }
 }
 
+/// The index after the `/* */` comment starting at `start`, or `None` if it never closes.
+fn skip_block_comment(b: &[u8], start: usize, nested: bool) -> Option<usize> {
+    let mut i = start;
+    let mut depth = 0usize;
+    loop {
+        match (b.get(i), b.get(i + 1)) {
+            (Some(b'/'), Some(b'*')) if nested || depth == 0 => {
+                depth += 1;
+                i += 2;
+            }
+            (Some(b'*'), Some(b'/')) => {
+                depth -= 1;
+                i += 2;
+                if depth == 0 {
+                    return Some(i);
+                }
+            }
+            (Some(_), _) => i += 1,
+            (None, _) => return None,
+        }
+    }
+}
+
+/// The index after the quoted text starting at `start` (a doubled quote is part of the
+/// text), or `None` if it never closes.
+fn skip_quoted(b: &[u8], start: usize, quote: u8, backslash_escapes: bool) -> Option<usize> {
+    let mut i = start + 1;
+    loop {
+        match b.get(i) {
+            None => return None,
+            Some(b'\\') if backslash_escapes => i += 2,
+            Some(&c) if c == quote && b.get(i + 1) == Some(&quote) => i += 2,
+            Some(&c) if c == quote => return Some(i + 1),
+            Some(_) => i += 1,
+        }
+    }
+}
+
+/// One PostgreSQL statement starting with SELECT or WITH (see [`check_select`]).
+fn check_query(query: &str) -> Result<(), Problem> {
+    check_select(query, SqlDialect::Postgres)
+}
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -986,7 +1094,7 @@ spec:
         spec.source = SourceSpec::default();
         assert_eq!(
             only_message(&spec),
-            "spec.source: sets no source; set exactly one of inline, configMap, http, postgres"
+            "spec.source: sets no source; set exactly one of inline, configMap, http, postgres, snowflake, databricks"
         );
         let mut spec = example(WAREHOUSE_EXAMPLE);
         spec.source.http = example(SANDBOX_EXAMPLE).source.http;
@@ -1186,6 +1294,75 @@ spec:
             query_problem(r"SELECT 'a\'; SELECT 2"),
             Some(Problem::QueryMultipleStatements { line: 1 })
         );
+    }
+
+    // ---- warehouse dialects ----
+
+    #[test]
+    fn each_dialect_lexes_its_own_strings_and_comments() {
+        let ok = |q: &str, d| assert_eq!(check_select(q, d), Ok(()), "{d:?}: {q}");
+        let multiple = |q: &str, d| {
+            assert!(matches!(check_select(q, d), Err(Problem::QueryMultipleStatements { .. })), "{d:?}: {q}")
+        };
+        // Snowflake: backslash escapes everywhere, `//` comments, $$ strings without tags.
+        ok(r"SELECT 'it\'s; fine' // a; comment", SqlDialect::Snowflake);
+        ok("SELECT $$a;b$$ AS x", SqlDialect::Snowflake);
+        multiple(r"SELECT 'a\'; DROP TABLE t", SqlDialect::Postgres);
+        // Databricks: "…" is a string, `…` an identifier.
+        ok(r#"SELECT "a;b", `odd;name` FROM t"#, SqlDialect::Databricks);
+        multiple("SELECT 1; SELECT 2", SqlDialect::Databricks);
+        // BigQuery: `#` comments, backtick table paths.
+        ok("SELECT x FROM `proj.ds.t` # trailing; comment", SqlDialect::BigQuery);
+        assert_eq!(
+            check_select("SELECT `a", SqlDialect::BigQuery),
+            Err(Problem::QueryUnterminated { what: "quoted identifier `", line: 1 })
+        );
+        assert_eq!(
+            check_select("MERGE INTO t USING s ON 1=1", SqlDialect::Snowflake),
+            Err(Problem::QueryNotSelect { first: "MERGE".into() })
+        );
+        // Snowflake comments do not nest: `*/` closes the first `/*`.
+        multiple("SELECT 1 /* a /* b */ ; SELECT 2", SqlDialect::Snowflake);
+    }
+
+    #[test]
+    fn warehouse_sources_are_checked() {
+        let mut spec = example(WAREHOUSE_EXAMPLE);
+        spec.source.postgres = None;
+        spec.source.snowflake = Some(
+            serde_json::from_value(serde_json::json!({
+                "credentials": { "secretName": "snowflake" },
+                "endpoint": "http://snowflake.internal",
+                "role": " ",
+                "query": "DELETE FROM users",
+            }))
+            .unwrap(),
+        );
+        assert_eq!(
+            paths(&spec),
+            ["spec.source.snowflake.query", "spec.source.snowflake.endpoint", "spec.source.snowflake.role"]
+        );
+        spec.source.snowflake = None;
+        spec.source.databricks = Some(
+            serde_json::from_value(serde_json::json!({
+                "host": "https://dbc-1.cloud.databricks.com/sql/1.0",
+                "warehouseId": "abc",
+                "auth": {},
+                "query": "SELECT 1; SELECT 2",
+            }))
+            .unwrap(),
+        );
+        assert_eq!(
+            paths(&spec),
+            ["spec.source.databricks.query", "spec.source.databricks.host", "spec.source.databricks.auth"]
+        );
+        let valid = |spec: &CohortImportSpec| validate(spec).map(|v| v.source);
+        let dbx = spec.source.databricks.as_mut().unwrap();
+        dbx.host = "https://dbc-1.cloud.databricks.com".into();
+        dbx.query = "SELECT id FROM t".into();
+        dbx.auth.token_secret_ref =
+            Some(crate::api::SecretKeyRef { name: "dbx".into(), key: "token".into() });
+        assert_eq!(valid(&spec), Ok(SourceKind::Databricks));
     }
 
     // ---- schedule ----

@@ -1,6 +1,7 @@
 //! Cohort sources: where the member list comes from.
 //!
-//! Every kind — [`inline`], [`config_map`], [`http`], [`postgres`] — is a [`MemberSource`]:
+//! Every kind — [`inline`], [`config_map`], [`http`], [`postgres`], [`snowflake`],
+//! [`databricks`] — is a [`MemberSource`]:
 //! an async stream of [`MemberBatch`]es, so no source holds the whole cohort in memory.
 //! Each row becomes one [`Member`] through the spec's identifier mapping
 //! ([`crate::domain::identifiers`]); rows that give none are counted by reason.
@@ -32,6 +33,9 @@ mod json;
 pub mod inline;
 pub mod kube;
 pub mod postgres;
+pub mod databricks;
+pub mod snowflake;
+pub mod warehouse;
 
 /// Rows per batch for sources that choose their own batch size.
 pub const BATCH_ROWS: usize = 10_000;
@@ -146,6 +150,19 @@ pub enum SourceError {
     /// raises it. Reading stops there, so memory stays bounded whatever the input.
     #[error("{what}: the {item} at {location} is longer than {limit} bytes; raise {field} if rows really are this long")]
     RowTooLarge { what: String, item: &'static str, location: String, limit: u64, field: &'static str },
+    /// One page of a warehouse's answer (a partition, a chunk) is over the spec's byte cap.
+    #[error("{what}: {part} is larger than {field} ({limit} bytes); raise {field} or select fewer columns")]
+    PageTooLarge { what: String, part: String, field: &'static str, limit: u64 },
+    /// The warehouse refused the credentials. `fix` says where they come from.
+    #[error("{what}: authentication failed: {detail}; {fix}")]
+    Auth { what: String, detail: String, fix: String },
+    /// The credentials work but may not run the query (a role, a grant, the API disabled).
+    #[error("{what}: permission denied: {detail}; {fix}")]
+    Permission { what: String, detail: String, fix: String },
+    /// The warehouse kept answering with a transient error (429, 503, …) until the retries
+    /// ran out.
+    #[error("{what}: still unavailable after {attempts} attempts: {detail}; the next run tries again")]
+    Unavailable { what: String, attempts: u32, detail: String },
 }
 
 impl SourceError {
@@ -273,16 +290,37 @@ pub async fn open_source(
 ) -> Result<Box<dyn MemberSource>, SourceError> {
     let fields = IdentifierFields::from_mapping(mapping)
         .map_err(|e| SourceError::Config { what: "identifiers".to_owned(), message: e.to_string() })?;
-    match (&spec.inline, &spec.config_map, &spec.http, &spec.postgres) {
-        (Some(inline), None, None, None) => Ok(Box::new(inline::InlineMembers::new(inline, fields))),
-        (None, Some(cm), None, None) => Ok(Box::new(config_map::ConfigMapMembers::open(cm, fields, ctx).await?)),
-        (None, None, Some(http), None) => Ok(Box::new(http::HttpMembers::open(http, fields, ctx).await?)),
-        (None, None, None, Some(pg)) => Ok(Box::new(postgres::PostgresMembers::open(pg, fields, ctx).await?)),
-        _ => Err(SourceError::Config {
+    let set = [
+        spec.inline.is_some(),
+        spec.config_map.is_some(),
+        spec.http.is_some(),
+        spec.postgres.is_some(),
+        spec.snowflake.is_some(),
+        spec.databricks.is_some(),
+    ];
+    if set.iter().filter(|&&s| s).count() != 1 {
+        return Err(SourceError::Config {
             what: "source".to_owned(),
-            message: "set exactly one of inline, configMap, http and postgres".to_owned(),
-        }),
+            message: "set exactly one of inline, configMap, http, postgres, snowflake and databricks".to_owned(),
+        });
     }
+    if let Some(inline) = &spec.inline {
+        return Ok(Box::new(inline::InlineMembers::new(inline, fields)));
+    }
+    if let Some(cm) = &spec.config_map {
+        return Ok(Box::new(config_map::ConfigMapMembers::open(cm, fields, ctx).await?));
+    }
+    if let Some(http) = &spec.http {
+        return Ok(Box::new(http::HttpMembers::open(http, fields, ctx).await?));
+    }
+    if let Some(pg) = &spec.postgres {
+        return Ok(Box::new(postgres::PostgresMembers::open(pg, fields, ctx).await?));
+    }
+    if let Some(sf) = &spec.snowflake {
+        return Ok(Box::new(snowflake::SnowflakeMembers::open(sf, fields, ctx).await?));
+    }
+    let dbx = spec.databricks.as_ref().expect("exactly one source is set");
+    Ok(Box::new(databricks::DatabricksMembers::open(dbx, fields, ctx).await?))
 }
 
 /// Collects resolved rows into batches.

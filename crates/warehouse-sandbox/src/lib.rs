@@ -6,4 +6,6 @@
 
 pub mod bigquery;
 pub mod databricks;
+pub mod keys;
+pub mod pg;
 pub mod snowflake;

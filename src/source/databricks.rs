@@ -1,0 +1,722 @@
+//! `databricks`: a user-written `SELECT` on a Databricks SQL warehouse through the SQL
+//! Statement Execution API 2.0.
+//!
+//! 1. Authentication: a personal access token, or OAuth machine-to-machine — the service
+//!    principal's client id and secret exchanged at `<host>/oidc/v1/token` (HTTP Basic,
+//!    `grant_type=client_credentials&scope=all-apis`); the token is cached and fetched anew
+//!    before it expires, and once more when the workspace answers 401.
+//! 2. `POST /api/2.0/sql/statements` with `warehouse_id`, `catalog`/`schema`,
+//!    `wait_timeout: "0s"` (the id at once, so an abandoned read can cancel it),
+//!    `on_wait_timeout: CONTINUE`, `format: JSON_ARRAY` and the
+//!    spec's `disposition` (`EXTERNAL_LINKS` by default: results of any size; `INLINE` caps
+//!    them at 25 MiB). The API runs exactly one statement per request.
+//! 3. `PENDING`/`RUNNING` → poll `GET /api/2.0/sql/statements/{id}` until a terminal state.
+//!    A SQL error is HTTP 200 with `FAILED`; `CANCELED` and `CLOSED` are errors too.
+//! 4. `SUCCEEDED`: refused if `manifest.truncated`; then chunk after chunk, following
+//!    `next_chunk_internal_link` (or `next_chunk_index`), one chunk in memory at a time under
+//!    `maxChunkBytes`. External links are fetched **without** the Authorization header (with
+//!    only the headers the link names); an expired link is renewed through the chunk
+//!    endpoint once. Chunk indexes must run 0..total_chunk_count−1, each chunk's
+//!    `row_offset` equal the rows read so far, and the total equal `total_row_count`.
+//! 5. 429 and 503 (and `TEMPORARILY_UNAVAILABLE`-style failures) are retried with backoff.
+//!    Past `statementTimeoutSeconds`, or when the read is abandoned, the statement is
+//!    cancelled (`POST …/cancel`).
+//!
+//! Tokens, client secrets and external links (signed URLs) never appear in messages or logs.
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode, Url};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::time::Instant;
+
+use super::warehouse::{self, Backoff, ColumnType, RowMapper};
+use super::{MemberSource, MemberStream, SourceContext, SourceError};
+use crate::api::{DatabricksDisposition, DatabricksSource};
+use crate::domain::identifiers::IdentifierFields;
+use crate::domain::validate::SqlDialect;
+use crate::secret::{SecretString, error_chain};
+
+const FORMAT: &str = "Databricks result";
+/// The statement call answers at once with the statement's id (then polled), so that an
+/// abandoned read can always cancel what it started.
+const WAIT_TIMEOUT: &str = "0s";
+const READ_TIMEOUT: Duration = Duration::from_secs(90);
+/// A cached OAuth token is replaced this long before it expires.
+const TOKEN_REFRESH_MARGIN: Duration = Duration::from_secs(300);
+
+/// How requests are authenticated.
+enum Auth {
+    Token(SecretString),
+    OAuth { client_id: SecretString, client_secret: SecretString, token_url: Url },
+}
+
+/// An OAuth access token and when to stop using it.
+#[derive(Clone)]
+struct CachedToken {
+    token: SecretString,
+    refresh_at: Instant,
+}
+
+pub struct DatabricksMembers {
+    what: String,
+    host: Url,
+    body: serde_json::Value,
+    disposition: DatabricksDisposition,
+    statement_timeout: Duration,
+    max_chunk_bytes: u64,
+    fields: IdentifierFields,
+    auth: Auth,
+    auth_from: String,
+    /// The current OAuth token, shared with the cancel-on-drop guard.
+    cached: Arc<Mutex<Option<CachedToken>>>,
+    client: reqwest::Client,
+    /// For external links: carries no credentials of ours.
+    link_client: reqwest::Client,
+}
+
+impl fmt::Debug for DatabricksMembers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DatabricksMembers").field("what", &self.what).finish_non_exhaustive()
+    }
+}
+
+// ---- wire shapes (Statement Execution API 2.0) ----
+
+#[derive(Deserialize, Debug, Default)]
+struct StatementResponse {
+    statement_id: Option<String>,
+    status: Option<Status>,
+    manifest: Option<Manifest>,
+    result: Option<ResultData>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+struct Status {
+    state: Option<String>,
+    error: Option<ServiceError>,
+    sql_state: Option<String>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+struct ServiceError {
+    error_code: Option<String>,
+    message: Option<String>,
+}
+
+#[derive(Deserialize, Debug)]
+struct Manifest {
+    schema: Option<Schema>,
+    total_chunk_count: Option<u64>,
+    total_row_count: Option<u64>,
+    #[serde(default)]
+    truncated: bool,
+}
+
+#[derive(Deserialize, Debug)]
+struct Schema {
+    #[serde(default)]
+    columns: Vec<ColumnInfo>,
+}
+
+#[derive(Deserialize, Debug)]
+struct ColumnInfo {
+    name: String,
+    type_name: Option<String>,
+    position: Option<u64>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+struct ResultData {
+    chunk_index: Option<u64>,
+    row_offset: Option<u64>,
+    row_count: Option<u64>,
+    data_array: Option<Vec<Vec<Option<String>>>>,
+    next_chunk_index: Option<u64>,
+    next_chunk_internal_link: Option<String>,
+    #[serde(default)]
+    external_links: Vec<ExternalLink>,
+}
+
+#[derive(Deserialize, Debug)]
+struct ExternalLink {
+    chunk_index: Option<u64>,
+    row_offset: Option<u64>,
+    row_count: Option<u64>,
+    external_link: String,
+    next_chunk_index: Option<u64>,
+    next_chunk_internal_link: Option<String>,
+    #[serde(default)]
+    http_headers: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    access_token: String,
+    expires_in: Option<u64>,
+}
+
+fn column_type(type_name: &str) -> ColumnType {
+    match type_name.to_ascii_uppercase().as_str() {
+        "BYTE" | "TINYINT" | "SHORT" | "SMALLINT" | "INT" | "INTEGER" | "LONG" | "BIGINT" | "DECIMAL" => ColumnType::Exact,
+        "FLOAT" | "DOUBLE" | "REAL" => ColumnType::Float,
+        "ARRAY" | "MAP" | "STRUCT" | "VARIANT" | "OBJECT" => ColumnType::Unsupported,
+        _ => ColumnType::Text,
+    }
+}
+
+/// Error codes the API uses for conditions that pass (a re-submission is our inference).
+fn transient_code(code: &str) -> bool {
+    matches!(
+        code,
+        "TEMPORARILY_UNAVAILABLE" | "SERVICE_UNDER_MAINTENANCE" | "WORKSPACE_TEMPORARILY_UNAVAILABLE" | "RESOURCE_EXHAUSTED"
+    )
+}
+
+/// What one response means.
+enum Step {
+    Done(Vec<u8>),
+    Retry { detail: String, hint: Option<Duration> },
+    Reauthenticate(String),
+}
+
+/// A statement the workspace may still be running: cancelled when dropped unfinished.
+struct Running {
+    client: reqwest::Client,
+    cancel_url: Option<Url>,
+    token: Option<SecretString>,
+    cached: Arc<Mutex<Option<CachedToken>>>,
+    what: String,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let Some(url) = self.cancel_url.take() else { return };
+        let token = self.token.clone().or_else(|| self.cached.lock().ok()?.as_ref().map(|c| c.token.clone()));
+        let (Some(token), Ok(runtime)) = (token, tokio::runtime::Handle::try_current()) else { return };
+        let client = self.client.clone();
+        let what = self.what.clone();
+        runtime.spawn(async move {
+            let sent = client.post(url).bearer_auth(token.expose()).timeout(Duration::from_secs(10)).send().await;
+            match sent {
+                Ok(r) => tracing::info!(source = %what, status = r.status().as_u16(), "cancelled the unfinished statement"),
+                Err(e) => tracing::warn!(source = %what, "cancelling the unfinished statement failed: {}", error_chain(&e)),
+            }
+        });
+    }
+}
+
+impl DatabricksMembers {
+    /// Reads the credentials and checks the host and the query.
+    pub async fn open(spec: &DatabricksSource, fields: IdentifierFields, ctx: &impl SourceContext) -> Result<Self, SourceError> {
+        let host = Url::parse(&spec.host).map_err(|e| SourceError::Config {
+            what: "databricks query".to_owned(),
+            message: format!("host is not a URL: {e}"),
+        })?;
+        let what = format!(
+            "databricks query (workspace {}, warehouse {})",
+            host.host_str().unwrap_or_default(),
+            spec.warehouse_id
+        );
+        let config = |message: String| SourceError::Config { what: what.clone(), message };
+        if !matches!(host.scheme(), "http" | "https") {
+            return Err(config("host must start with https://".to_owned()));
+        }
+        let ns = ctx.namespace();
+        let (auth, auth_from) = match (&spec.auth.token_secret_ref, &spec.auth.oauth) {
+            (Some(r), None) => {
+                (Auth::Token(ctx.secret_value(&r.name, &r.key).await?), format!("Secret {ns}/{} key {}", r.name, r.key))
+            }
+            (None, Some(o)) => {
+                let mut token_url = host.clone();
+                token_url.set_path("/oidc/v1/token");
+                (
+                    Auth::OAuth {
+                        client_id: ctx.secret_value(&o.secret_name, &o.client_id_key).await?,
+                        client_secret: ctx.secret_value(&o.secret_name, &o.client_secret_key).await?,
+                        token_url,
+                    },
+                    format!("Secret {ns}/{}", o.secret_name),
+                )
+            }
+            _ => return Err(config("auth: set exactly one of tokenSecretRef and oauth".to_owned())),
+        };
+        let statement = warehouse::checked_query(&what, "databricks.query", &spec.query, SqlDialect::Databricks)?;
+        let mut body = json!({
+            "statement": statement,
+            "warehouse_id": spec.warehouse_id,
+            "wait_timeout": WAIT_TIMEOUT,
+            "on_wait_timeout": "CONTINUE",
+            "format": "JSON_ARRAY",
+            "disposition": match spec.disposition {
+                DatabricksDisposition::ExternalLinks => "EXTERNAL_LINKS",
+                DatabricksDisposition::Inline => "INLINE",
+            },
+        });
+        if let Some(catalog) = &spec.catalog {
+            body["catalog"] = json!(catalog);
+        }
+        if let Some(schema) = &spec.schema {
+            body["schema"] = json!(schema);
+        }
+        let link_client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(15))
+            .read_timeout(READ_TIMEOUT)
+            .redirect(reqwest::redirect::Policy::limited(3))
+            .build()
+            .map_err(|e| config(format!("cannot build the HTTP client: {}", error_chain(&e))))?;
+        Ok(DatabricksMembers {
+            client: warehouse::http_client(&what, READ_TIMEOUT)?,
+            link_client,
+            host,
+            body,
+            disposition: spec.disposition,
+            statement_timeout: Duration::from_secs(spec.statement_timeout_seconds.into()),
+            max_chunk_bytes: spec.max_chunk_bytes,
+            fields,
+            auth,
+            auth_from,
+            cached: Arc::default(),
+            what,
+        })
+    }
+
+    fn secrets(&self) -> Vec<String> {
+        let mut secrets = match &self.auth {
+            Auth::Token(t) => vec![t.expose().to_owned()],
+            Auth::OAuth { client_id, client_secret, .. } => vec![client_id.expose().to_owned(), client_secret.expose().to_owned()],
+        };
+        if let Some(c) = self.cached.lock().unwrap().as_ref() {
+            secrets.push(c.token.expose().to_owned());
+        }
+        secrets
+    }
+
+    fn excerpt(&self, body: &[u8]) -> String {
+        let secrets = self.secrets();
+        warehouse::excerpt(body, &secrets.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
+    fn timeout(&self) -> SourceError {
+        SourceError::Timeout { what: self.what.clone(), seconds: self.statement_timeout.as_secs() }
+    }
+
+    fn malformed(&self, location: &str, message: String) -> SourceError {
+        SourceError::Malformed { what: self.what.clone(), format: FORMAT, location: location.to_owned(), message }
+    }
+
+    fn auth_failed(&self, detail: String) -> SourceError {
+        let fix = match &self.auth {
+            Auth::Token(_) => format!("check the personal access token in {} (expired or revoked?)", self.auth_from),
+            Auth::OAuth { .. } => format!(
+                "check the service principal's client id and secret in {} and that it may use this workspace",
+                self.auth_from
+            ),
+        };
+        SourceError::Auth { what: self.what.clone(), detail, fix }
+    }
+
+    /// The bearer token: the PAT, or a cached OAuth token fetched anew before it expires.
+    async fn bearer(&self, force_new: bool) -> Result<SecretString, SourceError> {
+        let Auth::OAuth { client_id, client_secret, token_url } = &self.auth else {
+            let Auth::Token(token) = &self.auth else { unreachable!() };
+            return Ok(token.clone());
+        };
+        if !force_new && let Some(cached) = self.cached.lock().unwrap().as_ref().filter(|c| Instant::now() < c.refresh_at) {
+            return Ok(cached.token.clone());
+        }
+        let mut backoff = Backoff::transient();
+        loop {
+            let sent = self
+                .client
+                .post(token_url.clone())
+                .basic_auth(client_id.expose(), Some(client_secret.expose()))
+                .header(reqwest::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body("grant_type=client_credentials&scope=all-apis")
+                .send()
+                .await;
+            let (detail, hint) = match sent {
+                Err(e) => (format!("token request failed: {}", error_chain(&e)), None),
+                Ok(response) => {
+                    let status = response.status();
+                    let hint = warehouse::retry_after(&response);
+                    let body = warehouse::read_body(&self.what, "the token response", "maxChunkBytes", 1 << 20, response).await?;
+                    if status.is_success() {
+                        let parsed: TokenResponse = serde_json::from_slice(&body)
+                            .map_err(|e| self.malformed("the token response", format!("no access_token: {e}")))?;
+                        let lifetime = Duration::from_secs(parsed.expires_in.unwrap_or(3600));
+                        let margin = TOKEN_REFRESH_MARGIN.min(lifetime / 2);
+                        let token = SecretString::new(parsed.access_token);
+                        let refresh_at = Instant::now() + lifetime - margin;
+                        *self.cached.lock().unwrap() = Some(CachedToken { token: token.clone(), refresh_at });
+                        return Ok(token);
+                    }
+                    let detail = format!("token endpoint answered HTTP {}: {}", status.as_u16(), self.excerpt(&body));
+                    if !matches!(status.as_u16(), 429 | 500..=599) {
+                        return Err(self.auth_failed(detail));
+                    }
+                    (detail, hint)
+                }
+            };
+            if !backoff.wait(hint).await {
+                return Err(SourceError::Unavailable { what: self.what.clone(), attempts: backoff.attempts() + 1, detail });
+            }
+        }
+    }
+
+    fn url(&self, path: &str) -> Result<Url, SourceError> {
+        self.host.join(path).map_err(|e| self.malformed("a chunk link", format!("{path:?} is not a path: {e}")))
+    }
+
+    async fn step(&self, part: &str, response: reqwest::Response) -> Result<Step, SourceError> {
+        let status = response.status();
+        let hint = warehouse::retry_after(&response);
+        let body = warehouse::read_body(&self.what, part, "maxChunkBytes", self.max_chunk_bytes, response).await?;
+        if status == StatusCode::OK {
+            return Ok(Step::Done(body));
+        }
+        let error: ServiceError = serde_json::from_slice(&body).unwrap_or_default();
+        let code = error.error_code.clone().unwrap_or_default();
+        let detail = format!("HTTP {} {code}: {}", status.as_u16(), self.excerpt(error.message.as_deref().unwrap_or_default().as_bytes()));
+        match status.as_u16() {
+            429 | 503 => Ok(Step::Retry { detail, hint }),
+            401 => Ok(Step::Reauthenticate(detail)),
+            403 => Err(SourceError::Permission {
+                what: self.what.clone(),
+                detail,
+                fix: format!("give the identity in {} CAN USE on the SQL warehouse and SELECT on the tables", self.auth_from),
+            }),
+            _ => Err(SourceError::Query { what: self.what.clone(), message: format!("the API refused the request ({detail})") }),
+        }
+    }
+
+    /// One API call until an answer that is not transient.
+    async fn exchange(&self, method: Method, url: Url, body: bool, part: &str, deadline: Instant) -> Result<Vec<u8>, SourceError> {
+        let mut backoff = Backoff::transient();
+        let mut reauthenticated = false;
+        loop {
+            let token = self.bearer(false).await?;
+            let mut request = self.client.request(method.clone(), url.clone()).bearer_auth(token.expose());
+            if body {
+                request = request.json(&self.body);
+            }
+            let sent = tokio::time::timeout_at(deadline, request.send()).await.map_err(|_| self.timeout())?;
+            let (detail, hint) = match sent {
+                Err(e) => (format!("{part} failed: {}", error_chain(&e.without_url())), None),
+                Ok(response) => match tokio::time::timeout_at(deadline, self.step(part, response)).await.map_err(|_| self.timeout())?? {
+                    Step::Done(body) => return Ok(body),
+                    Step::Retry { detail, hint } => (detail, hint),
+                    Step::Reauthenticate(detail) if reauthenticated || matches!(self.auth, Auth::Token(_)) => {
+                        return Err(self.auth_failed(detail));
+                    }
+                    Step::Reauthenticate(_) => {
+                        reauthenticated = true;
+                        self.bearer(true).await?;
+                        continue;
+                    }
+                },
+            };
+            let Some(wait) = backoff.next_delay(hint) else {
+                return Err(SourceError::Unavailable { what: self.what.clone(), attempts: backoff.attempts() + 1, detail });
+            };
+            if Instant::now() + wait >= deadline {
+                return Err(self.timeout());
+            }
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    fn parse(&self, part: &str, body: &[u8]) -> Result<StatementResponse, SourceError> {
+        serde_json::from_slice(body).map_err(|e| self.malformed(part, format!("not a statement response: {e}")))
+    }
+
+    /// Submits the statement and polls it until it succeeds; re-submits after a transient
+    /// failure.
+    async fn succeeded(&self, running: &mut Running, deadline: Instant) -> Result<StatementResponse, SourceError> {
+        let mut resubmits = Backoff::transient();
+        'submit: loop {
+            let submit = self.url("/api/2.0/sql/statements")?;
+            let mut response = self.parse("the statement", &self.exchange(Method::POST, submit, true, "the statement", deadline).await?)?;
+            let id = response.statement_id.clone().ok_or_else(|| self.malformed("the statement", "no statement_id".to_owned()))?;
+            running.cancel_url = Some(self.url(&format!("/api/2.0/sql/statements/{id}/cancel"))?);
+            running.token = match self.auth {
+                Auth::Token(ref t) => Some(t.clone()),
+                Auth::OAuth { .. } => None,
+            };
+            let mut poll = warehouse::polling();
+            loop {
+                let status = response.status.take().unwrap_or_default();
+                let state = status.state.clone().unwrap_or_default();
+                match state.as_str() {
+                    "SUCCEEDED" => {
+                        running.cancel_url = None;
+                        return Ok(response);
+                    }
+                    "PENDING" | "RUNNING" => {}
+                    "FAILED" => {
+                        let error = status.error.unwrap_or_default();
+                        let code = error.error_code.clone().unwrap_or_default();
+                        if transient_code(&code) {
+                            running.cancel_url = None;
+                            let detail = format!("{code}: {}", error.message.unwrap_or_default());
+                            let Some(wait) = resubmits.next_delay(None) else {
+                                return Err(SourceError::Unavailable { what: self.what.clone(), attempts: resubmits.attempts() + 1, detail });
+                            };
+                            tokio::time::sleep(wait).await;
+                            continue 'submit;
+                        }
+                        running.cancel_url = None;
+                        return Err(self.failed(&code, error.message.unwrap_or_default(), status.sql_state));
+                    }
+                    "CANCELED" => {
+                        running.cancel_url = None;
+                        return Err(SourceError::Query {
+                            what: self.what.clone(),
+                            message: "the statement was cancelled in the workspace before it finished".to_owned(),
+                        });
+                    }
+                    "CLOSED" => {
+                        running.cancel_url = None;
+                        return Err(SourceError::Query {
+                            what: self.what.clone(),
+                            message: "the statement's result is no longer available (CLOSED); the next run reads it anew".to_owned(),
+                        });
+                    }
+                    other => return Err(self.malformed("the statement", format!("unknown state {other:?}"))),
+                }
+                let wait = poll.next_delay(None).unwrap_or(Duration::from_secs(5));
+                if Instant::now() + wait >= deadline {
+                    return Err(self.timeout());
+                }
+                tokio::time::sleep(wait).await;
+                let url = self.url(&format!("/api/2.0/sql/statements/{id}"))?;
+                response = self.parse("the statement", &self.exchange(Method::GET, url, false, "the statement status", deadline).await?)?;
+            }
+        }
+    }
+
+    /// A `FAILED` statement, in the user's terms.
+    fn failed(&self, code: &str, message: String, sql_state: Option<String>) -> SourceError {
+        let message: String = message.split_whitespace().collect::<Vec<_>>().join(" ");
+        let permission = code == "PERMISSION_DENIED"
+            || message.contains("PERMISSION_DENIED")
+            || message.contains("INSUFFICIENT_PERMISSIONS")
+            || sql_state.as_deref() == Some("42501");
+        if permission {
+            return SourceError::Permission {
+                what: self.what.clone(),
+                detail: format!("{code}: {message}"),
+                fix: format!("grant the identity in {} SELECT on what the query reads", self.auth_from),
+            };
+        }
+        if code == "DEADLINE_EXCEEDED" {
+            return self.timeout();
+        }
+        let mut text = format!("{code}: {message}");
+        if let Some(state) = sql_state {
+            text.push_str(&format!(" (SQLSTATE {state})"));
+        }
+        if self.disposition == DatabricksDisposition::Inline && message.to_ascii_lowercase().contains("inline") {
+            text.push_str("; results over 25 MiB need disposition: ExternalLinks");
+        }
+        SourceError::Query { what: self.what.clone(), message: text }
+    }
+
+    /// The rows of one external link, fetched without our credentials.
+    async fn link_rows(&self, link: &ExternalLink, part: &str, deadline: Instant) -> Result<Option<Vec<Vec<Option<String>>>>, SourceError> {
+        let url = Url::parse(&link.external_link)
+            .map_err(|_| self.malformed(part, "the external link is not a URL".to_owned()))?;
+        if url.scheme() != "https" && !url.host_str().is_some_and(|h| h == "127.0.0.1" || h == "localhost" || h == "[::1]") {
+            return Err(self.malformed(part, "the external link is not https".to_owned()));
+        }
+        let mut backoff = Backoff::transient();
+        loop {
+            let mut request = self.link_client.get(url.clone());
+            for (name, value) in &link.http_headers {
+                request = request.header(name, value);
+            }
+            let sent = tokio::time::timeout_at(deadline, request.send()).await.map_err(|_| self.timeout())?;
+            let detail = match sent {
+                // The error would quote the signed URL: leave it out.
+                Err(e) => format!("{part}: fetching the external link failed: {}", error_chain(&e.without_url())),
+                Ok(response) if response.status().is_success() => {
+                    let body = warehouse::read_body(&self.what, part, "maxChunkBytes", self.max_chunk_bytes, response).await?;
+                    let rows = serde_json::from_slice(&body)
+                        .map_err(|e| self.malformed(part, format!("the external link's body is not an array of rows: {e}")))?;
+                    return Ok(Some(rows));
+                }
+                // Links expire after 15 minutes; the caller renews it.
+                Ok(response) if matches!(response.status().as_u16(), 401 | 403 | 404) => return Ok(None),
+                Ok(response) => format!("{part}: the external link answered HTTP {}", response.status().as_u16()),
+            };
+            if !backoff.wait(None).await {
+                return Err(SourceError::Unavailable { what: self.what.clone(), attempts: backoff.attempts() + 1, detail });
+            }
+        }
+    }
+
+    /// Fetches chunk `index` through the chunk endpoint (or the internal link given).
+    async fn chunk(&self, id: &str, index: u64, link: Option<&str>, deadline: Instant) -> Result<ResultData, SourceError> {
+        let path = link.map_or_else(|| format!("/api/2.0/sql/statements/{id}/result/chunks/{index}"), str::to_owned);
+        let part = format!("chunk {index}");
+        let body = self.exchange(Method::GET, self.url(&path)?, false, &part, deadline).await?;
+        serde_json::from_slice(&body).map_err(|e| self.malformed(&part, format!("not a chunk: {e}")))
+    }
+}
+
+/// Where one chunk's rows are, and where the next chunk is.
+struct ChunkRows {
+    index: Option<u64>,
+    row_offset: Option<u64>,
+    row_count: Option<u64>,
+    rows: Vec<Vec<Option<String>>>,
+    next_index: Option<u64>,
+    next_link: Option<String>,
+}
+
+impl DatabricksMembers {
+    /// One chunk's rows, from the inline data or its external link.
+    async fn rows(&self, id: &str, result: ResultData, expected: u64, deadline: Instant) -> Result<ChunkRows, SourceError> {
+        let part = format!("chunk {expected}");
+        if self.disposition == DatabricksDisposition::Inline || result.external_links.is_empty() {
+            return Ok(ChunkRows {
+                index: result.chunk_index,
+                row_offset: result.row_offset,
+                row_count: result.row_count,
+                // No data_array: a chunk without rows.
+                rows: result.data_array.unwrap_or_default(),
+                next_index: result.next_chunk_index,
+                next_link: result.next_chunk_internal_link,
+            });
+        }
+        let mut links = result.external_links;
+        if links.len() != 1 {
+            return Err(self.malformed(&part, format!("{} external links in one chunk answer; expected one", links.len())));
+        }
+        let mut link = links.remove(0);
+        let rows = match self.link_rows(&link, &part, deadline).await? {
+            Some(rows) => rows,
+            None => {
+                // Expired: the chunk endpoint hands out a fresh link.
+                let mut fresh = self.chunk(id, link.chunk_index.unwrap_or(expected), None, deadline).await?.external_links;
+                if fresh.len() != 1 {
+                    return Err(self.malformed(&part, "no fresh external link for an expired one".to_owned()));
+                }
+                link = fresh.remove(0);
+                self.link_rows(&link, &part, deadline)
+                    .await?
+                    .ok_or_else(|| self.malformed(&part, "the renewed external link was refused too".to_owned()))?
+            }
+        };
+        Ok(ChunkRows {
+            index: link.chunk_index,
+            row_offset: link.row_offset,
+            row_count: link.row_count,
+            rows,
+            next_index: link.next_chunk_index,
+            next_link: link.next_chunk_internal_link,
+        })
+    }
+
+    fn check_chunk(&self, chunk: &ChunkRows, expected: u64, read: u64) -> Result<(), SourceError> {
+        let part = format!("chunk {expected}");
+        let bad = |message: String| Err(self.malformed(&part, message));
+        if chunk.index.is_some_and(|i| i != expected) {
+            return bad(format!("the answer is chunk {}", chunk.index.unwrap_or_default()));
+        }
+        if chunk.row_offset.is_some_and(|o| o != read) {
+            return bad(format!("row_offset is {} but {read} rows came before it", chunk.row_offset.unwrap_or_default()));
+        }
+        if chunk.row_count.is_some_and(|c| c != chunk.rows.len() as u64) {
+            return bad(format!(
+                "{} rows where row_count promises {}; the answer was cut short, nothing is imported",
+                chunk.rows.len(),
+                chunk.row_count.unwrap_or_default()
+            ));
+        }
+        Ok(())
+    }
+
+    fn plan(&self, manifest: &Manifest) -> Result<RowMapper, SourceError> {
+        if manifest.truncated {
+            return Err(self.malformed(
+                "the manifest",
+                "the result is truncated (a row or byte limit of the warehouse); nothing is imported".to_owned(),
+            ));
+        }
+        let mut columns: Vec<&ColumnInfo> = manifest.schema.as_ref().map(|s| s.columns.iter().collect()).unwrap_or_default();
+        columns.sort_by_key(|c| c.position.unwrap_or(0));
+        let columns = columns
+            .into_iter()
+            .map(|c| (c.name.clone(), column_type(c.type_name.as_deref().unwrap_or("STRING"))))
+            .collect();
+        RowMapper::new(&self.what, &self.fields, columns)
+    }
+}
+
+impl MemberSource for DatabricksMembers {
+    fn describe(&self) -> String {
+        self.what.clone()
+    }
+
+    fn members(&self) -> MemberStream<'_> {
+        Box::pin(async_stream::try_stream! {
+            let deadline = Instant::now() + self.statement_timeout;
+            let mut running = Running {
+                client: self.client.clone(),
+                cancel_url: None,
+                token: None,
+                cached: self.cached.clone(),
+                what: self.what.clone(),
+            };
+            let response = self.succeeded(&mut running, deadline).await?;
+            drop(running);
+            let id = response.statement_id.clone().unwrap_or_default();
+            let manifest = response.manifest.ok_or_else(|| self.malformed("the statement", "no manifest".to_owned()))?;
+            let mapper = self.plan(&manifest)?;
+            let total_rows = manifest.total_row_count;
+            let total_chunks = manifest.total_chunk_count;
+            let mut result = response.result;
+            let mut index = 0u64;
+            let mut read = 0u64;
+            while let Some(current) = result.take() {
+                let chunk = self.rows(&id, current, index, deadline).await?;
+                self.check_chunk(&chunk, index, read)?;
+                read += chunk.rows.len() as u64;
+                yield mapper.batch(&self.what, FORMAT, &format!("chunk {index}"), &chunk.rows)?;
+                index += 1;
+                if chunk.next_link.is_some() || chunk.next_index.is_some() {
+                    let next = chunk.next_index.unwrap_or(index);
+                    if next != index {
+                        Err::<(), SourceError>(self.malformed(&format!("chunk {}", index - 1), format!("the next chunk is {next}, not {index}")))?;
+                    }
+                    result = Some(self.chunk(&id, next, chunk.next_link.as_deref(), deadline).await?);
+                }
+            }
+            if total_chunks.is_some_and(|t| t != index && !(t == 0 && index <= 1 && read == 0)) {
+                Err::<(), SourceError>(self.malformed("the result", format!("{index} chunks read where total_chunk_count is {}", total_chunks.unwrap_or_default())))?;
+            }
+            if total_rows.is_some_and(|t| t != read) {
+                Err::<(), SourceError>(self.malformed("the result", format!("{read} rows read where total_row_count is {}", total_rows.unwrap_or_default())))?;
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spark_types_map_to_exactness() {
+        assert_eq!(column_type("BIGINT"), ColumnType::Exact);
+        assert_eq!(column_type("decimal"), ColumnType::Exact);
+        assert_eq!(column_type("DOUBLE"), ColumnType::Float);
+        assert_eq!(column_type("STRING"), ColumnType::Text);
+        assert_eq!(column_type("ARRAY"), ColumnType::Unsupported);
+        assert!(transient_code("TEMPORARILY_UNAVAILABLE") && !transient_code("BAD_REQUEST"));
+    }
+}

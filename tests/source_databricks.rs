@@ -1,0 +1,242 @@
+//! The Databricks source against the Statement Execution API stand-in (warehouse-sandbox),
+//! whose statements run on a real PostgreSQL: 100,000-row cohorts over many chunks, inline
+//! and through external links (never sent our token), PAT and OAuth M2M, faults survived,
+//! and every failure said plainly without a secret.
+
+use std::time::Duration;
+
+use cohort_operator::api::{IdentifierMapping, SourceSpec};
+use cohort_operator::domain::identifiers::SkipReason;
+use cohort_operator::domain::member::{Member, MemberKey};
+use cohort_operator::source::{CohortRead, InMemoryObjects, SourceError, open_source, read_cohort};
+use futures::StreamExt;
+use serde_json::{Value, json};
+use testkit::postgres::Postgres;
+use warehouse_sandbox::databricks::{DatabricksConfig, Fault, FaultTarget, RunningDatabricks};
+
+const ROWS: u64 = 100_000;
+const PAT: &str = "dapi0123456789abcdef0123456789abcdef";
+const CLIENT_ID: &str = "7f3c1d2e-sp-cohorts";
+const CLIENT_SECRET: &str = "dose0123456789secret";
+const WAREHOUSE: &str = "8f2a9c0d1e3b4a56";
+
+fn database(name: &str) -> String {
+    let pg = Postgres::shared();
+    pg.create_database(name);
+    pg.psql(
+        name,
+        &format!(
+            "CREATE TABLE cohort AS SELECT i, \
+               CASE WHEN i % 10 < 6 THEN 'u' || i END AS user_id, \
+               CASE WHEN i % 10 IN (6, 7) THEN 'alias-' || i END AS email, \
+               CASE WHEN i % 10 = 8 THEN 'device-' || i END AS device \
+             FROM generate_series(1, {ROWS}) AS i"
+        ),
+    )
+    .expect("cohort table");
+    pg.url(name)
+}
+
+async fn workspace(db: &str, tune: impl FnOnce(&mut DatabricksConfig)) -> (RunningDatabricks, InMemoryObjects) {
+    let mut config = DatabricksConfig::new(&database(db), WAREHOUSE);
+    config.tokens = vec![PAT.to_owned()];
+    config.clients = vec![(CLIENT_ID.to_owned(), CLIENT_SECRET.to_owned())];
+    config.chunk_rows = 10_000;
+    config.pending_polls = 2;
+    tune(&mut config);
+    let workspace = RunningDatabricks::start(config).await.expect("stand-in starts");
+    let objects = InMemoryObjects::new("growth")
+        .with_secret("databricks", "token", PAT)
+        .with_secret("databricks-sp", "clientId", CLIENT_ID)
+        .with_secret("databricks-sp", "clientSecret", CLIENT_SECRET);
+    (workspace, objects)
+}
+
+fn spec(workspace: &RunningDatabricks, query: &str, extra: Value) -> SourceSpec {
+    let mut source = json!({
+        "host": workspace.url(),
+        "warehouseId": WAREHOUSE,
+        "catalog": "main",
+        "auth": { "tokenSecretRef": { "name": "databricks", "key": "token" } },
+        "query": query,
+        "statementTimeoutSeconds": 120,
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        source[k] = v.clone();
+    }
+    serde_json::from_value(json!({ "databricks": source })).unwrap()
+}
+
+fn mapping() -> IdentifierMapping {
+    serde_json::from_value(json!({
+        "externalId": "user_id",
+        "alias": { "nameField": "email", "label": "email" },
+        "deviceId": "device",
+    }))
+    .unwrap()
+}
+
+const QUERY: &str = "SELECT user_id, email, device FROM cohort ORDER BY i";
+const OAUTH: &str = r#"{ "oauth": { "secretName": "databricks-sp" } }"#;
+
+async fn read(objects: &InMemoryObjects, spec: &SourceSpec) -> Result<CohortRead, SourceError> {
+    let source = open_source(spec, &mapping(), objects).await?;
+    read_cohort(source.as_ref()).await
+}
+
+fn assert_full_cohort(read: &CohortRead) {
+    assert_eq!(read.rows, ROWS);
+    assert_eq!(read.members.len(), 90_000);
+    assert_eq!(read.skipped.get(SkipReason::Missing), 10_000);
+    assert!(read.members.contains(&Member::ExternalId("u1".into()).key()));
+    assert!(read.members.contains(&Member::Alias { name: "alias-6".into(), label: "email".into() }.key()));
+    assert!(read.members.contains(&Member::DeviceId("device-8".into()).key()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_100k_cohort_is_read_through_ten_external_links_without_our_token() {
+    let (ws, objects) = workspace("dbx_links", |_| {}).await;
+    let read = read(&objects, &spec(&ws, QUERY, json!({}))).await.expect("read");
+    assert_full_cohort(&read);
+    assert_eq!(ws.link_fetches(), 10);
+    assert!(!ws.authorization_sent_to_links(), "the bearer token went to cloud storage");
+    assert_eq!(ws.executions(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_100k_cohort_is_read_inline_chunk_by_chunk_with_oauth() {
+    let (ws, objects) = workspace("dbx_inline", |c| c.token_lifetime = Duration::from_secs(3600)).await;
+    let oauth: Value = serde_json::from_str(OAUTH).unwrap();
+    let read = read(&objects, &spec(&ws, QUERY, json!({ "disposition": "Inline", "auth": oauth }))).await.expect("read");
+    assert_full_cohort(&read);
+    assert_eq!(ws.link_fetches(), 0);
+    // One token for the whole read: cached, not fetched per request.
+    assert_eq!(ws.tokens_issued(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_lived_oauth_tokens_are_replaced_before_they_expire() {
+    // Tokens live 2 s, so the margin (half the lifetime) replaces each after about 1 s.
+    let (ws, objects) = workspace("dbx_refresh", |c| {
+        c.token_lifetime = Duration::from_secs(2);
+        c.pending_polls = 6;
+    })
+    .await;
+    let oauth: Value = serde_json::from_str(OAUTH).unwrap();
+    let query = "SELECT user_id, email, device FROM cohort WHERE i <= 30000";
+    let read = read(&objects, &spec(&ws, query, json!({ "disposition": "Inline", "auth": oauth }))).await.expect("read");
+    assert_eq!(read.rows, 30_000);
+    assert!(ws.tokens_issued() >= 2, "the token was never refreshed ({} issued)", ws.tokens_issued());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_are_survived() {
+    let (ws, objects) = workspace("dbx_faults", |_| {}).await;
+    let oauth: Value = serde_json::from_str(OAUTH).unwrap();
+    ws.inject(FaultTarget::Token, Fault::Unavailable);
+    ws.inject(FaultTarget::Submit, Fault::TooManyRequests);
+    ws.inject(FaultTarget::Submit, Fault::TransientFailure);
+    ws.inject(FaultTarget::Poll, Fault::Unavailable);
+    ws.inject(FaultTarget::Poll, Fault::ExpiredToken);
+    ws.inject(FaultTarget::Chunk(2), Fault::TooManyRequests);
+    ws.inject(FaultTarget::Link(4), Fault::ExpiredLink);
+    ws.inject(FaultTarget::Chunk(6), Fault::Unavailable);
+    let read = read(&objects, &spec(&ws, QUERY, json!({ "auth": oauth }))).await.expect("read despite faults");
+    assert_full_cohort(&read);
+    // The statement that failed TEMPORARILY_UNAVAILABLE was submitted again.
+    assert_eq!(ws.executions(), 2);
+    assert!(ws.tokens_issued() >= 2, "a 401 fetches a new token");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn numeric_identifiers_arrive_as_braze_expects() {
+    let (ws, objects) = workspace("dbx_numbers", |_| {}).await;
+    let query = "SELECT 12345678901::bigint AS id UNION ALL SELECT 42.00::numeric(10,2) \
+                 UNION ALL SELECT 1234567890::float8 UNION ALL SELECT 7::float8 UNION ALL SELECT NULL";
+    let ids: IdentifierMapping = serde_json::from_value(json!({ "externalId": "id" })).unwrap();
+    let source = open_source(&spec(&ws, query, json!({ "disposition": "Inline" })), &ids, &objects).await.unwrap();
+    let read = read_cohort(source.as_ref()).await.unwrap();
+    let mut expected: Vec<MemberKey> = ["12345678901", "42", "1234567890", "7"].iter().map(|s| Member::ExternalId((*s).into()).key()).collect();
+    expected.sort();
+    // Spark writes the doubles as 1.23456789E9 and 7.0: they still arrive as plain integers.
+    assert_eq!(read.members, expected);
+    assert_eq!(read.skipped.get(SkipReason::Missing), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_failure_is_reported_as_the_user_needs_it() {
+    let (ws, objects) = workspace("dbx_failures", |c| c.pending_polls = 0).await;
+    let full = spec(&ws, QUERY, json!({}));
+    let no_secret = |text: &str| {
+        for secret in [PAT, CLIENT_SECRET, "X-Amz-Signature"] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+    };
+
+    let bad_token = objects.clone().with_secret("databricks", "token", "dapi-revoked-token-0000");
+    let err = read(&bad_token, &full).await.unwrap_err();
+    assert!(matches!(err, SourceError::Auth { .. }), "{err}");
+    assert!(err.to_string().contains("Secret growth/databricks key token"), "{err}");
+    assert!(!err.to_string().contains("dapi-revoked-token-0000"), "{err}");
+
+    let bad_client = objects.clone().with_secret("databricks-sp", "clientSecret", "wrong-secret-123");
+    let oauth: Value = serde_json::from_str(OAUTH).unwrap();
+    let err = read(&bad_client, &spec(&ws, QUERY, json!({ "auth": oauth }))).await.unwrap_err();
+    assert!(matches!(err, SourceError::Auth { .. }) && err.to_string().contains("invalid_client"), "{err}");
+    assert!(!err.to_string().contains("wrong-secret-123"), "{err}");
+
+    ws.inject(FaultTarget::Submit, Fault::PermissionDenied);
+    let err = read(&objects, &full).await.unwrap_err();
+    assert!(matches!(err, SourceError::Permission { .. }) && err.to_string().contains("INSUFFICIENT_PERMISSIONS"), "{err}");
+
+    ws.inject(FaultTarget::Submit, Fault::StatementTimeout);
+    let err = read(&objects, &full).await.unwrap_err();
+    assert!(matches!(err, SourceError::Timeout { seconds: 120, .. }), "{err}");
+
+    ws.inject(FaultTarget::Link(3), Fault::TruncatedChunk);
+    let err = read(&objects, &full).await.unwrap_err();
+    assert!(err.to_string().contains("chunk 3") && err.to_string().contains("cut short"), "{err}");
+    no_secret(&err.to_string());
+
+    ws.inject(FaultTarget::Chunk(2), Fault::TruncatedChunk);
+    let err = read(&objects, &spec(&ws, QUERY, json!({ "disposition": "Inline" }))).await.unwrap_err();
+    assert!(err.to_string().contains("chunk 2") && err.to_string().contains("cut short"), "{err}");
+
+    let err = read(&objects, &spec(&ws, "SELECT user_id FROM cohort WHERE", json!({}))).await.unwrap_err();
+    assert!(matches!(err, SourceError::Query { .. }) && err.to_string().contains("PARSE_SYNTAX_ERROR"), "{err}");
+
+    let err = read(&objects, &spec(&ws, QUERY, json!({ "warehouseId": "unknown0warehouse" }))).await.unwrap_err();
+    assert!(err.to_string().contains("INVALID_PARAMETER_VALUE") && err.to_string().contains("warehouse_id"), "{err}");
+
+    let err = read(&objects, &spec(&ws, QUERY, json!({ "maxChunkBytes": 50_000 }))).await.unwrap_err();
+    assert!(matches!(err, SourceError::PageTooLarge { .. }) && err.to_string().contains("maxChunkBytes (50000 bytes)"), "{err}");
+
+    let err = open_source(&spec(&ws, "INSERT INTO cohort VALUES (1)", json!({})), &mapping(), &objects).await.unwrap_err();
+    assert_eq!(err.reason(), "InvalidSpec");
+    assert!(err.to_string().contains("starts with \"INSERT\""), "{err}");
+
+    let objects_without = InMemoryObjects::new("growth");
+    let err = open_source(&full, &mapping(), &objects_without).await.unwrap_err();
+    assert_eq!(err.reason(), "SecretNotFound");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_read_cancels_the_statement() {
+    let (ws, objects) = workspace("dbx_cancel", |c| c.pending_polls = 0).await;
+    let ids: IdentifierMapping = serde_json::from_value(json!({ "externalId": "user_id" })).unwrap();
+    let spec = spec(&ws, "SELECT pg_sleep(40)::text AS user_id", json!({}));
+    let source = open_source(&spec, &ids, &objects).await.unwrap();
+    {
+        let mut stream = source.members();
+        assert!(tokio::time::timeout(Duration::from_millis(1500), stream.next()).await.is_err());
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while ws.cancels() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no cancel request arrived");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let spec = self::spec(&ws, "SELECT pg_sleep(40)::text AS user_id", json!({ "statementTimeoutSeconds": 2 }));
+    let source = open_source(&spec, &ids, &objects).await.unwrap();
+    let err = read_cohort(source.as_ref()).await.unwrap_err();
+    assert!(matches!(err, SourceError::Timeout { seconds: 2, .. }), "{err}");
+}
