@@ -27,7 +27,7 @@ use jiff::tz::TimeZone;
 use reqwest::Url;
 
 use crate::api::{
-    Cadence, CohortImportSpec, DayOfWeek, HttpFormat, HttpSource, IdentifierMapping, Notifications,
+    BigQuerySource, Cadence, CohortImportSpec, DayOfWeek, HttpFormat, HttpSource, IdentifierMapping, Notifications,
     ScheduleSpec, SourceSpec,
 };
 
@@ -55,6 +55,7 @@ pub enum SourceKind {
     ConfigMap,
     Http,
     Postgres,
+    BigQuery,
 }
 
 /// One broken rule: where, and what is wrong with the fix.
@@ -149,6 +150,18 @@ pub enum Problem {
     QueryMultipleStatements { line: usize },
     #[error("has a {what} opened on line {line} that is never closed; close it")]
     QueryUnterminated { what: &'static str, line: usize },
+    #[error(
+        "{value:?} is not a Google Cloud project id; use the project's id (lowercase letters, digits and hyphens, e.g. my-analytics-123), not its name or number"
+    )]
+    ProjectId { value: String },
+    #[error(
+        "points at {host}, which is not a Google API host; use https://bigquery.googleapis.com (or another https://*.googleapis.com endpoint); other hosts are accepted only on loopback, for a local stand-in"
+    )]
+    NotGoogleEndpoint { host: String },
+    #[error(
+        "is used only without serviceAccountKeySecretRef (the metadata server gives the operator's own identity); remove it or the key reference"
+    )]
+    OnlyWithoutKey,
 }
 
 fn not_exactly_one(what: &str, choices: &[&str], set: &[&str]) -> String {
@@ -226,8 +239,13 @@ impl TryFrom<&ScheduleSpec> for Schedule {
 }
 
 fn check_source(source: &SourceSpec, problems: &mut Problems) -> Option<SourceKind> {
-    const KINDS: [SourceKind; 4] =
-        [SourceKind::Inline, SourceKind::ConfigMap, SourceKind::Http, SourceKind::Postgres];
+    const KINDS: [SourceKind; 5] = [
+        SourceKind::Inline,
+        SourceKind::ConfigMap,
+        SourceKind::Http,
+        SourceKind::Postgres,
+        SourceKind::BigQuery,
+    ];
     if let Some(http) = &source.http {
         check_http(http, problems);
     }
@@ -236,16 +254,20 @@ fn check_source(source: &SourceSpec, problems: &mut Problems) -> Option<SourceKi
     {
         problems.add("spec.source.postgres.query", problem);
     }
+    if let Some(bigquery) = &source.bigquery {
+        check_bigquery(bigquery, problems);
+    }
     let set = [
         source.inline.is_some(),
         source.config_map.is_some(),
         source.http.is_some(),
         source.postgres.is_some(),
+        source.bigquery.is_some(),
     ];
     let one = exactly_one(
         "spec.source",
         "source",
-        &["inline", "configMap", "http", "postgres"],
+        &["inline", "configMap", "http", "postgres", "bigquery"],
         set,
         problems,
     )?;
@@ -584,7 +606,7 @@ fn looks_like_email(s: &str) -> bool {
 /// One statement starting with SELECT or WITH. A small PostgreSQL lexer skips comments
 /// (nested `/* */` too), string literals (`'…'`, `E'…'` with backslash escapes), quoted
 /// identifiers and dollar-quoted strings, so a `;` inside them does not count.
-fn check_query(query: &str) -> Result<(), Problem> {
+pub fn check_query(query: &str) -> Result<(), Problem> {
     let b = query.as_bytes();
     let line_of = |at: usize| b[..at].iter().filter(|&&c| c == b'\n').count() + 1;
     let ident_byte = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80;
@@ -728,6 +750,114 @@ fn check_query(query: &str) -> Result<(), Problem> {
         }
     }
     if first_word_seen { Ok(()) } else { Err(Problem::QueryEmpty) }
+}
+
+/// `spec.source.bigquery`: the project, the query (GoogleSQL), where the access token may
+/// be sent. A token is sent only to Google's API hosts or to loopback: with Workload
+/// Identity it is the operator's own credential, and must never reach a host a spec names.
+fn check_bigquery(bq: &BigQuerySource, problems: &mut Problems) {
+    const PATH: &str = "spec.source.bigquery";
+    let project_ok = bq.project_id.len() >= 6
+        && bq.project_id.starts_with(|c: char| c.is_ascii_lowercase())
+        && bq.project_id.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-.:".contains(c))
+        && !bq.project_id.ends_with(['-', '.', ':']);
+    if !project_ok {
+        problems.add(format!("{PATH}.projectId"), Problem::ProjectId { value: bq.project_id.clone() });
+    }
+    if let Err(problem) = check_googlesql_query(&bq.query) {
+        problems.add(format!("{PATH}.query"), problem);
+    }
+    if bq.metadata_server.is_some() && bq.service_account_key_secret_ref.is_some() {
+        problems.add(format!("{PATH}.metadataServer"), Problem::OnlyWithoutKey);
+    }
+    const EXAMPLE: &str = "https://bigquery.googleapis.com";
+    let path = format!("{PATH}.endpoint");
+    match Url::parse(&bq.endpoint) {
+        Err(e) => problems.add(path, Problem::Url { reason: e.to_string(), example: EXAMPLE }),
+        Ok(url) => {
+            let host = url.host_str().unwrap_or("").to_ascii_lowercase();
+            let google = url.scheme() == "https" && host.ends_with(".googleapis.com");
+            if !google && !is_loopback(&url) {
+                problems.add(path.clone(), Problem::NotGoogleEndpoint { host });
+            }
+            if !url.username().is_empty() || url.password().is_some() {
+                problems.add(path, Problem::UrlCredentials { instead: "spec.source.bigquery.serviceAccountKeySecretRef" });
+            }
+        }
+    }
+}
+
+/// One GoogleSQL (BigQuery standard SQL) statement starting with SELECT or WITH. Its lexer
+/// differs from PostgreSQL's: `#` comments, `/* */` not nested, `'…'` and `"…"` strings
+/// (also triple-quoted) with backslash escapes, `` `…` `` quoted identifiers. BigQuery runs a
+/// multi-statement script in one `jobs.query`, so a second statement is refused here.
+pub fn check_googlesql_query(query: &str) -> Result<(), Problem> {
+    let b = query.as_bytes();
+    let line_of = |at: usize| b[..at].iter().filter(|&&c| c == b'\n').count() + 1;
+    let ident_byte = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80;
+    let (mut i, mut first_word_seen, mut statement_end) = (0, false, None::<usize>);
+    while i < b.len() {
+        let (c, next) = (b[i], b.get(i + 1).copied());
+        if c.is_ascii_whitespace() {
+            i += 1;
+        } else if c == b'#' || (c == b'-' && next == Some(b'-')) {
+            i = b[i..].iter().position(|&c| c == b'\n').map_or(b.len(), |n| i + n);
+        } else if c == b'/' && next == Some(b'*') {
+            let end = b[i + 2..].windows(2).position(|w| w == b"*/");
+            let end = end.ok_or(Problem::QueryUnterminated { what: "comment /*", line: line_of(i) })?;
+            i += 2 + end + 2;
+        } else if let Some(end) = statement_end {
+            if c != b';' {
+                return Err(Problem::QueryMultipleStatements { line: line_of(end) });
+            }
+            i += 1;
+        } else if !first_word_seen {
+            if c == b'(' {
+                i += 1;
+                continue;
+            }
+            let len = b[i..].iter().take_while(|&&c| ident_byte(c)).count().max(1);
+            let word = String::from_utf8_lossy(&b[i..(i + len).min(b.len())]).into_owned();
+            if !(word.eq_ignore_ascii_case("select") || word.eq_ignore_ascii_case("with")) {
+                return Err(Problem::QueryNotSelect { first: word.chars().take(32).collect() });
+            }
+            first_word_seen = true;
+            i += len;
+        } else if matches!(c, b'\'' | b'"' | b'`') {
+            i = skip_googlesql_quoted(b, i).ok_or_else(|| {
+                let what = match c {
+                    b'`' => "quoted identifier `",
+                    b'"' => "string literal \"",
+                    _ => "string literal '",
+                };
+                Problem::QueryUnterminated { what, line: line_of(i) }
+            })?;
+        } else {
+            if c == b';' {
+                statement_end = Some(i);
+            }
+            i += 1;
+        }
+    }
+    if first_word_seen { Ok(()) } else { Err(Problem::QueryEmpty) }
+}
+
+/// The index just past the quoted text opening at `start` (`'`, `"`, triple quotes, or a
+/// backtick), or `None` when it never closes. A backslash escapes the next byte, also in
+/// raw strings (where it stays in the value but still cannot end it).
+fn skip_googlesql_quoted(b: &[u8], start: usize) -> Option<usize> {
+    let q = b[start];
+    let triple = q != b'`' && b.get(start + 1) == Some(&q) && b.get(start + 2) == Some(&q);
+    let mut i = start + if triple { 3 } else { 1 };
+    while i < b.len() {
+        match b[i] {
+            b'\\' => i += 2,
+            c if c == q && !triple => return Some(i + 1),
+            c if c == q && b.get(i + 1) == Some(&q) && b.get(i + 2) == Some(&q) => return Some(i + 3),
+            _ => i += 1,
+        }
+    }
+    None
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! Cohort sources: where the member list comes from.
 //!
-//! Every kind — [`inline`], [`config_map`], [`http`], [`postgres`] — is a [`MemberSource`]:
+//! Every kind — [`inline`], [`config_map`], [`http`], [`postgres`], [`bigquery`] — is a [`MemberSource`]:
 //! an async stream of [`MemberBatch`]es, so no source holds the whole cohort in memory.
 //! Each row becomes one [`Member`] through the spec's identifier mapping
 //! ([`crate::domain::identifiers`]); rows that give none are counted by reason.
@@ -24,6 +24,7 @@ use crate::domain::identifiers::{IdentifierFields, SkipCounts, SkipReason};
 use crate::domain::member::{Member, MemberKey};
 use crate::secret::SecretString;
 
+pub mod bigquery;
 pub mod config_map;
 mod formats;
 pub mod http;
@@ -137,6 +138,9 @@ pub enum SourceError {
     Malformed { what: String, format: &'static str, location: String, message: String },
     #[error("{what}: more than maxBytes ({limit} bytes) after decompression; raise maxBytes if the export is really this large")]
     TooLarge { what: String, limit: u64 },
+    /// One page of a paged result (`page` 0: the job's own answer) passed `maxPageBytes`.
+    #[error("{what}: page {page} of the result is larger than maxPageBytes ({limit} bytes); lower pageSize or raise maxPageBytes")]
+    PageTooLarge { what: String, page: u64, limit: u64 },
 }
 
 impl SourceError {
@@ -247,6 +251,12 @@ pub async fn open_source(
 ) -> Result<Box<dyn MemberSource>, SourceError> {
     let fields = IdentifierFields::from_mapping(mapping)
         .map_err(|e| SourceError::Config { what: "identifiers".to_owned(), message: e.to_string() })?;
+    if let Some(bq) = &spec.bigquery {
+        let others = [spec.inline.is_some(), spec.config_map.is_some(), spec.http.is_some(), spec.postgres.is_some()];
+        if !others.contains(&true) {
+            return Ok(Box::new(bigquery::BigQueryMembers::open(bq, fields, ctx).await?));
+        }
+    }
     match (&spec.inline, &spec.config_map, &spec.http, &spec.postgres) {
         (Some(inline), None, None, None) => Ok(Box::new(inline::InlineMembers::new(inline, fields))),
         (None, Some(cm), None, None) => Ok(Box::new(config_map::ConfigMapMembers::open(cm, fields, ctx).await?)),
@@ -254,7 +264,7 @@ pub async fn open_source(
         (None, None, None, Some(pg)) => Ok(Box::new(postgres::PostgresMembers::open(pg, fields, ctx).await?)),
         _ => Err(SourceError::Config {
             what: "source".to_owned(),
-            message: "set exactly one of inline, configMap, http and postgres".to_owned(),
+            message: "set exactly one of inline, configMap, http, postgres and bigquery".to_owned(),
         }),
     }
 }
