@@ -1034,7 +1034,7 @@ spec:
         spec.source = SourceSpec::default();
         assert_eq!(
             only_message(&spec),
-            "spec.source: sets no source; set exactly one of inline, configMap, http, postgres"
+            "spec.source: sets no source; set exactly one of inline, configMap, http, postgres, bigquery"
         );
         let mut spec = example(WAREHOUSE_EXAMPLE);
         spec.source.http = example(SANDBOX_EXAMPLE).source.http;
@@ -1521,5 +1521,65 @@ spec:
         let spec = with_recipients(&["a@b.co"], Some(vec![]));
         assert_eq!(errors(&spec)[0].problem, Problem::NoNotifyOn);
         validate(&with_recipients(&["a@b.co"], Some(vec![NotifyOn::Failed]))).unwrap();
+    }
+
+    fn bigquery(extra: serde_json::Value) -> CohortImportSpec {
+        let mut spec = example(WAREHOUSE_EXAMPLE);
+        let mut bq = serde_json::json!({
+            "projectId": "cohort-analytics",
+            "query": "SELECT user_id FROM `cohort-analytics.events.active`",
+            "serviceAccountKeySecretRef": { "name": "bq", "key": "key.json" },
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            bq[k] = v.clone();
+        }
+        spec.source = serde_json::from_value(serde_json::json!({ "bigquery": bq })).unwrap();
+        spec
+    }
+
+    #[test]
+    fn bigquery_sources_are_checked() {
+        let valid = validate(&bigquery(serde_json::json!({}))).unwrap();
+        assert_eq!(valid.source, SourceKind::BigQuery);
+        let spec = bigquery(serde_json::json!({
+            "projectId": "My Project",
+            "query": "SELECT 1; DROP TABLE x",
+            "endpoint": "http://bigquery.example.com",
+            "metadataServer": "127.0.0.1:8080",
+        }));
+        assert_eq!(
+            paths(&spec),
+            [
+                "spec.source.bigquery.projectId",
+                "spec.source.bigquery.query",
+                "spec.source.bigquery.metadataServer",
+                "spec.source.bigquery.endpoint",
+            ]
+        );
+        assert!(errors(&spec)[3].to_string().contains("not a Google API host"));
+        let regional = bigquery(serde_json::json!({ "endpoint": "https://bigquery.europe-west1.rep.googleapis.com" }));
+        validate(&regional).unwrap();
+        validate(&bigquery(serde_json::json!({ "endpoint": "http://127.0.0.1:4020" }))).unwrap();
+        let mut two = bigquery(serde_json::json!({}));
+        two.source.postgres = example(WAREHOUSE_EXAMPLE).source.postgres;
+        assert!(errors(&two)[0].to_string().contains("sets 2 sources (postgres, bigquery)"), "{}", errors(&two)[0]);
+    }
+
+    #[test]
+    fn googlesql_queries_are_one_select() {
+        for ok in [
+            "SELECT 'it\\'s; fine' AS a # comment; here\n",
+            "WITH a AS (SELECT \"x;y\" AS s) SELECT s FROM a;",
+            "SELECT `my-project.ds.t`.id FROM `my-project.ds.t` -- ;\n;;",
+            "SELECT \'\'\'multi\n;line\'\'\' AS s, r'\\d;' AS r",
+            "(SELECT 1) /* ; */",
+        ] {
+            assert_eq!(check_googlesql_query(ok), Ok(()), "{ok}");
+        }
+        assert_eq!(check_googlesql_query("SELECT 1;\nDELETE FROM t"), Err(Problem::QueryMultipleStatements { line: 1 }));
+        assert_eq!(check_googlesql_query("# only\n"), Err(Problem::QueryEmpty));
+        assert!(matches!(check_googlesql_query("INSERT INTO t VALUES (1)"), Err(Problem::QueryNotSelect { .. })));
+        assert!(matches!(check_googlesql_query("SELECT 'open"), Err(Problem::QueryUnterminated { .. })));
+        assert!(matches!(check_googlesql_query("SELECT `open"), Err(Problem::QueryUnterminated { .. })));
     }
 }

@@ -39,8 +39,11 @@ pub mod shared;
 pub mod values;
 pub mod wire;
 
-/// How long one API call asks BigQuery to wait for the job before answering.
+/// How long `getQueryResults` asks BigQuery to wait for the job before answering.
 const CALL_WAIT: Duration = Duration::from_secs(10);
+/// How long `jobs.query` waits: short, so the job's reference (needed to cancel it on a
+/// timeout) comes back soon even for a long query.
+const QUERY_WAIT: Duration = Duration::from_secs(1);
 /// Allowance on top of [`CALL_WAIT`] for the answer itself to arrive.
 const CALL_MARGIN: Duration = Duration::from_secs(60);
 /// Jobs submitted per read when one keeps failing while it runs.
@@ -170,7 +173,7 @@ impl BigQueryMembers {
                     query: &self.spec.query,
                     use_legacy_sql: false,
                     max_results: self.spec.page_size,
-                    timeout_ms: CALL_WAIT.as_millis() as u64,
+                    timeout_ms: QUERY_WAIT.as_millis() as u64,
                     location: self.spec.location.as_deref(),
                     maximum_bytes_billed: self.spec.maximum_bytes_billed.map(|n| n.to_string()),
                     request_id,
@@ -241,14 +244,20 @@ impl BigQueryMembers {
     async fn complete_job(&self, current: &Mutex<Option<JobReference>>) -> Result<(JobReference, QueryResponse), SourceError> {
         let mut job_attempt = 1;
         loop {
+            // A new requestId: the one before belongs to the job that kept failing.
             let request_id = format!("cohort-{:032x}", rand::random::<u128>());
-            let first = self.call(&Call::Query { request_id: &request_id }).await.map_err(|e| self.failure(e, 0))?;
-            let job = first.job_reference.clone().ok_or_else(|| self.malformed(0, "jobs.query answered without jobReference"))?;
-            *current.lock().expect("not poisoned") = Some(job.clone());
-            match self.await_job(&job, first).await {
-                Ok(done) => return Ok((job, done)),
+            let outcome = match self.call(&Call::Query { request_id: &request_id }).await {
+                Ok(first) => {
+                    let job = first.job_reference.clone().ok_or_else(|| self.malformed(0, "jobs.query answered without jobReference"))?;
+                    *current.lock().expect("not poisoned") = Some(job.clone());
+                    self.await_job(&job, first).await.map(|done| (job, done))
+                }
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok(done) => return Ok(done),
                 Err(e) if e.transient() && job_attempt < JOB_ATTEMPTS => {
-                    tracing::warn!(source = %self.what, job = %job.job_id, "the job kept failing, submitting the query again: {}", self.redacted(&format!("{e:?}")));
+                    tracing::warn!(source = %self.what, "the job kept failing, submitting the query again: {}", self.redacted(&format!("{e:?}")));
                     self.retry.wait(job_attempt).await;
                     job_attempt += 1;
                 }
@@ -330,7 +339,8 @@ impl BigQueryMembers {
 
     /// The user-facing error for a failed call; `page` 0 is the job itself.
     fn failure(&self, e: CallError, page: u64) -> SourceError {
-        let query = |message: String| SourceError::Query { what: self.what.clone(), message: self.redacted(&message) };
+        let at = if page == 0 { String::new() } else { format!("reading page {page} of the result: ") };
+        let query = |message: String| SourceError::Query { what: self.what.clone(), message: self.redacted(&format!("{at}{message}")) };
         let api = match e {
             CallError::Auth(e) => return e,
             CallError::TooLarge => {

@@ -578,12 +578,12 @@ async fn answer(
         JobState::Failed(e) => return e.into_response(),
         JobState::Done(set) => set,
     };
-    if let Some(e) = &job.fails_with {
-        return e.clone().into_response();
-    }
     if job.incomplete_left > 0 {
         job.incomplete_left -= 1;
         return axum::Json(incomplete).into_response();
+    }
+    if let Some(e) = &job.fails_with {
+        return e.clone().into_response();
     }
     let nonce = job.nonce;
     let start = match page_token {

@@ -40,8 +40,11 @@ const MAX_TOKEN_BODY: u64 = 64 * 1024;
 #[derive(Deserialize)]
 struct KeyFile {
     #[serde(rename = "type")]
+    #[serde(default)]
     kind: String,
+    #[serde(default)]
     client_email: String,
+    #[serde(default)]
     private_key: String,
     #[serde(default)]
     private_key_id: Option<String>,
@@ -78,6 +81,9 @@ impl ServiceAccountKey {
                  `gcloud iam service-accounts keys create`",
                 file.kind.chars().take(40).collect::<String>()
             ));
+        }
+        if file.client_email.is_empty() || file.private_key.is_empty() {
+            return Err(format!("{from}: the service-account key has no client_email or private_key"));
         }
         let signing_key = jsonwebtoken::EncodingKey::from_rsa_pem(file.private_key.as_bytes())
             .map_err(|_| format!("{from}: private_key is not an RSA private key in PEM form"))?;
@@ -152,7 +158,8 @@ struct OAuthError {
     error_description: String,
 }
 
-/// Why no token could be had.
+/// Why no token could be had. Messages never hold the key, assertion or token.
+#[derive(Debug)]
 pub enum TokenError {
     /// Worth another try (5xx, 429, a dropped connection).
     Transient(String),
