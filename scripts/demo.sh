@@ -3,9 +3,9 @@
 #
 # With no cluster configured (no KUBECONFIG, no ~/.kube/config) it starts a local control
 # plane (etcd + kube-apiserver); with one, it uses that cluster. Either way it starts a
-# Braze sandbox seeded with the demo users, a throw-away PostgreSQL warehouse and an HTTP
-# export server for the examples' sources, installs the CRD, applies examples/ (pointed at
-# those local stand-ins), runs the operator, runs every import and shows the resulting
+# Braze sandbox seeded with the demo users, a throw-away PostgreSQL warehouse, a BigQuery
+# stand-in over it and an HTTP export server for the examples' sources, installs the CRD,
+# applies examples/ (pointed at those local stand-ins), runs the operator, runs every import and shows the resulting
 # status and the sandbox's cohort membership.
 #
 #   scripts/demo.sh            run, show, clean up
@@ -65,10 +65,12 @@ fi
 PG_BIN=/usr/lib/postgresql/15/bin
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/cohort-operator/target}"
-say "Building cohort-operator and braze-sandbox"
+say "Building cohort-operator, braze-sandbox and the BigQuery stand-in"
 cargo build --locked -q -p cohort-operator -p braze-sandbox --bins
+cargo build --locked -q -p warehouse-sandbox --bin bigquery-sandbox
 OPERATOR="$CARGO_TARGET_DIR/debug/cohort-operator"
 SANDBOX="$CARGO_TARGET_DIR/debug/braze-sandbox"
+BIGQUERY="$CARGO_TARGET_DIR/debug/bigquery-sandbox"
 
 # --- the cluster ------------------------------------------------------------------------
 if $LOCAL || { [ -z "${KUBECONFIG:-}" ] && [ ! -f "$HOME/.kube/config" ]; }; then
@@ -98,6 +100,14 @@ runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$STATE/pg/data" -l "$STATE/pg/log" -
 psql -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -c 'CREATE DATABASE analytics' >/dev/null
 psql -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -d analytics -f examples/demo/warehouse.sql >/dev/null
 
+BQ_PORT=$(free_port)
+BQ="http://127.0.0.1:$BQ_PORT"
+say "Starting the BigQuery stand-in at $BQ (its SQL runs on the warehouse)"
+"$BIGQUERY" --listen "127.0.0.1:$BQ_PORT" --postgres-url "postgres://postgres@127.0.0.1:$PG_PORT/analytics" \
+  --project kubit-analytics --location EU --write-key "$STATE/bigquery-key.json" >"$STATE/bigquery.log" 2>&1 &
+PIDS+=($!)
+wait_for 30 "the BigQuery stand-in" test -s "$STATE/bigquery-key.json"
+
 EXPORT_PORT=$(free_port)
 say "Serving the HTTP export on port $EXPORT_PORT"
 /usr/bin/python3 -m http.server "$EXPORT_PORT" --bind 127.0.0.1 --directory examples/demo >"$STATE/export.log" 2>&1 &
@@ -114,11 +124,15 @@ for f in examples/*.yaml; do
   sed -e "s#https://rest\.[a-z0-9.-]*\.braze\.[a-z]*#$BRAZE#" \
       -e "s#postgres://[^ ]*#postgres://postgres@127.0.0.1:$PG_PORT/analytics?sslmode=disable#" \
       -e "s#https://exports\.example\.com/cohorts/lapsed\.ndjson#http://127.0.0.1:$EXPORT_PORT/lapsed-subscribers.ndjson#" \
+      -e "s#https://bigquery\.googleapis\.com#$BQ#" \
       -e "s#data-import-key: change-me#data-import-key: $IMPORT_KEY#" \
       "$f"
   echo "---"
 done > "$STATE/examples.yaml"
 kubectl apply -n "$NAMESPACE" -f "$STATE/examples.yaml"
+# The BigQuery example's key is a placeholder: replace it with the stand-in's service account.
+kubectl create secret generic bigquery-reader -n "$NAMESPACE" --from-file=key.json="$STATE/bigquery-key.json" \
+  --dry-run=client -o yaml | kubectl apply -f - >/dev/null
 
 mkdir -p "$STATE/partner-keys" && printf '%s' "$PARTNER_KEY" > "$STATE/partner-keys/us"
 METRICS_PORT=$(free_port)

@@ -3,3 +3,9 @@ CREATE SCHEMA analytics;
 CREATE TABLE analytics.cohort_4711_members (user_id text);
 INSERT INTO analytics.cohort_4711_members
   SELECT 'user-' || lpad(i::text, 4, '0') FROM generate_series(3, 240, 3) AS i;
+-- BigQuery's `cohorts.engaged_readers` (examples/bigquery-daily.yaml): the demo's BigQuery
+-- stand-in runs the query here. Every fourth demo user, with a session count.
+CREATE SCHEMA cohorts;
+CREATE TABLE cohorts.engaged_readers (user_id text, sessions_30d bigint);
+INSERT INTO cohorts.engaged_readers
+  SELECT 'user-' || lpad(i::text, 4, '0'), i % 9 FROM generate_series(4, 200, 4) AS i;
