@@ -5,8 +5,8 @@
 # plane (etcd + kube-apiserver); with one, it uses that cluster. Either way it starts a
 # Braze sandbox seeded with the demo users, a throw-away PostgreSQL warehouse, a BigQuery
 # stand-in over it and an HTTP export server for the examples' sources, installs the CRD,
-# applies examples/ (pointed at those local stand-ins), runs the operator, runs every import and shows the resulting
-# status and the sandbox's cohort membership.
+# applies examples/ (pointed at those local stand-ins), runs the operator, runs every import
+# and shows the resulting status and the sandbox's cohort membership.
 #
 #   scripts/demo.sh            run, show, clean up
 #   scripts/demo.sh --keep     leave everything running (Ctrl-C stops it)
