@@ -160,7 +160,12 @@ impl IntoResponse for ApiError {
             "errors": [{ "message": self.message, "domain": "global", "reason": self.reason }],
             "status": status_name,
         }});
-        (StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), axum::Json(body)).into_response()
+        let mut response =
+            (StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), axum::Json(body)).into_response();
+        if self.status == 401 {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, "Bearer realm=\"https://accounts.google.com/\"".parse().unwrap());
+        }
+        response
     }
 }
 
@@ -318,7 +323,7 @@ impl Inner {
     }
 
     /// The caller's identity, or Google's 401.
-    fn authenticate(&mut self, headers: &HeaderMap) -> Result<String, Response> {
+    fn authenticate(&mut self, headers: &HeaderMap) -> Result<String, ApiError> {
         let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
         self.tokens.check(authorization).map_err(|e| {
             self.stats.unauthorized += 1;
@@ -326,9 +331,7 @@ impl Inner {
                 BearerError::Missing => "Request is missing required authentication credential. Expected OAuth 2 access token.",
                 BearerError::Invalid => "Request had invalid authentication credentials. Expected OAuth 2 access token.",
             };
-            let mut response = ApiError::new(401, "authError", message).into_response();
-            response.headers_mut().insert(header::WWW_AUTHENTICATE, "Bearer realm=\"https://accounts.google.com/\"".parse().unwrap());
-            response
+            ApiError::new(401, "authError", message)
         })
     }
 }
@@ -419,7 +422,7 @@ async fn jobs_query(
         let mut inner = shared.inner.lock().await;
         let identity = match inner.authenticate(&headers) {
             Ok(identity) => identity,
-            Err(response) => return response,
+            Err(e) => return e.into_response(),
         };
         inner.stats.query_calls += 1;
         if let Some(fault) = inner.status_fault(Endpoint::Query) {
@@ -533,7 +536,7 @@ async fn get_query_results(
         let mut inner = shared.inner.lock().await;
         let identity = match inner.authenticate(&headers) {
             Ok(identity) => identity,
-            Err(response) => return response,
+            Err(e) => return e.into_response(),
         };
         inner.stats.results_calls += 1;
         if let Some(fault) = inner.status_fault(Endpoint::Results) {
@@ -671,8 +674,8 @@ async fn cancel(
     headers: HeaderMap,
 ) -> Response {
     let mut inner = shared.inner.lock().await;
-    if let Err(response) = inner.authenticate(&headers) {
-        return response;
+    if let Err(e) = inner.authenticate(&headers) {
+        return e.into_response();
     }
     let given = params.location.unwrap_or_else(|| "US".to_owned());
     let Some(job) = inner.jobs.get(&job_id).filter(|j| j.project == project && location_matches(&given, &j.location)) else {
