@@ -2,8 +2,6 @@
 //! OAuth token exchange and bearer tokens and runs the SQL on a real PostgreSQL (testkit,
 //! one server per test binary, a database per test).
 
-use std::time::Duration;
-
 use cohort_operator::api::{IdentifierMapping, SourceSpec};
 use cohort_operator::domain::identifiers::SkipReason;
 use cohort_operator::domain::member::{Member, MemberKey};
@@ -132,8 +130,6 @@ fn expected_row(i: u64) -> Result<Member, SkipReason> {
 async fn a_large_result_streams_every_identifier_kind_across_many_pages() {
     let w = world("bq_big", BIG_TABLE, |c, _| {
         c.incomplete_polls = 2;
-        // Tokens outlive no read: the source must refresh them as it goes.
-        c.token_lifetime = Duration::from_secs(2);
     })
     .await;
     let identifiers = mapping(json!({ "externalId": "uid", "alias": { "nameField": "email", "label": "email" }, "deviceId": "device" }));
@@ -147,10 +143,6 @@ async fn a_large_result_streams_every_identifier_kind_across_many_pages() {
         let batch = batch.expect("batch");
         assert!(batch.rows() <= 7000, "one page at a time");
         batches += 1;
-        if batches == 5 {
-            // Slower than a token's life: the next calls need a fresh token.
-            tokio::time::sleep(Duration::from_millis(2100)).await;
-        }
         skipped.add(&batch.skipped);
         members.extend(batch.members);
     }
@@ -171,10 +163,9 @@ async fn a_large_result_streams_every_identifier_kind_across_many_pages() {
     assert_eq!(stats.pages_served, 15);
     assert_eq!(stats.rows_served, 100_000);
     assert_eq!(stats.last_max_results, Some(7000));
-    assert!(stats.token_grants >= 2, "the token was refreshed: {stats:?}");
-    // Refreshing ahead of expiry is unit-tested; on a loaded machine a request may still
-    // arrive after its token's two seconds, and is then answered 401 and retried.
-    assert!(stats.unauthorized <= 1, "{stats:?}");
+    // One token serves the whole read (refreshing ahead of expiry is unit-tested in
+    // auth.rs; an expired token mid-read is in transient_faults_are_survived).
+    assert_eq!((stats.token_grants, stats.unauthorized), (1, 0), "{stats:?}");
     let read = read_cohort(source.as_ref()).await.expect("a second read");
     assert_eq!(read.rows, 100_000);
     // 16,667 uid rows (i = 6k+1), two per uid: 8,333 repeats.
