@@ -3,10 +3,11 @@
 #
 # With no cluster configured (no KUBECONFIG, no ~/.kube/config) it starts a local control
 # plane (etcd + kube-apiserver); with one, it uses that cluster. Either way it starts a
-# Braze sandbox seeded with the demo users, a throw-away PostgreSQL warehouse, the Snowflake
-# and Databricks stand-ins over it, and an HTTP export server for the examples' sources, installs the CRD, applies examples/ (pointed at
-# those local stand-ins), runs the operator, runs every import and shows the resulting
-# status and the sandbox's cohort membership.
+# Braze sandbox seeded with the demo users, a throw-away PostgreSQL warehouse, the Snowflake,
+# Databricks and BigQuery stand-ins over it, and an HTTP export server for the examples'
+# sources, installs the CRD, applies examples/ (pointed at those local stand-ins), runs the
+# operator, runs every import and shows the resulting status and the sandbox's cohort
+# membership.
 #
 #   scripts/demo.sh            run, show, clean up
 #   scripts/demo.sh --keep     leave everything running (Ctrl-C stops it)
@@ -65,11 +66,12 @@ fi
 PG_BIN=/usr/lib/postgresql/15/bin
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/cohort-operator/target}"
-say "Building cohort-operator, braze-sandbox and warehouse-sandbox"
+say "Building cohort-operator, braze-sandbox and the warehouse stand-ins"
 cargo build --locked -q -p cohort-operator -p braze-sandbox -p warehouse-sandbox --bins
 OPERATOR="$CARGO_TARGET_DIR/debug/cohort-operator"
 SANDBOX="$CARGO_TARGET_DIR/debug/braze-sandbox"
 WAREHOUSES="$CARGO_TARGET_DIR/debug/warehouse-sandbox"
+BIGQUERY="$CARGO_TARGET_DIR/debug/bigquery-sandbox"
 
 # --- the cluster ------------------------------------------------------------------------
 if $LOCAL || { [ -z "${KUBECONFIG:-}" ] && [ ! -f "$HOME/.kube/config" ]; }; then
@@ -112,6 +114,13 @@ say "Starting the Snowflake (port $SNOWFLAKE_PORT) and Databricks (port $DATABRI
 PIDS+=($!)
 wait_for 30 "the Snowflake stand-in" bash -c "</dev/tcp/127.0.0.1/$SNOWFLAKE_PORT"
 wait_for 30 "the Databricks stand-in" bash -c "</dev/tcp/127.0.0.1/$DATABRICKS_PORT"
+BQ_PORT=$(free_port)
+BQ="http://127.0.0.1:$BQ_PORT"
+say "Starting the BigQuery stand-in at $BQ (its SQL runs on the warehouse)"
+"$BIGQUERY" --listen "127.0.0.1:$BQ_PORT" --postgres-url "postgres://postgres@127.0.0.1:$PG_PORT/analytics" \
+  --project kubit-analytics --location EU --write-key "$STATE/bigquery-key.json" >"$STATE/bigquery.log" 2>&1 &
+PIDS+=($!)
+wait_for 30 "the BigQuery stand-in" test -s "$STATE/bigquery-key.json"
 
 EXPORT_PORT=$(free_port)
 say "Serving the HTTP export on port $EXPORT_PORT"
@@ -129,6 +138,7 @@ for f in examples/*.yaml; do
   sed -e "s#https://rest\.[a-z0-9.-]*\.braze\.[a-z]*#$BRAZE#" \
       -e "s#postgres://[^ ]*#postgres://postgres@127.0.0.1:$PG_PORT/analytics?sslmode=disable#" \
       -e "s#https://exports\.example\.com/cohorts/lapsed\.ndjson#http://127.0.0.1:$EXPORT_PORT/lapsed-subscribers.ndjson#" \
+      -e "s#https://bigquery\.googleapis\.com#$BQ#" \
       -e "s#data-import-key: change-me#data-import-key: $IMPORT_KEY#" \
       -e "s#https://myorg-analytics\.snowflakecomputing\.com#http://127.0.0.1:$SNOWFLAKE_PORT#" \
       -e "s#https://dbc-[a-z0-9-]*\.cloud\.databricks\.com#http://127.0.0.1:$DATABRICKS_PORT#" \
@@ -140,6 +150,9 @@ kubectl apply -n "$NAMESPACE" -f "$STATE/examples.yaml"
 # The Snowflake example's Secret gets the private key the stand-in knows.
 kubectl create secret generic snowflake -n "$NAMESPACE" --from-literal=account=myorg-analytics \
   --from-literal=user=COHORT_READER --from-file=privateKey="$STATE/snowflake/rsa_key.p8" \
+  --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+# The BigQuery example's key is a placeholder: replace it with the stand-in's service account.
+kubectl create secret generic bigquery-reader -n "$NAMESPACE" --from-file=key.json="$STATE/bigquery-key.json" \
   --dry-run=client -o yaml | kubectl apply -f - >/dev/null
 
 mkdir -p "$STATE/partner-keys" && printf '%s' "$PARTNER_KEY" > "$STATE/partner-keys/us"

@@ -12,3 +12,9 @@ INSERT INTO analytics.trial_conversions
 CREATE TABLE analytics.weekly_engaged (user_id text, sessions int);
 INSERT INTO analytics.weekly_engaged
   SELECT 'user-' || lpad(i::text, 4, '0'), i % 7 FROM generate_series(100, 180) AS i;
+-- BigQuery's `cohorts.engaged_readers` (examples/bigquery-daily.yaml): the demo's BigQuery
+-- stand-in runs the query here. Every fourth demo user, with a session count.
+CREATE SCHEMA cohorts;
+CREATE TABLE cohorts.engaged_readers (user_id text, sessions_30d bigint);
+INSERT INTO cohorts.engaged_readers
+  SELECT 'user-' || lpad(i::text, 4, '0'), i % 9 FROM generate_series(4, 200, 4) AS i;

@@ -111,6 +111,8 @@ pub struct SourceSpec {
     pub snowflake: Option<SnowflakeSource>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub databricks: Option<DatabricksSource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bigquery: Option<BigQuerySource>,
 }
 
 /// A small member list written in the resource itself.
@@ -479,6 +481,69 @@ fn default_client_id_key() -> String {
 }
 fn default_client_secret_key() -> String {
     "clientSecret".to_owned()
+}
+
+/// A standard-SQL `SELECT` on Google BigQuery, through its REST API (`jobs.query`, then
+/// `jobs.getQueryResults` page by page).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BigQuerySource {
+    /// The Google Cloud project the query job runs (and is billed) in.
+    #[schemars(length(min = 6, max = 128), regex(pattern = r"^[a-z][-a-z0-9.:]*[a-z0-9]$"))]
+    pub project_id: String,
+    /// Where the job runs: `US`, `EU` or a region such as `europe-west1`; required for
+    /// datasets outside the `US` and `EU` multi-regions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[A-Za-z][-A-Za-z0-9]*$"))]
+    pub location: Option<String>,
+    /// One read-only standard-SQL (GoogleSQL) `SELECT` or `WITH` statement; column names
+    /// are the fields `identifiers` refers to.
+    #[schemars(length(min = 1, max = 65536))]
+    pub query: String,
+    /// Cost guard: a query that would bill more bytes than this fails, uncharged, instead
+    /// of running. Unset, the project's default applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub maximum_bytes_billed: Option<u64>,
+    /// A Secret key holding a service-account key (the JSON file from `gcloud iam
+    /// service-accounts keys create`). Omit it to use the operator's own identity from the
+    /// GCE/GKE metadata server (Workload Identity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_key_secret_ref: Option<SecretKeyRef>,
+    /// The metadata server used when no key is given, `host[:port]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255), regex(pattern = r"^[A-Za-z0-9.\-\[\]:]+$"))]
+    pub metadata_server: Option<String>,
+    /// The BigQuery API root. Only `https://*.googleapis.com` (regional or private
+    /// endpoints), or a loopback address for a local stand-in.
+    #[serde(default = "default_bigquery_endpoint")]
+    #[schemars(length(min = 1, max = 255), regex(pattern = r"^https?://[^\s/?#]+/?$"))]
+    pub endpoint: String,
+    /// Rows per result page (`maxResults`); BigQuery also caps a page at about 10 MB.
+    #[serde(default = "default_bigquery_page_size")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub page_size: u32,
+    /// Largest page body accepted, in bytes; a larger page fails the run.
+    #[serde(default = "default_bigquery_max_page_bytes")]
+    #[schemars(range(min = 65536, max = 1073741824))]
+    pub max_page_bytes: u64,
+    /// The whole read (job and every page) is cancelled after this long.
+    #[serde(default = "default_statement_timeout")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub statement_timeout_seconds: u32,
+}
+
+/// Google's global BigQuery endpoint.
+pub const BIGQUERY_ENDPOINT: &str = "https://bigquery.googleapis.com";
+
+fn default_bigquery_endpoint() -> String {
+    BIGQUERY_ENDPOINT.to_owned()
+}
+fn default_bigquery_page_size() -> u32 {
+    10_000
+}
+fn default_bigquery_max_page_bytes() -> u64 {
+    64 * 1024 * 1024
 }
 
 /// A key of a Secret in the import's own namespace.

@@ -89,6 +89,9 @@ pub fn source_secrets(spec: &CohortImportSpec) -> Vec<SourceSecret<'_>> {
     if let Some(pg) = &spec.source.postgres {
         push("spec.source.postgres.connectionSecretRef", &pg.connection_secret_ref.name, &pg.connection_secret_ref.key);
     }
+    if let Some(r) = spec.source.bigquery.as_ref().and_then(|bq| bq.service_account_key_secret_ref.as_ref()) {
+        push("spec.source.bigquery.serviceAccountKeySecretRef", &r.name, &r.key);
+    }
     if let Some(auth) = spec.source.http.as_ref().and_then(|h| h.auth.as_ref()) {
         if let Some(r) = &auth.bearer_token_secret_ref {
             push("spec.source.http.auth.bearerTokenSecretRef", &r.name, &r.key);

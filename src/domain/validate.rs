@@ -27,7 +27,7 @@ use jiff::tz::TimeZone;
 use reqwest::Url;
 
 use crate::api::{
-    Cadence, CohortImportSpec, DatabricksSource, DayOfWeek, HttpFormat, HttpSource, IdentifierMapping,
+    BigQuerySource, Cadence, CohortImportSpec, DatabricksSource, DayOfWeek, HttpFormat, HttpSource, IdentifierMapping,
     Notifications, ScheduleSpec, SnowflakeSource, SourceSpec,
 };
 
@@ -57,6 +57,7 @@ pub enum SourceKind {
     Postgres,
     Snowflake,
     Databricks,
+    BigQuery,
 }
 
 /// One broken rule: where, and what is wrong with the fix.
@@ -173,6 +174,18 @@ pub enum Problem {
     QueryMultipleStatements { line: usize },
     #[error("has a {what} opened on line {line} that is never closed; close it")]
     QueryUnterminated { what: &'static str, line: usize },
+    #[error(
+        "{value:?} is not a Google Cloud project id; use the project's id (lowercase letters, digits and hyphens, e.g. my-analytics-123), not its name or number"
+    )]
+    ProjectId { value: String },
+    #[error(
+        "points at {host}, which is not a Google API host; use https://bigquery.googleapis.com (or another https://*.googleapis.com endpoint); other hosts are accepted only on loopback, for a local stand-in"
+    )]
+    NotGoogleEndpoint { host: String },
+    #[error(
+        "is used only without serviceAccountKeySecretRef (the metadata server gives the operator's own identity); remove it or the key reference"
+    )]
+    OnlyWithoutKey,
 }
 
 fn not_exactly_one(what: &str, choices: &[&str], set: &[&str]) -> String {
@@ -250,13 +263,14 @@ impl TryFrom<&ScheduleSpec> for Schedule {
 }
 
 fn check_source(source: &SourceSpec, problems: &mut Problems) -> Option<SourceKind> {
-    const KINDS: [SourceKind; 6] = [
+    const KINDS: [SourceKind; 7] = [
         SourceKind::Inline,
         SourceKind::ConfigMap,
         SourceKind::Http,
         SourceKind::Postgres,
         SourceKind::Snowflake,
         SourceKind::Databricks,
+        SourceKind::BigQuery,
     ];
     if let Some(http) = &source.http {
         check_http(http, problems);
@@ -272,6 +286,9 @@ fn check_source(source: &SourceSpec, problems: &mut Problems) -> Option<SourceKi
     if let Some(databricks) = &source.databricks {
         check_databricks(databricks, problems);
     }
+    if let Some(bigquery) = &source.bigquery {
+        check_bigquery(bigquery, problems);
+    }
     let set = [
         source.inline.is_some(),
         source.config_map.is_some(),
@@ -279,11 +296,12 @@ fn check_source(source: &SourceSpec, problems: &mut Problems) -> Option<SourceKi
         source.postgres.is_some(),
         source.snowflake.is_some(),
         source.databricks.is_some(),
+        source.bigquery.is_some(),
     ];
     let one = exactly_one(
         "spec.source",
         "source",
-        &["inline", "configMap", "http", "postgres", "snowflake", "databricks"],
+        &["inline", "configMap", "http", "postgres", "snowflake", "databricks", "bigquery"],
         set,
         problems,
     )?;
@@ -901,6 +919,41 @@ fn skip_block_comment(b: &[u8], start: usize, nested: bool) -> Option<usize> {
     }
 }
 
+/// `spec.source.bigquery`: the project, the query (GoogleSQL), where the access token may
+/// be sent. A token is sent only to Google's API hosts or to loopback: with Workload
+/// Identity it is the operator's own credential, and must never reach a host a spec names.
+fn check_bigquery(bq: &BigQuerySource, problems: &mut Problems) {
+    const PATH: &str = "spec.source.bigquery";
+    let project_ok = bq.project_id.len() >= 6
+        && bq.project_id.starts_with(|c: char| c.is_ascii_lowercase())
+        && bq.project_id.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-.:".contains(c))
+        && !bq.project_id.ends_with(['-', '.', ':']);
+    if !project_ok {
+        problems.add(format!("{PATH}.projectId"), Problem::ProjectId { value: bq.project_id.clone() });
+    }
+    if let Err(problem) = check_googlesql_query(&bq.query) {
+        problems.add(format!("{PATH}.query"), problem);
+    }
+    if bq.metadata_server.is_some() && bq.service_account_key_secret_ref.is_some() {
+        problems.add(format!("{PATH}.metadataServer"), Problem::OnlyWithoutKey);
+    }
+    const EXAMPLE: &str = "https://bigquery.googleapis.com";
+    let path = format!("{PATH}.endpoint");
+    match Url::parse(&bq.endpoint) {
+        Err(e) => problems.add(path, Problem::Url { reason: e.to_string(), example: EXAMPLE }),
+        Ok(url) => {
+            let host = url.host_str().unwrap_or("").to_ascii_lowercase();
+            let google = url.scheme() == "https" && host.ends_with(".googleapis.com");
+            if !google && !is_loopback(&url) {
+                problems.add(path.clone(), Problem::NotGoogleEndpoint { host });
+            }
+            if !url.username().is_empty() || url.password().is_some() {
+                problems.add(path, Problem::UrlCredentials { instead: "spec.source.bigquery.serviceAccountKeySecretRef" });
+            }
+        }
+    }
+}
+
 /// The index after the quoted text starting at `start` (a doubled quote is part of the
 /// text), or `None` if it never closes.
 fn skip_quoted(b: &[u8], start: usize, quote: u8, backslash_escapes: bool) -> Option<usize> {
@@ -917,8 +970,16 @@ fn skip_quoted(b: &[u8], start: usize, quote: u8, backslash_escapes: bool) -> Op
 }
 
 /// One PostgreSQL statement starting with SELECT or WITH (see [`check_select`]).
-fn check_query(query: &str) -> Result<(), Problem> {
+pub fn check_query(query: &str) -> Result<(), Problem> {
     check_select(query, SqlDialect::Postgres)
+}
+
+/// One GoogleSQL (BigQuery standard SQL) statement starting with SELECT or WITH. Its lexer
+/// differs from PostgreSQL's: `#` comments, `/* */` not nested, `'…'` and `"…"` strings
+/// (also triple-quoted) with backslash escapes, `` `…` `` quoted identifiers. BigQuery runs a
+/// multi-statement script in one `jobs.query`, so a second statement is refused here.
+pub fn check_googlesql_query(query: &str) -> Result<(), Problem> {
+    check_select(query, SqlDialect::BigQuery)
 }
 #[cfg(test)]
 mod tests {
@@ -1751,5 +1812,65 @@ spec:
         webhook.on = Some(vec![NotifyOn::Failed]);
         webhook.headers.truncate(2);
         validate(&spec).unwrap();
+    }
+
+    fn bigquery(extra: serde_json::Value) -> CohortImportSpec {
+        let mut spec = example(WAREHOUSE_EXAMPLE);
+        let mut bq = serde_json::json!({
+            "projectId": "cohort-analytics",
+            "query": "SELECT user_id FROM `cohort-analytics.events.active`",
+            "serviceAccountKeySecretRef": { "name": "bq", "key": "key.json" },
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            bq[k] = v.clone();
+        }
+        spec.source = serde_json::from_value(serde_json::json!({ "bigquery": bq })).unwrap();
+        spec
+    }
+
+    #[test]
+    fn bigquery_sources_are_checked() {
+        let valid = validate(&bigquery(serde_json::json!({}))).unwrap();
+        assert_eq!(valid.source, SourceKind::BigQuery);
+        let spec = bigquery(serde_json::json!({
+            "projectId": "My Project",
+            "query": "SELECT 1; DROP TABLE x",
+            "endpoint": "http://bigquery.example.com",
+            "metadataServer": "127.0.0.1:8080",
+        }));
+        assert_eq!(
+            paths(&spec),
+            [
+                "spec.source.bigquery.projectId",
+                "spec.source.bigquery.query",
+                "spec.source.bigquery.metadataServer",
+                "spec.source.bigquery.endpoint",
+            ]
+        );
+        assert!(errors(&spec)[3].to_string().contains("not a Google API host"));
+        let regional = bigquery(serde_json::json!({ "endpoint": "https://bigquery.europe-west1.rep.googleapis.com" }));
+        validate(&regional).unwrap();
+        validate(&bigquery(serde_json::json!({ "endpoint": "http://127.0.0.1:4020" }))).unwrap();
+        let mut two = bigquery(serde_json::json!({}));
+        two.source.postgres = example(WAREHOUSE_EXAMPLE).source.postgres;
+        assert!(errors(&two)[0].to_string().contains("sets 2 sources (postgres, bigquery)"), "{}", errors(&two)[0]);
+    }
+
+    #[test]
+    fn googlesql_queries_are_one_select() {
+        for ok in [
+            "SELECT 'it\\'s; fine' AS a # comment; here\n",
+            "WITH a AS (SELECT \"x;y\" AS s) SELECT s FROM a;",
+            "SELECT `my-project.ds.t`.id FROM `my-project.ds.t` -- ;\n;;",
+            "SELECT \'\'\'multi\n;line\'\'\' AS s, r'\\d;' AS r",
+            "(SELECT 1) /* ; */",
+        ] {
+            assert_eq!(check_googlesql_query(ok), Ok(()), "{ok}");
+        }
+        assert_eq!(check_googlesql_query("SELECT 1;\nDELETE FROM t"), Err(Problem::QueryMultipleStatements { line: 1 }));
+        assert_eq!(check_googlesql_query("# only\n"), Err(Problem::QueryEmpty));
+        assert!(matches!(check_googlesql_query("INSERT INTO t VALUES (1)"), Err(Problem::QueryNotSelect { .. })));
+        assert!(matches!(check_googlesql_query("SELECT 'open"), Err(Problem::QueryUnterminated { .. })));
+        assert!(matches!(check_googlesql_query("SELECT `open"), Err(Problem::QueryUnterminated { .. })));
     }
 }

@@ -1,7 +1,7 @@
 //! Cohort sources: where the member list comes from.
 //!
 //! Every kind — [`inline`], [`config_map`], [`http`], [`postgres`], [`snowflake`],
-//! [`databricks`] — is a [`MemberSource`]:
+//! [`databricks`], [`bigquery`] — is a [`MemberSource`]:
 //! an async stream of [`MemberBatch`]es, so no source holds the whole cohort in memory.
 //! Each row becomes one [`Member`] through the spec's identifier mapping
 //! ([`crate::domain::identifiers`]); rows that give none are counted by reason.
@@ -25,6 +25,7 @@ use crate::domain::identifiers::{IdentifierFields, SkipCounts, SkipReason};
 use crate::domain::member::{Member, MemberKey};
 use crate::secret::SecretString;
 
+pub mod bigquery;
 pub mod config_map;
 pub mod egress;
 mod formats;
@@ -297,11 +298,12 @@ pub async fn open_source(
         spec.postgres.is_some(),
         spec.snowflake.is_some(),
         spec.databricks.is_some(),
+        spec.bigquery.is_some(),
     ];
     if set.iter().filter(|&&s| s).count() != 1 {
         return Err(SourceError::Config {
             what: "source".to_owned(),
-            message: "set exactly one of inline, configMap, http, postgres, snowflake and databricks".to_owned(),
+            message: "set exactly one of inline, configMap, http, postgres, snowflake, databricks and bigquery".to_owned(),
         });
     }
     if let Some(inline) = &spec.inline {
@@ -315,6 +317,9 @@ pub async fn open_source(
     }
     if let Some(pg) = &spec.postgres {
         return Ok(Box::new(postgres::PostgresMembers::open(pg, fields, ctx).await?));
+    }
+    if let Some(bq) = &spec.bigquery {
+        return Ok(Box::new(bigquery::BigQueryMembers::open(bq, fields, ctx).await?));
     }
     if let Some(sf) = &spec.snowflake {
         return Ok(Box::new(snowflake::SnowflakeMembers::open(sf, fields, ctx).await?));
