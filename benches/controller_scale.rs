@@ -237,7 +237,8 @@ async fn bench() {
     let stdin = child.stdin.take().unwrap();
     let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
     let first = stdout.next().unwrap().unwrap();
-    let metrics_url = format!("http://{}/metrics", first.strip_prefix("METRICS ").expect("the operator says where metrics are"));
+    let metrics_url =
+        format!("http://{}/metrics", first.strip_prefix("METRICS ").expect("the operator says where metrics are"));
     let mut operator = Child_ { child, stdin, metrics_url };
     let pid = operator.child.id();
     let idle_rss = peak_rss_kib(pid);
@@ -279,7 +280,8 @@ async fn bench() {
             .iter()
             .filter(|i| {
                 i.status.as_ref().is_some_and(|s| {
-                    s.next_run_at.is_some() && s.conditions.iter().any(|c| c.type_ == "Ready" && c.reason == "Scheduled")
+                    s.next_run_at.is_some()
+                        && s.conditions.iter().any(|c| c.type_ == "Ready" && c.reason == "Scheduled")
                 })
             })
             .count();
@@ -300,7 +302,12 @@ async fn bench() {
     let watchers = vec![
         count_writes(api.clone(), writes.clone(), ready_tx.clone(), fence_tx.clone()),
         count_writes(Api::<Event>::namespaced(client.clone(), &ns), writes.clone(), ready_tx.clone(), fence_tx.clone()),
-        count_writes(Api::<ConfigMap>::namespaced(client.clone(), &ns), writes.clone(), ready_tx.clone(), fence_tx.clone()),
+        count_writes(
+            Api::<ConfigMap>::namespaced(client.clone(), &ns),
+            writes.clone(),
+            ready_tx.clone(),
+            fence_tx.clone(),
+        ),
         count_writes(Api::<Lease>::namespaced(client.clone(), &ns), writes.clone(), ready_tx.clone(), fence_tx.clone()),
     ];
     for _ in 0..watchers.len() {
@@ -342,7 +349,10 @@ async fn bench() {
     println!("  created in                         {:>8.2} s", created.as_secs_f64());
     println!("  all Scheduled after                {:>8.2} s (from the first create)", all_scheduled.as_secs_f64());
     println!("  operator RSS before any import     {:>8.1} MiB", idle_rss as f64 / 1024.0);
-    println!("  operator peak RSS                  {:>8.1} MiB", rss_after_scheduling.max(peak_rss_kib(pid)) as f64 / 1024.0);
+    println!(
+        "  operator peak RSS                  {:>8.1} MiB",
+        rss_after_scheduling.max(peak_rss_kib(pid)) as f64 / 1024.0
+    );
     println!(
         "  idle hour (simulated, {} steps): {} API writes (status, Events, ConfigMaps, Leases); {:.0} reconciles in {:.1} s",
         60 / SIMULATED_STEP_MINUTES,

@@ -128,7 +128,10 @@ async fn export_server(sizes: Sizes) -> String {
     let router = Router::new()
         .route("/export.json", get(move || async move { json_export(sizes.json_export) }))
         .route("/line.csv", get(move || async move { filled(b"user_id\nu1\n", b'x', Some(sizes.single_line)) }))
-        .route("/fail", get(|| async { (StatusCode::INTERNAL_SERVER_ERROR, filled(b"exporter crashed: ", b'!', None)) }))
+        .route(
+            "/fail",
+            get(|| async { (StatusCode::INTERNAL_SERVER_ERROR, filled(b"exporter crashed: ", b'!', None)) }),
+        )
         .route(
             "/bomb.csv.gz",
             get(move || {
@@ -220,7 +223,11 @@ fn import(name: &str, url: &str, format: &str, pointer: Option<&str>, sandbox: &
 }
 
 /// Waits until every import in `ns` has a finished run; returns (name, result, message).
-async fn finished_runs(api: &Api<CohortImport>, expected: usize, deadline: Duration) -> Vec<(String, RunResult, String)> {
+async fn finished_runs(
+    api: &Api<CohortImport>,
+    expected: usize,
+    deadline: Duration,
+) -> Vec<(String, RunResult, String)> {
     let began = Instant::now();
     loop {
         let list = api.list(&ListParams::default()).await.unwrap();

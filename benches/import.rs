@@ -91,7 +91,8 @@ fn child(scenario: &str) {
         run.scratch_dir = dir.join("scratch");
         run.removal_guard = Some(RemovalGuard { max_removal_percent: 100, disabled: true });
         let started = Instant::now();
-        let report = run_import(&run, RunDeps { members: source, snapshots: &store, braze: &braze, target: &target }).await;
+        let report =
+            run_import(&run, RunDeps { members: source, snapshots: &store, braze: &braze, target: &target }).await;
         let seconds = started.elapsed().as_secs_f64();
         assert_eq!(report.result, RunResult::Succeeded, "{}", report.message());
         println!(

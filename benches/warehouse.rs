@@ -115,7 +115,10 @@ fn main() {
     let key_file = dir.path().join("rsa_key.p8");
     std::fs::write(&key_file, key.private_key_pem()).unwrap();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    println!("warehouse source benchmark{} — {rows} rows, 10,000 per partition/chunk", if quick { " (quick)" } else { "" });
+    println!(
+        "warehouse source benchmark{} — {rows} rows, 10,000 per partition/chunk",
+        if quick { " (quick)" } else { "" }
+    );
     runtime.block_on(async {
         let mut config = SnowflakeConfig::new("BENCH", "READER", &key.rsa_public_key(), &db);
         config.sync_wait = Duration::ZERO;

@@ -72,7 +72,8 @@ fn main() {
     let mut config = BigQueryConfig::new(&pg.url("bench"), PROJECT, "EU");
     config.accounts.push(account.registered());
     config.max_wait = Duration::from_secs(30);
-    let sandbox = runtime.block_on(RunningBigQuery::start(config, "127.0.0.1:0".parse().unwrap())).expect("stand-in starts");
+    let sandbox =
+        runtime.block_on(RunningBigQuery::start(config, "127.0.0.1:0".parse().unwrap())).expect("stand-in starts");
     let output = Command::new(std::env::current_exe().unwrap())
         .env("BQ_BENCH_CHILD", "1")
         .env("BQ_BENCH_ENDPOINT", sandbox.url())
@@ -80,9 +81,10 @@ fn main() {
         .output()
         .expect("child runs");
     let stdout = String::from_utf8_lossy(&output.stdout);
-    let result = stdout.lines().find_map(|l| l.strip_prefix("RESULT ")).unwrap_or_else(|| {
-        panic!("the child failed:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr))
-    });
+    let result = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("RESULT "))
+        .unwrap_or_else(|| panic!("the child failed:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr)));
     let fields: Vec<f64> = result.split(' ').map(|f| f.parse().unwrap()).collect();
     let (read, secs, rss) = (fields[0] as u64, fields[1], fields[2]);
     assert_eq!(read, rows, "every row read");

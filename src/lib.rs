@@ -11,5 +11,5 @@ pub mod domain;
 pub mod notify;
 pub mod run;
 pub mod secret;
-pub mod source;
 pub mod snapshot;
+pub mod source;

@@ -228,7 +228,9 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             let value = cli::trigger(client.clone(), &namespace, &name).await?;
             println!("cohortimport {namespace}/{name}: run requested ({value})");
             if wait {
-                let record = cli::wait_for_request(client, &namespace, &name, &value, Duration::from_secs(timeout_seconds)).await?;
+                let record =
+                    cli::wait_for_request(client, &namespace, &name, &value, Duration::from_secs(timeout_seconds))
+                        .await?;
                 if let Some(run) = record {
                     println!("run {}: {:?} {}", run.id, run.result, run.message);
                 }
@@ -271,8 +273,9 @@ fn init_logging(format: LogFormat) {
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     init_logging(args.log_format);
     // Refused before anything starts: a budget the runs cannot fit would be exceeded.
-    let sort_bytes = cohort_operator::run::budget::sort_bytes_within(args.memory_budget_mib << 20, args.max_concurrent_runs)
-        .map_err(anyhow::Error::msg)?;
+    let sort_bytes =
+        cohort_operator::run::budget::sort_bytes_within(args.memory_budget_mib << 20, args.max_concurrent_runs)
+            .map_err(anyhow::Error::msg)?;
     cohort_operator::run::budget::set_sort_bytes(sort_bytes);
     let egress_default = match args.egress_default {
         EgressDefaultArg::Allow => EgressDefault::Allow,
@@ -318,16 +321,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let braze = BrazeClient::new(BrazeClientConfig::default())?.with_budgets(budgets);
     let snapshots = match args.snapshot_store {
         SnapshotStoreArg::Cluster => SnapshotStoreKind::Cluster,
-        SnapshotStoreArg::Filesystem => {
-            SnapshotStoreKind::Filesystem(args.snapshot_dir.context("--snapshot-dir is required with --snapshot-store=filesystem")?)
-        }
+        SnapshotStoreArg::Filesystem => SnapshotStoreKind::Filesystem(
+            args.snapshot_dir.context("--snapshot-dir is required with --snapshot-store=filesystem")?,
+        ),
     };
     let scratch = args.scratch_dir.unwrap_or_else(std::env::temp_dir);
     let importer =
         Arc::new(PipelineImporter::new(client.clone(), braze, snapshots, scratch).with_egress(Arc::new(egress)));
-    let identity = args.identity.clone().unwrap_or_else(|| {
-        format!("{}-{:08x}", hostname(), rand::random::<u32>())
-    });
+    let identity = args.identity.clone().unwrap_or_else(|| format!("{}-{:08x}", hostname(), rand::random::<u32>()));
     let leader_election = args.leader_election.then(|| {
         LeaderElection {
             lease_name: args.lease_name.clone(),

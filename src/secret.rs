@@ -91,7 +91,10 @@ mod tests {
 
     #[test]
     fn error_chains_name_each_cause_once() {
-        let e = Layer("request failed: connection refused", Some(Box::new(Layer("connection refused", Some(Box::new(Layer("os error 111", None)))))));
+        let e = Layer(
+            "request failed: connection refused",
+            Some(Box::new(Layer("connection refused", Some(Box::new(Layer("os error 111", None)))))),
+        );
         assert_eq!(error_chain(&e), "request failed: connection refused: os error 111");
     }
 

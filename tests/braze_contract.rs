@@ -7,12 +7,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use braze_sandbox::{
-    DataImportKey, Faults, Partner, RateLimit, RunningSandbox, Sandbox, SandboxConfig, SandboxUser,
-    ScriptedFault,
+    DataImportKey, Faults, Partner, RateLimit, RunningSandbox, Sandbox, SandboxConfig, SandboxUser, ScriptedFault,
 };
 use cohort_operator::braze::{
-    BrazeClient, BrazeClientConfig, BrazeError, Change, ChangesReport, CohortTarget, RetryPolicy,
-    TransientFailure, UnauthorizedReason,
+    BrazeClient, BrazeClientConfig, BrazeError, Change, ChangesReport, CohortTarget, RetryPolicy, TransientFailure,
+    UnauthorizedReason,
 };
 use cohort_operator::domain::member::Member;
 use cohort_operator::secret::SecretString;
@@ -67,9 +66,7 @@ fn assert_no_secret_logged() {
 }
 
 fn users() -> Vec<SandboxUser> {
-    let mut users: Vec<SandboxUser> = (0..3000)
-        .map(|i| SandboxUser::identified(format!("u{i}")))
-        .collect();
+    let mut users: Vec<SandboxUser> = (0..3000).map(|i| SandboxUser::identified(format!("u{i}"))).collect();
     users.extend((0..500).map(|i| SandboxUser::alias(format!("a{i}"), "crm")));
     users.extend((0..500).map(|i| SandboxUser::anonymous(format!("d{i}"))));
     // Anonymous on d-late, later identified as u-late: d-late no longer matches.
@@ -86,24 +83,12 @@ async fn sandbox() -> RunningSandbox {
     logs();
     Sandbox::start(SandboxConfig {
         partners: vec![
-            Partner {
-                name: PARTNER.into(),
-                api_key: PARTNER_KEY.into(),
-            },
-            Partner {
-                name: "other".into(),
-                api_key: "other-partner-key".into(),
-            },
+            Partner { name: PARTNER.into(), api_key: PARTNER_KEY.into() },
+            Partner { name: "other".into(), api_key: "other-partner-key".into() },
         ],
         data_import_keys: vec![
-            DataImportKey {
-                key: IMPORT_KEY.into(),
-                partners: vec![PARTNER.into()],
-            },
-            DataImportKey {
-                key: OTHER_IMPORT_KEY.into(),
-                partners: vec!["other".into()],
-            },
+            DataImportKey { key: IMPORT_KEY.into(), partners: vec![PARTNER.into()] },
+            DataImportKey { key: OTHER_IMPORT_KEY.into(), partners: vec!["other".into()] },
         ],
         users: users(),
         ..SandboxConfig::default()
@@ -149,14 +134,12 @@ fn ext(i: usize) -> Member {
 fn sorted_ids(users: Vec<SandboxUser>) -> Vec<String> {
     let mut ids: Vec<String> = users
         .into_iter()
-        .map(
-            |u| match (u.external_id, u.aliases.first(), u.device_ids.first()) {
-                (Some(e), _, _) => e,
-                (None, Some(a), _) => format!("{}@{}", a.alias_name, a.alias_label),
-                (None, None, Some(d)) => format!("device:{d}"),
-                _ => unreachable!(),
-            },
-        )
+        .map(|u| match (u.external_id, u.aliases.first(), u.device_ids.first()) {
+            (Some(e), _, _) => e,
+            (None, Some(a), _) => format!("{}@{}", a.alias_name, a.alias_label),
+            (None, None, Some(d)) => format!("device:{d}"),
+            _ => unreachable!(),
+        })
         .collect();
     ids.sort();
     ids
@@ -178,30 +161,18 @@ async fn adds_and_removes_of_every_identifier_kind_land_as_braze_applies_them() 
 
     // Naming, then renaming: Braze's segment filter shows the latest name.
     let created: jiff::Timestamp = "2024-05-01T10:00:00Z".parse().unwrap();
-    let named = client
-        .name_cohort(&target, "Churn risk", created)
-        .await
-        .unwrap();
+    let named = client.name_cohort(&target, "Churn risk", created).await.unwrap();
     assert_eq!((named.status, named.attempts), (Some(201), 1));
-    client
-        .name_cohort(&target, "Churn risk (EU)", created)
-        .await
-        .unwrap();
+    client.name_cohort(&target, "Churn risk (EU)", created).await.unwrap();
     assert_eq!(sandbox.cohort_names(PARTNER), ["Churn risk (EU)"]);
-    assert_eq!(
-        sandbox.cohorts()[0].created_at.as_deref(),
-        Some("2024-05-01T10:00:00Z")
-    );
+    assert_eq!(sandbox.cohorts()[0].created_at.as_deref(), Some("2024-05-01T10:00:00Z"));
 
     // 1,500 external ids, 500 aliases, 500 device ids, 100 unknown ids, and the device id
     // of a user identified since: 2,601 adds, interleaved.
     let mut adds: Vec<Change> = Vec::new();
     for i in 0..500 {
         adds.push(Change::add(ext(i)));
-        adds.push(Change::add(Member::Alias {
-            name: format!("a{i}"),
-            label: "crm".into(),
-        }));
+        adds.push(Change::add(Member::Alias { name: format!("a{i}"), label: "crm".into() }));
         adds.push(Change::add(ext(500 + i)));
         adds.push(Change::add(Member::DeviceId(format!("d{i}"))));
         adds.push(Change::add(ext(1000 + i)));
@@ -220,20 +191,10 @@ async fn adds_and_removes_of_every_identifier_kind_land_as_braze_applies_them() 
     expected.extend((0..500).map(|i| format!("a{i}@crm")));
     expected.extend((0..500).map(|i| format!("device:d{i}")));
     expected.sort();
-    assert_eq!(
-        sorted_ids(sandbox.members(PARTNER, "cohort-1").unwrap()),
-        expected
-    );
+    assert_eq!(sorted_ids(sandbox.members(PARTNER, "cohort-1").unwrap()), expected);
     let stats = sandbox.stats();
-    assert_eq!(
-        stats.ids_unmatched, 101,
-        "unknown ids and the identified user's device id are ignored"
-    );
-    assert_eq!(
-        sandbox.user_count(),
-        users_before,
-        "the import never creates users"
-    );
+    assert_eq!(stats.ids_unmatched, 101, "unknown ids and the identified user's device id are ignored");
+    assert_eq!(sandbox.user_count(), users_before, "the import never creates users");
 
     // One run of removes and adds together: requests carry both objects.
     let mut changes = Vec::new();
@@ -241,44 +202,23 @@ async fn adds_and_removes_of_every_identifier_kind_land_as_braze_applies_them() 
         changes.push(Change::remove(ext(i)));
         changes.push(Change::add(ext(2000 + i)));
     }
-    changes.extend((0..250).map(|i| {
-        Change::remove(Member::Alias {
-            name: format!("a{i}"),
-            label: "crm".into(),
-        })
-    }));
+    changes.extend((0..250).map(|i| Change::remove(Member::Alias { name: format!("a{i}"), label: "crm".into() })));
     changes.extend((0..250).map(|i| Change::remove(Member::DeviceId(format!("d{i}")))));
     let report = client.send_changes(&target, stream::iter(changes)).await;
     assert!(report.is_complete(), "{:?}", report.stopped);
     assert_eq!((report.totals.added, report.totals.removed), (700, 1200));
-    assert!(
-        report
-            .requests
-            .iter()
-            .any(|r| r.adds.total() > 0 && r.removes.total() > 0)
-    );
+    assert!(report.requests.iter().any(|r| r.adds.total() > 0 && r.removes.total() > 0));
 
-    let mut expected: Vec<String> = (700..1500)
-        .chain(2000..2700)
-        .map(|i| format!("u{i}"))
-        .collect();
+    let mut expected: Vec<String> = (700..1500).chain(2000..2700).map(|i| format!("u{i}")).collect();
     expected.extend((250..500).map(|i| format!("a{i}@crm")));
     expected.extend((250..500).map(|i| format!("device:d{i}")));
     expected.sort();
-    assert_eq!(
-        sorted_ids(sandbox.members(PARTNER, "cohort-1").unwrap()),
-        expected
-    );
+    assert_eq!(sorted_ids(sandbox.members(PARTNER, "cohort-1").unwrap()), expected);
 
     // No request ever carried more than 1,000 ids, and every one was accepted.
     let stats = sandbox.stats();
     assert!(stats.max_ids_in_request <= 1000 && stats.max_ids_in_request > 0);
-    assert!(
-        sandbox
-            .requests()
-            .iter()
-            .all(|r| r.ids <= 1000 && r.status == 201)
-    );
+    assert!(sandbox.requests().iter().all(|r| r.ids <= 1000 && r.status == 201));
     assert!(stats.max_concurrent_requests <= 4);
     assert_report_has_no_secret(&report);
     assert_no_secret_logged();
@@ -287,10 +227,7 @@ async fn adds_and_removes_of_every_identifier_kind_land_as_braze_applies_them() 
 #[tokio::test]
 async fn concurrency_is_bounded_and_starts_with_one_request() {
     let sandbox = sandbox().await;
-    sandbox.set_faults(Faults {
-        latency_ms: 30,
-        ..Faults::default()
-    });
+    sandbox.set_faults(Faults { latency_ms: 30, ..Faults::default() });
     let client = client(3, fast_retries());
     let target = target(&sandbox, "cohort-c", IMPORT_KEY);
     let changes = (0..3000).map(|i| Change::add(ext(i))).collect::<Vec<_>>();
@@ -304,11 +241,7 @@ async fn concurrency_is_bounded_and_starts_with_one_request() {
         .await;
     assert!(report.is_complete());
     assert_eq!(started_alone, Some(1));
-    assert_eq!(
-        sandbox.stats().max_concurrent_requests,
-        2,
-        "3,000 ids: one request, then the other two together"
-    );
+    assert_eq!(sandbox.stats().max_concurrent_requests, 2, "3,000 ids: one request, then the other two together");
 
     sandbox.reset_stats();
     let more = (0..12_000).map(|i| Change::add(Member::ExternalId(format!("x{i}"))));
@@ -326,9 +259,7 @@ async fn a_401_stops_the_run_after_one_request_with_brazes_message() {
     let client = client(8, fast_retries());
     let changes = || stream::iter((0..5000).map(|i| Change::add(ext(i))).collect::<Vec<_>>());
 
-    let report = client
-        .send_changes(&target(&sandbox, "c401", WRONG_KEY), changes())
-        .await;
+    let report = client.send_changes(&target(&sandbox, "c401", WRONG_KEY), changes()).await;
     assert_eq!(sandbox.stats().users_requests, 1);
     assert_eq!(report.requests.len(), 1);
     assert_eq!(report.totals.retries, 0);
@@ -337,12 +268,7 @@ async fn a_401_stops_the_run_after_one_request_with_brazes_message() {
     assert_eq!(report.totals.unaccepted_adds, 1000);
     assert!(!report.accepted(0));
     match &report.stopped {
-        Some(
-            e @ BrazeError::Unauthorized {
-                reason: UnauthorizedReason::DataImportKey,
-                message,
-            },
-        ) => {
+        Some(e @ BrazeError::Unauthorized { reason: UnauthorizedReason::DataImportKey, message }) => {
             assert_eq!(message, "Invalid client secret");
             assert!(e.to_string().contains("401: Invalid client secret"), "{e}");
         }
@@ -352,19 +278,11 @@ async fn a_401_stops_the_run_after_one_request_with_brazes_message() {
 
     // Braze repeats the data import key when the partner is not enabled for it.
     sandbox.reset_stats();
-    let report = client
-        .send_changes(&target(&sandbox, "c401", OTHER_IMPORT_KEY), changes())
-        .await;
+    let report = client.send_changes(&target(&sandbox, "c401", OTHER_IMPORT_KEY), changes()).await;
     assert_eq!(sandbox.stats().users_requests, 1);
     match &report.stopped {
-        Some(BrazeError::Unauthorized {
-            reason: UnauthorizedReason::PartnerNotEnabled,
-            message,
-        }) => {
-            assert_eq!(
-                message,
-                "Partner not enabled for client with client secret: <redacted>"
-            );
+        Some(BrazeError::Unauthorized { reason: UnauthorizedReason::PartnerNotEnabled, message }) => {
+            assert_eq!(message, "Partner not enabled for client with client secret: <redacted>");
         }
         other => panic!("expected partner-not-enabled, got {other:?}"),
     }
@@ -373,48 +291,25 @@ async fn a_401_stops_the_run_after_one_request_with_brazes_message() {
     // A wrong partner key on the naming endpoint.
     let mut bad_partner = target(&sandbox, "c401", IMPORT_KEY);
     bad_partner.partner_api_key = SecretString::new(WRONG_KEY);
-    let error = client
-        .name_cohort(&bad_partner, "Name", jiff::Timestamp::now())
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            error,
-            BrazeError::Unauthorized {
-                reason: UnauthorizedReason::PartnerApiKey,
-                ..
-            }
-        ),
-        "{error:?}"
-    );
+    let error = client.name_cohort(&bad_partner, "Name", jiff::Timestamp::now()).await.unwrap_err();
+    assert!(matches!(error, BrazeError::Unauthorized { reason: UnauthorizedReason::PartnerApiKey, .. }), "{error:?}");
     assert_no_secret_in("the error", &format!("{error} {error:?}"));
     assert_eq!(sandbox.stats().name_requests, 1);
-    assert!(
-        sandbox.members(PARTNER, "c401").is_none(),
-        "nothing reached the cohort"
-    );
+    assert!(sandbox.members(PARTNER, "c401").is_none(), "nothing reached the cohort");
     assert_no_secret_logged();
 }
 
 #[tokio::test]
 async fn a_400_is_not_retried() {
     let sandbox = sandbox().await;
-    sandbox.set_faults(Faults {
-        script: [ScriptedFault::Status(400)].into(),
-        ..Faults::default()
-    });
+    sandbox.set_faults(Faults { script: [ScriptedFault::Status(400)].into(), ..Faults::default() });
     let client = client(8, fast_retries());
     let report = client
-        .send_changes(
-            &target(&sandbox, "c400", IMPORT_KEY),
-            stream::iter((0..3000).map(|i| Change::add(ext(i)))),
-        )
+        .send_changes(&target(&sandbox, "c400", IMPORT_KEY), stream::iter((0..3000).map(|i| Change::add(ext(i)))))
         .await;
     assert_eq!(sandbox.stats().users_requests, 1);
     assert_eq!(report.requests[0].attempts, 1);
-    assert!(
-        matches!(&report.stopped, Some(BrazeError::BadRequest { message }) if message.contains("bad request"))
-    );
+    assert!(matches!(&report.stopped, Some(BrazeError::BadRequest { message }) if message.contains("bad request")));
     assert_no_secret_logged();
 }
 
@@ -441,12 +336,7 @@ async fn rate_limits_server_errors_locks_drops_and_timeouts_are_retried_to_succe
     })
     .unwrap();
     let target = target(&sandbox, "c-retry", IMPORT_KEY);
-    let report = client
-        .send_changes(
-            &target,
-            stream::iter((0..3000).map(|i| Change::add(ext(i)))),
-        )
-        .await;
+    let report = client.send_changes(&target, stream::iter((0..3000).map(|i| Change::add(ext(i))))).await;
     assert!(report.is_complete(), "{:?}", report.stopped);
     let t = &report.totals;
     assert_eq!(t.retries, 6);
@@ -460,20 +350,11 @@ async fn rate_limits_server_errors_locks_drops_and_timeouts_are_retried_to_succe
     // A real rate limit: 2 requests a second, with x-ratelimit-*; the client waits for the
     // reset and gets everything through.
     sandbox.set_faults(Faults {
-        rate_limit: Some(RateLimit {
-            requests: 2,
-            window_ms: 1000,
-            retry_after: false,
-        }),
+        rate_limit: Some(RateLimit { requests: 2, window_ms: 1000, retry_after: false }),
         ..Faults::default()
     });
     sandbox.reset_stats();
-    let report = client
-        .send_changes(
-            &target,
-            stream::iter((0..5000).map(|i| Change::remove(ext(i)))),
-        )
-        .await;
+    let report = client.send_changes(&target, stream::iter((0..5000).map(|i| Change::remove(ext(i))))).await;
     assert!(report.is_complete(), "{:?}", report.stopped);
     // The shared budget follows x-ratelimit-remaining/reset: it waits for the window instead
     // of collecting 429s, and any 429 that still comes is waited out, not retried blindly.
@@ -488,14 +369,7 @@ async fn rate_limits_server_errors_locks_drops_and_timeouts_are_retried_to_succe
 #[tokio::test]
 async fn an_exhausted_retry_budget_fails_clearly_and_reports_what_was_accepted() {
     let sandbox = sandbox().await;
-    let client = client(
-        2,
-        RetryPolicy {
-            run_retry_budget: 3,
-            max_attempts: 20,
-            ..fast_retries()
-        },
-    );
+    let client = client(2, RetryPolicy { run_retry_budget: 3, max_attempts: 20, ..fast_retries() });
     let target = target(&sandbox, "c-budget", IMPORT_KEY);
     let mut accepted_seen = 0;
     // Braze starts failing for good after two accepted requests.
@@ -504,20 +378,13 @@ async fn an_exhausted_retry_budget_fails_clearly_and_reports_what_was_accepted()
             &target,
             stream::iter((0..10_000).map(|i| {
                 // Seeded users first, then ids Braze does not know.
-                Change::add(if i < 3000 {
-                    ext(i)
-                } else {
-                    Member::ExternalId(format!("v{i}"))
-                })
+                Change::add(if i < 3000 { ext(i) } else { Member::ExternalId(format!("v{i}")) })
             })),
             |_, outcome| {
                 if outcome.accepted() {
                     accepted_seen += 1;
                     if accepted_seen == 2 {
-                        sandbox.set_faults(Faults {
-                            server_error_rate: 1.0,
-                            ..Faults::default()
-                        });
+                        sandbox.set_faults(Faults { server_error_rate: 1.0, ..Faults::default() });
                     }
                 }
             },
@@ -525,37 +392,19 @@ async fn an_exhausted_retry_budget_fails_clearly_and_reports_what_was_accepted()
         .await;
     let error = report.stopped.clone().expect("the run stops");
     match &error {
-        BrazeError::RetryBudgetExhausted {
-            budget: 3,
-            last: TransientFailure::Status { status, .. },
-        } => {
+        BrazeError::RetryBudgetExhausted { budget: 3, last: TransientFailure::Status { status, .. } } => {
             assert!((500..600).contains(status));
         }
         other => panic!("expected an exhausted retry budget, got {other:?}"),
     }
-    assert!(
-        error
-            .to_string()
-            .contains("retry budget of 3 retries is used up"),
-        "{error}"
-    );
+    assert!(error.to_string().contains("retry budget of 3 retries is used up"), "{error}");
     let t = &report.totals;
     assert_eq!(t.retries, 3);
     assert!(t.accepted_requests >= 2);
     assert!(t.failed_requests >= 1);
     assert_eq!(t.added, u64::from(t.accepted_requests) * 1000);
-    assert_eq!(
-        t.unaccepted_adds,
-        report
-            .unaccepted
-            .iter()
-            .map(|b| b.len() as u64)
-            .sum::<u64>()
-    );
-    assert!(
-        report.unsent_from < 10_000,
-        "the run stopped reading its input"
-    );
+    assert_eq!(t.unaccepted_adds, report.unaccepted.iter().map(|b| b.len() as u64).sum::<u64>());
+    assert!(report.unsent_from < 10_000, "the run stopped reading its input");
 
     // The report tells exactly which changes Braze has: accepted positions are members,
     // the rest are not.
@@ -564,11 +413,7 @@ async fn an_exhausted_retry_budget_fails_clearly_and_reports_what_was_accepted()
     assert_eq!(members.len(), accepted_known);
     for position in 0..report.unsent_from.min(3000) {
         let id = format!("u{position}");
-        assert_eq!(
-            members.binary_search(&id).is_ok(),
-            report.accepted(position),
-            "{id}"
-        );
+        assert_eq!(members.binary_search(&id).is_ok(), report.accepted(position), "{id}");
     }
     for batch in &report.unaccepted {
         assert!(batch.adds.iter().all(|m| match m {
@@ -588,7 +433,10 @@ async fn an_exhausted_retry_budget_fails_clearly_and_reports_what_was_accepted()
 async fn a_503_with_a_distant_rate_limit_reset_keeps_its_own_backoff() {
     let sandbox = sandbox().await;
     let distant = |status: u16, remaining: u64| ScriptedFault::WithRateLimit { status, reset_after_s: 3600, remaining };
-    sandbox.set_faults(Faults { script: [distant(503, 100), distant(502, 100), distant(503, 7)].into(), ..Faults::default() });
+    sandbox.set_faults(Faults {
+        script: [distant(503, 100), distant(502, 100), distant(503, 7)].into(),
+        ..Faults::default()
+    });
     // Waits Braze names are refused past 5 s (fast_retries): an hour would fail the run.
     let client = client(1, fast_retries());
     let target = target(&sandbox, "c-503", IMPORT_KEY);

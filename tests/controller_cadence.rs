@@ -74,7 +74,12 @@ async fn run_on_create_runs_once_on_creation_and_not_again_after_a_restart() {
     let status = env.wait_runs("eager", 2).await.status.unwrap();
     assert_eq!(status.history.len(), 2, "{:?}", status.history);
     let slot_run = &status.history[0];
-    assert_eq!((slot_run.trigger, slot_run.result), (RunTrigger::Scheduled, RunResult::Succeeded), "{}", slot_run.message);
+    assert_eq!(
+        (slot_run.trigger, slot_run.result),
+        (RunTrigger::Scheduled, RunResult::Succeeded),
+        "{}",
+        slot_run.message
+    );
     assert!(slot_run.started_at >= first_slot, "the second run is the slot's");
     assert_eq!(slot_run.added, 2);
     assert_eq!(next_run(&status), first_slot + SignedDuration::from_hours(24));

@@ -74,16 +74,24 @@ async fn a_failed_run_reaches_slack_and_the_webhook_and_a_failing_channel_is_not
     let status = env.wait_runs("hooked", 2).await.status.unwrap();
     assert_eq!(status.history[0].result, RunResult::Succeeded, "{}", status.history[0].message);
     let message = slack.wait_for(2, WAIT).await[1].json();
-    assert!(message["text"].as_str().unwrap().starts_with(":white_check_mark: Succeeded (recovered): Cohort hooked"), "{message}");
+    assert!(
+        message["text"].as_str().unwrap().starts_with(":white_check_mark: Succeeded (recovered): Cohort hooked"),
+        "{message}"
+    );
     let recovery = hook.wait_for(2, WAIT).await[1].json();
-    assert_eq!((recovery["data"]["run"]["result"].as_str(), recovery["data"]["recovered"].as_bool()), (Some("Succeeded"), Some(true)));
+    assert_eq!(
+        (recovery["data"]["run"]["result"].as_str(), recovery["data"]["recovered"].as_bool()),
+        (Some("Succeeded"), Some(true))
+    );
 
     // Slack removes the webhook: the next report fails; the run does not.
     slack.respond_always(Answer::Status { status: 404, body: "no_service", retry_after: None });
     env.put_members(&ids(0..4)).await;
     env.request_run("hooked", "3").await;
     let status = env
-        .wait_status("hooked", "noting the lost report", |s| s.history.len() == 3 && s.last_notification_error.is_some())
+        .wait_status("hooked", "noting the lost report", |s| {
+            s.history.len() == 3 && s.last_notification_error.is_some()
+        })
         .await
         .status
         .unwrap();

@@ -75,17 +75,21 @@ async fn a_bigquery_cohort_is_imported_from_a_service_account_key_secret() {
         let pg = Postgres::shared();
         pg.create_database(&setup_db);
         // Float and integer columns ride along unmapped, in BigQuery's own renderings.
-        pg.psql(&setup_db, "CREATE SCHEMA cohorts; \
+        pg.psql(
+            &setup_db,
+            "CREATE SCHEMA cohorts; \
                  CREATE TABLE cohorts.churn_risk (user_id text, score float8, n bigint); \
-                 INSERT INTO cohorts.churn_risk SELECT 'u' || i, i * 1e10, i FROM generate_series(0, 2999) AS i;")
-            .expect("setup SQL");
+                 INSERT INTO cohorts.churn_risk SELECT 'u' || i, i * 1e10, i FROM generate_series(0, 2999) AS i;",
+        )
+        .expect("setup SQL");
         pg.url(&setup_db)
     })
     .await
     .unwrap();
-    let account = tokio::task::spawn_blocking(|| TestServiceAccount::generate("cohorts@kubit-analytics.iam.gserviceaccount.com"))
-        .await
-        .unwrap();
+    let account =
+        tokio::task::spawn_blocking(|| TestServiceAccount::generate("cohorts@kubit-analytics.iam.gserviceaccount.com"))
+            .await
+            .unwrap();
     let mut config = BigQueryConfig::new(&url, "kubit-analytics", "EU");
     config.accounts.push(account.registered());
     config.incomplete_polls = 1;

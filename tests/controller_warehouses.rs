@@ -19,9 +19,12 @@ fn warehouse_table(env: &Env) -> String {
     let pg = Postgres::shared();
     let db = env.ns.replace('-', "_");
     pg.create_database(&db);
-    pg.psql(&db, "CREATE TABLE subscribers (user_id text, active boolean); \
-                  INSERT INTO subscribers SELECT 'u' || i, i % 2 = 0 FROM generate_series(0, 1999) AS i;")
-        .expect("setup SQL");
+    pg.psql(
+        &db,
+        "CREATE TABLE subscribers (user_id text, active boolean); \
+                  INSERT INTO subscribers SELECT 'u' || i, i % 2 = 0 FROM generate_series(0, 1999) AS i;",
+    )
+    .expect("setup SQL");
     pg.url(&db)
 }
 
@@ -30,7 +33,10 @@ async fn create_secret(env: &Env, name: &str, data: serde_json::Value) {
         "apiVersion": "v1", "kind": "Secret", "metadata": { "name": name }, "stringData": data
     }))
     .unwrap();
-    Api::<Secret>::namespaced(env.client.clone(), &env.ns).create(&PostParams::default(), &secret).await.expect("Secret created");
+    Api::<Secret>::namespaced(env.client.clone(), &env.ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("Secret created");
 }
 
 async fn import_and_check(env: &Env, name: &str, source: serde_json::Value, id_column: &str) {
@@ -57,7 +63,12 @@ async fn a_snowflake_cohort_is_imported_into_braze() {
     config.partition_rows = 300;
     config.pending_polls = 1;
     let snowflake = RunningSnowflake::start(config).await.expect("Snowflake stand-in");
-    create_secret(&env, "snowflake", json!({ "account": "myorg-growth", "user": "cohort_reader", "privateKey": key.private_key_pem() })).await;
+    create_secret(
+        &env,
+        "snowflake",
+        json!({ "account": "myorg-growth", "user": "cohort_reader", "privateKey": key.private_key_pem() }),
+    )
+    .await;
     let operator = env.start().await;
     let source = json!({ "snowflake": {
         "credentials": { "secretName": "snowflake" },

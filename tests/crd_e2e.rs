@@ -105,7 +105,11 @@ async fn crd_installs_accepts_examples_and_rejects_invalid_specs() {
     type Mutation = Box<dyn Fn(&mut Value)>;
     let cases: Vec<(&str, Mutation, &[&str])> = vec![
         ("at-25", Box::new(|v| v["spec"]["schedule"]["at"] = json!("25:00")), &["spec.schedule.at", "25:00"]),
-        ("cadence-minutely", Box::new(|v| v["spec"]["schedule"]["cadence"] = json!("Minutely")), &["spec.schedule.cadence", "Minutely"]),
+        (
+            "cadence-minutely",
+            Box::new(|v| v["spec"]["schedule"]["cadence"] = json!("Minutely")),
+            &["spec.schedule.cadence", "Minutely"],
+        ),
         (
             "minute-60",
             Box::new(|v| v["spec"]["schedule"] = json!({ "cadence": "Hourly", "minute": 60 })),
@@ -129,7 +133,13 @@ async fn crd_installs_accepts_examples_and_rejects_invalid_specs() {
             }),
             &["spec.schedule.dayOfMonth"],
         ),
-        ("no-destination", Box::new(|v| { v["spec"].as_object_mut().unwrap().remove("destination"); }), &["spec.destination", "Required"]),
+        (
+            "no-destination",
+            Box::new(|v| {
+                v["spec"].as_object_mut().unwrap().remove("destination");
+            }),
+            &["spec.destination", "Required"],
+        ),
         ("history-limit-51", Box::new(|v| v["spec"]["historyLimit"] = json!(51)), &["spec.historyLimit"]),
         (
             "bad-secret-key",

@@ -57,18 +57,27 @@ async fn exports(denied: SocketAddr) -> (String, Arc<AtomicUsize>) {
     };
     let (a, b, c) = (served.clone(), served.clone(), served.clone());
     let router = Router::new()
-        .route("/members.csv", get(move || async move {
-            count(&a);
-            "id\nu1\nu2\n"
-        }))
-        .route("/moved.csv", get(move || async move {
-            count(&b);
-            (StatusCode::FOUND, [(header::LOCATION, format!("http://{denied}/members.csv"))])
-        }))
-        .route("/paged.csv", get(move || async move {
-            count(&c);
-            ([(header::LINK, format!("<http://{denied}/page-2.csv>; rel=\"next\""))], "id\nu3\n")
-        }));
+        .route(
+            "/members.csv",
+            get(move || async move {
+                count(&a);
+                "id\nu1\nu2\n"
+            }),
+        )
+        .route(
+            "/moved.csv",
+            get(move || async move {
+                count(&b);
+                (StatusCode::FOUND, [(header::LOCATION, format!("http://{denied}/members.csv"))])
+            }),
+        )
+        .route(
+            "/paged.csv",
+            get(move || async move {
+                count(&c);
+                ([(header::LINK, format!("<http://{denied}/page-2.csv>; rel=\"next\""))], "id\nu3\n")
+            }),
+        );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
@@ -138,8 +147,12 @@ async fn a_source_a_redirect_a_next_page_and_a_warehouse_on_a_denied_address_are
     let pg = Postgres::shared();
     let db = env.ns.replace('-', "_");
     pg.create_database(&db);
-    env.put_secret("warehouse-denied", "url", &format!("postgres://cohorts:pw-4jR8@{}/{db}?sslmode=disable", denied.addr))
-        .await;
+    env.put_secret(
+        "warehouse-denied",
+        "url",
+        &format!("postgres://cohorts:pw-4jR8@{}/{db}?sslmode=disable", denied.addr),
+    )
+    .await;
     // By name: resolved by the operator, pinned to the checked address.
     let by_name = format!("postgres://postgres@localhost:{}/{db}?sslmode=disable", pg.port());
     env.put_secret("warehouse", "url", &by_name).await;
@@ -148,7 +161,10 @@ async fn a_source_a_redirect_a_next_page_and_a_warehouse_on_a_denied_address_are
     let imports = [
         ("direct", http(format!("http://{}/members.csv", denied.addr))),
         ("redirected", http(format!("{base}/moved.csv"))),
-        ("paged", json!({ "http": { "url": format!("{base}/paged.csv"), "format": "Csv", "pagination": { "linkHeader": true } } })),
+        (
+            "paged",
+            json!({ "http": { "url": format!("{base}/paged.csv"), "format": "Csv", "pagination": { "linkHeader": true } } }),
+        ),
         ("warehouse-denied", postgres("warehouse-denied")),
         ("allowed", http(format!("{base}/members.csv"))),
         ("warehouse", postgres("warehouse")),
@@ -204,7 +220,8 @@ async fn a_host_name_that_resolves_to_a_denied_address_is_refused_by_name_and_ad
         }
         Err(_) => None,
     };
-    env.put_secret("warehouse", "url", &format!("postgres://cohorts:pw-8Lk2@localhost:{}/cohorts", v4.addr.port())).await;
+    env.put_secret("warehouse", "url", &format!("postgres://cohorts:pw-8Lk2@localhost:{}/cohorts", v4.addr.port()))
+        .await;
     let _operator = OperatorProcess::start(&env, &["--egress-deny=127.0.0.0/8,::1"]);
 
     env.create(with_source(&env, "export", http(format!("http://localhost:{}/members.csv", v4.addr.port())))).await;
@@ -224,14 +241,17 @@ async fn a_host_name_that_resolves_to_a_denied_address_is_refused_by_name_and_ad
 async fn recording() -> (String, Arc<std::sync::Mutex<Vec<(Option<String>, Option<String>)>>>) {
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
     let record = seen.clone();
-    let router = Router::new().route("/members.csv", get(move |headers: HeaderMap| {
-        let record = record.clone();
-        async move {
-            let value = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
-            record.lock().unwrap().push((value("authorization"), value("x-api-key")));
-            "id\nu7\n".into_response()
-        }
-    }));
+    let router = Router::new().route(
+        "/members.csv",
+        get(move |headers: HeaderMap| {
+            let record = record.clone();
+            async move {
+                let value = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+                record.lock().unwrap().push((value("authorization"), value("x-api-key")));
+                "id\nu7\n".into_response()
+            }
+        }),
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
@@ -251,7 +271,8 @@ async fn redirecting(to: String) -> String {
 }
 
 async fn read(url: &str, auth: Value, policy: EgressPolicy) -> Result<Vec<String>, SourceError> {
-    let spec: SourceSpec = serde_json::from_value(json!({ "http": { "url": url, "format": "Csv", "auth": auth } })).unwrap();
+    let spec: SourceSpec =
+        serde_json::from_value(json!({ "http": { "url": url, "format": "Csv", "auth": auth } })).unwrap();
     let mapping = serde_json::from_value(json!({ "externalId": "id" })).unwrap();
     let objects = InMemoryObjects::new("growth")
         .with_secret("export", "token", "tok-3Vb9-never-elsewhere")

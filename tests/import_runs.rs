@@ -15,7 +15,7 @@ use cohort_operator::domain::member::Member;
 use cohort_operator::run::{ImportRun, RunDeps, RunError, RunReport, new_run_id, run_import};
 use cohort_operator::secret::SecretString;
 use cohort_operator::snapshot::fs::FsSnapshotStore;
-use cohort_operator::snapshot::{SnapshotStore, SnapshotError};
+use cohort_operator::snapshot::{SnapshotError, SnapshotStore};
 use cohort_operator::source::{MemberBatch, MemberStream, SourceError};
 use futures::StreamExt;
 use rand::rngs::StdRng;
@@ -111,7 +111,8 @@ struct World {
 
 impl World {
     async fn new(pool: usize) -> World {
-        let sandbox = braze_support::start_sandbox(KEYS, (0..pool).map(|i| sandbox_user(&pool_member(i))).collect()).await;
+        let sandbox =
+            braze_support::start_sandbox(KEYS, (0..pool).map(|i| sandbox_user(&pool_member(i))).collect()).await;
         let target = braze_support::target(&sandbox, KEYS, COHORT);
         let dir = tempfile::tempdir().unwrap();
         let store = FsSnapshotStore::new(dir.path().join("snapshots"), "growth_vip");
@@ -127,7 +128,13 @@ impl World {
     }
 
     fn run(&self) -> ImportRun {
-        let mut run = ImportRun::new(new_run_id(jiff::Timestamp::now()), RunTrigger::Scheduled, "growth", "vip", &self.cohort_name);
+        let mut run = ImportRun::new(
+            new_run_id(jiff::Timestamp::now()),
+            RunTrigger::Scheduled,
+            "growth",
+            "vip",
+            &self.cohort_name,
+        );
         run.identifier_fingerprint = "externalId=user_id;alias=alias/label=crm;deviceId=device".into();
         run.removal_guard = self.guard.clone();
         run.scratch_dir = self.dir.path().join("scratch");
@@ -298,8 +305,7 @@ async fn a_changed_cohort_id_starts_a_new_braze_cohort() {
     succeeded(&report);
     assert_eq!((report.added, report.removed), (30, 0));
     assert!(report.notes.iter().any(|n| n.contains("spec.cohort.id changed")), "{:?}", report.notes);
-    let v2: BTreeSet<Member> =
-        world.sandbox.members(PARTNER, "vip-users-v2").unwrap().iter().map(member_of).collect();
+    let v2: BTreeSet<Member> = world.sandbox.members(PARTNER, "vip-users-v2").unwrap().iter().map(member_of).collect();
     assert_eq!(v2, members);
 }
 
@@ -384,7 +390,12 @@ async fn runs_facing_braze_failures_converge() {
     let mut current = random_cohort(&mut rng, pool, 600);
     succeeded(&world.import(&current).await);
 
-    world.sandbox.set_faults(Faults { server_error_rate: 0.15, drop_rate: 0.05, locked_rate: 0.05, ..Faults::default() });
+    world.sandbox.set_faults(Faults {
+        server_error_rate: 0.15,
+        drop_rate: 0.05,
+        locked_rate: 0.05,
+        ..Faults::default()
+    });
     let mut failures = 0;
     // Faults are random: go on past 12 rounds until one failed a run (one in four runs of
     // 12 rounds saw none), with a bound.
@@ -427,7 +438,11 @@ async fn a_503_storm_fails_the_run_and_the_next_run_sends_what_is_missing() {
     let members: BTreeSet<Member> = (0..1000).map(pool_member).collect();
     // The naming and two requests pass; then Braze answers 503 to everything.
     let pass = ScriptedFault::Delay { delay_ms: 0 };
-    world.sandbox.set_faults(Faults { script: [pass.clone(), pass.clone(), pass].into(), server_error_rate: 1.0, ..Faults::default() });
+    world.sandbox.set_faults(Faults {
+        script: [pass.clone(), pass.clone(), pass].into(),
+        server_error_rate: 1.0,
+        ..Faults::default()
+    });
     let report = world.import(&members).await;
     assert_eq!(report.result, RunResult::Failed);
     let Some(RunError::Changes { error, accepted, planned }) = &report.error else { panic!("{:?}", report.error) };
@@ -497,7 +512,10 @@ async fn the_guard_blocks_mass_removals_until_that_run_is_approved() {
     let blocked = report.blocked.as_ref().unwrap();
     assert_eq!(blocked.reason, BlockReason::EmptySource);
     let message = report.to_record().message;
-    assert!(message.contains("no member") && message.contains(&format!("cohorts.dev/approve-removals={}", report.run_id)), "{message}");
+    assert!(
+        message.contains("no member") && message.contains(&format!("cohorts.dev/approve-removals={}", report.run_id)),
+        "{message}"
+    );
     assert_eq!(world.sandbox.stats().requests, requests, "a blocked run sends nothing");
     assert_braze_has(&world, &members, "after the run");
 
@@ -526,7 +544,9 @@ async fn the_guard_blocks_mass_removals_until_that_run_is_approved() {
 
     // A spec that opts out of the guard may empty the cohort.
     let report = world
-        .import_with(&BTreeSet::new(), |run| run.removal_guard = Some(RemovalGuard { max_removal_percent: 20, disabled: true }))
+        .import_with(&BTreeSet::new(), |run| {
+            run.removal_guard = Some(RemovalGuard { max_removal_percent: 20, disabled: true })
+        })
         .await;
     succeeded(&report);
     assert!(world.braze_members().is_empty());

@@ -61,10 +61,7 @@ fn assert_common(message: &ReceivedMessage, recipients: &[&str]) {
     assert_eq!(message.header("From"), Some("\"Cohort operator\" <cohorts@ops.example.com>"));
     assert_eq!(message.header("To"), Some(recipients.join(", ").as_str()));
     assert_eq!(message.header("Auto-Submitted"), Some("auto-generated"));
-    assert_eq!(
-        message.header("Message-ID"),
-        Some("<run.20260701-063000-a1b2.power-users.growth@ops.example.com>")
-    );
+    assert_eq!(message.header("Message-ID"), Some("<run.20260701-063000-a1b2.power-users.growth@ops.example.com>"));
     assert_eq!(message.header("Date"), Some("Wed, 01 Jul 2026 05:31:05 +0000"));
     assert_eq!(message.content_type, "multipart/alternative");
     let types: Vec<&str> = message.parts.iter().map(|p| p.content_type.as_str()).collect();
@@ -148,10 +145,7 @@ async fn each_result_arrives_with_recipients_headers_and_content() {
 
     let m = &messages[3];
     assert_common(m, &two);
-    assert_eq!(
-        m.subject().unwrap(),
-        "[cohort-operator] Power users <30 days> & friends: Succeeded (recovered)"
-    );
+    assert_eq!(m.subject().unwrap(), "[cohort-operator] Power users <30 days> & friends: Succeeded (recovered)");
     assert!(m.text_body().unwrap().contains("back to normal"));
 }
 

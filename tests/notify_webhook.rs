@@ -63,7 +63,11 @@ fn slack_delivery<'a>(url: &'a SecretString, n: &RunNotice) -> Delivery<'a> {
     }
 }
 
-fn webhook_delivery<'a>(url: &'a SecretString, headers: &'a [(HeaderName, SecretString)], n: &RunNotice) -> Delivery<'a> {
+fn webhook_delivery<'a>(
+    url: &'a SecretString,
+    headers: &'a [(HeaderName, SecretString)],
+    n: &RunNotice,
+) -> Delivery<'a> {
     Delivery {
         channel: Channel::Webhook,
         url,
@@ -100,7 +104,13 @@ async fn every_result_is_a_slack_message_slack_accepts() {
     let text = failed["text"].as_str().unwrap();
     assert_eq!(text, ":x: Failed: Churn risk (growth/churn-risk), run 20261128-063000-c3d4");
     let all = failed.to_string();
-    for expected in ["*Members*\\n1,200", "*Added*\\n30", "*Removed*\\n4", "*Reason*\\nsource: ConfigMap growth/members not found", "*Next run*\\nSun 29 Nov 2026 06:30:00 WET (Europe/Lisbon)"] {
+    for expected in [
+        "*Members*\\n1,200",
+        "*Added*\\n30",
+        "*Removed*\\n4",
+        "*Reason*\\nsource: ConfigMap growth/members not found",
+        "*Next run*\\nSun 29 Nov 2026 06:30:00 WET (Europe/Lisbon)",
+    ] {
         assert!(all.contains(expected), "{expected} missing from {all}");
     }
     assert_eq!(received[0].header("content-type"), Some("application/json"));

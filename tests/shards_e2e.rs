@@ -83,7 +83,7 @@ async fn twenty_imports_split_by_label_each_run_on_exactly_one_shard_with_its_ow
     // Even imports on shard b; odd ones unlabelled, except one whose label names no shard:
     // all of those belong to the default shard a.
     let shard_of = |i: usize| match i {
-        _ if i % 2 == 0 => Some("b"),
+        _ if i.is_multiple_of(2) => Some("b"),
         7 => Some("no-such-shard"),
         _ => None,
     };

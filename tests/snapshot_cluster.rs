@@ -142,10 +142,8 @@ async fn large_bodies_are_cut_into_chunks_etcd_accepts_and_read_back_whole() {
     store.commit(&meta(1, keys.len() as u64), &body).await.unwrap();
 
     let objects = s.objects().await;
-    let chunks: Vec<&ConfigMap> = objects
-        .iter()
-        .filter(|cm| cm.metadata.labels.as_ref().unwrap()[SNAPSHOT_PART_LABEL] == "chunk")
-        .collect();
+    let chunks: Vec<&ConfigMap> =
+        objects.iter().filter(|cm| cm.metadata.labels.as_ref().unwrap()[SNAPSHOT_PART_LABEL] == "chunk").collect();
     assert_eq!(chunks.len(), 3, "{:?}", objects.iter().map(|c| c.metadata.name.clone()).collect::<Vec<_>>());
     for cm in &chunks {
         let bytes = &cm.binary_data.as_ref().unwrap()["body"].0;
@@ -153,7 +151,10 @@ async fn large_bodies_are_cut_into_chunks_etcd_accepts_and_read_back_whole() {
     }
     for cm in &objects {
         let owner = &cm.metadata.owner_references.as_ref().unwrap()[0];
-        assert_eq!((owner.kind.as_str(), owner.name.as_str(), owner.uid.as_str()), ("CohortImport", "vip", s.uid.as_str()));
+        assert_eq!(
+            (owner.kind.as_str(), owner.name.as_str(), owner.uid.as_str()),
+            ("CohortImport", "vip", s.uid.as_str())
+        );
         assert_eq!(owner.api_version, "cohorts.dev/v1alpha1");
         assert_eq!(owner.controller, Some(true));
         assert_eq!(cm.metadata.annotations.as_ref().unwrap()["cohorts.dev/import"], "vip");
@@ -301,9 +302,15 @@ async fn an_import_run_keeps_its_snapshot_in_the_cluster() {
         sandbox.member_external_ids("acme", "vip").into_iter().collect()
     };
 
-    let report = run_import(&run("r1"), RunDeps { members: source(0..2000), snapshots: &store, braze: &braze, target: &target }).await;
+    let report =
+        run_import(&run("r1"), RunDeps { members: source(0..2000), snapshots: &store, braze: &braze, target: &target })
+            .await;
     assert_eq!(report.result, RunResult::Succeeded, "{}", report.message());
-    let report = run_import(&run("r2"), RunDeps { members: source(100..2100), snapshots: &store, braze: &braze, target: &target }).await;
+    let report = run_import(
+        &run("r2"),
+        RunDeps { members: source(100..2100), snapshots: &store, braze: &braze, target: &target },
+    )
+    .await;
     assert_eq!(report.result, RunResult::Succeeded, "{}", report.message());
     assert_eq!((report.added, report.removed, report.committed_generation), (100, 100, Some(2)));
     assert_eq!(members(&sandbox), (100..2100).map(|i| format!("user-{i}")).collect());

@@ -132,8 +132,11 @@ async fn a_large_result_streams_every_identifier_kind_across_many_pages() {
         c.incomplete_polls = 2;
     })
     .await;
-    let identifiers = mapping(json!({ "externalId": "uid", "alias": { "nameField": "email", "label": "email" }, "deviceId": "device" }));
-    let source = w.open("SELECT uid, email, device FROM cohort ORDER BY i;", json!({ "pageSize": 7000 }), &identifiers).await;
+    let identifiers = mapping(
+        json!({ "externalId": "uid", "alias": { "nameField": "email", "label": "email" }, "deviceId": "device" }),
+    );
+    let source =
+        w.open("SELECT uid, email, device FROM cohort ORDER BY i;", json!({ "pageSize": 7000 }), &identifiers).await;
     assert!(!source.describe().contains("BEGIN"), "{}", source.describe());
     let mut stream = source.members();
     let mut members = Vec::new();
@@ -174,8 +177,12 @@ async fn a_large_result_streams_every_identifier_kind_across_many_pages() {
 
 #[tokio::test]
 async fn numbers_arrive_as_braze_expects() {
-    let w = world("bq_numbers", "CREATE TABLE t (f float8, n numeric, b bigint, s text); \
-        INSERT INTO t VALUES (1e10, 123.4500, 9223372036854775807, '007'), (0.00025, 5.000, -42, ' spaced ')", |_, _| {})
+    let w = world(
+        "bq_numbers",
+        "CREATE TABLE t (f float8, n numeric, b bigint, s text); \
+        INSERT INTO t VALUES (1e10, 123.4500, 9223372036854775807, '007'), (0.00025, 5.000, -42, ' spaced ')",
+        |_, _| {},
+    )
     .await;
     for (column, want) in [
         ("f", vec!["0.00025", "10000000000"]),
@@ -193,7 +200,9 @@ async fn numbers_arrive_as_braze_expects() {
 
 #[tokio::test]
 async fn transient_faults_are_survived() {
-    let w = world("bq_faults", "CREATE TABLE t AS SELECT 'u' || i AS uid FROM generate_series(1, 5000) AS i", |_, _| {}).await;
+    let w =
+        world("bq_faults", "CREATE TABLE t AS SELECT 'u' || i AS uid FROM generate_series(1, 5000) AS i", |_, _| {})
+            .await;
     for fault in [
         Fault::Status { on: Endpoint::Token, status: 503, reason: None },
         Fault::Status { on: Endpoint::Query, status: 429, reason: None },
@@ -223,7 +232,10 @@ async fn transient_faults_are_survived() {
 
 #[tokio::test]
 async fn a_job_that_fails_while_running_is_submitted_again() {
-    let w = world("bq_rerun", "CREATE TABLE t AS SELECT 'u' || i AS uid FROM generate_series(1, 300) AS i", |c, _| c.incomplete_polls = 1).await;
+    let w = world("bq_rerun", "CREATE TABLE t AS SELECT 'u' || i AS uid FROM generate_series(1, 300) AS i", |c, _| {
+        c.incomplete_polls = 1
+    })
+    .await;
     w.bq.push_fault(Fault::FailJob { status: 500, reason: "backendError".into() }).await;
     let source = w.open("SELECT uid FROM t", json!({}), &external("uid")).await;
     let read = read_cohort(source.as_ref()).await.expect("read");
@@ -233,7 +245,12 @@ async fn a_job_that_fails_while_running_is_submitted_again() {
 
 #[tokio::test]
 async fn every_failure_is_reported_as_the_user_needs_it() {
-    let w = world("bq_failures", "CREATE TABLE t AS SELECT 'u' || i AS uid, ARRAY['a' || i, 'b'] AS tags FROM generate_series(1, 3000) AS i", |_, _| {}).await;
+    let w = world(
+        "bq_failures",
+        "CREATE TABLE t AS SELECT 'u' || i AS uid, ARRAY['a' || i, 'b'] AS tags FROM generate_series(1, 3000) AS i",
+        |_, _| {},
+    )
+    .await;
     let q = "SELECT uid FROM t";
 
     let e = w.failure("SELECT FROM WHERE", json!({})).await;
@@ -244,7 +261,11 @@ async fn every_failure_is_reported_as_the_user_needs_it() {
     assert!(e.to_string().contains("would bill more than maximumBytesBilled (1000 bytes) and was not run"), "{e}");
     assert_eq!(w.stats().await.last_maximum_bytes_billed.as_deref(), Some("1000"), "sent as an int64 string");
     let e = w.failure(q, json!({ "projectId": "someone-elses" })).await;
-    assert!(e.to_string().contains("permission denied") && e.to_string().contains("roles/bigquery.jobUser on project someone-elses"), "{e}");
+    assert!(
+        e.to_string().contains("permission denied")
+            && e.to_string().contains("roles/bigquery.jobUser on project someone-elses"),
+        "{e}"
+    );
     let e = w.failure(q, json!({ "location": "US" })).await;
     assert!(e.to_string().contains("not found") && e.to_string().contains("location (US)"), "{e}");
     let e = w.failure(q, json!({ "location": null })).await;
@@ -254,7 +275,9 @@ async fn every_failure_is_reported_as_the_user_needs_it() {
     assert!(e.to_string().contains("REPEATED") && e.to_string().contains("UNNEST"), "{e}");
     let e = w.failure("SELECT uid AS user_id FROM t", json!({})).await;
     assert!(e.to_string().contains("no column \"uid\"") && e.to_string().contains("\"user_id\""), "{e}");
-    let e = w.failure("SELECT uid || repeat('x', 100) AS uid FROM t", json!({ "pageSize": 3000, "maxPageBytes": 65536 })).await;
+    let e = w
+        .failure("SELECT uid || repeat('x', 100) AS uid FROM t", json!({ "pageSize": 3000, "maxPageBytes": 65536 }))
+        .await;
     assert!(matches!(e, SourceError::PageTooLarge { limit: 65536, .. }), "{e}");
     assert!(e.to_string().contains("maxPageBytes (65536 bytes)"), "{e}");
 
@@ -267,7 +290,8 @@ async fn every_failure_is_reported_as_the_user_needs_it() {
     assert!(e.to_string().contains("totalRows is 3000; the result was cut short"), "{e}");
 
     for _ in 0..6 {
-        w.bq.push_fault(Fault::Status { on: Endpoint::Results, status: 503, reason: Some("backendError".into()) }).await;
+        w.bq.push_fault(Fault::Status { on: Endpoint::Results, status: 503, reason: Some("backendError".into()) })
+            .await;
     }
     let e = w.failure(q, json!({ "pageSize": 1000 })).await;
     assert!(e.to_string().contains("kept failing after 6 attempts") && e.to_string().contains("page 2"), "{e}");
@@ -276,7 +300,11 @@ async fn every_failure_is_reported_as_the_user_needs_it() {
         w.bq.push_fault(Fault::Status { on: Endpoint::Query, status: 401, reason: None }).await;
     }
     let e = w.failure(q, json!({})).await;
-    assert!(e.to_string().contains("authentication failed: BigQuery refused the access token") && e.to_string().contains(EMAIL), "{e}");
+    assert!(
+        e.to_string().contains("authentication failed: BigQuery refused the access token")
+            && e.to_string().contains(EMAIL),
+        "{e}"
+    );
 
     w.bq.push_fault(Fault::NeverComplete).await;
     let e = w.failure(q, json!({ "statementTimeoutSeconds": 2 })).await;
@@ -297,15 +325,26 @@ async fn a_key_the_token_endpoint_refuses_is_named_without_its_content() {
     assert!(text.contains("Secret growth/bq key key.json"), "{text}");
     assert_eq!(w.stats().await.token_refusals, 1, "a refused grant is not retried");
 
-    let objects = InMemoryObjects::new("growth").with_secret("bq", "key.json", r#"{"type":"authorized_user","refresh_token":"1//secret-refresh"}"#);
-    let e = open_source(&w.spec("SELECT uid FROM t", json!({})), &external("uid"), &objects).await.expect_err("refused");
+    let objects = InMemoryObjects::new("growth").with_secret(
+        "bq",
+        "key.json",
+        r#"{"type":"authorized_user","refresh_token":"1//secret-refresh"}"#,
+    );
+    let e =
+        open_source(&w.spec("SELECT uid FROM t", json!({})), &external("uid"), &objects).await.expect_err("refused");
     assert_eq!(e.reason(), "InvalidSpec");
     assert!(e.to_string().contains("authorized_user") && !e.to_string().contains("secret-refresh"), "{e}");
-    let e = open_source(&w.spec("SELECT 1 AS uid; DELETE FROM t", json!({})), &external("uid"), &w.objects()).await.expect_err("refused");
-    assert!(e.to_string().contains("more than one statement"), "{e}");
-    let e = open_source(&w.spec("SELECT uid FROM t", json!({ "endpoint": "http://bigquery.example.com" })), &external("uid"), &w.objects())
+    let e = open_source(&w.spec("SELECT 1 AS uid; DELETE FROM t", json!({})), &external("uid"), &w.objects())
         .await
         .expect_err("refused");
+    assert!(e.to_string().contains("more than one statement"), "{e}");
+    let e = open_source(
+        &w.spec("SELECT uid FROM t", json!({ "endpoint": "http://bigquery.example.com" })),
+        &external("uid"),
+        &w.objects(),
+    )
+    .await
+    .expect_err("refused");
     assert!(e.to_string().contains("googleapis.com"), "{e}");
 }
 
@@ -315,7 +354,10 @@ async fn workload_identity_takes_tokens_from_the_metadata_server() {
         c.metadata_identity = Some("operator@cohort-analytics.iam.gserviceaccount.com".into());
     })
     .await;
-    let spec = w.spec("SELECT uid FROM t", json!({ "serviceAccountKeySecretRef": null, "metadataServer": w.bq.metadata_server() }));
+    let spec = w.spec(
+        "SELECT uid FROM t",
+        json!({ "serviceAccountKeySecretRef": null, "metadataServer": w.bq.metadata_server() }),
+    );
     let source = open_source(&spec, &external("uid"), &InMemoryObjects::new("growth")).await.expect("opens");
     assert!(source.describe().contains("Workload Identity"), "{}", source.describe());
     assert_eq!(read_cohort(source.as_ref()).await.expect("read").members.len(), 10);
@@ -323,8 +365,12 @@ async fn workload_identity_takes_tokens_from_the_metadata_server() {
     assert_eq!((stats.metadata_tokens, stats.token_grants), (1, 0));
 
     // No metadata server there: said so, with the way out.
-    let spec = w.spec("SELECT uid FROM t", json!({ "serviceAccountKeySecretRef": null, "metadataServer": "127.0.0.1:9" }));
+    let spec =
+        w.spec("SELECT uid FROM t", json!({ "serviceAccountKeySecretRef": null, "metadataServer": "127.0.0.1:9" }));
     let source = open_source(&spec, &external("uid"), &InMemoryObjects::new("growth")).await.expect("opens");
     let e = read_cohort(source.as_ref()).await.expect_err("fails");
-    assert!(e.to_string().contains("metadata server 127.0.0.1:9") && e.to_string().contains("serviceAccountKeySecretRef"), "{e}");
+    assert!(
+        e.to_string().contains("metadata server 127.0.0.1:9") && e.to_string().contains("serviceAccountKeySecretRef"),
+        "{e}"
+    );
 }

@@ -4,7 +4,7 @@ use cohort_operator::api::{IdentifierMapping, SourceSpec};
 use cohort_operator::domain::identifiers::SkipReason;
 use cohort_operator::domain::member::{Member, MemberKey};
 use cohort_operator::source::kube::KubeObjects;
-use cohort_operator::source::{open_source, read_cohort, CohortRead, ObjectKind, SourceContext, SourceError};
+use cohort_operator::source::{CohortRead, ObjectKind, SourceContext, SourceError, open_source, read_cohort};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{Api, PostParams};
 use testkit::cluster::Cluster;
@@ -43,7 +43,11 @@ async fn setup() -> (kube::Client, String) {
     (client, ns)
 }
 
-async fn read(objects: &KubeObjects, config_map: serde_json::Value, identifiers: serde_json::Value) -> Result<CohortRead, SourceError> {
+async fn read(
+    objects: &KubeObjects,
+    config_map: serde_json::Value,
+    identifiers: serde_json::Value,
+) -> Result<CohortRead, SourceError> {
     let spec: SourceSpec = serde_json::from_value(serde_json::json!({ "configMap": config_map })).unwrap();
     let identifiers: IdentifierMapping = serde_json::from_value(identifiers).unwrap();
     let source = open_source(&spec, &identifiers, objects).await?;
@@ -93,25 +97,36 @@ async fn missing_objects_and_bad_csv_are_errors_that_say_where() {
     let err = read(&objects, serde_json::json!({ "name": "absent", "key": "ids", "column": "uid" }), uid.clone())
         .await
         .unwrap_err();
-    assert_eq!(err, SourceError::ObjectNotFound { kind: ObjectKind::ConfigMap, namespace: ns.clone(), name: "absent".into() });
+    assert_eq!(
+        err,
+        SourceError::ObjectNotFound { kind: ObjectKind::ConfigMap, namespace: ns.clone(), name: "absent".into() }
+    );
     assert_eq!(err.reason(), "ConfigMapNotFound");
 
     let err = read(&objects, serde_json::json!({ "name": "cohort", "key": "nope", "column": "uid" }), uid.clone())
         .await
         .unwrap_err();
-    assert_eq!(err.to_string(), format!("ConfigMap {ns}/cohort has no key \"nope\": add it or fix the key in the spec"));
+    assert_eq!(
+        err.to_string(),
+        format!("ConfigMap {ns}/cohort has no key \"nope\": add it or fix the key in the spec")
+    );
 
-    let err = read(&objects, serde_json::json!({ "name": "cohort", "key": "broken.csv", "format": "Csv" }), uid.clone())
-        .await
-        .unwrap_err();
+    let err =
+        read(&objects, serde_json::json!({ "name": "cohort", "key": "broken.csv", "format": "Csv" }), uid.clone())
+            .await
+            .unwrap_err();
     assert_eq!(
         err.to_string(),
         format!("ConfigMap {ns}/cohort key broken.csv: malformed CSV at line 3: 1 fields where the header has 2")
     );
 
-    let err = read(&objects, serde_json::json!({ "name": "cohort", "key": "users.csv", "format": "Csv" }), serde_json::json!({ "deviceId": "device" }))
-        .await
-        .unwrap_err();
+    let err = read(
+        &objects,
+        serde_json::json!({ "name": "cohort", "key": "users.csv", "format": "Csv" }),
+        serde_json::json!({ "deviceId": "device" }),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(err.reason(), "InvalidSpec");
     assert!(err.to_string().contains("no column \"device\""), "{err}");
 }
@@ -126,11 +141,17 @@ async fn secrets_are_read_as_text_without_a_trailing_newline() {
 
     let err = objects.secret_value("warehouse", "password").await.unwrap_err();
     assert_eq!(err.reason(), "SecretNotFound");
-    assert_eq!(err.to_string(), format!("Secret {ns}/warehouse has no key \"password\": add it or fix the key in the spec"));
+    assert_eq!(
+        err.to_string(),
+        format!("Secret {ns}/warehouse has no key \"password\": add it or fix the key in the spec")
+    );
     let err = objects.secret_value("warehouse", "binary").await.unwrap_err();
     assert!(matches!(err, SourceError::KeyNotText { .. }), "{err:?}");
     let err = objects.secret_value("absent", "url").await.unwrap_err();
-    assert_eq!(err.to_string(), format!("Secret {ns}/absent not found: create it in the import's namespace or fix the name in the spec"));
+    assert_eq!(
+        err.to_string(),
+        format!("Secret {ns}/absent not found: create it in the import's namespace or fix the name in the spec")
+    );
 }
 
 #[tokio::test]

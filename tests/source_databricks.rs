@@ -107,7 +107,8 @@ async fn a_100k_cohort_is_read_through_ten_external_links_without_our_token() {
 async fn a_100k_cohort_is_read_inline_chunk_by_chunk_with_oauth() {
     let (ws, objects) = workspace("dbx_inline", |c| c.token_lifetime = Duration::from_secs(3600)).await;
     let oauth: Value = serde_json::from_str(OAUTH).unwrap();
-    let read = read(&objects, &spec(&ws, QUERY, json!({ "disposition": "Inline", "auth": oauth }))).await.expect("read");
+    let read =
+        read(&objects, &spec(&ws, QUERY, json!({ "disposition": "Inline", "auth": oauth }))).await.expect("read");
     assert_full_cohort(&read);
     assert_eq!(ws.link_fetches(), 0);
     // One token for the whole read: cached, not fetched per request.
@@ -124,7 +125,8 @@ async fn short_lived_oauth_tokens_are_replaced_before_they_expire() {
     .await;
     let oauth: Value = serde_json::from_str(OAUTH).unwrap();
     let query = "SELECT user_id, email, device FROM cohort WHERE i <= 30000";
-    let read = read(&objects, &spec(&ws, query, json!({ "disposition": "Inline", "auth": oauth }))).await.expect("read");
+    let read =
+        read(&objects, &spec(&ws, query, json!({ "disposition": "Inline", "auth": oauth }))).await.expect("read");
     assert_eq!(read.rows, 30_000);
     assert!(ws.tokens_issued() >= 2, "the token was never refreshed ({} issued)", ws.tokens_issued());
 }
@@ -156,7 +158,8 @@ async fn numeric_identifiers_arrive_as_braze_expects() {
     let ids: IdentifierMapping = serde_json::from_value(json!({ "externalId": "id" })).unwrap();
     let source = open_source(&spec(&ws, query, json!({ "disposition": "Inline" })), &ids, &objects).await.unwrap();
     let read = read_cohort(source.as_ref()).await.unwrap();
-    let mut expected: Vec<MemberKey> = ["12345678901", "42", "1234567890", "7"].iter().map(|s| Member::ExternalId((*s).into()).key()).collect();
+    let mut expected: Vec<MemberKey> =
+        ["12345678901", "42", "1234567890", "7"].iter().map(|s| Member::ExternalId((*s).into()).key()).collect();
     expected.sort();
     // Spark writes the doubles as 1.23456789E9 and 7.0: they still arrive as plain integers.
     assert_eq!(read.members, expected);
@@ -187,7 +190,10 @@ async fn every_failure_is_reported_as_the_user_needs_it() {
 
     ws.inject(FaultTarget::Submit, Fault::PermissionDenied);
     let err = read(&objects, &full).await.unwrap_err();
-    assert!(matches!(err, SourceError::Permission { .. }) && err.to_string().contains("INSUFFICIENT_PERMISSIONS"), "{err}");
+    assert!(
+        matches!(err, SourceError::Permission { .. }) && err.to_string().contains("INSUFFICIENT_PERMISSIONS"),
+        "{err}"
+    );
 
     ws.inject(FaultTarget::Submit, Fault::StatementTimeout);
     let err = read(&objects, &full).await.unwrap_err();
@@ -209,9 +215,13 @@ async fn every_failure_is_reported_as_the_user_needs_it() {
     assert!(err.to_string().contains("INVALID_PARAMETER_VALUE") && err.to_string().contains("warehouse_id"), "{err}");
 
     let err = read(&objects, &spec(&ws, QUERY, json!({ "maxChunkBytes": 50_000 }))).await.unwrap_err();
-    assert!(matches!(err, SourceError::PageTooLarge { .. }) && err.to_string().contains("maxChunkBytes (50000 bytes)"), "{err}");
+    assert!(
+        matches!(err, SourceError::PageTooLarge { .. }) && err.to_string().contains("maxChunkBytes (50000 bytes)"),
+        "{err}"
+    );
 
-    let err = open_source(&spec(&ws, "INSERT INTO cohort VALUES (1)", json!({})), &mapping(), &objects).await.unwrap_err();
+    let err =
+        open_source(&spec(&ws, "INSERT INTO cohort VALUES (1)", json!({})), &mapping(), &objects).await.unwrap_err();
     assert_eq!(err.reason(), "InvalidSpec");
     assert!(err.to_string().contains("starts with \"INSERT\""), "{err}");
 

@@ -5,16 +5,16 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::Router;
 use cohort_operator::api::{IdentifierMapping, SourceSpec};
 use cohort_operator::domain::identifiers::SkipReason;
 use cohort_operator::domain::member::{Member, MemberKey};
-use cohort_operator::source::{open_source, read_cohort, CohortRead, InMemoryObjects, SourceError};
+use cohort_operator::source::{CohortRead, InMemoryObjects, SourceError, open_source, read_cohort};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const TOKEN: &str = "tok-7Hq2-never-shown";
@@ -47,7 +47,11 @@ fn csv_body() -> String {
 }
 
 fn row_json(i: usize) -> serde_json::Value {
-    if i % 1000 == 999 { serde_json::json!({ "uid": null, "n": i }) } else { serde_json::json!({ "uid": format!("u{i}"), "n": i }) }
+    if i % 1000 == 999 {
+        serde_json::json!({ "uid": null, "n": i })
+    } else {
+        serde_json::json!({ "uid": format!("u{i}"), "n": i })
+    }
 }
 
 /// The body in many small chunks, so the client parses it as it arrives.
@@ -82,83 +86,124 @@ fn page_of(page: usize, per: usize) -> Vec<serde_json::Value> {
 
 fn app(seen: Shared) -> Router {
     Router::new()
-        .route("/users.csv", get(|State(s): State<Shared>, h: HeaderMap| async move {
-            count(&s, &h);
-            ([(header::CONTENT_TYPE, "text/csv")], chunked(csv_body()))
-        }))
-        .route("/users.ndjson", get(|State(s): State<Shared>, h: HeaderMap| async move {
-            count(&s, &h);
-            let mut body = String::new();
-            for i in 0..ROWS {
-                body.push_str(&row_json(i).to_string());
-                body.push('\n');
-            }
-            chunked(body)
-        }))
-        .route("/users.json", get(|| async {
-            let rows: Vec<_> = (0..ROWS).map(row_json).collect();
-            axum::Json(serde_json::json!({ "data": { "users": rows } }))
-        }))
-        .route("/encoded/users.csv", get(|State(s): State<Shared>, h: HeaderMap| async move {
-            count(&s, &h);
-            ([(header::CONTENT_ENCODING, "gzip")], gzip(csv_body().as_bytes()).await)
-        }))
-        .route("/users.csv.gz", get(|| async {
-            ([(header::CONTENT_TYPE, "application/gzip")], gzip(csv_body().as_bytes()).await)
-        }))
-        .route("/next", get(|Query(q): Query<HashMap<String, String>>| async move {
-            let page: usize = q.get("page").map_or(0, |p| p.parse().unwrap());
-            let next = ((page + 1) * 7_000 < ROWS).then(|| format!("/next?page={}", page + 1));
-            axum::Json(serde_json::json!({ "users": page_of(page, 7_000), "links": { "next": next } }))
-        }))
-        .route("/cursor", get(|Query(q): Query<HashMap<String, String>>| async move {
-            assert_eq!(q.get("limit").map(String::as_str), Some("9000"), "the export's own query is kept");
-            let page: usize = q.get("cursor").map_or(0, |c| c.trim_start_matches('c').parse().unwrap());
-            let cursor = if (page + 1) * 9_000 < ROWS { serde_json::json!(format!("c{}", page + 1)) } else { serde_json::json!("") };
-            axum::Json(serde_json::json!({ "users": page_of(page, 9_000), "meta": { "cursor": cursor } }))
-        }))
-        .route("/link", get(|State(s): State<Shared>, h: HeaderMap, Query(q): Query<HashMap<String, String>>| async move {
-            count(&s, &h);
-            let page: usize = q.get("page").map_or(0, |p| p.parse().unwrap());
-            let body: String = page_of(page, 4_000).iter().map(|r| format!("{r}\n")).collect();
-            let mut headers = HeaderMap::new();
-            if (page + 1) * 4_000 < ROWS {
-                let link = format!("</link?page=0>; rel=\"first\", </link?page={}>; rel=\"next\"", page + 1);
-                headers.insert(header::LINK, link.parse().unwrap());
-            }
-            (headers, body)
-        }))
-        .route("/bearer.csv", get(|h: HeaderMap| async move {
-            let got = h.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-            if got == Some(&format!("Bearer {TOKEN}")) { "uid\nb1\n".into_response() } else { unauthorized(got) }
-        }))
-        .route("/basic.csv", get(|h: HeaderMap| async move {
-            let got = h.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-            // base64("reader:pass-K9v3-never-shown")
-            let want = "Basic cmVhZGVyOnBhc3MtSzl2My1uZXZlci1zaG93bg==";
-            if got == Some(want) { "uid\nbasic1\n".into_response() } else { unauthorized(got) }
-        }))
-        .route("/header.csv", get(|h: HeaderMap| async move {
-            let got = h.get("x-api-key").and_then(|v| v.to_str().ok());
-            if got == Some(API_KEY) { "uid\nh1\n".into_response() } else { unauthorized(got) }
-        }))
+        .route(
+            "/users.csv",
+            get(|State(s): State<Shared>, h: HeaderMap| async move {
+                count(&s, &h);
+                ([(header::CONTENT_TYPE, "text/csv")], chunked(csv_body()))
+            }),
+        )
+        .route(
+            "/users.ndjson",
+            get(|State(s): State<Shared>, h: HeaderMap| async move {
+                count(&s, &h);
+                let mut body = String::new();
+                for i in 0..ROWS {
+                    body.push_str(&row_json(i).to_string());
+                    body.push('\n');
+                }
+                chunked(body)
+            }),
+        )
+        .route(
+            "/users.json",
+            get(|| async {
+                let rows: Vec<_> = (0..ROWS).map(row_json).collect();
+                axum::Json(serde_json::json!({ "data": { "users": rows } }))
+            }),
+        )
+        .route(
+            "/encoded/users.csv",
+            get(|State(s): State<Shared>, h: HeaderMap| async move {
+                count(&s, &h);
+                ([(header::CONTENT_ENCODING, "gzip")], gzip(csv_body().as_bytes()).await)
+            }),
+        )
+        .route(
+            "/users.csv.gz",
+            get(|| async { ([(header::CONTENT_TYPE, "application/gzip")], gzip(csv_body().as_bytes()).await) }),
+        )
+        .route(
+            "/next",
+            get(|Query(q): Query<HashMap<String, String>>| async move {
+                let page: usize = q.get("page").map_or(0, |p| p.parse().unwrap());
+                let next = ((page + 1) * 7_000 < ROWS).then(|| format!("/next?page={}", page + 1));
+                axum::Json(serde_json::json!({ "users": page_of(page, 7_000), "links": { "next": next } }))
+            }),
+        )
+        .route(
+            "/cursor",
+            get(|Query(q): Query<HashMap<String, String>>| async move {
+                assert_eq!(q.get("limit").map(String::as_str), Some("9000"), "the export's own query is kept");
+                let page: usize = q.get("cursor").map_or(0, |c| c.trim_start_matches('c').parse().unwrap());
+                let cursor = if (page + 1) * 9_000 < ROWS {
+                    serde_json::json!(format!("c{}", page + 1))
+                } else {
+                    serde_json::json!("")
+                };
+                axum::Json(serde_json::json!({ "users": page_of(page, 9_000), "meta": { "cursor": cursor } }))
+            }),
+        )
+        .route(
+            "/link",
+            get(|State(s): State<Shared>, h: HeaderMap, Query(q): Query<HashMap<String, String>>| async move {
+                count(&s, &h);
+                let page: usize = q.get("page").map_or(0, |p| p.parse().unwrap());
+                let body: String = page_of(page, 4_000).iter().map(|r| format!("{r}\n")).collect();
+                let mut headers = HeaderMap::new();
+                if (page + 1) * 4_000 < ROWS {
+                    let link = format!("</link?page=0>; rel=\"first\", </link?page={}>; rel=\"next\"", page + 1);
+                    headers.insert(header::LINK, link.parse().unwrap());
+                }
+                (headers, body)
+            }),
+        )
+        .route(
+            "/bearer.csv",
+            get(|h: HeaderMap| async move {
+                let got = h.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+                if got == Some(&format!("Bearer {TOKEN}")) { "uid\nb1\n".into_response() } else { unauthorized(got) }
+            }),
+        )
+        .route(
+            "/basic.csv",
+            get(|h: HeaderMap| async move {
+                let got = h.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+                // base64("reader:pass-K9v3-never-shown")
+                let want = "Basic cmVhZGVyOnBhc3MtSzl2My1uZXZlci1zaG93bg==";
+                if got == Some(want) { "uid\nbasic1\n".into_response() } else { unauthorized(got) }
+            }),
+        )
+        .route(
+            "/header.csv",
+            get(|h: HeaderMap| async move {
+                let got = h.get("x-api-key").and_then(|v| v.to_str().ok());
+                if got == Some(API_KEY) { "uid\nh1\n".into_response() } else { unauthorized(got) }
+            }),
+        )
         .route("/fail", get(|| async { (StatusCode::INTERNAL_SERVER_ERROR, "database is down\n") }))
-        .route("/truncated.json", get(|| async {
-            let parts: Vec<Result<Bytes, std::io::Error>> = vec![
-                Ok(Bytes::from_static(b"[{\"uid\": \"a\"}, {\"uid\": \"b\"}, {\"ui")),
-                Err(std::io::Error::other("the exporter crashed")),
-            ];
-            Body::from_stream(futures::stream::iter(parts))
-        }))
+        .route(
+            "/truncated.json",
+            get(|| async {
+                let parts: Vec<Result<Bytes, std::io::Error>> = vec![
+                    Ok(Bytes::from_static(b"[{\"uid\": \"a\"}, {\"uid\": \"b\"}, {\"ui")),
+                    Err(std::io::Error::other("the exporter crashed")),
+                ];
+                Body::from_stream(futures::stream::iter(parts))
+            }),
+        )
         .route("/malformed.json", get(|| async { "[\n {\"uid\": \"a\"},\n {\"uid\": \"b\" \"x\": 1}\n]" }))
         .route("/malformed.csv", get(|| async { "uid,email\nu1,e1\nu2\n" }))
         .route("/empty.csv", get(|| async { "" }))
         .route("/loop", get(|| async { axum::Json(serde_json::json!({ "users": [], "next": "/loop" })) }))
-        .route("/stall.csv", get(|| async {
-            let first = futures::stream::once(async { Ok::<_, std::io::Error>(Bytes::from_static(b"uid\nu1\n")) });
-            // Then nothing, ever: the read timeout must end it.
-            Body::from_stream(futures::StreamExt::chain(first, futures::stream::pending()))
-        }))
+        .route(
+            "/stall.csv",
+            get(|| async {
+                let first = futures::stream::once(async { Ok::<_, std::io::Error>(Bytes::from_static(b"uid\nu1\n")) });
+                // Then nothing, ever: the read timeout must end it.
+                Body::from_stream(futures::StreamExt::chain(first, futures::stream::pending()))
+            }),
+        )
         .with_state(seen)
 }
 
@@ -230,7 +275,8 @@ async fn csv_streams_with_missing_ids_and_duplicates() {
 #[tokio::test]
 async fn ndjson_and_json_at_a_pointer() {
     let s = server().await;
-    let ndjson = read(serde_json::json!({ "url": format!("{}/users.ndjson", s.base), "format": "Ndjson" })).await.unwrap();
+    let ndjson =
+        read(serde_json::json!({ "url": format!("{}/users.ndjson", s.base), "format": "Ndjson" })).await.unwrap();
     let json = read(serde_json::json!({
         "url": format!("{}/users.json", s.base), "format": "Json", "jsonPointer": "/data/users"
     }))
@@ -249,7 +295,8 @@ async fn ndjson_and_json_at_a_pointer() {
 #[tokio::test]
 async fn gzip_by_content_encoding_and_gzip_files() {
     let s = server().await;
-    let encoded = read(serde_json::json!({ "url": format!("{}/encoded/users.csv", s.base), "format": "Csv" })).await.unwrap();
+    let encoded =
+        read(serde_json::json!({ "url": format!("{}/encoded/users.csv", s.base), "format": "Csv" })).await.unwrap();
     assert_eq!(encoded.members, full_cohort());
     assert_eq!(s.seen.gzip_accepted.load(Ordering::Relaxed), 1, "the client asks for gzip");
     let file = read(serde_json::json!({ "url": format!("{}/users.csv.gz", s.base), "format": "Csv" })).await.unwrap();
@@ -328,7 +375,11 @@ async fn missing_or_wrong_credentials_fail_with_401() {
         }))
         .await,
     );
-    assert!(err.to_string().contains("bad credentials: Bearer <redacted> — check the credential in Secret growth/export key token"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("bad credentials: Bearer <redacted> — check the credential in Secret growth/export key token"),
+        "{err}"
+    );
     let err = expect_err(
         read(serde_json::json!({
             "url": format!("{}/bearer.csv", s.base), "format": "Csv",
@@ -354,7 +405,8 @@ async fn a_500_fails_the_run() {
 async fn a_truncated_body_is_an_error_not_a_short_cohort() {
     let s = server().await;
     // Chunked body cut off mid-JSON.
-    let err = expect_err(read(serde_json::json!({ "url": format!("{}/truncated.json", s.base), "format": "Json" })).await);
+    let err =
+        expect_err(read(serde_json::json!({ "url": format!("{}/truncated.json", s.base), "format": "Json" })).await);
     assert!(matches!(err, SourceError::Transport { page: 1, .. }), "{err:?}");
 
     // Content-Length promises more than the connection delivers.
@@ -372,21 +424,31 @@ async fn a_truncated_body_is_an_error_not_a_short_cohort() {
     });
     let err = expect_err(read(serde_json::json!({ "url": format!("http://{addr}/short.csv"), "format": "Csv" })).await);
     assert!(matches!(err, SourceError::Transport { page: 1, .. }), "{err:?}");
-    assert!(err.to_string().starts_with(&format!("http export http://{addr}/short.csv: reading http://{addr}/short.csv (page 1) failed")), "{err}");
+    assert!(
+        err.to_string().starts_with(&format!(
+            "http export http://{addr}/short.csv: reading http://{addr}/short.csv (page 1) failed"
+        )),
+        "{err}"
+    );
 }
 
 #[tokio::test]
 async fn malformed_bodies_name_the_page_and_position() {
     let s = server().await;
-    let err = expect_err(read(serde_json::json!({ "url": format!("{}/malformed.json", s.base), "format": "Json" })).await);
+    let err =
+        expect_err(read(serde_json::json!({ "url": format!("{}/malformed.json", s.base), "format": "Json" })).await);
     assert!(err.to_string().contains("malformed JSON at page 1, line 3 column"), "{err}");
-    let err = expect_err(read(serde_json::json!({ "url": format!("{}/malformed.csv", s.base), "format": "Csv" })).await);
+    let err =
+        expect_err(read(serde_json::json!({ "url": format!("{}/malformed.csv", s.base), "format": "Csv" })).await);
     assert!(err.to_string().ends_with("malformed CSV at page 1, line 3: 1 fields where the header has 2"), "{err}");
     let err = expect_err(read(serde_json::json!({ "url": format!("{}/empty.csv", s.base), "format": "Csv" })).await);
     assert!(err.to_string().contains("no header row"), "{err}");
-    let err = expect_err(read(serde_json::json!({
-        "url": format!("{}/users.json", s.base), "format": "Json", "jsonPointer": "/data/people"
-    })).await);
+    let err = expect_err(
+        read(serde_json::json!({
+            "url": format!("{}/users.json", s.base), "format": "Json", "jsonPointer": "/data/people"
+        }))
+        .await,
+    );
     assert!(err.to_string().contains("malformed JSON at page 1, /data/people: nothing there"), "{err}");
     let err = expect_err(read(serde_json::json!({ "url": format!("{}/users.ndjson", s.base), "format": "Csv" })).await);
     assert_eq!(err.reason(), "InvalidSpec", "{err}");
@@ -395,42 +457,60 @@ async fn malformed_bodies_name_the_page_and_position() {
 #[tokio::test]
 async fn limits_and_timeouts() {
     let s = server().await;
-    let err = expect_err(read(serde_json::json!({ "url": format!("{}/users.csv", s.base), "format": "Csv", "maxBytes": 10_000 })).await);
+    let err = expect_err(
+        read(serde_json::json!({ "url": format!("{}/users.csv", s.base), "format": "Csv", "maxBytes": 10_000 })).await,
+    );
     assert!(matches!(err, SourceError::TooLarge { limit: 10_000, .. }), "{err:?}");
     // The limit counts decompressed bytes.
-    let err = expect_err(read(serde_json::json!({ "url": format!("{}/users.csv.gz", s.base), "format": "Csv", "maxBytes": 100_000 })).await);
+    let err = expect_err(
+        read(serde_json::json!({ "url": format!("{}/users.csv.gz", s.base), "format": "Csv", "maxBytes": 100_000 }))
+            .await,
+    );
     assert!(matches!(err, SourceError::TooLarge { .. }), "{err:?}");
 
-    let err = expect_err(read(serde_json::json!({ "url": format!("{}/stall.csv", s.base), "format": "Csv", "readTimeoutSeconds": 1 })).await);
+    let err = expect_err(
+        read(serde_json::json!({ "url": format!("{}/stall.csv", s.base), "format": "Csv", "readTimeoutSeconds": 1 }))
+            .await,
+    );
     assert!(err.to_string().contains("timed out"), "{err}");
 
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let err = expect_err(read(serde_json::json!({ "url": format!("http://127.0.0.1:{port}/x.csv"), "format": "Csv" })).await);
+    let err =
+        expect_err(read(serde_json::json!({ "url": format!("http://127.0.0.1:{port}/x.csv"), "format": "Csv" })).await);
     assert!(matches!(err, SourceError::Transport { .. }), "{err:?}");
 }
 
 #[tokio::test]
 async fn pagination_that_loops_or_leaves_the_origin_is_refused() {
     let s = server().await;
-    let err = expect_err(read(serde_json::json!({
-        "url": format!("{}/loop", s.base), "format": "Json", "jsonPointer": "/users",
-        "pagination": { "nextUrlPointer": "/next" }
-    })).await);
+    let err = expect_err(
+        read(serde_json::json!({
+            "url": format!("{}/loop", s.base), "format": "Json", "jsonPointer": "/users",
+            "pagination": { "nextUrlPointer": "/next" }
+        }))
+        .await,
+    );
     assert!(err.to_string().contains("page 2 repeats the URL of an earlier page"), "{err}");
 
     let port = s.base.rsplit(':').next().unwrap();
     let elsewhere = format!("http://localhost:{port}/bearer.csv");
-    let router = Router::new().route("/first", get(move || {
-        let elsewhere = elsewhere.clone();
-        async move { axum::Json(serde_json::json!({ "users": [{ "uid": "x" }], "next": elsewhere })) }
-    }));
+    let router = Router::new().route(
+        "/first",
+        get(move || {
+            let elsewhere = elsewhere.clone();
+            async move { axum::Json(serde_json::json!({ "users": [{ "uid": "x" }], "next": elsewhere })) }
+        }),
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let first = format!("http://{}/first", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-    let err = expect_err(read(serde_json::json!({
-        "url": first, "format": "Json", "jsonPointer": "/users", "pagination": { "nextUrlPointer": "/next" },
-        "auth": { "bearerTokenSecretRef": { "name": "export", "key": "token" } }
-    })).await);
+    let err = expect_err(
+        read(serde_json::json!({
+            "url": first, "format": "Json", "jsonPointer": "/users", "pagination": { "nextUrlPointer": "/next" },
+            "auth": { "bearerTokenSecretRef": { "name": "export", "key": "token" } }
+        }))
+        .await,
+    );
     assert!(err.to_string().contains("on another origin"), "{err}");
 }
 
@@ -454,20 +534,36 @@ async fn hostile_server() -> String {
         .route("/endless-line.ndjson", get(|| async { endless(b"{\"uid\":\"a\"}\n{\"uid\":\"", b'x') }))
         .route("/endless-value.json", get(|| async { endless(b"{\"users\":[{\"uid\":\"a\"},{\"uid\":\"", b'x') }))
         .route("/endless-key.json", get(|| async { endless(b"{\"", b'k') }))
-        .route("/endless-array.json", get(|| async {
-            let rows = Bytes::from("{\"uid\":\"u1\"},".repeat(4096));
-            let head = futures::stream::once(async { Ok::<_, std::io::Error>(Bytes::from_static(b"{\"users\":[")) });
-            Body::from_stream(futures::StreamExt::chain(head, futures::stream::repeat_with(move || Ok(rows.clone()))))
-        }))
-        .route("/endless-500", get(|| async { (StatusCode::INTERNAL_SERVER_ERROR, endless(b"upstream exploded: ", b'!')) }))
-        .route("/bomb-lines.csv.gz", get(move || {
-            let body = bomb_lines.clone();
-            async move { ([(header::CONTENT_ENCODING, "gzip")], body) }
-        }))
-        .route("/bomb-zeros.csv.gz", get(move || {
-            let body = bomb_zeros.clone();
-            async move { body }
-        }));
+        .route(
+            "/endless-array.json",
+            get(|| async {
+                let rows = Bytes::from("{\"uid\":\"u1\"},".repeat(4096));
+                let head =
+                    futures::stream::once(async { Ok::<_, std::io::Error>(Bytes::from_static(b"{\"users\":[")) });
+                Body::from_stream(futures::StreamExt::chain(
+                    head,
+                    futures::stream::repeat_with(move || Ok(rows.clone())),
+                ))
+            }),
+        )
+        .route(
+            "/endless-500",
+            get(|| async { (StatusCode::INTERNAL_SERVER_ERROR, endless(b"upstream exploded: ", b'!')) }),
+        )
+        .route(
+            "/bomb-lines.csv.gz",
+            get(move || {
+                let body = bomb_lines.clone();
+                async move { ([(header::CONTENT_ENCODING, "gzip")], body) }
+            }),
+        )
+        .route(
+            "/bomb-zeros.csv.gz",
+            get(move || {
+                let body = bomb_zeros.clone();
+                async move { body }
+            }),
+        );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
@@ -483,9 +579,7 @@ async fn hostile_bodies_stop_at_their_limits_with_the_field_that_raises_them() {
             "{err:?}"
         );
     };
-    let limited = |path: &str, format: &str| {
-        serde_json::json!({ "url": format!("{base}{path}"), "format": format, "maxRowBytes": 65_536, "jsonPointer": "/users" })
-    };
+    let limited = |path: &str, format: &str| serde_json::json!({ "url": format!("{base}{path}"), "format": format, "maxRowBytes": 65_536, "jsonPointer": "/users" });
     let err = expect_err(read(limited("/endless-line.csv", "Csv")).await);
     row_too_large(&err, "CSV row");
     assert!(err.to_string().ends_with(
@@ -501,13 +595,19 @@ async fn hostile_bodies_stop_at_their_limits_with_the_field_that_raises_them() {
     row_too_large(&err, "JSON row, key or value");
 
     // Rows that never end in number stop at maxBytes, counted after decompression.
-    let err = expect_err(read(serde_json::json!({
-        "url": format!("{base}/endless-array.json"), "format": "Json", "jsonPointer": "/users", "maxBytes": 8 << 20
-    })).await);
+    let err = expect_err(
+        read(serde_json::json!({
+            "url": format!("{base}/endless-array.json"), "format": "Json", "jsonPointer": "/users", "maxBytes": 8 << 20
+        }))
+        .await,
+    );
     assert!(matches!(err, SourceError::TooLarge { limit: 8_388_608, .. }), "{err:?}");
-    let err = expect_err(read(serde_json::json!({
-        "url": format!("{base}/bomb-lines.csv.gz"), "format": "Csv", "maxBytes": 16 << 20
-    })).await);
+    let err = expect_err(
+        read(serde_json::json!({
+            "url": format!("{base}/bomb-lines.csv.gz"), "format": "Csv", "maxBytes": 16 << 20
+        }))
+        .await,
+    );
     assert!(matches!(err, SourceError::TooLarge { limit: 16_777_216, .. }), "{err:?}");
     assert!(err.to_string().contains("after decompression; raise maxBytes"), "{err}");
     // A gzip file of zeros has no line end: the first row is too long.

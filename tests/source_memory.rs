@@ -4,7 +4,7 @@
 
 use cohort_operator::api::{IdentifierMapping, SourceSpec};
 use cohort_operator::domain::member::Member;
-use cohort_operator::source::{open_source, InMemoryObjects};
+use cohort_operator::source::{InMemoryObjects, open_source};
 use futures::StreamExt;
 use testkit::postgres::Postgres;
 

@@ -4,9 +4,9 @@
 use std::time::{Duration, Instant};
 
 use cohort_operator::api::{IdentifierMapping, SourceSpec};
-use cohort_operator::domain::identifiers::{SkipReason, MAX_IDENTIFIER_BYTES};
+use cohort_operator::domain::identifiers::{MAX_IDENTIFIER_BYTES, SkipReason};
 use cohort_operator::domain::member::{Member, MemberKey};
-use cohort_operator::source::{open_source, read_cohort, InMemoryObjects, MemberSource, SourceError};
+use cohort_operator::source::{InMemoryObjects, MemberSource, SourceError, open_source, read_cohort};
 use testkit::postgres::Postgres;
 
 const PASSWORD: &str = "pw-Zq8s1-never-shown";
@@ -30,7 +30,13 @@ fn mapping(json: serde_json::Value) -> IdentifierMapping {
     serde_json::from_value(json).expect("mapping")
 }
 
-async fn open(url: &str, query: &str, fetch_size: u32, timeout: u32, identifiers: &IdentifierMapping) -> Box<dyn MemberSource> {
+async fn open(
+    url: &str,
+    query: &str,
+    fetch_size: u32,
+    timeout: u32,
+    identifiers: &IdentifierMapping,
+) -> Box<dyn MemberSource> {
     let spec: SourceSpec = serde_json::from_value(serde_json::json!({ "postgres": {
         "connectionSecretRef": { "name": "warehouse", "key": "url" },
         "query": query,
@@ -77,7 +83,8 @@ async fn a_large_table_streams_every_identifier_kind_with_nulls_and_duplicates()
         "deviceId": "device",
     }));
     // 7,000 does not divide 120,000: the last fetch is short.
-    let source = open(&url(pg, &db), "SELECT uid, email, device FROM cohort ORDER BY i;", 7_000, 60, &identifiers).await;
+    let source =
+        open(&url(pg, &db), "SELECT uid, email, device FROM cohort ORDER BY i;", 7_000, 60, &identifiers).await;
 
     let mut batches = 0;
     let mut stream = source.members();
@@ -118,7 +125,8 @@ async fn a_large_table_streams_every_identifier_kind_with_nulls_and_duplicates()
 #[tokio::test]
 async fn non_text_columns_arrive_as_the_database_prints_them() {
     let (pg, db) = database("types", "");
-    let identifiers = mapping(serde_json::json!({ "externalId": "uid", "alias": { "nameField": "n", "labelField": "l" } }));
+    let identifiers =
+        mapping(serde_json::json!({ "externalId": "uid", "alias": { "nameField": "n", "labelField": "l" } }));
     // The mapping reads three columns; each query returns all three.
     let cases = [
         ("SELECT 9007199254740993::bigint AS uid, NULL AS n, NULL AS l", Member::ExternalId("9007199254740993".into())),
@@ -201,7 +209,10 @@ async fn a_statement_timeout_fails_the_run_and_stops_the_query() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let running = pg
-            .psql(&db, "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%cohort-slow%' AND pid <> pg_backend_pid()")
+            .psql(
+                &db,
+                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%cohort-slow%' AND pid <> pg_backend_pid()",
+            )
             .unwrap();
         if running.trim() == "0" {
             break;
@@ -296,7 +307,10 @@ async fn rewriting_proxy(upstream: u16, from: &'static [u8], to: &'static [u8]) 
                         at += i + from.len();
                     }
                     // Hold back only a tail that may be the start of `from`; send the rest now.
-                    let keep = (1..from.len()).rev().find(|&k| pending.len() >= k && pending.ends_with(&from[..k])).unwrap_or(0);
+                    let keep = (1..from.len())
+                        .rev()
+                        .find(|&k| pending.len() >= k && pending.ends_with(&from[..k]))
+                        .unwrap_or(0);
                     let send = pending.len() - keep;
                     if server_write.write_all(&pending[..send]).await.is_err() {
                         return;
@@ -311,14 +325,13 @@ async fn rewriting_proxy(upstream: u16, from: &'static [u8], to: &'static [u8]) 
 
 #[tokio::test]
 async fn fetches_capped_below_fetch_size_still_read_every_row() {
-    let (pg, db) = database(
-        "capped_fetch",
-        "CREATE TABLE members AS SELECT 'm-' || i AS uid FROM generate_series(1, 25000) AS i",
-    );
+    let (pg, db) =
+        database("capped_fetch", "CREATE TABLE members AS SELECT 'm-' || i AS uid FROM generate_series(1, 25000) AS i");
     // Every `FETCH FORWARD 10000` reaches the server as `FETCH FORWARD 00999`.
     let port = rewriting_proxy(pg.port(), b"FETCH FORWARD 10000 ", b"FETCH FORWARD 00999 ").await;
     let url = format!("postgres://postgres:{PASSWORD}@127.0.0.1:{port}/{db}?sslmode=disable");
-    let source = open(&url, "SELECT uid FROM members", 10_000, 60, &mapping(serde_json::json!({ "externalId": "uid" }))).await;
+    let source =
+        open(&url, "SELECT uid FROM members", 10_000, 60, &mapping(serde_json::json!({ "externalId": "uid" }))).await;
     let mut batches = 0;
     let mut stream = source.members();
     let mut rows = 0;

@@ -147,18 +147,22 @@ async fn bare_partition_bodies_and_every_key_form_are_read() {
         (
             // An unencrypted key ignores a passphrase.
             "pkcs1",
-            world
-                .objects
-                .clone()
-                .with_secret("snowflake", "privateKey", world.key.pkcs1_pem())
-                .with_secret("snowflake", "passphrase", "unused"),
+            world.objects.clone().with_secret("snowflake", "privateKey", world.key.pkcs1_pem()).with_secret(
+                "snowflake",
+                "passphrase",
+                "unused",
+            ),
         ),
         (
             "aes",
             world
                 .objects
                 .clone()
-                .with_secret("snowflake", "privateKey", world.key.encrypted_private_key_pem("s3cret pass", KeyCipher::Aes256Cbc))
+                .with_secret(
+                    "snowflake",
+                    "privateKey",
+                    world.key.encrypted_private_key_pem("s3cret pass", KeyCipher::Aes256Cbc),
+                )
                 .with_secret("snowflake", "passphrase", "s3cret pass"),
         ),
         (
@@ -166,22 +170,38 @@ async fn bare_partition_bodies_and_every_key_form_are_read() {
             world
                 .objects
                 .clone()
-                .with_secret("snowflake", "privateKey", world.key.encrypted_private_key_pem("s3cret pass", KeyCipher::DesEde3Cbc))
+                .with_secret(
+                    "snowflake",
+                    "privateKey",
+                    world.key.encrypted_private_key_pem("s3cret pass", KeyCipher::DesEde3Cbc),
+                )
                 .with_secret("snowflake", "passphrase", "s3cret pass"),
         ),
     ] {
-        let spec = spec(&world, query, json!({ "credentials": { "secretName": "snowflake", "privateKeyPassphraseKey": "passphrase" } }));
+        let spec = spec(
+            &world,
+            query,
+            json!({ "credentials": { "secretName": "snowflake", "privateKeyPassphraseKey": "passphrase" } }),
+        );
         let source = open_source(&spec, &mapping(), &objects).await.unwrap_or_else(|e| panic!("{name}: {e}"));
         let read = read_cohort(source.as_ref()).await.unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!((read.rows, read.members.len()), (25_000, 22_500), "{name}");
     }
     // An encrypted key without its passphrase, or with a wrong one: said so, not shown.
     let encrypted = world.key.encrypted_private_key_pem("right", KeyCipher::Aes256Cbc);
-    let objects = world.objects.clone().with_secret("snowflake", "privateKey", encrypted.clone()).with_secret("snowflake", "passphrase", "wrong");
+    let objects = world.objects.clone().with_secret("snowflake", "privateKey", encrypted.clone()).with_secret(
+        "snowflake",
+        "passphrase",
+        "wrong",
+    );
     let err = open_source(&spec(&world, query, json!({})), &mapping(), &objects).await.unwrap_err();
     assert_eq!(err.reason(), "InvalidSpec");
     assert!(err.to_string().contains("privateKeyPassphraseKey"), "{err}");
-    let with_pass = spec(&world, query, json!({ "credentials": { "secretName": "snowflake", "privateKeyPassphraseKey": "passphrase" } }));
+    let with_pass = spec(
+        &world,
+        query,
+        json!({ "credentials": { "secretName": "snowflake", "privateKeyPassphraseKey": "passphrase" } }),
+    );
     let err = open_source(&with_pass, &mapping(), &objects).await.unwrap_err();
     assert!(err.to_string().contains("passphrase is wrong"), "{err}");
     assert!(!err.to_string().contains(&encrypted[40..80]) && !err.to_string().contains("wrong\""), "{err}");
@@ -196,8 +216,12 @@ async fn numeric_identifiers_arrive_as_braze_expects() {
     let ids: IdentifierMapping = serde_json::from_value(json!({ "externalId": "ID" })).unwrap();
     let source = open_source(&spec, &ids, &world.objects).await.unwrap();
     let read = read_cohort(source.as_ref()).await.unwrap();
-    let expected: Vec<MemberKey> =
-        ["12345678901", "1234567890", "42"].iter().map(|s| Member::ExternalId((*s).into()).key()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+    let expected: Vec<MemberKey> = ["12345678901", "1234567890", "42"]
+        .iter()
+        .map(|s| Member::ExternalId((*s).into()).key())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
     assert_eq!(read.members, expected);
     // 1e16 as a float can no longer be an exact id; NULL is missing.
     assert_eq!(read.skipped.get(SkipReason::UnsupportedValue), 1);
@@ -217,7 +241,10 @@ async fn every_failure_is_reported_as_the_user_needs_it() {
     let err = read_cohort(source.as_ref()).await.unwrap_err();
     assert!(matches!(err, SourceError::Auth { .. }), "{err}");
     let text = err.to_string();
-    assert!(text.contains("390144") && text.contains(&other.fingerprint()) && text.contains("RSA_PUBLIC_KEY"), "{text}");
+    assert!(
+        text.contains("390144") && text.contains(&other.fingerprint()) && text.contains("RSA_PUBLIC_KEY"),
+        "{text}"
+    );
     assert!(text.contains("MYORG-ANALYTICS.COHORT_READER"), "{text}");
     assert_no_secret(&world, &text);
 
@@ -253,7 +280,9 @@ async fn every_failure_is_reported_as_the_user_needs_it() {
 
     // Not a single SELECT: refused before anything is sent.
     let executions = sf.executions();
-    let err = open_source(&spec(&world, "SELECT 1; DROP TABLE cohort", json!({})), &mapping(), &world.objects).await.unwrap_err();
+    let err = open_source(&spec(&world, "SELECT 1; DROP TABLE cohort", json!({})), &mapping(), &world.objects)
+        .await
+        .unwrap_err();
     assert_eq!(err.reason(), "InvalidSpec");
     assert!(err.to_string().contains("more than one statement"), "{err}");
     assert_eq!(sf.executions(), executions);

@@ -7,8 +7,8 @@ mod status;
 pub use spec::*;
 pub use status::*;
 
-use kube::CustomResourceExt;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResourceExt;
 
 /// Setting this annotation to a new value runs the import once (Flux's convention).
 pub const RUN_REQUESTED_ANNOTATION: &str = "cohorts.dev/run-requested-at";

@@ -72,7 +72,9 @@ fn constraints(node: &Value) -> Vec<String> {
         (None, Some(max)) => out.push(format!("≤ {max}")),
         (None, None) => {}
     }
-    for (key, label) in [("minLength", "min length"), ("maxLength", "max length"), ("minItems", "min items"), ("maxItems", "max items")] {
+    for (key, label) in
+        [("minLength", "min length"), ("maxLength", "max length"), ("minItems", "min items"), ("maxItems", "max items")]
+    {
         if let Some(n) = node[key].as_u64() {
             out.push(format!("{label} {n}"));
         }

@@ -14,8 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::status::CohortImportStatus;
 
 /// DNS-1123 subdomain: the names of Secrets and ConfigMaps.
-pub const OBJECT_NAME_PATTERN: &str =
-    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+pub const OBJECT_NAME_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
 /// Keys of Secret and ConfigMap data.
 pub const DATA_KEY_PATTERN: &str = r"^[-._a-zA-Z0-9]+$";
 /// `HH:MM`, 00:00 to 23:59.

@@ -21,17 +21,11 @@ pub struct Change {
 
 impl Change {
     pub fn add(member: Member) -> Self {
-        Self {
-            member,
-            remove: false,
-        }
+        Self { member, remove: false }
     }
 
     pub fn remove(member: Member) -> Self {
-        Self {
-            member,
-            remove: true,
-        }
+        Self { member, remove: true }
     }
 }
 
@@ -107,12 +101,7 @@ pub struct Packer {
 impl Packer {
     /// `max_ids` is clamped to `1..=MAX_IDS_PER_REQUEST`.
     pub fn new(max_ids: usize) -> Self {
-        Self {
-            max_ids: max_ids.clamp(1, MAX_IDS_PER_REQUEST),
-            next_seq: 0,
-            position: 0,
-            current: Batch::default(),
-        }
+        Self { max_ids: max_ids.clamp(1, MAX_IDS_PER_REQUEST), next_seq: 0, position: 0, current: Batch::default() }
     }
 
     /// Adds a change; returns the batch it completed, if any.
@@ -164,23 +153,14 @@ mod tests {
         for i in 0..2500 {
             let member = match i % 3 {
                 0 => ext(i),
-                1 => Member::Alias {
-                    name: format!("a{i}"),
-                    label: "crm".into(),
-                },
+                1 => Member::Alias { name: format!("a{i}"), label: "crm".into() },
                 _ => Member::DeviceId(format!("d{i}")),
             };
-            let change = Change {
-                member,
-                remove: i % 2 == 1,
-            };
+            let change = Change { member, remove: i % 2 == 1 };
             batches.extend(packer.push(change));
         }
         batches.extend(packer.finish());
-        assert_eq!(
-            batches.iter().map(Batch::len).collect::<Vec<_>>(),
-            [1000, 1000, 500]
-        );
+        assert_eq!(batches.iter().map(Batch::len).collect::<Vec<_>>(), [1000, 1000, 500]);
         assert_eq!(batches[0].changes(), 0..1000);
         assert_eq!(batches[2].changes(), 2000..2500);
         assert_eq!(batches.iter().map(|b| b.seq).collect::<Vec<_>>(), [0, 1, 2]);
@@ -188,10 +168,7 @@ mod tests {
         assert_eq!(b.adds.len(), 500);
         assert_eq!(b.removes.len(), 500);
         assert_eq!(b.add_counts.total() + b.remove_counts.total(), 1000);
-        assert_eq!(
-            b.add_counts.external_ids + b.remove_counts.external_ids,
-            334
-        );
+        assert_eq!(b.add_counts.external_ids + b.remove_counts.external_ids, 334);
         assert_eq!(b.add_counts.aliases + b.remove_counts.aliases, 333);
         assert_eq!(packer.consumed(), 2500);
         assert!(packer.finish().is_none());
@@ -200,9 +177,7 @@ mod tests {
     #[test]
     fn limit_is_clamped_to_brazes() {
         let mut packer = Packer::new(5000);
-        let full = (0..1000)
-            .filter_map(|i| packer.push(Change::add(ext(i))))
-            .count();
+        let full = (0..1000).filter_map(|i| packer.push(Change::add(ext(i)))).count();
         assert_eq!(full, 1);
         let mut tiny = Packer::new(0);
         assert_eq!(tiny.push(Change::add(ext(0))).map(|b| b.len()), Some(1));

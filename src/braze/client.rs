@@ -3,8 +3,8 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::pin::pin;
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::stream::{self, FuturesUnordered, Stream, StreamExt};
@@ -63,9 +63,8 @@ impl CohortTarget {
     fn url(&self, tail: &str) -> Result<Url, BrazeError> {
         let base = self.rest_endpoint.trim_end_matches('/');
         let text = format!("{base}/partners/{}/{tail}", self.partner);
-        let url = Url::parse(&text).map_err(|e| {
-            BrazeError::InvalidRequest(format!("REST endpoint {:?}: {e}", self.rest_endpoint))
-        })?;
+        let url = Url::parse(&text)
+            .map_err(|e| BrazeError::InvalidRequest(format!("REST endpoint {:?}: {e}", self.rest_endpoint)))?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(BrazeError::InvalidRequest(format!(
                 "REST endpoint {:?} is not an http(s) URL",
@@ -135,9 +134,7 @@ impl ChangesReport {
             return false;
         }
         let i = self.requests.partition_point(|r| r.changes.end <= position);
-        self.requests
-            .get(i)
-            .is_some_and(|r| r.changes.contains(&position) && r.accepted())
+        self.requests.get(i).is_some_and(|r| r.changes.contains(&position) && r.accepted())
     }
 }
 
@@ -239,9 +236,7 @@ impl RunState {
     }
 
     fn take_retry(&self) -> bool {
-        self.retries_left
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-            .is_ok()
+        self.retries_left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok()
     }
 
     fn stopped(&self) -> bool {
@@ -287,9 +282,7 @@ impl BrazeClient {
             // A redirected POST turns into a GET: refuse redirects and report them instead.
             .redirect(reqwest::redirect::Policy::none())
             .build()
-            .map_err(|e| {
-                BrazeError::InvalidRequest(format!("cannot set up the HTTP client: {e}"))
-            })?;
+            .map_err(|e| BrazeError::InvalidRequest(format!("cannot set up the HTTP client: {e}")))?;
         let budgets = Arc::new(Budgets::new(BudgetConfig::default()));
         Ok(Self { http, config, budgets })
     }
@@ -343,9 +336,7 @@ impl BrazeClient {
         created_at: jiff::Timestamp,
     ) -> Result<RequestOutcome, BrazeError> {
         if name.trim().is_empty() {
-            return Err(BrazeError::InvalidRequest(
-                "the cohort name is empty".into(),
-            ));
+            return Err(BrazeError::InvalidRequest("the cohort name is empty".into()));
         }
         if target.cohort_id.is_empty() {
             return Err(BrazeError::InvalidRequest("the cohort id is empty".into()));
@@ -403,12 +394,7 @@ impl BrazeClient {
     /// further input is read, no new request starts, requests waiting to retry give up, and
     /// requests already on the wire finish. Each member should appear at most once in the
     /// input (a diff guarantees it): requests of a run may land in any order.
-    pub async fn send_changes_with<S, F>(
-        &self,
-        target: &CohortTarget,
-        changes: S,
-        mut on_request: F,
-    ) -> ChangesReport
+    pub async fn send_changes_with<S, F>(&self, target: &CohortTarget, changes: S, mut on_request: F) -> ChangesReport
     where
         S: Stream<Item = Change>,
         F: FnMut(&Batch, &RequestOutcome),
@@ -500,17 +486,12 @@ impl BrazeClient {
             },
         );
         let done = match encoded {
-            Ok(()) => {
-                self.execute(target, url.clone(), body, run, batch.seq)
-                    .await
-            }
+            Ok(()) => self.execute(target, url.clone(), body, run, batch.seq).await,
             Err(e) => Attempted {
                 attempts: 0,
                 status: None,
                 response: ResponseText::default(),
-                error: Some(BrazeError::InvalidRequest(format!(
-                    "cannot encode the request: {e}"
-                ))),
+                error: Some(BrazeError::InvalidRequest(format!("cannot encode the request: {e}"))),
                 budget_wait: Duration::ZERO,
             },
         };
@@ -535,20 +516,11 @@ impl BrazeClient {
     }
 
     /// Sends one request until it is accepted, fails for good, or retrying must stop.
-    async fn execute(
-        &self,
-        target: &CohortTarget,
-        url: Url,
-        body: Vec<u8>,
-        run: &RunState,
-        seq: u64,
-    ) -> Attempted {
+    async fn execute(&self, target: &CohortTarget, url: Url, body: Vec<u8>, run: &RunState, seq: u64) -> Attempted {
         let secrets = target.secrets();
         let policy = &self.config.retry;
         let mut request = Request::new(reqwest::Method::POST, url);
-        request
-            .headers_mut()
-            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        request.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         *request.timeout_mut() = Some(self.config.request_timeout);
         *request.body_mut() = Some(body.into());
         let mut stop = run.stop.subscribe();
@@ -567,9 +539,7 @@ impl BrazeClient {
                 }
             }
             attempts += 1;
-            let this = request
-                .try_clone()
-                .expect("an in-memory body can be cloned");
+            let this = request.try_clone().expect("an in-memory body can be cloned");
             let (status, response, failure, hint) = match self.http.execute(this).await {
                 Ok(resp) => {
                     let status = resp.status().as_u16();
@@ -609,33 +579,18 @@ impl BrazeClient {
                         }
                         Disposition::Retry => {
                             let message = response.message.clone();
-                            (
-                                Some(status),
-                                response,
-                                TransientFailure::Status { status, message },
-                                hint,
-                            )
+                            (Some(status), response, TransientFailure::Status { status, message }, hint)
                         }
                     }
                 }
                 Err(e) if e.is_timeout() => {
                     run.timeouts.fetch_add(1, Ordering::Relaxed);
-                    (
-                        None,
-                        ResponseText::default(),
-                        TransientFailure::Timeout(self.config.request_timeout),
-                        None,
-                    )
+                    (None, ResponseText::default(), TransientFailure::Timeout(self.config.request_timeout), None)
                 }
                 Err(e) => {
                     run.connection_errors.fetch_add(1, Ordering::Relaxed);
                     let message = redact(&error_chain(&e), &secrets, wire::REDACT_MIN_LEN);
-                    (
-                        None,
-                        ResponseText::default(),
-                        TransientFailure::Connection(message),
-                        None,
-                    )
+                    (None, ResponseText::default(), TransientFailure::Connection(message), None)
                 }
             };
             let give_up = |error| Attempted {
@@ -660,25 +615,16 @@ impl BrazeClient {
                 continue;
             }
             if attempts - limited >= policy.max_attempts {
-                return give_up(BrazeError::AttemptsExhausted {
-                    attempts,
-                    last: failure,
-                });
+                return give_up(BrazeError::AttemptsExhausted { attempts, last: failure });
             }
             let delay = match policy.delay(attempts, hint, rand::random::<f64>()) {
                 RetryDelay::Wait(delay) => delay,
                 RetryDelay::TooLong(wait) => {
-                    return give_up(BrazeError::RateLimited {
-                        wait,
-                        max_wait: policy.max_server_wait,
-                    });
+                    return give_up(BrazeError::RateLimited { wait, max_wait: policy.max_server_wait });
                 }
             };
             if !run.take_retry() {
-                return give_up(BrazeError::RetryBudgetExhausted {
-                    budget: run.budget,
-                    last: failure,
-                });
+                return give_up(BrazeError::RetryBudgetExhausted { budget: run.budget, last: failure });
             }
             warn!(cohort_id = %target.cohort_id, seq, attempt = attempts, %failure, ?delay, "Braze request failed; retrying");
             tokio::select! {
@@ -704,9 +650,7 @@ fn batches<S: Stream<Item = Change>>(changes: S, max_ids: usize) -> impl Stream<
                     }
                 }
                 None => {
-                    return packer
-                        .finish()
-                        .map(|batch| (batch, (changes, packer, true)));
+                    return packer.finish().map(|batch| (batch, (changes, packer, true)));
                 }
             }
         }
@@ -720,11 +664,7 @@ fn wait_hint(status: u16, headers: &HeaderMap) -> Option<Duration> {
     if !is_rate_limited(status, text("x-ratelimit-remaining")) {
         return None;
     }
-    server_wait_hint(
-        text(RETRY_AFTER.as_str()),
-        text("x-ratelimit-reset"),
-        jiff::Timestamp::now(),
-    )
+    server_wait_hint(text(RETRY_AFTER.as_str()), text("x-ratelimit-reset"), jiff::Timestamp::now())
 }
 
 /// Reads at most [`READ_BODY_BYTES`]; a broken body keeps what arrived.
@@ -743,10 +683,7 @@ async fn read_body(mut resp: reqwest::Response, secrets: &[&str]) -> ResponseTex
 fn permanent_error(status: u16, response: &ResponseText) -> BrazeError {
     let message = response.message.clone();
     match status {
-        401 => BrazeError::Unauthorized {
-            reason: UnauthorizedReason::from_message(&message),
-            message,
-        },
+        401 => BrazeError::Unauthorized { reason: UnauthorizedReason::from_message(&message), message },
         400 => BrazeError::BadRequest { message },
         _ => BrazeError::Rejected { status, message },
     }
@@ -754,11 +691,7 @@ fn permanent_error(status: u16, response: &ResponseText) -> BrazeError {
 
 fn totals(requests: &[RequestOutcome], run: &RunState) -> ChangesTotals {
     let mut t = ChangesTotals {
-        responses_by_status: run
-            .by_status
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone(),
+        responses_by_status: run.by_status.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         timeouts: run.timeouts.load(Ordering::Relaxed),
         connection_errors: run.connection_errors.load(Ordering::Relaxed),
         rate_limited: run.rate_limited.load(Ordering::Relaxed),

@@ -9,10 +9,7 @@ pub enum BrazeError {
     /// 401: a key is wrong, invalidated, or the partner is not enabled. Permanent until
     /// someone changes a key, so the run stops after the first one.
     #[error("Braze refused the keys (401: {message}): {}", reason.advice())]
-    Unauthorized {
-        reason: UnauthorizedReason,
-        message: String,
-    },
+    Unauthorized { reason: UnauthorizedReason, message: String },
     /// 400: the request itself is wrong; sending it again cannot help.
     #[error("Braze rejected the request as malformed (400: {message}); not retried")]
     BadRequest { message: String },
@@ -27,10 +24,7 @@ pub enum BrazeError {
     RetryBudgetExhausted { budget: u32, last: TransientFailure },
     /// One request failed on every attempt.
     #[error("gave up after {attempts} attempts; last failure: {last}")]
-    AttemptsExhausted {
-        attempts: u32,
-        last: TransientFailure,
-    },
+    AttemptsExhausted { attempts: u32, last: TransientFailure },
     /// Braze asked for a wait longer than a run holds on; the rest goes next run.
     #[error(
         "Braze's rate limit asks to wait {wait:?}, longer than the {max_wait:?} a run waits; \
@@ -48,10 +42,7 @@ pub enum BrazeError {
 impl BrazeError {
     /// 400, 401 and the other refusals retrying cannot fix: a person must act.
     pub fn is_permanent(&self) -> bool {
-        matches!(
-            self,
-            Self::Unauthorized { .. } | Self::BadRequest { .. } | Self::Rejected { .. }
-        )
+        matches!(self, Self::Unauthorized { .. } | Self::BadRequest { .. } | Self::Rejected { .. })
     }
 }
 
@@ -95,9 +86,7 @@ impl UnauthorizedReason {
 
     pub fn advice(self) -> &'static str {
         match self {
-            Self::PartnerApiKey => {
-                "the partner API key is wrong or belongs to another cluster (US and EU keys differ)"
-            }
+            Self::PartnerApiKey => "the partner API key is wrong or belongs to another cluster (US and EU keys differ)",
             Self::DataImportKey => {
                 "the data import key is wrong or was invalidated; generate a new one in Braze under \
                  Partner Integrations → Technology Partners"
@@ -118,18 +107,10 @@ mod tests {
     #[test]
     fn braze_401_messages_name_the_key() {
         use UnauthorizedReason::*;
+        assert_eq!(UnauthorizedReason::from_message("Invalid Partner API key"), PartnerApiKey);
+        assert_eq!(UnauthorizedReason::from_message("Invalid client secret"), DataImportKey);
         assert_eq!(
-            UnauthorizedReason::from_message("Invalid Partner API key"),
-            PartnerApiKey
-        );
-        assert_eq!(
-            UnauthorizedReason::from_message("Invalid client secret"),
-            DataImportKey
-        );
-        assert_eq!(
-            UnauthorizedReason::from_message(
-                "Partner not enabled for client with client secret: <redacted>"
-            ),
+            UnauthorizedReason::from_message("Partner not enabled for client with client secret: <redacted>"),
             PartnerNotEnabled
         );
         assert_eq!(UnauthorizedReason::from_message("nope"), Unknown);
@@ -147,10 +128,7 @@ mod tests {
         assert!(e.is_permanent());
         let e = BrazeError::RetryBudgetExhausted {
             budget: 3,
-            last: TransientFailure::Status {
-                status: 503,
-                message: "busy".into(),
-            },
+            last: TransientFailure::Status { status: 503, message: "busy".into() },
         };
         assert!(e.to_string().contains("HTTP 503: busy"));
         assert!(!e.is_permanent());

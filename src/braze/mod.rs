@@ -15,8 +15,6 @@ pub mod wire;
 
 pub use batch::{Batch, Change, IdCounts, MAX_IDS_PER_REQUEST};
 pub use budget::{BudgetConfig, BudgetObserver, Budgets};
-pub use client::{
-    BrazeClient, BrazeClientConfig, ChangesReport, ChangesTotals, CohortTarget, RequestOutcome,
-};
+pub use client::{BrazeClient, BrazeClientConfig, ChangesReport, ChangesTotals, CohortTarget, RequestOutcome};
 pub use error::{BrazeError, TransientFailure, UnauthorizedReason};
 pub use retry::RetryPolicy;

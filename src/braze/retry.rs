@@ -66,10 +66,7 @@ impl RetryPolicy {
     /// `unit` is a random number in `[0, 1)`.
     pub fn backoff(&self, retry: u32, unit: f64) -> Duration {
         let exp = retry.saturating_sub(1).min(31);
-        let ceiling = self
-            .base_delay
-            .saturating_mul(1u32 << exp)
-            .min(self.max_delay);
+        let ceiling = self.base_delay.saturating_mul(1u32 << exp).min(self.max_delay);
         ceiling.mul_f64(unit.clamp(0.0, 1.0))
     }
 
@@ -79,12 +76,7 @@ impl RetryPolicy {
     pub fn delay(&self, retry: u32, server_hint: Option<Duration>, unit: f64) -> RetryDelay {
         match server_hint {
             Some(hint) if hint > self.max_server_wait => RetryDelay::TooLong(hint),
-            Some(hint) => RetryDelay::Wait(
-                hint + self
-                    .base_delay
-                    .min(self.max_delay)
-                    .mul_f64(unit.clamp(0.0, 1.0)),
-            ),
+            Some(hint) => RetryDelay::Wait(hint + self.base_delay.min(self.max_delay).mul_f64(unit.clamp(0.0, 1.0))),
             None => RetryDelay::Wait(self.backoff(retry, unit)),
         }
     }
@@ -103,11 +95,7 @@ pub fn is_rate_limited(status: u16, ratelimit_remaining: Option<&str>) -> bool {
 /// wins over `x-ratelimit-reset` (epoch seconds, Braze's REST convention). A reset smaller
 /// than 10⁹ cannot be a present-day epoch, so it is read as delta seconds. Hints in the past
 /// mean "now". Unparseable values are ignored: backoff applies.
-pub fn server_wait_hint(
-    retry_after: Option<&str>,
-    ratelimit_reset: Option<&str>,
-    now: Timestamp,
-) -> Option<Duration> {
+pub fn server_wait_hint(retry_after: Option<&str>, ratelimit_reset: Option<&str>, now: Timestamp) -> Option<Duration> {
     let until = |at: Timestamp| {
         let nanos = at.as_nanosecond() - now.as_nanosecond();
         Duration::from_nanos(u64::try_from(nanos.max(0)).unwrap_or(u64::MAX))
@@ -121,10 +109,7 @@ pub fn server_wait_hint(
         }
     }
     let value = ratelimit_reset.map(str::trim)?;
-    let reset: f64 = value
-        .parse()
-        .ok()
-        .filter(|v: &f64| v.is_finite() && *v >= 0.0)?;
+    let reset: f64 = value.parse().ok().filter(|v: &f64| v.is_finite() && *v >= 0.0)?;
     if reset < 1e9 {
         return Some(Duration::from_secs_f64(reset));
     }
@@ -177,22 +162,10 @@ mod tests {
     #[test]
     fn server_hint_is_honoured_with_a_little_jitter_and_refused_when_too_long() {
         let p = policy();
-        assert_eq!(
-            p.delay(1, Some(Duration::from_secs(3)), 0.0),
-            RetryDelay::Wait(Duration::from_secs(3))
-        );
-        assert_eq!(
-            p.delay(4, Some(Duration::from_secs(3)), 1.0),
-            RetryDelay::Wait(Duration::from_millis(3100))
-        );
-        assert_eq!(
-            p.delay(1, Some(Duration::from_secs(3600)), 0.5),
-            RetryDelay::TooLong(Duration::from_secs(3600))
-        );
-        assert_eq!(
-            p.delay(2, None, 1.0),
-            RetryDelay::Wait(Duration::from_millis(200))
-        );
+        assert_eq!(p.delay(1, Some(Duration::from_secs(3)), 0.0), RetryDelay::Wait(Duration::from_secs(3)));
+        assert_eq!(p.delay(4, Some(Duration::from_secs(3)), 1.0), RetryDelay::Wait(Duration::from_millis(3100)));
+        assert_eq!(p.delay(1, Some(Duration::from_secs(3600)), 0.5), RetryDelay::TooLong(Duration::from_secs(3600)));
+        assert_eq!(p.delay(2, None, 1.0), RetryDelay::Wait(Duration::from_millis(200)));
     }
 
     #[test]
@@ -212,15 +185,9 @@ mod tests {
         let hint = |ra, reset| server_wait_hint(ra, reset, now);
         assert_eq!(hint(Some("7"), None), Some(Duration::from_secs(7)));
         assert_eq!(hint(Some(" 0 "), Some("1714564900")), Some(Duration::ZERO));
-        assert_eq!(
-            hint(Some("Wed, 01 May 2024 12:00:10 GMT"), None),
-            Some(Duration::from_millis(9750))
-        );
+        assert_eq!(hint(Some("Wed, 01 May 2024 12:00:10 GMT"), None), Some(Duration::from_millis(9750)));
         // Epoch seconds, as Braze's REST API sends them.
-        assert_eq!(
-            hint(None, Some("1714564802")),
-            Some(Duration::from_millis(1750))
-        );
+        assert_eq!(hint(None, Some("1714564802")), Some(Duration::from_millis(1750)));
         // A reset in the past means retry now.
         assert_eq!(hint(None, Some("1714564000")), Some(Duration::ZERO));
         // Small values are delta seconds.

@@ -51,16 +51,8 @@ impl Serialize for Changes<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let b = self.0;
         let objects = [
-            ChangeObject {
-                members: &b.adds,
-                counts: b.add_counts,
-                remove: false,
-            },
-            ChangeObject {
-                members: &b.removes,
-                counts: b.remove_counts,
-                remove: true,
-            },
+            ChangeObject { members: &b.adds, counts: b.add_counts, remove: false },
+            ChangeObject { members: &b.removes, counts: b.remove_counts, remove: true },
         ];
         let mut seq = s.serialize_seq(None)?;
         for object in objects.iter().filter(|o| !o.members.is_empty()) {
@@ -128,10 +120,7 @@ struct AliasObject<'a> {
 impl Serialize for Aliases<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_seq(self.0.iter().filter_map(|m| match m {
-            Member::Alias { name, label } => Some(AliasObject {
-                alias_name: name,
-                alias_label: label,
-            }),
+            Member::Alias { name, label } => Some(AliasObject { alias_name: name, alias_label: label }),
             _ => None,
         }))
     }
@@ -157,16 +146,9 @@ pub fn read_response(bytes: &[u8], secrets: &[&str]) -> ResponseText {
         .and_then(|m| m.as_str())
         .map(|m| truncate(redact(m, secrets, REDACT_MIN_LEN), 300))
         .unwrap_or_else(|| truncate(redact(text.trim(), secrets, REDACT_MIN_LEN), 300));
-    let has_errors = json
-        .as_ref()
-        .and_then(|v| v.get("errors"))
-        .and_then(|e| e.as_array())
-        .is_some_and(|e| !e.is_empty());
-    ResponseText {
-        body: truncate(redact(&text, secrets, REDACT_MIN_LEN), KEPT_BODY_BYTES),
-        message,
-        has_errors,
-    }
+    let has_errors =
+        json.as_ref().and_then(|v| v.get("errors")).and_then(|e| e.as_array()).is_some_and(|e| !e.is_empty());
+    ResponseText { body: truncate(redact(&text, secrets, REDACT_MIN_LEN), KEPT_BODY_BYTES), message, has_errors }
 }
 
 fn truncate(mut text: String, max: usize) -> String {
@@ -193,12 +175,7 @@ mod tests {
             assert!(packer.push(change).is_none());
         }
         let batch = packer.finish().unwrap();
-        let body = UsersBody {
-            partner_api_key: "pk",
-            client_secret: "cs",
-            cohort_id: "c-1",
-            batch: &batch,
-        };
+        let body = UsersBody { partner_api_key: "pk", client_secret: "cs", cohort_id: "c-1", batch: &batch };
         serde_json::to_value(&body).unwrap()
     }
 
@@ -206,10 +183,7 @@ mod tests {
     fn users_body_has_one_add_and_one_remove_object_with_every_kind() {
         let json = users_json([
             Change::add(Member::ExternalId("e1".into())),
-            Change::add(Member::Alias {
-                name: "n\"1".into(),
-                label: "crm".into(),
-            }),
+            Change::add(Member::Alias { name: "n\"1".into(), label: "crm".into() }),
             Change::remove(Member::DeviceId("d1".into())),
             Change::add(Member::ExternalId("e2".into())),
         ]);
@@ -230,10 +204,7 @@ mod tests {
     #[test]
     fn only_removes_give_a_single_object() {
         let json = users_json([Change::remove(Member::ExternalId("e".into()))]);
-        assert_eq!(
-            json["cohort_changes"],
-            serde_json::json!([{"user_ids": ["e"], "should_remove": true}])
-        );
+        assert_eq!(json["cohort_changes"], serde_json::json!([{"user_ids": ["e"], "should_remove": true}]));
     }
 
     #[test]
@@ -242,10 +213,7 @@ mod tests {
             br#"{"message":"Partner not enabled for client with client secret: s3cret-key"}"#,
             &["s3cret-key", "partner-key"],
         );
-        assert_eq!(
-            r.message,
-            "Partner not enabled for client with client secret: <redacted>"
-        );
+        assert_eq!(r.message, "Partner not enabled for client with client secret: <redacted>");
         assert!(!r.body.contains("s3cret-key"));
         let r = read_response(b"<html>Bad Gateway</html>\n", &[]);
         assert_eq!(r.message, "<html>Bad Gateway</html>");
@@ -262,10 +230,7 @@ mod tests {
 
     #[test]
     fn redaction_replaces_longer_keys_first_and_ignores_empty_ones() {
-        assert_eq!(
-            redact("abc abcdef", &["abc", "abcdef", ""], REDACT_MIN_LEN),
-            "<redacted> <redacted>"
-        );
+        assert_eq!(redact("abc abcdef", &["abc", "abcdef", ""], REDACT_MIN_LEN), "<redacted> <redacted>");
         assert_eq!(redact("nothing", &[""], REDACT_MIN_LEN), "nothing");
         assert_eq!(redact("a key: ik", &["ik"], REDACT_MIN_LEN), "a key: <redacted>");
     }

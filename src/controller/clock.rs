@@ -50,10 +50,7 @@ impl TestClock {
     /// A clock that reads `start` now.
     pub fn starting_at(start: Timestamp) -> Self {
         let clock = TestClock {
-            inner: Arc::new(TestClockInner {
-                offset: Mutex::new(SignedDuration::ZERO),
-                jumped: watch::Sender::new(0),
-            }),
+            inner: Arc::new(TestClockInner { offset: Mutex::new(SignedDuration::ZERO), jumped: watch::Sender::new(0) }),
         };
         *clock.inner.offset.lock().unwrap() = start.duration_since(Timestamp::now());
         clock

@@ -7,8 +7,8 @@
 use jiff::Timestamp;
 use kube::ResourceExt;
 
-use crate::api::{CohortImport, CohortImportSpec};
 use super::secrets::normalize_endpoint;
+use crate::api::{CohortImport, CohortImportSpec};
 
 /// Identifies one Braze cohort.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -106,9 +106,10 @@ pub fn source_secrets(spec: &CohortImportSpec) -> Vec<SourceSecret<'_>> {
         }
     }
     if let Some(c) = spec.source.snowflake.as_ref().map(|s| &s.credentials) {
-        for key in [Some(&c.account_key), Some(&c.user_key), Some(&c.private_key_key), c.private_key_passphrase_key.as_ref()]
-            .into_iter()
-            .flatten()
+        for key in
+            [Some(&c.account_key), Some(&c.user_key), Some(&c.private_key_key), c.private_key_passphrase_key.as_ref()]
+                .into_iter()
+                .flatten()
         {
             push("spec.source.snowflake.credentials", &c.secret_name, key);
         }

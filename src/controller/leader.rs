@@ -93,10 +93,7 @@ impl LeaderElection {
                 }
                 Ok(value)
             }
-            None => Err(LeaderError::Lost {
-                namespace: self.lease_namespace.clone(),
-                name: self.lease_name.clone(),
-            }),
+            None => Err(LeaderError::Lost { namespace: self.lease_namespace.clone(), name: self.lease_name.clone() }),
         }
     }
 }

@@ -12,15 +12,20 @@ use std::time::Duration;
 use jiff::{SignedDuration, Timestamp};
 
 use super::Config;
-use crate::api::ReadyReason;
 use crate::api::CohortImportStatus;
+use crate::api::ReadyReason;
 
 /// The shortest wait between two looks at a missing Secret.
 pub const MIN_RECHECK: Duration = Duration::from_secs(1);
 
 /// When to reconcile `status` again: `next` (the next run), or sooner when Secrets are
 /// not watched and one is missing. Pure.
-pub fn recheck_at(config: &Config, status: &CohortImportStatus, now: Timestamp, next: Option<Timestamp>) -> Option<Timestamp> {
+pub fn recheck_at(
+    config: &Config,
+    status: &CohortImportStatus,
+    now: Timestamp,
+    next: Option<Timestamp>,
+) -> Option<Timestamp> {
     if config.watch_secrets {
         return next;
     }
@@ -65,11 +70,20 @@ mod tests {
         let missing = status("SecretNotFound", "2026-11-29T00:00:00Z");
         let next_run = Some(ts("2026-11-30T06:00:00Z"));
         // Just missing: a second later.
-        assert_eq!(recheck_at(&config, &missing, ts("2026-11-29T00:00:02Z"), next_run), Some(ts("2026-11-29T00:00:03Z")));
+        assert_eq!(
+            recheck_at(&config, &missing, ts("2026-11-29T00:00:02Z"), next_run),
+            Some(ts("2026-11-29T00:00:03Z"))
+        );
         // Missing for a minute: 15 s later.
-        assert_eq!(recheck_at(&config, &missing, ts("2026-11-29T00:01:00Z"), next_run), Some(ts("2026-11-29T00:01:15Z")));
+        assert_eq!(
+            recheck_at(&config, &missing, ts("2026-11-29T00:01:00Z"), next_run),
+            Some(ts("2026-11-29T00:01:15Z"))
+        );
         // Missing for a day: at the cap.
-        assert_eq!(recheck_at(&config, &missing, ts("2026-11-30T00:00:00Z"), next_run), Some(ts("2026-11-30T00:00:30Z")));
+        assert_eq!(
+            recheck_at(&config, &missing, ts("2026-11-30T00:00:00Z"), next_run),
+            Some(ts("2026-11-30T00:00:30Z"))
+        );
         // A run due sooner comes first; an import with no next run still looks again.
         assert_eq!(recheck_at(&config, &missing, ts("2026-11-30T05:59:59Z"), next_run), next_run);
         assert_eq!(recheck_at(&config, &missing, ts("2026-11-29T00:00:00Z"), None), Some(ts("2026-11-29T00:00:01Z")));

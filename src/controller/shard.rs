@@ -115,8 +115,8 @@ impl Shard {
 /// A label value: at most 63 characters, alphanumerics with `-`, `_`, `.` inside.
 fn check_label_value(flag: &str, value: &str) -> Result<(), String> {
     let inner_ok = value.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    let ends_ok = value.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && value.ends_with(|c: char| c.is_ascii_alphanumeric());
+    let ends_ok =
+        value.starts_with(|c: char| c.is_ascii_alphanumeric()) && value.ends_with(|c: char| c.is_ascii_alphanumeric());
     if value.is_empty() || value.len() > 63 || !inner_ok || !ends_ok {
         return Err(format!(
             "{flag} {value:?} is not a label value: 1–63 letters, digits, '-', '_' or '.', starting and ending \
@@ -184,7 +184,10 @@ fn parse_term(term: &str) -> Result<Expression, String> {
 #[derive(Clone, Debug, PartialEq)]
 pub enum LeaseState {
     Missing,
-    Held { holder: Option<String>, expires: Option<Timestamp> },
+    Held {
+        holder: Option<String>,
+        expires: Option<Timestamp>,
+    },
     /// It could not be read.
     Unknown,
 }
@@ -194,7 +197,10 @@ pub enum LeaseState {
 pub enum Handoff {
     Resume,
     /// Another operator may still be running it: look again at `retry_at`.
-    Wait { why: String, retry_at: Timestamp },
+    Wait {
+        why: String,
+        retry_at: Timestamp,
+    },
 }
 
 /// Decides a run's handoff. `me` is how this operator signs runs; `lease` is the state of
@@ -349,9 +355,10 @@ async fn read_lease(ctx: &Context, name: &str) -> LeaseState {
         Ok(None) => LeaseState::Missing,
         Ok(Some(lease)) => {
             let spec = lease.spec.unwrap_or_default();
-            let expires = spec.renew_time.as_ref().or(spec.acquire_time.as_ref()).map(|t| {
-                t.0 + jiff::SignedDuration::from_secs(i64::from(spec.lease_duration_seconds.unwrap_or(0)))
-            });
+            let expires =
+                spec.renew_time.as_ref().or(spec.acquire_time.as_ref()).map(|t| {
+                    t.0 + jiff::SignedDuration::from_secs(i64::from(spec.lease_duration_seconds.unwrap_or(0)))
+                });
             LeaseState::Held { holder: spec.holder_identity, expires }
         }
         // Unknown: assume the old runner is alive, and look again soon.

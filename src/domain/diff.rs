@@ -313,8 +313,7 @@ mod tests {
     fn keys_in_doubt_are_sent_again_the_way_the_new_cohort_says() {
         // b: unchanged but in doubt → added again; x: absent but in doubt → removed again;
         // c: a real change that is also in doubt → sent once.
-        let (counts, changes) =
-            diff3(&keys(&["a", "b", "c"]), &keys(&["b", "c", "x"]), &keys(&["a", "b"])).unwrap();
+        let (counts, changes) = diff3(&keys(&["a", "b", "c"]), &keys(&["b", "c", "x"]), &keys(&["a", "b"])).unwrap();
         let sends: Vec<_> = changes.iter().map(|(c, d, k)| (k[0], c.send(*d))).collect();
         assert_eq!(
             sends,

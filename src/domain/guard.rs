@@ -37,7 +37,9 @@ pub enum GuardDecision {
     /// Within limits, or the guard is off.
     Proceed,
     /// Past the limits, but approved.
-    Approved { run_id: String },
+    Approved {
+        run_id: String,
+    },
     Blocked(Blocked),
 }
 
@@ -60,11 +62,7 @@ pub enum BlockReason {
 }
 
 /// Decides whether a run may send its removals.
-pub fn decide(
-    guard: Option<&RemovalGuard>,
-    input: GuardInput,
-    approval: Option<&RemovalApproval>,
-) -> GuardDecision {
+pub fn decide(guard: Option<&RemovalGuard>, input: GuardInput, approval: Option<&RemovalApproval>) -> GuardDecision {
     let default = RemovalGuard::default();
     let guard = guard.unwrap_or(&default);
     if guard.disabled || input.removals == 0 {
@@ -179,10 +177,7 @@ mod tests {
     #[test]
     fn approval_covers_at_most_the_removals_it_saw() {
         let approval = RemovalApproval { run_id: "r1".into(), removals: 50 };
-        assert_eq!(
-            decide(None, input(100, 50, 50), Some(&approval)),
-            GuardDecision::Approved { run_id: "r1".into() }
-        );
+        assert_eq!(decide(None, input(100, 50, 50), Some(&approval)), GuardDecision::Approved { run_id: "r1".into() });
         let d = decide(None, input(100, 40, 60), Some(&approval));
         let GuardDecision::Blocked(b) = d else { panic!("{d:?}") };
         assert!(b.summary().contains("approval of run r1 covers 50 removals, not 60"), "{}", b.summary());

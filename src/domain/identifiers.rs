@@ -344,7 +344,11 @@ mod tests {
     use crate::api::AliasMapping;
     use std::collections::BTreeMap;
 
-    fn mapping(ext: Option<&str>, alias: Option<(&str, Option<&str>, Option<&str>)>, dev: Option<&str>) -> IdentifierMapping {
+    fn mapping(
+        ext: Option<&str>,
+        alias: Option<(&str, Option<&str>, Option<&str>)>,
+        dev: Option<&str>,
+    ) -> IdentifierMapping {
         IdentifierMapping {
             external_id: ext.map(str::to_owned),
             alias: alias.map(|(n, l, lf)| AliasMapping {
@@ -372,10 +376,7 @@ mod tests {
         let full = [("uid", "u1"), ("email", "a@b"), ("kind", "email"), ("device", "d1")];
         assert_eq!(f.resolve(row(&full)), Ok(Member::ExternalId("u1".into())));
         let no_uid = [("uid", ""), ("email", "a@b"), ("kind", "email"), ("device", "d1")];
-        assert_eq!(
-            f.resolve(row(&no_uid)),
-            Ok(Member::Alias { name: "a@b".into(), label: "email".into() })
-        );
+        assert_eq!(f.resolve(row(&no_uid)), Ok(Member::Alias { name: "a@b".into(), label: "email".into() }));
         assert_eq!(f.resolve(row(&[("device", "d1")])), Ok(Member::DeviceId("d1".into())));
         assert_eq!(f.resolve(row(&[("uid", "  "), ("device", "\t")])), Err(SkipReason::Missing));
     }

@@ -65,17 +65,13 @@ impl Member {
     /// into a [`MemberKey`] first.
     pub fn from_key_bytes(bytes: &[u8]) -> Result<Member, InvalidMemberKey> {
         let (&tag, rest) = bytes.split_first().ok_or(InvalidMemberKey("empty"))?;
-        let text = |b: &[u8]| {
-            std::str::from_utf8(b).map(str::to_owned).map_err(|_| InvalidMemberKey("not UTF-8"))
-        };
+        let text = |b: &[u8]| std::str::from_utf8(b).map(str::to_owned).map_err(|_| InvalidMemberKey("not UTF-8"));
         match tag {
             TAG_EXTERNAL_ID => Ok(Member::ExternalId(text(rest)?)),
             TAG_DEVICE_ID => Ok(Member::DeviceId(text(rest)?)),
             TAG_ALIAS => {
-                let at = rest
-                    .iter()
-                    .position(|&b| b == ALIAS_SEPARATOR)
-                    .ok_or(InvalidMemberKey("alias without label"))?;
+                let at =
+                    rest.iter().position(|&b| b == ALIAS_SEPARATOR).ok_or(InvalidMemberKey("alias without label"))?;
                 Ok(Member::Alias { name: text(&rest[..at])?, label: text(&rest[at + 1..])? })
             }
             _ => Err(InvalidMemberKey("unknown tag")),

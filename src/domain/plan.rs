@@ -133,11 +133,7 @@ pub struct Plan {
 pub fn describe(schedule: &Schedule) -> String {
     let zone = schedule.time_zone.iana_name().unwrap_or("UTC");
     let recurrence = describe_recurrence(schedule.recurrence, zone);
-    if schedule.run_on_create {
-        format!("{recurrence}, first run on creation")
-    } else {
-        recurrence
-    }
+    if schedule.run_on_create { format!("{recurrence}, first run on creation") } else { recurrence }
 }
 
 fn describe_recurrence(recurrence: Recurrence, zone: &str) -> String {
@@ -192,9 +188,8 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     };
     let cursor = ScheduleCursor { identity, description, handled_through };
 
-    let pending_request = input
-        .run_request
-        .filter(|value| !value.is_empty() && Some(*value) != input.last_handled_run_request);
+    let pending_request =
+        input.run_request.filter(|value| !value.is_empty() && Some(*value) != input.last_handled_run_request);
 
     if let Some(hold) = input.hold {
         return Plan {
@@ -275,7 +270,11 @@ mod tests {
     }
 
     fn cursor(schedule: &Schedule, through: Option<&str>) -> ScheduleCursor {
-        ScheduleCursor { identity: identity(schedule), description: describe(schedule), handled_through: through.map(ts) }
+        ScheduleCursor {
+            identity: identity(schedule),
+            description: describe(schedule),
+            handled_through: through.map(ts),
+        }
     }
 
     #[test]
@@ -291,14 +290,20 @@ mod tests {
     fn first_scheduled_run_is_initial_then_scheduled() {
         let s = daily("06:30");
         let p = plan(&input(&s, "2026-03-02T06:30:00Z", None));
-        assert_eq!(p.decision, Decision::Run { trigger: RunTrigger::Initial, run_request: None, approved_removals: None });
+        assert_eq!(
+            p.decision,
+            Decision::Run { trigger: RunTrigger::Initial, run_request: None, approved_removals: None }
+        );
         assert_eq!(p.cursor.handled_through, Some(ts("2026-03-02T06:30:00Z")));
         assert_eq!(p.next_run_at, Some(ts("2026-03-03T06:30:00Z")));
 
         let c = p.cursor;
         let mut i = input(&s, "2026-03-03T06:30:05Z", Some(&c));
         i.has_run_before = true;
-        assert_eq!(plan(&i).decision, Decision::Run { trigger: RunTrigger::Scheduled, run_request: None, approved_removals: None });
+        assert_eq!(
+            plan(&i).decision,
+            Decision::Run { trigger: RunTrigger::Scheduled, run_request: None, approved_removals: None }
+        );
     }
 
     #[test]
@@ -328,7 +333,10 @@ mod tests {
         let mut i = input(&s, "2026-03-05T07:00:00Z", Some(&c));
         i.has_run_before = true;
         let p = plan(&i);
-        assert_eq!(p.decision, Decision::Run { trigger: RunTrigger::Scheduled, run_request: None, approved_removals: None });
+        assert_eq!(
+            p.decision,
+            Decision::Run { trigger: RunTrigger::Scheduled, run_request: None, approved_removals: None }
+        );
         assert_eq!(p.cursor.handled_through, Some(ts("2026-03-05T06:30:00Z")));
         // After that run, nothing is due until the next day.
         let c = p.cursor;
@@ -362,7 +370,10 @@ mod tests {
     fn once_without_at_runs_soon_after_creation_and_never_again() {
         let s = once(None);
         let p = plan(&input(&s, "2026-03-01T10:00:02Z", None));
-        assert_eq!(p.decision, Decision::Run { trigger: RunTrigger::Initial, run_request: None, approved_removals: None });
+        assert_eq!(
+            p.decision,
+            Decision::Run { trigger: RunTrigger::Initial, run_request: None, approved_removals: None }
+        );
         assert_eq!(p.next_run_at, None);
         let c = p.cursor;
         let p = plan(&input(&s, "2026-03-09T00:00:00Z", Some(&c)));
@@ -514,10 +525,8 @@ mod tests {
             tz.clone(),
         );
         assert_eq!(describe(&weekly), "Weekly on Monday at 06:30 (Europe/Lisbon)");
-        let monthly = Schedule::new(
-            Recurrence::Monthly { day: DayOfMonth::new(31).unwrap(), at: "23:00".parse().unwrap() },
-            tz,
-        );
+        let monthly =
+            Schedule::new(Recurrence::Monthly { day: DayOfMonth::new(31).unwrap(), at: "23:00".parse().unwrap() }, tz);
         assert_eq!(describe(&monthly), "Monthly on day 31 at 23:00 (Europe/Lisbon)");
         assert_eq!(describe(&daily("06:30")), "Daily at 06:30 (UTC)");
     }
@@ -536,10 +545,8 @@ mod tests {
         assert_eq!(identity(&daily("06:30")), identity(&daily("06:30")));
         assert_ne!(identity(&daily("06:30")), identity(&daily("06:31")));
         assert_ne!(identity(&once(None)), identity(&once(Some("06:30"))));
-        let lisbon = Schedule::new(
-            Recurrence::Daily { at: "06:30".parse().unwrap() },
-            TimeZone::get("Europe/Lisbon").unwrap(),
-        );
+        let lisbon =
+            Schedule::new(Recurrence::Daily { at: "06:30".parse().unwrap() }, TimeZone::get("Europe/Lisbon").unwrap());
         assert_ne!(identity(&daily("06:30")), identity(&lisbon));
         assert!(identity(&lisbon).starts_with("s1-") && identity(&lisbon).len() == 19);
     }
@@ -570,7 +577,10 @@ mod tests {
         let mut i = input(&s, "2026-03-03T06:40:00Z", Some(&stored));
         i.has_run_before = true;
         let p = plan(&i);
-        assert_eq!(p.decision, Decision::Run { trigger: RunTrigger::Scheduled, run_request: None, approved_removals: None });
+        assert_eq!(
+            p.decision,
+            Decision::Run { trigger: RunTrigger::Scheduled, run_request: None, approved_removals: None }
+        );
         assert_eq!(p.cursor.handled_through, Some(ts("2026-03-03T06:30:00Z")));
     }
 
@@ -661,8 +671,8 @@ mod hourly_and_run_on_create_tests {
 
     #[test]
     fn run_on_create_runs_right_after_creation_once() {
-        let s = Schedule::new(Recurrence::Daily { at: "06:30".parse().unwrap() }, TimeZone::UTC)
-            .with_run_on_create(true);
+        let s =
+            Schedule::new(Recurrence::Daily { at: "06:30".parse().unwrap() }, TimeZone::UTC).with_run_on_create(true);
         let p = plan(&input(&s, "2026-03-01T10:00:02Z", None));
         assert_eq!(p.decision, run(RunTrigger::Initial));
         assert_eq!(p.cursor.handled_through, Some(ts(CREATED)));
@@ -679,9 +689,6 @@ mod hourly_and_run_on_create_tests {
     #[test]
     fn descriptions_name_hourly_and_run_on_create() {
         assert_eq!(describe(&hourly(5)), "Hourly at :05 (UTC)");
-        assert_eq!(
-            describe(&hourly(45).with_run_on_create(true)),
-            "Hourly at :45 (UTC), first run on creation"
-        );
+        assert_eq!(describe(&hourly(45).with_run_on_create(true)), "Hourly at :45 (UTC), first run on creation");
     }
 }

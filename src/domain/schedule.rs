@@ -90,8 +90,7 @@ impl FromStr for WallTime {
             return Err(InvalidWallTime);
         }
         let two = |hi: u8, lo: u8| {
-            (hi.is_ascii_digit() && lo.is_ascii_digit())
-                .then(|| ((hi - b'0') * 10 + (lo - b'0')) as i8)
+            (hi.is_ascii_digit() && lo.is_ascii_digit()).then(|| ((hi - b'0') * 10 + (lo - b'0')) as i8)
         };
         let hour = two(b[0], b[1]).ok_or(InvalidWallTime)?;
         let minute = two(b[3], b[4]).ok_or(InvalidWallTime)?;
@@ -204,9 +203,7 @@ impl Recurrence {
         match self {
             Recurrence::Once { at } => at,
             Recurrence::Hourly { .. } => None,
-            Recurrence::Daily { at }
-            | Recurrence::Weekly { at, .. }
-            | Recurrence::Monthly { at, .. } => Some(at),
+            Recurrence::Daily { at } | Recurrence::Weekly { at, .. } | Recurrence::Monthly { at, .. } => Some(at),
         }
     }
 }
@@ -217,11 +214,7 @@ const SEARCH_LIMIT: usize = 16;
 
 /// The earliest run strictly after `after`, or `None` when there is none (a `Once` run
 /// already past). `created` is the resource's creation time: no run is before it.
-pub fn next_run_after(
-    schedule: &Schedule,
-    created: Timestamp,
-    after: Timestamp,
-) -> Option<Timestamp> {
+pub fn next_run_after(schedule: &Schedule, created: Timestamp, after: Timestamp) -> Option<Timestamp> {
     let slot = next_slot_after(schedule, created, after);
     let on_create = (schedule.run_on_create && created > after).then_some(created);
     match (on_create, slot) {
@@ -232,11 +225,7 @@ pub fn next_run_after(
 
 /// The latest run at or before `t`, or `None` when there is none (before creation, or a
 /// `Once` run still ahead).
-pub fn previous_run_at_or_before(
-    schedule: &Schedule,
-    created: Timestamp,
-    t: Timestamp,
-) -> Option<Timestamp> {
+pub fn previous_run_at_or_before(schedule: &Schedule, created: Timestamp, t: Timestamp) -> Option<Timestamp> {
     let slot = previous_slot_at_or_before(schedule, created, t);
     let on_create = (schedule.run_on_create && created <= t).then_some(created);
     slot.max(on_create)
@@ -323,10 +312,8 @@ fn hourly_at_or_before(tz: &TimeZone, minute: MinuteOfHour, mut to: Timestamp) -
     for _ in 0..SEARCH_LIMIT {
         let offset = i64::from(tz.to_offset(to).seconds());
         // The transition that put this offset in force (`preceding` may exclude `to` itself).
-        let start = tz
-            .preceding(to.checked_add(SignedDuration::from_nanos(1)).ok()?)
-            .map(|t| t.timestamp())
-            .find(|&t| t <= to);
+        let start =
+            tz.preceding(to.checked_add(SignedDuration::from_nanos(1)).ok()?).map(|t| t.timestamp()).find(|&t| t <= to);
         let mut second = to.as_second();
         if Timestamp::from_second(second).ok()? > to {
             second -= 1;
@@ -360,8 +347,7 @@ fn once(tz: &TimeZone, at: Option<WallTime>, created: Timestamp) -> Option<Times
 fn run_on(schedule: &Schedule, date: Date) -> Option<Timestamp> {
     let tz = &schedule.time_zone;
     let run = instant_of(tz, date.to_datetime(schedule.recurrence.at()?.time()))?;
-    if matches!(schedule.recurrence, Recurrence::Daily { .. }) && tz.to_datetime(run).date() != date
-    {
+    if matches!(schedule.recurrence, Recurrence::Daily { .. }) && tz.to_datetime(run).date() != date {
         // Pushed onto a later day by a gap; that day's own run stands for it.
         return None;
     }
@@ -371,9 +357,7 @@ fn run_on(schedule: &Schedule, date: Date) -> Option<Timestamp> {
 fn first_run_date_on_or_after(recurrence: Recurrence, date: Date) -> Option<Date> {
     match recurrence {
         Recurrence::Once { .. } | Recurrence::Hourly { .. } | Recurrence::Daily { .. } => Some(date),
-        Recurrence::Weekly { on, .. } => {
-            date.checked_add(i64::from(date.weekday().until(on)).days()).ok()
-        }
+        Recurrence::Weekly { on, .. } => date.checked_add(i64::from(date.weekday().until(on)).days()).ok(),
         Recurrence::Monthly { day, .. } => {
             let this_month = day.in_month_of(date);
             if this_month >= date {
@@ -389,9 +373,7 @@ fn first_run_date_on_or_after(recurrence: Recurrence, date: Date) -> Option<Date
 fn last_run_date_on_or_before(recurrence: Recurrence, date: Date) -> Option<Date> {
     match recurrence {
         Recurrence::Once { .. } | Recurrence::Hourly { .. } | Recurrence::Daily { .. } => Some(date),
-        Recurrence::Weekly { on, .. } => {
-            date.checked_sub(i64::from(on.until(date.weekday())).days()).ok()
-        }
+        Recurrence::Weekly { on, .. } => date.checked_sub(i64::from(on.until(date.weekday())).days()).ok(),
         Recurrence::Monthly { day, .. } => {
             let this_month = day.in_month_of(date);
             if this_month <= date {
@@ -453,10 +435,7 @@ mod tests {
     }
 
     fn monthly(zone: &str, day: u8, wall: &str) -> Schedule {
-        Schedule::new(
-            Recurrence::Monthly { day: DayOfMonth::new(day).unwrap(), at: at(wall) },
-            tz(zone),
-        )
+        Schedule::new(Recurrence::Monthly { day: DayOfMonth::new(day).unwrap(), at: at(wall) }, tz(zone))
     }
 
     /// A creation time long before every table case.
@@ -624,16 +603,10 @@ mod tests {
         let s = daily("UTC", "06:00");
         let created = ts("2024-05-01T06:00:01Z");
         assert_eq!(previous_run_at_or_before(&s, created, ts("2024-05-01T12:00:00Z")), None);
-        assert_eq!(
-            next_run_after(&s, created, ts("2024-04-01T00:00:00Z")),
-            Some(ts("2024-05-02T06:00:00Z"))
-        );
+        assert_eq!(next_run_after(&s, created, ts("2024-04-01T00:00:00Z")), Some(ts("2024-05-02T06:00:00Z")));
         // A run exactly at creation counts.
         let created = ts("2024-05-01T06:00:00Z");
-        assert_eq!(
-            previous_run_at_or_before(&s, created, ts("2024-05-01T12:00:00Z")),
-            Some(created)
-        );
+        assert_eq!(previous_run_at_or_before(&s, created, ts("2024-05-01T12:00:00Z")), Some(created));
     }
 
     #[test]
@@ -643,10 +616,7 @@ mod tests {
         assert_eq!(next_run_after(&s, created, ts("2024-05-01T09:00:00Z")), Some(created));
         assert_eq!(next_run_after(&s, created, created), None);
         assert_eq!(previous_run_at_or_before(&s, created, created), Some(created));
-        assert_eq!(
-            previous_run_at_or_before(&s, created, ts("2030-01-01T00:00:00Z")),
-            Some(created)
-        );
+        assert_eq!(previous_run_at_or_before(&s, created, ts("2030-01-01T00:00:00Z")), Some(created));
         assert_eq!(previous_run_at_or_before(&s, created, ts("2024-05-01T09:59:59Z")), None);
     }
 
@@ -654,10 +624,7 @@ mod tests {
     fn once_with_at_runs_at_its_first_occurrence_after_creation() {
         let created = ts("2024-05-01T10:00:00Z");
         let later_today = Schedule::new(Recurrence::Once { at: Some(at("11:00")) }, tz("UTC"));
-        assert_eq!(
-            next_run_after(&later_today, created, created),
-            Some(ts("2024-05-01T11:00:00Z"))
-        );
+        assert_eq!(next_run_after(&later_today, created, created), Some(ts("2024-05-01T11:00:00Z")));
         let tomorrow = Schedule::new(Recurrence::Once { at: Some(at("09:00")) }, tz("UTC"));
         assert_eq!(next_run_after(&tomorrow, created, created), Some(ts("2024-05-02T09:00:00Z")));
         assert_eq!(next_run_after(&tomorrow, created, ts("2024-05-02T09:00:00Z")), None);
@@ -703,8 +670,7 @@ mod tests {
         prop_oneof![
             wall_time().prop_map(|at| Recurrence::Daily { at }),
             (weekday(), wall_time()).prop_map(|(on, at)| Recurrence::Weekly { on, at }),
-            (1u8..=31, wall_time())
-                .prop_map(|(d, at)| Recurrence::Monthly { day: DayOfMonth::new(d).unwrap(), at }),
+            (1u8..=31, wall_time()).prop_map(|(d, at)| Recurrence::Monthly { day: DayOfMonth::new(d).unwrap(), at }),
         ]
     }
 
@@ -756,9 +722,8 @@ mod tests {
 
     /// (creation, now) with now at or after creation, by up to ~400 days.
     fn created_and_now() -> impl Strategy<Value = (Timestamp, Timestamp)> {
-        (instant(), 0i64..35_000_000).prop_map(|(created, secs)| {
-            (created, created.checked_add(SignedDuration::from_secs(secs)).unwrap())
-        })
+        (instant(), 0i64..35_000_000)
+            .prop_map(|(created, secs)| (created, created.checked_add(SignedDuration::from_secs(secs)).unwrap()))
     }
 
     /// A schedule case aimed at a time zone shift: `at` within three hours of a transition's
@@ -796,16 +761,12 @@ mod tests {
         let as_utc = dt.to_zoned(TimeZone::UTC).unwrap().timestamp();
         let hours = |h: i64| SignedDuration::from_hours(h);
         // Offsets in force within a day and a half either side, every 15 minutes.
-        let mut offsets: Vec<_> = (0..=(36 * 4 * 2))
-            .map(|q| tz.to_offset(as_utc - hours(36) + SignedDuration::from_mins(15 * q)))
-            .collect();
+        let mut offsets: Vec<_> =
+            (0..=(36 * 4 * 2)).map(|q| tz.to_offset(as_utc - hours(36) + SignedDuration::from_mins(15 * q))).collect();
         offsets.sort_by_key(|o| o.seconds());
         offsets.dedup();
-        let exact: Option<Timestamp> = offsets
-            .iter()
-            .filter_map(|o| o.to_timestamp(dt).ok())
-            .filter(|t| tz.to_datetime(*t) == dt)
-            .min();
+        let exact: Option<Timestamp> =
+            offsets.iter().filter_map(|o| o.to_timestamp(dt).ok()).filter(|t| tz.to_datetime(*t) == dt).min();
         if let Some(t) = exact {
             return t;
         }
@@ -1147,9 +1108,7 @@ mod tests {
         // Two years of Daily runs at wall times near every shift: consecutive runs are a day
         // apart, give or take the shift, so none is skipped or doubled.
         for zone in ["Europe/Lisbon", "America/New_York", "Australia/Lord_Howe"] {
-            for wall in
-                ["00:00", "00:30", "01:00", "01:30", "01:45", "02:00", "02:15", "02:30", "03:00"]
-            {
+            for wall in ["00:00", "00:30", "01:00", "01:30", "01:45", "02:00", "02:15", "02:30", "03:00"] {
                 let s = daily(zone, wall);
                 let mut t = ts("2023-01-01T00:00:00Z");
                 let mut last: Option<Timestamp> = None;
@@ -1158,8 +1117,7 @@ mod tests {
                     if let Some(last) = last {
                         let gap = run.duration_since(last);
                         assert!(
-                            gap >= SignedDuration::from_hours(22)
-                                && gap <= SignedDuration::from_hours(26),
+                            gap >= SignedDuration::from_hours(22) && gap <= SignedDuration::from_hours(26),
                             "{zone} {wall}: {last} → {run}"
                         );
                     }

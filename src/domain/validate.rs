@@ -74,15 +74,11 @@ pub struct SpecError {
 pub enum Problem {
     #[error("{}", not_exactly_one(.what, .choices, .set))]
     NotExactlyOne { what: &'static str, choices: &'static [&'static str], set: Vec<&'static str> },
-    #[error(
-        "set only with cadence {needs:?} (cadence is {cadence:?}); remove it or change the cadence"
-    )]
+    #[error("set only with cadence {needs:?} (cadence is {cadence:?}); remove it or change the cadence")]
     OnlyWithCadence { needs: Cadence, cadence: Cadence },
     #[error("required with cadence {cadence:?}; set it, e.g. {example}")]
     RequiredWithCadence { cadence: Cadence, example: &'static str },
-    #[error(
-        "{value} is not a day of the month; use 1 to 31 (a month shorter than the day runs on its last day)"
-    )]
+    #[error("{value} is not a day of the month; use 1 to 31 (a month shorter than the day runs on its last day)")]
     DayOfMonth { value: u8 },
     #[error("{value:?} is not a wall time; write HH:MM from 00:00 to 23:59, e.g. \"06:00\"")]
     WallTime { value: String },
@@ -96,15 +92,11 @@ pub enum Problem {
         "is only for recurring cadences; Once already runs soon after creation when `at` is omitted, so remove runOnCreate (or `at`)"
     )]
     RunOnCreateWithOnce,
-    #[error(
-        "{name:?} is not an IANA time zone; use a name such as Europe/Lisbon, America/New_York or UTC"
-    )]
+    #[error("{name:?} is not an IANA time zone; use a name such as Europe/Lisbon, America/New_York or UTC")]
     TimeZone { name: String },
     #[error("maps no identifier; set at least one of externalId, alias or deviceId")]
     NoIdentifier,
-    #[error(
-        "sets both label and labelField; keep label for one fixed label, or labelField to read each row's label"
-    )]
+    #[error("sets both label and labelField; keep label for one fixed label, or labelField to read each row's label")]
     AliasLabelBoth,
     #[error(
         "sets neither label nor labelField; set label (one fixed label) or labelField (the field holding each row's label)"
@@ -132,17 +124,11 @@ pub enum Problem {
     CredentialsInClear { host: String },
     #[error("set only with format Json (format is {format:?}); remove it or use format Json")]
     JsonOnly { format: HttpFormat },
-    #[error(
-        "reads the next page from a JSON body, but format is {format:?}; use linkHeader pagination or format Json"
-    )]
+    #[error("reads the next page from a JSON body, but format is {format:?}; use linkHeader pagination or format Json")]
     BodyPagination { format: HttpFormat },
-    #[error(
-        "{value:?} is not a JSON pointer: `~` must be followed by 0 or 1 (write ~0 for ~ and ~1 for /)"
-    )]
+    #[error("{value:?} is not a JSON pointer: `~` must be followed by 0 or 1 (write ~0 for ~ and ~1 for /)")]
     JsonPointer { value: String },
-    #[error(
-        "{value:?} does not look like an email address; write one address, local@domain, per entry"
-    )]
+    #[error("{value:?} does not look like an email address; write one address, local@domain, per entry")]
     EmailAddress { value: String },
     #[error(
         "is empty, so no report would ever be sent; list results (Succeeded, Failed, Blocked) or remove `on` to email every result"
@@ -164,9 +150,7 @@ pub enum Problem {
     BlankName,
     #[error("holds no statement; write one SELECT (or WITH … SELECT) statement")]
     QueryEmpty,
-    #[error(
-        "starts with {first:?}; the query must be one read-only SELECT (or WITH … SELECT) statement"
-    )]
+    #[error("starts with {first:?}; the query must be one read-only SELECT (or WITH … SELECT) statement")]
     QueryNotSelect { first: String },
     #[error(
         "holds more than one statement (text follows the `;` on line {line}); keep a single SELECT statement and remove what follows the `;`"
@@ -244,9 +228,7 @@ pub fn validate(spec: &CohortImportSpec) -> Result<ValidSpec, SpecErrors> {
         check_notifications(notifications, &mut problems);
     }
     match (source, schedule, identifiers, braze_endpoint) {
-        (Some(source), Some(schedule), Some(identifiers), Some(braze_endpoint))
-            if problems.0.is_empty() =>
-        {
+        (Some(source), Some(schedule), Some(identifiers), Some(braze_endpoint)) if problems.0.is_empty() => {
             Ok(ValidSpec { spec: spec.clone(), schedule, source, identifiers, braze_endpoint })
         }
         _ => Err(SpecErrors(problems.0)),
@@ -378,22 +360,13 @@ fn exactly_one<const N: usize>(
 fn check_http(http: &HttpSource, problems: &mut Problems) {
     const URL_EXAMPLE: &str = "https://exports.example.com/cohorts/active.csv";
     match Url::parse(&http.url) {
-        Err(e) => problems.add(
-            "spec.source.http.url",
-            Problem::Url { reason: e.to_string(), example: URL_EXAMPLE },
-        ),
+        Err(e) => problems.add("spec.source.http.url", Problem::Url { reason: e.to_string(), example: URL_EXAMPLE }),
         Ok(url) => {
             if !matches!(url.scheme(), "http" | "https") {
-                problems.add(
-                    "spec.source.http.url",
-                    Problem::UnsupportedScheme { scheme: url.scheme().to_owned() },
-                );
+                problems.add("spec.source.http.url", Problem::UnsupportedScheme { scheme: url.scheme().to_owned() });
             }
             if !url.username().is_empty() || url.password().is_some() {
-                problems.add(
-                    "spec.source.http.url",
-                    Problem::UrlCredentials { instead: "spec.source.http.auth" },
-                );
+                problems.add("spec.source.http.url", Problem::UrlCredentials { instead: "spec.source.http.auth" });
             }
             if http.auth.is_some() && url.scheme() == "http" && !is_loopback(&url) {
                 problems.add(
@@ -423,11 +396,7 @@ fn check_http(http: &HttpSource, problems: &mut Problems) {
             "spec.source.http.pagination",
             "pagination kind",
             &["nextUrlPointer", "cursor", "linkHeader"],
-            [
-                pagination.next_url_pointer.is_some(),
-                pagination.cursor.is_some(),
-                pagination.link_header.is_some(),
-            ],
+            [pagination.next_url_pointer.is_some(), pagination.cursor.is_some(), pagination.link_header.is_some()],
             problems,
         );
         if let Some(pointer) = &pagination.next_url_pointer {
@@ -439,16 +408,9 @@ fn check_http(http: &HttpSource, problems: &mut Problems) {
         }
         if let Some(cursor) = &pagination.cursor {
             if http.format != HttpFormat::Json {
-                problems.add(
-                    "spec.source.http.pagination.cursor",
-                    Problem::BodyPagination { format: http.format },
-                );
+                problems.add("spec.source.http.pagination.cursor", Problem::BodyPagination { format: http.format });
             }
-            check_json_pointer(
-                "spec.source.http.pagination.cursor.pointer",
-                &cursor.pointer,
-                problems,
-            );
+            check_json_pointer("spec.source.http.pagination.cursor.pointer", &cursor.pointer, problems);
         }
     }
 }
@@ -513,17 +475,11 @@ fn check_schedule(spec: &ScheduleSpec, problems: &mut Problems) -> Option<Schedu
     let on = match (cadence, spec.day_of_week) {
         (Cadence::Weekly, Some(day)) => Some(weekday(day)),
         (Cadence::Weekly, None) => {
-            fail(
-                "spec.schedule.dayOfWeek",
-                Problem::RequiredWithCadence { cadence, example: "Monday" },
-            );
+            fail("spec.schedule.dayOfWeek", Problem::RequiredWithCadence { cadence, example: "Monday" });
             None
         }
         (_, Some(_)) => {
-            fail(
-                "spec.schedule.dayOfWeek",
-                Problem::OnlyWithCadence { needs: Cadence::Weekly, cadence },
-            );
+            fail("spec.schedule.dayOfWeek", Problem::OnlyWithCadence { needs: Cadence::Weekly, cadence });
             None
         }
         (_, None) => None,
@@ -538,17 +494,11 @@ fn check_schedule(spec: &ScheduleSpec, problems: &mut Problems) -> Option<Schedu
             day
         }
         (Cadence::Monthly, None) => {
-            fail(
-                "spec.schedule.dayOfMonth",
-                Problem::RequiredWithCadence { cadence, example: "1" },
-            );
+            fail("spec.schedule.dayOfMonth", Problem::RequiredWithCadence { cadence, example: "1" });
             None
         }
         (_, Some(_)) => {
-            fail(
-                "spec.schedule.dayOfMonth",
-                Problem::OnlyWithCadence { needs: Cadence::Monthly, cadence },
-            );
+            fail("spec.schedule.dayOfMonth", Problem::OnlyWithCadence { needs: Cadence::Monthly, cadence });
             None
         }
         (_, None) => None,
@@ -587,10 +537,7 @@ fn weekday(day: DayOfWeek) -> Weekday {
     }
 }
 
-fn check_identifiers(
-    mapping: &IdentifierMapping,
-    problems: &mut Problems,
-) -> Option<IdentifierFields> {
+fn check_identifiers(mapping: &IdentifierMapping, problems: &mut Problems) -> Option<IdentifierFields> {
     // The two rules the brief of this module owns get their own messages; the mapping's
     // parser (shared with the sources) then finds anything else, one problem at a time.
     let before = problems.0.len();
@@ -612,9 +559,7 @@ fn check_identifiers(
         Err(e) => {
             let (path, problem) = match e {
                 MappingError::Empty => ("spec.identifiers".to_owned(), Problem::NoIdentifier),
-                MappingError::AliasLabel => {
-                    ("spec.identifiers.alias".to_owned(), Problem::AliasLabelNeither)
-                }
+                MappingError::AliasLabel => ("spec.identifiers.alias".to_owned(), Problem::AliasLabelNeither),
                 MappingError::EmptyFieldName { field } => {
                     (format!("spec.identifiers.{field}"), Problem::EmptyFieldName)
                 }
@@ -657,8 +602,7 @@ fn check_bare_endpoint(
     match url.scheme() {
         "https" => {}
         "http" if is_loopback(&url) => {}
-        "http" => problems
-            .add(path, Problem::InsecureEndpoint { host: url.host_str().unwrap_or("").to_owned() }),
+        "http" => problems.add(path, Problem::InsecureEndpoint { host: url.host_str().unwrap_or("").to_owned() }),
         other => problems.add(path, Problem::UnsupportedScheme { scheme: other.to_owned() }),
     }
     if !url.username().is_empty() || url.password().is_some() {
@@ -678,8 +622,7 @@ fn check_bare_endpoint(
 fn is_loopback(url: &Url) -> bool {
     let Some(host) = url.host_str() else { return false };
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    host.eq_ignore_ascii_case("localhost")
-        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    host.eq_ignore_ascii_case("localhost") || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 fn check_notifications(notifications: &Notifications, problems: &mut Problems) {
@@ -719,7 +662,8 @@ fn check_webhook_headers(headers: &[crate::api::SecretHeader], problems: &mut Pr
     for (i, header) in headers.iter().enumerate() {
         let path = format!("spec.notifications.webhook.headers[{i}].name");
         let name = header.name.to_ascii_lowercase();
-        let token = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+.^_`|~-".contains(&b));
+        let token =
+            !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+.^_`|~-".contains(&b));
         if !token {
             problems.add(path, Problem::HeaderName { name: header.name.clone() });
         } else if RESERVED_WEBHOOK_HEADERS.contains(&name.as_str()) || name.starts_with("ce-") {
@@ -739,9 +683,7 @@ fn looks_like_email(s: &str) -> bool {
         && !local.starts_with('.')
         && !local.ends_with('.')
         && !local.contains("..")
-        && local.chars().all(|c| {
-            c.is_alphanumeric() || (c.is_ascii_punctuation() && !"\"(),:;<>@[\\]".contains(c))
-        });
+        && local.chars().all(|c| c.is_alphanumeric() || (c.is_ascii_punctuation() && !"\"(),:;<>@[\\]".contains(c)));
     let domain = domain.strip_suffix('.').unwrap_or(domain);
     let domain_ok = !domain.is_empty()
         && domain.len() <= 253
@@ -852,8 +794,7 @@ pub fn check_select(query: &str, dialect: SqlDialect) -> Result<(), Problem> {
         match c {
             b'\'' => {
                 // E'…' (not part of a longer word) takes backslash escapes in PostgreSQL.
-                let prefixed_e =
-                    i > 0 && b[i - 1].eq_ignore_ascii_case(&b'e') && (i < 2 || !ident_byte(b[i - 2]));
+                let prefixed_e = i > 0 && b[i - 1].eq_ignore_ascii_case(&b'e') && (i < 2 || !ident_byte(b[i - 2]));
                 i = skip_quoted(b, i, b'\'', dialect.backslash_escapes(prefixed_e))
                     .ok_or_else(|| unterminated("string literal '"))?;
             }
@@ -948,7 +889,8 @@ fn check_bigquery(bq: &BigQuerySource, problems: &mut Problems) {
                 problems.add(path.clone(), Problem::NotGoogleEndpoint { host });
             }
             if !url.username().is_empty() || url.password().is_some() {
-                problems.add(path, Problem::UrlCredentials { instead: "spec.source.bigquery.serviceAccountKeySecretRef" });
+                problems
+                    .add(path, Problem::UrlCredentials { instead: "spec.source.bigquery.serviceAccountKeySecretRef" });
             }
         }
     }
@@ -984,9 +926,7 @@ pub fn check_googlesql_query(query: &str) -> Result<(), Problem> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{
-        AliasMapping, EmailAddress, EmailNotification, HttpAuth, HttpPagination, NotifyOn,
-    };
+    use crate::api::{AliasMapping, EmailAddress, EmailNotification, HttpAuth, HttpPagination, NotifyOn};
     use crate::domain::identifiers::LabelSource;
     use crate::domain::schedule::{next_run_after, previous_run_at_or_before};
 
@@ -1096,10 +1036,7 @@ spec:
         );
         // Created on Sunday 2024-03-31 (Lisbon switched to UTC+1 that night).
         let created = ts("2024-03-31T12:00:00Z");
-        assert_eq!(
-            next_run_after(&valid.schedule, created, created),
-            Some(ts("2024-04-01T05:00:00Z"))
-        );
+        assert_eq!(next_run_after(&valid.schedule, created, created), Some(ts("2024-04-01T05:00:00Z")));
         assert_eq!(previous_run_at_or_before(&valid.schedule, created, created), None);
     }
 
@@ -1108,10 +1045,7 @@ spec:
         let valid = validate(&example(SANDBOX_EXAMPLE)).unwrap();
         assert_eq!(valid.source, SourceKind::Http);
         assert_eq!(valid.braze_endpoint.as_str(), "http://127.0.0.1:38080/");
-        assert_eq!(
-            valid.identifiers.alias,
-            Some(("email".to_owned(), LabelSource::Fixed("email".to_owned())))
-        );
+        assert_eq!(valid.identifiers.alias, Some(("email".to_owned(), LabelSource::Fixed("email".to_owned()))));
         assert_eq!(valid.identifiers.device_id.as_deref(), Some("device"));
         assert!(matches!(valid.schedule.recurrence, Recurrence::Daily { .. }));
     }
@@ -1128,11 +1062,7 @@ spec:
         let message = SpecErrors(all).to_string();
         assert!(!message.contains('\n'));
         assert!(message.starts_with("3 problems: (1) spec.schedule.dayOfWeek: "), "{message}");
-        assert!(
-            message.contains(
-                "; (2) spec.schedule.timeZone: \"Europe/Lisbn\" is not an IANA time zone"
-            )
-        );
+        assert!(message.contains("; (2) spec.schedule.timeZone: \"Europe/Lisbn\" is not an IANA time zone"));
         assert!(message.contains("; (3) spec.identifiers: maps no identifier"));
     }
 
@@ -1141,10 +1071,7 @@ spec:
         let mut spec = example(WAREHOUSE_EXAMPLE);
         spec.schedule.day_of_week = None;
         let e = validate(&spec).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "spec.schedule.dayOfWeek: required with cadence Weekly; set it, e.g. Monday"
-        );
+        assert_eq!(e.to_string(), "spec.schedule.dayOfWeek: required with cadence Weekly; set it, e.g. Monday");
     }
 
     // ---- source ----
@@ -1159,10 +1086,7 @@ spec:
         );
         let mut spec = example(WAREHOUSE_EXAMPLE);
         spec.source.http = example(SANDBOX_EXAMPLE).source.http;
-        assert_eq!(
-            only_message(&spec),
-            "spec.source: sets 2 sources (http, postgres); keep exactly one"
-        );
+        assert_eq!(only_message(&spec), "spec.source: sets 2 sources (http, postgres); keep exactly one");
     }
 
     fn http_spec() -> CohortImportSpec {
@@ -1176,8 +1100,7 @@ spec:
     #[test]
     fn http_auth_is_exactly_one_kind() {
         let mut spec = http_spec();
-        http(&mut spec).auth =
-            Some(HttpAuth { bearer_token_secret_ref: None, basic: None, header: None });
+        http(&mut spec).auth = Some(HttpAuth { bearer_token_secret_ref: None, basic: None, header: None });
         assert_eq!(
             only_message(&spec),
             "spec.source.http.auth: sets no auth kind; set exactly one of bearerTokenSecretRef, basic, header"
@@ -1198,17 +1121,13 @@ spec:
     #[test]
     fn http_pagination_is_exactly_one_kind() {
         let mut spec = http_spec();
-        http(&mut spec).pagination = Some(HttpPagination {
-            next_url_pointer: Some("/next".into()),
-            cursor: None,
-            link_header: Some(true),
-        });
+        http(&mut spec).pagination =
+            Some(HttpPagination { next_url_pointer: Some("/next".into()), cursor: None, link_header: Some(true) });
         assert_eq!(
             only_message(&spec),
             "spec.source.http.pagination: sets 2 pagination kinds (nextUrlPointer, linkHeader); keep exactly one"
         );
-        http(&mut spec).pagination =
-            Some(HttpPagination { next_url_pointer: None, cursor: None, link_header: None });
+        http(&mut spec).pagination = Some(HttpPagination { next_url_pointer: None, cursor: None, link_header: None });
         assert_eq!(paths(&spec), ["spec.source.http.pagination"]);
     }
 
@@ -1216,10 +1135,7 @@ spec:
     fn body_pointers_need_json() {
         let mut spec = http_spec();
         http(&mut spec).format = HttpFormat::Csv;
-        assert_eq!(
-            paths(&spec),
-            ["spec.source.http.jsonPointer", "spec.source.http.pagination.cursor"]
-        );
+        assert_eq!(paths(&spec), ["spec.source.http.jsonPointer", "spec.source.http.pagination.cursor"]);
         let all = errors(&spec);
         assert_eq!(
             all[0].to_string(),
@@ -1297,28 +1213,19 @@ spec:
 
     #[test]
     fn query_rejects_other_statements() {
-        assert_eq!(
-            query_problem("DELETE FROM users"),
-            Some(Problem::QueryNotSelect { first: "DELETE".into() })
-        );
+        assert_eq!(query_problem("DELETE FROM users"), Some(Problem::QueryNotSelect { first: "DELETE".into() }));
         assert_eq!(
             query_problem("  /* hi */ update users set x = 1"),
             Some(Problem::QueryNotSelect { first: "update".into() })
         );
-        assert_eq!(
-            query_problem("selectx from t"),
-            Some(Problem::QueryNotSelect { first: "selectx".into() })
-        );
+        assert_eq!(query_problem("selectx from t"), Some(Problem::QueryNotSelect { first: "selectx".into() }));
         assert_eq!(query_problem("-- only a comment\n"), Some(Problem::QueryEmpty));
         assert_eq!(query_problem(";"), Some(Problem::QueryNotSelect { first: ";".into() }));
     }
 
     #[test]
     fn query_rejects_several_statements() {
-        assert_eq!(
-            query_problem("SELECT 1;\nDROP TABLE users"),
-            Some(Problem::QueryMultipleStatements { line: 1 })
-        );
+        assert_eq!(query_problem("SELECT 1;\nDROP TABLE users"), Some(Problem::QueryMultipleStatements { line: 1 }));
         assert_eq!(
             query_problem("SELECT 'a;b'\n;\n-- c\nSELECT 2"),
             Some(Problem::QueryMultipleStatements { line: 2 })
@@ -1351,10 +1258,7 @@ spec:
             Some(Problem::QueryUnterminated { what: "comment /*", line: 1 })
         );
         // Without E, a backslash does not escape the quote.
-        assert_eq!(
-            query_problem(r"SELECT 'a\'; SELECT 2"),
-            Some(Problem::QueryMultipleStatements { line: 1 })
-        );
+        assert_eq!(query_problem(r"SELECT 'a\'; SELECT 2"), Some(Problem::QueryMultipleStatements { line: 1 }));
     }
 
     // ---- warehouse dialects ----
@@ -1421,8 +1325,7 @@ spec:
         let dbx = spec.source.databricks.as_mut().unwrap();
         dbx.host = "https://dbc-1.cloud.databricks.com".into();
         dbx.query = "SELECT id FROM t".into();
-        dbx.auth.token_secret_ref =
-            Some(crate::api::SecretKeyRef { name: "dbx".into(), key: "token".into() });
+        dbx.auth.token_secret_ref = Some(crate::api::SecretKeyRef { name: "dbx".into(), key: "token".into() });
         assert_eq!(valid(&spec), Ok(SourceKind::Databricks));
     }
 
@@ -1490,9 +1393,7 @@ spec:
     fn at_is_a_wall_time_and_required_when_recurring() {
         assert_eq!(
             schedule_paths(|s| s.at = Some("6:00".into())),
-            [
-                "spec.schedule.at: \"6:00\" is not a wall time; write HH:MM from 00:00 to 23:59, e.g. \"06:00\""
-            ]
+            ["spec.schedule.at: \"6:00\" is not a wall time; write HH:MM from 00:00 to 23:59, e.g. \"06:00\""]
         );
         assert_eq!(schedule_paths(|s| s.at = Some("24:00".into())).len(), 1);
         assert_eq!(
@@ -1534,9 +1435,7 @@ spec:
         );
         assert_eq!(
             schedule_paths(|s| s.minute = Some(15)),
-            [
-                "spec.schedule.minute: set only with cadence Hourly (cadence is Weekly); remove it or change the cadence"
-            ]
+            ["spec.schedule.minute: set only with cadence Hourly (cadence is Weekly); remove it or change the cadence"]
         );
     }
 
@@ -1586,11 +1485,7 @@ spec:
             ]
         );
         for zone in ["UTC", "Australia/Lord_Howe", "America/Argentina/Buenos_Aires", "Etc/GMT+5"] {
-            assert_eq!(
-                schedule_paths(|s| s.time_zone = zone.into()),
-                Vec::<String>::new(),
-                "{zone}"
-            );
+            assert_eq!(schedule_paths(|s| s.time_zone = zone.into()), Vec::<String>::new(), "{zone}");
         }
     }
 
@@ -1615,39 +1510,26 @@ spec:
             label_field: Some("kind".into()),
         });
         assert_eq!(errors(&spec)[0].problem, Problem::AliasLabelBoth);
-        spec.identifiers.alias =
-            Some(AliasMapping { name_field: "email".into(), label: None, label_field: None });
+        spec.identifiers.alias = Some(AliasMapping { name_field: "email".into(), label: None, label_field: None });
         assert_eq!(
             only_message(&spec),
             "spec.identifiers.alias: sets neither label nor labelField; set label (one fixed label) \
              or labelField (the field holding each row's label)"
         );
-        spec.identifiers.alias = Some(AliasMapping {
-            name_field: "email".into(),
-            label: None,
-            label_field: Some("kind".into()),
-        });
+        spec.identifiers.alias =
+            Some(AliasMapping { name_field: "email".into(), label: None, label_field: Some("kind".into()) });
         let valid = validate(&spec).unwrap();
-        assert_eq!(
-            valid.identifiers.alias,
-            Some(("email".into(), LabelSource::Field("kind".into())))
-        );
+        assert_eq!(valid.identifiers.alias, Some(("email".into(), LabelSource::Field("kind".into()))));
     }
 
     #[test]
     fn identifier_field_names_are_not_empty() {
         let mut spec = example(WAREHOUSE_EXAMPLE);
         spec.identifiers.external_id = Some(String::new());
-        assert_eq!(
-            only_message(&spec),
-            "spec.identifiers.externalId: is empty; name the source field"
-        );
+        assert_eq!(only_message(&spec), "spec.identifiers.externalId: is empty; name the source field");
         let mut spec = example(WAREHOUSE_EXAMPLE);
-        spec.identifiers.alias = Some(AliasMapping {
-            name_field: "email".into(),
-            label: Some("a\tb".into()),
-            label_field: None,
-        });
+        spec.identifiers.alias =
+            Some(AliasMapping { name_field: "email".into(), label: Some("a\tb".into()), label_field: None });
         assert_eq!(paths(&spec), ["spec.identifiers.alias.label"]);
     }
 
@@ -1676,10 +1558,8 @@ spec:
         }
         assert_eq!(
             endpoint_messages("http://rest.iad-01.braze.com"),
-            [
-                "spec.destination.braze.restEndpoint: uses http:// for host rest.iad-01.braze.com; use \
-              https:// (http:// is accepted only for loopback hosts such as 127.0.0.1 and localhost)"
-            ]
+            ["spec.destination.braze.restEndpoint: uses http:// for host rest.iad-01.braze.com; use \
+              https:// (http:// is accepted only for loopback hosts such as 127.0.0.1 and localhost)"]
         );
         assert_eq!(endpoint_messages("http://10.0.0.5").len(), 1);
         assert_eq!(
@@ -1699,10 +1579,8 @@ spec:
         let messages = endpoint_messages("https://key:s3cret@rest.iad-01.braze.com");
         assert_eq!(
             messages,
-            [
-                "spec.destination.braze.restEndpoint: carries a user name or password; remove them and \
-              give credentials through spec.destination.braze.dataImportKeySecretRef"
-            ]
+            ["spec.destination.braze.restEndpoint: carries a user name or password; remove them and \
+              give credentials through spec.destination.braze.dataImportKeySecretRef"]
         );
         let messages = endpoint_messages("rest.iad-01.braze.com");
         assert_eq!(
@@ -1717,10 +1595,7 @@ spec:
     fn with_recipients(to: &[&str], on: Option<Vec<NotifyOn>>) -> CohortImportSpec {
         let mut spec = example(WAREHOUSE_EXAMPLE);
         spec.notifications = Some(Notifications {
-            email: Some(EmailNotification {
-                to: to.iter().map(|s| EmailAddress((*s).into())).collect(),
-                on,
-            }),
+            email: Some(EmailNotification { to: to.iter().map(|s| EmailAddress((*s).into())).collect(), on }),
             ..Notifications::default()
         });
         spec
@@ -1728,11 +1603,7 @@ spec:
 
     #[test]
     fn email_recipients_look_like_addresses() {
-        validate(&with_recipients(
-            &["a@b.co", "first.last+tag@sub.example.org", "ops@localhost"],
-            None,
-        ))
-        .unwrap();
+        validate(&with_recipients(&["a@b.co", "first.last+tag@sub.example.org", "ops@localhost"], None)).unwrap();
         let spec = with_recipients(
             &[
                 "ok@example.com",
@@ -1867,7 +1738,10 @@ spec:
         ] {
             assert_eq!(check_googlesql_query(ok), Ok(()), "{ok}");
         }
-        assert_eq!(check_googlesql_query("SELECT 1;\nDELETE FROM t"), Err(Problem::QueryMultipleStatements { line: 1 }));
+        assert_eq!(
+            check_googlesql_query("SELECT 1;\nDELETE FROM t"),
+            Err(Problem::QueryMultipleStatements { line: 1 })
+        );
         assert_eq!(check_googlesql_query("# only\n"), Err(Problem::QueryEmpty));
         assert!(matches!(check_googlesql_query("INSERT INTO t VALUES (1)"), Err(Problem::QueryNotSelect { .. })));
         assert!(matches!(check_googlesql_query("SELECT 'open"), Err(Problem::QueryUnterminated { .. })));

@@ -40,7 +40,9 @@ pub enum NotifyError {
         "refusing to send the {channel} report to {host}: it resolves to {address}, and {denied}; notifications may not go to link-local, metadata or other denied addresses"
     )]
     DeniedDestination { channel: Channel, host: String, address: IpAddr, denied: String },
-    #[error("the value of webhook header {name} is not a valid header value (one line of visible text); fix its Secret")]
+    #[error(
+        "the value of webhook header {name} is not a valid header value (one line of visible text); fix its Secret"
+    )]
     InvalidHeader { channel: Channel, name: String },
     #[error("posting the run report to {channel} at {host} failed after {attempts} attempt(s): {last_error}")]
     Post { channel: Channel, host: String, attempts: u32, last_error: String },
@@ -114,12 +116,8 @@ mod tests {
 
     #[test]
     fn status_note_fits_the_run_message_limit() {
-        let e = NotifyError::Send {
-            host: "smtp.example.com".into(),
-            port: 587,
-            attempts: 4,
-            last_error: "x".repeat(1000),
-        };
+        let e =
+            NotifyError::Send { host: "smtp.example.com".into(), port: 587, attempts: 4, last_error: "x".repeat(1000) };
         let note = e.status_note();
         assert!(note.starts_with("run report email not sent: sending the run report"));
         assert_eq!(note.chars().count(), crate::api::MAX_RUN_MESSAGE_CHARS);

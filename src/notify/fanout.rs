@@ -109,13 +109,14 @@ impl Notify for Notifier {
                 self.webhook(notice, notifications),
             )
             .await;
-            let failures: Vec<ChannelFailure> = [(Channel::Email, email), (Channel::Slack, slack), (Channel::Webhook, webhook)]
-                .into_iter()
-                .filter_map(|(channel, sent)| match sent {
-                    Some(Err(error)) => Some(ChannelFailure { channel, error }),
-                    _ => None,
-                })
-                .collect();
+            let failures: Vec<ChannelFailure> =
+                [(Channel::Email, email), (Channel::Slack, slack), (Channel::Webhook, webhook)]
+                    .into_iter()
+                    .filter_map(|(channel, sent)| match sent {
+                        Some(Err(error)) => Some(ChannelFailure { channel, error }),
+                        _ => None,
+                    })
+                    .collect();
             if failures.is_empty() { Ok(()) } else { Err(NotifyError::Channels(failures)) }
         })
     }

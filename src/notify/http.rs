@@ -178,7 +178,8 @@ impl HttpSender {
     /// policy allows.
     async fn check_url(&self, delivery: &Delivery<'_>) -> Result<Url, NotifyError> {
         let (channel, origin) = (delivery.channel, delivery.origin.to_owned());
-        let invalid = |reason: &str| NotifyError::InvalidUrl { channel, origin: origin.clone(), reason: reason.to_owned() };
+        let invalid =
+            |reason: &str| NotifyError::InvalidUrl { channel, origin: origin.clone(), reason: reason.to_owned() };
         // url's parse errors describe the problem, never the input.
         let url = Url::parse(delivery.url.expose().trim()).map_err(|e| invalid(&e.to_string()))?;
         let host = url.host_str().filter(|h| !h.is_empty()).ok_or_else(|| invalid("it has no host"))?.to_owned();
@@ -198,7 +199,10 @@ impl HttpSender {
             Some(url::Host::Ipv4(ip)) => vec![IpAddr::V4(ip)],
             Some(url::Host::Ipv6(ip)) => vec![IpAddr::V6(ip)],
             // Unresolvable now: the attempts report it (and retry, DNS may come back).
-            _ => tokio::net::lookup_host((host.as_str(), port)).await.map(|a| a.map(|s| s.ip()).collect()).unwrap_or_default(),
+            _ => tokio::net::lookup_host((host.as_str(), port))
+                .await
+                .map(|a| a.map(|s| s.ip()).collect())
+                .unwrap_or_default(),
         };
         for address in addresses {
             if let Err(denied) = self.config.policy.check(address) {
@@ -232,11 +236,8 @@ async fn answer_text(response: reqwest::Response) -> String {
             break;
         }
     }
-    let text: String = String::from_utf8_lossy(&body)
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(200)
-        .collect();
+    let text: String =
+        String::from_utf8_lossy(&body).chars().map(|c| if c.is_control() { ' ' } else { c }).take(200).collect();
     let text = text.trim();
     if text.is_empty() { String::new() } else { format!(": {text}") }
 }

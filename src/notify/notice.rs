@@ -66,8 +66,7 @@ pub fn wants(on: Option<&[NotifyOn]>, result: RunResult, recovered: bool) -> boo
     let wants = |result: NotifyOn| on.is_none_or(|list| list.contains(&result));
     match result {
         RunResult::Succeeded => {
-            wants(NotifyOn::Succeeded)
-                || (recovered && (wants(NotifyOn::Failed) || wants(NotifyOn::Blocked)))
+            wants(NotifyOn::Succeeded) || (recovered && (wants(NotifyOn::Failed) || wants(NotifyOn::Blocked)))
         }
         RunResult::DryRun => wants(NotifyOn::Succeeded),
         RunResult::Failed | RunResult::Missed => wants(NotifyOn::Failed),
@@ -93,9 +92,7 @@ pub fn is_recovery(result: RunResult, previous: &[RunRecord]) -> bool {
     previous
         .iter()
         .find(|run| run.result != RunResult::DryRun)
-        .is_some_and(|run| {
-            matches!(run.result, RunResult::Failed | RunResult::Blocked | RunResult::Missed)
-        })
+        .is_some_and(|run| matches!(run.result, RunResult::Failed | RunResult::Blocked | RunResult::Missed))
 }
 
 #[cfg(test)]
@@ -124,13 +121,9 @@ mod tests {
     #[test]
     fn omitted_on_sends_every_result() {
         let e = email(None);
-        for result in [
-            RunResult::Succeeded,
-            RunResult::Failed,
-            RunResult::Blocked,
-            RunResult::DryRun,
-            RunResult::Missed,
-        ] {
+        for result in
+            [RunResult::Succeeded, RunResult::Failed, RunResult::Blocked, RunResult::DryRun, RunResult::Missed]
+        {
             assert!(should_notify(&e, result, false), "{result:?}");
         }
     }

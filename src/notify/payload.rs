@@ -146,11 +146,8 @@ pub fn slack_message(n: &RunNotice) -> Value {
 }
 
 fn fields(n: &RunNotice) -> Vec<Value> {
-    let (added, removed) = if n.dry_run || n.result == RunResult::DryRun {
-        ("Would add", "Would remove")
-    } else {
-        ("Added", "Removed")
-    };
+    let (added, removed) =
+        if n.dry_run || n.result == RunResult::DryRun { ("Would add", "Would remove") } else { ("Added", "Removed") };
     let next = n.next_run_at.map(|t| format_time(t, &n.time_zone)).unwrap_or_else(|| "none scheduled".to_owned());
     let mut fields = vec![
         ("Result", result_label(n).to_owned()),
@@ -268,7 +265,8 @@ mod tests {
             }
         }
         let fields = blocks[1]["fields"].as_array().unwrap();
-        let labels: Vec<&str> = fields.iter().map(|f| f["text"].as_str().unwrap().split('\n').next().unwrap()).collect();
+        let labels: Vec<&str> =
+            fields.iter().map(|f| f["text"].as_str().unwrap().split('\n').next().unwrap()).collect();
         assert_eq!(labels, ["*Result*", "*Cohort*", "*Members*", "*Added*", "*Removed*", "*Next run*"]);
         assert!(json.contains("*Reason*") && json.contains("*What to do*"));
     }

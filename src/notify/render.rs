@@ -24,17 +24,10 @@ pub struct RenderedReport {
 
 /// Subject and both bodies of the report on `notice`.
 pub fn render(notice: &RunNotice) -> RenderedReport {
-    let subject = format!(
-        "{SUBJECT_PREFIX} {}: {}",
-        one_line(&notice.cohort_name),
-        result_label(notice)
-    );
+    let subject = format!("{SUBJECT_PREFIX} {}: {}", one_line(&notice.cohort_name), result_label(notice));
     let headline = headline(notice);
     let fields = fields(notice);
-    let footer = format!(
-        "Sent by cohort-operator for CohortImport {}/{}.",
-        notice.namespace, notice.import_name
-    );
+    let footer = format!("Sent by cohort-operator for CohortImport {}/{}.", notice.namespace, notice.import_name);
 
     let width = fields.iter().map(|(label, _)| label.len()).max().unwrap_or(0) + 1;
     let mut text = format!("{headline}\n\n");
@@ -67,11 +60,7 @@ pub fn render(notice: &RunNotice) -> RenderedReport {
 ///
 /// `Date` is the run's end, and `Message-ID` is derived from the run, so a retried send is
 /// the same message to the receiving side.
-pub fn compose(
-    notice: &RunNotice,
-    from: &Mailbox,
-    to: &[EmailAddress],
-) -> Result<Message, NotifyError> {
+pub fn compose(notice: &RunNotice, from: &Mailbox, to: &[EmailAddress]) -> Result<Message, NotifyError> {
     if to.is_empty() {
         return Err(NotifyError::NoRecipients);
     }
@@ -147,9 +136,7 @@ pub(super) fn headline(notice: &RunNotice) -> String {
             "Dry run of cohort {cohort}: the changes below were computed and nothing was sent \
              to Braze."
         ),
-        RunResult::Missed => format!(
-            "A run of cohort {cohort} was missed: the operator could not start it in time."
-        ),
+        RunResult::Missed => format!("A run of cohort {cohort} was missed: the operator could not start it in time."),
     }
 }
 
@@ -176,9 +163,7 @@ fn fields(n: &RunNotice) -> Vec<(&'static str, String)> {
     }
     fields.push((
         "Next run",
-        n.next_run_at
-            .map(|t| format_time(t, &n.time_zone))
-            .unwrap_or_else(|| "none scheduled".to_owned()),
+        n.next_run_at.map(|t| format_time(t, &n.time_zone)).unwrap_or_else(|| "none scheduled".to_owned()),
     ));
     if matches!(n.result, RunResult::Failed | RunResult::Blocked | RunResult::Missed) {
         if let Some(reason) = n.reason.as_deref().filter(|r| !r.trim().is_empty()) {
@@ -350,7 +335,9 @@ pub(crate) mod tests {
         });
         assert_eq!(r.subject, "[cohort-operator] Power users (last 30 days): Failed");
         assert!(r.text.contains("Reason:      source query failed: relation \"users\" does not exist\n"));
-        assert!(r.text.contains("What to do:  See the events with kubectl describe cohortimport power-users -n growth"));
+        assert!(
+            r.text.contains("What to do:  See the events with kubectl describe cohortimport power-users -n growth")
+        );
         assert!(r.text.contains("cohorts.dev/run-requested-at="));
         assert!(r.text.contains("Next run:    none scheduled\n"));
         assert!(r.html.contains("relation &quot;users&quot; does not exist"));
@@ -404,10 +391,7 @@ pub(crate) mod tests {
             reason: Some("<script>alert(1)</script>".into()),
             ..notice()
         });
-        assert_eq!(
-            r.subject,
-            "[cohort-operator] <b>VIP</b> & \"friends\"  Bcc: evil@example.com: Failed"
-        );
+        assert_eq!(r.subject, "[cohort-operator] <b>VIP</b> & \"friends\"  Bcc: evil@example.com: Failed");
         assert!(!r.html.contains("<script>"));
         assert!(!r.html.contains("<b>VIP"));
         assert!(r.html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
@@ -463,12 +447,9 @@ pub(crate) mod tests {
     fn compose_rejects_bad_recipients() {
         let from: Mailbox = "cohorts@example.com".parse().unwrap();
         assert_eq!(compose(&notice(), &from, &[]).unwrap_err(), NotifyError::NoRecipients);
-        let err = compose(
-            &notice(),
-            &from,
-            &[EmailAddress("ok@example.com".into()), EmailAddress("not an address@".into())],
-        )
-        .unwrap_err();
+        let err =
+            compose(&notice(), &from, &[EmailAddress("ok@example.com".into()), EmailAddress("not an address@".into())])
+                .unwrap_err();
         assert!(matches!(err, NotifyError::InvalidRecipient { index: 1, .. }), "{err:?}");
         assert!(err.to_string().contains("spec.notifications.email.to[1]"));
     }

@@ -115,21 +115,31 @@ fn parse_secret(value: &str) -> Result<SecretString, std::convert::Infallible> {
 pub enum SmtpConfigError {
     #[error("COHORT_SMTP_HOST (--smtp-host) is empty; set the SMTP server's host name or unset it to turn reports off")]
     EmptyHost,
-    #[error("COHORT_SMTP_FROM (--smtp-from) is required when COHORT_SMTP_HOST is set; set the sender, e.g. `Cohort operator <cohorts@example.com>`")]
+    #[error(
+        "COHORT_SMTP_FROM (--smtp-from) is required when COHORT_SMTP_HOST is set; set the sender, e.g. `Cohort operator <cohorts@example.com>`"
+    )]
     MissingFrom,
-    #[error("COHORT_SMTP_FROM (--smtp-from) {value:?} is not an email address ({reason}); use `Name <local@domain>` or `local@domain`")]
+    #[error(
+        "COHORT_SMTP_FROM (--smtp-from) {value:?} is not an email address ({reason}); use `Name <local@domain>` or `local@domain`"
+    )]
     InvalidFrom { value: String, reason: String },
-    #[error("COHORT_SMTP_USERNAME (--smtp-username) is set but no password is; set COHORT_SMTP_PASSWORD_FILE to the mounted Secret key")]
+    #[error(
+        "COHORT_SMTP_USERNAME (--smtp-username) is set but no password is; set COHORT_SMTP_PASSWORD_FILE to the mounted Secret key"
+    )]
     MissingPassword,
     #[error("an SMTP password is set but COHORT_SMTP_USERNAME (--smtp-username) is not; set both or neither")]
     MissingUsername,
     #[error("both COHORT_SMTP_PASSWORD_FILE and COHORT_SMTP_PASSWORD are set; keep one (the file)")]
     TwoPasswords,
-    #[error("cannot read the SMTP password file {path:?} (COHORT_SMTP_PASSWORD_FILE): {source}; check the Secret is mounted there")]
+    #[error(
+        "cannot read the SMTP password file {path:?} (COHORT_SMTP_PASSWORD_FILE): {source}; check the Secret is mounted there"
+    )]
     ReadPasswordFile { path: PathBuf, source: std::io::Error },
     #[error("the SMTP password ({origin}) is empty; put the password in the Secret")]
     EmptyPassword { origin: &'static str },
-    #[error("cannot read the SMTP CA file {path:?} (COHORT_SMTP_CA_FILE): {source}; check the ConfigMap or Secret is mounted there")]
+    #[error(
+        "cannot read the SMTP CA file {path:?} (COHORT_SMTP_CA_FILE): {source}; check the ConfigMap or Secret is mounted there"
+    )]
     ReadCaFile { path: PathBuf, source: std::io::Error },
     #[error("the SMTP CA file {path:?} (COHORT_SMTP_CA_FILE) holds no usable PEM certificate: {reason}")]
     InvalidCa { path: PathBuf, reason: String },
@@ -213,10 +223,9 @@ impl SmtpArgs {
             return Err(SmtpConfigError::EmptyHost);
         }
         let from_value = self.smtp_from.ok_or(SmtpConfigError::MissingFrom)?;
-        let from = from_value.parse::<Mailbox>().map_err(|e| SmtpConfigError::InvalidFrom {
-            value: from_value.clone(),
-            reason: e.to_string(),
-        })?;
+        let from = from_value
+            .parse::<Mailbox>()
+            .map_err(|e| SmtpConfigError::InvalidFrom { value: from_value.clone(), reason: e.to_string() })?;
         let password = match (self.smtp_password_file, self.smtp_password) {
             (Some(_), Some(_)) => return Err(SmtpConfigError::TwoPasswords),
             (Some(path), None) => Some(read_password_file(&path)?),
@@ -254,8 +263,8 @@ impl SmtpArgs {
 }
 
 fn read_password_file(path: &Path) -> Result<SecretString, SmtpConfigError> {
-    let bytes = std::fs::read(path)
-        .map_err(|source| SmtpConfigError::ReadPasswordFile { path: path.to_owned(), source })?;
+    let bytes =
+        std::fs::read(path).map_err(|source| SmtpConfigError::ReadPasswordFile { path: path.to_owned(), source })?;
     let text = String::from_utf8(bytes).map_err(|_| SmtpConfigError::ReadPasswordFile {
         path: path.to_owned(),
         source: std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8"),
@@ -272,9 +281,8 @@ fn read_password_file(path: &Path) -> Result<SecretString, SmtpConfigError> {
 fn check_ca(path: &Path, pem: Vec<u8>) -> Result<Vec<u8>, SmtpConfigError> {
     use rustls::pki_types::{CertificateDer, pem::PemObject};
     let invalid = |reason: String| SmtpConfigError::InvalidCa { path: path.to_owned(), reason };
-    let certs = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| invalid(e.to_string()))?;
+    let certs =
+        CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>().map_err(|e| invalid(e.to_string()))?;
     if certs.is_empty() {
         return Err(invalid("no `-----BEGIN CERTIFICATE-----` block".to_owned()));
     }
@@ -297,8 +305,10 @@ impl fmt::Debug for SmtpNotifier {
 
 impl SmtpNotifier {
     pub fn new(config: SmtpConfig) -> Result<Self, SmtpConfigError> {
-        let tls_error =
-            |e: lettre::transport::smtp::Error| SmtpConfigError::Tls { host: config.host.clone(), reason: e.to_string() };
+        let tls_error = |e: lettre::transport::smtp::Error| SmtpConfigError::Tls {
+            host: config.host.clone(),
+            reason: e.to_string(),
+        };
         let tls_parameters = || -> Result<TlsParameters, SmtpConfigError> {
             let mut builder = TlsParameters::builder(config.host.clone());
             if let Some(pem) = &config.ca_pem {
@@ -422,9 +432,7 @@ mod tests {
 
     #[test]
     fn defaults_follow_the_tls_mode() {
-        let c = parse(&["--smtp-host", "smtp.example.com", "--smtp-from", "Ops <ops@example.com>"])
-            .unwrap()
-            .unwrap();
+        let c = parse(&["--smtp-host", "smtp.example.com", "--smtp-from", "Ops <ops@example.com>"]).unwrap().unwrap();
         assert_eq!((c.host.as_str(), c.port, c.tls), ("smtp.example.com", 587, SmtpTls::StartTls));
         assert_eq!(c.from.email.to_string(), "ops@example.com");
         assert_eq!(c.timeout, Duration::from_secs(10));
@@ -445,8 +453,14 @@ mod tests {
         let path = dir.path().join("password");
         std::fs::write(&path, "s3cret-pa55\n").unwrap();
         let c = parse(&[
-            "--smtp-host", "h", "--smtp-from", "a@b.c", "--smtp-username", "ops",
-            "--smtp-password-file", path.to_str().unwrap(),
+            "--smtp-host",
+            "h",
+            "--smtp-from",
+            "a@b.c",
+            "--smtp-username",
+            "ops",
+            "--smtp-password-file",
+            path.to_str().unwrap(),
         ])
         .unwrap()
         .unwrap();
@@ -474,8 +488,14 @@ mod tests {
         assert!(!err.to_string().contains("hunter2"));
 
         let err = parse(&[
-            "--smtp-host", "h", "--smtp-from", "a@b.c", "--smtp-username", "u",
-            "--smtp-password-file", "/nonexistent/smtp-password",
+            "--smtp-host",
+            "h",
+            "--smtp-from",
+            "a@b.c",
+            "--smtp-username",
+            "u",
+            "--smtp-password-file",
+            "/nonexistent/smtp-password",
         ])
         .unwrap_err();
         assert!(matches!(err, SmtpConfigError::ReadPasswordFile { .. }));
@@ -484,8 +504,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ca = dir.path().join("ca.pem");
         std::fs::write(&ca, "not a certificate").unwrap();
-        let err = parse(&["--smtp-host", "h", "--smtp-from", "a@b.c", "--smtp-ca-file", ca.to_str().unwrap()])
-            .unwrap_err();
+        let err =
+            parse(&["--smtp-host", "h", "--smtp-from", "a@b.c", "--smtp-ca-file", ca.to_str().unwrap()]).unwrap_err();
         assert!(matches!(err, SmtpConfigError::InvalidCa { .. }), "{err:?}");
     }
 

@@ -65,7 +65,8 @@ mod tests {
         assert_eq!(sort_bytes_within(384 * MIB, 16), Ok(9 * MIB));
         // Few runs: the default buffer, not more.
         assert_eq!(sort_bytes_within(384 * MIB, 2), Ok(DEFAULT_MEMORY_BUDGET));
-        let total = |runs: usize| PROCESS_BYTES + runs * (RUN_FIXED_BYTES + sort_bytes_within(384 * MIB, runs).unwrap());
+        let total =
+            |runs: usize| PROCESS_BYTES + runs * (RUN_FIXED_BYTES + sort_bytes_within(384 * MIB, runs).unwrap());
         for runs in [1, 4, 16, 25] {
             assert!(total(runs) <= 384 * MIB, "{runs} runs");
         }

@@ -89,7 +89,13 @@ pub struct ImportRun {
 impl ImportRun {
     /// A run with the default guard, no approval, not a dry run, scratch in the system
     /// temporary directory, starting now by the system clock.
-    pub fn new(run_id: impl Into<String>, trigger: RunTrigger, namespace: &str, import_name: &str, cohort_name: &str) -> Self {
+    pub fn new(
+        run_id: impl Into<String>,
+        trigger: RunTrigger,
+        namespace: &str,
+        import_name: &str,
+        cohort_name: &str,
+    ) -> Self {
         Self {
             run_id: run_id.into(),
             trigger,
@@ -221,7 +227,12 @@ impl RunClock {
     }
 }
 
-async fn execute(run: &ImportRun, deps: RunDeps<'_>, clock: RunClock, report: &mut RunReport) -> Result<RunResult, RunError> {
+async fn execute(
+    run: &ImportRun,
+    deps: RunDeps<'_>,
+    clock: RunClock,
+    report: &mut RunReport,
+) -> Result<RunResult, RunError> {
     let scratch_err = |action| {
         let dir = run.scratch_dir.display().to_string();
         move |source| RunError::Scratch { dir, action, source }
@@ -345,7 +356,8 @@ async fn execute(run: &ImportRun, deps: RunDeps<'_>, clock: RunClock, report: &m
     let renamed = previous_meta.as_ref().is_none_or(|m| m.cohort_name != run.cohort_name);
     let created_at = previous_meta.as_ref().map_or_else(|| clock.now(), |m| m.cohort_created_at);
     if renamed {
-        let named = deps.braze.name_cohort(deps.target, &run.cohort_name, created_at).await.map_err(RunError::Naming)?;
+        let named =
+            deps.braze.name_cohort(deps.target, &run.cohort_name, created_at).await.map_err(RunError::Naming)?;
         report.requests += 1;
         report.retries += named.attempts.saturating_sub(1);
         report.braze_budget_wait += named.budget_wait;
@@ -558,10 +570,7 @@ fn diff_to_files(
     let mut previous = StoredKeys::open(previous, PREVIOUS)?;
     let mut doubt = StoredKeys::open(doubt, DOUBT)?;
     let (mut snapshot, mut sends) = match outputs {
-        Some(o) => (
-            Some(create_body(&o.snapshot)?),
-            Some(create_body(&o.sends)?),
-        ),
+        Some(o) => (Some(create_body(&o.snapshot)?), Some(create_body(&o.sends)?)),
         None => (None, None),
     };
     let mut adds = FrontCodedWriter::new(SpooledTempFile::new(CHANGES_IN_MEMORY));
@@ -608,13 +617,7 @@ fn diff_to_files(
         f.seek(SeekFrom::Start(0))?;
         Ok(f)
     };
-    Ok(Diffed {
-        counts,
-        adds: rewind(adds)?,
-        removes: rewind(removes)?,
-        sample_added,
-        sample_removed,
-    })
+    Ok(Diffed { counts, adds: rewind(adds)?, removes: rewind(removes)?, sample_added, sample_removed })
 }
 
 fn snapshot_damaged(what: &str, e: io::Error) -> DiffFailure {

@@ -86,9 +86,7 @@ pub enum RunError {
     SnapshotCount { expected: u64, found: u64 },
     #[error("naming the cohort in Braze failed: {0}")]
     Naming(BrazeError),
-    #[error(
-        "Braze did not accept every change ({accepted} of {planned} accepted): {error}"
-    )]
+    #[error("Braze did not accept every change ({accepted} of {planned} accepted): {error}")]
     Changes { error: BrazeError, accepted: u64, planned: u64 },
     #[error("Braze accepted {accepted} changes of {planned}, with no error reported; not trusting the run")]
     Incomplete { accepted: u64, planned: u64 },
@@ -98,11 +96,9 @@ impl RunError {
     /// What a person (or the next run) does about it.
     pub fn hint(&self) -> String {
         match self {
-            RunError::Source(_) => {
-                "fix the source; nothing was sent to Braze and the next run starts from the same \
+            RunError::Source(_) => "fix the source; nothing was sent to Braze and the next run starts from the same \
                  snapshot"
-                    .into()
-            }
+                .into(),
             RunError::Snapshot(SnapshotError::Conflict { .. }) => {
                 "another run of this import committed meanwhile; the next run diffs against it and \
                  sends whatever is still missing"
@@ -113,11 +109,9 @@ impl RunError {
                  which is harmless but costs data points) or restore it"
                     .into()
             }
-            RunError::Snapshot(_) => {
-                "check the operator's access to its snapshot store; Braze may already hold this \
+            RunError::Snapshot(_) => "check the operator's access to its snapshot store; Braze may already hold this \
                  run's changes, and the next run re-sends them (membership changes are idempotent)"
-                    .into()
-            }
+                .into(),
             RunError::Scratch { .. } => {
                 "give the operator writable scratch space (an emptyDir); nothing was sent".into()
             }
@@ -205,11 +199,7 @@ pub(crate) fn truncate(mut text: String, max: usize) -> String {
 
 /// A run id: UTC start time and four random hex digits, e.g. `20261128-063000-a1b2`.
 pub fn new_run_id(started_at: Timestamp) -> String {
-    format!(
-        "{}-{:04x}",
-        started_at.strftime("%Y%m%d-%H%M%S"),
-        rand::random::<u16>()
-    )
+    format!("{}-{:04x}", started_at.strftime("%Y%m%d-%H%M%S"), rand::random::<u16>())
 }
 
 #[cfg(test)]

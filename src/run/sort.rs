@@ -197,11 +197,7 @@ pub struct Merge {
 
 impl Merge {
     fn new(runs: Vec<Run>) -> io::Result<Self> {
-        let heap = runs
-            .iter()
-            .enumerate()
-            .filter_map(|(i, r)| r.key().map(|k| Reverse((k.to_vec(), i))))
-            .collect();
+        let heap = runs.iter().enumerate().filter_map(|(i, r)| r.key().map(|k| Reverse((k.to_vec(), i)))).collect();
         let mut merge = Merge { runs, heap, current: Vec::new(), done: false };
         merge.pop(true)?;
         Ok(merge)
@@ -275,9 +271,8 @@ mod tests {
     #[test]
     fn large_inputs_spill_and_merge_with_duplicates_across_runs() {
         // Keys sharing their first 8 bytes, so the prefix shortcut must fall back to bytes.
-        let keys: Vec<Vec<u8>> = (0..200_000u32)
-            .map(|i| format!("\x01same-pre{:06}", (i * 7919) % 50_000).into_bytes())
-            .collect();
+        let keys: Vec<Vec<u8>> =
+            (0..200_000u32).map(|i| format!("\x01same-pre{:06}", (i * 7919) % 50_000).into_bytes()).collect();
         let (out, stats) = sort(&keys, 64 * 1024);
         assert!(stats.spilled_runs > 10, "{stats:?}");
         let mut expected = keys.clone();

@@ -31,8 +31,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
 use super::{
-    DoubtMeta, Loaded, SnapshotError, SnapshotMeta, SnapshotStore, StoredDoubt, StoredSnapshot,
-    previous_generation,
+    DoubtMeta, Loaded, SnapshotError, SnapshotMeta, SnapshotStore, StoredDoubt, StoredSnapshot, previous_generation,
 };
 use crate::api::{CohortImport, FIELD_MANAGER};
 
@@ -212,10 +211,7 @@ impl ClusterSnapshotStore {
             name: Some(name),
             namespace: Some(self.namespace.clone()),
             labels: Some(all),
-            annotations: Some(BTreeMap::from([(
-                SNAPSHOT_IMPORT_ANNOTATION.to_owned(),
-                self.import_name.clone(),
-            )])),
+            annotations: Some(BTreeMap::from([(SNAPSHOT_IMPORT_ANNOTATION.to_owned(), self.import_name.clone())])),
             owner_references: Some(vec![self.owner()]),
             ..ObjectMeta::default()
         }

@@ -143,11 +143,7 @@ impl<R: BufRead> KeyCursor for FrontCodedReader<R> {
         let start = self.current.len();
         self.current.resize(start + suffix as usize, 0);
         self.input.read_exact(&mut self.current[start..]).map_err(|e| {
-            if e.kind() == io::ErrorKind::UnexpectedEof {
-                self.corrupt("input ends inside a record")
-            } else {
-                e
-            }
+            if e.kind() == io::ErrorKind::UnexpectedEof { self.corrupt("input ends inside a record") } else { e }
         })?;
         self.read += 1;
         Ok(())

@@ -15,8 +15,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{
-    DoubtMeta, Loaded, SnapshotError, SnapshotMeta, SnapshotStore, StoredDoubt, StoredSnapshot,
-    previous_generation,
+    DoubtMeta, Loaded, SnapshotError, SnapshotMeta, SnapshotStore, StoredDoubt, StoredSnapshot, previous_generation,
 };
 
 const SNAPSHOT_MAGIC: &[u8; 8] = b"COHSNAP\n";
@@ -107,10 +106,7 @@ impl FsSnapshotStore {
     fn replace(&self, path: &Path, magic: &[u8; 8], meta: &impl Serialize, body: &Path) -> Result<(), SnapshotError> {
         let dir = path.parent().unwrap_or(Path::new("."));
         fs::create_dir_all(dir).map_err(self.io("create the directory"))?;
-        let tmp = path.with_extension(format!(
-            "{}.tmp",
-            path.extension().and_then(|e| e.to_str()).unwrap_or_default()
-        ));
+        let tmp = path.with_extension(format!("{}.tmp", path.extension().and_then(|e| e.to_str()).unwrap_or_default()));
         let header = serde_json::to_vec(meta).expect("snapshot metadata serializes");
         let file = OpenOptions::new()
             .write(true)

@@ -63,7 +63,10 @@ pub struct BigQueryMembers {
 
 impl std::fmt::Debug for BigQueryMembers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BigQueryMembers").field("what", &self.what).field("tokens", &self.tokens).finish_non_exhaustive()
+        f.debug_struct("BigQueryMembers")
+            .field("what", &self.what)
+            .field("tokens", &self.tokens)
+            .finish_non_exhaustive()
     }
 }
 
@@ -101,14 +104,19 @@ impl CallError {
 
 impl BigQueryMembers {
     /// Reads the key from its Secret (or picks the metadata server) and checks the spec.
-    pub async fn open(spec: &BigQuerySource, fields: IdentifierFields, ctx: &impl SourceContext) -> Result<Self, SourceError> {
+    pub async fn open(
+        spec: &BigQuerySource,
+        fields: IdentifierFields,
+        ctx: &impl SourceContext,
+    ) -> Result<Self, SourceError> {
         let location = spec.location.as_deref().map(|l| format!(", location {l}")).unwrap_or_default();
         let (credentials, via) = match &spec.service_account_key_secret_ref {
             Some(r) => {
                 let from = format!("Secret {}/{} key {}", ctx.namespace(), r.name, r.key);
                 let json = ctx.secret_value(&r.name, &r.key).await?;
                 let what = format!("bigquery query in project {}", spec.project_id);
-                let key = ServiceAccountKey::parse(&json, &from).map_err(|message| SourceError::Config { what, message })?;
+                let key =
+                    ServiceAccountKey::parse(&json, &from).map_err(|message| SourceError::Config { what, message })?;
                 (Credentials::Key { key, from: from.clone() }, format!("key from {from}"))
             }
             None => {
@@ -136,10 +144,13 @@ impl BigQueryMembers {
             return Err(config("set metadataServer only without serviceAccountKeySecretRef".to_owned()));
         }
         let endpoint = Url::parse(&spec.endpoint).map_err(|e| config(format!("endpoint is not a URL: {e}")))?;
-        let google = endpoint.scheme() == "https" && endpoint.host_str().is_some_and(|h| h.ends_with(".googleapis.com"));
+        let google =
+            endpoint.scheme() == "https" && endpoint.host_str().is_some_and(|h| h.ends_with(".googleapis.com"));
         if !google && !is_loopback(&endpoint) {
             // The token is a credential (with Workload Identity, the operator's own).
-            return Err(config("endpoint must be https://*.googleapis.com (or loopback, for a local stand-in)".to_owned()));
+            return Err(config(
+                "endpoint must be https://*.googleapis.com (or loopback, for a local stand-in)".to_owned(),
+            ));
         }
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
@@ -209,7 +220,9 @@ impl BigQueryMembers {
         let status = response.status().as_u16();
         let body = read_body_bounded(response, self.spec.max_page_bytes).await.map_err(|e| match e {
             BodyError::TooLarge => CallError::TooLarge,
-            BodyError::Transport(e) => CallError::Transport(format!("the answer broke off: {}", error_chain(&e.without_url()))),
+            BodyError::Transport(e) => {
+                CallError::Transport(format!("the answer broke off: {}", error_chain(&e.without_url())))
+            }
         })?;
         if !(200..300).contains(&status) {
             return Err(CallError::Api(ApiError::parse(status, &body)));
@@ -241,14 +254,20 @@ impl BigQueryMembers {
     /// Submits the query and waits for the job to complete; a job that keeps failing
     /// while it runs is submitted again as a new one. Records the job in `current` so a
     /// timeout can cancel it.
-    async fn complete_job(&self, current: &Mutex<Option<JobReference>>) -> Result<(JobReference, QueryResponse), SourceError> {
+    async fn complete_job(
+        &self,
+        current: &Mutex<Option<JobReference>>,
+    ) -> Result<(JobReference, QueryResponse), SourceError> {
         let mut job_attempt = 1;
         loop {
             // A new requestId: the one before belongs to the job that kept failing.
             let request_id = format!("cohort-{:032x}", rand::random::<u128>());
             let outcome = match self.call(&Call::Query { request_id: &request_id }).await {
                 Ok(first) => {
-                    let job = first.job_reference.clone().ok_or_else(|| self.malformed(0, "jobs.query answered without jobReference"))?;
+                    let job = first
+                        .job_reference
+                        .clone()
+                        .ok_or_else(|| self.malformed(0, "jobs.query answered without jobReference"))?;
                     *current.lock().expect("not poisoned") = Some(job.clone());
                     self.await_job(&job, first).await.map(|done| (job, done))
                 }
@@ -290,9 +309,15 @@ impl BigQueryMembers {
         let Ok(token) = self.tokens.token(&self.client, &self.what).await else { return };
         let sent = self.client.post(url).bearer_auth(token.expose()).timeout(Duration::from_secs(5)).send().await;
         match sent {
-            Ok(r) if r.status().is_success() => tracing::info!(source = %self.what, job = %job.job_id, "cancelled the job"),
-            Ok(r) => tracing::warn!(source = %self.what, job = %job.job_id, "cancelling the job answered HTTP {}", r.status()),
-            Err(e) => tracing::warn!(source = %self.what, job = %job.job_id, "cancelling the job failed: {}", error_chain(&e.without_url())),
+            Ok(r) if r.status().is_success() => {
+                tracing::info!(source = %self.what, job = %job.job_id, "cancelled the job")
+            }
+            Ok(r) => {
+                tracing::warn!(source = %self.what, job = %job.job_id, "cancelling the job answered HTTP {}", r.status())
+            }
+            Err(e) => {
+                tracing::warn!(source = %self.what, job = %job.job_id, "cancelling the job failed: {}", error_chain(&e.without_url()))
+            }
         }
     }
 
@@ -311,7 +336,13 @@ impl BigQueryMembers {
     }
 
     /// One page's rows as members.
-    fn batch(&self, rows: &[Row], plan: &ColumnPlan, kinds: &[ColumnKind], page: u64) -> Result<MemberBatch, SourceError> {
+    fn batch(
+        &self,
+        rows: &[Row],
+        plan: &ColumnPlan,
+        kinds: &[ColumnKind],
+        page: u64,
+    ) -> Result<MemberBatch, SourceError> {
         let mut batch = BatchBuilder::default();
         for (i, row) in rows.iter().enumerate() {
             if row.f.len() != kinds.len() {
@@ -340,11 +371,23 @@ impl BigQueryMembers {
     /// The user-facing error for a failed call; `page` 0 is the job itself.
     fn failure(&self, e: CallError, page: u64) -> SourceError {
         let at = if page == 0 { String::new() } else { format!("reading page {page} of the result: ") };
-        let query = |message: String| SourceError::Query { what: self.what.clone(), message: self.redacted(&format!("{at}{message}")) };
+        let query = |message: String| SourceError::Query {
+            what: self.what.clone(),
+            message: self.redacted(&format!("{at}{message}")),
+        };
         let api = match e {
             CallError::Auth(e) => return e,
             CallError::TooLarge => {
-                return SourceError::PageTooLarge { what: self.what.clone(), part: if page == 0 { "the job's first answer".to_owned() } else { format!("page {page} of the result") }, field: "maxPageBytes", limit: self.spec.max_page_bytes };
+                return SourceError::PageTooLarge {
+                    what: self.what.clone(),
+                    part: if page == 0 {
+                        "the job's first answer".to_owned()
+                    } else {
+                        format!("page {page} of the result")
+                    },
+                    field: "maxPageBytes",
+                    limit: self.spec.max_page_bytes,
+                };
             }
             CallError::Malformed(m) => return self.malformed(page, &format!("not the expected JSON ({m})")),
             CallError::Transport(m) => {
@@ -361,28 +404,35 @@ impl BigQueryMembers {
         match api.class() {
             ErrorClass::Unauthenticated => SourceError::Connect {
                 what: self.what.clone(),
-                message: self.redacted(&format!("authentication failed: BigQuery refused the access token of {} ({said})", self.tokens.hint())),
+                message: self.redacted(&format!(
+                    "authentication failed: BigQuery refused the access token of {} ({said})",
+                    self.tokens.hint()
+                )),
             },
             ErrorClass::PermissionDenied => query(format!(
                 "permission denied ({said}); {} needs roles/bigquery.jobUser on project {} and roles/bigquery.dataViewer on the tables read",
                 self.tokens.hint(),
                 self.spec.project_id
             )),
-            ErrorClass::InvalidQuery => query(format!("invalid query ({said}); the query runs as standard SQL (GoogleSQL)")),
+            ErrorClass::InvalidQuery => {
+                query(format!("invalid query ({said}); the query runs as standard SQL (GoogleSQL)"))
+            }
             ErrorClass::BytesBilledLimit => query(format!(
                 "the query would bill more than maximumBytesBilled ({} bytes) and was not run ({said}); raise \
                  spec.source.bigquery.maximumBytesBilled or make the query scan less",
                 self.spec.maximum_bytes_billed.map_or("the project's default".to_owned(), |n| n.to_string())
             )),
-            ErrorClass::QuotaExceeded => {
-                query(format!("quota exceeded ({said}); BigQuery asks to wait at least 10 minutes, the next run tries again"))
-            }
+            ErrorClass::QuotaExceeded => query(format!(
+                "quota exceeded ({said}); BigQuery asks to wait at least 10 minutes, the next run tries again"
+            )),
             ErrorClass::NotFound => query(format!(
                 "not found ({said}); check projectId, location ({}) and the tables the query names",
                 self.spec.location.as_deref().unwrap_or("not set: US")
             )),
             ErrorClass::JobTimeout => query(format!("BigQuery stopped the job ({said})")),
-            ErrorClass::Transient => query(format!("BigQuery kept failing after {} attempts ({said})", self.retry.attempts)),
+            ErrorClass::Transient => {
+                query(format!("BigQuery kept failing after {} attempts ({said})", self.retry.attempts))
+            }
             ErrorClass::Other => query(format!("unexpected answer ({said})")),
         }
     }
@@ -401,7 +451,10 @@ impl BigQueryMembers {
                 if let Some(job) = job {
                     self.cancel(&job).await;
                 }
-                Err(SourceError::Timeout { what: self.what.clone(), seconds: self.spec.statement_timeout_seconds.into() })
+                Err(SourceError::Timeout {
+                    what: self.what.clone(),
+                    seconds: self.spec.statement_timeout_seconds.into(),
+                })
             }
         }
     }

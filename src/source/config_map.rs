@@ -6,7 +6,7 @@
 use futures::stream;
 
 use super::formats::{CsvRows, FormatError};
-use super::{BatchBuilder, MemberBatch, MemberSource, MemberStream, SourceContext, SourceError, BATCH_ROWS};
+use super::{BATCH_ROWS, BatchBuilder, MemberBatch, MemberSource, MemberStream, SourceContext, SourceError};
 use crate::api::{ConfigMapFormat, ConfigMapSource};
 use crate::domain::identifiers::{IdentifierFields, SkipReason, Value};
 
@@ -73,7 +73,9 @@ impl ConfigMapMembers {
                     batch.skip(SkipReason::Missing);
                     continue;
                 }
-                batch.push(self.fields.resolve(|name| if name == self.column { Value::Bytes(value) } else { Value::Null }));
+                batch.push(
+                    self.fields.resolve(|name| if name == self.column { Value::Bytes(value) } else { Value::Null }),
+                );
             }
             Some(Ok(batch.take()))
         })
@@ -132,7 +134,7 @@ mod tests {
     use super::*;
     use crate::api::IdentifierMapping;
     use crate::domain::member::Member;
-    use crate::source::{read_cohort, InMemoryObjects};
+    use crate::source::{InMemoryObjects, read_cohort};
 
     fn spec(format: ConfigMapFormat, column: &str) -> ConfigMapSource {
         ConfigMapSource { name: "cohort".into(), key: "ids".into(), format, column: column.into() }

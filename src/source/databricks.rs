@@ -161,7 +161,9 @@ struct TokenResponse {
 
 fn column_type(type_name: &str) -> ColumnType {
     match type_name.to_ascii_uppercase().as_str() {
-        "BYTE" | "TINYINT" | "SHORT" | "SMALLINT" | "INT" | "INTEGER" | "LONG" | "BIGINT" | "DECIMAL" => ColumnType::Exact,
+        "BYTE" | "TINYINT" | "SHORT" | "SMALLINT" | "INT" | "INTEGER" | "LONG" | "BIGINT" | "DECIMAL" => {
+            ColumnType::Exact
+        }
         "FLOAT" | "DOUBLE" | "REAL" => ColumnType::Float,
         "ARRAY" | "MAP" | "STRUCT" | "VARIANT" | "OBJECT" => ColumnType::Unsupported,
         _ => ColumnType::Text,
@@ -172,7 +174,10 @@ fn column_type(type_name: &str) -> ColumnType {
 fn transient_code(code: &str) -> bool {
     matches!(
         code,
-        "TEMPORARILY_UNAVAILABLE" | "SERVICE_UNDER_MAINTENANCE" | "WORKSPACE_TEMPORARILY_UNAVAILABLE" | "RESOURCE_EXHAUSTED"
+        "TEMPORARILY_UNAVAILABLE"
+            | "SERVICE_UNDER_MAINTENANCE"
+            | "WORKSPACE_TEMPORARILY_UNAVAILABLE"
+            | "RESOURCE_EXHAUSTED"
     )
 }
 
@@ -202,8 +207,12 @@ impl Drop for Running {
         runtime.spawn(async move {
             let sent = client.post(url).bearer_auth(token.expose()).timeout(Duration::from_secs(10)).send().await;
             match sent {
-                Ok(r) => tracing::info!(source = %what, status = r.status().as_u16(), "cancelled the unfinished statement"),
-                Err(e) => tracing::warn!(source = %what, "cancelling the unfinished statement failed: {}", error_chain(&e)),
+                Ok(r) => {
+                    tracing::info!(source = %what, status = r.status().as_u16(), "cancelled the unfinished statement")
+                }
+                Err(e) => {
+                    tracing::warn!(source = %what, "cancelling the unfinished statement failed: {}", error_chain(&e))
+                }
             }
         });
     }
@@ -211,7 +220,11 @@ impl Drop for Running {
 
 impl DatabricksMembers {
     /// Reads the credentials and checks the host and the query.
-    pub async fn open(spec: &DatabricksSource, fields: IdentifierFields, ctx: &impl SourceContext) -> Result<Self, SourceError> {
+    pub async fn open(
+        spec: &DatabricksSource,
+        fields: IdentifierFields,
+        ctx: &impl SourceContext,
+    ) -> Result<Self, SourceError> {
         let host = Url::parse(&spec.host).map_err(|e| SourceError::Config {
             what: "databricks query".to_owned(),
             message: format!("host is not a URL: {e}"),
@@ -287,7 +300,9 @@ impl DatabricksMembers {
     fn secrets(&self) -> Vec<String> {
         let mut secrets = match &self.auth {
             Auth::Token(t) => vec![t.expose().to_owned()],
-            Auth::OAuth { client_id, client_secret, .. } => vec![client_id.expose().to_owned(), client_secret.expose().to_owned()],
+            Auth::OAuth { client_id, client_secret, .. } => {
+                vec![client_id.expose().to_owned(), client_secret.expose().to_owned()]
+            }
         };
         if let Some(c) = self.cached.lock().unwrap().as_ref() {
             secrets.push(c.token.expose().to_owned());
@@ -325,7 +340,9 @@ impl DatabricksMembers {
             let Auth::Token(token) = &self.auth else { unreachable!() };
             return Ok(token.clone());
         };
-        if !force_new && let Some(cached) = self.cached.lock().unwrap().as_ref().filter(|c| Instant::now() < c.refresh_at) {
+        if !force_new
+            && let Some(cached) = self.cached.lock().unwrap().as_ref().filter(|c| Instant::now() < c.refresh_at)
+        {
             return Ok(cached.token.clone());
         }
         let mut backoff = Backoff::transient();
@@ -343,7 +360,9 @@ impl DatabricksMembers {
                 Ok(response) => {
                     let status = response.status();
                     let hint = warehouse::retry_after(&response);
-                    let body = warehouse::read_body(&self.what, "the token response", "maxChunkBytes", 1 << 20, response).await?;
+                    let body =
+                        warehouse::read_body(&self.what, "the token response", "maxChunkBytes", 1 << 20, response)
+                            .await?;
                     if status.is_success() {
                         let parsed: TokenResponse = serde_json::from_slice(&body)
                             .map_err(|e| self.malformed("the token response", format!("no access_token: {e}")))?;
@@ -362,7 +381,11 @@ impl DatabricksMembers {
                 }
             };
             if !backoff.wait(hint).await {
-                return Err(SourceError::Unavailable { what: self.what.clone(), attempts: backoff.attempts() + 1, detail });
+                return Err(SourceError::Unavailable {
+                    what: self.what.clone(),
+                    attempts: backoff.attempts() + 1,
+                    detail,
+                });
             }
         }
     }
@@ -380,21 +403,38 @@ impl DatabricksMembers {
         }
         let error: ServiceError = serde_json::from_slice(&body).unwrap_or_default();
         let code = error.error_code.clone().unwrap_or_default();
-        let detail = format!("HTTP {} {code}: {}", status.as_u16(), self.excerpt(error.message.as_deref().unwrap_or_default().as_bytes()));
+        let detail = format!(
+            "HTTP {} {code}: {}",
+            status.as_u16(),
+            self.excerpt(error.message.as_deref().unwrap_or_default().as_bytes())
+        );
         match status.as_u16() {
             429 | 503 => Ok(Step::Retry { detail, hint }),
             401 => Ok(Step::Reauthenticate(detail)),
             403 => Err(SourceError::Permission {
                 what: self.what.clone(),
                 detail,
-                fix: format!("give the identity in {} CAN USE on the SQL warehouse and SELECT on the tables", self.auth_from),
+                fix: format!(
+                    "give the identity in {} CAN USE on the SQL warehouse and SELECT on the tables",
+                    self.auth_from
+                ),
             }),
-            _ => Err(SourceError::Query { what: self.what.clone(), message: format!("the API refused the request ({detail})") }),
+            _ => Err(SourceError::Query {
+                what: self.what.clone(),
+                message: format!("the API refused the request ({detail})"),
+            }),
         }
     }
 
     /// One API call until an answer that is not transient.
-    async fn exchange(&self, method: Method, url: Url, body: bool, part: &str, deadline: Instant) -> Result<Vec<u8>, SourceError> {
+    async fn exchange(
+        &self,
+        method: Method,
+        url: Url,
+        body: bool,
+        part: &str,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, SourceError> {
         let mut backoff = Backoff::transient();
         let mut reauthenticated = false;
         loop {
@@ -406,7 +446,10 @@ impl DatabricksMembers {
             let sent = tokio::time::timeout_at(deadline, request.send()).await.map_err(|_| self.timeout())?;
             let (detail, hint) = match sent {
                 Err(e) => (format!("{part} failed: {}", error_chain(&e.without_url())), None),
-                Ok(response) => match tokio::time::timeout_at(deadline, self.step(part, response)).await.map_err(|_| self.timeout())?? {
+                Ok(response) => match tokio::time::timeout_at(deadline, self.step(part, response))
+                    .await
+                    .map_err(|_| self.timeout())??
+                {
                     Step::Done(body) => return Ok(body),
                     Step::Retry { detail, hint } => (detail, hint),
                     Step::Reauthenticate(detail) if reauthenticated || matches!(self.auth, Auth::Token(_)) => {
@@ -420,7 +463,11 @@ impl DatabricksMembers {
                 },
             };
             let Some(wait) = backoff.next_delay(hint) else {
-                return Err(SourceError::Unavailable { what: self.what.clone(), attempts: backoff.attempts() + 1, detail });
+                return Err(SourceError::Unavailable {
+                    what: self.what.clone(),
+                    attempts: backoff.attempts() + 1,
+                    detail,
+                });
             };
             if Instant::now() + wait >= deadline {
                 return Err(self.timeout());
@@ -439,8 +486,12 @@ impl DatabricksMembers {
         let mut resubmits = Backoff::transient();
         'submit: loop {
             let submit = self.url("/api/2.0/sql/statements")?;
-            let mut response = self.parse("the statement", &self.exchange(Method::POST, submit, true, "the statement", deadline).await?)?;
-            let id = response.statement_id.clone().ok_or_else(|| self.malformed("the statement", "no statement_id".to_owned()))?;
+            let mut response = self
+                .parse("the statement", &self.exchange(Method::POST, submit, true, "the statement", deadline).await?)?;
+            let id = response
+                .statement_id
+                .clone()
+                .ok_or_else(|| self.malformed("the statement", "no statement_id".to_owned()))?;
             running.cancel_url = Some(self.url(&format!("/api/2.0/sql/statements/{id}/cancel"))?);
             running.token = match self.auth {
                 Auth::Token(ref t) => Some(t.clone()),
@@ -463,7 +514,11 @@ impl DatabricksMembers {
                             running.cancel_url = None;
                             let detail = format!("{code}: {}", error.message.unwrap_or_default());
                             let Some(wait) = resubmits.next_delay(None) else {
-                                return Err(SourceError::Unavailable { what: self.what.clone(), attempts: resubmits.attempts() + 1, detail });
+                                return Err(SourceError::Unavailable {
+                                    what: self.what.clone(),
+                                    attempts: resubmits.attempts() + 1,
+                                    detail,
+                                });
                             };
                             tokio::time::sleep(wait).await;
                             continue 'submit;
@@ -482,7 +537,9 @@ impl DatabricksMembers {
                         running.cancel_url = None;
                         return Err(SourceError::Query {
                             what: self.what.clone(),
-                            message: "the statement's result is no longer available (CLOSED); the next run reads it anew".to_owned(),
+                            message:
+                                "the statement's result is no longer available (CLOSED); the next run reads it anew"
+                                    .to_owned(),
                         });
                     }
                     other => return Err(self.malformed("the statement", format!("unknown state {other:?}"))),
@@ -493,7 +550,10 @@ impl DatabricksMembers {
                 }
                 tokio::time::sleep(wait).await;
                 let url = self.url(&format!("/api/2.0/sql/statements/{id}"))?;
-                response = self.parse("the statement", &self.exchange(Method::GET, url, false, "the statement status", deadline).await?)?;
+                response = self.parse(
+                    "the statement",
+                    &self.exchange(Method::GET, url, false, "the statement status", deadline).await?,
+                )?;
             }
         }
     }
@@ -526,10 +586,17 @@ impl DatabricksMembers {
     }
 
     /// The rows of one external link, fetched without our credentials.
-    async fn link_rows(&self, link: &ExternalLink, part: &str, deadline: Instant) -> Result<Option<Vec<Vec<Option<String>>>>, SourceError> {
+    async fn link_rows(
+        &self,
+        link: &ExternalLink,
+        part: &str,
+        deadline: Instant,
+    ) -> Result<Option<Vec<Vec<Option<String>>>>, SourceError> {
         let url = Url::parse(&link.external_link)
             .map_err(|_| self.malformed(part, "the external link is not a URL".to_owned()))?;
-        if url.scheme() != "https" && !url.host_str().is_some_and(|h| h == "127.0.0.1" || h == "localhost" || h == "[::1]") {
+        if url.scheme() != "https"
+            && !url.host_str().is_some_and(|h| h == "127.0.0.1" || h == "localhost" || h == "[::1]")
+        {
             return Err(self.malformed(part, "the external link is not https".to_owned()));
         }
         let mut backoff = Backoff::transient();
@@ -543,9 +610,11 @@ impl DatabricksMembers {
                 // The error would quote the signed URL: leave it out.
                 Err(e) => format!("{part}: fetching the external link failed: {}", error_chain(&e.without_url())),
                 Ok(response) if response.status().is_success() => {
-                    let body = warehouse::read_body(&self.what, part, "maxChunkBytes", self.max_chunk_bytes, response).await?;
-                    let rows = serde_json::from_slice(&body)
-                        .map_err(|e| self.malformed(part, format!("the external link's body is not an array of rows: {e}")))?;
+                    let body =
+                        warehouse::read_body(&self.what, part, "maxChunkBytes", self.max_chunk_bytes, response).await?;
+                    let rows = serde_json::from_slice(&body).map_err(|e| {
+                        self.malformed(part, format!("the external link's body is not an array of rows: {e}"))
+                    })?;
                     return Ok(Some(rows));
                 }
                 // Links expire after 15 minutes; the caller renews it.
@@ -553,13 +622,23 @@ impl DatabricksMembers {
                 Ok(response) => format!("{part}: the external link answered HTTP {}", response.status().as_u16()),
             };
             if !backoff.wait(None).await {
-                return Err(SourceError::Unavailable { what: self.what.clone(), attempts: backoff.attempts() + 1, detail });
+                return Err(SourceError::Unavailable {
+                    what: self.what.clone(),
+                    attempts: backoff.attempts() + 1,
+                    detail,
+                });
             }
         }
     }
 
     /// Fetches chunk `index` through the chunk endpoint (or the internal link given).
-    async fn chunk(&self, id: &str, index: u64, link: Option<&str>, deadline: Instant) -> Result<ResultData, SourceError> {
+    async fn chunk(
+        &self,
+        id: &str,
+        index: u64,
+        link: Option<&str>,
+        deadline: Instant,
+    ) -> Result<ResultData, SourceError> {
         let path = link.map_or_else(|| format!("/api/2.0/sql/statements/{id}/result/chunks/{index}"), str::to_owned);
         let part = format!("chunk {index}");
         let body = self.exchange(Method::GET, self.url(&path)?, false, &part, deadline).await?;
@@ -579,7 +658,13 @@ struct ChunkRows {
 
 impl DatabricksMembers {
     /// One chunk's rows, from the inline data or its external link.
-    async fn rows(&self, id: &str, result: ResultData, expected: u64, deadline: Instant) -> Result<ChunkRows, SourceError> {
+    async fn rows(
+        &self,
+        id: &str,
+        result: ResultData,
+        expected: u64,
+        deadline: Instant,
+    ) -> Result<ChunkRows, SourceError> {
         let part = format!("chunk {expected}");
         if self.disposition == DatabricksDisposition::Inline || result.external_links.is_empty() {
             return Ok(ChunkRows {
@@ -594,14 +679,17 @@ impl DatabricksMembers {
         }
         let mut links = result.external_links;
         if links.len() != 1 {
-            return Err(self.malformed(&part, format!("{} external links in one chunk answer; expected one", links.len())));
+            return Err(
+                self.malformed(&part, format!("{} external links in one chunk answer; expected one", links.len()))
+            );
         }
         let mut link = links.remove(0);
         let rows = match self.link_rows(&link, &part, deadline).await? {
             Some(rows) => rows,
             None => {
                 // Expired: the chunk endpoint hands out a fresh link.
-                let mut fresh = self.chunk(id, link.chunk_index.unwrap_or(expected), None, deadline).await?.external_links;
+                let mut fresh =
+                    self.chunk(id, link.chunk_index.unwrap_or(expected), None, deadline).await?.external_links;
                 if fresh.len() != 1 {
                     return Err(self.malformed(&part, "no fresh external link for an expired one".to_owned()));
                 }
@@ -628,7 +716,10 @@ impl DatabricksMembers {
             return bad(format!("the answer is chunk {}", chunk.index.unwrap_or_default()));
         }
         if chunk.row_offset.is_some_and(|o| o != read) {
-            return bad(format!("row_offset is {} but {read} rows came before it", chunk.row_offset.unwrap_or_default()));
+            return bad(format!(
+                "row_offset is {} but {read} rows came before it",
+                chunk.row_offset.unwrap_or_default()
+            ));
         }
         if chunk.row_count.is_some_and(|c| c != chunk.rows.len() as u64) {
             return bad(format!(
@@ -647,7 +738,8 @@ impl DatabricksMembers {
                 "the result is truncated (a row or byte limit of the warehouse); nothing is imported".to_owned(),
             ));
         }
-        let mut columns: Vec<&ColumnInfo> = manifest.schema.as_ref().map(|s| s.columns.iter().collect()).unwrap_or_default();
+        let mut columns: Vec<&ColumnInfo> =
+            manifest.schema.as_ref().map(|s| s.columns.iter().collect()).unwrap_or_default();
         columns.sort_by_key(|c| c.position.unwrap_or(0));
         let columns = columns
             .into_iter()

@@ -81,7 +81,10 @@ impl FromStr for EgressRule {
         };
         let name = normalize_host(name);
         let label_ok = |l: &str| {
-            !l.is_empty() && l.len() <= 63 && !l.starts_with('-') && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
         };
         if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
             return Err(format!(
@@ -161,10 +164,9 @@ impl fmt::Display for EgressDenied {
         // Allowing exactly what was refused is the narrowest fix to suggest.
         let target = self.address.map_or_else(|| self.host.clone(), |a| a.to_string());
         match &self.reason {
-            DenyReason::Denied(rule) => write!(
-                f,
-                "it matches --egress-deny {rule}; remove that rule (chart value egress.deny) to allow it"
-            ),
+            DenyReason::Denied(rule) => {
+                write!(f, "it matches --egress-deny {rule}; remove that rule (chart value egress.deny) to allow it")
+            }
             DenyReason::BuiltIn { rule, what } => write!(
                 f,
                 "{what} ({rule}) is denied by default; to allow it, start the operator with \
@@ -219,7 +221,11 @@ impl EgressPolicy {
             EgressDefault::Allow => "allow",
             EgressDefault::Deny => "deny",
         };
-        format!("default {default}; deny [{}]; allow [{}]; built-in deny [{built_in}]", list(&self.deny), list(&self.allow))
+        format!(
+            "default {default}; deny [{}]; allow [{}]; built-in deny [{built_in}]",
+            list(&self.deny),
+            list(&self.allow)
+        )
     }
 
     fn verdict(&self, matches: impl Fn(&EgressRule) -> bool) -> Verdict {
@@ -383,7 +389,9 @@ impl Resolve for EgressResolver {
                 Ok(addrs) => Ok(Box::new(addrs.into_iter()) as Addrs),
                 // The denial itself, so that `denied_in` finds it in reqwest's error.
                 Err(ResolveError::Denied(denied)) => Err(Box::new(denied) as Box<dyn std::error::Error + Send + Sync>),
-                Err(ResolveError::Lookup { source, .. }) => Err(Box::new(std::io::Error::new(source.kind(), source.to_string())) as _),
+                Err(ResolveError::Lookup { source, .. }) => {
+                    Err(Box::new(std::io::Error::new(source.kind(), source.to_string())) as _)
+                }
             }
         })
     }
@@ -462,7 +470,9 @@ mod tests {
             assert!(matches!(err.reason, DenyReason::BuiltIn { .. }), "{addr}: {err}");
             assert!(err.to_string().contains(&format!("--egress-allow={}", ip(addr))), "{err}");
         }
-        for host in ["metadata.google.internal", "METADATA.google.internal.", "metadata.goog", "instance-data.ec2.internal"] {
+        for host in
+            ["metadata.google.internal", "METADATA.google.internal.", "metadata.goog", "instance-data.ec2.internal"]
+        {
             let err = policy.check_host(host).unwrap_err();
             assert!(err.to_string().contains("Google Cloud") || err.to_string().contains("AWS"), "{err}");
         }
@@ -479,7 +489,9 @@ mod tests {
     #[test]
     fn the_default_allows_private_in_cluster_public_and_loopback_addresses() {
         let policy = EgressPolicy::default();
-        for addr in ["10.0.0.5", "172.16.3.4", "192.168.1.10", "fd12:3456::1", "203.0.113.7", "2001:db8::1", "127.0.0.1", "::1"] {
+        for addr in
+            ["10.0.0.5", "172.16.3.4", "192.168.1.10", "fd12:3456::1", "203.0.113.7", "2001:db8::1", "127.0.0.1", "::1"]
+        {
             policy.check_addr("warehouse.internal", ip(addr)).unwrap_or_else(|e| panic!("{addr}: {e}"));
         }
         policy.check_host("warehouse.analytics.svc.cluster.local").unwrap();
@@ -488,7 +500,11 @@ mod tests {
 
     #[test]
     fn deny_rules_win_and_name_the_flag() {
-        let policy = EgressPolicy::new(rules(&["127.0.0.0/8"]), rules(&["127.0.0.2/32", "*.blocked.example"]), EgressDefault::Allow);
+        let policy = EgressPolicy::new(
+            rules(&["127.0.0.0/8"]),
+            rules(&["127.0.0.2/32", "*.blocked.example"]),
+            EgressDefault::Allow,
+        );
         let err = policy.check_addr("127.0.0.2", ip("127.0.0.2")).unwrap_err();
         assert_eq!(
             err.to_string(),
@@ -517,7 +533,10 @@ mod tests {
         assert!(policy.check_addr("warehouse.example.com", ip("169.254.169.254")).is_err());
         let err = policy.check_addr("elsewhere.example.com", ip("203.0.113.9")).unwrap_err();
         assert_eq!(err.reason, DenyReason::NotAllowed);
-        assert!(err.to_string().contains("--egress-default is deny; allow it with --egress-allow=203.0.113.9"), "{err}");
+        assert!(
+            err.to_string().contains("--egress-default is deny; allow it with --egress-allow=203.0.113.9"),
+            "{err}"
+        );
         // Before resolution, an unnamed host is not refused yet: its address decides.
         policy.check_host("elsewhere.example.com").unwrap();
     }

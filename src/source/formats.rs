@@ -20,11 +20,22 @@ use crate::domain::identifiers::{ColumnPlan, IdentifierFields, SkipReason, Value
 pub(crate) enum FormatError {
     /// The reader failed (transport, size limit, decompression).
     Io(io::Error),
-    Malformed { format: &'static str, location: String, message: String },
+    Malformed {
+        format: &'static str,
+        location: String,
+        message: String,
+    },
     /// The mapping names a column the CSV header lacks.
-    MissingColumn { column: String, header: Vec<String> },
+    MissingColumn {
+        column: String,
+        header: Vec<String>,
+    },
     /// One row (a CSV record, an NDJSON line, a JSON array element) is longer than `limit`.
-    RowTooLarge { format: &'static str, location: String, limit: u64 },
+    RowTooLarge {
+        format: &'static str,
+        location: String,
+        limit: u64,
+    },
 }
 
 impl FormatError {
@@ -150,8 +161,9 @@ impl<R: AsyncRead + Unpin + Send> CsvRows<R> {
                 message: "no header row (the body is empty)".to_owned(),
             });
         }
-        let plan =
-            fields.column_plan(&header).map_err(|column| FormatError::MissingColumn { column, header: header.clone() })?;
+        let plan = fields
+            .column_plan(&header)
+            .map_err(|column| FormatError::MissingColumn { column, header: header.clone() })?;
         since.store(0, Ordering::Relaxed);
         Ok(CsvRows { reader, plan, record: ByteRecord::new(), since, limit: max_row_bytes })
     }
@@ -276,11 +288,8 @@ mod tests {
     use crate::domain::member::Member;
 
     fn ext(field: &str) -> IdentifierFields {
-        IdentifierFields::from_mapping(&IdentifierMapping {
-            external_id: Some(field.to_owned()),
-            ..Default::default()
-        })
-        .unwrap()
+        IdentifierFields::from_mapping(&IdentifierMapping { external_id: Some(field.to_owned()), ..Default::default() })
+            .unwrap()
     }
 
     #[tokio::test]
@@ -319,7 +328,8 @@ mod tests {
 
     #[tokio::test]
     async fn ndjson_reads_lines_in_batches() {
-        let body: &[u8] = b"{\"uid\":\"a\"}\n\n{\"uid\":7}\r\n{\"uid\":null}\n{\"uid\":{}}\n{\"uid\":\"\xff\"}\n{\"uid\":\"z\"}";
+        let body: &[u8] =
+            b"{\"uid\":\"a\"}\n\n{\"uid\":7}\r\n{\"uid\":null}\n{\"uid\":{}}\n{\"uid\":\"\xff\"}\n{\"uid\":\"z\"}";
         let fields = ext("uid");
         let mut rows = NdjsonRows::new(body, 1 << 20);
         let first = rows.next_batch(&fields, 2).await.unwrap().unwrap();

@@ -29,16 +29,16 @@ use std::time::Duration;
 
 use async_compression::tokio::bufread::GzipDecoder;
 use futures::TryStreamExt;
-use tokio::sync::mpsc;
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue, LINK};
 use reqwest::Url;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, LINK};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, BufReader, ReadBuf};
+use tokio::sync::mpsc;
 use tokio_util::io::{StreamReader, SyncIoBridge};
 
 use super::egress::{self, Credentials, EgressPolicy};
 use super::formats::{CsvRows, FormatError, NdjsonRows};
 use super::json::{self, Cancelled, JsonPlan, Scalar};
-use super::{MemberBatch, MemberSource, MemberStream, SourceContext, SourceError, BATCH_ROWS, REDACT_MIN_LEN};
+use super::{BATCH_ROWS, MemberBatch, MemberSource, MemberStream, REDACT_MIN_LEN, SourceContext, SourceError};
 use crate::api::{HttpFormat, HttpSource};
 use crate::domain::identifiers::IdentifierFields;
 use crate::secret::{SecretString, error_chain, redact};
@@ -84,7 +84,10 @@ pub struct HttpMembers {
 impl std::fmt::Debug for HttpMembers {
     /// Only what `describe` shows: the URL's query and user information may carry a key.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HttpMembers").field("what", &self.what).field("format", &self.spec.format).finish_non_exhaustive()
+        f.debug_struct("HttpMembers")
+            .field("what", &self.what)
+            .field("format", &self.spec.format)
+            .finish_non_exhaustive()
     }
 }
 
@@ -130,7 +133,11 @@ pub fn next_link(headers: &HeaderMap, base: &Url) -> Option<Result<Url, String>>
 impl HttpMembers {
     /// Resolves the credentials and builds the client; checks the URL and that the
     /// pagination suits the format.
-    pub async fn open(spec: &HttpSource, fields: IdentifierFields, ctx: &impl SourceContext) -> Result<Self, SourceError> {
+    pub async fn open(
+        spec: &HttpSource,
+        fields: IdentifierFields,
+        ctx: &impl SourceContext,
+    ) -> Result<Self, SourceError> {
         let start = Url::parse(&spec.url).map_err(|e| SourceError::Config {
             what: "http export".to_owned(),
             message: format!("url is not a valid URL: {e}"),
@@ -213,7 +220,9 @@ impl HttpMembers {
     /// Sends one GET and checks the status.
     async fn get(&self, page: &Page) -> Result<reqwest::Response, SourceError> {
         // A next page naming an address is connected to without DNS: checked here.
-        self.egress.check_url(&page.url).map_err(|denied| SourceError::EgressDenied { what: self.what.clone(), denied })?;
+        self.egress
+            .check_url(&page.url)
+            .map_err(|denied| SourceError::EgressDenied { what: self.what.clone(), denied })?;
         let mut request = self.client.get(page.url.clone());
         match &self.auth {
             None => {}
@@ -287,7 +296,9 @@ impl HttpMembers {
         let next = if let Some(pointer) = &pagination.next_url_pointer {
             match value {
                 None => return Ok(None),
-                Some(Err(())) => return Err(malformed(pointer.clone(), "the next-page URL is not a string".to_owned())),
+                Some(Err(())) => {
+                    return Err(malformed(pointer.clone(), "the next-page URL is not a string".to_owned()));
+                }
                 Some(Ok(s)) if s.is_empty() => return Ok(None),
                 Some(Ok(s)) => page
                     .url
@@ -304,8 +315,12 @@ impl HttpMembers {
                 Some(Ok(s)) => {
                     // The cursor replaces its parameter in the export's own URL.
                     let mut next = self.start.clone();
-                    let kept: Vec<(String, String)> =
-                        self.start.query_pairs().filter(|(k, _)| k != &cursor.param).map(|(k, v)| (k.into(), v.into())).collect();
+                    let kept: Vec<(String, String)> = self
+                        .start
+                        .query_pairs()
+                        .filter(|(k, _)| k != &cursor.param)
+                        .map(|(k, v)| (k.into(), v.into()))
+                        .collect();
                     next.query_pairs_mut().clear().extend_pairs(kept).append_pair(&cursor.param, &s);
                     next
                 }
@@ -592,9 +607,10 @@ mod tests {
 
     #[tokio::test]
     async fn debug_output_leaves_out_the_url_query_and_user_information() {
-        let spec: HttpSource =
-            serde_json::from_value(serde_json::json!({ "url": "https://u:pw-7x@example.com/x.csv?api_key=k-3q", "format": "Csv" }))
-                .unwrap();
+        let spec: HttpSource = serde_json::from_value(
+            serde_json::json!({ "url": "https://u:pw-7x@example.com/x.csv?api_key=k-3q", "format": "Csv" }),
+        )
+        .unwrap();
         let mapping = crate::api::IdentifierMapping { external_id: Some("uid".into()), ..Default::default() };
         let fields = IdentifierFields::from_mapping(&mapping).unwrap();
         let source = HttpMembers::open(&spec, fields, &crate::source::InMemoryObjects::new("ns")).await.unwrap();
@@ -616,7 +632,9 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.append(
             LINK,
-            HeaderValue::from_static(r#"<https://api.example.com/v1/users?page=1>; rel="prev first", </v1/users?page=3>; rel="next""#),
+            HeaderValue::from_static(
+                r#"<https://api.example.com/v1/users?page=1>; rel="prev first", </v1/users?page=3>; rel="next""#,
+            ),
         );
         assert_eq!(next_link(&headers, &base).unwrap().unwrap().as_str(), "https://api.example.com/v1/users?page=3");
         let mut headers = HeaderMap::new();

@@ -2,7 +2,7 @@
 
 use futures::stream;
 
-use super::{BatchBuilder, MemberSource, MemberStream, BATCH_ROWS};
+use super::{BATCH_ROWS, BatchBuilder, MemberSource, MemberStream};
 use crate::api::InlineSource;
 use crate::domain::identifiers::{IdentifierFields, Value};
 

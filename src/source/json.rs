@@ -19,7 +19,7 @@ use std::rc::Rc;
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use super::formats::FormatError;
-use super::{BatchBuilder, MemberBatch, BATCH_ROWS};
+use super::{BATCH_ROWS, BatchBuilder, MemberBatch};
 use crate::domain::identifiers::{IdentifierFields, SkipReason, Value};
 
 /// A value read at a pagination pointer.
@@ -365,9 +365,8 @@ where
         walk.check_limit()?;
         walk.path.pop();
         let fields = walk.fields;
-        let row = fields.resolve(|name| {
-            values.iter().rev().find(|(n, _)| n == name).map_or(Value::Null, |(_, v)| v.clone())
-        });
+        let row =
+            fields.resolve(|name| values.iter().rev().find(|(n, _)| n == name).map_or(Value::Null, |(_, v)| v.clone()));
         walk.push_row(row)?;
         index += 1;
     }
@@ -534,7 +533,8 @@ mod tests {
     fn rows_at_a_pointer_and_pagination_values() {
         let doc = br#"{"meta":{"skip":[1,{"a":"b"}],"next":"/p2"},"data":{"users":[{"uid":"a","x":[1]},{"uid":1.5},
             {"other":1},{"uid":{"deep":1}},{"uid":true},{"uid":12345678901234567890}]},"cursor":7}"#;
-        let (batches, captured) = read(doc, "/data/users", &["/meta/next", "/cursor", "/nope", "/meta/skip"], 1024).unwrap();
+        let (batches, captured) =
+            read(doc, "/data/users", &["/meta/next", "/cursor", "/nope", "/meta/skip"], 1024).unwrap();
         assert_eq!(batches.len(), 1);
         let members = &batches[0].members;
         assert_eq!(
@@ -549,7 +549,12 @@ mod tests {
         assert_eq!(batches[0].skipped.get(SkipReason::UnsupportedValue), 2);
         assert_eq!(
             captured,
-            vec![Some(Scalar::Text("/p2".into())), Some(Scalar::Text("7".into())), None, Some(Scalar::Other("an array"))]
+            vec![
+                Some(Scalar::Text("/p2".into())),
+                Some(Scalar::Text("7".into())),
+                None,
+                Some(Scalar::Other("an array"))
+            ]
         );
     }
 

@@ -4,8 +4,8 @@
 //! the controller's Braze keys and its check that an import's Secrets exist
 //! ([`crate::controller::secrets`]), so a check and a run never read a value differently.
 
-use ::kube::api::Api;
 use ::kube::Client;
+use ::kube::api::Api;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 
 use std::sync::Arc;
@@ -44,11 +44,9 @@ impl KubeObjects {
         let api: Api<K> = Api::namespaced(self.client.clone(), &self.namespace);
         match api.get_opt(name).await {
             Ok(Some(object)) => Ok(object),
-            Ok(None) => Err(SourceError::ObjectNotFound {
-                kind,
-                namespace: self.namespace.clone(),
-                name: name.to_owned(),
-            }),
+            Ok(None) => {
+                Err(SourceError::ObjectNotFound { kind, namespace: self.namespace.clone(), name: name.to_owned() })
+            }
             // API errors name the object and the reason (Forbidden, …), never its data.
             Err(e) => Err(SourceError::ObjectRead {
                 kind,

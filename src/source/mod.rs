@@ -17,8 +17,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
 
-use futures::stream::BoxStream;
 use futures::StreamExt;
+use futures::stream::BoxStream;
 
 use crate::api::{IdentifierMapping, ReadyReason, SourceSpec};
 use crate::domain::identifiers::{IdentifierFields, SkipCounts, SkipReason};
@@ -27,14 +27,14 @@ use crate::secret::SecretString;
 
 pub mod bigquery;
 pub mod config_map;
+pub mod databricks;
 pub mod egress;
 mod formats;
 pub mod http;
-mod json;
 pub mod inline;
+mod json;
 pub mod kube;
 pub mod postgres;
-pub mod databricks;
 pub mod snowflake;
 pub mod warehouse;
 
@@ -145,11 +145,15 @@ pub enum SourceError {
     Transport { what: String, url: String, page: u64, message: String },
     #[error("{what}: malformed {format} at {location}: {message}")]
     Malformed { what: String, format: &'static str, location: String, message: String },
-    #[error("{what}: more than maxBytes ({limit} bytes) after decompression; raise maxBytes if the export is really this large")]
+    #[error(
+        "{what}: more than maxBytes ({limit} bytes) after decompression; raise maxBytes if the export is really this large"
+    )]
     TooLarge { what: String, limit: u64 },
     /// One row, line or value is longer than its limit; `field` is the spec field that
     /// raises it. Reading stops there, so memory stays bounded whatever the input.
-    #[error("{what}: the {item} at {location} is longer than {limit} bytes; raise {field} if rows really are this long")]
+    #[error(
+        "{what}: the {item} at {location} is longer than {limit} bytes; raise {field} if rows really are this long"
+    )]
     RowTooLarge { what: String, item: &'static str, location: String, limit: u64, field: &'static str },
     /// One page of a warehouse's answer (a partition, a chunk) is over the spec's byte cap.
     #[error("{what}: {part} is larger than {field} ({limit} bytes); raise {field} or select fewer columns")]
@@ -226,10 +230,7 @@ impl InMemoryObjects {
     }
 
     pub fn with_secret(mut self, name: &str, key: &str, value: impl Into<String>) -> Self {
-        self.secrets
-            .entry(name.to_owned())
-            .or_default()
-            .insert(key.to_owned(), SecretString::new(value.into()));
+        self.secrets.entry(name.to_owned()).or_default().insert(key.to_owned(), SecretString::new(value.into()));
         self
     }
 
@@ -303,7 +304,8 @@ pub async fn open_source(
     if set.iter().filter(|&&s| s).count() != 1 {
         return Err(SourceError::Config {
             what: "source".to_owned(),
-            message: "set exactly one of inline, configMap, http, postgres, snowflake, databricks and bigquery".to_owned(),
+            message: "set exactly one of inline, configMap, http, postgres, snowflake, databricks and bigquery"
+                .to_owned(),
         });
     }
     if let Some(inline) = &spec.inline {
@@ -380,7 +382,10 @@ mod tests {
     fn reasons_follow_the_object_kind() {
         let e = SourceError::ObjectNotFound { kind: ObjectKind::Secret, namespace: "ns".into(), name: "s".into() };
         assert_eq!(e.reason(), ReadyReason::SecretNotFound);
-        assert_eq!(e.to_string(), "Secret ns/s not found: create it in the import's namespace or fix the name in the spec");
+        assert_eq!(
+            e.to_string(),
+            "Secret ns/s not found: create it in the import's namespace or fix the name in the spec"
+        );
     }
 
     #[tokio::test]

@@ -43,7 +43,7 @@ use tokio_postgres::{Client, Connection, SimpleQueryMessage, Socket};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::egress::{EgressPolicy, ResolveError};
-use super::{BatchBuilder, MemberSource, MemberStream, SourceContext, SourceError, BATCH_ROWS, REDACT_MIN_LEN};
+use super::{BATCH_ROWS, BatchBuilder, MemberSource, MemberStream, REDACT_MIN_LEN, SourceContext, SourceError};
 use crate::api::PostgresSource;
 use crate::domain::identifiers::{ColumnPlan, IdentifierFields, SkipReason, Value};
 use crate::secret::{SecretString, error_chain, redact};
@@ -70,7 +70,11 @@ pub struct PostgresMembers {
 
 impl PostgresMembers {
     /// Reads the connection URL from its Secret and checks that it parses.
-    pub async fn open(spec: &PostgresSource, fields: IdentifierFields, ctx: &impl SourceContext) -> Result<Self, SourceError> {
+    pub async fn open(
+        spec: &PostgresSource,
+        fields: IdentifierFields,
+        ctx: &impl SourceContext,
+    ) -> Result<Self, SourceError> {
         let r = &spec.connection_secret_ref;
         let what = format!("postgres query (connection from Secret {}/{} key {})", ctx.namespace(), r.name, r.key);
         let url = ctx.secret_value(&r.name, &r.key).await?;
@@ -84,7 +88,12 @@ impl PostgresMembers {
     }
 
     /// A source over a URL already read (`what` names it in messages).
-    pub fn new(what: String, url: SecretString, spec: &PostgresSource, fields: IdentifierFields) -> Result<Self, SourceError> {
+    pub fn new(
+        what: String,
+        url: SecretString,
+        spec: &PostgresSource,
+        fields: IdentifierFields,
+    ) -> Result<Self, SourceError> {
         let mut source = PostgresMembers {
             what,
             url,
@@ -179,7 +188,10 @@ impl PostgresMembers {
                 lookup => SourceError::Connect { what: self.what.clone(), message: lookup.to_string() },
             })?;
             let Some((first, rest)) = addrs.split_first() else {
-                return Err(SourceError::Connect { what: self.what.clone(), message: format!("{name} has no address") });
+                return Err(SourceError::Connect {
+                    what: self.what.clone(),
+                    message: format!("{name} has no address"),
+                });
             };
             config.hostaddr(first.ip());
             more.extend(rest.iter().map(|a| (name.clone(), port_of(i), a.ip())));
@@ -194,14 +206,20 @@ impl PostgresMembers {
     }
 
     fn connect_error(&self, e: &tokio_postgres::Error) -> SourceError {
-        SourceError::Connect { what: self.what.clone(), message: redact(&self.describe_error(e), &self.secrets(), REDACT_MIN_LEN) }
+        SourceError::Connect {
+            what: self.what.clone(),
+            message: redact(&self.describe_error(e), &self.secrets(), REDACT_MIN_LEN),
+        }
     }
 
     fn query_error(&self, e: &tokio_postgres::Error) -> SourceError {
         if e.code() == Some(&SqlState::QUERY_CANCELED) {
             return self.timeout();
         }
-        SourceError::Query { what: self.what.clone(), message: redact(&self.describe_error(e), &self.secrets(), REDACT_MIN_LEN) }
+        SourceError::Query {
+            what: self.what.clone(),
+            message: redact(&self.describe_error(e), &self.secrets(), REDACT_MIN_LEN),
+        }
     }
 
     /// The server's words, with where in the user's query it points.
@@ -267,7 +285,9 @@ impl PostgresMembers {
         let cancel = client.cancel_token();
         match tokio::time::timeout(Duration::from_secs(5), cancel.cancel_query(tls)).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(source = %self.what, "cancelling the query failed: {}", redact(&error_chain(&e), &self.secrets(), REDACT_MIN_LEN)),
+            Ok(Err(e)) => {
+                tracing::warn!(source = %self.what, "cancelling the query failed: {}", redact(&error_chain(&e), &self.secrets(), REDACT_MIN_LEN))
+            }
             Err(_) => tracing::warn!(source = %self.what, "cancelling the query timed out"),
         }
     }
@@ -388,7 +408,8 @@ mod tests {
     }
 
     fn fields() -> IdentifierFields {
-        IdentifierFields::from_mapping(&IdentifierMapping { external_id: Some("uid".into()), ..Default::default() }).unwrap()
+        IdentifierFields::from_mapping(&IdentifierMapping { external_id: Some("uid".into()), ..Default::default() })
+            .unwrap()
     }
 
     #[test]

@@ -164,7 +164,10 @@ fn rsa_of_pkcs8(der: &[u8]) -> Result<Vec<u8>, String> {
     const RSA: pkcs8::ObjectIdentifier = pkcs8::ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.1");
     let info = pkcs8::PrivateKeyInfo::from_der(der).map_err(|e| format!("the private key is malformed ({e})"))?;
     if info.algorithm.oid != RSA {
-        return Err(format!("the private key is not RSA (algorithm {}); Snowflake key pairs are RSA", info.algorithm.oid));
+        return Err(format!(
+            "the private key is not RSA (algorithm {}); Snowflake key pairs are RSA",
+            info.algorithm.oid
+        ));
     }
     Ok(info.private_key.to_vec())
 }
@@ -299,8 +302,12 @@ impl Drop for Running {
                 .send()
                 .await;
             match sent {
-                Ok(r) => tracing::info!(source = %what, status = r.status().as_u16(), "cancelled the unfinished statement"),
-                Err(e) => tracing::warn!(source = %what, "cancelling the unfinished statement failed: {}", error_chain(&e)),
+                Ok(r) => {
+                    tracing::info!(source = %what, status = r.status().as_u16(), "cancelled the unfinished statement")
+                }
+                Err(e) => {
+                    tracing::warn!(source = %what, "cancelling the unfinished statement failed: {}", error_chain(&e))
+                }
             }
         });
     }
@@ -308,7 +315,11 @@ impl Drop for Running {
 
 impl SnowflakeMembers {
     /// Reads the credentials Secret, parses the key and checks the query.
-    pub async fn open(spec: &SnowflakeSource, fields: IdentifierFields, ctx: &impl SourceContext) -> Result<Self, SourceError> {
+    pub async fn open(
+        spec: &SnowflakeSource,
+        fields: IdentifierFields,
+        ctx: &impl SourceContext,
+    ) -> Result<Self, SourceError> {
         let c = &spec.credentials;
         let credentials_from = format!("Secret {}/{}", ctx.namespace(), c.secret_name);
         let account = ctx.secret_value(&c.secret_name, &c.account_key).await?;
@@ -321,7 +332,8 @@ impl SnowflakeMembers {
         let account = account.expose().trim().to_owned();
         let what = format!("snowflake query (account {account}, credentials from {credentials_from})");
         let config = |message: String| SourceError::Config { what: what.clone(), message };
-        if account.is_empty() || !account.chars().all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.')) {
+        if account.is_empty() || !account.chars().all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.'))
+        {
             return Err(config(format!(
                 "key {} of {credentials_from} must hold an account identifier such as myorg-myaccount or \
                  xy12345.us-east-2.aws (letters, digits, '-', '_', '.')",
@@ -330,7 +342,10 @@ impl SnowflakeMembers {
         }
         let user = user.expose().trim().to_owned();
         if user.is_empty() {
-            return Err(config(format!("key {} of {credentials_from} is empty; put the Snowflake user name there", c.user_key)));
+            return Err(config(format!(
+                "key {} of {credentials_from} is empty; put the Snowflake user name there",
+                c.user_key
+            )));
         }
         let (key, fingerprint) = signing_key(private_key.expose(), passphrase.as_ref().map(SecretString::expose))
             .map_err(|m| config(format!("key {} of {credentials_from}: {m}", c.private_key_key)))?;
@@ -415,8 +430,9 @@ impl SnowflakeMembers {
     async fn step(&self, call: Call, response: reqwest::Response) -> Result<Step, SourceError> {
         let status = response.status();
         let hint = warehouse::retry_after(&response);
-        let body = warehouse::read_body(&self.what, &call.part(), "maxPartitionBytes", self.max_partition_bytes, response)
-            .await?;
+        let body =
+            warehouse::read_body(&self.what, &call.part(), "maxPartitionBytes", self.max_partition_bytes, response)
+                .await?;
         let detail = || format!("HTTP {}: {}", status.as_u16(), warehouse::excerpt(&body, &[]));
         let answer = || serde_json::from_slice::<Answer>(&body).unwrap_or_default();
         match (status, call) {
@@ -489,10 +505,15 @@ impl SnowflakeMembers {
                 *jwt = self.mint()?;
             }
             let (method, url, body) = request(resend);
-            let sent = tokio::time::timeout_at(deadline, self.send(method, url, jwt, body)).await.map_err(|_| self.timeout())?;
+            let sent = tokio::time::timeout_at(deadline, self.send(method, url, jwt, body))
+                .await
+                .map_err(|_| self.timeout())?;
             let (detail, hint) = match sent {
                 Err(e) => (format!("{} failed: {}", call.part(), error_chain(&e)), None),
-                Ok(response) => match tokio::time::timeout_at(deadline, self.step(call, response)).await.map_err(|_| self.timeout())?? {
+                Ok(response) => match tokio::time::timeout_at(deadline, self.step(call, response))
+                    .await
+                    .map_err(|_| self.timeout())??
+                {
                     Step::Retry { detail, hint } => (detail, hint),
                     Step::Reauthenticate(detail) if reminted => return Err(self.auth_failed(detail)),
                     Step::Reauthenticate(_) => {
@@ -506,7 +527,11 @@ impl SnowflakeMembers {
             tracing::debug!(source = %self.what, call = ?call, "transient answer, retrying: {detail}");
             resend = true;
             let Some(wait) = backoff.next_delay(hint) else {
-                return Err(SourceError::Unavailable { what: self.what.clone(), attempts: backoff.attempts() + 1, detail });
+                return Err(SourceError::Unavailable {
+                    what: self.what.clone(),
+                    attempts: backoff.attempts() + 1,
+                    detail,
+                });
             };
             if Instant::now() + wait >= deadline {
                 return Err(self.timeout());
@@ -561,7 +586,13 @@ impl SnowflakeMembers {
     }
 
     /// Partition `n` (1..P−1) of the finished statement.
-    async fn partition(&self, handle: &str, n: usize, jwt: &mut Jwt, deadline: Instant) -> Result<Vec<Vec<Option<String>>>, SourceError> {
+    async fn partition(
+        &self,
+        handle: &str,
+        n: usize,
+        jwt: &mut Jwt,
+        deadline: Instant,
+    ) -> Result<Vec<Vec<Option<String>>>, SourceError> {
         let mut url = self.url(Some(handle), None);
         url.query_pairs_mut().append_pair("partition", &n.to_string());
         match self.exchange(Call::Partition(n), jwt, deadline, |_| (Method::GET, url.clone(), false)).await? {
@@ -576,7 +607,9 @@ impl SnowflakeMembers {
         if got as u64 != expected {
             return Err(self.malformed(
                 part,
-                format!("{got} rows where partitionInfo promises {expected}; the answer was cut short, nothing is imported"),
+                format!(
+                    "{got} rows where partitionInfo promises {expected}; the answer was cut short, nothing is imported"
+                ),
             ));
         }
         Ok(())
@@ -591,7 +624,9 @@ impl SnowflakeMembers {
             ));
         }
         if answer.statement_handles.is_some() {
-            return Err(self.malformed("partition 0", "several statements ran; the query must be one SELECT".to_owned()));
+            return Err(
+                self.malformed("partition 0", "several statements ran; the query must be one SELECT".to_owned())
+            );
         }
         let meta = answer
             .result_set_meta_data
@@ -683,7 +718,8 @@ mod tests {
     fn bad_keys_say_what_is_wrong_without_the_key() {
         let err = signing_key("not a key", None).unwrap_err();
         assert!(err.contains("not PEM"), "{err}");
-        let pem = "-----BEGIN PUBLIC KEY-----\nMIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEA\n-----END PUBLIC KEY-----\n";
+        let pem =
+            "-----BEGIN PUBLIC KEY-----\nMIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEA\n-----END PUBLIC KEY-----\n";
         let err = signing_key(pem, None).unwrap_err();
         assert!(err.contains("not PEM") || err.contains("not a private key"), "{err}");
     }

@@ -23,9 +23,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 
-use super::{BatchBuilder, MemberBatch, SourceError, REDACT_MIN_LEN};
+use super::{BatchBuilder, MemberBatch, REDACT_MIN_LEN, SourceError};
 use crate::domain::identifiers::{ColumnPlan, IdentifierFields, SkipReason, Value};
-use crate::domain::validate::{check_select, SqlDialect};
+use crate::domain::validate::{SqlDialect, check_select};
 use crate::secret::redact;
 
 /// `User-Agent` of every warehouse request (Snowflake requires one, in RFC 7231 form).
@@ -195,7 +195,9 @@ impl RowMapper {
                     message: format!("{} cells where the schema has {} columns", row.len(), self.width),
                 });
             }
-            batch.push(self.fields.resolve_columns(&self.plan, |c| exact_text(row[c].as_ref().map(|s| <S as AsRef<str>>::as_ref(s)), &self.types[c])));
+            batch.push(self.fields.resolve_columns(&self.plan, |c| {
+                exact_text(row[c].as_ref().map(|s| <S as AsRef<str>>::as_ref(s)), &self.types[c])
+            }));
         }
         Ok(batch.take())
     }

@@ -92,14 +92,8 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<BenchResult> {
         }
         None => {
             let sandbox = Sandbox::start(SandboxConfig {
-                partners: vec![Partner {
-                    name: config.partner.clone(),
-                    api_key: config.partner_api_key.clone(),
-                }],
-                data_import_keys: vec![DataImportKey {
-                    key: config.data_import_key.clone(),
-                    partners: vec![],
-                }],
+                partners: vec![Partner { name: config.partner.clone(), api_key: config.partner_api_key.clone() }],
+                data_import_keys: vec![DataImportKey { key: config.data_import_key.clone(), partners: vec![] }],
                 users: generated_users("bench-user-", config.users).collect(),
                 ..SandboxConfig::default()
             })
@@ -109,23 +103,14 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<BenchResult> {
         }
     };
     let endpoint = format!("{url}/partners/{}/cohorts/users", config.partner);
-    let bodies: Arc<Vec<Vec<u8>>> =
-        Arc::new((0..DISTINCT_BODIES).map(|i| body(config, i)).collect());
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(config.concurrency)
-        .tcp_nodelay(true)
-        .build()?;
+    let bodies: Arc<Vec<Vec<u8>>> = Arc::new((0..DISTINCT_BODIES).map(|i| body(config, i)).collect());
+    let client = reqwest::Client::builder().pool_max_idle_per_host(config.concurrency).tcp_nodelay(true).build()?;
     let issued = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + config.max_duration;
     let started = Instant::now();
     let mut tasks = Vec::new();
     for worker in 0..config.concurrency.max(1) {
-        let (client, endpoint, bodies, issued) = (
-            client.clone(),
-            endpoint.clone(),
-            bodies.clone(),
-            issued.clone(),
-        );
+        let (client, endpoint, bodies, issued) = (client.clone(), endpoint.clone(), bodies.clone(), issued.clone());
         let limit = config.requests;
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
@@ -135,12 +120,7 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<BenchResult> {
                 let body = bodies[n % bodies.len()].clone();
                 n += 1;
                 let sent = Instant::now();
-                let ok = match client
-                    .post(&endpoint)
-                    .header("content-type", "application/json")
-                    .body(body)
-                    .send()
-                    .await
+                let ok = match client.post(&endpoint).header("content-type", "application/json").body(body).send().await
                 {
                     Ok(resp) => {
                         let ok = resp.status().is_success();
@@ -187,10 +167,7 @@ fn body(config: &BenchConfig, variant: u32) -> Vec<u8> {
     let id = |k: u32| {
         format!(
             "bench-user-{}",
-            (variant
-                .wrapping_mul(7919)
-                .wrapping_add(k.wrapping_mul(104_729)))
-                % (users + users / 10)
+            (variant.wrapping_mul(7919).wrapping_add(k.wrapping_mul(104_729))) % (users + users / 10)
         )
     };
     let half = IDS_PER_BODY / 2;
@@ -211,15 +188,10 @@ fn body(config: &BenchConfig, variant: u32) -> Vec<u8> {
 fn require_loopback(url: &str) -> anyhow::Result<()> {
     let parsed = reqwest::Url::parse(url).with_context(|| format!("--url {url:?}"))?;
     let host = parsed.host_str().unwrap_or_default();
-    let loopback = host == "localhost"
-        || host
-            .trim_matches(['[', ']'])
-            .parse::<IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
+    let loopback =
+        host == "localhost" || host.trim_matches(['[', ']']).parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
     if !loopback {
-        bail!(
-            "--url {url:?}: the benchmark only targets loopback addresses (127.0.0.1, ::1, localhost)"
-        );
+        bail!("--url {url:?}: the benchmark only targets loopback addresses (127.0.0.1, ::1, localhost)");
     }
     Ok(())
 }
@@ -239,17 +211,10 @@ mod tests {
 
     #[test]
     fn bodies_carry_exactly_1000_ids() {
-        let config = BenchConfig {
-            users: 50,
-            ..BenchConfig::default()
-        };
+        let config = BenchConfig { users: 50, ..BenchConfig::default() };
         let v: serde_json::Value = serde_json::from_slice(&body(&config, 3)).unwrap();
-        let n: usize = v["cohort_changes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|o| o["user_ids"].as_array().unwrap().len())
-            .sum();
+        let n: usize =
+            v["cohort_changes"].as_array().unwrap().iter().map(|o| o["user_ids"].as_array().unwrap().len()).sum();
         assert_eq!(n, 1000);
     }
 }

@@ -49,7 +49,9 @@ pub struct RateLimit {
 pub enum ScriptedFault {
     Status(u16),
     Drop(DropTag),
-    Delay { delay_ms: u64 },
+    Delay {
+        delay_ms: u64,
+    },
     WithRateLimit {
         status: u16,
         reset_after_s: u64,
@@ -109,12 +111,7 @@ pub struct FaultState {
 
 impl FaultState {
     pub fn new(faults: Faults) -> Self {
-        Self {
-            faults,
-            window: 0,
-            used: 0,
-            peak: 0,
-        }
+        Self { faults, window: 0, used: 0, peak: 0 }
     }
 
     /// The most requests one rate-limit window received (429s included) since the faults
@@ -149,31 +146,22 @@ impl FaultState {
             self.used += 1;
             self.peak = self.peak.max(self.used);
             let reset = ((window + 1) * window_ms).div_ceil(1000);
-            let headers = RateLimitHeaders {
-                limit: limit.requests,
-                remaining: limit.requests.saturating_sub(self.used),
-                reset,
-            };
+            let headers =
+                RateLimitHeaders { limit: limit.requests, remaining: limit.requests.saturating_sub(self.used), reset };
             let over = self.used > limit.requests;
-            let retry_after = limit
-                .retry_after
-                .then(|| reset.saturating_sub(now_ms / 1000).max(1));
+            let retry_after = limit.retry_after.then(|| reset.saturating_sub(now_ms / 1000).max(1));
             (headers, over, retry_after)
         });
         let headers = ratelimit.as_ref().map(|r| r.0);
         if let Some(fault) = self.faults.script.pop_front() {
             return match fault {
-                ScriptedFault::Status(status) => Decision::Fail {
-                    status,
-                    delay,
-                    ratelimit: headers,
-                    retry_after: None,
-                },
+                ScriptedFault::Status(status) => {
+                    Decision::Fail { status, delay, ratelimit: headers, retry_after: None }
+                }
                 ScriptedFault::Drop(_) => Decision::Drop,
-                ScriptedFault::Delay { delay_ms } => Decision::Pass {
-                    delay: delay + Duration::from_millis(delay_ms),
-                    ratelimit: headers,
-                },
+                ScriptedFault::Delay { delay_ms } => {
+                    Decision::Pass { delay: delay + Duration::from_millis(delay_ms), ratelimit: headers }
+                }
                 ScriptedFault::WithRateLimit { status, reset_after_s, remaining } => Decision::Fail {
                     status,
                     delay,
@@ -191,34 +179,16 @@ impl FaultState {
             return Decision::Drop;
         }
         if let Some((headers, true, retry_after)) = ratelimit {
-            return Decision::Fail {
-                status: 429,
-                delay,
-                ratelimit: Some(headers),
-                retry_after,
-            };
+            return Decision::Fail { status: 429, delay, ratelimit: Some(headers), retry_after };
         }
         if f.locked_rate > 0.0 && rand() < f.locked_rate {
-            return Decision::Fail {
-                status: 423,
-                delay,
-                ratelimit: headers,
-                retry_after: None,
-            };
+            return Decision::Fail { status: 423, delay, ratelimit: headers, retry_after: None };
         }
         if f.server_error_rate > 0.0 && rand() < f.server_error_rate {
             let status = [500, 502, 503, 504][((rand() * 4.0) as usize).min(3)];
-            return Decision::Fail {
-                status,
-                delay,
-                ratelimit: headers,
-                retry_after: None,
-            };
+            return Decision::Fail { status, delay, ratelimit: headers, retry_after: None };
         }
-        Decision::Pass {
-            delay,
-            ratelimit: headers,
-        }
+        Decision::Pass { delay, ratelimit: headers }
     }
 }
 
@@ -229,61 +199,25 @@ mod tests {
     #[test]
     fn no_faults_pass_untouched() {
         let mut state = FaultState::default();
-        assert_eq!(
-            state.decide(0, || 0.0),
-            Decision::Pass {
-                delay: Duration::ZERO,
-                ratelimit: None
-            }
-        );
+        assert_eq!(state.decide(0, || 0.0), Decision::Pass { delay: Duration::ZERO, ratelimit: None });
     }
 
     #[test]
     fn rate_limit_counts_per_aligned_window_and_names_the_reset() {
         let mut state = FaultState::new(Faults {
-            rate_limit: Some(RateLimit {
-                requests: 2,
-                window_ms: 10_000,
-                retry_after: true,
-            }),
+            rate_limit: Some(RateLimit { requests: 2, window_ms: 10_000, retry_after: true }),
             ..Faults::default()
         });
         let now = 1_700_000_003_000; // window [1_700_000_000, 1_700_000_010)
-        let headers = |remaining| {
-            Some(RateLimitHeaders {
-                limit: 2,
-                remaining,
-                reset: 1_700_000_010,
-            })
-        };
-        assert_eq!(
-            state.decide(now, || 0.5),
-            Decision::Pass {
-                delay: Duration::ZERO,
-                ratelimit: headers(1)
-            }
-        );
-        assert_eq!(
-            state.decide(now, || 0.5),
-            Decision::Pass {
-                delay: Duration::ZERO,
-                ratelimit: headers(0)
-            }
-        );
+        let headers = |remaining| Some(RateLimitHeaders { limit: 2, remaining, reset: 1_700_000_010 });
+        assert_eq!(state.decide(now, || 0.5), Decision::Pass { delay: Duration::ZERO, ratelimit: headers(1) });
+        assert_eq!(state.decide(now, || 0.5), Decision::Pass { delay: Duration::ZERO, ratelimit: headers(0) });
         assert_eq!(
             state.decide(now + 500, || 0.5),
-            Decision::Fail {
-                status: 429,
-                delay: Duration::ZERO,
-                ratelimit: headers(0),
-                retry_after: Some(7)
-            }
+            Decision::Fail { status: 429, delay: Duration::ZERO, ratelimit: headers(0), retry_after: Some(7) }
         );
         // The next window admits requests again.
-        assert!(matches!(
-            state.decide(1_700_000_010_000, || 0.5),
-            Decision::Pass { .. }
-        ));
+        assert!(matches!(state.decide(1_700_000_010_000, || 0.5), Decision::Pass { .. }));
         assert_eq!(state.peak_window_requests(), 3, "the refused request counts");
         state.reset_peak();
         assert_eq!(state.peak_window_requests(), 1, "the current window so far");
@@ -291,28 +225,12 @@ mod tests {
 
     #[test]
     fn script_goes_first_in_order() {
-        let faults: Faults =
-            serde_json::from_str(r#"{"script":[429,"drop",{"delay_ms":5}]}"#).unwrap();
+        let faults: Faults = serde_json::from_str(r#"{"script":[429,"drop",{"delay_ms":5}]}"#).unwrap();
         let mut state = FaultState::new(faults);
-        assert!(matches!(
-            state.decide(0, || 0.9),
-            Decision::Fail { status: 429, .. }
-        ));
+        assert!(matches!(state.decide(0, || 0.9), Decision::Fail { status: 429, .. }));
         assert_eq!(state.decide(0, || 0.9), Decision::Drop);
-        assert_eq!(
-            state.decide(0, || 0.9),
-            Decision::Pass {
-                delay: Duration::from_millis(5),
-                ratelimit: None
-            }
-        );
-        assert_eq!(
-            state.decide(0, || 0.9),
-            Decision::Pass {
-                delay: Duration::ZERO,
-                ratelimit: None
-            }
-        );
+        assert_eq!(state.decide(0, || 0.9), Decision::Pass { delay: Duration::from_millis(5), ratelimit: None });
+        assert_eq!(state.decide(0, || 0.9), Decision::Pass { delay: Duration::ZERO, ratelimit: None });
     }
 
     #[test]
@@ -329,41 +247,41 @@ mod tests {
         let mut seq = [0.99, 0.9, 0.9, 0.2, 0.6].into_iter();
         assert_eq!(
             state.decide(0, || seq.next().unwrap()),
-            Decision::Fail {
-                status: 503,
-                delay: Duration::from_millis(7),
-                ratelimit: None,
-                retry_after: None
-            }
+            Decision::Fail { status: 503, delay: Duration::from_millis(7), ratelimit: None, retry_after: None }
         );
         let mut seq = [0.0, 0.01].into_iter();
         assert_eq!(state.decide(0, || seq.next().unwrap()), Decision::Drop);
         let mut seq = [0.0, 0.9, 0.05].into_iter();
-        assert!(matches!(
-            state.decide(0, || seq.next().unwrap()),
-            Decision::Fail { status: 423, .. }
-        ));
+        assert!(matches!(state.decide(0, || seq.next().unwrap()), Decision::Fail { status: 423, .. }));
         let mut seq = [0.0, 0.9, 0.9, 0.9].into_iter();
-        assert!(matches!(
-            state.decide(0, || seq.next().unwrap()),
-            Decision::Pass { .. }
-        ));
+        assert!(matches!(state.decide(0, || seq.next().unwrap()), Decision::Pass { .. }));
     }
 
     #[test]
     fn scripted_statuses_can_carry_a_distant_rate_limit_reset() {
-        let faults: Faults =
-            serde_json::from_str(r#"{"script":[{"status":503,"reset_after_s":3600},{"status":429,"reset_after_s":5,"remaining":0}]}"#)
-                .unwrap();
+        let faults: Faults = serde_json::from_str(
+            r#"{"script":[{"status":503,"reset_after_s":3600},{"status":429,"reset_after_s":5,"remaining":0}]}"#,
+        )
+        .unwrap();
         let mut state = FaultState::new(faults);
         let headers = |remaining, reset| Some(RateLimitHeaders { limit: 250_000, remaining, reset });
         assert_eq!(
             state.decide(1_700_000_000_500, || 0.9),
-            Decision::Fail { status: 503, delay: Duration::ZERO, ratelimit: headers(125_000, 1_700_003_600), retry_after: None }
+            Decision::Fail {
+                status: 503,
+                delay: Duration::ZERO,
+                ratelimit: headers(125_000, 1_700_003_600),
+                retry_after: None
+            }
         );
         assert_eq!(
             state.decide(1_700_000_000_500, || 0.9),
-            Decision::Fail { status: 429, delay: Duration::ZERO, ratelimit: headers(0, 1_700_000_005), retry_after: None }
+            Decision::Fail {
+                status: 429,
+                delay: Duration::ZERO,
+                ratelimit: headers(0, 1_700_000_005),
+                retry_after: None
+            }
         );
     }
 

@@ -24,7 +24,7 @@ pub mod wire;
 
 pub use faults::{Faults, RateLimit, ScriptedFault};
 pub use server::{
-    CohortSummary, DataImportKey, Partner, RequestRecord, RunningSandbox, Sandbox, SandboxConfig,
-    SandboxError, SandboxHandle, Stats,
+    CohortSummary, DataImportKey, Partner, RequestRecord, RunningSandbox, Sandbox, SandboxConfig, SandboxError,
+    SandboxHandle, Stats,
 };
 pub use store::{Alias, SandboxUser};

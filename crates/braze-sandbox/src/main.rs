@@ -12,11 +12,7 @@ use braze_sandbox::{DataImportKey, Faults, Partner, RateLimit, Sandbox, SandboxC
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "braze-sandbox",
-    version,
-    args_conflicts_with_subcommands = true
-)]
+#[command(name = "braze-sandbox", version, args_conflicts_with_subcommands = true)]
 /// A local stand-in for Braze's partner cohort import API (see the crate's README.md).
 struct Cli {
     #[command(subcommand)]
@@ -40,11 +36,7 @@ struct ServeArgs {
     #[arg(long = "partner", value_name = "NAME=KEY", required = true)]
     partners: Vec<String>,
     /// A data import key, optionally limited to partners: `KEY` or `KEY=partner1,partner2`.
-    #[arg(
-        long = "data-import-key",
-        value_name = "KEY[=PARTNERS]",
-        required = true
-    )]
+    #[arg(long = "data-import-key", value_name = "KEY[=PARTNERS]", required = true)]
     data_import_keys: Vec<String>,
     /// Users file: JSON array of users, or CSV (`.csv`) with external_id, alias_name,
     /// alias_label, device_id columns.
@@ -107,8 +99,7 @@ struct BenchArgs {
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "braze_sandbox=info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "braze_sandbox=info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -138,10 +129,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .partners
         .iter()
         .map(|p| match p.split_once('=') {
-            Some((name, key)) if !name.is_empty() && !key.is_empty() => Ok(Partner {
-                name: name.into(),
-                api_key: key.into(),
-            }),
+            Some((name, key)) if !name.is_empty() && !key.is_empty() => {
+                Ok(Partner { name: name.into(), api_key: key.into() })
+            }
             _ => bail!("--partner takes NAME=KEY"),
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
@@ -151,16 +141,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .map(|k| match k.split_once('=') {
             Some((key, partners)) => DataImportKey {
                 key: key.into(),
-                partners: partners
-                    .split(',')
-                    .filter(|p| !p.is_empty())
-                    .map(str::to_owned)
-                    .collect(),
+                partners: partners.split(',').filter(|p| !p.is_empty()).map(str::to_owned).collect(),
             },
-            None => DataImportKey {
-                key: k.clone(),
-                partners: vec![],
-            },
+            None => DataImportKey { key: k.clone(), partners: vec![] },
         })
         .collect();
     let mut users = match &args.users {
@@ -176,9 +159,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         None => Faults::default(),
     };
     if let Some(limit) = &args.rate_limit {
-        let (n, secs) = limit
-            .split_once('/')
-            .context("--rate-limit takes REQUESTS/SECONDS")?;
+        let (n, secs) = limit.split_once('/').context("--rate-limit takes REQUESTS/SECONDS")?;
         faults.rate_limit = Some(RateLimit {
             requests: n.parse().context("--rate-limit requests")?,
             window_ms: (secs.parse::<f64>().context("--rate-limit seconds")? * 1000.0) as u64,
@@ -199,19 +180,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ..SandboxConfig::default()
     })
     .await?;
-    println!(
-        "braze-sandbox listening on {} ({} users)",
-        sandbox.url(),
-        sandbox.user_count()
-    );
+    println!("braze-sandbox listening on {} ({} users)", sandbox.url(), sandbox.user_count());
     shutdown_signal().await;
     sandbox.shutdown().await.context("saving the state file")?;
     Ok(())
 }
 
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}

@@ -7,24 +7,12 @@ use crate::store::{Alias, SandboxUser};
 #[derive(Debug, thiserror::Error)]
 pub enum SeedError {
     #[error("users file {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("users file {path} is not a JSON array of users: {source}")]
-    Json {
-        path: String,
-        source: serde_json::Error,
-    },
+    Json { path: String, source: serde_json::Error },
     #[error("users file {path}, line {line}: {reason}")]
-    Csv {
-        path: String,
-        line: usize,
-        reason: String,
-    },
-    #[error(
-        "--user {spec:?}: {reason}; write e.g. external_id:u1,device_id:d1,alias_name:n,alias_label:l"
-    )]
+    Csv { path: String, line: usize, reason: String },
+    #[error("--user {spec:?}: {reason}; write e.g. external_id:u1,device_id:d1,alias_name:n,alias_label:l")]
     Spec { spec: String, reason: String },
 }
 
@@ -34,48 +22,26 @@ pub enum SeedError {
 /// merge when seeded).
 pub fn read_users_file(path: &Path) -> Result<Vec<SandboxUser>, SeedError> {
     let shown = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| SeedError::Read {
-        path: shown.clone(),
-        source,
-    })?;
-    let is_csv = path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("csv"));
+    let text = std::fs::read_to_string(path).map_err(|source| SeedError::Read { path: shown.clone(), source })?;
+    let is_csv = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv"));
     if is_csv {
-        parse_csv(&text).map_err(|(line, reason)| SeedError::Csv {
-            path: shown,
-            line,
-            reason,
-        })
+        parse_csv(&text).map_err(|(line, reason)| SeedError::Csv { path: shown, line, reason })
     } else {
-        serde_json::from_str(&text).map_err(|source| SeedError::Json {
-            path: shown,
-            source,
-        })
+        serde_json::from_str(&text).map_err(|source| SeedError::Json { path: shown, source })
     }
 }
 
 pub fn parse_csv(text: &str) -> Result<Vec<SandboxUser>, (usize, String)> {
-    let mut lines = text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty());
+    let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
     let Some((_, header)) = lines.next() else {
         return Ok(Vec::new());
     };
     let columns = split_csv_line(header).map_err(|r| (1, r))?;
     let position = |name: &str| columns.iter().position(|c| c.trim() == name);
-    let (ext, name, label, device) = (
-        position("external_id"),
-        position("alias_name"),
-        position("alias_label"),
-        position("device_id"),
-    );
+    let (ext, name, label, device) =
+        (position("external_id"), position("alias_name"), position("alias_label"), position("device_id"));
     if ext.is_none() && name.is_none() && device.is_none() {
-        return Err((
-            1,
-            "the header names none of external_id, alias_name, device_id".into(),
-        ));
+        return Err((1, "the header names none of external_id, alias_name, device_id".into()));
     }
     if name.is_some() != label.is_some() {
         return Err((1, "alias_name and alias_label go together".into()));
@@ -84,20 +50,11 @@ pub fn parse_csv(text: &str) -> Result<Vec<SandboxUser>, (usize, String)> {
     for (i, line) in lines {
         let fields = split_csv_line(line).map_err(|r| (i + 1, r))?;
         let cell = |at: Option<usize>| {
-            at.and_then(|a| fields.get(a))
-                .map(|s| s.trim())
-                .filter(|s| !s.is_empty())
-                .map(str::to_owned)
+            at.and_then(|a| fields.get(a)).map(|s| s.trim()).filter(|s| !s.is_empty()).map(str::to_owned)
         };
-        let mut user = SandboxUser {
-            external_id: cell(ext),
-            ..SandboxUser::default()
-        };
+        let mut user = SandboxUser { external_id: cell(ext), ..SandboxUser::default() };
         if let (Some(alias_name), Some(alias_label)) = (cell(name), cell(label)) {
-            user.aliases.push(Alias {
-                alias_name,
-                alias_label,
-            });
+            user.aliases.push(Alias { alias_name, alias_label });
         }
         user.device_ids.extend(cell(device));
         if user == SandboxUser::default() {
@@ -136,16 +93,11 @@ fn split_csv_line(line: &str) -> Result<Vec<String>, String> {
 /// Parses `--user external_id:u1,device_id:d1,alias_name:n,alias_label:l` (values without
 /// commas; device_id may repeat).
 pub fn parse_user_spec(spec: &str) -> Result<SandboxUser, SeedError> {
-    let fail = |reason: &str| SeedError::Spec {
-        spec: spec.to_owned(),
-        reason: reason.to_owned(),
-    };
+    let fail = |reason: &str| SeedError::Spec { spec: spec.to_owned(), reason: reason.to_owned() };
     let mut user = SandboxUser::default();
     let (mut name, mut label) = (None, None);
     for part in spec.split(',').filter(|p| !p.is_empty()) {
-        let (key, value) = part
-            .split_once(':')
-            .ok_or_else(|| fail("each part is key:value"))?;
+        let (key, value) = part.split_once(':').ok_or_else(|| fail("each part is key:value"))?;
         if value.is_empty() {
             return Err(fail("empty value"));
         }
@@ -158,10 +110,7 @@ pub fn parse_user_spec(spec: &str) -> Result<SandboxUser, SeedError> {
         }
     }
     match (name, label) {
-        (Some(alias_name), Some(alias_label)) => user.aliases.push(Alias {
-            alias_name,
-            alias_label,
-        }),
+        (Some(alias_name), Some(alias_label)) => user.aliases.push(Alias { alias_name, alias_label }),
         (None, None) => {}
         _ => return Err(fail("alias_name and alias_label go together")),
     }
@@ -207,13 +156,7 @@ mod tests {
         assert_eq!(u.device_ids, ["d1", "d2"]);
         let u = parse_user_spec("alias_name:a@b.c,alias_label:email").unwrap();
         assert_eq!(u, SandboxUser::alias("a@b.c", "email"));
-        for bad in [
-            "",
-            "external_id",
-            "alias_name:x",
-            "colour:red",
-            "external_id:",
-        ] {
+        for bad in ["", "external_id", "alias_name:x", "colour:red", "external_id:"] {
             assert!(parse_user_spec(bad).is_err(), "{bad}");
         }
     }
@@ -225,11 +168,6 @@ mod tests {
         std::fs::write(&path, r#"[{"external_id":"u1"},{"device_ids":["d"]}]"#).unwrap();
         assert_eq!(read_users_file(&path).unwrap().len(), 2);
         std::fs::write(&path, "{}").unwrap();
-        assert!(
-            read_users_file(&path)
-                .unwrap_err()
-                .to_string()
-                .contains("users.json")
-        );
+        assert!(read_users_file(&path).unwrap_err().to_string().contains("users.json"));
     }
 }

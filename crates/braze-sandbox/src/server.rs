@@ -51,17 +51,13 @@ pub struct DataImportKey {
 // key ever appears in a log line.
 impl std::fmt::Debug for Partner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Partner")
-            .field("name", &self.name)
-            .finish_non_exhaustive()
+        f.debug_struct("Partner").field("name", &self.name).finish_non_exhaustive()
     }
 }
 
 impl std::fmt::Debug for DataImportKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DataImportKey")
-            .field("partners", &self.partners)
-            .finish_non_exhaustive()
+        f.debug_struct("DataImportKey").field("partners", &self.partners).finish_non_exhaustive()
     }
 }
 
@@ -166,10 +162,7 @@ struct Counters {
 
 impl Counters {
     fn new() -> Self {
-        Self {
-            by_status: (0..600).map(|_| AtomicU64::new(0)).collect(),
-            ..Self::default()
-        }
+        Self { by_status: (0..600).map(|_| AtomicU64::new(0)).collect(), ..Self::default() }
     }
 
     fn status(&self, status: u16) {
@@ -256,20 +249,11 @@ pub struct RunningSandbox {
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
     #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { addr: SocketAddr, source: std::io::Error },
     #[error("state file {path}: {source}")]
-    StateFile {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    StateFile { path: PathBuf, source: std::io::Error },
     #[error("state file {path} is not sandbox state: {source}")]
-    StateFormat {
-        path: PathBuf,
-        source: serde_json::Error,
-    },
+    StateFormat { path: PathBuf, source: serde_json::Error },
 }
 
 pub struct Sandbox;
@@ -298,35 +282,18 @@ impl Sandbox {
             dirty: AtomicBool::new(false),
             state_file: config.state_file,
         });
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| SandboxError::Bind {
-                    addr: config.listen,
-                    source,
-                })?;
-        let addr = listener.local_addr().map_err(|source| SandboxError::Bind {
-            addr: config.listen,
-            source,
-        })?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| SandboxError::Bind { addr: config.listen, source })?;
+        let addr = listener.local_addr().map_err(|source| SandboxError::Bind { addr: config.listen, source })?;
         let router = router(shared.clone(), config.max_body_bytes);
         let (shutdown, stop) = watch::channel(false);
-        let mut tasks = vec![tokio::spawn(accept_loop(
-            listener,
-            router,
-            shared.clone(),
-            stop.clone(),
-        ))];
+        let mut tasks = vec![tokio::spawn(accept_loop(listener, router, shared.clone(), stop.clone()))];
         if shared.state_file.is_some() {
             tasks.push(tokio::spawn(save_loop(shared.clone(), stop)));
         }
         info!(%addr, "Braze sandbox listening");
-        Ok(RunningSandbox {
-            addr,
-            handle: SandboxHandle { shared },
-            shutdown,
-            tasks,
-        })
+        Ok(RunningSandbox { addr, handle: SandboxHandle { shared }, shutdown, tasks })
     }
 }
 
@@ -392,12 +359,8 @@ impl SandboxHandle {
 
     /// The names Braze's segment filter offers for a partner: named cohorts, sorted.
     pub fn cohort_names(&self, partner: &str) -> Vec<String> {
-        let mut names: Vec<String> = self
-            .cohorts()
-            .into_iter()
-            .filter(|c| c.partner == partner)
-            .filter_map(|c| c.name)
-            .collect();
+        let mut names: Vec<String> =
+            self.cohorts().into_iter().filter(|c| c.partner == partner).filter_map(|c| c.name).collect();
         names.sort();
         names.dedup();
         names
@@ -409,22 +372,13 @@ impl SandboxHandle {
         let mut indices: Vec<u32> = cohort.lock().members.iter().copied().collect();
         indices.sort_unstable();
         let users = self.shared.users.read();
-        Some(
-            indices
-                .into_iter()
-                .filter_map(|i| users.get(i).cloned())
-                .collect(),
-        )
+        Some(indices.into_iter().filter_map(|i| users.get(i).cloned()).collect())
     }
 
     /// External ids of a cohort's members, sorted (members without one are left out).
     pub fn member_external_ids(&self, partner: &str, cohort_id: &str) -> Vec<String> {
-        let mut ids: Vec<String> = self
-            .members(partner, cohort_id)
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|u| u.external_id)
-            .collect();
+        let mut ids: Vec<String> =
+            self.members(partner, cohort_id).unwrap_or_default().into_iter().filter_map(|u| u.external_id).collect();
         ids.sort();
         ids
     }
@@ -493,10 +447,7 @@ fn router(shared: Arc<Shared>, max_body_bytes: usize) -> Router {
         .route("/sandbox/requests", get(admin_requests))
         .route("/sandbox/faults", get(admin_faults).put(admin_set_faults))
         .route("/sandbox/users", post(admin_add_users))
-        .route(
-            "/sandbox/data-import-keys",
-            axum::routing::put(admin_set_keys),
-        )
+        .route("/sandbox/data-import-keys", axum::routing::put(admin_set_keys))
         .route("/sandbox/save", post(admin_save))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(shared)
@@ -507,12 +458,7 @@ fn router(shared: Arc<Shared>, max_body_bytes: usize) -> Router {
 #[error("connection dropped by fault injection")]
 struct DroppedConnection;
 
-async fn accept_loop(
-    listener: TcpListener,
-    router: Router,
-    shared: Arc<Shared>,
-    mut stop: watch::Receiver<bool>,
-) {
+async fn accept_loop(listener: TcpListener, router: Router, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     loop {
         let (stream, _) = tokio::select! {
@@ -547,10 +493,7 @@ async fn accept_loop(
                     }
                     req.extensions_mut().insert(decision);
                 }
-                let response = router
-                    .oneshot(req)
-                    .await
-                    .unwrap_or_else(|e: Infallible| match e {});
+                let response = router.oneshot(req).await.unwrap_or_else(|e: Infallible| match e {});
                 Ok::<_, DroppedConnection>(response)
             }
         });
@@ -589,10 +532,7 @@ struct Concurrent(Arc<Shared>);
 impl Concurrent {
     fn enter(shared: &Arc<Shared>) -> Self {
         let now = shared.counters.concurrent.fetch_add(1, Ordering::Relaxed) + 1;
-        shared
-            .counters
-            .max_concurrent
-            .fetch_max(now, Ordering::Relaxed);
+        shared.counters.max_concurrent.fetch_max(now, Ordering::Relaxed);
         Self(shared.clone())
     }
 }
@@ -609,18 +549,11 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A Braze-style JSON answer.
-fn answer(
-    status: u16,
-    message: &str,
-    ratelimit: Option<RateLimitHeaders>,
-    retry_after: Option<u64>,
-) -> Response {
+fn answer(status: u16, message: &str, ratelimit: Option<RateLimitHeaders>, retry_after: Option<u64>) -> Response {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut response = (status, Json(serde_json::json!({ "message": message }))).into_response();
     let headers = response.headers_mut();
@@ -677,10 +610,7 @@ impl Endpoint {
 
 impl Shared {
     fn stats(&self) -> Stats {
-        Stats {
-            max_requests_in_rate_window: self.faults.lock().peak_window_requests(),
-            ..self.counters.snapshot()
-        }
+        Stats { max_requests_in_rate_window: self.faults.lock().peak_window_requests(), ..self.counters.snapshot() }
     }
 
     fn reset_stats(&self) {
@@ -690,13 +620,7 @@ impl Shared {
     }
 
     fn record(&self, endpoint: &Endpoint, partner: &str, a: Answered<'_>) {
-        let Answered {
-            cohort_id,
-            status,
-            message,
-            ids,
-            removes,
-        } = a;
+        let Answered { cohort_id, status, message, ids, removes } = a;
         self.counters.status(status);
         let mut log = self.log.lock();
         if log.len() >= REQUEST_LOG_LEN {
@@ -735,17 +659,7 @@ impl Shared {
     ) -> Result<Option<RateLimitHeaders>, Response> {
         gate(decision).await.map_err(|(status, response)| {
             let message = fault_message(status);
-            self.record(
-                endpoint,
-                partner,
-                Answered {
-                    cohort_id: None,
-                    status,
-                    message,
-                    ids: 0,
-                    removes: 0,
-                },
-            );
+            self.record(endpoint, partner, Answered { cohort_id: None, status, message, ids: 0, removes: 0 });
             response
         })
     }
@@ -763,10 +677,7 @@ impl Shared {
         }
         let secret = wire::string(env.client_secret);
         let keys = self.keys.read();
-        let Some(key) = keys
-            .iter()
-            .find(|k| secret.as_deref() == Some(k.key.as_str()))
-        else {
+        let Some(key) = keys.iter().find(|k| secret.as_deref() == Some(k.key.as_str())) else {
             return Err(wire::MSG_INVALID_CLIENT_SECRET.to_owned());
         };
         if !key.partners.is_empty() && !key.partners.iter().any(|p| p == partner) {
@@ -779,13 +690,8 @@ impl Shared {
 }
 
 /// Applies the fault decision: `Err` is the faulted answer.
-async fn gate(
-    decision: Option<Extension<Decision>>,
-) -> Result<Option<RateLimitHeaders>, (u16, Response)> {
-    let decision = decision.map(|Extension(d)| d).unwrap_or(Decision::Pass {
-        delay: Duration::ZERO,
-        ratelimit: None,
-    });
+async fn gate(decision: Option<Extension<Decision>>) -> Result<Option<RateLimitHeaders>, (u16, Response)> {
+    let decision = decision.map(|Extension(d)| d).unwrap_or(Decision::Pass { delay: Duration::ZERO, ratelimit: None });
     match decision {
         Decision::Pass { delay, ratelimit } => {
             if !delay.is_zero() {
@@ -793,19 +699,11 @@ async fn gate(
             }
             Ok(ratelimit)
         }
-        Decision::Fail {
-            status,
-            delay,
-            ratelimit,
-            retry_after,
-        } => {
+        Decision::Fail { status, delay, ratelimit, retry_after } => {
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
-            Err((
-                status,
-                answer(status, fault_message(status), ratelimit, retry_after),
-            ))
+            Err((status, answer(status, fault_message(status), ratelimit, retry_after)))
         }
         Decision::Drop => unreachable!("dropped before routing"),
     }
@@ -818,23 +716,14 @@ async fn name_cohort(
     body: Bytes,
 ) -> Response {
     shared.counters.requests.fetch_add(1, Ordering::Relaxed);
-    shared
-        .counters
-        .name_requests
-        .fetch_add(1, Ordering::Relaxed);
+    shared.counters.name_requests.fetch_add(1, Ordering::Relaxed);
     let endpoint = Endpoint::Name;
     let ratelimit = match shared.admit(&endpoint, &partner, decision).await {
         Ok(r) => r,
         Err(response) => return response,
     };
     let reply = |status: u16, message: &str, cohort_id: Option<&str>| {
-        let answered = Answered {
-            cohort_id,
-            status,
-            message,
-            ids: 0,
-            removes: 0,
-        };
+        let answered = Answered { cohort_id, status, message, ids: 0, removes: 0 };
         shared.reply(&endpoint, &partner, ratelimit, answered)
     };
     let env = match Envelope::parse(&body) {
@@ -877,13 +766,7 @@ async fn change_members(
         Err(response) => return response,
     };
     let reply = |status: u16, message: &str, cohort_id: Option<&str>, ids: u64, removes: u64| {
-        let answered = Answered {
-            cohort_id,
-            status,
-            message,
-            ids,
-            removes,
-        };
+        let answered = Answered { cohort_id, status, message, ids, removes };
         shared.reply(&endpoint, &partner, ratelimit, answered)
     };
     let env = match Envelope::parse(&body) {
@@ -898,9 +781,8 @@ async fn change_members(
         Err(message) => {
             // Count what an oversized request carried, so tests see any limit breach.
             if message == wire::MSG_TOO_MANY_IDS
-                && let Ok(changes) = serde_json::from_str::<Vec<wire::ChangeObject<'_>>>(
-                    env.cohort_changes.map_or("[]", |r| r.get()),
-                )
+                && let Ok(changes) =
+                    serde_json::from_str::<Vec<wire::ChangeObject<'_>>>(env.cohort_changes.map_or("[]", |r| r.get()))
             {
                 let ids: usize = changes.iter().map(wire::ChangeObject::id_count).sum();
                 c.max_ids.fetch_max(ids as u64, Ordering::Relaxed);
@@ -909,22 +791,12 @@ async fn change_members(
         }
     };
     let ids = request.id_count as u64;
-    let removes: u64 = request
-        .changes
-        .iter()
-        .filter(|o| o.remove())
-        .map(|o| o.id_count() as u64)
-        .sum();
+    let removes: u64 = request.changes.iter().filter(|o| o.remove()).map(|o| o.id_count() as u64).sum();
     c.max_ids.fetch_max(ids, Ordering::Relaxed);
     let (resolved, unmatched) = shared.users.read().resolve(&request.changes);
-    let (joined, left) = shared
-        .cohorts
-        .get_or_create(&partner, &request.cohort_id)
-        .lock()
-        .apply(&resolved);
+    let (joined, left) = shared.cohorts.get_or_create(&partner, &request.cohort_id).lock().apply(&resolved);
     c.ids_received.fetch_add(ids, Ordering::Relaxed);
-    c.ids_matched
-        .fetch_add(resolved.len() as u64, Ordering::Relaxed);
+    c.ids_matched.fetch_add(resolved.len() as u64, Ordering::Relaxed);
     c.ids_unmatched.fetch_add(unmatched, Ordering::Relaxed);
     c.joined.fetch_add(joined, Ordering::Relaxed);
     c.left.fetch_add(left, Ordering::Relaxed);
@@ -943,10 +815,7 @@ struct PartnerQuery {
     partner: Option<String>,
 }
 
-async fn admin_cohort_names(
-    State(shared): State<Arc<Shared>>,
-    Query(q): Query<PartnerQuery>,
-) -> Response {
+async fn admin_cohort_names(State(shared): State<Arc<Shared>>, Query(q): Query<PartnerQuery>) -> Response {
     let handle = SandboxHandle { shared };
     let partners = partner_choice(&handle, q.partner, None);
     match partners {
@@ -972,11 +841,7 @@ async fn admin_members(
 }
 
 /// The partner a query means: the one named, else the only one that fits.
-fn partner_choice(
-    handle: &SandboxHandle,
-    named: Option<String>,
-    cohort_id: Option<&str>,
-) -> Result<String, String> {
+fn partner_choice(handle: &SandboxHandle, named: Option<String>, cohort_id: Option<&str>) -> Result<String, String> {
     if let Some(p) = named {
         return Ok(p);
     }
@@ -990,10 +855,7 @@ fn partner_choice(
     match partners.len() {
         0 => Ok(String::new()),
         1 => Ok(partners.remove(0)),
-        _ => Err(format!(
-            "several partners match ({}); add ?partner=NAME",
-            partners.join(", ")
-        )),
+        _ => Err(format!("several partners match ({}); add ?partner=NAME", partners.join(", "))),
     }
 }
 
@@ -1014,10 +876,7 @@ async fn admin_faults(State(shared): State<Arc<Shared>>) -> Json<Faults> {
     Json(SandboxHandle { shared }.faults())
 }
 
-async fn admin_set_faults(
-    State(shared): State<Arc<Shared>>,
-    Json(faults): Json<Faults>,
-) -> Json<Faults> {
+async fn admin_set_faults(State(shared): State<Arc<Shared>>, Json(faults): Json<Faults>) -> Json<Faults> {
     info!(?faults, "faults changed");
     let handle = SandboxHandle { shared };
     handle.set_faults(faults);
@@ -1032,10 +891,7 @@ async fn admin_add_users(
     Json(serde_json::json!({ "users": total }))
 }
 
-async fn admin_set_keys(
-    State(shared): State<Arc<Shared>>,
-    Json(keys): Json<Vec<DataImportKey>>,
-) -> StatusCode {
+async fn admin_set_keys(State(shared): State<Arc<Shared>>, Json(keys): Json<Vec<DataImportKey>>) -> StatusCode {
     info!(keys = keys.len(), "data import keys replaced");
     SandboxHandle { shared }.set_data_import_keys(keys);
     StatusCode::NO_CONTENT
@@ -1065,26 +921,16 @@ struct SavedCohort {
 }
 
 fn load_state(path: &Path, users: &mut Users, cohorts: &Cohorts) -> Result<(), SandboxError> {
-    let text = std::fs::read(path).map_err(|source| SandboxError::StateFile {
-        path: path.to_owned(),
-        source,
-    })?;
+    let text = std::fs::read(path).map_err(|source| SandboxError::StateFile { path: path.to_owned(), source })?;
     let state: StateFile =
-        serde_json::from_slice(&text).map_err(|source| SandboxError::StateFormat {
-            path: path.to_owned(),
-            source,
-        })?;
+        serde_json::from_slice(&text).map_err(|source| SandboxError::StateFormat { path: path.to_owned(), source })?;
     *users = Users::from_records(state.users);
     for saved in state.cohorts {
         let cohort = cohorts.get_or_create(&saved.partner, &saved.cohort_id);
         let mut cohort = cohort.lock();
         cohort.name = saved.name;
         cohort.created_at = saved.created_at;
-        cohort.members = saved
-            .members
-            .into_iter()
-            .filter(|&i| (i as usize) < users.len())
-            .collect();
+        cohort.members = saved.members.into_iter().filter(|&i| (i as usize) < users.len()).collect();
     }
     info!(path = %path.display(), users = users.len(), "sandbox state loaded");
     Ok(())
@@ -1101,13 +947,7 @@ fn save_state(shared: &Shared, path: &Path) -> std::io::Result<()> {
             let c = c.lock();
             let mut members: Vec<u32> = c.members.iter().copied().collect();
             members.sort_unstable();
-            SavedCohort {
-                partner,
-                cohort_id,
-                name: c.name.clone(),
-                created_at: c.created_at.clone(),
-                members,
-            }
+            SavedCohort { partner, cohort_id, name: c.name.clone(), created_at: c.created_at.clone(), members }
         })
         .collect();
     let bytes = serde_json::to_vec(&StateFile { users, cohorts }).map_err(std::io::Error::other)?;

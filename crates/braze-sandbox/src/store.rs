@@ -34,27 +34,15 @@ pub struct SandboxUser {
 
 impl SandboxUser {
     pub fn identified(external_id: impl Into<String>) -> Self {
-        Self {
-            external_id: Some(external_id.into()),
-            ..Self::default()
-        }
+        Self { external_id: Some(external_id.into()), ..Self::default() }
     }
 
     pub fn anonymous(device_id: impl Into<String>) -> Self {
-        Self {
-            device_ids: vec![device_id.into()],
-            ..Self::default()
-        }
+        Self { device_ids: vec![device_id.into()], ..Self::default() }
     }
 
     pub fn alias(name: impl Into<String>, label: impl Into<String>) -> Self {
-        Self {
-            aliases: vec![Alias {
-                alias_name: name.into(),
-                alias_label: label.into(),
-            }],
-            ..Self::default()
-        }
+        Self { aliases: vec![Alias { alias_name: name.into(), alias_label: label.into() }], ..Self::default() }
     }
 }
 
@@ -72,10 +60,7 @@ pub struct Users {
 impl Users {
     /// Users saved by the sandbox itself, indices kept as they were.
     pub fn from_records(records: Vec<SandboxUser>) -> Self {
-        let mut users = Self {
-            records,
-            ..Self::default()
-        };
+        let mut users = Self { records, ..Self::default() };
         for index in 0..users.records.len() {
             users.index(index as u32);
         }
@@ -106,16 +91,8 @@ impl Users {
             .external_id
             .as_ref()
             .and_then(|id| self.by_external_id.get(id))
-            .or_else(|| {
-                user.aliases
-                    .iter()
-                    .find_map(|a| self.alias(&a.alias_name, &a.alias_label))
-            })
-            .or_else(|| {
-                user.device_ids
-                    .iter()
-                    .find_map(|d| self.by_anonymous_device.get(d))
-            })
+            .or_else(|| user.aliases.iter().find_map(|a| self.alias(&a.alias_name, &a.alias_label)))
+            .or_else(|| user.device_ids.iter().find_map(|d| self.by_anonymous_device.get(d)))
             .copied();
         let index = match existing {
             Some(index) => {
@@ -160,10 +137,7 @@ impl Users {
             }
         }
         for alias in &record.aliases {
-            self.by_alias
-                .entry(alias.alias_label.clone())
-                .or_default()
-                .insert(alias.alias_name.clone(), index);
+            self.by_alias.entry(alias.alias_label.clone()).or_default().insert(alias.alias_name.clone(), index);
         }
     }
 
@@ -243,11 +217,7 @@ pub struct Cohorts {
 
 impl Cohorts {
     pub fn get(&self, partner: &str, cohort_id: &str) -> Option<CohortRef> {
-        self.map
-            .read()
-            .get(partner)
-            .and_then(|c| c.get(cohort_id))
-            .cloned()
+        self.map.read().get(partner).and_then(|c| c.get(cohort_id)).cloned()
     }
 
     pub fn get_or_create(&self, partner: &str, cohort_id: &str) -> CohortRef {
@@ -255,11 +225,7 @@ impl Cohorts {
             return cohort;
         }
         let mut map = self.map.write();
-        map.entry(partner.to_owned())
-            .or_default()
-            .entry(cohort_id.to_owned())
-            .or_default()
-            .clone()
+        map.entry(partner.to_owned()).or_default().entry(cohort_id.to_owned()).or_default().clone()
     }
 
     /// Every (partner, cohort id, cohort), sorted.
@@ -267,11 +233,7 @@ impl Cohorts {
         let map = self.map.read();
         let mut all: Vec<_> = map
             .iter()
-            .flat_map(|(p, cohorts)| {
-                cohorts
-                    .iter()
-                    .map(move |(id, c)| (p.clone(), id.clone(), c.clone()))
-            })
+            .flat_map(|(p, cohorts)| cohorts.iter().map(move |(id, c)| (p.clone(), id.clone(), c.clone())))
             .collect();
         all.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
         all
@@ -301,20 +263,12 @@ mod tests {
     #[test]
     fn matching_follows_braze() {
         let users = store();
-        assert_eq!(
-            users.len(),
-            4,
-            "identifying an anonymous user merges, not adds"
-        );
+        assert_eq!(users.len(), 4, "identifying an anonymous user merges, not adds");
         assert_eq!(users.by_external_id("e1"), Some(0));
         assert_eq!(users.by_alias("n1", "crm"), Some(1));
         assert_eq!(users.by_alias("n1", "other"), None);
         assert_eq!(users.by_device_id("d-anon"), Some(2));
-        assert_eq!(
-            users.by_device_id("d-old"),
-            None,
-            "identified users do not match by device id"
-        );
+        assert_eq!(users.by_device_id("d-old"), None, "identified users do not match by device id");
         assert_eq!(users.by_external_id("e2"), Some(3));
         assert_eq!(users.get(3).unwrap().device_ids, ["d-old"]);
     }
@@ -335,11 +289,7 @@ mod tests {
         let mut members: Vec<_> = cohort.members.iter().copied().collect();
         members.sort();
         assert_eq!(members, [1, 2], "the later remove of e1 wins");
-        assert_eq!(
-            cohort.apply(&[(1, false), (0, true)]),
-            (0, 0),
-            "no-ops count nothing"
-        );
+        assert_eq!(cohort.apply(&[(1, false), (0, true)]), (0, 0), "no-ops count nothing");
     }
 
     #[test]
@@ -349,12 +299,7 @@ mod tests {
         assert!(cohorts.get("b", "c").is_none());
         cohorts.get_or_create("b", "c");
         let all = cohorts.all();
-        assert_eq!(
-            all.iter()
-                .map(|(p, c, _)| format!("{p}/{c}"))
-                .collect::<Vec<_>>(),
-            ["a/c", "b/c"]
-        );
+        assert_eq!(all.iter().map(|(p, c, _)| format!("{p}/{c}")).collect::<Vec<_>>(), ["a/c", "b/c"]);
         assert_eq!(all[0].2.lock().name.as_deref(), Some("A"));
     }
 }

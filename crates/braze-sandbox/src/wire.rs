@@ -19,8 +19,7 @@ pub const MSG_PARTNER_NOT_ENABLED: &str = "Partner not enabled for client with c
 pub const MSG_COHORT_ID: &str = "cohort_id must be a valid string";
 pub const MSG_COHORT_CHANGES: &str = "cohort_changes must be an array of objects each with key \
      user_ids and/or device_ids mapping to an array of strings, or an aliases object";
-pub const MSG_TOO_MANY_IDS: &str =
-    "Only 1,000 user_ids, device_ids, and aliases are allowed per request";
+pub const MSG_TOO_MANY_IDS: &str = "Only 1,000 user_ids, device_ids, and aliases are allowed per request";
 pub const MSG_NAME: &str = "name must be a non-empty string";
 pub const MSG_CREATED_AT: &str = "created_at must be a valid time as an ISO-8601 string";
 /// Not documented by Braze: the sandbox's answer to a body that is not a JSON object.
@@ -57,8 +56,7 @@ impl<'a> Envelope<'a> {
 pub fn string<'a>(raw: Option<&'a RawValue>) -> Option<Cow<'a, str>> {
     #[derive(Deserialize)]
     struct S<'a>(#[serde(borrow)] Cow<'a, str>);
-    raw.and_then(|r| serde_json::from_str::<S<'a>>(r.get()).ok())
-        .map(|s| s.0)
+    raw.and_then(|r| serde_json::from_str::<S<'a>>(r.get()).ok()).map(|s| s.0)
 }
 
 /// An identifier string, borrowed unless it had escapes.
@@ -115,49 +113,31 @@ pub struct NameRequest<'a> {
 }
 
 fn cohort_id<'a>(env: &Envelope<'a>) -> Result<Cow<'a, str>, &'static str> {
-    string(env.cohort_id)
-        .filter(|id| !id.is_empty())
-        .ok_or(MSG_COHORT_ID)
+    string(env.cohort_id).filter(|id| !id.is_empty()).ok_or(MSG_COHORT_ID)
 }
 
 /// Validates a `cohorts/users` body in Braze's documented order of 400s.
 pub fn users_request<'a>(env: &Envelope<'a>) -> Result<UsersRequest<'a>, &'static str> {
     let cohort_id = cohort_id(env)?;
     let raw = env.cohort_changes.ok_or(MSG_COHORT_CHANGES)?;
-    let changes: Vec<ChangeObject<'a>> =
-        serde_json::from_str(raw.get()).map_err(|_| MSG_COHORT_CHANGES)?;
+    let changes: Vec<ChangeObject<'a>> = serde_json::from_str(raw.get()).map_err(|_| MSG_COHORT_CHANGES)?;
     // Every object must name users in at least one of the three ways.
-    if changes
-        .iter()
-        .any(|c| c.user_ids.is_none() && c.device_ids.is_none() && c.aliases.is_none())
-    {
+    if changes.iter().any(|c| c.user_ids.is_none() && c.device_ids.is_none() && c.aliases.is_none()) {
         return Err(MSG_COHORT_CHANGES);
     }
     let id_count = changes.iter().map(ChangeObject::id_count).sum();
     if id_count > MAX_IDS_PER_REQUEST {
         return Err(MSG_TOO_MANY_IDS);
     }
-    Ok(UsersRequest {
-        cohort_id,
-        changes,
-        id_count,
-    })
+    Ok(UsersRequest { cohort_id, changes, id_count })
 }
 
 /// Validates a `cohorts` body.
 pub fn name_request<'a>(env: &Envelope<'a>) -> Result<NameRequest<'a>, &'static str> {
     let cohort_id = cohort_id(env)?;
-    let name = string(env.name)
-        .filter(|n| !n.trim().is_empty())
-        .ok_or(MSG_NAME)?;
-    let created_at = string(env.created_at)
-        .filter(|t| is_iso8601(t))
-        .ok_or(MSG_CREATED_AT)?;
-    Ok(NameRequest {
-        cohort_id,
-        name,
-        created_at,
-    })
+    let name = string(env.name).filter(|n| !n.trim().is_empty()).ok_or(MSG_NAME)?;
+    let created_at = string(env.created_at).filter(|t| is_iso8601(t)).ok_or(MSG_CREATED_AT)?;
+    Ok(NameRequest { cohort_id, name, created_at })
 }
 
 /// ISO-8601 as people send it: an instant with offset, a local date-time, or a date.
@@ -198,32 +178,15 @@ mod tests {
 
     #[test]
     fn documented_400s() {
-        assert_eq!(
-            users(r#"{"cohort_id":5,"cohort_changes":[]}"#),
-            Err(MSG_COHORT_ID)
-        );
-        assert_eq!(
-            users(r#"{"cohort_id":"","cohort_changes":[]}"#),
-            Err(MSG_COHORT_ID)
-        );
+        assert_eq!(users(r#"{"cohort_id":5,"cohort_changes":[]}"#), Err(MSG_COHORT_ID));
+        assert_eq!(users(r#"{"cohort_id":"","cohort_changes":[]}"#), Err(MSG_COHORT_ID));
         assert_eq!(users(r#"{"cohort_changes":[]}"#), Err(MSG_COHORT_ID));
         assert_eq!(users(r#"{"cohort_id":"c"}"#), Err(MSG_COHORT_CHANGES));
+        assert_eq!(users(r#"{"cohort_id":"c","cohort_changes":"[]"}"#), Err(MSG_COHORT_CHANGES));
+        assert_eq!(users(r#"{"cohort_id":"c","cohort_changes":[{}]}"#), Err(MSG_COHORT_CHANGES));
+        assert_eq!(users(r#"{"cohort_id":"c","cohort_changes":[{"user_ids":[1]}]}"#), Err(MSG_COHORT_CHANGES));
         assert_eq!(
-            users(r#"{"cohort_id":"c","cohort_changes":"[]"}"#),
-            Err(MSG_COHORT_CHANGES)
-        );
-        assert_eq!(
-            users(r#"{"cohort_id":"c","cohort_changes":[{}]}"#),
-            Err(MSG_COHORT_CHANGES)
-        );
-        assert_eq!(
-            users(r#"{"cohort_id":"c","cohort_changes":[{"user_ids":[1]}]}"#),
-            Err(MSG_COHORT_CHANGES)
-        );
-        assert_eq!(
-            users(
-                r#"{"cohort_id":"c","cohort_changes":[{"user_ids":["a"],"should_remove":"yes"}]}"#
-            ),
+            users(r#"{"cohort_id":"c","cohort_changes":[{"user_ids":["a"],"should_remove":"yes"}]}"#),
             Err(MSG_COHORT_CHANGES)
         );
         assert_eq!(
@@ -232,36 +195,18 @@ mod tests {
         );
         assert_eq!(users("[1]"), Err(MSG_INVALID_JSON));
         assert_eq!(users("{"), Err(MSG_INVALID_JSON));
-        assert_eq!(
-            name(r#"{"cohort_id":"c","name":"","created_at":"2024-01-01T00:00:00Z"}"#),
-            Err(MSG_NAME)
-        );
-        assert_eq!(
-            name(r#"{"cohort_id":"c","name":"  ","created_at":"2024-01-01T00:00:00Z"}"#),
-            Err(MSG_NAME)
-        );
-        assert_eq!(
-            name(r#"{"cohort_id":"c","name":"N","created_at":"yesterday"}"#),
-            Err(MSG_CREATED_AT)
-        );
+        assert_eq!(name(r#"{"cohort_id":"c","name":"","created_at":"2024-01-01T00:00:00Z"}"#), Err(MSG_NAME));
+        assert_eq!(name(r#"{"cohort_id":"c","name":"  ","created_at":"2024-01-01T00:00:00Z"}"#), Err(MSG_NAME));
+        assert_eq!(name(r#"{"cohort_id":"c","name":"N","created_at":"yesterday"}"#), Err(MSG_CREATED_AT));
         assert_eq!(name(r#"{"cohort_id":"c","name":"N"}"#), Err(MSG_CREATED_AT));
-        assert_eq!(
-            name(r#"{"cohort_id":["c"],"name":"N"}"#),
-            Err(MSG_COHORT_ID)
-        );
-        let ok = name(r#"{"cohort_id":"c","name":"N","created_at":"2021-01-21T19:20:30+05:00"}"#)
-            .unwrap();
+        assert_eq!(name(r#"{"cohort_id":["c"],"name":"N"}"#), Err(MSG_COHORT_ID));
+        let ok = name(r#"{"cohort_id":"c","name":"N","created_at":"2021-01-21T19:20:30+05:00"}"#).unwrap();
         assert_eq!(ok.name, "N");
     }
 
     #[test]
     fn the_limit_counts_every_object_and_kind_together() {
-        let ids = |n: usize, p: &str| {
-            (0..n)
-                .map(|i| format!("\"{p}{i}\""))
-                .collect::<Vec<_>>()
-                .join(",")
-        };
+        let ids = |n: usize, p: &str| (0..n).map(|i| format!("\"{p}{i}\"")).collect::<Vec<_>>().join(",");
         let body = |a: usize, d: usize| {
             format!(
                 r#"{{"cohort_id":"c","cohort_changes":[{{"user_ids":[{}]}},{{"device_ids":[{}],"should_remove":true}}]}}"#,

@@ -98,10 +98,7 @@ impl Cluster {
             "metadata": { "name": name }
         }))
         .expect("namespace object");
-        Api::<Namespace>::all(self.client().await)
-            .create(&PostParams::default(), &ns)
-            .await
-            .expect("create namespace");
+        Api::<Namespace>::all(self.client().await).create(&PostParams::default(), &ns).await.expect("create namespace");
         name
     }
 

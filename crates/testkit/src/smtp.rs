@@ -227,8 +227,9 @@ impl ReceivedMessage {
             serde_json::from_slice(&std::fs::read(record_path).expect("read message record"))
                 .expect("message record is JSON");
         let raw = std::fs::read(record_path.with_extension("eml")).expect("read message");
-        let parsed = mailparse::parse_mail(&raw)
-            .unwrap_or_else(|e| panic!("the SMTP server received an unparsable message ({e}): {}", String::from_utf8_lossy(&raw)));
+        let parsed = mailparse::parse_mail(&raw).unwrap_or_else(|e| {
+            panic!("the SMTP server received an unparsable message ({e}): {}", String::from_utf8_lossy(&raw))
+        });
         let headers = parsed.headers.iter().map(|h| (h.get_key(), h.get_value())).collect();
         let mut parts = Vec::new();
         collect_parts(&parsed, &mut parts);
@@ -300,8 +301,8 @@ fn make_certificates(dir: &Path) -> TlsFiles {
     let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("CA key")).expect("CA certificate");
 
     let key = KeyPair::generate().expect("server key");
-    let mut params = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
-        .expect("server params");
+    let mut params =
+        CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).expect("server params");
     params.distinguished_name.push(DnType::CommonName, "localhost");
     let cert = params.signed_by(&key, &ca).expect("server certificate");
 

@@ -105,7 +105,8 @@ impl Receiver {
             Kind::Slack => format!("/services/T0001/B0001/{token}"),
             Kind::Webhook => format!("/hooks/{token}"),
         };
-        let inner = Arc::new(Mutex::new(Inner { kind, path, received: Vec::new(), script: VecDeque::new(), always: None }));
+        let inner =
+            Arc::new(Mutex::new(Inner { kind, path, received: Vec::new(), script: VecDeque::new(), always: None }));
         let listener = tokio::net::TcpListener::bind(SocketAddr::new(ip, 0)).await.expect("bind a loopback port");
         let addr = listener.local_addr().unwrap();
         let app = axum::Router::new().fallback(handle).with_state(inner.clone());
@@ -161,7 +162,13 @@ fn nanos() -> u128 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
 }
 
-async fn handle(State(inner): State<Arc<Mutex<Inner>>>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+async fn handle(
+    State(inner): State<Arc<Mutex<Inner>>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let (kind, path, answer) = {
         let mut inner = inner.lock().unwrap();
         inner.received.push(Received {
@@ -234,7 +241,8 @@ fn check_slack_message(headers: &HeaderMap, body: &[u8]) -> Result<(), &'static 
 fn block_ok(block: &Value) -> bool {
     let chars = |v: &Value| v.as_str().map(|s| s.chars().count());
     let text_ok = |v: &Value, max: usize| {
-        matches!(v["type"].as_str(), Some("mrkdwn" | "plain_text")) && chars(&v["text"]).is_some_and(|n| n >= 1 && n <= max)
+        matches!(v["type"].as_str(), Some("mrkdwn" | "plain_text"))
+            && chars(&v["text"]).is_some_and(|n| n >= 1 && n <= max)
     };
     match block["type"].as_str() {
         Some("section") => {
@@ -244,7 +252,9 @@ fn block_ok(block: &Value) -> bool {
                 && text.is_none_or(|t| text_ok(t, 3000))
                 && fields.is_none_or(|f| !f.is_empty() && f.len() <= 10 && f.iter().all(|f| text_ok(f, 2000)))
         }
-        Some("header") => block["text"]["type"] == "plain_text" && chars(&block["text"]["text"]).is_some_and(|n| n <= 150),
+        Some("header") => {
+            block["text"]["type"] == "plain_text" && chars(&block["text"]["text"]).is_some_and(|n| n <= 150)
+        }
         Some("context") => block["elements"]
             .as_array()
             .is_some_and(|e| !e.is_empty() && e.len() <= 10 && e.iter().all(|e| text_ok(e, 3000))),

@@ -161,9 +161,12 @@ impl IntoResponse for ApiError {
             "status": status_name,
         }});
         let mut response =
-            (StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), axum::Json(body)).into_response();
+            (StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), axum::Json(body))
+                .into_response();
         if self.status == 401 {
-            response.headers_mut().insert(header::WWW_AUTHENTICATE, "Bearer realm=\"https://accounts.google.com/\"".parse().unwrap());
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, "Bearer realm=\"https://accounts.google.com/\"".parse().unwrap());
         }
         response
     }
@@ -328,8 +331,12 @@ impl Inner {
         self.tokens.check(authorization).map_err(|e| {
             self.stats.unauthorized += 1;
             let message = match e {
-                BearerError::Missing => "Request is missing required authentication credential. Expected OAuth 2 access token.",
-                BearerError::Invalid => "Request had invalid authentication credentials. Expected OAuth 2 access token.",
+                BearerError::Missing => {
+                    "Request is missing required authentication credential. Expected OAuth 2 access token."
+                }
+                BearerError::Invalid => {
+                    "Request had invalid authentication credentials. Expected OAuth 2 access token."
+                }
             };
             ApiError::new(401, "authError", message)
         })
@@ -402,7 +409,9 @@ fn authorize(shared: &Shared, identity: &str, project: &str) -> Result<(), ApiEr
         return Err(ApiError::new(
             403,
             "accessDenied",
-            &format!("Access Denied: Project {project}: User does not have bigquery.jobs.create permission in project {project}."),
+            &format!(
+                "Access Denied: Project {project}: User does not have bigquery.jobs.create permission in project {project}."
+            ),
         ));
     }
     Ok(())
@@ -430,7 +439,9 @@ async fn jobs_query(
         }
         let body: QueryBody = match serde_json::from_slice(&body) {
             Ok(body) => body,
-            Err(e) => return ApiError::new(400, "invalid", &format!("Invalid JSON payload received. {e}")).into_response(),
+            Err(e) => {
+                return ApiError::new(400, "invalid", &format!("Invalid JSON payload received. {e}")).into_response();
+            }
         };
         match create_job(&shared, &mut inner, &identity, &project, &body) {
             Ok(job_id) => (job_id, body),
@@ -441,26 +452,50 @@ async fn jobs_query(
 }
 
 /// Validates a `jobs.query` body and starts (or finds, by `requestId`) its job.
-fn create_job(shared: &Arc<Shared>, inner: &mut Inner, identity: &str, project: &str, body: &QueryBody) -> Result<String, ApiError> {
+fn create_job(
+    shared: &Arc<Shared>,
+    inner: &mut Inner,
+    identity: &str,
+    project: &str,
+    body: &QueryBody,
+) -> Result<String, ApiError> {
     authorize(shared, identity, project)?;
-    let query = body.query.clone().filter(|q| !q.trim().is_empty()).ok_or_else(|| ApiError::new(400, "invalid", "Required parameter is missing: query"))?;
+    let query = body
+        .query
+        .clone()
+        .filter(|q| !q.trim().is_empty())
+        .ok_or_else(|| ApiError::new(400, "invalid", "Required parameter is missing: query"))?;
     if body.use_legacy_sql != Some(false) {
-        return Err(ApiError::new(400, "invalidQuery", "This stand-in runs standard SQL only: send useLegacySql: false"));
+        return Err(ApiError::new(
+            400,
+            "invalidQuery",
+            "This stand-in runs standard SQL only: send useLegacySql: false",
+        ));
     }
     let location = &shared.config.location;
     let multi_region = ["US", "EU"].iter().any(|m| location_matches(m, location));
     match &body.location {
         Some(l) if !location_matches(l, location) => {
-            return Err(ApiError::new(404, "notFound", &format!("Not found: Dataset {project}:cohorts was not found in location {l}")));
+            return Err(ApiError::new(
+                404,
+                "notFound",
+                &format!("Not found: Dataset {project}:cohorts was not found in location {l}"),
+            ));
         }
         None if !multi_region => {
-            return Err(ApiError::new(404, "notFound", &format!("Not found: Dataset {project}:cohorts was not found in location US")));
+            return Err(ApiError::new(
+                404,
+                "notFound",
+                &format!("Not found: Dataset {project}:cohorts was not found in location US"),
+            ));
         }
         _ => {}
     }
     let limit = match &body.maximum_bytes_billed {
         None => None,
-        Some(text) => Some(text.parse::<u64>().map_err(|_| ApiError::new(400, "invalid", "Invalid value for maximumBytesBilled"))?),
+        Some(text) => Some(
+            text.parse::<u64>().map_err(|_| ApiError::new(400, "invalid", "Invalid value for maximumBytesBilled"))?,
+        ),
     };
     inner.stats.last_max_results = body.max_results;
     inner.stats.last_maximum_bytes_billed.clone_from(&body.maximum_bytes_billed);
@@ -474,7 +509,9 @@ fn create_job(shared: &Arc<Shared>, inner: &mut Inner, identity: &str, project: 
     let (state, _) = watch::channel(JobState::Running);
     let never = inner.take_fault(|f| *f == Fault::NeverComplete).is_some();
     let fails_with = match inner.take_fault(|f| matches!(f, Fault::FailJob { .. })) {
-        Some(Fault::FailJob { status, reason }) => Some(ApiError::new(status, &reason, "The job encountered an internal error during execution")),
+        Some(Fault::FailJob { status, reason }) => {
+            Some(ApiError::new(status, &reason, "The job encountered an internal error during execution"))
+        }
         _ => None,
     };
     let job = Job {
@@ -545,7 +582,8 @@ async fn get_query_results(
         if let Err(e) = authorize(&shared, &identity, &project) {
             return e.into_response();
         }
-        let not_found = || ApiError::new(404, "notFound", &format!("Not found: Job {project}:{job_id}")).into_response();
+        let not_found =
+            || ApiError::new(404, "notFound", &format!("Not found: Job {project}:{job_id}")).into_response();
         let Some(job) = inner.jobs.get(&job_id) else { return not_found() };
         // A job outside the US multi-region is found only with its location.
         let given = params.location.as_deref().unwrap_or("US");
@@ -553,7 +591,15 @@ async fn get_query_results(
             return not_found();
         }
     }
-    answer(&shared, &job_id, params.page_token.as_deref(), params.max_results, params.timeout_ms, "bigquery#getQueryResultsResponse").await
+    answer(
+        &shared,
+        &job_id,
+        params.page_token.as_deref(),
+        params.max_results,
+        params.timeout_ms,
+        "bigquery#getQueryResultsResponse",
+    )
+    .await
 }
 
 /// Waits (up to `timeoutMs`) for the job, then answers with its state and a page.
@@ -599,7 +645,10 @@ async fn answer(
     let max_results = max_results.unwrap_or(u32::MAX) as usize;
     let mut end = start;
     let mut bytes = 0;
-    while end < set.rows.len() && end - start < max_results && (end == start || bytes + set.rows[end].len() <= MAX_PAGE_BYTES) {
+    while end < set.rows.len()
+        && end - start < max_results
+        && (end == start || bytes + set.rows[end].len() <= MAX_PAGE_BYTES)
+    {
         bytes += set.rows[end].len();
         end += 1;
     }
@@ -628,7 +677,13 @@ fn parse_token(token: &str, nonce: u64, rows: usize) -> Option<usize> {
     usize::from_str_radix(offset, 16).ok().filter(|o| *o <= rows)
 }
 
-fn page_json(kind: &str, reference: &serde_json::Value, set: &ResultSet, rows: &[Box<str>], next: Option<&str>) -> String {
+fn page_json(
+    kind: &str,
+    reference: &serde_json::Value,
+    set: &ResultSet,
+    rows: &[Box<str>],
+    next: Option<&str>,
+) -> String {
     let mut out = String::with_capacity(rows.iter().map(|r| r.len() + 1).sum::<usize>() + 512);
     out.push_str(&format!(
         "{{\"kind\":\"{kind}\",\"etag\":\"{:x}\",\"schema\":{{\"fields\":{}}},\"jobReference\":{reference},\"totalRows\":\"{}\",",
@@ -678,13 +733,18 @@ async fn cancel(
         return e.into_response();
     }
     let given = params.location.unwrap_or_else(|| "US".to_owned());
-    let Some(job) = inner.jobs.get(&job_id).filter(|j| j.project == project && location_matches(&given, &j.location)) else {
+    let Some(job) = inner.jobs.get(&job_id).filter(|j| j.project == project && location_matches(&given, &j.location))
+    else {
         return ApiError::new(404, "notFound", &format!("Not found: Job {project}:{job_id}")).into_response();
     };
     let state = job.state.clone();
     let reference = serde_json::json!({ "projectId": job.project, "jobId": job_id, "location": job.location });
     if matches!(*state.borrow(), JobState::Running) {
-        state.send_replace(JobState::Failed(ApiError::new(400, "stopped", "Job execution was cancelled: User requested cancellation")));
+        state.send_replace(JobState::Failed(ApiError::new(
+            400,
+            "stopped",
+            "Job execution was cancelled: User requested cancellation",
+        )));
     }
     inner.stats.cancels += 1;
     axum::Json(serde_json::json!({ "kind": "bigquery#jobCancelResponse", "job": { "jobReference": reference, "status": { "state": "DONE" } } }))

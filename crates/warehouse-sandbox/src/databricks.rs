@@ -242,8 +242,13 @@ impl Inner {
     }
 
     fn authenticate(&self, headers: &HeaderMap, fault: Option<Fault>) -> Result<(), Response> {
-        let unauthenticated =
-            || api_error(StatusCode::UNAUTHORIZED, "UNAUTHENTICATED", "Credential was not sent or was of an unsupported type for this API.");
+        let unauthenticated = || {
+            api_error(
+                StatusCode::UNAUTHORIZED,
+                "UNAUTHENTICATED",
+                "Credential was not sent or was of an unsupported type for this API.",
+            )
+        };
         let token = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -258,15 +263,19 @@ impl Inner {
             return Err(api_error(StatusCode::UNAUTHORIZED, "UNAUTHENTICATED", "Invalid access token."));
         }
         match fault {
-            Some(Fault::TooManyRequests) => {
-                Err((StatusCode::TOO_MANY_REQUESTS, [(header::RETRY_AFTER, "1")], axum::Json(json!({
+            Some(Fault::TooManyRequests) => Err((
+                StatusCode::TOO_MANY_REQUESTS,
+                [(header::RETRY_AFTER, "1")],
+                axum::Json(json!({
                     "error_code": "REQUEST_LIMIT_EXCEEDED", "message": "Too many requests."
-                })))
-                    .into_response())
-            }
-            Some(Fault::Unavailable) => {
-                Err(api_error(StatusCode::SERVICE_UNAVAILABLE, "TEMPORARILY_UNAVAILABLE", "The service is temporarily unavailable."))
-            }
+                })),
+            )
+                .into_response()),
+            Some(Fault::Unavailable) => Err(api_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "TEMPORARILY_UNAVAILABLE",
+                "The service is temporarily unavailable.",
+            )),
             _ => Ok(()),
         }
     }
@@ -277,12 +286,17 @@ async fn token(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: axum::
         (status, axum::Json(json!({ "error": error, "error_description": description }))).into_response()
     };
     if let Some(f @ (Fault::TooManyRequests | Fault::Unavailable)) = inner.take_fault(FaultTarget::Token) {
-        let status = if f == Fault::Unavailable { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::TOO_MANY_REQUESTS };
+        let status =
+            if f == Fault::Unavailable { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::TOO_MANY_REQUESTS };
         return oauth_error(status, "temporarily_unavailable", "Try again later.");
     }
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     if !content_type.starts_with("application/x-www-form-urlencoded") {
-        return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "Content-Type must be application/x-www-form-urlencoded.");
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "Content-Type must be application/x-www-form-urlencoded.",
+        );
     }
     let basic = headers
         .get(header::AUTHORIZATION)
@@ -298,7 +312,11 @@ async fn token(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: axum::
     }
     let form: HashMap<String, String> = url_form(&body);
     if form.get("grant_type").map(String::as_str) != Some("client_credentials") {
-        return oauth_error(StatusCode::BAD_REQUEST, "unsupported_grant_type", "grant_type must be client_credentials.");
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "unsupported_grant_type",
+            "grant_type must be client_credentials.",
+        );
     }
     if form.get("scope").map(String::as_str) != Some("all-apis") {
         return oauth_error(StatusCode::BAD_REQUEST, "invalid_scope", "scope must be all-apis.");
@@ -325,7 +343,8 @@ fn url_form(body: &[u8]) -> HashMap<String, String> {
         while i < bytes.len() {
             if bytes[i] == b'%'
                 && i + 2 < bytes.len()
-                && let Some(b) = std::str::from_utf8(&bytes[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok())
+                && let Some(b) =
+                    std::str::from_utf8(&bytes[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok())
             {
                 out.push(b);
                 i += 3;
@@ -352,15 +371,30 @@ struct Request {
 }
 
 fn parse_request(inner: &Inner, body: &[u8]) -> Result<Request, Response> {
-    let request: Value = serde_json::from_slice(body).map_err(|_| api_error(StatusCode::BAD_REQUEST, "MALFORMED_REQUEST", "Invalid JSON."))?;
+    let request: Value = serde_json::from_slice(body)
+        .map_err(|_| api_error(StatusCode::BAD_REQUEST, "MALFORMED_REQUEST", "Invalid JSON."))?;
     const FIELDS: [&str; 13] = [
-        "statement", "warehouse_id", "catalog", "schema", "parameters", "wait_timeout", "on_wait_timeout",
-        "disposition", "format", "row_limit", "byte_limit", "query_tags", "result_compression",
+        "statement",
+        "warehouse_id",
+        "catalog",
+        "schema",
+        "parameters",
+        "wait_timeout",
+        "on_wait_timeout",
+        "disposition",
+        "format",
+        "row_limit",
+        "byte_limit",
+        "query_tags",
+        "result_compression",
     ];
     if let Some(unknown) = request.as_object().and_then(|o| o.keys().find(|k| !FIELDS.contains(&k.as_str()))) {
         return Err(invalid(&format!("Unknown field: {unknown}")));
     }
-    let statement = request["statement"].as_str().filter(|s| !s.trim().is_empty()).ok_or_else(|| invalid("statement is required"))?;
+    let statement = request["statement"]
+        .as_str()
+        .filter(|s| !s.trim().is_empty())
+        .ok_or_else(|| invalid("statement is required"))?;
     if request["warehouse_id"].as_str() != Some(inner.config.warehouse_id.as_str()) {
         return Err(invalid("warehouse_id does not name a SQL warehouse of this workspace"));
     }
@@ -383,7 +417,9 @@ fn parse_request(inner: &Inner, body: &[u8]) -> Result<Request, Response> {
     };
     match request["format"].as_str().unwrap_or("JSON_ARRAY") {
         "JSON_ARRAY" => {}
-        "ARROW_STREAM" | "CSV" if !external => return Err(invalid("ARROW_STREAM and CSV need disposition EXTERNAL_LINKS")),
+        "ARROW_STREAM" | "CSV" if !external => {
+            return Err(invalid("ARROW_STREAM and CSV need disposition EXTERNAL_LINKS"));
+        }
         "ARROW_STREAM" | "CSV" => return Err(invalid("this stand-in serves JSON_ARRAY only")),
         _ => return Err(invalid("format must be JSON_ARRAY, ARROW_STREAM or CSV")),
     }
@@ -408,7 +444,14 @@ async fn submit(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: axum:
     let id = format!("01ef{}", &pg::uuid()[4..]);
     let (tx, rx) = watch::channel(Outcome::Running);
     inner.executions.fetch_add(1, Ordering::SeqCst);
-    let task = tokio::spawn(execute(inner.clone(), request.statement.clone(), request.schema.clone(), request.external, fault, tx));
+    let task = tokio::spawn(execute(
+        inner.clone(),
+        request.statement.clone(),
+        request.schema.clone(),
+        request.external,
+        fault,
+        tx,
+    ));
     inner.statements.lock().unwrap().insert(
         id.clone(),
         Statement { outcome: rx, pending: inner.config.pending_polls, task: task.abort_handle(), cancelled: false },
@@ -421,10 +464,23 @@ async fn submit(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: axum:
     response.1
 }
 
-async fn execute(inner: Arc<Inner>, sql: String, schema: Option<String>, external: bool, fault: Option<Fault>, tx: watch::Sender<Outcome>) {
-    let failed = |code: &str, message: &str| Outcome::Failed { code: code.to_owned(), message: message.to_owned(), sql_state: None };
+async fn execute(
+    inner: Arc<Inner>,
+    sql: String,
+    schema: Option<String>,
+    external: bool,
+    fault: Option<Fault>,
+    tx: watch::Sender<Outcome>,
+) {
+    let failed = |code: &str, message: &str| Outcome::Failed {
+        code: code.to_owned(),
+        message: message.to_owned(),
+        sql_state: None,
+    };
     let outcome = match fault {
-        Some(Fault::StatementTimeout) => failed("DEADLINE_EXCEEDED", "Query has been timed out due to STATEMENT_TIMEOUT."),
+        Some(Fault::StatementTimeout) => {
+            failed("DEADLINE_EXCEEDED", "Query has been timed out due to STATEMENT_TIMEOUT.")
+        }
         Some(Fault::PermissionDenied) => failed(
             "PERMISSION_DENIED",
             "[INSUFFICIENT_PERMISSIONS] Insufficient privileges: User does not have SELECT on Table 'main.analytics.cohort'.",
@@ -439,15 +495,22 @@ async fn run(inner: &Inner, sql: &str, schema: Option<&str>, external: bool) -> 
     let sql = sql.trim().trim_end_matches(';');
     let mut chunks: Vec<(String, u64)> = Vec::new();
     let mut bytes = 0u64;
-    let ran = pg::run_query(&inner.config.database_url, sql, schema, Duration::from_secs(3600), inner.config.chunk_rows, |cols, rows| {
-        let rows: Rows = rows
-            .into_iter()
-            .map(|row| row.into_iter().enumerate().map(|(i, c)| c.map(|t| render(&cols[i].pg_type, t))).collect())
-            .collect();
-        let json = serde_json::to_string(&rows).expect("rows serialize");
-        bytes += json.len() as u64;
-        chunks.push((json, rows.len() as u64));
-    })
+    let ran = pg::run_query(
+        &inner.config.database_url,
+        sql,
+        schema,
+        Duration::from_secs(3600),
+        inner.config.chunk_rows,
+        |cols, rows| {
+            let rows: Rows = rows
+                .into_iter()
+                .map(|row| row.into_iter().enumerate().map(|(i, c)| c.map(|t| render(&cols[i].pg_type, t))).collect())
+                .collect();
+            let json = serde_json::to_string(&rows).expect("rows serialize");
+            bytes += json.len() as u64;
+            chunks.push((json, rows.len() as u64));
+        },
+    )
     .await;
     match ran {
         Ok((columns, total_rows)) => {
@@ -458,7 +521,14 @@ async fn run(inner: &Inner, sql: &str, schema: Option<&str>, external: bool) -> 
                     sql_state: None,
                 };
             }
-            Outcome::Done(Arc::new(ResultSet { columns: schema_of(&columns), chunks, total_rows, bytes, external, finished: Instant::now() }))
+            Outcome::Done(Arc::new(ResultSet {
+                columns: schema_of(&columns),
+                chunks,
+                total_rows,
+                bytes,
+                external,
+                finished: Instant::now(),
+            }))
         }
         Err(QueryError::Database { sqlstate, message, .. }) => {
             let (code, text) = match sqlstate.as_str() {
@@ -470,8 +540,12 @@ async fn run(inner: &Inner, sql: &str, schema: Option<&str>, external: bool) -> 
             };
             Outcome::Failed { code: code.to_owned(), message: text, sql_state: Some(sqlstate) }
         }
-        Err(QueryError::Timeout) => Outcome::Failed { code: "DEADLINE_EXCEEDED".into(), message: "Query timed out.".into(), sql_state: None },
-        Err(QueryError::Connection(e)) => Outcome::Failed { code: "INTERNAL_ERROR".into(), message: e, sql_state: None },
+        Err(QueryError::Timeout) => {
+            Outcome::Failed { code: "DEADLINE_EXCEEDED".into(), message: "Query timed out.".into(), sql_state: None }
+        }
+        Err(QueryError::Connection(e)) => {
+            Outcome::Failed { code: "INTERNAL_ERROR".into(), message: e, sql_state: None }
+        }
     }
 }
 
@@ -538,7 +612,10 @@ async fn describe(inner: &Arc<Inner>, id: &str, wait: Duration) -> (String, Resp
         })
     };
     let Some((mut outcome, pending)) = state else {
-        return ("".into(), api_error(StatusCode::NOT_FOUND, "NOT_FOUND", &format!("The statement {id} was not found.")));
+        return (
+            "".into(),
+            api_error(StatusCode::NOT_FOUND, "NOT_FOUND", &format!("The statement {id} was not found.")),
+        );
     };
     if !pending && !wait.is_zero() {
         let _ = tokio::time::timeout(wait, outcome.wait_for(|o| !matches!(o, Outcome::Running))).await;
@@ -605,7 +682,11 @@ fn chunk_body(inner: &Inner, id: &str, result: &ResultSet, index: usize, truncat
     let next = (index + 1 < result.chunks.len()).then(|| index + 1);
     if result.external {
         let link = pg::uuid();
-        inner.links.lock().unwrap().insert(link.clone(), (id.to_owned(), index, Instant::now() + inner.config.link_ttl));
+        inner
+            .links
+            .lock()
+            .unwrap()
+            .insert(link.clone(), (id.to_owned(), index, Instant::now() + inner.config.link_ttl));
         let base = inner.base.lock().unwrap().clone();
         let mut entry = json!({
             "chunk_index": index, "row_offset": offset, "row_count": rows,
@@ -642,7 +723,11 @@ async fn status(State(inner): State<Arc<Inner>>, Path(id): Path<String>, headers
     describe(&inner, &id, Duration::ZERO).await.1
 }
 
-async fn chunk(State(inner): State<Arc<Inner>>, Path((id, index)): Path<(String, String)>, headers: HeaderMap) -> Response {
+async fn chunk(
+    State(inner): State<Arc<Inner>>,
+    Path((id, index)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
     let Ok(index) = index.parse::<usize>() else { return invalid("chunk_index must be a number") };
     let fault = inner.take_fault(FaultTarget::Chunk(index));
     if let Err(response) = inner.authenticate(&headers, fault) {
@@ -651,15 +736,19 @@ async fn chunk(State(inner): State<Arc<Inner>>, Path((id, index)): Path<(String,
     let outcome = inner.statements.lock().unwrap().get(&id).map(|s| s.outcome.borrow().clone());
     match outcome {
         None => api_error(StatusCode::NOT_FOUND, "NOT_FOUND", &format!("The statement {id} was not found.")),
-        Some(Outcome::Done(result)) if result.finished.elapsed() > inner.config.result_ttl => {
-            api_error(StatusCode::BAD_REQUEST, "INVALID_STATE", "The statement is CLOSED; its result is no longer available.")
-        }
+        Some(Outcome::Done(result)) if result.finished.elapsed() > inner.config.result_ttl => api_error(
+            StatusCode::BAD_REQUEST,
+            "INVALID_STATE",
+            "The statement is CLOSED; its result is no longer available.",
+        ),
         Some(Outcome::Done(result)) if index < result.chunks.len().max(1) => {
             let truncated = (fault == Some(Fault::TruncatedChunk)).then_some(());
             axum::Json(chunk_body(&inner, &id, &result, index, truncated)).into_response()
         }
         Some(Outcome::Done(_)) => invalid(&format!("chunk_index {index} is out of range")),
-        Some(_) => api_error(StatusCode::BAD_REQUEST, "INVALID_STATE", "The statement has not succeeded; no result to fetch."),
+        Some(_) => {
+            api_error(StatusCode::BAD_REQUEST, "INVALID_STATE", "The statement has not succeeded; no result to fetch.")
+        }
     }
 }
 
@@ -673,10 +762,16 @@ async fn external(
     if headers.contains_key(header::AUTHORIZATION) {
         // As cloud storage: a signed URL and an Authorization header are two auth mechanisms.
         inner.authorization_on_link.store(true, Ordering::SeqCst);
-        return (StatusCode::BAD_REQUEST, "<Error><Code>InvalidArgument</Code><Message>Only one auth mechanism allowed</Message></Error>")
+        return (
+            StatusCode::BAD_REQUEST,
+            "<Error><Code>InvalidArgument</Code><Message>Only one auth mechanism allowed</Message></Error>",
+        )
             .into_response();
     }
-    let denied = || (StatusCode::FORBIDDEN, "<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>").into_response();
+    let denied = || {
+        (StatusCode::FORBIDDEN, "<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>")
+            .into_response()
+    };
     let Some((id, index, expires)) = inner.links.lock().unwrap().get(&link).cloned() else { return denied() };
     if !params.contains_key("X-Amz-Signature") || Instant::now() > expires {
         return denied();

@@ -21,7 +21,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the stand-ins until interrupted.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Write `rsa_key.p8` (PKCS#8 PEM) and `rsa_key.pub` (base64 DER, as ALTER USER … SET
     /// RSA_PUBLIC_KEY takes it) into a directory.
     Keygen {
@@ -76,7 +76,7 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", key.fingerprint());
             Ok(())
         }
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
     }
 }
 
@@ -85,7 +85,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(listen) = args.snowflake_listen {
         let path = args.snowflake_public_key.context("--snowflake-public-key is required with --snowflake-listen")?;
         let public_key = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        let mut config = SnowflakeConfig::new(&args.snowflake_account, &args.snowflake_user, &public_key, &args.database_url);
+        let mut config =
+            SnowflakeConfig::new(&args.snowflake_account, &args.snowflake_user, &public_key, &args.database_url);
         config.partition_rows = args.partition_rows;
         let snowflake = RunningSnowflake::start_on(config, listen).await?;
         println!("snowflake: {}", snowflake.url());
@@ -104,7 +105,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         println!("databricks: {}", databricks.url());
         workspaces.push(databricks);
     }
-    anyhow::ensure!(!running.is_empty() || !workspaces.is_empty(), "nothing to serve: give --snowflake-listen or --databricks-listen");
+    anyhow::ensure!(
+        !running.is_empty() || !workspaces.is_empty(),
+        "nothing to serve: give --snowflake-listen or --databricks-listen"
+    );
     tokio::signal::ctrl_c().await?;
     Ok(())
 }

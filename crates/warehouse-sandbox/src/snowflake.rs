@@ -255,7 +255,11 @@ impl Inner {
     fn authenticate(&self, headers: &HeaderMap, expired: bool) -> Result<(), Response> {
         let text = |name| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("");
         if text(header::USER_AGENT).is_empty() {
-            return Err(error(StatusCode::BAD_REQUEST, "390142", "Incoming request does not contain a User-Agent header."));
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "390142",
+                "Incoming request does not contain a User-Agent header.",
+            ));
         }
         let accept = text(header::ACCEPT);
         if !(accept.is_empty() || accept.contains("application/json") || accept.contains("*/*")) {
@@ -317,7 +321,9 @@ impl Inner {
 fn fault_response(fault: Fault) -> Option<Response> {
     Some(match fault {
         Fault::TooManyRequests => error(StatusCode::TOO_MANY_REQUESTS, "390505", "Too many requests."),
-        Fault::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "<html><body>503 Service Unavailable</body></html>").into_response(),
+        Fault::Unavailable => {
+            (StatusCode::SERVICE_UNAVAILABLE, "<html><body>503 Service Unavailable</body></html>").into_response()
+        }
         Fault::InternalError => error(StatusCode::INTERNAL_SERVER_ERROR, "390400", "Internal error."),
         Fault::ExpiredToken => unauthorized("expired"),
         Fault::PermissionDenied => (
@@ -361,7 +367,13 @@ async fn submit(
     let handle = match existing {
         // A resubmission (`retry=true`) of a statement already created: the same statement.
         Some(handle) if params.get("retry").map(String::as_str) == Some("true") => handle,
-        Some(_) => return error(StatusCode::CONFLICT, "390142", "A request with this requestId was already submitted; resubmit with retry=true."),
+        Some(_) => {
+            return error(
+                StatusCode::CONFLICT,
+                "390142",
+                "A request with this requestId was already submitted; resubmit with retry=true.",
+            );
+        }
         None => match start_statement(&inner, &request, request_id, fault == Some(Fault::StatementTimeout)) {
             Ok(handle) => handle,
             Err(response) => return response,
@@ -371,16 +383,23 @@ async fn submit(
         // The statement was created, but the answer is lost.
         return error(StatusCode::INTERNAL_SERVER_ERROR, "390400", "Internal error.");
     }
-    let wait = if params.get("async").map(String::as_str) == Some("true") { Duration::ZERO } else { inner.config.sync_wait };
+    let wait =
+        if params.get("async").map(String::as_str) == Some("true") { Duration::ZERO } else { inner.config.sync_wait };
     answer(&inner, &handle, wait).await
 }
 
 /// Checks the body and starts running the statement; its handle.
-fn start_statement(inner: &Arc<Inner>, request: &Value, request_id: Option<String>, force_timeout: bool) -> Result<String, Response> {
+fn start_statement(
+    inner: &Arc<Inner>,
+    request: &Value,
+    request_id: Option<String>,
+    force_timeout: bool,
+) -> Result<String, Response> {
     let Some(sql) = request["statement"].as_str().filter(|s| !s.trim().is_empty()) else {
         return Err(error(StatusCode::BAD_REQUEST, "390142", "Incoming request does not contain a valid payload."));
     };
-    const FIELDS: [&str; 8] = ["statement", "timeout", "database", "schema", "warehouse", "role", "bindings", "parameters"];
+    const FIELDS: [&str; 8] =
+        ["statement", "timeout", "database", "schema", "warehouse", "role", "bindings", "parameters"];
     if let Some(unknown) = request.as_object().and_then(|o| o.keys().find(|k| !FIELDS.contains(&k.as_str()))) {
         return Err(error(StatusCode::BAD_REQUEST, "390142", &format!("Unknown field {unknown}.")));
     }
@@ -422,15 +441,27 @@ fn failure(code: &str, sql_state: &str, message: &str) -> Response {
 }
 
 /// Runs the statement and publishes its outcome.
-async fn execute(inner: Arc<Inner>, sql: String, schema: Option<String>, timeout: Duration, timeout_secs: u64, tx: watch::Sender<Outcome>) {
+async fn execute(
+    inner: Arc<Inner>,
+    sql: String,
+    schema: Option<String>,
+    timeout: Duration,
+    timeout_secs: u64,
+    tx: watch::Sender<Outcome>,
+) {
     let sql = sql.trim().trim_end_matches(';').to_owned();
     let mut builder = ResultBuilder::new(inner.config.partition_rows, inner.config.wrapped_partitions);
     let ran = if timeout.is_zero() {
         Err(QueryError::Timeout)
     } else {
-        pg::run_query(&inner.config.database_url, &sql, schema.as_deref(), timeout, inner.config.partition_rows, |cols, rows| {
-            builder.page(cols, rows)
-        })
+        pg::run_query(
+            &inner.config.database_url,
+            &sql,
+            schema.as_deref(),
+            timeout,
+            inner.config.partition_rows,
+            |cols, rows| builder.page(cols, rows),
+        )
         .await
     };
     let outcome = match ran {
@@ -445,7 +476,13 @@ async fn execute(inner: Arc<Inner>, sql: String, schema: Option<String>, timeout
         ),
         Err(QueryError::Database { sqlstate, message, position }) => {
             let (code, text) = match sqlstate.as_str() {
-                "42601" => ("001003", format!("SQL compilation error:\nsyntax error line 1 at position {}: {message}", position.unwrap_or(0))),
+                "42601" => (
+                    "001003",
+                    format!(
+                        "SQL compilation error:\nsyntax error line 1 at position {}: {message}",
+                        position.unwrap_or(0)
+                    ),
+                ),
                 "42P01" | "42703" => ("002003", format!("SQL compilation error:\n{message}")),
                 "42501" => ("003001", format!("SQL access control error:\n{message}")),
                 // The extended protocol takes one statement: as Snowflake's MULTI_STATEMENT_COUNT=1.
@@ -454,11 +491,15 @@ async fn execute(inner: Arc<Inner>, sql: String, schema: Option<String>, timeout
                 }
                 _ => ("100000", message.clone()),
             };
-            Outcome::Failed(StatusCode::UNPROCESSABLE_ENTITY, json!({ "code": code, "sqlState": sqlstate, "message": text }))
+            Outcome::Failed(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                json!({ "code": code, "sqlState": sqlstate, "message": text }),
+            )
         }
-        Err(QueryError::Connection(e)) => {
-            Outcome::Failed(StatusCode::INTERNAL_SERVER_ERROR, json!({ "code": "390400", "message": format!("Internal error: {e}") }))
-        }
+        Err(QueryError::Connection(e)) => Outcome::Failed(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({ "code": "390400", "message": format!("Internal error: {e}") }),
+        ),
     };
     let _ = tx.send(outcome);
 }
@@ -561,8 +602,9 @@ fn serve_partition(inner: &Inner, handle: &str, n: usize, truncated: bool) -> Re
                     .into_response()
             }
         },
-        Some(Outcome::Running) => (StatusCode::ACCEPTED, axum::Json(json!({ "code": "333334", "statementHandle": handle })))
-            .into_response(),
+        Some(Outcome::Running) => {
+            (StatusCode::ACCEPTED, axum::Json(json!({ "code": "333334", "statementHandle": handle }))).into_response()
+        }
         Some(Outcome::Cancelled) => failure("000604", "57014", "SQL execution canceled"),
         Some(Outcome::Failed(status, body)) => (status, axum::Json(body)).into_response(),
     }

@@ -131,9 +131,14 @@ impl ServiceAccountKey {
 /// Where access tokens come from.
 #[derive(Debug)]
 pub enum Credentials {
-    Key { key: ServiceAccountKey, from: String },
+    Key {
+        key: ServiceAccountKey,
+        from: String,
+    },
     /// `host[:port]` of the metadata server.
-    Metadata { server: String },
+    Metadata {
+        server: String,
+    },
 }
 
 /// An access token and when to stop using it.
@@ -268,10 +273,14 @@ impl TokenSource {
                 check_token_status(response, &format!("the token endpoint refused the key in {from}")).await?
             }
             Credentials::Metadata { server } => {
-                let url = format!("http://{server}/computeMetadata/v1/instance/service-accounts/default/token?scopes={SCOPE}");
+                let url = format!(
+                    "http://{server}/computeMetadata/v1/instance/service-accounts/default/token?scopes={SCOPE}"
+                );
                 let sent = client.get(&url).header("Metadata-Flavor", "Google").send().await;
                 let response = sent.map_err(|e| {
-                    let TokenError::Transient(m) = transport(&format!("the metadata server {server}"), &e) else { unreachable!() };
+                    let TokenError::Transient(m) = transport(&format!("the metadata server {server}"), &e) else {
+                        unreachable!()
+                    };
                     TokenError::Transient(format!(
                         "{m} (outside GKE/GCE, or without Workload Identity, set serviceAccountKeySecretRef)"
                     ))
@@ -291,9 +300,9 @@ impl TokenSource {
 /// `Ok` with the body of a 2xx answer; a classified error otherwise.
 async fn check_token_status(response: reqwest::Response, refused: &str) -> Result<Vec<u8>, TokenError> {
     let status = response.status().as_u16();
-    let body = read_body_bounded(response, MAX_TOKEN_BODY).await.map_err(|_| {
-        TokenError::Transient(format!("{refused}: the answer (HTTP {status}) could not be read"))
-    })?;
+    let body = read_body_bounded(response, MAX_TOKEN_BODY)
+        .await
+        .map_err(|_| TokenError::Transient(format!("{refused}: the answer (HTTP {status}) could not be read")))?;
     if (200..300).contains(&status) {
         return Ok(body);
     }
@@ -348,7 +357,9 @@ mod tests {
     #[test]
     fn keys_that_are_not_service_account_keys_are_named_without_content() {
         let from = "Secret ns/bq key key.json";
-        let user = SecretString::new(r#"{"type":"authorized_user","client_id":"x","client_secret":"s3cr3t-value","refresh_token":"r"}"#);
+        let user = SecretString::new(
+            r#"{"type":"authorized_user","client_id":"x","client_secret":"s3cr3t-value","refresh_token":"r"}"#,
+        );
         let err = ServiceAccountKey::parse(&user, from).unwrap_err();
         assert!(err.contains("authorized_user") && !err.contains("s3cr3t"), "{err}");
         let garbage = SecretString::new("not json s3cr3t-value");

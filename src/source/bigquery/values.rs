@@ -143,7 +143,11 @@ mod tests {
         assert_eq!(text(ColumnKind::Float64, json!("2.5E-4")).as_deref(), Some("0.00025"));
         assert_eq!(text(ColumnKind::Decimal, json!("123.4500")).as_deref(), Some("123.45"));
         assert_eq!(
-            text(ColumnKind::Decimal, json!("57896044618658097711785492504343953926634992332820282019728.792003956564819967")).as_deref(),
+            text(
+                ColumnKind::Decimal,
+                json!("57896044618658097711785492504343953926634992332820282019728.792003956564819967")
+            )
+            .as_deref(),
             Some("57896044618658097711785492504343953926634992332820282019728.792003956564819967")
         );
         assert_eq!(text(ColumnKind::Decimal, json!("1E+3")).as_deref(), Some("1000"));

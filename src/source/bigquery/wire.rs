@@ -148,8 +148,13 @@ impl ApiError {
     /// has been seen as 400 and as 500.
     pub fn class(&self) -> ErrorClass {
         match self.reason.as_str() {
-            "rateLimitExceeded" | "backendError" | "internalError" | "badGateway" | "jobRateLimitExceeded"
-            | "jobBackendError" | "jobInternalError" => ErrorClass::Transient,
+            "rateLimitExceeded"
+            | "backendError"
+            | "internalError"
+            | "badGateway"
+            | "jobRateLimitExceeded"
+            | "jobBackendError"
+            | "jobInternalError" => ErrorClass::Transient,
             "bytesBilledLimitExceeded" => ErrorClass::BytesBilledLimit,
             "invalidQuery" => ErrorClass::InvalidQuery,
             "accessDenied" | "PERMISSION_DENIED" => ErrorClass::PermissionDenied,
@@ -197,12 +202,16 @@ mod tests {
     fn the_reason_decides_before_the_status() {
         let rate = r#"{"error":{"code":403,"message":"Exceeded rate limits","errors":[{"domain":"global","reason":"rateLimitExceeded","message":"x"}]}}"#;
         assert_eq!(err(403, rate).class(), ErrorClass::Transient);
-        let denied = r#"{"error":{"code":403,"message":"Access Denied: Project p","errors":[{"reason":"accessDenied"}]}}"#;
+        let denied =
+            r#"{"error":{"code":403,"message":"Access Denied: Project p","errors":[{"reason":"accessDenied"}]}}"#;
         assert_eq!(err(403, denied).class(), ErrorClass::PermissionDenied);
         assert_eq!(err(403, denied).message, "Access Denied: Project p");
         let billed = r#"{"error":{"code":500,"message":"Query exceeded limit for bytes billed: 1000.","errors":[{"reason":"bytesBilledLimitExceeded"}]}}"#;
         assert_eq!(err(500, billed).class(), ErrorClass::BytesBilledLimit);
-        assert_eq!(err(400, r#"{"error":{"errors":[{"reason":"invalidQuery","message":"Syntax error"}]}}"#).class(), ErrorClass::InvalidQuery);
+        assert_eq!(
+            err(400, r#"{"error":{"errors":[{"reason":"invalidQuery","message":"Syntax error"}]}}"#).class(),
+            ErrorClass::InvalidQuery
+        );
         assert_eq!(err(403, r#"{"error":{"errors":[{"reason":"quotaExceeded"}]}}"#).class(), ErrorClass::QuotaExceeded);
         assert_eq!(err(503, r#"{"error":{"errors":[{"reason":"backendError"}]}}"#).class(), ErrorClass::Transient);
     }
@@ -211,7 +220,10 @@ mod tests {
     fn bodiless_errors_fall_back_to_the_status() {
         assert_eq!(err(502, "<html>bad gateway</html>").class(), ErrorClass::Transient);
         assert_eq!(err(429, "").class(), ErrorClass::Transient);
-        assert_eq!(err(401, r#"{"error":{"code":401,"status":"UNAUTHENTICATED"}}"#).class(), ErrorClass::Unauthenticated);
+        assert_eq!(
+            err(401, r#"{"error":{"code":401,"status":"UNAUTHENTICATED"}}"#).class(),
+            ErrorClass::Unauthenticated
+        );
         assert_eq!(err(403, "").class(), ErrorClass::PermissionDenied);
         assert_eq!(err(418, "").class(), ErrorClass::Other);
     }

@@ -86,14 +86,16 @@ impl TestServiceAccount {
     pub fn registered(&self) -> RegisteredAccount {
         RegisteredAccount {
             client_email: self.client_email.clone(),
-            public_key: jsonwebtoken::DecodingKey::from_rsa_pem(self.public_key_pem.as_bytes()).expect("own public key"),
+            public_key: jsonwebtoken::DecodingKey::from_rsa_pem(self.public_key_pem.as_bytes())
+                .expect("own public key"),
         }
     }
 }
 
 fn pem(label: &str, der: &[u8]) -> String {
     let body = base64::engine::general_purpose::STANDARD.encode(der);
-    let lines: Vec<&str> = body.as_bytes().chunks(64).map(|c| std::str::from_utf8(c).expect("base64 is ASCII")).collect();
+    let lines: Vec<&str> =
+        body.as_bytes().chunks(64).map(|c| std::str::from_utf8(c).expect("base64 is ASCII")).collect();
     format!("-----BEGIN {label}-----\n{}\n-----END {label}-----\n", lines.join("\n"))
 }
 
@@ -146,7 +148,10 @@ pub fn check_grant(
     now: i64,
 ) -> Result<String, GrantError> {
     if form.grant_type != JWT_BEARER {
-        return Err(GrantError { error: "unsupported_grant_type", description: format!("Invalid grant_type: {}", form.grant_type) });
+        return Err(GrantError {
+            error: "unsupported_grant_type",
+            description: format!("Invalid grant_type: {}", form.grant_type),
+        });
     }
     let parts: Vec<&str> = form.assertion.split('.').collect();
     let [header, payload, signature] = parts[..] else { return Err(invalid_grant("Invalid JWT: not three segments")) };
@@ -172,7 +177,10 @@ pub fn check_grant(
     let scopes: Vec<&str> = claims.scope.split(' ').collect();
     let covers = |s: &&str| s.ends_with("/auth/bigquery") || s.ends_with("/auth/cloud-platform");
     if !scopes.iter().any(covers) {
-        return Err(GrantError { error: "invalid_scope", description: format!("scope {:?} does not cover BigQuery", claims.scope) });
+        return Err(GrantError {
+            error: "invalid_scope",
+            description: format!("scope {:?} does not cover BigQuery", claims.scope),
+        });
     }
     let (Some(iat), Some(exp)) = (claims.iat, claims.exp) else {
         return Err(invalid_grant("Invalid JWT: iat and exp are required"));
@@ -259,20 +267,49 @@ mod tests {
         let accounts: HashMap<_, _> = [(account.client_email.clone(), account.registered())].into();
         let aud = "http://127.0.0.1:1/token";
         let now = now_secs();
-        let claims = |scope: &str, aud: &str, iat: i64, exp: i64| {
-            serde_json::json!({"iss": account.client_email, "scope": scope, "aud": aud, "iat": iat, "exp": exp})
-        };
+        let claims = |scope: &str, aud: &str, iat: i64, exp: i64| serde_json::json!({"iss": account.client_email, "scope": scope, "aud": aud, "iat": iat, "exp": exp});
         let form = |assertion: String| TokenForm { grant_type: JWT_BEARER.into(), assertion };
         let good = claims("https://www.googleapis.com/auth/bigquery", aud, now, now + 3600);
         for pad in [false, true] {
-            assert_eq!(check_grant(&form(sign(&account, good.clone(), pad)), &accounts, aud, now).as_deref(), Ok(account.client_email.as_str()));
+            assert_eq!(
+                check_grant(&form(sign(&account, good.clone(), pad)), &accounts, aud, now).as_deref(),
+                Ok(account.client_email.as_str())
+            );
         }
         let refused = |assertion: String| check_grant(&form(assertion), &accounts, aud, now).unwrap_err();
         assert_eq!(refused(sign(&other, good.clone(), false)).description, "Invalid JWT Signature.");
-        assert!(refused(sign(&account, claims("https://www.googleapis.com/auth/bigquery", "https://x/token", now, now + 60), false)).description.contains("audience"));
-        assert_eq!(refused(sign(&account, claims("https://www.googleapis.com/auth/devstorage.read_only", aud, now, now + 60), false)).error, "invalid_scope");
-        assert!(refused(sign(&account, claims("https://www.googleapis.com/auth/bigquery", aud, now, now + 7200), false)).description.contains("short-lived"));
-        assert!(refused(sign(&account, claims("https://www.googleapis.com/auth/bigquery", aud, now - 7200, now - 3600), false)).description.contains("short-lived"));
+        assert!(
+            refused(sign(
+                &account,
+                claims("https://www.googleapis.com/auth/bigquery", "https://x/token", now, now + 60),
+                false
+            ))
+            .description
+            .contains("audience")
+        );
+        assert_eq!(
+            refused(sign(
+                &account,
+                claims("https://www.googleapis.com/auth/devstorage.read_only", aud, now, now + 60),
+                false
+            ))
+            .error,
+            "invalid_scope"
+        );
+        assert!(
+            refused(sign(&account, claims("https://www.googleapis.com/auth/bigquery", aud, now, now + 7200), false))
+                .description
+                .contains("short-lived")
+        );
+        assert!(
+            refused(sign(
+                &account,
+                claims("https://www.googleapis.com/auth/bigquery", aud, now - 7200, now - 3600),
+                false
+            ))
+            .description
+            .contains("short-lived")
+        );
         let wrong_grant = TokenForm { grant_type: "client_credentials".into(), assertion: sign(&account, good, false) };
         assert_eq!(check_grant(&wrong_grant, &accounts, aud, now).unwrap_err().error, "unsupported_grant_type");
     }

@@ -221,9 +221,13 @@ mod tests {
 
     #[test]
     fn arrays_and_rows_render_as_f_and_v() {
-        assert_eq!(parse_array("{a,\"b c\",NULL,\"NULL\"}"), vec![Some("a".into()), Some("b c".into()), None, Some("NULL".into())]);
+        assert_eq!(
+            parse_array("{a,\"b c\",NULL,\"NULL\"}"),
+            vec![Some("a".into()), Some("b c".into()), None, Some("NULL".into())]
+        );
         assert_eq!(parse_array("{}"), Vec::<Option<String>>::new());
-        let columns = [Column { render: Render::Integer, repeated: false }, Column { render: Render::Text, repeated: true }];
+        let columns =
+            [Column { render: Render::Integer, repeated: false }, Column { render: Render::Text, repeated: true }];
         let cells = [Some("42"), Some("{x,y}")];
         let (json, _) = render_row(&columns, |i| cells[i]);
         assert_eq!(json, r#"{"f":[{"v":"42"},{"v":[{"v":"x"},{"v":"y"}]}]}"#);
