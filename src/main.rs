@@ -113,6 +113,15 @@ struct RunArgs {
     /// as missed instead of run.
     #[arg(long, env = "COHORT_STARTING_DEADLINE_SECONDS", default_value_t = 3600)]
     starting_deadline_seconds: u64,
+    /// Times a run may start: one interrupted this often (e.g. the operator crashing on it)
+    /// is not run again but recorded as Failed.
+    #[arg(
+        long,
+        env = "COHORT_MAX_RUN_ATTEMPTS",
+        default_value_t = 3,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    max_run_attempts: u32,
     /// Directory of partner API keys, one file per Braze region (`us`, `eu`, `au`).
     #[arg(long, env = "COHORT_PARTNER_KEYS_DIR")]
     partner_keys_dir: Option<PathBuf>,
@@ -273,6 +282,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = Config {
         namespaces: args.watch_namespaces.into_iter().filter(|n| !n.is_empty()).collect(),
         starting_deadline: jiff::SignedDuration::from_secs(args.starting_deadline_seconds as i64),
+        max_run_attempts: args.max_run_attempts,
         partner_keys: PartnerKeys {
             dir: args.partner_keys_dir,
             extra_endpoints: args.braze_endpoint_regions.into_iter().collect(),

@@ -75,6 +75,8 @@ pub struct Config {
     pub instance: Option<String>,
     /// Runs at once across all imports; more wait for a free slot.
     pub max_concurrent_runs: usize,
+    /// Times a run may start: one interrupted this often (a crash loop) ends `Failed`.
+    pub max_run_attempts: u32,
     /// Longest a run report email may take.
     pub notification_timeout: Duration,
     /// Wait after a failed reconcile.
@@ -96,6 +98,7 @@ impl Default for Config {
             metrics_addr: None,
             instance: None,
             max_concurrent_runs: 16,
+            max_run_attempts: 3,
             notification_timeout: Duration::from_secs(60),
             error_requeue: Duration::from_secs(10),
             watch_secrets: true,

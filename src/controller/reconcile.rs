@@ -120,9 +120,9 @@ async fn apply(import: Arc<CohortImport>, ctx: &Arc<Context>, api: &Api<CohortIm
     let reference = ObjectRef::from_obj(import.as_ref());
     let valid = validate(&import.spec);
     // One active schedule per cohort.
-    let winner = match &valid {
-        Ok(_) => winner(ctx, &import),
-        Err(_) => None,
+    let (winner, workspace) = match &valid {
+        Ok(_) => winner(ctx, &import).await,
+        Err(_) => (None, None),
     };
     ctx.note_conflict(&reference, winner.as_ref().map(|(w, _)| w.clone()));
     let deadline = ctx.config.starting_deadline;
@@ -142,8 +142,10 @@ async fn apply(import: Arc<CohortImport>, ctx: &Arc<Context>, api: &Api<CohortIm
     let seen = Observed {
         now,
         starting_deadline: deadline,
+        max_run_attempts: ctx.config.max_run_attempts,
         winner: winner.as_ref().map(|(_, name)| name.as_str()),
         run_ended_here,
+        workspace: workspace.as_deref(),
         secrets: secrets.as_ref(),
         new_run_id: crate::run::new_run_id(now),
     };
@@ -151,11 +153,25 @@ async fn apply(import: Arc<CohortImport>, ctx: &Arc<Context>, api: &Api<CohortIm
     execute(ctx, api, import, valid.ok(), wanted).await
 }
 
-/// The import that owns `import`'s cohort, if another: its reference and `namespace/name`.
-fn winner(ctx: &Context, import: &CohortImport) -> Option<(ObjectRef<CohortImport>, String)> {
+/// The import that owns `import`'s cohort, if another: its reference and how a message
+/// names it ([`conflict::winner_label`]). Also `import`'s Braze workspace, when it had to be
+/// read: only if another import holding the cohort has one to compare with (a Secret read
+/// is not worth it otherwise; a run records it anyway).
+async fn winner(ctx: &Context, import: &CohortImport) -> (Option<(ObjectRef<CohortImport>, String)>, Option<String>) {
     let imports = ctx.imports();
-    let winner = conflict::winner(import, imports.iter().map(|i| i.as_ref()))?;
-    Some((ObjectRef::from_obj(winner), format!("{}/{}", winner.namespace().unwrap_or_default(), winner.name_any())))
+    let contenders = conflict::contenders(import, imports.iter().map(|i| i.as_ref()));
+    let mut workspace = None;
+    if conflict::needs_workspace(&contenders) {
+        let namespace = import.namespace().unwrap_or_default();
+        match secrets::data_import_workspace(&ctx.client, &namespace, &import.spec.destination.braze).await {
+            Ok(w) => workspace = Some(w),
+            // Unknown counts as the same workspace: when in doubt, hold.
+            Err(e) => debug!(error = %e, "cannot tell the Braze workspace; assuming the other import's"),
+        }
+    }
+    let winner = conflict::pick(contenders, workspace.as_deref())
+        .map(|w| (ObjectRef::from_obj(w), conflict::winner_label(import, w)));
+    (winner, workspace)
 }
 
 /// Writes the desired status, then carries out the effects in order, then requeues.
@@ -224,7 +240,8 @@ async fn cleanup(import: Arc<CohortImport>, ctx: &Arc<Context>, api: &Api<Cohort
     let reference = ObjectRef::from_obj(import.as_ref());
     let namespace = import.namespace().unwrap_or_default();
     let imports = ctx.imports();
-    let winner = conflict::winner(&import, imports.iter().map(|i| i.as_ref()));
+    let workspace = import.status.as_ref().and_then(|s| s.braze_workspace.as_deref());
+    let winner = conflict::winner(&import, workspace, imports.iter().map(|i| i.as_ref()));
     let policy = import.spec.deletion_policy;
     // When the cohort belongs to another import, its members are left alone.
     let removing = policy == DeletionPolicy::RemoveMembers && winner.is_none();

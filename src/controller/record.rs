@@ -43,6 +43,9 @@ pub struct RunEnd {
     pub braze_responses: BTreeMap<Option<u16>, u64>,
     /// How long it ran; zero for a run that never did.
     pub elapsed: Duration,
+    /// The Braze workspace the run imported into, when it read its key
+    /// ([`super::conflict::workspace_of`]): recorded in `status.brazeWorkspace`.
+    pub workspace: Option<String>,
 }
 
 impl RunEnd {
@@ -68,7 +71,7 @@ impl RunEnd {
         record.trigger = run.trigger;
         record.started_at = seconds(run.started_at);
         record.finished_at = Some(finished_at);
-        RunEnd { record, ended_at: finished_at, failure_reason, hint, braze_responses, elapsed }
+        RunEnd { record, ended_at: finished_at, failure_reason, hint, braze_responses, elapsed, workspace: None }
     }
 
     /// The scheduled run at `slot` was found past its starting deadline at `now`.
@@ -108,6 +111,7 @@ impl RunEnd {
             hint: None,
             braze_responses: BTreeMap::new(),
             elapsed: Duration::ZERO,
+            workspace: None,
         }
     }
 
@@ -162,6 +166,9 @@ pub fn record(status: &mut CohortImportStatus, end: &RunEnd, history_limit: u8) 
         status.current_run = None;
     }
     record_run(status, end.record.clone(), history_limit);
+    if let Some(workspace) = &end.workspace {
+        status.braze_workspace = Some(workspace.clone());
+    }
     let (_, message) = idle_ready(status, status.next_run_at);
     set_ready(status, end.reason(), &message, status.observed_generation, end.ended_at);
     recorded
@@ -297,6 +304,7 @@ mod tests {
             trigger: RunTrigger::Manual,
             started_at: ts("2026-03-02T06:30:00.5Z"),
             approved_removals: None,
+            attempt: 1,
         }
     }
 

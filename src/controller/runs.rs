@@ -123,11 +123,15 @@ async fn execute(ctx: Arc<Context>, import: Arc<CohortImport>, spec: ValidSpec, 
     let clock_started = Instant::now();
     let namespace = import.namespace().unwrap_or_default();
     let braze = &import.spec.destination.braze;
+    let mut workspace = None;
     let outcome = match secrets::braze_keys(&ctx.client, &namespace, braze, &ctx.config.partner_keys).await {
-        Ok(keys) => ctx.importer.run(&import, &spec, &run, keys).await,
+        Ok(keys) => {
+            workspace = Some(super::conflict::workspace_of(keys.data_import_key.expose()));
+            ctx.importer.run(&import, &spec, &run, keys).await
+        }
         Err(e) => Err(e.into()),
     };
-    let end = RunEnd::finished(&run, outcome, ctx.clock.now(), clock_started.elapsed());
+    let end = RunEnd { workspace, ..RunEnd::finished(&run, outcome, ctx.clock.now(), clock_started.elapsed()) };
     ctx.metrics.runs_in_progress.dec();
     finish(&ctx, &import, end).await;
     ctx.runs.finished(&reference, &run.id);
