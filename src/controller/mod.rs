@@ -134,6 +134,8 @@ pub struct Context {
     wakers: Vec<(Option<String>, mpsc::UnboundedSender<ObjectRef<CohortImport>>)>,
     /// Import held in `Conflict` → the import that owns its cohort.
     conflicts: Mutex<HashMap<ObjectRef<CohortImport>, ObjectRef<CohortImport>>>,
+    /// Failed reconciles in a row, per import: how far [`reconcile::error_policy`] backs off.
+    reconcile_failures: Mutex<HashMap<ObjectRef<CohortImport>, u32>>,
 }
 
 impl Context {
@@ -152,6 +154,18 @@ impl Context {
         if let Some(tx) = sender {
             let _ = tx.send(import);
         }
+    }
+
+    /// Counts a failed reconcile of `import` (`true`) or clears the count; returns it.
+    fn note_reconcile(&self, import: &ObjectRef<CohortImport>, failed: bool) -> u32 {
+        let mut failures = self.reconcile_failures.lock().unwrap_or_else(|e| e.into_inner());
+        if !failed {
+            failures.remove(import);
+            return 0;
+        }
+        let count = failures.entry(import.clone()).or_default();
+        *count = count.saturating_add(1);
+        *count
     }
 
     fn note_conflict(&self, import: &ObjectRef<CohortImport>, winner: Option<ObjectRef<CohortImport>>) {
@@ -284,6 +298,7 @@ async fn run_controllers(
         stores,
         wakers,
         conflicts: Mutex::new(HashMap::new()),
+        reconcile_failures: Mutex::new(HashMap::new()),
     });
     // Runs are tasks of their own; stop them all when this future goes (shutdown, lost
     // Lease, or the task running it aborted).
