@@ -122,6 +122,15 @@ struct RunArgs {
         value_parser = clap::value_parser!(u32).range(1..)
     )]
     max_run_attempts: u32,
+    /// Longest a run may take, in seconds, unless its spec.runTimeoutSeconds says otherwise;
+    /// a run still going then ends Failed.
+    #[arg(
+        long,
+        env = "COHORT_RUN_TIMEOUT_SECONDS",
+        default_value_t = 21600,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    run_timeout_seconds: u64,
     /// Directory of partner API keys, one file per Braze region (`us`, `eu`, `au`).
     #[arg(long, env = "COHORT_PARTNER_KEYS_DIR")]
     partner_keys_dir: Option<PathBuf>,
@@ -283,6 +292,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         namespaces: args.watch_namespaces.into_iter().filter(|n| !n.is_empty()).collect(),
         starting_deadline: jiff::SignedDuration::from_secs(args.starting_deadline_seconds as i64),
         max_run_attempts: args.max_run_attempts,
+        run_timeout: Duration::from_secs(args.run_timeout_seconds),
         partner_keys: PartnerKeys {
             dir: args.partner_keys_dir,
             extra_endpoints: args.braze_endpoint_regions.into_iter().collect(),

@@ -162,3 +162,31 @@ async fn a_run_that_crashes_the_operator_every_time_ends_failed_after_its_attemp
     assert!(interrupted >= 1, "each restart warned");
     operator.stop().await;
 }
+
+#[tokio::test]
+async fn a_run_over_its_deadline_fails_naming_the_field() {
+    let env = Env::new("ctl-deadline").await;
+    env.put_members(&ids(0..2500)).await;
+    // Each Braze request takes 3 s; the run may take 1 s.
+    env.sandbox.set_faults(braze_sandbox::Faults { latency_ms: 3000, ..braze_sandbox::Faults::default() });
+    let operator = env.start().await;
+    let mut doc = env.import("slow", "slow", json!({ "cadence": "Daily", "at": "06:30" }));
+    doc["spec"]["runTimeoutSeconds"] = json!(1);
+    env.create(doc).await;
+    env.request_run("slow", "1").await;
+    let status = env.wait_runs("slow", 1).await.status.unwrap();
+    let record = &status.history[0];
+    assert_eq!(record.result, RunResult::Failed);
+    assert!(record.message.starts_with("deadline exceeded"), "{}", record.message);
+    assert!(record.message.contains("after 1 s (spec.runTimeoutSeconds)"), "{}", record.message);
+    assert_eq!(ready_reason(&status), Some("Failed"));
+
+    // Given time, the next run converges: everyone is in the cohort.
+    env.sandbox.set_faults(braze_sandbox::Faults::default());
+    env.merge("slow", json!({ "spec": { "runTimeoutSeconds": 600 } })).await;
+    env.request_run("slow", "2").await;
+    let status = env.wait_runs("slow", 2).await.status.unwrap();
+    assert_eq!(status.history[0].result, RunResult::Succeeded, "{}", status.history[0].message);
+    assert_eq!(env.members("slow"), set(&ids(0..2500)));
+    operator.stop().await;
+}

@@ -77,6 +77,8 @@ pub struct Config {
     pub max_concurrent_runs: usize,
     /// Times a run may start: one interrupted this often (a crash loop) ends `Failed`.
     pub max_run_attempts: u32,
+    /// Longest a run may take unless its `spec.runTimeoutSeconds` says otherwise.
+    pub run_timeout: Duration,
     /// Longest a run report email may take.
     pub notification_timeout: Duration,
     /// Wait after a failed reconcile.
@@ -99,6 +101,7 @@ impl Default for Config {
             instance: None,
             max_concurrent_runs: 16,
             max_run_attempts: 3,
+            run_timeout: Duration::from_secs(6 * 3600),
             notification_timeout: Duration::from_secs(60),
             error_requeue: Duration::from_secs(10),
             watch_secrets: true,

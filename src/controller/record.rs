@@ -74,6 +74,19 @@ impl RunEnd {
         RunEnd { record, ended_at: finished_at, failure_reason, hint, braze_responses, elapsed, workspace: None }
     }
 
+    /// `run` was still going when its deadline (`timeout`, from `field`) passed, and was
+    /// stopped; what it sent is in doubt, and the next run converges.
+    pub fn timed_out(run: &CurrentRun, timeout: Duration, field: &str, now: Timestamp, elapsed: Duration) -> Self {
+        let message = format!(
+            "deadline exceeded: the run was still going after {} ({field}) and was stopped; raise {field} if \
+             the import needs longer",
+            humanize(SignedDuration::from_secs(timeout.as_secs() as i64))
+        );
+        let mut record = failed_record(run, message);
+        record.finished_at = Some(seconds(now));
+        RunEnd { elapsed, failure_reason: Some(ReadyReason::Failed), ..Self::never_ran(record, now) }
+    }
+
     /// The scheduled run at `slot` was found past its starting deadline at `now`.
     pub fn missed(slot: Timestamp, starting_deadline: SignedDuration, now: Timestamp) -> Self {
         let slot = seconds(slot);
@@ -326,6 +339,22 @@ mod tests {
         assert_eq!(end.record.started_at, ts("2026-03-02T06:30:00Z"), "whole seconds");
         assert_eq!(end.record.finished_at, Some(ts("2026-03-02T06:30:02Z")));
         assert!(end.record.message.starts_with("Secret ns/braze not found"), "{}", end.record.message);
+    }
+
+    #[test]
+    fn a_run_past_its_deadline_fails_naming_the_field() {
+        let end = RunEnd::timed_out(
+            &current("r1"),
+            Duration::from_secs(90),
+            "spec.runTimeoutSeconds",
+            ts("2026-03-02T06:32:00.7Z"),
+            Duration::from_secs(91),
+        );
+        assert_eq!((end.record.result, end.reason()), (RunResult::Failed, ReadyReason::Failed));
+        assert!(end.record.message.starts_with("deadline exceeded: "), "{}", end.record.message);
+        assert!(end.record.message.contains("after 90 s (spec.runTimeoutSeconds)"), "{}", end.record.message);
+        assert_eq!(end.record.finished_at, Some(ts("2026-03-02T06:32:00Z")));
+        assert_eq!(end.elapsed, Duration::from_secs(91));
     }
 
     #[test]

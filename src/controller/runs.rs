@@ -124,18 +124,34 @@ async fn execute(ctx: Arc<Context>, import: Arc<CohortImport>, spec: ValidSpec, 
     let namespace = import.namespace().unwrap_or_default();
     let braze = &import.spec.destination.braze;
     let mut workspace = None;
-    let outcome = match secrets::braze_keys(&ctx.client, &namespace, braze, &ctx.config.partner_keys).await {
-        Ok(keys) => {
-            workspace = Some(super::conflict::workspace_of(keys.data_import_key.expose()));
-            ctx.importer.run(&import, &spec, &run, keys).await
+    let attempt = async {
+        match secrets::braze_keys(&ctx.client, &namespace, braze, &ctx.config.partner_keys).await {
+            Ok(keys) => {
+                workspace = Some(super::conflict::workspace_of(keys.data_import_key.expose()));
+                ctx.importer.run(&import, &spec, &run, keys).await
+            }
+            Err(e) => Err(e.into()),
         }
-        Err(e) => Err(e.into()),
     };
-    let end = RunEnd { workspace, ..RunEnd::finished(&run, outcome, ctx.clock.now(), clock_started.elapsed()) };
+    let (timeout, field) = run_timeout(&ctx.config, &import);
+    // Stopping a run is as safe as a crash: what it sent stays in doubt until a run commits.
+    let end = match tokio::time::timeout(timeout, attempt).await {
+        Ok(outcome) => RunEnd::finished(&run, outcome, ctx.clock.now(), clock_started.elapsed()),
+        Err(_) => RunEnd::timed_out(&run, timeout, field, ctx.clock.now(), clock_started.elapsed()),
+    };
+    let end = RunEnd { workspace, ..end };
     ctx.metrics.runs_in_progress.dec();
     finish(&ctx, &import, end).await;
     ctx.runs.finished(&reference, &run.id);
     ctx.wake(reference);
+}
+
+/// How long a run of `import` may take, and the setting that says so.
+fn run_timeout(config: &super::Config, import: &CohortImport) -> (Duration, &'static str) {
+    match import.spec.run_timeout_seconds {
+        Some(seconds) => (Duration::from_secs(seconds.into()), "spec.runTimeoutSeconds"),
+        None => (config.run_timeout, "the operator's --run-timeout-seconds"),
+    }
 }
 
 /// Records the end in status — unless another replica took the run over, whose record
