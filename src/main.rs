@@ -148,6 +148,10 @@ struct RunArgs {
     /// Runs at once across all imports.
     #[arg(long, env = "COHORT_MAX_CONCURRENT_RUNS", default_value_t = 16)]
     max_concurrent_runs: usize,
+    /// Runs at once in one namespace (under --max-concurrent-runs): one team's slow imports
+    /// never take every slot.
+    #[arg(long, env = "COHORT_MAX_CONCURRENT_RUNS_PER_NAMESPACE", default_value_t = 4)]
+    max_concurrent_runs_per_namespace: usize,
     #[arg(long, env = "COHORT_LOG_FORMAT", value_enum, default_value = "json")]
     log_format: LogFormat,
     /// Run only while holding a Lease, so that replicas never run imports together.
@@ -301,6 +305,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics_addr: Some(args.metrics_addr),
         instance: Some(identity),
         max_concurrent_runs: args.max_concurrent_runs,
+        max_concurrent_runs_per_namespace: args.max_concurrent_runs_per_namespace,
         watch_secrets: args.watch_secrets,
         ..Config::default()
     };

@@ -115,6 +115,7 @@ pub(super) fn start(ctx: &Arc<Context>, import: Arc<CohortImport>, spec: ValidSp
 
 async fn execute(ctx: Arc<Context>, import: Arc<CohortImport>, spec: ValidSpec, run: CurrentRun) {
     let reference = ObjectRef::from_obj(import.as_ref());
+    let _namespace_slot = ctx.namespace_slots.acquire(&import.namespace().unwrap_or_default()).await;
     let _slot = ctx.run_slots.acquire().await;
     ctx.metrics.runs_in_progress.inc();
     info!(trigger = ?run.trigger, "run started");
