@@ -190,3 +190,88 @@ async fn a_run_over_its_deadline_fails_naming_the_field() {
     assert_eq!(env.members("slow"), set(&ids(0..2500)));
     operator.stop().await;
 }
+
+/// An HTTP export that never ends: a CSV header, then one id every 200 ms, for as long as
+/// the reader stays. Returns its URL and how many connections it has served.
+async fn trickling_export() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/members.csv", listener.local_addr().unwrap());
+    let connections = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = connections.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else { return };
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut request = [0u8; 4096];
+                let _ = stream.read(&mut request).await;
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: text/csv\r\ntransfer-encoding: chunked\r\n\r\n";
+                let chunk = |s: String| format!("{:x}\r\n{s}\r\n", s.len()).into_bytes();
+                let mut out = head.as_bytes().to_vec();
+                out.extend(chunk("id\n".into()));
+                let mut n = 0u64;
+                while stream.write_all(&out).await.is_ok() {
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    out = chunk(format!("t{n}\n"));
+                    n += 1;
+                }
+            });
+        }
+    });
+    (url, connections)
+}
+
+#[tokio::test]
+async fn two_namespaces_with_trickling_exports_do_not_delay_a_third() {
+    use std::sync::atomic::Ordering;
+    let env = Env::new("ctl-fair-c").await;
+    env.put_members(&ids(0..3)).await;
+    let (url, connections) = trickling_export().await;
+    let mut slow = Vec::new();
+    for prefix in ["ctl-fair-a", "ctl-fair-b"] {
+        let ns = env.cluster.namespace(prefix).await;
+        let doc = json!({ "apiVersion": "v1", "kind": "Secret", "metadata": { "name": "braze" },
+                          "stringData": { "data-import-key": IMPORT_KEY } });
+        apply::<Secret>(&env, &ns, "braze", doc).await;
+        slow.push(ns);
+    }
+    // Three slots in all, one a namespace: each slow namespace holds one, the third is free.
+    let namespaces = [vec![env.ns.clone()], slow.clone()].concat();
+    let config =
+        Config { namespaces, max_concurrent_runs: 3, max_concurrent_runs_per_namespace: 1, ..env.config() };
+    let operator = env.start_with(config, None).await;
+    for ns in &slow {
+        let api: Api<CohortImport> = Api::namespaced(env.client.clone(), ns);
+        for i in 0..2 {
+            let name = format!("slow-{i}");
+            let mut doc = env.import(&name, &format!("{ns}-{i}"), json!({ "cadence": "Daily", "at": "06:30" }));
+            doc["spec"]["source"] = json!({ "http": { "url": url, "format": "Csv" } });
+            doc["metadata"]["annotations"] = json!({ "cohorts.dev/run-requested-at": "now" });
+            api.create(&PostParams::default(), &serde_json::from_value(doc).unwrap()).await.unwrap();
+        }
+    }
+    // Both slow namespaces are reading (one run each: the cap), and stay so.
+    let deadline = std::time::Instant::now() + WAIT;
+    while connections.load(Ordering::SeqCst) < 2 {
+        assert!(std::time::Instant::now() < deadline, "the slow exports were not read within {WAIT:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    // The third namespace's import runs at once, while the slow ones trickle on.
+    env.create(env.import("quick", "quick", json!({ "cadence": "Daily", "at": "06:30" }))).await;
+    env.request_run("quick", "1").await;
+    let status = env.wait_runs("quick", 1).await.status.unwrap();
+    assert_eq!(status.history[0].result, RunResult::Succeeded, "{}", status.history[0].message);
+    assert_eq!(env.members("quick"), set(&ids(0..3)));
+    assert_eq!(connections.load(Ordering::SeqCst), 2, "each slow namespace reads one export at a time");
+    for ns in &slow {
+        let api: Api<CohortImport> = Api::namespaced(env.client.clone(), ns);
+        for i in 0..2 {
+            let import = api.get(&format!("slow-{i}")).await.unwrap();
+            assert!(import.status.unwrap().history.is_empty(), "{ns}/slow-{i} is still going or waiting");
+        }
+    }
+    operator.stop().await;
+}
