@@ -114,6 +114,24 @@ struct RunArgs {
     /// as missed instead of run.
     #[arg(long, env = "COHORT_STARTING_DEADLINE_SECONDS", default_value_t = 3600)]
     starting_deadline_seconds: u64,
+    /// Times a run may start: one interrupted this often (e.g. the operator crashing on it)
+    /// is not run again but recorded as Failed.
+    #[arg(
+        long,
+        env = "COHORT_MAX_RUN_ATTEMPTS",
+        default_value_t = 3,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    max_run_attempts: u32,
+    /// Longest a run may take, in seconds, unless its spec.runTimeoutSeconds says otherwise;
+    /// a run still going then ends Failed.
+    #[arg(
+        long,
+        env = "COHORT_RUN_TIMEOUT_SECONDS",
+        default_value_t = 21600,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    run_timeout_seconds: u64,
     /// Directory of partner API keys, one file per Braze region (`us`, `eu`, `au`).
     #[arg(long, env = "COHORT_PARTNER_KEYS_DIR")]
     partner_keys_dir: Option<PathBuf>,
@@ -146,6 +164,10 @@ struct RunArgs {
     /// (the next run sends the rest).
     #[arg(long, env = "COHORT_BRAZE_MAX_BUDGET_WAIT_SECONDS", default_value_t = 3600)]
     braze_max_budget_wait_seconds: u64,
+    /// Runs at once in one namespace (under --max-concurrent-runs): one team's slow imports
+    /// never take every slot.
+    #[arg(long, env = "COHORT_MAX_CONCURRENT_RUNS_PER_NAMESPACE", default_value_t = 4)]
+    max_concurrent_runs_per_namespace: usize,
     #[arg(long, env = "COHORT_LOG_FORMAT", value_enum, default_value = "json")]
     log_format: LogFormat,
     /// Run only while holding a Lease, so that replicas never run imports together.
@@ -342,6 +364,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = Config {
         namespaces: args.watch_namespaces.into_iter().filter(|n| !n.is_empty()).collect(),
         starting_deadline: jiff::SignedDuration::from_secs(args.starting_deadline_seconds as i64),
+        max_run_attempts: args.max_run_attempts,
+        run_timeout: Duration::from_secs(args.run_timeout_seconds),
         partner_keys: PartnerKeys {
             dir: args.partner_keys_dir,
             extra_endpoints: args.braze_endpoint_regions.into_iter().collect(),
@@ -350,6 +374,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics_addr: Some(args.metrics_addr),
         instance: Some(identity),
         max_concurrent_runs: args.max_concurrent_runs,
+        max_concurrent_runs_per_namespace: args.max_concurrent_runs_per_namespace,
         watch_secrets: args.watch_secrets,
         shard,
         ..Config::default()

@@ -21,6 +21,9 @@ async fn the_older_import_of_a_cohort_runs_and_the_other_waits_for_it() {
     let operator = env.start().await;
     env.create(env.import("first", "shared", json!({ "cadence": "Daily", "at": "06:30" }))).await;
     env.wait_reason("first", "Scheduled").await;
+    // An import holds its cohort once it has run.
+    env.request_run("first", "first-run").await;
+    env.wait_runs("first", 1).await;
     env.create(env.import("second", "shared", json!({ "cadence": "Daily", "at": "07:30" }))).await;
     let held = env.wait_reason("second", "Conflict").await;
     let status = held.status.unwrap();
@@ -37,7 +40,7 @@ async fn the_older_import_of_a_cohort_runs_and_the_other_waits_for_it() {
     })
     .await;
     env.request_run("first", "winner-runs").await;
-    env.wait_runs("first", 1).await;
+    env.wait_runs("first", 2).await;
     assert!(env.get("second").await.status.unwrap().history.is_empty(), "the loser never ran");
 
     // The winner goes (keeping Braze's cohort as it is): the other takes over and runs

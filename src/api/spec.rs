@@ -70,6 +70,12 @@ pub struct CohortImportSpec {
     /// Protection against removing many members by mistake.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub removal_guard: Option<RemovalGuard>,
+    /// Longest a run may take, in seconds: a run still going then ends `Failed` (deadline
+    /// exceeded); what it sent stays in doubt and the next run converges. Default: the
+    /// operator's `--run-timeout-seconds`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub run_timeout_seconds: Option<u32>,
 }
 
 fn default_history_limit() -> u8 {

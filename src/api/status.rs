@@ -183,6 +183,10 @@ pub struct CohortImportStatus {
     /// Why the last run report email could not be sent; cleared by the next one sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_notification_error: Option<String>,
+    /// Which Braze workspace the import last imported into: a one-way hash of its data
+    /// import key (never the key), so that imports of other workspaces do not conflict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub braze_workspace: Option<String>,
 }
 
 /// A run that has started and not yet finished.
@@ -214,6 +218,12 @@ pub struct CurrentRun {
     /// The Lease holder identity (the pod name) of that operator.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runner_identity: Option<String>,
+    /// How many times this run has started: 1, plus one each time it was interrupted (an
+    /// operator restart or failover) and run again. At the operator's `--max-run-attempts`
+    /// an interrupted run is not run again but ends `Failed`.
+    #[serde(default = "first_attempt")]
+    #[schemars(range(min = 1))]
+    pub attempt: u32,
 }
 
 /// Which sharded operator runs an import's current run (`currentRun.runner*`).
@@ -239,6 +249,11 @@ impl CurrentRun {
         self.runner_lease = runner.as_ref().and_then(|r| r.lease.clone());
         self.runner_identity = runner.map(|r| r.identity);
     }
+}
+
+/// A run recorded before attempts were counted is on its first.
+fn first_attempt() -> u32 {
+    1
 }
 
 /// The schedule's progress: runs at or before `handledThrough` are done (run, missed, or

@@ -1,16 +1,26 @@
 //! One active schedule per Braze cohort, and which objects an import refers to. Pure.
 //!
-//! Two imports aimed at the same cohort — the same REST endpoint, partner and cohort id —
-//! would undo each other's changes. The older one (by creation time, then namespace/name)
-//! keeps running; the others are held in `Conflict` until it goes or is re-aimed.
+//! Two imports aimed at the same cohort — the same REST endpoint, partner, cohort id and
+//! Braze workspace — would undo each other's changes. Of the imports that *hold* the cohort
+//! (see [`holds`]), the older one (by creation time, then namespace/name) keeps running; the
+//! others are held in `Conflict` until it goes, is suspended or is re-aimed.
+//!
+//! The workspace is known by a one-way hash of the data import key ([`workspace_of`]),
+//! which every run records in `status.brazeWorkspace`. Comparing those needs no Secret
+//! reads of other imports (nor of other namespaces); the reconcile reads its own import's
+//! key only when some other import holding the same cohort has a workspace to compare with.
+//! An import whose workspace is not known yet (it has not run since this field was added,
+//! or its key cannot be read) counts as the same workspace: when in doubt, hold.
 
 use jiff::Timestamp;
 use kube::ResourceExt;
+use sha2::{Digest, Sha256};
 
 use super::secrets::normalize_endpoint;
 use crate::api::{CohortImport, CohortImportSpec};
+use crate::domain::validate::validate;
 
-/// Identifies one Braze cohort.
+/// Identifies one Braze cohort, but for the workspace (compared apart: it is in status).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CohortKey {
     pub endpoint: String,
@@ -36,21 +46,83 @@ impl std::fmt::Display for CohortKey {
     }
 }
 
+/// The workspace a data import key belongs to, as recorded in `status.brazeWorkspace`: the
+/// first 64 bits of a SHA-256 of the key, in hex. A data import key is a long random token,
+/// so the hash tells keys apart and cannot be turned back into the key.
+pub fn workspace_of(data_import_key: &str) -> String {
+    let digest =
+        Sha256::new().chain_update(b"cohort-operator/braze-workspace/v1\0").chain_update(data_import_key).finalize();
+    let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    format!("w1-{hex}")
+}
+
 /// Creation time, namespace, name: the older wins.
 fn seniority(import: &CohortImport) -> (Timestamp, String, String) {
     let created = import.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or(Timestamp::MAX);
     (created, import.namespace().unwrap_or_default(), import.name_any())
 }
 
-/// The import that owns `me`'s cohort when it is not `me`: the most senior of all imports
-/// (including those being deleted, which may still be removing members) with the same key.
-pub fn winner<'a>(me: &CohortImport, all: impl IntoIterator<Item = &'a CohortImport>) -> Option<&'a CohortImport> {
+/// Whether `import` holds its cohort against others: it may run (not suspended, its spec is
+/// valid) and it has run (a run in progress or recorded). A suspended, invalid or new import
+/// changes nothing in Braze, so it keeps nobody else from running.
+pub fn holds(import: &CohortImport) -> bool {
+    let status = import.status.as_ref();
+    let has_run = status.is_some_and(|s| s.current_run.is_some() || s.last_run.is_some() || !s.history.is_empty());
+    has_run && !import.spec.suspend && validate(&import.spec).is_ok()
+}
+
+/// The imports that would own `me`'s cohort, if of `me`'s workspace, best first: every other
+/// import (including those being deleted, which may still be removing members) aimed at the
+/// same cohort that [`holds`] it — and, when `me` holds it too, is older.
+pub fn contenders<'a>(me: &CohortImport, all: impl IntoIterator<Item = &'a CohortImport>) -> Vec<&'a CohortImport> {
     let key = CohortKey::of(&me.spec);
     let mine = seniority(me);
-    // Namespace and name make seniorities unique, so `<` never picks `me` itself.
-    all.into_iter()
-        .filter(|other| seniority(other) < mine && CohortKey::of(&other.spec) == key)
-        .min_by_key(|other| seniority(other))
+    let me_holds = holds(me);
+    // Namespace and name make seniorities unique, so `!=` never keeps `me` itself.
+    let mut found: Vec<_> = all
+        .into_iter()
+        .filter(|other| seniority(other) != mine && CohortKey::of(&other.spec) == key)
+        .filter(|other| (!me_holds || seniority(other) < mine) && holds(other))
+        .collect();
+    found.sort_by_key(|other| seniority(other));
+    found
+}
+
+/// Whether any contender's workspace is known: only then is `me`'s worth reading.
+pub fn needs_workspace(contenders: &[&CohortImport]) -> bool {
+    contenders.iter().any(|other| recorded_workspace(other).is_some())
+}
+
+fn recorded_workspace(import: &CohortImport) -> Option<&str> {
+    import.status.as_ref().and_then(|s| s.braze_workspace.as_deref())
+}
+
+/// The import that owns `me`'s cohort when it is not `me`: the first of [`contenders`] in
+/// `me`'s `workspace` (an unknown workspace, on either side, counts as the same).
+pub fn winner<'a>(
+    me: &CohortImport,
+    workspace: Option<&str>,
+    all: impl IntoIterator<Item = &'a CohortImport>,
+) -> Option<&'a CohortImport> {
+    pick(contenders(me, all), workspace)
+}
+
+/// The first of `contenders` in `workspace`, as [`winner`].
+pub fn pick<'a>(contenders: Vec<&'a CohortImport>, workspace: Option<&str>) -> Option<&'a CohortImport> {
+    contenders.into_iter().find(|other| match (workspace, recorded_workspace(other)) {
+        (Some(mine), Some(theirs)) => mine == theirs,
+        _ => true,
+    })
+}
+
+/// How a Conflict message names `winner` to the owner of `me`: by name in the same
+/// namespace; otherwise not at all, so that no team learns of another's resources.
+pub fn winner_label(me: &CohortImport, winner: &CohortImport) -> String {
+    if winner.namespace() == me.namespace() {
+        format!("{}/{}", winner.namespace().unwrap_or_default(), winner.name_any())
+    } else {
+        "an import in another namespace".to_owned()
+    }
 }
 
 /// The kind of object an import reads.
@@ -147,9 +219,16 @@ pub(crate) mod tests {
                     "dataImportKeySecretRef": { "name": "braze", "key": "data-import-key" }
                 } },
                 "schedule": { "cadence": "Daily", "at": "06:30" }
-            }
+            },
+            "status": { "currentRun": { "id": "r1", "trigger": "Scheduled", "startedAt": created } }
         }))
         .unwrap()
+    }
+
+    /// `import` in `workspace`, by the hash its last run recorded.
+    fn in_workspace(mut import: CohortImport, workspace: &str) -> CohortImport {
+        import.status.get_or_insert_default().braze_workspace = Some(workspace_of(workspace));
+        import
     }
 
     #[test]
@@ -159,7 +238,7 @@ pub(crate) mod tests {
         let c = import("other", "c", "2026-01-03T00:00:00Z", "https://rest.iad-01.braze.com", "vip");
         let d = import("growth", "d", "2025-01-01T00:00:00Z", "https://rest.iad-01.braze.com", "other-cohort");
         let all = [a.clone(), b.clone(), c.clone(), d.clone()];
-        let name = |i: &CohortImport| winner(i, &all).map(|w| w.name_any());
+        let name = |i: &CohortImport| winner(i, None, &all).map(|w| w.name_any());
         assert_eq!(name(&a), None);
         assert_eq!(name(&b), Some("a".into()));
         assert_eq!(name(&c), Some("a".into()));
@@ -171,15 +250,79 @@ pub(crate) mod tests {
         let a = import("growth", "a", "2026-01-01T00:00:00Z", "https://rest.iad-01.braze.com", "vip");
         let b = import("growth", "b", "2026-01-01T00:00:00Z", "https://rest.iad-01.braze.com", "vip");
         let all = [b.clone(), a.clone()];
-        assert!(winner(&a, &all).is_none());
-        assert_eq!(winner(&b, &all).map(|w| w.name_any()), Some("a".into()));
+        assert!(winner(&a, None, &all).is_none());
+        assert_eq!(winner(&b, None, &all).map(|w| w.name_any()), Some("a".into()));
     }
 
     #[test]
     fn another_endpoint_is_another_cohort() {
         let a = import("growth", "a", "2026-01-01T00:00:00Z", "https://rest.iad-01.braze.com", "vip");
         let b = import("growth", "b", "2026-01-02T00:00:00Z", "https://rest.fra-01.braze.eu", "vip");
-        assert!(winner(&b, &[a, b.clone()]).is_none());
+        assert!(winner(&b, None, &[a, b.clone()]).is_none());
+    }
+
+    #[test]
+    fn another_workspace_is_another_cohort() {
+        let a = import("team-a", "a", "2026-01-01T00:00:00Z", "https://rest.iad-01.braze.com", "vip");
+        let a = in_workspace(a, "k1");
+        let b = import("team-b", "b", "2026-01-02T00:00:00Z", "https://rest.iad-01.braze.com", "vip");
+        let all = [a.clone(), b.clone()];
+        assert!(winner(&b, Some(&workspace_of("k2")), &all).is_none(), "another workspace");
+        assert_eq!(winner(&b, Some(&workspace_of("k1")), &all).map(|w| w.name_any()), Some("a".into()));
+        // Not known on one side: when in doubt, hold.
+        assert!(winner(&b, None, &all).is_some());
+        let unknown = import("team-a", "a", "2026-01-01T00:00:00Z", "https://rest.iad-01.braze.com", "vip");
+        assert!(winner(&b, Some(&workspace_of("k2")), &[unknown.clone(), b.clone()]).is_some());
+        // The key is read only when there is a workspace to compare with.
+        assert!(needs_workspace(&contenders(&b, &all)));
+        assert!(!needs_workspace(&contenders(&b, &[unknown, b.clone()])));
+    }
+
+    #[test]
+    fn the_workspace_hash_is_stable_one_way_and_short() {
+        let key = "a3f1c2d4-5b6e-4f70-8a9b-0c1d2e3f4a5b";
+        let hash = workspace_of(key);
+        assert_eq!(hash, workspace_of(key));
+        assert_ne!(hash, workspace_of("a3f1c2d4-5b6e-4f70-8a9b-0c1d2e3f4a5c"));
+        assert_eq!(hash.len(), "w1-".len() + 16);
+        assert!(!hash.contains(key) && !hash.contains("a3f1c2d4"), "{hash}");
+    }
+
+    #[test]
+    fn suspended_invalid_and_new_imports_hold_nothing() {
+        let older = |name| import("team-a", name, "2026-01-01T00:00:00Z", "https://rest.iad-01.braze.com", "vip");
+        let me = import("team-b", "b", "2026-01-02T00:00:00Z", "https://rest.iad-01.braze.com", "vip");
+        let mut suspended = older("suspended");
+        suspended.spec.suspend = true;
+        let mut invalid = older("invalid");
+        invalid.spec.schedule.day_of_week = Some(crate::api::DayOfWeek::Monday);
+        let mut new = older("new");
+        new.status = None;
+        for other in [suspended, invalid, new] {
+            assert!(!holds(&other), "{}", other.name_any());
+            assert!(winner(&me, None, &[other.clone(), me.clone()]).is_none(), "{}", other.name_any());
+        }
+    }
+
+    #[test]
+    fn an_import_that_has_not_run_yields_to_a_younger_one_that_has() {
+        let mut old_new = import("growth", "a", "2026-01-01T00:00:00Z", "https://rest.iad-01.braze.com", "vip");
+        old_new.status = None;
+        let young = import("growth", "b", "2026-01-02T00:00:00Z", "https://rest.iad-01.braze.com", "vip");
+        let all = [old_new.clone(), young.clone()];
+        assert_eq!(winner(&old_new, None, &all).map(|w| w.name_any()), Some("b".into()));
+        assert!(winner(&young, None, &all).is_none());
+    }
+
+    #[test]
+    fn a_conflict_names_only_an_import_of_the_same_namespace() {
+        let a = import("team-a", "a", "2026-01-01T00:00:00Z", "https://rest.iad-01.braze.com", "vip");
+        let b = import("team-a", "b", "2026-01-02T00:00:00Z", "https://rest.iad-01.braze.com", "vip");
+        let c = import("team-c", "c", "2026-01-03T00:00:00Z", "https://rest.iad-01.braze.com", "vip");
+        assert_eq!(winner_label(&b, &a), "team-a/a");
+        let label = winner_label(&c, &a);
+        assert_eq!(label, "an import in another namespace");
+        assert!(!label.contains("team-a"));
     }
 
     #[test]

@@ -24,11 +24,16 @@ pub struct Observed<'a> {
     pub now: Timestamp,
     /// The operator's `--starting-deadline-seconds`, which a missed run's record names.
     pub starting_deadline: SignedDuration,
-    /// `namespace/name` of the older import that owns this import's cohort.
+    /// The older import that owns this import's cohort, as a message names it: `namespace/name`
+    /// in the same namespace, else not by name ([`super::conflict::winner_label`]).
     pub winner: Option<&'a str>,
+    /// The operator's `--max-run-attempts`: an interrupted run on its last attempt ends.
+    pub max_run_attempts: u32,
     /// The run status shows in progress ended on this replica and its end is recorded:
     /// this copy of the import predates that record.
     pub run_ended_here: bool,
+    /// The import's Braze workspace, when the reconcile read it ([`super::conflict`]).
+    pub workspace: Option<&'a str>,
     /// Whether every Secret key the import reads exists; fetched only when
     /// [`checks_secrets`] says so.
     pub secrets: Option<&'a Result<(), KeyError>>,
@@ -118,6 +123,9 @@ pub fn checks_secrets(import: &CohortImport, plan: &Plan) -> bool {
 pub fn desired(import: &CohortImport, plan: Result<&Plan, &SpecErrors>, seen: &Observed<'_>) -> Desired {
     let mut status = import.status.clone().unwrap_or_default();
     status.observed_generation = import.metadata.generation;
+    if let Some(workspace) = seen.workspace {
+        status.braze_workspace = Some(workspace.to_owned());
+    }
     let plan = match plan {
         Ok(plan) => plan,
         Err(errors) => return invalid(import, status, errors, seen),
@@ -130,10 +138,14 @@ pub fn desired(import: &CohortImport, plan: Result<&Plan, &SpecErrors>, seen: &O
         if seen.run_ended_here {
             return Desired { status: None, effects, requeue: Requeue::Soon };
         }
-        if seen.winner.is_none() {
-            let mut run = CurrentRun { started_at: seconds(seen.now), ..run };
+        if seen.winner.is_none() && run.attempt < seen.max_run_attempts {
+            let attempt = run.attempt + 1;
+            let mut run = CurrentRun { started_at: seconds(seen.now), attempt, ..run };
             run.set_runner(seen.runner.clone());
-            let note = format!("Run {} was interrupted (operator restart or failover); running it again", run.id);
+            let note = format!(
+                "Run {} was interrupted (operator restart or failover); running it again (attempt {attempt} of {})",
+                run.id, seen.max_run_attempts
+            );
             effects.push(Effect::Warn { reason: event::RUN_INTERRUPTED, action: "Run", note });
             return start(import, status, run, effects);
         }
@@ -141,7 +153,16 @@ pub fn desired(import: &CohortImport, plan: Result<&Plan, &SpecErrors>, seen: &O
     status.schedule = Some(plan.cursor.to_status());
     status.next_run_at = plan.next_run_at.map(seconds);
     if let Some(run) = status.current_run.take() {
-        effects.extend(abandon(import, &mut status, &run, seen.now, "another import owns the cohort now"));
+        let why = if seen.winner.is_some() {
+            "another import owns the cohort now".to_owned()
+        } else {
+            format!(
+                "interrupted on each of its {} attempts, the limit (the operator's --max-run-attempts); a crash \
+                 loop is likely: see the operator's logs and memory limit",
+                run.attempt
+            )
+        };
+        effects.extend(abandon(import, &mut status, &run, seen.now, &why));
     }
     let requeue = Requeue::At(plan.next_run_at);
     match &plan.decision {
@@ -157,6 +178,7 @@ pub fn desired(import: &CohortImport, plan: Result<&Plan, &SpecErrors>, seen: &O
                 runner_shard: None,
                 runner_lease: None,
                 runner_identity: None,
+                attempt: 1,
             };
             run.set_runner(seen.runner.clone());
             start(import, status, run, effects)
@@ -310,7 +332,9 @@ mod tests {
             now: ts(now),
             starting_deadline: SignedDuration::from_hours(1),
             winner: None,
+            max_run_attempts: 3,
             run_ended_here: false,
+            workspace: None,
             secrets: Some(&Ok(())),
             new_run_id: "20260302-063000-abcd".into(),
             runner: None,
@@ -365,6 +389,7 @@ mod tests {
             runner_shard: None,
             runner_lease: None,
             runner_identity: None,
+            attempt: 1,
         };
         CohortImportStatus { current_run: Some(run), ..status.clone() }
     }
@@ -506,11 +531,40 @@ mod tests {
         let status = running(&after_run(RunResult::Succeeded), "r9");
         let d = decide(&import(Some(status), json!({})), &seen("2026-03-02T12:00:00Z"));
         let run = d.status.as_ref().unwrap().current_run.clone().unwrap();
-        assert_eq!((run.id.as_str(), run.started_at), ("r9", ts("2026-03-02T12:00:00Z")));
+        assert_eq!((run.id.as_str(), run.started_at, run.attempt), ("r9", ts("2026-03-02T12:00:00Z"), 2));
         assert_eq!(ready(&d).1, "Running");
-        assert!(
-            matches!(&d.effects[..], [Effect::Warn { reason: "RunInterrupted", .. }, Effect::StartRun(r)] if r.id == "r9")
-        );
+        assert!(matches!(&d.effects[..], [Effect::Warn { reason: "RunInterrupted", note, .. }, Effect::StartRun(r)]
+                if r.id == "r9" && note.ends_with("(attempt 2 of 3)")));
+    }
+
+    #[test]
+    fn a_run_interrupted_on_its_last_attempt_ends_failed_through_the_run_end() {
+        let mut status = running(&after_run(RunResult::Succeeded), "r9");
+        status.current_run.as_mut().unwrap().attempt = 3;
+        let d = decide(&import(Some(status), json!({})), &seen("2026-03-02T12:00:00Z"));
+        let status = d.status.as_ref().unwrap();
+        assert_eq!(status.current_run, None, "not run again");
+        let last = status.last_run.clone().unwrap();
+        assert_eq!((last.id.as_str(), last.result), ("r9", RunResult::Failed));
+        assert!(last.message.contains("interrupted on each of its 3 attempts"), "{}", last.message);
+        assert!(last.message.contains("--max-run-attempts"), "{}", last.message);
+        assert_eq!(ready(&d).1, "Failed");
+        assert!(matches!(&d.effects[..], [Effect::Announce(e)] if e.0.record == last), "{:?}", d.effects);
+        assert_eq!(d.requeue, Requeue::At(Some(ts("2026-03-03T06:30:00Z"))), "the schedule goes on");
+
+        // A higher limit runs it again.
+        let mut status = running(&after_run(RunResult::Succeeded), "r9");
+        status.current_run.as_mut().unwrap().attempt = 3;
+        let seen = Observed { max_run_attempts: 4, ..seen("2026-03-02T12:00:00Z") };
+        let d = decide(&import(Some(status), json!({})), &seen);
+        assert_eq!(d.status.unwrap().current_run.map(|r| r.attempt), Some(4));
+    }
+
+    #[test]
+    fn a_run_recorded_before_attempts_were_counted_is_on_its_first() {
+        let run: CurrentRun =
+            serde_json::from_value(json!({ "id": "r1", "trigger": "Scheduled", "startedAt": CREATED })).unwrap();
+        assert_eq!(run.attempt, 1);
     }
 
     #[test]

@@ -77,6 +77,13 @@ pub struct Config {
     pub instance: Option<String>,
     /// Runs at once across all imports; more wait for a free slot.
     pub max_concurrent_runs: usize,
+    /// Runs at once in one namespace, under `max_concurrent_runs`: one team's slow imports
+    /// never take every slot.
+    pub max_concurrent_runs_per_namespace: usize,
+    /// Times a run may start: one interrupted this often (a crash loop) ends `Failed`.
+    pub max_run_attempts: u32,
+    /// Longest a run may take unless its `spec.runTimeoutSeconds` says otherwise.
+    pub run_timeout: Duration,
     /// Longest a run report email may take.
     pub notification_timeout: Duration,
     /// Wait after a failed reconcile.
@@ -100,6 +107,9 @@ impl Default for Config {
             metrics_addr: None,
             instance: None,
             max_concurrent_runs: 16,
+            max_concurrent_runs_per_namespace: 4,
+            max_run_attempts: 3,
+            run_timeout: Duration::from_secs(6 * 3600),
             notification_timeout: Duration::from_secs(60),
             error_requeue: Duration::from_secs(10),
             watch_secrets: true,
@@ -130,6 +140,8 @@ pub struct Context {
     pub events: Events,
     pub runs: RunRegistry,
     run_slots: Semaphore,
+    /// Per namespace, at most `max_concurrent_runs_per_namespace` runs; taken before a slot.
+    namespace_slots: NamespaceSlots,
     /// The imports each controller sees (one per watched namespace, or one for all).
     stores: Vec<Store<CohortImport>>,
     /// Asks a controller to reconcile one import (after a run ends), by namespace.
@@ -140,6 +152,8 @@ pub struct Context {
     every_shard: Vec<Store<CohortImport>>,
     /// Imports that left this shard and whose run is being handed over.
     releasing: Mutex<HashSet<ObjectRef<CohortImport>>>,
+    /// Failed reconciles in a row, per import: how far [`reconcile::error_policy`] backs off.
+    reconcile_failures: Mutex<HashMap<ObjectRef<CohortImport>, u32>>,
 }
 
 impl Context {
@@ -160,6 +174,18 @@ impl Context {
         if let Some(tx) = sender {
             let _ = tx.send(import);
         }
+    }
+
+    /// Counts a failed reconcile of `import` (`true`) or clears the count; returns it.
+    fn note_reconcile(&self, import: &ObjectRef<CohortImport>, failed: bool) -> u32 {
+        let mut failures = self.reconcile_failures.lock().unwrap_or_else(|e| e.into_inner());
+        if !failed {
+            failures.remove(import);
+            return 0;
+        }
+        let count = failures.entry(import.clone()).or_default();
+        *count = count.saturating_add(1);
+        *count
     }
 
     fn note_conflict(&self, import: &ObjectRef<CohortImport>, winner: Option<ObjectRef<CohortImport>>) {
@@ -187,6 +213,74 @@ impl Context {
         refs.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         refs.dedup();
         refs
+    }
+}
+
+/// Run admission per namespace: a run takes its namespace's permit before a cluster-wide
+/// slot, so one namespace holds (or queues for) at most its cap of the slots, and the others'
+/// runs are admitted as slots free up.
+pub(crate) struct NamespaceSlots {
+    cap: usize,
+    slots: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+impl NamespaceSlots {
+    pub(crate) fn new(cap: usize) -> Self {
+        NamespaceSlots { cap: cap.max(1), slots: Mutex::new(HashMap::new()) }
+    }
+
+    /// Waits for a permit of `namespace`. An idle namespace's semaphore is dropped when its
+    /// last permit is, so the map holds only namespaces with runs.
+    pub(crate) async fn acquire(&self, namespace: &str) -> NamespacePermit<'_> {
+        let semaphore = {
+            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            slots.entry(namespace.to_owned()).or_insert_with(|| Arc::new(Semaphore::new(self.cap))).clone()
+        };
+        let permit = semaphore.clone().acquire_owned().await.expect("never closed");
+        NamespacePermit { slots: self, namespace: namespace.to_owned(), permit: Some(permit) }
+    }
+}
+
+pub(crate) struct NamespacePermit<'a> {
+    slots: &'a NamespaceSlots,
+    namespace: String,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Drop for NamespacePermit<'_> {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        let mut slots = self.slots.slots.lock().unwrap_or_else(|e| e.into_inner());
+        // Only the map holds it, and no permit is out: the namespace is idle.
+        let idle = slots.get(&self.namespace).is_some_and(|s| Arc::strong_count(s) == 1);
+        if idle {
+            slots.remove(&self.namespace);
+        }
+    }
+}
+
+#[cfg(test)]
+mod namespace_slots_tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_namespace_at_its_cap_waits_while_another_is_admitted() {
+        let slots = NamespaceSlots::new(2);
+        let a1 = slots.acquire("a").await;
+        let _a2 = slots.acquire("a").await;
+        let third = tokio::time::timeout(Duration::from_millis(50), slots.acquire("a")).await;
+        assert!(third.is_err(), "a third run of namespace a waits");
+        let _b = tokio::time::timeout(Duration::from_secs(5), slots.acquire("b")).await.expect("b is admitted");
+        drop(a1);
+        let _a3 = tokio::time::timeout(Duration::from_secs(5), slots.acquire("a")).await.expect("a's turn again");
+    }
+
+    #[tokio::test]
+    async fn an_idle_namespace_is_forgotten() {
+        let slots = NamespaceSlots::new(1);
+        drop(slots.acquire("a").await);
+        assert!(slots.slots.lock().unwrap().is_empty());
     }
 }
 
@@ -293,6 +387,7 @@ async fn run_controllers(
         client: client.clone(),
         events: Events::new(client.clone(), config.instance.clone()),
         run_slots: Semaphore::new(config.max_concurrent_runs.max(1)),
+        namespace_slots: NamespaceSlots::new(config.max_concurrent_runs_per_namespace),
         config,
         clock: deps.clock.clone(),
         importer: deps.importer,
@@ -304,6 +399,7 @@ async fn run_controllers(
         conflicts: Mutex::new(HashMap::new()),
         every_shard,
         releasing: Mutex::new(HashSet::new()),
+        reconcile_failures: Mutex::new(HashMap::new()),
     });
     // Runs are tasks of their own; stop them all when this future goes (shutdown, lost
     // Lease, or the task running it aborted).
@@ -363,8 +459,8 @@ async fn run_controllers(
     futures::future::join_all(running).await;
 }
 
-/// Every import of a scope, whichever shard owns it, kept in `writer`'s store without its
-/// status (conflict detection needs only spec and metadata). Each one that left this shard
+/// Every import of a scope, whichever shard owns it, kept in `writer`'s store with only the
+/// status conflict detection needs. Each one that left this shard
 /// while it ran here is let go first.
 fn every_shard_imports(
     ctx: &Arc<Context>,
@@ -381,7 +477,12 @@ fn every_shard_imports(
             event
         })
         .modify(|import| {
-            import.status = None;
+            // Conflict detection needs only whether an import has run and its workspace
+            // (conflict::holds): one history entry is kept, the rest goes.
+            if let Some(status) = import.status.as_mut() {
+                status.history.truncate(1);
+                status.conditions.clear();
+            }
             import.metadata.managed_fields = None;
             import.metadata.annotations = None;
         })

@@ -57,10 +57,18 @@ pub async fn reconcile(import: Arc<CohortImport>, ctx: Arc<Context>) -> Result<A
     }
     let namespace = import.namespace().unwrap_or_default();
     let api: Api<CohortImport> = Api::namespaced(ctx.client.clone(), &namespace);
-    finalizer(&api, FINALIZER, import, |step| async {
+    let result = finalize(import, &ctx, &api).await;
+    if result.is_ok() {
+        ctx.note_reconcile(&reference, false);
+    }
+    result
+}
+
+async fn finalize(import: Arc<CohortImport>, ctx: &Arc<Context>, api: &Api<CohortImport>) -> Result<Action, Error> {
+    finalizer(api, FINALIZER, import, |step| async {
         match step {
-            Finalizer::Apply(import) => apply(import, &ctx, &api).await,
-            Finalizer::Cleanup(import) => cleanup(import, &ctx, &api).await,
+            Finalizer::Apply(import) => apply(import, ctx, api).await,
+            Finalizer::Cleanup(import) => cleanup(import, ctx, api).await,
         }
     })
     .await
@@ -81,7 +89,21 @@ pub async fn reconcile(import: Arc<CohortImport>, ctx: Arc<Context>) -> Result<A
 pub fn error_policy(import: Arc<CohortImport>, error: &Error, ctx: Arc<Context>) -> Action {
     warn!(namespace = %import.namespace().unwrap_or_default(), import = %import.name_any(), %error, "reconcile failed");
     ctx.metrics.reconcile_error(error.metric_reason());
-    Action::requeue(ctx.config.error_requeue)
+    let failures = ctx.note_reconcile(&ObjectRef::from_obj(import.as_ref()), true);
+    Action::requeue(error_backoff(ctx.config.error_requeue, failures, rand::random::<f64>()))
+}
+
+/// Longest wait after failed reconciles, however many.
+const ERROR_BACKOFF_CAP: Duration = Duration::from_secs(600);
+
+/// The wait after the `failures`-th failed reconcile in a row: `base` doubled each time up to
+/// [`ERROR_BACKOFF_CAP`], with equal jitter (`jitter` in [0, 1) picks a point in its upper
+/// half), so a lasting failure — a revoked key, an API server refusing — is not retried
+/// every few seconds forever, and many imports failing at once spread out. Pure.
+pub fn error_backoff(base: Duration, failures: u32, jitter: f64) -> Duration {
+    let doubled = base.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
+    let full = doubled.min(ERROR_BACKOFF_CAP).max(base.min(ERROR_BACKOFF_CAP));
+    full / 2 + full.mul_f64(jitter.clamp(0.0, 1.0) / 2.0)
 }
 
 /// Waits until `at` by the controller's clock.
@@ -120,9 +142,9 @@ async fn apply(import: Arc<CohortImport>, ctx: &Arc<Context>, api: &Api<CohortIm
     let reference = ObjectRef::from_obj(import.as_ref());
     let valid = validate(&import.spec);
     // One active schedule per cohort.
-    let winner = match &valid {
-        Ok(_) => winner(ctx, &import),
-        Err(_) => None,
+    let (winner, workspace) = match &valid {
+        Ok(_) => winner(ctx, &import).await,
+        Err(_) => (None, None),
     };
     ctx.note_conflict(&reference, winner.as_ref().map(|(w, _)| w.clone()));
     let deadline = ctx.config.starting_deadline;
@@ -148,8 +170,10 @@ async fn apply(import: Arc<CohortImport>, ctx: &Arc<Context>, api: &Api<CohortIm
     let seen = Observed {
         now,
         starting_deadline: deadline,
+        max_run_attempts: ctx.config.max_run_attempts,
         winner: winner.as_ref().map(|(_, name)| name.as_str()),
         run_ended_here,
+        workspace: workspace.as_deref(),
         secrets: secrets.as_ref(),
         new_run_id: crate::run::new_run_id(now),
         runner: ctx.runner(),
@@ -158,11 +182,25 @@ async fn apply(import: Arc<CohortImport>, ctx: &Arc<Context>, api: &Api<CohortIm
     execute(ctx, api, import, valid.ok(), wanted).await
 }
 
-/// The import that owns `import`'s cohort, if another: its reference and `namespace/name`.
-fn winner(ctx: &Context, import: &CohortImport) -> Option<(ObjectRef<CohortImport>, String)> {
+/// The import that owns `import`'s cohort, if another: its reference and how a message
+/// names it ([`conflict::winner_label`]). Also `import`'s Braze workspace, when it had to be
+/// read: only if another import holding the cohort has one to compare with (a Secret read
+/// is not worth it otherwise; a run records it anyway).
+async fn winner(ctx: &Context, import: &CohortImport) -> (Option<(ObjectRef<CohortImport>, String)>, Option<String>) {
     let imports = ctx.imports();
-    let winner = conflict::winner(import, imports.iter().map(|i| i.as_ref()))?;
-    Some((ObjectRef::from_obj(winner), format!("{}/{}", winner.namespace().unwrap_or_default(), winner.name_any())))
+    let contenders = conflict::contenders(import, imports.iter().map(|i| i.as_ref()));
+    let mut workspace = None;
+    if conflict::needs_workspace(&contenders) {
+        let namespace = import.namespace().unwrap_or_default();
+        match secrets::data_import_workspace(&ctx.client, &namespace, &import.spec.destination.braze).await {
+            Ok(w) => workspace = Some(w),
+            // Unknown counts as the same workspace: when in doubt, hold.
+            Err(e) => debug!(error = %e, "cannot tell the Braze workspace; assuming the other import's"),
+        }
+    }
+    let winner = conflict::pick(contenders, workspace.as_deref())
+        .map(|w| (ObjectRef::from_obj(w), conflict::winner_label(import, w)));
+    (winner, workspace)
 }
 
 /// Writes the desired status, then carries out the effects in order, then requeues.
@@ -231,7 +269,8 @@ async fn cleanup(import: Arc<CohortImport>, ctx: &Arc<Context>, api: &Api<Cohort
     let reference = ObjectRef::from_obj(import.as_ref());
     let namespace = import.namespace().unwrap_or_default();
     let imports = ctx.imports();
-    let winner = conflict::winner(&import, imports.iter().map(|i| i.as_ref()));
+    let workspace = import.status.as_ref().and_then(|s| s.braze_workspace.as_deref());
+    let winner = conflict::winner(&import, workspace, imports.iter().map(|i| i.as_ref()));
     let policy = import.spec.deletion_policy;
     // When the cohort belongs to another import, its members are left alone.
     let removing = policy == DeletionPolicy::RemoveMembers && winner.is_none();
@@ -279,4 +318,20 @@ async fn remove_members(ctx: &Context, import: &CohortImport) -> Result<(), Impo
     let note = format!("Removed the {removed} members this import sent from {}", CohortKey::of(&import.spec));
     ctx.events.normal(import, event::MEMBERS_REMOVED, "Delete", note).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconcile_errors_back_off_exponentially_with_jitter_up_to_a_cap() {
+        let base = Duration::from_secs(10);
+        let waits: Vec<_> = (1..=8).map(|n| error_backoff(base, n, 0.999_999).as_secs()).collect();
+        assert_eq!(waits, [9, 19, 39, 79, 159, 319, 599, 599], "doubling up to the cap, at the top of the jitter");
+        assert_eq!(error_backoff(base, 1, 0.0), Duration::from_secs(5), "at least half");
+        assert_eq!(error_backoff(base, 4, 0.0), Duration::from_secs(40));
+        assert_eq!(error_backoff(base, u32::MAX, 0.5), Duration::from_secs(450), "no overflow");
+        assert_eq!(error_backoff(Duration::from_secs(3600), 1, 0.0), Duration::from_secs(300), "the cap holds");
+    }
 }

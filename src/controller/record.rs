@@ -43,6 +43,9 @@ pub struct RunEnd {
     pub braze_responses: BTreeMap<Option<u16>, u64>,
     /// How long it ran; zero for a run that never did.
     pub elapsed: Duration,
+    /// The Braze workspace the run imported into, when it read its key
+    /// ([`super::conflict::workspace_of`]): recorded in `status.brazeWorkspace`.
+    pub workspace: Option<String>,
 }
 
 impl RunEnd {
@@ -68,7 +71,20 @@ impl RunEnd {
         record.trigger = run.trigger;
         record.started_at = seconds(run.started_at);
         record.finished_at = Some(finished_at);
-        RunEnd { record, ended_at: finished_at, failure_reason, hint, braze_responses, elapsed }
+        RunEnd { record, ended_at: finished_at, failure_reason, hint, braze_responses, elapsed, workspace: None }
+    }
+
+    /// `run` was still going when its deadline (`timeout`, from `field`) passed, and was
+    /// stopped; what it sent is in doubt, and the next run converges.
+    pub fn timed_out(run: &CurrentRun, timeout: Duration, field: &str, now: Timestamp, elapsed: Duration) -> Self {
+        let message = format!(
+            "deadline exceeded: the run was still going after {} ({field}) and was stopped; raise {field} if \
+             the import needs longer",
+            humanize(SignedDuration::from_secs(timeout.as_secs() as i64))
+        );
+        let mut record = failed_record(run, message);
+        record.finished_at = Some(seconds(now));
+        RunEnd { elapsed, failure_reason: Some(ReadyReason::Failed), ..Self::never_ran(record, now) }
     }
 
     /// The scheduled run at `slot` was found past its starting deadline at `now`.
@@ -108,6 +124,7 @@ impl RunEnd {
             hint: None,
             braze_responses: BTreeMap::new(),
             elapsed: Duration::ZERO,
+            workspace: None,
         }
     }
 
@@ -162,6 +179,9 @@ pub fn record(status: &mut CohortImportStatus, end: &RunEnd, history_limit: u8) 
         status.current_run = None;
     }
     record_run(status, end.record.clone(), history_limit);
+    if let Some(workspace) = &end.workspace {
+        status.braze_workspace = Some(workspace.clone());
+    }
     let (_, message) = idle_ready(status, status.next_run_at);
     set_ready(status, end.reason(), &message, status.observed_generation, end.ended_at);
     recorded
@@ -296,6 +316,7 @@ mod tests {
             runner_shard: None,
             runner_lease: None,
             runner_identity: None,
+            attempt: 1,
         }
     }
 
@@ -317,6 +338,22 @@ mod tests {
         assert_eq!(end.record.started_at, ts("2026-03-02T06:30:00Z"), "whole seconds");
         assert_eq!(end.record.finished_at, Some(ts("2026-03-02T06:30:02Z")));
         assert!(end.record.message.starts_with("Secret ns/braze not found"), "{}", end.record.message);
+    }
+
+    #[test]
+    fn a_run_past_its_deadline_fails_naming_the_field() {
+        let end = RunEnd::timed_out(
+            &current("r1"),
+            Duration::from_secs(90),
+            "spec.runTimeoutSeconds",
+            ts("2026-03-02T06:32:00.7Z"),
+            Duration::from_secs(91),
+        );
+        assert_eq!((end.record.result, end.reason()), (RunResult::Failed, ReadyReason::Failed));
+        assert!(end.record.message.starts_with("deadline exceeded: "), "{}", end.record.message);
+        assert!(end.record.message.contains("after 90 s (spec.runTimeoutSeconds)"), "{}", end.record.message);
+        assert_eq!(end.record.finished_at, Some(ts("2026-03-02T06:32:00Z")));
+        assert_eq!(end.elapsed, Duration::from_secs(91));
     }
 
     #[test]

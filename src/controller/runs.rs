@@ -123,6 +123,7 @@ pub(super) fn start(ctx: &Arc<Context>, import: Arc<CohortImport>, spec: ValidSp
 
 async fn execute(ctx: Arc<Context>, import: Arc<CohortImport>, spec: ValidSpec, run: CurrentRun) {
     let reference = ObjectRef::from_obj(import.as_ref());
+    let _namespace_slot = ctx.namespace_slots.acquire(&import.namespace().unwrap_or_default()).await;
     let _slot = ctx.run_slots.acquire().await;
     // Sharded: the import may have moved to another shard meanwhile; that shard runs it.
     if !ctx.still_runs_here(&import, &run.id).await {
@@ -137,11 +138,23 @@ async fn execute(ctx: Arc<Context>, import: Arc<CohortImport>, spec: ValidSpec, 
     let clock_started = Instant::now();
     let namespace = import.namespace().unwrap_or_default();
     let braze = &import.spec.destination.braze;
-    let outcome = match secrets::braze_keys(&ctx.client, &namespace, braze, &ctx.config.partner_keys).await {
-        Ok(keys) => ctx.importer.run(&import, &spec, &run, keys).await,
-        Err(e) => Err(e.into()),
+    let mut workspace = None;
+    let attempt = async {
+        match secrets::braze_keys(&ctx.client, &namespace, braze, &ctx.config.partner_keys).await {
+            Ok(keys) => {
+                workspace = Some(super::conflict::workspace_of(keys.data_import_key.expose()));
+                ctx.importer.run(&import, &spec, &run, keys).await
+            }
+            Err(e) => Err(e.into()),
+        }
     };
-    let end = RunEnd::finished(&run, outcome, ctx.clock.now(), clock_started.elapsed());
+    let (timeout, field) = run_timeout(&ctx.config, &import);
+    // Stopping a run is as safe as a crash: what it sent stays in doubt until a run commits.
+    let end = match tokio::time::timeout(timeout, attempt).await {
+        Ok(outcome) => RunEnd::finished(&run, outcome, ctx.clock.now(), clock_started.elapsed()),
+        Err(_) => RunEnd::timed_out(&run, timeout, field, ctx.clock.now(), clock_started.elapsed()),
+    };
+    let end = RunEnd { workspace, ..end };
     drop(in_progress);
     finish(&ctx, &import, end).await;
     ctx.runs.finished(&reference, &run.id);
@@ -161,6 +174,14 @@ impl InProgress {
 impl Drop for InProgress {
     fn drop(&mut self) {
         self.0.metrics.runs_in_progress.dec();
+    }
+}
+
+/// How long a run of `import` may take, and the setting that says so.
+fn run_timeout(config: &super::Config, import: &CohortImport) -> (Duration, &'static str) {
+    match import.spec.run_timeout_seconds {
+        Some(seconds) => (Duration::from_secs(seconds.into()), "spec.runTimeoutSeconds"),
+        None => (config.run_timeout, "the operator's --run-timeout-seconds"),
     }
 }
 

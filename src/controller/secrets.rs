@@ -188,6 +188,17 @@ pub async fn braze_keys(
     Ok(BrazeKeys { data_import_key, partner_api_key })
 }
 
+/// The Braze workspace of an import's data import key ([`super::conflict::workspace_of`]).
+pub async fn data_import_workspace(
+    client: &kube::Client,
+    namespace: &str,
+    braze: &crate::api::BrazeDestination,
+) -> Result<String, KeyError> {
+    let objects = KubeObjects::new(client.clone(), namespace);
+    let key = braze_key(&objects, &braze.data_import_key_secret_ref, DATA_IMPORT_KEY_FIELD).await?;
+    Ok(super::conflict::workspace_of(key.expose()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
