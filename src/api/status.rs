@@ -14,6 +14,11 @@ use serde::{Deserialize, Serialize};
 
 /// The type of the condition that sums an import up.
 pub const READY: &str = "Ready";
+/// kstatus's condition for "the controller is working on it": `True` while a run is in progress.
+pub const RECONCILING: &str = "Reconciling";
+/// kstatus's condition for "it cannot get better without a person": `True` under the
+/// [`ReadyReason`]s whose [`ReadyReason::stalled`] is true.
+pub const STALLED: &str = "Stalled";
 
 /// A condition's `status`, as Kubernetes spells it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,6 +36,12 @@ impl ConditionStatus {
             ConditionStatus::False => "False",
             ConditionStatus::Unknown => "Unknown",
         }
+    }
+}
+
+impl From<bool> for ConditionStatus {
+    fn from(value: bool) -> Self {
+        if value { ConditionStatus::True } else { ConditionStatus::False }
     }
 }
 
@@ -111,6 +122,36 @@ impl ReadyReason {
             _ => ConditionStatus::False,
         }
     }
+
+    /// Whether the import cannot become healthy again without a person (kstatus's `Stalled`,
+    /// which kstatus tooling reports as `Failed`). Every reason is decided here, once; a new
+    /// reason must be decided too (the match has no catch-all).
+    pub const fn stalled(self) -> bool {
+        match self {
+            // Healthy, or working on it.
+            ReadyReason::Scheduled | ReadyReason::Succeeded | ReadyReason::DryRun | ReadyReason::Running => false,
+            // A person chose this (`spec.suspend`); nothing is wrong.
+            ReadyReason::Suspended => false,
+            // Only a scheduled run was skipped (the operator was down); the next one runs by itself.
+            ReadyReason::Missed => false,
+            // A person must fix the spec, create the Secret or ConfigMap, approve the removals,
+            // resolve the cohort conflict, or change the egress policy or deletionPolicy.
+            ReadyReason::InvalidSpec
+            | ReadyReason::SecretNotFound
+            | ReadyReason::ConfigMapNotFound
+            | ReadyReason::Conflict
+            | ReadyReason::Blocked
+            | ReadyReason::EgressDenied
+            | ReadyReason::Deleting => true,
+            // The last run failed. Runs are not retried before the next scheduled one, so the
+            // import stays unhealthy until then — or until a person looks and requests a run.
+            // Failing loudly beats kstatus waiting forever on `InProgress`.
+            ReadyReason::Failed
+            | ReadyReason::SourceFailed
+            | ReadyReason::SnapshotFailed
+            | ReadyReason::SecretReadFailed => true,
+        }
+    }
 }
 
 impl fmt::Display for ReadyReason {
@@ -149,7 +190,8 @@ pub const MAX_RUN_MESSAGE_CHARS: usize = 256;
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CohortImportStatus {
-    /// Standard conditions; `Ready` first.
+    /// Standard conditions: `Ready` first, then kstatus's `Reconciling` (`True` while a run
+    /// is in progress) and `Stalled` (`True` when only a person can make the import healthy).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// The `metadata.generation` this status describes.
@@ -169,6 +211,9 @@ pub struct CohortImportStatus {
     /// The last `cohorts.dev/run-requested-at` value acted upon.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_handled_run_request: Option<String>,
+    /// The last `reconcile.fluxcd.io/requestedAt` value acted upon (Flux's field name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_handled_reconcile_at: Option<String>,
     /// Finished runs, newest first, at most `spec.historyLimit`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 50))]

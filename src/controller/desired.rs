@@ -12,8 +12,8 @@ use super::record::{self, Recorded, RunEnd};
 use super::secrets::KeyError;
 use super::status::{idle_ready, next_run_text, seconds, set_ready};
 use crate::api::{
-    APPROVE_REMOVALS_ANNOTATION, CohortImport, CohortImportStatus, CurrentRun, RUN_REQUESTED_ANNOTATION, ReadyReason,
-    RunResult,
+    APPROVE_REMOVALS_ANNOTATION, CohortImport, CohortImportStatus, CurrentRun, FLUX_RECONCILE_ANNOTATION,
+    RUN_REQUESTED_ANNOTATION, ReadyReason, RunResult,
 };
 use crate::domain::plan::{Decision, Hold, Plan, PlanInput, ScheduleCursor, plan};
 use crate::domain::validate::{SpecErrors, ValidSpec};
@@ -91,6 +91,10 @@ pub fn plan_for(
         .map(String::as_str)
         .filter(|approved| last_run.is_some_and(|run| run.result == RunResult::Blocked && run.id == *approved));
     let cursor = status.and_then(|s| s.schedule.as_ref()).map(|s| ScheduleCursor::stored(s, &valid.schedule));
+    // Our annotation and Flux's are independent: each new value of either runs once. The
+    // plan sees the first one pending (one run serves both when both are).
+    let ours = pending(import, RUN_REQUESTED_ANNOTATION, status.and_then(|s| s.last_handled_run_request.as_deref()));
+    let flux = pending(import, FLUX_RECONCILE_ANNOTATION, status.and_then(|s| s.last_handled_reconcile_at.as_deref()));
     plan(&PlanInput {
         now,
         // The API server always sets it; `now` stands in for an object without one.
@@ -98,12 +102,30 @@ pub fn plan_for(
         schedule: &valid.schedule,
         hold,
         starting_deadline,
-        run_request: annotations.get(RUN_REQUESTED_ANNOTATION).map(String::as_str),
-        last_handled_run_request: status.and_then(|s| s.last_handled_run_request.as_deref()),
+        run_request: ours.or(flux),
+        last_handled_run_request: None,
         approved_blocked_run,
         cursor: cursor.as_ref(),
         has_run_before: status.is_some_and(|s| s.last_run.is_some() || !s.history.is_empty()),
     })
+}
+
+/// The value of the run request `annotation` unless it is empty or already `handled`.
+fn pending<'a>(import: &'a CohortImport, annotation: &str, handled: Option<&str>) -> Option<&'a str> {
+    let value = import.annotations().get(annotation)?.as_str();
+    (!value.is_empty() && Some(value) != handled).then_some(value)
+}
+
+/// Records every run request `import` carries as handled: the run about to start serves them.
+fn handle_requests(import: &CohortImport, status: &mut CohortImportStatus) {
+    let annotations = import.annotations();
+    let value = |key: &str| annotations.get(key).filter(|v| !v.is_empty()).cloned();
+    if let Some(ours) = value(RUN_REQUESTED_ANNOTATION) {
+        status.last_handled_run_request = Some(ours);
+    }
+    if let Some(flux) = value(FLUX_RECONCILE_ANNOTATION) {
+        status.last_handled_reconcile_at = Some(flux);
+    }
 }
 
 /// Whether [`desired`] needs [`Observed::secrets`]: only an import that waits says whether
@@ -143,8 +165,8 @@ pub fn desired(import: &CohortImport, plan: Result<&Plan, &SpecErrors>, seen: &O
     let requeue = Requeue::At(plan.next_run_at);
     match &plan.decision {
         Decision::Run { trigger, run_request, approved_removals } => {
-            if let Some(request) = run_request {
-                status.last_handled_run_request = Some(request.clone());
+            if run_request.is_some() {
+                handle_requests(import, &mut status);
             }
             let run = CurrentRun {
                 id: seen.new_run_id.clone(),
@@ -395,6 +417,35 @@ mod tests {
             CohortImportStatus { last_handled_run_request: Some("now-1".into()), ..after_run(RunResult::Succeeded) };
         let d = decide(&import(Some(handled), annotations), &seen("2026-03-02T12:00:01Z"));
         assert!(d.status.unwrap().current_run.is_none());
+    }
+
+    #[test]
+    fn each_value_of_each_run_request_annotation_runs_once() {
+        let at = |status: CohortImportStatus, ours: &str, flux: &str| {
+            let annotations = json!({ RUN_REQUESTED_ANNOTATION: ours, FLUX_RECONCILE_ANNOTATION: flux });
+            decide(&import(Some(status), annotations), &seen("2026-03-02T12:00:00Z")).status.unwrap()
+        };
+        // Both new: one run serves both.
+        let status = at(after_run(RunResult::Succeeded), "a", "f1");
+        assert_eq!(status.current_run.as_ref().unwrap().trigger, RunTrigger::Manual);
+        assert_eq!(
+            (status.last_handled_run_request.as_deref(), status.last_handled_reconcile_at.as_deref()),
+            (Some("a"), Some("f1"))
+        );
+        let idle = CohortImportStatus { current_run: None, ..status };
+        assert!(at(idle.clone(), "a", "f1").current_run.is_none(), "both handled");
+        // A new Flux value alone runs, whatever ours says; and the other way round.
+        let status = at(idle.clone(), "a", "f2");
+        assert!(status.current_run.is_some());
+        assert_eq!(status.last_handled_reconcile_at.as_deref(), Some("f2"));
+        let status = at(idle.clone(), "b", "f1");
+        assert!(status.current_run.is_some());
+        assert_eq!(
+            (status.last_handled_run_request.as_deref(), status.last_handled_reconcile_at.as_deref()),
+            (Some("b"), Some("f1"))
+        );
+        // An empty value is no request.
+        assert!(at(idle, "a", "").current_run.is_none());
     }
 
     #[test]

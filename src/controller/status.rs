@@ -8,7 +8,8 @@ use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 
 use crate::api::{
-    CohortImport, CohortImportStatus, FIELD_MANAGER, MAX_RUN_MESSAGE_CHARS, READY, ReadyReason, RunRecord, RunResult,
+    CohortImport, CohortImportStatus, ConditionStatus, FIELD_MANAGER, MAX_RUN_MESSAGE_CHARS, READY, RECONCILING,
+    ReadyReason, RunRecord, RunResult, STALLED,
 };
 use crate::run::report::truncate;
 
@@ -18,8 +19,9 @@ pub fn seconds(t: Timestamp) -> Timestamp {
     Timestamp::from_second(t.as_second()).expect("a valid timestamp stays valid when truncated")
 }
 
-/// Sets the `Ready` condition — its status follows from `reason` — keeping its transition
-/// time while its status stays the same.
+/// Sets the `Ready` condition — its status follows from `reason` — and with it kstatus's
+/// `Reconciling` and `Stalled`, each keeping its transition time while its status stays the
+/// same. Every condition the operator writes is set here, so the three always agree.
 pub fn set_ready(
     status: &mut CohortImportStatus,
     reason: ReadyReason,
@@ -27,22 +29,39 @@ pub fn set_ready(
     generation: Option<i64>,
     now: Timestamp,
 ) {
-    let value = reason.status().as_str();
-    let last_transition_time = match status.ready() {
-        Some(c) if c.status == value => c.last_transition_time.clone(),
+    // Condition messages are limited to 32 KiB; ours stay far shorter.
+    let message = truncate(message.to_owned(), 1024);
+    let ready = condition(status, READY, reason.status(), reason, &message, generation, now);
+    let reconciling = ConditionStatus::from(reason == ReadyReason::Running);
+    let reconciling = condition(status, RECONCILING, reconciling, reason, &message, generation, now);
+    let stalled = condition(status, STALLED, ConditionStatus::from(reason.stalled()), reason, &message, generation, now);
+    status.conditions.retain(|c| ![READY, RECONCILING, STALLED].contains(&c.type_.as_str()));
+    status.conditions.splice(0..0, [ready, reconciling, stalled]);
+}
+
+/// The condition `type_` with `value`, keeping the transition time of the one in `status`
+/// while its status stays the same. Its reason is `Ready`'s, which says why for all three.
+fn condition(
+    status: &CohortImportStatus,
+    type_: &str,
+    value: ConditionStatus,
+    reason: ReadyReason,
+    message: &str,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Condition {
+    let last_transition_time = match status.conditions.iter().find(|c| c.type_ == type_) {
+        Some(c) if c.status == value.as_str() => c.last_transition_time.clone(),
         _ => Time(seconds(now)),
     };
-    let ready = Condition {
-        type_: READY.to_owned(),
-        status: value.to_owned(),
+    Condition {
+        type_: type_.to_owned(),
+        status: value.as_str().to_owned(),
         reason: reason.as_str().to_owned(),
-        // Condition messages are limited to 32 KiB; ours stay far shorter.
-        message: truncate(message.to_owned(), 1024),
+        message: message.to_owned(),
         last_transition_time,
         observed_generation: generation,
-    };
-    status.conditions.retain(|c| c.type_ != READY);
-    status.conditions.insert(0, ready);
+    }
 }
 
 /// The `Ready` reason currently shown.
@@ -204,7 +223,7 @@ mod tests {
         set_ready(&mut status, ReadyReason::Scheduled, "Next run at …", Some(1), t0);
         assert_eq!(status.conditions[0].last_transition_time.0.to_string(), "2026-01-01T00:00:00Z");
         set_ready(&mut status, ReadyReason::Succeeded, "Run r succeeded", Some(2), t1);
-        assert_eq!(status.conditions.len(), 1);
+        assert_eq!(status.conditions.len(), 3);
         assert_eq!(status.conditions[0].last_transition_time.0, seconds(t0));
         assert_eq!(status.conditions[0].reason, "Succeeded");
         set_ready(&mut status, ReadyReason::Failed, "Run r failed", Some(2), t1);
@@ -212,6 +231,75 @@ mod tests {
         assert_eq!(status.conditions[0].status, "False");
         set_ready(&mut status, ReadyReason::Running, "Run r2 started", Some(2), t1);
         assert_eq!(status.conditions[0].status, "Unknown");
+    }
+
+    /// kstatus's verdict on `status` (cli-utils' generic rules, in their order).
+    fn kstatus(status: &CohortImportStatus, generation: i64) -> &'static str {
+        let is = |type_: &str, value: &str| status.conditions.iter().any(|c| c.type_ == type_ && c.status == value);
+        if status.observed_generation != Some(generation) {
+            "InProgress"
+        } else if is(RECONCILING, "True") {
+            "InProgress"
+        } else if is(STALLED, "True") {
+            "Failed"
+        } else if is(READY, "False") {
+            "InProgress"
+        } else {
+            "Current"
+        }
+    }
+
+    #[test]
+    fn each_ready_reason_sets_reconciling_and_stalled() {
+        use ReadyReason::*;
+        // (reason, Ready, Reconciling, Stalled, kstatus)
+        let cases = [
+            (Scheduled, "True", "False", "False", "Current"),
+            (Succeeded, "True", "False", "False", "Current"),
+            (DryRun, "True", "False", "False", "Current"),
+            (Running, "Unknown", "True", "False", "InProgress"),
+            (Suspended, "False", "False", "False", "InProgress"),
+            (Missed, "False", "False", "False", "InProgress"),
+            (Failed, "False", "False", "True", "Failed"),
+            (Blocked, "False", "False", "True", "Failed"),
+            (Conflict, "False", "False", "True", "Failed"),
+            (InvalidSpec, "False", "False", "True", "Failed"),
+            (SecretNotFound, "False", "False", "True", "Failed"),
+            (SecretReadFailed, "False", "False", "True", "Failed"),
+            (ConfigMapNotFound, "False", "False", "True", "Failed"),
+            (SourceFailed, "False", "False", "True", "Failed"),
+            (EgressDenied, "False", "False", "True", "Failed"),
+            (SnapshotFailed, "False", "False", "True", "Failed"),
+            (Deleting, "False", "False", "True", "Failed"),
+        ];
+        let now: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        for (reason, ready, reconciling, stalled, verdict) in cases {
+            let mut status = CohortImportStatus { observed_generation: Some(7), ..Default::default() };
+            set_ready(&mut status, reason, "why", Some(7), now);
+            let types: Vec<_> = status.conditions.iter().map(|c| c.type_.as_str()).collect();
+            assert_eq!(types, [READY, RECONCILING, STALLED], "{reason}");
+            let values: Vec<_> = status.conditions.iter().map(|c| c.status.as_str()).collect();
+            assert_eq!(values, [ready, reconciling, stalled], "{reason}");
+            for c in &status.conditions {
+                assert_eq!((c.reason.as_str(), c.message.as_str(), c.observed_generation), (reason.as_str(), "why", Some(7)));
+            }
+            assert_eq!(kstatus(&status, 7), verdict, "{reason}");
+            assert_eq!(kstatus(&status, 8), "InProgress", "{reason}: a newer generation is not observed yet");
+        }
+    }
+
+    #[test]
+    fn each_condition_keeps_its_own_transition_time() {
+        let t0: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let t1: Timestamp = "2026-01-02T00:00:00Z".parse().unwrap();
+        let mut status = CohortImportStatus::default();
+        set_ready(&mut status, ReadyReason::Failed, "Run r failed", Some(1), t0);
+        set_ready(&mut status, ReadyReason::Running, "Run r2 started", Some(1), t1);
+        let times: Vec<_> = status.conditions.iter().map(|c| c.last_transition_time.0).collect();
+        assert_eq!(times, [t1, t1, t1], "Ready False→Unknown, Reconciling False→True, Stalled True→False");
+        set_ready(&mut status, ReadyReason::SourceFailed, "Run r2 failed", Some(1), t0);
+        set_ready(&mut status, ReadyReason::Failed, "Run r3 failed", Some(1), t1);
+        assert_eq!(status.conditions[2].last_transition_time.0, t0, "Stalled stayed True");
     }
 
     #[test]
