@@ -34,10 +34,12 @@ pub const WALL_TIME_PATTERN: &str = r"^([01][0-9]|2[0-3]):[0-5][0-9]$";
     printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name":"Cadence","type":"string","jsonPath":".spec.schedule.cadence"}"#,
     printcolumn = r#"{"name":"Last Result","type":"string","jsonPath":".status.lastRun.result"}"#,
-    printcolumn = r#"{"name":"Members","type":"integer","jsonPath":".status.lastRun.cohortSize"}"#,
+    printcolumn = r#"{"name":"Members","type":"integer","jsonPath":".status.members","description":"Members in the source at the last successful run"}"#,
     printcolumn = r#"{"name":"Last Run","type":"date","jsonPath":".status.lastRun.finishedAt"}"#,
     printcolumn = r#"{"name":"Next Run","type":"string","jsonPath":".status.nextRunAt"}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Cohort","type":"string","priority":1,"jsonPath":".spec.cohort.id"}"#,
+    printcolumn = r#"{"name":"Source","type":"string","priority":1,"jsonPath":".status.sourceKind"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct CohortImportSpec {

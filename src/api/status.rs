@@ -214,6 +214,14 @@ pub struct CohortImportStatus {
     /// The last `reconcile.fluxcd.io/requestedAt` value acted upon (Flux's field name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_handled_reconcile_at: Option<String>,
+    /// Members in the source at the last successful run (what the `Members` column shows);
+    /// Braze does not report how many of them matched existing users.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub members: Option<u64>,
+    /// Which kind of source `spec.source` names (`Inline`, `ConfigMap`, `Http`, `Postgres`),
+    /// for `kubectl get -o wide`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_kind: Option<String>,
     /// Finished runs, newest first, at most `spec.historyLimit`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 50))]
@@ -228,6 +236,14 @@ pub struct CohortImportStatus {
     /// Why the last run report email could not be sent; cleared by the next one sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_notification_error: Option<String>,
+}
+
+impl RunRecord {
+    /// The removals the run found, sent or not: what approving a blocked run lets through.
+    /// Status written before `wouldRemove` existed kept them in `removed`.
+    pub fn planned_removals(&self) -> u64 {
+        self.would_remove.unwrap_or(self.removed)
+    }
 }
 
 /// A run that has started and not yet finished.
@@ -289,14 +305,21 @@ pub struct RunRecord {
     /// Members in the source after normalisation and de-duplication.
     #[serde(default)]
     pub cohort_size: u64,
-    /// Members added to the Braze cohort; for a run that did not send them all (failed,
-    /// blocked, dry run), the additions it planned.
+    /// Members added to the Braze cohort: what Braze accepted, 0 for a run that sent nothing.
     #[serde(default)]
     pub added: u64,
-    /// Members removed from the Braze cohort; for a run that did not send them all, the
-    /// removals it planned (for a blocked run, what an approval lets through).
+    /// Members removed from the Braze cohort: what Braze accepted, 0 for a run that sent
+    /// nothing.
     #[serde(default)]
     pub removed: u64,
+    /// For a run that did not send everything (failed, blocked, dry run): the additions it
+    /// found and would have made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub would_add: Option<u64>,
+    /// For a run that did not send everything: the removals it found and would have made
+    /// (for a blocked run, what an approval lets through).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub would_remove: Option<u64>,
     /// Short, human-readable; truncated to 256 characters.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,

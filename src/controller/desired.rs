@@ -16,7 +16,7 @@ use crate::api::{
     RUN_REQUESTED_ANNOTATION, ReadyReason, RunResult,
 };
 use crate::domain::plan::{Decision, Hold, Plan, PlanInput, ScheduleCursor, plan};
-use crate::domain::validate::{SpecErrors, ValidSpec};
+use crate::domain::validate::{SourceKind, SpecErrors, ValidSpec};
 
 /// What the reconcile found out before deciding.
 #[derive(Clone, Debug)]
@@ -32,6 +32,8 @@ pub struct Observed<'a> {
     /// Whether every Secret key the import reads exists; fetched only when
     /// [`checks_secrets`] says so.
     pub secrets: Option<&'a Result<(), KeyError>>,
+    /// The kind of source a valid spec names, shown by `kubectl get -o wide`.
+    pub source_kind: Option<SourceKind>,
     /// The id a run started by this reconcile gets ([`crate::run::new_run_id`]).
     pub new_run_id: String,
 }
@@ -158,6 +160,7 @@ pub fn desired(import: &CohortImport, plan: Result<&Plan, &SpecErrors>, seen: &O
         }
     }
     status.schedule = Some(plan.cursor.to_status());
+    status.source_kind = seen.source_kind.map(|kind| format!("{kind:?}"));
     status.next_run_at = plan.next_run_at.map(seconds);
     if let Some(run) = status.current_run.take() {
         effects.extend(abandon(import, &mut status, &run, seen.now, "another import owns the cohort now"));
@@ -327,6 +330,7 @@ mod tests {
             winner: None,
             run_ended_here: false,
             secrets: Some(&Ok(())),
+            source_kind: Some(SourceKind::ConfigMap),
             new_run_id: "20260302-063000-abcd".into(),
         }
     }
@@ -350,6 +354,8 @@ mod tests {
             cohort_size: 10,
             added: 1,
             removed: 4,
+            would_add: None,
+            would_remove: None,
             message: "m".into(),
         };
         CohortImportStatus {
@@ -386,6 +392,7 @@ mod tests {
         assert_eq!(ready(&d), ("True".into(), "Scheduled".into(), "Next run at 2026-03-02T06:30:00Z".into()));
         let status = d.status.unwrap();
         assert_eq!(status.observed_generation, Some(3));
+        assert_eq!(status.source_kind.as_deref(), Some("ConfigMap"), "for kubectl get -o wide");
         assert_eq!(status.next_run_at, Some(ts("2026-03-02T06:30:00Z")));
         assert!(d.effects.is_empty());
         assert_eq!(d.requeue, Requeue::At(Some(ts("2026-03-02T06:30:00Z"))));

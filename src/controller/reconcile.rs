@@ -145,6 +145,7 @@ async fn apply(import: Arc<CohortImport>, ctx: &Arc<Context>, api: &Api<CohortIm
         winner: winner.as_ref().map(|(_, name)| name.as_str()),
         run_ended_here,
         secrets: secrets.as_ref(),
+        source_kind: valid.as_ref().ok().map(|v| v.source),
         new_run_id: crate::run::new_run_id(now),
     };
     let wanted = desired::desired(&import, plan.as_ref().map_err(|e| &**e), &seen);

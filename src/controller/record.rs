@@ -88,6 +88,8 @@ impl RunEnd {
             cohort_size: 0,
             added: 0,
             removed: 0,
+            would_add: None,
+            would_remove: None,
             message,
         };
         Self::never_ran(record, now)
@@ -130,6 +132,8 @@ fn failed_record(run: &CurrentRun, message: String) -> RunRecord {
         cohort_size: 0,
         added: 0,
         removed: 0,
+        would_add: None,
+        would_remove: None,
         message,
     }
 }
@@ -220,8 +224,9 @@ fn notice(import: &CohortImport, end: &RunEnd, recorded: &Recorded) -> Option<Ru
         finished_at: record.finished_at.unwrap_or(end.ended_at),
         time_zone: jiff::tz::TimeZone::get(&import.spec.schedule.time_zone).unwrap_or(jiff::tz::TimeZone::UTC),
         cohort_size: record.cohort_size,
-        added: record.added,
-        removed: record.removed,
+        // The report names what the run found ("Would add", the removals to approve).
+        added: record.would_add.unwrap_or(record.added),
+        removed: record.planned_removals(),
         next_run_at: recorded.next_run_at,
         reason: matches!(record.result, RunResult::Failed | RunResult::Blocked | RunResult::Missed)
             .then(|| record.message.clone())

@@ -74,6 +74,7 @@ pub fn record_run(status: &mut CohortImportStatus, mut record: RunRecord, limit:
     record.message = truncate(std::mem::take(&mut record.message), MAX_RUN_MESSAGE_CHARS);
     if record.result == RunResult::Succeeded {
         status.last_successful_run_at = record.finished_at.or(Some(record.started_at));
+        status.members = Some(record.cohort_size);
     }
     status.history.retain(|r| r.id != record.id);
     status.history.insert(0, record.clone());
@@ -172,6 +173,8 @@ mod tests {
             cohort_size: 3,
             added: 1,
             removed: 0,
+            would_add: None,
+            would_remove: None,
             message: message.into(),
         }
     }
@@ -197,6 +200,7 @@ mod tests {
         record_run(&mut status, failed, 10);
         assert_eq!(status.last_successful_run_at.map(|t| t.to_string()).as_deref(), Some("2026-01-01T00:01:00Z"));
         assert_eq!(status.last_run.as_ref().unwrap().result, RunResult::Failed);
+        assert_eq!(status.members, Some(3), "the Members column: the source at the last success");
     }
 
     #[test]
