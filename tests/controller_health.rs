@@ -146,3 +146,42 @@ async fn flux_requested_at_runs_once_per_value_independently_of_ours() {
     assert_eq!(status.last_handled_run_request.as_deref(), Some("ours-1"));
     operator.stop().await;
 }
+
+#[tokio::test]
+async fn history_limits_keep_the_last_failure_in_sight() {
+    let env = Env::new("ctl-history").await;
+    let operator = env.start().await;
+    let mut doc = env.import("kept", "kept", json!({ "cadence": "Daily", "at": "06:30" }));
+    doc["spec"]["historyLimit"] = json!(2);
+    doc["spec"]["failedRunsHistoryLimit"] = json!(1);
+    env.create(doc).await;
+    env.wait_reason("kept", "Scheduled").await;
+
+    // No ConfigMap yet: the first run fails.
+    env.request_run("kept", "0").await;
+    let status = env.wait_runs("kept", 1).await.status.unwrap();
+    assert_eq!(status.history[0].result, RunResult::Failed, "{}", status.history[0].message);
+    let failure = status.history[0].id.clone();
+
+    // Four successes: two are kept (historyLimit, the default of successfulRunsHistoryLimit),
+    // and the failure stays.
+    env.put_members(&ids(0..3)).await;
+    for i in 1..=4 {
+        let value = i.to_string();
+        env.request_run("kept", &value).await;
+        env.wait_status("kept", &format!("run {i} done"), move |s| {
+            s.last_handled_run_request.as_deref() == Some(value.as_str())
+                && s.current_run.is_none()
+                && s.last_run.as_ref().is_some_and(|r| r.result == RunResult::Succeeded)
+        })
+        .await;
+    }
+    let status = env.get("kept").await.status.unwrap();
+    let kept: Vec<_> = status.history.iter().map(|r| (r.result, r.trigger)).collect();
+    assert_eq!(kept.len(), 3, "{:?}", status.history);
+    assert_eq!(&kept[..2], [(RunResult::Succeeded, RunTrigger::Manual); 2]);
+    assert_eq!(status.history[2].id, failure, "the last failure is still in sight");
+    assert_eq!(status.members, Some(3));
+    operator.stop().await;
+}
+

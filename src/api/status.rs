@@ -222,9 +222,10 @@ pub struct CohortImportStatus {
     /// for `kubectl get -o wide`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_kind: Option<String>,
-    /// Finished runs, newest first, at most `spec.historyLimit`.
+    /// Finished runs, newest first, as many as `spec.historyLimit` (or
+    /// `successfulRunsHistoryLimit` + `failedRunsHistoryLimit`) keep.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 50))]
+    #[schemars(length(max = 100))]
     pub history: Vec<RunRecord>,
     /// The run in progress. Written before the run starts, so a run cut short by an
     /// operator restart is found and run again.

@@ -181,7 +181,7 @@ pub fn desired(import: &CohortImport, plan: Result<&Plan, &SpecErrors>, seen: &O
         }
         Decision::RecordMissed { slot } => {
             let end = RunEnd::missed(*slot, seen.starting_deadline, seen.now);
-            let recorded = record::record(&mut status, &end, import.spec.history_limit);
+            let recorded = record::record(&mut status, &end, import.spec.history_limits());
             effects.push(Effect::Announce(Box::new((end, recorded))));
             Desired { status: Some(status), effects, requeue }
         }
@@ -241,7 +241,7 @@ fn abandon(
     why: &str,
 ) -> [Effect; 1] {
     let end = RunEnd::abandoned(run, now, why);
-    let recorded = record::record(status, &end, import.spec.history_limit);
+    let recorded = record::record(status, &end, import.spec.history_limits());
     [Effect::Announce(Box::new((end, recorded)))]
 }
 

@@ -24,7 +24,9 @@ use super::events::reason as event;
 use super::importer::ImportError;
 use super::runs::update_status;
 use super::status::{idle_ready, record_run, seconds, set_ready};
-use crate::api::{CohortImport, CohortImportStatus, CurrentRun, ReadyReason, RunRecord, RunResult, RunTrigger};
+use crate::api::{
+    CohortImport, CohortImportStatus, CurrentRun, HistoryLimits, ReadyReason, RunRecord, RunResult, RunTrigger,
+};
 use crate::notify::{RunNotice, is_recovery, should_notify};
 use crate::run::{RunError, RunReport, new_run_id};
 
@@ -158,14 +160,14 @@ pub struct Recorded {
     pub next_run_at: Option<Timestamp>,
 }
 
-/// Puts `end` in `status`: the history entry (newest first, at most `history_limit`), no
+/// Puts `end` in `status`: the history entry (newest first, as many as `history_limits` keep), no
 /// run in progress if it was this one, and `Ready` from it. Pure.
-pub fn record(status: &mut CohortImportStatus, end: &RunEnd, history_limit: u8) -> Recorded {
+pub fn record(status: &mut CohortImportStatus, end: &RunEnd, history_limits: HistoryLimits) -> Recorded {
     let recorded = Recorded { previous_history: status.history.clone(), next_run_at: status.next_run_at };
     if status.current_run.as_ref().is_some_and(|run| run.id == end.record.id) {
         status.current_run = None;
     }
-    record_run(status, end.record.clone(), history_limit);
+    record_run(status, end.record.clone(), history_limits);
     let (_, message) = idle_ready(status, status.next_run_at);
     set_ready(status, end.reason(), &message, status.observed_generation, end.ended_at);
     recorded
@@ -334,9 +336,9 @@ mod tests {
             ..Default::default()
         };
         let before = RunEnd::abandoned(&current("r0"), ts("2026-03-01T00:00:00Z"), "x");
-        record(&mut status, &before, 10);
+        record(&mut status, &before, HistoryLimits::Newest(10));
         let end = RunEnd::abandoned(&current("r1"), ts("2026-03-02T07:00:00Z"), "the spec became invalid");
-        let recorded = record(&mut status, &end, 10);
+        let recorded = record(&mut status, &end, HistoryLimits::Newest(10));
         assert_eq!(recorded.previous_history.len(), 1);
         assert_eq!(recorded.next_run_at, Some(ts("2026-03-03T06:30:00Z")));
         assert_eq!(status.current_run, None);
@@ -353,7 +355,7 @@ mod tests {
         record(
             &mut status,
             &RunEnd::missed(ts("2026-03-02T06:30:00Z"), SignedDuration::from_mins(90), ts("2026-03-02T09:00:00Z")),
-            10,
+            HistoryLimits::Newest(10),
         );
         assert_eq!(status.current_run.as_ref().map(|r| r.id.as_str()), Some("r2"));
         assert_eq!(status.last_run.as_ref().unwrap().result, RunResult::Missed);

@@ -8,7 +8,7 @@ use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 
 use crate::api::{
-    CohortImport, CohortImportStatus, ConditionStatus, FIELD_MANAGER, MAX_RUN_MESSAGE_CHARS, READY, RECONCILING,
+    CohortImport, CohortImportStatus, ConditionStatus, FIELD_MANAGER, HistoryLimits, MAX_RUN_MESSAGE_CHARS, READY, RECONCILING,
     ReadyReason, RunRecord, RunResult, STALLED,
 };
 use crate::run::report::truncate;
@@ -69,8 +69,8 @@ pub fn ready_reason(status: Option<&CohortImportStatus>) -> Option<&str> {
     status?.ready().map(|c| c.reason.as_str())
 }
 
-/// Records a finished (or missed) run: newest first, at most `limit` kept.
-pub fn record_run(status: &mut CohortImportStatus, mut record: RunRecord, limit: u8) {
+/// Records a finished (or missed) run: newest first, as many as `limits` keep.
+pub fn record_run(status: &mut CohortImportStatus, mut record: RunRecord, limits: HistoryLimits) {
     record.message = truncate(std::mem::take(&mut record.message), MAX_RUN_MESSAGE_CHARS);
     if record.result == RunResult::Succeeded {
         status.last_successful_run_at = record.finished_at.or(Some(record.started_at));
@@ -78,8 +78,25 @@ pub fn record_run(status: &mut CohortImportStatus, mut record: RunRecord, limit:
     }
     status.history.retain(|r| r.id != record.id);
     status.history.insert(0, record.clone());
-    status.history.truncate(usize::from(limit.max(1)));
+    trim_history(&mut status.history, limits);
     status.last_run = Some(record);
+}
+
+/// Drops the oldest runs past `limits`.
+fn trim_history(history: &mut Vec<RunRecord>, limits: HistoryLimits) {
+    let (succeeded, failed) = match limits {
+        HistoryLimits::Newest(limit) => return history.truncate(usize::from(limit.max(1))),
+        HistoryLimits::ByResult { succeeded, failed } => (succeeded, failed),
+    };
+    let (mut kept_succeeded, mut kept_failed) = (0, 0);
+    history.retain(|r| {
+        let (kept, limit) = match r.result {
+            RunResult::Succeeded | RunResult::DryRun => (&mut kept_succeeded, succeeded),
+            RunResult::Failed | RunResult::Blocked | RunResult::Missed => (&mut kept_failed, failed),
+        };
+        *kept += 1;
+        *kept <= limit
+    });
 }
 
 /// `next run at …` or `no run scheduled`, for the end of a `Ready` message.
@@ -183,7 +200,7 @@ mod tests {
     fn history_is_newest_first_and_capped() {
         let mut status = CohortImportStatus::default();
         for i in 0..5 {
-            record_run(&mut status, record(&format!("r{i}"), RunResult::Succeeded, ""), 3);
+            record_run(&mut status, record(&format!("r{i}"), RunResult::Succeeded, ""), HistoryLimits::Newest(3));
         }
         let ids: Vec<_> = status.history.iter().map(|r| r.id.as_str()).collect();
         assert_eq!(ids, ["r4", "r3", "r2"]);
@@ -192,12 +209,63 @@ mod tests {
     }
 
     #[test]
+    fn per_result_limits_keep_the_last_failure_in_sight() {
+        let limits = HistoryLimits::ByResult { succeeded: 3, failed: 1 };
+        let mut status = CohortImportStatus::default();
+        record_run(&mut status, record("f0", RunResult::Failed, "old"), limits);
+        record_run(&mut status, record("f1", RunResult::Blocked, "blocked"), limits);
+        for i in 0..10 {
+            record_run(&mut status, record(&format!("s{i}"), RunResult::Succeeded, ""), limits);
+        }
+        let ids: Vec<_> = status.history.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["s9", "s8", "s7", "f1"], "newest first; the last failure stays");
+        // Zero keeps none of that kind; lastRun still shows the newest run.
+        let limits = HistoryLimits::ByResult { succeeded: 0, failed: 2 };
+        record_run(&mut status, record("s10", RunResult::Succeeded, ""), limits);
+        let ids: Vec<_> = status.history.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["f1"]);
+        assert_eq!(status.last_run.as_ref().unwrap().id, "s10");
+        // The largest history the limits allow stays small.
+        let limits = HistoryLimits::ByResult { succeeded: 50, failed: 50 };
+        for i in 0..120 {
+            let result = if i % 2 == 0 { RunResult::Failed } else { RunResult::DryRun };
+            record_run(&mut status, record(&format!("20260101-000000-{i:04x}"), result, &"é".repeat(500)), limits);
+        }
+        assert_eq!(status.history.len(), 100);
+        let bytes = serde_json::to_vec(&status).unwrap().len();
+        assert!(bytes < 96 * 1024, "status at the maximum history is {bytes} bytes");
+    }
+
+    #[test]
+    fn the_spec_decides_the_limits_and_history_limit_alone_keeps_its_meaning() {
+        let mut spec: crate::api::CohortImportSpec = serde_json::from_value(serde_json::json!({
+            "cohort": { "id": "vip", "name": "VIP" },
+            "source": { "configMap": { "name": "members", "key": "ids" } },
+            "identifiers": { "externalId": "id" },
+            "destination": { "braze": {
+                "restEndpoint": "https://rest.iad-01.braze.com",
+                "partner": "kubit",
+                "dataImportKeySecretRef": { "name": "braze", "key": "data-import-key" }
+            } },
+            "schedule": { "cadence": "Daily", "at": "06:30" }
+        }))
+        .unwrap();
+        assert_eq!(spec.history_limits(), HistoryLimits::Newest(10), "the default");
+        spec.history_limit = 7;
+        assert_eq!(spec.history_limits(), HistoryLimits::Newest(7));
+        spec.failed_runs_history_limit = Some(2);
+        assert_eq!(spec.history_limits(), HistoryLimits::ByResult { succeeded: 7, failed: 2 });
+        spec.successful_runs_history_limit = Some(0);
+        assert_eq!(spec.history_limits(), HistoryLimits::ByResult { succeeded: 0, failed: 2 });
+    }
+
+    #[test]
     fn a_failed_run_keeps_the_last_success() {
         let mut status = CohortImportStatus::default();
-        record_run(&mut status, record("ok", RunResult::Succeeded, ""), 10);
+        record_run(&mut status, record("ok", RunResult::Succeeded, ""), HistoryLimits::Newest(10));
         let mut failed = record("bad", RunResult::Failed, "boom");
         failed.finished_at = Some("2026-01-02T00:00:00Z".parse().unwrap());
-        record_run(&mut status, failed, 10);
+        record_run(&mut status, failed, HistoryLimits::Newest(10));
         assert_eq!(status.last_successful_run_at.map(|t| t.to_string()).as_deref(), Some("2026-01-01T00:01:00Z"));
         assert_eq!(status.last_run.as_ref().unwrap().result, RunResult::Failed);
         assert_eq!(status.members, Some(3), "the Members column: the source at the last success");
@@ -210,7 +278,7 @@ mod tests {
             record_run(
                 &mut status,
                 record(&format!("20260101-000000-{i:04x}"), RunResult::Failed, &"é".repeat(5000)),
-                50,
+                HistoryLimits::Newest(50),
             );
         }
         assert_eq!(status.history.len(), 50);
@@ -313,7 +381,7 @@ mod tests {
         let (why, message) = idle_ready(&status, Some(next));
         assert_eq!(why, ReadyReason::Scheduled);
         assert_eq!(message, "Next run at 2026-01-02T06:30:00Z");
-        record_run(&mut status, record("r1", RunResult::Blocked, "would remove 40%"), 10);
+        record_run(&mut status, record("r1", RunResult::Blocked, "would remove 40%"), HistoryLimits::Newest(10));
         let (why, message) = idle_ready(&status, None);
         assert_eq!(why, ReadyReason::Blocked);
         assert_eq!(message, "Run r1 was blocked: would remove 40%; no run scheduled");
