@@ -185,3 +185,68 @@ async fn history_limits_keep_the_last_failure_in_sight() {
     operator.stop().await;
 }
 
+/// Waits until every line of `wanted` is in the metrics text of `operator`.
+async fn wait_metrics(operator: &Operator, wanted: &[String]) -> String {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let text = operator.metrics.render();
+        if wanted.iter().all(|w| text.contains(w.as_str())) {
+            return text;
+        }
+        assert!(std::time::Instant::now() < deadline, "not all of {wanted:#?} within {WAIT:?}:\n{text}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn per_import_gauges_are_rebuilt_from_status_after_a_restart() {
+    let env = Env::new("ctl-gauges").await;
+    env.put_members(&ids(0..4)).await;
+    let first = env.start().await;
+    let daily = json!({ "cadence": "Daily", "at": "06:30" });
+    env.create(env.import("good", "good", daily.clone())).await;
+    let mut broken = env.import("bad", "bad", daily.clone());
+    broken["spec"]["source"]["configMap"]["name"] = json!("absent");
+    env.create(broken).await;
+    env.create(env.import("new", "new", daily)).await;
+    env.request_run("good", "1").await;
+    env.request_run("bad", "1").await;
+    let good = env.wait_runs("good", 1).await.status.unwrap();
+    env.wait_runs("bad", 1).await;
+    env.wait_reason("new", "Scheduled").await;
+    first.kill().await;
+
+    // A new process has seen no run: every gauge comes from status.
+    let second = env.start().await;
+    let ns = &env.ns;
+    let success = good.last_successful_run_at.unwrap().as_second();
+    let text = wait_metrics(
+        &second,
+        &[
+            format!("cohort_operator_import_ready{{namespace=\"{ns}\",name=\"good\",reason=\"Succeeded\"}} 1"),
+            format!("cohort_operator_import_ready{{namespace=\"{ns}\",name=\"bad\",reason=\"Failed\"}} 1"),
+            format!("cohort_operator_import_ready{{namespace=\"{ns}\",name=\"new\",reason=\"Scheduled\"}} 1"),
+            format!("cohort_operator_import_last_run_result{{namespace=\"{ns}\",name=\"good\",result=\"Succeeded\"}} 1"),
+            format!("cohort_operator_import_last_run_result{{namespace=\"{ns}\",name=\"bad\",result=\"Failed\"}} 1"),
+            format!(
+                "cohort_operator_import_last_success_timestamp_seconds{{namespace=\"{ns}\",name=\"good\"}} {success}"
+            ),
+            format!("cohort_operator_import_cohort_size{{namespace=\"{ns}\",name=\"good\"}} 4"),
+        ],
+    )
+    .await;
+    // An import that never succeeded has no success time to be stale about, but its Ready
+    // series says why it is unhealthy.
+    assert!(!text.contains(&format!("import_last_success_timestamp_seconds{{namespace=\"{ns}\",name=\"bad\"}}")));
+    assert_eq!(text.matches(&format!("cohort_operator_import_ready{{namespace=\"{ns}\",name=\"good\"")).count(), 1);
+
+    // Deleted: its series go.
+    env.delete("good").await;
+    env.wait_for("good", "deleted", |i| i.is_none()).await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while second.metrics.render().contains("name=\"good\"") {
+        assert!(std::time::Instant::now() < deadline, "{}", second.metrics.render());
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    second.stop().await;
+}
