@@ -47,6 +47,9 @@ pub struct ImportResultLabels {
     pub result: String,
 }
 
+/// The `Ready` reason and last run result an import's series carry.
+type Shown = (Option<String>, Option<String>);
+
 /// The per-import gauges, set from an import's status ([`Metrics::observe`]). Label sets are
 /// bounded: one series per import in each family — the current reason or result only, the
 /// previous one removed — so at most imports × 4 series.
@@ -56,7 +59,7 @@ pub struct ImportGauges {
     pub last_success: Family<ImportLabels, Gauge<f64, AtomicU64>>,
     pub cohort_size: Family<ImportLabels, Gauge>,
     /// The reason and result each import's series carry now, to remove them when they change.
-    shown: Mutex<HashMap<ImportLabels, (Option<String>, Option<String>)>>,
+    shown: Mutex<HashMap<ImportLabels, Shown>>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

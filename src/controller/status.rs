@@ -308,9 +308,8 @@ mod tests {
     /// kstatus's verdict on `status` (cli-utils' generic rules, in their order).
     fn kstatus(status: &CohortImportStatus, generation: i64) -> &'static str {
         let is = |type_: &str, value: &str| status.conditions.iter().any(|c| c.type_ == type_ && c.status == value);
-        if status.observed_generation != Some(generation) {
-            "InProgress"
-        } else if is(RECONCILING, "True") {
+        // A newer generation not yet observed, or a run in progress.
+        if status.observed_generation != Some(generation) || is(RECONCILING, "True") {
             "InProgress"
         } else if is(STALLED, "True") {
             "Failed"
