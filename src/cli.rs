@@ -164,8 +164,8 @@ pub fn history_table(status: &CohortImportStatus) -> String {
                 r.finished_at.map_or_else(|| "-".into(), |t| t.to_string()),
                 format!("{:?}", r.result),
                 r.cohort_size.to_string(),
-                r.added.to_string(),
-                r.removed.to_string(),
+                sent_and_found(r.added, r.would_add),
+                sent_and_found(r.removed, r.would_remove),
                 r.message.clone(),
             ]
         })
@@ -197,6 +197,14 @@ pub fn history_table(status: &CohortImportStatus) -> String {
     out
 }
 
+/// What a run sent, and what it found when it did not send everything: `0 (would 40)`.
+fn sent_and_found(sent: u64, found: Option<u64>) -> String {
+    match found {
+        Some(found) if found != sent => format!("{sent} (would {found})"),
+        _ => sent.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,6 +224,8 @@ mod tests {
                     cohort_size: 1200,
                     added: 3,
                     removed: 1,
+                    would_add: None,
+                    would_remove: None,
                     message: "1200 members: +3 −1 =1197".into(),
                 },
                 RunRecord {
@@ -223,10 +233,12 @@ mod tests {
                     trigger: RunTrigger::Manual,
                     started_at: "2026-03-01T10:00:00Z".parse().unwrap(),
                     finished_at: None,
-                    result: RunResult::Failed,
+                    result: RunResult::Blocked,
                     cohort_size: 0,
                     added: 0,
                     removed: 0,
+                    would_add: Some(0),
+                    would_remove: Some(40),
                     message: String::new(),
                 },
             ],
@@ -242,7 +254,8 @@ mod tests {
             ),
             "{table}"
         );
-        assert!(lines[3].contains("Manual") && lines[3].contains("Failed") && lines[3].contains(" - "), "{table}");
+        assert!(lines[3].contains("Manual") && lines[3].contains("Blocked") && lines[3].contains(" - "), "{table}");
+        assert!(lines[3].contains("Blocked    0        0      0 (would 40)"), "a blocked run sent nothing: {table}");
         let column = lines[1].find("RESULT").unwrap();
         assert_eq!(&lines[2][column..column + 9], "Succeeded");
     }

@@ -275,7 +275,9 @@ async fn a_blocked_run_waits_for_approval_and_then_removes() {
     let status = env.wait_runs("guarded", 2).await.status.unwrap();
     let blocked = status.history[0].clone();
     assert_eq!(blocked.result, RunResult::Blocked, "{}", blocked.message);
-    assert_eq!(blocked.removed, 5);
+    assert_eq!((blocked.added, blocked.removed), (0, 0), "a blocked run sent nothing");
+    assert_eq!((blocked.would_add, blocked.would_remove), (Some(0), Some(5)));
+    assert_eq!(status.members, Some(10), "the last successful run's source, not the blocked one's");
     assert_eq!(ready_reason(&status), Some("Blocked"));
     assert!(blocked.message.contains(&blocked.id), "the message says which run to approve: {}", blocked.message);
     env.wait_event("guarded", "RunBlocked").await;

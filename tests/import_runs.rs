@@ -524,7 +524,7 @@ async fn the_guard_blocks_mass_removals_until_that_run_is_approved() {
     let blocked_run = world.import(&sixty).await;
     assert_eq!(blocked_run.result, RunResult::Blocked);
     let record = blocked_run.to_record();
-    assert_eq!((record.removed, record.cohort_size), (40, 60));
+    assert_eq!((record.removed, record.would_remove, record.cohort_size), (0, Some(40), 60));
     assert_eq!(blocked_run.blocked.as_ref().unwrap().reason, BlockReason::TooManyRemovals);
     assert_eq!(world.generation().await, 1);
 
@@ -536,7 +536,7 @@ async fn the_guard_blocks_mass_removals_until_that_run_is_approved() {
     assert_eq!(world.sandbox.stats().requests, requests);
 
     // Approving the blocked run by its id and numbers lets it through.
-    let approval = RemovalApproval { run_id: record.id.clone(), removals: record.removed };
+    let approval = RemovalApproval { run_id: record.id.clone(), removals: record.planned_removals() };
     let report = world.import_with(&sixty, |run| run.approval = Some(approval)).await;
     succeeded(&report);
     assert_eq!(report.approved_run.as_deref(), Some(record.id.as_str()));

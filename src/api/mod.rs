@@ -12,6 +12,9 @@ use kube::CustomResourceExt;
 
 /// Setting this annotation to a new value runs the import once (Flux's convention).
 pub const RUN_REQUESTED_ANNOTATION: &str = "cohorts.dev/run-requested-at";
+/// Flux's "reconcile now" annotation (`flux reconcile`, Flux UIs): a new value runs the import
+/// once too, independently of [`RUN_REQUESTED_ANNOTATION`].
+pub const FLUX_RECONCILE_ANNOTATION: &str = "reconcile.fluxcd.io/requestedAt";
 /// Naming a blocked run's id here lets that run remove members past the guard.
 pub const APPROVE_REMOVALS_ANNOTATION: &str = "cohorts.dev/approve-removals";
 /// Field manager for everything the operator writes.

@@ -33,10 +33,12 @@ pub const WALL_TIME_PATTERN: &str = r"^([01][0-9]|2[0-3]):[0-5][0-9]$";
     printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name":"Cadence","type":"string","jsonPath":".spec.schedule.cadence"}"#,
     printcolumn = r#"{"name":"Last Result","type":"string","jsonPath":".status.lastRun.result"}"#,
-    printcolumn = r#"{"name":"Members","type":"integer","jsonPath":".status.lastRun.cohortSize"}"#,
+    printcolumn = r#"{"name":"Members","type":"integer","jsonPath":".status.members","description":"Members in the source at the last successful run"}"#,
     printcolumn = r#"{"name":"Last Run","type":"date","jsonPath":".status.lastRun.finishedAt"}"#,
     printcolumn = r#"{"name":"Next Run","type":"string","jsonPath":".status.nextRunAt"}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Cohort","type":"string","priority":1,"jsonPath":".spec.cohort.id"}"#,
+    printcolumn = r#"{"name":"Source","type":"string","priority":1,"jsonPath":".status.sourceKind"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct CohortImportSpec {
@@ -54,10 +56,22 @@ pub struct CohortImportSpec {
     /// Stop future runs. A run in progress finishes.
     #[serde(default, skip_serializing_if = "is_false")]
     pub suspend: bool,
-    /// How many runs `.status.history` keeps, newest first.
+    /// How many runs `.status.history` keeps, newest first. With
+    /// `successfulRunsHistoryLimit` or `failedRunsHistoryLimit` set, the default of the other.
     #[serde(default = "default_history_limit")]
     #[schemars(range(min = 1, max = 50))]
     pub history_limit: u8,
+    /// How many successful runs (`Succeeded`, `DryRun`) history keeps (CronJob's convention);
+    /// default `historyLimit`. Setting it or `failedRunsHistoryLimit` counts the two apart, so
+    /// a run of successes never pushes the last failure out of sight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 50))]
+    pub successful_runs_history_limit: Option<u8>,
+    /// How many unsuccessful runs (`Failed`, `Blocked`, `Missed`) history keeps; default
+    /// `historyLimit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 50))]
+    pub failed_runs_history_limit: Option<u8>,
     /// Compute and report the changes without sending anything to Braze.
     #[serde(default, skip_serializing_if = "is_false")]
     pub dry_run: bool,
@@ -80,6 +94,30 @@ pub struct CohortImportSpec {
 
 fn default_history_limit() -> u8 {
     10
+}
+
+/// What `.status.history` keeps: [`CohortImportSpec::history_limits`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HistoryLimits {
+    /// The newest runs, whatever their result (only `historyLimit` set).
+    Newest(u8),
+    /// The newest successful and the newest unsuccessful runs, counted apart.
+    ByResult { succeeded: u8, failed: u8 },
+}
+
+impl CohortImportSpec {
+    /// The history limits in force: `historyLimit` alone caps the whole history, as before
+    /// the per-result limits existed; either per-result limit counts results apart, the
+    /// other defaulting to `historyLimit`.
+    pub fn history_limits(&self) -> HistoryLimits {
+        let total = self.history_limit.max(1);
+        match (self.successful_runs_history_limit, self.failed_runs_history_limit) {
+            (None, None) => HistoryLimits::Newest(total),
+            (succeeded, failed) => {
+                HistoryLimits::ByResult { succeeded: succeeded.unwrap_or(total), failed: failed.unwrap_or(total) }
+            }
+        }
+    }
 }
 
 fn is_false(b: &bool) -> bool {

@@ -14,6 +14,11 @@ use serde::{Deserialize, Serialize};
 
 /// The type of the condition that sums an import up.
 pub const READY: &str = "Ready";
+/// kstatus's condition for "the controller is working on it": `True` while a run is in progress.
+pub const RECONCILING: &str = "Reconciling";
+/// kstatus's condition for "it cannot get better without a person": `True` under the
+/// [`ReadyReason`]s whose [`ReadyReason::stalled`] is true.
+pub const STALLED: &str = "Stalled";
 
 /// A condition's `status`, as Kubernetes spells it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,6 +36,12 @@ impl ConditionStatus {
             ConditionStatus::False => "False",
             ConditionStatus::Unknown => "Unknown",
         }
+    }
+}
+
+impl From<bool> for ConditionStatus {
+    fn from(value: bool) -> Self {
+        if value { ConditionStatus::True } else { ConditionStatus::False }
     }
 }
 
@@ -111,6 +122,36 @@ impl ReadyReason {
             _ => ConditionStatus::False,
         }
     }
+
+    /// Whether the import cannot become healthy again without a person (kstatus's `Stalled`,
+    /// which kstatus tooling reports as `Failed`). Every reason is decided here, once; a new
+    /// reason must be decided too (the match has no catch-all).
+    pub const fn stalled(self) -> bool {
+        match self {
+            // Healthy, or working on it.
+            ReadyReason::Scheduled | ReadyReason::Succeeded | ReadyReason::DryRun | ReadyReason::Running => false,
+            // A person chose this (`spec.suspend`); nothing is wrong.
+            ReadyReason::Suspended => false,
+            // Only a scheduled run was skipped (the operator was down); the next one runs by itself.
+            ReadyReason::Missed => false,
+            // A person must fix the spec, create the Secret or ConfigMap, approve the removals,
+            // resolve the cohort conflict, or change the egress policy or deletionPolicy.
+            ReadyReason::InvalidSpec
+            | ReadyReason::SecretNotFound
+            | ReadyReason::ConfigMapNotFound
+            | ReadyReason::Conflict
+            | ReadyReason::Blocked
+            | ReadyReason::EgressDenied
+            | ReadyReason::Deleting => true,
+            // The last run failed. Runs are not retried before the next scheduled one, so the
+            // import stays unhealthy until then — or until a person looks and requests a run.
+            // Failing loudly beats kstatus waiting forever on `InProgress`.
+            ReadyReason::Failed
+            | ReadyReason::SourceFailed
+            | ReadyReason::SnapshotFailed
+            | ReadyReason::SecretReadFailed => true,
+        }
+    }
 }
 
 impl fmt::Display for ReadyReason {
@@ -149,7 +190,8 @@ pub const MAX_RUN_MESSAGE_CHARS: usize = 256;
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CohortImportStatus {
-    /// Standard conditions; `Ready` first.
+    /// Standard conditions: `Ready` first, then kstatus's `Reconciling` (`True` while a run
+    /// is in progress) and `Stalled` (`True` when only a person can make the import healthy).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// The `metadata.generation` this status describes.
@@ -169,9 +211,21 @@ pub struct CohortImportStatus {
     /// The last `cohorts.dev/run-requested-at` value acted upon.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_handled_run_request: Option<String>,
-    /// Finished runs, newest first, at most `spec.historyLimit`.
+    /// The last `reconcile.fluxcd.io/requestedAt` value acted upon (Flux's field name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_handled_reconcile_at: Option<String>,
+    /// Members in the source at the last successful run (what the `Members` column shows);
+    /// Braze does not report how many of them matched existing users.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub members: Option<u64>,
+    /// Which kind of source `spec.source` names (`Inline`, `ConfigMap`, `Http`, `Postgres`),
+    /// for `kubectl get -o wide`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_kind: Option<String>,
+    /// Finished runs, newest first, as many as `spec.historyLimit` (or
+    /// `successfulRunsHistoryLimit` + `failedRunsHistoryLimit`) keep.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 50))]
+    #[schemars(length(max = 100))]
     pub history: Vec<RunRecord>,
     /// The run in progress. Written before the run starts, so a run cut short by an
     /// operator restart is found and run again.
@@ -187,6 +241,14 @@ pub struct CohortImportStatus {
     /// import key (never the key), so that imports of other workspaces do not conflict.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub braze_workspace: Option<String>,
+}
+
+impl RunRecord {
+    /// The removals the run found, sent or not: what approving a blocked run lets through.
+    /// Status written before `wouldRemove` existed kept them in `removed`.
+    pub fn planned_removals(&self) -> u64 {
+        self.would_remove.unwrap_or(self.removed)
+    }
 }
 
 /// A run that has started and not yet finished.
@@ -298,14 +360,21 @@ pub struct RunRecord {
     /// Members in the source after normalisation and de-duplication.
     #[serde(default)]
     pub cohort_size: u64,
-    /// Members added to the Braze cohort; for a run that did not send them all (failed,
-    /// blocked, dry run), the additions it planned.
+    /// Members added to the Braze cohort: what Braze accepted, 0 for a run that sent nothing.
     #[serde(default)]
     pub added: u64,
-    /// Members removed from the Braze cohort; for a run that did not send them all, the
-    /// removals it planned (for a blocked run, what an approval lets through).
+    /// Members removed from the Braze cohort: what Braze accepted, 0 for a run that sent
+    /// nothing.
     #[serde(default)]
     pub removed: u64,
+    /// For a run that did not send everything (failed, blocked, dry run): the additions it
+    /// found and would have made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub would_add: Option<u64>,
+    /// For a run that did not send everything: the removals it found and would have made
+    /// (for a blocked run, what an approval lets through).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub would_remove: Option<u64>,
     /// Short, human-readable; truncated to 256 characters.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,

@@ -12,11 +12,11 @@ use super::record::{self, Recorded, RunEnd};
 use super::secrets::KeyError;
 use super::status::{idle_ready, next_run_text, seconds, set_ready};
 use crate::api::{
-    APPROVE_REMOVALS_ANNOTATION, CohortImport, CohortImportStatus, CurrentRun, RUN_REQUESTED_ANNOTATION, ReadyReason,
-    RunResult, RunRunner,
+    APPROVE_REMOVALS_ANNOTATION, CohortImport, CohortImportStatus, CurrentRun, FLUX_RECONCILE_ANNOTATION,
+    RUN_REQUESTED_ANNOTATION, ReadyReason, RunResult, RunRunner,
 };
 use crate::domain::plan::{Decision, Hold, Plan, PlanInput, ScheduleCursor, plan};
-use crate::domain::validate::{SpecErrors, ValidSpec};
+use crate::domain::validate::{SourceKind, SpecErrors, ValidSpec};
 
 /// What the reconcile found out before deciding.
 #[derive(Clone, Debug)]
@@ -37,6 +37,8 @@ pub struct Observed<'a> {
     /// Whether every Secret key the import reads exists; fetched only when
     /// [`checks_secrets`] says so.
     pub secrets: Option<&'a Result<(), KeyError>>,
+    /// The kind of source a valid spec names, shown by `kubectl get -o wide`.
+    pub source_kind: Option<SourceKind>,
     /// The id a run started by this reconcile gets ([`crate::run::new_run_id`]).
     pub new_run_id: String,
     /// Sharded: who signs a run this reconcile starts ([`super::shard`]); `None` unsharded.
@@ -98,6 +100,10 @@ pub fn plan_for(
         .map(String::as_str)
         .filter(|approved| last_run.is_some_and(|run| run.result == RunResult::Blocked && run.id == *approved));
     let cursor = status.and_then(|s| s.schedule.as_ref()).map(|s| ScheduleCursor::stored(s, &valid.schedule));
+    // Our annotation and Flux's are independent: each new value of either runs once. The
+    // plan sees the first one pending (one run serves both when both are).
+    let ours = pending(import, RUN_REQUESTED_ANNOTATION, status.and_then(|s| s.last_handled_run_request.as_deref()));
+    let flux = pending(import, FLUX_RECONCILE_ANNOTATION, status.and_then(|s| s.last_handled_reconcile_at.as_deref()));
     plan(&PlanInput {
         now,
         // The API server always sets it; `now` stands in for an object without one.
@@ -105,12 +111,30 @@ pub fn plan_for(
         schedule: &valid.schedule,
         hold,
         starting_deadline,
-        run_request: annotations.get(RUN_REQUESTED_ANNOTATION).map(String::as_str),
-        last_handled_run_request: status.and_then(|s| s.last_handled_run_request.as_deref()),
+        run_request: ours.or(flux),
+        last_handled_run_request: None,
         approved_blocked_run,
         cursor: cursor.as_ref(),
         has_run_before: status.is_some_and(|s| s.last_run.is_some() || !s.history.is_empty()),
     })
+}
+
+/// The value of the run request `annotation` unless it is empty or already `handled`.
+fn pending<'a>(import: &'a CohortImport, annotation: &str, handled: Option<&str>) -> Option<&'a str> {
+    let value = import.annotations().get(annotation)?.as_str();
+    (!value.is_empty() && Some(value) != handled).then_some(value)
+}
+
+/// Records every run request `import` carries as handled: the run about to start serves them.
+fn handle_requests(import: &CohortImport, status: &mut CohortImportStatus) {
+    let annotations = import.annotations();
+    let value = |key: &str| annotations.get(key).filter(|v| !v.is_empty()).cloned();
+    if let Some(ours) = value(RUN_REQUESTED_ANNOTATION) {
+        status.last_handled_run_request = Some(ours);
+    }
+    if let Some(flux) = value(FLUX_RECONCILE_ANNOTATION) {
+        status.last_handled_reconcile_at = Some(flux);
+    }
 }
 
 /// Whether [`desired`] needs [`Observed::secrets`]: only an import that waits says whether
@@ -151,6 +175,7 @@ pub fn desired(import: &CohortImport, plan: Result<&Plan, &SpecErrors>, seen: &O
         }
     }
     status.schedule = Some(plan.cursor.to_status());
+    status.source_kind = seen.source_kind.map(|kind| format!("{kind:?}"));
     status.next_run_at = plan.next_run_at.map(seconds);
     if let Some(run) = status.current_run.take() {
         let why = if seen.winner.is_some() {
@@ -167,8 +192,8 @@ pub fn desired(import: &CohortImport, plan: Result<&Plan, &SpecErrors>, seen: &O
     let requeue = Requeue::At(plan.next_run_at);
     match &plan.decision {
         Decision::Run { trigger, run_request, approved_removals } => {
-            if let Some(request) = run_request {
-                status.last_handled_run_request = Some(request.clone());
+            if run_request.is_some() {
+                handle_requests(import, &mut status);
             }
             let mut run = CurrentRun {
                 id: seen.new_run_id.clone(),
@@ -185,7 +210,7 @@ pub fn desired(import: &CohortImport, plan: Result<&Plan, &SpecErrors>, seen: &O
         }
         Decision::RecordMissed { slot } => {
             let end = RunEnd::missed(*slot, seen.starting_deadline, seen.now);
-            let recorded = record::record(&mut status, &end, import.spec.history_limit);
+            let recorded = record::record(&mut status, &end, import.spec.history_limits());
             effects.push(Effect::Announce(Box::new((end, recorded))));
             Desired { status: Some(status), effects, requeue }
         }
@@ -245,7 +270,7 @@ fn abandon(
     why: &str,
 ) -> [Effect; 1] {
     let end = RunEnd::abandoned(run, now, why);
-    let recorded = record::record(status, &end, import.spec.history_limit);
+    let recorded = record::record(status, &end, import.spec.history_limits());
     [Effect::Announce(Box::new((end, recorded)))]
 }
 
@@ -336,6 +361,7 @@ mod tests {
             run_ended_here: false,
             workspace: None,
             secrets: Some(&Ok(())),
+            source_kind: Some(SourceKind::ConfigMap),
             new_run_id: "20260302-063000-abcd".into(),
             runner: None,
         }
@@ -360,6 +386,8 @@ mod tests {
             cohort_size: 10,
             added: 1,
             removed: 4,
+            would_add: None,
+            would_remove: None,
             message: "m".into(),
         };
         CohortImportStatus {
@@ -400,6 +428,7 @@ mod tests {
         assert_eq!(ready(&d), ("True".into(), "Scheduled".into(), "Next run at 2026-03-02T06:30:00Z".into()));
         let status = d.status.unwrap();
         assert_eq!(status.observed_generation, Some(3));
+        assert_eq!(status.source_kind.as_deref(), Some("ConfigMap"), "for kubectl get -o wide");
         assert_eq!(status.next_run_at, Some(ts("2026-03-02T06:30:00Z")));
         assert!(d.effects.is_empty());
         assert_eq!(d.requeue, Requeue::At(Some(ts("2026-03-02T06:30:00Z"))));
@@ -431,6 +460,35 @@ mod tests {
             CohortImportStatus { last_handled_run_request: Some("now-1".into()), ..after_run(RunResult::Succeeded) };
         let d = decide(&import(Some(handled), annotations), &seen("2026-03-02T12:00:01Z"));
         assert!(d.status.unwrap().current_run.is_none());
+    }
+
+    #[test]
+    fn each_value_of_each_run_request_annotation_runs_once() {
+        let at = |status: CohortImportStatus, ours: &str, flux: &str| {
+            let annotations = json!({ RUN_REQUESTED_ANNOTATION: ours, FLUX_RECONCILE_ANNOTATION: flux });
+            decide(&import(Some(status), annotations), &seen("2026-03-02T12:00:00Z")).status.unwrap()
+        };
+        // Both new: one run serves both.
+        let status = at(after_run(RunResult::Succeeded), "a", "f1");
+        assert_eq!(status.current_run.as_ref().unwrap().trigger, RunTrigger::Manual);
+        assert_eq!(
+            (status.last_handled_run_request.as_deref(), status.last_handled_reconcile_at.as_deref()),
+            (Some("a"), Some("f1"))
+        );
+        let idle = CohortImportStatus { current_run: None, ..status };
+        assert!(at(idle.clone(), "a", "f1").current_run.is_none(), "both handled");
+        // A new Flux value alone runs, whatever ours says; and the other way round.
+        let status = at(idle.clone(), "a", "f2");
+        assert!(status.current_run.is_some());
+        assert_eq!(status.last_handled_reconcile_at.as_deref(), Some("f2"));
+        let status = at(idle.clone(), "b", "f1");
+        assert!(status.current_run.is_some());
+        assert_eq!(
+            (status.last_handled_run_request.as_deref(), status.last_handled_reconcile_at.as_deref()),
+            (Some("b"), Some("f1"))
+        );
+        // An empty value is no request.
+        assert!(at(idle, "a", "").current_run.is_none());
     }
 
     #[test]

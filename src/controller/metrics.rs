@@ -1,8 +1,9 @@
 //! Prometheus metrics and the HTTP endpoints `/metrics`, `/healthz` and `/readyz`.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use axum::extract::State;
@@ -17,7 +18,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::api::RunResult;
+use crate::api::{CohortImportStatus, RunResult};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
@@ -28,6 +29,37 @@ pub struct ResultLabels {
 pub struct ImportLabels {
     pub namespace: String,
     pub name: String,
+}
+
+/// An import and one of its `Ready` reasons.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ImportReasonLabels {
+    pub namespace: String,
+    pub name: String,
+    pub reason: String,
+}
+
+/// An import and its last run's result.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ImportResultLabels {
+    pub namespace: String,
+    pub name: String,
+    pub result: String,
+}
+
+/// The `Ready` reason and last run result an import's series carry.
+type Shown = (Option<String>, Option<String>);
+
+/// The per-import gauges, set from an import's status ([`Metrics::observe`]). Label sets are
+/// bounded: one series per import in each family — the current reason or result only, the
+/// previous one removed — so at most imports × 4 series.
+pub struct ImportGauges {
+    pub ready: Family<ImportReasonLabels, Gauge>,
+    pub last_run_result: Family<ImportResultLabels, Gauge>,
+    pub last_success: Family<ImportLabels, Gauge<f64, AtomicU64>>,
+    pub cohort_size: Family<ImportLabels, Gauge>,
+    /// The reason and result each import's series carry now, to remove them when they change.
+    shown: Mutex<HashMap<ImportLabels, Shown>>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -57,6 +89,7 @@ pub struct Metrics {
     pub leader: Gauge,
     /// Waits of Braze requests for their destination's shared budget.
     pub braze_budget_wait: Histogram,
+    pub imports: ImportGauges,
     ready: AtomicBool,
 }
 
@@ -116,7 +149,9 @@ impl Metrics {
             "Time each Braze request waited for its destination's shared rate budget",
             braze_budget_wait.clone(),
         );
+        let imports = ImportGauges::register(&mut registry);
         Metrics {
+            imports,
             registry,
             runs,
             run_duration,
@@ -152,9 +187,17 @@ impl Metrics {
         self.last_success.get_or_create(&labels).set(unix_seconds);
     }
 
+    /// Sets the import's gauges from its status: called on every reconcile, so they are
+    /// rebuilt from status at start-up and after a failover, whatever this process saw.
+    pub fn observe(&self, namespace: &str, name: &str, status: Option<&CohortImportStatus>) {
+        self.imports.observe(ImportLabels { namespace: namespace.to_owned(), name: name.to_owned() }, status);
+    }
+
     /// The import is gone: stop exporting its series.
     pub fn forget(&self, namespace: &str, name: &str) {
-        self.last_success.remove(&ImportLabels { namespace: namespace.to_owned(), name: name.to_owned() });
+        let import = ImportLabels { namespace: namespace.to_owned(), name: name.to_owned() };
+        self.last_success.remove(&import);
+        self.imports.forget(&import);
     }
 
     pub fn reconcile_error(&self, reason: &str) {
@@ -181,6 +224,96 @@ impl Metrics {
 impl crate::braze::BudgetObserver for Metrics {
     fn waited(&self, wait: std::time::Duration) {
         self.braze_budget_wait.observe(wait.as_secs_f64());
+    }
+}
+
+impl ImportGauges {
+    fn register(registry: &mut Registry) -> Self {
+        let gauges = ImportGauges {
+            ready: Family::default(),
+            last_run_result: Family::default(),
+            last_success: Family::default(),
+            cohort_size: Family::default(),
+            shown: Mutex::new(HashMap::new()),
+        };
+        registry.register("import_ready", "1 for each import's current Ready reason", gauges.ready.clone());
+        registry.register(
+            "import_last_run_result",
+            "1 for the result of each import's last run",
+            gauges.last_run_result.clone(),
+        );
+        registry.register(
+            "import_last_success_timestamp_seconds",
+            "When each import's last successful run finished (Unix seconds), from its status",
+            gauges.last_success.clone(),
+        );
+        registry.register(
+            "import_cohort_size",
+            "Members in each import's source at its last successful run",
+            gauges.cohort_size.clone(),
+        );
+        gauges
+    }
+
+    fn observe(&self, import: ImportLabels, status: Option<&CohortImportStatus>) {
+        let reason = status.and_then(|s| s.ready()).map(|c| c.reason.clone());
+        let result = status.and_then(|s| s.last_run.as_ref()).map(|r| result_label(r.result).to_owned());
+        let mut shown = self.shown.lock().unwrap_or_else(|e| e.into_inner());
+        let (old_reason, old_result) = shown.remove(&import).unwrap_or_default();
+        if old_reason != reason
+            && let Some(old) = old_reason
+        {
+            self.ready.remove(&self.reason_labels(&import, old));
+        }
+        if old_result != result
+            && let Some(old) = old_result
+        {
+            self.last_run_result.remove(&self.result_labels(&import, old));
+        }
+        if let Some(reason) = &reason {
+            self.ready.get_or_create(&self.reason_labels(&import, reason.clone())).set(1);
+        }
+        if let Some(result) = &result {
+            self.last_run_result.get_or_create(&self.result_labels(&import, result.clone())).set(1);
+        }
+        match status.and_then(|s| s.last_successful_run_at) {
+            Some(t) => {
+                self.last_success.get_or_create(&import).set(t.as_second() as f64);
+            }
+            None => {
+                self.last_success.remove(&import);
+            }
+        }
+        match status.and_then(|s| s.members) {
+            Some(members) => {
+                self.cohort_size.get_or_create(&import).set(i64::try_from(members).unwrap_or(i64::MAX));
+            }
+            None => {
+                self.cohort_size.remove(&import);
+            }
+        }
+        shown.insert(import, (reason, result));
+    }
+
+    fn forget(&self, import: &ImportLabels) {
+        let mut shown = self.shown.lock().unwrap_or_else(|e| e.into_inner());
+        let (reason, result) = shown.remove(import).unwrap_or_default();
+        if let Some(reason) = reason {
+            self.ready.remove(&self.reason_labels(import, reason));
+        }
+        if let Some(result) = result {
+            self.last_run_result.remove(&self.result_labels(import, result));
+        }
+        self.last_success.remove(import);
+        self.cohort_size.remove(import);
+    }
+
+    fn reason_labels(&self, import: &ImportLabels, reason: String) -> ImportReasonLabels {
+        ImportReasonLabels { namespace: import.namespace.clone(), name: import.name.clone(), reason }
+    }
+
+    fn result_labels(&self, import: &ImportLabels, result: String) -> ImportResultLabels {
+        ImportResultLabels { namespace: import.namespace.clone(), name: import.name.clone(), result }
     }
 }
 
@@ -258,5 +391,54 @@ mod tests {
         }
         m.forget("growth", "vip");
         assert!(!m.render().contains("name=\"vip\""));
+    }
+
+    #[test]
+    fn per_import_gauges_follow_status_and_keep_one_series_each() {
+        use crate::api::{ReadyReason, RunRecord, RunTrigger};
+        let now: jiff::Timestamp = "2026-03-02T06:31:00Z".parse().unwrap();
+        let mut status = CohortImportStatus::default();
+        let record = |result| RunRecord {
+            id: "r".into(),
+            trigger: RunTrigger::Scheduled,
+            started_at: now,
+            finished_at: Some(now),
+            result,
+            cohort_size: 42,
+            added: 42,
+            removed: 0,
+            would_add: None,
+            would_remove: None,
+            message: String::new(),
+        };
+        super::super::status::record_run(
+            &mut status,
+            record(RunResult::Succeeded),
+            crate::api::HistoryLimits::Newest(5),
+        );
+        super::super::status::set_ready(&mut status, ReadyReason::Succeeded, "ok", Some(1), now);
+        let m = Metrics::new();
+        m.observe("growth", "vip", Some(&status));
+        let text = m.render();
+        for needle in [
+            "cohort_operator_import_ready{namespace=\"growth\",name=\"vip\",reason=\"Succeeded\"} 1",
+            "cohort_operator_import_last_run_result{namespace=\"growth\",name=\"vip\",result=\"Succeeded\"} 1",
+            "cohort_operator_import_last_success_timestamp_seconds{namespace=\"growth\",name=\"vip\"} 1772433060",
+            "cohort_operator_import_cohort_size{namespace=\"growth\",name=\"vip\"} 42",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from\n{text}");
+        }
+        // The next run fails: the old reason and result go, the last success stays.
+        super::super::status::record_run(&mut status, record(RunResult::Failed), crate::api::HistoryLimits::Newest(5));
+        super::super::status::set_ready(&mut status, ReadyReason::SourceFailed, "boom", Some(1), now);
+        m.observe("growth", "vip", Some(&status));
+        let text = m.render();
+        assert!(text.contains("reason=\"SourceFailed\"} 1") && !text.contains("reason=\"Succeeded\""), "{text}");
+        assert!(text.contains("result=\"Failed\"} 1") && !text.contains("result=\"Succeeded\""), "{text}");
+        assert!(
+            text.contains("cohort_operator_import_last_success_timestamp_seconds{namespace=\"growth\",name=\"vip\"}")
+        );
+        m.forget("growth", "vip");
+        assert!(!m.render().contains("name=\"vip\""), "{}", m.render());
     }
 }

@@ -10,7 +10,7 @@ use kube::ResourceExt;
 
 use super::importer::{ImportError, Importer};
 use super::secrets::BrazeKeys;
-use crate::api::{CohortImport, CohortImportSpec, CurrentRun, RunResult};
+use crate::api::{CohortImport, CohortImportSpec, CurrentRun, RunRecord, RunResult};
 use crate::braze::{BrazeClient, CohortTarget};
 use crate::domain::guard::RemovalApproval;
 use crate::domain::validate::ValidSpec;
@@ -124,7 +124,7 @@ fn approved_removals(import: &CohortImport, run_id: &str) -> u64 {
         .into_iter()
         .flat_map(|s| s.last_run.iter().chain(s.history.iter()))
         .find(|r| r.id == run_id && r.result == RunResult::Blocked)
-        .map_or(0, |r| r.removed)
+        .map_or(0, RunRecord::planned_removals)
 }
 
 impl Importer for PipelineImporter {

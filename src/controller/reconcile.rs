@@ -50,6 +50,11 @@ impl Error {
 /// Entry point for the controller.
 pub async fn reconcile(import: Arc<CohortImport>, ctx: Arc<Context>) -> Result<Action, Error> {
     ctx.metrics.reconciles.inc();
+    // The per-import gauges come from status, on every reconcile: at start-up, after a
+    // failover and after each status write (its watch event reconciles again).
+    if import.metadata.deletion_timestamp.is_none() {
+        ctx.metrics.observe(&import.namespace().unwrap_or_default(), &import.name_any(), import.status.as_ref());
+    }
     let reference = ObjectRef::from_obj(import.as_ref());
     if ctx.runs.is_running(&reference) {
         // The run reconciles the import when it ends.
@@ -175,6 +180,7 @@ async fn apply(import: Arc<CohortImport>, ctx: &Arc<Context>, api: &Api<CohortIm
         run_ended_here,
         workspace: workspace.as_deref(),
         secrets: secrets.as_ref(),
+        source_kind: valid.as_ref().ok().map(|v| v.source),
         new_run_id: crate::run::new_run_id(now),
         runner: ctx.runner(),
     };

@@ -24,7 +24,9 @@ use super::events::reason as event;
 use super::importer::ImportError;
 use super::runs::update_status;
 use super::status::{idle_ready, record_run, seconds, set_ready};
-use crate::api::{CohortImport, CohortImportStatus, CurrentRun, ReadyReason, RunRecord, RunResult, RunTrigger};
+use crate::api::{
+    CohortImport, CohortImportStatus, CurrentRun, HistoryLimits, ReadyReason, RunRecord, RunResult, RunTrigger,
+};
 use crate::notify::{RunNotice, any_channel_wants, is_recovery};
 use crate::run::{RunError, RunReport, new_run_id};
 
@@ -104,6 +106,8 @@ impl RunEnd {
             cohort_size: 0,
             added: 0,
             removed: 0,
+            would_add: None,
+            would_remove: None,
             message,
         };
         Self::never_ran(record, now)
@@ -147,6 +151,8 @@ fn failed_record(run: &CurrentRun, message: String) -> RunRecord {
         cohort_size: 0,
         added: 0,
         removed: 0,
+        would_add: None,
+        would_remove: None,
         message,
     }
 }
@@ -171,14 +177,14 @@ pub struct Recorded {
     pub next_run_at: Option<Timestamp>,
 }
 
-/// Puts `end` in `status`: the history entry (newest first, at most `history_limit`), no
+/// Puts `end` in `status`: the history entry (newest first, as many as `history_limits` keep), no
 /// run in progress if it was this one, and `Ready` from it. Pure.
-pub fn record(status: &mut CohortImportStatus, end: &RunEnd, history_limit: u8) -> Recorded {
+pub fn record(status: &mut CohortImportStatus, end: &RunEnd, history_limits: HistoryLimits) -> Recorded {
     let recorded = Recorded { previous_history: status.history.clone(), next_run_at: status.next_run_at };
     if status.current_run.as_ref().is_some_and(|run| run.id == end.record.id) {
         status.current_run = None;
     }
-    record_run(status, end.record.clone(), history_limit);
+    record_run(status, end.record.clone(), history_limits);
     if let Some(workspace) = &end.workspace {
         status.braze_workspace = Some(workspace.clone());
     }
@@ -240,8 +246,9 @@ fn notice(import: &CohortImport, end: &RunEnd, recorded: &Recorded) -> Option<Ru
         finished_at: record.finished_at.unwrap_or(end.ended_at),
         time_zone: jiff::tz::TimeZone::get(&import.spec.schedule.time_zone).unwrap_or(jiff::tz::TimeZone::UTC),
         cohort_size: record.cohort_size,
-        added: record.added,
-        removed: record.removed,
+        // The report names what the run found ("Would add", the removals to approve).
+        added: record.would_add.unwrap_or(record.added),
+        removed: record.planned_removals(),
         next_run_at: recorded.next_run_at,
         reason: matches!(record.result, RunResult::Failed | RunResult::Blocked | RunResult::Missed)
             .then(|| record.message.clone())
@@ -365,9 +372,9 @@ mod tests {
             ..Default::default()
         };
         let before = RunEnd::abandoned(&current("r0"), ts("2026-03-01T00:00:00Z"), "x");
-        record(&mut status, &before, 10);
+        record(&mut status, &before, HistoryLimits::Newest(10));
         let end = RunEnd::abandoned(&current("r1"), ts("2026-03-02T07:00:00Z"), "the spec became invalid");
-        let recorded = record(&mut status, &end, 10);
+        let recorded = record(&mut status, &end, HistoryLimits::Newest(10));
         assert_eq!(recorded.previous_history.len(), 1);
         assert_eq!(recorded.next_run_at, Some(ts("2026-03-03T06:30:00Z")));
         assert_eq!(status.current_run, None);
@@ -384,7 +391,7 @@ mod tests {
         record(
             &mut status,
             &RunEnd::missed(ts("2026-03-02T06:30:00Z"), SignedDuration::from_mins(90), ts("2026-03-02T09:00:00Z")),
-            10,
+            HistoryLimits::Newest(10),
         );
         assert_eq!(status.current_run.as_ref().map(|r| r.id.as_str()), Some("r2"));
         assert_eq!(status.last_run.as_ref().unwrap().result, RunResult::Missed);

@@ -193,7 +193,7 @@ async fn finish(ctx: &Arc<Context>, import: &CohortImport, end: RunEnd) {
         if status.current_run.as_ref().is_none_or(|run| run.id != end.record.id) {
             return false;
         }
-        recorded = Some(record::record(status, &end, import.spec.history_limit));
+        recorded = Some(record::record(status, &end, import.spec.history_limits()));
         true
     })
     .await;

@@ -88,7 +88,8 @@ pub struct PlanInput<'a> {
     pub hold: Option<Hold>,
     /// How late a scheduled run may still start; older ones are recorded as missed.
     pub starting_deadline: SignedDuration,
-    /// The value of the `cohorts.dev/run-requested-at` annotation.
+    /// The value of a run request annotation (`cohorts.dev/run-requested-at` or Flux's
+    /// `reconcile.fluxcd.io/requestedAt`); the controller passes only one not yet handled.
     pub run_request: Option<&'a str>,
     /// `.status.lastHandledRunRequest`.
     pub last_handled_run_request: Option<&'a str>,

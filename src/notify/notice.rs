@@ -114,6 +114,8 @@ mod tests {
             cohort_size: 0,
             added: 0,
             removed: 0,
+            would_add: None,
+            would_remove: None,
             message: String::new(),
         }
     }

@@ -170,9 +170,13 @@ impl RunReport {
         truncate(text, MAX_RUN_MESSAGE_CHARS)
     }
 
-    /// The history entry the controller writes to `.status`. For a blocked run, `removed` is
-    /// what it would have removed — the number an approval covers.
+    /// The history entry the controller writes to `.status`. `added`/`removed` are what Braze
+    /// accepted; a run that did not send everything (failed, blocked, dry run) also records
+    /// what it found in `wouldAdd`/`wouldRemove` — for a blocked run, what an approval covers.
     pub fn to_record(&self) -> RunRecord {
+        let complete = self.result == RunResult::Succeeded;
+        let (added, removed) =
+            if complete { (self.added, self.removed) } else { (self.accepted_adds, self.accepted_removes) };
         RunRecord {
             id: self.run_id.clone(),
             trigger: self.trigger,
@@ -180,8 +184,10 @@ impl RunReport {
             finished_at: Some(self.finished_at),
             result: self.result,
             cohort_size: self.cohort_size,
-            added: self.added,
-            removed: self.removed,
+            added,
+            removed,
+            would_add: (!complete).then_some(self.added),
+            would_remove: (!complete).then_some(self.removed),
             message: self.message(),
         }
     }
