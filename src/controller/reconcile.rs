@@ -302,9 +302,11 @@ fn sent_members(status: Option<&CohortImportStatus>) -> Option<String> {
         RunResult::Failed => r.added > 0,
         RunResult::DryRun | RunResult::Blocked | RunResult::Missed => false,
     });
-    sent.max_by_key(|r| r.cohort_size.max(r.added)).map(|r| {
+    let run = sent.max_by_key(|r| r.cohort_size.max(r.added)).map(|r| {
         format!("status records run {} ({:?}, cohort of {}, +{})", r.id, r.result, r.cohort_size, r.added)
-    })
+    });
+    // The history is bounded: a successful run may have left it, but not this time.
+    run.or_else(|| status.last_successful_run_at.map(|at| format!("status records a successful run at {at}")))
 }
 
 #[cfg(test)]
@@ -339,6 +341,12 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(sent_members(Some(&nothing)), None, "no run sent anyone");
+        let aged_out = CohortImportStatus {
+            last_successful_run_at: Some("2026-03-01T06:31:00Z".parse().unwrap()),
+            ..nothing.clone()
+        };
+        let evidence = sent_members(Some(&aged_out)).unwrap();
+        assert_eq!(evidence, "status records a successful run at 2026-03-01T06:31:00Z");
         let mut sent = nothing.clone();
         sent.history.push(run("r1", RunResult::Succeeded, 1500, 0));
         sent.last_run = Some(run("r2", RunResult::Failed, 0, 3));
