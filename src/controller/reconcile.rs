@@ -22,8 +22,9 @@ use super::record;
 use super::runs;
 use super::secrets::{self, KeyError};
 use super::status::{self, Written, ready_reason, set_ready};
-use crate::api::{CohortImport, CohortImportStatus, DeletionPolicy, FINALIZER, ReadyReason, SecretKeyRef};
+use crate::api::{CohortImport, CohortImportStatus, DeletionPolicy, FINALIZER, ReadyReason, RunResult, SecretKeyRef};
 use crate::domain::validate::{ValidSpec, validate};
+use crate::run::RemovalError;
 use crate::source::kube::KubeObjects;
 
 #[derive(Debug, thiserror::Error)]
@@ -320,15 +321,90 @@ async fn remove_members(ctx: &Context, import: &CohortImport) -> Result<(), Impo
     let namespace = import.namespace().unwrap_or_default();
     let braze = &import.spec.destination.braze;
     let keys = secrets::braze_keys(&ctx.client, &namespace, braze, &ctx.config.partner_keys).await?;
-    let removed = ctx.importer.remove_members(import, keys).await?;
-    let note = format!("Removed the {removed} members this import sent from {}", CohortKey::of(&import.spec));
+    let cohort = CohortKey::of(&import.spec);
+    let note = match ctx.importer.remove_members(import, keys).await {
+        Ok(removed) => format!("Removed the {removed} members this import sent from {cohort}"),
+        Err(ImportError::Removal(RemovalError::NoSnapshot { what })) => {
+            if let Some(evidence) = sent_members(import.status.as_ref()) {
+                return Err(RemovalError::SnapshotLost { what, evidence }.into());
+            }
+            ctx.importer.forget(import).await?;
+            format!(
+                "Nothing to remove from {cohort}: this import never committed a member to Braze (no successful run \
+                 in its status) and holds no snapshot"
+            )
+        }
+        Err(e) => return Err(e),
+    };
     ctx.events.normal(import, event::MEMBERS_REMOVED, "Delete", note).await;
     Ok(())
+}
+
+/// What in `status` shows that the import sent members to Braze, if anything: a recorded
+/// commit, or a run that added members. Status from before commits were recorded has
+/// only the runs (and of those, only the history kept).
+fn sent_members(status: Option<&CohortImportStatus>) -> Option<String> {
+    let status = status?;
+    let runs = status.last_run.iter().chain(status.history.iter());
+    // A dry run or a blocked run sends nothing, whatever it counted.
+    let sent = runs.filter(|r| match r.result {
+        RunResult::Succeeded => r.added > 0 || r.cohort_size > 0,
+        RunResult::Failed => r.added > 0,
+        RunResult::DryRun | RunResult::Blocked | RunResult::Missed => false,
+    });
+    let run = sent
+        .max_by_key(|r| r.cohort_size.max(r.added))
+        .map(|r| format!("status records run {} ({:?}, cohort of {}, +{})", r.id, r.result, r.cohort_size, r.added));
+    // The history is bounded: a successful run may have left it, but not this time.
+    run.or_else(|| status.last_successful_run_at.map(|at| format!("status records a successful run at {at}")))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::{RunRecord, RunTrigger};
+
+    fn run(id: &str, result: RunResult, cohort_size: u64, added: u64) -> RunRecord {
+        RunRecord {
+            id: id.into(),
+            trigger: RunTrigger::Manual,
+            started_at: "2026-03-02T06:30:00Z".parse().unwrap(),
+            finished_at: None,
+            result,
+            cohort_size,
+            added,
+            removed: 0,
+            message: String::new(),
+            would_add: None,
+            would_remove: None,
+        }
+    }
+
+    #[test]
+    fn members_were_sent_only_by_a_run_that_sent_them() {
+        assert_eq!(sent_members(None), None);
+        let nothing = CohortImportStatus {
+            history: vec![
+                run("dry", RunResult::DryRun, 5, 5),
+                run("blocked", RunResult::Blocked, 5, 5),
+                run("failed", RunResult::Failed, 0, 0),
+                run("empty", RunResult::Succeeded, 0, 0),
+            ],
+            ..Default::default()
+        };
+        assert_eq!(sent_members(Some(&nothing)), None, "no run sent anyone");
+        let aged_out = CohortImportStatus {
+            last_successful_run_at: Some("2026-03-01T06:31:00Z".parse().unwrap()),
+            ..nothing.clone()
+        };
+        let evidence = sent_members(Some(&aged_out)).unwrap();
+        assert_eq!(evidence, "status records a successful run at 2026-03-01T06:31:00Z");
+        let mut sent = nothing.clone();
+        sent.history.push(run("r1", RunResult::Succeeded, 1500, 0));
+        sent.last_run = Some(run("r2", RunResult::Failed, 0, 3));
+        let evidence = sent_members(Some(&sent)).unwrap();
+        assert_eq!(evidence, "status records run r1 (Succeeded, cohort of 1500, +0)");
+    }
 
     #[test]
     fn reconcile_errors_back_off_exponentially_with_jitter_up_to_a_cap() {

@@ -120,6 +120,18 @@ impl RunEnd {
         Self::never_ran(record, now)
     }
 
+    /// `run` crashed: its task panicked or was aborted before the importer returned. What
+    /// it sent before is in its snapshot's keys in doubt, reconciled by the next run.
+    pub fn crashed(run: &CurrentRun, crash: &Crash, finished_at: Timestamp, elapsed: Duration) -> Self {
+        let message = format!(
+            "{crash}; this is a bug in cohort-operator (please report it with the operator's log); the next run \
+             starts afresh"
+        );
+        let mut record = failed_record(run, crate::run::report::truncate(message, 1024));
+        record.finished_at = Some(seconds(finished_at));
+        RunEnd { elapsed, ..Self::never_ran(record, finished_at) }
+    }
+
     fn never_ran(record: RunRecord, now: Timestamp) -> Self {
         RunEnd {
             record,
@@ -137,6 +149,37 @@ impl RunEnd {
         match (self.record.result, self.failure_reason) {
             (RunResult::Failed, Some(reason)) => reason,
             (result, _) => ReadyReason::after(result),
+        }
+    }
+}
+
+/// How a run's task ended without the importer returning.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Crash {
+    /// It panicked, with this message (secrets redacted, bounded).
+    Panicked(String),
+    /// It was aborted (cancelled) without a panic.
+    Aborted,
+}
+
+impl Crash {
+    /// From a panic's payload; `secrets` are redacted from its message.
+    pub fn panicked(payload: Box<dyn std::any::Any + Send>, secrets: &[String]) -> Self {
+        let message = match payload.downcast::<String>() {
+            Ok(message) => *message,
+            Err(payload) => payload.downcast_ref::<&str>().map_or("(no message)", |m| m).to_owned(),
+        };
+        let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+        let message = crate::secret::redact(&message, &secrets, 4);
+        Crash::Panicked(crate::run::report::truncate(message, 512))
+    }
+}
+
+impl std::fmt::Display for Crash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Crash::Panicked(message) => write!(f, "the run panicked: {message}"),
+            Crash::Aborted => f.write_str("the run was aborted before it finished"),
         }
     }
 }
@@ -361,6 +404,21 @@ mod tests {
         assert!(end.record.message.contains("after 90 s (spec.runTimeoutSeconds)"), "{}", end.record.message);
         assert_eq!(end.record.finished_at, Some(ts("2026-03-02T06:32:00Z")));
         assert_eq!(end.elapsed, Duration::from_secs(91));
+    }
+
+    #[test]
+    fn a_crashed_run_fails_naming_the_panic_without_the_keys() {
+        let payload: Box<dyn std::any::Any + Send> = Box::new("chunk 3 is damaged near key-abcdef".to_owned());
+        let crash = Crash::panicked(payload, &["key-abcdef".to_owned()]);
+        assert_eq!(crash, Crash::Panicked("chunk 3 is damaged near <redacted>".into()));
+        let end = RunEnd::crashed(&current("r1"), &crash, ts("2026-03-02T06:30:07.2Z"), Duration::from_secs(7));
+        assert_eq!((end.record.result, end.reason()), (RunResult::Failed, ReadyReason::Failed));
+        assert!(end.record.message.starts_with("the run panicked: chunk 3 is damaged"), "{}", end.record.message);
+        assert_eq!(end.record.finished_at, Some(ts("2026-03-02T06:30:07Z")));
+        assert_eq!(end.elapsed, Duration::from_secs(7));
+        let static_payload: Box<dyn std::any::Any + Send> = Box::new("index out of bounds");
+        assert_eq!(Crash::panicked(static_payload, &[]), Crash::Panicked("index out of bounds".into()));
+        assert_eq!(Crash::Aborted.to_string(), "the run was aborted before it finished");
     }
 
     #[test]

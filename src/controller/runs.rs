@@ -15,7 +15,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use super::Context;
 use super::events::reason as event;
-use super::record::{self, RunEnd};
+use super::record::{self, Crash, RunEnd};
 use super::secrets;
 use super::status::{self, Written};
 use crate::api::{CohortImport, CohortImportStatus, CurrentRun};
@@ -122,13 +122,14 @@ pub(super) fn start(ctx: &Arc<Context>, import: Arc<CohortImport>, spec: ValidSp
 }
 
 async fn execute(ctx: Arc<Context>, import: Arc<CohortImport>, spec: ValidSpec, run: CurrentRun) {
+    // However this task ends — even by a panic outside the importer — the run leaves the
+    // registry and the import is reconciled, so that the next trigger can run.
     let reference = ObjectRef::from_obj(import.as_ref());
     let _namespace_slot = ctx.namespace_slots.acquire(&import.namespace().unwrap_or_default()).await;
+    let _deregister = Deregister { ctx: ctx.clone(), import: reference.clone(), run_id: run.id.clone() };
     let _slot = ctx.run_slots.acquire().await;
     // Sharded: the import may have moved to another shard meanwhile; that shard runs it.
     if !ctx.still_runs_here(&import, &run.id).await {
-        ctx.runs.finished(&reference, &run.id);
-        ctx.wake(reference);
         return;
     }
     let in_progress = InProgress::start(&ctx);
@@ -140,25 +141,73 @@ async fn execute(ctx: Arc<Context>, import: Arc<CohortImport>, spec: ValidSpec, 
     let braze = &import.spec.destination.braze;
     let mut workspace = None;
     let attempt = async {
-        match secrets::braze_keys(&ctx.client, &namespace, braze, &ctx.config.partner_keys).await {
-            Ok(keys) => {
-                workspace = Some(super::conflict::workspace_of(keys.data_import_key.expose()));
-                ctx.importer.run(&import, &spec, &run, keys).await
-            }
-            Err(e) => Err(e.into()),
-        }
+        let keys = secrets::braze_keys(&ctx.client, &namespace, braze, &ctx.config.partner_keys).await?;
+        workspace = Some(super::conflict::workspace_of(keys.data_import_key.expose()));
+        Ok::<_, secrets::KeyError>(supervised(&ctx, &import, &spec, &run, keys, clock_started).await)
     };
     let (timeout, field) = run_timeout(&ctx.config, &import);
     // Stopping a run is as safe as a crash: what it sent stays in doubt until a run commits.
     let end = match tokio::time::timeout(timeout, attempt).await {
-        Ok(outcome) => RunEnd::finished(&run, outcome, ctx.clock.now(), clock_started.elapsed()),
+        Ok(Ok(end)) => end,
+        Ok(Err(e)) => RunEnd::finished(&run, Err(e.into()), ctx.clock.now(), clock_started.elapsed()),
         Err(_) => RunEnd::timed_out(&run, timeout, field, ctx.clock.now(), clock_started.elapsed()),
     };
     let end = RunEnd { workspace, ..end };
     drop(in_progress);
     finish(&ctx, &import, end).await;
-    ctx.runs.finished(&reference, &run.id);
-    ctx.wake(reference);
+}
+
+/// Deregisters a run and wakes its import when dropped.
+struct Deregister {
+    ctx: Arc<Context>,
+    import: ObjectRef<CohortImport>,
+    run_id: String,
+}
+
+impl Drop for Deregister {
+    fn drop(&mut self) {
+        self.ctx.runs.finished(&self.import, &self.run_id);
+        self.ctx.wake(self.import.clone());
+    }
+}
+
+/// Runs the importer in a task of its own, so that a panic or an abort in it ends the run
+/// through [`RunEnd::crashed`] — recorded `Failed`, deregistered, the next trigger free to
+/// run — instead of leaving the import `Running` until a restart. Dropping this future (the
+/// controller stopping, a lost Lease) aborts the importer's task with it.
+async fn supervised(
+    ctx: &Arc<Context>,
+    import: &Arc<CohortImport>,
+    spec: &ValidSpec,
+    run: &CurrentRun,
+    keys: secrets::BrazeKeys,
+    clock_started: Instant,
+) -> RunEnd {
+    let importer = ctx.importer.clone();
+    let (import, spec, current) = (import.clone(), spec.clone(), run.clone());
+    // A panic message is the program's text, not ours to trust: the keys never reach status.
+    let known = [keys.data_import_key.expose().to_owned(), keys.partner_api_key.expose().to_owned()];
+    let task = tokio::spawn(
+        async move { importer.run(&import, &spec, &current, keys).await }.instrument(tracing::Span::current()),
+    );
+    let _abort = AbortOnDrop(task.abort_handle());
+    match task.await {
+        Ok(outcome) => RunEnd::finished(run, outcome, ctx.clock.now(), clock_started.elapsed()),
+        Err(e) => {
+            let crash = if e.is_panic() { Crash::panicked(e.into_panic(), &known) } else { Crash::Aborted };
+            error!(run_id = %run.id, %crash, "the run crashed");
+            RunEnd::crashed(run, &crash, ctx.clock.now(), clock_started.elapsed())
+        }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Counts a run in `runs_in_progress` until dropped — also when its task is aborted.

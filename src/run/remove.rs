@@ -26,10 +26,22 @@ pub enum RemovalError {
     Refused { accepted: u64, error: BrazeError },
     #[error("Braze accepted {accepted} removals of {planned}")]
     Incomplete { accepted: u64, planned: u64 },
+    /// The store holds no snapshot (or keys in doubt resting on a snapshot it no longer has):
+    /// whom the import sent is unknown, so no one is removed. Whether that means "nothing was
+    /// ever sent" is for the caller to decide from what status recorded.
+    #[error("no snapshot in {what}: the members this import sent are not recorded anywhere")]
+    NoSnapshot { what: String },
+    /// [`RemovalError::NoSnapshot`], while status shows members were sent (`evidence`).
+    #[error(
+        "the snapshot in {what} is gone, but {evidence}: the operator cannot tell which members it sent, so it \
+         removes no one (Braze cannot list a cohort's members)"
+    )]
+    SnapshotLost { what: String, evidence: String },
 }
 
 /// Removes every member `snapshots` holds from `target`'s cohort, then deletes the
-/// snapshot. Returns how many were removed.
+/// snapshot. Returns how many were removed; [`RemovalError::NoSnapshot`] when the store
+/// holds no snapshot.
 pub async fn remove_all_members(
     snapshots: &dyn SnapshotStore,
     braze: &BrazeClient,
@@ -37,6 +49,12 @@ pub async fn remove_all_members(
     scratch: &Path,
 ) -> Result<u64, RemovalError> {
     let loaded = snapshots.load(scratch).await?;
+    // Keys in doubt resting on a snapshot that is gone: removing only them would report
+    // success while the snapshot's members stay.
+    let doubt_base = loaded.doubt.as_ref().map_or(0, |d| d.meta.base_generation);
+    if loaded.snapshot.is_none() && (loaded.doubt.is_none() || doubt_base > 0) {
+        return Err(RemovalError::NoSnapshot { what: snapshots.describe() });
+    }
     let bodies: Vec<File> = loaded.snapshot.map(|s| s.body).into_iter().chain(loaded.doubt.map(|d| d.body)).collect();
     let removed = if bodies.is_empty() { 0 } else { send_removals(braze, target, bodies).await? };
     snapshots.delete().await?;

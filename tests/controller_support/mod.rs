@@ -12,6 +12,7 @@ use braze_sandbox::{RunningSandbox, SandboxUser};
 use cohort_operator::api::{self, CohortImport};
 use cohort_operator::braze::{BrazeClient, BrazeClientConfig};
 use cohort_operator::controller::clock::TestClock;
+use cohort_operator::controller::importer::Importer;
 use cohort_operator::controller::leader::LeaderElection;
 use cohort_operator::controller::metrics::Metrics;
 use cohort_operator::controller::pipeline::{PipelineImporter, SnapshotStoreKind};
@@ -159,13 +160,18 @@ impl Env {
     }
 
     pub async fn start_with(&self, config: Config, notifier: Option<Arc<dyn Notify>>) -> Operator {
+        self.start_importing(config, notifier, self.importer()).await
+    }
+
+    /// Starts the controller with `importer` in place of the real pipeline.
+    pub async fn start_importing(
+        &self,
+        config: Config,
+        notifier: Option<Arc<dyn Notify>>,
+        importer: Arc<dyn Importer>,
+    ) -> Operator {
         let metrics = Arc::new(Metrics::new());
-        let deps = Dependencies {
-            clock: Arc::new(self.clock.clone()),
-            importer: self.importer(),
-            notifier,
-            metrics: metrics.clone(),
-        };
+        let deps = Dependencies { clock: Arc::new(self.clock.clone()), importer, notifier, metrics: metrics.clone() };
         let (tx, rx) = oneshot::channel::<()>();
         let client = self.client.clone();
         let task = tokio::spawn(controller::run(client, config, deps, async move {
