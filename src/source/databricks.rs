@@ -275,14 +275,19 @@ impl DatabricksMembers {
         if let Some(schema) = &spec.schema {
             body["schema"] = json!(schema);
         }
+        let egress = ctx.egress();
+        // A literal address in the URL is not resolved, so it is checked here.
+        egress.check_url(&host).map_err(|denied| SourceError::EgressDenied { what: what.clone(), denied })?;
         let link_client = reqwest::Client::builder()
+            .dns_resolver(super::egress::EgressResolver(egress.clone()))
+            .no_proxy()
             .connect_timeout(Duration::from_secs(15))
             .read_timeout(READ_TIMEOUT)
             .redirect(reqwest::redirect::Policy::limited(3))
             .build()
             .map_err(|e| config(format!("cannot build the HTTP client: {}", error_chain(&e))))?;
         Ok(DatabricksMembers {
-            client: warehouse::http_client(&what, READ_TIMEOUT)?,
+            client: warehouse::http_client(&what, READ_TIMEOUT, &egress)?,
             link_client,
             host,
             body,

@@ -354,6 +354,9 @@ impl SnowflakeMembers {
             None => Url::parse(&format!("https://{}.snowflakecomputing.com", account.to_ascii_lowercase()))
                 .map_err(|e| config(format!("no URL can be made of the account identifier: {e}")))?,
         };
+        let egress = ctx.egress();
+        // A literal address in the URL is not resolved, so it is checked here.
+        egress.check_url(&base).map_err(|denied| SourceError::EgressDenied { what: what.clone(), denied })?;
         let statement = warehouse::checked_query(&what, "snowflake.query", &spec.query, SqlDialect::Snowflake)?;
         Ok(SnowflakeMembers {
             subject: format!("{}.{}", jwt_account(&account), user.to_uppercase()),
@@ -370,7 +373,7 @@ impl SnowflakeMembers {
             },
             statement_timeout: Duration::from_secs(spec.statement_timeout_seconds.into()),
             max_partition_bytes: spec.max_partition_bytes,
-            client: warehouse::http_client(&what, READ_TIMEOUT)?,
+            client: warehouse::http_client(&what, READ_TIMEOUT, &egress)?,
             base,
             fields,
             what,

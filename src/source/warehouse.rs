@@ -316,8 +316,16 @@ pub fn request_id() -> String {
 
 /// The HTTP client of a warehouse source: rustls, gzip, the operator's `User-Agent`, and a
 /// read timeout above the longest server-side wait the source asks for.
-pub fn http_client(what: &str, read_timeout: Duration) -> Result<reqwest::Client, SourceError> {
+/// Every name is resolved through the operator's egress policy ([`super::egress`]), so no
+/// connection — the API, a token endpoint, an external result link — reaches a denied address.
+pub fn http_client(
+    what: &str,
+    read_timeout: Duration,
+    egress: &std::sync::Arc<super::egress::EgressPolicy>,
+) -> Result<reqwest::Client, SourceError> {
     reqwest::Client::builder()
+        .dns_resolver(super::egress::EgressResolver(egress.clone()))
+        .no_proxy()
         .connect_timeout(Duration::from_secs(15))
         .read_timeout(read_timeout)
         .user_agent(USER_AGENT)
