@@ -103,7 +103,7 @@ mod tests {
         assert!(md.contains("| `spec.schedule.at` | string |"));
         assert!(md.contains("| `spec.historyLimit` | integer |"));
         assert!(md.contains("default `10`"));
-        assert!(md.contains("one of `Once`, `Daily`, `Weekly`, `Monthly`"));
+        assert!(md.contains("one of `Once`, `Hourly`, `Daily`, `Weekly`, `Monthly`"));
         assert!(md.contains("| `status.history[].result` |"));
     }
 }

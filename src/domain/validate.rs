@@ -1082,7 +1082,7 @@ spec:
         spec.source = SourceSpec::default();
         assert_eq!(
             only_message(&spec),
-            "spec.source: sets no source; set exactly one of inline, configMap, http, postgres, snowflake, databricks"
+            "spec.source: sets no source; set exactly one of inline, configMap, http, postgres, snowflake, databricks, bigquery"
         );
         let mut spec = example(WAREHOUSE_EXAMPLE);
         spec.source.http = example(SANDBOX_EXAMPLE).source.http;
