@@ -455,8 +455,10 @@ async fn a_503_with_a_distant_rate_limit_reset_keeps_its_own_backoff() {
 
     // The same reset on a 429, or on a 503 saying no request is left, is a rate limit.
     for (status, remaining) in [(429, 100), (503, 0)] {
+        // A client of its own: the rate limit closes its destination's shared budget for the hour.
+        let limited = crate::client(1, fast_retries());
         sandbox.set_faults(Faults { script: [distant(status, remaining)].into(), ..Faults::default() });
-        let report = client.send_changes(&target, stream::iter((0..10).map(|i| Change::remove(ext(i))))).await;
+        let report = limited.send_changes(&target, stream::iter((0..10).map(|i| Change::remove(ext(i))))).await;
         match report.stopped {
             Some(BrazeError::RateLimited { wait, .. }) => assert!(wait > Duration::from_secs(3000), "{wait:?}"),
             other => panic!("{status} with remaining {remaining}: expected RateLimited, got {other:?}"),

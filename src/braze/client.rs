@@ -604,6 +604,11 @@ impl BrazeClient {
                 return give_up(BrazeError::Abandoned);
             }
             if status == Some(429) {
+                // A wait past what the policy accepts stops the run at once (the next run
+                // sends the rest) instead of holding it for Braze's hour.
+                if let Some(wait) = hint.filter(|wait| *wait > policy.max_server_wait) {
+                    return give_up(BrazeError::RateLimited { wait, max_wait: policy.max_server_wait });
+                }
                 // The destination's budget is closed until Braze's reset (or a backoff): wait
                 // for it like every other request of the destination, without using up an
                 // attempt or the run's retries.
