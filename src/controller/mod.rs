@@ -461,7 +461,7 @@ async fn run_controllers(
 
 /// Every import of a scope, whichever shard owns it, kept in `writer`'s store with only the
 /// status conflict detection needs. Each one that left this shard
-/// while it ran here is let go first.
+/// while it ran here is let go first, and its series are no longer exported here.
 fn every_shard_imports(
     ctx: &Arc<Context>,
     api: Api<CohortImport>,
@@ -473,6 +473,10 @@ fn every_shard_imports(
         .map(move |event| {
             if let Ok(watcher::Event::Apply(import) | watcher::Event::InitApply(import)) = &event {
                 ctx.let_go_if_left(import);
+                // Its series are exported by the shard that owns it, never by two at once.
+                if !ctx.owns(import) {
+                    ctx.metrics.forget(&import.namespace().unwrap_or_default(), &import.name_any());
+                }
             }
             event
         })
