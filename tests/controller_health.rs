@@ -224,7 +224,7 @@ async fn per_import_gauges_are_rebuilt_from_status_after_a_restart() {
         &second,
         &[
             format!("cohort_operator_import_ready{{namespace=\"{ns}\",name=\"good\",reason=\"Succeeded\"}} 1"),
-            format!("cohort_operator_import_ready{{namespace=\"{ns}\",name=\"bad\",reason=\"Failed\"}} 1"),
+            format!("cohort_operator_import_ready{{namespace=\"{ns}\",name=\"bad\",reason=\"ConfigMapNotFound\"}} 1"),
             format!("cohort_operator_import_ready{{namespace=\"{ns}\",name=\"new\",reason=\"Scheduled\"}} 1"),
             format!(
                 "cohort_operator_import_last_run_result{{namespace=\"{ns}\",name=\"good\",result=\"Succeeded\"}} 1"

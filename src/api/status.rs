@@ -52,8 +52,9 @@ impl fmt::Display for ConditionStatus {
 }
 
 /// Why the `Ready` condition is what it is. Sources, Secret readers, Events, status and the
-/// command line all name reasons through this type.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// command line all name reasons through this type. Each variant's name is its text
+/// ([`as_str`](Self::as_str)), which is what lets [`parse`](Self::parse) derive its reading.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
 pub enum ReadyReason {
     /// Waiting for the first run.
     Scheduled,
@@ -111,6 +112,37 @@ impl ReadyReason {
             RunResult::Failed => ReadyReason::Failed,
             RunResult::Blocked => ReadyReason::Blocked,
             RunResult::Missed => ReadyReason::Missed,
+        }
+    }
+
+    /// The reason a condition's text names, if it is one of ours.
+    pub fn parse(text: &str) -> Option<Self> {
+        use serde::de::value::{Error, StrDeserializer};
+        Self::deserialize(StrDeserializer::<Error>::new(text)).ok()
+    }
+
+    /// Whether this reason says more precisely why a run ended `result` than
+    /// [`after`](Self::after) does (a run that failed reading its source is `SourceFailed`):
+    /// an idle import keeps it until the next run ends. Every reason is decided here, once.
+    pub const fn refines(self, result: RunResult) -> bool {
+        match self {
+            ReadyReason::SourceFailed
+            | ReadyReason::EgressDenied
+            | ReadyReason::SnapshotFailed
+            | ReadyReason::SecretReadFailed
+            | ReadyReason::SecretNotFound
+            | ReadyReason::ConfigMapNotFound => matches!(result, RunResult::Failed),
+            ReadyReason::Scheduled
+            | ReadyReason::Running
+            | ReadyReason::Succeeded
+            | ReadyReason::DryRun
+            | ReadyReason::Failed
+            | ReadyReason::Blocked
+            | ReadyReason::Missed
+            | ReadyReason::Suspended
+            | ReadyReason::Conflict
+            | ReadyReason::InvalidSpec
+            | ReadyReason::Deleting => false,
         }
     }
 

@@ -119,7 +119,9 @@ pub fn idle_ready(status: &CohortImportStatus, next_run_at: Option<Timestamp>) -
             } else {
                 format!("Run {} {}: {}; {next}", run.id, verb(run.result), run.message)
             };
-            (ReadyReason::after(run.result), message)
+            // A precise reason the run's end set (`SourceFailed`) stays until the next run ends.
+            let kept = status.ready().and_then(|c| ReadyReason::parse(&c.reason)).filter(|r| r.refines(run.result));
+            (kept.unwrap_or(ReadyReason::after(run.result)), message)
         }
     }
 }
@@ -388,5 +390,36 @@ mod tests {
         let (why, message) = idle_ready(&status, None);
         assert_eq!(why, ReadyReason::Blocked);
         assert_eq!(message, "Run r1 was blocked: would remove 40%; no run scheduled");
+    }
+
+    #[test]
+    fn an_idle_import_keeps_the_precise_reason_its_failed_run_ended_with() {
+        let mut status = CohortImportStatus::default();
+        record_run(&mut status, record("r1", RunResult::Failed, "HTTP 503"), HistoryLimits::Newest(10));
+        set_ready(
+            &mut status,
+            ReadyReason::SourceFailed,
+            "Run r1 failed",
+            Some(1),
+            "2026-01-02T00:00:00Z".parse().unwrap(),
+        );
+        assert_eq!(idle_ready(&status, None).0, ReadyReason::SourceFailed);
+        // A reason that does not describe a failed run is not kept.
+        set_ready(&mut status, ReadyReason::Conflict, "held", Some(1), "2026-01-02T00:00:00Z".parse().unwrap());
+        assert_eq!(idle_ready(&status, None).0, ReadyReason::Failed);
+        // Nor after a run that succeeded.
+        record_run(&mut status, record("r2", RunResult::Succeeded, ""), HistoryLimits::Newest(10));
+        set_ready(&mut status, ReadyReason::SourceFailed, "stale", Some(1), "2026-01-02T00:00:00Z".parse().unwrap());
+        assert_eq!(idle_ready(&status, None).0, ReadyReason::Succeeded);
+    }
+
+    #[test]
+    fn every_reason_reads_back_from_its_text() {
+        for reason in
+            [ReadyReason::Scheduled, ReadyReason::SourceFailed, ReadyReason::EgressDenied, ReadyReason::Deleting]
+        {
+            assert_eq!(ReadyReason::parse(reason.as_str()), Some(reason));
+        }
+        assert_eq!(ReadyReason::parse("NotAReason"), None);
     }
 }
