@@ -18,7 +18,7 @@ use cohort_operator::controller::pipeline::{PipelineImporter, SnapshotStoreKind}
 use cohort_operator::controller::secrets::{PartnerKeys, parse_endpoint_region};
 use cohort_operator::controller::shard::{Shard, ShardFlags};
 use cohort_operator::controller::{self, Config, Dependencies};
-use cohort_operator::notify::{DestinationPolicy, HttpConfig, HttpSender, Notifier, Notify, SmtpArgs, SmtpNotifier};
+use cohort_operator::notify::{HttpConfig, HttpSender, Notifier, Notify, SmtpArgs, SmtpNotifier};
 use cohort_operator::source::egress::{EgressDefault, EgressPolicy, EgressRule};
 
 /// Keeps analytics cohorts imported into Braze.
@@ -185,15 +185,15 @@ struct RunArgs {
     lease_duration_seconds: u64,
     #[arg(long, env = "COHORT_LEASE_RENEW_GRACE_SECONDS", default_value_t = 5)]
     lease_renew_grace_seconds: u64,
-    /// Source destinations to allow, comma-separated or repeated: a CIDR, an address, a host
+    /// Source and notification destinations to allow, comma-separated or repeated: a CIDR, an address, a host
     /// name or `*.domain`. Lifts the built-in denial of link-local and metadata addresses for
     /// what it names.
     #[arg(long = "egress-allow", env = "COHORT_EGRESS_ALLOW", value_delimiter = ',')]
     egress_allow: Vec<String>,
-    /// Source destinations to refuse, as --egress-allow; a deny rule always wins.
+    /// Source and notification destinations to refuse, as --egress-allow; a deny rule always wins.
     #[arg(long = "egress-deny", env = "COHORT_EGRESS_DENY", value_delimiter = ',')]
     egress_deny: Vec<String>,
-    /// What happens to a source destination no rule names.
+    /// What happens to a source or notification destination no rule names.
     #[arg(long, env = "COHORT_EGRESS_DEFAULT", value_enum, default_value = "allow")]
     egress_default: EgressDefaultArg,
     /// Watch Secrets (list, watch) to notice at once when a missing one appears. With
@@ -218,8 +218,8 @@ struct RunArgs {
     watch_label_selector: Option<String>,
     #[command(flatten)]
     smtp: SmtpArgs,
-    /// Networks Slack and webhook reports may not go to, beyond the built-in link-local and
-    /// metadata ranges (comma-separated CIDRs, e.g. 10.0.0.0/8).
+    /// Networks Slack and webhook reports may not go to, beyond the egress policy's
+    /// (`--egress-*`, which reports follow too); comma-separated CIDRs, e.g. 10.0.0.0/8.
     #[arg(long = "notification-deny-cidr", env = "COHORT_NOTIFICATION_DENY_CIDRS", value_delimiter = ',')]
     notification_deny_cidrs: Vec<ipnet::IpNet>,
 }
@@ -308,7 +308,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         egress_rules("--egress-deny", &args.egress_deny)?,
         egress_default,
     );
-    tracing::info!(policy = %egress.summary(), "source egress policy");
+    tracing::info!(policy = %egress.summary(), "egress policy (sources and notifications)");
+    let notification_deny = args.notification_deny_cidrs.iter().map(|net| EgressRule::Net(net.trunc()));
+    let notification_egress = Arc::new(egress.clone().with_deny("--notification-deny-cidr", notification_deny));
     let shard = Shard::from_flags(&ShardFlags {
         shard: args.shard.clone(),
         shard_default: args.shard_default,
@@ -327,10 +329,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(config) => Some(SmtpNotifier::new(config)?),
         None => None,
     };
-    let http = HttpSender::new(HttpConfig {
-        policy: DestinationPolicy::default().with_denied(args.notification_deny_cidrs),
-        ..HttpConfig::default()
-    })?;
+    let http = HttpSender::new(HttpConfig { policy: notification_egress, ..HttpConfig::default() })?;
     let notifier: Option<Arc<dyn Notify>> = Some(Arc::new(Notifier::new(client.clone(), smtp, http)));
     let metrics = Arc::new(Metrics::new());
     let budget = BudgetConfig {

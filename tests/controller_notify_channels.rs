@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cohort_operator::api::RunResult;
-use cohort_operator::notify::{DestinationPolicy, HttpConfig, HttpSender, Notifier};
+use cohort_operator::notify::{HttpConfig, HttpSender, Notifier};
+use cohort_operator::source::egress::EgressPolicy;
 use controller_support::*;
 use serde_json::json;
 use testkit::webhook::{Answer, Receiver};
@@ -27,7 +28,7 @@ async fn a_failed_run_reaches_slack_and_the_webhook_and_a_failing_channel_is_not
     let http = HttpSender::new(HttpConfig {
         total_timeout: Duration::from_secs(5),
         retry_backoff: Duration::from_millis(100),
-        policy: DestinationPolicy::default(),
+        policy: EgressPolicy::shared_default(),
         ..HttpConfig::default()
     })
     .unwrap();

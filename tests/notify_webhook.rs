@@ -3,13 +3,15 @@
 //! of other answers, no redirects, the destination policy, and no secret in any error.
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cohort_operator::api::{RunResult, RunTrigger};
 use cohort_operator::notify::http::Delivery;
 use cohort_operator::notify::payload::{CLOUDEVENTS_CONTENT_TYPE, cloud_event, slack_message};
-use cohort_operator::notify::{Channel, DestinationPolicy, HttpConfig, HttpSender, NotifyError, RunNotice};
+use cohort_operator::notify::{Channel, HttpConfig, HttpSender, NotifyError, RunNotice};
 use cohort_operator::secret::SecretString;
+use cohort_operator::source::egress::{EgressPolicy, EgressRule};
 use jiff::tz::TimeZone;
 use reqwest::header::HeaderName;
 use testkit::webhook::{Answer, Receiver};
@@ -48,7 +50,7 @@ fn config() -> HttpConfig {
         total_timeout: Duration::from_secs(6),
         retries: 3,
         retry_backoff: Duration::from_millis(100),
-        policy: DestinationPolicy::default(),
+        policy: EgressPolicy::shared_default(),
     }
 }
 
@@ -234,24 +236,34 @@ async fn redirects_are_not_followed() {
 async fn denied_destinations_are_refused_before_connecting() {
     // 127.0.0.2 stands in for a metadata address: the operator's deny list names it.
     let hook = Receiver::webhook_on(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2))).await;
-    let policy = DestinationPolicy::default().with_denied(["127.0.0.2/32".parse().unwrap()]);
+    let policy = Arc::new(EgressPolicy::default().with_deny(FLAG, [rule("127.0.0.2/32")]));
     let sender = HttpSender::new(HttpConfig { policy, ..config() }).unwrap();
     let url = SecretString::new(hook.url());
     let err = sender.post(&webhook_delivery(&url, &[], &notice(RunResult::Failed))).await.unwrap_err();
     assert!(matches!(err, NotifyError::DeniedDestination { .. }), "{err:?}");
     assert!(
-        err.to_string().contains("resolves to 127.0.0.2, and 127.0.0.2/32 is on the operator's deny list"),
+        err.to_string().contains(
+            "report to 127.0.0.2: destination 127.0.0.2 refused by the operator's egress policy: it matches \
+             --notification-deny-cidr 127.0.0.2; remove that rule"
+        ),
         "{err}"
     );
     assert_no_secret(&err, &hook);
 
     // A name is judged by the addresses it resolves to.
-    let policy = DestinationPolicy::default().with_denied(["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()]);
+    let policy = Arc::new(EgressPolicy::default().with_deny(FLAG, [rule("127.0.0.0/8"), rule("::1/128")]));
     let sender = HttpSender::new(HttpConfig { policy, ..config() }).unwrap();
     let by_name = SecretString::new(hook.url().replace("127.0.0.2", "localhost"));
     let err = sender.post(&webhook_delivery(&by_name, &[], &notice(RunResult::Failed))).await.unwrap_err();
     assert!(matches!(&err, NotifyError::DeniedDestination { host, .. } if host == "localhost"), "{err:?}");
+    assert!(err.to_string().contains("destination localhost (address "), "{err}");
     assert!(hook.received().is_empty());
+}
+
+const FLAG: &str = "--notification-deny-cidr";
+
+fn rule(text: &str) -> EgressRule {
+    text.parse().unwrap()
 }
 
 #[tokio::test]

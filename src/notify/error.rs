@@ -3,7 +3,6 @@
 //! host and the Secret it came from, never the URL.
 
 use std::fmt;
-use std::net::IpAddr;
 
 /// Reason on the Kubernetes Event the controller records when a report is not sent.
 pub const NOTIFICATION_FAILED_REASON: &str = "NotificationFailed";
@@ -36,10 +35,8 @@ pub enum NotifyError {
         "the {channel} URL in {origin} uses http:// for host {host}; use https:// (http:// is accepted only for loopback hosts)"
     )]
     InsecureUrl { channel: Channel, origin: String, host: String },
-    #[error(
-        "refusing to send the {channel} report to {host}: it resolves to {address}, and {denied}; notifications may not go to link-local, metadata or other denied addresses"
-    )]
-    DeniedDestination { channel: Channel, host: String, address: IpAddr, denied: String },
+    #[error("refusing to send the {channel} report to {host}: {denied}")]
+    DeniedDestination { channel: Channel, host: String, denied: String },
     #[error(
         "the value of webhook header {name} is not a valid header value (one line of visible text); fix its Secret"
     )]

@@ -1,5 +1,6 @@
-//! POSTing a report to a Slack or webhook URL: bounded retries, a total time bound, a
-//! destination policy, and no secret in any message.
+//! POSTing a report to a Slack or webhook URL: bounded retries, a total time bound, the
+//! operator's egress policy (`source::egress`, the one sources follow), and no secret in any
+//! message.
 //!
 //! The URL itself is a secret (a Slack incoming-webhook URL *is* the credential; a webhook
 //! URL may carry a token), so messages name only its host, and every text that comes from
@@ -10,18 +11,16 @@
 //! gives one and it fits the time left). Not retried: other answers (a 4xx will not change).
 //! Redirects are not followed: a receiver could send the report somewhere else.
 
-use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use reqwest::header::{CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER};
 use reqwest::{StatusCode, Url};
 use tokio::time::Instant;
 
-use super::egress::DestinationPolicy;
 use super::error::{Channel, NotifyError};
 use crate::secret::{SecretString, error_chain, redact};
+use crate::source::egress::{EgressPolicy, EgressResolver, ResolveError, denied_in};
 
 /// Limits of one delivery.
 #[derive(Clone, Debug)]
@@ -36,7 +35,8 @@ pub struct HttpConfig {
     pub retries: u32,
     /// Wait before the first retry; doubles each time.
     pub retry_backoff: Duration,
-    pub policy: DestinationPolicy,
+    /// Where reports may go: the operator's egress policy, plus `--notification-deny-cidr`.
+    pub policy: Arc<EgressPolicy>,
 }
 
 impl Default for HttpConfig {
@@ -47,7 +47,7 @@ impl Default for HttpConfig {
             total_timeout: Duration::from_secs(30),
             retries: 3,
             retry_backoff: Duration::from_secs(1),
-            policy: DestinationPolicy::default(),
+            policy: EgressPolicy::shared_default(),
         }
     }
 }
@@ -82,7 +82,11 @@ impl HttpSender {
         let client = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
             .redirect(reqwest::redirect::Policy::none())
-            .dns_resolver(Arc::new(DenyingResolver { policy: config.policy.clone() }))
+            // Names are resolved under the policy at connection time too, so a name that
+            // changes its answer after `check_url` gains nothing; a proxy would resolve out
+            // of its sight.
+            .dns_resolver(Arc::new(EgressResolver(config.policy.clone())))
+            .no_proxy()
             .user_agent(concat!("cohort-operator/", env!("CARGO_PKG_VERSION")))
             .build()?;
         Ok(Self { client, config })
@@ -154,6 +158,10 @@ impl HttpSender {
         let response = match request.send().await {
             Ok(response) => response,
             Err(e) => {
+                // The name now resolves only to denied addresses: no later attempt will pass.
+                if let Some(denied) = denied_in(&e) {
+                    return Attempt::Permanent(denied.to_string());
+                }
                 let what = if e.is_timeout() { "no answer in time" } else { "could not connect or send" };
                 let error = format!("{what}: {}", error_chain(&e.without_url()));
                 return Attempt::Transient { error, retry_after: None };
@@ -194,20 +202,18 @@ impl HttpSender {
                 return Err(NotifyError::InvalidHeader { channel, name: name.to_string() });
             }
         }
+        // An address in the URL is connected to as it is; a name is resolved here and again
+        // when connecting. Unresolvable now: the attempts report it (DNS may come back).
         let port = url.port_or_known_default().unwrap_or(443);
-        let addresses: Vec<IpAddr> = match url.host() {
-            Some(url::Host::Ipv4(ip)) => vec![IpAddr::V4(ip)],
-            Some(url::Host::Ipv6(ip)) => vec![IpAddr::V6(ip)],
-            // Unresolvable now: the attempts report it (and retry, DNS may come back).
-            _ => tokio::net::lookup_host((host.as_str(), port))
-                .await
-                .map(|a| a.map(|s| s.ip()).collect())
-                .unwrap_or_default(),
+        let verdict = match url.host() {
+            Some(url::Host::Domain(name)) => match self.config.policy.resolve(name, port).await {
+                Err(ResolveError::Denied(denied)) => Err(denied),
+                Ok(_) | Err(ResolveError::Lookup { .. }) => Ok(()),
+            },
+            _ => self.config.policy.check_url(&url),
         };
-        for address in addresses {
-            if let Err(denied) = self.config.policy.check(address) {
-                return Err(NotifyError::DeniedDestination { channel, host, address, denied: denied.to_string() });
-            }
+        if let Err(denied) = verdict {
+            return Err(NotifyError::DeniedDestination { channel, host, denied: denied.to_string() });
         }
         Ok(url)
     }
@@ -267,29 +273,5 @@ impl Secrets {
         let secrets: Vec<&str> = self.0.iter().map(String::as_str).filter(|s| *s != "/").collect();
         // Parts shorter than 6 bytes (a path of `/x`) would scrub ordinary words.
         redact(text, &secrets, 6)
-    }
-}
-
-/// Resolves names like the system resolver, then refuses the connection when any address is
-/// denied: the check [`HttpSender::post`] makes before sending, made again at connection
-/// time, where a name that changed its answer cannot slip through.
-struct DenyingResolver {
-    policy: DestinationPolicy,
-}
-
-impl Resolve for DenyingResolver {
-    fn resolve(&self, name: Name) -> Resolving {
-        let policy = self.policy.clone();
-        let host = name.as_str().to_owned();
-        Box::pin(async move {
-            let addresses: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            if let Some((address, denied)) =
-                addresses.iter().find_map(|a| policy.check(a.ip()).err().map(|d| (a.ip(), d)))
-            {
-                let message = format!("{host} resolves to {address}: {denied}");
-                return Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, message).into());
-            }
-            Ok(Box::new(addresses.into_iter()) as Addrs)
-        })
     }
 }

@@ -6,15 +6,14 @@
 //! - [`notice`]: what a report says about a run, and who wants one. Pure.
 //! - [`render`]: subject, plain-text and HTML bodies, the MIME message. Pure.
 //! - [`payload`]: the Slack message and the CloudEvent. Pure.
-//! - [`egress`]: which addresses Slack and webhook reports may not go to. Pure.
 //! - [`smtp`]: the operator's SMTP settings and [`SmtpNotifier`].
-//! - [`http`]: [`HttpSender`], posting to Slack and webhook URLs with bounded retries.
+//! - [`http`]: [`HttpSender`], posting to Slack and webhook URLs with bounded retries, under
+//!   the operator's egress policy (`crate::source::egress`).
 //! - [`fanout`]: [`Notifier`], reading each channel's Secrets and sending.
 //!
 //! Sending never decides a run's result: [`Notify::notify`] is bounded in time and returns a
 //! [`NotifyError`] the controller records (an Event and a note in status) and moves on.
 
-pub mod egress;
 mod error;
 pub mod fanout;
 pub mod http;
@@ -23,7 +22,6 @@ pub mod payload;
 pub mod render;
 pub mod smtp;
 
-pub use egress::DestinationPolicy;
 pub use error::{Channel, ChannelFailure, NOTIFICATION_FAILED_REASON, NotifyError};
 pub use fanout::Notifier;
 pub use http::{HttpConfig, HttpSender};

@@ -1,8 +1,8 @@
-//! Where sources may connect: the operator's egress policy.
+//! Where sources and notifications may connect: the operator's egress policy.
 //!
-//! A `CohortImport` names its own source URL, so without a policy any team could make the
-//! operator fetch the cloud metadata service (169.254.169.254: node credentials) or any
-//! address the operator's pod can reach. The policy is the operator's, set by flags
+//! A `CohortImport` names its own source URL and its Slack or webhook URL, so without a
+//! policy any team could make the operator fetch (or post to) the cloud metadata service
+//! (169.254.169.254: node credentials) or any address the operator's pod can reach. The policy is the operator's, set by flags
 //! (`--egress-allow`, `--egress-deny`, `--egress-default`; chart values `egress.*`):
 //!
 //! - a rule is a CIDR (`10.0.0.0/8`, `fd00::/8`), an address (`10.1.2.3`), a host name
@@ -51,7 +51,15 @@ pub const BUILT_IN_DENY: &[(&str, &str)] = &[
     ("metadata.google.internal", "the Google Cloud metadata server"),
     ("metadata.goog", "the Google Cloud metadata server"),
     ("instance-data.ec2.internal", "the AWS instance metadata service"),
+    ("0.0.0.0/8", "not a destination (unspecified)"),
+    ("::/128", "not a destination (unspecified)"),
+    ("255.255.255.255/32", "not a destination (broadcast)"),
+    ("224.0.0.0/4", "not a destination (multicast)"),
+    ("ff00::/8", "not a destination (multicast)"),
 ];
+
+/// The flag of the operator's deny rules.
+const DENY_FLAG: &str = "--egress-deny";
 
 /// One allow or deny rule.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -136,8 +144,8 @@ pub enum EgressDefault {
 /// Why a destination was refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DenyReason {
-    /// An `--egress-deny` rule names it.
-    Denied(EgressRule),
+    /// A rule of `flag` names it: `--egress-deny`, or `--notification-deny-cidr` for reports.
+    Denied { rule: EgressRule, flag: &'static str },
     /// The built-in list names it; `what` says what lives there.
     BuiltIn { rule: EgressRule, what: &'static str },
     /// No rule names it and `--egress-default` is `deny`.
@@ -164,7 +172,10 @@ impl fmt::Display for EgressDenied {
         // Allowing exactly what was refused is the narrowest fix to suggest.
         let target = self.address.map_or_else(|| self.host.clone(), |a| a.to_string());
         match &self.reason {
-            DenyReason::Denied(rule) => {
+            DenyReason::Denied { rule, flag } if *flag != DENY_FLAG => {
+                write!(f, "it matches {flag} {rule}; remove that rule to allow it")
+            }
+            DenyReason::Denied { rule, .. } => {
                 write!(f, "it matches --egress-deny {rule}; remove that rule (chart value egress.deny) to allow it")
             }
             DenyReason::BuiltIn { rule, what } => write!(
@@ -194,6 +205,8 @@ enum Verdict {
 pub struct EgressPolicy {
     allow: Vec<EgressRule>,
     deny: Vec<EgressRule>,
+    /// Rules other flags deny, each with its flag.
+    deny_by: Vec<(EgressRule, &'static str)>,
     default: EgressDefault,
 }
 
@@ -205,7 +218,14 @@ static DEFAULT_POLICY: LazyLock<Arc<EgressPolicy>> = LazyLock::new(|| Arc::new(E
 
 impl EgressPolicy {
     pub fn new(allow: Vec<EgressRule>, deny: Vec<EgressRule>, default: EgressDefault) -> Self {
-        EgressPolicy { allow, deny, default }
+        EgressPolicy { allow, deny, deny_by: Vec::new(), default }
+    }
+
+    /// This policy with `rules` of operator flag `flag` denied too (notifications'
+    /// `--notification-deny-cidr`); a refusal names that flag.
+    pub fn with_deny(mut self, flag: &'static str, rules: impl IntoIterator<Item = EgressRule>) -> Self {
+        self.deny_by.extend(rules.into_iter().map(|rule| (rule, flag)));
+        self
     }
 
     /// The policy a source gets when none was configured: [`EgressPolicy::default`].
@@ -221,8 +241,9 @@ impl EgressPolicy {
             EgressDefault::Allow => "allow",
             EgressDefault::Deny => "deny",
         };
+        let deny_by = self.deny_by.iter().map(|(r, flag)| format!(" {flag} {r}")).collect::<String>();
         format!(
-            "default {default}; deny [{}]; allow [{}]; built-in deny [{built_in}]",
+            "default {default}; deny [{}]; allow [{}]; built-in deny [{built_in}];{deny_by}",
             list(&self.deny),
             list(&self.allow)
         )
@@ -230,7 +251,10 @@ impl EgressPolicy {
 
     fn verdict(&self, matches: impl Fn(&EgressRule) -> bool) -> Verdict {
         if let Some(rule) = self.deny.iter().find(|r| matches(r)) {
-            return Verdict::Deny(DenyReason::Denied(rule.clone()));
+            return Verdict::Deny(DenyReason::Denied { rule: rule.clone(), flag: DENY_FLAG });
+        }
+        if let Some((rule, flag)) = self.deny_by.iter().find(|(r, _)| matches(r)) {
+            return Verdict::Deny(DenyReason::Denied { rule: rule.clone(), flag });
         }
         if self.allow.iter().any(&matches) {
             return Verdict::Allow;
@@ -451,6 +475,19 @@ mod tests {
     }
 
     #[test]
+    fn another_flags_rules_deny_even_what_is_allowed_and_are_named_by_it() {
+        let policy = EgressPolicy::new(rules(&["10.0.0.0/8"]), vec![], EgressDefault::Allow)
+            .with_deny("--notification-deny-cidr", rules(&["10.1.0.0/16"]));
+        let err = policy.check_addr("10.1.2.3", ip("10.1.2.3")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "destination 10.1.2.3 refused by the operator's egress policy: it matches --notification-deny-cidr \
+             10.1.0.0/16; remove that rule to allow it"
+        );
+        assert_eq!(policy.check_addr("10.2.0.1", ip("10.2.0.1")), Ok(()));
+    }
+
+    #[test]
     fn the_default_denies_link_local_and_metadata_addresses() {
         let policy = EgressPolicy::default();
         for addr in [
@@ -465,6 +502,12 @@ mod tests {
             // IPv4 written as IPv6 reaches the same IPv4 address.
             "::ffff:169.254.169.254",
             "64:ff9b::a9fe:a9fe",
+            // Not destinations at all.
+            "0.0.0.0",
+            "::",
+            "255.255.255.255",
+            "224.0.0.1",
+            "ff02::1",
         ] {
             let err = policy.check_addr(addr, ip(addr)).unwrap_err();
             assert!(matches!(err.reason, DenyReason::BuiltIn { .. }), "{addr}: {err}");
@@ -513,7 +556,10 @@ mod tests {
         );
         policy.check_addr("127.0.0.1", ip("127.0.0.1")).unwrap();
         let err = policy.check_host("api.blocked.example").unwrap_err();
-        assert_eq!(err.reason, DenyReason::Denied(EgressRule::Domain("blocked.example".into())));
+        assert_eq!(
+            err.reason,
+            DenyReason::Denied { rule: EgressRule::Domain("blocked.example".into()), flag: DENY_FLAG }
+        );
         // The domain rule is for names under it, not the domain itself.
         policy.check_host("blocked.example").unwrap();
         // A denied name is refused whatever it resolves to, an allowed address included.
