@@ -1,10 +1,11 @@
-//! The user-facing subcommands — `trigger`, `history`, `suspend`, `resume`, `approve` —
-//! also usable as a kubectl plugin (`kubectl cohort …` when installed as `kubectl-cohort`).
+//! The user-facing subcommands — `trigger`, `history`, `suspend`, `resume`, `approve`,
+//! `preview` — also usable as a kubectl plugin (`kubectl cohort …` when installed as
+//! `kubectl-cohort`).
 //!
 //! They change only what a person may change: the `cohorts.dev/run-requested-at` and
 //! `cohorts.dev/approve-removals` annotations and `spec.suspend`, by merge patch under a
 //! field manager of their own. The controller never writes the spec, and these commands
-//! never write the status.
+//! never write the status. [`preview`] writes nothing at all.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -14,6 +15,8 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::wait::await_condition;
 use serde_json::json;
+
+pub mod preview;
 
 use crate::api::{APPROVE_REMOVALS_ANNOTATION, CohortImport, CohortImportStatus, RUN_REQUESTED_ANNOTATION, RunRecord};
 
