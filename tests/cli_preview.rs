@@ -306,3 +306,85 @@ async fn a_dry_run_records_a_bounded_sample_in_status_unless_turned_off() {
     assert!(sample.sample_added.is_empty() && sample.sample_removed.is_empty(), "{sample:?}");
     operator.stop().await;
 }
+
+/// An export on 127.0.0.1 that serves `ids` only with `Authorization: Bearer <token>`.
+async fn export(token: &'static str, ids: Vec<String>) -> String {
+    use axum::http::{HeaderMap, StatusCode};
+    let body = format!("id\n{}\n", ids.join("\n"));
+    let router = axum::Router::new().route(
+        "/members.csv",
+        axum::routing::get(move |headers: HeaderMap| async move {
+            let expected = format!("Bearer {token}");
+            match headers.get("authorization").and_then(|v| v.to_str().ok()) {
+                Some(given) if given == expected => (StatusCode::OK, body),
+                _ => (StatusCode::UNAUTHORIZED, String::new()),
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/members.csv", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    url
+}
+
+/// A kubeconfig like the cluster's, acting as `user` (kubeconfig's `as`: impersonation).
+fn kubeconfig_as(env: &Env, dir: &Path, user: &str) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(env.cluster.kubeconfig()).unwrap();
+    let mut config: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    for entry in config["users"].as_sequence_mut().unwrap() {
+        entry["user"]["as"] = serde_yaml::Value::from(user);
+    }
+    let path = dir.join("kubeconfig");
+    std::fs::write(&path, serde_yaml::to_string(&config).unwrap()).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn preview_reads_source_secrets_with_the_users_own_rights() {
+    const TOKEN: &str = "export-token-7c1d";
+    let env = Env::new("preview-rbac").await;
+    let url = export(TOKEN, ids(0..4)).await;
+    env.put_secret("export", "token", TOKEN).await;
+    let mut doc = env.import("web", "web", json!({ "cadence": "Daily", "at": "06:30" }));
+    doc["spec"]["source"] = json!({ "http": {
+        "url": url, "format": "Csv",
+        "auth": { "bearerTokenSecretRef": { "name": "export", "key": "token" } }
+    } });
+    env.create(doc).await;
+
+    // An administrator's preview reads the token through the Secret reader and the export.
+    let preview = preview_json(&env, "web").await;
+    assert_eq!((preview["adds"].as_u64(), preview["cohortSize"].as_u64()), (Some(4), Some(4)));
+
+    // Someone who may read imports and ConfigMaps but not Secrets is refused by RBAC, told
+    // which Secret, and never shown its value.
+    let rbac = json!([
+        { "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+          "metadata": { "name": "previewer", "namespace": env.ns },
+          "rules": [
+              { "apiGroups": ["cohorts.dev"], "resources": ["cohortimports"], "verbs": ["get", "list"] },
+              { "apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list"] }
+          ] },
+        { "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+          "metadata": { "name": "previewer", "namespace": env.ns },
+          "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "previewer" },
+          "subjects": [{ "apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "previewer" }] }
+    ]);
+    let roles: Api<k8s_openapi::api::rbac::v1::Role> = Api::namespaced(env.client.clone(), &env.ns);
+    roles.create(&Default::default(), &serde_json::from_value(rbac[0].clone()).unwrap()).await.unwrap();
+    let bindings: Api<k8s_openapi::api::rbac::v1::RoleBinding> = Api::namespaced(env.client.clone(), &env.ns);
+    bindings.create(&Default::default(), &serde_json::from_value(rbac[1].clone()).unwrap()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = kubeconfig_as(&env, dir.path(), "previewer");
+    let out = tokio::process::Command::new(binary())
+        .args(["preview", "web", "-n", &env.ns])
+        .env("KUBECONFIG", &kubeconfig)
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(stderr.contains(&format!("Secret {}/export", env.ns)), "{stderr}");
+    assert!(stderr.contains("forbidden") || stderr.contains("Forbidden"), "{stderr}");
+    assert!(!stderr.contains(TOKEN), "{stderr}");
+}

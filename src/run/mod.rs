@@ -1,6 +1,8 @@
 //! Import runs: source → sort → diff against the snapshot → guard → Braze → new snapshot.
 //!
-//! [`run_import`] is the one entry point. A run:
+//! [`run_import`] is the one entry point of a run; [`preview_import`] (`kubectl cohort
+//! preview`) shares its steps 1–4 — one `plan` function, so a preview's counts and guard
+//! verdict are the run's — and stops after them. A run:
 //! 1. opens the last snapshot (what Braze received in the last successful run);
 //! 2. streams the source into an external sorter ([`sort`]), counting skipped rows; a
 //!    source error fails the run before anything is sent;
