@@ -803,6 +803,13 @@ mod tests {
         let report = preview_import(&run, members(0..0), &store, "vip").await;
         assert_eq!((report.removed, report.blocked.is_none()), (10, true));
         assert_eq!(files(&store_dir), before);
+
+        // Bounded memory as in a run: a cohort past the sort buffer spills, same answer.
+        run.sort_memory_budget = 0; // the sorter's smallest buffer, 64 KiB
+        let report = preview_import(&run, members(5..20_005), &store, "vip").await;
+        assert!(report.spilled_runs > 1, "{}", report.spilled_runs);
+        assert_eq!((report.cohort_size, report.added, report.removed, report.unchanged), (20_000, 19_995, 5, 5));
+        assert_eq!(files(&store_dir), before);
     }
 
     #[test]
