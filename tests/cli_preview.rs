@@ -295,6 +295,9 @@ async fn a_dry_run_records_a_bounded_sample_in_status_unless_turned_off() {
     assert_eq!(sample.sample_added, external(&ids(0..30))[..10], "the first 10 in key order");
     assert!(sample.sample_removed.is_empty());
     assert_eq!(env.sandbox.stats(), stats, "a dry run sends nothing");
+    let history = cli(&env, false, &["history", "dry", "-n", &env.ns]).await;
+    assert!(history.stdout.contains("would add 30 and remove 0 (30 members)"), "{}", history.stdout);
+    assert!(history.stdout.contains("sample of adds: external_id:u0, external_id:u1, "), "{}", history.stdout);
 
     // Turned off: counts only.
     env.merge("dry", json!({ "spec": { "dryRunSample": false } })).await;
