@@ -279,6 +279,7 @@ async fn execute(
         snapshot: scratch.path().join("snapshot.new"),
         sends: scratch.path().join("doubt.new"),
     });
+    // 1–4. Snapshot, source, diff, guard: the plan a preview shows. A blocked run sends nothing.
     let Planned { diffed, previous_meta, stored_generation, remapped, decision } =
         plan(run, deps.members, deps.snapshots, cohort_id, scratch.path(), outputs.clone(), report).await?;
     let counts = diffed.counts;
