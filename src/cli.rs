@@ -1,10 +1,11 @@
-//! The user-facing subcommands — `trigger`, `history`, `suspend`, `resume`, `approve` —
-//! also usable as a kubectl plugin (`kubectl cohort …` when installed as `kubectl-cohort`).
+//! The user-facing subcommands — `trigger`, `history`, `suspend`, `resume`, `approve`,
+//! `preview` — also usable as a kubectl plugin (`kubectl cohort …` when installed as
+//! `kubectl-cohort`).
 //!
 //! They change only what a person may change: the `cohorts.dev/run-requested-at` and
 //! `cohorts.dev/approve-removals` annotations and `spec.suspend`, by merge patch under a
 //! field manager of their own. The controller never writes the spec, and these commands
-//! never write the status.
+//! never write the status. [`preview`] writes nothing at all.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -14,6 +15,8 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::wait::await_condition;
 use serde_json::json;
+
+pub mod preview;
 
 use crate::api::{APPROVE_REMOVALS_ANNOTATION, CohortImport, CohortImportStatus, RUN_REQUESTED_ANNOTATION, RunRecord};
 
@@ -148,6 +151,19 @@ pub fn history_table(status: &CohortImportStatus) -> String {
     if let Some(next) = &status.next_run_at {
         let _ = writeln!(out, "Next run: {next}");
     }
+    if let Some(dry) = &status.last_dry_run {
+        let guard = if dry.would_block { "; the removal guard would block it" } else { "" };
+        let _ = writeln!(
+            out,
+            "Last dry run: {} would add {} and remove {} ({} members){guard}",
+            dry.run_id, dry.would_add, dry.would_remove, dry.cohort_size
+        );
+        for (what, ids) in [("adds", &dry.sample_added), ("removes", &dry.sample_removed)] {
+            if !ids.is_empty() {
+                let _ = writeln!(out, "  sample of {what}: {}", ids.join(", "));
+            }
+        }
+    }
     if status.history.is_empty() {
         out.push_str("No runs yet.\n");
         return out;
@@ -258,6 +274,31 @@ mod tests {
         assert!(lines[3].contains("Blocked    0        0      0 (would 40)"), "a blocked run sent nothing: {table}");
         let column = lines[1].find("RESULT").unwrap();
         assert_eq!(&lines[2][column..column + 9], "Succeeded");
+    }
+
+    #[test]
+    fn the_last_dry_run_is_shown_with_its_sample() {
+        let status = CohortImportStatus {
+            last_dry_run: Some(crate::api::DryRunSample {
+                run_id: "20260302-063000-beef".into(),
+                finished_at: "2026-03-02T06:30:04Z".parse().unwrap(),
+                cohort_size: 12,
+                would_add: 2,
+                would_remove: 5,
+                would_block: true,
+                sample_added: vec!["external_id:a".into(), "external_id:b".into()],
+                sample_removed: vec![],
+            }),
+            ..Default::default()
+        };
+        let table = history_table(&status);
+        assert!(
+            table.starts_with(
+                "Last dry run: 20260302-063000-beef would add 2 and remove 5 (12 members); the removal guard would \
+             block it\n  sample of adds: external_id:a, external_id:b\nNo runs yet.\n"
+            ),
+            "{table}"
+        );
     }
 
     #[test]

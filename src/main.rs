@@ -1,5 +1,5 @@
 //! `cohort-operator`: the controller (`run`), the CRD (`crd`), and the commands people use
-//! on imports (`trigger`, `history`, `suspend`, `resume`, `approve`). Installed as
+//! on imports (`trigger`, `history`, `suspend`, `resume`, `approve`, `preview`). Installed as
 //! `kubectl-cohort`, the same binary is a kubectl plugin: `kubectl cohort trigger NAME -n NS`.
 
 use std::net::SocketAddr;
@@ -78,6 +78,38 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Show what the next run would do — counts, the removal guard's verdict, a sample of
+    /// adds and removes — reading the source and the snapshot only: nothing is sent to Braze
+    /// and nothing is written.
+    Preview(Box<PreviewArgs>),
+}
+
+#[derive(clap::Args)]
+struct PreviewArgs {
+    /// The applied CohortImport to preview.
+    #[arg(required_unless_present = "file", conflicts_with = "file")]
+    name: Option<String>,
+    /// A CohortImport manifest, applied or not (`-` for standard input); checked as the
+    /// controller checks it, and diffed against the snapshot of the import of its name.
+    #[arg(short = 'f', long = "filename")]
+    file: Option<PathBuf>,
+    /// Ids listed per direction (at most 1000).
+    #[arg(long, default_value_t = 10)]
+    sample: usize,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
+    output: PreviewOutput,
+    /// Scratch space for sorting a large cohort; the system temporary directory when unset.
+    #[arg(long, env = "COHORT_SCRATCH_DIR")]
+    scratch_dir: Option<PathBuf>,
+    #[command(flatten)]
+    target: Target,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum PreviewOutput {
+    Text,
+    Json,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -277,6 +309,31 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             cli::approve(client, &namespace, &name, &run_id).await?;
             println!("cohortimport {namespace}/{name}: removals of run {run_id} approved");
         }
+        Command::Preview(args) => preview(*args).await?,
+    }
+    Ok(())
+}
+
+/// Prints a preview; exits non-zero when it could not be made or the source failed.
+async fn preview(args: PreviewArgs) -> anyhow::Result<()> {
+    let (client, namespace) = args.target.client().await?;
+    let options = cli::preview::PreviewOptions {
+        sample: args.sample,
+        scratch_dir: args.scratch_dir.unwrap_or_else(std::env::temp_dir),
+    };
+    let preview = match (&args.file, &args.name) {
+        (Some(file), _) => {
+            cli::preview::preview_file(client, &namespace, args.target.namespace.is_some(), file, &options).await?
+        }
+        (None, Some(name)) => cli::preview::preview_named(client, &namespace, name, &options).await?,
+        (None, None) => anyhow::bail!("name an import, or give a manifest with -f"),
+    };
+    match args.output {
+        PreviewOutput::Text => print!("{}", preview.text()),
+        PreviewOutput::Json => println!("{}", serde_json::to_string_pretty(&preview)?),
+    }
+    if !preview.ok() {
+        std::process::exit(2);
     }
     Ok(())
 }

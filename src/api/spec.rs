@@ -75,6 +75,11 @@ pub struct CohortImportSpec {
     /// Compute and report the changes without sending anything to Braze.
     #[serde(default, skip_serializing_if = "is_false")]
     pub dry_run: bool,
+    /// Whether a dry run lists up to 10 of the ids it would add and remove in
+    /// `status.lastDryRun` (default true). The ids are the source's pseudonymous user ids,
+    /// readable by whoever may read this resource; set false to record the counts only.
+    #[serde(default = "default_true", skip_serializing_if = "is_true")]
+    pub dry_run_sample: bool,
     /// Who hears about each finished run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notifications: Option<Notifications>,
@@ -118,6 +123,14 @@ impl CohortImportSpec {
             }
         }
     }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 fn is_false(b: &bool) -> bool {

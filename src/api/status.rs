@@ -273,6 +273,44 @@ pub struct CohortImportStatus {
     /// import key (never the key), so that imports of other workspaces do not conflict.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub braze_workspace: Option<String>,
+    /// What the last dry run (`spec.dryRun: true`) would have done, with a few of the
+    /// (pseudonymous) ids it would have added and removed. Kept when later runs are real.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_dry_run: Option<DryRunSample>,
+}
+
+/// Ids listed per direction in [`DryRunSample`].
+pub const MAX_DRY_RUN_SAMPLE: usize = 10;
+
+/// A dry run's findings: its counts, the removal guard's verdict and a bounded sample of ids.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DryRunSample {
+    /// The dry run's id, as in `history`.
+    pub run_id: String,
+    /// RFC 3339.
+    #[schemars(schema_with = "date_time")]
+    pub finished_at: Timestamp,
+    /// Members in the source.
+    #[serde(default)]
+    pub cohort_size: u64,
+    /// Members it would have added and removed.
+    #[serde(default)]
+    pub would_add: u64,
+    #[serde(default)]
+    pub would_remove: u64,
+    /// The removal guard would have blocked a real run (see `history` for why).
+    #[serde(default)]
+    pub would_block: bool,
+    /// The first ids it would have added, in key order (`external_id:…`, `alias:…@…`,
+    /// `device_id:…`), at most 10; an empty list with `spec.dryRunSample: false`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10))]
+    pub sample_added: Vec<String>,
+    /// The first ids it would have removed, at most 10.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10))]
+    pub sample_removed: Vec<String>,
 }
 
 impl RunRecord {

@@ -97,6 +97,9 @@ impl PipelineImporter {
         run.identifier_fingerprint = identifier_fingerprint(&spec.identifiers);
         run.removal_guard = spec.removal_guard.clone();
         run.dry_run = spec.dry_run;
+        if !spec.dry_run_sample {
+            run.sample_size = 0; // `spec.dryRunSample: false`: no ids in status
+        }
         run.scratch_dir = self.scratch_dir.clone();
         run.started_at = current.started_at;
         run.approval = current

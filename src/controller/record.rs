@@ -25,7 +25,8 @@ use super::importer::ImportError;
 use super::runs::update_status;
 use super::status::{idle_ready, record_run, seconds, set_ready};
 use crate::api::{
-    CohortImport, CohortImportStatus, CurrentRun, HistoryLimits, ReadyReason, RunRecord, RunResult, RunTrigger,
+    CohortImport, CohortImportStatus, CurrentRun, DryRunSample, HistoryLimits, ReadyReason, RunRecord, RunResult,
+    RunTrigger,
 };
 use crate::notify::{RunNotice, any_channel_wants, is_recovery};
 use crate::run::{RunError, RunReport, new_run_id};
@@ -48,6 +49,8 @@ pub struct RunEnd {
     /// The Braze workspace the run imported into, when it read its key
     /// ([`super::conflict::workspace_of`]): recorded in `status.brazeWorkspace`.
     pub workspace: Option<String>,
+    /// A dry run's findings, for `status.lastDryRun`.
+    pub dry_run: Option<DryRunSample>,
 }
 
 impl RunEnd {
@@ -59,21 +62,35 @@ impl RunEnd {
         elapsed: Duration,
     ) -> Self {
         let finished_at = seconds(finished_at);
-        let (mut record, failure_reason, hint, braze_responses) = match outcome {
+        let (mut record, failure_reason, hint, braze_responses, mut dry_run) = match outcome {
             Ok(report) => {
                 let reason = match &report.error {
                     Some(RunError::Source(e)) => Some(e.reason()),
                     _ => None,
                 };
-                (report.to_record(), reason, report.hint, report.braze_responses)
+                let sample = report.dry_run_sample();
+                (report.to_record(), reason, report.hint, report.braze_responses, sample)
             }
-            Err(e) => (failed_record(run, e.to_string()), Some(e.reason()), None, BTreeMap::new()),
+            Err(e) => (failed_record(run, e.to_string()), Some(e.reason()), None, BTreeMap::new(), None),
         };
         record.id = run.id.clone();
         record.trigger = run.trigger;
         record.started_at = seconds(run.started_at);
         record.finished_at = Some(finished_at);
-        RunEnd { record, ended_at: finished_at, failure_reason, hint, braze_responses, elapsed, workspace: None }
+        if let Some(sample) = &mut dry_run {
+            sample.run_id = run.id.clone();
+            sample.finished_at = finished_at;
+        }
+        RunEnd {
+            record,
+            ended_at: finished_at,
+            failure_reason,
+            hint,
+            braze_responses,
+            elapsed,
+            workspace: None,
+            dry_run,
+        }
     }
 
     /// `run` was still going when its deadline (`timeout`, from `field`) passed, and was
@@ -141,6 +158,7 @@ impl RunEnd {
             braze_responses: BTreeMap::new(),
             elapsed: Duration::ZERO,
             workspace: None,
+            dry_run: None,
         }
     }
 
@@ -230,6 +248,9 @@ pub fn record(status: &mut CohortImportStatus, end: &RunEnd, history_limits: His
     record_run(status, end.record.clone(), history_limits);
     if let Some(workspace) = &end.workspace {
         status.braze_workspace = Some(workspace.clone());
+    }
+    if let Some(sample) = &end.dry_run {
+        status.last_dry_run = Some(sample.clone());
     }
     let (_, message) = idle_ready(status, status.next_run_at);
     set_ready(status, end.reason(), &message, status.observed_generation, end.ended_at);

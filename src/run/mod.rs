@@ -1,6 +1,8 @@
 //! Import runs: source → sort → diff against the snapshot → guard → Braze → new snapshot.
 //!
-//! [`run_import`] is the one entry point. A run:
+//! [`run_import`] is the one entry point of a run; [`preview_import`] (`kubectl cohort
+//! preview`) shares its steps 1–4 — one `plan` function, so a preview's counts and guard
+//! verdict are the run's — and stops after them. A run:
 //! 1. opens the last snapshot (what Braze received in the last successful run);
 //! 2. streams the source into an external sorter ([`sort`]), counting skipped rows; a
 //!    source error fails the run before anything is sent;
@@ -76,6 +78,9 @@ pub struct ImportRun {
     pub approval: Option<RemovalApproval>,
     /// `spec.dryRun`: compute and report, send nothing, keep the snapshot.
     pub dry_run: bool,
+    /// Members listed by id in the report's samples, per direction ([`SAMPLE_SIZE`] for runs;
+    /// a preview may ask for more or fewer).
+    pub sample_size: usize,
     /// Scratch space for sort spills and the new snapshot (an emptyDir in the pod).
     pub scratch_dir: PathBuf,
     /// Bytes of member keys the sorter buffers before spilling.
@@ -106,6 +111,7 @@ impl ImportRun {
             removal_guard: None,
             approval: None,
             dry_run: false,
+            sample_size: SAMPLE_SIZE,
             scratch_dir: std::env::temp_dir(),
             sort_memory_budget: budget::sort_bytes(),
             started_at: Timestamp::now(),
@@ -151,7 +157,65 @@ pub fn identifier_fingerprint(mapping: &IdentifierMapping) -> String {
 /// snapshot is only replaced, atomically, after Braze accepted every change.
 pub async fn run_import(run: &ImportRun, deps: RunDeps<'_>) -> RunReport {
     let clock = RunClock { started_at: run.started_at, started: Instant::now() };
-    let mut report = RunReport {
+    let mut report = new_report(run);
+    let outcome = execute(run, deps, clock, &mut report).await;
+    settle(&mut report, outcome, clock);
+    let message = report.message();
+    match report.result {
+        RunResult::Failed => warn!(
+            namespace = %run.namespace, import = %run.import_name, run = %run.run_id,
+            cohort_size = report.cohort_size, added = report.added, removed = report.removed,
+            %message, "import run failed"
+        ),
+        result => info!(
+            namespace = %run.namespace, import = %run.import_name, run = %run.run_id,
+            ?result, cohort_size = report.cohort_size, added = report.added,
+            removed = report.removed, requests = report.requests, seconds = report.duration.as_secs_f64(),
+            "import run finished"
+        ),
+    }
+    report
+}
+
+/// [`ImportRun::started_at`], advanced by the monotonic clock.
+#[derive(Clone, Copy)]
+struct RunClock {
+    started_at: Timestamp,
+    started: Instant,
+}
+
+impl RunClock {
+    fn now(&self) -> Timestamp {
+        self.started_at.checked_add(self.started.elapsed()).unwrap_or(self.started_at)
+    }
+}
+
+/// Reads the source and the snapshot, diffs them and asks the removal guard, exactly as a
+/// run does (steps 1–4), and stops there: nothing is sent to Braze and nothing is written
+/// to the snapshot store. The report is a dry run's (`result == DryRun`, `blocked` set when
+/// the guard would stop the run), or `Failed` with the error. `kubectl cohort preview` is
+/// this; the next run's changes are these, as long as the source and snapshot stay put.
+pub async fn preview_import(
+    run: &ImportRun,
+    members: MemberStream<'_>,
+    snapshots: &dyn SnapshotStore,
+    cohort_id: &str,
+) -> RunReport {
+    let clock = RunClock { started_at: run.started_at, started: Instant::now() };
+    let mut report = new_report(run);
+    let outcome = async {
+        let scratch = run_scratch(run)?;
+        plan(run, members, snapshots, cohort_id, scratch.path(), None, &mut report).await?;
+        Ok(RunResult::DryRun)
+    }
+    .await;
+    settle(&mut report, outcome, clock);
+    report
+}
+
+/// A report with nothing done yet.
+fn new_report(run: &ImportRun) -> RunReport {
+    RunReport {
         run_id: run.run_id.clone(),
         trigger: run.trigger,
         started_at: run.started_at,
@@ -184,8 +248,12 @@ pub async fn run_import(run: &ImportRun, deps: RunDeps<'_>) -> RunReport {
         spilled_runs: 0,
         braze_responses: Default::default(),
         braze_budget_wait: std::time::Duration::ZERO,
-    };
-    match execute(run, deps, clock, &mut report).await {
+    }
+}
+
+/// Puts how the run ended in its report.
+fn settle(report: &mut RunReport, outcome: Result<RunResult, RunError>, clock: RunClock) {
+    match outcome {
         Ok(result) => report.result = result,
         Err(error) => {
             report.result = RunResult::Failed;
@@ -197,34 +265,6 @@ pub async fn run_import(run: &ImportRun, deps: RunDeps<'_>) -> RunReport {
     }
     report.finished_at = clock.now();
     report.duration = clock.started.elapsed();
-    let message = report.message();
-    match report.result {
-        RunResult::Failed => warn!(
-            namespace = %run.namespace, import = %run.import_name, run = %run.run_id,
-            cohort_size = report.cohort_size, added = report.added, removed = report.removed,
-            %message, "import run failed"
-        ),
-        result => info!(
-            namespace = %run.namespace, import = %run.import_name, run = %run.run_id,
-            ?result, cohort_size = report.cohort_size, added = report.added,
-            removed = report.removed, requests = report.requests, seconds = report.duration.as_secs_f64(),
-            "import run finished"
-        ),
-    }
-    report
-}
-
-/// [`ImportRun::started_at`], advanced by the monotonic clock.
-#[derive(Clone, Copy)]
-struct RunClock {
-    started_at: Timestamp,
-    started: Instant,
-}
-
-impl RunClock {
-    fn now(&self) -> Timestamp {
-        self.started_at.checked_add(self.started.elapsed()).unwrap_or(self.started_at)
-    }
 }
 
 async fn execute(
@@ -233,104 +273,18 @@ async fn execute(
     clock: RunClock,
     report: &mut RunReport,
 ) -> Result<RunResult, RunError> {
-    let scratch_err = |action| {
-        let dir = run.scratch_dir.display().to_string();
-        move |source| RunError::Scratch { dir, action, source }
-    };
-    std::fs::create_dir_all(&run.scratch_dir).map_err(scratch_err("create"))?;
-    let scratch = tempfile::Builder::new()
-        .prefix("cohort-run-")
-        .tempdir_in(&run.scratch_dir)
-        .map_err(scratch_err("create a run directory"))?;
+    let scratch = run_scratch(run)?;
     let cohort_id = &deps.target.cohort_id;
-
-    // 1. What Braze has, and what an interrupted run may have changed.
-    let loaded = deps.snapshots.load(scratch.path()).await?;
-    let stored_generation = loaded.generation();
-    let previous = match loaded.snapshot {
-        Some(s) if &s.meta.cohort_id != cohort_id => {
-            report.notes.push(format!(
-                "spec.cohort.id changed from {:?} to {cohort_id:?}: this is a new Braze cohort, so \
-                 every member is sent to it; the old cohort keeps its members",
-                s.meta.cohort_id
-            ));
-            None
-        }
-        other => other,
-    };
-    let doubt = loaded.doubt.filter(|d| &d.meta.cohort_id == cohort_id);
-    if let Some(d) = &doubt {
-        report.notes.push(format!(
-            "run {} stopped before Braze confirmed its {} changes; they are sent again as this \
-             run's source says",
-            d.meta.run_id, d.meta.keys
-        ));
-    }
-    let remapped = previous.as_ref().is_some_and(|p| p.meta.identifier_fingerprint != run.identifier_fingerprint);
-    if let Some(p) = previous.as_ref().filter(|_| remapped) {
-        report.notes.push(format!(
-            "the identifier mapping changed ({:?} → {:?}): members sent under the old \
-             identifiers are removed and re-added under the new ones",
-            p.meta.identifier_fingerprint, run.identifier_fingerprint
-        ));
-    }
-
-    // 2. The source, sorted and de-duplicated.
-    let (sorted, pushed) = sort_source(deps.members, scratch.path(), run.sort_memory_budget, report).await?;
-
-    // 3. The diff, writing the new snapshot body, the keys to send and the change lists.
-    let previous_meta = previous.as_ref().map(|p| p.meta.clone());
-    let doubt_meta = doubt.as_ref().map(|d| d.meta.clone());
     let outputs = (!run.dry_run).then(|| DiffOutputs {
         snapshot: scratch.path().join("snapshot.new"),
         sends: scratch.path().join("doubt.new"),
     });
-    let diffed = {
-        let outputs = outputs.clone();
-        let scratch_dir = run.scratch_dir.display().to_string();
-        tokio::task::spawn_blocking(move || {
-            diff_to_files(previous.map(|p| p.body), doubt.map(|d| d.body), sorted, outputs.as_ref())
-        })
-        .await
-        .expect("the diff does not panic")
-        .map_err(|e| match e {
-            DiffFailure::Io(source) => RunError::Scratch { dir: scratch_dir, action: "diff", source },
-            DiffFailure::Run(e) => e,
-        })?
-    };
+    // 1–4. Snapshot, source, diff, guard: the plan a preview shows. A blocked run sends nothing.
+    let Planned { diffed, previous_meta, stored_generation, remapped, decision } =
+        plan(run, deps.members, deps.snapshots, cohort_id, scratch.path(), outputs.clone(), report).await?;
     let counts = diffed.counts;
-    if let Some(meta) = &previous_meta
-        && counts.previous != meta.members
-    {
-        return Err(RunError::SnapshotCount { expected: meta.members, found: counts.previous });
-    }
-    if let Some(meta) = &doubt_meta
-        && counts.in_doubt != meta.keys
-    {
-        return Err(RunError::SnapshotCount { expected: meta.keys, found: counts.in_doubt });
-    }
-    report.cohort_size = counts.new;
-    report.previous_size = counts.previous;
-    report.added = counts.added;
-    report.removed = counts.removed;
-    report.unchanged = counts.unchanged;
-    report.resent = counts.resent_adds + counts.resent_removes;
-    report.duplicates = pushed - counts.new;
-    report.sample_added = diffed.sample_added;
-    report.sample_removed = diffed.sample_removed;
-
-    // 4. The removal guard.
-    let input = GuardInput { previous_size: counts.previous, new_size: counts.new, removals: counts.removed };
-    match guard::decide(run.removal_guard.as_ref(), input, run.approval.as_ref()) {
-        GuardDecision::Proceed => {}
-        GuardDecision::Approved { run_id } => report.approved_run = Some(run_id),
-        GuardDecision::Blocked(blocked) => {
-            report.hint = Some(blocked.how_to_approve(&run.import_name, &run.namespace, &run.run_id));
-            report.blocked = Some(blocked);
-            if !run.dry_run {
-                return Ok(RunResult::Blocked);
-            }
-        }
+    if matches!(decision, GuardDecision::Blocked(_)) && !run.dry_run {
+        return Ok(RunResult::Blocked);
     }
 
     // 5. A dry run ends here.
@@ -415,6 +369,127 @@ async fn execute(
         report.committed_generation = Some(meta.generation);
     }
     Ok(RunResult::Succeeded)
+}
+
+/// A run's scratch directory, under [`ImportRun::scratch_dir`]; removed when dropped.
+fn run_scratch(run: &ImportRun) -> Result<tempfile::TempDir, RunError> {
+    let scratch_err = |action| {
+        let dir = run.scratch_dir.display().to_string();
+        move |source| RunError::Scratch { dir, action, source }
+    };
+    std::fs::create_dir_all(&run.scratch_dir).map_err(scratch_err("create"))?;
+    tempfile::Builder::new()
+        .prefix("cohort-run-")
+        .tempdir_in(&run.scratch_dir)
+        .map_err(scratch_err("create a run directory"))
+}
+
+/// What [`plan`] found: the diff and what the rest of a run needs to act on it.
+struct Planned {
+    diffed: Diffed,
+    previous_meta: Option<SnapshotMeta>,
+    stored_generation: u64,
+    remapped: bool,
+    decision: GuardDecision,
+}
+
+/// Steps 1–4 of a run, shared with [`preview_import`]: loads the snapshot, sorts the source,
+/// diffs them and asks the removal guard, filling in `report` (counts, samples, notes, the
+/// guard's verdict). It sends nothing and writes to no store: `outputs` (a real run's) only
+/// names scratch files for the new snapshot body and the keys to send.
+async fn plan(
+    run: &ImportRun,
+    members: MemberStream<'_>,
+    snapshots: &dyn SnapshotStore,
+    cohort_id: &str,
+    scratch: &Path,
+    outputs: Option<DiffOutputs>,
+    report: &mut RunReport,
+) -> Result<Planned, RunError> {
+    // 1. What Braze has, and what an interrupted run may have changed.
+    let loaded = snapshots.load(scratch).await?;
+    let stored_generation = loaded.generation();
+    let previous = match loaded.snapshot {
+        Some(s) if s.meta.cohort_id != cohort_id => {
+            report.notes.push(format!(
+                "spec.cohort.id changed from {:?} to {cohort_id:?}: this is a new Braze cohort, so \
+                 every member is sent to it; the old cohort keeps its members",
+                s.meta.cohort_id
+            ));
+            None
+        }
+        other => other,
+    };
+    let doubt = loaded.doubt.filter(|d| d.meta.cohort_id == cohort_id);
+    if let Some(d) = &doubt {
+        report.notes.push(format!(
+            "run {} stopped before Braze confirmed its {} changes; they are sent again as this \
+             run's source says",
+            d.meta.run_id, d.meta.keys
+        ));
+    }
+    let remapped = previous.as_ref().is_some_and(|p| p.meta.identifier_fingerprint != run.identifier_fingerprint);
+    if let Some(p) = previous.as_ref().filter(|_| remapped) {
+        report.notes.push(format!(
+            "the identifier mapping changed ({:?} → {:?}): members sent under the old \
+             identifiers are removed and re-added under the new ones",
+            p.meta.identifier_fingerprint, run.identifier_fingerprint
+        ));
+    }
+
+    // 2. The source, sorted and de-duplicated.
+    let (sorted, pushed) = sort_source(members, scratch, run.sort_memory_budget, report).await?;
+
+    // 3. The diff, writing the new snapshot body and the keys to send (a run's), and the
+    // change lists.
+    let previous_meta = previous.as_ref().map(|p| p.meta.clone());
+    let doubt_meta = doubt.as_ref().map(|d| d.meta.clone());
+    let mut diffed = {
+        let scratch_dir = run.scratch_dir.display().to_string();
+        let sample_size = run.sample_size;
+        tokio::task::spawn_blocking(move || {
+            diff_to_files(previous.map(|p| p.body), doubt.map(|d| d.body), sorted, outputs.as_ref(), sample_size)
+        })
+        .await
+        .expect("the diff does not panic")
+        .map_err(|e| match e {
+            DiffFailure::Io(source) => RunError::Scratch { dir: scratch_dir, action: "diff", source },
+            DiffFailure::Run(e) => e,
+        })?
+    };
+    let counts = diffed.counts;
+    if let Some(meta) = &previous_meta
+        && counts.previous != meta.members
+    {
+        return Err(RunError::SnapshotCount { expected: meta.members, found: counts.previous });
+    }
+    if let Some(meta) = &doubt_meta
+        && counts.in_doubt != meta.keys
+    {
+        return Err(RunError::SnapshotCount { expected: meta.keys, found: counts.in_doubt });
+    }
+    report.cohort_size = counts.new;
+    report.previous_size = counts.previous;
+    report.added = counts.added;
+    report.removed = counts.removed;
+    report.unchanged = counts.unchanged;
+    report.resent = counts.resent_adds + counts.resent_removes;
+    report.duplicates = pushed - counts.new;
+    report.sample_added = std::mem::take(&mut diffed.sample_added);
+    report.sample_removed = std::mem::take(&mut diffed.sample_removed);
+
+    // 4. The removal guard: the one decision, for runs and previews alike.
+    let input = GuardInput { previous_size: counts.previous, new_size: counts.new, removals: counts.removed };
+    let decision = guard::decide(run.removal_guard.as_ref(), input, run.approval.as_ref());
+    match &decision {
+        GuardDecision::Proceed => {}
+        GuardDecision::Approved { run_id } => report.approved_run = Some(run_id.clone()),
+        GuardDecision::Blocked(blocked) => {
+            report.hint = Some(blocked.how_to_approve(&run.import_name, &run.namespace, &run.run_id));
+            report.blocked = Some(blocked.clone());
+        }
+    }
+    Ok(Planned { diffed, previous_meta, stored_generation, remapped, decision })
 }
 
 /// Sends to Braze the changes `read` produces on a blocking thread, in chunks through a
@@ -564,6 +639,7 @@ fn diff_to_files(
     doubt: Option<File>,
     mut new: sort::SortedKeys,
     outputs: Option<&DiffOutputs>,
+    sample_size: usize,
 ) -> Result<Diffed, DiffFailure> {
     const PREVIOUS: &str = "the previous snapshot";
     const DOUBT: &str = "the keys in doubt";
@@ -579,8 +655,8 @@ fn diff_to_files(
     let mut sample_removed = Vec::new();
     let on_key = |change: diff::Change, in_doubt: bool, key: &[u8]| -> Result<(), DiffFailure> {
         match change {
-            diff::Change::Added => sample(&mut sample_added, key),
-            diff::Change::Removed => sample(&mut sample_removed, key),
+            diff::Change::Added => sample(&mut sample_added, key, sample_size),
+            diff::Change::Removed => sample(&mut sample_removed, key, sample_size),
             diff::Change::Unchanged | diff::Change::Absent => {}
         }
         if let Some(send) = change.send(in_doubt) {
@@ -627,8 +703,8 @@ fn snapshot_damaged(what: &str, e: io::Error) -> DiffFailure {
     }))
 }
 
-fn sample(into: &mut Vec<String>, key: &[u8]) {
-    if into.len() < SAMPLE_SIZE
+fn sample(into: &mut Vec<String>, key: &[u8], size: usize) {
+    if into.len() < size
         && let Ok(m) = Member::from_key_bytes(key)
     {
         into.push(m.to_string());
@@ -682,15 +758,76 @@ mod tests {
         }
     }
 
+    /// Members `member-00000000` … as a source stream.
+    fn members(range: std::ops::Range<u32>) -> MemberStream<'static> {
+        let members = range.map(|i| Member::ExternalId(format!("member-{i:08}"))).collect();
+        futures::stream::iter([Ok(crate::source::MemberBatch { members, ..Default::default() })]).boxed()
+    }
+
+    /// The bytes of every file under `dir`, by path.
+    fn files(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .map(|p| (p.clone(), std::fs::read(p).unwrap()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_preview_reports_the_runs_changes_and_the_guards_verdict_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store_dir = dir.path().join("store");
+        let store = crate::snapshot::fs::FsSnapshotStore::new(&store_dir, "growth_vip_uid");
+        body(dir.path(), "previous", 10, 0);
+        store.commit(&crate::snapshot::tests::meta(1, 10), &dir.path().join("previous")).await.unwrap();
+        let before = files(&store_dir);
+        let mut run = ImportRun::new("r1", RunTrigger::Manual, "growth", "vip", "VIP users");
+        run.identifier_fingerprint = "external_id=user_id".into();
+        run.scratch_dir = dir.path().join("scratch");
+        run.sample_size = 3;
+
+        // 8 of 10 leave, 2 join: over the default guard.
+        let report = preview_import(&run, members(8..12), &store, "vip").await;
+        assert_eq!(report.result, RunResult::DryRun, "{:?}", report.error);
+        assert_eq!((report.cohort_size, report.previous_size), (4, 10));
+        assert_eq!((report.added, report.removed, report.unchanged), (2, 8, 2));
+        assert_eq!(report.sample_added, ["external_id:member-00000010", "external_id:member-00000011"]);
+        assert_eq!(report.sample_removed.len(), 3, "bounded by the sample size");
+        let blocked = report.blocked.as_ref().expect("the guard would block");
+        assert_eq!(blocked.reason, guard::BlockReason::TooManyRemovals);
+        assert_eq!(files(&store_dir), before, "the store is untouched");
+
+        // Within the guard it proceeds; with the guard off too.
+        let report = preview_import(&run, members(1..11), &store, "vip").await;
+        assert_eq!((report.added, report.removed, report.blocked.is_none()), (1, 1, true));
+        run.removal_guard = Some(crate::api::RemovalGuard { disabled: true, ..Default::default() });
+        let report = preview_import(&run, members(0..0), &store, "vip").await;
+        assert_eq!((report.removed, report.blocked.is_none()), (10, true));
+        assert_eq!(files(&store_dir), before);
+
+        // Bounded memory as in a run: a cohort past the sort buffer spills, same answer.
+        run.sort_memory_budget = 0; // the sorter's smallest buffer, 64 KiB
+        let report = preview_import(&run, members(5..20_005), &store, "vip").await;
+        assert!(report.spilled_runs > 1, "{}", report.spilled_runs);
+        assert_eq!((report.cohort_size, report.added, report.removed, report.unchanged), (20_000, 19_995, 5, 5));
+        assert_eq!(files(&store_dir), before);
+    }
+
     #[test]
     fn damage_found_mid_body_names_the_damaged_store() {
         let dir = tempfile::tempdir().unwrap();
         let empty = || sort::ExternalSorter::new(dir.path(), 0).finish().unwrap().0;
         // Large enough that the cut shows while diffing, not when the body is opened.
         let previous = body(dir.path(), "previous", 200_000, 5);
-        assert_eq!(damaged_store(diff_to_files(Some(previous), None, empty(), None)), "the previous snapshot");
+        assert_eq!(
+            damaged_store(diff_to_files(Some(previous), None, empty(), None, SAMPLE_SIZE)),
+            "the previous snapshot"
+        );
         let previous = body(dir.path(), "previous-whole", 10, 0);
         let doubt = body(dir.path(), "doubt", 200_000, 5);
-        assert_eq!(damaged_store(diff_to_files(Some(previous), Some(doubt), empty(), None)), "the keys in doubt");
+        assert_eq!(
+            damaged_store(diff_to_files(Some(previous), Some(doubt), empty(), None, SAMPLE_SIZE)),
+            "the keys in doubt"
+        );
     }
 }

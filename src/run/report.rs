@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 
-use crate::api::{MAX_RUN_MESSAGE_CHARS, RunRecord, RunResult, RunTrigger};
+use crate::api::{DryRunSample, MAX_DRY_RUN_SAMPLE, MAX_RUN_MESSAGE_CHARS, RunRecord, RunResult, RunTrigger};
 use crate::braze::BrazeError;
 use crate::domain::guard::Blocked;
 use crate::domain::identifiers::SkipCounts;
@@ -190,6 +190,24 @@ impl RunReport {
             would_remove: (!complete).then_some(self.removed),
             message: self.message(),
         }
+    }
+}
+
+impl RunReport {
+    /// For a dry run, what `status.lastDryRun` shows: counts, the guard's verdict and at
+    /// most [`MAX_DRY_RUN_SAMPLE`] ids each way. `None` for any other result.
+    pub fn dry_run_sample(&self) -> Option<DryRunSample> {
+        let first = |ids: &[String]| ids.iter().take(MAX_DRY_RUN_SAMPLE).cloned().collect();
+        (self.result == RunResult::DryRun).then(|| DryRunSample {
+            run_id: self.run_id.clone(),
+            finished_at: self.finished_at,
+            cohort_size: self.cohort_size,
+            would_add: self.added,
+            would_remove: self.removed,
+            would_block: self.blocked.is_some(),
+            sample_added: first(&self.sample_added),
+            sample_removed: first(&self.sample_removed),
+        })
     }
 }
 
