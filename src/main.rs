@@ -19,7 +19,7 @@ use cohort_operator::controller::secrets::{PartnerKeys, parse_endpoint_region};
 use cohort_operator::controller::shard::{Shard, ShardFlags};
 use cohort_operator::controller::{self, Config, Dependencies};
 use cohort_operator::notify::{HttpConfig, HttpSender, Notifier, Notify, SmtpArgs, SmtpNotifier};
-use cohort_operator::source::egress::{EgressDefault, EgressPolicy, EgressRule};
+use cohort_operator::source::egress::{DenyFlag, EgressDefault, EgressPolicy, EgressRule};
 
 /// Keeps analytics cohorts imported into Braze.
 #[derive(Parser)]
@@ -367,7 +367,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     );
     tracing::info!(policy = %egress.summary(), "egress policy (sources and notifications)");
     let notification_deny = args.notification_deny_cidrs.iter().map(|net| EgressRule::Net(net.trunc()));
-    let notification_egress = Arc::new(egress.clone().with_deny("--notification-deny-cidr", notification_deny));
+    let notification_egress = Arc::new(egress.clone().with_deny(DenyFlag::NotificationDenyCidr, notification_deny));
     let shard = Shard::from_flags(&ShardFlags {
         shard: args.shard.clone(),
         shard_default: args.shard_default,

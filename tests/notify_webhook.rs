@@ -11,7 +11,7 @@ use cohort_operator::notify::http::Delivery;
 use cohort_operator::notify::payload::{CLOUDEVENTS_CONTENT_TYPE, cloud_event, slack_message};
 use cohort_operator::notify::{Channel, HttpConfig, HttpSender, NotifyError, RunNotice};
 use cohort_operator::secret::SecretString;
-use cohort_operator::source::egress::{EgressPolicy, EgressRule};
+use cohort_operator::source::egress::{DenyFlag, EgressPolicy, EgressRule};
 use jiff::tz::TimeZone;
 use reqwest::header::HeaderName;
 use testkit::webhook::{Answer, Receiver};
@@ -260,7 +260,7 @@ async fn denied_destinations_are_refused_before_connecting() {
     assert!(hook.received().is_empty());
 }
 
-const FLAG: &str = "--notification-deny-cidr";
+const FLAG: DenyFlag = DenyFlag::NotificationDenyCidr;
 
 fn rule(text: &str) -> EgressRule {
     text.parse().unwrap()

@@ -58,8 +58,23 @@ pub const BUILT_IN_DENY: &[(&str, &str)] = &[
     ("ff00::/8", "not a destination (multicast)"),
 ];
 
-/// The flag of the operator's deny rules.
-const DENY_FLAG: &str = "--egress-deny";
+/// The operator flag a deny rule came from; a refusal names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DenyFlag {
+    /// `--egress-deny`: sources and notifications.
+    EgressDeny,
+    /// `--notification-deny-cidr`: Slack and webhook reports only.
+    NotificationDenyCidr,
+}
+
+impl DenyFlag {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            DenyFlag::EgressDeny => "--egress-deny",
+            DenyFlag::NotificationDenyCidr => "--notification-deny-cidr",
+        }
+    }
+}
 
 /// One allow or deny rule.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -145,7 +160,7 @@ pub enum EgressDefault {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DenyReason {
     /// A rule of `flag` names it: `--egress-deny`, or `--notification-deny-cidr` for reports.
-    Denied { rule: EgressRule, flag: &'static str },
+    Denied { rule: EgressRule, flag: DenyFlag },
     /// The built-in list names it; `what` says what lives there.
     BuiltIn { rule: EgressRule, what: &'static str },
     /// No rule names it and `--egress-default` is `deny`.
@@ -172,8 +187,8 @@ impl fmt::Display for EgressDenied {
         // Allowing exactly what was refused is the narrowest fix to suggest.
         let target = self.address.map_or_else(|| self.host.clone(), |a| a.to_string());
         match &self.reason {
-            DenyReason::Denied { rule, flag } if *flag != DENY_FLAG => {
-                write!(f, "it matches {flag} {rule}; remove that rule to allow it")
+            DenyReason::Denied { rule, flag: DenyFlag::NotificationDenyCidr } => {
+                write!(f, "it matches {} {rule}; remove that rule to allow it", DenyFlag::NotificationDenyCidr.as_str())
             }
             DenyReason::Denied { rule, .. } => {
                 write!(f, "it matches --egress-deny {rule}; remove that rule (chart value egress.deny) to allow it")
@@ -206,7 +221,7 @@ pub struct EgressPolicy {
     allow: Vec<EgressRule>,
     deny: Vec<EgressRule>,
     /// Rules other flags deny, each with its flag.
-    deny_by: Vec<(EgressRule, &'static str)>,
+    deny_by: Vec<(EgressRule, DenyFlag)>,
     default: EgressDefault,
 }
 
@@ -223,7 +238,7 @@ impl EgressPolicy {
 
     /// This policy with `rules` of operator flag `flag` denied too (notifications'
     /// `--notification-deny-cidr`); a refusal names that flag.
-    pub fn with_deny(mut self, flag: &'static str, rules: impl IntoIterator<Item = EgressRule>) -> Self {
+    pub fn with_deny(mut self, flag: DenyFlag, rules: impl IntoIterator<Item = EgressRule>) -> Self {
         self.deny_by.extend(rules.into_iter().map(|rule| (rule, flag)));
         self
     }
@@ -241,7 +256,7 @@ impl EgressPolicy {
             EgressDefault::Allow => "allow",
             EgressDefault::Deny => "deny",
         };
-        let deny_by = self.deny_by.iter().map(|(r, flag)| format!(" {flag} {r}")).collect::<String>();
+        let deny_by = self.deny_by.iter().map(|(r, flag)| format!(" {} {r}", flag.as_str())).collect::<String>();
         format!(
             "default {default}; deny [{}]; allow [{}]; built-in deny [{built_in}];{deny_by}",
             list(&self.deny),
@@ -251,10 +266,10 @@ impl EgressPolicy {
 
     fn verdict(&self, matches: impl Fn(&EgressRule) -> bool) -> Verdict {
         if let Some(rule) = self.deny.iter().find(|r| matches(r)) {
-            return Verdict::Deny(DenyReason::Denied { rule: rule.clone(), flag: DENY_FLAG });
+            return Verdict::Deny(DenyReason::Denied { rule: rule.clone(), flag: DenyFlag::EgressDeny });
         }
         if let Some((rule, flag)) = self.deny_by.iter().find(|(r, _)| matches(r)) {
-            return Verdict::Deny(DenyReason::Denied { rule: rule.clone(), flag });
+            return Verdict::Deny(DenyReason::Denied { rule: rule.clone(), flag: *flag });
         }
         if self.allow.iter().any(&matches) {
             return Verdict::Allow;
@@ -477,7 +492,7 @@ mod tests {
     #[test]
     fn another_flags_rules_deny_even_what_is_allowed_and_are_named_by_it() {
         let policy = EgressPolicy::new(rules(&["10.0.0.0/8"]), vec![], EgressDefault::Allow)
-            .with_deny("--notification-deny-cidr", rules(&["10.1.0.0/16"]));
+            .with_deny(DenyFlag::NotificationDenyCidr, rules(&["10.1.0.0/16"]));
         let err = policy.check_addr("10.1.2.3", ip("10.1.2.3")).unwrap_err();
         assert_eq!(
             err.to_string(),
@@ -558,7 +573,7 @@ mod tests {
         let err = policy.check_host("api.blocked.example").unwrap_err();
         assert_eq!(
             err.reason,
-            DenyReason::Denied { rule: EgressRule::Domain("blocked.example".into()), flag: DENY_FLAG }
+            DenyReason::Denied { rule: EgressRule::Domain("blocked.example".into()), flag: DenyFlag::EgressDeny }
         );
         // The domain rule is for names under it, not the domain itself.
         policy.check_host("blocked.example").unwrap();
