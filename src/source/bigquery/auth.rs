@@ -20,8 +20,8 @@ use serde::Deserialize;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use super::shared::{RetryPolicy, read_body_bounded};
 use crate::secret::{SecretString, error_chain, redact};
+use crate::source::warehouse::{RetryPolicy, read_body_bounded};
 use crate::source::{REDACT_MIN_LEN, SourceError};
 
 /// What BigQuery's `jobs.query` needs [BQ-JOB].
