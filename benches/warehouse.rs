@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cohort_operator::api::{IdentifierMapping, SourceSpec};
-use cohort_operator::source::{InMemoryObjects, open_source};
+use cohort_operator::source::{InMemoryObjects, open_source_spec};
 use futures::StreamExt;
 use serde_json::json;
 use testkit::postgres::Postgres;
@@ -63,7 +63,7 @@ fn child(kind: &str) {
         let spec: SourceSpec = serde_json::from_value(spec).unwrap();
         let mapping: IdentifierMapping = serde_json::from_value(json!({ "externalId": column })).unwrap();
         let started = Instant::now();
-        let source = open_source(&spec, &mapping, &objects).await.expect("source opens");
+        let source = open_source_spec(&spec, &mapping, &objects).await.expect("source opens");
         let mut stream = source.members();
         let mut read = 0u64;
         let mut members = 0u64;

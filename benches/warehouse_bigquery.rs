@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cohort_operator::api::{IdentifierMapping, SourceSpec};
-use cohort_operator::source::{InMemoryObjects, open_source};
+use cohort_operator::source::{InMemoryObjects, open_source_spec};
 use futures::StreamExt;
 use testkit::postgres::Postgres;
 use warehouse_sandbox::bigquery::oauth::TestServiceAccount;
@@ -45,7 +45,7 @@ fn child() {
         .unwrap();
         let mapping = IdentifierMapping { external_id: Some("user_id".into()), ..Default::default() };
         let objects = InMemoryObjects::new("bench").with_secret("bq", "key.json", key);
-        let source = open_source(&spec, &mapping, &objects).await.expect("source opens");
+        let source = open_source_spec(&spec, &mapping, &objects).await.expect("source opens");
         let started = Instant::now();
         let mut rows = 0u64;
         let mut stream = source.members();

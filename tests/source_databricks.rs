@@ -8,7 +8,7 @@ use std::time::Duration;
 use cohort_operator::api::{IdentifierMapping, SourceSpec};
 use cohort_operator::domain::identifiers::SkipReason;
 use cohort_operator::domain::member::{Member, MemberKey};
-use cohort_operator::source::{CohortRead, InMemoryObjects, SourceError, open_source, read_cohort};
+use cohort_operator::source::{CohortRead, InMemoryObjects, SourceError, open_source_spec, read_cohort};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use testkit::postgres::Postgres;
@@ -80,7 +80,7 @@ const QUERY: &str = "SELECT user_id, email, device FROM cohort ORDER BY i";
 const OAUTH: &str = r#"{ "oauth": { "secretName": "databricks-sp" } }"#;
 
 async fn read(objects: &InMemoryObjects, spec: &SourceSpec) -> Result<CohortRead, SourceError> {
-    let source = open_source(spec, &mapping(), objects).await?;
+    let source = open_source_spec(spec, &mapping(), objects).await?;
     read_cohort(source.as_ref()).await
 }
 
@@ -156,7 +156,7 @@ async fn numeric_identifiers_arrive_as_braze_expects() {
     let query = "SELECT 12345678901::bigint AS id UNION ALL SELECT 42.00::numeric(10,2) \
                  UNION ALL SELECT 1234567890::float8 UNION ALL SELECT 7::float8 UNION ALL SELECT NULL";
     let ids: IdentifierMapping = serde_json::from_value(json!({ "externalId": "id" })).unwrap();
-    let source = open_source(&spec(&ws, query, json!({ "disposition": "Inline" })), &ids, &objects).await.unwrap();
+    let source = open_source_spec(&spec(&ws, query, json!({ "disposition": "Inline" })), &ids, &objects).await.unwrap();
     let read = read_cohort(source.as_ref()).await.unwrap();
     let mut expected: Vec<MemberKey> =
         ["12345678901", "42", "1234567890", "7"].iter().map(|s| Member::ExternalId((*s).into()).key()).collect();
@@ -220,13 +220,14 @@ async fn every_failure_is_reported_as_the_user_needs_it() {
         "{err}"
     );
 
-    let err =
-        open_source(&spec(&ws, "INSERT INTO cohort VALUES (1)", json!({})), &mapping(), &objects).await.unwrap_err();
+    let err = open_source_spec(&spec(&ws, "INSERT INTO cohort VALUES (1)", json!({})), &mapping(), &objects)
+        .await
+        .unwrap_err();
     assert_eq!(err.reason(), "InvalidSpec");
     assert!(err.to_string().contains("starts with \"INSERT\""), "{err}");
 
     let objects_without = InMemoryObjects::new("growth");
-    let err = open_source(&full, &mapping(), &objects_without).await.unwrap_err();
+    let err = open_source_spec(&full, &mapping(), &objects_without).await.unwrap_err();
     assert_eq!(err.reason(), "SecretNotFound");
 }
 
@@ -235,7 +236,7 @@ async fn an_abandoned_read_cancels_the_statement() {
     let (ws, objects) = workspace("dbx_cancel", |c| c.pending_polls = 0).await;
     let ids: IdentifierMapping = serde_json::from_value(json!({ "externalId": "user_id" })).unwrap();
     let spec = spec(&ws, "SELECT pg_sleep(40)::text AS user_id", json!({}));
-    let source = open_source(&spec, &ids, &objects).await.unwrap();
+    let source = open_source_spec(&spec, &ids, &objects).await.unwrap();
     {
         let mut stream = source.members();
         assert!(tokio::time::timeout(Duration::from_millis(1500), stream.next()).await.is_err());
@@ -246,7 +247,7 @@ async fn an_abandoned_read_cancels_the_statement() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let spec = self::spec(&ws, "SELECT pg_sleep(40)::text AS user_id", json!({ "statementTimeoutSeconds": 2 }));
-    let source = open_source(&spec, &ids, &objects).await.unwrap();
+    let source = open_source_spec(&spec, &ids, &objects).await.unwrap();
     let err = read_cohort(source.as_ref()).await.unwrap_err();
     assert!(matches!(err, SourceError::Timeout { seconds: 2, .. }), "{err}");
 }

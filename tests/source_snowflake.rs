@@ -8,7 +8,7 @@ use std::time::Duration;
 use cohort_operator::api::{IdentifierMapping, SourceSpec};
 use cohort_operator::domain::identifiers::SkipReason;
 use cohort_operator::domain::member::{Member, MemberKey};
-use cohort_operator::source::{InMemoryObjects, SourceError, open_source, read_cohort};
+use cohort_operator::source::{InMemoryObjects, SourceError, open_source_spec, read_cohort};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use testkit::postgres::Postgres;
@@ -93,7 +93,7 @@ fn mapping() -> IdentifierMapping {
 const QUERY: &str = "SELECT user_id, email, device FROM cohort ORDER BY i";
 
 async fn read(world: &World, spec: &SourceSpec) -> Result<cohort_operator::source::CohortRead, SourceError> {
-    let source = open_source(spec, &mapping(), &world.objects).await?;
+    let source = open_source_spec(spec, &mapping(), &world.objects).await?;
     read_cohort(source.as_ref()).await
 }
 
@@ -183,7 +183,7 @@ async fn bare_partition_bodies_and_every_key_form_are_read() {
             query,
             json!({ "credentials": { "secretName": "snowflake", "privateKeyPassphraseKey": "passphrase" } }),
         );
-        let source = open_source(&spec, &mapping(), &objects).await.unwrap_or_else(|e| panic!("{name}: {e}"));
+        let source = open_source_spec(&spec, &mapping(), &objects).await.unwrap_or_else(|e| panic!("{name}: {e}"));
         let read = read_cohort(source.as_ref()).await.unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!((read.rows, read.members.len()), (25_000, 22_500), "{name}");
     }
@@ -194,7 +194,7 @@ async fn bare_partition_bodies_and_every_key_form_are_read() {
         "passphrase",
         "wrong",
     );
-    let err = open_source(&spec(&world, query, json!({})), &mapping(), &objects).await.unwrap_err();
+    let err = open_source_spec(&spec(&world, query, json!({})), &mapping(), &objects).await.unwrap_err();
     assert_eq!(err.reason(), "InvalidSpec");
     assert!(err.to_string().contains("privateKeyPassphraseKey"), "{err}");
     let with_pass = spec(
@@ -202,7 +202,7 @@ async fn bare_partition_bodies_and_every_key_form_are_read() {
         query,
         json!({ "credentials": { "secretName": "snowflake", "privateKeyPassphraseKey": "passphrase" } }),
     );
-    let err = open_source(&with_pass, &mapping(), &objects).await.unwrap_err();
+    let err = open_source_spec(&with_pass, &mapping(), &objects).await.unwrap_err();
     assert!(err.to_string().contains("passphrase is wrong"), "{err}");
     assert!(!err.to_string().contains(&encrypted[40..80]) && !err.to_string().contains("wrong\""), "{err}");
 }
@@ -214,7 +214,7 @@ async fn numeric_identifiers_arrive_as_braze_expects() {
                  UNION ALL SELECT 1234567890::float8 UNION ALL SELECT 1e16::float8 UNION ALL SELECT NULL";
     let spec = spec(&world, query, json!({}));
     let ids: IdentifierMapping = serde_json::from_value(json!({ "externalId": "ID" })).unwrap();
-    let source = open_source(&spec, &ids, &world.objects).await.unwrap();
+    let source = open_source_spec(&spec, &ids, &world.objects).await.unwrap();
     let read = read_cohort(source.as_ref()).await.unwrap();
     let expected: Vec<MemberKey> = ["12345678901", "1234567890", "42"]
         .iter()
@@ -237,7 +237,7 @@ async fn every_failure_is_reported_as_the_user_needs_it() {
     // A key Snowflake does not know for this user: authentication, naming the fingerprint.
     let other = RsaKeyPair::generate();
     let objects = world.objects.clone().with_secret("snowflake", "privateKey", other.private_key_pem());
-    let source = open_source(&full, &mapping(), &objects).await.unwrap();
+    let source = open_source_spec(&full, &mapping(), &objects).await.unwrap();
     let err = read_cohort(source.as_ref()).await.unwrap_err();
     assert!(matches!(err, SourceError::Auth { .. }), "{err}");
     let text = err.to_string();
@@ -268,7 +268,7 @@ async fn every_failure_is_reported_as_the_user_needs_it() {
 
     // The mapping names a column the query lacks (Snowflake upper-cases unquoted names).
     let lower: IdentifierMapping = serde_json::from_value(json!({ "externalId": "user_id" })).unwrap();
-    let source = open_source(&full, &lower, &world.objects).await.unwrap();
+    let source = open_source_spec(&full, &lower, &world.objects).await.unwrap();
     let err = read_cohort(source.as_ref()).await.unwrap_err();
     assert_eq!(err.reason(), "InvalidSpec");
     assert!(err.to_string().contains("no column \"user_id\"") && err.to_string().contains("\"USER_ID\""), "{err}");
@@ -280,7 +280,7 @@ async fn every_failure_is_reported_as_the_user_needs_it() {
 
     // Not a single SELECT: refused before anything is sent.
     let executions = sf.executions();
-    let err = open_source(&spec(&world, "SELECT 1; DROP TABLE cohort", json!({})), &mapping(), &world.objects)
+    let err = open_source_spec(&spec(&world, "SELECT 1; DROP TABLE cohort", json!({})), &mapping(), &world.objects)
         .await
         .unwrap_err();
     assert_eq!(err.reason(), "InvalidSpec");
@@ -289,10 +289,10 @@ async fn every_failure_is_reported_as_the_user_needs_it() {
 
     // A missing Secret key names it.
     let objects = InMemoryObjects::new("growth").with_secret("snowflake", "account", ACCOUNT);
-    let err = open_source(&full, &mapping(), &objects).await.unwrap_err();
+    let err = open_source_spec(&full, &mapping(), &objects).await.unwrap_err();
     assert_eq!(err.reason(), "SecretNotFound");
     assert!(err.to_string().contains("\"user\""), "{err}");
-    assert!(!format!("{:?}", open_source(&full, &mapping(), &world.objects).await.unwrap()).contains("PRIVATE"));
+    assert!(!format!("{:?}", open_source_spec(&full, &mapping(), &world.objects).await.unwrap()).contains("PRIVATE"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -300,7 +300,7 @@ async fn an_abandoned_read_cancels_the_statement() {
     let world = world("sf_cancel", |c| c.pending_polls = 0).await;
     let spec = spec(&world, "SELECT pg_sleep(30)::text AS user_id", json!({}));
     let ids: IdentifierMapping = serde_json::from_value(json!({ "externalId": "USER_ID" })).unwrap();
-    let source = open_source(&spec, &ids, &world.objects).await.unwrap();
+    let source = open_source_spec(&spec, &ids, &world.objects).await.unwrap();
     {
         let mut stream = source.members();
         // The run gives up (its own timeout) while Snowflake still runs the statement.
@@ -313,7 +313,7 @@ async fn an_abandoned_read_cancels_the_statement() {
     }
     // Past statementTimeoutSeconds the source itself cancels and says so.
     let spec = self::spec(&world, "SELECT pg_sleep(30)::text AS user_id", json!({ "statementTimeoutSeconds": 2 }));
-    let source = open_source(&spec, &ids, &world.objects).await.unwrap();
+    let source = open_source_spec(&spec, &ids, &world.objects).await.unwrap();
     let err = read_cohort(source.as_ref()).await.unwrap_err();
     assert!(matches!(err, SourceError::Timeout { seconds: 2, .. }), "{err}");
     assert!(source.describe().contains("myorg-analytics"));
