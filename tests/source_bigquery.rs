@@ -12,6 +12,9 @@ use testkit::postgres::Postgres;
 use warehouse_sandbox::bigquery::oauth::TestServiceAccount;
 use warehouse_sandbox::bigquery::{BigQueryConfig, Endpoint, Fault, RunningBigQuery, Stats};
 
+#[path = "support/warehouse.rs"]
+mod warehouse_support;
+
 const PROJECT: &str = "cohort-analytics";
 const LOCATION: &str = "europe-west1";
 const EMAIL: &str = "cohort-reader@cohort-analytics.iam.gserviceaccount.com";
@@ -45,21 +48,14 @@ async fn world(db: &str, setup: &str, tweak: impl FnOnce(&mut BigQueryConfig, &T
 impl World {
     /// The spec's `bigquery` object for `query`, with `extra` fields merged in.
     fn spec(&self, query: &str, extra: Value) -> SourceSpec {
-        let mut bq = json!({
+        let fields = json!({
             "projectId": PROJECT,
             "location": LOCATION,
             "query": query,
             "endpoint": self.bq.url(),
             "serviceAccountKeySecretRef": { "name": "bq", "key": "key.json" },
         });
-        for (k, v) in extra.as_object().unwrap() {
-            if v.is_null() {
-                bq.as_object_mut().unwrap().remove(k);
-            } else {
-                bq[k] = v.clone();
-            }
-        }
-        serde_json::from_value(json!({ "bigquery": bq })).expect("spec")
+        warehouse_support::source_spec("bigquery", fields, extra)
     }
 
     fn objects(&self) -> InMemoryObjects {

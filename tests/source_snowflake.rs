@@ -8,35 +8,17 @@ use std::time::Duration;
 use cohort_operator::api::{IdentifierMapping, SourceSpec};
 use cohort_operator::domain::identifiers::SkipReason;
 use cohort_operator::domain::member::{Member, MemberKey};
-use cohort_operator::source::{InMemoryObjects, SourceError, open_source_spec, read_cohort};
-use futures::StreamExt;
+use cohort_operator::source::{CohortRead, InMemoryObjects, SourceError, open_source_spec, read_cohort};
 use serde_json::{Value, json};
-use testkit::postgres::Postgres;
 use warehouse_sandbox::keys::{KeyCipher, RsaKeyPair};
 use warehouse_sandbox::snowflake::{Fault, FaultTarget, RunningSnowflake, SnowflakeConfig};
 
+#[path = "support/warehouse.rs"]
+mod warehouse_support;
+use warehouse_support::{QUERY, assert_abandoned_read_cancels, assert_full_cohort, cohort_database, source_spec};
+
 const ACCOUNT: &str = "myorg-analytics";
 const USER: &str = "cohort_reader";
-const ROWS: u64 = 100_000;
-
-/// A database of its own with the `cohort` table: 100,000 rows, 60% external ids, 20%
-/// aliases, 10% device ids, 10% with none.
-fn database(name: &str) -> String {
-    let pg = Postgres::shared();
-    pg.create_database(name);
-    pg.psql(
-        name,
-        &format!(
-            "CREATE TABLE cohort AS SELECT i, \
-               CASE WHEN i % 10 < 6 THEN 'u' || i END AS user_id, \
-               CASE WHEN i % 10 IN (6, 7) THEN 'alias-' || i END AS email, \
-               CASE WHEN i % 10 = 8 THEN 'device-' || i END AS device \
-             FROM generate_series(1, {ROWS}) AS i"
-        ),
-    )
-    .expect("cohort table");
-    pg.url(name)
-}
 
 struct World {
     key: RsaKeyPair,
@@ -51,7 +33,7 @@ fn key() -> RsaKeyPair {
 
 async fn world(db: &str, tune: impl FnOnce(&mut SnowflakeConfig)) -> World {
     let key = key();
-    let url = database(db);
+    let url = cohort_database(db);
     let mut config = SnowflakeConfig::new("MYORG-ANALYTICS", "COHORT_READER", &key.rsa_public_key(), &url);
     config.partition_rows = 10_000;
     config.pending_polls = 2;
@@ -66,7 +48,7 @@ async fn world(db: &str, tune: impl FnOnce(&mut SnowflakeConfig)) -> World {
 }
 
 fn spec(world: &World, query: &str, extra: Value) -> SourceSpec {
-    let mut source = json!({
+    let fields = json!({
         "credentials": { "secretName": "snowflake" },
         "endpoint": world.snowflake.url(),
         "warehouse": "COHORTS_WH",
@@ -75,35 +57,17 @@ fn spec(world: &World, query: &str, extra: Value) -> SourceSpec {
         "query": query,
         "statementTimeoutSeconds": 120,
     });
-    for (k, v) in extra.as_object().unwrap() {
-        source[k] = v.clone();
-    }
-    serde_json::from_value(json!({ "snowflake": source })).unwrap()
+    source_spec("snowflake", fields, extra)
 }
 
+/// Snowflake upper-cases unquoted column names.
 fn mapping() -> IdentifierMapping {
-    serde_json::from_value(json!({
-        "externalId": "USER_ID",
-        "alias": { "nameField": "EMAIL", "label": "email" },
-        "deviceId": "DEVICE",
-    }))
-    .unwrap()
+    warehouse_support::cohort_mapping("USER_ID", "EMAIL", "DEVICE")
 }
 
-const QUERY: &str = "SELECT user_id, email, device FROM cohort ORDER BY i";
-
-async fn read(world: &World, spec: &SourceSpec) -> Result<cohort_operator::source::CohortRead, SourceError> {
+async fn read(world: &World, spec: &SourceSpec) -> Result<CohortRead, SourceError> {
     let source = open_source_spec(spec, &mapping(), &world.objects).await?;
     read_cohort(source.as_ref()).await
-}
-
-fn assert_full_cohort(read: &cohort_operator::source::CohortRead) {
-    assert_eq!(read.rows, ROWS);
-    assert_eq!(read.members.len(), 90_000);
-    assert_eq!(read.skipped.get(SkipReason::Missing), 10_000);
-    assert!(read.members.contains(&Member::ExternalId("u1".into()).key()));
-    assert!(read.members.contains(&Member::Alias { name: "alias-6".into(), label: "email".into() }.key()));
-    assert!(read.members.contains(&Member::DeviceId("device-8".into()).key()));
 }
 
 /// No secret of the key pair in a message.
@@ -301,16 +265,8 @@ async fn an_abandoned_read_cancels_the_statement() {
     let spec = spec(&world, "SELECT pg_sleep(30)::text AS user_id", json!({}));
     let ids: IdentifierMapping = serde_json::from_value(json!({ "externalId": "USER_ID" })).unwrap();
     let source = open_source_spec(&spec, &ids, &world.objects).await.unwrap();
-    {
-        let mut stream = source.members();
-        // The run gives up (its own timeout) while Snowflake still runs the statement.
-        assert!(tokio::time::timeout(Duration::from_millis(1500), stream.next()).await.is_err());
-    }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while world.snowflake.cancels() == 0 {
-        assert!(tokio::time::Instant::now() < deadline, "no cancel request arrived");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // The run gives up (its own timeout) while Snowflake still runs the statement.
+    assert_abandoned_read_cancels(source.as_ref(), || world.snowflake.cancels()).await;
     // Past statementTimeoutSeconds the source itself cancels and says so.
     let spec = self::spec(&world, "SELECT pg_sleep(30)::text AS user_id", json!({ "statementTimeoutSeconds": 2 }));
     let source = open_source_spec(&spec, &ids, &world.objects).await.unwrap();
