@@ -32,7 +32,7 @@ use super::warehouse::{BodyError, RetryPolicy, checked_query, column_plan, read_
 use super::{BatchBuilder, MemberBatch, MemberSource, MemberStream, REDACT_MIN_LEN, SourceContext, SourceError};
 use crate::api::BigQuerySource;
 use crate::domain::identifiers::{ColumnPlan, IdentifierFields};
-use crate::domain::validate::SqlDialect;
+use crate::domain::validate::{SqlDialect, is_loopback};
 use crate::secret::{error_chain, redact};
 
 pub mod auth;
@@ -526,15 +526,6 @@ impl MemberSource for BigQueryMembers {
                 }
             }
         })
-    }
-}
-
-fn is_loopback(url: &Url) -> bool {
-    match url.host() {
-        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
-        None => false,
     }
 }
 
