@@ -14,25 +14,29 @@
 //! order, so the sorter does real work.
 
 use std::io::BufWriter;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
+use braze_sandbox::SandboxUser;
 use braze_sandbox::bench::BenchConfig;
-use braze_sandbox::{DataImportKey, Partner, Sandbox, SandboxConfig, SandboxUser};
 use cohort_operator::api::{RemovalGuard, RunResult, RunTrigger};
-use cohort_operator::braze::{BrazeClient, BrazeClientConfig, CohortTarget};
+use cohort_operator::braze::{BrazeClient, BrazeClientConfig};
 use cohort_operator::domain::member::Member;
 use cohort_operator::run::{ImportRun, RunDeps, run_import};
-use cohort_operator::secret::SecretString;
 use cohort_operator::snapshot::format::BodyWriter;
 use cohort_operator::snapshot::fs::FsSnapshotStore;
 use cohort_operator::snapshot::{FORMAT_VERSION, SnapshotMeta, SnapshotStore};
 use cohort_operator::source::{MemberBatch, MemberStream};
 use futures::StreamExt;
+use testkit::bench::{child_result, peak_rss_mib, print_result};
+
+#[path = "../tests/support/braze.rs"]
+mod braze_support;
+use braze_support::BrazeKeys;
 
 const PARTNER: &str = "bench";
 const PARTNER_KEY: &str = "bench-partner-key";
 const IMPORT_KEY: &str = "bench-import-key";
+const KEYS: BrazeKeys = BrazeKeys { partner: PARTNER, partner_key: PARTNER_KEY, import_key: IMPORT_KEY };
 const BATCH: u64 = 10_000;
 /// Multiplier of the scrambled order; a prime that shares no factor with the sizes used.
 const SCRAMBLE: u64 = 7_368_787;
@@ -56,15 +60,6 @@ fn generated_source(universe: u64, skip: impl Fn(u64) -> bool + Send + Sync + 's
 
 const CHURN_BASE: u64 = 10_000_000;
 
-fn peak_rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
 /// Child: runs one import and prints `RESULT <json>`.
 fn child(scenario: &str) {
     let url = std::env::var("IMPORT_BENCH_URL").expect("IMPORT_BENCH_URL");
@@ -72,13 +67,7 @@ fn child(scenario: &str) {
     let size: u64 = std::env::var("IMPORT_BENCH_SIZE").expect("IMPORT_BENCH_SIZE").parse().unwrap();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     runtime.block_on(async {
-        let target = CohortTarget {
-            rest_endpoint: url,
-            partner: PARTNER.into(),
-            partner_api_key: SecretString::new(PARTNER_KEY),
-            data_import_key: SecretString::new(IMPORT_KEY),
-            cohort_id: scenario.into(),
-        };
+        let target = braze_support::target_at(url, KEYS, scenario);
         let braze = BrazeClient::new(BrazeClientConfig::default()).unwrap();
         let store = FsSnapshotStore::new(dir.join("snapshots"), scenario);
         let source = match scenario {
@@ -95,18 +84,15 @@ fn child(scenario: &str) {
             run_import(&run, RunDeps { members: source, snapshots: &store, braze: &braze, target: &target }).await;
         let seconds = started.elapsed().as_secs_f64();
         assert_eq!(report.result, RunResult::Succeeded, "{}", report.message());
-        println!(
-            "RESULT {}",
-            serde_json::json!({
-                "members": report.cohort_size,
-                "added": report.added,
-                "removed": report.removed,
-                "requests": report.requests,
-                "spilled_runs": report.spilled_runs,
-                "seconds": seconds,
-                "peak_rss_mib": peak_rss_mib(),
-            })
-        );
+        print_result(&serde_json::json!({
+            "members": report.cohort_size,
+            "added": report.added,
+            "removed": report.removed,
+            "requests": report.requests,
+            "spilled_runs": report.spilled_runs,
+            "seconds": seconds,
+            "peak_rss_mib": peak_rss_mib(),
+        }));
     });
 }
 
@@ -146,18 +132,15 @@ struct Outcome {
 }
 
 fn run_child(scenario: &str, url: &str, dir: &std::path::Path, size: u64) -> Outcome {
-    let output = Command::new(std::env::current_exe().unwrap())
-        .env("IMPORT_BENCH_CHILD", scenario)
-        .env("IMPORT_BENCH_URL", url)
-        .env("IMPORT_BENCH_DIR", dir)
-        .env("IMPORT_BENCH_SIZE", size.to_string())
-        .output()
-        .expect("the benchmark re-runs itself");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let Some(line) = stdout.lines().find_map(|l| l.strip_prefix("RESULT ")) else {
-        panic!("{scenario} import failed:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
-    };
-    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    let v = child_result(
+        &format!("the {scenario} import"),
+        &[
+            ("IMPORT_BENCH_CHILD", scenario.to_owned()),
+            ("IMPORT_BENCH_URL", url.to_owned()),
+            ("IMPORT_BENCH_DIR", dir.display().to_string()),
+            ("IMPORT_BENCH_SIZE", size.to_string()),
+        ],
+    );
     let n = |k: &str| v[k].as_u64().unwrap();
     Outcome {
         members: n("members"),
@@ -182,14 +165,7 @@ fn main() {
         let users = (0..first_size)
             .map(|i| SandboxUser::identified(user(i)))
             .chain((0..100_000).map(|i| SandboxUser::identified(format!("bench-user-{i}"))));
-        let sandbox = Sandbox::start(SandboxConfig {
-            partners: vec![Partner { name: PARTNER.into(), api_key: PARTNER_KEY.into() }],
-            data_import_keys: vec![DataImportKey { key: IMPORT_KEY.into(), partners: vec![] }],
-            users: users.collect(),
-            ..SandboxConfig::default()
-        })
-        .await
-        .unwrap();
+        let sandbox = braze_support::start_sandbox(KEYS, users.collect()).await;
         let url = sandbox.url();
         println!("import benchmark{} — Braze sandbox at {url}", if quick { " (quick)" } else { "" });
 

@@ -9,13 +9,13 @@
 //! PostgreSQL and serialising the result (on the same cores), and fetching every
 //! partition/chunk (10,000 rows each) and mapping every row to a member.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cohort_operator::api::{IdentifierMapping, SourceSpec};
-use cohort_operator::source::{InMemoryObjects, open_source};
+use cohort_operator::source::{InMemoryObjects, open_source_spec};
 use futures::StreamExt;
 use serde_json::json;
+use testkit::bench::{child_result, peak_rss_mib, print_result};
 use testkit::postgres::Postgres;
 use warehouse_sandbox::databricks::{DatabricksConfig, RunningDatabricks};
 use warehouse_sandbox::keys::RsaKeyPair;
@@ -23,15 +23,6 @@ use warehouse_sandbox::snowflake::{RunningSnowflake, SnowflakeConfig};
 
 const WAREHOUSE_ID: &str = "bench0warehouse";
 const TOKEN: &str = "dapi-bench-token";
-
-fn peak_rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
 
 /// Child: reads the source named by `WAREHOUSE_BENCH_CHILD` and prints `RESULT <json>`.
 fn child(kind: &str) {
@@ -63,7 +54,7 @@ fn child(kind: &str) {
         let spec: SourceSpec = serde_json::from_value(spec).unwrap();
         let mapping: IdentifierMapping = serde_json::from_value(json!({ "externalId": column })).unwrap();
         let started = Instant::now();
-        let source = open_source(&spec, &mapping, &objects).await.expect("source opens");
+        let source = open_source_spec(&spec, &mapping, &objects).await.expect("source opens");
         let mut stream = source.members();
         let mut read = 0u64;
         let mut members = 0u64;
@@ -74,23 +65,20 @@ fn child(kind: &str) {
         }
         let seconds = started.elapsed().as_secs_f64();
         assert_eq!((read, members), (rows, rows));
-        println!("RESULT {}", json!({ "rows": read, "seconds": seconds, "peak_rss_mib": peak_rss_mib() }));
+        print_result(&json!({ "rows": read, "seconds": seconds, "peak_rss_mib": peak_rss_mib() }));
     });
 }
 
 fn run_child(kind: &str, url: &str, rows: u64, key: &str) -> serde_json::Value {
-    let out = Command::new(std::env::current_exe().unwrap())
-        .env("WAREHOUSE_BENCH_CHILD", kind)
-        .env("WAREHOUSE_BENCH_URL", url)
-        .env("WAREHOUSE_BENCH_ROWS", rows.to_string())
-        .env("WAREHOUSE_BENCH_KEY", key)
-        .output()
-        .expect("child runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let Some(line) = stdout.lines().find_map(|l| l.strip_prefix("RESULT ")) else {
-        panic!("{kind} child failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    };
-    serde_json::from_str(line).unwrap()
+    child_result(
+        &format!("the {kind} read"),
+        &[
+            ("WAREHOUSE_BENCH_CHILD", kind.to_owned()),
+            ("WAREHOUSE_BENCH_URL", url.to_owned()),
+            ("WAREHOUSE_BENCH_ROWS", rows.to_string()),
+            ("WAREHOUSE_BENCH_KEY", key.to_owned()),
+        ],
+    )
 }
 
 fn main() {

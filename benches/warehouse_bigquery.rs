@@ -7,28 +7,19 @@
 //! (`VmHWM`) is the source's own. The figure includes the job's wait: the stand-in runs the
 //! SQL and renders every row before the first page, as BigQuery does.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cohort_operator::api::{IdentifierMapping, SourceSpec};
-use cohort_operator::source::{InMemoryObjects, open_source};
+use cohort_operator::source::{InMemoryObjects, open_source_spec};
 use futures::StreamExt;
+use testkit::bench::{child_result, peak_rss_mib, print_result};
 use testkit::postgres::Postgres;
 use warehouse_sandbox::bigquery::oauth::TestServiceAccount;
 use warehouse_sandbox::bigquery::{BigQueryConfig, RunningBigQuery};
 
 const PROJECT: &str = "bench-analytics";
 
-fn peak_rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
-/// Child: reads the whole source and prints `RESULT rows seconds rss_mib`.
+/// Child: reads the whole source and prints its `RESULT`: rows, seconds, peak RSS.
 fn child() {
     let endpoint = std::env::var("BQ_BENCH_ENDPOINT").expect("BQ_BENCH_ENDPOINT");
     let key = std::env::var("BQ_BENCH_KEY").expect("BQ_BENCH_KEY");
@@ -45,7 +36,7 @@ fn child() {
         .unwrap();
         let mapping = IdentifierMapping { external_id: Some("user_id".into()), ..Default::default() };
         let objects = InMemoryObjects::new("bench").with_secret("bq", "key.json", key);
-        let source = open_source(&spec, &mapping, &objects).await.expect("source opens");
+        let source = open_source_spec(&spec, &mapping, &objects).await.expect("source opens");
         let started = Instant::now();
         let mut rows = 0u64;
         let mut stream = source.members();
@@ -53,7 +44,7 @@ fn child() {
             rows += batch.expect("batch").rows();
         }
         let secs = started.elapsed().as_secs_f64();
-        println!("RESULT {rows} {secs} {}", peak_rss_mib());
+        print_result(&serde_json::json!({ "rows": rows, "seconds": secs, "peak_rss_mib": peak_rss_mib() }));
     });
 }
 
@@ -74,19 +65,19 @@ fn main() {
     config.max_wait = Duration::from_secs(30);
     let sandbox =
         runtime.block_on(RunningBigQuery::start(config, "127.0.0.1:0".parse().unwrap())).expect("stand-in starts");
-    let output = Command::new(std::env::current_exe().unwrap())
-        .env("BQ_BENCH_CHILD", "1")
-        .env("BQ_BENCH_ENDPOINT", sandbox.url())
-        .env("BQ_BENCH_KEY", sandbox.key_json(&account))
-        .output()
-        .expect("child runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let result = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("RESULT "))
-        .unwrap_or_else(|| panic!("the child failed:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr)));
-    let fields: Vec<f64> = result.split(' ').map(|f| f.parse().unwrap()).collect();
-    let (read, secs, rss) = (fields[0] as u64, fields[1], fields[2]);
+    let result = child_result(
+        "the bigquery read",
+        &[
+            ("BQ_BENCH_CHILD", "1".to_owned()),
+            ("BQ_BENCH_ENDPOINT", sandbox.url()),
+            ("BQ_BENCH_KEY", sandbox.key_json(&account)),
+        ],
+    );
+    let (read, secs, rss) = (
+        result["rows"].as_u64().unwrap(),
+        result["seconds"].as_f64().unwrap(),
+        result["peak_rss_mib"].as_f64().unwrap(),
+    );
     assert_eq!(read, rows, "every row read");
     let stats = runtime.block_on(sandbox.stats());
     println!(

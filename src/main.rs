@@ -32,8 +32,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the controller: watch CohortImports and run their imports on schedule.
+    // The command stays `run` (the chart and users call `cohort-operator run`); in the code
+    // it is the controller, so it is not mistaken for an import run.
     #[command(name = "run")]
-    Controller(Box<RunArgs>),
+    Controller(Box<ControllerArgs>),
     /// Print the CohortImport CustomResourceDefinition as YAML.
     Crd {
         /// Print the field reference (Markdown) instead, as in docs/reference.md.
@@ -135,7 +137,7 @@ enum EgressDefaultArg {
 }
 
 #[derive(clap::Args)]
-struct RunArgs {
+struct ControllerArgs {
     /// Namespaces to watch, comma-separated; all when unset.
     #[arg(long, env = "COHORT_WATCH_NAMESPACES", value_delimiter = ',')]
     watch_namespaces: Vec<String>,
@@ -276,7 +278,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Crd { reference: false } => print!("{}", cohort_operator::api::crd_yaml()),
         Command::Crd { reference: true } => print!("{}", cohort_operator::api::reference::markdown()),
-        Command::Controller(args) => run(*args).await?,
+        Command::Controller(args) => start_controller(*args).await?,
         Command::Trigger { name, wait, timeout_seconds, target } => {
             let (client, namespace) = target.client().await?;
             let value = cli::trigger(client.clone(), &namespace, &name).await?;
@@ -349,7 +351,8 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
+/// `cohort-operator run`: the controller, until a shutdown signal.
+async fn start_controller(args: ControllerArgs) -> anyhow::Result<()> {
     init_logging(args.log_format);
     // Refused before anything starts: a budget the runs cannot fit would be exceeded.
     let sort_bytes =

@@ -6,9 +6,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use braze_sandbox::{
-    DataImportKey, Faults, Partner, RateLimit, RunningSandbox, Sandbox, SandboxConfig, SandboxUser, ScriptedFault,
-};
+use braze_sandbox::{DataImportKey, Faults, Partner, RateLimit, RunningSandbox, SandboxUser, ScriptedFault};
 use cohort_operator::braze::{
     BrazeClient, BrazeClientConfig, BrazeError, Change, ChangesReport, CohortTarget, RetryPolicy, TransientFailure,
     UnauthorizedReason,
@@ -17,9 +15,14 @@ use cohort_operator::domain::member::Member;
 use cohort_operator::secret::SecretString;
 use futures::stream;
 
+#[path = "support/braze.rs"]
+mod braze_support;
+use braze_support::BrazeKeys;
+
 const PARTNER: &str = "acme";
 const PARTNER_KEY: &str = "pk-SECRET-partner-4f1c";
 const IMPORT_KEY: &str = "dik-SECRET-import-9a27";
+const KEYS: BrazeKeys = BrazeKeys { partner: PARTNER, partner_key: PARTNER_KEY, import_key: IMPORT_KEY };
 /// Valid, but enabled only for another partner: Braze's 401 for it repeats the key.
 const OTHER_IMPORT_KEY: &str = "dik-SECRET-other-5e31";
 const WRONG_KEY: &str = "dik-SECRET-wrong-0b8d";
@@ -79,22 +82,15 @@ fn users() -> Vec<SandboxUser> {
     users
 }
 
+/// Also a second partner, `other`, with a data import key of its own: the import key of
+/// `acme` is enabled for `acme` only.
 async fn sandbox() -> RunningSandbox {
     logs();
-    Sandbox::start(SandboxConfig {
-        partners: vec![
-            Partner { name: PARTNER.into(), api_key: PARTNER_KEY.into() },
-            Partner { name: "other".into(), api_key: "other-partner-key".into() },
-        ],
-        data_import_keys: vec![
-            DataImportKey { key: IMPORT_KEY.into(), partners: vec![PARTNER.into()] },
-            DataImportKey { key: OTHER_IMPORT_KEY.into(), partners: vec!["other".into()] },
-        ],
-        users: users(),
-        ..SandboxConfig::default()
-    })
-    .await
-    .expect("sandbox starts")
+    let mut config = braze_support::sandbox_config(KEYS, users());
+    config.data_import_keys[0].partners = vec![PARTNER.into()];
+    config.partners.push(Partner { name: "other".into(), api_key: "other-partner-key".into() });
+    config.data_import_keys.push(DataImportKey { key: OTHER_IMPORT_KEY.into(), partners: vec!["other".into()] });
+    braze_support::start(config).await
 }
 
 fn client(max_in_flight: usize, retry: RetryPolicy) -> BrazeClient {
@@ -117,14 +113,8 @@ fn fast_retries() -> RetryPolicy {
     }
 }
 
-fn target(sandbox: &RunningSandbox, cohort_id: &str, import_key: &str) -> CohortTarget {
-    CohortTarget {
-        rest_endpoint: sandbox.url(),
-        partner: PARTNER.into(),
-        partner_api_key: SecretString::new(PARTNER_KEY),
-        data_import_key: SecretString::new(import_key),
-        cohort_id: cohort_id.into(),
-    }
+fn target(sandbox: &RunningSandbox, cohort_id: &str, import_key: &'static str) -> CohortTarget {
+    braze_support::target(sandbox, BrazeKeys { import_key, ..KEYS }, cohort_id)
 }
 
 fn ext(i: usize) -> Member {

@@ -18,7 +18,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use cohort_operator::api::{RunResult, SourceSpec};
 use cohort_operator::source::egress::{EgressPolicy, EgressRule};
-use cohort_operator::source::{InMemoryObjects, SourceError, open_source, read_cohort};
+use cohort_operator::source::{InMemoryObjects, SourceError, open_source_spec, read_cohort};
 use controller_support::*;
 use serde_json::{Value, json};
 use testkit::postgres::Postgres;
@@ -277,7 +277,7 @@ async fn read(url: &str, auth: Value, policy: EgressPolicy) -> Result<Vec<String
     let objects = InMemoryObjects::new("growth")
         .with_secret("export", "token", "tok-3Vb9-never-elsewhere")
         .with_egress(Arc::new(policy));
-    let source = open_source(&spec, &mapping, &objects).await?;
+    let source = open_source_spec(&spec, &mapping, &objects).await?;
     let read = read_cohort(source.as_ref()).await?;
     Ok(read.members.iter().map(|k| format!("{k:?}")).collect())
 }

@@ -5,12 +5,15 @@
 use cohort_operator::api::{IdentifierMapping, SourceSpec};
 use cohort_operator::domain::identifiers::SkipReason;
 use cohort_operator::domain::member::{Member, MemberKey};
-use cohort_operator::source::{InMemoryObjects, MemberSource, SourceError, open_source, read_cohort};
+use cohort_operator::source::{InMemoryObjects, MemberSource, SourceError, open_source_spec, read_cohort};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use testkit::postgres::Postgres;
 use warehouse_sandbox::bigquery::oauth::TestServiceAccount;
 use warehouse_sandbox::bigquery::{BigQueryConfig, Endpoint, Fault, RunningBigQuery, Stats};
+
+#[path = "support/warehouse.rs"]
+mod warehouse_support;
 
 const PROJECT: &str = "cohort-analytics";
 const LOCATION: &str = "europe-west1";
@@ -45,21 +48,14 @@ async fn world(db: &str, setup: &str, tweak: impl FnOnce(&mut BigQueryConfig, &T
 impl World {
     /// The spec's `bigquery` object for `query`, with `extra` fields merged in.
     fn spec(&self, query: &str, extra: Value) -> SourceSpec {
-        let mut bq = json!({
+        let fields = json!({
             "projectId": PROJECT,
             "location": LOCATION,
             "query": query,
             "endpoint": self.bq.url(),
             "serviceAccountKeySecretRef": { "name": "bq", "key": "key.json" },
         });
-        for (k, v) in extra.as_object().unwrap() {
-            if v.is_null() {
-                bq.as_object_mut().unwrap().remove(k);
-            } else {
-                bq[k] = v.clone();
-            }
-        }
-        serde_json::from_value(json!({ "bigquery": bq })).expect("spec")
+        warehouse_support::source_spec("bigquery", fields, extra)
     }
 
     fn objects(&self) -> InMemoryObjects {
@@ -67,7 +63,7 @@ impl World {
     }
 
     async fn open(&self, query: &str, extra: Value, mapping: &IdentifierMapping) -> Box<dyn MemberSource> {
-        open_source(&self.spec(query, extra), mapping, &self.objects()).await.expect("source opens")
+        open_source_spec(&self.spec(query, extra), mapping, &self.objects()).await.expect("source opens")
     }
 
     async fn stats(&self) -> Stats {
@@ -330,15 +326,16 @@ async fn a_key_the_token_endpoint_refuses_is_named_without_its_content() {
         "key.json",
         r#"{"type":"authorized_user","refresh_token":"1//secret-refresh"}"#,
     );
-    let e =
-        open_source(&w.spec("SELECT uid FROM t", json!({})), &external("uid"), &objects).await.expect_err("refused");
+    let e = open_source_spec(&w.spec("SELECT uid FROM t", json!({})), &external("uid"), &objects)
+        .await
+        .expect_err("refused");
     assert_eq!(e.reason(), "InvalidSpec");
     assert!(e.to_string().contains("authorized_user") && !e.to_string().contains("secret-refresh"), "{e}");
-    let e = open_source(&w.spec("SELECT 1 AS uid; DELETE FROM t", json!({})), &external("uid"), &w.objects())
+    let e = open_source_spec(&w.spec("SELECT 1 AS uid; DELETE FROM t", json!({})), &external("uid"), &w.objects())
         .await
         .expect_err("refused");
     assert!(e.to_string().contains("more than one statement"), "{e}");
-    let e = open_source(
+    let e = open_source_spec(
         &w.spec("SELECT uid FROM t", json!({ "endpoint": "http://bigquery.example.com" })),
         &external("uid"),
         &w.objects(),
@@ -358,7 +355,7 @@ async fn workload_identity_takes_tokens_from_the_metadata_server() {
         "SELECT uid FROM t",
         json!({ "serviceAccountKeySecretRef": null, "metadataServer": w.bq.metadata_server() }),
     );
-    let source = open_source(&spec, &external("uid"), &InMemoryObjects::new("growth")).await.expect("opens");
+    let source = open_source_spec(&spec, &external("uid"), &InMemoryObjects::new("growth")).await.expect("opens");
     assert!(source.describe().contains("Workload Identity"), "{}", source.describe());
     assert_eq!(read_cohort(source.as_ref()).await.expect("read").members.len(), 10);
     let stats = w.stats().await;
@@ -367,7 +364,7 @@ async fn workload_identity_takes_tokens_from_the_metadata_server() {
     // No metadata server there: said so, with the way out.
     let spec =
         w.spec("SELECT uid FROM t", json!({ "serviceAccountKeySecretRef": null, "metadataServer": "127.0.0.1:9" }));
-    let source = open_source(&spec, &external("uid"), &InMemoryObjects::new("growth")).await.expect("opens");
+    let source = open_source_spec(&spec, &external("uid"), &InMemoryObjects::new("growth")).await.expect("opens");
     let e = read_cohort(source.as_ref()).await.expect_err("fails");
     assert!(
         e.to_string().contains("metadata server 127.0.0.1:9") && e.to_string().contains("serviceAccountKeySecretRef"),

@@ -4,7 +4,7 @@ use cohort_operator::api::{IdentifierMapping, SourceSpec};
 use cohort_operator::domain::identifiers::SkipReason;
 use cohort_operator::domain::member::{Member, MemberKey};
 use cohort_operator::source::kube::KubeObjects;
-use cohort_operator::source::{CohortRead, ObjectKind, SourceContext, SourceError, open_source, read_cohort};
+use cohort_operator::source::{CohortRead, ObjectKind, SourceContext, SourceError, open_source_spec, read_cohort};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{Api, PostParams};
 use testkit::cluster::Cluster;
@@ -50,7 +50,7 @@ async fn read(
 ) -> Result<CohortRead, SourceError> {
     let spec: SourceSpec = serde_json::from_value(serde_json::json!({ "configMap": config_map })).unwrap();
     let identifiers: IdentifierMapping = serde_json::from_value(identifiers).unwrap();
-    let source = open_source(&spec, &identifiers, objects).await?;
+    let source = open_source_spec(&spec, &identifiers, objects).await?;
     read_cohort(source.as_ref()).await
 }
 

@@ -8,37 +8,21 @@ use std::time::Duration;
 use cohort_operator::api::{IdentifierMapping, SourceSpec};
 use cohort_operator::domain::identifiers::SkipReason;
 use cohort_operator::domain::member::{Member, MemberKey};
-use cohort_operator::source::{CohortRead, InMemoryObjects, SourceError, open_source, read_cohort};
-use futures::StreamExt;
+use cohort_operator::source::{CohortRead, InMemoryObjects, SourceError, open_source_spec, read_cohort};
 use serde_json::{Value, json};
-use testkit::postgres::Postgres;
 use warehouse_sandbox::databricks::{DatabricksConfig, Fault, FaultTarget, RunningDatabricks};
 
-const ROWS: u64 = 100_000;
+#[path = "support/warehouse.rs"]
+mod warehouse_support;
+use warehouse_support::{QUERY, assert_abandoned_read_cancels, assert_full_cohort, cohort_database, source_spec};
+
 const PAT: &str = "dapi0123456789abcdef0123456789abcdef";
 const CLIENT_ID: &str = "7f3c1d2e-sp-cohorts";
 const CLIENT_SECRET: &str = "dose0123456789secret";
 const WAREHOUSE: &str = "8f2a9c0d1e3b4a56";
 
-fn database(name: &str) -> String {
-    let pg = Postgres::shared();
-    pg.create_database(name);
-    pg.psql(
-        name,
-        &format!(
-            "CREATE TABLE cohort AS SELECT i, \
-               CASE WHEN i % 10 < 6 THEN 'u' || i END AS user_id, \
-               CASE WHEN i % 10 IN (6, 7) THEN 'alias-' || i END AS email, \
-               CASE WHEN i % 10 = 8 THEN 'device-' || i END AS device \
-             FROM generate_series(1, {ROWS}) AS i"
-        ),
-    )
-    .expect("cohort table");
-    pg.url(name)
-}
-
 async fn workspace(db: &str, tune: impl FnOnce(&mut DatabricksConfig)) -> (RunningDatabricks, InMemoryObjects) {
-    let mut config = DatabricksConfig::new(&database(db), WAREHOUSE);
+    let mut config = DatabricksConfig::new(&cohort_database(db), WAREHOUSE);
     config.tokens = vec![PAT.to_owned()];
     config.clients = vec![(CLIENT_ID.to_owned(), CLIENT_SECRET.to_owned())];
     config.chunk_rows = 10_000;
@@ -53,7 +37,7 @@ async fn workspace(db: &str, tune: impl FnOnce(&mut DatabricksConfig)) -> (Runni
 }
 
 fn spec(workspace: &RunningDatabricks, query: &str, extra: Value) -> SourceSpec {
-    let mut source = json!({
+    let fields = json!({
         "host": workspace.url(),
         "warehouseId": WAREHOUSE,
         "catalog": "main",
@@ -61,36 +45,18 @@ fn spec(workspace: &RunningDatabricks, query: &str, extra: Value) -> SourceSpec 
         "query": query,
         "statementTimeoutSeconds": 120,
     });
-    for (k, v) in extra.as_object().unwrap() {
-        source[k] = v.clone();
-    }
-    serde_json::from_value(json!({ "databricks": source })).unwrap()
+    source_spec("databricks", fields, extra)
 }
 
 fn mapping() -> IdentifierMapping {
-    serde_json::from_value(json!({
-        "externalId": "user_id",
-        "alias": { "nameField": "email", "label": "email" },
-        "deviceId": "device",
-    }))
-    .unwrap()
+    warehouse_support::cohort_mapping("user_id", "email", "device")
 }
 
-const QUERY: &str = "SELECT user_id, email, device FROM cohort ORDER BY i";
 const OAUTH: &str = r#"{ "oauth": { "secretName": "databricks-sp" } }"#;
 
 async fn read(objects: &InMemoryObjects, spec: &SourceSpec) -> Result<CohortRead, SourceError> {
-    let source = open_source(spec, &mapping(), objects).await?;
+    let source = open_source_spec(spec, &mapping(), objects).await?;
     read_cohort(source.as_ref()).await
-}
-
-fn assert_full_cohort(read: &CohortRead) {
-    assert_eq!(read.rows, ROWS);
-    assert_eq!(read.members.len(), 90_000);
-    assert_eq!(read.skipped.get(SkipReason::Missing), 10_000);
-    assert!(read.members.contains(&Member::ExternalId("u1".into()).key()));
-    assert!(read.members.contains(&Member::Alias { name: "alias-6".into(), label: "email".into() }.key()));
-    assert!(read.members.contains(&Member::DeviceId("device-8".into()).key()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -156,7 +122,7 @@ async fn numeric_identifiers_arrive_as_braze_expects() {
     let query = "SELECT 12345678901::bigint AS id UNION ALL SELECT 42.00::numeric(10,2) \
                  UNION ALL SELECT 1234567890::float8 UNION ALL SELECT 7::float8 UNION ALL SELECT NULL";
     let ids: IdentifierMapping = serde_json::from_value(json!({ "externalId": "id" })).unwrap();
-    let source = open_source(&spec(&ws, query, json!({ "disposition": "Inline" })), &ids, &objects).await.unwrap();
+    let source = open_source_spec(&spec(&ws, query, json!({ "disposition": "Inline" })), &ids, &objects).await.unwrap();
     let read = read_cohort(source.as_ref()).await.unwrap();
     let mut expected: Vec<MemberKey> =
         ["12345678901", "42", "1234567890", "7"].iter().map(|s| Member::ExternalId((*s).into()).key()).collect();
@@ -220,13 +186,14 @@ async fn every_failure_is_reported_as_the_user_needs_it() {
         "{err}"
     );
 
-    let err =
-        open_source(&spec(&ws, "INSERT INTO cohort VALUES (1)", json!({})), &mapping(), &objects).await.unwrap_err();
+    let err = open_source_spec(&spec(&ws, "INSERT INTO cohort VALUES (1)", json!({})), &mapping(), &objects)
+        .await
+        .unwrap_err();
     assert_eq!(err.reason(), "InvalidSpec");
     assert!(err.to_string().contains("starts with \"INSERT\""), "{err}");
 
     let objects_without = InMemoryObjects::new("growth");
-    let err = open_source(&full, &mapping(), &objects_without).await.unwrap_err();
+    let err = open_source_spec(&full, &mapping(), &objects_without).await.unwrap_err();
     assert_eq!(err.reason(), "SecretNotFound");
 }
 
@@ -235,18 +202,10 @@ async fn an_abandoned_read_cancels_the_statement() {
     let (ws, objects) = workspace("dbx_cancel", |c| c.pending_polls = 0).await;
     let ids: IdentifierMapping = serde_json::from_value(json!({ "externalId": "user_id" })).unwrap();
     let spec = spec(&ws, "SELECT pg_sleep(40)::text AS user_id", json!({}));
-    let source = open_source(&spec, &ids, &objects).await.unwrap();
-    {
-        let mut stream = source.members();
-        assert!(tokio::time::timeout(Duration::from_millis(1500), stream.next()).await.is_err());
-    }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while ws.cancels() == 0 {
-        assert!(tokio::time::Instant::now() < deadline, "no cancel request arrived");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let source = open_source_spec(&spec, &ids, &objects).await.unwrap();
+    assert_abandoned_read_cancels(source.as_ref(), || ws.cancels()).await;
     let spec = self::spec(&ws, "SELECT pg_sleep(40)::text AS user_id", json!({ "statementTimeoutSeconds": 2 }));
-    let source = open_source(&spec, &ids, &objects).await.unwrap();
+    let source = open_source_spec(&spec, &ids, &objects).await.unwrap();
     let err = read_cohort(source.as_ref()).await.unwrap_err();
     assert!(matches!(err, SourceError::Timeout { seconds: 2, .. }), "{err}");
 }

@@ -14,7 +14,7 @@ use axum::routing::get;
 use cohort_operator::api::{IdentifierMapping, SourceSpec};
 use cohort_operator::domain::identifiers::SkipReason;
 use cohort_operator::domain::member::{Member, MemberKey};
-use cohort_operator::source::{CohortRead, InMemoryObjects, SourceError, open_source, read_cohort};
+use cohort_operator::source::{CohortRead, InMemoryObjects, SourceError, open_source_spec, read_cohort};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const TOKEN: &str = "tok-7Hq2-never-shown";
@@ -235,7 +235,7 @@ fn objects() -> InMemoryObjects {
 
 async fn read(http: serde_json::Value) -> Result<CohortRead, SourceError> {
     let spec: SourceSpec = serde_json::from_value(serde_json::json!({ "http": http })).expect("spec");
-    let source = open_source(&spec, &uid_mapping(), &objects()).await?;
+    let source = open_source_spec(&spec, &uid_mapping(), &objects()).await?;
     assert_no_secret(&source.describe());
     assert_no_secret(&format!("{source:?}"));
     read_cohort(source.as_ref()).await

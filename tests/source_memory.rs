@@ -4,7 +4,7 @@
 
 use cohort_operator::api::{IdentifierMapping, SourceSpec};
 use cohort_operator::domain::member::Member;
-use cohort_operator::source::{InMemoryObjects, open_source};
+use cohort_operator::source::{InMemoryObjects, open_source_spec};
 use futures::StreamExt;
 use testkit::postgres::Postgres;
 
@@ -41,7 +41,7 @@ async fn a_million_rows_stream_in_flat_memory() {
     .unwrap();
     let identifiers: IdentifierMapping = serde_json::from_value(serde_json::json!({ "externalId": "uid" })).unwrap();
     let objects = InMemoryObjects::new("bench").with_secret("warehouse", "url", pg.url("postgres"));
-    let source = open_source(&spec, &identifiers, &objects).await.expect("source");
+    let source = open_source_spec(&spec, &identifiers, &objects).await.expect("source");
 
     let mut stream = source.members();
     let mut rows = 0u64;

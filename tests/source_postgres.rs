@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use cohort_operator::api::{IdentifierMapping, SourceSpec};
 use cohort_operator::domain::identifiers::{MAX_IDENTIFIER_BYTES, SkipReason};
 use cohort_operator::domain::member::{Member, MemberKey};
-use cohort_operator::source::{InMemoryObjects, MemberSource, SourceError, open_source, read_cohort};
+use cohort_operator::source::{InMemoryObjects, MemberSource, SourceError, open_source_spec, read_cohort};
 use testkit::postgres::Postgres;
 
 const PASSWORD: &str = "pw-Zq8s1-never-shown";
@@ -45,7 +45,7 @@ async fn open(
     }}))
     .expect("spec");
     let objects = InMemoryObjects::new("growth").with_secret("warehouse", "url", url);
-    open_source(&spec, identifiers, &objects).await.expect("source opens")
+    open_source_spec(&spec, identifiers, &objects).await.expect("source opens")
 }
 
 fn assert_no_secret(text: &str) {
@@ -257,7 +257,7 @@ async fn a_missing_secret_is_named() {
         "connectionSecretRef": { "name": "warehouse", "key": "url" }, "query": "SELECT 1 AS uid" }}))
     .unwrap();
     let identifiers = mapping(serde_json::json!({ "externalId": "uid" }));
-    let err = open_source(&spec, &identifiers, &InMemoryObjects::new("growth")).await.unwrap_err();
+    let err = open_source_spec(&spec, &identifiers, &InMemoryObjects::new("growth")).await.unwrap_err();
     assert_eq!(err.reason(), "SecretNotFound");
     assert!(err.to_string().starts_with("Secret growth/warehouse not found"), "{err}");
 }
@@ -364,7 +364,7 @@ async fn a_row_longer_than_max_row_bytes_fails_naming_the_field() {
     }}))
     .expect("spec");
     let objects = InMemoryObjects::new("growth").with_secret("warehouse", "url", url(pg, &db));
-    let source = open_source(&spec, &mapping(serde_json::json!({ "externalId": "uid" })), &objects).await.unwrap();
+    let source = open_source_spec(&spec, &mapping(serde_json::json!({ "externalId": "uid" })), &objects).await.unwrap();
     let err = read_cohort(source.as_ref()).await.expect_err("a row is too long");
     assert!(matches!(err, SourceError::RowTooLarge { limit: 4096, field: "postgres.maxRowBytes", .. }), "{err:?}");
     assert_eq!(

@@ -8,35 +8,17 @@ use std::time::Duration;
 use cohort_operator::api::{IdentifierMapping, SourceSpec};
 use cohort_operator::domain::identifiers::SkipReason;
 use cohort_operator::domain::member::{Member, MemberKey};
-use cohort_operator::source::{InMemoryObjects, SourceError, open_source, read_cohort};
-use futures::StreamExt;
+use cohort_operator::source::{CohortRead, InMemoryObjects, SourceError, open_source_spec, read_cohort};
 use serde_json::{Value, json};
-use testkit::postgres::Postgres;
 use warehouse_sandbox::keys::{KeyCipher, RsaKeyPair};
 use warehouse_sandbox::snowflake::{Fault, FaultTarget, RunningSnowflake, SnowflakeConfig};
 
+#[path = "support/warehouse.rs"]
+mod warehouse_support;
+use warehouse_support::{QUERY, assert_abandoned_read_cancels, assert_full_cohort, cohort_database, source_spec};
+
 const ACCOUNT: &str = "myorg-analytics";
 const USER: &str = "cohort_reader";
-const ROWS: u64 = 100_000;
-
-/// A database of its own with the `cohort` table: 100,000 rows, 60% external ids, 20%
-/// aliases, 10% device ids, 10% with none.
-fn database(name: &str) -> String {
-    let pg = Postgres::shared();
-    pg.create_database(name);
-    pg.psql(
-        name,
-        &format!(
-            "CREATE TABLE cohort AS SELECT i, \
-               CASE WHEN i % 10 < 6 THEN 'u' || i END AS user_id, \
-               CASE WHEN i % 10 IN (6, 7) THEN 'alias-' || i END AS email, \
-               CASE WHEN i % 10 = 8 THEN 'device-' || i END AS device \
-             FROM generate_series(1, {ROWS}) AS i"
-        ),
-    )
-    .expect("cohort table");
-    pg.url(name)
-}
 
 struct World {
     key: RsaKeyPair,
@@ -51,7 +33,7 @@ fn key() -> RsaKeyPair {
 
 async fn world(db: &str, tune: impl FnOnce(&mut SnowflakeConfig)) -> World {
     let key = key();
-    let url = database(db);
+    let url = cohort_database(db);
     let mut config = SnowflakeConfig::new("MYORG-ANALYTICS", "COHORT_READER", &key.rsa_public_key(), &url);
     config.partition_rows = 10_000;
     config.pending_polls = 2;
@@ -66,7 +48,7 @@ async fn world(db: &str, tune: impl FnOnce(&mut SnowflakeConfig)) -> World {
 }
 
 fn spec(world: &World, query: &str, extra: Value) -> SourceSpec {
-    let mut source = json!({
+    let fields = json!({
         "credentials": { "secretName": "snowflake" },
         "endpoint": world.snowflake.url(),
         "warehouse": "COHORTS_WH",
@@ -75,35 +57,17 @@ fn spec(world: &World, query: &str, extra: Value) -> SourceSpec {
         "query": query,
         "statementTimeoutSeconds": 120,
     });
-    for (k, v) in extra.as_object().unwrap() {
-        source[k] = v.clone();
-    }
-    serde_json::from_value(json!({ "snowflake": source })).unwrap()
+    source_spec("snowflake", fields, extra)
 }
 
+/// Snowflake upper-cases unquoted column names.
 fn mapping() -> IdentifierMapping {
-    serde_json::from_value(json!({
-        "externalId": "USER_ID",
-        "alias": { "nameField": "EMAIL", "label": "email" },
-        "deviceId": "DEVICE",
-    }))
-    .unwrap()
+    warehouse_support::cohort_mapping("USER_ID", "EMAIL", "DEVICE")
 }
 
-const QUERY: &str = "SELECT user_id, email, device FROM cohort ORDER BY i";
-
-async fn read(world: &World, spec: &SourceSpec) -> Result<cohort_operator::source::CohortRead, SourceError> {
-    let source = open_source(spec, &mapping(), &world.objects).await?;
+async fn read(world: &World, spec: &SourceSpec) -> Result<CohortRead, SourceError> {
+    let source = open_source_spec(spec, &mapping(), &world.objects).await?;
     read_cohort(source.as_ref()).await
-}
-
-fn assert_full_cohort(read: &cohort_operator::source::CohortRead) {
-    assert_eq!(read.rows, ROWS);
-    assert_eq!(read.members.len(), 90_000);
-    assert_eq!(read.skipped.get(SkipReason::Missing), 10_000);
-    assert!(read.members.contains(&Member::ExternalId("u1".into()).key()));
-    assert!(read.members.contains(&Member::Alias { name: "alias-6".into(), label: "email".into() }.key()));
-    assert!(read.members.contains(&Member::DeviceId("device-8".into()).key()));
 }
 
 /// No secret of the key pair in a message.
@@ -183,7 +147,7 @@ async fn bare_partition_bodies_and_every_key_form_are_read() {
             query,
             json!({ "credentials": { "secretName": "snowflake", "privateKeyPassphraseKey": "passphrase" } }),
         );
-        let source = open_source(&spec, &mapping(), &objects).await.unwrap_or_else(|e| panic!("{name}: {e}"));
+        let source = open_source_spec(&spec, &mapping(), &objects).await.unwrap_or_else(|e| panic!("{name}: {e}"));
         let read = read_cohort(source.as_ref()).await.unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!((read.rows, read.members.len()), (25_000, 22_500), "{name}");
     }
@@ -194,7 +158,7 @@ async fn bare_partition_bodies_and_every_key_form_are_read() {
         "passphrase",
         "wrong",
     );
-    let err = open_source(&spec(&world, query, json!({})), &mapping(), &objects).await.unwrap_err();
+    let err = open_source_spec(&spec(&world, query, json!({})), &mapping(), &objects).await.unwrap_err();
     assert_eq!(err.reason(), "InvalidSpec");
     assert!(err.to_string().contains("privateKeyPassphraseKey"), "{err}");
     let with_pass = spec(
@@ -202,7 +166,7 @@ async fn bare_partition_bodies_and_every_key_form_are_read() {
         query,
         json!({ "credentials": { "secretName": "snowflake", "privateKeyPassphraseKey": "passphrase" } }),
     );
-    let err = open_source(&with_pass, &mapping(), &objects).await.unwrap_err();
+    let err = open_source_spec(&with_pass, &mapping(), &objects).await.unwrap_err();
     assert!(err.to_string().contains("passphrase is wrong"), "{err}");
     assert!(!err.to_string().contains(&encrypted[40..80]) && !err.to_string().contains("wrong\""), "{err}");
 }
@@ -214,7 +178,7 @@ async fn numeric_identifiers_arrive_as_braze_expects() {
                  UNION ALL SELECT 1234567890::float8 UNION ALL SELECT 1e16::float8 UNION ALL SELECT NULL";
     let spec = spec(&world, query, json!({}));
     let ids: IdentifierMapping = serde_json::from_value(json!({ "externalId": "ID" })).unwrap();
-    let source = open_source(&spec, &ids, &world.objects).await.unwrap();
+    let source = open_source_spec(&spec, &ids, &world.objects).await.unwrap();
     let read = read_cohort(source.as_ref()).await.unwrap();
     let expected: Vec<MemberKey> = ["12345678901", "1234567890", "42"]
         .iter()
@@ -237,7 +201,7 @@ async fn every_failure_is_reported_as_the_user_needs_it() {
     // A key Snowflake does not know for this user: authentication, naming the fingerprint.
     let other = RsaKeyPair::generate();
     let objects = world.objects.clone().with_secret("snowflake", "privateKey", other.private_key_pem());
-    let source = open_source(&full, &mapping(), &objects).await.unwrap();
+    let source = open_source_spec(&full, &mapping(), &objects).await.unwrap();
     let err = read_cohort(source.as_ref()).await.unwrap_err();
     assert!(matches!(err, SourceError::Auth { .. }), "{err}");
     let text = err.to_string();
@@ -268,7 +232,7 @@ async fn every_failure_is_reported_as_the_user_needs_it() {
 
     // The mapping names a column the query lacks (Snowflake upper-cases unquoted names).
     let lower: IdentifierMapping = serde_json::from_value(json!({ "externalId": "user_id" })).unwrap();
-    let source = open_source(&full, &lower, &world.objects).await.unwrap();
+    let source = open_source_spec(&full, &lower, &world.objects).await.unwrap();
     let err = read_cohort(source.as_ref()).await.unwrap_err();
     assert_eq!(err.reason(), "InvalidSpec");
     assert!(err.to_string().contains("no column \"user_id\"") && err.to_string().contains("\"USER_ID\""), "{err}");
@@ -280,7 +244,7 @@ async fn every_failure_is_reported_as_the_user_needs_it() {
 
     // Not a single SELECT: refused before anything is sent.
     let executions = sf.executions();
-    let err = open_source(&spec(&world, "SELECT 1; DROP TABLE cohort", json!({})), &mapping(), &world.objects)
+    let err = open_source_spec(&spec(&world, "SELECT 1; DROP TABLE cohort", json!({})), &mapping(), &world.objects)
         .await
         .unwrap_err();
     assert_eq!(err.reason(), "InvalidSpec");
@@ -289,10 +253,10 @@ async fn every_failure_is_reported_as_the_user_needs_it() {
 
     // A missing Secret key names it.
     let objects = InMemoryObjects::new("growth").with_secret("snowflake", "account", ACCOUNT);
-    let err = open_source(&full, &mapping(), &objects).await.unwrap_err();
+    let err = open_source_spec(&full, &mapping(), &objects).await.unwrap_err();
     assert_eq!(err.reason(), "SecretNotFound");
     assert!(err.to_string().contains("\"user\""), "{err}");
-    assert!(!format!("{:?}", open_source(&full, &mapping(), &world.objects).await.unwrap()).contains("PRIVATE"));
+    assert!(!format!("{:?}", open_source_spec(&full, &mapping(), &world.objects).await.unwrap()).contains("PRIVATE"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -300,20 +264,12 @@ async fn an_abandoned_read_cancels_the_statement() {
     let world = world("sf_cancel", |c| c.pending_polls = 0).await;
     let spec = spec(&world, "SELECT pg_sleep(30)::text AS user_id", json!({}));
     let ids: IdentifierMapping = serde_json::from_value(json!({ "externalId": "USER_ID" })).unwrap();
-    let source = open_source(&spec, &ids, &world.objects).await.unwrap();
-    {
-        let mut stream = source.members();
-        // The run gives up (its own timeout) while Snowflake still runs the statement.
-        assert!(tokio::time::timeout(Duration::from_millis(1500), stream.next()).await.is_err());
-    }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while world.snowflake.cancels() == 0 {
-        assert!(tokio::time::Instant::now() < deadline, "no cancel request arrived");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let source = open_source_spec(&spec, &ids, &world.objects).await.unwrap();
+    // The run gives up (its own timeout) while Snowflake still runs the statement.
+    assert_abandoned_read_cancels(source.as_ref(), || world.snowflake.cancels()).await;
     // Past statementTimeoutSeconds the source itself cancels and says so.
     let spec = self::spec(&world, "SELECT pg_sleep(30)::text AS user_id", json!({ "statementTimeoutSeconds": 2 }));
-    let source = open_source(&spec, &ids, &world.objects).await.unwrap();
+    let source = open_source_spec(&spec, &ids, &world.objects).await.unwrap();
     let err = read_cohort(source.as_ref()).await.unwrap_err();
     assert!(matches!(err, SourceError::Timeout { seconds: 2, .. }), "{err}");
     assert!(source.describe().contains("myorg-analytics"));

@@ -68,11 +68,13 @@ impl PipelineImporter {
         })
     }
 
-    fn target(spec: &CohortImportSpec, keys: BrazeKeys) -> CohortTarget {
-        let braze = &spec.destination.braze;
+    /// Where a run sends: `rest_endpoint` is the validated spec's parsed endpoint when there
+    /// is one (a run), the spec as written otherwise (deleting an import whose spec may no
+    /// longer be valid).
+    fn target(spec: &CohortImportSpec, rest_endpoint: String, keys: BrazeKeys) -> CohortTarget {
         CohortTarget {
-            rest_endpoint: braze.rest_endpoint.clone(),
-            partner: braze.partner.clone(),
+            rest_endpoint,
+            partner: spec.destination.braze.partner.clone(),
             partner_api_key: keys.partner_api_key,
             data_import_key: keys.data_import_key,
             cohort_id: spec.cohort.id.clone(),
@@ -89,9 +91,9 @@ impl PipelineImporter {
         let namespace = import.namespace().unwrap_or_default();
         let spec = &valid.spec;
         let objects = KubeObjects::new(self.client.clone(), namespace.clone()).with_egress(self.egress.clone());
-        let source = open_source(&spec.source, &spec.identifiers, &objects).await?;
+        let source = open_source(&valid.source, &valid.identifiers, &objects).await?;
         let store = self.store(import)?;
-        let target = Self::target(spec, keys);
+        let target = Self::target(spec, valid.braze_endpoint.as_str().trim_end_matches('/').to_owned(), keys);
         let mut run =
             ImportRun::new(current.id.clone(), current.trigger, &namespace, &import.name_any(), &spec.cohort.name);
         run.identifier_fingerprint = identifier_fingerprint(&spec.identifiers);
@@ -115,7 +117,7 @@ impl PipelineImporter {
     /// run may have added — then forgets the snapshot.
     async fn remove_all(&self, import: &CohortImport, keys: BrazeKeys) -> Result<u64, ImportError> {
         let store = self.store(import)?;
-        let target = Self::target(&import.spec, keys);
+        let target = Self::target(&import.spec, import.spec.destination.braze.rest_endpoint.clone(), keys);
         Ok(remove_all_members(store.as_ref(), &self.braze, &target, &self.scratch_dir).await?)
     }
 }

@@ -181,7 +181,7 @@ async fn apply(import: Arc<CohortImport>, ctx: &Arc<Context>, api: &Api<CohortIm
         run_ended_here,
         workspace: workspace.as_deref(),
         secrets: secrets.as_ref(),
-        source_kind: valid.as_ref().ok().map(|v| v.source),
+        source_kind: valid.as_ref().ok().map(|v| v.source.kind()),
         new_run_id: crate::run::new_run_id(now),
         runner: ctx.runner(),
     };

@@ -27,25 +27,74 @@ use jiff::tz::TimeZone;
 use reqwest::Url;
 
 use crate::api::{
-    BigQuerySource, Cadence, CohortImportSpec, DatabricksSource, DayOfWeek, HttpFormat, HttpSource, IdentifierMapping,
-    Notifications, ScheduleSpec, SnowflakeSource, SourceSpec,
+    BigQuerySource, Cadence, CohortImportSpec, ConfigMapSource, DatabricksSource, DayOfWeek, HttpFormat, HttpSource,
+    IdentifierMapping, InlineSource, Notifications, PostgresSource, ScheduleSpec, SnowflakeSource, SourceSpec,
 };
 
 use super::identifiers::{IdentifierFields, MappingError};
 use super::schedule::{DayOfMonth, MinuteOfHour, Recurrence, Schedule, WallTime};
 
-/// A spec that passed every rule, with the parts later stages need already parsed.
+/// A spec that passed every rule, with the parts later stages need already parsed: the
+/// importer opens [`Self::source`] with [`Self::identifiers`] and sends to
+/// [`Self::braze_endpoint`], without reading `spec`'s raw forms of them again.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ValidSpec {
     /// The spec as written; every rule of this module holds for it.
     pub spec: CohortImportSpec,
     pub schedule: Schedule,
-    /// The one source kind `spec.source` sets.
-    pub source: SourceKind,
+    /// The one source `spec.source` sets, with its settings.
+    pub source: ValidSource,
     pub identifiers: IdentifierFields,
     /// `spec.destination.braze.restEndpoint`, parsed: https (or http on loopback), a host,
     /// no credentials, no path.
     pub braze_endpoint: Url,
+}
+
+/// The one source kind `spec.source` sets, with its settings: what
+/// [`crate::source::open_source`] opens. In a [`ValidSpec`] every rule of this module holds
+/// for it; the variants are public so that tests and tools can open a source directly, and
+/// each source re-checks what its safety rests on (the read-only query, endpoints).
+#[derive(Clone, Debug, PartialEq)]
+pub enum ValidSource {
+    Inline(InlineSource),
+    ConfigMap(ConfigMapSource),
+    Http(HttpSource),
+    Postgres(PostgresSource),
+    Snowflake(SnowflakeSource),
+    Databricks(DatabricksSource),
+    BigQuery(BigQuerySource),
+}
+
+impl ValidSource {
+    /// The one source `spec` sets, or `None` when it sets none or several.
+    pub fn of(spec: &SourceSpec) -> Option<ValidSource> {
+        let set = [
+            spec.inline.clone().map(ValidSource::Inline),
+            spec.config_map.clone().map(ValidSource::ConfigMap),
+            spec.http.clone().map(ValidSource::Http),
+            spec.postgres.clone().map(ValidSource::Postgres),
+            spec.snowflake.clone().map(ValidSource::Snowflake),
+            spec.databricks.clone().map(ValidSource::Databricks),
+            spec.bigquery.clone().map(ValidSource::BigQuery),
+        ];
+        let mut set = set.into_iter().flatten();
+        match (set.next(), set.next()) {
+            (Some(one), None) => Some(one),
+            _ => None,
+        }
+    }
+
+    pub fn kind(&self) -> SourceKind {
+        match self {
+            ValidSource::Inline(_) => SourceKind::Inline,
+            ValidSource::ConfigMap(_) => SourceKind::ConfigMap,
+            ValidSource::Http(_) => SourceKind::Http,
+            ValidSource::Postgres(_) => SourceKind::Postgres,
+            ValidSource::Snowflake(_) => SourceKind::Snowflake,
+            ValidSource::Databricks(_) => SourceKind::Databricks,
+            ValidSource::BigQuery(_) => SourceKind::BigQuery,
+        }
+    }
 }
 
 /// Which of `spec.source`'s kinds is set.
@@ -244,16 +293,7 @@ impl TryFrom<&ScheduleSpec> for Schedule {
     }
 }
 
-fn check_source(source: &SourceSpec, problems: &mut Problems) -> Option<SourceKind> {
-    const KINDS: [SourceKind; 7] = [
-        SourceKind::Inline,
-        SourceKind::ConfigMap,
-        SourceKind::Http,
-        SourceKind::Postgres,
-        SourceKind::Snowflake,
-        SourceKind::Databricks,
-        SourceKind::BigQuery,
-    ];
+fn check_source(source: &SourceSpec, problems: &mut Problems) -> Option<ValidSource> {
     if let Some(http) = &source.http {
         check_http(http, problems);
     }
@@ -280,14 +320,14 @@ fn check_source(source: &SourceSpec, problems: &mut Problems) -> Option<SourceKi
         source.databricks.is_some(),
         source.bigquery.is_some(),
     ];
-    let one = exactly_one(
+    exactly_one(
         "spec.source",
         "source",
         &["inline", "configMap", "http", "postgres", "snowflake", "databricks", "bigquery"],
         set,
         problems,
     )?;
-    Some(KINDS[one])
+    ValidSource::of(source)
 }
 
 fn check_snowflake(snowflake: &SnowflakeSource, problems: &mut Problems) {
@@ -619,7 +659,7 @@ fn check_bare_endpoint(
 }
 
 /// Loopback hosts, where plain http stays on the machine.
-fn is_loopback(url: &Url) -> bool {
+pub fn is_loopback(url: &Url) -> bool {
     let Some(host) = url.host_str() else { return false };
     let host = host.trim_start_matches('[').trim_end_matches(']');
     host.eq_ignore_ascii_case("localhost") || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
@@ -1024,7 +1064,7 @@ spec:
     #[test]
     fn warehouse_example_is_valid_and_scheduled() {
         let valid = validate(&example(WAREHOUSE_EXAMPLE)).unwrap();
-        assert_eq!(valid.source, SourceKind::Postgres);
+        assert_eq!(valid.source.kind(), SourceKind::Postgres);
         assert_eq!(valid.identifiers.external_id.as_deref(), Some("external_id"));
         assert_eq!(valid.braze_endpoint.as_str(), "https://rest.iad-01.braze.com/");
         assert_eq!(
@@ -1043,7 +1083,7 @@ spec:
     #[test]
     fn sandbox_example_is_valid() {
         let valid = validate(&example(SANDBOX_EXAMPLE)).unwrap();
-        assert_eq!(valid.source, SourceKind::Http);
+        assert_eq!(valid.source.kind(), SourceKind::Http);
         assert_eq!(valid.braze_endpoint.as_str(), "http://127.0.0.1:38080/");
         assert_eq!(valid.identifiers.alias, Some(("email".to_owned(), LabelSource::Fixed("email".to_owned()))));
         assert_eq!(valid.identifiers.device_id.as_deref(), Some("device"));
@@ -1321,12 +1361,24 @@ spec:
             paths(&spec),
             ["spec.source.databricks.query", "spec.source.databricks.host", "spec.source.databricks.auth"]
         );
-        let valid = |spec: &CohortImportSpec| validate(spec).map(|v| v.source);
+        let valid = |spec: &CohortImportSpec| validate(spec).map(|v| v.source.kind());
         let dbx = spec.source.databricks.as_mut().unwrap();
         dbx.host = "https://dbc-1.cloud.databricks.com".into();
         dbx.query = "SELECT id FROM t".into();
         dbx.auth.token_secret_ref = Some(crate::api::SecretKeyRef { name: "dbx".into(), key: "token".into() });
         assert_eq!(valid(&spec), Ok(SourceKind::Databricks));
+    }
+
+    #[test]
+    fn the_valid_source_is_the_one_kind_set_with_its_settings() {
+        let spec = example(WAREHOUSE_EXAMPLE);
+        let valid = validate(&spec).unwrap();
+        assert_eq!(valid.source, ValidSource::Postgres(spec.source.postgres.clone().unwrap()));
+        assert_eq!(ValidSource::of(&spec.source), Some(valid.source));
+        let mut two = spec.source.clone();
+        two.inline = Some(InlineSource { rows: vec![] });
+        assert_eq!(ValidSource::of(&two), None);
+        assert_eq!(ValidSource::of(&SourceSpec::default()), None);
     }
 
     // ---- schedule ----
@@ -1702,7 +1754,7 @@ spec:
     #[test]
     fn bigquery_sources_are_checked() {
         let valid = validate(&bigquery(serde_json::json!({}))).unwrap();
-        assert_eq!(valid.source, SourceKind::BigQuery);
+        assert_eq!(valid.source.kind(), SourceKind::BigQuery);
         let spec = bigquery(serde_json::json!({
             "projectId": "My Project",
             "query": "SELECT 1; DROP TABLE x",

@@ -15,8 +15,9 @@
 //! new job (BigQuery's advice for `backendError` jobs). A refused access token is replaced
 //! once. `statementTimeoutSeconds` bounds the whole read; past it the job is cancelled.
 //!
-//! Authentication, value conversion and the warehouse-independent helpers are in the
-//! submodules `auth`, `values` and `shared`.
+//! Authentication and value conversion are in the submodules `auth` and `values`; what
+//! every warehouse source shares (retry timing, bounded page reads, the read-only statement
+//! check, column plans, exact number text) is in [`super::warehouse`].
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -25,17 +26,16 @@ use reqwest::Url;
 use tokio::time::Instant;
 
 use self::auth::{Credentials, DEFAULT_METADATA_SERVER, ServiceAccountKey, TokenSource};
-use self::shared::{BodyError, RetryPolicy, column_plan, read_body_bounded, read_only_statement};
 use self::values::ColumnKind;
 use self::wire::{ApiError, ErrorClass, FormatOptions, JobReference, QueryRequest, QueryResponse, Row, Schema};
+use super::warehouse::{BodyError, RetryPolicy, checked_query, column_plan, read_body_bounded};
 use super::{BatchBuilder, MemberBatch, MemberSource, MemberStream, REDACT_MIN_LEN, SourceContext, SourceError};
 use crate::api::BigQuerySource;
 use crate::domain::identifiers::{ColumnPlan, IdentifierFields};
-use crate::domain::validate::check_googlesql_query;
+use crate::domain::validate::{SqlDialect, is_loopback};
 use crate::secret::{error_chain, redact};
 
 pub mod auth;
-pub mod shared;
 pub mod values;
 pub mod wire;
 
@@ -138,8 +138,7 @@ impl BigQueryMembers {
     ) -> Result<Self, SourceError> {
         let config = |message: String| SourceError::Config { what: what.clone(), message };
         let mut spec = spec.clone();
-        spec.query = spec.query.trim().trim_end_matches(';').trim_end().to_owned();
-        read_only_statement(&what, "bigquery.query", &spec.query, check_googlesql_query)?;
+        spec.query = checked_query(&what, "bigquery.query", &spec.query, SqlDialect::BigQuery)?;
         if spec.metadata_server.is_some() && spec.service_account_key_secret_ref.is_some() {
             return Err(config("set metadataServer only without serviceAccountKeySecretRef".to_owned()));
         }
@@ -154,7 +153,7 @@ impl BigQueryMembers {
         }
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
-            .user_agent(concat!("cohort-operator/", env!("CARGO_PKG_VERSION")))
+            .user_agent(super::warehouse::USER_AGENT)
             .build()
             .map_err(|e| config(format!("cannot build the HTTP client: {}", error_chain(&e))))?;
         let tokens = TokenSource::new(credentials, retry);
@@ -527,15 +526,6 @@ impl MemberSource for BigQueryMembers {
                 }
             }
         })
-    }
-}
-
-fn is_loopback(url: &Url) -> bool {
-    match url.host() {
-        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
-        None => false,
     }
 }
 

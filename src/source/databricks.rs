@@ -201,20 +201,8 @@ impl Drop for Running {
     fn drop(&mut self) {
         let Some(url) = self.cancel_url.take() else { return };
         let token = self.token.clone().or_else(|| self.cached.lock().ok()?.as_ref().map(|c| c.token.clone()));
-        let (Some(token), Ok(runtime)) = (token, tokio::runtime::Handle::try_current()) else { return };
-        let client = self.client.clone();
-        let what = self.what.clone();
-        runtime.spawn(async move {
-            let sent = client.post(url).bearer_auth(token.expose()).timeout(Duration::from_secs(10)).send().await;
-            match sent {
-                Ok(r) => {
-                    tracing::info!(source = %what, status = r.status().as_u16(), "cancelled the unfinished statement")
-                }
-                Err(e) => {
-                    tracing::warn!(source = %what, "cancelling the unfinished statement failed: {}", error_chain(&e))
-                }
-            }
-        });
+        let Some(token) = token else { return };
+        warehouse::cancel_in_background(self.what.clone(), self.client.post(url).bearer_auth(token.expose()));
     }
 }
 
@@ -385,13 +373,7 @@ impl DatabricksMembers {
                     (detail, hint)
                 }
             };
-            if !backoff.wait(hint).await {
-                return Err(SourceError::Unavailable {
-                    what: self.what.clone(),
-                    attempts: backoff.attempts() + 1,
-                    detail,
-                });
-            }
+            tokio::time::sleep(backoff.delay_or_unavailable(hint, &self.what, detail)?).await;
         }
     }
 
@@ -467,17 +449,8 @@ impl DatabricksMembers {
                     }
                 },
             };
-            let Some(wait) = backoff.next_delay(hint) else {
-                return Err(SourceError::Unavailable {
-                    what: self.what.clone(),
-                    attempts: backoff.attempts() + 1,
-                    detail,
-                });
-            };
-            if Instant::now() + wait >= deadline {
-                return Err(self.timeout());
-            }
-            tokio::time::sleep(wait).await;
+            let wait = backoff.delay_or_unavailable(hint, &self.what, detail)?;
+            warehouse::sleep_within(wait, deadline, || self.timeout()).await?;
         }
     }
 
@@ -518,14 +491,7 @@ impl DatabricksMembers {
                         if transient_code(&code) {
                             running.cancel_url = None;
                             let detail = format!("{code}: {}", error.message.unwrap_or_default());
-                            let Some(wait) = resubmits.next_delay(None) else {
-                                return Err(SourceError::Unavailable {
-                                    what: self.what.clone(),
-                                    attempts: resubmits.attempts() + 1,
-                                    detail,
-                                });
-                            };
-                            tokio::time::sleep(wait).await;
+                            tokio::time::sleep(resubmits.delay_or_unavailable(None, &self.what, detail)?).await;
                             continue 'submit;
                         }
                         running.cancel_url = None;
@@ -550,10 +516,7 @@ impl DatabricksMembers {
                     other => return Err(self.malformed("the statement", format!("unknown state {other:?}"))),
                 }
                 let wait = poll.next_delay(None).unwrap_or(Duration::from_secs(5));
-                if Instant::now() + wait >= deadline {
-                    return Err(self.timeout());
-                }
-                tokio::time::sleep(wait).await;
+                warehouse::sleep_within(wait, deadline, || self.timeout()).await?;
                 let url = self.url(&format!("/api/2.0/sql/statements/{id}"))?;
                 response = self.parse(
                     "the statement",
@@ -626,13 +589,7 @@ impl DatabricksMembers {
                 Ok(response) if matches!(response.status().as_u16(), 401 | 403 | 404) => return Ok(None),
                 Ok(response) => format!("{part}: the external link answered HTTP {}", response.status().as_u16()),
             };
-            if !backoff.wait(None).await {
-                return Err(SourceError::Unavailable {
-                    what: self.what.clone(),
-                    attempts: backoff.attempts() + 1,
-                    detail,
-                });
-            }
+            tokio::time::sleep(backoff.delay_or_unavailable(None, &self.what, detail)?).await;
         }
     }
 

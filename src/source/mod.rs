@@ -23,6 +23,7 @@ use futures::stream::BoxStream;
 use crate::api::{IdentifierMapping, ReadyReason, SourceSpec};
 use crate::domain::identifiers::{IdentifierFields, SkipCounts, SkipReason};
 use crate::domain::member::{Member, MemberKey};
+use crate::domain::validate::ValidSource;
 use crate::secret::SecretString;
 
 pub mod bigquery;
@@ -283,51 +284,41 @@ impl SourceContext for InMemoryObjects {
     }
 }
 
-/// Opens the one source `spec` names: reads the Secrets and ConfigMaps it needs and checks
-/// what can be checked before reading (the mapping, URLs, formats).
+/// Opens `source` (a validated spec's [`ValidSpec::source`](crate::domain::validate::ValidSpec)),
+/// reading the Secrets and ConfigMaps it needs, and checks what can be checked before
+/// reading (the mapped columns, URLs, formats). Each row becomes a member through `fields`.
 pub async fn open_source(
+    source: &ValidSource,
+    fields: &IdentifierFields,
+    ctx: &impl SourceContext,
+) -> Result<Box<dyn MemberSource>, SourceError> {
+    let fields = fields.clone();
+    Ok(match source {
+        ValidSource::Inline(inline) => Box::new(inline::InlineMembers::new(inline, fields)),
+        ValidSource::ConfigMap(cm) => Box::new(config_map::ConfigMapMembers::open(cm, fields, ctx).await?),
+        ValidSource::Http(http) => Box::new(http::HttpMembers::open(http, fields, ctx).await?),
+        ValidSource::Postgres(pg) => Box::new(postgres::PostgresMembers::open(pg, fields, ctx).await?),
+        ValidSource::Snowflake(sf) => Box::new(snowflake::SnowflakeMembers::open(sf, fields, ctx).await?),
+        ValidSource::Databricks(dbx) => Box::new(databricks::DatabricksMembers::open(dbx, fields, ctx).await?),
+        ValidSource::BigQuery(bq) => Box::new(bigquery::BigQueryMembers::open(bq, fields, ctx).await?),
+    })
+}
+
+/// [`open_source`] for callers that hold an unvalidated spec (tests, tools, benchmarks):
+/// picks the one source kind and parses the identifier mapping first. The controller
+/// validates the whole spec instead and opens its [`ValidSpec`](crate::domain::validate::ValidSpec)'s parts.
+pub async fn open_source_spec(
     spec: &SourceSpec,
     mapping: &IdentifierMapping,
     ctx: &impl SourceContext,
 ) -> Result<Box<dyn MemberSource>, SourceError> {
     let fields = IdentifierFields::from_mapping(mapping)
         .map_err(|e| SourceError::Config { what: "identifiers".to_owned(), message: e.to_string() })?;
-    let set = [
-        spec.inline.is_some(),
-        spec.config_map.is_some(),
-        spec.http.is_some(),
-        spec.postgres.is_some(),
-        spec.snowflake.is_some(),
-        spec.databricks.is_some(),
-        spec.bigquery.is_some(),
-    ];
-    if set.iter().filter(|&&s| s).count() != 1 {
-        return Err(SourceError::Config {
-            what: "source".to_owned(),
-            message: "set exactly one of inline, configMap, http, postgres, snowflake, databricks and bigquery"
-                .to_owned(),
-        });
-    }
-    if let Some(inline) = &spec.inline {
-        return Ok(Box::new(inline::InlineMembers::new(inline, fields)));
-    }
-    if let Some(cm) = &spec.config_map {
-        return Ok(Box::new(config_map::ConfigMapMembers::open(cm, fields, ctx).await?));
-    }
-    if let Some(http) = &spec.http {
-        return Ok(Box::new(http::HttpMembers::open(http, fields, ctx).await?));
-    }
-    if let Some(pg) = &spec.postgres {
-        return Ok(Box::new(postgres::PostgresMembers::open(pg, fields, ctx).await?));
-    }
-    if let Some(bq) = &spec.bigquery {
-        return Ok(Box::new(bigquery::BigQueryMembers::open(bq, fields, ctx).await?));
-    }
-    if let Some(sf) = &spec.snowflake {
-        return Ok(Box::new(snowflake::SnowflakeMembers::open(sf, fields, ctx).await?));
-    }
-    let dbx = spec.databricks.as_ref().expect("exactly one source is set");
-    Ok(Box::new(databricks::DatabricksMembers::open(dbx, fields, ctx).await?))
+    let source = ValidSource::of(spec).ok_or_else(|| SourceError::Config {
+        what: "source".to_owned(),
+        message: "set exactly one of inline, configMap, http, postgres, snowflake, databricks and bigquery".to_owned(),
+    })?;
+    open_source(&source, &fields, ctx).await
 }
 
 /// Collects resolved rows into batches.

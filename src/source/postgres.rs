@@ -309,13 +309,7 @@ impl PostgresMembers {
 
     fn column_plan(&self, columns: &[tokio_postgres::SimpleColumn]) -> Result<ColumnPlan, SourceError> {
         let names: Vec<&str> = columns.iter().map(|c| c.name()).collect();
-        self.fields.column_plan(&names).map_err(|missing| SourceError::Config {
-            what: self.what.clone(),
-            message: format!(
-                "the query returns no column {missing:?} named in identifiers (columns: {}); alias it in the SELECT or fix the mapping",
-                names.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", ")
-            ),
-        })
+        super::warehouse::column_plan(&self.what, &self.fields, &names)
     }
 }
 

@@ -289,27 +289,13 @@ impl Drop for Running {
     fn drop(&mut self) {
         let Some(url) = self.cancel_url.take() else { return };
         let Ok(jwt) = mint_jwt(&self.key, &self.subject, &self.fingerprint) else { return };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-        let client = self.client.clone();
-        let what = self.what.clone();
-        runtime.spawn(async move {
-            let sent = client
-                .post(url)
-                .bearer_auth(jwt.expose())
-                .header(reqwest::header::ACCEPT, "application/json")
-                .header(TOKEN_TYPE_HEADER, "KEYPAIR_JWT")
-                .timeout(Duration::from_secs(10))
-                .send()
-                .await;
-            match sent {
-                Ok(r) => {
-                    tracing::info!(source = %what, status = r.status().as_u16(), "cancelled the unfinished statement")
-                }
-                Err(e) => {
-                    tracing::warn!(source = %what, "cancelling the unfinished statement failed: {}", error_chain(&e))
-                }
-            }
-        });
+        let request = self
+            .client
+            .post(url)
+            .bearer_auth(jwt.expose())
+            .header(reqwest::header::ACCEPT, "application/json")
+            .header(TOKEN_TYPE_HEADER, "KEYPAIR_JWT");
+        warehouse::cancel_in_background(self.what.clone(), request);
     }
 }
 
@@ -529,17 +515,8 @@ impl SnowflakeMembers {
             };
             tracing::debug!(source = %self.what, call = ?call, "transient answer, retrying: {detail}");
             resend = true;
-            let Some(wait) = backoff.next_delay(hint) else {
-                return Err(SourceError::Unavailable {
-                    what: self.what.clone(),
-                    attempts: backoff.attempts() + 1,
-                    detail,
-                });
-            };
-            if Instant::now() + wait >= deadline {
-                return Err(self.timeout());
-            }
-            tokio::time::sleep(wait).await;
+            let wait = backoff.delay_or_unavailable(hint, &self.what, detail)?;
+            warehouse::sleep_within(wait, deadline, || self.timeout()).await?;
         }
     }
 
@@ -576,10 +553,7 @@ impl SnowflakeMembers {
                         return Err(self.malformed("a 202 answer", "no statementHandle to poll".to_owned()));
                     };
                     let wait = poll.next_delay(None).unwrap_or(Duration::from_secs(5));
-                    if Instant::now() + wait >= deadline {
-                        return Err(self.timeout());
-                    }
-                    tokio::time::sleep(wait).await;
+                    warehouse::sleep_within(wait, deadline, || self.timeout()).await?;
                     let url = self.url(Some(&h), None);
                     step = self.exchange(Call::Poll, jwt, deadline, |_| (Method::GET, url.clone(), false)).await?;
                 }

@@ -1,4 +1,5 @@
 //! What the SQL-over-REST warehouse sources (Snowflake, Databricks, BigQuery) share.
+//! (PostgreSQL shares [`column_plan`].)
 //!
 //! Each warehouse answers a statement with pages of rows whose cells are text (or JSON
 //! null) plus a schema naming each column's type. This module turns that into members the
@@ -10,9 +11,12 @@
 //!   through [`exact_text`] so that numbers arrive as Braze expects (`12345`, never `1.2345E4`
 //!   or `12345.0`);
 //! - [`Backoff`]: jittered exponential waits for the documented transient answers (429, 503,
-//!   "still running"), bounded in attempts;
-//! - [`read_body`]: one page's body, refused past a byte cap, so a run never holds more than
-//!   one page;
+//!   "still running"), bounded in attempts and by the statement's deadline
+//!   ([`Backoff::delay_or_unavailable`], [`sleep_within`]); [`RetryPolicy`]: BigQuery's
+//!   full-jitter variant, counted in attempts per call;
+//! - [`read_body`] / [`read_body_bounded`]: one page's body, refused past a byte cap, so a run
+//!   never holds more than one page;
+//! - [`cancel_in_background`]: the best-effort cancel a statement left running is sent with;
 //! - [`excerpt`]: a short, redacted quote of a server's answer for error messages.
 //!
 //! Nothing here knows a warehouse's wire format; each source maps its schema to
@@ -21,7 +25,7 @@
 use std::borrow::Cow;
 use std::time::Duration;
 
-use futures::StreamExt;
+use tokio::time::Instant;
 
 use super::{BatchBuilder, MemberBatch, REDACT_MIN_LEN, SourceError};
 use crate::domain::identifiers::{ColumnPlan, IdentifierFields, SkipReason, Value};
@@ -91,16 +95,35 @@ fn float_text(text: &str) -> Value<'static> {
     match trimmed.parse::<f64>() {
         Ok(v) if !v.is_finite() => Value::Rejected(SkipReason::UnsupportedValue),
         Ok(v) if v.fract() == 0.0 && v.abs() > EXACT_LIMIT => Value::Rejected(SkipReason::UnsupportedValue),
-        // Rust writes floats in plain decimal, shortest form that reads back the same.
-        Ok(0.0) => Value::Text(Cow::Borrowed("0")),
-        Ok(v) => Value::Text(Cow::Owned(format!("{v}"))),
+        Ok(v) => Value::Text(Cow::Owned(plain_f64(v))),
         Err(_) => Value::Rejected(SkipReason::UnsupportedValue),
     }
 }
 
-/// A decimal number (`-12.50`, `1.2345E+4`, `+7`) in plain form without exponent and
-/// without trailing fractional zeros (`-12.5`, `12345`, `7`), by digit manipulation only;
-/// `None` if `text` is not a decimal number.
+/// A float's text with no exponent and no trailing `.0`, the shortest that reads back as
+/// the same double: `"1.0E10"` → `"10000000000"`, `"2.5E-4"` → `"0.00025"`. `None` for
+/// NaN and infinities, which no identifier can be. (BigQuery's FLOAT64; the other
+/// warehouses go through [`exact_text`], which also refuses integers past 2^53.)
+pub fn plain_float(text: &str) -> Option<String> {
+    let value: f64 = text.trim().parse().ok()?;
+    value.is_finite().then(|| plain_f64(value))
+}
+
+/// Rust writes floats in plain decimal, the shortest form that reads back the same; `-0`
+/// is `0`.
+fn plain_f64(value: f64) -> String {
+    if value == 0.0 { "0".to_owned() } else { format!("{value}") }
+}
+
+/// Longest exponent [`plain_decimal`] expands: a hostile `1E999999999` must not allocate
+/// a gigabyte of zeros.
+const MAX_EXPONENT: i64 = 1000;
+
+/// A decimal number's text without exponent, leading zeros, trailing fractional zeros or
+/// a trailing `.`: `"1.50E3"` → `"1500"`, `"0012.3400"` → `"12.34"`, `"-0.0"` → `"0"`,
+/// `"1e-3"` → `"0.001"`. Exact (no floating point, digit manipulation only), so a 76-digit
+/// BIGNUMERIC or an id beyond 2⁵³ keeps every digit. `None` when `text` is not a finite
+/// decimal number.
 pub fn plain_decimal(text: &str) -> Option<String> {
     let (negative, unsigned) = match text.as_bytes().first()? {
         b'-' => (true, &text[1..]),
@@ -108,40 +131,58 @@ pub fn plain_decimal(text: &str) -> Option<String> {
         _ => (false, text),
     };
     let (mantissa, exponent) = match unsigned.find(['e', 'E']) {
-        Some(at) => (&unsigned[..at], unsigned[at + 1..].parse::<i64>().ok()?),
+        Some(at) => (&unsigned[..at], parse_exponent(&unsigned[at + 1..])?),
         None => (unsigned, 0),
     };
-    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
-    if int.is_empty() && frac.is_empty()
-        || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit())
-        || exponent.abs() > 1000
-    {
+    let (int_part, frac_part) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let all_digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    if (int_part.is_empty() && frac_part.is_empty()) || !all_digits(int_part) || !all_digits(frac_part) {
         return None;
     }
-    let digits: String = format!("{int}{frac}");
-    // The decimal point sits after `point` digits of `digits`.
-    let point = int.len() as i64 + exponent;
-    let (mut int_part, mut frac_part) = if point <= 0 {
-        (String::new(), format!("{}{digits}", "0".repeat((-point) as usize)))
+    // digits × 10^(point - len): place the point `point` digits from the left.
+    let digits: String = format!("{int_part}{frac_part}");
+    let point = int_part.len() as i64 + exponent;
+    let (int_digits, frac_digits) = if point <= 0 {
+        (String::new(), format!("{}{digits}", "0".repeat(point.unsigned_abs() as usize)))
     } else if point as usize >= digits.len() {
         (format!("{digits}{}", "0".repeat(point as usize - digits.len())), String::new())
     } else {
         (digits[..point as usize].to_owned(), digits[point as usize..].to_owned())
     };
-    let trimmed_int = int_part.trim_start_matches('0');
-    int_part = if trimmed_int.is_empty() { "0".to_owned() } else { trimmed_int.to_owned() };
-    frac_part.truncate(frac_part.trim_end_matches('0').len());
-    let zero = int_part == "0" && frac_part.is_empty();
-    let mut out = String::with_capacity(int_part.len() + frac_part.len() + 2);
-    if negative && !zero {
+    let int_digits = int_digits.trim_start_matches('0');
+    let frac_digits = frac_digits.trim_end_matches('0');
+    let mut out = String::with_capacity(int_digits.len() + frac_digits.len() + 3);
+    if negative && !(int_digits.is_empty() && frac_digits.is_empty()) {
         out.push('-');
     }
-    out.push_str(&int_part);
-    if !frac_part.is_empty() {
+    out.push_str(if int_digits.is_empty() { "0" } else { int_digits });
+    if !frac_digits.is_empty() {
         out.push('.');
-        out.push_str(&frac_part);
+        out.push_str(frac_digits);
     }
     Some(out)
+}
+
+fn parse_exponent(text: &str) -> Option<i64> {
+    let digits = text.strip_prefix(['+', '-']).unwrap_or(text);
+    if digits.is_empty() || digits.len() > 6 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let value: i64 = text.parse().ok()?;
+    (value.abs() <= MAX_EXPONENT).then_some(value)
+}
+
+/// Where each mapped identifier field is among a result's columns, or a configuration error
+/// naming the missing one and the columns the statement returns.
+pub fn column_plan(what: &str, fields: &IdentifierFields, names: &[&str]) -> Result<ColumnPlan, SourceError> {
+    fields.column_plan(names).map_err(|missing| SourceError::Config {
+        what: what.to_owned(),
+        message: format!(
+            "the query returns no column {missing:?} named in identifiers (columns: {}); \
+             alias it in the SELECT (names are case-sensitive) or fix the mapping",
+            names.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", ")
+        ),
+    })
 }
 
 /// The identifier mapping over one statement's columns.
@@ -158,14 +199,7 @@ impl RowMapper {
     /// configuration error naming the columns the statement returns.
     pub fn new(what: &str, fields: &IdentifierFields, columns: Vec<(String, ColumnType)>) -> Result<Self, SourceError> {
         let names: Vec<&str> = columns.iter().map(|(n, _)| n.as_str()).collect();
-        let plan = fields.column_plan(&names).map_err(|missing| SourceError::Config {
-            what: what.to_owned(),
-            message: format!(
-                "the query returns no column {missing:?} named in identifiers (columns: {}); \
-                 alias it in the SELECT (names are case-sensitive) or fix the mapping",
-                names.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", ")
-            ),
-        })?;
+        let plan = column_plan(what, fields, &names)?;
         let width = columns.len();
         Ok(RowMapper { fields: fields.clone(), plan, types: columns.into_iter().map(|(_, t)| t).collect(), width })
     }
@@ -235,26 +269,81 @@ impl Backoff {
             return None;
         }
         self.attempts += 1;
-        let ceiling = self.base.saturating_mul(1u32 << (self.attempts - 1).min(20)).min(self.max);
+        let ceiling = exponential_ceiling(self.base, self.max, self.attempts);
         // Half fixed, half random: never hammer, never synchronise.
         let wait = ceiling / 2 + ceiling.mul_f64(rand::random::<f64>() / 2.0);
         Some(server_hint.map_or(wait, |hint| hint.min(Duration::from_secs(300)).max(wait)))
     }
 
-    /// Waits [`Self::next_delay`]; `false` when the retries are used up.
-    pub async fn wait(&mut self, server_hint: Option<Duration>) -> bool {
-        match self.next_delay(server_hint) {
-            Some(delay) => {
-                tokio::time::sleep(delay).await;
-                true
-            }
-            None => false,
-        }
+    /// The wait before the next retry, or — the retries used up — the source's
+    /// `Unavailable` error carrying `detail`, the last transient answer.
+    pub fn delay_or_unavailable(
+        &mut self,
+        hint: Option<Duration>,
+        what: &str,
+        detail: String,
+    ) -> Result<Duration, SourceError> {
+        self.next_delay(hint).ok_or_else(|| SourceError::Unavailable {
+            what: what.to_owned(),
+            attempts: self.attempts + 1,
+            detail,
+        })
     }
 
     /// Starts over after a success.
     pub fn reset(&mut self) {
         self.attempts = 0;
+    }
+}
+
+/// `base·2^(retry-1)`, at most `max`: the longest wait before retry number `retry` (1 = the
+/// first retry).
+fn exponential_ceiling(base: Duration, max: Duration, retry: u32) -> Duration {
+    base.saturating_mul(1u32 << retry.saturating_sub(1).min(20)).min(max)
+}
+
+/// Sleeps `wait`, unless waking would be at or past the statement's `deadline`: then fails
+/// at once with `timeout()` rather than sleeping into it.
+pub async fn sleep_within(
+    wait: Duration,
+    deadline: Instant,
+    timeout: impl FnOnce() -> SourceError,
+) -> Result<(), SourceError> {
+    if Instant::now() + wait >= deadline {
+        return Err(timeout());
+    }
+    tokio::time::sleep(wait).await;
+    Ok(())
+}
+
+/// How often and how long a BigQuery call is retried on a transient failure: full-jitter
+/// exponential backoff, counted in attempts per call (a job that keeps failing is
+/// submitted again as a new job, see `bigquery`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts per request, the first included.
+    pub attempts: u32,
+    /// Ceiling of the first backoff; it doubles per retry up to `max_delay`.
+    pub base_delay: Duration,
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy { attempts: 6, base_delay: Duration::from_millis(200), max_delay: Duration::from_secs(8) }
+    }
+}
+
+impl RetryPolicy {
+    /// Full-jitter exponential backoff before retry number `retry` (1 = the first retry):
+    /// uniform in `[0, min(max_delay, base·2^(retry-1))]`. `unit` is random in `[0, 1)`.
+    pub fn backoff(&self, retry: u32, unit: f64) -> Duration {
+        exponential_ceiling(self.base_delay, self.max_delay, retry).mul_f64(unit.clamp(0.0, 1.0))
+    }
+
+    /// Sleeps the backoff before retry number `retry`.
+    pub async fn wait(&self, retry: u32) {
+        tokio::time::sleep(self.backoff(retry, rand::random::<f64>())).await;
     }
 }
 
@@ -270,9 +359,32 @@ pub fn retry_after(response: &reqwest::Response) -> Option<Duration> {
     value.trim().parse::<u64>().ok().map(Duration::from_secs)
 }
 
-/// A response body, read as it arrives and refused once it passes `limit` bytes (after
-/// decompression). `part` names the page for messages ("partition 3"), `field` the spec
-/// field that raises the limit.
+/// Why a page body could not be read whole.
+#[derive(Debug)]
+pub enum BodyError {
+    /// Larger than the limit; reading stopped there.
+    TooLarge,
+    Transport(reqwest::Error),
+}
+
+/// A response body, refused as soon as it passes `limit` bytes (by `Content-Length` or by
+/// what arrived, after decompression), so one hostile or broken page cannot exhaust memory.
+pub async fn read_body_bounded(mut response: reqwest::Response, limit: u64) -> Result<Vec<u8>, BodyError> {
+    if response.content_length().is_some_and(|n| n > limit) {
+        return Err(BodyError::TooLarge);
+    }
+    let mut body = Vec::with_capacity(response.content_length().unwrap_or(0).min(limit) as usize);
+    while let Some(chunk) = response.chunk().await.map_err(BodyError::Transport)? {
+        if body.len() as u64 + chunk.len() as u64 > limit {
+            return Err(BodyError::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// [`read_body_bounded`] with the source's errors: `part` names the page for messages
+/// ("partition 3"), `field` the spec field that raises the limit.
 pub async fn read_body(
     what: &str,
     part: &str,
@@ -280,22 +392,30 @@ pub async fn read_body(
     limit: u64,
     response: reqwest::Response,
 ) -> Result<Vec<u8>, SourceError> {
-    if response.content_length().is_some_and(|n| n > limit) {
-        return Err(SourceError::PageTooLarge { what: what.to_owned(), part: part.to_owned(), field, limit });
-    }
-    let mut body = Vec::new();
-    let mut stream = response.bytes_stream();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| SourceError::Query {
+    read_body_bounded(response, limit).await.map_err(|e| match e {
+        BodyError::TooLarge => SourceError::PageTooLarge { what: what.to_owned(), part: part.to_owned(), field, limit },
+        BodyError::Transport(e) => SourceError::Query {
             what: what.to_owned(),
             message: format!("reading {part} failed: {}", crate::secret::error_chain(&e)),
-        })?;
-        if body.len() as u64 + chunk.len() as u64 > limit {
-            return Err(SourceError::PageTooLarge { what: what.to_owned(), part: part.to_owned(), field, limit });
+        },
+    })
+}
+
+/// Sends `request` — the warehouse's cancel call for a statement this read leaves running
+/// (the read was dropped: a run timeout, a shutdown) — in a task of its own, and logs how it
+/// went. Best effort: outside a Tokio runtime nothing is sent.
+pub fn cancel_in_background(what: String, request: reqwest::RequestBuilder) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+    runtime.spawn(async move {
+        match request.timeout(Duration::from_secs(10)).send().await {
+            Ok(r) => {
+                tracing::info!(source = %what, status = r.status().as_u16(), "cancelled the unfinished statement")
+            }
+            Err(e) => {
+                tracing::warn!(source = %what, "cancelling the unfinished statement failed: {}", crate::secret::error_chain(&e))
+            }
         }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
+    });
 }
 
 /// At most 300 characters of a server's answer, on one line, with `secrets` redacted.
@@ -367,6 +487,53 @@ mod tests {
     }
 
     #[test]
+    fn decimals_lose_exponents_and_padding_but_no_digit() {
+        let cases = [
+            ("1.50E3", "1500"),
+            ("0012.3400", "12.34"),
+            ("-0.0", "0"),
+            ("1e-3", "0.001"),
+            ("123456789012345678901234567890", "123456789012345678901234567890"),
+            ("9007199254740993", "9007199254740993"),
+            ("1.2345678901234567890123456789012345678E+37", "12345678901234567890123456789012345678"),
+            ("5.000000000", "5"),
+            ("-12.5e-1", "-1.25"),
+            ("+7", "7"),
+            (".5", "0.5"),
+            ("5.", "5"),
+            ("0", "0"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(plain_decimal(input).as_deref(), Some(want), "{input}");
+        }
+        for bad in ["", "-", ".", "1e", "1e+", "abc", "1.2.3", "1e99999999", "NaN", "1 2", "0x10"] {
+            assert_eq!(plain_decimal(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn floats_print_the_shortest_exact_digits_without_exponent() {
+        assert_eq!(plain_float("1.0E10").as_deref(), Some("10000000000"));
+        assert_eq!(plain_float("2.5E-4").as_deref(), Some("0.00025"));
+        assert_eq!(plain_float("3.14").as_deref(), Some("3.14"));
+        assert_eq!(plain_float("100.0").as_deref(), Some("100"));
+        assert_eq!(plain_float("-0.0").as_deref(), Some("0"));
+        assert_eq!(plain_float("0.1").as_deref(), Some("0.1"));
+        for bad in ["NaN", "Infinity", "-Infinity", "x"] {
+            assert_eq!(plain_float(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn full_jitter_backoff_grows_to_its_ceiling() {
+        let p = RetryPolicy { attempts: 5, base_delay: Duration::from_millis(100), max_delay: Duration::from_secs(1) };
+        assert_eq!(p.backoff(1, 0.999_999), Duration::from_millis(100).mul_f64(0.999_999));
+        assert_eq!(p.backoff(3, 1.0), Duration::from_millis(400));
+        assert_eq!(p.backoff(30, 1.0), Duration::from_secs(1));
+        assert_eq!(p.backoff(2, 0.0), Duration::ZERO);
+    }
+
+    #[test]
     fn cells_become_identifier_text_by_column_type() {
         let text = |cell: &str, ty| match exact_text(Some(cell), &ty) {
             Value::Text(t) => Ok(t.into_owned()),
@@ -418,6 +585,20 @@ mod tests {
         assert!(waits[2] >= Duration::from_millis(200) && waits[2] <= Duration::from_millis(400));
         b.reset();
         assert_eq!(b.next_delay(Some(Duration::from_secs(2))), Some(Duration::from_secs(2)));
+        let mut b = Backoff::new(Duration::from_millis(1), Duration::from_millis(1), 1);
+        assert!(b.delay_or_unavailable(None, "wh", "HTTP 503".into()).is_ok());
+        let err = b.delay_or_unavailable(None, "wh", "HTTP 503".into()).unwrap_err();
+        assert_eq!(err.to_string(), "wh: still unavailable after 2 attempts: HTTP 503; the next run tries again");
+    }
+
+    #[tokio::test]
+    async fn a_wait_past_the_deadline_is_a_timeout_at_once() {
+        let timeout = || SourceError::Timeout { what: "wh".into(), seconds: 1 };
+        let soon = Instant::now() + Duration::from_millis(50);
+        let started = Instant::now();
+        let err = sleep_within(Duration::from_secs(60), soon, timeout).await.unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(1) && err.reason() == "SourceFailed", "{err}");
+        sleep_within(Duration::from_millis(1), Instant::now() + Duration::from_secs(60), timeout).await.unwrap();
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! What every test that talks to Braze starts with: the Braze sandbox on loopback, knowing
 //! one partner and one data import key, and the [`CohortTarget`] a run sends to. Included
-//! by the test files that need it (`#[path = "support/braze.rs"] mod braze_support;`).
+//! by the test files that need it (`#[path = "support/braze.rs"] mod braze_support;`) and
+//! by benchmarks (`#[path = "../tests/support/braze.rs"]`).
 #![allow(dead_code)]
 
 use braze_sandbox::{DataImportKey, Partner, RunningSandbox, Sandbox, SandboxConfig, SandboxUser};
@@ -15,22 +16,36 @@ pub struct BrazeKeys {
     pub import_key: &'static str,
 }
 
-/// A sandbox that accepts `keys` and knows `users`.
-pub async fn start_sandbox(keys: BrazeKeys, users: Vec<SandboxUser>) -> RunningSandbox {
-    Sandbox::start(SandboxConfig {
+/// The settings of a sandbox that accepts `keys` (the data import key for any partner) and
+/// knows `users`, for a caller that adds to them before [`start`].
+pub fn sandbox_config(keys: BrazeKeys, users: Vec<SandboxUser>) -> SandboxConfig {
+    SandboxConfig {
         partners: vec![Partner { name: keys.partner.into(), api_key: keys.partner_key.into() }],
         data_import_keys: vec![DataImportKey { key: keys.import_key.into(), partners: vec![] }],
         users,
         ..SandboxConfig::default()
-    })
-    .await
-    .expect("sandbox starts")
+    }
+}
+
+/// A sandbox on a free loopback port.
+pub async fn start(config: SandboxConfig) -> RunningSandbox {
+    Sandbox::start(config).await.expect("sandbox starts")
+}
+
+/// A sandbox that accepts `keys` and knows `users`.
+pub async fn start_sandbox(keys: BrazeKeys, users: Vec<SandboxUser>) -> RunningSandbox {
+    start(sandbox_config(keys, users)).await
 }
 
 /// Where a run sends cohort `cohort_id`'s changes: `sandbox`, with `keys`.
 pub fn target(sandbox: &RunningSandbox, keys: BrazeKeys, cohort_id: &str) -> CohortTarget {
+    target_at(sandbox.url(), keys, cohort_id)
+}
+
+/// [`target`] for a sandbox known by its URL (in a child process of a benchmark).
+pub fn target_at(url: String, keys: BrazeKeys, cohort_id: &str) -> CohortTarget {
     CohortTarget {
-        rest_endpoint: sandbox.url(),
+        rest_endpoint: url,
         partner: keys.partner.into(),
         partner_api_key: SecretString::new(keys.partner_key),
         data_import_key: SecretString::new(keys.import_key),

@@ -21,7 +21,7 @@
 // Handlers refuse a request with the HTTP response itself: an axum `Response` as the error.
 #![allow(clippy::result_large_err)]
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -38,6 +38,7 @@ use tokio::sync::watch;
 use tokio_postgres::types::Type;
 
 use crate::pg::{self, Column, QueryError, Rows};
+use crate::serve::{Faults, Server};
 
 /// Largest `INLINE` result.
 const INLINE_LIMIT: u64 = 25 * 1024 * 1024;
@@ -140,7 +141,7 @@ struct Inner {
     statements: Mutex<HashMap<String, Statement>>,
     issued: Mutex<HashMap<String, Instant>>,
     links: Mutex<HashMap<String, (String, usize, Instant)>>,
-    faults: Mutex<VecDeque<(FaultTarget, Fault)>>,
+    faults: Faults<FaultTarget, Fault>,
     executions: AtomicU64,
     cancels: AtomicU64,
     tokens_issued: AtomicU64,
@@ -149,15 +150,8 @@ struct Inner {
 }
 
 pub struct RunningDatabricks {
-    addr: SocketAddr,
     inner: Arc<Inner>,
-    server: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for RunningDatabricks {
-    fn drop(&mut self) {
-        self.server.abort();
-    }
+    server: Server,
 }
 
 impl RunningDatabricks {
@@ -174,7 +168,7 @@ impl RunningDatabricks {
             statements: Mutex::default(),
             issued: Mutex::default(),
             links: Mutex::default(),
-            faults: Mutex::default(),
+            faults: Faults::default(),
             executions: AtomicU64::new(0),
             cancels: AtomicU64::new(0),
             tokens_issued: AtomicU64::new(0),
@@ -189,19 +183,17 @@ impl RunningDatabricks {
             .route("/api/2.0/sql/statements/{id}/result/chunks/{index}", get(chunk))
             .route("/external/{link}", get(external))
             .with_state(inner.clone());
-        let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        Ok(RunningDatabricks { addr, inner, server })
+        let server = Server::serve(listener, app)?;
+        Ok(RunningDatabricks { inner, server })
     }
 
     /// The workspace URL (`host` of the source).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        self.server.url()
     }
 
     pub fn inject(&self, target: FaultTarget, fault: Fault) {
-        self.inner.faults.lock().unwrap().push_back((target, fault));
+        self.inner.faults.push(target, fault);
     }
 
     pub fn executions(&self) -> u64 {
@@ -235,12 +227,6 @@ fn invalid(message: &str) -> Response {
 }
 
 impl Inner {
-    fn take_fault(&self, target: FaultTarget) -> Option<Fault> {
-        let mut faults = self.faults.lock().unwrap();
-        let at = faults.iter().position(|(t, _)| *t == target)?;
-        faults.remove(at).map(|(_, f)| f)
-    }
-
     fn authenticate(&self, headers: &HeaderMap, fault: Option<Fault>) -> Result<(), Response> {
         let unauthenticated = || {
             api_error(
@@ -285,7 +271,7 @@ async fn token(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: axum::
     let oauth_error = |status, error: &str, description: &str| {
         (status, axum::Json(json!({ "error": error, "error_description": description }))).into_response()
     };
-    if let Some(f @ (Fault::TooManyRequests | Fault::Unavailable)) = inner.take_fault(FaultTarget::Token) {
+    if let Some(f @ (Fault::TooManyRequests | Fault::Unavailable)) = inner.faults.take(FaultTarget::Token) {
         let status =
             if f == Fault::Unavailable { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::TOO_MANY_REQUESTS };
         return oauth_error(status, "temporarily_unavailable", "Try again later.");
@@ -433,7 +419,7 @@ fn parse_request(inner: &Inner, body: &[u8]) -> Result<Request, Response> {
 }
 
 async fn submit(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
-    let fault = inner.take_fault(FaultTarget::Submit);
+    let fault = inner.faults.take(FaultTarget::Submit);
     if let Err(response) = inner.authenticate(&headers, fault) {
         return response;
     }
@@ -716,7 +702,7 @@ fn chunk_body(inner: &Inner, id: &str, result: &ResultSet, index: usize, truncat
 }
 
 async fn status(State(inner): State<Arc<Inner>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
-    let fault = inner.take_fault(FaultTarget::Poll);
+    let fault = inner.faults.take(FaultTarget::Poll);
     if let Err(response) = inner.authenticate(&headers, fault) {
         return response;
     }
@@ -729,7 +715,7 @@ async fn chunk(
     headers: HeaderMap,
 ) -> Response {
     let Ok(index) = index.parse::<usize>() else { return invalid("chunk_index must be a number") };
-    let fault = inner.take_fault(FaultTarget::Chunk(index));
+    let fault = inner.faults.take(FaultTarget::Chunk(index));
     if let Err(response) = inner.authenticate(&headers, fault) {
         return response;
     }
@@ -776,7 +762,7 @@ async fn external(
     if !params.contains_key("X-Amz-Signature") || Instant::now() > expires {
         return denied();
     }
-    let fault = inner.take_fault(FaultTarget::Link(index));
+    let fault = inner.faults.take(FaultTarget::Link(index));
     if fault == Some(Fault::ExpiredLink) {
         inner.links.lock().unwrap().remove(&link);
         return denied();

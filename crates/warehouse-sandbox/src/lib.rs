@@ -8,4 +8,5 @@ pub mod bigquery;
 pub mod databricks;
 pub mod keys;
 pub mod pg;
+mod serve;
 pub mod snowflake;

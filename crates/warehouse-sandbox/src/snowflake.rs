@@ -20,7 +20,7 @@
 // Handlers refuse a request with the HTTP response itself: an axum `Response` as the error.
 #![allow(clippy::result_large_err)]
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,6 +39,7 @@ use tokio::sync::watch;
 
 use crate::keys::{fingerprint_of, pem_block};
 use crate::pg::{self, Column, QueryError, Rows};
+use crate::serve::{Faults, Server};
 
 /// What the stand-in knows and how it behaves.
 #[derive(Clone, Debug)]
@@ -137,7 +138,7 @@ struct Inner {
     config: SnowflakeConfig,
     statements: Mutex<HashMap<String, Statement>>,
     by_request_id: Mutex<HashMap<String, String>>,
-    faults: Mutex<VecDeque<(FaultTarget, Fault)>>,
+    faults: Faults<FaultTarget, Fault>,
     executions: AtomicU64,
     cancels: AtomicU64,
     requests: AtomicU64,
@@ -148,15 +149,8 @@ struct Inner {
 
 /// A stand-in serving on loopback until dropped.
 pub struct RunningSnowflake {
-    addr: SocketAddr,
     inner: Arc<Inner>,
-    server: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for RunningSnowflake {
-    fn drop(&mut self) {
-        self.server.abort();
-    }
+    server: Server,
 }
 
 impl RunningSnowflake {
@@ -177,29 +171,25 @@ impl RunningSnowflake {
             config,
             statements: Mutex::default(),
             by_request_id: Mutex::default(),
-            faults: Mutex::default(),
+            faults: Faults::default(),
             executions: AtomicU64::new(0),
             cancels: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             partition_requests: AtomicU64::new(0),
         });
         let listener = tokio::net::TcpListener::bind(addr).await?;
-        let addr = listener.local_addr()?;
-        let app = router(inner.clone());
-        let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        Ok(RunningSnowflake { addr, inner, server })
+        let server = Server::serve(listener, router(inner.clone()))?;
+        Ok(RunningSnowflake { inner, server })
     }
 
     /// `http://127.0.0.1:PORT`, the source's `endpoint`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        self.server.url()
     }
 
     /// Answers the next request aimed at `target` with `fault`.
     pub fn inject(&self, target: FaultTarget, fault: Fault) {
-        self.inner.faults.lock().unwrap().push_back((target, fault));
+        self.inner.faults.push(target, fault);
     }
 
     /// Statements run on the database so far (resubmissions not counted).
@@ -245,12 +235,6 @@ fn unauthorized(detail: &str) -> Response {
 }
 
 impl Inner {
-    fn take_fault(&self, target: FaultTarget) -> Option<Fault> {
-        let mut faults = self.faults.lock().unwrap();
-        let at = faults.iter().position(|(t, _)| *t == target)?;
-        faults.remove(at).map(|(_, f)| f)
-    }
-
     /// Headers and JWT as the reference requires.
     fn authenticate(&self, headers: &HeaderMap, expired: bool) -> Result<(), Response> {
         let text = |name| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("");
@@ -346,7 +330,7 @@ async fn submit(
     body: axum::body::Bytes,
 ) -> Response {
     inner.requests.fetch_add(1, Ordering::SeqCst);
-    let fault = inner.take_fault(FaultTarget::Submit);
+    let fault = inner.faults.take(FaultTarget::Submit);
     if let Err(response) = inner.authenticate(&headers, fault == Some(Fault::ExpiredToken)) {
         return response;
     }
@@ -574,7 +558,7 @@ async fn status(
         Some(Err(_)) => return error(StatusCode::BAD_REQUEST, "390142", "partition must be a number."),
     };
     let target = partition.filter(|&n| n > 0).map_or(FaultTarget::Poll, FaultTarget::Partition);
-    let fault = inner.take_fault(target);
+    let fault = inner.faults.take(target);
     if let Err(response) = inner.authenticate(&headers, fault == Some(Fault::ExpiredToken)) {
         return response;
     }

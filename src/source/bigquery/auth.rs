@@ -20,8 +20,9 @@ use serde::Deserialize;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use super::shared::{RetryPolicy, read_body_bounded};
+use crate::domain::validate::is_loopback;
 use crate::secret::{SecretString, error_chain, redact};
+use crate::source::warehouse::{RetryPolicy, read_body_bounded};
 use crate::source::{REDACT_MIN_LEN, SourceError};
 
 /// What BigQuery's `jobs.query` needs [BQ-JOB].
@@ -339,15 +340,6 @@ fn token_from(body: Vec<u8>, started: Instant) -> Result<Token, TokenError> {
 fn transport(what: &str, e: &reqwest::Error) -> TokenError {
     let text = if e.is_timeout() { "timed out".to_owned() } else { error_chain(e) };
     TokenError::Transient(format!("cannot reach {what}: {text}"))
-}
-
-fn is_loopback(url: &reqwest::Url) -> bool {
-    match url.host() {
-        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
-        None => false,
-    }
 }
 
 #[cfg(test)]

@@ -11,9 +11,9 @@
 
 use std::borrow::Cow;
 
-use super::shared::{plain_decimal, plain_float};
 use super::wire::Field;
 use crate::domain::identifiers::{SkipReason, Value};
+use crate::source::warehouse::{plain_decimal, plain_float};
 
 /// How a column's cells become text.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

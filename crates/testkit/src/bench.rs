@@ -1,0 +1,42 @@
+//! For benchmarks that measure a piece of work in a process of its own — this executable
+//! run again — so that the peak RSS they print is the work's own, not the harness's.
+
+use std::process::Command;
+
+/// This process's peak resident set size (`VmHWM`), in MiB; NaN where `/proc` does not say.
+pub fn peak_rss_mib() -> f64 {
+    vm_hwm_kib("self").map_or(f64::NAN, |kib| kib as f64 / 1024.0)
+}
+
+/// Process `pid`'s peak resident set size so far (`VmHWM`), in KiB; `None` once it is gone.
+pub fn peak_rss_kib_of(pid: u32) -> Option<u64> {
+    vm_hwm_kib(&pid.to_string())
+}
+
+fn vm_hwm_kib(pid: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Prints the child's result as the line [`child_result`] looks for.
+pub fn print_result(result: &serde_json::Value) {
+    println!("RESULT {result}");
+}
+
+/// Runs this executable again with `env` set (the child sees it and does the work) and
+/// returns the JSON of its `RESULT` line; panics with the child's output when there is none.
+pub fn child_result(what: &str, env: &[(&str, String)]) -> serde_json::Value {
+    let mut command = Command::new(std::env::current_exe().expect("this executable"));
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let output = command.output().expect("the benchmark runs itself again");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let Some(line) = stdout.lines().find_map(|l| l.strip_prefix("RESULT ")) else {
+        panic!("{what} failed:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    };
+    serde_json::from_str(line).expect("the child's RESULT is JSON")
+}
