@@ -351,7 +351,7 @@ async fn preview(
     let spec = &valid.spec;
     let namespace = import.namespace().unwrap_or_default();
     let objects = KubeObjects::new(client.clone(), namespace.clone());
-    let source = open_source(&spec.source, &spec.identifiers, &objects).await?;
+    let source = open_source(&valid.source, &valid.identifiers, &objects).await?;
     let store = ReadOnlySnapshots(match &live {
         Some(live) => Some(ClusterSnapshotStore::new(client, live)?),
         None => None,
