@@ -93,9 +93,9 @@ pub struct CohortImportSpec {
     /// Retries of a failed run before the next scheduled one, with exponential backoff and
     /// jitter. On by default (3 retries, 1 min doubling to at most 1 h): a run is safe to
     /// repeat, since it sends only what Braze does not hold yet. Only failures that can pass
-    /// on their own are retried (the source or Braze unavailable, a timeout, an interrupted
-    /// run); never a `Blocked` run, an invalid spec, a missing Secret or ConfigMap, refused
-    /// credentials or an egress denial. `limit: 0` turns retries off.
+    /// on their own are retried (the source or Braze unavailable, a run over its deadline);
+    /// never a `Blocked` run, an invalid spec, a missing Secret or ConfigMap, refused
+    /// credentials, an egress denial or a crash loop. `limit: 0` turns retries off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetrySpec>,
 }

@@ -189,8 +189,9 @@ pub fn desired(import: &CohortImport, plan: Result<&Plan, &SpecErrors>, seen: &O
                 run.attempt
             )
         };
-        // A crash loop may end by itself (memory taken by other runs at the time): retried.
-        effects.extend(abandon(import, &mut status, &run, seen.now, &why, seen.winner.is_none()));
+        // Not retried (`spec.retry`): each attempt took the operator down with it, stopping
+        // every import in the cluster; a person must look first.
+        effects.extend(abandon(import, &mut status, &run, seen.now, &why));
     }
     let requeue = Requeue::At(plan.next_run_at);
     match &plan.decision {
@@ -301,7 +302,7 @@ fn wait(
 fn invalid(import: &CohortImport, mut status: CohortImportStatus, errors: &SpecErrors, seen: &Observed<'_>) -> Desired {
     let mut effects = Vec::new();
     if let Some(run) = status.current_run.take() {
-        effects.extend(abandon(import, &mut status, &run, seen.now, "the spec became invalid", false));
+        effects.extend(abandon(import, &mut status, &run, seen.now, "the spec became invalid"));
     }
     status.next_run_at = None;
     retry::set(&mut status, None);
@@ -311,17 +312,16 @@ fn invalid(import: &CohortImport, mut status: CohortImportStatus, errors: &SpecE
     Desired { status: Some(status), effects, requeue: Requeue::At(None) }
 }
 
-/// Records `run` as ended without running again, through the one run-end path; `transient`
-/// when why it ended may pass on its own, so that `spec.retry` applies.
+/// Records `run` as ended without running again, through the one run-end path. It is not
+/// retried: why it ended (an invalid spec, a conflict, a crash loop) needs a person.
 fn abandon(
     import: &CohortImport,
     status: &mut CohortImportStatus,
     run: &CurrentRun,
     now: Timestamp,
     why: &str,
-    transient: bool,
 ) -> [Effect; 1] {
-    let end = RunEnd { transient, ..RunEnd::abandoned(run, now, why) };
+    let end = RunEnd::abandoned(run, now, why);
     let recorded = record::record(status, &end, import.spec.history_limits(), &import.spec.retry_policy());
     [Effect::Announce(Box::new((end, recorded)))]
 }
@@ -651,10 +651,7 @@ mod tests {
     fn a_run_interrupted_on_its_last_attempt_ends_failed_through_the_run_end() {
         let mut status = running(&after_run(RunResult::Succeeded), "r9");
         status.current_run.as_mut().unwrap().attempt = 3;
-        // Without retries (`spec.retry.limit: 0`; with them, see below).
-        let mut no_retries = import(Some(status), json!({}));
-        no_retries.spec.retry = Some(crate::api::RetrySpec { limit: 0, ..Default::default() });
-        let d = decide(&no_retries, &seen("2026-03-02T12:00:00Z"));
+        let d = decide(&import(Some(status), json!({})), &seen("2026-03-02T12:00:00Z"));
         let status = d.status.as_ref().unwrap();
         assert_eq!(status.current_run, None, "not run again");
         let last = status.last_run.clone().unwrap();
@@ -811,16 +808,14 @@ mod tests {
     }
 
     #[test]
-    fn a_run_abandoned_after_its_attempts_is_retried_one_cut_short_by_a_conflict_is_not() {
+    fn a_run_abandoned_after_its_attempts_or_by_a_conflict_is_not_retried() {
         let mut status = running(&after_run(RunResult::Succeeded), "r9");
         status.current_run.as_mut().unwrap().attempt = 3;
         let d = decide(&import(Some(status.clone()), json!({})), &seen("2026-03-02T12:00:00Z"));
         let written = d.status.as_ref().unwrap();
         assert_eq!(written.last_run.as_ref().unwrap().result, RunResult::Failed);
-        assert_eq!(written.retry_attempt, Some(1));
-        let at = written.next_retry_at.unwrap();
-        assert!(at > ts("2026-03-02T12:00:44Z") && at <= ts("2026-03-02T12:01:00Z"), "{at}");
-        assert_eq!(ready(&d).1, "RetryScheduled");
+        assert_eq!((written.next_retry_at, written.retry_attempt), (None, None), "a crash loop needs a person");
+        assert_eq!(ready(&d).1, "Failed");
 
         let conflict = Observed { winner: Some("growth/older"), ..seen("2026-03-02T12:00:00Z") };
         let written = decide(&import(Some(status), json!({})), &conflict).status.unwrap();
