@@ -235,6 +235,7 @@ fn humanize(d: SignedDuration) -> String {
 pub struct Recorded {
     /// `.status.history` before this run was added, newest first.
     pub previous_history: Vec<RunRecord>,
+    /// The next run once the end is recorded: a pending retry when it comes before the slot.
     pub next_run_at: Option<Timestamp>,
 }
 
@@ -247,7 +248,7 @@ pub fn record(
     history_limits: HistoryLimits,
     retry: &RetrySpec,
 ) -> Recorded {
-    let recorded = Recorded { previous_history: status.history.clone(), next_run_at: status.next_run_at };
+    let mut recorded = Recorded { previous_history: status.history.clone(), next_run_at: status.next_run_at };
     if status.current_run.as_ref().is_some_and(|run| run.id == end.record.id) {
         status.current_run = None;
     }
@@ -256,6 +257,8 @@ pub fn record(
         status.braze_workspace = Some(workspace.clone());
     }
     super::retry::schedule(status, end, retry);
+    // The report's next run: a retry comes before the slot.
+    recorded.next_run_at = status.next_run_at;
     let (_, message) = idle_ready(status, status.next_run_at);
     set_ready(status, end.reason(), &message, status.observed_generation, end.ended_at);
     recorded

@@ -229,4 +229,17 @@ mod tests {
         schedule(&mut status, &not_transient, &RetrySpec::default());
         assert_eq!((status.retry_attempt, status.next_retry_at), (None, None));
     }
+
+    #[test]
+    fn the_run_end_records_the_retry_and_the_report_names_it_as_the_next_run() {
+        let mut status =
+            CohortImportStatus { current_run: Some(run("r1", RunTrigger::Scheduled)), ..idle("2026-03-03T06:30:00Z") };
+        let end = ended(RunTrigger::Scheduled, source_failure(unavailable()));
+        let limits = crate::api::HistoryLimits::Newest(10);
+        let recorded = super::super::record::record(&mut status, &end, limits, &RetrySpec::default());
+        assert_eq!(status.current_run, None);
+        assert!(status.next_retry_at.is_some());
+        assert_eq!(recorded.next_run_at, status.next_retry_at, "the report's next run is the retry");
+        assert_eq!(status.ready().unwrap().reason, "SourceFailed", "the run end's own reason, until the reconcile");
+    }
 }
