@@ -95,6 +95,57 @@ pub struct CohortImportSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub run_timeout_seconds: Option<u32>,
+    /// Retries of a failed run before the next scheduled one, with exponential backoff and
+    /// jitter. On by default (3 retries, 1 min doubling to at most 1 h): a run is safe to
+    /// repeat, since it sends only what Braze does not hold yet. Only failures that can pass
+    /// on their own are retried (the source or Braze unavailable, a run over its deadline);
+    /// never a `Blocked` run, an invalid spec, a missing Secret or ConfigMap, refused
+    /// credentials, an egress denial or a crash loop. `limit: 0` turns retries off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetrySpec>,
+}
+
+/// `spec.retry`: how often and how soon a failed run is tried again.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetrySpec {
+    /// Retries of one failed run, at most; 0 turns retries off. A retry never runs at or
+    /// after the next scheduled run, which runs instead.
+    #[serde(default = "default_retry_limit")]
+    #[schemars(range(min = 0, max = 10))]
+    pub limit: u8,
+    /// Wait before the first retry, in seconds; each further retry waits twice as long as
+    /// the one before. Each wait is shortened by up to a quarter (a jitter drawn from the
+    /// failed run's id), so that imports that failed together do not retry together.
+    #[serde(default = "default_retry_backoff_seconds")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub backoff_seconds: u32,
+    /// Longest wait between retries, in seconds; at least `backoffSeconds`.
+    #[serde(default = "default_retry_max_backoff_seconds")]
+    #[schemars(range(min = 1, max = 604800))]
+    pub max_backoff_seconds: u32,
+}
+
+fn default_retry_limit() -> u8 {
+    3
+}
+
+fn default_retry_backoff_seconds() -> u32 {
+    60
+}
+
+fn default_retry_max_backoff_seconds() -> u32 {
+    3600
+}
+
+impl Default for RetrySpec {
+    fn default() -> Self {
+        Self {
+            limit: default_retry_limit(),
+            backoff_seconds: default_retry_backoff_seconds(),
+            max_backoff_seconds: default_retry_max_backoff_seconds(),
+        }
+    }
 }
 
 fn default_history_limit() -> u8 {
@@ -111,6 +162,11 @@ pub enum HistoryLimits {
 }
 
 impl CohortImportSpec {
+    /// `spec.retry`, with its defaults when unset.
+    pub fn retry_policy(&self) -> RetrySpec {
+        self.retry.unwrap_or_default()
+    }
+
     /// The history limits in force: `historyLimit` alone caps the whole history, as before
     /// the per-result limits existed; either per-result limit counts results apart, the
     /// other defaulting to `historyLimit`.

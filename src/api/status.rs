@@ -59,6 +59,8 @@ pub enum ReadyReason {
     /// Waiting for the first run.
     Scheduled,
     Running,
+    /// The last run failed and is retried at `status.nextRetryAt` (`spec.retry`).
+    RetryScheduled,
     Succeeded,
     DryRun,
     Failed,
@@ -86,6 +88,7 @@ impl ReadyReason {
         match self {
             ReadyReason::Scheduled => "Scheduled",
             ReadyReason::Running => "Running",
+            ReadyReason::RetryScheduled => "RetryScheduled",
             ReadyReason::Succeeded => "Succeeded",
             ReadyReason::DryRun => "DryRun",
             ReadyReason::Failed => "Failed",
@@ -132,7 +135,9 @@ impl ReadyReason {
             | ReadyReason::SecretReadFailed
             | ReadyReason::SecretNotFound
             | ReadyReason::ConfigMapNotFound => matches!(result, RunResult::Failed),
-            ReadyReason::Scheduled
+            // Set while the retry is pending, from `status.nextRetryAt`, not kept.
+            ReadyReason::RetryScheduled
+            | ReadyReason::Scheduled
             | ReadyReason::Running
             | ReadyReason::Succeeded
             | ReadyReason::DryRun
@@ -166,6 +171,8 @@ impl ReadyReason {
             ReadyReason::Suspended => false,
             // Only a scheduled run was skipped (the operator was down); the next one runs by itself.
             ReadyReason::Missed => false,
+            // The failed run is tried again by itself (`spec.retry`).
+            ReadyReason::RetryScheduled => false,
             // A person must fix the spec, create the Secret or ConfigMap, approve the removals,
             // resolve the cohort conflict, or change the egress policy or deletionPolicy.
             ReadyReason::InvalidSpec
@@ -175,9 +182,10 @@ impl ReadyReason {
             | ReadyReason::Blocked
             | ReadyReason::EgressDenied
             | ReadyReason::Deleting => true,
-            // The last run failed. Runs are not retried before the next scheduled one, so the
-            // import stays unhealthy until then — or until a person looks and requests a run.
-            // Failing loudly beats kstatus waiting forever on `InProgress`.
+            // The last run failed and no retry is pending (`spec.retry` is used up, off, or the
+            // failure cannot pass on its own), so the import stays unhealthy until the next
+            // scheduled run — or until a person looks and requests a run. Failing loudly beats
+            // kstatus waiting forever on `InProgress`.
             ReadyReason::Failed
             | ReadyReason::SourceFailed
             | ReadyReason::SnapshotFailed
@@ -229,10 +237,21 @@ pub struct CohortImportStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// When the next scheduled run starts (RFC 3339); absent when none is due.
+    /// When the next run starts (RFC 3339): the next scheduled run, or the retry of a failed
+    /// run (`nextRetryAt`) when that comes first; absent when none is due.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "optional_date_time")]
     pub next_run_at: Option<Timestamp>,
+    /// When the last run, which failed, is retried (`spec.retry`); absent when no retry is
+    /// pending. A scheduled or requested run that starts first replaces the retry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "optional_date_time")]
+    pub next_retry_at: Option<Timestamp>,
+    /// Which retry of a failed scheduled or requested run is pending at `nextRetryAt` or
+    /// running now: 1 for the first, up to `spec.retry.limit`; absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub retry_attempt: Option<u32>,
     /// The most recent run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_run: Option<RunRecord>,
@@ -327,8 +346,8 @@ impl RunRecord {
 pub struct CurrentRun {
     /// The run's id, which its history entry keeps, e.g. `20261128-063000-a1b2`.
     pub id: String,
-    /// What started it: `Initial` (the import's first run), `Scheduled`, or `Manual` (the
-    /// `cohorts.dev/run-requested-at` annotation).
+    /// What started it: `Initial` (the import's first run), `Scheduled`, `Manual` (the
+    /// `cohorts.dev/run-requested-at` annotation), or `Retry` (of a failed run, `spec.retry`).
     pub trigger: RunTrigger,
     /// RFC 3339.
     #[schemars(schema_with = "date_time")]
@@ -413,8 +432,8 @@ pub struct ScheduleStatus {
 pub struct RunRecord {
     /// Unique per import, e.g. `20261128-063000-a1b2`.
     pub id: String,
-    /// What started it: `Initial` (the import's first run), `Scheduled`, or `Manual` (the
-    /// `cohorts.dev/run-requested-at` annotation).
+    /// What started it: `Initial` (the import's first run), `Scheduled`, `Manual` (the
+    /// `cohorts.dev/run-requested-at` annotation), or `Retry` (of a failed run, `spec.retry`).
     pub trigger: RunTrigger,
     /// RFC 3339.
     #[schemars(schema_with = "date_time")]
@@ -457,6 +476,8 @@ pub enum RunTrigger {
     Scheduled,
     /// Requested through the `cohorts.dev/run-requested-at` annotation.
     Manual,
+    /// A retry of a failed run (`spec.retry`); `status.retryAttempt` counts them.
+    Retry,
 }
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]

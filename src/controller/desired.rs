@@ -9,13 +9,15 @@ use kube::ResourceExt;
 use super::conflict::CohortKey;
 use super::events::reason as event;
 use super::record::{self, Recorded, RunEnd};
+use super::retry;
 use super::secrets::KeyError;
 use super::status::{idle_ready, next_run_text, seconds, set_ready};
 use crate::api::{
     APPROVE_REMOVALS_ANNOTATION, CohortImport, CohortImportStatus, CurrentRun, FLUX_RECONCILE_ANNOTATION,
-    RUN_REQUESTED_ANNOTATION, ReadyReason, RunResult, RunRunner,
+    RUN_REQUESTED_ANNOTATION, ReadyReason, RunResult, RunRunner, RunTrigger,
 };
 use crate::domain::plan::{Decision, Hold, Plan, PlanInput, ScheduleCursor, plan};
+use crate::domain::retry::Retry;
 use crate::domain::validate::{SourceKind, SpecErrors, ValidSpec};
 
 /// What the reconcile found out before deciding.
@@ -187,11 +189,15 @@ pub fn desired(import: &CohortImport, plan: Result<&Plan, &SpecErrors>, seen: &O
                 run.attempt
             )
         };
+        // Not retried (`spec.retry`): each attempt took the operator down with it, stopping
+        // every import in the cluster; a person must look first.
         effects.extend(abandon(import, &mut status, &run, seen.now, &why));
     }
     let requeue = Requeue::At(plan.next_run_at);
     match &plan.decision {
         Decision::Run { trigger, run_request, approved_removals } => {
+            // A scheduled or requested run replaces a pending retry.
+            retry::set(&mut status, None);
             if run_request.is_some() {
                 handle_requests(import, &mut status);
             }
@@ -210,32 +216,76 @@ pub fn desired(import: &CohortImport, plan: Result<&Plan, &SpecErrors>, seen: &O
         }
         Decision::RecordMissed { slot } => {
             let end = RunEnd::missed(*slot, seen.starting_deadline, seen.now);
-            let recorded = record::record(&mut status, &end, import.spec.history_limits());
+            let recorded = record::record(&mut status, &end, import.spec.history_limits(), &import.spec.retry_policy());
             effects.push(Effect::Announce(Box::new((end, recorded))));
             Desired { status: Some(status), effects, requeue }
         }
-        Decision::Wait => {
-            effects.extend(wait(import, &mut status, plan.next_run_at, seen));
-            Desired { status: Some(status), effects, requeue }
-        }
+        Decision::Wait => match retry::pending(&status, &import.spec.retry_policy(), plan.next_run_at) {
+            Some(due) if due.at <= seen.now => start_retry(import, status, due, seen, effects),
+            pending => {
+                retry::set(&mut status, pending);
+                effects.extend(wait(import, &mut status, plan.next_run_at, pending, seen));
+                let requeue = Requeue::At(status.next_run_at);
+                Desired { status: Some(status), effects, requeue }
+            }
+        },
         Decision::Held { hold, pending_request } => {
+            // Suspended or in conflict: no runs, retries included; resuming does not catch up.
+            retry::set(&mut status, None);
             held(import, &mut status, *hold, *pending_request, seen, &mut effects);
             Desired { status: Some(status), effects, requeue: Requeue::At(None) }
         }
     }
 }
 
-/// Nothing to do until the next run: `Ready` from the last run, unless a Secret is missing.
+/// Starts retry `due` of the last run, which failed: a run of its own, `Retry`, counted in
+/// `status.retryAttempt` until it ends ([`retry::schedule`]).
+fn start_retry(
+    import: &CohortImport,
+    mut status: CohortImportStatus,
+    due: Retry,
+    seen: &Observed<'_>,
+    effects: Vec<Effect>,
+) -> Desired {
+    status.next_retry_at = None;
+    status.retry_attempt = Some(due.attempt);
+    let mut run = CurrentRun {
+        id: seen.new_run_id.clone(),
+        trigger: RunTrigger::Retry,
+        started_at: seconds(seen.now),
+        approved_removals: None,
+        runner_shard: None,
+        runner_lease: None,
+        runner_identity: None,
+        attempt: 1,
+    };
+    run.set_runner(seen.runner.clone());
+    start(import, status, run, effects)
+}
+
+/// Nothing to do until the next run (or the `retry` of a failed one): `Ready` from the last
+/// run, unless a Secret is missing.
 fn wait(
     import: &CohortImport,
     status: &mut CohortImportStatus,
     next_run_at: Option<Timestamp>,
+    retry: Option<Retry>,
     seen: &Observed<'_>,
 ) -> Option<Effect> {
     let generation = import.metadata.generation;
     let Some(Err(e)) = seen.secrets else {
         let (reason, message) = idle_ready(status, next_run_at);
-        set_ready(status, reason, &message, generation, seen.now);
+        let Some(retry) = retry else {
+            set_ready(status, reason, &message, generation, seen.now);
+            return None;
+        };
+        let message = format!(
+            "{message}; retry {} of {} at {} first (spec.retry)",
+            retry.attempt,
+            import.spec.retry_policy().limit,
+            retry.at
+        );
+        set_ready(status, ReadyReason::RetryScheduled, &message, generation, seen.now);
         return None;
     };
     let message = format!("{e}; {}", next_run_text(next_run_at));
@@ -255,13 +305,15 @@ fn invalid(import: &CohortImport, mut status: CohortImportStatus, errors: &SpecE
         effects.extend(abandon(import, &mut status, &run, seen.now, "the spec became invalid"));
     }
     status.next_run_at = None;
+    retry::set(&mut status, None);
     let message = format!("Invalid spec: {errors}");
     set_ready(&mut status, ReadyReason::InvalidSpec, &message, import.metadata.generation, seen.now);
     effects.push(Effect::WarnOnChange { reason: event::INVALID_SPEC, action: "Validate", note: message });
     Desired { status: Some(status), effects, requeue: Requeue::At(None) }
 }
 
-/// Records `run` as ended without running again, through the one run-end path.
+/// Records `run` as ended without running again, through the one run-end path. It is not
+/// retried: why it ended (an invalid spec, a conflict, a crash loop) needs a person.
 fn abandon(
     import: &CohortImport,
     status: &mut CohortImportStatus,
@@ -270,7 +322,7 @@ fn abandon(
     why: &str,
 ) -> [Effect; 1] {
     let end = RunEnd::abandoned(run, now, why);
-    let recorded = record::record(status, &end, import.spec.history_limits());
+    let recorded = record::record(status, &end, import.spec.history_limits(), &import.spec.retry_policy());
     [Effect::Announce(Box::new((end, recorded)))]
 }
 
@@ -676,5 +728,97 @@ mod tests {
         assert!(checks_secrets(&idle, &plan_for(&idle, &valid, false, ts("2026-03-02T12:00:00Z"), d)));
         assert!(!checks_secrets(&idle, &plan_for(&idle, &valid, false, ts("2026-03-03T06:30:00Z"), d)), "runs");
         assert!(!checks_secrets(&idle, &plan_for(&idle, &valid, true, ts("2026-03-02T12:00:00Z"), d)), "held");
+    }
+
+    /// [`after_run`] of a run that failed and waits for its first retry at `at`.
+    fn retry_pending(at: &str) -> CohortImportStatus {
+        CohortImportStatus {
+            next_retry_at: Some(ts(at)),
+            retry_attempt: Some(1),
+            next_run_at: Some(ts(at)),
+            ..after_run(RunResult::Failed)
+        }
+    }
+
+    fn stalled(d: &Desired) -> String {
+        let status = d.status.as_ref().unwrap();
+        status.conditions.iter().find(|c| c.type_ == crate::api::STALLED).unwrap().status.clone()
+    }
+
+    #[test]
+    fn a_pending_retry_is_shown_as_the_next_run_and_waited_for() {
+        let d = decide(&import(Some(retry_pending("2026-03-02T06:32:00Z")), json!({})), &seen("2026-03-02T06:31:05Z"));
+        let (value, reason, message) = ready(&d);
+        assert_eq!((value.as_str(), reason.as_str()), ("False", "RetryScheduled"));
+        assert!(message.ends_with("retry 1 of 3 at 2026-03-02T06:32:00Z first (spec.retry)"), "{message}");
+        assert_eq!(stalled(&d), "False", "the import gets better by itself");
+        let status = d.status.as_ref().unwrap();
+        assert_eq!(status.next_run_at, Some(ts("2026-03-02T06:32:00Z")), "kubectl get's NEXT RUN");
+        assert_eq!((status.next_retry_at, status.retry_attempt), (Some(ts("2026-03-02T06:32:00Z")), Some(1)));
+        assert_eq!(d.requeue, Requeue::At(Some(ts("2026-03-02T06:32:00Z"))));
+        assert!(d.effects.is_empty());
+    }
+
+    #[test]
+    fn a_due_retry_starts_a_run_of_its_own() {
+        let d = decide(&import(Some(retry_pending("2026-03-02T06:32:00Z")), json!({})), &seen("2026-03-02T06:32:00Z"));
+        let status = d.status.as_ref().unwrap();
+        let run = status.current_run.clone().unwrap();
+        assert_eq!((run.id.as_str(), run.trigger, run.attempt), ("20260302-063000-abcd", RunTrigger::Retry, 1));
+        assert_eq!((status.next_retry_at, status.retry_attempt), (None, Some(1)), "counted until it ends");
+        assert_eq!(status.next_run_at, Some(ts("2026-03-03T06:30:00Z")), "the slot again");
+        assert_eq!(status.schedule, after_run(RunResult::Failed).schedule, "the schedule's cursor does not move");
+        assert_eq!(ready(&d).1, "Running");
+        assert!(matches!(&d.effects[..], [Effect::StartRun(r)] if *r == run));
+    }
+
+    #[test]
+    fn a_requested_run_or_a_hold_replaces_a_pending_retry() {
+        let request = json!({ RUN_REQUESTED_ANNOTATION: "now-1" });
+        let d = decide(&import(Some(retry_pending("2026-03-02T06:40:00Z")), request), &seen("2026-03-02T06:35:00Z"));
+        let status = d.status.unwrap();
+        assert_eq!(status.current_run.unwrap().trigger, RunTrigger::Manual);
+        assert_eq!((status.next_retry_at, status.retry_attempt), (None, None));
+
+        let mut suspended = import(Some(retry_pending("2026-03-02T06:40:00Z")), json!({}));
+        suspended.spec.suspend = true;
+        let status = decide(&suspended, &seen("2026-03-02T06:35:00Z")).status.unwrap();
+        assert_eq!((status.next_retry_at, status.retry_attempt, status.next_run_at), (None, None, None));
+    }
+
+    #[test]
+    fn a_retry_lapses_when_spec_retry_no_longer_allows_it() {
+        let mut off = import(Some(retry_pending("2026-03-02T06:40:00Z")), json!({}));
+        off.spec.retry = Some(crate::api::RetrySpec { limit: 0, ..Default::default() });
+        let d = decide(&off, &seen("2026-03-02T06:41:00Z"));
+        let status = d.status.as_ref().unwrap();
+        assert_eq!((status.current_run.as_ref(), status.next_retry_at), (None, None));
+        assert_eq!(status.next_run_at, Some(ts("2026-03-03T06:30:00Z")));
+        assert_eq!(ready(&d).1, "Failed");
+        assert_eq!(stalled(&d), "True");
+    }
+
+    #[test]
+    fn an_invalid_spec_drops_a_pending_retry() {
+        let mut bad = import(Some(retry_pending("2026-03-02T06:40:00Z")), json!({}));
+        bad.spec.schedule.day_of_week = Some(crate::api::DayOfWeek::Monday);
+        let errors = crate::domain::validate::validate(&bad.spec).unwrap_err();
+        let status = desired(&bad, Err(&errors), &seen("2026-03-02T06:35:00Z")).status.unwrap();
+        assert_eq!((status.next_retry_at, status.retry_attempt), (None, None));
+    }
+
+    #[test]
+    fn a_run_abandoned_after_its_attempts_or_by_a_conflict_is_not_retried() {
+        let mut status = running(&after_run(RunResult::Succeeded), "r9");
+        status.current_run.as_mut().unwrap().attempt = 3;
+        let d = decide(&import(Some(status.clone()), json!({})), &seen("2026-03-02T12:00:00Z"));
+        let written = d.status.as_ref().unwrap();
+        assert_eq!(written.last_run.as_ref().unwrap().result, RunResult::Failed);
+        assert_eq!((written.next_retry_at, written.retry_attempt), (None, None), "a crash loop needs a person");
+        assert_eq!(ready(&d).1, "Failed");
+
+        let conflict = Observed { winner: Some("growth/older"), ..seen("2026-03-02T12:00:00Z") };
+        let written = decide(&import(Some(status), json!({})), &conflict).status.unwrap();
+        assert_eq!((written.next_retry_at, written.retry_attempt), (None, None));
     }
 }

@@ -43,6 +43,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod reconcile;
 pub mod record;
+pub mod retry;
 pub mod runs;
 pub mod secret_recheck;
 pub mod secrets;

@@ -25,8 +25,8 @@ use super::importer::ImportError;
 use super::runs::update_status;
 use super::status::{idle_ready, record_run, seconds, set_ready};
 use crate::api::{
-    CohortImport, CohortImportStatus, CurrentRun, DryRunSample, HistoryLimits, ReadyReason, RunRecord, RunResult,
-    RunTrigger,
+    CohortImport, CohortImportStatus, CurrentRun, DryRunSample, HistoryLimits, ReadyReason, RetrySpec, RunRecord,
+    RunResult, RunTrigger,
 };
 use crate::notify::{RunNotice, any_channel_wants, is_recovery};
 use crate::run::{RunError, RunReport, new_run_id};
@@ -51,6 +51,9 @@ pub struct RunEnd {
     pub workspace: Option<String>,
     /// A dry run's findings, for `status.lastDryRun`.
     pub dry_run: Option<DryRunSample>,
+    /// A failure that can pass on its own, so `spec.retry` tries the run again
+    /// ([`super::retry`]); false for a run that did not fail.
+    pub transient: bool,
 }
 
 impl RunEnd {
@@ -62,6 +65,7 @@ impl RunEnd {
         elapsed: Duration,
     ) -> Self {
         let finished_at = seconds(finished_at);
+        let transient = super::retry::transient(&outcome);
         let (mut record, failure_reason, hint, braze_responses, mut dry_run) = match outcome {
             Ok(report) => {
                 let reason = match &report.error {
@@ -90,6 +94,7 @@ impl RunEnd {
             elapsed,
             workspace: None,
             dry_run,
+            transient,
         }
     }
 
@@ -103,7 +108,8 @@ impl RunEnd {
         );
         let mut record = failed_record(run, message);
         record.finished_at = Some(seconds(now));
-        RunEnd { elapsed, failure_reason: Some(ReadyReason::Failed), ..Self::never_ran(record, now) }
+        // A run that took too long this time may not next time (a slow source, Braze's limits).
+        RunEnd { elapsed, failure_reason: Some(ReadyReason::Failed), transient: true, ..Self::never_ran(record, now) }
     }
 
     /// The scheduled run at `slot` was found past its starting deadline at `now`.
@@ -146,7 +152,9 @@ impl RunEnd {
         );
         let mut record = failed_record(run, crate::run::report::truncate(message, 1024));
         record.finished_at = Some(seconds(finished_at));
-        RunEnd { elapsed, ..Self::never_ran(record, finished_at) }
+        // A panic is a bug that the same input meets again; an abort is not.
+        let transient = *crash == Crash::Aborted;
+        RunEnd { elapsed, transient, ..Self::never_ran(record, finished_at) }
     }
 
     fn never_ran(record: RunRecord, now: Timestamp) -> Self {
@@ -159,6 +167,7 @@ impl RunEnd {
             elapsed: Duration::ZERO,
             workspace: None,
             dry_run: None,
+            transient: false,
         }
     }
 
@@ -235,13 +244,20 @@ fn humanize(d: SignedDuration) -> String {
 pub struct Recorded {
     /// `.status.history` before this run was added, newest first.
     pub previous_history: Vec<RunRecord>,
+    /// The next run once the end is recorded: a pending retry when it comes before the slot.
     pub next_run_at: Option<Timestamp>,
 }
 
 /// Puts `end` in `status`: the history entry (newest first, as many as `history_limits` keep), no
-/// run in progress if it was this one, and `Ready` from it. Pure.
-pub fn record(status: &mut CohortImportStatus, end: &RunEnd, history_limits: HistoryLimits) -> Recorded {
-    let recorded = Recorded { previous_history: status.history.clone(), next_run_at: status.next_run_at };
+/// run in progress if it was this one, `Ready` from it, and its retry under `retry`
+/// (`spec.retry`, [`super::retry::schedule`]). Pure.
+pub fn record(
+    status: &mut CohortImportStatus,
+    end: &RunEnd,
+    history_limits: HistoryLimits,
+    retry: &RetrySpec,
+) -> Recorded {
+    let mut recorded = Recorded { previous_history: status.history.clone(), next_run_at: status.next_run_at };
     if status.current_run.as_ref().is_some_and(|run| run.id == end.record.id) {
         status.current_run = None;
     }
@@ -252,6 +268,9 @@ pub fn record(status: &mut CohortImportStatus, end: &RunEnd, history_limits: His
     if let Some(sample) = &end.dry_run {
         status.last_dry_run = Some(sample.clone());
     }
+    super::retry::schedule(status, end, retry);
+    // The report's next run: a retry comes before the slot.
+    recorded.next_run_at = status.next_run_at;
     let (_, message) = idle_ready(status, status.next_run_at);
     set_ready(status, end.reason(), &message, status.observed_generation, end.ended_at);
     recorded
@@ -451,9 +470,9 @@ mod tests {
             ..Default::default()
         };
         let before = RunEnd::abandoned(&current("r0"), ts("2026-03-01T00:00:00Z"), "x");
-        record(&mut status, &before, HistoryLimits::Newest(10));
+        record(&mut status, &before, HistoryLimits::Newest(10), &RetrySpec::default());
         let end = RunEnd::abandoned(&current("r1"), ts("2026-03-02T07:00:00Z"), "the spec became invalid");
-        let recorded = record(&mut status, &end, HistoryLimits::Newest(10));
+        let recorded = record(&mut status, &end, HistoryLimits::Newest(10), &RetrySpec::default());
         assert_eq!(recorded.previous_history.len(), 1);
         assert_eq!(recorded.next_run_at, Some(ts("2026-03-03T06:30:00Z")));
         assert_eq!(status.current_run, None);
@@ -471,6 +490,7 @@ mod tests {
             &mut status,
             &RunEnd::missed(ts("2026-03-02T06:30:00Z"), SignedDuration::from_mins(90), ts("2026-03-02T09:00:00Z")),
             HistoryLimits::Newest(10),
+            &RetrySpec::default(),
         );
         assert_eq!(status.current_run.as_ref().map(|r| r.id.as_str()), Some("r2"));
         assert_eq!(status.last_run.as_ref().unwrap().result, RunResult::Missed);

@@ -242,7 +242,7 @@ async fn finish(ctx: &Arc<Context>, import: &CohortImport, end: RunEnd) {
         if status.current_run.as_ref().is_none_or(|run| run.id != end.record.id) {
             return false;
         }
-        recorded = Some(record::record(status, &end, import.spec.history_limits()));
+        recorded = Some(record::record(status, &end, import.spec.history_limits(), &import.spec.retry_policy()));
         true
     })
     .await;

@@ -5,5 +5,6 @@ pub mod guard;
 pub mod identifiers;
 pub mod member;
 pub mod plan;
+pub mod retry;
 pub mod schedule;
 pub mod validate;

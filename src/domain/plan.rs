@@ -170,7 +170,7 @@ pub fn identity(schedule: &Schedule) -> String {
 }
 
 /// FNV-1a, 64 bit (<http://www.isthe.com/chongo/tech/comp/fnv/>).
-fn fnv1a64(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a64(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
 }
 

@@ -28,7 +28,8 @@ use reqwest::Url;
 
 use crate::api::{
     BigQuerySource, Cadence, CohortImportSpec, ConfigMapSource, DatabricksSource, DayOfWeek, HttpFormat, HttpSource,
-    IdentifierMapping, InlineSource, Notifications, PostgresSource, ScheduleSpec, SnowflakeSource, SourceSpec,
+    IdentifierMapping, InlineSource, Notifications, PostgresSource, RetrySpec, ScheduleSpec, SnowflakeSource,
+    SourceSpec,
 };
 
 use super::identifiers::{IdentifierFields, MappingError};
@@ -219,6 +220,12 @@ pub enum Problem {
         "is used only without serviceAccountKeySecretRef (the metadata server gives the operator's own identity); remove it or the key reference"
     )]
     OnlyWithoutKey,
+    #[error("{value} is out of range; use {min} to {max}{hint}")]
+    OutOfRange { value: u64, min: u64, max: u64, hint: &'static str },
+    #[error(
+        "{max} is less than backoffSeconds ({backoff}); raise maxBackoffSeconds to at least {backoff}, or lower backoffSeconds"
+    )]
+    MaxBackoffBelowBackoff { max: u32, backoff: u32 },
 }
 
 fn not_exactly_one(what: &str, choices: &[&str], set: &[&str]) -> String {
@@ -275,6 +282,9 @@ pub fn validate(spec: &CohortImportSpec) -> Result<ValidSpec, SpecErrors> {
     let braze_endpoint = check_braze_endpoint(&spec.destination.braze.rest_endpoint, &mut problems);
     if let Some(notifications) = &spec.notifications {
         check_notifications(notifications, &mut problems);
+    }
+    if let Some(retry) = &spec.retry {
+        check_retry(retry, &mut problems);
     }
     match (source, schedule, identifiers, braze_endpoint) {
         (Some(source), Some(schedule), Some(identifiers), Some(braze_endpoint)) if problems.0.is_empty() => {
@@ -663,6 +673,27 @@ pub fn is_loopback(url: &Url) -> bool {
     let Some(host) = url.host_str() else { return false };
     let host = host.trim_start_matches('[').trim_end_matches(']');
     host.eq_ignore_ascii_case("localhost") || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// `spec.retry`: the schema holds the ranges on Kubernetes; checked again here for an object
+/// that did not pass through it, and the one rule across fields the schema cannot hold.
+fn check_retry(retry: &RetrySpec, problems: &mut Problems) {
+    let ranges: [(&str, u64, u64, u64, &'static str); 3] = [
+        ("spec.retry.limit", retry.limit.into(), 0, 10, " (0 turns retries off)"),
+        ("spec.retry.backoffSeconds", retry.backoff_seconds.into(), 1, 86_400, " (a day)"),
+        ("spec.retry.maxBackoffSeconds", retry.max_backoff_seconds.into(), 1, 604_800, " (a week)"),
+    ];
+    for (path, value, min, max, hint) in ranges {
+        if !(min..=max).contains(&value) {
+            problems.add(path, Problem::OutOfRange { value, min, max, hint });
+        }
+    }
+    if retry.max_backoff_seconds < retry.backoff_seconds {
+        problems.add(
+            "spec.retry.maxBackoffSeconds",
+            Problem::MaxBackoffBelowBackoff { max: retry.max_backoff_seconds, backoff: retry.backoff_seconds },
+        );
+    }
 }
 
 fn check_notifications(notifications: &Notifications, problems: &mut Problems) {
@@ -1798,5 +1829,30 @@ spec:
         assert!(matches!(check_googlesql_query("INSERT INTO t VALUES (1)"), Err(Problem::QueryNotSelect { .. })));
         assert!(matches!(check_googlesql_query("SELECT 'open"), Err(Problem::QueryUnterminated { .. })));
         assert!(matches!(check_googlesql_query("SELECT `open"), Err(Problem::QueryUnterminated { .. })));
+    }
+
+    #[test]
+    fn retry_settings_are_checked_naming_the_field_and_the_fix() {
+        let mut spec = http_spec();
+        spec.retry = Some(RetrySpec { limit: 3, backoff_seconds: 600, max_backoff_seconds: 60 });
+        let [e] = &errors(&spec)[..] else { panic!("{:?}", errors(&spec)) };
+        assert_eq!(
+            e.to_string(),
+            "spec.retry.maxBackoffSeconds: 60 is less than backoffSeconds (600); raise maxBackoffSeconds to at \
+             least 600, or lower backoffSeconds"
+        );
+        spec.retry = Some(RetrySpec { limit: 11, backoff_seconds: 0, max_backoff_seconds: 60 });
+        let messages: Vec<String> = errors(&spec).iter().map(ToString::to_string).collect();
+        assert_eq!(
+            messages,
+            [
+                "spec.retry.limit: 11 is out of range; use 0 to 10 (0 turns retries off)",
+                "spec.retry.backoffSeconds: 0 is out of range; use 1 to 86400 (a day)",
+            ]
+        );
+        spec.retry = Some(RetrySpec { limit: 0, ..RetrySpec::default() });
+        assert!(validate(&spec).is_ok(), "limit 0 turns retries off");
+        let defaults: CohortImportSpec = example(&SANDBOX_EXAMPLE.replace("spec:\n", "spec:\n  retry: {}\n"));
+        assert_eq!(defaults.retry, Some(RetrySpec::default()), "every field has a default");
     }
 }

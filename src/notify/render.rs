@@ -179,6 +179,7 @@ fn trigger_label(trigger: RunTrigger) -> &'static str {
         RunTrigger::Initial => "Initial (first run of a new import)",
         RunTrigger::Scheduled => "Scheduled",
         RunTrigger::Manual => "Manual (run requested through the annotation)",
+        RunTrigger::Retry => "Retry (of a failed run, spec.retry)",
     }
 }
 

@@ -157,6 +157,10 @@ def test_failed_missed_and_blocked_runs_alert_per_import(tmp_path: Path) -> None
             series(result, {"namespace": "crm", "name": "vip", "result": "Blocked", **POD}, "1x20"),
             # A run that failed and was followed by a success: the Failed series went to 0.
             series(result, {"namespace": "crm", "name": "healed", "result": "Failed", **POD}, "1 1 0x18"),
+            # A run that failed and waits for its retry (spec.retry): the operator handles it.
+            series(result, {"namespace": "crm", "name": "retrying", "result": "Failed", **POD}, "1x20"),
+            series("cohort_operator_import_ready",
+                   {"namespace": "crm", "name": "retrying", "reason": "RetryScheduled", **POD}, "1x20"),
         ],
         "alert_rule_test": [
             {"eval_time": "4m", "alertname": "CohortImportFailing", "exp_alerts": []},

@@ -97,6 +97,10 @@ def test_default_args_and_env() -> None:
         "--log-format=json",
         "--starting-deadline-seconds=3600",
         "--max-concurrent-runs=16",
+        "--max-concurrent-runs-per-namespace=4",
+        "--max-run-attempts=3",
+        "--run-timeout-seconds=21600",
+        "--memory-budget-mib=384",
         "--watch-secrets=false",
         "--egress-default=allow",
         "--leader-election",
@@ -104,6 +108,7 @@ def test_default_args_and_env() -> None:
         f"--lease-name={FULLNAME}",
         "--braze-requests-per-hour=250000",
         "--braze-burst=500",
+        "--braze-max-budget-wait-seconds=3600",
         "--snapshot-store=cluster",
     ]
     env = env_of(c)
@@ -127,6 +132,10 @@ def test_full_values_args_env_and_mounts() -> None:
         "--log-format=text",
         "--starting-deadline-seconds=600",
         "--max-concurrent-runs=4",
+        "--max-concurrent-runs-per-namespace=2",
+        "--max-run-attempts=5",
+        "--run-timeout-seconds=7200",
+        "--memory-budget-mib=768",
         "--watch-namespaces=team-a,team-b",
         "--egress-deny=10.96.0.0/12,*.internal.example",
         "--egress-allow=169.254.10.10,10.20.0.0/16",
@@ -139,6 +148,7 @@ def test_full_values_args_env_and_mounts() -> None:
         "--lease-name=cohort-leader",
         "--braze-requests-per-hour=250000",
         "--braze-burst=500",
+        "--braze-max-budget-wait-seconds=600",
         "--snapshot-store=filesystem",
         "--snapshot-dir=/var/lib/cohort-operator/snapshots",
     ]
@@ -174,6 +184,22 @@ def test_full_values_args_env_and_mounts() -> None:
 
     port = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert port == {"metrics": 9090}
+
+
+@pytest.mark.parametrize(("values", "flag"), [
+    ({"maxConcurrentRunsPerNamespace": 1}, "--max-concurrent-runs-per-namespace=1"),
+    ({"maxRunAttempts": 1}, "--max-run-attempts=1"),
+    ({"runTimeoutSeconds": 900}, "--run-timeout-seconds=900"),
+    ({"memoryBudgetMiB": 1536}, "--memory-budget-mib=1536"),
+    ({"braze": {"maxBudgetWaitSeconds": 60}}, "--braze-max-budget-wait-seconds=60"),
+])
+def test_operator_limits_render_as_their_flags(values: dict[str, Any], flag: str) -> None:
+    """Each limit a platform team sets reaches the operator as its flag, once, in every shard."""
+    objects = render({**values, "shards": ["a", "b"]})
+    for deployment in find(objects, "Deployment"):
+        args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        name = flag.split("=", 1)[0]
+        assert [a for a in args if a.startswith(name + "=")] == [flag], args
 
 
 def test_secrets_never_reach_env_or_args() -> None:

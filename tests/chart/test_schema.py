@@ -28,6 +28,11 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"startingDeadlineSeconds": -1}, "/startingDeadlineSeconds"),
     ({"startingDeadlineSeconds": "1h"}, "/startingDeadlineSeconds"),
     ({"maxConcurrentRuns": 0}, "/maxConcurrentRuns"),
+    ({"maxConcurrentRunsPerNamespace": 0}, "/maxConcurrentRunsPerNamespace"),
+    ({"maxRunAttempts": 0}, "/maxRunAttempts"),
+    ({"runTimeoutSeconds": "6h"}, "/runTimeoutSeconds"),
+    ({"memoryBudgetMiB": 0}, "/memoryBudgetMiB"),
+    ({"braze": {"maxBudgetWaitSeconds": -1}}, "/braze/maxBudgetWaitSeconds"),
     # (Helm's validator reports a bad property name by the name itself.)
     ({"braze": {"endpointRegions": {"rest.iad-01.braze.com": "us"}}}, "'rest.iad-01.braze.com'"),
     ({"braze": {"endpointRegions": {"https://rest.x.braze.com": "US"}}}, "/braze/endpointRegions"),
