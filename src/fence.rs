@@ -50,16 +50,17 @@ impl LeaseTiming {
         renewal_started + self.window()
     }
 
-    /// Time between renewals: three fit in the window, so one or two failing (a slow API
+    /// Time between renewals: four fit in the window, so one or two failing (a slow API
     /// server, a dropped connection) do not close the fence.
     pub fn renew_every(&self) -> Duration {
-        self.window() / 3
+        self.window() / 4
     }
 
     /// Longest one renewal may take before it is abandoned (its connection dropped) and
     /// tried again: a renewal hanging on a dead connection never keeps the leader unaware.
+    /// (Never past the fence's deadline either: see the leader's loop.)
     pub fn renew_timeout(&self) -> Duration {
-        self.renew_every()
+        self.window() / 2
     }
 
     /// A read timeout for API requests made while leading: half the window, so a request
@@ -120,11 +121,17 @@ impl Fence {
     }
 
     /// A renewal succeeded: work may go on until `until` (never moves the deadline back).
+    /// A fence whose deadline has passed stays closed — a renewal answered after it does
+    /// not reopen it: work was cut off there, and the leader steps down — until
+    /// [`Self::close`] resets it for the next time this replica leads.
     pub fn renewed(&self, until: Instant) {
-        if let Some(held) = &self.0 {
-            let nanos = until.saturating_duration_since(held.base).as_nanos().clamp(1, u64::MAX.into()) as u64;
-            held.deadline.fetch_max(nanos, Ordering::AcqRel);
-        }
+        let Some(held) = &self.0 else { return };
+        let nanos = until.saturating_duration_since(held.base).as_nanos().clamp(1, u64::MAX.into()) as u64;
+        let now = Instant::now();
+        let _ = held.deadline.fetch_update(Ordering::AcqRel, Ordering::Acquire, |current| {
+            let expired = current != 0 && !is_open(Some(held.base + Duration::from_nanos(current)), now);
+            (!expired && nanos > current).then_some(nanos)
+        });
     }
 
     /// The Lease is lost or given up: close now.
@@ -194,14 +201,14 @@ mod tests {
     }
 
     #[test]
-    fn renewals_fit_three_times_in_the_window_and_time_out_before_it_ends() {
+    fn renewals_fit_four_times_in_the_window_and_time_out_before_it_ends() {
         let t = timing(15, 5);
         assert_eq!(t.window(), Duration::from_secs(10));
-        assert!(t.renew_every() * 3 <= t.window());
+        assert!(t.renew_every() * 4 <= t.window());
         assert!(t.renew_timeout() < t.window());
         assert!(t.api_read_timeout() < t.window());
         let short = timing(4, 2);
-        assert!(short.renew_every() * 3 <= short.window());
+        assert!(short.renew_every() * 4 <= short.window());
     }
 
     #[test]
@@ -225,11 +232,16 @@ mod tests {
         assert_eq!(fence.check(), Err(Fenced));
         fence.renewed(Instant::now() - Duration::from_secs(1));
         assert!(!fence.is_open(), "a deadline in the past is closed");
+        fence.renewed(Instant::now() + Duration::from_secs(60));
+        assert!(!fence.is_open(), "expired: a late renewal does not reopen it");
+        fence.close();
+        fence.renewed(Instant::now() + Duration::from_secs(60));
+        assert!(fence.is_open(), "closed and reset: the next leadership opens it again");
         assert!(Fence::unfenced().is_open() && Fence::default().check().is_ok());
     }
 
     #[tokio::test]
-    async fn bounded_work_is_cut_at_the_deadline_unless_renewed() {
+    async fn bounded_work_is_cut_at_the_deadline_unless_renewed_before_it() {
         let fence = Fence::leased();
         assert_eq!(fence.bounded(async { 1 }).await, Err(Fenced), "closed: refused");
         fence.renewed(Instant::now() + Duration::from_secs(30));

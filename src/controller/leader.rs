@@ -133,17 +133,23 @@ impl LeaderElection {
     }
 
     /// Renews the Lease every [`LeaseTiming::renew_every`], each renewal bounded by
-    /// [`LeaseTiming::renew_timeout`], moving the fence's deadline on each success. Returns
-    /// `Ok` when the Lease went to someone else, `Err` when the fence's deadline passed
-    /// without a successful renewal (the API server unreachable, or hanging).
+    /// [`LeaseTiming::renew_timeout`] and by the fence's deadline, moving the deadline on
+    /// each success. Returns `Ok` when the Lease went to someone else, `Err` when the
+    /// deadline passed without a successful renewal (the API server unreachable, or hanging).
     async fn hold(&self, leases: &Api<Lease>, timing: LeaseTiming, fence: &Fence) -> Result<(), LeaderError> {
+        // Until the first renewal the fence is closed, yet the Lease is ours for at least a
+        // window after it was acquired: that long, keep trying before stepping down.
+        let acquired = timing.deadline(Instant::now());
         loop {
             let started = Instant::now();
-            match tokio::time::timeout(timing.renew_timeout(), self.renew(leases)).await {
+            let deadline = fence.deadline().unwrap_or(acquired);
+            let limit = timing.renew_timeout().min(deadline.saturating_duration_since(started));
+            match tokio::time::timeout(limit, self.renew(leases)).await {
                 Ok(Ok(Renewal::Held)) => fence.renewed(timing.deadline(started)),
                 Ok(Ok(Renewal::Taken { holder })) => {
                     fence.close();
-                    warn!(lease = %self.lease_name, holder = holder.as_deref().unwrap_or(""), "the Lease went to another replica");
+                    let holder = holder.unwrap_or_default();
+                    warn!(lease = %self.lease_name, %holder, "the Lease went to another replica");
                     return Ok(());
                 }
                 Ok(Ok(Renewal::Raced)) => {
@@ -151,19 +157,19 @@ impl LeaderElection {
                 }
                 Ok(Err(e)) => warn!(lease = %self.lease_name, error = %e, "renewing the Lease failed; retrying"),
                 Err(_) => warn!(
-                    lease = %self.lease_name, timeout = ?timing.renew_timeout(),
+                    lease = %self.lease_name, timeout = ?limit,
                     "renewing the Lease got no answer in time; retrying on a new connection"
                 ),
             }
-            let Some(deadline) = fence.deadline().filter(|_| fence.is_open()) else {
+            let deadline = fence.deadline().unwrap_or(acquired);
+            if Instant::now() >= deadline {
                 fence.close();
                 return Err(LeaderError::Lost {
                     namespace: self.lease_namespace.clone(),
                     name: self.lease_name.clone(),
                 });
-            };
-            let next = (started + timing.renew_every()).min(deadline);
-            tokio::time::sleep_until(next.into()).await;
+            }
+            tokio::time::sleep_until((started + timing.renew_every()).min(deadline).into()).await;
         }
     }
 
