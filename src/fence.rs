@@ -93,6 +93,8 @@ struct Held {
     /// Deadlines are kept as nanoseconds after this instant (0: closed), in one atomic.
     base: Instant,
     deadline: AtomicU64,
+    /// Wakes [`Fence::opened`] on each renewal.
+    renewals: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Fence {
@@ -112,7 +114,11 @@ impl Fence {
 
     /// Closed until the first renewal ([`Self::renewed`]).
     pub fn leased() -> Self {
-        Fence(Some(Arc::new(Held { base: Instant::now(), deadline: AtomicU64::new(0) })))
+        Fence(Some(Arc::new(Held {
+            base: Instant::now(),
+            deadline: AtomicU64::new(0),
+            renewals: tokio::sync::Notify::new(),
+        })))
     }
 
     /// Whether this fence follows a Lease (else it is always open).
@@ -132,6 +138,20 @@ impl Fence {
             let expired = current != 0 && !is_open(Some(held.base + Duration::from_nanos(current)), now);
             (!expired && nanos > current).then_some(nanos)
         });
+        held.renewals.notify_waiters();
+    }
+
+    /// Waits until the fence is open (at once when it is, or unfenced).
+    pub async fn opened(&self) {
+        let Some(held) = &self.0 else { return };
+        loop {
+            // Created before looking, so a renewal in between still wakes it.
+            let renewed = held.renewals.notified();
+            if self.is_open() {
+                return;
+            }
+            renewed.await;
+        }
     }
 
     /// The Lease is lost or given up: close now.
@@ -238,6 +258,20 @@ mod tests {
         fence.renewed(Instant::now() + Duration::from_secs(60));
         assert!(fence.is_open(), "closed and reset: the next leadership opens it again");
         assert!(Fence::unfenced().is_open() && Fence::default().check().is_ok());
+    }
+
+    #[tokio::test]
+    async fn opened_waits_for_the_first_renewal() {
+        Fence::unfenced().opened().await;
+        let fence = Fence::leased();
+        let waiting = tokio::spawn({
+            let fence = fence.clone();
+            async move { fence.opened().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "closed: still waiting");
+        fence.renewed(Instant::now() + Duration::from_secs(30));
+        tokio::time::timeout(Duration::from_secs(10), waiting).await.expect("opened on renewal").unwrap();
     }
 
     #[tokio::test]

@@ -16,7 +16,11 @@ use cohort_operator::braze::{BrazeClient, BrazeClientConfig};
 use cohort_operator::controller::metrics::Metrics;
 use cohort_operator::controller::pipeline::{PipelineImporter, SnapshotStoreKind};
 use cohort_operator::controller::{self, Config, ControllerError, Dependencies};
+use cohort_operator::domain::diff::KeyCursor;
 use cohort_operator::fence::{Fence, LeaseTiming};
+use cohort_operator::snapshot::cluster::ClusterSnapshotStore;
+use cohort_operator::snapshot::format::{BodyWriter, read_body};
+use cohort_operator::snapshot::{DoubtMeta, FORMAT_VERSION, SnapshotStore};
 use controller_support::*;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use serde_json::json;
@@ -239,4 +243,46 @@ async fn a_black_holed_leader_stops_sending_before_the_standby_leads_and_the_sta
     let stepped_down = tokio::time::timeout(WAIT, task).await.expect("A's controller returned").unwrap();
     assert!(matches!(stepped_down, Err(ControllerError::Leader(_))), "A reports the lost Lease: {stepped_down:?}");
     drop(proxy);
+}
+
+fn body(dir: &std::path::Path, name: &str, keys: &[&str]) -> std::path::PathBuf {
+    let path = dir.join(name);
+    let mut w = BodyWriter::new(std::fs::File::create(&path).unwrap()).unwrap();
+    for k in keys {
+        w.push(k.as_bytes()).unwrap();
+    }
+    w.finish().unwrap();
+    path
+}
+
+fn doubt(keys: u64, run_id: &str) -> DoubtMeta {
+    DoubtMeta {
+        format: FORMAT_VERSION,
+        base_generation: 0,
+        cohort_id: "vip".into(),
+        keys,
+        run_id: run_id.into(),
+        recorded_at: jiff::Timestamp::now(),
+    }
+}
+
+/// Two attempts of one run (an old leader and the new one) record their keys in doubt in
+/// the ConfigMap store: the later merges with the earlier, so both survive until a commit.
+#[tokio::test]
+async fn keys_in_doubt_of_two_attempts_are_merged_in_the_cluster_store() {
+    let env = Env::new("ctl-doubt").await;
+    let dir = tempfile::tempdir().unwrap();
+    let uid = format!("7a1d2c3e-{:04x}-4e5f-8a9b-{:012x}", rand::random::<u16>(), rand::random::<u64>() >> 16);
+    let store = ClusterSnapshotStore::for_owner(env.client.clone(), &env.ns, "vip", &uid);
+    store.record_doubt(&doubt(2, "attempt-1"), &body(dir.path(), "a1", &["\x01a", "\x01c"])).await.unwrap();
+    store.record_doubt(&doubt(2, "attempt-2"), &body(dir.path(), "a2", &["\x01b", "\x01c"])).await.unwrap();
+    let loaded = store.load(dir.path()).await.unwrap().doubt.expect("keys in doubt");
+    assert_eq!(loaded.meta.keys, 3, "the union of both attempts' keys");
+    let mut reader = read_body(loaded.body).unwrap();
+    let mut keys = Vec::new();
+    while let Some(k) = reader.key() {
+        keys.push(k.to_vec());
+        reader.advance().unwrap();
+    }
+    assert_eq!(keys, [b"\x01a".to_vec(), b"\x01b".to_vec(), b"\x01c".to_vec()]);
 }

@@ -107,7 +107,12 @@ impl LeaderElection {
         while !manager.changed().await.map_err(|e| self.error(e))? {}
         info!(lease = %self.lease_name, identity = %self.identity, "leading");
         metrics.leader.set(1);
-        let lead = std::pin::pin!(lead);
+        // Nothing starts before the first renewal opens the fence: a run must not begin
+        // only to be refused its first write.
+        let lead = std::pin::pin!(async {
+            fence.opened().await;
+            lead.await
+        });
         let outcome = tokio::select! {
             value = lead => Some(value),
             lost = self.hold(&leases, timing, fence) => {

@@ -110,6 +110,29 @@ mod tests {
         assert_eq!(keys(&out), ["b", "c", "f", "g"]);
     }
 
+    #[tokio::test]
+    async fn two_attempts_keys_both_stay_in_doubt_until_a_commit() {
+        use crate::snapshot::SnapshotStore;
+        use crate::snapshot::fs::FsSnapshotStore;
+        use crate::snapshot::tests::{doubt, meta};
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsSnapshotStore::new(dir.path().join("snaps"), "ns_vip_uid");
+        store.record_doubt(&doubt(0, 2), &body(dir.path(), "first", &["a", "c"])).await.unwrap();
+        // A second attempt (a new leader) records its own keys: the first attempt's stay.
+        store.record_doubt(&doubt(0, 2), &body(dir.path(), "second", &["b", "c"])).await.unwrap();
+        let loaded = store.load(dir.path()).await.unwrap().doubt.unwrap();
+        assert_eq!(loaded.meta.keys, 3);
+        let merged = dir.path().join("merged");
+        std::io::copy(&mut { loaded.body }, &mut File::create(&merged).unwrap()).unwrap();
+        assert_eq!(keys(&merged), ["a", "b", "c"]);
+        // A commit settles them all.
+        store.commit(&meta(1, 1), &body(dir.path(), "snapshot", &["a"])).await.unwrap();
+        assert!(store.load(dir.path()).await.unwrap().doubt.is_none());
+        // Keys recorded on top of the new generation start afresh.
+        store.record_doubt(&doubt(1, 1), &body(dir.path(), "third", &["z"])).await.unwrap();
+        assert_eq!(store.load(dir.path()).await.unwrap().doubt.unwrap().meta.keys, 1);
+    }
+
     #[test]
     fn damaged_input_is_an_error_not_a_record() {
         let dir = tempfile::tempdir().unwrap();
