@@ -100,6 +100,9 @@ impl LeaderElection {
         F: Future<Output = T>,
     {
         let timing = self.timing()?;
+        // The Lease's deadline is kept by a fence even when the caller's never closes (an
+        // importer left unfenced): stepping down on time never depends on it.
+        let fence = &if fence.is_leased() { fence.clone() } else { Fence::leased() };
         fence.close();
         let manager = self.manager(client.clone()).await?;
         let leases: Api<Lease> = Api::namespaced(client, &self.lease_namespace);
