@@ -8,6 +8,7 @@ pub mod braze;
 pub mod cli;
 pub mod controller;
 pub mod domain;
+pub mod fence;
 pub mod notify;
 pub mod run;
 pub mod secret;

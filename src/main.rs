@@ -18,6 +18,7 @@ use cohort_operator::controller::pipeline::{PipelineImporter, SnapshotStoreKind}
 use cohort_operator::controller::secrets::{PartnerKeys, parse_endpoint_region};
 use cohort_operator::controller::shard::{Shard, ShardFlags};
 use cohort_operator::controller::{self, Config, Dependencies};
+use cohort_operator::fence::{Fence, LeaseTiming};
 use cohort_operator::notify::{HttpConfig, HttpSender, Notifier, Notify, SmtpArgs, SmtpNotifier};
 use cohort_operator::source::egress::{DenyFlag, EgressDefault, EgressPolicy, EgressRule};
 
@@ -215,8 +216,11 @@ struct ControllerArgs {
     /// This replica's identity in the Lease; the pod name.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// How long the Lease stays valid after a renewal; another replica may lead after that.
     #[arg(long, env = "COHORT_LEASE_DURATION_SECONDS", default_value_t = 15)]
     lease_duration_seconds: u64,
+    /// The leader stops sending to Braze and writing snapshots this long before its Lease
+    /// could expire (clock skew between replicas, a request in flight); below the duration.
     #[arg(long, env = "COHORT_LEASE_RENEW_GRACE_SECONDS", default_value_t = 5)]
     lease_renew_grace_seconds: u64,
     /// Source and notification destinations to allow, comma-separated or repeated: a CIDR, an address, a host
@@ -384,7 +388,19 @@ async fn start_controller(args: ControllerArgs) -> anyhow::Result<()> {
              its run over through the old shard's Lease"
         );
     }
-    let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+    let read_timeout = if args.leader_election {
+        LeaseTiming::new(
+            Duration::from_secs(args.lease_duration_seconds),
+            Duration::from_secs(args.lease_renew_grace_seconds),
+        )
+        .map_err(|e| anyhow::anyhow!("--lease-duration-seconds / --lease-renew-grace-seconds: {e}"))?
+        .api_read_timeout()
+    } else {
+        API_READ_TIMEOUT
+    };
+    let (client, run_client) = kube_clients(read_timeout).await?;
+    // Closed whenever this replica does not hold its Lease with margin; never without election.
+    let fence = if args.leader_election { Fence::leased() } else { Fence::unfenced() };
     let smtp = match args.smtp.into_config()? {
         Some(config) => Some(SmtpNotifier::new(config)?),
         None => None,
@@ -407,8 +423,11 @@ async fn start_controller(args: ControllerArgs) -> anyhow::Result<()> {
         ),
     };
     let scratch = args.scratch_dir.unwrap_or_else(std::env::temp_dir);
-    let importer =
-        Arc::new(PipelineImporter::new(client.clone(), braze, snapshots, scratch).with_egress(Arc::new(egress)));
+    let importer = Arc::new(
+        PipelineImporter::new(run_client, braze, snapshots, scratch)
+            .with_egress(Arc::new(egress))
+            .with_fence(fence.clone()),
+    );
     let identity = args.identity.clone().unwrap_or_else(|| format!("{}-{:08x}", hostname(), rand::random::<u32>()));
     let leader_election = args.leader_election.then(|| {
         LeaderElection {
@@ -436,11 +455,37 @@ async fn start_controller(args: ControllerArgs) -> anyhow::Result<()> {
         max_concurrent_runs_per_namespace: args.max_concurrent_runs_per_namespace,
         watch_secrets: args.watch_secrets,
         shard,
+        fence,
         ..Config::default()
     };
     let deps = Dependencies { clock: Arc::new(SystemClock), importer, notifier, metrics };
     controller::run(client, config, deps, shutdown_signal()).await?;
     Ok(())
+}
+
+/// Connecting to the API server never hangs a run, a reconcile or a Lease renewal.
+const API_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Read timeout of the runs' API requests without leader election (no Lease to keep).
+const API_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Two clients from the kubeconfig (or the pod's service account), both with a connect
+/// timeout. The controller's has no read timeout: its watches sit idle for minutes, and
+/// kube's watcher bounds them itself (an idle timeout past the server's 290 s watch timeout).
+/// The runs' client (snapshot reads and writes, source objects) has `read_timeout`: with
+/// leader election half of `lease duration − grace` ([`LeaseTiming::api_read_timeout`]),
+/// below the renew deadline, so a request hanging on a dead connection fails — and the next
+/// one opens a new connection — well before the fence would close. Lease renewals go through
+/// the controller's client, each bounded by a timeout of its own
+/// ([`LeaseTiming::renew_timeout`]), so a hanging renewal never hides a lost Lease.
+async fn kube_clients(read_timeout: Duration) -> anyhow::Result<(kube::Client, kube::Client)> {
+    let mut config = kube::Config::infer().await.context("reading the Kubernetes client configuration")?;
+    config.connect_timeout = Some(API_CONNECT_TIMEOUT);
+    let controller = kube::Client::try_from(config.clone()).context("connecting to the Kubernetes API")?;
+    config.read_timeout = Some(read_timeout);
+    // The timeout counts from each request, not from when its pooled connection went idle.
+    config.reset_reader_on_write = true;
+    let runs = kube::Client::try_from(config).context("connecting to the Kubernetes API")?;
+    Ok((controller, runs))
 }
 
 /// The rules of one `--egress-*` flag; empty items (an empty environment variable) are none.

@@ -18,6 +18,7 @@ use super::budget::{Budget, BudgetConfig, Budgets, LimitSignal};
 use super::error::{BrazeError, TransientFailure, UnauthorizedReason};
 use super::retry::{Disposition, RetryDelay, RetryPolicy, classify, is_rate_limited, server_wait_hint};
 use super::wire::{self, NameBody, READ_BODY_BYTES, ResponseText, UsersBody};
+use crate::fence::Fence;
 use crate::secret::{SecretString, error_chain, redact};
 
 /// Tuning of a [`BrazeClient`].
@@ -174,6 +175,8 @@ pub struct BrazeClient {
     config: BrazeClientConfig,
     /// Shared by clones, and by every run of a destination.
     budgets: Arc<Budgets>,
+    /// Checked before every attempt; an attempt still waiting at its deadline is dropped.
+    fence: Fence,
 }
 
 /// Shared by the requests of one run.
@@ -284,7 +287,13 @@ impl BrazeClient {
             .build()
             .map_err(|e| BrazeError::InvalidRequest(format!("cannot set up the HTTP client: {e}")))?;
         let budgets = Arc::new(Budgets::new(BudgetConfig::default()));
-        Ok(Self { http, config, budgets })
+        Ok(Self { http, config, budgets, fence: Fence::unfenced() })
+    }
+
+    /// Sends only while `fence` is open (the leader's Lease, see [`crate::fence`]).
+    pub fn with_fence(mut self, fence: Fence) -> Self {
+        self.fence = fence;
+        self
     }
 
     /// Draws requests from `budgets` (the operator's `--braze-requests-per-hour` and
@@ -538,9 +547,28 @@ impl BrazeClient {
                     return Attempted { attempts, status, response, error: Some(error), budget_wait: waited };
                 }
             }
+            // The fence, last thing before the wire: a request waits (for budget, for a
+            // retry) but never starts, nor stays in flight, past the leader's deadline.
+            if let Err(fenced) = self.fence.check() {
+                let (status, response) = last;
+                return Attempted { attempts, status, response, error: Some(fenced.into()), budget_wait: waited };
+            }
             attempts += 1;
             let this = request.try_clone().expect("an in-memory body can be cloned");
-            let (status, response, failure, hint) = match self.http.execute(this).await {
+            let sent = match self.fence.bounded(self.http.execute(this)).await {
+                Ok(sent) => sent,
+                Err(fenced) => {
+                    let error = Some(fenced.into());
+                    return Attempted {
+                        attempts,
+                        status: None,
+                        response: ResponseText::default(),
+                        error,
+                        budget_wait: waited,
+                    };
+                }
+            };
+            let (status, response, failure, hint) = match sent {
                 Ok(resp) => {
                     let status = resp.status().as_u16();
                     run.count_status(status);

@@ -37,6 +37,9 @@ pub enum BrazeError {
     /// Refused before sending: the target or the input is wrong.
     #[error("not sent: {0}")]
     InvalidRequest(String),
+    /// Not sent, or given up on, because this replica no longer holds its Lease with margin.
+    #[error("not sent: {0}")]
+    Fenced(#[from] crate::fence::Fenced),
 }
 
 impl BrazeError {

@@ -31,6 +31,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tracing::{info, warn};
 
 use crate::api::CohortImport;
+use crate::fence::Fence;
 use crate::notify::Notify;
 
 pub mod clock;
@@ -96,6 +97,10 @@ pub struct Config {
     pub missing_secret_recheck: Duration,
     /// `None`: every import in the watched namespaces is ours (no sharding).
     pub shard: Option<shard::Shard>,
+    /// With leader election, open only while this replica holds its Lease with margin
+    /// ([`crate::fence`]); give the same [`Fence::leased`] to the importer's Braze client and
+    /// snapshot store. The default never closes (a single replica).
+    pub fence: Fence,
 }
 
 impl Default for Config {
@@ -116,6 +121,7 @@ impl Default for Config {
             watch_secrets: true,
             missing_secret_recheck: Duration::from_secs(30),
             shard: None,
+            fence: Fence::unfenced(),
         }
     }
 }
@@ -322,7 +328,8 @@ pub async fn run(
             // A standby is healthy and ready: it is doing its job, waiting.
             deps.metrics.set_ready(true);
             let metrics = deps.metrics.clone();
-            election.run(client.clone(), &metrics, run_controllers(client, config, deps, shutdown)).await?;
+            let fence = config.fence.clone();
+            election.run(client.clone(), &metrics, &fence, run_controllers(client, config, deps, shutdown)).await?;
             Ok(())
         }
     }

@@ -14,8 +14,10 @@ use crate::api::{CohortImport, CohortImportSpec, CurrentRun, RunRecord, RunResul
 use crate::braze::{BrazeClient, CohortTarget};
 use crate::domain::guard::RemovalApproval;
 use crate::domain::validate::ValidSpec;
+use crate::fence::Fence;
 use crate::run::{ImportRun, RunDeps, RunReport, identifier_fingerprint, remove_all_members, run_import};
 use crate::snapshot::cluster::ClusterSnapshotStore;
+use crate::snapshot::fenced::FencedStore;
 use crate::snapshot::fs::FsSnapshotStore;
 use crate::snapshot::{SnapshotError, SnapshotStore};
 use crate::source::egress::EgressPolicy;
@@ -40,11 +42,28 @@ pub struct PipelineImporter {
     scratch_dir: PathBuf,
     /// Where sources may connect.
     egress: Arc<EgressPolicy>,
+    /// Braze requests and snapshot writes are made only while it is open.
+    fence: Fence,
 }
 
 impl PipelineImporter {
     pub fn new(client: kube::Client, braze: BrazeClient, snapshots: SnapshotStoreKind, scratch_dir: PathBuf) -> Self {
-        PipelineImporter { client, braze, snapshots, scratch_dir, egress: EgressPolicy::shared_default() }
+        PipelineImporter {
+            client,
+            braze,
+            snapshots,
+            scratch_dir,
+            egress: EgressPolicy::shared_default(),
+            fence: Fence::unfenced(),
+        }
+    }
+
+    /// Sends to Braze and writes snapshots only while `fence` is open: give it the
+    /// controller's [`crate::controller::Config::fence`] when leader election is on.
+    pub fn with_fence(mut self, fence: Fence) -> Self {
+        self.braze = self.braze.with_fence(fence.clone());
+        self.fence = fence;
+        self
     }
 
     /// Sources connect only where `policy` allows (the default policy otherwise).
@@ -54,6 +73,10 @@ impl PipelineImporter {
     }
 
     fn store(&self, import: &CohortImport) -> Result<Box<dyn SnapshotStore>, SnapshotError> {
+        Ok(Box::new(FencedStore::new(self.unfenced_store(import)?, self.fence.clone())))
+    }
+
+    fn unfenced_store(&self, import: &CohortImport) -> Result<Box<dyn SnapshotStore>, SnapshotError> {
         Ok(match &self.snapshots {
             SnapshotStoreKind::Cluster => Box::new(ClusterSnapshotStore::new(self.client.clone(), import)?),
             SnapshotStoreKind::Filesystem(dir) => {

@@ -180,6 +180,13 @@ impl RunEnd {
     }
 }
 
+/// Whether `attempt` of run `run_id` is the run in progress in `status`. A run resumed by
+/// another replica (a failover) is a later attempt of the same run: the late end of an
+/// earlier attempt — an old leader cut off from the API server — must not overwrite it.
+pub fn is_current(status: &CohortImportStatus, run_id: &str, attempt: u32) -> bool {
+    status.current_run.as_ref().is_some_and(|run| run.id == run_id && run.attempt == attempt)
+}
+
 /// How a run's task ended without the importer returning.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Crash {
@@ -408,6 +415,17 @@ mod tests {
             runner_identity: None,
             attempt: 1,
         }
+    }
+
+    #[test]
+    fn only_the_attempt_in_progress_may_record_its_end() {
+        let mut status =
+            CohortImportStatus { current_run: Some(CurrentRun { attempt: 2, ..current("r1") }), ..Default::default() };
+        assert!(is_current(&status, "r1", 2));
+        assert!(!is_current(&status, "r1", 1), "an old leader's late end of attempt 1 is refused");
+        assert!(!is_current(&status, "r0", 2), "another run");
+        status.current_run = None;
+        assert!(!is_current(&status, "r1", 2), "already recorded");
     }
 
     #[test]

@@ -105,6 +105,8 @@ fn snapshot(error: &SnapshotError) -> bool {
     match error {
         SnapshotError::Io { .. } | SnapshotError::Kube { .. } | SnapshotError::Conflict { .. } => true,
         SnapshotError::Corrupt { .. } | SnapshotError::NewerFormat { .. } => false,
+        // This process lost its Lease: the run is not recorded here; the new leader resumes it.
+        SnapshotError::Fenced { .. } => false,
     }
 }
 
@@ -118,6 +120,8 @@ fn braze(error: &BrazeError) -> bool {
         | BrazeError::Rejected { .. }
         | BrazeError::InvalidRequest(_)
         | BrazeError::Abandoned => false,
+        // As for the snapshot: the new leader resumes the run.
+        BrazeError::Fenced(_) => false,
     }
 }
 

@@ -154,7 +154,13 @@ async fn execute(ctx: Arc<Context>, import: Arc<CohortImport>, spec: ValidSpec, 
     };
     let end = RunEnd { workspace, ..end };
     drop(in_progress);
-    finish(&ctx, &import, end).await;
+    if !ctx.config.fence.is_open() {
+        // Stopped by the fence (or ended just as it closed): not an end. The run stays in
+        // progress in status, for the leader to resume as its next attempt.
+        warn!(run_id = %run.id, "this replica no longer holds its Lease; the run is left to the leader to resume");
+        return;
+    }
+    finish(&ctx, &import, end, run.attempt).await;
 }
 
 /// Deregisters a run and wakes its import when dropped.
@@ -234,12 +240,12 @@ fn run_timeout(config: &super::Config, import: &CohortImport) -> (Duration, &'st
     }
 }
 
-/// Records the end in status — unless another replica took the run over, whose record
-/// wins — and announces it.
-async fn finish(ctx: &Arc<Context>, import: &CohortImport, end: RunEnd) {
+/// Records the end of `attempt` in status — unless another replica took the run over (a
+/// later attempt of it, or another run), whose record wins — and announces it.
+async fn finish(ctx: &Arc<Context>, import: &CohortImport, end: RunEnd, attempt: u32) {
     let mut recorded = None;
     let written = update_status(ctx, import, |status| {
-        if status.current_run.as_ref().is_none_or(|run| run.id != end.record.id) {
+        if !record::is_current(status, &end.record.id, attempt) {
             return false;
         }
         recorded = Some(record::record(status, &end, import.spec.history_limits(), &import.spec.retry_policy()));

@@ -404,6 +404,32 @@ impl ClusterSnapshotStore {
     }
 }
 
+impl ClusterSnapshotStore {
+    /// Records keys in doubt merged with those already recorded on the same generation
+    /// ([`super::doubt`]); the head's `resourceVersion` guards the read-merge-write.
+    async fn record_doubt_once(&self, meta: &DoubtMeta, body: &Path) -> Result<(), SnapshotError> {
+        let read = self.read_head().await?;
+        let found = read.head.generation();
+        if found != meta.base_generation {
+            return Err(SnapshotError::Conflict { what: self.what(), expected: meta.base_generation, found });
+        }
+        let Some(stored) = read.head.doubt.clone().filter(|d| d.meta.base_generation == found) else {
+            return self.write(read, body, |head, at| Head { doubt: Some(at.part(meta.clone())), ..head }).await;
+        };
+        let scratch = body.parent().unwrap_or(Path::new("."));
+        let Some(file) = self.download(&stored, scratch).await? else {
+            // Replaced while reading: the caller reads the head again.
+            return Err(SnapshotError::Conflict { what: self.what(), expected: found, found });
+        };
+        let merged = tempfile::NamedTempFile::new_in(scratch).map_err(self.io("create a scratch file"))?;
+        let (what, ours, out, meta) = (self.what(), body.to_owned(), merged.path().to_owned(), meta.clone());
+        let meta = tokio::task::spawn_blocking(move || super::doubt::merge_record(&what, file, &meta, &ours, &out))
+            .await
+            .map_err(|e| self.io("merge the keys in doubt")(std::io::Error::other(e)))??;
+        self.write(read, merged.path(), |head, at| Head { doubt: Some(at.part(meta)), ..head }).await
+    }
+}
+
 fn kube_message(e: &kube::Error) -> String {
     match e {
         kube::Error::Api(status) => format!("{} ({} {})", status.message, status.code, status.reason),
@@ -433,12 +459,16 @@ impl SnapshotStore for ClusterSnapshotStore {
     }
 
     async fn record_doubt(&self, meta: &DoubtMeta, body: &Path) -> Result<(), SnapshotError> {
-        let read = self.read_head().await?;
-        let found = read.head.generation();
-        if found != meta.base_generation {
-            return Err(SnapshotError::Conflict { what: self.what(), expected: meta.base_generation, found });
+        // Another run recording its keys at the same time makes the head move under this
+        // one: read it again and merge with what that run recorded.
+        let mut tries = 3;
+        loop {
+            tries -= 1;
+            match self.record_doubt_once(meta, body).await {
+                Err(SnapshotError::Conflict { found, .. }) if found == meta.base_generation && tries > 0 => {}
+                done => return done,
+            }
         }
-        self.write(read, body, |head, at| Head { doubt: Some(at.part(meta.clone())), ..head }).await
     }
 
     async fn commit(&self, meta: &SnapshotMeta, body: &Path) -> Result<(), SnapshotError> {

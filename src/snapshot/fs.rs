@@ -85,7 +85,17 @@ impl FsSnapshotStore {
         if found != meta.base_generation {
             return Err(SnapshotError::Conflict { what: self.what(), expected: meta.base_generation, found });
         }
-        self.replace(&self.doubt, DOUBT_MAGIC, meta, body)
+        // Merged with the keys in doubt already recorded on this generation, never replacing them.
+        match open::<DoubtMeta>(&self.doubt, DOUBT_MAGIC)? {
+            Some((stored, file)) if stored.base_generation == found => {
+                let merged = body.with_extension("merged");
+                let meta = super::doubt::merge_record(&self.what(), file, meta, body, &merged)?;
+                let written = self.replace(&self.doubt, DOUBT_MAGIC, &meta, &merged);
+                let _ = fs::remove_file(&merged);
+                written
+            }
+            _ => self.replace(&self.doubt, DOUBT_MAGIC, meta, body),
+        }
     }
 
     fn commit_blocking(&self, meta: &SnapshotMeta, body: &Path) -> Result<(), SnapshotError> {

@@ -24,6 +24,8 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
 pub mod cluster;
+pub mod doubt;
+pub mod fenced;
 pub mod format;
 pub mod fs;
 
@@ -148,6 +150,8 @@ pub enum SnapshotError {
     Conflict { what: String, expected: u64, found: u64 },
     #[error("snapshot {what}: the Kubernetes API refused to {action}: {message}")]
     Kube { what: String, action: &'static str, message: String },
+    #[error("snapshot {what}: not written: {source}")]
+    Fenced { what: String, source: crate::fence::Fenced },
 }
 
 impl SnapshotMeta {
