@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use cohort_operator::braze::{BrazeClient, BrazeClientConfig, BudgetConfig, Budgets};
 use cohort_operator::cli::{self, Target};
 use cohort_operator::controller::clock::SystemClock;
+use cohort_operator::controller::kube_api::{self, ApiLimits};
 use cohort_operator::controller::leader::LeaderElection;
 use cohort_operator::controller::metrics::Metrics;
 use cohort_operator::controller::pipeline::{PipelineImporter, SnapshotStoreKind};
@@ -216,6 +217,13 @@ struct RunArgs {
     /// `cohorts.dev/shard=a` or `!cohorts.dev/shard` as with Flux's sharding.
     #[arg(long, env = "COHORT_WATCH_LABEL_SELECTOR")]
     watch_label_selector: Option<String>,
+    /// Kubernetes API requests a second this operator sends, sustained (client-go's QPS);
+    /// 0: no limit.
+    #[arg(long, env = "COHORT_KUBE_API_QPS", default_value_t = ApiLimits::DEFAULT.qps)]
+    kube_api_qps: f32,
+    /// Kubernetes API requests it may send at once after a quiet spell (client-go's Burst).
+    #[arg(long, env = "COHORT_KUBE_API_BURST", default_value_t = ApiLimits::DEFAULT.burst)]
+    kube_api_burst: u32,
     #[command(flatten)]
     smtp: SmtpArgs,
     /// Networks Slack and webhook reports may not go to, beyond the built-in link-local and
@@ -322,7 +330,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
              its run over through the old shard's Lease"
         );
     }
-    let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+    let metrics = Arc::new(Metrics::new());
+    let kube_config = kube::Config::infer().await.context("connecting to the Kubernetes API")?;
+    let limits = ApiLimits { qps: args.kube_api_qps, burst: args.kube_api_burst };
+    let client = kube_api::client(kube_config, limits, metrics.clone())?;
     let smtp = match args.smtp.into_config()? {
         Some(config) => Some(SmtpNotifier::new(config)?),
         None => None,
@@ -332,7 +343,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         ..HttpConfig::default()
     })?;
     let notifier: Option<Arc<dyn Notify>> = Some(Arc::new(Notifier::new(client.clone(), smtp, http)));
-    let metrics = Arc::new(Metrics::new());
     let budget = BudgetConfig {
         requests_per_hour: args.braze_requests_per_hour,
         burst: args.braze_burst,
