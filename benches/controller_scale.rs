@@ -502,6 +502,13 @@ async fn bench() {
         b.print(busy);
     }
     println!("  reconcile errors                   {:>8}", errors as u64);
+    let text = reqwest::get(&operator.metrics_url).await.unwrap().text().await.unwrap();
+    let by_verb: Vec<_> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("cohort_operator_kube_api_requests_total{verb=\""))
+        .map(|l| l.replace("\"} ", " "))
+        .collect();
+    println!("  API requests in all, by verb       {}", by_verb.join(", "));
     assert_eq!(idle_hour.writes, 0, "the operator wrote to the API server during an idle hour");
     drop(operator);
     drop(env);

@@ -31,7 +31,7 @@ pub struct ApiLimits {
 
 impl ApiLimits {
     /// The operator's defaults (`--kube-api-qps`, `--kube-api-burst`).
-    pub const DEFAULT: ApiLimits = ApiLimits { qps: 50.0, burst: 300 };
+    pub const DEFAULT: ApiLimits = ApiLimits { qps: 200.0, burst: 500 };
 
     /// A clear error naming the flag, or the quota.
     fn quota(&self) -> Result<Option<Quota>, String> {

@@ -104,8 +104,8 @@ def test_default_args_and_env() -> None:
         f"--lease-name={FULLNAME}",
         "--braze-requests-per-hour=250000",
         "--braze-burst=500",
-        "--kube-api-qps=50",
-        "--kube-api-burst=300",
+        "--kube-api-qps=200",
+        "--kube-api-burst=500",
         "--snapshot-store=cluster",
     ]
     env = env_of(c)
@@ -141,8 +141,8 @@ def test_full_values_args_env_and_mounts() -> None:
         "--lease-name=cohort-leader",
         "--braze-requests-per-hour=250000",
         "--braze-burst=500",
-        "--kube-api-qps=50",
-        "--kube-api-burst=300",
+        "--kube-api-qps=200",
+        "--kube-api-burst=500",
         "--snapshot-store=filesystem",
         "--snapshot-dir=/var/lib/cohort-operator/snapshots",
     ]
