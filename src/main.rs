@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use cohort_operator::braze::{BrazeClient, BrazeClientConfig, BudgetConfig, Budgets};
 use cohort_operator::cli::{self, Target};
 use cohort_operator::controller::clock::SystemClock;
+use cohort_operator::controller::kube_api::{self, ApiLimits};
 use cohort_operator::controller::leader::LeaderElection;
 use cohort_operator::controller::metrics::Metrics;
 use cohort_operator::controller::pipeline::{PipelineImporter, SnapshotStoreKind};
@@ -254,6 +255,13 @@ struct ControllerArgs {
     /// `cohorts.dev/shard=a` or `!cohorts.dev/shard` as with Flux's sharding.
     #[arg(long, env = "COHORT_WATCH_LABEL_SELECTOR")]
     watch_label_selector: Option<String>,
+    /// Kubernetes API requests a second this operator sends, sustained (client-go's QPS);
+    /// 0: no limit.
+    #[arg(long, env = "COHORT_KUBE_API_QPS", default_value_t = ApiLimits::DEFAULT.qps)]
+    kube_api_qps: f32,
+    /// Kubernetes API requests it may send at once after a quiet spell (client-go's Burst).
+    #[arg(long, env = "COHORT_KUBE_API_BURST", default_value_t = ApiLimits::DEFAULT.burst)]
+    kube_api_burst: u32,
     #[command(flatten)]
     smtp: SmtpArgs,
     /// Networks Slack and webhook reports may not go to, beyond the egress policy's
@@ -388,6 +396,10 @@ async fn start_controller(args: ControllerArgs) -> anyhow::Result<()> {
              its run over through the old shard's Lease"
         );
     }
+    let metrics = Arc::new(Metrics::new());
+    let limits =
+        kube_api::LimitLayer::new(ApiLimits { qps: args.kube_api_qps, burst: args.kube_api_burst }, metrics.clone())
+            .context("--kube-api-qps / --kube-api-burst")?;
     let read_timeout = if args.leader_election {
         LeaseTiming::new(
             Duration::from_secs(args.lease_duration_seconds),
@@ -398,7 +410,7 @@ async fn start_controller(args: ControllerArgs) -> anyhow::Result<()> {
     } else {
         API_READ_TIMEOUT
     };
-    let (client, run_client) = kube_clients(read_timeout).await?;
+    let (client, run_client) = kube_clients(read_timeout, &limits).await?;
     // Closed whenever this replica does not hold its Lease with margin; never without election.
     let fence = if args.leader_election { Fence::leased() } else { Fence::unfenced() };
     let smtp = match args.smtp.into_config()? {
@@ -407,7 +419,6 @@ async fn start_controller(args: ControllerArgs) -> anyhow::Result<()> {
     };
     let http = HttpSender::new(HttpConfig { policy: notification_egress, ..HttpConfig::default() })?;
     let notifier: Option<Arc<dyn Notify>> = Some(Arc::new(Notifier::new(client.clone(), smtp, http)));
-    let metrics = Arc::new(Metrics::new());
     let budget = BudgetConfig {
         requests_per_hour: args.braze_requests_per_hour,
         burst: args.braze_burst,
@@ -477,14 +488,18 @@ const API_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// one opens a new connection — well before the fence would close. Lease renewals go through
 /// the controller's client, each bounded by a timeout of its own
 /// ([`LeaseTiming::renew_timeout`]), so a hanging renewal never hides a lost Lease.
-async fn kube_clients(read_timeout: Duration) -> anyhow::Result<(kube::Client, kube::Client)> {
+async fn kube_clients(
+    read_timeout: Duration,
+    limits: &kube_api::LimitLayer,
+) -> anyhow::Result<(kube::Client, kube::Client)> {
     let mut config = kube::Config::infer().await.context("reading the Kubernetes client configuration")?;
     config.connect_timeout = Some(API_CONNECT_TIMEOUT);
-    let controller = kube::Client::try_from(config.clone()).context("connecting to the Kubernetes API")?;
+    // Both clients share one --kube-api-qps limit: it is the pod's.
+    let controller = kube_api::with_layer(config.clone(), limits).context("connecting to the Kubernetes API")?;
     config.read_timeout = Some(read_timeout);
     // The timeout counts from each request, not from when its pooled connection went idle.
     config.reset_reader_on_write = true;
-    let runs = kube::Client::try_from(config).context("connecting to the Kubernetes API")?;
+    let runs = kube_api::with_layer(config, limits).context("connecting to the Kubernetes API")?;
     Ok((controller, runs))
 }
 

@@ -73,6 +73,19 @@ pub struct ErrorLabels {
     pub reason: String,
 }
 
+/// The shard (`--shard`) of this operator, `""` without sharding: one value per process.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShardLabels {
+    pub shard: String,
+}
+
+/// The Kubernetes API requests this operator sent, by verb.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerbLabels {
+    /// `get`, `list`, `watch`, `create`, `update`, `patch`, `delete`.
+    pub verb: String,
+}
+
 /// Every metric the operator exports.
 pub struct Metrics {
     registry: Registry,
@@ -90,7 +103,17 @@ pub struct Metrics {
     /// Waits of Braze requests for their destination's shared budget.
     pub braze_budget_wait: Histogram,
     pub imports: ImportGauges,
+    /// From the time a run was due (its schedule slot) to its start, after waiting for a
+    /// run slot; by shard.
+    pub run_start_delay: Family<ShardLabels, Histogram, fn() -> Histogram>,
+    /// Requests this operator sent to the Kubernetes API (after the client's rate limit).
+    pub kube_api_requests: Family<VerbLabels, Counter>,
     ready: AtomicBool,
+}
+
+fn run_start_delay_histogram() -> Histogram {
+    // 0.1 s to about 55 minutes.
+    Histogram::new(exponential_buckets(0.1, 2.0, 16))
 }
 
 fn run_duration_histogram() -> Histogram {
@@ -150,7 +173,22 @@ impl Metrics {
             braze_budget_wait.clone(),
         );
         let imports = ImportGauges::register(&mut registry);
+        let run_start_delay =
+            Family::<ShardLabels, Histogram, fn() -> Histogram>::new_with_constructor(run_start_delay_histogram);
+        registry.register(
+            "run_start_delay_seconds",
+            "From the time each run was due (its schedule slot) until it started, after waiting for a run slot",
+            run_start_delay.clone(),
+        );
+        let kube_api_requests = Family::<VerbLabels, Counter>::default();
+        registry.register(
+            "kube_api_requests",
+            "Requests sent to the Kubernetes API, by verb",
+            kube_api_requests.clone(),
+        );
         Metrics {
+            run_start_delay,
+            kube_api_requests,
             imports,
             registry,
             runs,
@@ -180,6 +218,16 @@ impl Metrics {
     pub fn braze_responses(&self, status: Option<u16>, count: u64) {
         let status = status.map_or_else(|| "none".to_owned(), |s| s.to_string());
         self.braze_requests.get_or_create(&StatusLabels { status }).inc_by(count);
+    }
+
+    /// A run of this operator's `shard` started `seconds` after it was due.
+    pub fn run_admitted(&self, shard: &str, seconds: f64) {
+        self.run_start_delay.get_or_create(&ShardLabels { shard: shard.to_owned() }).observe(seconds);
+    }
+
+    /// A request with `verb` went to the Kubernetes API.
+    pub fn kube_api_request(&self, verb: &str) {
+        self.kube_api_requests.get_or_create(&VerbLabels { verb: verb.to_owned() }).inc();
     }
 
     pub fn succeeded_at(&self, namespace: &str, name: &str, unix_seconds: f64) {
@@ -374,6 +422,9 @@ mod tests {
         m.succeeded_at("growth", "vip", 1_700_000_000.0);
         m.reconcile_error("Kube");
         crate::braze::BudgetObserver::waited(&m, std::time::Duration::from_millis(1500));
+        m.run_admitted("", 2.5);
+        m.run_admitted("", 0.5);
+        m.kube_api_request("patch");
         let text = m.render();
         for needle in [
             "cohort_operator_runs_total{result=\"Succeeded\"} 1",
@@ -386,6 +437,9 @@ mod tests {
             "cohort_operator_reconcile_errors_total{reason=\"Kube\"} 1",
             "cohort_operator_braze_budget_wait_seconds_sum 1.5",
             "cohort_operator_braze_budget_wait_seconds_count 1",
+            "cohort_operator_run_start_delay_seconds_sum{shard=\"\"} 3.0",
+            "cohort_operator_run_start_delay_seconds_count{shard=\"\"} 2",
+            "cohort_operator_kube_api_requests_total{verb=\"patch\"} 1",
         ] {
             assert!(text.contains(needle), "{needle} missing from\n{text}");
         }

@@ -27,18 +27,20 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{Controller, WatchStreamExt, reflector, watcher};
 use kube::{Resource, ResourceExt};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::api::CohortImport;
 use crate::fence::Fence;
 use crate::notify::Notify;
 
+pub mod admission;
 pub mod clock;
 pub mod conflict;
 pub mod desired;
 pub mod events;
 pub mod importer;
+pub mod kube_api;
 pub mod leader;
 pub mod metrics;
 pub mod pipeline;
@@ -146,9 +148,9 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub events: Events,
     pub runs: RunRegistry,
-    run_slots: Semaphore,
-    /// Per namespace, at most `max_concurrent_runs_per_namespace` runs; taken before a slot.
-    namespace_slots: NamespaceSlots,
+    /// The run slots (`max_concurrent_runs`, at most `max_concurrent_runs_per_namespace` of
+    /// them per namespace), admitted round-robin by namespace.
+    admission: admission::Admission,
     /// The imports each controller sees (one per watched namespace, or one for all).
     stores: Vec<Store<CohortImport>>,
     /// Asks a controller to reconcile one import (after a run ends), by namespace.
@@ -169,6 +171,11 @@ impl Context {
     pub fn imports(&self) -> Vec<Arc<CohortImport>> {
         let stores = if self.config.shard.is_some() { &self.every_shard } else { &self.stores };
         stores.iter().flat_map(|s| s.state()).collect()
+    }
+
+    /// This operator's shard (`--shard`), `""` without one: the shard label of its metrics.
+    pub fn shard_name(&self) -> &str {
+        self.config.shard.as_ref().and_then(|s| s.name.as_deref()).unwrap_or("")
     }
 
     /// Reconciles `import` soon.
@@ -220,74 +227,6 @@ impl Context {
         refs.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         refs.dedup();
         refs
-    }
-}
-
-/// Run admission per namespace: a run takes its namespace's permit before a cluster-wide
-/// slot, so one namespace holds (or queues for) at most its cap of the slots, and the others'
-/// runs are admitted as slots free up.
-pub(crate) struct NamespaceSlots {
-    cap: usize,
-    slots: Mutex<HashMap<String, Arc<Semaphore>>>,
-}
-
-impl NamespaceSlots {
-    pub(crate) fn new(cap: usize) -> Self {
-        NamespaceSlots { cap: cap.max(1), slots: Mutex::new(HashMap::new()) }
-    }
-
-    /// Waits for a permit of `namespace`. An idle namespace's semaphore is dropped when its
-    /// last permit is, so the map holds only namespaces with runs.
-    pub(crate) async fn acquire(&self, namespace: &str) -> NamespacePermit<'_> {
-        let semaphore = {
-            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-            slots.entry(namespace.to_owned()).or_insert_with(|| Arc::new(Semaphore::new(self.cap))).clone()
-        };
-        let permit = semaphore.clone().acquire_owned().await.expect("never closed");
-        NamespacePermit { slots: self, namespace: namespace.to_owned(), permit: Some(permit) }
-    }
-}
-
-pub(crate) struct NamespacePermit<'a> {
-    slots: &'a NamespaceSlots,
-    namespace: String,
-    permit: Option<tokio::sync::OwnedSemaphorePermit>,
-}
-
-impl Drop for NamespacePermit<'_> {
-    fn drop(&mut self) {
-        drop(self.permit.take());
-        let mut slots = self.slots.slots.lock().unwrap_or_else(|e| e.into_inner());
-        // Only the map holds it, and no permit is out: the namespace is idle.
-        let idle = slots.get(&self.namespace).is_some_and(|s| Arc::strong_count(s) == 1);
-        if idle {
-            slots.remove(&self.namespace);
-        }
-    }
-}
-
-#[cfg(test)]
-mod namespace_slots_tests {
-    use super::*;
-    use std::time::Duration;
-
-    #[tokio::test]
-    async fn a_namespace_at_its_cap_waits_while_another_is_admitted() {
-        let slots = NamespaceSlots::new(2);
-        let a1 = slots.acquire("a").await;
-        let _a2 = slots.acquire("a").await;
-        let third = tokio::time::timeout(Duration::from_millis(50), slots.acquire("a")).await;
-        assert!(third.is_err(), "a third run of namespace a waits");
-        let _b = tokio::time::timeout(Duration::from_secs(5), slots.acquire("b")).await.expect("b is admitted");
-        drop(a1);
-        let _a3 = tokio::time::timeout(Duration::from_secs(5), slots.acquire("a")).await.expect("a's turn again");
-    }
-
-    #[tokio::test]
-    async fn an_idle_namespace_is_forgotten() {
-        let slots = NamespaceSlots::new(1);
-        drop(slots.acquire("a").await);
-        assert!(slots.slots.lock().unwrap().is_empty());
     }
 }
 
@@ -394,8 +333,7 @@ async fn run_controllers(
     let ctx = Arc::new(Context {
         client: client.clone(),
         events: Events::new(client.clone(), config.instance.clone()),
-        run_slots: Semaphore::new(config.max_concurrent_runs.max(1)),
-        namespace_slots: NamespaceSlots::new(config.max_concurrent_runs_per_namespace),
+        admission: admission::Admission::new(config.max_concurrent_runs, config.max_concurrent_runs_per_namespace),
         config,
         clock: deps.clock.clone(),
         importer: deps.importer,

@@ -7,6 +7,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use jiff::Timestamp;
 use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::reflector::ObjectRef;
@@ -18,7 +19,7 @@ use super::events::reason as event;
 use super::record::{self, Crash, RunEnd};
 use super::secrets;
 use super::status::{self, Written};
-use crate::api::{CohortImport, CohortImportStatus, CurrentRun};
+use crate::api::{CohortImport, CohortImportStatus, CurrentRun, RunTrigger};
 use crate::domain::validate::ValidSpec;
 
 /// The runs this replica has in progress.
@@ -112,7 +113,8 @@ pub(super) fn start(ctx: &Arc<Context>, import: Arc<CohortImport>, spec: ValidSp
         import = %import.name_any(),
     );
     let run_id = run.id.clone();
-    let task = execute(ctx.clone(), import, spec, run);
+    let due = due_at(&import, &run);
+    let task = execute(ctx.clone(), import, spec, run, due);
     if !ctx.runs.spawn(reference, run_id.clone(), task.instrument(span)) {
         // Reconciles of one import never overlap and return early while it runs, so this
         // is not expected; if it happens, the run in progress finds its status record
@@ -121,13 +123,25 @@ pub(super) fn start(ctx: &Arc<Context>, import: Arc<CohortImport>, spec: ValidSp
     }
 }
 
-async fn execute(ctx: Arc<Context>, import: Arc<CohortImport>, spec: ValidSpec, run: CurrentRun) {
+/// When `run` was due: a scheduled run's slot (the `nextRunAt` it was started for), else
+/// the moment it was decided (a first or requested run).
+fn due_at(import: &CohortImport, run: &CurrentRun) -> Timestamp {
+    let slot = import.status.as_ref().and_then(|s| s.next_run_at);
+    match slot {
+        Some(slot) if run.trigger == RunTrigger::Scheduled && slot <= run.started_at => slot,
+        _ => run.started_at,
+    }
+}
+
+async fn execute(ctx: Arc<Context>, import: Arc<CohortImport>, spec: ValidSpec, run: CurrentRun, due: Timestamp) {
     // However this task ends — even by a panic outside the importer — the run leaves the
     // registry and the import is reconciled, so that the next trigger can run.
     let reference = ObjectRef::from_obj(import.as_ref());
-    let _namespace_slot = ctx.namespace_slots.acquire(&import.namespace().unwrap_or_default()).await;
     let _deregister = Deregister { ctx: ctx.clone(), import: reference.clone(), run_id: run.id.clone() };
-    let _slot = ctx.run_slots.acquire().await;
+    // Busy minutes: runs take turns by namespace for the slots (admission).
+    let _slot = ctx.admission.admit(&import.namespace().unwrap_or_default()).await;
+    let waited = ctx.clock.now().duration_since(due);
+    ctx.metrics.run_admitted(ctx.shard_name(), waited.as_secs_f64().max(0.0));
     // Sharded: the import may have moved to another shard meanwhile; that shard runs it.
     if !ctx.still_runs_here(&import, &run.id).await {
         return;
