@@ -25,7 +25,8 @@ use super::importer::ImportError;
 use super::runs::update_status;
 use super::status::{idle_ready, record_run, seconds, set_ready};
 use crate::api::{
-    CohortImport, CohortImportStatus, CurrentRun, HistoryLimits, ReadyReason, RunRecord, RunResult, RunTrigger,
+    CohortImport, CohortImportStatus, CommittedSnapshot, CurrentRun, HistoryLimits, ReadyReason, RunRecord, RunResult,
+    RunTrigger,
 };
 use crate::notify::{RunNotice, any_channel_wants, is_recovery};
 use crate::run::{RunError, RunReport, new_run_id};
@@ -48,6 +49,8 @@ pub struct RunEnd {
     /// The Braze workspace the run imported into, when it read its key
     /// ([`super::conflict::workspace_of`]): recorded in `status.brazeWorkspace`.
     pub workspace: Option<String>,
+    /// What the store holds after a successful run: recorded in `status.committedSnapshot`.
+    pub committed: Option<CommittedSnapshot>,
 }
 
 impl RunEnd {
@@ -59,12 +62,15 @@ impl RunEnd {
         elapsed: Duration,
     ) -> Self {
         let finished_at = seconds(finished_at);
+        let mut committed = None;
         let (mut record, failure_reason, hint, braze_responses) = match outcome {
             Ok(report) => {
                 let reason = match &report.error {
                     Some(RunError::Source(e)) => Some(e.reason()),
+                    _ if report.snapshot_missing.is_some() => Some(ReadyReason::SnapshotMissing),
                     _ => None,
                 };
+                committed = report.committed.clone();
                 (report.to_record(), reason, report.hint, report.braze_responses)
             }
             Err(e) => (failed_record(run, e.to_string()), Some(e.reason()), None, BTreeMap::new()),
@@ -73,7 +79,16 @@ impl RunEnd {
         record.trigger = run.trigger;
         record.started_at = seconds(run.started_at);
         record.finished_at = Some(finished_at);
-        RunEnd { record, ended_at: finished_at, failure_reason, hint, braze_responses, elapsed, workspace: None }
+        RunEnd {
+            record,
+            ended_at: finished_at,
+            failure_reason,
+            hint,
+            braze_responses,
+            elapsed,
+            workspace: None,
+            committed,
+        }
     }
 
     /// `run` was still going when its deadline (`timeout`, from `field`) passed, and was
@@ -141,6 +156,7 @@ impl RunEnd {
             braze_responses: BTreeMap::new(),
             elapsed: Duration::ZERO,
             workspace: None,
+            committed: None,
         }
     }
 
@@ -148,6 +164,7 @@ impl RunEnd {
     pub fn reason(&self) -> ReadyReason {
         match (self.record.result, self.failure_reason) {
             (RunResult::Failed, Some(reason)) => reason,
+            (RunResult::Blocked, Some(ReadyReason::SnapshotMissing)) => ReadyReason::SnapshotMissing,
             (result, _) => ReadyReason::after(result),
         }
     }
@@ -230,6 +247,12 @@ pub fn record(status: &mut CohortImportStatus, end: &RunEnd, history_limits: His
     record_run(status, end.record.clone(), history_limits);
     if let Some(workspace) = &end.workspace {
         status.braze_workspace = Some(workspace.clone());
+    }
+    if let Some(committed) = &end.committed {
+        status.committed_snapshot = Some(committed.clone());
+    }
+    if end.reason() == ReadyReason::SnapshotMissing {
+        status.snapshot_missing_run = Some(end.record.id.clone());
     }
     let (_, message) = idle_ready(status, status.next_run_at);
     set_ready(status, end.reason(), &message, status.observed_generation, end.ended_at);
@@ -363,6 +386,7 @@ mod tests {
             trigger: RunTrigger::Manual,
             started_at: ts("2026-03-02T06:30:00.5Z"),
             approved_removals: None,
+            approved_resync: None,
             runner_shard: None,
             runner_lease: None,
             runner_identity: None,

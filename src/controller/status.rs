@@ -119,7 +119,13 @@ pub fn idle_ready(status: &CohortImportStatus, next_run_at: Option<Timestamp>) -
             } else {
                 format!("Run {} {}: {}; {next}", run.id, verb(run.result), run.message)
             };
-            (ReadyReason::after(run.result), message)
+            let reason = match run.result {
+                RunResult::Blocked if status.snapshot_missing_run.as_deref() == Some(run.id.as_str()) => {
+                    ReadyReason::SnapshotMissing
+                }
+                result => ReadyReason::after(result),
+            };
+            (reason, message)
         }
     }
 }
@@ -342,6 +348,7 @@ mod tests {
             (SourceFailed, "False", "False", "True", "Failed"),
             (EgressDenied, "False", "False", "True", "Failed"),
             (SnapshotFailed, "False", "False", "True", "Failed"),
+            (SnapshotMissing, "False", "False", "True", "Failed"),
             (Deleting, "False", "False", "True", "Failed"),
         ];
         let now: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
