@@ -279,7 +279,9 @@ async fn execute(
         }
         Err(e) => return Err(e.into()),
     };
-    if let Err(missing) = verify(run.expected_snapshot.as_ref(), loaded.snapshot.as_ref().map(|s| &s.meta)) {
+    // A resync starts afresh: what status recorded is no longer expected.
+    let expected = run.expected_snapshot.as_ref().filter(|_| run.resync.is_none());
+    if let Err(missing) = verify(expected, loaded.snapshot.as_ref().map(|s| &s.meta)) {
         return Ok(snapshot_missing(run, report, missing));
     }
     let stored_generation = loaded.generation();

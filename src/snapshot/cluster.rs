@@ -323,16 +323,20 @@ impl ClusterSnapshotStore {
         if read.resource_version.is_some() {
             return Ok(());
         }
+        // Every serial is claimed before any chunk is written: a claim deletes the chunks of
+        // earlier serials that the head does not name yet.
+        let parts = u64::from(loaded.snapshot.is_some()) + u64::from(loaded.doubt.is_some());
+        for _ in 0..parts {
+            read = self.claim_serial(read).await?;
+        }
+        let mut serial = read.head.serial + 1 - parts;
         let mut head = read.head.clone();
         if let Some(snapshot) = loaded.snapshot {
-            read = self.claim_serial(read).await?;
-            let at = self.write_chunks(read.head.serial, snapshot.body).await?;
-            head = Head { serial: read.head.serial, snapshot: Some(at.part(snapshot.meta)), ..head };
+            head.snapshot = Some(self.write_chunks(serial, snapshot.body).await?.part(snapshot.meta));
+            serial += 1;
         }
         if let Some(doubt) = loaded.doubt {
-            read = self.claim_serial(read).await?;
-            let at = self.write_chunks(read.head.serial, doubt.body).await?;
-            head = Head { serial: read.head.serial, doubt: Some(at.part(doubt.meta)), ..head };
+            head.doubt = Some(self.write_chunks(serial, doubt.body).await?.part(doubt.meta));
         }
         self.put_head(&read, head).await?;
         legacy.delete().await?;
