@@ -5,13 +5,11 @@
 mod controller_support;
 
 use braze_sandbox::{DataImportKey, Faults};
-use cohort_operator::api::{CohortImport, RunResult, RunTrigger};
+use cohort_operator::api::{RunResult, RunTrigger};
 use cohort_operator::controller::status;
 use controller_support::*;
 use jiff::{SignedDuration, Timestamp};
-use k8s_openapi::api::core::v1::ConfigMap;
 use kube::ResourceExt;
-use kube::api::{Api, ListParams};
 use serde_json::json;
 
 #[tokio::test]

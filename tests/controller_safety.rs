@@ -104,7 +104,7 @@ async fn remove_members_without_a_snapshot_holds_the_deletion_unless_nothing_was
     env.delete("lost").await;
     let note = env.wait_event("lost", "CleanupFailed").await;
     assert!(note.contains("set spec.deletionPolicy to Retain"), "{note}");
-    assert!(note.contains("is gone, but status records run"), "{note}");
+    assert!(note.contains("is gone, but status records snapshot generation 1 of 30 members committed"), "{note}");
     let held = env.wait_reason("lost", "Deleting").await;
     let ready = ready(held.status.as_ref().unwrap()).unwrap();
     assert_eq!(ready.status, "False");
