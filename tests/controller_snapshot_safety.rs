@@ -315,3 +315,82 @@ async fn remove_members_after_the_snapshot_vanished_is_held() {
     env.wait_for("vanished", "deleted", |i| i.is_none()).await;
     operator.stop().await;
 }
+
+/// Status written before commits were recorded (an install being upgraded) has no
+/// `committedSnapshot`: such an import is not blocked, and its next successful run records
+/// one, from which a lost snapshot is caught.
+#[tokio::test]
+async fn an_import_from_before_committed_snapshots_is_not_blocked_and_records_one() {
+    let env = Env::new("snapsafe-upgrade").await;
+    env.put_members(&ids(0..8)).await;
+    let operator = env.start().await;
+    env.create(env.import("older", "older", daily())).await;
+    assert_succeeded(&run(&env, "older", "1", 1).await);
+    let earlier = json!({ "status": { "committedSnapshot": null, "snapshotMissingRun": null } });
+    env.imports().patch_status("older", &PatchParams::default(), &Patch::Merge(&earlier)).await.unwrap();
+    env.wait_status("older", "without committedSnapshot", |s| s.committed_snapshot.is_none()).await;
+
+    env.put_members(&ids(0..10)).await;
+    let status = run(&env, "older", "2", 2).await;
+    assert_succeeded(&status);
+    assert_eq!((status.history[0].added, status.history[0].removed), (2, 0));
+    let committed = status.committed_snapshot.expect("recorded by the first run of this version");
+    assert_eq!((committed.generation, committed.members), (2, 10));
+
+    // A run that sends nothing records what the store holds too.
+    env.imports().patch_status("older", &PatchParams::default(), &Patch::Merge(&earlier)).await.unwrap();
+    env.wait_status("older", "without committedSnapshot", |s| s.committed_snapshot.is_none()).await;
+    let status = run(&env, "older", "3", 3).await;
+    assert_eq!((status.history[0].added, status.history[0].removed), (0, 0));
+    assert_eq!(status.committed_snapshot.map(|c| (c.generation, c.members, c.digest)), Some((2, 10, committed.digest)));
+
+    // From now on a lost snapshot is caught.
+    assert!(env.delete_snapshot("older").await > 0);
+    let status = run(&env, "older", "4", 4).await;
+    assert_snapshot_missing(&env, "older", &status);
+    operator.stop().await;
+}
+
+/// The filesystem store keys snapshots by cohort too: an import deleted with `Retain` and
+/// applied again (a new uid) continues from the file, and a lost file is caught.
+#[tokio::test]
+async fn the_filesystem_store_keeps_a_cohorts_snapshot_across_delete_and_reapply() {
+    use cohort_operator::braze::{BrazeClient, BrazeClientConfig};
+    use cohort_operator::controller::pipeline::{PipelineImporter, SnapshotStoreKind};
+    let env = Env::new("snapsafe-fs").await;
+    let volume = tempfile::tempdir().unwrap();
+    let braze = BrazeClient::new(BrazeClientConfig::default()).unwrap();
+    let store = SnapshotStoreKind::Filesystem(volume.path().to_owned());
+    let importer = PipelineImporter::new(env.client.clone(), braze, store, env.scratch.path().to_owned());
+    let operator = env.start_importing(env.config(), None, std::sync::Arc::new(importer)).await;
+    env.put_members(&ids(0..20)).await;
+    env.create(env.import("files", "files", daily())).await;
+    assert_succeeded(&run(&env, "files", "1", 1).await);
+    let snapshots = || -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(volume.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".snapshot"))
+            .collect();
+        names.sort();
+        names
+    };
+    let files = snapshots();
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(files[0].starts_with(&format!("{}_s1-", env.ns)), "keyed by cohort, not by uid: {files:?}");
+
+    env.delete("files").await;
+    env.wait_for("files", "deleted", |i| i.is_none()).await;
+    assert_eq!(snapshots(), files, "Retain keeps the file");
+    env.put_members(&[ids(0..15), ids(50..52)].concat()).await;
+    env.create(env.import("files", "files", daily())).await;
+    let status = run(&env, "files", "1", 1).await;
+    assert_succeeded(&status);
+    assert_eq!((status.history[0].added, status.history[0].removed), (2, 5));
+    assert_eq!(env.members("files"), set(&[ids(0..15), ids(50..52)].concat()));
+
+    std::fs::remove_file(volume.path().join(&files[0])).unwrap();
+    let status = run(&env, "files", "2", 2).await;
+    assert_snapshot_missing(&env, "files", &status);
+    operator.stop().await;
+}
