@@ -433,3 +433,26 @@ async fn racing_commits_leave_one_whole_snapshot() {
     assert_eq!(snapshot.meta.generation, 2);
     assert_eq!(&read_keys(snapshot.body), winner);
 }
+
+/// A released snapshot of another Braze workspace (the same cohort id, endpoint and partner
+/// in the namespace) is not adopted: the store uses its alternate key and leaves it alone.
+#[tokio::test]
+async fn another_workspaces_snapshot_is_left_alone_under_an_alternate_key() {
+    let s = setup("snap-workspace").await;
+    let theirs = s.store().with_alternate(&format!("{}-theirs", s.key), Some("w1-aaaa"));
+    let keys = sorted_keys(40, 8);
+    theirs.load(s.dir.path()).await.unwrap();
+    theirs.commit(&meta(1, keys.len() as u64), &s.body("theirs", &keys)).await.unwrap();
+    theirs.release().await.unwrap();
+
+    let uid = random_uid();
+    let alternate = format!("{}-{}", s.key, &uid[..8]);
+    let ours = ClusterSnapshotStore::for_cohort(s.client.clone(), &s.namespace, &s.key, "cohort vip", "vip-b", &uid)
+        .with_alternate(&alternate, Some("w1-bbbb"));
+    assert!(ours.load(s.dir.path()).await.unwrap().snapshot.is_none(), "not the other workspace's");
+    assert_eq!(ours.key(), alternate);
+    ours.commit(&meta(1, 2), &s.body("ours", &keys[..2])).await.unwrap();
+    assert_eq!(read_keys(ours.load(s.dir.path()).await.unwrap().snapshot.unwrap().body), &keys[..2]);
+    // Theirs is untouched.
+    assert_eq!(read_keys(s.store().load(s.dir.path()).await.unwrap().snapshot.unwrap().body), keys);
+}

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use kube::ResourceExt;
 
-use super::conflict::CohortKey;
+use super::conflict::{CohortKey, workspace_of};
 use super::importer::{ImportError, Importer};
 use super::secrets::BrazeKeys;
 use crate::api::{CohortImport, CohortImportSpec, CurrentRun, RunRecord, RunResult};
@@ -32,10 +32,25 @@ pub enum SnapshotStoreKind {
     Filesystem(PathBuf),
 }
 
-/// The snapshot key of the cohort `spec` imports into, in `import`'s namespace.
+/// The snapshot key of the cohort `spec` imports into, in `import`'s namespace: the one
+/// `status.committedSnapshot` names when it is this cohort's (the cohort's key, or the
+/// import's alternate to it), else the cohort's.
 pub fn cohort_snapshot_key(import: &CohortImport, spec: &CohortImportSpec) -> String {
     let cohort = CohortKey::of(spec);
-    snapshot_key(&import.namespace().unwrap_or_default(), &cohort.endpoint, &cohort.partner, &cohort.cohort_id)
+    let key =
+        snapshot_key(&import.namespace().unwrap_or_default(), &cohort.endpoint, &cohort.partner, &cohort.cohort_id);
+    let committed = import.status.as_ref().and_then(|s| s.committed_snapshot.as_ref()).map(|c| c.key.as_str());
+    match committed {
+        Some(stored) if stored == key || *stored == alternate_key(&key, import) => stored.to_owned(),
+        _ => key,
+    }
+}
+
+/// The key `import` keeps its snapshot under when the cohort's key holds another Braze
+/// workspace's (two imports of one cohort id in one namespace, two workspaces).
+fn alternate_key(key: &str, import: &CohortImport) -> String {
+    let uid = import.uid().unwrap_or_default();
+    format!("{key}-{}", &uid[..uid.len().min(8)])
 }
 
 /// Runs imports for real.
@@ -61,14 +76,23 @@ impl PipelineImporter {
     }
 
     /// The snapshot of the cohort `spec` imports into (a snapshot an earlier version kept
-    /// for `import` is moved over on first load).
-    fn store(&self, import: &CohortImport, spec: &CohortImportSpec) -> Result<Box<dyn SnapshotStore>, SnapshotError> {
+    /// for `import` is moved over on first load), for the Braze workspace of `keys` when
+    /// they were read.
+    fn store(
+        &self,
+        import: &CohortImport,
+        spec: &CohortImportSpec,
+        keys: Option<&BrazeKeys>,
+    ) -> Result<Box<dyn SnapshotStore>, SnapshotError> {
         let key = cohort_snapshot_key(import, spec);
         let namespace = import.namespace().unwrap_or_default();
         Ok(match &self.snapshots {
             SnapshotStoreKind::Cluster => {
                 let cohort = CohortKey::of(spec).to_string();
-                Box::new(ClusterSnapshotStore::new(self.client.clone(), import, &key, &cohort)?)
+                let workspace = keys.map(|k| workspace_of(k.data_import_key.expose()));
+                let alternate = alternate_key(&key, import);
+                let store = ClusterSnapshotStore::new(self.client.clone(), import, &key, &cohort)?;
+                Box::new(store.with_alternate(&alternate, workspace.as_deref()))
             }
             SnapshotStoreKind::Filesystem(dir) => {
                 let legacy = format!("{namespace}_{}_{}", import.name_any(), import.uid().unwrap_or_default());
@@ -99,7 +123,7 @@ impl PipelineImporter {
         let spec = &valid.spec;
         let objects = KubeObjects::new(self.client.clone(), namespace.clone()).with_egress(self.egress.clone());
         let source = open_source(&spec.source, &spec.identifiers, &objects).await?;
-        let store = self.store(import, spec)?;
+        let store = self.store(import, spec, Some(&keys))?;
         let target = Self::target(spec, keys);
         let mut run =
             ImportRun::new(current.id.clone(), current.trigger, &namespace, &import.name_any(), &spec.cohort.name);
@@ -128,7 +152,7 @@ impl PipelineImporter {
     /// Removes every member the snapshot holds — and the members in doubt, which a failed
     /// run may have added — then forgets the snapshot.
     async fn remove_all(&self, import: &CohortImport, keys: BrazeKeys) -> Result<u64, ImportError> {
-        let store = self.store(import, &import.spec)?;
+        let store = self.store(import, &import.spec, Some(&keys))?;
         let target = Self::target(&import.spec, keys);
         let key = cohort_snapshot_key(import, &import.spec);
         let committed = import.status.as_ref().and_then(|s| s.committed_snapshot.as_ref()).filter(|c| c.key == key);
@@ -167,6 +191,6 @@ impl Importer for PipelineImporter {
 
     fn forget<'a>(&'a self, import: &'a CohortImport) -> BoxFuture<'a, Result<(), ImportError>> {
         // The snapshot belongs to the cohort: it stays for an import of it created later.
-        Box::pin(async move { Ok(self.store(import, &import.spec)?.release().await?) })
+        Box::pin(async move { Ok(self.store(import, &import.spec, None)?.release().await?) })
     }
 }

@@ -460,7 +460,7 @@ async fn execute(
     // What the store holds now: this run's commit, or the snapshot it diffed against, whose
     // members are this run's (nothing was sent, so nothing changed).
     report.committed = Some(CommittedSnapshot {
-        key: run.snapshot_key.clone(),
+        key: deps.snapshots.key().unwrap_or_else(|| run.snapshot_key.clone()),
         generation: report.committed_generation.unwrap_or(stored_generation),
         members: counts.new,
         digest: Some(diffed.digest),

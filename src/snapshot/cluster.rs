@@ -30,6 +30,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
+use std::sync::OnceLock;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -54,6 +55,8 @@ pub const SNAPSHOT_OF_LABEL: &str = "cohorts.dev/snapshot-of";
 /// Label on the head: uid of the import holding the snapshot; absent once released
 /// (the import was deleted with `deletionPolicy: Retain`).
 pub const SNAPSHOT_HOLDER_LABEL: &str = "cohorts.dev/snapshot-holder";
+/// Label on the head: the Braze workspace of its holder (`status.brazeWorkspace`), when known.
+pub const SNAPSHOT_WORKSPACE_LABEL: &str = "cohorts.dev/snapshot-workspace";
 /// Annotation: the cohort, for people listing snapshots (`cohort "vip" at https://… (partner p)`).
 pub const SNAPSHOT_COHORT_ANNOTATION: &str = "cohorts.dev/cohort";
 /// Label: `head` or `chunk`.
@@ -131,6 +134,13 @@ pub struct ClusterSnapshotStore {
     cohort: String,
     /// The uid-keyed snapshot of an earlier version to move over, if any.
     legacy_uid: Option<String>,
+    /// The key used instead when another import of the same cohort key, in another Braze
+    /// workspace, holds the snapshot under `key` (see [`Self::with_alternate`]).
+    alternate: Option<String>,
+    /// The holder's Braze workspace ([`SNAPSHOT_WORKSPACE_LABEL`]), when known.
+    workspace: Option<String>,
+    /// `key` or `alternate`, decided by the first load.
+    effective: OnceLock<String>,
     chunk_bytes: usize,
 }
 
@@ -179,8 +189,27 @@ impl ClusterSnapshotStore {
             key: key.to_owned(),
             cohort: cohort.to_owned(),
             legacy_uid: None,
+            alternate: None,
+            workspace: None,
+            effective: OnceLock::new(),
             chunk_bytes: DEFAULT_CHUNK_BYTES,
         }
+    }
+
+    /// The key this store reads and writes: `key`, or the alternate once a load found the
+    /// snapshot under `key` held for another Braze workspace.
+    pub fn key(&self) -> &str {
+        self.effective.get().unwrap_or(&self.key)
+    }
+
+    /// Two imports of one cohort id, endpoint and partner in one namespace may import into
+    /// two Braze workspaces (two cohorts in Braze). When the snapshot under the cohort's key
+    /// is another workspace's — held by another import that exists, or, released, labelled
+    /// with another workspace — this store uses `alternate` instead.
+    pub fn with_alternate(mut self, alternate: &str, workspace: Option<&str>) -> Self {
+        self.alternate = Some(alternate.to_owned()).filter(|a| *a != self.key);
+        self.workspace = workspace.map(str::to_owned);
+        self
     }
 
     /// The snapshot an earlier version kept for the import `name` with `uid` (keyed by the
@@ -203,12 +232,12 @@ impl ClusterSnapshotStore {
 
     /// Name of the head ConfigMap.
     pub fn head_name(&self) -> String {
-        format!("cohort-snapshot-{}", self.key)
+        format!("cohort-snapshot-{}", self.key())
     }
 
     /// Name of chunk `index` of the write with `serial`.
     pub fn chunk_name(&self, serial: u64, index: u32) -> String {
-        format!("cohort-snapshot-{}-{serial}-{index}", self.key)
+        format!("cohort-snapshot-{}-{serial}-{index}", self.key())
     }
 
     fn what(&self) -> String {
@@ -233,11 +262,14 @@ impl ClusterSnapshotStore {
 
     fn object_meta(&self, name: String, labels: [(&str, String); 2]) -> ObjectMeta {
         let mut all = BTreeMap::from([
-            (SNAPSHOT_OF_LABEL.to_owned(), self.key.clone()),
+            (SNAPSHOT_OF_LABEL.to_owned(), self.key().to_owned()),
             (SNAPSHOT_HOLDER_LABEL.to_owned(), self.uid.clone()),
             ("app.kubernetes.io/managed-by".to_owned(), "cohort-operator".to_owned()),
         ]);
         all.extend(labels.map(|(k, v)| (k.to_owned(), v)));
+        if let Some(workspace) = &self.workspace {
+            all.insert(SNAPSHOT_WORKSPACE_LABEL.to_owned(), workspace.clone());
+        }
         let mut annotations = BTreeMap::from([(SNAPSHOT_IMPORT_ANNOTATION.to_owned(), self.import_name.clone())]);
         if !self.cohort.is_empty() {
             annotations.insert(SNAPSHOT_COHORT_ANNOTATION.to_owned(), self.cohort.clone());
@@ -277,29 +309,59 @@ impl ClusterSnapshotStore {
         Ok((ReadHead { head, resource_version: cm.metadata.resource_version }, holder))
     }
 
-    /// Makes this import the holder of the snapshot, unless another import that still exists
-    /// holds it (an import of the same cohort in another Braze workspace): then refuses.
-    async fn adopt(&self, holder: Option<&str>) -> Result<(), SnapshotError> {
-        if holder == Some(self.uid.as_str()) {
-            return Ok(());
+    /// Makes this import the holder of the snapshot, unless it is another workspace's: held by
+    /// another import that still exists (an import of the same cohort key in another Braze
+    /// workspace), or labelled with another workspace. Then `Some(the holder's name)`.
+    async fn adopt(&self, head: &ConfigMap) -> Result<Option<String>, SnapshotError> {
+        let labels = head.metadata.labels.as_ref();
+        let holder = labels.and_then(|l| l.get(SNAPSHOT_HOLDER_LABEL));
+        if holder == Some(&self.uid) {
+            return Ok(None);
+        }
+        let annotations = head.metadata.annotations.as_ref();
+        let last = annotations.and_then(|a| a.get(SNAPSHOT_IMPORT_ANNOTATION)).cloned().unwrap_or_default();
+        if let (Some(theirs), Some(ours)) = (labels.and_then(|l| l.get(SNAPSHOT_WORKSPACE_LABEL)), &self.workspace)
+            && theirs != ours
+        {
+            return Ok(Some(last));
         }
         if let Some(holder) = holder {
             let held = self.imports.list_metadata(&ListParams::default()).await.map_err(self.kube("list imports"))?;
-            if let Some(other) = held.items.iter().find(|i| i.metadata.uid.as_deref() == Some(holder)) {
-                return Err(SnapshotError::Held {
-                    what: self.what(),
-                    holder: other.metadata.name.clone().unwrap_or_default(),
-                });
+            if let Some(other) = held.items.iter().find(|i| i.metadata.uid.as_deref() == Some(holder.as_str())) {
+                return Ok(Some(other.metadata.name.clone().unwrap_or_default()));
             }
         }
         self.relabel_head("adopt the head", |meta| {
-            meta.labels.get_or_insert_default().insert(SNAPSHOT_HOLDER_LABEL.to_owned(), self.uid.clone());
+            let labels = meta.labels.get_or_insert_default();
+            labels.insert(SNAPSHOT_HOLDER_LABEL.to_owned(), self.uid.clone());
+            if let Some(workspace) = &self.workspace {
+                labels.insert(SNAPSHOT_WORKSPACE_LABEL.to_owned(), workspace.clone());
+            }
             meta.annotations
                 .get_or_insert_default()
                 .insert(SNAPSHOT_IMPORT_ANNOTATION.to_owned(), self.import_name.clone());
         })
         .await?;
         debug!(snapshot = %self.what(), previous = ?holder, "adopted the cohort's snapshot");
+        Ok(None)
+    }
+
+    /// Settles which key this store uses (see [`Self::with_alternate`]) and adopts the
+    /// snapshot under it.
+    async fn settle_holder(&self) -> Result<(), SnapshotError> {
+        for _ in 0..2 {
+            let Some(head) = self.api.get_opt(&self.head_name()).await.map_err(self.kube("read the head"))? else {
+                return Ok(());
+            };
+            let Some(holder) = self.adopt(&head).await? else { return Ok(()) };
+            match &self.alternate {
+                Some(alternate) if self.effective.get().is_none() => {
+                    debug!(snapshot = %self.what(), %holder, %alternate, "the cohort's snapshot is another workspace's");
+                    let _ = self.effective.set(alternate.clone());
+                }
+                _ => return Err(SnapshotError::Held { what: self.what(), holder }),
+            }
+        }
         Ok(())
     }
 
@@ -307,8 +369,9 @@ impl ClusterSnapshotStore {
     /// included, in one switch of the new head; then deletes the old objects. Nothing to do
     /// once this key has a head.
     async fn move_legacy(&self, scratch: &Path) -> Result<(), SnapshotError> {
-        let Some(uid) = self.legacy_uid.as_deref().filter(|uid| *uid != self.key) else { return Ok(()) };
-        let legacy = Self { key: uid.to_owned(), legacy_uid: None, ..self.clone() };
+        let Some(uid) = self.legacy_uid.as_deref().filter(|uid| *uid != self.key()) else { return Ok(()) };
+        let legacy =
+            Self { key: uid.to_owned(), legacy_uid: None, alternate: None, effective: OnceLock::new(), ..self.clone() };
         let old = legacy.read_head().await?;
         if old.resource_version.is_none() {
             return Ok(());
@@ -395,7 +458,7 @@ impl ClusterSnapshotStore {
     }
 
     fn chunk_selector(&self) -> String {
-        format!("{SNAPSHOT_OF_LABEL}={},{SNAPSHOT_PART_LABEL}=chunk", self.key)
+        format!("{SNAPSHOT_OF_LABEL}={},{SNAPSHOT_PART_LABEL}=chunk", self.key())
     }
 
     async fn delete_chunks(&self, selector: &str) -> Result<(), SnapshotError> {
@@ -558,10 +621,7 @@ impl SnapshotStore for ClusterSnapshotStore {
 
     async fn load(&self, scratch: &Path) -> Result<Loaded, SnapshotError> {
         self.move_legacy(scratch).await?;
-        let (read, holder) = self.read_head_object().await?;
-        if read.resource_version.is_some() {
-            self.adopt(holder.as_deref()).await?;
-        }
+        self.settle_holder().await?;
         let mut why = String::new();
         for _ in 0..LOAD_ATTEMPTS {
             match self.load_once(scratch).await? {
@@ -606,6 +666,10 @@ impl SnapshotStore for ClusterSnapshotStore {
 
     async fn release(&self) -> Result<(), SnapshotError> {
         self.release_head().await
+    }
+
+    fn key(&self) -> Option<String> {
+        Some(ClusterSnapshotStore::key(self).to_owned())
     }
 }
 

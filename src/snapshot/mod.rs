@@ -139,6 +139,12 @@ pub trait SnapshotStore: Send + Sync {
     async fn release(&self) -> Result<(), SnapshotError> {
         Ok(())
     }
+
+    /// The key the store settled on at load, when it may differ from the one it was given
+    /// (the cluster store's alternate key); recorded in `status.committedSnapshot.key`.
+    fn key(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Why a snapshot could not be read or written. `what` is [`SnapshotStore::describe`].
