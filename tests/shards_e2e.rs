@@ -132,6 +132,8 @@ async fn a_relabelled_import_moves_with_its_snapshot_and_does_not_run_again() {
     // The snapshot came along: only the one new member is sent, in one request.
     assert_eq!((run.added, run.removed), (1, 0), "{}", run.message);
     assert_eq!(env.sandbox.stats().users_requests, requests + 1);
+    // The run's metrics follow its status write.
+    wait_until("b counting the run", || succeeded(&b) == 1).await;
     assert_eq!((succeeded(&a), succeeded(&b)), (1, 1), "the first run on a, the second on b, once each");
     assert_eq!(env.members("mover"), set(&ids(0..101)));
     a.stop().await;
