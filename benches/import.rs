@@ -117,6 +117,7 @@ async fn write_baseline(dir: &std::path::Path, size: u64) {
         identifier_fingerprint: String::new(),
         run_id: "baseline".into(),
         committed_at: jiff::Timestamp::now(),
+        digest: None,
     };
     store.commit(&meta, &body).await.unwrap();
     std::fs::remove_file(body).unwrap();

@@ -1,9 +1,10 @@
 //! The user-facing subcommands — `trigger`, `history`, `suspend`, `resume`, `approve`,
-//! `preview` — also usable as a kubectl plugin (`kubectl cohort …` when installed as
-//! `kubectl-cohort`).
+//! `preview`, `resync`, `snapshots` — also usable as a kubectl plugin (`kubectl cohort …` when
+//! installed as `kubectl-cohort`).
 //!
-//! They change only what a person may change: the `cohorts.dev/run-requested-at` and
-//! `cohorts.dev/approve-removals` annotations and `spec.suspend`, by merge patch under a
+//! They change only what a person may change: the `cohorts.dev/run-requested-at`,
+//! `cohorts.dev/approve-removals` and `cohorts.dev/approve-resync` annotations and
+//! `spec.suspend`, by merge patch under a
 //! field manager of their own. The controller never writes the spec, and these commands
 //! never write the status. [`preview`] writes nothing at all.
 
@@ -18,7 +19,11 @@ use serde_json::json;
 
 pub mod preview;
 
-use crate::api::{APPROVE_REMOVALS_ANNOTATION, CohortImport, CohortImportStatus, RUN_REQUESTED_ANNOTATION, RunRecord};
+use crate::api::{
+    APPROVE_REMOVALS_ANNOTATION, APPROVE_RESYNC_ANNOTATION, CohortImport, CohortImportStatus, RUN_REQUESTED_ANNOTATION,
+    RunRecord,
+};
+use crate::snapshot::cluster::{SnapshotListing, list_snapshots};
 
 /// Field manager of the CLI's patches, apart from the controller's.
 pub const CLI_FIELD_MANAGER: &str = "kubectl-cohort";
@@ -55,6 +60,11 @@ pub enum CliError {
     NotFound { namespace: String, name: String },
     #[error("run request {value} on {namespace}/{name} not finished within {seconds} s")]
     Timeout { namespace: String, name: String, value: String, seconds: u64 },
+    #[error(
+        "CohortImport {namespace}/{name} has no run blocked for a missing snapshot (Ready reason SnapshotMissing); \
+         see `cohort-operator history {name} -n {namespace}`"
+    )]
+    NothingToResync { namespace: String, name: String },
 }
 
 fn patch_params() -> PatchParams {
@@ -127,6 +137,77 @@ pub async fn approve(client: kube::Client, namespace: &str, name: &str, run_id: 
     patch(&api, namespace, name, json!({ "metadata": { "annotations": { APPROVE_REMOVALS_ANNOTATION: run_id } } }))
         .await?;
     Ok(())
+}
+
+/// Approves a resync of the run blocked because the snapshot was missing (`run_id`, else
+/// the one status names): sets `cohorts.dev/approve-resync` to its id. Returns the id.
+pub async fn resync(client: kube::Client, namespace: &str, name: &str, run_id: Option<&str>) -> anyhow::Result<String> {
+    let api: Api<CohortImport> = Api::namespaced(client, namespace);
+    let not_found = || CliError::NotFound { namespace: namespace.to_owned(), name: name.to_owned() };
+    let run_id = match run_id {
+        Some(id) => id.to_owned(),
+        None => {
+            let import = api.get_opt(name).await?.ok_or_else(not_found)?;
+            import
+                .status
+                .and_then(|s| s.snapshot_missing_run)
+                .ok_or_else(|| CliError::NothingToResync { namespace: namespace.to_owned(), name: name.to_owned() })?
+        }
+    };
+    patch(&api, namespace, name, json!({ "metadata": { "annotations": { APPROVE_RESYNC_ANNOTATION: run_id } } }))
+        .await?;
+    Ok(run_id)
+}
+
+/// The cohort snapshots kept as ConfigMaps (in `namespace`, or everywhere), as a table.
+pub async fn snapshots(client: kube::Client, namespace: Option<&str>) -> anyhow::Result<String> {
+    Ok(snapshots_table(&list_snapshots(client, namespace).await?))
+}
+
+/// Renders snapshots as a table. Pure.
+pub fn snapshots_table(listed: &[SnapshotListing]) -> String {
+    if listed.is_empty() {
+        return "No cohort snapshots (the filesystem store keeps them on its volume instead).\n".into();
+    }
+    let header = ["NAMESPACE", "SNAPSHOT", "HELD BY", "GENERATION", "MEMBERS", "COMMITTED", "COHORT"];
+    let rows: Vec<[String; 7]> = listed
+        .iter()
+        .map(|s| {
+            [
+                s.namespace.clone(),
+                s.head.clone(),
+                if s.released { format!("released (was {})", s.import) } else { s.import.clone() },
+                s.generation.to_string(),
+                s.members.to_string(),
+                s.committed_at.map_or_else(|| "-".into(), |t| t.to_string()),
+                s.cohort.clone(),
+            ]
+        })
+        .collect();
+    table(&header.map(str::to_owned), &rows)
+}
+
+/// Aligned columns, the last one as it is.
+fn table<const N: usize>(header: &[String; N], rows: &[[String; N]]) -> String {
+    let mut widths = header.clone().map(|h| h.chars().count());
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for cells in std::iter::once(header).chain(rows) {
+        let mut text = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            text.push_str(cell);
+            if i + 1 < cells.len() {
+                text.push_str(&" ".repeat(widths[i] - cell.chars().count() + 2));
+            }
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    }
+    out
 }
 
 /// The import's run history as a table.
@@ -299,6 +380,38 @@ mod tests {
             ),
             "{table}"
         );
+    }
+
+    #[test]
+    fn snapshots_table_says_who_holds_each_and_which_are_released() {
+        let listed = [
+            SnapshotListing {
+                namespace: "growth".into(),
+                head: "cohort-snapshot-s1-0123456789abcdef".into(),
+                cohort: "cohort \"vip\" at https://rest.iad-01.braze.com (partner kubit)".into(),
+                import: "vip".into(),
+                released: true,
+                generation: 4,
+                members: 1200,
+                committed_at: Some("2026-03-02T06:30:04Z".parse().unwrap()),
+            },
+            SnapshotListing {
+                namespace: "growth".into(),
+                head: "cohort-snapshot-s1-fedcba9876543210".into(),
+                cohort: "-".into(),
+                import: "churn".into(),
+                released: false,
+                generation: 1,
+                members: 3,
+                committed_at: None,
+            },
+        ];
+        let table = snapshots_table(&listed);
+        let lines: Vec<_> = table.lines().collect();
+        assert!(lines[0].starts_with("NAMESPACE  SNAPSHOT                             HELD BY"), "{table}");
+        assert!(lines[1].contains("released (was vip)  4           1200     2026-03-02T06:30:04Z"), "{table}");
+        assert!(lines[2].contains("  churn  ") && lines[2].ends_with("-"), "{table}");
+        assert!(snapshots_table(&[]).starts_with("No cohort snapshots"));
     }
 
     #[test]

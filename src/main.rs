@@ -82,6 +82,26 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// After a run blocked because the snapshot was missing (SnapshotMissing): send the whole
+    /// source to Braze as additions. Members who left while the snapshot was lost stay in
+    /// the Braze cohort; set a new spec.cohort.id instead for an exact one.
+    Resync {
+        name: String,
+        /// The blocked run's id; by default the one status names (`snapshotMissingRun`).
+        run_id: Option<String>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// List the cohort snapshots kept as ConfigMaps, with the import holding each; those
+    /// released by an import deleted with deletionPolicy Retain wait for an import of the
+    /// same cohort.
+    Snapshots {
+        /// In every namespace.
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Show what the next run would do — counts, the removal guard's verdict, a sample of
     /// adds and removes — reading the source and the snapshot only: nothing is sent to Braze
     /// and nothing is written.
@@ -124,9 +144,9 @@ enum LogFormat {
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum SnapshotStoreArg {
-    /// ConfigMaps owned by each import, in its namespace.
+    /// ConfigMaps in each import's namespace, one snapshot per Braze cohort.
     Cluster,
-    /// One file per import under --snapshot-dir.
+    /// One file per Braze cohort under --snapshot-dir.
     Filesystem,
 }
 
@@ -322,6 +342,18 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             let (client, namespace) = target.client().await?;
             cli::approve(client, &namespace, &name, &run_id).await?;
             println!("cohortimport {namespace}/{name}: removals of run {run_id} approved");
+        }
+        Command::Resync { name, run_id, target } => {
+            let (client, namespace) = target.client().await?;
+            let run_id = cli::resync(client, &namespace, &name, run_id.as_deref()).await?;
+            println!(
+                "cohortimport {namespace}/{name}: resync of run {run_id} approved; members who left while the \
+                 snapshot was lost stay in the Braze cohort"
+            );
+        }
+        Command::Snapshots { all_namespaces, target } => {
+            let (client, namespace) = target.client().await?;
+            print!("{}", cli::snapshots(client, (!all_namespaces).then_some(namespace.as_str())).await?);
         }
         Command::Preview(args) => preview(*args).await?,
     }

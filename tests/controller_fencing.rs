@@ -273,7 +273,8 @@ async fn keys_in_doubt_of_two_attempts_are_merged_in_the_cluster_store() {
     let env = Env::new("ctl-doubt").await;
     let dir = tempfile::tempdir().unwrap();
     let uid = format!("7a1d2c3e-{:04x}-4e5f-8a9b-{:012x}", rand::random::<u16>(), rand::random::<u64>() >> 16);
-    let store = ClusterSnapshotStore::for_owner(env.client.clone(), &env.ns, "vip", &uid);
+    let key = cohort_operator::snapshot::snapshot_key(&env.ns, "https://braze.test", "kubit", "vip");
+    let store = ClusterSnapshotStore::for_cohort(env.client.clone(), &env.ns, &key, "vip", "vip", &uid);
     store.record_doubt(&doubt(2, "attempt-1"), &body(dir.path(), "a1", &["\x01a", "\x01c"])).await.unwrap();
     store.record_doubt(&doubt(2, "attempt-2"), &body(dir.path(), "a2", &["\x01b", "\x01c"])).await.unwrap();
     let loaded = store.load(dir.path()).await.unwrap().doubt.expect("keys in doubt");

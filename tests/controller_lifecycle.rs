@@ -5,13 +5,11 @@
 mod controller_support;
 
 use braze_sandbox::{DataImportKey, Faults};
-use cohort_operator::api::{CohortImport, RunResult, RunTrigger};
+use cohort_operator::api::{RunResult, RunTrigger};
 use cohort_operator::controller::status;
 use controller_support::*;
 use jiff::{SignedDuration, Timestamp};
-use k8s_openapi::api::core::v1::ConfigMap;
 use kube::ResourceExt;
-use kube::api::{Api, ListParams};
 use serde_json::json;
 
 #[tokio::test]
@@ -140,18 +138,6 @@ async fn a_rotated_secret_is_used_by_the_next_run() {
     operator.stop().await;
 }
 
-async fn snapshot_config_maps(env: &Env, import: &CohortImport) -> usize {
-    let uid = import.uid().unwrap();
-    Api::<ConfigMap>::namespaced(env.client.clone(), &env.ns)
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .iter()
-        .filter(|cm| cm.name_any().starts_with(&format!("cohort-snapshot-{uid}")))
-        .count()
-}
-
 #[tokio::test]
 async fn deletion_retains_or_removes_the_members_it_sent() {
     let env = Env::new("ctl-delete").await;
@@ -170,20 +156,25 @@ async fn deletion_retains_or_removes_the_members_it_sent() {
     assert_eq!(env.members("remove").len(), 1500);
     let keep = env.get("keep").await;
     assert!(keep.finalizers().contains(&cohort_operator::api::FINALIZER.to_owned()));
-    assert!(snapshot_config_maps(&env, &keep).await > 0);
+    let kept = env.snapshot_maps("keep").await.len();
+    assert!(kept > 0);
 
-    // Retain (the default): the cohort stays as it is in Braze; the snapshot goes.
+    // Retain (the default): the cohort stays as it is in Braze, and so does its snapshot,
+    // released (no holder), for an import of the same cohort applied later.
     env.delete("keep").await;
     env.wait_for("keep", "deleted", |i| i.is_none()).await;
     assert_eq!(env.members("keep"), set(&ids(0..1500)));
-    assert_eq!(snapshot_config_maps(&env, &keep).await, 0);
+    let maps = env.snapshot_maps("keep").await;
+    assert_eq!(maps.len(), kept);
+    assert!(maps.iter().all(|cm| cm.metadata.owner_references.is_none()));
+    let head = maps.iter().find(|cm| cm.metadata.labels.as_ref().unwrap()["cohorts.dev/snapshot-part"] == "head");
+    assert!(!head.unwrap().metadata.labels.as_ref().unwrap().contains_key("cohorts.dev/snapshot-holder"));
 
     // RemoveMembers: every member it sent leaves the cohort, then the import goes.
-    let remove = env.get("remove").await;
     env.delete("remove").await;
     env.wait_for("remove", "deleted", |i| i.is_none()).await;
     assert!(env.members("remove").is_empty(), "members left: {}", env.members("remove").len());
-    assert_eq!(snapshot_config_maps(&env, &remove).await, 0);
+    assert!(env.snapshot_maps("remove").await.is_empty());
     operator.stop().await;
 }
 

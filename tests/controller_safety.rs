@@ -82,23 +82,6 @@ async fn a_run_that_panics_is_recorded_failed_and_the_next_trigger_runs() {
     operator.stop().await;
 }
 
-/// Deletes the import's snapshot ConfigMaps, as a clean-up by label or a restore would.
-async fn delete_snapshot(env: &Env, name: &str) -> usize {
-    use k8s_openapi::api::core::v1::ConfigMap;
-    use kube::ResourceExt;
-    use kube::api::{Api, DeleteParams, ListParams};
-    let uid = env.get(name).await.uid().unwrap();
-    let maps: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.ns);
-    let mut deleted = 0;
-    for map in maps.list(&ListParams::default()).await.unwrap().items {
-        if map.name_any().starts_with(&format!("cohort-snapshot-{uid}")) {
-            maps.delete(&map.name_any(), &DeleteParams::default()).await.unwrap();
-            deleted += 1;
-        }
-    }
-    deleted
-}
-
 #[tokio::test]
 async fn remove_members_without_a_snapshot_holds_the_deletion_unless_nothing_was_sent() {
     let env = Env::new("safe-delete").await;
@@ -117,11 +100,11 @@ async fn remove_members_without_a_snapshot_holds_the_deletion_unless_nothing_was
 
     // The snapshot goes first (a foreground cascade, a clean-up by label): the deletion is
     // held, says why and how to let it go, and removes no one.
-    assert!(delete_snapshot(&env, "lost").await > 0);
+    assert!(env.delete_snapshot("lost").await > 0);
     env.delete("lost").await;
     let note = env.wait_event("lost", "CleanupFailed").await;
     assert!(note.contains("set spec.deletionPolicy to Retain"), "{note}");
-    assert!(note.contains("is gone, but status records run"), "{note}");
+    assert!(note.contains("is gone, but status records snapshot generation 1 of 30 members committed"), "{note}");
     let held = env.wait_reason("lost", "Deleting").await;
     let ready = ready(held.status.as_ref().unwrap()).unwrap();
     assert_eq!(ready.status, "False");

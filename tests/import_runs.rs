@@ -15,7 +15,7 @@ use cohort_operator::domain::member::Member;
 use cohort_operator::run::{ImportRun, RunDeps, RunError, RunReport, new_run_id, run_import};
 use cohort_operator::secret::SecretString;
 use cohort_operator::snapshot::fs::FsSnapshotStore;
-use cohort_operator::snapshot::{SnapshotError, SnapshotStore};
+use cohort_operator::snapshot::{Missing, SnapshotStore};
 use cohort_operator::source::{MemberBatch, MemberStream, SourceError};
 use futures::StreamExt;
 use rand::rngs::StdRng;
@@ -587,7 +587,7 @@ async fn a_dry_run_reports_the_diff_and_sends_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_damaged_snapshot_fails_the_run_and_says_how_to_recover() {
+async fn a_damaged_snapshot_blocks_the_run_until_a_resync() {
     let world = World::new(20).await;
     let members: BTreeSet<Member> = (0..20).map(pool_member).collect();
     succeeded(&world.import(&members).await);
@@ -596,13 +596,21 @@ async fn a_damaged_snapshot_fails_the_run_and_says_how_to_recover() {
     let n = bytes.len();
     bytes.truncate(n - 5);
     std::fs::write(&path, bytes).unwrap();
-    let report = world.import(&members).await;
-    assert_eq!(report.result, RunResult::Failed);
-    assert!(matches!(report.error, Some(RunError::Snapshot(SnapshotError::Corrupt { .. }))), "{:?}", report.error);
-    assert!(report.hint.as_deref().unwrap().contains("delete it"));
-    world.store.delete().await.unwrap();
-    let report = world.import(&members).await;
+    // What Braze holds is unknown: nothing is sent.
+    let fewer: BTreeSet<Member> = (0..15).map(pool_member).collect();
+    let report = world.import(&fewer).await;
+    assert_eq!(report.result, RunResult::Blocked, "{}", report.message());
+    let missing = report.snapshot_missing.as_ref().map(|m| &m.missing);
+    assert!(matches!(missing, Some(Missing::Damaged { .. })), "{missing:?}");
+    assert_eq!(report.requests, 0);
+    assert!(report.hint.as_deref().unwrap().contains("approve a resync"));
+    assert!(report.message().contains("cohort-operator resync vip -n growth"), "{}", report.message());
+    assert_braze_has(&world, &members, "after the blocked run");
+    // A resync forgets the damaged store and sends the whole source as additions.
+    let blocked = report.run_id.clone();
+    let report = world.import_with(&fewer, |run| run.resync = Some(blocked)).await;
     succeeded(&report);
-    assert_eq!(report.added, 20);
-    assert_braze_has(&world, &members, "after the run");
+    assert_eq!((report.added, report.removed), (15, 0));
+    assert!(report.message().contains("members who left while the snapshot was lost could not be removed"));
+    assert_braze_has(&world, &members, "members who left stay: nothing can tell who they are");
 }

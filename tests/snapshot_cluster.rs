@@ -1,9 +1,10 @@
 //! The ConfigMap snapshot store on a real kube-apiserver: chunking under etcd's limit,
-//! labels and ownerReferences, generation checks, keys in doubt, leftovers of interrupted
-//! writes, and a whole import run that keeps its snapshot in the cluster.
+//! labels (keyed by cohort, no ownerReferences), generation checks, keys in doubt, leftovers
+//! of interrupted writes, snapshots of earlier versions moved over, adoption by a new
+//! holder, and a whole import run that keeps its snapshot in the cluster.
 //!
-//! This API server runs no garbage collector, so the ownerReferences are checked as written;
-//! their effect (the snapshot goes with the CohortImport) is Kubernetes' own.
+//! This API server runs no garbage collector; the snapshot objects carry no ownerReference
+//! (checked here), so a garbage collector has nothing to take.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -16,10 +17,11 @@ use cohort_operator::domain::diff::KeyCursor;
 use cohort_operator::domain::member::Member;
 use cohort_operator::run::{ImportRun, RunDeps, run_import};
 use cohort_operator::snapshot::cluster::{
-    ClusterSnapshotStore, DEFAULT_CHUNK_BYTES, SNAPSHOT_OF_LABEL, SNAPSHOT_PART_LABEL, SNAPSHOT_SERIAL_LABEL,
+    ClusterSnapshotStore, DEFAULT_CHUNK_BYTES, SNAPSHOT_HOLDER_LABEL, SNAPSHOT_OF_LABEL, SNAPSHOT_PART_LABEL,
+    SNAPSHOT_SERIAL_LABEL, list_snapshots,
 };
 use cohort_operator::snapshot::format::{BodyWriter, read_body};
-use cohort_operator::snapshot::{DoubtMeta, FORMAT_VERSION, SnapshotError, SnapshotMeta, SnapshotStore};
+use cohort_operator::snapshot::{DoubtMeta, FORMAT_VERSION, SnapshotError, SnapshotMeta, SnapshotStore, snapshot_key};
 use cohort_operator::source::{MemberBatch, MemberStream};
 use futures::StreamExt;
 use k8s_openapi::ByteString;
@@ -36,6 +38,7 @@ struct Setup {
     client: kube::Client,
     namespace: String,
     uid: String,
+    key: String,
     dir: tempfile::TempDir,
 }
 
@@ -44,15 +47,27 @@ async fn setup(prefix: &str) -> Setup {
     let namespace = cluster.namespace(prefix).await;
     Setup {
         client: cluster.client().await,
+        key: snapshot_key(&namespace, "https://rest.iad-01.braze.com", "kubit", "vip"),
         namespace,
-        uid: format!("0f3c2a1e-{:04x}-4d6b-9a57-{:012x}", rand::random::<u16>(), rand::random::<u64>() >> 16),
+        uid: random_uid(),
         dir: tempfile::tempdir().unwrap(),
     }
 }
 
+fn random_uid() -> String {
+    format!("0f3c2a1e-{:04x}-4d6b-9a57-{:012x}", rand::random::<u16>(), rand::random::<u64>() >> 16)
+}
+
 impl Setup {
     fn store(&self) -> ClusterSnapshotStore {
-        ClusterSnapshotStore::for_owner(self.client.clone(), &self.namespace, "vip", &self.uid)
+        ClusterSnapshotStore::for_cohort(
+            self.client.clone(),
+            &self.namespace,
+            &self.key,
+            "cohort vip",
+            "vip",
+            &self.uid,
+        )
     }
 
     fn config_maps(&self) -> Api<ConfigMap> {
@@ -60,7 +75,7 @@ impl Setup {
     }
 
     async fn objects(&self) -> Vec<ConfigMap> {
-        let selector = format!("{SNAPSHOT_OF_LABEL}={}", self.uid);
+        let selector = format!("{SNAPSHOT_OF_LABEL}={}", self.key);
         self.config_maps().list(&ListParams::default().labels(&selector)).await.unwrap().items
     }
 
@@ -94,6 +109,7 @@ fn meta(generation: u64, members: u64) -> SnapshotMeta {
         identifier_fingerprint: "externalId=user_id".into(),
         run_id: format!("run-{generation}"),
         committed_at: jiff::Timestamp::now(),
+        digest: None,
     }
 }
 
@@ -150,14 +166,11 @@ async fn large_bodies_are_cut_into_chunks_etcd_accepts_and_read_back_whole() {
         assert!(bytes.len() <= DEFAULT_CHUNK_BYTES, "{}", bytes.len());
     }
     for cm in &objects {
-        let owner = &cm.metadata.owner_references.as_ref().unwrap()[0];
-        assert_eq!(
-            (owner.kind.as_str(), owner.name.as_str(), owner.uid.as_str()),
-            ("CohortImport", "vip", s.uid.as_str())
-        );
-        assert_eq!(owner.api_version, "cohorts.dev/v1alpha1");
-        assert_eq!(owner.controller, Some(true));
+        // Nothing for a garbage collector to take before the import's finalizer has run.
+        assert_eq!(cm.metadata.owner_references, None, "{:?}", cm.metadata.name);
+        assert_eq!(cm.metadata.labels.as_ref().unwrap()[SNAPSHOT_HOLDER_LABEL], s.uid);
         assert_eq!(cm.metadata.annotations.as_ref().unwrap()["cohorts.dev/import"], "vip");
+        assert_eq!(cm.metadata.annotations.as_ref().unwrap()["cohorts.dev/cohort"], "cohort vip");
     }
 
     let loaded = store.load(s.dir.path()).await.unwrap();
@@ -239,7 +252,7 @@ async fn chunks_of_an_interrupted_write_are_ignored_then_cleaned() {
             metadata: ObjectMeta {
                 name: Some(store.chunk_name(next, index)),
                 labels: Some(BTreeMap::from([
-                    (SNAPSHOT_OF_LABEL.to_owned(), s.uid.clone()),
+                    (SNAPSHOT_OF_LABEL.to_owned(), s.key.clone()),
                     (SNAPSHOT_PART_LABEL.to_owned(), "chunk".to_owned()),
                     (SNAPSHOT_SERIAL_LABEL.to_owned(), next.to_string()),
                 ])),
@@ -271,7 +284,59 @@ async fn a_damaged_head_is_reported_with_the_fix() {
     s.config_maps().create(&PostParams::default(), &cm).await.unwrap();
     let err = store.load(s.dir.path()).await.unwrap_err();
     let text = err.to_string();
-    assert!(text.contains("damaged") && text.contains(&store.head_name()) && text.contains("delete it"), "{text}");
+    assert!(
+        text.contains("damaged") && text.contains(&store.head_name()) && text.contains("approve a resync"),
+        "{text}"
+    );
+}
+
+/// A snapshot an earlier version kept under the import's uid is moved to the cohort's key,
+/// keys in doubt included, and the old objects go.
+#[tokio::test]
+async fn a_snapshot_of_an_earlier_version_moves_to_the_cohorts_key() {
+    let s = setup("snap-legacy").await;
+    let legacy = ClusterSnapshotStore::legacy(s.client.clone(), &s.namespace, "vip", &s.uid).with_chunk_bytes(256);
+    let keys = sorted_keys(300, 8);
+    legacy.commit(&meta(1, keys.len() as u64), &s.body("g1", &keys)).await.unwrap();
+    let doubtful = sorted_keys(5, 8);
+    legacy.record_doubt(&doubt(1, 5), &s.body("d", &doubtful)).await.unwrap();
+    let legacy_objects = format!("{SNAPSHOT_OF_LABEL}={}", s.uid);
+    assert!(!s.config_maps().list(&ListParams::default().labels(&legacy_objects)).await.unwrap().items.is_empty());
+
+    let store = s.store().with_legacy_uid(&s.uid);
+    let loaded = store.load(s.dir.path()).await.unwrap();
+    let snapshot = loaded.snapshot.unwrap();
+    assert_eq!(snapshot.meta.generation, 1);
+    assert_eq!(read_keys(snapshot.body), keys);
+    assert_eq!(read_keys(loaded.doubt.unwrap().body), doubtful);
+    assert!(s.config_maps().list(&ListParams::default().labels(&legacy_objects)).await.unwrap().items.is_empty());
+    assert!(!s.objects().await.is_empty());
+    // The next commit follows on.
+    store.commit(&meta(2, 2), &s.body("g2", &keys[..2])).await.unwrap();
+    assert_eq!(read_keys(store.load(s.dir.path()).await.unwrap().snapshot.unwrap().body), &keys[..2]);
+}
+
+/// Released by a deleted import (`Retain`), the snapshot waits, listed, for an import of
+/// the same cohort with a new uid, which adopts it.
+#[tokio::test]
+async fn a_released_snapshot_is_listed_and_adopted_by_a_new_import_of_the_cohort() {
+    let s = setup("snap-adopt").await;
+    let store = s.store();
+    let keys = sorted_keys(50, 8);
+    store.commit(&meta(1, keys.len() as u64), &s.body("g1", &keys)).await.unwrap();
+    store.release().await.unwrap();
+    let listed = list_snapshots(s.client.clone(), Some(&s.namespace)).await.unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert!(listed[0].released && listed[0].import == "vip" && listed[0].generation == 1 && listed[0].members == 50);
+    assert_eq!(listed[0].head, store.head_name());
+
+    let uid = random_uid();
+    let again = ClusterSnapshotStore::for_cohort(s.client.clone(), &s.namespace, &s.key, "cohort vip", "vip-2", &uid);
+    assert_eq!(read_keys(again.load(s.dir.path()).await.unwrap().snapshot.unwrap().body), keys);
+    let listed = list_snapshots(s.client.clone(), Some(&s.namespace)).await.unwrap();
+    assert!(!listed[0].released && listed[0].import == "vip-2", "{listed:?}");
+    again.commit(&meta(2, 1), &s.body("g2", &keys[..1])).await.unwrap();
+    assert_eq!(read_keys(again.load(s.dir.path()).await.unwrap().snapshot.unwrap().body), &keys[..1]);
 }
 
 fn member(i: usize) -> Member {
@@ -367,4 +432,27 @@ async fn racing_commits_leave_one_whole_snapshot() {
     let snapshot = store.load(s.dir.path()).await.unwrap().snapshot.unwrap();
     assert_eq!(snapshot.meta.generation, 2);
     assert_eq!(&read_keys(snapshot.body), winner);
+}
+
+/// A released snapshot of another Braze workspace (the same cohort id, endpoint and partner
+/// in the namespace) is not adopted: the store uses its alternate key and leaves it alone.
+#[tokio::test]
+async fn another_workspaces_snapshot_is_left_alone_under_an_alternate_key() {
+    let s = setup("snap-workspace").await;
+    let theirs = s.store().with_alternate(&format!("{}-theirs", s.key), Some("w1-aaaa"));
+    let keys = sorted_keys(40, 8);
+    theirs.load(s.dir.path()).await.unwrap();
+    theirs.commit(&meta(1, keys.len() as u64), &s.body("theirs", &keys)).await.unwrap();
+    theirs.release().await.unwrap();
+
+    let uid = random_uid();
+    let alternate = format!("{}-{}", s.key, &uid[..8]);
+    let ours = ClusterSnapshotStore::for_cohort(s.client.clone(), &s.namespace, &s.key, "cohort vip", "vip-b", &uid)
+        .with_alternate(&alternate, Some("w1-bbbb"));
+    assert!(ours.load(s.dir.path()).await.unwrap().snapshot.is_none(), "not the other workspace's");
+    assert_eq!(ours.key(), alternate);
+    ours.commit(&meta(1, 2), &s.body("ours", &keys[..2])).await.unwrap();
+    assert_eq!(read_keys(ours.load(s.dir.path()).await.unwrap().snapshot.unwrap().body), &keys[..2]);
+    // Theirs is untouched.
+    assert_eq!(read_keys(s.store().load(s.dir.path()).await.unwrap().snapshot.unwrap().body), keys);
 }

@@ -17,6 +17,9 @@ pub const RUN_REQUESTED_ANNOTATION: &str = "cohorts.dev/run-requested-at";
 pub const FLUX_RECONCILE_ANNOTATION: &str = "reconcile.fluxcd.io/requestedAt";
 /// Naming a blocked run's id here lets that run remove members past the guard.
 pub const APPROVE_REMOVALS_ANNOTATION: &str = "cohorts.dev/approve-removals";
+/// Naming the id of a run blocked because the snapshot was missing lets that run send the
+/// whole source to Braze as additions (a resync).
+pub const APPROVE_RESYNC_ANNOTATION: &str = "cohorts.dev/approve-resync";
 /// Field manager for everything the operator writes.
 pub const FIELD_MANAGER: &str = "cohort-operator";
 /// Finalizer that lets `deletionPolicy` act before the resource goes.

@@ -79,6 +79,10 @@ pub enum ReadyReason {
     EgressDenied,
     /// The snapshot store could not be opened.
     SnapshotFailed,
+    /// The snapshot of what Braze holds is missing, older than `status.committedSnapshot`
+    /// says, or damaged: runs send nothing until a person approves a resync or moves the
+    /// import to a new `spec.cohort.id`.
+    SnapshotMissing,
     /// `deletionPolicy` could not complete; the import waits to be deleted.
     Deleting,
 }
@@ -103,6 +107,7 @@ impl ReadyReason {
             ReadyReason::SourceFailed => "SourceFailed",
             ReadyReason::EgressDenied => "EgressDenied",
             ReadyReason::SnapshotFailed => "SnapshotFailed",
+            ReadyReason::SnapshotMissing => "SnapshotMissing",
             ReadyReason::Deleting => "Deleting",
         }
     }
@@ -137,6 +142,8 @@ impl ReadyReason {
             | ReadyReason::ConfigMapNotFound => matches!(result, RunResult::Failed),
             // Set while the retry is pending, from `status.nextRetryAt`, not kept.
             ReadyReason::RetryScheduled
+            // Decided from `status.snapshotMissingRun` (`idle_ready`), not kept.
+            | ReadyReason::SnapshotMissing
             | ReadyReason::Scheduled
             | ReadyReason::Running
             | ReadyReason::Succeeded
@@ -182,6 +189,9 @@ impl ReadyReason {
             | ReadyReason::Blocked
             | ReadyReason::EgressDenied
             | ReadyReason::Deleting => true,
+            // Only a person can say how Braze's cohort is to be made whole again: a resync
+            // (members who left meanwhile stay) or a new cohort id.
+            ReadyReason::SnapshotMissing => true,
             // The last run failed and no retry is pending (`spec.retry` is used up, off, or the
             // failure cannot pass on its own), so the import stays unhealthy until the next
             // scheduled run — or until a person looks and requests a run. Failing loudly beats
@@ -296,6 +306,18 @@ pub struct CohortImportStatus {
     /// (pseudonymous) ids it would have added and removed. Kept when later runs are real.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_dry_run: Option<DryRunSample>,
+    /// The snapshot the last commit left in the store: what Braze holds, as far as the
+    /// operator knows. A run that finds the store without it (missing, older, damaged)
+    /// ends `Blocked` with reason `SnapshotMissing` and sends nothing. Absent until the
+    /// first successful run (and in status written by earlier versions, which record it at
+    /// their next successful run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub committed_snapshot: Option<CommittedSnapshot>,
+    /// The last run blocked because the snapshot was missing, older than
+    /// `committedSnapshot` or damaged (`Ready` reason `SnapshotMissing`): naming it in
+    /// `cohorts.dev/approve-resync` approves a resync.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_missing_run: Option<String>,
 }
 
 /// Ids listed per direction in [`DryRunSample`].
@@ -332,6 +354,23 @@ pub struct DryRunSample {
     pub sample_removed: Vec<String>,
 }
 
+/// What a commit left in the snapshot store (`status.committedSnapshot`).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CommittedSnapshot {
+    /// Which cohort the snapshot belongs to: a hash of namespace, REST endpoint, partner and
+    /// cohort id (`s1-` and 16 hex digits), as the store is keyed. Another cohort starts
+    /// afresh.
+    pub key: String,
+    /// The snapshot generation: 1 for the first commit, then one more per commit.
+    pub generation: u64,
+    /// Members in it.
+    pub members: u64,
+    /// SHA-256 of its member keys in order (`sha256:` and 64 hex digits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+}
+
 impl RunRecord {
     /// The removals the run found, sent or not: what approving a blocked run lets through.
     /// Status written before `wouldRemove` existed kept them in `removed`.
@@ -355,6 +394,10 @@ pub struct CurrentRun {
     /// The removal approval (`cohorts.dev/approve-removals`) this run acts on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approved_removals: Option<String>,
+    /// The resync approval (`cohorts.dev/approve-resync`, naming a run blocked because the
+    /// snapshot was missing) this run acts on: it sends the whole source as additions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approved_resync: Option<String>,
     /// The shard (`--shard`, the `cohorts.dev/shard` value it owns) of the sharded operator
     /// running it. An import relabelled to another shard keeps its run here: the old shard
     /// stops the run and clears `runnerShard`, `runnerLease` and `runnerIdentity`, and the new

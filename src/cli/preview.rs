@@ -23,6 +23,8 @@ use serde::Serialize;
 
 use super::CliError;
 use crate::api::{CohortImport, RunTrigger};
+use crate::controller::conflict::CohortKey;
+use crate::controller::pipeline::cohort_snapshot_key;
 use crate::domain::guard::BlockReason;
 use crate::domain::validate::{SpecErrors, validate};
 use crate::run::{ImportRun, RunReport, identifier_fingerprint, new_run_id, preview_import};
@@ -352,10 +354,16 @@ async fn preview(
     let namespace = import.namespace().unwrap_or_default();
     let objects = KubeObjects::new(client.clone(), namespace.clone());
     let source = open_source(&valid.source, &valid.identifiers, &objects).await?;
-    let store = ReadOnlySnapshots(match &live {
-        Some(live) => Some(ClusterSnapshotStore::new(client, live)?),
-        None => None,
+    // The applied import's snapshot, under the key its runs use; what status says it holds
+    // is checked as a run checks it (a preview of a lost snapshot says SnapshotMissing).
+    let key = live.as_ref().map(|live| cohort_snapshot_key(live, spec));
+    let store = ReadOnlySnapshots(match (&live, &key) {
+        (Some(live), Some(key)) => {
+            Some(ClusterSnapshotStore::new(client, live, key, &CohortKey::of(spec).to_string())?)
+        }
+        _ => None,
     });
+    let expected = live.as_ref().and_then(|l| l.status.as_ref()).and_then(|s| s.committed_snapshot.clone());
     let now = Timestamp::now();
     let mut run =
         ImportRun::new(new_run_id(now), RunTrigger::Manual, &namespace, &import.name_any(), &spec.cohort.name);
@@ -363,6 +371,7 @@ async fn preview(
     run.removal_guard = spec.removal_guard.clone();
     run.dry_run = true;
     run.sample_size = options.sample.min(MAX_SAMPLE);
+    run.expected_snapshot = expected.filter(|committed| Some(&committed.key) == key.as_ref());
     run.scratch_dir = options.scratch_dir.clone();
     let report = preview_import(&run, source.members(), &store, &spec.cohort.id).await;
     Ok(Preview::from_report(&import, live.is_some(), report))

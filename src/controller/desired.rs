@@ -13,8 +13,8 @@ use super::retry;
 use super::secrets::KeyError;
 use super::status::{idle_ready, next_run_text, seconds, set_ready};
 use crate::api::{
-    APPROVE_REMOVALS_ANNOTATION, CohortImport, CohortImportStatus, CurrentRun, FLUX_RECONCILE_ANNOTATION,
-    RUN_REQUESTED_ANNOTATION, ReadyReason, RunResult, RunRunner, RunTrigger,
+    APPROVE_REMOVALS_ANNOTATION, APPROVE_RESYNC_ANNOTATION, CohortImport, CohortImportStatus, CurrentRun,
+    FLUX_RECONCILE_ANNOTATION, RUN_REQUESTED_ANNOTATION, ReadyReason, RunResult, RunRunner, RunTrigger,
 };
 use crate::domain::plan::{Decision, Hold, Plan, PlanInput, ScheduleCursor, plan};
 use crate::domain::retry::Retry;
@@ -95,12 +95,7 @@ pub fn plan_for(
     } else {
         None
     };
-    let last_run = status.and_then(|s| s.last_run.as_ref());
-    let annotations = import.annotations();
-    let approved_blocked_run = annotations
-        .get(APPROVE_REMOVALS_ANNOTATION)
-        .map(String::as_str)
-        .filter(|approved| last_run.is_some_and(|run| run.result == RunResult::Blocked && run.id == *approved));
+    let approved_blocked_run = approved_blocked_run(import);
     let cursor = status.and_then(|s| s.schedule.as_ref()).map(|s| ScheduleCursor::stored(s, &valid.schedule));
     // Our annotation and Flux's are independent: each new value of either runs once. The
     // plan sees the first one pending (one run serves both when both are).
@@ -118,6 +113,34 @@ pub fn plan_for(
         approved_blocked_run,
         cursor: cursor.as_ref(),
         has_run_before: status.is_some_and(|s| s.last_run.is_some() || !s.history.is_empty()),
+    })
+}
+
+/// An approval the import carries for its last run, blocked: the removal guard's
+/// (`cohorts.dev/approve-removals`) or, for a run blocked because the snapshot was missing,
+/// a resync (`cohorts.dev/approve-resync`). Each annotation approves only its kind of block.
+fn approval(import: &CohortImport) -> Option<Approval<'_>> {
+    let status = import.status.as_ref()?;
+    let run = status.last_run.as_ref().filter(|run| run.result == RunResult::Blocked)?;
+    let missing = status.snapshot_missing_run.as_deref() == Some(run.id.as_str());
+    let annotation = if missing { APPROVE_RESYNC_ANNOTATION } else { APPROVE_REMOVALS_ANNOTATION };
+    let id = import.annotations().get(annotation).filter(|approved| **approved == run.id)?.as_str();
+    Some(if missing { Approval::Resync(id) } else { Approval::Removals(id) })
+}
+
+/// What an approval lets a blocked run do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Approval<'a> {
+    /// Remove members past the removal guard.
+    Removals(&'a str),
+    /// Send the whole source again: the snapshot was missing.
+    Resync(&'a str),
+}
+
+/// The blocked run an approval names, of either kind.
+fn approved_blocked_run(import: &CohortImport) -> Option<&str> {
+    approval(import).map(|a| match a {
+        Approval::Removals(id) | Approval::Resync(id) => id,
     })
 }
 
@@ -201,11 +224,17 @@ pub fn desired(import: &CohortImport, plan: Result<&Plan, &SpecErrors>, seen: &O
             if run_request.is_some() {
                 handle_requests(import, &mut status);
             }
+            // The plan approves the blocked run; which kind of approval is ours to say.
+            let resync = match approval(import) {
+                Some(Approval::Resync(id)) if approved_removals.as_deref() == Some(id) => Some(id.to_owned()),
+                _ => None,
+            };
             let mut run = CurrentRun {
                 id: seen.new_run_id.clone(),
                 trigger: *trigger,
                 started_at: seconds(seen.now),
-                approved_removals: approved_removals.clone(),
+                approved_removals: approved_removals.clone().filter(|_| resync.is_none()),
+                approved_resync: resync,
                 runner_shard: None,
                 runner_lease: None,
                 runner_identity: None,
@@ -254,6 +283,7 @@ fn start_retry(
         trigger: RunTrigger::Retry,
         started_at: seconds(seen.now),
         approved_removals: None,
+        approved_resync: None,
         runner_shard: None,
         runner_lease: None,
         runner_identity: None,
@@ -466,6 +496,7 @@ mod tests {
             trigger: RunTrigger::Scheduled,
             started_at: ts(CREATED),
             approved_removals: None,
+            approved_resync: None,
             runner_shard: None,
             runner_lease: None,
             runner_identity: None,
@@ -552,6 +583,44 @@ mod tests {
         // Naming a run that was not blocked approves nothing.
         let d = decide(&import(Some(after_run(RunResult::Failed)), approve), &seen("2026-03-02T12:00:00Z"));
         assert!(d.status.unwrap().current_run.is_none());
+    }
+
+    /// Status after a run blocked because the snapshot was missing.
+    fn after_snapshot_missing() -> CohortImportStatus {
+        let mut status = after_run(RunResult::Blocked);
+        status.snapshot_missing_run = Some("20260302-063000-0001".into());
+        status
+    }
+
+    #[test]
+    fn a_resync_approval_runs_a_run_blocked_for_a_missing_snapshot_as_a_resync() {
+        let resync = json!({ APPROVE_RESYNC_ANNOTATION: "20260302-063000-0001" });
+        let d = decide(&import(Some(after_snapshot_missing()), resync.clone()), &seen("2026-03-02T12:00:00Z"));
+        let run = d.status.unwrap().current_run.unwrap();
+        assert_eq!(run.approved_resync.as_deref(), Some("20260302-063000-0001"));
+        assert_eq!(run.approved_removals, None, "a resync approves no removal");
+        // Not for a run the removal guard blocked, nor for another run.
+        let d = decide(&import(Some(after_run(RunResult::Blocked)), resync), &seen("2026-03-02T12:00:00Z"));
+        assert!(d.status.unwrap().current_run.is_none());
+        let other = json!({ APPROVE_RESYNC_ANNOTATION: "20260301-063000-0001" });
+        let d = decide(&import(Some(after_snapshot_missing()), other), &seen("2026-03-02T12:00:00Z"));
+        assert!(d.status.unwrap().current_run.is_none());
+    }
+
+    #[test]
+    fn approving_removals_does_not_resync_a_missing_snapshot() {
+        let approve = json!({ APPROVE_REMOVALS_ANNOTATION: "20260302-063000-0001" });
+        let d = decide(&import(Some(after_snapshot_missing()), approve), &seen("2026-03-02T12:00:00Z"));
+        let status = d.status.unwrap();
+        assert!(status.current_run.is_none(), "the snapshot is still missing; only a resync helps");
+        let ready = status.ready().unwrap();
+        assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "SnapshotMissing"));
+        let stalled = status.conditions.iter().find(|c| c.type_ == crate::api::STALLED).unwrap();
+        assert_eq!(stalled.status, "True");
+        // A scheduled run still runs (and, finding the snapshot missing, is blocked again).
+        let d = decide(&import(Some(after_snapshot_missing()), json!({})), &seen("2026-03-03T06:30:00Z"));
+        let run = d.status.unwrap().current_run.unwrap();
+        assert_eq!((run.approved_removals, run.approved_resync), (None, None));
     }
 
     #[test]

@@ -58,6 +58,7 @@ pub trait Importer: Send + Sync + 'static {
         keys: BrazeKeys,
     ) -> BoxFuture<'a, Result<u64, ImportError>>;
 
-    /// `deletionPolicy: Retain`: forgets the snapshot; Braze keeps the cohort as it is.
+    /// `deletionPolicy: Retain`: Braze keeps the cohort as it is, and the store keeps its
+    /// snapshot, released, for an import of the same cohort created later.
     fn forget<'a>(&'a self, import: &'a CohortImport) -> BoxFuture<'a, Result<(), ImportError>>;
 }

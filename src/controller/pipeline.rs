@@ -8,6 +8,7 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use kube::ResourceExt;
 
+use super::conflict::{CohortKey, workspace_of};
 use super::importer::{ImportError, Importer};
 use super::secrets::BrazeKeys;
 use crate::api::{CohortImport, CohortImportSpec, CurrentRun, RunRecord, RunResult};
@@ -19,18 +20,39 @@ use crate::run::{ImportRun, RunDeps, RunReport, identifier_fingerprint, remove_a
 use crate::snapshot::cluster::ClusterSnapshotStore;
 use crate::snapshot::fenced::FencedStore;
 use crate::snapshot::fs::FsSnapshotStore;
-use crate::snapshot::{SnapshotError, SnapshotStore};
+use crate::snapshot::{SnapshotError, SnapshotStore, snapshot_key};
 use crate::source::egress::EgressPolicy;
 use crate::source::kube::KubeObjects;
 use crate::source::open_source;
 
-/// Where snapshots are kept.
+/// Where snapshots are kept, one per Braze cohort ([`snapshot_key`]).
 #[derive(Clone, Debug)]
 pub enum SnapshotStoreKind {
-    /// ConfigMaps owned by the import, in its namespace.
+    /// ConfigMaps in the import's namespace.
     Cluster,
-    /// One file per import in this directory (a PersistentVolume).
+    /// One file per cohort in this directory (a PersistentVolume): `<namespace>_<key>`.
     Filesystem(PathBuf),
+}
+
+/// The snapshot key of the cohort `spec` imports into, in `import`'s namespace: the one
+/// `status.committedSnapshot` names when it is this cohort's (the cohort's key, or the
+/// import's alternate to it), else the cohort's.
+pub fn cohort_snapshot_key(import: &CohortImport, spec: &CohortImportSpec) -> String {
+    let cohort = CohortKey::of(spec);
+    let key =
+        snapshot_key(&import.namespace().unwrap_or_default(), &cohort.endpoint, &cohort.partner, &cohort.cohort_id);
+    let committed = import.status.as_ref().and_then(|s| s.committed_snapshot.as_ref()).map(|c| c.key.as_str());
+    match committed {
+        Some(stored) if stored == key || *stored == alternate_key(&key, import) => stored.to_owned(),
+        _ => key,
+    }
+}
+
+/// The key `import` keeps its snapshot under when the cohort's key holds another Braze
+/// workspace's (two imports of one cohort id in one namespace, two workspaces).
+fn alternate_key(key: &str, import: &CohortImport) -> String {
+    let uid = import.uid().unwrap_or_default();
+    format!("{key}-{}", &uid[..uid.len().min(8)])
 }
 
 /// Runs imports for real.
@@ -72,21 +94,39 @@ impl PipelineImporter {
         self
     }
 
-    fn store(&self, import: &CohortImport) -> Result<Box<dyn SnapshotStore>, SnapshotError> {
-        Ok(Box::new(FencedStore::new(self.unfenced_store(import)?, self.fence.clone())))
+    /// The snapshot of the cohort `spec` imports into, written only while this replica holds
+    /// its Lease ([`FencedStore`]).
+    fn store(
+        &self,
+        import: &CohortImport,
+        spec: &CohortImportSpec,
+        keys: Option<&BrazeKeys>,
+    ) -> Result<Box<dyn SnapshotStore>, SnapshotError> {
+        Ok(Box::new(FencedStore::new(self.unfenced_store(import, spec, keys)?, self.fence.clone())))
     }
 
-    fn unfenced_store(&self, import: &CohortImport) -> Result<Box<dyn SnapshotStore>, SnapshotError> {
+    /// The snapshot of the cohort `spec` imports into (a snapshot an earlier version kept
+    /// for `import` is moved over on first load), for the Braze workspace of `keys` when
+    /// they were read.
+    fn unfenced_store(
+        &self,
+        import: &CohortImport,
+        spec: &CohortImportSpec,
+        keys: Option<&BrazeKeys>,
+    ) -> Result<Box<dyn SnapshotStore>, SnapshotError> {
+        let key = cohort_snapshot_key(import, spec);
+        let namespace = import.namespace().unwrap_or_default();
         Ok(match &self.snapshots {
-            SnapshotStoreKind::Cluster => Box::new(ClusterSnapshotStore::new(self.client.clone(), import)?),
+            SnapshotStoreKind::Cluster => {
+                let cohort = CohortKey::of(spec).to_string();
+                let workspace = keys.map(|k| workspace_of(k.data_import_key.expose()));
+                let alternate = alternate_key(&key, import);
+                let store = ClusterSnapshotStore::new(self.client.clone(), import, &key, &cohort)?;
+                Box::new(store.with_alternate(&alternate, workspace.as_deref()))
+            }
             SnapshotStoreKind::Filesystem(dir) => {
-                let name = format!(
-                    "{}_{}_{}",
-                    import.namespace().unwrap_or_default(),
-                    import.name_any(),
-                    import.uid().unwrap_or_default()
-                );
-                Box::new(FsSnapshotStore::new(dir, &name))
+                let legacy = format!("{namespace}_{}_{}", import.name_any(), import.uid().unwrap_or_default());
+                Box::new(FsSnapshotStore::new(dir, &format!("{namespace}_{key}")).with_legacy(&legacy))
             }
         })
     }
@@ -115,7 +155,7 @@ impl PipelineImporter {
         let spec = &valid.spec;
         let objects = KubeObjects::new(self.client.clone(), namespace.clone()).with_egress(self.egress.clone());
         let source = open_source(&valid.source, &valid.identifiers, &objects).await?;
-        let store = self.store(import)?;
+        let store = self.store(import, spec, Some(&keys))?;
         let target = Self::target(spec, valid.braze_endpoint.as_str().trim_end_matches('/').to_owned(), keys);
         let mut run =
             ImportRun::new(current.id.clone(), current.trigger, &namespace, &import.name_any(), &spec.cohort.name);
@@ -125,6 +165,14 @@ impl PipelineImporter {
         if !spec.dry_run_sample {
             run.sample_size = 0; // `spec.dryRunSample: false`: no ids in status
         }
+        run.snapshot_key = cohort_snapshot_key(import, spec);
+        // Status from before commits were recorded has none: that run records it.
+        run.expected_snapshot = import
+            .status
+            .as_ref()
+            .and_then(|s| s.committed_snapshot.clone())
+            .filter(|committed| committed.key == run.snapshot_key);
+        run.resync = current.approved_resync.clone();
         run.scratch_dir = self.scratch_dir.clone();
         run.started_at = current.started_at;
         run.approval = current
@@ -139,9 +187,11 @@ impl PipelineImporter {
     /// Removes every member the snapshot holds — and the members in doubt, which a failed
     /// run may have added — then forgets the snapshot.
     async fn remove_all(&self, import: &CohortImport, keys: BrazeKeys) -> Result<u64, ImportError> {
-        let store = self.store(import)?;
+        let store = self.store(import, &import.spec, Some(&keys))?;
         let target = Self::target(&import.spec, import.spec.destination.braze.rest_endpoint.clone(), keys);
-        Ok(remove_all_members(store.as_ref(), &self.braze, &target, &self.scratch_dir).await?)
+        let key = cohort_snapshot_key(import, &import.spec);
+        let committed = import.status.as_ref().and_then(|s| s.committed_snapshot.as_ref()).filter(|c| c.key == key);
+        Ok(remove_all_members(store.as_ref(), &self.braze, &target, &self.scratch_dir, committed).await?)
     }
 }
 
@@ -175,6 +225,7 @@ impl Importer for PipelineImporter {
     }
 
     fn forget<'a>(&'a self, import: &'a CohortImport) -> BoxFuture<'a, Result<(), ImportError>> {
-        Box::pin(async move { Ok(self.store(import)?.delete().await?) })
+        // The snapshot belongs to the cohort: it stays for an import of it created later.
+        Box::pin(async move { Ok(self.store(import, &import.spec, None)?.release().await?) })
     }
 }

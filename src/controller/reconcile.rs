@@ -308,8 +308,8 @@ fn cleanup_failed(import: &CohortImport, removing: bool, cause: &ImportError) ->
         )
     } else {
         format!(
-            "Its snapshot could not be deleted; to let the import go anyway and leave the snapshot behind, \
-             remove the finalizer {FINALIZER} from it"
+            "Its snapshot could not be released (kept for a later import of the cohort); to let the import go \
+             anyway, remove the finalizer {FINALIZER} from it"
         )
     };
     let policy = import.spec.deletion_policy;
@@ -345,6 +345,12 @@ async fn remove_members(ctx: &Context, import: &CohortImport) -> Result<(), Impo
 /// only the runs (and of those, only the history kept).
 fn sent_members(status: Option<&CohortImportStatus>) -> Option<String> {
     let status = status?;
+    if let Some(committed) = &status.committed_snapshot {
+        return Some(format!(
+            "status records snapshot generation {} of {} members committed",
+            committed.generation, committed.members
+        ));
+    }
     let runs = status.last_run.iter().chain(status.history.iter());
     // A dry run or a blocked run sends nothing, whatever it counted.
     let sent = runs.filter(|r| match r.result {
@@ -404,6 +410,12 @@ mod tests {
         sent.last_run = Some(run("r2", RunResult::Failed, 0, 3));
         let evidence = sent_members(Some(&sent)).unwrap();
         assert_eq!(evidence, "status records run r1 (Succeeded, cohort of 1500, +0)");
+        // A recorded commit says it best, whatever the history kept.
+        let committed =
+            crate::api::CommittedSnapshot { key: "s1-x".into(), generation: 4, members: 1500, digest: None };
+        let recorded = CohortImportStatus { committed_snapshot: Some(committed), ..nothing };
+        let evidence = sent_members(Some(&recorded)).unwrap();
+        assert_eq!(evidence, "status records snapshot generation 4 of 1500 members committed");
     }
 
     #[test]

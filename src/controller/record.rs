@@ -25,8 +25,8 @@ use super::importer::ImportError;
 use super::runs::update_status;
 use super::status::{idle_ready, record_run, seconds, set_ready};
 use crate::api::{
-    CohortImport, CohortImportStatus, CurrentRun, DryRunSample, HistoryLimits, ReadyReason, RetrySpec, RunRecord,
-    RunResult, RunTrigger,
+    CohortImport, CohortImportStatus, CommittedSnapshot, CurrentRun, DryRunSample, HistoryLimits, ReadyReason,
+    RetrySpec, RunRecord, RunResult, RunTrigger,
 };
 use crate::notify::{RunNotice, any_channel_wants, is_recovery};
 use crate::run::{RunError, RunReport, new_run_id};
@@ -54,6 +54,8 @@ pub struct RunEnd {
     /// A failure that can pass on its own, so `spec.retry` tries the run again
     /// ([`super::retry`]); false for a run that did not fail.
     pub transient: bool,
+    /// What the store holds after a successful run: recorded in `status.committedSnapshot`.
+    pub committed: Option<CommittedSnapshot>,
 }
 
 impl RunEnd {
@@ -66,13 +68,16 @@ impl RunEnd {
     ) -> Self {
         let finished_at = seconds(finished_at);
         let transient = super::retry::transient(&outcome);
+        let mut committed = None;
         let (mut record, failure_reason, hint, braze_responses, mut dry_run) = match outcome {
             Ok(report) => {
                 let reason = match &report.error {
                     Some(RunError::Source(e)) => Some(e.reason()),
+                    _ if report.snapshot_missing.is_some() => Some(ReadyReason::SnapshotMissing),
                     _ => None,
                 };
                 let sample = report.dry_run_sample();
+                committed = report.committed.clone();
                 (report.to_record(), reason, report.hint, report.braze_responses, sample)
             }
             Err(e) => (failed_record(run, e.to_string()), Some(e.reason()), None, BTreeMap::new(), None),
@@ -95,6 +100,7 @@ impl RunEnd {
             workspace: None,
             dry_run,
             transient,
+            committed,
         }
     }
 
@@ -168,6 +174,7 @@ impl RunEnd {
             workspace: None,
             dry_run: None,
             transient: false,
+            committed: None,
         }
     }
 
@@ -175,6 +182,7 @@ impl RunEnd {
     pub fn reason(&self) -> ReadyReason {
         match (self.record.result, self.failure_reason) {
             (RunResult::Failed, Some(reason)) => reason,
+            (RunResult::Blocked, Some(ReadyReason::SnapshotMissing)) => ReadyReason::SnapshotMissing,
             (result, _) => ReadyReason::after(result),
         }
     }
@@ -271,6 +279,12 @@ pub fn record(
     record_run(status, end.record.clone(), history_limits);
     if let Some(workspace) = &end.workspace {
         status.braze_workspace = Some(workspace.clone());
+    }
+    if let Some(committed) = &end.committed {
+        status.committed_snapshot = Some(committed.clone());
+    }
+    if end.reason() == ReadyReason::SnapshotMissing {
+        status.snapshot_missing_run = Some(end.record.id.clone());
     }
     if let Some(sample) = &end.dry_run {
         status.last_dry_run = Some(sample.clone());
@@ -410,6 +424,7 @@ mod tests {
             trigger: RunTrigger::Manual,
             started_at: ts("2026-03-02T06:30:00.5Z"),
             approved_removals: None,
+            approved_resync: None,
             runner_shard: None,
             runner_lease: None,
             runner_identity: None,

@@ -107,6 +107,8 @@ fn snapshot(error: &SnapshotError) -> bool {
         SnapshotError::Corrupt { .. } | SnapshotError::NewerFormat { .. } => false,
         // This process lost its Lease: the run is not recorded here; the new leader resumes it.
         SnapshotError::Fenced { .. } => false,
+        // Another import holds the cohort's snapshot: a person decides which import it is.
+        SnapshotError::Held { .. } => false,
     }
 }
 
@@ -142,6 +144,7 @@ mod tests {
             trigger,
             started_at: ts("2026-03-02T06:30:00Z"),
             approved_removals: None,
+            approved_resync: None,
             runner_shard: None,
             runner_lease: None,
             runner_identity: None,

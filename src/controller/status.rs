@@ -121,7 +121,13 @@ pub fn idle_ready(status: &CohortImportStatus, next_run_at: Option<Timestamp>) -
             };
             // A precise reason the run's end set (`SourceFailed`) stays until the next run ends.
             let kept = status.ready().and_then(|c| ReadyReason::parse(&c.reason)).filter(|r| r.refines(run.result));
-            (kept.unwrap_or(ReadyReason::after(run.result)), message)
+            let reason = match run.result {
+                RunResult::Blocked if status.snapshot_missing_run.as_deref() == Some(run.id.as_str()) => {
+                    ReadyReason::SnapshotMissing
+                }
+                result => kept.unwrap_or(ReadyReason::after(result)),
+            };
+            (reason, message)
         }
     }
 }
@@ -344,6 +350,7 @@ mod tests {
             (SourceFailed, "False", "False", "True", "Failed"),
             (EgressDenied, "False", "False", "True", "Failed"),
             (SnapshotFailed, "False", "False", "True", "Failed"),
+            (SnapshotMissing, "False", "False", "True", "Failed"),
             (Deleting, "False", "False", "True", "Failed"),
         ];
         let now: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();

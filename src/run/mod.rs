@@ -33,14 +33,16 @@ use tempfile::SpooledTempFile;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::api::{IdentifierMapping, RemovalGuard, RunResult, RunTrigger};
+use crate::api::{CommittedSnapshot, IdentifierMapping, RemovalGuard, RunResult, RunTrigger};
 use crate::braze::{BrazeClient, Change, ChangesReport, CohortTarget};
 use crate::domain::diff::{self, DiffCounts, DiffError, KeyCursor};
 use crate::domain::guard::{self, GuardDecision, GuardInput, RemovalApproval};
 use crate::domain::identifiers::SkipCounts;
 use crate::domain::member::Member;
 use crate::snapshot::format::{BodyReader, BodyWriter, FrontCodedReader, FrontCodedWriter, read_body};
-use crate::snapshot::{DoubtMeta, FORMAT_VERSION, SnapshotMeta, SnapshotStore};
+use crate::snapshot::{
+    DoubtMeta, FORMAT_VERSION, MemberDigest, Missing, SnapshotError, SnapshotMeta, SnapshotStore, verify,
+};
 use crate::source::MemberStream;
 
 pub mod budget;
@@ -49,7 +51,7 @@ pub mod report;
 pub mod sort;
 
 pub use remove::{RemovalError, remove_all_members};
-pub use report::{RunError, RunReport, SAMPLE_SIZE, new_run_id};
+pub use report::{RunError, RunReport, SAMPLE_SIZE, SnapshotMissing, new_run_id};
 
 /// Changes kept in memory before a change list moves to a scratch file.
 const CHANGES_IN_MEMORY: usize = 4 << 20;
@@ -81,6 +83,15 @@ pub struct ImportRun {
     /// Members listed by id in the report's samples, per direction ([`SAMPLE_SIZE`] for runs;
     /// a preview may ask for more or fewer).
     pub sample_size: usize,
+    /// The cohort's snapshot key ([`crate::snapshot::snapshot_key`]), recorded with what
+    /// the run commits.
+    pub snapshot_key: String,
+    /// `status.committedSnapshot`, when it is for this snapshot key: a store that no longer
+    /// holds it blocks the run ([`crate::snapshot::verify`]).
+    pub expected_snapshot: Option<CommittedSnapshot>,
+    /// Set when `cohorts.dev/approve-resync` names the run blocked for a missing snapshot:
+    /// that run's id. The run forgets the store and sends the whole source as additions.
+    pub resync: Option<String>,
     /// Scratch space for sort spills and the new snapshot (an emptyDir in the pod).
     pub scratch_dir: PathBuf,
     /// Bytes of member keys the sorter buffers before spilling.
@@ -112,6 +123,9 @@ impl ImportRun {
             approval: None,
             dry_run: false,
             sample_size: SAMPLE_SIZE,
+            snapshot_key: String::new(),
+            expected_snapshot: None,
+            resync: None,
             scratch_dir: std::env::temp_dir(),
             sort_memory_budget: budget::sort_bytes(),
             started_at: Timestamp::now(),
@@ -205,8 +219,10 @@ pub async fn preview_import(
     let mut report = new_report(run);
     let outcome = async {
         let scratch = run_scratch(run)?;
-        plan(run, members, snapshots, cohort_id, scratch.path(), None, &mut report).await?;
-        Ok(RunResult::DryRun)
+        match plan(run, members, snapshots, cohort_id, scratch.path(), None, &mut report).await? {
+            Ok(_) => Ok(RunResult::DryRun),
+            Err(missing) => Ok(snapshot_missing(run, &mut report, missing)),
+        }
     }
     .await;
     settle(&mut report, outcome, clock);
@@ -238,6 +254,9 @@ fn new_report(run: &ImportRun) -> RunReport {
         unsent: 0,
         cohort_named: false,
         committed_generation: None,
+        committed: None,
+        snapshot_missing: None,
+        resynced: None,
         blocked: None,
         approved_run: None,
         sample_added: Vec::new(),
@@ -275,13 +294,27 @@ async fn execute(
 ) -> Result<RunResult, RunError> {
     let scratch = run_scratch(run)?;
     let cohort_id = &deps.target.cohort_id;
+
+    // A resync a person approved starts afresh: the store is forgotten before anything else.
+    if let Some(approved) = &run.resync {
+        deps.snapshots.delete().await?;
+        report.resynced = Some(approved.clone());
+        report.notes.push(format!(
+            "resync approved (run {approved}): every member is sent as an addition; members who left the source \
+             while the snapshot was lost could not be removed from the Braze cohort"
+        ));
+    }
     let outputs = (!run.dry_run).then(|| DiffOutputs {
         snapshot: scratch.path().join("snapshot.new"),
         sends: scratch.path().join("doubt.new"),
     });
-    // 1–4. Snapshot, source, diff, guard: the plan a preview shows. A blocked run sends nothing.
-    let Planned { diffed, previous_meta, stored_generation, remapped, decision } =
-        plan(run, deps.members, deps.snapshots, cohort_id, scratch.path(), outputs.clone(), report).await?;
+    // 1–4. Snapshot, source, diff, guard: the plan a preview shows. A run that finds the
+    // store without what status says Braze holds, or blocked by the guard, sends nothing.
+    let planned = plan(run, deps.members, deps.snapshots, cohort_id, scratch.path(), outputs.clone(), report).await?;
+    let Planned { diffed, previous_meta, stored_generation, remapped, decision } = match planned {
+        Ok(planned) => planned,
+        Err(missing) => return Ok(snapshot_missing(run, report, missing)),
+    };
     let counts = diffed.counts;
     if matches!(decision, GuardDecision::Blocked(_)) && !run.dry_run {
         return Ok(RunResult::Blocked);
@@ -364,10 +397,19 @@ async fn execute(
             identifier_fingerprint: run.identifier_fingerprint.clone(),
             run_id: run.run_id.clone(),
             committed_at: clock.now(),
+            digest: Some(diffed.digest.clone()),
         };
         deps.snapshots.commit(&meta, &outputs.snapshot).await?;
         report.committed_generation = Some(meta.generation);
     }
+    // What the store holds now: this run's commit, or the snapshot it diffed against, whose
+    // members are this run's (nothing was sent, so nothing changed).
+    report.committed = Some(CommittedSnapshot {
+        key: deps.snapshots.key().unwrap_or_else(|| run.snapshot_key.clone()),
+        generation: report.committed_generation.unwrap_or(stored_generation),
+        members: counts.new,
+        digest: Some(diffed.digest),
+    });
     Ok(RunResult::Succeeded)
 }
 
@@ -396,7 +438,8 @@ struct Planned {
 /// Steps 1–4 of a run, shared with [`preview_import`]: loads the snapshot, sorts the source,
 /// diffs them and asks the removal guard, filling in `report` (counts, samples, notes, the
 /// guard's verdict). It sends nothing and writes to no store: `outputs` (a real run's) only
-/// names scratch files for the new snapshot body and the keys to send.
+/// names scratch files for the new snapshot body and the keys to send. `Ok(Err(_))`: the
+/// store does not hold what status says Braze holds (missing, older, damaged).
 async fn plan(
     run: &ImportRun,
     members: MemberStream<'_>,
@@ -405,9 +448,21 @@ async fn plan(
     scratch: &Path,
     outputs: Option<DiffOutputs>,
     report: &mut RunReport,
-) -> Result<Planned, RunError> {
-    // 1. What Braze has, and what an interrupted run may have changed.
-    let loaded = snapshots.load(scratch).await?;
+) -> Result<Result<Planned, Missing>, RunError> {
+    // 1. What Braze has, and what an interrupted run may have changed. A store that does
+    // not hold what status says was committed ends the plan before anything is sent.
+    let loaded = match snapshots.load(scratch).await {
+        Ok(loaded) => loaded,
+        Err(SnapshotError::Corrupt { what, message }) => {
+            return Ok(Err(Missing::Damaged { message: format!("{what}: {message}") }));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    // After an approved resync the store was forgotten: what status recorded is not expected.
+    let expected = run.expected_snapshot.as_ref().filter(|_| run.resync.is_none());
+    if let Err(missing) = verify(expected, loaded.snapshot.as_ref().map(|s| &s.meta)) {
+        return Ok(Err(missing));
+    }
     let stored_generation = loaded.generation();
     let previous = match loaded.snapshot {
         Some(s) if s.meta.cohort_id != cohort_id => {
@@ -447,26 +502,30 @@ async fn plan(
     let mut diffed = {
         let scratch_dir = run.scratch_dir.display().to_string();
         let sample_size = run.sample_size;
-        tokio::task::spawn_blocking(move || {
+        let diffed = tokio::task::spawn_blocking(move || {
             diff_to_files(previous.map(|p| p.body), doubt.map(|d| d.body), sorted, outputs.as_ref(), sample_size)
         })
         .await
-        .expect("the diff does not panic")
-        .map_err(|e| match e {
-            DiffFailure::Io(source) => RunError::Scratch { dir: scratch_dir, action: "diff", source },
-            DiffFailure::Run(e) => e,
-        })?
+        .expect("the diff does not panic");
+        match diffed {
+            Ok(diffed) => diffed,
+            Err(DiffFailure::Io(source)) => return Err(RunError::Scratch { dir: scratch_dir, action: "diff", source }),
+            // Damage found while reading: nothing was sent yet.
+            Err(DiffFailure::Run(RunError::Snapshot(SnapshotError::Corrupt { what, message }))) => {
+                return Ok(Err(Missing::Damaged { message: format!("{what}: {message}") }));
+            }
+            Err(DiffFailure::Run(e)) => return Err(e),
+        }
     };
     let counts = diffed.counts;
-    if let Some(meta) = &previous_meta
-        && counts.previous != meta.members
-    {
-        return Err(RunError::SnapshotCount { expected: meta.members, found: counts.previous });
-    }
-    if let Some(meta) = &doubt_meta
-        && counts.in_doubt != meta.keys
-    {
-        return Err(RunError::SnapshotCount { expected: meta.keys, found: counts.in_doubt });
+    for (meta_says, read) in [
+        (previous_meta.as_ref().map(|m| m.members), counts.previous),
+        (doubt_meta.as_ref().map(|m| m.keys), counts.in_doubt),
+    ] {
+        if let Some(expected) = meta_says.filter(|&n| n != read) {
+            let count = RunError::SnapshotCount { expected, found: read };
+            return Ok(Err(Missing::Damaged { message: count.to_string() }));
+        }
     }
     report.cohort_size = counts.new;
     report.previous_size = counts.previous;
@@ -489,7 +548,23 @@ async fn plan(
             report.blocked = Some(blocked.clone());
         }
     }
-    Ok(Planned { diffed, previous_meta, stored_generation, remapped, decision })
+    Ok(Ok(Planned { diffed, previous_meta, stored_generation, remapped, decision }))
+}
+
+/// Ends a run that found the store without what status says Braze holds: it sends nothing,
+/// and its message says the two ways forward.
+fn snapshot_missing(run: &ImportRun, report: &mut RunReport, missing: Missing) -> RunResult {
+    let (name, namespace) = (&run.import_name, &run.namespace);
+    report.hint = Some(format!(
+        "either approve a resync (cohort-operator resync {name} -n {namespace}, or the annotation \
+         cohorts.dev/approve-resync: {}), which sends every member of the source as an addition — members who \
+         left the source while the snapshot was lost stay in the Braze cohort, as Braze cannot list its members — \
+         or set a new spec.cohort.id for a fresh, exact cohort in Braze",
+        run.run_id
+    ));
+    let resync_command = format!("cohort-operator resync {name} -n {namespace}");
+    report.snapshot_missing = Some(report::SnapshotMissing { missing, resync_command });
+    RunResult::Blocked
 }
 
 /// Sends to Braze the changes `read` produces on a blocking thread, in chunks through a
@@ -574,6 +649,8 @@ struct Diffed {
     counts: DiffCounts,
     adds: SpooledTempFile,
     removes: SpooledTempFile,
+    /// [`MemberDigest`] of the new member set.
+    digest: String,
     sample_added: Vec<String>,
     sample_removed: Vec<String>,
 }
@@ -653,6 +730,7 @@ fn diff_to_files(
     let mut removes = FrontCodedWriter::new(SpooledTempFile::new(CHANGES_IN_MEMORY));
     let mut sample_added = Vec::new();
     let mut sample_removed = Vec::new();
+    let mut digest = MemberDigest::default();
     let on_key = |change: diff::Change, in_doubt: bool, key: &[u8]| -> Result<(), DiffFailure> {
         match change {
             diff::Change::Added => sample(&mut sample_added, key, sample_size),
@@ -668,8 +746,11 @@ fn diff_to_files(
                 sends.push(key)?;
             }
         }
-        if let (Some(snapshot), diff::Change::Added | diff::Change::Unchanged) = (&mut snapshot, change) {
-            snapshot.push(key)?;
+        if let diff::Change::Added | diff::Change::Unchanged = change {
+            digest.push(key);
+            if let Some(snapshot) = &mut snapshot {
+                snapshot.push(key)?;
+            }
         }
         Ok(())
     };
@@ -693,7 +774,8 @@ fn diff_to_files(
         f.seek(SeekFrom::Start(0))?;
         Ok(f)
     };
-    Ok(Diffed { counts, adds: rewind(adds)?, removes: rewind(removes)?, sample_added, sample_removed })
+    let digest = digest.finish();
+    Ok(Diffed { counts, adds: rewind(adds)?, removes: rewind(removes)?, digest, sample_added, sample_removed })
 }
 
 fn snapshot_damaged(what: &str, e: io::Error) -> DiffFailure {

@@ -9,11 +9,12 @@ use std::path::Path;
 use tokio::sync::mpsc;
 
 use super::send_changes_from;
+use crate::api::CommittedSnapshot;
 use crate::braze::{BrazeClient, BrazeError, Change, CohortTarget};
 use crate::domain::diff::KeyCursor;
 use crate::domain::member::Member;
 use crate::snapshot::format::read_body;
-use crate::snapshot::{SnapshotError, SnapshotStore};
+use crate::snapshot::{Missing, SnapshotError, SnapshotStore, verify};
 
 /// Why the members could not all be removed. The snapshot stays until they are.
 #[derive(Debug, thiserror::Error)]
@@ -37,18 +38,32 @@ pub enum RemovalError {
          removes no one (Braze cannot list a cohort's members)"
     )]
     SnapshotLost { what: String, evidence: String },
+    /// The store holds a snapshot, but not the one status says was committed (an older one,
+    /// restored): removing its members would leave the later ones in Braze.
+    #[error(
+        "{missing} ({what}): removing its members would leave others this import sent in the Braze cohort, so \
+         it removes no one"
+    )]
+    NotCommitted { what: String, missing: Missing },
 }
 
 /// Removes every member `snapshots` holds from `target`'s cohort, then deletes the
 /// snapshot. Returns how many were removed; [`RemovalError::NoSnapshot`] when the store
-/// holds no snapshot.
+/// holds no snapshot, [`RemovalError::NotCommitted`] when it holds another than `expected`
+/// (`status.committedSnapshot`) says was committed.
 pub async fn remove_all_members(
     snapshots: &dyn SnapshotStore,
     braze: &BrazeClient,
     target: &CohortTarget,
     scratch: &Path,
+    expected: Option<&CommittedSnapshot>,
 ) -> Result<u64, RemovalError> {
     let loaded = snapshots.load(scratch).await?;
+    if let Some(found) = &loaded.snapshot
+        && let Err(missing) = verify(expected, Some(&found.meta))
+    {
+        return Err(RemovalError::NotCommitted { what: snapshots.describe(), missing });
+    }
     // Keys in doubt resting on a snapshot that is gone: removing only them would report
     // success while the snapshot's members stay.
     let doubt_base = loaded.doubt.as_ref().map_or(0, |d| d.meta.base_generation);

@@ -4,11 +4,13 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 
-use crate::api::{DryRunSample, MAX_DRY_RUN_SAMPLE, MAX_RUN_MESSAGE_CHARS, RunRecord, RunResult, RunTrigger};
+use crate::api::{
+    CommittedSnapshot, DryRunSample, MAX_DRY_RUN_SAMPLE, MAX_RUN_MESSAGE_CHARS, RunRecord, RunResult, RunTrigger,
+};
 use crate::braze::BrazeError;
 use crate::domain::guard::Blocked;
 use crate::domain::identifiers::SkipCounts;
-use crate::snapshot::SnapshotError;
+use crate::snapshot::{Missing, SnapshotError};
 use crate::source::SourceError;
 
 /// Members listed by id in a report, per direction.
@@ -51,6 +53,14 @@ pub struct RunReport {
     pub cohort_named: bool,
     /// The snapshot generation this run committed.
     pub committed_generation: Option<u64>,
+    /// What the store holds after a successful run (committed now or before), for
+    /// `status.committedSnapshot`.
+    pub committed: Option<CommittedSnapshot>,
+    /// Why the run was blocked without sending anything: the store does not hold what
+    /// status says Braze holds.
+    pub snapshot_missing: Option<SnapshotMissing>,
+    /// The blocked run whose resync approval this run carried out.
+    pub resynced: Option<String>,
     /// Why the removal guard stopped the run (or, on a dry run, would have).
     pub blocked: Option<Blocked>,
     /// The blocked run whose approval let this run's removals through.
@@ -71,6 +81,25 @@ pub struct RunReport {
     /// Time the run's Braze requests waited for their destination's shared budget
     /// (`--braze-requests-per-hour`): the naming, then the membership changes.
     pub braze_budget_wait: Duration,
+}
+
+/// A run blocked because the store does not hold what status says Braze holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotMissing {
+    pub missing: Missing,
+    /// The command that approves a resync of this run.
+    pub resync_command: String,
+}
+
+impl SnapshotMissing {
+    /// The ways forward first, then the cause: status keeps the first 256 characters.
+    pub fn summary(&self) -> String {
+        format!(
+            "snapshot missing, nothing sent. To proceed: {} (sends every member; who left meanwhile stays in \
+             Braze) or set a new spec.cohort.id. Cause: {}",
+            self.resync_command, self.missing
+        )
+    }
 }
 
 /// Why a run failed.
@@ -148,6 +177,9 @@ impl RunReport {
                 self.cohort_size,
                 self.blocked.as_ref().map(|_| "; the removal guard would block it").unwrap_or("")
             ),
+            RunResult::Blocked if self.snapshot_missing.is_some() => {
+                self.snapshot_missing.as_ref().map(SnapshotMissing::summary).unwrap_or_default()
+            }
             RunResult::Blocked => match (&self.blocked, &self.hint) {
                 (Some(b), Some(hint)) => format!("{}. To proceed: {hint}", b.summary()),
                 (Some(b), None) => b.summary(),
@@ -160,6 +192,9 @@ impl RunReport {
             },
             RunResult::Missed => "missed".into(),
         };
+        if self.resynced.is_some() && self.result == RunResult::Succeeded {
+            text.push_str("; resync: members who left while the snapshot was lost could not be removed");
+        }
         if self.braze_budget_wait >= Duration::from_secs(1) && self.result == RunResult::Succeeded {
             text.push_str(&format!("; waited {} s for the Braze rate budget", self.braze_budget_wait.as_secs()));
         }

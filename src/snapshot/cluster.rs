@@ -1,9 +1,10 @@
-//! Snapshots kept in the cluster, as ConfigMaps owned by the `CohortImport`.
+//! Snapshots kept in the cluster, as ConfigMaps in the import's namespace.
 //!
-//! Layout, for an import with uid `U`:
-//! - `cohort-snapshot-U` — the head (`data["snapshot.json"]`): the [`SnapshotMeta`] and the
+//! A snapshot belongs to the Braze cohort, not to one `CohortImport` object: it is keyed by
+//! [`super::snapshot_key`] `K` (namespace, endpoint, partner, cohort id). Layout:
+//! - `cohort-snapshot-K` — the head (`data["snapshot.json"]`): the [`SnapshotMeta`] and the
 //!   [`DoubtMeta`], each with the serial number of the chunks holding its body;
-//! - `cohort-snapshot-U-S-0`, `-1`, … — a body written under serial `S`, cut into
+//! - `cohort-snapshot-K-S-0`, `-1`, … — a body written under serial `S`, cut into
 //!   `binaryData["body"]` pieces of at most 900 KiB, well under etcd's 1.5 MiB request limit.
 //!
 //! A write (a commit, or recording keys in doubt) first claims the next serial by bumping it
@@ -14,19 +15,28 @@
 //! writer's own claimed one: their writers can no longer switch, whereas a later claimant may
 //! be writing its chunks right now. A crash before the switch leaves the old head whole (plus
 //! unreferenced chunks, which the next write deletes); after it, the new one. Readers follow
-//! the head, so they never see a torn snapshot. Every object carries an ownerReference to the
-//! import, so Kubernetes' garbage collector removes the snapshot with it.
+//! the head, so they never see a torn snapshot.
+//!
+//! The objects carry no ownerReference, so no garbage collector can take them before the
+//! import's finalizer has run (a foreground cascade deletes dependents first): the finalizer
+//! deletes them (`deletionPolicy: RemoveMembers`, once the members are removed) or releases
+//! them (`Retain`: the holder label goes, the snapshot stays). The head's
+//! [`SNAPSHOT_HOLDER_LABEL`] names the import holding it; an import of the same cohort
+//! created later (a new uid: `kubectl replace`, a GitOps migration, a restore) adopts a
+//! snapshot whose holder is gone, and refuses one whose holder still exists. Snapshots of
+//! earlier versions, keyed by the import's uid and owned by it, are moved over on first load.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
+use std::sync::OnceLock;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::ConfigMap;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
-use kube::{Resource, ResourceExt};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
@@ -39,15 +49,23 @@ use crate::api::{CohortImport, FIELD_MANAGER};
 /// up to 1.5 MiB.
 pub const DEFAULT_CHUNK_BYTES: usize = 900 * 1024;
 
-/// Label: uid of the import a snapshot object belongs to.
+/// Label: the snapshot key ([`super::snapshot_key`]) of the cohort a snapshot object belongs
+/// to (the import's uid in snapshots of earlier versions).
 pub const SNAPSHOT_OF_LABEL: &str = "cohorts.dev/snapshot-of";
+/// Label on the head: uid of the import holding the snapshot; absent once released
+/// (the import was deleted with `deletionPolicy: Retain`).
+pub const SNAPSHOT_HOLDER_LABEL: &str = "cohorts.dev/snapshot-holder";
+/// Label on the head: the Braze workspace of its holder (`status.brazeWorkspace`), when known.
+pub const SNAPSHOT_WORKSPACE_LABEL: &str = "cohorts.dev/snapshot-workspace";
+/// Annotation: the cohort, for people listing snapshots (`cohort "vip" at https://… (partner p)`).
+pub const SNAPSHOT_COHORT_ANNOTATION: &str = "cohorts.dev/cohort";
 /// Label: `head` or `chunk`.
 pub const SNAPSHOT_PART_LABEL: &str = "cohorts.dev/snapshot-part";
 /// Label on chunks: the serial of the write they belong to.
 pub const SNAPSHOT_SERIAL_LABEL: &str = "cohorts.dev/snapshot-serial";
 /// Label on the head: the snapshot generation.
 pub const SNAPSHOT_GENERATION_LABEL: &str = "cohorts.dev/snapshot-generation";
-/// Annotation: the import's name, for people listing ConfigMaps.
+/// Annotation: the name of the import that last held it, for people listing ConfigMaps.
 pub const SNAPSHOT_IMPORT_ANNOTATION: &str = "cohorts.dev/import";
 
 const HEAD_KEY: &str = "snapshot.json";
@@ -101,13 +119,28 @@ impl Head {
     }
 }
 
-/// The snapshot of one import, in its namespace.
+/// The snapshot of one cohort, in the namespace of the import holding it.
 #[derive(Clone)]
 pub struct ClusterSnapshotStore {
     api: Api<ConfigMap>,
+    imports: Api<CohortImport>,
     namespace: String,
+    /// The import holding it.
     import_name: String,
     uid: String,
+    /// [`super::snapshot_key`]: names and labels the objects.
+    key: String,
+    /// The cohort, for people.
+    cohort: String,
+    /// The uid-keyed snapshot of an earlier version to move over, if any.
+    legacy_uid: Option<String>,
+    /// The key used instead when another import of the same cohort key, in another Braze
+    /// workspace, holds the snapshot under `key` (see [`Self::with_alternate`]).
+    alternate: Option<String>,
+    /// The holder's Braze workspace ([`SNAPSHOT_WORKSPACE_LABEL`]), when known.
+    workspace: Option<String>,
+    /// `key` or `alternate`, decided by the first load.
+    effective: OnceLock<String>,
     chunk_bytes: usize,
 }
 
@@ -129,9 +162,11 @@ enum LoadAttempt {
 }
 
 impl ClusterSnapshotStore {
-    /// The snapshot of `import`, which must have been read from the API server (it needs
-    /// the namespace and uid).
-    pub fn new(client: kube::Client, import: &CohortImport) -> Result<Self, SnapshotError> {
+    /// The snapshot with `key` ([`super::snapshot_key`]) of `cohort` (a description, for
+    /// people), held by `import`, which must have been read from the API server (it needs
+    /// the namespace and uid). A uid-keyed snapshot `import` kept with an earlier version is
+    /// moved over on first load.
+    pub fn new(client: kube::Client, import: &CohortImport, key: &str, cohort: &str) -> Result<Self, SnapshotError> {
         let missing = |field: &str| SnapshotError::Kube {
             what: format!("of CohortImport {}", import.name_any()),
             action: "identify the import",
@@ -139,18 +174,54 @@ impl ClusterSnapshotStore {
         };
         let namespace = import.namespace().ok_or_else(|| missing("namespace"))?;
         let uid = import.uid().ok_or_else(|| missing("uid"))?;
-        Ok(Self::for_owner(client, &namespace, &import.name_any(), &uid))
+        let store = Self::for_cohort(client, &namespace, key, cohort, &import.name_any(), &uid);
+        Ok(Self { legacy_uid: Some(uid), ..store })
     }
 
-    /// The snapshot of the import `namespace/name` with `uid`.
-    pub fn for_owner(client: kube::Client, namespace: &str, name: &str, uid: &str) -> Self {
+    /// The snapshot with `key` in `namespace`, held by the import `name` with `uid`.
+    pub fn for_cohort(client: kube::Client, namespace: &str, key: &str, cohort: &str, name: &str, uid: &str) -> Self {
         Self {
-            api: Api::namespaced(client, namespace),
+            api: Api::namespaced(client.clone(), namespace),
+            imports: Api::namespaced(client, namespace),
             namespace: namespace.to_owned(),
             import_name: name.to_owned(),
             uid: uid.to_owned(),
+            key: key.to_owned(),
+            cohort: cohort.to_owned(),
+            legacy_uid: None,
+            alternate: None,
+            workspace: None,
+            effective: OnceLock::new(),
             chunk_bytes: DEFAULT_CHUNK_BYTES,
         }
+    }
+
+    /// The key this store reads and writes: `key`, or the alternate once a load found the
+    /// snapshot under `key` held for another Braze workspace.
+    pub fn key(&self) -> &str {
+        self.effective.get().unwrap_or(&self.key)
+    }
+
+    /// Two imports of one cohort id, endpoint and partner in one namespace may import into
+    /// two Braze workspaces (two cohorts in Braze). When the snapshot under the cohort's key
+    /// is another workspace's — held by another import that exists, or, released, labelled
+    /// with another workspace — this store uses `alternate` instead.
+    pub fn with_alternate(mut self, alternate: &str, workspace: Option<&str>) -> Self {
+        self.alternate = Some(alternate.to_owned()).filter(|a| *a != self.key);
+        self.workspace = workspace.map(str::to_owned);
+        self
+    }
+
+    /// The snapshot an earlier version kept for the import `name` with `uid` (keyed by the
+    /// uid), as this version reads it.
+    pub fn legacy(client: kube::Client, namespace: &str, name: &str, uid: &str) -> Self {
+        Self::for_cohort(client, namespace, uid, "", name, uid)
+    }
+
+    /// Also moves over the uid-keyed snapshot of an earlier version of the import with `uid`.
+    pub fn with_legacy_uid(mut self, uid: &str) -> Self {
+        self.legacy_uid = Some(uid.to_owned());
+        self
     }
 
     /// Cuts bodies into pieces of at most `bytes` (tests use small ones).
@@ -161,12 +232,12 @@ impl ClusterSnapshotStore {
 
     /// Name of the head ConfigMap.
     pub fn head_name(&self) -> String {
-        format!("cohort-snapshot-{}", self.uid)
+        format!("cohort-snapshot-{}", self.key())
     }
 
     /// Name of chunk `index` of the write with `serial`.
     pub fn chunk_name(&self, serial: u64, index: u32) -> String {
-        format!("cohort-snapshot-{}-{serial}-{index}", self.uid)
+        format!("cohort-snapshot-{}-{serial}-{index}", self.key())
     }
 
     fn what(&self) -> String {
@@ -189,38 +260,40 @@ impl ClusterSnapshotStore {
         PostParams { field_manager: Some(FIELD_MANAGER.to_owned()), ..PostParams::default() }
     }
 
-    fn owner(&self) -> OwnerReference {
-        OwnerReference {
-            api_version: CohortImport::api_version(&()).into_owned(),
-            kind: CohortImport::kind(&()).into_owned(),
-            name: self.import_name.clone(),
-            uid: self.uid.clone(),
-            controller: Some(true),
-            // Setting blockOwnerDeletion needs rights on the owner's finalizers; not needed.
-            block_owner_deletion: None,
-        }
-    }
-
     fn object_meta(&self, name: String, labels: [(&str, String); 2]) -> ObjectMeta {
         let mut all = BTreeMap::from([
-            (SNAPSHOT_OF_LABEL.to_owned(), self.uid.clone()),
+            (SNAPSHOT_OF_LABEL.to_owned(), self.key().to_owned()),
+            (SNAPSHOT_HOLDER_LABEL.to_owned(), self.uid.clone()),
             ("app.kubernetes.io/managed-by".to_owned(), "cohort-operator".to_owned()),
         ]);
         all.extend(labels.map(|(k, v)| (k.to_owned(), v)));
+        if let Some(workspace) = &self.workspace {
+            all.insert(SNAPSHOT_WORKSPACE_LABEL.to_owned(), workspace.clone());
+        }
+        let mut annotations = BTreeMap::from([(SNAPSHOT_IMPORT_ANNOTATION.to_owned(), self.import_name.clone())]);
+        if !self.cohort.is_empty() {
+            annotations.insert(SNAPSHOT_COHORT_ANNOTATION.to_owned(), self.cohort.clone());
+        }
+        // No ownerReference: see the module's documentation.
         ObjectMeta {
             name: Some(name),
             namespace: Some(self.namespace.clone()),
             labels: Some(all),
-            annotations: Some(BTreeMap::from([(SNAPSHOT_IMPORT_ANNOTATION.to_owned(), self.import_name.clone())])),
-            owner_references: Some(vec![self.owner()]),
+            annotations: Some(annotations),
             ..ObjectMeta::default()
         }
     }
 
     async fn read_head(&self) -> Result<ReadHead, SnapshotError> {
+        Ok(self.read_head_object().await?.0)
+    }
+
+    /// The head, and its holder's uid (the label), when there is a head.
+    async fn read_head_object(&self) -> Result<(ReadHead, Option<String>), SnapshotError> {
         let Some(cm) = self.api.get_opt(&self.head_name()).await.map_err(self.kube("read the head"))? else {
-            return Ok(ReadHead { head: Head::default(), resource_version: None });
+            return Ok((ReadHead { head: Head::default(), resource_version: None }, None));
         };
+        let holder = cm.metadata.labels.as_ref().and_then(|l| l.get(SNAPSHOT_HOLDER_LABEL)).cloned();
         let json = cm
             .data
             .as_ref()
@@ -233,10 +306,135 @@ impl ClusterSnapshotStore {
         if let Some(d) = &head.doubt {
             d.meta.check(&self.what())?;
         }
-        Ok(ReadHead { head, resource_version: cm.metadata.resource_version })
+        Ok((ReadHead { head, resource_version: cm.metadata.resource_version }, holder))
     }
 
-    /// Deletes this import's chunks whose serial is at most `up_to` and not in `keep`. Chunks
+    /// Makes this import the holder of the snapshot, unless it is another workspace's: held by
+    /// another import that still exists (an import of the same cohort key in another Braze
+    /// workspace), or labelled with another workspace. Then `Some(the holder's name)`.
+    async fn adopt(&self, head: &ConfigMap) -> Result<Option<String>, SnapshotError> {
+        let labels = head.metadata.labels.as_ref();
+        let holder = labels.and_then(|l| l.get(SNAPSHOT_HOLDER_LABEL));
+        if holder == Some(&self.uid) {
+            return Ok(None);
+        }
+        let annotations = head.metadata.annotations.as_ref();
+        let last = annotations.and_then(|a| a.get(SNAPSHOT_IMPORT_ANNOTATION)).cloned().unwrap_or_default();
+        if let (Some(theirs), Some(ours)) = (labels.and_then(|l| l.get(SNAPSHOT_WORKSPACE_LABEL)), &self.workspace)
+            && theirs != ours
+        {
+            return Ok(Some(last));
+        }
+        if let Some(holder) = holder {
+            let held = self.imports.list_metadata(&ListParams::default()).await.map_err(self.kube("list imports"))?;
+            if let Some(other) = held.items.iter().find(|i| i.metadata.uid.as_deref() == Some(holder.as_str())) {
+                return Ok(Some(other.metadata.name.clone().unwrap_or_default()));
+            }
+        }
+        self.relabel_head("adopt the head", |meta| {
+            let labels = meta.labels.get_or_insert_default();
+            labels.insert(SNAPSHOT_HOLDER_LABEL.to_owned(), self.uid.clone());
+            if let Some(workspace) = &self.workspace {
+                labels.insert(SNAPSHOT_WORKSPACE_LABEL.to_owned(), workspace.clone());
+            }
+            meta.annotations
+                .get_or_insert_default()
+                .insert(SNAPSHOT_IMPORT_ANNOTATION.to_owned(), self.import_name.clone());
+        })
+        .await?;
+        debug!(snapshot = %self.what(), previous = ?holder, "adopted the cohort's snapshot");
+        Ok(None)
+    }
+
+    /// Settles which key this store uses (see [`Self::with_alternate`]) and adopts the
+    /// snapshot under it.
+    async fn settle_holder(&self) -> Result<(), SnapshotError> {
+        for _ in 0..2 {
+            let Some(head) = self.api.get_opt(&self.head_name()).await.map_err(self.kube("read the head"))? else {
+                return Ok(());
+            };
+            let Some(holder) = self.adopt(&head).await? else { return Ok(()) };
+            match &self.alternate {
+                Some(alternate) if self.effective.get().is_none() => {
+                    debug!(snapshot = %self.what(), %holder, %alternate, "the cohort's snapshot is another workspace's");
+                    let _ = self.effective.set(alternate.clone());
+                }
+                _ => return Err(SnapshotError::Held { what: self.what(), holder }),
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves the uid-keyed snapshot of an earlier version over to this key, keys in doubt
+    /// included, in one switch of the new head; then deletes the old objects. Nothing to do
+    /// once this key has a head.
+    async fn move_legacy(&self, scratch: &Path) -> Result<(), SnapshotError> {
+        let Some(uid) = self.legacy_uid.as_deref().filter(|uid| *uid != self.key()) else { return Ok(()) };
+        let legacy =
+            Self { key: uid.to_owned(), legacy_uid: None, alternate: None, effective: OnceLock::new(), ..self.clone() };
+        let old = legacy.read_head().await?;
+        if old.resource_version.is_none() {
+            return Ok(());
+        }
+        let loaded = match legacy.load_once(scratch).await? {
+            LoadAttempt::Loaded(loaded) => loaded,
+            LoadAttempt::Moved(why) => {
+                return Err(legacy.corrupt(format!("{why}; it cannot be moved to the cohort's snapshot")));
+            }
+        };
+        let mut read = self.read_head().await?;
+        if read.resource_version.is_some() {
+            return Ok(());
+        }
+        // Every serial is claimed before any chunk is written: a claim deletes the chunks of
+        // earlier serials that the head does not name yet.
+        let parts = u64::from(loaded.snapshot.is_some()) + u64::from(loaded.doubt.is_some());
+        for _ in 0..parts {
+            read = self.claim_serial(read).await?;
+        }
+        let mut serial = read.head.serial + 1 - parts;
+        let mut head = read.head.clone();
+        if let Some(snapshot) = loaded.snapshot {
+            head.snapshot = Some(self.write_chunks(serial, snapshot.body).await?.part(snapshot.meta));
+            serial += 1;
+        }
+        if let Some(doubt) = loaded.doubt {
+            head.doubt = Some(self.write_chunks(serial, doubt.body).await?.part(doubt.meta));
+        }
+        self.put_head(&read, head).await?;
+        legacy.delete().await?;
+        debug!(snapshot = %self.what(), from = %legacy.what(), "moved a snapshot of an earlier version");
+        Ok(())
+    }
+
+    /// `deletionPolicy: Retain`: the import goes, the snapshot stays, held by no one, for an
+    /// import of the same cohort created later.
+    pub async fn release_head(&self) -> Result<(), SnapshotError> {
+        self.relabel_head("release the head", |meta| {
+            meta.labels.get_or_insert_default().remove(SNAPSHOT_HOLDER_LABEL);
+        })
+        .await
+    }
+
+    /// Changes the head's metadata with `change` (a replace conditioned on what was read, so
+    /// within the `update` right the store already needs); nothing when there is no head.
+    async fn relabel_head(&self, action: &'static str, change: impl Fn(&mut ObjectMeta)) -> Result<(), SnapshotError> {
+        for _ in 0..LOAD_ATTEMPTS {
+            let Some(mut cm) = self.api.get_opt(&self.head_name()).await.map_err(self.kube(action))? else {
+                return Ok(());
+            };
+            change(&mut cm.metadata);
+            match self.api.replace(&self.head_name(), &Self::post_params(), &cm).await {
+                Ok(_) => return Ok(()),
+                Err(e) if is_conflict(&e) => continue,
+                Err(kube::Error::Api(s)) if s.is_not_found() => return Ok(()),
+                Err(e) => return Err(self.kube(action)(e)),
+            }
+        }
+        Err(SnapshotError::Kube { what: self.what(), action, message: "the head kept changing".into() })
+    }
+
+    /// Deletes this cohort's chunks whose serial is at most `up_to` and not in `keep`. Chunks
     /// of later serials belong to writes that may still be going on.
     async fn delete_stale_chunks(&self, up_to: u64, keep: &BTreeSet<u64>) -> Result<(), SnapshotError> {
         let chunks = self.chunk_selector();
@@ -260,7 +458,7 @@ impl ClusterSnapshotStore {
     }
 
     fn chunk_selector(&self) -> String {
-        format!("{SNAPSHOT_OF_LABEL}={},{SNAPSHOT_PART_LABEL}=chunk", self.uid)
+        format!("{SNAPSHOT_OF_LABEL}={},{SNAPSHOT_PART_LABEL}=chunk", self.key())
     }
 
     async fn delete_chunks(&self, selector: &str) -> Result<(), SnapshotError> {
@@ -271,16 +469,15 @@ impl ClusterSnapshotStore {
         Ok(())
     }
 
-    /// Uploads `body` as chunks under `serial`; returns (chunks, bytes).
-    async fn write_chunks(&self, serial: u64, body: &Path) -> Result<(u32, u64), SnapshotError> {
-        let mut file = File::open(body).map_err(self.io("open the new body"))?;
+    /// Uploads `file` from where it stands as chunks under `serial`.
+    async fn write_chunks(&self, serial: u64, mut file: File) -> Result<Location, SnapshotError> {
         let pp = Self::post_params();
         let mut piece = vec![0u8; self.chunk_bytes];
         let (mut chunks, mut bytes) = (0u32, 0u64);
         loop {
             let n = read_full(&mut file, &mut piece).map_err(self.io("read the new body"))?;
             if n == 0 {
-                return Ok((chunks, bytes));
+                return Ok(Location { serial, chunks, body_bytes: bytes });
             }
             let cm = ConfigMap {
                 metadata: self.object_meta(
@@ -346,8 +543,9 @@ impl ClusterSnapshotStore {
     ) -> Result<(), SnapshotError> {
         let claimed = self.claim_serial(read).await?;
         let serial = claimed.head.serial;
-        let (chunks, body_bytes) = self.write_chunks(serial, body).await?;
-        let head = next(claimed.head.clone(), Location { serial, chunks, body_bytes });
+        let file = File::open(body).map_err(self.io("open the new body"))?;
+        let at = self.write_chunks(serial, file).await?;
+        let head = next(claimed.head.clone(), at);
         let keep = head.serials();
         self.put_head(&claimed, head).await?;
         // The replaced bodies are garbage now; if this fails, the next write deletes them.
@@ -448,6 +646,8 @@ impl SnapshotStore for ClusterSnapshotStore {
     }
 
     async fn load(&self, scratch: &Path) -> Result<Loaded, SnapshotError> {
+        self.move_legacy(scratch).await?;
+        self.settle_holder().await?;
         let mut why = String::new();
         for _ in 0..LOAD_ATTEMPTS {
             match self.load_once(scratch).await? {
@@ -492,6 +692,63 @@ impl SnapshotStore for ClusterSnapshotStore {
             Err(e) => return Err(self.kube("delete the head")(e)),
         }
         self.delete_chunks(&self.chunk_selector()).await
+    }
+
+    async fn release(&self) -> Result<(), SnapshotError> {
+        self.release_head().await
+    }
+
+    fn key(&self) -> Option<String> {
+        Some(ClusterSnapshotStore::key(self).to_owned())
+    }
+}
+
+/// One cohort's snapshot as `cohort-operator snapshots` lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotListing {
+    pub namespace: String,
+    /// The head ConfigMap.
+    pub head: String,
+    /// The cohort, as the head's annotation describes it.
+    pub cohort: String,
+    /// The import that holds it, or last held it when `released`.
+    pub import: String,
+    /// No import holds it (deleted with `deletionPolicy: Retain`): an import of the same
+    /// cohort created later adopts it.
+    pub released: bool,
+    pub generation: u64,
+    pub members: u64,
+    pub committed_at: Option<jiff::Timestamp>,
+}
+
+/// Every cohort snapshot kept as ConfigMaps, in `namespace` or in every namespace.
+pub async fn list_snapshots(
+    client: kube::Client,
+    namespace: Option<&str>,
+) -> Result<Vec<SnapshotListing>, kube::Error> {
+    let api: Api<ConfigMap> = match namespace {
+        Some(ns) => Api::namespaced(client, ns),
+        None => Api::all(client),
+    };
+    let heads = api.list(&ListParams::default().labels(&format!("{SNAPSHOT_PART_LABEL}=head"))).await?;
+    let mut listed: Vec<SnapshotListing> = heads.items.iter().map(listing).collect();
+    listed.sort_by(|a, b| (&a.namespace, &a.head).cmp(&(&b.namespace, &b.head)));
+    Ok(listed)
+}
+
+fn listing(cm: &ConfigMap) -> SnapshotListing {
+    let text = |map: Option<&BTreeMap<String, String>>, key: &str| map.and_then(|m| m.get(key)).cloned();
+    let head: Option<Head> = text(cm.data.as_ref(), HEAD_KEY).and_then(|json| serde_json::from_str(&json).ok());
+    let snapshot = head.as_ref().and_then(|h| h.snapshot.as_ref());
+    SnapshotListing {
+        namespace: cm.namespace().unwrap_or_default(),
+        head: cm.name_any(),
+        cohort: text(cm.metadata.annotations.as_ref(), SNAPSHOT_COHORT_ANNOTATION).unwrap_or_else(|| "-".into()),
+        import: text(cm.metadata.annotations.as_ref(), SNAPSHOT_IMPORT_ANNOTATION).unwrap_or_else(|| "-".into()),
+        released: text(cm.metadata.labels.as_ref(), SNAPSHOT_HOLDER_LABEL).is_none(),
+        generation: snapshot.map_or(0, |s| s.meta.generation),
+        members: snapshot.map_or(0, |s| s.meta.members),
+        committed_at: snapshot.map(|s| s.meta.committed_at),
     }
 }
 

@@ -1,5 +1,5 @@
 //! A snapshot store that writes only while the leader's fence is open ([`crate::fence`]):
-//! recording keys in doubt, committing and forgetting are refused once this replica may no
+//! recording keys in doubt, committing, releasing and deleting are refused once this replica may no
 //! longer hold its Lease, and a write still going at the deadline is dropped (as safe as a
 //! crash: stores replace their state atomically and check the generation they expect).
 //! Reading is not fenced: it changes nothing.
@@ -51,6 +51,14 @@ impl SnapshotStore for FencedStore {
 
     async fn delete(&self) -> Result<(), SnapshotError> {
         self.write(self.inner.delete()).await
+    }
+
+    async fn release(&self) -> Result<(), SnapshotError> {
+        self.write(self.inner.release()).await
+    }
+
+    fn key(&self) -> Option<String> {
+        self.inner.key()
     }
 }
 

@@ -23,23 +23,52 @@ const DOUBT_MAGIC: &[u8; 8] = b"COHDOUB\n";
 /// A header longer than this is damage, not metadata.
 const MAX_META_BYTES: u32 = 64 * 1024;
 
-/// Snapshots as files in a directory, one pair per import.
+/// Snapshots as files in a directory, one pair per cohort.
 #[derive(Clone, Debug)]
 pub struct FsSnapshotStore {
     snapshot: PathBuf,
     doubt: PathBuf,
+    /// The files of an earlier version (keyed by the import), moved here on first load.
+    legacy: Option<(PathBuf, PathBuf)>,
 }
 
 impl FsSnapshotStore {
-    /// The snapshot of import `name` (e.g. `<namespace>_<name>_<uid>`) in `dir`. Characters
-    /// other than `[A-Za-z0-9._-]` in `name` become `_`.
+    /// The snapshot `name` (the operator uses the cohort's [`super::snapshot_key`]) in
+    /// `dir`. Characters other than `[A-Za-z0-9._-]` in `name` become `_`.
     pub fn new(dir: impl Into<PathBuf>, name: &str) -> Self {
+        let (snapshot, doubt) = Self::paths(&dir.into(), name);
+        Self { snapshot, doubt, legacy: None }
+    }
+
+    fn paths(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
         let safe: String = name
             .chars()
             .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '_' })
             .collect();
-        let dir = dir.into();
-        Self { snapshot: dir.join(format!("{safe}.snapshot")), doubt: dir.join(format!("{safe}.doubt")) }
+        (dir.join(format!("{safe}.snapshot")), dir.join(format!("{safe}.doubt")))
+    }
+
+    /// Also moves the files an earlier version kept under `name` (`<namespace>_<name>_<uid>`)
+    /// in the same directory over to this snapshot, when it has none yet.
+    pub fn with_legacy(mut self, name: &str) -> Self {
+        let dir = self.snapshot.parent().map(Path::to_owned).unwrap_or_default();
+        self.legacy = Some(Self::paths(&dir, name)).filter(|(s, _)| *s != self.snapshot);
+        self
+    }
+
+    /// Renames the legacy files into place (keys in doubt first: a snapshot never lands
+    /// without them), unless this snapshot exists already.
+    fn move_legacy(&self) -> Result<(), SnapshotError> {
+        let Some((snapshot, doubt)) = &self.legacy else { return Ok(()) };
+        if self.snapshot.exists() || !snapshot.exists() {
+            return Ok(());
+        }
+        if doubt.exists() {
+            fs::rename(doubt, &self.doubt).map_err(self.io("move the keys in doubt of an earlier version"))?;
+        }
+        fs::rename(snapshot, &self.snapshot).map_err(self.io("move the snapshot of an earlier version"))?;
+        let dir = self.snapshot.parent().unwrap_or(Path::new("."));
+        File::open(dir).and_then(|d| d.sync_all()).map_err(self.io("sync the directory"))
     }
 
     /// The snapshot file.
@@ -64,6 +93,7 @@ impl FsSnapshotStore {
     }
 
     fn load_blocking(&self) -> Result<Loaded, SnapshotError> {
+        self.move_legacy()?;
         let snapshot = self.open_snapshot()?;
         let generation = snapshot.as_ref().map_or(0, |s| s.meta.generation);
         let doubt = match open::<DoubtMeta>(&self.doubt, DOUBT_MAGIC)? {
@@ -299,12 +329,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_snapshot_of_an_earlier_version_is_moved_to_the_cohorts_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = FsSnapshotStore::new(dir.path(), "growth_vip_uid-1");
+        old.commit(&meta(1, 2), &body(dir.path(), &["a", "b"])).await.unwrap();
+        old.record_doubt(&doubt(1, 1), &body(dir.path(), &["c"])).await.unwrap();
+        let store = FsSnapshotStore::new(dir.path(), "growth_s1-0123").with_legacy("growth_vip_uid-1");
+        let loaded = store.load(dir.path()).await.unwrap();
+        assert_eq!(keys(loaded.snapshot.unwrap().body), ["a", "b"]);
+        assert_eq!(keys(loaded.doubt.unwrap().body), ["c"]);
+        assert!(!old.path().exists() && store.path().exists());
+        // Once moved, a later legacy file is not taken over the cohort's own.
+        old.commit(&meta(1, 1), &body(dir.path(), &["z"])).await.unwrap();
+        assert_eq!(keys(store.load(dir.path()).await.unwrap().snapshot.unwrap().body), ["a", "b"]);
+    }
+
+    #[tokio::test]
     async fn damaged_files_are_reported_with_the_fix() {
         let dir = tempfile::tempdir().unwrap();
         let store = FsSnapshotStore::new(dir.path(), "x");
         fs::write(store.path(), b"COHSNAP\n\xff\xff\xff\xff").unwrap();
         let err = store.load(dir.path()).await.unwrap_err();
-        assert!(err.to_string().contains("damaged") && err.to_string().contains("delete it"), "{err}");
+        assert!(err.to_string().contains("damaged") && err.to_string().contains("approve a resync"), "{err}");
         fs::write(store.path(), b"something else entirely").unwrap();
         assert!(matches!(store.load(dir.path()).await, Err(SnapshotError::Corrupt { .. })));
     }

@@ -4,9 +4,12 @@
 //! the cohort as Braze has it, front-coded and zstd-compressed ([`format`]). Stores keep one
 //! snapshot per import and replace it whole, atomically:
 //!
-//! - [`cluster::ClusterSnapshotStore`] (the default): ConfigMaps in the import's namespace,
-//!   owned by the `CohortImport`, so the snapshot goes when the import goes.
+//! - [`cluster::ClusterSnapshotStore`] (the default): ConfigMaps in the import's namespace.
 //! - [`fs::FsSnapshotStore`]: a file on a volume, for cohorts too large for etcd.
+//!
+//! Both key a snapshot by its Braze cohort ([`snapshot_key`]: namespace, endpoint, partner,
+//! cohort id), not by the `CohortImport` object, so an import deleted with
+//! `deletionPolicy: Retain` and applied again continues from it.
 //!
 //! Beside the snapshot, a store keeps the keys *in doubt* ([`DoubtMeta`]): a run records
 //! the keys it is about to send before sending them, and a commit clears them. A run that
@@ -22,6 +25,9 @@ use std::path::Path;
 
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::api::CommittedSnapshot;
 
 pub mod cluster;
 pub mod doubt;
@@ -53,6 +59,9 @@ pub struct SnapshotMeta {
     /// The run that committed it.
     pub run_id: String,
     pub committed_at: Timestamp,
+    /// [`MemberDigest`] of the body's keys; absent in snapshots of earlier versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
 }
 
 /// Keys whose state in Braze is unknown: the changes a run was about to send when it
@@ -113,8 +122,8 @@ pub trait SnapshotStore: Send + Sync {
     /// bodies remotely copy them into unnamed temporary files under `scratch`.
     async fn load(&self, scratch: &Path) -> Result<Loaded, SnapshotError>;
 
-    /// Records keys in doubt (the body as written by [`format::BodyWriter`]), replacing any
-    /// recorded before. Fails with [`SnapshotError::Conflict`] unless the stored snapshot
+    /// Records keys in doubt (the body as written by [`format::BodyWriter`]), merged with any
+    /// recorded before (two attempts' keys both stay in doubt until a commit). Fails with [`SnapshotError::Conflict`] unless the stored snapshot
     /// generation is `meta.base_generation`.
     async fn record_doubt(&self, meta: &DoubtMeta, body: &Path) -> Result<(), SnapshotError>;
 
@@ -125,6 +134,19 @@ pub trait SnapshotStore: Send + Sync {
 
     /// Forgets the snapshot and the keys in doubt, so the next run sends every member again.
     async fn delete(&self) -> Result<(), SnapshotError>;
+
+    /// The import holding the snapshot goes (`deletionPolicy: Retain`) and the snapshot
+    /// stays, for an import of the same cohort created later. Nothing to do where stores
+    /// have no holders.
+    async fn release(&self) -> Result<(), SnapshotError> {
+        Ok(())
+    }
+
+    /// The key the store settled on at load, when it may differ from the one it was given
+    /// (the cluster store's alternate key); recorded in `status.committedSnapshot.key`.
+    fn key(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Why a snapshot could not be read or written. `what` is [`SnapshotStore::describe`].
@@ -133,10 +155,15 @@ pub enum SnapshotError {
     #[error("snapshot {what}: {action} failed: {source}")]
     Io { what: String, action: &'static str, source: io::Error },
     #[error(
-        "snapshot {what} is damaged ({message}); delete it to make the next run send every \
-         member again"
+        "snapshot {what} is damaged ({message}); what Braze holds is unknown: approve a resync \
+         (cohort-operator resync) or set a new spec.cohort.id"
     )]
     Corrupt { what: String, message: String },
+    #[error(
+        "snapshot {what} is held by CohortImport {holder}, which imports the same cohort (another Braze \
+         workspace?); give this import another spec.cohort.id"
+    )]
+    Held { what: String, holder: String },
     #[error(
         "snapshot {what} was written by a newer operator (format {found}, this one reads \
          {FORMAT_VERSION}); upgrade the operator"
@@ -181,6 +208,94 @@ fn check_format(format: u32, what: &str) -> Result<(), SnapshotError> {
     Ok(())
 }
 
+/// A streaming SHA-256 of a member set: each key, in the order written (sorted), prefixed
+/// by its length, so a set is told apart from any other however its keys are cut.
+#[derive(Clone, Debug, Default)]
+pub struct MemberDigest(Sha256);
+
+impl MemberDigest {
+    pub fn push(&mut self, key: &[u8]) {
+        self.0.update((key.len() as u64).to_le_bytes());
+        self.0.update(key);
+    }
+
+    /// `sha256:` and 64 hex digits.
+    pub fn finish(self) -> String {
+        let hex: String = self.0.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        format!("sha256:{hex}")
+    }
+}
+
+/// The key a cohort's snapshot is stored under: a hash of the namespace, the normalised
+/// REST endpoint, the partner and the cohort id (`s1-` and 16 hex digits). A snapshot
+/// belongs to the Braze cohort, not to one `CohortImport` object: an import deleted with
+/// `deletionPolicy: Retain` and applied again (a new uid) finds it.
+pub fn snapshot_key(namespace: &str, endpoint: &str, partner: &str, cohort_id: &str) -> String {
+    let mut hash = Sha256::new();
+    for part in ["cohort-operator/snapshot/v1", namespace, endpoint, partner, cohort_id] {
+        hash.update((part.len() as u64).to_le_bytes());
+        hash.update(part.as_bytes());
+    }
+    let hex: String = hash.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect();
+    format!("s1-{hex}")
+}
+
+/// Why the store does not hold what status says Braze holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Missing {
+    /// No snapshot at all, while status records a commit.
+    Gone { expected: u64 },
+    /// An older generation than status records (a restore, a switch of store).
+    Older { expected: u64, found: u64 },
+    /// The generation status records, but other members (a store replaced or edited).
+    Different { generation: u64 },
+    /// The store could not be read as a snapshot.
+    Damaged { message: String },
+}
+
+impl std::fmt::Display for Missing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Missing::Gone { expected } => {
+                write!(f, "the snapshot is gone (status records generation {expected} committed)")
+            }
+            Missing::Older { expected, found } => write!(
+                f,
+                "the snapshot is older than status records (generation {found}, status records {expected}):                  it was restored or replaced"
+            ),
+            Missing::Different { generation } => write!(
+                f,
+                "the snapshot's members differ from what status records for generation {generation}: it was                  replaced"
+            ),
+            Missing::Damaged { message } => write!(f, "the snapshot cannot be read: {message}"),
+        }
+    }
+}
+
+/// Whether a store holding `found` (`None`: nothing) still holds what `expected` (status's
+/// `committedSnapshot`, for this snapshot key) says was committed. A newer generation is
+/// fine: a run committed and stopped before status recorded it. Pure.
+pub fn verify(expected: Option<&CommittedSnapshot>, found: Option<&SnapshotMeta>) -> Result<(), Missing> {
+    let Some(expected) = expected else {
+        // Nothing recorded yet (a first run, or status of an earlier version).
+        return Ok(());
+    };
+    let Some(found) = found else {
+        return Err(Missing::Gone { expected: expected.generation });
+    };
+    if found.generation < expected.generation {
+        return Err(Missing::Older { expected: expected.generation, found: found.generation });
+    }
+    let digests_differ = match (&expected.digest, &found.digest) {
+        (Some(e), Some(f)) => e != f,
+        _ => false,
+    };
+    if found.generation == expected.generation && (found.members != expected.members || digests_differ) {
+        return Err(Missing::Different { generation: found.generation });
+    }
+    Ok(())
+}
+
 /// The generation a commit of `meta` expects to replace: `None` for the first.
 fn previous_generation(meta: &SnapshotMeta) -> Option<u64> {
     meta.generation.checked_sub(1).filter(|&g| g > 0)
@@ -212,7 +327,48 @@ pub(crate) mod tests {
             identifier_fingerprint: "external_id=user_id".into(),
             run_id: format!("run-{generation}"),
             committed_at: "2026-01-02T00:00:00Z".parse().unwrap(),
+            digest: None,
         }
+    }
+
+    fn committed(generation: u64, members: u64, digest: Option<&str>) -> CommittedSnapshot {
+        CommittedSnapshot { key: "s1-x".into(), generation, members, digest: digest.map(str::to_owned) }
+    }
+
+    #[test]
+    fn a_store_is_checked_against_what_status_says_was_committed() {
+        let stored = SnapshotMeta { digest: Some("sha256:aa".into()), ..meta(3, 10) };
+        // Nothing recorded (first run, earlier version): anything goes.
+        assert_eq!(verify(None, None), Ok(()));
+        assert_eq!(verify(None, Some(&stored)), Ok(()));
+        assert_eq!(verify(Some(&committed(3, 10, Some("sha256:aa"))), Some(&stored)), Ok(()));
+        assert_eq!(verify(Some(&committed(3, 10, None)), Some(&stored)), Ok(()), "no digest recorded");
+        assert_eq!(verify(Some(&committed(2, 7, Some("sha256:bb"))), Some(&stored)), Ok(()), "newer: a run committed");
+        assert_eq!(verify(Some(&committed(3, 10, None)), None), Err(Missing::Gone { expected: 3 }));
+        assert_eq!(verify(Some(&committed(5, 10, None)), Some(&stored)), Err(Missing::Older { expected: 5, found: 3 }));
+        assert_eq!(
+            verify(Some(&committed(3, 10, Some("sha256:bb"))), Some(&stored)),
+            Err(Missing::Different { generation: 3 })
+        );
+        assert_eq!(verify(Some(&committed(3, 11, None)), Some(&stored)), Err(Missing::Different { generation: 3 }));
+        assert!(Missing::Gone { expected: 3 }.to_string().contains("generation 3"));
+    }
+
+    #[test]
+    fn digests_and_keys_tell_sets_and_cohorts_apart() {
+        let digest = |keys: &[&[u8]]| {
+            let mut d = MemberDigest::default();
+            keys.iter().for_each(|k| d.push(k));
+            d.finish()
+        };
+        assert_eq!(digest(&[b"ab", b"c"]), digest(&[b"ab", b"c"]));
+        assert_ne!(digest(&[b"ab", b"c"]), digest(&[b"a", b"bc"]), "length-prefixed");
+        assert!(digest(&[]).starts_with("sha256:") && digest(&[]).len() == 71);
+        let key = snapshot_key("growth", "https://rest.iad-01.braze.com", "kubit", "vip");
+        assert!(key.starts_with("s1-") && key.len() == 19, "{key}");
+        assert_eq!(key, snapshot_key("growth", "https://rest.iad-01.braze.com", "kubit", "vip"));
+        assert_ne!(key, snapshot_key("growth", "https://rest.iad-01.braze.com", "kubit", "vip2"));
+        assert_ne!(key, snapshot_key("other", "https://rest.iad-01.braze.com", "kubit", "vip"));
     }
 
     #[test]

@@ -394,9 +394,8 @@ def test_runs_import_the_configmap_and_follow_its_changes(world: World) -> None:
     assert world.members(ns, "churn-risk") == set(users(*range(9), 10, 11))
 
     # Snapshots kept in ConfigMaps, Events recorded, history shown by the CLI.
-    uid = world.get_import(ns, "churn-risk")["metadata"]["uid"]
     cms = json.loads(world.plane.kubectl("get", "configmaps", "-n", ns, "-o", "json").stdout)["items"]
-    assert any(cm["metadata"]["name"].startswith(f"cohort-snapshot-{uid}") for cm in cms)
+    assert any(snapshot_of(cm) == "churn-risk" for cm in cms), [cm["metadata"]["name"] for cm in cms]
     wait_for("a RunSucceeded event", lambda: world.has_event(ns, "churn-risk", "RunSucceeded"))
     history = world.cli("history", "churn-risk", "-n", ns)
     for record in world.status(ns, "churn-risk")["history"]:
@@ -456,6 +455,14 @@ def test_a_missing_secret_is_reported_and_its_creation_noticed(world: World) -> 
     world.wait_status(ns, "later", "Scheduled", lambda s: ready_reason(s) == "Scheduled")
 
 
+def snapshot_of(cm: dict) -> str | None:
+    """The import a snapshot ConfigMap (head or chunk) belongs to, if it is one."""
+    meta = cm["metadata"]
+    if "cohorts.dev/snapshot-part" not in meta.get("labels", {}):
+        return None
+    return meta.get("annotations", {}).get("cohorts.dev/import")
+
+
 def test_deleting_with_remove_members_empties_the_cohort(world: World) -> None:
     ns = WATCHED[0]
     world.put_import_key(ns)
@@ -465,13 +472,12 @@ def test_deleting_with_remove_members_empties_the_cohort(world: World) -> None:
     assert world.members(ns, "leaving") == set(users(30, 31, 32))
     found = world.get_import(ns, "leaving")
     assert FINALIZER in found["metadata"].get("finalizers", []), found["metadata"]
-    uid = found["metadata"]["uid"]
 
     world.plane.kubectl("delete", "cohortimport", "leaving", "-n", ns, "--wait=false")
     wait_for("the import gone (finalizer removed)", lambda: world.get_import(ns, "leaving") is None)
     assert world.members(ns, "leaving") == set()
     cms = json.loads(world.plane.kubectl("get", "configmaps", "-n", ns, "-o", "json").stdout)["items"]
-    assert not [cm for cm in cms if cm["metadata"]["name"].startswith(f"cohort-snapshot-{uid}")]
+    assert not [cm for cm in cms if snapshot_of(cm) == "leaving"]
 
 
 def test_an_unwatched_namespace_is_never_touched(world: World) -> None:

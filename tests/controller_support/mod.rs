@@ -315,6 +315,33 @@ impl Env {
         .await
     }
 
+    /// The snapshot ConfigMaps (head and chunks) the import `name` holds or last held.
+    pub async fn snapshot_maps(&self, name: &str) -> Vec<ConfigMap> {
+        let selector = "cohorts.dev/snapshot-part";
+        Api::<ConfigMap>::namespaced(self.client.clone(), &self.ns)
+            .list(&ListParams::default().labels(selector))
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|cm| {
+                cm.metadata.annotations.as_ref().and_then(|a| a.get("cohorts.dev/import")).map(String::as_str)
+                    == Some(name)
+            })
+            .collect()
+    }
+
+    /// Deletes the snapshot ConfigMaps of `name`, as a clean-up by label or a restore would;
+    /// returns how many.
+    pub async fn delete_snapshot(&self, name: &str) -> usize {
+        let maps = self.snapshot_maps(name).await;
+        let api = Api::<ConfigMap>::namespaced(self.client.clone(), &self.ns);
+        for map in &maps {
+            api.delete(map.metadata.name.as_deref().unwrap(), &DeleteParams::default()).await.unwrap();
+        }
+        maps.len()
+    }
+
     /// External ids in the sandbox cohort.
     pub fn members(&self, cohort: &str) -> BTreeSet<String> {
         self.sandbox.member_external_ids(PARTNER, cohort).into_iter().collect()
