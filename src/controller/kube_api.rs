@@ -148,7 +148,10 @@ mod tests {
     use std::convert::Infallible;
     use tower::ServiceExt;
 
-    fn limited(qps: f32, burst: u32) -> Limited<tower::util::ServiceFn<fn(Request<()>) -> Ready>> {
+    /// A service answering every request at once, under a limit.
+    type Answering = Limited<tower::util::ServiceFn<fn(Request<()>) -> Ready>>;
+
+    fn limited(qps: f32, burst: u32) -> Answering {
         let layer = LimitLayer {
             limiter: ApiLimits { qps, burst }.quota().unwrap().map(|q| Arc::new(RateLimiter::direct(q))),
             metrics: Arc::new(Metrics::new()),
