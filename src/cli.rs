@@ -313,6 +313,7 @@ mod tests {
             next_run_at: Some("2026-03-03T06:30:00Z".parse().unwrap()),
             history: vec![
                 RunRecord {
+                    attempt: None,
                     id: "20260302-063000-beef".into(),
                     trigger: RunTrigger::Scheduled,
                     started_at: "2026-03-02T06:30:00Z".parse().unwrap(),
@@ -326,6 +327,7 @@ mod tests {
                     message: "1200 members: +3 −1 =1197".into(),
                 },
                 RunRecord {
+                    attempt: None,
                     id: "20260301-100000-0001".into(),
                     trigger: RunTrigger::Manual,
                     started_at: "2026-03-01T10:00:00Z".parse().unwrap(),

@@ -2,10 +2,13 @@
 //! OAuth token exchange and bearer tokens and runs the SQL on a real PostgreSQL (testkit,
 //! one server per test binary, a database per test).
 
+use std::sync::Arc;
+
 use cohort_operator::api::{IdentifierMapping, SourceSpec};
 use cohort_operator::domain::identifiers::SkipReason;
 use cohort_operator::domain::member::{Member, MemberKey};
 use cohort_operator::source::{InMemoryObjects, MemberSource, SourceError, open_source_spec, read_cohort};
+
 use futures::StreamExt;
 use serde_json::{Value, json};
 use testkit::postgres::Postgres;
@@ -370,4 +373,31 @@ async fn workload_identity_takes_tokens_from_the_metadata_server() {
         e.to_string().contains("metadata server 127.0.0.1:9") && e.to_string().contains("serviceAccountKeySecretRef"),
         "{e}"
     );
+}
+
+/// The API endpoint, the key's token endpoint and a `metadataServer` the spec names are
+/// under the operator's egress policy; loopback put on the deny list stands in for a
+/// forbidden address, so nothing could leave the machine even if the check failed.
+#[tokio::test]
+async fn the_api_the_token_endpoint_and_a_named_metadata_server_follow_the_egress_policy() {
+    use cohort_operator::source::egress::{EgressDefault, EgressPolicy};
+    let w = world("bq_egress", "CREATE TABLE t AS SELECT 'u1' AS uid", |_, _| {}).await;
+    let deny = |rule: &str| Arc::new(EgressPolicy::new(vec![], vec![rule.parse().unwrap()], EgressDefault::Allow));
+    let refused = |e: SourceError| {
+        assert!(matches!(e, SourceError::EgressDenied { .. }), "{e:?}");
+        e.to_string()
+    };
+
+    // The API endpoint (and the stand-in's token endpoint, on the same address).
+    let objects = w.objects().with_egress(deny("127.0.0.1"));
+    let e = open_source_spec(&w.spec("SELECT uid FROM t", json!({})), &external("uid"), &objects).await.unwrap_err();
+    assert!(refused(e).contains("--egress-deny 127.0.0.1"));
+
+    // A metadata server the spec names.
+    let spec =
+        w.spec("SELECT uid FROM t", json!({ "serviceAccountKeySecretRef": null, "metadataServer": "127.0.0.2:80" }));
+    let objects = InMemoryObjects::new("growth").with_egress(deny("127.0.0.2"));
+    let e = open_source_spec(&spec, &external("uid"), &objects).await.unwrap_err();
+    assert!(refused(e).contains("127.0.0.2"));
+    assert_eq!(w.stats().await.token_grants, 0, "no token was asked for");
 }

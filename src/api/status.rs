@@ -475,6 +475,11 @@ pub struct ScheduleStatus {
 pub struct RunRecord {
     /// Unique per import, e.g. `20261128-063000-a1b2`.
     pub id: String,
+    /// The attempt that ended the run: more than 1 when it was resumed after an interruption
+    /// (an operator restart or a failover). Only the attempt in progress may record its end,
+    /// so a late finish of an old leader cannot overwrite the new leader's record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
     /// What started it: `Initial` (the import's first run), `Scheduled`, `Manual` (the
     /// `cohorts.dev/run-requested-at` annotation), or `Retry` (of a failed run, `spec.retry`).
     pub trigger: RunTrigger,

@@ -460,6 +460,7 @@ mod tests {
     fn after_run(result: RunResult) -> CohortImportStatus {
         let schedule = crate::domain::validate::validate(&import(None, json!({})).spec).unwrap().schedule;
         let record = RunRecord {
+            attempt: None,
             id: "20260302-063000-0001".into(),
             trigger: RunTrigger::Scheduled,
             started_at: ts("2026-03-02T06:30:00Z"),

@@ -453,6 +453,7 @@ mod tests {
         let now: jiff::Timestamp = "2026-03-02T06:31:00Z".parse().unwrap();
         let mut status = CohortImportStatus::default();
         let record = |result| RunRecord {
+            attempt: None,
             id: "r".into(),
             trigger: RunTrigger::Scheduled,
             started_at: now,

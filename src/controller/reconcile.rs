@@ -372,6 +372,7 @@ mod tests {
 
     fn run(id: &str, result: RunResult, cohort_size: u64, added: u64) -> RunRecord {
         RunRecord {
+            attempt: None,
             id: id.into(),
             trigger: RunTrigger::Manual,
             started_at: "2026-03-02T06:30:00Z".parse().unwrap(),

@@ -83,6 +83,7 @@ impl RunEnd {
             Err(e) => (failed_record(run, e.to_string()), Some(e.reason()), None, BTreeMap::new(), None),
         };
         record.id = run.id.clone();
+        record.attempt = Some(run.attempt);
         record.trigger = run.trigger;
         record.started_at = seconds(run.started_at);
         record.finished_at = Some(finished_at);
@@ -127,6 +128,7 @@ impl RunEnd {
             humanize(starting_deadline)
         );
         let record = RunRecord {
+            attempt: None,
             id: new_run_id(slot),
             trigger: RunTrigger::Scheduled,
             started_at: slot,
@@ -228,6 +230,7 @@ impl std::fmt::Display for Crash {
 
 fn failed_record(run: &CurrentRun, message: String) -> RunRecord {
     RunRecord {
+        attempt: Some(run.attempt),
         id: run.id.clone(),
         trigger: run.trigger,
         started_at: seconds(run.started_at),
@@ -441,6 +444,19 @@ mod tests {
         assert!(!is_current(&status, "r0", 2), "another run");
         status.current_run = None;
         assert!(!is_current(&status, "r1", 2), "already recorded");
+    }
+
+    #[test]
+    fn a_resumed_runs_record_names_the_attempt_that_ended_it() {
+        let resumed = CurrentRun { attempt: 2, ..current("r1") };
+        let missing = super::super::secrets::KeyError::SecretNotFound {
+            namespace: "ns".into(),
+            name: "braze".into(),
+            field: "spec.destination.braze.dataImportKeySecretRef",
+        };
+        let end =
+            RunEnd::finished(&resumed, Err(ImportError::Keys(missing)), ts("2026-03-02T06:31:00Z"), Duration::ZERO);
+        assert_eq!(end.record.attempt, Some(2));
     }
 
     #[test]

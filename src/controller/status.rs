@@ -191,6 +191,7 @@ mod tests {
 
     fn record(id: &str, result: RunResult, message: &str) -> RunRecord {
         RunRecord {
+            attempt: None,
             id: id.into(),
             trigger: RunTrigger::Scheduled,
             started_at: "2026-01-01T00:00:00Z".parse().unwrap(),

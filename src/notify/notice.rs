@@ -106,6 +106,7 @@ mod tests {
 
     fn record(result: RunResult) -> RunRecord {
         RunRecord {
+            attempt: None,
             id: "r".into(),
             trigger: RunTrigger::Scheduled,
             started_at: "2026-01-01T00:00:00Z".parse().unwrap(),

@@ -213,6 +213,7 @@ impl RunReport {
         let (added, removed) =
             if complete { (self.added, self.removed) } else { (self.accepted_adds, self.accepted_removes) };
         RunRecord {
+            attempt: None,
             id: self.run_id.clone(),
             trigger: self.trigger,
             started_at: self.started_at,

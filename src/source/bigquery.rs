@@ -19,7 +19,7 @@
 //! every warehouse source shares (retry timing, bounded page reads, the read-only statement
 //! check, column plans, exact number text) is in [`super::warehouse`].
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use reqwest::Url;
@@ -28,6 +28,7 @@ use tokio::time::Instant;
 use self::auth::{Credentials, DEFAULT_METADATA_SERVER, ServiceAccountKey, TokenSource};
 use self::values::ColumnKind;
 use self::wire::{ApiError, ErrorClass, FormatOptions, JobReference, QueryRequest, QueryResponse, Row, Schema};
+use super::egress::{EgressPolicy, EgressResolver};
 use super::warehouse::{BodyError, RetryPolicy, checked_query, column_plan, read_body_bounded};
 use super::{BatchBuilder, MemberBatch, MemberSource, MemberStream, REDACT_MIN_LEN, SourceContext, SourceError};
 use crate::api::BigQuerySource;
@@ -57,7 +58,12 @@ pub struct BigQueryMembers {
     endpoint: Url,
     fields: IdentifierFields,
     tokens: TokenSource,
+    /// BigQuery's API, under the operator's egress policy.
     client: reqwest::Client,
+    /// Where access tokens come from: the key's token endpoint or a `metadataServer` the
+    /// spec names, under the egress policy; GKE's own metadata server (Workload Identity,
+    /// the operator's credential, which the policy denies to sources by name) outside it.
+    token_client: reqwest::Client,
     retry: RetryPolicy,
 }
 
@@ -102,6 +108,19 @@ impl CallError {
     }
 }
 
+/// A client resolving names under `egress` when given (and never through a proxy, which
+/// would resolve out of its sight), following no redirect: one would carry the token.
+fn http_client(egress: Option<&Arc<EgressPolicy>>) -> Result<reqwest::Client, String> {
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .user_agent(super::warehouse::USER_AGENT)
+        .redirect(reqwest::redirect::Policy::none());
+    if let Some(egress) = egress {
+        builder = builder.dns_resolver(EgressResolver(egress.clone())).no_proxy();
+    }
+    builder.build().map_err(|e| error_chain(&e))
+}
+
 impl BigQueryMembers {
     /// Reads the key from its Secret (or picks the metadata server) and checks the spec.
     pub async fn open(
@@ -125,16 +144,28 @@ impl BigQueryMembers {
             }
         };
         let what = format!("bigquery query in project {}{location} ({via})", spec.project_id);
-        Self::new(what, spec, fields, credentials, RetryPolicy::default())
+        Self::under_policy(what, spec, fields, credentials, RetryPolicy::default(), &ctx.egress())
     }
 
-    /// A source with credentials already resolved.
+    /// A source with credentials already resolved, under the default egress policy.
     pub fn new(
         what: String,
         spec: &BigQuerySource,
         fields: IdentifierFields,
         credentials: Credentials,
         retry: RetryPolicy,
+    ) -> Result<Self, SourceError> {
+        Self::under_policy(what, spec, fields, credentials, retry, &EgressPolicy::shared_default())
+    }
+
+    /// A source with credentials already resolved, connecting under `egress`.
+    pub fn under_policy(
+        what: String,
+        spec: &BigQuerySource,
+        fields: IdentifierFields,
+        credentials: Credentials,
+        retry: RetryPolicy,
+        egress: &Arc<EgressPolicy>,
     ) -> Result<Self, SourceError> {
         let config = |message: String| SourceError::Config { what: what.clone(), message };
         let mut spec = spec.clone();
@@ -151,13 +182,25 @@ impl BigQueryMembers {
                 "endpoint must be https://*.googleapis.com (or loopback, for a local stand-in)".to_owned(),
             ));
         }
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .user_agent(super::warehouse::USER_AGENT)
-            .build()
-            .map_err(|e| config(format!("cannot build the HTTP client: {}", error_chain(&e))))?;
+        let denied = |denied| SourceError::EgressDenied { what: what.clone(), denied };
+        egress.check_url(&endpoint).map_err(denied)?;
+        let token_policy = match &credentials {
+            Credentials::Metadata { server } if server == DEFAULT_METADATA_SERVER => None,
+            Credentials::Metadata { server } => {
+                let url = Url::parse(&format!("http://{server}/"))
+                    .map_err(|e| config(format!("metadataServer is not host[:port]: {e}")))?;
+                egress.check_url(&url).map_err(denied)?;
+                Some(egress)
+            }
+            Credentials::Key { key, .. } => {
+                egress.check_url(&key.token_uri).map_err(denied)?;
+                Some(egress)
+            }
+        };
+        let build = |policy| http_client(policy).map_err(|e| config(format!("cannot build the HTTP client: {e}")));
+        let (client, token_client) = (build(Some(egress))?, build(token_policy)?);
         let tokens = TokenSource::new(credentials, retry);
-        Ok(BigQueryMembers { what, spec, endpoint, fields, tokens, client, retry })
+        Ok(BigQueryMembers { what, spec, endpoint, fields, tokens, client, token_client, retry })
     }
 
     fn location<'a>(&'a self, job: &'a JobReference) -> Option<&'a str> {
@@ -212,7 +255,7 @@ impl BigQueryMembers {
 
     /// One attempt at a call: token, request, bounded body, status, JSON.
     async fn attempt(&self, call: &Call<'_>) -> Result<QueryResponse, CallError> {
-        let token = self.tokens.token(&self.client, &self.what).await.map_err(CallError::Auth)?;
+        let token = self.tokens.token(&self.token_client, &self.what).await.map_err(CallError::Auth)?;
         let response = self.request(call).bearer_auth(token.expose()).send().await.map_err(|e| {
             CallError::Transport(if e.is_timeout() { "timed out".to_owned() } else { error_chain(&e.without_url()) })
         })?;
@@ -305,7 +348,7 @@ impl BigQueryMembers {
         if let Some(location) = self.location(job) {
             url.query_pairs_mut().append_pair("location", location);
         }
-        let Ok(token) = self.tokens.token(&self.client, &self.what).await else { return };
+        let Ok(token) = self.tokens.token(&self.token_client, &self.what).await else { return };
         let sent = self.client.post(url).bearer_auth(token.expose()).timeout(Duration::from_secs(5)).send().await;
         match sent {
             Ok(r) if r.status().is_success() => {
