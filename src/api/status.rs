@@ -137,9 +137,10 @@ impl ReadyReason {
             ReadyReason::SourceFailed
             | ReadyReason::EgressDenied
             | ReadyReason::SnapshotFailed
-            | ReadyReason::SecretReadFailed
-            | ReadyReason::SecretNotFound
             | ReadyReason::ConfigMapNotFound => matches!(result, RunResult::Failed),
+            // Every reconcile reads the Secrets afresh and says so itself: a Secret that is
+            // back must not stay reported missing.
+            ReadyReason::SecretReadFailed | ReadyReason::SecretNotFound => false,
             // Set while the retry is pending, from `status.nextRetryAt`, not kept.
             ReadyReason::RetryScheduled
             // Decided from `status.snapshotMissingRun` (`idle_ready`), not kept.

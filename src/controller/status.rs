@@ -412,9 +412,12 @@ mod tests {
             "2026-01-02T00:00:00Z".parse().unwrap(),
         );
         assert_eq!(idle_ready(&status, None).0, ReadyReason::SourceFailed);
-        // A reason that does not describe a failed run is not kept.
-        set_ready(&mut status, ReadyReason::Conflict, "held", Some(1), "2026-01-02T00:00:00Z".parse().unwrap());
-        assert_eq!(idle_ready(&status, None).0, ReadyReason::Failed);
+        // A reason that does not describe a failed run is not kept, nor a missing Secret,
+        // which every reconcile checks afresh (it may be back).
+        for reason in [ReadyReason::Conflict, ReadyReason::SecretNotFound] {
+            set_ready(&mut status, reason, "held", Some(1), "2026-01-02T00:00:00Z".parse().unwrap());
+            assert_eq!(idle_ready(&status, None).0, ReadyReason::Failed, "{reason}");
+        }
         // Nor after a run that succeeded.
         record_run(&mut status, record("r2", RunResult::Succeeded, ""), HistoryLimits::Newest(10));
         set_ready(&mut status, ReadyReason::SourceFailed, "stale", Some(1), "2026-01-02T00:00:00Z".parse().unwrap());
