@@ -142,7 +142,7 @@ async fn operator() {
         ..Config::default()
     };
     let deps = Dependencies { clock: Arc::new(clock.clone()), importer, notifier: None, metrics };
-    let controller = tokio::spawn(controller::run(client, config, deps, futures::future::pending()));
+    let controller = tokio::spawn(controller::serve(client, config, deps, futures::future::pending()));
     // `advance SECONDS` lines jump the clock; end of input ends the operator.
     let lines = tokio::task::spawn_blocking(move || {
         for line in std::io::stdin().lock().lines() {

@@ -502,7 +502,7 @@ async fn start_controller(args: ControllerArgs) -> anyhow::Result<()> {
         ..Config::default()
     };
     let deps = Dependencies { clock: Arc::new(SystemClock), importer, notifier, metrics };
-    controller::run(client, config, deps, shutdown_signal()).await?;
+    controller::serve(client, config, deps, shutdown_signal()).await?;
     Ok(())
 }
 

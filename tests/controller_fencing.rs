@@ -162,7 +162,7 @@ async fn start_replica(
         metrics: metrics.clone(),
     };
     let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(controller::run(client, config, deps, async move {
+    let task = tokio::spawn(controller::serve(client, config, deps, async move {
         let _ = rx.await;
     }));
     (Replica { task: Some(task), _shutdown: tx, metrics }, fence)

@@ -229,18 +229,9 @@ pub fn desired(import: &CohortImport, plan: Result<&Plan, &SpecErrors>, seen: &O
                 Some(Approval::Resync(id)) if approved_removals.as_deref() == Some(id) => Some(id.to_owned()),
                 _ => None,
             };
-            let mut run = CurrentRun {
-                id: seen.new_run_id.clone(),
-                trigger: *trigger,
-                started_at: seconds(seen.now),
-                approved_removals: approved_removals.clone().filter(|_| resync.is_none()),
-                approved_resync: resync,
-                runner_shard: None,
-                runner_lease: None,
-                runner_identity: None,
-                attempt: 1,
-            };
-            run.set_runner(seen.runner.clone());
+            let mut run = new_run(seen, *trigger);
+            run.approved_removals = approved_removals.clone().filter(|_| resync.is_none());
+            run.approved_resync = resync;
             start(import, status, run, effects)
         }
         Decision::RecordMissed { slot } => {
@@ -278,9 +269,14 @@ fn start_retry(
 ) -> Desired {
     status.next_retry_at = None;
     status.retry_attempt = Some(due.attempt);
+    start(import, status, new_run(seen, RunTrigger::Retry), effects)
+}
+
+/// A run starting now, its first attempt, signed by this operator, with no approval.
+fn new_run(seen: &Observed<'_>, trigger: RunTrigger) -> CurrentRun {
     let mut run = CurrentRun {
         id: seen.new_run_id.clone(),
-        trigger: RunTrigger::Retry,
+        trigger,
         started_at: seconds(seen.now),
         approved_removals: None,
         approved_resync: None,
@@ -290,7 +286,7 @@ fn start_retry(
         attempt: 1,
     };
     run.set_runner(seen.runner.clone());
-    start(import, status, run, effects)
+    run
 }
 
 /// Nothing to do until the next run (or the `retry` of a failed one): `Ready` from the last

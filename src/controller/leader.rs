@@ -89,7 +89,7 @@ impl LeaderElection {
     /// while the Lease is held with margin. Returns when `lead` ends (releasing the Lease)
     /// or when the Lease is lost or cannot be renewed in time (dropping `lead`, which stops
     /// it; the fence closed first, so nothing more is sent meanwhile).
-    pub async fn run<F, T>(
+    pub async fn lead<F, T>(
         &self,
         client: kube::Client,
         metrics: &Metrics,

@@ -241,7 +241,7 @@ pub enum ControllerError {
 
 /// Runs the controller until `shutdown` resolves (or, with leader election, the Lease is
 /// lost — an error: the process should exit and start again as a standby).
-pub async fn run(
+pub async fn serve(
     client: kube::Client,
     config: Config,
     deps: Dependencies,
@@ -260,7 +260,7 @@ pub async fn run(
     match config.leader_election.clone() {
         None => {
             deps.metrics.set_ready(true);
-            run_controllers(client, config, deps, shutdown).await;
+            watch_and_reconcile(client, config, deps, shutdown).await;
             Ok(())
         }
         Some(election) => {
@@ -268,7 +268,9 @@ pub async fn run(
             deps.metrics.set_ready(true);
             let metrics = deps.metrics.clone();
             let fence = config.fence.clone();
-            election.run(client.clone(), &metrics, &fence, run_controllers(client, config, deps, shutdown)).await?;
+            election
+                .lead(client.clone(), &metrics, &fence, watch_and_reconcile(client, config, deps, shutdown))
+                .await?;
             Ok(())
         }
     }
@@ -284,7 +286,7 @@ impl Drop for AbortOnDrop {
 
 /// One controller per watched namespace (or one for all), sharing a [`Context`]. Dropping
 /// the returned future stops every run in progress.
-async fn run_controllers(
+async fn watch_and_reconcile(
     client: kube::Client,
     config: Config,
     deps: Dependencies,

@@ -174,7 +174,7 @@ impl Env {
         let deps = Dependencies { clock: Arc::new(self.clock.clone()), importer, notifier, metrics: metrics.clone() };
         let (tx, rx) = oneshot::channel::<()>();
         let client = self.client.clone();
-        let task = tokio::spawn(controller::run(client, config, deps, async move {
+        let task = tokio::spawn(controller::serve(client, config, deps, async move {
             let _ = rx.await;
         }));
         Operator { task: Some(task), shutdown: Some(tx), metrics }
