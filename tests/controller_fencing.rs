@@ -8,7 +8,7 @@ mod controller_support;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use braze_sandbox::Faults;
 use cohort_operator::api::RunResult;
@@ -166,15 +166,6 @@ async fn start_replica(
         let _ = rx.await;
     }));
     (Replica { task: Some(task), _shutdown: tx, metrics }, fence)
-}
-
-async fn wait_until(what: &str, cond: impl Fn() -> bool) -> Instant {
-    let deadline = Instant::now() + WAIT;
-    while !cond() {
-        assert!(Instant::now() < deadline, "not {what} within {WAIT:?}");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    Instant::now()
 }
 
 fn api_server(env: &Env) -> SocketAddr {

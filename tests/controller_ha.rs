@@ -4,20 +4,10 @@
 
 mod controller_support;
 
-use std::time::{Duration, Instant};
-
 use braze_sandbox::Faults;
 use cohort_operator::api::{RunResult, RunTrigger};
 use controller_support::*;
 use serde_json::json;
-
-async fn wait_until(what: &str, cond: impl Fn() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !cond() {
-        assert!(Instant::now() < deadline, "not {what} within {WAIT:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 #[tokio::test]
 async fn two_replicas_run_each_import_once_and_the_standby_takes_over() {

@@ -6,8 +6,6 @@
 
 mod controller_support;
 
-use std::time::{Duration, Instant};
-
 use braze_sandbox::Faults;
 use cohort_operator::api::RunResult;
 use cohort_operator::controller::Config;
@@ -18,14 +16,6 @@ use controller_support::*;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::Api;
 use serde_json::{Value, json};
-
-async fn wait_until(what: &str, cond: impl Fn() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !cond() {
-        assert!(Instant::now() < deadline, "not {what} within {WAIT:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 /// Shard `name` of the installation `a`, `b`; `a` is the default shard.
 fn shard_config(env: &Env, name: &str) -> Config {

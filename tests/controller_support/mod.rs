@@ -38,6 +38,17 @@ const KEYS: braze_support::BrazeKeys =
 #[path = "../support/braze.rs"]
 mod braze_support;
 
+/// Waits until `cond` holds (checked every few milliseconds, so the instant it returns is
+/// close to when it began to hold), failing after [`WAIT`].
+pub async fn wait_until(what: &str, cond: impl Fn() -> bool) -> Instant {
+    let deadline = Instant::now() + WAIT;
+    while !cond() {
+        assert!(Instant::now() < deadline, "not {what} within {WAIT:?}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Instant::now()
+}
+
 /// Logs of the operator under test, when `RUST_LOG` asks for them.
 pub fn logs() {
     let _ = tracing_subscriber::fmt()
