@@ -426,7 +426,7 @@ async fn bench() {
         .env("BENCH_STARTS", &starts_file)
         .env("BENCH_SANDBOX_URL", env.sandbox.url())
         .env("BENCH_KEYS_DIR", &env.keys_dir)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", std::env::var("OPERATOR_LOG").unwrap_or_else(|_| "warn".into()))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()

@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use braze_sandbox::SandboxUser;
 use cohort_operator::api::{RunResult, RunTrigger};
 use cohort_operator::braze::{BrazeClient, BrazeClientConfig};
+use cohort_operator::controller::kube_api::{self, ApiLimits};
+use cohort_operator::controller::metrics::Metrics;
 use cohort_operator::domain::diff::KeyCursor;
 use cohort_operator::domain::member::Member;
 use cohort_operator::run::{ImportRun, RunDeps, run_import};
@@ -28,6 +30,7 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, ListParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
 use rand::RngCore;
 
 #[path = "support/braze.rs"]
@@ -455,4 +458,104 @@ async fn another_workspaces_snapshot_is_left_alone_under_an_alternate_key() {
     assert_eq!(read_keys(ours.load(s.dir.path()).await.unwrap().snapshot.unwrap().body), &keys[..2]);
     // Theirs is untouched.
     assert_eq!(read_keys(s.store().load(s.dir.path()).await.unwrap().snapshot.unwrap().body), keys);
+}
+
+/// A client counting its requests by verb, as the operator's does.
+async fn counting_client() -> (kube::Client, std::sync::Arc<Metrics>) {
+    let kubeconfig = Kubeconfig::read_from(Cluster::shared().kubeconfig()).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.unwrap();
+    let metrics = std::sync::Arc::new(Metrics::new());
+    let limits = ApiLimits { qps: 0.0, burst: 1 };
+    (kube_api::client(config, limits, metrics.clone()).unwrap(), metrics)
+}
+
+fn requests(metrics: &Metrics) -> BTreeMap<String, u64> {
+    metrics
+        .render()
+        .lines()
+        .filter_map(|l| l.strip_prefix("cohort_operator_kube_api_requests_total{verb=\""))
+        .filter_map(|l| l.split_once("\"} "))
+        .map(|(verb, n)| (verb.to_owned(), n.parse().unwrap()))
+        .collect()
+}
+
+/// What a run of a small cohort costs once its snapshot exists: one read of the head, then
+/// for recording its keys in doubt and for its commit one chunk and one switch each, under
+/// the serial the previous switch reserved, and one delete each of what they replaced —
+/// no list, no second read. Whatever the order of runs, only the chunks the head names stay.
+#[tokio::test]
+async fn a_run_reads_the_head_once_and_writes_each_part_in_one_switch() {
+    let s = setup("snap-cost").await;
+    let (client, metrics) = counting_client().await;
+    let run = |generation: u64, keys: &[Vec<u8>]| {
+        let store = ClusterSnapshotStore::for_cohort(client.clone(), &s.namespace, &s.key, "cohort vip", "vip", &s.uid);
+        let (doubt_body, body) = (s.body(&format!("d{generation}"), keys), s.body(&format!("g{generation}"), keys));
+        let (dir, count) = (s.dir.path().to_owned(), keys.len() as u64);
+        async move {
+            let loaded = store.load(&dir).await.unwrap();
+            assert_eq!(loaded.generation(), generation - 1);
+            store.record_doubt(&doubt(generation - 1, count), &doubt_body).await.unwrap();
+            store.commit(&meta(generation, count), &body).await.unwrap();
+        }
+    };
+    let keys = sorted_keys(100, 8);
+    run(1, &keys[..50]).await;
+    run(2, &keys[..60]).await;
+    let before = requests(&metrics);
+    run(3, &keys[..70]).await;
+    let after = requests(&metrics);
+    let spent: BTreeMap<String, u64> =
+        after.iter().map(|(verb, n)| (verb.clone(), n - before.get(verb).copied().unwrap_or(0))).collect();
+    let expected = BTreeMap::from([
+        ("get".to_owned(), 2),    // the head, the snapshot's one chunk
+        ("create".to_owned(), 2), // a chunk for the keys in doubt, one for the snapshot
+        ("update".to_owned(), 2), // two switches
+        ("delete".to_owned(), 2), // what the last commit replaced; what this one replaced
+    ]);
+    assert_eq!(spent, expected);
+    assert_eq!(s.chunk_serials().await.len(), 1, "only the snapshot's chunks are left");
+    assert_eq!(read_keys(s.store().load(s.dir.path()).await.unwrap().snapshot.unwrap().body), keys[..70]);
+}
+
+/// A head written by an earlier version lists no unnamed serials: the first write claims a
+/// serial and finds what earlier writes left by listing chunks, then lists them itself.
+#[tokio::test]
+async fn a_head_of_an_earlier_version_is_cleaned_by_listing_once() {
+    let s = setup("snap-old-head").await;
+    let store = s.store();
+    let keys = sorted_keys(100, 8);
+    store.commit(&meta(1, keys.len() as u64), &s.body("g1", &keys)).await.unwrap();
+    // As an earlier version leaves it: no `unnamed`, and chunks of a write that never switched.
+    let api = s.config_maps();
+    let mut head = api.get(&store.head_name()).await.unwrap();
+    let data = head.data.as_mut().unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&data["snapshot.json"]).unwrap();
+    let serial = json["serial"].as_u64().unwrap();
+    json.as_object_mut().unwrap().remove("unnamed");
+    data.insert("snapshot.json".into(), json.to_string());
+    api.replace(&store.head_name(), &PostParams::default(), &head).await.unwrap();
+    let left = ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(store.chunk_name(serial, 0)),
+            labels: Some(BTreeMap::from([
+                (SNAPSHOT_OF_LABEL.to_owned(), s.key.clone()),
+                (SNAPSHOT_PART_LABEL.to_owned(), "chunk".to_owned()),
+                (SNAPSHOT_SERIAL_LABEL.to_owned(), serial.to_string()),
+            ])),
+            ..ObjectMeta::default()
+        },
+        binary_data: Some(BTreeMap::from([("body".to_owned(), ByteString(b"left behind".to_vec()))])),
+        ..ConfigMap::default()
+    };
+    api.create(&PostParams::default(), &left).await.unwrap();
+    assert_eq!(s.chunk_serials().await.len(), 2);
+
+    let store = s.store();
+    assert_eq!(store.load(s.dir.path()).await.unwrap().generation(), 1);
+    store.commit(&meta(2, 50), &s.body("g2", &keys[..50])).await.unwrap();
+    assert_eq!(s.chunk_serials().await.len(), 1, "what the earlier version left is deleted");
+    let json: serde_json::Value =
+        serde_json::from_str(&api.get(&store.head_name()).await.unwrap().data.unwrap()["snapshot.json"]).unwrap();
+    assert!(json["unnamed"].is_array(), "the head lists its unnamed serials now: {json}");
+    assert_eq!(read_keys(s.store().load(s.dir.path()).await.unwrap().snapshot.unwrap().body), keys[..50]);
 }

@@ -122,7 +122,10 @@ where
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         self.permitted = false;
-        self.metrics.kube_api_request(verb(request.method(), request.uri().query()));
+        let verb = verb(request.method(), request.uri().query());
+        // The path names the resource, never a value: Secret names, not their data.
+        tracing::trace!(verb, path = request.uri().path(), "Kubernetes API request");
+        self.metrics.kube_api_request(verb);
         self.inner.call(request)
     }
 }

@@ -7,15 +7,18 @@
 //! - `cohort-snapshot-K-S-0`, `-1`, … — a body written under serial `S`, cut into
 //!   `binaryData["body"]` pieces of at most 900 KiB, well under etcd's 1.5 MiB request limit.
 //!
-//! A write (a commit, or recording keys in doubt) first claims the next serial by bumping it
-//! in the head, then puts every chunk under that serial, then switches the head to it; both
-//! head updates are conditioned on the `resourceVersion` the writer last saw. So a serial
-//! belongs to one writer, and a writer that another one overtook (claimed after it) fails at
-//! its switch. Chunks no head names are deleted only when their serial is at most the
-//! writer's own claimed one: their writers can no longer switch, whereas a later claimant may
-//! be writing its chunks right now. A crash before the switch leaves the old head whole (plus
-//! unreferenced chunks, which the next write deletes); after it, the new one. Readers follow
-//! the head, so they never see a torn snapshot.
+//! A write (a commit, or recording keys in doubt) puts every chunk of its body under one
+//! serial, then switches the head to it, conditioned on the `resourceVersion` it read. The
+//! serial is the one the last switch reserved ([`head`]), or else one the writer claims by
+//! bumping it in the head first. So a serial's chunks belong to one writer, and a writer that
+//! another one overtook fails at its switch. The head lists the serials no part names
+//! (replaced bodies, writes that never switched); the bodies a switch replaces are deleted
+//! right after it, and whatever is left by the next write, before its switch — never a
+//! serial a writer may still switch to. A crash before the switch leaves the old head whole
+//! (plus unnamed chunks); after it, the new one. Readers follow the head, so they never see
+//! a torn snapshot. A run costs few requests: one read of the head, then one create per
+//! chunk and one switch per write (and a delete when there is garbage); the store keeps the
+//! head it last read or wrote for the run's next write instead of reading it again.
 //!
 //! The objects carry no ownerReference, so no garbage collector can take them before the
 //! import's finalizer has run (a foreground cascade deletes dependents first): the finalizer
@@ -30,20 +33,22 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
-use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
 use super::{
     DoubtMeta, Loaded, SnapshotError, SnapshotMeta, SnapshotStore, StoredDoubt, StoredSnapshot, previous_generation,
 };
 use crate::api::{CohortImport, FIELD_MANAGER};
+
+mod head;
+use head::{Head, Location, Part};
 
 /// Largest body piece per ConfigMap. A ConfigMap holds at most 1 MiB; etcd takes requests
 /// up to 1.5 MiB.
@@ -73,52 +78,6 @@ const BODY_KEY: &str = "body";
 /// A reader that finds a chunk gone (a write replaced it meanwhile) starts over.
 const LOAD_ATTEMPTS: usize = 3;
 
-/// What the head ConfigMap says.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Head {
-    /// The last serial claimed by a write.
-    serial: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    snapshot: Option<Part<SnapshotMeta>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    doubt: Option<Part<DoubtMeta>>,
-}
-
-/// A body and where its chunks are.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Part<M> {
-    meta: M,
-    serial: u64,
-    chunks: u32,
-    body_bytes: u64,
-}
-
-/// Where a body was just written.
-struct Location {
-    serial: u64,
-    chunks: u32,
-    body_bytes: u64,
-}
-
-impl Location {
-    fn part<M>(self, meta: M) -> Part<M> {
-        Part { meta, serial: self.serial, chunks: self.chunks, body_bytes: self.body_bytes }
-    }
-}
-
-impl Head {
-    fn generation(&self) -> u64 {
-        self.snapshot.as_ref().map_or(0, |s| s.meta.generation)
-    }
-
-    /// Serials whose chunks the head needs.
-    fn serials(&self) -> BTreeSet<u64> {
-        self.snapshot.iter().map(|p| p.serial).chain(self.doubt.iter().map(|p| p.serial)).collect()
-    }
-}
-
 /// The snapshot of one cohort, in the namespace of the import holding it.
 #[derive(Clone)]
 pub struct ClusterSnapshotStore {
@@ -142,6 +101,31 @@ pub struct ClusterSnapshotStore {
     /// `key` or `alternate`, decided by the first load.
     effective: OnceLock<String>,
     chunk_bytes: usize,
+    /// The head as this store last read or wrote it.
+    last: LastHead,
+}
+
+/// The head as a store last read or wrote it: the next write of the same run starts from it
+/// instead of reading it again. A stale one costs only a conflict (every head write is
+/// conditioned on its `resourceVersion`), after which the head is read afresh. A clone of a
+/// store starts without one.
+#[derive(Default)]
+struct LastHead(Mutex<Option<ReadHead>>);
+
+impl Clone for LastHead {
+    fn clone(&self) -> Self {
+        LastHead::default()
+    }
+}
+
+impl LastHead {
+    fn set(&self, read: ReadHead) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(read);
+    }
+
+    fn take(&self) -> Option<ReadHead> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
 }
 
 impl std::fmt::Debug for ClusterSnapshotStore {
@@ -151,6 +135,7 @@ impl std::fmt::Debug for ClusterSnapshotStore {
 }
 
 /// The head as read, with the `resourceVersion` a replacement must match.
+#[derive(Clone)]
 struct ReadHead {
     head: Head,
     resource_version: Option<String>,
@@ -193,6 +178,7 @@ impl ClusterSnapshotStore {
             workspace: None,
             effective: OnceLock::new(),
             chunk_bytes: DEFAULT_CHUNK_BYTES,
+            last: LastHead::default(),
         }
     }
 
@@ -285,15 +271,13 @@ impl ClusterSnapshotStore {
     }
 
     async fn read_head(&self) -> Result<ReadHead, SnapshotError> {
-        Ok(self.read_head_object().await?.0)
+        match self.api.get_opt(&self.head_name()).await.map_err(self.kube("read the head"))? {
+            Some(cm) => self.parse_head(&cm),
+            None => Ok(ReadHead::none()),
+        }
     }
 
-    /// The head, and its holder's uid (the label), when there is a head.
-    async fn read_head_object(&self) -> Result<(ReadHead, Option<String>), SnapshotError> {
-        let Some(cm) = self.api.get_opt(&self.head_name()).await.map_err(self.kube("read the head"))? else {
-            return Ok((ReadHead { head: Head::default(), resource_version: None }, None));
-        };
-        let holder = cm.metadata.labels.as_ref().and_then(|l| l.get(SNAPSHOT_HOLDER_LABEL)).cloned();
+    fn parse_head(&self, cm: &ConfigMap) -> Result<ReadHead, SnapshotError> {
         let json = cm
             .data
             .as_ref()
@@ -306,29 +290,37 @@ impl ClusterSnapshotStore {
         if let Some(d) = &head.doubt {
             d.meta.check(&self.what())?;
         }
-        Ok((ReadHead { head, resource_version: cm.metadata.resource_version }, holder))
+        Ok(ReadHead { head, resource_version: cm.metadata.resource_version.clone() })
     }
 
-    /// Makes this import the holder of the snapshot, unless it is another workspace's: held by
-    /// another import that still exists (an import of the same cohort key in another Braze
-    /// workspace), or labelled with another workspace. Then `Some(the holder's name)`.
-    async fn adopt(&self, head: &ConfigMap) -> Result<Option<String>, SnapshotError> {
+    /// The head this store last read or wrote, or else the head as it is now.
+    async fn last_or_read_head(&self) -> Result<ReadHead, SnapshotError> {
+        match self.last.take() {
+            Some(read) => Ok(read),
+            None => self.read_head().await,
+        }
+    }
+
+    /// Whether this import holds the snapshot `head`, after making it the holder unless it
+    /// is another workspace's: held by another import that still exists (an import of the
+    /// same cohort key in another Braze workspace), or labelled with another workspace.
+    async fn adopt(&self, head: &ConfigMap) -> Result<Holding, SnapshotError> {
         let labels = head.metadata.labels.as_ref();
         let holder = labels.and_then(|l| l.get(SNAPSHOT_HOLDER_LABEL));
         if holder == Some(&self.uid) {
-            return Ok(None);
+            return Ok(Holding::Held);
         }
         let annotations = head.metadata.annotations.as_ref();
         let last = annotations.and_then(|a| a.get(SNAPSHOT_IMPORT_ANNOTATION)).cloned().unwrap_or_default();
         if let (Some(theirs), Some(ours)) = (labels.and_then(|l| l.get(SNAPSHOT_WORKSPACE_LABEL)), &self.workspace)
             && theirs != ours
         {
-            return Ok(Some(last));
+            return Ok(Holding::Other(last));
         }
         if let Some(holder) = holder {
             let held = self.imports.list_metadata(&ListParams::default()).await.map_err(self.kube("list imports"))?;
             if let Some(other) = held.items.iter().find(|i| i.metadata.uid.as_deref() == Some(holder.as_str())) {
-                return Ok(Some(other.metadata.name.clone().unwrap_or_default()));
+                return Ok(Holding::Other(other.metadata.name.clone().unwrap_or_default()));
             }
         }
         self.relabel_head("adopt the head", |meta| {
@@ -343,17 +335,23 @@ impl ClusterSnapshotStore {
         })
         .await?;
         debug!(snapshot = %self.what(), previous = ?holder, "adopted the cohort's snapshot");
-        Ok(None)
+        Ok(Holding::Adopted)
     }
 
-    /// Settles which key this store uses (see [`Self::with_alternate`]) and adopts the
-    /// snapshot under it.
-    async fn settle_holder(&self) -> Result<(), SnapshotError> {
+    /// Settles which key this store uses (see [`Self::with_alternate`]), moves the snapshot
+    /// of an earlier version over to it, and adopts the snapshot under it. Returns the head
+    /// as read, unless this changed it (then the caller reads it again).
+    async fn settle_holder(&self, scratch: &Path) -> Result<Option<ReadHead>, SnapshotError> {
         for _ in 0..2 {
             let Some(head) = self.api.get_opt(&self.head_name()).await.map_err(self.kube("read the head"))? else {
-                return Ok(());
+                let moved = self.move_legacy(scratch).await?;
+                return Ok((!moved).then(ReadHead::none));
             };
-            let Some(holder) = self.adopt(&head).await? else { return Ok(()) };
+            let holder = match self.adopt(&head).await? {
+                Holding::Held => return self.parse_head(&head).map(Some),
+                Holding::Adopted => return Ok(None),
+                Holding::Other(holder) => holder,
+            };
             match &self.alternate {
                 Some(alternate) if self.effective.get().is_none() => {
                     debug!(snapshot = %self.what(), %holder, %alternate, "the cohort's snapshot is another workspace's");
@@ -362,21 +360,27 @@ impl ClusterSnapshotStore {
                 _ => return Err(SnapshotError::Held { what: self.what(), holder }),
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Moves the uid-keyed snapshot of an earlier version over to this key, keys in doubt
     /// included, in one switch of the new head; then deletes the old objects. Nothing to do
-    /// once this key has a head.
-    async fn move_legacy(&self, scratch: &Path) -> Result<(), SnapshotError> {
-        let Some(uid) = self.legacy_uid.as_deref().filter(|uid| *uid != self.key()) else { return Ok(()) };
-        let legacy =
-            Self { key: uid.to_owned(), legacy_uid: None, alternate: None, effective: OnceLock::new(), ..self.clone() };
+    /// once this key has a head. Whether it moved one.
+    async fn move_legacy(&self, scratch: &Path) -> Result<bool, SnapshotError> {
+        let Some(uid) = self.legacy_uid.as_deref().filter(|uid| *uid != self.key()) else { return Ok(false) };
+        let legacy = Self {
+            key: uid.to_owned(),
+            legacy_uid: None,
+            alternate: None,
+            effective: OnceLock::new(),
+            last: LastHead::default(),
+            ..self.clone()
+        };
         let old = legacy.read_head().await?;
         if old.resource_version.is_none() {
-            return Ok(());
+            return Ok(false);
         }
-        let loaded = match legacy.load_once(scratch).await? {
+        let loaded = match legacy.load_once(old, scratch).await? {
             LoadAttempt::Loaded(loaded) => loaded,
             LoadAttempt::Moved(why) => {
                 return Err(legacy.corrupt(format!("{why}; it cannot be moved to the cohort's snapshot")));
@@ -384,10 +388,10 @@ impl ClusterSnapshotStore {
         };
         let mut read = self.read_head().await?;
         if read.resource_version.is_some() {
-            return Ok(());
+            return Ok(false);
         }
-        // Every serial is claimed before any chunk is written: a claim deletes the chunks of
-        // earlier serials that the head does not name yet.
+        // Every serial is claimed before any chunk is written: the first claim of a new head
+        // deletes chunks an earlier head of this key left.
         let parts = u64::from(loaded.snapshot.is_some()) + u64::from(loaded.doubt.is_some());
         for _ in 0..parts {
             read = self.claim_serial(read).await?;
@@ -395,16 +399,20 @@ impl ClusterSnapshotStore {
         let mut serial = read.head.serial + 1 - parts;
         let mut head = read.head.clone();
         if let Some(snapshot) = loaded.snapshot {
-            head.snapshot = Some(self.write_chunks(serial, snapshot.body).await?.part(snapshot.meta));
+            head.snapshot = Some(self.write_claimed(serial, snapshot.body).await?.part(snapshot.meta));
             serial += 1;
         }
         if let Some(doubt) = loaded.doubt {
-            head.doubt = Some(self.write_chunks(serial, doubt.body).await?.part(doubt.meta));
+            head.doubt = Some(self.write_claimed(serial, doubt.body).await?.part(doubt.meta));
+        }
+        let named = head.serials();
+        if let Some(unnamed) = head.unnamed.as_mut() {
+            unnamed.retain(|s| !named.contains(s));
         }
         self.put_head(&read, head).await?;
         legacy.delete().await?;
         debug!(snapshot = %self.what(), from = %legacy.what(), "moved a snapshot of an earlier version");
-        Ok(())
+        Ok(true)
     }
 
     /// `deletionPolicy: Retain`: the import goes, the snapshot stays, held by no one, for an
@@ -434,13 +442,13 @@ impl ClusterSnapshotStore {
         Err(SnapshotError::Kube { what: self.what(), action, message: "the head kept changing".into() })
     }
 
-    /// Deletes this cohort's chunks whose serial is at most `up_to` and not in `keep`. Chunks
-    /// of later serials belong to writes that may still be going on.
+    /// Deletes this cohort's chunks whose serial is at most `up_to` and not in `keep`, found
+    /// by listing them: for heads that do not list their unnamed serials. Chunks of later
+    /// serials belong to writes that may still be going on.
     async fn delete_stale_chunks(&self, up_to: u64, keep: &BTreeSet<u64>) -> Result<(), SnapshotError> {
-        let chunks = self.chunk_selector();
         let listed = self
             .api
-            .list_metadata(&ListParams::default().labels(&chunks))
+            .list_metadata(&ListParams::default().labels(&self.chunk_selector()))
             .await
             .map_err(self.kube("list snapshot chunks"))?;
         let stale: BTreeSet<u64> = listed
@@ -449,11 +457,16 @@ impl ClusterSnapshotStore {
             .filter_map(|c| c.metadata.labels.as_ref()?.get(SNAPSHOT_SERIAL_LABEL)?.parse().ok())
             .filter(|serial| *serial <= up_to && !keep.contains(serial))
             .collect();
-        if stale.is_empty() {
+        self.delete_serials(&stale).await
+    }
+
+    /// Deletes the chunks of `serials`, in one request.
+    async fn delete_serials(&self, serials: &BTreeSet<u64>) -> Result<(), SnapshotError> {
+        if serials.is_empty() {
             return Ok(());
         }
-        let list: Vec<String> = stale.iter().map(u64::to_string).collect();
-        let selector = format!("{chunks},{SNAPSHOT_SERIAL_LABEL} in ({})", list.join(","));
+        let list: Vec<String> = serials.iter().map(u64::to_string).collect();
+        let selector = format!("{},{SNAPSHOT_SERIAL_LABEL} in ({})", self.chunk_selector(), list.join(","));
         self.delete_chunks(&selector).await
     }
 
@@ -469,15 +482,16 @@ impl ClusterSnapshotStore {
         Ok(())
     }
 
-    /// Uploads `file` from where it stands as chunks under `serial`.
-    async fn write_chunks(&self, serial: u64, mut file: File) -> Result<Location, SnapshotError> {
+    /// Uploads `file` from where it stands as chunks under `serial`; `None` when a chunk of
+    /// that serial exists already.
+    async fn write_chunks(&self, serial: u64, mut file: File) -> Result<Option<Location>, SnapshotError> {
         let pp = Self::post_params();
         let mut piece = vec![0u8; self.chunk_bytes];
         let (mut chunks, mut bytes) = (0u32, 0u64);
         loop {
             let n = read_full(&mut file, &mut piece).map_err(self.io("read the new body"))?;
             if n == 0 {
-                return Ok(Location { serial, chunks, body_bytes: bytes });
+                return Ok(Some(Location { serial, chunks, body_bytes: bytes }));
             }
             let cm = ConfigMap {
                 metadata: self.object_meta(
@@ -487,10 +501,23 @@ impl ClusterSnapshotStore {
                 binary_data: Some(BTreeMap::from([(BODY_KEY.to_owned(), ByteString(piece[..n].to_vec()))])),
                 ..ConfigMap::default()
             };
-            self.api.create(&pp, &cm).await.map_err(self.kube("create a chunk"))?;
+            match self.api.create(&pp, &cm).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.is_already_exists() => return Ok(None),
+                Err(e) => return Err(self.kube("create a chunk")(e)),
+            }
             chunks += 1;
             bytes += n as u64;
         }
+    }
+
+    /// [`Self::write_chunks`] under a serial this writer claimed: nobody else writes there.
+    async fn write_claimed(&self, serial: u64, file: File) -> Result<Location, SnapshotError> {
+        self.write_chunks(serial, file).await?.ok_or_else(|| SnapshotError::Kube {
+            what: self.what(),
+            action: "create a chunk",
+            message: format!("a chunk of the claimed serial {serial} exists already"),
+        })
     }
 
     /// Writes `head` over the head as `read`, if nobody changed it since; returns the head as
@@ -525,34 +552,71 @@ impl ClusterSnapshotStore {
         }
     }
 
-    /// Claims the next serial for a write, and deletes what earlier writes left behind.
+    /// Claims the next serial for a write. A head that does not list its unnamed serials (a
+    /// new one, or one of an earlier version) has what earlier writes left deleted now.
     async fn claim_serial(&self, read: ReadHead) -> Result<ReadHead, SnapshotError> {
-        let head = Head { serial: read.head.serial + 1, ..read.head.clone() };
-        let claimed = self.put_head(&read, head).await?;
-        self.delete_stale_chunks(claimed.head.serial, &claimed.head.serials()).await?;
+        let mut claimed = self.put_head(&read, read.head.claimed()).await?;
+        if claimed.head.unnamed.is_none() {
+            self.delete_stale_chunks(claimed.head.serial, &claimed.head.serials()).await?;
+            claimed.head.unnamed = Some(BTreeSet::from([claimed.head.serial]));
+        }
         Ok(claimed)
     }
 
-    /// Writes `body` under a freshly claimed serial and switches the head to what `next`
-    /// makes of the claimed head and the new part's location.
+    /// Writes `body` under the serial `read` reserved, or else under a freshly claimed one,
+    /// and switches the head to what `next` makes of it and the new part's location.
     async fn write(
         &self,
         read: ReadHead,
         body: &Path,
         next: impl FnOnce(Head, Location) -> Head,
     ) -> Result<(), SnapshotError> {
-        let claimed = self.claim_serial(read).await?;
-        let serial = claimed.head.serial;
-        let file = File::open(body).map_err(self.io("open the new body"))?;
-        let at = self.write_chunks(serial, file).await?;
-        let head = next(claimed.head.clone(), at);
-        let keep = head.serials();
-        self.put_head(&claimed, head).await?;
+        let open = || File::open(body).map_err(self.io("open the new body"));
+        let reserved = match read.head.reservation() {
+            Some(serial) => self.write_chunks(serial, open()?).await?,
+            None => None,
+        };
+        let (base, at) = match reserved {
+            Some(at) => (read, at),
+            // No reservation, or its serial is taken (a write there crashed or goes on): claim.
+            None => {
+                let claimed = self.claim_serial(read).await?;
+                let at = self.write_claimed(claimed.head.serial, open()?).await?;
+                (claimed, at)
+            }
+        };
+        let (serial, owned) = (at.serial, at.chunks > 0);
+        let left = self.delete_garbage(&base.head, serial).await;
+        let head = base.head.switched(next(base.head.clone(), at), serial, left);
+        let replaced = base.head.replaced_by(&head);
+        match self.put_head(&base, head).await {
+            Ok(written) => self.last.set(written),
+            Err(e) => {
+                // Overtaken: this writer made chunk 0 of `serial`, so no head names it.
+                if matches!(e, SnapshotError::Conflict { .. }) && owned {
+                    let _ = self.delete_serials(&BTreeSet::from([serial])).await;
+                }
+                return Err(e);
+            }
+        }
         // The replaced bodies are garbage now; if this fails, the next write deletes them.
-        if let Err(e) = self.delete_stale_chunks(serial, &keep).await {
+        if let Err(e) = self.delete_serials(&replaced).await {
             warn!(snapshot = %self.what(), error = %e, "could not delete replaced snapshot chunks; the next write will");
         }
         Ok(())
+    }
+
+    /// Deletes the garbage `head` lists before a switch to a body under `serial`; returns the
+    /// serials it could not delete, for the new head to keep listing.
+    async fn delete_garbage(&self, head: &Head, serial: u64) -> BTreeSet<u64> {
+        let garbage = head.garbage(serial).unwrap_or_default();
+        match self.delete_serials(&garbage).await {
+            Ok(()) => BTreeSet::new(),
+            Err(e) => {
+                warn!(snapshot = %self.what(), error = %e, "could not delete unused snapshot chunks; the next write will");
+                garbage
+            }
+        }
     }
 
     /// Downloads the chunks of `part` into a new scratch file; `None` if one is gone.
@@ -583,8 +647,9 @@ impl ClusterSnapshotStore {
         Ok(Some(file))
     }
 
-    async fn load_once(&self, scratch: &Path) -> Result<LoadAttempt, SnapshotError> {
-        let head = self.read_head().await?.head;
+    /// The bodies `read` names, downloaded.
+    async fn load_once(&self, read: ReadHead, scratch: &Path) -> Result<LoadAttempt, SnapshotError> {
+        let head = &read.head;
         let mut loaded = Loaded::default();
         if let Some(part) = &head.snapshot {
             let Some(body) = self.download(part, scratch).await? else {
@@ -598,6 +663,7 @@ impl ClusterSnapshotStore {
             };
             loaded.doubt = Some(StoredDoubt { meta: part.meta.clone(), body });
         }
+        self.last.set(read);
         Ok(LoadAttempt::Loaded(Box::new(loaded)))
     }
 }
@@ -606,7 +672,7 @@ impl ClusterSnapshotStore {
     /// Records keys in doubt merged with those already recorded on the same generation
     /// ([`super::doubt`]); the head's `resourceVersion` guards the read-merge-write.
     async fn record_doubt_once(&self, meta: &DoubtMeta, body: &Path) -> Result<(), SnapshotError> {
-        let read = self.read_head().await?;
+        let read = self.last_or_read_head().await?;
         let found = read.head.generation();
         if found != meta.base_generation {
             return Err(SnapshotError::Conflict { what: self.what(), expected: meta.base_generation, found });
@@ -625,6 +691,36 @@ impl ClusterSnapshotStore {
             .await
             .map_err(|e| self.io("merge the keys in doubt")(std::io::Error::other(e)))??;
         self.write(read, merged.path(), |head, at| Head { doubt: Some(at.part(meta)), ..head }).await
+    }
+
+    /// Commits over `read`, if it holds the generation `meta` follows.
+    async fn commit_over(&self, read: ReadHead, meta: &SnapshotMeta, body: &Path) -> Result<(), SnapshotError> {
+        let found = read.head.snapshot.as_ref().map(|s| s.meta.generation);
+        if found != previous_generation(meta) {
+            return Err(SnapshotError::Conflict {
+                what: self.what(),
+                expected: previous_generation(meta).unwrap_or(0),
+                found: found.unwrap_or(0),
+            });
+        }
+        self.write(read, body, |head, at| Head { snapshot: Some(at.part(meta.clone())), doubt: None, ..head }).await
+    }
+}
+
+/// Whether an import holds the snapshot it found.
+enum Holding {
+    /// It did already.
+    Held,
+    /// It does now: the head changed.
+    Adopted,
+    /// The import named holds it (or last held it, in another workspace).
+    Other(String),
+}
+
+impl ReadHead {
+    /// No head yet.
+    fn none() -> Self {
+        ReadHead { head: Head::default(), resource_version: None }
     }
 }
 
@@ -646,11 +742,14 @@ impl SnapshotStore for ClusterSnapshotStore {
     }
 
     async fn load(&self, scratch: &Path) -> Result<Loaded, SnapshotError> {
-        self.move_legacy(scratch).await?;
-        self.settle_holder().await?;
+        let mut read = self.settle_holder(scratch).await?;
         let mut why = String::new();
         for _ in 0..LOAD_ATTEMPTS {
-            match self.load_once(scratch).await? {
+            let head = match read.take() {
+                Some(head) => head,
+                None => self.read_head().await?,
+            };
+            match self.load_once(head, scratch).await? {
                 LoadAttempt::Loaded(loaded) => return Ok(*loaded),
                 LoadAttempt::Moved(reason) => why = reason,
             }
@@ -672,16 +771,14 @@ impl SnapshotStore for ClusterSnapshotStore {
     }
 
     async fn commit(&self, meta: &SnapshotMeta, body: &Path) -> Result<(), SnapshotError> {
-        let read = self.read_head().await?;
-        let found = read.head.snapshot.as_ref().map(|s| s.meta.generation);
-        if found != previous_generation(meta) {
-            return Err(SnapshotError::Conflict {
-                what: self.what(),
-                expected: previous_generation(meta).unwrap_or(0),
-                found: found.unwrap_or(0),
-            });
+        if let Some(last) = self.last.take() {
+            match self.commit_over(last, meta, body).await {
+                // The head changed since this store saw it: look again.
+                Err(SnapshotError::Conflict { .. }) => {}
+                done => return done,
+            }
         }
-        self.write(read, body, |head, at| Head { snapshot: Some(at.part(meta.clone())), doubt: None, ..head }).await
+        self.commit_over(self.read_head().await?, meta, body).await
     }
 
     async fn delete(&self) -> Result<(), SnapshotError> {

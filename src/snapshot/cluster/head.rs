@@ -1,0 +1,203 @@
+//! The head ConfigMap's record of where a cohort's snapshot and keys in doubt are, and which
+//! serials a write may use or must clean up — pure, so every rule is unit-tested here.
+//!
+//! Serials: a write puts its body's chunks under one serial. The head names the serials its
+//! parts need; `unnamed` lists every other serial up to `serial` whose chunks may exist:
+//! bodies a switch replaced, serials whose writers never switched, and the one *reserved*
+//! for the next write. The reservation saves the next write a claim: when the head still is
+//! as it read it, its serial is free, so it writes its chunks there and switches the head
+//! in one conditional update. Two writers using one reservation collide on the name of
+//! chunk 0 (a create either makes a chunk or fails), so the one that switches the head owns
+//! every chunk its head names; the other falls back to claiming a serial of its own.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+
+use crate::snapshot::{DoubtMeta, SnapshotMeta};
+
+/// What the head ConfigMap says.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct Head {
+    /// The last serial claimed or reserved.
+    pub serial: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<Part<SnapshotMeta>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub doubt: Option<Part<DoubtMeta>>,
+    /// Serials up to `serial` whose chunks may exist and that no part names. `None` in a new
+    /// head and in heads of earlier versions: the next claim finds them by listing chunks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unnamed: Option<BTreeSet<u64>>,
+}
+
+/// A body and where its chunks are.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct Part<M> {
+    pub meta: M,
+    pub serial: u64,
+    pub chunks: u32,
+    pub body_bytes: u64,
+}
+
+/// Where a body was just written.
+pub(super) struct Location {
+    pub serial: u64,
+    pub chunks: u32,
+    pub body_bytes: u64,
+}
+
+impl Location {
+    pub fn part<M>(self, meta: M) -> Part<M> {
+        Part { meta, serial: self.serial, chunks: self.chunks, body_bytes: self.body_bytes }
+    }
+}
+
+impl Head {
+    pub fn generation(&self) -> u64 {
+        self.snapshot.as_ref().map_or(0, |s| s.meta.generation)
+    }
+
+    /// Serials whose chunks the head needs.
+    pub fn serials(&self) -> BTreeSet<u64> {
+        self.snapshot.iter().map(|p| p.serial).chain(self.doubt.iter().map(|p| p.serial)).collect()
+    }
+
+    /// The serial set aside for the next write by the last switch, while nobody has claimed
+    /// past it.
+    pub fn reservation(&self) -> Option<u64> {
+        let unnamed = self.unnamed.as_ref()?;
+        (unnamed.contains(&self.serial) && !self.serials().contains(&self.serial)).then_some(self.serial)
+    }
+
+    /// This head with the next serial claimed for one write.
+    pub fn claimed(&self) -> Head {
+        let serial = self.serial + 1;
+        let unnamed = self.unnamed.clone().map(|mut unnamed| {
+            unnamed.insert(serial);
+            unnamed
+        });
+        Head { serial, unnamed, ..self.clone() }
+    }
+
+    /// What a writer about to switch this head to a body under `serial` deletes first: every
+    /// unnamed serial but its own (their writers can no longer switch: this head is past
+    /// them, and a switch is conditioned on the head it read). `None`: not known.
+    pub fn garbage(&self, serial: u64) -> Option<BTreeSet<u64>> {
+        let named = self.serials();
+        let unnamed = self.unnamed.as_ref()?;
+        Some(unnamed.iter().copied().filter(|s| *s != serial && !named.contains(s)).collect())
+    }
+
+    /// `next` — what a write under `serial` makes of this head — as the head it switches to,
+    /// with `left` the garbage whose deletion failed: the bodies it replaced are unnamed (and
+    /// deleted right after the switch), and the serial after it is reserved.
+    pub fn switched(&self, mut next: Head, serial: u64, left: BTreeSet<u64>) -> Head {
+        next.serial = self.serial.max(serial) + 1;
+        let mut unnamed = left;
+        unnamed.extend(self.replaced_by(&next));
+        unnamed.insert(next.serial);
+        let named = next.serials();
+        unnamed.retain(|s| !named.contains(s));
+        next.unnamed = Some(unnamed);
+        next
+    }
+
+    /// Serials this head names that `next` does not.
+    pub fn replaced_by(&self, next: &Head) -> BTreeSet<u64> {
+        self.serials().difference(&next.serials()).copied().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use jiff::Timestamp;
+
+    use super::*;
+
+    fn snapshot(serial: u64, generation: u64) -> Part<SnapshotMeta> {
+        let meta = SnapshotMeta {
+            format: 1,
+            generation,
+            cohort_id: "c".into(),
+            cohort_name: "c".into(),
+            cohort_created_at: Timestamp::UNIX_EPOCH,
+            members: 1,
+            identifier_fingerprint: "f".into(),
+            run_id: "r".into(),
+            committed_at: Timestamp::UNIX_EPOCH,
+            digest: None,
+        };
+        Part { meta, serial, chunks: 1, body_bytes: 1 }
+    }
+
+    fn doubt(serial: u64) -> Part<DoubtMeta> {
+        let meta = DoubtMeta {
+            format: 1,
+            base_generation: 1,
+            cohort_id: "c".into(),
+            keys: 1,
+            run_id: "r".into(),
+            recorded_at: Timestamp::UNIX_EPOCH,
+        };
+        Part { meta, serial, chunks: 1, body_bytes: 1 }
+    }
+
+    fn set(serials: &[u64]) -> BTreeSet<u64> {
+        serials.iter().copied().collect()
+    }
+
+    #[test]
+    fn a_new_head_or_one_of_an_earlier_version_has_no_reservation_and_unknown_garbage() {
+        let head = Head { serial: 4, snapshot: Some(snapshot(3, 2)), ..Head::default() };
+        assert_eq!(head.reservation(), None);
+        assert_eq!(head.garbage(5), None, "found by listing");
+        let claimed = head.claimed();
+        assert_eq!((claimed.serial, claimed.unnamed), (5, None));
+    }
+
+    #[test]
+    fn a_run_records_its_keys_then_commits_each_in_one_switch_under_the_reserved_serial() {
+        // After a commit: the snapshot at 7, the earlier one (5) and doubt (6) replaced, 8 reserved.
+        let head = Head { serial: 7, snapshot: Some(snapshot(5, 1)), doubt: Some(doubt(6)), unnamed: Some(set(&[7])) };
+        let reserved = head.reservation().unwrap();
+        let committed =
+            head.switched(Head { snapshot: Some(snapshot(7, 2)), doubt: None, ..head.clone() }, reserved, set(&[]));
+        assert_eq!(committed.serial, 8);
+        assert_eq!(committed.unnamed, Some(set(&[5, 6, 8])));
+        assert_eq!(committed.reservation(), Some(8));
+
+        // The next run deletes 5 and 6 (done right after the switch already; deleting again
+        // costs one request and finds nothing), then records its keys in doubt under 8.
+        assert_eq!(committed.garbage(8), Some(set(&[5, 6])));
+        let recorded = committed.switched(Head { doubt: Some(doubt(8)), ..committed.clone() }, 8, set(&[]));
+        assert_eq!((recorded.serial, recorded.unnamed.clone()), (9, Some(set(&[9]))));
+        assert_eq!(recorded.serials(), set(&[7, 8]));
+        assert_eq!(recorded.reservation(), Some(9));
+    }
+
+    #[test]
+    fn a_claim_past_a_taken_reservation_deletes_it_and_keeps_what_could_not_be_deleted() {
+        // Chunks exist under the reserved 9 (a writer crashed there): claim 10.
+        let head = Head { serial: 9, snapshot: Some(snapshot(7, 2)), doubt: None, unnamed: Some(set(&[4, 9])) };
+        let claimed = head.claimed();
+        assert_eq!((claimed.serial, claimed.reservation()), (10, Some(10)));
+        assert_eq!(claimed.garbage(10), Some(set(&[4, 9])));
+        // Deleting 4 failed: it stays listed, for the next write.
+        let next = claimed.switched(Head { snapshot: Some(snapshot(10, 3)), ..claimed.clone() }, 10, set(&[4]));
+        assert_eq!(next.serial, 11);
+        assert_eq!(next.unnamed, Some(set(&[4, 7, 11])));
+    }
+
+    #[test]
+    fn named_serials_are_never_garbage() {
+        let head =
+            Head { serial: 3, snapshot: Some(snapshot(2, 1)), doubt: Some(doubt(3)), unnamed: Some(set(&[2, 3])) };
+        assert_eq!(head.garbage(4), Some(set(&[])));
+        assert_eq!(head.reservation(), None, "3 is in use");
+        let next = head.switched(head.clone(), 3, set(&[2]));
+        assert_eq!(next.unnamed, Some(set(&[4])));
+    }
+}
