@@ -163,6 +163,8 @@ pub struct Context {
     releasing: Mutex<HashSet<ObjectRef<CohortImport>>>,
     /// Failed reconciles in a row, per import: how far [`reconcile::error_policy`] backs off.
     reconcile_failures: Mutex<HashMap<ObjectRef<CohortImport>, u32>>,
+    /// Secret keys found present, until the Secret watch sees their Secret change.
+    pub secret_checks: secrets::SecretChecks,
 }
 
 impl Context {
@@ -348,6 +350,7 @@ async fn watch_and_reconcile(
         every_shard,
         releasing: Mutex::new(HashSet::new()),
         reconcile_failures: Mutex::new(HashMap::new()),
+        secret_checks: secrets::SecretChecks::default(),
     });
     // Runs are tasks of their own; stop them all when this future goes (shutdown, lost
     // Lease, or the task running it aborted).
@@ -367,7 +370,14 @@ async fn watch_and_reconcile(
             None => Api::all(client.clone()),
         };
         let store = controller.store();
-        let by_secret = referencing(store.clone(), Referenced::Secret);
+        let by_secret = {
+            let (ctx, referencing) = (ctx.clone(), referencing(store.clone(), Referenced::Secret));
+            move |secret: PartialObjectMeta<Secret>| {
+                let namespace = secret.namespace().unwrap_or_default();
+                ctx.secret_checks.saw(&namespace, &secret.name_any(), secret.resource_version().as_deref());
+                referencing(secret)
+            }
+        };
         let by_config_map = referencing(store.clone(), Referenced::ConfigMap);
         let same_cohort = {
             let ctx = ctx.clone();

@@ -122,6 +122,12 @@ impl PipelineImporter {
                 let workspace = keys.map(|k| workspace_of(k.data_import_key.expose()));
                 let alternate = alternate_key(&key, import);
                 let store = ClusterSnapshotStore::new(self.client.clone(), import, &key, &cohort)?;
+                // Only an import that ran before can have a snapshot an earlier version kept
+                // by its uid: a first run saves the look.
+                let ran = import.status.as_ref().is_some_and(|s| {
+                    s.last_run.is_some() || !s.history.is_empty() || s.last_successful_run_at.is_some()
+                });
+                let store = if ran { store } else { store.without_legacy() };
                 Box::new(store.with_alternate(&alternate, workspace.as_deref()))
             }
             SnapshotStoreKind::Filesystem(dir) => {

@@ -20,11 +20,12 @@ use super::events::reason as event;
 use super::importer::ImportError;
 use super::record;
 use super::runs;
-use super::secrets::{self, KeyError};
+use super::secrets::{self, CheckedKey, KeyError};
 use super::status::{self, Written, ready_reason, set_ready};
 use crate::api::{CohortImport, CohortImportStatus, DeletionPolicy, FINALIZER, ReadyReason, RunResult, SecretKeyRef};
 use crate::domain::validate::{ValidSpec, validate};
 use crate::run::RemovalError;
+use crate::source::SourceContext;
 use crate::source::kube::KubeObjects;
 
 #[derive(Debug, thiserror::Error)]
@@ -255,16 +256,49 @@ async fn execute(
     })
 }
 
-/// Every Secret key the import reads exists (values are read only at run time).
+/// Every Secret key the import reads exists (values are read only at run time). A key found
+/// before is not read again until the Secret watch sees its Secret change
+/// ([`secrets::SecretChecks`]).
 async fn check_secrets(ctx: &Context, import: &CohortImport) -> Result<(), KeyError> {
-    let namespace = import.namespace().unwrap_or_default();
-    secrets::braze_keys(&ctx.client, &namespace, &import.spec.destination.braze, &ctx.config.partner_keys).await?;
-    let objects = KubeObjects::new(ctx.client.clone(), namespace);
-    for secret in conflict::source_secrets(&import.spec) {
-        let reference = SecretKeyRef { name: secret.name.to_owned(), key: secret.key.to_owned() };
-        secrets::secret_value(&objects, &reference, secret.field).await?;
+    let objects = KubeObjects::new(ctx.client.clone(), import.namespace().unwrap_or_default());
+    let keys = checked_keys(import);
+    let (data_import_key, others) = keys.split_first().expect("an import always reads its data import key");
+    check_key(ctx, &objects, data_import_key).await?;
+    let braze = &import.spec.destination.braze;
+    if braze.partner_api_key_secret_ref.is_none() {
+        ctx.config.partner_keys.key_for(&braze.rest_endpoint).await?;
+    }
+    for key in others {
+        check_key(ctx, &objects, key).await?;
     }
     Ok(())
+}
+
+async fn check_key(ctx: &Context, objects: &KubeObjects, key: &CheckedKey) -> Result<(), KeyError> {
+    let namespace = objects.namespace();
+    if !ctx.secret_checks.is_present(namespace, &key.reference) {
+        let version = secrets::check_key(objects, key).await?;
+        ctx.secret_checks.found(namespace, &key.reference, version);
+    }
+    Ok(())
+}
+
+/// The Secret keys `import` reads: its Braze keys first, then its source's.
+fn checked_keys(import: &CohortImport) -> Vec<CheckedKey> {
+    let braze = &import.spec.destination.braze;
+    let mut keys = vec![CheckedKey {
+        reference: braze.data_import_key_secret_ref.clone(),
+        field: secrets::DATA_IMPORT_KEY_FIELD,
+        braze: true,
+    }];
+    if let Some(reference) = &braze.partner_api_key_secret_ref {
+        keys.push(CheckedKey { reference: reference.clone(), field: secrets::PARTNER_KEY_FIELD, braze: true });
+    }
+    for secret in conflict::source_secrets(&import.spec) {
+        let reference = SecretKeyRef { name: secret.name.to_owned(), key: secret.key.to_owned() };
+        keys.push(CheckedKey { reference, field: secret.field, braze: false });
+    }
+    keys
 }
 
 /// The import is being deleted: carry out `deletionPolicy`, then let it go.

@@ -12,8 +12,10 @@
 //! The region of an endpoint is looked up in Braze's list of REST endpoints (by cluster,
 //! never guessed from the URL text), extended by the operator's `--braze-endpoint-region`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use crate::api::{ReadyReason, SecretKeyRef};
 use crate::secret::SecretString;
@@ -135,9 +137,18 @@ pub async fn secret_value(
     reference: &SecretKeyRef,
     field: &'static str,
 ) -> Result<SecretString, KeyError> {
+    Ok(secret_value_at(objects, reference, field).await?.0)
+}
+
+/// [`secret_value`] and the Secret's `resourceVersion` as read.
+async fn secret_value_at(
+    objects: &KubeObjects,
+    reference: &SecretKeyRef,
+    field: &'static str,
+) -> Result<(SecretString, Option<String>), KeyError> {
     let namespace = objects.namespace().to_owned();
     let name = reference.name.clone();
-    objects.secret_value(&reference.name, &reference.key).await.map_err(|e| match e {
+    objects.secret_value_at(&reference.name, &reference.key).await.map_err(|e| match e {
         SourceError::ObjectNotFound { .. } => KeyError::SecretNotFound { namespace, name, field },
         SourceError::KeyNotFound { key, .. } => KeyError::KeyNotFound { namespace, name, key, field },
         SourceError::KeyNotText { key, .. } => KeyError::NotText { namespace, name, key },
@@ -153,13 +164,87 @@ async fn braze_key(
     reference: &SecretKeyRef,
     field: &'static str,
 ) -> Result<SecretString, KeyError> {
-    let value = secret_value(objects, reference, field).await?;
+    Ok(braze_key_at(objects, reference, field).await?.0)
+}
+
+/// [`braze_key`] and the Secret's `resourceVersion` as read.
+async fn braze_key_at(
+    objects: &KubeObjects,
+    reference: &SecretKeyRef,
+    field: &'static str,
+) -> Result<(SecretString, Option<String>), KeyError> {
+    let (value, version) = secret_value_at(objects, reference, field).await?;
     let key = value.expose().trim();
     if key.is_empty() {
         let (namespace, name) = (objects.namespace().to_owned(), reference.name.clone());
         return Err(KeyError::NotText { namespace, name, key: reference.key.clone() });
     }
-    Ok(SecretString::new(key.to_owned()))
+    Ok((SecretString::new(key.to_owned()), version))
+}
+
+/// One Secret key an import reads, as the check before a run looks at it.
+pub struct CheckedKey {
+    pub reference: SecretKeyRef,
+    pub field: &'static str,
+    /// A Braze key ([`braze_key`]: not blank), or a source's value ([`secret_value`]).
+    pub braze: bool,
+}
+
+/// Reads `key` as a run will read it, dropping the value; returns its Secret's
+/// `resourceVersion` as read.
+pub async fn check_key(objects: &KubeObjects, key: &CheckedKey) -> Result<Option<String>, KeyError> {
+    let (_, version) = if key.braze {
+        braze_key_at(objects, &key.reference, key.field).await?
+    } else {
+        secret_value_at(objects, &key.reference, key.field).await?
+    };
+    Ok(version)
+}
+
+/// Secret keys found present, and at which `resourceVersion` of their Secret, so that a
+/// reconcile reads a Secret again only once the Secret watch saw it change: many imports
+/// share one Secret, and an import is reconciled after each run. Trusted for at most
+/// [`SecretChecks::TRUST`], since a watch that restarts does not report what was deleted
+/// while it was down. Without the watch (`--watch-secrets=false`) nothing is trusted.
+#[derive(Default)]
+pub struct SecretChecks {
+    /// (namespace, Secret) → its `resourceVersion` as the watch last saw it.
+    seen: Mutex<HashMap<(String, String), String>>,
+    /// (namespace, Secret, key) → the `resourceVersion` the key was found at, and when.
+    found: Mutex<HashMap<(String, String, String), (String, Instant)>>,
+}
+
+impl SecretChecks {
+    /// How long a key found present is trusted without reading it again.
+    pub const TRUST: Duration = Duration::from_secs(300);
+
+    /// The Secret watch saw `namespace`/`name` at `version` (changed, created or deleted).
+    pub fn saw(&self, namespace: &str, name: &str, version: Option<&str>) {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        match version {
+            Some(v) => seen.insert((namespace.to_owned(), name.to_owned()), v.to_owned()),
+            None => seen.remove(&(namespace.to_owned(), name.to_owned())),
+        };
+    }
+
+    /// Whether `reference` was found present in the Secret as the watch last saw it.
+    pub fn is_present(&self, namespace: &str, reference: &SecretKeyRef) -> bool {
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(current) = seen.get(&(namespace.to_owned(), reference.name.clone())) else { return false };
+        let found = self.found.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (namespace.to_owned(), reference.name.clone(), reference.key.clone());
+        found.get(&key).is_some_and(|(version, at)| version == current && at.elapsed() < Self::TRUST)
+    }
+
+    /// `reference` was read and is present, in its Secret at `version`.
+    pub fn found(&self, namespace: &str, reference: &SecretKeyRef, version: Option<String>) {
+        let key = (namespace.to_owned(), reference.name.clone(), reference.key.clone());
+        let mut found = self.found.lock().unwrap_or_else(|e| e.into_inner());
+        match version {
+            Some(version) => found.insert(key, (version, Instant::now())),
+            None => found.remove(&key),
+        };
+    }
 }
 
 /// Both keys of one import.
@@ -202,6 +287,25 @@ pub async fn data_import_workspace(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_found_present_is_trusted_only_while_the_watch_sees_its_secret_unchanged() {
+        let checks = SecretChecks::default();
+        let key = SecretKeyRef { name: "braze".into(), key: "data-import-key".into() };
+        checks.found("ns", &key, Some("7".into()));
+        assert!(!checks.is_present("ns", &key), "the watch has not seen the Secret yet");
+        checks.saw("ns", "braze", Some("7"));
+        assert!(checks.is_present("ns", &key));
+        assert!(!checks.is_present("other", &key), "per namespace");
+        let other_key = SecretKeyRef { key: "other".into(), ..key.clone() };
+        assert!(!checks.is_present("ns", &other_key), "per key");
+        checks.saw("ns", "braze", Some("8"));
+        assert!(!checks.is_present("ns", &key), "changed (or deleted) since it was read");
+        checks.found("ns", &key, Some("8".into()));
+        assert!(checks.is_present("ns", &key));
+        checks.found("ns", &key, None);
+        assert!(!checks.is_present("ns", &key), "read without a resourceVersion: not trusted");
+    }
 
     #[test]
     fn regions_come_from_braze_clusters_and_configuration() {

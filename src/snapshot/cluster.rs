@@ -210,6 +210,12 @@ impl ClusterSnapshotStore {
         self
     }
 
+    /// Looks for no snapshot of an earlier version: the import never ran before.
+    pub fn without_legacy(mut self) -> Self {
+        self.legacy_uid = None;
+        self
+    }
+
     /// Cuts bodies into pieces of at most `bytes` (tests use small ones).
     pub fn with_chunk_bytes(mut self, bytes: usize) -> Self {
         self.chunk_bytes = bytes.clamp(1, DEFAULT_CHUNK_BYTES);

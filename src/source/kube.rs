@@ -57,6 +57,21 @@ impl KubeObjects {
         }
     }
 
+    /// [`SourceContext::secret_value`] and the Secret's `resourceVersion` as read.
+    pub async fn secret_value_at(&self, name: &str, key: &str) -> Result<(SecretString, Option<String>), SourceError> {
+        let secret: Secret = self.get(ObjectKind::Secret, name).await?;
+        let version = secret.metadata.resource_version.clone();
+        let bytes = secret
+            .data
+            .and_then(|mut data| data.remove(key))
+            .ok_or_else(|| self.key_error(ObjectKind::Secret, name, key, false))?;
+        let text = String::from_utf8(bytes.0).map_err(|_| self.key_error(ObjectKind::Secret, name, key, true))?;
+        // A trailing newline is almost always `echo` or an editor, never part of a key. Other
+        // white space is kept: a password may end with a space.
+        let trimmed = text.trim_end_matches(['\n', '\r']);
+        Ok((SecretString::new(trimmed), version))
+    }
+
     fn key_error(&self, kind: ObjectKind, name: &str, key: &str, not_text: bool) -> SourceError {
         let (namespace, name, key) = (self.namespace.clone(), name.to_owned(), key.to_owned());
         if not_text {
@@ -73,16 +88,7 @@ impl SourceContext for KubeObjects {
     }
 
     async fn secret_value(&self, name: &str, key: &str) -> Result<SecretString, SourceError> {
-        let secret: Secret = self.get(ObjectKind::Secret, name).await?;
-        let bytes = secret
-            .data
-            .and_then(|mut data| data.remove(key))
-            .ok_or_else(|| self.key_error(ObjectKind::Secret, name, key, false))?;
-        let text = String::from_utf8(bytes.0).map_err(|_| self.key_error(ObjectKind::Secret, name, key, true))?;
-        // A trailing newline is almost always `echo` or an editor, never part of a key. Other
-        // white space is kept: a password may end with a space.
-        let trimmed = text.trim_end_matches(['\n', '\r']);
-        Ok(SecretString::new(trimmed))
+        Ok(self.secret_value_at(name, key).await?.0)
     }
 
     async fn config_map_value(&self, name: &str, key: &str) -> Result<Vec<u8>, SourceError> {
