@@ -231,13 +231,14 @@ async fn keys_in_doubt_are_kept_until_the_next_commit() {
     store.commit(&meta(1, sent.len() as u64), &s.body("g1", &sent)).await.unwrap();
     let loaded = store.load(s.dir.path()).await.unwrap();
     assert!(loaded.doubt.is_none(), "a commit settles the keys in doubt");
-    assert_eq!(s.chunk_serials().await.len(), 1, "the doubt's chunks are deleted");
+    // Keys in doubt are few: their replaced chunks are left for the next write to delete.
+    assert_eq!(s.chunk_serials().await.len(), 2, "the snapshot's, and the settled doubt's");
 
     store.record_doubt(&doubt(1, 2), &s.body("d1", &sent[..2])).await.unwrap();
     let loaded = store.load(s.dir.path()).await.unwrap();
     assert_eq!(loaded.generation(), 1);
     assert_eq!(read_keys(loaded.doubt.unwrap().body), sent[..2]);
-    assert_eq!(s.chunk_serials().await.len(), 2, "snapshot and doubt");
+    assert_eq!(s.chunk_serials().await.len(), 2, "snapshot and doubt: the settled doubt's are deleted");
 }
 
 /// A write that crashed after some chunks but before switching the head leaves chunks no
@@ -558,4 +559,34 @@ async fn a_head_of_an_earlier_version_is_cleaned_by_listing_once() {
         serde_json::from_str(&api.get(&store.head_name()).await.unwrap().data.unwrap()["snapshot.json"]).unwrap();
     assert!(json["unnamed"].is_array(), "the head lists its unnamed serials now: {json}");
     assert_eq!(read_keys(s.store().load(s.dir.path()).await.unwrap().snapshot.unwrap().body), keys[..50]);
+}
+
+/// Chunks left by a head deleted before (its chunks are deleted after it, so a crash between
+/// leaves them): the first write of a new head finds them in its way, deletes them and
+/// writes its own.
+#[tokio::test]
+async fn chunks_of_a_deleted_head_do_not_block_the_next_one() {
+    let s = setup("snap-leftover").await;
+    let store = s.store();
+    for serial in [1, 2] {
+        let left = ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(store.chunk_name(serial, 0)),
+                labels: Some(BTreeMap::from([
+                    (SNAPSHOT_OF_LABEL.to_owned(), s.key.clone()),
+                    (SNAPSHOT_PART_LABEL.to_owned(), "chunk".to_owned()),
+                    (SNAPSHOT_SERIAL_LABEL.to_owned(), serial.to_string()),
+                ])),
+                ..ObjectMeta::default()
+            },
+            binary_data: Some(BTreeMap::from([("body".to_owned(), ByteString(b"left behind".to_vec()))])),
+            ..ConfigMap::default()
+        };
+        s.config_maps().create(&PostParams::default(), &left).await.unwrap();
+    }
+    let keys = sorted_keys(100, 8);
+    assert!(store.load(s.dir.path()).await.unwrap().snapshot.is_none());
+    store.commit(&meta(1, keys.len() as u64), &s.body("g1", &keys)).await.unwrap();
+    assert_eq!(s.chunk_serials().await.len(), 1, "the leftovers are gone");
+    assert_eq!(read_keys(s.store().load(s.dir.path()).await.unwrap().snapshot.unwrap().body), keys);
 }

@@ -12,9 +12,9 @@
 //! serial is the one the last switch reserved ([`head`]), or else one the writer claims by
 //! bumping it in the head first. So a serial's chunks belong to one writer, and a writer that
 //! another one overtook fails at its switch. The head lists the serials no part names
-//! (replaced bodies, writes that never switched); the bodies a switch replaces are deleted
-//! right after it, and whatever is left by the next write, before its switch — never a
-//! serial a writer may still switch to. A crash before the switch leaves the old head whole
+//! (replaced bodies, writes that never switched); a snapshot a switch replaces is deleted
+//! right after it, and whatever else is listed by the next write, before its switch — never
+//! a serial a writer may still switch to. A crash before the switch leaves the old head whole
 //! (plus unnamed chunks); after it, the new one. Readers follow the head, so they never see
 //! a torn snapshot. A run costs few requests: one read of the head, then one create per
 //! chunk and one switch per write (and a delete when there is garbage); the store keeps the
@@ -396,8 +396,7 @@ impl ClusterSnapshotStore {
         if read.resource_version.is_some() {
             return Ok(false);
         }
-        // Every serial is claimed before any chunk is written: the first claim of a new head
-        // deletes chunks an earlier head of this key left.
+        // Every serial is claimed before any chunk is written.
         let parts = u64::from(loaded.snapshot.is_some()) + u64::from(loaded.doubt.is_some());
         for _ in 0..parts {
             read = self.claim_serial(read).await?;
@@ -558,8 +557,8 @@ impl ClusterSnapshotStore {
         }
     }
 
-    /// Claims the next serial for a write. A head that does not list its unnamed serials (a
-    /// new one, or one of an earlier version) has what earlier writes left deleted now.
+    /// Claims the next serial for a write. A head that does not list its unnamed serials (one
+    /// of an earlier version) has what earlier writes left found by listing, and deleted now.
     async fn claim_serial(&self, read: ReadHead) -> Result<ReadHead, SnapshotError> {
         let mut claimed = self.put_head(&read, read.head.claimed()).await?;
         if claimed.head.unnamed.is_none() {
@@ -587,7 +586,16 @@ impl ClusterSnapshotStore {
             // No reservation, or its serial is taken (a write there crashed or goes on): claim.
             None => {
                 let claimed = self.claim_serial(read).await?;
-                let at = self.write_claimed(claimed.head.serial, open()?).await?;
+                let serial = claimed.head.serial;
+                let at = match self.write_chunks(serial, open()?).await? {
+                    Some(at) => at,
+                    // Chunks left under the claimed serial by a head deleted before this one
+                    // was made: found by listing, deleted, and written again.
+                    None => {
+                        self.delete_stale_chunks(serial, &claimed.head.serials()).await?;
+                        self.write_claimed(serial, open()?).await?
+                    }
+                };
                 (claimed, at)
             }
         };
@@ -605,7 +613,12 @@ impl ClusterSnapshotStore {
                 return Err(e);
             }
         }
-        // The replaced bodies are garbage now; if this fails, the next write deletes them.
+        // The replaced bodies are garbage now. A replaced snapshot (the whole cohort) goes at
+        // once; keys in doubt are few, and the next write deletes what is left anyway.
+        let snapshot_replaced = base.head.snapshot.as_ref().is_some_and(|s| replaced.contains(&s.serial));
+        if !snapshot_replaced {
+            return Ok(());
+        }
         if let Err(e) = self.delete_serials(&replaced).await {
             warn!(snapshot = %self.what(), error = %e, "could not delete replaced snapshot chunks; the next write will");
         }
@@ -724,9 +737,10 @@ enum Holding {
 }
 
 impl ReadHead {
-    /// No head yet.
+    /// No head yet: the first write creates it, under serial 1 unless chunks of a head
+    /// deleted before are in the way.
     fn none() -> Self {
-        ReadHead { head: Head::default(), resource_version: None }
+        ReadHead { head: Head::new(), resource_version: None }
     }
 }
 

@@ -26,8 +26,8 @@ pub(super) struct Head {
     pub snapshot: Option<Part<SnapshotMeta>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub doubt: Option<Part<DoubtMeta>>,
-    /// Serials up to `serial` whose chunks may exist and that no part names. `None` in a new
-    /// head and in heads of earlier versions: the next claim finds them by listing chunks.
+    /// Serials up to `serial` whose chunks may exist and that no part names. `None` in heads
+    /// of earlier versions: the next claim finds them by listing chunks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unnamed: Option<BTreeSet<u64>>,
 }
@@ -56,6 +56,11 @@ impl Location {
 }
 
 impl Head {
+    /// The head of a cohort without one yet: serial 1 is reserved for its first write.
+    pub fn new() -> Head {
+        Head { serial: 1, unnamed: Some(BTreeSet::from([1])), ..Head::default() }
+    }
+
     pub fn generation(&self) -> u64 {
         self.snapshot.as_ref().map_or(0, |s| s.meta.generation)
     }
@@ -150,7 +155,16 @@ mod tests {
     }
 
     #[test]
-    fn a_new_head_or_one_of_an_earlier_version_has_no_reservation_and_unknown_garbage() {
+    fn a_new_head_reserves_serial_1_for_its_first_write() {
+        let head = Head::new();
+        assert_eq!(head.reservation(), Some(1));
+        assert_eq!(head.garbage(1), Some(set(&[])));
+        let first = head.switched(Head { doubt: Some(doubt(1)), ..head.clone() }, 1, set(&[]));
+        assert_eq!((first.serial, first.unnamed), (2, Some(set(&[2]))));
+    }
+
+    #[test]
+    fn a_head_of_an_earlier_version_has_no_reservation_and_unknown_garbage() {
         let head = Head { serial: 4, snapshot: Some(snapshot(3, 2)), ..Head::default() };
         assert_eq!(head.reservation(), None);
         assert_eq!(head.garbage(5), None, "found by listing");
