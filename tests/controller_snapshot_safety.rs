@@ -177,10 +177,15 @@ async fn an_import_deleted_with_retain_and_applied_again_continues_with_exact_di
 /// Replaces the body of the snapshot's first chunk of `name` with `damage` of it.
 async fn damage_chunk(env: &Env, name: &str, damage: impl Fn(&mut Vec<u8>)) {
     let maps = env.snapshot_maps(name).await;
+    let part = |cm: &&ConfigMap| cm.metadata.labels.as_ref().unwrap()["cohorts.dev/snapshot-part"].clone();
+    // The snapshot's chunk, as the head names it (chunks of replaced bodies may be left too).
+    let head = maps.iter().find(|cm| part(cm) == "head").expect("a head");
+    let head: serde_json::Value = serde_json::from_str(&head.data.as_ref().unwrap()["snapshot.json"]).unwrap();
+    let serial = head["snapshot"]["serial"].as_u64().expect("a snapshot").to_string();
     let chunk = maps
         .iter()
-        .find(|cm| cm.metadata.labels.as_ref().unwrap()["cohorts.dev/snapshot-part"] == "chunk")
-        .expect("a chunk");
+        .find(|cm| part(cm) == "chunk" && cm.metadata.labels.as_ref().unwrap()["cohorts.dev/snapshot-serial"] == serial)
+        .expect("the snapshot's chunk");
     let mut body = chunk.binary_data.as_ref().unwrap()["body"].0.clone();
     damage(&mut body);
     let patch = json!({ "binaryData": { "body": ByteString(body) } });
