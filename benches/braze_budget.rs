@@ -10,19 +10,21 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use braze_sandbox::{DataImportKey, Faults, Partner, RateLimit, Sandbox, SandboxConfig, SandboxUser};
+use braze_sandbox::{Faults, RateLimit, SandboxUser};
 use cohort_operator::api::{RunResult, RunTrigger};
-use cohort_operator::braze::{BrazeClient, BrazeClientConfig, BudgetConfig, Budgets, CohortTarget};
+use cohort_operator::braze::{BrazeClient, BrazeClientConfig, BudgetConfig, Budgets};
 use cohort_operator::domain::member::Member;
 use cohort_operator::run::{ImportRun, RunDeps, run_import};
-use cohort_operator::secret::SecretString;
 use cohort_operator::snapshot::fs::FsSnapshotStore;
 use cohort_operator::source::{MemberBatch, MemberStream};
 use futures::StreamExt;
 
-const PARTNER: &str = "bench";
-const PARTNER_KEY: &str = "bench-partner-key";
-const IMPORT_KEY: &str = "bench-import-key";
+#[path = "../tests/support/braze.rs"]
+mod braze_support;
+use braze_support::BrazeKeys;
+
+const KEYS: BrazeKeys =
+    BrazeKeys { partner: "bench", partner_key: "bench-partner-key", import_key: "bench-import-key" };
 /// Braze's limit in the sandbox, and the operator's budget: requests per minute.
 const PER_MINUTE: u64 = 600;
 const BURST: u32 = 10;
@@ -48,18 +50,13 @@ fn main() {
 }
 
 async fn bench(size: Size) {
-    let sandbox = Sandbox::start(SandboxConfig {
-        partners: vec![Partner { name: PARTNER.into(), api_key: PARTNER_KEY.into() }],
-        data_import_keys: vec![DataImportKey { key: IMPORT_KEY.into(), partners: vec![] }],
-        users: (0..size.members).map(|i| SandboxUser::identified(format!("user-{i:06}"))).collect(),
-        faults: Faults {
-            rate_limit: Some(RateLimit { requests: PER_MINUTE, window_ms: 60_000, retry_after: false }),
-            ..Faults::default()
-        },
-        ..SandboxConfig::default()
-    })
-    .await
-    .expect("sandbox starts");
+    let users = (0..size.members).map(|i| SandboxUser::identified(format!("user-{i:06}"))).collect();
+    let mut config = braze_support::sandbox_config(KEYS, users);
+    config.faults = Faults {
+        rate_limit: Some(RateLimit { requests: PER_MINUTE, window_ms: 60_000, retry_after: false }),
+        ..Faults::default()
+    };
+    let sandbox = braze_support::start(config).await;
     let budget = BudgetConfig { requests_per_hour: (PER_MINUTE * 60) as u32, burst: BURST, ..BudgetConfig::default() };
     let braze = BrazeClient::new(BrazeClientConfig::default()).unwrap().with_budgets(Arc::new(Budgets::new(budget)));
     let dir = tempfile::tempdir().unwrap();
@@ -84,13 +81,7 @@ async fn bench(size: Size) {
         let members = size.members;
         tokio::spawn(async move {
             let name = format!("import-{i:03}");
-            let target = CohortTarget {
-                rest_endpoint: url,
-                partner: PARTNER.into(),
-                partner_api_key: SecretString::new(PARTNER_KEY),
-                data_import_key: SecretString::new(IMPORT_KEY),
-                cohort_id: name.clone(),
-            };
+            let target = braze_support::target_at(url, KEYS, &name);
             let store = FsSnapshotStore::new(dir.join("snapshots"), &name);
             let mut run = ImportRun::new("bench", RunTrigger::Manual, "bench", &name, "Bench cohort");
             run.scratch_dir = dir.join("scratch");

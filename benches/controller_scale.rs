@@ -20,7 +20,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use braze_sandbox::{DataImportKey, Partner, Sandbox, SandboxConfig};
 use cohort_operator::api::CurrentRun;
 use cohort_operator::api::{self, CohortImport};
 use cohort_operator::controller::clock::{Clock, TestClock};
@@ -43,7 +42,15 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::watcher;
 use serde_json::json;
+use testkit::bench::peak_rss_kib_of;
 use testkit::cluster::Cluster;
+
+#[path = "../tests/support/braze.rs"]
+mod braze_support;
+
+/// The partner and keys the sandbox accepts and the operator is given.
+const KEYS: braze_support::BrazeKeys =
+    braze_support::BrazeKeys { partner: "kubit", partner_key: "partner-key", import_key: "import-key" };
 
 const ROLE: &str = "COHORT_BENCH_OPERATOR";
 
@@ -171,15 +178,6 @@ impl Drop for Child_ {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }
 
 async fn metric(url: &str, name: &str) -> f64 {
@@ -345,7 +343,7 @@ fn import_doc(i: usize, busy: usize, at: &str, busy_at: &str, url: &str) -> serd
             "source": { "inline": { "rows": [ { "id": format!("u{i}") } ] } },
             "identifiers": { "externalId": "id" },
             "destination": { "braze": {
-                "restEndpoint": url, "partner": "kubit",
+                "restEndpoint": url, "partner": KEYS.partner,
                 "dataImportKeySecretRef": { "name": "braze", "key": "data-import-key" }
             } },
             "schedule": { "cadence": "Daily", "at": if i < busy { busy_at } else { at } }
@@ -379,17 +377,11 @@ async fn environment(namespace_count: usize) -> Env {
     for _ in 0..namespace_count {
         namespaces.push(cluster.namespace("scale").await);
     }
-    let sandbox = Sandbox::start(SandboxConfig {
-        partners: vec![Partner { name: "kubit".into(), api_key: "partner-key".into() }],
-        data_import_keys: vec![DataImportKey { key: "import-key".into(), partners: vec![] }],
-        ..SandboxConfig::default()
-    })
-    .await
-    .unwrap();
+    let sandbox = braze_support::start_sandbox(KEYS, vec![]).await;
     let keys_dir = tempfile::tempdir().unwrap();
-    std::fs::write(keys_dir.path().join("us"), "partner-key").unwrap();
+    std::fs::write(keys_dir.path().join("us"), KEYS.partner_key).unwrap();
     let secret: Secret = serde_json::from_value(json!({
-        "metadata": { "name": "braze" }, "stringData": { "data-import-key": "import-key" }
+        "metadata": { "name": "braze" }, "stringData": { "data-import-key": KEYS.import_key }
     }))
     .unwrap();
     for ns in &namespaces {
@@ -438,7 +430,7 @@ async fn bench() {
         format!("http://{}/metrics", first.strip_prefix("METRICS ").expect("the operator says where metrics are"));
     let mut operator = Child_ { child, stdin, metrics_url };
     let pid = operator.child.id();
-    let idle_rss = peak_rss_kib(pid);
+    let idle_rss = peak_rss_kib_of(pid).unwrap_or(0);
     let requests = |url: String| async move { metric(&url, "cohort_operator_kube_api_requests_total").await };
     let startup_requests = requests(operator.metrics_url.clone()).await;
 
@@ -486,7 +478,7 @@ async fn bench() {
     println!("  all Scheduled after                {:>8.2} s (from the first create)", all_scheduled.as_secs_f64());
     println!("  API requests until all Scheduled   {:>8.0}", scheduling_requests);
     println!("  operator RSS before any import     {:>8.1} MiB", idle_rss as f64 / 1024.0);
-    println!("  operator peak RSS                  {:>8.1} MiB", peak_rss_kib(pid) as f64 / 1024.0);
+    println!("  operator peak RSS                  {:>8.1} MiB", peak_rss_kib_of(pid).unwrap_or(0) as f64 / 1024.0);
     println!(
         "  idle (real time, {idle_seconds} s):             {:>8.1} API requests/min",
         idle_requests / idle_seconds as f64 * 60.0

@@ -24,16 +24,23 @@ use axum::extract::Path as UrlPath;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use braze_sandbox::{DataImportKey, Partner, RunningSandbox, Sandbox, SandboxConfig};
+use braze_sandbox::RunningSandbox;
 use cohort_operator::api::{self, CohortImport, RunResult};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
+use testkit::bench::peak_rss_kib_of;
 use testkit::cluster::Cluster;
 use tokio::io::AsyncReadExt;
 
-const PARTNER: &str = "kubit";
+#[path = "../tests/support/braze.rs"]
+mod braze_support;
+
+/// The partner and keys the sandbox accepts and the operator is given.
+const KEYS: braze_support::BrazeKeys =
+    braze_support::BrazeKeys { partner: "kubit", partner_key: "partner-key", import_key: "import-key" };
+
 const MIB: u64 = 1 << 20;
 /// The target the figures are compared with.
 const TARGET_RSS_MIB: f64 = 128.0;
@@ -183,13 +190,7 @@ impl Operator {
 
     /// Peak resident set so far, in MiB.
     fn peak_rss_mib(&self) -> f64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
-        let kib: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0);
-        kib as f64 / 1024.0
+        peak_rss_kib_of(self.child.id()).unwrap_or(0) as f64 / 1024.0
     }
 }
 
@@ -213,7 +214,7 @@ fn import(name: &str, url: &str, format: &str, pointer: Option<&str>, sandbox: &
             "source": { "http": http },
             "identifiers": { "externalId": "user_id" },
             "destination": { "braze": {
-                "restEndpoint": sandbox.url(), "partner": PARTNER,
+                "restEndpoint": sandbox.url(), "partner": KEYS.partner,
                 "dataImportKeySecretRef": { "name": "braze", "key": "data-import-key" }
             } },
             "schedule": { "cadence": "Once" }
@@ -258,18 +259,12 @@ async fn bench(sizes: Sizes) {
     let cluster = Cluster::start();
     let client = cluster.client().await;
     cluster.install_crd(&api::crd()).await;
-    let sandbox = Sandbox::start(SandboxConfig {
-        partners: vec![Partner { name: PARTNER.into(), api_key: "partner-key".into() }],
-        data_import_keys: vec![DataImportKey { key: "import-key".into(), partners: vec![] }],
-        ..SandboxConfig::default()
-    })
-    .await
-    .unwrap();
+    let sandbox = braze_support::start_sandbox(KEYS, vec![]).await;
     let base = export_server(sizes).await;
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("keys");
     std::fs::create_dir(&keys).unwrap();
-    std::fs::write(keys.join("us"), "partner-key").unwrap();
+    std::fs::write(keys.join("us"), KEYS.partner_key).unwrap();
 
     let cases = vec![
         Case {
@@ -308,7 +303,7 @@ async fn bench(sizes: Sizes) {
     for (n, case) in cases.into_iter().enumerate() {
         let ns = cluster.namespace(&format!("hostile-{n}")).await;
         let secret: Secret = serde_json::from_value(json!({
-            "metadata": { "name": "braze" }, "stringData": { "data-import-key": "import-key" }
+            "metadata": { "name": "braze" }, "stringData": { "data-import-key": KEYS.import_key }
         }))
         .unwrap();
         Api::<Secret>::namespaced(client.clone(), &ns).create(&PostParams::default(), &secret).await.unwrap();

@@ -6,30 +6,29 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use braze_sandbox::{DataImportKey, Faults, Partner, RateLimit, RunningSandbox, Sandbox, SandboxConfig, SandboxUser};
+use braze_sandbox::{Faults, RateLimit, RunningSandbox, SandboxUser};
 use cohort_operator::braze::{
     BrazeClient, BrazeClientConfig, BrazeError, BudgetConfig, Budgets, Change, CohortTarget, RetryPolicy,
 };
 use cohort_operator::controller::metrics::Metrics;
 use cohort_operator::domain::member::Member;
-use cohort_operator::secret::SecretString;
 use futures::stream;
+
+#[path = "support/braze.rs"]
+mod braze_support;
+use braze_support::BrazeKeys;
 
 const PARTNER: &str = "acme";
 const PARTNER_KEY: &str = "pk-budget-partner-71c2";
 const IMPORT_KEY: &str = "dik-budget-import-5d90";
+const KEYS: BrazeKeys = BrazeKeys { partner: PARTNER, partner_key: PARTNER_KEY, import_key: IMPORT_KEY };
 const USERS: usize = 20_000;
 
 async fn sandbox(rate_limit: RateLimit) -> RunningSandbox {
-    Sandbox::start(SandboxConfig {
-        partners: vec![Partner { name: PARTNER.into(), api_key: PARTNER_KEY.into() }],
-        data_import_keys: vec![DataImportKey { key: IMPORT_KEY.into(), partners: vec![] }],
-        users: (0..USERS).map(|i| SandboxUser::identified(format!("u{i}"))).collect(),
-        faults: Faults { rate_limit: Some(rate_limit), ..Faults::default() },
-        ..SandboxConfig::default()
-    })
-    .await
-    .expect("sandbox starts")
+    let mut config =
+        braze_support::sandbox_config(KEYS, (0..USERS).map(|i| SandboxUser::identified(format!("u{i}"))).collect());
+    config.faults = Faults { rate_limit: Some(rate_limit), ..Faults::default() };
+    braze_support::start(config).await
 }
 
 fn client(budget: BudgetConfig, metrics: Option<Arc<Metrics>>) -> BrazeClient {
@@ -55,13 +54,7 @@ fn client(budget: BudgetConfig, metrics: Option<Arc<Metrics>>) -> BrazeClient {
 }
 
 fn target(sandbox: &RunningSandbox, cohort: usize) -> CohortTarget {
-    CohortTarget {
-        rest_endpoint: sandbox.url(),
-        partner: PARTNER.into(),
-        partner_api_key: SecretString::new(PARTNER_KEY),
-        data_import_key: SecretString::new(IMPORT_KEY),
-        cohort_id: format!("cohort-{cohort}"),
-    }
+    braze_support::target(sandbox, KEYS, &format!("cohort-{cohort}"))
 }
 
 fn adds(range: std::ops::Range<usize>) -> impl futures::Stream<Item = Change> {
