@@ -284,3 +284,20 @@ async fn a_blocked_run_waits_for_approval_and_then_removes() {
     assert_eq!(env.members("guarded"), set(&ids(0..5)));
     operator.stop().await;
 }
+
+/// The finalizer comes with an import's first run: one that never ran holds no snapshot and
+/// sent no one to Braze, so it goes at once when deleted, and its series go with it.
+#[tokio::test]
+async fn an_import_that_never_ran_is_deleted_at_once() {
+    let env = Env::new("ctl-never-ran").await;
+    let operator = env.start().await;
+    env.create(env.import("idle", "idle", json!({ "cadence": "Daily", "at": "06:30" }))).await;
+    let idle = env.wait_reason("idle", "Scheduled").await;
+    assert!(idle.finalizers().is_empty(), "{:?}", idle.finalizers());
+    let series = format!("cohort_operator_import_ready{{namespace=\"{}\",name=\"idle\"", env.ns);
+    wait_until("its series exported", || operator.metrics.render().contains(&series)).await;
+    env.delete("idle").await;
+    env.wait_for("idle", "deleted", |i| i.is_none()).await;
+    wait_until("its series gone", || !operator.metrics.render().contains(&series)).await;
+    operator.stop().await;
+}

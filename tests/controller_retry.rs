@@ -88,6 +88,8 @@ async fn a_failed_run_is_retried_after_its_backoff_and_then_succeeds() {
     let message = &status.ready().unwrap().message;
     assert!(message.contains(&format!("retry 1 of 3 at {retry_at}")), "{message}");
     assert_eq!(stalled(&status), "False", "the import gets better by itself");
+    let note = env.wait_event("flaky", "RetryScheduled").await;
+    assert_eq!(note, format!("Run {} failed; retry 1 of 3 at {retry_at} (spec.retry)", failed.id));
     assert!(env.members("flaky").is_empty());
 
     // The retry is in status: an operator that restarts meanwhile keeps it.

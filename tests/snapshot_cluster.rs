@@ -29,6 +29,7 @@ use futures::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::ResourceExt;
 use kube::api::{Api, ListParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use rand::RngCore;
@@ -307,6 +308,21 @@ async fn a_snapshot_of_an_earlier_version_moves_to_the_cohorts_key() {
     let legacy_objects = format!("{SNAPSHOT_OF_LABEL}={}", s.uid);
     assert!(!s.config_maps().list(&ListParams::default().labels(&legacy_objects)).await.unwrap().items.is_empty());
 
+    // A preview reads it where it is and changes nothing.
+    let all = |s: &Setup| {
+        let api = s.config_maps();
+        async move {
+            let items = api.list(&ListParams::default()).await.unwrap().items;
+            items.into_iter().map(|cm| (cm.name_any(), cm.resource_version())).collect::<BTreeMap<_, _>>()
+        }
+    };
+    let before = all(&s).await;
+    let preview = s.store().with_legacy_uid(&s.uid).read_only();
+    let loaded = preview.load(s.dir.path()).await.unwrap();
+    assert_eq!(read_keys(loaded.snapshot.unwrap().body), keys);
+    assert_eq!(read_keys(loaded.doubt.unwrap().body), doubtful);
+    assert_eq!(all(&s).await, before, "a read-only load writes nothing");
+
     let store = s.store().with_legacy_uid(&s.uid);
     let loaded = store.load(s.dir.path()).await.unwrap();
     let snapshot = loaded.snapshot.unwrap();
@@ -336,6 +352,10 @@ async fn a_released_snapshot_is_listed_and_adopted_by_a_new_import_of_the_cohort
 
     let uid = random_uid();
     let again = ClusterSnapshotStore::for_cohort(s.client.clone(), &s.namespace, &s.key, "cohort vip", "vip-2", &uid);
+    // A preview of the new import reads it without adopting it.
+    let preview = again.clone().read_only();
+    assert_eq!(read_keys(preview.load(s.dir.path()).await.unwrap().snapshot.unwrap().body), keys);
+    assert!(list_snapshots(s.client.clone(), Some(&s.namespace)).await.unwrap()[0].released);
     assert_eq!(read_keys(again.load(s.dir.path()).await.unwrap().snapshot.unwrap().body), keys);
     let listed = list_snapshots(s.client.clone(), Some(&s.namespace)).await.unwrap();
     assert!(!listed[0].released && listed[0].import == "vip-2", "{listed:?}");

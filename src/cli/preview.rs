@@ -359,7 +359,7 @@ async fn preview(
     let key = live.as_ref().map(|live| cohort_snapshot_key(live, spec));
     let store = ReadOnlySnapshots(match (&live, &key) {
         (Some(live), Some(key)) => {
-            Some(ClusterSnapshotStore::new(client, live, key, &CohortKey::of(spec).to_string())?)
+            Some(ClusterSnapshotStore::new(client, live, key, &CohortKey::of(spec).to_string())?.read_only())
         }
         _ => None,
     });

@@ -18,6 +18,7 @@ pub mod reason {
     pub const RUN_BLOCKED: &str = "RunBlocked";
     pub const RUN_MISSED: &str = "RunMissed";
     pub const RUN_INTERRUPTED: &str = "RunInterrupted";
+    pub const RETRY_SCHEDULED: &str = ReadyReason::RetryScheduled.as_str();
     pub const CONFLICT: &str = ReadyReason::Conflict.as_str();
     pub const INVALID_SPEC: &str = ReadyReason::InvalidSpec.as_str();
     pub const SECRET_NOT_FOUND: &str = ReadyReason::SecretNotFound.as_str();

@@ -175,6 +175,12 @@ impl Context {
         stores.iter().flat_map(|s| s.state()).collect()
     }
 
+    /// The controller's copy of `import`, as its watch last delivered it.
+    pub fn cached(&self, import: &CohortImport) -> Option<Arc<CohortImport>> {
+        let reference = ObjectRef::from_obj(import);
+        self.stores.iter().find_map(|store| store.get(&reference))
+    }
+
     /// This operator's shard (`--shard`), `""` without one: the shard label of its metrics.
     pub fn shard_name(&self) -> &str {
         self.config.shard.as_ref().and_then(|s| s.name.as_deref()).unwrap_or("")
@@ -202,6 +208,16 @@ impl Context {
         let count = failures.entry(import.clone()).or_default();
         *count = count.saturating_add(1);
         *count
+    }
+
+    /// Lets go of what this replica keeps about an import that is gone: its conflict, its
+    /// failed reconciles and its per-import series. (Which run of it ended here is kept:
+    /// a few bytes, and forgetting it for an import that is only out of sight for a moment
+    /// could make a stale copy look like an interrupted run.)
+    fn forget(&self, import: &ObjectRef<CohortImport>) {
+        self.note_conflict(import, None);
+        self.note_reconcile(import, false);
+        self.metrics.forget(import.namespace.as_deref().unwrap_or_default(), &import.name);
     }
 
     fn note_conflict(&self, import: &ObjectRef<CohortImport>, winner: Option<ObjectRef<CohortImport>>) {
@@ -396,7 +412,8 @@ async fn watch_and_reconcile(
         let controller = if ctx.config.shard.is_some() {
             controller.watches_stream(every_shard_imports(&ctx, api_for(scope), every_shard_writer), same_cohort)
         } else {
-            controller.watches(api_for(scope), watcher::Config::default().any_semantic(), same_cohort)
+            let imports = watcher(api_for(scope), watcher::Config::default().any_semantic()).default_backoff();
+            controller.watches_stream(forgetting_deleted(&ctx, imports).touched_objects(), same_cohort)
         };
         let stream = controller
             .reconcile_on(wake)
@@ -425,9 +442,9 @@ fn every_shard_imports(
     api: Api<CohortImport>,
     writer: reflector::store::Writer<CohortImport>,
 ) -> impl futures::Stream<Item = Result<CohortImport, watcher::Error>> + Send + 'static {
+    let imports = forgetting_deleted(ctx, watcher(api, watcher::Config::default().any_semantic()).default_backoff());
     let ctx = ctx.clone();
-    watcher(api, watcher::Config::default().any_semantic())
-        .default_backoff()
+    imports
         .map(move |event| {
             if let Ok(watcher::Event::Apply(import) | watcher::Event::InitApply(import)) = &event {
                 ctx.let_go_if_left(import);
@@ -450,6 +467,20 @@ fn every_shard_imports(
         })
         .reflect(writer)
         .touched_objects()
+}
+
+/// `events`, forgetting what this replica keeps about each import they show deleted: one
+/// deleted without the finalizer (it never ran) is never reconciled again to clean up.
+fn forgetting_deleted(
+    ctx: &Arc<Context>,
+    events: impl futures::Stream<Item = Result<watcher::Event<CohortImport>, watcher::Error>> + Send + 'static,
+) -> impl futures::Stream<Item = Result<watcher::Event<CohortImport>, watcher::Error>> + Send + 'static {
+    let ctx = ctx.clone();
+    events.inspect(move |event| {
+        if let Ok(watcher::Event::Delete(import)) = event {
+            ctx.forget(&ObjectRef::from_obj(import));
+        }
+    })
 }
 
 /// Maps a changed Secret or ConfigMap to the imports in its namespace that read it.

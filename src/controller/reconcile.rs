@@ -7,10 +7,11 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 use kube::ResourceExt;
-use kube::api::Api;
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
+use serde_json::json;
 use tracing::{debug, warn};
 
 use super::Context;
@@ -71,7 +72,14 @@ pub async fn reconcile(import: Arc<CohortImport>, ctx: Arc<Context>) -> Result<A
     result
 }
 
+/// The finalizer is added when an import's first run starts ([`execute`]): an import that
+/// never ran holds no snapshot and sent nobody to Braze, so it goes at once when deleted,
+/// and scheduling an import costs one status write, not a finalizer patch too. With the
+/// finalizer, kube-rs's helper applies or cleans up and then lets it go.
 async fn finalize(import: Arc<CohortImport>, ctx: &Arc<Context>, api: &Api<CohortImport>) -> Result<Action, Error> {
+    if import.metadata.deletion_timestamp.is_none() && !has_finalizer(&import) {
+        return apply(import, ctx, api).await;
+    }
     finalizer(api, FINALIZER, import, |step| async {
         match step {
             Finalizer::Apply(import) => apply(import, ctx, api).await,
@@ -220,6 +228,17 @@ async fn execute(
     wanted: Desired,
 ) -> Result<Action, Error> {
     let previous_reason = ready_reason(import.status.as_ref()).map(str::to_owned);
+    // A run is about to start: from now on a deletion has something to clean up.
+    let starts_run = wanted.effects.iter().any(|e| matches!(e, Effect::StartRun(_)));
+    let import = if starts_run && !has_finalizer(&import) {
+        match add_finalizer(api, &import).await {
+            Ok(patched) => Arc::new(patched),
+            Err(e) if status::is_stale_write(&e) => return Ok(retry_soon()),
+            Err(e) => return Err(e.into()),
+        }
+    } else {
+        import
+    };
     let written = match &wanted.status {
         None => None,
         Some(status) => match write_status(api, &import, status).await? {
@@ -254,6 +273,20 @@ async fn execute(
             requeue_at(ctx, at)
         }
     })
+}
+
+fn has_finalizer(import: &CohortImport) -> bool {
+    import.finalizers().iter().any(|f| f == FINALIZER)
+}
+
+/// Adds the finalizer to `import` as read (a copy gone stale meanwhile is refused with 409,
+/// as kube-rs's helper is; the newer copy is on its way). Returns the import as written, for
+/// the status write that follows to be conditioned on.
+async fn add_finalizer(api: &Api<CohortImport>, import: &CohortImport) -> Result<CohortImport, kube::Error> {
+    let mut finalizers = import.finalizers().to_vec();
+    finalizers.push(FINALIZER.to_owned());
+    let patch = json!({ "metadata": { "finalizers": finalizers, "resourceVersion": import.resource_version() } });
+    api.patch(&import.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await
 }
 
 /// Every Secret key the import reads exists (values are read only at run time). A key found
@@ -308,7 +341,6 @@ fn checked_keys(import: &CohortImport) -> Vec<CheckedKey> {
 /// to let the import go without it, so that the advice survives their length limits.
 async fn cleanup(import: Arc<CohortImport>, ctx: &Arc<Context>, api: &Api<CohortImport>) -> Result<Action, Error> {
     let reference = ObjectRef::from_obj(import.as_ref());
-    let namespace = import.namespace().unwrap_or_default();
     let imports = ctx.imports();
     let workspace = import.status.as_ref().and_then(|s| s.braze_workspace.as_deref());
     let winner = conflict::winner(&import, workspace, imports.iter().map(|i| i.as_ref()));
@@ -326,9 +358,8 @@ async fn cleanup(import: Arc<CohortImport>, ctx: &Arc<Context>, api: &Api<Cohort
         }
         return Err(Error::Cleanup(message));
     }
-    ctx.note_conflict(&reference, None);
+    ctx.forget(&reference);
     ctx.runs.forget(&reference);
-    ctx.metrics.forget(&namespace, &import.name_any());
     Ok(Action::await_change())
 }
 

@@ -28,6 +28,7 @@ use crate::api::{
     CohortImport, CohortImportStatus, CommittedSnapshot, CurrentRun, DryRunSample, HistoryLimits, ReadyReason,
     RetrySpec, RunRecord, RunResult, RunTrigger,
 };
+use crate::domain::retry::Retry;
 use crate::notify::{RunNotice, any_channel_wants, is_recovery};
 use crate::run::{RunError, RunReport, new_run_id};
 
@@ -264,6 +265,8 @@ pub struct Recorded {
     pub previous_history: Vec<RunRecord>,
     /// The next run once the end is recorded: a pending retry when it comes before the slot.
     pub next_run_at: Option<Timestamp>,
+    /// The retry this end left pending (`spec.retry`), if any.
+    pub retry: Option<Retry>,
 }
 
 /// Puts `end` in `status`: the history entry (newest first, as many as `history_limits` keep), no
@@ -275,7 +278,8 @@ pub fn record(
     history_limits: HistoryLimits,
     retry: &RetrySpec,
 ) -> Recorded {
-    let mut recorded = Recorded { previous_history: status.history.clone(), next_run_at: status.next_run_at };
+    let mut recorded =
+        Recorded { previous_history: status.history.clone(), next_run_at: status.next_run_at, retry: None };
     if status.current_run.as_ref().is_some_and(|run| run.id == end.record.id) {
         status.current_run = None;
     }
@@ -295,6 +299,7 @@ pub fn record(
     super::retry::schedule(status, end, retry);
     // The report's next run: a retry comes before the slot.
     recorded.next_run_at = status.next_run_at;
+    recorded.retry = status.retry_attempt.zip(status.next_retry_at).map(|(attempt, at)| Retry { attempt, at });
     let (_, message) = idle_ready(status, status.next_run_at);
     set_ready(status, end.reason(), &message, status.observed_generation, end.ended_at);
     recorded
@@ -329,6 +334,11 @@ pub async fn announce(ctx: &Arc<Context>, import: &CohortImport, end: &RunEnd, r
         RunResult::Failed => ctx.events.warning(import, event::RUN_FAILED, "Run", note).await,
         RunResult::Blocked => ctx.events.warning(import, event::RUN_BLOCKED, "Run", note).await,
         RunResult::Missed => ctx.events.warning(import, event::RUN_MISSED, "Run", note).await,
+    }
+    if let Some(retry) = &recorded.retry {
+        let limit = import.spec.retry_policy().limit;
+        let note = format!("Run {} failed; retry {} of {limit} at {} (spec.retry)", record.id, retry.attempt, retry.at);
+        ctx.events.normal(import, event::RETRY_SCHEDULED, "Retry", note).await;
     }
     send_report(ctx, import, end, recorded);
 }

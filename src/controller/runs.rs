@@ -273,9 +273,12 @@ async fn finish(ctx: &Arc<Context>, import: &CohortImport, end: RunEnd, attempt:
     record::announce(ctx, import, &end, &recorded).await;
 }
 
-/// Reads the import afresh, lets `change` edit its status (returning whether it changed
-/// anything), and writes it; retried while the write is refused as stale or the API server
-/// is unavailable. Returns whether the change is recorded.
+/// Lets `change` edit the import's status (returning whether it changed anything) and
+/// writes it; retried while the write is refused as stale or the API server is unavailable.
+/// Returns whether the change is recorded. The first try starts from the controller's copy
+/// (the watch has almost always delivered the run's start by its end), every later one from
+/// the import read afresh; the write is conditioned on the copy's `resourceVersion`, so a
+/// stale copy costs one refused write, and only a fresh copy can refuse the change.
 pub(super) async fn update_status(
     ctx: &Context,
     import: &CohortImport,
@@ -284,19 +287,26 @@ pub(super) async fn update_status(
     let namespace = import.namespace().unwrap_or_default();
     let api: Api<CohortImport> = Api::namespaced(ctx.client.clone(), &namespace);
     let mut delay = Duration::from_millis(100);
+    let mut cached = ctx.cached(import).filter(|c| c.uid() == import.uid());
     for _ in 0..30 {
-        let fresh = match api.get_opt(&import.name_any()).await {
-            Ok(Some(fresh)) if fresh.uid() == import.uid() => fresh,
-            Ok(_) => return false, // deleted (or deleted and created again)
-            Err(e) => {
-                warn!(error = %e, "cannot read the import to record the run; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(30));
-                continue;
-            }
+        let (fresh, from_cache) = match cached.take() {
+            Some(copy) => (copy.as_ref().clone(), true),
+            None => match api.get_opt(&import.name_any()).await {
+                Ok(Some(fresh)) if fresh.uid() == import.uid() => (fresh, false),
+                Ok(_) => return false, // deleted (or deleted and created again)
+                Err(e) => {
+                    warn!(error = %e, "cannot read the import to record the run; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(30));
+                    continue;
+                }
+            },
         };
         let mut desired = fresh.status.clone().unwrap_or_default();
         if !change(&mut desired) {
+            if from_cache {
+                continue;
+            }
             return false;
         }
         match status::write(&api, &fresh, &desired).await {

@@ -103,6 +103,8 @@ pub struct ClusterSnapshotStore {
     chunk_bytes: usize,
     /// The head as this store last read or wrote it.
     last: LastHead,
+    /// Loads change nothing ([`Self::read_only`]).
+    read_only: bool,
 }
 
 /// The head as a store last read or wrote it: the next write of the same run starts from it
@@ -179,6 +181,7 @@ impl ClusterSnapshotStore {
             effective: OnceLock::new(),
             chunk_bytes: DEFAULT_CHUNK_BYTES,
             last: LastHead::default(),
+            read_only: false,
         }
     }
 
@@ -207,6 +210,14 @@ impl ClusterSnapshotStore {
     /// Also moves over the uid-keyed snapshot of an earlier version of the import with `uid`.
     pub fn with_legacy_uid(mut self, uid: &str) -> Self {
         self.legacy_uid = Some(uid.to_owned());
+        self
+    }
+
+    /// A store whose loads change nothing, for a preview: a snapshot of an earlier version is
+    /// read where it is instead of moved over, and one whose holder is gone is read without
+    /// adopting it. Its writes are the caller's to refuse.
+    pub fn read_only(mut self) -> Self {
+        self.read_only = true;
         self
     }
 
@@ -329,6 +340,9 @@ impl ClusterSnapshotStore {
                 return Ok(Holding::Other(other.metadata.name.clone().unwrap_or_default()));
             }
         }
+        if self.read_only {
+            return Ok(Holding::Held);
+        }
         self.relabel_head("adopt the head", |meta| {
             let labels = meta.labels.get_or_insert_default();
             labels.insert(SNAPSHOT_HOLDER_LABEL.to_owned(), self.uid.clone());
@@ -373,15 +387,10 @@ impl ClusterSnapshotStore {
     /// included, in one switch of the new head; then deletes the old objects. Nothing to do
     /// once this key has a head. Whether it moved one.
     async fn move_legacy(&self, scratch: &Path) -> Result<bool, SnapshotError> {
-        let Some(uid) = self.legacy_uid.as_deref().filter(|uid| *uid != self.key()) else { return Ok(false) };
-        let legacy = Self {
-            key: uid.to_owned(),
-            legacy_uid: None,
-            alternate: None,
-            effective: OnceLock::new(),
-            last: LastHead::default(),
-            ..self.clone()
-        };
+        if self.read_only {
+            return Ok(false);
+        }
+        let Some(legacy) = self.legacy_store() else { return Ok(false) };
         let old = legacy.read_head().await?;
         if old.resource_version.is_none() {
             return Ok(false);
@@ -418,6 +427,19 @@ impl ClusterSnapshotStore {
         legacy.delete().await?;
         debug!(snapshot = %self.what(), from = %legacy.what(), "moved a snapshot of an earlier version");
         Ok(true)
+    }
+
+    /// The uid-keyed store of an earlier version this one moves over, if any.
+    fn legacy_store(&self) -> Option<Self> {
+        let uid = self.legacy_uid.as_deref().filter(|uid| *uid != self.key())?;
+        Some(Self {
+            key: uid.to_owned(),
+            legacy_uid: None,
+            alternate: None,
+            effective: OnceLock::new(),
+            last: LastHead::default(),
+            ..self.clone()
+        })
     }
 
     /// `deletionPolicy: Retain`: the import goes, the snapshot stays, held by no one, for an
@@ -763,6 +785,13 @@ impl SnapshotStore for ClusterSnapshotStore {
 
     async fn load(&self, scratch: &Path) -> Result<Loaded, SnapshotError> {
         let mut read = self.settle_holder(scratch).await?;
+        if self.read_only
+            && read.as_ref().is_some_and(|r| r.resource_version.is_none())
+            && let Some(legacy) = self.legacy_store()
+        {
+            // Where a run would move it from.
+            return legacy.load(scratch).await;
+        }
         let mut why = String::new();
         for _ in 0..LOAD_ATTEMPTS {
             let head = match read.take() {

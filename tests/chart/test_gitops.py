@@ -125,10 +125,19 @@ def operator_patch(plane: ControlPlane, name: str, body: dict[str, Any], status:
     assert resp.status == 200, resp.body
 
 
+# Reasons under which an import gets well by itself (ReadyReason::stalled is false).
+SELF_HEALING = {"Scheduled", "Succeeded", "DryRun", "Running", "Suspended", "Missed", "RetryScheduled"}
+
+
 def ready(status: str, reason: str, message: str, generation: int) -> dict[str, Any]:
+    """Ready, Reconciling and Stalled, as the operator writes them together."""
+    def condition(type_: str, value: str) -> dict[str, str]:
+        return {"type": type_, "status": value, "reason": reason, "message": message,
+                "lastTransitionTime": "2026-11-28T06:30:00Z"}
     return {"status": {"observedGeneration": generation, "conditions": [
-        {"type": "Ready", "status": status, "reason": reason, "message": message,
-         "lastTransitionTime": "2026-11-28T06:30:00Z"}]}}
+        condition("Ready", status),
+        condition("Reconciling", "True" if reason == "Running" else "False"),
+        condition("Stalled", "False" if reason in SELF_HEALING else "True")]}}
 
 
 def test_operator_writes_are_not_drift_and_health_follows_status(plane: ControlPlane) -> None:
@@ -175,6 +184,13 @@ def test_operator_writes_are_not_drift_and_health_follows_status(plane: ControlP
     blocked = plane.get("cohortimport", name, NS)
     assert argo_health(blocked) == ("Degraded", "Blocked: Run r1 was blocked: 40% removals")
     assert flux_health(blocked) == "Failed"
+
+    # A failed run waiting for its retry, or a missed one: it gets well by itself.
+    for reason in ["RetryScheduled", "Missed"]:
+        operator_patch(plane, name, ready("False", reason, "Run r2 failed; retry 1 of 3 at 06:35", 2), status=True)
+        waiting = plane.get("cohortimport", name, NS)
+        assert argo_health(waiting) == ("Progressing", f"{reason}: Run r2 failed; retry 1 of 3 at 06:35")
+        assert flux_health(waiting) == "InProgress"
 
     # Unknown is still in progress.
     operator_patch(plane, name, ready("Unknown", "Running", "Run in progress", 2), status=True)
