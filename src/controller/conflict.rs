@@ -38,6 +38,15 @@ impl CohortKey {
             cohort_id: spec.cohort.id.clone(),
         }
     }
+
+    /// Whether `spec` imports into this cohort: [`CohortKey::of`] without building one,
+    /// since every reconcile compares its import with every other.
+    pub fn is_of(&self, spec: &CohortImportSpec) -> bool {
+        let braze = &spec.destination.braze;
+        spec.cohort.id == self.cohort_id
+            && braze.partner.eq_ignore_ascii_case(&self.partner)
+            && braze.rest_endpoint.trim().trim_end_matches('/').eq_ignore_ascii_case(&self.endpoint)
+    }
 }
 
 impl std::fmt::Display for CohortKey {
@@ -81,7 +90,7 @@ pub fn contenders<'a>(me: &CohortImport, all: impl IntoIterator<Item = &'a Cohor
     // Namespace and name make seniorities unique, so `!=` never keeps `me` itself.
     let mut found: Vec<_> = all
         .into_iter()
-        .filter(|other| seniority(other) != mine && CohortKey::of(&other.spec) == key)
+        .filter(|other| key.is_of(&other.spec) && seniority(other) != mine)
         .filter(|other| (!me_holds || seniority(other) < mine) && holds(other))
         .collect();
     found.sort_by_key(|other| seniority(other));
@@ -229,6 +238,27 @@ pub(crate) mod tests {
     fn in_workspace(mut import: CohortImport, workspace: &str) -> CohortImport {
         import.status.get_or_insert_default().braze_workspace = Some(workspace_of(workspace));
         import
+    }
+
+    #[test]
+    fn a_cohort_key_tells_its_imports_as_comparing_built_keys_does() {
+        let endpoints =
+            ["https://rest.iad-01.braze.com", " https://REST.iad-01.braze.com/ ", "https://rest.iad-02.braze.com"];
+        let specs: Vec<CohortImport> = endpoints
+            .iter()
+            .flat_map(|e| ["vip", "VIP"].map(|c| import("ns", "a", "2026-01-01T00:00:00Z", e, c)))
+            .chain(std::iter::once({
+                let mut other = import("ns", "a", "2026-01-01T00:00:00Z", endpoints[0], "vip");
+                other.spec.destination.braze.partner = "KUBIT".into();
+                other
+            }))
+            .collect();
+        for a in &specs {
+            let key = CohortKey::of(&a.spec);
+            for b in &specs {
+                assert_eq!(key.is_of(&b.spec), key == CohortKey::of(&b.spec), "{key} / {}", CohortKey::of(&b.spec));
+            }
+        }
     }
 
     #[test]

@@ -236,7 +236,7 @@ impl Context {
         let mut refs: Vec<_> = self
             .imports()
             .iter()
-            .filter(|other| conflict::CohortKey::of(&other.spec) == key)
+            .filter(|other| key.is_of(&other.spec))
             .map(|other| ObjectRef::from_obj(other.as_ref()))
             .filter(|r| *r != me)
             .collect();
