@@ -9,10 +9,11 @@
 //!   the same minute; its API requests per minute from that slot until the last of them
 //!   started, and the p50/p99 delay from the slot to each run's start.
 //!
-//! `cargo bench --bench controller_scale` (`IMPORTS=N`, `BUSY=N`, `NAMESPACES=N` (default 10), `IDLE_SECONDS=N` for the
-//! real-time idle window (default 60), `STEP_MINUTES=N` for the simulated idle hour's steps
-//! (default 5), `KUBE_API_QPS`/`KUBE_API_BURST` for the operator's client rate limit
-//! (default: the operator's defaults)).
+//! `cargo bench --bench controller_scale` (`IMPORTS=N`, `BUSY=N`, `NAMESPACES=N` (default 10),
+//! `CREATORS=N` creates at once (default 16), `IDLE_SECONDS=N` for the real-time idle window
+//! (default 60), `STEP_MINUTES=N` for the simulated idle hour's steps (default 5),
+//! `KUBE_API_QPS`/`KUBE_API_BURST` for the operator's client rate limit (default: the
+//! operator's defaults), `OPERATOR_LOG` for the operator's `RUST_LOG` (default `warn`)).
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -439,7 +440,7 @@ async fn bench() {
     let mut progress = watch_progress(client.clone(), busy_names.clone(), busy_slot);
     wait_for(&mut progress, "watching", Duration::from_secs(60), |_| true).await;
 
-    // The imports, created 16 at a time, spread over the namespaces.
+    // The imports, created `CREATORS` (16) at a time, spread over the namespaces.
     let began = Instant::now();
     futures::stream::iter(0..imports)
         .map(|i| {
@@ -447,13 +448,14 @@ async fn bench() {
             let doc = import_doc(i, busy, &at, &busy_at, &env.sandbox.url());
             async move { api.create(&PostParams::default(), &serde_json::from_value(doc).unwrap()).await.unwrap() }
         })
-        .buffer_unordered(16)
+        .buffer_unordered(env_or("CREATORS", 16) as usize)
         .collect::<Vec<_>>()
         .await;
     let created = began.elapsed();
     wait_for(&mut progress, "all Scheduled", Duration::from_secs(1800), |p| p.scheduled == imports).await;
     let all_scheduled = began.elapsed();
     let scheduling_requests = requests(operator.metrics_url.clone()).await - startup_requests;
+    let scheduled_rss = peak_rss_kib_of(pid).unwrap_or(0);
 
     // Idle, in real time: nothing is due, nothing changes.
     let before = requests(operator.metrics_url.clone()).await;
@@ -461,6 +463,7 @@ async fn bench() {
     let idle_requests = requests(operator.metrics_url.clone()).await - before;
 
     let idle_hour = simulated_idle_hour(&mut operator, &mut stdout, &client, &namespaces, imports, step_minutes).await;
+    let idle_hour_rss = peak_rss_kib_of(pid).unwrap_or(0);
 
     let busy_minute = if busy > 0 {
         Some(busy_minute(&mut operator, &mut stdout, &mut progress, busy, busy_slot, &starts_file, &busy_names).await)
@@ -475,10 +478,20 @@ async fn bench() {
         api_limits()
     );
     println!("  created in                         {:>8.2} s", created.as_secs_f64());
-    println!("  all Scheduled after                {:>8.2} s (from the first create)", all_scheduled.as_secs_f64());
+    println!(
+        "  all Scheduled after                {:>8.2} s (from the first create; {:.2} s after the last)",
+        all_scheduled.as_secs_f64(),
+        (all_scheduled - created).as_secs_f64()
+    );
     println!("  API requests until all Scheduled   {:>8.0}", scheduling_requests);
-    println!("  operator RSS before any import     {:>8.1} MiB", idle_rss as f64 / 1024.0);
-    println!("  operator peak RSS                  {:>8.1} MiB", peak_rss_kib_of(pid).unwrap_or(0) as f64 / 1024.0);
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    println!("  operator RSS before any import     {:>8.1} MiB", mib(idle_rss));
+    println!(
+        "  operator peak RSS                  {:>8.1} MiB (all Scheduled {:.1} MiB, after the idle hour {:.1} MiB)",
+        mib(peak_rss_kib_of(pid).unwrap_or(0)),
+        mib(scheduled_rss),
+        mib(idle_hour_rss)
+    );
     println!(
         "  idle (real time, {idle_seconds} s):             {:>8.1} API requests/min",
         idle_requests / idle_seconds as f64 * 60.0

@@ -338,7 +338,15 @@ async fn watch_and_reconcile(
     for scope in &scopes {
         // Reconciles are short API round trips; a bound keeps a burst (start-up, a re-list)
         // from holding a thousand requests in memory at once.
-        let controller = Controller::new(api_for(scope), own_imports.clone())
+        let (reader, writer) = reflector::store();
+        let own = watcher(api_for(scope), own_imports.clone())
+            .default_backoff()
+            // Never read here, and the largest part of an import in memory: every field
+            // manager's field set (status is written by server-side apply, which needs none).
+            .modify(|import| import.metadata.managed_fields = None)
+            .reflect(writer)
+            .applied_objects();
+        let controller = Controller::for_stream(own, reader)
             .with_config(kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY));
         stores.push(controller.store());
         let (reader, writer) = reflector::store();
