@@ -168,11 +168,12 @@ pub struct Context {
 }
 
 impl Context {
-    /// Every import in the watched namespaces, whichever shard owns it: what conflict
-    /// detection compares (with sharding, their status is left out).
-    pub fn imports(&self) -> Vec<Arc<CohortImport>> {
+    /// The imports of `cohort` in the watched namespaces, whichever shard owns them: what
+    /// conflict detection compares (with sharding, their status is left out). Every reconcile
+    /// asks, so the others are only looked at, not copied.
+    pub fn imports_of(&self, cohort: &conflict::CohortKey) -> Vec<Arc<CohortImport>> {
         let stores = if self.config.shard.is_some() { &self.every_shard } else { &self.stores };
-        stores.iter().flat_map(|s| s.state()).collect()
+        stores.iter().flat_map(|s| s.state_filter(|i| cohort.is_of(&i.spec))).collect()
     }
 
     /// The controller's copy of `import`, as its watch last delivered it.
@@ -234,9 +235,8 @@ impl Context {
         let me = ObjectRef::from_obj(changed);
         let key = conflict::CohortKey::of(&changed.spec);
         let mut refs: Vec<_> = self
-            .imports()
+            .imports_of(&key)
             .iter()
-            .filter(|other| key.is_of(&other.spec))
             .map(|other| ObjectRef::from_obj(other.as_ref()))
             .filter(|r| *r != me)
             .collect();

@@ -203,7 +203,7 @@ async fn apply(import: Arc<CohortImport>, ctx: &Arc<Context>, api: &Api<CohortIm
 /// read: only if another import holding the cohort has one to compare with (a Secret read
 /// is not worth it otherwise; a run records it anyway).
 async fn winner(ctx: &Context, import: &CohortImport) -> (Option<(ObjectRef<CohortImport>, String)>, Option<String>) {
-    let imports = ctx.imports();
+    let imports = ctx.imports_of(&CohortKey::of(&import.spec));
     let contenders = conflict::contenders(import, imports.iter().map(|i| i.as_ref()));
     let mut workspace = None;
     if conflict::needs_workspace(&contenders) {
@@ -341,7 +341,7 @@ fn checked_keys(import: &CohortImport) -> Vec<CheckedKey> {
 /// to let the import go without it, so that the advice survives their length limits.
 async fn cleanup(import: Arc<CohortImport>, ctx: &Arc<Context>, api: &Api<CohortImport>) -> Result<Action, Error> {
     let reference = ObjectRef::from_obj(import.as_ref());
-    let imports = ctx.imports();
+    let imports = ctx.imports_of(&CohortKey::of(&import.spec));
     let workspace = import.status.as_ref().and_then(|s| s.braze_workspace.as_deref());
     let winner = conflict::winner(&import, workspace, imports.iter().map(|i| i.as_ref()));
     let policy = import.spec.deletion_policy;

@@ -211,7 +211,13 @@ pub struct SecretChecks {
     /// (namespace, Secret) → its `resourceVersion` as the watch last saw it.
     seen: Mutex<HashMap<(String, String), String>>,
     /// (namespace, Secret, key) → the `resourceVersion` the key was found at, and when.
-    found: Mutex<HashMap<(String, String, String), (String, Instant)>>,
+    found: Mutex<HashMap<(String, String, String), Found>>,
+}
+
+/// When and in which version of its Secret a key was found present.
+struct Found {
+    version: String,
+    at: Instant,
 }
 
 impl SecretChecks {
@@ -233,7 +239,7 @@ impl SecretChecks {
         let Some(current) = seen.get(&(namespace.to_owned(), reference.name.clone())) else { return false };
         let found = self.found.lock().unwrap_or_else(|e| e.into_inner());
         let key = (namespace.to_owned(), reference.name.clone(), reference.key.clone());
-        found.get(&key).is_some_and(|(version, at)| version == current && at.elapsed() < Self::TRUST)
+        found.get(&key).is_some_and(|f| f.version == *current && f.at.elapsed() < Self::TRUST)
     }
 
     /// `reference` was read and is present, in its Secret at `version`.
@@ -241,7 +247,7 @@ impl SecretChecks {
         let key = (namespace.to_owned(), reference.name.clone(), reference.key.clone());
         let mut found = self.found.lock().unwrap_or_else(|e| e.into_inner());
         match version {
-            Some(version) => found.insert(key, (version, Instant::now())),
+            Some(version) => found.insert(key, Found { version, at: Instant::now() }),
             None => found.remove(&key),
         };
     }
