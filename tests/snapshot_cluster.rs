@@ -91,6 +91,25 @@ impl Setup {
             .collect()
     }
 
+    /// Puts chunk `index` of `serial` with `body`, as a write that never switched the head
+    /// leaves it.
+    async fn leave_chunk(&self, store: &ClusterSnapshotStore, serial: u64, index: u32, body: &[u8]) {
+        let cm = ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(store.chunk_name(serial, index)),
+                labels: Some(BTreeMap::from([
+                    (SNAPSHOT_OF_LABEL.to_owned(), self.key.clone()),
+                    (SNAPSHOT_PART_LABEL.to_owned(), "chunk".to_owned()),
+                    (SNAPSHOT_SERIAL_LABEL.to_owned(), serial.to_string()),
+                ])),
+                ..ObjectMeta::default()
+            },
+            binary_data: Some(BTreeMap::from([("body".to_owned(), ByteString(body.to_vec()))])),
+            ..ConfigMap::default()
+        };
+        self.config_maps().create(&PostParams::default(), &cm).await.unwrap();
+    }
+
     fn body(&self, name: &str, keys: &[Vec<u8>]) -> PathBuf {
         let path = self.dir.path().join(name);
         let mut w = BodyWriter::new(File::create(&path).unwrap()).unwrap();
@@ -253,20 +272,7 @@ async fn chunks_of_an_interrupted_write_are_ignored_then_cleaned() {
     let serial = s.chunk_serials().await.into_iter().next().unwrap();
     let next: u64 = serial.parse::<u64>().unwrap() + 1;
     for index in 0..2 {
-        let cm = ConfigMap {
-            metadata: ObjectMeta {
-                name: Some(store.chunk_name(next, index)),
-                labels: Some(BTreeMap::from([
-                    (SNAPSHOT_OF_LABEL.to_owned(), s.key.clone()),
-                    (SNAPSHOT_PART_LABEL.to_owned(), "chunk".to_owned()),
-                    (SNAPSHOT_SERIAL_LABEL.to_owned(), next.to_string()),
-                ])),
-                ..ObjectMeta::default()
-            },
-            binary_data: Some(BTreeMap::from([("body".to_owned(), ByteString(b"half of a body".to_vec()))])),
-            ..ConfigMap::default()
-        };
-        s.config_maps().create(&PostParams::default(), &cm).await.unwrap();
+        s.leave_chunk(&store, next, index, b"half of a body").await;
     }
     assert_eq!(read_keys(store.load(s.dir.path()).await.unwrap().snapshot.unwrap().body), keys);
 
@@ -555,20 +561,7 @@ async fn a_head_of_an_earlier_version_is_cleaned_by_listing_once() {
     json.as_object_mut().unwrap().remove("unnamed");
     data.insert("snapshot.json".into(), json.to_string());
     api.replace(&store.head_name(), &PostParams::default(), &head).await.unwrap();
-    let left = ConfigMap {
-        metadata: ObjectMeta {
-            name: Some(store.chunk_name(serial, 0)),
-            labels: Some(BTreeMap::from([
-                (SNAPSHOT_OF_LABEL.to_owned(), s.key.clone()),
-                (SNAPSHOT_PART_LABEL.to_owned(), "chunk".to_owned()),
-                (SNAPSHOT_SERIAL_LABEL.to_owned(), serial.to_string()),
-            ])),
-            ..ObjectMeta::default()
-        },
-        binary_data: Some(BTreeMap::from([("body".to_owned(), ByteString(b"left behind".to_vec()))])),
-        ..ConfigMap::default()
-    };
-    api.create(&PostParams::default(), &left).await.unwrap();
+    s.leave_chunk(&store, serial, 0, b"left behind").await;
     assert_eq!(s.chunk_serials().await.len(), 2);
 
     let store = s.store();
@@ -589,20 +582,7 @@ async fn chunks_of_a_deleted_head_do_not_block_the_next_one() {
     let s = setup("snap-leftover").await;
     let store = s.store();
     for serial in [1, 2] {
-        let left = ConfigMap {
-            metadata: ObjectMeta {
-                name: Some(store.chunk_name(serial, 0)),
-                labels: Some(BTreeMap::from([
-                    (SNAPSHOT_OF_LABEL.to_owned(), s.key.clone()),
-                    (SNAPSHOT_PART_LABEL.to_owned(), "chunk".to_owned()),
-                    (SNAPSHOT_SERIAL_LABEL.to_owned(), serial.to_string()),
-                ])),
-                ..ObjectMeta::default()
-            },
-            binary_data: Some(BTreeMap::from([("body".to_owned(), ByteString(b"left behind".to_vec()))])),
-            ..ConfigMap::default()
-        };
-        s.config_maps().create(&PostParams::default(), &left).await.unwrap();
+        s.leave_chunk(&store, serial, 0, b"left behind").await;
     }
     let keys = sorted_keys(100, 8);
     assert!(store.load(s.dir.path()).await.unwrap().snapshot.is_none());
