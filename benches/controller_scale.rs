@@ -10,7 +10,8 @@
 //!   started, and the p50/p99 delay from the slot to each run's start.
 //!
 //! `cargo bench --bench controller_scale` (`IMPORTS=N`, `BUSY=N`, `NAMESPACES=N` (default 10),
-//! `CREATORS=N` creates at once (default 16), `IDLE_SECONDS=N` for the real-time idle window
+//! `CREATORS=N` creates at once (default 16), `PRECREATE=1` to create every import before the
+//! operator starts (times then run from its start), `IDLE_SECONDS=N` for the real-time idle window
 //! (default 60), `STEP_MINUTES=N` for the simulated idle hour's steps (default 5),
 //! `KUBE_API_QPS`/`KUBE_API_BURST` for the operator's client rate limit (default: the
 //! operator's defaults), `OPERATOR_LOG` for the operator's `RUST_LOG` (default `warn`)).
@@ -392,6 +393,59 @@ async fn environment(namespace_count: usize) -> Env {
     Env { cluster, client, namespaces, sandbox, _keys_dir: keys_dir, keys_dir: path }
 }
 
+/// Creates `imports` CohortImports, `CREATORS` (16) at a time, spread over `namespaces`;
+/// returns how long that took.
+async fn create_imports(
+    client: &kube::Client,
+    namespaces: &[String],
+    imports: usize,
+    busy: usize,
+    at: &str,
+    busy_at: &str,
+    sandbox_url: &str,
+) -> Duration {
+    let began = Instant::now();
+    futures::stream::iter(0..imports)
+        .map(|i| {
+            let api = Api::<CohortImport>::namespaced(client.clone(), &namespaces[i % namespaces.len()]);
+            let doc = import_doc(i, busy, at, busy_at, sandbox_url);
+            async move { api.create(&PostParams::default(), &serde_json::from_value(doc).unwrap()).await.unwrap() }
+        })
+        .buffer_unordered(env_or("CREATORS", 16) as usize)
+        .collect::<Vec<_>>()
+        .await;
+    began.elapsed()
+}
+
+/// The operator as a child process of this benchmark, once it says where its metrics are.
+fn spawn_operator(
+    env: &Env,
+    start: Timestamp,
+    busy_slot: Timestamp,
+    starts_file: &std::path::Path,
+) -> (Child_, std::io::Lines<BufReader<std::process::ChildStdout>>) {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .env(ROLE, "1")
+        .env("BENCH_KUBECONFIG", env.cluster.kubeconfig())
+        .env("BENCH_NAMESPACES", env.namespaces.join(","))
+        .env("BENCH_CLOCK_START", start.to_string())
+        .env("BENCH_BUSY_SLOT", busy_slot.to_string())
+        .env("BENCH_STARTS", starts_file)
+        .env("BENCH_SANDBOX_URL", env.sandbox.url())
+        .env("BENCH_KEYS_DIR", &env.keys_dir)
+        .env("RUST_LOG", std::env::var("OPERATOR_LOG").unwrap_or_else(|_| "warn".into()))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("the operator starts");
+    let stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = stdout.next().unwrap().unwrap();
+    let metrics_url =
+        format!("http://{}/metrics", first.strip_prefix("METRICS ").expect("the operator says where metrics are"));
+    (Child_ { child, stdin, metrics_url }, stdout)
+}
+
 async fn bench() {
     let imports = env_or("IMPORTS", 1000) as usize;
     let busy = (env_or("BUSY", 1000) as usize).min(imports);
@@ -410,48 +464,28 @@ async fn bench() {
     let busy_slot = Timestamp::from_second(start.as_second() / 3600 * 3600 + 2 * 3600).unwrap();
     let starts_dir = tempfile::tempdir().unwrap();
     let starts_file = starts_dir.path().join("starts");
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .env(ROLE, "1")
-        .env("BENCH_KUBECONFIG", env.cluster.kubeconfig())
-        .env("BENCH_NAMESPACES", namespaces.join(","))
-        .env("BENCH_CLOCK_START", start.to_string())
-        .env("BENCH_BUSY_SLOT", busy_slot.to_string())
-        .env("BENCH_STARTS", &starts_file)
-        .env("BENCH_SANDBOX_URL", env.sandbox.url())
-        .env("BENCH_KEYS_DIR", &env.keys_dir)
-        .env("RUST_LOG", std::env::var("OPERATOR_LOG").unwrap_or_else(|_| "warn".into()))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("the operator starts");
-    let stdin = child.stdin.take().unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = stdout.next().unwrap().unwrap();
-    let metrics_url =
-        format!("http://{}/metrics", first.strip_prefix("METRICS ").expect("the operator says where metrics are"));
-    let mut operator = Child_ { child, stdin, metrics_url };
-    let pid = operator.child.id();
-    let idle_rss = peak_rss_kib_of(pid).unwrap_or(0);
-    let requests = |url: String| async move { metric(&url, "cohort_operator_kube_api_requests_total").await };
-    let startup_requests = requests(operator.metrics_url.clone()).await;
-
     let busy_names: Arc<std::collections::HashSet<String>> =
         Arc::new((0..busy).map(|i| format!("import-{i:05}")).collect());
     let mut progress = watch_progress(client.clone(), busy_names.clone(), busy_slot);
     wait_for(&mut progress, "watching", Duration::from_secs(60), |_| true).await;
+    let sandbox_url = env.sandbox.url();
+    let create = || create_imports(&client, &namespaces, imports, busy, &at, &busy_at, &sandbox_url);
+    let spawn = || spawn_operator(&env, start, busy_slot, &starts_file);
 
-    // The imports, created `CREATORS` (16) at a time, spread over the namespaces.
+    // `PRECREATE=1`: every import exists before the operator starts (times from its start);
+    // otherwise they are created while it runs (times from the first create).
+    let precreate = env_or("PRECREATE", 0) == 1;
+    let precreated = if precreate { Some(create().await) } else { None };
+    let (mut operator, mut stdout) = spawn();
+    let pid = operator.child.id();
+    let idle_rss = peak_rss_kib_of(pid).unwrap_or(0);
+    let requests = |url: String| async move { metric(&url, "cohort_operator_kube_api_requests_total").await };
+    let startup_requests = requests(operator.metrics_url.clone()).await;
     let began = Instant::now();
-    futures::stream::iter(0..imports)
-        .map(|i| {
-            let api = Api::<CohortImport>::namespaced(client.clone(), &namespaces[i % namespaces.len()]);
-            let doc = import_doc(i, busy, &at, &busy_at, &env.sandbox.url());
-            async move { api.create(&PostParams::default(), &serde_json::from_value(doc).unwrap()).await.unwrap() }
-        })
-        .buffer_unordered(env_or("CREATORS", 16) as usize)
-        .collect::<Vec<_>>()
-        .await;
-    let created = began.elapsed();
+    if !precreate {
+        create().await;
+    }
+    let created = precreated.unwrap_or(began.elapsed());
     wait_for(&mut progress, "all Scheduled", Duration::from_secs(1800), |p| p.scheduled == imports).await;
     let all_scheduled = began.elapsed();
     let scheduling_requests = requests(operator.metrics_url.clone()).await - startup_requests;
@@ -478,14 +512,21 @@ async fn bench() {
         api_limits()
     );
     println!("  created in                         {:>8.2} s", created.as_secs_f64());
-    println!(
-        "  all Scheduled after                {:>8.2} s (from the first create; {:.2} s after the last)",
-        all_scheduled.as_secs_f64(),
-        (all_scheduled - created).as_secs_f64()
-    );
+    if precreate {
+        println!(
+            "  all Scheduled after                {:>8.2} s (from the operator's start; all were created before)",
+            all_scheduled.as_secs_f64()
+        );
+    } else {
+        println!(
+            "  all Scheduled after                {:>8.2} s (from the first create; {:.2} s after the last)",
+            all_scheduled.as_secs_f64(),
+            all_scheduled.saturating_sub(created).as_secs_f64()
+        );
+    }
     println!("  API requests until all Scheduled   {:>8.0}", scheduling_requests);
     let mib = |kib: u64| kib as f64 / 1024.0;
-    println!("  operator RSS before any import     {:>8.1} MiB", mib(idle_rss));
+    println!("  operator RSS at its start          {:>8.1} MiB", mib(idle_rss));
     println!(
         "  operator peak RSS                  {:>8.1} MiB (all Scheduled {:.1} MiB, after the idle hour {:.1} MiB)",
         mib(peak_rss_kib_of(pid).unwrap_or(0)),
