@@ -147,6 +147,10 @@ async fn a_run_that_crashes_the_operator_every_time_ends_failed_after_its_attemp
             .wait_status("crashy", &what, move |s| s.current_run.as_ref().is_some_and(|r| r.attempt == attempt))
             .await;
         assert_eq!(ready_reason(running.status.as_ref().unwrap()), Some("Running"));
+        if attempt > 1 {
+            // The resumed run's warning follows its status write: seen before the next crash.
+            env.wait_event("crashy", "RunInterrupted").await;
+        }
         operator.kill().await;
         operator = env.start().await;
     }

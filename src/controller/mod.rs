@@ -232,10 +232,13 @@ impl Context {
     /// Imports that should look again when `changed` changes: those aimed at the same
     /// cohort, and those held in conflict by it.
     fn affected_by(&self, changed: &CohortImport) -> Vec<ObjectRef<CohortImport>> {
-        let me = ObjectRef::from_obj(changed);
-        let key = conflict::CohortKey::of(&changed.spec);
+        self.affected_by_change(&Changed::of(changed, false))
+    }
+
+    fn affected_by_change(&self, changed: &Changed) -> Vec<ObjectRef<CohortImport>> {
+        let me = changed.import.clone();
         let mut refs: Vec<_> = self
-            .imports_of(&key)
+            .imports_of(&changed.cohort)
             .iter()
             .map(|other| ObjectRef::from_obj(other.as_ref()))
             .filter(|r| *r != me)
@@ -245,6 +248,19 @@ impl Context {
         refs.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         refs.dedup();
         refs
+    }
+}
+
+/// An import the controller's own watch saw change (or go), once its store has the change.
+struct Changed {
+    import: ObjectRef<CohortImport>,
+    cohort: conflict::CohortKey,
+    deleted: bool,
+}
+
+impl Changed {
+    fn of(import: &CohortImport, deleted: bool) -> Self {
+        Changed { import: ObjectRef::from_obj(import), cohort: conflict::CohortKey::of(&import.spec), deleted }
     }
 }
 
@@ -335,17 +351,32 @@ async fn watch_and_reconcile(
     let mut every_shard_writers = Vec::new();
     let mut wakers = Vec::new();
     let mut wake_streams = Vec::new();
+    let mut changes = Vec::new();
+    let sharded = config.shard.is_some();
     for scope in &scopes {
         // Reconciles are short API round trips; a bound keeps a burst (start-up, a re-list)
         // from holding a thousand requests in memory at once.
         let (reader, writer) = reflector::store();
+        let (changed, changed_rx) = mpsc::unbounded_channel();
         let own = watcher(api_for(scope), own_imports.clone())
             .default_backoff()
             // Never read here, and the largest part of an import in memory: every field
             // manager's field set (status is written by server-side apply, which needs none).
             .modify(|import| import.metadata.managed_fields = None)
             .reflect(writer)
+            // Unsharded, conflicts are decided from this store: imports of the same cohort
+            // look again once it has the change (a second watch would race with it).
+            .inspect(move |event| match event {
+                Ok(watcher::Event::Apply(i) | watcher::Event::InitApply(i)) if !sharded => {
+                    let _ = changed.send(Changed::of(i, false));
+                }
+                Ok(watcher::Event::Delete(i)) if !sharded => {
+                    let _ = changed.send(Changed::of(i, true));
+                }
+                _ => {}
+            })
             .applied_objects();
+        changes.push(changed_rx);
         let controller = Controller::for_stream(own, reader)
             .with_config(kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY));
         stores.push(controller.store());
@@ -382,8 +413,8 @@ async fn watch_and_reconcile(
 
     let shutdown = futures::future::FutureExt::shared(Box::pin(shutdown));
     let mut running = Vec::new();
-    let scoped = scopes.iter().zip(controllers).zip(wake_streams).zip(every_shard_writers);
-    for (((scope, controller), wake), every_shard_writer) in scoped {
+    let scoped = scopes.iter().zip(controllers).zip(wake_streams).zip(every_shard_writers).zip(changes);
+    for ((((scope, controller), wake), every_shard_writer), changed) in scoped {
         // Only metadata: the controller never keeps Secret values in memory.
         let secrets: Api<PartialObjectMeta<Secret>> = match scope {
             Some(ns) => Api::namespaced(client.clone(), ns),
@@ -408,6 +439,18 @@ async fn watch_and_reconcile(
             move |changed: CohortImport| ctx.affected_by(&changed)
         };
         let wake = futures::stream::unfold(wake, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+        let same_cohort_changed = {
+            let ctx = ctx.clone();
+            futures::stream::unfold(changed, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) }).flat_map(
+                move |changed: Changed| {
+                    if changed.deleted {
+                        ctx.forget(&changed.import);
+                    }
+                    futures::stream::iter(ctx.affected_by_change(&changed))
+                },
+            )
+        };
+        let wake = futures::stream::select(wake, same_cohort_changed);
         // Without the watch (RBAC grants `get` only), a missing Secret is looked for on a
         // backoff instead (secret_recheck).
         let controller = if ctx.config.watch_secrets {
@@ -420,8 +463,7 @@ async fn watch_and_reconcile(
         let controller = if ctx.config.shard.is_some() {
             controller.watches_stream(every_shard_imports(&ctx, api_for(scope), every_shard_writer), same_cohort)
         } else {
-            let imports = watcher(api_for(scope), watcher::Config::default().any_semantic()).default_backoff();
-            controller.watches_stream(forgetting_deleted(&ctx, imports).touched_objects(), same_cohort)
+            controller
         };
         let stream = controller
             .reconcile_on(wake)
