@@ -289,7 +289,7 @@ mod tests {
         fence.renewed(Instant::now() + Duration::from_millis(100));
         let renewer = fence.clone();
         let work = async {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::task::yield_now().await;
             renewer.renewed(Instant::now() + Duration::from_secs(30));
             tokio::time::sleep(Duration::from_millis(200)).await;
             3

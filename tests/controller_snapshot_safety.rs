@@ -6,8 +6,6 @@
 
 mod controller_support;
 
-use std::time::{Duration, Instant};
-
 use cohort_operator::api::{CohortImport, CohortImportStatus, RunResult};
 use cohort_operator::cli;
 use controller_support::*;
@@ -74,11 +72,7 @@ async fn a_lost_snapshot_blocks_until_a_resync_is_approved() {
     // The per-import gauge shows the reason (it follows status on the next reconcile).
     let series =
         format!("cohort_operator_import_ready{{namespace=\"{}\",name=\"lost\",reason=\"SnapshotMissing\"}} 1", env.ns);
-    let deadline = Instant::now() + WAIT;
-    while !operator.metrics.render().contains(&series) {
-        assert!(Instant::now() < deadline, "no {series}: {}", operator.metrics.render());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until(&format!("{series} exported"), || operator.metrics.render().contains(&series)).await;
 
     // Approving removals does not approve a resync: nothing runs.
     env.merge(
