@@ -44,7 +44,7 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::watcher;
 use serde_json::json;
-use testkit::bench::peak_rss_kib_of;
+use testkit::bench::{cpu_seconds_of, peak_rss_kib_of};
 use testkit::cluster::Cluster;
 
 #[path = "../tests/support/braze.rs"]
@@ -268,6 +268,46 @@ async fn write_fences(client: &kube::Client, ns: &str, an_import: &str) {
     Api::<Event>::namespaced(client.clone(), ns).create(&pp, &serde_json::from_value(event).unwrap()).await.unwrap();
 }
 
+/// The CPU the processes sharing the machine used, phase by phase: on 2 cores the operator,
+/// the API server, etcd and this benchmark's own watches compete, and the split says which
+/// of them bounds a phase.
+struct CpuMeter {
+    processes: Vec<(&'static str, u32)>,
+    last: Vec<f64>,
+}
+
+impl CpuMeter {
+    fn new(operator: u32, cluster: &Cluster) -> CpuMeter {
+        let mut processes = vec![("operator", operator), ("benchmark", std::process::id())];
+        processes.extend(cluster.server_pids());
+        let last = processes.iter().map(|(_, pid)| cpu_seconds_of(*pid).unwrap_or(0.0)).collect();
+        CpuMeter { processes, last }
+    }
+
+    /// CPU seconds each process used since the last call, as one line.
+    fn phase(&mut self) -> String {
+        let mut parts = Vec::new();
+        for ((name, pid), last) in self.processes.iter().zip(self.last.iter_mut()) {
+            let now = cpu_seconds_of(*pid).unwrap_or(*last);
+            parts.push(format!("{name} {:.1}", now - *last));
+            *last = now;
+        }
+        format!("CPU s: {}", parts.join(", "))
+    }
+}
+
+/// The operator's API requests so far, by verb.
+async fn requests_by_verb(url: &str) -> std::collections::BTreeMap<String, f64> {
+    let text = reqwest::get(url).await.unwrap().text().await.unwrap();
+    text.lines()
+        .filter_map(|l| l.strip_prefix("cohort_operator_kube_api_requests_total{verb=\""))
+        .filter_map(|l| {
+            let (verb, value) = l.split_once("\"} ")?;
+            Some((verb.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().filter(|v| !v.is_empty()).map_or(default, |v| v.parse().expect(name))
 }
@@ -478,6 +518,7 @@ async fn bench() {
     let precreated = if precreate { Some(create().await) } else { None };
     let (mut operator, mut stdout) = spawn();
     let pid = operator.child.id();
+    let mut cpu = CpuMeter::new(pid, &env.cluster);
     let idle_rss = peak_rss_kib_of(pid).unwrap_or(0);
     let requests = |url: String| async move { metric(&url, "cohort_operator_kube_api_requests_total").await };
     let startup_requests = requests(operator.metrics_url.clone()).await;
@@ -490,20 +531,31 @@ async fn bench() {
     let all_scheduled = began.elapsed();
     let scheduling_requests = requests(operator.metrics_url.clone()).await - startup_requests;
     let scheduled_rss = peak_rss_kib_of(pid).unwrap_or(0);
+    let scheduling_cpu = cpu.phase();
 
     // Idle, in real time: nothing is due, nothing changes.
-    let before = requests(operator.metrics_url.clone()).await;
+    let before = requests_by_verb(&operator.metrics_url).await;
     tokio::time::sleep(Duration::from_secs(idle_seconds)).await;
-    let idle_requests = requests(operator.metrics_url.clone()).await - before;
+    let after = requests_by_verb(&operator.metrics_url).await;
+    let idle_by_verb: Vec<(String, f64)> = after
+        .iter()
+        .map(|(verb, n)| (verb.clone(), n - before.get(verb).copied().unwrap_or(0.0)))
+        .filter(|(_, n)| *n > 0.0)
+        .collect();
+    // (`sum` of no floats is -0.0.)
+    let idle_requests = idle_by_verb.iter().fold(0.0, |total, (_, n)| total + n);
+    let idle_cpu = cpu.phase();
 
     let idle_hour = simulated_idle_hour(&mut operator, &mut stdout, &client, &namespaces, imports, step_minutes).await;
     let idle_hour_rss = peak_rss_kib_of(pid).unwrap_or(0);
+    let idle_hour_cpu = cpu.phase();
 
     let busy_minute = if busy > 0 {
         Some(busy_minute(&mut operator, &mut stdout, &mut progress, busy, busy_slot, &starts_file, &busy_names).await)
     } else {
         None
     };
+    let busy_cpu = cpu.phase();
     let errors = metric(&operator.metrics_url, "cohort_operator_reconcile_errors_total").await;
 
     println!(
@@ -525,6 +577,7 @@ async fn bench() {
         );
     }
     println!("  API requests until all Scheduled   {:>8.0}", scheduling_requests);
+    println!("    {scheduling_cpu}");
     let mib = |kib: u64| kib as f64 / 1024.0;
     println!("  operator RSS at its start          {:>8.1} MiB", mib(idle_rss));
     println!(
@@ -534,9 +587,15 @@ async fn bench() {
         mib(idle_hour_rss)
     );
     println!(
-        "  idle (real time, {idle_seconds} s):             {:>8.1} API requests/min",
-        idle_requests / idle_seconds as f64 * 60.0
+        "  idle (real time, {idle_seconds} s):             {:>8.1} API requests/min ({})",
+        idle_requests / idle_seconds as f64 * 60.0,
+        if idle_by_verb.is_empty() {
+            "none".to_owned()
+        } else {
+            idle_by_verb.iter().map(|(verb, n)| format!("{verb} {n}")).collect::<Vec<_>>().join(", ")
+        }
     );
+    println!("    {idle_cpu}");
     println!(
         "  idle hour (simulated, {} steps): {} API writes (status, Events, ConfigMaps, Leases); {:.0} reconciles in {:.1} s",
         60 / step_minutes,
@@ -544,16 +603,14 @@ async fn bench() {
         idle_hour.reconciles,
         idle_hour.wall.as_secs_f64()
     );
+    println!("    {idle_hour_cpu}");
     if let Some(b) = &busy_minute {
         b.print(busy);
+        println!("    {busy_cpu}");
     }
     println!("  reconcile errors                   {:>8}", errors as u64);
-    let text = reqwest::get(&operator.metrics_url).await.unwrap().text().await.unwrap();
-    let by_verb: Vec<_> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("cohort_operator_kube_api_requests_total{verb=\""))
-        .map(|l| l.replace("\"} ", " "))
-        .collect();
+    let by_verb = requests_by_verb(&operator.metrics_url).await;
+    let by_verb: Vec<_> = by_verb.iter().map(|(verb, n)| format!("{verb} {n}")).collect();
     println!("  API requests in all, by verb       {}", by_verb.join(", "));
     assert_eq!(idle_hour.writes, 0, "the operator wrote to the API server during an idle hour");
     drop(operator);
