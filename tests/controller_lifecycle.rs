@@ -53,6 +53,40 @@ async fn the_older_import_of_a_cohort_runs_and_the_other_waits_for_it() {
     operator.stop().await;
 }
 
+/// Imports change cohorts: one moving onto a held cohort waits, the holder moving away lets
+/// it go, and a holder moving in takes the cohort over (conflicts are looked up by cohort: a
+/// change must move the import there).
+#[tokio::test]
+async fn an_import_moving_between_cohorts_waits_for_the_holder_or_lets_go() {
+    let env = Env::new("ctl-move").await;
+    env.put_members(&ids(0..2)).await;
+    let operator = env.start().await;
+    env.create(env.import("first", "shared", json!({ "cadence": "Daily", "at": "06:30" }))).await;
+    env.request_run("first", "first-run").await;
+    env.wait_runs("first", 1).await;
+    env.create(env.import("second", "elsewhere", json!({ "cadence": "Daily", "at": "07:30" }))).await;
+    env.wait_reason("second", "Scheduled").await;
+
+    env.merge("second", json!({ "spec": { "cohort": { "id": "shared" } } })).await;
+    let held = env.wait_reason("second", "Conflict").await;
+    let message = &ready(held.status.as_ref().unwrap()).unwrap().message;
+    assert!(message.contains(&format!("{}/first", env.ns)), "the holder is named: {message}");
+
+    env.merge("first", json!({ "spec": { "cohort": { "id": "moved" } } })).await;
+    let freed = env.wait_reason("second", "Scheduled").await;
+    assert!(freed.status.unwrap().next_run_at.is_some());
+    assert_ne!(ready_reason(env.get("first").await.status.as_ref().unwrap()), Some("Conflict"));
+
+    // The holder moving onto a cohort whose import never ran takes it over.
+    env.create(env.import("third", "own", json!({ "cadence": "Daily", "at": "08:30" }))).await;
+    env.wait_reason("third", "Scheduled").await;
+    env.merge("first", json!({ "spec": { "cohort": { "id": "own" } } })).await;
+    let held = env.wait_reason("third", "Conflict").await;
+    let message = &ready(held.status.as_ref().unwrap()).unwrap().message;
+    assert!(message.contains(&format!("{}/first", env.ns)), "the import that ran holds: {message}");
+    operator.stop().await;
+}
+
 #[tokio::test]
 async fn suspend_lets_a_run_in_progress_finish_and_resume_skips_what_was_missed() {
     let env = Env::new("ctl-suspend").await;

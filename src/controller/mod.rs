@@ -33,9 +33,11 @@ use tracing::{info, warn};
 use crate::api::CohortImport;
 use crate::fence::Fence;
 use crate::notify::Notify;
+use cohort_index::CohortIndex;
 
 pub mod admission;
 pub mod clock;
+pub mod cohort_index;
 pub mod conflict;
 pub mod desired;
 pub mod events;
@@ -153,12 +155,16 @@ pub struct Context {
     admission: admission::Admission,
     /// The imports each controller sees (one per watched namespace, or one for all).
     stores: Vec<Store<CohortImport>>,
+    /// Each store's imports by cohort (what conflict detection looks up when unsharded).
+    cohorts: Vec<Arc<CohortIndex>>,
     /// Asks a controller to reconcile one import (after a run ends), by namespace.
     wakers: Vec<(Option<String>, mpsc::UnboundedSender<ObjectRef<CohortImport>>)>,
     /// Import held in `Conflict` → the import that owns its cohort.
     conflicts: Mutex<HashMap<ObjectRef<CohortImport>, ObjectRef<CohortImport>>>,
     /// With sharding: every shard's imports in the watched namespaces (status left out).
     every_shard: Vec<Store<CohortImport>>,
+    /// Each of those stores' imports by cohort.
+    every_shard_cohorts: Vec<Arc<CohortIndex>>,
     /// Imports that left this shard and whose run is being handed over.
     releasing: Mutex<HashSet<ObjectRef<CohortImport>>>,
     /// Failed reconciles in a row, per import: how far [`reconcile::error_policy`] backs off.
@@ -170,10 +176,17 @@ pub struct Context {
 impl Context {
     /// The imports of `cohort` in the watched namespaces, whichever shard owns them: what
     /// conflict detection compares (with sharding, their status is left out). Every reconcile
-    /// asks, so the others are only looked at, not copied.
+    /// asks, so the index says where to look and each store's copy says whether it is so.
     pub fn imports_of(&self, cohort: &conflict::CohortKey) -> Vec<Arc<CohortImport>> {
-        let stores = if self.config.shard.is_some() { &self.every_shard } else { &self.stores };
-        stores.iter().flat_map(|s| s.state_filter(|i| cohort.is_of(&i.spec))).collect()
+        let (stores, indexes) = if self.config.shard.is_some() {
+            (&self.every_shard, &self.every_shard_cohorts)
+        } else {
+            (&self.stores, &self.cohorts)
+        };
+        let found = stores.iter().zip(indexes).flat_map(|(store, index)| {
+            index.imports_of(cohort).into_iter().filter_map(|reference| store.get(&reference))
+        });
+        found.filter(|import| cohort.is_of(&import.spec)).collect()
     }
 
     /// The controller's copy of `import`, as its watch last delivered it.
@@ -348,6 +361,8 @@ async fn watch_and_reconcile(
     let mut controllers = Vec::new();
     let mut stores = Vec::new();
     let mut every_shard = Vec::new();
+    let mut cohorts = Vec::new();
+    let mut every_shard_cohorts = Vec::new();
     let mut every_shard_writers = Vec::new();
     let mut wakers = Vec::new();
     let mut wake_streams = Vec::new();
@@ -358,22 +373,32 @@ async fn watch_and_reconcile(
         // from holding a thousand requests in memory at once.
         let (reader, writer) = reflector::store();
         let (changed, changed_rx) = mpsc::unbounded_channel();
+        let index = Arc::new(CohortIndex::default());
+        cohorts.push(index.clone());
         let own = watcher(api_for(scope), own_imports.clone())
             .default_backoff()
             // Never read here, and the largest part of an import in memory: every field
             // manager's field set (status is written by server-side apply, which needs none).
             .modify(|import| import.metadata.managed_fields = None)
             .reflect(writer)
-            // Unsharded, conflicts are decided from this store: imports of the same cohort
-            // look again once it has the change (a second watch would race with it).
-            .inspect(move |event| match event {
-                Ok(watcher::Event::Apply(i) | watcher::Event::InitApply(i)) if !sharded => {
-                    let _ = changed.send(Changed::of(i, false));
+            // Unsharded, conflicts are decided from this store: its index follows it, and
+            // imports of the same cohort look again once both have the change (a second
+            // watch would race with them).
+            .inspect(move |event| {
+                let Ok(event) = event.as_ref() else { return };
+                if sharded {
+                    return;
                 }
-                Ok(watcher::Event::Delete(i)) if !sharded => {
-                    let _ = changed.send(Changed::of(i, true));
+                index.apply(event);
+                match event {
+                    watcher::Event::Apply(i) | watcher::Event::InitApply(i) => {
+                        let _ = changed.send(Changed::of(i, false));
+                    }
+                    watcher::Event::Delete(i) => {
+                        let _ = changed.send(Changed::of(i, true));
+                    }
+                    watcher::Event::Init | watcher::Event::InitDone => {}
                 }
-                _ => {}
             })
             .applied_objects();
         changes.push(changed_rx);
@@ -382,7 +407,9 @@ async fn watch_and_reconcile(
         stores.push(controller.store());
         let (reader, writer) = reflector::store();
         every_shard.push(reader);
-        every_shard_writers.push(writer);
+        let index = Arc::new(CohortIndex::default());
+        every_shard_cohorts.push(index.clone());
+        every_shard_writers.push((writer, index));
         let (tx, rx) = mpsc::unbounded_channel();
         wakers.push((scope.clone(), tx));
         wake_streams.push(rx);
@@ -400,9 +427,11 @@ async fn watch_and_reconcile(
         metrics: deps.metrics,
         runs: RunRegistry::default(),
         stores,
+        cohorts,
         wakers,
         conflicts: Mutex::new(HashMap::new()),
         every_shard,
+        every_shard_cohorts,
         releasing: Mutex::new(HashSet::new()),
         reconcile_failures: Mutex::new(HashMap::new()),
         secret_checks: secrets::SecretChecks::default(),
@@ -461,7 +490,8 @@ async fn watch_and_reconcile(
         let controller = controller.watches(config_maps, watcher::Config::default().any_semantic(), by_config_map);
         // Every import of the scope, whichever shard owns it: a change may lift a conflict here.
         let controller = if ctx.config.shard.is_some() {
-            controller.watches_stream(every_shard_imports(&ctx, api_for(scope), every_shard_writer), same_cohort)
+            let (writer, index) = every_shard_writer;
+            controller.watches_stream(every_shard_imports(&ctx, api_for(scope), writer, index), same_cohort)
         } else {
             controller
         };
@@ -484,13 +514,14 @@ async fn watch_and_reconcile(
     futures::future::join_all(running).await;
 }
 
-/// Every import of a scope, whichever shard owns it, kept in `writer`'s store with only the
-/// status conflict detection needs. Each one that left this shard
+/// Every import of a scope, whichever shard owns it, kept in `writer`'s store (and `index`)
+/// with only the status conflict detection needs. Each one that left this shard
 /// while it ran here is let go first, and its series are no longer exported here.
 fn every_shard_imports(
     ctx: &Arc<Context>,
     api: Api<CohortImport>,
     writer: reflector::store::Writer<CohortImport>,
+    index: Arc<CohortIndex>,
 ) -> impl futures::Stream<Item = Result<CohortImport, watcher::Error>> + Send + 'static {
     let imports = forgetting_deleted(ctx, watcher(api, watcher::Config::default().any_semantic()).default_backoff());
     let ctx = ctx.clone();
@@ -516,6 +547,12 @@ fn every_shard_imports(
             import.metadata.annotations = None;
         })
         .reflect(writer)
+        // Before the change is mapped to the imports of its cohort (`same_cohort`).
+        .inspect(move |event| {
+            if let Ok(event) = event {
+                index.apply(event);
+            }
+        })
         .touched_objects()
 }
 

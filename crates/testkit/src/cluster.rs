@@ -61,7 +61,8 @@ impl Cluster {
     /// The process ids of the API server and etcd, by name (for benchmarks that account
     /// for their CPU).
     pub fn server_pids(&self) -> Vec<(&'static str, u32)> {
-        let pid = |name: &str| std::fs::read_to_string(self.dir.path().join(format!("{name}.pid"))).ok()?.trim().parse().ok();
+        let pid =
+            |name: &str| std::fs::read_to_string(self.dir.path().join(format!("{name}.pid"))).ok()?.trim().parse().ok();
         [("kube-apiserver", pid("apiserver")), ("etcd", pid("etcd"))]
             .into_iter()
             .filter_map(|(name, pid)| Some((name, pid?)))

@@ -1,0 +1,172 @@
+//! Which imports each cohort has: every reconcile asks for the imports of its cohort (one
+//! active schedule per cohort), and scanning the whole store for them cost two thirds of
+//! the operator's CPU at 10,000 imports (`controller_scale`, README). The index is kept
+//! from the same watch events as the store, right after the store applied each one, so it
+//! says what the store says; a change then wakes the imports of its cohort
+//! ([`super::Context::affected_by_change`]), which look again.
+//!
+//! Lookups still read each import from the store and compare its cohort there
+//! ([`super::Context::imports_of`]): the index only narrows where to look.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+
+use super::conflict::CohortKey;
+use crate::api::CohortImport;
+
+/// The imports of each cohort in one store, as of the watch events applied so far.
+#[derive(Default)]
+pub struct CohortIndex {
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    current: Cohorts,
+    /// A re-list in progress: the store swaps to what it lists once it is done.
+    relisting: Option<Cohorts>,
+}
+
+#[derive(Default)]
+struct Cohorts {
+    by_cohort: HashMap<CohortKey, HashSet<ObjectRef<CohortImport>>>,
+    cohort_of: HashMap<ObjectRef<CohortImport>, CohortKey>,
+}
+
+impl Cohorts {
+    fn insert(&mut self, import: &CohortImport) {
+        let reference = ObjectRef::from_obj(import);
+        let cohort = CohortKey::of(&import.spec);
+        if self.cohort_of.get(&reference) == Some(&cohort) {
+            return;
+        }
+        self.remove(&reference);
+        self.by_cohort.entry(cohort.clone()).or_default().insert(reference.clone());
+        self.cohort_of.insert(reference, cohort);
+    }
+
+    fn remove(&mut self, reference: &ObjectRef<CohortImport>) {
+        let Some(cohort) = self.cohort_of.remove(reference) else { return };
+        if let Some(imports) = self.by_cohort.get_mut(&cohort) {
+            imports.remove(reference);
+            if imports.is_empty() {
+                self.by_cohort.remove(&cohort);
+            }
+        }
+    }
+}
+
+impl CohortIndex {
+    /// Follows one watch event, as the reflector's store does: a re-list (`Init` …
+    /// `InitDone`) replaces the whole index when it is done, dropping imports deleted while
+    /// the watch was down.
+    pub fn apply(&self, event: &watcher::Event<CohortImport>) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        match event {
+            watcher::Event::Apply(import) => state.current.insert(import),
+            watcher::Event::Delete(import) => state.current.remove(&ObjectRef::from_obj(import)),
+            watcher::Event::Init => state.relisting = Some(Cohorts::default()),
+            watcher::Event::InitApply(import) => state.relisting.get_or_insert_with(Cohorts::default).insert(import),
+            watcher::Event::InitDone => {
+                if let Some(listed) = state.relisting.take() {
+                    state.current = listed;
+                }
+            }
+        }
+    }
+
+    /// The imports the index has for `cohort`.
+    pub fn imports_of(&self, cohort: &CohortKey) -> Vec<ObjectRef<CohortImport>> {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.current.by_cohort.get(cohort).map(|imports| imports.iter().cloned().collect()).unwrap_or_default()
+    }
+
+    /// How many imports the index holds (for tests).
+    pub fn len(&self) -> usize {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).current.cohort_of.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn import(name: &str, cohort: &str) -> CohortImport {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "cohorts.dev/v1alpha1", "kind": "CohortImport",
+            "metadata": { "name": name, "namespace": "team" },
+            "spec": {
+                "cohort": { "id": cohort, "name": cohort },
+                "source": { "inline": { "rows": [] } },
+                "identifiers": { "externalId": "id" },
+                "destination": { "braze": {
+                    "restEndpoint": "https://rest.iad-01.braze.com", "partner": "kubit",
+                    "dataImportKeySecretRef": { "name": "braze", "key": "data-import-key" }
+                } },
+                "schedule": { "cadence": "Once" }
+            }
+        }))
+        .unwrap()
+    }
+
+    fn names(index: &CohortIndex, cohort: &str) -> Vec<String> {
+        let mut names: Vec<_> =
+            index.imports_of(&CohortKey::of(&import("any", cohort).spec)).into_iter().map(|r| r.name).collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn imports_are_found_by_their_cohort_and_follow_a_change_of_it() {
+        let index = CohortIndex::default();
+        index.apply(&watcher::Event::Apply(import("a", "c1")));
+        index.apply(&watcher::Event::Apply(import("b", "c1")));
+        index.apply(&watcher::Event::Apply(import("c", "c2")));
+        assert_eq!(names(&index, "c1"), ["a", "b"]);
+        assert_eq!(names(&index, "c2"), ["c"]);
+        assert!(names(&index, "c3").is_empty());
+
+        index.apply(&watcher::Event::Apply(import("b", "c2")));
+        assert_eq!(names(&index, "c1"), ["a"]);
+        assert_eq!(names(&index, "c2"), ["b", "c"]);
+
+        index.apply(&watcher::Event::Delete(import("a", "c1")));
+        assert!(names(&index, "c1").is_empty());
+        assert_eq!(index.len(), 2);
+    }
+
+    #[test]
+    fn the_same_cohort_spelled_differently_is_one_cohort() {
+        let index = CohortIndex::default();
+        let mut other = import("b", "c1");
+        other.spec.destination.braze.partner = "KUBIT".into();
+        other.spec.destination.braze.rest_endpoint = "https://REST.iad-01.braze.com/".into();
+        index.apply(&watcher::Event::Apply(import("a", "c1")));
+        index.apply(&watcher::Event::Apply(other));
+        assert_eq!(names(&index, "c1"), ["a", "b"]);
+    }
+
+    #[test]
+    fn a_relist_replaces_the_index_once_done_dropping_imports_deleted_meanwhile() {
+        let index = CohortIndex::default();
+        index.apply(&watcher::Event::Apply(import("a", "c1")));
+        index.apply(&watcher::Event::Apply(import("gone", "c1")));
+        index.apply(&watcher::Event::Init);
+        index.apply(&watcher::Event::InitApply(import("a", "c1")));
+        index.apply(&watcher::Event::InitApply(import("new", "c2")));
+        // Until the re-list is done, the store (and so the index) shows the old state.
+        assert_eq!(names(&index, "c1"), ["a", "gone"]);
+        assert!(names(&index, "c2").is_empty());
+        index.apply(&watcher::Event::InitDone);
+        assert_eq!(names(&index, "c1"), ["a"]);
+        assert_eq!(names(&index, "c2"), ["new"]);
+        assert_eq!(index.len(), 2);
+    }
+}
