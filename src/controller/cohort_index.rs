@@ -11,6 +11,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
+use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 
@@ -38,7 +39,7 @@ struct Cohorts {
 
 impl Cohorts {
     fn insert(&mut self, import: &CohortImport) {
-        let reference = ObjectRef::from_obj(import);
+        let reference = reference_to(import);
         let cohort = CohortKey::of(&import.spec);
         if self.cohort_of.get(&reference) == Some(&cohort) {
             return;
@@ -59,6 +60,16 @@ impl Cohorts {
     }
 }
 
+/// A reference by namespace and name only: all a store lookup compares, and the index holds
+/// one per import twice (10,000 imports, a few MiB less than with `resourceVersion` and uid).
+fn reference_to(import: &CohortImport) -> ObjectRef<CohortImport> {
+    let reference = ObjectRef::new(&import.name_any());
+    match import.namespace() {
+        Some(namespace) => reference.within(&namespace),
+        None => reference,
+    }
+}
+
 impl CohortIndex {
     /// Follows one watch event, as the reflector's store does: a re-list (`Init` …
     /// `InitDone`) replaces the whole index when it is done, dropping imports deleted while
@@ -67,7 +78,7 @@ impl CohortIndex {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         match event {
             watcher::Event::Apply(import) => state.current.insert(import),
-            watcher::Event::Delete(import) => state.current.remove(&ObjectRef::from_obj(import)),
+            watcher::Event::Delete(import) => state.current.remove(&reference_to(import)),
             watcher::Event::Init => state.relisting = Some(Cohorts::default()),
             watcher::Event::InitApply(import) => state.relisting.get_or_insert_with(Cohorts::default).insert(import),
             watcher::Event::InitDone => {

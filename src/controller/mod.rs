@@ -33,6 +33,7 @@ use tracing::{info, warn};
 use crate::api::CohortImport;
 use crate::fence::Fence;
 use crate::notify::Notify;
+use crate::snapshot::cluster as snapshot;
 use cohort_index::CohortIndex;
 
 pub mod admission;
@@ -487,7 +488,10 @@ async fn watch_and_reconcile(
         } else {
             controller
         };
-        let controller = controller.watches(config_maps, watcher::Config::default().any_semantic(), by_config_map);
+        // Source ConfigMaps only: the operator's own snapshot writes (several per run) are
+        // never an import's source, and each event would be matched against every import.
+        let sources = watcher::Config::default().any_semantic().labels(&format!("!{}", snapshot::SNAPSHOT_OF_LABEL));
+        let controller = controller.watches(config_maps, sources, by_config_map);
         // Every import of the scope, whichever shard owns it: a change may lift a conflict here.
         let controller = if ctx.config.shard.is_some() {
             let (writer, index) = every_shard_writer;
