@@ -5,6 +5,8 @@
 //! kube-rs has no rate limit of its own; [`governor`]'s GCRA is client-go's token bucket:
 //! `burst` requests at once after a quiet spell, then `qps` a second. Every request waits its
 //! turn — reads, writes and the start of each watch (a watch then streams on one request).
+//!
+//! Every request but a watch must also start to be answered within [`ANSWER_TIMEOUT`].
 
 use std::future::Future;
 use std::num::NonZeroU32;
@@ -49,6 +51,24 @@ impl ApiLimits {
     }
 }
 
+/// Longest wait for the API server to start answering a request other than a watch. A
+/// connection that hangs — a stalled API server, a network path that drops packets — then
+/// fails the request, and its caller backs off and tries again (a reconcile, a run's status
+/// write), instead of waiting forever: kube-rs sets no read timeout by default, since one
+/// would also cut watches that are merely quiet. Generous: under load the test API server
+/// took about a second.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A request the API server did not start to answer in time. The path names the resource,
+/// never a value.
+#[derive(Debug, thiserror::Error)]
+#[error("the Kubernetes API server did not answer {verb} {path} within {timeout:?}")]
+pub struct NoAnswer {
+    verb: &'static str,
+    path: String,
+    timeout: Duration,
+}
+
 /// A client for `config` whose requests go through `limits` and are counted in `metrics`.
 pub fn client(config: kube::Config, limits: ApiLimits, metrics: Arc<Metrics>) -> anyhow::Result<kube::Client> {
     with_layer(config, &LimitLayer::new(limits, metrics)?)
@@ -65,13 +85,18 @@ pub fn with_layer(config: kube::Config, layer: &LimitLayer) -> anyhow::Result<ku
 pub struct LimitLayer {
     limiter: Option<Arc<DefaultDirectRateLimiter>>,
     metrics: Arc<Metrics>,
+    answer_timeout: Duration,
 }
 
 impl LimitLayer {
     /// One limit of `limits` (refused when they make none), counting in `metrics`.
     pub fn new(limits: ApiLimits, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
         let quota = limits.quota().map_err(anyhow::Error::msg)?;
-        Ok(LimitLayer { limiter: quota.map(|q| Arc::new(RateLimiter::direct(q))), metrics })
+        Ok(LimitLayer {
+            limiter: quota.map(|q| Arc::new(RateLimiter::direct(q))),
+            metrics,
+            answer_timeout: ANSWER_TIMEOUT,
+        })
     }
 }
 
@@ -79,7 +104,14 @@ impl<S> Layer<S> for LimitLayer {
     type Service = Limited<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Limited { inner, limiter: self.limiter.clone(), metrics: self.metrics.clone(), permitted: false, wait: None }
+        Limited {
+            inner,
+            limiter: self.limiter.clone(),
+            metrics: self.metrics.clone(),
+            answer_timeout: self.answer_timeout,
+            permitted: false,
+            wait: None,
+        }
     }
 }
 
@@ -89,6 +121,7 @@ pub struct Limited<S> {
     inner: S,
     limiter: Option<Arc<DefaultDirectRateLimiter>>,
     metrics: Arc<Metrics>,
+    answer_timeout: Duration,
     /// A token is taken for the next call.
     permitted: bool,
     wait: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -97,10 +130,12 @@ pub struct Limited<S> {
 impl<S, B> Service<Request<B>> for Limited<S>
 where
     S: Service<Request<B>>,
+    S::Future: Send + 'static,
+    S::Error: From<NoAnswer>,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = S::Future;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         while !self.permitted {
@@ -126,7 +161,18 @@ where
         // The path names the resource, never a value: Secret names, not their data.
         tracing::trace!(verb, path = request.uri().path(), "Kubernetes API request");
         self.metrics.kube_api_request(verb);
-        self.inner.call(request)
+        if verb == "watch" {
+            // A watch answers at once and then streams for as long as the server keeps it.
+            return Box::pin(self.inner.call(request));
+        }
+        let (path, timeout) = (request.uri().path().to_owned(), self.answer_timeout);
+        let answer = self.inner.call(request);
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, answer).await {
+                Ok(answered) => answered,
+                Err(_) => Err(NoAnswer { verb, path, timeout }.into()),
+            }
+        })
     }
 }
 
@@ -148,24 +194,50 @@ fn verb(method: &Method, query: Option<&str>) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::convert::Infallible;
-    use tower::ServiceExt;
+    use tower::{BoxError, ServiceExt};
 
     /// A service answering every request at once, under a limit.
     type Answering = Limited<tower::util::ServiceFn<fn(Request<()>) -> Ready>>;
 
-    fn limited(qps: f32, burst: u32) -> Answering {
-        let layer = LimitLayer {
+    fn layer(qps: f32, burst: u32, answer_timeout: Duration) -> LimitLayer {
+        LimitLayer {
             limiter: ApiLimits { qps, burst }.quota().unwrap().map(|q| Arc::new(RateLimiter::direct(q))),
             metrics: Arc::new(Metrics::new()),
-        };
-        layer.layer(tower::service_fn(answer as fn(Request<()>) -> Ready))
+            answer_timeout,
+        }
     }
 
-    type Ready = std::future::Ready<Result<(), Infallible>>;
+    fn limited(qps: f32, burst: u32) -> Answering {
+        layer(qps, burst, ANSWER_TIMEOUT).layer(tower::service_fn(answer as fn(Request<()>) -> Ready))
+    }
+
+    type Ready = std::future::Ready<Result<(), BoxError>>;
 
     fn answer(_: Request<()>) -> Ready {
         std::future::ready(Ok(()))
+    }
+
+    type Hanging = std::future::Pending<Result<(), BoxError>>;
+
+    fn hang(_: Request<()>) -> Hanging {
+        std::future::pending()
+    }
+
+    #[tokio::test]
+    async fn a_request_left_unanswered_fails_but_a_quiet_watch_goes_on() {
+        let timeout = Duration::from_millis(50);
+        let mut service = layer(0.0, 0, timeout).layer(tower::service_fn(hang as fn(Request<()>) -> Hanging));
+        let patch = request(Method::PATCH, "/apis/cohorts.dev/v1alpha1/namespaces/a/cohortimports/x/status");
+        let error = service.ready().await.unwrap().call(patch).await.unwrap_err();
+        let message = error.to_string();
+        assert!(
+            message.contains("did not answer patch /apis/cohorts.dev/v1alpha1/namespaces/a/cohortimports/x/status")
+        );
+        assert!(message.contains("50ms"), "{message}");
+
+        let watch = request(Method::GET, "/apis/cohorts.dev/v1alpha1/cohortimports?watch=true&resourceVersion=1");
+        let watching = service.ready().await.unwrap().call(watch);
+        assert!(tokio::time::timeout(timeout * 4, watching).await.is_err(), "the watch is still open");
     }
 
     fn request(method: Method, uri: &str) -> Request<()> {
@@ -203,6 +275,27 @@ mod tests {
         for verb in ["watch", "get", "patch", "create"] {
             assert!(text.contains(&format!("cohort_operator_kube_api_requests_total{{verb=\"{verb}\"}} 1")), "{text}");
         }
+    }
+
+    /// Through kube's own client stack: an API server that accepts the connection and never
+    /// answers fails a read with the error, instead of holding its caller.
+    #[tokio::test]
+    async fn a_kube_client_call_to_a_silent_server_fails_in_time() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let silent = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((connection, _)) = listener.accept().await {
+                held.push(connection);
+            }
+        });
+        let config = kube::Config::new(url.parse().unwrap());
+        let client = with_layer(config, &layer(0.0, 0, Duration::from_millis(100))).unwrap();
+        let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> = kube::Api::namespaced(client, "team");
+        let read = tokio::time::timeout(Duration::from_secs(10), secrets.get("braze")).await;
+        let error = read.expect("the read fails in time, not after kube's defaults").unwrap_err();
+        assert!(error.to_string().contains("did not answer get /api/v1/namespaces/team/secrets/braze"), "{error}");
+        silent.abort();
     }
 
     #[test]
