@@ -5,7 +5,7 @@
 mod controller_support;
 
 use braze_sandbox::{DataImportKey, Faults};
-use cohort_operator::api::{RunResult, RunTrigger};
+use cohort_operator::api::{CohortImportStatus, RunResult, RunTrigger};
 use cohort_operator::controller::status;
 use controller_support::*;
 use jiff::{SignedDuration, Timestamp};
@@ -23,10 +23,7 @@ async fn the_older_import_of_a_cohort_runs_and_the_other_waits_for_it() {
     env.request_run("first", "first-run").await;
     env.wait_runs("first", 1).await;
     env.create(env.import("second", "shared", json!({ "cadence": "Daily", "at": "07:30" }))).await;
-    let held = env.wait_reason("second", "Conflict").await;
-    let status = held.status.unwrap();
-    let message = &ready(&status).unwrap().message;
-    assert!(message.contains(&format!("{}/first", env.ns)), "the winner is named: {message}");
+    let status = wait_held_by(&env, "second", "first").await;
     assert_eq!(ready(&status).unwrap().status, "False");
     assert_eq!(status.next_run_at, None);
     env.wait_event("second", "Conflict").await;
@@ -67,12 +64,10 @@ async fn an_import_moving_between_cohorts_waits_for_the_holder_or_lets_go() {
     env.create(env.import("second", "elsewhere", json!({ "cadence": "Daily", "at": "07:30" }))).await;
     env.wait_reason("second", "Scheduled").await;
 
-    env.merge("second", json!({ "spec": { "cohort": { "id": "shared" } } })).await;
-    let held = env.wait_reason("second", "Conflict").await;
-    let message = &ready(held.status.as_ref().unwrap()).unwrap().message;
-    assert!(message.contains(&format!("{}/first", env.ns)), "the holder is named: {message}");
+    move_to(&env, "second", "shared").await;
+    wait_held_by(&env, "second", "first").await;
 
-    env.merge("first", json!({ "spec": { "cohort": { "id": "moved" } } })).await;
+    move_to(&env, "first", "moved").await;
     let freed = env.wait_reason("second", "Scheduled").await;
     assert!(freed.status.unwrap().next_run_at.is_some());
     assert_ne!(ready_reason(env.get("first").await.status.as_ref().unwrap()), Some("Conflict"));
@@ -80,11 +75,21 @@ async fn an_import_moving_between_cohorts_waits_for_the_holder_or_lets_go() {
     // The holder moving onto a cohort whose import never ran takes it over.
     env.create(env.import("third", "own", json!({ "cadence": "Daily", "at": "08:30" }))).await;
     env.wait_reason("third", "Scheduled").await;
-    env.merge("first", json!({ "spec": { "cohort": { "id": "own" } } })).await;
-    let held = env.wait_reason("third", "Conflict").await;
-    let message = &ready(held.status.as_ref().unwrap()).unwrap().message;
-    assert!(message.contains(&format!("{}/first", env.ns)), "the import that ran holds: {message}");
+    move_to(&env, "first", "own").await;
+    wait_held_by(&env, "third", "first").await;
     operator.stop().await;
+}
+
+async fn move_to(env: &Env, name: &str, cohort: &str) {
+    env.merge(name, json!({ "spec": { "cohort": { "id": cohort } } })).await;
+}
+
+/// Waits until `name` is in `Conflict`, its message naming `holder`.
+async fn wait_held_by(env: &Env, name: &str, holder: &str) -> CohortImportStatus {
+    let status = env.wait_reason(name, "Conflict").await.status.unwrap();
+    let message = &ready(&status).unwrap().message;
+    assert!(message.contains(&format!("{}/{holder}", env.ns)), "{name}: the holder is named: {message}");
+    status
 }
 
 #[tokio::test]
