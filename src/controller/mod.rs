@@ -355,7 +355,7 @@ async fn watch_and_reconcile(
     };
 
     // A shard watches (and so reconciles and runs) only the imports its selector picks.
-    let own_imports = match &config.shard {
+    let own_selector = match &config.shard {
         Some(shard) => watcher::Config::default().any_semantic().labels(&shard.selector()),
         None => watcher::Config::default().any_semantic(),
     };
@@ -370,39 +370,15 @@ async fn watch_and_reconcile(
     let mut changes = Vec::new();
     let sharded = config.shard.is_some();
     for scope in &scopes {
-        // Reconciles are short API round trips; a bound keeps a burst (start-up, a re-list)
-        // from holding a thousand requests in memory at once.
         let (reader, writer) = reflector::store();
         let (changed, changed_rx) = mpsc::unbounded_channel();
         let index = Arc::new(CohortIndex::default());
         cohorts.push(index.clone());
-        let own = watcher(api_for(scope), own_imports.clone())
-            .default_backoff()
-            // Never read here, and the largest part of an import in memory: every field
-            // manager's field set (status is written by server-side apply, which needs none).
-            .modify(|import| import.metadata.managed_fields = None)
-            .reflect(writer)
-            // Unsharded, conflicts are decided from this store: its index follows it, and
-            // imports of the same cohort look again once both have the change (a second
-            // watch would race with them).
-            .inspect(move |event| {
-                let Ok(event) = event.as_ref() else { return };
-                if sharded {
-                    return;
-                }
-                index.apply(event);
-                match event {
-                    watcher::Event::Apply(i) | watcher::Event::InitApply(i) => {
-                        let _ = changed.send(Changed::of(i, false));
-                    }
-                    watcher::Event::Delete(i) => {
-                        let _ = changed.send(Changed::of(i, true));
-                    }
-                    watcher::Event::Init | watcher::Event::InitDone => {}
-                }
-            })
-            .applied_objects();
+        let follow = (!sharded).then_some((index, changed));
+        let own = own_imports(api_for(scope), own_selector.clone(), writer, follow);
         changes.push(changed_rx);
+        // Reconciles are short API round trips; a bound keeps a burst (start-up, a re-list)
+        // from holding a thousand requests in memory at once.
         let controller = Controller::for_stream(own, reader)
             .with_config(kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY));
         stores.push(controller.store());
@@ -445,62 +421,20 @@ async fn watch_and_reconcile(
     let mut running = Vec::new();
     let scoped = scopes.iter().zip(controllers).zip(wake_streams).zip(every_shard_writers).zip(changes);
     for ((((scope, controller), wake), every_shard_writer), changed) in scoped {
-        // Only metadata: the controller never keeps Secret values in memory.
-        let secrets: Api<PartialObjectMeta<Secret>> = match scope {
-            Some(ns) => Api::namespaced(client.clone(), ns),
-            None => Api::all(client.clone()),
-        };
-        let config_maps: Api<PartialObjectMeta<ConfigMap>> = match scope {
-            Some(ns) => Api::namespaced(client.clone(), ns),
-            None => Api::all(client.clone()),
-        };
-        let store = controller.store();
-        let by_secret = {
-            let (ctx, referencing) = (ctx.clone(), referencing(store.clone(), Referenced::Secret));
-            move |secret: PartialObjectMeta<Secret>| {
-                let namespace = secret.namespace().unwrap_or_default();
-                ctx.secret_checks.saw(&namespace, &secret.name_any(), secret.resource_version().as_deref());
-                referencing(secret)
-            }
-        };
-        let by_config_map = referencing(store.clone(), Referenced::ConfigMap);
-        let same_cohort = {
-            let ctx = ctx.clone();
-            move |changed: CohortImport| ctx.affected_by(&changed)
-        };
-        let wake = futures::stream::unfold(wake, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
-        let same_cohort_changed = {
-            let ctx = ctx.clone();
-            futures::stream::unfold(changed, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) }).flat_map(
-                move |changed: Changed| {
-                    if changed.deleted {
-                        ctx.forget(&changed.import);
-                    }
-                    futures::stream::iter(ctx.affected_by_change(&changed))
-                },
-            )
-        };
-        let wake = futures::stream::select(wake, same_cohort_changed);
-        // Without the watch (RBAC grants `get` only), a missing Secret is looked for on a
-        // backoff instead (secret_recheck).
-        let controller = if ctx.config.watch_secrets {
-            controller.watches(secrets, watcher::Config::default().any_semantic(), by_secret)
-        } else {
-            controller
-        };
-        // Source ConfigMaps only: the operator's own snapshot writes (several per run) are
-        // never an import's source, and each event would be matched against every import.
-        let sources = watcher::Config::default().any_semantic().labels(&format!("!{}", snapshot::SNAPSHOT_OF_LABEL));
-        let controller = controller.watches(config_maps, sources, by_config_map);
+        let controller = watching_related(&ctx, &client, scope, controller);
         // Every import of the scope, whichever shard owns it: a change may lift a conflict here.
         let controller = if ctx.config.shard.is_some() {
+            let same_cohort = {
+                let ctx = ctx.clone();
+                move |changed: CohortImport| ctx.affected_by(&changed)
+            };
             let (writer, index) = every_shard_writer;
             controller.watches_stream(every_shard_imports(&ctx, api_for(scope), writer, index), same_cohort)
         } else {
             controller
         };
         let stream = controller
-            .reconcile_on(wake)
+            .reconcile_on(wakes(&ctx, wake, changed))
             .reconcile_all_on(ctx.clock.jumps())
             .graceful_shutdown_on(shutdown.clone())
             .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
@@ -516,6 +450,94 @@ async fn watch_and_reconcile(
         running.push(stream);
     }
     futures::future::join_all(running).await;
+}
+
+/// The imports this controller owns, kept in `writer`'s store. Unsharded, conflicts are
+/// decided from that store, so `follow` keeps its cohort index in step and reports each
+/// change once both have it: imports of the same cohort then look again (a second watch
+/// would race with them).
+fn own_imports(
+    api: Api<CohortImport>,
+    selector: watcher::Config,
+    writer: reflector::store::Writer<CohortImport>,
+    follow: Option<(Arc<CohortIndex>, mpsc::UnboundedSender<Changed>)>,
+) -> impl futures::Stream<Item = Result<CohortImport, watcher::Error>> + Send + 'static {
+    watcher(api, selector)
+        .default_backoff()
+        // Never read here, and the largest part of an import in memory: every field
+        // manager's field set (status is written by server-side apply, which needs none).
+        .modify(|import| import.metadata.managed_fields = None)
+        .reflect(writer)
+        .inspect(move |event| {
+            let (Ok(event), Some((index, changed))) = (event.as_ref(), follow.as_ref()) else { return };
+            index.apply(event);
+            let change = match event {
+                watcher::Event::Apply(i) | watcher::Event::InitApply(i) => Changed::of(i, false),
+                watcher::Event::Delete(i) => Changed::of(i, true),
+                watcher::Event::Init | watcher::Event::InitDone => return,
+            };
+            let _ = changed.send(change);
+        })
+        .applied_objects()
+}
+
+/// Adds to `controller` the watches of what imports name: Secrets (unless
+/// `--watch-secrets=false`) and source ConfigMaps, by metadata only.
+fn watching_related(
+    ctx: &Arc<Context>,
+    client: &kube::Client,
+    scope: &Option<String>,
+    controller: Controller<CohortImport>,
+) -> Controller<CohortImport> {
+    // Only metadata: the controller never keeps Secret values in memory.
+    let secrets: Api<PartialObjectMeta<Secret>> = match scope {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let config_maps: Api<PartialObjectMeta<ConfigMap>> = match scope {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let store = controller.store();
+    let by_secret = {
+        let (ctx, referencing) = (ctx.clone(), referencing(store.clone(), Referenced::Secret));
+        move |secret: PartialObjectMeta<Secret>| {
+            let namespace = secret.namespace().unwrap_or_default();
+            ctx.secret_checks.saw(&namespace, &secret.name_any(), secret.resource_version().as_deref());
+            referencing(secret)
+        }
+    };
+    // Without the watch (RBAC grants `get` only), a missing Secret is looked for on a
+    // backoff instead (secret_recheck).
+    let controller = if ctx.config.watch_secrets {
+        controller.watches(secrets, watcher::Config::default().any_semantic(), by_secret)
+    } else {
+        controller
+    };
+    // Source ConfigMaps only: the operator's own snapshot writes (several per run) are
+    // never an import's source, and each event would be matched against every import.
+    let sources = watcher::Config::default().any_semantic().labels(&format!("!{}", snapshot::SNAPSHOT_OF_LABEL));
+    controller.watches(config_maps, sources, referencing(store, Referenced::ConfigMap))
+}
+
+/// The imports to reconcile besides watch events: those a run asks for when it ends
+/// (`wake`), and the other imports of a cohort one of them changed in (`changed`,
+/// forgetting a deleted import's state first).
+fn wakes(
+    ctx: &Arc<Context>,
+    wake: mpsc::UnboundedReceiver<ObjectRef<CohortImport>>,
+    changed: mpsc::UnboundedReceiver<Changed>,
+) -> impl futures::Stream<Item = ObjectRef<CohortImport>> + Send + 'static {
+    let wake = futures::stream::unfold(wake, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+    let ctx = ctx.clone();
+    let same_cohort = futures::stream::unfold(changed, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) })
+        .flat_map(move |changed: Changed| {
+            if changed.deleted {
+                ctx.forget(&changed.import);
+            }
+            futures::stream::iter(ctx.affected_by_change(&changed))
+        });
+    futures::stream::select(wake, same_cohort)
 }
 
 /// Every import of a scope, whichever shard owns it, kept in `writer`'s store (and `index`)
