@@ -95,13 +95,10 @@ impl CohortIndex {
         state.current.by_cohort.get(cohort).map(|imports| imports.iter().cloned().collect()).unwrap_or_default()
     }
 
-    /// How many imports the index holds (for tests).
-    pub fn len(&self) -> usize {
+    /// How many imports the index holds.
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).current.cohort_of.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
