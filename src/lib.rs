@@ -2,6 +2,8 @@
 //!
 //! - [`api`]: the `CohortImport` custom resource (Kubernetes types only).
 //! - [`domain`]: pure logic — schedules, members, diffs, validation, run planning. No I/O.
+//! - [`net`]: the ground floor of every outbound HTTP request: the egress policy and the one
+//!   client builder that applies it.
 
 /// jemalloc for every program that links the operator — the binary, and the tests and
 /// benchmarks that run its controller — so what they measure is what ships. At 10,000
@@ -17,6 +19,7 @@ pub mod cli;
 pub mod controller;
 pub mod domain;
 pub mod fence;
+pub mod net;
 pub mod notify;
 pub mod run;
 pub mod secret;

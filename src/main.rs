@@ -20,8 +20,9 @@ use cohort_operator::controller::secrets::{PartnerKeys, parse_endpoint_region};
 use cohort_operator::controller::shard::{Shard, ShardFlags};
 use cohort_operator::controller::{self, Config, Dependencies};
 use cohort_operator::fence::{Fence, LeaseTiming};
+use cohort_operator::net::egress::{DenyFlag, EgressDefault, EgressPolicy, EgressRule};
 use cohort_operator::notify::{HttpConfig, HttpSender, Notifier, Notify, SmtpArgs, SmtpNotifier};
-use cohort_operator::source::egress::{DenyFlag, EgressDefault, EgressPolicy, EgressRule};
+use cohort_operator::source::AmbientIdentity;
 
 /// Keeps analytics cohorts imported into Braze.
 #[derive(Parser)]
@@ -255,6 +256,11 @@ struct ControllerArgs {
     /// What happens to a source or notification destination no rule names.
     #[arg(long, env = "COHORT_EGRESS_DEFAULT", value_enum, default_value = "allow")]
     egress_default: EgressDefaultArg,
+    /// Namespaces whose imports may use the operator's own cloud identity (a BigQuery source
+    /// without a key uses GKE Workload Identity), comma-separated, or `*` for all. Empty (the
+    /// default): none; such imports are refused, saying what to set.
+    #[arg(long = "ambient-identity-namespaces", env = "COHORT_AMBIENT_IDENTITY_NAMESPACES", value_delimiter = ',')]
+    ambient_identity_namespaces: Vec<String>,
     /// Watch Secrets (list, watch) to notice at once when a missing one appears. With
     /// false, Secrets are only read by name: at each run, and every few seconds while an
     /// import is SecretNotFound (for RBAC that grants `get` alone).
@@ -412,9 +418,12 @@ async fn start_controller(args: ControllerArgs) -> anyhow::Result<()> {
         egress_rules("--egress-deny", &args.egress_deny)?,
         egress_default,
     );
-    tracing::info!(policy = %egress.summary(), "egress policy (sources and notifications)");
+    tracing::info!(policy = %egress.summary(), "egress policy (sources, notifications and Braze)");
+    let ambient = AmbientIdentity::from_list(&args.ambient_identity_namespaces).map_err(anyhow::Error::msg)?;
+    let egress = Arc::new(egress);
     let notification_deny = args.notification_deny_cidrs.iter().map(|net| EgressRule::Net(net.trunc()));
-    let notification_egress = Arc::new(egress.clone().with_deny(DenyFlag::NotificationDenyCidr, notification_deny));
+    let notification_egress =
+        Arc::new(egress.as_ref().clone().with_deny(DenyFlag::NotificationDenyCidr, notification_deny));
     let shard = Shard::from_flags(&ShardFlags {
         shard: args.shard.clone(),
         shard_default: args.shard_default,
@@ -458,7 +467,8 @@ async fn start_controller(args: ControllerArgs) -> anyhow::Result<()> {
     };
     budget.validate().map_err(anyhow::Error::msg)?;
     let budgets = Arc::new(Budgets::new(budget).with_observer(metrics.clone()));
-    let braze = BrazeClient::new(BrazeClientConfig::default())?.with_budgets(budgets);
+    let braze = BrazeClient::new(BrazeClientConfig { egress: egress.clone(), ..BrazeClientConfig::default() })?
+        .with_budgets(budgets);
     let snapshots = match args.snapshot_store {
         SnapshotStoreArg::Cluster => SnapshotStoreKind::Cluster,
         SnapshotStoreArg::Filesystem => SnapshotStoreKind::Filesystem(
@@ -468,7 +478,8 @@ async fn start_controller(args: ControllerArgs) -> anyhow::Result<()> {
     let scratch = args.scratch_dir.unwrap_or_else(std::env::temp_dir);
     let importer = Arc::new(
         PipelineImporter::new(run_client, braze, snapshots, scratch)
-            .with_egress(Arc::new(egress))
+            .with_egress(egress)
+            .with_ambient_identity(ambient)
             .with_fence(fence.clone()),
     );
     let identity = args.identity.clone().unwrap_or_else(|| format!("{}-{:08x}", hostname(), rand::random::<u32>()));

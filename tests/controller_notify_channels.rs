@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cohort_operator::api::RunResult;
+use cohort_operator::net::egress::EgressPolicy;
 use cohort_operator::notify::{HttpConfig, HttpSender, Notifier};
-use cohort_operator::source::egress::EgressPolicy;
 use controller_support::*;
 use serde_json::json;
 use testkit::webhook::{Answer, Receiver};

@@ -17,7 +17,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use cohort_operator::api::{RunResult, SourceSpec};
-use cohort_operator::source::egress::{EgressPolicy, EgressRule};
+use cohort_operator::net::egress::{EgressPolicy, EgressRule};
 use cohort_operator::source::{InMemoryObjects, SourceError, open_source_spec, read_cohort};
 use controller_support::*;
 use serde_json::{Value, json};

@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cohort_operator::api::{RunResult, RunTrigger};
+use cohort_operator::net::egress::{DenyFlag, EgressPolicy, EgressRule};
 use cohort_operator::notify::http::Delivery;
 use cohort_operator::notify::payload::{CLOUDEVENTS_CONTENT_TYPE, cloud_event, slack_message};
 use cohort_operator::notify::{Channel, HttpConfig, HttpSender, NotifyError, RunNotice};
 use cohort_operator::secret::SecretString;
-use cohort_operator::source::egress::{DenyFlag, EgressPolicy, EgressRule};
 use jiff::tz::TimeZone;
 use reqwest::header::HeaderName;
 use testkit::webhook::{Answer, Receiver};

@@ -380,7 +380,7 @@ async fn workload_identity_takes_tokens_from_the_metadata_server() {
 /// forbidden address, so nothing could leave the machine even if the check failed.
 #[tokio::test]
 async fn the_api_the_token_endpoint_and_a_named_metadata_server_follow_the_egress_policy() {
-    use cohort_operator::source::egress::{EgressDefault, EgressPolicy};
+    use cohort_operator::net::egress::{EgressDefault, EgressPolicy};
     let w = world("bq_egress", "CREATE TABLE t AS SELECT 'u1' AS uid", |_, _| {}).await;
     let deny = |rule: &str| Arc::new(EgressPolicy::new(vec![], vec![rule.parse().unwrap()], EgressDefault::Allow));
     let refused = |e: SourceError| {

@@ -19,6 +19,8 @@ use super::error::{BrazeError, TransientFailure, UnauthorizedReason};
 use super::retry::{Disposition, RetryDelay, RetryPolicy, classify, is_rate_limited, server_wait_hint};
 use super::wire::{self, NameBody, READ_BODY_BYTES, ResponseText, UsersBody};
 use crate::fence::Fence;
+use crate::net::HttpClient;
+use crate::net::egress::{EgressPolicy, denied_in};
 use crate::secret::{SecretString, error_chain, redact};
 
 /// Tuning of a [`BrazeClient`].
@@ -32,6 +34,9 @@ pub struct BrazeClientConfig {
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
     pub retry: RetryPolicy,
+    /// Where requests may go: the operator's egress policy. `restEndpoint` is a tenant's to
+    /// write, so it is held to the same rules as a source URL.
+    pub egress: Arc<EgressPolicy>,
 }
 
 impl Default for BrazeClientConfig {
@@ -42,6 +47,7 @@ impl Default for BrazeClientConfig {
             request_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
             retry: RetryPolicy::default(),
+            egress: EgressPolicy::shared_default(),
         }
     }
 }
@@ -171,7 +177,7 @@ pub struct ChangesTotals {
 /// Braze's partner cohort import API. Cheap to clone; clones share the connection pool.
 #[derive(Clone, Debug)]
 pub struct BrazeClient {
-    http: reqwest::Client,
+    http: HttpClient,
     config: BrazeClientConfig,
     /// Shared by clones, and by every run of a destination.
     budgets: Arc<Budgets>,
@@ -276,14 +282,10 @@ impl Drop for Waiting<'_> {
 
 impl BrazeClient {
     pub fn new(config: BrazeClientConfig) -> Result<Self, BrazeError> {
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("cohort-operator/", env!("CARGO_PKG_VERSION")))
+        // A redirected POST turns into a GET: no redirect is followed (the 3xx is reported).
+        let http = HttpClient::builder(&config.egress)
             .connect_timeout(config.connect_timeout)
             .pool_max_idle_per_host(config.max_in_flight.max(1))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .tcp_nodelay(true)
-            // A redirected POST turns into a GET: refuse redirects and report them instead.
-            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| BrazeError::InvalidRequest(format!("cannot set up the HTTP client: {e}")))?;
         let budgets = Arc::new(Budgets::new(BudgetConfig::default()));
@@ -555,7 +557,20 @@ impl BrazeClient {
             }
             attempts += 1;
             let this = request.try_clone().expect("an in-memory body can be cloned");
-            let sent = match self.fence.bounded(self.http.execute(this)).await {
+            let sending = match self.http.execute(this) {
+                Ok(sending) => sending,
+                Err(denied) => {
+                    let error = Some(BrazeError::EgressDenied(denied.to_string()));
+                    return Attempted {
+                        attempts,
+                        status: None,
+                        response: ResponseText::default(),
+                        error,
+                        budget_wait: waited,
+                    };
+                }
+            };
+            let sent = match self.fence.bounded(sending).await {
                 Ok(sent) => sent,
                 Err(fenced) => {
                     let error = Some(fenced.into());
@@ -610,6 +625,17 @@ impl BrazeClient {
                             (Some(status), response, TransientFailure::Status { status, message }, hint)
                         }
                     }
+                }
+                // The endpoint's name resolves only to denied addresses: no retry changes that.
+                Err(ref e) if let Some(denied) = denied_in(e) => {
+                    let error = Some(BrazeError::EgressDenied(denied.to_string()));
+                    return Attempted {
+                        attempts,
+                        status: None,
+                        response: ResponseText::default(),
+                        error,
+                        budget_wait: waited,
+                    };
                 }
                 Err(e) if e.is_timeout() => {
                     run.timeouts.fetch_add(1, Ordering::Relaxed);

@@ -34,6 +34,10 @@ pub enum BrazeError {
     /// Not sent again because another request of the run failed for good.
     #[error("not retried: the run stopped after another request failed")]
     Abandoned,
+    /// The operator's egress policy refuses the REST endpoint (its address, or where its
+    /// name resolves); a person must fix the endpoint or the policy.
+    #[error("not sent: {0}")]
+    EgressDenied(String),
     /// Refused before sending: the target or the input is wrong.
     #[error("not sent: {0}")]
     InvalidRequest(String),
@@ -45,7 +49,10 @@ pub enum BrazeError {
 impl BrazeError {
     /// 400, 401 and the other refusals retrying cannot fix: a person must act.
     pub fn is_permanent(&self) -> bool {
-        matches!(self, Self::Unauthorized { .. } | Self::BadRequest { .. } | Self::Rejected { .. })
+        matches!(
+            self,
+            Self::Unauthorized { .. } | Self::BadRequest { .. } | Self::Rejected { .. } | Self::EgressDenied(_)
+        )
     }
 }
 

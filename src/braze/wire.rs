@@ -126,15 +126,48 @@ impl Serialize for Aliases<'_> {
     }
 }
 
-/// What we keep of a response: its body (redacted, truncated) and Braze's `message`.
+/// What we keep of a response: its body (redacted, truncated, for the operator's own log)
+/// and which of Braze's documented answers its `message` is.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ResponseText {
-    /// The body as text, secrets replaced by `<redacted>`, cut to [`KEPT_BODY_BYTES`].
+    /// The body as text, secrets replaced by `<redacted>`, cut to [`KEPT_BODY_BYTES`]. Only
+    /// ever logged by the operator: never in status, Events or reports.
     pub body: String,
-    /// `message` of a JSON body, else the body itself (redacted, cut); empty if no body.
+    /// The documented answer `message` matched ([`KNOWN_MESSAGES`]), in the operator's own
+    /// words, or [`UNDOCUMENTED`]. No byte of the answer itself: whoever can read the import's status
+    /// must not read what an endpoint a tenant named answered (it may be an in-cluster
+    /// service, not Braze).
     pub message: String,
     /// A JSON body with a non-empty `errors` array (Braze's non-fatal problems).
     pub has_errors: bool,
+}
+
+/// Braze's documented answers for the cohort import endpoints (see
+/// `shared/notes/braze-cohort-import-api.md`): a phrase the `message` contains, and how
+/// the operator names it. The first match wins.
+pub const KNOWN_MESSAGES: &[(&str, &str)] = &[
+    ("partner not enabled", "Partner not enabled for client"),
+    ("invalid partner api key", "Invalid Partner API key"),
+    ("partner_api_key", "Invalid Partner API key"),
+    ("invalid client secret", "Invalid client secret"),
+    ("client_secret", "Invalid client secret"),
+    ("cohort_changes", "cohort_changes is malformed"),
+    ("cohort_id", "cohort_id is not valid"),
+    ("created_at", "created_at is not ISO-8601"),
+    ("name", "the cohort name is not valid"),
+    ("resource locked", "resource locked"),
+    ("rate limit", "rate limit exceeded"),
+    ("queued", "queued"),
+    ("success", "success"),
+];
+
+/// What [`ResponseText::message`] says of any other answer.
+pub const UNDOCUMENTED: &str = "an answer Braze does not document, not quoted";
+
+/// The operator's name for a documented `message`, or `None`.
+pub fn known_message(message: &str) -> Option<&'static str> {
+    let message = message.to_ascii_lowercase();
+    KNOWN_MESSAGES.iter().find(|(phrase, _)| message.contains(phrase)).map(|(_, named)| *named)
 }
 
 pub fn read_response(bytes: &[u8], secrets: &[&str]) -> ResponseText {
@@ -144,8 +177,9 @@ pub fn read_response(bytes: &[u8], secrets: &[&str]) -> ResponseText {
         .as_ref()
         .and_then(|v| v.get("message"))
         .and_then(|m| m.as_str())
-        .map(|m| truncate(redact(m, secrets, REDACT_MIN_LEN), 300))
-        .unwrap_or_else(|| truncate(redact(text.trim(), secrets, REDACT_MIN_LEN), 300));
+        .and_then(known_message)
+        .unwrap_or(UNDOCUMENTED)
+        .to_owned();
     let has_errors =
         json.as_ref().and_then(|v| v.get("errors")).and_then(|e| e.as_array()).is_some_and(|e| !e.is_empty());
     ResponseText { body: truncate(redact(&text, secrets, REDACT_MIN_LEN), KEPT_BODY_BYTES), message, has_errors }
@@ -213,10 +247,10 @@ mod tests {
             br#"{"message":"Partner not enabled for client with client secret: s3cret-key"}"#,
             &["s3cret-key", "partner-key"],
         );
-        assert_eq!(r.message, "Partner not enabled for client with client secret: <redacted>");
+        assert_eq!(r.message, "Partner not enabled for client");
         assert!(!r.body.contains("s3cret-key"));
         let r = read_response(b"<html>Bad Gateway</html>\n", &[]);
-        assert_eq!(r.message, "<html>Bad Gateway</html>");
+        assert_eq!(r.message, UNDOCUMENTED);
         let r = read_response(br#"{"message":"success","errors":["x"]}"#, &[]);
         assert!(r.has_errors);
         assert_eq!(r.message, "success");
@@ -226,6 +260,22 @@ mod tests {
         let r = read_response(long.as_bytes(), &[]);
         assert!(r.body.len() <= KEPT_BODY_BYTES + '…'.len_utf8());
         assert!(r.body.ends_with('…'));
+    }
+
+    #[test]
+    fn only_documented_messages_are_named_and_nothing_else_of_an_answer_is_kept_as_message() {
+        let marker = "internal-service-secret-marker";
+        for body in [
+            format!(r#"{{"message":"{marker}"}}"#),
+            format!("<html>{marker}</html>"),
+            format!(r#"{{"error":"{marker}"}}"#),
+        ] {
+            let r = read_response(body.as_bytes(), &[]);
+            assert_eq!(r.message, UNDOCUMENTED, "{body}");
+        }
+        let r = read_response(br#"{"message":"Invalid client secret: abc"}"#, &[]);
+        assert_eq!(r.message, "Invalid client secret");
+        assert_eq!(known_message("cohort_changes must be an array"), Some("cohort_changes is malformed"));
     }
 
     #[test]

@@ -352,7 +352,10 @@ async fn preview(
     let valid = validate(&import.spec).map_err(|errors| PreviewError::InvalidSpec { origin, errors })?;
     let spec = &valid.spec;
     let namespace = import.namespace().unwrap_or_default();
-    let objects = KubeObjects::new(client.clone(), namespace.clone());
+    // The preview runs as the person who asked for it: their own cloud identity is theirs
+    // to use.
+    let objects = KubeObjects::new(client.clone(), namespace.clone())
+        .with_ambient_identity(std::sync::Arc::new(crate::source::AmbientIdentity::Everyone));
     let source = open_source(&valid.source, &valid.identifiers, &objects).await?;
     // The applied import's snapshot, under the key its runs use; what status says it holds
     // is checked as a run checks it (a preview of a lost snapshot says SnapshotMissing).

@@ -16,14 +16,14 @@ use crate::braze::{BrazeClient, CohortTarget};
 use crate::domain::guard::RemovalApproval;
 use crate::domain::validate::ValidSpec;
 use crate::fence::Fence;
+use crate::net::egress::EgressPolicy;
 use crate::run::{ImportRun, RunDeps, RunReport, identifier_fingerprint, remove_all_members, run_import};
 use crate::snapshot::cluster::ClusterSnapshotStore;
 use crate::snapshot::fenced::FencedStore;
 use crate::snapshot::fs::FsSnapshotStore;
 use crate::snapshot::{SnapshotError, SnapshotStore, snapshot_key};
-use crate::source::egress::EgressPolicy;
 use crate::source::kube::KubeObjects;
-use crate::source::open_source;
+use crate::source::{AmbientIdentity, open_source};
 
 /// Where snapshots are kept, one per Braze cohort ([`snapshot_key`]).
 #[derive(Clone, Debug)]
@@ -64,6 +64,8 @@ pub struct PipelineImporter {
     scratch_dir: PathBuf,
     /// Where sources may connect.
     egress: Arc<EgressPolicy>,
+    /// The namespaces whose sources may use the operator's own cloud identity.
+    ambient: Arc<AmbientIdentity>,
     /// Braze requests and snapshot writes are made only while it is open.
     fence: Fence,
 }
@@ -76,8 +78,15 @@ impl PipelineImporter {
             snapshots,
             scratch_dir,
             egress: EgressPolicy::shared_default(),
+            ambient: Arc::default(),
             fence: Fence::unfenced(),
         }
+    }
+
+    /// Lends the operator's own cloud identity to the sources of `ambient`'s namespaces.
+    pub fn with_ambient_identity(mut self, ambient: AmbientIdentity) -> Self {
+        self.ambient = Arc::new(ambient);
+        self
     }
 
     /// Sends to Braze and writes snapshots only while `fence` is open: give it the
@@ -159,7 +168,9 @@ impl PipelineImporter {
     ) -> Result<RunReport, ImportError> {
         let namespace = import.namespace().unwrap_or_default();
         let spec = &valid.spec;
-        let objects = KubeObjects::new(self.client.clone(), namespace.clone()).with_egress(self.egress.clone());
+        let objects = KubeObjects::new(self.client.clone(), namespace.clone())
+            .with_egress(self.egress.clone())
+            .with_ambient_identity(self.ambient.clone());
         let source = open_source(&valid.source, &valid.identifiers, &objects).await?;
         let store = self.store(import, spec, Some(&keys))?;
         let target = Self::target(spec, valid.braze_endpoint.as_str().trim_end_matches('/').to_owned(), keys);

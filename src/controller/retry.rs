@@ -91,6 +91,7 @@ fn source(error: &SourceError) -> bool {
         | SourceError::KeyNotText { .. }
         | SourceError::Config { .. }
         | SourceError::EgressDenied { .. }
+        | SourceError::AmbientIdentityRefused { .. }
         | SourceError::Query { .. }
         | SourceError::Malformed { .. }
         | SourceError::TooLarge { .. }
@@ -121,6 +122,7 @@ fn braze(error: &BrazeError) -> bool {
         | BrazeError::BadRequest { .. }
         | BrazeError::Rejected { .. }
         | BrazeError::InvalidRequest(_)
+        | BrazeError::EgressDenied(_)
         | BrazeError::Abandoned => false,
         // As for the snapshot: the new leader resumes the run.
         BrazeError::Fenced(_) => false,

@@ -1,6 +1,11 @@
 //! POSTing a report to a Slack or webhook URL: bounded retries, a total time bound, the
-//! operator's egress policy (`source::egress`, the one sources follow), and no secret in any
-//! message.
+//! operator's egress policy (through [`crate::net::HttpClient`], as sources), and no secret in
+//! any message.
+//!
+//! No echo: what a receiver answers never reaches status, Events or logs as text. An error
+//! names the HTTP status and, for Slack, one of Slack's documented error codes when the
+//! answer is exactly that code; anything else a receiver says is dropped. Otherwise a
+//! tenant could aim a report at an in-cluster service and read its answers in status.
 //!
 //! The URL itself is a secret (a Slack incoming-webhook URL *is* the credential; a webhook
 //! URL may carry a token), so messages name only its host, and every text that comes from
@@ -19,8 +24,9 @@ use reqwest::{StatusCode, Url};
 use tokio::time::Instant;
 
 use super::error::{Channel, NotifyError};
+use crate::net::HttpClient;
+use crate::net::egress::{EgressPolicy, ResolveError, denied_in};
 use crate::secret::{SecretString, error_chain, redact};
-use crate::source::egress::{EgressPolicy, EgressResolver, ResolveError, denied_in};
 
 /// Limits of one delivery.
 #[derive(Clone, Debug)]
@@ -67,7 +73,7 @@ pub struct Delivery<'a> {
 /// Posts reports. Cheap to share: one connection pool for every import.
 #[derive(Clone)]
 pub struct HttpSender {
-    client: reqwest::Client,
+    client: HttpClient,
     config: HttpConfig,
 }
 
@@ -79,16 +85,9 @@ impl std::fmt::Debug for HttpSender {
 
 impl HttpSender {
     pub fn new(config: HttpConfig) -> Result<Self, reqwest::Error> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(config.connect_timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            // Names are resolved under the policy at connection time too, so a name that
-            // changes its answer after `check_url` gains nothing; a proxy would resolve out
-            // of its sight.
-            .dns_resolver(Arc::new(EgressResolver(config.policy.clone())))
-            .no_proxy()
-            .user_agent(concat!("cohort-operator/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+        // Names are resolved under the policy at connection time too, so a name that changes
+        // its answer after `check_url` gains nothing. No redirect is followed.
+        let client = HttpClient::builder(&config.policy).connect_timeout(config.connect_timeout).build()?;
         Ok(Self { client, config })
     }
 
@@ -143,12 +142,12 @@ impl HttpSender {
     }
 
     async fn attempt(&self, url: &Url, delivery: &Delivery<'_>, timeout: Duration) -> Attempt {
-        let mut request = self
-            .client
-            .post(url.clone())
-            .timeout(timeout)
-            .header(CONTENT_TYPE, delivery.content_type)
-            .body(delivery.body.clone());
+        let request = match self.client.post(url.clone()) {
+            Ok(request) => request,
+            Err(denied) => return Attempt::Permanent(denied.to_string()),
+        };
+        let mut request =
+            request.timeout(timeout).header(CONTENT_TYPE, delivery.content_type).body(delivery.body.clone());
         for (name, value) in delivery.headers {
             // Checked in `check_url`.
             let Ok(mut value) = HeaderValue::from_str(value.expose()) else { continue };
@@ -172,8 +171,10 @@ impl HttpSender {
             return Attempt::Delivered;
         }
         let retry_after = retry_after(&response);
-        let answer = answer_text(response).await;
-        let error = format!("HTTP {}{answer}", status.as_u16());
+        let error = match known_answer(response).await {
+            Some(code) => format!("HTTP {} ({code})", status.as_u16()),
+            None => format!("HTTP {}", status.as_u16()),
+        };
         if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
             Attempt::Transient { error, retry_after }
         } else {
@@ -231,21 +232,37 @@ fn retry_after(response: &reqwest::Response) -> Option<Duration> {
     Some(Duration::from_secs(seconds))
 }
 
-/// `: <the receiver's answer>`, at most 200 characters of one line (Slack answers with a
-/// word like `invalid_payload` or `no_service`), or nothing.
-async fn answer_text(response: reqwest::Response) -> String {
+/// Slack's documented error codes for incoming webhooks (api.slack.com, "Handling
+/// errors"): the whole answer is one of these words.
+const SLACK_ERRORS: &[&str] = &[
+    "invalid_payload",
+    "user_not_found",
+    "channel_not_found",
+    "channel_is_archived",
+    "action_prohibited",
+    "posting_to_general_channel_denied",
+    "no_service",
+    "no_service_id",
+    "no_team",
+    "team_disabled",
+    "invalid_token",
+    "no_text",
+    "missing_text_or_fallback_or_attachments",
+    "too_many_attachments",
+];
+
+/// The answer, when it is exactly one of [`SLACK_ERRORS`]: the constant, never the
+/// receiver's bytes. Reads at most 64 bytes.
+async fn known_answer(mut response: reqwest::Response) -> Option<&'static str> {
     let mut body = Vec::new();
-    let mut response = response;
-    while let Ok(Some(chunk)) = response.chunk().await {
-        body.extend_from_slice(&chunk);
-        if body.len() >= 1024 {
-            break;
+    while body.len() <= 64 {
+        match response.chunk().await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+            _ => break,
         }
     }
-    let text: String =
-        String::from_utf8_lossy(&body).chars().map(|c| if c.is_control() { ' ' } else { c }).take(200).collect();
-    let text = text.trim();
-    if text.is_empty() { String::new() } else { format!(": {text}") }
+    let text = std::str::from_utf8(&body).ok()?.trim();
+    SLACK_ERRORS.iter().find(|code| **code == text).copied()
 }
 
 fn is_loopback(url: &Url) -> bool {

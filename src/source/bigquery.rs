@@ -28,12 +28,13 @@ use tokio::time::Instant;
 use self::auth::{Credentials, DEFAULT_METADATA_SERVER, ServiceAccountKey, TokenSource};
 use self::values::ColumnKind;
 use self::wire::{ApiError, ErrorClass, FormatOptions, JobReference, QueryRequest, QueryResponse, Row, Schema};
-use super::egress::{EgressPolicy, EgressResolver};
-use super::warehouse::{BodyError, RetryPolicy, checked_query, column_plan, read_body_bounded};
+use super::warehouse::{self, BodyError, RetryPolicy, checked_query, column_plan, read_body_bounded};
 use super::{BatchBuilder, MemberBatch, MemberSource, MemberStream, REDACT_MIN_LEN, SourceContext, SourceError};
 use crate::api::BigQuerySource;
 use crate::domain::identifiers::{ColumnPlan, IdentifierFields};
 use crate::domain::validate::{SqlDialect, is_loopback};
+use crate::net::HttpClient;
+use crate::net::egress::{EgressDenied, EgressPolicy, EgressRule, denied_in};
 use crate::secret::{error_chain, redact};
 
 pub mod auth;
@@ -59,11 +60,13 @@ pub struct BigQueryMembers {
     fields: IdentifierFields,
     tokens: TokenSource,
     /// BigQuery's API, under the operator's egress policy.
-    client: reqwest::Client,
+    client: HttpClient,
+    /// What of BigQuery's error answers may be quoted: messages only from googleapis.com.
+    quoting: warehouse::Quoting,
     /// Where access tokens come from: the key's token endpoint or a `metadataServer` the
     /// spec names, under the egress policy; GKE's own metadata server (Workload Identity,
     /// the operator's credential, which the policy denies to sources by name) outside it.
-    token_client: reqwest::Client,
+    token_client: HttpClient,
     retry: RetryPolicy,
 }
 
@@ -91,6 +94,8 @@ enum CallError {
     Api(ApiError),
     /// No token: already a finished, user-facing error.
     Auth(SourceError),
+    /// The egress policy refuses the address (the endpoint's name resolved to a denied one).
+    Denied(EgressDenied),
     /// The request or its answer did not get through.
     Transport(String),
     /// A 2xx body that is not the expected JSON (cut off, most likely).
@@ -103,22 +108,19 @@ impl CallError {
         match self {
             CallError::Api(e) => e.class() == ErrorClass::Transient,
             CallError::Transport(_) | CallError::Malformed(_) => true,
-            CallError::Auth(_) | CallError::TooLarge => false,
+            CallError::Auth(_) | CallError::Denied(_) | CallError::TooLarge => false,
         }
     }
 }
 
-/// A client resolving names under `egress` when given (and never through a proxy, which
-/// would resolve out of its sight), following no redirect: one would carry the token.
-fn http_client(egress: Option<&Arc<EgressPolicy>>) -> Result<reqwest::Client, String> {
-    let mut builder = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(10))
-        .user_agent(super::warehouse::USER_AGENT)
-        .redirect(reqwest::redirect::Policy::none());
-    if let Some(egress) = egress {
-        builder = builder.dns_resolver(EgressResolver(egress.clone())).no_proxy();
-    }
-    builder.build().map_err(|e| error_chain(&e))
+/// A client under `egress`, following no redirect: one would carry the token.
+fn http_client(egress: &Arc<EgressPolicy>) -> Result<HttpClient, String> {
+    HttpClient::builder(egress).connect_timeout(Duration::from_secs(10)).build().map_err(|e| error_chain(&e))
+}
+
+/// GKE's metadata server, by name and by address.
+fn metadata_server_rules() -> Vec<EgressRule> {
+    [DEFAULT_METADATA_SERVER, "169.254.169.254"].iter().map(|r| r.parse().expect("a valid rule")).collect()
 }
 
 impl BigQueryMembers {
@@ -139,6 +141,13 @@ impl BigQueryMembers {
                 (Credentials::Key { key, from: from.clone() }, format!("key from {from}"))
             }
             None => {
+                if !ctx.ambient_identity_allowed() {
+                    return Err(SourceError::AmbientIdentityRefused {
+                        what: format!("bigquery query in project {}{location}", spec.project_id),
+                        namespace: ctx.namespace().to_owned(),
+                        field: "bigquery.serviceAccountKeySecretRef",
+                    });
+                }
                 let server = spec.metadata_server.clone().unwrap_or_else(|| DEFAULT_METADATA_SERVER.to_owned());
                 (Credentials::Metadata { server }, "Workload Identity".to_owned())
             }
@@ -185,22 +194,28 @@ impl BigQueryMembers {
         let denied = |denied| SourceError::EgressDenied { what: what.clone(), denied };
         egress.check_url(&endpoint).map_err(denied)?;
         let token_policy = match &credentials {
-            Credentials::Metadata { server } if server == DEFAULT_METADATA_SERVER => None,
+            // The operator's own identity ([`open`](Self::open) checked that this namespace
+            // may use it): GKE's metadata server, which the policy denies to sources by
+            // default, is allowed for this client alone — deny rules still win.
+            Credentials::Metadata { server } if server == DEFAULT_METADATA_SERVER => {
+                Arc::new(egress.as_ref().clone().with_allow(metadata_server_rules()))
+            }
             Credentials::Metadata { server } => {
                 let url = Url::parse(&format!("http://{server}/"))
                     .map_err(|e| config(format!("metadataServer is not host[:port]: {e}")))?;
                 egress.check_url(&url).map_err(denied)?;
-                Some(egress)
+                egress.clone()
             }
             Credentials::Key { key, .. } => {
                 egress.check_url(&key.token_uri).map_err(denied)?;
-                Some(egress)
+                egress.clone()
             }
         };
         let build = |policy| http_client(policy).map_err(|e| config(format!("cannot build the HTTP client: {e}")));
-        let (client, token_client) = (build(Some(egress))?, build(token_policy)?);
+        let (client, token_client) = (build(egress)?, build(&token_policy)?);
         let tokens = TokenSource::new(credentials, retry);
-        Ok(BigQueryMembers { what, spec, endpoint, fields, tokens, client, token_client, retry })
+        let quoting = warehouse::Quoting::of(&endpoint, &["googleapis.com"]);
+        Ok(BigQueryMembers { what, spec, endpoint, fields, tokens, client, quoting, token_client, retry })
     }
 
     fn location<'a>(&'a self, job: &'a JobReference) -> Option<&'a str> {
@@ -218,9 +233,9 @@ impl BigQueryMembers {
         url
     }
 
-    fn request(&self, call: &Call<'_>) -> reqwest::RequestBuilder {
+    fn request(&self, call: &Call<'_>) -> Result<reqwest::RequestBuilder, EgressDenied> {
         let timeout = CALL_WAIT + CALL_MARGIN;
-        match call {
+        Ok(match call {
             Call::Query { request_id } => {
                 let body = QueryRequest {
                     query: &self.spec.query,
@@ -232,7 +247,7 @@ impl BigQueryMembers {
                     request_id,
                     format_options: FormatOptions { use_int64_timestamp: true },
                 };
-                self.client.post(self.url(&self.spec.project_id, &["queries"])).json(&body).timeout(timeout)
+                self.client.post(self.url(&self.spec.project_id, &["queries"]))?.json(&body).timeout(timeout)
             }
             Call::Results { job, page_token } => {
                 let mut url = self.url(&job.project_id, &["queries", &job.job_id]);
@@ -248,16 +263,19 @@ impl BigQueryMembers {
                         q.append_pair("pageToken", token);
                     }
                 }
-                self.client.get(url).timeout(timeout)
+                self.client.get(url)?.timeout(timeout)
             }
-        }
+        })
     }
 
     /// One attempt at a call: token, request, bounded body, status, JSON.
     async fn attempt(&self, call: &Call<'_>) -> Result<QueryResponse, CallError> {
         let token = self.tokens.token(&self.token_client, &self.what).await.map_err(CallError::Auth)?;
-        let response = self.request(call).bearer_auth(token.expose()).send().await.map_err(|e| {
-            CallError::Transport(if e.is_timeout() { "timed out".to_owned() } else { error_chain(&e.without_url()) })
+        let request = self.request(call).map_err(CallError::Denied)?;
+        let response = request.bearer_auth(token.expose()).send().await.map_err(|e| match denied_in(&e) {
+            Some(denied) => CallError::Denied(denied.clone()),
+            None if e.is_timeout() => CallError::Transport("timed out".to_owned()),
+            None => CallError::Transport(error_chain(&e.without_url())),
         })?;
         let status = response.status().as_u16();
         let body = read_body_bounded(response, self.spec.max_page_bytes).await.map_err(|e| match e {
@@ -269,7 +287,7 @@ impl BigQueryMembers {
         if !(200..300).contains(&status) {
             return Err(CallError::Api(ApiError::parse(status, &body)));
         }
-        serde_json::from_slice(&body).map_err(|e| CallError::Malformed(e.to_string()))
+        serde_json::from_slice(&body).map_err(|e| CallError::Malformed(warehouse::json_error(&e)))
     }
 
     /// A call with its retries: transient failures after a backoff, a refused token once
@@ -349,7 +367,8 @@ impl BigQueryMembers {
             url.query_pairs_mut().append_pair("location", location);
         }
         let Ok(token) = self.tokens.token(&self.token_client, &self.what).await else { return };
-        let sent = self.client.post(url).bearer_auth(token.expose()).timeout(Duration::from_secs(5)).send().await;
+        let Ok(request) = self.client.post(url) else { return };
+        let sent = request.bearer_auth(token.expose()).timeout(Duration::from_secs(5)).send().await;
         match sent {
             Ok(r) if r.status().is_success() => {
                 tracing::info!(source = %self.what, job = %job.job_id, "cancelled the job")
@@ -419,6 +438,7 @@ impl BigQueryMembers {
         };
         let api = match e {
             CallError::Auth(e) => return e,
+            CallError::Denied(denied) => return SourceError::EgressDenied { what: self.what.clone(), denied },
             CallError::TooLarge => {
                 return SourceError::PageTooLarge {
                     what: self.what.clone(),
@@ -442,7 +462,8 @@ impl BigQueryMembers {
             }
             CallError::Api(api) => api,
         };
-        let said = format!("HTTP {} {}: {}", api.status, api.reason, api.message.chars().take(500).collect::<String>());
+        let reason = warehouse::code(&api.reason).unwrap_or("no reason");
+        let said = format!("HTTP {} {reason}: {}", api.status, self.quoting.message(&api.message, &[]));
         match api.class() {
             ErrorClass::Unauthenticated => SourceError::Connect {
                 what: self.what.clone(),

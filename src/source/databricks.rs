@@ -38,9 +38,13 @@ use super::{MemberSource, MemberStream, SourceContext, SourceError};
 use crate::api::{DatabricksDisposition, DatabricksSource};
 use crate::domain::identifiers::IdentifierFields;
 use crate::domain::validate::SqlDialect;
+use crate::net::{Credentials, HttpClient};
 use crate::secret::{SecretString, error_chain};
 
 const FORMAT: &str = "Databricks result";
+/// Databricks' own workspace domains (AWS, Azure, GCP): their error messages are quoted
+/// ([`warehouse::Quoting`]).
+const VENDOR_DOMAINS: &[&str] = &["cloud.databricks.com", "azuredatabricks.net", "gcp.databricks.com"];
 /// The statement call answers at once with the statement's id (then polled), so that an
 /// abandoned read can always cancel what it started.
 const WAIT_TIMEOUT: &str = "0s";
@@ -73,9 +77,12 @@ pub struct DatabricksMembers {
     auth_from: String,
     /// The current OAuth token, shared with the cancel-on-drop guard.
     cached: Arc<Mutex<Option<CachedToken>>>,
-    client: reqwest::Client,
+    client: HttpClient,
+    /// What of the workspace's error answers may be quoted: messages only from Databricks'
+    /// own domains.
+    quoting: warehouse::Quoting,
     /// For external links: carries no credentials of ours.
-    link_client: reqwest::Client,
+    link_client: HttpClient,
 }
 
 impl fmt::Debug for DatabricksMembers {
@@ -99,6 +106,12 @@ struct Status {
     state: Option<String>,
     error: Option<ServiceError>,
     sql_state: Option<String>,
+}
+
+/// An OAuth token endpoint's error answer (RFC 6749 §5.2); only `error`, a code, is shown.
+#[derive(Deserialize, Debug, Default)]
+struct OAuthError {
+    error: Option<String>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -190,7 +203,7 @@ enum Step {
 
 /// A statement the workspace may still be running: cancelled when dropped unfinished.
 struct Running {
-    client: reqwest::Client,
+    client: HttpClient,
     cancel_url: Option<Url>,
     token: Option<SecretString>,
     cached: Arc<Mutex<Option<CachedToken>>>,
@@ -202,7 +215,8 @@ impl Drop for Running {
         let Some(url) = self.cancel_url.take() else { return };
         let token = self.token.clone().or_else(|| self.cached.lock().ok()?.as_ref().map(|c| c.token.clone()));
         let Some(token) = token else { return };
-        warehouse::cancel_in_background(self.what.clone(), self.client.post(url).bearer_auth(token.expose()));
+        let Ok(request) = self.client.post(url) else { return };
+        warehouse::cancel_in_background(self.what.clone(), request.bearer_auth(token.expose()));
     }
 }
 
@@ -266,16 +280,17 @@ impl DatabricksMembers {
         let egress = ctx.egress();
         // A literal address in the URL is not resolved, so it is checked here.
         egress.check_url(&host).map_err(|denied| SourceError::EgressDenied { what: what.clone(), denied })?;
-        let link_client = reqwest::Client::builder()
-            .dns_resolver(super::egress::EgressResolver(egress.clone()))
-            .no_proxy()
+        // Result links are on cloud storage, not the workspace: a redirect is followed only
+        // where the policy allows, and nothing of ours goes along.
+        let link_client = HttpClient::builder(&egress)
+            .follow_redirects(&host, Credentials::None)
             .connect_timeout(Duration::from_secs(15))
             .read_timeout(READ_TIMEOUT)
-            .redirect(reqwest::redirect::Policy::limited(3))
             .build()
             .map_err(|e| config(format!("cannot build the HTTP client: {}", error_chain(&e))))?;
         Ok(DatabricksMembers {
             client: warehouse::http_client(&what, READ_TIMEOUT, &egress)?,
+            quoting: warehouse::Quoting::of(&host, VENDOR_DOMAINS),
             link_client,
             host,
             body,
@@ -303,9 +318,10 @@ impl DatabricksMembers {
         secrets
     }
 
-    fn excerpt(&self, body: &[u8]) -> String {
+    /// A message of an answer as it may be shown ([`warehouse::Quoting`]), keys redacted.
+    fn quote(&self, message: &str) -> String {
         let secrets = self.secrets();
-        warehouse::excerpt(body, &secrets.iter().map(String::as_str).collect::<Vec<_>>())
+        self.quoting.message(message, &secrets.iter().map(String::as_str).collect::<Vec<_>>())
     }
 
     fn timeout(&self) -> SourceError {
@@ -343,13 +359,14 @@ impl DatabricksMembers {
             let sent = self
                 .client
                 .post(token_url.clone())
+                .map_err(|denied| SourceError::EgressDenied { what: self.what.clone(), denied })?
                 .basic_auth(client_id.expose(), Some(client_secret.expose()))
                 .header(reqwest::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
                 .body("grant_type=client_credentials&scope=all-apis")
                 .send()
                 .await;
             let (detail, hint) = match sent {
-                Err(e) => (format!("token request failed: {}", error_chain(&e)), None),
+                Err(e) => (format!("token request failed: {}", warehouse::transport(&self.what, &e)?), None),
                 Ok(response) => {
                     let status = response.status();
                     let hint = warehouse::retry_after(&response);
@@ -357,8 +374,12 @@ impl DatabricksMembers {
                         warehouse::read_body(&self.what, "the token response", "maxChunkBytes", 1 << 20, response)
                             .await?;
                     if status.is_success() {
-                        let parsed: TokenResponse = serde_json::from_slice(&body)
-                            .map_err(|e| self.malformed("the token response", format!("no access_token: {e}")))?;
+                        let parsed: TokenResponse = serde_json::from_slice(&body).map_err(|e| {
+                            self.malformed(
+                                "the token response",
+                                format!("no access_token: {}", warehouse::json_error(&e)),
+                            )
+                        })?;
                         let lifetime = Duration::from_secs(parsed.expires_in.unwrap_or(3600));
                         let margin = TOKEN_REFRESH_MARGIN.min(lifetime / 2);
                         let token = SecretString::new(parsed.access_token);
@@ -366,7 +387,10 @@ impl DatabricksMembers {
                         *self.cached.lock().unwrap() = Some(CachedToken { token: token.clone(), refresh_at });
                         return Ok(token);
                     }
-                    let detail = format!("token endpoint answered HTTP {}: {}", status.as_u16(), self.excerpt(&body));
+                    let error: OAuthError = serde_json::from_slice(&body).unwrap_or_default();
+                    let code = error.error.as_deref().and_then(warehouse::code).map(|c| format!(" ({c})"));
+                    let detail =
+                        format!("token endpoint answered HTTP {}{}", status.as_u16(), code.unwrap_or_default());
                     if !matches!(status.as_u16(), 429 | 500..=599) {
                         return Err(self.auth_failed(detail));
                     }
@@ -377,8 +401,21 @@ impl DatabricksMembers {
         }
     }
 
+    /// `path` on the workspace. The workspace token goes with every request to it, so a
+    /// link from an answer (`next_chunk_internal_link`) that leads anywhere else — an
+    /// absolute URL, `//host/…` — is refused.
     fn url(&self, path: &str) -> Result<Url, SourceError> {
-        self.host.join(path).map_err(|e| self.malformed("a chunk link", format!("{path:?} is not a path: {e}")))
+        let url =
+            self.host.join(path).map_err(|e| self.malformed("a chunk link", format!("{path:?} is not a path: {e}")))?;
+        if url.origin() != self.host.origin() {
+            return Err(self.malformed(
+                "a chunk link",
+                "next_chunk_internal_link leads outside the workspace host; the workspace token is sent only \
+                 to the workspace"
+                    .to_owned(),
+            ));
+        }
+        Ok(url)
     }
 
     async fn step(&self, part: &str, response: reqwest::Response) -> Result<Step, SourceError> {
@@ -389,12 +426,9 @@ impl DatabricksMembers {
             return Ok(Step::Done(body));
         }
         let error: ServiceError = serde_json::from_slice(&body).unwrap_or_default();
-        let code = error.error_code.clone().unwrap_or_default();
-        let detail = format!(
-            "HTTP {} {code}: {}",
-            status.as_u16(),
-            self.excerpt(error.message.as_deref().unwrap_or_default().as_bytes())
-        );
+        let code = error.error_code.as_deref().and_then(warehouse::code).unwrap_or_default();
+        let detail =
+            format!("HTTP {} {code}: {}", status.as_u16(), self.quote(error.message.as_deref().unwrap_or_default()));
         match status.as_u16() {
             429 | 503 => Ok(Step::Retry { detail, hint }),
             401 => Ok(Step::Reauthenticate(detail)),
@@ -426,13 +460,17 @@ impl DatabricksMembers {
         let mut reauthenticated = false;
         loop {
             let token = self.bearer(false).await?;
-            let mut request = self.client.request(method.clone(), url.clone()).bearer_auth(token.expose());
+            let mut request = self
+                .client
+                .request(method.clone(), url.clone())
+                .map_err(|denied| SourceError::EgressDenied { what: self.what.clone(), denied })?
+                .bearer_auth(token.expose());
             if body {
                 request = request.json(&self.body);
             }
             let sent = tokio::time::timeout_at(deadline, request.send()).await.map_err(|_| self.timeout())?;
             let (detail, hint) = match sent {
-                Err(e) => (format!("{part} failed: {}", error_chain(&e.without_url())), None),
+                Err(e) => (format!("{part} failed: {}", warehouse::transport(&self.what, &e.without_url())?), None),
                 Ok(response) => match tokio::time::timeout_at(deadline, self.step(part, response))
                     .await
                     .map_err(|_| self.timeout())??
@@ -455,7 +493,7 @@ impl DatabricksMembers {
     }
 
     fn parse(&self, part: &str, body: &[u8]) -> Result<StatementResponse, SourceError> {
-        serde_json::from_slice(body).map_err(|e| self.malformed(part, format!("not a statement response: {e}")))
+        serde_json::from_slice(body).map_err(|e| self.malformed(part, warehouse::json_error(&e)))
     }
 
     /// Submits the statement and polls it until it succeeds; re-submits after a transient
@@ -528,11 +566,14 @@ impl DatabricksMembers {
 
     /// A `FAILED` statement, in the user's terms.
     fn failed(&self, code: &str, message: String, sql_state: Option<String>) -> SourceError {
-        let message: String = message.split_whitespace().collect::<Vec<_>>().join(" ");
         let permission = code == "PERMISSION_DENIED"
             || message.contains("PERMISSION_DENIED")
             || message.contains("INSUFFICIENT_PERMISSIONS")
             || sql_state.as_deref() == Some("42501");
+        let inline = message.to_ascii_lowercase().contains("inline");
+        let code = warehouse::code(code).unwrap_or("none");
+        let sql_state = sql_state.as_deref().and_then(warehouse::code).map(str::to_owned);
+        let message = self.quote(&message);
         if permission {
             return SourceError::Permission {
                 what: self.what.clone(),
@@ -547,7 +588,7 @@ impl DatabricksMembers {
         if let Some(state) = sql_state {
             text.push_str(&format!(" (SQLSTATE {state})"));
         }
-        if self.disposition == DatabricksDisposition::Inline && message.to_ascii_lowercase().contains("inline") {
+        if self.disposition == DatabricksDisposition::Inline && inline {
             text.push_str("; results over 25 MiB need disposition: ExternalLinks");
         }
         SourceError::Query { what: self.what.clone(), message: text }
@@ -569,19 +610,25 @@ impl DatabricksMembers {
         }
         let mut backoff = Backoff::transient();
         loop {
-            let mut request = self.link_client.get(url.clone());
+            let mut request = self
+                .link_client
+                .get(url.clone())
+                .map_err(|denied| SourceError::EgressDenied { what: self.what.clone(), denied })?;
             for (name, value) in &link.http_headers {
                 request = request.header(name, value);
             }
             let sent = tokio::time::timeout_at(deadline, request.send()).await.map_err(|_| self.timeout())?;
             let detail = match sent {
                 // The error would quote the signed URL: leave it out.
-                Err(e) => format!("{part}: fetching the external link failed: {}", error_chain(&e.without_url())),
+                Err(e) => format!(
+                    "{part}: fetching the external link failed: {}",
+                    warehouse::transport(&self.what, &e.without_url())?
+                ),
                 Ok(response) if response.status().is_success() => {
                     let body =
                         warehouse::read_body(&self.what, part, "maxChunkBytes", self.max_chunk_bytes, response).await?;
                     let rows = serde_json::from_slice(&body).map_err(|e| {
-                        self.malformed(part, format!("the external link's body is not an array of rows: {e}"))
+                        self.malformed(part, format!("the external link's body: {}", warehouse::json_error(&e)))
                     })?;
                     return Ok(Some(rows));
                 }
@@ -604,7 +651,7 @@ impl DatabricksMembers {
         let path = link.map_or_else(|| format!("/api/2.0/sql/statements/{id}/result/chunks/{index}"), str::to_owned);
         let part = format!("chunk {index}");
         let body = self.exchange(Method::GET, self.url(&path)?, false, &part, deadline).await?;
-        serde_json::from_slice(&body).map_err(|e| self.malformed(&part, format!("not a chunk: {e}")))
+        serde_json::from_slice(&body).map_err(|e| self.malformed(&part, warehouse::json_error(&e)))
     }
 }
 

@@ -3,8 +3,9 @@
 //! Every body is parsed as it arrives, in bounded memory: CSV and NDJSON row by row, a JSON
 //! document element by element ([`super::json`], on a blocking thread fed by the async
 //! body). No row may be longer than `maxRowBytes`; `maxBytes` counts decompressed bytes
-//! across all pages, so a gzip bomb stops there. An error answer's body is read only for a
-//! short excerpt. Bodies are decompressed when the server says `Content-Encoding: gzip` and
+//! across all pages, so a gzip bomb stops there. An error answer's body is never read: the
+//! error names the status, not what the server said (an export URL may be an in-cluster
+//! service, and status is readable by whoever can read the import). Bodies are decompressed when the server says `Content-Encoding: gzip` and
 //! also when the body itself is gzip (a `.csv.gz` export).
 //!
 //! Pagination follows one of: a next-page URL in the JSON body, a cursor in the JSON body
@@ -14,7 +15,7 @@
 //! credentials (reqwest drops `Authorization`; a named-header credential stops the run).
 //!
 //! Every page, redirect and resolved address is checked against the operator's egress
-//! policy ([`super::egress`]) before anything connects there.
+//! policy ([`crate::net`]) before anything connects there.
 //!
 //! Messages name the URL as `scheme://host[:port]/path` — never its query (which may carry
 //! a key) nor user information — with the page number and the line or position.
@@ -35,20 +36,17 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, BufReader, ReadBuf};
 use tokio::sync::mpsc;
 use tokio_util::io::{StreamReader, SyncIoBridge};
 
-use super::egress::{self, Credentials, EgressPolicy};
 use super::formats::{CsvRows, FormatError, NdjsonRows};
 use super::json::{self, Cancelled, JsonPlan, Scalar};
 use super::{BATCH_ROWS, MemberBatch, MemberSource, MemberStream, REDACT_MIN_LEN, SourceContext, SourceError};
 use crate::api::{HttpFormat, HttpSource};
 use crate::domain::identifiers::IdentifierFields;
+use crate::net::egress;
+use crate::net::{Credentials, HttpClient};
 use crate::secret::{SecretString, error_chain, redact};
 
 /// Most pages one read follows.
 const MAX_PAGES: u64 = 100_000;
-/// Bytes of an error answer's body read for the message; the rest is never read.
-const ERROR_BODY_BYTES: usize = 4 * 1024;
-/// Longest wait for that excerpt: a body that trickles must not hold the run.
-const ERROR_BODY_WAIT: Duration = Duration::from_secs(5);
 
 /// Credentials resolved from Secrets.
 #[derive(Debug)]
@@ -76,9 +74,8 @@ pub struct HttpMembers {
     auth: Option<Auth>,
     /// Where the credentials come from, for hints on 401/403.
     auth_from: Option<String>,
-    client: reqwest::Client,
-    /// Checks every page's URL; the client checks redirects and resolved addresses.
-    egress: Arc<EgressPolicy>,
+    /// Checks every page's URL, redirects, resolved and connected addresses ([`HttpClient`]).
+    client: HttpClient,
 }
 
 impl std::fmt::Debug for HttpMembers {
@@ -204,13 +201,13 @@ impl HttpMembers {
             None if !start.username().is_empty() || start.password().is_some() => Credentials::Authorization,
             None => Credentials::None,
         };
-        let client = egress::client_builder(&egress, &start, credentials)
+        let client = HttpClient::builder(&egress)
+            .follow_redirects(&start, credentials)
             .connect_timeout(Duration::from_secs(spec.connect_timeout_seconds.into()))
             .read_timeout(Duration::from_secs(spec.read_timeout_seconds.into()))
-            .user_agent(concat!("cohort-operator/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| config(format!("cannot build the HTTP client: {}", error_chain(&e))))?;
-        Ok(HttpMembers { what, spec: spec.clone(), start, fields, auth, auth_from, client, egress })
+        Ok(HttpMembers { what, spec: spec.clone(), start, fields, auth, auth_from, client })
     }
 
     fn secrets(&self) -> Vec<&str> {
@@ -219,11 +216,10 @@ impl HttpMembers {
 
     /// Sends one GET and checks the status.
     async fn get(&self, page: &Page) -> Result<reqwest::Response, SourceError> {
-        // A next page naming an address is connected to without DNS: checked here.
-        self.egress
-            .check_url(&page.url)
+        let mut request = self
+            .client
+            .get(page.url.clone())
             .map_err(|denied| SourceError::EgressDenied { what: self.what.clone(), denied })?;
-        let mut request = self.client.get(page.url.clone());
         match &self.auth {
             None => {}
             Some(Auth::Bearer(token)) => request = request.bearer_auth(token.expose()),
@@ -241,16 +237,7 @@ impl HttpMembers {
         if status.is_success() {
             return Ok(response);
         }
-        let mut detail = String::new();
-        // A short excerpt of the body says why; servers rarely echo credentials, but redact.
-        if let Ok(body) = tokio::time::timeout(ERROR_BODY_WAIT, excerpt(response)).await {
-            let text = String::from_utf8_lossy(&body);
-            let text: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
-            let text: String = redact(&text, &self.secrets(), REDACT_MIN_LEN).chars().take(200).collect();
-            if !text.is_empty() {
-                detail = format!(": {text}");
-            }
-        }
+        let mut detail = status.canonical_reason().map(|r| format!(" {r}")).unwrap_or_default();
         if matches!(status.as_u16(), 401 | 403) {
             detail.push_str(&match &self.auth_from {
                 Some(from) => format!(" — check the credential in {from}"),
@@ -439,18 +426,6 @@ impl Page {
             },
         }
     }
-}
-
-/// At most [`ERROR_BODY_BYTES`] of an error answer's body; a broken body keeps what arrived.
-async fn excerpt(mut response: reqwest::Response) -> Vec<u8> {
-    let mut bytes = Vec::new();
-    while bytes.len() < ERROR_BODY_BYTES {
-        match response.chunk().await {
-            Ok(Some(chunk)) => bytes.extend_from_slice(&chunk[..chunk.len().min(ERROR_BODY_BYTES - bytes.len())]),
-            Ok(None) | Err(_) => break,
-        }
-    }
-    bytes
 }
 
 /// What the JSON walk sends back from its thread.

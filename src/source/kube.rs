@@ -10,9 +10,10 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 
 use std::sync::Arc;
 
-use super::egress::EgressPolicy;
 use super::{ObjectKind, SourceContext, SourceError};
+use crate::net::egress::EgressPolicy;
 use crate::secret::SecretString;
+use crate::source::AmbientIdentity;
 
 /// Reads Secrets and ConfigMaps of the import's namespace.
 #[derive(Clone)]
@@ -20,11 +21,24 @@ pub struct KubeObjects {
     client: Client,
     namespace: String,
     egress: Arc<EgressPolicy>,
+    ambient: Arc<AmbientIdentity>,
 }
 
 impl KubeObjects {
     pub fn new(client: Client, namespace: impl Into<String>) -> Self {
-        KubeObjects { client, namespace: namespace.into(), egress: EgressPolicy::shared_default() }
+        KubeObjects {
+            client,
+            namespace: namespace.into(),
+            egress: EgressPolicy::shared_default(),
+            ambient: Arc::default(),
+        }
+    }
+
+    /// Sources opened with this context may use the operator's own cloud identity only if
+    /// `ambient` names the namespace ([`AmbientIdentity`]).
+    pub fn with_ambient_identity(mut self, ambient: Arc<AmbientIdentity>) -> Self {
+        self.ambient = ambient;
+        self
     }
 
     /// Sources opened with this context connect only where `policy` allows.
@@ -105,5 +119,9 @@ impl SourceContext for KubeObjects {
 
     fn egress(&self) -> Arc<EgressPolicy> {
         self.egress.clone()
+    }
+
+    fn ambient_identity_allowed(&self) -> bool {
+        self.ambient.allows(&self.namespace)
     }
 }

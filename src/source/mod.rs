@@ -24,12 +24,15 @@ use crate::api::{IdentifierMapping, ReadyReason, SourceSpec};
 use crate::domain::identifiers::{IdentifierFields, SkipCounts, SkipReason};
 use crate::domain::member::{Member, MemberKey};
 use crate::domain::validate::ValidSource;
+use crate::net::egress;
 use crate::secret::SecretString;
 
+pub use ambient::AmbientIdentity;
+
+mod ambient;
 pub mod bigquery;
 pub mod config_map;
 pub mod databricks;
-pub mod egress;
 mod formats;
 pub mod http;
 pub mod inline;
@@ -133,6 +136,15 @@ pub enum SourceError {
     Config { what: String, message: String },
     #[error("{what}: cannot connect: {message}")]
     Connect { what: String, message: String },
+    /// The source would authenticate as the operator itself (its cloud identity), and the
+    /// operator does not lend it to this namespace. `field` is what to set instead.
+    #[error(
+        "{what}: without {field} the source would use the operator's own cloud identity (Workload Identity), \
+         which the operator does not lend to namespace {namespace}: set {field} to a credential of your own, or \
+         ask the operator's administrator to start it with --ambient-identity-namespaces={namespace} (chart value \
+         ambientIdentity.namespaces)"
+    )]
+    AmbientIdentityRefused { what: String, namespace: String, field: &'static str },
     /// The operator's egress policy refuses where the source would connect.
     #[error("{what}: {denied}")]
     EgressDenied { what: String, denied: egress::EgressDenied },
@@ -179,7 +191,9 @@ impl SourceError {
             | SourceError::KeyNotFound { kind: ObjectKind::Secret, .. } => ReadyReason::SecretNotFound,
             SourceError::ObjectNotFound { kind: ObjectKind::ConfigMap, .. }
             | SourceError::KeyNotFound { kind: ObjectKind::ConfigMap, .. } => ReadyReason::ConfigMapNotFound,
-            SourceError::Config { .. } | SourceError::KeyNotText { .. } => ReadyReason::InvalidSpec,
+            SourceError::Config { .. }
+            | SourceError::KeyNotText { .. }
+            | SourceError::AmbientIdentityRefused { .. } => ReadyReason::InvalidSpec,
             SourceError::EgressDenied { .. } => ReadyReason::EgressDenied,
             _ => ReadyReason::SourceFailed,
         }
@@ -201,6 +215,13 @@ pub trait SourceContext: Send + Sync {
     fn egress(&self) -> std::sync::Arc<egress::EgressPolicy> {
         egress::EgressPolicy::shared_default()
     }
+
+    /// Whether this namespace's imports may authenticate as the operator itself (its cloud
+    /// identity: GKE Workload Identity through the metadata server). Off unless the
+    /// operator names the namespace (`--ambient-identity-namespaces`).
+    fn ambient_identity_allowed(&self) -> bool {
+        false
+    }
 }
 
 /// Secrets and ConfigMaps held in memory, for tests and for callers that already read them.
@@ -213,6 +234,8 @@ pub struct InMemoryObjects {
     pub config_maps: BTreeMap<String, BTreeMap<String, Vec<u8>>>,
     /// `None`: the default policy.
     pub egress: Option<std::sync::Arc<egress::EgressPolicy>>,
+    /// Whether the operator's own cloud identity may be used ([`SourceContext::ambient_identity_allowed`]).
+    pub ambient_identity: bool,
 }
 
 impl fmt::Debug for InMemoryObjects {
@@ -237,6 +260,11 @@ impl InMemoryObjects {
 
     pub fn with_egress(mut self, policy: std::sync::Arc<egress::EgressPolicy>) -> Self {
         self.egress = Some(policy);
+        self
+    }
+
+    pub fn with_ambient_identity(mut self, allowed: bool) -> Self {
+        self.ambient_identity = allowed;
         self
     }
 
@@ -281,6 +309,10 @@ impl SourceContext for InMemoryObjects {
 
     fn egress(&self) -> std::sync::Arc<egress::EgressPolicy> {
         self.egress.clone().unwrap_or_else(egress::EgressPolicy::shared_default)
+    }
+
+    fn ambient_identity_allowed(&self) -> bool {
+        self.ambient_identity
     }
 }
 

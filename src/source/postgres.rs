@@ -42,10 +42,10 @@ use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres::{Client, Connection, SimpleQueryMessage, Socket};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use super::egress::{EgressPolicy, ResolveError};
 use super::{BATCH_ROWS, BatchBuilder, MemberSource, MemberStream, REDACT_MIN_LEN, SourceContext, SourceError};
 use crate::api::PostgresSource;
 use crate::domain::identifiers::{ColumnPlan, IdentifierFields, SkipReason, Value};
+use crate::net::egress::{EgressPolicy, ResolveError};
 use crate::secret::{SecretString, error_chain, redact};
 
 const CURSOR: &str = "cohort_members";

@@ -38,7 +38,8 @@ use super::{MemberSource, MemberStream, SourceContext, SourceError};
 use crate::api::SnowflakeSource;
 use crate::domain::identifiers::IdentifierFields;
 use crate::domain::validate::SqlDialect;
-use crate::secret::{SecretString, error_chain};
+use crate::net::HttpClient;
+use crate::secret::SecretString;
 
 /// How long a JWT is valid (Snowflake caps it at one hour), and when a new one is minted.
 const JWT_LIFETIME: Duration = Duration::from_secs(59 * 60);
@@ -46,6 +47,8 @@ const JWT_RENEW_AFTER: Duration = Duration::from_secs(50 * 60);
 /// Above any wait Snowflake takes to answer (a synchronous request may take 45 s).
 const READ_TIMEOUT: Duration = Duration::from_secs(90);
 const FORMAT: &str = "Snowflake result";
+/// Snowflake's own API domains: their error messages are quoted ([`warehouse::Quoting`]).
+const VENDOR_DOMAINS: &[&str] = &["snowflakecomputing.com", "snowflakecomputing.cn"];
 /// `code` of a result too large to return whole.
 const CODE_TOO_LARGE: &str = "391908";
 const TOKEN_TYPE_HEADER: &str = "X-Snowflake-Authorization-Token-Type";
@@ -93,7 +96,9 @@ pub struct SnowflakeMembers {
     statement_timeout: Duration,
     max_partition_bytes: u64,
     fields: IdentifierFields,
-    client: reqwest::Client,
+    client: HttpClient,
+    /// What of Snowflake's error answers may be quoted: its messages only from its own domain.
+    quoting: warehouse::Quoting,
 }
 
 impl fmt::Debug for SnowflakeMembers {
@@ -270,7 +275,7 @@ impl Call {
 /// A statement Snowflake may still be running: cancelled when dropped unfinished (the read
 /// was abandoned or failed), so no warehouse keeps working for nobody.
 struct Running {
-    client: reqwest::Client,
+    client: HttpClient,
     cancel_url: Option<Url>,
     /// To mint the cancel request's JWT: the key, `sub` and fingerprint.
     key: EncodingKey,
@@ -289,9 +294,8 @@ impl Drop for Running {
     fn drop(&mut self) {
         let Some(url) = self.cancel_url.take() else { return };
         let Ok(jwt) = mint_jwt(&self.key, &self.subject, &self.fingerprint) else { return };
-        let request = self
-            .client
-            .post(url)
+        let Ok(request) = self.client.post(url) else { return };
+        let request = request
             .bearer_auth(jwt.expose())
             .header(reqwest::header::ACCEPT, "application/json")
             .header(TOKEN_TYPE_HEADER, "KEYPAIR_JWT");
@@ -360,6 +364,7 @@ impl SnowflakeMembers {
             statement_timeout: Duration::from_secs(spec.statement_timeout_seconds.into()),
             max_partition_bytes: spec.max_partition_bytes,
             client: warehouse::http_client(&what, READ_TIMEOUT, &egress)?,
+            quoting: warehouse::Quoting::of(&base, VENDOR_DOMAINS),
             base,
             fields,
             what,
@@ -394,17 +399,19 @@ impl SnowflakeMembers {
         url
     }
 
-    async fn send(&self, method: Method, url: Url, jwt: &Jwt, body: bool) -> Result<reqwest::Response, reqwest::Error> {
-        let mut request = self
+    fn prepare(&self, method: Method, url: Url, jwt: &Jwt, body: bool) -> Result<reqwest::RequestBuilder, SourceError> {
+        let request = self
             .client
             .request(method, url)
+            .map_err(|denied| SourceError::EgressDenied { what: self.what.clone(), denied })?;
+        let mut request = request
             .bearer_auth(jwt.token.expose())
             .header(reqwest::header::ACCEPT, "application/json")
             .header(TOKEN_TYPE_HEADER, "KEYPAIR_JWT");
         if body {
             request = request.json(&self.body);
         }
-        request.send().await
+        Ok(request)
     }
 
     fn timeout(&self) -> SourceError {
@@ -422,8 +429,8 @@ impl SnowflakeMembers {
         let body =
             warehouse::read_body(&self.what, &call.part(), "maxPartitionBytes", self.max_partition_bytes, response)
                 .await?;
-        let detail = || format!("HTTP {}: {}", status.as_u16(), warehouse::excerpt(&body, &[]));
         let answer = || serde_json::from_slice::<Answer>(&body).unwrap_or_default();
+        let detail = || self.said(status, &answer());
         match (status, call) {
             (StatusCode::OK, _) => Ok(Step::Done(body)),
             (StatusCode::ACCEPTED, Call::Submit | Call::Poll) => Ok(Step::Running(answer().statement_handle)),
@@ -446,12 +453,27 @@ impl SnowflakeMembers {
         }
     }
 
+    /// What an error answer said, as it may be shown ([`warehouse::Quoting`]): the status,
+    /// Snowflake's code and, from Snowflake's own domain, its message.
+    fn said(&self, status: StatusCode, answer: &Answer) -> String {
+        let mut said = format!("HTTP {}", status.as_u16());
+        if let Some(code) = answer.code.as_deref().and_then(warehouse::code) {
+            said.push_str(&format!(" (code {code})"));
+        }
+        if let Some(message) = &answer.message {
+            said.push_str(&format!(": {}", self.quoting.message(message, &[])));
+        }
+        said
+    }
+
     /// A 422: the statement failed. Access-control errors (`003001`, SQLSTATE 42501) say so.
     fn query_failed(&self, answer: Answer) -> SourceError {
-        let code = answer.code.unwrap_or_default();
-        let state = answer.sql_state.unwrap_or_default();
-        let message = answer.message.unwrap_or_else(|| "no message".to_owned());
-        let message: String = message.split_whitespace().collect::<Vec<_>>().join(" ");
+        let code = answer.code.as_deref().and_then(warehouse::code).unwrap_or("none").to_owned();
+        let state = answer.sql_state.as_deref().and_then(warehouse::code).unwrap_or("none").to_owned();
+        let message = match &answer.message {
+            Some(message) => self.quoting.message(message, &[]),
+            None => "no message".to_owned(),
+        };
         if code == "003001" || state == "42501" {
             return SourceError::Permission {
                 what: self.what.clone(),
@@ -494,11 +516,10 @@ impl SnowflakeMembers {
                 *jwt = self.mint()?;
             }
             let (method, url, body) = request(resend);
-            let sent = tokio::time::timeout_at(deadline, self.send(method, url, jwt, body))
-                .await
-                .map_err(|_| self.timeout())?;
+            let prepared = self.prepare(method, url, jwt, body)?;
+            let sent = tokio::time::timeout_at(deadline, prepared.send()).await.map_err(|_| self.timeout())?;
             let (detail, hint) = match sent {
-                Err(e) => (format!("{} failed: {}", call.part(), error_chain(&e)), None),
+                Err(e) => (format!("{} failed: {}", call.part(), warehouse::transport(&self.what, &e)?), None),
                 Ok(response) => match tokio::time::timeout_at(deadline, self.step(call, response))
                     .await
                     .map_err(|_| self.timeout())??
@@ -542,7 +563,7 @@ impl SnowflakeMembers {
             match step {
                 Step::Done(body) => {
                     return serde_json::from_slice(&body)
-                        .map_err(|e| self.malformed("partition 0", format!("the answer is not a result set: {e}")));
+                        .map_err(|e| self.malformed("partition 0", warehouse::json_error(&e)));
                 }
                 Step::Running(h) => {
                     if let Some(h) = h {
@@ -575,7 +596,7 @@ impl SnowflakeMembers {
         match self.exchange(Call::Partition(n), jwt, deadline, |_| (Method::GET, url.clone(), false)).await? {
             Step::Done(body) => serde_json::from_slice::<PartitionBody>(&body)
                 .map(PartitionBody::rows)
-                .map_err(|e| self.malformed(&format!("partition {n}"), format!("not an array of rows: {e}"))),
+                .map_err(|e| self.malformed(&format!("partition {n}"), warehouse::json_error(&e))),
             _ => Err(self.malformed(&format!("partition {n}"), "the partition answered 202".to_owned())),
         }
     }

@@ -17,7 +17,9 @@
 //! - [`read_body`] / [`read_body_bounded`]: one page's body, refused past a byte cap, so a run
 //!   never holds more than one page;
 //! - [`cancel_in_background`]: the best-effort cancel a statement left running is sent with;
-//! - [`excerpt`]: a short, redacted quote of a server's answer for error messages.
+//! - [`Quoting`]: what of a server's answer an error may quote — a vendor's own words only
+//!   from the vendor's API domain, elsewhere its short codes ([`code`]) alone; [`json_error`]
+//!   says what was wrong with a JSON answer without quoting it.
 //!
 //! Nothing here knows a warehouse's wire format; each source maps its schema to
 //! [`ColumnType`] and its errors to [`SourceError`].
@@ -30,10 +32,8 @@ use tokio::time::Instant;
 use super::{BatchBuilder, MemberBatch, REDACT_MIN_LEN, SourceError};
 use crate::domain::identifiers::{ColumnPlan, IdentifierFields, SkipReason, Value};
 use crate::domain::validate::{SqlDialect, check_select};
+use crate::net::HttpClient;
 use crate::secret::redact;
-
-/// `User-Agent` of every warehouse request (Snowflake requires one, in RFC 7231 form).
-pub const USER_AGENT: &str = concat!("cohort-operator/", env!("CARGO_PKG_VERSION"));
 
 /// The query as it is sent: checked to be one `SELECT`/`WITH` statement, trailing `;` and
 /// blanks removed (several APIs count a trailing `;` as a second, empty statement).
@@ -418,11 +418,62 @@ pub fn cancel_in_background(what: String, request: reqwest::RequestBuilder) {
     });
 }
 
-/// At most 300 characters of a server's answer, on one line, with `secrets` redacted.
-pub fn excerpt(body: &[u8], secrets: &[&str]) -> String {
-    let text = String::from_utf8_lossy(&body[..body.len().min(4096)]);
-    let text: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
-    redact(&text, secrets, REDACT_MIN_LEN).chars().take(300).collect()
+/// What of a server's answer an error message (status, Events, reports) may quote.
+///
+/// Whoever can read an import's status must not read what a host a tenant named answered:
+/// a custom endpoint can be an in-cluster service. The vendor's own API domain is not one,
+/// so its messages ("Object 'X' does not exist") are quoted, redacted and cut; from any
+/// other host — a custom endpoint, a proxy, a local stand-in — only the status and short
+/// codes ([`code`]) are shown, never free text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Quoting {
+    /// The host is under one of the vendor's API domains.
+    Vendor,
+    /// Any other host.
+    CodesOnly,
+}
+
+impl Quoting {
+    /// `Vendor` when `url`'s host is one of `vendor_domains` or under one.
+    pub fn of(url: &reqwest::Url, vendor_domains: &[&str]) -> Self {
+        let host = url.host_str().unwrap_or_default().trim_end_matches('.').to_ascii_lowercase();
+        let vendor =
+            vendor_domains.iter().any(|d| host == *d || host.strip_suffix(d).is_some_and(|rest| rest.ends_with('.')));
+        if vendor { Quoting::Vendor } else { Quoting::CodesOnly }
+    }
+
+    /// A message from the answer as it may be shown: at most 300 characters on one line,
+    /// `secrets` redacted, from the vendor; otherwise a note that it is not quoted.
+    pub fn message(self, text: &str, secrets: &[&str]) -> String {
+        match self {
+            Quoting::Vendor => {
+                let text = &text[..text.floor_char_boundary(4096)];
+                let text: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+                redact(&text, secrets, REDACT_MIN_LEN).chars().take(300).collect()
+            }
+            Quoting::CodesOnly => "the host is not the vendor's, so its message is not quoted".to_owned(),
+        }
+    }
+}
+
+/// A code from an answer (an error code, an SQLSTATE, an OAuth `error`) when it is a short
+/// token — letters, digits, `_`, `.`, `-`, at most 64 — so quoting it shows no free text.
+pub fn code(text: &str) -> Option<&str> {
+    let text = text.trim();
+    let token = text.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    (token && !text.is_empty() && text.len() <= 64).then_some(text)
+}
+
+/// What was wrong with a JSON answer, without quoting it (serde's own message can quote a
+/// string of the answer): its kind and where.
+pub fn json_error(error: &serde_json::Error) -> String {
+    let what = match error.classify() {
+        serde_json::error::Category::Io => "could not be read",
+        serde_json::error::Category::Syntax => "is not JSON",
+        serde_json::error::Category::Data => "has another shape than expected",
+        serde_json::error::Category::Eof => "is cut off",
+    };
+    format!("the answer {what} (line {}, column {})", error.line(), error.column())
 }
 
 /// A random UUID (version 4), for idempotent resubmission (`requestId`).
@@ -434,28 +485,31 @@ pub fn request_id() -> String {
     format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32])
 }
 
-/// The HTTP client of a warehouse source: rustls, gzip, the operator's `User-Agent`, and a
-/// read timeout above the longest server-side wait the source asks for.
-/// Every name is resolved through the operator's egress policy ([`super::egress`]), so no
-/// connection — the API, a token endpoint, an external result link — reaches a denied address.
+/// A request that failed before an answer: what to say of it when it is worth retrying,
+/// or the egress policy's refusal (a name that resolved to a denied address, a redirect
+/// to one), which no retry changes.
+pub fn transport(what: &str, error: &reqwest::Error) -> Result<String, SourceError> {
+    match crate::net::egress::denied_in(error) {
+        Some(denied) => Err(SourceError::EgressDenied { what: what.to_owned(), denied: denied.clone() }),
+        None => Ok(crate::secret::error_chain(error)),
+    }
+}
+
+/// The HTTP client of a warehouse source ([`HttpClient`]: every connection under the
+/// operator's egress policy — the API, a token endpoint, an external result link), with a
+/// read timeout above the longest server-side wait the source asks for. It follows no
+/// redirect: these APIs never redirect, and one would carry the bearer token elsewhere.
 pub fn http_client(
     what: &str,
     read_timeout: Duration,
-    egress: &std::sync::Arc<super::egress::EgressPolicy>,
-) -> Result<reqwest::Client, SourceError> {
-    reqwest::Client::builder()
-        .dns_resolver(super::egress::EgressResolver(egress.clone()))
-        .no_proxy()
-        .connect_timeout(Duration::from_secs(15))
-        .read_timeout(read_timeout)
-        .user_agent(USER_AGENT)
-        // Redirects would carry the bearer token elsewhere; these APIs never redirect.
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .map_err(|e| SourceError::Config {
+    egress: &std::sync::Arc<crate::net::egress::EgressPolicy>,
+) -> Result<HttpClient, SourceError> {
+    HttpClient::builder(egress).connect_timeout(Duration::from_secs(15)).read_timeout(read_timeout).build().map_err(
+        |e| SourceError::Config {
             what: what.to_owned(),
             message: format!("cannot build the HTTP client: {}", crate::secret::error_chain(&e)),
-        })
+        },
+    )
 }
 
 #[cfg(test)]
@@ -609,6 +663,28 @@ mod tests {
         assert_eq!(err.reason(), "InvalidSpec");
         assert!(err.to_string().contains("databricks.query: starts with \"DELETE\""), "{err}");
         assert!(request_id().len() == 36 && request_id() != request_id());
-        assert_eq!(excerpt(b"  token  abc123 \n here", &["abc123"]), "token <redacted> here");
+    }
+
+    #[test]
+    fn only_the_vendors_own_domain_is_quoted_and_codes_are_short_tokens() {
+        let vendor = Quoting::of(
+            &reqwest::Url::parse("https://acme.snowflakecomputing.com/x").unwrap(),
+            &["snowflakecomputing.com"],
+        );
+        assert_eq!(vendor, Quoting::Vendor);
+        assert_eq!(vendor.message("  token  abc123 \n here", &["abc123"]), "token <redacted> here");
+        for other in
+            ["https://snowflakecomputing.com.evil.test/", "https://evilsnowflakecomputing.com/", "http://127.0.0.1:1/"]
+        {
+            let quoting = Quoting::of(&reqwest::Url::parse(other).unwrap(), &["snowflakecomputing.com"]);
+            assert_eq!(quoting, Quoting::CodesOnly, "{other}");
+            assert!(!quoting.message("secret-marker", &[]).contains("secret-marker"));
+        }
+        assert_eq!(code(" 002003 "), Some("002003"));
+        assert_eq!(code("TABLE_OR_VIEW_NOT_FOUND"), Some("TABLE_OR_VIEW_NOT_FOUND"));
+        assert_eq!(code("two words"), None);
+        assert_eq!(code(&"x".repeat(65)), None);
+        let err = serde_json::from_str::<u64>("\"secret-marker\"").unwrap_err();
+        assert!(!json_error(&err).contains("secret-marker"), "{}", json_error(&err));
     }
 }

@@ -21,6 +21,7 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use crate::domain::validate::is_loopback;
+use crate::net::HttpClient;
 use crate::secret::{SecretString, error_chain, redact};
 use crate::source::warehouse::{RetryPolicy, read_body_bounded};
 use crate::source::{REDACT_MIN_LEN, SourceError};
@@ -160,8 +161,6 @@ struct TokenAnswer {
 struct OAuthError {
     #[serde(default)]
     error: String,
-    #[serde(default)]
-    error_description: String,
 }
 
 /// Why no token could be had. Messages never hold the key, assertion or token.
@@ -214,7 +213,7 @@ impl TokenSource {
 
     /// A token valid for a while yet, fetched if the cached one is due for refresh. `what`
     /// names the source in the error.
-    pub async fn token(&self, client: &reqwest::Client, what: &str) -> Result<SecretString, SourceError> {
+    pub async fn token(&self, client: &HttpClient, what: &str) -> Result<SecretString, SourceError> {
         let mut cached = self.cached.lock().await;
         if let Some(t) = cached.as_ref()
             && Instant::now() < t.refresh_at
@@ -232,7 +231,7 @@ impl TokenSource {
         *self.cached.lock().await = None;
     }
 
-    async fn fetch_with_retries(&self, client: &reqwest::Client, what: &str) -> Result<Token, SourceError> {
+    async fn fetch_with_retries(&self, client: &HttpClient, what: &str) -> Result<Token, SourceError> {
         let mut attempt = 1;
         loop {
             let message = match self.fetch(client).await {
@@ -254,7 +253,7 @@ impl TokenSource {
         }
     }
 
-    async fn fetch(&self, client: &reqwest::Client) -> Result<Token, TokenError> {
+    async fn fetch(&self, client: &HttpClient) -> Result<Token, TokenError> {
         let started = Instant::now();
         let response = match &self.credentials {
             Credentials::Key { key, from } => {
@@ -266,6 +265,7 @@ impl TokenSource {
                     .finish();
                 let sent = client
                     .post(key.token_uri.clone())
+                    .map_err(|denied| TokenError::Fatal(denied.to_string()))?
                     .header(reqwest::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
                     .body(form)
                     .send()
@@ -277,14 +277,19 @@ impl TokenSource {
                 let url = format!(
                     "http://{server}/computeMetadata/v1/instance/service-accounts/default/token?scopes={SCOPE}"
                 );
-                let sent = client.get(&url).header("Metadata-Flavor", "Google").send().await;
-                let response = sent.map_err(|e| {
-                    let TokenError::Transient(m) = transport(&format!("the metadata server {server}"), &e) else {
-                        unreachable!()
-                    };
-                    TokenError::Transient(format!(
+                let url = reqwest::Url::parse(&url)
+                    .map_err(|e| TokenError::Fatal(format!("metadataServer {server:?} is not host[:port]: {e}")))?;
+                let sent = client
+                    .get(url)
+                    .map_err(|denied| TokenError::Fatal(denied.to_string()))?
+                    .header("Metadata-Flavor", "Google")
+                    .send()
+                    .await;
+                let response = sent.map_err(|e| match transport(&format!("the metadata server {server}"), &e) {
+                    TokenError::Transient(m) => TokenError::Transient(format!(
                         "{m} (outside GKE/GCE, or without Workload Identity, set serviceAccountKeySecretRef)"
-                    ))
+                    )),
+                    fatal => fatal,
                 })?;
                 if response.headers().get("metadata-flavor").and_then(|v| v.to_str().ok()) != Some("Google") {
                     return Err(TokenError::Fatal(format!(
@@ -308,12 +313,9 @@ async fn check_token_status(response: reqwest::Response, refused: &str) -> Resul
         return Ok(body);
     }
     let e: OAuthError = serde_json::from_slice(&body).unwrap_or_default();
-    let detail: String = match (e.error.is_empty(), e.error_description.is_empty()) {
-        (true, _) => String::new(),
-        (false, true) => format!(": {}", e.error),
-        (false, false) => format!(": {}: {}", e.error, e.error_description),
-    };
-    let detail: String = detail.chars().take(300).collect();
+    // Only the error code (RFC 6749 §5.2), never the endpoint's free text: the token
+    // endpoint is named by a key a tenant supplies.
+    let detail = crate::source::warehouse::code(&e.error).map(|code| format!(": {code}")).unwrap_or_default();
     let advice = match (status, e.error.as_str()) {
         (_, "invalid_grant") => "; check that the key is current (not deleted or rotated) and the clock is right",
         (_, "invalid_client" | "unauthorized_client") => "; the key or its service account is deleted or disabled",
@@ -327,7 +329,7 @@ async fn check_token_status(response: reqwest::Response, refused: &str) -> Resul
 
 fn token_from(body: Vec<u8>, started: Instant) -> Result<Token, TokenError> {
     let answer: TokenAnswer = serde_json::from_slice(&body)
-        .map_err(|e| TokenError::Fatal(format!("the token answer is not the expected JSON: {e}")))?;
+        .map_err(|e| TokenError::Fatal(format!("the token {}", crate::source::warehouse::json_error(&e))))?;
     if answer.access_token.is_empty() {
         return Err(TokenError::Fatal("the token answer holds an empty access_token".to_owned()));
     }
@@ -338,6 +340,9 @@ fn token_from(body: Vec<u8>, started: Instant) -> Result<Token, TokenError> {
 }
 
 fn transport(what: &str, e: &reqwest::Error) -> TokenError {
+    if let Some(denied) = crate::net::egress::denied_in(e) {
+        return TokenError::Fatal(format!("cannot reach {what}: {denied}"));
+    }
     let text = if e.is_timeout() { "timed out".to_owned() } else { error_chain(e) };
     TokenError::Transient(format!("cannot reach {what}: {text}"))
 }

@@ -16,16 +16,13 @@
 //! The check applies to the address actually connected to, never only to the name in the
 //! URL: HTTP clients resolve names through [`EgressResolver`] (which drops denied addresses
 //! and fails when none is left), URLs that name an address (no DNS) are checked with
-//! [`EgressPolicy::check_url`] — the first page, every redirect ([`client_builder`]) and every
-//! next page — and other drivers resolve with [`EgressPolicy::resolve`] and connect to the
-//! checked address. A name that resolves to a denied address a second time (DNS rebinding)
-//! is refused the second time too.
+//! [`EgressPolicy::check_url`], and the address a connection reached is checked again before
+//! anything is written on it ([`EgressPolicy::check_connected`]); other drivers (PostgreSQL)
+//! resolve with [`EgressPolicy::resolve`] and connect to the checked address. A name that
+//! resolves to a denied address a second time (DNS rebinding) is refused the second time too.
 //!
-//! Every warehouse source uses it: take the policy from [`super::SourceContext::egress`],
-//! build HTTP clients with [`client_builder`] and check each URL you send to that did not
-//! come from a redirect (first URL, next pages, URLs from response bodies) with
-//! [`EgressPolicy::check_url`]. The Braze endpoint is the operator's own and is not subject
-//! to it.
+//! HTTP clients apply all of it by being built with [`super::http::HttpClient::builder`]:
+//! sources, warehouse links and token endpoints, notifications and the Braze endpoint alike.
 //!
 //! The decision ([`EgressPolicy::check_host`], [`EgressPolicy::check_addr`]) is pure; only
 //! [`EgressPolicy::resolve`] and the resolver do I/O.
@@ -243,6 +240,14 @@ impl EgressPolicy {
         self
     }
 
+    /// This policy with `rules` allowed too (deny rules still win): for a client that must
+    /// reach what the built-in list denies, such as GKE's metadata server for an import
+    /// the operator lends its own identity to.
+    pub fn with_allow(mut self, rules: impl IntoIterator<Item = EgressRule>) -> Self {
+        self.allow.extend(rules);
+        self
+    }
+
     /// The policy a source gets when none was configured: [`EgressPolicy::default`].
     pub fn shared_default() -> Arc<EgressPolicy> {
         DEFAULT_POLICY.clone()
@@ -315,6 +320,17 @@ impl EgressPolicy {
                 EgressDefault::Allow => Ok(()),
                 EgressDefault::Deny => denied(DenyReason::NotAllowed),
             },
+        }
+    }
+
+    /// The address a connection reached, whatever name or URL led there: refused only when
+    /// a deny rule or the built-in list names the address. (An unnamed address under
+    /// `--egress-default=deny` was refused before connecting, by its URL or its name; an
+    /// allowed name may resolve to one.)
+    pub fn check_connected(&self, addr: IpAddr) -> Result<(), EgressDenied> {
+        match self.addr_verdict(addr) {
+            Verdict::Deny(reason) => Err(EgressDenied { host: addr.to_string(), address: Some(addr), reason }),
+            Verdict::Allow | Verdict::Unnamed => Ok(()),
         }
     }
 
@@ -434,46 +450,6 @@ impl Resolve for EgressResolver {
             }
         })
     }
-}
-
-/// Credentials a client sends, which must not leave the first URL's origin.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Credentials {
-    None,
-    /// An `Authorization` header (bearer, basic, user information in the URL): reqwest
-    /// drops it on a redirect to another origin (scheme, host, port), so such a redirect
-    /// is followed without it.
-    Authorization,
-    /// A header reqwest does not know to be a credential: a redirect to another origin
-    /// stops the request (the header would go along).
-    OtherHeader,
-}
-
-/// Most redirects followed for one request.
-pub const MAX_REDIRECTS: usize = 10;
-
-/// A reqwest client builder under `policy`: names resolved through [`EgressResolver`],
-/// every redirect's URL checked ([`EgressPolicy::check_url`]) before it is followed, at most
-/// [`MAX_REDIRECTS`], and `credentials` kept to `origin`. Proxies from the environment are
-/// off: a proxy resolves names itself, out of the policy's sight. Add timeouts and a user
-/// agent; check every URL you send to that is not a redirect with
-/// [`EgressPolicy::check_url`].
-pub fn client_builder(policy: &Arc<EgressPolicy>, origin: &Url, credentials: Credentials) -> reqwest::ClientBuilder {
-    let checked = policy.clone();
-    let origin = origin.origin();
-    let redirects = reqwest::redirect::Policy::custom(move |attempt| {
-        if attempt.previous().len() >= MAX_REDIRECTS {
-            return attempt.error(format!("more than {MAX_REDIRECTS} redirects"));
-        }
-        if let Err(denied) = checked.check_url(attempt.url()) {
-            return attempt.error(denied);
-        }
-        if credentials == Credentials::OtherHeader && attempt.url().origin() != origin {
-            return attempt.error("redirected to another origin; the credential header is not sent there");
-        }
-        attempt.follow()
-    });
-    reqwest::Client::builder().dns_resolver(EgressResolver(policy.clone())).no_proxy().redirect(redirects)
 }
 
 #[cfg(test)]
