@@ -363,11 +363,11 @@ async fn missing_or_wrong_credentials_fail_with_401() {
     assert_eq!(
         err.to_string(),
         format!(
-            "http export {}/bearer.csv: {}/bearer.csv (page 1) answered HTTP 401: bad credentials: none — the export needs credentials: set http.auth",
+            "http export {}/bearer.csv: {}/bearer.csv (page 1) answered HTTP 401 Unauthorized — the export needs credentials: set http.auth",
             s.base, s.base
         )
     );
-    // The server echoes the header it got; the token is redacted from the message.
+    // The server echoes the header it got: nothing of its answer is quoted (no echo).
     let err = expect_err(
         read(serde_json::json!({
             "url": format!("{}/basic.csv", s.base), "format": "Csv",
@@ -376,10 +376,10 @@ async fn missing_or_wrong_credentials_fail_with_401() {
         .await,
     );
     assert!(
-        err.to_string()
-            .contains("bad credentials: Bearer <redacted> — check the credential in Secret growth/export key token"),
+        err.to_string().contains("HTTP 401 Unauthorized — check the credential in Secret growth/export key token"),
         "{err}"
     );
+    assert!(!err.to_string().contains("bad credentials"), "{err}");
     let err = expect_err(
         read(serde_json::json!({
             "url": format!("{}/bearer.csv", s.base), "format": "Csv",
@@ -397,7 +397,7 @@ async fn a_500_fails_the_run() {
     assert!(matches!(err, SourceError::HttpStatus { status: 500, page: 1, .. }), "{err:?}");
     assert_eq!(
         err.to_string(),
-        format!("http export {0}/fail?…: {0}/fail?… (page 1) answered HTTP 500: database is down", s.base)
+        format!("http export {0}/fail?…: {0}/fail?… (page 1) answered HTTP 500 Internal Server Error", s.base)
     );
 }
 
@@ -614,9 +614,9 @@ async fn hostile_bodies_stop_at_their_limits_with_the_field_that_raises_them() {
     let err = expect_err(read(limited("/bomb-zeros.csv.gz", "Csv")).await);
     row_too_large(&err, "CSV row");
 
-    // An error answer's endless body is read for a short excerpt only.
+    // An error answer's endless body is never read, nor quoted.
     let err = expect_err(read(limited("/endless-500", "Csv")).await);
     assert!(matches!(err, SourceError::HttpStatus { status: 500, .. }), "{err:?}");
-    assert!(err.to_string().contains("answered HTTP 500: upstream exploded: !!!"), "{err}");
+    assert!(err.to_string().ends_with("answered HTTP 500 Internal Server Error"), "{err}");
     assert!(err.to_string().len() < 600, "{err}");
 }

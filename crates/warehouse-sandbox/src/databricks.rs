@@ -60,6 +60,11 @@ pub struct DatabricksConfig {
     pub result_ttl: Duration,
     /// How long an external link works.
     pub link_ttl: Duration,
+    /// A hostile workspace: every external link answers with a redirect to this URL.
+    pub link_redirect: Option<String>,
+    /// A hostile workspace: `next_chunk_internal_link` is absolute, on this base
+    /// (`http://host:port`), instead of a path on the workspace.
+    pub internal_link_base: Option<String>,
 }
 
 impl DatabricksConfig {
@@ -74,6 +79,8 @@ impl DatabricksConfig {
             pending_polls: 0,
             result_ttl: Duration::from_secs(3600),
             link_ttl: Duration::from_secs(900),
+            link_redirect: None,
+            internal_link_base: None,
         }
     }
 }
@@ -681,7 +688,7 @@ fn chunk_body(inner: &Inner, id: &str, result: &ResultSet, index: usize, truncat
         });
         if let Some(n) = next {
             entry["next_chunk_index"] = json!(n);
-            entry["next_chunk_internal_link"] = json!(format!("/api/2.0/sql/statements/{id}/result/chunks/{n}"));
+            entry["next_chunk_internal_link"] = json!(internal_link(inner, id, n));
         }
         body["external_links"] = json!([entry]);
     } else {
@@ -696,9 +703,15 @@ fn chunk_body(inner: &Inner, id: &str, result: &ResultSet, index: usize, truncat
     }
     if let Some(n) = next {
         body["next_chunk_index"] = json!(n);
-        body["next_chunk_internal_link"] = json!(format!("/api/2.0/sql/statements/{id}/result/chunks/{n}"));
+        body["next_chunk_internal_link"] = json!(internal_link(inner, id, n));
     }
     body
+}
+
+/// The path of chunk `n`, or an absolute URL elsewhere for a hostile workspace.
+fn internal_link(inner: &Inner, id: &str, n: usize) -> String {
+    let base = inner.config.internal_link_base.as_deref().unwrap_or_default();
+    format!("{base}/api/2.0/sql/statements/{id}/result/chunks/{n}")
 }
 
 async fn status(State(inner): State<Arc<Inner>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
@@ -745,6 +758,9 @@ async fn external(
     headers: HeaderMap,
 ) -> Response {
     inner.link_fetches.fetch_add(1, Ordering::SeqCst);
+    if let Some(to) = &inner.config.link_redirect {
+        return (StatusCode::FOUND, [(header::LOCATION, to.clone())]).into_response();
+    }
     if headers.contains_key(header::AUTHORIZATION) {
         // As cloud storage: a signed URL and an Authorization header are two auth mechanisms.
         inner.authorization_on_link.store(true, Ordering::SeqCst);
