@@ -99,11 +99,49 @@ async fn a_failed_run_reaches_slack_and_the_webhook_and_a_failing_channel_is_not
     assert_eq!(status.history[0].result, RunResult::Succeeded, "{}", status.history[0].message);
     assert_eq!(ready_reason(&status), Some("Succeeded"));
     let note = status.last_notification_error.unwrap();
-    assert!(note.contains("slack not sent") && note.contains("HTTP 404: no_service"), "{note}");
+    assert!(note.contains("slack not sent") && note.contains("HTTP 404 (no_service)"), "{note}");
     let event = env.wait_event("hooked", "NotificationFailed").await;
     for text in [&note, &event] {
         assert!(!text.contains(&slack.token()) && !text.contains("hook-token"), "no secret: {text}");
     }
     assert_eq!(hook.received().len(), 2, "a plain success is not for a webhook on [Failed]");
+    operator.stop().await;
+}
+
+/// A receiver a tenant names may be an in-cluster service: what it answers must never be
+/// readable in the import's status or Events (no echo), only the status code.
+#[tokio::test]
+async fn a_receivers_body_is_never_in_status_or_events() {
+    const MARKER: &str = "internal-service-answer-7Qm2";
+    let env = Env::new("ctl-no-echo").await;
+    let hook = Receiver::webhook().await;
+    hook.respond_always(Answer::Status { status: 403, body: MARKER, retry_after: None });
+    env.put_secret("report-hook", "url", &hook.url()).await;
+    env.put_members(&ids(0..2)).await;
+    let http = HttpSender::new(HttpConfig {
+        total_timeout: Duration::from_secs(5),
+        retry_backoff: Duration::from_millis(100),
+        policy: EgressPolicy::shared_default(),
+        ..HttpConfig::default()
+    })
+    .unwrap();
+    let operator = env.start_with(env.config(), Some(Arc::new(Notifier::new(env.client.clone(), None, http)))).await;
+    let mut doc = env.import("echo", "echo", json!({ "cadence": "Daily", "at": "06:30" }));
+    doc["spec"]["notifications"] = json!({ "webhook": { "urlSecretRef": { "name": "report-hook", "key": "url" } } });
+    env.create(doc).await;
+    env.request_run("echo", "1").await;
+    let import = env
+        .wait_status("echo", "noting the refused report", |s| {
+            s.history.len() == 1 && s.last_notification_error.is_some()
+        })
+        .await;
+    let note = import.status.as_ref().unwrap().last_notification_error.clone().unwrap();
+    assert!(note.contains("HTTP 403"), "{note}");
+    let event = env.wait_event("echo", "NotificationFailed").await;
+    let status = serde_json::to_string(&import.status).unwrap();
+    for text in [&note, &event, &status] {
+        assert!(!text.contains(MARKER), "the receiver's answer was echoed: {text}");
+    }
+    assert_eq!(hook.received().len(), 1);
     operator.stop().await;
 }

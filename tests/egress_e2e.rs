@@ -202,8 +202,8 @@ async fn a_source_a_redirect_a_next_page_and_a_warehouse_on_a_denied_address_are
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_name_that_resolves_to_a_denied_address_is_refused_by_name_and_address() {
     let env = Env::new("egress-dns").await;
-    // Every loopback address denied; the API server and Braze (the operator's own) are not
-    // sources, so the operator still runs.
+    // Every loopback address denied; the API server is not under the policy, so the operator
+    // still runs (each run is refused at its source, before Braze, which is under it too).
     let v4 = Tripwire::on("127.0.0.1").await;
     let v6 = match tokio::net::TcpListener::bind(("::1", v4.addr.port())).await {
         // The same port on ::1, counted too, where the machine has IPv6 loopback.
@@ -311,4 +311,26 @@ async fn a_source_refused_by_the_policy_names_the_rule_and_connects_nowhere() {
     let err = read(&format!("{start}/x.csv"), Value::Null, policy()).await.unwrap_err();
     assert_eq!(err.reason(), "EgressDenied", "{err}");
     assert_eq!(denied.hits(), 0);
+}
+
+/// `restEndpoint` is a tenant's to write, with its own partner key: it is held to the egress
+/// policy like a source URL. The run fails naming the rule, and the denied address hears
+/// nothing (the partner key and data import key never leave).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_braze_endpoint_on_a_denied_address_is_refused() {
+    let env = Env::new("egress-braze").await;
+    let denied = Tripwire::on("127.0.0.2").await;
+    env.put_members(&ids(0..3)).await;
+    env.put_secret("own-partner", "key", "partner-key-Zt7q-own").await;
+    let _operator = OperatorProcess::start(&env, &["--egress-deny=127.0.0.2/32"]);
+    let mut doc = env.import("elsewhere", "elsewhere", json!({ "cadence": "Daily", "at": "03:00", "timeZone": "UTC" }));
+    doc["spec"]["destination"]["braze"]["restEndpoint"] = json!(format!("http://{}", denied.addr));
+    doc["spec"]["destination"]["braze"]["partnerApiKeySecretRef"] = json!({ "name": "own-partner", "key": "key" });
+    env.create(doc).await;
+    let run = run_once(&env, "elsewhere").await;
+    assert_refused(&run, &["127.0.0.2", "--egress-deny 127.0.0.2"]);
+    assert!(!run.message.contains("partner-key-Zt7q"), "{}", run.message);
+    let status = env.get("elsewhere").await.status.unwrap();
+    assert_eq!(ready(&status).unwrap().status, "False");
+    assert_eq!(denied.hits(), 0, "a connection reached the denied address");
 }
