@@ -22,3 +22,46 @@ fn field_reference_matches_the_crd() {
          cargo run -q -- crd --reference > docs/reference.md"
     );
 }
+
+/// `docs/threat-model.md`: every row names at least one test, and every test it names
+/// (`tests/FILE.rs::name` or `src/PATH.rs::name`) exists as a function in that file.
+#[test]
+fn the_threat_model_names_only_tests_that_exist() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let doc = std::fs::read_to_string(format!("{root}/docs/threat-model.md")).expect("docs/threat-model.md exists");
+    let mut named = 0;
+    for row in doc.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| power |") && !l.contains("|---")) {
+        let cells: Vec<&str> = row.split(" | ").collect();
+        if matches!(cells.first().map(|c| c.trim_start_matches("| ")), Some("field" | "value" | "bytes")) {
+            continue;
+        }
+        let tests = cells.last().expect("a row has cells");
+        let refs: Vec<&str> = tests.split('`').filter(|t| t.contains(".rs::")).collect();
+        assert!(!refs.is_empty(), "a row names no test: {row}");
+        for reference in refs {
+            let (file, name) = reference.split_once("::").expect("FILE::name");
+            let source = std::fs::read_to_string(format!("{root}/{file}"))
+                .unwrap_or_else(|e| panic!("{reference}: {file} cannot be read: {e}"));
+            assert!(source.contains(&format!("fn {name}(")), "{reference}: no test of that name in {file}");
+            named += 1;
+        }
+    }
+    assert!(named > 40, "only {named} tests named");
+}
+
+/// Every top-level spec field and every source kind has a row in the threat model.
+#[test]
+fn every_spec_field_has_a_row_in_the_threat_model() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let doc = std::fs::read_to_string(format!("{root}/docs/threat-model.md")).expect("docs/threat-model.md exists");
+    let crd: serde_json::Value = serde_json::to_value(cohort_operator::api::crd()).expect("the CRD serializes");
+    let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
+    let mut fields: Vec<String> = spec.as_object().expect("spec properties").keys().cloned().collect();
+    let sources = spec["source"]["properties"].as_object().expect("source kinds");
+    fields.extend(sources.keys().map(|kind| format!("source.{kind}")));
+    let braze = spec["destination"]["properties"]["braze"]["properties"].as_object().expect("braze fields");
+    fields.extend(braze.keys().map(|field| format!("destination.braze.{field}")));
+    let missing: Vec<&String> =
+        fields.iter().filter(|f| !doc.contains(&format!("`{f}")) && !doc.contains(f.as_str())).collect();
+    assert!(missing.is_empty(), "spec fields without a row in docs/threat-model.md: {missing:?}");
+}
