@@ -115,6 +115,14 @@ async fn a_manual_run_happens_once_per_annotation_value() {
     assert!(status.history.iter().all(|r| r.trigger == RunTrigger::Manual));
     let users_requests = env.sandbox.stats().users_requests;
     assert_eq!(users_requests, 1, "the second run had nothing to change");
+    // Each run's Events name that run: two runs are two Events of each reason, not one
+    // series repeating the first run's note.
+    for reason in ["RunStarted", "RunSucceeded"] {
+        let notes = env.wait_events("manual", reason, 2).await;
+        for run in &status.history {
+            assert_eq!(notes.iter().filter(|n| n.contains(&run.id)).count(), 1, "{reason} of {}: {notes:?}", run.id);
+        }
+    }
     operator.stop().await;
 }
 

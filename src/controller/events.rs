@@ -27,16 +27,33 @@ pub mod reason {
     pub const CLEANUP_FAILED: &str = "CleanupFailed";
 }
 
+/// Reasons whose Event is about one run and names it: each is an Event of its own. kube's
+/// recorder folds Events of the same reason on an object into one series and keeps the
+/// first note, so three runs would show as "Run A started (x3)".
+const ONE_PER_RUN: &[&str] = &[
+    reason::RUN_STARTED,
+    reason::RUN_SUCCEEDED,
+    reason::RUN_DRY_RUN,
+    reason::RUN_FAILED,
+    reason::RUN_BLOCKED,
+    reason::RUN_MISSED,
+    reason::RUN_INTERRUPTED,
+    reason::RETRY_SCHEDULED,
+];
+
 /// Publishes Events; a failure to publish is logged, never fatal.
 #[derive(Clone)]
 pub struct Events {
+    /// Folds repeats (a Conflict seen at every reconcile) into one series.
     recorder: Recorder,
+    client: kube::Client,
+    reporter: Reporter,
 }
 
 impl Events {
     pub fn new(client: kube::Client, instance: Option<String>) -> Self {
         let reporter = Reporter { controller: crate::api::FIELD_MANAGER.to_owned(), instance };
-        Events { recorder: Recorder::new(client, reporter) }
+        Events { recorder: Recorder::new(client.clone(), reporter.clone()), client, reporter }
     }
 
     pub async fn normal(&self, import: &CohortImport, reason: &str, action: &str, note: String) {
@@ -56,7 +73,12 @@ impl Events {
             action: action.to_owned(),
             secondary: None,
         };
-        if let Err(e) = self.recorder.publish(&event, &import.object_ref(&())).await {
+        // A recorder of its own has nothing to fold the Event into.
+        let recorder = match ONE_PER_RUN.contains(&reason) {
+            true => &Recorder::new(self.client.clone(), self.reporter.clone()),
+            false => &self.recorder,
+        };
+        if let Err(e) = recorder.publish(&event, &import.object_ref(&())).await {
             warn!(error = %e, reason, "could not publish an Event");
         }
     }

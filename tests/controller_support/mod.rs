@@ -372,6 +372,20 @@ impl Env {
             .collect()
     }
 
+    /// The notes of `name`'s Events of `reason`, once there are at least `count` of them.
+    pub async fn wait_events(&self, name: &str, reason: &str, count: usize) -> Vec<String> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let notes: Vec<String> =
+                self.events(name).await.into_iter().filter(|(r, _)| r == reason).map(|(_, n)| n).collect();
+            if notes.len() >= count {
+                return notes;
+            }
+            assert!(Instant::now() < deadline, "{name}: {} {reason} Events within {WAIT:?}, not {count}", notes.len());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Waits for an Event with `reason` on `name`.
     pub async fn wait_event(&self, name: &str, reason: &str) -> String {
         let deadline = Instant::now() + WAIT;
