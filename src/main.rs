@@ -458,7 +458,9 @@ async fn start_controller(args: ControllerArgs) -> anyhow::Result<()> {
     };
     budget.validate().map_err(anyhow::Error::msg)?;
     let budgets = Arc::new(Budgets::new(budget).with_observer(metrics.clone()));
-    let braze = BrazeClient::new(BrazeClientConfig::default())?.with_budgets(budgets);
+    let identity = args.identity.clone().unwrap_or_else(|| format!("{}-{:08x}", hostname(), rand::random::<u32>()));
+    let braze_config = BrazeClientConfig { instance: Some(identity.clone()), ..BrazeClientConfig::default() };
+    let braze = BrazeClient::new(braze_config)?.with_budgets(budgets);
     let snapshots = match args.snapshot_store {
         SnapshotStoreArg::Cluster => SnapshotStoreKind::Cluster,
         SnapshotStoreArg::Filesystem => SnapshotStoreKind::Filesystem(
@@ -471,7 +473,6 @@ async fn start_controller(args: ControllerArgs) -> anyhow::Result<()> {
             .with_egress(Arc::new(egress))
             .with_fence(fence.clone()),
     );
-    let identity = args.identity.clone().unwrap_or_else(|| format!("{}-{:08x}", hostname(), rand::random::<u32>()));
     let leader_election = args.leader_election.then(|| {
         LeaderElection {
             lease_name: args.lease_name.clone(),

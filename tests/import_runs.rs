@@ -95,6 +95,7 @@ fn client_config() -> BrazeClientConfig {
         request_timeout: Duration::from_secs(10),
         connect_timeout: Duration::from_secs(5),
         retry: fast_retries(),
+        instance: None,
     }
 }
 

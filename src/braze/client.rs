@@ -18,7 +18,7 @@ use super::budget::{Budget, BudgetConfig, Budgets, LimitSignal};
 use super::error::{BrazeError, TransientFailure, UnauthorizedReason};
 use super::retry::{Disposition, RetryDelay, RetryPolicy, classify, is_rate_limited, server_wait_hint};
 use super::wire::{self, NameBody, READ_BODY_BYTES, ResponseText, UsersBody};
-use crate::fence::Fence;
+use crate::fence::{Fence, Fenced};
 use crate::secret::{SecretString, error_chain, redact};
 
 /// Tuning of a [`BrazeClient`].
@@ -32,6 +32,9 @@ pub struct BrazeClientConfig {
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
     pub retry: RetryPolicy,
+    /// This replica (its `--identity`, the pod name), named in the `User-Agent`: which
+    /// replica sent a request is then plain in Braze's (and a sandbox's) logs.
+    pub instance: Option<String>,
 }
 
 impl Default for BrazeClientConfig {
@@ -42,6 +45,7 @@ impl Default for BrazeClientConfig {
             request_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
             retry: RetryPolicy::default(),
+            instance: None,
         }
     }
 }
@@ -277,7 +281,7 @@ impl Drop for Waiting<'_> {
 impl BrazeClient {
     pub fn new(config: BrazeClientConfig) -> Result<Self, BrazeError> {
         let http = reqwest::Client::builder()
-            .user_agent(concat!("cohort-operator/", env!("CARGO_PKG_VERSION")))
+            .user_agent(user_agent(config.instance.as_deref()))
             .connect_timeout(config.connect_timeout)
             .pool_max_idle_per_host(config.max_in_flight.max(1))
             .pool_idle_timeout(Duration::from_secs(60))
@@ -524,14 +528,21 @@ impl BrazeClient {
         (batch, outcome)
     }
 
+    /// One attempt's request. Its body goes to the connection only while the fence is open
+    /// ([`Fence::body`]): checked again once the connection is made and ready to write.
+    fn request(&self, url: &Url, body: &bytes::Bytes) -> Request {
+        let mut request = Request::new(reqwest::Method::POST, url.clone());
+        request.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        *request.timeout_mut() = Some(self.config.request_timeout);
+        *request.body_mut() = Some(self.fence.body(body.clone()));
+        request
+    }
+
     /// Sends one request until it is accepted, fails for good, or retrying must stop.
     async fn execute(&self, target: &CohortTarget, url: Url, body: Vec<u8>, run: &RunState, seq: u64) -> Attempted {
         let secrets = target.secrets();
         let policy = &self.config.retry;
-        let mut request = Request::new(reqwest::Method::POST, url);
-        request.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        *request.timeout_mut() = Some(self.config.request_timeout);
-        *request.body_mut() = Some(body.into());
+        let body = bytes::Bytes::from(body);
         let mut stop = run.stop.subscribe();
         let budget = self.budget(target);
         let mut attempts = 0;
@@ -554,7 +565,7 @@ impl BrazeClient {
                 return Attempted { attempts, status, response, error: Some(fenced.into()), budget_wait: waited };
             }
             attempts += 1;
-            let this = request.try_clone().expect("an in-memory body can be cloned");
+            let this = self.request(&url, &body);
             let sent = match self.fence.bounded(self.http.execute(this)).await {
                 Ok(sent) => sent,
                 Err(fenced) => {
@@ -611,6 +622,17 @@ impl BrazeClient {
                         }
                     }
                 }
+                // Refused at the wire: the fence closed before the body was handed over.
+                Err(_) if !self.fence.is_open() => {
+                    let error = Some(Fenced.into());
+                    return Attempted {
+                        attempts,
+                        status: None,
+                        response: ResponseText::default(),
+                        error,
+                        budget_wait: waited,
+                    };
+                }
                 Err(e) if e.is_timeout() => {
                     run.timeouts.fetch_add(1, Ordering::Relaxed);
                     (None, ResponseText::default(), TransientFailure::Timeout(self.config.request_timeout), None)
@@ -665,6 +687,19 @@ impl BrazeClient {
                 _ = stop.wait_for(|stopped| *stopped) => return give_up(BrazeError::Abandoned),
             }
         }
+    }
+}
+
+/// `cohort-operator/<version>`, with ` (<instance>)` when it is a plain name (a pod name
+/// is); anything else is left out rather than put in a header.
+fn user_agent(instance: Option<&str>) -> String {
+    let product = concat!("cohort-operator/", env!("CARGO_PKG_VERSION"));
+    let plain = |name: &&str| {
+        !name.is_empty() && name.len() <= 253 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+    };
+    match instance.filter(plain) {
+        Some(name) => format!("{product} ({name})"),
+        None => product.to_owned(),
     }
 }
 
