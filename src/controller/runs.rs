@@ -29,6 +29,9 @@ pub struct RunRegistry {
     /// The last run of each import whose end is recorded in status: a copy of the import
     /// still showing it as current is stale, not an interrupted run.
     recorded: Mutex<HashMap<ObjectRef<CohortImport>, String>>,
+    /// Other work of this leadership in tasks of its own (run reports, hand-overs between
+    /// shards): stopped with the runs when the Lease is lost.
+    side_tasks: Mutex<Vec<AbortHandle>>,
 }
 
 impl RunRegistry {
@@ -90,6 +93,17 @@ impl RunRegistry {
         for (_, (_, handle)) in self.lock().drain() {
             handle.abort();
         }
+        for handle in self.side_tasks.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            handle.abort();
+        }
+    }
+
+    /// Spawns `task`, to be stopped with the runs ([`AbortRunsOnDrop`]): nothing this
+    /// leadership started goes on after it ends.
+    pub(super) fn spawn_side(&self, task: impl Future<Output = ()> + Send + 'static) {
+        let mut tasks = self.side_tasks.lock().unwrap_or_else(|e| e.into_inner());
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(tokio::spawn(task).abort_handle());
     }
 }
 
