@@ -457,6 +457,8 @@ async fn start_controller(args: ControllerArgs) -> anyhow::Result<()> {
         max_wait: Duration::from_secs(args.braze_max_budget_wait_seconds),
     };
     budget.validate().map_err(anyhow::Error::msg)?;
+    // Each shard sends to the same workspaces: it takes its share of every destination's budget.
+    let budget = budget.shared_by(budget_shares(&args.shard, &args.shards)?);
     let budgets = Arc::new(Budgets::new(budget).with_observer(metrics.clone()));
     let identity = args.identity.clone().unwrap_or_else(|| format!("{}-{:08x}", hostname(), rand::random::<u32>()));
     let braze_config = BrazeClientConfig { instance: Some(identity.clone()), ..BrazeClientConfig::default() };
@@ -505,6 +507,19 @@ async fn start_controller(args: ControllerArgs) -> anyhow::Result<()> {
     let deps = Dependencies { clock: Arc::new(SystemClock), importer, notifier, metrics };
     controller::serve(client, config, deps, shutdown_signal()).await?;
     Ok(())
+}
+
+/// How many operators share each Braze destination's budget: the shards in `--shards`.
+fn budget_shares(shard: &Option<String>, shards: &[String]) -> anyhow::Result<usize> {
+    let named = shards.iter().filter(|s| !s.is_empty()).count();
+    match shard {
+        None => Ok(1),
+        Some(_) if named == 0 => anyhow::bail!(
+            "--shard needs --shards naming every shard of the installation: each shard takes 1/N of each Braze \
+             destination's budget (--braze-requests-per-hour, --braze-burst), so that together they stay within it"
+        ),
+        Some(_) => Ok(named),
+    }
 }
 
 /// Connecting to the API server never hangs a run, a reconcile or a Lease renewal.

@@ -19,7 +19,9 @@
 //! tested with a clock the tests control.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::hash::{BuildHasher, RandomState};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -70,6 +72,14 @@ impl BudgetConfig {
 
     fn per_second(&self) -> f64 {
         f64::from(self.requests_per_hour) / 3600.0
+    }
+
+    /// This process's share when `shards` operators (one per shard) send to the same
+    /// destinations: 1/N of the rate and of the burst (at least one request), so that all
+    /// shards together stay within the budget.
+    pub fn shared_by(self, shards: usize) -> Self {
+        let n = u32::try_from(shards.max(1)).unwrap_or(u32::MAX);
+        Self { requests_per_hour: (self.requests_per_hour / n).max(1), burst: (self.burst / n).max(1), ..self }
     }
 }
 
@@ -163,6 +173,14 @@ impl TokenBucket {
         Err(now + Duration::from_secs_f64(missing / self.rate(now)))
     }
 
+    /// Whether the bucket holds nothing a new one would not (full, open, uncapped, no 429s
+    /// in a row) at `now`: then it may be dropped and made again on next use.
+    pub fn at_rest(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        let capped = self.capped.is_some_and(|(_, until)| now < until);
+        self.closed_until.is_none() && !capped && self.blind_429s == 0 && self.tokens >= self.burst
+    }
+
     /// Closes the bucket until `until`: nothing goes before, and it refills from empty.
     pub fn close_until(&mut self, until: Instant) {
         self.tokens = 0.0;
@@ -235,6 +253,54 @@ impl Budget {
     pub fn observe(&self, signal: LimitSignal, backoff: impl FnOnce(u32) -> Duration) {
         self.bucket().observe(signal, Instant::now(), backoff);
     }
+
+    fn at_rest(&self, now: Instant) -> bool {
+        self.bucket().at_rest(now)
+    }
+}
+
+/// A run's admission slot as its Braze requests see it (see [`holding`]).
+pub trait SlotHolder: Send + Sync {
+    /// Gives the run's slot to another run, if it still holds it.
+    fn hand_over(&self);
+    /// Takes the slot back, waiting for it as a run waiting to start does.
+    fn take_back(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+}
+
+tokio::task_local! {
+    static SLOT: Arc<dyn SlotHolder>;
+}
+
+/// A wait for budget longer than this is not pacing but throttling: the run gives its slot
+/// away until its request has a token.
+pub const HAND_OVER_AFTER: Duration = Duration::from_millis(500);
+
+/// Runs `work` — one run, in one task — with `slot` as the admission slot its Braze requests
+/// give away while they wait long for budget: runs of a throttled destination then do not
+/// hold slots that runs of every other destination could use.
+pub async fn holding<F: Future>(slot: Arc<dyn SlotHolder>, work: F) -> F::Output {
+    SLOT.scope(slot, work).await
+}
+
+impl Budget {
+    /// [`Self::acquire`], giving the run's slot away ([`holding`]) once the wait passes
+    /// [`HAND_OVER_AFTER`], and taking it back once the token is there. Returns the wait
+    /// for the token.
+    pub async fn acquire_handing_over(&self) -> Duration {
+        let acquire = self.acquire();
+        tokio::pin!(acquire);
+        tokio::select! {
+            waited = &mut acquire => return waited,
+            () = tokio::time::sleep(HAND_OVER_AFTER) => {}
+        }
+        let Ok(slot) = SLOT.try_with(Arc::clone) else {
+            return acquire.await;
+        };
+        slot.hand_over();
+        let waited = acquire.await;
+        slot.take_back().await;
+        waited
+    }
 }
 
 /// Told of every wait for budget (the operator's metrics).
@@ -256,9 +322,19 @@ pub struct Budgets {
     config: BudgetConfig,
     /// Keyed per process: a workspace hash means nothing outside it.
     hasher: RandomState,
-    budgets: Mutex<HashMap<Destination, Arc<Budget>>>,
+    budgets: Mutex<Entries>,
     observer: Option<Arc<dyn BudgetObserver>>,
 }
+
+/// The destinations' budgets, and the size at which idle ones are next looked for.
+#[derive(Default)]
+struct Entries {
+    by_destination: HashMap<Destination, Arc<Budget>>,
+    prune_at: usize,
+}
+
+/// Below this many destinations the map is not pruned.
+const PRUNE_FROM: usize = 64;
 
 impl std::fmt::Debug for Budgets {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -288,10 +364,30 @@ impl Budgets {
         }
     }
 
-    /// The destination's budget, created full on first use.
+    /// The destination's budget, created full on first use. Idle budgets — in no request's
+    /// hands and holding nothing a new one would not ([`TokenBucket::at_rest`]) — are dropped
+    /// as the map grows (each time it doubles), so destinations that come and go (workspaces
+    /// of deleted imports, rotated keys) do not pile up.
     pub fn get(&self, destination: Destination) -> Arc<Budget> {
-        let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
-        budgets.entry(destination).or_insert_with(|| Arc::new(Budget::new(&self.config))).clone()
+        self.get_at(destination, Instant::now())
+    }
+
+    fn get_at(&self, destination: Destination, now: Instant) -> Arc<Budget> {
+        let mut entries = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
+        if entries.by_destination.len() >= entries.prune_at.max(PRUNE_FROM) {
+            entries.by_destination.retain(|_, budget| Arc::strong_count(budget) > 1 || !budget.at_rest(now));
+            entries.prune_at = entries.by_destination.len() * 2;
+        }
+        entries.by_destination.entry(destination).or_insert_with(|| Arc::new(Budget::new(&self.config))).clone()
+    }
+
+    /// Destinations with a budget in memory.
+    pub fn len(&self) -> usize {
+        self.budgets.lock().unwrap_or_else(|e| e.into_inner()).by_destination.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     pub(super) fn waited(&self, wait: Duration) {
@@ -489,5 +585,76 @@ mod tests {
         assert_eq!(*order.lock().unwrap(), [0, 1, 2, 3, 4]);
         assert!(waits[0] < ms(20), "{waits:?}");
         assert!(waits[4] >= ms(190), "{waits:?}");
+    }
+
+    #[test]
+    fn each_shard_takes_its_share_and_all_together_stay_within_the_budget() {
+        let whole = BudgetConfig::default();
+        let third = whole.clone().shared_by(3);
+        assert_eq!((third.requests_per_hour, third.burst), (83_333, 166));
+        assert!(third.requests_per_hour * 3 <= whole.requests_per_hour && third.burst * 3 <= whole.burst);
+        assert_eq!(whole.clone().shared_by(1), whole);
+        assert_eq!(whole.clone().shared_by(0), whole, "no shards: the whole budget");
+        let tiny = config(2, 1).shared_by(5);
+        assert_eq!((tiny.requests_per_hour, tiny.burst), (1, 1), "never below one request");
+        assert!(tiny.validate().is_ok());
+    }
+
+    #[test]
+    fn idle_budgets_are_dropped_as_the_map_grows_and_busy_ones_kept() {
+        let budgets = Budgets::new(config(3600, 2));
+        let get = |name: &str, at| budgets.get_at(budgets.destination("https://a", "p", name), at);
+        let t0 = Instant::now();
+        let busy = get("held", t0);
+        get("used", t0).bucket().take(t0).unwrap();
+        let closed = LimitSignal { limited: true, remaining: None, reset_in: Some(Duration::from_secs(600)) };
+        get("throttled", t0).bucket().observe(closed, t0, no_backoff);
+        for i in 3..PRUNE_FROM {
+            get(&format!("gone-{i}"), t0);
+        }
+        assert_eq!(budgets.len(), PRUNE_FROM, "nothing is dropped below the threshold");
+        // Next use at the threshold: every idle, full budget goes; the one in use, the one
+        // refilling and the one Braze closed stay (each holds what a new one would not).
+        get("new", t0);
+        assert_eq!(budgets.len(), 4);
+        // Refilled and reopened later, they go at the next pruning too; the one held stays.
+        let later = t0 + Duration::from_secs(700);
+        for i in 0..PRUNE_FROM {
+            get(&format!("again-{i}"), later);
+        }
+        // Pruned when the 61st was asked for (64 in the map): the held one stayed, 4 came after.
+        assert_eq!(budgets.len(), 5);
+        assert!(Arc::ptr_eq(&busy, &get("held", later)), "the budget in use was kept");
+    }
+
+    /// Records what a run's slot was told.
+    #[derive(Default)]
+    struct Slot(Mutex<Vec<&'static str>>);
+
+    impl SlotHolder for Slot {
+        fn hand_over(&self) {
+            self.0.lock().unwrap().push("handed over");
+        }
+
+        fn take_back(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+            Box::pin(async move { self.0.lock().unwrap().push("taken back") })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_long_wait_for_budget_gives_the_runs_slot_away_until_the_token_comes() {
+        // One a second, burst 1: the first token at once, the second a second later.
+        let budget = Budget::new(&config(3600, 1));
+        let slot = Arc::new(Slot::default());
+        let (short, long) = holding(slot.clone(), async {
+            let short = budget.acquire_handing_over().await;
+            assert!(slot.0.lock().unwrap().is_empty(), "no wait, nothing handed over");
+            (short, budget.acquire_handing_over().await)
+        })
+        .await;
+        assert!(short < HAND_OVER_AFTER && long > HAND_OVER_AFTER, "{short:?} {long:?}");
+        assert_eq!(*slot.0.lock().unwrap(), ["handed over", "taken back"]);
+        // Outside a run (no slot): the same wait, nothing to hand over.
+        assert!(budget.acquire_handing_over().await > HAND_OVER_AFTER);
     }
 }

@@ -332,7 +332,7 @@ impl BrazeClient {
         run.start_waiting();
         let _waiting = Waiting(run);
         let waited = tokio::select! {
-            waited = budget.acquire() => Ok(waited),
+            waited = budget.acquire_handing_over() => Ok(waited),
             () = tokio::time::sleep(max_wait) => Err(BrazeError::RateLimited { wait: max_wait, max_wait }),
             _ = stop.wait_for(|stopped| *stopped) => return Err(BrazeError::Abandoned),
         };
