@@ -213,8 +213,9 @@ struct ControllerArgs {
     /// shared by every run of this process; Braze documents 250,000.
     #[arg(long, env = "COHORT_BRAZE_REQUESTS_PER_HOUR", default_value_t = 250_000)]
     braze_requests_per_hour: u32,
-    /// Braze requests a destination may send at once after a quiet spell.
-    #[arg(long, env = "COHORT_BRAZE_BURST", default_value_t = 500)]
+    /// Braze requests a destination may send at once after a quiet spell; by default the
+    /// hour's budget, as Braze counts per hour.
+    #[arg(long, env = "COHORT_BRAZE_BURST", default_value_t = 250_000)]
     braze_burst: u32,
     /// Longest one Braze request waits for its destination's budget before its run stops
     /// (the next run sends the rest).
@@ -455,6 +456,7 @@ async fn start_controller(args: ControllerArgs) -> anyhow::Result<()> {
         requests_per_hour: args.braze_requests_per_hour,
         burst: args.braze_burst,
         max_wait: Duration::from_secs(args.braze_max_budget_wait_seconds),
+        ..BudgetConfig::default()
     };
     budget.validate().map_err(anyhow::Error::msg)?;
     // Each shard sends to the same workspaces: it takes its share of every destination's budget.
