@@ -220,10 +220,12 @@ impl Fence {
     ///
     /// The fence is looked at when the connection — new or reused from the pool, its TLS
     /// handshake done — asks for the body's first bytes, in the same poll that writes them.
-    /// hyper buffers a request's head until then; a body that fails there drops the
-    /// connection without flushing anything, so a request whose fence closed while it
-    /// waited for a connection (or while the process was frozen) never reaches the server.
-    /// The body's length is announced (`Content-Length`), as for a plain byte body.
+    /// Over HTTP/1.1 hyper buffers a request's head until then, and a body that fails there
+    /// drops the connection without flushing anything: a request whose fence closed while
+    /// it waited for a connection (or while the process was frozen) never reaches the
+    /// server. Over HTTP/2 the HEADERS frame may already be out; the stream is reset, and
+    /// the body — where Braze's keys and the changes are — never leaves. The body's length
+    /// is announced (`Content-Length`), as for a plain byte body.
     pub fn body(&self, bytes: impl Into<Bytes>) -> reqwest::Body {
         reqwest::Body::wrap(FencedBody { fence: self.clone(), bytes: Some(bytes.into()) })
     }
