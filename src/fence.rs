@@ -14,9 +14,13 @@
 //! election (a single replica) the fence is always open ([`Fence::unfenced`]).
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
 use std::time::{Duration, Instant};
+
+use bytes::Bytes;
 
 /// How long a Lease lasts and how much of it the holder gives up as margin.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -183,19 +187,78 @@ impl Fence {
 
     /// Runs `work` while the fence is open: refused if closed, dropped (cancelled) when the
     /// deadline passes without a renewal. Renewals meanwhile extend it.
+    ///
+    /// The clock is read before *every* poll of `work`, not only when a timer fires: after a
+    /// freeze (SIGSTOP, a starved node) the first poll may find `work` ready to go on — a
+    /// connection just made, a request about to be written — and it must not be polled then.
     pub async fn bounded<F: Future>(&self, work: F) -> Result<F::Output, Fenced> {
         if self.0.is_none() {
             return Ok(work.await);
         }
         let mut work = std::pin::pin!(work);
-        loop {
-            let deadline = self.deadline().filter(|d| is_open(Some(*d), Instant::now())).ok_or(Fenced)?;
-            tokio::select! {
-                biased;
-                out = &mut work => return Ok(out),
-                () = tokio::time::sleep_until(deadline.into()) => {} // renewed meanwhile? look again
+        let mut alarm = std::pin::pin!(tokio::time::sleep_until(Instant::now().into()));
+        std::future::poll_fn(|cx| {
+            let Some(deadline) = self.deadline().filter(|d| is_open(Some(*d), Instant::now())) else {
+                return Poll::Ready(Err(Fenced));
+            };
+            if let Poll::Ready(out) = work.as_mut().poll(cx) {
+                return Poll::Ready(Ok(out));
             }
-        }
+            // Woken at the deadline (moved by renewals) to look at the clock again.
+            if alarm.deadline() != deadline.into() {
+                alarm.as_mut().reset(deadline.into());
+            }
+            if alarm.as_mut().poll(cx).is_ready() {
+                cx.waker().wake_by_ref();
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// A request body handed to the connection only while the fence is open.
+    ///
+    /// The fence is looked at when the connection — new or reused from the pool, its TLS
+    /// handshake done — asks for the body's first bytes, in the same poll that writes them.
+    /// Over HTTP/1.1 hyper buffers a request's head until then, and a body that fails there
+    /// drops the connection without flushing anything: a request whose fence closed while
+    /// it waited for a connection (or while the process was frozen) never reaches the
+    /// server. Over HTTP/2 the HEADERS frame may already be out; the stream is reset, and
+    /// the body — where Braze's keys and the changes are — never leaves. The body's length
+    /// is announced (`Content-Length`), as for a plain byte body.
+    pub fn body(&self, bytes: impl Into<Bytes>) -> reqwest::Body {
+        reqwest::Body::wrap(FencedBody { fence: self.clone(), bytes: Some(bytes.into()) })
+    }
+}
+
+/// See [`Fence::body`].
+struct FencedBody {
+    fence: Fence,
+    /// `None` once handed over.
+    bytes: Option<Bytes>,
+}
+
+impl http_body::Body for FencedBody {
+    type Data = Bytes;
+    type Error = Fenced;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Fenced>>> {
+        let Some(bytes) = self.bytes.take() else {
+            return Poll::Ready(None);
+        };
+        Poll::Ready(Some(self.fence.check().map(|()| http_body::Frame::data(bytes))))
+    }
+
+    /// Not at its end before the first poll, even when empty: the fence is always looked at.
+    fn is_end_stream(&self) -> bool {
+        self.bytes.is_none()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.bytes.as_ref().map_or(0, |b| b.len() as u64))
     }
 }
 
@@ -295,5 +358,86 @@ mod tests {
             3
         };
         assert_eq!(fence.bounded(work).await, Ok(3));
+    }
+
+    /// A freeze past the deadline, as the work sees it: its first poll returns only once the
+    /// deadline has passed (the process "resumes"), and its next poll would go on to the wire.
+    #[tokio::test]
+    async fn work_found_ready_after_the_deadline_is_not_polled_again() {
+        let fence = Fence::leased();
+        fence.renewed(Instant::now() + Duration::from_millis(50));
+        let went_on = std::sync::atomic::AtomicBool::new(false);
+        let mut polls = 0;
+        let work = std::future::poll_fn(|cx| {
+            polls += 1;
+            if polls == 1 {
+                let deadline = fence.deadline().unwrap();
+                while Instant::now() <= deadline {
+                    std::hint::spin_loop();
+                }
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            went_on.store(true, Ordering::SeqCst);
+            Poll::Ready(())
+        });
+        assert_eq!(fence.bounded(work).await, Err(Fenced));
+        assert!(!went_on.load(Ordering::SeqCst), "polled again past the deadline");
+    }
+
+    /// An HTTP/1.1 server on loopback that answers each request (5-byte bodies) `204` and
+    /// reports, as each connection closes, the requests it answered on it and the bytes
+    /// received beyond them (the start of a request never finished).
+    async fn counting_server() -> (String, tokio::sync::mpsc::UnboundedReceiver<(usize, usize)>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        let (closed, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let closed = closed.clone();
+                tokio::spawn(async move {
+                    let (mut answered, mut pending, mut buf) = (0, Vec::new(), [0u8; 4096]);
+                    while let Ok(n @ 1..) = socket.read(&mut buf).await {
+                        pending.extend_from_slice(&buf[..n]);
+                        if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n")
+                            && pending.len() >= end + 4 + 5
+                        {
+                            pending.drain(..end + 4 + 5);
+                            answered += 1;
+                            let _ = socket.write_all(b"HTTP/1.1 204 No Content\r\n\r\n").await;
+                        }
+                    }
+                    let _ = closed.send((answered, pending.len()));
+                });
+            }
+        });
+        (url, rx)
+    }
+
+    async fn next_closed(closed: &mut tokio::sync::mpsc::UnboundedReceiver<(usize, usize)>) -> Option<(usize, usize)> {
+        tokio::time::timeout(Duration::from_secs(10), closed.recv()).await.expect("the connection closes")
+    }
+
+    #[tokio::test]
+    async fn a_body_whose_fence_closed_is_never_written_on_a_new_or_pooled_connection() {
+        let (url, mut closed) = counting_server().await;
+        let fence = Fence::leased();
+        fence.renewed(Instant::now() + Duration::from_secs(60));
+        let http = reqwest::Client::new();
+        let sent = http.post(&url).body(fence.body(&b"hello"[..])).send().await.unwrap();
+        assert_eq!(sent.status(), 204, "open: sent, and the connection stays in the pool");
+
+        // The fence closes while the next request waits for a connection: it gets the pooled
+        // one, and nothing of it is written there (not even its head).
+        fence.close();
+        let refused = http.post(&url).body(fence.body(&b"hello"[..])).send().await.unwrap_err();
+        assert!(std::error::Error::source(&refused).is_some(), "{refused:?}");
+        assert_eq!(next_closed(&mut closed).await, Some((1, 0)), "the pooled connection got the first request only");
+
+        // A new connection, made after the fence closed: accepted, and nothing written on it.
+        let fresh = reqwest::Client::new();
+        assert!(fresh.post(&url).body(fence.body(&b"hello"[..])).send().await.is_err());
+        assert_eq!(next_closed(&mut closed).await, Some((0, 0)), "nothing written on a new connection");
     }
 }

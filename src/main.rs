@@ -214,8 +214,9 @@ struct ControllerArgs {
     /// shared by every run of this process; Braze documents 250,000.
     #[arg(long, env = "COHORT_BRAZE_REQUESTS_PER_HOUR", default_value_t = 250_000)]
     braze_requests_per_hour: u32,
-    /// Braze requests a destination may send at once after a quiet spell.
-    #[arg(long, env = "COHORT_BRAZE_BURST", default_value_t = 500)]
+    /// Braze requests a destination may send at once after a quiet spell; by default the
+    /// hour's budget, as Braze counts per hour.
+    #[arg(long, env = "COHORT_BRAZE_BURST", default_value_t = 250_000)]
     braze_burst: u32,
     /// Longest one Braze request waits for its destination's budget before its run stops
     /// (the next run sends the rest).
@@ -464,11 +465,16 @@ async fn start_controller(args: ControllerArgs) -> anyhow::Result<()> {
         requests_per_hour: args.braze_requests_per_hour,
         burst: args.braze_burst,
         max_wait: Duration::from_secs(args.braze_max_budget_wait_seconds),
+        ..BudgetConfig::default()
     };
     budget.validate().map_err(anyhow::Error::msg)?;
+    // Each shard sends to the same workspaces: it takes its share of every destination's budget.
+    let budget = budget.shared_by(budget_shares(&args.shard, &args.shards)?);
     let budgets = Arc::new(Budgets::new(budget).with_observer(metrics.clone()));
-    let braze = BrazeClient::new(BrazeClientConfig { egress: egress.clone(), ..BrazeClientConfig::default() })?
-        .with_budgets(budgets);
+    let identity = args.identity.clone().unwrap_or_else(|| format!("{}-{:08x}", hostname(), rand::random::<u32>()));
+    let braze_config =
+        BrazeClientConfig { instance: Some(identity.clone()), egress: egress.clone(), ..BrazeClientConfig::default() };
+    let braze = BrazeClient::new(braze_config)?.with_budgets(budgets);
     let snapshots = match args.snapshot_store {
         SnapshotStoreArg::Cluster => SnapshotStoreKind::Cluster,
         SnapshotStoreArg::Filesystem => SnapshotStoreKind::Filesystem(
@@ -482,7 +488,6 @@ async fn start_controller(args: ControllerArgs) -> anyhow::Result<()> {
             .with_ambient_identity(ambient)
             .with_fence(fence.clone()),
     );
-    let identity = args.identity.clone().unwrap_or_else(|| format!("{}-{:08x}", hostname(), rand::random::<u32>()));
     let leader_election = args.leader_election.then(|| {
         LeaderElection {
             lease_name: args.lease_name.clone(),
@@ -515,6 +520,19 @@ async fn start_controller(args: ControllerArgs) -> anyhow::Result<()> {
     let deps = Dependencies { clock: Arc::new(SystemClock), importer, notifier, metrics };
     controller::serve(client, config, deps, shutdown_signal()).await?;
     Ok(())
+}
+
+/// How many operators share each Braze destination's budget: the shards in `--shards`.
+fn budget_shares(shard: &Option<String>, shards: &[String]) -> anyhow::Result<usize> {
+    let named = shards.iter().filter(|s| !s.is_empty()).count();
+    match shard {
+        None => Ok(1),
+        Some(_) if named == 0 => anyhow::bail!(
+            "--shard needs --shards naming every shard of the installation: each shard takes 1/N of each Braze \
+             destination's budget (--braze-requests-per-hour, --braze-burst), so that together they stay within it"
+        ),
+        Some(_) => Ok(named),
+    }
 }
 
 /// Connecting to the API server never hangs a run, a reconcile or a Lease renewal.

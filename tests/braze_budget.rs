@@ -1,7 +1,8 @@
 //! The shared Braze budget against the Braze sandbox with a rate limit like Braze's (fixed
 //! windows, 429 with lowercase `x-ratelimit-*`): a 429 storm from many runs of one
 //! workspace is absorbed by waiting, not failures; a budget under the limit sends without a
-//! single 429; a wait past the bound fails the run clearly; waits reach the metrics.
+//! single 429; a wait past the bound fails the run clearly; waits reach the metrics; a first
+//! import under Braze's hourly limit spends it at once, without a 429.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -148,4 +149,23 @@ async fn naming_requests_draw_from_the_same_budget() {
     let second = client.name_cohort(&target(&sandbox, 1), "Second", created).await.unwrap();
     assert!(first.budget_wait < Duration::from_millis(100), "{:?}", first.budget_wait);
     assert!(second.budget_wait >= Duration::from_millis(400), "{:?}", second.budget_wait);
+}
+
+#[tokio::test]
+async fn a_first_import_spends_the_hours_budget_at_once_without_a_single_429() {
+    // Braze as documented: 250,000 an hour, counted in hourly windows, with its headers. The
+    // default budget: 600 requests (more than the old burst of 500) wait for nothing.
+    let sandbox = sandbox(RateLimit { requests: 250_000, window_ms: 3_600_000, retry_after: false }).await;
+    let client = BrazeClient::new(BrazeClientConfig { request_timeout: Duration::from_secs(30), ..Default::default() })
+        .unwrap()
+        .with_budgets(Arc::new(Budgets::new(BudgetConfig::default())));
+    let report = client.send_changes(&target(&sandbox, 0), adds(0..600_000)).await;
+    assert!(report.is_complete(), "{:?}", report.stopped);
+    assert_eq!(report.totals.requests, 600);
+    // The old budget (burst 500, then the hourly average) held the last 100 back 1.44 s;
+    // what is left here is taking turns in the queue.
+    assert!(report.totals.budget_wait < Duration::from_millis(500), "{:?}", report.totals.budget_wait);
+    let stats = sandbox.stats();
+    assert_eq!(stats.responses_by_status.get(&429), None, "{stats:?}");
+    assert_eq!(stats.requests, 600);
 }

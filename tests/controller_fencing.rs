@@ -2,7 +2,9 @@
 //! whose connection to the API server is black-holed (a TCP proxy that stops forwarding but
 //! keeps every socket open, so nothing fails — requests just hang) stops sending to Braze on
 //! its own clock before the standby can take the Lease; the standby resumes the run as a new
-//! attempt and Braze ends exactly equal to the source.
+//! attempt and Braze ends exactly equal to the source. And a leader *process* frozen
+//! (SIGSTOP) past its deadline, resumed after the standby took over, sends Braze nothing
+//! more: its fence is a clock comparison, checked again at the wire (see `src/fence.rs`).
 
 mod controller_support;
 
@@ -277,4 +279,103 @@ async fn keys_in_doubt_of_two_attempts_are_merged_in_the_cluster_store() {
         reader.advance().unwrap();
     }
     assert_eq!(keys, [b"\x01a".to_vec(), b"\x01b".to_vec(), b"\x01c".to_vec()]);
+}
+
+/// The operator binary as one replica under leader election on the test's Lease; killed on
+/// drop (its own child, by pid).
+struct ReplicaProcess {
+    child: tokio::process::Child,
+}
+
+impl ReplicaProcess {
+    fn start(env: &Env, identity: &str) -> ReplicaProcess {
+        let child = tokio::process::Command::new(binary())
+            .arg("run")
+            .arg(format!("--watch-namespaces={}", env.ns))
+            .arg("--metrics-addr=127.0.0.1:0")
+            .arg("--log-format=text")
+            .arg(format!("--partner-keys-dir={}", env.keys_dir.path().display()))
+            .arg(format!("--braze-endpoint-region={}=us", env.sandbox.url()))
+            .arg(format!("--scratch-dir={}", env.scratch.path().display()))
+            .arg("--leader-election")
+            .arg(format!("--lease-namespace={}", env.ns))
+            .arg(format!("--identity={identity}"))
+            // A window (duration − grace) of 3 s, as for the in-process replicas above.
+            .args(["--lease-duration-seconds=6", "--lease-renew-grace-seconds=3"])
+            .env("KUBECONFIG", env.cluster.kubeconfig())
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "off".into()))
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the operator starts");
+        ReplicaProcess { child }
+    }
+
+    /// Sends `signal` to this replica's process (and no other).
+    fn signal(&self, signal: libc::c_int) {
+        let pid = self.child.id().expect("still running") as libc::pid_t;
+        // SAFETY: kill(2) with the pid of a child this test started and has not reaped.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "signal {signal} to {pid}");
+    }
+}
+
+/// Waits until the Lease `cohort-operator` names `identity` as its holder.
+async fn wait_for_holder(env: &Env, identity: &str) {
+    let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+        kube::Api::namespaced(env.client.clone(), &env.ns);
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let lease = leases.get_opt("cohort-operator").await.unwrap();
+        let holder = lease.and_then(|l| l.spec).and_then(|s| s.holder_identity);
+        if holder.as_deref() == Some(identity) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{identity} not holding the Lease within {WAIT:?} ({holder:?} does)"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Whether a Braze request came from `identity` (each replica names itself in its User-Agent).
+fn from(request: &braze_sandbox::RequestRecord, identity: &str) -> bool {
+    request.user_agent.as_deref().is_some_and(|ua| ua.ends_with(&format!("({identity})")))
+}
+
+#[tokio::test]
+async fn a_leader_frozen_past_its_deadline_sends_nothing_to_braze_after_it_resumes() {
+    let env = Env::new("ctl-sigstop").await;
+    env.put_members(&ids(0..6000)).await;
+    let a = ReplicaProcess::start(&env, "replica-a");
+    wait_for_holder(&env, "replica-a").await;
+    let b = ReplicaProcess::start(&env, "replica-b");
+
+    // A runs an import against a slow Braze: requests are on the wire when it freezes.
+    env.sandbox.set_faults(Faults { latency_ms: 400, ..Faults::default() });
+    env.create(env.import("frozen", "frozen", json!({ "cadence": "Once" }))).await;
+    wait_until("A sending members to Braze", || env.sandbox.stats().users_requests >= 1).await;
+    a.signal(libc::SIGSTOP);
+
+    // Frozen past its deadline: B takes the Lease, and A is resumed only then.
+    wait_for_holder(&env, "replica-b").await;
+    let resumed_after = env.sandbox.stats().requests;
+    a.signal(libc::SIGCONT);
+
+    // A finds its fence closed by the clock, steps down and exits; B finishes the run.
+    let mut a = a;
+    let exit = tokio::time::timeout(WAIT, a.child.wait()).await.expect("A exits after losing its Lease").unwrap();
+    assert!(!exit.success(), "A reports the lost Lease: {exit}");
+    let status = env.wait_runs("frozen", 1).await.status.unwrap();
+    let record = &status.history[0];
+    assert_eq!(record.result, RunResult::Succeeded, "{}", record.message);
+    assert_eq!(env.members("frozen"), set(&ids(0..6000)), "Braze equals the source");
+
+    let requests = env.sandbox.requests();
+    let (before, after): (Vec<_>, Vec<_>) = requests.iter().partition(|r| r.arrival <= resumed_after);
+    assert!(before.iter().any(|r| from(r, "replica-a")), "A sent before it froze: {before:?}");
+    assert!(after.iter().any(|r| from(r, "replica-b")), "B sent the rest: {after:?}");
+    let late: Vec<_> = after.iter().filter(|r| !from(r, "replica-b")).collect();
+    assert!(late.is_empty(), "requests reached Braze after A resumed, not from B: {late:?}");
+    drop(b);
 }

@@ -281,3 +281,53 @@ async fn two_namespaces_with_trickling_exports_do_not_delay_a_third() {
     }
     operator.stop().await;
 }
+
+/// One run slot in all; workspace A's budget allows one request every 2 s. A's run waits for
+/// budget between its requests — and gives its slot away meanwhile, so workspace B's import
+/// starts, runs and finishes while A's run is still going.
+#[tokio::test]
+async fn a_throttled_workspace_does_not_delay_another_workspaces_run_start() {
+    use cohort_operator::braze::{BrazeClient, BrazeClientConfig, BudgetConfig, Budgets};
+    use cohort_operator::controller::pipeline::{PipelineImporter, SnapshotStoreKind};
+    let env = Env::new("ctl-throttled").await;
+    env.sandbox.set_data_import_keys(vec![
+        DataImportKey { key: IMPORT_KEY.into(), partners: vec![] },
+        DataImportKey { key: OTHER_KEY.into(), partners: vec![] },
+    ]);
+    env.put_members(&ids(0..6000)).await;
+    env.put_secret("braze-b", "data-import-key", OTHER_KEY).await;
+    let few = json!({ "apiVersion": "v1", "kind": "ConfigMap", "metadata": { "name": "few" },
+                      "data": { "ids": ids(0..3).join("\n") } });
+    apply::<ConfigMap>(&env, &env.ns, "few", few).await;
+    // Every destination: 1,800 requests an hour (one per 2 s), two at once.
+    let budgets = Budgets::new(BudgetConfig { requests_per_hour: 1800, burst: 2, ..BudgetConfig::default() });
+    let braze = BrazeClient::new(BrazeClientConfig::default()).unwrap().with_budgets(std::sync::Arc::new(budgets));
+    let importer =
+        PipelineImporter::new(env.client.clone(), braze, SnapshotStoreKind::Cluster, env.scratch.path().to_owned());
+    let config = Config { max_concurrent_runs: 1, ..env.config() };
+    let operator = env.start_importing(config, None, std::sync::Arc::new(importer)).await;
+
+    // A: 6,000 members, so a naming and six membership requests: ten seconds of budget.
+    env.create(env.import("throttled", "throttled", json!({ "cadence": "Once" }))).await;
+    wait_until("A's run sending", || env.sandbox.stats().users_requests >= 1).await;
+
+    // B, another workspace with three members: two requests, within its own budget.
+    let mut doc = env.import("other", "other", json!({ "cadence": "Once" }));
+    doc["spec"]["destination"]["braze"]["dataImportKeySecretRef"]["name"] = json!("braze-b");
+    doc["spec"]["source"]["configMap"]["name"] = json!("few");
+    env.create(doc).await;
+    let other = env.wait_runs("other", 1).await.status.unwrap();
+    assert_eq!(other.history[0].result, RunResult::Succeeded, "{}", other.history[0].message);
+    let throttled = env.get("throttled").await.status.unwrap();
+    assert!(
+        throttled.current_run.is_some() && throttled.history.is_empty(),
+        "B ran while A's run was still waiting for its budget"
+    );
+    assert_eq!(env.members("other"), set(&ids(0..3)));
+
+    // A takes its slot back and finishes: nothing lost.
+    let status = env.wait_runs("throttled", 1).await.status.unwrap();
+    assert_eq!(status.history[0].result, RunResult::Succeeded, "{}", status.history[0].message);
+    assert_eq!(env.members("throttled"), set(&ids(0..6000)));
+    operator.stop().await;
+}

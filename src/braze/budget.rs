@@ -6,10 +6,16 @@
 //! destination — REST endpoint + partner + workspace — first takes a token from that
 //! destination's bucket, and waits its turn (first come, first served) when there is none.
 //!
-//! The bucket refills at the configured rate up to its burst, and listens to Braze: a
-//! response's `x-ratelimit-remaining` / `x-ratelimit-reset` slow it down to what is left of
-//! Braze's window (never speed it up), `remaining: 0` or a 429 close it until the reset
-//! (or `Retry-After`), and a 429 without either closes it for a backoff.
+//! Braze counts its limit per hour, so the bucket holds the hour's budget (the default
+//! burst is the hourly limit): a destination spends what Braze allows at once instead of
+//! being smoothed to the hourly average, and refills at that average. It listens to Braze:
+//! a response's `x-ratelimit-remaining` lowers the tokens to Braze's count (this process's
+//! share of it, with shards) when another sender spent part of the window, never raises
+//! them above the operator's own budget; when less than a tenth of the limit is left, what
+//! is left is spread over what is left of Braze's window (`x-ratelimit-reset`) — polite,
+//! not bursting to the last request; `remaining: 0` or a 429 close it until the reset (or
+//! `Retry-After`), and a 429 without either closes it for a backoff. Fairness between
+//! imports is the queue's (first come, first served), not a slower rate for everyone.
 //!
 //! The workspace is known by a keyed one-way hash of its data import key (the key never
 //! leaves the [`crate::secret::SecretString`]); the hash key is random per process.
@@ -19,7 +25,9 @@
 //! tested with a clock the tests control.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::hash::{BuildHasher, RandomState};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -36,8 +44,11 @@ pub const BRAZE_REQUESTS_PER_HOUR: u32 = 250_000;
 pub struct BudgetConfig {
     /// Sustained requests per hour per destination.
     pub requests_per_hour: u32,
-    /// Requests that may go at once after a quiet spell.
+    /// Requests that may go at once after a quiet spell: by default the hour's budget.
     pub burst: u32,
+    /// Operators that share each destination's budget (the shards); this one takes
+    /// 1/`shards` of it ([`Self::shared_by`]), and of what Braze says is left.
+    pub shards: u32,
     /// Longest one request waits for budget; past it the run stops (`RateLimited`) and
     /// the next run sends the rest. The run's own end (stopped, lost Lease) ends it sooner.
     pub max_wait: Duration,
@@ -47,9 +58,9 @@ impl Default for BudgetConfig {
     fn default() -> Self {
         Self {
             requests_per_hour: BRAZE_REQUESTS_PER_HOUR,
-            // About 7 s of the hourly rate: small against the hour, enough for a run's
-            // first requests to go without waiting.
-            burst: 500,
+            // The hour's budget: Braze counts per hour, so what it allows may go at once.
+            burst: BRAZE_REQUESTS_PER_HOUR,
+            shards: 1,
             // Braze's window is an hour: no honest wait is longer.
             max_wait: Duration::from_secs(3600),
         }
@@ -71,6 +82,15 @@ impl BudgetConfig {
     fn per_second(&self) -> f64 {
         f64::from(self.requests_per_hour) / 3600.0
     }
+
+    /// This process's share when `shards` operators (one per shard) send to the same
+    /// destinations: 1/N of the rate and of the burst (at least one request), so that all
+    /// shards together stay within the budget.
+    pub fn shared_by(self, shards: usize) -> Self {
+        let n = u32::try_from(shards.max(1)).unwrap_or(u32::MAX);
+        let (requests_per_hour, burst) = ((self.requests_per_hour / n).max(1), (self.burst / n).max(1));
+        Self { requests_per_hour, burst, shards: n, ..self }
+    }
 }
 
 /// What one Braze answer says about the limit.
@@ -80,6 +100,8 @@ pub struct LimitSignal {
     pub limited: bool,
     /// `x-ratelimit-remaining`.
     pub remaining: Option<u64>,
+    /// `x-ratelimit-limit`: the window's whole budget.
+    pub limit: Option<u64>,
     /// Until `x-ratelimit-reset`, or `Retry-After` on a 429.
     pub reset_in: Option<Duration>,
 }
@@ -90,12 +112,16 @@ impl LimitSignal {
         let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
         let limited = status == 429;
         let remaining = text("x-ratelimit-remaining").and_then(|v| v.trim().parse().ok());
+        let limit = text("x-ratelimit-limit").and_then(|v| v.trim().parse().ok()).filter(|l| *l > 0);
         let reset = server_wait_hint(None, text("x-ratelimit-reset"), now);
         // Braze documents no Retry-After; honoured on a 429 when present.
         let retry_after = if limited { server_wait_hint(text("retry-after"), None, now) } else { None };
-        Self { limited, remaining, reset_in: retry_after.max(reset) }
+        Self { limited, remaining, limit, reset_in: retry_after.max(reset) }
     }
 }
+
+/// Below this share of Braze's limit left in its window, the bucket paces what is left.
+const POLITE_BELOW: f64 = 0.1;
 
 /// A token bucket that Braze's answers can slow down or close. Pure: every call takes the
 /// time, so tests drive it with instants of their own.
@@ -111,6 +137,8 @@ pub struct TokenBucket {
     capped: Option<(f64, Instant)>,
     /// 429s without a reset in a row, for the backoff of the next one.
     blind_429s: u32,
+    /// This process's part of what Braze says is left (1/shards).
+    share: f64,
 }
 
 impl TokenBucket {
@@ -124,6 +152,7 @@ impl TokenBucket {
             closed_until: None,
             capped: None,
             blind_429s: 0,
+            share: 1.0 / f64::from(config.shards.max(1)),
         }
     }
 
@@ -163,6 +192,14 @@ impl TokenBucket {
         Err(now + Duration::from_secs_f64(missing / self.rate(now)))
     }
 
+    /// Whether the bucket holds nothing a new one would not (full, open, uncapped, no 429s
+    /// in a row) at `now`: then it may be dropped and made again on next use.
+    pub fn at_rest(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        let capped = self.capped.is_some_and(|(_, until)| now < until);
+        self.closed_until.is_none() && !capped && self.blind_429s == 0 && self.tokens >= self.burst
+    }
+
     /// Closes the bucket until `until`: nothing goes before, and it refills from empty.
     pub fn close_until(&mut self, until: Instant) {
         self.tokens = 0.0;
@@ -190,14 +227,26 @@ impl TokenBucket {
         self.blind_429s = 0;
         match (signal.remaining, signal.reset_in) {
             (Some(0), Some(wait)) => self.close_until(now + wait),
-            (Some(remaining), reset) => {
-                self.tokens = self.tokens.min(remaining as f64);
-                if let Some(wait) = reset.filter(|w| !w.is_zero()) {
-                    // What is left, spread over what is left of Braze's window.
-                    self.capped = Some((remaining as f64 / wait.as_secs_f64(), now + wait));
-                }
-            }
+            (Some(remaining), reset) => self.calibrate(remaining as f64, reset, signal.limit, now),
             (None, _) => {}
+        }
+    }
+
+    /// Braze says `remaining` are left of its window's `limit` until `reset`; this process
+    /// counts its share of them.
+    fn calibrate(&mut self, remaining: f64, reset: Option<Duration>, limit: Option<u64>, now: Instant) {
+        let limit = limit.map_or(self.per_second * 3600.0 / self.share, |l| l as f64);
+        let low = remaining < POLITE_BELOW * limit;
+        let remaining = remaining * self.share;
+        match reset.filter(|w| !w.is_zero()) {
+            // Little left: what is left, spread over what is left of Braze's window.
+            Some(wait) if low => {
+                self.tokens = self.tokens.min(remaining);
+                self.capped = Some((remaining / wait.as_secs_f64(), now + wait));
+            }
+            // Otherwise Braze's count only lowers what this process may still send (another
+            // sender on the workspace): never above the operator's own budget.
+            _ => self.tokens = self.tokens.min(remaining),
         }
     }
 }
@@ -235,6 +284,54 @@ impl Budget {
     pub fn observe(&self, signal: LimitSignal, backoff: impl FnOnce(u32) -> Duration) {
         self.bucket().observe(signal, Instant::now(), backoff);
     }
+
+    fn at_rest(&self, now: Instant) -> bool {
+        self.bucket().at_rest(now)
+    }
+}
+
+/// A run's admission slot as its Braze requests see it (see [`holding`]).
+pub trait SlotHolder: Send + Sync {
+    /// Gives the run's slot to another run, if it still holds it.
+    fn hand_over(&self);
+    /// Takes the slot back, waiting for it as a run waiting to start does.
+    fn take_back(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+}
+
+tokio::task_local! {
+    static SLOT: Arc<dyn SlotHolder>;
+}
+
+/// A wait for budget longer than this is not pacing but throttling: the run gives its slot
+/// away until its request has a token.
+pub const HAND_OVER_AFTER: Duration = Duration::from_millis(500);
+
+/// Runs `work` — one run, in one task — with `slot` as the admission slot its Braze requests
+/// give away while they wait long for budget: runs of a throttled destination then do not
+/// hold slots that runs of every other destination could use.
+pub async fn holding<F: Future>(slot: Arc<dyn SlotHolder>, work: F) -> F::Output {
+    SLOT.scope(slot, work).await
+}
+
+impl Budget {
+    /// [`Self::acquire`], giving the run's slot away ([`holding`]) once the wait passes
+    /// [`HAND_OVER_AFTER`], and taking it back once the token is there. Returns the wait
+    /// for the token.
+    pub async fn acquire_handing_over(&self) -> Duration {
+        let acquire = self.acquire();
+        tokio::pin!(acquire);
+        tokio::select! {
+            waited = &mut acquire => return waited,
+            () = tokio::time::sleep(HAND_OVER_AFTER) => {}
+        }
+        let Ok(slot) = SLOT.try_with(Arc::clone) else {
+            return acquire.await;
+        };
+        slot.hand_over();
+        let waited = acquire.await;
+        slot.take_back().await;
+        waited
+    }
 }
 
 /// Told of every wait for budget (the operator's metrics).
@@ -256,9 +353,19 @@ pub struct Budgets {
     config: BudgetConfig,
     /// Keyed per process: a workspace hash means nothing outside it.
     hasher: RandomState,
-    budgets: Mutex<HashMap<Destination, Arc<Budget>>>,
+    budgets: Mutex<Entries>,
     observer: Option<Arc<dyn BudgetObserver>>,
 }
+
+/// The destinations' budgets, and the size at which idle ones are next looked for.
+#[derive(Default)]
+struct Entries {
+    by_destination: HashMap<Destination, Arc<Budget>>,
+    prune_at: usize,
+}
+
+/// Below this many destinations the map is not pruned.
+const PRUNE_FROM: usize = 64;
 
 impl std::fmt::Debug for Budgets {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -288,10 +395,30 @@ impl Budgets {
         }
     }
 
-    /// The destination's budget, created full on first use.
+    /// The destination's budget, created full on first use. Idle budgets — in no request's
+    /// hands and holding nothing a new one would not ([`TokenBucket::at_rest`]) — are dropped
+    /// as the map grows (each time it doubles), so destinations that come and go (workspaces
+    /// of deleted imports, rotated keys) do not pile up.
     pub fn get(&self, destination: Destination) -> Arc<Budget> {
-        let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
-        budgets.entry(destination).or_insert_with(|| Arc::new(Budget::new(&self.config))).clone()
+        self.get_at(destination, Instant::now())
+    }
+
+    fn get_at(&self, destination: Destination, now: Instant) -> Arc<Budget> {
+        let mut entries = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
+        if entries.by_destination.len() >= entries.prune_at.max(PRUNE_FROM) {
+            entries.by_destination.retain(|_, budget| Arc::strong_count(budget) > 1 || !budget.at_rest(now));
+            entries.prune_at = entries.by_destination.len() * 2;
+        }
+        entries.by_destination.entry(destination).or_insert_with(|| Arc::new(Budget::new(&self.config))).clone()
+    }
+
+    /// Destinations with a budget in memory.
+    pub fn len(&self) -> usize {
+        self.budgets.lock().unwrap_or_else(|e| e.into_inner()).by_destination.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     pub(super) fn waited(&self, wait: Duration) {
@@ -356,7 +483,8 @@ mod tests {
     fn remaining_zero_closes_until_the_reset_and_refills_from_empty() {
         let t0 = Instant::now();
         let mut bucket = TokenBucket::new(&config(3600, 5), t0);
-        let signal = LimitSignal { limited: false, remaining: Some(0), reset_in: Some(Duration::from_secs(30)) };
+        let signal =
+            LimitSignal { limited: false, remaining: Some(0), reset_in: Some(Duration::from_secs(30)), limit: None };
         bucket.observe(signal, t0, no_backoff);
         let reset = t0 + Duration::from_secs(30);
         assert_eq!(bucket.take(t0 + ms(10)), Err(reset));
@@ -368,7 +496,8 @@ mod tests {
     fn a_429_closes_until_its_reset_or_retry_after_and_a_blind_one_backs_off() {
         let t0 = Instant::now();
         let mut bucket = TokenBucket::new(&config(3600, 5), t0);
-        let limited = LimitSignal { limited: true, remaining: None, reset_in: Some(Duration::from_secs(7)) };
+        let limited =
+            LimitSignal { limited: true, remaining: None, reset_in: Some(Duration::from_secs(7)), limit: None };
         bucket.observe(limited, t0, no_backoff);
         assert_eq!(bucket.take(t0), Err(t0 + Duration::from_secs(7)));
         // A later, shorter close does not reopen it early.
@@ -377,7 +506,7 @@ mod tests {
         assert_eq!(bucket.take(t0 + ms(200)), Err(t0 + Duration::from_secs(7)));
 
         let mut bucket = TokenBucket::new(&config(3600, 5), t0);
-        let blind = LimitSignal { limited: true, remaining: None, reset_in: None };
+        let blind = LimitSignal { limited: true, remaining: None, reset_in: None, limit: None };
         let mut seen = Vec::new();
         for _ in 0..3 {
             bucket.observe(blind, t0, |n| {
@@ -394,7 +523,8 @@ mod tests {
         let t0 = Instant::now();
         // 36,000 an hour = 10 a second; Braze says 10 left for the next 10 s: 1 a second.
         let mut bucket = TokenBucket::new(&config(36_000, 5), t0);
-        let signal = LimitSignal { limited: false, remaining: Some(10), reset_in: Some(Duration::from_secs(10)) };
+        let signal =
+            LimitSignal { limited: false, remaining: Some(10), reset_in: Some(Duration::from_secs(10)), limit: None };
         bucket.observe(signal, t0, no_backoff);
         for _ in 0..5 {
             assert_eq!(bucket.take(t0), Ok(()));
@@ -407,9 +537,48 @@ mod tests {
         }
         assert_eq!(bucket.take(after), Err(after + ms(100)));
         // Plenty remaining changes nothing.
-        let plenty = LimitSignal { limited: false, remaining: Some(1_000_000), reset_in: Some(Duration::from_secs(1)) };
+        let plenty = LimitSignal {
+            remaining: Some(1_000_000),
+            reset_in: Some(Duration::from_secs(1)),
+            ..LimitSignal::default()
+        };
         bucket.observe(plenty, after, no_backoff);
         assert_eq!(bucket.take(after), Err(after + ms(100)));
+    }
+
+    #[test]
+    fn the_hours_budget_goes_at_once_and_brazes_count_calibrates_it() {
+        let t0 = Instant::now();
+        let mut bucket = TokenBucket::new(&BudgetConfig::default(), t0);
+        // A 1,000,000-member first import: 1,000 requests, none waits.
+        for _ in 0..1000 {
+            assert_eq!(bucket.take(t0), Ok(()));
+        }
+        assert_eq!(bucket.tokens, 249_000.0);
+        // Braze counts more sent (another sender on the workspace): its count wins.
+        let hour = Some(Duration::from_secs(3000));
+        let said = |remaining| LimitSignal {
+            remaining: Some(remaining),
+            limit: Some(250_000),
+            reset_in: hour,
+            ..LimitSignal::default()
+        };
+        bucket.observe(said(100_000), t0, no_backoff);
+        assert_eq!(bucket.tokens, 100_000.0);
+        // More left than this process's own budget: never raised above it.
+        bucket.observe(said(240_000), t0, no_backoff);
+        assert_eq!(bucket.tokens, 100_000.0);
+        assert_eq!(bucket.rate(t0), bucket.per_second, "plenty left: no pacing");
+        // Low (under a tenth of the limit): what is left, paced over what is left of the window.
+        bucket.observe(said(3_000), t0, no_backoff);
+        assert_eq!(bucket.tokens, 3_000.0);
+        assert_eq!(bucket.rate(t0), 1.0, "3,000 over 3,000 s");
+        // A shard counts its share of what Braze says is left.
+        let mut share = TokenBucket::new(&BudgetConfig::default().shared_by(4), t0);
+        share.observe(said(240_000), t0, no_backoff);
+        assert_eq!(share.tokens, 60_000.0, "a quarter of what is left");
+        share.observe(said(24_000), t0, no_backoff);
+        assert_eq!((share.tokens, share.rate(t0)), (6_000.0, 2.0), "low: its quarter, paced");
     }
 
     #[test]
@@ -431,12 +600,17 @@ mod tests {
         headers.insert("x-ratelimit-reset", (now.as_second() + 20).to_string().parse().unwrap());
         headers.insert("retry-after", "45".parse().unwrap());
         let ok = LimitSignal::read(201, &headers, now);
-        assert_eq!(ok, LimitSignal { limited: false, remaining: Some(17), reset_in: Some(Duration::from_secs(20)) });
+        let read = LimitSignal {
+            remaining: Some(17),
+            limit: Some(600),
+            reset_in: Some(Duration::from_secs(20)),
+            limited: false,
+        };
+        assert_eq!(ok, read);
         let limited = LimitSignal::read(429, &headers, now);
-        let expected = LimitSignal { limited: true, remaining: Some(17), reset_in: Some(Duration::from_secs(45)) };
-        assert_eq!(limited, expected);
+        assert_eq!(limited, LimitSignal { limited: true, reset_in: Some(Duration::from_secs(45)), ..read });
         let bare = LimitSignal::read(429, &HeaderMap::new(), now);
-        assert_eq!(bare, LimitSignal { limited: true, remaining: None, reset_in: None });
+        assert_eq!(bare, LimitSignal { limited: true, ..LimitSignal::default() });
         headers.insert("x-ratelimit-remaining", "many".parse().unwrap());
         assert_eq!(LimitSignal::read(200, &headers, now).remaining, None);
     }
@@ -489,5 +663,77 @@ mod tests {
         assert_eq!(*order.lock().unwrap(), [0, 1, 2, 3, 4]);
         assert!(waits[0] < ms(20), "{waits:?}");
         assert!(waits[4] >= ms(190), "{waits:?}");
+    }
+
+    #[test]
+    fn each_shard_takes_its_share_and_all_together_stay_within_the_budget() {
+        let whole = BudgetConfig::default();
+        let third = whole.clone().shared_by(3);
+        assert_eq!((third.requests_per_hour, third.burst), (83_333, 83_333));
+        assert!(third.requests_per_hour * 3 <= whole.requests_per_hour && third.burst * 3 <= whole.burst);
+        assert_eq!(whole.clone().shared_by(1), whole);
+        assert_eq!(whole.clone().shared_by(0), whole, "no shards: the whole budget");
+        let tiny = config(2, 1).shared_by(5);
+        assert_eq!((tiny.requests_per_hour, tiny.burst), (1, 1), "never below one request");
+        assert!(tiny.validate().is_ok());
+    }
+
+    #[test]
+    fn idle_budgets_are_dropped_as_the_map_grows_and_busy_ones_kept() {
+        let budgets = Budgets::new(config(3600, 2));
+        let get = |name: &str, at| budgets.get_at(budgets.destination("https://a", "p", name), at);
+        let t0 = Instant::now();
+        let busy = get("held", t0);
+        get("used", t0).bucket().take(t0).unwrap();
+        let closed =
+            LimitSignal { limited: true, remaining: None, reset_in: Some(Duration::from_secs(600)), limit: None };
+        get("throttled", t0).bucket().observe(closed, t0, no_backoff);
+        for i in 3..PRUNE_FROM {
+            get(&format!("gone-{i}"), t0);
+        }
+        assert_eq!(budgets.len(), PRUNE_FROM, "nothing is dropped below the threshold");
+        // Next use at the threshold: every idle, full budget goes; the one in use, the one
+        // refilling and the one Braze closed stay (each holds what a new one would not).
+        get("new", t0);
+        assert_eq!(budgets.len(), 4);
+        // Refilled and reopened later, they go at the next pruning too; the one held stays.
+        let later = t0 + Duration::from_secs(700);
+        for i in 0..PRUNE_FROM {
+            get(&format!("again-{i}"), later);
+        }
+        // Pruned when the 61st was asked for (64 in the map): the held one stayed, 4 came after.
+        assert_eq!(budgets.len(), 5);
+        assert!(Arc::ptr_eq(&busy, &get("held", later)), "the budget in use was kept");
+    }
+
+    /// Records what a run's slot was told.
+    #[derive(Default)]
+    struct Slot(Mutex<Vec<&'static str>>);
+
+    impl SlotHolder for Slot {
+        fn hand_over(&self) {
+            self.0.lock().unwrap().push("handed over");
+        }
+
+        fn take_back(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+            Box::pin(async move { self.0.lock().unwrap().push("taken back") })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_long_wait_for_budget_gives_the_runs_slot_away_until_the_token_comes() {
+        // One a second, burst 1: the first token at once, the second a second later.
+        let budget = Budget::new(&config(3600, 1));
+        let slot = Arc::new(Slot::default());
+        let (short, long) = holding(slot.clone(), async {
+            let short = budget.acquire_handing_over().await;
+            assert!(slot.0.lock().unwrap().is_empty(), "no wait, nothing handed over");
+            (short, budget.acquire_handing_over().await)
+        })
+        .await;
+        assert!(short < HAND_OVER_AFTER && long > HAND_OVER_AFTER, "{short:?} {long:?}");
+        assert_eq!(*slot.0.lock().unwrap(), ["handed over", "taken back"]);
+        // Outside a run (no slot): the same wait, nothing to hand over.
+        assert!(budget.acquire_handing_over().await > HAND_OVER_AFTER);
     }
 }

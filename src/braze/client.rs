@@ -18,7 +18,7 @@ use super::budget::{Budget, BudgetConfig, Budgets, LimitSignal};
 use super::error::{BrazeError, TransientFailure, UnauthorizedReason};
 use super::retry::{Disposition, RetryDelay, RetryPolicy, classify, is_rate_limited, server_wait_hint};
 use super::wire::{self, NameBody, READ_BODY_BYTES, ResponseText, UsersBody};
-use crate::fence::Fence;
+use crate::fence::{Fence, Fenced};
 use crate::net::HttpClient;
 use crate::net::egress::{EgressPolicy, denied_in};
 use crate::secret::{SecretString, error_chain, redact};
@@ -37,6 +37,9 @@ pub struct BrazeClientConfig {
     /// Where requests may go: the operator's egress policy. `restEndpoint` is a tenant's to
     /// write, so it is held to the same rules as a source URL.
     pub egress: Arc<EgressPolicy>,
+    /// This replica (its `--identity`, the pod name), named in the `User-Agent`: which
+    /// replica sent a request is then plain in Braze's (and a sandbox's) logs.
+    pub instance: Option<String>,
 }
 
 impl Default for BrazeClientConfig {
@@ -48,6 +51,7 @@ impl Default for BrazeClientConfig {
             connect_timeout: Duration::from_secs(10),
             retry: RetryPolicy::default(),
             egress: EgressPolicy::shared_default(),
+            instance: None,
         }
     }
 }
@@ -284,6 +288,7 @@ impl BrazeClient {
     pub fn new(config: BrazeClientConfig) -> Result<Self, BrazeError> {
         // A redirected POST turns into a GET: no redirect is followed (the 3xx is reported).
         let http = HttpClient::builder(&config.egress)
+            .user_agent(user_agent(config.instance.as_deref()))
             .connect_timeout(config.connect_timeout)
             .pool_max_idle_per_host(config.max_in_flight.max(1))
             .build()
@@ -330,7 +335,7 @@ impl BrazeClient {
         run.start_waiting();
         let _waiting = Waiting(run);
         let waited = tokio::select! {
-            waited = budget.acquire() => Ok(waited),
+            waited = budget.acquire_handing_over() => Ok(waited),
             () = tokio::time::sleep(max_wait) => Err(BrazeError::RateLimited { wait: max_wait, max_wait }),
             _ = stop.wait_for(|stopped| *stopped) => return Err(BrazeError::Abandoned),
         };
@@ -526,14 +531,21 @@ impl BrazeClient {
         (batch, outcome)
     }
 
+    /// One attempt's request. Its body goes to the connection only while the fence is open
+    /// ([`Fence::body`]): checked again once the connection is made and ready to write.
+    fn request(&self, url: &Url, body: &bytes::Bytes) -> Request {
+        let mut request = Request::new(reqwest::Method::POST, url.clone());
+        request.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        *request.timeout_mut() = Some(self.config.request_timeout);
+        *request.body_mut() = Some(self.fence.body(body.clone()));
+        request
+    }
+
     /// Sends one request until it is accepted, fails for good, or retrying must stop.
     async fn execute(&self, target: &CohortTarget, url: Url, body: Vec<u8>, run: &RunState, seq: u64) -> Attempted {
         let secrets = target.secrets();
         let policy = &self.config.retry;
-        let mut request = Request::new(reqwest::Method::POST, url);
-        request.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        *request.timeout_mut() = Some(self.config.request_timeout);
-        *request.body_mut() = Some(body.into());
+        let body = bytes::Bytes::from(body);
         let mut stop = run.stop.subscribe();
         let budget = self.budget(target);
         let mut attempts = 0;
@@ -556,8 +568,7 @@ impl BrazeClient {
                 return Attempted { attempts, status, response, error: Some(fenced.into()), budget_wait: waited };
             }
             attempts += 1;
-            let this = request.try_clone().expect("an in-memory body can be cloned");
-            let sending = match self.http.execute(this) {
+            let sending = match self.http.execute(self.request(&url, &body)) {
                 Ok(sending) => sending,
                 Err(denied) => {
                     let error = Some(BrazeError::EgressDenied(denied.to_string()));
@@ -637,6 +648,17 @@ impl BrazeClient {
                         budget_wait: waited,
                     };
                 }
+                // Refused at the wire: the fence closed before the body was handed over.
+                Err(_) if !self.fence.is_open() => {
+                    let error = Some(Fenced.into());
+                    return Attempted {
+                        attempts,
+                        status: None,
+                        response: ResponseText::default(),
+                        error,
+                        budget_wait: waited,
+                    };
+                }
                 Err(e) if e.is_timeout() => {
                     run.timeouts.fetch_add(1, Ordering::Relaxed);
                     (None, ResponseText::default(), TransientFailure::Timeout(self.config.request_timeout), None)
@@ -691,6 +713,19 @@ impl BrazeClient {
                 _ = stop.wait_for(|stopped| *stopped) => return give_up(BrazeError::Abandoned),
             }
         }
+    }
+}
+
+/// `cohort-operator/<version>`, with ` (<instance>)` when it is a plain name (a pod name
+/// is); anything else is left out rather than put in a header.
+fn user_agent(instance: Option<&str>) -> String {
+    let product = concat!("cohort-operator/", env!("CARGO_PKG_VERSION"));
+    let plain = |name: &&str| {
+        !name.is_empty() && name.len() <= 253 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+    };
+    match instance.filter(plain) {
+        Some(name) => format!("{product} ({name})"),
+        None => product.to_owned(),
     }
 }
 

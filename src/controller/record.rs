@@ -377,37 +377,43 @@ fn notice(import: &CohortImport, end: &RunEnd, recorded: &Recorded) -> Option<Ru
 }
 
 /// Sends the run report in a task of its own, bounded in time; a failure becomes an Event
-/// and `.status.lastNotificationError`, never the run's result.
+/// and `.status.lastNotificationError`, never the run's result. The task is one of this
+/// leadership's: stopped when the Lease is lost, and dropped at the fence's deadline.
 fn send_report(ctx: &Arc<Context>, import: &CohortImport, end: &RunEnd, recorded: &Recorded) {
     let Some(notice) = notice(import, end, recorded) else {
         return;
     };
-    let ctx = ctx.clone();
-    let import = import.clone();
     let span = info_span!("notify", run_id = %notice.run_id);
-    tokio::spawn(
-        async move {
-            let note = match deliver(&ctx, &import, &notice).await {
-                Ok(()) => None,
-                Err(message) => {
-                    warn!(error = %message, "run report not sent");
-                    ctx.metrics.notification_failures.inc();
-                    let note = format!("Run {}: {message}", notice.run_id);
-                    ctx.events.warning(&import, event::NOTIFICATION_FAILED, "Notify", note).await;
-                    Some(crate::run::report::truncate(format!("run {}: {message}", notice.run_id), 512))
-                }
-            };
-            update_status(&ctx, &import, |status| {
-                if status.last_notification_error == note {
-                    return false;
-                }
-                status.last_notification_error = note.clone();
-                true
-            })
-            .await;
+    let fence = ctx.config.fence.clone();
+    let report = report_task(ctx.clone(), import.clone(), notice);
+    let fenced = async move {
+        if fence.bounded(report).await.is_err() {
+            warn!("run report dropped: this replica no longer holds its Lease (no other replica sends it)");
         }
-        .instrument(span),
-    );
+    };
+    ctx.runs.spawn_side(fenced.instrument(span));
+}
+
+/// Delivers `notice` and records how it went in status.
+async fn report_task(ctx: Arc<Context>, import: CohortImport, notice: RunNotice) {
+    let note = match deliver(&ctx, &import, &notice).await {
+        Ok(()) => None,
+        Err(message) => {
+            warn!(error = %message, "run report not sent");
+            ctx.metrics.notification_failures.inc();
+            let note = format!("Run {}: {message}", notice.run_id);
+            ctx.events.warning(&import, event::NOTIFICATION_FAILED, "Notify", note).await;
+            Some(crate::run::report::truncate(format!("run {}: {message}", notice.run_id), 512))
+        }
+    };
+    update_status(&ctx, &import, |status| {
+        if status.last_notification_error == note {
+            return false;
+        }
+        status.last_notification_error = note.clone();
+        true
+    })
+    .await;
 }
 
 /// Sends `notice` to every channel the import names, within the configured time.

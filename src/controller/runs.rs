@@ -4,6 +4,8 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,11 +17,13 @@ use tokio::task::AbortHandle;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use super::Context;
+use super::admission::{Admission, Admitted};
 use super::events::reason as event;
 use super::record::{self, Crash, RunEnd};
 use super::secrets;
 use super::status::{self, Written};
 use crate::api::{CohortImport, CohortImportStatus, CurrentRun, RunTrigger};
+use crate::braze::budget::{self, SlotHolder};
 use crate::domain::validate::ValidSpec;
 
 /// The runs this replica has in progress.
@@ -29,6 +33,9 @@ pub struct RunRegistry {
     /// The last run of each import whose end is recorded in status: a copy of the import
     /// still showing it as current is stale, not an interrupted run.
     recorded: Mutex<HashMap<ObjectRef<CohortImport>, String>>,
+    /// Other work of this leadership in tasks of its own (run reports, hand-overs between
+    /// shards): stopped with the runs when the Lease is lost.
+    side_tasks: Mutex<Vec<AbortHandle>>,
 }
 
 impl RunRegistry {
@@ -90,6 +97,17 @@ impl RunRegistry {
         for (_, (_, handle)) in self.lock().drain() {
             handle.abort();
         }
+        for handle in self.side_tasks.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            handle.abort();
+        }
+    }
+
+    /// Spawns `task`, to be stopped with the runs ([`AbortRunsOnDrop`]): nothing this
+    /// leadership started goes on after it ends.
+    pub(super) fn spawn_side(&self, task: impl Future<Output = ()> + Send + 'static) {
+        let mut tasks = self.side_tasks.lock().unwrap_or_else(|e| e.into_inner());
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(tokio::spawn(task).abort_handle());
     }
 }
 
@@ -138,8 +156,12 @@ async fn execute(ctx: Arc<Context>, import: Arc<CohortImport>, spec: ValidSpec, 
     // registry and the import is reconciled, so that the next trigger can run.
     let reference = ObjectRef::from_obj(import.as_ref());
     let _deregister = Deregister { ctx: ctx.clone(), import: reference.clone(), run_id: run.id.clone() };
-    // Busy minutes: runs take turns by namespace for the slots (admission).
-    let _slot = ctx.admission.admit(&import.namespace().unwrap_or_default()).await;
+    // Busy minutes: runs take turns by namespace for the slots (admission). The slot is
+    // given away while the run's Braze requests wait long for budget (a throttled workspace).
+    let namespace = import.namespace().unwrap_or_default();
+    let admitted = ctx.admission.admit(&namespace).await;
+    let slot = Arc::new(RunSlot::new(ctx.admission.clone(), namespace, admitted));
+    let _slot = ReleaseOnDrop(slot.clone());
     let waited = ctx.clock.now().duration_since(due);
     ctx.metrics.run_admitted(ctx.shard_name(), waited.as_secs_f64().max(0.0));
     // Sharded: the import may have moved to another shard meanwhile; that shard runs it.
@@ -157,7 +179,7 @@ async fn execute(ctx: Arc<Context>, import: Arc<CohortImport>, spec: ValidSpec, 
     let attempt = async {
         let keys = secrets::braze_keys(&ctx.client, &namespace, braze, &ctx.config.partner_keys).await?;
         workspace = Some(super::conflict::workspace_of(keys.data_import_key.expose()));
-        Ok::<_, secrets::KeyError>(supervised(&ctx, &import, &spec, &run, keys, clock_started).await)
+        Ok::<_, secrets::KeyError>(supervised(&ctx, &import, &spec, &run, keys, slot, clock_started).await)
     };
     let (timeout, field) = run_timeout(&ctx.config, &import);
     // Stopping a run is as safe as a crash: what it sent stays in doubt until a run commits.
@@ -201,15 +223,15 @@ async fn supervised(
     spec: &ValidSpec,
     run: &CurrentRun,
     keys: secrets::BrazeKeys,
+    slot: Arc<RunSlot>,
     clock_started: Instant,
 ) -> RunEnd {
     let importer = ctx.importer.clone();
     let (import, spec, current) = (import.clone(), spec.clone(), run.clone());
     // A panic message is the program's text, not ours to trust: the keys never reach status.
     let known = [keys.data_import_key.expose().to_owned(), keys.partner_api_key.expose().to_owned()];
-    let task = tokio::spawn(
-        async move { importer.run(&import, &spec, &current, keys).await }.instrument(tracing::Span::current()),
-    );
+    let work = async move { importer.run(&import, &spec, &current, keys).await };
+    let task = tokio::spawn(budget::holding(slot, work).instrument(tracing::Span::current()));
     let _abort = AbortOnDrop(task.abort_handle());
     match task.await {
         Ok(outcome) => RunEnd::finished(run, outcome, ctx.clock.now(), clock_started.elapsed()),
@@ -218,6 +240,62 @@ async fn supervised(
             error!(run_id = %run.id, %crash, "the run crashed");
             RunEnd::crashed(run, &crash, ctx.clock.now(), clock_started.elapsed())
         }
+    }
+}
+
+/// A run's admission slot: given away while its Braze requests wait long for budget
+/// ([`budget::holding`]), taken back before they send, released when the run ends.
+struct RunSlot {
+    admission: Admission,
+    namespace: String,
+    held: Mutex<Option<Admitted>>,
+    /// One request takes the slot back at a time; the others find it back.
+    taking_back: tokio::sync::Mutex<()>,
+    ended: AtomicBool,
+}
+
+impl RunSlot {
+    fn new(admission: Admission, namespace: String, admitted: Admitted) -> Self {
+        RunSlot {
+            admission,
+            namespace,
+            held: Mutex::new(Some(admitted)),
+            taking_back: tokio::sync::Mutex::new(()),
+            ended: AtomicBool::new(false),
+        }
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, Option<Admitted>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl SlotHolder for RunSlot {
+    fn hand_over(&self) {
+        let given = self.held().take();
+        drop(given); // released outside the lock: the next run in line is admitted
+    }
+
+    fn take_back(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            let _one = self.taking_back.lock().await;
+            if self.ended.load(Ordering::Acquire) || self.held().is_some() {
+                return;
+            }
+            let slot = self.admission.admit(&self.namespace).await;
+            *self.held() = Some(slot);
+        })
+    }
+}
+
+/// Releases a run's slot for good when the run ends, however it ends.
+struct ReleaseOnDrop(Arc<RunSlot>);
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        self.0.ended.store(true, Ordering::Release);
+        let slot = self.0.held().take();
+        drop(slot);
     }
 }
 

@@ -318,7 +318,7 @@ impl Context {
             return;
         }
         let (ctx, import) = (self.clone(), import.clone());
-        tokio::spawn(async move {
+        self.runs.spawn_side(async move {
             ctx.let_go(&import, &me).await;
             ctx.releasing.lock().unwrap_or_else(|e| e.into_inner()).remove(&reference);
         });

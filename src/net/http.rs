@@ -70,6 +70,7 @@ pub struct HttpClientBuilder {
     read_timeout: Option<Duration>,
     redirects: Redirects,
     pool_max_idle_per_host: Option<usize>,
+    user_agent: String,
 }
 
 /// An HTTP client under the operator's egress policy. Cheap to clone (one pool).
@@ -88,6 +89,7 @@ impl HttpClient {
             read_timeout: None,
             redirects: Redirects::Refuse,
             pool_max_idle_per_host: None,
+            user_agent: USER_AGENT.to_owned(),
         }
     }
 
@@ -147,6 +149,12 @@ impl HttpClientBuilder {
         self
     }
 
+    /// The `User-Agent` instead of [`USER_AGENT`] (Braze's names the replica).
+    pub fn user_agent(mut self, user_agent: String) -> Self {
+        self.user_agent = user_agent;
+        self
+    }
+
     pub fn build(self) -> Result<HttpClient, reqwest::Error> {
         let mut builder = reqwest::Client::builder()
             .dns_resolver(EgressResolver(self.policy.clone()))
@@ -154,7 +162,7 @@ impl HttpClientBuilder {
             .connector_layer(AddressCheckLayer(self.policy.clone()))
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true)
-            .user_agent(USER_AGENT)
+            .user_agent(self.user_agent)
             .redirect(redirect_policy(&self.policy, self.redirects));
         if let Some(timeout) = self.read_timeout {
             builder = builder.read_timeout(timeout);

@@ -66,7 +66,7 @@ def test_n_shards_render_n_deployments_with_distinct_leases_and_one_default() ->
         # The shared ServiceAccount, the Braze budget per pod.
         assert d["spec"]["template"]["spec"]["serviceAccountName"] == FULLNAME
         assert arg(d, "--braze-requests-per-hour") == "250000"
-        assert arg(d, "--braze-burst") == "500"
+        assert arg(d, "--braze-burst") == "250000"
     # RBAC is shared: one ServiceAccount, one Lease Role naming every shard's Lease.
     assert len(find(objects, "ServiceAccount")) == 1
     role = one(objects, "Role", f"{FULLNAME}-leader-election")

@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path as UrlPath, Query, State};
+use axum::http::header::USER_AGENT;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -128,6 +129,13 @@ pub struct RequestRecord {
     pub message: String,
     pub ids: u64,
     pub removes: u64,
+    /// Its place among the Braze requests received (from 1; `stats().requests` counted
+    /// when it arrived, before any latency fault): which came after a given moment.
+    #[serde(default)]
+    pub arrival: u64,
+    /// The client's `User-Agent` (a client may name itself there, e.g. a replica).
+    #[serde(default)]
+    pub user_agent: Option<String>,
 }
 
 /// A cohort as `GET /sandbox/cohorts` lists it.
@@ -594,6 +602,21 @@ struct Answered<'a> {
     removes: u64,
 }
 
+/// A Braze request as it arrived.
+struct Received {
+    endpoint: Endpoint,
+    arrival: u64,
+    user_agent: Option<String>,
+}
+
+impl Received {
+    fn new(shared: &Shared, endpoint: Endpoint, headers: &HeaderMap) -> Self {
+        let arrival = shared.counters.requests.fetch_add(1, Ordering::Relaxed) + 1;
+        let user_agent = headers.get(USER_AGENT).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        Received { endpoint, arrival, user_agent }
+    }
+}
+
 enum Endpoint {
     Name,
     Users,
@@ -619,7 +642,7 @@ impl Shared {
         self.log.lock().clear();
     }
 
-    fn record(&self, endpoint: &Endpoint, partner: &str, a: Answered<'_>) {
+    fn record(&self, received: &Received, partner: &str, a: Answered<'_>) {
         let Answered { cohort_id, status, message, ids, removes } = a;
         self.counters.status(status);
         let mut log = self.log.lock();
@@ -627,39 +650,41 @@ impl Shared {
             log.pop_front();
         }
         log.push_back(RequestRecord {
-            endpoint: endpoint.path().to_owned(),
+            endpoint: received.endpoint.path().to_owned(),
             partner: partner.to_owned(),
             cohort_id: cohort_id.map(str::to_owned),
             status,
             message: message.to_owned(),
             ids,
             removes,
+            arrival: received.arrival,
+            user_agent: received.user_agent.clone(),
         });
     }
 
     /// Records how a request was answered, and answers it.
     fn reply(
         &self,
-        endpoint: &Endpoint,
+        received: &Received,
         partner: &str,
         ratelimit: Option<RateLimitHeaders>,
         answered: Answered<'_>,
     ) -> Response {
         let response = answer(answered.status, answered.message, ratelimit, None);
-        self.record(endpoint, partner, answered);
+        self.record(received, partner, answered);
         response
     }
 
     /// Applies the fault decision; a faulted request is recorded and its answer is the `Err`.
     async fn admit(
         &self,
-        endpoint: &Endpoint,
+        received: &Received,
         partner: &str,
         decision: Option<Extension<Decision>>,
     ) -> Result<Option<RateLimitHeaders>, Response> {
         gate(decision).await.map_err(|(status, response)| {
             let message = fault_message(status);
-            self.record(endpoint, partner, Answered { cohort_id: None, status, message, ids: 0, removes: 0 });
+            self.record(received, partner, Answered { cohort_id: None, status, message, ids: 0, removes: 0 });
             response
         })
     }
@@ -713,18 +738,18 @@ async fn name_cohort(
     State(shared): State<Arc<Shared>>,
     UrlPath(partner): UrlPath<String>,
     decision: Option<Extension<Decision>>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    shared.counters.requests.fetch_add(1, Ordering::Relaxed);
+    let received = Received::new(&shared, Endpoint::Name, &headers);
     shared.counters.name_requests.fetch_add(1, Ordering::Relaxed);
-    let endpoint = Endpoint::Name;
-    let ratelimit = match shared.admit(&endpoint, &partner, decision).await {
+    let ratelimit = match shared.admit(&received, &partner, decision).await {
         Ok(r) => r,
         Err(response) => return response,
     };
     let reply = |status: u16, message: &str, cohort_id: Option<&str>| {
         let answered = Answered { cohort_id, status, message, ids: 0, removes: 0 };
-        shared.reply(&endpoint, &partner, ratelimit, answered)
+        shared.reply(&received, &partner, ratelimit, answered)
     };
     let env = match Envelope::parse(&body) {
         Ok(env) => env,
@@ -755,19 +780,19 @@ async fn change_members(
     State(shared): State<Arc<Shared>>,
     UrlPath(partner): UrlPath<String>,
     decision: Option<Extension<Decision>>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let received = Received::new(&shared, Endpoint::Users, &headers);
     let c = &shared.counters;
-    c.requests.fetch_add(1, Ordering::Relaxed);
     c.users_requests.fetch_add(1, Ordering::Relaxed);
-    let endpoint = Endpoint::Users;
-    let ratelimit = match shared.admit(&endpoint, &partner, decision).await {
+    let ratelimit = match shared.admit(&received, &partner, decision).await {
         Ok(r) => r,
         Err(response) => return response,
     };
     let reply = |status: u16, message: &str, cohort_id: Option<&str>, ids: u64, removes: u64| {
         let answered = Answered { cohort_id, status, message, ids, removes };
-        shared.reply(&endpoint, &partner, ratelimit, answered)
+        shared.reply(&received, &partner, ratelimit, answered)
     };
     let env = match Envelope::parse(&body) {
         Ok(env) => env,
