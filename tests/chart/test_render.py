@@ -90,7 +90,7 @@ def test_pod_is_hardened(name: str) -> None:
 def test_default_args_and_env() -> None:
     objects = render()
     c = container(objects)
-    assert c["image"] == "ghcr.io/cohorts-dev/cohort-operator:0.1.0"
+    assert c["image"] == "ghcr.io/cohorts-dev/cohort-operator:0.2.0"
     assert c["args"] == [
         "run",
         "--metrics-addr=0.0.0.0:8080",
