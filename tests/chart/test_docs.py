@@ -166,3 +166,23 @@ def test_readme_examples_are_the_files_the_demo_applies(path: str, snippet: str)
 
 def test_the_readme_has_example_markers() -> None:
     assert len(EXAMPLES) >= 2
+
+
+def test_the_readme_install_command_renders() -> None:
+    """`helm install …` as the README shows it (the digest placeholder filled in): the schema
+    accepts its values and the chart renders with them, pulling the image by digest."""
+    import helm_python as helm  # noqa: PLC0415
+
+    from chartlib import _merge, validate  # noqa: PLC0415
+
+    command = re.search(r"helm install cohort-operator charts/cohort-operator .*?\n```", README, re.S)
+    assert command, "the README's helm install command"
+    values: dict[str, Any] = {}
+    for expression in re.findall(r"--set '?([^' \\\n]+)'?", command[0]):
+        expression = expression.replace("sha256:...", "sha256:" + "0" * 64)
+        values = _merge(values, helm.parse_set_string(expression))
+    assert values["partnerKeys"]["secretName"] == "braze-partner-keys"
+    validate(values)
+    deployment = one(render(values), "Deployment")
+    image = deployment["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert image == f"{values['image']['repository']}@sha256:{'0' * 64}", image
