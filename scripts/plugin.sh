@@ -51,7 +51,7 @@ install -m 0755 "$BINARY" "$STAGE/kubectl-cohort"
 install -m 0644 LICENSE docs/third-party-licenses.md "$STAGE/"
 mkdir -p "$OUT"
 tar --sort=name --owner=0 --group=0 --numeric-owner --mtime="@$EPOCH" -C "$STAGE" -cf - \
-    kubectl-cohort LICENSE third-party-licenses.md | gzip -n -9 > "$OUT/$ARCHIVE.tmp"
+    kubectl-cohort LICENSE third-party-licenses.md | gzip -n > "$OUT/$ARCHIVE.tmp"
 mv "$OUT/$ARCHIVE.tmp" "$OUT/$ARCHIVE"
 SHA=$(cd "$OUT" && sha256sum "$ARCHIVE" | tee "$ARCHIVE.sha256" | cut -d' ' -f1)
 sed -e '/^#/d' -e "s#@VERSION@#$VERSION#g" -e "s#@URI@#$BASE_URL/$ARCHIVE#g" -e "s#@SHA256@#$SHA#g" \
