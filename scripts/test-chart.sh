@@ -12,24 +12,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-CACHE_DIR="${COHORT_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/cohort-operator}"
-VENV="$CACHE_DIR/chart-venv"
-REQUIREMENTS=tests/chart/requirements.txt
-
-log() { printf 'test-chart: %s\n' "$*" >&2; }
-
-need_packages() { bash scripts/control-plane.sh packages "$@"; }
-python3 -c 'import venv, ensurepip' 2>/dev/null || need_packages python3-venv
-command -v kubectl >/dev/null || [ -n "${KUBECTL:-}" ] || need_packages kubernetes-client
-
-stamp="$(sha256sum "$REQUIREMENTS" | cut -d' ' -f1)"
-if [ "$(cat "$VENV/.requirements" 2>/dev/null)" != "$stamp" ]; then
-  log "creating $VENV"
-  rm -rf "$VENV"
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$REQUIREMENTS"
-  echo "$stamp" > "$VENV/.requirements"
-fi
+command -v kubectl >/dev/null || [ -n "${KUBECTL:-}" ] || bash scripts/control-plane.sh packages kubernetes-client
+VENV=$(bash scripts/chart-venv.sh)
 
 # kube-apiserver v1.20.2, built once from Debian's source package and cached.
 bash scripts/control-plane.sh install

@@ -3,7 +3,10 @@
 #
 # Installs what the tests need (Debian packages, the cached kube-apiserver build), then runs
 # every Rust test (unit, contract, e2e on a real kube-apiserver, PostgreSQL and SMTP server,
-# each started by the tests themselves on loopback) and the Helm chart tests.
+# each started by the tests themselves on loopback) and the Helm chart tests (the upgrade
+# from the previous chart and the docs-drift checks among them); then builds the release
+# (image, plugin archive, chart package) and runs the image with runc and the plugin with
+# kubectl. Each step's time is printed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +16,8 @@ DEBIAN_PACKAGES=(
   python3-aiosmtpd                    # the email tests (testkit::smtp)
   python3-venv                        # Helm via PyPI for the chart tests
   prometheus                          # promtool: the chart's PrometheusRule (check + unit tests)
+  umoci runc ca-certificates          # the image: built with umoci, run with runc
+  python3-yaml                        # the plugin test reads the krew manifest
 )
 missing=()
 for p in "${DEBIAN_PACKAGES[@]}"; do
@@ -39,8 +44,17 @@ if command -v rustup >/dev/null; then
   rustup component list --installed | grep -q '^rustfmt' || rustup component add rustfmt
   rustup component list --installed | grep -q '^clippy' || rustup component add clippy
 fi
+timed() { # timed NAME COMMAND...: runs it and prints its time
+  local name=$1 started=$SECONDS; shift
+  "$@"
+  printf 'test.sh: %s took %d s\n' "$name" $((SECONDS - started)) >&2
+}
+
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+
+# Every crate in Cargo.lock under an allowed license; the shipped list up to date.
+timed "license check" bash scripts/licenses.sh
 
 # Two cores: build once (clippy has checked, not built), then run the tests.
 cargo build --workspace --all-targets --locked
@@ -48,6 +62,14 @@ cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-2}"
 
 # The README's main-job command, as a newcomer runs it: it fails unless every example
 # cohort ends up in the Braze sandbox.
-bash scripts/demo.sh --local
+timed "demo" bash scripts/demo.sh --local
 
-bash scripts/test-chart.sh
+timed "chart tests" bash scripts/test-chart.sh
+
+# The release, built once (one release build of the binary for the image and the plugin),
+# then the image run with runc against a real API server and the plugin run by kubectl.
+DIST="$CARGO_TARGET_DIR/dist"
+timed "release build" bash scripts/release.sh --out "$DIST"
+VERSION=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n1)
+timed "image test" bash scripts/test-image.sh "$DIST/cohort-operator-$VERSION.oci.tar"
+timed "plugin test" bash scripts/test-plugin.sh "$DIST"

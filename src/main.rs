@@ -107,6 +107,8 @@ enum Command {
     /// adds and removes — reading the source and the snapshot only: nothing is sent to Braze
     /// and nothing is written.
     Preview(Box<PreviewArgs>),
+    /// Print this binary's version and the CohortImport API version it serves.
+    Version,
 }
 
 #[derive(clap::Args)]
@@ -363,8 +365,17 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             print!("{}", cli::snapshots(client, (!all_namespaces).then_some(namespace.as_str())).await?);
         }
         Command::Preview(args) => preview(*args).await?,
+        Command::Version => println!("{}", version_line()),
     }
     Ok(())
+}
+
+/// `cohort-operator 0.2.0 (API cohorts.dev/v1alpha1)`: what a bug report or the krew
+/// manifest needs to know.
+fn version_line() -> String {
+    use kube::Resource as _;
+    let api = cohort_operator::api::CohortImport::api_version(&());
+    format!("cohort-operator {} (API {api})", env!("CARGO_PKG_VERSION"))
 }
 
 /// Prints a preview; exits non-zero when it could not be made or the source failed.

@@ -280,8 +280,8 @@ pub struct CohortImportStatus {
     /// Braze does not report how many of them matched existing users.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub members: Option<u64>,
-    /// Which kind of source `spec.source` names (`Inline`, `ConfigMap`, `Http`, `Postgres`),
-    /// for `kubectl get -o wide`.
+    /// Which kind of source `spec.source` names (`Inline`, `ConfigMap`, `Http`, `Postgres`,
+    /// `Snowflake`, `Databricks`, `BigQuery`), for `kubectl get -o wide`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_kind: Option<String>,
     /// Finished runs, newest first, as many as `spec.historyLimit` (or
@@ -296,7 +296,8 @@ pub struct CohortImportStatus {
     /// Which scheduled runs are already handled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<ScheduleStatus>,
-    /// Why the last run report email could not be sent; cleared by the next one sent.
+    /// Why the last run report (email, Slack or webhook) could not be sent; cleared by the
+    /// next one sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_notification_error: Option<String>,
     /// Which Braze workspace the import last imported into: a one-way hash of its data

@@ -25,15 +25,26 @@ RELEASE = "cohort"
 NAMESPACE = "cohort-system"
 
 
+def load(chart: Path = CHART_DIR) -> helm.Chart:
+    """The chart in a directory, or in a packaged archive (`helm package`'s .tgz)."""
+    if chart.is_file():
+        return helm.Chart.load_archive(chart.read_bytes())
+    return helm.Chart.load(chart)
+
+
 def render(
     values: dict[str, Any] | None = None,
     *,
     release: str = RELEASE,
     namespace: str = NAMESPACE,
+    chart: Path = CHART_DIR,
+    upgrade: bool = False,
 ) -> list[dict[str, Any]]:
-    """The chart's objects for `values`, as `helm install` would create them (CRDs apart)."""
-    with helm.Chart.load(CHART_DIR) as chart:
-        rendered = chart.render(values, name=release, namespace=namespace, is_install=True)
+    """The chart's objects for `values`, as `helm install` (or `helm upgrade`) would create
+    them (CRDs apart). `chart`: a chart directory or a packaged archive."""
+    with load(chart) as loaded:
+        rendered = loaded.render(values, name=release, namespace=namespace,
+                                 is_install=not upgrade, is_upgrade=upgrade)
     objects: list[dict[str, Any]] = []
     for path in sorted(rendered):
         if not path.endswith((".yaml", ".yml")):
@@ -48,10 +59,10 @@ def notes(values: dict[str, Any] | None = None) -> str:
     return next(text for path, text in rendered.items() if path.endswith("NOTES.txt"))
 
 
-def crds() -> list[dict[str, Any]]:
+def crds(chart: Path = CHART_DIR) -> list[dict[str, Any]]:
     """The CRDs Helm installs from the chart's crds/ directory."""
-    with helm.Chart.load(CHART_DIR) as chart:
-        return [doc for crd in chart.crds for doc in yaml.safe_load_all(crd["data"]) if doc]
+    with load(chart) as loaded:
+        return [doc for crd in loaded.crds for doc in yaml.safe_load_all(crd["data"]) if doc]
 
 
 def validate(values: dict[str, Any] | None) -> None:

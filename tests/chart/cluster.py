@@ -198,7 +198,7 @@ class ControlPlane:
 # --- installing the chart's objects ------------------------------------------------------
 
 def install_chart(plane: ControlPlane, values: dict[str, Any] | None, *, release: str,
-                  namespace: str) -> list[dict[str, Any]]:
+                  namespace: str, chart: Path | None = None, upgrade: bool = False) -> list[dict[str, Any]]:
     """What `helm install --create-namespace` would create, applied by server-side apply:
     the chart's CRDs, the release namespace and every watched namespace, then the rendered
     objects. Returns the rendered objects.
@@ -206,12 +206,18 @@ def install_chart(plane: ControlPlane, values: dict[str, Any] | None, *, release
     The test server is Kubernetes 1.20, the oldest the chart supports: it has
     no policy/v1, and Helm renders with its default (newer) capabilities here, so the PodDisruptionBudget is sent as policy/v1beta1, as the chart itself picks on a 1.20 server (the fields the
     chart sets are the same), and the ServiceMonitor and PrometheusRule are left out unless their CRDs are served.
+
+    `chart`: another chart directory or packaged archive (default: this repository's chart);
+    `upgrade`: render as `helm upgrade` does (the CRDs are applied as the README's upgrade
+    step does, `kubectl apply --server-side -f crds/`, since Helm never upgrades them).
     """
     import chartlib  # noqa: PLC0415 — keeps `cluster` usable without Helm installed
 
-    objects = chartlib.render(values, release=release, namespace=namespace)
-    plane.apply(chartlib.crds())
-    for crd in chartlib.crds():
+    source = chart or chartlib.CHART_DIR
+    objects = chartlib.render(values, release=release, namespace=namespace, chart=source, upgrade=upgrade)
+    crds = chartlib.crds(source)
+    plane.apply(crds)
+    for crd in crds:
         plane.wait_established(crd["metadata"]["name"])
     watched = (values or {}).get("watchNamespaces") or []
     plane.apply([{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}

@@ -90,7 +90,7 @@ def test_pod_is_hardened(name: str) -> None:
 def test_default_args_and_env() -> None:
     objects = render()
     c = container(objects)
-    assert c["image"] == "ghcr.io/cohorts-dev/cohort-operator:0.1.0"
+    assert c["image"] == "ghcr.io/cohorts-dev/cohort-operator:0.2.0"
     assert c["args"] == [
         "run",
         "--metrics-addr=0.0.0.0:8080",
@@ -106,6 +106,8 @@ def test_default_args_and_env() -> None:
         "--leader-election",
         "--lease-namespace=$(POD_NAMESPACE)",
         f"--lease-name={FULLNAME}",
+        "--lease-duration-seconds=15",
+        "--lease-renew-grace-seconds=5",
         "--braze-requests-per-hour=250000",
         "--braze-burst=250000",
         "--braze-max-budget-wait-seconds=3600",
@@ -142,12 +144,16 @@ def test_full_values_args_env_and_mounts() -> None:
         "--egress-deny=10.96.0.0/12,*.internal.example",
         "--egress-allow=169.254.10.10,10.20.0.0/16",
         "--egress-default=deny",
+        "--notification-deny-cidr=10.0.0.0/8,fd00::/8",
+        "--watch-label-selector=!cohorts.dev/shard",
         "--partner-keys-dir=/etc/cohort-operator/partner-keys",
         "--braze-endpoint-region=https://rest.fra-09.braze.eu=eu",
         "--braze-endpoint-region=https://rest.iad-99.braze.com=us",
         "--leader-election",
         "--lease-namespace=$(POD_NAMESPACE)",
         "--lease-name=cohort-leader",
+        "--lease-duration-seconds=30",
+        "--lease-renew-grace-seconds=8",
         "--braze-requests-per-hour=250000",
         "--braze-burst=250000",
         "--braze-max-budget-wait-seconds=600",
@@ -165,6 +171,8 @@ def test_full_values_args_env_and_mounts() -> None:
     assert env["COHORT_SMTP_FROM"] == "Cohort imports <cohorts@example.com>"
     assert env["COHORT_SMTP_PASSWORD_FILE"] == "/etc/cohort-operator/smtp/password"
     assert env["COHORT_SMTP_CA_FILE"] == "/etc/cohort-operator/smtp-ca/ca.crt"
+    assert env["COHORT_SMTP_TIMEOUT_SECONDS"] == "30"
+    assert env["COHORT_SMTP_RETRIES"] == "5"
     assert env["EXTRA"] == "1"
     assert pod["priorityClassName"] == "platform"
 
@@ -226,6 +234,8 @@ def test_no_leader_election_means_recreate_and_no_lease_rbac() -> None:
     ({"replicas": 2, "snapshots": {"store": "filesystem"}}, "ReadWriteMany"),
     ({"smtp": {"enabled": True, "host": "smtp.example.com"}}, "smtp.host and smtp.from"),
     ({"serviceAccount": {"create": False}}, "serviceAccount.name is required"),
+    ({"leaderElection": {"leaseDurationSeconds": 5, "renewGraceSeconds": 5}},
+     "renewGraceSeconds must be below leaderElection.leaseDurationSeconds"),
 ])
 def test_inconsistent_values_fail_with_the_fix(values: dict[str, Any], message: str) -> None:
     with pytest.raises(helm.HelmRenderError, match=message):

@@ -38,6 +38,12 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"braze": {"endpointRegions": {"https://rest.x.braze.com": "US"}}}, "/braze/endpointRegions"),
     ({"smtp": {"caConfigMap": {"name": "Relay CA"}}}, "/smtp/caConfigMap/name"),
     ({"smtp": {"tls": "ssl"}}, "/smtp/tls"),
+    ({"smtp": {"timeoutSeconds": 0}}, "/smtp/timeoutSeconds"),
+    ({"smtp": {"retries": 11}}, "/smtp/retries"),
+    ({"leaderElection": {"leaseDurationSeconds": "15s"}}, "/leaderElection/leaseDurationSeconds"),
+    ({"leaderElection": {"renewGraceSeconds": 0}}, "/leaderElection/renewGraceSeconds"),
+    ({"egress": {"notificationDenyCidrs": ["10.0.0.0"]}}, "/egress/notificationDenyCidrs/0"),
+    ({"watchLabelSelector": ["team=growth"]}, "/watchLabelSelector"),
     ({"smtp": {"port": 70000}}, "/smtp/port"),
     ({"smtp": {"password": "hunter2"}}, "password"),  # no plain-text password value exists
     ({"partnerKeys": {"secretName": "Partner Keys"}}, "/partnerKeys/secretName"),

@@ -14,7 +14,9 @@ FULL: dict[str, Any] = {
     "image": {"repository": "registry.example.com/cohort-operator",
               "digest": "sha256:" + "ab" * 32},
     "replicas": 2,
-    "leaderElection": {"enabled": True, "leaseName": "cohort-leader"},
+    "leaderElection": {"enabled": True, "leaseName": "cohort-leader", "leaseDurationSeconds": 30,
+                       "renewGraceSeconds": 8},
+    "watchLabelSelector": "!cohorts.dev/shard",
     "watchNamespaces": ["team-a", "team-b"],
     "log": {"level": "info,cohort_operator=debug", "format": "text"},
     "startingDeadlineSeconds": 600,
@@ -35,6 +37,8 @@ FULL: dict[str, Any] = {
         "from": "Cohort imports <cohorts@example.com>",
         "passwordSecret": {"name": "smtp-credentials", "key": "pass"},
         "caConfigMap": {"name": "smtp-relay-ca", "key": "relay.pem"},
+        "timeoutSeconds": 30,
+        "retries": 5,
     },
     "partnerKeys": {"secretName": "braze-partner-keys"},
     "snapshots": {
@@ -53,7 +57,7 @@ FULL: dict[str, Any] = {
     "priorityClassName": "platform",
     "extraEnv": [{"name": "EXTRA", "value": "1"}],
     "egress": {"deny": ["10.96.0.0/12", "*.internal.example"], "allow": ["169.254.10.10", "10.20.0.0/16"],
-               "default": "deny"},
+               "default": "deny", "notificationDenyCidrs": ["10.0.0.0/8", "fd00::/8"]},
     "networkPolicy": {
         "enabled": True,
         "apiServer": {"cidrs": ["10.0.0.1/32"], "port": 6443},
