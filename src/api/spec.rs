@@ -32,6 +32,7 @@ pub const WALL_TIME_PATTERN: &str = r"^([01][0-9]|2[0-3]):[0-5][0-9]$";
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name":"Cadence","type":"string","jsonPath":".spec.schedule.cadence"}"#,
+    printcolumn = r#"{"name":"Cron","type":"string","jsonPath":".spec.schedule.expression","description":"The cron expression of cadence Cron"}"#,
     printcolumn = r#"{"name":"Last Result","type":"string","jsonPath":".status.lastRun.result"}"#,
     printcolumn = r#"{"name":"Members","type":"integer","jsonPath":".status.members","description":"Members in the source at the last successful run"}"#,
     printcolumn = r#"{"name":"Last Run","type":"date","jsonPath":".status.lastRun.finishedAt"}"#,
@@ -733,10 +734,20 @@ pub struct BrazeDestination {
 #[serde(rename_all = "camelCase")]
 pub struct ScheduleSpec {
     /// `Once` runs soon after creation (or at `at`) and then only when triggered. `Hourly`
-    /// runs at `minute` past every hour; `Daily`, `Weekly` and `Monthly` at `at`.
+    /// runs at `minute` past every hour; `Daily`, `Weekly` and `Monthly` at `at`; `Cron` at
+    /// every time `expression` matches.
     pub cadence: Cadence,
+    /// Required with, and only with, `Cron`: five fields, `minute hour day-of-month month
+    /// day-of-week`, on `timeZone`'s clock, e.g. `*/15 * * * *` or `30 6 * * MON-FRI` (a
+    /// CronJob's syntax, nicknames such as `@daily` included). A wall time skipped by a
+    /// clock change runs at the end of the gap, a repeated one once. Expressions that run
+    /// more often than the operator's `--min-cron-interval-minutes` (default 5) allows are
+    /// refused; the interval is measured on the wall clock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128))]
+    pub expression: Option<String>,
     /// Local wall time `HH:MM` in `timeZone`. Required with `Daily`, `Weekly` and `Monthly`;
-    /// not used with `Hourly`. `Once` without it runs soon after creation.
+    /// not used with `Hourly` or `Cron`. `Once` without it runs soon after creation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = WALL_TIME_PATTERN))]
     pub at: Option<String>,
@@ -752,7 +763,7 @@ pub struct ScheduleSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 31))]
     pub day_of_month: Option<u8>,
-    /// IANA time zone of `at` (and of `minute`), e.g. `Europe/Lisbon`.
+    /// IANA time zone of `at` (and of `minute` and `expression`), e.g. `Europe/Lisbon`.
     #[serde(default = "default_time_zone")]
     #[schemars(length(min = 1, max = 64), regex(pattern = r"^[A-Za-z][A-Za-z0-9_+\-/]*$"))]
     pub time_zone: String,
@@ -773,6 +784,7 @@ pub enum Cadence {
     Daily,
     Weekly,
     Monthly,
+    Cron,
 }
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]

@@ -194,6 +194,7 @@ def test_full_values_args_env_and_mounts() -> None:
     ({"maxConcurrentRunsPerNamespace": 1}, "--max-concurrent-runs-per-namespace=1"),
     ({"maxRunAttempts": 1}, "--max-run-attempts=1"),
     ({"runTimeoutSeconds": 900}, "--run-timeout-seconds=900"),
+    ({"minCronIntervalMinutes": 15}, "--min-cron-interval-minutes=15"),
     ({"memoryBudgetMiB": 1536}, "--memory-budget-mib=1536"),
     ({"braze": {"maxBudgetWaitSeconds": 60}}, "--braze-max-budget-wait-seconds=60"),
 ])
