@@ -297,6 +297,10 @@ struct ControllerArgs {
     /// (`--egress-*`, which reports follow too); comma-separated CIDRs, e.g. 10.0.0.0/8.
     #[arg(long = "notification-deny-cidr", env = "COHORT_NOTIFICATION_DENY_CIDRS", value_delimiter = ',')]
     notification_deny_cidrs: Vec<ipnet::IpNet>,
+    /// PagerDuty's Events API v2 endpoint for `spec.notifications.pagerduty`; for PagerDuty's
+    /// EU service region, https://events.eu.pagerduty.com/v2/enqueue.
+    #[arg(long, env = "COHORT_PAGERDUTY_EVENTS_URL", default_value = cohort_operator::notify::fanout::PAGERDUTY_EVENTS_URL)]
+    pagerduty_events_url: String,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -459,7 +463,8 @@ async fn start_controller(args: ControllerArgs) -> anyhow::Result<()> {
         None => None,
     };
     let http = HttpSender::new(HttpConfig { policy: notification_egress, ..HttpConfig::default() })?;
-    let notifier: Option<Arc<dyn Notify>> = Some(Arc::new(Notifier::new(client.clone(), smtp, http)));
+    let notifier: Option<Arc<dyn Notify>> =
+        Some(Arc::new(Notifier::new(client.clone(), smtp, http).with_pagerduty_url(&args.pagerduty_events_url)));
     let budget = BudgetConfig {
         requests_per_hour: args.braze_requests_per_hour,
         burst: args.braze_burst,

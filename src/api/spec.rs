@@ -812,6 +812,36 @@ pub struct Notifications {
     /// The run record as a CloudEvent (structured JSON), POSTed to an HTTP endpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook: Option<WebhookNotification>,
+    /// A PagerDuty alert through the Events API v2: `trigger` when a run fails or is
+    /// blocked, `resolve` on the next success; one alert per import (its dedup key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pagerduty: Option<PagerDutyNotification>,
+}
+
+/// A PagerDuty service's Events API v2 integration. The operator posts to
+/// `--pagerduty-events-url` (PagerDuty's US endpoint by default).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PagerDutyNotification {
+    /// Secret key holding the integration's routing key (its 32-character Integration Key).
+    pub routing_key_secret_ref: SecretKeyRef,
+    /// Which results trigger an alert (`Failed`, which includes `Missed`, and `Blocked`);
+    /// all of them when omitted. A success after a result listed here resolves it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on: Option<Vec<NotifyOn>>,
+    /// `Changed` (the default here): trigger on the first failure or block, resolve on the
+    /// recovery. `Always`: trigger on every failed or blocked run (PagerDuty adds it to the
+    /// open alert) and resolve on every success.
+    #[serde(default = "notify_when_changed", skip_serializing_if = "is_changed")]
+    pub when: NotifyWhen,
+}
+
+fn notify_when_changed() -> NotifyWhen {
+    NotifyWhen::Changed
+}
+
+fn is_changed(when: &NotifyWhen) -> bool {
+    *when == NotifyWhen::Changed
 }
 
 /// A Slack incoming webhook. Its URL is the credential, so it lives in a Secret.
@@ -823,6 +853,12 @@ pub struct SlackNotification {
     /// Which results send a message; all of them when omitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on: Option<Vec<NotifyOn>>,
+    /// `Always` (the default): every run `on` names. `Changed`: only a run whose result
+    /// differs from the previous run's (the newest in `.status.history`; a dry run counts as
+    /// a success, a missed run as a failure, no previous run as a success): the first
+    /// failure or block, and the recovery.
+    #[serde(default, skip_serializing_if = "NotifyWhen::is_always")]
+    pub when: NotifyWhen,
 }
 
 /// An HTTP endpoint that receives each run record as a CloudEvent.
@@ -838,6 +874,12 @@ pub struct WebhookNotification {
     /// Which results send an event; all of them when omitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on: Option<Vec<NotifyOn>>,
+    /// `Always` (the default): every run `on` names. `Changed`: only a run whose result
+    /// differs from the previous run's (the newest in `.status.history`; a dry run counts as
+    /// a success, a missed run as a failure, no previous run as a success): the first
+    /// failure or block, and the recovery.
+    #[serde(default, skip_serializing_if = "NotifyWhen::is_always")]
+    pub when: NotifyWhen,
 }
 
 /// A request header whose value is a Secret's.
@@ -860,12 +902,34 @@ pub struct EmailNotification {
     /// Which results send an email; all of them when omitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on: Option<Vec<NotifyOn>>,
+    /// `Always` (the default): every run `on` names. `Changed`: only a run whose result
+    /// differs from the previous run's (the newest in `.status.history`; a dry run counts as
+    /// a success, a missed run as a failure, no previous run as a success): the first
+    /// failure or block, and the recovery.
+    #[serde(default, skip_serializing_if = "NotifyWhen::is_always")]
+    pub when: NotifyWhen,
 }
 
 /// An email address, `local@domain`.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(transparent)]
 pub struct EmailAddress(#[schemars(length(min = 3, max = 254), regex(pattern = r"^[^@\s]+@[^@\s]+$"))] pub String);
+
+/// When a channel hears of a run its `on` names.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum NotifyWhen {
+    /// Every such run.
+    #[default]
+    Always,
+    /// Only when the result changed since the previous run.
+    Changed,
+}
+
+impl NotifyWhen {
+    pub fn is_always(&self) -> bool {
+        *self == NotifyWhen::Always
+    }
+}
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum NotifyOn {

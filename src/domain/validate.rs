@@ -783,6 +783,11 @@ fn check_notifications(notifications: &Notifications, problems: &mut Problems) {
         }
         check_webhook_headers(&webhook.headers, problems);
     }
+    if let Some(pagerduty) = &notifications.pagerduty
+        && pagerduty.on.as_ref().is_some_and(Vec::is_empty)
+    {
+        problems.add("spec.notifications.pagerduty.on", Problem::NoChannelNotifyOn);
+    }
 }
 
 /// Headers the operator sets itself (the body's type and length, the connection) or that
@@ -1741,7 +1746,11 @@ spec:
     fn with_recipients(to: &[&str], on: Option<Vec<NotifyOn>>) -> CohortImportSpec {
         let mut spec = example(WAREHOUSE_EXAMPLE);
         spec.notifications = Some(Notifications {
-            email: Some(EmailNotification { to: to.iter().map(|s| EmailAddress((*s).into())).collect(), on }),
+            email: Some(EmailNotification {
+                to: to.iter().map(|s| EmailAddress((*s).into())).collect(),
+                on,
+                when: Default::default(),
+            }),
             ..Notifications::default()
         });
         spec
@@ -1796,7 +1805,11 @@ spec:
         let header = |name: &str| SecretHeader { name: name.into(), value_secret_ref: secret("token") };
         let mut spec = example(WAREHOUSE_EXAMPLE);
         spec.notifications = Some(Notifications {
-            slack: Some(SlackNotification { url_secret_ref: secret("slack"), on: Some(vec![]) }),
+            slack: Some(SlackNotification {
+                url_secret_ref: secret("slack"),
+                on: Some(vec![]),
+                when: Default::default(),
+            }),
             webhook: Some(WebhookNotification {
                 url_secret_ref: secret("url"),
                 headers: vec![
@@ -1808,6 +1821,7 @@ spec:
                     header("Bad Header"),
                 ],
                 on: Some(vec![]),
+                when: Default::default(),
             }),
             ..Notifications::default()
         });

@@ -25,6 +25,6 @@ pub mod smtp;
 pub use error::{Channel, ChannelFailure, NOTIFICATION_FAILED_REASON, NotifyError};
 pub use fanout::Notifier;
 pub use http::{HttpConfig, HttpSender};
-pub use notice::{RunNotice, any_channel_wants, is_recovery, should_notify, wants};
+pub use notice::{RunNotice, any_channel_wants, hears, is_recovery, result_changed, should_notify, wants};
 pub use render::{RenderedReport, compose, render};
 pub use smtp::{Notify, SmtpArgs, SmtpConfig, SmtpConfigError, SmtpNotifier, SmtpTls};

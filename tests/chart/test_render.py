@@ -195,6 +195,8 @@ def test_full_values_args_env_and_mounts() -> None:
     ({"maxRunAttempts": 1}, "--max-run-attempts=1"),
     ({"runTimeoutSeconds": 900}, "--run-timeout-seconds=900"),
     ({"minCronIntervalMinutes": 15}, "--min-cron-interval-minutes=15"),
+    ({"pagerDutyEventsUrl": "https://events.eu.pagerduty.com/v2/enqueue"},
+     "--pagerduty-events-url=https://events.eu.pagerduty.com/v2/enqueue"),
     ({"memoryBudgetMiB": 1536}, "--memory-budget-mib=1536"),
     ({"braze": {"maxBudgetWaitSeconds": 60}}, "--braze-max-budget-wait-seconds=60"),
 ])

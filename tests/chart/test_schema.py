@@ -33,6 +33,7 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"runTimeoutSeconds": "6h"}, "/runTimeoutSeconds"),
     ({"minCronIntervalMinutes": 0}, "/minCronIntervalMinutes"),
     ({"minCronIntervalMinutes": 1441}, "/minCronIntervalMinutes"),
+    ({"pagerDutyEventsUrl": "http://events.pagerduty.com/v2/enqueue"}, "/pagerDutyEventsUrl"),
     ({"memoryBudgetMiB": 0}, "/memoryBudgetMiB"),
     ({"braze": {"maxBudgetWaitSeconds": -1}}, "/braze/maxBudgetWaitSeconds"),
     # (Helm's validator reports a bad property name by the name itself.)
