@@ -27,7 +27,8 @@ pub const MAX_EXPRESSION_LEN: usize = 128;
 pub struct CronExpression {
     /// The text as written, trimmed: shown in `kubectl get` and in the schedule's identity.
     text: String,
-    cron: croner::Cron,
+    /// Boxed: croner's parsed pattern is large, and a `Recurrence` holds this.
+    cron: Box<croner::Cron>,
 }
 
 /// Why text is not a cron expression. Each names what to write instead.
@@ -68,7 +69,7 @@ impl FromStr for CronExpression {
         let cron = parser.parse(pattern).map_err(|e| InvalidCron::Syntax { reason: e.to_string() })?;
         // One space between fields, so that re-spacing is not a new schedule.
         let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
-        let expression = CronExpression { text, cron };
+        let expression = CronExpression { text, cron: Box::new(cron) };
         if expression.first_run_day().is_none() {
             return Err(InvalidCron::NeverRuns);
         }

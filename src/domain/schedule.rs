@@ -1316,7 +1316,10 @@ mod tests {
         let all = (0..size).map(|v| v >= lo as usize).collect::<Vec<_>>();
         let star = Just(("*".to_owned(), all));
         let step = (2u8..=(hi - lo).max(2)).prop_map(move |n| {
-            (format!("*/{n}"), (0..size).map(|v| v >= lo as usize && (v - lo as usize) % n as usize == 0).collect())
+            (
+                format!("*/{n}"),
+                (0..size).map(|v| v >= lo as usize && (v - lo as usize).is_multiple_of(n as usize)).collect(),
+            )
         });
         let range = (lo..=hi, lo..=hi).prop_map(move |(a, b)| {
             let (a, b) = (a.min(b), a.max(b));
@@ -1383,7 +1386,7 @@ mod tests {
             let mut over_a_gap = false;
             while skipped < wall {
                 over_a_gap |= case.matches(skipped);
-                skipped = skipped + minute;
+                skipped += minute;
             }
             if t > from && ((first && case.matches(wall)) || over_a_gap) {
                 runs.push(t);
