@@ -191,6 +191,15 @@ struct ControllerArgs {
         value_parser = clap::value_parser!(u64).range(1..)
     )]
     run_timeout_seconds: u64,
+    /// Shortest time between two runs of a `cadence: Cron` schedule, in minutes (1 to
+    /// 1440); an expression that runs more often is refused as InvalidSpec.
+    #[arg(
+        long,
+        env = "COHORT_MIN_CRON_INTERVAL_MINUTES",
+        default_value_t = 5,
+        value_parser = clap::value_parser!(u32).range(1..=1440)
+    )]
+    min_cron_interval_minutes: u32,
     /// Directory of partner API keys, one file per Braze region (`us`, `eu`, `au`).
     #[arg(long, env = "COHORT_PARTNER_KEYS_DIR")]
     partner_keys_dir: Option<PathBuf>,
@@ -297,6 +306,10 @@ struct ControllerArgs {
     /// (`--egress-*`, which reports follow too); comma-separated CIDRs, e.g. 10.0.0.0/8.
     #[arg(long = "notification-deny-cidr", env = "COHORT_NOTIFICATION_DENY_CIDRS", value_delimiter = ',')]
     notification_deny_cidrs: Vec<ipnet::IpNet>,
+    /// PagerDuty's Events API v2 endpoint for `spec.notifications.pagerduty`; for PagerDuty's
+    /// EU service region, https://events.eu.pagerduty.com/v2/enqueue.
+    #[arg(long, env = "COHORT_PAGERDUTY_EVENTS_URL", default_value = cohort_operator::notify::fanout::PAGERDUTY_EVENTS_URL)]
+    pagerduty_events_url: String,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -471,7 +484,8 @@ async fn start_controller(args: ControllerArgs) -> anyhow::Result<()> {
         None => None,
     };
     let http = HttpSender::new(HttpConfig { policy: notification_egress, ..HttpConfig::default() })?;
-    let notifier: Option<Arc<dyn Notify>> = Some(Arc::new(Notifier::new(client.clone(), smtp, http)));
+    let notifier: Option<Arc<dyn Notify>> =
+        Some(Arc::new(Notifier::new(client.clone(), smtp, http).with_pagerduty_url(&args.pagerduty_events_url)));
     let budget = BudgetConfig {
         requests_per_hour: args.braze_requests_per_hour,
         burst: args.braze_burst,
@@ -514,6 +528,9 @@ async fn start_controller(args: ControllerArgs) -> anyhow::Result<()> {
         starting_deadline: jiff::SignedDuration::from_secs(args.starting_deadline_seconds as i64),
         max_run_attempts: args.max_run_attempts,
         run_timeout: Duration::from_secs(args.run_timeout_seconds),
+        limits: cohort_operator::domain::validate::Limits {
+            min_cron_interval: jiff::SignedDuration::from_mins(i64::from(args.min_cron_interval_minutes)),
+        },
         partner_keys: PartnerKeys {
             dir: args.partner_keys_dir,
             extra_endpoints: args.braze_endpoint_regions.into_iter().collect(),

@@ -13,6 +13,7 @@ use cohort_operator::net::egress::EgressPolicy;
 use cohort_operator::notify::{HttpConfig, HttpSender, Notifier};
 use controller_support::*;
 use serde_json::json;
+use testkit::pagerduty::{Alert, PagerDuty};
 use testkit::webhook::{Answer, Receiver};
 
 const TOKEN: &str = "Bearer hook-token-9c1e77";
@@ -143,5 +144,73 @@ async fn a_receivers_body_is_never_in_status_or_events() {
         assert!(!text.contains(MARKER), "the receiver's answer was echoed: {text}");
     }
     assert_eq!(hook.received().len(), 1);
+    operator.stop().await;
+}
+
+#[tokio::test]
+async fn fail_fail_succeed_pages_once_resolves_once_and_a_changed_slack_hears_twice() {
+    let env = Env::new("ctl-changed").await;
+    let slack = Receiver::slack().await;
+    let hook = Receiver::webhook().await;
+    let pagerduty = PagerDuty::start().await;
+    let routing_key = pagerduty.integration();
+    env.put_secret("slack-hook", "url", &slack.url()).await;
+    env.put_secret("report-hook", "url", &hook.url()).await;
+    // Stored with a trailing newline, as `kubectl create secret --from-file` often does.
+    env.put_secret("pagerduty", "routing-key", &format!("{routing_key}\n")).await;
+    let http = HttpSender::new(HttpConfig {
+        total_timeout: Duration::from_secs(5),
+        retry_backoff: Duration::from_millis(100),
+        policy: EgressPolicy::shared_default(),
+        ..HttpConfig::default()
+    })
+    .unwrap();
+    let notifier = Notifier::new(env.client.clone(), None, http).with_pagerduty_url(&pagerduty.url());
+    let operator = env.start_with(env.config(), Some(Arc::new(notifier))).await;
+
+    // No `members` ConfigMap yet: runs fail (and are not retried: a missing ConfigMap does
+    // not pass on its own). The webhook hears every run, Slack only the changes.
+    let mut doc = env.import("flappy", "flappy", json!({ "cadence": "Daily", "at": "06:30" }));
+    doc["spec"]["notifications"] = json!({
+        "slack": { "urlSecretRef": { "name": "slack-hook", "key": "url" }, "when": "Changed" },
+        "webhook": { "urlSecretRef": { "name": "report-hook", "key": "url" } },
+        "pagerduty": { "routingKeySecretRef": { "name": "pagerduty", "key": "routing-key" } }
+    });
+    env.create(doc).await;
+    let mut runs = Vec::new();
+    for (n, expected) in [(1, RunResult::Failed), (2, RunResult::Failed), (3, RunResult::Succeeded)] {
+        if n == 3 {
+            env.put_members(&ids(0..3)).await;
+        }
+        env.request_run("flappy", &n.to_string()).await;
+        let status = env.wait_runs("flappy", n).await.status.unwrap();
+        assert_eq!(status.history[0].result, expected, "{}", status.history[0].message);
+        runs.push(status.history[0].id.clone());
+        // Each run's report is out (the webhook hears every run) before the next starts.
+        let event = hook.wait_for(n, WAIT).await[n - 1].json();
+        assert_eq!(event["id"], runs[n - 1].as_str());
+    }
+    let messages: Vec<String> =
+        slack.wait_for(2, WAIT).await.iter().map(|m| m.json()["text"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(messages.len(), 2, "{messages:?}");
+    assert!(messages[0].starts_with(":x: Failed") && messages[0].ends_with(&runs[0]), "{messages:?}");
+    assert!(messages[1].starts_with(":white_check_mark: Succeeded (recovered)"), "{messages:?}");
+    assert!(messages[1].contains(&runs[2]), "{messages:?}");
+    assert_eq!(slack.received().len(), 2, "the second failure is no news");
+
+    // PagerDuty (`when: Changed` by default): one trigger, one resolve, one alert opened and
+    // resolved, under the import's dedup key; every request answered 202.
+    let events = pagerduty.wait_for(2, WAIT).await;
+    let actions: Vec<&str> = events.iter().map(|e| e.action.as_str()).collect();
+    assert_eq!(actions, ["trigger", "resolve"]);
+    let dedup_key = format!("cohorts.dev/{}/flappy", env.ns);
+    assert!(events.iter().all(|e| e.dedup_key == dedup_key && e.routing_key == routing_key), "{events:?}");
+    let trigger = &events[0].body;
+    assert_eq!(trigger["payload"]["severity"], "error");
+    assert_eq!(trigger["payload"]["custom_details"]["run"]["id"], runs[0].as_str());
+    assert_eq!(pagerduty.alerts(&routing_key), [Alert { dedup_key, triggers: 1, resolved: true }]);
+    assert_eq!(pagerduty.answered(), [202, 202]);
+    let status = env.get("flappy").await.status.unwrap();
+    assert!(status.last_notification_error.is_none(), "{:?}", status.last_notification_error);
     operator.stop().await;
 }

@@ -32,6 +32,7 @@ fn notice(result: RunResult) -> RunNotice {
         reason: None,
         hint: None,
         recovered: false,
+        changed: false,
         dry_run: false,
     }
 }

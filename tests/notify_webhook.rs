@@ -1,4 +1,5 @@
-//! Slack and webhook run reports against real local HTTP receivers (testkit::webhook): the
+//! Slack, webhook and PagerDuty run reports against real local HTTP receivers
+//! (testkit::webhook, testkit::pagerduty): the
 //! documented payloads, retries on 429/5xx/connection errors within a time bound, no retry
 //! of other answers, no redirects, the destination policy, and no secret in any error.
 
@@ -9,7 +10,7 @@ use std::time::{Duration, Instant};
 use cohort_operator::api::{RunResult, RunTrigger};
 use cohort_operator::net::egress::{DenyFlag, EgressPolicy, EgressRule};
 use cohort_operator::notify::http::Delivery;
-use cohort_operator::notify::payload::{CLOUDEVENTS_CONTENT_TYPE, cloud_event, slack_message};
+use cohort_operator::notify::payload::{CLOUDEVENTS_CONTENT_TYPE, cloud_event, pagerduty_event, slack_message};
 use cohort_operator::notify::{Channel, HttpConfig, HttpSender, NotifyError, RunNotice};
 use cohort_operator::secret::SecretString;
 use jiff::tz::TimeZone;
@@ -38,6 +39,7 @@ fn notice(result: RunResult) -> RunNotice {
         reason: (result == RunResult::Failed).then(|| "source: ConfigMap growth/members not found".into()),
         hint: None,
         recovered: false,
+        changed: false,
         dry_run: false,
     }
 }
@@ -60,6 +62,7 @@ fn slack_delivery<'a>(url: &'a SecretString, n: &RunNotice) -> Delivery<'a> {
         url,
         origin: "Secret growth/hooks key slack",
         headers: &[],
+        body_secrets: &[],
         content_type: "application/json",
         body: serde_json::to_vec(&slack_message(n)).unwrap(),
     }
@@ -75,6 +78,7 @@ fn webhook_delivery<'a>(
         url,
         origin: "Secret growth/hooks key url",
         headers,
+        body_secrets: &[],
         content_type: CLOUDEVENTS_CONTENT_TYPE,
         body: serde_json::to_vec(&cloud_event(n)).unwrap(),
     }
@@ -289,4 +293,56 @@ async fn plain_http_is_only_for_loopback_and_bad_urls_are_named_by_their_secret(
     let err = sender.post(&webhook_delivery(&url, &bad, &notice(RunResult::Failed))).await.unwrap_err();
     assert!(matches!(err, NotifyError::InvalidHeader { .. }), "{err:?}");
     assert!(!err.to_string().contains("two"), "{err}");
+}
+
+/// A PagerDuty integration key: 32 characters.
+const ROUTING_KEY: &str = "R0a1b2c3d4e5f60718293a4b5c6d7e8f";
+
+fn pagerduty_delivery<'a>(url: &'a SecretString, key: &'a [SecretString], n: &RunNotice) -> Delivery<'a> {
+    Delivery {
+        channel: Channel::PagerDuty,
+        url,
+        origin: "--pagerduty-events-url",
+        headers: &[],
+        body_secrets: key,
+        content_type: "application/json",
+        body: serde_json::to_vec(&pagerduty_event(n, key[0].expose())).unwrap(),
+    }
+}
+
+#[tokio::test]
+async fn pagerduty_accepts_the_trigger_and_the_resolve_as_documented() {
+    let pagerduty = testkit::pagerduty::PagerDuty::start().await;
+    let key = [SecretString::new(pagerduty.integration())];
+    let url = SecretString::new(pagerduty.url());
+    let sender = HttpSender::new(config()).unwrap();
+    sender.post(&pagerduty_delivery(&url, &key, &notice(RunResult::Failed))).await.unwrap();
+    sender.post(&pagerduty_delivery(&url, &key, &notice(RunResult::Succeeded))).await.unwrap();
+    assert_eq!(pagerduty.answered(), [202, 202], "valid events, as PagerDuty documents them");
+    let alerts = pagerduty.alerts(key[0].expose());
+    assert_eq!(alerts.len(), 1);
+    assert!(alerts[0].resolved && alerts[0].triggers == 1, "{alerts:?}");
+    assert_eq!(alerts[0].dedup_key, "cohorts.dev/growth/churn-risk");
+}
+
+#[tokio::test]
+async fn a_pagerduty_answer_quoting_the_routing_key_is_scrubbed() {
+    let hook = Receiver::webhook().await;
+    hook.respond_always(Answer::Status {
+        status: 400,
+        body: "invalid event: routing_key R0a1b2c3d4e5f60718293a4b5c6d7e8f is unknown",
+        retry_after: None,
+    });
+    let url = SecretString::new(hook.url());
+    let key = [SecretString::new(ROUTING_KEY.to_owned())];
+    let err = HttpSender::new(config())
+        .unwrap()
+        .post(&pagerduty_delivery(&url, &key, &notice(RunResult::Failed)))
+        .await
+        .unwrap_err();
+    assert_eq!(hook.received().len(), 1, "a 400 is not retried");
+    let text = err.to_string();
+    assert!(text.contains("pagerduty") && text.contains("HTTP 400: invalid event: routing_key"), "{text}");
+    assert!(!text.contains(ROUTING_KEY), "{text}");
+    assert_no_secret(&err, &hook);
 }

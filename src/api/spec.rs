@@ -32,6 +32,7 @@ pub const WALL_TIME_PATTERN: &str = r"^([01][0-9]|2[0-3]):[0-5][0-9]$";
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name":"Cadence","type":"string","jsonPath":".spec.schedule.cadence"}"#,
+    printcolumn = r#"{"name":"Cron","type":"string","jsonPath":".spec.schedule.expression","description":"The cron expression of cadence Cron"}"#,
     printcolumn = r#"{"name":"Last Result","type":"string","jsonPath":".status.lastRun.result"}"#,
     printcolumn = r#"{"name":"Members","type":"integer","jsonPath":".status.members","description":"Members in the source at the last successful run"}"#,
     printcolumn = r#"{"name":"Last Run","type":"date","jsonPath":".status.lastRun.finishedAt"}"#,
@@ -733,10 +734,20 @@ pub struct BrazeDestination {
 #[serde(rename_all = "camelCase")]
 pub struct ScheduleSpec {
     /// `Once` runs soon after creation (or at `at`) and then only when triggered. `Hourly`
-    /// runs at `minute` past every hour; `Daily`, `Weekly` and `Monthly` at `at`.
+    /// runs at `minute` past every hour; `Daily`, `Weekly` and `Monthly` at `at`; `Cron` at
+    /// every time `expression` matches.
     pub cadence: Cadence,
+    /// Required with, and only with, `Cron`: five fields, `minute hour day-of-month month
+    /// day-of-week`, on `timeZone`'s clock, e.g. `*/15 * * * *` or `30 6 * * MON-FRI` (a
+    /// CronJob's syntax, nicknames such as `@daily` included). A wall time skipped by a
+    /// clock change runs at the end of the gap, a repeated one once. Expressions that run
+    /// more often than the operator's `--min-cron-interval-minutes` (default 5) allows are
+    /// refused; the interval is measured on the wall clock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128))]
+    pub expression: Option<String>,
     /// Local wall time `HH:MM` in `timeZone`. Required with `Daily`, `Weekly` and `Monthly`;
-    /// not used with `Hourly`. `Once` without it runs soon after creation.
+    /// not used with `Hourly` or `Cron`. `Once` without it runs soon after creation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = WALL_TIME_PATTERN))]
     pub at: Option<String>,
@@ -752,7 +763,7 @@ pub struct ScheduleSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 31))]
     pub day_of_month: Option<u8>,
-    /// IANA time zone of `at` (and of `minute`), e.g. `Europe/Lisbon`.
+    /// IANA time zone of `at` (and of `minute` and `expression`), e.g. `Europe/Lisbon`.
     #[serde(default = "default_time_zone")]
     #[schemars(length(min = 1, max = 64), regex(pattern = r"^[A-Za-z][A-Za-z0-9_+\-/]*$"))]
     pub time_zone: String,
@@ -773,6 +784,7 @@ pub enum Cadence {
     Daily,
     Weekly,
     Monthly,
+    Cron,
 }
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
@@ -800,6 +812,36 @@ pub struct Notifications {
     /// The run record as a CloudEvent (structured JSON), POSTed to an HTTP endpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook: Option<WebhookNotification>,
+    /// A PagerDuty alert through the Events API v2: `trigger` when a run fails or is
+    /// blocked, `resolve` on the next success; one alert per import (its dedup key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pagerduty: Option<PagerDutyNotification>,
+}
+
+/// A PagerDuty service's Events API v2 integration. The operator posts to
+/// `--pagerduty-events-url` (PagerDuty's US endpoint by default).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PagerDutyNotification {
+    /// Secret key holding the integration's routing key (its 32-character Integration Key).
+    pub routing_key_secret_ref: SecretKeyRef,
+    /// Which results trigger an alert (`Failed`, which includes `Missed`, and `Blocked`);
+    /// all of them when omitted. A success after a result listed here resolves it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on: Option<Vec<NotifyOn>>,
+    /// `Changed` (the default here): trigger on the first failure or block, resolve on the
+    /// recovery. `Always`: trigger on every failed or blocked run (PagerDuty adds it to the
+    /// open alert) and resolve on every success.
+    #[serde(default = "notify_when_changed", skip_serializing_if = "is_changed")]
+    pub when: NotifyWhen,
+}
+
+fn notify_when_changed() -> NotifyWhen {
+    NotifyWhen::Changed
+}
+
+fn is_changed(when: &NotifyWhen) -> bool {
+    *when == NotifyWhen::Changed
 }
 
 /// A Slack incoming webhook. Its URL is the credential, so it lives in a Secret.
@@ -811,6 +853,12 @@ pub struct SlackNotification {
     /// Which results send a message; all of them when omitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on: Option<Vec<NotifyOn>>,
+    /// `Always` (the default): every run `on` names. `Changed`: only a run whose result
+    /// differs from the previous run's (the newest in `.status.history`; a dry run counts as
+    /// a success, a missed run as a failure, no previous run as a success): the first
+    /// failure or block, and the recovery.
+    #[serde(default, skip_serializing_if = "NotifyWhen::is_always")]
+    pub when: NotifyWhen,
 }
 
 /// An HTTP endpoint that receives each run record as a CloudEvent.
@@ -826,6 +874,12 @@ pub struct WebhookNotification {
     /// Which results send an event; all of them when omitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on: Option<Vec<NotifyOn>>,
+    /// `Always` (the default): every run `on` names. `Changed`: only a run whose result
+    /// differs from the previous run's (the newest in `.status.history`; a dry run counts as
+    /// a success, a missed run as a failure, no previous run as a success): the first
+    /// failure or block, and the recovery.
+    #[serde(default, skip_serializing_if = "NotifyWhen::is_always")]
+    pub when: NotifyWhen,
 }
 
 /// A request header whose value is a Secret's.
@@ -848,12 +902,34 @@ pub struct EmailNotification {
     /// Which results send an email; all of them when omitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on: Option<Vec<NotifyOn>>,
+    /// `Always` (the default): every run `on` names. `Changed`: only a run whose result
+    /// differs from the previous run's (the newest in `.status.history`; a dry run counts as
+    /// a success, a missed run as a failure, no previous run as a success): the first
+    /// failure or block, and the recovery.
+    #[serde(default, skip_serializing_if = "NotifyWhen::is_always")]
+    pub when: NotifyWhen,
 }
 
 /// An email address, `local@domain`.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(transparent)]
 pub struct EmailAddress(#[schemars(length(min = 3, max = 254), regex(pattern = r"^[^@\s]+@[^@\s]+$"))] pub String);
+
+/// When a channel hears of a run its `on` names.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum NotifyWhen {
+    /// Every such run.
+    #[default]
+    Always,
+    /// Only when the result changed since the previous run.
+    Changed,
+}
+
+impl NotifyWhen {
+    pub fn is_always(&self) -> bool {
+        *self == NotifyWhen::Always
+    }
+}
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum NotifyOn {

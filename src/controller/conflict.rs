@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 
 use super::secrets::normalize_endpoint;
 use crate::api::{CohortImport, CohortImportSpec};
-use crate::domain::validate::validate;
+use crate::domain::validate::{Limits, validate_with};
 
 /// Identifies one Braze cohort, but for the workspace (compared apart: it is in status).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -74,24 +74,28 @@ fn seniority(import: &CohortImport) -> (Timestamp, String, String) {
 /// Whether `import` holds its cohort against others: it may run (not suspended, its spec is
 /// valid) and it has run (a run in progress or recorded). A suspended, invalid or new import
 /// changes nothing in Braze, so it keeps nobody else from running.
-pub fn holds(import: &CohortImport) -> bool {
+pub fn holds(import: &CohortImport, limits: &Limits) -> bool {
     let status = import.status.as_ref();
     let has_run = status.is_some_and(|s| s.current_run.is_some() || s.last_run.is_some() || !s.history.is_empty());
-    has_run && !import.spec.suspend && validate(&import.spec).is_ok()
+    has_run && !import.spec.suspend && validate_with(&import.spec, limits).is_ok()
 }
 
 /// The imports that would own `me`'s cohort, if of `me`'s workspace, best first: every other
 /// import (including those being deleted, which may still be removing members) aimed at the
 /// same cohort that [`holds`] it — and, when `me` holds it too, is older.
-pub fn contenders<'a>(me: &CohortImport, all: impl IntoIterator<Item = &'a CohortImport>) -> Vec<&'a CohortImport> {
+pub fn contenders<'a>(
+    me: &CohortImport,
+    all: impl IntoIterator<Item = &'a CohortImport>,
+    limits: &Limits,
+) -> Vec<&'a CohortImport> {
     let key = CohortKey::of(&me.spec);
     let mine = seniority(me);
-    let me_holds = holds(me);
+    let me_holds = holds(me, limits);
     // Namespace and name make seniorities unique, so `!=` never keeps `me` itself.
     let mut found: Vec<_> = all
         .into_iter()
         .filter(|other| key.is_of(&other.spec) && seniority(other) != mine)
-        .filter(|other| (!me_holds || seniority(other) < mine) && holds(other))
+        .filter(|other| (!me_holds || seniority(other) < mine) && holds(other, limits))
         .collect();
     found.sort_by_key(|other| seniority(other));
     found
@@ -107,13 +111,14 @@ fn recorded_workspace(import: &CohortImport) -> Option<&str> {
 }
 
 /// The import that owns `me`'s cohort when it is not `me`: the first of [`contenders`] in
-/// `me`'s `workspace` (an unknown workspace, on either side, counts as the same).
+/// `me`'s `workspace` (an unknown workspace, on either side, counts as the same), under the
+/// default [`Limits`].
 pub fn winner<'a>(
     me: &CohortImport,
     workspace: Option<&str>,
     all: impl IntoIterator<Item = &'a CohortImport>,
 ) -> Option<&'a CohortImport> {
-    pick(contenders(me, all), workspace)
+    pick(contenders(me, all, &Limits::default()), workspace)
 }
 
 /// The first of `contenders` in `workspace`, as [`winner`].
@@ -304,8 +309,8 @@ pub(crate) mod tests {
         let unknown = import("team-a", "a", "2026-01-01T00:00:00Z", "https://rest.iad-01.braze.com", "vip");
         assert!(winner(&b, Some(&workspace_of("k2")), &[unknown.clone(), b.clone()]).is_some());
         // The key is read only when there is a workspace to compare with.
-        assert!(needs_workspace(&contenders(&b, &all)));
-        assert!(!needs_workspace(&contenders(&b, &[unknown, b.clone()])));
+        assert!(needs_workspace(&contenders(&b, &all, &Limits::default())));
+        assert!(!needs_workspace(&contenders(&b, &[unknown, b.clone()], &Limits::default())));
     }
 
     #[test]
@@ -329,7 +334,7 @@ pub(crate) mod tests {
         let mut new = older("new");
         new.status = None;
         for other in [suspended, invalid, new] {
-            assert!(!holds(&other), "{}", other.name_any());
+            assert!(!holds(&other, &Limits::default()), "{}", other.name_any());
             assert!(winner(&me, None, &[other.clone(), me.clone()]).is_none(), "{}", other.name_any());
         }
     }

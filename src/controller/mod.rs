@@ -56,6 +56,7 @@ pub mod secrets;
 pub mod shard;
 pub mod status;
 
+use crate::domain::validate::Limits;
 use clock::Clock;
 use conflict::{Referenced, references};
 use events::Events;
@@ -106,6 +107,8 @@ pub struct Config {
     /// ([`crate::fence`]); give the same [`Fence::leased`] to the importer's Braze client and
     /// snapshot store. The default never closes (a single replica).
     pub fence: Fence,
+    /// Operator settings some spec rules depend on (`--min-cron-interval-minutes`).
+    pub limits: Limits,
 }
 
 impl Default for Config {
@@ -127,6 +130,7 @@ impl Default for Config {
             missing_secret_recheck: Duration::from_secs(30),
             shard: None,
             fence: Fence::unfenced(),
+            limits: Limits::default(),
         }
     }
 }

@@ -24,7 +24,7 @@ use super::runs;
 use super::secrets::{self, CheckedKey, KeyError};
 use super::status::{self, Written, ready_reason, set_ready};
 use crate::api::{CohortImport, CohortImportStatus, DeletionPolicy, FINALIZER, ReadyReason, RunResult, SecretKeyRef};
-use crate::domain::validate::{ValidSpec, validate};
+use crate::domain::validate::{ValidSpec, validate_with};
 use crate::run::RemovalError;
 use crate::source::SourceContext;
 use crate::source::kube::KubeObjects;
@@ -155,7 +155,7 @@ async fn write_status(
 async fn apply(import: Arc<CohortImport>, ctx: &Arc<Context>, api: &Api<CohortImport>) -> Result<Action, Error> {
     let now = ctx.clock.now();
     let reference = ObjectRef::from_obj(import.as_ref());
-    let valid = validate(&import.spec);
+    let valid = validate_with(&import.spec, &ctx.config.limits);
     // One active schedule per cohort.
     let (winner, workspace) = match &valid {
         Ok(_) => winner(ctx, &import).await,
@@ -204,7 +204,7 @@ async fn apply(import: Arc<CohortImport>, ctx: &Arc<Context>, api: &Api<CohortIm
 /// is not worth it otherwise; a run records it anyway).
 async fn winner(ctx: &Context, import: &CohortImport) -> (Option<(ObjectRef<CohortImport>, String)>, Option<String>) {
     let imports = ctx.imports_of(&CohortKey::of(&import.spec));
-    let contenders = conflict::contenders(import, imports.iter().map(|i| i.as_ref()));
+    let contenders = conflict::contenders(import, imports.iter().map(|i| i.as_ref()), &ctx.config.limits);
     let mut workspace = None;
     if conflict::needs_workspace(&contenders) {
         let namespace = import.namespace().unwrap_or_default();

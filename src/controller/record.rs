@@ -29,7 +29,7 @@ use crate::api::{
     RetrySpec, RunRecord, RunResult, RunTrigger,
 };
 use crate::domain::retry::Retry;
-use crate::notify::{RunNotice, any_channel_wants, is_recovery};
+use crate::notify::{RunNotice, any_channel_wants, is_recovery, result_changed};
 use crate::run::{RunError, RunReport, new_run_id};
 
 /// A run that ended, however it ended.
@@ -348,7 +348,8 @@ fn notice(import: &CohortImport, end: &RunEnd, recorded: &Recorded) -> Option<Ru
     let notifications = import.spec.notifications.as_ref()?;
     let record = &end.record;
     let recovered = is_recovery(record.result, &recorded.previous_history);
-    if !any_channel_wants(notifications, record.result, recovered) {
+    let changed = result_changed(record.result, &recorded.previous_history);
+    if !any_channel_wants(notifications, record.result, recovered, changed) {
         return None;
     }
     Some(RunNotice {
@@ -372,6 +373,7 @@ fn notice(import: &CohortImport, end: &RunEnd, recorded: &Recorded) -> Option<Ru
             .filter(|m| !m.is_empty()),
         hint: end.hint.clone(),
         recovered,
+        changed,
         dry_run: import.spec.dry_run,
     })
 }

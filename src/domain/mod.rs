@@ -1,5 +1,6 @@
 //! The domain core: plain functions and types, no Kubernetes client, no network, no clock.
 //! Everything here is unit-tested without a cluster.
+pub mod cron;
 pub mod diff;
 pub mod guard;
 pub mod identifiers;

@@ -133,18 +133,19 @@ pub struct Plan {
 /// [`ScheduleCursor::stored`]); `descriptions_name_the_schedule` pins it for that reason.
 pub fn describe(schedule: &Schedule) -> String {
     let zone = schedule.time_zone.iana_name().unwrap_or("UTC");
-    let recurrence = describe_recurrence(schedule.recurrence, zone);
+    let recurrence = describe_recurrence(&schedule.recurrence, zone);
     if schedule.run_on_create { format!("{recurrence}, first run on creation") } else { recurrence }
 }
 
-fn describe_recurrence(recurrence: Recurrence, zone: &str) -> String {
-    match recurrence {
+fn describe_recurrence(recurrence: &Recurrence, zone: &str) -> String {
+    match *recurrence {
         Recurrence::Once { at: None } => format!("Once, soon after creation ({zone})"),
         Recurrence::Once { at: Some(at) } => format!("Once at {at} ({zone})"),
         Recurrence::Hourly { minute } => format!("Hourly at {minute} ({zone})"),
         Recurrence::Daily { at } => format!("Daily at {at} ({zone})"),
         Recurrence::Weekly { on, at } => format!("Weekly on {on:?} at {at} ({zone})"),
         Recurrence::Monthly { day, at } => format!("Monthly on day {} at {at} ({zone})", day.get()),
+        Recurrence::Cron { ref expression } => format!("Cron {expression} ({zone})"),
     }
 }
 
@@ -156,13 +157,14 @@ fn describe_recurrence(recurrence: Recurrence, zone: &str) -> String {
 /// normal form must bump the `s1-` prefix and teach [`ScheduleCursor::stored`] the old one.
 pub fn identity(schedule: &Schedule) -> String {
     let zone = schedule.time_zone.iana_name().unwrap_or("UTC");
-    let normal = match schedule.recurrence {
+    let normal = match &schedule.recurrence {
         Recurrence::Once { at: None } => format!("cadence=Once;tz={zone}"),
         Recurrence::Once { at: Some(at) } => format!("cadence=Once;at={at};tz={zone}"),
         Recurrence::Hourly { minute } => format!("cadence=Hourly;minute={};tz={zone}", minute.get()),
         Recurrence::Daily { at } => format!("cadence=Daily;at={at};tz={zone}"),
         Recurrence::Weekly { on, at } => format!("cadence=Weekly;day={on:?};at={at};tz={zone}"),
         Recurrence::Monthly { day, at } => format!("cadence=Monthly;day={};at={at};tz={zone}", day.get()),
+        Recurrence::Cron { expression } => format!("cadence=Cron;expression={expression};tz={zone}"),
     };
     // Only when set, so that identities stored before the field existed stay equal.
     let normal = if schedule.run_on_create { format!("{normal};runOnCreate=true") } else { normal };

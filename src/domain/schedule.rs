@@ -28,6 +28,16 @@
 //! (The skipped-wall-time rule of the daily cadences would add a run at the transition, a
 //! few minutes before the next hour's own run.)
 //!
+//! A cron schedule ([`Recurrence::Cron`], the expression's rules in [`super::cron`]) runs at
+//! every wall time its expression matches, turned into an instant by the same rule as the
+//! daily cadences: a skipped wall time runs at the first instant after the gap, a repeated
+//! one once, at its first occurrence. So on the day New York skips 02:00–03:00,
+//! `*/15 * * * *` runs at 01:45 EST and then once at the transition (03:00 EDT, standing for
+//! 02:00–02:45 and 03:00 itself); on the day it repeats 01:00–02:00, it runs 01:00–01:45 EDT
+//! and not again until 02:00 EST, an hour and a quarter later. Unlike `Daily`, a run pushed
+//! past midnight by a gap is not merged into the next day's runs (a cron expression has no
+//! notion of one run a day).
+//!
 //! `run_on_create` adds one run at the anchor (the creation time) to a recurring schedule:
 //! the first run happens right after the resource is created instead of at the first slot.
 //!
@@ -48,6 +58,8 @@ use std::str::FromStr;
 use jiff::civil::{Date, DateTime, Time, Weekday};
 use jiff::tz::{AmbiguousOffset, TimeZone};
 use jiff::{SignedDuration, Timestamp, ToSpan};
+
+use super::cron::CronExpression;
 
 /// A local wall time, minute precision (`HH:MM`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -151,7 +163,7 @@ impl fmt::Display for MinuteOfHour {
 }
 
 /// Which dates have a run, and at what wall time.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Recurrence {
     /// A single run: at the anchor (creation time) without `at`, else the first `at` at or
     /// after the anchor.
@@ -173,6 +185,10 @@ pub enum Recurrence {
     Monthly {
         day: DayOfMonth,
         at: WallTime,
+    },
+    /// At every wall time a five-field cron expression matches.
+    Cron {
+        expression: CronExpression,
     },
 }
 
@@ -199,10 +215,10 @@ impl Schedule {
 
 impl Recurrence {
     /// The wall time runs are at; `None` for a `Once` without one.
-    fn at(self) -> Option<WallTime> {
-        match self {
+    fn at(&self) -> Option<WallTime> {
+        match *self {
             Recurrence::Once { at } => at,
-            Recurrence::Hourly { .. } => None,
+            Recurrence::Hourly { .. } | Recurrence::Cron { .. } => None,
             Recurrence::Daily { at } | Recurrence::Weekly { at, .. } | Recurrence::Monthly { at, .. } => Some(at),
         }
     }
@@ -234,14 +250,17 @@ pub fn previous_run_at_or_before(schedule: &Schedule, created: Timestamp, t: Tim
 /// [`next_run_after`] without the run at creation.
 fn next_slot_after(schedule: &Schedule, created: Timestamp, after: Timestamp) -> Option<Timestamp> {
     let tz = &schedule.time_zone;
-    let step = schedule.recurrence;
-    if let Recurrence::Once { at } = step {
+    let step = &schedule.recurrence;
+    if let Recurrence::Once { at } = *step {
         return once(tz, at, created).filter(|&run| run > after);
     }
-    if let Recurrence::Hourly { minute } = step {
+    if let Recurrence::Hourly { minute } = *step {
         // Runs are whole seconds: the first at or after `after` + 1 ns is the first after it.
         let from = after.max(created - SignedDuration::from_nanos(1));
         return hourly_at_or_after(tz, minute, from.checked_add(SignedDuration::from_nanos(1)).ok()?);
+    }
+    if let Recurrence::Cron { expression } = step {
+        return cron_after(tz, expression, after.max(created - SignedDuration::from_nanos(1)));
     }
     // Two days of slack: a run's local date can precede the local date of `after` (folds,
     // gaps pushing a run forward), never by more than a day.
@@ -262,15 +281,18 @@ fn next_slot_after(schedule: &Schedule, created: Timestamp, after: Timestamp) ->
 /// [`previous_run_at_or_before`] without the run at creation.
 fn previous_slot_at_or_before(schedule: &Schedule, created: Timestamp, t: Timestamp) -> Option<Timestamp> {
     let tz = &schedule.time_zone;
-    let step = schedule.recurrence;
-    if let Recurrence::Once { at } = step {
+    let step = &schedule.recurrence;
+    if let Recurrence::Once { at } = *step {
         return once(tz, at, created).filter(|&run| run <= t);
     }
     if t < created {
         return None;
     }
-    if let Recurrence::Hourly { minute } = step {
+    if let Recurrence::Hourly { minute } = *step {
         return hourly_at_or_before(tz, minute, t).filter(|&run| run >= created);
+    }
+    if let Recurrence::Cron { expression } = step {
+        return cron_at_or_before(tz, expression, t).filter(|&run| run >= created);
     }
     let from = tz.to_datetime(t).date().checked_add(2.days()).ok()?;
     let mut date = last_run_date_on_or_before(step, from)?;
@@ -328,6 +350,62 @@ fn hourly_at_or_before(tz: &TimeZone, minute: MinuteOfHour, mut to: Timestamp) -
     None
 }
 
+/// How many matching wall times a cron search looks at before giving up: a fold of a day
+/// (the longest any zone has had) holds at most 1440 that run earlier.
+const CRON_SEARCH_LIMIT: usize = 1442;
+
+/// The first cron run strictly after `after`.
+///
+/// A wall time runs at [`instant_of`] it, which never decreases as the wall time grows: so
+/// the first matching wall time after `after`'s own whose instant is after `after` is the
+/// answer. Only in a fold are matching wall times passed over (their first occurrence is
+/// already behind).
+fn cron_after(tz: &TimeZone, expression: &CronExpression, after: Timestamp) -> Option<Timestamp> {
+    let mut wall = expression.next_after(tz.to_datetime(after))?;
+    for _ in 0..CRON_SEARCH_LIMIT {
+        let run = instant_of(tz, wall)?;
+        if run > after {
+            return Some(run);
+        }
+        wall = expression.next_after(wall)?;
+    }
+    None
+}
+
+/// The last cron run at or before `t`.
+///
+/// A wall time later than `t`'s own runs at or before `t` only when `t` is in the second
+/// occurrence of a fold and the wall time's first occurrence is behind it, so the search
+/// starts that far ahead: by the largest backward shift in the day before `t`.
+fn cron_at_or_before(tz: &TimeZone, expression: &CronExpression, t: Timestamp) -> Option<Timestamp> {
+    let ahead = tz.to_datetime(t).checked_add(fold_reach(tz, t)).ok()?;
+    let mut wall = expression.previous_at_or_before(ahead)?;
+    for _ in 0..CRON_SEARCH_LIMIT {
+        let run = instant_of(tz, wall)?;
+        if run <= t {
+            return Some(run);
+        }
+        wall = expression.previous_at_or_before(wall.checked_sub(SignedDuration::from_secs(1)).ok()?)?;
+    }
+    None
+}
+
+/// How far `tz`'s clock shows a later time before `t` than at `t`, within the day before:
+/// the largest offset in force then, less the offset at `t` (zero without a backward shift).
+fn fold_reach(tz: &TimeZone, t: Timestamp) -> SignedDuration {
+    let now = tz.to_offset(t).seconds();
+    let day_before = t - SignedDuration::from_hours(24);
+    let most = tz
+        .preceding(t.checked_add(SignedDuration::from_nanos(1)).unwrap_or(t))
+        .map(|transition| transition.timestamp())
+        .take_while(|&at| at > day_before)
+        .take(SEARCH_LIMIT)
+        .map(|at| tz.to_offset(at - SignedDuration::from_nanos(1)).seconds())
+        .max()
+        .unwrap_or(now);
+    SignedDuration::from_secs(i64::from((most - now).max(0)))
+}
+
 /// The single run of a `Once` schedule.
 fn once(tz: &TimeZone, at: Option<WallTime>, created: Timestamp) -> Option<Timestamp> {
     let Some(at) = at else { return Some(created) };
@@ -354,9 +432,11 @@ fn run_on(schedule: &Schedule, date: Date) -> Option<Timestamp> {
     Some(run)
 }
 
-fn first_run_date_on_or_after(recurrence: Recurrence, date: Date) -> Option<Date> {
-    match recurrence {
-        Recurrence::Once { .. } | Recurrence::Hourly { .. } | Recurrence::Daily { .. } => Some(date),
+fn first_run_date_on_or_after(recurrence: &Recurrence, date: Date) -> Option<Date> {
+    match *recurrence {
+        Recurrence::Once { .. } | Recurrence::Hourly { .. } | Recurrence::Cron { .. } | Recurrence::Daily { .. } => {
+            Some(date)
+        }
         Recurrence::Weekly { on, .. } => date.checked_add(i64::from(date.weekday().until(on)).days()).ok(),
         Recurrence::Monthly { day, .. } => {
             let this_month = day.in_month_of(date);
@@ -370,9 +450,11 @@ fn first_run_date_on_or_after(recurrence: Recurrence, date: Date) -> Option<Date
     }
 }
 
-fn last_run_date_on_or_before(recurrence: Recurrence, date: Date) -> Option<Date> {
-    match recurrence {
-        Recurrence::Once { .. } | Recurrence::Hourly { .. } | Recurrence::Daily { .. } => Some(date),
+fn last_run_date_on_or_before(recurrence: &Recurrence, date: Date) -> Option<Date> {
+    match *recurrence {
+        Recurrence::Once { .. } | Recurrence::Hourly { .. } | Recurrence::Cron { .. } | Recurrence::Daily { .. } => {
+            Some(date)
+        }
         Recurrence::Weekly { on, .. } => date.checked_sub(i64::from(on.until(date.weekday())).days()).ok(),
         Recurrence::Monthly { day, .. } => {
             let this_month = day.in_month_of(date);
@@ -736,9 +818,10 @@ mod tests {
                 let wall = local.wrapping_add(SignedDuration::from_mins(minutes));
                 let at = WallTime::new(wall.hour(), wall.minute()).unwrap();
                 let r = match r {
-                    Recurrence::Daily { .. } | Recurrence::Once { .. } | Recurrence::Hourly { .. } => {
-                        Recurrence::Daily { at }
-                    }
+                    Recurrence::Daily { .. }
+                    | Recurrence::Once { .. }
+                    | Recurrence::Hourly { .. }
+                    | Recurrence::Cron { .. } => Recurrence::Daily { at },
                     Recurrence::Weekly { .. } => {
                         // On the weekday of the shift, so the run meets it.
                         Recurrence::Weekly { on: tz.to_datetime(shift).weekday(), at }
@@ -780,15 +863,18 @@ mod tests {
         hi
     }
 
-    fn is_run_date(r: Recurrence, d: Date) -> bool {
-        match r {
-            Recurrence::Once { .. } | Recurrence::Hourly { .. } | Recurrence::Daily { .. } => true,
+    fn is_run_date(r: &Recurrence, d: Date) -> bool {
+        match *r {
+            Recurrence::Once { .. }
+            | Recurrence::Hourly { .. }
+            | Recurrence::Cron { .. }
+            | Recurrence::Daily { .. } => true,
             Recurrence::Weekly { on, .. } => d.weekday() == on,
             Recurrence::Monthly { day, .. } => d.day() == (day.get() as i8).min(d.days_in_month()),
         }
     }
 
-    fn wall(r: Recurrence) -> WallTime {
+    fn wall(r: &Recurrence) -> WallTime {
         r.at().unwrap_or(WallTime::new(0, 0).unwrap())
     }
 
@@ -797,8 +883,8 @@ mod tests {
         let mut runs = Vec::new();
         let mut d = from;
         while d <= to {
-            if is_run_date(s.recurrence, d) {
-                let run = reference_instant(&s.time_zone, d.to_datetime(wall(s.recurrence).time()));
+            if is_run_date(&s.recurrence, d) {
+                let run = reference_instant(&s.time_zone, d.to_datetime(wall(&s.recurrence).time()));
                 let pushed = s.time_zone.to_datetime(run).date() != d;
                 if !(pushed && matches!(s.recurrence, Recurrence::Daily { .. })) {
                     runs.push(run);
@@ -837,7 +923,7 @@ mod tests {
         fn next_is_strictly_after_and_not_before_creation(
             r in any_recurrence(), tz in zone(), (created, now) in created_and_now(),
         ) {
-            let s = Schedule::new(r, tz);
+            let s = Schedule::new(r.clone(), tz);
             if let Some(next) = next_run_after(&s, created, now) {
                 prop_assert!(next > now);
                 prop_assert!(next >= created);
@@ -920,20 +1006,20 @@ mod tests {
         fn runs_fall_on_their_wall_time_and_day(
             r in recurring(), tz in zone(), (created, now) in created_and_now(),
         ) {
-            let s = Schedule::new(r, tz.clone());
+            let s = Schedule::new(r.clone(), tz.clone());
             let mut t = now;
             for _ in 0..6 {
                 let run = next_run_after(&s, created, t).unwrap();
                 let local = tz.to_datetime(run);
-                if local.time() == wall(r).time() {
-                    prop_assert!(is_run_date(r, local.date()));
+                if local.time() == wall(&r).time() {
+                    prop_assert!(is_run_date(&r, local.date()));
                 } else {
                     // Only a skipped wall time moves: the run is a forward shift, and the
                     // wall time on the run's local date or the day before falls in a gap.
                     let before = tz.to_offset(run - SignedDuration::from_nanos(1));
                     prop_assert!(tz.to_offset(run) > before, "moved run {run} is not at a forward shift");
                     let skipped = |d: Date| matches!(
-                        tz.to_ambiguous_timestamp(d.to_datetime(wall(r).time())).offset(),
+                        tz.to_ambiguous_timestamp(d.to_datetime(wall(&r).time())).offset(),
                         AmbiguousOffset::Gap { .. }
                     );
                     prop_assert!(skipped(local.date()) || skipped(local.date().yesterday().unwrap()));
@@ -1124,6 +1210,230 @@ mod tests {
                     last = Some(run);
                     t = run;
                 }
+            }
+        }
+    }
+
+    // ---- cron ----
+
+    fn cron(zone: &str, expression: &str) -> Schedule {
+        Schedule::new(Recurrence::Cron { expression: expression.parse().unwrap() }, tz(zone))
+    }
+
+    #[test]
+    fn cron_runs_at_matching_wall_times() {
+        let s = cron("Europe/Lisbon", "*/20 9-10 * * MON-FRI");
+        // 2024-06-07 is a Friday; Lisbon is UTC+1 in June.
+        assert_eq!(
+            runs(&s, "2024-06-07T08:00:00Z", 7),
+            [
+                "2024-06-07T08:20:00Z",
+                "2024-06-07T08:40:00Z",
+                "2024-06-07T09:00:00Z",
+                "2024-06-07T09:20:00Z",
+                "2024-06-07T09:40:00Z",
+                "2024-06-10T08:00:00Z",
+                "2024-06-10T08:20:00Z",
+            ]
+        );
+        assert_eq!(prev(&s, "2024-06-09T12:00:00Z"), "2024-06-07T09:40:00Z");
+        assert_eq!(prev(&s, "2024-06-07T08:20:00Z"), "2024-06-07T08:20:00Z");
+    }
+
+    #[test]
+    fn cron_skipped_wall_times_run_once_at_the_end_of_the_gap() {
+        // 2024-03-10 02:00 EST → 03:00 EDT (07:00Z): 02:00–02:45 and 03:00 run once, at 03:00 EDT.
+        let s = cron("America/New_York", "*/15 * * * *");
+        assert_eq!(
+            runs(&s, "2024-03-10T06:40:00Z", 3),
+            ["2024-03-10T06:45:00Z", "2024-03-10T07:00:00Z", "2024-03-10T07:15:00Z"]
+        );
+        // A daily 02:30 runs at the transition, as `Daily` does.
+        assert_eq!(next(&cron("America/New_York", "30 2 * * *"), "2024-03-09T12:00:00Z"), "2024-03-10T07:00:00Z");
+    }
+
+    #[test]
+    fn cron_repeated_wall_times_run_once_at_their_first_occurrence() {
+        // 2024-11-03 02:00 EDT → 01:00 EST (06:00Z): 01:00–01:45 run in EDT only.
+        let s = cron("America/New_York", "*/15 * * * *");
+        assert_eq!(
+            runs(&s, "2024-11-03T05:40:00Z", 3),
+            ["2024-11-03T05:45:00Z", "2024-11-03T07:00:00Z", "2024-11-03T07:15:00Z"]
+        );
+        assert_eq!(prev(&s, "2024-11-03T06:50:00Z"), "2024-11-03T05:45:00Z");
+        assert_eq!(prev(&s, "2024-11-03T06:59:59Z"), "2024-11-03T05:45:00Z");
+        let daily = cron("America/New_York", "30 1 * * *");
+        assert_eq!(next(&daily, "2024-11-02T12:00:00Z"), "2024-11-03T05:30:00Z");
+        assert_eq!(next(&daily, "2024-11-03T05:30:00Z"), "2024-11-04T06:30:00Z");
+    }
+
+    #[test]
+    fn cron_in_kathmandu_and_lord_howe() {
+        // Kathmandu is UTC+5:45: 06:00 local is 00:15Z.
+        assert_eq!(next(&cron("Asia/Kathmandu", "0 6 * * *"), "2024-06-01T00:00:00Z"), "2024-06-01T00:15:00Z");
+        // Lord Howe 2024-10-06 02:00 +10:30 → 02:30 +11 (15:30Z): 02:00 and 02:15 run once at
+        // the transition, which is also 02:30's own run.
+        assert_eq!(
+            runs(&cron("Australia/Lord_Howe", "*/15 * * * *"), "2024-10-05T15:00:00Z", 3),
+            ["2024-10-05T15:15:00Z", "2024-10-05T15:30:00Z", "2024-10-05T15:45:00Z"]
+        );
+        // 2024-04-07 02:00 +11 → 01:30 +10:30 (15:00Z): 01:30 and 01:45 run only at +11.
+        let s = cron("Australia/Lord_Howe", "*/15 * * * *");
+        assert_eq!(
+            runs(&s, "2024-04-06T14:20:00Z", 3),
+            ["2024-04-06T14:30:00Z", "2024-04-06T14:45:00Z", "2024-04-06T15:30:00Z"]
+        );
+    }
+
+    /// A cron expression and, field by field, what it matches: the reference the properties
+    /// check the search against. Day-of-month and day-of-week are either `*` or lists, so the
+    /// rule for both set (a day matching either) is unambiguous.
+    #[derive(Clone, Debug)]
+    struct CronCase {
+        text: String,
+        minutes: Vec<bool>,
+        hours: Vec<bool>,
+        days: Option<Vec<bool>>,
+        months: Vec<bool>,
+        weekdays: Option<Vec<bool>>,
+    }
+
+    impl CronCase {
+        fn matches(&self, t: DateTime) -> bool {
+            let day = match (&self.days, &self.weekdays) {
+                (None, None) => true,
+                (Some(d), None) => d[t.day() as usize],
+                (None, Some(w)) => w[t.weekday().to_sunday_zero_offset() as usize],
+                (Some(d), Some(w)) => d[t.day() as usize] || w[t.weekday().to_sunday_zero_offset() as usize],
+            };
+            self.minutes[t.minute() as usize] && self.hours[t.hour() as usize] && self.months[t.month() as usize] && day
+        }
+    }
+
+    /// `(text, set)` of one numeric field from `lo` to `hi`: `*`, `*/n`, a range or a list.
+    fn numeric_field(lo: u8, hi: u8, steps: bool) -> impl Strategy<Value = (String, Vec<bool>)> {
+        let size = hi as usize + 1;
+        let all = (0..size).map(|v| v >= lo as usize).collect::<Vec<_>>();
+        let star = Just(("*".to_owned(), all));
+        let step = (2u8..=(hi - lo).max(2)).prop_map(move |n| {
+            (
+                format!("*/{n}"),
+                (0..size).map(|v| v >= lo as usize && (v - lo as usize).is_multiple_of(n as usize)).collect(),
+            )
+        });
+        let range = (lo..=hi, lo..=hi).prop_map(move |(a, b)| {
+            let (a, b) = (a.min(b), a.max(b));
+            (format!("{a}-{b}"), (0..size).map(|v| (a as usize..=b as usize).contains(&v)).collect())
+        });
+        let list = proptest::collection::btree_set(lo..=hi, 1..4).prop_map(move |set| {
+            let text = set.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(",");
+            (text, (0..size).map(|v| set.contains(&(v as u8))).collect())
+        });
+        if steps {
+            prop_oneof![2 => star, 3 => step, 2 => range, 2 => list].boxed()
+        } else {
+            prop_oneof![3 => star, 1 => range, 2 => list].boxed()
+        }
+    }
+
+    fn day_field(lo: u8, hi: u8) -> impl Strategy<Value = (String, Option<Vec<bool>>)> {
+        let size = hi as usize + 1;
+        prop_oneof![
+            3 => Just(("*".to_owned(), None)),
+            1 => proptest::collection::btree_set(lo..=hi, 1..8).prop_map(move |set| {
+                let text = set.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(",");
+                (text, Some((0..size).map(|v| set.contains(&(v as u8))).collect()))
+            }),
+        ]
+    }
+
+    fn cron_case() -> impl Strategy<Value = CronCase> {
+        let hours = prop_oneof![
+            numeric_field(0, 23, true),
+            (0u8..4, 0u8..5).prop_map(|(a, n)| {
+                let b = (a + n).min(23);
+                (format!("{a}-{b}"), (0..24).map(|v| (a..=b).contains(&v)).collect())
+            })
+        ];
+        (numeric_field(0, 59, true), hours, day_field(1, 31), numeric_field(1, 12, false), day_field(0, 6)).prop_map(
+            |((mt, minutes), (ht, hours), (dt, days), (mot, months), (wt, weekdays))| CronCase {
+                text: format!("{mt} {ht} {dt} {mot} {wt}"),
+                minutes,
+                hours,
+                days,
+                months,
+                weekdays,
+            },
+        )
+    }
+
+    /// Brute-force reference, independent of the search: walk the UTC minutes from two days
+    /// before `from` to `to`; a minute is a run when its wall time matches and the clock
+    /// shows that wall time for the first time, or when the clock jumped forward onto it
+    /// over a matching wall time. (Every offset since 1995 is whole minutes, and so is every
+    /// transition.)
+    fn reference_cron(case: &CronCase, tz: &TimeZone, from: Timestamp, to: Timestamp) -> Vec<Timestamp> {
+        let minute = SignedDuration::from_mins(1);
+        let mut t =
+            Timestamp::from_second(from.as_second().div_euclid(60) * 60).unwrap() - SignedDuration::from_hours(48);
+        let mut seen = std::collections::HashSet::new();
+        let mut previous = tz.to_datetime(t - minute);
+        let mut runs = Vec::new();
+        while t <= to {
+            let wall = tz.to_datetime(t);
+            let first = seen.insert(wall);
+            let mut skipped = previous + minute;
+            let mut over_a_gap = false;
+            while skipped < wall {
+                over_a_gap |= case.matches(skipped);
+                skipped += minute;
+            }
+            if t > from && ((first && case.matches(wall)) || over_a_gap) {
+                runs.push(t);
+            }
+            previous = wall;
+            t += minute;
+        }
+        runs
+    }
+
+    /// An instant and a zone: near one of the zone's shifts, or anywhere.
+    fn cron_moment() -> impl Strategy<Value = (TimeZone, Timestamp)> {
+        prop_oneof![3 => before_a_shift(), 1 => (zone(), instant())]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        #[test]
+        fn cron_runs_are_the_reference_runs(case in cron_case(), (tz, now) in cron_moment()) {
+            let expression: CronExpression = match case.text.parse() {
+                Ok(e) => e,
+                // A generated date that never exists (31 in April only): refused, nothing to run.
+                Err(crate::domain::cron::InvalidCron::NeverRuns) => return Ok(()),
+                Err(e) => return Err(TestCaseError::fail(format!("{}: {e}", case.text))),
+            };
+            let s = Schedule::new(Recurrence::Cron { expression }, tz.clone());
+            let created = now - SignedDuration::from_hours(24 * 30);
+            let to = now + SignedDuration::from_hours(8);
+            let reference = reference_cron(&case, &tz, now, to);
+            let mut found = Vec::new();
+            let mut t = now;
+            while let Some(run) = next_run_after(&s, created, t).filter(|&run| run <= to) {
+                found.push(run);
+                t = run;
+            }
+            prop_assert_eq!(&found, &reference, "{} in {:?} from {}", case.text, tz.iana_name(), now);
+            // The previous run agrees at each run, just before it, and at the window's end.
+            for (i, &run) in reference.iter().enumerate() {
+                prop_assert_eq!(previous_run_at_or_before(&s, created, run), Some(run));
+                if i > 0 {
+                    let before = previous_run_at_or_before(&s, created, run - SignedDuration::from_nanos(1));
+                    prop_assert_eq!(before, Some(reference[i - 1]));
+                }
+            }
+            if let Some(&last) = reference.last() {
+                prop_assert_eq!(previous_run_at_or_before(&s, created, to), Some(last));
             }
         }
     }

@@ -32,8 +32,23 @@ use crate::api::{
     SourceSpec,
 };
 
+use super::cron::{CronExpression, InvalidCron};
 use super::identifiers::{IdentifierFields, MappingError};
 use super::schedule::{DayOfMonth, MinuteOfHour, Recurrence, Schedule, WallTime};
+
+/// Operator settings that some rules depend on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// The shortest time between two runs of a `Cron` schedule, on the wall clock
+    /// (`--min-cron-interval-minutes`).
+    pub min_cron_interval: jiff::SignedDuration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { min_cron_interval: jiff::SignedDuration::from_mins(5) }
+    }
+}
 
 /// A spec that passed every rule, with the parts later stages need already parsed: the
 /// importer opens [`Self::source`] with [`Self::identifiers`] and sends to
@@ -134,6 +149,14 @@ pub enum Problem {
     WallTime { value: String },
     #[error("{value} is not a minute of the hour; use 0 to 59, e.g. minute: 15")]
     Minute { value: u8 },
+    #[error("{0}")]
+    Cron(InvalidCron),
+    #[error(
+        "runs {shortest_minutes} minute(s) apart at its closest, more often than this operator allows (--min-cron-interval-minutes={min_minutes}); space the runs at least {min_minutes} minutes apart, e.g. \"*/{min_minutes} * * * *\""
+    )]
+    CronTooOften { shortest_minutes: i64, min_minutes: i64 },
+    #[error("is not used with cadence Cron, whose expression names the times; remove `at`")]
+    AtWithCron,
     #[error(
         "is not used with cadence Hourly, which runs at `minute` past every hour; remove `at` and set minute, e.g. minute: 15"
     )]
@@ -273,11 +296,17 @@ impl Problems {
     }
 }
 
-/// Checks every rule the schema cannot hold and parses what later stages need.
+/// Checks every rule the schema cannot hold and parses what later stages need, under the
+/// default [`Limits`].
 pub fn validate(spec: &CohortImportSpec) -> Result<ValidSpec, SpecErrors> {
+    validate_with(spec, &Limits::default())
+}
+
+/// [`validate`] under the operator's `limits`.
+pub fn validate_with(spec: &CohortImportSpec, limits: &Limits) -> Result<ValidSpec, SpecErrors> {
     let mut problems = Problems::default();
     let source = check_source(&spec.source, &mut problems);
-    let schedule = check_schedule(&spec.schedule, &mut problems);
+    let schedule = check_schedule(&spec.schedule, limits, &mut problems);
     let identifiers = check_identifiers(&spec.identifiers, &mut problems);
     let braze_endpoint = check_braze_endpoint(&spec.destination.braze.rest_endpoint, &mut problems);
     if let Some(notifications) = &spec.notifications {
@@ -299,7 +328,7 @@ impl TryFrom<&ScheduleSpec> for Schedule {
 
     fn try_from(spec: &ScheduleSpec) -> Result<Self, Self::Error> {
         let mut problems = Problems::default();
-        check_schedule(spec, &mut problems).ok_or(SpecErrors(problems.0))
+        check_schedule(spec, &Limits::default(), &mut problems).ok_or(SpecErrors(problems.0))
     }
 }
 
@@ -474,7 +503,7 @@ fn check_json_pointer(path: &str, pointer: &str, problems: &mut Problems) {
     }
 }
 
-fn check_schedule(spec: &ScheduleSpec, problems: &mut Problems) -> Option<Schedule> {
+fn check_schedule(spec: &ScheduleSpec, limits: &Limits, problems: &mut Problems) -> Option<Schedule> {
     let cadence = spec.cadence;
     let mut ok = true;
     let mut fail = |path: &str, problem: Problem| {
@@ -494,6 +523,7 @@ fn check_schedule(spec: &ScheduleSpec, problems: &mut Problems) -> Option<Schedu
     };
     match (cadence, &spec.at) {
         (Cadence::Hourly, Some(_)) => fail("spec.schedule.at", Problem::AtWithHourly),
+        (Cadence::Cron, Some(_)) => fail("spec.schedule.at", Problem::AtWithCron),
         (Cadence::Daily | Cadence::Weekly | Cadence::Monthly, None) => {
             fail("spec.schedule.at", Problem::RequiredWithCadence { cadence, example: "\"06:00\"" });
         }
@@ -554,6 +584,25 @@ fn check_schedule(spec: &ScheduleSpec, problems: &mut Problems) -> Option<Schedu
         (_, None) => None,
     };
 
+    let expression = match (cadence, &spec.expression) {
+        (Cadence::Cron, Some(text)) => match check_cron(text, limits) {
+            Ok(expression) => Some(expression),
+            Err(problem) => {
+                fail("spec.schedule.expression", problem);
+                None
+            }
+        },
+        (Cadence::Cron, None) => {
+            fail("spec.schedule.expression", Problem::RequiredWithCadence { cadence, example: "\"30 6 * * MON-FRI\"" });
+            None
+        }
+        (_, Some(_)) => {
+            fail("spec.schedule.expression", Problem::OnlyWithCadence { needs: Cadence::Cron, cadence });
+            None
+        }
+        (_, None) => None,
+    };
+
     let time_zone = match TimeZone::get(&spec.time_zone) {
         Ok(tz) => Some(tz),
         Err(_) => {
@@ -571,8 +620,21 @@ fn check_schedule(spec: &ScheduleSpec, problems: &mut Problems) -> Option<Schedu
         Cadence::Daily => Recurrence::Daily { at: at? },
         Cadence::Weekly => Recurrence::Weekly { on: on?, at: at? },
         Cadence::Monthly => Recurrence::Monthly { day: day?, at: at? },
+        Cadence::Cron => Recurrence::Cron { expression: expression? },
     };
     Some(Schedule::new(recurrence, time_zone?).with_run_on_create(spec.run_on_create))
+}
+
+/// A cron expression that runs no more often than `limits` allow.
+fn check_cron(text: &str, limits: &Limits) -> Result<CronExpression, Problem> {
+    let expression: CronExpression = text.parse().map_err(Problem::Cron)?;
+    match expression.shortest_interval() {
+        Some(shortest) if shortest < limits.min_cron_interval => Err(Problem::CronTooOften {
+            shortest_minutes: shortest.as_mins(),
+            min_minutes: limits.min_cron_interval.as_mins(),
+        }),
+        _ => Ok(expression),
+    }
 }
 
 fn weekday(day: DayOfWeek) -> Weekday {
@@ -720,6 +782,11 @@ fn check_notifications(notifications: &Notifications, problems: &mut Problems) {
             problems.add("spec.notifications.webhook.on", Problem::NoChannelNotifyOn);
         }
         check_webhook_headers(&webhook.headers, problems);
+    }
+    if let Some(pagerduty) = &notifications.pagerduty
+        && pagerduty.on.as_ref().is_some_and(Vec::is_empty)
+    {
+        problems.add("spec.notifications.pagerduty.on", Problem::NoChannelNotifyOn);
     }
 }
 
@@ -1547,6 +1614,7 @@ spec:
             day_of_week: None,
             day_of_month: None,
             minute: None,
+            expression: None,
             time_zone: "UTC".into(),
             run_on_create: false,
         };
@@ -1678,7 +1746,11 @@ spec:
     fn with_recipients(to: &[&str], on: Option<Vec<NotifyOn>>) -> CohortImportSpec {
         let mut spec = example(WAREHOUSE_EXAMPLE);
         spec.notifications = Some(Notifications {
-            email: Some(EmailNotification { to: to.iter().map(|s| EmailAddress((*s).into())).collect(), on }),
+            email: Some(EmailNotification {
+                to: to.iter().map(|s| EmailAddress((*s).into())).collect(),
+                on,
+                when: Default::default(),
+            }),
             ..Notifications::default()
         });
         spec
@@ -1733,7 +1805,11 @@ spec:
         let header = |name: &str| SecretHeader { name: name.into(), value_secret_ref: secret("token") };
         let mut spec = example(WAREHOUSE_EXAMPLE);
         spec.notifications = Some(Notifications {
-            slack: Some(SlackNotification { url_secret_ref: secret("slack"), on: Some(vec![]) }),
+            slack: Some(SlackNotification {
+                url_secret_ref: secret("slack"),
+                on: Some(vec![]),
+                when: Default::default(),
+            }),
             webhook: Some(WebhookNotification {
                 url_secret_ref: secret("url"),
                 headers: vec![
@@ -1745,6 +1821,7 @@ spec:
                     header("Bad Header"),
                 ],
                 on: Some(vec![]),
+                when: Default::default(),
             }),
             ..Notifications::default()
         });

@@ -54,6 +54,7 @@ pub enum Channel {
     Email,
     Slack,
     Webhook,
+    PagerDuty,
 }
 
 impl fmt::Display for Channel {
@@ -62,6 +63,7 @@ impl fmt::Display for Channel {
             Channel::Email => "email",
             Channel::Slack => "slack",
             Channel::Webhook => "webhook",
+            Channel::PagerDuty => "pagerduty",
         })
     }
 }

@@ -66,6 +66,8 @@ pub struct Delivery<'a> {
     pub origin: &'a str,
     /// Header name and its value (from a Secret).
     pub headers: &'a [(HeaderName, SecretString)],
+    /// Secrets inside `body` (PagerDuty's routing key), taken out of any answer quoted.
+    pub body_secrets: &'a [SecretString],
     pub content_type: &'static str,
     pub body: Vec<u8>,
 }
@@ -283,6 +285,7 @@ impl Secrets {
         parts.extend(url.query().map(str::to_owned));
         parts.extend(url.password().map(str::to_owned));
         parts.extend(delivery.headers.iter().map(|(_, value)| value.expose().to_owned()));
+        parts.extend(delivery.body_secrets.iter().map(|value| value.expose().to_owned()));
         Self(parts)
     }
 

@@ -8,7 +8,7 @@
 //! - [`payload`]: the Slack message and the CloudEvent. Pure.
 //! - [`smtp`]: the operator's SMTP settings and [`SmtpNotifier`].
 //! - [`http`]: [`HttpSender`], posting to Slack and webhook URLs with bounded retries, under
-//!   the operator's egress policy (`crate::source::egress`).
+//!   the operator's egress policy (`crate::net::egress`).
 //! - [`fanout`]: [`Notifier`], reading each channel's Secrets and sending.
 //!
 //! Sending never decides a run's result: [`Notify::notify`] is bounded in time and returns a
@@ -25,6 +25,6 @@ pub mod smtp;
 pub use error::{Channel, ChannelFailure, NOTIFICATION_FAILED_REASON, NotifyError};
 pub use fanout::Notifier;
 pub use http::{HttpConfig, HttpSender};
-pub use notice::{RunNotice, any_channel_wants, is_recovery, should_notify, wants};
+pub use notice::{RunNotice, any_channel_wants, hears, is_recovery, result_changed, should_notify, wants};
 pub use render::{RenderedReport, compose, render};
 pub use smtp::{Notify, SmtpArgs, SmtpConfig, SmtpConfigError, SmtpNotifier, SmtpTls};

@@ -2,7 +2,7 @@
 
 use jiff::{SignedDuration, Timestamp, tz::TimeZone};
 
-use crate::api::{EmailNotification, Notifications, NotifyOn, RunRecord, RunResult, RunTrigger};
+use crate::api::{EmailNotification, Notifications, NotifyOn, NotifyWhen, RunRecord, RunResult, RunTrigger};
 
 /// One finished run, as the report tells it. Built by the controller from the run it just
 /// recorded; carries no secret (the reason and hint must not contain one either).
@@ -35,6 +35,9 @@ pub struct RunNotice {
     pub hint: Option<String>,
     /// The first success after failed, blocked or missed runs (see [`is_recovery`]).
     pub recovered: bool,
+    /// The result differs from the previous run's (see [`result_changed`]): what a channel
+    /// with `when: Changed` waits for.
+    pub changed: bool,
     /// `spec.dryRun`: nothing was sent to Braze; added/removed are what would have been.
     pub dry_run: bool,
 }
@@ -74,12 +77,48 @@ pub fn wants(on: Option<&[NotifyOn]>, result: RunResult, recovered: bool) -> boo
     }
 }
 
+/// Whether a channel with this `on` filter and `when` hears of `notice`'s run: [`wants`],
+/// and with `when: Changed` only a run whose result changed.
+pub fn hears(on: Option<&[NotifyOn]>, when: NotifyWhen, notice: &RunNotice) -> bool {
+    (when == NotifyWhen::Always || notice.changed) && wants(on, notice.result, notice.recovered)
+}
+
 /// Whether any channel of `spec.notifications` hears of the run.
-pub fn any_channel_wants(notifications: &Notifications, result: RunResult, recovered: bool) -> bool {
-    let email = notifications.email.as_ref().map(|c| c.on.as_deref());
-    let slack = notifications.slack.as_ref().map(|c| c.on.as_deref());
-    let webhook = notifications.webhook.as_ref().map(|c| c.on.as_deref());
-    [email, slack, webhook].into_iter().flatten().any(|on| wants(on, result, recovered))
+pub fn any_channel_wants(notifications: &Notifications, result: RunResult, recovered: bool, changed: bool) -> bool {
+    let email = notifications.email.as_ref().map(|c| (c.on.as_deref(), c.when));
+    let slack = notifications.slack.as_ref().map(|c| (c.on.as_deref(), c.when));
+    let webhook = notifications.webhook.as_ref().map(|c| (c.on.as_deref(), c.when));
+    let pagerduty = notifications.pagerduty.as_ref().map(|c| (c.on.as_deref(), c.when));
+    [email, slack, webhook, pagerduty]
+        .into_iter()
+        .flatten()
+        .any(|(on, when)| (when == NotifyWhen::Always || changed) && wants(on, result, recovered))
+}
+
+/// The health a result stands for, for `when: Changed`: a dry run completed like a
+/// success, a missed run failed to import like a failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Health {
+    Healthy,
+    Failing,
+    Blocked,
+}
+
+fn health(result: RunResult) -> Health {
+    match result {
+        RunResult::Succeeded | RunResult::DryRun => Health::Healthy,
+        RunResult::Failed | RunResult::Missed => Health::Failing,
+        RunResult::Blocked => Health::Blocked,
+    }
+}
+
+/// Whether a run with `result` changed the import's health since the previous run (the
+/// newest of `previous`, `.status.history` before this run was added; none counts as
+/// healthy): the first failure or block, a block turning into a failure or back, and the
+/// recovery.
+pub fn result_changed(result: RunResult, previous: &[RunRecord]) -> bool {
+    let before = previous.first().map_or(Health::Healthy, |run| health(run.result));
+    health(result) != before
 }
 
 /// Whether a run with `result` is the first success after trouble: the latest earlier run
@@ -101,7 +140,7 @@ mod tests {
     use crate::api::EmailAddress;
 
     fn email(on: Option<Vec<NotifyOn>>) -> EmailNotification {
-        EmailNotification { to: vec![EmailAddress("team@example.com".into())], on }
+        EmailNotification { to: vec![EmailAddress("team@example.com".into())], on, when: Default::default() }
     }
 
     fn record(result: RunResult) -> RunRecord {
@@ -160,16 +199,28 @@ mod tests {
     #[test]
     fn any_channel_that_wants_the_result_is_enough() {
         use crate::api::{SecretKeyRef, SlackNotification};
-        let slack = |on| SlackNotification { url_secret_ref: SecretKeyRef { name: "s".into(), key: "k".into() }, on };
+        let slack = |on| SlackNotification {
+            url_secret_ref: SecretKeyRef { name: "s".into(), key: "k".into() },
+            on,
+            when: Default::default(),
+        };
         let n = Notifications {
             email: Some(email(Some(vec![NotifyOn::Succeeded]))),
             slack: Some(slack(Some(vec![NotifyOn::Failed]))),
             webhook: None,
+            pagerduty: None,
         };
-        assert!(any_channel_wants(&n, RunResult::Failed, false));
-        assert!(any_channel_wants(&n, RunResult::Succeeded, false));
-        assert!(!any_channel_wants(&n, RunResult::Blocked, false));
-        assert!(!any_channel_wants(&Notifications::default(), RunResult::Failed, false));
+        assert!(any_channel_wants(&n, RunResult::Failed, false, true));
+        assert!(any_channel_wants(&n, RunResult::Succeeded, false, false));
+        assert!(!any_channel_wants(&n, RunResult::Blocked, false, true));
+        assert!(!any_channel_wants(&Notifications::default(), RunResult::Failed, false, true));
+        // A channel waiting for changes does not want a repeated failure.
+        let changed_only = Notifications {
+            slack: Some(SlackNotification { when: NotifyWhen::Changed, ..slack(None) }),
+            ..Notifications::default()
+        };
+        assert!(!any_channel_wants(&changed_only, RunResult::Failed, false, false));
+        assert!(any_channel_wants(&changed_only, RunResult::Failed, false, true));
     }
 
     #[test]
@@ -177,6 +228,30 @@ mod tests {
         let e = email(Some(vec![]));
         assert!(!should_notify(&e, RunResult::Failed, false));
         assert!(!should_notify(&e, RunResult::Succeeded, true));
+    }
+
+    #[test]
+    fn a_change_is_a_new_health_since_the_previous_run() {
+        use RunResult::*;
+        assert!(!result_changed(Succeeded, &[]), "a first success is no news");
+        assert!(result_changed(Failed, &[]), "a first run failing is");
+        assert!(result_changed(Failed, &[record(Succeeded), record(Failed)]));
+        assert!(!result_changed(Failed, &[record(Failed)]));
+        assert!(!result_changed(Missed, &[record(Failed)]));
+        assert!(result_changed(Blocked, &[record(Failed)]));
+        assert!(result_changed(Succeeded, &[record(Failed), record(Failed)]));
+        assert!(!result_changed(DryRun, &[record(Succeeded)]));
+        assert!(!result_changed(Succeeded, &[record(DryRun), record(Failed)]), "the newest run decides");
+    }
+
+    #[test]
+    fn a_changed_channel_hears_only_of_changes() {
+        let notice = |result, changed| RunNotice { result, changed, ..crate::notify::render::tests::notice() };
+        assert!(hears(None, NotifyWhen::Always, &notice(RunResult::Failed, false)));
+        assert!(!hears(None, NotifyWhen::Changed, &notice(RunResult::Failed, false)));
+        assert!(hears(None, NotifyWhen::Changed, &notice(RunResult::Failed, true)));
+        // `on` still filters: a change to a result the channel does not want sends nothing.
+        assert!(!hears(Some(&[NotifyOn::Failed]), NotifyWhen::Changed, &notice(RunResult::Blocked, true)));
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! What Slack and webhook receivers get: a Slack message and a CloudEvent. Pure.
+//! What Slack, webhook and PagerDuty receivers get: a Slack message, a CloudEvent and an
+//! Events API v2 event. Pure.
 //!
 //! - Slack: an incoming-webhook message, Block Kit blocks plus `text` (what notifications
 //!   and clients without blocks show). User text (cohort names, reasons) is escaped, so a
@@ -110,6 +111,72 @@ impl<'a> From<&'a RunNotice> for RunData<'a> {
             recovered: n.recovered,
             dry_run: n.dry_run || n.result == RunResult::DryRun,
             next_run_at: n.next_run_at.map(|t: Timestamp| t.to_string()),
+        }
+    }
+}
+
+/// PagerDuty's limits: `payload.summary` and `dedup_key`, in characters.
+const PAGERDUTY_SUMMARY_MAX: usize = 1024;
+const PAGERDUTY_DEDUP_KEY_MAX: usize = 255;
+
+/// What a run tells PagerDuty.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AlertAction {
+    Trigger,
+    Resolve,
+}
+
+/// `trigger` for a run that failed, was missed or blocked; `resolve` for one that completed.
+pub fn alert_action(result: RunResult) -> AlertAction {
+    match result {
+        RunResult::Failed | RunResult::Missed | RunResult::Blocked => AlertAction::Trigger,
+        RunResult::Succeeded | RunResult::DryRun => AlertAction::Resolve,
+    }
+}
+
+/// The alert's dedup key: one per import, so a resolve closes what its trigger opened and
+/// repeated triggers add to one alert. `cohorts.dev/NAMESPACE/NAME`, or with the name
+/// hashed when that would pass PagerDuty's 255 characters.
+pub fn pagerduty_dedup_key(namespace: &str, name: &str) -> String {
+    let key = format!("cohorts.dev/{namespace}/{name}");
+    if key.chars().count() <= PAGERDUTY_DEDUP_KEY_MAX {
+        return key;
+    }
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(name.as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("cohorts.dev/{namespace}/sha256-{hex}")
+}
+
+/// The Events API v2 event for the run in `notice` (PagerDuty's "Send an Alert Event").
+pub fn pagerduty_event(n: &RunNotice, routing_key: &str) -> Value {
+    let dedup_key = pagerduty_dedup_key(&n.namespace, &n.import_name);
+    match alert_action(n.result) {
+        AlertAction::Resolve => {
+            json!({ "routing_key": routing_key, "event_action": "resolve", "dedup_key": dedup_key })
+        }
+        AlertAction::Trigger => {
+            let reason = n.reason.as_deref().map(one_line).filter(|r| !r.is_empty());
+            let summary = match &reason {
+                Some(reason) => format!("{}: {reason}", headline(n)),
+                None => headline(n),
+            };
+            json!({
+                "routing_key": routing_key,
+                "event_action": "trigger",
+                "dedup_key": dedup_key,
+                "payload": {
+                    "summary": summary.chars().take(PAGERDUTY_SUMMARY_MAX).collect::<String>(),
+                    "source": format!("{}/{}", n.namespace, n.import_name),
+                    "severity": if n.result == RunResult::Blocked { "warning" } else { "error" },
+                    "timestamp": n.finished_at.to_string(),
+                    "component": "cohort-import",
+                    "group": n.namespace,
+                    "class": result_label(n),
+                    "custom_details": RunData::from(n),
+                },
+                "client": "cohort-operator",
+            })
         }
     }
 }
@@ -276,5 +343,38 @@ mod tests {
         assert_eq!(cut("abc", 3), "abc");
         assert_eq!(cut("abcd", 3), "ab…");
         assert_eq!(cut("a&amp;b", 4), "a…");
+    }
+
+    #[test]
+    fn pagerduty_triggers_on_trouble_and_resolves_on_success() {
+        let failed = RunNotice { result: RunResult::Failed, reason: Some("source: HTTP 503".into()), ..notice() };
+        let key = "k".repeat(32);
+        let event = pagerduty_event(&failed, &key);
+        assert_eq!(event["event_action"], "trigger");
+        assert_eq!(event["routing_key"], key.as_str());
+        assert_eq!(event["dedup_key"], format!("cohorts.dev/{}/{}", failed.namespace, failed.import_name));
+        assert_eq!(event["payload"]["severity"], "error");
+        assert!(event["payload"]["summary"].as_str().unwrap().ends_with("source: HTTP 503"), "{event}");
+        assert_eq!(event["payload"]["source"], format!("{}/{}", failed.namespace, failed.import_name));
+        assert_eq!(event["payload"]["custom_details"]["run"]["result"], "Failed");
+        let blocked = pagerduty_event(&RunNotice { result: RunResult::Blocked, ..notice() }, &key);
+        assert_eq!(blocked["payload"]["severity"], "warning");
+        let resolved = pagerduty_event(&RunNotice { result: RunResult::Succeeded, ..notice() }, &key);
+        assert_eq!(resolved.as_object().unwrap().len(), 3, "{resolved}");
+        assert_eq!(
+            (resolved["event_action"].as_str(), resolved["dedup_key"].clone()),
+            (Some("resolve"), event["dedup_key"].clone())
+        );
+    }
+
+    #[test]
+    fn pagerduty_fields_stay_within_its_limits() {
+        let long = RunNotice { result: RunResult::Failed, reason: Some("x".repeat(5000)), ..notice() };
+        let event = pagerduty_event(&long, &"k".repeat(32));
+        assert_eq!(event["payload"]["summary"].as_str().unwrap().chars().count(), 1024);
+        let name = "n".repeat(253);
+        let key = pagerduty_dedup_key(&"a".repeat(63), &name);
+        assert!(key.chars().count() <= 255 && key.contains("sha256-"), "{key}");
+        assert_ne!(key, pagerduty_dedup_key(&"a".repeat(63), &"m".repeat(253)));
     }
 }

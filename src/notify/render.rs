@@ -288,6 +288,7 @@ pub(crate) mod tests {
             reason: None,
             hint: None,
             recovered: false,
+            changed: false,
             dry_run: false,
         }
     }

@@ -23,7 +23,7 @@
 //! cancelled (a cancel request, as psql sends on Ctrl-C) and the run fails with a timeout.
 //!
 //! Every host is resolved by the operator and checked against its egress policy
-//! ([`super::egress`]) before anything connects; the driver connects to the checked address.
+//! ([`crate::net::egress`]) before anything connects; the driver connects to the checked address.
 //!
 //! TLS follows the URL's `sslmode` (`disable`, `prefer` — the default — or `require`),
 //! through rustls with the platform's trusted roots; certificates are always verified.
@@ -64,7 +64,7 @@ pub struct PostgresMembers {
     fetch_size: u32,
     max_row_bytes: u64,
     fields: IdentifierFields,
-    /// Where connections may go ([`super::egress`]).
+    /// Where connections may go ([`crate::net::egress`]).
     egress: Arc<EgressPolicy>,
 }
 

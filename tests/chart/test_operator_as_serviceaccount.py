@@ -28,6 +28,7 @@ import pytest
 
 from chartlib import one
 from cluster import ControlPlane, install_chart
+from dashboard import exposition, queries, rendered_dashboard, unexported
 
 RELEASE = "sa-run"
 NAMESPACE = "cohort-sa-run"
@@ -532,6 +533,31 @@ def test_asked_to_watch_a_namespace_the_chart_did_not_grant_it_is_refused(world:
     finally:
         intruder.stop()
     assert "system:serviceaccount:" + NAMESPACE in refused[0], refused[0]
+
+
+def test_the_grafana_dashboard_reads_only_what_the_operator_exports(world: World) -> None:
+    """Every metric and label the chart's dashboard queries is in this operator's /metrics
+    once it has run an import (so every labelled family has a series)."""
+    ns = WATCHED[1]
+    world.put_import_key(ns)
+    world.put_source(ns, "dashboard-members", users(*range(5)))
+    world.create_import(ns, "dashboarded", "dashboard-members")
+    run = world.trigger(ns, "dashboarded")
+    assert run["result"] == "Succeeded", run
+    config_map, dashboard = rendered_dashboard({"grafanaDashboard": {"enabled": True}})
+    # The API server takes the ConfigMap as rendered (in the release namespace).
+    config_map["metadata"]["namespace"] = NAMESPACE
+    world.plane.apply([config_map])
+
+    # The per-import gauges follow the run's status write: wait for them, then compare.
+    try:
+        wait_for("the dashboard's metrics and labels exported",
+                 lambda: not unexported(dashboard, exposition(world.metrics())) or None, timeout_s=20.0)
+    except AssertionError:
+        pass  # the assertion below names what is missing
+    exported = exposition(world.metrics())
+    assert not unexported(dashboard, exported), unexported(dashboard, exported)
+    assert any(m for q in queries(dashboard) for m in q.metrics()), "the dashboard queries something"
 
 
 def test_nothing_it_did_was_refused(world: World) -> None:

@@ -31,6 +31,9 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"maxConcurrentRunsPerNamespace": 0}, "/maxConcurrentRunsPerNamespace"),
     ({"maxRunAttempts": 0}, "/maxRunAttempts"),
     ({"runTimeoutSeconds": "6h"}, "/runTimeoutSeconds"),
+    ({"minCronIntervalMinutes": 0}, "/minCronIntervalMinutes"),
+    ({"minCronIntervalMinutes": 1441}, "/minCronIntervalMinutes"),
+    ({"pagerDutyEventsUrl": "http://events.pagerduty.com/v2/enqueue"}, "/pagerDutyEventsUrl"),
     ({"memoryBudgetMiB": 0}, "/memoryBudgetMiB"),
     ({"braze": {"maxBudgetWaitSeconds": -1}}, "/braze/maxBudgetWaitSeconds"),
     # (Helm's validator reports a bad property name by the name itself.)

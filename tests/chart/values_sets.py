@@ -24,6 +24,7 @@ FULL: dict[str, Any] = {
     "maxConcurrentRunsPerNamespace": 2,
     "maxRunAttempts": 5,
     "runTimeoutSeconds": 7200,
+    "minCronIntervalMinutes": 10,
     "memoryBudgetMiB": 768,
     "braze": {"endpointRegions": {"https://rest.iad-99.braze.com": "us",
                                   "https://rest.fra-09.braze.eu": "eu"},

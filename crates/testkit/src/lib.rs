@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod cluster;
+pub mod pagerduty;
 pub mod postgres;
 pub mod smtp;
 pub mod webhook;
