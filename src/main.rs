@@ -22,6 +22,7 @@ use cohort_operator::controller::{self, Config, Dependencies};
 use cohort_operator::fence::{Fence, LeaseTiming};
 use cohort_operator::notify::{HttpConfig, HttpSender, Notifier, Notify, SmtpArgs, SmtpNotifier};
 use cohort_operator::source::egress::{DenyFlag, EgressDefault, EgressPolicy, EgressRule};
+use cohort_operator::source::warehouse;
 
 /// Keeps analytics cohorts imported into Braze.
 #[derive(Parser)]
@@ -255,6 +256,15 @@ struct ControllerArgs {
     /// What happens to a source or notification destination no rule names.
     #[arg(long, env = "COHORT_EGRESS_DEFAULT", value_enum, default_value = "allow")]
     egress_default: EgressDefaultArg,
+    /// Largest body of one warehouse page (a Snowflake partition, a Databricks chunk, a
+    /// BigQuery page), in bytes after decompression; a spec's own cap only lowers it.
+    #[arg(
+        long,
+        env = "COHORT_MAX_SOURCE_PAGE_BYTES",
+        default_value_t = warehouse::DEFAULT_MAX_PAGE_BYTES,
+        value_parser = clap::value_parser!(u64).range(1024..=warehouse::MAX_PAGE_BYTES_CEILING)
+    )]
+    max_source_page_bytes: u64,
     /// Watch Secrets (list, watch) to notice at once when a missing one appears. With
     /// false, Secrets are only read by name: at each run, and every few seconds while an
     /// import is SecretNotFound (for RBAC that grants `get` alone).
@@ -469,6 +479,7 @@ async fn start_controller(args: ControllerArgs) -> anyhow::Result<()> {
     let importer = Arc::new(
         PipelineImporter::new(run_client, braze, snapshots, scratch)
             .with_egress(Arc::new(egress))
+            .with_max_page_bytes(args.max_source_page_bytes)
             .with_fence(fence.clone()),
     );
     let identity = args.identity.clone().unwrap_or_else(|| format!("{}-{:08x}", hostname(), rand::random::<u32>()));

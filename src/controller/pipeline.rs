@@ -64,6 +64,8 @@ pub struct PipelineImporter {
     scratch_dir: PathBuf,
     /// Where sources may connect.
     egress: Arc<EgressPolicy>,
+    /// The operator's ceiling on one warehouse page (`--max-source-page-bytes`).
+    max_page_bytes: u64,
     /// Braze requests and snapshot writes are made only while it is open.
     fence: Fence,
 }
@@ -76,6 +78,7 @@ impl PipelineImporter {
             snapshots,
             scratch_dir,
             egress: EgressPolicy::shared_default(),
+            max_page_bytes: crate::source::warehouse::DEFAULT_MAX_PAGE_BYTES,
             fence: Fence::unfenced(),
         }
     }
@@ -91,6 +94,12 @@ impl PipelineImporter {
     /// Sources connect only where `policy` allows (the default policy otherwise).
     pub fn with_egress(mut self, policy: Arc<EgressPolicy>) -> Self {
         self.egress = policy;
+        self
+    }
+
+    /// No warehouse page body over `bytes` is read, whatever a spec says.
+    pub fn with_max_page_bytes(mut self, bytes: u64) -> Self {
+        self.max_page_bytes = bytes;
         self
     }
 
@@ -159,7 +168,9 @@ impl PipelineImporter {
     ) -> Result<RunReport, ImportError> {
         let namespace = import.namespace().unwrap_or_default();
         let spec = &valid.spec;
-        let objects = KubeObjects::new(self.client.clone(), namespace.clone()).with_egress(self.egress.clone());
+        let objects = KubeObjects::new(self.client.clone(), namespace.clone())
+            .with_egress(self.egress.clone())
+            .with_max_page_bytes(self.max_page_bytes);
         let source = open_source(&valid.source, &valid.identifiers, &objects).await?;
         let store = self.store(import, spec, Some(&keys))?;
         let target = Self::target(spec, valid.braze_endpoint.as_str().trim_end_matches('/').to_owned(), keys);

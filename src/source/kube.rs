@@ -20,11 +20,23 @@ pub struct KubeObjects {
     client: Client,
     namespace: String,
     egress: Arc<EgressPolicy>,
+    max_page_bytes: u64,
 }
 
 impl KubeObjects {
     pub fn new(client: Client, namespace: impl Into<String>) -> Self {
-        KubeObjects { client, namespace: namespace.into(), egress: EgressPolicy::shared_default() }
+        KubeObjects {
+            client,
+            namespace: namespace.into(),
+            egress: EgressPolicy::shared_default(),
+            max_page_bytes: super::warehouse::DEFAULT_MAX_PAGE_BYTES,
+        }
+    }
+
+    /// The operator's ceiling on a warehouse page (see [`SourceContext::max_page_bytes`]).
+    pub fn with_max_page_bytes(mut self, bytes: u64) -> Self {
+        self.max_page_bytes = bytes;
+        self
     }
 
     /// Sources opened with this context connect only where `policy` allows.
@@ -105,5 +117,9 @@ impl SourceContext for KubeObjects {
 
     fn egress(&self) -> Arc<EgressPolicy> {
         self.egress.clone()
+    }
+
+    fn max_page_bytes(&self) -> u64 {
+        self.max_page_bytes
     }
 }
