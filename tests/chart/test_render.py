@@ -101,6 +101,7 @@ def test_default_args_and_env() -> None:
         "--max-run-attempts=3",
         "--run-timeout-seconds=21600",
         "--memory-budget-mib=384",
+        "--max-source-page-bytes=33554432",
         "--watch-secrets=false",
         "--egress-default=allow",
         "--leader-election",
@@ -138,6 +139,7 @@ def test_full_values_args_env_and_mounts() -> None:
         "--max-run-attempts=5",
         "--run-timeout-seconds=7200",
         "--memory-budget-mib=768",
+        "--max-source-page-bytes=33554432",
         "--watch-namespaces=team-a,team-b",
         "--egress-deny=10.96.0.0/12,*.internal.example",
         "--egress-allow=169.254.10.10,10.20.0.0/16",
@@ -195,6 +197,7 @@ def test_full_values_args_env_and_mounts() -> None:
     ({"maxRunAttempts": 1}, "--max-run-attempts=1"),
     ({"runTimeoutSeconds": 900}, "--run-timeout-seconds=900"),
     ({"memoryBudgetMiB": 1536}, "--memory-budget-mib=1536"),
+    ({"maxSourcePageBytes": 8388608}, "--max-source-page-bytes=8388608"),
     ({"braze": {"maxBudgetWaitSeconds": 60}}, "--braze-max-budget-wait-seconds=60"),
 ])
 def test_operator_limits_render_as_their_flags(values: dict[str, Any], flag: str) -> None:

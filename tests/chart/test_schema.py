@@ -32,6 +32,7 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"maxRunAttempts": 0}, "/maxRunAttempts"),
     ({"runTimeoutSeconds": "6h"}, "/runTimeoutSeconds"),
     ({"memoryBudgetMiB": 0}, "/memoryBudgetMiB"),
+    ({"maxSourcePageBytes": 2147483648}, "/maxSourcePageBytes"),
     ({"braze": {"maxBudgetWaitSeconds": -1}}, "/braze/maxBudgetWaitSeconds"),
     # (Helm's validator reports a bad property name by the name itself.)
     ({"braze": {"endpointRegions": {"rest.iad-01.braze.com": "us"}}}, "'rest.iad-01.braze.com'"),
