@@ -2,6 +2,8 @@
 //! server, and this one answers the Statement Execution API's submit with `SUCCEEDED` and one
 //! `INLINE` result chunk of `rows` one-character ids (`["a"],["b"],…`), generated as it is
 //! sent, without `Content-Length` (a real workspace caps inline results at 25 MiB).
+// Shared by tests and the hostile_sources benchmark; each uses part of it.
+#![allow(dead_code)]
 
 use axum::Router;
 use axum::body::{Body, Bytes};
