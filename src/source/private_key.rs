@@ -62,8 +62,10 @@ pub struct KeySource {
 
 type Outcome = Result<Arc<SigningKey>, String>;
 
-/// Outcomes by Secret key: the digest of the value they are for, and the outcome.
-static CACHE: LazyLock<Mutex<HashMap<KeySource, ([u8; 32], Outcome)>>> = LazyLock::new(Default::default);
+/// Outcomes by Secret key: the digest of the value each is for, and the outcome.
+type Outcomes = HashMap<KeySource, ([u8; 32], Outcome)>;
+
+static CACHE: LazyLock<Mutex<Outcomes>> = LazyLock::new(Default::default);
 /// One derivation at a time in the whole process.
 static DERIVING: LazyLock<Arc<Semaphore>> = LazyLock::new(|| Arc::new(Semaphore::new(1)));
 static DERIVATIONS: AtomicU64 = AtomicU64::new(0);
