@@ -5,7 +5,12 @@
 //! - a 1 GiB CSV whose second line never ends,
 //! - a 500 answer whose body never ends,
 //! - a gzip bomb (10 GiB of blank lines from ~10 MB on the wire),
-//! - 50 imports at once (20,000-row CSV exports each).
+//! - 50 imports at once (20,000-row CSV exports each),
+//! - a hostile Databricks `host` answering with one 240 MB `INLINE` result chunk (40 million
+//!   one-character ids), and one of 30 MB (5 million, under the operator's 32 MiB page
+//!   ceiling, so it is read),
+//! - a JSON document that opens 256 MiB of `[` off the rows' path,
+//! - a 100,000-page NDJSON export whose `Link` to each next page is padded to 8 KiB.
 //!
 //! Each case gets a fresh operator process; the benchmark prints its peak RSS (`VmHWM`) and
 //! each run's result and message. Target: peak RSS under 128 MiB in every case, and every
@@ -36,6 +41,8 @@ use tokio::io::AsyncReadExt;
 
 #[path = "../tests/support/braze.rs"]
 mod braze_support;
+#[path = "../tests/support/hostile_databricks.rs"]
+mod hostile_databricks;
 
 /// The partner and keys the sandbox accepts and the operator is given.
 const KEYS: braze_support::BrazeKeys =
@@ -53,14 +60,39 @@ struct Sizes {
     bomb: u64,
     imports: usize,
     rows_each: usize,
+    /// One-character ids in the Databricks chunk over the ceiling, and under it.
+    inline_rows: u64,
+    inline_rows_read: u64,
+    deep_brackets: u64,
+    ndjson_pages: usize,
 }
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let sizes = if quick {
-        Sizes { json_export: 30 * MIB, single_line: 100 * MIB, bomb: 1024 * MIB, imports: 50, rows_each: 2_000 }
+        Sizes {
+            json_export: 30 * MIB,
+            single_line: 100 * MIB,
+            bomb: 1024 * MIB,
+            imports: 50,
+            rows_each: 2_000,
+            inline_rows: 8_000_000,
+            inline_rows_read: 1_000_000,
+            deep_brackets: 64 * MIB,
+            ndjson_pages: 5_000,
+        }
     } else {
-        Sizes { json_export: 300 * MIB, single_line: 1024 * MIB, bomb: 10 * 1024 * MIB, imports: 50, rows_each: 20_000 }
+        Sizes {
+            json_export: 300 * MIB,
+            single_line: 1024 * MIB,
+            bomb: 10 * 1024 * MIB,
+            imports: 50,
+            rows_each: 20_000,
+            inline_rows: 40_000_000,
+            inline_rows_read: 5_000_000,
+            deep_brackets: 256 * MIB,
+            ndjson_pages: 100_000,
+        }
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     runtime.block_on(bench(sizes));
@@ -146,6 +178,18 @@ async fn export_server(sizes: Sizes) -> String {
                 async move { bomb.body() }
             }),
         )
+        .route("/deep.json", get(move || async move { filled(b"{\"skip\":", b'[', Some(sizes.deep_brackets)) }))
+        .route(
+            "/pages/{n}",
+            get(move |UrlPath(n): UrlPath<usize>| async move {
+                let body = format!("{{\"user_id\":\"page-{n}\"}}\n");
+                if n + 1 == sizes.ndjson_pages {
+                    return body.into_response();
+                }
+                let link = format!("</pages/{}?pad={}>; rel=\"next\"", n + 1, "p".repeat(8 * 1024));
+                ([(axum::http::header::LINK, link)], body).into_response()
+            }),
+        )
         .route(
             "/small/{i}",
             get(move |UrlPath(i): UrlPath<usize>| async move {
@@ -206,12 +250,30 @@ fn import(name: &str, url: &str, format: &str, pointer: Option<&str>, sandbox: &
     if let Some(p) = pointer {
         http["jsonPointer"] = json!(p);
     }
+    if url.contains("/pages/") {
+        http["pagination"] = json!({ "linkHeader": true });
+    }
+    import_from(name, json!({ "http": http }), sandbox)
+}
+
+/// An inline Databricks read from the hostile workspace at `host` (token in Secret
+/// `databricks`), asking for a 1 GiB chunk cap it does not get.
+fn databricks_import(name: &str, host: &str, sandbox: &RunningSandbox) -> CohortImport {
+    let databricks = json!({
+        "host": host, "warehouseId": "hostile", "disposition": "Inline", "maxChunkBytes": 1u64 << 30,
+        "auth": { "tokenSecretRef": { "name": "databricks", "key": "token" } },
+        "query": "SELECT user_id FROM cohort",
+    });
+    import_from(name, json!({ "databricks": databricks }), sandbox)
+}
+
+fn import_from(name: &str, source: serde_json::Value, sandbox: &RunningSandbox) -> CohortImport {
     serde_json::from_value(json!({
         "apiVersion": "cohorts.dev/v1alpha1", "kind": "CohortImport",
         "metadata": { "name": name },
         "spec": {
             "cohort": { "id": name, "name": format!("Hostile {name}") },
-            "source": { "http": http },
+            "source": source,
             "identifiers": { "externalId": "user_id" },
             "destination": { "braze": {
                 "restEndpoint": sandbox.url(), "partner": KEYS.partner,
@@ -248,8 +310,8 @@ async fn finished_runs(
     }
 }
 
-struct Case<'a> {
-    name: &'a str,
+struct Case {
+    name: String,
     imports: Vec<CohortImport>,
     /// Whether the input is over a limit, so the run must fail.
     over_limit: bool,
@@ -261,6 +323,9 @@ async fn bench(sizes: Sizes) {
     cluster.install_crd(&api::crd()).await;
     let sandbox = braze_support::start_sandbox(KEYS, vec![]).await;
     let base = export_server(sizes).await;
+    let huge_chunk = hostile_databricks::serve_inline_chunk(sizes.inline_rows).await;
+    let read_chunk = hostile_databricks::serve_inline_chunk(sizes.inline_rows_read).await;
+    let mib = |rows| hostile_databricks::inline_chunk_bytes(rows) as f64 / MIB as f64;
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("keys");
     std::fs::create_dir(&keys).unwrap();
@@ -268,30 +333,58 @@ async fn bench(sizes: Sizes) {
 
     let cases = vec![
         Case {
-            name: "300 MB unpaginated JSON export",
+            name: "300 MB unpaginated JSON export".to_owned(),
             imports: vec![import("json-export", &format!("{base}/export.json"), "Json", Some("/users"), &sandbox)],
             over_limit: false,
         },
         Case {
-            name: "1 GiB single-line CSV",
+            name: "1 GiB single-line CSV".to_owned(),
             imports: vec![import("single-line", &format!("{base}/line.csv"), "Csv", None, &sandbox)],
             over_limit: true,
         },
         Case {
-            name: "500 with an endless body",
+            name: "500 with an endless body".to_owned(),
             imports: vec![import("endless-500", &format!("{base}/fail"), "Csv", None, &sandbox)],
             over_limit: true,
         },
         Case {
-            name: "gzip bomb",
+            name: "gzip bomb".to_owned(),
             imports: vec![import("gzip-bomb", &format!("{base}/bomb.csv.gz"), "Csv", None, &sandbox)],
             over_limit: true,
         },
         Case {
-            name: "50 imports at once",
+            name: "50 imports at once".to_owned(),
             imports: (0..sizes.imports)
                 .map(|i| import(&format!("small-{i:02}"), &format!("{base}/small/{i}"), "Csv", None, &sandbox))
                 .collect(),
+            over_limit: false,
+        },
+        Case {
+            name: format!(
+                "{:.0} MiB Databricks inline chunk ({} one-character ids)",
+                mib(sizes.inline_rows),
+                sizes.inline_rows
+            ),
+            imports: vec![databricks_import("inline-huge", &huge_chunk, &sandbox)],
+            over_limit: true,
+        },
+        Case {
+            name: format!(
+                "{:.0} MiB Databricks inline chunk ({} one-character ids, under the page ceiling)",
+                mib(sizes.inline_rows_read),
+                sizes.inline_rows_read
+            ),
+            imports: vec![databricks_import("inline-read", &read_chunk, &sandbox)],
+            over_limit: false,
+        },
+        Case {
+            name: format!("deep-bracket JSON ({} MiB of '[')", sizes.deep_brackets / MIB),
+            imports: vec![import("deep-json", &format!("{base}/deep.json"), "Json", Some("/users"), &sandbox)],
+            over_limit: true,
+        },
+        Case {
+            name: format!("{}-page NDJSON export with 8 KiB padded links", sizes.ndjson_pages),
+            imports: vec![import("padded-pages", &format!("{base}/pages/0"), "Ndjson", None, &sandbox)],
             over_limit: false,
         },
     ];
@@ -307,6 +400,11 @@ async fn bench(sizes: Sizes) {
         }))
         .unwrap();
         Api::<Secret>::namespaced(client.clone(), &ns).create(&PostParams::default(), &secret).await.unwrap();
+        let token: Secret = serde_json::from_value(json!({
+            "metadata": { "name": "databricks" }, "stringData": { "token": "dapi-hostile-workspace" }
+        }))
+        .unwrap();
+        Api::<Secret>::namespaced(client.clone(), &ns).create(&PostParams::default(), &token).await.unwrap();
         let scratch = dir.path().join(format!("scratch-{n}"));
         std::fs::create_dir(&scratch).unwrap();
         let log = dir.path().join(format!("operator-{n}.log"));

@@ -23,6 +23,7 @@ use cohort_operator::fence::{Fence, LeaseTiming};
 use cohort_operator::net::egress::{DenyFlag, EgressDefault, EgressPolicy, EgressRule};
 use cohort_operator::notify::{HttpConfig, HttpSender, Notifier, Notify, SmtpArgs, SmtpNotifier};
 use cohort_operator::source::AmbientIdentity;
+use cohort_operator::source::warehouse;
 
 /// Keeps analytics cohorts imported into Braze.
 #[derive(Parser)]
@@ -273,6 +274,15 @@ struct ControllerArgs {
     /// default): none; such imports are refused, saying what to set.
     #[arg(long = "ambient-identity-namespaces", env = "COHORT_AMBIENT_IDENTITY_NAMESPACES", value_delimiter = ',')]
     ambient_identity_namespaces: Vec<String>,
+    /// Largest body of one warehouse page (a Snowflake partition, a Databricks chunk, a
+    /// BigQuery page), in bytes after decompression; a spec's own cap only lowers it.
+    #[arg(
+        long,
+        env = "COHORT_MAX_SOURCE_PAGE_BYTES",
+        default_value_t = warehouse::DEFAULT_MAX_PAGE_BYTES,
+        value_parser = clap::value_parser!(u64).range(1024..=warehouse::MAX_PAGE_BYTES_CEILING)
+    )]
+    max_source_page_bytes: u64,
     /// Watch Secrets (list, watch) to notice at once when a missing one appears. With
     /// false, Secrets are only read by name: at each run, and every few seconds while an
     /// import is SecretNotFound (for RBAC that grants `get` alone).
@@ -511,6 +521,7 @@ async fn start_controller(args: ControllerArgs) -> anyhow::Result<()> {
         PipelineImporter::new(run_client, braze, snapshots, scratch)
             .with_egress(egress)
             .with_ambient_identity(ambient)
+            .with_max_page_bytes(args.max_source_page_bytes)
             .with_fence(fence.clone()),
     );
     let leader_election = args.leader_election.then(|| {

@@ -260,3 +260,77 @@ async fn a_redirected_external_link_and_an_absolute_internal_link_are_refused_an
     }
     assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0, "a connection reached the other address");
 }
+
+#[path = "support/hostile_databricks.rs"]
+mod hostile_databricks;
+
+/// A Databricks source on a hostile `host`, inline, with the spec's `extra` fields.
+fn hostile_spec(host: &str, extra: Value) -> SourceSpec {
+    let fields = json!({
+        "host": host,
+        "warehouseId": WAREHOUSE,
+        "disposition": "Inline",
+        "auth": { "tokenSecretRef": { "name": "databricks", "key": "token" } },
+        "query": "SELECT user_id FROM cohort",
+        "statementTimeoutSeconds": 120,
+    });
+    source_spec("databricks", fields, extra)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_inline_chunk_is_refused_or_streamed_with_flat_memory() {
+    use futures::StreamExt;
+    let user_id: IdentifierMapping = serde_json::from_value(json!({ "externalId": "user_id" })).unwrap();
+    let ceiling = 8u64 << 20;
+    let objects = InMemoryObjects::new("growth").with_secret("databricks", "token", PAT).with_max_page_bytes(ceiling);
+
+    // Over the operator's ceiling (the attack: 240 MB of one-character ids; 42 MB here): the
+    // spec cannot raise the ceiling, and reading stops at it.
+    let rows = 7_000_000;
+    let base = hostile_databricks::serve_inline_chunk(rows).await;
+    let source = open_source_spec(&hostile_spec(&base, json!({ "maxChunkBytes": 1u64 << 30 })), &user_id, &objects)
+        .await
+        .expect("opens");
+    let err = read_cohort(source.as_ref()).await.expect_err("over the ceiling");
+    assert!(matches!(err, SourceError::PageOverCeiling { limit, .. } if limit == ceiling), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains("larger than the operator's ceiling of 8388608 bytes a page (--max-source-page-bytes)"),
+        "{err}"
+    );
+    // A spec's own cap below the ceiling is the one that applies, and says so.
+    let source =
+        open_source_spec(&hostile_spec(&base, json!({ "maxChunkBytes": 1 << 20 })), &user_id, &objects).await.unwrap();
+    let err = read_cohort(source.as_ref()).await.expect_err("over maxChunkBytes");
+    assert!(err.to_string().contains("larger than maxChunkBytes (1048576 bytes)"), "{err}");
+
+    // Under the ceiling (1.3 million one-character ids, 7.8 MB in one chunk): kept compact and
+    // mapped 10,000 rows at a time, never one batch of the whole chunk.
+    let rows = 1_300_000;
+    assert!(hostile_databricks::inline_chunk_bytes(rows) < ceiling);
+    let base = hostile_databricks::serve_inline_chunk(rows).await;
+    let source = open_source_spec(&hostile_spec(&base, json!({})), &user_id, &objects).await.unwrap();
+    let mut batches = source.members();
+    let (mut read, mut largest) = (0u64, 0u64);
+    while let Some(batch) = batches.next().await {
+        let batch = batch.expect("read");
+        read += batch.rows();
+        largest = largest.max(batch.rows());
+    }
+    assert_eq!(read, rows);
+    assert_eq!(largest, 10_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_error_answer_is_read_for_4_kib_at_most() {
+    let user_id: IdentifierMapping = serde_json::from_value(json!({ "externalId": "user_id" })).unwrap();
+    let objects = InMemoryObjects::new("growth").with_secret("databricks", "token", PAT);
+    let base = hostile_databricks::serve_endless_error().await;
+    let source = open_source_spec(&hostile_spec(&base, json!({})), &user_id, &objects).await.unwrap();
+    let started = std::time::Instant::now();
+    let err = read_cohort(source.as_ref()).await.expect_err("a 500 fails");
+    assert!(err.to_string().contains("HTTP 500"), "{err}");
+    // The body never ends: the read stopped after 4 KiB, not at a timeout.
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(err.to_string().len() < 1000, "{err}");
+}

@@ -620,3 +620,76 @@ async fn hostile_bodies_stop_at_their_limits_with_the_field_that_raises_them() {
     assert!(err.to_string().ends_with("answered HTTP 500 Internal Server Error"), "{err}");
     assert!(err.to_string().len() < 600, "{err}");
 }
+
+/// `{"skip":[[[[…` nested `levels` deep (sent as it is generated), then the rows.
+fn deep_brackets(levels: u64) -> Body {
+    let block = Bytes::from(vec![b'['; 1 << 20]);
+    let head = futures::stream::once(async { Ok::<_, std::io::Error>(Bytes::from_static(b"{\"skip\":")) });
+    let opens = futures::StreamExt::map(futures::stream::iter(0..levels.div_ceil(1 << 20)), move |_| Ok(block.clone()));
+    Body::from_stream(futures::StreamExt::chain(head, opens))
+}
+
+#[tokio::test]
+async fn a_deep_bracket_json_document_is_refused_with_flat_memory() {
+    // 256 MiB of `[` off the rows' path: skipped, it would cost a byte per level.
+    let router = Router::new().route("/deep.json", get(|| async { deep_brackets(256 << 20) }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    let started = std::time::Instant::now();
+    let err = expect_err(
+        read(serde_json::json!({ "url": format!("{base}/deep.json"), "format": "Json", "jsonPointer": "/users" }))
+            .await,
+    );
+    assert!(matches!(err, SourceError::Malformed { .. }), "{err:?}");
+    assert!(err.to_string().contains("arrays and objects nest deeper than 64 levels"), "{err}");
+    assert!(err.to_string().contains("page 1, /skip (line 1 column"), "{err}");
+    // Refused at the 65th level, not after reading the 256 MiB.
+    assert!(started.elapsed() < std::time::Duration::from_secs(10), "{:?}", started.elapsed());
+}
+
+/// An NDJSON export of `pages` pages of one row each, every `Link` to the next padded to
+/// about 8 KiB (what a reader that remembered whole URLs would keep).
+async fn padded_link_export(pages: usize) -> (String, Arc<AtomicUsize>) {
+    let served = Arc::new(AtomicUsize::new(0));
+    let pad = "p".repeat(8 * 1024);
+    let router = Router::new()
+        .route(
+            "/pages",
+            get(move |State(served): State<Arc<AtomicUsize>>, Query(q): Query<HashMap<String, String>>| {
+                let pad = pad.clone();
+                async move {
+                    served.fetch_add(1, Ordering::Relaxed);
+                    let n: usize = q.get("n").and_then(|n| n.parse().ok()).unwrap_or(0);
+                    let body = format!("{{\"uid\":\"u{n}\"}}\n");
+                    if n + 1 == pages {
+                        return body.into_response();
+                    }
+                    let link = format!("</pages?n={}&pad={pad}>; rel=\"next\"", n + 1);
+                    ([(header::LINK, link)], body).into_response()
+                }
+            }),
+        )
+        .with_state(served.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    (base, served)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_ndjson_export_with_padded_links_is_read_to_its_end() {
+    // 5,000 pages here (the hostile_sources benchmark follows 100,000 and measures memory):
+    // every page read once, each URL remembered as a 32-byte digest, not 40 MiB of URLs
+    // (http::tests::page_history_sees_a_repeated_url_and_keeps_32_bytes_a_page).
+    let pages = 5_000;
+    let (base, served) = padded_link_export(pages).await;
+    let read = read(serde_json::json!({
+        "url": format!("{base}/pages?n=0"), "format": "Ndjson", "pagination": { "linkHeader": true }
+    }))
+    .await
+    .unwrap();
+    assert_eq!(read.rows, pages as u64);
+    assert_eq!(read.members.len(), pages);
+    assert_eq!(served.load(Ordering::Relaxed), pages);
+}

@@ -468,7 +468,8 @@ pub struct SnowflakeSource {
     #[serde(default = "default_statement_timeout")]
     #[schemars(range(min = 1, max = 86400))]
     pub statement_timeout_seconds: u32,
-    /// Largest result partition accepted, in bytes after decompression.
+    /// Largest result partition accepted, in bytes after decompression. The operator's
+    /// `--max-source-page-bytes` (default 32 MiB) caps it: this field can only lower it.
     #[serde(default = "default_max_page_bytes")]
     #[schemars(range(min = 1))]
     pub max_partition_bytes: u64,
@@ -546,7 +547,8 @@ pub struct DatabricksSource {
     #[serde(default = "default_statement_timeout")]
     #[schemars(range(min = 1, max = 86400))]
     pub statement_timeout_seconds: u32,
-    /// Largest result chunk accepted, in bytes.
+    /// Largest result chunk accepted, in bytes. The operator's `--max-source-page-bytes`
+    /// (default 32 MiB) caps it: this field can only lower it.
     #[serde(default = "default_max_page_bytes")]
     #[schemars(range(min = 1))]
     pub max_chunk_bytes: u64,
@@ -636,7 +638,8 @@ pub struct BigQuerySource {
     #[serde(default = "default_bigquery_page_size")]
     #[schemars(range(min = 1, max = 100000))]
     pub page_size: u32,
-    /// Largest page body accepted, in bytes; a larger page fails the run.
+    /// Largest page body accepted, in bytes; a larger page fails the run. The operator's
+    /// `--max-source-page-bytes` (default 32 MiB) caps it: this field can only lower it.
     #[serde(default = "default_bigquery_max_page_bytes")]
     #[schemars(range(min = 65536, max = 1073741824))]
     pub max_page_bytes: u64,

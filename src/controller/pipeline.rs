@@ -66,6 +66,8 @@ pub struct PipelineImporter {
     egress: Arc<EgressPolicy>,
     /// The namespaces whose sources may use the operator's own cloud identity.
     ambient: Arc<AmbientIdentity>,
+    /// The operator's ceiling on one warehouse page (`--max-source-page-bytes`).
+    max_page_bytes: u64,
     /// Braze requests and snapshot writes are made only while it is open.
     fence: Fence,
 }
@@ -79,6 +81,7 @@ impl PipelineImporter {
             scratch_dir,
             egress: EgressPolicy::shared_default(),
             ambient: Arc::default(),
+            max_page_bytes: crate::source::warehouse::DEFAULT_MAX_PAGE_BYTES,
             fence: Fence::unfenced(),
         }
     }
@@ -100,6 +103,12 @@ impl PipelineImporter {
     /// Sources connect only where `policy` allows (the default policy otherwise).
     pub fn with_egress(mut self, policy: Arc<EgressPolicy>) -> Self {
         self.egress = policy;
+        self
+    }
+
+    /// No warehouse page body over `bytes` is read, whatever a spec says.
+    pub fn with_max_page_bytes(mut self, bytes: u64) -> Self {
+        self.max_page_bytes = bytes;
         self
     }
 
@@ -170,7 +179,8 @@ impl PipelineImporter {
         let spec = &valid.spec;
         let objects = KubeObjects::new(self.client.clone(), namespace.clone())
             .with_egress(self.egress.clone())
-            .with_ambient_identity(self.ambient.clone());
+            .with_ambient_identity(self.ambient.clone())
+            .with_max_page_bytes(self.max_page_bytes);
         let source = open_source(&valid.source, &valid.identifiers, &objects).await?;
         let store = self.store(import, spec, Some(&keys))?;
         let target = Self::target(spec, valid.braze_endpoint.as_str().trim_end_matches('/').to_owned(), keys);

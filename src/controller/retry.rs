@@ -97,6 +97,7 @@ fn source(error: &SourceError) -> bool {
         | SourceError::TooLarge { .. }
         | SourceError::RowTooLarge { .. }
         | SourceError::PageTooLarge { .. }
+        | SourceError::PageOverCeiling { .. }
         | SourceError::Auth { .. }
         | SourceError::Permission { .. } => false,
     }

@@ -28,7 +28,10 @@ use tokio::time::Instant;
 use self::auth::{Credentials, DEFAULT_METADATA_SERVER, ServiceAccountKey, TokenSource};
 use self::values::ColumnKind;
 use self::wire::{ApiError, ErrorClass, FormatOptions, JobReference, QueryRequest, QueryResponse, Row, Schema};
-use super::warehouse::{self, BodyError, RetryPolicy, checked_query, column_plan, read_body_bounded};
+use super::warehouse::{
+    self, BodyError, DEFAULT_MAX_PAGE_BYTES, PageLimit, RetryPolicy, checked_query, column_plan, read_body_bounded,
+    read_error_body,
+};
 use super::{BatchBuilder, MemberBatch, MemberSource, MemberStream, REDACT_MIN_LEN, SourceContext, SourceError};
 use crate::api::BigQuerySource;
 use crate::domain::identifiers::{ColumnPlan, IdentifierFields};
@@ -50,6 +53,8 @@ const QUERY_WAIT: Duration = Duration::from_secs(1);
 const CALL_MARGIN: Duration = Duration::from_secs(60);
 /// Jobs submitted per read when one keeps failing while it runs.
 const JOB_ATTEMPTS: u32 = 3;
+/// Longest wait for an error answer's first bytes: a body that trickles must not hold the run.
+const ERROR_BODY_WAIT: Duration = Duration::from_secs(5);
 /// Empty pages in a row tolerated before the pagination is taken to loop.
 const MAX_EMPTY_PAGES: u32 = 1000;
 
@@ -68,6 +73,8 @@ pub struct BigQueryMembers {
     /// the operator's credential, which the policy denies to sources by name) outside it.
     token_client: HttpClient,
     retry: RetryPolicy,
+    /// A page's body: `maxPageBytes`, never above the operator's ceiling.
+    page_limit: PageLimit,
 }
 
 impl std::fmt::Debug for BigQueryMembers {
@@ -154,6 +161,13 @@ impl BigQueryMembers {
         };
         let what = format!("bigquery query in project {}{location} ({via})", spec.project_id);
         Self::under_policy(what, spec, fields, credentials, RetryPolicy::default(), &ctx.egress())
+            .map(|source| source.with_page_ceiling(ctx.max_page_bytes()))
+    }
+
+    /// No page body over `ceiling` bytes is read, whatever `maxPageBytes` says.
+    pub fn with_page_ceiling(mut self, ceiling: u64) -> Self {
+        self.page_limit = PageLimit::new("maxPageBytes", self.spec.max_page_bytes, ceiling);
+        self
     }
 
     /// A source with credentials already resolved, under the default egress policy.
@@ -215,7 +229,8 @@ impl BigQueryMembers {
         let (client, token_client) = (build(egress)?, build(&token_policy)?);
         let tokens = TokenSource::new(credentials, retry);
         let quoting = warehouse::Quoting::of(&endpoint, &["googleapis.com"]);
-        Ok(BigQueryMembers { what, spec, endpoint, fields, tokens, client, quoting, token_client, retry })
+        let page_limit = PageLimit::new("maxPageBytes", spec.max_page_bytes, DEFAULT_MAX_PAGE_BYTES);
+        Ok(BigQueryMembers { what, spec, endpoint, fields, tokens, client, quoting, token_client, retry, page_limit })
     }
 
     fn location<'a>(&'a self, job: &'a JobReference) -> Option<&'a str> {
@@ -278,15 +293,17 @@ impl BigQueryMembers {
             None => CallError::Transport(error_chain(&e.without_url())),
         })?;
         let status = response.status().as_u16();
-        let body = read_body_bounded(response, self.spec.max_page_bytes).await.map_err(|e| match e {
+        if !(200..300).contains(&status) {
+            // An error answer is read for its reason and message only.
+            let body = read_error_body(response, ERROR_BODY_WAIT).await;
+            return Err(CallError::Api(ApiError::parse(status, &body)));
+        }
+        let body = read_body_bounded(response, self.page_limit.bytes).await.map_err(|e| match e {
             BodyError::TooLarge => CallError::TooLarge,
             BodyError::Transport(e) => {
                 CallError::Transport(format!("the answer broke off: {}", error_chain(&e.without_url())))
             }
         })?;
-        if !(200..300).contains(&status) {
-            return Err(CallError::Api(ApiError::parse(status, &body)));
-        }
         serde_json::from_slice(&body).map_err(|e| CallError::Malformed(warehouse::json_error(&e)))
     }
 
@@ -440,16 +457,9 @@ impl BigQueryMembers {
             CallError::Auth(e) => return e,
             CallError::Denied(denied) => return SourceError::EgressDenied { what: self.what.clone(), denied },
             CallError::TooLarge => {
-                return SourceError::PageTooLarge {
-                    what: self.what.clone(),
-                    part: if page == 0 {
-                        "the job's first answer".to_owned()
-                    } else {
-                        format!("page {page} of the result")
-                    },
-                    field: "maxPageBytes",
-                    limit: self.spec.max_page_bytes,
-                };
+                let part =
+                    if page == 0 { "the job's first answer".to_owned() } else { format!("page {page} of the result") };
+                return self.page_limit.exceeded(&self.what, &part);
             }
             CallError::Malformed(m) => return self.malformed(page, &format!("not the expected JSON ({m})")),
             CallError::Transport(m) => {

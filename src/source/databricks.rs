@@ -14,7 +14,8 @@
 //!    A SQL error is HTTP 200 with `FAILED`; `CANCELED` and `CLOSED` are errors too.
 //! 4. `SUCCEEDED`: refused if `manifest.truncated`; then chunk after chunk, following
 //!    `next_chunk_internal_link` (or `next_chunk_index`), one chunk in memory at a time under
-//!    `maxChunkBytes`. External links are fetched **without** the Authorization header (with
+//!    `maxChunkBytes` and the operator's `--max-source-page-bytes`, kept as
+//!    [`CompactRows`] and mapped a batch at a time (an error answer is read for 4 KiB at most). External links are fetched **without** the Authorization header (with
 //!    only the headers the link names); an expired link is renewed through the chunk
 //!    endpoint once. Chunk indexes must run 0..total_chunk_count−1, each chunk's
 //!    `row_offset` equal the rows read so far, and the total equal `total_row_count`.
@@ -33,7 +34,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::time::Instant;
 
-use super::warehouse::{self, Backoff, ColumnType, RowMapper};
+use super::warehouse::{self, Backoff, ColumnType, CompactRows, PageLimit, RowMapper};
 use super::{MemberSource, MemberStream, SourceContext, SourceError};
 use crate::api::{DatabricksDisposition, DatabricksSource};
 use crate::domain::identifiers::IdentifierFields;
@@ -49,6 +50,10 @@ const VENDOR_DOMAINS: &[&str] = &["cloud.databricks.com", "azuredatabricks.net",
 /// abandoned read can always cancel what it started.
 const WAIT_TIMEOUT: &str = "0s";
 const READ_TIMEOUT: Duration = Duration::from_secs(90);
+/// Longest wait for an error answer's first bytes: a body that trickles must not hold the run.
+const ERROR_BODY_WAIT: Duration = Duration::from_secs(5);
+/// An OAuth token response is small; 1 MiB is far above any.
+const TOKEN_BODY_LIMIT: PageLimit = PageLimit { bytes: 1 << 20, field: Some("maxChunkBytes") };
 /// A cached OAuth token is replaced this long before it expires.
 const TOKEN_REFRESH_MARGIN: Duration = Duration::from_secs(300);
 
@@ -71,7 +76,8 @@ pub struct DatabricksMembers {
     body: serde_json::Value,
     disposition: DatabricksDisposition,
     statement_timeout: Duration,
-    max_chunk_bytes: u64,
+    /// A chunk's body: `maxChunkBytes`, never above the operator's ceiling.
+    page_limit: PageLimit,
     fields: IdentifierFields,
     auth: Auth,
     auth_from: String,
@@ -147,7 +153,7 @@ struct ResultData {
     chunk_index: Option<u64>,
     row_offset: Option<u64>,
     row_count: Option<u64>,
-    data_array: Option<Vec<Vec<Option<String>>>>,
+    data_array: Option<CompactRows>,
     next_chunk_index: Option<u64>,
     next_chunk_internal_link: Option<String>,
     #[serde(default)]
@@ -296,7 +302,7 @@ impl DatabricksMembers {
             body,
             disposition: spec.disposition,
             statement_timeout: Duration::from_secs(spec.statement_timeout_seconds.into()),
-            max_chunk_bytes: spec.max_chunk_bytes,
+            page_limit: PageLimit::new("maxChunkBytes", spec.max_chunk_bytes, ctx.max_page_bytes()),
             fields,
             auth,
             auth_from,
@@ -371,8 +377,7 @@ impl DatabricksMembers {
                     let status = response.status();
                     let hint = warehouse::retry_after(&response);
                     let body =
-                        warehouse::read_body(&self.what, "the token response", "maxChunkBytes", 1 << 20, response)
-                            .await?;
+                        warehouse::read_body(&self.what, "the token response", TOKEN_BODY_LIMIT, response).await?;
                     if status.is_success() {
                         let parsed: TokenResponse = serde_json::from_slice(&body).map_err(|e| {
                             self.malformed(
@@ -421,10 +426,11 @@ impl DatabricksMembers {
     async fn step(&self, part: &str, response: reqwest::Response) -> Result<Step, SourceError> {
         let status = response.status();
         let hint = warehouse::retry_after(&response);
-        let body = warehouse::read_body(&self.what, part, "maxChunkBytes", self.max_chunk_bytes, response).await?;
         if status == StatusCode::OK {
-            return Ok(Step::Done(body));
+            return Ok(Step::Done(warehouse::read_body(&self.what, part, self.page_limit, response).await?));
         }
+        // An error answer is read for its code and message only.
+        let body = warehouse::read_error_body(response, ERROR_BODY_WAIT).await;
         let error: ServiceError = serde_json::from_slice(&body).unwrap_or_default();
         let code = error.error_code.as_deref().and_then(warehouse::code).unwrap_or_default();
         let detail =
@@ -600,7 +606,7 @@ impl DatabricksMembers {
         link: &ExternalLink,
         part: &str,
         deadline: Instant,
-    ) -> Result<Option<Vec<Vec<Option<String>>>>, SourceError> {
+    ) -> Result<Option<CompactRows>, SourceError> {
         let url = Url::parse(&link.external_link)
             .map_err(|_| self.malformed(part, "the external link is not a URL".to_owned()))?;
         if url.scheme() != "https"
@@ -625,8 +631,7 @@ impl DatabricksMembers {
                     warehouse::transport(&self.what, &e.without_url())?
                 ),
                 Ok(response) if response.status().is_success() => {
-                    let body =
-                        warehouse::read_body(&self.what, part, "maxChunkBytes", self.max_chunk_bytes, response).await?;
+                    let body = warehouse::read_body(&self.what, part, self.page_limit, response).await?;
                     let rows = serde_json::from_slice(&body).map_err(|e| {
                         self.malformed(part, format!("the external link's body: {}", warehouse::json_error(&e)))
                     })?;
@@ -660,7 +665,7 @@ struct ChunkRows {
     index: Option<u64>,
     row_offset: Option<u64>,
     row_count: Option<u64>,
-    rows: Vec<Vec<Option<String>>>,
+    rows: CompactRows,
     next_index: Option<u64>,
     next_link: Option<String>,
 }
@@ -787,7 +792,9 @@ impl MemberSource for DatabricksMembers {
                 let chunk = self.rows(&id, current, index, deadline).await?;
                 self.check_chunk(&chunk, index, read)?;
                 read += chunk.rows.len() as u64;
-                yield mapper.batch(&self.what, FORMAT, &format!("chunk {index}"), &chunk.rows)?;
+                for batch in mapper.batches(&self.what, FORMAT, &format!("chunk {index}"), &chunk.rows)? {
+                    yield batch;
+                }
                 index += 1;
                 if chunk.next_link.is_some() || chunk.next_index.is_some() {
                     let next = chunk.next_index.unwrap_or(index);

@@ -10,7 +10,8 @@
 //!
 //! Pagination follows one of: a next-page URL in the JSON body, a cursor in the JSON body
 //! sent back as a query parameter, or `Link: <…>; rel="next"` headers. A page that repeats
-//! an earlier URL is an error, not an endless loop. Credentials are sent only to the
+//! an earlier URL is an error, not an endless loop (URLs are remembered as 32-byte digests,
+//! at most [`MAX_PAGES`] of them). Credentials are sent only to the
 //! export's own origin: a next page elsewhere is refused, and redirects elsewhere carry no
 //! credentials (reqwest drops `Authorization`; a named-header credential stops the run).
 //!
@@ -32,6 +33,7 @@ use async_compression::tokio::bufread::GzipDecoder;
 use futures::TryStreamExt;
 use reqwest::Url;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, LINK};
+use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, BufReader, ReadBuf};
 use tokio::sync::mpsc;
 use tokio_util::io::{StreamReader, SyncIoBridge};
@@ -47,6 +49,18 @@ use crate::secret::{SecretString, error_chain, redact};
 
 /// Most pages one read follows.
 const MAX_PAGES: u64 = 100_000;
+
+/// The pages one read has fetched, as SHA-256 digests of their URLs: a loop is still seen,
+/// in 32 bytes a page however long the URLs a server pads its links with.
+#[derive(Default)]
+struct PageHistory(HashSet<[u8; 32]>);
+
+impl PageHistory {
+    /// `false` when `url` was fetched before.
+    fn first_visit(&mut self, url: &Url) -> bool {
+        self.0.insert(Sha256::digest(url.as_str().as_bytes()).into())
+    }
+}
 
 /// Credentials resolved from Secrets.
 #[derive(Debug)]
@@ -520,11 +534,11 @@ impl MemberSource for HttpMembers {
     fn members(&self) -> MemberStream<'_> {
         Box::pin(async_stream::try_stream! {
             let used = Arc::new(AtomicU64::new(0));
-            let mut seen = HashSet::new();
+            let mut history = PageHistory::default();
             let mut url = self.start.clone();
             for number in 1..=MAX_PAGES {
                 let mut page = Page { url: url.clone(), number, gzip: false };
-                if !seen.insert(url.to_string()) {
+                if !history.first_visit(&url) {
                     Err(SourceError::Config {
                         what: self.what.clone(),
                         message: format!("page {number} repeats the URL of an earlier page; the pagination loops"),
@@ -599,6 +613,15 @@ mod tests {
         let url = Url::parse("https://user:pw@example.com:8443/export/users.csv?api_key=abc").unwrap();
         assert_eq!(display_url(&url), "https://example.com:8443/export/users.csv?…");
         assert_eq!(display_url(&Url::parse("http://h/x").unwrap()), "http://h/x");
+    }
+
+    #[test]
+    fn page_history_sees_a_repeated_url_and_keeps_32_bytes_a_page() {
+        let mut history = PageHistory::default();
+        let padded = |n: u32| Url::parse(&format!("https://e.example/p?n={n}&pad={}", "x".repeat(8192))).unwrap();
+        assert!((0..1000).all(|n| history.first_visit(&padded(n))));
+        assert!(!history.first_visit(&padded(7)));
+        assert_eq!(history.0.len(), 1000);
     }
 
     #[test]

@@ -9,7 +9,11 @@
 //!
 //! A [`Meter`] under the parser counts the bytes of the element (or key, or captured value)
 //! being read: past `max_row_bytes` the read fails, and the caller reports which limit and
-//! which spec field raises it.
+//! which spec field raises it. The same reader follows the nesting of every byte, on the
+//! rows' path or off it, and fails past [`MAX_DEPTH`] levels: skipping a value keeps one byte
+//! per open level (serde's `IgnoredAny` on serde_json), so `[[[[…` must not be skipped
+//! unbounded. What is skipped is kept nowhere else; its bytes count in the caller's whole-body
+//! limit (`maxBytes`).
 
 use std::cell::Cell;
 use std::fmt;
@@ -31,6 +35,9 @@ pub(crate) enum Scalar {
     /// Anything else: its kind, for the message.
     Other(&'static str),
 }
+
+/// Most arrays and objects open at once, anywhere in a document.
+pub(crate) const MAX_DEPTH: u32 = 64;
 
 /// The consumer of batches is gone: stop reading.
 #[derive(Debug)]
@@ -55,8 +62,12 @@ pub(crate) fn read_rows(
     emit: impl FnMut(MemberBatch) -> Result<(), Cancelled>,
 ) -> Result<Vec<Option<Scalar>>, FormatError> {
     let meter = Meter::default();
-    let reader =
-        Metered { inner: BufReader::with_capacity(64 * 1024, input), meter: meter.clone(), limit: plan.max_row_bytes };
+    let reader = Metered {
+        inner: BufReader::with_capacity(64 * 1024, input),
+        meter: meter.clone(),
+        limit: plan.max_row_bytes,
+        nesting: Nesting::default(),
+    };
     let mut state = Walk {
         rows: tokens(plan.rows),
         captures: plan.captures.iter().map(|p| (tokens(p), None)).collect(),
@@ -104,6 +115,12 @@ fn syntax_error<F>(e: serde_json::Error, walk: &Walk<'_, F>) -> FormatError {
             let at = format!("{} ({})", walk.location(), location);
             return FormatError::RowTooLarge { format: "JSON", location: at, limit: walk.limit };
         }
+        if io.get_ref().is_some_and(|inner| inner.is::<TooDeep>()) {
+            return malformed(
+                format!("{} ({})", walk.location(), location),
+                format!("arrays and objects nest deeper than {MAX_DEPTH} levels; the operator reads no deeper"),
+            );
+        }
         return FormatError::Io(io);
     }
     malformed(location, e.to_string())
@@ -142,12 +159,50 @@ impl fmt::Display for RowTooLong {
 
 impl std::error::Error for RowTooLong {}
 
+/// Marks a document nested deeper than [`MAX_DEPTH`].
+#[derive(Debug)]
+struct TooDeep;
+
+impl fmt::Display for TooDeep {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "JSON nested deeper than {MAX_DEPTH} levels")
+    }
+}
+
+impl std::error::Error for TooDeep {}
+
+/// How many arrays and objects are open, from the bytes read so far (brackets inside
+/// strings do not count).
+#[derive(Default)]
+struct Nesting {
+    depth: u32,
+    in_string: bool,
+    escaped: bool,
+}
+
+impl Nesting {
+    /// Follows `byte`; `false` when it opens one level too many.
+    fn follow(&mut self, byte: u8) -> bool {
+        match (self.in_string, self.escaped, byte) {
+            (true, true, _) => self.escaped = false,
+            (true, false, b'\\') => self.escaped = true,
+            (true, false, b'"') | (false, _, b'"') => self.in_string = !self.in_string,
+            (false, _, b'[' | b'{') => self.depth += 1,
+            (false, _, b']' | b'}') => self.depth = self.depth.saturating_sub(1),
+            _ => {}
+        }
+        self.depth <= MAX_DEPTH
+    }
+}
+
 /// Counts the bytes the parser takes (it reads them one at a time from the buffer below)
-/// and fails the read past the limit, before the parser could keep them.
+/// and fails the read past the limit, before the parser could keep them; fails too when
+/// they nest deeper than [`MAX_DEPTH`].
 struct Metered<R> {
     inner: BufReader<R>,
     meter: Meter,
     limit: u64,
+    nesting: Nesting,
 }
 
 impl<R: Read> Read for Metered<R> {
@@ -159,6 +214,9 @@ impl<R: Read> Read for Metered<R> {
         // Never more than the limit allows, so one read cannot overshoot it.
         let room = if armed { (self.limit - count).min(buf.len() as u64) as usize } else { buf.len() };
         let n = self.inner.read(&mut buf[..room])?;
+        if !buf[..n].iter().all(|&b| self.nesting.follow(b)) {
+            return Err(io::Error::other(TooDeep));
+        }
         self.meter.0.set((count + n as u64, armed));
         Ok(n)
     }
@@ -596,6 +654,27 @@ mod tests {
         let doc = format!(r#"{{"blob":"{long}","more":[{{"k":"{long}"}}],"users":[{{"uid":"a"}}]}}"#);
         let (batches, _) = read(doc.as_bytes(), "/users", &[], 1024).unwrap();
         assert_eq!(batches[0].members, vec![Member::ExternalId("a".into())]);
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_on_and_off_the_rows_path() {
+        let deep = |levels: usize| format!("{}{}", "[".repeat(levels), "]".repeat(levels));
+        // Off the path: skipped, but no deeper than MAX_DEPTH.
+        let ok = format!(r#"{{"skip":{},"s":"[[[[{{{{","users":[{{"uid":"a"}}]}}"#, deep(MAX_DEPTH as usize - 1));
+        let (batches, _) = read(ok.as_bytes(), "/users", &[], 1024).unwrap();
+        assert_eq!(batches[0].members, vec![Member::ExternalId("a".into())]);
+        for doc in [
+            format!(r#"{{"skip":{},"users":[]}}"#, deep(10_000_000)),
+            format!(r#"{{"users":[{{"uid":"a","x":{}}}]}}"#, deep(100)),
+            format!(r#"{{"a":{{"b":{}}},"users":[]}}"#, deep(70)),
+        ] {
+            match read(doc.as_bytes(), "/users", &[], 1 << 20) {
+                Err(FormatError::Malformed { message, .. }) => {
+                    assert!(message.contains("nest deeper than 64 levels"), "{message}")
+                }
+                other => panic!("expected too deep, got {other:?}"),
+            }
+        }
     }
 
     #[test]

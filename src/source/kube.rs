@@ -22,6 +22,7 @@ pub struct KubeObjects {
     namespace: String,
     egress: Arc<EgressPolicy>,
     ambient: Arc<AmbientIdentity>,
+    max_page_bytes: u64,
 }
 
 impl KubeObjects {
@@ -31,6 +32,7 @@ impl KubeObjects {
             namespace: namespace.into(),
             egress: EgressPolicy::shared_default(),
             ambient: Arc::default(),
+            max_page_bytes: super::warehouse::DEFAULT_MAX_PAGE_BYTES,
         }
     }
 
@@ -38,6 +40,12 @@ impl KubeObjects {
     /// `ambient` names the namespace ([`AmbientIdentity`]).
     pub fn with_ambient_identity(mut self, ambient: Arc<AmbientIdentity>) -> Self {
         self.ambient = ambient;
+        self
+    }
+
+    /// The operator's ceiling on a warehouse page (see [`SourceContext::max_page_bytes`]).
+    pub fn with_max_page_bytes(mut self, bytes: u64) -> Self {
+        self.max_page_bytes = bytes;
         self
     }
 
@@ -123,5 +131,9 @@ impl SourceContext for KubeObjects {
 
     fn ambient_identity_allowed(&self) -> bool {
         self.ambient.allows(&self.namespace)
+    }
+
+    fn max_page_bytes(&self) -> u64 {
+        self.max_page_bytes
     }
 }

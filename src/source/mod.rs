@@ -39,6 +39,7 @@ pub mod inline;
 mod json;
 pub mod kube;
 pub mod postgres;
+pub mod private_key;
 pub mod snowflake;
 pub mod warehouse;
 
@@ -171,6 +172,13 @@ pub enum SourceError {
     /// One page of a warehouse's answer (a partition, a chunk) is over the spec's byte cap.
     #[error("{what}: {part} is larger than {field} ({limit} bytes); raise {field} or select fewer columns")]
     PageTooLarge { what: String, part: String, field: &'static str, limit: u64 },
+    /// One page is over the operator's ceiling (`--max-source-page-bytes`), which a spec can
+    /// lower but never raise.
+    #[error(
+        "{what}: {part} is larger than the operator's ceiling of {limit} bytes a page (--max-source-page-bytes); \
+         select fewer columns or rows per page, or ask the operator's administrators to raise it"
+    )]
+    PageOverCeiling { what: String, part: String, limit: u64 },
     /// The warehouse refused the credentials. `fix` says where they come from.
     #[error("{what}: authentication failed: {detail}; {fix}")]
     Auth { what: String, detail: String, fix: String },
@@ -222,6 +230,12 @@ pub trait SourceContext: Send + Sync {
     fn ambient_identity_allowed(&self) -> bool {
         false
     }
+
+    /// The operator's ceiling on one warehouse page's body, in bytes (`--max-source-page-bytes`):
+    /// a spec's own cap (`maxPartitionBytes`, `maxChunkBytes`, `maxPageBytes`) only lowers it.
+    fn max_page_bytes(&self) -> u64 {
+        warehouse::DEFAULT_MAX_PAGE_BYTES
+    }
 }
 
 /// Secrets and ConfigMaps held in memory, for tests and for callers that already read them.
@@ -236,6 +250,8 @@ pub struct InMemoryObjects {
     pub egress: Option<std::sync::Arc<egress::EgressPolicy>>,
     /// Whether the operator's own cloud identity may be used ([`SourceContext::ambient_identity_allowed`]).
     pub ambient_identity: bool,
+    /// `None`: [`warehouse::DEFAULT_MAX_PAGE_BYTES`].
+    pub max_page_bytes: Option<u64>,
 }
 
 impl fmt::Debug for InMemoryObjects {
@@ -265,6 +281,12 @@ impl InMemoryObjects {
 
     pub fn with_ambient_identity(mut self, allowed: bool) -> Self {
         self.ambient_identity = allowed;
+        self
+    }
+
+    /// The operator's ceiling on a warehouse page (see [`SourceContext::max_page_bytes`]).
+    pub fn with_max_page_bytes(mut self, bytes: u64) -> Self {
+        self.max_page_bytes = Some(bytes);
         self
     }
 
@@ -313,6 +335,10 @@ impl SourceContext for InMemoryObjects {
 
     fn ambient_identity_allowed(&self) -> bool {
         self.ambient_identity
+    }
+
+    fn max_page_bytes(&self) -> u64 {
+        self.max_page_bytes.unwrap_or(warehouse::DEFAULT_MAX_PAGE_BYTES)
     }
 }
 

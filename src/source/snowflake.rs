@@ -16,24 +16,28 @@
 //! 3. 202 (running) → poll `GET /api/v2/statements/{handle}` (429 while polling means still
 //!    running) until 200, then read partition 0 from that answer and partitions 1..P−1 with
 //!    `?partition=N` (gzip bodies, rows only), one at a time, each under
-//!    `maxPartitionBytes`. Every row count is checked against `partitionInfo` and the total
+//!    `maxPartitionBytes` and the operator's `--max-source-page-bytes`, kept as
+//!    [`CompactRows`] and mapped a batch at a time (an error answer is read for 4 KiB at most). Every row count is checked against `partitionInfo` and the total
 //!    against `numRows`: a short answer is an error, never a smaller cohort.
 //! 4. Past `statementTimeoutSeconds` (Snowflake enforces it too, answering 408) and when a
 //!    read is abandoned (the run's own timeout drops the stream), the statement is cancelled
 //!    (`POST …/cancel`).
+//!
+//! An encrypted private key is decrypted within the operator's key-derivation ceilings, off
+//! the async runtime and once per Secret value ([`super::private_key`]).
 //!
 //! The private key, its passphrase and every JWT stay out of messages, logs and `Debug`.
 
 use std::fmt;
 use std::time::Duration;
 
-use base64::Engine;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use reqwest::{Method, StatusCode, Url};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use super::warehouse::{self, Backoff, ColumnType, RowMapper};
+use super::private_key::{self, KeySource, SigningKey};
+use super::warehouse::{self, Backoff, ColumnType, CompactRows, PageLimit, RowMapper};
 use super::{MemberSource, MemberStream, SourceContext, SourceError};
 use crate::api::SnowflakeSource;
 use crate::domain::identifiers::IdentifierFields;
@@ -52,6 +56,8 @@ const VENDOR_DOMAINS: &[&str] = &["snowflakecomputing.com", "snowflakecomputing.
 /// `code` of a result too large to return whole.
 const CODE_TOO_LARGE: &str = "391908";
 const TOKEN_TYPE_HEADER: &str = "X-Snowflake-Authorization-Token-Type";
+/// Longest wait for an error answer's first bytes: a body that trickles must not hold the run.
+const ERROR_BODY_WAIT: Duration = Duration::from_secs(5);
 
 /// The statement request body.
 #[derive(Serialize, Clone, Debug)]
@@ -94,7 +100,8 @@ pub struct SnowflakeMembers {
     credentials_from: String,
     body: StatementBody,
     statement_timeout: Duration,
-    max_partition_bytes: u64,
+    /// A partition's body: `maxPartitionBytes`, never above the operator's ceiling.
+    page_limit: PageLimit,
     fields: IdentifierFields,
     client: HttpClient,
     /// What of Snowflake's error answers may be quoted: its messages only from its own domain.
@@ -121,60 +128,12 @@ pub fn jwt_account(account: &str) -> String {
     cut.unwrap_or(account).to_uppercase()
 }
 
-/// The private key for signing, and its public key's fingerprint `SHA256:<base64>`.
-pub fn signing_key(pem: &str, passphrase: Option<&str>) -> Result<(EncodingKey, String), String> {
-    use aws_lc_rs::encoding::AsDer;
-    use aws_lc_rs::signature::KeyPair;
-    use pkcs8::der::Decode;
-    let (label, doc) = pkcs8::SecretDocument::from_pem(pem.trim())
-        .map_err(|e| format!("the private key is not PEM text ({e}); paste the whole -----BEGIN … KEY----- block"))?;
-    let pkcs1: Vec<u8> = match label {
-        "PRIVATE KEY" => rsa_of_pkcs8(doc.as_bytes())?,
-        "ENCRYPTED PRIVATE KEY" => {
-            let passphrase = passphrase.ok_or(
-                "the private key is encrypted; put its passphrase in the Secret and name its key in \
-                 credentials.privateKeyPassphraseKey",
-            )?;
-            let encrypted = pkcs8::EncryptedPrivateKeyInfo::from_der(doc.as_bytes())
-                .map_err(|e| format!("the encrypted private key is malformed ({e})"))?;
-            let decrypted = encrypted.decrypt(passphrase).map_err(|_| {
-                "cannot decrypt the private key: the passphrase is wrong or the cipher is not PBES2 \
-                 with AES-CBC or DES-EDE3-CBC"
-                    .to_owned()
-            })?;
-            rsa_of_pkcs8(decrypted.as_bytes())?
-        }
-        "RSA PRIVATE KEY" => doc.as_bytes().to_vec(),
-        other => return Err(format!("the PEM block is {other:?}, not a private key")),
-    };
-    let pair = aws_lc_rs::rsa::KeyPair::from_der(&pkcs1)
-        .map_err(|e| format!("not a usable RSA private key ({e}); Snowflake needs RSA 2048 bits or more"))?;
-    let spki = pair.public_key().as_der().map_err(|_| "cannot encode the public key".to_owned())?;
-    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, spki.as_ref());
-    let fingerprint = format!("SHA256:{}", base64::engine::general_purpose::STANDARD.encode(digest.as_ref()));
-    Ok((EncodingKey::from_rsa_der(&pkcs1), fingerprint))
-}
-
 /// A key-pair JWT as Snowflake documents it, valid for [`JWT_LIFETIME`] from now.
 fn mint_jwt(key: &EncodingKey, subject: &str, fingerprint: &str) -> Result<SecretString, jsonwebtoken::errors::Error> {
     let now = jiff::Timestamp::now().as_second().max(0) as u64;
     let issuer = format!("{subject}.{fingerprint}");
     let claims = Claims { iss: &issuer, sub: subject, iat: now, exp: now + JWT_LIFETIME.as_secs() };
     jsonwebtoken::encode(&Header::new(Algorithm::RS256), &claims, key).map(SecretString::new)
-}
-
-/// The PKCS#1 key inside a PKCS#8 `PrivateKeyInfo`, if it is RSA.
-fn rsa_of_pkcs8(der: &[u8]) -> Result<Vec<u8>, String> {
-    use pkcs8::der::Decode;
-    const RSA: pkcs8::ObjectIdentifier = pkcs8::ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.1");
-    let info = pkcs8::PrivateKeyInfo::from_der(der).map_err(|e| format!("the private key is malformed ({e})"))?;
-    if info.algorithm.oid != RSA {
-        return Err(format!(
-            "the private key is not RSA (algorithm {}); Snowflake key pairs are RSA",
-            info.algorithm.oid
-        ));
-    }
-    Ok(info.private_key.to_vec())
 }
 
 // ---- wire shapes (Snowflake SQL API v2 reference) ----
@@ -189,7 +148,7 @@ struct Answer {
     statement_handles: Option<Vec<String>>,
     result_set_meta_data: Option<MetaData>,
     #[serde(default)]
-    data: Vec<Vec<Option<String>>>,
+    data: CompactRows,
 }
 
 #[derive(Deserialize, Debug)]
@@ -216,19 +175,18 @@ struct PartitionInfo {
 }
 
 /// A partition's body: rows only; `{"data": […]}` or the bare array (the reference does not
-/// show one, so both are read).
+/// show one, so both are read). Told apart by the first byte, not by serde's `untagged`,
+/// which would first copy the whole body into a tree of values.
 #[derive(Deserialize)]
-#[serde(untagged)]
-enum PartitionBody {
-    Wrapped { data: Vec<Vec<Option<String>>> },
-    Bare(Vec<Vec<Option<String>>>),
+struct WrappedPartition {
+    data: CompactRows,
 }
 
-impl PartitionBody {
-    fn rows(self) -> Vec<Vec<Option<String>>> {
-        match self {
-            PartitionBody::Wrapped { data } | PartitionBody::Bare(data) => data,
-        }
+fn partition_rows(body: &[u8]) -> Result<CompactRows, serde_json::Error> {
+    if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+        serde_json::from_slice(body)
+    } else {
+        serde_json::from_slice::<WrappedPartition>(body).map(|p| p.data)
     }
 }
 
@@ -337,8 +295,15 @@ impl SnowflakeMembers {
                 c.user_key
             )));
         }
-        let (key, fingerprint) = signing_key(private_key.expose(), passphrase.as_ref().map(SecretString::expose))
-            .map_err(|m| config(format!("key {} of {credentials_from}: {m}", c.private_key_key)))?;
+        let from = KeySource {
+            namespace: ctx.namespace().to_owned(),
+            secret: c.secret_name.clone(),
+            key: c.private_key_key.clone(),
+        };
+        let SigningKey { key, fingerprint } =
+            private_key::signing_key(&from, private_key.expose(), passphrase.as_ref().map(SecretString::expose))
+                .await
+                .map_err(|m| config(format!("key {} of {credentials_from}: {m}", c.private_key_key)))?;
         let base = match &spec.endpoint {
             Some(endpoint) => Url::parse(endpoint).map_err(|e| config(format!("endpoint is not a URL: {e}")))?,
             None => Url::parse(&format!("https://{}.snowflakecomputing.com", account.to_ascii_lowercase()))
@@ -362,7 +327,7 @@ impl SnowflakeMembers {
                 role: spec.role.clone(),
             },
             statement_timeout: Duration::from_secs(spec.statement_timeout_seconds.into()),
-            max_partition_bytes: spec.max_partition_bytes,
+            page_limit: PageLimit::new("maxPartitionBytes", spec.max_partition_bytes, ctx.max_page_bytes()),
             client: warehouse::http_client(&what, READ_TIMEOUT, &egress)?,
             quoting: warehouse::Quoting::of(&base, VENDOR_DOMAINS),
             base,
@@ -426,9 +391,12 @@ impl SnowflakeMembers {
     async fn step(&self, call: Call, response: reqwest::Response) -> Result<Step, SourceError> {
         let status = response.status();
         let hint = warehouse::retry_after(&response);
-        let body =
-            warehouse::read_body(&self.what, &call.part(), "maxPartitionBytes", self.max_partition_bytes, response)
-                .await?;
+        // An answer other than 200 is read for its handle or message only.
+        let body = if status == StatusCode::OK {
+            warehouse::read_body(&self.what, &call.part(), self.page_limit, response).await?
+        } else {
+            warehouse::read_error_body(response, ERROR_BODY_WAIT).await
+        };
         let answer = || serde_json::from_slice::<Answer>(&body).unwrap_or_default();
         let detail = || self.said(status, &answer());
         match (status, call) {
@@ -590,13 +558,13 @@ impl SnowflakeMembers {
         n: usize,
         jwt: &mut Jwt,
         deadline: Instant,
-    ) -> Result<Vec<Vec<Option<String>>>, SourceError> {
+    ) -> Result<CompactRows, SourceError> {
         let mut url = self.url(Some(handle), None);
         url.query_pairs_mut().append_pair("partition", &n.to_string());
         match self.exchange(Call::Partition(n), jwt, deadline, |_| (Method::GET, url.clone(), false)).await? {
-            Step::Done(body) => serde_json::from_slice::<PartitionBody>(&body)
-                .map(PartitionBody::rows)
-                .map_err(|e| self.malformed(&format!("partition {n}"), warehouse::json_error(&e))),
+            Step::Done(body) => {
+                partition_rows(&body).map_err(|e| self.malformed(&format!("partition {n}"), warehouse::json_error(&e)))
+            }
             _ => Err(self.malformed(&format!("partition {n}"), "the partition answered 202".to_owned())),
         }
     }
@@ -677,9 +645,10 @@ impl MemberSource for SnowflakeMembers {
             let first = std::mem::take(&mut answer.data);
             drop(answer);
             let mut read = first.len() as u64;
-            let batch = mapper.batch(&self.what, FORMAT, "partition 0", &first)?;
+            for batch in mapper.batches(&self.what, FORMAT, "partition 0", &first)? {
+                yield batch;
+            }
             drop(first);
-            yield batch;
             for (n, &expected) in counts.iter().enumerate().skip(1) {
                 if handle.is_empty() {
                     Err::<(), SourceError>(self.malformed("partition 0", "no statementHandle to fetch further partitions with".to_owned()))?;
@@ -688,9 +657,9 @@ impl MemberSource for SnowflakeMembers {
                 let part = format!("partition {n}");
                 self.check_count(&part, rows.len(), expected)?;
                 read += rows.len() as u64;
-                let batch = mapper.batch(&self.what, FORMAT, &part, &rows)?;
-                drop(rows);
-                yield batch;
+                for batch in mapper.batches(&self.what, FORMAT, &part, &rows)? {
+                    yield batch;
+                }
             }
             if read != total {
                 Err::<(), SourceError>(self.malformed("the result", format!("{read} rows read where numRows is {total}")))?;
@@ -710,15 +679,5 @@ mod tests {
         assert_eq!(jwt_account("xy12345.privatelink"), "XY12345");
         assert_eq!(jwt_account("myorg-acct.global"), "MYORG");
         assert_eq!(jwt_account(" my_org-my_acct "), "MY_ORG-MY_ACCT");
-    }
-
-    #[test]
-    fn bad_keys_say_what_is_wrong_without_the_key() {
-        let err = signing_key("not a key", None).unwrap_err();
-        assert!(err.contains("not PEM"), "{err}");
-        let pem =
-            "-----BEGIN PUBLIC KEY-----\nMIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEA\n-----END PUBLIC KEY-----\n";
-        let err = signing_key(pem, None).unwrap_err();
-        assert!(err.contains("not PEM") || err.contains("not a private key"), "{err}");
     }
 }

@@ -29,11 +29,14 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{BatchBuilder, MemberBatch, REDACT_MIN_LEN, SourceError};
+use super::{BATCH_ROWS, BatchBuilder, MemberBatch, REDACT_MIN_LEN, SourceError};
+
+mod rows;
 use crate::domain::identifiers::{ColumnPlan, IdentifierFields, SkipReason, Value};
 use crate::domain::validate::{SqlDialect, check_select};
 use crate::net::HttpClient;
 use crate::secret::redact;
+pub use rows::CompactRows;
 
 /// The query as it is sent: checked to be one `SELECT`/`WITH` statement, trailing `;` and
 /// blanks removed (several APIs count a trailing `;` as a second, empty statement).
@@ -237,6 +240,39 @@ impl RowMapper {
     }
 }
 
+impl RowMapper {
+    /// Resolves a page's rows a batch of [`BATCH_ROWS`] at a time, so one large page never
+    /// becomes one large batch. A page whose rows do not all have the schema's number of
+    /// cells is a malformed answer before any batch (`location` names the page).
+    pub fn batches<'a>(
+        &'a self,
+        what: &str,
+        format: &'static str,
+        location: &str,
+        rows: &'a CompactRows,
+    ) -> Result<impl Iterator<Item = MemberBatch> + 'a, SourceError> {
+        let bad = |row: usize, cells: usize| SourceError::Malformed {
+            what: what.to_owned(),
+            format,
+            location: format!("{location}, row {row}"),
+            message: format!("{cells} cells where the schema has {} columns", self.width),
+        };
+        if let Some((row, cells)) = rows.ragged() {
+            return Err(if rows.width() != self.width { bad(0, rows.width()) } else { bad(row, cells) });
+        }
+        if !rows.is_empty() && rows.width() != self.width {
+            return Err(bad(0, rows.width()));
+        }
+        Ok((0..rows.len()).step_by(BATCH_ROWS).map(move |first| {
+            let mut batch = BatchBuilder::default();
+            for row in first..(first + BATCH_ROWS).min(rows.len()) {
+                batch.push(self.fields.resolve_columns(&self.plan, |c| exact_text(rows.cell(row, c), &self.types[c])));
+            }
+            batch.take()
+        }))
+    }
+}
+
 /// Jittered exponential backoff over a bounded number of attempts.
 #[derive(Clone, Debug)]
 pub struct Backoff {
@@ -359,6 +395,45 @@ pub fn retry_after(response: &reqwest::Response) -> Option<Duration> {
     value.trim().parse::<u64>().ok().map(Duration::from_secs)
 }
 
+/// The operator's default ceiling on one page's body (`--max-source-page-bytes`): above a
+/// Databricks inline result (25 MiB at most) and a BigQuery page (10 MB), and low enough that
+/// a page at the ceiling, parsed into [`CompactRows`], stays well inside the chart's memory
+/// limit.
+pub const DEFAULT_MAX_PAGE_BYTES: u64 = 32 * 1024 * 1024;
+/// The highest `--max-source-page-bytes` accepted: [`CompactRows`] counts in 31 bits.
+pub const MAX_PAGE_BYTES_CEILING: u64 = 1 << 30;
+/// Bytes of an error answer's body read (its message, its error code); the rest is never read.
+pub const ERROR_BODY_BYTES: u64 = 4 * 1024;
+
+/// The most bytes one page's body may have: the spec's cap (`field`), never above the
+/// operator's ceiling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageLimit {
+    pub bytes: u64,
+    /// The spec field that set it, or `None` when the operator's ceiling is lower.
+    pub field: Option<&'static str>,
+}
+
+impl PageLimit {
+    /// The lower of the spec's `spec_bytes` (in `field`) and the operator's `ceiling`.
+    pub fn new(field: &'static str, spec_bytes: u64, ceiling: u64) -> Self {
+        if spec_bytes <= ceiling {
+            PageLimit { bytes: spec_bytes, field: Some(field) }
+        } else {
+            PageLimit { bytes: ceiling, field: None }
+        }
+    }
+
+    /// The error for `part` of `what` over this limit, naming who set it.
+    pub fn exceeded(&self, what: &str, part: &str) -> SourceError {
+        let (what, part, limit) = (what.to_owned(), part.to_owned(), self.bytes);
+        match self.field {
+            Some(field) => SourceError::PageTooLarge { what, part, field, limit },
+            None => SourceError::PageOverCeiling { what, part, limit },
+        }
+    }
+}
+
 /// Why a page body could not be read whole.
 #[derive(Debug)]
 pub enum BodyError {
@@ -384,21 +459,35 @@ pub async fn read_body_bounded(mut response: reqwest::Response, limit: u64) -> R
 }
 
 /// [`read_body_bounded`] with the source's errors: `part` names the page for messages
-/// ("partition 3"), `field` the spec field that raises the limit.
+/// ("partition 3"), `limit` says who set the limit.
 pub async fn read_body(
     what: &str,
     part: &str,
-    field: &'static str,
-    limit: u64,
+    limit: PageLimit,
     response: reqwest::Response,
 ) -> Result<Vec<u8>, SourceError> {
-    read_body_bounded(response, limit).await.map_err(|e| match e {
-        BodyError::TooLarge => SourceError::PageTooLarge { what: what.to_owned(), part: part.to_owned(), field, limit },
+    read_body_bounded(response, limit.bytes).await.map_err(|e| match e {
+        BodyError::TooLarge => limit.exceeded(what, part),
         BodyError::Transport(e) => SourceError::Query {
             what: what.to_owned(),
             message: format!("reading {part} failed: {}", crate::secret::error_chain(&e)),
         },
     })
+}
+
+/// The first [`ERROR_BODY_BYTES`] of an error answer's body (what arrives within
+/// `wait`); the rest is never read. An answer that breaks off gives what came.
+pub async fn read_error_body(mut response: reqwest::Response, wait: Duration) -> Vec<u8> {
+    let mut body = Vec::new();
+    let read = async {
+        while (body.len() as u64) < ERROR_BODY_BYTES {
+            let Ok(Some(chunk)) = response.chunk().await else { break };
+            let room = ERROR_BODY_BYTES as usize - body.len();
+            body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        }
+    };
+    let _ = tokio::time::timeout(wait, read).await;
+    body
 }
 
 /// Sends `request` — the warehouse's cancel call for a statement this read leaves running
@@ -628,6 +717,44 @@ mod tests {
         assert!(err.to_string().contains("page 2, row 0: 1 cells where the schema has 2 columns"), "{err}");
         let err = RowMapper::new("wh", &fields, vec![("id".to_owned(), ColumnType::Text)]).unwrap_err();
         assert!(err.to_string().contains("no column \"ID\""), "{err}");
+    }
+
+    #[test]
+    fn a_spec_can_lower_the_operators_page_ceiling_but_never_raise_it() {
+        let ceiling = DEFAULT_MAX_PAGE_BYTES;
+        assert_eq!(
+            PageLimit::new("maxChunkBytes", 1 << 20, ceiling),
+            PageLimit { bytes: 1 << 20, field: Some("maxChunkBytes") }
+        );
+        assert_eq!(PageLimit::new("maxChunkBytes", 256 << 20, ceiling), PageLimit { bytes: ceiling, field: None });
+        let err = PageLimit::new("maxChunkBytes", u64::MAX, 1024).exceeded("wh", "chunk 3");
+        assert_eq!(err.reason(), "SourceFailed");
+        assert!(
+            err.to_string().starts_with("wh: chunk 3 is larger than the operator's ceiling of 1024 bytes"),
+            "{err}"
+        );
+        let err = PageLimit::new("maxChunkBytes", 10, 1024).exceeded("wh", "chunk 3");
+        assert_eq!(
+            err.to_string(),
+            "wh: chunk 3 is larger than maxChunkBytes (10 bytes); raise maxChunkBytes or select fewer columns"
+        );
+    }
+
+    #[test]
+    fn large_pages_map_in_batches_and_ragged_rows_are_malformed() {
+        let fields =
+            IdentifierFields::from_mapping(&IdentifierMapping { external_id: Some("ID".into()), ..Default::default() })
+                .unwrap();
+        let mapper = RowMapper::new("wh", &fields, vec![("ID".to_owned(), ColumnType::Text)]).unwrap();
+        let json = format!("[{}]", (0..25_001).map(|i| format!("[\"u{i}\"]")).collect::<Vec<_>>().join(","));
+        let rows: CompactRows = serde_json::from_str(&json).unwrap();
+        let sizes: Vec<u64> = mapper.batches("wh", "JSON", "chunk 0", &rows).unwrap().map(|b| b.rows()).collect();
+        assert_eq!(sizes, vec![10_000, 10_000, 5_001]);
+        let ragged: CompactRows = serde_json::from_str(r#"[["a"],["b","c"]]"#).unwrap();
+        let err = mapper.batches("wh", "JSON", "chunk 2", &ragged).err().unwrap();
+        assert!(err.to_string().contains("chunk 2, row 1: 2 cells where the schema has 1 columns"), "{err}");
+        let wide: CompactRows = serde_json::from_str(r#"[["a","b"]]"#).unwrap();
+        assert!(mapper.batches("wh", "JSON", "chunk 2", &wide).err().unwrap().to_string().contains("row 0: 2 cells"));
     }
 
     #[test]

@@ -103,6 +103,7 @@ def test_default_args_and_env() -> None:
         "--min-cron-interval-minutes=5",
         "--memory-budget-mib=384",
         "--pagerduty-events-url=https://events.pagerduty.com/v2/enqueue",
+        "--max-source-page-bytes=33554432",
         "--watch-secrets=false",
         "--egress-default=allow",
         "--leader-election",
@@ -144,6 +145,7 @@ def test_full_values_args_env_and_mounts() -> None:
         "--min-cron-interval-minutes=10",
         "--memory-budget-mib=768",
         "--pagerduty-events-url=https://events.pagerduty.com/v2/enqueue",
+        "--max-source-page-bytes=33554432",
         "--watch-namespaces=team-a,team-b",
         "--egress-deny=10.96.0.0/12,*.internal.example",
         "--egress-allow=169.254.10.10,10.20.0.0/16",
@@ -210,6 +212,7 @@ def test_full_values_args_env_and_mounts() -> None:
     ({"pagerDutyEventsUrl": "https://events.eu.pagerduty.com/v2/enqueue"},
      "--pagerduty-events-url=https://events.eu.pagerduty.com/v2/enqueue"),
     ({"memoryBudgetMiB": 1536}, "--memory-budget-mib=1536"),
+    ({"maxSourcePageBytes": 8388608}, "--max-source-page-bytes=8388608"),
     ({"braze": {"maxBudgetWaitSeconds": 60}}, "--braze-max-budget-wait-seconds=60"),
 ])
 def test_operator_limits_render_as_their_flags(values: dict[str, Any], flag: str) -> None:

@@ -35,6 +35,7 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"minCronIntervalMinutes": 1441}, "/minCronIntervalMinutes"),
     ({"pagerDutyEventsUrl": "http://events.pagerduty.com/v2/enqueue"}, "/pagerDutyEventsUrl"),
     ({"memoryBudgetMiB": 0}, "/memoryBudgetMiB"),
+    ({"maxSourcePageBytes": 2147483648}, "/maxSourcePageBytes"),
     ({"braze": {"maxBudgetWaitSeconds": -1}}, "/braze/maxBudgetWaitSeconds"),
     # (Helm's validator reports a bad property name by the name itself.)
     ({"braze": {"endpointRegions": {"rest.iad-01.braze.com": "us"}}}, "'rest.iad-01.braze.com'"),

@@ -30,6 +30,52 @@ pub enum KeyCipher {
     DesEde3Cbc,
 }
 
+/// The key-derivation function and cost an encrypted private key names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyDerivation {
+    /// PBKDF2 with HMAC-SHA256 (`openssl pkcs8 -topk8 -v2 aes-256-cbc`: 2,048 iterations).
+    Pbkdf2 { iterations: u32 },
+    /// scrypt with N = 2^log_n (`openssl pkcs8 -topk8 -scrypt`: log_n 14, r 8, p 1).
+    Scrypt { log_n: u8, r: u16, p: u16 },
+}
+
+impl KeyDerivation {
+    fn parameters<'a>(self, salt: &'a [u8], iv: &'a [u8; 16]) -> pbes2::Parameters<'a> {
+        let kdf: pbes2::Kdf<'a> = match self {
+            KeyDerivation::Pbkdf2 { iterations } => pbes2::Pbkdf2Params {
+                salt,
+                iteration_count: iterations,
+                key_length: None,
+                prf: pbes2::Pbkdf2Prf::HmacWithSha256,
+            }
+            .into(),
+            KeyDerivation::Scrypt { log_n, r, p } => pbes2::ScryptParams {
+                salt,
+                cost_parameter: 1u64 << log_n,
+                block_size: r,
+                parallelization: p,
+                key_length: None,
+            }
+            .into(),
+        };
+        pbes2::Parameters { kdf, encryption: pbes2::EncryptionScheme::Aes256Cbc { iv } }
+    }
+}
+
+/// A hostile tenant's `ENCRYPTED PRIVATE KEY`: well-formed, naming `kdf`'s cost, its
+/// ciphertext random. Nothing is derived to make it, so the cost may be anything: a reader
+/// that derived before checking would spend it.
+pub fn key_derivation_bomb_pem(kdf: KeyDerivation) -> String {
+    let salt: [u8; 16] = rand::random();
+    let iv: [u8; 16] = rand::random();
+    let ciphertext: Vec<u8> = (0..1232).map(|_| rand::random::<u8>()).collect();
+    let info = pkcs8::EncryptedPrivateKeyInfo {
+        encryption_algorithm: kdf.parameters(&salt, &iv).into(),
+        encrypted_data: &ciphertext,
+    };
+    info.to_pem(LineEnding::LF).expect("PEM").to_string()
+}
+
 impl RsaKeyPair {
     pub fn generate() -> RsaKeyPair {
         let pair = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).expect("RSA key generation");
@@ -71,6 +117,16 @@ impl RsaKeyPair {
             },
         };
         let doc = info.encrypt_with_params(params, passphrase).expect("encryption");
+        doc.to_pem("ENCRYPTED PRIVATE KEY", LineEnding::LF).expect("PEM").to_string()
+    }
+
+    /// `-----BEGIN ENCRYPTED PRIVATE KEY-----` under `passphrase`, AES-256-CBC with the key
+    /// derived by `kdf` (derived here, so keep its cost modest).
+    pub fn encrypted_private_key_pem_with(&self, passphrase: &str, kdf: KeyDerivation) -> String {
+        let info = pkcs8::PrivateKeyInfo::from_der(&self.pkcs8_der).expect("own key");
+        let salt: [u8; 16] = rand::random();
+        let iv: [u8; 16] = rand::random();
+        let doc = info.encrypt_with_params(kdf.parameters(&salt, &iv), passphrase).expect("encryption");
         doc.to_pem("ENCRYPTED PRIVATE KEY", LineEnding::LF).expect("PEM").to_string()
     }
 
