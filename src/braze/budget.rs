@@ -290,8 +290,13 @@ impl Budgets {
 
     /// The destination's budget, created full on first use.
     pub fn get(&self, destination: Destination) -> Arc<Budget> {
+        self.get_with(destination, &self.config)
+    }
+
+    /// [`Self::get`] for a destination with limits of its own (`/users/track`'s).
+    pub fn get_with(&self, destination: Destination, config: &BudgetConfig) -> Arc<Budget> {
         let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
-        budgets.entry(destination).or_insert_with(|| Arc::new(Budget::new(&self.config))).clone()
+        budgets.entry(destination).or_insert_with(|| Arc::new(Budget::new(config))).clone()
     }
 
     pub(super) fn waited(&self, wait: Duration) {
