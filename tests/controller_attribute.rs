@@ -79,10 +79,17 @@ async fn a_dry_run_sends_nothing_and_the_guard_blocks_a_mass_removal_by_boolean_
     assert_eq!(run.result, RunResult::Succeeded, "{}", run.message);
     assert_eq!(env.sandbox.segment_external_ids("in_flag_cohort", None).len(), 100);
 
+    // The Boolean attribute is the cohort in Braze: a new cohort id changes nothing there.
     env.sandbox.reset_stats();
+    env.merge("flag", json!({ "spec": { "cohort": { "id": "flag-v2" } } })).await;
+    env.request_run("flag", "new-id").await;
+    let run = env.wait_runs("flag", 3).await.status.unwrap().history[0].clone();
+    assert_eq!((run.result, run.added, run.removed), (RunResult::Succeeded, 0, 0), "{}", run.message);
+    assert_eq!(env.sandbox.stats().track.requests, 0);
+
     env.put_members(&ids(0..10)).await;
     env.request_run("flag", "mass-removal").await;
-    let run = env.wait_runs("flag", 3).await.status.unwrap().history[0].clone();
+    let run = env.wait_runs("flag", 4).await.status.unwrap().history[0].clone();
     assert_eq!(run.result, RunResult::Blocked, "{}", run.message);
     assert_eq!(run.would_remove, Some(90));
     assert_eq!(env.sandbox.stats().track.requests, 0, "a blocked run sends nothing");

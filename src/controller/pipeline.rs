@@ -11,7 +11,7 @@ use kube::ResourceExt;
 use super::conflict::{CohortKey, workspace_of};
 use super::importer::{ImportError, Importer};
 use super::secrets::{BrazeKeys, KeyError};
-use crate::api::{CohortImport, CohortImportSpec, CurrentRun, RunRecord, RunResult};
+use crate::api::{AttributeShape, CohortImport, CohortImportSpec, CurrentRun, RunRecord, RunResult};
 use crate::braze::{BrazeClient, CohortTarget, MembershipAttribute};
 use crate::domain::guard::RemovalApproval;
 use crate::domain::validate::ValidSpec;
@@ -150,6 +150,12 @@ impl PipelineImporter {
             }
             (BrazeKeys::RestApi { api_key }, Some(a)) => {
                 let attribute = MembershipAttribute { name: a.name.clone(), shape: a.shape };
+                // A Boolean attribute is the cohort in Braze: a new spec.cohort.id changes
+                // nothing there, so it must not start the snapshot afresh either.
+                let cohort_id = match a.shape {
+                    AttributeShape::Boolean => a.name.clone(),
+                    AttributeShape::Array => cohort_id,
+                };
                 Ok(CohortTarget::attribute(rest_endpoint, api_key, attribute, cohort_id))
             }
             (BrazeKeys::RestApi { .. }, None) => {
