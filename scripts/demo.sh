@@ -28,6 +28,7 @@ NAMESPACE=cohort-demo
 PARTNER=kubit
 PARTNER_KEY=demo-partner-key
 IMPORT_KEY=demo-data-import-key
+REST_API_KEY=demo-rest-api-key
 STATE=$(mktemp -d "${TMPDIR:-/tmp}/cohort-demo.XXXXXX")
 chmod 755 "$STATE"
 PIDS=()
@@ -88,7 +89,7 @@ SANDBOX_PORT=$(free_port)
 BRAZE="http://127.0.0.1:$SANDBOX_PORT"
 say "Starting the Braze sandbox at $BRAZE with $(($(wc -l < examples/demo/users.csv) - 1)) demo users"
 "$SANDBOX" --listen "127.0.0.1:$SANDBOX_PORT" --partner "$PARTNER=$PARTNER_KEY" \
-  --data-import-key "$IMPORT_KEY" --users examples/demo/users.csv >"$STATE/sandbox.log" 2>&1 &
+  --data-import-key "$IMPORT_KEY" --rest-api-key "$REST_API_KEY" --users examples/demo/users.csv >"$STATE/sandbox.log" 2>&1 &
 PIDS+=($!)
 wait_for 30 "the Braze sandbox" curl -sf "$BRAZE/sandbox/stats"
 
@@ -140,6 +141,7 @@ for f in examples/*.yaml; do
       -e "s#https://exports\.example\.com/cohorts/lapsed\.ndjson#http://127.0.0.1:$EXPORT_PORT/lapsed-subscribers.ndjson#" \
       -e "s#https://bigquery\.googleapis\.com#$BQ#" \
       -e "s#data-import-key: change-me#data-import-key: $IMPORT_KEY#" \
+      -e "s#api-key: change-me#api-key: $REST_API_KEY#" \
       -e "s#https://myorg-analytics\.snowflakecomputing\.com#http://127.0.0.1:$SNOWFLAKE_PORT#" \
       -e "s#https://dbc-[a-z0-9-]*\.cloud\.databricks\.com#http://127.0.0.1:$DATABRICKS_PORT#" \
       -e "s#clientId: change-me#clientId: demo-sp#" -e "s#clientSecret: change-me#clientSecret: demo-sp-secret#" \
@@ -180,10 +182,22 @@ import json, sys
 for c in json.load(sys.stdin):
     print("  {:<22} {:<30} {:>4} members".format(c["cohort_id"], c["name"] or "(unnamed)", c["members"]))'
 
-# The demo's promise: every example's cohort is in Braze, named, with members.
+say "Users whose attribute cohorts includes active-buyers (the Braze segment of the import by attribute)"
+curl -sf "$BRAZE/sandbox/segment?attribute=cohorts&includes=active-buyers" | /usr/bin/python3 -c '
+import json, sys
+users = json.load(sys.stdin)
+print("  {} users, e.g. {}".format(len(users), ", ".join(u.get("external_id", "?") for u in users[:5])))
+sys.exit(0 if users else 1)' || { echo "demo: the import by attribute reached no user" >&2; exit 1; }
+
+# The demo's promise: every example's cohort is in Braze, named, with members (the
+# partner imports; the one by attribute was checked above).
 missing=0
 cohorts=$(curl -sf "$BRAZE/sandbox/cohorts")
-for id in $(kubectl get cohortimports -n "$NAMESPACE" -o jsonpath='{.items[*].spec.cohort.id}'); do
+partner_ids=$(kubectl get cohortimports -n "$NAMESPACE" -o json | /usr/bin/python3 -c '
+import json, sys
+print(" ".join(i["spec"]["cohort"]["id"] for i in json.load(sys.stdin)["items"]
+               if i["spec"]["destination"]["braze"].get("method", "CohortImport") == "CohortImport"))')
+for id in $partner_ids; do
   if ! printf '%s' "$cohorts" | /usr/bin/python3 -c '
 import json, sys
 sys.exit(0 if any(c["cohort_id"] == sys.argv[1] and c["name"] and c["members"] > 0

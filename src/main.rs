@@ -223,7 +223,8 @@ struct ControllerArgs {
     #[arg(long, env = "COHORT_MEMORY_BUDGET_MIB", default_value_t = 384)]
     memory_budget_mib: usize,
     /// Braze requests per hour per destination (REST endpoint + partner + workspace),
-    /// shared by every run of this process; Braze documents 250,000.
+    /// shared by every run of this process; Braze documents 250,000. Imports by attribute
+    /// (`/users/track`) use that endpoint's own documented limit instead.
     #[arg(long, env = "COHORT_BRAZE_REQUESTS_PER_HOUR", default_value_t = 250_000)]
     braze_requests_per_hour: u32,
     /// Braze requests a destination may send at once after a quiet spell; by default the

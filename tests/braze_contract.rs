@@ -12,7 +12,6 @@ use cohort_operator::braze::{
     UnauthorizedReason,
 };
 use cohort_operator::domain::member::Member;
-use cohort_operator::secret::SecretString;
 use futures::stream;
 
 #[path = "support/braze.rs"]
@@ -280,8 +279,7 @@ async fn a_401_stops_the_run_after_one_request_with_brazes_message() {
     assert_report_has_no_secret(&report);
 
     // A wrong partner key on the naming endpoint.
-    let mut bad_partner = target(&sandbox, "c401", IMPORT_KEY);
-    bad_partner.partner_api_key = SecretString::new(WRONG_KEY);
+    let bad_partner = braze_support::target(&sandbox, BrazeKeys { partner_key: WRONG_KEY, ..KEYS }, "c401");
     let error = client.name_cohort(&bad_partner, "Name", jiff::Timestamp::now()).await.unwrap_err();
     assert!(matches!(error, BrazeError::Unauthorized { reason: UnauthorizedReason::PartnerApiKey, .. }), "{error:?}");
     assert_no_secret_in("the error", &format!("{error} {error:?}"));

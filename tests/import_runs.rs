@@ -13,7 +13,6 @@ use cohort_operator::domain::guard::{BlockReason, RemovalApproval};
 use cohort_operator::domain::identifiers::{SkipCounts, SkipReason};
 use cohort_operator::domain::member::Member;
 use cohort_operator::run::{ImportRun, RunDeps, RunError, RunReport, new_run_id, run_import};
-use cohort_operator::secret::SecretString;
 use cohort_operator::snapshot::fs::FsSnapshotStore;
 use cohort_operator::snapshot::{Missing, SnapshotStore};
 use cohort_operator::source::{MemberBatch, MemberStream, SourceError};
@@ -464,7 +463,8 @@ async fn a_503_storm_fails_the_run_and_the_next_run_sends_what_is_missing() {
 async fn wrong_keys_fail_the_run_with_what_to_do_and_nothing_advances() {
     let mut world = World::new(50).await;
     let members: BTreeSet<Member> = (0..50).map(pool_member).collect();
-    world.target.data_import_key = SecretString::new("revoked-key");
+    let revoked = braze_support::BrazeKeys { import_key: "revoked-key", ..KEYS };
+    world.target = braze_support::target_at(world.target.rest_endpoint.clone(), revoked, COHORT);
     let report = world.import(&members).await;
     assert_eq!(report.result, RunResult::Failed);
     assert!(matches!(report.error, Some(RunError::Naming(BrazeError::Unauthorized { .. }))), "{:?}", report.error);
@@ -473,7 +473,7 @@ async fn wrong_keys_fail_the_run_with_what_to_do_and_nothing_advances() {
     assert!(!message.contains("revoked-key") && !format!("{report:?}").contains("revoked-key"));
     assert_eq!(world.generation().await, 0);
 
-    world.target.data_import_key = SecretString::new(IMPORT_KEY);
+    world.target = braze_support::target_at(world.target.rest_endpoint.clone(), KEYS, COHORT);
     succeeded(&world.import(&members).await);
     assert_braze_has(&world, &members, "after the run");
 }

@@ -712,24 +712,114 @@ pub struct AliasMapping {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Destination {
-    /// A Braze workspace, through the partner cohort import API.
+    /// A Braze workspace, through the partner cohort import API (`method: CohortImport`,
+    /// the default) or a custom attribute and the customer's REST API key
+    /// (`method: Attribute`).
     pub braze: BrazeDestination,
 }
 
+/// A Braze workspace. The fields each method uses are required with it and refused with
+/// the other (the operator checks; Kubernetes 1.20 has no CEL).
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BrazeDestination {
     /// The customer's REST endpoint, e.g. `https://rest.iad-01.braze.com`.
     #[schemars(length(min = 1, max = 255), regex(pattern = r"^https?://[^\s/?#]+/?$"))]
     pub rest_endpoint: String,
-    /// The partner path segment: `{restEndpoint}/partners/{partner}/cohorts`.
+    /// How membership reaches Braze. `CohortImport` (default): Braze's partner cohort import
+    /// API, for Braze technology partners (`partner`, `dataImportKeySecretRef`). `Attribute`:
+    /// a custom attribute written through `/users/track` with the customer's REST API key
+    /// (`apiKeySecretRef`, `attribute`), for every Braze customer. Changing the method starts
+    /// a fresh snapshot (the first run sends the whole cohort) and leaves what the old method
+    /// wrote in Braze as it is.
+    #[serde(default, skip_serializing_if = "DeliveryMethod::is_default")]
+    pub method: DeliveryMethod,
+    /// `CohortImport` only: the partner path segment, `{restEndpoint}/partners/{partner}/cohorts`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 63), regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"))]
-    pub partner: String,
-    /// The customer's data import key (`client_secret`).
-    pub data_import_key_secret_ref: SecretKeyRef,
-    /// Overrides the operator's partner API key for this import.
+    pub partner: Option<String>,
+    /// `CohortImport` only: the customer's data import key (`client_secret`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_import_key_secret_ref: Option<SecretKeyRef>,
+    /// `CohortImport` only: overrides the operator's partner API key for this import.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partner_api_key_secret_ref: Option<SecretKeyRef>,
+    /// `Attribute` only: the customer's REST API key, with the `users.track` permission
+    /// (Braze: Settings → APIs and Identifiers → API Keys).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_secret_ref: Option<SecretKeyRef>,
+    /// `Attribute` only: the custom attribute that holds membership.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attribute: Option<MembershipAttributeSpec>,
+}
+
+impl BrazeDestination {
+    /// Where membership lands besides endpoint and cohort id, in one text: the partner
+    /// (lowercase) for `CohortImport`, `users/track:<attribute>` for `Attribute` (no partner
+    /// name holds `/` or `:`). Keys snapshots and cohort ownership by method.
+    pub fn route(&self) -> String {
+        match (self.method, &self.attribute) {
+            (DeliveryMethod::Attribute, Some(a)) => format!("users/track:{}", a.name),
+            (DeliveryMethod::Attribute, None) => "users/track:".to_owned(),
+            (DeliveryMethod::CohortImport, _) => self.partner.as_deref().unwrap_or_default().to_ascii_lowercase(),
+        }
+    }
+
+    /// Whether the route holds one cohort only: a Boolean attribute is the membership of
+    /// one cohort, whatever `spec.cohort.id` says.
+    pub fn one_slot_per_route(&self) -> bool {
+        self.method == DeliveryMethod::Attribute
+            && self.attribute.as_ref().is_some_and(|a| a.shape == AttributeShape::Boolean)
+    }
+
+    /// The Secret keys this destination names, each with its field path.
+    pub fn secret_refs(&self) -> Vec<(&'static str, &SecretKeyRef)> {
+        let refs = [
+            ("spec.destination.braze.dataImportKeySecretRef", self.data_import_key_secret_ref.as_ref()),
+            ("spec.destination.braze.partnerApiKeySecretRef", self.partner_api_key_secret_ref.as_ref()),
+            ("spec.destination.braze.apiKeySecretRef", self.api_key_secret_ref.as_ref()),
+        ];
+        refs.into_iter().filter_map(|(field, r)| r.map(|r| (field, r))).collect()
+    }
+}
+
+/// `spec.destination.braze.method`.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum DeliveryMethod {
+    /// Braze's partner cohort import API (partner API key and data import key).
+    #[default]
+    CohortImport,
+    /// A custom attribute through `/users/track` (the customer's REST API key).
+    Attribute,
+}
+
+impl DeliveryMethod {
+    fn is_default(&self) -> bool {
+        *self == Self::CohortImport
+    }
+}
+
+/// The custom attribute membership is written to.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MembershipAttributeSpec {
+    /// The custom attribute's name: 1 to 255 characters, not starting with `$`, no control
+    /// characters or surrounding spaces, not one of Braze's identifier or standard fields.
+    #[schemars(length(min = 1, max = 255), regex(pattern = r"^[^$\s]([^\x00-\x1f]*[^\s])?$"))]
+    pub name: String,
+    /// `Array`: the attribute is an array of cohort ids; members get `spec.cohort.id` added,
+    /// leavers removed (Braze segment filter: "includes value"). `Boolean`: the attribute is
+    /// this cohort's alone; members get `true`, leavers `null` (filter: "is true").
+    pub shape: AttributeShape,
+}
+
+/// How membership is written into the attribute.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum AttributeShape {
+    /// An array attribute of cohort ids, shared by cohorts.
+    Array,
+    /// A boolean attribute per cohort.
+    Boolean,
 }
 
 /// When imports run.

@@ -400,16 +400,21 @@ impl Budgets {
     /// as the map grows (each time it doubles), so destinations that come and go (workspaces
     /// of deleted imports, rotated keys) do not pile up.
     pub fn get(&self, destination: Destination) -> Arc<Budget> {
-        self.get_at(destination, Instant::now())
+        self.get_with(destination, &self.config)
     }
 
-    fn get_at(&self, destination: Destination, now: Instant) -> Arc<Budget> {
+    /// [`Self::get`] for a destination with limits of its own (`/users/track`'s).
+    pub fn get_with(&self, destination: Destination, config: &BudgetConfig) -> Arc<Budget> {
+        self.get_at(destination, config, Instant::now())
+    }
+
+    fn get_at(&self, destination: Destination, config: &BudgetConfig, now: Instant) -> Arc<Budget> {
         let mut entries = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
         if entries.by_destination.len() >= entries.prune_at.max(PRUNE_FROM) {
             entries.by_destination.retain(|_, budget| Arc::strong_count(budget) > 1 || !budget.at_rest(now));
             entries.prune_at = entries.by_destination.len() * 2;
         }
-        entries.by_destination.entry(destination).or_insert_with(|| Arc::new(Budget::new(&self.config))).clone()
+        entries.by_destination.entry(destination).or_insert_with(|| Arc::new(Budget::new(config))).clone()
     }
 
     /// Destinations with a budget in memory.
@@ -681,7 +686,7 @@ mod tests {
     #[test]
     fn idle_budgets_are_dropped_as_the_map_grows_and_busy_ones_kept() {
         let budgets = Budgets::new(config(3600, 2));
-        let get = |name: &str, at| budgets.get_at(budgets.destination("https://a", "p", name), at);
+        let get = |name: &str, at| budgets.get_at(budgets.destination("https://a", "p", name), &budgets.config, at);
         let t0 = Instant::now();
         let busy = get("held", t0);
         get("used", t0).bucket().take(t0).unwrap();

@@ -8,11 +8,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::stream::{self, FuturesUnordered, Stream, StreamExt};
-use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
 use reqwest::{Request, Url};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use super::attributes::{self, MembershipAttribute, Rejected, TrackBody};
 use super::batch::{Batch, Change, IdCounts, MAX_IDS_PER_REQUEST, Packer};
 use super::budget::{Budget, BudgetConfig, Budgets, LimitSignal};
 use super::error::{BrazeError, TransientFailure, UnauthorizedReason};
@@ -61,19 +62,63 @@ impl Default for BrazeClientConfig {
 pub struct CohortTarget {
     /// The customer's REST endpoint, e.g. `https://rest.iad-01.braze.com`.
     pub rest_endpoint: String,
-    /// The partner path segment.
-    pub partner: String,
-    /// Braze's key for the partner (`partner_api_key`); picked by cluster.
-    pub partner_api_key: SecretString,
-    /// The customer's data import key (`client_secret`).
-    pub data_import_key: SecretString,
+    /// How membership gets there, with the keys it takes.
+    pub delivery: Delivery,
     pub cohort_id: String,
 }
 
+/// How membership reaches Braze (`spec.destination.braze.method`).
+#[derive(Clone, Debug)]
+pub enum Delivery {
+    /// The partner cohort import API (`method: CohortImport`).
+    CohortImport {
+        /// The partner path segment.
+        partner: String,
+        /// Braze's key for the partner (`partner_api_key`); picked by cluster.
+        partner_api_key: SecretString,
+        /// The customer's data import key (`client_secret`).
+        data_import_key: SecretString,
+    },
+    /// A custom attribute through `/users/track` (`method: Attribute`).
+    Attribute {
+        /// The customer's REST API key, with the `users.track` permission.
+        api_key: SecretString,
+        attribute: MembershipAttribute,
+    },
+}
+
 impl CohortTarget {
+    /// A target of the partner cohort import API.
+    pub fn partner(
+        rest_endpoint: impl Into<String>,
+        partner: impl Into<String>,
+        partner_api_key: SecretString,
+        data_import_key: SecretString,
+        cohort_id: impl Into<String>,
+    ) -> Self {
+        let delivery = Delivery::CohortImport { partner: partner.into(), partner_api_key, data_import_key };
+        Self { rest_endpoint: rest_endpoint.into(), delivery, cohort_id: cohort_id.into() }
+    }
+
+    /// A target written as a custom attribute through `/users/track`.
+    pub fn attribute(
+        rest_endpoint: impl Into<String>,
+        api_key: SecretString,
+        attribute: MembershipAttribute,
+        cohort_id: impl Into<String>,
+    ) -> Self {
+        let delivery = Delivery::Attribute { api_key, attribute };
+        Self { rest_endpoint: rest_endpoint.into(), delivery, cohort_id: cohort_id.into() }
+    }
+
+    /// The URL of a partner endpoint (`tail` after `partners/{partner}/`), or of
+    /// `/users/track` for an attribute (`tail` is then ignored).
     fn url(&self, tail: &str) -> Result<Url, BrazeError> {
         let base = self.rest_endpoint.trim_end_matches('/');
-        let text = format!("{base}/partners/{}/{tail}", self.partner);
+        let text = match &self.delivery {
+            Delivery::CohortImport { partner, .. } => format!("{base}/partners/{partner}/{tail}"),
+            Delivery::Attribute { .. } => format!("{base}/users/track"),
+        };
         let url = Url::parse(&text)
             .map_err(|e| BrazeError::InvalidRequest(format!("REST endpoint {:?}: {e}", self.rest_endpoint)))?;
         if !matches!(url.scheme(), "http" | "https") {
@@ -85,8 +130,21 @@ impl CohortTarget {
         Ok(url)
     }
 
-    fn secrets(&self) -> [&str; 2] {
-        [self.partner_api_key.expose(), self.data_import_key.expose()]
+    fn secrets(&self) -> Vec<&str> {
+        match &self.delivery {
+            Delivery::CohortImport { partner_api_key, data_import_key, .. } => {
+                vec![partner_api_key.expose(), data_import_key.expose()]
+            }
+            Delivery::Attribute { api_key, .. } => vec![api_key.expose()],
+        }
+    }
+
+    /// Identifiers per request this delivery allows.
+    fn max_per_request(&self, configured: usize) -> usize {
+        match self.delivery {
+            Delivery::CohortImport { .. } => configured,
+            Delivery::Attribute { .. } => configured.min(attributes::MAX_OBJECTS_PER_REQUEST),
+        }
     }
 }
 
@@ -104,6 +162,8 @@ pub struct RequestOutcome {
     pub status: Option<u16>,
     /// `None`: Braze accepted the request.
     pub error: Option<BrazeError>,
+    /// Objects of an accepted `/users/track` request Braze listed in `errors`.
+    pub rejected: Rejected,
     /// The last answer's body and message (keys redacted, truncated).
     pub response: ResponseText,
     pub elapsed: Duration,
@@ -159,9 +219,12 @@ pub struct ChangesTotals {
     /// HTTP attempts, retries included.
     pub attempts: u32,
     pub retries: u32,
-    /// Identifiers in accepted requests (Braze does not say how many matched a user).
+    /// Identifiers in accepted requests (Braze does not say how many matched a user),
+    /// less the objects it rejected.
     pub added: u64,
     pub removed: u64,
+    /// Objects of accepted requests Braze rejected (`/users/track`'s `errors`), by reason.
+    pub rejected: Rejected,
     /// Identifiers in requests sent but not accepted.
     pub unaccepted_adds: u64,
     pub unaccepted_removes: u64,
@@ -273,6 +336,8 @@ struct Attempted {
     response: ResponseText,
     error: Option<BrazeError>,
     budget_wait: Duration,
+    /// Objects an accepted `/users/track` answer listed in `errors`.
+    rejected: Rejected,
 }
 
 /// Ends a request's wait for budget in its run's wait clock, however the wait ends.
@@ -281,6 +346,20 @@ struct Waiting<'a>(&'a RunState);
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.0.stop_waiting();
+    }
+}
+
+impl Attempted {
+    /// Refused before any attempt.
+    fn refused(error: BrazeError) -> Self {
+        Attempted {
+            attempts: 0,
+            status: None,
+            response: ResponseText::default(),
+            error: Some(error),
+            budget_wait: Duration::ZERO,
+            rejected: Rejected::default(),
+        }
     }
 }
 
@@ -319,9 +398,16 @@ impl BrazeClient {
     }
 
     fn budget(&self, target: &CohortTarget) -> Arc<Budget> {
-        let destination =
-            self.budgets.destination(&target.rest_endpoint, &target.partner, target.data_import_key.expose());
-        self.budgets.get(destination)
+        match &target.delivery {
+            Delivery::CohortImport { partner, data_import_key, .. } => {
+                self.budgets.get(self.budgets.destination(&target.rest_endpoint, partner, data_import_key.expose()))
+            }
+            // `/users/track` has limits of its own (per workspace, so per REST API key).
+            Delivery::Attribute { api_key, .. } => {
+                let destination = self.budgets.destination(&target.rest_endpoint, "users/track", api_key.expose());
+                self.budgets.get_with(destination, &attributes::users_track_budget(self.budgets.config()))
+            }
+        }
     }
 
     /// Waits for a token of `budget`; fails when the run stops or the wait is too long.
@@ -357,11 +443,14 @@ impl BrazeClient {
         if target.cohort_id.is_empty() {
             return Err(BrazeError::InvalidRequest("the cohort id is empty".into()));
         }
+        let Delivery::CohortImport { partner, partner_api_key, data_import_key } = &target.delivery else {
+            return Err(BrazeError::InvalidRequest("an attribute destination has no cohort to name".into()));
+        };
         let url = target.url("cohorts")?;
         let created_at = created_at.strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
         let body = serde_json::to_vec(&NameBody {
-            partner_api_key: target.partner_api_key.expose(),
-            client_secret: target.data_import_key.expose(),
+            partner_api_key: partner_api_key.expose(),
+            client_secret: data_import_key.expose(),
             cohort_id: &target.cohort_id,
             name,
             created_at: &created_at,
@@ -369,7 +458,7 @@ impl BrazeClient {
         .map_err(|e| BrazeError::InvalidRequest(format!("cannot encode the request: {e}")))?;
         let run = RunState::new(self.config.retry.run_retry_budget);
         let started = Instant::now();
-        let done = self.execute(target, url, body, &run, 0).await;
+        let done = self.execute(target, url, body, &run, (0, (0, 0))).await;
         let outcome = RequestOutcome {
             seq: 0,
             changes: 0..0,
@@ -378,13 +467,14 @@ impl BrazeClient {
             attempts: done.attempts,
             status: done.status,
             error: done.error.clone(),
+            rejected: Rejected::default(),
             response: done.response,
             elapsed: started.elapsed(),
             budget_wait: done.budget_wait,
         };
         match done.error {
             None => {
-                info!(cohort_id = %target.cohort_id, partner = %target.partner, attempts = outcome.attempts, "Braze cohort named");
+                info!(cohort_id = %target.cohort_id, %partner, attempts = outcome.attempts, "Braze cohort named");
                 Ok(outcome)
             }
             Some(error) => Err(error),
@@ -428,7 +518,7 @@ impl BrazeClient {
             return report;
         }
         let run = RunState::new(self.config.retry.run_retry_budget);
-        let batches = pin!(batches(changes, self.config.max_ids_per_request));
+        let batches = pin!(batches(changes, target.max_per_request(self.config.max_ids_per_request)));
         let mut batches = batches.fuse();
         let mut in_flight = FuturesUnordered::new();
         // Slow start: one request until Braze has accepted one.
@@ -491,25 +581,27 @@ impl BrazeClient {
         run: &RunState,
     ) -> (Batch, RequestOutcome) {
         let started = Instant::now();
-        let mut body = Vec::with_capacity(256 + batch.len() * 48);
-        let encoded = serde_json::to_writer(
-            &mut body,
-            &UsersBody {
-                partner_api_key: target.partner_api_key.expose(),
-                client_secret: target.data_import_key.expose(),
-                cohort_id: &target.cohort_id,
-                batch: &batch,
-            },
-        );
+        let mut body = Vec::with_capacity(256 + batch.len() * 96);
+        let encoded = match &target.delivery {
+            Delivery::CohortImport { partner_api_key, data_import_key, .. } => serde_json::to_writer(
+                &mut body,
+                &UsersBody {
+                    partner_api_key: partner_api_key.expose(),
+                    client_secret: data_import_key.expose(),
+                    cohort_id: &target.cohort_id,
+                    batch: &batch,
+                },
+            ),
+            Delivery::Attribute { attribute, .. } => {
+                serde_json::to_writer(&mut body, &TrackBody { attribute, cohort_id: &target.cohort_id, batch: &batch })
+            }
+        };
         let done = match encoded {
-            Ok(()) => self.execute(target, url.clone(), body, run, batch.seq).await,
-            Err(e) => Attempted {
-                attempts: 0,
-                status: None,
-                response: ResponseText::default(),
-                error: Some(BrazeError::InvalidRequest(format!("cannot encode the request: {e}"))),
-                budget_wait: Duration::ZERO,
-            },
+            Ok(()) => {
+                let objects = (batch.len() as u64, batch.removes.len() as u64);
+                self.execute(target, url.clone(), body, run, (batch.seq, objects)).await
+            }
+            Err(e) => Attempted::refused(BrazeError::InvalidRequest(format!("cannot encode the request: {e}"))),
         };
         let outcome = RequestOutcome {
             seq: batch.seq,
@@ -519,6 +611,7 @@ impl BrazeClient {
             attempts: done.attempts,
             status: done.status,
             error: done.error,
+            rejected: done.rejected,
             response: done.response,
             elapsed: started.elapsed(),
             budget_wait: done.budget_wait,
@@ -533,19 +626,34 @@ impl BrazeClient {
 
     /// One attempt's request. Its body goes to the connection only while the fence is open
     /// ([`Fence::body`]): checked again once the connection is made and ready to write.
-    fn request(&self, url: &Url, body: &bytes::Bytes) -> Request {
+    fn request(&self, url: &Url, body: &bytes::Bytes, bearer: Option<&HeaderValue>) -> Request {
         let mut request = Request::new(reqwest::Method::POST, url.clone());
         request.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Some(bearer) = bearer {
+            request.headers_mut().insert(AUTHORIZATION, bearer.clone());
+        }
         *request.timeout_mut() = Some(self.config.request_timeout);
         *request.body_mut() = Some(self.fence.body(body.clone()));
         request
     }
 
     /// Sends one request until it is accepted, fails for good, or retrying must stop.
-    async fn execute(&self, target: &CohortTarget, url: Url, body: Vec<u8>, run: &RunState, seq: u64) -> Attempted {
+    /// `objects`: a `/users/track` batch's objects and removals, to read per-object errors.
+    async fn execute(
+        &self,
+        target: &CohortTarget,
+        url: Url,
+        body: Vec<u8>,
+        run: &RunState,
+        (seq, objects): (u64, (u64, u64)),
+    ) -> Attempted {
         let secrets = target.secrets();
         let policy = &self.config.retry;
         let body = bytes::Bytes::from(body);
+        let bearer = match bearer(target) {
+            Ok(bearer) => bearer,
+            Err(error) => return Attempted::refused(error),
+        };
         let mut stop = run.stop.subscribe();
         let budget = self.budget(target);
         let mut attempts = 0;
@@ -558,17 +666,31 @@ impl BrazeClient {
                 Ok(wait) => waited += wait,
                 Err(error) => {
                     let (status, response) = last;
-                    return Attempted { attempts, status, response, error: Some(error), budget_wait: waited };
+                    return Attempted {
+                        attempts,
+                        status,
+                        response,
+                        error: Some(error),
+                        budget_wait: waited,
+                        rejected: Rejected::default(),
+                    };
                 }
             }
             // The fence, last thing before the wire: a request waits (for budget, for a
             // retry) but never starts, nor stays in flight, past the leader's deadline.
             if let Err(fenced) = self.fence.check() {
                 let (status, response) = last;
-                return Attempted { attempts, status, response, error: Some(fenced.into()), budget_wait: waited };
+                return Attempted {
+                    attempts,
+                    status,
+                    response,
+                    error: Some(fenced.into()),
+                    budget_wait: waited,
+                    rejected: Rejected::default(),
+                };
             }
             attempts += 1;
-            let sending = match self.http.execute(self.request(&url, &body)) {
+            let sending = match self.http.execute(self.request(&url, &body, bearer.as_ref())) {
                 Ok(sending) => sending,
                 Err(denied) => {
                     let error = Some(BrazeError::EgressDenied(denied.to_string()));
@@ -578,6 +700,7 @@ impl BrazeClient {
                         response: ResponseText::default(),
                         error,
                         budget_wait: waited,
+                        rejected: Rejected::default(),
                     };
                 }
             };
@@ -591,6 +714,7 @@ impl BrazeClient {
                         response: ResponseText::default(),
                         error,
                         budget_wait: waited,
+                        rejected: Rejected::default(),
                     };
                 }
             };
@@ -606,22 +730,30 @@ impl BrazeClient {
                         budget.observe(signal, |n| policy.backoff(n, 0.5 + rand::random::<f64>() / 2.0));
                     }
                     let hint = wait_hint(status, resp.headers());
-                    let response = read_body(resp, &secrets).await;
+                    let bytes = read_body(resp).await;
+                    let response = wire::read_response(&bytes, &secrets);
                     match classify(status) {
                         Disposition::Accepted => {
                             if response.has_errors {
                                 warn!(cohort_id = %target.cohort_id, seq, status, body = %response.body, "Braze accepted the request but listed errors");
                             }
+                            let rejected = match target.delivery {
+                                Delivery::Attribute { .. } => {
+                                    attributes::rejected_objects(&bytes, objects.0, objects.1, &secrets)
+                                }
+                                Delivery::CohortImport { .. } => Rejected::default(),
+                            };
                             return Attempted {
                                 attempts,
                                 status: Some(status),
                                 response,
                                 error: None,
                                 budget_wait: waited,
+                                rejected,
                             };
                         }
                         Disposition::Permanent => {
-                            let error = permanent_error(status, &response);
+                            let error = permanent_error(status, &response, &target.delivery);
                             warn!(cohort_id = %target.cohort_id, seq, status, %error, "Braze refused the request");
                             return Attempted {
                                 attempts,
@@ -629,6 +761,7 @@ impl BrazeClient {
                                 response,
                                 error: Some(error),
                                 budget_wait: waited,
+                                rejected: Rejected::default(),
                             };
                         }
                         Disposition::Retry => {
@@ -646,6 +779,7 @@ impl BrazeClient {
                         response: ResponseText::default(),
                         error,
                         budget_wait: waited,
+                        rejected: Rejected::default(),
                     };
                 }
                 // Refused at the wire: the fence closed before the body was handed over.
@@ -657,6 +791,7 @@ impl BrazeClient {
                         response: ResponseText::default(),
                         error,
                         budget_wait: waited,
+                        rejected: Rejected::default(),
                     };
                 }
                 Err(e) if e.is_timeout() => {
@@ -675,6 +810,7 @@ impl BrazeClient {
                 response: response.clone(),
                 error: Some(error),
                 budget_wait: waited,
+                rejected: Rejected::default(),
             };
             if run.stopped() {
                 return give_up(BrazeError::Abandoned);
@@ -718,6 +854,16 @@ impl BrazeClient {
 
 /// `cohort-operator/<version>`, with ` (<instance>)` when it is a plain name (a pod name
 /// is); anything else is left out rather than put in a header.
+/// The `Authorization` header of a `/users/track` request (the customer's REST API key);
+/// none for the partner endpoints, whose keys go in the body.
+fn bearer(target: &CohortTarget) -> Result<Option<HeaderValue>, BrazeError> {
+    let Delivery::Attribute { api_key, .. } = &target.delivery else { return Ok(None) };
+    let mut bearer = HeaderValue::from_str(&format!("Bearer {}", api_key.expose()))
+        .map_err(|_| BrazeError::InvalidRequest("the REST API key is not a valid header value".into()))?;
+    bearer.set_sensitive(true);
+    Ok(Some(bearer))
+}
+
 fn user_agent(instance: Option<&str>) -> String {
     let product = concat!("cohort-operator/", env!("CARGO_PKG_VERSION"));
     let plain = |name: &&str| {
@@ -762,7 +908,7 @@ fn wait_hint(status: u16, headers: &HeaderMap) -> Option<Duration> {
 }
 
 /// Reads at most [`READ_BODY_BYTES`]; a broken body keeps what arrived.
-async fn read_body(mut resp: reqwest::Response, secrets: &[&str]) -> ResponseText {
+async fn read_body(mut resp: reqwest::Response) -> Vec<u8> {
     let mut bytes = Vec::new();
     while bytes.len() < READ_BODY_BYTES {
         match resp.chunk().await {
@@ -771,12 +917,15 @@ async fn read_body(mut resp: reqwest::Response, secrets: &[&str]) -> ResponseTex
         }
     }
     bytes.truncate(READ_BODY_BYTES);
-    wire::read_response(&bytes, secrets)
+    bytes
 }
 
-fn permanent_error(status: u16, response: &ResponseText) -> BrazeError {
+fn permanent_error(status: u16, response: &ResponseText, delivery: &Delivery) -> BrazeError {
     let message = response.message.clone();
+    let rest_key = matches!(delivery, Delivery::Attribute { .. });
     match status {
+        401 if rest_key => BrazeError::Unauthorized { reason: UnauthorizedReason::RestApiKey, message },
+        403 if rest_key => BrazeError::Forbidden { message },
         401 => BrazeError::Unauthorized { reason: UnauthorizedReason::from_message(&message), message },
         400 => BrazeError::BadRequest { message },
         _ => BrazeError::Rejected { status, message },
@@ -799,8 +948,9 @@ fn totals(requests: &[RequestOutcome], run: &RunState) -> ChangesTotals {
         let (adds, removes) = (u64::from(r.adds.total()), u64::from(r.removes.total()));
         if r.accepted() {
             t.accepted_requests += 1;
-            t.added += adds;
-            t.removed += removes;
+            t.added += adds - r.rejected.adds.min(adds);
+            t.removed += removes - r.rejected.removes.min(removes);
+            t.rejected.merge(&r.rejected);
             t.accepted_with_errors += u32::from(r.response.has_errors);
         } else {
             t.failed_requests += 1;

@@ -10,6 +10,13 @@ pub enum BrazeError {
     /// someone changes a key, so the run stops after the first one.
     #[error("Braze refused the keys (401: {message}): {}", reason.advice())]
     Unauthorized { reason: UnauthorizedReason, message: String },
+    /// 403 on `/users/track`: the REST API key lacks the `users.track` permission, or the
+    /// workspace may not use the REST API. Permanent until someone changes the key.
+    #[error(
+        "Braze refused the REST API key (403: {message}): give the key the users.track permission in Braze \
+         under Settings → APIs and Identifiers → API Keys, or create a key that has it"
+    )]
+    Forbidden { message: String },
     /// 400: the request itself is wrong; sending it again cannot help.
     #[error("Braze rejected the request as malformed (400: {message}); not retried")]
     BadRequest { message: String },
@@ -51,7 +58,11 @@ impl BrazeError {
     pub fn is_permanent(&self) -> bool {
         matches!(
             self,
-            Self::Unauthorized { .. } | Self::BadRequest { .. } | Self::Rejected { .. } | Self::EgressDenied(_)
+            Self::Unauthorized { .. }
+                | Self::Forbidden { .. }
+                | Self::BadRequest { .. }
+                | Self::Rejected { .. }
+                | Self::EgressDenied(_)
         )
     }
 }
@@ -76,6 +87,8 @@ pub enum UnauthorizedReason {
     DataImportKey,
     /// "Partner not enabled for client with client secret: …".
     PartnerNotEnabled,
+    /// A 401 on `/users/track`: the customer's REST API key.
+    RestApiKey,
     /// A message Braze does not document.
     Unknown,
 }
@@ -104,6 +117,11 @@ impl UnauthorizedReason {
             Self::PartnerNotEnabled => {
                 "this partner is not enabled for the workspace of the data import key; enable it in \
                  Braze under Partner Integrations → Technology Partners"
+            }
+            Self::RestApiKey => {
+                "the REST API key is wrong, was deleted, or belongs to another workspace; create one in Braze \
+                 under Settings → APIs and Identifiers → API Keys with the users.track permission and put it in \
+                 the Secret spec.destination.braze.apiKeySecretRef names"
             }
             Self::Unknown => "check the data import key and the partner API key",
         }

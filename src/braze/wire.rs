@@ -185,7 +185,7 @@ pub fn read_response(bytes: &[u8], secrets: &[&str]) -> ResponseText {
     ResponseText { body: truncate(redact(&text, secrets, REDACT_MIN_LEN), KEPT_BODY_BYTES), message, has_errors }
 }
 
-fn truncate(mut text: String, max: usize) -> String {
+pub(crate) fn truncate(mut text: String, max: usize) -> String {
     if text.len() > max {
         let mut cut = max;
         while !text.is_char_boundary(cut) {

@@ -154,7 +154,7 @@ mod tests {
     fn the_same_cohort_spelled_differently_is_one_cohort() {
         let index = CohortIndex::default();
         let mut other = import("b", "c1");
-        other.spec.destination.braze.partner = "KUBIT".into();
+        other.spec.destination.braze.partner = Some("KUBIT".into());
         other.spec.destination.braze.rest_endpoint = "https://REST.iad-01.braze.com/".into();
         index.apply(&watcher::Event::Apply(import("a", "c1")));
         index.apply(&watcher::Event::Apply(other));

@@ -17,14 +17,16 @@ use kube::ResourceExt;
 use sha2::{Digest, Sha256};
 
 use super::secrets::normalize_endpoint;
-use crate::api::{CohortImport, CohortImportSpec};
+use crate::api::{CohortImport, CohortImportSpec, DeliveryMethod};
 use crate::domain::validate::{Limits, validate_with};
 
 /// Identifies one Braze cohort, but for the workspace (compared apart: it is in status).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CohortKey {
     pub endpoint: String,
+    /// [`crate::api::BrazeDestination::route`]: the partner, or `users/track:<attribute>`.
     pub partner: String,
+    /// The cohort id; empty for a Boolean attribute, which holds one cohort whatever its id.
     pub cohort_id: String,
 }
 
@@ -34,24 +36,33 @@ impl CohortKey {
         CohortKey {
             endpoint: normalize_endpoint(&braze.rest_endpoint),
             // Braze's paths are case-insensitive in practice; compare as such.
-            partner: braze.partner.to_ascii_lowercase(),
-            cohort_id: spec.cohort.id.clone(),
+            partner: braze.route(),
+            cohort_id: if braze.one_slot_per_route() { String::new() } else { spec.cohort.id.clone() },
         }
     }
 
-    /// Whether `spec` imports into this cohort: [`CohortKey::of`] without building one,
-    /// since every reconcile compares its import with every other.
+    /// Whether `spec` imports into this cohort: [`CohortKey::of`] without building one for
+    /// the partner path, since every reconcile compares its import with every other.
     pub fn is_of(&self, spec: &CohortImportSpec) -> bool {
         let braze = &spec.destination.braze;
+        let Some(partner) = braze.partner.as_deref().filter(|_| braze.method == DeliveryMethod::CohortImport) else {
+            return *self == Self::of(spec);
+        };
         spec.cohort.id == self.cohort_id
-            && braze.partner.eq_ignore_ascii_case(&self.partner)
+            && partner.eq_ignore_ascii_case(&self.partner)
             && braze.rest_endpoint.trim().trim_end_matches('/').eq_ignore_ascii_case(&self.endpoint)
     }
 }
 
 impl std::fmt::Display for CohortKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "cohort {:?} at {} (partner {})", self.cohort_id, self.endpoint, self.partner)
+        match self.partner.strip_prefix("users/track:") {
+            Some(attribute) if self.cohort_id.is_empty() => {
+                write!(f, "attribute {attribute:?} at {}", self.endpoint)
+            }
+            Some(attribute) => write!(f, "cohort {:?} in attribute {attribute:?} at {}", self.cohort_id, self.endpoint),
+            None => write!(f, "cohort {:?} at {} (partner {})", self.cohort_id, self.endpoint, self.partner),
+        }
     }
 }
 
@@ -148,10 +159,8 @@ pub enum Referenced {
 
 /// Names of the Secrets and ConfigMaps (in its own namespace) an import reads.
 pub fn references(spec: &CohortImportSpec) -> Vec<(Referenced, &str)> {
-    let mut refs = vec![(Referenced::Secret, spec.destination.braze.data_import_key_secret_ref.name.as_str())];
-    if let Some(r) = &spec.destination.braze.partner_api_key_secret_ref {
-        refs.push((Referenced::Secret, r.name.as_str()));
-    }
+    let mut refs: Vec<(Referenced, &str)> =
+        spec.destination.braze.secret_refs().into_iter().map(|(_, r)| (Referenced::Secret, r.name.as_str())).collect();
     if let Some(cm) = &spec.source.config_map {
         refs.push((Referenced::ConfigMap, cm.name.as_str()));
     }
@@ -245,6 +254,48 @@ pub(crate) mod tests {
         import
     }
 
+    /// `import` by `method: Attribute` into attribute `name` of `shape`.
+    fn by_attribute(mut import: CohortImport, name: &str, shape: crate::api::AttributeShape) -> CohortImport {
+        let braze = &mut import.spec.destination.braze;
+        braze.method = DeliveryMethod::Attribute;
+        braze.partner = None;
+        braze.data_import_key_secret_ref = None;
+        braze.api_key_secret_ref = Some(crate::api::SecretKeyRef { name: "rest".into(), key: "key".into() });
+        braze.attribute = Some(crate::api::MembershipAttributeSpec { name: name.into(), shape });
+        import
+    }
+
+    #[test]
+    fn attribute_imports_own_a_cohort_id_in_an_array_and_a_whole_boolean_attribute() {
+        use crate::api::AttributeShape::{Array, Boolean};
+        let at = |cohort, name, shape| {
+            by_attribute(
+                import("ns", "a", "2026-01-01T00:00:00Z", "https://rest.iad-01.braze.com", cohort),
+                name,
+                shape,
+            )
+        };
+        let key = |i: &CohortImport| CohortKey::of(&i.spec);
+        let partner = import("ns", "a", "2026-01-01T00:00:00Z", "https://rest.iad-01.braze.com", "vip");
+        assert_ne!(key(&at("vip", "cohorts", Array)), key(&partner), "methods never share a key");
+        assert_ne!(key(&at("vip", "cohorts", Array)), key(&at("gold", "cohorts", Array)));
+        assert_eq!(
+            key(&at("vip", "in_vip", Boolean)),
+            key(&at("gold", "in_vip", Boolean)),
+            "one attribute, one cohort"
+        );
+        assert_eq!(
+            key(&at("vip", "cohorts", Array)).to_string(),
+            r#"cohort "vip" in attribute "cohorts" at https://rest.iad-01.braze.com"#
+        );
+        let all = [at("vip", "cohorts", Array), at("gold", "in_vip", Boolean), at("vip", "in_vip", Boolean), partner];
+        for a in &all {
+            for b in &all {
+                assert_eq!(key(a).is_of(&b.spec), key(a) == key(b));
+            }
+        }
+    }
+
     #[test]
     fn a_cohort_key_tells_its_imports_as_comparing_built_keys_does() {
         let endpoints =
@@ -254,7 +305,7 @@ pub(crate) mod tests {
             .flat_map(|e| ["vip", "VIP"].map(|c| import("ns", "a", "2026-01-01T00:00:00Z", e, c)))
             .chain(std::iter::once({
                 let mut other = import("ns", "a", "2026-01-01T00:00:00Z", endpoints[0], "vip");
-                other.spec.destination.braze.partner = "KUBIT".into();
+                other.spec.destination.braze.partner = Some("KUBIT".into());
                 other
             }))
             .collect();

@@ -10,9 +10,9 @@ use kube::ResourceExt;
 
 use super::conflict::{CohortKey, workspace_of};
 use super::importer::{ImportError, Importer};
-use super::secrets::BrazeKeys;
-use crate::api::{CohortImport, CohortImportSpec, CurrentRun, RunRecord, RunResult};
-use crate::braze::{BrazeClient, CohortTarget};
+use super::secrets::{BrazeKeys, KeyError};
+use crate::api::{AttributeShape, CohortImport, CohortImportSpec, CurrentRun, RunRecord, RunResult};
+use crate::braze::{BrazeClient, CohortTarget, MembershipAttribute};
 use crate::domain::guard::RemovalApproval;
 use crate::domain::validate::ValidSpec;
 use crate::fence::Fence;
@@ -137,7 +137,7 @@ impl PipelineImporter {
         Ok(match &self.snapshots {
             SnapshotStoreKind::Cluster => {
                 let cohort = CohortKey::of(spec).to_string();
-                let workspace = keys.map(|k| workspace_of(k.data_import_key.expose()));
+                let workspace = keys.map(|k| workspace_of(k.workspace_key().expose()));
                 let alternate = alternate_key(&key, import);
                 let store = ClusterSnapshotStore::new(self.client.clone(), import, &key, &cohort)?;
                 // Only an import that ran before can have a snapshot an earlier version kept
@@ -158,13 +158,27 @@ impl PipelineImporter {
     /// Where a run sends: `rest_endpoint` is the validated spec's parsed endpoint when there
     /// is one (a run), the spec as written otherwise (deleting an import whose spec may no
     /// longer be valid).
-    fn target(spec: &CohortImportSpec, rest_endpoint: String, keys: BrazeKeys) -> CohortTarget {
-        CohortTarget {
-            rest_endpoint,
-            partner: spec.destination.braze.partner.clone(),
-            partner_api_key: keys.partner_api_key,
-            data_import_key: keys.data_import_key,
-            cohort_id: spec.cohort.id.clone(),
+    fn target(spec: &CohortImportSpec, rest_endpoint: String, keys: BrazeKeys) -> Result<CohortTarget, ImportError> {
+        let braze = &spec.destination.braze;
+        let cohort_id = spec.cohort.id.clone();
+        match (keys, &braze.attribute) {
+            (BrazeKeys::Partner { data_import_key, partner_api_key }, _) => {
+                let partner = braze.partner.clone().unwrap_or_default();
+                Ok(CohortTarget::partner(rest_endpoint, partner, partner_api_key, data_import_key, cohort_id))
+            }
+            (BrazeKeys::RestApi { api_key }, Some(a)) => {
+                let attribute = MembershipAttribute { name: a.name.clone(), shape: a.shape };
+                // A Boolean attribute is the cohort in Braze: a new spec.cohort.id changes
+                // nothing there, so it must not start the snapshot afresh either.
+                let cohort_id = match a.shape {
+                    AttributeShape::Boolean => a.name.clone(),
+                    AttributeShape::Array => cohort_id,
+                };
+                Ok(CohortTarget::attribute(rest_endpoint, api_key, attribute, cohort_id))
+            }
+            (BrazeKeys::RestApi { .. }, None) => {
+                Err(ImportError::Keys(KeyError::NoReference { field: "spec.destination.braze.attribute" }))
+            }
         }
     }
 
@@ -183,7 +197,7 @@ impl PipelineImporter {
             .with_max_page_bytes(self.max_page_bytes);
         let source = open_source(&valid.source, &valid.identifiers, &objects).await?;
         let store = self.store(import, spec, Some(&keys))?;
-        let target = Self::target(spec, valid.braze_endpoint.as_str().trim_end_matches('/').to_owned(), keys);
+        let target = Self::target(spec, valid.braze_endpoint.as_str().trim_end_matches('/').to_owned(), keys)?;
         let mut run =
             ImportRun::new(current.id.clone(), current.trigger, &namespace, &import.name_any(), &spec.cohort.name);
         run.identifier_fingerprint = identifier_fingerprint(&spec.identifiers);
@@ -215,7 +229,7 @@ impl PipelineImporter {
     /// run may have added — then forgets the snapshot.
     async fn remove_all(&self, import: &CohortImport, keys: BrazeKeys) -> Result<u64, ImportError> {
         let store = self.store(import, &import.spec, Some(&keys))?;
-        let target = Self::target(&import.spec, import.spec.destination.braze.rest_endpoint.clone(), keys);
+        let target = Self::target(&import.spec, import.spec.destination.braze.rest_endpoint.clone(), keys)?;
         let key = cohort_snapshot_key(import, &import.spec);
         let committed = import.status.as_ref().and_then(|s| s.committed_snapshot.as_ref()).filter(|c| c.key == key);
         Ok(remove_all_members(store.as_ref(), &self.braze, &target, &self.scratch_dir, committed).await?)

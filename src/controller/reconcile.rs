@@ -23,7 +23,9 @@ use super::record;
 use super::runs;
 use super::secrets::{self, CheckedKey, KeyError};
 use super::status::{self, Written, ready_reason, set_ready};
-use crate::api::{CohortImport, CohortImportStatus, DeletionPolicy, FINALIZER, ReadyReason, RunResult, SecretKeyRef};
+use crate::api::{
+    CohortImport, CohortImportStatus, DeletionPolicy, DeliveryMethod, FINALIZER, ReadyReason, RunResult, SecretKeyRef,
+};
 use crate::domain::validate::{ValidSpec, validate_with};
 use crate::run::RemovalError;
 use crate::source::SourceContext;
@@ -295,10 +297,10 @@ async fn add_finalizer(api: &Api<CohortImport>, import: &CohortImport) -> Result
 async fn check_secrets(ctx: &Context, import: &CohortImport) -> Result<(), KeyError> {
     let objects = KubeObjects::new(ctx.client.clone(), import.namespace().unwrap_or_default());
     let keys = checked_keys(import);
-    let (data_import_key, others) = keys.split_first().expect("an import always reads its data import key");
-    check_key(ctx, &objects, data_import_key).await?;
+    let (workspace_key, others) = keys.split_first().expect("an import always reads its workspace's key");
+    check_key(ctx, &objects, workspace_key).await?;
     let braze = &import.spec.destination.braze;
-    if braze.partner_api_key_secret_ref.is_none() {
+    if braze.method == DeliveryMethod::CohortImport && braze.partner_api_key_secret_ref.is_none() {
         ctx.config.partner_keys.key_for(&braze.rest_endpoint).await?;
     }
     for key in others {
@@ -316,15 +318,17 @@ async fn check_key(ctx: &Context, objects: &KubeObjects, key: &CheckedKey) -> Re
     Ok(())
 }
 
-/// The Secret keys `import` reads: its Braze keys first, then its source's.
+/// The Secret keys `import` reads: its Braze keys first (the workspace's key leading),
+/// then its source's. Only the keys of its method: validation refuses the others.
 fn checked_keys(import: &CohortImport) -> Vec<CheckedKey> {
     let braze = &import.spec.destination.braze;
-    let mut keys = vec![CheckedKey {
-        reference: braze.data_import_key_secret_ref.clone(),
-        field: secrets::DATA_IMPORT_KEY_FIELD,
-        braze: true,
-    }];
-    if let Some(reference) = &braze.partner_api_key_secret_ref {
+    let mut keys = Vec::new();
+    if let Some((reference, field)) = secrets::workspace_key_ref(braze) {
+        keys.push(CheckedKey { reference: reference.clone(), field, braze: true });
+    }
+    if braze.method == DeliveryMethod::CohortImport
+        && let Some(reference) = &braze.partner_api_key_secret_ref
+    {
         keys.push(CheckedKey { reference: reference.clone(), field: secrets::PARTNER_KEY_FIELD, braze: true });
     }
     for secret in conflict::source_secrets(&import.spec) {

@@ -120,6 +120,7 @@ fn braze(error: &BrazeError) -> bool {
         | BrazeError::AttemptsExhausted { .. }
         | BrazeError::RateLimited { .. } => true,
         BrazeError::Unauthorized { .. }
+        | BrazeError::Forbidden { .. }
         | BrazeError::BadRequest { .. }
         | BrazeError::Rejected { .. }
         | BrazeError::InvalidRequest(_)

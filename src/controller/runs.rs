@@ -178,7 +178,7 @@ async fn execute(ctx: Arc<Context>, import: Arc<CohortImport>, spec: ValidSpec, 
     let mut workspace = None;
     let attempt = async {
         let keys = secrets::braze_keys(&ctx.client, &namespace, braze, &ctx.config.partner_keys).await?;
-        workspace = Some(super::conflict::workspace_of(keys.data_import_key.expose()));
+        workspace = Some(super::conflict::workspace_of(keys.workspace_key().expose()));
         Ok::<_, secrets::KeyError>(supervised(&ctx, &import, &spec, &run, keys, slot, clock_started).await)
     };
     let (timeout, field) = run_timeout(&ctx.config, &import);
@@ -229,7 +229,7 @@ async fn supervised(
     let importer = ctx.importer.clone();
     let (import, spec, current) = (import.clone(), spec.clone(), run.clone());
     // A panic message is the program's text, not ours to trust: the keys never reach status.
-    let known = [keys.data_import_key.expose().to_owned(), keys.partner_api_key.expose().to_owned()];
+    let known: Vec<String> = keys.exposed().into_iter().map(str::to_owned).collect();
     let work = async move { importer.run(&import, &spec, &current, keys).await };
     let task = tokio::spawn(budget::holding(slot, work).instrument(tracing::Span::current()));
     let _abort = AbortOnDrop(task.abort_handle());

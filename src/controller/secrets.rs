@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::api::{ReadyReason, SecretKeyRef};
+use crate::api::{BrazeDestination, DeliveryMethod, ReadyReason, SecretKeyRef};
 use crate::secret::SecretString;
 use crate::source::kube::KubeObjects;
 use crate::source::{SourceContext, SourceError};
@@ -46,6 +46,8 @@ pub enum KeyError {
     KeyNotFound { namespace: String, name: String, key: String, field: &'static str },
     #[error("Secret {namespace}/{name} key {key:?} is empty or not UTF-8 text")]
     NotText { namespace: String, name: String, key: String },
+    #[error("{field} is not set; set it (the spec is checked before a run, so this is a spec changed meanwhile)")]
+    NoReference { field: &'static str },
     #[error("cannot read Secret {namespace}/{name}: {message}")]
     Read { namespace: String, name: String, message: String },
     #[error(
@@ -253,40 +255,84 @@ impl SecretChecks {
     }
 }
 
-/// Both keys of one import.
+/// The keys of one import's method.
 #[derive(Clone, Debug)]
-pub struct BrazeKeys {
-    pub data_import_key: SecretString,
-    pub partner_api_key: SecretString,
+pub enum BrazeKeys {
+    /// `method: CohortImport`.
+    Partner { data_import_key: SecretString, partner_api_key: SecretString },
+    /// `method: Attribute`: the customer's REST API key.
+    RestApi { api_key: SecretString },
+}
+
+impl BrazeKeys {
+    /// The key that names the customer's workspace: the data import key, or the REST API
+    /// key (both are made per workspace).
+    pub fn workspace_key(&self) -> &SecretString {
+        match self {
+            BrazeKeys::Partner { data_import_key, .. } => data_import_key,
+            BrazeKeys::RestApi { api_key } => api_key,
+        }
+    }
+
+    /// Every key's value, for redacting text the operator does not control (a panic's).
+    pub fn exposed(&self) -> Vec<&str> {
+        match self {
+            BrazeKeys::Partner { data_import_key, partner_api_key } => {
+                vec![data_import_key.expose(), partner_api_key.expose()]
+            }
+            BrazeKeys::RestApi { api_key } => vec![api_key.expose()],
+        }
+    }
 }
 
 pub const DATA_IMPORT_KEY_FIELD: &str = "spec.destination.braze.dataImportKeySecretRef";
 pub const PARTNER_KEY_FIELD: &str = "spec.destination.braze.partnerApiKeySecretRef";
+pub const REST_API_KEY_FIELD: &str = "spec.destination.braze.apiKeySecretRef";
 
-/// Reads both keys an import's run needs.
+/// The reference to the key naming the workspace, with its field: `None` when the spec
+/// lacks it (validation says so).
+pub fn workspace_key_ref(braze: &BrazeDestination) -> Option<(&SecretKeyRef, &'static str)> {
+    match braze.method {
+        DeliveryMethod::CohortImport => braze.data_import_key_secret_ref.as_ref().map(|r| (r, DATA_IMPORT_KEY_FIELD)),
+        DeliveryMethod::Attribute => braze.api_key_secret_ref.as_ref().map(|r| (r, REST_API_KEY_FIELD)),
+    }
+}
+
+fn missing_ref(field: &'static str) -> KeyError {
+    KeyError::NoReference { field }
+}
+
+/// Reads the keys an import's run needs.
 pub async fn braze_keys(
     client: &kube::Client,
     namespace: &str,
-    braze: &crate::api::BrazeDestination,
+    braze: &BrazeDestination,
     partner_keys: &PartnerKeys,
 ) -> Result<BrazeKeys, KeyError> {
     let objects = KubeObjects::new(client.clone(), namespace);
-    let data_import_key = braze_key(&objects, &braze.data_import_key_secret_ref, DATA_IMPORT_KEY_FIELD).await?;
+    if braze.method == DeliveryMethod::Attribute {
+        let reference = braze.api_key_secret_ref.as_ref().ok_or_else(|| missing_ref(REST_API_KEY_FIELD))?;
+        let api_key = braze_key(&objects, reference, REST_API_KEY_FIELD).await?;
+        return Ok(BrazeKeys::RestApi { api_key });
+    }
+    let reference = braze.data_import_key_secret_ref.as_ref().ok_or_else(|| missing_ref(DATA_IMPORT_KEY_FIELD))?;
+    let data_import_key = braze_key(&objects, reference, DATA_IMPORT_KEY_FIELD).await?;
     let partner_api_key = match &braze.partner_api_key_secret_ref {
         Some(reference) => braze_key(&objects, reference, PARTNER_KEY_FIELD).await?,
         None => partner_keys.key_for(&braze.rest_endpoint).await?,
     };
-    Ok(BrazeKeys { data_import_key, partner_api_key })
+    Ok(BrazeKeys::Partner { data_import_key, partner_api_key })
 }
 
-/// The Braze workspace of an import's data import key ([`super::conflict::workspace_of`]).
+/// The Braze workspace of an import's key ([`super::conflict::workspace_of`]).
 pub async fn data_import_workspace(
     client: &kube::Client,
     namespace: &str,
-    braze: &crate::api::BrazeDestination,
+    braze: &BrazeDestination,
 ) -> Result<String, KeyError> {
     let objects = KubeObjects::new(client.clone(), namespace);
-    let key = braze_key(&objects, &braze.data_import_key_secret_ref, DATA_IMPORT_KEY_FIELD).await?;
+    let (reference, field) = workspace_key_ref(braze).ok_or_else(|| missing_ref(DATA_IMPORT_KEY_FIELD))?;
+    let key = braze_key(&objects, reference, field).await?;
     Ok(super::conflict::workspace_of(key.expose()))
 }
 

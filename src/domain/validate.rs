@@ -27,9 +27,9 @@ use jiff::tz::TimeZone;
 use reqwest::Url;
 
 use crate::api::{
-    BigQuerySource, Cadence, CohortImportSpec, ConfigMapSource, DatabricksSource, DayOfWeek, HttpFormat, HttpSource,
-    IdentifierMapping, InlineSource, Notifications, PostgresSource, RetrySpec, ScheduleSpec, SnowflakeSource,
-    SourceSpec,
+    BigQuerySource, BrazeDestination, Cadence, CohortImportSpec, ConfigMapSource, DatabricksSource, DayOfWeek,
+    DeliveryMethod, HttpFormat, HttpSource, IdentifierMapping, InlineSource, Notifications, PostgresSource, RetrySpec,
+    ScheduleSpec, SnowflakeSource, SourceSpec,
 };
 
 use super::cron::{CronExpression, InvalidCron};
@@ -169,6 +169,17 @@ pub enum Problem {
     TimeZone { name: String },
     #[error("maps no identifier; set at least one of externalId, alias or deviceId")]
     NoIdentifier,
+    #[error("is required with method: {method}; set it{hint}")]
+    RequiredWithMethod { method: &'static str, hint: &'static str },
+    #[error("is not used with method: {method}; remove it{hint}")]
+    NotWithMethod { method: &'static str, hint: &'static str },
+    #[error(
+        "cannot be used with method: Attribute: /users/track finds users by external id or alias, never by \
+         device id; remove spec.identifiers.deviceId and map externalId or alias, or use method: CohortImport"
+    )]
+    DeviceIdWithAttribute,
+    #[error("{value:?} {reason}; Braze custom attribute names are 1 to 255 characters, e.g. cohorts")]
+    AttributeName { value: String, reason: &'static str },
     #[error("sets both label and labelField; keep label for one fixed label, or labelField to read each row's label")]
     AliasLabelBoth,
     #[error(
@@ -309,6 +320,7 @@ pub fn validate_with(spec: &CohortImportSpec, limits: &Limits) -> Result<ValidSp
     let schedule = check_schedule(&spec.schedule, limits, &mut problems);
     let identifiers = check_identifiers(&spec.identifiers, &mut problems);
     let braze_endpoint = check_braze_endpoint(&spec.destination.braze.rest_endpoint, &mut problems);
+    check_delivery(&spec.destination.braze, &spec.identifiers, &mut problems);
     if let Some(notifications) = &spec.notifications {
         check_notifications(notifications, &mut problems);
     }
@@ -683,6 +695,97 @@ fn check_identifiers(mapping: &IdentifierMapping, problems: &mut Problems) -> Op
             None
         }
     }
+}
+
+/// Braze's identifier fields and standard profile attributes: a custom attribute of one
+/// of these names would write (or be refused as) something else.
+const RESERVED_ATTRIBUTES: &[&str] = &[
+    "external_id",
+    "user_alias",
+    "braze_id",
+    "_update_existing_only",
+    "email",
+    "phone",
+    "first_name",
+    "last_name",
+    "gender",
+    "dob",
+    "country",
+    "home_city",
+    "language",
+    "time_zone",
+    "email_subscribe",
+    "push_subscribe",
+    "push_tokens",
+    "subscription_groups",
+    "date_of_first_session",
+    "date_of_last_session",
+    "image_url",
+    "marked_email_as_spam_at",
+    "email_open_tracking_disabled",
+    "email_click_tracking_disabled",
+];
+
+/// The fields of each method are required with it and refused with the other.
+fn check_delivery(braze: &BrazeDestination, identifiers: &IdentifierMapping, problems: &mut Problems) {
+    const AT: &str = "spec.destination.braze";
+    let set = |present: bool, field: &str, problems: &mut Problems, method, hint| {
+        if present {
+            problems.add(format!("{AT}.{field}"), Problem::NotWithMethod { method, hint });
+        }
+    };
+    let need = |present: bool, field: &str, problems: &mut Problems, method, hint| {
+        if !present {
+            problems.add(format!("{AT}.{field}"), Problem::RequiredWithMethod { method, hint });
+        }
+    };
+    match braze.method {
+        DeliveryMethod::CohortImport => {
+            let (m, h) =
+                ("CohortImport", " (for Braze technology partners; or use method: Attribute with a REST API key)");
+            need(braze.partner.is_some(), "partner", problems, m, h);
+            need(braze.data_import_key_secret_ref.is_some(), "dataImportKeySecretRef", problems, m, h);
+            let h = " (it is for method: Attribute)";
+            set(braze.api_key_secret_ref.is_some(), "apiKeySecretRef", problems, m, h);
+            set(braze.attribute.is_some(), "attribute", problems, m, h);
+        }
+        DeliveryMethod::Attribute => {
+            let (m, h) = ("Attribute", ", e.g. {name: braze-rest, key: api-key}");
+            need(braze.api_key_secret_ref.is_some(), "apiKeySecretRef", problems, m, h);
+            let h = ", e.g. {name: cohorts, shape: Array}";
+            need(braze.attribute.is_some(), "attribute", problems, m, h);
+            let h = " (partner keys are for method: CohortImport; this method uses apiKeySecretRef)";
+            set(braze.partner.is_some(), "partner", problems, m, h);
+            set(braze.data_import_key_secret_ref.is_some(), "dataImportKeySecretRef", problems, m, h);
+            set(braze.partner_api_key_secret_ref.is_some(), "partnerApiKeySecretRef", problems, m, h);
+            if identifiers.device_id.is_some() {
+                problems.add("spec.identifiers.deviceId", Problem::DeviceIdWithAttribute);
+            }
+            if let Some(attribute) = &braze.attribute
+                && let Err(reason) = check_attribute_name(&attribute.name)
+            {
+                let value = attribute.name.clone();
+                problems.add(format!("{AT}.attribute.name"), Problem::AttributeName { value, reason });
+            }
+        }
+    }
+}
+
+/// Braze's rules for custom attribute names, and the names that are not custom attributes.
+pub fn check_attribute_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() || name.chars().count() > 255 {
+        return Err("is empty or longer than 255 characters");
+    }
+    if name.starts_with('$') {
+        return Err("starts with $, which Braze reserves");
+    }
+    if name.trim() != name || name.chars().any(char::is_control) {
+        return Err("has surrounding spaces or control characters");
+    }
+    if RESERVED_ATTRIBUTES.iter().any(|r| r.eq_ignore_ascii_case(name)) {
+        return Err("is a Braze identifier or standard attribute, not a custom attribute; pick another name");
+    }
+    Ok(())
 }
 
 fn check_braze_endpoint(endpoint: &str, problems: &mut Problems) -> Option<Url> {
@@ -1586,6 +1689,59 @@ spec:
         assert_eq!(
             schedule_paths(|s| s.minute = Some(15)),
             ["spec.schedule.minute: set only with cadence Hourly (cadence is Weekly); remove it or change the cadence"]
+        );
+    }
+
+    #[test]
+    fn the_attribute_method_takes_its_own_fields_and_refuses_the_partners() {
+        use crate::api::{AttributeShape, MembershipAttributeSpec, SecretKeyRef};
+        let mut spec = example(WAREHOUSE_EXAMPLE);
+        assert!(validate(&spec).is_ok(), "an existing manifest stays valid");
+        spec.destination.braze.method = DeliveryMethod::Attribute;
+        let texts = |spec: &CohortImportSpec| errors(spec).iter().map(ToString::to_string).collect::<Vec<_>>();
+        assert_eq!(
+            texts(&spec),
+            [
+                "spec.destination.braze.apiKeySecretRef: is required with method: Attribute; set it, e.g. {name: braze-rest, key: api-key}",
+                "spec.destination.braze.attribute: is required with method: Attribute; set it, e.g. {name: cohorts, shape: Array}",
+                "spec.destination.braze.partner: is not used with method: Attribute; remove it (partner keys are for method: CohortImport; this method uses apiKeySecretRef)",
+                "spec.destination.braze.dataImportKeySecretRef: is not used with method: Attribute; remove it (partner keys are for method: CohortImport; this method uses apiKeySecretRef)",
+            ]
+        );
+        let braze = &mut spec.destination.braze;
+        braze.partner = None;
+        braze.data_import_key_secret_ref = None;
+        braze.api_key_secret_ref = Some(SecretKeyRef { name: "braze-rest".into(), key: "api-key".into() });
+        braze.attribute = Some(MembershipAttributeSpec { name: "cohorts".into(), shape: AttributeShape::Array });
+        assert!(validate(&spec).is_ok(), "{:?}", validate(&spec));
+
+        spec.identifiers.device_id = Some("device".into());
+        assert_eq!(paths(&spec), ["spec.identifiers.deviceId"]);
+        assert!(texts(&spec)[0].contains("map externalId or alias, or use method: CohortImport"));
+        spec.identifiers.device_id = None;
+        for (name, reason) in [
+            ("$cohorts", "starts with $"),
+            ("email", "standard attribute"),
+            ("External_ID", "standard attribute"),
+            (" cohorts", "surrounding spaces"),
+            ("co\u{7}horts", "control characters"),
+        ] {
+            spec.destination.braze.attribute.as_mut().unwrap().name = name.into();
+            let text = texts(&spec).join("\n");
+            assert!(text.starts_with("spec.destination.braze.attribute.name: "), "{text}");
+            assert!(text.contains(reason), "{name:?}: {text}");
+        }
+
+        // Back to the partner method with the attribute's fields left over.
+        spec.destination.braze.method = DeliveryMethod::CohortImport;
+        assert_eq!(
+            paths(&spec),
+            [
+                "spec.destination.braze.partner",
+                "spec.destination.braze.dataImportKeySecretRef",
+                "spec.destination.braze.apiKeySecretRef",
+                "spec.destination.braze.attribute",
+            ]
         );
     }
 

@@ -34,7 +34,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::api::{CommittedSnapshot, IdentifierMapping, RemovalGuard, RunResult, RunTrigger};
-use crate::braze::{BrazeClient, Change, ChangesReport, CohortTarget};
+use crate::braze::{BrazeClient, Change, ChangesReport, CohortTarget, Delivery};
 use crate::domain::diff::{self, DiffCounts, DiffError, KeyCursor};
 use crate::domain::guard::{self, GuardDecision, GuardInput, RemovalApproval};
 use crate::domain::identifiers::SkipCounts;
@@ -267,6 +267,7 @@ fn new_report(run: &ImportRun) -> RunReport {
         spilled_runs: 0,
         braze_responses: Default::default(),
         braze_budget_wait: std::time::Duration::ZERO,
+        rejected: Default::default(),
     }
 }
 
@@ -339,8 +340,9 @@ async fn execute(
         deps.snapshots.record_doubt(&meta, &outputs.sends).await?;
     }
 
-    // 7. The cohort's name.
-    let renamed = previous_meta.as_ref().is_none_or(|m| m.cohort_name != run.cohort_name);
+    // 7. The cohort's name (the partner path's; an attribute has no cohort to name).
+    let partner = matches!(deps.target.delivery, Delivery::CohortImport { .. });
+    let renamed = partner && previous_meta.as_ref().is_none_or(|m| m.cohort_name != run.cohort_name);
     let created_at = previous_meta.as_ref().map_or_else(|| clock.now(), |m| m.cohort_created_at);
     if renamed {
         let named =
@@ -368,7 +370,10 @@ async fn execute(
         }
         report.accepted_adds = sent.totals.added;
         report.accepted_removes = sent.totals.removed;
-        let accepted = sent.totals.added + sent.totals.removed;
+        // Objects Braze answered for by rejecting them are settled too: sending them again
+        // would be rejected again. They are counted per reason, never as added.
+        report.rejected = sent.totals.rejected.clone();
+        let accepted = sent.totals.added + sent.totals.removed + sent.totals.rejected.total();
         if let Some(error) = sent.stopped {
             return Err(RunError::Changes { error, accepted, planned: sends });
         }

@@ -7,7 +7,7 @@ use jiff::Timestamp;
 use crate::api::{
     CommittedSnapshot, DryRunSample, MAX_DRY_RUN_SAMPLE, MAX_RUN_MESSAGE_CHARS, RunRecord, RunResult, RunTrigger,
 };
-use crate::braze::BrazeError;
+use crate::braze::{BrazeError, Rejected};
 use crate::domain::guard::Blocked;
 use crate::domain::identifiers::SkipCounts;
 use crate::snapshot::{Missing, SnapshotError};
@@ -81,6 +81,9 @@ pub struct RunReport {
     /// Time the run's Braze requests waited for their destination's shared budget
     /// (`--braze-requests-per-hour`): the naming, then the membership changes.
     pub braze_budget_wait: Duration,
+    /// `/users/track` objects Braze answered for by rejecting them, by its reason: not
+    /// added (nor removed), and not sent again unless the member changes.
+    pub rejected: Rejected,
 }
 
 /// A run blocked because the store does not hold what status says Braze holds.
@@ -198,6 +201,10 @@ impl RunReport {
         if self.braze_budget_wait >= Duration::from_secs(1) && self.result == RunResult::Succeeded {
             text.push_str(&format!("; waited {} s for the Braze rate budget", self.braze_budget_wait.as_secs()));
         }
+        if self.rejected.total() > 0 {
+            let reasons: Vec<String> = self.rejected.by_reason.iter().map(|(r, n)| format!("{n}× {r}")).collect();
+            text.push_str(&format!("; Braze rejected {} users: {}", self.rejected.total(), reasons.join(", ")));
+        }
         let skipped = self.skipped.total();
         if skipped > 0 && matches!(self.result, RunResult::Succeeded | RunResult::DryRun) {
             text.push_str(&format!("; {skipped} rows skipped ({})", self.skipped));
@@ -210,8 +217,12 @@ impl RunReport {
     /// what it found in `wouldAdd`/`wouldRemove` — for a blocked run, what an approval covers.
     pub fn to_record(&self) -> RunRecord {
         let complete = self.result == RunResult::Succeeded;
-        let (added, removed) =
-            if complete { (self.added, self.removed) } else { (self.accepted_adds, self.accepted_removes) };
+        // Rejected objects are counted apart, never as added or removed.
+        let (added, removed) = if complete {
+            (self.added.saturating_sub(self.rejected.adds), self.removed.saturating_sub(self.rejected.removes))
+        } else {
+            (self.accepted_adds, self.accepted_removes)
+        };
         RunRecord {
             attempt: None,
             id: self.run_id.clone(),

@@ -32,6 +32,8 @@ pub const PARTNER: &str = "kubit";
 pub const PARTNER_KEY: &str = "partner-key-us";
 pub const IMPORT_KEY: &str = "import-key-1";
 pub const WAIT: Duration = Duration::from_secs(60);
+/// The REST API key (`users.track`) the sandbox accepts; in Secret `braze-rest`, key `api-key`.
+pub const REST_API_KEY: &str = braze_support::REST_API_KEY;
 const KEYS: braze_support::BrazeKeys =
     braze_support::BrazeKeys { partner: PARTNER, partner_key: PARTNER_KEY, import_key: IMPORT_KEY };
 
@@ -136,6 +138,7 @@ impl Env {
             scratch: tempfile::tempdir().unwrap(),
         };
         env.put_secret("braze", "data-import-key", IMPORT_KEY).await;
+        env.put_secret("braze-rest", "api-key", REST_API_KEY).await;
         env
     }
 
@@ -256,6 +259,19 @@ impl Env {
                 "removalGuard": { "disabled": true }
             }
         })
+    }
+
+    /// [`Self::import`] by `method: Attribute`: attribute `attribute` of `shape`, through the
+    /// REST API key in Secret `braze-rest`.
+    pub fn attribute_import(&self, name: &str, cohort: &str, schedule: Value, attribute: &str, shape: &str) -> Value {
+        let mut doc = self.import(name, cohort, schedule);
+        doc["spec"]["destination"]["braze"] = json!({
+            "restEndpoint": self.sandbox.url(),
+            "method": "Attribute",
+            "apiKeySecretRef": { "name": "braze-rest", "key": "api-key" },
+            "attribute": { "name": attribute, "shape": shape }
+        });
+        doc
     }
 
     pub async fn create(&self, doc: Value) -> CohortImport {

@@ -4,8 +4,9 @@
 //! by benchmarks (`#[path = "../tests/support/braze.rs"]`).
 #![allow(dead_code)]
 
-use braze_sandbox::{DataImportKey, Partner, RunningSandbox, Sandbox, SandboxConfig, SandboxUser};
-use cohort_operator::braze::CohortTarget;
+use braze_sandbox::{DataImportKey, Partner, RestApiKey, RunningSandbox, Sandbox, SandboxConfig, SandboxUser};
+use cohort_operator::api::AttributeShape;
+use cohort_operator::braze::{CohortTarget, MembershipAttribute};
 use cohort_operator::secret::SecretString;
 
 /// The partner and keys a sandbox accepts.
@@ -16,12 +17,16 @@ pub struct BrazeKeys {
     pub import_key: &'static str,
 }
 
+/// The REST API key (with `users.track`) every test sandbox accepts on `/users/track`.
+pub const REST_API_KEY: &str = "rest-api-key-7c1d";
+
 /// The settings of a sandbox that accepts `keys` (the data import key for any partner) and
-/// knows `users`, for a caller that adds to them before [`start`].
+/// [`REST_API_KEY`], and knows `users`, for a caller that adds to them before [`start`].
 pub fn sandbox_config(keys: BrazeKeys, users: Vec<SandboxUser>) -> SandboxConfig {
     SandboxConfig {
         partners: vec![Partner { name: keys.partner.into(), api_key: keys.partner_key.into() }],
         data_import_keys: vec![DataImportKey { key: keys.import_key.into(), partners: vec![] }],
+        rest_api_keys: vec![RestApiKey::users_track(REST_API_KEY)],
         users,
         ..SandboxConfig::default()
     }
@@ -44,11 +49,23 @@ pub fn target(sandbox: &RunningSandbox, keys: BrazeKeys, cohort_id: &str) -> Coh
 
 /// [`target`] for a sandbox known by its URL (in a child process of a benchmark).
 pub fn target_at(url: String, keys: BrazeKeys, cohort_id: &str) -> CohortTarget {
-    CohortTarget {
-        rest_endpoint: url,
-        partner: keys.partner.into(),
-        partner_api_key: SecretString::new(keys.partner_key),
-        data_import_key: SecretString::new(keys.import_key),
-        cohort_id: cohort_id.into(),
-    }
+    CohortTarget::partner(
+        url,
+        keys.partner,
+        SecretString::new(keys.partner_key),
+        SecretString::new(keys.import_key),
+        cohort_id,
+    )
+}
+
+/// Where a run writes cohort `cohort_id` as attribute `name` of `shape`, with `api_key`.
+pub fn attribute_target(
+    url: String,
+    api_key: &str,
+    name: &str,
+    shape: AttributeShape,
+    cohort_id: &str,
+) -> CohortTarget {
+    let attribute = MembershipAttribute { name: name.into(), shape };
+    CohortTarget::attribute(url, SecretString::new(api_key), attribute, cohort_id)
 }

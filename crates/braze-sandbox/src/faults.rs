@@ -25,6 +25,10 @@ pub struct Faults {
     pub latency_jitter_ms: u64,
     /// Faults for the next requests, one each, in order, before any other fault applies.
     pub script: VecDeque<ScriptedFault>,
+    /// `/users/track` only: attributes objects naming these external ids are answered as
+    /// Braze answers objects it refuses — listed in the 201's `errors`
+    /// ([`crate::track::ERR_REJECTED_BY_FAULT`]), not applied.
+    pub reject_external_ids: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

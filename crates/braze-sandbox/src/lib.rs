@@ -1,4 +1,5 @@
-//! A local Braze for the partner cohort import endpoints: a real HTTP server for tests,
+//! A local Braze for the partner cohort import endpoints and `/users/track` (membership by
+//! custom attribute, with a REST API key): a real HTTP server for tests,
 //! demos and benchmarks. See README.md for the wire and admin API.
 //!
 //! ```no_run
@@ -20,11 +21,12 @@ pub mod faults;
 pub mod seed;
 pub mod server;
 pub mod store;
+pub mod track;
 pub mod wire;
 
 pub use faults::{Faults, RateLimit, ScriptedFault};
 pub use server::{
-    CohortSummary, DataImportKey, Partner, RequestRecord, RunningSandbox, Sandbox, SandboxConfig, SandboxError,
-    SandboxHandle, Stats,
+    CohortSummary, DataImportKey, Partner, RequestRecord, RestApiKey, RunningSandbox, Sandbox, SandboxConfig,
+    SandboxError, SandboxHandle, Stats, TrackStats, USERS_TRACK, users_track_rate_limit,
 };
 pub use store::{Alias, SandboxUser};

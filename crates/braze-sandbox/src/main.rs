@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use braze_sandbox::bench::{self, BenchConfig};
 use braze_sandbox::seed::{generated_users, parse_user_spec, read_users_file};
-use braze_sandbox::{DataImportKey, Faults, Partner, RateLimit, Sandbox, SandboxConfig};
+use braze_sandbox::{DataImportKey, Faults, Partner, RateLimit, RestApiKey, Sandbox, SandboxConfig};
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
@@ -38,6 +38,10 @@ struct ServeArgs {
     /// A data import key, optionally limited to partners: `KEY` or `KEY=partner1,partner2`.
     #[arg(long = "data-import-key", value_name = "KEY[=PARTNERS]", required = true)]
     data_import_keys: Vec<String>,
+    /// A REST API key `/users/track` accepts (with the `users.track` permission); repeat
+    /// for several.
+    #[arg(long = "rest-api-key", value_name = "KEY")]
+    rest_api_keys: Vec<String>,
     /// Users file: JSON array of users, or CSV (`.csv`) with external_id, alias_name,
     /// alias_label, device_id columns.
     #[arg(long)]
@@ -177,6 +181,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         users,
         state_file: args.state,
         faults,
+        rest_api_keys: args.rest_api_keys.iter().map(RestApiKey::users_track).collect(),
         ..SandboxConfig::default()
     })
     .await?;

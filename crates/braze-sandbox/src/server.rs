@@ -27,8 +27,9 @@ use tokio::task::JoinHandle;
 use tower::ServiceExt;
 use tracing::{debug, info, warn};
 
-use crate::faults::{Decision, FaultState, Faults, RateLimitHeaders};
+use crate::faults::{Decision, FaultState, Faults, RateLimit, RateLimitHeaders};
 use crate::store::{Cohorts, SandboxUser, Users};
+use crate::track::{self, Profiles, TrackOutcome};
 use crate::wire::{self, Envelope};
 
 /// A partner as Braze knows it: the URL path segment and one of its API keys (a partner
@@ -62,6 +63,37 @@ impl std::fmt::Debug for DataImportKey {
     }
 }
 
+/// A customer's REST API key (`Authorization: Bearer …` on `/users/track`) and the
+/// permissions it was given in Braze's dashboard.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RestApiKey {
+    pub key: String,
+    /// Permission names, e.g. `users.track`; empty means every permission.
+    #[serde(default)]
+    pub permissions: Vec<String>,
+}
+
+impl RestApiKey {
+    /// A key with the `users.track` permission.
+    pub fn users_track(key: impl Into<String>) -> Self {
+        Self { key: key.into(), permissions: vec![USERS_TRACK.to_owned()] }
+    }
+}
+
+impl std::fmt::Debug for RestApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RestApiKey").field("permissions", &self.permissions).finish_non_exhaustive()
+    }
+}
+
+/// The permission `/users/track` needs.
+pub const USERS_TRACK: &str = "users.track";
+
+/// Braze's documented limit for `/users/track`: 3,000 requests per 3 seconds per workspace.
+pub fn users_track_rate_limit() -> RateLimit {
+    RateLimit { requests: 3000, window_ms: 3000, retry_after: false }
+}
+
 /// How to start a sandbox.
 #[derive(Clone, Debug)]
 pub struct SandboxConfig {
@@ -77,6 +109,13 @@ pub struct SandboxConfig {
     pub faults: Faults,
     /// Larger bodies get 413.
     pub max_body_bytes: usize,
+    /// REST API keys `/users/track` accepts.
+    pub rest_api_keys: Vec<RestApiKey>,
+    /// Faults of `/users/track`, which has its own rate limit: by default Braze's documented
+    /// 3,000 requests per 3 seconds ([`users_track_rate_limit`]).
+    pub track_faults: Faults,
+    /// Values an array attribute keeps; adding past it drops the oldest (Braze: 500 by default).
+    pub array_limit: usize,
 }
 
 impl Default for SandboxConfig {
@@ -89,6 +128,9 @@ impl Default for SandboxConfig {
             state_file: None,
             faults: Faults::default(),
             max_body_bytes: 4 * 1024 * 1024,
+            rest_api_keys: Vec::new(),
+            track_faults: Faults { rate_limit: Some(users_track_rate_limit()), ..Faults::default() },
+            array_limit: track::DEFAULT_ARRAY_LIMIT,
         }
     }
 }
@@ -117,6 +159,55 @@ pub struct Stats {
     /// With a rate limit set: the most requests one window received, 429s included.
     #[serde(default)]
     pub max_requests_in_rate_window: u64,
+    /// `/users/track` (see [`crate::track`]).
+    #[serde(default)]
+    pub track: TrackStats,
+}
+
+/// Counters of `/users/track` since start (or the last reset).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrackStats {
+    /// Requests, faulted ones included.
+    pub requests: u64,
+    /// The most objects any request carried, refused requests included.
+    pub max_objects_in_request: u64,
+    /// Objects in requests that passed the whole-request checks.
+    pub objects: u64,
+    /// Objects applied to a user.
+    pub processed: u64,
+    /// Objects listed in `errors` (201 answers).
+    pub object_errors: u64,
+    /// Update-only objects for users that do not exist: nothing happened.
+    pub unknown_users: u64,
+    /// Users created by objects that could create them (never, for a careful client).
+    pub users_created: u64,
+    /// `external_id` objects without `_update_existing_only`.
+    pub missing_update_existing_only: u64,
+    /// Attributes written: Braze's billable data points.
+    pub data_points: u64,
+    /// Writes that changed nothing (paid for nothing).
+    pub wasted_writes: u64,
+    /// Array values dropped past the array limit.
+    pub array_overflow: u64,
+    /// Users named twice in one request.
+    pub duplicate_users: u64,
+    /// With its rate limit: the most requests one window received, 429s included.
+    pub max_requests_in_rate_window: u64,
+}
+
+impl TrackStats {
+    fn add(&mut self, o: &TrackOutcome) {
+        self.processed += o.processed;
+        self.object_errors += o.errors.len() as u64;
+        self.unknown_users += o.unknown_users;
+        self.users_created += o.users_created;
+        self.missing_update_existing_only += o.missing_update_existing_only;
+        self.data_points += o.data_points;
+        self.wasted_writes += o.wasted_writes;
+        self.array_overflow += o.array_overflow;
+        self.duplicate_users += o.duplicate_users;
+    }
 }
 
 /// One Braze request, as `GET /sandbox/requests` lists it (never with keys).
@@ -200,8 +291,9 @@ impl Counters {
             joined: load(&self.joined),
             left: load(&self.left),
             max_concurrent_requests: load(&self.max_concurrent),
-            // Kept by the fault state; filled in by `Shared::stats`.
+            // Kept by the fault state and the track state; filled in by `Shared::stats`.
             max_requests_in_rate_window: 0,
+            track: TrackStats::default(),
         }
     }
 
@@ -227,7 +319,17 @@ impl Counters {
     }
 }
 
+/// `/users/track`'s own state: keys, faults, counters, attributes.
+struct Track {
+    keys: RwLock<Vec<RestApiKey>>,
+    faults: Mutex<FaultState>,
+    stats: Mutex<TrackStats>,
+    profiles: RwLock<Profiles>,
+    array_limit: usize,
+}
+
 struct Shared {
+    track: Track,
     partners: RwLock<Vec<Partner>>,
     keys: RwLock<Vec<DataImportKey>>,
     users: RwLock<Users>,
@@ -279,7 +381,21 @@ impl Sandbox {
         for user in config.users {
             users.upsert(user);
         }
+        let mut profiles = Profiles::default();
+        if let Some(path) = &config.state_file
+            && path.exists()
+        {
+            load_profiles(path, &mut profiles)?;
+        }
+        let track = Track {
+            keys: RwLock::new(config.rest_api_keys),
+            faults: Mutex::new(FaultState::new(config.track_faults)),
+            stats: Mutex::default(),
+            profiles: RwLock::new(profiles),
+            array_limit: config.array_limit.max(1),
+        };
         let shared = Arc::new(Shared {
+            track,
             partners: RwLock::new(config.partners),
             keys: RwLock::new(config.data_import_keys),
             users: RwLock::new(users),
@@ -435,6 +551,41 @@ impl SandboxHandle {
         *self.shared.partners.write() = partners;
     }
 
+    /// Replaces the REST API keys (a customer creating, changing or deleting keys).
+    pub fn set_rest_api_keys(&self, keys: Vec<RestApiKey>) {
+        *self.shared.track.keys.write() = keys;
+    }
+
+    pub fn track_faults(&self) -> Faults {
+        self.shared.track.faults.lock().faults.clone()
+    }
+
+    /// Replaces `/users/track`'s faults, its rate limit included.
+    pub fn set_track_faults(&self, faults: Faults) {
+        self.shared.track.faults.lock().set(faults);
+    }
+
+    /// The custom attributes of the user with this external id.
+    pub fn attributes(&self, external_id: &str) -> Option<BTreeMap<String, serde_json::Value>> {
+        let user = self.shared.users.read().by_external_id(external_id)?;
+        self.shared.track.profiles.read().get(user).cloned()
+    }
+
+    /// The users a Braze segment filter on `attribute` matches: the array attribute
+    /// "includes value" `value`, or, with `None`, the boolean attribute "is true".
+    pub fn segment(&self, attribute: &str, value: Option<&str>) -> Vec<SandboxUser> {
+        let matching = self.shared.track.profiles.read().matching(attribute, value);
+        let users = self.shared.users.read();
+        matching.into_iter().filter_map(|i| users.get(i).cloned()).collect()
+    }
+
+    /// [`Self::segment`]'s external ids, sorted.
+    pub fn segment_external_ids(&self, attribute: &str, value: Option<&str>) -> Vec<String> {
+        let mut ids: Vec<String> = self.segment(attribute, value).into_iter().filter_map(|u| u.external_id).collect();
+        ids.sort();
+        ids
+    }
+
     /// Writes the state file, if there is one.
     pub fn save(&self) -> std::io::Result<()> {
         match &self.shared.state_file {
@@ -457,6 +608,10 @@ fn router(shared: Arc<Shared>, max_body_bytes: usize) -> Router {
         .route("/sandbox/users", post(admin_add_users))
         .route("/sandbox/data-import-keys", axum::routing::put(admin_set_keys))
         .route("/sandbox/save", post(admin_save))
+        .route("/users/track", post(users_track))
+        .route("/sandbox/segment", get(admin_segment))
+        .route("/sandbox/users/track/faults", get(admin_track_faults).put(admin_set_track_faults))
+        .route("/sandbox/rest-api-keys", axum::routing::put(admin_set_rest_api_keys))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(shared)
 }
@@ -489,11 +644,17 @@ async fn accept_loop(listener: TcpListener, router: Router, shared: Arc<Shared>,
             let shared = shared.clone();
             async move {
                 let mut req = req;
-                let braze = req.uri().path().starts_with("/partners/");
+                let path = req.uri().path();
+                let tracked = path == "/users/track";
+                let braze = tracked || path.starts_with("/partners/");
                 let _concurrent = braze.then(|| Concurrent::enter(&shared));
                 if braze {
-                    let decision = shared.faults.lock().decide(now_ms(), rand::random::<f64>);
+                    let faults = if tracked { &shared.track.faults } else { &shared.faults };
+                    let decision = faults.lock().decide(now_ms(), rand::random::<f64>);
                     if decision == Decision::Drop {
+                        if tracked {
+                            shared.track.stats.lock().requests += 1;
+                        }
                         shared.counters.requests.fetch_add(1, Ordering::Relaxed);
                         shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
                         let _ = req.body_mut().collect().await;
@@ -620,6 +781,7 @@ impl Received {
 enum Endpoint {
     Name,
     Users,
+    Track,
 }
 
 impl Endpoint {
@@ -627,18 +789,27 @@ impl Endpoint {
         match self {
             Endpoint::Name => "cohorts",
             Endpoint::Users => "cohorts/users",
+            Endpoint::Track => "users/track",
         }
     }
 }
 
 impl Shared {
     fn stats(&self) -> Stats {
-        Stats { max_requests_in_rate_window: self.faults.lock().peak_window_requests(), ..self.counters.snapshot() }
+        let mut track = self.track.stats.lock().clone();
+        track.max_requests_in_rate_window = self.track.faults.lock().peak_window_requests();
+        Stats {
+            max_requests_in_rate_window: self.faults.lock().peak_window_requests(),
+            track,
+            ..self.counters.snapshot()
+        }
     }
 
     fn reset_stats(&self) {
         self.counters.reset();
         self.faults.lock().reset_peak();
+        self.track.faults.lock().reset_peak();
+        *self.track.stats.lock() = TrackStats::default();
         self.log.lock().clear();
     }
 
@@ -831,6 +1002,122 @@ async fn change_members(
     reply(201, "success", Some(&request.cohort_id), ids, removes)
 }
 
+/// 401 for a missing or unknown key. Braze's errors page lists 401 "Unauthorized: unknown or
+/// missing REST API key"; its exact body text is not documented.
+pub const MSG_UNKNOWN_REST_KEY: &str = "Unknown or missing REST API key";
+/// 403 for a key without the `users.track` permission (Braze's errors page: "Forbidden";
+/// the body text is the sandbox's).
+pub const MSG_NO_USERS_TRACK: &str = "This REST API key does not have the users.track permission";
+
+impl Shared {
+    /// The key of `Authorization: Bearer <key>`, checked: `Err((status, message))`.
+    fn authorize_rest(&self, headers: &HeaderMap) -> Result<(), (u16, &'static str)> {
+        let bearer = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        let keys = self.track.keys.read();
+        let key = keys.iter().find(|k| Some(k.key.as_str()) == bearer).ok_or((401, MSG_UNKNOWN_REST_KEY))?;
+        if !key.permissions.is_empty() && !key.permissions.iter().any(|p| p == USERS_TRACK) {
+            return Err((403, MSG_NO_USERS_TRACK));
+        }
+        Ok(())
+    }
+}
+
+async fn users_track(
+    State(shared): State<Arc<Shared>>,
+    decision: Option<Extension<Decision>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let endpoint = Received::new(&shared, Endpoint::Track, &headers);
+    shared.track.stats.lock().requests += 1;
+    let ratelimit = match shared.admit(&endpoint, "", decision).await {
+        Ok(r) => r,
+        Err(response) => return response,
+    };
+    let reply = |status: u16, message: &str, objects: u64| {
+        let answered = Answered { cohort_id: None, status, message, ids: objects, removes: 0 };
+        shared.reply(&endpoint, "", ratelimit, answered)
+    };
+    if let Err((status, message)) = shared.authorize_rest(&headers) {
+        return reply(status, message, 0);
+    }
+    let counted = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v.get("attributes").and_then(|a| a.as_array()).map(|a| a.len() as u64))
+        .unwrap_or(0);
+    {
+        let mut stats = shared.track.stats.lock();
+        stats.max_objects_in_request = stats.max_objects_in_request.max(counted);
+    }
+    let mut request = match track::parse(&body) {
+        Ok(r) => r,
+        Err(message) => return reply(400, message, counted),
+    };
+    request.reject(&shared.track.faults.lock().faults.reject_external_ids);
+    let objects = request.objects.len() as u64;
+    let outcome = {
+        let mut users = shared.users.write();
+        shared.track.profiles.write().apply(&mut users, request, shared.track.array_limit)
+    };
+    {
+        let mut stats = shared.track.stats.lock();
+        stats.objects += objects;
+        stats.add(&outcome);
+    }
+    if outcome.data_points > 0 || outcome.users_created > 0 {
+        shared.dirty.store(true, Ordering::Relaxed);
+    }
+    shared.record(
+        &endpoint,
+        "",
+        Answered { cohort_id: None, status: 201, message: "success", ids: objects, removes: 0 },
+    );
+    let mut body = serde_json::json!({ "message": "success", "attributes_processed": outcome.processed });
+    if !outcome.errors.is_empty() {
+        body["errors"] = serde_json::json!(outcome.errors);
+    }
+    let mut response = (StatusCode::CREATED, Json(body)).into_response();
+    if let Some(r) = ratelimit {
+        let headers = response.headers_mut();
+        put(headers, "x-ratelimit-limit", r.limit);
+        put(headers, "x-ratelimit-remaining", r.remaining);
+        put(headers, "x-ratelimit-reset", r.reset);
+    }
+    response
+}
+
+#[derive(Deserialize)]
+struct SegmentQuery {
+    attribute: String,
+    /// An array attribute "includes value" this; without it, a boolean attribute "is true".
+    includes: Option<String>,
+}
+
+async fn admin_segment(State(shared): State<Arc<Shared>>, Query(q): Query<SegmentQuery>) -> Json<Vec<SandboxUser>> {
+    Json(SandboxHandle { shared }.segment(&q.attribute, q.includes.as_deref()))
+}
+
+async fn admin_track_faults(State(shared): State<Arc<Shared>>) -> Json<Faults> {
+    Json(SandboxHandle { shared }.track_faults())
+}
+
+async fn admin_set_track_faults(State(shared): State<Arc<Shared>>, Json(faults): Json<Faults>) -> Json<Faults> {
+    info!(?faults, "users/track faults changed");
+    let handle = SandboxHandle { shared };
+    handle.set_track_faults(faults);
+    Json(handle.track_faults())
+}
+
+async fn admin_set_rest_api_keys(State(shared): State<Arc<Shared>>, Json(keys): Json<Vec<RestApiKey>>) -> StatusCode {
+    info!(keys = keys.len(), "REST API keys replaced");
+    SandboxHandle { shared }.set_rest_api_keys(keys);
+    StatusCode::NO_CONTENT
+}
+
 async fn admin_cohorts(State(shared): State<Arc<Shared>>) -> Json<Vec<CohortSummary>> {
     Json(SandboxHandle { shared }.cohorts())
 }
@@ -933,6 +1220,19 @@ async fn admin_save(State(shared): State<Arc<Shared>>) -> Response {
 struct StateFile {
     users: Vec<SandboxUser>,
     cohorts: Vec<SavedCohort>,
+    /// Custom attributes by index into `users`.
+    #[serde(default)]
+    attributes: Vec<(u32, BTreeMap<String, serde_json::Value>)>,
+}
+
+fn load_profiles(path: &Path, profiles: &mut Profiles) -> Result<(), SandboxError> {
+    let text = std::fs::read(path).map_err(|source| SandboxError::StateFile { path: path.to_owned(), source })?;
+    let state: StateFile =
+        serde_json::from_slice(&text).map_err(|source| SandboxError::StateFormat { path: path.to_owned(), source })?;
+    for (user, attributes) in state.attributes {
+        profiles.insert(user, attributes);
+    }
+    Ok(())
 }
 
 #[derive(Serialize, Deserialize)]
@@ -975,7 +1275,8 @@ fn save_state(shared: &Shared, path: &Path) -> std::io::Result<()> {
             SavedCohort { partner, cohort_id, name: c.name.clone(), created_at: c.created_at.clone(), members }
         })
         .collect();
-    let bytes = serde_json::to_vec(&StateFile { users, cohorts }).map_err(std::io::Error::other)?;
+    let attributes = shared.track.profiles.read().all().map(|(u, a)| (u, a.clone())).collect();
+    let bytes = serde_json::to_vec(&StateFile { users, cohorts, attributes }).map_err(std::io::Error::other)?;
     // Write beside and rename, so a crash never leaves half a file.
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, bytes)?;
