@@ -536,7 +536,7 @@ impl Quoting {
     pub fn message(self, text: &str, secrets: &[&str]) -> String {
         match self {
             Quoting::Vendor => {
-                let text = &text[..text.floor_char_boundary(4096)];
+                let text: String = text.chars().take(4096).collect();
                 let text: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
                 redact(&text, secrets, REDACT_MIN_LEN).chars().take(300).collect()
             }
