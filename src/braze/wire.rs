@@ -150,6 +150,8 @@ pub const KNOWN_MESSAGES: &[(&str, &str)] = &[
     ("invalid partner api key", "Invalid Partner API key"),
     ("partner_api_key", "Invalid Partner API key"),
     ("invalid client secret", "Invalid client secret"),
+    // The REST API's documented 401 (`/users/track`).
+    ("invalid api key", "Invalid API key"),
     ("client_secret", "Invalid client secret"),
     ("cohort_changes", "cohort_changes is malformed"),
     ("cohort_id", "cohort_id is not valid"),
@@ -162,7 +164,7 @@ pub const KNOWN_MESSAGES: &[(&str, &str)] = &[
 ];
 
 /// What [`ResponseText::message`] says of any other answer.
-pub const UNDOCUMENTED: &str = "an answer Braze does not document, not quoted";
+pub const UNDOCUMENTED: &str = "answer not quoted";
 
 /// The operator's name for a documented `message`, or `None`.
 pub fn known_message(message: &str) -> Option<&'static str> {
