@@ -89,13 +89,15 @@ impl LeaderElection {
     /// while the Lease is held with margin. Returns when `lead` ends (releasing the Lease)
     /// or when the Lease is lost or cannot be renewed in time (dropping `lead`, which stops
     /// it; the fence closed first, so nothing more is sent meanwhile).
+    /// `stop` ends the wait for the Lease (`Ok(None)`): a standby stops when asked.
     pub async fn lead<F, T>(
         &self,
         client: kube::Client,
         metrics: &Metrics,
         fence: &Fence,
+        stop: impl Future<Output = ()>,
         lead: F,
-    ) -> Result<T, LeaderError>
+    ) -> Result<Option<T>, LeaderError>
     where
         F: Future<Output = T>,
     {
@@ -107,7 +109,19 @@ impl LeaderElection {
         let manager = self.manager(client.clone()).await?;
         let leases: Api<Lease> = Api::namespaced(client, &self.lease_namespace);
         info!(lease = %self.lease_name, identity = %self.identity, "waiting to lead");
-        while !manager.changed().await.map_err(|e| self.error(e))? {}
+        // A standby stops when asked (SIGTERM) while it waits; once leading, `lead` itself
+        // watches `stop` and finishes its runs.
+        let waited = async {
+            while !manager.changed().await.map_err(|e| self.error(e))? {}
+            Ok::<(), LeaderError>(())
+        };
+        tokio::select! {
+            waited = waited => waited?,
+            () = stop => {
+                info!(lease = %self.lease_name, identity = %self.identity, "stopped while waiting to lead");
+                return Ok(None);
+            }
+        }
         info!(lease = %self.lease_name, identity = %self.identity, "leading");
         metrics.leader.set(1);
         // Nothing starts before the first renewal opens the fence: a run must not begin
@@ -134,7 +148,7 @@ impl LeaderElection {
                     Ok(Err(e)) => warn!(error = %e, "could not release the Lease; it expires by itself"),
                     Err(_) => warn!("releasing the Lease timed out; it expires by itself"),
                 }
-                Ok(value)
+                Ok(Some(value))
             }
             None => Err(LeaderError::Lost { namespace: self.lease_namespace.clone(), name: self.lease_name.clone() }),
         }

@@ -320,9 +320,9 @@ pub async fn serve(
             deps.metrics.set_ready(true);
             let metrics = deps.metrics.clone();
             let fence = config.fence.clone();
-            election
-                .lead(client.clone(), &metrics, &fence, watch_and_reconcile(client, config, deps, shutdown))
-                .await?;
+            let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
+            let leading = watch_and_reconcile(client.clone(), config, deps, shutdown.clone());
+            election.lead(client, &metrics, &fence, shutdown, leading).await?;
             Ok(())
         }
     }
