@@ -59,6 +59,7 @@ trap 'exit 130' INT TERM
 # --- what the demo needs ------------------------------------------------------------------
 need=()
 command -v kubectl >/dev/null || need+=(kubernetes-client)
+command -v openssl >/dev/null || need+=(openssl)
 [ -x /usr/lib/postgresql/15/bin/initdb ] || need+=(postgresql)
 if [ ${#need[@]} -gt 0 ]; then
   say "Installing ${need[*]}"
@@ -132,7 +133,7 @@ wait_for 30 "the export server" curl -sf "http://127.0.0.1:$EXPORT_PORT/lapsed-s
 # --- the operator -------------------------------------------------------------------------
 say "Installing the CRD and applying examples/ in namespace $NAMESPACE"
 kubectl apply -f crds/ >/dev/null
-kubectl wait --for condition=established --timeout=60s crd/cohortimports.cohorts.dev >/dev/null
+kubectl wait --for condition=established --timeout=60s crd/cohortimports.cohorts.dev crd/cohorttriggers.cohorts.dev >/dev/null
 kubectl create namespace "$NAMESPACE" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
 # The examples name real systems; point them at the local stand-ins.
 for f in examples/*.yaml; do
@@ -159,9 +160,11 @@ kubectl create secret generic bigquery-reader -n "$NAMESPACE" --from-file=key.js
 
 mkdir -p "$STATE/partner-keys" && printf '%s' "$PARTNER_KEY" > "$STATE/partner-keys/us"
 METRICS_PORT=$(free_port)
+TRIGGER_PORT=$(free_port)
 say "Running the operator (logs: $STATE/operator.log, metrics: http://127.0.0.1:$METRICS_PORT/metrics)"
 "$OPERATOR" run --log-format text --watch-namespaces "$NAMESPACE" \
-  --metrics-addr "127.0.0.1:$METRICS_PORT" --partner-keys-dir "$STATE/partner-keys" \
+  --metrics-addr "127.0.0.1:$METRICS_PORT" --trigger-addr "127.0.0.1:$TRIGGER_PORT" \
+  --partner-keys-dir "$STATE/partner-keys" \
   --braze-endpoint-region "$BRAZE=us" --scratch-dir "$STATE" >"$STATE/operator.log" 2>&1 &
 PIDS+=($!)
 wait_for 60 "the operator" curl -sf "http://127.0.0.1:$METRICS_PORT/readyz"
@@ -171,6 +174,22 @@ say "Running every import"
 for name in $(kubectl get cohortimports -n "$NAMESPACE" -o jsonpath='{.items[*].metadata.name}'); do
   "$OPERATOR" trigger "$name" -n "$NAMESPACE" --wait --timeout-seconds 120
 done
+
+say "A pipeline says the data is ready: a signed call to the CohortTrigger's webhook runs churn-risk"
+kubectl wait --for=condition=Ready --timeout=60s cohorttrigger/warehouse-ready -n "$NAMESPACE" >/dev/null
+hook=$(kubectl get cohorttrigger warehouse-ready -n "$NAMESPACE" -o jsonpath='{.status.webhookPath}')
+TOKEN=$(kubectl get secret cohort-hook -n "$NAMESPACE" -o jsonpath='{.data.token}' | base64 -d)
+runs_of() { kubectl get cohortimport "$1" -n "$NAMESPACE" -o jsonpath='{.status.history[*].id}' | wc -w; }
+before=$(runs_of churn-risk)
+# As in the README: sign "<timestamp>.<body>" with the token.
+body='{"dag":"nightly_cohorts"}'; ts=$(date +%s)
+sig=$(printf '%s.%s' "$ts" "$body" | openssl dgst -sha256 -hmac "$TOKEN" -hex | sed 's/^.* //')
+curl -sS --fail-with-body -X POST "http://127.0.0.1:$TRIGGER_PORT$hook" \
+  -H "X-Cohort-Timestamp: $ts" -H "X-Cohort-Signature: sha256=$sig" -d "$body"
+# History holds finished runs only: one more entry is the triggered run, done.
+wait_for 120 "the triggered run of churn-risk" bash -c "[ \"\$(kubectl get cohortimport churn-risk -n $NAMESPACE -o jsonpath='{.status.history[*].id}' | wc -w)\" -gt $before ]"
+"$OPERATOR" history churn-risk -n "$NAMESPACE" | head -4
+kubectl get cohorttriggers -n "$NAMESPACE"
 
 say "kubectl get cohortimports -n $NAMESPACE"
 kubectl get cohortimports -n "$NAMESPACE"

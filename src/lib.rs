@@ -4,6 +4,8 @@
 //! - [`domain`]: pure logic — schedules, members, diffs, validation, run planning. No I/O.
 //! - [`net`]: the ground floor of every outbound HTTP request: the egress policy and the one
 //!   client builder that applies it.
+//! - [`trigger`]: `CohortTrigger` webhooks — a pipeline's signed call becomes an import's run
+//!   request.
 
 /// jemalloc for every program that links the operator — the binary, and the tests and
 /// benchmarks that run its controller — so what they measure is what ships. At 10,000
@@ -25,3 +27,4 @@ pub mod run;
 pub mod secret;
 pub mod snapshot;
 pub mod source;
+pub mod trigger;

@@ -40,9 +40,12 @@ enum Command {
     // it is the controller, so it is not mistaken for an import run.
     #[command(name = "run")]
     Controller(Box<ControllerArgs>),
-    /// Print the CohortImport CustomResourceDefinition as YAML.
+    /// Print a CustomResourceDefinition as YAML (CohortImport unless --kind says otherwise).
     Crd {
-        /// Print the field reference (Markdown) instead, as in docs/reference.md.
+        /// Which CRD.
+        #[arg(long, value_enum, default_value = "cohort-import")]
+        kind: CrdKind,
+        /// Print the field reference of both CRDs (Markdown) instead, as in docs/reference.md.
         #[arg(long)]
         reference: bool,
     },
@@ -135,6 +138,12 @@ struct PreviewArgs {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
+enum CrdKind {
+    CohortImport,
+    CohortTrigger,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
 enum PreviewOutput {
     Text,
     Json,
@@ -170,6 +179,10 @@ struct ControllerArgs {
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "COHORT_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     metrics_addr: SocketAddr,
+    /// Address of the CohortTrigger webhooks (`POST /hook/...`), e.g. 0.0.0.0:9292; not
+    /// served when unset. Every replica serves it.
+    #[arg(long, env = "COHORT_TRIGGER_ADDR")]
+    trigger_addr: Option<SocketAddr>,
     /// A scheduled run found this many seconds late (the operator was down) is recorded
     /// as missed instead of run.
     #[arg(long, env = "COHORT_STARTING_DEADLINE_SECONDS", default_value_t = 3600)]
@@ -341,8 +354,9 @@ fn main() -> anyhow::Result<()> {
 
 async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Crd { reference: false } => print!("{}", cohort_operator::api::crd_yaml()),
-        Command::Crd { reference: true } => print!("{}", cohort_operator::api::reference::markdown()),
+        Command::Crd { reference: true, .. } => print!("{}", cohort_operator::api::reference::markdown()),
+        Command::Crd { kind: CrdKind::CohortImport, .. } => print!("{}", cohort_operator::api::crd_yaml()),
+        Command::Crd { kind: CrdKind::CohortTrigger, .. } => print!("{}", cohort_operator::api::trigger_crd_yaml()),
         Command::Controller(args) => start_controller(*args).await?,
         Command::Trigger { name, wait, timeout_seconds, target } => {
             let (client, namespace) = target.client().await?;
@@ -535,8 +549,20 @@ async fn start_controller(args: ControllerArgs) -> anyhow::Result<()> {
         }
         .for_shard(args.shard.as_deref())
     });
+    let namespaces: Vec<String> = args.watch_namespaces.into_iter().filter(|n| !n.is_empty()).collect();
+    let _triggers = match args.trigger_addr {
+        Some(addr) => {
+            let (bound, task) =
+                cohort_operator::trigger::serve(client.clone(), namespaces.clone(), addr, metrics.clone())
+                    .await
+                    .with_context(|| format!("--trigger-addr {addr}"))?;
+            tracing::info!(%bound, "serving CohortTrigger webhooks");
+            Some(AbortOnDrop(task))
+        }
+        None => None,
+    };
     let config = Config {
-        namespaces: args.watch_namespaces.into_iter().filter(|n| !n.is_empty()).collect(),
+        namespaces,
         starting_deadline: jiff::SignedDuration::from_secs(args.starting_deadline_seconds as i64),
         max_run_attempts: args.max_run_attempts,
         run_timeout: Duration::from_secs(args.run_timeout_seconds),
@@ -560,6 +586,15 @@ async fn start_controller(args: ControllerArgs) -> anyhow::Result<()> {
     let deps = Dependencies { clock: Arc::new(SystemClock), importer, notifier, metrics };
     controller::serve(client, config, deps, shutdown_signal()).await?;
     Ok(())
+}
+
+/// Stops a task when the controller returns.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// How many operators share each Braze destination's budget: the shards in `--shards`.

@@ -3,9 +3,11 @@
 pub mod reference;
 mod spec;
 mod status;
+mod trigger;
 
 pub use spec::*;
 pub use status::*;
+pub use trigger::*;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
@@ -25,11 +27,20 @@ pub const FIELD_MANAGER: &str = "cohort-operator";
 /// Finalizer that lets `deletionPolicy` act before the resource goes.
 pub const FINALIZER: &str = "cohorts.dev/cleanup";
 
-/// The CRD as the API server should hold it.
+/// The CohortImport CRD as the API server should hold it.
 pub fn crd() -> CustomResourceDefinition {
+    tidy(CohortImport::crd())
+}
+
+/// The CohortTrigger CRD as the API server should hold it.
+pub fn trigger_crd() -> CustomResourceDefinition {
+    tidy(CohortTrigger::crd())
+}
+
+fn tidy(crd: CustomResourceDefinition) -> CustomResourceDefinition {
     // schemars lists `null` among the values of an optional enum; `nullable: true` already
     // says that, and kubectl's client-side validation rejects a null enum value.
-    let mut json = serde_json::to_value(CohortImport::crd()).expect("the CRD serializes");
+    let mut json = serde_json::to_value(crd).expect("the CRD serializes");
     drop_null_enum_values(&mut json);
     serde_json::from_value(json).expect("the CRD deserializes")
 }
@@ -47,7 +58,12 @@ fn drop_null_enum_values(value: &mut serde_json::Value) {
     }
 }
 
-/// The CRD as YAML, exactly what `crds/` holds.
+/// The CohortImport CRD as YAML, exactly what `crds/cohortimports.cohorts.dev.yaml` holds.
 pub fn crd_yaml() -> String {
     serde_yaml::to_string(&crd()).expect("the CRD serializes")
+}
+
+/// The CohortTrigger CRD as YAML, exactly what `crds/cohorttriggers.cohorts.dev.yaml` holds.
+pub fn trigger_crd_yaml() -> String {
+    serde_yaml::to_string(&trigger_crd()).expect("the CRD serializes")
 }

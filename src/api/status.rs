@@ -226,7 +226,7 @@ impl CohortImportStatus {
 }
 
 /// The schema of a [`Timestamp`] field: an RFC 3339 string the API server checks.
-fn date_time(_: &mut SchemaGenerator) -> Schema {
+pub(super) fn date_time(_: &mut SchemaGenerator) -> Schema {
     json_schema!({ "type": "string", "format": "date-time" })
 }
 

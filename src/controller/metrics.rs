@@ -108,6 +108,8 @@ pub struct Metrics {
     pub run_start_delay: Family<ShardLabels, Histogram, fn() -> Histogram>,
     /// Requests this operator sent to the Kubernetes API (after the client's rate limit).
     pub kube_api_requests: Family<VerbLabels, Counter>,
+    /// Calls to CohortTrigger webhooks, by outcome (`accepted`, `ignored`, `unauthorized`, …).
+    pub trigger_deliveries: Family<ResultLabels, Counter>,
     ready: AtomicBool,
 }
 
@@ -186,7 +188,14 @@ impl Metrics {
             "Requests sent to the Kubernetes API, by verb",
             kube_api_requests.clone(),
         );
+        let trigger_deliveries = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "trigger_deliveries",
+            "Calls to CohortTrigger webhooks, by outcome",
+            trigger_deliveries.clone(),
+        );
         Metrics {
+            trigger_deliveries,
             run_start_delay,
             kube_api_requests,
             imports,

@@ -9,6 +9,8 @@ The binaries come from "$CARGO_TARGET_DIR/debug" (scripts/test-chart.sh builds t
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import os
 import re
@@ -129,6 +131,7 @@ class Pod:
     args: list[str]
     env: dict[str, str]
     metrics_url: str
+    trigger_url: str | None = None
 
 
 def materialize(plane: ControlPlane, deployment: dict[str, Any], root: Path, namespace: str = NAMESPACE) -> Pod:
@@ -168,18 +171,25 @@ def materialize(plane: ControlPlane, deployment: dict[str, Any], root: Path, nam
             env[var["name"]] = field_values[var["valueFrom"]["fieldRef"]["fieldPath"]]
 
     metrics_port = free_port()
+    trigger_url = None
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     args: list[str] = []
     for arg in container["args"]:
         arg = _expand(arg, env)
         if arg.startswith("--metrics-addr="):
             # The pod listens on every interface of its own network; here, loopback only.
-            assert arg.endswith(f":{container['ports'][0]['containerPort']}"), arg
+            assert arg.endswith(f":{ports['metrics']}"), arg
             arg = f"--metrics-addr=127.0.0.1:{metrics_port}"
+        elif arg.startswith("--trigger-addr="):
+            assert arg.endswith(f":{ports['triggers']}"), arg
+            trigger_port = free_port()
+            arg = f"--trigger-addr=127.0.0.1:{trigger_port}"
+            trigger_url = f"http://127.0.0.1:{trigger_port}"
         elif arg.startswith("--") and "=" in arg:
             flag, value = arg.split("=", 1)
             arg = f"{flag}={local_path(value)}"
         args.append(arg)
-    return Pod(args, env, f"http://127.0.0.1:{metrics_port}")
+    return Pod(args, env, f"http://127.0.0.1:{metrics_port}", trigger_url)
 
 
 # --- the world: control plane, chart, sandbox, operator ---------------------------------------
@@ -403,6 +413,44 @@ def test_runs_import_the_configmap_and_follow_its_changes(world: World) -> None:
         assert record["id"] in history
 
 
+def test_a_trigger_call_runs_its_import_with_the_charts_rbac(world: World) -> None:
+    """The chart's RBAC lets the operator watch CohortTriggers, write their status and set an
+    import's run request; a signed call on the trigger port runs the import once."""
+    ns = WATCHED[0]
+    world.put_import_key(ns)
+    world.put_source(ns, "pushed-members", users(1, 2, 3))
+    world.create_import(ns, "pushed", "pushed-members")
+    world.plane.kubectl("label", "cohortimport", "pushed", "-n", ns, "pipeline=nightly")
+    token = "0123456789abcdef0123456789abcdef"
+    world.plane.apply([
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "hook", "namespace": ns},
+         "stringData": {"token": token}},
+        {"apiVersion": "cohorts.dev/v1alpha1", "kind": "CohortTrigger", "metadata": {"name": "nightly", "namespace": ns},
+         "spec": {"type": "Generic", "secretRef": {"name": "hook", "key": "token"},
+                  "selector": {"matchLabels": {"pipeline": "nightly"}}}},
+    ])
+
+    def path() -> str | None:
+        got = json.loads(world.plane.kubectl("get", "cohorttrigger", "nightly", "-n", ns, "-o", "json").stdout)
+        return (got.get("status") or {}).get("webhookPath")
+    hook = wait_for("the trigger's webhook path", path)
+    assert world.pod.trigger_url, world.pod.args
+    body = b'{"dag":"nightly"}'
+    ts = str(int(time.time()))
+    signature = hmac.new(token.encode(), ts.encode() + b"." + body, hashlib.sha256).hexdigest()
+    req = urllib.request.Request(f"{world.pod.trigger_url}{hook}", data=body, method="POST",
+                                 headers={"X-Cohort-Timestamp": ts, "X-Cohort-Signature": f"sha256={signature}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.status == 202, resp.read()
+    status = world.wait_status(ns, "pushed", "the triggered run", lambda s: len(s.get("history", [])) == 1
+                               and not s.get("currentRun"))
+    assert status["lastRun"]["result"] == "Succeeded", status["lastRun"]
+    assert "cohorttrigger/nightly" in status["lastHandledRunRequest"]
+    assert world.members(ns, "pushed") == set(users(1, 2, 3))
+    # The metrics port is not the trigger port.
+    assert http("POST", f"{world.pod.metrics_url}{hook}", {})[0] == 404
+
+
 def test_the_removal_guard_blocks_until_approved(world: World) -> None:
     ns = WATCHED[1]  # the second watched namespace: its own Role and RoleBinding
     world.put_import_key(ns)
@@ -521,7 +569,7 @@ def refusals(log: str) -> list[str]:
 def test_asked_to_watch_a_namespace_the_chart_did_not_grant_it_is_refused(world: World) -> None:
     """The same binary and ServiceAccount, told to watch the unwatched namespace: the API
     server refuses, and the log says so (which is what the last test looks for)."""
-    args = [a for a in world.pod.args if not a.startswith(("--watch-namespaces=", "--metrics-addr=", "--leader"))
+    args = [a for a in world.pod.args if not a.startswith(("--watch-namespaces=", "--metrics-addr=", "--trigger-addr=", "--leader"))
             and not a.startswith("--lease-")]
     args += [f"--watch-namespaces={UNWATCHED}", f"--metrics-addr=127.0.0.1:{free_port()}"]
     env = {"PATH": world.admin_env["PATH"], "HOME": str(world.root),

@@ -43,6 +43,7 @@ def test_default_install_objects() -> None:
         ("RoleBinding", f"{FULLNAME}-leader-election"),
         ("Deployment", FULLNAME),
         ("Service", f"{FULLNAME}-metrics"),
+        ("Service", f"{FULLNAME}-triggers"),
         ("PodDisruptionBudget", FULLNAME),
     ])
     for o in render():
@@ -94,6 +95,7 @@ def test_default_args_and_env() -> None:
     assert c["args"] == [
         "run",
         "--metrics-addr=0.0.0.0:8080",
+        "--trigger-addr=0.0.0.0:9292",
         "--log-format=json",
         "--starting-deadline-seconds=3600",
         "--max-concurrent-runs=16",
@@ -136,6 +138,7 @@ def test_full_values_args_env_and_mounts() -> None:
     assert c["args"] == [
         "run",
         "--metrics-addr=0.0.0.0:9090",
+        "--trigger-addr=0.0.0.0:9292",
         "--log-format=text",
         "--starting-deadline-seconds=600",
         "--max-concurrent-runs=4",
@@ -201,7 +204,7 @@ def test_full_values_args_env_and_mounts() -> None:
     assert volumes[mounts["/tmp"]["name"]]["emptyDir"]["sizeLimit"] == "8Gi"
 
     port = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert port == {"metrics": 9090}
+    assert port == {"metrics": 9090, "triggers": 9292}
 
 
 @pytest.mark.parametrize(("values", "flag"), [
@@ -266,7 +269,7 @@ def test_filesystem_ha_with_an_existing_claim_is_allowed() -> None:
 def test_metrics_service_servicemonitor_and_pdb_select_the_pods() -> None:
     objects = render(vs.FULL)
     pod_labels = one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
-    service = one(objects, "Service")
+    service = one(objects, "Service", f"{FULLNAME}-metrics")
     assert service["spec"]["selector"].items() <= pod_labels.items()
     assert service["spec"]["ports"] == [{"name": "metrics", "port": 9090,
                                          "targetPort": "metrics", "protocol": "TCP"}]
@@ -298,6 +301,8 @@ def rules_of(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
 OPERATOR_RULES = {
     ("cohorts.dev", "cohortimports"): {"get", "list", "watch", "patch"},
     ("cohorts.dev", "cohortimports/status"): {"get", "patch"},
+    ("cohorts.dev", "cohorttriggers"): {"get", "list", "watch"},
+    ("cohorts.dev", "cohorttriggers/status"): {"get", "update", "patch"},
     ("", "secrets"): {"get", "list", "watch"},
     ("", "configmaps"): {"get", "list", "watch", "create", "update", "delete", "deletecollection"},
     ("events.k8s.io", "events"): {"create", "patch"},
@@ -361,6 +366,9 @@ def test_user_roles_aggregate_into_edit_and_view() -> None:
     assert {"create", "update", "patch", "delete"} <= rules_of(edit)[("cohorts.dev", "cohortimports")]
     # People read status; only the operator writes it.
     assert rules_of(edit)[("cohorts.dev", "cohortimports/status")] == {"get"}
+    assert rules_of(edit)[("cohorts.dev", "cohorttriggers/status")] == {"get"}
+    assert {"create", "delete"} <= rules_of(edit)[("cohorts.dev", "cohorttriggers")]
+    assert rules_of(view)[("cohorts.dev", "cohorttriggers")] == {"get", "list", "watch"}
     assert not find(render({"rbac": {"userRoles": False}}), "ClusterRole", f"{FULLNAME}-edit")
 
 
@@ -394,7 +402,8 @@ def test_network_policy_is_optional_and_lets_only_what_the_operator_needs() -> N
     assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
     assert policy["policyTypes"] == ["Ingress", "Egress"]
     assert policy["ingress"] == [{"ports": [{"port": "metrics", "protocol": "TCP"}],
-                                  "from": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]}]
+                                  "from": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]},
+                                 {"ports": [{"port": "triggers", "protocol": "TCP"}]}]
     dns, api, https, smtp, warehouse = policy["egress"]
     assert dns["to"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
                           "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}]
@@ -412,6 +421,29 @@ def test_network_policy_is_optional_and_lets_only_what_the_operator_needs() -> N
     policy = one(minimal, "NetworkPolicy")["spec"]
     assert len(policy["egress"]) == 3
     assert policy["ingress"][0]["from"] == [{"namespaceSelector": {}}]
+
+
+def test_trigger_port_has_its_own_service_and_can_be_turned_off() -> None:
+    objects = render()
+    c = container(objects)
+    pod_labels = one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    service = one(objects, "Service", f"{FULLNAME}-triggers")
+    assert service["spec"]["type"] == "ClusterIP"
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert service["spec"]["ports"] == [{"name": "triggers", "port": 80, "targetPort": "triggers", "protocol": "TCP"}]
+    assert {"name": "triggers", "containerPort": 9292, "protocol": "TCP"} in c["ports"]
+    # Never the metrics port.
+    assert one(objects, "Service", f"{FULLNAME}-metrics")["spec"]["ports"][0]["targetPort"] == "metrics"
+    off = render({"triggers": {"enabled": False}})
+    assert not find(off, "Service", f"{FULLNAME}-triggers")
+    assert not [a for a in container(off)["args"] if a.startswith("--trigger-addr")]
+    assert [p["name"] for p in container(off)["ports"]] == ["metrics"]
+    # Who may call can be narrowed by the NetworkPolicy.
+    peers = [{"namespaceSelector": {"matchLabels": {"name": "ingress-nginx"}}}]
+    narrowed = render({"networkPolicy": {"enabled": True, "apiServer": {"cidrs": ["10.0.0.1/32"]},
+                                          "triggersFrom": peers}})
+    assert one(narrowed, "NetworkPolicy")["spec"]["ingress"][1] == {
+        "ports": [{"port": "triggers", "protocol": "TCP"}], "from": peers}
 
 
 def test_network_policy_needs_the_api_server_addresses() -> None:

@@ -59,10 +59,15 @@ pub fn logs() {
         .try_init();
 }
 
-/// Installs the CRD once per test binary.
+/// Installs the CRDs once per test binary.
 async fn install_crd(cluster: &Cluster) {
     static INSTALLED: OnceCell<()> = OnceCell::const_new();
-    INSTALLED.get_or_init(|| async { cluster.install_crd(&api::crd()).await }).await;
+    INSTALLED
+        .get_or_init(|| async {
+            cluster.install_crd(&api::crd()).await;
+            cluster.install_crd(&api::trigger_crd()).await;
+        })
+        .await;
 }
 
 /// A test's world.

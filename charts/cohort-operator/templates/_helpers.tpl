@@ -64,14 +64,23 @@ What the operator does inside a namespace it handles: the same rules whether gra
 cluster-wide (watchNamespaces empty) or per namespace.
 */}}
 {{- define "cohort-operator.namespacedRules" -}}
-# Watches CohortImports; patches them only to add and remove its finalizer (never the spec:
-# RBAC cannot tell fields apart, so that rule lives in the controller).
+# Watches CohortImports; patches them only to add and remove its finalizer and, for a
+# CohortTrigger's call, the run-requested annotation (never the spec: RBAC cannot tell
+# fields apart, so that rule lives in the controller).
 - apiGroups: [cohorts.dev]
   resources: [cohortimports]
   verbs: [get, list, watch, patch]
 - apiGroups: [cohorts.dev]
   resources: [cohortimports/status]
   verbs: [get, patch]
+# CohortTriggers: watched by every replica; their status records the webhook path and the
+# deliveries accepted (update: a guarded write, so two replicas never accept one twice).
+- apiGroups: [cohorts.dev]
+  resources: [cohorttriggers]
+  verbs: [get, list, watch]
+- apiGroups: [cohorts.dev]
+  resources: [cohorttriggers/status]
+  verbs: [get, update, patch]
 # Data import keys, partner key overrides and source credentials named by CohortImports.
 {{- if .Values.watchNamespaces }}
 # In the listed namespaces only: also list/watch (by metadata), to notice a created Secret.
