@@ -22,7 +22,9 @@ use serde_json::{Value, json};
 const TOKEN: &str = "7d0c7a1e5b3f4c2a9e8d6b4f2a1c3e5d";
 const WEEKLY: fn() -> Value = || json!({ "cadence": "Weekly", "dayOfWeek": "Monday", "at": "03:00" });
 
-/// dbt Cloud's documented example of a completed run ("Webhooks for your jobs"), verbatim.
+/// dbt Cloud's documented example of a completed run ("Webhooks for your jobs"), verbatim
+/// but for its `timestamp`, which [`dbt_completed`] sets to now (an event over a day old is
+/// refused as a possible replay).
 const DBT_COMPLETED: &str = r#"{
   "accountId": 1,
   "eventId": "wev_2L6ZDoilyiWzKkSA59Gmc2d7FDD",
@@ -44,6 +46,10 @@ const DBT_COMPLETED: &str = r#"{
     "runStatusMessage": "None"
   }
 }"#;
+
+fn dbt_completed() -> String {
+    DBT_COMPLETED.replace("2023-01-31T19:29:35.789265936Z", &Timestamp::now().to_string())
+}
 
 /// A trigger port serving the test's namespace.
 struct Port {
@@ -211,7 +217,11 @@ async fn github_and_dbt_cloud_calls_run_their_imports_with_each_senders_signatur
 
     // GitHub: the ping on creation runs nothing; a push does. Headers as GitHub documents
     // them ("Webhook events and payloads", "Validating webhook deliveries").
-    let push = r#"{"ref":"refs/heads/main","before":"6113728f27ae82c7b1a177c8d03f9e96e0adf246","after":"0000000000000000000000000000000000000000","repository":{"id":186853002,"full_name":"Codertocat/Hello-World"},"pusher":{"name":"Codertocat"}}"#;
+    let push = format!(
+        r#"{{"ref":"refs/heads/main","before":"6113728f27ae82c7b1a177c8d03f9e96e0adf246","after":"0000000000000000000000000000000000000000","repository":{{"id":186853002,"full_name":"Codertocat/Hello-World","pushed_at":{}}},"pusher":{{"name":"Codertocat"}}}}"#,
+        Timestamp::now().as_second()
+    );
+    let push = push.as_str();
     let github_call = |event: &str, delivery: &str, body: &str| {
         vec![
             ("x-github-event", event.to_owned()),
@@ -228,7 +238,8 @@ async fn github_and_dbt_cloud_calls_run_their_imports_with_each_senders_signatur
         post(port.addr, &github, &github_call("push", "72d3162e-cc78-11e3-81ab-4c9367dc0958", push), push).await;
     assert_eq!(code, 202, "{text}");
     env.wait_runs("from-github", 1).await;
-    // An event the trigger does not list, GitHub's SHA-1 signature alone, a redelivery.
+    // An event the trigger does not list, GitHub's SHA-1 signature alone, a redelivery
+    // (under another delivery id too: GitHub does not sign that header).
     let (code, _) = post(port.addr, &github, &github_call("issues", "another-delivery", push), push).await;
     assert_eq!(code, 200);
     let sha1_only = vec![
@@ -239,20 +250,26 @@ async fn github_and_dbt_cloud_calls_run_their_imports_with_each_senders_signatur
     assert_eq!(post(port.addr, &github, &sha1_only, push).await.0, 401);
     let again = github_call("push", "72d3162e-cc78-11e3-81ab-4c9367dc0958", push);
     assert_eq!(post(port.addr, &github, &again, push).await.0, 400);
+    let relabelled = github_call("push", "a-new-delivery-id", push);
+    assert_eq!(post(port.addr, &github, &relabelled, push).await.0, 400);
 
     // dbt Cloud: its documented example of a completed, successful run; the same event
     // once more is a replay; a started run and an errored one run nothing.
     let signed = |body: &str| vec![("authorization", sign(TOKEN.as_bytes(), body.as_bytes()))];
-    let (code, text) = post(port.addr, &dbt, &signed(DBT_COMPLETED), DBT_COMPLETED).await;
+    let completed = dbt_completed();
+    let (code, text) = post(port.addr, &dbt, &signed(&completed), &completed).await;
     assert_eq!(code, 202, "{text}");
     env.wait_runs("from-dbt", 1).await;
-    assert_eq!(post(port.addr, &dbt, &signed(DBT_COMPLETED), DBT_COMPLETED).await.0, 400);
-    let errored = DBT_COMPLETED.replace("\"Success\"", "\"Error\"").replace("FDD", "FDE");
+    assert_eq!(post(port.addr, &dbt, &signed(&completed), &completed).await.0, 400);
+    let errored = completed.replace("\"Success\"", "\"Error\"").replace("FDD", "FDE");
     assert_eq!(post(port.addr, &dbt, &signed(&errored), &errored).await.0, 200);
-    let started = DBT_COMPLETED.replace("job.run.completed", "job.run.started").replace("FDD", "FDF");
+    let started = completed.replace("job.run.completed", "job.run.started").replace("FDD", "FDF");
     assert_eq!(post(port.addr, &dbt, &signed(&started), &started).await.0, 200);
+    // The documented example as it stands (sent in 2023) is refused: it could be a replay.
+    let (code, text) = post(port.addr, &dbt, &signed(DBT_COMPLETED), DBT_COMPLETED).await;
+    assert_eq!(code, 400, "{text}");
     // Signed with GitHub's scheme at dbt's path: not dbt's signature.
-    let (code, _) = post(port.addr, &dbt, &github_call("push", "x-1", DBT_COMPLETED), DBT_COMPLETED).await;
+    let (code, _) = post(port.addr, &dbt, &github_call("push", "x-1", &completed), &completed).await;
     assert_eq!(code, 401);
 
     assert_eq!(settled_runs(&env, &["from-github", "from-dbt"]).await, [1, 1]);
@@ -392,4 +409,28 @@ async fn any_replica_takes_a_call_and_the_leader_runs_the_import_once() {
     // A standby stops when asked, without waiting for the Lease it never got.
     tokio::time::timeout(Duration::from_secs(10), standby.stop()).await.expect("the standby stops when asked");
     leader.stop().await;
+}
+
+#[tokio::test]
+async fn a_caller_that_never_sends_its_headers_is_disconnected() {
+    use tokio::io::AsyncReadExt;
+    let env = Env::new("trg-silent").await;
+    let port = port(&env).await;
+    // Silent connections (a slow-loris) do not stop others from calling…
+    let mut silent = Vec::new();
+    for _ in 0..20 {
+        silent.push(tokio::net::TcpStream::connect(port.addr).await.unwrap());
+    }
+    let wrong = format!("/hook/{}", "0".repeat(64));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while post(port.addr, &wrong, &[], "").await.0 != 404 {
+        assert!(tokio::time::Instant::now() < deadline, "the port never answered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // …and are closed once the header timeout (10 s) has passed.
+    for mut connection in silent {
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(20), connection.read(&mut byte)).await;
+        assert!(matches!(read, Ok(Ok(0) | Err(_))), "a silent connection was kept open: {read:?}");
+    }
 }

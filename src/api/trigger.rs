@@ -43,8 +43,8 @@ pub struct CohortTriggerSpec {
     /// The CohortImports in this namespace a call runs, by label; `{}` selects them all.
     pub selector: LabelSelector,
     /// GitHub only: the `X-GitHub-Event` names that run the imports (e.g. `push`,
-    /// `workflow_run`); empty: every event but `ping`. A dbt Cloud trigger runs them on
-    /// `job.run.completed` with `runStatus: Success` only; a Generic one on every call.
+    /// `workflow_run`); empty: `push`. A dbt Cloud trigger runs them on `job.run.completed`
+    /// with `runStatus: Success` only; a Generic one on every call.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16), inner(length(min = 1, max = 64)))]
     pub events: Vec<String>,
@@ -87,9 +87,10 @@ pub struct CohortTriggerStatus {
     /// The last call that ran imports.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_delivery: Option<TriggerDelivery>,
-    /// Deliveries accepted in the last 24 hours (at most 256, newest first): a call that
-    /// repeats one is a replay and runs nothing.
+    /// Deliveries accepted in the last 24 hours (at most 512, newest first): a call that
+    /// repeats one, or was sent before the oldest of them, is a replay and runs nothing.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 512))]
     pub recent_deliveries: Vec<TriggerDelivery>,
 }
 
@@ -97,8 +98,9 @@ pub struct CohortTriggerStatus {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TriggerDelivery {
-    /// The sender's delivery id (GitHub's `X-GitHub-Delivery`, dbt Cloud's `eventId`), or
-    /// for `Generic` the start of the call's signature.
+    /// dbt Cloud's `eventId`; for GitHub (whose delivery header is not signed) a digest of
+    /// the body; for `Generic` the start of the call's signature.
+    #[schemars(length(max = 80))]
     pub id: String,
     #[schemars(schema_with = "date_time")]
     pub received_at: Timestamp,

@@ -3,7 +3,9 @@
 //! may answer a call), and each writes the same `status.webhookPath` and `Ready` — only
 //! when they differ from what the trigger shows, so replicas agree without writing twice.
 
+use std::collections::BTreeSet;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -38,17 +40,31 @@ pub struct Hook {
     pub events: Vec<String>,
 }
 
-/// Path → webhook.
+/// Path → webhook, and whether it has been built from a full list of the triggers yet.
 #[derive(Default)]
-pub struct Hooks(RwLock<HashMap<String, Arc<Hook>>>);
+pub struct Hooks {
+    by_path: RwLock<HashMap<String, Arc<Hook>>>,
+    ready: AtomicBool,
+}
 
 impl Hooks {
     pub fn get(&self, path: &str) -> Option<Arc<Hook>> {
-        self.0.read().expect("hooks lock").get(path).cloned()
+        self.by_path.read().expect("hooks lock").get(path).cloned()
+    }
+
+    /// Until the triggers were listed once, a path not known is not yet "no trigger".
+    pub fn ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
     }
 
     fn replace(&self, hooks: HashMap<String, Arc<Hook>>) {
-        *self.0.write().expect("hooks lock") = hooks;
+        *self.by_path.write().expect("hooks lock") = hooks;
+    }
+
+    /// The hook served for trigger `namespace/name`, if any.
+    fn of(&self, namespace: &str, name: &str) -> Option<(String, Arc<Hook>)> {
+        let hooks = self.by_path.read().expect("hooks lock");
+        hooks.iter().find(|(_, h)| h.namespace == namespace && h.name == name).map(|(p, h)| (p.clone(), h.clone()))
     }
 }
 
@@ -79,48 +95,71 @@ impl Unserved {
 }
 
 /// Keeps `hooks` equal to the CohortTriggers of `namespaces` (all when empty) until dropped.
+/// Rebuilt when a trigger appears, goes or changes its spec (not on status writes, which
+/// every accepted call makes), and every [`TOKEN_REFRESH`] for rotated tokens.
 pub async fn keep(client: Client, namespaces: Vec<String>, hooks: Arc<Hooks>) {
     let apis: Vec<Api<CohortTrigger>> = if namespaces.is_empty() {
         vec![Api::all(client.clone())]
     } else {
         namespaces.iter().map(|ns| Api::namespaced(client.clone(), ns)).collect()
     };
+    let scopes = apis.len();
     let mut stores = Vec::new();
-    let mut changes = Vec::new();
+    let mut events = Vec::new();
     for api in apis {
         let (reader, writer) = reflector::store();
-        let stream = reflector(writer, watcher(api, watcher::Config::default()).default_backoff()).touched_objects();
-        stores.push(reader);
-        changes.push(stream.map(|_| ()).boxed());
+        stores.push(reader.clone());
+        let stream = reflector(writer, watcher(api, watcher::Config::default()).default_backoff());
+        events.push(stream.boxed());
     }
-    let mut changes = futures::stream::select_all(changes);
+    let mut events = futures::stream::select_all(events);
     let mut refresh = tokio::time::interval(TOKEN_REFRESH);
+    let (mut listed, mut shown) = (0, None);
     loop {
-        tokio::select! {
-            Some(()) = changes.next() => {
-                // Let a burst of changes (the initial list) settle into one rebuild.
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                while futures::FutureExt::now_or_never(changes.next()).flatten().is_some() {}
+        let refreshing = tokio::select! {
+            Some(event) = events.next() => {
+                match event {
+                    Ok(watcher::Event::InitDone) => listed += 1,
+                    Ok(_) => {}
+                    Err(e) => warn!(error = %e, "watching CohortTriggers failed (is crds/cohorttriggers.cohorts.dev.yaml applied, and may the operator list them?); retrying"),
+                }
+                false
             }
-            _ = refresh.tick() => {}
+            _ = refresh.tick() => true,
+        };
+        if listed < scopes {
+            continue;
         }
         let triggers: Vec<Arc<CohortTrigger>> = stores.iter().flat_map(|s| s.state()).collect();
-        hooks.replace(rebuild(&client, &triggers).await);
+        let specs: BTreeSet<(String, Option<i64>)> =
+            triggers.iter().map(|t| (t.uid().unwrap_or_default(), t.metadata.generation)).collect();
+        if refreshing || shown.as_ref() != Some(&specs) {
+            let rebuilt = rebuild(&client, &triggers, &hooks).await;
+            hooks.replace(rebuilt);
+            hooks.ready.store(true, Ordering::Relaxed);
+            shown = Some(specs);
+        }
     }
 }
 
-/// The webhooks of `triggers`, each trigger's status brought up to date on the way.
-async fn rebuild(client: &Client, triggers: &[Arc<CohortTrigger>]) -> HashMap<String, Arc<Hook>> {
+/// The webhooks of `triggers`, each trigger's status brought up to date on the way. A
+/// trigger whose Secret could not be read just now keeps the hook it had (`served`).
+async fn rebuild(client: &Client, triggers: &[Arc<CohortTrigger>], served: &Hooks) -> HashMap<String, Arc<Hook>> {
     let mut hooks = HashMap::new();
     for trigger in triggers {
         let namespace = trigger.namespace().unwrap_or_default();
-        let served = hook(client, trigger, &namespace).await;
-        let path =
-            served.as_ref().ok().map(|hook| webhook_path(hook.token.expose().as_bytes(), &hook.name, &namespace));
-        if let Err(e) = write_status(client, trigger, path.as_deref(), served.as_ref().err()).await {
+        let found = hook(client, trigger, &namespace).await;
+        if let Err(Unserved::SecretReadFailed { .. }) = &found
+            && let Some((path, kept)) = served.of(&namespace, &trigger.name_any())
+        {
+            hooks.insert(path, kept);
+            continue;
+        }
+        let path = found.as_ref().ok().map(|hook| webhook_path(hook.token.expose().as_bytes(), &hook.name, &namespace));
+        if let Err(e) = write_status(client, trigger, path.as_deref(), found.as_ref().err()).await {
             warn!(namespace, trigger = trigger.name_any(), error = %e, "could not write the CohortTrigger's status");
         }
-        if let (Ok(hook), Some(path)) = (served, path) {
+        if let (Ok(hook), Some(path)) = (found, path) {
             hooks.insert(path, Arc::new(hook));
         }
     }

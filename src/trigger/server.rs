@@ -1,11 +1,14 @@
-//! The trigger port: `POST /hook/<digest>`. Cheap refusals first — calls in flight, an
-//! unknown path, the trigger's own rate, the body size — then the signature, and only a
-//! genuine call reaches the Kubernetes API. Unknown paths cost a map lookup and are not
-//! rate limited: a flood of them cannot use up a trigger's rate, which is its own.
+//! The trigger port: `POST /hook/<digest>`. Cheap refusals first — connections, a slow
+//! header, the namespace's calls in flight, an unknown path, the body size — then the
+//! signature, and only then the trigger's rate: forged calls cannot use up a genuine
+//! caller's rate. Only a genuine, new call reaches the Kubernetes API.
+//!
+//! Every limit here is per replica.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
@@ -15,10 +18,12 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use jiff::Timestamp;
 use kube::Client;
 use tokio::sync::Semaphore;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::deliver::{DeliverError, deliver};
 use super::hooks::Hooks;
@@ -27,11 +32,14 @@ use crate::controller::metrics::{Metrics, ResultLabels};
 
 /// Largest body read: GitHub push events and dbt Cloud events are a few KiB.
 pub const MAX_BODY_BYTES: usize = 256 * 1024;
-/// Longest a caller may take to send its body.
+/// Longest a caller may take to send its headers, then its body.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
-/// Calls handled at once; more are answered 503 at once.
-const MAX_IN_FLIGHT: usize = 64;
-/// Calls a second to one trigger's path, with a burst: a pipeline's calls, not a flood.
+/// Connections open at once; more are closed as they arrive.
+const MAX_CONNECTIONS: usize = 256;
+/// Calls of one namespace handled at once: one tenant's slow callers cannot take them all.
+const MAX_IN_FLIGHT_PER_NAMESPACE: usize = 8;
+/// Genuine calls a second to one trigger, with a burst: a pipeline's calls, not a flood.
 const HOOK_RATE: u32 = 1;
 const HOOK_BURST: u32 = 20;
 
@@ -40,7 +48,7 @@ struct Served {
     hooks: Arc<Hooks>,
     metrics: Arc<Metrics>,
     per_hook: DefaultKeyedRateLimiter<String>,
-    in_flight: Semaphore,
+    in_flight: InFlight,
 }
 
 /// Serves the webhooks in `hooks` on `addr`; returns the bound address and the server task.
@@ -56,27 +64,92 @@ pub async fn serve(
         hooks,
         metrics,
         per_hook: RateLimiter::keyed(Quota::per_second(nz(HOOK_RATE)).allow_burst(nz(HOOK_BURST))),
-        in_flight: Semaphore::new(MAX_IN_FLIGHT),
+        in_flight: InFlight::default(),
     });
     let app = Router::new().route("/hook/{digest}", post(call)).fallback(unknown).with_state(served.clone());
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let task = tokio::spawn(async move {
-        let forget = async move {
+        let forget = async {
             loop {
                 tokio::time::sleep(Duration::from_secs(60)).await;
                 served.per_hook.retain_recent();
             }
         };
         tokio::select! {
-            result = axum::serve(listener, app) => if let Err(e) = result { warn!(error = %e, "the trigger port stopped") },
+            () = accept(listener, app) => {}
             () = forget => {}
         }
     });
     Ok((bound, task))
 }
 
-/// How a call ended: its answer and its metric label.
+/// HTTP/1 only, one call a connection, headers within [`HEADER_TIMEOUT`], at most
+/// [`MAX_CONNECTIONS`] at once (axum's own `serve` bounds none of these).
+async fn accept(listener: tokio::net::TcpListener, app: Router) {
+    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                warn!(error = %e, "the trigger port could not accept a connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = connections.clone().try_acquire_owned() else {
+            debug!(%peer, "too many connections to the trigger port; closed");
+            continue;
+        };
+        let service = TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = connection.await {
+                debug!(%peer, error = %e, "a trigger connection ended with an error");
+            }
+        });
+    }
+}
+
+/// Calls in flight, by namespace.
+#[derive(Default)]
+struct InFlight(Mutex<HashMap<String, usize>>);
+
+struct Slot<'a> {
+    in_flight: &'a InFlight,
+    namespace: String,
+}
+
+impl InFlight {
+    fn take(&self, namespace: &str) -> Option<Slot<'_>> {
+        let mut counts = self.0.lock().expect("in-flight lock");
+        let count = counts.entry(namespace.to_owned()).or_default();
+        if *count >= MAX_IN_FLIGHT_PER_NAMESPACE {
+            return None;
+        }
+        *count += 1;
+        Some(Slot { in_flight: self, namespace: namespace.to_owned() })
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let mut counts = self.in_flight.0.lock().expect("in-flight lock");
+        if let Some(count) = counts.get_mut(&self.namespace) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.namespace);
+            }
+        }
+    }
+}
+
+/// How a call ended: its status, its metric label and the operator's message.
 struct Answer(StatusCode, &'static str, String);
 
 impl IntoResponse for Answer {
@@ -89,8 +162,12 @@ fn not_found() -> Answer {
     Answer(StatusCode::NOT_FOUND, "not_found", "no trigger here: POST to a CohortTrigger's status.webhookPath".into())
 }
 
+fn busy(message: &str) -> Answer {
+    Answer(StatusCode::SERVICE_UNAVAILABLE, "busy", format!("{message}; try again later"))
+}
+
 async fn unknown(State(served): State<Arc<Served>>) -> Response {
-    let answer = not_found();
+    let answer = if served.hooks.ready() { not_found() } else { busy("the trigger port is starting") };
     count(&served, &answer);
     answer.into_response()
 }
@@ -111,16 +188,15 @@ fn count(served: &Served, answer: &Answer) {
 }
 
 async fn answer(served: &Served, path: &str, headers: &HeaderMap, body: Body) -> Answer {
-    let Ok(_slot) = served.in_flight.try_acquire() else {
-        return Answer(StatusCode::SERVICE_UNAVAILABLE, "busy", "too many calls at once; try again later".into());
-    };
+    if !served.hooks.ready() {
+        return busy("the trigger port is starting");
+    }
     let Some(hook) = served.hooks.get(path) else {
         return not_found();
     };
-    if served.per_hook.check_key(&path.to_owned()).is_err() {
-        let message = "too many calls to this trigger; try again later".into();
-        return Answer(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message);
-    }
+    let Some(_slot) = served.in_flight.take(&hook.namespace) else {
+        return busy("too many calls to this namespace's triggers at once");
+    };
     let Some(body) = read_body(body).await else {
         let message =
             format!("the body is over {} KiB or was not sent in time; nothing was run", MAX_BODY_BYTES / 1024);
@@ -128,20 +204,25 @@ async fn answer(served: &Served, path: &str, headers: &HeaderMap, body: Body) ->
     };
     let now = Timestamp::now();
     let expected = Expectation { kind: hook.kind, token: hook.token.expose().as_bytes(), events: &hook.events };
-    let id = match verify(&expected, headers, &body, now) {
-        Ok(Verdict::Run { id }) => id,
+    let delivery = match verify(&expected, headers, &body, now) {
+        Ok(Verdict::Run(delivery)) => delivery,
         Ok(Verdict::Ignore(why)) => return Answer(StatusCode::OK, "ignored", why.message().into()),
         Err(refusal) if refusal.unauthorized() => {
             return Answer(StatusCode::UNAUTHORIZED, "unauthorized", format!("{refusal}; nothing was run"));
         }
         Err(refusal) => return Answer(StatusCode::BAD_REQUEST, "invalid", format!("{refusal}; nothing was run")),
     };
-    match deliver(&served.client, &hook, &id, now).await {
+    // Charged only for genuine calls: forged ones never use up the caller's rate.
+    if served.per_hook.check_key(&path.to_owned()).is_err() {
+        let message = "too many calls to this trigger; try again later".into();
+        return Answer(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message);
+    }
+    match deliver(&served.client, &hook, &delivery, now).await {
         Ok(outcome) => {
             info!(
                 namespace = hook.namespace,
                 trigger = hook.name,
-                delivery = id,
+                delivery = delivery.id,
                 ?outcome,
                 "trigger delivery accepted"
             );
@@ -149,7 +230,9 @@ async fn answer(served: &Served, path: &str, headers: &HeaderMap, body: Body) ->
                 format!("runs requested: {} (and {} already waiting to run)", outcome.requested, outcome.merged);
             Answer(StatusCode::ACCEPTED, "accepted", message)
         }
-        Err(e @ DeliverError::Replayed(_)) => Answer(StatusCode::BAD_REQUEST, "replayed", e.to_string()),
+        Err(e @ (DeliverError::Replayed(_) | DeliverError::Stale)) => {
+            Answer(StatusCode::BAD_REQUEST, "replayed", e.to_string())
+        }
         Err(e @ DeliverError::Gone) => Answer(StatusCode::NOT_FOUND, "not_found", e.to_string()),
         Err(e @ (DeliverError::Api(_) | DeliverError::Busy)) => {
             warn!(namespace = hook.namespace, trigger = hook.name, error = ?e, "trigger delivery failed");

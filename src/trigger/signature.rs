@@ -6,11 +6,16 @@
 //!   HMAC-SHA256 with the token over `<timestamp>.<body>`; a timestamp more than
 //!   [`GENERIC_TOLERANCE`] from now is refused, so a captured call cannot be replayed later.
 //! - `GitHub`: `X-Hub-Signature-256: sha256=<hex>`, HMAC-SHA256 over the body;
-//!   `X-GitHub-Event` names the event and `X-GitHub-Delivery` the delivery (GitHub's
-//!   "Validating webhook deliveries").
+//!   `X-GitHub-Event` names the event (GitHub's "Validating webhook deliveries"). GitHub
+//!   signs neither that header nor `X-GitHub-Delivery`, so the delivery is named by a digest
+//!   of the body, and a `push` must look like one (`ref`) and carries its time
+//!   (`repository.pushed_at`).
 //! - `DbtCloud`: `Authorization: <hex>`, HMAC-SHA256 over the body; the JSON body carries
 //!   `eventId`, `timestamp`, `eventType` and `data.runStatus` (dbt Cloud's "Webhooks for
 //!   your jobs").
+//!
+//! A [`Delivery`] carries the sender's time when it has one; [`super::deliver`] refuses one
+//! older than what it remembers against replays.
 //!
 //! The signature is checked before anything else of the call is read, in constant time
 //! ([`hmac::Mac::verify_slice`]); nothing of an unauthenticated body is parsed.
@@ -33,11 +38,19 @@ const MAX_DELIVERY_ID_CHARS: usize = 64;
 /// The dbt Cloud event that says a job's data is there, when its run succeeded.
 const DBT_CLOUD_COMPLETED: &str = "job.run.completed";
 
+/// A genuine call that runs the selected imports.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Delivery {
+    /// Identifies the delivery against replays; covered by the signature.
+    pub id: String,
+    /// When the sender says it sent it (signed), if it says.
+    pub sent_at: Option<Timestamp>,
+}
+
 /// A genuine call.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Verdict {
-    /// Run the selected imports; `id` identifies the delivery against replays.
-    Run { id: String },
+    Run(Delivery),
     /// Genuine, but not an event that runs imports (GitHub's `ping`, an event the trigger
     /// does not list, a dbt Cloud run that did not complete successfully).
     Ignore(Ignored),
@@ -86,7 +99,7 @@ impl Refusal {
 pub struct Expectation<'a> {
     pub kind: TriggerType,
     pub token: &'a [u8],
-    /// `spec.events` (GitHub); empty: every event but `ping`.
+    /// `spec.events` (GitHub); empty: `push` only.
     pub events: &'a [String],
 }
 
@@ -112,14 +125,14 @@ fn generic(token: &[u8], headers: &HeaderMap, body: &[u8], now: Timestamp) -> Re
     signed.extend_from_slice(timestamp.as_bytes());
     signed.push(b'.');
     signed.extend_from_slice(body);
-    check(token, &signed, signature)?;
+    let mac = check(token, &signed, signature)?;
     let seconds: i64 = timestamp.parse().map_err(|_| Refusal::Malformed("X-Cohort-Timestamp is not Unix seconds"))?;
     let sent = Timestamp::from_second(seconds).map_err(|_| Refusal::Stale)?;
     if now.duration_since(sent).abs() > GENERIC_TOLERANCE {
         return Err(Refusal::Stale);
     }
-    // The signature is unique to this timestamp and body: it names the delivery.
-    Ok(Verdict::Run { id: format!("generic-{}", &signature[..32.min(signature.len())].to_ascii_lowercase()) })
+    // The MAC is unique to this timestamp and body: it names the delivery.
+    Ok(Verdict::Run(Delivery { id: format!("generic-{}", &hex(&mac)[..32]), sent_at: Some(sent) }))
 }
 
 fn github(expected: &Expectation<'_>, headers: &HeaderMap, body: &[u8]) -> Result<Verdict, Refusal> {
@@ -127,15 +140,42 @@ fn github(expected: &Expectation<'_>, headers: &HeaderMap, body: &[u8]) -> Resul
     let signature = signature.strip_prefix("sha256=").ok_or(Refusal::BadSignature)?;
     check(expected.token, body, signature)?;
     let event = header(headers, "x-github-event").map_err(|_| Refusal::Malformed("no X-GitHub-Event header"))?;
-    let delivery =
-        header(headers, "x-github-delivery").map_err(|_| Refusal::Malformed("no X-GitHub-Delivery header"))?;
     if event == "ping" {
         return Ok(Verdict::Ignore(Ignored::Ping));
     }
-    if !expected.events.is_empty() && !expected.events.iter().any(|e| e == event) {
+    let listed = if expected.events.is_empty() { event == "push" } else { expected.events.iter().any(|e| e == event) };
+    if !listed {
         return Ok(Verdict::Ignore(Ignored::EventNotListed));
     }
-    Ok(Verdict::Run { id: delivery_id(delivery)? })
+    // X-GitHub-Event is not signed: a push must at least look like one, and says when.
+    let payload: GitHubPayload =
+        serde_json::from_slice(body).map_err(|_| Refusal::Malformed("the body is not a GitHub webhook payload"))?;
+    let sent_at = payload.repository.and_then(|r| r.pushed_at).and_then(|s| Timestamp::from_second(s).ok());
+    if event == "push" && (payload.git_ref.is_none() || sent_at.is_none()) {
+        return Err(Refusal::Malformed("a push event without ref or repository.pushed_at"));
+    }
+    let digest = Sha256::digest(body);
+    Ok(Verdict::Run(Delivery { id: format!("github-{}", &hex(&digest)[..32]), sent_at }))
+}
+
+/// The parts of a GitHub payload the trigger reads.
+#[derive(Deserialize)]
+struct GitHubPayload {
+    #[serde(rename = "ref", default)]
+    git_ref: Option<String>,
+    #[serde(default)]
+    repository: Option<GitHubRepository>,
+}
+
+#[derive(Deserialize)]
+struct GitHubRepository {
+    /// Unix seconds in push events (an ISO time in others: not read).
+    #[serde(default, deserialize_with = "seconds_or_nothing")]
+    pushed_at: Option<i64>,
+}
+
+fn seconds_or_nothing<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    Ok(serde_json::Value::deserialize(d)?.as_i64())
 }
 
 /// The parts of a dbt Cloud webhook body the trigger reads.
@@ -143,6 +183,7 @@ fn github(expected: &Expectation<'_>, headers: &HeaderMap, body: &[u8]) -> Resul
 #[serde(rename_all = "camelCase")]
 struct DbtCloudEvent {
     event_id: String,
+    timestamp: Timestamp,
     event_type: String,
     #[serde(default)]
     data: DbtCloudRun,
@@ -155,9 +196,8 @@ struct DbtCloudRun {
     run_status: Option<String>,
 }
 
-/// dbt Cloud signs the body only and sends no time header: its `eventId` is the delivery,
-/// remembered against replays ([`super::deliver`]). The body's `timestamp` is not checked —
-/// dbt Cloud retries a failed delivery with the same event, later.
+/// dbt Cloud signs the body only: its `eventId` is the delivery and its `timestamp` the
+/// time, both checked against replays by [`super::deliver`].
 fn dbt_cloud(token: &[u8], headers: &HeaderMap, body: &[u8]) -> Result<Verdict, Refusal> {
     let signature = header(headers, "authorization")?;
     check(token, body, signature)?;
@@ -169,19 +209,22 @@ fn dbt_cloud(token: &[u8], headers: &HeaderMap, body: &[u8]) -> Result<Verdict, 
     if event.data.run_status.as_deref() != Some("Success") {
         return Ok(Verdict::Ignore(Ignored::DbtRunNotSucceeded));
     }
-    Ok(Verdict::Run { id: delivery_id(&event.event_id)? })
+    let id = delivery_id(&event.event_id)?;
+    Ok(Verdict::Run(Delivery { id, sent_at: Some(event.timestamp) }))
 }
 
 fn header<'h>(headers: &'h HeaderMap, name: &'static str) -> Result<&'h str, Refusal> {
     headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).ok_or(Refusal::MissingHeader(name))
 }
 
-/// HMAC-SHA256 of `message` under `token` equals the hex `signature`, compared in constant time.
-fn check(token: &[u8], message: &[u8], signature: &str) -> Result<(), Refusal> {
+/// HMAC-SHA256 of `message` under `token` equals the hex `signature`, compared in constant
+/// time; returns the MAC's bytes.
+fn check(token: &[u8], message: &[u8], signature: &str) -> Result<Vec<u8>, Refusal> {
     let expected = decode_hex(signature).ok_or(Refusal::BadSignature)?;
     let mut mac = Hmac::<Sha256>::new_from_slice(token).map_err(|_| Refusal::BadSignature)?;
     mac.update(message);
-    mac.verify_slice(&expected).map_err(|_| Refusal::BadSignature)
+    mac.verify_slice(&expected).map_err(|_| Refusal::BadSignature)?;
+    Ok(expected)
 }
 
 /// A sender's delivery id, kept in status: short and plain, or refused.
@@ -193,8 +236,10 @@ fn delivery_id(id: &str) -> Result<String, Refusal> {
     Ok(id.to_owned())
 }
 
+/// Hex digits only: `u8::from_str_radix` alone would take `+a` for `0a`, a second spelling
+/// of one signature.
 fn decode_hex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
+    if !text.len().is_multiple_of(2) || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     (0..text.len()).step_by(2).map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok()).collect()
@@ -253,7 +298,18 @@ mod tests {
         let sig = sign(TOKEN, format!("{ts}.{}", std::str::from_utf8(body).unwrap()).as_bytes());
         let good = headers(&[("x-cohort-timestamp", ts.clone()), ("x-cohort-signature", format!("sha256={sig}"))]);
         let verdict = verify(&expect(TriggerType::Generic, &[]), &good, body, now()).unwrap();
-        assert_eq!(verdict, Verdict::Run { id: format!("generic-{}", &sig[..32]) });
+        let id = format!("generic-{}", &sig[..32]);
+        assert_eq!(
+            verdict,
+            Verdict::Run(Delivery { id, sent_at: Some(Timestamp::from_second(now().as_second()).unwrap()) })
+        );
+        // Another spelling of the same signature is not a second delivery: it is refused.
+        let plus = format!("sha256=+{}", &sig[1..]);
+        if sig.starts_with('0') {
+            let respelled = headers(&[("x-cohort-timestamp", ts.clone()), ("x-cohort-signature", plus)]);
+            assert_eq!(verify(&expect(TriggerType::Generic, &[]), &respelled, body, now()), Err(Refusal::BadSignature));
+        }
+        assert_eq!(decode_hex("+a"), None);
         // Another body, another key, a late arrival, no timestamp.
         assert_eq!(verify(&expect(TriggerType::Generic, &[]), &good, b"{}", now()), Err(Refusal::BadSignature));
         let wrong = Expectation { token: b"another-token-entirely", ..expect(TriggerType::Generic, &[]) };
@@ -267,7 +323,7 @@ mod tests {
 
     #[test]
     fn github_pushes_run_and_pings_do_not() {
-        let body = br#"{"ref":"refs/heads/main","repository":{"full_name":"octo/analytics"}}"#;
+        let body = br#"{"ref":"refs/heads/main","repository":{"full_name":"octo/analytics","pushed_at":1675193375}}"#;
         let sig = format!("sha256={}", sign(TOKEN, body));
         let call = |event: &str| {
             headers(&[
@@ -276,18 +332,29 @@ mod tests {
                 ("x-github-delivery", "72d3162e-cc78-11e3-81ab-4c9367dc0958".to_owned()),
             ])
         };
-        let run = verify(&expect(TriggerType::GitHub, &[]), &call("push"), body, now()).unwrap();
-        assert_eq!(run, Verdict::Run { id: "72d3162e-cc78-11e3-81ab-4c9367dc0958".into() });
+        let Ok(Verdict::Run(push)) = verify(&expect(TriggerType::GitHub, &[]), &call("push"), body, now()) else {
+            panic!("a push runs")
+        };
+        assert!(push.id.starts_with("github-"), "{push:?}");
+        assert_eq!(push.sent_at, Some(Timestamp::from_second(1_675_193_375).unwrap()));
         let ping = verify(&expect(TriggerType::GitHub, &[]), &call("ping"), body, now()).unwrap();
         assert_eq!(ping, Verdict::Ignore(Ignored::Ping));
-        // Without spec.events every event runs (Flux's rule); with it, only those listed.
+        // Without spec.events only pushes run; with it, only those listed.
         let issues = verify(&expect(TriggerType::GitHub, &[]), &call("issues"), body, now()).unwrap();
-        assert!(matches!(issues, Verdict::Run { .. }));
+        assert_eq!(issues, Verdict::Ignore(Ignored::EventNotListed));
         let listed = ["workflow_run".to_owned()];
         let workflow = verify(&expect(TriggerType::GitHub, &listed), &call("workflow_run"), body, now()).unwrap();
-        assert!(matches!(workflow, Verdict::Run { .. }));
-        let push = verify(&expect(TriggerType::GitHub, &listed), &call("push"), body, now()).unwrap();
-        assert_eq!(push, Verdict::Ignore(Ignored::EventNotListed));
+        assert!(matches!(workflow, Verdict::Run(_)));
+        // The event header is not signed: a signed body that is no push is not run as one.
+        let zen = br#"{"zen":"Keep it logically awesome.","hook_id":1}"#;
+        let relabelled = headers(&[
+            ("x-hub-signature-256", format!("sha256={}", sign(TOKEN, zen))),
+            ("x-github-event", "push".to_owned()),
+        ]);
+        assert!(matches!(
+            verify(&expect(TriggerType::GitHub, &[]), &relabelled, zen, now()),
+            Err(Refusal::Malformed(_))
+        ));
         // GitHub's older SHA-1 header alone is not enough.
         let sha1 = headers(&[("x-hub-signature", "sha1=0000".into()), ("x-github-event", "push".into())]);
         assert_eq!(
@@ -300,7 +367,8 @@ mod tests {
     fn dbt_cloud_runs_only_after_a_successful_job_run() {
         let call = |body: &str| headers(&[("authorization", sign(TOKEN, body.as_bytes()))]);
         let run = verify(&expect(TriggerType::DbtCloud, &[]), &call(DBT_COMPLETED), DBT_COMPLETED.as_bytes(), now());
-        assert_eq!(run, Ok(Verdict::Run { id: "wev_2L6ZDoilyiWzKkSA59Gmc2d7FDD".into() }));
+        let sent_at = Some("2023-01-31T19:29:35.789265936Z".parse().unwrap());
+        assert_eq!(run, Ok(Verdict::Run(Delivery { id: "wev_2L6ZDoilyiWzKkSA59Gmc2d7FDD".into(), sent_at })));
         let errored = DBT_COMPLETED.replace("\"Success\"", "\"Error\"");
         let ignored = verify(&expect(TriggerType::DbtCloud, &[]), &call(&errored), errored.as_bytes(), now());
         assert_eq!(ignored, Ok(Verdict::Ignore(Ignored::DbtRunNotSucceeded)));
