@@ -17,6 +17,8 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::wait::await_condition;
 use serde_json::json;
 
+pub mod args;
+pub mod controller;
 pub mod preview;
 
 use crate::api::{
