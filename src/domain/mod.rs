@@ -8,4 +8,5 @@ pub mod member;
 pub mod plan;
 pub mod retry;
 pub mod schedule;
+pub mod sql;
 pub mod validate;

@@ -38,7 +38,7 @@ use super::warehouse::{self, Backoff, ColumnType, CompactRows, PageLimit, RowMap
 use super::{MemberSource, MemberStream, SourceContext, SourceError};
 use crate::api::{DatabricksDisposition, DatabricksSource};
 use crate::domain::identifiers::IdentifierFields;
-use crate::domain::validate::SqlDialect;
+use crate::domain::sql::SqlDialect;
 use crate::net::{Credentials, HttpClient};
 use crate::secret::{SecretString, error_chain};
 

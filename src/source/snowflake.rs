@@ -41,7 +41,7 @@ use super::warehouse::{self, Backoff, ColumnType, CompactRows, PageLimit, RowMap
 use super::{MemberSource, MemberStream, SourceContext, SourceError};
 use crate::api::SnowflakeSource;
 use crate::domain::identifiers::IdentifierFields;
-use crate::domain::validate::SqlDialect;
+use crate::domain::sql::SqlDialect;
 use crate::net::HttpClient;
 use crate::secret::SecretString;
 

@@ -33,7 +33,7 @@ use super::{BATCH_ROWS, BatchBuilder, MemberBatch, REDACT_MIN_LEN, SourceError};
 
 mod rows;
 use crate::domain::identifiers::{ColumnPlan, IdentifierFields, SkipReason, Value};
-use crate::domain::validate::{SqlDialect, check_select};
+use crate::domain::sql::{SqlDialect, check_select};
 use crate::net::HttpClient;
 use crate::secret::redact;
 pub use rows::CompactRows;
