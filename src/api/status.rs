@@ -231,7 +231,7 @@ pub(super) fn date_time(_: &mut SchemaGenerator) -> Schema {
 }
 
 /// [`date_time`] for an optional field (nullable, like every other optional field).
-fn optional_date_time(_: &mut SchemaGenerator) -> Schema {
+pub(super) fn optional_date_time(_: &mut SchemaGenerator) -> Schema {
     json_schema!({ "type": "string", "format": "date-time", "nullable": true })
 }
 

@@ -10,7 +10,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::spec::SecretKeyRef;
-use super::status::date_time;
+use super::status::{date_time, optional_date_time};
 
 /// Runs the CohortImports it selects when a pipeline (dbt Cloud, GitHub, a script) calls
 /// its webhook.
@@ -92,6 +92,11 @@ pub struct CohortTriggerStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 512))]
     pub recent_deliveries: Vec<TriggerDelivery>,
+    /// The newest sending time the trigger has forgotten: a delivery sent at or before it
+    /// is refused as a possible replay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "optional_date_time")]
+    pub forgotten_before: Option<Timestamp>,
 }
 
 /// One accepted call.
@@ -104,4 +109,9 @@ pub struct TriggerDelivery {
     pub id: String,
     #[schemars(schema_with = "date_time")]
     pub received_at: Timestamp,
+    /// When the sender says it sent it (signed): dbt Cloud's `timestamp`, a push's
+    /// `repository.pushed_at`, the Generic timestamp.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "optional_date_time")]
+    pub sent_at: Option<Timestamp>,
 }

@@ -1,7 +1,12 @@
-//! What a genuine call does: record its delivery on the trigger (refusing one already
-//! recorded: a replay), then ask each selected import for a run by setting its
-//! run-requested annotation — the same request `kubectl cohort trigger` makes, so the
-//! leader of the import's shard runs it, whichever replica took the call.
+//! What a genuine call does: refuse a delivery the trigger remembers (a replay), ask each
+//! selected import for a run by setting its run-requested annotation — the same request
+//! `kubectl cohort trigger` makes, so the leader of the import's shard runs it, whichever
+//! replica took the call — and then remember the delivery.
+//!
+//! The annotation's value names the delivery and nothing else, so setting it twice (a
+//! sender's retry after a failure, two replicas taking the same call) asks for one run: the
+//! controller runs once per value. Remembering comes last, so a call that failed half-way
+//! can be retried; the memory is what refuses a replay once another request came between.
 
 use jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
@@ -10,11 +15,11 @@ use serde_json::json;
 
 use super::hooks::Hook;
 use super::signature::Delivery;
-use crate::api::{CohortImport, CohortTrigger, RUN_REQUESTED_ANNOTATION, TriggerDelivery};
+use crate::api::{CohortImport, CohortTrigger, CohortTriggerStatus, RUN_REQUESTED_ANNOTATION, TriggerDelivery};
 
 /// How long and how many deliveries a trigger remembers against replays. A delivery sent
-/// before what is remembered (older than a day, or than the oldest of a full memory) is
-/// refused: a replay that outlived its memory still runs nothing.
+/// at or before the newest one it has forgotten (`status.forgottenBefore`), or more than a
+/// day ago, is refused: a replay that outlived its memory still runs nothing.
 pub const REMEMBERED_FOR: SignedDuration = SignedDuration::from_hours(24);
 pub const REMEMBERED_AT_MOST: usize = 512;
 /// How far ahead of this replica's clock a sender's time may be.
@@ -27,7 +32,8 @@ const RECORD_TRIES: usize = 5;
 pub struct Outcome {
     /// Imports whose run was requested by this call.
     pub requested: usize,
-    /// Imports that already had a run requested and not started: the call joined it.
+    /// Imports that already had a run requested and not started (or this very delivery's):
+    /// the call joined it.
     pub merged: usize,
 }
 
@@ -47,8 +53,8 @@ pub enum DeliverError {
     Busy,
 }
 
-/// Records the delivery on the trigger, then requests a run of each import it selects; if
-/// that fails, forgets the delivery again so that the sender's retry is not a replay.
+/// Refuses a replay (as `status` shows the trigger's memory), requests the runs, then
+/// remembers the delivery.
 pub async fn deliver(
     client: &Client,
     hook: &Hook,
@@ -56,39 +62,32 @@ pub async fn deliver(
     now: Timestamp,
 ) -> Result<Outcome, DeliverError> {
     let api: Api<CohortTrigger> = Api::namespaced(client.clone(), &hook.namespace);
-    update_memory(&api, &hook.name, |seen| remember(seen, delivery, now)).await?;
-    match request_runs(client, hook, &delivery.id, now).await {
-        Ok(outcome) => Ok(outcome),
-        Err(e) => {
-            let id = delivery.id.as_str();
-            let forget_it = |seen: &mut Vec<TriggerDelivery>| {
-                seen.retain(|d| d.id != id);
-                Ok(())
-            };
-            if let Err(forget) = update_memory(&api, &hook.name, forget_it).await {
-                tracing::warn!(trigger = hook.name, error = %forget, "could not forget a failed delivery");
-            }
-            Err(e)
-        }
+    let trigger = get(&api, &hook.name).await?;
+    remember(&mut trigger.status.unwrap_or_default(), delivery, now)?;
+    let outcome = request_runs(client, hook, &delivery.id).await?;
+    record(&api, &hook.name, delivery, now).await?;
+    Ok(outcome)
+}
+
+async fn get(api: &Api<CohortTrigger>, name: &str) -> Result<CohortTrigger, DeliverError> {
+    match api.get(name).await {
+        Ok(trigger) => Ok(trigger),
+        Err(kube::Error::Api(s)) if s.is_not_found() => Err(DeliverError::Gone),
+        Err(e) => Err(DeliverError::Api(e)),
     }
 }
 
-/// Changes `status.recentDeliveries` by `change`, guarded by the resourceVersion it read,
-/// so two replicas taking the same delivery at once cannot both accept it.
-async fn update_memory(
-    api: &Api<CohortTrigger>,
-    name: &str,
-    change: impl Fn(&mut Vec<TriggerDelivery>) -> Result<(), DeliverError>,
-) -> Result<(), DeliverError> {
+/// Adds the delivery to the trigger's memory, guarded by the resourceVersion it read. One
+/// another replica recorded meanwhile is fine: its runs were requested with the same value.
+async fn record(api: &Api<CohortTrigger>, name: &str, delivery: &Delivery, now: Timestamp) -> Result<(), DeliverError> {
     for _ in 0..RECORD_TRIES {
-        let mut trigger = match api.get(name).await {
-            Ok(trigger) => trigger,
-            Err(kube::Error::Api(s)) if s.is_not_found() => return Err(DeliverError::Gone),
-            Err(e) => return Err(DeliverError::Api(e)),
-        };
+        let mut trigger = get(api, name).await?;
         let mut status = trigger.status.take().unwrap_or_default();
-        change(&mut status.recent_deliveries)?;
-        status.last_delivery = status.recent_deliveries.first().cloned();
+        match remember(&mut status, delivery, now) {
+            Ok(()) => {}
+            Err(DeliverError::Replayed(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        }
         trigger.status = Some(status);
         match api.replace_status(name, &PostParams::default(), &trigger).await {
             Ok(_) => return Ok(()),
@@ -99,45 +98,59 @@ async fn update_memory(
     Err(DeliverError::Busy)
 }
 
-/// `seen` with the delivery first, forgetting what is older than [`REMEMBERED_FOR`] or
-/// beyond [`REMEMBERED_AT_MOST`]; a replay if its id is still remembered, stale if it was
-/// sent before the oldest delivery the memory still covers.
-fn remember(seen: &mut Vec<TriggerDelivery>, delivery: &Delivery, now: Timestamp) -> Result<(), DeliverError> {
-    seen.retain(|d| now.duration_since(d.received_at) <= REMEMBERED_FOR);
-    if seen.iter().any(|d| d.id == delivery.id) {
+/// `status` with the delivery remembered first. Forgets what was sent over
+/// [`REMEMBERED_FOR`] ago or lies beyond [`REMEMBERED_AT_MOST`], raising
+/// `forgottenBefore` to the newest time forgotten; refuses a delivery still remembered
+/// (a replay) or sent at or before `forgottenBefore`, over a day ago or too far ahead.
+pub fn remember(status: &mut CohortTriggerStatus, delivery: &Delivery, now: Timestamp) -> Result<(), DeliverError> {
+    let at = |d: &TriggerDelivery| d.sent_at.unwrap_or(d.received_at);
+    let horizon = now - REMEMBERED_FOR;
+    let mut forgotten = status.forgotten_before;
+    status.recent_deliveries.retain(|d| {
+        let keep = at(d) > horizon;
+        if !keep {
+            forgotten = forgotten.max(Some(at(d)));
+        }
+        keep
+    });
+    status.forgotten_before = forgotten;
+    if status.recent_deliveries.iter().any(|d| d.id == delivery.id) {
         return Err(DeliverError::Replayed(delivery.id.clone()));
     }
-    if let Some(sent_at) = delivery.sent_at {
-        let covered_since = match seen.get(REMEMBERED_AT_MOST - 1) {
-            Some(oldest_kept) => oldest_kept.received_at.max(now - REMEMBERED_FOR),
-            None => now - REMEMBERED_FOR,
-        };
-        if sent_at < covered_since || sent_at > now + CLOCK_SKEW {
-            return Err(DeliverError::Stale);
-        }
-    }
     let received_at = crate::controller::status::seconds(now);
-    seen.insert(0, TriggerDelivery { id: delivery.id.clone(), received_at });
-    seen.truncate(REMEMBERED_AT_MOST);
+    let sent_at = delivery.sent_at.map(crate::controller::status::seconds);
+    let when = sent_at.unwrap_or(received_at);
+    if when <= horizon || when > now + CLOCK_SKEW || forgotten.is_some_and(|f| when <= f) {
+        return Err(DeliverError::Stale);
+    }
+    status.recent_deliveries.insert(0, TriggerDelivery { id: delivery.id.clone(), received_at, sent_at });
+    status.recent_deliveries.sort_by_key(|d| std::cmp::Reverse(at(d)));
+    for dropped in status.recent_deliveries.drain(REMEMBERED_AT_MOST.min(status.recent_deliveries.len())..) {
+        forgotten = forgotten.max(Some(at(&dropped)));
+    }
+    status.forgotten_before = forgotten;
+    status.last_delivery = status.recent_deliveries.iter().find(|d| d.id == delivery.id).cloned();
     Ok(())
 }
 
-/// Sets the run-requested annotation of each selected import that has no request waiting.
-async fn request_runs(client: &Client, hook: &Hook, id: &str, now: Timestamp) -> Result<Outcome, DeliverError> {
+/// Sets the run-requested annotation of each selected import that has no request waiting,
+/// to a value naming this delivery.
+async fn request_runs(client: &Client, hook: &Hook, id: &str) -> Result<Outcome, DeliverError> {
     let api: Api<CohortImport> = Api::namespaced(client.clone(), &hook.namespace);
     let imports = api.list(&ListParams::default().labels(&hook.selector)).await.map_err(DeliverError::Api)?;
-    let value = format!("{now} cohorttrigger/{} {id}", hook.name);
+    let value = format!("cohorttrigger/{} {id}", hook.name);
     let patch = json!({ "metadata": { "annotations": { RUN_REQUESTED_ANNOTATION: value } } });
     let mut outcome = Outcome { requested: 0, merged: 0 };
     let mut failed = None;
     for import in imports.items {
         // A request not yet taken up starts a run that reads the source after this call:
-        // it serves this call too. A run already going may have read it before.
-        if waiting(&import) {
+        // it serves this call too. A run already going may have read it before. An import
+        // already asked by this delivery (a retry) is not asked again.
+        if waiting(&import) || requested(&import) == Some(value.as_str()) {
             outcome.merged += 1;
             continue;
         }
-        // Every import is tried; one that fails fails the call (its retry patches again).
+        // Every import is tried; one that fails fails the call, whose retry asks again.
         match api.patch(&import.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await {
             Ok(_) => outcome.requested += 1,
             Err(kube::Error::Api(s)) if s.is_not_found() => {}
@@ -150,11 +163,14 @@ async fn request_runs(client: &Client, hook: &Hook, id: &str, now: Timestamp) ->
     }
 }
 
+fn requested(import: &CohortImport) -> Option<&str> {
+    import.annotations().get(RUN_REQUESTED_ANNOTATION).map(String::as_str).filter(|v| !v.is_empty())
+}
+
 /// Whether `import` carries a run request the controller has not taken up yet.
 fn waiting(import: &CohortImport) -> bool {
-    let requested = import.annotations().get(RUN_REQUESTED_ANNOTATION).filter(|v| !v.is_empty());
-    let handled = import.status.as_ref().and_then(|s| s.last_handled_run_request.as_ref());
-    requested.is_some() && requested != handled
+    let handled = import.status.as_ref().and_then(|s| s.last_handled_run_request.as_deref());
+    requested(import).is_some_and(|r| Some(r) != handled)
 }
 
 #[cfg(test)]
@@ -165,37 +181,45 @@ mod tests {
         s.parse().unwrap()
     }
 
-    #[test]
-    fn a_delivery_is_accepted_once_and_forgotten_after_a_day() {
-        let mut seen = Vec::new();
-        let d = |id: &str, sent: Option<&str>| Delivery { id: id.into(), sent_at: sent.map(at) };
-        remember(&mut seen, &d("a", None), at("2026-12-07T10:00:00Z")).unwrap();
-        let again = remember(&mut seen, &d("a", None), at("2026-12-07T11:00:00Z"));
-        assert!(matches!(again, Err(DeliverError::Replayed(_))));
-        remember(&mut seen, &d("b", Some("2026-12-07T10:59:00Z")), at("2026-12-07T11:00:00Z")).unwrap();
-        assert_eq!(seen.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), ["b", "a"]);
-        // A day later "a" is forgotten — and a delivery sent then is refused as too old.
-        let late = remember(&mut seen, &d("a", Some("2026-12-07T10:00:00Z")), at("2026-12-08T10:30:00Z"));
-        assert!(matches!(late, Err(DeliverError::Stale)));
-        remember(&mut seen, &d("a", None), at("2026-12-08T10:30:00Z")).unwrap();
-        assert_eq!(seen.len(), 2, "the first a was forgotten, b is kept");
-        let ahead = remember(&mut seen, &d("c", Some("2026-12-08T11:00:00Z")), at("2026-12-08T10:30:00Z"));
-        assert!(matches!(ahead, Err(DeliverError::Stale)));
+    fn d(id: &str, sent: Option<&str>) -> Delivery {
+        Delivery { id: id.into(), sent_at: sent.map(at) }
     }
 
     #[test]
-    fn a_full_memory_refuses_what_was_sent_before_its_oldest_delivery() {
-        let mut seen = Vec::new();
+    fn a_delivery_is_accepted_once_and_forgotten_after_a_day() {
+        let mut status = CohortTriggerStatus::default();
+        remember(&mut status, &d("a", None), at("2026-12-07T10:00:00Z")).unwrap();
+        let again = remember(&mut status, &d("a", None), at("2026-12-07T11:00:00Z"));
+        assert!(matches!(again, Err(DeliverError::Replayed(_))));
+        remember(&mut status, &d("b", Some("2026-12-07T10:59:00Z")), at("2026-12-07T11:00:00Z")).unwrap();
+        let ids = |s: &CohortTriggerStatus| s.recent_deliveries.iter().map(|d| d.id.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(&status), ["b", "a"]);
+        // A day later "a" is forgotten — and sent at its time again, it is refused.
+        let late = remember(&mut status, &d("a", Some("2026-12-07T10:00:00Z")), at("2026-12-08T10:30:00Z"));
+        assert!(matches!(late, Err(DeliverError::Stale)));
+        assert_eq!(status.forgotten_before, Some(at("2026-12-07T10:00:00Z")));
+        let ahead = remember(&mut status, &d("c", Some("2026-12-08T11:00:00Z")), at("2026-12-08T10:30:00Z"));
+        assert!(matches!(ahead, Err(DeliverError::Stale)));
+        remember(&mut status, &d("c", Some("2026-12-08T10:29:00Z")), at("2026-12-08T10:30:00Z")).unwrap();
+        assert_eq!(status.last_delivery.as_ref().map(|d| d.id.as_str()), Some("c"));
+    }
+
+    #[test]
+    fn what_a_full_memory_drops_stays_refused() {
+        let mut status = CohortTriggerStatus::default();
         let start = at("2026-12-07T10:00:00Z");
         for i in 0..REMEMBERED_AT_MOST + 10 {
             let now = start + SignedDuration::from_secs(i as i64);
-            remember(&mut seen, &Delivery { id: format!("d{i}"), sent_at: Some(now) }, now).unwrap();
+            remember(&mut status, &Delivery { id: format!("d{i}"), sent_at: Some(now) }, now).unwrap();
         }
-        assert_eq!(seen.len(), REMEMBERED_AT_MOST);
-        assert_eq!(seen[0].id, format!("d{}", REMEMBERED_AT_MOST + 9));
-        // "d0" fell out of the memory; sent at its time, it is refused, not run again.
+        assert_eq!(status.recent_deliveries.len(), REMEMBERED_AT_MOST);
+        assert_eq!(status.recent_deliveries[0].id, format!("d{}", REMEMBERED_AT_MOST + 9));
+        assert_eq!(status.forgotten_before, Some(start + SignedDuration::from_secs(9)));
+        // "d0" fell out of the memory; sent at its time, it is refused, not run again —
+        // even once the memory holds fewer again.
+        status.recent_deliveries.truncate(100);
         let now = start + SignedDuration::from_secs(600);
-        let replay = remember(&mut seen, &Delivery { id: "d0".into(), sent_at: Some(start) }, now);
+        let replay = remember(&mut status, &Delivery { id: "d0".into(), sent_at: Some(start) }, now);
         assert!(matches!(replay, Err(DeliverError::Stale)));
     }
 }

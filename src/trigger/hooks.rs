@@ -33,6 +33,9 @@ const TOKEN_REFRESH: Duration = Duration::from_secs(60);
 pub struct Hook {
     pub namespace: String,
     pub name: String,
+    /// The trigger object and spec it was built from.
+    uid: Option<String>,
+    generation: Option<i64>,
     pub kind: TriggerType,
     pub token: SecretString,
     /// `spec.selector` as a label selector string for the API server.
@@ -61,10 +64,11 @@ impl Hooks {
         *self.by_path.write().expect("hooks lock") = hooks;
     }
 
-    /// The hook served for trigger `namespace/name`, if any.
-    fn of(&self, namespace: &str, name: &str) -> Option<(String, Arc<Hook>)> {
+    /// The hook served for `trigger` as it is now (same object, same spec), if any.
+    fn of(&self, trigger: &CohortTrigger) -> Option<(String, Arc<Hook>)> {
         let hooks = self.by_path.read().expect("hooks lock");
-        hooks.iter().find(|(_, h)| h.namespace == namespace && h.name == name).map(|(p, h)| (p.clone(), h.clone()))
+        let same = |h: &Hook| h.uid == trigger.uid() && h.generation == trigger.metadata.generation;
+        hooks.iter().find(|(_, h)| same(h)).map(|(p, h)| (p.clone(), h.clone()))
     }
 }
 
@@ -79,6 +83,8 @@ enum Unserved {
         "the token in Secret {name} key {key} has fewer than {MIN_TOKEN_CHARS} characters; use a random one, e.g. `openssl rand -hex 32`"
     )]
     TokenTooShort { name: String, key: String },
+    #[error("the value of Secret {name} key {key} is not text; put the token there as text")]
+    TokenNotText { name: String, key: String },
     #[error("spec.selector is not a valid label selector: {0}")]
     InvalidSelector(String),
 }
@@ -89,6 +95,7 @@ impl Unserved {
             Unserved::SecretNotFound { .. } => "SecretNotFound",
             Unserved::SecretReadFailed { .. } => "SecretReadFailed",
             Unserved::TokenTooShort { .. } => "TokenTooShort",
+            Unserved::TokenNotText { .. } => "TokenNotText",
             Unserved::InvalidSelector(_) => "InvalidSelector",
         }
     }
@@ -143,14 +150,15 @@ pub async fn keep(client: Client, namespaces: Vec<String>, hooks: Arc<Hooks>) {
 }
 
 /// The webhooks of `triggers`, each trigger's status brought up to date on the way. A
-/// trigger whose Secret could not be read just now keeps the hook it had (`served`).
+/// trigger whose Secret could not be read just now (the API server did not answer) keeps
+/// the hook it had (`served`), if its spec is the same.
 async fn rebuild(client: &Client, triggers: &[Arc<CohortTrigger>], served: &Hooks) -> HashMap<String, Arc<Hook>> {
     let mut hooks = HashMap::new();
     for trigger in triggers {
         let namespace = trigger.namespace().unwrap_or_default();
         let found = hook(client, trigger, &namespace).await;
         if let Err(Unserved::SecretReadFailed { .. }) = &found
-            && let Some((path, kept)) = served.of(&namespace, &trigger.name_any())
+            && let Some((path, kept)) = served.of(trigger)
         {
             hooks.insert(path, kept);
             continue;
@@ -176,6 +184,7 @@ async fn hook(client: &Client, trigger: &CohortTrigger, namespace: &str) -> Resu
         Err(SourceError::ObjectNotFound { .. } | SourceError::KeyNotFound { .. }) => {
             return Err(Unserved::SecretNotFound { name, key });
         }
+        Err(SourceError::KeyNotText { .. }) => return Err(Unserved::TokenNotText { name, key }),
         Err(e) => return Err(Unserved::SecretReadFailed { name, message: e.to_string() }),
     };
     let token = SecretString::new(token.expose().trim());
@@ -185,6 +194,8 @@ async fn hook(client: &Client, trigger: &CohortTrigger, namespace: &str) -> Resu
     Ok(Hook {
         namespace: namespace.to_owned(),
         name: trigger.name_any(),
+        uid: trigger.uid(),
+        generation: trigger.metadata.generation,
         kind: spec.kind,
         token,
         selector: selector.to_string(),

@@ -1,9 +1,10 @@
 //! The trigger port: `POST /hook/<digest>`. Cheap refusals first — connections, a slow
-//! header, the namespace's calls in flight, an unknown path, the body size — then the
-//! signature, and only then the trigger's rate: forged calls cannot use up a genuine
-//! caller's rate. Only a genuine, new call reaches the Kubernetes API.
+//! header, an unknown path, bodies being read at once, the body size — then the signature,
+//! a replay this replica has seen, and only then the trigger's rate and its namespace's
+//! calls in flight: forged and replayed calls use up neither. Only a genuine call that is
+//! new to this replica reaches the Kubernetes API.
 //!
-//! Every limit here is per replica.
+//! Every limit here is per replica; put the port behind an Ingress with limits of its own.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -33,12 +34,18 @@ use crate::controller::metrics::{Metrics, ResultLabels};
 /// Largest body read: GitHub push events and dbt Cloud events are a few KiB.
 pub const MAX_BODY_BYTES: usize = 256 * 1024;
 /// Longest a caller may take to send its headers, then its body.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections open at once; more are closed as they arrive.
 const MAX_CONNECTIONS: usize = 256;
-/// Calls of one namespace handled at once: one tenant's slow callers cannot take them all.
+/// Bodies read at once (at most 8 MiB together).
+const MAX_BODY_READS: usize = 32;
+/// Genuine calls of one namespace handled at once: one tenant's triggers cannot take the
+/// API time of every other's.
 const MAX_IN_FLIGHT_PER_NAMESPACE: usize = 8;
+/// Deliveries this replica remembers accepting, per trigger: a replay is refused without
+/// asking the API server.
+const SEEN_PER_HOOK: usize = 512;
 /// Genuine calls a second to one trigger, with a burst: a pipeline's calls, not a flood.
 const HOOK_RATE: u32 = 1;
 const HOOK_BURST: u32 = 20;
@@ -49,6 +56,8 @@ struct Served {
     metrics: Arc<Metrics>,
     per_hook: DefaultKeyedRateLimiter<String>,
     in_flight: InFlight,
+    body_reads: Semaphore,
+    seen: Mutex<HashMap<String, std::collections::VecDeque<String>>>,
 }
 
 /// Serves the webhooks in `hooks` on `addr`; returns the bound address and the server task.
@@ -65,6 +74,8 @@ pub async fn serve(
         metrics,
         per_hook: RateLimiter::keyed(Quota::per_second(nz(HOOK_RATE)).allow_burst(nz(HOOK_BURST))),
         in_flight: InFlight::default(),
+        body_reads: Semaphore::new(MAX_BODY_READS),
+        seen: Mutex::default(),
     });
     let app = Router::new().route("/hook/{digest}", post(call)).fallback(unknown).with_state(served.clone());
     let listener = tokio::net::TcpListener::bind(addr).await?;
@@ -74,6 +85,7 @@ pub async fn serve(
             loop {
                 tokio::time::sleep(Duration::from_secs(60)).await;
                 served.per_hook.retain_recent();
+                served.seen.lock().expect("seen lock").retain(|path, _| served.hooks.get(path).is_some());
             }
         };
         tokio::select! {
@@ -187,20 +199,23 @@ fn count(served: &Served, answer: &Answer) {
     served.metrics.trigger_deliveries.get_or_create(&ResultLabels { result: answer.1.to_owned() }).inc();
 }
 
-async fn answer(served: &Served, path: &str, headers: &HeaderMap, body: Body) -> Answer {
+async fn answer(served: &Arc<Served>, path: &str, headers: &HeaderMap, body: Body) -> Answer {
     if !served.hooks.ready() {
         return busy("the trigger port is starting");
     }
     let Some(hook) = served.hooks.get(path) else {
         return not_found();
     };
-    let Some(_slot) = served.in_flight.take(&hook.namespace) else {
-        return busy("too many calls to this namespace's triggers at once");
-    };
-    let Some(body) = read_body(body).await else {
-        let message =
-            format!("the body is over {} KiB or was not sent in time; nothing was run", MAX_BODY_BYTES / 1024);
-        return Answer(StatusCode::BAD_REQUEST, "too_large", message);
+    let body = {
+        let Ok(_reading) = served.body_reads.try_acquire() else {
+            return busy("too many calls at once");
+        };
+        let Some(body) = read_body(body).await else {
+            let message =
+                format!("the body is over {} KiB or was not sent in time; nothing was run", MAX_BODY_BYTES / 1024);
+            return Answer(StatusCode::BAD_REQUEST, "too_large", message);
+        };
+        body
     };
     let now = Timestamp::now();
     let expected = Expectation { kind: hook.kind, token: hook.token.expose().as_bytes(), events: &hook.events };
@@ -212,12 +227,34 @@ async fn answer(served: &Served, path: &str, headers: &HeaderMap, body: Body) ->
         }
         Err(refusal) => return Answer(StatusCode::BAD_REQUEST, "invalid", format!("{refusal}; nothing was run")),
     };
-    // Charged only for genuine calls: forged ones never use up the caller's rate.
+    if served.seen(path, &delivery.id) {
+        return Answer(StatusCode::BAD_REQUEST, "replayed", DeliverError::Replayed(delivery.id).to_string());
+    }
+    // Charged only for genuine, new calls: forged and replayed ones never use up the rate.
     if served.per_hook.check_key(&path.to_owned()).is_err() {
         let message = "too many calls to this trigger; try again later".into();
         return Answer(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message);
     }
-    match deliver(&served.client, &hook, &delivery, now).await {
+    let Some(slot) = served.in_flight.take(&hook.namespace) else {
+        return busy("too many calls to this namespace's triggers at once");
+    };
+    drop(slot);
+    // Its own task: a caller that hangs up does not stop a delivery half-way.
+    let task = {
+        let (served, path) = (served.clone(), path.to_owned());
+        tokio::spawn(async move {
+            let _slot = served.in_flight.take(&hook.namespace);
+            let result = deliver(&served.client, &hook, &delivery, now).await;
+            if matches!(result, Ok(_) | Err(DeliverError::Replayed(_))) {
+                served.remember(&path, &delivery.id);
+            }
+            (hook, delivery, result)
+        })
+    };
+    let Ok((hook, delivery, result)) = task.await else {
+        return busy("the delivery stopped");
+    };
+    match result {
         Ok(outcome) => {
             info!(
                 namespace = hook.namespace,
@@ -238,6 +275,19 @@ async fn answer(served: &Served, path: &str, headers: &HeaderMap, body: Body) ->
             warn!(namespace = hook.namespace, trigger = hook.name, error = ?e, "trigger delivery failed");
             Answer(StatusCode::SERVICE_UNAVAILABLE, "failed", e.to_string())
         }
+    }
+}
+
+impl Served {
+    fn seen(&self, path: &str, id: &str) -> bool {
+        self.seen.lock().expect("seen lock").get(path).is_some_and(|ids| ids.iter().any(|i| i == id))
+    }
+
+    fn remember(&self, path: &str, id: &str) {
+        let mut seen = self.seen.lock().expect("seen lock");
+        let ids = seen.entry(path.to_owned()).or_default();
+        ids.push_front(id.to_owned());
+        ids.truncate(SEEN_PER_HOOK);
     }
 }
 

@@ -8,8 +8,10 @@
 //! - `GitHub`: `X-Hub-Signature-256: sha256=<hex>`, HMAC-SHA256 over the body;
 //!   `X-GitHub-Event` names the event (GitHub's "Validating webhook deliveries"). GitHub
 //!   signs neither that header nor `X-GitHub-Delivery`, so the delivery is named by a digest
-//!   of the body, and a `push` must look like one (`ref`) and carries its time
-//!   (`repository.pushed_at`).
+//!   of the body, and the body must be the event's: a `push` carries `ref` and its time
+//!   (`repository.pushed_at`), another event its object under its own name with
+//!   `updated_at` or `created_at`; a `workflow_run` runs imports only once completed
+//!   successfully.
 //! - `DbtCloud`: `Authorization: <hex>`, HMAC-SHA256 over the body; the JSON body carries
 //!   `eventId`, `timestamp`, `eventType` and `data.runStatus` (dbt Cloud's "Webhooks for
 //!   your jobs").
@@ -62,6 +64,7 @@ pub enum Ignored {
     EventNotListed,
     DbtRunNotCompleted,
     DbtRunNotSucceeded,
+    WorkflowNotSucceeded,
 }
 
 impl Ignored {
@@ -71,6 +74,7 @@ impl Ignored {
             Ignored::EventNotListed => "ignored: the trigger's spec.events does not list this event",
             Ignored::DbtRunNotCompleted => "ignored: only job.run.completed runs imports",
             Ignored::DbtRunNotSucceeded => "ignored: the dbt Cloud run did not succeed",
+            Ignored::WorkflowNotSucceeded => "ignored: only a completed, successful workflow run runs imports",
         }
     }
 }
@@ -147,35 +151,36 @@ fn github(expected: &Expectation<'_>, headers: &HeaderMap, body: &[u8]) -> Resul
     if !listed {
         return Ok(Verdict::Ignore(Ignored::EventNotListed));
     }
-    // X-GitHub-Event is not signed: a push must at least look like one, and says when.
-    let payload: GitHubPayload =
+    // X-GitHub-Event is not signed: the body must be that event's (a push's `ref`, another
+    // event's object under its own name), and say when it happened, so that a captured
+    // body can neither be relabelled nor replayed once forgotten.
+    let payload: serde_json::Value =
         serde_json::from_slice(body).map_err(|_| Refusal::Malformed("the body is not a GitHub webhook payload"))?;
-    let sent_at = payload.repository.and_then(|r| r.pushed_at).and_then(|s| Timestamp::from_second(s).ok());
-    if event == "push" && (payload.git_ref.is_none() || sent_at.is_none()) {
-        return Err(Refusal::Malformed("a push event without ref or repository.pushed_at"));
+    let sent_at = if event == "push" {
+        payload.get("ref").and_then(serde_json::Value::as_str).and(time(&payload["repository"]["pushed_at"]))
+    } else {
+        let object = &payload[event];
+        time(&object["updated_at"]).or_else(|| time(&object["created_at"]))
+    };
+    let Some(sent_at) = sent_at else {
+        return Err(Refusal::Malformed("the body is not that event's, or says not when it happened"));
+    };
+    if event == "workflow_run"
+        && (payload["action"] != "completed" || payload["workflow_run"]["conclusion"] != "success")
+    {
+        return Ok(Verdict::Ignore(Ignored::WorkflowNotSucceeded));
     }
     let digest = Sha256::digest(body);
-    Ok(Verdict::Run(Delivery { id: format!("github-{}", &hex(&digest)[..32]), sent_at }))
+    Ok(Verdict::Run(Delivery { id: format!("github-{}", &hex(&digest)[..32]), sent_at: Some(sent_at) }))
 }
 
-/// The parts of a GitHub payload the trigger reads.
-#[derive(Deserialize)]
-struct GitHubPayload {
-    #[serde(rename = "ref", default)]
-    git_ref: Option<String>,
-    #[serde(default)]
-    repository: Option<GitHubRepository>,
-}
-
-#[derive(Deserialize)]
-struct GitHubRepository {
-    /// Unix seconds in push events (an ISO time in others: not read).
-    #[serde(default, deserialize_with = "seconds_or_nothing")]
-    pushed_at: Option<i64>,
-}
-
-fn seconds_or_nothing<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
-    Ok(serde_json::Value::deserialize(d)?.as_i64())
+/// A GitHub time: Unix seconds (a push's `pushed_at`) or RFC 3339 (everywhere else).
+fn time(value: &serde_json::Value) -> Option<Timestamp> {
+    match value {
+        serde_json::Value::Number(n) => n.as_i64().and_then(|s| Timestamp::from_second(s).ok()),
+        serde_json::Value::String(s) => s.parse().ok(),
+        _ => None,
+    }
 }
 
 /// The parts of a dbt Cloud webhook body the trigger reads.
@@ -343,8 +348,17 @@ mod tests {
         let issues = verify(&expect(TriggerType::GitHub, &[]), &call("issues"), body, now()).unwrap();
         assert_eq!(issues, Verdict::Ignore(Ignored::EventNotListed));
         let listed = ["workflow_run".to_owned()];
-        let workflow = verify(&expect(TriggerType::GitHub, &listed), &call("workflow_run"), body, now()).unwrap();
-        assert!(matches!(workflow, Verdict::Run(_)));
+        let run =
+            br#"{"action":"completed","workflow_run":{"conclusion":"success","updated_at":"2023-01-31T19:29:00Z"}}"#;
+        let run_call = headers(&[
+            ("x-hub-signature-256", format!("sha256={}", sign(TOKEN, run))),
+            ("x-github-event", "workflow_run".to_owned()),
+        ]);
+        let workflow = verify(&expect(TriggerType::GitHub, &listed), &run_call, run, now()).unwrap();
+        assert!(matches!(workflow, Verdict::Run(Delivery { sent_at: Some(_), .. })));
+        // A push body relabelled as the listed event is not that event's.
+        let relabelled = verify(&expect(TriggerType::GitHub, &listed), &call("workflow_run"), body, now());
+        assert!(matches!(relabelled, Err(Refusal::Malformed(_))));
         // The event header is not signed: a signed body that is no push is not run as one.
         let zen = br#"{"zen":"Keep it logically awesome.","hook_id":1}"#;
         let relabelled = headers(&[
