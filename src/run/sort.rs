@@ -1,11 +1,13 @@
 //! External sort: member keys in, one sorted de-duplicated key stream out, in bounded memory.
 //!
 //! Keys are buffered in one contiguous arena (no allocation per key) with a 16-byte index
-//! entry each — the first 8 key bytes as a big-endian integer, so most comparisons never
-//! touch the arena, plus offset and length. When arena and index reach the memory budget
-//! the buffer is sorted, de-duplicated and spilled to an unnamed temporary file as
-//! front-coded records; at the end the spilled runs are merged through a binary heap. A
-//! cohort that fits the budget never touches the disk.
+//! entry each — 8 key bytes as a big-endian integer, so most comparisons never touch the
+//! arena, plus offset and length. The 8 bytes are those after the prefix every buffered key
+//! shares (`\x01user-00…`: the type tag and what ids have in common), which says nothing
+//! about order. When arena and index reach the memory budget the buffer is sorted,
+//! de-duplicated and spilled to an unnamed temporary file as front-coded records; at the
+//! end the spilled runs are merged through a binary heap. A cohort that fits the budget
+//! never touches the disk.
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
@@ -81,20 +83,28 @@ impl ExternalSorter {
         })?;
         let len = key.len() as u32;
         self.arena.extend_from_slice(key);
-        self.entries.push(Entry { prefix: prefix(key), offset: end - len, len });
+        // The prefix is set when the buffer is sorted, once the bytes all keys share are known.
+        self.entries.push(Entry { prefix: 0, offset: end - len, len });
         self.stats.pushed += 1;
         Ok(())
     }
 
     /// Sorts and de-duplicates the buffer in place.
     fn sort_buffer(&mut self) {
-        let arena = &self.arena;
+        let (arena, entries) = (&self.arena, &mut self.entries);
         let key = |e: &Entry| &arena[e.offset as usize..(e.offset + e.len) as usize];
-        self.entries.sort_unstable_by(|a, b| match a.prefix.cmp(&b.prefix) {
-            Ordering::Equal => key(a).cmp(key(b)),
+        // Keys that share their first bytes are ordered by what follows them: compare by the
+        // 8 bytes after the shared part (one pass, in arena order), then by the rest.
+        let shared = shared_prefix_len(entries.iter().map(key));
+        for e in entries.iter_mut() {
+            e.prefix = prefix(&key(e)[shared..]);
+        }
+        let rest = |e: &Entry| &key(e)[shared..];
+        entries.sort_unstable_by(|a, b| match a.prefix.cmp(&b.prefix) {
+            Ordering::Equal => rest(a).cmp(rest(b)),
             other => other,
         });
-        self.entries.dedup_by(|a, b| a.prefix == b.prefix && key(a) == key(b));
+        entries.dedup_by(|a, b| a.prefix == b.prefix && rest(a) == rest(b));
     }
 
     fn spill(&mut self) -> io::Result<()> {
@@ -137,6 +147,20 @@ impl ExternalSorter {
     }
 }
 
+/// The length of the prefix every key shares.
+fn shared_prefix_len<'k>(mut keys: impl Iterator<Item = &'k [u8]>) -> usize {
+    let Some(first) = keys.next() else { return 0 };
+    let mut shared = first.len();
+    for key in keys {
+        if shared == 0 {
+            break;
+        }
+        shared = first[..shared].iter().zip(key).take_while(|(a, b)| a == b).count();
+    }
+    shared
+}
+
+/// The first 8 bytes as a big-endian integer, zero-padded: ordered as the bytes are.
 fn prefix(key: &[u8]) -> u64 {
     let mut b = [0u8; 8];
     let n = key.len().min(8);
@@ -282,7 +306,36 @@ mod tests {
         assert_eq!(out, expected);
     }
 
+    #[test]
+    fn the_prefix_compared_starts_after_the_bytes_every_key_shares() {
+        let keys: [&[u8]; 3] = [b"\x01user-0012", b"\x01user-0034", b"\x01user-00"];
+        assert_eq!(shared_prefix_len(keys.into_iter()), 8);
+        assert_eq!(shared_prefix_len([&b"abc"[..], b""].into_iter()), 0);
+        assert_eq!(shared_prefix_len(std::iter::empty()), 0);
+        assert_eq!(shared_prefix_len([&b"same"[..]].into_iter()), 4);
+        // Keys that differ only past their first 8 bytes, one a prefix of another.
+        let keys: Vec<Vec<u8>> = ["\x01user-0000002", "\x01user-00000010", "\x01user-0000001", "\x01user-00"]
+            .iter()
+            .map(|k| k.as_bytes().to_vec())
+            .collect();
+        let (out, _) = sort(&keys, DEFAULT_MEMORY_BUDGET);
+        let mut expected = keys.clone();
+        expected.sort();
+        assert_eq!(out, expected);
+    }
+
     proptest! {
+        #[test]
+        fn keys_sharing_a_prefix_come_out_sorted(
+            shared in proptest::collection::vec(0u8..3, 0..12),
+            tails in proptest::collection::vec(proptest::collection::vec(0u8..3, 0..12), 0..2000),
+        ) {
+            let keys: Vec<Vec<u8>> = tails.iter().map(|t| [&shared[..], t].concat()).collect();
+            let (out, _) = sort(&keys, 16 * 1024);
+            let expected: Vec<_> = keys.iter().cloned().collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+            prop_assert_eq!(out, expected);
+        }
+
         #[test]
         fn output_is_the_sorted_set_of_the_input(
             keys in proptest::collection::vec(proptest::collection::vec(0u8..6, 0..12), 0..3000),
