@@ -89,8 +89,8 @@ impl ExternalSorter {
         Ok(())
     }
 
-    /// Sorts and de-duplicates the buffer in place.
-    fn sort_buffer(&mut self) {
+    /// Sorts and de-duplicates the buffer in place; returns how many bytes every key shares.
+    fn sort_buffer(&mut self) -> usize {
         let (arena, entries) = (&self.arena, &mut self.entries);
         let key = |e: &Entry| &arena[e.offset as usize..(e.offset + e.len) as usize];
         // Keys that share their first bytes are ordered by what follows them: compare by the
@@ -105,14 +105,16 @@ impl ExternalSorter {
             other => other,
         });
         entries.dedup_by(|a, b| a.prefix == b.prefix && rest(a) == rest(b));
+        shared
     }
 
     fn spill(&mut self) -> io::Result<()> {
-        self.sort_buffer();
+        let shared = self.sort_buffer();
         let file = tempfile::tempfile_in(&self.dir)?;
         let mut out = FrontCodedWriter::new(BufWriter::with_capacity(SPILL_WRITE_BUFFER, file));
+        let mut key = SortedKey::new(&self.arena, &self.entries, shared);
         for e in &self.entries {
-            out.push(&self.arena[e.offset as usize..(e.offset + e.len) as usize])?;
+            out.push(key.of(&self.arena, e))?;
         }
         let mut file = out.into_inner().into_inner().map_err(io::IntoInnerError::into_error)?;
         self.stats.spilled_bytes += file.stream_position()?;
@@ -127,9 +129,9 @@ impl ExternalSorter {
     /// Ends input; returns the keys sorted and de-duplicated.
     pub fn finish(mut self) -> io::Result<(SortedKeys, SortStats)> {
         if self.runs.is_empty() {
-            self.sort_buffer();
+            let shared = self.sort_buffer();
             let stats = self.stats;
-            return Ok((SortedKeys::Memory(MemoryKeys { arena: self.arena, entries: self.entries, at: 0 }), stats));
+            return Ok((SortedKeys::Memory(MemoryKeys::new(self.arena, self.entries, shared)), stats));
         }
         if !self.entries.is_empty() {
             self.spill()?;
@@ -160,6 +162,34 @@ fn shared_prefix_len<'k>(mut keys: impl Iterator<Item = &'k [u8]>) -> usize {
     shared
 }
 
+/// Keys of a sorted buffer, one after the other, in a buffer of their own. A key whose bytes
+/// past the shared prefix fit its entry's 8 (numeric ids, mostly) is rebuilt from the entry:
+/// the arena holds keys in arrival order, so reading them in sorted order from it costs a
+/// cache miss a key.
+struct SortedKey {
+    shared: usize,
+    key: Vec<u8>,
+}
+
+impl SortedKey {
+    fn new(arena: &[u8], entries: &[Entry], shared: usize) -> Self {
+        let key = entries.first().map(|e| arena[e.offset as usize..][..shared].to_vec()).unwrap_or_default();
+        SortedKey { shared, key }
+    }
+
+    /// The key of `e`, an entry of the sorted buffer.
+    fn of(&mut self, arena: &[u8], e: &Entry) -> &[u8] {
+        self.key.truncate(self.shared);
+        let rest = e.len as usize - self.shared;
+        if rest <= size_of::<u64>() {
+            self.key.extend_from_slice(&e.prefix.to_be_bytes()[..rest]);
+        } else {
+            self.key.extend_from_slice(&arena[e.offset as usize + self.shared..(e.offset + e.len) as usize]);
+        }
+        &self.key
+    }
+}
+
 /// The first 8 bytes as a big-endian integer, zero-padded: ordered as the bytes are.
 fn prefix(key: &[u8]) -> u64 {
     let mut b = [0u8; 8];
@@ -187,7 +217,7 @@ impl KeyCursor for SortedKeys {
     fn advance(&mut self) -> io::Result<()> {
         match self {
             SortedKeys::Memory(m) => {
-                m.at += 1;
+                m.advance();
                 Ok(())
             }
             SortedKeys::Merged(m) => m.advance(),
@@ -200,11 +230,31 @@ pub struct MemoryKeys {
     arena: Vec<u8>,
     entries: Vec<Entry>,
     at: usize,
+    /// The current key's bytes.
+    current: SortedKey,
 }
 
 impl MemoryKeys {
+    fn new(arena: Vec<u8>, entries: Vec<Entry>, shared: usize) -> Self {
+        let current = SortedKey::new(&arena, &entries, shared);
+        let mut keys = MemoryKeys { arena, entries, at: 0, current };
+        keys.load();
+        keys
+    }
+
     fn key(&self) -> Option<&[u8]> {
-        self.entries.get(self.at).map(|e| &self.arena[e.offset as usize..(e.offset + e.len) as usize])
+        (self.at < self.entries.len()).then_some(self.current.key.as_slice())
+    }
+
+    fn advance(&mut self) {
+        self.at += 1;
+        self.load();
+    }
+
+    fn load(&mut self) {
+        if let Some(e) = self.entries.get(self.at) {
+            self.current.of(&self.arena, e);
+        }
     }
 }
 
