@@ -11,6 +11,7 @@
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
+use std::collections::binary_heap::PeekMut;
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Seek, SeekFrom};
 use std::path::PathBuf;
@@ -285,22 +286,29 @@ impl Merge {
         self.pop(false)
     }
 
-    /// Makes the smallest key not yet emitted current, reusing buffers: the popped key's
-    /// vector becomes `current`, and the old `current` carries its run's next key.
+    /// Makes the smallest key not yet emitted current, reusing buffers: the smallest key's
+    /// vector becomes `current`, and the old `current` carries its run's next key in its
+    /// place at the top of the heap, which then sifts down once (a pop and a push would
+    /// sift twice).
     fn pop(&mut self, first: bool) -> io::Result<()> {
         loop {
-            let Some(Reverse((key, run))) = self.heap.pop() else {
+            let Some(mut top) = self.heap.peek_mut() else {
                 self.done = true;
                 return Ok(());
             };
-            let duplicate = !first && key == self.current;
-            let mut spare = if duplicate { key } else { std::mem::replace(&mut self.current, key) };
-            let reader = &mut self.runs[run];
+            let Reverse((key, run)) = &mut *top;
+            let duplicate = !first && *key == self.current;
+            if !duplicate {
+                std::mem::swap(key, &mut self.current);
+            }
+            let reader = &mut self.runs[*run];
             reader.advance()?;
-            if let Some(next) = reader.key() {
-                spare.clear();
-                spare.extend_from_slice(next);
-                self.heap.push(Reverse((spare, run)));
+            match reader.key() {
+                Some(next) => {
+                    key.clear();
+                    key.extend_from_slice(next);
+                }
+                None => drop(PeekMut::pop(top)),
             }
             if !duplicate {
                 return Ok(());
