@@ -55,6 +55,8 @@ pub use report::{RunError, RunReport, SAMPLE_SIZE, SnapshotMissing, new_run_id};
 
 /// Changes kept in memory before a change list moves to a scratch file.
 const CHANGES_IN_MEMORY: usize = 4 << 20;
+/// Bytes of change-list records gathered before they are written.
+const CHANGE_LIST_BUFFER: usize = 64 * 1024;
 /// Batches of members in flight from the source to the sorter thread.
 const SORT_QUEUE: usize = 4;
 /// Changes per message from the reader thread to the Braze sender.
@@ -731,8 +733,11 @@ fn diff_to_files(
         Some(o) => (Some(create_body(&o.snapshot)?), Some(create_body(&o.sends)?)),
         None => (None, None),
     };
-    let mut adds = FrontCodedWriter::new(SpooledTempFile::new(CHANGES_IN_MEMORY));
-    let mut removes = FrontCodedWriter::new(SpooledTempFile::new(CHANGES_IN_MEMORY));
+    // Buffered: past CHANGES_IN_MEMORY a list is a file, and a record is a few bytes.
+    let change_list =
+        || FrontCodedWriter::new(BufWriter::with_capacity(CHANGE_LIST_BUFFER, SpooledTempFile::new(CHANGES_IN_MEMORY)));
+    let mut adds = change_list();
+    let mut removes = change_list();
     let mut sample_added = Vec::new();
     let mut sample_removed = Vec::new();
     let mut digest = MemberDigest::default();
@@ -773,8 +778,8 @@ fn diff_to_files(
     for body in [snapshot, sends].into_iter().flatten() {
         finish_body(body)?;
     }
-    let rewind = |w: FrontCodedWriter<SpooledTempFile>| -> io::Result<SpooledTempFile> {
-        let mut f = w.into_inner();
+    let rewind = |w: FrontCodedWriter<BufWriter<SpooledTempFile>>| -> io::Result<SpooledTempFile> {
+        let mut f = w.into_inner().into_inner().map_err(io::IntoInnerError::into_error)?;
         f.flush()?;
         f.seek(SeekFrom::Start(0))?;
         Ok(f)

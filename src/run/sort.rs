@@ -1,14 +1,17 @@
 //! External sort: member keys in, one sorted de-duplicated key stream out, in bounded memory.
 //!
 //! Keys are buffered in one contiguous arena (no allocation per key) with a 16-byte index
-//! entry each — the first 8 key bytes as a big-endian integer, so most comparisons never
-//! touch the arena, plus offset and length. When arena and index reach the memory budget
-//! the buffer is sorted, de-duplicated and spilled to an unnamed temporary file as
-//! front-coded records; at the end the spilled runs are merged through a binary heap. A
-//! cohort that fits the budget never touches the disk.
+//! entry each — 8 key bytes as a big-endian integer, so most comparisons never touch the
+//! arena, plus offset and length. The 8 bytes are those after the prefix every buffered key
+//! shares (`\x01user-00…`: the type tag and what ids have in common), which says nothing
+//! about order. When arena and index reach the memory budget the buffer is sorted,
+//! de-duplicated and spilled to an unnamed temporary file as front-coded records; at the
+//! end the spilled runs are merged through a binary heap. A cohort that fits the budget
+//! never touches the disk.
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
+use std::collections::binary_heap::PeekMut;
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Seek, SeekFrom};
 use std::path::PathBuf;
@@ -81,28 +84,38 @@ impl ExternalSorter {
         })?;
         let len = key.len() as u32;
         self.arena.extend_from_slice(key);
-        self.entries.push(Entry { prefix: prefix(key), offset: end - len, len });
+        // The prefix is set when the buffer is sorted, once the bytes all keys share are known.
+        self.entries.push(Entry { prefix: 0, offset: end - len, len });
         self.stats.pushed += 1;
         Ok(())
     }
 
-    /// Sorts and de-duplicates the buffer in place.
-    fn sort_buffer(&mut self) {
-        let arena = &self.arena;
+    /// Sorts and de-duplicates the buffer in place; returns how many bytes every key shares.
+    fn sort_buffer(&mut self) -> usize {
+        let (arena, entries) = (&self.arena, &mut self.entries);
         let key = |e: &Entry| &arena[e.offset as usize..(e.offset + e.len) as usize];
-        self.entries.sort_unstable_by(|a, b| match a.prefix.cmp(&b.prefix) {
-            Ordering::Equal => key(a).cmp(key(b)),
+        // Keys that share their first bytes are ordered by what follows them: compare by the
+        // 8 bytes after the shared part (one pass, in arena order), then by the rest.
+        let shared = shared_prefix_len(entries.iter().map(key));
+        for e in entries.iter_mut() {
+            e.prefix = prefix(&key(e)[shared..]);
+        }
+        let rest = |e: &Entry| &key(e)[shared..];
+        entries.sort_unstable_by(|a, b| match a.prefix.cmp(&b.prefix) {
+            Ordering::Equal => rest(a).cmp(rest(b)),
             other => other,
         });
-        self.entries.dedup_by(|a, b| a.prefix == b.prefix && key(a) == key(b));
+        entries.dedup_by(|a, b| a.prefix == b.prefix && rest(a) == rest(b));
+        shared
     }
 
     fn spill(&mut self) -> io::Result<()> {
-        self.sort_buffer();
+        let shared = self.sort_buffer();
         let file = tempfile::tempfile_in(&self.dir)?;
         let mut out = FrontCodedWriter::new(BufWriter::with_capacity(SPILL_WRITE_BUFFER, file));
+        let mut key = SortedKey::new(&self.arena, &self.entries, shared);
         for e in &self.entries {
-            out.push(&self.arena[e.offset as usize..(e.offset + e.len) as usize])?;
+            out.push(key.of(&self.arena, e))?;
         }
         let mut file = out.into_inner().into_inner().map_err(io::IntoInnerError::into_error)?;
         self.stats.spilled_bytes += file.stream_position()?;
@@ -117,9 +130,9 @@ impl ExternalSorter {
     /// Ends input; returns the keys sorted and de-duplicated.
     pub fn finish(mut self) -> io::Result<(SortedKeys, SortStats)> {
         if self.runs.is_empty() {
-            self.sort_buffer();
+            let shared = self.sort_buffer();
             let stats = self.stats;
-            return Ok((SortedKeys::Memory(MemoryKeys { arena: self.arena, entries: self.entries, at: 0 }), stats));
+            return Ok((SortedKeys::Memory(MemoryKeys::new(self.arena, self.entries, shared)), stats));
         }
         if !self.entries.is_empty() {
             self.spill()?;
@@ -137,6 +150,48 @@ impl ExternalSorter {
     }
 }
 
+/// The length of the prefix every key shares.
+fn shared_prefix_len<'k>(mut keys: impl Iterator<Item = &'k [u8]>) -> usize {
+    let Some(first) = keys.next() else { return 0 };
+    let mut shared = first.len();
+    for key in keys {
+        if shared == 0 {
+            break;
+        }
+        shared = first[..shared].iter().zip(key).take_while(|(a, b)| a == b).count();
+    }
+    shared
+}
+
+/// Keys of a sorted buffer, one after the other, in a buffer of their own. A key whose bytes
+/// past the shared prefix fit its entry's 8 (numeric ids, mostly) is rebuilt from the entry:
+/// the arena holds keys in arrival order, so reading them in sorted order from it costs a
+/// cache miss a key.
+struct SortedKey {
+    shared: usize,
+    key: Vec<u8>,
+}
+
+impl SortedKey {
+    fn new(arena: &[u8], entries: &[Entry], shared: usize) -> Self {
+        let key = entries.first().map(|e| arena[e.offset as usize..][..shared].to_vec()).unwrap_or_default();
+        SortedKey { shared, key }
+    }
+
+    /// The key of `e`, an entry of the sorted buffer.
+    fn of(&mut self, arena: &[u8], e: &Entry) -> &[u8] {
+        self.key.truncate(self.shared);
+        let rest = e.len as usize - self.shared;
+        if rest <= size_of::<u64>() {
+            self.key.extend_from_slice(&e.prefix.to_be_bytes()[..rest]);
+        } else {
+            self.key.extend_from_slice(&arena[e.offset as usize + self.shared..(e.offset + e.len) as usize]);
+        }
+        &self.key
+    }
+}
+
+/// The first 8 bytes as a big-endian integer, zero-padded: ordered as the bytes are.
 fn prefix(key: &[u8]) -> u64 {
     let mut b = [0u8; 8];
     let n = key.len().min(8);
@@ -163,7 +218,7 @@ impl KeyCursor for SortedKeys {
     fn advance(&mut self) -> io::Result<()> {
         match self {
             SortedKeys::Memory(m) => {
-                m.at += 1;
+                m.advance();
                 Ok(())
             }
             SortedKeys::Merged(m) => m.advance(),
@@ -176,11 +231,31 @@ pub struct MemoryKeys {
     arena: Vec<u8>,
     entries: Vec<Entry>,
     at: usize,
+    /// The current key's bytes.
+    current: SortedKey,
 }
 
 impl MemoryKeys {
+    fn new(arena: Vec<u8>, entries: Vec<Entry>, shared: usize) -> Self {
+        let current = SortedKey::new(&arena, &entries, shared);
+        let mut keys = MemoryKeys { arena, entries, at: 0, current };
+        keys.load();
+        keys
+    }
+
     fn key(&self) -> Option<&[u8]> {
-        self.entries.get(self.at).map(|e| &self.arena[e.offset as usize..(e.offset + e.len) as usize])
+        (self.at < self.entries.len()).then_some(self.current.key.as_slice())
+    }
+
+    fn advance(&mut self) {
+        self.at += 1;
+        self.load();
+    }
+
+    fn load(&mut self) {
+        if let Some(e) = self.entries.get(self.at) {
+            self.current.of(&self.arena, e);
+        }
     }
 }
 
@@ -211,22 +286,29 @@ impl Merge {
         self.pop(false)
     }
 
-    /// Makes the smallest key not yet emitted current, reusing buffers: the popped key's
-    /// vector becomes `current`, and the old `current` carries its run's next key.
+    /// Makes the smallest key not yet emitted current, reusing buffers: the smallest key's
+    /// vector becomes `current`, and the old `current` carries its run's next key in its
+    /// place at the top of the heap, which then sifts down once (a pop and a push would
+    /// sift twice).
     fn pop(&mut self, first: bool) -> io::Result<()> {
         loop {
-            let Some(Reverse((key, run))) = self.heap.pop() else {
+            let Some(mut top) = self.heap.peek_mut() else {
                 self.done = true;
                 return Ok(());
             };
-            let duplicate = !first && key == self.current;
-            let mut spare = if duplicate { key } else { std::mem::replace(&mut self.current, key) };
-            let reader = &mut self.runs[run];
+            let Reverse((key, run)) = &mut *top;
+            let duplicate = !first && *key == self.current;
+            if !duplicate {
+                std::mem::swap(key, &mut self.current);
+            }
+            let reader = &mut self.runs[*run];
             reader.advance()?;
-            if let Some(next) = reader.key() {
-                spare.clear();
-                spare.extend_from_slice(next);
-                self.heap.push(Reverse((spare, run)));
+            match reader.key() {
+                Some(next) => {
+                    key.clear();
+                    key.extend_from_slice(next);
+                }
+                None => drop(PeekMut::pop(top)),
             }
             if !duplicate {
                 return Ok(());
@@ -282,7 +364,36 @@ mod tests {
         assert_eq!(out, expected);
     }
 
+    #[test]
+    fn the_prefix_compared_starts_after_the_bytes_every_key_shares() {
+        let keys: [&[u8]; 3] = [b"\x01user-0012", b"\x01user-0034", b"\x01user-00"];
+        assert_eq!(shared_prefix_len(keys.into_iter()), 8);
+        assert_eq!(shared_prefix_len([&b"abc"[..], b""].into_iter()), 0);
+        assert_eq!(shared_prefix_len(std::iter::empty()), 0);
+        assert_eq!(shared_prefix_len([&b"same"[..]].into_iter()), 4);
+        // Keys that differ only past their first 8 bytes, one a prefix of another.
+        let keys: Vec<Vec<u8>> = ["\x01user-0000002", "\x01user-00000010", "\x01user-0000001", "\x01user-00"]
+            .iter()
+            .map(|k| k.as_bytes().to_vec())
+            .collect();
+        let (out, _) = sort(&keys, DEFAULT_MEMORY_BUDGET);
+        let mut expected = keys.clone();
+        expected.sort();
+        assert_eq!(out, expected);
+    }
+
     proptest! {
+        #[test]
+        fn keys_sharing_a_prefix_come_out_sorted(
+            shared in proptest::collection::vec(0u8..3, 0..12),
+            tails in proptest::collection::vec(proptest::collection::vec(0u8..3, 0..12), 0..2000),
+        ) {
+            let keys: Vec<Vec<u8>> = tails.iter().map(|t| [&shared[..], t].concat()).collect();
+            let (out, _) = sort(&keys, 16 * 1024);
+            let expected: Vec<_> = keys.iter().cloned().collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+            prop_assert_eq!(out, expected);
+        }
+
         #[test]
         fn output_is_the_sorted_set_of_the_input(
             keys in proptest::collection::vec(proptest::collection::vec(0u8..6, 0..12), 0..3000),

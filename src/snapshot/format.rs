@@ -6,7 +6,7 @@
 //! Sorter spill files use the records as they are; a snapshot body is the same records in
 //! one zstd frame with its content checksum, so a truncated or damaged body fails to read.
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 
 use crate::domain::diff::KeyCursor;
 
@@ -150,16 +150,20 @@ impl<R: BufRead> KeyCursor for FrontCodedReader<R> {
     }
 }
 
+/// Records gathered before they go to the compressor: a record is a few bytes, and each
+/// call into zstd's streaming API costs more than compressing them.
+const RECORD_BUFFER: usize = 64 * 1024;
+
 /// Writes a snapshot body: front-coded records in a zstd frame with a checksum.
 pub struct BodyWriter<W: Write> {
-    records: FrontCodedWriter<zstd::Encoder<'static, W>>,
+    records: FrontCodedWriter<BufWriter<zstd::Encoder<'static, W>>>,
 }
 
 impl<W: Write> BodyWriter<W> {
     pub fn new(out: W) -> io::Result<Self> {
         let mut encoder = zstd::Encoder::new(out, ZSTD_LEVEL)?;
         encoder.include_checksum(true)?;
-        Ok(Self { records: FrontCodedWriter::new(encoder) })
+        Ok(Self { records: FrontCodedWriter::new(BufWriter::with_capacity(RECORD_BUFFER, encoder)) })
     }
 
     pub fn push(&mut self, key: &[u8]) -> io::Result<()> {
@@ -173,7 +177,8 @@ impl<W: Write> BodyWriter<W> {
     /// Ends the frame; returns the output and the number of keys written.
     pub fn finish(self) -> io::Result<(W, u64)> {
         let count = self.records.count();
-        let out = self.records.into_inner().finish()?;
+        let encoder = self.records.into_inner().into_inner().map_err(io::IntoInnerError::into_error)?;
+        let out = encoder.finish()?;
         Ok((out, count))
     }
 }
