@@ -54,8 +54,17 @@ SRC
   rm -rf "$work/src/vendor/github.com/modern-go/reflect2"
   cp -r /usr/share/gocode/src/github.com/modern-go/reflect2 "$work/src/vendor/github.com/modern-go/reflect2"
   rm -f "$work/src/vendor/github.com/modern-go/reflect2/go.mod"
-  ( cd "$work/src" && PATH="/usr/lib/go-1.19/bin:$PATH" GOFLAGS=-mod=vendor GO111MODULE=off \
-      make WHAT=cmd/kube-apiserver KUBE_GIT_VERSION="v$K8S_VERSION" >"$work/build.log" 2>&1 ) \
+  # Only the OpenAPI definitions are generated (pkg/generated/openapi is not in the tarball).
+  # `make WHAT=cmd/kube-apiserver` would also rebuild and rerun deepcopy-, defaulter-,
+  # conversion- and prerelease-lifecycle-gen over the whole tree (about 50 s on 2 cores):
+  # their output is in the tarball already and they rewrite it identically but for an added
+  # `//go:build` line equivalent to its `// +build` one, so the server's machine code is the
+  # same (its .text is byte-identical; line numbers in those files' traces shift by one).
+  # GOGC=400: the Go compiler collects garbage less often; the same binary for 15% less CPU
+  # (397 → 339 CPU s), its largest process 1.32 → 1.41 GB.
+  ( cd "$work/src" && export PATH="/usr/lib/go-1.19/bin:$PATH" GOFLAGS=-mod=vendor GO111MODULE=off \
+      KUBE_GIT_VERSION="v$K8S_VERSION" GOGC=400 \
+      && make gen_openapi && hack/make-rules/build.sh cmd/kube-apiserver ) >"$work/build.log" 2>&1 \
     || { tail -n 40 "$work/build.log" >&2; exit 1; }
   mkdir -p "$CACHE_DIR"
   cp "$work/src/_output/bin/kube-apiserver" "$APISERVER.tmp" && mv "$APISERVER.tmp" "$APISERVER"
