@@ -22,19 +22,16 @@
 use std::fmt;
 use std::net::IpAddr;
 
-use jiff::civil::Weekday;
-use jiff::tz::TimeZone;
 use reqwest::Url;
 
 use crate::api::{
-    BigQuerySource, BrazeDestination, Cadence, CohortImportSpec, ConfigMapSource, DatabricksSource, DayOfWeek,
-    DeliveryMethod, HttpFormat, HttpSource, IdentifierMapping, InlineSource, Notifications, PostgresSource, RetrySpec,
-    ScheduleSpec, SnowflakeSource, SourceSpec,
+    BigQuerySource, BrazeDestination, CohortImportSpec, ConfigMapSource, DatabricksSource, DeliveryMethod, HttpFormat,
+    HttpSource, IdentifierMapping, InlineSource, Notifications, PostgresSource, RetrySpec, ScheduleSpec,
+    SnowflakeSource, SourceSpec,
 };
 
-use super::cron::{CronExpression, InvalidCron};
 use super::identifiers::{IdentifierFields, MappingError};
-use super::schedule::{DayOfMonth, MinuteOfHour, Recurrence, Schedule, WallTime};
+use super::schedule::{self, Schedule, spec::ScheduleProblem};
 pub use super::sql::{QueryProblem, SqlDialect, check_select};
 
 /// Operator settings that some rules depend on.
@@ -140,34 +137,8 @@ pub struct SpecError {
 pub enum Problem {
     #[error("{}", not_exactly_one(.what, .choices, .set))]
     NotExactlyOne { what: &'static str, choices: &'static [&'static str], set: Vec<&'static str> },
-    #[error("set only with cadence {needs:?} (cadence is {cadence:?}); remove it or change the cadence")]
-    OnlyWithCadence { needs: Cadence, cadence: Cadence },
-    #[error("required with cadence {cadence:?}; set it, e.g. {example}")]
-    RequiredWithCadence { cadence: Cadence, example: &'static str },
-    #[error("{value} is not a day of the month; use 1 to 31 (a month shorter than the day runs on its last day)")]
-    DayOfMonth { value: u8 },
-    #[error("{value:?} is not a wall time; write HH:MM from 00:00 to 23:59, e.g. \"06:00\"")]
-    WallTime { value: String },
-    #[error("{value} is not a minute of the hour; use 0 to 59, e.g. minute: 15")]
-    Minute { value: u8 },
-    #[error("{0}")]
-    Cron(InvalidCron),
-    #[error(
-        "runs {shortest_minutes} minute(s) apart at its closest, more often than this operator allows (--min-cron-interval-minutes={min_minutes}); space the runs at least {min_minutes} minutes apart, e.g. \"*/{min_minutes} * * * *\""
-    )]
-    CronTooOften { shortest_minutes: i64, min_minutes: i64 },
-    #[error("is not used with cadence Cron, whose expression names the times; remove `at`")]
-    AtWithCron,
-    #[error(
-        "is not used with cadence Hourly, which runs at `minute` past every hour; remove `at` and set minute, e.g. minute: 15"
-    )]
-    AtWithHourly,
-    #[error(
-        "is only for recurring cadences; Once already runs soon after creation when `at` is omitted, so remove runOnCreate (or `at`)"
-    )]
-    RunOnCreateWithOnce,
-    #[error("{name:?} is not an IANA time zone; use a name such as Europe/Lisbon, America/New_York or UTC")]
-    TimeZone { name: String },
+    #[error(transparent)]
+    Schedule(#[from] ScheduleProblem),
     #[error("maps no identifier; set at least one of externalId, alias or deviceId")]
     NoIdentifier,
     #[error("is required with method: {method}; set it{hint}")]
@@ -510,149 +481,9 @@ fn check_json_pointer(path: &str, pointer: &str, problems: &mut Problems) {
 }
 
 fn check_schedule(spec: &ScheduleSpec, limits: &Limits, problems: &mut Problems) -> Option<Schedule> {
-    let cadence = spec.cadence;
-    let mut ok = true;
-    let mut fail = |path: &str, problem: Problem| {
-        problems.add(path, problem);
-        ok = false;
-    };
-
-    let at = match &spec.at {
-        None => None,
-        Some(text) => match text.parse::<WallTime>() {
-            Ok(at) => Some(at),
-            Err(_) => {
-                fail("spec.schedule.at", Problem::WallTime { value: text.clone() });
-                None
-            }
-        },
-    };
-    match (cadence, &spec.at) {
-        (Cadence::Hourly, Some(_)) => fail("spec.schedule.at", Problem::AtWithHourly),
-        (Cadence::Cron, Some(_)) => fail("spec.schedule.at", Problem::AtWithCron),
-        (Cadence::Daily | Cadence::Weekly | Cadence::Monthly, None) => {
-            fail("spec.schedule.at", Problem::RequiredWithCadence { cadence, example: "\"06:00\"" });
-        }
-        _ => {}
-    }
-
-    let minute = match (cadence, spec.minute) {
-        (Cadence::Hourly, Some(n)) => {
-            let minute = MinuteOfHour::new(n);
-            if minute.is_none() {
-                fail("spec.schedule.minute", Problem::Minute { value: n });
-            }
-            minute
-        }
-        (Cadence::Hourly, None) => {
-            fail("spec.schedule.minute", Problem::RequiredWithCadence { cadence, example: "15" });
-            None
-        }
-        (_, Some(_)) => {
-            fail("spec.schedule.minute", Problem::OnlyWithCadence { needs: Cadence::Hourly, cadence });
-            None
-        }
-        (_, None) => None,
-    };
-    if spec.run_on_create && cadence == Cadence::Once {
-        fail("spec.schedule.runOnCreate", Problem::RunOnCreateWithOnce);
-    }
-
-    let on = match (cadence, spec.day_of_week) {
-        (Cadence::Weekly, Some(day)) => Some(weekday(day)),
-        (Cadence::Weekly, None) => {
-            fail("spec.schedule.dayOfWeek", Problem::RequiredWithCadence { cadence, example: "Monday" });
-            None
-        }
-        (_, Some(_)) => {
-            fail("spec.schedule.dayOfWeek", Problem::OnlyWithCadence { needs: Cadence::Weekly, cadence });
-            None
-        }
-        (_, None) => None,
-    };
-
-    let day = match (cadence, spec.day_of_month) {
-        (Cadence::Monthly, Some(n)) => {
-            let day = DayOfMonth::new(n);
-            if day.is_none() {
-                fail("spec.schedule.dayOfMonth", Problem::DayOfMonth { value: n });
-            }
-            day
-        }
-        (Cadence::Monthly, None) => {
-            fail("spec.schedule.dayOfMonth", Problem::RequiredWithCadence { cadence, example: "1" });
-            None
-        }
-        (_, Some(_)) => {
-            fail("spec.schedule.dayOfMonth", Problem::OnlyWithCadence { needs: Cadence::Monthly, cadence });
-            None
-        }
-        (_, None) => None,
-    };
-
-    let expression = match (cadence, &spec.expression) {
-        (Cadence::Cron, Some(text)) => match check_cron(text, limits) {
-            Ok(expression) => Some(expression),
-            Err(problem) => {
-                fail("spec.schedule.expression", problem);
-                None
-            }
-        },
-        (Cadence::Cron, None) => {
-            fail("spec.schedule.expression", Problem::RequiredWithCadence { cadence, example: "\"30 6 * * MON-FRI\"" });
-            None
-        }
-        (_, Some(_)) => {
-            fail("spec.schedule.expression", Problem::OnlyWithCadence { needs: Cadence::Cron, cadence });
-            None
-        }
-        (_, None) => None,
-    };
-
-    let time_zone = match TimeZone::get(&spec.time_zone) {
-        Ok(tz) => Some(tz),
-        Err(_) => {
-            fail("spec.schedule.timeZone", Problem::TimeZone { name: spec.time_zone.clone() });
-            None
-        }
-    };
-
-    if !ok {
-        return None;
-    }
-    let recurrence = match cadence {
-        Cadence::Once => Recurrence::Once { at },
-        Cadence::Hourly => Recurrence::Hourly { minute: minute? },
-        Cadence::Daily => Recurrence::Daily { at: at? },
-        Cadence::Weekly => Recurrence::Weekly { on: on?, at: at? },
-        Cadence::Monthly => Recurrence::Monthly { day: day?, at: at? },
-        Cadence::Cron => Recurrence::Cron { expression: expression? },
-    };
-    Some(Schedule::new(recurrence, time_zone?).with_run_on_create(spec.run_on_create))
-}
-
-/// A cron expression that runs no more often than `limits` allow.
-fn check_cron(text: &str, limits: &Limits) -> Result<CronExpression, Problem> {
-    let expression: CronExpression = text.parse().map_err(Problem::Cron)?;
-    match expression.shortest_interval() {
-        Some(shortest) if shortest < limits.min_cron_interval => Err(Problem::CronTooOften {
-            shortest_minutes: shortest.as_mins(),
-            min_minutes: limits.min_cron_interval.as_mins(),
-        }),
-        _ => Ok(expression),
-    }
-}
-
-fn weekday(day: DayOfWeek) -> Weekday {
-    match day {
-        DayOfWeek::Monday => Weekday::Monday,
-        DayOfWeek::Tuesday => Weekday::Tuesday,
-        DayOfWeek::Wednesday => Weekday::Wednesday,
-        DayOfWeek::Thursday => Weekday::Thursday,
-        DayOfWeek::Friday => Weekday::Friday,
-        DayOfWeek::Saturday => Weekday::Saturday,
-        DayOfWeek::Sunday => Weekday::Sunday,
-    }
+    schedule::spec::parse(spec, limits.min_cron_interval)
+        .map_err(|found| found.into_iter().for_each(|(path, problem)| problems.add(path, problem.into())))
+        .ok()
 }
 
 fn check_identifiers(mapping: &IdentifierMapping, problems: &mut Problems) -> Option<IdentifierFields> {
@@ -983,9 +814,12 @@ pub fn check_googlesql_query(query: &str) -> Result<(), Problem> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::Cadence;
     use crate::api::{AliasMapping, EmailAddress, EmailNotification, HttpAuth, HttpPagination, NotifyOn};
     use crate::domain::identifiers::LabelSource;
-    use crate::domain::schedule::{next_run_after, previous_run_at_or_before};
+    use crate::domain::schedule::{MinuteOfHour, Recurrence, next_run_after, previous_run_at_or_before};
+    use jiff::civil::Weekday;
+    use jiff::tz::TimeZone;
 
     /// A team's weekly import from the warehouse, as a user would apply it.
     const WAREHOUSE_EXAMPLE: &str = r#"

@@ -52,6 +52,8 @@
 //!
 //! Everything here is pure: the current time is always a parameter.
 
+pub mod spec;
+
 use std::fmt;
 use std::str::FromStr;
 
