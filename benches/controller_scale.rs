@@ -24,12 +24,13 @@ use std::time::{Duration, Instant};
 
 use cohort_operator::api::CurrentRun;
 use cohort_operator::api::{self, CohortImport};
+use cohort_operator::braze::normalize_endpoint;
 use cohort_operator::controller::clock::{Clock, TestClock};
 use cohort_operator::controller::importer::{ImportError, Importer};
 use cohort_operator::controller::kube_api::{self, ApiLimits};
 use cohort_operator::controller::metrics::{self, Metrics};
 use cohort_operator::controller::pipeline::{PipelineImporter, SnapshotStoreKind};
-use cohort_operator::controller::secrets::{BrazeKeys, PartnerKeys, normalize_endpoint};
+use cohort_operator::controller::secrets::{BrazeKeys, PartnerKeys};
 use cohort_operator::controller::{self, Config, Dependencies};
 use cohort_operator::domain::validate::ValidSpec;
 use cohort_operator::run::RunReport;

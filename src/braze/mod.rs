@@ -24,3 +24,9 @@ pub use client::{
 };
 pub use error::{BrazeError, TransientFailure, UnauthorizedReason};
 pub use retry::RetryPolicy;
+
+/// A REST endpoint as one text, whatever its case and trailing slash:
+/// `https://REST.iad-01.braze.com/` → `https://rest.iad-01.braze.com`.
+pub fn normalize_endpoint(endpoint: &str) -> String {
+    endpoint.trim().trim_end_matches('/').to_ascii_lowercase()
+}

@@ -16,8 +16,8 @@ use jiff::Timestamp;
 use kube::ResourceExt;
 use sha2::{Digest, Sha256};
 
-use super::secrets::normalize_endpoint;
 use crate::api::{CohortImport, CohortImportSpec, DeliveryMethod};
+use crate::braze::normalize_endpoint;
 use crate::domain::validate::{Limits, validate_with};
 
 /// Identifies one Braze cohort, but for the workspace (compared apart: it is in status).

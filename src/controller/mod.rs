@@ -200,6 +200,16 @@ impl Context {
         self.stores.iter().find_map(|store| store.get(&reference))
     }
 
+    /// Lets `change` edit `import`'s status and writes it ([`status::update`]).
+    pub async fn update_status(
+        &self,
+        import: &CohortImport,
+        change: impl FnMut(&mut crate::api::CohortImportStatus) -> bool,
+    ) -> bool {
+        let api = Api::namespaced(self.client.clone(), &import.namespace().unwrap_or_default());
+        status::update(&api, self.cached(import), import, change).await
+    }
+
     /// This operator's shard (`--shard`), `""` without one: the shard label of its metrics.
     pub fn shard_name(&self) -> &str {
         self.config.shard.as_ref().and_then(|s| s.name.as_deref()).unwrap_or("")

@@ -22,7 +22,6 @@ use tracing::{Instrument, error, info, info_span, warn};
 use super::Context;
 use super::events::reason as event;
 use super::importer::ImportError;
-use super::runs::update_status;
 use super::status::{idle_ready, record_run, seconds, set_ready};
 use crate::api::{
     CohortImport, CohortImportStatus, CommittedSnapshot, CurrentRun, DryRunSample, HistoryLimits, ReadyReason,
@@ -60,6 +59,11 @@ pub struct RunEnd {
 }
 
 impl RunEnd {
+    /// What its retry depends on ([`super::retry::schedule`]).
+    pub fn for_retry(&self) -> super::retry::Ended<'_> {
+        super::retry::Ended { record: &self.record, at: self.ended_at, transient: self.transient }
+    }
+
     /// `run` ran to the end: its report, or why the importer could not start it.
     pub fn finished(
         run: &CurrentRun,
@@ -296,7 +300,7 @@ pub fn record(
     if let Some(sample) = &end.dry_run {
         status.last_dry_run = Some(sample.clone());
     }
-    super::retry::schedule(status, end, retry);
+    super::retry::schedule(status, &end.for_retry(), retry);
     // The report's next run: a retry comes before the slot.
     recorded.next_run_at = status.next_run_at;
     recorded.retry = status.retry_attempt.zip(status.next_retry_at).map(|(attempt, at)| Retry { attempt, at });
@@ -408,7 +412,7 @@ async fn report_task(ctx: Arc<Context>, import: CohortImport, notice: RunNotice)
             Some(crate::run::report::truncate(format!("run {}: {message}", notice.run_id), 512))
         }
     };
-    update_status(&ctx, &import, |status| {
+    ctx.update_status(&import, |status| {
         if status.last_notification_error == note {
             return false;
         }

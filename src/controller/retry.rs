@@ -6,28 +6,37 @@
 use jiff::Timestamp;
 
 use super::importer::ImportError;
-use super::record::RunEnd;
 use super::secrets::KeyError;
-use crate::api::{CohortImportStatus, RetrySpec, RunResult, RunTrigger};
+use crate::api::{CohortImportStatus, RetrySpec, RunRecord, RunResult, RunTrigger};
 use crate::braze::BrazeError;
 use crate::domain::retry::{Failure, Retry, next_retry, still_pending};
 use crate::run::{RunError, RunReport};
 use crate::snapshot::SnapshotError;
 use crate::source::SourceError;
 
+/// What the retry of a run's end depends on.
+pub struct Ended<'a> {
+    /// Its history entry.
+    pub record: &'a RunRecord,
+    /// When it ended.
+    pub at: Timestamp,
+    /// Whether its failure can pass on its own ([`transient`]).
+    pub transient: bool,
+}
+
 /// Records in `status` the retry `end` gets under `policy` — or that none is pending. The
 /// retries of one failed run are counted in `status.retryAttempt`, which a retry's own end
 /// carries on from; any other run's end starts the count again. `status.nextRunAt` (what
 /// `kubectl get` shows as NEXT RUN) becomes the retry's time, which comes before the slot.
-pub fn schedule(status: &mut CohortImportStatus, end: &RunEnd, policy: &RetrySpec) {
-    let record = &end.record;
+pub fn schedule(status: &mut CohortImportStatus, end: &Ended, policy: &RetrySpec) {
+    let record = end.record;
     let retries_done = match record.trigger {
         RunTrigger::Retry => status.retry_attempt.unwrap_or(1),
         RunTrigger::Initial | RunTrigger::Scheduled | RunTrigger::Manual => 0,
     };
     let failure = Failure {
         run_id: &record.id,
-        finished_at: end.ended_at,
+        finished_at: end.at,
         retries_done,
         transient: record.result == RunResult::Failed && end.transient,
         next_slot: status.next_run_at,
@@ -136,6 +145,7 @@ mod tests {
     use super::*;
     use crate::api::{CurrentRun, ReadyReason};
     use crate::braze::TransientFailure;
+    use crate::controller::record::RunEnd;
     use std::time::Duration;
 
     fn ts(s: &str) -> Timestamp {
@@ -208,7 +218,7 @@ mod tests {
         let end = ended(RunTrigger::Scheduled, source_failure(unavailable()));
         assert!(end.transient && end.reason() == ReadyReason::SourceFailed);
         let mut status = idle("2026-03-03T06:30:00Z");
-        schedule(&mut status, &end, &RetrySpec::default());
+        schedule(&mut status, &end.for_retry(), &RetrySpec::default());
         assert_eq!(status.retry_attempt, Some(1));
         let at = status.next_retry_at.unwrap();
         assert!(at > ts("2026-03-02T06:31:44Z") && at <= ts("2026-03-02T06:32:00Z"), "{at}");
@@ -221,10 +231,10 @@ mod tests {
         let policy = RetrySpec { limit: 2, ..RetrySpec::default() };
         let mut status = idle("2026-03-03T06:30:00Z");
         status.retry_attempt = Some(1);
-        schedule(&mut status, &ended(RunTrigger::Retry, source_failure(unavailable())), &policy);
+        schedule(&mut status, &ended(RunTrigger::Retry, source_failure(unavailable())).for_retry(), &policy);
         assert_eq!(status.retry_attempt, Some(2));
         status.next_run_at = Some(ts("2026-03-03T06:30:00Z"));
-        schedule(&mut status, &ended(RunTrigger::Retry, source_failure(unavailable())), &policy);
+        schedule(&mut status, &ended(RunTrigger::Retry, source_failure(unavailable())).for_retry(), &policy);
         assert_eq!((status.retry_attempt, status.next_retry_at), (None, None), "limit 2 used up");
         assert_eq!(status.next_run_at, Some(ts("2026-03-03T06:30:00Z")), "the schedule goes on");
     }
@@ -233,11 +243,15 @@ mod tests {
     fn a_scheduled_runs_failure_starts_counting_again_and_a_success_clears_the_retry() {
         let mut status = idle("2026-03-03T06:30:00Z");
         status.retry_attempt = Some(3);
-        schedule(&mut status, &ended(RunTrigger::Manual, source_failure(unavailable())), &RetrySpec::default());
+        schedule(
+            &mut status,
+            &ended(RunTrigger::Manual, source_failure(unavailable())).for_retry(),
+            &RetrySpec::default(),
+        );
         assert_eq!(status.retry_attempt, Some(1));
         let not_transient =
             ended(RunTrigger::Retry, source_failure(SourceError::Config { what: "x".into(), message: "bad".into() }));
-        schedule(&mut status, &not_transient, &RetrySpec::default());
+        schedule(&mut status, &not_transient.for_retry(), &RetrySpec::default());
         assert_eq!((status.retry_attempt, status.next_retry_at), (None, None));
     }
 

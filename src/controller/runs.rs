@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use kube::ResourceExt;
-use kube::api::Api;
 use kube::runtime::reflector::ObjectRef;
 use tokio::task::AbortHandle;
 use tracing::{Instrument, error, info, info_span, warn};
@@ -21,8 +20,7 @@ use super::admission::{Admission, Admitted};
 use super::events::reason as event;
 use super::record::{self, Crash, RunEnd};
 use super::secrets;
-use super::status::{self, Written};
-use crate::api::{CohortImport, CohortImportStatus, CurrentRun, RunTrigger};
+use crate::api::{CohortImport, CurrentRun, RunTrigger};
 use crate::braze::budget::{self, SlotHolder};
 use crate::domain::validate::ValidSpec;
 
@@ -336,67 +334,18 @@ fn run_timeout(config: &super::Config, import: &CohortImport) -> (Duration, &'st
 /// later attempt of it, or another run), whose record wins — and announces it.
 async fn finish(ctx: &Arc<Context>, import: &CohortImport, end: RunEnd, attempt: u32) {
     let mut recorded = None;
-    let written = update_status(ctx, import, |status| {
-        if !record::is_current(status, &end.record.id, attempt) {
-            return false;
-        }
-        recorded = Some(record::record(status, &end, import.spec.history_limits(), &import.spec.retry_policy()));
-        true
-    })
-    .await;
+    let written = ctx
+        .update_status(import, |status| {
+            if !record::is_current(status, &end.record.id, attempt) {
+                return false;
+            }
+            recorded = Some(record::record(status, &end, import.spec.history_limits(), &import.spec.retry_policy()));
+            true
+        })
+        .await;
     let Some(recorded) = recorded.filter(|_| written) else {
         return;
     };
     ctx.runs.record(ObjectRef::from_obj(import), end.record.id.clone());
     record::announce(ctx, import, &end, &recorded).await;
-}
-
-/// Lets `change` edit the import's status (returning whether it changed anything) and
-/// writes it; retried while the write is refused as stale or the API server is unavailable.
-/// Returns whether the change is recorded. The first try starts from the controller's copy
-/// (the watch has almost always delivered the run's start by its end), every later one from
-/// the import read afresh; the write is conditioned on the copy's `resourceVersion`, so a
-/// stale copy costs one refused write, and only a fresh copy can refuse the change.
-pub(super) async fn update_status(
-    ctx: &Context,
-    import: &CohortImport,
-    mut change: impl FnMut(&mut CohortImportStatus) -> bool,
-) -> bool {
-    let namespace = import.namespace().unwrap_or_default();
-    let api: Api<CohortImport> = Api::namespaced(ctx.client.clone(), &namespace);
-    let mut delay = Duration::from_millis(100);
-    let mut cached = ctx.cached(import).filter(|c| c.uid() == import.uid());
-    for _ in 0..30 {
-        let (fresh, from_cache) = match cached.take() {
-            Some(copy) => (copy.as_ref().clone(), true),
-            None => match api.get_opt(&import.name_any()).await {
-                Ok(Some(fresh)) if fresh.uid() == import.uid() => (fresh, false),
-                Ok(_) => return false, // deleted (or deleted and created again)
-                Err(e) => {
-                    warn!(error = %e, "cannot read the import to record the run; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(30));
-                    continue;
-                }
-            },
-        };
-        let mut desired = fresh.status.clone().unwrap_or_default();
-        if !change(&mut desired) {
-            if from_cache {
-                continue;
-            }
-            return false;
-        }
-        match status::write(&api, &fresh, &desired).await {
-            Ok(Written::Applied | Written::Unchanged) => return true,
-            Err(e) if status::is_stale_write(&e) => continue,
-            Err(e) => {
-                warn!(error = %e, "cannot write status; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(30));
-            }
-        }
-    }
-    error!("gave up recording in status; the next reconcile finds the run interrupted and runs it again");
-    false
 }

@@ -18,6 +18,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::api::{BrazeDestination, DeliveryMethod, ReadyReason, SecretKeyRef};
+use crate::braze::normalize_endpoint;
 use crate::secret::SecretString;
 use crate::source::kube::KubeObjects;
 use crate::source::{SourceContext, SourceError};
@@ -80,11 +81,6 @@ pub struct PartnerKeys {
     pub dir: Option<PathBuf>,
     /// Endpoints beyond Braze's list (normalised with [`normalize_endpoint`]) → region.
     pub extra_endpoints: BTreeMap<String, String>,
-}
-
-/// `https://REST.iad-01.braze.com/` → `https://rest.iad-01.braze.com`.
-pub fn normalize_endpoint(endpoint: &str) -> String {
-    endpoint.trim().trim_end_matches('/').to_ascii_lowercase()
 }
 
 impl PartnerKeys {

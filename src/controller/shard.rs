@@ -333,14 +333,15 @@ impl Context {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
-        let released = super::runs::update_status(self, import, |status| match status.current_run.as_mut() {
-            Some(run) if run.runner().as_ref() == Some(me) => {
-                run.set_runner(None);
-                true
-            }
-            _ => false,
-        })
-        .await;
+        let released = self
+            .update_status(import, |status| match status.current_run.as_mut() {
+                Some(run) if run.runner().as_ref() == Some(me) => {
+                    run.set_runner(None);
+                    true
+                }
+                _ => false,
+            })
+            .await;
         if released {
             let namespace = import.namespace().unwrap_or_default();
             info!(%namespace, import = %import.name_any(), "the import left this shard; its run is handed over");

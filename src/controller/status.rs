@@ -1,11 +1,15 @@
 //! Building `.status` and writing it: server-side apply with one field manager, only when
 //! something changed, guarded by the resourceVersion it was computed from.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
+use tracing::{error, warn};
 
 use crate::api::{
     CohortImport, CohortImportStatus, ConditionStatus, FIELD_MANAGER, HistoryLimits, MAX_RUN_MESSAGE_CHARS, READY,
@@ -182,6 +186,55 @@ pub async fn write(
 /// Whether an API error is the optimistic-concurrency refusal of a stale write.
 pub fn is_stale_write(error: &kube::Error) -> bool {
     matches!(error, kube::Error::Api(status) if status.code == 409)
+}
+
+/// Lets `change` edit `import`'s status (returning whether it changed anything) and
+/// writes it; retried while the write is refused as stale or the API server is unavailable.
+/// Returns whether the change is recorded. The first try starts from `cached`, the controller's copy
+/// (the watch has almost always delivered the run's start by its end), every later one from
+/// the import read afresh; the write is conditioned on the copy's `resourceVersion`, so a
+/// stale copy costs one refused write, and only a fresh copy can refuse the change.
+pub async fn update(
+    api: &Api<CohortImport>,
+    cached: Option<Arc<CohortImport>>,
+    import: &CohortImport,
+    mut change: impl FnMut(&mut CohortImportStatus) -> bool,
+) -> bool {
+    let mut delay = Duration::from_millis(100);
+    let mut cached = cached.filter(|c| c.uid() == import.uid());
+    for _ in 0..30 {
+        let (fresh, from_cache) = match cached.take() {
+            Some(copy) => (copy.as_ref().clone(), true),
+            None => match api.get_opt(&import.name_any()).await {
+                Ok(Some(fresh)) if fresh.uid() == import.uid() => (fresh, false),
+                Ok(_) => return false, // deleted (or deleted and created again)
+                Err(e) => {
+                    warn!(error = %e, "cannot read the import to record the run; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(30));
+                    continue;
+                }
+            },
+        };
+        let mut desired = fresh.status.clone().unwrap_or_default();
+        if !change(&mut desired) {
+            if from_cache {
+                continue;
+            }
+            return false;
+        }
+        match write(api, &fresh, &desired).await {
+            Ok(Written::Applied | Written::Unchanged) => return true,
+            Err(e) if is_stale_write(&e) => continue,
+            Err(e) => {
+                warn!(error = %e, "cannot write status; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+    error!("gave up recording in status; the next reconcile finds the run interrupted and runs it again");
+    false
 }
 
 #[cfg(test)]

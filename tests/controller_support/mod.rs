@@ -10,13 +10,14 @@ use std::time::{Duration, Instant};
 
 use braze_sandbox::{RunningSandbox, SandboxUser};
 use cohort_operator::api::{self, CohortImport};
+use cohort_operator::braze::normalize_endpoint;
 use cohort_operator::braze::{BrazeClient, BrazeClientConfig};
 use cohort_operator::controller::clock::TestClock;
 use cohort_operator::controller::importer::Importer;
 use cohort_operator::controller::leader::LeaderElection;
 use cohort_operator::controller::metrics::Metrics;
 use cohort_operator::controller::pipeline::{PipelineImporter, SnapshotStoreKind};
-use cohort_operator::controller::secrets::{PartnerKeys, normalize_endpoint};
+use cohort_operator::controller::secrets::PartnerKeys;
 use cohort_operator::controller::{self, Config, Dependencies};
 use cohort_operator::notify::Notify;
 use jiff::Timestamp;
