@@ -14,8 +14,8 @@ use kube::runtime::reflector::ObjectRef;
 use serde_json::json;
 use tracing::{debug, warn};
 
-use super::Context;
 use super::conflict::{self, CohortKey};
+use super::context::Context;
 use super::desired::{self, Desired, Effect, Observed, Requeue};
 use super::events::reason as event;
 use super::importer::ImportError;

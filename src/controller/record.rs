@@ -19,7 +19,7 @@ use jiff::{SignedDuration, Timestamp};
 use kube::ResourceExt;
 use tracing::{Instrument, error, info, info_span, warn};
 
-use super::Context;
+use super::context::Context;
 use super::events::reason as event;
 use super::importer::ImportError;
 use super::status::{idle_ready, record_run, seconds, set_ready};

@@ -2,7 +2,6 @@
 //! through [`super::record`] — recorded in status, then announced — and asks for a
 //! reconcile.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,99 +14,14 @@ use kube::runtime::reflector::ObjectRef;
 use tokio::task::AbortHandle;
 use tracing::{Instrument, error, info, info_span, warn};
 
-use super::Context;
 use super::admission::{Admission, Admitted};
+use super::context::Context;
 use super::events::reason as event;
 use super::record::{self, Crash, RunEnd};
 use super::secrets;
 use crate::api::{CohortImport, CurrentRun, RunTrigger};
 use crate::braze::budget::{self, SlotHolder};
 use crate::domain::validate::ValidSpec;
-
-/// The runs this replica has in progress.
-#[derive(Default)]
-pub struct RunRegistry {
-    runs: Mutex<HashMap<ObjectRef<CohortImport>, (String, AbortHandle)>>,
-    /// The last run of each import whose end is recorded in status: a copy of the import
-    /// still showing it as current is stale, not an interrupted run.
-    recorded: Mutex<HashMap<ObjectRef<CohortImport>, String>>,
-    /// Other work of this leadership in tasks of its own (run reports, hand-overs between
-    /// shards): stopped with the runs when the Lease is lost.
-    side_tasks: Mutex<Vec<AbortHandle>>,
-}
-
-impl RunRegistry {
-    /// Whether `run_id` of `import` ended here and its end is already in status.
-    pub fn is_recorded(&self, import: &ObjectRef<CohortImport>, run_id: &str) -> bool {
-        self.recorded.lock().unwrap_or_else(|e| e.into_inner()).get(import).is_some_and(|id| id == run_id)
-    }
-
-    fn record(&self, import: ObjectRef<CohortImport>, run_id: String) {
-        self.recorded.lock().unwrap_or_else(|e| e.into_inner()).insert(import, run_id);
-    }
-
-    pub(super) fn forget(&self, import: &ObjectRef<CohortImport>) {
-        self.recorded.lock().unwrap_or_else(|e| e.into_inner()).remove(import);
-    }
-
-    pub fn is_running(&self, import: &ObjectRef<CohortImport>) -> bool {
-        self.lock().contains_key(import)
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectRef<CohortImport>, (String, AbortHandle)>> {
-        self.runs.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Spawns `run` for `import` unless one is already in progress. The registry is
-    /// locked while spawning, so the run cannot finish (and deregister) before it is
-    /// registered.
-    fn spawn(
-        &self,
-        import: ObjectRef<CohortImport>,
-        run_id: String,
-        run: impl Future<Output = ()> + Send + 'static,
-    ) -> bool {
-        let mut runs = self.lock();
-        if runs.contains_key(&import) {
-            return false;
-        }
-        let handle = tokio::spawn(run);
-        runs.insert(import, (run_id, handle.abort_handle()));
-        true
-    }
-
-    fn finished(&self, import: &ObjectRef<CohortImport>, run_id: &str) {
-        let mut runs = self.lock();
-        if runs.get(import).is_some_and(|(id, _)| id == run_id) {
-            runs.remove(import);
-        }
-    }
-
-    /// Stops the run of `import` in progress here, if any; returns its task's handle, to
-    /// see when it has stopped.
-    pub(super) fn abort(&self, import: &ObjectRef<CohortImport>) -> Option<AbortHandle> {
-        let (_, handle) = self.lock().remove(import)?;
-        handle.abort();
-        Some(handle)
-    }
-
-    fn abort_all(&self) {
-        for (_, (_, handle)) in self.lock().drain() {
-            handle.abort();
-        }
-        for handle in self.side_tasks.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
-            handle.abort();
-        }
-    }
-
-    /// Spawns `task`, to be stopped with the runs ([`AbortRunsOnDrop`]): nothing this
-    /// leadership started goes on after it ends.
-    pub(super) fn spawn_side(&self, task: impl Future<Output = ()> + Send + 'static) {
-        let mut tasks = self.side_tasks.lock().unwrap_or_else(|e| e.into_inner());
-        tasks.retain(|t| !t.is_finished());
-        tasks.push(tokio::spawn(task).abort_handle());
-    }
-}
 
 /// Stops every run when dropped: the controller stopped or lost its Lease, and another
 /// replica will run the interrupted runs again.
@@ -323,7 +237,7 @@ impl Drop for InProgress {
 }
 
 /// How long a run of `import` may take, and the setting that says so.
-fn run_timeout(config: &super::Config, import: &CohortImport) -> (Duration, &'static str) {
+fn run_timeout(config: &super::context::Config, import: &CohortImport) -> (Duration, &'static str) {
     match import.spec.run_timeout_seconds {
         Some(seconds) => (Duration::from_secs(seconds.into()), "spec.runTimeoutSeconds"),
         None => (config.run_timeout, "the operator's --run-timeout-seconds"),

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
 
-use super::Config;
+use super::context::Config;
 use crate::api::CohortImportStatus;
 use crate::api::ReadyReason;
 
