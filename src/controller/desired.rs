@@ -179,43 +179,77 @@ pub fn desired(import: &CohortImport, plan: Result<&Plan, &SpecErrors>, seen: &O
         Ok(plan) => plan,
         Err(errors) => return invalid(import, status, errors, seen),
     };
-    let mut effects = Vec::new();
-    if let Some(run) = status.current_run.clone() {
-        // Status shows a run that is not running here (a reconcile never overlaps one): it
-        // ended here a moment ago and this copy predates its record, or it was cut short by a
-        // restart or failover — then it runs again, unless another import owns the cohort now.
-        if seen.run_ended_here {
-            return Desired { status: None, effects, requeue: Requeue::Soon };
-        }
-        if seen.winner.is_none() && run.attempt < seen.max_run_attempts {
-            let attempt = run.attempt + 1;
-            let mut run = CurrentRun { started_at: seconds(seen.now), attempt, ..run };
-            run.set_runner(seen.runner.clone());
-            let note = format!(
-                "Run {} was interrupted (operator restart or failover); running it again (attempt {attempt} of {})",
-                run.id, seen.max_run_attempts
-            );
-            effects.push(Effect::Warn { reason: event::RUN_INTERRUPTED, action: "Run", note });
-            return start(import, status, run, effects);
-        }
+    if let Some(run) = status.current_run.clone()
+        && let Some(resumed) = resume_interrupted(import, &status, run, seen)
+    {
+        return resumed;
     }
     status.schedule = Some(plan.cursor.to_status());
     status.source_kind = seen.source_kind.map(|kind| format!("{kind:?}"));
     status.next_run_at = plan.next_run_at.map(seconds);
+    let mut effects = Vec::new();
     if let Some(run) = status.current_run.take() {
-        let why = if seen.winner.is_some() {
-            "another import owns the cohort now".to_owned()
-        } else {
-            format!(
-                "interrupted on each of its {} attempts, the limit (the operator's --max-run-attempts); a crash \
-                 loop is likely: see the operator's logs and memory limit",
-                run.attempt
-            )
-        };
-        // Not retried (`spec.retry`): each attempt took the operator down with it, stopping
-        // every import in the cluster; a person must look first.
-        effects.extend(abandon(import, &mut status, &run, seen.now, &why));
+        effects.extend(abandon_interrupted(import, &mut status, &run, seen));
     }
+    follow_plan(import, status, plan, seen, effects)
+}
+
+/// Status shows `run`, which is not running here (a reconcile never overlaps one): it ended
+/// here a moment ago and this copy predates its record (nothing to do yet), or it was cut
+/// short by a restart or failover — then it runs again, unless another import owns the
+/// cohort now or it has used its attempts (`None`: [`abandon_interrupted`]).
+fn resume_interrupted(
+    import: &CohortImport,
+    status: &CohortImportStatus,
+    run: CurrentRun,
+    seen: &Observed<'_>,
+) -> Option<Desired> {
+    if seen.run_ended_here {
+        return Some(Desired { status: None, effects: Vec::new(), requeue: Requeue::Soon });
+    }
+    if seen.winner.is_some() || run.attempt >= seen.max_run_attempts {
+        return None;
+    }
+    let attempt = run.attempt + 1;
+    let mut run = CurrentRun { started_at: seconds(seen.now), attempt, ..run };
+    run.set_runner(seen.runner.clone());
+    let note = format!(
+        "Run {} was interrupted (operator restart or failover); running it again (attempt {attempt} of {})",
+        run.id, seen.max_run_attempts
+    );
+    let effects = vec![Effect::Warn { reason: event::RUN_INTERRUPTED, action: "Run", note }];
+    Some(start(import, status.clone(), run, effects))
+}
+
+/// Ends interrupted `run` for good: another import owns the cohort now, or it was
+/// interrupted on each of its attempts. Not retried (`spec.retry`): each attempt took the
+/// operator down with it, stopping every import in the cluster; a person must look first.
+fn abandon_interrupted(
+    import: &CohortImport,
+    status: &mut CohortImportStatus,
+    run: &CurrentRun,
+    seen: &Observed<'_>,
+) -> [Effect; 1] {
+    let why = if seen.winner.is_some() {
+        "another import owns the cohort now".to_owned()
+    } else {
+        format!(
+            "interrupted on each of its {} attempts, the limit (the operator's --max-run-attempts); a crash \
+             loop is likely: see the operator's logs and memory limit",
+            run.attempt
+        )
+    };
+    abandon(import, status, run, seen.now, &why)
+}
+
+/// Carries out `plan`'s decision on `status`, after `effects`.
+fn follow_plan(
+    import: &CohortImport,
+    mut status: CohortImportStatus,
+    plan: &Plan,
+    seen: &Observed<'_>,
+    mut effects: Vec<Effect>,
+) -> Desired {
     let requeue = Requeue::At(plan.next_run_at);
     match &plan.decision {
         Decision::Run { trigger, run_request, approved_removals } => {

@@ -131,87 +131,76 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("cohort_operator");
-        let runs = Family::<ResultLabels, Counter>::default();
-        registry.register("runs", "Finished runs, by result", runs.clone());
-        let run_duration =
-            Family::<ResultLabels, Histogram, fn() -> Histogram>::new_with_constructor(run_duration_histogram);
-        registry.register("run_duration_seconds", "Run duration, by result", run_duration.clone());
-        let members_added = Counter::default();
-        registry.register("members_added", "Members added to Braze cohorts", members_added.clone());
-        let members_removed = Counter::default();
-        registry.register("members_removed", "Members removed from Braze cohorts", members_removed.clone());
-        let braze_requests = Family::<StatusLabels, Counter>::default();
-        registry.register(
-            "braze_requests",
-            "Braze API attempts, by HTTP status (none: no answer)",
-            braze_requests.clone(),
-        );
-        let last_success = Family::<ImportLabels, Gauge<f64, AtomicU64>>::default();
-        registry.register(
-            "last_success_timestamp_seconds",
-            "When each import's last successful run finished (Unix seconds)",
-            last_success.clone(),
-        );
-        let reconciles = Counter::default();
-        registry.register("reconciles", "Reconciliations of CohortImports", reconciles.clone());
-        let reconcile_errors = Family::<ErrorLabels, Counter>::default();
-        registry.register("reconcile_errors", "Reconciliations that failed, by reason", reconcile_errors.clone());
-        let runs_in_progress = Gauge::default();
-        registry.register("runs_in_progress", "Runs in progress", runs_in_progress.clone());
-        let notification_failures = Counter::default();
-        registry.register(
-            "notification_failures",
-            "Run report emails that could not be sent",
-            notification_failures.clone(),
-        );
-        let leader = Gauge::default();
-        registry.register("leader", "1 while this replica leads and runs imports", leader.clone());
-        // 1 ms to about 1.2 hours (Braze's window is an hour).
-        let braze_budget_wait = Histogram::new(exponential_buckets(0.001, 4.0, 12));
-        registry.register(
-            "braze_budget_wait_seconds",
-            "Time each Braze request waited for its destination's shared rate budget",
-            braze_budget_wait.clone(),
-        );
-        let imports = ImportGauges::register(&mut registry);
-        let run_start_delay =
-            Family::<ShardLabels, Histogram, fn() -> Histogram>::new_with_constructor(run_start_delay_histogram);
-        registry.register(
-            "run_start_delay_seconds",
-            "From the time each run was due (its schedule slot) until it started, after waiting for a run slot",
-            run_start_delay.clone(),
-        );
-        let kube_api_requests = Family::<VerbLabels, Counter>::default();
-        registry.register(
-            "kube_api_requests",
-            "Requests sent to the Kubernetes API, by verb",
-            kube_api_requests.clone(),
-        );
-        let trigger_deliveries = Family::<ResultLabels, Counter>::default();
-        registry.register(
-            "trigger_deliveries",
-            "Calls to CohortTrigger webhooks, by outcome",
-            trigger_deliveries.clone(),
-        );
+        let mut r = Registry::with_prefix("cohort_operator");
         Metrics {
-            trigger_deliveries,
-            run_start_delay,
-            kube_api_requests,
-            imports,
-            registry,
-            runs,
-            run_duration,
-            members_added,
-            members_removed,
-            braze_requests,
-            last_success,
-            reconciles,
-            reconcile_errors,
-            runs_in_progress,
-            notification_failures,
-            leader,
-            braze_budget_wait,
+            runs: metric(&mut r, "runs", "Finished runs, by result", Family::default()),
+            run_duration: metric(
+                &mut r,
+                "run_duration_seconds",
+                "Run duration, by result",
+                Family::new_with_constructor(run_duration_histogram),
+            ),
+            members_added: metric(&mut r, "members_added", "Members added to Braze cohorts", Counter::default()),
+            members_removed: metric(
+                &mut r,
+                "members_removed",
+                "Members removed from Braze cohorts",
+                Counter::default(),
+            ),
+            braze_requests: metric(
+                &mut r,
+                "braze_requests",
+                "Braze API attempts, by HTTP status (none: no answer)",
+                Family::default(),
+            ),
+            last_success: metric(
+                &mut r,
+                "last_success_timestamp_seconds",
+                "When each import's last successful run finished (Unix seconds)",
+                Family::default(),
+            ),
+            reconciles: metric(&mut r, "reconciles", "Reconciliations of CohortImports", Counter::default()),
+            reconcile_errors: metric(
+                &mut r,
+                "reconcile_errors",
+                "Reconciliations that failed, by reason",
+                Family::default(),
+            ),
+            runs_in_progress: metric(&mut r, "runs_in_progress", "Runs in progress", Gauge::default()),
+            notification_failures: metric(
+                &mut r,
+                "notification_failures",
+                "Run report emails that could not be sent",
+                Counter::default(),
+            ),
+            leader: metric(&mut r, "leader", "1 while this replica leads and runs imports", Gauge::default()),
+            // 1 ms to about 1.2 hours (Braze's window is an hour).
+            braze_budget_wait: metric(
+                &mut r,
+                "braze_budget_wait_seconds",
+                "Time each Braze request waited for its destination's shared rate budget",
+                Histogram::new(exponential_buckets(0.001, 4.0, 12)),
+            ),
+            imports: ImportGauges::register(&mut r),
+            run_start_delay: metric(
+                &mut r,
+                "run_start_delay_seconds",
+                "From the time each run was due (its schedule slot) until it started, after waiting for a run slot",
+                Family::new_with_constructor(run_start_delay_histogram),
+            ),
+            kube_api_requests: metric(
+                &mut r,
+                "kube_api_requests",
+                "Requests sent to the Kubernetes API, by verb",
+                Family::default(),
+            ),
+            trigger_deliveries: metric(
+                &mut r,
+                "trigger_deliveries",
+                "Calls to CohortTrigger webhooks, by outcome",
+                Family::default(),
+            ),
+            registry: r,
             ready: AtomicBool::new(false),
         }
     }
@@ -416,6 +405,17 @@ pub async fn serve(
         }
     });
     Ok((bound, task))
+}
+
+/// Registers `metric` under `name` and returns it, for the [`Metrics`] that updates it.
+fn metric<M: prometheus_client::registry::Metric + Clone>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    metric: M,
+) -> M {
+    registry.register(name, help, metric.clone());
+    metric
 }
 
 #[cfg(test)]

@@ -126,59 +126,14 @@ async fn watch_and_reconcile(
     deps: Dependencies,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
-    let scopes: Vec<Option<String>> = if config.namespaces.is_empty() {
+    // Once each: a namespace named twice would get two controllers reconciling its imports
+    // at the same time.
+    let namespaces: Vec<Option<String>> = if config.namespaces.is_empty() {
         vec![None]
     } else {
-        // Once each: a namespace named twice would get two controllers reconciling its
-        // imports at the same time.
         config.namespaces.iter().cloned().collect::<BTreeSet<_>>().into_iter().map(Some).collect()
     };
-    let api_for = |ns: &Option<String>| -> Api<CohortImport> {
-        match ns {
-            Some(ns) => Api::namespaced(client.clone(), ns),
-            None => Api::all(client.clone()),
-        }
-    };
-
-    // A shard watches (and so reconciles and runs) only the imports its selector picks.
-    let own_selector = match &config.shard {
-        Some(shard) => watcher::Config::default().any_semantic().labels(&shard.selector()),
-        None => watcher::Config::default().any_semantic(),
-    };
-    let mut controllers = Vec::new();
-    let mut stores = Vec::new();
-    let mut every_shard = Vec::new();
-    let mut cohorts = Vec::new();
-    let mut every_shard_cohorts = Vec::new();
-    let mut every_shard_writers = Vec::new();
-    let mut wakers = Vec::new();
-    let mut wake_streams = Vec::new();
-    let mut changes = Vec::new();
-    let sharded = config.shard.is_some();
-    for scope in &scopes {
-        let (reader, writer) = reflector::store();
-        let (changed, changed_rx) = mpsc::unbounded_channel();
-        let index = Arc::new(CohortIndex::default());
-        cohorts.push(index.clone());
-        let follow = (!sharded).then_some((index, changed));
-        let own = own_imports(api_for(scope), own_selector.clone(), writer, follow);
-        changes.push(changed_rx);
-        // Reconciles are short API round trips; a bound keeps a burst (start-up, a re-list)
-        // from holding a thousand requests in memory at once.
-        let controller = Controller::for_stream(own, reader)
-            .with_config(kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY));
-        stores.push(controller.store());
-        let (reader, writer) = reflector::store();
-        every_shard.push(reader);
-        let index = Arc::new(CohortIndex::default());
-        every_shard_cohorts.push(index.clone());
-        every_shard_writers.push((writer, index));
-        let (tx, rx) = mpsc::unbounded_channel();
-        wakers.push((scope.clone(), tx));
-        wake_streams.push(rx);
-        controllers.push(controller);
-    }
-
+    let scopes: Vec<Scope> = namespaces.into_iter().map(|ns| Scope::new(&client, ns, &config)).collect();
     let ctx = Arc::new(Context {
         client: client.clone(),
         events: Events::new(client.clone(), config.instance.clone()),
@@ -189,12 +144,12 @@ async fn watch_and_reconcile(
         notifier: deps.notifier,
         metrics: deps.metrics,
         runs: RunRegistry::default(),
-        stores,
-        cohorts,
-        wakers,
+        stores: scopes.iter().map(|s| s.controller.store()).collect(),
+        cohorts: scopes.iter().map(|s| s.cohorts.clone()).collect(),
+        wakers: scopes.iter().map(|s| (s.namespace.clone(), s.waker.clone())).collect(),
         conflicts: Mutex::new(HashMap::new()),
-        every_shard,
-        every_shard_cohorts,
+        every_shard: scopes.iter().map(|s| s.every_shard.clone()).collect(),
+        every_shard_cohorts: scopes.iter().map(|s| s.every_shard_cohorts.clone()).collect(),
         releasing: Mutex::new(HashSet::new()),
         reconcile_failures: Mutex::new(HashMap::new()),
         secret_checks: secrets::SecretChecks::default(),
@@ -202,27 +157,97 @@ async fn watch_and_reconcile(
     // Runs are tasks of their own; stop them all when this future goes (shutdown, lost
     // Lease, or the task running it aborted).
     let _stop_runs = runs::AbortRunsOnDrop(ctx.clone());
-
     let shutdown = futures::future::FutureExt::shared(Box::pin(shutdown));
-    let mut running = Vec::new();
-    let scoped = scopes.iter().zip(controllers).zip(wake_streams).zip(every_shard_writers).zip(changes);
-    for ((((scope, controller), wake), every_shard_writer), changed) in scoped {
-        let controller = watching_related(&ctx, &client, scope, controller);
+    let running = scopes.into_iter().map(|scope| scope.run(&ctx, &client, shutdown.clone()));
+    futures::future::join_all(running).await;
+}
+
+/// One watched namespace (or all of them): its controller and the watches, stores and
+/// channels around it, until [`Scope::run`] puts them together.
+struct Scope {
+    namespace: Option<String>,
+    /// Reconciles the imports this operator owns in the namespace.
+    controller: Controller<CohortImport>,
+    /// Those imports by cohort (unsharded, what conflict detection looks up).
+    cohorts: Arc<CohortIndex>,
+    /// Unsharded: each change of an owned import, once store and index have it.
+    changed: mpsc::UnboundedReceiver<Changed>,
+    /// With sharding: every shard's imports, their index, and the store's writer.
+    every_shard: Store<CohortImport>,
+    every_shard_cohorts: Arc<CohortIndex>,
+    every_shard_writer: reflector::store::Writer<CohortImport>,
+    /// Asks for a reconcile of one import (after a run ends).
+    waker: mpsc::UnboundedSender<ObjectRef<CohortImport>>,
+    wake: mpsc::UnboundedReceiver<ObjectRef<CohortImport>>,
+}
+
+impl Scope {
+    fn new(client: &kube::Client, namespace: Option<String>, config: &Config) -> Self {
+        // A shard watches (and so reconciles and runs) only the imports its selector picks.
+        let own_selector = match &config.shard {
+            Some(shard) => watcher::Config::default().any_semantic().labels(&shard.selector()),
+            None => watcher::Config::default().any_semantic(),
+        };
+        let (reader, writer) = reflector::store();
+        let (changed_tx, changed) = mpsc::unbounded_channel();
+        let cohorts = Arc::new(CohortIndex::default());
+        let follow = config.shard.is_none().then_some((cohorts.clone(), changed_tx));
+        let own = own_imports(Self::api(client, &namespace), own_selector, writer, follow);
+        // Reconciles are short API round trips; a bound keeps a burst (start-up, a re-list)
+        // from holding a thousand requests in memory at once.
+        let controller = Controller::for_stream(own, reader)
+            .with_config(kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY));
+        let (every_shard, every_shard_writer) = reflector::store();
+        let (waker, wake) = mpsc::unbounded_channel();
+        let every_shard_cohorts = Arc::new(CohortIndex::default());
+        Scope {
+            namespace,
+            controller,
+            cohorts,
+            changed,
+            every_shard,
+            every_shard_cohorts,
+            every_shard_writer,
+            waker,
+            wake,
+        }
+    }
+
+    fn api(client: &kube::Client, namespace: &Option<String>) -> Api<CohortImport> {
+        match namespace {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+
+    /// Reconciles until `shutdown`: on the scope's watch events, wake-ups and clock jumps.
+    async fn run(
+        self,
+        ctx: &Arc<Context>,
+        client: &kube::Client,
+        shutdown: impl std::future::Future<Output = ()> + Send + Sync + Clone + 'static,
+    ) {
+        let controller = watching_related(ctx, client, &self.namespace, self.controller);
         // Every import of the scope, whichever shard owns it: a change may lift a conflict here.
         let controller = if ctx.config.shard.is_some() {
             let same_cohort = {
                 let ctx = ctx.clone();
                 move |changed: CohortImport| ctx.affected_by(&changed)
             };
-            let (writer, index) = every_shard_writer;
-            controller.watches_stream(every_shard_imports(&ctx, api_for(scope), writer, index), same_cohort)
+            let every_shard = every_shard_imports(
+                ctx,
+                Self::api(client, &self.namespace),
+                self.every_shard_writer,
+                self.every_shard_cohorts,
+            );
+            controller.watches_stream(every_shard, same_cohort)
         } else {
             controller
         };
-        let stream = controller
-            .reconcile_on(wakes(&ctx, wake, changed))
+        controller
+            .reconcile_on(wakes(ctx, self.wake, self.changed))
             .reconcile_all_on(ctx.clock.jumps())
-            .graceful_shutdown_on(shutdown.clone())
+            .graceful_shutdown_on(shutdown)
             .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
             .for_each(|result| async move {
                 match result {
@@ -232,10 +257,9 @@ async fn watch_and_reconcile(
                     | Err(kube::runtime::controller::Error::ObjectNotFound(_)) => {}
                     Err(other) => warn!(error = %other, "controller"),
                 }
-            });
-        running.push(stream);
+            })
+            .await;
     }
-    futures::future::join_all(running).await;
 }
 
 /// The imports this controller owns, kept in `writer`'s store. Unsharded, conflicts are
