@@ -243,6 +243,24 @@ impl SnapshotStore for ReadOnlySnapshots {
         Err(self.refused())
     }
 
+    async fn record_doubt_with_plan(
+        &self,
+        _: &DoubtMeta,
+        _: &Path,
+        _: &crate::snapshot::plan::PlanMeta,
+        _: &Path,
+    ) -> Result<bool, SnapshotError> {
+        Err(self.refused())
+    }
+
+    async fn checkpoint(
+        &self,
+        _: &crate::snapshot::plan::PlanMeta,
+        _: &crate::snapshot::plan::Progress,
+    ) -> Result<(), SnapshotError> {
+        Err(self.refused())
+    }
+
     async fn commit(&self, _: &SnapshotMeta, _: &Path) -> Result<(), SnapshotError> {
         Err(self.refused())
     }
