@@ -26,7 +26,7 @@ use crate::snapshot::{SnapshotError, SnapshotStore};
 /// store what it always did.
 pub const MIN_REQUESTS: u64 = 16;
 /// About how many checkpoints a large run writes (one request each in the cluster store).
-pub const CHECKPOINTS_PER_RUN: u64 = 128;
+pub const CHECKPOINTS_PER_RUN: u64 = 512;
 /// Requests accepted, at least, between two checkpoints.
 pub const MIN_REQUESTS_BETWEEN: u64 = 4;
 /// Tries of a checkpoint write that fails for a reason other than another attempt.
@@ -55,8 +55,9 @@ impl Cadence {
             return None;
         }
         let every = (sends / CHECKPOINTS_PER_RUN).max(MIN_REQUESTS_BETWEEN * per_request);
-        // Room for what lands during a write, so the sender seldom waits for one.
-        Some(Cadence { every, window: 2 * every + in_flight * per_request })
+        // Room for what lands during a write, so the sender seldom waits for one; no more,
+        // as what is below the permit and not accepted is sent again by the next two runs.
+        Some(Cadence { every, window: every + in_flight * per_request })
     }
 }
 
@@ -210,11 +211,13 @@ mod tests {
     fn small_runs_write_no_checkpoint_and_large_ones_a_bounded_number() {
         assert_eq!(Cadence::of(15_999, 1000, 8), None, "fewer than 16 requests");
         let c = Cadence::of(16_000, 1000, 8).unwrap();
-        assert_eq!((c.every, c.window), (4000, 16_000));
+        assert_eq!((c.every, c.window), (4000, 12_000));
         let big = Cadence::of(1_600_000, 1000, 8).unwrap();
-        assert_eq!(big.every, 12_500, "about 128 checkpoints");
+        assert_eq!(big.every, 4000, "the floor: 4 requests");
+        let huge = Cadence::of(10_000_000, 1000, 8).unwrap();
+        assert_eq!(huge.every, 19_531, "about 512 checkpoints");
         let track = Cadence::of(1_600_000, 75, 8).unwrap();
-        assert_eq!((track.every, track.window), (12_500, 25_600));
+        assert_eq!((track.every, track.window), (3125, 3725));
         assert_eq!(Cadence::of(1199, 75, 8), None);
     }
 

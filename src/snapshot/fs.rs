@@ -190,11 +190,10 @@ impl FsSnapshotStore {
         let unchanged = loaded.is_some_and(|l| l == stored.as_ref().map(|(m, _)| m.clone()));
         // Merged with the keys in doubt already recorded on this generation, never replacing them.
         let merged = body.with_extension("merged");
-        let meta = match stored {
-            Some((_, file)) => super::doubt::merge_record(&self.what(), file, meta, body, &merged)?,
-            None => meta.clone(),
+        let (meta, doubt_body) = match stored {
+            Some((_, file)) => (super::doubt::merge_record(&self.what(), file, meta, body, &merged)?, merged.as_path()),
+            None => (meta.clone(), body),
         };
-        let doubt_body = if merged.exists() { merged.as_path() } else { body };
         // A plan covers every key in doubt, or it is not recorded.
         let plan = plan.filter(|(p, _)| unchanged && p.check(&self.what(), &meta).is_ok());
         let written = (|| {
@@ -466,6 +465,74 @@ mod tests {
         // Once moved, a later legacy file is not taken over the cohort's own.
         old.commit(&meta(1, 1), &body(dir.path(), &["z"])).await.unwrap();
         assert_eq!(keys(store.load(dir.path()).await.unwrap().snapshot.unwrap().body), ["a", "b"]);
+    }
+
+    /// A plan of `sends` additions, recorded with keys in doubt `doubt(1, sends)`.
+    fn plan_of(dir: &Path, adds: &[&str]) -> (PlanMeta, PathBuf) {
+        let mut w = crate::snapshot::plan::PlanWriter::new(&dir.join("sections")).unwrap();
+        for k in adds {
+            w.push(crate::snapshot::plan::Section::Adds, k.as_bytes()).unwrap();
+        }
+        let path = dir.join("plan");
+        let (keys, bytes) = w.finish(&path).unwrap();
+        let d = doubt(1, adds.len() as u64);
+        let meta = PlanMeta {
+            format: 1,
+            base_generation: d.base_generation,
+            cohort_id: d.cohort_id,
+            run_id: d.run_id,
+            recorded_at: d.recorded_at,
+            keys,
+            bytes,
+            progress: Progress { accepted: Vec::new(), permit: 1 },
+        };
+        (meta, path)
+    }
+
+    #[tokio::test]
+    async fn a_plan_and_its_checkpoints_hold_until_another_attempt_records_its_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsSnapshotStore::new(dir.path().join("snaps"), "x");
+        store.commit(&meta(1, 1), &body(dir.path(), &["a"])).await.unwrap();
+        let (plan, plan_body) = plan_of(dir.path(), &["b", "c"]);
+        store.load(dir.path()).await.unwrap();
+        assert!(
+            store
+                .record_doubt_with_plan(&doubt(1, 2), &body(dir.path(), &["b", "c"]), &plan, &plan_body)
+                .await
+                .unwrap()
+        );
+        let progress = Progress { accepted: vec![[0, 1]], permit: 2 };
+        store.checkpoint(&plan, &progress).await.unwrap();
+        let loaded = store.load(dir.path()).await.unwrap();
+        let stored = loaded.plan.expect("the plan");
+        assert_eq!(stored.meta.progress, progress, "the last checkpoint");
+        let resolved = crate::snapshot::plan::resolve(stored, dir.path()).unwrap();
+        assert_eq!(keys(resolved.settled_in), ["b"]);
+        assert_eq!(keys(resolved.unsafe_keys), ["c"]);
+
+        // Another attempt records its keys (without a plan): this plan is gone, its run may
+        // no longer checkpoint, and the keys of both stay in doubt.
+        let other = DoubtMeta { run_id: "attempt-2".into(), ..doubt(1, 1) };
+        store.record_doubt(&other, &body(dir.path(), &["d"])).await.unwrap();
+        let err = store.checkpoint(&plan, &progress).await.unwrap_err();
+        assert!(matches!(err, SnapshotError::Overtaken { .. }), "{err}");
+        let loaded = store.load(dir.path()).await.unwrap();
+        assert!(loaded.plan.is_none());
+        assert_eq!(keys(loaded.doubt.unwrap().body), ["b", "c", "d"]);
+
+        // A plan is recorded only over what the last load found.
+        let (plan, plan_body) = plan_of(dir.path(), &["b", "c", "d", "e"]);
+        store.record_doubt(&other, &body(dir.path(), &["e"])).await.unwrap();
+        let keys4 = body(dir.path(), &["b", "c", "d", "e"]);
+        assert!(!store.record_doubt_with_plan(&doubt(1, 4), &keys4, &plan, &plan_body).await.unwrap());
+        assert!(store.load(dir.path()).await.unwrap().plan.is_none());
+
+        // A commit settles everything.
+        store.commit(&meta(2, 1), &body(dir.path(), &["a"])).await.unwrap();
+        let loaded = store.load(dir.path()).await.unwrap();
+        assert!(loaded.doubt.is_none() && loaded.plan.is_none());
+        assert!(!dir.path().join("snaps/x.plan").exists() && !dir.path().join("snaps/x.progress").exists());
     }
 
     #[tokio::test]
