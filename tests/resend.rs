@@ -64,7 +64,7 @@ struct Case {
 
 impl Case {
     async fn new(size: u64, attribute: bool) -> Arc<Case> {
-        let users = (0..size).map(|i| SandboxUser::identified(&user(i))).collect();
+        let users = (0..size).map(|i| SandboxUser::identified(user(i))).collect();
         let sandbox = braze_support::start_sandbox(KEYS, users).await;
         let target = match attribute {
             false => braze_support::target(&sandbox, KEYS, COHORT),

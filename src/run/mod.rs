@@ -468,10 +468,13 @@ async fn send(
             let unwritten = done.progress.accepted_keys() > done.written;
             let overtaken =
                 matches!(done.stopped, Some(SnapshotError::Overtaken { .. } | SnapshotError::Fenced { .. }));
-            if unwritten && !overtaken && (done.sent.stopped.is_some() || done.stopped.is_some()) {
-                if let Err(e) = deps.snapshots.checkpoint(plan, &done.progress.capped()).await {
-                    warn!(run = %run.run_id, error = %e, "could not write the last checkpoint of a stopped run");
-                }
+            let stopped_early = done.sent.stopped.is_some() || done.stopped.is_some();
+            if unwritten
+                && !overtaken
+                && stopped_early
+                && let Err(e) = deps.snapshots.checkpoint(plan, &done.progress.capped()).await
+            {
+                warn!(run = %run.run_id, error = %e, "could not write the last checkpoint of a stopped run");
             }
             (done.sent, done.read, done.stopped)
         }

@@ -377,8 +377,7 @@ fn minus(
 pub(crate) fn union(inputs: &mut [&mut dyn KeyCursor<Error = io::Error>], out: &mut File) -> io::Result<u64> {
     let mut w = BodyWriter::new(BufWriter::new(out))?;
     let mut last: Vec<u8> = Vec::new();
-    loop {
-        let Some(min) = inputs.iter().filter_map(|c| c.key()).min().map(<[u8]>::to_vec) else { break };
+    while let Some(min) = inputs.iter().filter_map(|c| c.key()).min().map(<[u8]>::to_vec) {
         if w.count() > 0 && min <= last {
             return Err(out_of_order());
         }
