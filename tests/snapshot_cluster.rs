@@ -23,6 +23,7 @@ use cohort_operator::snapshot::cluster::{
     SNAPSHOT_SERIAL_LABEL, list_snapshots,
 };
 use cohort_operator::snapshot::format::{BodyWriter, read_body};
+use cohort_operator::snapshot::plan::{PlanMeta, PlanWriter, Progress, Section, resolve};
 use cohort_operator::snapshot::{DoubtMeta, FORMAT_VERSION, SnapshotError, SnapshotMeta, SnapshotStore, snapshot_key};
 use cohort_operator::source::{MemberBatch, MemberStream};
 use futures::StreamExt;
@@ -589,4 +590,72 @@ async fn chunks_of_a_deleted_head_do_not_block_the_next_one() {
     store.commit(&meta(1, keys.len() as u64), &s.body("g1", &keys)).await.unwrap();
     assert_eq!(s.chunk_serials().await.len(), 1, "the leftovers are gone");
     assert_eq!(read_keys(s.store().load(s.dir.path()).await.unwrap().snapshot.unwrap().body), keys);
+}
+
+/// A plan of additions `keys`, recorded with keys in doubt `doubt(0, n)` of run `run_id`.
+fn plan_of(s: &Setup, keys: &[Vec<u8>], doubt: &DoubtMeta) -> (PlanMeta, PathBuf) {
+    let mut w = PlanWriter::new(&s.dir.path().join("sections")).unwrap();
+    for k in keys {
+        w.push(Section::Adds, k).unwrap();
+    }
+    let path = s.dir.path().join(format!("plan-{}", doubt.run_id));
+    let (counts, bytes) = w.finish(&path).unwrap();
+    let meta = PlanMeta {
+        format: FORMAT_VERSION,
+        base_generation: doubt.base_generation,
+        cohort_id: doubt.cohort_id.clone(),
+        run_id: doubt.run_id.clone(),
+        recorded_at: doubt.recorded_at,
+        keys: counts,
+        bytes,
+        progress: Progress { accepted: Vec::new(), permit: 10 },
+    };
+    (meta, path)
+}
+
+/// A plan goes with the keys in doubt in their one switch; each checkpoint is one update of
+/// the head; the next run reads what it settles. Once another attempt records its keys in
+/// doubt, the plan is gone and its run can checkpoint no more; and a run whose store changed
+/// since its load records no plan.
+#[tokio::test]
+async fn checkpoints_cost_one_update_and_stop_once_another_attempt_records_its_keys() {
+    let s = setup("snap-plan").await;
+    let (client, metrics) = counting_client().await;
+    let store = ClusterSnapshotStore::for_cohort(client, &s.namespace, &s.key, "cohort vip", "vip", &s.uid);
+    let keys = sorted_keys(40, 8);
+    let mine = doubt(0, 40);
+    let (plan, plan_body) = plan_of(&s, &keys, &mine);
+    store.load(s.dir.path()).await.unwrap();
+    assert!(store.record_doubt_with_plan(&mine, &s.body("mine", &keys), &plan, &plan_body).await.unwrap());
+    let before = requests(&metrics);
+    let progress = Progress { accepted: vec![[0, 25]], permit: 30 };
+    store.checkpoint(&plan, &progress).await.unwrap();
+    let after = requests(&metrics);
+    let spent: u64 = after.iter().map(|(verb, n)| n - before.get(verb).copied().unwrap_or(0)).sum();
+    assert_eq!((spent, after["update"] - before.get("update").copied().unwrap_or(0)), (1, 1), "one update");
+
+    let loaded = s.store().load(s.dir.path()).await.unwrap();
+    assert_eq!(loaded.doubt.as_ref().unwrap().meta.keys, 40);
+    assert_eq!(read_keys(loaded.doubt.unwrap().body), keys, "the keys in doubt, without the plan after them");
+    let stored = loaded.plan.expect("the plan");
+    assert_eq!(stored.meta.progress, progress);
+    let resolved = resolve(stored, s.dir.path()).unwrap();
+    assert_eq!(read_keys(resolved.settled_in), keys[..25]);
+    assert_eq!(read_keys(resolved.unsafe_keys), keys[25..30], "below the permit, not accepted");
+
+    // A run that loads now but records after another attempt did: no plan.
+    let late = s.store();
+    late.load(s.dir.path()).await.unwrap();
+    let other = DoubtMeta { run_id: "attempt-2".into(), ..doubt(0, 1) };
+    let other_store = s.store();
+    other_store.load(s.dir.path()).await.unwrap();
+    other_store.record_doubt(&other, &s.body("other", &[b"\x01zz".to_vec()])).await.unwrap();
+    let err = store.checkpoint(&plan, &progress).await.unwrap_err();
+    assert!(matches!(err, SnapshotError::Overtaken { .. }), "{err}");
+    let third = DoubtMeta { run_id: "attempt-3".into(), ..doubt(0, 41) };
+    let (plan3, plan3_body) = plan_of(&s, &keys, &third);
+    assert!(!late.record_doubt_with_plan(&third, &s.body("third", &keys), &plan3, &plan3_body).await.unwrap());
+    let loaded = s.store().load(s.dir.path()).await.unwrap();
+    assert!(loaded.plan.is_none());
+    assert_eq!(loaded.doubt.unwrap().meta.keys, 41, "every attempt's keys stay in doubt");
 }

@@ -140,7 +140,7 @@ impl CohortTarget {
     }
 
     /// Identifiers per request this delivery allows.
-    fn max_per_request(&self, configured: usize) -> usize {
+    pub fn max_per_request(&self, configured: usize) -> usize {
         match self.delivery {
             Delivery::CohortImport { .. } => configured,
             Delivery::Attribute { .. } => configured.min(attributes::MAX_OBJECTS_PER_REQUEST),

@@ -243,6 +243,24 @@ impl SnapshotStore for ReadOnlySnapshots {
         Err(self.refused())
     }
 
+    async fn record_doubt_with_plan(
+        &self,
+        _: &DoubtMeta,
+        _: &Path,
+        _: &crate::snapshot::plan::PlanMeta,
+        _: &Path,
+    ) -> Result<bool, SnapshotError> {
+        Err(self.refused())
+    }
+
+    async fn checkpoint(
+        &self,
+        _: &crate::snapshot::plan::PlanMeta,
+        _: &crate::snapshot::plan::Progress,
+    ) -> Result<(), SnapshotError> {
+        Err(self.refused())
+    }
+
     async fn commit(&self, _: &SnapshotMeta, _: &Path) -> Result<(), SnapshotError> {
         Err(self.refused())
     }
@@ -505,6 +523,19 @@ spec:
         assert!(e.to_string().contains("a preview writes nothing"), "{e}");
         assert!(store.delete().await.is_err());
         assert!(store.record_doubt(&crate::snapshot::tests::doubt(0, 1), dir.path()).await.is_err());
+        let plan = crate::snapshot::plan::PlanMeta {
+            format: 1,
+            base_generation: 0,
+            cohort_id: "vip".into(),
+            run_id: "r".into(),
+            recorded_at: jiff::Timestamp::UNIX_EPOCH,
+            keys: [0; 5],
+            bytes: [0; 5],
+            progress: Default::default(),
+        };
+        let doubt = crate::snapshot::tests::doubt(0, 1);
+        assert!(store.record_doubt_with_plan(&doubt, dir.path(), &plan, dir.path()).await.is_err());
+        assert!(store.checkpoint(&plan, &Default::default()).await.is_err());
         assert!(store.load(dir.path()).await.unwrap().snapshot.is_none());
     }
 }

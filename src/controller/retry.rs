@@ -118,6 +118,8 @@ fn snapshot(error: &SnapshotError) -> bool {
         SnapshotError::Corrupt { .. } | SnapshotError::NewerFormat { .. } => false,
         // This process lost its Lease: the run is not recorded here; the new leader resumes it.
         SnapshotError::Fenced { .. } => false,
+        // Another attempt of the run is sending: it, not a new one, finishes the run.
+        SnapshotError::Overtaken { .. } => false,
         // Another import holds the cohort's snapshot: a person decides which import it is.
         SnapshotError::Held { .. } => false,
     }

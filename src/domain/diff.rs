@@ -1,10 +1,14 @@
 //! The diff of two cohorts, as a single merge over sorted, de-duplicated key streams.
 //!
-//! Three streams take part: the previous cohort (what Braze received in the last
+//! Four streams take part: the previous cohort (what Braze received in the last
 //! successful run), the keys *in doubt* (changes an interrupted or failed run may or may
-//! not have delivered, so Braze's state for them is unknown), and the new cohort. A key in
-//! doubt is sent again in whichever direction the new cohort says, even if the previous
-//! and new cohorts agree on it; that is what makes a run after a crash exact.
+//! not have delivered, so Braze's state for them is unknown), the keys *settled* by an
+//! interrupted run's checkpoint (changes Braze is known to have accepted, so their state is
+//! known again: [`crate::snapshot::plan`]), and the new cohort. A key in doubt is sent again
+//! in whichever direction the new cohort says, even if the previous and new cohorts agree
+//! on it; that is what makes a run after a crash exact. A settled key is sent only when
+//! its known state differs from the new cohort: that is what keeps a resumed run from
+//! paying again for what the interrupted one delivered.
 //!
 //! Every stream is read through a [`KeyCursor`], which lends its current key instead of
 //! handing out owned keys, so diffing ten million members against ten million allocates
@@ -34,6 +38,17 @@ pub enum Change {
     Absent,
 }
 
+/// What is known of a key's state in Braze.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Known {
+    /// What the previous cohort says: no run since may have changed it.
+    Previous,
+    /// Nothing: an interrupted run may or may not have changed it.
+    InDoubt,
+    /// An interrupted run's checkpoint shows it: in the Braze cohort (`true`) or not.
+    Settled(bool),
+}
+
 /// What to tell Braze about a key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Send {
@@ -42,15 +57,22 @@ pub enum Send {
 }
 
 impl Change {
-    /// The request a key needs: its change, or — when Braze's state of it is in doubt —
-    /// whatever makes Braze match the new cohort.
-    pub fn send(self, in_doubt: bool) -> Option<Send> {
-        match (self, in_doubt) {
-            (Change::Added, _) => Some(Send::Add),
-            (Change::Removed, _) => Some(Send::Remove),
-            (Change::Unchanged, true) => Some(Send::Add),
-            (Change::Absent, true) => Some(Send::Remove),
-            (Change::Unchanged | Change::Absent, false) => None,
+    /// Whether the key is in the new cohort.
+    pub fn is_new(self) -> bool {
+        matches!(self, Change::Added | Change::Unchanged)
+    }
+
+    /// The request a key needs: its change; when Braze's state of it is in doubt, whatever
+    /// makes Braze match the new cohort; when a checkpoint settled it, a request only if
+    /// that state is not the new cohort's.
+    pub fn send(self, known: Known) -> Option<Send> {
+        let now = self.is_new();
+        match (self, known) {
+            (_, Known::Settled(in_braze)) if in_braze == now => None,
+            (_, Known::Settled(_) | Known::InDoubt) => Some(if now { Send::Add } else { Send::Remove }),
+            (Change::Added, Known::Previous) => Some(Send::Add),
+            (Change::Removed, Known::Previous) => Some(Send::Remove),
+            (Change::Unchanged | Change::Absent, Known::Previous) => None,
         }
     }
 }
@@ -60,6 +82,7 @@ impl Change {
 pub enum Side {
     Previous,
     InDoubt,
+    Settled,
     New,
 }
 
@@ -68,6 +91,7 @@ impl std::fmt::Display for Side {
         f.write_str(match self {
             Side::Previous => "previous cohort (the snapshot)",
             Side::InDoubt => "keys in doubt (from an interrupted run)",
+            Side::Settled => "keys an interrupted run's checkpoint settled",
             Side::New => "new cohort",
         })
     }
@@ -94,86 +118,112 @@ pub struct DiffCounts {
     pub unchanged: u64,
     /// Keys in doubt.
     pub in_doubt: u64,
-    /// Requests for keys in doubt beyond the changes: unchanged members added again, and
-    /// absent ones removed again.
+    /// Requests for keys in doubt (or settled otherwise than the new cohort says) beyond the
+    /// changes: unchanged members added again, and absent ones removed again.
     pub resent_adds: u64,
     pub resent_removes: u64,
+    /// Keys whose state an interrupted run's checkpoint settled.
+    pub settled: u64,
+    /// Changes (in `added` and `removed`) Braze already has by such a checkpoint: no
+    /// request.
+    pub already_sent: u64,
 }
 
 impl DiffCounts {
     /// Keys that need a request.
     pub fn sends(&self) -> u64 {
-        self.added + self.removed + self.resent_adds + self.resent_removes
+        self.added + self.removed - self.already_sent + self.resent_adds + self.resent_removes
     }
 }
 
-/// Merges `previous`, `in_doubt` and `new`, calling `on_key(change, in_doubt, key)` once per
-/// distinct key, in key order.
+/// A [`KeyCursor`] of settled keys, which also tells the state of the key under it.
+pub trait SettledCursor: KeyCursor {
+    /// Whether the key under the cursor is in the Braze cohort.
+    fn in_braze(&self) -> bool;
+}
+
+/// Merges `previous`, `in_doubt`, `settled` and `new`, calling `on_key(change, known, key)`
+/// once per distinct key, in key order. A key both settled and in doubt is settled.
 ///
 /// Cursors must start on their first key (or be empty; [`Empty`] is an empty one).
 /// `on_key` may fail (it is where the caller writes the changes), and its error ends the
 /// diff.
-pub fn merge_diff<E, P, D, N, F>(
+pub fn merge_diff<E, P, D, S, N, F>(
     previous: &mut P,
     in_doubt: &mut D,
+    settled: &mut S,
     new: &mut N,
     mut on_key: F,
 ) -> Result<DiffCounts, DiffError<E>>
 where
     P: KeyCursor,
     D: KeyCursor,
+    S: SettledCursor,
     N: KeyCursor,
     P::Error: Into<E>,
     D::Error: Into<E>,
+    S::Error: Into<E>,
     N::Error: Into<E>,
-    F: FnMut(Change, bool, &[u8]) -> Result<(), E>,
+    F: FnMut(Change, Known, &[u8]) -> Result<(), E>,
 {
     let mut counts = DiffCounts::default();
-    let mut checks = [OrderCheck::new(Side::Previous), OrderCheck::new(Side::InDoubt), OrderCheck::new(Side::New)];
+    let mut checks = [Side::Previous, Side::InDoubt, Side::Settled, Side::New].map(OrderCheck::new);
     loop {
-        let (p, d, n) = (previous.key(), in_doubt.key(), new.key());
-        let Some(min) = [p, d, n].into_iter().flatten().min() else {
+        let (p, d, s, n) = (previous.key(), in_doubt.key(), settled.key(), new.key());
+        let Some(min) = [p, d, s, n].into_iter().flatten().min() else {
             return Ok(counts);
         };
-        let here = [p == Some(min), d == Some(min), n == Some(min)];
+        let here = [p == Some(min), d == Some(min), s == Some(min), n == Some(min)];
         for (check, present) in checks.iter_mut().zip(here) {
             if present {
                 check.check(min)?;
             }
         }
-        let [was, doubt, now] = here;
+        let [was, doubt, known, now] = here;
         let change = match (was, now) {
             (true, true) => Change::Unchanged,
             (false, true) => Change::Added,
             (true, false) => Change::Removed,
             (false, false) => Change::Absent,
         };
-        on_key(change, doubt, min).map_err(DiffError::Io)?;
-        match change {
-            Change::Added => counts.added += 1,
-            Change::Removed => counts.removed += 1,
-            Change::Unchanged => counts.unchanged += 1,
-            Change::Absent => {}
-        }
-        counts.previous += u64::from(was);
-        counts.new += u64::from(now);
-        counts.in_doubt += u64::from(doubt);
-        if doubt {
-            match change {
-                Change::Unchanged => counts.resent_adds += 1,
-                Change::Absent => counts.resent_removes += 1,
-                _ => {}
-            }
-        }
+        let state = match (known, doubt) {
+            (true, _) => Known::Settled(settled.in_braze()),
+            (false, true) => Known::InDoubt,
+            (false, false) => Known::Previous,
+        };
+        on_key(change, state, min).map_err(DiffError::Io)?;
+        count(&mut counts, change, state, [was, doubt, known, now]);
         if was {
             previous.advance().map_err(|e| DiffError::Io(e.into()))?;
         }
         if doubt {
             in_doubt.advance().map_err(|e| DiffError::Io(e.into()))?;
         }
+        if known {
+            settled.advance().map_err(|e| DiffError::Io(e.into()))?;
+        }
         if now {
             new.advance().map_err(|e| DiffError::Io(e.into()))?;
         }
+    }
+}
+
+fn count(counts: &mut DiffCounts, change: Change, state: Known, [was, doubt, known, now]: [bool; 4]) {
+    match change {
+        Change::Added => counts.added += 1,
+        Change::Removed => counts.removed += 1,
+        Change::Unchanged => counts.unchanged += 1,
+        Change::Absent => {}
+    }
+    counts.previous += u64::from(was);
+    counts.new += u64::from(now);
+    counts.in_doubt += u64::from(doubt);
+    counts.settled += u64::from(known);
+    match (change, change.send(state)) {
+        (Change::Added | Change::Removed, None) => counts.already_sent += 1,
+        (Change::Unchanged | Change::Absent, Some(Send::Add)) => counts.resent_adds += 1,
+        (Change::Unchanged | Change::Absent, Some(Send::Remove)) => counts.resent_removes += 1,
+        _ => {}
     }
 }
 
@@ -194,6 +244,12 @@ impl<E> KeyCursor for Empty<E> {
     }
     fn advance(&mut self) -> Result<(), E> {
         Ok(())
+    }
+}
+
+impl<E> SettledCursor for Empty<E> {
+    fn in_braze(&self) -> bool {
+        false
     }
 }
 
@@ -253,17 +309,39 @@ mod tests {
     use std::collections::BTreeSet;
     use std::convert::Infallible;
 
-    type Changes = Vec<(Change, bool, Vec<u8>)>;
+    type Changes = Vec<(Change, Known, Vec<u8>)>;
 
-    fn diff3(
+    /// Settled keys with their state, in memory.
+    struct SettledSlice<'a>(&'a [(Vec<u8>, bool)], usize);
+
+    impl KeyCursor for SettledSlice<'_> {
+        type Error = Infallible;
+        fn key(&self) -> Option<&[u8]> {
+            self.0.get(self.1).map(|(k, _)| k.as_slice())
+        }
+        fn advance(&mut self) -> Result<(), Infallible> {
+            self.1 += 1;
+            Ok(())
+        }
+    }
+
+    impl SettledCursor for SettledSlice<'_> {
+        fn in_braze(&self) -> bool {
+            self.0.get(self.1).is_some_and(|(_, s)| *s)
+        }
+    }
+
+    fn diff4(
         previous: &[Vec<u8>],
         doubt: &[Vec<u8>],
+        settled: &[(Vec<u8>, bool)],
         new: &[Vec<u8>],
     ) -> Result<(DiffCounts, Changes), DiffError<Infallible>> {
         let mut out = Vec::new();
-        let counts = merge_diff::<Infallible, _, _, _, _>(
+        let counts = merge_diff::<Infallible, _, _, _, _, _>(
             &mut SliceCursor::new(previous),
             &mut SliceCursor::new(doubt),
+            &mut SettledSlice(settled, 0),
             &mut SliceCursor::new(new),
             |c, d, k| {
                 out.push((c, d, k.to_vec()));
@@ -271,6 +349,14 @@ mod tests {
             },
         )?;
         Ok((counts, out))
+    }
+
+    fn diff3(
+        previous: &[Vec<u8>],
+        doubt: &[Vec<u8>],
+        new: &[Vec<u8>],
+    ) -> Result<(DiffCounts, Changes), DiffError<Infallible>> {
+        diff4(previous, doubt, &[], new)
     }
 
     fn diff(previous: &[Vec<u8>], new: &[Vec<u8>]) -> Result<(DiffCounts, Changes), DiffError<Infallible>> {
@@ -326,6 +412,28 @@ mod tests {
     }
 
     #[test]
+    fn settled_keys_are_sent_only_where_their_known_state_is_not_the_new_cohorts() {
+        // a: added and accepted, still wanted → nothing; b: removed and accepted, wanted
+        // again → added; c: added and accepted, no longer wanted (and never in the
+        // previous cohort) → removed again; d: removed and accepted, still gone → nothing;
+        // e: in doubt only → sent as the new cohort says.
+        let settled = [(b"a".to_vec(), true), (b"b".to_vec(), false), (b"c".to_vec(), true), (b"d".to_vec(), false)];
+        let (counts, changes) =
+            diff4(&keys(&["b", "d"]), &keys(&["a", "b", "c", "d", "e"]), &settled, &keys(&["a", "b", "e"])).unwrap();
+        let sends: Vec<_> = changes.iter().map(|(c, s, k)| (k[0], c.send(*s))).collect();
+        assert_eq!(
+            sends,
+            [(b'a', None), (b'b', Some(Send::Add)), (b'c', Some(Send::Remove)), (b'd', None), (b'e', Some(Send::Add))]
+        );
+        assert_eq!(changes[0].1, Known::Settled(true));
+        assert_eq!(changes[4].1, Known::InDoubt);
+        assert_eq!((counts.added, counts.removed, counts.unchanged), (2, 1, 1));
+        assert_eq!((counts.settled, counts.already_sent), (4, 2), "a and d: Braze has them");
+        assert_eq!((counts.resent_adds, counts.resent_removes), (1, 1), "b, c");
+        assert_eq!(counts.sends(), 3);
+    }
+
+    #[test]
     fn unsorted_or_duplicated_input_stops_the_diff() {
         let err = diff(&keys(&["a", "c", "b"]), &keys(&["a"])).unwrap_err();
         assert!(matches!(err, DiffError::OutOfOrder { side: Side::Previous, position: 2 }), "{err:?}");
@@ -334,6 +442,8 @@ mod tests {
         assert!(err.to_string().contains("new cohort"), "{err}");
         let err = diff3(&[], &keys(&["b", "a"]), &[]).unwrap_err();
         assert!(matches!(err, DiffError::OutOfOrder { side: Side::InDoubt, position: 1 }), "{err:?}");
+        let err = diff4(&[], &[], &[(b"b".to_vec(), true), (b"a".to_vec(), true)], &[]).unwrap_err();
+        assert!(matches!(err, DiffError::OutOfOrder { side: Side::Settled, position: 1 }), "{err:?}");
     }
 
     #[test]
@@ -346,8 +456,9 @@ mod tests {
             }
         }
         let (previous, new) = (keys(&["a"]), keys(&["b"]));
-        let err = merge_diff::<DiskFull, _, _, _, _>(
+        let err = merge_diff::<DiskFull, _, _, _, _, _>(
             &mut SliceCursor::new(&previous),
+            &mut Empty::<Infallible>::default(),
             &mut Empty::<Infallible>::default(),
             &mut SliceCursor::new(&new),
             |_, _, _| Err(DiskFull),
@@ -380,24 +491,37 @@ mod tests {
         }
 
         /// Whatever Braze holds of the keys in doubt, applying the sends makes it equal the
-        /// new cohort — provided it equals the previous cohort on every other key.
+        /// new cohort — provided it equals the previous cohort on every other key, and
+        /// holds the settled state of every settled key (settled keys are in doubt too, as
+        /// a run records every key it sends; some carry a state opposite to the previous
+        /// cohort's, some the same). The sends are as many as the counts say, and none is
+        /// for a settled key Braze already holds as the new cohort wants it.
         #[test]
         fn sends_converge_from_any_state_of_the_keys_in_doubt(
-            previous in key_set(), doubt in key_set(), new in key_set(), coin in any::<u64>(),
+            previous in key_set(), doubt in key_set(), new in key_set(), coin in any::<u64>(), pick in any::<u64>(),
         ) {
             let mut braze: BTreeSet<Vec<u8>> = previous.iter().filter(|k| !doubt.contains(*k)).cloned().collect();
+            let mut settled = Vec::new();
             for (i, k) in doubt.iter().enumerate() {
-                if coin.rotate_left(i as u32) & 1 == 1 {
+                let in_braze = coin.rotate_left(i as u32) & 1 == 1;
+                if in_braze {
                     braze.insert(k.clone());
+                }
+                if pick.rotate_left(i as u32) & 1 == 1 {
+                    settled.push((k.clone(), in_braze));
                 }
             }
             let p: Vec<_> = previous.iter().cloned().collect();
             let d: Vec<_> = doubt.iter().cloned().collect();
             let n: Vec<_> = new.iter().cloned().collect();
-            let (counts, changes) = diff3(&p, &d, &n).unwrap();
+            let (counts, changes) = diff4(&p, &d, &settled, &n).unwrap();
             let mut sent = 0;
-            for (c, in_doubt, k) in changes {
-                match c.send(in_doubt) {
+            for (c, known, k) in changes {
+                let send = c.send(known);
+                if let Known::Settled(in_braze) = known {
+                    prop_assert_eq!(send.is_some(), in_braze != new.contains(&k), "a settled key is sent iff it differs");
+                }
+                match send {
                     Some(Send::Add) => { braze.insert(k); sent += 1; }
                     Some(Send::Remove) => { braze.remove(&k); sent += 1; }
                     None => {}
@@ -405,6 +529,7 @@ mod tests {
             }
             prop_assert_eq!(braze, new);
             prop_assert_eq!(sent, counts.sends());
+            prop_assert_eq!(counts.settled, settled.len() as u64);
         }
     }
 }

@@ -10,7 +10,8 @@
 //!    new snapshot body and the additions and removals to scratch files as it goes;
 //! 4. asks the removal guard ([`crate::domain::guard`]); a blocked run sends nothing;
 //! 5. stops there on a dry run;
-//! 6. records the keys it is about to send as *in doubt* in the snapshot store;
+//! 6. records the keys it is about to send as *in doubt* in the snapshot store — a large
+//!    run with its plan, so that it can checkpoint what Braze accepted ([`checkpoint`]);
 //! 7. names the cohort in Braze on the first run and when the display name changed;
 //! 8. sends removals, then additions;
 //! 9. commits the new snapshot (settling the keys in doubt) only if Braze accepted every
@@ -20,7 +21,9 @@
 //! every later step streams. A run stopped anywhere (a crash, an abort, Braze failing)
 //! leaves the previous snapshot and the keys in doubt in place, so the next run re-sends
 //! those keys the way its own source says, even if the source changed meanwhile; Braze
-//! membership changes are idempotent, so re-sending is harmless.
+//! membership changes are idempotent, so re-sending is harmless — but each costs a data
+//! point, so a large run's last checkpoint settles the keys Braze had accepted, and the
+//! next run sends those only where its source differs ([`crate::snapshot::plan`]).
 
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Seek, SeekFrom, Write};
@@ -35,17 +38,19 @@ use tracing::{info, warn};
 
 use crate::api::{CommittedSnapshot, IdentifierMapping, RemovalGuard, RunResult, RunTrigger};
 use crate::braze::{BrazeClient, Change, ChangesReport, CohortTarget, Delivery};
-use crate::domain::diff::{self, DiffCounts, DiffError, KeyCursor};
+use crate::domain::diff::{self, DiffCounts, DiffError, KeyCursor, Known};
 use crate::domain::guard::{self, GuardDecision, GuardInput, RemovalApproval};
 use crate::domain::identifiers::SkipCounts;
 use crate::domain::member::Member;
 use crate::snapshot::format::{BodyReader, BodyWriter, FrontCodedReader, FrontCodedWriter, read_body};
+use crate::snapshot::plan::{PlanMeta, PlanWriter, Progress, Resolved, Section, SettledKeys};
 use crate::snapshot::{
     DoubtMeta, FORMAT_VERSION, MemberDigest, Missing, SnapshotError, SnapshotMeta, SnapshotStore, verify,
 };
 use crate::source::MemberStream;
 
 pub mod budget;
+pub mod checkpoint;
 pub mod remove;
 pub mod report;
 pub mod sort;
@@ -143,6 +148,14 @@ pub struct RunDeps<'a> {
     pub braze: &'a BrazeClient,
     /// Endpoint, keys and `cohort_id` (= `spec.cohort.id`).
     pub target: &'a CohortTarget,
+}
+
+/// Where a run's writes go: [`RunDeps`] without the source.
+#[derive(Clone, Copy)]
+struct Writes<'a> {
+    snapshots: &'a dyn SnapshotStore,
+    braze: &'a BrazeClient,
+    target: &'a CohortTarget,
 }
 
 /// A stable text of the identifier mapping; when it changes between runs, the members sent
@@ -253,6 +266,7 @@ fn new_report(run: &ImportRun) -> RunReport {
         accepted_adds: 0,
         accepted_removes: 0,
         resent: 0,
+        already_sent: 0,
         unsent: 0,
         cohort_named: false,
         committed_generation: None,
@@ -282,7 +296,7 @@ fn settle(report: &mut RunReport, outcome: Result<RunResult, RunError>, clock: R
             report.hint = Some(error.hint());
             report.error = Some(error);
             report.unsent = (report.added + report.removed + report.resent)
-                .saturating_sub(report.accepted_adds + report.accepted_removes);
+                .saturating_sub(report.already_sent + report.accepted_adds + report.accepted_removes);
         }
     }
     report.finished_at = clock.now();
@@ -297,6 +311,7 @@ async fn execute(
 ) -> Result<RunResult, RunError> {
     let scratch = run_scratch(run)?;
     let cohort_id = &deps.target.cohort_id;
+    let writes = Writes { snapshots: deps.snapshots, braze: deps.braze, target: deps.target };
 
     // A resync a person approved starts afresh: the store is forgotten before anything else.
     if let Some(approved) = &run.resync {
@@ -310,6 +325,7 @@ async fn execute(
     let outputs = (!run.dry_run).then(|| DiffOutputs {
         snapshot: scratch.path().join("snapshot.new"),
         sends: scratch.path().join("doubt.new"),
+        plan: scratch.path().join("plan.new"),
     });
     // 1–4. Snapshot, source, diff, guard: the plan a preview shows. A run that finds the
     // store without what status says Braze holds, or blocked by the guard, sends nothing.
@@ -328,9 +344,10 @@ async fn execute(
         return Ok(RunResult::DryRun);
     };
 
-    // 6. The keys about to be sent are in doubt until the new snapshot is committed.
+    // 6. The keys about to be sent are in doubt until the new snapshot is committed; a
+    // large run's plan is recorded with them.
     let sends = counts.sends();
-    if sends > 0 {
+    let planned = if sends > 0 {
         let meta = DoubtMeta {
             format: FORMAT_VERSION,
             base_generation: stored_generation,
@@ -339,8 +356,10 @@ async fn execute(
             run_id: run.run_id.clone(),
             recorded_at: clock.now(),
         };
-        deps.snapshots.record_doubt(&meta, &outputs.sends).await?;
-    }
+        record_doubt(writes, &meta, &outputs, diffed.plan, report).await?
+    } else {
+        None
+    };
 
     // 7. The cohort's name (the partner path's; an attribute has no cohort to name).
     let partner = matches!(deps.target.delivery, Delivery::CohortImport { .. });
@@ -358,37 +377,7 @@ async fn execute(
 
     // 8. Removals, then additions.
     if sends > 0 {
-        let (removes, adds) = (diffed.removes, diffed.adds);
-        let (sent, read) = send_changes_from(deps.braze, deps.target, move |tx| read_changes(removes, adds, tx)).await;
-        report.requests += sent.totals.requests;
-        report.retries += sent.totals.retries;
-        report.braze_budget_wait += sent.totals.budget_wait;
-        for (status, count) in &sent.totals.responses_by_status {
-            *report.braze_responses.entry(Some(*status)).or_default() += u64::from(*count);
-        }
-        let unanswered = sent.totals.timeouts + sent.totals.connection_errors;
-        if unanswered > 0 {
-            *report.braze_responses.entry(None).or_default() += u64::from(unanswered);
-        }
-        report.accepted_adds = sent.totals.added;
-        report.accepted_removes = sent.totals.removed;
-        // Objects Braze answered for by rejecting them are settled too: sending them again
-        // would be rejected again. They are counted per reason, never as added.
-        report.rejected = sent.totals.rejected.clone();
-        let accepted = sent.totals.added + sent.totals.removed + sent.totals.rejected.total();
-        if let Some(error) = sent.stopped {
-            return Err(RunError::Changes { error, accepted, planned: sends });
-        }
-        if let Err(source) = read {
-            return Err(RunError::Scratch {
-                dir: run.scratch_dir.display().to_string(),
-                action: "read the change lists",
-                source,
-            });
-        }
-        if accepted != sends {
-            return Err(RunError::Incomplete { accepted, planned: sends });
-        }
+        send(run, writes, (diffed.removes, diffed.adds), planned, report).await?;
     }
 
     // 9. Braze has it all: the new snapshot (which also settles the keys in doubt). A new
@@ -418,6 +407,114 @@ async fn execute(
         digest: Some(diffed.digest),
     });
     Ok(RunResult::Succeeded)
+}
+
+/// Step 6: records the keys about to be sent in doubt, with the run's plan when it is large
+/// enough to checkpoint (`plan`: what the diff wrote of it). The plan and cadence, if the
+/// store recorded the plan.
+async fn record_doubt(
+    deps: Writes<'_>,
+    meta: &DoubtMeta,
+    outputs: &DiffOutputs,
+    plan: Option<PlanSections>,
+    report: &mut RunReport,
+) -> Result<Option<(PlanMeta, checkpoint::Cadence)>, RunError> {
+    let cadence = checkpoint::Cadence::for_run(meta.keys, deps.braze, deps.target);
+    let (Some(cadence), Some((keys, bytes))) = (cadence, plan) else {
+        deps.snapshots.record_doubt(meta, &outputs.sends).await?;
+        return Ok(None);
+    };
+    let plan = PlanMeta {
+        format: FORMAT_VERSION,
+        base_generation: meta.base_generation,
+        cohort_id: meta.cohort_id.clone(),
+        run_id: meta.run_id.clone(),
+        recorded_at: meta.recorded_at,
+        keys,
+        bytes,
+        progress: Progress { accepted: Vec::new(), permit: cadence.window },
+    };
+    if deps.snapshots.record_doubt_with_plan(meta, &outputs.sends, &plan, &outputs.plan).await? {
+        return Ok(Some((plan, cadence)));
+    }
+    report.notes.push(
+        "another attempt wrote to the snapshot store since this run read it: this run writes no checkpoint, so \
+         an interruption has the next run send all of its changes again"
+            .into(),
+    );
+    Ok(None)
+}
+
+/// Step 8: sends the change lists (removals, then additions) — under checkpoints when the
+/// run recorded a plan — and puts what Braze did in `report`. Fails unless Braze accepted
+/// every change.
+async fn send(
+    run: &ImportRun,
+    deps: Writes<'_>,
+    (removes, adds): (SpooledTempFile, SpooledTempFile),
+    planned: Option<(PlanMeta, checkpoint::Cadence)>,
+    report: &mut RunReport,
+) -> Result<(), RunError> {
+    let read = move |tx: mpsc::Sender<Vec<Change>>| read_changes(removes, adds, tx);
+    let (sent, read, stopped) = match &planned {
+        None => {
+            let (sent, read) = send_changes_from(deps.braze, deps.target, read).await;
+            (sent, read, None)
+        }
+        Some((plan, cadence)) => {
+            let done =
+                checkpoint::send_checkpointed(deps.braze, deps.target, deps.snapshots, plan, *cadence, read).await;
+            // A run that stops early leaves what Braze accepted since the last checkpoint.
+            let unwritten = done.progress.accepted_keys() > done.written;
+            let overtaken =
+                matches!(done.stopped, Some(SnapshotError::Overtaken { .. } | SnapshotError::Fenced { .. }));
+            let stopped_early = done.sent.stopped.is_some() || done.stopped.is_some();
+            if unwritten
+                && !overtaken
+                && stopped_early
+                && let Err(e) = deps.snapshots.checkpoint(plan, &done.progress.capped()).await
+            {
+                warn!(run = %run.run_id, error = %e, "could not write the last checkpoint of a stopped run");
+            }
+            (done.sent, done.read, done.stopped)
+        }
+    };
+    count_sent(&sent, report);
+    let planned_sends = report.added + report.removed + report.resent - report.already_sent;
+    let accepted = sent.totals.added + sent.totals.removed + sent.totals.rejected.total();
+    if let Some(error) = sent.stopped {
+        return Err(RunError::Changes { error, accepted, planned: planned_sends });
+    }
+    if let Some(error) = stopped {
+        return Err(RunError::Snapshot(error));
+    }
+    if let Err(source) = read {
+        let dir = run.scratch_dir.display().to_string();
+        return Err(RunError::Scratch { dir, action: "read the change lists", source });
+    }
+    if accepted != planned_sends {
+        return Err(RunError::Incomplete { accepted, planned: planned_sends });
+    }
+    Ok(())
+}
+
+/// What Braze did with a run's changes, into its report.
+fn count_sent(sent: &ChangesReport, report: &mut RunReport) {
+    report.requests += sent.totals.requests;
+    report.retries += sent.totals.retries;
+    report.braze_budget_wait += sent.totals.budget_wait;
+    for (status, count) in &sent.totals.responses_by_status {
+        *report.braze_responses.entry(Some(*status)).or_default() += u64::from(*count);
+    }
+    let unanswered = sent.totals.timeouts + sent.totals.connection_errors;
+    if unanswered > 0 {
+        *report.braze_responses.entry(None).or_default() += u64::from(unanswered);
+    }
+    report.accepted_adds = sent.totals.added;
+    report.accepted_removes = sent.totals.removed;
+    // Objects Braze answered for by rejecting them are settled too: sending them again
+    // would be rejected again. They are counted per reason, never as added.
+    report.rejected = sent.totals.rejected.clone();
 }
 
 /// A run's scratch directory, under [`ImportRun::scratch_dir`]; removed when dropped.
@@ -483,10 +580,13 @@ async fn plan(
         other => other,
     };
     let doubt = loaded.doubt.filter(|d| d.meta.cohort_id == cohort_id);
+    let stored_plan = loaded.plan.filter(|_| doubt.is_some());
+    let known = resolve_plan(stored_plan, scratch, report).await;
     if let Some(d) = &doubt {
+        let settled = known.as_ref().map_or(0, |k| k.accepted);
         report.notes.push(format!(
-            "run {} stopped before Braze confirmed its {} changes; they are sent again as this \
-             run's source says",
+            "run {} stopped before Braze confirmed all its {} changes (its checkpoint shows {settled} accepted, \
+             sent again only where this run's source differs); the others are sent again as this run's source says",
             d.meta.run_id, d.meta.keys
         ));
     }
@@ -510,7 +610,8 @@ async fn plan(
         let scratch_dir = run.scratch_dir.display().to_string();
         let sample_size = run.sample_size;
         let diffed = tokio::task::spawn_blocking(move || {
-            diff_to_files(previous.map(|p| p.body), doubt.map(|d| d.body), sorted, outputs.as_ref(), sample_size)
+            let stored = Stored { previous: previous.map(|p| p.body), doubt: doubt.map(|d| d.body), known };
+            diff_to_files(stored, sorted, outputs.as_ref(), sample_size)
         })
         .await
         .expect("the diff does not panic");
@@ -540,6 +641,7 @@ async fn plan(
     report.removed = counts.removed;
     report.unchanged = counts.unchanged;
     report.resent = counts.resent_adds + counts.resent_removes;
+    report.already_sent = counts.already_sent;
     report.duplicates = pushed - counts.new;
     report.sample_added = std::mem::take(&mut diffed.sample_added);
     report.sample_removed = std::mem::take(&mut diffed.sample_removed);
@@ -556,6 +658,37 @@ async fn plan(
         }
     }
     Ok(Ok(Planned { diffed, previous_meta, stored_generation, remapped, decision }))
+}
+
+/// What an interrupted run's checkpoint tells a run: keys it settled, in the cohort and out
+/// of it, and those no checkpoint may settle.
+struct KnownKeys {
+    resolved: Resolved,
+    /// Sends the checkpoint shows accepted.
+    accepted: u64,
+}
+
+/// Works out what the stored plan settles ([`crate::snapshot::plan::resolve`]). A plan that
+/// cannot be read is left out: its keys stay in doubt, and are all sent again.
+async fn resolve_plan(
+    plan: Option<crate::snapshot::plan::StoredPlan>,
+    scratch: &Path,
+    report: &mut RunReport,
+) -> Option<KnownKeys> {
+    let plan = plan?;
+    let (run_id, accepted) = (plan.meta.run_id.clone(), plan.meta.progress.accepted_keys());
+    let dir = scratch.to_owned();
+    match tokio::task::spawn_blocking(move || crate::snapshot::plan::resolve(plan, &dir)).await {
+        Ok(Ok(resolved)) => Some(KnownKeys { resolved, accepted }),
+        Ok(Err(e)) => {
+            warn!(run = %run_id, error = %e, "ignoring a checkpoint that cannot be read");
+            report.notes.push(format!(
+                "the checkpoint of run {run_id} cannot be read ({e}): every key it left in doubt is sent again"
+            ));
+            None
+        }
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
 }
 
 /// Ends a run that found the store without what status says Braze holds: it sends nothing,
@@ -644,11 +777,23 @@ async fn sort_source(
     Ok((sorted, stats.pushed))
 }
 
-/// Where the diff writes the new snapshot body and the keys to send (both compressed).
+/// Where the diff writes the new snapshot body, the keys to send (both compressed), and the
+/// run's plan.
 #[derive(Clone, Debug)]
 struct DiffOutputs {
     snapshot: PathBuf,
     sends: PathBuf,
+    plan: PathBuf,
+}
+
+/// The keys and bytes of each section of a plan written.
+type PlanSections = ([u64; crate::snapshot::plan::SECTIONS], [u64; crate::snapshot::plan::SECTIONS]);
+
+/// What the store holds, opened for the diff.
+struct Stored {
+    previous: Option<File>,
+    doubt: Option<File>,
+    known: Option<KnownKeys>,
 }
 
 /// The diff's results: counts, samples, and the change lists (front-coded, sorted).
@@ -660,6 +805,8 @@ struct Diffed {
     digest: String,
     sample_added: Vec<String>,
     sample_removed: Vec<String>,
+    /// The run's plan, written to [`DiffOutputs::plan`].
+    plan: Option<PlanSections>,
 }
 
 enum DiffFailure {
@@ -719,44 +866,55 @@ fn finish_body(body: BodyWriter<BufWriter<File>>) -> io::Result<()> {
 }
 
 fn diff_to_files(
-    previous: Option<File>,
-    doubt: Option<File>,
+    stored: Stored,
     mut new: sort::SortedKeys,
     outputs: Option<&DiffOutputs>,
     sample_size: usize,
 ) -> Result<Diffed, DiffFailure> {
     const PREVIOUS: &str = "the previous snapshot";
     const DOUBT: &str = "the keys in doubt";
-    let mut previous = StoredKeys::open(previous, PREVIOUS)?;
-    let mut doubt = StoredKeys::open(doubt, DOUBT)?;
-    let (mut snapshot, mut sends) = match outputs {
-        Some(o) => (Some(create_body(&o.snapshot)?), Some(create_body(&o.sends)?)),
-        None => (None, None),
+    const CHECKPOINT: &str = "the checkpoint of an interrupted run";
+    let mut previous = StoredKeys::open(stored.previous, PREVIOUS)?;
+    let mut doubt = StoredKeys::open(stored.doubt, DOUBT)?;
+    let (mut settled, unsafe_keys) = match stored.known {
+        Some(k) => (
+            SettledKeys::new(Some(k.resolved.settled_in), Some(k.resolved.settled_out))?,
+            Unsafe::Listed(StoredKeys::open(Some(k.resolved.unsafe_keys), CHECKPOINT)?),
+        ),
+        None => (SettledKeys::new(None, None)?, Unsafe::InDoubt),
+    };
+    let (mut snapshot, mut sends, mut plan) = match outputs {
+        Some(o) => {
+            let plan = PlanSink { writer: PlanWriter::new(&o.plan.with_extension("sections"))?, unsafe_keys };
+            (Some(create_body(&o.snapshot)?), Some(create_body(&o.sends)?), Some(plan))
+        }
+        None => (None, None, None),
     };
     // Buffered: past CHANGES_IN_MEMORY a list is a file, and a record is a few bytes.
     let change_list =
         || FrontCodedWriter::new(BufWriter::with_capacity(CHANGE_LIST_BUFFER, SpooledTempFile::new(CHANGES_IN_MEMORY)));
-    let mut adds = change_list();
-    let mut removes = change_list();
-    let mut sample_added = Vec::new();
-    let mut sample_removed = Vec::new();
+    let (mut adds, mut removes) = (change_list(), change_list());
+    let (mut sample_added, mut sample_removed) = (Vec::new(), Vec::new());
     let mut digest = MemberDigest::default();
-    let on_key = |change: diff::Change, in_doubt: bool, key: &[u8]| -> Result<(), DiffFailure> {
+    let on_key = |change: diff::Change, known: Known, key: &[u8]| -> Result<(), DiffFailure> {
         match change {
             diff::Change::Added => sample(&mut sample_added, key, sample_size),
             diff::Change::Removed => sample(&mut sample_removed, key, sample_size),
             diff::Change::Unchanged | diff::Change::Absent => {}
         }
-        if let Some(send) = change.send(in_doubt) {
-            match send {
-                diff::Send::Add => adds.push(key)?,
-                diff::Send::Remove => removes.push(key)?,
-            }
-            if let Some(sends) = &mut sends {
-                sends.push(key)?;
-            }
+        let send = change.send(known);
+        match send {
+            Some(diff::Send::Add) => adds.push(key)?,
+            Some(diff::Send::Remove) => removes.push(key)?,
+            None => {}
         }
-        if let diff::Change::Added | diff::Change::Unchanged = change {
+        if let (Some(sends), Some(_)) = (&mut sends, send) {
+            sends.push(key)?;
+        }
+        if let Some(plan) = &mut plan {
+            plan.key(known, send, key)?;
+        }
+        if change.is_new() {
             digest.push(key);
             if let Some(snapshot) = &mut snapshot {
                 snapshot.push(key)?;
@@ -764,13 +922,14 @@ fn diff_to_files(
         }
         Ok(())
     };
-    let counts = diff::merge_diff(&mut previous, &mut doubt, &mut new, on_key).map_err(|e| match e {
+    let counts = diff::merge_diff(&mut previous, &mut doubt, &mut settled, &mut new, on_key).map_err(|e| match e {
         DiffError::Io(failure) => failure,
         DiffError::OutOfOrder { side, position } => {
             let e = io::Error::other(DiffError::<io::Error>::OutOfOrder { side, position }.to_string());
             match side {
                 diff::Side::Previous => snapshot_damaged(PREVIOUS, e),
                 diff::Side::InDoubt => snapshot_damaged(DOUBT, e),
+                diff::Side::Settled => snapshot_damaged(CHECKPOINT, e),
                 diff::Side::New => DiffFailure::Io(e),
             }
         }
@@ -778,6 +937,10 @@ fn diff_to_files(
     for body in [snapshot, sends].into_iter().flatten() {
         finish_body(body)?;
     }
+    let plan = match (plan, outputs) {
+        (Some(plan), Some(o)) => Some(plan.writer.finish(&o.plan)?),
+        _ => None,
+    };
     let rewind = |w: FrontCodedWriter<BufWriter<SpooledTempFile>>| -> io::Result<SpooledTempFile> {
         let mut f = w.into_inner().into_inner().map_err(io::IntoInnerError::into_error)?;
         f.flush()?;
@@ -785,7 +948,52 @@ fn diff_to_files(
         Ok(f)
     };
     let digest = digest.finish();
-    Ok(Diffed { counts, adds: rewind(adds)?, removes: rewind(removes)?, digest, sample_added, sample_removed })
+    let (adds, removes) = (rewind(adds)?, rewind(removes)?);
+    Ok(Diffed { counts, adds, removes, digest, sample_added, sample_removed, plan })
+}
+
+/// Keys no checkpoint may settle: every key in doubt when no plan tells otherwise, or the
+/// ones a plan lists.
+enum Unsafe {
+    InDoubt,
+    Listed(StoredKeys),
+}
+
+impl Unsafe {
+    /// Whether `key` (in key order, call after call) is unsafe.
+    fn contains(&mut self, known: Known, key: &[u8]) -> Result<bool, DiffFailure> {
+        match self {
+            Unsafe::InDoubt => Ok(known == Known::InDoubt),
+            Unsafe::Listed(listed) => {
+                while listed.key().is_some_and(|k| k < key) {
+                    listed.advance()?;
+                }
+                Ok(listed.key() == Some(key))
+            }
+        }
+    }
+}
+
+/// Writes the run's plan as the diff goes ([`crate::snapshot::plan`]).
+struct PlanSink {
+    writer: PlanWriter,
+    unsafe_keys: Unsafe,
+}
+
+impl PlanSink {
+    fn key(&mut self, known: Known, send: Option<diff::Send>, key: &[u8]) -> Result<(), DiffFailure> {
+        match (send, known) {
+            (Some(diff::Send::Remove), _) => self.writer.push(Section::Removes, key)?,
+            (Some(diff::Send::Add), _) => self.writer.push(Section::Adds, key)?,
+            (None, Known::Settled(true)) => self.writer.push(Section::HeldIn, key)?,
+            (None, Known::Settled(false)) => self.writer.push(Section::HeldOut, key)?,
+            (None, Known::Previous | Known::InDoubt) => {}
+        }
+        if self.unsafe_keys.contains(known, key)? {
+            self.writer.push(Section::Unsafe, key)?;
+        }
+        Ok(())
+    }
 }
 
 fn snapshot_damaged(what: &str, e: io::Error) -> DiffFailure {
@@ -912,13 +1120,23 @@ mod tests {
         // Large enough that the cut shows while diffing, not when the body is opened.
         let previous = body(dir.path(), "previous", 200_000, 5);
         assert_eq!(
-            damaged_store(diff_to_files(Some(previous), None, empty(), None, SAMPLE_SIZE)),
+            damaged_store(diff_to_files(
+                Stored { previous: Some(previous), doubt: None, known: None },
+                empty(),
+                None,
+                SAMPLE_SIZE
+            )),
             "the previous snapshot"
         );
         let previous = body(dir.path(), "previous-whole", 10, 0);
         let doubt = body(dir.path(), "doubt", 200_000, 5);
         assert_eq!(
-            damaged_store(diff_to_files(Some(previous), Some(doubt), empty(), None, SAMPLE_SIZE)),
+            damaged_store(diff_to_files(
+                Stored { previous: Some(previous), doubt: Some(doubt), known: None },
+                empty(),
+                None,
+                SAMPLE_SIZE
+            )),
             "the keys in doubt"
         );
     }

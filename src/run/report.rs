@@ -36,6 +36,9 @@ pub struct RunReport {
     /// Requests beyond the changes, for keys an interrupted run left in doubt: unchanged
     /// members added again and absent ones removed again.
     pub resent: u64,
+    /// Changes an interrupted run's checkpoint shows Braze already accepted: not sent
+    /// again (in `added` and `removed` all the same).
+    pub already_sent: u64,
     /// Rows the source yielded, and those that gave no member, by reason.
     pub rows: u64,
     pub skipped: SkipCounts,

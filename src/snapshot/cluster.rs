@@ -20,6 +20,11 @@
 //! chunk and one switch per write (and a delete when there is garbage); the store keeps the
 //! head it last read or wrote for the run's next write instead of reading it again.
 //!
+//! A run's plan ([`super::plan`]) is written with its keys in doubt, its body after theirs
+//! in the same chunks, its metadata in the head; its checkpoints replace the head alone (one
+//! request each), conditioned like every head write on the `resourceVersion` this store
+//! last wrote: a checkpoint never lands over another attempt's write.
+//!
 //! The objects carry no ownerReference, so no garbage collector can take them before the
 //! import's finalizer has run (a foreground cascade deletes dependents first): the finalizer
 //! deletes them (`deletionPolicy: RemoveMembers`, once the members are removed) or releases
@@ -42,6 +47,7 @@ use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use tracing::{debug, warn};
 
+use super::plan::{PlanMeta, Progress, StoredPlan};
 use super::{
     DoubtMeta, Loaded, SnapshotError, SnapshotMeta, SnapshotStore, StoredDoubt, StoredSnapshot, previous_generation,
 };
@@ -103,6 +109,8 @@ pub struct ClusterSnapshotStore {
     chunk_bytes: usize,
     /// The head as this store last read or wrote it.
     last: LastHead,
+    /// The `resourceVersion` of the head the last load read: a plan is recorded only over it.
+    loaded: LoadedVersion,
     /// Loads change nothing ([`Self::read_only`]).
     read_only: bool,
 }
@@ -127,6 +135,27 @@ impl LastHead {
 
     fn take(&self) -> Option<ReadHead> {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+/// The `resourceVersion` of the head as a store's last load read it (`Some(None)`: no head).
+/// A clone of a store starts without one.
+#[derive(Default)]
+struct LoadedVersion(Mutex<Option<Option<String>>>);
+
+impl Clone for LoadedVersion {
+    fn clone(&self) -> Self {
+        LoadedVersion::default()
+    }
+}
+
+impl LoadedVersion {
+    fn set(&self, version: Option<Option<String>>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = version;
+    }
+
+    fn is(&self, version: &Option<String>) -> bool {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).as_ref() == Some(version)
     }
 }
 
@@ -181,6 +210,7 @@ impl ClusterSnapshotStore {
             effective: OnceLock::new(),
             chunk_bytes: DEFAULT_CHUNK_BYTES,
             last: LastHead::default(),
+            loaded: LoadedVersion::default(),
             read_only: false,
         }
     }
@@ -698,40 +728,146 @@ impl ClusterSnapshotStore {
             };
             loaded.snapshot = Some(StoredSnapshot { meta: part.meta.clone(), body });
         }
-        if let Some(part) = head.doubt.as_ref().filter(|d| d.meta.base_generation == head.generation()) {
-            let Some(body) = self.download(part, scratch).await? else {
+        if let Some((part, plan)) = head.current_doubt() {
+            let Some(mut body) = self.download(part, scratch).await? else {
                 return Ok(LoadAttempt::Moved(format!("a chunk of serial {} is missing", part.serial)));
+            };
+            loaded.plan = match plan {
+                Some(plan) => self.split_plan(&mut body, part, plan, scratch)?,
+                None => None,
             };
             loaded.doubt = Some(StoredDoubt { meta: part.meta.clone(), body });
         }
+        self.loaded.set(Some(read.resource_version.clone()));
         self.last.set(read);
         Ok(LoadAttempt::Loaded(Box::new(loaded)))
+    }
+
+    /// Moves the plan's body, the end of the downloaded doubt part `body`, to a file of its
+    /// own. A plan that does not check out is left out (its keys stay in doubt), with a warning.
+    fn split_plan(
+        &self,
+        body: &mut File,
+        part: &Part<DoubtMeta>,
+        plan: &PlanMeta,
+        scratch: &Path,
+    ) -> Result<Option<StoredPlan>, SnapshotError> {
+        let doubt_bytes = self.doubt_bytes(part, Some(plan))?;
+        if let Err(e) = plan.check(&self.what(), &part.meta) {
+            warn!(snapshot = %self.what(), error = %e, "ignoring a checkpoint that does not check out");
+            return Ok(None);
+        }
+        let io = self.io("split the plan from the keys in doubt");
+        let mut tail = tempfile::tempfile_in(scratch).map_err(self.io("create a scratch file"))?;
+        (|| {
+            body.seek(SeekFrom::Start(doubt_bytes))?;
+            std::io::copy(&mut (&*body).take(plan.body_bytes()), &mut tail)?;
+            body.set_len(doubt_bytes)?;
+            body.seek(SeekFrom::Start(0))?;
+            tail.seek(SeekFrom::Start(0))
+        })()
+        .map_err(io)?;
+        Ok(Some(StoredPlan { meta: plan.clone(), body: tail, offset: 0 }))
+    }
+
+    /// Bytes of the keys in doubt in `part`, when `plan`'s body follows them.
+    fn doubt_bytes(&self, part: &Part<DoubtMeta>, plan: Option<&PlanMeta>) -> Result<u64, SnapshotError> {
+        let plan_bytes = plan.map_or(0, PlanMeta::body_bytes);
+        part.body_bytes.checked_sub(plan_bytes).ok_or_else(|| {
+            self.corrupt(format!("the keys in doubt hold {} bytes, their plan says {plan_bytes}", part.body_bytes))
+        })
     }
 }
 
 impl ClusterSnapshotStore {
     /// Records keys in doubt merged with those already recorded on the same generation
-    /// ([`super::doubt`]); the head's `resourceVersion` guards the read-merge-write.
-    async fn record_doubt_once(&self, meta: &DoubtMeta, body: &Path) -> Result<(), SnapshotError> {
+    /// ([`super::doubt`]), and `plan` with them if the head is the one the last load read;
+    /// the head's `resourceVersion` guards the read-merge-write. Whether `plan` was recorded.
+    async fn record_doubt_once(
+        &self,
+        meta: &DoubtMeta,
+        body: &Path,
+        plan: Option<(&PlanMeta, &Path)>,
+    ) -> Result<bool, SnapshotError> {
         let read = self.last_or_read_head().await?;
         let found = read.head.generation();
         if found != meta.base_generation {
             return Err(SnapshotError::Conflict { what: self.what(), expected: meta.base_generation, found });
         }
-        let Some(stored) = read.head.doubt.clone().filter(|d| d.meta.base_generation == found) else {
-            return self.write(read, body, |head, at| Head { doubt: Some(at.part(meta.clone())), ..head }).await;
-        };
         let scratch = body.parent().unwrap_or(Path::new("."));
-        let Some(file) = self.download(&stored, scratch).await? else {
+        let merged = match read.head.current_doubt() {
+            Some((stored, stored_plan)) => Some(self.merge_stored(stored, stored_plan, meta, body, scratch).await?),
+            None => None,
+        };
+        let (meta, doubt_body) = match &merged {
+            Some((meta, file)) => (meta.clone(), file.path()),
+            None => (meta.clone(), body),
+        };
+        // A plan covers every key in doubt, or it is not recorded.
+        let unchanged = self.loaded.is(&read.resource_version);
+        let plan = plan.filter(|(p, _)| unchanged && p.check(&self.what(), &meta).is_ok());
+        let Some((plan, plan_body)) = plan else {
+            self.write(read, doubt_body, |head, at| Head { doubt: Some(at.part(meta)), plan: None, ..head }).await?;
+            return Ok(false);
+        };
+        let both = tempfile::NamedTempFile::new_in(scratch).map_err(self.io("create a scratch file"))?;
+        (|| {
+            let mut out = both.as_file();
+            std::io::copy(&mut File::open(doubt_body)?, &mut out)?;
+            std::io::copy(&mut File::open(plan_body)?, &mut out)?;
+            out.sync_all()
+        })()
+        .map_err(self.io("join the keys in doubt and their plan"))?;
+        let plan = plan.clone();
+        self.write(read, both.path(), |head, at| Head { doubt: Some(at.part(meta)), plan: Some(plan), ..head }).await?;
+        Ok(true)
+    }
+
+    /// The stored keys in doubt (without the plan after them) merged with the body `ours`.
+    async fn merge_stored(
+        &self,
+        stored: &Part<DoubtMeta>,
+        stored_plan: Option<&PlanMeta>,
+        meta: &DoubtMeta,
+        ours: &Path,
+        scratch: &Path,
+    ) -> Result<(DoubtMeta, tempfile::NamedTempFile), SnapshotError> {
+        let doubt_bytes = self.doubt_bytes(stored, stored_plan)?;
+        let Some(file) = self.download(stored, scratch).await? else {
             // Replaced while reading: the caller reads the head again.
+            let found = meta.base_generation;
             return Err(SnapshotError::Conflict { what: self.what(), expected: found, found });
         };
+        file.set_len(doubt_bytes).map_err(self.io("split the plan from the keys in doubt"))?;
         let merged = tempfile::NamedTempFile::new_in(scratch).map_err(self.io("create a scratch file"))?;
-        let (what, ours, out, meta) = (self.what(), body.to_owned(), merged.path().to_owned(), meta.clone());
+        let (what, ours, out, meta) = (self.what(), ours.to_owned(), merged.path().to_owned(), meta.clone());
         let meta = tokio::task::spawn_blocking(move || super::doubt::merge_record(&what, file, &meta, &ours, &out))
             .await
             .map_err(|e| self.io("merge the keys in doubt")(std::io::Error::other(e)))??;
-        self.write(read, merged.path(), |head, at| Head { doubt: Some(at.part(meta)), ..head }).await
+        Ok((meta, merged))
+    }
+
+    /// Writes `progress` into the head, if it still holds `plan` (a change of labels in
+    /// between is read again and written over; anything else is another attempt's).
+    async fn checkpoint_once(&self, plan: &PlanMeta, progress: &Progress) -> Result<(), SnapshotError> {
+        for _ in 0..LOAD_ATTEMPTS {
+            let read = self.last_or_read_head().await?;
+            let mut head = read.head.clone();
+            let ours = head.current_doubt().and_then(|(_, p)| p).is_some_and(|p| p.belongs_to_plan(plan));
+            let Some(stored) = head.plan.as_mut().filter(|_| ours) else {
+                return Err(SnapshotError::Overtaken { what: self.what() });
+            };
+            stored.progress = progress.clone();
+            match self.put_head(&read, head).await {
+                Ok(written) => {
+                    self.last.set(written);
+                    return Ok(());
+                }
+                Err(SnapshotError::Conflict { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(SnapshotError::Overtaken { what: self.what() })
     }
 
     /// Commits over `read`, if it holds the generation `meta` follows.
@@ -744,7 +880,34 @@ impl ClusterSnapshotStore {
                 found: found.unwrap_or(0),
             });
         }
-        self.write(read, body, |head, at| Head { snapshot: Some(at.part(meta.clone())), doubt: None, ..head }).await
+        self.write(read, body, |head, at| Head {
+            snapshot: Some(at.part(meta.clone())),
+            doubt: None,
+            plan: None,
+            ..head
+        })
+        .await
+    }
+}
+
+impl ClusterSnapshotStore {
+    /// [`Self::record_doubt_once`], again when another run recording its keys at the same
+    /// time made the head move under this one: read it again and merge with what that run
+    /// recorded (the plan then stays out: the head is not the one loaded).
+    async fn record_doubt_retried(
+        &self,
+        meta: &DoubtMeta,
+        body: &Path,
+        plan: Option<(&PlanMeta, &Path)>,
+    ) -> Result<bool, SnapshotError> {
+        let mut tries = 3;
+        loop {
+            tries -= 1;
+            match self.record_doubt_once(meta, body, plan).await {
+                Err(SnapshotError::Conflict { found, .. }) if found == meta.base_generation && tries > 0 => {}
+                done => return done,
+            }
+        }
     }
 }
 
@@ -809,14 +972,21 @@ impl SnapshotStore for ClusterSnapshotStore {
     async fn record_doubt(&self, meta: &DoubtMeta, body: &Path) -> Result<(), SnapshotError> {
         // Another run recording its keys at the same time makes the head move under this
         // one: read it again and merge with what that run recorded.
-        let mut tries = 3;
-        loop {
-            tries -= 1;
-            match self.record_doubt_once(meta, body).await {
-                Err(SnapshotError::Conflict { found, .. }) if found == meta.base_generation && tries > 0 => {}
-                done => return done,
-            }
-        }
+        self.record_doubt_retried(meta, body, None).await.map(|_| ())
+    }
+
+    async fn record_doubt_with_plan(
+        &self,
+        meta: &DoubtMeta,
+        body: &Path,
+        plan: &PlanMeta,
+        plan_body: &Path,
+    ) -> Result<bool, SnapshotError> {
+        self.record_doubt_retried(meta, body, Some((plan, plan_body))).await
+    }
+
+    async fn checkpoint(&self, plan: &PlanMeta, progress: &Progress) -> Result<(), SnapshotError> {
+        self.checkpoint_once(plan, progress).await
     }
 
     async fn commit(&self, meta: &SnapshotMeta, body: &Path) -> Result<(), SnapshotError> {

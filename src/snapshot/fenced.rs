@@ -6,6 +6,7 @@
 
 use std::path::Path;
 
+use super::plan::{PlanMeta, Progress};
 use super::{DoubtMeta, Loaded, SnapshotError, SnapshotMeta, SnapshotStore};
 use crate::fence::Fence;
 
@@ -43,6 +44,20 @@ impl SnapshotStore for FencedStore {
 
     async fn record_doubt(&self, meta: &DoubtMeta, body: &Path) -> Result<(), SnapshotError> {
         self.write(self.inner.record_doubt(meta, body)).await
+    }
+
+    async fn record_doubt_with_plan(
+        &self,
+        meta: &DoubtMeta,
+        body: &Path,
+        plan: &PlanMeta,
+        plan_body: &Path,
+    ) -> Result<bool, SnapshotError> {
+        self.write(self.inner.record_doubt_with_plan(meta, body, plan, plan_body)).await
+    }
+
+    async fn checkpoint(&self, plan: &PlanMeta, progress: &Progress) -> Result<(), SnapshotError> {
+        self.write(self.inner.checkpoint(plan, progress)).await
     }
 
     async fn commit(&self, meta: &SnapshotMeta, body: &Path) -> Result<(), SnapshotError> {

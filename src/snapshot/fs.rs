@@ -6,38 +6,77 @@
 //! leaves the old file or the new one, never a mix; a stale `.tmp` is overwritten by the
 //! next write. A doubt file whose base generation is not the snapshot's is stale (a commit
 //! happened since) and ignored.
+//!
+//! A run's plan ([`super::plan`]) is `<name>.plan` (`COHPLAN\n`, a [`PlanMeta`], its body),
+//! valid only with the keys in doubt it was recorded with: it is written before them, so a
+//! crash between leaves a plan that belongs to no keys in doubt, which is ignored. Its
+//! checkpoints are `<name>.progress` (`COHPROG\n` and a [`ProgressRecord`]), replaced the same
+//! way, and valid only for the plan they name. Checking that nothing was written since a
+//! load and then writing is two steps here, as every check of this store is: one process
+//! writes a volume's snapshots (the leader, whose fence bounds its writes).
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, BufWriter, Read, Seek, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
-use serde::Serialize;
+use jiff::Timestamp;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
+use super::plan::{PlanMeta, Progress, StoredPlan};
 use super::{
     DoubtMeta, Loaded, SnapshotError, SnapshotMeta, SnapshotStore, StoredDoubt, StoredSnapshot, previous_generation,
 };
 
 const SNAPSHOT_MAGIC: &[u8; 8] = b"COHSNAP\n";
 const DOUBT_MAGIC: &[u8; 8] = b"COHDOUB\n";
+const PLAN_MAGIC: &[u8; 8] = b"COHPLAN\n";
+const PROGRESS_MAGIC: &[u8; 8] = b"COHPROG\n";
+
+/// A checkpoint of the plan `run_id` recorded at `recorded_at`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProgressRecord {
+    pub run_id: String,
+    pub recorded_at: Timestamp,
+    pub progress: Progress,
+}
 /// A header longer than this is damage, not metadata.
 const MAX_META_BYTES: u32 = 64 * 1024;
 
 /// Snapshots as files in a directory, one pair per cohort.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct FsSnapshotStore {
     snapshot: PathBuf,
     doubt: PathBuf,
+    plan: PathBuf,
+    progress: PathBuf,
     /// The files of an earlier version (keyed by the import), moved here on first load.
     legacy: Option<(PathBuf, PathBuf)>,
+    /// The keys in doubt the last load found (`Some(None)`: none), to tell whether anything
+    /// was written since.
+    loaded: Mutex<Option<Option<DoubtMeta>>>,
+}
+
+impl Clone for FsSnapshotStore {
+    fn clone(&self) -> Self {
+        Self { loaded: Mutex::default(), legacy: self.legacy.clone(), ..Self::new_paths(self.snapshot.clone()) }
+    }
 }
 
 impl FsSnapshotStore {
     /// The snapshot `name` (the operator uses the cohort's [`super::snapshot_key`]) in
     /// `dir`. Characters other than `[A-Za-z0-9._-]` in `name` become `_`.
     pub fn new(dir: impl Into<PathBuf>, name: &str) -> Self {
-        let (snapshot, doubt) = Self::paths(&dir.into(), name);
-        Self { snapshot, doubt, legacy: None }
+        let (snapshot, _) = Self::paths(&dir.into(), name);
+        Self::new_paths(snapshot)
+    }
+
+    fn new_paths(snapshot: PathBuf) -> Self {
+        let doubt = snapshot.with_extension("doubt");
+        let (plan, progress) = (snapshot.with_extension("plan"), snapshot.with_extension("progress"));
+        Self { snapshot, doubt, plan, progress, legacy: None, loaded: Mutex::default() }
     }
 
     fn paths(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
@@ -103,29 +142,93 @@ impl FsSnapshotStore {
             }
             _ => None,
         };
-        Ok(Loaded { snapshot, doubt })
+        *self.loaded.lock().unwrap_or_else(|e| e.into_inner()) = Some(doubt.as_ref().map(|d| d.meta.clone()));
+        let plan = match &doubt {
+            Some(d) => self.open_plan(&d.meta)?,
+            None => None,
+        };
+        Ok(Loaded { snapshot, doubt, plan })
     }
 
-    fn stored_generation(&self) -> Result<u64, SnapshotError> {
-        Ok(self.open_snapshot()?.map_or(0, |s| s.meta.generation))
+    /// The plan recorded with the keys in doubt `doubt`, with its last checkpoint.
+    fn open_plan(&self, doubt: &DoubtMeta) -> Result<Option<StoredPlan>, SnapshotError> {
+        let Some((mut meta, mut body)) = open::<PlanMeta>(&self.plan, PLAN_MAGIC)? else { return Ok(None) };
+        if !meta.belongs_to(doubt) {
+            return Ok(None);
+        }
+        if let Some((record, _)) = open::<ProgressRecord>(&self.progress, PROGRESS_MAGIC)?
+            && record.run_id == meta.run_id
+            && record.recorded_at == meta.recorded_at
+        {
+            meta.progress = record.progress;
+        }
+        if let Err(e) = meta.check(&self.what(), doubt) {
+            tracing::warn!(snapshot = %self.what(), error = %e, "ignoring a checkpoint that does not check out");
+            return Ok(None);
+        }
+        let offset = body.stream_position().map_err(self.io("read the plan"))?;
+        Ok(Some(StoredPlan { meta, body, offset }))
     }
 
-    fn record_doubt_blocking(&self, meta: &DoubtMeta, body: &Path) -> Result<(), SnapshotError> {
+    /// The keys in doubt stored now, if on `generation`.
+    fn stored_doubt(&self, generation: u64) -> Result<Option<(DoubtMeta, File)>, SnapshotError> {
+        Ok(open::<DoubtMeta>(&self.doubt, DOUBT_MAGIC)?.filter(|(m, _)| m.base_generation == generation))
+    }
+
+    fn record_doubt_and_plan(
+        &self,
+        meta: &DoubtMeta,
+        body: &Path,
+        plan: Option<(&PlanMeta, &Path)>,
+    ) -> Result<bool, SnapshotError> {
         let found = self.stored_generation()?;
         if found != meta.base_generation {
             return Err(SnapshotError::Conflict { what: self.what(), expected: meta.base_generation, found });
         }
+        let stored = self.stored_doubt(found)?;
+        let loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let unchanged = loaded.is_some_and(|l| l == stored.as_ref().map(|(m, _)| m.clone()));
         // Merged with the keys in doubt already recorded on this generation, never replacing them.
-        match open::<DoubtMeta>(&self.doubt, DOUBT_MAGIC)? {
-            Some((stored, file)) if stored.base_generation == found => {
-                let merged = body.with_extension("merged");
-                let meta = super::doubt::merge_record(&self.what(), file, meta, body, &merged)?;
-                let written = self.replace(&self.doubt, DOUBT_MAGIC, &meta, &merged);
-                let _ = fs::remove_file(&merged);
-                written
+        let merged = body.with_extension("merged");
+        let (meta, doubt_body) = match stored {
+            Some((_, file)) => (super::doubt::merge_record(&self.what(), file, meta, body, &merged)?, merged.as_path()),
+            None => (meta.clone(), body),
+        };
+        // A plan covers every key in doubt, or it is not recorded.
+        let plan = plan.filter(|(p, _)| unchanged && p.check(&self.what(), &meta).is_ok());
+        let written = (|| {
+            // The plan first: until the keys in doubt it belongs to are written, it belongs to none.
+            if let Some((plan, plan_body)) = plan {
+                remove(&self.progress).map_err(self.io("delete a checkpoint"))?;
+                self.replace(&self.plan, PLAN_MAGIC, plan, plan_body)?;
             }
-            _ => self.replace(&self.doubt, DOUBT_MAGIC, meta, body),
+            self.replace(&self.doubt, DOUBT_MAGIC, &meta, doubt_body)?;
+            if plan.is_none() {
+                // Tidiness: it belongs to keys in doubt no longer stored.
+                remove(&self.plan).map_err(self.io("delete a plan"))?;
+            }
+            Ok(plan.is_some())
+        })();
+        let _ = fs::remove_file(&merged);
+        written
+    }
+
+    fn checkpoint_blocking(&self, plan: &PlanMeta, progress: &Progress) -> Result<(), SnapshotError> {
+        let doubt = self.stored_doubt(self.stored_generation()?)?;
+        let ours = doubt.is_some_and(|(d, _)| plan.belongs_to(&d))
+            && open::<PlanMeta>(&self.plan, PLAN_MAGIC)?.is_some_and(|(p, _)| p.belongs_to_plan(plan));
+        if !ours {
+            return Err(SnapshotError::Overtaken { what: self.what() });
         }
+        let record =
+            ProgressRecord { run_id: plan.run_id.clone(), recorded_at: plan.recorded_at, progress: progress.clone() };
+        let empty = tempfile::NamedTempFile::new_in(self.snapshot.parent().unwrap_or(Path::new(".")))
+            .map_err(self.io("create a temporary file"))?;
+        self.replace(&self.progress, PROGRESS_MAGIC, &record, empty.path())
+    }
+
+    fn stored_generation(&self) -> Result<u64, SnapshotError> {
+        Ok(self.open_snapshot()?.map_or(0, |s| s.meta.generation))
     }
 
     fn commit_blocking(&self, meta: &SnapshotMeta, body: &Path) -> Result<(), SnapshotError> {
@@ -138,8 +241,11 @@ impl FsSnapshotStore {
             });
         }
         self.replace(&self.snapshot, SNAPSHOT_MAGIC, meta, body)?;
-        // Stale from now on (its base generation is gone); removing it is tidiness.
-        remove(&self.doubt).map_err(self.io("delete the keys in doubt"))
+        // Stale from now on (their base generation is gone); removing them is tidiness.
+        for path in [&self.doubt, &self.plan, &self.progress] {
+            remove(path).map_err(self.io("delete the keys in doubt"))?;
+        }
+        Ok(())
     }
 
     /// Writes `magic ‖ meta ‖ body` to `path` through a temporary file and a rename.
@@ -222,7 +328,21 @@ impl SnapshotStore for FsSnapshotStore {
     }
 
     async fn record_doubt(&self, meta: &DoubtMeta, body: &Path) -> Result<(), SnapshotError> {
-        blocking(|| self.record_doubt_blocking(meta, body))
+        blocking(|| self.record_doubt_and_plan(meta, body, None)).map(|_| ())
+    }
+
+    async fn record_doubt_with_plan(
+        &self,
+        meta: &DoubtMeta,
+        body: &Path,
+        plan: &PlanMeta,
+        plan_body: &Path,
+    ) -> Result<bool, SnapshotError> {
+        blocking(|| self.record_doubt_and_plan(meta, body, Some((plan, plan_body))))
+    }
+
+    async fn checkpoint(&self, plan: &PlanMeta, progress: &Progress) -> Result<(), SnapshotError> {
+        blocking(|| self.checkpoint_blocking(plan, progress))
     }
 
     async fn commit(&self, meta: &SnapshotMeta, body: &Path) -> Result<(), SnapshotError> {
@@ -232,6 +352,9 @@ impl SnapshotStore for FsSnapshotStore {
     async fn delete(&self) -> Result<(), SnapshotError> {
         // The doubt file first: a snapshot without it is whole; the reverse would not be.
         remove(&self.doubt).map_err(self.io("delete the keys in doubt"))?;
+        for path in [&self.plan, &self.progress] {
+            remove(path).map_err(self.io("delete a plan"))?;
+        }
         remove(&self.snapshot).map_err(self.io("delete"))
     }
 }
@@ -342,6 +465,74 @@ mod tests {
         // Once moved, a later legacy file is not taken over the cohort's own.
         old.commit(&meta(1, 1), &body(dir.path(), &["z"])).await.unwrap();
         assert_eq!(keys(store.load(dir.path()).await.unwrap().snapshot.unwrap().body), ["a", "b"]);
+    }
+
+    /// A plan of `sends` additions, recorded with keys in doubt `doubt(1, sends)`.
+    fn plan_of(dir: &Path, adds: &[&str]) -> (PlanMeta, PathBuf) {
+        let mut w = crate::snapshot::plan::PlanWriter::new(&dir.join("sections")).unwrap();
+        for k in adds {
+            w.push(crate::snapshot::plan::Section::Adds, k.as_bytes()).unwrap();
+        }
+        let path = dir.join("plan");
+        let (keys, bytes) = w.finish(&path).unwrap();
+        let d = doubt(1, adds.len() as u64);
+        let meta = PlanMeta {
+            format: 1,
+            base_generation: d.base_generation,
+            cohort_id: d.cohort_id,
+            run_id: d.run_id,
+            recorded_at: d.recorded_at,
+            keys,
+            bytes,
+            progress: Progress { accepted: Vec::new(), permit: 1 },
+        };
+        (meta, path)
+    }
+
+    #[tokio::test]
+    async fn a_plan_and_its_checkpoints_hold_until_another_attempt_records_its_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsSnapshotStore::new(dir.path().join("snaps"), "x");
+        store.commit(&meta(1, 1), &body(dir.path(), &["a"])).await.unwrap();
+        let (plan, plan_body) = plan_of(dir.path(), &["b", "c"]);
+        store.load(dir.path()).await.unwrap();
+        assert!(
+            store
+                .record_doubt_with_plan(&doubt(1, 2), &body(dir.path(), &["b", "c"]), &plan, &plan_body)
+                .await
+                .unwrap()
+        );
+        let progress = Progress { accepted: vec![[0, 1]], permit: 2 };
+        store.checkpoint(&plan, &progress).await.unwrap();
+        let loaded = store.load(dir.path()).await.unwrap();
+        let stored = loaded.plan.expect("the plan");
+        assert_eq!(stored.meta.progress, progress, "the last checkpoint");
+        let resolved = crate::snapshot::plan::resolve(stored, dir.path()).unwrap();
+        assert_eq!(keys(resolved.settled_in), ["b"]);
+        assert_eq!(keys(resolved.unsafe_keys), ["c"]);
+
+        // Another attempt records its keys (without a plan): this plan is gone, its run may
+        // no longer checkpoint, and the keys of both stay in doubt.
+        let other = DoubtMeta { run_id: "attempt-2".into(), ..doubt(1, 1) };
+        store.record_doubt(&other, &body(dir.path(), &["d"])).await.unwrap();
+        let err = store.checkpoint(&plan, &progress).await.unwrap_err();
+        assert!(matches!(err, SnapshotError::Overtaken { .. }), "{err}");
+        let loaded = store.load(dir.path()).await.unwrap();
+        assert!(loaded.plan.is_none());
+        assert_eq!(keys(loaded.doubt.unwrap().body), ["b", "c", "d"]);
+
+        // A plan is recorded only over what the last load found.
+        let (plan, plan_body) = plan_of(dir.path(), &["b", "c", "d", "e"]);
+        store.record_doubt(&other, &body(dir.path(), &["e"])).await.unwrap();
+        let keys4 = body(dir.path(), &["b", "c", "d", "e"]);
+        assert!(!store.record_doubt_with_plan(&doubt(1, 4), &keys4, &plan, &plan_body).await.unwrap());
+        assert!(store.load(dir.path()).await.unwrap().plan.is_none());
+
+        // A commit settles everything.
+        store.commit(&meta(2, 1), &body(dir.path(), &["a"])).await.unwrap();
+        let loaded = store.load(dir.path()).await.unwrap();
+        assert!(loaded.doubt.is_none() && loaded.plan.is_none());
+        assert!(!dir.path().join("snaps/x.plan").exists() && !dir.path().join("snaps/x.progress").exists());
     }
 
     #[tokio::test]

@@ -16,6 +16,9 @@
 //! stops half-way leaves them recorded, so the next run re-sends them the way its own
 //! source says, whatever the half-finished run did — even when the source changed between.
 //!
+//! A large run also records its plan with its keys in doubt, and checkpoints which of its
+//! sends Braze accepted ([`plan`]), so the next run does not send them again.
+//!
 //! Every commit carries the next [`SnapshotMeta::generation`]; a store refuses a commit
 //! whose generation does not follow the stored one, so two runs racing on one import
 //! cannot both advance it.
@@ -34,6 +37,7 @@ pub mod doubt;
 pub mod fenced;
 pub mod format;
 pub mod fs;
+pub mod plan;
 
 /// The format version this code writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -104,6 +108,8 @@ pub struct Loaded {
     pub snapshot: Option<StoredSnapshot>,
     /// Keys a run since that snapshot may have changed in Braze.
     pub doubt: Option<StoredDoubt>,
+    /// The plan recorded with those keys, with its last checkpoint.
+    pub plan: Option<plan::StoredPlan>,
 }
 
 impl Loaded {
@@ -127,8 +133,26 @@ pub trait SnapshotStore: Send + Sync {
     /// generation is `meta.base_generation`.
     async fn record_doubt(&self, meta: &DoubtMeta, body: &Path) -> Result<(), SnapshotError>;
 
+    /// [`Self::record_doubt`], and with the keys in doubt `plan` and its body (the file
+    /// `plan_body`), in the same write — only if nothing was written to the store since it
+    /// was last loaded (another attempt recording its keys meanwhile is found so), else the
+    /// keys alone. Any plan stored before is dropped either way. Whether `plan` was
+    /// recorded; then [`Self::checkpoint`] records its progress.
+    async fn record_doubt_with_plan(
+        &self,
+        meta: &DoubtMeta,
+        body: &Path,
+        plan: &plan::PlanMeta,
+        plan_body: &Path,
+    ) -> Result<bool, SnapshotError>;
+
+    /// Records `progress` for the plan `plan` this store recorded, only if nothing else was
+    /// written to the store since; else [`SnapshotError::Conflict`] (another attempt recorded
+    /// its keys, or a commit came): the run then stops sending.
+    async fn checkpoint(&self, plan: &plan::PlanMeta, progress: &plan::Progress) -> Result<(), SnapshotError>;
+
     /// Replaces the snapshot with `meta` and the body in the file `body`, all or nothing,
-    /// and clears the keys in doubt. Fails with [`SnapshotError::Conflict`] unless
+    /// and clears the keys in doubt (and any plan). Fails with [`SnapshotError::Conflict`] unless
     /// `meta.generation` is one more than the stored generation (or 1 when none is stored).
     async fn commit(&self, meta: &SnapshotMeta, body: &Path) -> Result<(), SnapshotError>;
 
@@ -175,6 +199,11 @@ pub enum SnapshotError {
          re-checked on the next run"
     )]
     Conflict { what: String, expected: u64, found: u64 },
+    #[error(
+        "snapshot {what}: another attempt of this run recorded its keys in doubt meanwhile, so this one stopped \
+         sending (what it sent is re-checked by the next run)"
+    )]
+    Overtaken { what: String },
     #[error("snapshot {what}: the Kubernetes API refused to {action}: {message}")]
     Kube { what: String, action: &'static str, message: String },
     #[error("snapshot {what}: not written: {source}")]
@@ -198,7 +227,7 @@ impl DoubtMeta {
     }
 }
 
-fn check_format(format: u32, what: &str) -> Result<(), SnapshotError> {
+pub(crate) fn check_format(format: u32, what: &str) -> Result<(), SnapshotError> {
     if format > FORMAT_VERSION {
         return Err(SnapshotError::NewerFormat { what: what.to_owned(), found: format });
     }

@@ -14,6 +14,7 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
+use crate::snapshot::plan::PlanMeta;
 use crate::snapshot::{DoubtMeta, SnapshotMeta};
 
 /// What the head ConfigMap says.
@@ -26,6 +27,10 @@ pub(super) struct Head {
     pub snapshot: Option<Part<SnapshotMeta>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub doubt: Option<Part<DoubtMeta>>,
+    /// The plan recorded with the keys in doubt, with its last checkpoint: its body follows
+    /// theirs in the doubt part's chunks (the last [`PlanMeta::body_bytes`] of them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<PlanMeta>,
     /// Serials up to `serial` whose chunks may exist and that no part names. `None` in heads
     /// of earlier versions: the next claim finds them by listing chunks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -63,6 +68,12 @@ impl Head {
 
     pub fn generation(&self) -> u64 {
         self.snapshot.as_ref().map_or(0, |s| s.meta.generation)
+    }
+
+    /// The keys in doubt on the stored generation, and the plan recorded with them.
+    pub fn current_doubt(&self) -> Option<(&Part<DoubtMeta>, Option<&PlanMeta>)> {
+        let doubt = self.doubt.as_ref().filter(|d| d.meta.base_generation == self.generation())?;
+        Some((doubt, self.plan.as_ref().filter(|p| p.belongs_to(&doubt.meta))))
     }
 
     /// Serials whose chunks the head needs.
@@ -175,7 +186,13 @@ mod tests {
     #[test]
     fn a_run_records_its_keys_then_commits_each_in_one_switch_under_the_reserved_serial() {
         // After a commit: the snapshot at 7, the earlier one (5) and doubt (6) replaced, 8 reserved.
-        let head = Head { serial: 7, snapshot: Some(snapshot(5, 1)), doubt: Some(doubt(6)), unnamed: Some(set(&[7])) };
+        let head = Head {
+            serial: 7,
+            snapshot: Some(snapshot(5, 1)),
+            doubt: Some(doubt(6)),
+            unnamed: Some(set(&[7])),
+            plan: None,
+        };
         let reserved = head.reservation().unwrap();
         let committed =
             head.switched(Head { snapshot: Some(snapshot(7, 2)), doubt: None, ..head.clone() }, reserved, set(&[]));
@@ -195,7 +212,8 @@ mod tests {
     #[test]
     fn a_claim_past_a_taken_reservation_deletes_it_and_keeps_what_could_not_be_deleted() {
         // Chunks exist under the reserved 9 (a writer crashed there): claim 10.
-        let head = Head { serial: 9, snapshot: Some(snapshot(7, 2)), doubt: None, unnamed: Some(set(&[4, 9])) };
+        let head =
+            Head { serial: 9, snapshot: Some(snapshot(7, 2)), doubt: None, unnamed: Some(set(&[4, 9])), plan: None };
         let claimed = head.claimed();
         assert_eq!((claimed.serial, claimed.reservation()), (10, Some(10)));
         assert_eq!(claimed.garbage(10), Some(set(&[4, 9])));
@@ -207,8 +225,13 @@ mod tests {
 
     #[test]
     fn named_serials_are_never_garbage() {
-        let head =
-            Head { serial: 3, snapshot: Some(snapshot(2, 1)), doubt: Some(doubt(3)), unnamed: Some(set(&[2, 3])) };
+        let head = Head {
+            serial: 3,
+            snapshot: Some(snapshot(2, 1)),
+            doubt: Some(doubt(3)),
+            unnamed: Some(set(&[2, 3])),
+            plan: None,
+        };
         assert_eq!(head.garbage(4), Some(set(&[])));
         assert_eq!(head.reservation(), None, "3 is in use");
         let next = head.switched(head.clone(), 3, set(&[2]));

@@ -1,0 +1,189 @@
+//! A resumed run re-sends no more than what was in flight (issue #22): a large first import
+//! is interrupted several times — its run future dropped, as a killed process or a lost
+//! Lease leaves it — then run to the end, on both paths (the partner cohort import and
+//! `method: Attribute` through `/users/track`). The sandbox counts the ids it received per
+//! endpoint; every id past the cohort's size was paid for twice.
+//!
+//! Where each interruption falls is not fixed (it is when the sandbox has counted so many
+//! ids), but the bound holds wherever it falls: it comes from the checkpoint cadence
+//! ([`cohort_operator::run::checkpoint::Cadence`]) and the requests in flight, not from
+//! timing. `RESEND_SIZE=n RESEND_KILLS=k cargo test --test resend -- --nocapture` prints
+//! the figures for other sizes (see README, Benchmarks).
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use braze_sandbox::{RunningSandbox, SandboxUser};
+use cohort_operator::api::{AttributeShape, RemovalGuard, RunResult, RunTrigger};
+use cohort_operator::braze::{BrazeClient, BrazeClientConfig, CohortTarget, RetryPolicy};
+use cohort_operator::domain::member::Member;
+use cohort_operator::run::checkpoint::Cadence;
+use cohort_operator::run::{ImportRun, RunDeps, RunReport, run_import};
+use cohort_operator::snapshot::fs::FsSnapshotStore;
+use cohort_operator::source::{MemberBatch, MemberStream};
+use futures::StreamExt;
+
+#[path = "support/braze.rs"]
+mod braze_support;
+
+const KEYS: braze_support::BrazeKeys =
+    braze_support::BrazeKeys { partner: "acme", partner_key: "partner-key-5b1c", import_key: "import-key-9f2e" };
+const COHORT: &str = "vip";
+const IN_FLIGHT: usize = 4;
+const IDS_PER_REQUEST: usize = 100;
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn user(i: u64) -> String {
+    format!("user-{i:07}")
+}
+
+/// Ids `0..size`, scrambled.
+fn source(size: u64) -> MemberStream<'static> {
+    let ids: Vec<u64> = (0..size).map(|k| (k * 7_368_787) % size).collect();
+    let batches: Vec<_> = ids
+        .chunks(5000)
+        .map(|c| {
+            Ok(MemberBatch { members: c.iter().map(|&i| Member::ExternalId(user(i))).collect(), ..Default::default() })
+        })
+        .collect();
+    futures::stream::iter(batches).boxed()
+}
+
+struct Case {
+    sandbox: RunningSandbox,
+    braze: BrazeClient,
+    target: CohortTarget,
+    store: FsSnapshotStore,
+    dir: tempfile::TempDir,
+    attribute: bool,
+}
+
+impl Case {
+    async fn new(size: u64, attribute: bool) -> Arc<Case> {
+        let users = (0..size).map(|i| SandboxUser::identified(user(i))).collect();
+        let sandbox = braze_support::start_sandbox(KEYS, users).await;
+        let target = match attribute {
+            false => braze_support::target(&sandbox, KEYS, COHORT),
+            true => braze_support::attribute_target(
+                sandbox.url(),
+                braze_support::REST_API_KEY,
+                "cohorts",
+                AttributeShape::Array,
+                COHORT,
+            ),
+        };
+        let retry = RetryPolicy {
+            base_delay: Duration::from_millis(2),
+            max_delay: Duration::from_millis(20),
+            ..Default::default()
+        };
+        let config = BrazeClientConfig {
+            max_in_flight: IN_FLIGHT,
+            max_ids_per_request: IDS_PER_REQUEST,
+            retry,
+            ..BrazeClientConfig::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsSnapshotStore::new(dir.path().join("snapshots"), COHORT);
+        Arc::new(Case { sandbox, braze: BrazeClient::new(config).unwrap(), target, store, dir, attribute })
+    }
+
+    async fn import(&self, size: u64) -> RunReport {
+        let mut run = ImportRun::new(
+            cohort_operator::run::new_run_id(jiff::Timestamp::now()),
+            RunTrigger::Manual,
+            "growth",
+            "vip",
+            "VIP",
+        );
+        run.scratch_dir = self.dir.path().join("scratch");
+        run.removal_guard = Some(RemovalGuard { max_removal_percent: 100, disabled: true });
+        let deps = RunDeps { members: source(size), snapshots: &self.store, braze: &self.braze, target: &self.target };
+        run_import(&run, deps).await
+    }
+
+    /// Ids the sandbox received on this case's endpoint.
+    fn ids_received(&self) -> u64 {
+        let stats = self.sandbox.stats();
+        if self.attribute { stats.track.objects } else { stats.ids_received }
+    }
+
+    fn members(&self) -> BTreeSet<String> {
+        match self.attribute {
+            false => self.sandbox.member_external_ids(KEYS.partner, COHORT).into_iter().collect(),
+            true => self.sandbox.segment_external_ids("cohorts", Some(COHORT)).into_iter().collect(),
+        }
+    }
+}
+
+/// Interrupts a first import of `size` members `kills` times, evenly through its progress,
+/// then runs it to the end; returns the ids sent and the interruptions that hit a run.
+async fn interrupted_import(size: u64, kills: u64, attribute: bool) -> (u64, u64) {
+    let case = Case::new(size, attribute).await;
+    let mut hits = 0;
+    for k in 1..=kills {
+        let stop_at = size * k / (kills + 1);
+        let task = tokio::spawn({
+            let case = case.clone();
+            async move { case.import(size).await }
+        });
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while !task.is_finished() && case.ids_received() < stop_at {
+            assert!(Instant::now() < deadline, "the run neither finished nor sent");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        task.abort();
+        match task.await {
+            Err(e) if e.is_cancelled() => hits += 1,
+            Err(e) => panic!("the run panicked: {e}"),
+            Ok(report) => assert_eq!(report.result, RunResult::Succeeded, "{}", report.message()),
+        }
+    }
+    let report = case.import(size).await;
+    assert_eq!(report.result, RunResult::Succeeded, "{}", report.message());
+    let expected: BTreeSet<String> = (0..size).map(user).collect();
+    assert!(case.members() == expected, "Braze equals the source");
+    (case.ids_received(), hits)
+}
+
+/// What one interruption may cost, by design: the accepted keys since the last checkpoint
+/// and those in flight (sent again by the next run), and the ones the run might still have
+/// sent below its permit (which the run after the next sends again, if interrupted too).
+fn bound_per_interruption(size: u64, per_request: u64) -> u64 {
+    let cadence = Cadence::of(size, per_request, IN_FLIGHT as u64).expect("large enough to checkpoint");
+    let in_flight = IN_FLIGHT as u64 * per_request;
+    cadence.every + 2 * in_flight + cadence.window
+}
+
+async fn measure(attribute: bool) {
+    let size = env("RESEND_SIZE", 200_000);
+    let kills = env("RESEND_KILLS", 2);
+    let per_request = if attribute { 75 } else { IDS_PER_REQUEST as u64 };
+    let started = Instant::now();
+    let (sent, hits) = interrupted_import(size, kills, attribute).await;
+    let resent = sent - size;
+    let method = if attribute { "Attribute (/users/track)" } else { "partner cohort import" };
+    eprintln!(
+        "{method}: {size} ids needed, {sent} sent over {hits} interruptions and the final run: {resent} re-sent \
+         ({:.2}%), {:.1} s",
+        resent as f64 * 100.0 / size as f64,
+        started.elapsed().as_secs_f64()
+    );
+    assert!(hits > 0, "no run was interrupted; the test proved nothing");
+    assert!(resent <= hits * bound_per_interruption(size, per_request), "{resent} re-sent over {hits} interruptions");
+    assert!(resent * 50 <= size, "{resent} of {size} re-sent: over 2%");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_partner_import_re_sends_at_most_two_percent() {
+    measure(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_attribute_import_re_sends_at_most_two_percent() {
+    measure(true).await;
+}
