@@ -4,7 +4,6 @@
 //! a flood of calls leaves scheduled runs alone; and any replica may take a call while the
 //! leader runs the import.
 
-mod controller_support;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,7 +13,7 @@ use cohort_operator::api::{CohortImport, CohortTrigger, RunTrigger};
 use cohort_operator::controller::metrics::Metrics;
 use cohort_operator::trigger;
 use cohort_operator::trigger::signature::sign;
-use controller_support::*;
+use crate::controller_support::*;
 use jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, PostParams};
 use serde_json::{Value, json};

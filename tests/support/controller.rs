@@ -1,7 +1,6 @@
 //! What the controller's end-to-end tests share: a real kube-apiserver (one per test
 //! binary), a namespace per test, the Braze sandbox in-process, a test clock, and the
 //! controller itself running in-process against the cluster.
-#![allow(dead_code)]
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -38,7 +37,7 @@ pub const REST_API_KEY: &str = braze_support::REST_API_KEY;
 const KEYS: braze_support::BrazeKeys =
     braze_support::BrazeKeys { partner: PARTNER, partner_key: PARTNER_KEY, import_key: IMPORT_KEY };
 
-#[path = "../support/braze.rs"]
+#[path = "braze.rs"]
 mod braze_support;
 
 /// Waits until `cond` holds (checked every few milliseconds, so the instant it returns is

@@ -6,7 +6,6 @@
 //! (SIGSTOP) past its deadline, resumed after the standby took over, sends Braze nothing
 //! more: its fence is a clock comparison, checked again at the wire (see `src/fence.rs`).
 
-mod controller_support;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,7 +22,7 @@ use cohort_operator::fence::{Fence, LeaseTiming};
 use cohort_operator::snapshot::cluster::ClusterSnapshotStore;
 use cohort_operator::snapshot::format::{BodyWriter, read_body};
 use cohort_operator::snapshot::{DoubtMeta, FORMAT_VERSION, SnapshotStore};
-use controller_support::*;
+use crate::controller_support::*;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

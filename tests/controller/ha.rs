@@ -2,11 +2,10 @@
 //! never run an import twice and the standby takes over when the leader dies; an operator
 //! killed in the middle of a run converges when it comes back, with nothing lost.
 
-mod controller_support;
 
 use braze_sandbox::Faults;
 use cohort_operator::api::{RunResult, RunTrigger};
-use controller_support::*;
+use crate::controller_support::*;
 use serde_json::json;
 
 #[tokio::test]

@@ -3,7 +3,6 @@
 //! recovers; a failure that needs a person is not retried; retries stop at the limit and a
 //! requested run still works. The test clock stands in for the backoff.
 
-mod controller_support;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +12,7 @@ use cohort_operator::api::{CohortImportStatus, RunResult, RunTrigger, STALLED};
 use cohort_operator::braze::retry::RetryPolicy;
 use cohort_operator::braze::{BrazeClient, BrazeClientConfig};
 use cohort_operator::controller::pipeline::{PipelineImporter, SnapshotStoreKind};
-use controller_support::*;
+use crate::controller_support::*;
 use jiff::SignedDuration;
 use serde_json::{Value, json};
 

@@ -2,7 +2,6 @@
 //! panics is recorded `Failed` and the next one runs; a deletion that cannot know whom to
 //! remove is held; a lost snapshot stops the runs until a person chooses the way forward.
 
-mod controller_support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -13,7 +12,7 @@ use cohort_operator::controller::pipeline::PipelineImporter;
 use cohort_operator::controller::secrets::BrazeKeys;
 use cohort_operator::domain::validate::ValidSpec;
 use cohort_operator::run::RunReport;
-use controller_support::*;
+use crate::controller_support::*;
 use futures::future::BoxFuture;
 use kube::ResourceExt;
 use serde_json::json;

@@ -3,7 +3,6 @@
 //! and recovery notice, and a channel that fails noted in an Event and the status without
 //! its URL — the run's result untouched.
 
-mod controller_support;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +10,7 @@ use std::time::Duration;
 use cohort_operator::api::RunResult;
 use cohort_operator::net::egress::EgressPolicy;
 use cohort_operator::notify::{HttpConfig, HttpSender, Notifier};
-use controller_support::*;
+use crate::controller_support::*;
 use serde_json::json;
 use testkit::pagerduty::{Alert, PagerDuty};
 use testkit::webhook::{Answer, Receiver};

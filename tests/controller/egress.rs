@@ -5,7 +5,6 @@
 //! a forbidden destination): no packet can leave the machine even if the policy failed.
 //! Listeners on the denied addresses count the connections they get, and must get none.
 
-mod controller_support;
 
 use std::net::SocketAddr;
 use std::process::Stdio;
@@ -19,7 +18,7 @@ use axum::routing::get;
 use cohort_operator::api::{RunResult, SourceSpec};
 use cohort_operator::net::egress::{EgressPolicy, EgressRule};
 use cohort_operator::source::{InMemoryObjects, SourceError, open_source_spec, read_cohort};
-use controller_support::*;
+use crate::controller_support::*;
 use serde_json::{Value, json};
 use testkit::postgres::Postgres;
 

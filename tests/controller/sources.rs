@@ -1,10 +1,9 @@
 //! The controller with a warehouse source: a real PostgreSQL server and a real
 //! kube-apiserver; the connection URL lives in a Secret the import refers to.
 
-mod controller_support;
 
 use cohort_operator::api::{RunResult, RunTrigger};
-use controller_support::*;
+use crate::controller_support::*;
 use jiff::{SignedDuration, Timestamp};
 use serde_json::json;
 use testkit::postgres::Postgres;

@@ -2,10 +2,9 @@
 //! warehouse stand-ins (statements run on a real PostgreSQL) and the Braze sandbox; the
 //! credentials live in Secrets the imports refer to.
 
-mod controller_support;
 
 use cohort_operator::api::RunResult;
-use controller_support::*;
+use crate::controller_support::*;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, PostParams};
 use serde_json::json;
