@@ -13,15 +13,18 @@
 //! - [`status`], [`events`], [`metrics`]: what the controller tells people.
 //! - [`leader`]: only the replica holding the Lease runs anything.
 //! - [`shard`]: several operators, each owning the imports its label selector picks.
+//! - [`destinations`]: shared destinations an import names (`destinationRef`), resolved from
+//!   watches; [`destination_status`]: their `Ready`.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
 use jiff::SignedDuration;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -30,7 +33,7 @@ use kube::{Resource, ResourceExt};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::api::CohortImport;
+use crate::api::{BrazeDestination, ClusterBrazeDestination, CohortImport, DestinationKind};
 use crate::fence::Fence;
 use crate::notify::Notify;
 use crate::snapshot::cluster as snapshot;
@@ -41,6 +44,8 @@ pub mod clock;
 pub mod cohort_index;
 pub mod conflict;
 pub mod desired;
+pub mod destination_status;
+pub mod destinations;
 pub mod events;
 pub mod importer;
 pub mod kube_api;
@@ -59,6 +64,7 @@ pub mod status;
 use crate::domain::validate::Limits;
 use clock::Clock;
 use conflict::{Referenced, references};
+use destinations::Catalog;
 use events::Events;
 use importer::Importer;
 use leader::LeaderElection;
@@ -109,6 +115,9 @@ pub struct Config {
     pub fence: Fence,
     /// Operator settings some spec rules depend on (`--min-cron-interval-minutes`).
     pub limits: Limits,
+    /// The one namespace whose Secrets a ClusterBrazeDestination may name
+    /// (`--destination-secret-namespace`); `None`: no cluster destination may name a Secret.
+    pub destination_secret_namespace: Option<String>,
 }
 
 impl Default for Config {
@@ -131,6 +140,7 @@ impl Default for Config {
             shard: None,
             fence: Fence::unfenced(),
             limits: Limits::default(),
+            destination_secret_namespace: None,
         }
     }
 }
@@ -176,6 +186,8 @@ pub struct Context {
     reconcile_failures: Mutex<HashMap<ObjectRef<CohortImport>, u32>>,
     /// Secret keys found present, until the Secret watch sees their Secret change.
     pub secret_checks: secrets::SecretChecks,
+    /// The shared destinations and Namespace labels, for resolving `destinationRef`s.
+    pub catalog: Catalog,
 }
 
 impl Context {
@@ -191,7 +203,12 @@ impl Context {
         let found = stores.iter().zip(indexes).flat_map(|(store, index)| {
             index.imports_of(cohort).into_iter().filter_map(|reference| store.get(&reference))
         });
-        found.filter(|import| cohort.is_of(&import.spec)).collect()
+        // Each as its reconcile sees it: an import through a shared destination it may not
+        // use (or that is gone) cannot run, so it holds no cohort.
+        found
+            .filter_map(|import| self.catalog.effective(&import).ok())
+            .filter(|import| cohort.is_of(&import.spec))
+            .collect()
     }
 
     /// The controller's copy of `import`, as its watch last delivered it.
@@ -250,7 +267,62 @@ impl Context {
     /// Imports that should look again when `changed` changes: those aimed at the same
     /// cohort, and those held in conflict by it.
     fn affected_by(&self, changed: &CohortImport) -> Vec<ObjectRef<CohortImport>> {
-        self.affected_by_change(&Changed::of(changed, false))
+        self.affected_by_change(&Changed::of(changed, false, self.catalog.cohort_key(changed)))
+    }
+
+    /// A shared destination changed (or appeared, or went; `name` `None`: every one of `kind`
+    /// was listed again): the imports naming it are filed under their cohort again and look
+    /// again, and so do the imports of the cohorts they left and joined.
+    fn destination_changed(&self, kind: DestinationKind, name: Option<&str>, namespace: Option<&str>) {
+        let named = |import: &CohortImport| match name {
+            Some(name) => destinations::names(import, kind, name, namespace),
+            None => import.spec.destination.destination_ref.as_ref().is_some_and(|r| r.kind == kind),
+        };
+        let indexed =
+            self.stores.iter().zip(&self.cohorts).chain(self.every_shard.iter().zip(&self.every_shard_cohorts));
+        let mut woken = Vec::new();
+        for (store, index) in indexed {
+            for import in store.state().into_iter().filter(|i| named(i)) {
+                let reference = ObjectRef::from_obj(import.as_ref());
+                if let Some(left) = index.rekey(&import) {
+                    woken.extend(self.affected_by_change(&Changed {
+                        import: reference.clone(),
+                        cohort: left,
+                        deleted: false,
+                    }));
+                }
+                woken.extend(self.affected_by_change(&Changed::of(&import, false, index.key_of(&import))));
+                woken.push(reference);
+            }
+        }
+        self.wake_all(woken);
+    }
+
+    /// A Namespace's labels may have changed: its imports through a ClusterBrazeDestination
+    /// (whose `namespaceSelector` decides) look again, and so do the imports of their cohorts.
+    fn namespace_changed(&self, namespace: &str) {
+        let mut woken = Vec::new();
+        for store in &self.stores {
+            let through_cluster = |i: &Arc<CohortImport>| {
+                i.namespace().as_deref() == Some(namespace)
+                    && i.spec
+                        .destination
+                        .destination_ref
+                        .as_ref()
+                        .is_some_and(|r| r.kind == DestinationKind::ClusterBrazeDestination)
+            };
+            for import in store.state().into_iter().filter(through_cluster) {
+                woken.extend(self.affected_by_change(&Changed::of(&import, false, self.catalog.cohort_key(&import))));
+                woken.push(ObjectRef::from_obj(import.as_ref()));
+            }
+        }
+        self.wake_all(woken);
+    }
+
+    fn wake_all(&self, mut imports: Vec<ObjectRef<CohortImport>>) {
+        imports.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        imports.dedup();
+        imports.into_iter().for_each(|import| self.wake(import));
     }
 
     fn affected_by_change(&self, changed: &Changed) -> Vec<ObjectRef<CohortImport>> {
@@ -277,8 +349,8 @@ struct Changed {
 }
 
 impl Changed {
-    fn of(import: &CohortImport, deleted: bool) -> Self {
-        Changed { import: ObjectRef::from_obj(import), cohort: conflict::CohortKey::of(&import.spec), deleted }
+    fn of(import: &CohortImport, deleted: bool, cohort: conflict::CohortKey) -> Self {
+        Changed { import: ObjectRef::from_obj(import), cohort, deleted }
     }
 }
 
@@ -373,10 +445,11 @@ async fn watch_and_reconcile(
     let mut wake_streams = Vec::new();
     let mut changes = Vec::new();
     let sharded = config.shard.is_some();
+    let (catalog, catalog_writers) = catalog(&scopes, config.destination_secret_namespace.clone());
     for scope in &scopes {
         let (reader, writer) = reflector::store();
         let (changed, changed_rx) = mpsc::unbounded_channel();
-        let index = Arc::new(CohortIndex::default());
+        let index = Arc::new(CohortIndex::resolving(catalog.clone()));
         cohorts.push(index.clone());
         let follow = (!sharded).then_some((index, changed));
         let own = own_imports(api_for(scope), own_selector.clone(), writer, follow);
@@ -388,7 +461,7 @@ async fn watch_and_reconcile(
         stores.push(controller.store());
         let (reader, writer) = reflector::store();
         every_shard.push(reader);
-        let index = Arc::new(CohortIndex::default());
+        let index = Arc::new(CohortIndex::resolving(catalog.clone()));
         every_shard_cohorts.push(index.clone());
         every_shard_writers.push((writer, index));
         let (tx, rx) = mpsc::unbounded_channel();
@@ -416,13 +489,14 @@ async fn watch_and_reconcile(
         releasing: Mutex::new(HashSet::new()),
         reconcile_failures: Mutex::new(HashMap::new()),
         secret_checks: secrets::SecretChecks::default(),
+        catalog,
     });
     // Runs are tasks of their own; stop them all when this future goes (shutdown, lost
     // Lease, or the task running it aborted).
     let _stop_runs = runs::AbortRunsOnDrop(ctx.clone());
 
     let shutdown = futures::future::FutureExt::shared(Box::pin(shutdown));
-    let mut running = Vec::new();
+    let mut running = watch_destinations(&ctx, &client, &scopes, catalog_writers, shutdown.clone());
     let scoped = scopes.iter().zip(controllers).zip(wake_streams).zip(every_shard_writers).zip(changes);
     for ((((scope, controller), wake), every_shard_writer), changed) in scoped {
         let controller = watching_related(&ctx, &client, scope, controller);
@@ -451,7 +525,7 @@ async fn watch_and_reconcile(
                     Err(other) => warn!(error = %other, "controller"),
                 }
             });
-        running.push(stream);
+        running.push(stream.boxed());
     }
     futures::future::join_all(running).await;
 }
@@ -476,8 +550,8 @@ fn own_imports(
             let (Ok(event), Some((index, changed))) = (event.as_ref(), follow.as_ref()) else { return };
             index.apply(event);
             let change = match event {
-                watcher::Event::Apply(i) | watcher::Event::InitApply(i) => Changed::of(i, false),
-                watcher::Event::Delete(i) => Changed::of(i, true),
+                watcher::Event::Apply(i) | watcher::Event::InitApply(i) => Changed::of(i, false, index.key_of(i)),
+                watcher::Event::Delete(i) => Changed::of(i, true, index.key_of(i)),
                 watcher::Event::Init | watcher::Event::InitDone => return,
             };
             let _ = changed.send(change);
@@ -504,11 +578,20 @@ fn watching_related(
     };
     let store = controller.store();
     let by_secret = {
-        let (ctx, referencing) = (ctx.clone(), referencing(store.clone(), Referenced::Secret));
+        let (ctx, store, referencing) = (ctx.clone(), store.clone(), referencing(store.clone(), Referenced::Secret));
         move |secret: PartialObjectMeta<Secret>| {
-            let namespace = secret.namespace().unwrap_or_default();
-            ctx.secret_checks.saw(&namespace, &secret.name_any(), secret.resource_version().as_deref());
-            referencing(secret)
+            let (namespace, name) = (secret.namespace().unwrap_or_default(), secret.name_any());
+            ctx.secret_checks.saw(&namespace, &name, secret.resource_version().as_deref());
+            // And the imports whose shared destination reads it (a ClusterBrazeDestination's
+            // Secrets are in another namespace than its imports).
+            let through_destination = store
+                .state()
+                .into_iter()
+                .filter(|import| ctx.catalog.reads_secret(import, &namespace, &name))
+                .map(|import| ObjectRef::from_obj(import.as_ref()));
+            let mut imports = referencing(secret);
+            imports.extend(through_destination);
+            imports
         }
     };
     // Without the watch (RBAC grants `get` only), a missing Secret is looked for on a
@@ -616,4 +699,91 @@ fn referencing<K: Resource + ResourceExt>(
             .map(|import| ObjectRef::from_obj(import.as_ref()))
             .collect()
     }
+}
+
+/// The catalog of shared destinations and Namespace labels, and the writers that fill it:
+/// one store of BrazeDestinations per scope, as imports are watched.
+fn catalog(scopes: &[Option<String>], secret_namespace: Option<String>) -> (Catalog, CatalogWriters) {
+    let (namespaced, namespaced_writers): (Vec<_>, Vec<_>) = scopes.iter().map(|_| reflector::store()).unzip();
+    let (cluster, cluster_writer) = reflector::store();
+    let (namespaces, namespaces_writer) = reflector::store();
+    let catalog = Catalog { namespaced, cluster, namespaces, secret_namespace };
+    (catalog, CatalogWriters { namespaced: namespaced_writers, cluster: cluster_writer, namespaces: namespaces_writer })
+}
+
+struct CatalogWriters {
+    namespaced: Vec<reflector::store::Writer<BrazeDestination>>,
+    cluster: reflector::store::Writer<ClusterBrazeDestination>,
+    namespaces: reflector::store::Writer<PartialObjectMeta<Namespace>>,
+}
+
+/// The watches that fill the catalog, each destination kind driving the controller that
+/// writes its status ([`destination_status`]); every change wakes the imports it concerns.
+fn watch_destinations(
+    ctx: &Arc<Context>,
+    client: &kube::Client,
+    scopes: &[Option<String>],
+    writers: CatalogWriters,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + Clone + 'static,
+) -> Vec<BoxFuture<'static, ()>> {
+    let mut running: Vec<BoxFuture<'static, ()>> = Vec::new();
+    let config = || watcher::Config::default().any_semantic();
+    for ((scope, writer), reader) in scopes.iter().zip(writers.namespaced).zip(ctx.catalog.namespaced.clone()) {
+        let api: Api<BrazeDestination> = match scope {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        };
+        let events = destination_events(ctx, watcher(api, config()).default_backoff().reflect(writer));
+        let controller = Controller::for_stream(events, reader)
+            .graceful_shutdown_on(shutdown.clone())
+            .run(destination_status::reconcile_namespaced, destination_status::error_policy, ctx.clone())
+            .for_each(|_| async {});
+        running.push(controller.boxed());
+    }
+    let api: Api<ClusterBrazeDestination> = Api::all(client.clone());
+    let events = destination_events(ctx, watcher(api, config()).default_backoff().reflect(writers.cluster));
+    let controller = Controller::for_stream(events, ctx.catalog.cluster.clone())
+        .graceful_shutdown_on(shutdown.clone())
+        .run(destination_status::reconcile_cluster, destination_status::error_policy, ctx.clone())
+        .for_each(|_| async {});
+    running.push(controller.boxed());
+    let namespaces = {
+        let ctx = ctx.clone();
+        let api: Api<PartialObjectMeta<Namespace>> = Api::all(client.clone());
+        watcher(api, config()).default_backoff().reflect(writers.namespaces).for_each(move |event| {
+            if let Ok(watcher::Event::Apply(ns) | watcher::Event::Delete(ns)) = &event {
+                ctx.namespace_changed(&ns.name_any());
+            }
+            async {}
+        })
+    };
+    let namespaces = futures::future::select(Box::pin(namespaces), Box::pin(shutdown)).map(|_| ());
+    running.push(namespaces.boxed());
+    running
+}
+
+/// A destination kind's watch events, once its store has them: each change wakes the imports
+/// naming the destination; a re-list, every import naming one of its kind.
+fn destination_events<K>(
+    ctx: &Arc<Context>,
+    events: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+) -> impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static
+where
+    K: Resource<DynamicType = ()> + ResourceExt + Clone + Send + 'static,
+{
+    let ctx = ctx.clone();
+    let kind = if K::kind(&()) == "ClusterBrazeDestination" {
+        DestinationKind::ClusterBrazeDestination
+    } else {
+        DestinationKind::BrazeDestination
+    };
+    events
+        .inspect(move |event| match event {
+            Ok(watcher::Event::Apply(d) | watcher::Event::Delete(d)) => {
+                ctx.destination_changed(kind, Some(&d.name_any()), d.namespace().as_deref())
+            }
+            Ok(watcher::Event::InitDone) => ctx.destination_changed(kind, None, None),
+            _ => {}
+        })
+        .applied_objects()
 }
