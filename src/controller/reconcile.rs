@@ -261,7 +261,12 @@ async fn execute(
     let starts_run = wanted.effects.iter().any(|e| matches!(e, Effect::StartRun(_)));
     let import = if starts_run && !has_finalizer(&import) {
         match add_finalizer(api, &import).await {
-            Ok(patched) => Arc::new(patched),
+            // The same spec (the patch is conditional on the copy read), with the shared
+            // destination it resolved to: the run must not lose it.
+            Ok(mut patched) => {
+                patched.spec.destination.resolved = import.spec.destination.resolved.clone();
+                Arc::new(patched)
+            }
             Err(e) if status::is_stale_write(&e) => return Ok(retry_soon()),
             Err(e) => return Err(e.into()),
         }
