@@ -18,6 +18,10 @@ use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 
+/// Operators configured for ClusterBrazeDestinations write the status of every one in the
+/// cluster: the tests that start one take turns.
+static CLUSTER_DESTINATIONS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 const WEEKLY: fn() -> Value = || json!({ "cadence": "Weekly", "dayOfWeek": "Monday", "at": "03:00" });
 
 /// An import in `ns` of `rows` (external ids) into `cohort`, through `destination`.
@@ -196,6 +200,7 @@ async fn an_import_through_a_braze_destination_lands_exactly_like_inline_and_kee
 
 #[tokio::test]
 async fn a_cluster_destination_serves_the_namespaces_it_selects_and_refuses_the_others_naming_the_rule() {
+    let _turn = CLUSTER_DESTINATIONS.lock().await;
     let env = Env::new("dest-cluster").await;
     let (team, other) = (env.cluster.namespace("dest-team").await, env.cluster.namespace("dest-other").await);
     let selector = format!("{}-braze", env.ns);
@@ -297,5 +302,42 @@ async fn a_key_rotated_in_the_destinations_secret_takes_effect_at_the_next_run()
     let run = env.wait_runs("vip", 2).await.status.unwrap().history[0].clone();
     assert_eq!((run.result, run.added), (RunResult::Succeeded, 20), "{}", run.message);
     assert_eq!(env.members("vip"), set(&ids(0..20)));
+    operator.stop().await;
+}
+
+#[tokio::test]
+async fn imports_of_one_cohort_through_a_cluster_destination_or_inline_are_held_in_conflict() {
+    let _turn = CLUSTER_DESTINATIONS.lock().await;
+    let env = Env::new("dest-conflict").await;
+    let (team, other) = (env.cluster.namespace("dest-c-team").await, env.cluster.namespace("dest-c-other").await);
+    let shared = format!("{}-shared", env.ns);
+    let mut spec = workspace(&env, "braze", Some(&env.ns));
+    spec["namespaceSelector"] = json!({});
+    put_cluster_destination(&env, &shared, spec).await;
+    put_secret_in(&env, &other, "braze", IMPORT_KEY).await;
+    let config = cohort_operator::controller::Config {
+        namespaces: vec![env.ns.clone(), team.clone(), other.clone()],
+        destination_secret_namespace: Some(env.ns.clone()),
+        ..env.config()
+    };
+    let operator = env.start_with(config, None).await;
+    let cluster_ref = reference("ClusterBrazeDestination", &shared);
+    create_in(&env, &team, import("first", "shared", &ids(0..10), cluster_ref.clone())).await;
+    let (team_env, other_env) = (Imports::of(&env, &team), Imports::of(&env, &other));
+    team_env.wait_reason("first", "Scheduled").await;
+    team_env.request_run("first", "run").await;
+    team_env.wait_runs("first", 1).await;
+
+    // The same cohort, by reference and inline, from another namespace: both wait for the
+    // older import, which is not named to them.
+    create_in(&env, &other, import("by-ref", "shared", &ids(0..3), cluster_ref)).await;
+    let inline = json!({ "braze": workspace(&env, "braze", None) });
+    create_in(&env, &other, import("inline", "shared", &ids(0..3), inline)).await;
+    for name in ["by-ref", "inline"] {
+        let held = other_env.wait_reason(name, "Conflict").await;
+        let message = ready(held.status.as_ref().unwrap()).unwrap().message.clone();
+        assert!(message.contains("an import in another namespace") && !message.contains(&team), "{message}");
+    }
+    assert_eq!(env.members("shared"), set(&ids(0..10)), "only the owner sent");
     operator.stop().await;
 }

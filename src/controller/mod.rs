@@ -742,11 +742,18 @@ fn watch_destinations(
     }
     let api: Api<ClusterBrazeDestination> = Api::all(client.clone());
     let events = destination_events(ctx, watcher(api, config()).default_backoff().reflect(writers.cluster));
-    let controller = Controller::for_stream(events, ctx.catalog.cluster.clone())
-        .graceful_shutdown_on(shutdown.clone())
-        .run(destination_status::reconcile_cluster, destination_status::error_policy, ctx.clone())
-        .for_each(|_| async {});
-    running.push(controller.boxed());
+    if ctx.catalog.secret_namespace.is_some() {
+        let controller = Controller::for_stream(events, ctx.catalog.cluster.clone())
+            .graceful_shutdown_on(shutdown.clone())
+            .run(destination_status::reconcile_cluster, destination_status::error_policy, ctx.clone())
+            .for_each(|_| async {});
+        running.push(controller.boxed());
+    } else {
+        // No destination Secret namespace: every ClusterBrazeDestination is refused here, and
+        // their status is left to an operator configured for them.
+        let watched = events.for_each(|_| async {});
+        running.push(futures::future::select(Box::pin(watched), Box::pin(shutdown.clone())).map(|_| ()).boxed());
+    }
     let namespaces = {
         let ctx = ctx.clone();
         let api: Api<PartialObjectMeta<Namespace>> = Api::all(client.clone());
