@@ -31,6 +31,12 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Crd { reference: true, .. } => print!("{}", cohort_operator::api::reference::markdown()),
         Command::Crd { kind: CrdKind::CohortImport, .. } => print!("{}", cohort_operator::api::crd_yaml()),
         Command::Crd { kind: CrdKind::CohortTrigger, .. } => print!("{}", cohort_operator::api::trigger_crd_yaml()),
+        Command::Crd { kind: CrdKind::BrazeDestination, .. } => {
+            print!("{}", cohort_operator::api::destination_crd_yaml())
+        }
+        Command::Crd { kind: CrdKind::ClusterBrazeDestination, .. } => {
+            print!("{}", cohort_operator::api::cluster_destination_crd_yaml())
+        }
         Command::Controller(args) => start_controller(*args).await?,
         Command::Trigger { name, wait, timeout_seconds, target } => {
             let (client, namespace) = target.client().await?;

@@ -4,6 +4,8 @@
 //! cluster changes; an unapplied manifest is previewed, a bad one gets field errors. And a
 //! dry run's bounded sample in status.
 
+#[allow(dead_code)]
+#[path = "support/controller.rs"]
 mod controller_support;
 
 use std::collections::BTreeMap;

@@ -24,6 +24,25 @@ fn the_trigger_crd_matches_the_rust_types() {
 }
 
 #[test]
+fn the_destination_crds_match_the_rust_types() {
+    for (file, generated, kind) in [
+        ("brazedestinations.cohorts.dev.yaml", cohort_operator::api::destination_crd_yaml(), "braze-destination"),
+        (
+            "clusterbrazedestinations.cohorts.dev.yaml",
+            cohort_operator::api::cluster_destination_crd_yaml(),
+            "cluster-braze-destination",
+        ),
+    ] {
+        let path = format!("{}/crds/{file}", env!("CARGO_MANIFEST_DIR"));
+        let on_disk = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert!(
+            on_disk == generated,
+            "crds/ drifted from the Rust types; regenerate with:\n  cargo run -q -- crd --kind {kind} > crds/{file}"
+        );
+    }
+}
+
+#[test]
 fn field_reference_matches_the_crd() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/reference.md");
     let on_disk = std::fs::read_to_string(path).expect("docs/reference.md exists");
@@ -77,6 +96,17 @@ fn every_spec_field_has_a_row_in_the_threat_model() {
     let trigger_spec = &trigger["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
     let trigger_fields = trigger_spec.as_object().expect("trigger spec properties").keys();
     fields.extend(trigger_fields.map(|field| format!("CohortTrigger `spec.{field}")));
+    let destination = spec["destination"]["properties"].as_object().expect("destination fields");
+    fields.extend(destination.keys().map(|field| format!("destination.{field}")));
+    for (kind, crd) in [
+        ("BrazeDestination", cohort_operator::api::destination_crd()),
+        ("ClusterBrazeDestination", cohort_operator::api::cluster_destination_crd()),
+    ] {
+        let crd = serde_json::to_value(crd).expect("the CRD serializes");
+        let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
+        let names = spec.as_object().expect("destination spec properties").keys();
+        fields.extend(names.map(|field| format!("{kind} `spec.{field}")));
+    }
     let missing: Vec<&String> = fields
         .iter()
         .filter(|f| !doc.contains(&format!("`{f}")) && !doc.contains(f.as_str()) && !mentions_trigger_field(&doc, f))
@@ -84,10 +114,11 @@ fn every_spec_field_has_a_row_in_the_threat_model() {
     assert!(missing.is_empty(), "spec fields without a row in docs/threat-model.md: {missing:?}");
 }
 
-/// A trigger field's row names it as "CohortTrigger `spec.a`, `spec.b`".
+/// A field of another kind's row names it as "CohortTrigger `spec.a`, `spec.b`" (or
+/// BrazeDestination, ClusterBrazeDestination).
 fn mentions_trigger_field(doc: &str, field: &str) -> bool {
-    let Some(name) = field.strip_prefix("CohortTrigger `") else { return false };
+    let Some((kind, name)) = field.split_once(" `") else { return false };
     doc.lines().any(|l| {
-        l.starts_with("| CohortTrigger ") && l.split(" | ").next().is_some_and(|c| c.contains(&format!("`{name}`")))
+        l.starts_with(&format!("| {kind} ")) && l.split(" | ").next().is_some_and(|c| c.contains(&format!("`{name}`")))
     })
 }

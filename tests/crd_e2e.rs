@@ -146,6 +146,19 @@ async fn crd_installs_accepts_examples_and_rejects_invalid_specs() {
             }),
             &["spec.destination", "Required"],
         ),
+        (
+            "braze-and-destination-ref",
+            Box::new(|v| {
+                v["spec"]["destination"]["destinationRef"] = json!({ "kind": "BrazeDestination", "name": "us" });
+            }),
+            &["spec.destination"],
+        ),
+        ("empty-destination", Box::new(|v| v["spec"]["destination"] = json!({})), &["spec.destination"]),
+        (
+            "destination-ref-kind",
+            Box::new(|v| v["spec"]["destination"] = json!({ "destinationRef": { "kind": "Issuer", "name": "us" } })),
+            &["spec.destination.destinationRef.kind", "Issuer"],
+        ),
         ("history-limit-51", Box::new(|v| v["spec"]["historyLimit"] = json!(51)), &["spec.historyLimit"]),
         (
             "bad-secret-key",
@@ -172,4 +185,9 @@ async fn crd_installs_accepts_examples_and_rejects_invalid_specs() {
 
     // The unmodified base is valid: the failures above are the mutations' doing.
     create_raw(&client, &ns, valid_import("baseline")).await.expect("baseline accepted");
+    // So is a reference alone in place of the inline workspace.
+    let mut by_reference = valid_import("by-reference");
+    by_reference["spec"]["destination"] =
+        json!({ "destinationRef": { "kind": "ClusterBrazeDestination", "name": "us" } });
+    create_raw(&client, &ns, by_reference).await.expect("a destinationRef alone is accepted");
 }

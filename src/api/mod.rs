@@ -1,10 +1,13 @@
-//! The Kubernetes API of the operator: `CohortImport` in `cohorts.dev/v1alpha1`.
+//! The Kubernetes API of the operator in `cohorts.dev/v1alpha1`: `CohortImport`,
+//! `CohortTrigger`, `BrazeDestination` and `ClusterBrazeDestination`.
 
+mod destination;
 pub mod reference;
 mod spec;
 mod status;
 mod trigger;
 
+pub use destination::*;
 pub use spec::*;
 pub use status::*;
 pub use trigger::*;
@@ -37,6 +40,16 @@ pub fn trigger_crd() -> CustomResourceDefinition {
     tidy(CohortTrigger::crd())
 }
 
+/// The BrazeDestination CRD as the API server should hold it.
+pub fn destination_crd() -> CustomResourceDefinition {
+    tidy(BrazeDestination::crd())
+}
+
+/// The ClusterBrazeDestination CRD as the API server should hold it.
+pub fn cluster_destination_crd() -> CustomResourceDefinition {
+    tidy(ClusterBrazeDestination::crd())
+}
+
 fn tidy(crd: CustomResourceDefinition) -> CustomResourceDefinition {
     // schemars lists `null` among the values of an optional enum; `nullable: true` already
     // says that, and kubectl's client-side validation rejects a null enum value.
@@ -66,4 +79,15 @@ pub fn crd_yaml() -> String {
 /// The CohortTrigger CRD as YAML, exactly what `crds/cohorttriggers.cohorts.dev.yaml` holds.
 pub fn trigger_crd_yaml() -> String {
     serde_yaml::to_string(&trigger_crd()).expect("the CRD serializes")
+}
+
+/// The BrazeDestination CRD as YAML, exactly what `crds/brazedestinations.cohorts.dev.yaml` holds.
+pub fn destination_crd_yaml() -> String {
+    serde_yaml::to_string(&destination_crd()).expect("the CRD serializes")
+}
+
+/// The ClusterBrazeDestination CRD as YAML, exactly what
+/// `crds/clusterbrazedestinations.cohorts.dev.yaml` holds.
+pub fn cluster_destination_crd_yaml() -> String {
+    serde_yaml::to_string(&cluster_destination_crd()).expect("the CRD serializes")
 }

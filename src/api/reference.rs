@@ -5,7 +5,8 @@ use std::fmt::Write;
 
 use serde_json::Value;
 
-/// Markdown: for each CRD (CohortImport, then CohortTrigger) one table for `spec` and one
+/// Markdown: for each CRD (CohortImport, CohortTrigger, BrazeDestination,
+/// ClusterBrazeDestination) one table for `spec` and one
 /// for `status`, a row per field.
 pub fn markdown() -> String {
     let mut out = String::from(
@@ -22,6 +23,20 @@ pub fn markdown() -> String {
          (see *Run when the data is ready* in the README).\n",
     );
     tables(&super::trigger_crd(), "CohortTrigger ", &mut out);
+    out.push_str(
+        "\n# BrazeDestination field reference\n\n\
+         A BrazeDestination is a Braze workspace the imports of its namespace share through \
+         `spec.destination.destinationRef` (see *Shared destinations* in the README); its spec is \
+         exactly what an import's `spec.destination.braze` holds.\n",
+    );
+    tables(&super::destination_crd(), "BrazeDestination ", &mut out);
+    out.push_str(
+        "\n# ClusterBrazeDestination field reference\n\n\
+         A ClusterBrazeDestination is a Braze workspace the imports of the namespaces its \
+         `namespaceSelector` selects share; its Secrets are read only in the operator's destination \
+         Secret namespace.\n",
+    );
+    tables(&super::cluster_destination_crd(), "ClusterBrazeDestination ", &mut out);
     out
 }
 

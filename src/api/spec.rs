@@ -11,6 +11,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::destination::DestinationStatus;
 use super::status::CohortImportStatus;
 
 /// DNS-1123 subdomain: the names of Secrets and ConfigMaps.
@@ -709,20 +710,127 @@ pub struct AliasMapping {
     pub label_field: Option<String>,
 }
 
+/// Where the cohort goes: a Braze workspace written here (`braze`), or a shared
+/// destination named by `destinationRef`. Set exactly one.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("minProperties" = 1, "maxProperties" = 1))]
 pub struct Destination {
     /// A Braze workspace, through the partner cohort import API (`method: CohortImport`,
     /// the default) or a custom attribute and the customer's REST API key
     /// (`method: Attribute`).
-    pub braze: BrazeDestination,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub braze: Option<BrazeDestinationSpec>,
+    /// A shared destination instead of `braze`: a `BrazeDestination` in this import's
+    /// namespace, or a `ClusterBrazeDestination` whose `namespaceSelector` selects this
+    /// namespace. Its key is read at every run, so rotating it in its Secret takes effect at
+    /// every import's next run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination_ref: Option<DestinationRef>,
+    /// What `destinationRef` resolved to, set by the operator for one reconcile; never read
+    /// from or written to the API server.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub resolved: Option<ResolvedDestination>,
 }
 
-/// A Braze workspace. The fields each method uses are required with it and refused with
-/// the other (the operator checks; Kubernetes 1.20 has no CEL).
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+impl Destination {
+    /// The Braze workspace in force: `braze`, or what `destinationRef` resolved to. `None`
+    /// for a reference not resolved (yet).
+    pub fn braze(&self) -> Option<&BrazeDestinationSpec> {
+        match (&self.braze, &self.destination_ref) {
+            (Some(braze), _) => Some(braze),
+            (None, Some(_)) => self.resolved.as_ref().map(|r| &r.braze),
+            (None, None) => None,
+        }
+    }
+
+    /// How messages name the fields of the Braze workspace in force, e.g.
+    /// `spec.destination.braze` or `ClusterBrazeDestination shared-us: spec`.
+    pub fn field_prefix(&self) -> String {
+        match (&self.braze, &self.resolved) {
+            (None, Some(resolved)) => format!("{} {}: spec", resolved.kind.as_str(), resolved.name),
+            _ => "spec.destination.braze".to_owned(),
+        }
+    }
+
+    /// The namespace of the Secrets the workspace's keys are in: `import_namespace`, unless
+    /// a `ClusterBrazeDestination` names the operator's destination Secret namespace.
+    pub fn secret_namespace<'a>(&'a self, import_namespace: &'a str) -> &'a str {
+        match (&self.braze, &self.resolved) {
+            (None, Some(resolved)) => &resolved.secret_namespace,
+            _ => import_namespace,
+        }
+    }
+
+    /// The kind of destination the key fields belong to: `None` for `braze`.
+    pub fn resolved_kind(&self) -> Option<DestinationKind> {
+        self.braze.is_none().then(|| self.resolved.as_ref().map(|r| r.kind)).flatten()
+    }
+}
+
+/// `spec.destination.destinationRef`: a shared destination, cert-manager's `issuerRef`.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Hash, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct BrazeDestination {
+pub struct DestinationRef {
+    /// `BrazeDestination` (in the import's own namespace; there is no namespace field) or
+    /// `ClusterBrazeDestination`.
+    pub kind: DestinationKind,
+    /// The destination's name.
+    #[schemars(length(min = 1, max = 253), regex(pattern = OBJECT_NAME_PATTERN))]
+    pub name: String,
+}
+
+/// The two kinds of shared destination.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum DestinationKind {
+    /// Namespaced: usable by the imports of its namespace only; its Secrets are read there.
+    BrazeDestination,
+    /// Cluster-scoped: usable by the imports of the namespaces its `namespaceSelector`
+    /// selects; its Secrets are read only in the operator's destination Secret namespace.
+    ClusterBrazeDestination,
+}
+
+impl DestinationKind {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            DestinationKind::BrazeDestination => "BrazeDestination",
+            DestinationKind::ClusterBrazeDestination => "ClusterBrazeDestination",
+        }
+    }
+}
+
+/// A `destinationRef` resolved: the workspace, where its Secrets are, and what it came from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ResolvedDestination {
+    pub braze: BrazeDestinationSpec,
+    /// The namespace every key Secret of `braze` is read from.
+    pub secret_namespace: String,
+    pub kind: DestinationKind,
+    pub name: String,
+}
+
+/// A Braze workspace — what `spec.destination.braze` holds, and the spec of a shared
+/// `BrazeDestination`. The fields each method uses are required with it and refused with
+/// the other (the operator checks; Kubernetes 1.20 has no CEL). Its Secrets are read in the
+/// namespace of the import (inline) or of the `BrazeDestination`.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "cohorts.dev",
+    version = "v1alpha1",
+    kind = "BrazeDestination",
+    plural = "brazedestinations",
+    namespaced,
+    shortname = "bzd",
+    status = "DestinationStatus",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"Method","type":"string","jsonPath":".status.method"}"#,
+    printcolumn = r#"{"name":"Endpoint","type":"string","jsonPath":".spec.restEndpoint"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct BrazeDestinationSpec {
     /// The customer's REST endpoint, e.g. `https://rest.iad-01.braze.com`.
     #[schemars(length(min = 1, max = 255), regex(pattern = r"^https?://[^\s/?#]+/?$"))]
     pub rest_endpoint: String,
@@ -753,7 +861,7 @@ pub struct BrazeDestination {
     pub attribute: Option<MembershipAttributeSpec>,
 }
 
-impl BrazeDestination {
+impl BrazeDestinationSpec {
     /// Where membership lands besides endpoint and cohort id, in one text: the partner
     /// (lowercase) for `CohortImport`, `users/track:<attribute>` for `Attribute` (no partner
     /// name holds `/` or `:`). Keys snapshots and cohort ownership by method.

@@ -85,6 +85,13 @@ pub enum ReadyReason {
     SnapshotMissing,
     /// `deletionPolicy` could not complete; the import waits to be deleted.
     Deleting,
+    /// `spec.destination.destinationRef` names a destination that does not exist (a
+    /// `BrazeDestination` is looked for in the import's own namespace only).
+    DestinationNotFound,
+    /// The destination exists but this import may not use it: a `ClusterBrazeDestination`
+    /// whose `namespaceSelector` does not select the import's namespace, or one naming a
+    /// Secret outside the operator's destination Secret namespace. Nothing is sent.
+    DestinationNotAllowed,
 }
 
 impl ReadyReason {
@@ -109,6 +116,8 @@ impl ReadyReason {
             ReadyReason::SnapshotFailed => "SnapshotFailed",
             ReadyReason::SnapshotMissing => "SnapshotMissing",
             ReadyReason::Deleting => "Deleting",
+            ReadyReason::DestinationNotFound => "DestinationNotFound",
+            ReadyReason::DestinationNotAllowed => "DestinationNotAllowed",
         }
     }
 
@@ -155,7 +164,9 @@ impl ReadyReason {
             | ReadyReason::Suspended
             | ReadyReason::Conflict
             | ReadyReason::InvalidSpec
-            | ReadyReason::Deleting => false,
+            | ReadyReason::Deleting
+            | ReadyReason::DestinationNotFound
+            | ReadyReason::DestinationNotAllowed => false,
         }
     }
 
@@ -190,6 +201,9 @@ impl ReadyReason {
             | ReadyReason::Blocked
             | ReadyReason::EgressDenied
             | ReadyReason::Deleting => true,
+            // A person must create the destination, or label the namespace as the cluster
+            // destination's namespaceSelector asks (or have it changed).
+            ReadyReason::DestinationNotFound | ReadyReason::DestinationNotAllowed => true,
             // Only a person can say how Braze's cohort is to be made whole again: a resync
             // (members who left meanwhile stay) or a new cohort id.
             ReadyReason::SnapshotMissing => true,

@@ -128,6 +128,8 @@ pub struct PreviewArgs {
 pub enum CrdKind {
     CohortImport,
     CohortTrigger,
+    BrazeDestination,
+    ClusterBrazeDestination,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -249,6 +251,11 @@ pub struct ControllerArgs {
     /// Namespace of the Lease; the kubeconfig's namespace when unset.
     #[arg(long, env = "COHORT_LEASE_NAMESPACE")]
     pub lease_namespace: Option<String>,
+    /// The one namespace whose Secrets a ClusterBrazeDestination may name (its Secret
+    /// references must name it explicitly); the kubeconfig's namespace (in a pod: the
+    /// operator's own) when unset. Keep tenants' workloads out of it.
+    #[arg(long, env = "COHORT_DESTINATION_SECRET_NAMESPACE")]
+    pub destination_secret_namespace: Option<String>,
     /// This replica's identity in the Lease; the pod name.
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,

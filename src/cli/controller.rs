@@ -54,7 +54,17 @@ pub async fn start_controller(mut args: ControllerArgs) -> anyhow::Result<()> {
     let namespaces: Vec<String> =
         std::mem::take(&mut args.watch_namespaces).into_iter().filter(|n| !n.is_empty()).collect();
     let _triggers = serve_triggers(&args, &client, &namespaces, &metrics).await?;
-    let config = Config { namespaces, leader_election, instance: Some(identity), shard, fence, ..config(args) };
+    let destination_secret_namespace =
+        Some(args.destination_secret_namespace.clone().unwrap_or_else(|| client.default_namespace().to_owned()));
+    let config = Config {
+        namespaces,
+        leader_election,
+        instance: Some(identity),
+        shard,
+        fence,
+        destination_secret_namespace,
+        ..config(args)
+    };
     let deps = Dependencies { clock: Arc::new(SystemClock), importer, notifier, metrics };
     controller::serve(client, config, deps, shutdown_signal()).await?;
     Ok(())

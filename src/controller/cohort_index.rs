@@ -16,12 +16,16 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 
 use super::conflict::CohortKey;
+use super::destinations::Catalog;
 use crate::api::CohortImport;
 
 /// The imports of each cohort in one store, as of the watch events applied so far.
 #[derive(Default)]
 pub struct CohortIndex {
     state: Mutex<State>,
+    /// Resolves the shared destinations imports name; without it such an import keys as
+    /// unresolved.
+    catalog: Option<Catalog>,
 }
 
 #[derive(Default)]
@@ -38,15 +42,17 @@ struct Cohorts {
 }
 
 impl Cohorts {
-    fn insert(&mut self, import: &CohortImport) {
+    /// Files `import` under `cohort`; returns the cohort it was filed under before, if another.
+    fn insert(&mut self, import: &CohortImport, cohort: CohortKey) -> Option<CohortKey> {
         let reference = reference_to(import);
-        let cohort = CohortKey::of(&import.spec);
-        if self.cohort_of.get(&reference) == Some(&cohort) {
-            return;
+        let before = self.cohort_of.get(&reference).cloned();
+        if before.as_ref() == Some(&cohort) {
+            return None;
         }
         self.remove(&reference);
         self.by_cohort.entry(cohort.clone()).or_default().insert(reference.clone());
         self.cohort_of.insert(reference, cohort);
+        before
     }
 
     fn remove(&mut self, reference: &ObjectRef<CohortImport>) {
@@ -71,22 +77,62 @@ fn reference_to(import: &CohortImport) -> ObjectRef<CohortImport> {
 }
 
 impl CohortIndex {
+    /// An index that keys imports naming a shared destination by the workspace `catalog`
+    /// resolves it to.
+    pub fn resolving(catalog: Catalog) -> Self {
+        CohortIndex { state: Mutex::default(), catalog: Some(catalog) }
+    }
+
+    /// The cohort `import` is filed under.
+    pub fn key_of(&self, import: &CohortImport) -> CohortKey {
+        match &self.catalog {
+            Some(catalog) => catalog.cohort_key(import),
+            None => CohortKey::of(&import.spec),
+        }
+    }
+
+    /// Files `import` again, after the destination it names changed (or appeared, or went);
+    /// returns the cohort it was filed under before when that changed. An import the index
+    /// does not hold stays out.
+    pub fn rekey(&self, import: &CohortImport) -> Option<CohortKey> {
+        let cohort = self.key_of(import);
+        let reference = reference_to(import);
+        let mut state = self.lock();
+        if let Some(listed) = state.relisting.as_mut().filter(|l| l.cohort_of.contains_key(&reference)) {
+            listed.insert(import, cohort.clone());
+        }
+        if !state.current.cohort_of.contains_key(&reference) {
+            return None;
+        }
+        state.current.insert(import, cohort)
+    }
+
     /// Follows one watch event, as the reflector's store does: a re-list (`Init` …
     /// `InitDone`) replaces the whole index when it is done, dropping imports deleted while
     /// the watch was down.
     pub fn apply(&self, event: &watcher::Event<CohortImport>) {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         match event {
-            watcher::Event::Apply(import) => state.current.insert(import),
-            watcher::Event::Delete(import) => state.current.remove(&reference_to(import)),
-            watcher::Event::Init => state.relisting = Some(Cohorts::default()),
-            watcher::Event::InitApply(import) => state.relisting.get_or_insert_with(Cohorts::default).insert(import),
+            watcher::Event::Apply(import) => {
+                let cohort = self.key_of(import);
+                self.lock().current.insert(import, cohort);
+            }
+            watcher::Event::InitApply(import) => {
+                let cohort = self.key_of(import);
+                self.lock().relisting.get_or_insert_with(Cohorts::default).insert(import, cohort);
+            }
+            watcher::Event::Delete(import) => self.lock().current.remove(&reference_to(import)),
+            watcher::Event::Init => self.lock().relisting = Some(Cohorts::default()),
             watcher::Event::InitDone => {
+                let mut state = self.lock();
                 if let Some(listed) = state.relisting.take() {
                     state.current = listed;
                 }
             }
         }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The imports the index has for `cohort`.
@@ -154,8 +200,9 @@ mod tests {
     fn the_same_cohort_spelled_differently_is_one_cohort() {
         let index = CohortIndex::default();
         let mut other = import("b", "c1");
-        other.spec.destination.braze.partner = Some("KUBIT".into());
-        other.spec.destination.braze.rest_endpoint = "https://REST.iad-01.braze.com/".into();
+        let braze = other.spec.destination.braze.as_mut().unwrap();
+        braze.partner = Some("KUBIT".into());
+        braze.rest_endpoint = "https://REST.iad-01.braze.com/".into();
         index.apply(&watcher::Event::Apply(import("a", "c1")));
         index.apply(&watcher::Event::Apply(other));
         assert_eq!(names(&index, "c1"), ["a", "b"]);

@@ -16,7 +16,7 @@ use jiff::Timestamp;
 use kube::ResourceExt;
 use sha2::{Digest, Sha256};
 
-use crate::api::{CohortImport, CohortImportSpec, DeliveryMethod};
+use crate::api::{BrazeDestinationSpec, CohortImport, CohortImportSpec, DeliveryMethod};
 use crate::braze::normalize_endpoint;
 use crate::domain::validate::{Limits, validate_with};
 
@@ -24,15 +24,30 @@ use crate::domain::validate::{Limits, validate_with};
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CohortKey {
     pub endpoint: String,
-    /// [`crate::api::BrazeDestination::route`]: the partner, or `users/track:<attribute>`.
+    /// [`crate::api::BrazeDestinationSpec::route`]: the partner, or `users/track:<attribute>`.
     pub partner: String,
     /// The cohort id; empty for a Boolean attribute, which holds one cohort whatever its id.
     pub cohort_id: String,
 }
 
 impl CohortKey {
+    /// The cohort of `spec`'s Braze workspace in force, inline or resolved: an import through a
+    /// `destinationRef` has exactly the key of the same workspace written inline, so switching
+    /// between the two keeps the snapshot and the cohort's owner. A reference not resolved has
+    /// a key of its own, which no resolved import shares (a resolved endpoint is never empty).
     pub fn of(spec: &CohortImportSpec) -> Self {
-        let braze = &spec.destination.braze;
+        Self::with(spec.destination.braze(), spec)
+    }
+
+    /// The cohort `spec` imports into through `braze` (its workspace in force, `None`: a
+    /// reference not resolved).
+    pub fn with(braze: Option<&BrazeDestinationSpec>, spec: &CohortImportSpec) -> Self {
+        let Some(braze) = braze else {
+            let reference = spec.destination.destination_ref.as_ref();
+            let named = reference.map(|r| format!("{}/{}", r.kind.as_str(), r.name)).unwrap_or_default();
+            let partner = format!("unresolved:{named}");
+            return CohortKey { endpoint: String::new(), partner, cohort_id: spec.cohort.id.clone() };
+        };
         CohortKey {
             endpoint: normalize_endpoint(&braze.rest_endpoint),
             // Braze's paths are case-insensitive in practice; compare as such.
@@ -44,7 +59,7 @@ impl CohortKey {
     /// Whether `spec` imports into this cohort: [`CohortKey::of`] without building one for
     /// the partner path, since every reconcile compares its import with every other.
     pub fn is_of(&self, spec: &CohortImportSpec) -> bool {
-        let braze = &spec.destination.braze;
+        let Some(braze) = spec.destination.braze() else { return *self == Self::of(spec) };
         let Some(partner) = braze.partner.as_deref().filter(|_| braze.method == DeliveryMethod::CohortImport) else {
             return *self == Self::of(spec);
         };
@@ -157,10 +172,11 @@ pub enum Referenced {
     ConfigMap,
 }
 
-/// Names of the Secrets and ConfigMaps (in its own namespace) an import reads.
+/// Names of the Secrets and ConfigMaps (in its own namespace) an import's spec names; a
+/// shared destination's Secrets are the destination's (`super::destinations`).
 pub fn references(spec: &CohortImportSpec) -> Vec<(Referenced, &str)> {
-    let mut refs: Vec<(Referenced, &str)> =
-        spec.destination.braze.secret_refs().into_iter().map(|(_, r)| (Referenced::Secret, r.name.as_str())).collect();
+    let inline = spec.destination.braze.iter().flat_map(|braze| braze.secret_refs());
+    let mut refs: Vec<(Referenced, &str)> = inline.map(|(_, r)| (Referenced::Secret, r.name.as_str())).collect();
     if let Some(cm) = &spec.source.config_map {
         refs.push((Referenced::ConfigMap, cm.name.as_str()));
     }
@@ -256,7 +272,7 @@ pub(crate) mod tests {
 
     /// `import` by `method: Attribute` into attribute `name` of `shape`.
     fn by_attribute(mut import: CohortImport, name: &str, shape: crate::api::AttributeShape) -> CohortImport {
-        let braze = &mut import.spec.destination.braze;
+        let braze = import.spec.destination.braze.as_mut().unwrap();
         braze.method = DeliveryMethod::Attribute;
         braze.partner = None;
         braze.data_import_key_secret_ref = None;
@@ -305,7 +321,7 @@ pub(crate) mod tests {
             .flat_map(|e| ["vip", "VIP"].map(|c| import("ns", "a", "2026-01-01T00:00:00Z", e, c)))
             .chain(std::iter::once({
                 let mut other = import("ns", "a", "2026-01-01T00:00:00Z", endpoints[0], "vip");
-                other.spec.destination.braze.partner = Some("KUBIT".into());
+                other.spec.destination.braze.as_mut().unwrap().partner = Some("KUBIT".into());
                 other
             }))
             .collect();

@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 
 use super::clock::Clock;
 use super::cohort_index::CohortIndex;
+use super::destinations::{self, Catalog};
 use super::events::Events;
 use super::importer::Importer;
 use super::leader::LeaderElection;
@@ -22,7 +23,7 @@ use super::metrics::Metrics;
 use super::registry::RunRegistry;
 use super::secrets::PartnerKeys;
 use super::{admission, conflict, secrets, shard, status};
-use crate::api::CohortImport;
+use crate::api::{CohortImport, DestinationKind};
 use crate::domain::validate::Limits;
 use crate::fence::Fence;
 use crate::notify::Notify;
@@ -67,6 +68,9 @@ pub struct Config {
     pub fence: Fence,
     /// Operator settings some spec rules depend on (`--min-cron-interval-minutes`).
     pub limits: Limits,
+    /// The one namespace whose Secrets a ClusterBrazeDestination may name
+    /// (`--destination-secret-namespace`); `None`: no cluster destination may name a Secret.
+    pub destination_secret_namespace: Option<String>,
 }
 
 impl Default for Config {
@@ -89,6 +93,7 @@ impl Default for Config {
             shard: None,
             fence: Fence::unfenced(),
             limits: Limits::default(),
+            destination_secret_namespace: None,
         }
     }
 }
@@ -134,6 +139,8 @@ pub struct Context {
     pub(super) reconcile_failures: Mutex<HashMap<ObjectRef<CohortImport>, u32>>,
     /// Secret keys found present, until the Secret watch sees their Secret change.
     pub secret_checks: secrets::SecretChecks,
+    /// The shared destinations and Namespace labels, for resolving `destinationRef`s.
+    pub catalog: Catalog,
 }
 
 impl Context {
@@ -149,7 +156,12 @@ impl Context {
         let found = stores.iter().zip(indexes).flat_map(|(store, index)| {
             index.imports_of(cohort).into_iter().filter_map(|reference| store.get(&reference))
         });
-        found.filter(|import| cohort.is_of(&import.spec)).collect()
+        // Each as its reconcile sees it: an import through a shared destination it may not
+        // use (or that is gone) cannot run, so it holds no cohort.
+        found
+            .filter_map(|import| self.catalog.effective(&import).ok())
+            .filter(|import| cohort.is_of(&import.spec))
+            .collect()
     }
 
     /// The controller's copy of `import`, as its watch last delivered it.
@@ -218,7 +230,62 @@ impl Context {
     /// Imports that should look again when `changed` changes: those aimed at the same
     /// cohort, and those held in conflict by it.
     pub(super) fn affected_by(&self, changed: &CohortImport) -> Vec<ObjectRef<CohortImport>> {
-        self.affected_by_change(&Changed::of(changed, false))
+        self.affected_by_change(&Changed::of(changed, false, self.catalog.cohort_key(changed)))
+    }
+
+    /// A shared destination changed (or appeared, or went; `name` `None`: every one of `kind`
+    /// was listed again): the imports naming it are filed under their cohort again and look
+    /// again, and so do the imports of the cohorts they left and joined.
+    pub(super) fn destination_changed(&self, kind: DestinationKind, name: Option<&str>, namespace: Option<&str>) {
+        let named = |import: &CohortImport| match name {
+            Some(name) => destinations::names(import, kind, name, namespace),
+            None => import.spec.destination.destination_ref.as_ref().is_some_and(|r| r.kind == kind),
+        };
+        let indexed =
+            self.stores.iter().zip(&self.cohorts).chain(self.every_shard.iter().zip(&self.every_shard_cohorts));
+        let mut woken = Vec::new();
+        for (store, index) in indexed {
+            for import in store.state().into_iter().filter(|i| named(i)) {
+                let reference = ObjectRef::from_obj(import.as_ref());
+                if let Some(left) = index.rekey(&import) {
+                    woken.extend(self.affected_by_change(&Changed {
+                        import: reference.clone(),
+                        cohort: left,
+                        deleted: false,
+                    }));
+                }
+                woken.extend(self.affected_by_change(&Changed::of(&import, false, index.key_of(&import))));
+                woken.push(reference);
+            }
+        }
+        self.wake_all(woken);
+    }
+
+    /// A Namespace's labels may have changed: its imports through a ClusterBrazeDestination
+    /// (whose `namespaceSelector` decides) look again, and so do the imports of their cohorts.
+    pub(super) fn namespace_changed(&self, namespace: &str) {
+        let mut woken = Vec::new();
+        for store in &self.stores {
+            let through_cluster = |i: &Arc<CohortImport>| {
+                i.namespace().as_deref() == Some(namespace)
+                    && i.spec
+                        .destination
+                        .destination_ref
+                        .as_ref()
+                        .is_some_and(|r| r.kind == DestinationKind::ClusterBrazeDestination)
+            };
+            for import in store.state().into_iter().filter(through_cluster) {
+                woken.extend(self.affected_by_change(&Changed::of(&import, false, self.catalog.cohort_key(&import))));
+                woken.push(ObjectRef::from_obj(import.as_ref()));
+            }
+        }
+        self.wake_all(woken);
+    }
+
+    fn wake_all(&self, mut imports: Vec<ObjectRef<CohortImport>>) {
+        imports.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        imports.dedup();
+        imports.into_iter().for_each(|import| self.wake(import));
     }
 
     pub(super) fn affected_by_change(&self, changed: &Changed) -> Vec<ObjectRef<CohortImport>> {
@@ -245,7 +312,7 @@ pub(super) struct Changed {
 }
 
 impl Changed {
-    pub(super) fn of(import: &CohortImport, deleted: bool) -> Self {
-        Changed { import: ObjectRef::from_obj(import), cohort: conflict::CohortKey::of(&import.spec), deleted }
+    pub(super) fn of(import: &CohortImport, deleted: bool, cohort: conflict::CohortKey) -> Self {
+        Changed { import: ObjectRef::from_obj(import), cohort, deleted }
     }
 }

@@ -7,6 +7,7 @@ use jiff::{SignedDuration, Timestamp};
 use kube::ResourceExt;
 
 use super::conflict::CohortKey;
+use super::destinations::Refusal;
 use super::events::reason as event;
 use super::record::{self, Recorded, RunEnd};
 use super::retry;
@@ -67,6 +68,13 @@ pub enum Requeue {
     At(Option<Timestamp>),
     /// Shortly: this copy of the import is stale and a newer one is on its way.
     Soon,
+}
+
+/// Why an import has no plan: its spec is invalid, or its shared destination may not be used.
+#[derive(Clone, Copy, Debug)]
+pub enum NotPlanned<'a> {
+    Invalid(&'a SpecErrors),
+    Refused(&'a Refusal),
 }
 
 /// The outcome of [`desired`].
@@ -169,7 +177,7 @@ pub fn checks_secrets(import: &CohortImport, plan: &Plan) -> bool {
 }
 
 /// The status `import` should have and what to do once it has it.
-pub fn desired(import: &CohortImport, plan: Result<&Plan, &SpecErrors>, seen: &Observed<'_>) -> Desired {
+pub fn desired(import: &CohortImport, plan: Result<&Plan, NotPlanned<'_>>, seen: &Observed<'_>) -> Desired {
     let mut status = import.status.clone().unwrap_or_default();
     status.observed_generation = import.metadata.generation;
     if let Some(workspace) = seen.workspace {
@@ -177,7 +185,7 @@ pub fn desired(import: &CohortImport, plan: Result<&Plan, &SpecErrors>, seen: &O
     }
     let plan = match plan {
         Ok(plan) => plan,
-        Err(errors) => return invalid(import, status, errors, seen),
+        Err(why) => return not_planned(import, status, why, seen),
     };
     if let Some(run) = status.current_run.clone()
         && let Some(resumed) = resume_interrupted(import, &status, run, seen)
@@ -358,17 +366,32 @@ fn wait(
     })
 }
 
-/// `Ready=False, reason=InvalidSpec`; a run in progress is abandoned, nothing is scheduled.
-fn invalid(import: &CohortImport, mut status: CohortImportStatus, errors: &SpecErrors, seen: &Observed<'_>) -> Desired {
+/// `Ready=False`, reason `InvalidSpec` or the refused destination's; a run in progress is
+/// abandoned, nothing is scheduled, nothing is sent.
+fn not_planned(
+    import: &CohortImport,
+    mut status: CohortImportStatus,
+    why: NotPlanned<'_>,
+    seen: &Observed<'_>,
+) -> Desired {
+    let (reason, message, abandoned) = match why {
+        NotPlanned::Invalid(errors) => {
+            (ReadyReason::InvalidSpec, format!("Invalid spec: {errors}"), "the spec became invalid".to_owned())
+        }
+        NotPlanned::Refused(refusal) => {
+            (refusal.reason(), refusal.to_string(), format!("its destination cannot be used: {refusal}"))
+        }
+    };
     let mut effects = Vec::new();
     if let Some(run) = status.current_run.take() {
-        effects.extend(abandon(import, &mut status, &run, seen.now, "the spec became invalid"));
+        effects.extend(abandon(import, &mut status, &run, seen.now, &abandoned));
     }
     status.next_run_at = None;
     retry::set(&mut status, None);
-    let message = format!("Invalid spec: {errors}");
-    set_ready(&mut status, ReadyReason::InvalidSpec, &message, import.metadata.generation, seen.now);
-    effects.push(Effect::WarnOnChange { reason: event::INVALID_SPEC, action: "Validate", note: message });
+    set_ready(&mut status, reason, &message, import.metadata.generation, seen.now);
+    let action = if reason == ReadyReason::InvalidSpec { "Validate" } else { "Resolve" };
+    let reason = if reason == ReadyReason::InvalidSpec { event::INVALID_SPEC } else { reason.as_str() };
+    effects.push(Effect::WarnOnChange { reason, action, note: message });
     Desired { status: Some(status), effects, requeue: Requeue::At(None) }
 }
 
@@ -809,7 +832,7 @@ mod tests {
         let mut bad = import(Some(running(&after_run(RunResult::Succeeded), "r9")), json!({}));
         bad.spec.schedule.day_of_week = Some(crate::api::DayOfWeek::Monday);
         let errors = crate::domain::validate::validate(&bad.spec).unwrap_err();
-        let d = desired(&bad, Err(&errors), &seen("2026-03-02T12:00:00Z"));
+        let d = desired(&bad, Err(NotPlanned::Invalid(&errors)), &seen("2026-03-02T12:00:00Z"));
         let (value, reason, message) = ready(&d);
         assert_eq!((value.as_str(), reason.as_str()), ("False", "InvalidSpec"));
         assert!(message.starts_with("Invalid spec: spec.schedule.dayOfWeek"), "{message}");
@@ -903,7 +926,7 @@ mod tests {
         let mut bad = import(Some(retry_pending("2026-03-02T06:40:00Z")), json!({}));
         bad.spec.schedule.day_of_week = Some(crate::api::DayOfWeek::Monday);
         let errors = crate::domain::validate::validate(&bad.spec).unwrap_err();
-        let status = desired(&bad, Err(&errors), &seen("2026-03-02T06:35:00Z")).status.unwrap();
+        let status = desired(&bad, Err(NotPlanned::Invalid(&errors)), &seen("2026-03-02T06:35:00Z")).status.unwrap();
         assert_eq!((status.next_retry_at, status.retry_attempt), (None, None));
     }
 

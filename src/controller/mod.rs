@@ -13,13 +13,16 @@
 //! - [`status`], [`events`], [`metrics`]: what the controller tells people.
 //! - [`leader`]: only the replica holding the Lease runs anything.
 //! - [`shard`]: several operators, each owning the imports its label selector picks.
+//! - [`destinations`]: shared destinations an import names (`destinationRef`), resolved from
+//!   watches; [`destination_status`]: their `Ready`.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -28,7 +31,7 @@ use kube::{Resource, ResourceExt};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::api::CohortImport;
+use crate::api::{BrazeDestination, ClusterBrazeDestination, CohortImport, DestinationKind};
 use crate::snapshot::cluster as snapshot;
 use cohort_index::CohortIndex;
 
@@ -38,6 +41,8 @@ pub mod cohort_index;
 pub mod conflict;
 pub mod context;
 pub mod desired;
+pub mod destination_status;
+pub mod destinations;
 pub mod events;
 pub mod handover;
 pub mod importer;
@@ -58,6 +63,7 @@ pub mod status;
 use conflict::{Referenced, references};
 use context::Changed;
 pub use context::{Config, Context, Dependencies};
+use destinations::Catalog;
 use events::Events;
 use registry::RunRegistry;
 
@@ -133,7 +139,8 @@ async fn watch_and_reconcile(
     } else {
         config.namespaces.iter().cloned().collect::<BTreeSet<_>>().into_iter().map(Some).collect()
     };
-    let scopes: Vec<Scope> = namespaces.into_iter().map(|ns| Scope::new(&client, ns, &config)).collect();
+    let (catalog, catalog_writers) = catalog(&namespaces, config.destination_secret_namespace.clone());
+    let scopes: Vec<Scope> = namespaces.iter().map(|ns| Scope::new(&client, ns.clone(), &config, &catalog)).collect();
     let ctx = Arc::new(Context {
         client: client.clone(),
         events: Events::new(client.clone(), config.instance.clone()),
@@ -153,12 +160,14 @@ async fn watch_and_reconcile(
         releasing: Mutex::new(HashSet::new()),
         reconcile_failures: Mutex::new(HashMap::new()),
         secret_checks: secrets::SecretChecks::default(),
+        catalog,
     });
     // Runs are tasks of their own; stop them all when this future goes (shutdown, lost
     // Lease, or the task running it aborted).
     let _stop_runs = runs::AbortRunsOnDrop(ctx.clone());
     let shutdown = futures::future::FutureExt::shared(Box::pin(shutdown));
-    let running = scopes.into_iter().map(|scope| scope.run(&ctx, &client, shutdown.clone()));
+    let mut running = watch_destinations(&ctx, &client, &namespaces, catalog_writers, shutdown.clone());
+    running.extend(scopes.into_iter().map(|scope| scope.run(&ctx, &client, shutdown.clone()).boxed()));
     futures::future::join_all(running).await;
 }
 
@@ -182,7 +191,7 @@ struct Scope {
 }
 
 impl Scope {
-    fn new(client: &kube::Client, namespace: Option<String>, config: &Config) -> Self {
+    fn new(client: &kube::Client, namespace: Option<String>, config: &Config, catalog: &Catalog) -> Self {
         // A shard watches (and so reconciles and runs) only the imports its selector picks.
         let own_selector = match &config.shard {
             Some(shard) => watcher::Config::default().any_semantic().labels(&shard.selector()),
@@ -190,7 +199,7 @@ impl Scope {
         };
         let (reader, writer) = reflector::store();
         let (changed_tx, changed) = mpsc::unbounded_channel();
-        let cohorts = Arc::new(CohortIndex::default());
+        let cohorts = Arc::new(CohortIndex::resolving(catalog.clone()));
         let follow = config.shard.is_none().then_some((cohorts.clone(), changed_tx));
         let own = own_imports(Self::api(client, &namespace), own_selector, writer, follow);
         // Reconciles are short API round trips; a bound keeps a burst (start-up, a re-list)
@@ -199,7 +208,7 @@ impl Scope {
             .with_config(kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY));
         let (every_shard, every_shard_writer) = reflector::store();
         let (waker, wake) = mpsc::unbounded_channel();
-        let every_shard_cohorts = Arc::new(CohortIndex::default());
+        let every_shard_cohorts = Arc::new(CohortIndex::resolving(catalog.clone()));
         Scope {
             namespace,
             controller,
@@ -282,8 +291,8 @@ fn own_imports(
             let (Ok(event), Some((index, changed))) = (event.as_ref(), follow.as_ref()) else { return };
             index.apply(event);
             let change = match event {
-                watcher::Event::Apply(i) | watcher::Event::InitApply(i) => Changed::of(i, false),
-                watcher::Event::Delete(i) => Changed::of(i, true),
+                watcher::Event::Apply(i) | watcher::Event::InitApply(i) => Changed::of(i, false, index.key_of(i)),
+                watcher::Event::Delete(i) => Changed::of(i, true, index.key_of(i)),
                 watcher::Event::Init | watcher::Event::InitDone => return,
             };
             let _ = changed.send(change);
@@ -310,11 +319,20 @@ fn watching_related(
     };
     let store = controller.store();
     let by_secret = {
-        let (ctx, referencing) = (ctx.clone(), referencing(store.clone(), Referenced::Secret));
+        let (ctx, store, referencing) = (ctx.clone(), store.clone(), referencing(store.clone(), Referenced::Secret));
         move |secret: PartialObjectMeta<Secret>| {
-            let namespace = secret.namespace().unwrap_or_default();
-            ctx.secret_checks.saw(&namespace, &secret.name_any(), secret.resource_version().as_deref());
-            referencing(secret)
+            let (namespace, name) = (secret.namespace().unwrap_or_default(), secret.name_any());
+            ctx.secret_checks.saw(&namespace, &name, secret.resource_version().as_deref());
+            // And the imports whose shared destination reads it (a ClusterBrazeDestination's
+            // Secrets are in another namespace than its imports).
+            let through_destination = store
+                .state()
+                .into_iter()
+                .filter(|import| ctx.catalog.reads_secret(import, &namespace, &name))
+                .map(|import| ObjectRef::from_obj(import.as_ref()));
+            let mut imports = referencing(secret);
+            imports.extend(through_destination);
+            imports
         }
     };
     // Without the watch (RBAC grants `get` only), a missing Secret is looked for on a
@@ -422,4 +440,98 @@ fn referencing<K: Resource + ResourceExt>(
             .map(|import| ObjectRef::from_obj(import.as_ref()))
             .collect()
     }
+}
+
+/// The catalog of shared destinations and Namespace labels, and the writers that fill it:
+/// one store of BrazeDestinations per scope, as imports are watched.
+fn catalog(scopes: &[Option<String>], secret_namespace: Option<String>) -> (Catalog, CatalogWriters) {
+    let (namespaced, namespaced_writers): (Vec<_>, Vec<_>) = scopes.iter().map(|_| reflector::store()).unzip();
+    let (cluster, cluster_writer) = reflector::store();
+    let (namespaces, namespaces_writer) = reflector::store();
+    let catalog = Catalog { namespaced, cluster, namespaces, secret_namespace };
+    (catalog, CatalogWriters { namespaced: namespaced_writers, cluster: cluster_writer, namespaces: namespaces_writer })
+}
+
+struct CatalogWriters {
+    namespaced: Vec<reflector::store::Writer<BrazeDestination>>,
+    cluster: reflector::store::Writer<ClusterBrazeDestination>,
+    namespaces: reflector::store::Writer<PartialObjectMeta<Namespace>>,
+}
+
+/// The watches that fill the catalog, each destination kind driving the controller that
+/// writes its status ([`destination_status`]); every change wakes the imports it concerns.
+fn watch_destinations(
+    ctx: &Arc<Context>,
+    client: &kube::Client,
+    scopes: &[Option<String>],
+    writers: CatalogWriters,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + Clone + 'static,
+) -> Vec<BoxFuture<'static, ()>> {
+    let mut running: Vec<BoxFuture<'static, ()>> = Vec::new();
+    let config = || watcher::Config::default().any_semantic();
+    for ((scope, writer), reader) in scopes.iter().zip(writers.namespaced).zip(ctx.catalog.namespaced.clone()) {
+        let api: Api<BrazeDestination> = match scope {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        };
+        let events = destination_events(ctx, watcher(api, config()).default_backoff().reflect(writer));
+        let controller = Controller::for_stream(events, reader)
+            .graceful_shutdown_on(shutdown.clone())
+            .run(destination_status::reconcile_namespaced, destination_status::error_policy, ctx.clone())
+            .for_each(|_| async {});
+        running.push(controller.boxed());
+    }
+    let api: Api<ClusterBrazeDestination> = Api::all(client.clone());
+    let events = destination_events(ctx, watcher(api, config()).default_backoff().reflect(writers.cluster));
+    if ctx.catalog.secret_namespace.is_some() {
+        let controller = Controller::for_stream(events, ctx.catalog.cluster.clone())
+            .graceful_shutdown_on(shutdown.clone())
+            .run(destination_status::reconcile_cluster, destination_status::error_policy, ctx.clone())
+            .for_each(|_| async {});
+        running.push(controller.boxed());
+    } else {
+        // No destination Secret namespace: every ClusterBrazeDestination is refused here, and
+        // their status is left to an operator configured for them.
+        let watched = events.for_each(|_| async {});
+        running.push(futures::future::select(Box::pin(watched), Box::pin(shutdown.clone())).map(|_| ()).boxed());
+    }
+    let namespaces = {
+        let ctx = ctx.clone();
+        let api: Api<PartialObjectMeta<Namespace>> = Api::all(client.clone());
+        watcher(api, config()).default_backoff().reflect(writers.namespaces).for_each(move |event| {
+            if let Ok(watcher::Event::Apply(ns) | watcher::Event::Delete(ns)) = &event {
+                ctx.namespace_changed(&ns.name_any());
+            }
+            async {}
+        })
+    };
+    let namespaces = futures::future::select(Box::pin(namespaces), Box::pin(shutdown)).map(|_| ());
+    running.push(namespaces.boxed());
+    running
+}
+
+/// A destination kind's watch events, once its store has them: each change wakes the imports
+/// naming the destination; a re-list, every import naming one of its kind.
+fn destination_events<K>(
+    ctx: &Arc<Context>,
+    events: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+) -> impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static
+where
+    K: Resource<DynamicType = ()> + ResourceExt + Clone + Send + 'static,
+{
+    let ctx = ctx.clone();
+    let kind = if K::kind(&()) == "ClusterBrazeDestination" {
+        DestinationKind::ClusterBrazeDestination
+    } else {
+        DestinationKind::BrazeDestination
+    };
+    events
+        .inspect(move |event| match event {
+            Ok(watcher::Event::Apply(d) | watcher::Event::Delete(d)) => {
+                ctx.destination_changed(kind, Some(&d.name_any()), d.namespace().as_deref())
+            }
+            Ok(watcher::Event::InitDone) => ctx.destination_changed(kind, None, None),
+            _ => {}
+        })
+        .applied_objects()
 }

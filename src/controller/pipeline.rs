@@ -159,7 +159,7 @@ impl PipelineImporter {
     /// is one (a run), the spec as written otherwise (deleting an import whose spec may no
     /// longer be valid).
     fn target(spec: &CohortImportSpec, rest_endpoint: String, keys: BrazeKeys) -> Result<CohortTarget, ImportError> {
-        let braze = &spec.destination.braze;
+        let braze = spec.destination.braze().ok_or(KeyError::NoReference { field: "spec.destination" })?;
         let cohort_id = spec.cohort.id.clone();
         match (keys, &braze.attribute) {
             (BrazeKeys::Partner { data_import_key, partner_api_key }, _) => {
@@ -229,7 +229,8 @@ impl PipelineImporter {
     /// run may have added — then forgets the snapshot.
     async fn remove_all(&self, import: &CohortImport, keys: BrazeKeys) -> Result<u64, ImportError> {
         let store = self.store(import, &import.spec, Some(&keys))?;
-        let target = Self::target(&import.spec, import.spec.destination.braze.rest_endpoint.clone(), keys)?;
+        let braze = import.spec.destination.braze().ok_or(KeyError::NoReference { field: "spec.destination" })?;
+        let target = Self::target(&import.spec, braze.rest_endpoint.clone(), keys)?;
         let key = cohort_snapshot_key(import, &import.spec);
         let committed = import.status.as_ref().and_then(|s| s.committed_snapshot.as_ref()).filter(|c| c.key == key);
         Ok(remove_all_members(store.as_ref(), &self.braze, &target, &self.scratch_dir, committed).await?)

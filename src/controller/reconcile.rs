@@ -16,7 +16,8 @@ use tracing::{debug, warn};
 
 use super::conflict::{self, CohortKey};
 use super::context::Context;
-use super::desired::{self, Desired, Effect, Observed, Requeue};
+use super::desired::{self, Desired, Effect, NotPlanned, Observed, Requeue};
+use super::destinations::{Refusal, Unresolved};
 use super::events::reason as event;
 use super::importer::ImportError;
 use super::record;
@@ -67,7 +68,14 @@ pub async fn reconcile(import: Arc<CohortImport>, ctx: Arc<Context>) -> Result<A
     }
     let namespace = import.namespace().unwrap_or_default();
     let api: Api<CohortImport> = Api::namespaced(ctx.client.clone(), &namespace);
-    let result = finalize(import, &ctx, &api).await;
+    // A shared destination is resolved first, so that everything after — a run, a deletion —
+    // sees the workspace as if it were written inline.
+    let (import, refusal) = match ctx.catalog.effective(&import) {
+        Ok(effective) => (effective, None),
+        Err(Unresolved::NotSynced) => return Ok(Action::requeue(Duration::from_secs(1))),
+        Err(Unresolved::Refused(refusal)) => (import, Some(refusal)),
+    };
+    let result = finalize(import, refusal, &ctx, &api).await;
     if result.is_ok() {
         ctx.note_reconcile(&reference, false);
     }
@@ -78,13 +86,18 @@ pub async fn reconcile(import: Arc<CohortImport>, ctx: Arc<Context>) -> Result<A
 /// never ran holds no snapshot and sent nobody to Braze, so it goes at once when deleted,
 /// and scheduling an import costs one status write, not a finalizer patch too. With the
 /// finalizer, kube-rs's helper applies or cleans up and then lets it go.
-async fn finalize(import: Arc<CohortImport>, ctx: &Arc<Context>, api: &Api<CohortImport>) -> Result<Action, Error> {
+async fn finalize(
+    import: Arc<CohortImport>,
+    refusal: Option<Refusal>,
+    ctx: &Arc<Context>,
+    api: &Api<CohortImport>,
+) -> Result<Action, Error> {
     if import.metadata.deletion_timestamp.is_none() && !has_finalizer(&import) {
-        return apply(import, ctx, api).await;
+        return apply(import, refusal.as_ref(), ctx, api).await;
     }
     finalizer(api, FINALIZER, import, |step| async {
         match step {
-            Finalizer::Apply(import) => apply(import, ctx, api).await,
+            Finalizer::Apply(import) => apply(import, refusal.as_ref(), ctx, api).await,
             Finalizer::Cleanup(import) => cleanup(import, ctx, api).await,
         }
     })
@@ -154,18 +167,28 @@ async fn write_status(
     }
 }
 
-async fn apply(import: Arc<CohortImport>, ctx: &Arc<Context>, api: &Api<CohortImport>) -> Result<Action, Error> {
+/// Reconciles `import` (its destination resolved, or `refusal` saying why it may not be used).
+async fn apply(
+    import: Arc<CohortImport>,
+    refusal: Option<&Refusal>,
+    ctx: &Arc<Context>,
+    api: &Api<CohortImport>,
+) -> Result<Action, Error> {
     let now = ctx.clock.now();
     let reference = ObjectRef::from_obj(import.as_ref());
     let valid = validate_with(&import.spec, &ctx.config.limits);
     // One active schedule per cohort.
-    let (winner, workspace) = match &valid {
-        Ok(_) => winner(ctx, &import).await,
-        Err(_) => (None, None),
+    let (winner, workspace) = match (&valid, refusal) {
+        (Ok(_), None) => winner(ctx, &import).await,
+        _ => (None, None),
     };
     ctx.note_conflict(&reference, winner.as_ref().map(|(w, _)| w.clone()));
     let deadline = ctx.config.starting_deadline;
-    let plan = valid.as_ref().map(|v| desired::plan_for(&import, v, winner.is_some(), now, deadline));
+    let plan = match (refusal, &valid) {
+        (Some(refusal), _) => Err(NotPlanned::Refused(refusal)),
+        (None, Err(errors)) => Err(NotPlanned::Invalid(errors)),
+        (None, Ok(v)) => Ok(desired::plan_for(&import, v, winner.is_some(), now, deadline)),
+    };
     if let Ok(plan) = &plan {
         debug!(decision = ?plan.decision, next_run_at = ?plan.next_run_at, "planned");
     }
@@ -196,8 +219,8 @@ async fn apply(import: Arc<CohortImport>, ctx: &Arc<Context>, api: &Api<CohortIm
         new_run_id: crate::run::new_run_id(now),
         runner: ctx.runner(),
     };
-    let wanted = desired::desired(&import, plan.as_ref().map_err(|e| &**e), &seen);
-    execute(ctx, api, import, valid.ok(), wanted).await
+    let wanted = desired::desired(&import, plan.as_ref().map_err(|e| *e), &seen);
+    execute(ctx, api, import, valid.ok().filter(|_| refusal.is_none()), wanted).await
 }
 
 /// The import that owns `import`'s cohort, if another: its reference and how a message
@@ -210,7 +233,11 @@ async fn winner(ctx: &Context, import: &CohortImport) -> (Option<(ObjectRef<Coho
     let mut workspace = None;
     if conflict::needs_workspace(&contenders) {
         let namespace = import.namespace().unwrap_or_default();
-        match secrets::data_import_workspace(&ctx.client, &namespace, &import.spec.destination.braze).await {
+        let workspace_of = async {
+            let braze = secrets::Workspace::of(&import.spec.destination, &namespace)?;
+            secrets::data_import_workspace(&ctx.client, braze).await
+        };
+        match workspace_of.await {
             Ok(w) => workspace = Some(w),
             // Unknown counts as the same workspace: when in doubt, hold.
             Err(e) => debug!(error = %e, "cannot tell the Braze workspace; assuming the other import's"),
@@ -234,7 +261,12 @@ async fn execute(
     let starts_run = wanted.effects.iter().any(|e| matches!(e, Effect::StartRun(_)));
     let import = if starts_run && !has_finalizer(&import) {
         match add_finalizer(api, &import).await {
-            Ok(patched) => Arc::new(patched),
+            // The same spec (the patch is conditional on the copy read), with the shared
+            // destination it resolved to: the run must not lose it.
+            Ok(mut patched) => {
+                patched.spec.destination.resolved = import.spec.destination.resolved.clone();
+                Arc::new(patched)
+            }
             Err(e) if status::is_stale_write(&e) => return Ok(retry_soon()),
             Err(e) => return Err(e.into()),
         }
@@ -293,18 +325,23 @@ async fn add_finalizer(api: &Api<CohortImport>, import: &CohortImport) -> Result
 
 /// Every Secret key the import reads exists (values are read only at run time). A key found
 /// before is not read again until the Secret watch sees its Secret change
-/// ([`secrets::SecretChecks`]).
+/// ([`secrets::SecretChecks`]). The Braze keys are read where the workspace keeps them (a
+/// ClusterBrazeDestination's namespace), the source's in the import's namespace.
 async fn check_secrets(ctx: &Context, import: &CohortImport) -> Result<(), KeyError> {
-    let objects = KubeObjects::new(ctx.client.clone(), import.namespace().unwrap_or_default());
-    let keys = checked_keys(import);
+    let namespace = import.namespace().unwrap_or_default();
+    let workspace = secrets::Workspace::of(&import.spec.destination, &namespace)?;
+    let braze_objects = KubeObjects::new(ctx.client.clone(), workspace.secret_namespace);
+    let keys = checked_keys(import, workspace);
     let (workspace_key, others) = keys.split_first().expect("an import always reads its workspace's key");
-    check_key(ctx, &objects, workspace_key).await?;
-    let braze = &import.spec.destination.braze;
+    check_key(ctx, &braze_objects, workspace_key).await?;
+    let braze = workspace.braze;
     if braze.method == DeliveryMethod::CohortImport && braze.partner_api_key_secret_ref.is_none() {
         ctx.config.partner_keys.key_for(&braze.rest_endpoint).await?;
     }
+    let objects = KubeObjects::new(ctx.client.clone(), namespace);
     for key in others {
-        check_key(ctx, &objects, key).await?;
+        let objects = if key.braze { &braze_objects } else { &objects };
+        check_key(ctx, objects, key).await?;
     }
     Ok(())
 }
@@ -320,17 +357,12 @@ async fn check_key(ctx: &Context, objects: &KubeObjects, key: &CheckedKey) -> Re
 
 /// The Secret keys `import` reads: its Braze keys first (the workspace's key leading),
 /// then its source's. Only the keys of its method: validation refuses the others.
-fn checked_keys(import: &CohortImport) -> Vec<CheckedKey> {
-    let braze = &import.spec.destination.braze;
-    let mut keys = Vec::new();
-    if let Some((reference, field)) = secrets::workspace_key_ref(braze) {
-        keys.push(CheckedKey { reference: reference.clone(), field, braze: true });
-    }
-    if braze.method == DeliveryMethod::CohortImport
-        && let Some(reference) = &braze.partner_api_key_secret_ref
-    {
-        keys.push(CheckedKey { reference: reference.clone(), field: secrets::PARTNER_KEY_FIELD, braze: true });
-    }
+fn checked_keys(import: &CohortImport, workspace: secrets::Workspace<'_>) -> Vec<CheckedKey> {
+    let mut keys: Vec<CheckedKey> = workspace
+        .key_refs()
+        .into_iter()
+        .map(|(reference, field)| CheckedKey { reference: reference.clone(), field, braze: true })
+        .collect();
     for secret in conflict::source_secrets(&import.spec) {
         let reference = SecretKeyRef { name: secret.name.to_owned(), key: secret.key.to_owned() };
         keys.push(CheckedKey { reference, field: secret.field, braze: false });
@@ -388,8 +420,8 @@ fn cleanup_failed(import: &CohortImport, removing: bool, cause: &ImportError) ->
 /// `RemoveMembers`: removes from Braze every member the import sent, and says so.
 async fn remove_members(ctx: &Context, import: &CohortImport) -> Result<(), ImportError> {
     let namespace = import.namespace().unwrap_or_default();
-    let braze = &import.spec.destination.braze;
-    let keys = secrets::braze_keys(&ctx.client, &namespace, braze, &ctx.config.partner_keys).await?;
+    let workspace = secrets::Workspace::of(&import.spec.destination, &namespace)?;
+    let keys = secrets::braze_keys(&ctx.client, workspace, &ctx.config.partner_keys).await?;
     let cohort = CohortKey::of(&import.spec);
     let note = match ctx.importer.remove_members(import, keys).await {
         Ok(removed) => format!("Removed the {removed} members this import sent from {cohort}"),

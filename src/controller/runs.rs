@@ -86,10 +86,12 @@ async fn execute(ctx: Arc<Context>, import: Arc<CohortImport>, spec: ValidSpec, 
     ctx.events.normal(&import, event::RUN_STARTED, "Run", note).await;
     let clock_started = Instant::now();
     let namespace = import.namespace().unwrap_or_default();
-    let braze = &import.spec.destination.braze;
     let mut workspace = None;
     let attempt = async {
-        let keys = secrets::braze_keys(&ctx.client, &namespace, braze, &ctx.config.partner_keys).await?;
+        // Read at every run: a key rotated in its Secret (the import's, or its destination's)
+        // is used from the next run on.
+        let braze = secrets::Workspace::of(&import.spec.destination, &namespace)?;
+        let keys = secrets::braze_keys(&ctx.client, braze, &ctx.config.partner_keys).await?;
         workspace = Some(super::conflict::workspace_of(keys.workspace_key().expose()));
         Ok::<_, secrets::KeyError>(supervised(&ctx, &import, &spec, &run, keys, slot, clock_started).await)
     };

@@ -2,7 +2,10 @@
 //!
 //! - The customer's **data import key** comes from a Secret in the import's own namespace
 //!   (`spec.destination.braze.dataImportKeySecretRef`). A `SecretKeyRef` has no namespace
-//!   field, so a reference into another namespace cannot even be written.
+//!   field, so a reference into another namespace cannot even be written. Through a
+//!   `destinationRef` it comes from the destination's Secret: in the namespace of the
+//!   `BrazeDestination` (which is the import's), or of a `ClusterBrazeDestination` — the
+//!   operator's destination Secret namespace, no other ([`crate::api::ClusterBrazeDestinationSpec::workspace`]).
 //! - The **partner API key** is the operator's: Braze issues one per region (US, EU, …).
 //!   It comes from the operator's configuration — a directory with one file per region
 //!   (`us`, `eu`, `au`; a mounted Secret), read at every run so a rotated key is picked up —
@@ -17,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::api::{BrazeDestination, DeliveryMethod, ReadyReason, SecretKeyRef};
+use crate::api::{BrazeDestinationSpec, DeliveryMethod, Destination, DestinationKind, ReadyReason, SecretKeyRef};
 use crate::braze::normalize_endpoint;
 use crate::secret::SecretString;
 use crate::source::kube::KubeObjects;
@@ -41,7 +44,7 @@ const KNOWN_ENDPOINTS: &[(&str, &str)] = &[
 /// Why a key could not be had. Messages name the object and the fix, never a value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeyError {
-    #[error("Secret {namespace}/{name} not found: create it in the import's namespace or fix {field}")]
+    #[error("Secret {namespace}/{name} not found: create it or fix {field}")]
     SecretNotFound { namespace: String, name: String, field: &'static str },
     #[error("Secret {namespace}/{name} has no key {key:?}: add it or fix {field}")]
     KeyNotFound { namespace: String, name: String, key: String, field: &'static str },
@@ -285,12 +288,80 @@ pub const DATA_IMPORT_KEY_FIELD: &str = "spec.destination.braze.dataImportKeySec
 pub const PARTNER_KEY_FIELD: &str = "spec.destination.braze.partnerApiKeySecretRef";
 pub const REST_API_KEY_FIELD: &str = "spec.destination.braze.apiKeySecretRef";
 
-/// The reference to the key naming the workspace, with its field: `None` when the spec
-/// lacks it (validation says so).
-pub fn workspace_key_ref(braze: &BrazeDestination) -> Option<(&SecretKeyRef, &'static str)> {
-    match braze.method {
-        DeliveryMethod::CohortImport => braze.data_import_key_secret_ref.as_ref().map(|r| (r, DATA_IMPORT_KEY_FIELD)),
-        DeliveryMethod::Attribute => braze.api_key_secret_ref.as_ref().map(|r| (r, REST_API_KEY_FIELD)),
+/// How messages name the three key fields of a workspace, by where it is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyFields {
+    pub data_import_key: &'static str,
+    pub partner_key: &'static str,
+    pub rest_api_key: &'static str,
+}
+
+impl KeyFields {
+    /// The fields of an import's `spec.destination.braze` (`None`) or of a shared destination.
+    pub const fn of(kind: Option<DestinationKind>) -> Self {
+        match kind {
+            None => KeyFields {
+                data_import_key: DATA_IMPORT_KEY_FIELD,
+                partner_key: PARTNER_KEY_FIELD,
+                rest_api_key: REST_API_KEY_FIELD,
+            },
+            Some(DestinationKind::BrazeDestination) => KeyFields {
+                data_import_key: "the BrazeDestination's spec.dataImportKeySecretRef",
+                partner_key: "the BrazeDestination's spec.partnerApiKeySecretRef",
+                rest_api_key: "the BrazeDestination's spec.apiKeySecretRef",
+            },
+            Some(DestinationKind::ClusterBrazeDestination) => KeyFields {
+                data_import_key: "the ClusterBrazeDestination's spec.dataImportKeySecretRef",
+                partner_key: "the ClusterBrazeDestination's spec.partnerApiKeySecretRef",
+                rest_api_key: "the ClusterBrazeDestination's spec.apiKeySecretRef",
+            },
+        }
+    }
+}
+
+/// The Braze workspace an import's (resolved) destination names, where its Secrets are and
+/// how messages name its fields.
+#[derive(Clone, Copy, Debug)]
+pub struct Workspace<'a> {
+    pub braze: &'a BrazeDestinationSpec,
+    pub secret_namespace: &'a str,
+    pub fields: KeyFields,
+}
+
+impl<'a> Workspace<'a> {
+    /// The workspace of `destination` for an import in `import_namespace`; an error for a
+    /// `destinationRef` not resolved (the reconcile resolves it before anything runs).
+    pub fn of(destination: &'a Destination, import_namespace: &'a str) -> Result<Self, KeyError> {
+        let braze = destination.braze().ok_or(KeyError::NoReference { field: "spec.destination" })?;
+        let secret_namespace = destination.secret_namespace(import_namespace);
+        Ok(Workspace { braze, secret_namespace, fields: KeyFields::of(destination.resolved_kind()) })
+    }
+
+    /// An inline workspace (`spec.destination.braze`) of an import in `namespace`.
+    pub fn inline(braze: &'a BrazeDestinationSpec, namespace: &'a str) -> Self {
+        Workspace { braze, secret_namespace: namespace, fields: KeyFields::of(None) }
+    }
+
+    /// The reference to the key naming the workspace, with its field: `None` when the spec
+    /// lacks it (validation says so).
+    pub fn workspace_key_ref(&self) -> Option<(&'a SecretKeyRef, &'static str)> {
+        match self.braze.method {
+            DeliveryMethod::CohortImport => {
+                self.braze.data_import_key_secret_ref.as_ref().map(|r| (r, self.fields.data_import_key))
+            }
+            DeliveryMethod::Attribute => self.braze.api_key_secret_ref.as_ref().map(|r| (r, self.fields.rest_api_key)),
+        }
+    }
+
+    /// The Braze keys the method reads, each with its field, the workspace's key first.
+    pub fn key_refs(&self) -> Vec<(&'a SecretKeyRef, &'static str)> {
+        let mut keys: Vec<_> = self.workspace_key_ref().into_iter().collect();
+        if self.braze.method == DeliveryMethod::CohortImport
+            && let Some(reference) = &self.braze.partner_api_key_secret_ref
+        {
+            keys.push((reference, self.fields.partner_key));
+        }
+        keys
     }
 }
 
@@ -298,36 +369,33 @@ fn missing_ref(field: &'static str) -> KeyError {
     KeyError::NoReference { field }
 }
 
-/// Reads the keys an import's run needs.
+/// Reads the keys an import's run needs, from the Secrets of its workspace.
 pub async fn braze_keys(
     client: &kube::Client,
-    namespace: &str,
-    braze: &BrazeDestination,
+    workspace: Workspace<'_>,
     partner_keys: &PartnerKeys,
 ) -> Result<BrazeKeys, KeyError> {
-    let objects = KubeObjects::new(client.clone(), namespace);
+    let objects = KubeObjects::new(client.clone(), workspace.secret_namespace);
+    let (braze, fields) = (workspace.braze, workspace.fields);
     if braze.method == DeliveryMethod::Attribute {
-        let reference = braze.api_key_secret_ref.as_ref().ok_or_else(|| missing_ref(REST_API_KEY_FIELD))?;
-        let api_key = braze_key(&objects, reference, REST_API_KEY_FIELD).await?;
+        let reference = braze.api_key_secret_ref.as_ref().ok_or_else(|| missing_ref(fields.rest_api_key))?;
+        let api_key = braze_key(&objects, reference, fields.rest_api_key).await?;
         return Ok(BrazeKeys::RestApi { api_key });
     }
-    let reference = braze.data_import_key_secret_ref.as_ref().ok_or_else(|| missing_ref(DATA_IMPORT_KEY_FIELD))?;
-    let data_import_key = braze_key(&objects, reference, DATA_IMPORT_KEY_FIELD).await?;
+    let reference = braze.data_import_key_secret_ref.as_ref().ok_or_else(|| missing_ref(fields.data_import_key))?;
+    let data_import_key = braze_key(&objects, reference, fields.data_import_key).await?;
     let partner_api_key = match &braze.partner_api_key_secret_ref {
-        Some(reference) => braze_key(&objects, reference, PARTNER_KEY_FIELD).await?,
+        Some(reference) => braze_key(&objects, reference, fields.partner_key).await?,
         None => partner_keys.key_for(&braze.rest_endpoint).await?,
     };
     Ok(BrazeKeys::Partner { data_import_key, partner_api_key })
 }
 
 /// The Braze workspace of an import's key ([`super::conflict::workspace_of`]).
-pub async fn data_import_workspace(
-    client: &kube::Client,
-    namespace: &str,
-    braze: &BrazeDestination,
-) -> Result<String, KeyError> {
-    let objects = KubeObjects::new(client.clone(), namespace);
-    let (reference, field) = workspace_key_ref(braze).ok_or_else(|| missing_ref(DATA_IMPORT_KEY_FIELD))?;
+pub async fn data_import_workspace(client: &kube::Client, workspace: Workspace<'_>) -> Result<String, KeyError> {
+    let objects = KubeObjects::new(client.clone(), workspace.secret_namespace);
+    let (reference, field) =
+        workspace.workspace_key_ref().ok_or_else(|| missing_ref(workspace.fields.data_import_key))?;
     let key = braze_key(&objects, reference, field).await?;
     Ok(super::conflict::workspace_of(key.expose()))
 }

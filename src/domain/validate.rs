@@ -25,9 +25,9 @@ use std::net::IpAddr;
 use reqwest::Url;
 
 use crate::api::{
-    BigQuerySource, BrazeDestination, CohortImportSpec, ConfigMapSource, DatabricksSource, DeliveryMethod, HttpFormat,
-    HttpSource, IdentifierMapping, InlineSource, Notifications, PostgresSource, RetrySpec, ScheduleSpec,
-    SnowflakeSource, SourceSpec,
+    BigQuerySource, BrazeDestinationSpec, CohortImportSpec, ConfigMapSource, DatabricksSource, DeliveryMethod,
+    Destination, HttpFormat, HttpSource, IdentifierMapping, InlineSource, Notifications, PostgresSource, RetrySpec,
+    ScheduleSpec, SnowflakeSource, SourceSpec,
 };
 
 use super::identifiers::{IdentifierFields, MappingError};
@@ -145,6 +145,11 @@ pub enum Problem {
     RequiredWithMethod { method: &'static str, hint: &'static str },
     #[error("is not used with method: {method}; remove it{hint}")]
     NotWithMethod { method: &'static str, hint: &'static str },
+    #[error(
+        "names a destination that was not resolved; create it, or for a ClusterBrazeDestination label this \
+         namespace as its namespaceSelector asks"
+    )]
+    DestinationNotResolved,
     #[error(
         "cannot be used with method: Attribute: /users/track finds users by external id or alias, never by \
          device id; remove spec.identifiers.deviceId and map externalId or alias, or use method: CohortImport"
@@ -284,8 +289,7 @@ pub fn validate_with(spec: &CohortImportSpec, limits: &Limits) -> Result<ValidSp
     let source = check_source(&spec.source, &mut problems);
     let schedule = check_schedule(&spec.schedule, limits, &mut problems);
     let identifiers = check_identifiers(&spec.identifiers, &mut problems);
-    let braze_endpoint = check_braze_endpoint(&spec.destination.braze.rest_endpoint, &mut problems);
-    check_delivery(&spec.destination.braze, &spec.identifiers, &mut problems);
+    let braze_endpoint = check_destination(&spec.destination, &spec.identifiers, &mut problems);
     if let Some(notifications) = &spec.notifications {
         check_notifications(notifications, &mut problems);
     }
@@ -551,17 +555,64 @@ const RESERVED_ATTRIBUTES: &[&str] = &[
     "email_click_tracking_disabled",
 ];
 
+/// `spec.destination`: exactly one of `braze` and `destinationRef` (the schema says so too),
+/// and the Braze workspace in force — inline, or what the reference resolved to, whose
+/// problems are named by the destination's own fields. A reference is resolved before
+/// validation (`controller::destinations`); one that is not yet is a problem here.
+fn check_destination(
+    destination: &Destination,
+    identifiers: &IdentifierMapping,
+    problems: &mut Problems,
+) -> Option<Url> {
+    const CHOICES: &[&str] = &["braze", "destinationRef"];
+    match (&destination.braze, &destination.destination_ref) {
+        (Some(_), Some(_)) => {
+            let set = CHOICES.to_vec();
+            problems.add("spec.destination", Problem::NotExactlyOne { what: "destination", choices: CHOICES, set });
+            return None;
+        }
+        (None, None) => {
+            let set = Vec::new();
+            problems.add("spec.destination", Problem::NotExactlyOne { what: "destination", choices: CHOICES, set });
+            return None;
+        }
+        _ => {}
+    }
+    let Some(braze) = destination.braze() else {
+        problems.add("spec.destination.destinationRef", Problem::DestinationNotResolved);
+        return None;
+    };
+    let at = destination.field_prefix();
+    let url = check_braze_endpoint(&at, &braze.rest_endpoint, problems);
+    check_delivery(&at, braze, problems);
+    if braze.method == DeliveryMethod::Attribute && identifiers.device_id.is_some() {
+        problems.add("spec.identifiers.deviceId", Problem::DeviceIdWithAttribute);
+    }
+    url
+}
+
+/// A shared destination's own rules (what [`check_destination`] checks of a workspace,
+/// without an import's identifiers), its fields named under `at` (e.g. `spec`).
+pub fn validate_workspace(at: &str, braze: &BrazeDestinationSpec) -> Result<Url, SpecErrors> {
+    let mut problems = Problems::default();
+    let url = check_braze_endpoint(at, &braze.rest_endpoint, &mut problems);
+    check_delivery(at, braze, &mut problems);
+    match url {
+        Some(url) if problems.0.is_empty() => Ok(url),
+        _ => Err(SpecErrors(problems.0)),
+    }
+}
+
 /// The fields of each method are required with it and refused with the other.
-fn check_delivery(braze: &BrazeDestination, identifiers: &IdentifierMapping, problems: &mut Problems) {
-    const AT: &str = "spec.destination.braze";
+fn check_delivery(at: &str, braze: &BrazeDestinationSpec, problems: &mut Problems) {
     let set = |present: bool, field: &str, problems: &mut Problems, method, hint| {
         if present {
-            problems.add(format!("{AT}.{field}"), Problem::NotWithMethod { method, hint });
+            problems.add(format!("{at}.{field}"), Problem::NotWithMethod { method, hint });
         }
     };
     let need = |present: bool, field: &str, problems: &mut Problems, method, hint| {
         if !present {
-            problems.add(format!("{AT}.{field}"), Problem::RequiredWithMethod { method, hint });
+            problems.add(format!("{at}.{field}"), Problem::RequiredWithMethod { method, hint });
         }
     };
     match braze.method {
@@ -583,14 +634,11 @@ fn check_delivery(braze: &BrazeDestination, identifiers: &IdentifierMapping, pro
             set(braze.partner.is_some(), "partner", problems, m, h);
             set(braze.data_import_key_secret_ref.is_some(), "dataImportKeySecretRef", problems, m, h);
             set(braze.partner_api_key_secret_ref.is_some(), "partnerApiKeySecretRef", problems, m, h);
-            if identifiers.device_id.is_some() {
-                problems.add("spec.identifiers.deviceId", Problem::DeviceIdWithAttribute);
-            }
             if let Some(attribute) = &braze.attribute
                 && let Err(reason) = check_attribute_name(&attribute.name)
             {
                 let value = attribute.name.clone();
-                problems.add(format!("{AT}.attribute.name"), Problem::AttributeName { value, reason });
+                problems.add(format!("{at}.attribute.name"), Problem::AttributeName { value, reason });
             }
         }
     }
@@ -613,9 +661,9 @@ pub fn check_attribute_name(name: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-fn check_braze_endpoint(endpoint: &str, problems: &mut Problems) -> Option<Url> {
+fn check_braze_endpoint(at: &str, endpoint: &str, problems: &mut Problems) -> Option<Url> {
     check_bare_endpoint(
-        "spec.destination.braze.restEndpoint",
+        &format!("{at}.restEndpoint"),
         endpoint,
         "https://rest.iad-01.braze.com",
         "spec.destination.braze.dataImportKeySecretRef",
@@ -1332,7 +1380,7 @@ spec:
         use crate::api::{AttributeShape, MembershipAttributeSpec, SecretKeyRef};
         let mut spec = example(WAREHOUSE_EXAMPLE);
         assert!(validate(&spec).is_ok(), "an existing manifest stays valid");
-        spec.destination.braze.method = DeliveryMethod::Attribute;
+        spec.destination.braze.as_mut().unwrap().method = DeliveryMethod::Attribute;
         let texts = |spec: &CohortImportSpec| errors(spec).iter().map(ToString::to_string).collect::<Vec<_>>();
         assert_eq!(
             texts(&spec),
@@ -1343,7 +1391,7 @@ spec:
                 "spec.destination.braze.dataImportKeySecretRef: is not used with method: Attribute; remove it (partner keys are for method: CohortImport; this method uses apiKeySecretRef)",
             ]
         );
-        let braze = &mut spec.destination.braze;
+        let braze = spec.destination.braze.as_mut().unwrap();
         braze.partner = None;
         braze.data_import_key_secret_ref = None;
         braze.api_key_secret_ref = Some(SecretKeyRef { name: "braze-rest".into(), key: "api-key".into() });
@@ -1361,14 +1409,14 @@ spec:
             (" cohorts", "surrounding spaces"),
             ("co\u{7}horts", "control characters"),
         ] {
-            spec.destination.braze.attribute.as_mut().unwrap().name = name.into();
+            spec.destination.braze.as_mut().unwrap().attribute.as_mut().unwrap().name = name.into();
             let text = texts(&spec).join("\n");
             assert!(text.starts_with("spec.destination.braze.attribute.name: "), "{text}");
             assert!(text.contains(reason), "{name:?}: {text}");
         }
 
         // Back to the partner method with the attribute's fields left over.
-        spec.destination.braze.method = DeliveryMethod::CohortImport;
+        spec.destination.braze.as_mut().unwrap().method = DeliveryMethod::CohortImport;
         assert_eq!(
             paths(&spec),
             [
@@ -1479,7 +1527,7 @@ spec:
 
     fn endpoint_messages(endpoint: &str) -> Vec<String> {
         let mut spec = example(WAREHOUSE_EXAMPLE);
-        spec.destination.braze.rest_endpoint = endpoint.into();
+        spec.destination.braze.as_mut().unwrap().rest_endpoint = endpoint.into();
         match validate(&spec) {
             Ok(_) => vec![],
             Err(e) => e.0.into_iter().map(|e| e.to_string()).collect(),

@@ -6,7 +6,12 @@ import yaml
 
 from chartlib import CHART_DIR, REPO, crds
 
-NAMES = ["cohortimports.cohorts.dev.yaml", "cohorttriggers.cohorts.dev.yaml"]
+NAMES = [
+    "brazedestinations.cohorts.dev.yaml",
+    "clusterbrazedestinations.cohorts.dev.yaml",
+    "cohortimports.cohorts.dev.yaml",
+    "cohorttriggers.cohorts.dev.yaml",
+]
 SOURCES = [REPO / "crds" / name for name in NAMES]
 
 

@@ -37,6 +37,8 @@ def test_default_install_objects() -> None:
         ("ServiceAccount", FULLNAME),
         ("ClusterRole", FULLNAME),
         ("ClusterRoleBinding", FULLNAME),
+        ("ClusterRole", f"{FULLNAME}-cluster-destinations"),
+        ("ClusterRoleBinding", f"{FULLNAME}-cluster-destinations"),
         ("ClusterRole", f"{FULLNAME}-edit"),
         ("ClusterRole", f"{FULLNAME}-view"),
         ("Role", f"{FULLNAME}-leader-election"),
@@ -106,6 +108,7 @@ def test_default_args_and_env() -> None:
         "--memory-budget-mib=384",
         "--pagerduty-events-url=https://events.pagerduty.com/v2/enqueue",
         "--max-source-page-bytes=33554432",
+        "--destination-secret-namespace=$(POD_NAMESPACE)",
         "--watch-secrets=false",
         "--egress-default=allow",
         "--leader-election",
@@ -149,6 +152,7 @@ def test_full_values_args_env_and_mounts() -> None:
         "--memory-budget-mib=768",
         "--pagerduty-events-url=https://events.pagerduty.com/v2/enqueue",
         "--max-source-page-bytes=33554432",
+        "--destination-secret-namespace=$(POD_NAMESPACE)",
         "--watch-namespaces=team-a,team-b",
         "--egress-deny=10.96.0.0/12,*.internal.example",
         "--egress-allow=169.254.10.10,10.20.0.0/16",
@@ -303,12 +307,20 @@ OPERATOR_RULES = {
     ("cohorts.dev", "cohortimports/status"): {"get", "patch"},
     ("cohorts.dev", "cohorttriggers"): {"get", "list", "watch"},
     ("cohorts.dev", "cohorttriggers/status"): {"get", "update", "patch"},
+    ("cohorts.dev", "brazedestinations"): {"get", "list", "watch"},
+    ("cohorts.dev", "brazedestinations/status"): {"get", "patch"},
     ("", "secrets"): {"get", "list", "watch"},
     ("", "configmaps"): {"get", "list", "watch", "create", "update", "delete", "deletecollection"},
     ("events.k8s.io", "events"): {"create", "patch"},
 }
 # Cluster-wide (the default): Secrets by name only.
 CLUSTER_RULES = {**OPERATOR_RULES, ("", "secrets"): {"get"}}
+# In every mode: cluster destinations and Namespace labels, nothing else cluster-wide.
+CLUSTER_DESTINATION_RULES = {
+    ("cohorts.dev", "clusterbrazedestinations"): {"get", "list", "watch"},
+    ("cohorts.dev", "clusterbrazedestinations/status"): {"get", "patch"},
+    ("", "namespaces"): {"get", "list", "watch"},
+}
 
 
 def test_default_rbac_is_one_cluster_role_with_only_the_operators_verbs() -> None:
@@ -325,8 +337,14 @@ def test_default_rbac_is_one_cluster_role_with_only_the_operators_verbs() -> Non
 def test_watched_namespaces_get_a_role_each_and_nothing_cluster_wide() -> None:
     objects = render(vs.CONFINED)
     assert [r["metadata"]["name"] for r in find(objects, "ClusterRole")] == \
-        [f"{FULLNAME}-edit", f"{FULLNAME}-view"]
-    assert not find(objects, "ClusterRoleBinding")
+        [f"{FULLNAME}-cluster-destinations", f"{FULLNAME}-edit", f"{FULLNAME}-view"]
+    # Cluster-wide only what cluster destinations need: themselves and Namespace labels.
+    assert rules_of(one(objects, "ClusterRole", f"{FULLNAME}-cluster-destinations")) == CLUSTER_DESTINATION_RULES
+    assert [b["metadata"]["name"] for b in find(objects, "ClusterRoleBinding")] == \
+        [f"{FULLNAME}-cluster-destinations"]
+    # Their keys: Secrets of the release namespace, by name.
+    secrets = one(objects, "Role", f"{FULLNAME}-destination-secrets", NAMESPACE)
+    assert rules_of(secrets) == {("", "secrets"): {"get"}}
     for ns in ("team-a", "team-b"):
         assert rules_of(one(objects, "Role", FULLNAME, ns)) == OPERATOR_RULES
         binding = one(objects, "RoleBinding", FULLNAME, ns)
@@ -369,6 +387,12 @@ def test_user_roles_aggregate_into_edit_and_view() -> None:
     assert rules_of(edit)[("cohorts.dev", "cohorttriggers/status")] == {"get"}
     assert {"create", "delete"} <= rules_of(edit)[("cohorts.dev", "cohorttriggers")]
     assert rules_of(view)[("cohorts.dev", "cohorttriggers")] == {"get", "list", "watch"}
+    # A namespace's own destinations are its users'; cluster destinations are not.
+    assert {"create", "delete"} <= rules_of(edit)[("cohorts.dev", "brazedestinations")]
+    assert rules_of(edit)[("cohorts.dev", "brazedestinations/status")] == {"get"}
+    assert rules_of(view)[("cohorts.dev", "brazedestinations")] == {"get", "list", "watch"}
+    for role in (edit, view):
+        assert not [r for r in rules_of(role) if r[1].startswith("clusterbrazedestinations")]
     assert not find(render({"rbac": {"userRoles": False}}), "ClusterRole", f"{FULLNAME}-edit")
 
 

@@ -3,10 +3,9 @@
 //! and churn imports that never create a user, the removal guard, a kill in the middle of a
 //! run, refused keys, per-object errors, and a switch of method.
 
-
+use crate::controller_support::*;
 use braze_sandbox::{Faults, RestApiKey};
 use cohort_operator::api::RunResult;
-use crate::controller_support::*;
 use serde_json::json;
 
 const WEEKLY: fn() -> serde_json::Value = || json!({ "cadence": "Weekly", "dayOfWeek": "Monday", "at": "03:00" });

@@ -1,10 +1,9 @@
 //! Hourly and cron schedules and `runOnCreate` on a real kube-apiserver with the Braze sandbox, the
 //! test clock standing in for the hours.
 
-
+use crate::controller_support::*;
 use cohort_operator::api::{CohortImportStatus, RunResult, RunTrigger};
 use cohort_operator::controller::clock::Clock;
-use crate::controller_support::*;
 use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp};
 use serde_json::json;

@@ -1,10 +1,9 @@
 //! The controller end to end on a real kube-apiserver, with the Braze sandbox and real
 //! sources: schedules, manual runs, status, events and metrics.
 
-
+use crate::controller_support::*;
 use cohort_operator::api::{RunResult, RunTrigger};
 use cohort_operator::controller::metrics;
-use crate::controller_support::*;
 use jiff::{SignedDuration, Timestamp};
 use serde_json::json;
 

@@ -5,12 +5,12 @@
 //! a forbidden destination): no packet can leave the machine even if the policy failed.
 //! Listeners on the denied addresses count the connections they get, and must get none.
 
-
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use crate::controller_support::*;
 use axum::Router;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
@@ -18,7 +18,6 @@ use axum::routing::get;
 use cohort_operator::api::{RunResult, SourceSpec};
 use cohort_operator::net::egress::{EgressPolicy, EgressRule};
 use cohort_operator::source::{InMemoryObjects, SourceError, open_source_spec, read_cohort};
-use crate::controller_support::*;
 use serde_json::{Value, json};
 use testkit::postgres::Postgres;
 

@@ -6,11 +6,11 @@
 //! (SIGSTOP) past its deadline, resumed after the standby took over, sends Braze nothing
 //! more: its fence is a clock comparison, checked again at the wire (see `src/fence.rs`).
 
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::controller_support::*;
 use braze_sandbox::Faults;
 use cohort_operator::api::RunResult;
 use cohort_operator::braze::{BrazeClient, BrazeClientConfig};
@@ -22,7 +22,6 @@ use cohort_operator::fence::{Fence, LeaseTiming};
 use cohort_operator::snapshot::cluster::ClusterSnapshotStore;
 use cohort_operator::snapshot::format::{BodyWriter, read_body};
 use cohort_operator::snapshot::{DoubtMeta, FORMAT_VERSION, SnapshotStore};
-use crate::controller_support::*;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

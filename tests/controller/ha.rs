@@ -2,10 +2,9 @@
 //! never run an import twice and the standby takes over when the leader dies; an operator
 //! killed in the middle of a run converges when it comes back, with nothing lost.
 
-
+use crate::controller_support::*;
 use braze_sandbox::Faults;
 use cohort_operator::api::{RunResult, RunTrigger};
-use crate::controller_support::*;
 use serde_json::json;
 
 #[tokio::test]

@@ -2,10 +2,9 @@
 //! kstatus's verdict (cli-utils' generic rules, as Flux applies them without custom health
 //! checks) for failed, running and healthy imports; Flux's "reconcile now" annotation.
 
-
+use crate::controller_support::*;
 use braze_sandbox::Faults;
 use cohort_operator::api::{self, RunResult, RunTrigger};
-use crate::controller_support::*;
 use serde_json::{Value, json};
 
 /// kstatus's verdict on a custom resource, following cli-utils' generic algorithm

@@ -2,11 +2,10 @@
 //! cohort, suspend and resume, a rotated Secret, both deletion policies, and status writes
 //! that never overwrite a newer status.
 
-
+use crate::controller_support::*;
 use braze_sandbox::{DataImportKey, Faults};
 use cohort_operator::api::{CohortImportStatus, RunResult, RunTrigger};
 use cohort_operator::controller::status;
-use crate::controller_support::*;
 use jiff::{SignedDuration, Timestamp};
 use kube::ResourceExt;
 use serde_json::json;

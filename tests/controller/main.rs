@@ -10,6 +10,7 @@ mod controller_support;
 
 mod attribute;
 mod cadence;
+mod destinations;
 mod e2e;
 mod egress;
 mod fencing;

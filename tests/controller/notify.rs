@@ -2,13 +2,12 @@
 //! SMTP server: a report after a run; a failure to send is an Event and a status note and
 //! never the run's result.
 
-
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::controller_support::*;
 use cohort_operator::api::RunResult;
 use cohort_operator::notify::{HttpConfig, HttpSender, Notifier, SmtpConfig, SmtpNotifier, SmtpTls};
-use crate::controller_support::*;
 use serde_json::json;
 use testkit::smtp::SmtpServer;
 

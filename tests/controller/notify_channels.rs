@@ -3,14 +3,13 @@
 //! and recovery notice, and a channel that fails noted in an Event and the status without
 //! its URL — the run's result untouched.
 
-
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::controller_support::*;
 use cohort_operator::api::RunResult;
 use cohort_operator::net::egress::EgressPolicy;
 use cohort_operator::notify::{HttpConfig, HttpSender, Notifier};
-use crate::controller_support::*;
 use serde_json::json;
 use testkit::pagerduty::{Alert, PagerDuty};
 use testkit::webhook::{Answer, Receiver};

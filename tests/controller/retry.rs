@@ -3,16 +3,15 @@
 //! recovers; a failure that needs a person is not retried; retries stop at the limit and a
 //! requested run still works. The test clock stands in for the backoff.
 
-
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::controller_support::*;
 use braze_sandbox::Faults;
 use cohort_operator::api::{CohortImportStatus, RunResult, RunTrigger, STALLED};
 use cohort_operator::braze::retry::RetryPolicy;
 use cohort_operator::braze::{BrazeClient, BrazeClientConfig};
 use cohort_operator::controller::pipeline::{PipelineImporter, SnapshotStoreKind};
-use crate::controller_support::*;
 use jiff::SignedDuration;
 use serde_json::{Value, json};
 

@@ -2,17 +2,16 @@
 //! panics is recorded `Failed` and the next one runs; a deletion that cannot know whom to
 //! remove is held; a lost snapshot stops the runs until a person chooses the way forward.
 
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use crate::controller_support::*;
 use cohort_operator::api::{CohortImport, CurrentRun, RunResult};
 use cohort_operator::controller::importer::{ImportError, Importer};
 use cohort_operator::controller::pipeline::PipelineImporter;
 use cohort_operator::controller::secrets::BrazeKeys;
 use cohort_operator::domain::validate::ValidSpec;
 use cohort_operator::run::RunReport;
-use crate::controller_support::*;
 use futures::future::BoxFuture;
 use kube::ResourceExt;
 use serde_json::json;

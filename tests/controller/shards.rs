@@ -4,14 +4,13 @@
 //! the other shard with its snapshot, never running it twice — idle, or in the middle of a
 //! run (the old shard stops it, the new one resumes the same run).
 
-
+use crate::controller_support::*;
 use braze_sandbox::Faults;
 use cohort_operator::api::RunResult;
 use cohort_operator::controller::Config;
 use cohort_operator::controller::leader::LeaderElection;
 use cohort_operator::controller::metrics::ResultLabels;
 use cohort_operator::controller::shard::{SHARD_LABEL, Shard, ShardFlags};
-use crate::controller_support::*;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::Api;
 use serde_json::{Value, json};

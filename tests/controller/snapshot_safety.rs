@@ -4,10 +4,9 @@
 //! import deleted with `Retain` and the import applied again continues from it with exact
 //! diffs; `RemoveMembers` removes no one on a snapshot that is not the committed one.
 
-
+use crate::controller_support::*;
 use cohort_operator::api::{CohortImport, CohortImportStatus, RunResult};
 use cohort_operator::cli;
-use crate::controller_support::*;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::ResourceExt;

@@ -1,9 +1,8 @@
 //! The controller with a warehouse source: a real PostgreSQL server and a real
 //! kube-apiserver; the connection URL lives in a Secret the import refers to.
 
-
-use cohort_operator::api::{RunResult, RunTrigger};
 use crate::controller_support::*;
+use cohort_operator::api::{RunResult, RunTrigger};
 use jiff::{SignedDuration, Timestamp};
 use serde_json::json;
 use testkit::postgres::Postgres;

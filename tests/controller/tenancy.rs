@@ -1,11 +1,10 @@
 //! Many teams, one operator, on a real kube-apiserver with the Braze sandbox: an import of
 //! another namespace holds a cohort only when it really would undo this one's changes.
 
-
+use crate::controller_support::*;
 use braze_sandbox::DataImportKey;
 use cohort_operator::api::{CohortImport, RunResult};
 use cohort_operator::controller::Config;
-use crate::controller_support::*;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::wait::await_condition;

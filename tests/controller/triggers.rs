@@ -4,16 +4,15 @@
 //! a flood of calls leaves scheduled runs alone; and any replica may take a call while the
 //! leader runs the import.
 
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::controller_support::*;
 use cohort_operator::api::{CohortImport, CohortTrigger, RunTrigger};
 use cohort_operator::controller::metrics::Metrics;
 use cohort_operator::trigger;
 use cohort_operator::trigger::signature::sign;
-use crate::controller_support::*;
 use jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, PostParams};
 use serde_json::{Value, json};

@@ -2,9 +2,8 @@
 //! warehouse stand-ins (statements run on a real PostgreSQL) and the Braze sandbox; the
 //! credentials live in Secrets the imports refer to.
 
-
-use cohort_operator::api::RunResult;
 use crate::controller_support::*;
+use cohort_operator::api::RunResult;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, PostParams};
 use serde_json::json;

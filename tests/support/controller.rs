@@ -66,6 +66,8 @@ async fn install_crd(cluster: &Cluster) {
         .get_or_init(|| async {
             cluster.install_crd(&api::crd()).await;
             cluster.install_crd(&api::trigger_crd()).await;
+            cluster.install_crd(&api::destination_crd()).await;
+            cluster.install_crd(&api::cluster_destination_crd()).await;
         })
         .await;
 }

@@ -81,6 +81,13 @@ cluster-wide (watchNamespaces empty) or per namespace.
 - apiGroups: [cohorts.dev]
   resources: [cohorttriggers/status]
   verbs: [get, update, patch]
+# BrazeDestinations: watched to resolve imports' destinationRef; their status records Ready.
+- apiGroups: [cohorts.dev]
+  resources: [brazedestinations]
+  verbs: [get, list, watch]
+- apiGroups: [cohorts.dev]
+  resources: [brazedestinations/status]
+  verbs: [get, patch]
 # Data import keys, partner key overrides and source credentials named by CohortImports.
 {{- if .Values.watchNamespaces }}
 # In the listed namespaces only: also list/watch (by metadata), to notice a created Secret.
