@@ -10,7 +10,7 @@
 //! explicitly: whoever may create a ClusterBrazeDestination could otherwise point the
 //! operator at any Secret in the cluster and send it to an endpoint of their choosing.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::spec::{
     BrazeDestinationSpec, DATA_KEY_PATTERN, DeliveryMethod, MembershipAttributeSpec, OBJECT_NAME_PATTERN, SecretKeyRef,
 };
+use super::status::DestinationStatus;
 
 /// A Braze workspace shared by the imports of the namespaces it selects.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -114,51 +115,6 @@ impl ClusterBrazeDestinationSpec {
             api_key_secret_ref: local("spec.apiKeySecretRef", &self.api_key_secret_ref)?,
             attribute: self.attribute.clone(),
         })
-    }
-}
-
-/// What the operator observed of a destination; written only by the operator.
-#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct DestinationStatus {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub observed_generation: Option<i64>,
-    /// The method in force (`CohortImport` when the spec leaves it out), for `kubectl get`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub method: Option<DeliveryMethod>,
-    /// `Ready`: the spec is valid, every key Secret it names holds its key, and the endpoint
-    /// is known (for `CohortImport` without `partnerApiKeySecretRef`: the operator has the
-    /// partner key of its region).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub conditions: Vec<Condition>,
-}
-
-/// Why a destination's `Ready` condition is what it is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-pub enum DestinationReason {
-    Ready,
-    /// The spec breaks a rule the schema cannot hold (the method's fields, the endpoint).
-    InvalidSpec,
-    /// A key Secret, or its key, is missing.
-    SecretNotFound,
-    /// The API server would not give a Secret.
-    SecretReadFailed,
-    /// A ClusterBrazeDestination names a Secret outside the destination Secret namespace.
-    SecretNamespaceNotAllowed,
-    /// The endpoint's region is not known, or the operator has no partner key for it.
-    UnknownEndpoint,
-}
-
-impl DestinationReason {
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            DestinationReason::Ready => "Ready",
-            DestinationReason::InvalidSpec => "InvalidSpec",
-            DestinationReason::SecretNotFound => "SecretNotFound",
-            DestinationReason::SecretReadFailed => "SecretReadFailed",
-            DestinationReason::SecretNamespaceNotAllowed => "SecretNamespaceNotAllowed",
-            DestinationReason::UnknownEndpoint => "UnknownEndpoint",
-        }
     }
 }
 

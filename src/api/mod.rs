@@ -2,6 +2,7 @@
 //! `CohortTrigger`, `BrazeDestination` and `ClusterBrazeDestination`.
 
 mod destination;
+mod method;
 pub mod reference;
 mod spec;
 mod status;

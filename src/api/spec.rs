@@ -11,8 +11,8 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::destination::DestinationStatus;
-use super::status::CohortImportStatus;
+pub use super::method::DeliveryMethod;
+use super::status::{CohortImportStatus, DestinationStatus};
 
 /// DNS-1123 subdomain: the names of Secrets and ConfigMaps.
 pub const OBJECT_NAME_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
@@ -888,22 +888,6 @@ impl BrazeDestinationSpec {
             ("spec.destination.braze.apiKeySecretRef", self.api_key_secret_ref.as_ref()),
         ];
         refs.into_iter().filter_map(|(field, r)| r.map(|r| (field, r))).collect()
-    }
-}
-
-/// `spec.destination.braze.method`.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
-pub enum DeliveryMethod {
-    /// Braze's partner cohort import API (partner API key and data import key).
-    #[default]
-    CohortImport,
-    /// A custom attribute through `/users/track` (the customer's REST API key).
-    Attribute,
-}
-
-impl DeliveryMethod {
-    fn is_default(&self) -> bool {
-        *self == Self::CohortImport
     }
 }
 

@@ -12,6 +12,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Serialize};
 
+use super::method::DeliveryMethod;
+
 /// The type of the condition that sums an import up.
 pub const READY: &str = "Ready";
 /// kstatus's condition for "the controller is working on it": `True` while a run is in progress.
@@ -554,4 +556,48 @@ pub enum RunResult {
     DryRun,
     /// The operator was down past the starting deadline; the run was skipped.
     Missed,
+}
+/// What the operator observed of a destination; written only by the operator.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DestinationStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The method in force (`CohortImport` when the spec leaves it out), for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<DeliveryMethod>,
+    /// `Ready`: the spec is valid, every key Secret it names holds its key, and the endpoint
+    /// is known (for `CohortImport` without `partnerApiKeySecretRef`: the operator has the
+    /// partner key of its region).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// Why a destination's `Ready` condition is what it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum DestinationReason {
+    Ready,
+    /// The spec breaks a rule the schema cannot hold (the method's fields, the endpoint).
+    InvalidSpec,
+    /// A key Secret, or its key, is missing.
+    SecretNotFound,
+    /// The API server would not give a Secret.
+    SecretReadFailed,
+    /// A ClusterBrazeDestination names a Secret outside the destination Secret namespace.
+    SecretNamespaceNotAllowed,
+    /// The endpoint's region is not known, or the operator has no partner key for it.
+    UnknownEndpoint,
+}
+
+impl DestinationReason {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            DestinationReason::Ready => "Ready",
+            DestinationReason::InvalidSpec => "InvalidSpec",
+            DestinationReason::SecretNotFound => "SecretNotFound",
+            DestinationReason::SecretReadFailed => "SecretReadFailed",
+            DestinationReason::SecretNamespaceNotAllowed => "SecretNamespaceNotAllowed",
+            DestinationReason::UnknownEndpoint => "UnknownEndpoint",
+        }
+    }
 }

@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 use tracing::{info, warn};
 
-use super::Context;
+use super::context::Context;
 use super::secrets::{self, CheckedKey, KeyFields, Workspace};
 use crate::api::{
     BrazeDestination, BrazeDestinationSpec, ClusterBrazeDestination, DeliveryMethod, DestinationKind,
