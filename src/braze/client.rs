@@ -647,8 +647,6 @@ impl BrazeClient {
         run: &RunState,
         (seq, objects): (u64, (u64, u64)),
     ) -> Attempted {
-        let secrets = target.secrets();
-        let policy = &self.config.retry;
         let body = bytes::Bytes::from(body);
         let bearer = match bearer(target) {
             Ok(bearer) => bearer,
@@ -656,200 +654,220 @@ impl BrazeClient {
         };
         let mut stop = run.stop.subscribe();
         let budget = self.budget(target);
-        let mut attempts = 0;
-        // 429s answered so far: they wait for the budget instead of using up attempts.
-        let mut limited = 0;
-        let mut waited = Duration::ZERO;
-        let mut last: (Option<u16>, ResponseText) = (None, ResponseText::default());
+        let mut tries = Tries::default();
         loop {
             match self.wait_for_budget(&budget, run, &mut stop).await {
-                Ok(wait) => waited += wait,
-                Err(error) => {
-                    let (status, response) = last;
-                    return Attempted {
-                        attempts,
-                        status,
-                        response,
-                        error: Some(error),
-                        budget_wait: waited,
-                        rejected: Rejected::default(),
-                    };
-                }
+                Ok(wait) => tries.waited += wait,
+                Err(error) => return tries.end_with_last(error),
             }
             // The fence, last thing before the wire: a request waits (for budget, for a
             // retry) but never starts, nor stays in flight, past the leader's deadline.
             if let Err(fenced) = self.fence.check() {
-                let (status, response) = last;
-                return Attempted {
-                    attempts,
-                    status,
-                    response,
-                    error: Some(fenced.into()),
-                    budget_wait: waited,
-                    rejected: Rejected::default(),
-                };
+                return tries.end_with_last(fenced.into());
             }
-            attempts += 1;
+            tries.attempts += 1;
             let sending = match self.http.execute(self.request(&url, &body, bearer.as_ref())) {
                 Ok(sending) => sending,
-                Err(denied) => {
-                    let error = Some(BrazeError::EgressDenied(denied.to_string()));
-                    return Attempted {
-                        attempts,
-                        status: None,
-                        response: ResponseText::default(),
-                        error,
-                        budget_wait: waited,
-                        rejected: Rejected::default(),
-                    };
-                }
+                Err(denied) => return tries.end_unanswered(BrazeError::EgressDenied(denied.to_string())),
             };
             let sent = match self.fence.bounded(sending).await {
                 Ok(sent) => sent,
-                Err(fenced) => {
-                    let error = Some(fenced.into());
-                    return Attempted {
-                        attempts,
-                        status: None,
-                        response: ResponseText::default(),
-                        error,
-                        budget_wait: waited,
-                        rejected: Rejected::default(),
-                    };
-                }
+                Err(fenced) => return tries.end_unanswered(fenced.into()),
             };
-            let (status, response, failure, hint) = match sent {
-                Ok(resp) => {
-                    let status = resp.status().as_u16();
-                    run.count_status(status);
-                    // Braze's window state counts from an accepted answer or a rate limit; the
-                    // headers of a 5xx (often a proxy's) must not stretch its own backoff.
-                    let remaining = resp.headers().get("x-ratelimit-remaining").and_then(|v| v.to_str().ok());
-                    if (200..300).contains(&status) || is_rate_limited(status, remaining) {
-                        let signal = LimitSignal::read(status, resp.headers(), jiff::Timestamp::now());
-                        budget.observe(signal, |n| policy.backoff(n, 0.5 + rand::random::<f64>() / 2.0));
+            let failed = match sent {
+                Ok(resp) => match self.answered(resp, target, run, &budget, (seq, objects)).await {
+                    Answer::Done { status, response, error, rejected } => {
+                        return Attempted { status: Some(status), response, error, rejected, ..tries.attempted() };
                     }
-                    let hint = wait_hint(status, resp.headers());
-                    let bytes = read_body(resp).await;
-                    let response = wire::read_response(&bytes, &secrets);
-                    match classify(status) {
-                        Disposition::Accepted => {
-                            if response.has_errors {
-                                warn!(cohort_id = %target.cohort_id, seq, status, body = %response.body, "Braze accepted the request but listed errors");
-                            }
-                            let rejected = match target.delivery {
-                                Delivery::Attribute { .. } => {
-                                    attributes::rejected_objects(&bytes, objects.0, objects.1, &secrets)
-                                }
-                                Delivery::CohortImport { .. } => Rejected::default(),
-                            };
-                            return Attempted {
-                                attempts,
-                                status: Some(status),
-                                response,
-                                error: None,
-                                budget_wait: waited,
-                                rejected,
-                            };
-                        }
-                        Disposition::Permanent => {
-                            let error = permanent_error(status, &response, &target.delivery);
-                            warn!(cohort_id = %target.cohort_id, seq, status, %error, "Braze refused the request");
-                            return Attempted {
-                                attempts,
-                                status: Some(status),
-                                response,
-                                error: Some(error),
-                                budget_wait: waited,
-                                rejected: Rejected::default(),
-                            };
-                        }
-                        Disposition::Retry => {
-                            let message = response.message.clone();
-                            (Some(status), response, TransientFailure::Status { status, message }, hint)
-                        }
-                    }
-                }
-                // The endpoint's name resolves only to denied addresses: no retry changes that.
-                Err(ref e) if let Some(denied) = denied_in(e) => {
-                    let error = Some(BrazeError::EgressDenied(denied.to_string()));
-                    return Attempted {
-                        attempts,
-                        status: None,
-                        response: ResponseText::default(),
-                        error,
-                        budget_wait: waited,
-                        rejected: Rejected::default(),
-                    };
-                }
-                // Refused at the wire: the fence closed before the body was handed over.
-                Err(_) if !self.fence.is_open() => {
-                    let error = Some(Fenced.into());
-                    return Attempted {
-                        attempts,
-                        status: None,
-                        response: ResponseText::default(),
-                        error,
-                        budget_wait: waited,
-                        rejected: Rejected::default(),
-                    };
-                }
-                Err(e) if e.is_timeout() => {
-                    run.timeouts.fetch_add(1, Ordering::Relaxed);
-                    (None, ResponseText::default(), TransientFailure::Timeout(self.config.request_timeout), None)
-                }
-                Err(e) => {
-                    run.connection_errors.fetch_add(1, Ordering::Relaxed);
-                    let message = redact(&error_chain(&e), &secrets, wire::REDACT_MIN_LEN);
-                    (None, ResponseText::default(), TransientFailure::Connection(message), None)
-                }
+                    Answer::Retry(failed) => failed,
+                },
+                Err(e) => match self.not_answered(&e, target, run) {
+                    Ok(failed) => failed,
+                    Err(error) => return tries.end_unanswered(error),
+                },
             };
-            let give_up = |error| Attempted {
-                attempts,
-                status,
-                response: response.clone(),
-                error: Some(error),
-                budget_wait: waited,
-                rejected: Rejected::default(),
-            };
-            if run.stopped() {
-                return give_up(BrazeError::Abandoned);
-            }
-            if status == Some(429) {
-                // A wait past what the policy accepts stops the run at once (the next run
-                // sends the rest) instead of holding it for Braze's hour.
-                if let Some(wait) = hint.filter(|wait| *wait > policy.max_server_wait) {
-                    return give_up(BrazeError::RateLimited { wait, max_wait: policy.max_server_wait });
-                }
-                // The destination's budget is closed until Braze's reset (or a backoff): wait
-                // for it like every other request of the destination, without using up an
-                // attempt or the run's retries.
-                limited += 1;
-                run.rate_limited.fetch_add(1, Ordering::Relaxed);
-                let cohort_id = &target.cohort_id;
-                warn!(%cohort_id, seq, attempt = attempts, "Braze rate limit; waiting for the destination's budget");
-                last = (status, response.clone());
-                continue;
-            }
-            if attempts - limited >= policy.max_attempts {
-                return give_up(BrazeError::AttemptsExhausted { attempts, last: failure });
-            }
-            let delay = match policy.delay(attempts, hint, rand::random::<f64>()) {
-                RetryDelay::Wait(delay) => delay,
-                RetryDelay::TooLong(wait) => {
-                    return give_up(BrazeError::RateLimited { wait, max_wait: policy.max_server_wait });
-                }
-            };
-            if !run.take_retry() {
-                return give_up(BrazeError::RetryBudgetExhausted { budget: run.budget, last: failure });
-            }
-            warn!(cohort_id = %target.cohort_id, seq, attempt = attempts, %failure, ?delay, "Braze request failed; retrying");
-            tokio::select! {
-                () = tokio::time::sleep(delay) => {}
-                _ = stop.wait_for(|stopped| *stopped) => return give_up(BrazeError::Abandoned),
+            if let Some(ended) = self.before_retry(&mut tries, failed, target, run, seq, &mut stop).await {
+                return ended;
             }
         }
     }
+
+    /// What Braze's answer means for this request: done (accepted or refused for good), or
+    /// a failure to retry. Braze's window state is read from it on the way.
+    async fn answered(
+        &self,
+        resp: reqwest::Response,
+        target: &CohortTarget,
+        run: &RunState,
+        budget: &Budget,
+        (seq, objects): (u64, (u64, u64)),
+    ) -> Answer {
+        let secrets = target.secrets();
+        let status = resp.status().as_u16();
+        run.count_status(status);
+        // Braze's window state counts from an accepted answer or a rate limit; the headers of
+        // a 5xx (often a proxy's) must not stretch its own backoff.
+        let remaining = resp.headers().get("x-ratelimit-remaining").and_then(|v| v.to_str().ok());
+        if (200..300).contains(&status) || is_rate_limited(status, remaining) {
+            let signal = LimitSignal::read(status, resp.headers(), jiff::Timestamp::now());
+            let policy = &self.config.retry;
+            budget.observe(signal, |n| policy.backoff(n, 0.5 + rand::random::<f64>() / 2.0));
+        }
+        let hint = wait_hint(status, resp.headers());
+        let bytes = read_body(resp).await;
+        let response = wire::read_response(&bytes, &secrets);
+        match classify(status) {
+            Disposition::Accepted => {
+                if response.has_errors {
+                    warn!(cohort_id = %target.cohort_id, seq, status, body = %response.body, "Braze accepted the request but listed errors");
+                }
+                let rejected = match target.delivery {
+                    Delivery::Attribute { .. } => attributes::rejected_objects(&bytes, objects.0, objects.1, &secrets),
+                    Delivery::CohortImport { .. } => Rejected::default(),
+                };
+                Answer::Done { status, response, error: None, rejected }
+            }
+            Disposition::Permanent => {
+                let error = permanent_error(status, &response, &target.delivery);
+                warn!(cohort_id = %target.cohort_id, seq, status, %error, "Braze refused the request");
+                Answer::Done { status, response, error: Some(error), rejected: Rejected::default() }
+            }
+            Disposition::Retry => {
+                let message = response.message.clone();
+                let failure = TransientFailure::Status { status, message };
+                Answer::Retry(Failed { status: Some(status), response, failure, hint })
+            }
+        }
+    }
+
+    /// A request that got no answer: a failure to retry, or (`Err`) one no retry changes.
+    fn not_answered(&self, e: &reqwest::Error, target: &CohortTarget, run: &RunState) -> Result<Failed, BrazeError> {
+        // The endpoint's name resolves only to denied addresses: no retry changes that.
+        if let Some(denied) = denied_in(e) {
+            return Err(BrazeError::EgressDenied(denied.to_string()));
+        }
+        // Refused at the wire: the fence closed before the body was handed over.
+        if !self.fence.is_open() {
+            return Err(Fenced.into());
+        }
+        let failure = if e.is_timeout() {
+            run.timeouts.fetch_add(1, Ordering::Relaxed);
+            TransientFailure::Timeout(self.config.request_timeout)
+        } else {
+            run.connection_errors.fetch_add(1, Ordering::Relaxed);
+            TransientFailure::Connection(redact(&error_chain(e), &target.secrets(), wire::REDACT_MIN_LEN))
+        };
+        Ok(Failed { status: None, response: ResponseText::default(), failure, hint: None })
+    }
+
+    /// After `failed`: the request's end (`Some`), or `None` once it may go again — at once
+    /// for a 429 (it waits for the destination's budget like every other request, without
+    /// using up an attempt or the run's retries), else after the policy's delay.
+    async fn before_retry(
+        &self,
+        tries: &mut Tries,
+        failed: Failed,
+        target: &CohortTarget,
+        run: &RunState,
+        seq: u64,
+        stop: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Option<Attempted> {
+        let policy = &self.config.retry;
+        let Failed { status, response, failure, hint } = failed;
+        let give_up = |tries: &Tries, error| {
+            Some(Attempted { status, response: response.clone(), error: Some(error), ..tries.attempted() })
+        };
+        if run.stopped() {
+            return give_up(tries, BrazeError::Abandoned);
+        }
+        if status == Some(429) {
+            // A wait past what the policy accepts stops the run at once (the next run sends
+            // the rest) instead of holding it for Braze's hour.
+            if let Some(wait) = hint.filter(|wait| *wait > policy.max_server_wait) {
+                return give_up(tries, BrazeError::RateLimited { wait, max_wait: policy.max_server_wait });
+            }
+            tries.limited += 1;
+            run.rate_limited.fetch_add(1, Ordering::Relaxed);
+            let cohort_id = &target.cohort_id;
+            warn!(%cohort_id, seq, attempt = tries.attempts, "Braze rate limit; waiting for the destination's budget");
+            tries.last = (status, response);
+            return None;
+        }
+        if tries.attempts - tries.limited >= policy.max_attempts {
+            return give_up(tries, BrazeError::AttemptsExhausted { attempts: tries.attempts, last: failure });
+        }
+        let delay = match policy.delay(tries.attempts, hint, rand::random::<f64>()) {
+            RetryDelay::Wait(delay) => delay,
+            RetryDelay::TooLong(wait) => {
+                return give_up(tries, BrazeError::RateLimited { wait, max_wait: policy.max_server_wait });
+            }
+        };
+        if !run.take_retry() {
+            return give_up(tries, BrazeError::RetryBudgetExhausted { budget: run.budget, last: failure });
+        }
+        warn!(cohort_id = %target.cohort_id, seq, attempt = tries.attempts, %failure, ?delay, "Braze request failed; retrying");
+        tokio::select! {
+            () = tokio::time::sleep(delay) => None,
+            _ = stop.wait_for(|stopped| *stopped) => give_up(tries, BrazeError::Abandoned),
+        }
+    }
+}
+
+/// One request's attempts so far.
+#[derive(Default)]
+struct Tries {
+    attempts: u32,
+    /// 429s answered so far: they wait for the budget instead of using up attempts.
+    limited: u32,
+    waited: Duration,
+    /// The last answer, for a request that ends while waiting for budget again.
+    last: (Option<u16>, ResponseText),
+}
+
+impl Tries {
+    /// The request's end so far: no answer, no error, nothing rejected.
+    fn attempted(&self) -> Attempted {
+        Attempted {
+            attempts: self.attempts,
+            status: None,
+            response: ResponseText::default(),
+            error: None,
+            budget_wait: self.waited,
+            rejected: Rejected::default(),
+        }
+    }
+
+    /// Ends with `error`, keeping the last answer (a request stopped while it waited).
+    fn end_with_last(self, error: BrazeError) -> Attempted {
+        let (status, response) = self.last.clone();
+        Attempted { status, response, error: Some(error), ..self.attempted() }
+    }
+
+    /// Ends with `error` on an attempt that got no answer.
+    fn end_unanswered(&self, error: BrazeError) -> Attempted {
+        Attempted { error: Some(error), ..self.attempted() }
+    }
+}
+
+/// What an answer means for its request.
+enum Answer {
+    /// Accepted (with what it rejected) or refused for good.
+    Done {
+        status: u16,
+        response: ResponseText,
+        error: Option<BrazeError>,
+        rejected: Rejected,
+    },
+    Retry(Failed),
+}
+
+/// An attempt that may be tried again.
+struct Failed {
+    status: Option<u16>,
+    response: ResponseText,
+    failure: TransientFailure,
+    /// Braze's own wait (`Retry-After`, the rate-limit reset), if it named one.
+    hint: Option<Duration>,
 }
 
 /// `cohort-operator/<version>`, with ` (<instance>)` when it is a plain name (a pod name
