@@ -66,97 +66,128 @@ impl SqlDialect {
 /// opening parentheses), lexed by `dialect`'s rules. A guard against mistakes; each source
 /// adds its own read-only boundary where the warehouse offers one.
 pub fn check_select(query: &str, dialect: SqlDialect) -> Result<(), QueryProblem> {
-    let b = query.as_bytes();
-    let line_of = |at: usize| b[..at].iter().filter(|&&c| c == b'\n').count() + 1;
-    let ident_byte = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80;
-    let mut i = 0;
+    let mut lexer = Lexer { b: query.as_bytes(), dialect, i: 0 };
     let mut first_word_seen = false;
     let mut statement_end: Option<usize> = None;
-    while i < b.len() {
-        let c = b[i];
-        let next = b.get(i + 1).copied();
-        if c.is_ascii_whitespace() {
-            i += 1;
+    while lexer.i < lexer.b.len() {
+        if lexer.skip_blank()? {
             continue;
         }
-        if dialect.line_comment_at(b, i) {
-            i = b[i..].iter().position(|&c| c == b'\n').map_or(b.len(), |n| i + n);
-            continue;
-        }
-        if c == b'/' && next == Some(b'*') {
-            i = skip_block_comment(b, i, dialect.nested_comments())
-                .ok_or(QueryProblem::Unterminated { what: "comment /*", line: line_of(i) })?;
-            continue;
-        }
+        let c = lexer.b[lexer.i];
         // Anything else is statement text.
         if let Some(end) = statement_end {
-            if c == b';' {
-                i += 1;
-                continue;
+            if c != b';' {
+                return Err(QueryProblem::MultipleStatements { line: lexer.line_of(end) });
             }
-            return Err(QueryProblem::MultipleStatements { line: line_of(end) });
-        }
-        if !first_word_seen {
+            lexer.i += 1;
+        } else if !first_word_seen {
             if c == b'(' {
-                i += 1;
-                continue;
+                lexer.i += 1;
+            } else {
+                lexer.first_word()?;
+                first_word_seen = true;
             }
-            let len = b[i..].iter().take_while(|&&c| ident_byte(c)).count().max(1);
-            let word = String::from_utf8_lossy(&b[i..(i + len).min(b.len())]).into_owned();
-            if !(word.eq_ignore_ascii_case("select") || word.eq_ignore_ascii_case("with")) {
-                let first: String = word.chars().take(32).collect();
-                return Err(QueryProblem::NotSelect { first });
-            }
-            first_word_seen = true;
-            i += len;
-            continue;
-        }
-        let at = i;
-        let unterminated = move |what| QueryProblem::Unterminated { what, line: line_of(at) };
-        match c {
-            b'\'' => {
-                // E'…' (not part of a longer word) takes backslash escapes in PostgreSQL.
-                let prefixed_e = i > 0 && b[i - 1].eq_ignore_ascii_case(&b'e') && (i < 2 || !ident_byte(b[i - 2]));
-                i = skip_quoted(b, i, b'\'', dialect.backslash_escapes(prefixed_e))
-                    .ok_or_else(|| unterminated("string literal '"))?;
-            }
-            b'"' if dialect.double_quote_is_string() => {
-                i = skip_quoted(b, i, b'"', true).ok_or_else(|| unterminated("string literal \""))?;
-            }
-            b'"' => i = skip_quoted(b, i, b'"', false).ok_or_else(|| unterminated("quoted identifier \""))?,
-            b'`' if dialect.backtick_identifiers() => {
-                i = skip_quoted(b, i, b'`', false).ok_or_else(|| unterminated("quoted identifier `"))?;
-            }
-            b'$' if matches!(dialect, SqlDialect::Postgres | SqlDialect::Snowflake)
-                && (i == 0 || !(ident_byte(b[i - 1]) || b[i - 1] == b'$')) =>
-            {
-                // `$tag$…$tag$` (Snowflake: only `$$…$$`); `$1` is a parameter, not a quote.
-                let tag_len = if dialect == SqlDialect::Postgres {
-                    b[i + 1..].iter().take_while(|&&c| ident_byte(c)).count()
-                } else {
-                    0
-                };
-                let closes = b.get(i + 1 + tag_len) == Some(&b'$');
-                let tag_ok = tag_len == 0 || !b[i + 1].is_ascii_digit();
-                if closes && tag_ok {
-                    let delimiter = &b[i..i + tag_len + 2];
-                    let body = i + delimiter.len();
-                    match b[body..].windows(delimiter.len()).position(|w| w == delimiter) {
-                        Some(n) => i = body + n + delimiter.len(),
-                        None => return Err(unterminated("dollar-quoted string")),
-                    }
-                } else {
-                    i += 1;
-                }
-            }
-            b';' => {
-                statement_end = Some(i);
-                i += 1;
-            }
-            _ => i += 1,
+        } else if c == b';' {
+            statement_end = Some(lexer.i);
+            lexer.i += 1;
+        } else {
+            lexer.skip_token()?;
         }
     }
     if first_word_seen { Ok(()) } else { Err(QueryProblem::Empty) }
+}
+
+/// A position in a query being lexed by one dialect's rules.
+struct Lexer<'q> {
+    b: &'q [u8],
+    dialect: SqlDialect,
+    i: usize,
+}
+
+fn ident_byte(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80
+}
+
+impl Lexer<'_> {
+    fn line_of(&self, at: usize) -> usize {
+        self.b[..at].iter().filter(|&&c| c == b'\n').count() + 1
+    }
+
+    fn unterminated(&self, what: &'static str) -> QueryProblem {
+        QueryProblem::Unterminated { what, line: self.line_of(self.i) }
+    }
+
+    /// Skips whitespace or a comment at the position; whether there was one.
+    fn skip_blank(&mut self) -> Result<bool, QueryProblem> {
+        let (b, i) = (self.b, self.i);
+        if b[i].is_ascii_whitespace() {
+            self.i += 1;
+        } else if self.dialect.line_comment_at(b, i) {
+            self.i = b[i..].iter().position(|&c| c == b'\n').map_or(b.len(), |n| i + n);
+        } else if b[i] == b'/' && b.get(i + 1) == Some(&b'*') {
+            let end = skip_block_comment(b, i, self.dialect.nested_comments());
+            self.i = end.ok_or(QueryProblem::Unterminated { what: "comment /*", line: self.line_of(i) })?;
+        } else {
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// The statement's first word, which must be `SELECT` or `WITH`.
+    fn first_word(&mut self) -> Result<(), QueryProblem> {
+        let (b, i) = (self.b, self.i);
+        let len = b[i..].iter().take_while(|&&c| ident_byte(c)).count().max(1);
+        let word = String::from_utf8_lossy(&b[i..(i + len).min(b.len())]).into_owned();
+        if !(word.eq_ignore_ascii_case("select") || word.eq_ignore_ascii_case("with")) {
+            return Err(QueryProblem::NotSelect { first: word.chars().take(32).collect() });
+        }
+        self.i += len;
+        Ok(())
+    }
+
+    /// Skips one piece of statement text: a quoted string or identifier whole, else a byte.
+    fn skip_token(&mut self) -> Result<(), QueryProblem> {
+        let (b, i, dialect) = (self.b, self.i, self.dialect);
+        let skipped = match b[i] {
+            b'\'' => {
+                // E'…' (not part of a longer word) takes backslash escapes in PostgreSQL.
+                let prefixed_e = i > 0 && b[i - 1].eq_ignore_ascii_case(&b'e') && (i < 2 || !ident_byte(b[i - 2]));
+                skip_quoted(b, i, b'\'', dialect.backslash_escapes(prefixed_e)).ok_or("string literal '")
+            }
+            b'"' if dialect.double_quote_is_string() => skip_quoted(b, i, b'"', true).ok_or("string literal \""),
+            b'"' => skip_quoted(b, i, b'"', false).ok_or("quoted identifier \""),
+            b'`' if dialect.backtick_identifiers() => skip_quoted(b, i, b'`', false).ok_or("quoted identifier `"),
+            b'$' if matches!(dialect, SqlDialect::Postgres | SqlDialect::Snowflake)
+                && (i == 0 || !(ident_byte(b[i - 1]) || b[i - 1] == b'$')) =>
+            {
+                self.skip_dollar_quoted().ok_or("dollar-quoted string")
+            }
+            _ => Ok(i + 1),
+        };
+        self.i = skipped.map_err(|what| self.unterminated(what))?;
+        Ok(())
+    }
+
+    /// `$tag$…$tag$` (Snowflake: only `$$…$$`) at the position: the index after it, or after
+    /// the `$` alone when it opens none (`$1` is a parameter, not a quote); `None` when it
+    /// never closes.
+    fn skip_dollar_quoted(&self) -> Option<usize> {
+        let (b, i) = (self.b, self.i);
+        let tag_len = if self.dialect == SqlDialect::Postgres {
+            b[i + 1..].iter().take_while(|&&c| ident_byte(c)).count()
+        } else {
+            0
+        };
+        let closes = b.get(i + 1 + tag_len) == Some(&b'$');
+        let tag_ok = tag_len == 0 || !b[i + 1].is_ascii_digit();
+        if !(closes && tag_ok) {
+            return Some(i + 1);
+        }
+        let delimiter = &b[i..i + tag_len + 2];
+        let body = i + delimiter.len();
+        let n = b[body..].windows(delimiter.len()).position(|w| w == delimiter)?;
+        Some(body + n + delimiter.len())
+    }
 }
 
 /// The index after the `/* */` comment starting at `start`, or `None` if it never closes.
