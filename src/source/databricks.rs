@@ -246,43 +246,8 @@ impl DatabricksMembers {
         if !matches!(host.scheme(), "http" | "https") {
             return Err(config("host must start with https://".to_owned()));
         }
-        let ns = ctx.namespace();
-        let (auth, auth_from) = match (&spec.auth.token_secret_ref, &spec.auth.oauth) {
-            (Some(r), None) => {
-                (Auth::Token(ctx.secret_value(&r.name, &r.key).await?), format!("Secret {ns}/{} key {}", r.name, r.key))
-            }
-            (None, Some(o)) => {
-                let mut token_url = host.clone();
-                token_url.set_path("/oidc/v1/token");
-                (
-                    Auth::OAuth {
-                        client_id: ctx.secret_value(&o.secret_name, &o.client_id_key).await?,
-                        client_secret: ctx.secret_value(&o.secret_name, &o.client_secret_key).await?,
-                        token_url,
-                    },
-                    format!("Secret {ns}/{}", o.secret_name),
-                )
-            }
-            _ => return Err(config("auth: set exactly one of tokenSecretRef and oauth".to_owned())),
-        };
-        let statement = warehouse::checked_query(&what, "databricks.query", &spec.query, SqlDialect::Databricks)?;
-        let mut body = json!({
-            "statement": statement,
-            "warehouse_id": spec.warehouse_id,
-            "wait_timeout": WAIT_TIMEOUT,
-            "on_wait_timeout": "CONTINUE",
-            "format": "JSON_ARRAY",
-            "disposition": match spec.disposition {
-                DatabricksDisposition::ExternalLinks => "EXTERNAL_LINKS",
-                DatabricksDisposition::Inline => "INLINE",
-            },
-        });
-        if let Some(catalog) = &spec.catalog {
-            body["catalog"] = json!(catalog);
-        }
-        if let Some(schema) = &spec.schema {
-            body["schema"] = json!(schema);
-        }
+        let (auth, auth_from) = auth(spec, &host, &what, ctx).await?;
+        let body = statement_body(spec, &what)?;
         let egress = ctx.egress();
         // A literal address in the URL is not resolved, so it is checked here.
         egress.check_url(&host).map_err(|denied| SourceError::EgressDenied { what: what.clone(), denied })?;
@@ -812,6 +777,58 @@ impl MemberSource for DatabricksMembers {
             }
         })
     }
+}
+
+/// The workspace token, or the OAuth client credentials (M2M) and their token URL, and where
+/// they come from (for messages).
+async fn auth(
+    spec: &DatabricksSource,
+    host: &Url,
+    what: &str,
+    ctx: &impl SourceContext,
+) -> Result<(Auth, String), SourceError> {
+    let ns = ctx.namespace();
+    match (&spec.auth.token_secret_ref, &spec.auth.oauth) {
+        (Some(r), None) => {
+            let token = ctx.secret_value(&r.name, &r.key).await?;
+            Ok((Auth::Token(token), format!("Secret {ns}/{} key {}", r.name, r.key)))
+        }
+        (None, Some(o)) => {
+            let mut token_url = host.clone();
+            token_url.set_path("/oidc/v1/token");
+            let client_id = ctx.secret_value(&o.secret_name, &o.client_id_key).await?;
+            let client_secret = ctx.secret_value(&o.secret_name, &o.client_secret_key).await?;
+            Ok((Auth::OAuth { client_id, client_secret, token_url }, format!("Secret {ns}/{}", o.secret_name)))
+        }
+        _ => Err(SourceError::Config {
+            what: what.to_owned(),
+            message: "auth: set exactly one of tokenSecretRef and oauth".to_owned(),
+        }),
+    }
+}
+
+/// The body of the Statement Execution API's submit: the checked query and where and how
+/// its result comes back.
+fn statement_body(spec: &DatabricksSource, what: &str) -> Result<serde_json::Value, SourceError> {
+    let statement = warehouse::checked_query(what, "databricks.query", &spec.query, SqlDialect::Databricks)?;
+    let mut body = json!({
+        "statement": statement,
+        "warehouse_id": spec.warehouse_id,
+        "wait_timeout": WAIT_TIMEOUT,
+        "on_wait_timeout": "CONTINUE",
+        "format": "JSON_ARRAY",
+        "disposition": match spec.disposition {
+            DatabricksDisposition::ExternalLinks => "EXTERNAL_LINKS",
+            DatabricksDisposition::Inline => "INLINE",
+        },
+    });
+    if let Some(catalog) = &spec.catalog {
+        body["catalog"] = json!(catalog);
+    }
+    if let Some(schema) = &spec.schema {
+        body["schema"] = json!(schema);
+    }
+    Ok(body)
 }
 
 #[cfg(test)]
