@@ -57,8 +57,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 timed "license check" bash scripts/licenses.sh
 
 # Two cores: build once (clippy has checked, not built), then run the tests.
-cargo build --workspace --all-targets --locked
-cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-2}"
+timed "rust build" cargo build --workspace --all-targets --locked
+timed "rust tests" cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-2}"
 
 # The README's main-job command, as a newcomer runs it: it fails unless every example
 # cohort ends up in the Braze sandbox.
