@@ -72,7 +72,7 @@ pub struct ClusterBrazeDestinationSpec {
 #[serde(rename_all = "camelCase")]
 pub struct NamespacedSecretKeyRef {
     /// The Secret's namespace: must be the operator's `--destination-secret-namespace`
-    /// (the chart's release namespace by default).
+    /// (chart: `clusterDestinations.secretNamespace`, the release namespace when empty).
     #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
     pub namespace: String,
     /// The Secret's name.

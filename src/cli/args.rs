@@ -251,9 +251,9 @@ pub struct ControllerArgs {
     /// Namespace of the Lease; the kubeconfig's namespace when unset.
     #[arg(long, env = "COHORT_LEASE_NAMESPACE")]
     pub lease_namespace: Option<String>,
-    /// The one namespace whose Secrets a ClusterBrazeDestination may name (its Secret
-    /// references must name it explicitly); the kubeconfig's namespace (in a pod: the
-    /// operator's own) when unset. Keep tenants' workloads out of it.
+    /// Turns ClusterBrazeDestinations on: the one namespace whose Secrets they may name (each
+    /// reference names it explicitly). Unset: off — none is watched or usable, and the
+    /// operator needs no cluster-wide read of Namespaces. Keep tenants' workloads out of it.
     #[arg(long, env = "COHORT_DESTINATION_SECRET_NAMESPACE")]
     pub destination_secret_namespace: Option<String>,
     /// This replica's identity in the Lease; the pod name.

@@ -54,8 +54,7 @@ pub async fn start_controller(mut args: ControllerArgs) -> anyhow::Result<()> {
     let namespaces: Vec<String> =
         std::mem::take(&mut args.watch_namespaces).into_iter().filter(|n| !n.is_empty()).collect();
     let _triggers = serve_triggers(&args, &client, &namespaces, &metrics).await?;
-    let destination_secret_namespace =
-        Some(args.destination_secret_namespace.clone().unwrap_or_else(|| client.default_namespace().to_owned()));
+    let destination_secret_namespace = args.destination_secret_namespace.clone();
     let config = Config {
         namespaces,
         leader_election,

@@ -43,6 +43,13 @@ pub enum Refusal {
     )]
     ClusterNotFound { name: String },
     #[error(
+        "spec.destination.destinationRef names ClusterBrazeDestination {name:?}, but this operator serves no \
+         ClusterBrazeDestination (it runs without --destination-secret-namespace; chart: \
+         clusterDestinations.enabled): use a BrazeDestination of this namespace or destination.braze, or ask \
+         the operator's administrators to turn them on"
+    )]
+    ClusterDestinationsOff { name: String },
+    #[error(
         "ClusterBrazeDestination {name:?} does not allow namespace {namespace}: its spec.namespaceSelector \
          ({selector}) does not select this namespace's labels; nothing is sent. Label the namespace as the \
          selector asks (a cluster administrator's decision), or use another destination"
@@ -61,7 +68,8 @@ impl Refusal {
     pub fn reason(&self) -> ReadyReason {
         match self {
             Refusal::NamespacedNotFound { .. } | Refusal::ClusterNotFound { .. } => ReadyReason::DestinationNotFound,
-            Refusal::NamespaceNotSelected { .. }
+            Refusal::ClusterDestinationsOff { .. }
+            | Refusal::NamespaceNotSelected { .. }
             | Refusal::InvalidSelector { .. }
             | Refusal::SecretNamespace { .. } => ReadyReason::DestinationNotAllowed,
         }
@@ -98,12 +106,14 @@ pub fn resolve(namespace: &str, reference: &DestinationRef, found: &Found<'_>) -
             })
         }
         DestinationKind::ClusterBrazeDestination => {
+            let Some(secret_namespace) = found.secret_namespace else {
+                return Err(Refusal::ClusterDestinationsOff { name });
+            };
             let destination = found
                 .cluster
                 .filter(|d| d.name_any() == name)
                 .ok_or_else(|| Refusal::ClusterNotFound { name: name.clone() })?;
             allowed(destination, namespace, found.namespace_labels)?;
-            let secret_namespace = found.secret_namespace.unwrap_or_default();
             let braze = destination
                 .spec
                 .workspace(secret_namespace)
@@ -384,7 +394,10 @@ mod tests {
         assert_eq!(refused.reason(), ReadyReason::DestinationNotAllowed);
         assert!(refused.to_string().contains("cohort-system"), "{refused}");
         let none = Found { secret_namespace: None, ..found(None, Some(&sneaky), Some(&any)) };
-        assert!(resolved(&mine, &none).is_err(), "without a destination Secret namespace, no Secret at all");
+        let off = resolved(&mine, &none).unwrap_err();
+        assert!(matches!(off, Refusal::ClusterDestinationsOff { .. }), "{off}");
+        assert_eq!(off.reason(), ReadyReason::DestinationNotAllowed);
+        assert!(off.to_string().contains("--destination-secret-namespace"), "{off}");
     }
 
     #[test]

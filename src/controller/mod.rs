@@ -481,20 +481,19 @@ fn watch_destinations(
             .for_each(|_| async {});
         running.push(controller.boxed());
     }
+    // ClusterBrazeDestinations are off without a destination Secret namespace: neither they
+    // nor Namespaces are watched (no cluster-wide read needed), and imports naming one are
+    // refused saying so.
+    if ctx.catalog.secret_namespace.is_none() {
+        return running;
+    }
     let api: Api<ClusterBrazeDestination> = Api::all(client.clone());
     let events = destination_events(ctx, watcher(api, config()).default_backoff().reflect(writers.cluster));
-    if ctx.catalog.secret_namespace.is_some() {
-        let controller = Controller::for_stream(events, ctx.catalog.cluster.clone())
-            .graceful_shutdown_on(shutdown.clone())
-            .run(destination_status::reconcile_cluster, destination_status::error_policy, ctx.clone())
-            .for_each(|_| async {});
-        running.push(controller.boxed());
-    } else {
-        // No destination Secret namespace: every ClusterBrazeDestination is refused here, and
-        // their status is left to an operator configured for them.
-        let watched = events.for_each(|_| async {});
-        running.push(futures::future::select(Box::pin(watched), Box::pin(shutdown.clone())).map(|_| ()).boxed());
-    }
+    let controller = Controller::for_stream(events, ctx.catalog.cluster.clone())
+        .graceful_shutdown_on(shutdown.clone())
+        .run(destination_status::reconcile_cluster, destination_status::error_policy, ctx.clone())
+        .for_each(|_| async {});
+    running.push(controller.boxed());
     let namespaces = {
         let ctx = ctx.clone();
         let api: Api<PartialObjectMeta<Namespace>> = Api::all(client.clone());

@@ -44,9 +44,11 @@ class Install:
 
 def _install(plane: ControlPlane, values: dict[str, Any] | None, release: str) -> Install:
     namespace = f"cohort-{release}"
-    objects = install_chart(plane, values, release=release, namespace=namespace)
+    # The teams' namespaces, and the one the full install keeps ClusterBrazeDestinations'
+    # keys in (an administrator creates it, as for any namespace a value names).
     plane.apply([{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}
-                 for ns in ("team-a", "team-b", "team-c")])
+                 for ns in ("team-a", "team-b", "team-c", "cohort-keys")])
+    objects = install_chart(plane, values, release=release, namespace=namespace)
     return Install(plane, release, namespace, objects)
 
 

@@ -37,8 +37,6 @@ def test_default_install_objects() -> None:
         ("ServiceAccount", FULLNAME),
         ("ClusterRole", FULLNAME),
         ("ClusterRoleBinding", FULLNAME),
-        ("ClusterRole", f"{FULLNAME}-cluster-destinations"),
-        ("ClusterRoleBinding", f"{FULLNAME}-cluster-destinations"),
         ("ClusterRole", f"{FULLNAME}-edit"),
         ("ClusterRole", f"{FULLNAME}-view"),
         ("Role", f"{FULLNAME}-leader-election"),
@@ -108,7 +106,6 @@ def test_default_args_and_env() -> None:
         "--memory-budget-mib=384",
         "--pagerduty-events-url=https://events.pagerduty.com/v2/enqueue",
         "--max-source-page-bytes=33554432",
-        "--destination-secret-namespace=$(POD_NAMESPACE)",
         "--watch-secrets=false",
         "--egress-default=allow",
         "--leader-election",
@@ -152,7 +149,7 @@ def test_full_values_args_env_and_mounts() -> None:
         "--memory-budget-mib=768",
         "--pagerduty-events-url=https://events.pagerduty.com/v2/enqueue",
         "--max-source-page-bytes=33554432",
-        "--destination-secret-namespace=$(POD_NAMESPACE)",
+        "--destination-secret-namespace=cohort-keys",
         "--watch-namespaces=team-a,team-b",
         "--egress-deny=10.96.0.0/12,*.internal.example",
         "--egress-allow=169.254.10.10,10.20.0.0/16",
@@ -315,7 +312,8 @@ OPERATOR_RULES = {
 }
 # Cluster-wide (the default): Secrets by name only.
 CLUSTER_RULES = {**OPERATOR_RULES, ("", "secrets"): {"get"}}
-# In every mode: cluster destinations and Namespace labels, nothing else cluster-wide.
+# With clusterDestinations.enabled: cluster destinations and Namespace labels, nothing else
+# cluster-wide.
 CLUSTER_DESTINATION_RULES = {
     ("cohorts.dev", "clusterbrazedestinations"): {"get", "list", "watch"},
     ("cohorts.dev", "clusterbrazedestinations/status"): {"get", "patch"},
@@ -337,14 +335,9 @@ def test_default_rbac_is_one_cluster_role_with_only_the_operators_verbs() -> Non
 def test_watched_namespaces_get_a_role_each_and_nothing_cluster_wide() -> None:
     objects = render(vs.CONFINED)
     assert [r["metadata"]["name"] for r in find(objects, "ClusterRole")] == \
-        [f"{FULLNAME}-cluster-destinations", f"{FULLNAME}-edit", f"{FULLNAME}-view"]
-    # Cluster-wide only what cluster destinations need: themselves and Namespace labels.
-    assert rules_of(one(objects, "ClusterRole", f"{FULLNAME}-cluster-destinations")) == CLUSTER_DESTINATION_RULES
-    assert [b["metadata"]["name"] for b in find(objects, "ClusterRoleBinding")] == \
-        [f"{FULLNAME}-cluster-destinations"]
-    # Their keys: Secrets of the release namespace, by name.
-    secrets = one(objects, "Role", f"{FULLNAME}-destination-secrets", NAMESPACE)
-    assert rules_of(secrets) == {("", "secrets"): {"get"}}
+        [f"{FULLNAME}-edit", f"{FULLNAME}-view"]
+    assert not find(objects, "ClusterRoleBinding")
+    assert "--destination-secret-namespace" not in " ".join(container(objects)["args"])
     for ns in ("team-a", "team-b"):
         assert rules_of(one(objects, "Role", FULLNAME, ns)) == OPERATOR_RULES
         binding = one(objects, "RoleBinding", FULLNAME, ns)
@@ -353,6 +346,23 @@ def test_watched_namespaces_get_a_role_each_and_nothing_cluster_wide() -> None:
                                         "namespace": NAMESPACE}]
     namespaces = {o["metadata"].get("namespace") for o in find(objects, "Role")}
     assert namespaces == {"team-a", "team-b", NAMESPACE}
+
+
+@pytest.mark.parametrize("secret_namespace, expected", [("", NAMESPACE), ("cohort-keys", "cohort-keys")])
+def test_cluster_destinations_are_off_unless_enabled_and_then_read_only_their_namespace(
+    secret_namespace: str, expected: str
+) -> None:
+    assert not [o for o in render() if "destination" in o["metadata"]["name"]]
+    enabled = {"clusterDestinations": {"enabled": True, "secretNamespace": secret_namespace}}
+    objects = render({**vs.CONFINED, **enabled})
+    # Cluster-wide only what cluster destinations need: themselves and Namespace labels.
+    assert rules_of(one(objects, "ClusterRole", f"{FULLNAME}-cluster-destinations")) == CLUSTER_DESTINATION_RULES
+    assert [b["metadata"]["name"] for b in find(objects, "ClusterRoleBinding")] == \
+        [f"{FULLNAME}-cluster-destinations"]
+    # Their keys: Secrets of the one namespace, by name.
+    secrets = one(objects, "Role", f"{FULLNAME}-destination-secrets", expected)
+    assert rules_of(secrets) == {("", "secrets"): {"get"}}
+    assert f"--destination-secret-namespace={expected}" in container(objects)["args"]
 
 
 def test_filesystem_snapshots_leave_configmaps_read_only() -> None:

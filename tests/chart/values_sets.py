@@ -42,6 +42,7 @@ FULL: dict[str, Any] = {
         "retries": 5,
     },
     "partnerKeys": {"secretName": "braze-partner-keys"},
+    "clusterDestinations": {"enabled": True, "secretNamespace": "cohort-keys"},
     "snapshots": {
         "store": "filesystem",
         "filesystem": {"size": "50Gi", "storageClassName": "shared",
