@@ -159,7 +159,8 @@ wait_for 30 "the export server" curl -sf "http://127.0.0.1:$EXPORT_PORT/lapsed-s
 # --- the operator -------------------------------------------------------------------------
 say "Installing the CRD and applying examples/ in namespace $NAMESPACE"
 kubectl apply -f crds/ >/dev/null
-kubectl wait --for condition=established --timeout=60s crd/cohortimports.cohorts.dev crd/cohorttriggers.cohorts.dev >/dev/null
+kubectl wait --for condition=established --timeout=60s crd/cohortimports.cohorts.dev crd/cohorttriggers.cohorts.dev \
+  crd/brazedestinations.cohorts.dev crd/clusterbrazedestinations.cohorts.dev >/dev/null
 kubectl create namespace "$NAMESPACE" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
 # The examples name real systems; point them at the local stand-ins.
 for f in examples/*.yaml; do
@@ -219,6 +220,8 @@ kubectl get cohorttriggers -n "$NAMESPACE"
 
 say "kubectl get cohortimports -n $NAMESPACE"
 kubectl get cohortimports -n "$NAMESPACE"
+say "kubectl get brazedestinations -n $NAMESPACE (the workspace vip-customers names)"
+kubectl get brazedestinations -n "$NAMESPACE"
 say "cohort-operator history power-users -n $NAMESPACE"
 "$OPERATOR" history power-users -n "$NAMESPACE"
 say "Cohorts in the Braze sandbox (what Braze's segment filter offers)"
@@ -241,7 +244,7 @@ cohorts=$(curl -sf "$BRAZE/sandbox/cohorts")
 partner_ids=$(kubectl get cohortimports -n "$NAMESPACE" -o json | /usr/bin/python3 -c '
 import json, sys
 print(" ".join(i["spec"]["cohort"]["id"] for i in json.load(sys.stdin)["items"]
-               if i["spec"]["destination"]["braze"].get("method", "CohortImport") == "CohortImport"))')
+               if i["spec"]["destination"].get("braze", {}).get("method", "CohortImport") == "CohortImport"))')
 for id in $partner_ids; do
   if ! printf '%s' "$cohorts" | /usr/bin/python3 -c '
 import json, sys

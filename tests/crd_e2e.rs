@@ -1,7 +1,7 @@
 //! The CRD on a real kube-apiserver: it installs, takes every example, and the server itself
 //! rejects invalid specs with messages that name the field.
 
-use cohort_operator::api::{self, CohortImport, CohortTrigger};
+use cohort_operator::api::{self, BrazeDestination, CohortImport, CohortTrigger};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{Api, PostParams};
 use serde_json::{Value, json};
@@ -51,6 +51,11 @@ async fn create(client: &kube::Client, ns: &str, doc: &Value) -> Result<(), kube
                 .create(&pp, &serde_json::from_value(doc.clone()).unwrap())
                 .await?;
         }
+        "BrazeDestination" => {
+            Api::<BrazeDestination>::namespaced(client.clone(), ns)
+                .create(&pp, &serde_json::from_value(doc.clone()).unwrap())
+                .await?;
+        }
         other => panic!("examples/ holds an unexpected kind {other}"),
     }
     Ok(())
@@ -89,6 +94,7 @@ async fn crd_installs_accepts_examples_and_rejects_invalid_specs() {
     let client = cluster.client().await;
     cluster.install_crd(&api::crd()).await;
     cluster.install_crd(&api::trigger_crd()).await;
+    cluster.install_crd(&api::destination_crd()).await;
     let ns = cluster.namespace("crd-e2e").await;
 
     // Every example is accepted as written.
