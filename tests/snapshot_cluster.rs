@@ -753,7 +753,7 @@ async fn legacy_head(s: &Setup, keys: &[Vec<u8>], plan_keys: &[Vec<u8>]) -> coho
     let doubt_body = s.body("legacy-doubt", keys);
     store.load(s.dir.path()).await.unwrap();
     store.record_doubt(&mine, &doubt_body).await.unwrap();
-    let (plan, plan_body) = plan_of(&s, plan_keys, &mine);
+    let (plan, plan_body) = plan_of(s, plan_keys, &mine);
     let mut bytes = std::fs::read(&doubt_body).unwrap();
     let plan_bytes = std::fs::read(&plan_body).unwrap();
     bytes.extend_from_slice(&plan_bytes);

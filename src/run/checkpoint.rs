@@ -149,6 +149,8 @@ pub async fn send_checkpointed<R: Send + 'static>(
         .take_while(|change| std::future::ready(change.is_some()))
         .filter_map(std::future::ready);
     let (done_tx, done_rx) = mpsc::unbounded_channel();
+    // A `/users/track` 201 listing per-object errors is accepted: its whole range is settled,
+    // as a commit settles those rejections (the run reports them); they are not sent again.
     let sending = braze.send_changes_with(target, changes, move |_, outcome| {
         let _ = done_tx.send((outcome.changes.clone(), outcome.accepted()));
     });
