@@ -8,7 +8,13 @@
 //! ids), but the bound holds wherever it falls: it comes from the checkpoint cadence
 //! ([`cohort_operator::run::checkpoint::Cadence`]) and the requests in flight, not from
 //! timing. `RESEND_SIZE=n RESEND_KILLS=k cargo test --test resend -- --nocapture` prints
-//! the figures for other sizes (see README, Benchmarks).
+//! the figures for other sizes (see README, Benchmarks). These measurements pace checkpoints
+//! by keys alone (`checkpoint_interval` zero): the time bound of one checkpoint a second
+//! lets a sandbox this fast go a second or two between checkpoints, which is its own
+//! trade-off ([`cohort_operator::run::checkpoint`]), tested there.
+//!
+//! A source that drops and re-adds members between interruptions (with the default pacing)
+//! must leave the sandbox's cohort exactly equal to what the source last said.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -18,7 +24,7 @@ use braze_sandbox::{RunningSandbox, SandboxUser};
 use cohort_operator::api::{AttributeShape, RemovalGuard, RunResult, RunTrigger};
 use cohort_operator::braze::{BrazeClient, BrazeClientConfig, CohortTarget, RetryPolicy};
 use cohort_operator::domain::member::Member;
-use cohort_operator::run::checkpoint::Cadence;
+use cohort_operator::run::checkpoint::{self, Cadence};
 use cohort_operator::run::{ImportRun, RunDeps, RunReport, run_import};
 use cohort_operator::snapshot::fs::FsSnapshotStore;
 use cohort_operator::source::{MemberBatch, MemberStream};
@@ -43,7 +49,11 @@ fn user(i: u64) -> String {
 
 /// Ids `0..size`, scrambled.
 fn source(size: u64) -> MemberStream<'static> {
-    let ids: Vec<u64> = (0..size).map(|k| (k * 7_368_787) % size).collect();
+    members((0..size).map(|k| (k * 7_368_787) % size).collect())
+}
+
+/// These ids, in this order.
+fn members(ids: Vec<u64>) -> MemberStream<'static> {
     let batches: Vec<_> = ids
         .chunks(5000)
         .map(|c| {
@@ -93,6 +103,11 @@ impl Case {
     }
 
     async fn import(&self, size: u64) -> RunReport {
+        self.import_from(source(size), Duration::ZERO).await
+    }
+
+    /// A run over `members`, its checkpoints at least `interval` apart.
+    async fn import_from(&self, members: MemberStream<'static>, interval: Duration) -> RunReport {
         let mut run = ImportRun::new(
             cohort_operator::run::new_run_id(jiff::Timestamp::now()),
             RunTrigger::Manual,
@@ -102,7 +117,8 @@ impl Case {
         );
         run.scratch_dir = self.dir.path().join("scratch");
         run.removal_guard = Some(RemovalGuard { max_removal_percent: 100, disabled: true });
-        let deps = RunDeps { members: source(size), snapshots: &self.store, braze: &self.braze, target: &self.target };
+        run.checkpoint_interval = interval;
+        let deps = RunDeps { members, snapshots: &self.store, braze: &self.braze, target: &self.target };
         run_import(&run, deps).await
     }
 
@@ -186,4 +202,69 @@ async fn an_interrupted_partner_import_re_sends_at_most_two_percent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interrupted_attribute_import_re_sends_at_most_two_percent() {
     measure(true).await;
+}
+
+/// Runs an import of `ids` and drops it once the sandbox counted `more` ids past what it had;
+/// whether the run was interrupted (rather than done first).
+async fn interrupt(case: &Arc<Case>, ids: Vec<u64>, more: u64) -> bool {
+    let stop_at = case.ids_received() + more;
+    let task = tokio::spawn({
+        let case = case.clone();
+        async move { case.import_from(members(ids), checkpoint::MIN_INTERVAL).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !task.is_finished() && case.ids_received() < stop_at {
+        assert!(Instant::now() < deadline, "the run neither finished nor sent");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    task.abort();
+    match task.await {
+        Err(e) if e.is_cancelled() => true,
+        Err(e) => panic!("the run panicked: {e}"),
+        Ok(report) => {
+            assert_eq!(report.result, RunResult::Succeeded, "{}", report.message());
+            false
+        }
+    }
+}
+
+/// Ids of `0..size` that `keep` keeps, scrambled.
+fn ids_where(size: u64, keep: impl Fn(u64) -> bool) -> Vec<u64> {
+    (0..size).map(|k| (k * 7_368_787) % size).filter(|&i| keep(i)).collect()
+}
+
+/// The source drops members and re-adds others between interruptions — keys a checkpoint
+/// settled in the cohort, then not wanted, then wanted again — and the final run leaves the
+/// cohort exactly as the source last said, member for member.
+async fn changing_source(attribute: bool) {
+    let size = 30_000;
+    let case = Case::new(size, attribute).await;
+    let stages: [Box<dyn Fn(u64) -> bool>; 3] = [
+        Box::new(|_| true),
+        Box::new(|i| !i.is_multiple_of(5)),
+        Box::new(|i| !i.is_multiple_of(3) || i.is_multiple_of(5)),
+    ];
+    let mut hits = 0;
+    for keep in &stages {
+        hits += u64::from(interrupt(&case, ids_where(size, keep), size / 3).await);
+    }
+    eprintln!("{hits} of {} runs of a changing source interrupted", stages.len());
+    assert!(hits > 0, "no run was interrupted; the test proved nothing");
+    let last = |i: u64| i % 7 != 1 && !i.is_multiple_of(11);
+    let report = case.import_from(members(ids_where(size, last)), checkpoint::MIN_INTERVAL).await;
+    assert_eq!(report.result, RunResult::Succeeded, "{}", report.message());
+    let expected: BTreeSet<String> = (0..size).filter(|&i| last(i)).map(user).collect();
+    let found = case.members();
+    let (missing, extra) = (expected.difference(&found).count(), found.difference(&expected).count());
+    assert!(missing == 0 && extra == 0, "{missing} members missing from Braze, {extra} extra");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partner_cohort_ends_exactly_as_a_changing_source_after_interruptions() {
+    changing_source(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attribute_cohort_ends_exactly_as_a_changing_source_after_interruptions() {
+    changing_source(true).await;
 }

@@ -652,10 +652,182 @@ async fn checkpoints_cost_one_update_and_stop_once_another_attempt_records_its_k
     other_store.record_doubt(&other, &s.body("other", &[b"\x01zz".to_vec()])).await.unwrap();
     let err = store.checkpoint(&plan, &progress).await.unwrap_err();
     assert!(matches!(err, SnapshotError::Overtaken { .. }), "{err}");
+    // Its plan covers the 41 keys in doubt the merge makes, so only the resourceVersion
+    // guard keeps it out.
     let third = DoubtMeta { run_id: "attempt-3".into(), ..doubt(0, 41) };
-    let (plan3, plan3_body) = plan_of(&s, &keys, &third);
+    let mut all = keys.clone();
+    all.push(b"\x01zz".to_vec());
+    all.sort();
+    let (plan3, plan3_body) = plan_of(&s, &all, &third);
     assert!(!late.record_doubt_with_plan(&third, &s.body("third", &keys), &plan3, &plan3_body).await.unwrap());
     let loaded = s.store().load(s.dir.path()).await.unwrap();
     assert!(loaded.plan.is_none());
     assert_eq!(loaded.doubt.unwrap().meta.keys, 41, "every attempt's keys stay in doubt");
+    // Loaded again, with nothing written since, the same plan is recorded.
+    let again = s.store();
+    again.load(s.dir.path()).await.unwrap();
+    assert!(again.record_doubt_with_plan(&third, &s.body("third", &keys), &plan3, &plan3_body).await.unwrap());
+}
+
+/// Two live attempts of a run: A checkpoints between B's load and B's record. B records its
+/// keys in doubt but no plan (A may still send below the permit it just raised).
+#[tokio::test]
+async fn a_checkpoint_between_a_load_and_a_record_keeps_the_plan_out() {
+    let s = setup("snap-plan-live").await;
+    let (a, b) = (s.store(), s.store());
+    let keys = sorted_keys(40, 8);
+    let mine = doubt(0, 40);
+    let (plan_a, plan_a_body) = plan_of(&s, &keys, &mine);
+    a.load(s.dir.path()).await.unwrap();
+    assert!(a.record_doubt_with_plan(&mine, &s.body("a", &keys), &plan_a, &plan_a_body).await.unwrap());
+
+    b.load(s.dir.path()).await.unwrap();
+    a.checkpoint(&plan_a, &Progress { accepted: vec![[0, 10]], permit: 20 }).await.unwrap();
+    let theirs = DoubtMeta { run_id: "attempt-b".into(), ..doubt(0, 40) };
+    let (plan_b, plan_b_body) = plan_of(&s, &keys, &theirs);
+    assert!(!b.record_doubt_with_plan(&theirs, &s.body("b", &keys), &plan_b, &plan_b_body).await.unwrap());
+    let loaded = s.store().load(s.dir.path()).await.unwrap();
+    assert!(loaded.plan.is_none(), "B recorded no plan");
+    assert_eq!(read_keys(loaded.doubt.unwrap().body), keys);
+    let err = a.checkpoint(&plan_a, &Progress { accepted: vec![[0, 20]], permit: 30 }).await.unwrap_err();
+    assert!(matches!(err, SnapshotError::Overtaken { .. }), "{err}");
+}
+
+/// Replaces the head's JSON with what `edit` makes of it.
+async fn edit_head(s: &Setup, store: &ClusterSnapshotStore, edit: impl FnOnce(&mut serde_json::Value)) {
+    let api = s.config_maps();
+    let mut head = api.get(&store.head_name()).await.unwrap();
+    let data = head.data.as_mut().unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&data["snapshot.json"]).unwrap();
+    edit(&mut json);
+    data.insert("snapshot.json".into(), json.to_string());
+    api.replace(&store.head_name(), &PostParams::default(), &head).await.unwrap();
+}
+
+/// Names of this cohort's plan chunks.
+async fn plan_chunks(s: &Setup) -> Vec<String> {
+    s.objects().await.iter().map(|cm| cm.name_any()).filter(|n| n.contains("-plan-")).collect()
+}
+
+/// An operator of an earlier version knows neither `planPart` nor a plan appended to the
+/// keys in doubt: it reads the doubt part's chunks alone and must find the keys in doubt,
+/// nothing else. Its next write drops the plan, and the plan's chunks go with the serial
+/// that write replaces.
+#[tokio::test]
+async fn an_earlier_operator_reads_the_keys_in_doubt_alone_and_collects_the_plan() {
+    let s = setup("snap-plan-old").await;
+    let store = s.store();
+    let keys = sorted_keys(40, 8);
+    store.commit(&meta(1, 5), &s.body("g1", &keys[..5])).await.unwrap();
+    let mine = doubt(1, 40);
+    let (plan, plan_body) = plan_of(&s, &keys, &mine);
+    store.load(s.dir.path()).await.unwrap();
+    assert!(store.record_doubt_with_plan(&mine, &s.body("mine", &keys), &plan, &plan_body).await.unwrap());
+
+    // The head as an earlier version reads it: without the fields it does not know.
+    edit_head(&s, &store, |json| {
+        let json = json.as_object_mut().unwrap();
+        json.remove("plan");
+        json.remove("planPart");
+    })
+    .await;
+    let loaded = s.store().load(s.dir.path()).await.unwrap();
+    assert!(loaded.plan.is_none());
+    let stored = loaded.doubt.unwrap();
+    assert_eq!(stored.meta.keys, 40);
+    assert_eq!(read_keys(stored.body), keys, "the keys in doubt, and nothing after them");
+    assert!(!plan_chunks(&s).await.is_empty(), "the plan is in chunks of its own");
+
+    // Its next write (a commit) replaces the keys in doubt: their plan's chunks go with them.
+    s.store().commit(&meta(2, 40), &s.body("g2", &keys)).await.unwrap();
+    assert_eq!(plan_chunks(&s).await, Vec::<String>::new());
+    assert_eq!(s.chunk_serials().await.len(), 1, "only the snapshot's chunks are left");
+}
+
+/// A head as the first version with checkpoints wrote it (never released, but it ran from
+/// `main`): the plan's body appended to the keys in doubt in their chunks, its metadata in
+/// `plan`. Returns what a load finds.
+async fn legacy_head(s: &Setup, keys: &[Vec<u8>], plan_keys: &[Vec<u8>]) -> cohort_operator::snapshot::Loaded {
+    let store = s.store();
+    let mine = doubt(0, keys.len() as u64);
+    let doubt_body = s.body("legacy-doubt", keys);
+    store.load(s.dir.path()).await.unwrap();
+    store.record_doubt(&mine, &doubt_body).await.unwrap();
+    let (plan, plan_body) = plan_of(s, plan_keys, &mine);
+    let mut bytes = std::fs::read(&doubt_body).unwrap();
+    let plan_bytes = std::fs::read(&plan_body).unwrap();
+    bytes.extend_from_slice(&plan_bytes);
+    let serial = s.chunk_serials().await.into_iter().next().unwrap().parse().unwrap();
+    s.config_maps().delete(&store.chunk_name(serial, 0), &Default::default()).await.unwrap();
+    s.leave_chunk(&store, serial, 0, &bytes).await;
+    edit_head(s, &store, |json| {
+        let body_bytes = json["doubt"]["bodyBytes"].as_u64().unwrap();
+        json["doubt"]["bodyBytes"] = (body_bytes + plan_bytes.len() as u64).into();
+        json["plan"] = serde_json::to_value(&plan).unwrap();
+    })
+    .await;
+    s.store().load(s.dir.path()).await.unwrap()
+}
+
+/// Such a head is still read: the plan's bytes are cut off the keys in doubt first, so a
+/// plan that does not check out (it covers 39 of the 40 keys) is left out and the keys in
+/// doubt are read whole, and one that does is read.
+#[tokio::test]
+async fn a_plan_appended_by_the_first_version_is_cut_off_before_it_is_checked() {
+    let keys = sorted_keys(40, 8);
+    let s = setup("snap-plan-legacy").await;
+    let loaded = legacy_head(&s, &keys, &keys).await;
+    assert_eq!(loaded.plan.expect("a plan that checks out").meta.keys[Section::Adds as usize], 40);
+    assert_eq!(read_keys(loaded.doubt.unwrap().body), keys);
+
+    let s = setup("snap-plan-legacy-bad").await;
+    let loaded = legacy_head(&s, &keys, &keys[..39]).await;
+    assert!(loaded.plan.is_none(), "a plan that does not check out is left out");
+    assert_eq!(read_keys(loaded.doubt.unwrap().body), keys, "the keys in doubt alone");
+}
+
+/// A client of the shared API server that answers every update of the ConfigMap `name`
+/// with 409 Conflict, as when the head keeps changing under a writer (labels, adoption).
+async fn conflicting_client(name: String) -> kube::Client {
+    let real = Cluster::shared().client().await;
+    let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {
+        let real = real.clone();
+        let conflict =
+            request.method() == http::Method::PUT && request.uri().path().ends_with(&format!("/configmaps/{name}"));
+        async move {
+            if !conflict {
+                return real.send(request).await;
+            }
+            let status = serde_json::json!({
+                "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409,
+                "message": "the object has been modified; please apply your changes to the latest version",
+            });
+            let body = kube::client::Body::from(serde_json::to_vec(&status).unwrap());
+            Ok(http::Response::builder().status(409).header("content-type", "application/json").body(body).unwrap())
+        }
+    });
+    kube::Client::new(service, "default")
+}
+
+/// A checkpoint whose head keeps changing while it still holds the run's plan was not
+/// overtaken by another attempt: it fails as trouble with the API server (which the run
+/// tries again), and a later checkpoint lands.
+#[tokio::test]
+async fn a_checkpoint_whose_head_keeps_changing_is_not_overtaken() {
+    let s = setup("snap-plan-busy").await;
+    let store = s.store();
+    let keys = sorted_keys(40, 8);
+    let mine = doubt(0, 40);
+    let (plan, plan_body) = plan_of(&s, &keys, &mine);
+    store.load(s.dir.path()).await.unwrap();
+    assert!(store.record_doubt_with_plan(&mine, &s.body("mine", &keys), &plan, &plan_body).await.unwrap());
+    let client = conflicting_client(store.head_name()).await;
+    let busy = ClusterSnapshotStore::for_cohort(client, &s.namespace, &s.key, "cohort vip", "vip", &s.uid);
+    busy.load(s.dir.path()).await.unwrap();
+    let progress = Progress { accepted: vec![[0, 10]], permit: 20 };
+    let err = busy.checkpoint(&plan, &progress).await.unwrap_err();
+    assert!(matches!(err, SnapshotError::Kube { .. }), "{err}");
+    assert!(err.to_string().contains("kept changing"), "{err}");
+    store.checkpoint(&plan, &progress).await.unwrap();
+    assert_eq!(s.store().load(s.dir.path()).await.unwrap().plan.unwrap().meta.progress, progress);
 }

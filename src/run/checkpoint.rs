@@ -8,6 +8,14 @@
 //! each write raising the permit ahead of the sender. A write that fails stops the sender
 //! at the permit it has: a conflict means another attempt recorded its keys in doubt, and
 //! this one must then send nothing its plan did not let it send.
+//!
+//! Checkpoints are also paced in time: at most one per [`Cadence::min_interval`] (a second
+//! by default), however fast Braze accepts, so a run costs the store at most one head
+//! update a second. To keep a fast sender from waiting at the permit between two writes,
+//! each write sets the permit at least twice as far past the sender as it went in one
+//! interval since the last write ([`Pace`]). The price: an interruption re-sends up to
+//! about that much more — a second or two of traffic at the rate Braze accepted — when
+//! Braze is faster than the cadence in keys.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -16,6 +24,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use tokio::sync::{Notify, mpsc, watch};
+use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::braze::{BrazeClient, Change, ChangesReport, CohortTarget, MAX_IDS_PER_REQUEST};
@@ -31,14 +40,18 @@ pub const CHECKPOINTS_PER_RUN: u64 = 512;
 pub const MIN_REQUESTS_BETWEEN: u64 = 4;
 /// Tries of a checkpoint write that fails for a reason other than another attempt.
 const WRITE_ATTEMPTS: u32 = 3;
+/// Least time between two checkpoints of a run, by default.
+pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How often a run checkpoints, in keys.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Cadence {
     /// Keys accepted between two checkpoints.
     pub every: u64,
-    /// How far past the sender each checkpoint sets the permit.
+    /// How far past the sender each checkpoint sets the permit, at least.
     pub window: u64,
+    /// Least time between two checkpoints.
+    pub min_interval: Duration,
 }
 
 impl Cadence {
@@ -57,7 +70,45 @@ impl Cadence {
         let every = (sends / CHECKPOINTS_PER_RUN).max(MIN_REQUESTS_BETWEEN * per_request);
         // Room for what lands during a write, so the sender seldom waits for one; no more,
         // as what is below the permit and not accepted is sent again by the next two runs.
-        Some(Cadence { every, window: every + in_flight * per_request })
+        Some(Cadence { every, window: every + in_flight * per_request, min_interval: MIN_INTERVAL })
+    }
+
+    /// This cadence with at least `min_interval` between two checkpoints.
+    pub fn paced(self, min_interval: Duration) -> Cadence {
+        Cadence { min_interval, ..self }
+    }
+}
+
+/// When the next checkpoint may be written, and how far past the sender it sets the permit.
+struct Pace {
+    min_interval: Duration,
+    /// When the last checkpoint was written (or sending began), and the sender's position then.
+    last_at: Instant,
+    last_frontier: u64,
+    /// How far past the sender the last checkpoint set the permit.
+    window: u64,
+}
+
+impl Pace {
+    fn new(cadence: &Cadence, now: Instant) -> Pace {
+        Pace { min_interval: cadence.min_interval, last_at: now, last_frontier: 0, window: cadence.window }
+    }
+
+    /// The earliest time of the next write.
+    fn next_at(&self) -> Instant {
+        self.last_at + self.min_interval
+    }
+
+    /// A write at `now` with the sender at `frontier`: the window it sets past the sender —
+    /// the cadence's, or twice what the sender covers in one interval at its pace since the
+    /// last write, whichever is more.
+    fn wrote(&mut self, cadence: &Cadence, frontier: u64, now: Instant) -> u64 {
+        let elapsed = now.saturating_duration_since(self.last_at).as_secs_f64().max(1e-3);
+        let covered = frontier.saturating_sub(self.last_frontier) as f64;
+        let paced = (2.0 * covered * self.min_interval.as_secs_f64() / elapsed).ceil() as u64;
+        self.window = cadence.window.max(paced);
+        (self.last_at, self.last_frontier) = (now, frontier);
+        self.window
     }
 }
 
@@ -98,6 +149,8 @@ pub async fn send_checkpointed<R: Send + 'static>(
         .take_while(|change| std::future::ready(change.is_some()))
         .filter_map(std::future::ready);
     let (done_tx, done_rx) = mpsc::unbounded_channel();
+    // A `/users/track` 201 listing per-object errors is accepted: its whole range is settled,
+    // as a commit settles those rejections (the run reports them); they are not sent again.
     let sending = braze.send_changes_with(target, changes, move |_, outcome| {
         let _ = done_tx.send((outcome.changes.clone(), outcome.accepted()));
     });
@@ -137,8 +190,9 @@ impl Gate {
     }
 }
 
-/// Hears of each finished request; writes checkpoints; ends when the sender does. Returns
-/// the progress known, the accepted keys written, and why checkpoints stopped, if they did.
+/// Hears of each finished request; writes checkpoints, at most one per interval; ends when
+/// the sender does. Returns the progress known, the accepted keys written, and why
+/// checkpoints stopped, if they did.
 async fn checkpointer(
     store: &dyn SnapshotStore,
     plan: &PlanMeta,
@@ -148,6 +202,9 @@ async fn checkpointer(
 ) -> (Progress, u64, Option<SnapshotError>) {
     let mut progress = plan.progress.clone();
     let mut written = progress.accepted_keys();
+    let mut pace = Pace::new(&cadence, Instant::now());
+    // A write is due but its interval has not passed: wake when it has.
+    let mut due = false;
     loop {
         let ended = tokio::select! {
             next = done.recv() => match next {
@@ -158,6 +215,7 @@ async fn checkpointer(
                 None => true,
             },
             () = gate.waiting.notified() => false,
+            () = tokio::time::sleep_until(pace.next_at()), if due => false,
         };
         while let Ok((range, accepted)) = done.try_recv() {
             if accepted {
@@ -168,12 +226,15 @@ async fn checkpointer(
             return (progress, written, None);
         }
         let frontier = gate.frontier.load(Ordering::Acquire);
-        let near = progress.permit.saturating_sub(frontier) <= cadence.window / 2;
+        let near = progress.permit.saturating_sub(frontier) <= pace.window / 2;
         let accepted = progress.accepted_keys();
-        if accepted - written < cadence.every && !near {
+        due = accepted - written >= cadence.every || near;
+        let now = Instant::now();
+        if !due || now < pace.next_at() {
             continue;
         }
-        progress.permit = progress.permit.max(frontier + cadence.window);
+        due = false;
+        progress.permit = progress.permit.max(frontier + pace.wrote(&cadence, frontier, now));
         match write(store, plan, &progress.capped()).await {
             Ok(()) => {
                 written = accepted;
@@ -219,6 +280,99 @@ mod tests {
         let track = Cadence::of(1_600_000, 75, 8).unwrap();
         assert_eq!((track.every, track.window), (3125, 3725));
         assert_eq!(Cadence::of(1199, 75, 8), None);
+        assert_eq!(c.min_interval, MIN_INTERVAL);
+        assert_eq!(c.paced(Duration::ZERO).min_interval, Duration::ZERO);
+    }
+
+    #[test]
+    fn the_window_grows_with_the_senders_pace_and_never_below_the_cadence() {
+        let cadence = Cadence::of(16_000, 1000, 8).unwrap();
+        let start = Instant::now();
+        let mut pace = Pace::new(&cadence, start);
+        assert_eq!(pace.next_at(), start + MIN_INTERVAL);
+        // 30,000 keys in two seconds: 15,000 an interval, twice that past the sender.
+        assert_eq!(pace.wrote(&cadence, 30_000, start + Duration::from_secs(2)), 30_000);
+        assert_eq!(pace.next_at(), start + Duration::from_secs(3));
+        // A slow sender: the cadence's window.
+        assert_eq!(pace.wrote(&cadence, 31_000, start + Duration::from_secs(4)), cadence.window);
+        // Unpaced (zero interval): always the cadence's window.
+        let unpaced = cadence.paced(Duration::ZERO);
+        let mut pace = Pace::new(&unpaced, start);
+        assert_eq!(pace.wrote(&unpaced, 1_000_000, start + Duration::from_millis(1)), unpaced.window);
+    }
+
+    /// Counts checkpoint writes; the checkpointer calls nothing else.
+    #[derive(Default)]
+    struct Counting(std::sync::Mutex<Vec<Progress>>);
+
+    #[async_trait::async_trait]
+    impl SnapshotStore for Counting {
+        fn describe(&self) -> String {
+            "counting".into()
+        }
+        async fn load(&self, _: &std::path::Path) -> Result<crate::snapshot::Loaded, SnapshotError> {
+            unreachable!("the checkpointer only checkpoints")
+        }
+        async fn record_doubt(&self, _: &crate::snapshot::DoubtMeta, _: &std::path::Path) -> Result<(), SnapshotError> {
+            unreachable!("the checkpointer only checkpoints")
+        }
+        async fn record_doubt_with_plan(
+            &self,
+            _: &crate::snapshot::DoubtMeta,
+            _: &std::path::Path,
+            _: &PlanMeta,
+            _: &std::path::Path,
+        ) -> Result<bool, SnapshotError> {
+            unreachable!("the checkpointer only checkpoints")
+        }
+        async fn checkpoint(&self, _: &PlanMeta, progress: &Progress) -> Result<(), SnapshotError> {
+            self.0.lock().unwrap().push(progress.clone());
+            Ok(())
+        }
+        async fn commit(&self, _: &crate::snapshot::SnapshotMeta, _: &std::path::Path) -> Result<(), SnapshotError> {
+            unreachable!("the checkpointer only checkpoints")
+        }
+        async fn delete(&self) -> Result<(), SnapshotError> {
+            unreachable!("the checkpointer only checkpoints")
+        }
+    }
+
+    /// A Braze that accepts a request every 2 ms, with a cadence that asks for a checkpoint
+    /// after each: one write per interval at most, and the permit stays ahead of the sender.
+    #[tokio::test]
+    async fn a_fast_braze_gets_at_most_one_checkpoint_an_interval() {
+        let interval = Duration::from_millis(200);
+        let cadence = Cadence { every: 10, window: 50, min_interval: interval };
+        let plan = PlanMeta {
+            format: 1,
+            base_generation: 0,
+            cohort_id: "vip".into(),
+            run_id: "r".into(),
+            recorded_at: jiff::Timestamp::UNIX_EPOCH,
+            keys: [0, 1_000_000, 0, 0, 0],
+            bytes: [0; crate::snapshot::plan::SECTIONS],
+            progress: Progress { accepted: Vec::new(), permit: cadence.window },
+        };
+        let (store, gate) = (Counting::default(), Gate::new(cadence.window));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let started = Instant::now();
+        let feeding = async {
+            let mut position = 0;
+            while started.elapsed() < Duration::from_secs(1) {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                tx.send((position..position + 10, true)).unwrap();
+                position += 10;
+                gate.frontier.store(position, Ordering::Release);
+            }
+            drop(tx);
+            position
+        };
+        let ((progress, _, stopped), sent) = tokio::join!(checkpointer(&store, &plan, cadence, rx, &gate), feeding);
+        assert!(stopped.is_none());
+        let writes = store.0.lock().unwrap().len() as u32;
+        let most = started.elapsed().as_millis() as u32 / interval.as_millis() as u32 + 1;
+        assert!((2..=most).contains(&writes), "{writes} checkpoints in {:?}", started.elapsed());
+        assert!(progress.permit > sent, "the permit ({}) stayed ahead of the sender ({sent})", progress.permit);
     }
 
     #[tokio::test]

@@ -20,10 +20,15 @@
 //! chunk and one switch per write (and a delete when there is garbage); the store keeps the
 //! head it last read or wrote for the run's next write instead of reading it again.
 //!
-//! A run's plan ([`super::plan`]) is written with its keys in doubt, its body after theirs
-//! in the same chunks, its metadata in the head; its checkpoints replace the head alone (one
-//! request each), conditioned like every head write on the `resourceVersion` this store
-//! last wrote: a checkpoint never lands over another attempt's write.
+//! A run's plan ([`super::plan`]) is written with its keys in doubt, in the same switch: its
+//! body in chunks of its own under their serial (`cohort-snapshot-K-S-plan-0`, …), its
+//! metadata in the head's `planPart`. An operator of an earlier version ignores `planPart`,
+//! reads the keys in doubt alone, drops the plan on its next write and collects its chunks
+//! with the serial that write replaces. Its checkpoints replace the head alone (one request
+//! each), conditioned like every head write on the `resourceVersion` this store last wrote:
+//! a checkpoint never lands over another attempt's write. (The first version with
+//! checkpoints, never released, appended the plan's body to the keys in doubt; such a head
+//! is still read: the plan's bytes are cut off first, whatever the plan says.)
 //!
 //! The objects carry no ownerReference, so no garbage collector can take them before the
 //! import's finalizer has run (a foreground cascade deletes dependents first): the finalizer
@@ -172,6 +177,14 @@ struct ReadHead {
     resource_version: Option<String>,
 }
 
+/// Which body a chunk holds: a part's (a snapshot or keys in doubt), or the plan recorded
+/// with keys in doubt, under their serial.
+#[derive(Clone, Copy)]
+enum Body {
+    Main,
+    Plan,
+}
+
 enum LoadAttempt {
     Loaded(Box<Loaded>),
     Moved(String),
@@ -271,6 +284,18 @@ impl ClusterSnapshotStore {
     /// Name of chunk `index` of the write with `serial`.
     pub fn chunk_name(&self, serial: u64, index: u32) -> String {
         format!("cohort-snapshot-{}-{serial}-{index}", self.key())
+    }
+
+    /// Name of chunk `index` of the plan written with the keys in doubt under `serial`.
+    pub fn plan_chunk_name(&self, serial: u64, index: u32) -> String {
+        format!("cohort-snapshot-{}-{serial}-plan-{index}", self.key())
+    }
+
+    fn chunk_name_of(&self, body: Body, serial: u64, index: u32) -> String {
+        match body {
+            Body::Main => self.chunk_name(serial, index),
+            Body::Plan => self.plan_chunk_name(serial, index),
+        }
     }
 
     fn what(&self) -> String {
@@ -539,9 +564,9 @@ impl ClusterSnapshotStore {
         Ok(())
     }
 
-    /// Uploads `file` from where it stands as chunks under `serial`; `None` when a chunk of
-    /// that serial exists already.
-    async fn write_chunks(&self, serial: u64, mut file: File) -> Result<Option<Location>, SnapshotError> {
+    /// Uploads `file` from where it stands as chunks of `body` under `serial`; `None` when a
+    /// chunk of that name exists already.
+    async fn write_chunks(&self, serial: u64, mut file: File, body: Body) -> Result<Option<Location>, SnapshotError> {
         let pp = Self::post_params();
         let mut piece = vec![0u8; self.chunk_bytes];
         let (mut chunks, mut bytes) = (0u32, 0u64);
@@ -552,7 +577,7 @@ impl ClusterSnapshotStore {
             }
             let cm = ConfigMap {
                 metadata: self.object_meta(
-                    self.chunk_name(serial, chunks),
+                    self.chunk_name_of(body, serial, chunks),
                     [(SNAPSHOT_PART_LABEL, "chunk".into()), (SNAPSHOT_SERIAL_LABEL, serial.to_string())],
                 ),
                 binary_data: Some(BTreeMap::from([(BODY_KEY.to_owned(), ByteString(piece[..n].to_vec()))])),
@@ -570,7 +595,7 @@ impl ClusterSnapshotStore {
 
     /// [`Self::write_chunks`] under a serial this writer claimed: nobody else writes there.
     async fn write_claimed(&self, serial: u64, file: File) -> Result<Location, SnapshotError> {
-        self.write_chunks(serial, file).await?.ok_or_else(|| SnapshotError::Kube {
+        self.write_chunks(serial, file, Body::Main).await?.ok_or_else(|| SnapshotError::Kube {
             what: self.what(),
             action: "create a chunk",
             message: format!("a chunk of the claimed serial {serial} exists already"),
@@ -621,39 +646,23 @@ impl ClusterSnapshotStore {
     }
 
     /// Writes `body` under the serial `read` reserved, or else under a freshly claimed one,
-    /// and switches the head to what `next` makes of it and the new part's location.
+    /// and the plan `plan_body` (if any) in its own chunks under the same serial; then
+    /// switches the head to what `next` makes of it and the new parts' locations.
     async fn write(
         &self,
         read: ReadHead,
         body: &Path,
-        next: impl FnOnce(Head, Location) -> Head,
+        plan_body: Option<&Path>,
+        next: impl FnOnce(Head, Location, Option<Location>) -> Head,
     ) -> Result<(), SnapshotError> {
-        let open = || File::open(body).map_err(self.io("open the new body"));
-        let reserved = match read.head.reservation() {
-            Some(serial) => self.write_chunks(serial, open()?).await?,
+        let (base, at) = self.place(read, body).await?;
+        let (serial, owned) = (at.serial, at.chunks > 0);
+        let plan_at = match plan_body {
+            Some(plan_body) => Some(self.write_plan_chunks(&base, serial, plan_body).await?),
             None => None,
         };
-        let (base, at) = match reserved {
-            Some(at) => (read, at),
-            // No reservation, or its serial is taken (a write there crashed or goes on): claim.
-            None => {
-                let claimed = self.claim_serial(read).await?;
-                let serial = claimed.head.serial;
-                let at = match self.write_chunks(serial, open()?).await? {
-                    Some(at) => at,
-                    // Chunks left under the claimed serial by a head deleted before this one
-                    // was made: found by listing, deleted, and written again.
-                    None => {
-                        self.delete_stale_chunks(serial, &claimed.head.serials()).await?;
-                        self.write_claimed(serial, open()?).await?
-                    }
-                };
-                (claimed, at)
-            }
-        };
-        let (serial, owned) = (at.serial, at.chunks > 0);
         let left = self.delete_garbage(&base.head, serial).await;
-        let head = base.head.switched(next(base.head.clone(), at), serial, left);
+        let head = base.head.switched(next(base.head.clone(), at, plan_at), serial, left);
         let replaced = base.head.replaced_by(&head);
         match self.put_head(&base, head).await {
             Ok(written) => self.last.set(written),
@@ -677,6 +686,46 @@ impl ClusterSnapshotStore {
         Ok(())
     }
 
+    /// Writes `body`'s chunks under the serial `read` reserved, or else under a freshly
+    /// claimed one; the head to switch from (the claimed one, if claimed) and where they are.
+    async fn place(&self, read: ReadHead, body: &Path) -> Result<(ReadHead, Location), SnapshotError> {
+        let open = || File::open(body).map_err(self.io("open the new body"));
+        let reserved = match read.head.reservation() {
+            Some(serial) => self.write_chunks(serial, open()?, Body::Main).await?,
+            None => None,
+        };
+        if let Some(at) = reserved {
+            return Ok((read, at));
+        }
+        // No reservation, or its serial is taken (a write there crashed or goes on): claim.
+        let claimed = self.claim_serial(read).await?;
+        let serial = claimed.head.serial;
+        let at = match self.write_chunks(serial, open()?, Body::Main).await? {
+            Some(at) => at,
+            // Chunks left under the claimed serial by a head deleted before this one was
+            // made: found by listing, deleted, and written again.
+            None => {
+                self.delete_stale_chunks(serial, &claimed.head.serials()).await?;
+                self.write_claimed(serial, open()?).await?
+            }
+        };
+        Ok((claimed, at))
+    }
+
+    /// Writes a plan's body in chunks of its own under `serial`, whose chunk 0 this writer
+    /// made. A plan chunk in the way (left by a deletion cut short) fails the write as a
+    /// conflict: the caller reads the head again and writes under another serial, and this
+    /// one is collected as garbage (the head lists it unnamed).
+    async fn write_plan_chunks(&self, base: &ReadHead, serial: u64, body: &Path) -> Result<Location, SnapshotError> {
+        let file = File::open(body).map_err(self.io("open the plan's body"))?;
+        let generation = base.head.generation();
+        self.write_chunks(serial, file, Body::Plan).await?.ok_or_else(|| SnapshotError::Conflict {
+            what: self.what(),
+            expected: generation,
+            found: generation,
+        })
+    }
+
     /// Deletes the garbage `head` lists before a switch to a body under `serial`; returns the
     /// serials it could not delete, for the new head to keep listing.
     async fn delete_garbage(&self, head: &Head, serial: u64) -> BTreeSet<u64> {
@@ -691,11 +740,11 @@ impl ClusterSnapshotStore {
     }
 
     /// Downloads the chunks of `part` into a new scratch file; `None` if one is gone.
-    async fn download<M>(&self, part: &Part<M>, scratch: &Path) -> Result<Option<File>, SnapshotError> {
+    async fn download<M>(&self, part: &Part<M>, scratch: &Path, body: Body) -> Result<Option<File>, SnapshotError> {
         let mut file = tempfile::tempfile_in(scratch).map_err(self.io("create a scratch file"))?;
         let mut copied = 0u64;
         for index in 0..part.chunks {
-            let name = self.chunk_name(part.serial, index);
+            let name = self.chunk_name_of(body, part.serial, index);
             let Some(cm) = self.api.get_opt(&name).await.map_err(self.kube("read a chunk"))? else {
                 debug!(snapshot = %self.what(), chunk = %name, "chunk gone: the snapshot was replaced while reading");
                 return Ok(None);
@@ -722,19 +771,23 @@ impl ClusterSnapshotStore {
     async fn load_once(&self, read: ReadHead, scratch: &Path) -> Result<LoadAttempt, SnapshotError> {
         let head = &read.head;
         let mut loaded = Loaded::default();
+        let missing = |serial: u64| Ok(LoadAttempt::Moved(format!("a chunk of serial {serial} is missing")));
         if let Some(part) = &head.snapshot {
-            let Some(body) = self.download(part, scratch).await? else {
-                return Ok(LoadAttempt::Moved(format!("a chunk of serial {} is missing", part.serial)));
-            };
+            let Some(body) = self.download(part, scratch, Body::Main).await? else { return missing(part.serial) };
             loaded.snapshot = Some(StoredSnapshot { meta: part.meta.clone(), body });
         }
-        if let Some((part, plan)) = head.current_doubt() {
-            let Some(mut body) = self.download(part, scratch).await? else {
-                return Ok(LoadAttempt::Moved(format!("a chunk of serial {} is missing", part.serial)));
-            };
-            loaded.plan = match plan {
-                Some(plan) => self.split_plan(&mut body, part, plan, scratch)?,
-                None => None,
+        if let Some(part) = head.current_doubt() {
+            let Some(mut body) = self.download(part, scratch, Body::Main).await? else { return missing(part.serial) };
+            // Cut first: whatever becomes of the plan, the keys in doubt are read alone.
+            let appended = self.cut_appended_plan(&mut body, part, head.plan.as_ref(), scratch)?;
+            loaded.plan = match head.current_plan() {
+                Some(plan) => {
+                    let Some(plan_body) = self.download(plan, scratch, Body::Plan).await? else {
+                        return missing(plan.serial);
+                    };
+                    self.checked_plan(plan.meta.clone(), &part.meta, plan_body, 0)
+                }
+                None => appended,
             };
             loaded.doubt = Some(StoredDoubt { meta: part.meta.clone(), body });
         }
@@ -743,21 +796,29 @@ impl ClusterSnapshotStore {
         Ok(LoadAttempt::Loaded(Box::new(loaded)))
     }
 
-    /// Moves the plan's body, the end of the downloaded doubt part `body`, to a file of its
-    /// own. A plan that does not check out is left out (its keys stay in doubt), with a warning.
-    fn split_plan(
+    /// `plan`, when it checks out against the keys in doubt `doubt`; else `None` (its keys
+    /// stay in doubt, every one sent again), with a warning.
+    fn checked_plan(&self, plan: PlanMeta, doubt: &DoubtMeta, body: File, offset: u64) -> Option<StoredPlan> {
+        if let Err(e) = plan.check(&self.what(), doubt) {
+            warn!(snapshot = %self.what(), error = %e, "ignoring a checkpoint that does not check out");
+            return None;
+        }
+        Some(StoredPlan { meta: plan, body, offset })
+    }
+
+    /// Cuts the body of a plan the first version with checkpoints appended ([`Head::plan`])
+    /// off the downloaded doubt part `body` — before anything else, so a plan that does not
+    /// check out still leaves the keys in doubt whole — and returns that plan if it belongs
+    /// to them and checks out.
+    fn cut_appended_plan(
         &self,
         body: &mut File,
         part: &Part<DoubtMeta>,
-        plan: &PlanMeta,
+        plan: Option<&PlanMeta>,
         scratch: &Path,
     ) -> Result<Option<StoredPlan>, SnapshotError> {
-        let doubt_bytes = self.doubt_bytes(part, Some(plan))?;
-        if let Err(e) = plan.check(&self.what(), &part.meta) {
-            warn!(snapshot = %self.what(), error = %e, "ignoring a checkpoint that does not check out");
-            return Ok(None);
-        }
-        let io = self.io("split the plan from the keys in doubt");
+        let Some(plan) = plan else { return Ok(None) };
+        let doubt_bytes = self.doubt_bytes(part, plan.body_bytes())?;
         let mut tail = tempfile::tempfile_in(scratch).map_err(self.io("create a scratch file"))?;
         (|| {
             body.seek(SeekFrom::Start(doubt_bytes))?;
@@ -766,15 +827,17 @@ impl ClusterSnapshotStore {
             body.seek(SeekFrom::Start(0))?;
             tail.seek(SeekFrom::Start(0))
         })()
-        .map_err(io)?;
-        Ok(Some(StoredPlan { meta: plan.clone(), body: tail, offset: 0 }))
+        .map_err(self.io("split the plan from the keys in doubt"))?;
+        if !plan.belongs_to(&part.meta) {
+            return Ok(None);
+        }
+        Ok(self.checked_plan(plan.clone(), &part.meta, tail, 0))
     }
 
-    /// Bytes of the keys in doubt in `part`, when `plan`'s body follows them.
-    fn doubt_bytes(&self, part: &Part<DoubtMeta>, plan: Option<&PlanMeta>) -> Result<u64, SnapshotError> {
-        let plan_bytes = plan.map_or(0, PlanMeta::body_bytes);
-        part.body_bytes.checked_sub(plan_bytes).ok_or_else(|| {
-            self.corrupt(format!("the keys in doubt hold {} bytes, their plan says {plan_bytes}", part.body_bytes))
+    /// Bytes of the keys in doubt in `part`, when `appended` bytes of a plan follow them.
+    fn doubt_bytes(&self, part: &Part<DoubtMeta>, appended: u64) -> Result<u64, SnapshotError> {
+        part.body_bytes.checked_sub(appended).ok_or_else(|| {
+            self.corrupt(format!("the keys in doubt hold {} bytes, their plan says {appended}", part.body_bytes))
         })
     }
 }
@@ -796,7 +859,10 @@ impl ClusterSnapshotStore {
         }
         let scratch = body.parent().unwrap_or(Path::new("."));
         let merged = match read.head.current_doubt() {
-            Some((stored, stored_plan)) => Some(self.merge_stored(stored, stored_plan, meta, body, scratch).await?),
+            Some(stored) => {
+                let appended = read.head.appended_plan_bytes();
+                Some(self.merge_stored(stored, appended, meta, body, scratch).await?)
+            }
             None => None,
         };
         let (meta, doubt_body) = match &merged {
@@ -806,34 +872,30 @@ impl ClusterSnapshotStore {
         // A plan covers every key in doubt, or it is not recorded.
         let unchanged = self.loaded.is(&read.resource_version);
         let plan = plan.filter(|(p, _)| unchanged && p.check(&self.what(), &meta).is_ok());
-        let Some((plan, plan_body)) = plan else {
-            self.write(read, doubt_body, |head, at| Head { doubt: Some(at.part(meta)), plan: None, ..head }).await?;
-            return Ok(false);
-        };
-        let both = tempfile::NamedTempFile::new_in(scratch).map_err(self.io("create a scratch file"))?;
-        (|| {
-            let mut out = both.as_file();
-            std::io::copy(&mut File::open(doubt_body)?, &mut out)?;
-            std::io::copy(&mut File::open(plan_body)?, &mut out)?;
-            out.sync_all()
-        })()
-        .map_err(self.io("join the keys in doubt and their plan"))?;
-        let plan = plan.clone();
-        self.write(read, both.path(), |head, at| Head { doubt: Some(at.part(meta)), plan: Some(plan), ..head }).await?;
-        Ok(true)
+        let recorded = plan.is_some();
+        let (plan, plan_body) = plan.map(|(p, b)| (p.clone(), b)).unzip();
+        self.write(read, doubt_body, plan_body, |head, at, plan_at| Head {
+            doubt: Some(at.part(meta)),
+            plan: None,
+            plan_part: plan_at.zip(plan).map(|(at, plan)| at.part(plan)),
+            ..head
+        })
+        .await?;
+        Ok(recorded)
     }
 
-    /// The stored keys in doubt (without the plan after them) merged with the body `ours`.
+    /// The stored keys in doubt (without the `appended` bytes of a plan after them, in a head
+    /// of the first version with checkpoints) merged with the body `ours`.
     async fn merge_stored(
         &self,
         stored: &Part<DoubtMeta>,
-        stored_plan: Option<&PlanMeta>,
+        appended: u64,
         meta: &DoubtMeta,
         ours: &Path,
         scratch: &Path,
     ) -> Result<(DoubtMeta, tempfile::NamedTempFile), SnapshotError> {
-        let doubt_bytes = self.doubt_bytes(stored, stored_plan)?;
-        let Some(file) = self.download(stored, scratch).await? else {
+        let doubt_bytes = self.doubt_bytes(stored, appended)?;
+        let Some(file) = self.download(stored, scratch, Body::Main).await? else {
             // Replaced while reading: the caller reads the head again.
             let found = meta.base_generation;
             return Err(SnapshotError::Conflict { what: self.what(), expected: found, found });
@@ -848,16 +910,18 @@ impl ClusterSnapshotStore {
     }
 
     /// Writes `progress` into the head, if it still holds `plan` (a change of labels in
-    /// between is read again and written over; anything else is another attempt's).
+    /// between is read again and written over; anything else is another attempt's). A head
+    /// that kept changing under it while still holding `plan` is no other attempt's doing:
+    /// that fails as trouble with the API server, which the caller tries again.
     async fn checkpoint_once(&self, plan: &PlanMeta, progress: &Progress) -> Result<(), SnapshotError> {
         for _ in 0..LOAD_ATTEMPTS {
             let read = self.last_or_read_head().await?;
             let mut head = read.head.clone();
-            let ours = head.current_doubt().and_then(|(_, p)| p).is_some_and(|p| p.belongs_to_plan(plan));
-            let Some(stored) = head.plan.as_mut().filter(|_| ours) else {
+            let ours = head.current_plan().is_some_and(|p| p.meta.belongs_to_plan(plan));
+            let Some(stored) = head.plan_part.as_mut().filter(|_| ours) else {
                 return Err(SnapshotError::Overtaken { what: self.what() });
             };
-            stored.progress = progress.clone();
+            stored.meta.progress = progress.clone();
             match self.put_head(&read, head).await {
                 Ok(written) => {
                     self.last.set(written);
@@ -867,7 +931,11 @@ impl ClusterSnapshotStore {
                 Err(e) => return Err(e),
             }
         }
-        Err(SnapshotError::Overtaken { what: self.what() })
+        Err(SnapshotError::Kube {
+            what: self.what(),
+            action: "write a checkpoint",
+            message: format!("the head kept changing ({LOAD_ATTEMPTS} conflicts in a row)"),
+        })
     }
 
     /// Commits over `read`, if it holds the generation `meta` follows.
@@ -880,10 +948,11 @@ impl ClusterSnapshotStore {
                 found: found.unwrap_or(0),
             });
         }
-        self.write(read, body, |head, at| Head {
+        self.write(read, body, None, |head, at, _| Head {
             snapshot: Some(at.part(meta.clone())),
             doubt: None,
             plan: None,
+            plan_part: None,
             ..head
         })
         .await

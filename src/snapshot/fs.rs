@@ -11,9 +11,12 @@
 //! valid only with the keys in doubt it was recorded with: it is written before them, so a
 //! crash between leaves a plan that belongs to no keys in doubt, which is ignored. Its
 //! checkpoints are `<name>.progress` (`COHPROG\n` and a [`ProgressRecord`]), replaced the same
-//! way, and valid only for the plan they name. Checking that nothing was written since a
-//! load and then writing is two steps here, as every check of this store is: one process
-//! writes a volume's snapshots (the leader, whose fence bounds its writes).
+//! way, and valid only for the plan they name (a new plan leaves the last one's in place:
+//! deleting it first would let a crash between leave that plan with its first permit).
+//! "Nothing was written since the load" compares the keys in doubt and the checkpoint the
+//! load found with those stored now. Checking that and then writing is two steps here, as
+//! every check of this store is: one process writes a volume's snapshots (the leader,
+//! whose fence bounds its writes).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Read, Seek, Write};
@@ -54,9 +57,15 @@ pub struct FsSnapshotStore {
     progress: PathBuf,
     /// The files of an earlier version (keyed by the import), moved here on first load.
     legacy: Option<(PathBuf, PathBuf)>,
-    /// The keys in doubt the last load found (`Some(None)`: none), to tell whether anything
-    /// was written since.
-    loaded: Mutex<Option<Option<DoubtMeta>>>,
+    /// What the last load found, to tell whether anything was written since.
+    loaded: Mutex<Option<Seen>>,
+}
+
+/// The keys in doubt and the checkpoint a load found (`None`: none).
+#[derive(Debug, PartialEq, Eq)]
+struct Seen {
+    doubt: Option<DoubtMeta>,
+    progress: Option<ProgressRecord>,
 }
 
 impl Clone for FsSnapshotStore {
@@ -142,7 +151,8 @@ impl FsSnapshotStore {
             }
             _ => None,
         };
-        *self.loaded.lock().unwrap_or_else(|e| e.into_inner()) = Some(doubt.as_ref().map(|d| d.meta.clone()));
+        let seen = Seen { doubt: doubt.as_ref().map(|d| d.meta.clone()), progress: self.stored_progress()? };
+        *self.loaded.lock().unwrap_or_else(|e| e.into_inner()) = Some(seen);
         let plan = match &doubt {
             Some(d) => self.open_plan(&d.meta)?,
             None => None,
@@ -170,6 +180,11 @@ impl FsSnapshotStore {
         Ok(Some(StoredPlan { meta, body, offset }))
     }
 
+    /// The checkpoint stored now, whichever plan it belongs to.
+    fn stored_progress(&self) -> Result<Option<ProgressRecord>, SnapshotError> {
+        Ok(open::<ProgressRecord>(&self.progress, PROGRESS_MAGIC)?.map(|(record, _)| record))
+    }
+
     /// The keys in doubt stored now, if on `generation`.
     fn stored_doubt(&self, generation: u64) -> Result<Option<(DoubtMeta, File)>, SnapshotError> {
         Ok(open::<DoubtMeta>(&self.doubt, DOUBT_MAGIC)?.filter(|(m, _)| m.base_generation == generation))
@@ -187,7 +202,8 @@ impl FsSnapshotStore {
         }
         let stored = self.stored_doubt(found)?;
         let loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let unchanged = loaded.is_some_and(|l| l == stored.as_ref().map(|(m, _)| m.clone()));
+        let now = Seen { doubt: stored.as_ref().map(|(m, _)| m.clone()), progress: self.stored_progress()? };
+        let unchanged = loaded.is_some_and(|l| l == now);
         // Merged with the keys in doubt already recorded on this generation, never replacing them.
         let merged = body.with_extension("merged");
         let (meta, doubt_body) = match stored {
@@ -198,8 +214,8 @@ impl FsSnapshotStore {
         let plan = plan.filter(|(p, _)| unchanged && p.check(&self.what(), &meta).is_ok());
         let written = (|| {
             // The plan first: until the keys in doubt it belongs to are written, it belongs to none.
+            // The last plan's checkpoint stays: it names that plan, never this one.
             if let Some((plan, plan_body)) = plan {
-                remove(&self.progress).map_err(self.io("delete a checkpoint"))?;
                 self.replace(&self.plan, PLAN_MAGIC, plan, plan_body)?;
             }
             self.replace(&self.doubt, DOUBT_MAGIC, &meta, doubt_body)?;
@@ -521,18 +537,57 @@ mod tests {
         assert!(loaded.plan.is_none());
         assert_eq!(keys(loaded.doubt.unwrap().body), ["b", "c", "d"]);
 
-        // A plan is recorded only over what the last load found.
+        // A plan is recorded only over what the last load found: another attempt (another
+        // store on the same files) records its keys after this one's load.
         let (plan, plan_body) = plan_of(dir.path(), &["b", "c", "d", "e"]);
-        store.record_doubt(&other, &body(dir.path(), &["e"])).await.unwrap();
+        store.load(dir.path()).await.unwrap();
+        let attempt = FsSnapshotStore::new(dir.path().join("snaps"), "x");
+        attempt.record_doubt(&other, &body(dir.path(), &["e"])).await.unwrap();
         let keys4 = body(dir.path(), &["b", "c", "d", "e"]);
         assert!(!store.record_doubt_with_plan(&doubt(1, 4), &keys4, &plan, &plan_body).await.unwrap());
         assert!(store.load(dir.path()).await.unwrap().plan.is_none());
+        // Loaded again, with nothing written since: the same plan is recorded.
+        assert!(store.record_doubt_with_plan(&doubt(1, 4), &keys4, &plan, &plan_body).await.unwrap());
+        assert!(store.load(dir.path()).await.unwrap().plan.is_some());
 
         // A commit settles everything.
         store.commit(&meta(2, 1), &body(dir.path(), &["a"])).await.unwrap();
         let loaded = store.load(dir.path()).await.unwrap();
         assert!(loaded.doubt.is_none() && loaded.plan.is_none());
         assert!(!dir.path().join("snaps/x.plan").exists() && !dir.path().join("snaps/x.progress").exists());
+    }
+
+    /// Two live attempts: A checkpoints between B's load and B's record. B records no plan
+    /// (A may still send below its new permit), and A's checkpoint of an earlier plan left
+    /// in place never applies to a later one.
+    #[tokio::test]
+    async fn a_checkpoint_between_a_load_and_a_record_keeps_the_plan_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (FsSnapshotStore::new(dir.path(), "x"), FsSnapshotStore::new(dir.path(), "x"));
+        a.commit(&meta(1, 1), &body(dir.path(), &["a"])).await.unwrap();
+        let (plan_a, plan_a_body) = plan_of(dir.path(), &["b", "c"]);
+        a.load(dir.path()).await.unwrap();
+        assert!(
+            a.record_doubt_with_plan(&doubt(1, 2), &body(dir.path(), &["b", "c"]), &plan_a, &plan_a_body)
+                .await
+                .unwrap()
+        );
+
+        b.load(dir.path()).await.unwrap();
+        a.checkpoint(&plan_a, &Progress { accepted: vec![[0, 1]], permit: 2 }).await.unwrap();
+        let mine = DoubtMeta { run_id: "attempt-b".into(), ..doubt(1, 2) };
+        let (plan_b, plan_b_body) = plan_of(dir.path(), &["b", "c"]);
+        let plan_b = PlanMeta { run_id: mine.run_id.clone(), ..plan_b };
+        let keys = body(dir.path(), &["b", "c"]);
+        assert!(!b.record_doubt_with_plan(&mine, &keys, &plan_b, &plan_b_body).await.unwrap(), "A checkpointed");
+        assert!(b.load(dir.path()).await.unwrap().plan.is_none());
+
+        // B loads again and records its plan: A's checkpoint file stays, naming A's plan only.
+        b.load(dir.path()).await.unwrap();
+        assert!(b.record_doubt_with_plan(&mine, &keys, &plan_b, &plan_b_body).await.unwrap());
+        assert!(dir.path().join("x.progress").exists());
+        let stored = b.load(dir.path()).await.unwrap().plan.expect("B's plan");
+        assert_eq!(stored.meta.progress, plan_b.progress, "not A's checkpoint");
     }
 
     #[tokio::test]

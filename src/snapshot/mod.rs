@@ -146,9 +146,11 @@ pub trait SnapshotStore: Send + Sync {
         plan_body: &Path,
     ) -> Result<bool, SnapshotError>;
 
-    /// Records `progress` for the plan `plan` this store recorded, only if nothing else was
-    /// written to the store since; else [`SnapshotError::Conflict`] (another attempt recorded
-    /// its keys, or a commit came): the run then stops sending.
+    /// Records `progress` for the plan `plan` this store recorded, only if the store still
+    /// holds it; else [`SnapshotError::Overtaken`] (another attempt recorded its keys, or a
+    /// commit came): the run then stops sending. Trouble reaching the store, a head that
+    /// kept changing while it still held the plan included, is [`SnapshotError::Kube`] or
+    /// [`SnapshotError::Io`], which the caller may try again.
     async fn checkpoint(&self, plan: &plan::PlanMeta, progress: &plan::Progress) -> Result<(), SnapshotError>;
 
     /// Replaces the snapshot with `meta` and the body in the file `body`, all or nothing,

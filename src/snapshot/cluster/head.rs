@@ -27,10 +27,18 @@ pub(super) struct Head {
     pub snapshot: Option<Part<SnapshotMeta>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub doubt: Option<Part<DoubtMeta>>,
-    /// The plan recorded with the keys in doubt, with its last checkpoint: its body follows
-    /// theirs in the doubt part's chunks (the last [`PlanMeta::body_bytes`] of them).
+    /// A plan as the first version with checkpoints wrote it (never released, but it ran
+    /// from `main`): its body appended to the keys in doubt, in the doubt part's chunks (the
+    /// last [`PlanMeta::body_bytes`] of them). Read, never written: a reader cuts those
+    /// bytes off the keys in doubt whatever the plan says, and a write drops it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plan: Option<PlanMeta>,
+    /// The plan recorded with the keys in doubt, with its last checkpoint: a part of its own,
+    /// in chunks of its own (`…-S-plan-N`) under the doubt part's serial `S`. A version that
+    /// does not know it reads the keys in doubt alone, drops it on its next write, and
+    /// collects its chunks with the doubt part's serial, which that write replaces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan_part: Option<Part<PlanMeta>>,
     /// Serials up to `serial` whose chunks may exist and that no part names. `None` in heads
     /// of earlier versions: the next claim finds them by listing chunks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -70,10 +78,21 @@ impl Head {
         self.snapshot.as_ref().map_or(0, |s| s.meta.generation)
     }
 
-    /// The keys in doubt on the stored generation, and the plan recorded with them.
-    pub fn current_doubt(&self) -> Option<(&Part<DoubtMeta>, Option<&PlanMeta>)> {
-        let doubt = self.doubt.as_ref().filter(|d| d.meta.base_generation == self.generation())?;
-        Some((doubt, self.plan.as_ref().filter(|p| p.belongs_to(&doubt.meta))))
+    /// The keys in doubt on the stored generation.
+    pub fn current_doubt(&self) -> Option<&Part<DoubtMeta>> {
+        self.doubt.as_ref().filter(|d| d.meta.base_generation == self.generation())
+    }
+
+    /// The plan recorded with the keys in doubt on the stored generation, in its own part.
+    pub fn current_plan(&self) -> Option<&Part<PlanMeta>> {
+        let doubt = self.current_doubt()?;
+        self.plan_part.as_ref().filter(|p| p.serial == doubt.serial && p.meta.belongs_to(&doubt.meta))
+    }
+
+    /// Bytes at the end of the doubt part that are not keys in doubt: the body of a plan
+    /// appended by the first version with checkpoints ([`Head::plan`]).
+    pub fn appended_plan_bytes(&self) -> u64 {
+        self.plan.as_ref().map_or(0, PlanMeta::body_bytes)
     }
 
     /// Serials whose chunks the head needs.
@@ -191,7 +210,7 @@ mod tests {
             snapshot: Some(snapshot(5, 1)),
             doubt: Some(doubt(6)),
             unnamed: Some(set(&[7])),
-            plan: None,
+            ..Head::default()
         };
         let reserved = head.reservation().unwrap();
         let committed =
@@ -212,8 +231,7 @@ mod tests {
     #[test]
     fn a_claim_past_a_taken_reservation_deletes_it_and_keeps_what_could_not_be_deleted() {
         // Chunks exist under the reserved 9 (a writer crashed there): claim 10.
-        let head =
-            Head { serial: 9, snapshot: Some(snapshot(7, 2)), doubt: None, unnamed: Some(set(&[4, 9])), plan: None };
+        let head = Head { serial: 9, snapshot: Some(snapshot(7, 2)), unnamed: Some(set(&[4, 9])), ..Head::default() };
         let claimed = head.claimed();
         assert_eq!((claimed.serial, claimed.reservation()), (10, Some(10)));
         assert_eq!(claimed.garbage(10), Some(set(&[4, 9])));
@@ -230,7 +248,7 @@ mod tests {
             snapshot: Some(snapshot(2, 1)),
             doubt: Some(doubt(3)),
             unnamed: Some(set(&[2, 3])),
-            plan: None,
+            ..Head::default()
         };
         assert_eq!(head.garbage(4), Some(set(&[])));
         assert_eq!(head.reservation(), None, "3 is in use");
