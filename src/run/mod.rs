@@ -317,15 +317,7 @@ async fn execute(
     let cohort_id = &deps.target.cohort_id;
     let writes = Writes { snapshots: deps.snapshots, braze: deps.braze, target: deps.target };
 
-    // A resync a person approved starts afresh: the store is forgotten before anything else.
-    if let Some(approved) = &run.resync {
-        deps.snapshots.delete().await?;
-        report.resynced = Some(approved.clone());
-        report.notes.push(format!(
-            "resync approved (run {approved}): every member is sent as an addition; members who left the source \
-             while the snapshot was lost could not be removed from the Braze cohort"
-        ));
-    }
+    resync(run, deps.snapshots, report).await?;
     let outputs = (!run.dry_run).then(|| DiffOutputs {
         snapshot: scratch.path().join("snapshot.new"),
         sends: scratch.path().join("doubt.new"),
@@ -352,32 +344,15 @@ async fn execute(
     // large run's plan is recorded with them.
     let sends = counts.sends();
     let planned = if sends > 0 {
-        let meta = DoubtMeta {
-            format: FORMAT_VERSION,
-            base_generation: stored_generation,
-            cohort_id: cohort_id.clone(),
-            keys: sends,
-            run_id: run.run_id.clone(),
-            recorded_at: clock.now(),
-        };
+        let meta = DoubtMeta::of(run, cohort_id, stored_generation, sends, clock.now());
         record_doubt(writes, &meta, &outputs, diffed.plan, report).await?
     } else {
         None
     };
 
     // 7. The cohort's name (the partner path's; an attribute has no cohort to name).
-    let partner = matches!(deps.target.delivery, Delivery::CohortImport { .. });
-    let renamed = partner && previous_meta.as_ref().is_none_or(|m| m.cohort_name != run.cohort_name);
     let created_at = previous_meta.as_ref().map_or_else(|| clock.now(), |m| m.cohort_created_at);
-    if renamed {
-        let named =
-            deps.braze.name_cohort(deps.target, &run.cohort_name, created_at).await.map_err(RunError::Naming)?;
-        report.requests += 1;
-        report.retries += named.attempts.saturating_sub(1);
-        report.braze_budget_wait += named.budget_wait;
-        *report.braze_responses.entry(named.status).or_default() += 1;
-        report.cohort_named = true;
-    }
+    let renamed = name_cohort(run, writes, previous_meta.as_ref(), created_at, report).await?;
 
     // 8. Removals, then additions.
     if sends > 0 {
@@ -411,6 +386,54 @@ async fn execute(
         digest: Some(diffed.digest),
     });
     Ok(RunResult::Succeeded)
+}
+
+impl DoubtMeta {
+    /// The keys `run` is about to send, `keys` of them, on top of generation `base`.
+    fn of(run: &ImportRun, cohort_id: &str, base: u64, keys: u64, now: Timestamp) -> Self {
+        DoubtMeta {
+            format: FORMAT_VERSION,
+            base_generation: base,
+            cohort_id: cohort_id.to_owned(),
+            keys,
+            run_id: run.run_id.clone(),
+            recorded_at: now,
+        }
+    }
+}
+
+/// A resync a person approved starts afresh: the store is forgotten before anything else.
+async fn resync(run: &ImportRun, snapshots: &dyn SnapshotStore, report: &mut RunReport) -> Result<(), RunError> {
+    let Some(approved) = &run.resync else { return Ok(()) };
+    snapshots.delete().await?;
+    report.resynced = Some(approved.clone());
+    report.notes.push(format!(
+        "resync approved (run {approved}): every member is sent as an addition; members who left the source \
+         while the snapshot was lost could not be removed from the Braze cohort"
+    ));
+    Ok(())
+}
+
+/// Step 7: names the cohort in Braze when it is new or its name changed (the partner
+/// path's; an attribute has no cohort to name). Whether it did.
+async fn name_cohort(
+    run: &ImportRun,
+    deps: Writes<'_>,
+    previous: Option<&SnapshotMeta>,
+    created_at: Timestamp,
+    report: &mut RunReport,
+) -> Result<bool, RunError> {
+    let partner = matches!(deps.target.delivery, Delivery::CohortImport { .. });
+    if !partner || previous.is_some_and(|m| m.cohort_name == run.cohort_name) {
+        return Ok(false);
+    }
+    let named = deps.braze.name_cohort(deps.target, &run.cohort_name, created_at).await.map_err(RunError::Naming)?;
+    report.requests += 1;
+    report.retries += named.attempts.saturating_sub(1);
+    report.braze_budget_wait += named.budget_wait;
+    *report.braze_responses.entry(named.status).or_default() += 1;
+    report.cohort_named = true;
+    Ok(true)
 }
 
 /// Step 6: records the keys about to be sent in doubt, with the run's plan when it is large
@@ -558,8 +581,69 @@ async fn plan(
     outputs: Option<DiffOutputs>,
     report: &mut RunReport,
 ) -> Result<Result<Planned, Missing>, RunError> {
-    // 1. What Braze has, and what an interrupted run may have changed. A store that does
-    // not hold what status says was committed ends the plan before anything is sent.
+    // 1. What Braze has, and what an interrupted run may have changed.
+    let stored = match load(run, snapshots, cohort_id, scratch, report).await? {
+        Ok(stored) => stored,
+        Err(missing) => return Ok(Err(missing)),
+    };
+    let (stored_generation, remapped) = (stored.generation, stored.remapped);
+    let previous_meta = stored.previous.as_ref().map(|p| p.meta.clone());
+
+    // 2. The source, sorted and de-duplicated.
+    let (sorted, pushed) = sort_source(members, scratch, run.sort_memory_budget, report).await?;
+
+    // 3. The diff, writing the new snapshot body and the keys to send (a run's), and the
+    // change lists.
+    let mut diffed = match diff(run, stored, sorted, outputs).await? {
+        Ok(diffed) => diffed,
+        Err(missing) => return Ok(Err(missing)),
+    };
+    let counts = diffed.counts;
+    report.cohort_size = counts.new;
+    report.previous_size = counts.previous;
+    report.added = counts.added;
+    report.removed = counts.removed;
+    report.unchanged = counts.unchanged;
+    report.resent = counts.resent_adds + counts.resent_removes;
+    report.already_sent = counts.already_sent;
+    report.duplicates = pushed - counts.new;
+    report.sample_added = std::mem::take(&mut diffed.sample_added);
+    report.sample_removed = std::mem::take(&mut diffed.sample_removed);
+
+    // 4. The removal guard: the one decision, for runs and previews alike.
+    let input = GuardInput { previous_size: counts.previous, new_size: counts.new, removals: counts.removed };
+    let decision = guard::decide(run.removal_guard.as_ref(), input, run.approval.as_ref());
+    match &decision {
+        GuardDecision::Proceed => {}
+        GuardDecision::Approved { run_id } => report.approved_run = Some(run_id.clone()),
+        GuardDecision::Blocked(blocked) => {
+            report.hint = Some(blocked.how_to_approve(&run.import_name, &run.namespace, &run.run_id));
+            report.blocked = Some(blocked.clone());
+        }
+    }
+    Ok(Ok(Planned { diffed, previous_meta, stored_generation, remapped, decision }))
+}
+
+/// What step 1 found in the store, for this cohort.
+struct StoredState {
+    previous: Option<crate::snapshot::StoredSnapshot>,
+    doubt: Option<crate::snapshot::StoredDoubt>,
+    known: Option<KnownKeys>,
+    generation: u64,
+    /// The identifier mapping changed since the snapshot.
+    remapped: bool,
+}
+
+/// Step 1: the snapshot and the keys in doubt (with what an interrupted run's checkpoint
+/// settled). A store that does not hold what status says was committed ends the plan
+/// before anything is sent; what changed since (cohort id, mapping) is noted.
+async fn load(
+    run: &ImportRun,
+    snapshots: &dyn SnapshotStore,
+    cohort_id: &str,
+    scratch: &Path,
+    report: &mut RunReport,
+) -> Result<Result<StoredState, Missing>, RunError> {
     let loaded = match snapshots.load(scratch).await {
         Ok(loaded) => loaded,
         Err(SnapshotError::Corrupt { what, message }) => {
@@ -572,7 +656,7 @@ async fn plan(
     if let Err(missing) = verify(expected, loaded.snapshot.as_ref().map(|s| &s.meta)) {
         return Ok(Err(missing));
     }
-    let stored_generation = loaded.generation();
+    let generation = loaded.generation();
     let previous = match loaded.snapshot {
         Some(s) if s.meta.cohort_id != cohort_id => {
             report.notes.push(format!(
@@ -603,66 +687,47 @@ async fn plan(
             p.meta.identifier_fingerprint, run.identifier_fingerprint
         ));
     }
+    Ok(Ok(StoredState { previous, doubt, known, generation, remapped }))
+}
 
-    // 2. The source, sorted and de-duplicated.
-    let (sorted, pushed) = sort_source(members, scratch, run.sort_memory_budget, report).await?;
-
-    // 3. The diff, writing the new snapshot body and the keys to send (a run's), and the
-    // change lists.
-    let previous_meta = previous.as_ref().map(|p| p.meta.clone());
-    let doubt_meta = doubt.as_ref().map(|d| d.meta.clone());
-    let mut diffed = {
-        let scratch_dir = run.scratch_dir.display().to_string();
-        let sample_size = run.sample_size;
-        let diffed = tokio::task::spawn_blocking(move || {
-            let stored = Stored { previous: previous.map(|p| p.body), doubt: doubt.map(|d| d.body), known };
-            diff_to_files(stored, sorted, outputs.as_ref(), sample_size)
-        })
-        .await
-        .expect("the diff does not panic");
-        match diffed {
-            Ok(diffed) => diffed,
-            Err(DiffFailure::Io(source)) => return Err(RunError::Scratch { dir: scratch_dir, action: "diff", source }),
-            // Damage found while reading: nothing was sent yet.
-            Err(DiffFailure::Run(RunError::Snapshot(SnapshotError::Corrupt { what, message }))) => {
-                return Ok(Err(Missing::Damaged { message: format!("{what}: {message}") }));
-            }
-            Err(DiffFailure::Run(e)) => return Err(e),
+/// Step 3: diffs the sorted source against `stored` on a blocking thread, then checks what
+/// it read against what the store's metadata says (damage found: nothing was sent yet).
+async fn diff(
+    run: &ImportRun,
+    stored: StoredState,
+    sorted: sort::SortedKeys,
+    outputs: Option<DiffOutputs>,
+) -> Result<Result<Diffed, Missing>, RunError> {
+    let scratch_dir = run.scratch_dir.display().to_string();
+    let sample_size = run.sample_size;
+    let previous_members = stored.previous.as_ref().map(|p| p.meta.members);
+    let doubt_keys = stored.doubt.as_ref().map(|d| d.meta.keys);
+    let diffed = tokio::task::spawn_blocking(move || {
+        let bodies = Stored {
+            previous: stored.previous.map(|p| p.body),
+            doubt: stored.doubt.map(|d| d.body),
+            known: stored.known,
+        };
+        diff_to_files(bodies, sorted, outputs.as_ref(), sample_size)
+    })
+    .await
+    .expect("the diff does not panic");
+    let diffed = match diffed {
+        Ok(diffed) => diffed,
+        Err(DiffFailure::Io(source)) => return Err(RunError::Scratch { dir: scratch_dir, action: "diff", source }),
+        Err(DiffFailure::Run(RunError::Snapshot(SnapshotError::Corrupt { what, message }))) => {
+            return Ok(Err(Missing::Damaged { message: format!("{what}: {message}") }));
         }
+        Err(DiffFailure::Run(e)) => return Err(e),
     };
     let counts = diffed.counts;
-    for (meta_says, read) in [
-        (previous_meta.as_ref().map(|m| m.members), counts.previous),
-        (doubt_meta.as_ref().map(|m| m.keys), counts.in_doubt),
-    ] {
+    for (meta_says, read) in [(previous_members, counts.previous), (doubt_keys, counts.in_doubt)] {
         if let Some(expected) = meta_says.filter(|&n| n != read) {
             let count = RunError::SnapshotCount { expected, found: read };
             return Ok(Err(Missing::Damaged { message: count.to_string() }));
         }
     }
-    report.cohort_size = counts.new;
-    report.previous_size = counts.previous;
-    report.added = counts.added;
-    report.removed = counts.removed;
-    report.unchanged = counts.unchanged;
-    report.resent = counts.resent_adds + counts.resent_removes;
-    report.already_sent = counts.already_sent;
-    report.duplicates = pushed - counts.new;
-    report.sample_added = std::mem::take(&mut diffed.sample_added);
-    report.sample_removed = std::mem::take(&mut diffed.sample_removed);
-
-    // 4. The removal guard: the one decision, for runs and previews alike.
-    let input = GuardInput { previous_size: counts.previous, new_size: counts.new, removals: counts.removed };
-    let decision = guard::decide(run.removal_guard.as_ref(), input, run.approval.as_ref());
-    match &decision {
-        GuardDecision::Proceed => {}
-        GuardDecision::Approved { run_id } => report.approved_run = Some(run_id.clone()),
-        GuardDecision::Blocked(blocked) => {
-            report.hint = Some(blocked.how_to_approve(&run.import_name, &run.namespace, &run.run_id));
-            report.blocked = Some(blocked.clone());
-        }
-    }
-    Ok(Ok(Planned { diffed, previous_meta, stored_generation, remapped, decision }))
+    Ok(Ok(diffed))
 }
 
 /// What an interrupted run's checkpoint tells a run: keys it settled, in the cohort and out
@@ -870,15 +935,32 @@ fn finish_body(body: BodyWriter<BufWriter<File>>) -> io::Result<()> {
     Ok(())
 }
 
+const PREVIOUS: &str = "the previous snapshot";
+const DOUBT: &str = "the keys in doubt";
+const CHECKPOINT: &str = "the checkpoint of an interrupted run";
+
+/// A failed diff: damage in what it read from the store, or trouble with the scratch files.
+fn diff_failure(e: DiffError<DiffFailure>) -> DiffFailure {
+    match e {
+        DiffError::Io(failure) => failure,
+        DiffError::OutOfOrder { side, position } => {
+            let e = io::Error::other(DiffError::<io::Error>::OutOfOrder { side, position }.to_string());
+            match side {
+                diff::Side::Previous => snapshot_damaged(PREVIOUS, e),
+                diff::Side::InDoubt => snapshot_damaged(DOUBT, e),
+                diff::Side::Settled => snapshot_damaged(CHECKPOINT, e),
+                diff::Side::New => DiffFailure::Io(e),
+            }
+        }
+    }
+}
+
 fn diff_to_files(
     stored: Stored,
     mut new: sort::SortedKeys,
     outputs: Option<&DiffOutputs>,
     sample_size: usize,
 ) -> Result<Diffed, DiffFailure> {
-    const PREVIOUS: &str = "the previous snapshot";
-    const DOUBT: &str = "the keys in doubt";
-    const CHECKPOINT: &str = "the checkpoint of an interrupted run";
     let mut previous = StoredKeys::open(stored.previous, PREVIOUS)?;
     let mut doubt = StoredKeys::open(stored.doubt, DOUBT)?;
     let (mut settled, unsafe_keys) = match stored.known {
@@ -927,18 +1009,7 @@ fn diff_to_files(
         }
         Ok(())
     };
-    let counts = diff::merge_diff(&mut previous, &mut doubt, &mut settled, &mut new, on_key).map_err(|e| match e {
-        DiffError::Io(failure) => failure,
-        DiffError::OutOfOrder { side, position } => {
-            let e = io::Error::other(DiffError::<io::Error>::OutOfOrder { side, position }.to_string());
-            match side {
-                diff::Side::Previous => snapshot_damaged(PREVIOUS, e),
-                diff::Side::InDoubt => snapshot_damaged(DOUBT, e),
-                diff::Side::Settled => snapshot_damaged(CHECKPOINT, e),
-                diff::Side::New => DiffFailure::Io(e),
-            }
-        }
-    })?;
+    let counts = diff::merge_diff(&mut previous, &mut doubt, &mut settled, &mut new, on_key).map_err(diff_failure)?;
     for body in [snapshot, sends].into_iter().flatten() {
         finish_body(body)?;
     }
