@@ -143,11 +143,7 @@ impl LeaderElection {
         metrics.leader.set(0);
         match outcome {
             Some(value) => {
-                match tokio::time::timeout(timing.renew_timeout(), manager.release()).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => warn!(error = %e, "could not release the Lease; it expires by itself"),
-                    Err(_) => warn!("releasing the Lease timed out; it expires by itself"),
-                }
+                release(&manager, timing).await;
                 Ok(Some(value))
             }
             None => Err(LeaderError::Lost { namespace: self.lease_namespace.clone(), name: self.lease_name.clone() }),
@@ -224,4 +220,14 @@ enum Renewal {
     },
     /// Written by someone else between the read and the write.
     Raced,
+}
+
+/// Gives the Lease up after leading, so a standby need not wait for it to expire; bounded
+/// like a renewal, and only logged when it fails (the Lease then expires by itself).
+async fn release(manager: &LeaseManager, timing: LeaseTiming) {
+    match tokio::time::timeout(timing.renew_timeout(), manager.release()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!(error = %e, "could not release the Lease; it expires by itself"),
+        Err(_) => warn!("releasing the Lease timed out; it expires by itself"),
+    }
 }
