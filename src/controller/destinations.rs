@@ -160,12 +160,16 @@ pub struct Catalog {
 }
 
 impl Catalog {
-    /// Whether every store has listed once.
+    /// Whether every store that is watched has listed once (without a destination Secret
+    /// namespace, ClusterBrazeDestinations and Namespaces are not watched at all).
     pub fn is_synced(&self) -> bool {
         let ready = |wait: futures::future::BoxFuture<'_, bool>| wait.now_or_never().unwrap_or(false);
+        let cluster_synced = || {
+            ready(self.cluster.wait_until_ready().map(|r| r.is_ok()).boxed())
+                && ready(self.namespaces.wait_until_ready().map(|r| r.is_ok()).boxed())
+        };
         self.namespaced.iter().all(|s| ready(s.wait_until_ready().map(|r| r.is_ok()).boxed()))
-            && ready(self.cluster.wait_until_ready().map(|r| r.is_ok()).boxed())
-            && ready(self.namespaces.wait_until_ready().map(|r| r.is_ok()).boxed())
+            && (self.secret_namespace.is_none() || cluster_synced())
     }
 
     /// `import` as a reconcile works with it: itself when its destination is inline, a copy
@@ -408,5 +412,19 @@ mod tests {
         assert!(!names(&mine, DestinationKind::ClusterBrazeDestination, "us", None));
         let inline = import("growth", json!({ "braze": workspace() }));
         assert!(!names(&inline, DestinationKind::BrazeDestination, "us", Some("growth")));
+    }
+
+    #[test]
+    fn without_cluster_destinations_only_the_namespaced_stores_must_have_listed() {
+        use kube::runtime::{reflector, watcher};
+        let (namespaced, mut writer) = reflector::store::<BrazeDestination>();
+        let (cluster, _cluster_writer) = reflector::store::<ClusterBrazeDestination>();
+        let (namespaces, _namespaces_writer) = reflector::store();
+        let mut catalog = Catalog { namespaced: vec![namespaced], cluster, namespaces, secret_namespace: None };
+        assert!(!catalog.is_synced(), "the namespaced destinations have not listed yet");
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        assert!(catalog.is_synced(), "off: the cluster destinations and Namespaces are never watched");
+        catalog.secret_namespace = Some("cohort-system".into());
+        assert!(!catalog.is_synced(), "on: they must have listed too");
     }
 }
