@@ -61,6 +61,8 @@ struct Settings {
     seed: u64,
     /// The leader leads this long (uniform, milliseconds) before it is killed.
     kill_after_ms: (u64, u64),
+    /// How long the chaos goes on in a phase at most; then the runs finish in calm.
+    chaos_seconds: u64,
     partner_latency_ms: u64,
     track_latency_ms: u64,
     lease_duration_s: u64,
@@ -79,6 +81,7 @@ fn main() {
         churn: env("CHAOS_CHURN", members / 10),
         seed: env("CHAOS_SEED", 22),
         kill_after_ms: (env("CHAOS_KILL_MIN_MS", 2000), env("CHAOS_KILL_MAX_MS", 6000)),
+        chaos_seconds: env("CHAOS_SECONDS", if quick { 30 } else { 240 }),
         partner_latency_ms: env("CHAOS_PARTNER_LATENCY_MS", 250),
         track_latency_ms: env("CHAOS_TRACK_LATENCY_MS", 25),
         lease_duration_s: env("CHAOS_LEASE_DURATION_SECONDS", 6),
@@ -168,9 +171,13 @@ async fn delayed_copy(
     let _ = writer.await;
 }
 
-/// One replica: the operator binary under leader election, restarted after each kill with
-/// the same identity (a pod's container restart).
+/// One replica: the operator binary under leader election. After a kill it comes back
+/// either under the same identity (its container restarted in the same pod: it may take
+/// its own Lease back at once) or under a new one (the pod replaced: the Lease must expire
+/// first, and either replica may win it).
 struct Replica {
+    deployment: String,
+    pods: u32,
     identity: String,
     metrics: SocketAddr,
     args: Vec<String>,
@@ -180,9 +187,16 @@ struct Replica {
 }
 
 impl Replica {
-    fn new(identity: &str, metrics: SocketAddr, args: Vec<String>, kubeconfig: PathBuf, dir: &Path) -> Replica {
-        let log = dir.join(format!("{identity}.log"));
-        Replica { identity: identity.to_owned(), metrics, args, kubeconfig, log, child: None }
+    fn new(name: &str, metrics: SocketAddr, args: Vec<String>, kubeconfig: PathBuf, dir: &Path) -> Replica {
+        let log = dir.join(format!("{name}.log"));
+        let identity = format!("{name}-1");
+        Replica { deployment: name.to_owned(), pods: 1, identity, metrics, args, kubeconfig, log, child: None }
+    }
+
+    /// The next start is a new pod, with a new identity.
+    fn replace_pod(&mut self) {
+        self.pods += 1;
+        self.identity = format!("{}-{}", self.deployment, self.pods);
     }
 
     fn start(&mut self) {
@@ -305,7 +319,7 @@ async fn running(api: &Api<CohortImport>) -> bool {
 }
 
 /// The replica that says it leads, if one does.
-async fn leader(replicas: &[Replica; 2], http: &reqwest::Client) -> Option<usize> {
+async fn leading(replicas: &[Replica; 2], http: &reqwest::Client) -> Option<usize> {
     for (n, replica) in replicas.iter().enumerate() {
         if replica.leads(http).await {
             return Some(n);
@@ -320,51 +334,79 @@ struct Chaos {
     kills: u32,
     /// Kills while a run was in progress.
     mid_run: u32,
+    /// Kills after which the pod was replaced (a new identity: a failover through the Lease).
+    replaced: u32,
+    /// Whether the chaos stopped at its time limit, the runs unfinished.
+    stopped: bool,
 }
 
 /// Kills the leader 2–6 s (seeded) after it is seen leading, and starts it again, until both
-/// imports have finished `runs` runs.
-async fn chaos_until_finished(
-    replicas: &mut [Replica; 2],
-    api: &Api<CohortImport>,
-    rng: &mut StdRng,
-    s: &Settings,
-    runs: usize,
-) -> Chaos {
+/// imports have finished `runs` runs; past `s.chaos_seconds`, leaves them to finish in calm.
+async fn chaos_until_finished(w: &mut World, rng: &mut StdRng, s: &Settings, runs: usize) -> Chaos {
     let http = reqwest::Client::new();
     let began = Instant::now();
     let mut chaos = Chaos::default();
-    loop {
+    while !finished(&w.api, runs).await {
         assert!(began.elapsed() < PHASE_LIMIT, "the runs did not finish within {PHASE_LIMIT:?}");
-        if finished(api, runs).await {
-            return chaos;
+        if chaos.stopped {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
         }
-        let Some(n) = leader(replicas, &http).await else {
+        if began.elapsed() > Duration::from_secs(s.chaos_seconds) {
+            chaos.stopped = true;
+            println!("    chaos stopped after {} s with the runs unfinished; they go on in calm", s.chaos_seconds);
+            continue;
+        }
+        let Some(n) = leading(&w.replicas, &http).await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
         let lead = Duration::from_millis(rng.random_range(s.kill_after_ms.0..=s.kill_after_ms.1));
-        let kill_at = Instant::now() + lead;
-        while Instant::now() < kill_at {
-            if finished(api, runs).await {
-                return chaos;
-            }
-            tokio::time::sleep(Duration::from_millis(200).min(kill_at - Instant::now())).await;
+        let replace = rng.random_bool(0.5);
+        if !lead_for(&w.api, runs, lead).await {
+            break;
         }
-        let mid_run = running(api).await;
-        replicas[n].kill();
-        replicas[n].start();
-        chaos.kills += 1;
-        chaos.mid_run += u32::from(mid_run);
-        println!(
-            "    kill {}: {} after {:.1} s leading, {:.1} s into the phase{}",
-            chaos.kills,
-            replicas[n].identity,
-            lead.as_secs_f64(),
-            began.elapsed().as_secs_f64(),
-            if mid_run { "" } else { " (no run in progress)" }
-        );
+        kill(w, n, replace, &mut chaos, began, lead).await;
     }
+    chaos
+}
+
+/// Waits `lead`; false when the runs finish first.
+async fn lead_for(api: &Api<CohortImport>, runs: usize, lead: Duration) -> bool {
+    let kill_at = Instant::now() + lead;
+    while Instant::now() < kill_at {
+        if finished(api, runs).await {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(200).min(kill_at - Instant::now())).await;
+    }
+    true
+}
+
+/// SIGKILLs replica `leader` and starts it again (in a new pod when `replace`); prints the ids
+/// each path has sent so far.
+async fn kill(w: &mut World, leader: usize, replace: bool, chaos: &mut Chaos, began: Instant, lead: Duration) {
+    let mid_run = running(&w.api).await;
+    let killed = w.replicas[leader].identity.clone();
+    w.replicas[leader].kill();
+    if replace {
+        w.replicas[leader].replace_pod();
+    }
+    w.replicas[leader].start();
+    chaos.kills += 1;
+    chaos.mid_run += u32::from(mid_run);
+    chaos.replaced += u32::from(replace);
+    let stats = w.sandbox.stats();
+    println!(
+        "    kill {}: {killed} after {:.1} s leading, {:.1} s in; {}; sent so far {} ids (partner), {} objects (track){}",
+        chaos.kills,
+        lead.as_secs_f64(),
+        began.elapsed().as_secs_f64(),
+        if replace { format!("replaced by {}", w.replicas[leader].identity) } else { "restarted".to_owned() },
+        n(stats.ids_received),
+        n(stats.track.objects),
+        if mid_run { "" } else { " (no run in progress)" }
+    );
 }
 
 /// Ids of one path in one phase: additions and removals.
@@ -392,6 +434,9 @@ struct Figures {
     wasted: Ids,
     kills: u32,
     mid_run: u32,
+    replaced: u32,
+    /// Phases whose runs finished only after the chaos stopped.
+    calm: u32,
 }
 
 impl Figures {
@@ -407,7 +452,8 @@ impl Figures {
             let sent = Ids { adds: t.objects - t.removals, removes: t.removals };
             (sent, Ids { adds: t.wasted_writes - t.wasted_removals, removes: t.wasted_removals })
         };
-        Figures { needed, sent, wasted, kills: chaos.kills, mid_run: chaos.mid_run }
+        let (kills, mid_run, replaced, calm) = (chaos.kills, chaos.mid_run, chaos.replaced, u32::from(chaos.stopped));
+        Figures { needed, sent, wasted, kills, mid_run, replaced, calm }
     }
 
     fn plus(self, o: Figures) -> Figures {
@@ -417,6 +463,8 @@ impl Figures {
             wasted: self.wasted.plus(o.wasted),
             kills: self.kills + o.kills,
             mid_run: self.mid_run + o.mid_run,
+            replaced: self.replaced + o.replaced,
+            calm: self.calm + o.calm,
         }
     }
 
@@ -425,7 +473,7 @@ impl Figures {
         let pct = |n: u64, of: u64| n as f64 * 100.0 / of.max(1) as f64;
         println!(
             "  {label}: {} ids needed (+{} −{}), {} sent (+{} −{}): {} re-sent = {:.2}% of the ids sent \
-             ({:.2}% of those needed); wasted {} adds, {} removes; {} kills ({} during a run)",
+             ({:.2}% of those needed); wasted {} adds, {} removes; {} kills ({} during a run, {} replacing the pod){}",
             n(self.needed.total()),
             n(self.needed.adds),
             n(self.needed.removes),
@@ -439,6 +487,8 @@ impl Figures {
             n(self.wasted.removes),
             self.kills,
             self.mid_run,
+            self.replaced,
+            if self.calm > 0 { "; finished only after the chaos stopped" } else { "" },
         );
     }
 }
@@ -549,7 +599,7 @@ async fn phase(w: &mut World, s: &Settings, rng: &mut StdRng, churned: bool) -> 
     let began = Instant::now();
     println!("- {name}:");
     request_runs(&w.api, name.split(' ').next().unwrap()).await;
-    let chaos = chaos_until_finished(&mut w.replicas, &w.api, rng, s, runs).await;
+    let chaos = chaos_until_finished(w, rng, s, runs).await;
     println!("  both runs finished in {:.1} s", began.elapsed().as_secs_f64());
     let expected: BTreeSet<String> = members(s, churned).map(user).collect();
     check_runs(&w.api, &w.sandbox, &expected).await;
@@ -564,8 +614,8 @@ async fn phase(w: &mut World, s: &Settings, rng: &mut StdRng, churned: bool) -> 
 async fn bench(s: Settings) {
     println!(
         "chaos: two `cohort-operator run` replicas (release) on kube-apiserver v1.20.2, ConfigMap snapshots; \
-         {} members, churn {} out / {} in; the leader killed (SIGKILL) {}–{} ms after it leads, seed {}; \
-         Lease {} s (grace {} s); Braze answers after {} ms (partner) / {} ms (/users/track), each request \
+         {} members, churn {} out / {} in; the leader killed (SIGKILL) {}–{} ms after it leads, seed {}, \
+         for at most {} s a phase, then restarted (or its pod replaced, half the time); Lease {} s (grace {} s); Braze answers after {} ms (partner) / {} ms (/users/track), each request \
          applied before its answer leaves",
         n(s.members),
         n(s.churn),
@@ -573,6 +623,7 @@ async fn bench(s: Settings) {
         s.kill_after_ms.0,
         s.kill_after_ms.1,
         s.seed,
+        s.chaos_seconds,
         s.lease_duration_s,
         s.lease_grace_s,
         s.partner_latency_ms,
