@@ -328,16 +328,20 @@ async fn leading(replicas: &[Replica; 2], http: &reqwest::Client) -> Option<usiz
     None
 }
 
+/// One kill: when, whether a run was in progress, whether the pod was replaced (a new
+/// identity: a failover through the Lease).
+struct Kill {
+    at: jiff::Timestamp,
+    mid_run: bool,
+    replaced: bool,
+}
+
 /// What the chaos loop did in one phase.
 #[derive(Default)]
 struct Chaos {
-    kills: u32,
-    /// Kills while a run was in progress.
-    mid_run: u32,
-    /// Kills after which the pod was replaced (a new identity: a failover through the Lease).
-    replaced: u32,
-    /// Whether the chaos stopped at its time limit, the runs unfinished.
-    stopped: bool,
+    kills: Vec<Kill>,
+    /// When the chaos stopped at its time limit, the runs unfinished.
+    stopped_at: Option<jiff::Timestamp>,
 }
 
 /// Kills the leader 2–6 s (seeded) after it is seen leading, and starts it again, until both
@@ -348,12 +352,12 @@ async fn chaos_until_finished(w: &mut World, rng: &mut StdRng, s: &Settings, run
     let mut chaos = Chaos::default();
     while !finished(&w.api, runs).await {
         assert!(began.elapsed() < PHASE_LIMIT, "the runs did not finish within {PHASE_LIMIT:?}");
-        if chaos.stopped {
+        if chaos.stopped_at.is_some() {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         }
         if began.elapsed() > Duration::from_secs(s.chaos_seconds) {
-            chaos.stopped = true;
+            chaos.stopped_at = Some(jiff::Timestamp::now());
             println!("    chaos stopped after {} s with the runs unfinished; they go on in calm", s.chaos_seconds);
             continue;
         }
@@ -386,6 +390,7 @@ async fn lead_for(api: &Api<CohortImport>, runs: usize, lead: Duration) -> bool 
 /// SIGKILLs replica `leader` and starts it again (in a new pod when `replace`); prints the ids
 /// each path has sent so far.
 async fn kill(w: &mut World, leader: usize, replace: bool, chaos: &mut Chaos, began: Instant, lead: Duration) {
+    let at = jiff::Timestamp::now();
     let mid_run = running(&w.api).await;
     let killed = w.replicas[leader].identity.clone();
     w.replicas[leader].kill();
@@ -393,13 +398,11 @@ async fn kill(w: &mut World, leader: usize, replace: bool, chaos: &mut Chaos, be
         w.replicas[leader].replace_pod();
     }
     w.replicas[leader].start();
-    chaos.kills += 1;
-    chaos.mid_run += u32::from(mid_run);
-    chaos.replaced += u32::from(replace);
+    chaos.kills.push(Kill { at, mid_run, replaced: replace });
     let stats = w.sandbox.stats();
     println!(
         "    kill {}: {killed} after {:.1} s leading, {:.1} s in; {}; sent so far {} ids (partner), {} objects (track){}",
-        chaos.kills,
+        chaos.kills.len(),
         lead.as_secs_f64(),
         began.elapsed().as_secs_f64(),
         if replace { format!("replaced by {}", w.replicas[leader].identity) } else { "restarted".to_owned() },
@@ -435,13 +438,14 @@ struct Figures {
     kills: u32,
     mid_run: u32,
     replaced: u32,
-    /// Phases whose runs finished only after the chaos stopped.
+    /// Phases whose run finished only after the chaos stopped.
     calm: u32,
 }
 
 impl Figures {
-    /// From the sandbox's counters for the path (all of whose ids are Braze users).
-    fn of(path: &str, stats: &Stats, needed: Ids, chaos: &Chaos) -> Figures {
+    /// From the sandbox's counters for the path (all of whose ids are Braze users), and the
+    /// kills before its run finished.
+    fn of(path: &str, stats: &Stats, needed: Ids, chaos: &Chaos, finished: jiff::Timestamp) -> Figures {
         let (sent, wasted) = if path == PARTNER {
             assert_eq!(stats.ids_unmatched, 0, "every id sent is a Braze user");
             let sent = Ids { adds: stats.ids_received - stats.removes_received, removes: stats.removes_received };
@@ -452,8 +456,18 @@ impl Figures {
             let sent = Ids { adds: t.objects - t.removals, removes: t.removals };
             (sent, Ids { adds: t.wasted_writes - t.wasted_removals, removes: t.wasted_removals })
         };
-        let (kills, mid_run, replaced, calm) = (chaos.kills, chaos.mid_run, chaos.replaced, u32::from(chaos.stopped));
-        Figures { needed, sent, wasted, kills, mid_run, replaced, calm }
+        let hit: Vec<&Kill> = chaos.kills.iter().filter(|k| k.at < finished).collect();
+        let count = |f: fn(&Kill) -> bool| hit.iter().filter(|k| f(k)).count() as u32;
+        let calm = u32::from(chaos.stopped_at.is_some_and(|t| t < finished));
+        Figures {
+            needed,
+            sent,
+            wasted,
+            kills: hit.len() as u32,
+            mid_run: count(|k| k.mid_run),
+            replaced: count(|k| k.replaced),
+            calm,
+        }
     }
 
     fn plus(self, o: Figures) -> Figures {
@@ -473,7 +487,7 @@ impl Figures {
         let pct = |n: u64, of: u64| n as f64 * 100.0 / of.max(1) as f64;
         println!(
             "  {label}: {} ids needed (+{} −{}), {} sent (+{} −{}): {} re-sent = {:.2}% of the ids sent \
-             ({:.2}% of those needed); wasted {} adds, {} removes; {} kills ({} during a run, {} replacing the pod){}",
+             ({:.2}% of those needed); wasted {} adds, {} removes; {} kills before its run finished ({} during a run, {} replacing the pod){}",
             n(self.needed.total()),
             n(self.needed.adds),
             n(self.needed.removes),
@@ -515,9 +529,15 @@ fn braze_members(sandbox: &RunningSandbox, path: &str) -> BTreeSet<String> {
     ids.into_iter().collect()
 }
 
-/// Checks each import's last run succeeded and Braze holds exactly the source; prints them.
-async fn check_runs(api: &Api<CohortImport>, sandbox: &RunningSandbox, expected: &BTreeSet<String>) {
-    for path in [PARTNER, ATTRIBUTE] {
+/// Checks each import's last run succeeded and Braze holds exactly the source; prints them
+/// and returns when each finished.
+async fn check_runs(
+    api: &Api<CohortImport>,
+    sandbox: &RunningSandbox,
+    expected: &BTreeSet<String>,
+) -> [jiff::Timestamp; 2] {
+    let mut finished = [jiff::Timestamp::now(); 2];
+    for (path, finished) in [PARTNER, ATTRIBUTE].into_iter().zip(&mut finished) {
         let import = api.get(path).await.unwrap();
         let run = import.status.unwrap().history[0].clone();
         let equal = braze_members(sandbox, path) == *expected;
@@ -532,7 +552,9 @@ async fn check_runs(api: &Api<CohortImport>, sandbox: &RunningSandbox, expected:
         );
         assert_eq!(run.result, RunResult::Succeeded, "{path}: {}", run.message);
         assert!(equal, "{path}: Braze does not hold exactly the source's members");
+        *finished = run.finished_at.unwrap_or(*finished);
     }
+    finished
 }
 
 /// The soak's world: the API server, Braze behind its delay lines, the export, the replicas.
@@ -602,10 +624,11 @@ async fn phase(w: &mut World, s: &Settings, rng: &mut StdRng, churned: bool) -> 
     let chaos = chaos_until_finished(w, rng, s, runs).await;
     println!("  both runs finished in {:.1} s", began.elapsed().as_secs_f64());
     let expected: BTreeSet<String> = members(s, churned).map(user).collect();
-    check_runs(&w.api, &w.sandbox, &expected).await;
+    let finished = check_runs(&w.api, &w.sandbox, &expected).await;
     let needed = if churned { Ids { adds: s.churn, removes: s.churn } } else { Ids { adds: s.members, removes: 0 } };
     let stats = w.sandbox.stats();
-    let figures = [PARTNER, ATTRIBUTE].map(|path| Figures::of(path, &stats, needed, &chaos));
+    let figures = [(PARTNER, finished[0]), (ATTRIBUTE, finished[1])]
+        .map(|(path, finished)| Figures::of(path, &stats, needed, &chaos, finished));
     figures[0].print("partner path");
     figures[1].print("attribute path");
     figures
