@@ -7,8 +7,10 @@
 //! cohort import API, one by `method: Attribute` (`/users/track`). A first import of
 //! `CHAOS_MEMBERS` members, then a churn run (`CHAOS_CHURN` leave, as many join). While a
 //! phase's runs go on, a chaos loop waits for a leader, lets it lead 2–6 s (seeded RNG,
-//! `CHAOS_SEED`), SIGKILLs it (by its pid) and starts it again — as a pod's container is
-//! restarted — until both runs have succeeded.
+//! `CHAOS_SEED`), SIGKILLs it (by its pid) and starts it again — under the same identity
+//! (its container restarted) or, half the time, a new one (its pod replaced: a failover
+//! through the Lease) — until both runs have succeeded, or for `CHAOS_SECONDS` at most;
+//! then the runs finish in calm, and the figures say which run finished only then.
 //!
 //! Braze is the sandbox, behind one delay line per path: a request reaches the sandbox at
 //! once and is applied; its answer comes back `CHAOS_PARTNER_LATENCY_MS` /
