@@ -146,6 +146,9 @@ pub struct Stats {
     pub dropped_connections: u64,
     /// Identifiers in accepted `cohorts/users` requests.
     pub ids_received: u64,
+    /// Of those, identifiers sent with `should_remove: true`.
+    #[serde(default)]
+    pub removes_received: u64,
     pub ids_matched: u64,
     /// Identifiers that matched no user (ignored, as Braze does).
     pub ids_unmatched: u64,
@@ -188,6 +191,10 @@ pub struct TrackStats {
     pub data_points: u64,
     /// Writes that changed nothing (paid for nothing).
     pub wasted_writes: u64,
+    /// Writes that take a value away (an array `remove`, a `null`, `false`).
+    pub removals: u64,
+    /// Of the wasted writes, removals (the rest added or set a value it had).
+    pub wasted_removals: u64,
     /// Array values dropped past the array limit.
     pub array_overflow: u64,
     /// Users named twice in one request.
@@ -205,6 +212,8 @@ impl TrackStats {
         self.missing_update_existing_only += o.missing_update_existing_only;
         self.data_points += o.data_points;
         self.wasted_writes += o.wasted_writes;
+        self.removals += o.removals;
+        self.wasted_removals += o.wasted_removals;
         self.array_overflow += o.array_overflow;
         self.duplicate_users += o.duplicate_users;
     }
@@ -250,6 +259,7 @@ struct Counters {
     by_status: Box<[AtomicU64]>,
     dropped: AtomicU64,
     ids_received: AtomicU64,
+    removes_received: AtomicU64,
     ids_matched: AtomicU64,
     ids_unmatched: AtomicU64,
     max_ids: AtomicU64,
@@ -285,6 +295,7 @@ impl Counters {
                 .collect(),
             dropped_connections: load(&self.dropped),
             ids_received: load(&self.ids_received),
+            removes_received: load(&self.removes_received),
             ids_matched: load(&self.ids_matched),
             ids_unmatched: load(&self.ids_unmatched),
             max_ids_in_request: load(&self.max_ids),
@@ -304,6 +315,7 @@ impl Counters {
             &self.users_requests,
             &self.dropped,
             &self.ids_received,
+            &self.removes_received,
             &self.ids_matched,
             &self.ids_unmatched,
             &self.max_ids,
@@ -992,6 +1004,7 @@ async fn change_members(
     let (resolved, unmatched) = shared.users.read().resolve(&request.changes);
     let (joined, left) = shared.cohorts.get_or_create(&partner, &request.cohort_id).lock().apply(&resolved);
     c.ids_received.fetch_add(ids, Ordering::Relaxed);
+    c.removes_received.fetch_add(removes, Ordering::Relaxed);
     c.ids_matched.fetch_add(resolved.len() as u64, Ordering::Relaxed);
     c.ids_unmatched.fetch_add(unmatched, Ordering::Relaxed);
     c.joined.fetch_add(joined, Ordering::Relaxed);

@@ -261,6 +261,10 @@ pub struct TrackOutcome {
     pub array_overflow: u64,
     /// Users named twice in one request.
     pub duplicate_users: u64,
+    /// Writes that take a value away: an array `remove` (without `add`), `null`, `false`.
+    pub removals: u64,
+    /// Of the wasted writes, removals.
+    pub wasted_removals: u64,
 }
 
 impl Profiles {
@@ -355,11 +359,16 @@ fn apply_write(
     array_limit: usize,
     out: &mut TrackOutcome,
 ) {
-    match write {
-        Write::Delete => out.wasted_writes += u64::from(attrs.remove(&name).is_none()),
+    let removal = match &write {
+        Write::Delete => true,
+        Write::Set(value) => value == &Value::Bool(false),
+        Write::Modify { add, remove } => add.is_empty() && !remove.is_empty(),
+    };
+    let wasted = match write {
+        Write::Delete => attrs.remove(&name).is_none(),
         Write::Set(value) => {
             let old = attrs.insert(name, value.clone());
-            out.wasted_writes += u64::from(old.as_ref() == Some(&value));
+            old.as_ref() == Some(&value)
         }
         Write::Modify { add, remove } => {
             let slot = attrs.entry(name).or_insert_with(|| Value::Array(Vec::new()));
@@ -379,9 +388,12 @@ fn apply_write(
                 items.drain(..drop);
                 out.array_overflow += drop as u64;
             }
-            out.wasted_writes += u64::from(*items == before);
+            *items == before
         }
-    }
+    };
+    out.wasted_writes += u64::from(wasted);
+    out.removals += u64::from(removal);
+    out.wasted_removals += u64::from(wasted && removal);
 }
 
 #[cfg(test)]
@@ -484,12 +496,15 @@ mod tests {
         assert_eq!((out.data_points, out.wasted_writes), (2, 0));
         let out = send(o(json!({"c": {"add": ["a"]}, "vip": true})));
         assert_eq!(out.wasted_writes, 2, "a present value and an unchanged boolean");
+        assert_eq!((out.removals, out.wasted_removals), (0, 0), "adds and sets are no removals");
         let out = send(o(json!({"c": {"add": ["x", "y"]}})));
         assert_eq!(out.array_overflow, 1, "the oldest value is dropped past the limit");
         let out = send(o(json!({"c": {"remove": ["zzz"]}, "vip": null})));
         assert_eq!(out.wasted_writes, 1, "removing an absent value");
+        assert_eq!((out.removals, out.wasted_removals), (2, 1), "a remove and a null; the remove wasted");
         let out = send(o(json!({"vip": null})));
         assert_eq!(out.wasted_writes, 1, "deleting an absent attribute");
+        assert_eq!(out.wasted_removals, 1);
         let attrs = profiles.get(0).unwrap();
         assert_eq!(attrs["c"], json!(["b", "x", "y"]));
         assert!(!attrs.contains_key("vip"));

@@ -89,6 +89,7 @@ async fn brazes_answers_for_keys_and_bodies() {
     assert_eq!(cohorts[0]["members"], 3);
     let stats: Stats = serde_json::from_value(get("/sandbox/stats").await).unwrap();
     assert_eq!((stats.ids_received, stats.ids_matched, stats.ids_unmatched), (6, 5, 1));
+    assert_eq!(stats.removes_received, 1, "the one should_remove id");
     assert_eq!((stats.joined, stats.left), (4, 1));
     assert_eq!(stats.max_ids_in_request, 1001);
     assert_eq!(stats.responses_by_status.get(&401), Some(&3));
