@@ -101,12 +101,14 @@ impl Pace {
 
     /// A write at `now` with the sender at `frontier`: the window it sets past the sender —
     /// the cadence's, or twice what the sender covers in one interval at its pace since the
-    /// last write, whichever is more.
-    fn wrote(&mut self, cadence: &Cadence, frontier: u64, now: Instant) -> u64 {
+    /// last write, whichever is more; doubled when the sender was `blocked` at the permit
+    /// (its pace was the window's, not its own).
+    fn wrote(&mut self, cadence: &Cadence, frontier: u64, now: Instant, blocked: bool) -> u64 {
         let elapsed = now.saturating_duration_since(self.last_at).as_secs_f64().max(1e-3);
         let covered = frontier.saturating_sub(self.last_frontier) as f64;
         let paced = (2.0 * covered * self.min_interval.as_secs_f64() / elapsed).ceil() as u64;
-        self.window = cadence.window.max(paced);
+        let grown = if blocked { self.window.saturating_mul(2) } else { 0 };
+        self.window = cadence.window.max(paced).max(grown);
         (self.last_at, self.last_frontier) = (now, frontier);
         self.window
     }
@@ -227,14 +229,18 @@ async fn checkpointer(
         }
         let frontier = gate.frontier.load(Ordering::Acquire);
         let near = progress.permit.saturating_sub(frontier) <= pace.window / 2;
+        // The sender waits at the permit: the window was too small for its pace (a run's
+        // start). Written at once, doubling the window, so it never waits out an interval.
+        let blocked = frontier >= progress.permit;
         let accepted = progress.accepted_keys();
         due = accepted - written >= cadence.every || near;
         let now = Instant::now();
-        if !due || now < pace.next_at() {
+        if !due || (now < pace.next_at() && !blocked) {
             continue;
         }
         due = false;
-        progress.permit = progress.permit.max(frontier + pace.wrote(&cadence, frontier, now));
+        let window = pace.wrote(&cadence, frontier, now, blocked);
+        progress.permit = progress.permit.max(frontier + window);
         match write(store, plan, &progress.capped()).await {
             Ok(()) => {
                 written = accepted;
@@ -291,14 +297,16 @@ mod tests {
         let mut pace = Pace::new(&cadence, start);
         assert_eq!(pace.next_at(), start + MIN_INTERVAL);
         // 30,000 keys in two seconds: 15,000 an interval, twice that past the sender.
-        assert_eq!(pace.wrote(&cadence, 30_000, start + Duration::from_secs(2)), 30_000);
+        assert_eq!(pace.wrote(&cadence, 30_000, start + Duration::from_secs(2), false), 30_000);
         assert_eq!(pace.next_at(), start + Duration::from_secs(3));
         // A slow sender: the cadence's window.
-        assert_eq!(pace.wrote(&cadence, 31_000, start + Duration::from_secs(4)), cadence.window);
+        assert_eq!(pace.wrote(&cadence, 31_000, start + Duration::from_secs(4), false), cadence.window);
+        // The sender waited at the permit: its pace was the window's, so the window doubles.
+        assert_eq!(pace.wrote(&cadence, 31_000, start + Duration::from_secs(5), true), 2 * cadence.window);
         // Unpaced (zero interval): always the cadence's window.
         let unpaced = cadence.paced(Duration::ZERO);
         let mut pace = Pace::new(&unpaced, start);
-        assert_eq!(pace.wrote(&unpaced, 1_000_000, start + Duration::from_millis(1)), unpaced.window);
+        assert_eq!(pace.wrote(&unpaced, 1_000_000, start + Duration::from_millis(1), false), unpaced.window);
     }
 
     /// Counts checkpoint writes; the checkpointer calls nothing else.
@@ -373,6 +381,40 @@ mod tests {
         let most = started.elapsed().as_millis() as u32 / interval.as_millis() as u32 + 1;
         assert!((2..=most).contains(&writes), "{writes} checkpoints in {:?}", started.elapsed());
         assert!(progress.permit > sent, "the permit ({}) stayed ahead of the sender ({sent})", progress.permit);
+    }
+
+    /// A sender at full speed from the start reaches the first permit at once: it gets a
+    /// checkpoint then, with the window doubled, and never waits out the interval (an hour
+    /// here: had the checkpointer held it, the send would not end within a minute).
+    #[tokio::test]
+    async fn a_sender_waiting_at_the_permit_is_not_held_for_the_interval() {
+        let cadence = Cadence { every: 1_000_000, window: 50, min_interval: Duration::from_secs(3600) };
+        let plan = PlanMeta {
+            format: 1,
+            base_generation: 0,
+            cohort_id: "vip".into(),
+            run_id: "r".into(),
+            recorded_at: jiff::Timestamp::UNIX_EPOCH,
+            keys: [0, 10_000, 0, 0, 0],
+            bytes: [0; crate::snapshot::plan::SECTIONS],
+            progress: Progress { accepted: Vec::new(), permit: cadence.window },
+        };
+        let (store, gate) = (Counting::default(), Gate::new(cadence.window));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let sending = async {
+            for position in 0..10_000u64 {
+                assert!(gate.pass(position).await, "checkpoints go on");
+                tx.send((position..position + 1, true)).unwrap();
+            }
+            drop(tx);
+        };
+        let both = async { tokio::join!(checkpointer(&store, &plan, cadence, rx, &gate), sending) };
+        let ((progress, _, stopped), ()) =
+            tokio::time::timeout(Duration::from_secs(60), both).await.expect("the sender was held at the permit");
+        assert!(stopped.is_none());
+        let writes = store.0.lock().unwrap().len();
+        assert!((1..=10).contains(&writes), "{writes} checkpoints: the window doubles each time");
+        assert!(progress.permit >= 10_000);
     }
 
     #[tokio::test]
