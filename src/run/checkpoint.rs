@@ -345,22 +345,27 @@ mod tests {
         }
     }
 
+    /// A plan of `additions` keys to add, its permit the cadence's first window.
+    fn additions_plan(additions: u64, cadence: &Cadence) -> PlanMeta {
+        PlanMeta {
+            format: 1,
+            base_generation: 0,
+            cohort_id: "vip".into(),
+            run_id: "r".into(),
+            recorded_at: jiff::Timestamp::UNIX_EPOCH,
+            keys: [0, additions, 0, 0, 0],
+            bytes: [0; crate::snapshot::plan::SECTIONS],
+            progress: Progress { accepted: Vec::new(), permit: cadence.window },
+        }
+    }
+
     /// A Braze that accepts a request every 2 ms, with a cadence that asks for a checkpoint
     /// after each: one write per interval at most, and the permit stays ahead of the sender.
     #[tokio::test]
     async fn a_fast_braze_gets_at_most_one_checkpoint_an_interval() {
         let interval = Duration::from_millis(200);
         let cadence = Cadence { every: 10, window: 50, min_interval: interval };
-        let plan = PlanMeta {
-            format: 1,
-            base_generation: 0,
-            cohort_id: "vip".into(),
-            run_id: "r".into(),
-            recorded_at: jiff::Timestamp::UNIX_EPOCH,
-            keys: [0, 1_000_000, 0, 0, 0],
-            bytes: [0; crate::snapshot::plan::SECTIONS],
-            progress: Progress { accepted: Vec::new(), permit: cadence.window },
-        };
+        let plan = additions_plan(1_000_000, &cadence);
         let (store, gate) = (Counting::default(), Gate::new(cadence.window));
         let (tx, rx) = mpsc::unbounded_channel();
         let started = Instant::now();
@@ -389,16 +394,7 @@ mod tests {
     #[tokio::test]
     async fn a_sender_waiting_at_the_permit_is_not_held_for_the_interval() {
         let cadence = Cadence { every: 1_000_000, window: 50, min_interval: Duration::from_secs(3600) };
-        let plan = PlanMeta {
-            format: 1,
-            base_generation: 0,
-            cohort_id: "vip".into(),
-            run_id: "r".into(),
-            recorded_at: jiff::Timestamp::UNIX_EPOCH,
-            keys: [0, 10_000, 0, 0, 0],
-            bytes: [0; crate::snapshot::plan::SECTIONS],
-            progress: Progress { accepted: Vec::new(), permit: cadence.window },
-        };
+        let plan = additions_plan(10_000, &cadence);
         let (store, gate) = (Counting::default(), Gate::new(cadence.window));
         let (tx, rx) = mpsc::unbounded_channel();
         let sending = async {

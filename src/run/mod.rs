@@ -594,7 +594,7 @@ async fn plan(
 
     // 3. The diff, writing the new snapshot body and the keys to send (a run's), and the
     // change lists.
-    let mut diffed = match diff(run, stored, sorted, outputs).await? {
+    let mut diffed = match diff_against(run, stored, sorted, outputs).await? {
         Ok(diffed) => diffed,
         Err(missing) => return Ok(Err(missing)),
     };
@@ -692,7 +692,7 @@ async fn load(
 
 /// Step 3: diffs the sorted source against `stored` on a blocking thread, then checks what
 /// it read against what the store's metadata says (damage found: nothing was sent yet).
-async fn diff(
+async fn diff_against(
     run: &ImportRun,
     stored: StoredState,
     sorted: sort::SortedKeys,

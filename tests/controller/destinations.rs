@@ -91,6 +91,16 @@ impl Imports {
         self.wait_status(name, reason, |s| ready_reason(s) == Some(reason)).await
     }
 
+    /// Waits until the operator has reconciled `name` as it is now, run request included:
+    /// a spec change it must acknowledge (`status.observedGeneration`) follows the request,
+    /// and one import's reconciles never overlap, so the one that shows it saw both.
+    async fn reconciled(&self, name: &str) -> CohortImport {
+        let patch = json!({ "spec": { "historyLimit": 9 } });
+        let patched = self.0.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await.expect("import patched");
+        let generation = patched.metadata.generation;
+        self.wait_status(name, "reconciled", |s| s.observed_generation == generation).await
+    }
+
     async fn wait_runs(&self, name: &str, n: usize) -> CohortImport {
         self.wait_status(name, &format!("finished with {n} runs"), |s| {
             s.history.len() == n && s.current_run.is_none() && ready_reason(s) != Some("Running")
@@ -240,8 +250,7 @@ async fn a_cluster_destination_serves_the_namespaces_it_selects_and_refuses_the_
     assert!(message.contains(&shared) && message.contains(&format!("{selector}=us")), "{message}");
     assert!(message.contains(&other), "{message}");
     other_env.request_run("silver", "refused").await;
-    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-    let still = other_env.get("silver").await.status.unwrap();
+    let still = other_env.reconciled("silver").await.status.unwrap();
     assert!(still.history.is_empty() && still.current_run.is_none(), "no run: {still:?}");
     assert!(env.members("silver").is_empty(), "nothing reached the sandbox");
 
@@ -273,8 +282,7 @@ async fn a_braze_destination_of_another_namespace_is_never_usable() {
     assert!(message.contains(&format!("namespace {mine}")), "{message}");
     assert!(!message.contains(&env.ns), "nothing of the other namespace: {message}");
     mine_env.request_run("vip", "try").await;
-    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-    assert!(mine_env.get("vip").await.status.unwrap().history.is_empty());
+    assert!(mine_env.reconciled("vip").await.status.unwrap().history.is_empty());
     assert!(env.members("stolen").is_empty(), "nothing reached the sandbox");
     operator.stop().await;
 }
