@@ -609,6 +609,7 @@ fn plan_of(s: &Setup, keys: &[Vec<u8>], doubt: &DoubtMeta) -> (PlanMeta, PathBuf
         keys: counts,
         bytes,
         progress: Progress { accepted: Vec::new(), permit: 10 },
+        leased: false,
     };
     (meta, path)
 }

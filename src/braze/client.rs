@@ -382,6 +382,11 @@ impl BrazeClient {
         self
     }
 
+    /// Whether it sends only under a Lease's fence (leader election).
+    pub fn is_fenced(&self) -> bool {
+        self.fence.is_leased()
+    }
+
     /// Draws requests from `budgets` (the operator's `--braze-requests-per-hour` and
     /// `--braze-burst`) instead of a default budget of its own.
     pub fn with_budgets(mut self, budgets: Arc<Budgets>) -> Self {

@@ -154,6 +154,16 @@ pub struct RunDeps<'a> {
     pub target: &'a CohortTarget,
 }
 
+/// What a run reads its snapshot from: the store, the cohort, and whether the run sends
+/// under the Lease's fence (an interrupted attempt that did too is then quiet,
+/// [`crate::snapshot::plan::is_quiet`]; a preview, which sends nothing, says `false`).
+#[derive(Clone, Copy)]
+struct Reading<'a> {
+    snapshots: &'a dyn SnapshotStore,
+    cohort_id: &'a str,
+    fenced: bool,
+}
+
 /// Where a run's writes go: [`RunDeps`] without the source.
 #[derive(Clone, Copy)]
 struct Writes<'a> {
@@ -238,7 +248,8 @@ pub async fn preview_import(
     let mut report = new_report(run);
     let outcome = async {
         let scratch = run_scratch(run)?;
-        match plan(run, members, snapshots, cohort_id, scratch.path(), None, &mut report).await? {
+        let reading = Reading { snapshots, cohort_id, fenced: false };
+        match plan(run, members, reading, scratch.path(), None, &mut report).await? {
             Ok(_) => Ok(RunResult::DryRun),
             Err(missing) => Ok(snapshot_missing(run, &mut report, missing)),
         }
@@ -325,7 +336,8 @@ async fn execute(
     });
     // 1–4. Snapshot, source, diff, guard: the plan a preview shows. A run that finds the
     // store without what status says Braze holds, or blocked by the guard, sends nothing.
-    let planned = plan(run, deps.members, deps.snapshots, cohort_id, scratch.path(), outputs.clone(), report).await?;
+    let reading = Reading { snapshots: deps.snapshots, cohort_id, fenced: deps.braze.is_fenced() };
+    let planned = plan(run, deps.members, reading, scratch.path(), outputs.clone(), report).await?;
     let Planned { diffed, previous_meta, stored_generation, remapped, decision } = match planned {
         Ok(planned) => planned,
         Err(missing) => return Ok(snapshot_missing(run, report, missing)),
@@ -460,6 +472,7 @@ async fn record_doubt(
         keys,
         bytes,
         progress: Progress { accepted: Vec::new(), permit: cadence.window },
+        leased: deps.braze.is_fenced() && keys[Section::Unsafe as usize] == 0,
     };
     if deps.snapshots.record_doubt_with_plan(meta, &outputs.sends, &plan, &outputs.plan).await? {
         return Ok(Some((plan, cadence)));
@@ -575,14 +588,13 @@ struct Planned {
 async fn plan(
     run: &ImportRun,
     members: MemberStream<'_>,
-    snapshots: &dyn SnapshotStore,
-    cohort_id: &str,
+    reading: Reading<'_>,
     scratch: &Path,
     outputs: Option<DiffOutputs>,
     report: &mut RunReport,
 ) -> Result<Result<Planned, Missing>, RunError> {
     // 1. What Braze has, and what an interrupted run may have changed.
-    let stored = match load(run, snapshots, cohort_id, scratch, report).await? {
+    let stored = match load(run, reading, scratch, report).await? {
         Ok(stored) => stored,
         Err(missing) => return Ok(Err(missing)),
     };
@@ -639,11 +651,11 @@ struct StoredState {
 /// before anything is sent; what changed since (cohort id, mapping) is noted.
 async fn load(
     run: &ImportRun,
-    snapshots: &dyn SnapshotStore,
-    cohort_id: &str,
+    reading: Reading<'_>,
     scratch: &Path,
     report: &mut RunReport,
 ) -> Result<Result<StoredState, Missing>, RunError> {
+    let Reading { snapshots, cohort_id, fenced } = reading;
     let loaded = match snapshots.load(scratch).await {
         Ok(loaded) => loaded,
         Err(SnapshotError::Corrupt { what, message }) => {
@@ -670,7 +682,7 @@ async fn load(
     };
     let doubt = loaded.doubt.filter(|d| d.meta.cohort_id == cohort_id);
     let stored_plan = loaded.plan.filter(|_| doubt.is_some());
-    let known = resolve_plan(stored_plan, scratch, report).await;
+    let known = resolve_plan(stored_plan, scratch, report, fenced).await;
     if let Some(d) = &doubt {
         let settled = known.as_ref().map_or(0, |k| k.accepted);
         report.notes.push(format!(
@@ -744,11 +756,13 @@ async fn resolve_plan(
     plan: Option<crate::snapshot::plan::StoredPlan>,
     scratch: &Path,
     report: &mut RunReport,
+    fenced: bool,
 ) -> Option<KnownKeys> {
     let plan = plan?;
     let (run_id, accepted) = (plan.meta.run_id.clone(), plan.meta.progress.accepted_keys());
+    let quiet = crate::snapshot::plan::is_quiet(&plan.meta, fenced);
     let dir = scratch.to_owned();
-    match tokio::task::spawn_blocking(move || crate::snapshot::plan::resolve(plan, &dir)).await {
+    match tokio::task::spawn_blocking(move || crate::snapshot::plan::resolve(plan, &dir, quiet)).await {
         Ok(Ok(resolved)) => Some(KnownKeys { resolved, accepted }),
         Ok(Err(e)) => {
             warn!(run = %run_id, error = %e, "ignoring a checkpoint that cannot be read");

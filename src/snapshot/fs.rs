@@ -501,6 +501,7 @@ mod tests {
             keys,
             bytes,
             progress: Progress { accepted: Vec::new(), permit: 1 },
+            leased: false,
         };
         (meta, path)
     }
@@ -523,7 +524,7 @@ mod tests {
         let loaded = store.load(dir.path()).await.unwrap();
         let stored = loaded.plan.expect("the plan");
         assert_eq!(stored.meta.progress, progress, "the last checkpoint");
-        let resolved = crate::snapshot::plan::resolve(stored, dir.path()).unwrap();
+        let resolved = crate::snapshot::plan::resolve(stored, dir.path(), false).unwrap();
         assert_eq!(keys(resolved.settled_in), ["b"]);
         assert_eq!(keys(resolved.unsafe_keys), ["c"]);
 

@@ -11,7 +11,17 @@
 //!
 //! Settling a key is safe only if no other attempt of the run may still send it. Two
 //! attempts can overlap (an old leader cut off from the API server while a new one
-//! resumes); the store alone, not the Lease, proves a key quiet:
+//! resumes). Under leader election the Lease's fence ([`crate::fence`]) ends that: an
+//! attempt sends nothing once its fence has closed, and another replica leads only after
+//! that (a shard resumes another shard's run only once that shard let go of it or lost its
+//! Lease, [`crate::controller::shard::handoff`]; an earlier attempt in the same process
+//! ended before the run was resumed). So a run under the fence finds every earlier attempt
+//! silent that also sent only under it — the exactness of every commit already rests on
+//! that. A plan says so (`leased`) when its run sent under the fence and listed no unsafe
+//! key; such a plan, resolved by a run under the fence, is *quiet*: every send it accepted
+//! is settled, and what it left below its permit is simply in doubt, sent again once and
+//! settled like any other send. Without leader election, or from an older plan, the store
+//! alone proves a key quiet:
 //! - a run sends a position only below its *permit*, a bound it recorded before sending
 //!   there and never lowers; it records a higher one only by a write conditioned on the
 //!   store being as it last wrote it. Once another attempt recorded its keys in doubt, that
@@ -84,6 +94,10 @@ pub struct PlanMeta {
     pub keys: [u64; SECTIONS],
     pub bytes: [u64; SECTIONS],
     pub progress: Progress,
+    /// The run sent only under the Lease's fence and lists no unsafe key: a run under the
+    /// fence finds it quiet (see the module's doc). Older plans: `false`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub leased: bool,
 }
 
 /// How far a run got: what Braze accepted, and how far it may send.
@@ -168,6 +182,9 @@ impl PlanMeta {
                 "the checkpoint covers {covered} keys ({unsafe_keys} unsafe), the keys in doubt are {}",
                 doubt.keys
             )));
+        }
+        if self.leased && unsafe_keys > 0 {
+            return Err(corrupt(format!("a plan sent under the Lease lists {unsafe_keys} unsafe keys")));
         }
         self.progress.check().map_err(|e| corrupt(format!("the checkpoint: {e}")))?;
         if self.progress.accepted.last().is_some_and(|&[_, e]| e > removes + adds) {
@@ -276,17 +293,28 @@ pub struct Resolved {
     pub unsafe_keys: File,
 }
 
+/// Whether a run finds `plan` quiet: it runs under the Lease's fence (`fenced`), and so did
+/// the plan's run, which listed no unsafe key (see the module's doc).
+pub fn is_quiet(plan: &PlanMeta, fenced: bool) -> bool {
+    fenced && plan.leased
+}
+
 /// Works out what `plan` settles: the held keys, and each accepted send that is not
 /// unsafe; and what is unsafe: its unsafe keys, and the sends below its permit that were
-/// not accepted. [`io::ErrorKind::InvalidData`] when a section is damaged or out of order.
-pub fn resolve(plan: StoredPlan, scratch: &Path) -> io::Result<Resolved> {
+/// not accepted — unless the plan is `quiet` ([`is_quiet`]): then nothing is unsafe.
+/// [`io::ErrorKind::InvalidData`] when a section is damaged or out of order.
+pub fn resolve(plan: StoredPlan, scratch: &Path, quiet: bool) -> io::Result<Resolved> {
     let body = Arc::new(plan.body.try_clone()?);
     let progress = &plan.meta.progress;
     let removes = plan.meta.keys[Section::Removes as usize];
     let temp = || tempfile::tempfile_in(scratch);
     let (mut accepted_out, mut window_out, mut accepted_in, mut window_in) = (temp()?, temp()?, temp()?, temp()?);
-    split(plan.section(&body, Section::Removes)?, 0, progress, &mut accepted_out, &mut window_out)?;
-    split(plan.section(&body, Section::Adds)?, removes, progress, &mut accepted_in, &mut window_in)?;
+    // A quiet plan's run sends nothing more: what it left below its permit is in doubt, not
+    // unsafe (and its unsafe section is empty, [`PlanMeta::check`]).
+    let window_end = if quiet { 0 } else { progress.permit };
+    let accepted = &progress.accepted;
+    split(plan.section(&body, Section::Removes)?, 0, accepted, window_end, &mut accepted_out, &mut window_out)?;
+    split(plan.section(&body, Section::Adds)?, removes, accepted, window_end, &mut accepted_in, &mut window_in)?;
     let settled = |held: Section, accepted: &mut File| -> io::Result<File> {
         let mut claimed = temp()?;
         let mut accepted = read_body(rewound(accepted)?)?;
@@ -314,24 +342,25 @@ fn rewound(file: &mut File) -> io::Result<File> {
     file.try_clone()
 }
 
-/// Writes the keys of a send section (positions from `first`) accepted by `progress` to
-/// `accepted`, and those below its permit that were not to `window`.
+/// Writes the keys of a send section (positions from `first`) in the `ranges` accepted to
+/// `accepted`, and those below `window_end` that were not to `window`.
 fn split(
     mut sends: SectionBody,
     first: u64,
-    progress: &Progress,
+    ranges: &[[u64; 2]],
+    window_end: u64,
     accepted: &mut File,
     window: &mut File,
 ) -> io::Result<()> {
     let mut yes = BodyWriter::new(BufWriter::new(accepted))?;
     let mut maybe = BodyWriter::new(BufWriter::new(window))?;
-    let mut ranges = progress.accepted.iter().peekable();
+    let mut ranges = ranges.iter().peekable();
     let mut position = first;
     while let Some(key) = sends.key() {
         while ranges.next_if(|[_, end]| *end <= position).is_some() {}
         if ranges.peek().is_some_and(|[start, _]| *start <= position) {
             yes.push(key)?;
-        } else if position < progress.permit {
+        } else if position < window_end {
             maybe.push(key)?;
         }
         position += 1;
@@ -478,6 +507,7 @@ mod tests {
             keys,
             bytes,
             progress,
+            leased: false,
         };
         StoredPlan { meta, body: File::open(path).unwrap(), offset: 0 }
     }
@@ -506,17 +536,35 @@ mod tests {
         // permit 6: e (2) and f (5) may still be sent; g (6) never will be. c is unsafe.
         let progress = Progress { accepted: vec![[0, 2], [3, 5]], permit: 6 };
         let stored = plan(dir.path(), [&["a", "c", "e"], &["b", "d", "f", "g"], &["h"], &["i"], &["c", "z"]], progress);
-        let resolved = resolve(stored, dir.path()).unwrap();
+        let resolved = resolve(stored, dir.path(), false).unwrap();
         assert_eq!(keys_of(resolved.settled_out), ["a", "h"]);
         assert_eq!(keys_of(resolved.settled_in), ["b", "d", "i"]);
         assert_eq!(keys_of(resolved.unsafe_keys), ["c", "e", "f", "z"]);
     }
 
     #[test]
+    fn a_quiet_plan_settles_its_accepted_sends_and_leaves_nothing_unsafe() {
+        let dir = tempfile::tempdir().unwrap();
+        // As above without unsafe keys: e (2) and f (5) were below the permit, not accepted.
+        let progress = Progress { accepted: vec![[0, 2], [3, 5]], permit: 6 };
+        let sections: [&[&str]; SECTIONS] = [&["a", "c", "e"], &["b", "d", "f", "g"], &["h"], &["i"], &[]];
+        let mut stored = plan(dir.path(), sections, progress.clone());
+        stored.meta.leased = true;
+        assert!(is_quiet(&stored.meta, true));
+        assert!(!is_quiet(&stored.meta, false), "a run without the fence proves nothing quiet");
+        let resolved = resolve(stored, dir.path(), true).unwrap();
+        assert_eq!(keys_of(resolved.settled_out), ["a", "c", "h"]);
+        assert_eq!(keys_of(resolved.settled_in), ["b", "d", "i"]);
+        assert!(keys_of(resolved.unsafe_keys).is_empty(), "e and f are in doubt, sent again once");
+        let unfenced = resolve(plan(dir.path(), sections, progress), dir.path(), false).unwrap();
+        assert_eq!(keys_of(unfenced.unsafe_keys), ["e", "f"]);
+    }
+
+    #[test]
     fn the_settled_cursor_merges_both_states_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let stored = plan(dir.path(), [&[], &[], &["b", "d"], &["a", "c"], &[]], Progress::default());
-        let r = resolve(stored, dir.path()).unwrap();
+        let r = resolve(stored, dir.path(), false).unwrap();
         let mut c = SettledKeys::new(Some(r.settled_in), Some(r.settled_out)).unwrap();
         let mut seen = Vec::new();
         while let Some(k) = c.key() {
@@ -530,7 +578,7 @@ mod tests {
     fn unsorted_sections_are_damage() {
         let dir = tempfile::tempdir().unwrap();
         let stored = plan(dir.path(), [&[], &[], &["b", "a"], &[], &[]], Progress::default());
-        let err = resolve(stored, dir.path()).unwrap_err();
+        let err = resolve(stored, dir.path(), false).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
     }
 
@@ -553,5 +601,11 @@ mod tests {
         assert!(stored.meta.check("x", &DoubtMeta { keys: 4, ..doubt.clone() }).is_err());
         let past = PlanMeta { progress: Progress { accepted: vec![[0, 3]], permit: 3 }, ..stored.meta.clone() };
         assert!(past.check("x", &doubt).is_err());
+        let mut leased = stored.meta.clone();
+        leased.leased = true;
+        leased.check("x", &doubt).unwrap();
+        leased.keys[Section::Unsafe as usize] = 1;
+        let err = leased.check("x", &doubt).unwrap_err().to_string();
+        assert!(err.contains("under the Lease lists 1 unsafe"), "{err}");
     }
 }
