@@ -9,8 +9,8 @@
 //! ([`cohort_operator::run::checkpoint::Cadence`]) and the requests in flight, not from
 //! timing. `RESEND_SIZE=n RESEND_KILLS=k cargo test --test resend -- --nocapture` prints
 //! the figures for other sizes (see README, Benchmarks). These measurements pace checkpoints
-//! by keys alone (`checkpoint_interval` zero): the time bound of one checkpoint a second
-//! lets a sandbox this fast go a second or two between checkpoints, which is its own
+//! by keys alone (`checkpoint_interval` zero): the time bound of four checkpoints a second
+//! lets a sandbox this fast go a quarter second between checkpoints, which is its own
 //! trade-off ([`cohort_operator::run::checkpoint`]), tested there.
 //!
 //! A source that drops and re-adds members between interruptions (with the default pacing)

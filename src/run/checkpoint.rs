@@ -9,13 +9,16 @@
 //! at the permit it has: a conflict means another attempt recorded its keys in doubt, and
 //! this one must then send nothing its plan did not let it send.
 //!
-//! Checkpoints are also paced in time: at most one per [`Cadence::min_interval`] (a second
-//! by default), however fast Braze accepts, so a run costs the store at most one head
-//! update a second. To keep a fast sender from waiting at the permit between two writes,
-//! each write sets the permit at least twice as far past the sender as it went in one
-//! interval since the last write ([`Pace`]). The price: an interruption re-sends up to
-//! about that much more — a second or two of traffic at the rate Braze accepted — when
-//! Braze is faster than the cadence in keys.
+//! Checkpoints are also paced in time: at most one per [`Cadence::min_interval`] (a quarter
+//! second by default), however fast Braze accepts, so a run costs the store at most four
+//! head updates a second. To keep a fast sender from waiting at the permit between two
+//! writes, each write sets the permit at least twice as far past the sender as it went in
+//! one interval since the last write ([`Pace`]). The price: when Braze is faster than the
+//! cadence in keys, an interruption re-sends what Braze accepted since the last write — up
+//! to a quarter second of traffic, about what a few requests in flight hold — besides what
+//! was in flight. (Under the Lease what the run was permitted to send and did not is sent
+//! once by the next attempt, [`crate::snapshot::plan`]; without it, by every later one until
+//! a commit.)
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -41,7 +44,7 @@ pub const MIN_REQUESTS_BETWEEN: u64 = 4;
 /// Tries of a checkpoint write that fails for a reason other than another attempt.
 const WRITE_ATTEMPTS: u32 = 3;
 /// Least time between two checkpoints of a run, by default.
-pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
+pub const MIN_INTERVAL: Duration = Duration::from_millis(250);
 
 /// How often a run checkpoints, in keys.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -292,10 +295,10 @@ mod tests {
 
     #[test]
     fn the_window_grows_with_the_senders_pace_and_never_below_the_cadence() {
-        let cadence = Cadence::of(16_000, 1000, 8).unwrap();
+        let cadence = Cadence::of(16_000, 1000, 8).unwrap().paced(Duration::from_secs(1));
         let start = Instant::now();
         let mut pace = Pace::new(&cadence, start);
-        assert_eq!(pace.next_at(), start + MIN_INTERVAL);
+        assert_eq!(pace.next_at(), start + Duration::from_secs(1));
         // 30,000 keys in two seconds: 15,000 an interval, twice that past the sender.
         assert_eq!(pace.wrote(&cadence, 30_000, start + Duration::from_secs(2), false), 30_000);
         assert_eq!(pace.next_at(), start + Duration::from_secs(3));

@@ -375,16 +375,10 @@ async fn execute(
     // identifier mapping alone is committed too, so its note is not repeated every run.
     if renamed || sends > 0 || remapped {
         let meta = SnapshotMeta {
-            format: FORMAT_VERSION,
-            generation: stored_generation + 1,
-            cohort_id: cohort_id.clone(),
-            cohort_name: run.cohort_name.clone(),
             cohort_created_at: created_at,
             members: counts.new,
-            identifier_fingerprint: run.identifier_fingerprint.clone(),
-            run_id: run.run_id.clone(),
-            committed_at: clock.now(),
             digest: Some(diffed.digest.clone()),
+            ..SnapshotMeta::of(run, cohort_id, stored_generation + 1, clock.now())
         };
         deps.snapshots.commit(&meta, &outputs.snapshot).await?;
         report.committed_generation = Some(meta.generation);
@@ -398,6 +392,25 @@ async fn execute(
         digest: Some(diffed.digest),
     });
     Ok(RunResult::Succeeded)
+}
+
+impl SnapshotMeta {
+    /// What `run` commits as `generation` of `cohort_id` at `now`: an empty cohort created
+    /// then, until the caller says otherwise.
+    fn of(run: &ImportRun, cohort_id: &str, generation: u64, now: Timestamp) -> Self {
+        SnapshotMeta {
+            format: FORMAT_VERSION,
+            generation,
+            cohort_id: cohort_id.to_owned(),
+            cohort_name: run.cohort_name.clone(),
+            cohort_created_at: now,
+            members: 0,
+            identifier_fingerprint: run.identifier_fingerprint.clone(),
+            run_id: run.run_id.clone(),
+            committed_at: now,
+            digest: None,
+        }
+    }
 }
 
 impl DoubtMeta {
