@@ -321,7 +321,7 @@ impl BigQueryMembers {
             CallError::Api(api) if api.class() != ErrorClass::Transient => Failure::Fatal(self.failure(e, page)),
             _ => {
                 let detail = self.redacted(&format!("{e:?}"));
-                Failure::Transient(Transient { detail, hint: None, last: Some(self.failure(e, page)) })
+                Failure::Transient(Transient { detail, hint: None, last: Some(Box::new(self.failure(e, page))) })
             }
         }
     }

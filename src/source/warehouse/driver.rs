@@ -169,8 +169,8 @@ pub(crate) struct Transient {
     /// The server's `Retry-After`.
     pub hint: Option<Duration>,
     /// The error the read ends with when the retries run out; `None`:
-    /// [`SourceError::Unavailable`] with `detail`.
-    pub last: Option<SourceError>,
+    /// [`SourceError::Unavailable`] with `detail`. (Boxed: a failure stays small.)
+    pub last: Option<Box<SourceError>>,
 }
 
 impl Failure {
@@ -289,11 +289,12 @@ where
                 tracing::debug!(source = %protocol.what(), "transient answer, retrying: {}", t.detail);
                 resend = true;
                 let Some(wait) = backoff.next_delay(t.hint) else {
-                    return Err(Stop::Exhausted(t.last.unwrap_or_else(|| SourceError::Unavailable {
+                    let unavailable = || SourceError::Unavailable {
                         what: protocol.what().to_owned(),
                         attempts: backoff.attempts() + 1,
                         detail: t.detail,
-                    })));
+                    };
+                    return Err(Stop::Exhausted(t.last.map_or_else(unavailable, |last| *last)));
                 };
                 sleep_within(wait, deadline, || timeout(protocol)).await.map_err(Stop::Final)?;
             }
@@ -418,5 +419,312 @@ async fn submission<P: Protocol>(
             Err(Stop::Exhausted(e)) => return Ok(Ended::Exhausted(e)),
             Err(Stop::Final(e)) => return Err(e),
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use futures::StreamExt;
+
+    use super::*;
+    use crate::api::IdentifierMapping;
+    use crate::domain::member::Member;
+    use crate::source::warehouse::{ColumnType, CompactRows};
+
+    /// What the fake warehouse answers, request by request, in order.
+    enum Reply {
+        Running,
+        /// Finished, its result in `n` pages of two rows each: the first in the answer.
+        Finished(usize),
+        Interrupted,
+        Page(&'static str),
+        Fail(Failure),
+    }
+
+    /// A warehouse that answers from a script, counts what it was asked, and has one
+    /// column, `ID`.
+    struct Fake {
+        script: Mutex<VecDeque<Reply>>,
+        submits: AtomicU32,
+        cancels: AtomicU32,
+        reauthentications: AtomicU32,
+        fields: IdentifierFields,
+        timeout: Duration,
+        resubmissions: u32,
+    }
+
+    fn fake(script: Vec<Reply>) -> Fake {
+        let mapping = IdentifierMapping { external_id: Some("ID".into()), ..Default::default() };
+        Fake {
+            script: Mutex::new(script.into()),
+            submits: AtomicU32::default(),
+            cancels: AtomicU32::default(),
+            reauthentications: AtomicU32::default(),
+            fields: IdentifierFields::from_mapping(&mapping).unwrap(),
+            timeout: Duration::from_secs(5),
+            resubmissions: 0,
+        }
+    }
+
+    fn rows(json: &str) -> CompactRows {
+        serde_json::from_str(json).unwrap()
+    }
+
+    impl Fake {
+        fn next(&self) -> Reply {
+            self.script.lock().unwrap().pop_front().unwrap_or(Reply::Running)
+        }
+
+        fn progress(&self) -> Result<Progress<usize>, Failure> {
+            match self.next() {
+                Reply::Running => Ok(Progress::Running),
+                Reply::Finished(pages) => Ok(Progress::Finished(pages)),
+                Reply::Interrupted => Ok(Progress::Interrupted("under maintenance".into())),
+                Reply::Fail(failure) => Err(failure),
+                Reply::Page(_) => unreachable!("a page while the statement runs"),
+            }
+        }
+    }
+
+    impl Protocol for Fake {
+        type Handle = u32;
+        type Finished = usize;
+        type Cursor = usize;
+        type PageInfo = ();
+        /// Pages promised, pages read.
+        type Ledger = (usize, usize);
+        type Rows = CompactRows;
+
+        const FORMAT: &'static str = "fake result";
+
+        fn what(&self) -> &str {
+            "fake query"
+        }
+
+        fn fields(&self) -> &IdentifierFields {
+            &self.fields
+        }
+
+        fn statement_timeout(&self) -> Duration {
+            self.timeout
+        }
+
+        fn page_limit(&self) -> PageLimit {
+            PageLimit::new("maxPageBytes", 16, 1024)
+        }
+
+        fn retries(&self) -> Backoff {
+            Backoff::new(Duration::from_millis(1), Duration::from_millis(2), 3)
+        }
+
+        fn polling(&self) -> Backoff {
+            Backoff::new(Duration::from_millis(1), Duration::from_millis(2), u32::MAX)
+        }
+
+        fn resubmissions(&self) -> Backoff {
+            Backoff::new(Duration::from_millis(1), Duration::from_millis(2), self.resubmissions)
+        }
+
+        async fn submit(&self, _request_id: &str, _resend: bool) -> Result<(u32, Progress<usize>), Failure> {
+            let progress = self.progress()?;
+            Ok((self.submits.fetch_add(1, Ordering::SeqCst) + 1, progress))
+        }
+
+        async fn poll(&self, _handle: &u32) -> Result<Progress<usize>, Failure> {
+            self.progress()
+        }
+
+        fn result(&self, pages: usize) -> Result<ResultSet<Self>, SourceError> {
+            let first = Page { rows: rows(r#"[["a"],["b"]]"#), part: "page 0".into(), info: () };
+            let columns = vec![("ID".to_owned(), ColumnType::Text)];
+            Ok(ResultSet { columns, ledger: (pages, 0), first: Next::Page(first) })
+        }
+
+        async fn page(&self, _handle: &u32, n: &usize) -> Result<Page<Self>, Failure> {
+            match self.next() {
+                Reply::Page(json) => Ok(Page { rows: rows(json), part: format!("page {n}"), info: () }),
+                Reply::Fail(failure) => Err(failure),
+                _ => unreachable!("the script gives pages here"),
+            }
+        }
+
+        fn tally(
+            &self,
+            (promised, read): &mut (usize, usize),
+            page: &Page<Self>,
+        ) -> Result<Option<usize>, SourceError> {
+            if page.rows.len() != 2 {
+                return Err(SourceError::Malformed {
+                    what: "fake query".into(),
+                    format: Self::FORMAT,
+                    location: page.part.clone(),
+                    message: "cut short".into(),
+                });
+            }
+            *read += 1;
+            Ok((*read < *promised).then_some(*read))
+        }
+
+        fn settle(&self, (promised, read): (usize, usize)) -> Result<(), SourceError> {
+            assert_eq!(promised, read, "every page was read");
+            Ok(())
+        }
+
+        fn cancel(&self, _handle: &u32) -> Option<reqwest::RequestBuilder> {
+            self.cancels.fetch_add(1, Ordering::SeqCst);
+            None
+        }
+
+        async fn reauthenticate(&self, _refused: SourceError) -> Result<(), SourceError> {
+            self.reauthentications.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    fn refused() -> Failure {
+        Failure::Unauthorized(SourceError::Auth {
+            what: "fake query".into(),
+            detail: "HTTP 401".into(),
+            fix: "".into(),
+        })
+    }
+
+    async fn ids(source: &Fake) -> Result<Vec<String>, SourceError> {
+        let mut stream = read(source);
+        let mut ids = Vec::new();
+        while let Some(batch) = stream.next().await {
+            ids.extend(batch?.members.into_iter().map(|m| match m {
+                Member::ExternalId(id) => id,
+                other => panic!("only external ids here: {other:?}"),
+            }));
+        }
+        Ok(ids)
+    }
+
+    #[tokio::test]
+    async fn transient_answers_are_retried_and_credentials_renewed_once() {
+        let source = fake(vec![
+            Reply::Fail(Failure::transient("HTTP 503".into())),
+            Reply::Fail(refused()),
+            Reply::Running,
+            Reply::Fail(Failure::retry_after("HTTP 429".into(), Some(Duration::from_millis(1)))),
+            Reply::Finished(3),
+            Reply::Fail(Failure::transient("reading page 1 failed".into())),
+            Reply::Page(r#"[["c"],["d"]]"#),
+            Reply::Page(r#"[["e"],["f"]]"#),
+        ]);
+        let ids = ids(&source).await.expect("read despite the faults");
+        assert_eq!(ids, ["a", "b", "c", "d", "e", "f"]);
+        assert_eq!(source.submits.load(Ordering::SeqCst), 1, "retries are not resubmissions");
+        assert_eq!(source.reauthentications.load(Ordering::SeqCst), 1);
+        assert_eq!(source.cancels.load(Ordering::SeqCst), 0, "a finished statement is not cancelled");
+    }
+
+    #[tokio::test]
+    async fn retries_run_out_into_unavailable_or_the_protocols_own_error() {
+        let failing = || (0..4).map(|_| Reply::Fail(Failure::transient("HTTP 503".into())));
+        let source = fake(failing().collect());
+        let err = ids(&source).await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "fake query: still unavailable after 4 attempts: HTTP 503; the next run tries again"
+        );
+
+        let last = || SourceError::Query { what: "fake query".into(), message: "kept failing".into() };
+        let mut script: Vec<Reply> = vec![Reply::Finished(2)];
+        script.extend((0..4).map(|_| {
+            let last = Some(Box::new(last()));
+            Reply::Fail(Failure::Transient(Transient { detail: "HTTP 503".into(), hint: None, last }))
+        }));
+        let err = ids(&fake(script)).await.unwrap_err();
+        assert_eq!(err.to_string(), last().to_string());
+
+        let source = fake(vec![Reply::Fail(refused()), Reply::Fail(refused())]);
+        assert!(matches!(ids(&source).await.unwrap_err(), SourceError::Auth { .. }));
+        assert_eq!(source.reauthentications.load(Ordering::SeqCst), 1, "fresh credentials once, not twice");
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_statement_is_submitted_again_while_resubmissions_last() {
+        let mut source = fake(vec![Reply::Interrupted, Reply::Running, Reply::Finished(1)]);
+        source.resubmissions = 1;
+        assert_eq!(ids(&source).await.unwrap().len(), 2);
+        assert_eq!(source.submits.load(Ordering::SeqCst), 2);
+        assert_eq!(source.cancels.load(Ordering::SeqCst), 0, "an interrupted statement has ended");
+
+        let source = fake(vec![Reply::Interrupted]);
+        let err = ids(&source).await.unwrap_err();
+        assert!(err.to_string().contains("still unavailable after 1 attempts: under maintenance"), "{err}");
+        assert_eq!(source.submits.load(Ordering::SeqCst), 1, "no resubmission by default");
+
+        // Requests that kept failing before it finished: the statement may run on, so it is
+        // cancelled before the new one is submitted.
+        let mut script: Vec<Reply> = vec![Reply::Running];
+        script.extend((0..4).map(|_| Reply::Fail(Failure::transient("HTTP 503".into()))));
+        script.extend([Reply::Finished(1)]);
+        let mut source = fake(script);
+        source.resubmissions = 1;
+        assert_eq!(ids(&source).await.unwrap().len(), 2);
+        assert_eq!((source.submits.load(Ordering::SeqCst), source.cancels.load(Ordering::SeqCst)), (2, 1));
+    }
+
+    #[tokio::test]
+    async fn a_statement_past_its_deadline_is_cancelled_before_the_read_fails() {
+        let mut source = fake(vec![]);
+        source.timeout = Duration::from_millis(100);
+        let err = ids(&source).await.unwrap_err();
+        assert!(matches!(err, SourceError::Timeout { .. }), "{err}");
+        assert_eq!(source.cancels.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_read_dropped_while_the_statement_runs_cancels_it_and_a_finished_one_is_left_alone() {
+        let source = fake(vec![]);
+        {
+            let mut stream = read(&source);
+            assert!(tokio::time::timeout(Duration::from_millis(50), stream.next()).await.is_err());
+        }
+        assert_eq!(source.cancels.load(Ordering::SeqCst), 1, "dropped while running");
+
+        let source = fake(vec![Reply::Finished(2)]);
+        {
+            let mut stream = read(&source);
+            assert_eq!(stream.next().await.unwrap().unwrap().rows(), 2);
+        }
+        assert_eq!(source.cancels.load(Ordering::SeqCst), 0, "dropped after it finished");
+
+        let source = fake(vec![Reply::Finished(1)]);
+        drop(read(&source));
+        assert_eq!(source.submits.load(Ordering::SeqCst), 0, "nothing is sent before the stream is polled");
+    }
+
+    #[tokio::test]
+    async fn a_page_is_checked_before_its_rows_become_members() {
+        let source = fake(vec![Reply::Finished(2), Reply::Page(r#"[["c"]]"#)]);
+        let mut stream = read(&source);
+        assert_eq!(stream.next().await.unwrap().unwrap().rows(), 2);
+        let err = stream.next().await.unwrap().unwrap_err();
+        assert!(err.to_string().contains("page 1") && err.to_string().contains("cut short"), "{err}");
+        assert!(stream.next().await.is_none(), "the read ends at its error");
+
+        let source = fake(vec![Reply::Finished(2), Reply::Page(r#"[["c","x"],["d","y"]]"#)]);
+        let err = ids(&source).await.unwrap_err();
+        assert!(err.to_string().contains("page 1, row 0: 2 cells where the schema has 1 columns"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn page_bodies_are_read_under_the_limit() {
+        let source = fake(vec![]);
+        let response = |body: &str| reqwest::Response::from(http::Response::new(body.to_owned()));
+        assert_eq!(source.read_page("page 1", response("[[\"a\"]]")).await.unwrap(), b"[[\"a\"]]");
+        let Err(Failure::Fatal(err)) = source.read_page("page 2", response(&"x".repeat(17))).await else {
+            panic!("a body over the limit is refused")
+        };
+        assert!(matches!(err, SourceError::PageTooLarge { limit: 16, .. }), "{err}");
+        assert!(err.to_string().contains("page 2 is larger than maxPageBytes (16 bytes)"), "{err}");
     }
 }
