@@ -11,13 +11,16 @@
 //! Errors are classified by the body's `reason` before the HTTP status (BigQuery answers
 //! 403 for rate limits and for missing permissions alike, see `wire`). Transient ones
 //! (429, 5xx, `rateLimitExceeded`, `backendError`, a page cut off mid-body) are retried
-//! with full-jitter backoff; a job that keeps failing while it runs is submitted again as a
-//! new job (BigQuery's advice for `backendError` jobs). A refused access token is replaced
-//! once. `statementTimeoutSeconds` bounds the whole read; past it the job is cancelled.
+//! ([`wire::retries`]: 6 attempts, 0.2 s doubling to 8 s); a job that keeps failing while
+//! it runs is submitted again as a new job (BigQuery's advice for `backendError` jobs), 3
+//! jobs at most. A refused access token is replaced once. `statementTimeoutSeconds` bounds
+//! the whole read; past it, or when the read is abandoned, the job is cancelled.
 //!
-//! Authentication and value conversion are in the submodules `auth` and `values`; what
-//! every warehouse source shares (retry timing, bounded page reads, the read-only statement
-//! check, column plans, exact number text) is in [`super::warehouse`].
+//! This file is BigQuery's wire protocol only ([`warehouse::Protocol`]); the read loop that
+//! retries, cancels, meters pages and maps rows is [`warehouse::read`], the same for every
+//! warehouse. Authentication and value conversion are in the submodules `auth` and
+//! `values`; what else every warehouse source shares (the read-only statement check, column
+//! plans, exact number text) is in [`super::warehouse`].
 
 use std::sync::Arc;
 use std::time::Duration;
