@@ -31,8 +31,8 @@ use self::auth::{Credentials, DEFAULT_METADATA_SERVER, ServiceAccountKey, TokenS
 use self::values::ColumnKind;
 use self::wire::{ApiError, ErrorClass, FormatOptions, JobReference, QueryRequest, QueryResponse, Row, Schema};
 use super::warehouse::{
-    self, Backoff, DEFAULT_MAX_PAGE_BYTES, Failure, Next, Page, PageLimit, PageRows, Progress, Protocol, ResultSet,
-    Transient, checked_query,
+    self, Backoff, DEFAULT_MAX_PAGE_BYTES, Failure, Next, Page, PageLimit, PageRows, Progress, Protocol, Reading,
+    ResultSet, Transient, checked_query,
 };
 use super::{MemberSource, MemberStream, REDACT_MIN_LEN, SourceContext, SourceError};
 use crate::api::BigQuerySource;
@@ -460,20 +460,9 @@ impl Protocol for BigQueryMembers {
 
     const FORMAT: &'static str = FORMAT;
 
-    fn what(&self) -> &str {
-        &self.what
-    }
-
-    fn fields(&self) -> &IdentifierFields {
-        &self.fields
-    }
-
-    fn statement_timeout(&self) -> Duration {
-        Duration::from_secs(self.spec.statement_timeout_seconds.into())
-    }
-
-    fn page_limit(&self) -> PageLimit {
-        self.page_limit
+    fn reading(&self) -> Reading<'_> {
+        let statement_timeout = Duration::from_secs(self.spec.statement_timeout_seconds.into());
+        Reading { what: &self.what, fields: &self.fields, statement_timeout, page_limit: self.page_limit }
     }
 
     fn retries(&self) -> Backoff {

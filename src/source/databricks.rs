@@ -35,7 +35,7 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use super::warehouse::{
-    self, Backoff, ColumnType, CompactRows, Failure, Next, Page, PageLimit, Progress, Protocol, ResultSet,
+    self, Backoff, ColumnType, CompactRows, Failure, Next, Page, PageLimit, Progress, Protocol, Reading, ResultSet,
 };
 use super::{MemberSource, MemberStream, SourceContext, SourceError};
 use crate::api::{DatabricksDisposition, DatabricksSource};
@@ -653,20 +653,9 @@ impl Protocol for DatabricksMembers {
 
     const FORMAT: &'static str = FORMAT;
 
-    fn what(&self) -> &str {
-        &self.what
-    }
-
-    fn fields(&self) -> &IdentifierFields {
-        &self.fields
-    }
-
-    fn statement_timeout(&self) -> Duration {
-        self.statement_timeout
-    }
-
-    fn page_limit(&self) -> PageLimit {
-        self.page_limit
+    fn reading(&self) -> Reading<'_> {
+        let statement_timeout = self.statement_timeout;
+        Reading { what: &self.what, fields: &self.fields, statement_timeout, page_limit: self.page_limit }
     }
 
     /// A statement that failed with a passing error code is submitted again.

@@ -38,7 +38,9 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use super::private_key::{self, KeySource, SigningKey};
-use super::warehouse::{self, ColumnType, CompactRows, Failure, Next, Page, PageLimit, Progress, Protocol, ResultSet};
+use super::warehouse::{
+    self, ColumnType, CompactRows, Failure, Next, Page, PageLimit, Progress, Protocol, Reading, ResultSet,
+};
 use super::{MemberSource, MemberStream, SourceContext, SourceError};
 use crate::api::SnowflakeSource;
 use crate::domain::identifiers::IdentifierFields;
@@ -533,20 +535,9 @@ impl Protocol for SnowflakeMembers {
 
     const FORMAT: &'static str = FORMAT;
 
-    fn what(&self) -> &str {
-        &self.what
-    }
-
-    fn fields(&self) -> &IdentifierFields {
-        &self.fields
-    }
-
-    fn statement_timeout(&self) -> Duration {
-        self.statement_timeout
-    }
-
-    fn page_limit(&self) -> PageLimit {
-        self.page_limit
+    fn reading(&self) -> Reading<'_> {
+        let statement_timeout = self.statement_timeout;
+        Reading { what: &self.what, fields: &self.fields, statement_timeout, page_limit: self.page_limit }
     }
 
     async fn submit(&self, request_id: &str, resend: bool) -> Result<(String, Progress<Answer>), Failure> {

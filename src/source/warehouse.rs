@@ -36,7 +36,7 @@ use crate::domain::identifiers::{ColumnPlan, IdentifierFields, SkipReason, Value
 use crate::domain::sql::{SqlDialect, check_select};
 use crate::net::HttpClient;
 use crate::secret::redact;
-pub(crate) use driver::{Failure, Next, Page, Progress, Protocol, ResultSet, Transient, read};
+pub(crate) use driver::{Failure, Next, Page, Progress, Protocol, Reading, ResultSet, Transient, read};
 pub use rows::CompactRows;
 
 /// The query as it is sent: checked to be one `SELECT`/`WITH` statement, trailing `;` and

@@ -52,17 +52,18 @@ pub(crate) trait Protocol: Sync {
     /// The format a malformed answer is named by ("Snowflake result").
     const FORMAT: &'static str;
 
+    /// What the read needs to know besides the wire.
+    fn reading(&self) -> Reading<'_>;
+
     /// What is read, for messages and logs (never a secret).
-    fn what(&self) -> &str;
-
-    /// The spec's identifier mapping.
-    fn fields(&self) -> &IdentifierFields;
-
-    /// How long the whole read may take (`statementTimeoutSeconds`).
-    fn statement_timeout(&self) -> Duration;
+    fn what(&self) -> &str {
+        self.reading().what
+    }
 
     /// The most bytes one page body may have.
-    fn page_limit(&self) -> PageLimit;
+    fn page_limit(&self) -> PageLimit {
+        self.reading().page_limit
+    }
 
     /// Waits and attempts for one request's transient answers.
     fn retries(&self) -> Backoff {
@@ -134,6 +135,18 @@ pub(crate) trait Protocol: Sync {
             })
         }
     }
+}
+
+/// What a read needs to know of its source besides the wire.
+pub(crate) struct Reading<'a> {
+    /// What is read, for messages and logs (never a secret).
+    pub what: &'a str,
+    /// The spec's identifier mapping.
+    pub fields: &'a IdentifierFields,
+    /// How long the whole read may take (`statementTimeoutSeconds`).
+    pub statement_timeout: Duration,
+    /// The most bytes one page body may have (the spec's cap under the operator's ceiling).
+    pub page_limit: PageLimit,
 }
 
 /// How a submitted statement is doing.
@@ -214,10 +227,10 @@ pub(crate) struct ResultSet<P: Protocol + ?Sized> {
 /// Reads the statement `protocol` describes to its last row, as member batches.
 pub(crate) fn read<P: Protocol>(protocol: &P) -> MemberStream<'_> {
     Box::pin(async_stream::try_stream! {
-        let deadline = Instant::now() + protocol.statement_timeout();
+        let deadline = Instant::now() + protocol.reading().statement_timeout;
         let (handle, finished) = finish(protocol, deadline).await?;
         let ResultSet { columns, mut ledger, first } = protocol.result(finished)?;
-        let mapper = RowMapper::new(protocol.what(), protocol.fields(), columns)?;
+        let mapper = RowMapper::new(protocol.what(), protocol.reading().fields, columns)?;
         let mut next = first;
         loop {
             let page = match next {
@@ -259,7 +272,7 @@ impl Stop {
 }
 
 fn timeout<P: Protocol>(protocol: &P) -> SourceError {
-    SourceError::Timeout { what: protocol.what().to_owned(), seconds: protocol.statement_timeout().as_secs() }
+    SourceError::Timeout { what: protocol.what().to_owned(), seconds: protocol.reading().statement_timeout.as_secs() }
 }
 
 /// One request until an answer that is not transient: after a backoff wait on a transient
@@ -501,20 +514,9 @@ mod tests {
 
         const FORMAT: &'static str = "fake result";
 
-        fn what(&self) -> &str {
-            "fake query"
-        }
-
-        fn fields(&self) -> &IdentifierFields {
-            &self.fields
-        }
-
-        fn statement_timeout(&self) -> Duration {
-            self.timeout
-        }
-
-        fn page_limit(&self) -> PageLimit {
-            PageLimit::new("maxPageBytes", 16, 1024)
+        fn reading(&self) -> Reading<'_> {
+            let page_limit = PageLimit::new("maxPageBytes", 16, 1024);
+            Reading { what: "fake query", fields: &self.fields, statement_timeout: self.timeout, page_limit }
         }
 
         fn retries(&self) -> Backoff {
