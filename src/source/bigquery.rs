@@ -11,30 +11,32 @@
 //! Errors are classified by the body's `reason` before the HTTP status (BigQuery answers
 //! 403 for rate limits and for missing permissions alike, see `wire`). Transient ones
 //! (429, 5xx, `rateLimitExceeded`, `backendError`, a page cut off mid-body) are retried
-//! with full-jitter backoff; a job that keeps failing while it runs is submitted again as a
-//! new job (BigQuery's advice for `backendError` jobs). A refused access token is replaced
-//! once. `statementTimeoutSeconds` bounds the whole read; past it the job is cancelled.
+//! ([`wire::retries`]: 6 attempts, 0.2 s doubling to 8 s); a job that keeps failing while
+//! it runs is submitted again as a new job (BigQuery's advice for `backendError` jobs), 3
+//! jobs at most. A refused access token is replaced once. `statementTimeoutSeconds` bounds
+//! the whole read; past it, or when the read is abandoned, the job is cancelled.
 //!
-//! Authentication and value conversion are in the submodules `auth` and `values`; what
-//! every warehouse source shares (retry timing, bounded page reads, the read-only statement
-//! check, column plans, exact number text) is in [`super::warehouse`].
+//! This file is BigQuery's wire protocol only ([`warehouse::Protocol`]); the read loop that
+//! retries, cancels, meters pages and maps rows is [`warehouse::read`], the same for every
+//! warehouse. Authentication and value conversion are in the submodules `auth` and
+//! `values`; what else every warehouse source shares (the read-only statement check, column
+//! plans, exact number text) is in [`super::warehouse`].
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::Url;
-use tokio::time::Instant;
 
 use self::auth::{Credentials, DEFAULT_METADATA_SERVER, ServiceAccountKey, TokenSource};
 use self::values::ColumnKind;
 use self::wire::{ApiError, ErrorClass, FormatOptions, JobReference, QueryRequest, QueryResponse, Row, Schema};
 use super::warehouse::{
-    self, BodyError, DEFAULT_MAX_PAGE_BYTES, PageLimit, RetryPolicy, checked_query, column_plan, read_body_bounded,
-    read_error_body,
+    self, Backoff, DEFAULT_MAX_PAGE_BYTES, Failure, Next, Page, PageLimit, PageRows, Progress, Protocol, Reading,
+    ResultSet, Transient, checked_query,
 };
-use super::{BatchBuilder, MemberBatch, MemberSource, MemberStream, REDACT_MIN_LEN, SourceContext, SourceError};
+use super::{MemberSource, MemberStream, REDACT_MIN_LEN, SourceContext, SourceError};
 use crate::api::BigQuerySource;
-use crate::domain::identifiers::{ColumnPlan, IdentifierFields};
+use crate::domain::identifiers::{IdentifierFields, Value};
 use crate::domain::validate::{SqlDialect, is_loopback};
 use crate::net::HttpClient;
 use crate::net::egress::{EgressDenied, EgressPolicy, EgressRule, denied_in};
@@ -57,6 +59,7 @@ const JOB_ATTEMPTS: u32 = 3;
 const ERROR_BODY_WAIT: Duration = Duration::from_secs(5);
 /// Empty pages in a row tolerated before the pagination is taken to loop.
 const MAX_EMPTY_PAGES: u32 = 1000;
+const FORMAT: &str = "BigQuery answer";
 
 pub struct BigQueryMembers {
     what: String,
@@ -72,7 +75,6 @@ pub struct BigQueryMembers {
     /// spec names, under the egress policy; GKE's own metadata server (Workload Identity,
     /// the operator's credential, which the policy denies to sources by name) outside it.
     token_client: HttpClient,
-    retry: RetryPolicy,
     /// A page's body: `maxPageBytes`, never above the operator's ceiling.
     page_limit: PageLimit,
 }
@@ -94,29 +96,37 @@ enum Call<'a> {
     Results { job: &'a JobReference, page_token: Option<&'a str> },
 }
 
-/// Why a call failed (after its retries).
+/// Why a call failed.
 #[derive(Debug)]
 enum CallError {
     /// An error answer from the API.
     Api(ApiError),
-    /// No token: already a finished, user-facing error.
-    Auth(SourceError),
-    /// The egress policy refuses the address (the endpoint's name resolved to a denied one).
-    Denied(EgressDenied),
     /// The request or its answer did not get through.
     Transport(String),
     /// A 2xx body that is not the expected JSON (cut off, most likely).
     Malformed(String),
-    TooLarge,
 }
 
-impl CallError {
-    fn transient(&self) -> bool {
-        match self {
-            CallError::Api(e) => e.class() == ErrorClass::Transient,
-            CallError::Transport(_) | CallError::Malformed(_) => true,
-            CallError::Auth(_) | CallError::Denied(_) | CallError::TooLarge => false,
-        }
+/// Where the next page is: its token, and its number (the first page is 1) for messages.
+pub(crate) struct PageCursor {
+    token: String,
+    number: u64,
+}
+
+/// A BigQuery page's rows: `{"f":[{"v":…}]}`, each cell made text by its column's kind.
+impl PageRows for Vec<Row> {
+    type Kind = ColumnKind;
+
+    fn len(&self) -> usize {
+        self.len()
+    }
+
+    fn misfit(&self, width: usize) -> Option<(usize, usize)> {
+        self.iter().enumerate().find(|(_, row)| row.f.len() != width).map(|(i, row)| (i, row.f.len()))
+    }
+
+    fn value(&self, row: usize, column: usize, kind: &ColumnKind) -> Value<'_> {
+        kind.text(&self[row].f[column].v)
     }
 }
 
@@ -160,7 +170,7 @@ impl BigQueryMembers {
             }
         };
         let what = format!("bigquery query in project {}{location} ({via})", spec.project_id);
-        Self::under_policy(what, spec, fields, credentials, RetryPolicy::default(), &ctx.egress())
+        Self::under_policy(what, spec, fields, credentials, &ctx.egress())
             .map(|source| source.with_page_ceiling(ctx.max_page_bytes()))
     }
 
@@ -176,9 +186,8 @@ impl BigQueryMembers {
         spec: &BigQuerySource,
         fields: IdentifierFields,
         credentials: Credentials,
-        retry: RetryPolicy,
     ) -> Result<Self, SourceError> {
-        Self::under_policy(what, spec, fields, credentials, retry, &EgressPolicy::shared_default())
+        Self::under_policy(what, spec, fields, credentials, &EgressPolicy::shared_default())
     }
 
     /// A source with credentials already resolved, connecting under `egress`.
@@ -187,7 +196,6 @@ impl BigQueryMembers {
         spec: &BigQuerySource,
         fields: IdentifierFields,
         credentials: Credentials,
-        retry: RetryPolicy,
         egress: &Arc<EgressPolicy>,
     ) -> Result<Self, SourceError> {
         let config = |message: String| SourceError::Config { what: what.clone(), message };
@@ -227,10 +235,10 @@ impl BigQueryMembers {
         };
         let build = |policy| http_client(policy).map_err(|e| config(format!("cannot build the HTTP client: {e}")));
         let (client, token_client) = (build(egress)?, build(&token_policy)?);
-        let tokens = TokenSource::new(credentials, retry);
+        let tokens = TokenSource::new(credentials);
         let quoting = warehouse::Quoting::of(&endpoint, &["googleapis.com"]);
         let page_limit = PageLimit::new("maxPageBytes", spec.max_page_bytes, DEFAULT_MAX_PAGE_BYTES);
-        Ok(BigQueryMembers { what, spec, endpoint, fields, tokens, client, quoting, token_client, retry, page_limit })
+        Ok(BigQueryMembers { what, spec, endpoint, fields, tokens, client, quoting, token_client, page_limit })
     }
 
     fn location<'a>(&'a self, job: &'a JobReference) -> Option<&'a str> {
@@ -283,159 +291,61 @@ impl BigQueryMembers {
         })
     }
 
-    /// One attempt at a call: token, request, bounded body, status, JSON.
-    async fn attempt(&self, call: &Call<'_>) -> Result<QueryResponse, CallError> {
-        let token = self.tokens.token(&self.token_client, &self.what).await.map_err(CallError::Auth)?;
-        let request = self.request(call).map_err(CallError::Denied)?;
+    /// One call: token, request, bounded body, status, JSON. `page` names the page asked
+    /// for in messages (0: the job itself).
+    async fn attempt(&self, call: &Call<'_>, page: u64) -> Result<QueryResponse, Failure> {
+        let token = self.tokens.token(&self.token_client, &self.what).await?;
+        let denied = |denied| SourceError::EgressDenied { what: self.what.clone(), denied };
+        let request = self.request(call).map_err(denied)?;
         let response = request.bearer_auth(token.expose()).send().await.map_err(|e| match denied_in(&e) {
-            Some(denied) => CallError::Denied(denied.clone()),
-            None if e.is_timeout() => CallError::Transport("timed out".to_owned()),
-            None => CallError::Transport(error_chain(&e.without_url())),
+            Some(refused) => Failure::Fatal(denied(refused.clone())),
+            None if e.is_timeout() => self.classified(CallError::Transport("timed out".to_owned()), page),
+            None => self.classified(CallError::Transport(error_chain(&e.without_url())), page),
         })?;
         let status = response.status().as_u16();
         if !(200..300).contains(&status) {
             // An error answer is read for its reason and message only.
-            let body = read_error_body(response, ERROR_BODY_WAIT).await;
-            return Err(CallError::Api(ApiError::parse(status, &body)));
+            let body = warehouse::read_error_body(response, ERROR_BODY_WAIT).await;
+            return Err(self.classified(CallError::Api(ApiError::parse(status, &body)), page));
         }
-        let body = read_body_bounded(response, self.page_limit.bytes).await.map_err(|e| match e {
-            BodyError::TooLarge => CallError::TooLarge,
-            BodyError::Transport(e) => {
-                CallError::Transport(format!("the answer broke off: {}", error_chain(&e.without_url())))
-            }
-        })?;
-        serde_json::from_slice(&body).map_err(|e| CallError::Malformed(warehouse::json_error(&e)))
+        let part = if page == 0 { "the job's first answer".to_owned() } else { format!("page {page} of the result") };
+        let body = self.read_page(&part, response).await?;
+        serde_json::from_slice(&body)
+            .map_err(|e| self.classified(CallError::Malformed(warehouse::json_error(&e)), page))
     }
 
-    /// A call with its retries: transient failures after a backoff, a refused token once
-    /// with a fresh one.
-    async fn call(&self, call: &Call<'_>) -> Result<QueryResponse, CallError> {
-        let (mut attempt, mut fresh_token) = (1, false);
-        loop {
-            match self.attempt(call).await {
-                Ok(response) => return Ok(response),
-                Err(CallError::Api(e)) if e.class() == ErrorClass::Unauthenticated && !fresh_token => {
-                    fresh_token = true;
-                    self.tokens.invalidate().await;
-                }
-                Err(e) if e.transient() && attempt < self.retry.attempts => {
-                    tracing::info!(source = %self.what, attempt, "BigQuery call failed, retrying: {}", self.redacted(&format!("{e:?}")));
-                    self.retry.wait(attempt).await;
-                    attempt += 1;
-                }
-                Err(e) => return Err(e),
+    /// What a failed call means for the read: a refused token is replaced once, transient
+    /// errors are retried (ending, when they keep on, as [`Self::failure`] says).
+    fn classified(&self, e: CallError, page: u64) -> Failure {
+        match &e {
+            CallError::Api(api) if api.class() == ErrorClass::Unauthenticated => {
+                Failure::Unauthorized(self.failure(e, page))
+            }
+            CallError::Api(api) if api.class() != ErrorClass::Transient => Failure::Fatal(self.failure(e, page)),
+            _ => {
+                let detail = self.redacted(&format!("{e:?}"));
+                Failure::Transient(Transient { detail, hint: None, last: Some(Box::new(self.failure(e, page))) })
             }
         }
     }
 
-    /// Submits the query and waits for the job to complete; a job that keeps failing
-    /// while it runs is submitted again as a new one. Records the job in `current` so a
-    /// timeout can cancel it.
-    async fn complete_job(
-        &self,
-        current: &Mutex<Option<JobReference>>,
-    ) -> Result<(JobReference, QueryResponse), SourceError> {
-        let mut job_attempt = 1;
-        loop {
-            // A new requestId: the one before belongs to the job that kept failing.
-            let request_id = format!("cohort-{:032x}", rand::random::<u128>());
-            let outcome = match self.call(&Call::Query { request_id: &request_id }).await {
-                Ok(first) => {
-                    let job = first
-                        .job_reference
-                        .clone()
-                        .ok_or_else(|| self.malformed(0, "jobs.query answered without jobReference"))?;
-                    *current.lock().expect("not poisoned") = Some(job.clone());
-                    self.await_job(&job, first).await.map(|done| (job, done))
-                }
-                Err(e) => Err(e),
-            };
-            match outcome {
-                Ok(done) => return Ok(done),
-                Err(e) if e.transient() && job_attempt < JOB_ATTEMPTS => {
-                    tracing::warn!(source = %self.what, "the job kept failing, submitting the query again: {}", self.redacted(&format!("{e:?}")));
-                    self.retry.wait(job_attempt).await;
-                    job_attempt += 1;
-                }
-                Err(e) => return Err(self.failure(e, 0)),
-            }
-        }
-    }
-
-    /// Polls `getQueryResults` until `jobComplete`; its answer then holds the first page.
-    async fn await_job(&self, job: &JobReference, mut response: QueryResponse) -> Result<QueryResponse, CallError> {
-        let mut polls = 0u32;
-        while !response.job_complete {
-            // The server itself waits up to timeoutMs; this pause only keeps a server that
-            // answers at once from being asked in a tight loop.
-            if polls > 0 {
-                tokio::time::sleep(Duration::from_millis(50 * u64::from(polls.min(20)))).await;
-            }
-            polls += 1;
-            response = self.call(&Call::Results { job, page_token: None }).await?;
-        }
-        Ok(response)
-    }
-
-    /// Best effort: asks BigQuery to stop the job (after a timeout).
-    async fn cancel(&self, job: &JobReference) {
-        let mut url = self.url(&job.project_id, &["jobs", &job.job_id, "cancel"]);
-        if let Some(location) = self.location(job) {
-            url.query_pairs_mut().append_pair("location", location);
-        }
-        let Ok(token) = self.tokens.token(&self.token_client, &self.what).await else { return };
-        let Ok(request) = self.client.post(url) else { return };
-        let sent = request.bearer_auth(token.expose()).timeout(Duration::from_secs(5)).send().await;
-        match sent {
-            Ok(r) if r.status().is_success() => {
-                tracing::info!(source = %self.what, job = %job.job_id, "cancelled the job")
-            }
-            Ok(r) => {
-                tracing::warn!(source = %self.what, job = %job.job_id, "cancelling the job answered HTTP {}", r.status())
-            }
-            Err(e) => {
-                tracing::warn!(source = %self.what, job = %job.job_id, "cancelling the job failed: {}", error_chain(&e.without_url()))
-            }
-        }
-    }
-
-    /// The column plan and each column's kind; a mapped REPEATED or RECORD column is refused.
-    fn plan(&self, schema: &Schema) -> Result<(ColumnPlan, Vec<ColumnKind>), SourceError> {
-        let names: Vec<&str> = schema.fields.iter().map(|f| f.name.as_str()).collect();
-        let plan = column_plan(&self.what, &self.fields, &names)?;
-        let kinds: Vec<ColumnKind> = schema.fields.iter().map(ColumnKind::of).collect();
+    /// The columns and their kinds; a mapped REPEATED or RECORD column is refused.
+    fn columns(&self, schema: &Schema) -> Result<Vec<(String, ColumnKind)>, SourceError> {
+        let columns: Vec<(String, ColumnKind)> =
+            schema.fields.iter().map(|f| (f.name.clone(), ColumnKind::of(f))).collect();
         for name in self.fields.field_names() {
-            let at = names.iter().position(|n| *n == name).expect("the plan found it");
-            if let Some(why) = kinds[at].unusable(name) {
+            let unusable = columns.iter().find(|(n, _)| n == name).and_then(|(_, kind)| kind.unusable(name));
+            if let Some(why) = unusable {
                 return Err(SourceError::Config { what: self.what.clone(), message: why });
             }
         }
-        Ok((plan, kinds))
-    }
-
-    /// One page's rows as members.
-    fn batch(
-        &self,
-        rows: &[Row],
-        plan: &ColumnPlan,
-        kinds: &[ColumnKind],
-        page: u64,
-    ) -> Result<MemberBatch, SourceError> {
-        let mut batch = BatchBuilder::default();
-        for (i, row) in rows.iter().enumerate() {
-            if row.f.len() != kinds.len() {
-                let message = format!("row {} has {} cells, the schema {} columns", i + 1, row.f.len(), kinds.len());
-                return Err(self.malformed(page, &message));
-            }
-            batch.push(self.fields.resolve_columns(plan, |c| kinds[c].text(&row.f[c].v)));
-        }
-        Ok(batch.take())
+        Ok(columns)
     }
 
     fn malformed(&self, page: u64, message: &str) -> SourceError {
         SourceError::Malformed {
             what: self.what.clone(),
-            format: "BigQuery answer",
+            format: FORMAT,
             location: if page == 0 { "the job".to_owned() } else { format!("page {page}") },
             message: self.redacted(message),
         }
@@ -454,13 +364,6 @@ impl BigQueryMembers {
             message: self.redacted(&format!("{at}{message}")),
         };
         let api = match e {
-            CallError::Auth(e) => return e,
-            CallError::Denied(denied) => return SourceError::EgressDenied { what: self.what.clone(), denied },
-            CallError::TooLarge => {
-                let part =
-                    if page == 0 { "the job's first answer".to_owned() } else { format!("page {page} of the result") };
-                return self.page_limit.exceeded(&self.what, &part);
-            }
             CallError::Malformed(m) => return self.malformed(page, &format!("not the expected JSON ({m})")),
             CallError::Transport(m) => {
                 return SourceError::Transport {
@@ -503,38 +406,14 @@ impl BigQueryMembers {
                 self.spec.location.as_deref().unwrap_or("not set: US")
             )),
             ErrorClass::JobTimeout => query(format!("BigQuery stopped the job ({said})")),
-            ErrorClass::Transient => {
-                query(format!("BigQuery kept failing after {} attempts ({said})", self.retry.attempts))
-            }
+            ErrorClass::Transient => query(format!("BigQuery kept failing after {} attempts ({said})", wire::ATTEMPTS)),
             ErrorClass::Other => query(format!("unexpected answer ({said})")),
-        }
-    }
-
-    /// Waits for `step` within the read's deadline; past it, cancels the job and fails.
-    async fn within<T>(
-        &self,
-        deadline: Instant,
-        current: &Mutex<Option<JobReference>>,
-        step: impl Future<Output = Result<T, SourceError>>,
-    ) -> Result<T, SourceError> {
-        match tokio::time::timeout_at(deadline, step).await {
-            Ok(done) => done,
-            Err(_) => {
-                let job = current.lock().expect("not poisoned").clone();
-                if let Some(job) = job {
-                    self.cancel(&job).await;
-                }
-                Err(SourceError::Timeout {
-                    what: self.what.clone(),
-                    seconds: self.spec.statement_timeout_seconds.into(),
-                })
-            }
         }
     }
 }
 
 /// Page bookkeeping: rows against `totalRows`, page numbers, looping tokens.
-struct Pages {
+pub(crate) struct Pages {
     total: u64,
     read: u64,
     number: u64,
@@ -568,38 +447,108 @@ impl Pages {
     }
 }
 
+/// BigQuery's REST v2: `jobs.query` (a `requestId` per job), `jobs.getQueryResults` until
+/// `jobComplete`, then page by `pageToken`; `jobs.cancel`.
+impl Protocol for BigQueryMembers {
+    type Handle = JobReference;
+    type Finished = QueryResponse;
+    type Cursor = PageCursor;
+    /// The next page's token.
+    type PageInfo = Option<String>;
+    type Ledger = Pages;
+    type Rows = Vec<Row>;
+
+    const FORMAT: &'static str = FORMAT;
+
+    fn reading(&self) -> Reading<'_> {
+        let statement_timeout = Duration::from_secs(self.spec.statement_timeout_seconds.into());
+        Reading { what: &self.what, fields: &self.fields, statement_timeout, page_limit: self.page_limit }
+    }
+
+    fn retries(&self) -> Backoff {
+        wire::retries()
+    }
+
+    /// The server itself waits up to `timeoutMs`; the pause between polls only keeps a
+    /// server that answers at once from being asked in a tight loop.
+    fn polling(&self) -> Backoff {
+        Backoff::new(Duration::from_millis(50), Duration::from_secs(1), u32::MAX)
+    }
+
+    /// A job that keeps failing while it runs is submitted again as a new job (BigQuery's
+    /// advice for `backendError` jobs).
+    fn resubmissions(&self) -> Backoff {
+        Backoff::new(Duration::from_millis(200), Duration::from_secs(8), JOB_ATTEMPTS - 1)
+    }
+
+    async fn submit(
+        &self,
+        request_id: &str,
+        _resend: bool,
+    ) -> Result<(JobReference, Progress<QueryResponse>), Failure> {
+        let first = self.attempt(&Call::Query { request_id }, 0).await?;
+        let job =
+            first.job_reference.clone().ok_or_else(|| self.malformed(0, "jobs.query answered without jobReference"))?;
+        Ok((job, if first.job_complete { Progress::Finished(first) } else { Progress::Running }))
+    }
+
+    async fn poll(&self, job: &JobReference) -> Result<Progress<QueryResponse>, Failure> {
+        let response = self.attempt(&Call::Results { job, page_token: None }, 0).await?;
+        Ok(if response.job_complete { Progress::Finished(response) } else { Progress::Running })
+    }
+
+    fn result(&self, mut first: QueryResponse) -> Result<ResultSet<Self>, SourceError> {
+        let schema = first.schema.take().ok_or_else(|| self.malformed(1, "a complete job answered without schema"))?;
+        let total = first.total_rows.ok_or_else(|| self.malformed(1, "a complete job answered without totalRows"))?;
+        let page = Page { rows: std::mem::take(&mut first.rows), part: "page 1".to_owned(), info: first.page_token };
+        let ledger = Pages { total, read: 0, number: 1, empty_in_a_row: 0, last_token: None };
+        Ok(ResultSet { columns: self.columns(&schema)?, ledger, first: Next::Page(page) })
+    }
+
+    async fn page(&self, job: &JobReference, cursor: &PageCursor) -> Result<Page<Self>, Failure> {
+        let number = cursor.number;
+        let mut page = self.attempt(&Call::Results { job, page_token: Some(&cursor.token) }, number).await?;
+        if !page.job_complete {
+            return Err(Failure::Fatal(self.malformed(number, "a result page answered jobComplete: false")));
+        }
+        Ok(Page { rows: std::mem::take(&mut page.rows), part: format!("page {number}"), info: page.page_token })
+    }
+
+    fn tally(&self, pages: &mut Pages, page: &Page<Self>) -> Result<Option<PageCursor>, SourceError> {
+        let next = pages.advance(page.rows.len(), page.info.clone()).map_err(|m| self.malformed(pages.number, &m))?;
+        Ok(next.map(|token| {
+            pages.number += 1;
+            PageCursor { token, number: pages.number }
+        }))
+    }
+
+    /// [`Pages::advance`] checked every row against `totalRows` at the last page.
+    fn settle(&self, _pages: Pages) -> Result<(), SourceError> {
+        Ok(())
+    }
+
+    fn cancel(&self, job: &JobReference) -> Option<reqwest::RequestBuilder> {
+        let mut url = self.url(&job.project_id, &["jobs", &job.job_id, "cancel"]);
+        if let Some(location) = self.location(job) {
+            url.query_pairs_mut().append_pair("location", location);
+        }
+        let token = self.tokens.current()?;
+        Some(self.client.post(url).ok()?.bearer_auth(token.expose()))
+    }
+
+    async fn reauthenticate(&self, _refused: SourceError) -> Result<(), SourceError> {
+        self.tokens.invalidate().await;
+        Ok(())
+    }
+}
+
 impl MemberSource for BigQueryMembers {
     fn describe(&self) -> String {
         self.what.clone()
     }
 
     fn members(&self) -> MemberStream<'_> {
-        Box::pin(async_stream::try_stream! {
-            let deadline = Instant::now() + Duration::from_secs(self.spec.statement_timeout_seconds.into());
-            let current = Mutex::new(None);
-            let (job, mut page) = self.within(deadline, &current, self.complete_job(&current)).await?;
-            let schema = page.schema.take().ok_or_else(|| self.malformed(1, "a complete job answered without schema"))?;
-            let total = page.total_rows.ok_or_else(|| self.malformed(1, "a complete job answered without totalRows"))?;
-            let (plan, kinds) = self.plan(&schema)?;
-            let mut pages = Pages { total, read: 0, number: 1, empty_in_a_row: 0, last_token: None };
-            loop {
-                let rows = std::mem::take(&mut page.rows);
-                let batch = self.batch(&rows, &plan, &kinds, pages.number)?;
-                let next = pages.advance(rows.len(), page.page_token.take()).map_err(|m| self.malformed(pages.number, &m))?;
-                drop(rows);
-                if batch.rows() > 0 {
-                    yield batch;
-                }
-                let Some(token) = next else { break };
-                pages.number += 1;
-                let call = Call::Results { job: &job, page_token: Some(&token) };
-                let number = pages.number;
-                page = self.within(deadline, &current, async { self.call(&call).await.map_err(|e| self.failure(e, number)) }).await?;
-                if !page.job_complete {
-                    Err(self.malformed(number, "a result page answered jobComplete: false"))?;
-                }
-            }
-        })
+        warehouse::read(self)
     }
 }
 

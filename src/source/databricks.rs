@@ -26,7 +26,7 @@
 //! Tokens, client secrets and external links (signed URLs) never appear in messages or logs.
 
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode, Url};
@@ -34,7 +34,9 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::time::Instant;
 
-use super::warehouse::{self, Backoff, ColumnType, CompactRows, PageLimit, RowMapper};
+use super::warehouse::{
+    self, Backoff, ColumnType, CompactRows, Failure, Next, Page, PageLimit, Progress, Protocol, Reading, ResultSet,
+};
 use super::{MemberSource, MemberStream, SourceContext, SourceError};
 use crate::api::{DatabricksDisposition, DatabricksSource};
 use crate::domain::identifiers::IdentifierFields;
@@ -81,8 +83,8 @@ pub struct DatabricksMembers {
     fields: IdentifierFields,
     auth: Auth,
     auth_from: String,
-    /// The current OAuth token, shared with the cancel-on-drop guard.
-    cached: Arc<Mutex<Option<CachedToken>>>,
+    /// The current OAuth token (a cancel request takes it too).
+    cached: Mutex<Option<CachedToken>>,
     client: HttpClient,
     /// What of the workspace's error answers may be quoted: messages only from Databricks'
     /// own domains.
@@ -100,7 +102,7 @@ impl fmt::Debug for DatabricksMembers {
 // ---- wire shapes (Statement Execution API 2.0) ----
 
 #[derive(Deserialize, Debug, Default)]
-struct StatementResponse {
+pub(crate) struct StatementResponse {
     statement_id: Option<String>,
     status: Option<Status>,
     manifest: Option<Manifest>,
@@ -160,7 +162,7 @@ struct ResultData {
     external_links: Vec<ExternalLink>,
 }
 
-#[derive(Deserialize, Debug)]
+#[derive(Deserialize, Debug, Clone)]
 struct ExternalLink {
     chunk_index: Option<u64>,
     row_offset: Option<u64>,
@@ -200,29 +202,56 @@ fn transient_code(code: &str) -> bool {
     )
 }
 
-/// What one response means.
-enum Step {
-    Done(Vec<u8>),
-    Retry { detail: String, hint: Option<Duration> },
-    Reauthenticate(String),
+/// What a statement promises (chunks, rows) and what was read of it.
+pub(crate) struct Chunks {
+    /// The chunk the next page is.
+    index: u64,
+    read: u64,
+    total_rows: Option<u64>,
+    total_chunks: Option<u64>,
 }
 
-/// A statement the workspace may still be running: cancelled when dropped unfinished.
-struct Running {
-    client: HttpClient,
-    cancel_url: Option<Url>,
-    token: Option<SecretString>,
-    cached: Arc<Mutex<Option<CachedToken>>>,
-    what: String,
+/// Where a chunk is: its index, the internal link the previous chunk named, or (chunk 0)
+/// the external link the statement's answer gave.
+pub(crate) struct ChunkCursor {
+    index: u64,
+    link: Option<String>,
+    external: Option<ExternalLink>,
 }
 
-impl Drop for Running {
-    fn drop(&mut self) {
-        let Some(url) = self.cancel_url.take() else { return };
-        let token = self.token.clone().or_else(|| self.cached.lock().ok()?.as_ref().map(|c| c.token.clone()));
-        let Some(token) = token else { return };
-        let Ok(request) = self.client.post(url) else { return };
-        warehouse::cancel_in_background(self.what.clone(), request.bearer_auth(token.expose()));
+/// What a chunk says of itself and of the next one.
+#[derive(Default)]
+pub(crate) struct ChunkInfo {
+    /// `false` for a statement's answer without a result: no chunk to count.
+    present: bool,
+    index: Option<u64>,
+    row_offset: Option<u64>,
+    row_count: Option<u64>,
+    next_index: Option<u64>,
+    next_link: Option<String>,
+}
+
+impl ChunkInfo {
+    fn of(result: &ResultData) -> Self {
+        ChunkInfo {
+            present: true,
+            index: result.chunk_index,
+            row_offset: result.row_offset,
+            row_count: result.row_count,
+            next_index: result.next_chunk_index,
+            next_link: result.next_chunk_internal_link.clone(),
+        }
+    }
+
+    fn of_link(link: &ExternalLink) -> Self {
+        ChunkInfo {
+            present: true,
+            index: link.chunk_index,
+            row_offset: link.row_offset,
+            row_count: link.row_count,
+            next_index: link.next_chunk_index,
+            next_link: link.next_chunk_internal_link.clone(),
+        }
     }
 }
 
@@ -271,7 +300,7 @@ impl DatabricksMembers {
             fields,
             auth,
             auth_from,
-            cached: Arc::default(),
+            cached: Mutex::default(),
             what,
         })
     }
@@ -388,22 +417,34 @@ impl DatabricksMembers {
         Ok(url)
     }
 
-    async fn step(&self, part: &str, response: reqwest::Response) -> Result<Step, SourceError> {
+    /// One API request and what its answer means; the body of a 200 is read under the
+    /// chunk cap, any other for its code and message only.
+    async fn exchange(&self, method: Method, url: Url, body: bool, part: &str) -> Result<Vec<u8>, Failure> {
+        let token = self.bearer(false).await?;
+        let request = self
+            .client
+            .request(method, url)
+            .map_err(|denied| SourceError::EgressDenied { what: self.what.clone(), denied })?
+            .bearer_auth(token.expose());
+        let request = if body { request.json(&self.body) } else { request };
+        let response = request.send().await.map_err(|e| match warehouse::transport(&self.what, &e.without_url()) {
+            Ok(detail) => Failure::transient(format!("{part} failed: {detail}")),
+            Err(denied) => Failure::Fatal(denied),
+        })?;
         let status = response.status();
         let hint = warehouse::retry_after(&response);
         if status == StatusCode::OK {
-            return Ok(Step::Done(warehouse::read_body(&self.what, part, self.page_limit, response).await?));
+            return self.read_page(part, response).await;
         }
-        // An error answer is read for its code and message only.
         let body = warehouse::read_error_body(response, ERROR_BODY_WAIT).await;
         let error: ServiceError = serde_json::from_slice(&body).unwrap_or_default();
         let code = error.error_code.as_deref().and_then(warehouse::code).unwrap_or_default();
         let detail =
             format!("HTTP {} {code}: {}", status.as_u16(), self.quote(error.message.as_deref().unwrap_or_default()));
-        match status.as_u16() {
-            429 | 503 => Ok(Step::Retry { detail, hint }),
-            401 => Ok(Step::Reauthenticate(detail)),
-            403 => Err(SourceError::Permission {
+        Err(match status.as_u16() {
+            429 | 503 => Failure::retry_after(detail, hint),
+            401 => Failure::Unauthorized(self.auth_failed(detail)),
+            403 => Failure::Fatal(SourceError::Permission {
                 what: self.what.clone(),
                 detail,
                 fix: format!(
@@ -411,127 +452,41 @@ impl DatabricksMembers {
                     self.auth_from
                 ),
             }),
-            _ => Err(SourceError::Query {
+            _ => Failure::Fatal(SourceError::Query {
                 what: self.what.clone(),
                 message: format!("the API refused the request ({detail})"),
             }),
-        }
-    }
-
-    /// One API call until an answer that is not transient.
-    async fn exchange(
-        &self,
-        method: Method,
-        url: Url,
-        body: bool,
-        part: &str,
-        deadline: Instant,
-    ) -> Result<Vec<u8>, SourceError> {
-        let mut backoff = Backoff::transient();
-        let mut reauthenticated = false;
-        loop {
-            let token = self.bearer(false).await?;
-            let mut request = self
-                .client
-                .request(method.clone(), url.clone())
-                .map_err(|denied| SourceError::EgressDenied { what: self.what.clone(), denied })?
-                .bearer_auth(token.expose());
-            if body {
-                request = request.json(&self.body);
-            }
-            let sent = tokio::time::timeout_at(deadline, request.send()).await.map_err(|_| self.timeout())?;
-            let (detail, hint) = match sent {
-                Err(e) => (format!("{part} failed: {}", warehouse::transport(&self.what, &e.without_url())?), None),
-                Ok(response) => match tokio::time::timeout_at(deadline, self.step(part, response))
-                    .await
-                    .map_err(|_| self.timeout())??
-                {
-                    Step::Done(body) => return Ok(body),
-                    Step::Retry { detail, hint } => (detail, hint),
-                    Step::Reauthenticate(detail) if reauthenticated || matches!(self.auth, Auth::Token(_)) => {
-                        return Err(self.auth_failed(detail));
-                    }
-                    Step::Reauthenticate(_) => {
-                        reauthenticated = true;
-                        self.bearer(true).await?;
-                        continue;
-                    }
-                },
-            };
-            let wait = backoff.delay_or_unavailable(hint, &self.what, detail)?;
-            warehouse::sleep_within(wait, deadline, || self.timeout()).await?;
-        }
+        })
     }
 
     fn parse(&self, part: &str, body: &[u8]) -> Result<StatementResponse, SourceError> {
         serde_json::from_slice(body).map_err(|e| self.malformed(part, warehouse::json_error(&e)))
     }
 
-    /// Submits the statement and polls it until it succeeds; re-submits after a transient
-    /// failure.
-    async fn succeeded(&self, running: &mut Running, deadline: Instant) -> Result<StatementResponse, SourceError> {
-        let mut resubmits = Backoff::transient();
-        'submit: loop {
-            let submit = self.url("/api/2.0/sql/statements")?;
-            let mut response = self
-                .parse("the statement", &self.exchange(Method::POST, submit, true, "the statement", deadline).await?)?;
-            let id = response
-                .statement_id
-                .clone()
-                .ok_or_else(|| self.malformed("the statement", "no statement_id".to_owned()))?;
-            running.cancel_url = Some(self.url(&format!("/api/2.0/sql/statements/{id}/cancel"))?);
-            running.token = match self.auth {
-                Auth::Token(ref t) => Some(t.clone()),
-                Auth::OAuth { .. } => None,
-            };
-            let mut poll = warehouse::polling();
-            loop {
-                let status = response.status.take().unwrap_or_default();
-                let state = status.state.clone().unwrap_or_default();
-                match state.as_str() {
-                    "SUCCEEDED" => {
-                        running.cancel_url = None;
-                        return Ok(response);
-                    }
-                    "PENDING" | "RUNNING" => {}
-                    "FAILED" => {
-                        let error = status.error.unwrap_or_default();
-                        let code = error.error_code.clone().unwrap_or_default();
-                        if transient_code(&code) {
-                            running.cancel_url = None;
-                            let detail = format!("{code}: {}", error.message.unwrap_or_default());
-                            tokio::time::sleep(resubmits.delay_or_unavailable(None, &self.what, detail)?).await;
-                            continue 'submit;
-                        }
-                        running.cancel_url = None;
-                        return Err(self.failed(&code, error.message.unwrap_or_default(), status.sql_state));
-                    }
-                    "CANCELED" => {
-                        running.cancel_url = None;
-                        return Err(SourceError::Query {
-                            what: self.what.clone(),
-                            message: "the statement was cancelled in the workspace before it finished".to_owned(),
-                        });
-                    }
-                    "CLOSED" => {
-                        running.cancel_url = None;
-                        return Err(SourceError::Query {
-                            what: self.what.clone(),
-                            message:
-                                "the statement's result is no longer available (CLOSED); the next run reads it anew"
-                                    .to_owned(),
-                        });
-                    }
-                    other => return Err(self.malformed("the statement", format!("unknown state {other:?}"))),
+    /// How the statement is doing, by its state.
+    fn progress(&self, mut response: StatementResponse) -> Progress<StatementResponse> {
+        let status = response.status.take().unwrap_or_default();
+        match status.state.as_deref().unwrap_or_default() {
+            "SUCCEEDED" => Progress::Finished(response),
+            "PENDING" | "RUNNING" => Progress::Running,
+            "FAILED" => {
+                let error = status.error.unwrap_or_default();
+                let code = error.error_code.unwrap_or_default();
+                if transient_code(&code) {
+                    return Progress::Interrupted(format!("{code}: {}", error.message.unwrap_or_default()));
                 }
-                let wait = poll.next_delay(None).unwrap_or(Duration::from_secs(5));
-                warehouse::sleep_within(wait, deadline, || self.timeout()).await?;
-                let url = self.url(&format!("/api/2.0/sql/statements/{id}"))?;
-                response = self.parse(
-                    "the statement",
-                    &self.exchange(Method::GET, url, false, "the statement status", deadline).await?,
-                )?;
+                Progress::Failed(self.failed(&code, error.message.unwrap_or_default(), status.sql_state))
             }
+            "CANCELED" => Progress::Failed(SourceError::Query {
+                what: self.what.clone(),
+                message: "the statement was cancelled in the workspace before it finished".to_owned(),
+            }),
+            "CLOSED" => Progress::Failed(SourceError::Query {
+                what: self.what.clone(),
+                message: "the statement's result is no longer available (CLOSED); the next run reads it anew"
+                    .to_owned(),
+            }),
+            other => Progress::Failed(self.malformed("the statement", format!("unknown state {other:?}"))),
         }
     }
 
@@ -565,132 +520,90 @@ impl DatabricksMembers {
         SourceError::Query { what: self.what.clone(), message: text }
     }
 
-    /// The rows of one external link, fetched without our credentials.
-    async fn link_rows(
-        &self,
-        link: &ExternalLink,
-        part: &str,
-        deadline: Instant,
-    ) -> Result<Option<CompactRows>, SourceError> {
+    /// The rows of one external link, fetched without our credentials; `None` when the link
+    /// has expired (links last 15 minutes).
+    async fn link_rows(&self, link: &ExternalLink, part: &str) -> Result<Option<CompactRows>, Failure> {
         let url = Url::parse(&link.external_link)
             .map_err(|_| self.malformed(part, "the external link is not a URL".to_owned()))?;
         if url.scheme() != "https"
             && !url.host_str().is_some_and(|h| h == "127.0.0.1" || h == "localhost" || h == "[::1]")
         {
-            return Err(self.malformed(part, "the external link is not https".to_owned()));
+            return Err(Failure::Fatal(self.malformed(part, "the external link is not https".to_owned())));
         }
-        let mut backoff = Backoff::transient();
-        loop {
-            let mut request = self
-                .link_client
-                .get(url.clone())
-                .map_err(|denied| SourceError::EgressDenied { what: self.what.clone(), denied })?;
-            for (name, value) in &link.http_headers {
-                request = request.header(name, value);
+        let mut request = self
+            .link_client
+            .get(url)
+            .map_err(|denied| SourceError::EgressDenied { what: self.what.clone(), denied })?;
+        for (name, value) in &link.http_headers {
+            request = request.header(name, value);
+        }
+        // The error would quote the signed URL: leave it out.
+        let response = request.send().await.map_err(|e| match warehouse::transport(&self.what, &e.without_url()) {
+            Ok(detail) => Failure::transient(format!("{part}: fetching the external link failed: {detail}")),
+            Err(denied) => Failure::Fatal(denied),
+        })?;
+        match response.status().as_u16() {
+            200..=299 => {
+                let body = self.read_page(part, response).await?;
+                let rows = serde_json::from_slice(&body).map_err(|e| {
+                    self.malformed(part, format!("the external link's body: {}", warehouse::json_error(&e)))
+                })?;
+                Ok(Some(rows))
             }
-            let sent = tokio::time::timeout_at(deadline, request.send()).await.map_err(|_| self.timeout())?;
-            let detail = match sent {
-                // The error would quote the signed URL: leave it out.
-                Err(e) => format!(
-                    "{part}: fetching the external link failed: {}",
-                    warehouse::transport(&self.what, &e.without_url())?
-                ),
-                Ok(response) if response.status().is_success() => {
-                    let body = warehouse::read_body(&self.what, part, self.page_limit, response).await?;
-                    let rows = serde_json::from_slice(&body).map_err(|e| {
-                        self.malformed(part, format!("the external link's body: {}", warehouse::json_error(&e)))
-                    })?;
-                    return Ok(Some(rows));
-                }
-                // Links expire after 15 minutes; the caller renews it.
-                Ok(response) if matches!(response.status().as_u16(), 401 | 403 | 404) => return Ok(None),
-                Ok(response) => format!("{part}: the external link answered HTTP {}", response.status().as_u16()),
-            };
-            tokio::time::sleep(backoff.delay_or_unavailable(None, &self.what, detail)?).await;
+            401 | 403 | 404 => Ok(None),
+            status => Err(Failure::transient(format!("{part}: the external link answered HTTP {status}"))),
         }
     }
 
-    /// Fetches chunk `index` through the chunk endpoint (or the internal link given).
-    async fn chunk(
-        &self,
-        id: &str,
-        index: u64,
-        link: Option<&str>,
-        deadline: Instant,
-    ) -> Result<ResultData, SourceError> {
+    /// Chunk `index` through the chunk endpoint (or the internal link given).
+    async fn chunk(&self, id: &str, index: u64, link: Option<&str>) -> Result<ResultData, Failure> {
         let path = link.map_or_else(|| format!("/api/2.0/sql/statements/{id}/result/chunks/{index}"), str::to_owned);
         let part = format!("chunk {index}");
-        let body = self.exchange(Method::GET, self.url(&path)?, false, &part, deadline).await?;
-        serde_json::from_slice(&body).map_err(|e| self.malformed(&part, warehouse::json_error(&e)))
+        let body = self.exchange(Method::GET, self.url(&path)?, false, &part).await?;
+        Ok(serde_json::from_slice(&body).map_err(|e| self.malformed(&part, warehouse::json_error(&e)))?)
     }
-}
 
-/// Where one chunk's rows are, and where the next chunk is.
-struct ChunkRows {
-    index: Option<u64>,
-    row_offset: Option<u64>,
-    row_count: Option<u64>,
-    rows: CompactRows,
-    next_index: Option<u64>,
-    next_link: Option<String>,
-}
-
-impl DatabricksMembers {
-    /// One chunk's rows, from the inline data or its external link.
-    async fn rows(
-        &self,
-        id: &str,
-        result: ResultData,
-        expected: u64,
-        deadline: Instant,
-    ) -> Result<ChunkRows, SourceError> {
-        let part = format!("chunk {expected}");
+    /// One chunk's rows, from its inline data or its external link.
+    async fn chunk_page(&self, id: &str, result: ResultData, index: u64) -> Result<Page<Self>, Failure> {
+        let part = format!("chunk {index}");
         if self.disposition == DatabricksDisposition::Inline || result.external_links.is_empty() {
-            return Ok(ChunkRows {
-                index: result.chunk_index,
-                row_offset: result.row_offset,
-                row_count: result.row_count,
-                // No data_array: a chunk without rows.
-                rows: result.data_array.unwrap_or_default(),
-                next_index: result.next_chunk_index,
-                next_link: result.next_chunk_internal_link,
-            });
+            let info = ChunkInfo::of(&result);
+            // No data_array: a chunk without rows.
+            return Ok(Page { rows: result.data_array.unwrap_or_default(), part, info });
         }
-        let mut links = result.external_links;
+        let link = self.one_link(result.external_links, &part)?;
+        self.link_page(id, link, index).await
+    }
+
+    fn one_link(&self, mut links: Vec<ExternalLink>, part: &str) -> Result<ExternalLink, SourceError> {
         if links.len() != 1 {
             return Err(
-                self.malformed(&part, format!("{} external links in one chunk answer; expected one", links.len()))
+                self.malformed(part, format!("{} external links in one chunk answer; expected one", links.len()))
             );
         }
-        let mut link = links.remove(0);
-        let rows = match self.link_rows(&link, &part, deadline).await? {
-            Some(rows) => rows,
-            None => {
-                // Expired: the chunk endpoint hands out a fresh link.
-                let mut fresh =
-                    self.chunk(id, link.chunk_index.unwrap_or(expected), None, deadline).await?.external_links;
-                if fresh.len() != 1 {
-                    return Err(self.malformed(&part, "no fresh external link for an expired one".to_owned()));
-                }
-                link = fresh.remove(0);
-                self.link_rows(&link, &part, deadline)
-                    .await?
-                    .ok_or_else(|| self.malformed(&part, "the renewed external link was refused too".to_owned()))?
-            }
-        };
-        Ok(ChunkRows {
-            index: link.chunk_index,
-            row_offset: link.row_offset,
-            row_count: link.row_count,
-            rows,
-            next_index: link.next_chunk_index,
-            next_link: link.next_chunk_internal_link,
-        })
+        Ok(links.remove(0))
     }
 
-    fn check_chunk(&self, chunk: &ChunkRows, expected: u64, read: u64) -> Result<(), SourceError> {
-        let part = format!("chunk {expected}");
-        let bad = |message: String| Err(self.malformed(&part, message));
+    /// The rows behind `link`; an expired link is renewed through the chunk endpoint once.
+    async fn link_page(&self, id: &str, link: ExternalLink, index: u64) -> Result<Page<Self>, Failure> {
+        let part = format!("chunk {index}");
+        if let Some(rows) = self.link_rows(&link, &part).await? {
+            return Ok(Page { rows, info: ChunkInfo::of_link(&link), part });
+        }
+        let fresh = self.chunk(id, link.chunk_index.unwrap_or(index), None).await?.external_links;
+        let link = self
+            .one_link(fresh, &part)
+            .map_err(|_| self.malformed(&part, "no fresh external link for an expired one".to_owned()))?;
+        let rows = self
+            .link_rows(&link, &part)
+            .await?
+            .ok_or_else(|| self.malformed(&part, "the renewed external link was refused too".to_owned()))?;
+        Ok(Page { rows, info: ChunkInfo::of_link(&link), part })
+    }
+
+    fn check_chunk(&self, page: &Page<Self>, expected: u64, read: u64) -> Result<(), SourceError> {
+        let (chunk, rows) = (&page.info, page.rows.len() as u64);
+        let bad = |message: String| Err(self.malformed(&page.part, message));
         if chunk.index.is_some_and(|i| i != expected) {
             return bad(format!("the answer is chunk {}", chunk.index.unwrap_or_default()));
         }
@@ -700,17 +613,17 @@ impl DatabricksMembers {
                 chunk.row_offset.unwrap_or_default()
             ));
         }
-        if chunk.row_count.is_some_and(|c| c != chunk.rows.len() as u64) {
+        if chunk.row_count.is_some_and(|c| c != rows) {
             return bad(format!(
-                "{} rows where row_count promises {}; the answer was cut short, nothing is imported",
-                chunk.rows.len(),
+                "{rows} rows where row_count promises {}; the answer was cut short, nothing is imported",
                 chunk.row_count.unwrap_or_default()
             ));
         }
         Ok(())
     }
 
-    fn plan(&self, manifest: &Manifest) -> Result<RowMapper, SourceError> {
+    /// The result's columns in order; a truncated result is refused.
+    fn columns(&self, manifest: &Manifest) -> Result<Vec<(String, ColumnType)>, SourceError> {
         if manifest.truncated {
             return Err(self.malformed(
                 "the manifest",
@@ -720,11 +633,130 @@ impl DatabricksMembers {
         let mut columns: Vec<&ColumnInfo> =
             manifest.schema.as_ref().map(|s| s.columns.iter().collect()).unwrap_or_default();
         columns.sort_by_key(|c| c.position.unwrap_or(0));
-        let columns = columns
+        Ok(columns
             .into_iter()
             .map(|c| (c.name.clone(), column_type(c.type_name.as_deref().unwrap_or("STRING"))))
-            .collect();
-        RowMapper::new(&self.what, &self.fields, columns)
+            .collect())
+    }
+}
+
+/// The Statement Execution API 2.0: `POST /api/2.0/sql/statements` (`wait_timeout: 0s`),
+/// `GET …/{id}` until a terminal state, chunks inline or behind external links,
+/// `POST …/{id}/cancel`.
+impl Protocol for DatabricksMembers {
+    type Handle = String;
+    type Finished = StatementResponse;
+    type Cursor = ChunkCursor;
+    type PageInfo = ChunkInfo;
+    type Ledger = Chunks;
+    type Rows = CompactRows;
+
+    const FORMAT: &'static str = FORMAT;
+
+    fn reading(&self) -> Reading<'_> {
+        let statement_timeout = self.statement_timeout;
+        Reading { what: &self.what, fields: &self.fields, statement_timeout, page_limit: self.page_limit }
+    }
+
+    /// A statement that failed with a passing error code is submitted again.
+    fn resubmissions(&self) -> Backoff {
+        Backoff::transient()
+    }
+
+    async fn submit(&self, _request_id: &str, _resend: bool) -> Result<(String, Progress<StatementResponse>), Failure> {
+        let url = self.url("/api/2.0/sql/statements")?;
+        let response = self.parse("the statement", &self.exchange(Method::POST, url, true, "the statement").await?)?;
+        let id = response
+            .statement_id
+            .clone()
+            .ok_or_else(|| self.malformed("the statement", "no statement_id".to_owned()))?;
+        Ok((id, self.progress(response)))
+    }
+
+    async fn poll(&self, id: &String) -> Result<Progress<StatementResponse>, Failure> {
+        let url = self.url(&format!("/api/2.0/sql/statements/{id}"))?;
+        let body = self.exchange(Method::GET, url, false, "the statement status").await?;
+        Ok(self.progress(self.parse("the statement", &body)?))
+    }
+
+    fn result(&self, response: StatementResponse) -> Result<ResultSet<Self>, SourceError> {
+        let manifest = response.manifest.ok_or_else(|| self.malformed("the statement", "no manifest".to_owned()))?;
+        let columns = self.columns(&manifest)?;
+        let ledger = Chunks {
+            index: 0,
+            read: 0,
+            total_rows: manifest.total_row_count,
+            total_chunks: manifest.total_chunk_count,
+        };
+        let part = "chunk 0".to_owned();
+        let first = match response.result {
+            None => Next::Page(Page { rows: CompactRows::default(), part, info: ChunkInfo::default() }),
+            Some(result) if self.disposition == DatabricksDisposition::Inline || result.external_links.is_empty() => {
+                Next::Page(Page { info: ChunkInfo::of(&result), rows: result.data_array.unwrap_or_default(), part })
+            }
+            Some(result) => {
+                let link = self.one_link(result.external_links, &part)?;
+                Next::Fetch(ChunkCursor { index: 0, link: None, external: Some(link) })
+            }
+        };
+        Ok(ResultSet { columns, ledger, first })
+    }
+
+    async fn page(&self, id: &String, cursor: &ChunkCursor) -> Result<Page<Self>, Failure> {
+        if let Some(link) = &cursor.external {
+            return self.link_page(id, link.clone(), cursor.index).await;
+        }
+        let result = self.chunk(id, cursor.index, cursor.link.as_deref()).await?;
+        self.chunk_page(id, result, cursor.index).await
+    }
+
+    fn tally(&self, ledger: &mut Chunks, page: &Page<Self>) -> Result<Option<ChunkCursor>, SourceError> {
+        if !page.info.present {
+            return Ok(None);
+        }
+        self.check_chunk(page, ledger.index, ledger.read)?;
+        ledger.read += page.rows.len() as u64;
+        ledger.index += 1;
+        let ChunkInfo { next_index, next_link, .. } = &page.info;
+        if next_link.is_none() && next_index.is_none() {
+            return Ok(None);
+        }
+        let next = next_index.unwrap_or(ledger.index);
+        if next != ledger.index {
+            let message = format!("the next chunk is {next}, not {}", ledger.index);
+            return Err(self.malformed(&format!("chunk {}", ledger.index - 1), message));
+        }
+        Ok(Some(ChunkCursor { index: next, link: next_link.clone(), external: None }))
+    }
+
+    fn settle(&self, ledger: Chunks) -> Result<(), SourceError> {
+        let Chunks { index, read, total_rows, total_chunks } = ledger;
+        if total_chunks.is_some_and(|t| t != index && !(t == 0 && index <= 1 && read == 0)) {
+            let message =
+                format!("{index} chunks read where total_chunk_count is {}", total_chunks.unwrap_or_default());
+            return Err(self.malformed("the result", message));
+        }
+        if total_rows.is_some_and(|t| t != read) {
+            let message = format!("{read} rows read where total_row_count is {}", total_rows.unwrap_or_default());
+            return Err(self.malformed("the result", message));
+        }
+        Ok(())
+    }
+
+    fn cancel(&self, id: &String) -> Option<reqwest::RequestBuilder> {
+        let url = self.url(&format!("/api/2.0/sql/statements/{id}/cancel")).ok()?;
+        let token = match &self.auth {
+            Auth::Token(token) => token.clone(),
+            Auth::OAuth { .. } => self.cached.lock().ok()?.as_ref()?.token.clone(),
+        };
+        Some(self.client.post(url).ok()?.bearer_auth(token.expose()))
+    }
+
+    async fn reauthenticate(&self, refused: SourceError) -> Result<(), SourceError> {
+        match self.auth {
+            Auth::Token(_) => Err(refused),
+            Auth::OAuth { .. } => self.bearer(true).await.map(drop),
+        }
     }
 }
 
@@ -734,48 +766,7 @@ impl MemberSource for DatabricksMembers {
     }
 
     fn members(&self) -> MemberStream<'_> {
-        Box::pin(async_stream::try_stream! {
-            let deadline = Instant::now() + self.statement_timeout;
-            let mut running = Running {
-                client: self.client.clone(),
-                cancel_url: None,
-                token: None,
-                cached: self.cached.clone(),
-                what: self.what.clone(),
-            };
-            let response = self.succeeded(&mut running, deadline).await?;
-            drop(running);
-            let id = response.statement_id.clone().unwrap_or_default();
-            let manifest = response.manifest.ok_or_else(|| self.malformed("the statement", "no manifest".to_owned()))?;
-            let mapper = self.plan(&manifest)?;
-            let total_rows = manifest.total_row_count;
-            let total_chunks = manifest.total_chunk_count;
-            let mut result = response.result;
-            let mut index = 0u64;
-            let mut read = 0u64;
-            while let Some(current) = result.take() {
-                let chunk = self.rows(&id, current, index, deadline).await?;
-                self.check_chunk(&chunk, index, read)?;
-                read += chunk.rows.len() as u64;
-                for batch in mapper.batches(&self.what, FORMAT, &format!("chunk {index}"), &chunk.rows)? {
-                    yield batch;
-                }
-                index += 1;
-                if chunk.next_link.is_some() || chunk.next_index.is_some() {
-                    let next = chunk.next_index.unwrap_or(index);
-                    if next != index {
-                        Err::<(), SourceError>(self.malformed(&format!("chunk {}", index - 1), format!("the next chunk is {next}, not {index}")))?;
-                    }
-                    result = Some(self.chunk(&id, next, chunk.next_link.as_deref(), deadline).await?);
-                }
-            }
-            if total_chunks.is_some_and(|t| t != index && !(t == 0 && index <= 1 && read == 0)) {
-                Err::<(), SourceError>(self.malformed("the result", format!("{index} chunks read where total_chunk_count is {}", total_chunks.unwrap_or_default())))?;
-            }
-            if total_rows.is_some_and(|t| t != read) {
-                Err::<(), SourceError>(self.malformed("the result", format!("{read} rows read where total_row_count is {}", total_rows.unwrap_or_default())))?;
-            }
-        })
+        warehouse::read(self)
     }
 }
 

@@ -29,6 +29,7 @@
 //! The private key, its passphrase and every JWT stay out of messages, logs and `Debug`.
 
 use std::fmt;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -37,7 +38,9 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use super::private_key::{self, KeySource, SigningKey};
-use super::warehouse::{self, Backoff, ColumnType, CompactRows, PageLimit, RowMapper};
+use super::warehouse::{
+    self, ColumnType, CompactRows, Failure, Next, Page, PageLimit, Progress, Protocol, Reading, ResultSet,
+};
 use super::{MemberSource, MemberStream, SourceContext, SourceError};
 use crate::api::SnowflakeSource;
 use crate::domain::identifiers::IdentifierFields;
@@ -96,6 +99,8 @@ pub struct SnowflakeMembers {
     /// `SHA256:<base64>` of the public key.
     fingerprint: String,
     key: EncodingKey,
+    /// The JWT requests carry, minted anew before it gets old.
+    jwt: Mutex<Option<Jwt>>,
     /// Where the credentials come from, for messages.
     credentials_from: String,
     body: StatementBody,
@@ -140,7 +145,7 @@ fn mint_jwt(key: &EncodingKey, subject: &str, fingerprint: &str) -> Result<Secre
 
 #[derive(Deserialize, Debug, Default)]
 #[serde(rename_all = "camelCase")]
-struct Answer {
+pub(crate) struct Answer {
     code: Option<String>,
     message: Option<String>,
     sql_state: Option<String>,
@@ -201,16 +206,12 @@ fn column_type(row_type: &RowType) -> ColumnType {
     }
 }
 
-/// What one response means for the read.
-enum Step {
+/// What a 200 or 202 answer means for the read.
+enum Answered {
     /// 200: the body (a result set, or a partition's rows).
     Done(Vec<u8>),
     /// 202 (or 429 while polling): the statement runs on under this handle.
     Running(Option<String>),
-    /// Worth sending again after a wait (429, 503, 504, 500/502, a lost connection).
-    Retry { detail: String, hint: Option<Duration> },
-    /// 401: a new JWT, then once more.
-    Reauthenticate(String),
 }
 
 /// Which request a response answers.
@@ -230,35 +231,13 @@ impl Call {
     }
 }
 
-/// A statement Snowflake may still be running: cancelled when dropped unfinished (the read
-/// was abandoned or failed), so no warehouse keeps working for nobody.
-struct Running {
-    client: HttpClient,
-    cancel_url: Option<Url>,
-    /// To mint the cancel request's JWT: the key, `sub` and fingerprint.
-    key: EncodingKey,
-    subject: String,
-    fingerprint: String,
-    what: String,
-}
-
-impl Running {
-    fn finished(&mut self) {
-        self.cancel_url = None;
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let Some(url) = self.cancel_url.take() else { return };
-        let Ok(jwt) = mint_jwt(&self.key, &self.subject, &self.fingerprint) else { return };
-        let Ok(request) = self.client.post(url) else { return };
-        let request = request
-            .bearer_auth(jwt.expose())
-            .header(reqwest::header::ACCEPT, "application/json")
-            .header(TOKEN_TYPE_HEADER, "KEYPAIR_JWT");
-        warehouse::cancel_in_background(self.what.clone(), request);
-    }
+/// What a result set promises: each partition's row count and their sum; and what was read.
+pub(crate) struct Partitions {
+    counts: Vec<u64>,
+    total: u64,
+    /// The partition the next page is.
+    next: usize,
+    read: u64,
 }
 
 impl SnowflakeMembers {
@@ -271,12 +250,6 @@ impl SnowflakeMembers {
         let c = &spec.credentials;
         let credentials_from = format!("Secret {}/{}", ctx.namespace(), c.secret_name);
         let account = ctx.secret_value(&c.secret_name, &c.account_key).await?;
-        let user = ctx.secret_value(&c.secret_name, &c.user_key).await?;
-        let private_key = ctx.secret_value(&c.secret_name, &c.private_key_key).await?;
-        let passphrase = match &c.private_key_passphrase_key {
-            Some(key) => Some(ctx.secret_value(&c.secret_name, key).await?),
-            None => None,
-        };
         let account = account.expose().trim().to_owned();
         let what = format!("snowflake query (account {account}, credentials from {credentials_from})");
         let config = |message: String| SourceError::Config { what: what.clone(), message };
@@ -288,22 +261,7 @@ impl SnowflakeMembers {
                 c.account_key
             )));
         }
-        let user = user.expose().trim().to_owned();
-        if user.is_empty() {
-            return Err(config(format!(
-                "key {} of {credentials_from} is empty; put the Snowflake user name there",
-                c.user_key
-            )));
-        }
-        let from = KeySource {
-            namespace: ctx.namespace().to_owned(),
-            secret: c.secret_name.clone(),
-            key: c.private_key_key.clone(),
-        };
-        let SigningKey { key, fingerprint } =
-            private_key::signing_key(&from, private_key.expose(), passphrase.as_ref().map(SecretString::expose))
-                .await
-                .map_err(|m| config(format!("key {} of {credentials_from}: {m}", c.private_key_key)))?;
+        let (user, SigningKey { key, fingerprint }) = user_and_key(spec, ctx, &credentials_from, &config).await?;
         let base = match &spec.endpoint {
             Some(endpoint) => Url::parse(endpoint).map_err(|e| config(format!("endpoint is not a URL: {e}")))?,
             None => Url::parse(&format!("https://{}.snowflakecomputing.com", account.to_ascii_lowercase()))
@@ -317,6 +275,7 @@ impl SnowflakeMembers {
             subject: format!("{}.{}", jwt_account(&account), user.to_uppercase()),
             fingerprint,
             key,
+            jwt: Mutex::new(None),
             credentials_from,
             body: StatementBody {
                 statement,
@@ -341,12 +300,20 @@ impl SnowflakeMembers {
         (&self.subject, &self.fingerprint)
     }
 
-    fn mint(&self) -> Result<Jwt, SourceError> {
-        let token = mint_jwt(&self.key, &self.subject, &self.fingerprint).map_err(|e| SourceError::Config {
-            what: self.what.clone(),
-            message: format!("cannot sign the JWT: {e}"),
-        })?;
-        Ok(Jwt { token, minted: Instant::now() })
+    /// The current JWT: minted anew when there is none, it is getting old, or `fresh`.
+    fn jwt(&self, fresh: bool) -> Result<SecretString, SourceError> {
+        let mut jwt = self.jwt.lock().expect("not poisoned");
+        match jwt.as_ref() {
+            Some(current) if !fresh && current.minted.elapsed() <= JWT_RENEW_AFTER => Ok(current.token.clone()),
+            _ => {
+                let token = mint_jwt(&self.key, &self.subject, &self.fingerprint).map_err(|e| SourceError::Config {
+                    what: self.what.clone(),
+                    message: format!("cannot sign the JWT: {e}"),
+                })?;
+                *jwt = Some(Jwt { token: token.clone(), minted: Instant::now() });
+                Ok(token)
+            }
+        }
     }
 
     fn url(&self, handle: Option<&str>, tail: Option<&str>) -> Url {
@@ -364,13 +331,14 @@ impl SnowflakeMembers {
         url
     }
 
-    fn prepare(&self, method: Method, url: Url, jwt: &Jwt, body: bool) -> Result<reqwest::RequestBuilder, SourceError> {
+    fn prepare(&self, method: Method, url: Url, body: bool) -> Result<reqwest::RequestBuilder, SourceError> {
+        let jwt = self.jwt(false)?;
         let request = self
             .client
             .request(method, url)
             .map_err(|denied| SourceError::EgressDenied { what: self.what.clone(), denied })?;
         let mut request = request
-            .bearer_auth(jwt.token.expose())
+            .bearer_auth(jwt.expose())
             .header(reqwest::header::ACCEPT, "application/json")
             .header(TOKEN_TYPE_HEADER, "KEYPAIR_JWT");
         if body {
@@ -387,37 +355,40 @@ impl SnowflakeMembers {
         SourceError::Malformed { what: self.what.clone(), format: FORMAT, location: location.to_owned(), message }
     }
 
-    /// What a response means; reads its body (under the partition cap).
-    async fn step(&self, call: Call, response: reqwest::Response) -> Result<Step, SourceError> {
+    /// One request and what its answer means; the body of a 200 is read under the partition
+    /// cap, any other for its handle or message only.
+    async fn exchange(&self, call: Call, method: Method, url: Url, body: bool) -> Result<Answered, Failure> {
+        let sent = self.prepare(method, url, body)?.send().await;
+        let response = sent.map_err(|e| match warehouse::transport(&self.what, &e) {
+            Ok(detail) => Failure::transient(format!("{} failed: {detail}", call.part())),
+            Err(denied) => Failure::Fatal(denied),
+        })?;
         let status = response.status();
         let hint = warehouse::retry_after(&response);
-        // An answer other than 200 is read for its handle or message only.
-        let body = if status == StatusCode::OK {
-            warehouse::read_body(&self.what, &call.part(), self.page_limit, response).await?
-        } else {
-            warehouse::read_error_body(response, ERROR_BODY_WAIT).await
-        };
+        if status == StatusCode::OK {
+            return Ok(Answered::Done(self.read_page(&call.part(), response).await?));
+        }
+        let body = warehouse::read_error_body(response, ERROR_BODY_WAIT).await;
         let answer = || serde_json::from_slice::<Answer>(&body).unwrap_or_default();
         let detail = || self.said(status, &answer());
         match (status, call) {
-            (StatusCode::OK, _) => Ok(Step::Done(body)),
-            (StatusCode::ACCEPTED, Call::Submit | Call::Poll) => Ok(Step::Running(answer().statement_handle)),
-            (StatusCode::TOO_MANY_REQUESTS, Call::Poll) => Ok(Step::Running(None)),
-            (StatusCode::UNAUTHORIZED, _) => Ok(Step::Reauthenticate(detail())),
-            (StatusCode::FORBIDDEN, _) => Err(SourceError::Permission {
+            (StatusCode::ACCEPTED, Call::Submit | Call::Poll) => Ok(Answered::Running(answer().statement_handle)),
+            (StatusCode::TOO_MANY_REQUESTS, Call::Poll) => Ok(Answered::Running(None)),
+            (StatusCode::UNAUTHORIZED, _) => Err(Failure::Unauthorized(self.auth_failed(detail()))),
+            (StatusCode::FORBIDDEN, _) => Err(Failure::Fatal(SourceError::Permission {
                 what: self.what.clone(),
                 detail: detail(),
                 fix: "Snowflake refused the SQL API for this user (the API is not enabled, or a network policy \
                       blocks it); ask the account administrator"
                     .to_owned(),
-            }),
-            (StatusCode::REQUEST_TIMEOUT, _) => Err(self.timeout()),
-            (StatusCode::UNPROCESSABLE_ENTITY, _) => Err(self.query_failed(answer())),
-            (s, _) if matches!(s.as_u16(), 429 | 500 | 502 | 503 | 504) => Ok(Step::Retry { detail: detail(), hint }),
-            _ => Err(SourceError::Query {
+            })),
+            (StatusCode::REQUEST_TIMEOUT, _) => Err(Failure::Fatal(self.timeout())),
+            (StatusCode::UNPROCESSABLE_ENTITY, _) => Err(Failure::Fatal(self.query_failed(answer()))),
+            (s, _) if matches!(s.as_u16(), 429 | 500 | 502 | 503 | 504) => Err(Failure::retry_after(detail(), hint)),
+            _ => Err(Failure::Fatal(SourceError::Query {
                 what: self.what.clone(),
                 message: format!("the SQL API refused the request ({})", detail()),
-            }),
+            })),
         }
     }
 
@@ -467,106 +438,9 @@ impl SnowflakeMembers {
         }
     }
 
-    /// Sends one request until it gets an answer that is not transient: retries with backoff,
-    /// re-mints the JWT once on 401, and gives up at the deadline.
-    async fn exchange(
-        &self,
-        call: Call,
-        jwt: &mut Jwt,
-        deadline: Instant,
-        mut request: impl FnMut(bool) -> (Method, Url, bool),
-    ) -> Result<Step, SourceError> {
-        let mut backoff = Backoff::transient();
-        let mut reminted = false;
-        let mut resend = false;
-        loop {
-            if jwt.minted.elapsed() > JWT_RENEW_AFTER {
-                *jwt = self.mint()?;
-            }
-            let (method, url, body) = request(resend);
-            let prepared = self.prepare(method, url, jwt, body)?;
-            let sent = tokio::time::timeout_at(deadline, prepared.send()).await.map_err(|_| self.timeout())?;
-            let (detail, hint) = match sent {
-                Err(e) => (format!("{} failed: {}", call.part(), warehouse::transport(&self.what, &e)?), None),
-                Ok(response) => match tokio::time::timeout_at(deadline, self.step(call, response))
-                    .await
-                    .map_err(|_| self.timeout())??
-                {
-                    Step::Retry { detail, hint } => (detail, hint),
-                    Step::Reauthenticate(detail) if reminted => return Err(self.auth_failed(detail)),
-                    Step::Reauthenticate(_) => {
-                        reminted = true;
-                        *jwt = self.mint()?;
-                        continue;
-                    }
-                    other => return Ok(other),
-                },
-            };
-            tracing::debug!(source = %self.what, call = ?call, "transient answer, retrying: {detail}");
-            resend = true;
-            let wait = backoff.delay_or_unavailable(hint, &self.what, detail)?;
-            warehouse::sleep_within(wait, deadline, || self.timeout()).await?;
-        }
-    }
-
-    /// Submits the statement and polls it to its result set (partition 0).
-    async fn result_set(&self, jwt: &mut Jwt, running: &mut Running, deadline: Instant) -> Result<Answer, SourceError> {
-        let request_id = warehouse::request_id();
-        let submit = self.url(None, None);
-        let step = self
-            .exchange(Call::Submit, jwt, deadline, |resend| {
-                let mut url = submit.clone();
-                url.query_pairs_mut().append_pair("requestId", &request_id).append_pair("async", "true");
-                if resend {
-                    // The same requestId with retry=true: Snowflake does not run it twice.
-                    url.query_pairs_mut().append_pair("retry", "true");
-                }
-                (Method::POST, url, true)
-            })
-            .await?;
-        let mut handle: Option<String> = None;
-        let mut step = step;
-        let mut poll = warehouse::polling();
-        loop {
-            match step {
-                Step::Done(body) => {
-                    return serde_json::from_slice(&body)
-                        .map_err(|e| self.malformed("partition 0", warehouse::json_error(&e)));
-                }
-                Step::Running(h) => {
-                    if let Some(h) = h {
-                        running.cancel_url = Some(self.url(Some(&h), Some("cancel")));
-                        handle = Some(h);
-                    }
-                    let Some(h) = handle.clone() else {
-                        return Err(self.malformed("a 202 answer", "no statementHandle to poll".to_owned()));
-                    };
-                    let wait = poll.next_delay(None).unwrap_or(Duration::from_secs(5));
-                    warehouse::sleep_within(wait, deadline, || self.timeout()).await?;
-                    let url = self.url(Some(&h), None);
-                    step = self.exchange(Call::Poll, jwt, deadline, |_| (Method::GET, url.clone(), false)).await?;
-                }
-                Step::Retry { .. } | Step::Reauthenticate(_) => unreachable!("exchange resolves these"),
-            }
-        }
-    }
-
-    /// Partition `n` (1..P−1) of the finished statement.
-    async fn partition(
-        &self,
-        handle: &str,
-        n: usize,
-        jwt: &mut Jwt,
-        deadline: Instant,
-    ) -> Result<CompactRows, SourceError> {
-        let mut url = self.url(Some(handle), None);
-        url.query_pairs_mut().append_pair("partition", &n.to_string());
-        match self.exchange(Call::Partition(n), jwt, deadline, |_| (Method::GET, url.clone(), false)).await? {
-            Step::Done(body) => {
-                partition_rows(&body).map_err(|e| self.malformed(&format!("partition {n}"), warehouse::json_error(&e)))
-            }
-            _ => Err(self.malformed(&format!("partition {n}"), "the partition answered 202".to_owned())),
-        }
+    /// A result set's answer (partition 0, with the metadata).
+    fn answer(&self, body: &[u8]) -> Result<Answer, SourceError> {
+        serde_json::from_slice(body).map_err(|e| self.malformed("partition 0", warehouse::json_error(&e)))
     }
 
     fn check_count(&self, part: &str, got: usize, expected: u64) -> Result<(), SourceError> {
@@ -581,8 +455,8 @@ impl SnowflakeMembers {
         Ok(())
     }
 
-    /// Checks a finished result set and plans its columns.
-    fn plan(&self, answer: &Answer) -> Result<(RowMapper, Vec<u64>, u64), SourceError> {
+    /// Checks a finished result set: its partitions, their row counts and sum.
+    fn plan<'a>(&self, answer: &'a Answer) -> Result<(&'a MetaData, Partitions), SourceError> {
         if answer.code.as_deref() == Some(CODE_TOO_LARGE) {
             return Err(self.malformed(
                 "partition 0",
@@ -598,8 +472,6 @@ impl SnowflakeMembers {
             .result_set_meta_data
             .as_ref()
             .ok_or_else(|| self.malformed("partition 0", "no resultSetMetaData".to_owned()))?;
-        let columns = meta.row_type.iter().map(|c| (c.name.clone(), column_type(c))).collect();
-        let mapper = RowMapper::new(&self.what, &self.fields, columns)?;
         let counts: Vec<u64> = if meta.partition_info.is_empty() {
             vec![answer.data.len() as u64]
         } else {
@@ -614,7 +486,136 @@ impl SnowflakeMembers {
                 format!("numRows is {num_rows} but the partitions hold {total} rows"),
             ));
         }
-        Ok((mapper, counts, total))
+        Ok((meta, Partitions { counts, total, next: 0, read: 0 }))
+    }
+}
+
+/// The user and the signing key from the credentials Secret.
+async fn user_and_key(
+    spec: &SnowflakeSource,
+    ctx: &impl SourceContext,
+    credentials_from: &str,
+    config: &impl Fn(String) -> SourceError,
+) -> Result<(String, SigningKey), SourceError> {
+    let c = &spec.credentials;
+    let user = ctx.secret_value(&c.secret_name, &c.user_key).await?;
+    let private_key = ctx.secret_value(&c.secret_name, &c.private_key_key).await?;
+    let passphrase = match &c.private_key_passphrase_key {
+        Some(key) => Some(ctx.secret_value(&c.secret_name, key).await?),
+        None => None,
+    };
+    let user = user.expose().trim().to_owned();
+    if user.is_empty() {
+        return Err(config(format!(
+            "key {} of {credentials_from} is empty; put the Snowflake user name there",
+            c.user_key
+        )));
+    }
+    let from = KeySource {
+        namespace: ctx.namespace().to_owned(),
+        secret: c.secret_name.clone(),
+        key: c.private_key_key.clone(),
+    };
+    let key = private_key::signing_key(&from, private_key.expose(), passphrase.as_ref().map(SecretString::expose))
+        .await
+        .map_err(|m| config(format!("key {} of {credentials_from}: {m}", c.private_key_key)))?;
+    Ok((user, key))
+}
+
+/// Snowflake's SQL API v2: `POST /api/v2/statements` (async, with a `requestId`), `GET` the
+/// handle until 200, partitions 1..P−1 by `?partition=N`, `POST …/cancel`.
+impl Protocol for SnowflakeMembers {
+    type Handle = String;
+    type Finished = Answer;
+    /// A partition's number.
+    type Cursor = usize;
+    type PageInfo = ();
+    type Ledger = Partitions;
+    type Rows = CompactRows;
+
+    const FORMAT: &'static str = FORMAT;
+
+    fn reading(&self) -> Reading<'_> {
+        let statement_timeout = self.statement_timeout;
+        Reading { what: &self.what, fields: &self.fields, statement_timeout, page_limit: self.page_limit }
+    }
+
+    async fn submit(&self, request_id: &str, resend: bool) -> Result<(String, Progress<Answer>), Failure> {
+        let mut url = self.url(None, None);
+        url.query_pairs_mut().append_pair("requestId", request_id).append_pair("async", "true");
+        if resend {
+            // The same requestId with retry=true: Snowflake does not run it twice.
+            url.query_pairs_mut().append_pair("retry", "true");
+        }
+        match self.exchange(Call::Submit, Method::POST, url, true).await? {
+            Answered::Done(body) => {
+                let answer = self.answer(&body)?;
+                Ok((answer.statement_handle.clone().unwrap_or_default(), Progress::Finished(answer)))
+            }
+            Answered::Running(Some(handle)) => Ok((handle, Progress::Running)),
+            Answered::Running(None) => {
+                Err(Failure::Fatal(self.malformed("a 202 answer", "no statementHandle to poll".to_owned())))
+            }
+        }
+    }
+
+    async fn poll(&self, handle: &String) -> Result<Progress<Answer>, Failure> {
+        match self.exchange(Call::Poll, Method::GET, self.url(Some(handle), None), false).await? {
+            Answered::Done(body) => Ok(Progress::Finished(self.answer(&body)?)),
+            Answered::Running(_) => Ok(Progress::Running),
+        }
+    }
+
+    fn result(&self, mut answer: Answer) -> Result<ResultSet<Self>, SourceError> {
+        let (meta, ledger) = self.plan(&answer)?;
+        let columns = meta.row_type.iter().map(|c| (c.name.clone(), column_type(c))).collect();
+        let rows = std::mem::take(&mut answer.data);
+        let first = Page { rows, part: "partition 0".to_owned(), info: () };
+        Ok(ResultSet { columns, ledger, first: Next::Page(first) })
+    }
+
+    async fn page(&self, handle: &String, n: &usize) -> Result<Page<Self>, Failure> {
+        if handle.is_empty() {
+            let message = "no statementHandle to fetch further partitions with".to_owned();
+            return Err(Failure::Fatal(self.malformed("partition 0", message)));
+        }
+        let part = format!("partition {n}");
+        let mut url = self.url(Some(handle), None);
+        url.query_pairs_mut().append_pair("partition", &n.to_string());
+        match self.exchange(Call::Partition(*n), Method::GET, url, false).await? {
+            Answered::Done(body) => {
+                let rows = partition_rows(&body).map_err(|e| self.malformed(&part, warehouse::json_error(&e)))?;
+                Ok(Page { rows, part, info: () })
+            }
+            Answered::Running(_) => Err(Failure::Fatal(self.malformed(&part, "the partition answered 202".to_owned()))),
+        }
+    }
+
+    fn tally(&self, ledger: &mut Partitions, page: &Page<Self>) -> Result<Option<usize>, SourceError> {
+        let n = ledger.next;
+        self.check_count(&page.part, page.rows.len(), ledger.counts[n])?;
+        ledger.read += page.rows.len() as u64;
+        ledger.next = n + 1;
+        Ok((ledger.next < ledger.counts.len()).then_some(ledger.next))
+    }
+
+    fn settle(&self, ledger: Partitions) -> Result<(), SourceError> {
+        if ledger.read != ledger.total {
+            let message = format!("{} rows read where numRows is {}", ledger.read, ledger.total);
+            return Err(self.malformed("the result", message));
+        }
+        Ok(())
+    }
+
+    fn cancel(&self, handle: &String) -> Option<reqwest::RequestBuilder> {
+        if handle.is_empty() {
+            return None;
+        }
+        self.prepare(Method::POST, self.url(Some(handle), Some("cancel")), false).ok()
+    }
+
+    async fn reauthenticate(&self, _refused: SourceError) -> Result<(), SourceError> {
+        self.jwt(true).map(drop)
     }
 }
 
@@ -624,47 +625,7 @@ impl MemberSource for SnowflakeMembers {
     }
 
     fn members(&self) -> MemberStream<'_> {
-        Box::pin(async_stream::try_stream! {
-            let deadline = Instant::now() + self.statement_timeout;
-            let mut jwt = self.mint()?;
-            let mut running = Running {
-                client: self.client.clone(),
-                cancel_url: None,
-                key: self.key.clone(),
-                subject: self.subject.clone(),
-                fingerprint: self.fingerprint.clone(),
-                what: self.what.clone(),
-            };
-            let answer = self.result_set(&mut jwt, &mut running, deadline).await;
-            // Past the deadline the statement is cancelled (the guard does it on drop).
-            let mut answer = answer?;
-            running.finished();
-            let (mapper, counts, total) = self.plan(&answer)?;
-            let handle = answer.statement_handle.clone().unwrap_or_default();
-            self.check_count("partition 0", answer.data.len(), counts[0])?;
-            let first = std::mem::take(&mut answer.data);
-            drop(answer);
-            let mut read = first.len() as u64;
-            for batch in mapper.batches(&self.what, FORMAT, "partition 0", &first)? {
-                yield batch;
-            }
-            drop(first);
-            for (n, &expected) in counts.iter().enumerate().skip(1) {
-                if handle.is_empty() {
-                    Err::<(), SourceError>(self.malformed("partition 0", "no statementHandle to fetch further partitions with".to_owned()))?;
-                }
-                let rows = self.partition(&handle, n, &mut jwt, deadline).await?;
-                let part = format!("partition {n}");
-                self.check_count(&part, rows.len(), expected)?;
-                read += rows.len() as u64;
-                for batch in mapper.batches(&self.what, FORMAT, &part, &rows)? {
-                    yield batch;
-                }
-            }
-            if read != total {
-                Err::<(), SourceError>(self.malformed("the result", format!("{read} rows read where numRows is {total}")))?;
-            }
-        })
+        warehouse::read(self)
     }
 }
 

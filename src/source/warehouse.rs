@@ -1,28 +1,27 @@
 //! What the SQL-over-REST warehouse sources (Snowflake, Databricks, BigQuery) share.
 //! (PostgreSQL shares [`column_plan`].)
 //!
-//! Each warehouse answers a statement with pages of rows whose cells are text (or JSON
-//! null) plus a schema naming each column's type. This module turns that into members the
-//! same way for every warehouse:
+//! Every warehouse runs one statement and answers with pages of rows whose cells are text
+//! (or JSON null) plus a schema naming each column's type. Each source implements only its
+//! wire protocol ([`Protocol`]: submit, poll, fetch a page, cancel — one request each); the
+//! one read loop, [`read`], drives all three the same way. Its parts:
 //!
 //! - [`checked_query`]: the query is one `SELECT`/`WITH` statement in the warehouse's own
 //!   lexical rules (the check `validate` runs for PostgreSQL, see [`check_select`]);
 //! - [`RowMapper`]: the identifier mapping over the statement's columns, each cell passed
-//!   through [`exact_text`] so that numbers arrive as Braze expects (`12345`, never `1.2345E4`
-//!   or `12345.0`);
-//! - [`Backoff`]: jittered exponential waits for the documented transient answers (429, 503,
-//!   "still running"), bounded in attempts and by the statement's deadline
-//!   ([`Backoff::delay_or_unavailable`], [`sleep_within`]); [`RetryPolicy`]: BigQuery's
-//!   full-jitter variant, counted in attempts per call;
-//! - [`read_body`] / [`read_body_bounded`]: one page's body, refused past a byte cap, so a run
-//!   never holds more than one page;
-//! - [`cancel_in_background`]: the best-effort cancel a statement left running is sent with;
+//!   through [`exact_text`] (or the warehouse's own [`PageRows::Kind`]) so that numbers
+//!   arrive as Braze expects (`12345`, never `1.2345E4` or `12345.0`);
+//! - [`Backoff`]: the one retry scheme — jittered exponential waits for the documented
+//!   transient answers (429, 503, "still running"), bounded in attempts and by the
+//!   statement's deadline ([`Backoff::delay_or_unavailable`], [`sleep_within`]);
+//! - [`read_body`] / [`read_body_bounded`]: one page's body, refused past a byte cap
+//!   ([`PageLimit`]), so a run never holds more than one page;
 //! - [`Quoting`]: what of a server's answer an error may quote — a vendor's own words only
 //!   from the vendor's API domain, elsewhere its short codes ([`code`]) alone; [`json_error`]
 //!   says what was wrong with a JSON answer without quoting it.
 //!
-//! Nothing here knows a warehouse's wire format; each source maps its schema to
-//! [`ColumnType`] and its errors to [`SourceError`].
+//! Nothing here knows a warehouse's wire format; each source maps its schema to column
+//! kinds and its errors to [`SourceError`].
 
 use std::borrow::Cow;
 use std::time::Duration;
@@ -31,11 +30,13 @@ use tokio::time::Instant;
 
 use super::{BATCH_ROWS, BatchBuilder, MemberBatch, REDACT_MIN_LEN, SourceError};
 
+mod driver;
 mod rows;
 use crate::domain::identifiers::{ColumnPlan, IdentifierFields, SkipReason, Value};
 use crate::domain::sql::{SqlDialect, check_select};
 use crate::net::HttpClient;
 use crate::secret::redact;
+pub(crate) use driver::{Failure, Next, Page, Progress, Protocol, Reading, ResultSet, Transient, read};
 pub use rows::CompactRows;
 
 /// The query as it is sent: checked to be one `SELECT`/`WITH` statement, trailing `;` and
@@ -188,85 +189,93 @@ pub fn column_plan(what: &str, fields: &IdentifierFields, names: &[&str]) -> Res
     })
 }
 
-/// The identifier mapping over one statement's columns.
-#[derive(Clone, Debug)]
-pub struct RowMapper {
-    fields: IdentifierFields,
-    plan: ColumnPlan,
-    types: Vec<ColumnType>,
-    width: usize,
+/// One page's rows as a warehouse answered them, cell by cell: Snowflake's and Databricks'
+/// arrays of strings ([`CompactRows`]), BigQuery's `{"f":[{"v":…}]}` rows. `Kind` is what
+/// a column's schema type says of turning its cells into identifier text.
+pub trait PageRows {
+    type Kind;
+
+    /// Rows in the page.
+    fn len(&self) -> usize;
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The first row whose number of cells is not `width`, and that number.
+    fn misfit(&self, width: usize) -> Option<(usize, usize)>;
+
+    /// Cell `column` of row `row` as identifier text (only once [`PageRows::misfit`] said
+    /// every row has the schema's cells).
+    fn value(&self, row: usize, column: usize, kind: &Self::Kind) -> Value<'_>;
 }
 
-impl RowMapper {
-    /// Finds the mapped columns among `columns` (name, type); a missing one is a
+impl PageRows for CompactRows {
+    type Kind = ColumnType;
+
+    fn len(&self) -> usize {
+        CompactRows::len(self)
+    }
+
+    fn misfit(&self, width: usize) -> Option<(usize, usize)> {
+        match self.ragged() {
+            Some(_) if self.width() != width => Some((0, self.width())),
+            Some(ragged) => Some(ragged),
+            None if !self.is_empty() && self.width() != width => Some((0, self.width())),
+            None => None,
+        }
+    }
+
+    fn value(&self, row: usize, column: usize, kind: &ColumnType) -> Value<'_> {
+        exact_text(self.cell(row, column), kind)
+    }
+}
+
+/// The identifier mapping over one statement's columns; `K` is what each column's type says
+/// of its cells ([`ColumnType`], or a warehouse's own, see [`PageRows::Kind`]).
+#[derive(Clone, Debug)]
+pub struct RowMapper<K = ColumnType> {
+    fields: IdentifierFields,
+    plan: ColumnPlan,
+    kinds: Vec<K>,
+}
+
+impl<K> RowMapper<K> {
+    /// Finds the mapped columns among `columns` (name, kind); a missing one is a
     /// configuration error naming the columns the statement returns.
-    pub fn new(what: &str, fields: &IdentifierFields, columns: Vec<(String, ColumnType)>) -> Result<Self, SourceError> {
+    pub fn new(what: &str, fields: &IdentifierFields, columns: Vec<(String, K)>) -> Result<Self, SourceError> {
         let names: Vec<&str> = columns.iter().map(|(n, _)| n.as_str()).collect();
         let plan = column_plan(what, fields, &names)?;
-        let width = columns.len();
-        Ok(RowMapper { fields: fields.clone(), plan, types: columns.into_iter().map(|(_, t)| t).collect(), width })
+        Ok(RowMapper { fields: fields.clone(), plan, kinds: columns.into_iter().map(|(_, k)| k).collect() })
     }
 
     /// Cells every row must have.
     pub fn width(&self) -> usize {
-        self.width
+        self.kinds.len()
     }
 
-    /// Resolves rows into one batch; a row with the wrong number of cells is a malformed
-    /// answer (`location` names the page), not a skipped row.
-    pub fn batch<R: AsRef<[Option<S>]>, S: AsRef<str>>(
-        &self,
-        what: &str,
-        format: &'static str,
-        location: &str,
-        rows: &[R],
-    ) -> Result<MemberBatch, SourceError> {
-        let mut batch = BatchBuilder::default();
-        for (i, row) in rows.iter().enumerate() {
-            let row = row.as_ref();
-            if row.len() != self.width {
-                return Err(SourceError::Malformed {
-                    what: what.to_owned(),
-                    format,
-                    location: format!("{location}, row {i}"),
-                    message: format!("{} cells where the schema has {} columns", row.len(), self.width),
-                });
-            }
-            batch.push(self.fields.resolve_columns(&self.plan, |c| {
-                exact_text(row[c].as_ref().map(|s| <S as AsRef<str>>::as_ref(s)), &self.types[c])
-            }));
-        }
-        Ok(batch.take())
-    }
-}
-
-impl RowMapper {
     /// Resolves a page's rows a batch of [`BATCH_ROWS`] at a time, so one large page never
     /// becomes one large batch. A page whose rows do not all have the schema's number of
     /// cells is a malformed answer before any batch (`location` names the page).
-    pub fn batches<'a>(
+    pub fn batches<'a, R: PageRows<Kind = K>>(
         &'a self,
         what: &str,
         format: &'static str,
         location: &str,
-        rows: &'a CompactRows,
+        rows: &'a R,
     ) -> Result<impl Iterator<Item = MemberBatch> + 'a, SourceError> {
-        let bad = |row: usize, cells: usize| SourceError::Malformed {
-            what: what.to_owned(),
-            format,
-            location: format!("{location}, row {row}"),
-            message: format!("{cells} cells where the schema has {} columns", self.width),
-        };
-        if let Some((row, cells)) = rows.ragged() {
-            return Err(if rows.width() != self.width { bad(0, rows.width()) } else { bad(row, cells) });
-        }
-        if !rows.is_empty() && rows.width() != self.width {
-            return Err(bad(0, rows.width()));
+        if let Some((row, cells)) = rows.misfit(self.width()) {
+            return Err(SourceError::Malformed {
+                what: what.to_owned(),
+                format,
+                location: format!("{location}, row {row}"),
+                message: format!("{cells} cells where the schema has {} columns", self.width()),
+            });
         }
         Ok((0..rows.len()).step_by(BATCH_ROWS).map(move |first| {
             let mut batch = BatchBuilder::default();
             for row in first..(first + BATCH_ROWS).min(rows.len()) {
-                batch.push(self.fields.resolve_columns(&self.plan, |c| exact_text(rows.cell(row, c), &self.types[c])));
+                batch.push(self.fields.resolve_columns(&self.plan, |c| rows.value(row, c, &self.kinds[c])));
             }
             batch.take()
         }))
@@ -350,37 +359,6 @@ pub async fn sleep_within(
     }
     tokio::time::sleep(wait).await;
     Ok(())
-}
-
-/// How often and how long a BigQuery call is retried on a transient failure: full-jitter
-/// exponential backoff, counted in attempts per call (a job that keeps failing is
-/// submitted again as a new job, see `bigquery`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RetryPolicy {
-    /// Attempts per request, the first included.
-    pub attempts: u32,
-    /// Ceiling of the first backoff; it doubles per retry up to `max_delay`.
-    pub base_delay: Duration,
-    pub max_delay: Duration,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        RetryPolicy { attempts: 6, base_delay: Duration::from_millis(200), max_delay: Duration::from_secs(8) }
-    }
-}
-
-impl RetryPolicy {
-    /// Full-jitter exponential backoff before retry number `retry` (1 = the first retry):
-    /// uniform in `[0, min(max_delay, base·2^(retry-1))]`. `unit` is random in `[0, 1)`.
-    pub fn backoff(&self, retry: u32, unit: f64) -> Duration {
-        exponential_ceiling(self.base_delay, self.max_delay, retry).mul_f64(unit.clamp(0.0, 1.0))
-    }
-
-    /// Sleeps the backoff before retry number `retry`.
-    pub async fn wait(&self, retry: u32) {
-        tokio::time::sleep(self.backoff(retry, rand::random::<f64>())).await;
-    }
 }
 
 /// Polling a statement that is still running: 0.2 s growing to 5 s, bounded by the
@@ -488,23 +466,6 @@ pub async fn read_error_body(mut response: reqwest::Response, wait: Duration) ->
     };
     let _ = tokio::time::timeout(wait, read).await;
     body
-}
-
-/// Sends `request` — the warehouse's cancel call for a statement this read leaves running
-/// (the read was dropped: a run timeout, a shutdown) — in a task of its own, and logs how it
-/// went. Best effort: outside a Tokio runtime nothing is sent.
-pub fn cancel_in_background(what: String, request: reqwest::RequestBuilder) {
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-    runtime.spawn(async move {
-        match request.timeout(Duration::from_secs(10)).send().await {
-            Ok(r) => {
-                tracing::info!(source = %what, status = r.status().as_u16(), "cancelled the unfinished statement")
-            }
-            Err(e) => {
-                tracing::warn!(source = %what, "cancelling the unfinished statement failed: {}", crate::secret::error_chain(&e))
-            }
-        }
-    });
 }
 
 /// What of a server's answer an error message (status, Events, reports) may quote.
@@ -668,15 +629,6 @@ mod tests {
     }
 
     #[test]
-    fn full_jitter_backoff_grows_to_its_ceiling() {
-        let p = RetryPolicy { attempts: 5, base_delay: Duration::from_millis(100), max_delay: Duration::from_secs(1) };
-        assert_eq!(p.backoff(1, 0.999_999), Duration::from_millis(100).mul_f64(0.999_999));
-        assert_eq!(p.backoff(3, 1.0), Duration::from_millis(400));
-        assert_eq!(p.backoff(30, 1.0), Duration::from_secs(1));
-        assert_eq!(p.backoff(2, 0.0), Duration::ZERO);
-    }
-
-    #[test]
     fn cells_become_identifier_text_by_column_type() {
         let text = |cell: &str, ty| match exact_text(Some(cell), &ty) {
             Value::Text(t) => Ok(t.into_owned()),
@@ -707,13 +659,12 @@ mod tests {
         .unwrap();
         let columns = vec![("ID".to_owned(), ColumnType::Exact), ("DEVICE".to_owned(), ColumnType::Text)];
         let mapper = RowMapper::new("wh", &fields, columns).unwrap();
-        let rows: Vec<Vec<Option<&str>>> =
-            vec![vec![Some("7.0"), None], vec![None, Some("d-1")], vec![None, None], vec![Some("  "), Some("")]];
-        let batch = mapper.batch("wh", "JSON", "page 0", &rows).unwrap();
-        assert_eq!(batch.members, vec![Member::ExternalId("7".into()), Member::DeviceId("d-1".into())]);
-        assert_eq!(batch.skipped.get(SkipReason::Missing), 2);
-        let short: Vec<Vec<Option<&str>>> = vec![vec![Some("1")]];
-        let err = mapper.batch("wh", "JSON", "page 2", &short).unwrap_err();
+        let rows: CompactRows = serde_json::from_str(r#"[["7.0",null],[null,"d-1"],[null,null],["  ",""]]"#).unwrap();
+        let batches: Vec<MemberBatch> = mapper.batches("wh", "JSON", "page 0", &rows).unwrap().collect();
+        assert_eq!(batches[0].members, vec![Member::ExternalId("7".into()), Member::DeviceId("d-1".into())]);
+        assert_eq!(batches[0].skipped.get(SkipReason::Missing), 2);
+        let short: CompactRows = serde_json::from_str(r#"[["1"]]"#).unwrap();
+        let err = mapper.batches("wh", "JSON", "page 2", &short).err().unwrap();
         assert!(err.to_string().contains("page 2, row 0: 1 cells where the schema has 2 columns"), "{err}");
         let err = RowMapper::new("wh", &fields, vec![("id".to_owned(), ColumnType::Text)]).unwrap_err();
         assert!(err.to_string().contains("no column \"ID\""), "{err}");

@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use crate::domain::validate::is_loopback;
 use crate::net::HttpClient;
 use crate::secret::{SecretString, error_chain, redact};
-use crate::source::warehouse::{RetryPolicy, read_body_bounded};
+use crate::source::warehouse::read_body_bounded;
 use crate::source::{REDACT_MIN_LEN, SourceError};
 
 /// What BigQuery's `jobs.query` needs [BQ-JOB].
@@ -175,7 +175,6 @@ pub enum TokenError {
 pub struct TokenSource {
     credentials: Credentials,
     cached: Mutex<Option<Token>>,
-    retry: RetryPolicy,
 }
 
 impl std::fmt::Debug for TokenSource {
@@ -185,8 +184,8 @@ impl std::fmt::Debug for TokenSource {
 }
 
 impl TokenSource {
-    pub fn new(credentials: Credentials, retry: RetryPolicy) -> TokenSource {
-        TokenSource { credentials, cached: Mutex::new(None), retry }
+    pub fn new(credentials: Credentials) -> TokenSource {
+        TokenSource { credentials, cached: Mutex::new(None) }
     }
 
     /// Secrets to take out of any text shown: the key, the current token.
@@ -226,23 +225,31 @@ impl TokenSource {
         Ok(value)
     }
 
+    /// The cached token, if there is one and no one is fetching a new one: for a request
+    /// that cannot wait (a cancel sent as a read is dropped).
+    pub fn current(&self) -> Option<SecretString> {
+        self.cached.try_lock().ok()?.as_ref().map(|t| t.value.clone())
+    }
+
     /// Forgets the cached token (the API refused it).
     pub async fn invalidate(&self) {
         *self.cached.lock().await = None;
     }
 
     async fn fetch_with_retries(&self, client: &HttpClient, what: &str) -> Result<Token, SourceError> {
-        let mut attempt = 1;
+        let mut backoff = super::wire::retries();
         loop {
             let message = match self.fetch(client).await {
                 Ok(token) => return Ok(token),
-                Err(TokenError::Transient(m)) if attempt < self.retry.attempts => {
-                    tracing::debug!("token request failed, retrying: {m}");
-                    self.retry.wait(attempt).await;
-                    attempt += 1;
-                    continue;
-                }
-                Err(TokenError::Transient(m) | TokenError::Fatal(m)) => m,
+                Err(TokenError::Transient(m)) => match backoff.next_delay(None) {
+                    Some(wait) => {
+                        tracing::debug!("token request failed, retrying: {m}");
+                        tokio::time::sleep(wait).await;
+                        continue;
+                    }
+                    None => m,
+                },
+                Err(TokenError::Fatal(m)) => m,
             };
             let secrets = self.secrets();
             let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();

@@ -1,7 +1,21 @@
 //! BigQuery REST v2 shapes the source sends and reads (`jobs.query`,
 //! `jobs.getQueryResults`, the error envelope), and what each error means for a run.
 
+use std::time::Duration;
+
 use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::source::warehouse::Backoff;
+
+/// Attempts at one request (the first included) before a transient error is final.
+pub const ATTEMPTS: u32 = 6;
+
+/// How a transient error (an API call, a token request) is retried: [`ATTEMPTS`] in all,
+/// waits from 0.2 s doubling up to 8 s — brief, since a job that keeps failing is better
+/// submitted again as a new one.
+pub fn retries() -> Backoff {
+    Backoff::new(Duration::from_millis(200), Duration::from_secs(8), ATTEMPTS - 1)
+}
 
 /// `POST …/projects/{projectId}/queries`.
 #[derive(Serialize, Debug)]
