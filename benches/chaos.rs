@@ -6,8 +6,9 @@
 //! Two imports read one cohort from an HTTP export on loopback: one through the partner
 //! cohort import API, one by `method: Attribute` (`/users/track`). A first import of
 //! `CHAOS_MEMBERS` members, then a churn run (`CHAOS_CHURN` leave, as many join). While a
-//! phase's runs go on, a chaos loop waits for a leader, lets it lead 2–6 s (seeded RNG,
-//! `CHAOS_SEED`), SIGKILLs it (by its pid) and starts it again — under the same identity
+//! phase's runs go on, a chaos loop waits for a leader, lets it lead 15–25 s (seeded RNG,
+//! `CHAOS_SEED`; `CHAOS_KILL_MIN_MS`/`CHAOS_KILL_MAX_MS` for denser chaos), SIGKILLs it (by
+//! its pid) and starts it again — under the same identity
 //! (its container restarted) or, half the time, a new one (its pod replaced: a failover
 //! through the Lease) — until both runs have succeeded, or for `CHAOS_SECONDS` at most;
 //! then the runs finish in calm, and the figures say which run finished only then.
@@ -18,7 +19,9 @@
 //! not acknowledged — the worst case for re-sends. The sandbox counts the ids it received,
 //! the removals among them and the changes that took effect; per path and phase the
 //! benchmark prints the ids needed (the diff), the ids sent, the re-sent fraction, wasted
-//! adds and removes, and the kills, and checks Braze ends exactly equal to the source.
+//! adds and removes, the kills, and what each kill during a run cost against the ids it
+//! can find in flight (what no checkpoint can vouch for), and checks Braze ends exactly
+//! equal to the source.
 //!
 //! `cargo bench --bench chaos` (`-- --quick`: 100,000 members, about a minute).
 
@@ -52,6 +55,11 @@ const PARTNER: &str = "partner";
 const ATTRIBUTE: &str = "attribute";
 /// The `/users/track` attribute holding the attribute path's cohort (an array of cohort ids).
 const ATTRIBUTE_NAME: &str = "cohorts";
+/// The operator's defaults: requests in flight at once per destination, and ids a request
+/// carries on each path (`BrazeClientConfig`, Braze's documented maxima).
+const IN_FLIGHT: u64 = 8;
+const PARTNER_IDS_PER_REQUEST: u64 = 1000;
+const TRACK_OBJECTS_PER_REQUEST: u64 = 75;
 /// How long a phase may take before the benchmark gives up.
 const PHASE_LIMIT: Duration = Duration::from_secs(900);
 
@@ -82,7 +90,7 @@ fn main() {
         members,
         churn: env("CHAOS_CHURN", members / 10),
         seed: env("CHAOS_SEED", 22),
-        kill_after_ms: (env("CHAOS_KILL_MIN_MS", 2000), env("CHAOS_KILL_MAX_MS", 6000)),
+        kill_after_ms: (env("CHAOS_KILL_MIN_MS", 15_000), env("CHAOS_KILL_MAX_MS", 25_000)),
         chaos_seconds: env("CHAOS_SECONDS", if quick { 30 } else { 240 }),
         partner_latency_ms: env("CHAOS_PARTNER_LATENCY_MS", 250),
         track_latency_ms: env("CHAOS_TRACK_LATENCY_MS", 25),
@@ -442,6 +450,8 @@ struct Figures {
     replaced: u32,
     /// Phases whose run finished only after the chaos stopped.
     calm: u32,
+    /// Ids the path has in flight at most (requests at once × ids a request).
+    in_flight: u64,
 }
 
 impl Figures {
@@ -469,6 +479,7 @@ impl Figures {
             mid_run: count(|k| k.mid_run),
             replaced: count(|k| k.replaced),
             calm,
+            in_flight: IN_FLIGHT * if path == PARTNER { PARTNER_IDS_PER_REQUEST } else { TRACK_OBJECTS_PER_REQUEST },
         }
     }
 
@@ -481,6 +492,7 @@ impl Figures {
             mid_run: self.mid_run + o.mid_run,
             replaced: self.replaced + o.replaced,
             calm: self.calm + o.calm,
+            in_flight: self.in_flight,
         }
     }
 
@@ -489,7 +501,7 @@ impl Figures {
         let pct = |n: u64, of: u64| n as f64 * 100.0 / of.max(1) as f64;
         println!(
             "  {label}: {} ids needed (+{} −{}), {} sent (+{} −{}): {} re-sent = {:.2}% of the ids sent \
-             ({:.2}% of those needed); wasted {} adds, {} removes; {} kills before its run finished ({} during a run, {} replacing the pod){}",
+             ({:.2}% of those needed); wasted {} adds, {} removes; {} kills before its run finished ({} during a run, {} replacing the pod){}{}",
             n(self.needed.total()),
             n(self.needed.adds),
             n(self.needed.removes),
@@ -505,6 +517,15 @@ impl Figures {
             self.mid_run,
             self.replaced,
             if self.calm > 0 { "; finished only after the chaos stopped" } else { "" },
+            match self.mid_run {
+                0 => String::new(),
+                kills => format!(
+                    "; per kill during a run {} re-sent, {:.2}× the {} ids a kill finds in flight at most",
+                    n(resent / u64::from(kills)),
+                    resent as f64 / f64::from(kills) / self.in_flight as f64,
+                    n(self.in_flight)
+                ),
+            },
         );
     }
 }

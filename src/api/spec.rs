@@ -822,6 +822,8 @@ pub struct ResolvedDestination {
     plural = "brazedestinations",
     namespaced,
     shortname = "bzd",
+    // `kubectl get braze-destinations`, as people write it.
+    shortname = "braze-destinations",
     status = "DestinationStatus",
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
