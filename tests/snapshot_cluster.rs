@@ -640,7 +640,7 @@ async fn checkpoints_cost_one_update_and_stop_once_another_attempt_records_its_k
     assert_eq!(read_keys(loaded.doubt.unwrap().body), keys, "the keys in doubt, without the plan after them");
     let stored = loaded.plan.expect("the plan");
     assert_eq!(stored.meta.progress, progress);
-    let resolved = resolve(stored, s.dir.path()).unwrap();
+    let resolved = resolve(stored, s.dir.path(), false).unwrap();
     assert_eq!(read_keys(resolved.settled_in), keys[..25]);
     assert_eq!(read_keys(resolved.unsafe_keys), keys[25..30], "below the permit, not accepted");
 
