@@ -3,10 +3,10 @@
 //! the operator's CPU at 10,000 imports (`controller_scale`, README). The index is kept
 //! from the same watch events as the store, right after the store applied each one, so it
 //! says what the store says; a change then wakes the imports of its cohort
-//! ([`super::Context::affected_by_change`]), which look again.
+//! ([`super::watched::Watched::affected_by_change`]), which look again.
 //!
 //! Lookups still read each import from the store and compare its cohort there
-//! ([`super::Context::imports_of`]): the index only narrows where to look.
+//! ([`super::watched::Watched::imports_of`]): the index only narrows where to look.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;

@@ -104,7 +104,7 @@ pub async fn reconcile_cluster(
     destination: Arc<ClusterBrazeDestination>,
     ctx: Arc<Context>,
 ) -> Result<Action, kube::Error> {
-    let allowed = ctx.catalog.secret_namespace.clone().unwrap_or_default();
+    let allowed = ctx.watched.catalog.secret_namespace.clone().unwrap_or_default();
     let workspace = destination.spec.workspace(&allowed);
     let ready = readiness(&ctx, DestinationKind::ClusterBrazeDestination, workspace, &allowed).await;
     let api: Api<ClusterBrazeDestination> = Api::all(ctx.client.clone());

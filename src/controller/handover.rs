@@ -10,28 +10,39 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::Action;
-use kube::runtime::reflector::ObjectRef;
 use tracing::{info, warn};
 
-use super::context::Context;
-use super::shard::{Handoff, LeaseState, handoff};
+use super::clock::Clock;
+use super::leader::LeaderElection;
+use super::shard::{Handoff, LeaseState, Shard, handoff};
 use crate::api::{CohortImport, CurrentRun, RunRunner};
 
-impl Context {
+/// What hand-overs need: who this replica is (its shard, Lease and name), the API server
+/// (the old runner's Lease, the import read afresh) and the clock.
+pub struct Handover {
+    pub(super) client: kube::Client,
+    /// `None`: this operator does not shard, and nothing is handed over.
+    pub(super) shard: Option<Shard>,
+    pub(super) leader_election: Option<LeaderElection>,
+    pub(super) instance: Option<String>,
+    pub(super) clock: Arc<dyn Clock>,
+}
+
+impl Handover {
     /// How this operator signs the runs it starts; `None` when it does not shard.
     pub(super) fn runner(&self) -> Option<RunRunner> {
-        let shard = self.config.shard.as_ref()?;
-        let election = self.config.leader_election.as_ref();
+        let shard = self.shard.as_ref()?;
+        let election = self.leader_election.as_ref();
         Some(RunRunner {
             shard: shard.label(),
             lease: election.map(|e| format!("{}/{}", e.lease_namespace, e.lease_name)),
-            identity: election.map_or_else(|| self.config.instance.clone().unwrap_or_default(), |e| e.identity.clone()),
+            identity: election.map_or_else(|| self.instance.clone().unwrap_or_default(), |e| e.identity.clone()),
         })
     }
 
     /// Whether `import` belongs to this operator's shard (always, without sharding).
     pub fn owns(&self, import: &CohortImport) -> bool {
-        self.config.shard.as_ref().is_none_or(|s| s.owns(import))
+        self.shard.as_ref().is_none_or(|s| s.owns(import))
     }
 
     /// `Some(requeue)` when `run`, recorded in `import`'s status, may still be running on
@@ -40,7 +51,7 @@ impl Context {
         let me = self.runner()?;
         let runner = run.runner();
         let lease = match runner.as_ref().and_then(|r| r.lease.clone()) {
-            Some(name) if runner.as_ref().is_some_and(|r| r.lease != me.lease) => read_lease(self, &name).await,
+            Some(name) if runner.as_ref().is_some_and(|r| r.lease != me.lease) => read_lease(&self.client, &name).await,
             _ => LeaseState::Missing,
         };
         let now = self.clock.now();
@@ -74,55 +85,11 @@ impl Context {
             }
         }
     }
-
-    /// Called for every version of every import in the watched namespaces: an import that
-    /// left this shard while this operator is its runner is let go — its run here stopped,
-    /// then the runner cleared in status, so that its new shard resumes the run.
-    pub(super) fn let_go_if_left(self: &Arc<Self>, import: &CohortImport) {
-        let Some(me) = self.runner() else { return };
-        let runner = import.status.as_ref().and_then(|s| s.current_run.as_ref()).and_then(CurrentRun::runner);
-        if self.owns(import) || runner.as_ref() != Some(&me) {
-            return;
-        }
-        let reference = ObjectRef::from_obj(import);
-        if !self.releasing.lock().unwrap_or_else(|e| e.into_inner()).insert(reference.clone()) {
-            return;
-        }
-        let (ctx, import) = (self.clone(), import.clone());
-        self.runs.spawn_side(async move {
-            ctx.let_go(&import, &me).await;
-            ctx.releasing.lock().unwrap_or_else(|e| e.into_inner()).remove(&reference);
-        });
-    }
-
-    async fn let_go(&self, import: &CohortImport, me: &RunRunner) {
-        let reference = ObjectRef::from_obj(import);
-        if let Some(task) = self.runs.abort(&reference) {
-            // Aborting is prompt (the task stops at its next await); wait until it has.
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-            while !task.is_finished() && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-        let released = self
-            .update_status(import, |status| match status.current_run.as_mut() {
-                Some(run) if run.runner().as_ref() == Some(me) => {
-                    run.set_runner(None);
-                    true
-                }
-                _ => false,
-            })
-            .await;
-        if released {
-            let namespace = import.namespace().unwrap_or_default();
-            info!(%namespace, import = %import.name_any(), "the import left this shard; its run is handed over");
-        }
-    }
 }
 
-async fn read_lease(ctx: &Context, name: &str) -> LeaseState {
+async fn read_lease(client: &kube::Client, name: &str) -> LeaseState {
     let Some((namespace, name)) = name.split_once('/') else { return LeaseState::Missing };
-    let api: Api<Lease> = Api::namespaced(ctx.client.clone(), namespace);
+    let api: Api<Lease> = Api::namespaced(client.clone(), namespace);
     match api.get_opt(name).await {
         Ok(None) => LeaseState::Missing,
         Ok(Some(lease)) => {

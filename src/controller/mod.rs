@@ -59,13 +59,14 @@ pub mod secret_recheck;
 pub mod secrets;
 pub mod shard;
 pub mod status;
+pub mod watched;
 
 use conflict::{Referenced, references};
-use context::Changed;
 pub use context::{Config, Context, Dependencies};
 use destinations::Catalog;
 use events::Events;
 use registry::RunRegistry;
+use watched::{Changed, Watched};
 
 /// Reconciles in flight at once, per watched namespace.
 const RECONCILE_CONCURRENCY: u16 = 32;
@@ -141,27 +142,7 @@ async fn watch_and_reconcile(
     };
     let (catalog, catalog_writers) = catalog(&namespaces, config.destination_secret_namespace.clone());
     let scopes: Vec<Scope> = namespaces.iter().map(|ns| Scope::new(&client, ns.clone(), &config, &catalog)).collect();
-    let ctx = Arc::new(Context {
-        client: client.clone(),
-        events: Events::new(client.clone(), config.instance.clone()),
-        admission: admission::Admission::new(config.max_concurrent_runs, config.max_concurrent_runs_per_namespace),
-        config,
-        clock: deps.clock.clone(),
-        importer: deps.importer,
-        notifier: deps.notifier,
-        metrics: deps.metrics,
-        runs: RunRegistry::default(),
-        stores: scopes.iter().map(|s| s.controller.store()).collect(),
-        cohorts: scopes.iter().map(|s| s.cohorts.clone()).collect(),
-        wakers: scopes.iter().map(|s| (s.namespace.clone(), s.waker.clone())).collect(),
-        conflicts: Mutex::new(HashMap::new()),
-        every_shard: scopes.iter().map(|s| s.every_shard.clone()).collect(),
-        every_shard_cohorts: scopes.iter().map(|s| s.every_shard_cohorts.clone()).collect(),
-        releasing: Mutex::new(HashSet::new()),
-        reconcile_failures: Mutex::new(HashMap::new()),
-        secret_checks: secrets::SecretChecks::default(),
-        catalog,
-    });
+    let ctx = Arc::new(context(&client, config, deps, &scopes, catalog));
     // Runs are tasks of their own; stop them all when this future goes (shutdown, lost
     // Lease, or the task running it aborted).
     let _stop_runs = runs::AbortRunsOnDrop(ctx.clone());
@@ -169,6 +150,57 @@ async fn watch_and_reconcile(
     let mut running = watch_destinations(&ctx, &client, &namespaces, catalog_writers, shutdown.clone());
     running.extend(scopes.into_iter().map(|scope| scope.run(&ctx, &client, shutdown.clone()).boxed()));
     futures::future::join_all(running).await;
+}
+
+/// The [`Context`] of `scopes`: its parts, each built once, sharing the client and handles.
+fn context(client: &kube::Client, config: Config, deps: Dependencies, scopes: &[Scope], catalog: Catalog) -> Context {
+    let stores: Vec<_> = scopes.iter().map(|s| s.controller.store()).collect();
+    let events = Events::new(client.clone(), config.instance.clone());
+    let status = status::StatusWriter { client: client.clone(), stores: stores.clone() };
+    let runs = Arc::new(RunRegistry::default());
+    let reporter = record::Reporter {
+        metrics: deps.metrics.clone(),
+        events: events.clone(),
+        notifier: deps.notifier,
+        notification_timeout: config.notification_timeout,
+        status: status.clone(),
+        runs: runs.clone(),
+        fence: config.fence.clone(),
+    };
+    let watched = Watched {
+        sharded: config.shard.is_some(),
+        stores,
+        cohorts: scopes.iter().map(|s| s.cohorts.clone()).collect(),
+        wakers: scopes.iter().map(|s| (s.namespace.clone(), s.waker.clone())).collect(),
+        conflicts: Mutex::new(HashMap::new()),
+        every_shard: scopes.iter().map(|s| s.every_shard.clone()).collect(),
+        every_shard_cohorts: scopes.iter().map(|s| s.every_shard_cohorts.clone()).collect(),
+        reconcile_failures: Mutex::new(HashMap::new()),
+        catalog,
+    };
+    let handover = handover::Handover {
+        client: client.clone(),
+        shard: config.shard.clone(),
+        leader_election: config.leader_election.clone(),
+        instance: config.instance.clone(),
+        clock: deps.clock.clone(),
+    };
+    Context {
+        client: client.clone(),
+        events,
+        admission: admission::Admission::new(config.max_concurrent_runs, config.max_concurrent_runs_per_namespace),
+        config,
+        clock: deps.clock.clone(),
+        importer: deps.importer,
+        metrics: deps.metrics,
+        runs,
+        watched,
+        handover,
+        status,
+        reporter,
+        releasing: Mutex::new(HashSet::new()),
+        secret_checks: secrets::SecretChecks::default(),
+    }
 }
 
 /// One watched namespace (or all of them): its controller and the watches, stores and
@@ -241,7 +273,7 @@ impl Scope {
         let controller = if ctx.config.shard.is_some() {
             let same_cohort = {
                 let ctx = ctx.clone();
-                move |changed: CohortImport| ctx.affected_by(&changed)
+                move |changed: CohortImport| ctx.watched.affected_by(&changed)
             };
             let every_shard = every_shard_imports(
                 ctx,
@@ -328,7 +360,7 @@ fn watching_related(
             let through_destination = store
                 .state()
                 .into_iter()
-                .filter(|import| ctx.catalog.reads_secret(import, &namespace, &name))
+                .filter(|import| ctx.watched.catalog.reads_secret(import, &namespace, &name))
                 .map(|import| ObjectRef::from_obj(import.as_ref()));
             let mut imports = referencing(secret);
             imports.extend(through_destination);
@@ -363,7 +395,7 @@ fn wakes(
             if changed.deleted {
                 ctx.forget(&changed.import);
             }
-            futures::stream::iter(ctx.affected_by_change(&changed))
+            futures::stream::iter(ctx.watched.affected_by_change(&changed))
         });
     futures::stream::select(wake, same_cohort)
 }
@@ -384,7 +416,7 @@ fn every_shard_imports(
             if let Ok(watcher::Event::Apply(import) | watcher::Event::InitApply(import)) = &event {
                 ctx.let_go_if_left(import);
                 // Its series are exported by the shard that owns it, never by two at once.
-                if !ctx.owns(import) {
+                if !ctx.handover.owns(import) {
                     ctx.metrics.forget(&import.namespace().unwrap_or_default(), &import.name_any());
                 }
             }
@@ -469,7 +501,7 @@ fn watch_destinations(
 ) -> Vec<BoxFuture<'static, ()>> {
     let mut running: Vec<BoxFuture<'static, ()>> = Vec::new();
     let config = || watcher::Config::default().any_semantic();
-    for ((scope, writer), reader) in scopes.iter().zip(writers.namespaced).zip(ctx.catalog.namespaced.clone()) {
+    for ((scope, writer), reader) in scopes.iter().zip(writers.namespaced).zip(ctx.watched.catalog.namespaced.clone()) {
         let api: Api<BrazeDestination> = match scope {
             Some(ns) => Api::namespaced(client.clone(), ns),
             None => Api::all(client.clone()),
@@ -484,12 +516,12 @@ fn watch_destinations(
     // ClusterBrazeDestinations are off without a destination Secret namespace: neither they
     // nor Namespaces are watched (no cluster-wide read needed), and imports naming one are
     // refused saying so.
-    if ctx.catalog.secret_namespace.is_none() {
+    if ctx.watched.catalog.secret_namespace.is_none() {
         return running;
     }
     let api: Api<ClusterBrazeDestination> = Api::all(client.clone());
     let events = destination_events(ctx, watcher(api, config()).default_backoff().reflect(writers.cluster));
-    let controller = Controller::for_stream(events, ctx.catalog.cluster.clone())
+    let controller = Controller::for_stream(events, ctx.watched.catalog.cluster.clone())
         .graceful_shutdown_on(shutdown.clone())
         .run(destination_status::reconcile_cluster, destination_status::error_policy, ctx.clone())
         .for_each(|_| async {});
@@ -499,7 +531,7 @@ fn watch_destinations(
         let api: Api<PartialObjectMeta<Namespace>> = Api::all(client.clone());
         watcher(api, config()).default_backoff().reflect(writers.namespaces).for_each(move |event| {
             if let Ok(watcher::Event::Apply(ns) | watcher::Event::Delete(ns)) = &event {
-                ctx.namespace_changed(&ns.name_any());
+                ctx.watched.namespace_changed(&ns.name_any());
             }
             async {}
         })
@@ -527,9 +559,9 @@ where
     events
         .inspect(move |event| match event {
             Ok(watcher::Event::Apply(d) | watcher::Event::Delete(d)) => {
-                ctx.destination_changed(kind, Some(&d.name_any()), d.namespace().as_deref())
+                ctx.watched.destination_changed(kind, Some(&d.name_any()), d.namespace().as_deref())
             }
-            Ok(watcher::Event::InitDone) => ctx.destination_changed(kind, None, None),
+            Ok(watcher::Event::InitDone) => ctx.watched.destination_changed(kind, None, None),
             _ => {}
         })
         .applied_objects()

@@ -22,12 +22,12 @@ use super::events::reason as event;
 use super::importer::ImportError;
 use super::record;
 use super::runs;
-use super::secrets::{self, CheckedKey, KeyError};
+use super::secrets::{self, CheckedKey, KeyError, PartnerKeys, SecretChecks};
 use super::status::{self, Written, ready_reason, set_ready};
 use crate::api::{
     CohortImport, CohortImportStatus, DeletionPolicy, DeliveryMethod, FINALIZER, ReadyReason, RunResult, SecretKeyRef,
 };
-use crate::domain::validate::{ValidSpec, validate_with};
+use crate::domain::validate::{Limits, ValidSpec, validate_with};
 use crate::run::RemovalError;
 use crate::source::SourceContext;
 use crate::source::kube::KubeObjects;
@@ -70,14 +70,14 @@ pub async fn reconcile(import: Arc<CohortImport>, ctx: Arc<Context>) -> Result<A
     let api: Api<CohortImport> = Api::namespaced(ctx.client.clone(), &namespace);
     // A shared destination is resolved first, so that everything after — a run, a deletion —
     // sees the workspace as if it were written inline.
-    let (import, refusal) = match ctx.catalog.effective(&import) {
+    let (import, refusal) = match ctx.watched.catalog.effective(&import) {
         Ok(effective) => (effective, None),
         Err(Unresolved::NotSynced) => return Ok(Action::requeue(Duration::from_secs(1))),
         Err(Unresolved::Refused(refusal)) => (import, Some(refusal)),
     };
     let result = finalize(import, refusal, &ctx, &api).await;
     if result.is_ok() {
-        ctx.note_reconcile(&reference, false);
+        ctx.watched.note_reconcile(&reference, false);
     }
     result
 }
@@ -119,7 +119,7 @@ async fn finalize(
 pub fn error_policy(import: Arc<CohortImport>, error: &Error, ctx: Arc<Context>) -> Action {
     warn!(namespace = %import.namespace().unwrap_or_default(), import = %import.name_any(), %error, "reconcile failed");
     ctx.metrics.reconcile_error(error.metric_reason());
-    let failures = ctx.note_reconcile(&ObjectRef::from_obj(import.as_ref()), true);
+    let failures = ctx.watched.note_reconcile(&ObjectRef::from_obj(import.as_ref()), true);
     Action::requeue(error_backoff(ctx.config.error_requeue, failures, rand::random::<f64>()))
 }
 
@@ -136,11 +136,11 @@ pub fn error_backoff(base: Duration, failures: u32, jitter: f64) -> Duration {
     full / 2 + full.mul_f64(jitter.clamp(0.0, 1.0) / 2.0)
 }
 
-/// Waits until `at` by the controller's clock.
-fn requeue_at(ctx: &Context, at: Option<Timestamp>) -> Action {
+/// Waits from `now` until `at`.
+fn requeue_at(now: Timestamp, at: Option<Timestamp>) -> Action {
     match at {
         Some(at) => {
-            let wait = at.duration_since(ctx.clock.now());
+            let wait = at.duration_since(now);
             let wait = Duration::try_from(wait).unwrap_or(Duration::ZERO);
             Action::requeue(wait)
         }
@@ -179,10 +179,13 @@ async fn apply(
     let valid = validate_with(&import.spec, &ctx.config.limits);
     // One active schedule per cohort.
     let (winner, workspace) = match (&valid, refusal) {
-        (Ok(_), None) => winner(ctx, &import).await,
+        (Ok(_), None) => {
+            let imports = ctx.watched.imports_of(&CohortKey::of(&import.spec));
+            winner(&import, &imports, &ctx.client, &ctx.config.limits).await
+        }
         _ => (None, None),
     };
-    ctx.note_conflict(&reference, winner.as_ref().map(|(w, _)| w.clone()));
+    ctx.watched.note_conflict(&reference, winner.as_ref().map(|(w, _)| w.clone()));
     let deadline = ctx.config.starting_deadline;
     let plan = match (refusal, &valid) {
         (Some(refusal), _) => Err(NotPlanned::Refused(refusal)),
@@ -193,7 +196,9 @@ async fn apply(
         debug!(decision = ?plan.decision, next_run_at = ?plan.next_run_at, "planned");
     }
     let secrets = match &plan {
-        Ok(plan) if desired::checks_secrets(&import, plan) => Some(check_secrets(ctx, &import).await),
+        Ok(plan) if desired::checks_secrets(&import, plan) => {
+            Some(check_secrets(&ctx.secret_checks, &ctx.client, &ctx.config.partner_keys, &import).await)
+        }
         _ => None,
     };
     let run_ended_here = import
@@ -203,7 +208,7 @@ async fn apply(
         .is_some_and(|run| ctx.runs.is_recorded(&reference, &run.id));
     // Sharded: a run that came with an import from another shard waits until it stopped there.
     if let Some(run) = import.status.as_ref().and_then(|s| s.current_run.as_ref()).filter(|_| !run_ended_here)
-        && let Some(wait) = ctx.handoff_wait(&import, run).await
+        && let Some(wait) = ctx.handover.handoff_wait(&import, run).await
     {
         return Ok(wait);
     }
@@ -217,7 +222,7 @@ async fn apply(
         secrets: secrets.as_ref(),
         source_kind: valid.as_ref().ok().map(|v| v.source.kind()),
         new_run_id: crate::run::new_run_id(now),
-        runner: ctx.runner(),
+        runner: ctx.handover.runner(),
     };
     let wanted = desired::desired(&import, plan.as_ref().map_err(|e| *e), &seen);
     execute(ctx, api, import, valid.ok().filter(|_| refusal.is_none()), wanted).await
@@ -227,15 +232,19 @@ async fn apply(
 /// names it ([`conflict::winner_label`]). Also `import`'s Braze workspace, when it had to be
 /// read: only if another import holding the cohort has one to compare with (a Secret read
 /// is not worth it otherwise; a run records it anyway).
-async fn winner(ctx: &Context, import: &CohortImport) -> (Option<(ObjectRef<CohortImport>, String)>, Option<String>) {
-    let imports = ctx.imports_of(&CohortKey::of(&import.spec));
-    let contenders = conflict::contenders(import, imports.iter().map(|i| i.as_ref()), &ctx.config.limits);
+async fn winner(
+    import: &CohortImport,
+    imports: &[Arc<CohortImport>],
+    client: &kube::Client,
+    limits: &Limits,
+) -> (Option<(ObjectRef<CohortImport>, String)>, Option<String>) {
+    let contenders = conflict::contenders(import, imports.iter().map(|i| i.as_ref()), limits);
     let mut workspace = None;
     if conflict::needs_workspace(&contenders) {
         let namespace = import.namespace().unwrap_or_default();
         let workspace_of = async {
             let braze = secrets::Workspace::of(&import.spec.destination, &namespace)?;
-            secrets::data_import_workspace(&ctx.client, braze).await
+            secrets::data_import_workspace(client, braze).await
         };
         match workspace_of.await {
             Ok(w) => workspace = Some(w),
@@ -289,7 +298,7 @@ async fn execute(
             }
             Effect::WarnOnChange { .. } => {}
             Effect::Warn { reason, action, note } => ctx.events.warning(&import, reason, action, note).await,
-            Effect::Announce(ended) => record::announce(ctx, &import, &ended.0, &ended.1).await,
+            Effect::Announce(ended) => record::announce(&ctx.reporter, &import, &ended.0, &ended.1).await,
             Effect::StartRun(run) => match valid.clone() {
                 Some(spec) => runs::start(ctx, import.clone(), spec, run),
                 None => warn!(run_id = %run.id, "not starting a run of an invalid spec"),
@@ -304,7 +313,7 @@ async fn execute(
                 Some(status) => super::secret_recheck::recheck_at(&ctx.config, status, ctx.clock.now(), at),
                 None => at,
             };
-            requeue_at(ctx, at)
+            requeue_at(ctx.clock.now(), at)
         }
     })
 }
@@ -327,30 +336,35 @@ async fn add_finalizer(api: &Api<CohortImport>, import: &CohortImport) -> Result
 /// before is not read again until the Secret watch sees its Secret change
 /// ([`secrets::SecretChecks`]). The Braze keys are read where the workspace keeps them (a
 /// ClusterBrazeDestination's namespace), the source's in the import's namespace.
-async fn check_secrets(ctx: &Context, import: &CohortImport) -> Result<(), KeyError> {
+async fn check_secrets(
+    checks: &SecretChecks,
+    client: &kube::Client,
+    partner_keys: &PartnerKeys,
+    import: &CohortImport,
+) -> Result<(), KeyError> {
     let namespace = import.namespace().unwrap_or_default();
     let workspace = secrets::Workspace::of(&import.spec.destination, &namespace)?;
-    let braze_objects = KubeObjects::new(ctx.client.clone(), workspace.secret_namespace);
+    let braze_objects = KubeObjects::new(client.clone(), workspace.secret_namespace);
     let keys = checked_keys(import, workspace);
     let (workspace_key, others) = keys.split_first().expect("an import always reads its workspace's key");
-    check_key(ctx, &braze_objects, workspace_key).await?;
+    check_key(checks, &braze_objects, workspace_key).await?;
     let braze = workspace.braze;
     if braze.method == DeliveryMethod::CohortImport && braze.partner_api_key_secret_ref.is_none() {
-        ctx.config.partner_keys.key_for(&braze.rest_endpoint).await?;
+        partner_keys.key_for(&braze.rest_endpoint).await?;
     }
-    let objects = KubeObjects::new(ctx.client.clone(), namespace);
+    let objects = KubeObjects::new(client.clone(), namespace);
     for key in others {
         let objects = if key.braze { &braze_objects } else { &objects };
-        check_key(ctx, objects, key).await?;
+        check_key(checks, objects, key).await?;
     }
     Ok(())
 }
 
-async fn check_key(ctx: &Context, objects: &KubeObjects, key: &CheckedKey) -> Result<(), KeyError> {
+async fn check_key(checks: &SecretChecks, objects: &KubeObjects, key: &CheckedKey) -> Result<(), KeyError> {
     let namespace = objects.namespace();
-    if !ctx.secret_checks.is_present(namespace, &key.reference) {
+    if !checks.is_present(namespace, &key.reference) {
         let version = secrets::check_key(objects, key).await?;
-        ctx.secret_checks.found(namespace, &key.reference, version);
+        checks.found(namespace, &key.reference, version);
     }
     Ok(())
 }
@@ -377,7 +391,7 @@ fn checked_keys(import: &CohortImport, workspace: secrets::Workspace<'_>) -> Vec
 /// to let the import go without it, so that the advice survives their length limits.
 async fn cleanup(import: Arc<CohortImport>, ctx: &Arc<Context>, api: &Api<CohortImport>) -> Result<Action, Error> {
     let reference = ObjectRef::from_obj(import.as_ref());
-    let imports = ctx.imports_of(&CohortKey::of(&import.spec));
+    let imports = ctx.watched.imports_of(&CohortKey::of(&import.spec));
     let workspace = import.status.as_ref().and_then(|s| s.braze_workspace.as_deref());
     let winner = conflict::winner(&import, workspace, imports.iter().map(|i| i.as_ref()));
     let policy = import.spec.deletion_policy;

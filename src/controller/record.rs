@@ -19,16 +19,18 @@ use jiff::{SignedDuration, Timestamp};
 use kube::ResourceExt;
 use tracing::{Instrument, error, info, info_span, warn};
 
-use super::context::Context;
-use super::events::reason as event;
+use super::events::{Events, reason as event};
 use super::importer::ImportError;
-use super::status::{idle_ready, record_run, seconds, set_ready};
+use super::metrics::Metrics;
+use super::registry::RunRegistry;
+use super::status::{StatusWriter, idle_ready, record_run, seconds, set_ready};
 use crate::api::{
     CohortImport, CohortImportStatus, CommittedSnapshot, CurrentRun, DryRunSample, HistoryLimits, ReadyReason,
     RetrySpec, RunRecord, RunResult, RunTrigger,
 };
 use crate::domain::retry::Retry;
-use crate::notify::{RunNotice, any_channel_wants, is_recovery, result_changed};
+use crate::fence::Fence;
+use crate::notify::{Notify, RunNotice, any_channel_wants, is_recovery, result_changed};
 use crate::run::{RunError, RunReport, new_run_id};
 
 /// A run that ended, however it ended.
@@ -309,8 +311,23 @@ pub fn record(
     recorded
 }
 
+/// What telling people about a run's end takes: metrics, Events, the notifier and its time
+/// limit, the status writer (for `.status.lastNotificationError`), and the leadership's side
+/// tasks and fence, which bound the report's task.
+#[derive(Clone)]
+pub struct Reporter {
+    pub metrics: Arc<Metrics>,
+    pub events: Events,
+    /// `None`: no SMTP server configured; imports asking for email get a status note.
+    pub notifier: Option<Arc<dyn Notify>>,
+    pub notification_timeout: Duration,
+    pub status: StatusWriter,
+    pub runs: Arc<RunRegistry>,
+    pub fence: Fence,
+}
+
 /// Tells people that `end` happened, once it is in status: log, metrics, Event, report.
-pub async fn announce(ctx: &Arc<Context>, import: &CohortImport, end: &RunEnd, recorded: &Recorded) {
+pub async fn announce(reporter: &Reporter, import: &CohortImport, end: &RunEnd, recorded: &Recorded) {
     let record = &end.record;
     let result = record.result;
     match result {
@@ -323,28 +340,28 @@ pub async fn announce(ctx: &Arc<Context>, import: &CohortImport, end: &RunEnd, r
             "run finished"
         ),
     }
-    ctx.metrics.run_finished(result, end.elapsed.as_secs_f64(), record.added, record.removed);
+    reporter.metrics.run_finished(result, end.elapsed.as_secs_f64(), record.added, record.removed);
     for (status, count) in &end.braze_responses {
-        ctx.metrics.braze_responses(*status, *count);
+        reporter.metrics.braze_responses(*status, *count);
     }
     if result == RunResult::Succeeded {
         let (namespace, name) = (import.namespace().unwrap_or_default(), import.name_any());
-        ctx.metrics.succeeded_at(&namespace, &name, end.ended_at.as_second() as f64);
+        reporter.metrics.succeeded_at(&namespace, &name, end.ended_at.as_second() as f64);
     }
     let note = format!("Run {}: {}", record.id, record.message);
     match result {
-        RunResult::Succeeded => ctx.events.normal(import, event::RUN_SUCCEEDED, "Run", note).await,
-        RunResult::DryRun => ctx.events.normal(import, event::RUN_DRY_RUN, "Run", note).await,
-        RunResult::Failed => ctx.events.warning(import, event::RUN_FAILED, "Run", note).await,
-        RunResult::Blocked => ctx.events.warning(import, event::RUN_BLOCKED, "Run", note).await,
-        RunResult::Missed => ctx.events.warning(import, event::RUN_MISSED, "Run", note).await,
+        RunResult::Succeeded => reporter.events.normal(import, event::RUN_SUCCEEDED, "Run", note).await,
+        RunResult::DryRun => reporter.events.normal(import, event::RUN_DRY_RUN, "Run", note).await,
+        RunResult::Failed => reporter.events.warning(import, event::RUN_FAILED, "Run", note).await,
+        RunResult::Blocked => reporter.events.warning(import, event::RUN_BLOCKED, "Run", note).await,
+        RunResult::Missed => reporter.events.warning(import, event::RUN_MISSED, "Run", note).await,
     }
     if let Some(retry) = &recorded.retry {
         let limit = import.spec.retry_policy().limit;
         let note = format!("Run {} failed; retry {} of {limit} at {} (spec.retry)", record.id, retry.attempt, retry.at);
-        ctx.events.normal(import, event::RETRY_SCHEDULED, "Retry", note).await;
+        reporter.events.normal(import, event::RETRY_SCHEDULED, "Retry", note).await;
     }
-    send_report(ctx, import, end, recorded);
+    send_report(reporter, import, end, recorded);
 }
 
 /// The run report for `end`, if the import asks for one.
@@ -385,53 +402,55 @@ fn notice(import: &CohortImport, end: &RunEnd, recorded: &Recorded) -> Option<Ru
 /// Sends the run report in a task of its own, bounded in time; a failure becomes an Event
 /// and `.status.lastNotificationError`, never the run's result. The task is one of this
 /// leadership's: stopped when the Lease is lost, and dropped at the fence's deadline.
-fn send_report(ctx: &Arc<Context>, import: &CohortImport, end: &RunEnd, recorded: &Recorded) {
+fn send_report(reporter: &Reporter, import: &CohortImport, end: &RunEnd, recorded: &Recorded) {
     let Some(notice) = notice(import, end, recorded) else {
         return;
     };
     let span = info_span!("notify", run_id = %notice.run_id);
-    let fence = ctx.config.fence.clone();
-    let report = report_task(ctx.clone(), import.clone(), notice);
+    let fence = reporter.fence.clone();
+    let report = report_task(reporter.clone(), import.clone(), notice);
     let fenced = async move {
         if fence.bounded(report).await.is_err() {
             warn!("run report dropped: this replica no longer holds its Lease (no other replica sends it)");
         }
     };
-    ctx.runs.spawn_side(fenced.instrument(span));
+    reporter.runs.spawn_side(fenced.instrument(span));
 }
 
 /// Delivers `notice` and records how it went in status.
-async fn report_task(ctx: Arc<Context>, import: CohortImport, notice: RunNotice) {
-    let note = match deliver(&ctx, &import, &notice).await {
+async fn report_task(reporter: Reporter, import: CohortImport, notice: RunNotice) {
+    let note = match deliver(&reporter, &import, &notice).await {
         Ok(()) => None,
         Err(message) => {
             warn!(error = %message, "run report not sent");
-            ctx.metrics.notification_failures.inc();
+            reporter.metrics.notification_failures.inc();
             let note = format!("Run {}: {message}", notice.run_id);
-            ctx.events.warning(&import, event::NOTIFICATION_FAILED, "Notify", note).await;
+            reporter.events.warning(&import, event::NOTIFICATION_FAILED, "Notify", note).await;
             Some(crate::run::report::truncate(format!("run {}: {message}", notice.run_id), 512))
         }
     };
-    ctx.update_status(&import, |status| {
-        if status.last_notification_error == note {
-            return false;
-        }
-        status.last_notification_error = note.clone();
-        true
-    })
-    .await;
+    reporter
+        .status
+        .update(&import, |status| {
+            if status.last_notification_error == note {
+                return false;
+            }
+            status.last_notification_error = note.clone();
+            true
+        })
+        .await;
 }
 
 /// Sends `notice` to every channel the import names, within the configured time.
-async fn deliver(ctx: &Context, import: &CohortImport, notice: &RunNotice) -> Result<(), String> {
-    let Some(notifier) = &ctx.notifier else {
+async fn deliver(reporter: &Reporter, import: &CohortImport, notice: &RunNotice) -> Result<(), String> {
+    let Some(notifier) = &reporter.notifier else {
         return Err("the operator has no notifier configured (--smtp-host for email)".to_owned());
     };
     let Some(notifications) = import.spec.notifications.as_ref() else { return Ok(()) };
-    match tokio::time::timeout(ctx.config.notification_timeout, notifier.notify(notice, notifications)).await {
+    match tokio::time::timeout(reporter.notification_timeout, notifier.notify(notice, notifications)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!("the run report was not sent within {} s", ctx.config.notification_timeout.as_secs())),
+        Err(_) => Err(format!("the run report was not sent within {} s", reporter.notification_timeout.as_secs())),
     }
 }
 

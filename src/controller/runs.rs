@@ -17,11 +17,13 @@ use tracing::{Instrument, error, info, info_span, warn};
 use super::admission::{Admission, Admitted};
 use super::context::Context;
 use super::events::reason as event;
-use super::record::{self, Crash, RunEnd};
+use super::importer::{ImportError, Importer};
+use super::record::{self, Crash, Reporter, RunEnd};
 use super::secrets;
 use crate::api::{CohortImport, CurrentRun, RunTrigger};
 use crate::braze::budget::{self, SlotHolder};
 use crate::domain::validate::ValidSpec;
+use crate::run::RunReport;
 
 /// Stops every run when dropped: the controller stopped or lost its Lease, and another
 /// replica will run the interrupted runs again.
@@ -75,9 +77,9 @@ async fn execute(ctx: Arc<Context>, import: Arc<CohortImport>, spec: ValidSpec, 
     let slot = Arc::new(RunSlot::new(ctx.admission.clone(), namespace, admitted));
     let _slot = ReleaseOnDrop(slot.clone());
     let waited = ctx.clock.now().duration_since(due);
-    ctx.metrics.run_admitted(ctx.shard_name(), waited.as_secs_f64().max(0.0));
+    ctx.metrics.run_admitted(ctx.config.shard_name(), waited.as_secs_f64().max(0.0));
     // Sharded: the import may have moved to another shard meanwhile; that shard runs it.
-    if !ctx.still_runs_here(&import, &run.id).await {
+    if !ctx.handover.still_runs_here(&import, &run.id).await {
         return;
     }
     let in_progress = InProgress::start(&ctx);
@@ -93,7 +95,12 @@ async fn execute(ctx: Arc<Context>, import: Arc<CohortImport>, spec: ValidSpec, 
         let braze = secrets::Workspace::of(&import.spec.destination, &namespace)?;
         let keys = secrets::braze_keys(&ctx.client, braze, &ctx.config.partner_keys).await?;
         workspace = Some(super::conflict::workspace_of(keys.workspace_key().expose()));
-        Ok::<_, secrets::KeyError>(supervised(&ctx, &import, &spec, &run, keys, slot, clock_started).await)
+        let outcome = supervised(ctx.importer.clone(), &import, &spec, &run, keys, slot).await;
+        let (now, elapsed) = (ctx.clock.now(), clock_started.elapsed());
+        Ok::<_, secrets::KeyError>(match outcome {
+            Ok(outcome) => RunEnd::finished(&run, outcome, now, elapsed),
+            Err(crash) => RunEnd::crashed(&run, &crash, now, elapsed),
+        })
     };
     let (timeout, field) = run_timeout(&ctx.config, &import);
     // Stopping a run is as safe as a crash: what it sent stays in doubt until a run commits.
@@ -110,7 +117,7 @@ async fn execute(ctx: Arc<Context>, import: Arc<CohortImport>, spec: ValidSpec, 
         warn!(run_id = %run.id, "this replica no longer holds its Lease; the run is left to the leader to resume");
         return;
     }
-    finish(&ctx, &import, end, run.attempt).await;
+    finish(&ctx.reporter, &import, end, run.attempt).await;
 }
 
 /// Deregisters a run and wakes its import when dropped.
@@ -123,24 +130,22 @@ struct Deregister {
 impl Drop for Deregister {
     fn drop(&mut self) {
         self.ctx.runs.finished(&self.import, &self.run_id);
-        self.ctx.wake(self.import.clone());
+        self.ctx.watched.wake(self.import.clone());
     }
 }
 
-/// Runs the importer in a task of its own, so that a panic or an abort in it ends the run
-/// through [`RunEnd::crashed`] — recorded `Failed`, deregistered, the next trigger free to
+/// Runs the importer in a task of its own, so that a panic or an abort in it (`Err`) ends
+/// the run through [`RunEnd::crashed`] — recorded `Failed`, deregistered, the next trigger free to
 /// run — instead of leaving the import `Running` until a restart. Dropping this future (the
 /// controller stopping, a lost Lease) aborts the importer's task with it.
 async fn supervised(
-    ctx: &Arc<Context>,
+    importer: Arc<dyn Importer>,
     import: &Arc<CohortImport>,
     spec: &ValidSpec,
     run: &CurrentRun,
     keys: secrets::BrazeKeys,
     slot: Arc<RunSlot>,
-    clock_started: Instant,
-) -> RunEnd {
-    let importer = ctx.importer.clone();
+) -> Result<Result<RunReport, ImportError>, Crash> {
     let (import, spec, current) = (import.clone(), spec.clone(), run.clone());
     // A panic message is the program's text, not ours to trust: the keys never reach status.
     let known: Vec<String> = keys.exposed().into_iter().map(str::to_owned).collect();
@@ -148,11 +153,11 @@ async fn supervised(
     let task = tokio::spawn(budget::holding(slot, work).instrument(tracing::Span::current()));
     let _abort = AbortOnDrop(task.abort_handle());
     match task.await {
-        Ok(outcome) => RunEnd::finished(run, outcome, ctx.clock.now(), clock_started.elapsed()),
+        Ok(outcome) => Ok(outcome),
         Err(e) => {
             let crash = if e.is_panic() { Crash::panicked(e.into_panic(), &known) } else { Crash::Aborted };
             error!(run_id = %run.id, %crash, "the run crashed");
-            RunEnd::crashed(run, &crash, ctx.clock.now(), clock_started.elapsed())
+            Err(crash)
         }
     }
 }
@@ -248,10 +253,11 @@ fn run_timeout(config: &super::context::Config, import: &CohortImport) -> (Durat
 
 /// Records the end of `attempt` in status — unless another replica took the run over (a
 /// later attempt of it, or another run), whose record wins — and announces it.
-async fn finish(ctx: &Arc<Context>, import: &CohortImport, end: RunEnd, attempt: u32) {
+async fn finish(reporter: &Reporter, import: &CohortImport, end: RunEnd, attempt: u32) {
     let mut recorded = None;
-    let written = ctx
-        .update_status(import, |status| {
+    let written = reporter
+        .status
+        .update(import, |status| {
             if !record::is_current(status, &end.record.id, attempt) {
                 return false;
             }
@@ -262,6 +268,6 @@ async fn finish(ctx: &Arc<Context>, import: &CohortImport, end: RunEnd, attempt:
     let Some(recorded) = recorded.filter(|_| written) else {
         return;
     };
-    ctx.runs.record(ObjectRef::from_obj(import), end.record.id.clone());
-    record::announce(ctx, import, &end, &recorded).await;
+    reporter.runs.record(ObjectRef::from_obj(import), end.record.id.clone());
+    record::announce(reporter, import, &end, &recorded).await;
 }

@@ -8,6 +8,7 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::reflector::{ObjectRef, Store};
 use serde_json::json;
 use tracing::{error, warn};
 
@@ -186,6 +187,30 @@ pub async fn write(
 /// Whether an API error is the optimistic-concurrency refusal of a stale write.
 pub fn is_stale_write(error: &kube::Error) -> bool {
     matches!(error, kube::Error::Api(status) if status.code == 409)
+}
+
+/// Writes imports' status ([`update`]), starting from the copy the controller's watch last
+/// delivered: the part of the controller that the run's end, its report and a hand-over
+/// write through.
+#[derive(Clone)]
+pub struct StatusWriter {
+    pub(super) client: kube::Client,
+    /// The imports each controller sees.
+    pub(super) stores: Vec<Store<CohortImport>>,
+}
+
+impl StatusWriter {
+    /// The controller's copy of `import`, as its watch last delivered it.
+    fn cached(&self, import: &CohortImport) -> Option<Arc<CohortImport>> {
+        let reference = ObjectRef::from_obj(import);
+        self.stores.iter().find_map(|store| store.get(&reference))
+    }
+
+    /// Lets `change` edit `import`'s status and writes it ([`update`]).
+    pub async fn update(&self, import: &CohortImport, change: impl FnMut(&mut CohortImportStatus) -> bool) -> bool {
+        let api = Api::namespaced(self.client.clone(), &import.namespace().unwrap_or_default());
+        update(&api, self.cached(import), import, change).await
+    }
 }
 
 /// Lets `change` edit `import`'s status (returning whether it changed anything) and
