@@ -235,7 +235,7 @@ async fn winner(ctx: &Context, import: &CohortImport) -> (Option<(ObjectRef<Coho
         let namespace = import.namespace().unwrap_or_default();
         let workspace_of = async {
             let braze = secrets::Workspace::of(&import.spec.destination, &namespace)?;
-            secrets::data_import_workspace(&ctx.client, braze).await
+            secrets::data_import_workspace(&ctx.client, &ctx.secret_checks, braze).await
         };
         match workspace_of.await {
             Ok(w) => workspace = Some(w),
@@ -349,8 +349,7 @@ async fn check_secrets(ctx: &Context, import: &CohortImport) -> Result<(), KeyEr
 async fn check_key(ctx: &Context, objects: &KubeObjects, key: &CheckedKey) -> Result<(), KeyError> {
     let namespace = objects.namespace();
     if !ctx.secret_checks.is_present(namespace, &key.reference) {
-        let version = secrets::check_key(objects, key).await?;
-        ctx.secret_checks.found(namespace, &key.reference, version);
+        secrets::check_key(objects, key, &ctx.secret_checks).await?;
     }
     Ok(())
 }
@@ -421,7 +420,7 @@ fn cleanup_failed(import: &CohortImport, removing: bool, cause: &ImportError) ->
 async fn remove_members(ctx: &Context, import: &CohortImport) -> Result<(), ImportError> {
     let namespace = import.namespace().unwrap_or_default();
     let workspace = secrets::Workspace::of(&import.spec.destination, &namespace)?;
-    let keys = secrets::braze_keys(&ctx.client, workspace, &ctx.config.partner_keys).await?;
+    let keys = secrets::braze_keys(&ctx.client, &ctx.secret_checks, workspace, &ctx.config.partner_keys).await?;
     let cohort = CohortKey::of(&import.spec);
     let note = match ctx.importer.remove_members(import, keys).await {
         Ok(removed) => format!("Removed the {removed} members this import sent from {cohort}"),

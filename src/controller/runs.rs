@@ -88,10 +88,10 @@ async fn execute(ctx: Arc<Context>, import: Arc<CohortImport>, spec: ValidSpec, 
     let namespace = import.namespace().unwrap_or_default();
     let mut workspace = None;
     let attempt = async {
-        // Read at every run: a key rotated in its Secret (the import's, or its destination's)
-        // is used from the next run on.
+        // Read unless the Secret watch sees its Secret as it was read: a key rotated in its
+        // Secret (the import's, or its destination's) is used from the next run on.
         let braze = secrets::Workspace::of(&import.spec.destination, &namespace)?;
-        let keys = secrets::braze_keys(&ctx.client, braze, &ctx.config.partner_keys).await?;
+        let keys = secrets::braze_keys(&ctx.client, &ctx.secret_checks, braze, &ctx.config.partner_keys).await?;
         workspace = Some(super::conflict::workspace_of(keys.workspace_key().expose()));
         Ok::<_, secrets::KeyError>(supervised(&ctx, &import, &spec, &run, keys, slot, clock_started).await)
     };
