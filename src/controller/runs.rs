@@ -16,7 +16,6 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use super::admission::{Admission, Admitted};
 use super::context::Context;
-use super::events::reason as event;
 use super::record::{self, Crash, RunEnd};
 use super::secrets;
 use crate::api::{CohortImport, CurrentRun, RunTrigger};
@@ -81,9 +80,9 @@ async fn execute(ctx: Arc<Context>, import: Arc<CohortImport>, spec: ValidSpec, 
         return;
     }
     let in_progress = InProgress::start(&ctx);
+    // No Event: status already shows the run in progress (`currentRun`, `Ready: Running`).
+    // Its end is announced — one Event, naming the run.
     info!(trigger = ?run.trigger, "run started");
-    let note = format!("Run {} ({:?}) started", run.id, run.trigger);
-    ctx.events.normal(&import, event::RUN_STARTED, "Run", note).await;
     let clock_started = Instant::now();
     let namespace = import.namespace().unwrap_or_default();
     let mut workspace = None;
