@@ -831,7 +831,9 @@ impl ClusterSnapshotStore {
             return Ok(None);
         }
         let len = std::fs::metadata(body).map_err(self.io("open the new body"))?.len();
-        if len > self.inline_bytes as u64 {
+        // (A body is never empty, a zstd frame at least; an empty `binaryData` value is one
+        // this API server build refuses as null.)
+        if len == 0 || len > self.inline_bytes as u64 {
             return Ok(None);
         }
         std::fs::read(body).map(Some).map_err(self.io("read the new body"))
