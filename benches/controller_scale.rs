@@ -416,7 +416,12 @@ struct Env {
 async fn environment(namespace_count: usize) -> Env {
     let cluster = Cluster::start();
     let client = cluster.client().await;
+    // Every CRD the operator watches, as the chart installs them: a watch of one that is not
+    // served fails and is tried again on a backoff, requests an idle operator never sends.
     cluster.install_crd(&api::crd()).await;
+    cluster.install_crd(&api::trigger_crd()).await;
+    cluster.install_crd(&api::destination_crd()).await;
+    cluster.install_crd(&api::cluster_destination_crd()).await;
     let mut namespaces = Vec::new();
     for _ in 0..namespace_count {
         namespaces.push(cluster.namespace("scale").await);
