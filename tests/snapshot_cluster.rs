@@ -19,8 +19,8 @@ use cohort_operator::domain::diff::KeyCursor;
 use cohort_operator::domain::member::Member;
 use cohort_operator::run::{ImportRun, RunDeps, run_import};
 use cohort_operator::snapshot::cluster::{
-    ClusterSnapshotStore, DEFAULT_CHUNK_BYTES, SNAPSHOT_HOLDER_LABEL, SNAPSHOT_OF_LABEL, SNAPSHOT_PART_LABEL,
-    SNAPSHOT_SERIAL_LABEL, list_snapshots,
+    ClusterSnapshotStore, DEFAULT_CHUNK_BYTES, DEFAULT_INLINE_BYTES, SNAPSHOT_HOLDER_LABEL, SNAPSHOT_OF_LABEL,
+    SNAPSHOT_PART_LABEL, SNAPSHOT_SERIAL_LABEL, list_snapshots,
 };
 use cohort_operator::snapshot::format::{BodyWriter, read_body};
 use cohort_operator::snapshot::plan::{PlanMeta, PlanWriter, Progress, Section, resolve};
@@ -831,4 +831,116 @@ async fn a_checkpoint_whose_head_keeps_changing_is_not_overtaken() {
     assert!(err.to_string().contains("kept changing"), "{err}");
     store.checkpoint(&plan, &progress).await.unwrap();
     assert_eq!(s.store().load(s.dir.path()).await.unwrap().plan.unwrap().meta.progress, progress);
+}
+
+/// With inline bodies on (the operator's runs), a small cohort's snapshot and keys in doubt
+/// live in the head: a run that changes something reads the head once and updates it twice
+/// (keys in doubt, commit), with no chunk to create, read or delete.
+#[tokio::test]
+async fn a_small_cohort_costs_one_read_and_two_updates_of_the_head() {
+    let s = setup("snap-inline").await;
+    let (client, metrics) = counting_client().await;
+    let store = || {
+        ClusterSnapshotStore::for_cohort(client.clone(), &s.namespace, &s.key, "cohort vip", "vip", &s.uid)
+            .with_inline_bytes(DEFAULT_INLINE_BYTES)
+    };
+    let keys = sorted_keys(100, 8);
+    let run = |generation: u64, keys: &[Vec<u8>]| {
+        let store = store();
+        let (doubt_body, body) = (s.body(&format!("d{generation}"), keys), s.body(&format!("g{generation}"), keys));
+        let (dir, count) = (s.dir.path().to_owned(), keys.len() as u64);
+        async move {
+            let loaded = store.load(&dir).await.unwrap();
+            assert_eq!(loaded.generation(), generation - 1);
+            store.record_doubt(&doubt(generation - 1, count), &doubt_body).await.unwrap();
+            let loaded = store.load(&dir).await.unwrap();
+            assert_eq!(read_keys(loaded.doubt.unwrap().body), keys_of(&doubt_body));
+            store.commit(&meta(generation, count), &body).await.unwrap();
+        }
+    };
+    run(1, &keys[..50]).await;
+    let before = requests(&metrics);
+    let store = store();
+    store.load(s.dir.path()).await.unwrap();
+    store.record_doubt(&doubt(1, 60), &s.body("d2", &keys[..60])).await.unwrap();
+    store.commit(&meta(2, 60), &s.body("g2", &keys[..60])).await.unwrap();
+    let after = requests(&metrics);
+    let spent: BTreeMap<String, u64> = after
+        .iter()
+        .map(|(verb, n)| (verb.clone(), n - before.get(verb).copied().unwrap_or(0)))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    assert_eq!(spent, BTreeMap::from([("get".to_owned(), 1), ("update".to_owned(), 2)]));
+    assert!(s.chunk_serials().await.is_empty(), "no chunk at all");
+    let loaded = s.store().load(s.dir.path()).await.unwrap();
+    assert_eq!(read_keys(loaded.snapshot.unwrap().body), keys[..60], "a store without inline writes reads it too");
+    assert!(loaded.doubt.is_none());
+}
+
+fn keys_of(body: &Path) -> Vec<Vec<u8>> {
+    read_keys(File::open(body).unwrap())
+}
+
+/// Upgrade: a snapshot in chunks (as every earlier version, and a large body, keeps it)
+/// moves into the head at the first small commit, its chunks deleted; a body that grows
+/// past the limit goes back to chunks, and the inline body it replaced leaves nothing behind.
+#[tokio::test]
+async fn a_snapshot_moves_between_chunks_and_the_head_as_it_shrinks_and_grows() {
+    let s = setup("snap-inline-move").await;
+    let keys = sorted_keys(5000, 16);
+    s.store().commit(&meta(1, 100), &s.body("g1", &keys[..100])).await.unwrap();
+    assert_eq!(s.chunk_serials().await.len(), 1, "written chunked, as an earlier version does");
+
+    let inline = || s.store().with_inline_bytes(4096);
+    let store = inline();
+    store.load(s.dir.path()).await.unwrap();
+    store.record_doubt(&doubt(1, 10), &s.body("d2", &keys[..10])).await.unwrap();
+    store.commit(&meta(2, 110), &s.body("g2", &keys[..110])).await.unwrap();
+    assert!(s.chunk_serials().await.is_empty(), "the chunked snapshot it replaced is deleted");
+    assert_eq!(read_keys(inline().load(s.dir.path()).await.unwrap().snapshot.unwrap().body), keys[..110]);
+
+    // 5,000 random 16-byte keys are far over 4 KiB: chunks again, under the reservation.
+    let store = inline();
+    store.load(s.dir.path()).await.unwrap();
+    store.record_doubt(&doubt(2, 10), &s.body("d3", &keys[..10])).await.unwrap();
+    store.commit(&meta(3, 5000), &s.body("g3", &keys)).await.unwrap();
+    assert_eq!(s.chunk_serials().await.len(), 1);
+    let head = s.config_maps().get(&store.head_name()).await.unwrap();
+    assert_eq!(head.binary_data, None, "no inline body left in the head");
+    assert_eq!(read_keys(inline().load(s.dir.path()).await.unwrap().snapshot.unwrap().body), keys);
+}
+
+/// A head written with inline bodies, as a version that does not know them reads it: the
+/// part's bytes are in no chunk, so the head is refused as damaged — never read as an empty
+/// snapshot (which would forget every member to remove). A head of an earlier version (no
+/// list of unnamed serials) is written once in chunks, which lists them, then inline.
+#[tokio::test]
+async fn inline_bodies_are_never_misread_and_an_earlier_head_is_cleaned_first() {
+    let s = setup("snap-inline-old").await;
+    let keys = sorted_keys(100, 8);
+    let store = s.store().with_inline_bytes(DEFAULT_INLINE_BYTES);
+    store.commit(&meta(1, 100), &s.body("g1", &keys)).await.unwrap();
+    edit_head(&s, &store, |json| {
+        json["snapshot"].as_object_mut().unwrap().remove("inline");
+    })
+    .await;
+    let err = s.store().load(s.dir.path()).await.unwrap_err();
+    assert!(matches!(err, SnapshotError::Corrupt { .. }), "{err}");
+
+    let s = setup("snap-inline-unnamed").await;
+    s.store().commit(&meta(1, 50), &s.body("g1", &keys[..50])).await.unwrap();
+    edit_head(&s, &s.store(), |json| {
+        json.as_object_mut().unwrap().remove("unnamed");
+    })
+    .await;
+    let store = s.store().with_inline_bytes(DEFAULT_INLINE_BYTES);
+    store.load(s.dir.path()).await.unwrap();
+    store.record_doubt(&doubt(1, 10), &s.body("d2", &keys[..10])).await.unwrap();
+    assert_eq!(s.chunk_serials().await.len(), 2, "chunked: the snapshot's and the doubt's");
+    store.commit(&meta(2, 60), &s.body("g2", &keys[..60])).await.unwrap();
+    let store = s.store().with_inline_bytes(DEFAULT_INLINE_BYTES);
+    store.load(s.dir.path()).await.unwrap();
+    store.record_doubt(&doubt(2, 10), &s.body("d3", &keys[..10])).await.unwrap();
+    assert!(s.chunk_serials().await.is_empty(), "inline from then on, the chunks collected");
+    assert_eq!(read_keys(s.store().load(s.dir.path()).await.unwrap().snapshot.unwrap().body), keys[..60]);
 }

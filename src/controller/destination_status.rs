@@ -62,7 +62,7 @@ pub async fn readiness(
     let objects = KubeObjects::new(ctx.client.clone(), secret_namespace);
     for (reference, field) in workspace.key_refs() {
         let key = CheckedKey { reference: reference.clone(), field, braze: true };
-        if let Err(e) = secrets::check_key(&objects, &key).await {
+        if let Err(e) = secrets::check_key(&objects, &key, &ctx.secret_checks).await {
             let reason = match e.reason() {
                 crate::api::ReadyReason::SecretReadFailed => DestinationReason::SecretReadFailed,
                 _ => DestinationReason::SecretNotFound,

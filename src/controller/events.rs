@@ -1,5 +1,8 @@
-//! Kubernetes Events (events.k8s.io/v1) on an import: a run started, succeeded, failed or
-//! was blocked; a conflict; a report email that could not be sent.
+//! Kubernetes Events (events.k8s.io/v1) on an import, for what a person should see: a run
+//! succeeded, failed, was blocked, missed or interrupted, or will be retried; a conflict, an
+//! invalid spec, a missing Secret; members removed or a clean-up that failed on deletion; a
+//! report that could not be sent. A run's start is no Event: status shows it
+//! (`currentRun`, `Ready: Running`), and one Event a run keeps a run's API requests few.
 
 use kube::Resource;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -11,7 +14,6 @@ use crate::api::CohortImport;
 pub mod reason {
     use crate::api::ReadyReason;
 
-    pub const RUN_STARTED: &str = "RunStarted";
     pub const RUN_SUCCEEDED: &str = "RunSucceeded";
     pub const RUN_DRY_RUN: &str = "RunDryRun";
     pub const RUN_FAILED: &str = "RunFailed";
@@ -29,9 +31,8 @@ pub mod reason {
 
 /// Reasons whose Event is about one run and names it: each is an Event of its own. kube's
 /// recorder folds Events of the same reason on an object into one series and keeps the
-/// first note, so three runs would show as "Run A started (x3)".
+/// first note, so three runs would show as "Run A succeeded (x3)".
 const ONE_PER_RUN: &[&str] = &[
-    reason::RUN_STARTED,
     reason::RUN_SUCCEEDED,
     reason::RUN_DRY_RUN,
     reason::RUN_FAILED,

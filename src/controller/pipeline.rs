@@ -18,7 +18,7 @@ use crate::domain::validate::ValidSpec;
 use crate::fence::Fence;
 use crate::net::egress::EgressPolicy;
 use crate::run::{ImportRun, RunDeps, RunReport, identifier_fingerprint, remove_all_members, run_import};
-use crate::snapshot::cluster::ClusterSnapshotStore;
+use crate::snapshot::cluster::{ClusterSnapshotStore, DEFAULT_INLINE_BYTES};
 use crate::snapshot::fenced::FencedStore;
 use crate::snapshot::fs::FsSnapshotStore;
 use crate::snapshot::{SnapshotError, SnapshotStore, snapshot_key};
@@ -139,7 +139,10 @@ impl PipelineImporter {
                 let cohort = CohortKey::of(spec).to_string();
                 let workspace = keys.map(|k| workspace_of(k.workspace_key().expose()));
                 let alternate = alternate_key(&key, import);
-                let store = ClusterSnapshotStore::new(self.client.clone(), import, &key, &cohort)?;
+                // A small cohort's snapshot and keys in doubt live in the head: a run that
+                // changes something reads it once and updates it twice.
+                let store = ClusterSnapshotStore::new(self.client.clone(), import, &key, &cohort)?
+                    .with_inline_bytes(DEFAULT_INLINE_BYTES);
                 // Only an import that ran before can have a snapshot an earlier version kept
                 // by its uid: a first run saves the look.
                 let ran = import.status.as_ref().is_some_and(|s| {

@@ -181,7 +181,7 @@ async fn apply(
     let (winner, workspace) = match (&valid, refusal) {
         (Ok(_), None) => {
             let imports = ctx.watched.imports_of(&CohortKey::of(&import.spec));
-            winner(&import, &imports, &ctx.client, &ctx.config.limits).await
+            winner(&import, &imports, &ctx.client, &ctx.secret_checks, &ctx.config.limits).await
         }
         _ => (None, None),
     };
@@ -236,6 +236,7 @@ async fn winner(
     import: &CohortImport,
     imports: &[Arc<CohortImport>],
     client: &kube::Client,
+    checks: &SecretChecks,
     limits: &Limits,
 ) -> (Option<(ObjectRef<CohortImport>, String)>, Option<String>) {
     let contenders = conflict::contenders(import, imports.iter().map(|i| i.as_ref()), limits);
@@ -244,7 +245,7 @@ async fn winner(
         let namespace = import.namespace().unwrap_or_default();
         let workspace_of = async {
             let braze = secrets::Workspace::of(&import.spec.destination, &namespace)?;
-            secrets::data_import_workspace(client, braze).await
+            secrets::data_import_workspace(client, checks, braze).await
         };
         match workspace_of.await {
             Ok(w) => workspace = Some(w),
@@ -363,8 +364,7 @@ async fn check_secrets(
 async fn check_key(checks: &SecretChecks, objects: &KubeObjects, key: &CheckedKey) -> Result<(), KeyError> {
     let namespace = objects.namespace();
     if !checks.is_present(namespace, &key.reference) {
-        let version = secrets::check_key(objects, key).await?;
-        checks.found(namespace, &key.reference, version);
+        secrets::check_key(objects, key, checks).await?;
     }
     Ok(())
 }
@@ -435,7 +435,7 @@ fn cleanup_failed(import: &CohortImport, removing: bool, cause: &ImportError) ->
 async fn remove_members(ctx: &Context, import: &CohortImport) -> Result<(), ImportError> {
     let namespace = import.namespace().unwrap_or_default();
     let workspace = secrets::Workspace::of(&import.spec.destination, &namespace)?;
-    let keys = secrets::braze_keys(&ctx.client, workspace, &ctx.config.partner_keys).await?;
+    let keys = secrets::braze_keys(&ctx.client, &ctx.secret_checks, workspace, &ctx.config.partner_keys).await?;
     let cohort = CohortKey::of(&import.spec);
     let note = match ctx.importer.remove_members(import, keys).await {
         Ok(removed) => format!("Removed the {removed} members this import sent from {cohort}"),

@@ -16,7 +16,6 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use super::admission::{Admission, Admitted};
 use super::context::Context;
-use super::events::reason as event;
 use super::importer::{ImportError, Importer};
 use super::record::{self, Crash, Reporter, RunEnd};
 use super::secrets;
@@ -83,17 +82,17 @@ async fn execute(ctx: Arc<Context>, import: Arc<CohortImport>, spec: ValidSpec, 
         return;
     }
     let in_progress = InProgress::start(&ctx);
+    // No Event: status already shows the run in progress (`currentRun`, `Ready: Running`).
+    // Its end is announced — one Event, naming the run.
     info!(trigger = ?run.trigger, "run started");
-    let note = format!("Run {} ({:?}) started", run.id, run.trigger);
-    ctx.events.normal(&import, event::RUN_STARTED, "Run", note).await;
     let clock_started = Instant::now();
     let namespace = import.namespace().unwrap_or_default();
     let mut workspace = None;
     let attempt = async {
-        // Read at every run: a key rotated in its Secret (the import's, or its destination's)
-        // is used from the next run on.
+        // Read unless the Secret watch sees its Secret as it was read: a key rotated in its
+        // Secret (the import's, or its destination's) is used from the next run on.
         let braze = secrets::Workspace::of(&import.spec.destination, &namespace)?;
-        let keys = secrets::braze_keys(&ctx.client, braze, &ctx.config.partner_keys).await?;
+        let keys = secrets::braze_keys(&ctx.client, &ctx.secret_checks, braze, &ctx.config.partner_keys).await?;
         workspace = Some(super::conflict::workspace_of(keys.workspace_key().expose()));
         let outcome = supervised(ctx.importer.clone(), &import, &spec, &run, keys, slot).await;
         let (now, elapsed) = (ctx.clock.now(), clock_started.elapsed());

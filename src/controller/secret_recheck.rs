@@ -5,7 +5,8 @@
 //! created. An import that is `SecretNotFound` then looks again on a short backoff: a
 //! quarter of the time it has been waiting (a Secret created a moment after its import is
 //! noticed within a second or two), between [`MIN_RECHECK`] and the configured cap. Runs
-//! read their Secrets afresh in any case.
+//! then read their Secrets afresh each time: nothing tells them a key they read is current
+//! (with the watch, [`super::secrets::SecretChecks`] keeps the Braze keys by version).
 
 use std::time::Duration;
 

@@ -158,17 +158,8 @@ async fn secret_value_at(
     })
 }
 
-/// A Braze key: [`secret_value`] without surrounding white space (a Braze key has none),
-/// and not empty.
-async fn braze_key(
-    objects: &KubeObjects,
-    reference: &SecretKeyRef,
-    field: &'static str,
-) -> Result<SecretString, KeyError> {
-    Ok(braze_key_at(objects, reference, field).await?.0)
-}
-
-/// [`braze_key`] and the Secret's `resourceVersion` as read.
+/// A Braze key — [`secret_value`] without surrounding white space (a Braze key has none),
+/// and not empty — and its Secret's `resourceVersion` as read.
 async fn braze_key_at(
     objects: &KubeObjects,
     reference: &SecretKeyRef,
@@ -187,19 +178,40 @@ async fn braze_key_at(
 pub struct CheckedKey {
     pub reference: SecretKeyRef,
     pub field: &'static str,
-    /// A Braze key ([`braze_key`]: not blank), or a source's value ([`secret_value`]).
+    /// A Braze key ([`braze_key_at`]: not blank), or a source's value ([`secret_value`]).
     pub braze: bool,
 }
 
-/// Reads `key` as a run will read it, dropping the value; returns its Secret's
-/// `resourceVersion` as read.
-pub async fn check_key(objects: &KubeObjects, key: &CheckedKey) -> Result<Option<String>, KeyError> {
-    let (_, version) = if key.braze {
-        braze_key_at(objects, &key.reference, key.field).await?
+/// Reads `key` as a run will read it and notes it in `checks` as found at its Secret's
+/// `resourceVersion` — a Braze key with its value, for the run ([`braze_keys`]); a source's
+/// value is dropped.
+pub async fn check_key(objects: &KubeObjects, key: &CheckedKey, checks: &SecretChecks) -> Result<(), KeyError> {
+    let namespace = objects.namespace();
+    if key.braze {
+        let (value, version) = braze_key_at(objects, &key.reference, key.field).await?;
+        checks.found_value(namespace, &key.reference, version, value);
     } else {
-        secret_value_at(objects, &key.reference, key.field).await?
-    };
-    Ok(version)
+        let (_, version) = secret_value_at(objects, &key.reference, key.field).await?;
+        checks.found(namespace, &key.reference, version);
+    }
+    Ok(())
+}
+
+/// A Braze key from `checks` while the Secret watch sees its Secret as it was read
+/// ([`SecretChecks::value`]), else read ([`braze_key_at`]) and kept there.
+async fn cached_braze_key(
+    objects: &KubeObjects,
+    checks: &SecretChecks,
+    reference: &SecretKeyRef,
+    field: &'static str,
+) -> Result<SecretString, KeyError> {
+    let namespace = objects.namespace();
+    if let Some(value) = checks.value(namespace, reference) {
+        return Ok(value);
+    }
+    let (value, version) = braze_key_at(objects, reference, field).await?;
+    checks.found_value(namespace, reference, version, value.clone());
+    Ok(value)
 }
 
 /// Secret keys found present, and at which `resourceVersion` of their Secret, so that a
@@ -207,6 +219,11 @@ pub async fn check_key(objects: &KubeObjects, key: &CheckedKey) -> Result<Option
 /// share one Secret, and an import is reconciled after each run. Trusted for at most
 /// [`SecretChecks::TRUST`], since a watch that restarts does not report what was deleted
 /// while it was down. Without the watch (`--watch-secrets=false`) nothing is trusted.
+///
+/// The Braze keys' values are kept with them (the watch itself sees only metadata), so
+/// that a run reads its key from here under the same rule: a key rotated in its Secret is
+/// read afresh by the first run after the watch saw the change. Source Secrets' values
+/// are never kept.
 #[derive(Default)]
 pub struct SecretChecks {
     /// (namespace, Secret) → its `resourceVersion` as the watch last saw it.
@@ -215,10 +232,11 @@ pub struct SecretChecks {
     found: Mutex<HashMap<(String, String, String), Found>>,
 }
 
-/// When and in which version of its Secret a key was found present.
+/// When and in which version of its Secret a key was found present; a Braze key's value.
 struct Found {
     version: String,
     at: Instant,
+    value: Option<SecretString>,
 }
 
 impl SecretChecks {
@@ -236,19 +254,39 @@ impl SecretChecks {
 
     /// Whether `reference` was found present in the Secret as the watch last saw it.
     pub fn is_present(&self, namespace: &str, reference: &SecretKeyRef) -> bool {
+        self.trusted(namespace, reference, |_| ()).is_some()
+    }
+
+    /// The Braze key `reference` as read from the Secret the watch last saw, if it was.
+    pub fn value(&self, namespace: &str, reference: &SecretKeyRef) -> Option<SecretString> {
+        self.trusted(namespace, reference, |f| f.value.clone()).flatten()
+    }
+
+    /// `what` of the key `reference` found in the Secret as the watch last saw it, within
+    /// [`Self::TRUST`].
+    fn trusted<T>(&self, namespace: &str, reference: &SecretKeyRef, what: impl Fn(&Found) -> T) -> Option<T> {
         let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(current) = seen.get(&(namespace.to_owned(), reference.name.clone())) else { return false };
+        let current = seen.get(&(namespace.to_owned(), reference.name.clone()))?;
         let found = self.found.lock().unwrap_or_else(|e| e.into_inner());
         let key = (namespace.to_owned(), reference.name.clone(), reference.key.clone());
-        found.get(&key).is_some_and(|f| f.version == *current && f.at.elapsed() < Self::TRUST)
+        found.get(&key).filter(|f| f.version == *current && f.at.elapsed() < Self::TRUST).map(what)
     }
 
     /// `reference` was read and is present, in its Secret at `version`.
     pub fn found(&self, namespace: &str, reference: &SecretKeyRef, version: Option<String>) {
+        self.note(namespace, reference, version, None);
+    }
+
+    /// The Braze key `reference` was read, `value`, in its Secret at `version`.
+    pub fn found_value(&self, namespace: &str, reference: &SecretKeyRef, version: Option<String>, value: SecretString) {
+        self.note(namespace, reference, version, Some(value));
+    }
+
+    fn note(&self, namespace: &str, reference: &SecretKeyRef, version: Option<String>, value: Option<SecretString>) {
         let key = (namespace.to_owned(), reference.name.clone(), reference.key.clone());
         let mut found = self.found.lock().unwrap_or_else(|e| e.into_inner());
         match version {
-            Some(version) => found.insert(key, Found { version, at: Instant::now() }),
+            Some(version) => found.insert(key, Found { version, at: Instant::now(), value }),
             None => found.remove(&key),
         };
     }
@@ -369,9 +407,11 @@ fn missing_ref(field: &'static str) -> KeyError {
     KeyError::NoReference { field }
 }
 
-/// Reads the keys an import's run needs, from the Secrets of its workspace.
+/// Reads the keys an import's run needs, from the Secrets of its workspace — or from
+/// `checks`, while the Secret watch sees their Secrets as they were read there.
 pub async fn braze_keys(
     client: &kube::Client,
+    checks: &SecretChecks,
     workspace: Workspace<'_>,
     partner_keys: &PartnerKeys,
 ) -> Result<BrazeKeys, KeyError> {
@@ -379,24 +419,29 @@ pub async fn braze_keys(
     let (braze, fields) = (workspace.braze, workspace.fields);
     if braze.method == DeliveryMethod::Attribute {
         let reference = braze.api_key_secret_ref.as_ref().ok_or_else(|| missing_ref(fields.rest_api_key))?;
-        let api_key = braze_key(&objects, reference, fields.rest_api_key).await?;
+        let api_key = cached_braze_key(&objects, checks, reference, fields.rest_api_key).await?;
         return Ok(BrazeKeys::RestApi { api_key });
     }
     let reference = braze.data_import_key_secret_ref.as_ref().ok_or_else(|| missing_ref(fields.data_import_key))?;
-    let data_import_key = braze_key(&objects, reference, fields.data_import_key).await?;
+    let data_import_key = cached_braze_key(&objects, checks, reference, fields.data_import_key).await?;
     let partner_api_key = match &braze.partner_api_key_secret_ref {
-        Some(reference) => braze_key(&objects, reference, fields.partner_key).await?,
+        Some(reference) => cached_braze_key(&objects, checks, reference, fields.partner_key).await?,
         None => partner_keys.key_for(&braze.rest_endpoint).await?,
     };
     Ok(BrazeKeys::Partner { data_import_key, partner_api_key })
 }
 
-/// The Braze workspace of an import's key ([`super::conflict::workspace_of`]).
-pub async fn data_import_workspace(client: &kube::Client, workspace: Workspace<'_>) -> Result<String, KeyError> {
+/// The Braze workspace of an import's key ([`super::conflict::workspace_of`]), the key read
+/// as [`braze_keys`] reads it.
+pub async fn data_import_workspace(
+    client: &kube::Client,
+    checks: &SecretChecks,
+    workspace: Workspace<'_>,
+) -> Result<String, KeyError> {
     let objects = KubeObjects::new(client.clone(), workspace.secret_namespace);
     let (reference, field) =
         workspace.workspace_key_ref().ok_or_else(|| missing_ref(workspace.fields.data_import_key))?;
-    let key = braze_key(&objects, reference, field).await?;
+    let key = cached_braze_key(&objects, checks, reference, field).await?;
     Ok(super::conflict::workspace_of(key.expose()))
 }
 
@@ -421,6 +466,24 @@ mod tests {
         assert!(checks.is_present("ns", &key));
         checks.found("ns", &key, None);
         assert!(!checks.is_present("ns", &key), "read without a resourceVersion: not trusted");
+    }
+
+    #[test]
+    fn a_braze_key_is_served_from_the_checks_only_at_the_version_the_watch_sees() {
+        let checks = SecretChecks::default();
+        let key = SecretKeyRef { name: "braze".into(), key: "data-import-key".into() };
+        checks.found_value("ns", &key, Some("7".into()), SecretString::new("k1"));
+        assert_eq!(checks.value("ns", &key), None, "the watch has not seen the Secret yet");
+        checks.saw("ns", "braze", Some("7"));
+        assert_eq!(checks.value("ns", &key).map(|v| v.expose().to_owned()).as_deref(), Some("k1"));
+        assert!(checks.is_present("ns", &key));
+        checks.saw("ns", "braze", Some("8"));
+        assert_eq!(checks.value("ns", &key), None, "rotated: read afresh");
+        checks.found("ns", &key, Some("8".into()));
+        assert!(checks.is_present("ns", &key));
+        assert_eq!(checks.value("ns", &key), None, "found present by a check that kept no value");
+        checks.saw("ns", "braze", None);
+        assert_eq!(checks.value("ns", &key), None, "deleted");
     }
 
     #[test]

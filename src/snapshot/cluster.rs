@@ -20,6 +20,18 @@
 //! chunk and one switch per write (and a delete when there is garbage); the store keeps the
 //! head it last read or wrote for the run's next write instead of reading it again.
 //!
+//! Small bodies, inline ([`ClusterSnapshotStore::with_inline_bytes`], what the operator's
+//! runs use; up to [`DEFAULT_INLINE_BYTES`]): a snapshot or keys in doubt that small is kept
+//! in the head's own `binaryData` (`snapshot`, `doubt`), its part marked `inline`, so that a
+//! write of it is the switch alone — the same conditional update, all or nothing — and a
+//! read of it is the read of the head. A small cohort's run then costs one read of the head
+//! and two updates of it, no chunk. The serial bookkeeping is unchanged (an inline write
+//! keeps the reservation and lists the chunked bodies it replaced), so a body that grows
+//! goes to chunks and one that shrinks comes back without anything left over. Keys in doubt
+//! recorded with a plan, and writes over a head of a version that did not list its unnamed
+//! serials, stay chunked. A version that does not know inline parts finds no chunk holding a
+//! part's `bodyBytes` and refuses the head as damaged; it never reads it as empty.
+//!
 //! A run's plan ([`super::plan`]) is written with its keys in doubt, in the same switch: its
 //! body in chunks of its own under their serial (`cohort-snapshot-K-S-plan-0`, …), its
 //! metadata in the head's `planPart`. An operator of an earlier version ignores `planPart`,
@@ -64,6 +76,12 @@ use head::{Head, Location, Part};
 /// Largest body piece per ConfigMap. A ConfigMap holds at most 1 MiB; etcd takes requests
 /// up to 1.5 MiB.
 pub const DEFAULT_CHUNK_BYTES: usize = 900 * 1024;
+/// Bodies up to this size are kept in the head when inline bodies are on
+/// ([`ClusterSnapshotStore::with_inline_bytes`]; the operator's runs): a few thousand members.
+pub const DEFAULT_INLINE_BYTES: usize = 64 * 1024;
+/// The most an inline body may hold: the head holds two (a snapshot and keys in doubt), and
+/// a ConfigMap at most 1 MiB.
+pub const MAX_INLINE_BYTES: usize = 256 * 1024;
 
 /// Label: the snapshot key ([`super::snapshot_key`]) of the cohort a snapshot object belongs
 /// to (the import's uid in snapshots of earlier versions).
@@ -86,6 +104,9 @@ pub const SNAPSHOT_IMPORT_ANNOTATION: &str = "cohorts.dev/import";
 
 const HEAD_KEY: &str = "snapshot.json";
 const BODY_KEY: &str = "body";
+/// The head's `binaryData` keys of its inline bodies.
+const INLINE_SNAPSHOT_KEY: &str = "snapshot";
+const INLINE_DOUBT_KEY: &str = "doubt";
 /// A reader that finds a chunk gone (a write replaced it meanwhile) starts over.
 const LOAD_ATTEMPTS: usize = 3;
 
@@ -112,6 +133,8 @@ pub struct ClusterSnapshotStore {
     /// `key` or `alternate`, decided by the first load.
     effective: OnceLock<String>,
     chunk_bytes: usize,
+    /// Bodies up to this size are written into the head (0: never).
+    inline_bytes: usize,
     /// The head as this store last read or wrote it.
     last: LastHead,
     /// The `resourceVersion` of the head the last load read: a plan is recorded only over it.
@@ -170,11 +193,63 @@ impl std::fmt::Debug for ClusterSnapshotStore {
     }
 }
 
-/// The head as read, with the `resourceVersion` a replacement must match.
+/// The head as read, with the `resourceVersion` a replacement must match and the bodies of
+/// its inline parts.
 #[derive(Clone)]
 struct ReadHead {
     head: Head,
     resource_version: Option<String>,
+    bodies: Bodies,
+}
+
+/// The bodies of a head's inline parts.
+#[derive(Clone, Default)]
+struct Bodies {
+    snapshot: Option<Vec<u8>>,
+    doubt: Option<Vec<u8>>,
+}
+
+/// The part of the head a write replaces.
+#[derive(Clone, Copy)]
+enum Slot {
+    Snapshot,
+    Doubt,
+}
+
+impl Slot {
+    fn key(self) -> &'static str {
+        match self {
+            Slot::Snapshot => INLINE_SNAPSHOT_KEY,
+            Slot::Doubt => INLINE_DOUBT_KEY,
+        }
+    }
+}
+
+impl Bodies {
+    fn get(&self, slot: Slot) -> Option<&Vec<u8>> {
+        match slot {
+            Slot::Snapshot => self.snapshot.as_ref(),
+            Slot::Doubt => self.doubt.as_ref(),
+        }
+    }
+
+    fn set(&mut self, slot: Slot, body: Vec<u8>) {
+        match slot {
+            Slot::Snapshot => self.snapshot = Some(body),
+            Slot::Doubt => self.doubt = Some(body),
+        }
+    }
+
+    /// Only the bodies of `head`'s inline parts.
+    fn of(mut self, head: &Head) -> Bodies {
+        if !head.snapshot.as_ref().is_some_and(|p| p.inline) {
+            self.snapshot = None;
+        }
+        if !head.doubt.as_ref().is_some_and(|p| p.inline) {
+            self.doubt = None;
+        }
+        self
+    }
 }
 
 /// Which body a chunk holds: a part's (a snapshot or keys in doubt), or the plan recorded
@@ -222,6 +297,7 @@ impl ClusterSnapshotStore {
             workspace: None,
             effective: OnceLock::new(),
             chunk_bytes: DEFAULT_CHUNK_BYTES,
+            inline_bytes: 0,
             last: LastHead::default(),
             loaded: LoadedVersion::default(),
             read_only: false,
@@ -273,6 +349,14 @@ impl ClusterSnapshotStore {
     /// Cuts bodies into pieces of at most `bytes` (tests use small ones).
     pub fn with_chunk_bytes(mut self, bytes: usize) -> Self {
         self.chunk_bytes = bytes.clamp(1, DEFAULT_CHUNK_BYTES);
+        self
+    }
+
+    /// Keeps bodies of up to `bytes` (at most [`MAX_INLINE_BYTES`]) in the head itself, so
+    /// that writing one is one conditional update of the head and reading one is the read of
+    /// the head; larger bodies, and keys in doubt recorded with a plan, go to chunks.
+    pub fn with_inline_bytes(mut self, bytes: usize) -> Self {
+        self.inline_bytes = bytes.min(MAX_INLINE_BYTES);
         self
     }
 
@@ -362,7 +446,34 @@ impl ClusterSnapshotStore {
         if let Some(d) = &head.doubt {
             d.meta.check(&self.what())?;
         }
-        Ok(ReadHead { head, resource_version: cm.metadata.resource_version.clone() })
+        let bodies = Bodies {
+            snapshot: self.inline_body_of(cm, head.snapshot.as_ref(), Slot::Snapshot)?,
+            doubt: self.inline_body_of(cm, head.doubt.as_ref(), Slot::Doubt)?,
+        };
+        Ok(ReadHead { head, resource_version: cm.metadata.resource_version.clone(), bodies })
+    }
+
+    /// The body of `part` in the head `cm`, if it is inline there.
+    fn inline_body_of<M>(
+        &self,
+        cm: &ConfigMap,
+        part: Option<&Part<M>>,
+        slot: Slot,
+    ) -> Result<Option<Vec<u8>>, SnapshotError> {
+        let Some(part) = part.filter(|p| p.inline) else { return Ok(None) };
+        let key = slot.key();
+        let body = cm
+            .binary_data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .ok_or_else(|| self.corrupt(format!("the head has no binaryData key {key} for its inline body")))?;
+        if body.0.len() as u64 != part.body_bytes {
+            let len = body.0.len();
+            return Err(
+                self.corrupt(format!("the inline {key} holds {len} body bytes, its head says {}", part.body_bytes))
+            );
+        }
+        Ok(Some(body.0.clone()))
     }
 
     /// The head this store last read or wrote, or else the head as it is now.
@@ -478,7 +589,7 @@ impl ClusterSnapshotStore {
         if let Some(unnamed) = head.unnamed.as_mut() {
             unnamed.retain(|s| !named.contains(s));
         }
-        self.put_head(&read, head).await?;
+        self.put_head(&read, head, Bodies::default()).await?;
         legacy.delete().await?;
         debug!(snapshot = %self.what(), from = %legacy.what(), "moved a snapshot of an earlier version");
         Ok(true)
@@ -573,7 +684,7 @@ impl ClusterSnapshotStore {
         loop {
             let n = read_full(&mut file, &mut piece).map_err(self.io("read the new body"))?;
             if n == 0 {
-                return Ok(Some(Location { serial, chunks, body_bytes: bytes }));
+                return Ok(Some(Location { serial, chunks, body_bytes: bytes, inline: false }));
             }
             let cm = ConfigMap {
                 metadata: self.object_meta(
@@ -602,10 +713,23 @@ impl ClusterSnapshotStore {
         })
     }
 
-    /// Writes `head` over the head as `read`, if nobody changed it since; returns the head as
-    /// written.
-    async fn put_head(&self, read: &ReadHead, head: Head) -> Result<ReadHead, SnapshotError> {
+    /// Writes `head` over the head as `read`, if nobody changed it since, with `bodies` for
+    /// its inline parts; returns the head as written.
+    async fn put_head(&self, read: &ReadHead, head: Head, bodies: Bodies) -> Result<ReadHead, SnapshotError> {
         let pp = Self::post_params();
+        let bodies = bodies.of(&head);
+        let mut inline = BTreeMap::new();
+        let inline_bytes = |inline: bool, bytes: u64| inline.then_some(bytes);
+        let parts = [
+            (Slot::Snapshot, head.snapshot.as_ref().and_then(|p| inline_bytes(p.inline, p.body_bytes))),
+            (Slot::Doubt, head.doubt.as_ref().and_then(|p| inline_bytes(p.inline, p.body_bytes))),
+        ];
+        for (slot, bytes) in parts {
+            let Some(bytes) = bytes else { continue };
+            let body = bodies.get(slot).filter(|b| b.len() as u64 == bytes);
+            let body = body.ok_or_else(|| self.corrupt(format!("no body for the inline {} to write", slot.key())))?;
+            inline.insert(slot.key().to_owned(), ByteString(body.clone()));
+        }
         let cm = ConfigMap {
             metadata: ObjectMeta {
                 resource_version: read.resource_version.clone(),
@@ -618,6 +742,7 @@ impl ClusterSnapshotStore {
                 HEAD_KEY.to_owned(),
                 serde_json::to_string(&head).expect("the snapshot head serializes"),
             )])),
+            binary_data: (!inline.is_empty()).then_some(inline),
             ..ConfigMap::default()
         };
         let written = match read.resource_version {
@@ -625,7 +750,7 @@ impl ClusterSnapshotStore {
             None => self.api.create(&pp, &cm).await,
         };
         match written {
-            Ok(cm) => Ok(ReadHead { head, resource_version: cm.metadata.resource_version }),
+            Ok(cm) => Ok(ReadHead { head, resource_version: cm.metadata.resource_version, bodies }),
             Err(e) if is_conflict(&e) => {
                 let now = self.read_head().await.map(|r| r.head.generation()).unwrap_or(0);
                 Err(SnapshotError::Conflict { what: self.what(), expected: read.head.generation(), found: now })
@@ -637,7 +762,7 @@ impl ClusterSnapshotStore {
     /// Claims the next serial for a write. A head that does not list its unnamed serials (one
     /// of an earlier version) has what earlier writes left found by listing, and deleted now.
     async fn claim_serial(&self, read: ReadHead) -> Result<ReadHead, SnapshotError> {
-        let mut claimed = self.put_head(&read, read.head.claimed()).await?;
+        let mut claimed = self.put_head(&read, read.head.claimed(), read.bodies.clone()).await?;
         if claimed.head.unnamed.is_none() {
             self.delete_stale_chunks(claimed.head.serial, &claimed.head.serials()).await?;
             claimed.head.unnamed = Some(BTreeSet::from([claimed.head.serial]));
@@ -645,26 +770,33 @@ impl ClusterSnapshotStore {
         Ok(claimed)
     }
 
-    /// Writes `body` under the serial `read` reserved, or else under a freshly claimed one,
-    /// and the plan `plan_body` (if any) in its own chunks under the same serial; then
-    /// switches the head to what `next` makes of it and the new parts' locations.
+    /// Writes `body` — the new `slot` part — into the head if it is small, else under the
+    /// serial `read` reserved, or else under a freshly claimed one, and the plan `plan_body`
+    /// (if any) in its own chunks under the same serial; then switches the head to what
+    /// `next` makes of it and the new parts' locations.
     async fn write(
         &self,
         read: ReadHead,
+        slot: Slot,
         body: &Path,
         plan_body: Option<&Path>,
         next: impl FnOnce(Head, Location, Option<Location>) -> Head,
     ) -> Result<(), SnapshotError> {
+        if plan_body.is_none()
+            && let Some(bytes) = self.small_body(&read, body)?
+        {
+            return self.write_inline(read, slot, bytes, |head, at| next(head, at, None)).await;
+        }
         let (base, at) = self.place(read, body).await?;
         let (serial, owned) = (at.serial, at.chunks > 0);
         let plan_at = match plan_body {
             Some(plan_body) => Some(self.write_plan_chunks(&base, serial, plan_body).await?),
             None => None,
         };
-        let left = self.delete_garbage(&base.head, serial).await;
+        let left = self.delete_garbage(&base.head.garbage(serial).unwrap_or_default()).await;
         let head = base.head.switched(next(base.head.clone(), at, plan_at), serial, left);
         let replaced = base.head.replaced_by(&head);
-        match self.put_head(&base, head).await {
+        match self.put_head(&base, head, base.bodies.clone()).await {
             Ok(written) => self.last.set(written),
             Err(e) => {
                 // Overtaken: this writer made chunk 0 of `serial`, so no head names it.
@@ -674,15 +806,57 @@ impl ClusterSnapshotStore {
                 return Err(e);
             }
         }
-        // The replaced bodies are garbage now. A replaced snapshot (the whole cohort) goes at
-        // once; keys in doubt are few, and the next write deletes what is left anyway.
-        let snapshot_replaced = base.head.snapshot.as_ref().is_some_and(|s| replaced.contains(&s.serial));
+        self.delete_replaced(&base.head, &replaced).await;
+        Ok(())
+    }
+
+    /// The replaced bodies are garbage once the head no longer names them. A replaced
+    /// snapshot (the whole cohort) goes at once; keys in doubt are few, and the next write
+    /// deletes what is left anyway.
+    async fn delete_replaced(&self, base: &Head, replaced: &BTreeSet<u64>) {
+        let snapshot_replaced = base.snapshot.as_ref().is_some_and(|s| !s.inline && replaced.contains(&s.serial));
         if !snapshot_replaced {
-            return Ok(());
+            return;
         }
-        if let Err(e) = self.delete_serials(&replaced).await {
+        if let Err(e) = self.delete_serials(replaced).await {
             warn!(snapshot = %self.what(), error = %e, "could not delete replaced snapshot chunks; the next write will");
         }
+    }
+
+    /// The bytes of `body` when it is small enough to keep in the head `read`; `None` for a
+    /// larger body, or over a head of an earlier version (whose garbage a chunked write
+    /// finds by listing first).
+    fn small_body(&self, read: &ReadHead, body: &Path) -> Result<Option<Vec<u8>>, SnapshotError> {
+        if self.inline_bytes == 0 || read.head.unnamed.is_none() {
+            return Ok(None);
+        }
+        let len = std::fs::metadata(body).map_err(self.io("open the new body"))?.len();
+        // (A body is never empty, a zstd frame at least; an empty `binaryData` value is one
+        // this API server build refuses as null.)
+        if len == 0 || len > self.inline_bytes as u64 {
+            return Ok(None);
+        }
+        std::fs::read(body).map(Some).map_err(self.io("read the new body"))
+    }
+
+    /// Switches the head to what `next` makes of it with `body` as its inline `slot` part:
+    /// one conditional update, after deleting the garbage it lists (none, in the steady state).
+    async fn write_inline(
+        &self,
+        base: ReadHead,
+        slot: Slot,
+        body: Vec<u8>,
+        next: impl FnOnce(Head, Location) -> Head,
+    ) -> Result<(), SnapshotError> {
+        let left = self.delete_garbage(&base.head.garbage_inline().unwrap_or_default()).await;
+        let at = Location::inline(body.len() as u64);
+        let head = base.head.switched_inline(next(base.head.clone(), at), left);
+        let replaced = base.head.replaced_by(&head);
+        let mut bodies = base.bodies.clone();
+        bodies.set(slot, body);
+        let written = self.put_head(&base, head, bodies).await?;
+        self.last.set(written);
+        self.delete_replaced(&base.head, &replaced).await;
         Ok(())
     }
 
@@ -726,17 +900,35 @@ impl ClusterSnapshotStore {
         })
     }
 
-    /// Deletes the garbage `head` lists before a switch to a body under `serial`; returns the
-    /// serials it could not delete, for the new head to keep listing.
-    async fn delete_garbage(&self, head: &Head, serial: u64) -> BTreeSet<u64> {
-        let garbage = head.garbage(serial).unwrap_or_default();
-        match self.delete_serials(&garbage).await {
+    /// Deletes the `garbage` a head lists, before a switch; returns the serials it could not
+    /// delete, for the new head to keep listing.
+    async fn delete_garbage(&self, garbage: &BTreeSet<u64>) -> BTreeSet<u64> {
+        match self.delete_serials(garbage).await {
             Ok(()) => BTreeSet::new(),
             Err(e) => {
                 warn!(snapshot = %self.what(), error = %e, "could not delete unused snapshot chunks; the next write will");
-                garbage
+                garbage.clone()
             }
         }
+    }
+
+    /// The body of `part`: in a new scratch file from the head's `inline` bytes, or else
+    /// downloaded from its chunks ([`Self::download`]).
+    async fn open_part<M>(
+        &self,
+        part: &Part<M>,
+        inline: Option<&Vec<u8>>,
+        scratch: &Path,
+        body: Body,
+    ) -> Result<Option<File>, SnapshotError> {
+        if !part.inline {
+            return self.download(part, scratch, body).await;
+        }
+        let bytes = inline.ok_or_else(|| self.corrupt("the head has no body for its inline part".into()))?;
+        let mut file = tempfile::tempfile_in(scratch).map_err(self.io("create a scratch file"))?;
+        file.write_all(bytes).map_err(self.io("write a scratch file"))?;
+        file.seek(SeekFrom::Start(0)).map_err(self.io("rewind a scratch file"))?;
+        Ok(Some(file))
     }
 
     /// Downloads the chunks of `part` into a new scratch file; `None` if one is gone.
@@ -773,11 +965,17 @@ impl ClusterSnapshotStore {
         let mut loaded = Loaded::default();
         let missing = |serial: u64| Ok(LoadAttempt::Moved(format!("a chunk of serial {serial} is missing")));
         if let Some(part) = &head.snapshot {
-            let Some(body) = self.download(part, scratch, Body::Main).await? else { return missing(part.serial) };
+            let inline = read.bodies.snapshot.as_ref();
+            let Some(body) = self.open_part(part, inline, scratch, Body::Main).await? else {
+                return missing(part.serial);
+            };
             loaded.snapshot = Some(StoredSnapshot { meta: part.meta.clone(), body });
         }
         if let Some(part) = head.current_doubt() {
-            let Some(mut body) = self.download(part, scratch, Body::Main).await? else { return missing(part.serial) };
+            let inline = read.bodies.doubt.as_ref();
+            let Some(mut body) = self.open_part(part, inline, scratch, Body::Main).await? else {
+                return missing(part.serial);
+            };
             // Cut first: whatever becomes of the plan, the keys in doubt are read alone.
             let appended = self.cut_appended_plan(&mut body, part, head.plan.as_ref(), scratch)?;
             loaded.plan = match head.current_plan() {
@@ -860,8 +1058,8 @@ impl ClusterSnapshotStore {
         let scratch = body.parent().unwrap_or(Path::new("."));
         let merged = match read.head.current_doubt() {
             Some(stored) => {
-                let appended = read.head.appended_plan_bytes();
-                Some(self.merge_stored(stored, appended, meta, body, scratch).await?)
+                let (appended, inline) = (read.head.appended_plan_bytes(), read.bodies.doubt.as_ref());
+                Some(self.merge_stored((stored, inline), appended, meta, body, scratch).await?)
             }
             None => None,
         };
@@ -874,7 +1072,7 @@ impl ClusterSnapshotStore {
         let plan = plan.filter(|(p, _)| unchanged && p.check(&self.what(), &meta).is_ok());
         let recorded = plan.is_some();
         let (plan, plan_body) = plan.map(|(p, b)| (p.clone(), b)).unzip();
-        self.write(read, doubt_body, plan_body, |head, at, plan_at| Head {
+        self.write(read, Slot::Doubt, doubt_body, plan_body, |head, at, plan_at| Head {
             doubt: Some(at.part(meta)),
             plan: None,
             plan_part: plan_at.zip(plan).map(|(at, plan)| at.part(plan)),
@@ -885,17 +1083,18 @@ impl ClusterSnapshotStore {
     }
 
     /// The stored keys in doubt (without the `appended` bytes of a plan after them, in a head
-    /// of the first version with checkpoints) merged with the body `ours`.
+    /// of the first version with checkpoints; with their body when inline) merged with the
+    /// body `ours`.
     async fn merge_stored(
         &self,
-        stored: &Part<DoubtMeta>,
+        (stored, inline): (&Part<DoubtMeta>, Option<&Vec<u8>>),
         appended: u64,
         meta: &DoubtMeta,
         ours: &Path,
         scratch: &Path,
     ) -> Result<(DoubtMeta, tempfile::NamedTempFile), SnapshotError> {
         let doubt_bytes = self.doubt_bytes(stored, appended)?;
-        let Some(file) = self.download(stored, scratch, Body::Main).await? else {
+        let Some(file) = self.open_part(stored, inline, scratch, Body::Main).await? else {
             // Replaced while reading: the caller reads the head again.
             let found = meta.base_generation;
             return Err(SnapshotError::Conflict { what: self.what(), expected: found, found });
@@ -922,7 +1121,7 @@ impl ClusterSnapshotStore {
                 return Err(SnapshotError::Overtaken { what: self.what() });
             };
             stored.meta.progress = progress.clone();
-            match self.put_head(&read, head).await {
+            match self.put_head(&read, head, read.bodies.clone()).await {
                 Ok(written) => {
                     self.last.set(written);
                     return Ok(());
@@ -948,7 +1147,7 @@ impl ClusterSnapshotStore {
                 found: found.unwrap_or(0),
             });
         }
-        self.write(read, body, None, |head, at, _| Head {
+        self.write(read, Slot::Snapshot, body, None, |head, at, _| Head {
             snapshot: Some(at.part(meta.clone())),
             doubt: None,
             plan: None,
@@ -994,7 +1193,7 @@ impl ReadHead {
     /// No head yet: the first write creates it, under serial 1 unless chunks of a head
     /// deleted before are in the way.
     fn none() -> Self {
-        ReadHead { head: Head::new(), resource_version: None }
+        ReadHead { head: Head::new(), resource_version: None, bodies: Bodies::default() }
     }
 }
 

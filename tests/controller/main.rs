@@ -16,6 +16,7 @@ mod egress;
 mod fencing;
 mod ha;
 mod health;
+mod lean;
 mod lifecycle;
 mod notify;
 mod notify_channels;

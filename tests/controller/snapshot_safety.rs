@@ -166,13 +166,24 @@ async fn an_import_deleted_with_retain_and_applied_again_continues_with_exact_di
     operator.stop().await;
 }
 
-/// Replaces the body of the snapshot's first chunk of `name` with `damage` of it.
+/// Replaces the body of the snapshot's first chunk of `name` — or its body in the head, for
+/// a small one kept there — with `damage` of it.
 async fn damage_chunk(env: &Env, name: &str, damage: impl Fn(&mut Vec<u8>)) {
     let maps = env.snapshot_maps(name).await;
     let part = |cm: &&ConfigMap| cm.metadata.labels.as_ref().unwrap()["cohorts.dev/snapshot-part"].clone();
     // The snapshot's chunk, as the head names it (chunks of replaced bodies may be left too).
-    let head = maps.iter().find(|cm| part(cm) == "head").expect("a head");
-    let head: serde_json::Value = serde_json::from_str(&head.data.as_ref().unwrap()["snapshot.json"]).unwrap();
+    let head_map = maps.iter().find(|cm| part(cm) == "head").expect("a head");
+    let head: serde_json::Value = serde_json::from_str(&head_map.data.as_ref().unwrap()["snapshot.json"]).unwrap();
+    if head["snapshot"]["inline"] == json!(true) {
+        let mut body = head_map.binary_data.as_ref().unwrap()["snapshot"].0.clone();
+        damage(&mut body);
+        let patch = json!({ "binaryData": { "snapshot": ByteString(body) } });
+        Api::<ConfigMap>::namespaced(env.client.clone(), &env.ns)
+            .patch(&head_map.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap();
+        return;
+    }
     let serial = head["snapshot"]["serial"].as_u64().expect("a snapshot").to_string();
     let chunk = maps
         .iter()

@@ -23,6 +23,7 @@ use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::wait::await_condition;
 use serde_json::{Value, json};
 use testkit::cluster::Cluster;
@@ -162,18 +163,18 @@ impl Env {
     }
 
     pub fn importer(&self) -> Arc<PipelineImporter> {
+        self.importer_on(self.client.clone())
+    }
+
+    /// The real pipeline, talking to the API server through `client`.
+    pub fn importer_on(&self, client: kube::Client) -> Arc<PipelineImporter> {
         let braze = BrazeClient::new(BrazeClientConfig {
             request_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(2),
             ..BrazeClientConfig::default()
         })
         .unwrap();
-        Arc::new(PipelineImporter::new(
-            self.client.clone(),
-            braze,
-            SnapshotStoreKind::Cluster,
-            self.scratch.path().to_owned(),
-        ))
+        Arc::new(PipelineImporter::new(client, braze, SnapshotStoreKind::Cluster, self.scratch.path().to_owned()))
     }
 
     pub async fn start(&self) -> Operator {
@@ -191,10 +192,20 @@ impl Env {
         notifier: Option<Arc<dyn Notify>>,
         importer: Arc<dyn Importer>,
     ) -> Operator {
+        self.start_on(self.client.clone(), config, notifier, importer).await
+    }
+
+    /// Starts the controller talking to the API server through `client`.
+    pub async fn start_on(
+        &self,
+        client: kube::Client,
+        config: Config,
+        notifier: Option<Arc<dyn Notify>>,
+        importer: Arc<dyn Importer>,
+    ) -> Operator {
         let metrics = Arc::new(Metrics::new());
         let deps = Dependencies { clock: Arc::new(self.clock.clone()), importer, notifier, metrics: metrics.clone() };
         let (tx, rx) = oneshot::channel::<()>();
-        let client = self.client.clone();
         let task = tokio::spawn(controller::serve(client, config, deps, async move {
             let _ = rx.await;
         }));
@@ -213,6 +224,17 @@ impl Env {
             }),
             ..self.config()
         }
+    }
+
+    /// A client whose every request is noted in the returned [`RequestLog`].
+    pub async fn recording_client(&self) -> (kube::Client, RequestLog) {
+        let kubeconfig = Kubeconfig::read_from(self.cluster.kubeconfig()).expect("kubeconfig readable");
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+            .await
+            .expect("kubeconfig valid");
+        let log = RequestLog::default();
+        let client = kube::client::ClientBuilder::try_from(config).expect("client builder").with_layer(&log).build();
+        (client, log)
     }
 
     pub fn imports(&self) -> Api<CohortImport> {
@@ -424,6 +446,89 @@ impl Env {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// The Kubernetes API requests a client sent, each as `VERB RESOURCE[/SUBRESOURCE]` (`get
+/// secrets`, `patch cohortimports/status`, `deletecollection configmaps`); a tower layer.
+#[derive(Clone, Default)]
+pub struct RequestLog(Arc<std::sync::Mutex<Vec<String>>>);
+
+impl RequestLog {
+    /// The requests noted since the last take, watches left out (a watch is one long
+    /// request, started once).
+    pub fn take(&self) -> Vec<String> {
+        let taken = std::mem::take(&mut *self.0.lock().unwrap());
+        taken.into_iter().filter(|r| !r.starts_with("watch ")).collect()
+    }
+
+    /// Waits until no request has been sent for `quiet`.
+    pub async fn settle(&self, quiet: Duration) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let before = self.0.lock().unwrap().len();
+            tokio::time::sleep(quiet).await;
+            if self.0.lock().unwrap().len() == before {
+                return;
+            }
+            assert!(Instant::now() < deadline, "requests kept coming for {WAIT:?}");
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for RequestLog {
+    type Service = Recording<S>;
+
+    fn layer(&self, inner: S) -> Recording<S> {
+        Recording { inner, log: self.clone() }
+    }
+}
+
+/// A service that notes each request in its [`RequestLog`].
+#[derive(Clone)]
+pub struct Recording<S> {
+    inner: S,
+    log: RequestLog,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for Recording<S>
+where
+    S: tower::Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        self.log.0.lock().unwrap().push(describe(&request));
+        self.inner.call(request)
+    }
+}
+
+/// `VERB RESOURCE[/SUBRESOURCE]` of a request to the API server.
+fn describe<B>(request: &http::Request<B>) -> String {
+    let parts: Vec<&str> = request.uri().path().trim_start_matches('/').split('/').collect();
+    // `/api/v1/…` or `/apis/GROUP/VERSION/…`, then `namespaces/NS/` unless cluster-scoped.
+    let rest = if parts[0] == "api" { &parts[2..] } else { &parts[3.min(parts.len())..] };
+    let rest = if rest.first() == Some(&"namespaces") && rest.len() > 2 { &rest[2..] } else { rest };
+    let (resource, named) = (rest.first().copied().unwrap_or("?"), rest.len() > 1);
+    let sub = rest.get(2).map(|s| format!("/{s}")).unwrap_or_default();
+    let watch = request.uri().query().is_some_and(|q| q.split('&').any(|p| p == "watch=true" || p == "watch=1"));
+    let verb = match *request.method() {
+        http::Method::GET if watch => "watch",
+        http::Method::GET if named => "get",
+        http::Method::GET => "list",
+        http::Method::POST => "create",
+        http::Method::PUT => "update",
+        http::Method::PATCH => "patch",
+        http::Method::DELETE if named => "delete",
+        http::Method::DELETE => "deletecollection",
+        _ => "other",
+    };
+    format!("{verb} {resource}{sub}")
 }
 
 pub fn ready_reason(status: &api::CohortImportStatus) -> Option<&str> {

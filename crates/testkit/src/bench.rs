@@ -13,6 +13,11 @@ pub fn peak_rss_kib_of(pid: u32) -> Option<u64> {
     vm_hwm_kib(&pid.to_string())
 }
 
+/// Process `pid`'s resident set size now (`VmRSS`), in KiB; `None` once it is gone.
+pub fn rss_kib_of(pid: u32) -> Option<u64> {
+    status_kib(&pid.to_string(), "VmRSS:")
+}
+
 /// CPU time process `pid` has used so far (user + system), in seconds; `None` once it is gone.
 pub fn cpu_seconds_of(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -25,11 +30,12 @@ pub fn cpu_seconds_of(pid: u32) -> Option<f64> {
 }
 
 fn vm_hwm_kib(pid: &str) -> Option<u64> {
+    status_kib(pid, "VmHWM:")
+}
+
+fn status_kib(pid: &str, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    status.lines().find_map(|l| l.strip_prefix(field)).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// Prints the child's result as the line [`child_result`] looks for.

@@ -9,6 +9,12 @@
 //! in one conditional update. Two writers using one reservation collide on the name of
 //! chunk 0 (a create either makes a chunk or fails), so the one that switches the head owns
 //! every chunk its head names; the other falls back to claiming a serial of its own.
+//!
+//! Inline parts: a small body is kept in the head ConfigMap itself ([`Part::inline`]), so a
+//! write of it is the one conditional update of the head, with no chunk and no serial. The
+//! head's serial and reservation stay as they were; an inline switch deletes beforehand
+//! the unnamed serials but the reservation (their writers can no longer switch), and lists
+//! the chunked bodies it replaced as unnamed, like a chunked switch.
 
 use std::collections::BTreeSet;
 
@@ -50,9 +56,16 @@ pub(super) struct Head {
 #[serde(rename_all = "camelCase")]
 pub(super) struct Part<M> {
     pub meta: M,
+    /// `0` for an inline part.
     pub serial: u64,
+    /// `0` for an inline part.
     pub chunks: u32,
     pub body_bytes: u64,
+    /// The body is in the head ConfigMap's `binaryData`, not in chunks. A version that does
+    /// not know this field finds no chunk holding the part's `bodyBytes`, and refuses the
+    /// head as damaged instead of reading it as empty.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub inline: bool,
 }
 
 /// Where a body was just written.
@@ -60,11 +73,17 @@ pub(super) struct Location {
     pub serial: u64,
     pub chunks: u32,
     pub body_bytes: u64,
+    pub inline: bool,
 }
 
 impl Location {
+    /// A body of `body_bytes` kept in the head.
+    pub fn inline(body_bytes: u64) -> Location {
+        Location { serial: 0, chunks: 0, body_bytes, inline: true }
+    }
+
     pub fn part<M>(self, meta: M) -> Part<M> {
-        Part { meta, serial: self.serial, chunks: self.chunks, body_bytes: self.body_bytes }
+        Part { meta, serial: self.serial, chunks: self.chunks, body_bytes: self.body_bytes, inline: self.inline }
     }
 }
 
@@ -95,9 +114,10 @@ impl Head {
         self.plan.as_ref().map_or(0, PlanMeta::body_bytes)
     }
 
-    /// Serials whose chunks the head needs.
+    /// Serials whose chunks the head needs (inline parts need none).
     pub fn serials(&self) -> BTreeSet<u64> {
-        self.snapshot.iter().map(|p| p.serial).chain(self.doubt.iter().map(|p| p.serial)).collect()
+        let snapshot = self.snapshot.iter().filter(|p| !p.inline).map(|p| p.serial);
+        snapshot.chain(self.doubt.iter().filter(|p| !p.inline).map(|p| p.serial)).collect()
     }
 
     /// The serial set aside for the next write by the last switch, while nobody has claimed
@@ -140,6 +160,28 @@ impl Head {
         next
     }
 
+    /// What a writer about to switch this head to an inline body deletes first: every
+    /// unnamed serial but the reservation, which a writer that read this head may be writing
+    /// to. `None`: not known (a head of an earlier version; such a head is written by a
+    /// chunked switch, which finds them by listing).
+    pub fn garbage_inline(&self) -> Option<BTreeSet<u64>> {
+        self.garbage(self.serial)
+    }
+
+    /// `next` — what an inline write makes of this head — as the head it switches to, with
+    /// `left` the garbage whose deletion failed: its serial and reservation are this head's,
+    /// and the chunked bodies it replaced are unnamed (deleted right after the switch).
+    pub fn switched_inline(&self, mut next: Head, left: BTreeSet<u64>) -> Head {
+        next.serial = self.serial;
+        let mut unnamed = left;
+        unnamed.extend(self.replaced_by(&next));
+        unnamed.extend(self.reservation());
+        let named = next.serials();
+        unnamed.retain(|s| !named.contains(s));
+        next.unnamed = Some(unnamed);
+        next
+    }
+
     /// Serials this head names that `next` does not.
     pub fn replaced_by(&self, next: &Head) -> BTreeSet<u64> {
         self.serials().difference(&next.serials()).copied().collect()
@@ -165,7 +207,7 @@ mod tests {
             committed_at: Timestamp::UNIX_EPOCH,
             digest: None,
         };
-        Part { meta, serial, chunks: 1, body_bytes: 1 }
+        Part { meta, serial, chunks: 1, body_bytes: 1, inline: false }
     }
 
     fn doubt(serial: u64) -> Part<DoubtMeta> {
@@ -177,7 +219,11 @@ mod tests {
             run_id: "r".into(),
             recorded_at: Timestamp::UNIX_EPOCH,
         };
-        Part { meta, serial, chunks: 1, body_bytes: 1 }
+        Part { meta, serial, chunks: 1, body_bytes: 1, inline: false }
+    }
+
+    fn inline<M>(part: Part<M>) -> Part<M> {
+        Part { serial: 0, chunks: 0, inline: true, ..part }
     }
 
     fn set(serials: &[u64]) -> BTreeSet<u64> {
@@ -254,5 +300,35 @@ mod tests {
         assert_eq!(head.reservation(), None, "3 is in use");
         let next = head.switched(head.clone(), 3, set(&[2]));
         assert_eq!(next.unnamed, Some(set(&[4])));
+    }
+
+    #[test]
+    fn an_inline_write_is_one_switch_that_keeps_the_reservation_and_lists_what_it_replaced() {
+        // A chunked snapshot at 5, 6 reserved, 4 left over from an earlier write.
+        let head = Head { serial: 6, snapshot: Some(snapshot(5, 1)), unnamed: Some(set(&[4, 6])), ..Head::default() };
+        assert_eq!(head.garbage_inline(), Some(set(&[4])), "never the reservation");
+        let recorded = head.switched_inline(Head { doubt: Some(inline(doubt(0))), ..head.clone() }, set(&[]));
+        assert_eq!((recorded.serial, recorded.unnamed.clone()), (6, Some(set(&[6]))));
+        assert_eq!(recorded.serials(), set(&[5]), "an inline part needs no chunks");
+        let committed = recorded.switched_inline(
+            Head { snapshot: Some(inline(snapshot(0, 2))), doubt: None, ..recorded.clone() },
+            set(&[]),
+        );
+        assert_eq!(committed.unnamed, Some(set(&[5, 6])), "the chunked snapshot it replaced is garbage");
+        assert_eq!(committed.reservation(), Some(6));
+        assert_eq!(committed.garbage_inline(), Some(set(&[5])));
+        // Inline over inline: nothing to delete, nothing listed but the reservation.
+        let next = committed.switched_inline(Head { doubt: Some(inline(doubt(0))), ..committed.clone() }, set(&[]));
+        assert_eq!(next.switched_inline(next.clone(), set(&[])).unnamed, Some(set(&[6])));
+        // A chunked write after it uses the reservation as ever.
+        assert_eq!(next.garbage(6), Some(set(&[])));
+        let big = next.switched(Head { snapshot: Some(snapshot(6, 3)), doubt: None, ..next.clone() }, 6, set(&[]));
+        assert_eq!((big.serial, big.unnamed), (7, Some(set(&[7]))));
+    }
+
+    #[test]
+    fn a_head_of_an_earlier_version_has_no_known_garbage_for_an_inline_write_either() {
+        let head = Head { serial: 4, snapshot: Some(snapshot(3, 2)), ..Head::default() };
+        assert_eq!(head.garbage_inline(), None);
     }
 }
