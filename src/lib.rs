@@ -15,16 +15,6 @@
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// jemalloc's options, read when it starts (`tikv-jemalloc-sys` prefixes its symbols with
-/// `_rjem_`). Freed pages decay back to the system over jemalloc's default 10 s — but
-/// without a background thread it purges only while the program allocates, so an idle
-/// operator kept the memory of its last busy minute (`controller_scale`'s idle RSS). The
-/// thread purges on time instead, straight to the system (`muzzy_decay_ms:0`: no lazily
-/// freed pages that still count as resident).
-#[allow(non_upper_case_globals)]
-#[unsafe(export_name = "_rjem_malloc_conf")]
-pub static malloc_conf: &[u8; 40] = b"background_thread:true,muzzy_decay_ms:0\0";
-
 pub mod api;
 pub mod braze;
 pub mod cli;
