@@ -944,3 +944,50 @@ async fn inline_bodies_are_never_misread_and_an_earlier_head_is_cleaned_first() 
     assert!(s.chunk_serials().await.is_empty(), "inline from then on, the chunks collected");
     assert_eq!(read_keys(s.store().load(s.dir.path()).await.unwrap().snapshot.unwrap().body), keys[..60]);
 }
+
+/// Two attempts writing small bodies into the head at once (a failover's old and new
+/// leader, both having loaded the same head): keys in doubt end as the union of both, and
+/// of two commits of the same generation the head's conditional update lets one through and
+/// refuses the other; readers see whole bodies — no chunk, nothing half-written.
+#[tokio::test]
+async fn racing_inline_writes_leave_one_whole_body() {
+    let s = setup("snap-inline-race").await;
+    let inline = || s.store().with_inline_bytes(DEFAULT_INLINE_BYTES);
+    let first = sorted_keys(50, 16);
+    inline().commit(&meta(1, first.len() as u64), &s.body("g1", &first)).await.unwrap();
+    let one_wins = |a: &Result<(), SnapshotError>, b: &Result<(), SnapshotError>| match (a, b) {
+        (Ok(()), Err(SnapshotError::Conflict { .. })) => true,
+        (Err(SnapshotError::Conflict { .. }), Ok(())) => false,
+        other => panic!("expected one write and one conflict, got {other:?}"),
+    };
+
+    let (a, b) = (inline(), inline());
+    a.load(s.dir.path()).await.unwrap();
+    b.load(s.dir.path()).await.unwrap();
+    let (doubt_a, doubt_b) = (sorted_keys(30, 16), sorted_keys(30, 16));
+    let (body_a, body_b) = (s.body("da", &doubt_a), s.body("db", &doubt_b));
+    let meta_in_doubt = doubt(1, 30);
+    let (ra, rb) = tokio::join!(a.record_doubt(&meta_in_doubt, &body_a), b.record_doubt(&meta_in_doubt, &body_b));
+    // Keys in doubt are never lost: the writer that finds the head moved reads it again and
+    // records the union.
+    ra.unwrap();
+    rb.unwrap();
+    let both: Vec<Vec<u8>> = doubt_a.iter().chain(&doubt_b).cloned().collect::<BTreeSet<_>>().into_iter().collect();
+    let loaded = inline().load(s.dir.path()).await.unwrap();
+    assert_eq!(read_keys(loaded.doubt.unwrap().body), both);
+
+    let (a, b) = (inline(), inline());
+    a.load(s.dir.path()).await.unwrap();
+    b.load(s.dir.path()).await.unwrap();
+    let (keys_a, keys_b) = (sorted_keys(40, 16), sorted_keys(40, 16));
+    let (body_a, body_b) = (s.body("ga", &keys_a), s.body("gb", &keys_b));
+    let committed = meta(2, 40);
+    let (ra, rb) = tokio::join!(a.commit(&committed, &body_a), b.commit(&committed, &body_b));
+    let winner = if one_wins(&ra, &rb) { &keys_a } else { &keys_b };
+    let loaded = inline().load(s.dir.path()).await.unwrap();
+    let snapshot = loaded.snapshot.unwrap();
+    assert_eq!(snapshot.meta.generation, 2);
+    assert_eq!(&read_keys(snapshot.body), winner);
+    assert!(loaded.doubt.is_none(), "the commit settled the keys in doubt");
+    assert!(s.chunk_serials().await.is_empty(), "small bodies leave no chunk");
+}
