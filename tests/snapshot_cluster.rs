@@ -952,20 +952,10 @@ async fn inline_bodies_are_never_misread_and_an_earlier_head_is_cleaned_first() 
 #[tokio::test]
 async fn racing_inline_writes_leave_one_whole_body() {
     let s = setup("snap-inline-race").await;
-    let inline = || s.store().with_inline_bytes(DEFAULT_INLINE_BYTES);
     let first = sorted_keys(50, 16);
-    inline().commit(&meta(1, first.len() as u64), &s.body("g1", &first)).await.unwrap();
-    let one_wins = |a: &Result<(), SnapshotError>, b: &Result<(), SnapshotError>| match (a, b) {
-        (Ok(()), Err(SnapshotError::Conflict { .. })) => true,
-        (Err(SnapshotError::Conflict { .. }), Ok(())) => false,
-        other => panic!("expected one write and one conflict, got {other:?}"),
-    };
+    inline_store(&s).commit(&meta(1, first.len() as u64), &s.body("g1", &first)).await.unwrap();
 
-    let (a, b) = (inline(), inline());
-    a.load(s.dir.path()).await.unwrap();
-    b.load(s.dir.path()).await.unwrap();
-    let (doubt_a, doubt_b) = (sorted_keys(30, 16), sorted_keys(30, 16));
-    let (body_a, body_b) = (s.body("da", &doubt_a), s.body("db", &doubt_b));
+    let ([a, b], [doubt_a, doubt_b], [body_a, body_b]) = racers(&s, "d", 30).await;
     let meta_in_doubt = doubt(1, 30);
     let (ra, rb) = tokio::join!(a.record_doubt(&meta_in_doubt, &body_a), b.record_doubt(&meta_in_doubt, &body_b));
     // Keys in doubt are never lost: the writer that finds the head moved reads it again and
@@ -973,21 +963,37 @@ async fn racing_inline_writes_leave_one_whole_body() {
     ra.unwrap();
     rb.unwrap();
     let both: Vec<Vec<u8>> = doubt_a.iter().chain(&doubt_b).cloned().collect::<BTreeSet<_>>().into_iter().collect();
-    let loaded = inline().load(s.dir.path()).await.unwrap();
+    let loaded = inline_store(&s).load(s.dir.path()).await.unwrap();
     assert_eq!(read_keys(loaded.doubt.unwrap().body), both);
 
-    let (a, b) = (inline(), inline());
-    a.load(s.dir.path()).await.unwrap();
-    b.load(s.dir.path()).await.unwrap();
-    let (keys_a, keys_b) = (sorted_keys(40, 16), sorted_keys(40, 16));
-    let (body_a, body_b) = (s.body("ga", &keys_a), s.body("gb", &keys_b));
+    let ([a, b], [keys_a, keys_b], [body_a, body_b]) = racers(&s, "g", 40).await;
     let committed = meta(2, 40);
     let (ra, rb) = tokio::join!(a.commit(&committed, &body_a), b.commit(&committed, &body_b));
-    let winner = if one_wins(&ra, &rb) { &keys_a } else { &keys_b };
-    let loaded = inline().load(s.dir.path()).await.unwrap();
+    let winner = match (&ra, &rb) {
+        (Ok(()), Err(SnapshotError::Conflict { .. })) => &keys_a,
+        (Err(SnapshotError::Conflict { .. }), Ok(())) => &keys_b,
+        other => panic!("expected one commit and one conflict, got {other:?}"),
+    };
+    let loaded = inline_store(&s).load(s.dir.path()).await.unwrap();
     let snapshot = loaded.snapshot.unwrap();
     assert_eq!(snapshot.meta.generation, 2);
     assert_eq!(&read_keys(snapshot.body), winner);
     assert!(loaded.doubt.is_none(), "the commit settled the keys in doubt");
     assert!(s.chunk_serials().await.is_empty(), "small bodies leave no chunk");
+}
+
+fn inline_store(s: &Setup) -> ClusterSnapshotStore {
+    s.store().with_inline_bytes(DEFAULT_INLINE_BYTES)
+}
+
+/// Two inline stores over the same head, each having loaded it, and a body of `keys` random
+/// keys for each to write.
+async fn racers(s: &Setup, name: &str, keys: usize) -> ([ClusterSnapshotStore; 2], [Vec<Vec<u8>>; 2], [PathBuf; 2]) {
+    let stores = [inline_store(s), inline_store(s)];
+    for store in &stores {
+        store.load(s.dir.path()).await.unwrap();
+    }
+    let keys = [sorted_keys(keys, 16), sorted_keys(keys, 16)];
+    let bodies = [s.body(&format!("{name}a"), &keys[0]), s.body(&format!("{name}b"), &keys[1])];
+    (stores, keys, bodies)
 }
