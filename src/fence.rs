@@ -94,6 +94,8 @@ pub struct Fenced;
 pub struct Fence(Option<Arc<Held>>);
 
 struct Held {
+    /// The Lease (`namespace/name`) this fence follows, when it is named.
+    lease: Option<String>,
     /// Deadlines are kept as nanoseconds after this instant (0: closed), in one atomic.
     base: Instant,
     deadline: AtomicU64,
@@ -118,7 +120,17 @@ impl Fence {
 
     /// Closed until the first renewal ([`Self::renewed`]).
     pub fn leased() -> Self {
+        Self::held(None)
+    }
+
+    /// [`Self::leased`], following the Lease `namespace/name` ([`Self::lease`]).
+    pub fn for_lease(lease: String) -> Self {
+        Self::held(Some(lease))
+    }
+
+    fn held(lease: Option<String>) -> Self {
         Fence(Some(Arc::new(Held {
+            lease,
             base: Instant::now(),
             deadline: AtomicU64::new(0),
             renewals: tokio::sync::Notify::new(),
@@ -128,6 +140,11 @@ impl Fence {
     /// Whether this fence follows a Lease (else it is always open).
     pub fn is_leased(&self) -> bool {
         self.0.is_some()
+    }
+
+    /// The Lease this fence follows, when it was named ([`Self::for_lease`]).
+    pub fn lease(&self) -> Option<&str> {
+        self.0.as_ref()?.lease.as_deref()
     }
 
     /// A renewal succeeded: work may go on until `until` (never moves the deadline back).

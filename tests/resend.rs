@@ -116,7 +116,7 @@ impl Case {
         let store = FsSnapshotStore::new(dir.path().join("snapshots"), COHORT);
         let mut braze = BrazeClient::new(config).unwrap();
         if sending == Sending::Leased {
-            let fence = Fence::leased();
+            let fence = Fence::for_lease("cohort-system/cohort-operator".into());
             fence.renewed(Instant::now() + Duration::from_secs(24 * 3600));
             braze = braze.with_fence(fence);
         }

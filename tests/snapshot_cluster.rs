@@ -602,7 +602,7 @@ fn plan_of(s: &Setup, keys: &[Vec<u8>], doubt: &DoubtMeta) -> (PlanMeta, PathBuf
         keys: counts,
         bytes,
         progress: Progress { accepted: Vec::new(), permit: 10 },
-        leased: false,
+        lease: None,
     };
     (meta, path)
 }

@@ -382,9 +382,9 @@ impl BrazeClient {
         self
     }
 
-    /// Whether it sends only under a Lease's fence (leader election).
-    pub fn is_fenced(&self) -> bool {
-        self.fence.is_leased()
+    /// The Lease (`namespace/name`) whose fence it sends under, if any (leader election).
+    pub fn fenced_by(&self) -> Option<&str> {
+        self.fence.lease()
     }
 
     /// Draws requests from `budgets` (the operator's `--braze-requests-per-hour` and

@@ -44,13 +44,16 @@ pub async fn start_controller(mut args: ControllerArgs) -> anyhow::Result<()> {
     let shard = shard_of(&args)?;
     let metrics = Arc::new(Metrics::new());
     let (client, run_client) = kube_clients(read_timeout(&args)?, &api_limits(&args, &metrics)?).await?;
-    // Closed whenever this replica does not hold its Lease with margin; never without election.
-    let fence = if args.leader_election { Fence::leased() } else { Fence::unfenced() };
-    let notifier = notifier(&mut args, client.clone(), &policies)?;
     let identity = args.identity.clone().unwrap_or_else(|| format!("{}-{:08x}", hostname(), rand::random::<u32>()));
+    let leader_election = leader_election(&args, &client, &identity);
+    // Closed whenever this replica does not hold its Lease with margin; never without election.
+    let fence = match &leader_election {
+        Some(e) => Fence::for_lease(format!("{}/{}", e.lease_namespace, e.lease_name)),
+        None => Fence::unfenced(),
+    };
+    let notifier = notifier(&mut args, client.clone(), &policies)?;
     let braze = braze_client(&args, &metrics, &identity, &policies)?;
     let importer = importer(&mut args, run_client, braze, policies, &fence)?;
-    let leader_election = leader_election(&args, &client, &identity);
     let namespaces: Vec<String> =
         std::mem::take(&mut args.watch_namespaces).into_iter().filter(|n| !n.is_empty()).collect();
     let _triggers = serve_triggers(&args, &client, &namespaces, &metrics).await?;

@@ -532,7 +532,7 @@ spec:
             keys: [0; 5],
             bytes: [0; 5],
             progress: Default::default(),
-            leased: false,
+            lease: None,
         };
         let doubt = crate::snapshot::tests::doubt(0, 1);
         assert!(store.record_doubt_with_plan(&doubt, dir.path(), &plan, dir.path()).await.is_err());

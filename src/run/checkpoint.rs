@@ -359,7 +359,7 @@ mod tests {
             keys: [0, additions, 0, 0, 0],
             bytes: [0; crate::snapshot::plan::SECTIONS],
             progress: Progress { accepted: Vec::new(), permit: cadence.window },
-            leased: false,
+            lease: None,
         }
     }
 

@@ -154,14 +154,14 @@ pub struct RunDeps<'a> {
     pub target: &'a CohortTarget,
 }
 
-/// What a run reads its snapshot from: the store, the cohort, and whether the run sends
-/// under the Lease's fence (an interrupted attempt that did too is then quiet,
-/// [`crate::snapshot::plan::is_quiet`]; a preview, which sends nothing, says `false`).
+/// What a run reads its snapshot from: the store, the cohort, and the Lease whose fence the
+/// run sends under (an interrupted attempt under the same one is then quiet,
+/// [`crate::snapshot::plan::is_quiet`]; a preview, which sends nothing, says none).
 #[derive(Clone, Copy)]
 struct Reading<'a> {
     snapshots: &'a dyn SnapshotStore,
     cohort_id: &'a str,
-    fenced: bool,
+    lease: Option<&'a str>,
 }
 
 /// Where a run's writes go: [`RunDeps`] without the source.
@@ -248,7 +248,7 @@ pub async fn preview_import(
     let mut report = new_report(run);
     let outcome = async {
         let scratch = run_scratch(run)?;
-        let reading = Reading { snapshots, cohort_id, fenced: false };
+        let reading = Reading { snapshots, cohort_id, lease: None };
         match plan(run, members, reading, scratch.path(), None, &mut report).await? {
             Ok(_) => Ok(RunResult::DryRun),
             Err(missing) => Ok(snapshot_missing(run, &mut report, missing)),
@@ -336,7 +336,7 @@ async fn execute(
     });
     // 1–4. Snapshot, source, diff, guard: the plan a preview shows. A run that finds the
     // store without what status says Braze holds, or blocked by the guard, sends nothing.
-    let reading = Reading { snapshots: deps.snapshots, cohort_id, fenced: deps.braze.is_fenced() };
+    let reading = Reading { snapshots: deps.snapshots, cohort_id, lease: deps.braze.fenced_by() };
     let planned = plan(run, deps.members, reading, scratch.path(), outputs.clone(), report).await?;
     let Planned { diffed, previous_meta, stored_generation, remapped, decision } = match planned {
         Ok(planned) => planned,
@@ -485,7 +485,7 @@ async fn record_doubt(
         keys,
         bytes,
         progress: Progress { accepted: Vec::new(), permit: cadence.window },
-        leased: deps.braze.is_fenced() && keys[Section::Unsafe as usize] == 0,
+        lease: deps.braze.fenced_by().filter(|_| keys[Section::Unsafe as usize] == 0).map(str::to_owned),
     };
     if deps.snapshots.record_doubt_with_plan(meta, &outputs.sends, &plan, &outputs.plan).await? {
         return Ok(Some((plan, cadence)));
@@ -668,7 +668,7 @@ async fn load(
     scratch: &Path,
     report: &mut RunReport,
 ) -> Result<Result<StoredState, Missing>, RunError> {
-    let Reading { snapshots, cohort_id, fenced } = reading;
+    let Reading { snapshots, cohort_id, lease } = reading;
     let loaded = match snapshots.load(scratch).await {
         Ok(loaded) => loaded,
         Err(SnapshotError::Corrupt { what, message }) => {
@@ -695,7 +695,7 @@ async fn load(
     };
     let doubt = loaded.doubt.filter(|d| d.meta.cohort_id == cohort_id);
     let stored_plan = loaded.plan.filter(|_| doubt.is_some());
-    let known = resolve_plan(stored_plan, scratch, report, fenced).await;
+    let known = resolve_plan(stored_plan, scratch, report, lease).await;
     if let Some(d) = &doubt {
         let settled = known.as_ref().map_or(0, |k| k.accepted);
         report.notes.push(format!(
@@ -769,11 +769,11 @@ async fn resolve_plan(
     plan: Option<crate::snapshot::plan::StoredPlan>,
     scratch: &Path,
     report: &mut RunReport,
-    fenced: bool,
+    lease: Option<&str>,
 ) -> Option<KnownKeys> {
     let plan = plan?;
     let (run_id, accepted) = (plan.meta.run_id.clone(), plan.meta.progress.accepted_keys());
-    let quiet = crate::snapshot::plan::is_quiet(&plan.meta, fenced);
+    let quiet = crate::snapshot::plan::is_quiet(&plan.meta, lease);
     let dir = scratch.to_owned();
     match tokio::task::spawn_blocking(move || crate::snapshot::plan::resolve(plan, &dir, quiet)).await {
         Ok(Ok(resolved)) => Some(KnownKeys { resolved, accepted }),

@@ -501,7 +501,7 @@ mod tests {
             keys,
             bytes,
             progress: Progress { accepted: Vec::new(), permit: 1 },
-            leased: false,
+            lease: None,
         };
         (meta, path)
     }

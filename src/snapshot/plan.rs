@@ -17,8 +17,9 @@
 //! Lease, [`crate::controller::shard::handoff`]; an earlier attempt in the same process
 //! ended before the run was resumed). So a run under the fence finds every earlier attempt
 //! silent that also sent only under it — the exactness of every commit already rests on
-//! that. A plan says so (`leased`) when its run sent under the fence and listed no unsafe
-//! key; such a plan, resolved by a run under the fence, is *quiet*: every send it accepted
+//! that. A plan names its Lease (`lease`) when its run sent under the fence and listed no
+//! unsafe key; such a plan, resolved by a run under the same Lease, is *quiet* (a shard, a
+//! renamed Lease or another installation is never ordered by it): every send it accepted
 //! is settled, and what it left below its permit is simply in doubt, sent again once and
 //! settled like any other send. Without leader election, or from an older plan, the store
 //! alone proves a key quiet:
@@ -94,10 +95,11 @@ pub struct PlanMeta {
     pub keys: [u64; SECTIONS],
     pub bytes: [u64; SECTIONS],
     pub progress: Progress,
-    /// The run sent only under the Lease's fence and lists no unsafe key: a run under the
-    /// fence finds it quiet (see the module's doc). Older plans: `false`.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub leased: bool,
+    /// The Lease (`namespace/name`) whose fence the run sent under, when it lists no unsafe
+    /// key: a run under the same Lease finds it quiet (see the module's doc). Older plans
+    /// and runs without leader election: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<String>,
 }
 
 /// How far a run got: what Braze accepted, and how far it may send.
@@ -183,7 +185,7 @@ impl PlanMeta {
                 doubt.keys
             )));
         }
-        if self.leased && unsafe_keys > 0 {
+        if self.lease.is_some() && unsafe_keys > 0 {
             return Err(corrupt(format!("a plan sent under the Lease lists {unsafe_keys} unsafe keys")));
         }
         self.progress.check().map_err(|e| corrupt(format!("the checkpoint: {e}")))?;
@@ -293,10 +295,11 @@ pub struct Resolved {
     pub unsafe_keys: File,
 }
 
-/// Whether a run finds `plan` quiet: it runs under the Lease's fence (`fenced`), and so did
-/// the plan's run, which listed no unsafe key (see the module's doc).
-pub fn is_quiet(plan: &PlanMeta, fenced: bool) -> bool {
-    fenced && plan.leased
+/// Whether a run sending under the fence of `lease` finds `plan` quiet: the plan's run sent
+/// under the same Lease and listed no unsafe key (see the module's doc). Another Lease —
+/// another shard's, a renamed one, another installation's — orders nothing.
+pub fn is_quiet(plan: &PlanMeta, lease: Option<&str>) -> bool {
+    lease.is_some() && plan.lease.as_deref() == lease
 }
 
 /// Works out what `plan` settles: the held keys, and each accepted send that is not
@@ -507,7 +510,7 @@ mod tests {
             keys,
             bytes,
             progress,
-            leased: false,
+            lease: None,
         };
         StoredPlan { meta, body: File::open(path).unwrap(), offset: 0 }
     }
@@ -549,9 +552,10 @@ mod tests {
         let progress = Progress { accepted: vec![[0, 2], [3, 5]], permit: 6 };
         let sections: [&[&str]; SECTIONS] = [&["a", "c", "e"], &["b", "d", "f", "g"], &["h"], &["i"], &[]];
         let mut stored = plan(dir.path(), sections, progress.clone());
-        stored.meta.leased = true;
-        assert!(is_quiet(&stored.meta, true));
-        assert!(!is_quiet(&stored.meta, false), "a run without the fence proves nothing quiet");
+        stored.meta.lease = Some("ops/cohort-operator".into());
+        assert!(is_quiet(&stored.meta, Some("ops/cohort-operator")));
+        assert!(!is_quiet(&stored.meta, None), "a run without the fence proves nothing quiet");
+        assert!(!is_quiet(&stored.meta, Some("ops/cohort-operator-b")), "another Lease (a shard's) orders nothing");
         let resolved = resolve(stored, dir.path(), true).unwrap();
         assert_eq!(keys_of(resolved.settled_out), ["a", "c", "h"]);
         assert_eq!(keys_of(resolved.settled_in), ["b", "d", "i"]);
@@ -602,7 +606,7 @@ mod tests {
         let past = PlanMeta { progress: Progress { accepted: vec![[0, 3]], permit: 3 }, ..stored.meta.clone() };
         assert!(past.check("x", &doubt).is_err());
         let mut leased = stored.meta.clone();
-        leased.leased = true;
+        leased.lease = Some("ops/cohort-operator".into());
         leased.check("x", &doubt).unwrap();
         leased.keys[Section::Unsafe as usize] = 1;
         let err = leased.check("x", &doubt).unwrap_err().to_string();
