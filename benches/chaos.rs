@@ -55,11 +55,6 @@ const PARTNER: &str = "partner";
 const ATTRIBUTE: &str = "attribute";
 /// The `/users/track` attribute holding the attribute path's cohort (an array of cohort ids).
 const ATTRIBUTE_NAME: &str = "cohorts";
-/// The operator's defaults: requests in flight at once per destination, and ids a request
-/// carries on each path (`BrazeClientConfig`, Braze's documented maxima).
-const IN_FLIGHT: u64 = 8;
-const PARTNER_IDS_PER_REQUEST: u64 = 1000;
-const TRACK_OBJECTS_PER_REQUEST: u64 = 75;
 /// How long a phase may take before the benchmark gives up.
 const PHASE_LIMIT: Duration = Duration::from_secs(900);
 
@@ -454,6 +449,14 @@ struct Figures {
     in_flight: u64,
 }
 
+/// Ids the operator has in flight at most on `path` with its defaults: requests at once per
+/// destination × ids a request carries (Braze's documented maxima).
+fn in_flight(path: &str) -> u64 {
+    use cohort_operator::braze::{BrazeClientConfig, MAX_IDS_PER_REQUEST, attributes::MAX_OBJECTS_PER_REQUEST};
+    let per_request = if path == PARTNER { MAX_IDS_PER_REQUEST } else { MAX_OBJECTS_PER_REQUEST };
+    (BrazeClientConfig::default().max_in_flight * per_request) as u64
+}
+
 impl Figures {
     /// From the sandbox's counters for the path (all of whose ids are Braze users), and the
     /// kills before its run finished.
@@ -479,7 +482,7 @@ impl Figures {
             mid_run: count(|k| k.mid_run),
             replaced: count(|k| k.replaced),
             calm,
-            in_flight: IN_FLIGHT * if path == PARTNER { PARTNER_IDS_PER_REQUEST } else { TRACK_OBJECTS_PER_REQUEST },
+            in_flight: in_flight(path),
         }
     }
 
