@@ -12,7 +12,7 @@ use std::time::Duration;
 use jiff::SignedDuration;
 use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::clock::Clock;
 use super::events::Events;
@@ -178,10 +178,16 @@ impl Context {
 
     async fn let_go(&self, import: &CohortImport, me: &RunRunner) {
         let reference = ObjectRef::from_obj(import);
-        if let Some(task) = self.runs.abort(&reference) {
-            // Aborting is prompt (the task stops at its next await); wait until it has.
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-            while !task.is_finished() && tokio::time::Instant::now() < deadline {
+        if self.runs.abort(&reference) {
+            // Aborting is prompt (each task stops at its next await); the run is handed over
+            // only once it has stopped, however long that takes.
+            let started = tokio::time::Instant::now();
+            let mut warned = false;
+            while self.runs.is_running(&reference) {
+                if !warned && started.elapsed() > Duration::from_secs(30) {
+                    warned = true;
+                    warn!(namespace = ?reference.namespace, import = %reference.name, "a run of an import that left this shard has not stopped after 30 s; still waiting to hand it over");
+                }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }

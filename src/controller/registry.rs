@@ -69,12 +69,15 @@ impl RunRegistry {
         }
     }
 
-    /// Stops the run of `import` in progress here, if any; returns its task's handle, to
-    /// see when it has stopped.
-    pub(super) fn abort(&self, import: &ObjectRef<CohortImport>) -> Option<AbortHandle> {
-        let (_, handle) = self.lock().remove(import)?;
+    /// Stops the run of `import` in progress here, if any. The run stays registered — no
+    /// other attempt of the import starts here — until its tasks have stopped
+    /// ([`Self::finished`]): a request already on its way ends before the next attempt
+    /// reads what was sent. Returns whether a run was stopping.
+    pub(super) fn abort(&self, import: &ObjectRef<CohortImport>) -> bool {
+        let runs = self.lock();
+        let Some((_, handle)) = runs.get(import) else { return false };
         handle.abort();
-        Some(handle)
+        true
     }
 
     pub(super) fn abort_all(&self) {
@@ -92,5 +95,67 @@ impl RunRegistry {
         let mut tasks = self.side_tasks.lock().unwrap_or_else(|e| e.into_inner());
         tasks.retain(|t| !t.is_finished());
         tasks.push(tokio::spawn(task).abort_handle());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    /// What a run's task holds: leaves the registry when dropped, as `runs::Deregister` does.
+    struct Leaves(Arc<RunRegistry>, ObjectRef<CohortImport>, &'static str);
+
+    impl Drop for Leaves {
+        fn drop(&mut self) {
+            self.0.finished(&self.1, self.2);
+        }
+    }
+
+    /// Waits until the import's run has left the registry (fails after 5 s).
+    async fn stopped(runs: &RunRegistry) {
+        let wait = async {
+            while runs.is_running(&import()) {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(5), wait).await.expect("the run leaves the registry");
+    }
+
+    fn import() -> ObjectRef<CohortImport> {
+        ObjectRef::new("daily").within("team-a")
+    }
+
+    #[tokio::test]
+    async fn a_stopped_run_holds_its_import_until_its_task_has_stopped() {
+        let runs = Arc::new(RunRegistry::default());
+        let (started_tx, started) = tokio::sync::oneshot::channel();
+        let leaves = Leaves(runs.clone(), import(), "run-1");
+        assert!(runs.spawn(import(), "run-1".into(), async move {
+            let _leaves = leaves;
+            let _ = started_tx.send(());
+            std::future::pending::<()>().await;
+        }));
+        started.await.unwrap();
+        assert!(runs.abort(&import()), "a run was in progress");
+        // Until the task has stopped, no other attempt of the import starts here.
+        assert!(!runs.spawn(import(), "run-2".into(), async {}), "stopping, not stopped");
+        stopped(&runs).await;
+        assert!(!runs.abort(&import()), "nothing left to stop");
+        assert!(runs.spawn(import(), "run-2".into(), async {}));
+    }
+
+    #[tokio::test]
+    async fn a_run_stopped_before_it_first_ran_leaves_the_registry() {
+        let runs = Arc::new(RunRegistry::default());
+        let leaves = Leaves(runs.clone(), import(), "run-1");
+        // The current-thread runtime has not polled the task when it is aborted.
+        assert!(runs.spawn(import(), "run-1".into(), async move {
+            let _leaves = leaves;
+            std::future::pending::<()>().await;
+        }));
+        assert!(runs.abort(&import()));
+        stopped(&runs).await;
     }
 }

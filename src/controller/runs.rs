@@ -45,7 +45,10 @@ pub(super) fn start(ctx: &Arc<Context>, import: Arc<CohortImport>, spec: ValidSp
     );
     let run_id = run.id.clone();
     let due = due_at(&import, &run);
-    let task = execute(ctx.clone(), import, spec, run, due);
+    // Made before the task, so that the run leaves the registry even when its task is
+    // stopped before it first runs.
+    let deregister = Arc::new(Deregister { ctx: ctx.clone(), import: reference.clone(), run_id: run_id.clone() });
+    let task = execute(ctx.clone(), import, spec, run, due, deregister);
     if !ctx.runs.spawn(reference, run_id.clone(), task.instrument(span)) {
         // Reconciles of one import never overlap and return early while it runs, so this
         // is not expected; if it happens, the run in progress finds its status record
@@ -64,17 +67,20 @@ fn due_at(import: &CohortImport, run: &CurrentRun) -> Timestamp {
     }
 }
 
-async fn execute(ctx: Arc<Context>, import: Arc<CohortImport>, spec: ValidSpec, run: CurrentRun, due: Timestamp) {
-    // However this task ends — even by a panic outside the importer — the run leaves the
-    // registry and the import is reconciled, so that the next trigger can run.
-    let reference = ObjectRef::from_obj(import.as_ref());
-    let _deregister = Deregister { ctx: ctx.clone(), import: reference.clone(), run_id: run.id.clone() };
+async fn execute(
+    ctx: Arc<Context>,
+    import: Arc<CohortImport>,
+    spec: ValidSpec,
+    run: CurrentRun,
+    due: Timestamp,
+    deregister: Arc<Deregister>,
+) {
     // Busy minutes: runs take turns by namespace for the slots (admission). The slot is
     // given away while the run's Braze requests wait long for budget (a throttled workspace).
     let namespace = import.namespace().unwrap_or_default();
     let admitted = ctx.admission.admit(&namespace).await;
     let slot = Arc::new(RunSlot::new(ctx.admission.clone(), namespace, admitted));
-    let _slot = ReleaseOnDrop(slot.clone());
+    let release_slot = ReleaseOnDrop(slot.clone());
     let waited = ctx.clock.now().duration_since(due);
     ctx.metrics.run_admitted(ctx.config.shard_name(), waited.as_secs_f64().max(0.0));
     // Sharded: the import may have moved to another shard meanwhile; that shard runs it.
@@ -94,7 +100,7 @@ async fn execute(ctx: Arc<Context>, import: Arc<CohortImport>, spec: ValidSpec, 
         let braze = secrets::Workspace::of(&import.spec.destination, &namespace)?;
         let keys = secrets::braze_keys(&ctx.client, &ctx.secret_checks, braze, &ctx.config.partner_keys).await?;
         workspace = Some(super::conflict::workspace_of(keys.workspace_key().expose()));
-        let outcome = supervised(ctx.importer.clone(), &import, &spec, &run, keys, slot).await;
+        let outcome = supervised(ctx.importer.clone(), &import, &spec, &run, keys, slot, deregister.clone()).await;
         let (now, elapsed) = (ctx.clock.now(), clock_started.elapsed());
         Ok::<_, secrets::KeyError>(match outcome {
             Ok(outcome) => RunEnd::finished(&run, outcome, now, elapsed),
@@ -109,7 +115,8 @@ async fn execute(ctx: Arc<Context>, import: Arc<CohortImport>, spec: ValidSpec, 
         Err(_) => RunEnd::timed_out(&run, timeout, field, ctx.clock.now(), clock_started.elapsed()),
     };
     let end = RunEnd { workspace, ..end };
-    drop(in_progress);
+    // Recording the end is API requests only: the next run in line may start meanwhile.
+    drop((in_progress, release_slot));
     if !ctx.config.fence.is_open() {
         // Stopped by the fence (or ended just as it closed): not an end. The run stays in
         // progress in status, for the leader to resume as its next attempt.
@@ -119,7 +126,10 @@ async fn execute(ctx: Arc<Context>, import: Arc<CohortImport>, spec: ValidSpec, 
     finish(&ctx.reporter, &import, end, run.attempt).await;
 }
 
-/// Deregisters a run and wakes its import when dropped.
+/// Deregisters a run and wakes its import when dropped — however its task ends, even by
+/// a panic outside the importer or an abort, so that the next trigger can run. The run's
+/// task and its importer's task each hold it: a stopped run stays registered (and no
+/// other attempt of the import starts here) until both have stopped.
 struct Deregister {
     ctx: Arc<Context>,
     import: ObjectRef<CohortImport>,
@@ -144,11 +154,15 @@ async fn supervised(
     run: &CurrentRun,
     keys: secrets::BrazeKeys,
     slot: Arc<RunSlot>,
+    deregister: Arc<Deregister>,
 ) -> Result<Result<RunReport, ImportError>, Crash> {
     let (import, spec, current) = (import.clone(), spec.clone(), run.clone());
     // A panic message is the program's text, not ours to trust: the keys never reach status.
     let known: Vec<String> = keys.exposed().into_iter().map(str::to_owned).collect();
-    let work = async move { importer.run(&import, &spec, &current, keys).await };
+    let work = async move {
+        let _registered = deregister;
+        importer.run(&import, &spec, &current, keys).await
+    };
     let task = tokio::spawn(budget::holding(slot, work).instrument(tracing::Span::current()));
     let _abort = AbortOnDrop(task.abort_handle());
     match task.await {
