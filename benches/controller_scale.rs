@@ -67,13 +67,9 @@ fn main() {
     }
 }
 
-async fn client_from(path: &str, limits: Option<(Arc<Metrics>, ApiLimits)>) -> kube::Client {
+async fn kube_config(path: &str) -> kube::Config {
     let kubeconfig = Kubeconfig::read_from(path).unwrap();
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.unwrap();
-    match limits {
-        Some((metrics, limits)) => kube_api::client(config, limits, metrics).unwrap(),
-        None => kube::Client::try_from(config).unwrap(),
-    }
+    kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.unwrap()
 }
 
 /// The operator's client rate limit: its defaults unless `KUBE_API_QPS`/`KUBE_API_BURST`.
@@ -128,7 +124,11 @@ async fn operator() {
         .with_writer(std::io::stderr)
         .init();
     let metrics = Arc::new(Metrics::new());
-    let client = client_from(&var("BENCH_KUBECONFIG"), Some((metrics.clone(), api_limits()))).await;
+    // The operator's clients: one limit, and its deferred lane for Events and runs' ends.
+    let config = kube_config(&var("BENCH_KUBECONFIG")).await;
+    let limit = kube_api::LimitLayer::new(api_limits(), metrics.clone()).unwrap();
+    let client = kube_api::with_layer(config.clone(), &limit).unwrap();
+    let deferred_client = Some(kube_api::with_layer(config, &limit.deferred()).unwrap());
     let clock = TestClock::starting_at(var("BENCH_CLOCK_START").parse().unwrap());
     let (addr, _server) = metrics::serve(metrics.clone(), "127.0.0.1:0".parse().unwrap()).await.unwrap();
     println!("METRICS {addr}");
@@ -152,7 +152,7 @@ async fn operator() {
         },
         ..Config::default()
     };
-    let deps = Dependencies { clock: Arc::new(clock.clone()), importer, notifier: None, metrics };
+    let deps = Dependencies { clock: Arc::new(clock.clone()), importer, notifier: None, metrics, deferred_client };
     let controller = tokio::spawn(controller::serve(client, config, deps, futures::future::pending()));
     // `advance SECONDS` lines jump the clock; end of input ends the operator.
     let lines = tokio::task::spawn_blocking(move || {

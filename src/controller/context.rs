@@ -116,6 +116,10 @@ pub struct Dependencies {
     /// `None`: no SMTP server configured; imports asking for email get a status note.
     pub notifier: Option<Arc<dyn Notify>>,
     pub metrics: Arc<Metrics>,
+    /// The client for what can wait in a busy minute — Events and the records of runs'
+    /// ends — on the deferred lane of the controller client's limit
+    /// ([`super::kube_api::LimitLayer::deferred`]); `None`: the controller's client.
+    pub deferred_client: Option<kube::Client>,
 }
 
 /// Shared by every reconcile and run: the parts each room is given, and what the

@@ -19,8 +19,8 @@ def flag(deployment: dict[str, Any], name: str) -> str | None:
 
 def test_the_defaults_render_as_flags() -> None:
     (deployment,) = find(render(), "Deployment")
-    assert flag(deployment, "--kube-api-qps") == "200"
-    assert flag(deployment, "--kube-api-burst") == "500"
+    assert flag(deployment, "--kube-api-qps") == "500"
+    assert flag(deployment, "--kube-api-burst") == "1000"
 
 
 def test_chosen_limits_reach_every_shard() -> None:

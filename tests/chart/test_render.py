@@ -116,8 +116,8 @@ def test_default_args_and_env() -> None:
         "--braze-requests-per-hour=250000",
         "--braze-burst=250000",
         "--braze-max-budget-wait-seconds=3600",
-        "--kube-api-qps=200",
-        "--kube-api-burst=500",
+        "--kube-api-qps=500",
+        "--kube-api-burst=1000",
         "--snapshot-store=cluster",
     ]
     env = env_of(c)
@@ -167,8 +167,8 @@ def test_full_values_args_env_and_mounts() -> None:
         "--braze-requests-per-hour=250000",
         "--braze-burst=250000",
         "--braze-max-budget-wait-seconds=600",
-        "--kube-api-qps=200",
-        "--kube-api-burst=500",
+        "--kube-api-qps=500",
+        "--kube-api-burst=1000",
         "--snapshot-store=filesystem",
         "--snapshot-dir=/var/lib/cohort-operator/snapshots",
     ]
