@@ -4,16 +4,23 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use kube::runtime::reflector::ObjectRef;
 use tokio::task::AbortHandle;
 
 use crate::api::CohortImport;
 
+/// One attempt of a run in this process: what leaves the registry names the attempt it
+/// was made for, so that a later attempt (even of the same run) is never removed by it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Ticket(u64);
+
 /// The runs this replica has in progress.
 #[derive(Default)]
 pub struct RunRegistry {
-    runs: Mutex<HashMap<ObjectRef<CohortImport>, (String, AbortHandle)>>,
+    runs: Mutex<HashMap<ObjectRef<CohortImport>, (Ticket, AbortHandle)>>,
+    tickets: AtomicU64,
     /// The last run of each import whose end is recorded in status: a copy of the import
     /// still showing it as current is stale, not an interrupted run.
     recorded: Mutex<HashMap<ObjectRef<CohortImport>, String>>,
@@ -40,8 +47,13 @@ impl RunRegistry {
         self.lock().contains_key(import)
     }
 
-    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectRef<CohortImport>, (String, AbortHandle)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectRef<CohortImport>, (Ticket, AbortHandle)>> {
         self.runs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A ticket for the next attempt to [`Self::spawn`].
+    pub(super) fn ticket(&self) -> Ticket {
+        Ticket(self.tickets.fetch_add(1, Ordering::Relaxed))
     }
 
     /// Spawns `run` for `import` unless one is already in progress. The registry is
@@ -50,7 +62,7 @@ impl RunRegistry {
     pub(super) fn spawn(
         &self,
         import: ObjectRef<CohortImport>,
-        run_id: String,
+        ticket: Ticket,
         run: impl Future<Output = ()> + Send + 'static,
     ) -> bool {
         let mut runs = self.lock();
@@ -58,13 +70,14 @@ impl RunRegistry {
             return false;
         }
         let handle = tokio::spawn(run);
-        runs.insert(import, (run_id, handle.abort_handle()));
+        runs.insert(import, (ticket, handle.abort_handle()));
         true
     }
 
-    pub(super) fn finished(&self, import: &ObjectRef<CohortImport>, run_id: &str) {
+    /// The attempt of `ticket` has stopped (an attempt never spawned changes nothing).
+    pub(super) fn finished(&self, import: &ObjectRef<CohortImport>, ticket: Ticket) {
         let mut runs = self.lock();
-        if runs.get(import).is_some_and(|(id, _)| id == run_id) {
+        if runs.get(import).is_some_and(|(t, _)| *t == ticket) {
             runs.remove(import);
         }
     }
@@ -105,7 +118,7 @@ mod tests {
     use super::*;
 
     /// What a run's task holds: leaves the registry when dropped, as `runs::Deregister` does.
-    struct Leaves(Arc<RunRegistry>, ObjectRef<CohortImport>, &'static str);
+    struct Leaves(Arc<RunRegistry>, ObjectRef<CohortImport>, Ticket);
 
     impl Drop for Leaves {
         fn drop(&mut self) {
@@ -131,27 +144,33 @@ mod tests {
     async fn a_stopped_run_holds_its_import_until_its_task_has_stopped() {
         let runs = Arc::new(RunRegistry::default());
         let (started_tx, started) = tokio::sync::oneshot::channel();
-        let leaves = Leaves(runs.clone(), import(), "run-1");
-        assert!(runs.spawn(import(), "run-1".into(), async move {
+        let first = runs.ticket();
+        let leaves = Leaves(runs.clone(), import(), first);
+        assert!(runs.spawn(import(), first, async move {
             let _leaves = leaves;
             let _ = started_tx.send(());
             std::future::pending::<()>().await;
         }));
         started.await.unwrap();
         assert!(runs.abort(&import()), "a run was in progress");
-        // Until the task has stopped, no other attempt of the import starts here.
-        assert!(!runs.spawn(import(), "run-2".into(), async {}), "stopping, not stopped");
+        // Until the task has stopped, no other attempt of the import starts here — and an
+        // attempt refused meanwhile (its guard dropped unspawned) does not remove it.
+        let refused = runs.ticket();
+        let guard = Leaves(runs.clone(), import(), refused);
+        assert!(!runs.spawn(import(), refused, async move { drop(guard) }), "stopping, not stopped");
+        assert!(runs.is_running(&import()), "the stopping attempt is still registered");
         stopped(&runs).await;
         assert!(!runs.abort(&import()), "nothing left to stop");
-        assert!(runs.spawn(import(), "run-2".into(), async {}));
+        assert!(runs.spawn(import(), runs.ticket(), async {}));
     }
 
     #[tokio::test]
     async fn a_run_stopped_before_it_first_ran_leaves_the_registry() {
         let runs = Arc::new(RunRegistry::default());
-        let leaves = Leaves(runs.clone(), import(), "run-1");
+        let ticket = runs.ticket();
+        let leaves = Leaves(runs.clone(), import(), ticket);
         // The current-thread runtime has not polled the task when it is aborted.
-        assert!(runs.spawn(import(), "run-1".into(), async move {
+        assert!(runs.spawn(import(), ticket, async move {
             let _leaves = leaves;
             std::future::pending::<()>().await;
         }));

@@ -18,6 +18,7 @@ use super::admission::{Admission, Admitted};
 use super::context::Context;
 use super::importer::{ImportError, Importer};
 use super::record::{self, Crash, Reporter, RunEnd};
+use super::registry::Ticket;
 use super::secrets;
 use crate::api::{CohortImport, CurrentRun, RunTrigger};
 use crate::braze::budget::{self, SlotHolder};
@@ -47,9 +48,10 @@ pub(super) fn start(ctx: &Arc<Context>, import: Arc<CohortImport>, spec: ValidSp
     let due = due_at(&import, &run);
     // Made before the task, so that the run leaves the registry even when its task is
     // stopped before it first runs.
-    let deregister = Arc::new(Deregister { ctx: ctx.clone(), import: reference.clone(), run_id: run_id.clone() });
+    let ticket = ctx.runs.ticket();
+    let deregister = Arc::new(Deregister { ctx: ctx.clone(), import: reference.clone(), ticket });
     let task = execute(ctx.clone(), import, spec, run, due, deregister);
-    if !ctx.runs.spawn(reference, run_id.clone(), task.instrument(span)) {
+    if !ctx.runs.spawn(reference, ticket, task.instrument(span)) {
         // Reconciles of one import never overlap and return early while it runs, so this
         // is not expected; if it happens, the run in progress finds its status record
         // replaced and leaves it, and the next reconcile runs this one.
@@ -133,12 +135,12 @@ async fn execute(
 struct Deregister {
     ctx: Arc<Context>,
     import: ObjectRef<CohortImport>,
-    run_id: String,
+    ticket: Ticket,
 }
 
 impl Drop for Deregister {
     fn drop(&mut self) {
-        self.ctx.runs.finished(&self.import, &self.run_id);
+        self.ctx.runs.finished(&self.import, self.ticket);
         self.ctx.watched.wake(self.import.clone());
     }
 }
