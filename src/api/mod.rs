@@ -92,3 +92,16 @@ pub fn destination_crd_yaml() -> String {
 pub fn cluster_destination_crd_yaml() -> String {
     serde_yaml::to_string(&cluster_destination_crd()).expect("the CRD serializes")
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every watched import is kept in the controller's store (10,000 in
+    /// `controller_scale`), one allocation each: kinds most imports leave unset are boxed
+    /// (`SourceSpec`) so that it stays in jemalloc's 2 KiB size class, not the 4 KiB one.
+    #[test]
+    fn an_import_in_memory_fits_in_2_kib_with_its_arc() {
+        let arc_counts = 2 * std::mem::size_of::<usize>();
+        let size = std::mem::size_of::<super::CohortImport>() + arc_counts;
+        assert!(size <= 2048, "a CohortImport takes {size} bytes in an Arc");
+    }
+}

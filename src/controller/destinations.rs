@@ -185,7 +185,7 @@ impl Catalog {
         }
         let resolved = self.resolve(import, reference).map_err(Unresolved::Refused)?;
         let mut effective = CohortImport::clone(import);
-        effective.spec.destination.resolved = Some(resolved);
+        effective.spec.destination.resolved = Some(Box::new(resolved));
         Ok(Arc::new(effective))
     }
 
@@ -327,7 +327,7 @@ mod tests {
         let reference = import.spec.destination.destination_ref.as_ref().unwrap();
         let resolved = resolve(&import.namespace().unwrap(), reference, found)?;
         let mut effective = import.clone();
-        effective.spec.destination.resolved = Some(resolved);
+        effective.spec.destination.resolved = Some(Box::new(resolved));
         Ok(effective)
     }
 

@@ -84,12 +84,12 @@ impl ValidSource {
     pub fn of(spec: &SourceSpec) -> Option<ValidSource> {
         let set = [
             spec.inline.clone().map(ValidSource::Inline),
-            spec.config_map.clone().map(ValidSource::ConfigMap),
-            spec.http.clone().map(ValidSource::Http),
-            spec.postgres.clone().map(ValidSource::Postgres),
-            spec.snowflake.clone().map(ValidSource::Snowflake),
-            spec.databricks.clone().map(ValidSource::Databricks),
-            spec.bigquery.clone().map(ValidSource::BigQuery),
+            spec.config_map.as_deref().cloned().map(ValidSource::ConfigMap),
+            spec.http.as_deref().cloned().map(ValidSource::Http),
+            spec.postgres.as_deref().cloned().map(ValidSource::Postgres),
+            spec.snowflake.as_deref().cloned().map(ValidSource::Snowflake),
+            spec.databricks.as_deref().cloned().map(ValidSource::Databricks),
+            spec.bigquery.as_deref().cloned().map(ValidSource::BigQuery),
         ];
         let mut set = set.into_iter().flatten();
         match (set.next(), set.next()) {
@@ -1257,7 +1257,7 @@ spec:
     fn the_valid_source_is_the_one_kind_set_with_its_settings() {
         let spec = example(WAREHOUSE_EXAMPLE);
         let valid = validate(&spec).unwrap();
-        assert_eq!(valid.source, ValidSource::Postgres(spec.source.postgres.clone().unwrap()));
+        assert_eq!(valid.source, ValidSource::Postgres(*spec.source.postgres.clone().unwrap()));
         assert_eq!(ValidSource::of(&spec.source), Some(valid.source));
         let mut two = spec.source.clone();
         two.inline = Some(InlineSource { rows: vec![] });
@@ -1584,14 +1584,14 @@ spec:
 
     fn with_recipients(to: &[&str], on: Option<Vec<NotifyOn>>) -> CohortImportSpec {
         let mut spec = example(WAREHOUSE_EXAMPLE);
-        spec.notifications = Some(Notifications {
+        spec.notifications = Some(Box::new(Notifications {
             email: Some(EmailNotification {
                 to: to.iter().map(|s| EmailAddress((*s).into())).collect(),
                 on,
                 when: Default::default(),
             }),
             ..Notifications::default()
-        });
+        }));
         spec
     }
 
@@ -1643,7 +1643,7 @@ spec:
         let secret = |key: &str| SecretKeyRef { name: "hooks".into(), key: key.into() };
         let header = |name: &str| SecretHeader { name: name.into(), value_secret_ref: secret("token") };
         let mut spec = example(WAREHOUSE_EXAMPLE);
-        spec.notifications = Some(Notifications {
+        spec.notifications = Some(Box::new(Notifications {
             slack: Some(SlackNotification {
                 url_secret_ref: secret("slack"),
                 on: Some(vec![]),
@@ -1663,7 +1663,7 @@ spec:
                 when: Default::default(),
             }),
             ..Notifications::default()
-        });
+        }));
         let messages: Vec<String> = errors(&spec).iter().map(|e| e.to_string()).collect();
         assert_eq!(
             messages,
