@@ -15,8 +15,7 @@
 //! operator starts (times then run from its start), `IDLE_SECONDS=N` for the real-time idle window
 //! (default 60), `STEP_MINUTES=N` for the simulated idle hour's steps (default 5),
 //! `KUBE_API_QPS`/`KUBE_API_BURST` for the operator's client rate limit (default: the
-//! operator's defaults), `DEFERRED_LANE=0` to send Events and runs' end records in the main
-//! lane as before issue 25 (to compare), `OPERATOR_LOG` for the operator's `RUST_LOG` (default `warn`)).
+//! operator's defaults), `OPERATOR_LOG` for the operator's `RUST_LOG` (default `warn`)).
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -125,14 +124,8 @@ async fn operator() {
         .with_writer(std::io::stderr)
         .init();
     let metrics = Arc::new(Metrics::new());
-    // The operator's clients: one limit, and its deferred lane for Events and runs' ends.
     let config = kube_config(&var("BENCH_KUBECONFIG")).await;
-    let limit = kube_api::LimitLayer::new(api_limits(), metrics.clone()).unwrap();
-    let client = kube_api::with_layer(config.clone(), &limit).unwrap();
-    let deferred_client = match std::env::var("DEFERRED_LANE").as_deref() {
-        Ok("0") => None,
-        _ => Some(kube_api::with_layer(config, &limit.deferred()).unwrap()),
-    };
+    let client = kube_api::client(config, api_limits(), metrics.clone()).unwrap();
     let clock = TestClock::starting_at(var("BENCH_CLOCK_START").parse().unwrap());
     let (addr, _server) = metrics::serve(metrics.clone(), "127.0.0.1:0".parse().unwrap()).await.unwrap();
     println!("METRICS {addr}");
@@ -156,7 +149,7 @@ async fn operator() {
         },
         ..Config::default()
     };
-    let deps = Dependencies { clock: Arc::new(clock.clone()), importer, notifier: None, metrics, deferred_client };
+    let deps = Dependencies { clock: Arc::new(clock.clone()), importer, notifier: None, metrics };
     let controller = tokio::spawn(controller::serve(client, config, deps, futures::future::pending()));
     // `advance SECONDS` lines jump the clock; end of input ends the operator.
     let lines = tokio::task::spawn_blocking(move || {
@@ -572,10 +565,9 @@ async fn bench() {
     let errors = metric(&operator.metrics_url, "cohort_operator_reconcile_errors_total").await;
 
     println!(
-        "controller_scale: {imports} CohortImports in {} namespaces on kube-apiserver v1.20.2; client limit {:?}{}",
+        "controller_scale: {imports} CohortImports in {} namespaces on kube-apiserver v1.20.2; client limit {:?}",
         namespaces.len(),
-        api_limits(),
-        if std::env::var("DEFERRED_LANE").as_deref() == Ok("0") { ", no deferred lane" } else { "" }
+        api_limits()
     );
     println!("  created in                         {:>8.2} s", created.as_secs_f64());
     if precreate {

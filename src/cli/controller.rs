@@ -44,7 +44,7 @@ pub async fn start_controller(mut args: ControllerArgs) -> anyhow::Result<()> {
     let shard = shard_of(&args)?;
     let metrics = Arc::new(Metrics::new());
     let clients = kube_clients(read_timeout(&args)?, &api_limits(&args, &metrics)?).await?;
-    let KubeClients { controller: client, deferred, runs: run_client } = clients;
+    let KubeClients { controller: client, runs: run_client } = clients;
     let identity = args.identity.clone().unwrap_or_else(|| format!("{}-{:08x}", hostname(), rand::random::<u32>()));
     let leader_election = leader_election(&args, &client, &identity);
     // Closed whenever this replica does not hold its Lease with margin; never without election.
@@ -68,8 +68,7 @@ pub async fn start_controller(mut args: ControllerArgs) -> anyhow::Result<()> {
         destination_secret_namespace,
         ..config(args)
     };
-    let deps =
-        Dependencies { clock: Arc::new(SystemClock), importer, notifier, metrics, deferred_client: Some(deferred) };
+    let deps = Dependencies { clock: Arc::new(SystemClock), importer, notifier, metrics };
     controller::serve(client, config, deps, shutdown_signal()).await?;
     Ok(())
 }
@@ -273,8 +272,8 @@ const API_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Read timeout of the runs' API requests without leader election (no Lease to keep).
 const API_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Three clients from the kubeconfig (or the pod's service account), each with a connect
-/// timeout. The controller's (and the deferred lane's, [`KubeClients::deferred`]) has no read timeout: its watches sit idle for minutes, and
+/// Two clients from the kubeconfig (or the pod's service account), both with a connect
+/// timeout. The controller's has no read timeout: its watches sit idle for minutes, and
 /// kube's watcher bounds them itself (an idle timeout past the server's 290 s watch timeout).
 /// The runs' client (snapshot reads and writes, source objects) has `read_timeout`: with
 /// leader election half of `lease duration − grace` ([`LeaseTiming::api_read_timeout`]),
@@ -285,23 +284,19 @@ const API_READ_TIMEOUT: Duration = Duration::from_secs(30);
 async fn kube_clients(read_timeout: Duration, limits: &kube_api::LimitLayer) -> anyhow::Result<KubeClients> {
     let mut config = kube::Config::infer().await.context("reading the Kubernetes client configuration")?;
     config.connect_timeout = Some(API_CONNECT_TIMEOUT);
-    // Every client shares one --kube-api-qps limit: it is the pod's.
+    // Both clients share one --kube-api-qps limit: it is the pod's.
     let controller = kube_api::with_layer(config.clone(), limits).context("connecting to the Kubernetes API")?;
-    let deferred =
-        kube_api::with_layer(config.clone(), &limits.deferred()).context("connecting to the Kubernetes API")?;
     config.read_timeout = Some(read_timeout);
     // The timeout counts from each request, not from when its pooled connection went idle.
     config.reset_reader_on_write = true;
     let runs = kube_api::with_layer(config, limits).context("connecting to the Kubernetes API")?;
-    Ok(KubeClients { controller, deferred, runs })
+    Ok(KubeClients { controller, runs })
 }
 
 /// The operator's Kubernetes clients, under one limit.
 struct KubeClients {
-    /// Reconciles, watches, runs' starts, Leases.
+    /// Reconciles, watches, status, Events, Leases.
     controller: kube::Client,
-    /// What can wait in a busy minute: Events, runs' end records.
-    deferred: kube::Client,
     /// Runs' snapshot reads and writes, with a read timeout below the Lease's deadline.
     runs: kube::Client,
 }

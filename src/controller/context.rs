@@ -116,10 +116,6 @@ pub struct Dependencies {
     /// `None`: no SMTP server configured; imports asking for email get a status note.
     pub notifier: Option<Arc<dyn Notify>>,
     pub metrics: Arc<Metrics>,
-    /// The client for what can wait in a busy minute — Events and the records of runs'
-    /// ends — on the deferred lane of the controller client's limit
-    /// ([`super::kube_api::LimitLayer::deferred`]); `None`: the controller's client.
-    pub deferred_client: Option<kube::Client>,
 }
 
 /// Shared by every reconcile and run: the parts each room is given, and what the
@@ -184,13 +180,12 @@ impl Context {
         let reference = ObjectRef::from_obj(import);
         if self.runs.abort(&reference) {
             // Aborting is prompt (each task stops at its next await); the run is handed over
-            // only once it has stopped, however long that takes.
-            let started = tokio::time::Instant::now();
-            let mut warned = false;
+            // only once its tasks have stopped, however long that takes — said every minute.
+            let mut next_warning = tokio::time::Instant::now() + Duration::from_secs(60);
             while self.runs.is_running(&reference) {
-                if !warned && started.elapsed() > Duration::from_secs(30) {
-                    warned = true;
-                    warn!(namespace = ?reference.namespace, import = %reference.name, "a run of an import that left this shard has not stopped after 30 s; still waiting to hand it over");
+                if tokio::time::Instant::now() >= next_warning {
+                    next_warning += Duration::from_secs(60);
+                    warn!(namespace = ?reference.namespace, import = %reference.name, "a stopped run of an import that left this shard is still stopping; its hand-over waits for it");
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }

@@ -7,18 +7,11 @@
 //! turn — reads, writes and the start of each watch (a watch then streams on one request).
 //!
 //! Every request but a watch must also start to be answered within [`ANSWER_TIMEOUT`].
-//!
-//! Two lanes share the limit. What can wait in a busy minute — Events and the records of
-//! runs' ends — goes through a client of the [`LimitLayer::deferred`] lane: it takes a token
-//! only while no request of the main lane (reconciles, runs' starts, snapshots) waits for
-//! one, for at most [`MAX_DEFERRAL`], so runs due at the same minute start sooner and what
-//! they tell people follows them.
 
 use std::future::Future;
 use std::num::NonZeroU32;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -28,12 +21,6 @@ use http::{Method, Request};
 use tower::{Layer, Service};
 
 use super::metrics::Metrics;
-
-/// Longest a request of the deferred lane gives way to the main lane's.
-pub const MAX_DEFERRAL: Duration = Duration::from_secs(5);
-
-/// How often a deferred request looks again whether the main lane still waits.
-const DEFERRED_LOOK: Duration = Duration::from_millis(10);
 
 /// The client's rate limit.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -104,9 +91,6 @@ pub struct LimitLayer {
     limiter: Option<Arc<DefaultDirectRateLimiter>>,
     metrics: Arc<Metrics>,
     answer_timeout: Duration,
-    deferred: bool,
-    /// Services of the main lane waiting for a token now.
-    main_waiting: Arc<AtomicUsize>,
 }
 
 impl LimitLayer {
@@ -117,14 +101,7 @@ impl LimitLayer {
             limiter: quota.map(|q| Arc::new(RateLimiter::direct(q))),
             metrics,
             answer_timeout: ANSWER_TIMEOUT,
-            deferred: false,
-            main_waiting: Arc::new(AtomicUsize::new(0)),
         })
-    }
-
-    /// The same limit, for requests that give way to the main lane's (see the module).
-    pub fn deferred(&self) -> Self {
-        LimitLayer { deferred: true, ..self.clone() }
     }
 }
 
@@ -139,18 +116,8 @@ impl<S> Layer<S> for LimitLayer {
             answer_timeout: self.answer_timeout,
             permitted: false,
             wait: None,
-            lane: if self.deferred { Lane::Deferred { since: None } } else { Lane::Main { waiting: false } },
-            main_waiting: self.main_waiting.clone(),
         }
     }
-}
-
-/// Which lane a service's requests take, and where it stands in its wait.
-enum Lane {
-    /// `waiting`: this service is counted in `main_waiting`.
-    Main { waiting: bool },
-    /// `since`: when the request in hand first gave way.
-    Deferred { since: Option<tokio::time::Instant> },
 }
 
 /// A service whose calls each take a token of the limiter first. kube-rs drives it from one
@@ -163,41 +130,6 @@ pub struct Limited<S> {
     /// A token is taken for the next call.
     permitted: bool,
     wait: Option<Pin<Box<tokio::time::Sleep>>>,
-    lane: Lane,
-    main_waiting: Arc<AtomicUsize>,
-}
-
-impl<S> Limited<S> {
-    /// The main lane: counts itself waiting while it has no token.
-    fn note_waiting(&mut self, now_waiting: bool) {
-        if let Lane::Main { waiting } = &mut self.lane
-            && *waiting != now_waiting
-        {
-            *waiting = now_waiting;
-            if now_waiting {
-                self.main_waiting.fetch_add(1, Ordering::AcqRel);
-            } else {
-                self.main_waiting.fetch_sub(1, Ordering::AcqRel);
-            }
-        }
-    }
-
-    /// The deferred lane: whether to give way now (the main lane waits, and this request
-    /// has not given way for [`MAX_DEFERRAL`] yet).
-    fn gives_way(&mut self) -> bool {
-        let Lane::Deferred { since } = &mut self.lane else { return false };
-        if self.main_waiting.load(Ordering::Acquire) == 0 {
-            return false;
-        }
-        let now = tokio::time::Instant::now();
-        now.duration_since(*since.get_or_insert(now)) < MAX_DEFERRAL
-    }
-}
-
-impl<S> Drop for Limited<S> {
-    fn drop(&mut self) {
-        self.note_waiting(false);
-    }
 }
 
 impl<S, B> Service<Request<B>> for Limited<S>
@@ -212,22 +144,14 @@ where
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         while !self.permitted {
-            let Some(limiter) = self.limiter.clone() else { break };
+            let Some(limiter) = &self.limiter else { break };
             if let Some(wait) = self.wait.as_mut() {
                 ready!(wait.as_mut().poll(cx));
                 self.wait = None;
             }
-            if self.gives_way() {
-                self.wait = Some(Box::pin(tokio::time::sleep(DEFERRED_LOOK)));
-                continue;
-            }
             match limiter.check() {
-                Ok(()) => {
-                    self.permitted = true;
-                    self.note_waiting(false);
-                }
+                Ok(()) => self.permitted = true,
                 Err(not_until) => {
-                    self.note_waiting(true);
                     let wait = not_until.wait_time_from(DefaultClock::default().now());
                     self.wait = Some(Box::pin(tokio::time::sleep(wait)));
                 }
@@ -238,9 +162,6 @@ where
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         self.permitted = false;
-        if let Lane::Deferred { since } = &mut self.lane {
-            *since = None;
-        }
         let verb = verb(request.method(), request.uri().query());
         // The path names the resource, never a value: Secret names, not their data.
         tracing::trace!(verb, path = request.uri().path(), "Kubernetes API request");
@@ -284,7 +205,11 @@ mod tests {
     type Answering = Limited<tower::util::ServiceFn<fn(Request<()>) -> Ready>>;
 
     fn layer(qps: f32, burst: u32, answer_timeout: Duration) -> LimitLayer {
-        LimitLayer { answer_timeout, ..LimitLayer::new(ApiLimits { qps, burst }, Arc::new(Metrics::new())).unwrap() }
+        LimitLayer {
+            limiter: ApiLimits { qps, burst }.quota().unwrap().map(|q| Arc::new(RateLimiter::direct(q))),
+            metrics: Arc::new(Metrics::new()),
+            answer_timeout,
+        }
     }
 
     fn limited(qps: f32, burst: u32) -> Answering {
@@ -338,29 +263,6 @@ mod tests {
         // 4 more at 20 a second: about 200 ms.
         let took = began.elapsed();
         assert!(took >= Duration::from_millis(150), "past the burst, requests wait: {took:?}");
-    }
-
-    #[tokio::test]
-    async fn the_deferred_lane_gives_way_while_the_main_lane_waits() {
-        let layer = layer(20.0, 1, ANSWER_TIMEOUT);
-        let mut main = layer.layer(tower::service_fn(answer as fn(Request<()>) -> Ready));
-        let mut deferred = layer.deferred().layer(tower::service_fn(answer as fn(Request<()>) -> Ready));
-        let status = "/apis/cohorts.dev/v1alpha1/namespaces/a/cohortimports/x/status";
-        main.ready().await.unwrap().call(request(Method::PATCH, status)).await.unwrap(); // the burst
-        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let seen = order.clone();
-        let mains = tokio::spawn(async move {
-            for _ in 0..3 {
-                main.ready().await.unwrap().call(request(Method::PATCH, status)).await.unwrap();
-                seen.lock().unwrap().push("main");
-            }
-        });
-        tokio::time::sleep(Duration::from_millis(5)).await; // the main lane now waits
-        let event = request(Method::POST, "/apis/events.k8s.io/v1/namespaces/a/events");
-        deferred.ready().await.unwrap().call(event).await.unwrap();
-        order.lock().unwrap().push("deferred");
-        mains.await.unwrap();
-        assert_eq!(*order.lock().unwrap(), ["main", "main", "main", "deferred"]);
     }
 
     #[tokio::test]

@@ -155,8 +155,7 @@ async fn watch_and_reconcile(
 /// The [`Context`] of `scopes`: its parts, each built once, sharing the client and handles.
 fn context(client: &kube::Client, config: Config, deps: Dependencies, scopes: &[Scope], catalog: Catalog) -> Context {
     let stores: Vec<_> = scopes.iter().map(|s| s.controller.store()).collect();
-    let deferred = deps.deferred_client.unwrap_or_else(|| client.clone());
-    let events = Events::new(deferred.clone(), config.instance.clone());
+    let events = Events::new(client.clone(), config.instance.clone());
     let status = status::StatusWriter { client: client.clone(), stores: stores.clone() };
     let runs = Arc::new(RunRegistry::default());
     let reporter = record::Reporter {
@@ -164,7 +163,7 @@ fn context(client: &kube::Client, config: Config, deps: Dependencies, scopes: &[
         events: events.clone(),
         notifier: deps.notifier,
         notification_timeout: config.notification_timeout,
-        status: status::StatusWriter { client: deferred, stores: stores.clone() },
+        status: status.clone(),
         runs: runs.clone(),
         fence: config.fence.clone(),
     };

@@ -321,7 +321,6 @@ pub struct Reporter {
     /// `None`: no SMTP server configured; imports asking for email get a status note.
     pub notifier: Option<Arc<dyn Notify>>,
     pub notification_timeout: Duration,
-    /// Records runs' ends: in a busy minute, after the starts of the runs waiting.
     pub status: StatusWriter,
     pub runs: Arc<RunRegistry>,
     pub fence: Fence,

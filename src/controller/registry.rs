@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use kube::runtime::reflector::ObjectRef;
 use tokio::task::AbortHandle;
@@ -16,11 +16,30 @@ use crate::api::CohortImport;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct Ticket(u64);
 
+/// A run in progress here: its attempt, and how to stop its task (`None` while it is
+/// being spawned; `stop` then says whether to stop it once it is).
+struct Entry {
+    ticket: Ticket,
+    handle: Option<AbortHandle>,
+    stop: bool,
+}
+
+impl Entry {
+    fn stop(&mut self) {
+        self.stop = true;
+        if let Some(handle) = &self.handle {
+            handle.abort();
+        }
+    }
+}
+
 /// The runs this replica has in progress.
 #[derive(Default)]
 pub struct RunRegistry {
-    runs: Mutex<HashMap<ObjectRef<CohortImport>, (Ticket, AbortHandle)>>,
+    runs: Mutex<HashMap<ObjectRef<CohortImport>, Entry>>,
     tickets: AtomicU64,
+    /// Every run was stopped for good ([`Self::abort_all`]): one being spawned stops too.
+    closed: AtomicBool,
     /// The last run of each import whose end is recorded in status: a copy of the import
     /// still showing it as current is stale, not an interrupted run.
     recorded: Mutex<HashMap<ObjectRef<CohortImport>, String>>,
@@ -47,7 +66,7 @@ impl RunRegistry {
         self.lock().contains_key(import)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectRef<CohortImport>, (Ticket, AbortHandle)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectRef<CohortImport>, Entry>> {
         self.runs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -56,46 +75,64 @@ impl RunRegistry {
         Ticket(self.tickets.fetch_add(1, Ordering::Relaxed))
     }
 
-    /// Spawns `run` for `import` unless one is already in progress. The registry is
-    /// locked while spawning, so the run cannot finish (and deregister) before it is
-    /// registered.
+    /// Spawns `run` for `import` unless one is already in progress. The run is registered
+    /// before its task exists, so it cannot finish (and deregister) first; the registry is
+    /// not locked while spawning, since a future tokio drops at once (a runtime shutting
+    /// down) deregisters from its drop.
     pub(super) fn spawn(
         &self,
         import: ObjectRef<CohortImport>,
         ticket: Ticket,
         run: impl Future<Output = ()> + Send + 'static,
     ) -> bool {
-        let mut runs = self.lock();
-        if runs.contains_key(&import) {
-            return false;
+        {
+            let mut runs = self.lock();
+            if runs.contains_key(&import) {
+                drop(runs);
+                drop(run); // its guard deregisters nothing: the ticket was never registered
+                return false;
+            }
+            runs.insert(import.clone(), Entry { ticket, handle: None, stop: false });
         }
-        let handle = tokio::spawn(run);
-        runs.insert(import, (ticket, handle.abort_handle()));
+        let handle = tokio::spawn(run).abort_handle();
+        let mut runs = self.lock();
+        match runs.get_mut(&import) {
+            Some(entry) if entry.ticket == ticket => {
+                entry.handle = Some(handle);
+                if entry.stop || self.closed.load(Ordering::Acquire) {
+                    entry.stop();
+                }
+            }
+            // Finished already, or every run was stopped meanwhile.
+            _ if self.closed.load(Ordering::Acquire) => handle.abort(),
+            _ => {}
+        }
         true
     }
 
     /// The attempt of `ticket` has stopped (an attempt never spawned changes nothing).
     pub(super) fn finished(&self, import: &ObjectRef<CohortImport>, ticket: Ticket) {
         let mut runs = self.lock();
-        if runs.get(import).is_some_and(|(t, _)| *t == ticket) {
+        if runs.get(import).is_some_and(|entry| entry.ticket == ticket) {
             runs.remove(import);
         }
     }
 
     /// Stops the run of `import` in progress here, if any. The run stays registered — no
-    /// other attempt of the import starts here — until its tasks have stopped
-    /// ([`Self::finished`]): a request already on its way ends before the next attempt
-    /// reads what was sent. Returns whether a run was stopping.
+    /// other attempt of the import starts here — until its own tasks have stopped
+    /// ([`Self::finished`]). Returns whether a run was stopping.
     pub(super) fn abort(&self, import: &ObjectRef<CohortImport>) -> bool {
-        let runs = self.lock();
-        let Some((_, handle)) = runs.get(import) else { return false };
-        handle.abort();
+        let mut runs = self.lock();
+        let Some(entry) = runs.get_mut(import) else { return false };
+        entry.stop();
         true
     }
 
+    /// Stops every run and side task for good: the leadership ended.
     pub(super) fn abort_all(&self) {
-        for (_, (_, handle)) in self.lock().drain() {
-            handle.abort();
+        self.closed.store(true, Ordering::Release);
+        for (_, mut entry) in self.lock().drain() {
+            entry.stop();
         }
         for handle in self.side_tasks.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
             handle.abort();

@@ -82,7 +82,7 @@ async fn execute(
     let namespace = import.namespace().unwrap_or_default();
     let admitted = ctx.admission.admit(&namespace).await;
     let slot = Arc::new(RunSlot::new(ctx.admission.clone(), namespace, admitted));
-    let release_slot = ReleaseOnDrop(slot.clone());
+    let release_slot = Arc::new(ReleaseOnDrop(slot.clone()));
     let waited = ctx.clock.now().duration_since(due);
     ctx.metrics.run_admitted(ctx.config.shard_name(), waited.as_secs_f64().max(0.0));
     // Sharded: the import may have moved to another shard meanwhile; that shard runs it.
@@ -102,7 +102,8 @@ async fn execute(
         let braze = secrets::Workspace::of(&import.spec.destination, &namespace)?;
         let keys = secrets::braze_keys(&ctx.client, &ctx.secret_checks, braze, &ctx.config.partner_keys).await?;
         workspace = Some(super::conflict::workspace_of(keys.workspace_key().expose()));
-        let outcome = supervised(ctx.importer.clone(), &import, &spec, &run, keys, slot, deregister.clone()).await;
+        let held = Held { registered: deregister.clone(), slot: release_slot.clone() };
+        let outcome = supervised(ctx.importer.clone(), &import, &spec, &run, keys, slot, held).await;
         let (now, elapsed) = (ctx.clock.now(), clock_started.elapsed());
         Ok::<_, secrets::KeyError>(match outcome {
             Ok(outcome) => RunEnd::finished(&run, outcome, now, elapsed),
@@ -117,7 +118,8 @@ async fn execute(
         Err(_) => RunEnd::timed_out(&run, timeout, field, ctx.clock.now(), clock_started.elapsed()),
     };
     let end = RunEnd { workspace, ..end };
-    // Recording the end is API requests only: the next run in line may start meanwhile.
+    // Recording the end is API requests only: the next run in line may start meanwhile —
+    // once the importer's task has stopped too (a run that timed out may still be aborting).
     drop((in_progress, release_slot));
     if !ctx.config.fence.is_open() {
         // Stopped by the fence (or ended just as it closed): not an end. The run stays in
@@ -156,13 +158,13 @@ async fn supervised(
     run: &CurrentRun,
     keys: secrets::BrazeKeys,
     slot: Arc<RunSlot>,
-    deregister: Arc<Deregister>,
+    held: Held,
 ) -> Result<Result<RunReport, ImportError>, Crash> {
     let (import, spec, current) = (import.clone(), spec.clone(), run.clone());
     // A panic message is the program's text, not ours to trust: the keys never reach status.
     let known: Vec<String> = keys.exposed().into_iter().map(str::to_owned).collect();
     let work = async move {
-        let _registered = deregister;
+        let _held = held;
         importer.run(&import, &spec, &current, keys).await
     };
     let task = tokio::spawn(budget::holding(slot, work).instrument(tracing::Span::current()));
@@ -220,6 +222,15 @@ impl SlotHolder for RunSlot {
             *self.held() = Some(slot);
         })
     }
+}
+
+/// What the importer's task holds with the run's own task, until both have stopped: the
+/// run's place in the registry and its slot.
+struct Held {
+    #[allow(dead_code, reason = "held for its Drop")]
+    registered: Arc<Deregister>,
+    #[allow(dead_code, reason = "held for its Drop")]
+    slot: Arc<ReleaseOnDrop>,
 }
 
 /// Releases a run's slot for good when the run ends, however it ends.

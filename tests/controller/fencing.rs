@@ -160,7 +160,6 @@ async fn start_replica(
         importer: Arc::new(importer),
         notifier: None,
         metrics: metrics.clone(),
-        deferred_client: None,
     };
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(controller::serve(client, config, deps, async move {

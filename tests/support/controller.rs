@@ -204,14 +204,7 @@ impl Env {
         importer: Arc<dyn Importer>,
     ) -> Operator {
         let metrics = Arc::new(Metrics::new());
-        // One client for everything, Events and runs' ends included: the tests count its requests.
-        let deps = Dependencies {
-            clock: Arc::new(self.clock.clone()),
-            importer,
-            notifier,
-            metrics: metrics.clone(),
-            deferred_client: None,
-        };
+        let deps = Dependencies { clock: Arc::new(self.clock.clone()), importer, notifier, metrics: metrics.clone() };
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(controller::serve(client, config, deps, async move {
             let _ = rx.await;
