@@ -102,7 +102,7 @@ async fn execute(
         let braze = secrets::Workspace::of(&import.spec.destination, &namespace)?;
         let keys = secrets::braze_keys(&ctx.client, &ctx.secret_checks, braze, &ctx.config.partner_keys).await?;
         workspace = Some(super::conflict::workspace_of(keys.workspace_key().expose()));
-        let held = Held { registered: deregister.clone(), slot: release_slot.clone() };
+        let held = (deregister.clone(), release_slot.clone());
         let outcome = supervised(ctx.importer.clone(), &import, &spec, &run, keys, slot, held).await;
         let (now, elapsed) = (ctx.clock.now(), clock_started.elapsed());
         Ok::<_, secrets::KeyError>(match outcome {
@@ -150,7 +150,8 @@ impl Drop for Deregister {
 /// Runs the importer in a task of its own, so that a panic or an abort in it (`Err`) ends
 /// the run through [`RunEnd::crashed`] — recorded `Failed`, deregistered, the next trigger free to
 /// run — instead of leaving the import `Running` until a restart. Dropping this future (the
-/// controller stopping, a lost Lease) aborts the importer's task with it.
+/// controller stopping, a lost Lease) aborts the importer's task with it. The task holds
+/// `held` — the run's place in the registry and its slot — until it has stopped.
 async fn supervised(
     importer: Arc<dyn Importer>,
     import: &Arc<CohortImport>,
@@ -158,7 +159,7 @@ async fn supervised(
     run: &CurrentRun,
     keys: secrets::BrazeKeys,
     slot: Arc<RunSlot>,
-    held: Held,
+    held: (Arc<Deregister>, Arc<ReleaseOnDrop>),
 ) -> Result<Result<RunReport, ImportError>, Crash> {
     let (import, spec, current) = (import.clone(), spec.clone(), run.clone());
     // A panic message is the program's text, not ours to trust: the keys never reach status.
@@ -222,15 +223,6 @@ impl SlotHolder for RunSlot {
             *self.held() = Some(slot);
         })
     }
-}
-
-/// What the importer's task holds with the run's own task, until both have stopped: the
-/// run's place in the registry and its slot.
-struct Held {
-    #[allow(dead_code, reason = "held for its Drop")]
-    registered: Arc<Deregister>,
-    #[allow(dead_code, reason = "held for its Drop")]
-    slot: Arc<ReleaseOnDrop>,
 }
 
 /// Releases a run's slot for good when the run ends, however it ends.

@@ -174,26 +174,24 @@ async fn damage_chunk(env: &Env, name: &str, damage: impl Fn(&mut Vec<u8>)) {
     // The snapshot's chunk, as the head names it (chunks of replaced bodies may be left too).
     let head_map = maps.iter().find(|cm| part(cm) == "head").expect("a head");
     let head: serde_json::Value = serde_json::from_str(&head_map.data.as_ref().unwrap()["snapshot.json"]).unwrap();
-    if head["snapshot"]["inline"] == json!(true) {
-        let mut body = head_map.binary_data.as_ref().unwrap()["snapshot"].0.clone();
-        damage(&mut body);
-        let patch = json!({ "binaryData": { "snapshot": ByteString(body) } });
-        Api::<ConfigMap>::namespaced(env.client.clone(), &env.ns)
-            .patch(&head_map.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-            .unwrap();
-        return;
-    }
-    let serial = head["snapshot"]["serial"].as_u64().expect("a snapshot").to_string();
-    let chunk = maps
-        .iter()
-        .find(|cm| part(cm) == "chunk" && cm.metadata.labels.as_ref().unwrap()["cohorts.dev/snapshot-serial"] == serial)
-        .expect("the snapshot's chunk");
-    let mut body = chunk.binary_data.as_ref().unwrap()["body"].0.clone();
+    // A small body is kept in the head (`binaryData.snapshot`), a larger one in its chunk.
+    let (map, key) = if head["snapshot"]["inline"] == json!(true) {
+        (head_map, "snapshot")
+    } else {
+        let serial = head["snapshot"]["serial"].as_u64().expect("a snapshot").to_string();
+        let chunk = maps
+            .iter()
+            .find(|cm| {
+                part(cm) == "chunk" && cm.metadata.labels.as_ref().unwrap()["cohorts.dev/snapshot-serial"] == serial
+            })
+            .expect("the snapshot's chunk");
+        (chunk, "body")
+    };
+    let mut body = map.binary_data.as_ref().unwrap()[key].0.clone();
     damage(&mut body);
-    let patch = json!({ "binaryData": { "body": ByteString(body) } });
+    let patch = json!({ "binaryData": { key: ByteString(body) } });
     Api::<ConfigMap>::namespaced(env.client.clone(), &env.ns)
-        .patch(&chunk.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+        .patch(&map.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .unwrap();
 }

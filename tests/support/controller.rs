@@ -451,27 +451,41 @@ impl Env {
 /// The Kubernetes API requests a client sent, each as `VERB RESOURCE[/SUBRESOURCE]` (`get
 /// secrets`, `patch cohortimports/status`, `deletecollection configmaps`); a tower layer.
 #[derive(Clone, Default)]
-pub struct RequestLog(Arc<std::sync::Mutex<Vec<String>>>);
+pub struct RequestLog(Arc<std::sync::Mutex<Noted>>);
+
+/// The requests noted, and when the last one was.
+#[derive(Default)]
+pub struct Noted {
+    requests: Vec<String>,
+    last: Option<Instant>,
+}
 
 impl RequestLog {
     /// The requests noted since the last take, watches left out (a watch is one long
     /// request, started once).
     pub fn take(&self) -> Vec<String> {
-        let taken = std::mem::take(&mut *self.0.lock().unwrap());
+        let taken = std::mem::take(&mut self.0.lock().unwrap().requests);
         taken.into_iter().filter(|r| !r.starts_with("watch ")).collect()
     }
 
-    /// Waits until no request has been sent for `quiet`.
+    /// Waits until the last request was sent at least `quiet` ago: whatever a change
+    /// caused has been sent. Returns at once when it already was.
     pub async fn settle(&self, quiet: Duration) {
         let deadline = Instant::now() + WAIT;
         loop {
-            let before = self.0.lock().unwrap().len();
-            tokio::time::sleep(quiet).await;
-            if self.0.lock().unwrap().len() == before {
+            let since = self.0.lock().unwrap().last.map_or(quiet, |last| last.elapsed());
+            if since >= quiet {
                 return;
             }
             assert!(Instant::now() < deadline, "requests kept coming for {WAIT:?}");
+            tokio::time::sleep(quiet - since).await;
         }
+    }
+
+    fn note(&self, request: String) {
+        let mut noted = self.0.lock().unwrap();
+        noted.requests.push(request);
+        noted.last = Some(Instant::now());
     }
 }
 
@@ -503,7 +517,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        self.log.0.lock().unwrap().push(describe(&request));
+        self.log.note(describe(&request));
         self.inner.call(request)
     }
 }
